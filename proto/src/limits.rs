@@ -1,0 +1,67 @@
+//! Every bound of the wire protocol and the RPC runtime, with the reason for its value.
+//! PROTOCOL.md repeats the wire-visible ones.
+
+use std::time::Duration;
+
+/// Bytes in the length prefix.
+pub const LENGTH_PREFIX_LEN: usize = 4;
+/// Bytes of the fixed frame header after the length prefix: stream id (4), kind (1), flags (1).
+pub const FRAME_HEADER_LEN: usize = 6;
+/// Largest protobuf message a peer accepts by default: 1 MiB. Bulk data (files, process
+/// output) travels in chunks of [`CHUNK_LEN`], so only listings come near this.
+pub const MESSAGE_LEN_MAX: usize = 1 << 20;
+/// Longest method name (`package.Service/Method`).
+pub const METHOD_LEN_MAX: usize = 128;
+/// Longest error message carried in an ERROR or GOAWAY frame; longer ones are cut.
+pub const ERROR_MESSAGE_LEN_MAX: usize = 4096;
+/// Request envelope bytes ahead of the message: method length (1) + method + timeout (4).
+pub const REQUEST_ENVELOPE_LEN_MAX: usize = 1 + METHOD_LEN_MAX + 4;
+/// Default maximum of the length field (frame header + body). An oversized length is
+/// refused before a single byte of the body is buffered.
+pub const FRAME_LEN_MAX_DEFAULT: u32 =
+    (FRAME_HEADER_LEN + REQUEST_ENVELOPE_LEN_MAX + MESSAGE_LEN_MAX) as u32;
+/// Smallest frame length limit a peer may advertise: enough for any control frame and a
+/// modest message, so the protocol can always make progress.
+pub const FRAME_LEN_MAX_FLOOR: u32 = 16 * 1024;
+/// Hard ceiling of any frame length limit (16 MiB).
+pub const FRAME_LEN_MAX_CEILING: u32 = 16 << 20;
+/// Bulk chunk size used by services that move bytes (file read/write, process output).
+pub const CHUNK_LEN: usize = 64 * 1024;
+
+/// Default per-stream receive window: two maximum messages, so a sender streaming maximum
+/// messages still overlaps sending with the receiver's consumption.
+pub const STREAM_WINDOW_DEFAULT: u32 = 2 * MESSAGE_LEN_MAX as u32;
+/// Default per-connection receive window across all streams: 16 MiB.
+pub const CONN_WINDOW_DEFAULT: u32 = 16 << 20;
+/// Default maximum number of concurrently open streams per connection.
+pub const STREAMS_PER_CONN_MAX: u32 = 128;
+/// Bytes of non-flow-controlled frames (PONG, WINDOW, ERROR, CANCEL) a connection may queue
+/// for a peer that does not read before it is closed: such a peer is flooding us.
+pub const CONTROL_QUEUE_LEN_MAX: usize = 256 * 1024;
+/// Read syscall size.
+pub const READ_CHUNK_LEN: usize = 64 * 1024;
+
+/// A new connection must complete its hello within this time.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// After this long without receiving anything, a side sends a PING.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// After this long without receiving anything while streams are open, the peer is dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(90);
+/// An idle connection (no streams) that stays silent this long is closed by the server.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// After GOAWAY, open streams get this long to finish before the connection is dropped.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default maximum number of connections one server accepts at once; more are refused.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// Default maximum number of worker threads a server runs handlers on.
+pub const WORKERS_MAX_DEFAULT: usize = 256;
+/// How long an idle worker thread waits for new work before it exits.
+pub const WORKER_IDLE: Duration = Duration::from_secs(10);
+
+const _: () = assert!(STREAM_WINDOW_DEFAULT as usize >= MESSAGE_LEN_MAX);
+const _: () = assert!(CONN_WINDOW_DEFAULT >= STREAM_WINDOW_DEFAULT);
+const _: () = assert!(FRAME_LEN_MAX_DEFAULT <= FRAME_LEN_MAX_CEILING);
+const _: () = assert!(FRAME_LEN_MAX_FLOOR as usize > FRAME_HEADER_LEN + ERROR_MESSAGE_LEN_MAX + 6);
+const _: () = assert!(CHUNK_LEN <= MESSAGE_LEN_MAX);
+const _: () = assert!(KEEPALIVE_TIMEOUT.as_secs() > 2 * KEEPALIVE_INTERVAL.as_secs());
