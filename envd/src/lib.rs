@@ -1,1 +1,18 @@
-//! Placeholder; see the issue that builds this crate.
+//! `envd`: the daemon inside every wrenn sandbox. It is the guest's PID 1 (mounts, hostname,
+//! reaping, shutdown) and serves `wrenn.envd.v1` (processes, files, init, health, metrics)
+//! over vsock, a Unix socket or TCP.
+//!
+//! It is not a general init system: it starts no services of its own besides the port
+//! forwarder, and it reads no configuration files beyond /etc/passwd and /etc/group (a static
+//! glibc binary has no NSS).
+//!
+//! Code map: [`passwd`] users and groups; [`process`] + [`pty`] + [`reaper`] child processes;
+//! [`fs`] file operations as a user; [`watch`] inotify; [`clock`] KVM PTP clock sync;
+//! [`init`] PID 1 duties; [`vsock`] AF_VSOCK sockets; [`mmds`] Firecracker's metadata service;
+//! [`ports`] loopback port forwarding; [`limits`] every bound with its reason.
+
+pub mod limits;
+pub mod passwd;
+pub mod process;
+pub mod pty;
+pub mod reaper;

@@ -1,0 +1,280 @@
+//! Users and groups from /etc/passwd and /etc/group.
+//!
+//! envd is a static glibc binary, which has no NSS: `getpwnam` would not work, so envd parses
+//! the two files itself. Only the local files count (no LDAP, no systemd-userdb), which is
+//! what a sandbox image has.
+
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::limits::{ACCOUNT_FILE_LEN_MAX, SUPPLEMENTARY_GROUPS_MAX};
+
+/// A resolved user: what a child process or a file operation needs to act as it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    pub shell: PathBuf,
+    /// Supplementary groups, the primary group included, sorted, without duplicates.
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub enum Error {
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    TooLarge {
+        path: PathBuf,
+    },
+    UnknownUser {
+        name: String,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Read { path, .. } => write!(f, "read {}", path.display()),
+            Error::TooLarge { path } => write!(
+                f,
+                "{} is larger than {ACCOUNT_FILE_LEN_MAX} bytes",
+                path.display()
+            ),
+            Error::UnknownUser { name } => write!(f, "unknown user {name:?}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PasswdEntry {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+    shell: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GroupEntry {
+    gid: u32,
+    members: Vec<String>,
+}
+
+/// The parsed account files. Lines that do not parse are skipped, as glibc's files backend
+/// does.
+#[derive(Clone, Debug, Default)]
+pub struct Db {
+    users: Vec<PasswdEntry>,
+    groups: Vec<GroupEntry>,
+}
+
+impl Db {
+    /// Reads `<root>/etc/passwd` and `<root>/etc/group`; a missing file counts as empty
+    /// (a minimal image may have neither; then only numeric users resolve).
+    pub fn load(root: &Path) -> Result<Db, Error> {
+        let passwd = read_bounded(&root.join("etc/passwd"))?;
+        let group = read_bounded(&root.join("etc/group"))?;
+        Ok(Db::parse(&passwd, &group))
+    }
+
+    /// Parses the contents of the two files.
+    pub fn parse(passwd: &str, group: &str) -> Db {
+        Db {
+            users: passwd.lines().filter_map(parse_passwd_line).collect(),
+            groups: group.lines().filter_map(parse_group_line).collect(),
+        }
+    }
+
+    /// Resolves a user name, or a decimal uid. A uid without a passwd entry resolves to
+    /// itself with gid = uid, home `/` and shell `/bin/sh` (as `docker run -u 1234` does).
+    pub fn user(&self, name: &str) -> Result<User, Error> {
+        let entry = match self.users.iter().find(|u| u.name == name) {
+            Some(e) => e.clone(),
+            None => match name.parse::<u32>() {
+                Ok(uid) => match self.users.iter().find(|u| u.uid == uid) {
+                    Some(e) => e.clone(),
+                    None => PasswdEntry {
+                        name: name.to_string(),
+                        uid,
+                        gid: uid,
+                        home: "/".into(),
+                        shell: "/bin/sh".into(),
+                    },
+                },
+                Err(_) => {
+                    return Err(Error::UnknownUser {
+                        name: name.to_string(),
+                    })
+                }
+            },
+        };
+        let mut groups = vec![entry.gid];
+        for g in &self.groups {
+            if groups.len() >= SUPPLEMENTARY_GROUPS_MAX {
+                break;
+            }
+            if g.members.iter().any(|m| *m == entry.name) {
+                groups.push(g.gid);
+            }
+        }
+        groups.sort_unstable();
+        groups.dedup();
+        Ok(User {
+            name: entry.name,
+            uid: entry.uid,
+            gid: entry.gid,
+            home: PathBuf::from(entry.home),
+            shell: PathBuf::from(entry.shell),
+            groups,
+        })
+    }
+}
+
+fn read_bounded(path: &Path) -> Result<String, Error> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(source) => {
+            return Err(Error::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut bytes = Vec::new();
+    file.take(ACCOUNT_FILE_LEN_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if bytes.len() as u64 > ACCOUNT_FILE_LEN_MAX {
+        return Err(Error::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    // Non-UTF-8 bytes only spoil the lines that hold them; those then fail to match.
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `name:password:uid:gid:gecos:home:shell`
+fn parse_passwd_line(line: &str) -> Option<PasswdEntry> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let f: Vec<&str> = line.split(':').collect();
+    if f.len() != 7 || f[0].is_empty() {
+        return None;
+    }
+    Some(PasswdEntry {
+        name: f[0].to_string(),
+        uid: f[2].parse().ok()?,
+        gid: f[3].parse().ok()?,
+        home: f[5].to_string(),
+        shell: f[6].to_string(),
+    })
+}
+
+/// `name:password:gid:member,member`
+fn parse_group_line(line: &str) -> Option<GroupEntry> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let f: Vec<&str> = line.split(':').collect();
+    if f.len() != 4 || f[0].is_empty() {
+        return None;
+    }
+    Some(GroupEntry {
+        gid: f[2].parse().ok()?,
+        members: f[3]
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
+        # comment\n\
+        daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\
+        broken line\n\
+        bad:x:notanumber:1::/:/bin/sh\n\
+        user:x:1000:1000:A User,,,:/home/user:/bin/bash\n\
+        nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+    const GROUP: &str = "root:x:0:\nadm:x:4:user,daemon\nsudo:x:27:user\n\
+        user:x:1000:\nnogroup:x:65534:\nweird:x:zz:user\n";
+
+    #[test]
+    fn resolves_names_and_groups() {
+        let db = Db::parse(PASSWD, GROUP);
+        let u = db.user("user").unwrap();
+        assert_eq!((u.uid, u.gid), (1000, 1000));
+        assert_eq!(u.home, PathBuf::from("/home/user"));
+        assert_eq!(u.shell, PathBuf::from("/bin/bash"));
+        assert_eq!(u.groups, vec![4, 27, 1000]);
+        let r = db.user("root").unwrap();
+        assert_eq!(r.groups, vec![0]);
+        let n = db.user("nobody").unwrap();
+        assert_eq!(
+            (n.uid, n.gid, n.groups.clone()),
+            (65534, 65534, vec![65534])
+        );
+    }
+
+    #[test]
+    fn numeric_users() {
+        let db = Db::parse(PASSWD, GROUP);
+        assert_eq!(db.user("1000").unwrap().name, "user");
+        let u = db.user("4321").unwrap();
+        assert_eq!((u.uid, u.gid), (4321, 4321));
+        assert_eq!(u.home, PathBuf::from("/"));
+    }
+
+    #[test]
+    fn bad_lines_and_unknown_users() {
+        let db = Db::parse(PASSWD, GROUP);
+        assert!(matches!(db.user("bad"), Err(Error::UnknownUser { .. })));
+        assert!(matches!(db.user("ghost"), Err(Error::UnknownUser { .. })));
+        assert!(matches!(db.user(""), Err(Error::UnknownUser { .. })));
+        let empty = Db::parse("", "");
+        assert!(empty.user("root").is_err());
+        assert_eq!(empty.user("0").unwrap().uid, 0);
+    }
+
+    #[test]
+    fn loads_from_a_root_and_tolerates_missing_files() {
+        let dir = std::env::temp_dir().join(format!("envd-passwd-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(dir.join("etc/passwd"), PASSWD).unwrap();
+        let db = Db::load(&dir).unwrap();
+        assert_eq!(db.user("user").unwrap().groups, vec![1000]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(Db::load(&dir).unwrap().user("user").is_err());
+    }
+
+    #[test]
+    fn loads_this_machine() {
+        let db = Db::load(Path::new("/")).unwrap();
+        assert_eq!(db.user("root").unwrap().uid, 0);
+    }
+}
