@@ -3,6 +3,26 @@
 #![allow(clippy::all, missing_docs, rustdoc::all)]
 
 pub mod wrenn {
+    pub mod agent {
+        pub mod v1 {
+            include!("wrenn.agent.v1.rs");
+        }
+    }
+    pub mod ctl {
+        pub mod v1 {
+            include!("wrenn.ctl.v1.rs");
+        }
+    }
+    pub mod envd {
+        pub mod v1 {
+            include!("wrenn.envd.v1.rs");
+        }
+    }
+    pub mod host {
+        pub mod v1 {
+            include!("wrenn.host.v1.rs");
+        }
+    }
     pub mod wire {
         pub mod v1 {
             include!("wrenn.wire.v1.rs");
