@@ -50,12 +50,16 @@ pub struct Error {
 }
 
 impl Error {
-    fn new(kind: ErrorKind, context: String) -> Error {
+    pub fn new(kind: ErrorKind, context: String) -> Error {
         Error {
             kind,
             context,
             source: None,
         }
+    }
+
+    pub fn from_io(action: &str, path: &Path, source: io::Error) -> Error {
+        Error::io(action, path, source)
     }
 
     fn io(action: &str, path: &Path, source: io::Error) -> Error {

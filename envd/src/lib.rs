@@ -17,3 +17,4 @@ pub mod passwd;
 pub mod process;
 pub mod pty;
 pub mod reaper;
+pub mod watch;
