@@ -1,0 +1,814 @@
+//! Network slots: the network every sandbox gets.
+//!
+//! Slot N is:
+//! - a network namespace `<prefix>-N` (`wrenn-N`), where Firecracker runs;
+//! - a veth pair: `<prefix>-vN` on the host, `veth0` in the namespace, a /30 from the lower
+//!   half of the slot subnet (10.200.0.0/16 by default): host side `.1`, namespace side `.2`;
+//! - a persistent tap `tap0` in the namespace for Firecracker, holding the guest's gateway
+//!   address 169.254.0.22/30. The guest is always 169.254.0.21 (from the kernel `ip=`
+//!   argument, [`GUEST_IP_BOOT_ARG`]), in every slot, so a snapshot taken in one slot restores
+//!   into any other;
+//! - a per-slot *guest alias* from the upper half of the subnet, routed on the host to the
+//!   namespace. NAT in the namespace maps it to the fixed guest address (DNAT inbound) and
+//!   the guest's egress to it (SNAT outbound), so on the host every guest has a unique
+//!   address and every reply finds its way back.
+//!
+//! Firewall, in two places:
+//! - in each namespace, table `ip <prefix>_slot`: the NAT above; the namespace itself accepts
+//!   nothing new (input policy drop); forwarding allows host -> guest, guest -> out (subject
+//!   to the slot's egress policy, and only from the guest's own address, so a guest cannot
+//!   spoof another), and replies. It lives and dies with the namespace, so a slot's rules are
+//!   never left behind and creating a slot never touches the host's tables;
+//! - on the host, one shared table `ip <prefix>` (applied once by [`Network::setup_host`]):
+//!   nothing arriving from a slot link may open a connection to the host itself (input), no
+//!   slot may reach another slot and nothing but the host may open connections into a slot
+//!   (forward), and egress from the slot subnet is masqueraded. Interfaces are matched by the
+//!   name pattern `<prefix>-v*`, so the table does not change as slots come and go.
+//!
+//! Creation is idempotent and repairs partial state (every step checks or replaces); so is
+//! destruction. [`Network::cleanup_leftovers`] removes slots that a crashed agent left
+//! behind, except those it re-adopted.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::limits::{
+    EGRESS_RULES_MAX, NAME_PREFIX_LEN_MAX, SLOT_ALIAS_BLOCK_LEN, SLOT_COUNT_MAX,
+    SLOT_LINK_BLOCK_LEN, SUBNET_HALF_LEN,
+};
+use super::netlink::Netlink;
+use super::{firewall, netns, tap, Error};
+
+/// The guest's address in every slot.
+pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
+/// The guest's gateway: the tap's address in the slot's namespace.
+pub const GATEWAY_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
+/// Prefix length of the guest <-> tap link.
+pub const GUEST_PREFIX_LEN: u8 = 30;
+/// The kernel argument that configures the guest's eth0 with [`GUEST_ADDR`], gateway
+/// [`GATEWAY_ADDR`] and a /30 netmask, before init runs
+/// (`ip=<client>:<server>:<gw>:<netmask>:<hostname>:<device>:<autoconf>`).
+pub const GUEST_IP_BOOT_ARG: &str = "ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off";
+/// The tap device in each slot's namespace, which Firecracker's network interface uses.
+pub const TAP_NAME: &str = "tap0";
+/// The namespace end of the slot's veth pair.
+pub const NS_VETH_NAME: &str = "veth0";
+/// Prefix length of the host <-> namespace veth link.
+pub const LINK_PREFIX_LEN: u8 = 30;
+
+/// Where the host's ip_forward switch lives (per namespace: the path is resolved in the
+/// namespace of the thread that opens it).
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+// ---- addresses ----
+
+/// An IPv4 network `addr/prefix_len`, normalized (host bits cleared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ipv4Cidr {
+    addr: Ipv4Addr,
+    prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    /// The network containing `addr`, with `prefix_len` bits (at most 32).
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Result<Self, Error> {
+        if prefix_len > 32 {
+            return Err(Error::InvalidCidr(format!("{addr}/{prefix_len}")));
+        }
+        let mask = if prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix_len)
+        };
+        Ok(Ipv4Cidr {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix_len,
+        })
+    }
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = Error;
+    /// `a.b.c.d/n`, or a bare address meaning /32.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::InvalidCidr(s.to_owned());
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, l.parse::<u8>().map_err(|_| bad())?),
+            None => (s, 32),
+        };
+        Ipv4Cidr::new(addr.parse().map_err(|_| bad())?, len).map_err(|_| bad())
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Which destinations a slot's guest may open connections to. Deny wins over allow; an
+/// empty allow list allows everything not denied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Egress {
+    pub allow: Vec<Ipv4Cidr>,
+    pub deny: Vec<Ipv4Cidr>,
+}
+
+impl Egress {
+    /// Egress to nowhere: the guest can only answer connections from the host.
+    pub fn none() -> Self {
+        Egress {
+            allow: Vec::new(),
+            deny: vec![Ipv4Cidr {
+                addr: Ipv4Addr::UNSPECIFIED,
+                prefix_len: 0,
+            }],
+        }
+    }
+    fn check(&self) -> Result<(), Error> {
+        for list in [&self.allow, &self.deny] {
+            if list.len() > EGRESS_RULES_MAX {
+                return Err(Error::TooManyEgressRules { len: list.len() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Host-wide settings: how slots are named and numbered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    prefix: String,
+    subnet: Ipv4Addr,
+}
+
+impl Default for NetConfig {
+    /// Names `wrenn-N` / `wrenn-vN`, addresses from 10.200.0.0/16.
+    fn default() -> Self {
+        NetConfig {
+            prefix: "wrenn".to_owned(),
+            subnet: Ipv4Addr::new(10, 200, 0, 0),
+        }
+    }
+}
+
+impl NetConfig {
+    /// `prefix`: 1 to 8 lower-case letters or digits, starting with a letter (it names
+    /// namespaces, links and an nftables table). `subnet`: the base of a /16 that nothing
+    /// else on the host uses.
+    pub fn new(prefix: &str, subnet: Ipv4Addr) -> Result<Self, Error> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= NAME_PREFIX_LEN_MAX
+            && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !ok {
+            return Err(Error::InvalidConfig(format!("name prefix {prefix:?}")));
+        }
+        if u32::from(subnet) & 0xffff != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "subnet {subnet} is not the base of a /16"
+            )));
+        }
+        Ok(NetConfig {
+            prefix: prefix.to_owned(),
+            subnet,
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The whole slot subnet.
+    pub fn subnet(&self) -> Ipv4Cidr {
+        Ipv4Cidr {
+            addr: self.subnet,
+            prefix_len: 16,
+        }
+    }
+
+    /// The names and addresses of slot `index`.
+    pub fn slot(&self, index: u32) -> Result<Slot, Error> {
+        if index >= SLOT_COUNT_MAX {
+            return Err(Error::SlotOutOfRange { index });
+        }
+        let base = u32::from(self.subnet);
+        let link = base + index * SLOT_LINK_BLOCK_LEN;
+        let alias = base + SUBNET_HALF_LEN + index * SLOT_ALIAS_BLOCK_LEN + 1;
+        Ok(Slot {
+            index,
+            netns: format!("{}-{index}", self.prefix),
+            host_veth: format!("{}-v{index}", self.prefix),
+            host_addr: Ipv4Addr::from(link + 1),
+            ns_addr: Ipv4Addr::from(link + 2),
+            guest_alias: Ipv4Addr::from(alias),
+        })
+    }
+
+    /// The slot index in a namespace name `<prefix>-N`, if it is one of ours.
+    fn index_of_netns(&self, name: &str) -> Option<u32> {
+        parse_index(name.strip_prefix(&self.prefix)?.strip_prefix('-')?)
+    }
+
+    /// The slot index in a host link name `<prefix>-vN`, if it is one of ours.
+    fn index_of_link(&self, name: &str) -> Option<u32> {
+        parse_index(name.strip_prefix(&self.prefix)?.strip_prefix("-v")?)
+    }
+
+    /// The host table's name.
+    fn host_table(&self) -> String {
+        self.prefix.clone()
+    }
+
+    /// The slot table's name (inside each slot's namespace).
+    fn slot_table(&self) -> String {
+        format!("{}_slot", self.prefix)
+    }
+}
+
+/// A canonical decimal slot index below SLOT_COUNT_MAX ("7", not "07" or "+7").
+fn parse_index(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
+        return None;
+    }
+    s.parse::<u32>().ok().filter(|&i| i < SLOT_COUNT_MAX)
+}
+
+/// The names and addresses of one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub index: u32,
+    /// Namespace name (`/run/netns/<netns>`).
+    pub netns: String,
+    /// Host end of the veth pair.
+    pub host_veth: String,
+    /// Host end's address (/30).
+    pub host_addr: Ipv4Addr,
+    /// Namespace end's address (/30), the host's next hop to the guest alias.
+    pub ns_addr: Ipv4Addr,
+    /// Where the host reaches this slot's guest.
+    pub guest_alias: Ipv4Addr,
+}
+
+// ---- rulesets ----
+
+fn set_of(list: &[Ipv4Cidr]) -> String {
+    let items: Vec<String> = list.iter().map(|c| c.to_string()).collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
+/// The host's shared table.
+pub fn host_ruleset(cfg: &NetConfig) -> String {
+    let t = cfg.host_table();
+    let links = format!("\"{}-v*\"", cfg.prefix);
+    let subnet = cfg.subnet();
+    let mut r = firewall::replace_table_preamble("ip", &t);
+    let _ = write!(
+        r,
+        "table ip {t} {{
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    # Slots may answer the host, never open connections to it (any of its addresses).
+    iifname {links} ct state established,related accept
+    iifname {links} drop
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    # No slot reaches another.
+    iifname {links} oifname {links} drop
+    # Only the host itself opens connections into a slot.
+    oifname {links} ct state established,related accept
+    oifname {links} drop
+    # Egress only from slot addresses (the namespace SNATs its guest to its alias).
+    iifname {links} ip saddr != {subnet} drop
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {subnet} oifname != {links} masquerade
+  }}
+}}
+"
+    );
+    r
+}
+
+/// The table inside slot `slot`'s namespace.
+pub fn slot_ruleset(cfg: &NetConfig, slot: &Slot, egress: &Egress) -> String {
+    let t = cfg.slot_table();
+    let (veth, tap, guest, alias) = (NS_VETH_NAME, TAP_NAME, GUEST_ADDR, slot.guest_alias);
+    let mut egress_rules = String::new();
+    if !egress.deny.is_empty() {
+        let _ = writeln!(egress_rules, "    ip daddr {} drop", set_of(&egress.deny));
+    }
+    if egress.allow.is_empty() {
+        egress_rules.push_str("    accept\n");
+    } else {
+        let _ = writeln!(
+            egress_rules,
+            "    ip daddr {} accept",
+            set_of(&egress.allow)
+        );
+        egress_rules.push_str("    drop\n");
+    }
+    let mut r = firewall::replace_table_preamble("ip", &t);
+    let _ = write!(
+        r,
+        "table ip {t} {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname \"{veth}\" ip daddr {alias} dnat to {guest}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname \"{veth}\" ip saddr {guest} snat to {alias}
+  }}
+  chain input {{
+    # The namespace itself serves nothing: not to the guest, not to the host.
+    type filter hook input priority filter; policy drop;
+    iifname \"lo\" accept
+    ct state established,related accept
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname \"{veth}\" oifname \"{tap}\" ip daddr {guest} accept
+    iifname \"{tap}\" oifname \"{veth}\" ip saddr {guest} jump egress
+  }}
+  chain egress {{
+{egress_rules}  }}
+}}
+"
+    );
+    r
+}
+
+// ---- the host's slots ----
+
+fn write_sysctl(path: &'static str, value: &str) -> Result<(), Error> {
+    fs::write(path, value).map_err(|source| Error::Sysctl { path, source })
+}
+
+/// Creates, destroys and cleans up slots on this host.
+#[derive(Debug)]
+pub struct Network {
+    cfg: NetConfig,
+    host_ready: AtomicBool,
+}
+
+impl Network {
+    pub fn new(cfg: NetConfig) -> Self {
+        Network {
+            cfg,
+            host_ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    /// Installs (or replaces) the host table and turns on IPv4 forwarding. Run once at
+    /// start-up, before any slot is created. Rules go in first, so the host never forwards
+    /// slot traffic without them.
+    pub fn setup_host(&self) -> Result<(), Error> {
+        firewall::apply(&host_ruleset(&self.cfg))?;
+        write_sysctl(IP_FORWARD, "1")?;
+        self.host_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Removes the host table (when the host stops serving sandboxes). IPv4 forwarding is
+    /// left on: other software may rely on it, and without our table nothing of ours uses it.
+    pub fn teardown_host(&self) -> Result<(), Error> {
+        self.host_ready.store(false, Ordering::Release);
+        firewall::delete_table("ip", &self.cfg.host_table()).map(|_| ())
+    }
+
+    /// Creates slot `index` with the given egress policy, or completes and refreshes it if
+    /// it exists (idempotent). Firecracker then runs in namespace `slot.netns` with its
+    /// network interface on [`TAP_NAME`] and the guest booted with [`GUEST_IP_BOOT_ARG`].
+    pub fn create_slot(&self, index: u32, egress: &Egress) -> Result<Slot, Error> {
+        if !self.host_ready.load(Ordering::Acquire) {
+            return Err(Error::HostNotReady);
+        }
+        egress.check()?;
+        let slot = self.cfg.slot(index)?;
+        netns::create(&slot.netns)?;
+        let ns_fd = netns::open(&slot.netns)?;
+
+        // The veth pair: reuse it only if both ends are where they belong.
+        let mut nl = Netlink::open().map_err(Error::netlink("open netlink socket"))?;
+        let host_end = nl
+            .link_by_name(&slot.host_veth)
+            .map_err(Error::netlink(format!("look up {}", slot.host_veth)))?;
+        let ns_end = netns::run_in(&slot.netns, || -> Result<bool, Error> {
+            let mut nl = Netlink::open().map_err(Error::netlink("open netlink socket in slot"))?;
+            Ok(nl
+                .link_by_name(NS_VETH_NAME)
+                .map_err(Error::netlink("look up veth0"))?
+                .is_some())
+        })??;
+        if host_end.is_none() || !ns_end {
+            if host_end.is_some() {
+                nl.delete_link(&slot.host_veth)
+                    .map_err(Error::netlink(format!("delete stale {}", slot.host_veth)))?;
+            }
+            if ns_end {
+                netns::run_in(&slot.netns, || -> Result<(), Error> {
+                    let mut nl =
+                        Netlink::open().map_err(Error::netlink("open netlink socket in slot"))?;
+                    nl.delete_link(NS_VETH_NAME)
+                        .map_err(Error::netlink("delete stale veth0"))?;
+                    Ok(())
+                })??;
+            }
+            nl.create_veth(&slot.host_veth, NS_VETH_NAME, Some(ns_fd.as_fd()))
+                .map_err(Error::netlink(format!(
+                    "create veth pair {}",
+                    slot.host_veth
+                )))?;
+        }
+
+        // Inside the namespace first: rules before forwarding, forwarding before the host
+        // routes traffic here.
+        let cfg = &self.cfg;
+        netns::run_in(&slot.netns, || setup_inside(cfg, &slot, egress))??;
+
+        // Host end: up, address, route to the guest alias through the namespace.
+        let idx = nl
+            .link_index(&slot.host_veth)
+            .map_err(Error::netlink(format!("look up {}", slot.host_veth)))?;
+        nl.set_up(idx, true)
+            .map_err(Error::netlink(format!("set {} up", slot.host_veth)))?;
+        nl.add_address_v4(idx, slot.host_addr, LINK_PREFIX_LEN)
+            .map_err(Error::netlink(format!("add address to {}", slot.host_veth)))?;
+        nl.add_route_v4(Some((slot.guest_alias, 32)), Some(slot.ns_addr), idx)
+            .map_err(Error::netlink(format!(
+                "add route to guest alias {}",
+                slot.guest_alias
+            )))?;
+        log::info!(
+            "slot created index={index} netns={} alias={}",
+            slot.netns,
+            slot.guest_alias
+        );
+        Ok(slot)
+    }
+
+    /// Destroys slot `index`: its veth pair (and with it the host route) and its namespace
+    /// (and with it the tap and the slot's table). Destroying a slot that is not there is not
+    /// an error. Firecracker must have exited: a process inside keeps the namespace alive.
+    pub fn destroy_slot(&self, index: u32) -> Result<(), Error> {
+        let slot = self.cfg.slot(index)?;
+        // Deleting the host end removes both ends now; namespace teardown in the kernel is
+        // asynchronous, and a later create of the same slot must not find the old link.
+        let mut nl = Netlink::open().map_err(Error::netlink("open netlink socket"))?;
+        nl.delete_link(&slot.host_veth)
+            .map_err(Error::netlink(format!("delete {}", slot.host_veth)))?;
+        netns::delete(&slot.netns)?;
+        log::info!("slot destroyed index={index}");
+        Ok(())
+    }
+
+    /// Slot indices that have a namespace or a host link on this host.
+    pub fn existing_slots(&self) -> Result<BTreeSet<u32>, Error> {
+        let mut found: BTreeSet<u32> = netns::list()?
+            .iter()
+            .filter_map(|n| self.cfg.index_of_netns(n))
+            .collect();
+        let mut nl = Netlink::open().map_err(Error::netlink("open netlink socket"))?;
+        let links = nl.links().map_err(Error::netlink("list links"))?;
+        found.extend(links.iter().filter_map(|l| self.cfg.index_of_link(&l.name)));
+        Ok(found)
+    }
+
+    /// Removes every slot on this host except `keep` (the slots of sandboxes the agent
+    /// re-adopted after a restart). Returns the indices removed.
+    pub fn cleanup_leftovers(&self, keep: &[u32]) -> Result<Vec<u32>, Error> {
+        let mut removed = Vec::new();
+        for index in self.existing_slots()? {
+            if !keep.contains(&index) {
+                self.destroy_slot(index)?;
+                removed.push(index);
+            }
+        }
+        if !removed.is_empty() {
+            log::warn!(
+                "removed leftover slots count={} indices={removed:?}",
+                removed.len()
+            );
+        }
+        Ok(removed)
+    }
+}
+
+/// Everything done inside a slot's namespace (runs on a thread that entered it).
+fn setup_inside(cfg: &NetConfig, slot: &Slot, egress: &Egress) -> Result<(), Error> {
+    let mut nl = Netlink::open().map_err(Error::netlink("open netlink socket in slot"))?;
+    let lo = nl.link_index("lo").map_err(Error::netlink("look up lo"))?;
+    nl.set_up(lo, true).map_err(Error::netlink("set lo up"))?;
+
+    let veth = nl
+        .link_index(NS_VETH_NAME)
+        .map_err(Error::netlink("look up veth0"))?;
+    nl.set_up(veth, true)
+        .map_err(Error::netlink("set veth0 up"))?;
+    nl.add_address_v4(veth, slot.ns_addr, LINK_PREFIX_LEN)
+        .map_err(Error::netlink("add address to veth0"))?;
+    nl.add_route_v4(None, Some(slot.host_addr), veth)
+        .map_err(Error::netlink("add default route"))?;
+
+    // An existing tap may be attached to a running Firecracker: leave it alone.
+    if nl
+        .link_by_name(TAP_NAME)
+        .map_err(Error::netlink("look up tap0"))?
+        .is_none()
+    {
+        tap::create_persistent(TAP_NAME)?;
+    }
+    let tap_idx = nl
+        .link_index(TAP_NAME)
+        .map_err(Error::netlink("look up tap0"))?;
+    nl.set_up(tap_idx, true)
+        .map_err(Error::netlink("set tap0 up"))?;
+    nl.add_address_v4(tap_idx, GATEWAY_ADDR, GUEST_PREFIX_LEN)
+        .map_err(Error::netlink("add address to tap0"))?;
+
+    firewall::apply(&slot_ruleset(cfg, slot, egress))?;
+    write_sysctl(IP_FORWARD, "1")
+}
+
+// ---- allocation ----
+
+/// Which slot indices are taken. Allocation goes round-robin from the last index handed
+/// out, so a freed index (and the guest alias that conntrack may still remember for it) is
+/// reused as late as possible.
+#[derive(Debug, Clone)]
+pub struct SlotAllocator {
+    words: Vec<u64>,
+    capacity: u32,
+    used: u32,
+    next: u32,
+}
+
+impl SlotAllocator {
+    /// An allocator for indices `0..capacity` (at most [`SLOT_COUNT_MAX`]).
+    pub fn new(capacity: u32) -> Result<Self, Error> {
+        if capacity == 0 || capacity > SLOT_COUNT_MAX {
+            return Err(Error::InvalidConfig(format!(
+                "slot capacity {capacity} (1..={SLOT_COUNT_MAX})"
+            )));
+        }
+        Ok(SlotAllocator {
+            words: vec![0; capacity.div_ceil(64) as usize],
+            capacity,
+            used: 0,
+            next: 0,
+        })
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn used(&self) -> u32 {
+        self.used
+    }
+
+    pub fn is_used(&self, index: u32) -> bool {
+        index < self.capacity && self.words[(index / 64) as usize] & (1 << (index % 64)) != 0
+    }
+
+    /// Takes a free index, or `None` when all are taken.
+    pub fn allocate(&mut self) -> Option<u32> {
+        if self.used == self.capacity {
+            return None;
+        }
+        for step in 0..self.capacity {
+            let index = (self.next + step) % self.capacity;
+            if !self.is_used(index) {
+                self.set(index, true);
+                self.next = (index + 1) % self.capacity;
+                return Some(index);
+            }
+        }
+        unreachable!("used < capacity but no free bit");
+    }
+
+    /// Marks `index` taken (a slot re-adopted after a restart). Returns false if it already was.
+    pub fn mark_used(&mut self, index: u32) -> Result<bool, Error> {
+        if index >= self.capacity {
+            return Err(Error::SlotOutOfRange { index });
+        }
+        if self.is_used(index) {
+            return Ok(false);
+        }
+        self.set(index, true);
+        Ok(true)
+    }
+
+    /// Returns `index` to the pool. Returns false if it was not taken.
+    pub fn free(&mut self, index: u32) -> Result<bool, Error> {
+        if index >= self.capacity {
+            return Err(Error::SlotOutOfRange { index });
+        }
+        if !self.is_used(index) {
+            return Ok(false);
+        }
+        self.set(index, false);
+        Ok(true)
+    }
+
+    fn set(&mut self, index: u32, on: bool) {
+        let (w, bit) = ((index / 64) as usize, 1u64 << (index % 64));
+        if on {
+            self.words[w] |= bit;
+            self.used += 1;
+        } else {
+            self.words[w] &= !bit;
+            self.used -= 1;
+        }
+        debug_assert!(self.used <= self.capacity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_arg_matches_constants() {
+        let mask = Ipv4Addr::from(u32::MAX << (32 - GUEST_PREFIX_LEN));
+        assert_eq!(
+            GUEST_IP_BOOT_ARG,
+            format!("ip={GUEST_ADDR}::{GATEWAY_ADDR}:{mask}::eth0:off")
+        );
+        // Guest and gateway share the /30 and are its two usable addresses.
+        let net = Ipv4Cidr::new(GUEST_ADDR, GUEST_PREFIX_LEN).unwrap();
+        assert_eq!(net, Ipv4Cidr::new(GATEWAY_ADDR, GUEST_PREFIX_LEN).unwrap());
+        assert_eq!(u32::from(GUEST_ADDR) - u32::from(net.addr()), 1);
+        assert_eq!(u32::from(GATEWAY_ADDR) - u32::from(net.addr()), 2);
+    }
+
+    #[test]
+    fn slot_layout() {
+        let cfg = NetConfig::default();
+        let s0 = cfg.slot(0).unwrap();
+        assert_eq!(s0.netns, "wrenn-0");
+        assert_eq!(s0.host_veth, "wrenn-v0");
+        assert_eq!(s0.host_addr, Ipv4Addr::new(10, 200, 0, 1));
+        assert_eq!(s0.ns_addr, Ipv4Addr::new(10, 200, 0, 2));
+        assert_eq!(s0.guest_alias, Ipv4Addr::new(10, 200, 128, 1));
+        let s = cfg.slot(100).unwrap();
+        assert_eq!(s.host_addr, Ipv4Addr::new(10, 200, 1, 145));
+        assert_eq!(s.guest_alias, Ipv4Addr::new(10, 200, 129, 145));
+        let last = cfg.slot(SLOT_COUNT_MAX - 1).unwrap();
+        assert_eq!(last.host_veth, "wrenn-v4095");
+        assert!(cfg.subnet().addr() <= last.host_addr);
+        assert_eq!(last.guest_alias, Ipv4Addr::new(10, 200, 191, 253));
+        assert!(matches!(
+            cfg.slot(SLOT_COUNT_MAX),
+            Err(Error::SlotOutOfRange { .. })
+        ));
+
+        // Every address of every slot is distinct and inside the subnet.
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..SLOT_COUNT_MAX {
+            let s = cfg.slot(i).unwrap();
+            for a in [s.host_addr, s.ns_addr, s.guest_alias] {
+                assert_eq!(u32::from(a) >> 16, u32::from(cfg.subnet().addr()) >> 16);
+                assert!(seen.insert(a), "{a} twice");
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        let cfg = NetConfig::new("wrnt", Ipv4Addr::new(10, 201, 0, 0)).unwrap();
+        let s = cfg.slot(42).unwrap();
+        assert_eq!(cfg.index_of_netns(&s.netns), Some(42));
+        assert_eq!(cfg.index_of_link(&s.host_veth), Some(42));
+        for bad in [
+            "wrnt-",
+            "wrnt-07",
+            "wrnt-x",
+            "wrnt-4096",
+            "wrnt-v1",
+            "wrnt-inet",
+            "wrnt-+1",
+            "other-1",
+        ] {
+            assert_eq!(cfg.index_of_netns(bad), None, "{bad}");
+        }
+        assert_eq!(cfg.index_of_link("wrnt-v"), None);
+        assert_eq!(cfg.index_of_link("wrnt-1"), None);
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(NetConfig::new("", Ipv4Addr::new(10, 200, 0, 0)).is_err());
+        assert!(NetConfig::new("Wrenn", Ipv4Addr::new(10, 200, 0, 0)).is_err());
+        assert!(NetConfig::new("1wrenn", Ipv4Addr::new(10, 200, 0, 0)).is_err());
+        assert!(NetConfig::new("toolongpx", Ipv4Addr::new(10, 200, 0, 0)).is_err());
+        assert!(NetConfig::new("wrenn", Ipv4Addr::new(10, 200, 1, 0)).is_err());
+        assert!(NetConfig::new("wrenn", Ipv4Addr::new(10, 200, 0, 0)).is_ok());
+    }
+
+    #[test]
+    fn cidrs() {
+        let c: Ipv4Cidr = "198.18.3.4/15".parse().unwrap();
+        assert_eq!(c.to_string(), "198.18.0.0/15");
+        assert_eq!(
+            "1.2.3.4".parse::<Ipv4Cidr>().unwrap().to_string(),
+            "1.2.3.4/32"
+        );
+        for bad in [
+            "1.2.3.4/33",
+            "1.2.3/8",
+            "x/8",
+            "1.2.3.4/",
+            "/8",
+            "1.2.3.4/-1",
+        ] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rulesets() {
+        let cfg = NetConfig::default();
+        let slot = cfg.slot(3).unwrap();
+        let open = slot_ruleset(&cfg, &slot, &Egress::default());
+        assert!(open.starts_with("table ip wrenn_slot {}\ndelete table ip wrenn_slot\n"));
+        assert!(open.contains("ip daddr 10.200.128.13 dnat to 169.254.0.21"));
+        assert!(open.contains("ip saddr 169.254.0.21 snat to 10.200.128.13"));
+        assert!(open.contains("  chain egress {\n    accept\n  }"));
+        let restricted = Egress {
+            allow: vec!["1.1.1.0/24".parse().unwrap()],
+            deny: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.168.0.0/16".parse().unwrap(),
+            ],
+        };
+        let r = slot_ruleset(&cfg, &slot, &restricted);
+        assert!(r.contains("ip daddr { 10.0.0.0/8, 192.168.0.0/16 } drop\n    ip daddr { 1.1.1.0/24 } accept\n    drop\n"));
+        let none = slot_ruleset(&cfg, &slot, &Egress::none());
+        assert!(none.contains("ip daddr { 0.0.0.0/0 } drop"));
+
+        let host = host_ruleset(&cfg);
+        assert!(host.starts_with("table ip wrenn {}\ndelete table ip wrenn\n"));
+        assert!(host.contains("iifname \"wrenn-v*\" oifname \"wrenn-v*\" drop"));
+        assert!(host.contains("ip saddr 10.200.0.0/16 oifname != \"wrenn-v*\" masquerade"));
+    }
+
+    #[test]
+    fn egress_bounds() {
+        let many = Egress {
+            allow: vec!["1.2.3.4/32".parse().unwrap(); EGRESS_RULES_MAX + 1],
+            deny: vec![],
+        };
+        assert!(matches!(
+            many.check(),
+            Err(Error::TooManyEgressRules { .. })
+        ));
+        assert!(Egress::default().check().is_ok());
+    }
+
+    #[test]
+    fn allocator() {
+        assert!(SlotAllocator::new(0).is_err());
+        assert!(SlotAllocator::new(SLOT_COUNT_MAX + 1).is_err());
+        let mut a = SlotAllocator::new(130).unwrap();
+        assert!(a.mark_used(5).unwrap());
+        assert!(!a.mark_used(5).unwrap());
+        let got: Vec<u32> = (0..129).map(|_| a.allocate().unwrap()).collect();
+        assert_eq!(a.allocate(), None);
+        assert_eq!(a.used(), 130);
+        assert!(!got.contains(&5));
+        let distinct: BTreeSet<u32> = got.iter().copied().collect();
+        assert_eq!(distinct.len(), 129);
+        // Round-robin: after freeing 3 and 100, the next allocation continues past the last.
+        assert!(a.free(3).unwrap());
+        assert!(a.free(100).unwrap());
+        assert!(!a.free(100).unwrap());
+        assert_eq!(a.allocate(), Some(3));
+        assert_eq!(a.allocate(), Some(100));
+        assert!(a.free(130).is_err());
+        assert!(a.mark_used(130).is_err());
+        assert!(!a.is_used(1000));
+    }
+}
