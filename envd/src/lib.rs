@@ -11,6 +11,7 @@
 //! [`init`] PID 1 duties; [`vsock`] AF_VSOCK sockets; [`mmds`] Firecracker's metadata service;
 //! [`ports`] loopback port forwarding; [`limits`] every bound with its reason.
 
+pub mod clock;
 pub mod fs;
 pub mod limits;
 pub mod passwd;
