@@ -1,0 +1,83 @@
+//! Every bound of this crate, each with its reason.
+
+/// Size of one block of the header, the unit of every diff: the 4 KiB x86 page. Dirty-page
+/// tracking in KVM works per 4 KiB page, so a larger block would copy clean pages into diffs.
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// Largest guest memory a header may describe: 1 TiB. Far above any sandbox, low enough that
+/// the page server's per-page state (one byte a page) stays bounded (256 Mi entries).
+pub const MEMORY_SIZE_MAX: u64 = 1 << 40;
+
+/// Most extents in one header. A generation's diff after a pause has a few hundred extents
+/// (measured: 221–233); merged chains fragment further. 1 Mi extents is a 40 MiB header, well
+/// past anything real, and bounds what a corrupt file can make the parser allocate.
+pub const EXTENT_COUNT_MAX: u32 = 1 << 20;
+
+/// Most layers (distinct generations) one header may reference. The chain is squashed long
+/// before this (see [`SQUASH_LAYER_COUNT`]); the bound only protects the parser.
+pub const LAYER_COUNT_MAX: u32 = 1024;
+
+/// Squash a chain once it references more layers than this: each layer is one more open file
+/// and mapping in the page server, and one more file to keep per sandbox.
+pub const SQUASH_LAYER_COUNT: usize = 8;
+
+/// Largest header file accepted, derived from the counts above (the exact length is checked).
+pub const HEADER_SIZE_MAX: u64 = crate::header::HEADER_FIXED_SIZE as u64
+    + LAYER_COUNT_MAX as u64 * crate::header::LAYER_RECORD_SIZE as u64
+    + EXTENT_COUNT_MAX as u64 * crate::header::EXTENT_RECORD_SIZE as u64
+    + 4;
+
+/// Largest handshake message from Firecracker. Each region is about 120 bytes of JSON; a
+/// Firecracker VM has a handful of regions (two around the x86 MMIO hole, plus hotplug slots),
+/// so 64 KiB leaves room for hundreds.
+pub const HANDSHAKE_SIZE_MAX: usize = 64 * 1024;
+
+/// Most memory regions accepted in the handshake (see [`HANDSHAKE_SIZE_MAX`]).
+pub const REGION_COUNT_MAX: usize = 256;
+
+/// File descriptors received with the handshake: Firecracker sends exactly one; room for a few
+/// more lets the server see (and reject) a message that carries two instead of truncating it.
+pub const HANDSHAKE_FD_MAX: usize = 4;
+
+/// How long the server waits, after the connection, for the handshake message (ms).
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// `uffd_msg`s read per `read(2)`: one syscall drains a burst of faults from many vCPUs.
+pub const EVENT_BATCH: usize = 64;
+
+/// Largest fault-around window (bytes). The goal is measured with at most 64 KiB;
+/// beyond 2 MiB one fault would install a whole huge page worth of memory.
+pub const FAULT_AROUND_MAX: u64 = 2 << 20;
+
+/// Default fault-around window (bytes): 16 pages per fault.
+pub const FAULT_AROUND_DEFAULT: u64 = 64 * 1024;
+
+/// Bytes installed by one background-fill or prefetch `UFFDIO_COPY`: large copies run at
+/// memory bandwidth, but each one delays demand faults queued behind it, so keep it at 2 MiB.
+pub const FILL_CHUNK: u64 = 2 << 20;
+
+/// Most entries in a working-set file: one per page of the largest memory.
+pub const WORKING_SET_COUNT_MAX: u64 = MEMORY_SIZE_MAX / BLOCK_SIZE;
+
+/// Most faults waiting for a retry after `EAGAIN` (the memory map was changing): at most one
+/// batch of events can be pending at a time.
+pub const RETRY_QUEUE_MAX: usize = EVENT_BATCH;
+
+/// Spin (busy-poll the userfaultfd) for this long after the last event before sleeping in
+/// epoll (µs). Sleeping costs two thread wake-ups per fault (about 67 µs a page measured on these
+/// nested-KVM machines); a vCPU that faults once usually faults again within microseconds.
+pub const SPIN_DEFAULT_US: u64 = 200;
+
+/// Longest accepted spin (µs): beyond this the handler just burns a core.
+pub const SPIN_MAX_US: u64 = 100_000;
+
+/// Read buffer when scanning a memory file for a new generation (bytes).
+pub const SCAN_CHUNK: usize = 1 << 20;
+
+const _: () = assert!(BLOCK_SIZE.is_power_of_two());
+const _: () = assert!(FAULT_AROUND_DEFAULT <= FAULT_AROUND_MAX);
+const _: () = assert!(FAULT_AROUND_MAX % BLOCK_SIZE == 0);
+const _: () = assert!(FILL_CHUNK % BLOCK_SIZE == 0);
+const _: () = assert!(SCAN_CHUNK as u64 % BLOCK_SIZE == 0);
+const _: () = assert!(MEMORY_SIZE_MAX % BLOCK_SIZE == 0);
+const _: () = assert!(HANDSHAKE_FD_MAX >= 2);
