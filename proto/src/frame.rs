@@ -46,6 +46,11 @@ impl Kind {
         })
     }
 
+    /// Kinds valid on stream 0 and on streams alike (WINDOW, ERROR).
+    pub fn is_any_stream_frame(self) -> bool {
+        matches!(self, Kind::Window | Kind::Error)
+    }
+
     /// Frames on stream 0 (connection frames) versus frames on a stream.
     pub fn is_connection_frame(self) -> bool {
         matches!(
@@ -149,7 +154,8 @@ pub fn decode(buf: &[u8], frame_len_max: u32) -> Result<Decoded<'_>, FrameError>
         }
         return Err(FrameError::UnknownKind { kind: kind_byte });
     };
-    if kind.is_connection_frame() != (stream == 0) {
+    // WINDOW and ERROR are valid on both: on stream 0 they concern the connection.
+    if !kind.is_any_stream_frame() && kind.is_connection_frame() != (stream == 0) {
         return Err(FrameError::WrongStream { kind, stream });
     }
     let body = &buf[LENGTH_PREFIX_LEN + FRAME_HEADER_LEN..total];
@@ -262,7 +268,7 @@ pub fn parse_goaway(body: &[u8]) -> (u32, Code, &str) {
 
 /// Appends a frame header for a body of `body_len` bytes.
 pub fn put_header(out: &mut Vec<u8>, stream: u32, kind: Kind, flags: u8, body_len: usize) {
-    debug_assert_eq!(kind.is_connection_frame(), stream == 0);
+    debug_assert!(kind.is_any_stream_frame() || kind.is_connection_frame() == (stream == 0));
     let len = (FRAME_HEADER_LEN + body_len) as u32;
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(&stream.to_be_bytes());

@@ -65,3 +65,6 @@ const _: () = assert!(FRAME_LEN_MAX_DEFAULT <= FRAME_LEN_MAX_CEILING);
 const _: () = assert!(FRAME_LEN_MAX_FLOOR as usize > FRAME_HEADER_LEN + ERROR_MESSAGE_LEN_MAX + 6);
 const _: () = assert!(CHUNK_LEN <= MESSAGE_LEN_MAX);
 const _: () = assert!(KEEPALIVE_TIMEOUT.as_secs() > 2 * KEEPALIVE_INTERVAL.as_secs());
+
+/// Longest credential or client name accepted in a HELLO.
+pub const CREDENTIAL_LEN_MAX: usize = 1024;

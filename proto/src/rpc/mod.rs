@@ -1,4 +1,20 @@
-//! The multiplexed RPC runtime (see PROTOCOL.md).
+//! The multiplexed RPC runtime over any stream socket (TCP, Unix, vsock); see PROTOCOL.md.
+//!
+//! - [`Client`]: blocking calls from any thread; no background thread.
+//! - [`Server`]: a mio event loop plus a bounded worker pool; [`Service`] answers calls.
+//!
+//! Flow control bounds what either side buffers (see `conn.rs`).
+
+mod client;
+mod conn;
+mod pool;
+mod server;
+mod sys;
+
+pub use client::{CallOpts, Client, ClientConfig, ClientStream, Credential};
+pub use server::{Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service};
+
+pub use crate::gen::wrenn::wire::v1::{CredentialKind, Hello};
 
 /// A method of a service and its streaming shape (generated for every service).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -6,4 +22,39 @@ pub struct MethodDesc {
     pub name: &'static str,
     pub client_streaming: bool,
     pub server_streaming: bool,
+}
+
+/// Parses and checks a HELLO body as the server does: protobuf, known version, credential
+/// and name within bounds.
+pub fn parse_hello(body: &[u8]) -> Result<Hello, crate::Status> {
+    use prost::Message;
+    let h = Hello::decode(body).map_err(|e| {
+        crate::Status::invalid_argument(format!("protocol error: malformed HELLO: {e}"))
+    })?;
+    if h.version != crate::PROTOCOL_VERSION {
+        return Err(crate::Status::failed_precondition(format!(
+            "protocol version {} is not supported (this server speaks {})",
+            h.version,
+            crate::PROTOCOL_VERSION
+        )));
+    }
+    if h.credential.len() > crate::limits::CREDENTIAL_LEN_MAX
+        || h.client.len() > crate::limits::CREDENTIAL_LEN_MAX
+    {
+        return Err(crate::Status::invalid_argument(
+            "protocol error: HELLO field too long",
+        ));
+    }
+    Ok(h)
+}
+
+/// Fuzz entry point for the hello exchange: never panics; what parses re-encodes to a
+/// message that parses to the same value.
+pub fn fuzz_hello(data: &[u8]) {
+    use prost::Message;
+    if let Ok(h) = parse_hello(data) {
+        let again = Hello::decode(&h.encode_to_vec()[..]).expect("re-encoded hello parses");
+        assert_eq!(again, h);
+    }
+    let _ = crate::gen::wrenn::wire::v1::HelloAck::decode(data);
 }

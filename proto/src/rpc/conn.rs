@@ -1,0 +1,1018 @@
+//! The connection core shared by clients and servers: stream table, flow-control windows,
+//! the outbound buffer, and frame processing.
+//!
+//! One `Conn` is shared (`Arc`) by every thread that uses the connection. All state sits
+//! behind one mutex; one condvar wakes threads waiting for messages, credit or death.
+//!
+//! Reading is done by exactly one thread at a time: on a server, the event-loop thread; on a
+//! client, whichever waiting thread takes the reader role (leader/follower, so a lone caller
+//! reads its own reply without a thread hop). Writing is done by whoever has a frame to
+//! send, under the lock, straight to the non-blocking socket; what the socket does not take
+//! stays in the outbound buffer until the reader side sees the socket writable again.
+//!
+//! Architecture invariant: bytes buffered per connection are bounded. Received messages are
+//! bounded by the windows we advertise (a peer exceeding them is a protocol error), sent
+//! messages by the windows the peer grants (senders block), and control frames by
+//! `CONTROL_QUEUE_LEN_MAX` (a peer that makes us exceed it is closed).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::frame::{self, Decoded, Kind, FLAG_END_STREAM};
+use crate::limits::{
+    CONTROL_QUEUE_LEN_MAX, FRAME_HEADER_LEN, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+    LENGTH_PREFIX_LEN, READ_CHUNK_LEN,
+};
+use crate::status::{Code, Status};
+
+/// Which side of the connection this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Server,
+}
+
+/// Receive and send limits in force on a connection after the hello.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Largest frame we accept (length field).
+    pub recv_frame_len_max: u32,
+    /// Our per-stream and per-connection receive windows.
+    pub recv_stream_window: u32,
+    pub recv_conn_window: u32,
+    /// Largest frame the peer accepts.
+    pub send_frame_len_max: u32,
+    /// The peer's windows: our initial send credit.
+    pub send_stream_window: u32,
+    pub send_conn_window: u32,
+    /// Streams open at once (server-enforced).
+    pub max_streams: u32,
+}
+
+/// A message received on a stream, with the window cost to credit back once consumed.
+struct Msg {
+    bytes: Vec<u8>,
+    cost: u32,
+}
+
+#[derive(Default)]
+struct Stream {
+    queue: VecDeque<Msg>,
+    /// The peer sends nothing more (END_STREAM flag, END frame).
+    peer_done: bool,
+    /// Terminal error from the peer (ERROR frame) or a local cancellation.
+    error: Option<Status>,
+    /// The peer cancelled this stream (server side).
+    cancelled: bool,
+    /// We sent END/ERROR/CANCEL: nothing more may be sent.
+    local_done: bool,
+    send_window: i64,
+    credit_pending: u32,
+    /// Server side: when the call's deadline passes.
+    deadline: Option<Instant>,
+}
+
+pub(crate) struct State {
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Bytes of flow-controlled frames currently in `out` (the rest are control frames).
+    out_data: usize,
+    streams: HashMap<u32, Stream>,
+    /// Highest stream id opened so far (client: allocated, server: seen).
+    last_stream: u32,
+    conn_send_window: i64,
+    conn_credit_pending: u32,
+    /// Set once the connection is unusable; every waiter returns this.
+    dead: Option<Status>,
+    /// GOAWAY sent or received: no new streams.
+    pub goaway: bool,
+    /// A client thread is currently doing the reading.
+    reader_busy: bool,
+    pub last_rx: Instant,
+    ping_sent: Option<Instant>,
+}
+
+pub(crate) struct Conn {
+    pub sock: UnixStream,
+    pub side: Side,
+    pub limits: Limits,
+    state: Mutex<State>,
+    cv: Condvar,
+    /// Client only: wakes a reader blocked in poll when a writer left bytes behind.
+    wake: Option<(UnixStream, UnixStream)>,
+    /// Client only: the reader's buffer (touched only by the thread holding the reader role).
+    rbuf: Mutex<RecvBuf>,
+}
+
+/// A read buffer that grows only as bytes arrive, never beyond one maximum frame plus one
+/// read chunk.
+pub(crate) struct RecvBuf {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl RecvBuf {
+    pub fn new() -> RecvBuf {
+        RecvBuf {
+            buf: Vec::new(),
+            start: 0,
+        }
+    }
+
+    /// Reads once from `sock` (non-blocking). Returns bytes read, 0 at EOF.
+    pub fn read_from(&mut self, mut sock: &UnixStream) -> io::Result<usize> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > READ_CHUNK_LEN {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + READ_CHUNK_LEN, 0);
+        let r = sock.read(&mut self.buf[len..]);
+        let n = *r.as_ref().unwrap_or(&0);
+        self.buf.truncate(len + n);
+        r
+    }
+
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.start += n;
+        assert!(self.start <= self.buf.len());
+    }
+
+    /// Releases memory of an idle connection.
+    pub fn shrink(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+}
+
+/// A call opened by the peer (server side), handed to the service.
+pub(crate) struct NewCall {
+    pub stream: u32,
+    pub method: String,
+    pub message: Vec<u8>,
+}
+
+/// What processing a batch of frames produced that must be acted on outside the lock.
+#[derive(Default)]
+pub(crate) struct Events {
+    pub calls: Vec<NewCall>,
+    /// Bytes of a HELLO or HELLO_ACK body (first frame of a connection).
+    pub hello: Option<Vec<u8>>,
+    pub hello_ack: Option<Vec<u8>>,
+}
+
+fn proto_err(msg: impl Into<String>) -> Status {
+    Status::new(Code::Internal, format!("protocol error: {}", msg.into()))
+}
+
+impl Conn {
+    pub fn new(sock: UnixStream, side: Side, limits: Limits) -> io::Result<Conn> {
+        sock.set_nonblocking(true)?;
+        let wake = if side == Side::Client {
+            let (a, b) = UnixStream::pair()?;
+            a.set_nonblocking(true)?;
+            b.set_nonblocking(true)?;
+            Some((a, b))
+        } else {
+            None
+        };
+        Ok(Conn {
+            sock,
+            side,
+            limits,
+            state: Mutex::new(State {
+                out: Vec::new(),
+                out_pos: 0,
+                out_data: 0,
+                streams: HashMap::new(),
+                last_stream: 0,
+                conn_send_window: limits.send_conn_window as i64,
+                conn_credit_pending: 0,
+                dead: None,
+                goaway: false,
+                reader_busy: false,
+                last_rx: Instant::now(),
+                ping_sent: None,
+            }),
+            cv: Condvar::new(),
+            wake,
+            rbuf: Mutex::new(RecvBuf::new()),
+        })
+    }
+
+    /// Client: applies the limits the server announced in its HELLO_ACK.
+    pub fn renegotiate(mut self, limits: Limits) -> Conn {
+        self.limits = limits;
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        st.conn_send_window = limits.send_conn_window as i64;
+        self
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough state for shutdown paths;
+        // recover the guard instead of propagating the poison.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ---- writing -------------------------------------------------------------------
+
+    /// Writes as much of the outbound buffer as the socket takes. Marks the connection dead
+    /// on a write error.
+    pub fn flush(&self, st: &mut State) {
+        while st.out_pos < st.out.len() {
+            match (&self.sock).write(&st.out[st.out_pos..]) {
+                Ok(0) => {
+                    self.kill(st, Status::unavailable("connection closed while writing"));
+                    return;
+                }
+                Ok(n) => st.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.kill(st, Status::unavailable(format!("write failed: {e}")));
+                    return;
+                }
+            }
+        }
+        if st.out_pos == st.out.len() {
+            st.out.clear();
+            st.out_pos = 0;
+            st.out_data = 0;
+            if st.out.capacity() > 4 * READ_CHUNK_LEN {
+                st.out.shrink_to(READ_CHUNK_LEN);
+            }
+        } else if st.out_pos > READ_CHUNK_LEN {
+            st.out.drain(..st.out_pos);
+            st.out_pos = 0;
+        }
+        if st.out_pos < st.out.len() {
+            if let Some((tx, _)) = &self.wake {
+                let _ = (&*tx).write(&[1]);
+            }
+        }
+    }
+
+    pub fn has_pending_output(st: &State) -> bool {
+        st.out_pos < st.out.len()
+    }
+
+    /// Appends a control frame and flushes; a peer that lets control frames pile up is
+    /// closed rather than buffered without bound.
+    fn control(&self, st: &mut State, build: impl FnOnce(&mut Vec<u8>)) {
+        if st.dead.is_some() {
+            return;
+        }
+        build(&mut st.out);
+        let control_bytes = st.out.len() - st.out_pos - st.out_data.min(st.out.len() - st.out_pos);
+        if control_bytes > CONTROL_QUEUE_LEN_MAX {
+            self.kill(
+                st,
+                Status::resource_exhausted("peer does not read its control frames"),
+            );
+            return;
+        }
+        self.flush(st);
+    }
+
+    /// Marks the connection dead, fails every stream, wakes every waiter, and shuts the
+    /// socket down so the peer sees the end even while threads still hold the `Conn`.
+    pub fn kill(&self, st: &mut State, status: Status) {
+        if st.dead.is_some() {
+            return;
+        }
+        st.dead = Some(status);
+        st.streams.clear();
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.cv.notify_all();
+        if let Some((tx, _)) = &self.wake {
+            let _ = (&*tx).write(&[1]);
+        }
+    }
+
+    /// Sends a connection error (ERROR on stream 0) and kills the connection.
+    pub fn fail_connection(&self, st: &mut State, status: Status) {
+        if st.dead.is_none() {
+            frame::put_error(&mut st.out, 0, status.code, &status.message);
+            self.flush(st);
+        }
+        self.kill(st, status);
+    }
+
+    pub fn dead(st: &State) -> Option<&Status> {
+        st.dead.as_ref()
+    }
+
+    /// Appends a hello-phase frame (HELLO / HELLO_ACK) without flow control.
+    pub fn send_raw(&self, st: &mut State, kind: Kind, body: &[u8]) {
+        frame::put_frame(&mut st.out, 0, kind, 0, body);
+        self.flush(st);
+    }
+
+    pub fn send_goaway(&self, st: &mut State, code: Code, msg: &str) {
+        st.goaway = true;
+        let last = st.last_stream;
+        self.control(st, |out| frame::put_goaway(out, last, code, msg));
+    }
+
+    pub fn send_ping(&self, st: &mut State) {
+        st.ping_sent = Some(Instant::now());
+        self.control(st, |out| frame::put_frame(out, 0, Kind::Ping, 0, &[0; 8]));
+    }
+
+    // ---- streams -------------------------------------------------------------------
+
+    /// Client: allocates a stream id and sends REQUEST. `message` is the encoded request.
+    pub fn open_stream(
+        &self,
+        st: &mut State,
+        method: &str,
+        timeout_ms: u32,
+        end_stream: bool,
+        message: &[u8],
+    ) -> Result<u32, Status> {
+        if let Some(d) = &st.dead {
+            return Err(d.clone());
+        }
+        if st.goaway {
+            return Err(Status::unavailable("connection is closing (goaway)"));
+        }
+        if method.is_empty()
+            || method.len() > crate::limits::METHOD_LEN_MAX
+            || !method.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Status::invalid_argument(format!(
+                "bad method name {method:?}"
+            )));
+        }
+        let id = st
+            .last_stream
+            .checked_add(1)
+            .ok_or_else(|| Status::resource_exhausted("stream ids exhausted on this connection"))?;
+        let cost = (FRAME_HEADER_LEN + 1 + method.len() + 4 + message.len()) as u32;
+        if cost > self.limits.send_frame_len_max {
+            return Err(Status::invalid_argument(format!(
+                "request of {} bytes exceeds the peer's frame limit {}",
+                message.len(),
+                self.limits.send_frame_len_max
+            )));
+        }
+        st.last_stream = id;
+        // A REQUEST counts against the connection window only; the stream's window
+        // starts full once the stream exists.
+        let s = Stream {
+            send_window: self.limits.send_stream_window as i64,
+            local_done: end_stream,
+            ..Stream::default()
+        };
+        st.conn_send_window -= cost as i64;
+        st.streams.insert(id, s);
+        let flags = if end_stream { FLAG_END_STREAM } else { 0 };
+        frame::put_request(&mut st.out, id, flags, method, timeout_ms, message);
+        st.out_data += cost as usize + LENGTH_PREFIX_LEN;
+        self.flush(st);
+        Ok(id)
+    }
+
+    /// Server: registers a stream opened by the peer.
+    fn accept_stream(&self, st: &mut State, id: u32, peer_done: bool, timeout_ms: u32) {
+        let deadline =
+            (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
+        st.streams.insert(
+            id,
+            Stream {
+                peer_done,
+                send_window: self.limits.send_stream_window as i64,
+                deadline,
+                ..Stream::default()
+            },
+        );
+    }
+
+    /// Waits until the stream and the connection have the frame's cost in credit, then
+    /// appends the DATA frame produced by `encode` (which must write exactly `body_len`
+    /// bytes). With `block == false` it returns `Ok(false)` instead of waiting.
+    pub fn send_data(
+        &self,
+        id: u32,
+        body_len: usize,
+        end_stream: bool,
+        deadline: Option<Instant>,
+        block: bool,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<bool, Status> {
+        let cost = (FRAME_HEADER_LEN + body_len) as u32;
+        if cost > self.limits.send_frame_len_max {
+            return Err(Status::invalid_argument(format!(
+                "message of {body_len} bytes exceeds the peer's frame limit {}",
+                self.limits.send_frame_len_max
+            )));
+        }
+        let ready = |st: &mut State| -> Result<Option<()>, Status> {
+            let conn_window = st.conn_send_window;
+            let s = st
+                .streams
+                .get(&id)
+                .ok_or_else(|| st.dead.clone().unwrap_or_else(closed_stream))?;
+            if let Some(e) = &s.error {
+                return Err(e.clone());
+            }
+            if s.cancelled {
+                return Err(Status::cancelled("the peer cancelled the call"));
+            }
+            if s.local_done {
+                return Err(Status::failed_precondition(
+                    "send after the stream was closed",
+                ));
+            }
+            Ok((s.send_window >= cost as i64 && conn_window >= cost as i64).then_some(()))
+        };
+        let mut st = if block {
+            self.wait(deadline, ready)?.0
+        } else {
+            let mut st = self.lock();
+            if ready(&mut st)?.is_none() {
+                return Ok(false);
+            }
+            st
+        };
+        let s = st.streams.get_mut(&id).ok_or_else(closed_stream)?;
+        s.send_window -= cost as i64;
+        if end_stream {
+            s.local_done = true;
+        }
+        st.conn_send_window -= cost as i64;
+        let flags = if end_stream { FLAG_END_STREAM } else { 0 };
+        let before = st.out.len();
+        frame::put_header(&mut st.out, id, Kind::Data, flags, body_len);
+        encode(&mut st.out);
+        assert_eq!(
+            st.out.len() - before,
+            LENGTH_PREFIX_LEN + cost as usize,
+            "encoded length"
+        );
+        st.out_data += LENGTH_PREFIX_LEN + cost as usize;
+        self.flush(&mut st);
+        Ok(true)
+    }
+
+    /// Sends END (half-close without a message; on a server: success) on a stream.
+    pub fn send_end(&self, st: &mut State, id: u32) {
+        if let Some(s) = st.streams.get_mut(&id) {
+            if !s.local_done {
+                s.local_done = true;
+                self.control(st, |out| frame::put_frame(out, id, Kind::End, 0, &[]));
+            }
+        }
+    }
+
+    /// Sends ERROR on a stream (server: the call failed).
+    pub fn send_error(&self, st: &mut State, id: u32, status: &Status) {
+        if let Some(s) = st.streams.get_mut(&id) {
+            if !s.local_done {
+                s.local_done = true;
+                self.control(st, |out| {
+                    frame::put_error(out, id, status.code, &status.message)
+                });
+            }
+        }
+    }
+
+    /// Client: cancels a stream and forgets it; server: forgets a finished stream.
+    /// Queued messages are dropped and their connection credit returned.
+    pub fn release_stream(&self, st: &mut State, id: u32, send_cancel: bool) {
+        let Some(s) = st.streams.remove(&id) else {
+            return;
+        };
+        let dropped: u32 = s.queue.iter().map(|m| m.cost).sum();
+        let peer_finished = s.error.is_some() || (self.side == Side::Client && s.peer_done);
+        if send_cancel && !peer_finished && st.dead.is_none() {
+            self.control(st, |out| frame::put_frame(out, id, Kind::Cancel, 0, &[]));
+        }
+        self.credit_conn(st, dropped, true);
+    }
+
+    fn credit_conn(&self, st: &mut State, n: u32, force: bool) {
+        st.conn_credit_pending = st.conn_credit_pending.saturating_add(n);
+        let pending = st.conn_credit_pending;
+        if pending > 0 && (force || pending >= self.limits.recv_conn_window / 2) {
+            st.conn_credit_pending = 0;
+            self.control(st, |out| frame::put_window(out, 0, pending));
+        }
+    }
+
+    /// Pops the next message of a stream, crediting its cost back. `Ok(None)` means the
+    /// peer finished cleanly and the queue is empty; `Err` is the peer's or the
+    /// connection's error.
+    pub fn take_message(&self, st: &mut State, id: u32) -> Result<Option<Option<Vec<u8>>>, Status> {
+        let dead = st.dead.clone();
+        let Some(s) = st.streams.get_mut(&id) else {
+            return Err(dead.unwrap_or_else(closed_stream));
+        };
+        if let Some(m) = s.queue.pop_front() {
+            s.credit_pending += m.cost;
+            let empty = s.queue.is_empty();
+            let pending = s.credit_pending;
+            let send_stream_credit = !s.peer_done
+                && s.error.is_none()
+                && (empty || pending >= self.limits.recv_stream_window / 2);
+            if send_stream_credit {
+                s.credit_pending = 0;
+                self.control(st, |out| frame::put_window(out, id, pending));
+            }
+            self.credit_conn(st, m.cost, empty);
+            return Ok(Some(Some(m.bytes)));
+        }
+        if let Some(e) = &s.error {
+            return Err(e.clone());
+        }
+        if s.cancelled {
+            return Err(Status::cancelled("the peer cancelled the call"));
+        }
+        if s.peer_done {
+            return Ok(Some(None));
+        }
+        if let Some(d) = dead {
+            return Err(d);
+        }
+        Ok(None)
+    }
+
+    pub fn is_cancelled(st: &State, id: u32) -> bool {
+        st.dead.is_some()
+            || st
+                .streams
+                .get(&id)
+                .is_none_or(|s| s.cancelled || s.error.is_some())
+    }
+
+    pub fn stream_count(st: &State) -> usize {
+        st.streams.len()
+    }
+
+    /// Server: fails calls whose deadline passed. Returns how many expired.
+    pub fn expire_deadlines(&self, st: &mut State, now: Instant) -> usize {
+        let expired: Vec<u32> = st
+            .streams
+            .iter()
+            .filter(|(_, s)| s.deadline.is_some_and(|d| d <= now) && s.error.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            let status = Status::deadline_exceeded("the call's deadline passed");
+            self.send_error(st, *id, &status);
+            if let Some(s) = st.streams.get_mut(id) {
+                s.error = Some(status);
+                s.deadline = None;
+            }
+        }
+        if !expired.is_empty() {
+            self.cv.notify_all();
+        }
+        expired.len()
+    }
+
+    // ---- reading -------------------------------------------------------------------
+
+    /// Processes every complete frame in `rbuf`. Stops at the first connection error,
+    /// which it reports by killing the connection.
+    pub fn process(&self, st: &mut State, rbuf: &mut RecvBuf, ev: &mut Events) {
+        st.last_rx = Instant::now();
+        st.ping_sent = None;
+        loop {
+            if st.dead.is_some() {
+                return;
+            }
+            let decoded = match frame::decode(rbuf.pending(), self.limits.recv_frame_len_max) {
+                Ok(d) => d,
+                Err(e) => {
+                    let code = match e {
+                        frame::FrameError::TooLong { .. } => Code::ResourceExhausted,
+                        _ => Code::InvalidArgument,
+                    };
+                    self.fail_connection(st, Status::new(code, format!("protocol error: {e}")));
+                    return;
+                }
+            };
+            match decoded {
+                Decoded::Incomplete { .. } => return,
+                Decoded::Skip(n) => rbuf.consume(n),
+                Decoded::Frame(f, n) => {
+                    let r = self.on_frame(st, &f, ev);
+                    rbuf.consume(n);
+                    if let Err(status) = r {
+                        self.fail_connection(st, status);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_frame(
+        &self,
+        st: &mut State,
+        f: &frame::Frame<'_>,
+        ev: &mut Events,
+    ) -> Result<(), Status> {
+        let cost = (FRAME_HEADER_LEN + f.body.len()) as u32;
+        match f.kind {
+            Kind::Hello => {
+                if self.side != Side::Server || ev.hello.is_some() {
+                    return Err(proto_err("unexpected HELLO"));
+                }
+                ev.hello = Some(f.body.to_vec());
+            }
+            Kind::HelloAck => {
+                if self.side != Side::Client || ev.hello_ack.is_some() {
+                    return Err(proto_err("unexpected HELLO_ACK"));
+                }
+                ev.hello_ack = Some(f.body.to_vec());
+            }
+            Kind::Ping => {
+                let body = f.body.to_vec();
+                self.control(st, |out| frame::put_frame(out, 0, Kind::Pong, 0, &body));
+            }
+            Kind::Pong => {}
+            Kind::GoAway => {
+                let (_, code, msg) = frame::parse_goaway(f.body);
+                st.goaway = true;
+                if st.streams.is_empty() && self.side == Side::Client {
+                    self.kill(
+                        st,
+                        Status::new(Code::Unavailable, format!("peer went away: {code}: {msg}")),
+                    );
+                }
+            }
+            Kind::Window => {
+                let inc = frame::window_increment(f.body) as i64;
+                if f.stream == 0 {
+                    st.conn_send_window += inc;
+                    if st.conn_send_window > u32::MAX as i64 * 2 {
+                        return Err(proto_err("connection window overflow"));
+                    }
+                } else if let Some(s) = st.streams.get_mut(&f.stream) {
+                    s.send_window += inc;
+                    if s.send_window > u32::MAX as i64 * 2 {
+                        return Err(proto_err("stream window overflow"));
+                    }
+                }
+                self.cv.notify_all();
+            }
+            Kind::Request => {
+                if self.side != Side::Server {
+                    return Err(proto_err("REQUEST sent to a client"));
+                }
+                if f.stream <= st.last_stream {
+                    return Err(proto_err(format!(
+                        "stream id {} reused or decreasing",
+                        f.stream
+                    )));
+                }
+                st.last_stream = f.stream;
+                self.take_conn_credit(st, cost)?;
+                let req = frame::parse_request(f.body).map_err(proto_err)?;
+                if st.goaway {
+                    self.credit_conn(st, cost, false);
+                    let status = Status::unavailable("server is shutting down");
+                    self.control(st, |out| {
+                        frame::put_error(out, f.stream, status.code, &status.message)
+                    });
+                    return Ok(());
+                }
+                if st.streams.len() >= self.limits.max_streams as usize {
+                    self.credit_conn(st, cost, false);
+                    let status = Status::resource_exhausted(format!(
+                        "too many concurrent streams (limit {})",
+                        self.limits.max_streams
+                    ));
+                    self.control(st, |out| {
+                        frame::put_error(out, f.stream, status.code, &status.message)
+                    });
+                    return Ok(());
+                }
+                let end = f.flags & FLAG_END_STREAM != 0;
+                self.accept_stream(st, f.stream, end, req.timeout_ms);
+                // The request message is handed to the call at once: credit it now.
+                self.credit_conn(st, cost, false);
+                ev.calls.push(NewCall {
+                    stream: f.stream,
+                    method: req.method.to_owned(),
+                    message: req.message.to_vec(),
+                });
+            }
+            Kind::Data => {
+                self.take_conn_credit(st, cost)?;
+                let known = self.check_stream_id(st, f.stream)?;
+                let dead_stream = !known
+                    || st
+                        .streams
+                        .get(&f.stream)
+                        .is_some_and(|s| s.cancelled || s.error.is_some());
+                if dead_stream {
+                    // A stream we already finished: discard, return the connection credit.
+                    self.credit_conn(st, cost, false);
+                    return Ok(());
+                }
+                let Some(s) = st.streams.get_mut(&f.stream) else {
+                    return Ok(());
+                };
+                if s.peer_done {
+                    return Err(proto_err(format!("DATA after end of stream {}", f.stream)));
+                }
+                let window_used: u32 =
+                    s.queue.iter().map(|m| m.cost).sum::<u32>() + s.credit_pending;
+                if window_used + cost > self.limits.recv_stream_window {
+                    return Err(Status::resource_exhausted(format!(
+                        "protocol error: stream {} exceeded its flow-control window",
+                        f.stream
+                    )));
+                }
+                s.queue.push_back(Msg {
+                    bytes: f.body.to_vec(),
+                    cost,
+                });
+                if f.flags & FLAG_END_STREAM != 0 {
+                    s.peer_done = true;
+                }
+                self.cv.notify_all();
+            }
+            Kind::End => {
+                if self.check_stream_id(st, f.stream)? {
+                    if let Some(s) = st.streams.get_mut(&f.stream) {
+                        s.peer_done = true;
+                    }
+                    self.cv.notify_all();
+                }
+            }
+            Kind::Error => {
+                let (code, msg) = frame::parse_error(f.body).map_err(proto_err)?;
+                if f.stream == 0 {
+                    self.kill(st, Status::new(code, msg));
+                    return Ok(());
+                }
+                if self.check_stream_id(st, f.stream)? {
+                    if let Some(s) = st.streams.get_mut(&f.stream) {
+                        s.error = Some(Status::new(code, msg));
+                        s.local_done = true;
+                    }
+                    self.cv.notify_all();
+                }
+            }
+            Kind::Cancel => {
+                if self.check_stream_id(st, f.stream)? {
+                    if let Some(s) = st.streams.get_mut(&f.stream) {
+                        s.cancelled = true;
+                        let dropped: u32 = s.queue.drain(..).map(|m| m.cost).sum();
+                        self.credit_conn(st, dropped, false);
+                    }
+                    self.cv.notify_all();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take_conn_credit(&self, st: &mut State, cost: u32) -> Result<(), Status> {
+        // Bytes the peer may have in flight: our window minus what it has been credited
+        // back is tracked implicitly: queued + pending credit across streams must fit.
+        let queued: u64 = st
+            .streams
+            .values()
+            .map(|s| s.queue.iter().map(|m| m.cost as u64).sum::<u64>())
+            .sum::<u64>()
+            + st.conn_credit_pending as u64;
+        if queued + cost as u64 > self.limits.recv_conn_window as u64 {
+            return Err(Status::resource_exhausted(
+                "protocol error: connection flow-control window exceeded",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a frame's stream is one we know; ids never opened are a protocol error,
+    /// ids of finished streams are ignored.
+    fn check_stream_id(&self, st: &State, id: u32) -> Result<bool, Status> {
+        if st.streams.contains_key(&id) {
+            return Ok(true);
+        }
+        if id <= st.last_stream {
+            return Ok(false);
+        }
+        Err(proto_err(format!(
+            "frame for stream {id} that was never opened"
+        )))
+    }
+
+    // ---- waiting -------------------------------------------------------------------
+
+    /// Waits until `ready` returns `Ok(Some(_))`, driving the socket when this is a client
+    /// connection and no other thread is reading. Returns the guard with the result.
+    pub fn wait<R>(
+        &self,
+        deadline: Option<Instant>,
+        mut ready: impl FnMut(&mut State) -> Result<Option<R>, Status>,
+    ) -> Result<(MutexGuard<'_, State>, R), Status> {
+        let mut st = self.lock();
+        loop {
+            if let Some(r) = ready(&mut st)? {
+                return Ok((st, r));
+            }
+            if let Some(d) = &st.dead {
+                return Err(d.clone());
+            }
+            let now = Instant::now();
+            let mut tick = KEEPALIVE_INTERVAL;
+            if let Some(d) = deadline {
+                if now >= d {
+                    return Err(Status::deadline_exceeded("deadline exceeded"));
+                }
+                tick = tick.min(d - now);
+            }
+            if self.side == Side::Client && !st.reader_busy {
+                st.reader_busy = true;
+                let want_write = Self::has_pending_output(&st);
+                drop(st);
+                let io = self.poll_once(want_write, tick);
+                st = self.lock();
+                st.reader_busy = false;
+                self.after_poll(&mut st, io);
+                self.cv.notify_all();
+            } else {
+                st = self
+                    .cv
+                    .wait_timeout(st, tick)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+    }
+
+    /// Client reader: one poll of the socket (and the wake pipe), then read what is there.
+    fn poll_once(&self, want_write: bool, timeout: Duration) -> PollResult {
+        let Some((_, wake_rx)) = &self.wake else {
+            return PollResult::default();
+        };
+        let (readable, writable, woke) =
+            match super::sys::poll2(&self.sock, want_write, wake_rx, timeout) {
+                Ok(r) => r,
+                Err(e) => {
+                    return PollResult {
+                        error: Some(e),
+                        ..Default::default()
+                    }
+                }
+            };
+        if woke {
+            let mut sink = [0u8; 64];
+            while matches!((&*wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        }
+        let mut res = PollResult {
+            writable,
+            ..Default::default()
+        };
+        if readable {
+            let mut rbuf = self.rbuf.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                match rbuf.read_from(&self.sock) {
+                    Ok(0) => {
+                        res.eof = true;
+                        break;
+                    }
+                    Ok(_) => {
+                        res.got = true;
+                        // Stop at one frame's worth so the lock is not starved.
+                        if rbuf.pending().len() >= self.limits.recv_frame_len_max as usize {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        res.error = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        res
+    }
+
+    fn after_poll(&self, st: &mut State, io: PollResult) {
+        {
+            let mut rbuf = self.rbuf.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ev = Events::default();
+            self.process(st, &mut rbuf, &mut ev);
+            if ev.hello_ack.is_some() {
+                self.fail_connection(st, proto_err("second HELLO_ACK"));
+            }
+        }
+        if io.writable || Self::has_pending_output(st) {
+            self.flush(st);
+        }
+        if let Some(e) = io.error {
+            self.kill(st, Status::unavailable(format!("connection failed: {e}")));
+        } else if io.eof {
+            self.kill(st, Status::unavailable("connection closed by peer"));
+        }
+        self.keepalive(st, Instant::now());
+    }
+
+    /// Sends a PING after a quiet interval and declares the peer dead after a long silence
+    /// while streams are open.
+    pub fn keepalive(&self, st: &mut State, now: Instant) {
+        if st.dead.is_some() {
+            return;
+        }
+        let quiet = now.saturating_duration_since(st.last_rx);
+        if quiet >= KEEPALIVE_TIMEOUT && !st.streams.is_empty() {
+            self.kill(
+                st,
+                Status::unavailable("peer stopped answering (keepalive timeout)"),
+            );
+        } else if quiet >= KEEPALIVE_INTERVAL && st.ping_sent.is_none() {
+            self.send_ping(st);
+        }
+    }
+
+    /// Client: reads the hello answer synchronously during connect.
+    pub fn read_hello_ack(&self, deadline: Instant) -> Result<Vec<u8>, Status> {
+        let mut rbuf = self.rbuf.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Ok(Decoded::Frame(f, n)) =
+                frame::decode(rbuf.pending(), self.limits.recv_frame_len_max)
+            {
+                let body = f.body.to_vec();
+                let kind = f.kind;
+                let stream = f.stream;
+                rbuf.consume(n);
+                return match kind {
+                    Kind::HelloAck => Ok(body),
+                    Kind::Error if stream == 0 => {
+                        let (code, msg) = frame::parse_error(&body).map_err(proto_err)?;
+                        Err(Status::new(code, msg))
+                    }
+                    k => Err(proto_err(format!("expected HELLO_ACK, got {k:?}"))),
+                };
+            }
+            if let Err(e) = frame::decode(rbuf.pending(), self.limits.recv_frame_len_max) {
+                return Err(proto_err(format!("bad hello answer: {e}")));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Status::deadline_exceeded("no hello answer from the server"));
+            }
+            let Some((_, wake_rx)) = &self.wake else {
+                return Err(proto_err("not a client"));
+            };
+            super::sys::poll2(&self.sock, false, wake_rx, deadline - now)
+                .map_err(|e| Status::unavailable(format!("poll: {e}")))?;
+            match rbuf.read_from(&self.sock) {
+                Ok(0) => return Err(Status::unavailable("connection closed during hello")),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Status::unavailable(format!("read during hello: {e}"))),
+            }
+        }
+    }
+
+    /// Client: a cheap check, before opening a stream, that the server has not closed an
+    /// idle connection meanwhile (reads whatever is already there, never blocks).
+    pub fn poll_idle(&self) {
+        let mut st = self.lock();
+        if st.reader_busy || st.dead.is_some() {
+            return;
+        }
+        st.reader_busy = true;
+        drop(st);
+        let io = self.poll_once(false, Duration::ZERO);
+        let mut st = self.lock();
+        st.reader_busy = false;
+        self.after_poll(&mut st, io);
+        self.cv.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct PollResult {
+    got: bool,
+    eof: bool,
+    writable: bool,
+    error: Option<io::Error>,
+}
+
+fn closed_stream() -> Status {
+    Status::cancelled("the stream is closed")
+}

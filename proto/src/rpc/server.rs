@@ -1,0 +1,943 @@
+//! The server: one mio event loop that accepts, reads, and dispatches; handlers answer at
+//! once on the loop (cheap calls) or move to a bounded worker pool (anything that blocks).
+//!
+//! ```text
+//!  accept ─> hello (read 1 frame) ─> Service::hello on a worker ─> HELLO_ACK ─> open
+//!  open: readable ─> frames ─> REQUEST ─> Service::call(Call) on the loop thread
+//!                                 └─> call.reply(..) inline, or call.spawn(|stream| ..)
+//! ```
+//! Tokens: listeners `0..LISTENERS_MAX`, the waker, then connections from `CONN_BASE`.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events as MioEvents, Interest, Poll, Token, Waker};
+use prost::Message;
+
+use super::conn::{Conn, Events, Limits, RecvBuf, Side};
+use super::pool::Pool;
+use crate::frame::{self, Decoded, Kind};
+use crate::gen::wrenn::wire::v1::{Hello, HelloAck};
+
+use crate::limits::{
+    CONNECTIONS_MAX_DEFAULT, CONN_WINDOW_DEFAULT, DRAIN_TIMEOUT, FRAME_LEN_MAX_DEFAULT,
+    FRAME_LEN_MAX_FLOOR, HELLO_TIMEOUT, IDLE_TIMEOUT, STREAMS_PER_CONN_MAX, STREAM_WINDOW_DEFAULT,
+    WORKERS_MAX_DEFAULT,
+};
+use crate::status::{Code, Status};
+
+/// What a service attaches to an authenticated connection; every call on it sees it.
+pub type Peer = Arc<dyn Any + Send + Sync>;
+
+/// A service: authenticates connections and answers calls.
+pub trait Service: Send + Sync + 'static {
+    /// Checks a connection's hello (runs on a worker thread: it may query a database).
+    fn hello(&self, hello: &Hello) -> Result<Peer, Status>;
+    /// A new call, on the event-loop thread. It must not block: answer with
+    /// [`Call::reply`]/[`Call::fail`] or move the call to a worker with [`Call::spawn`].
+    fn call(&self, call: Call);
+}
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Name sent in HELLO_ACK and used for thread names.
+    pub name: String,
+    pub frame_len_max: u32,
+    pub stream_window: u32,
+    pub conn_window: u32,
+    pub max_streams: u32,
+    pub connections_max: usize,
+    pub workers_max: usize,
+}
+
+impl ServerConfig {
+    pub fn new(name: &str) -> ServerConfig {
+        ServerConfig {
+            name: name.to_owned(),
+            frame_len_max: FRAME_LEN_MAX_DEFAULT,
+            stream_window: STREAM_WINDOW_DEFAULT,
+            conn_window: CONN_WINDOW_DEFAULT,
+            max_streams: STREAMS_PER_CONN_MAX,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            workers_max: WORKERS_MAX_DEFAULT,
+        }
+    }
+}
+
+const LISTENERS_MAX: usize = 8;
+const WAKER: Token = Token(LISTENERS_MAX);
+const CONN_BASE: usize = LISTENERS_MAX + 1;
+/// Events taken from epoll per wait.
+const EVENTS_CAPACITY: usize = 256;
+/// The loop wakes at least this often to run timers (hello, keepalive, deadlines).
+const TICK: Duration = Duration::from_millis(250);
+
+enum Cmd {
+    HelloDone {
+        slot: usize,
+        serial: u64,
+        result: Result<(Peer, Hello), Status>,
+    },
+    CloseWhere(Box<dyn Fn(&Peer) -> bool + Send>),
+    Shutdown,
+}
+
+struct Shared {
+    waker: Waker,
+    cmds: Mutex<VecDeque<Cmd>>,
+}
+
+impl Shared {
+    fn send(&self, cmd: Cmd) {
+        self.cmds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(cmd);
+        // A failed wake leaves the command for the next tick.
+        let _ = self.waker.wake();
+    }
+}
+
+/// Controls a running server from other threads.
+#[derive(Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerHandle")
+    }
+}
+
+impl ServerHandle {
+    /// Graceful stop: GOAWAY to every connection, no new connections; `run` returns once
+    /// open calls finished or `DRAIN_TIMEOUT` passed.
+    pub fn shutdown(&self) {
+        self.shared.send(Cmd::Shutdown);
+    }
+
+    /// Closes every connection whose peer matches (e.g. a revoked credential).
+    pub fn close_connections(&self, pred: impl Fn(&Peer) -> bool + Send + 'static) {
+        self.shared.send(Cmd::CloseWhere(Box::new(pred)));
+    }
+}
+
+enum Phase {
+    AwaitHello,
+    Authenticating,
+    Open,
+}
+
+struct Entry {
+    /// The socket until the hello is accepted; then it moves into `conn`.
+    pre: Option<UnixStream>,
+    conn: Option<Arc<Conn>>,
+    raw_fd: std::os::fd::RawFd,
+    rbuf: RecvBuf,
+    phase: Phase,
+    peer: Option<Peer>,
+    since: Instant,
+    serial: u64,
+}
+
+impl Entry {
+    fn sock(&self) -> &UnixStream {
+        match (&self.pre, &self.conn) {
+            (Some(s), _) => s,
+            (None, Some(c)) => &c.sock,
+            (None, None) => unreachable!("an entry always holds its socket"),
+        }
+    }
+}
+
+/// The server. Build it, add listeners, then [`Server::run`] (or [`Server::spawn`]).
+pub struct Server {
+    cfg: ServerConfig,
+    svc: Arc<dyn Service>,
+    poll: Poll,
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    listeners: Vec<OwnedFd>,
+    conns: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    serial: u64,
+    draining: Option<Instant>,
+}
+
+impl Server {
+    pub fn new(cfg: ServerConfig, svc: Arc<dyn Service>) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let pool = Pool::new(&cfg.name, cfg.workers_max);
+        Ok(Server {
+            svc,
+            poll,
+            shared: Arc::new(Shared {
+                waker,
+                cmds: Mutex::new(VecDeque::new()),
+            }),
+            pool,
+            listeners: Vec::new(),
+            conns: Vec::new(),
+            free: Vec::new(),
+            serial: 0,
+            draining: None,
+            cfg,
+        })
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Listens on a Unix socket path (a stale socket file there is replaced).
+    pub fn listen_unix(&mut self, path: impl AsRef<Path>) -> io::Result<()> {
+        let path = path.as_ref();
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let l = UnixListener::bind(path)?;
+        self.listen_fd(l.into())
+    }
+
+    /// Listens on TCP; returns the bound address (port 0 picks one).
+    pub fn listen_tcp(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        let l = TcpListener::bind(addr)?;
+        let local = l.local_addr()?;
+        self.listen_fd(l.into())?;
+        Ok(local)
+    }
+
+    /// Serves an already listening stream socket of any family (vsock included).
+    pub fn listen_fd(&mut self, fd: OwnedFd) -> io::Result<()> {
+        if self.listeners.len() >= LISTENERS_MAX {
+            return Err(io::Error::other("too many listeners"));
+        }
+        let sock = UnixStream::from(fd);
+        sock.set_nonblocking(true)?;
+        let fd: OwnedFd = sock.into();
+        let token = Token(self.listeners.len());
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE)?;
+        self.listeners.push(fd);
+        Ok(())
+    }
+
+    /// Runs the loop on a new thread.
+    pub fn spawn(self) -> io::Result<(ServerHandle, std::thread::JoinHandle<io::Result<()>>)> {
+        let handle = self.handle();
+        let name = format!("{}-loop", self.cfg.name);
+        let join = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || self.run())?;
+        Ok((handle, join))
+    }
+
+    /// Runs the event loop until a graceful shutdown completes.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = MioEvents::with_capacity(EVENTS_CAPACITY);
+        let mut last_tick = Instant::now();
+        loop {
+            match self.poll.poll(&mut events, Some(TICK)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => {}
+                    Token(t) if t < LISTENERS_MAX => self.accept(t),
+                    Token(t) => self.conn_event(t - CONN_BASE, ev.is_readable(), ev.is_writable()),
+                }
+            }
+            self.run_commands();
+            let now = Instant::now();
+            if now.duration_since(last_tick) >= TICK {
+                last_tick = now;
+                self.timers(now);
+            }
+            if let Some(since) = self.draining {
+                let open = self.conns.iter().flatten().count();
+                if open == 0 || since.elapsed() >= DRAIN_TIMEOUT {
+                    for slot in 0..self.conns.len() {
+                        self.close(slot, Status::unavailable("server stopped"));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, idx: usize) {
+        loop {
+            if self.draining.is_some() {
+                return;
+            }
+            let fd = match super::sys::accept(self.listeners[idx].as_fd()) {
+                Ok(Some(fd)) => fd,
+                Ok(None) => return,
+                Err(e) => {
+                    log::warn!("accept failed server={} error={e}", self.cfg.name);
+                    return;
+                }
+            };
+            let open = self.conns.iter().flatten().count();
+            if open >= self.cfg.connections_max {
+                let mut out = Vec::new();
+                frame::put_error(&mut out, 0, Code::ResourceExhausted, "too many connections");
+                let _ = std::io::Write::write(&mut &UnixStream::from(fd), &out);
+                continue;
+            }
+            super::sys::set_nodelay(fd.as_fd());
+            let sock = UnixStream::from(fd);
+            if let Err(e) = sock.set_nonblocking(true) {
+                log::warn!("socket setup failed error={e}");
+                continue;
+            }
+            let slot = match self.free.pop() {
+                Some(s) => s,
+                None => {
+                    self.conns.push(None);
+                    self.conns.len() - 1
+                }
+            };
+            let raw = sock.as_raw_fd();
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(e) = self.poll.registry().register(
+                &mut SourceFd(&raw),
+                Token(CONN_BASE + slot),
+                interest,
+            ) {
+                log::warn!("register failed error={e}");
+                self.free.push(slot);
+                continue;
+            }
+            self.serial += 1;
+            self.conns[slot] = Some(Entry {
+                pre: Some(sock),
+                conn: None,
+                raw_fd: raw,
+                rbuf: RecvBuf::new(),
+                phase: Phase::AwaitHello,
+                peer: None,
+                since: Instant::now(),
+                serial: self.serial,
+            });
+            // Bytes may already be there; edge-triggered readiness would not repeat it.
+            self.conn_event(slot, true, false);
+        }
+    }
+
+    fn conn_event(&mut self, slot: usize, readable: bool, writable: bool) {
+        let Some(entry) = self.conns.get_mut(slot).and_then(|e| e.as_mut()) else {
+            return;
+        };
+        if let (true, Some(conn)) = (writable, &entry.conn) {
+            let mut st = conn.lock();
+            conn.flush(&mut st);
+        }
+        if readable {
+            loop {
+                let Some(entry) = self.conns[slot].as_mut() else {
+                    return;
+                };
+                let Entry {
+                    pre, conn, rbuf, ..
+                } = entry;
+                let sock = match (pre.as_ref(), conn.as_ref()) {
+                    (Some(s), _) => s,
+                    (None, Some(c)) => &c.sock,
+                    (None, None) => return,
+                };
+                match rbuf.read_from(sock) {
+                    Ok(0) => {
+                        self.close(slot, Status::unavailable("connection closed by peer"));
+                        return;
+                    }
+                    Ok(_) => {
+                        if !self.process(slot) {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.close(slot, Status::unavailable(format!("read failed: {e}")));
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(entry) = self.conns[slot].as_mut() {
+            entry.rbuf.shrink();
+        }
+        self.reap(slot);
+    }
+
+    /// Processes buffered bytes of one connection. Returns false once it is closed.
+    fn process(&mut self, slot: usize) -> bool {
+        let Some(entry) = self.conns[slot].as_mut() else {
+            return false;
+        };
+        match entry.phase {
+            Phase::AwaitHello => self.read_hello(slot),
+            Phase::Authenticating => {
+                // Clients must wait for HELLO_ACK; a client that does not is broken.
+                if !entry.rbuf.pending().is_empty() {
+                    self.close_with_error(
+                        slot,
+                        Status::invalid_argument("protocol error: frame sent before HELLO_ACK"),
+                    );
+                    return false;
+                }
+                true
+            }
+            Phase::Open => {
+                let conn = entry.conn.clone().expect("open connections have a Conn");
+                let mut ev = Events::default();
+                {
+                    let mut st = conn.lock();
+                    conn.process(&mut st, &mut entry.rbuf, &mut ev);
+                }
+                if ev.hello.is_some() {
+                    self.close_with_error(
+                        slot,
+                        Status::invalid_argument("protocol error: second HELLO"),
+                    );
+                    return false;
+                }
+                let peer = entry.peer.clone().expect("open connections have a peer");
+                for c in ev.calls {
+                    let call = Call {
+                        conn: conn.clone(),
+                        id: c.stream,
+                        method: c.method,
+                        message: c.message,
+                        peer: peer.clone(),
+                        pool: self.pool.clone(),
+                        answered: false,
+                    };
+                    self.svc.call(call);
+                }
+                true
+            }
+        }
+    }
+
+    fn read_hello(&mut self, slot: usize) -> bool {
+        let Some(entry) = self.conns[slot].as_mut() else {
+            return false;
+        };
+        let hello = match frame::decode(entry.rbuf.pending(), FRAME_LEN_MAX_FLOOR) {
+            Ok(Decoded::Incomplete { .. }) => return true,
+            Ok(Decoded::Frame(f, n)) if f.kind == Kind::Hello => {
+                let h = super::parse_hello(f.body);
+                entry.rbuf.consume(n);
+                h
+            }
+            Ok(_) => Err(Status::invalid_argument("protocol error: expected HELLO")),
+            Err(e) => Err(Status::invalid_argument(format!("protocol error: {e}"))),
+        };
+        let hello = match hello {
+            Ok(h) => h,
+            Err(status) => {
+                self.close_with_error(slot, status);
+                return false;
+            }
+        };
+        let Some(entry) = self.conns[slot].as_mut() else {
+            return false;
+        };
+        entry.phase = Phase::Authenticating;
+        let serial = entry.serial;
+        let svc = self.svc.clone();
+        let shared = self.shared.clone();
+        let job = Box::new(move || {
+            let result = svc.hello(&hello).map(|p| (p, hello));
+            shared.send(Cmd::HelloDone {
+                slot,
+                serial,
+                result,
+            });
+        });
+        if self.pool.spawn(job).is_err() {
+            self.close_with_error(slot, Status::resource_exhausted("server is too busy"));
+            return false;
+        }
+        // Anything after the hello must wait for the answer.
+        self.process(slot)
+    }
+
+    fn hello_done(&mut self, slot: usize, serial: u64, result: Result<(Peer, Hello), Status>) {
+        let Some(entry) = self.conns.get_mut(slot).and_then(|e| e.as_mut()) else {
+            return;
+        };
+        if entry.serial != serial || !matches!(entry.phase, Phase::Authenticating) {
+            return;
+        }
+        let (peer, hello) = match result {
+            Ok(r) => r,
+            Err(status) => {
+                self.close_with_error(slot, status);
+                return;
+            }
+        };
+        let limits = Limits {
+            recv_frame_len_max: self.cfg.frame_len_max,
+            recv_stream_window: self.cfg.stream_window,
+            recv_conn_window: self.cfg.conn_window,
+            send_frame_len_max: super::client::negotiated_frame_len(hello.frame_len_max),
+            send_stream_window: super::client::negotiated_window(
+                hello.stream_window,
+                STREAM_WINDOW_DEFAULT,
+            ),
+            send_conn_window: super::client::negotiated_window(
+                hello.conn_window,
+                CONN_WINDOW_DEFAULT,
+            ),
+            max_streams: self.cfg.max_streams,
+        };
+        let Some(sock) = entry.pre.take() else { return };
+        let conn = match Conn::new(sock, Side::Server, limits) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                log::warn!("socket setup failed error={e}");
+                self.close(slot, Status::internal(format!("socket setup: {e}")));
+                return;
+            }
+        };
+        let ack = HelloAck {
+            version: crate::PROTOCOL_VERSION,
+            server: self.cfg.name.clone(),
+            frame_len_max: self.cfg.frame_len_max,
+            stream_window: self.cfg.stream_window,
+            conn_window: self.cfg.conn_window,
+            max_streams: self.cfg.max_streams,
+        };
+        {
+            let mut st = conn.lock();
+            conn.send_raw(&mut st, Kind::HelloAck, &ack.encode_to_vec());
+        }
+        entry.conn = Some(conn);
+        entry.peer = Some(peer);
+        entry.phase = Phase::Open;
+        entry.since = Instant::now();
+        self.reap(slot);
+    }
+
+    fn run_commands(&mut self) {
+        loop {
+            let cmd = self
+                .shared
+                .cmds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            let Some(cmd) = cmd else { return };
+            match cmd {
+                Cmd::HelloDone {
+                    slot,
+                    serial,
+                    result,
+                } => self.hello_done(slot, serial, result),
+                Cmd::CloseWhere(pred) => {
+                    for slot in 0..self.conns.len() {
+                        let hit = self.conns[slot]
+                            .as_ref()
+                            .and_then(|e| e.peer.as_ref())
+                            .is_some_and(&pred);
+                        if hit {
+                            self.close_with_error(
+                                slot,
+                                Status::unauthenticated("credential no longer valid"),
+                            );
+                        }
+                    }
+                }
+                Cmd::Shutdown => {
+                    if self.draining.is_none() {
+                        self.draining = Some(Instant::now());
+                        for l in self.listeners.drain(..) {
+                            let _ = self
+                                .poll
+                                .registry()
+                                .deregister(&mut SourceFd(&l.as_raw_fd()));
+                        }
+                        for slot in 0..self.conns.len() {
+                            if let Some(conn) =
+                                self.conns[slot].as_ref().and_then(|e| e.conn.clone())
+                            {
+                                let mut st = conn.lock();
+                                conn.send_goaway(
+                                    &mut st,
+                                    Code::Unavailable,
+                                    "server shutting down",
+                                );
+                            }
+                            self.reap(slot);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn timers(&mut self, now: Instant) {
+        for slot in 0..self.conns.len() {
+            let Some(entry) = self.conns[slot].as_ref() else {
+                continue;
+            };
+            let conn = entry.conn.clone();
+            match entry.phase {
+                Phase::AwaitHello | Phase::Authenticating => {
+                    if now.duration_since(entry.since) >= HELLO_TIMEOUT {
+                        self.close_with_error(slot, Status::deadline_exceeded("no hello in time"));
+                    }
+                }
+                Phase::Open => {
+                    let Some(conn) = conn else { continue };
+                    let mut st = conn.lock();
+                    conn.expire_deadlines(&mut st, now);
+                    conn.keepalive(&mut st, now);
+                    let idle = Conn::stream_count(&st) == 0
+                        && now.saturating_duration_since(st.last_rx) >= IDLE_TIMEOUT;
+                    if idle {
+                        conn.send_goaway(&mut st, Code::Unavailable, "idle connection closed");
+                        conn.kill(&mut st, Status::unavailable("idle"));
+                    }
+                    drop(st);
+                    self.reap(slot);
+                }
+            }
+        }
+    }
+
+    /// Drops a connection that died or finished draining.
+    fn reap(&mut self, slot: usize) {
+        let Some(entry) = self.conns.get(slot).and_then(|e| e.as_ref()) else {
+            return;
+        };
+        let Some(conn) = &entry.conn else { return };
+        let (dead, drained) = {
+            let st = conn.lock();
+            (
+                Conn::dead(&st).is_some(),
+                st.goaway && Conn::stream_count(&st) == 0 && self.draining.is_some(),
+            )
+        };
+        if dead || drained {
+            self.close(slot, Status::unavailable("connection closed"));
+        }
+    }
+
+    fn close_with_error(&mut self, slot: usize, status: Status) {
+        if let Some(entry) = self.conns.get(slot).and_then(|e| e.as_ref()) {
+            if let Some(conn) = &entry.conn {
+                let mut st = conn.lock();
+                conn.fail_connection(&mut st, status.clone());
+            } else {
+                // Before the hello: best effort, the socket is non-blocking and nearly empty.
+                let mut out = Vec::new();
+                frame::put_error(&mut out, 0, status.code, &status.message);
+                let _ = std::io::Write::write(&mut entry.sock(), &out);
+            }
+        }
+        self.close(slot, status);
+    }
+
+    fn close(&mut self, slot: usize, status: Status) {
+        let Some(entry) = self.conns.get_mut(slot).and_then(|e| e.take()) else {
+            return;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&entry.raw_fd));
+        if let Some(conn) = &entry.conn {
+            let mut st = conn.lock();
+            conn.kill(&mut st, status);
+        } else if let Some(s) = &entry.pre {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.free.push(slot);
+    }
+}
+
+/// A call, handed to [`Service::call`] on the event-loop thread.
+pub struct Call {
+    conn: Arc<Conn>,
+    id: u32,
+    method: String,
+    message: Vec<u8>,
+    peer: Peer,
+    pool: Arc<Pool>,
+    answered: bool,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .finish()
+    }
+}
+
+impl Call {
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// The request message, undecoded.
+    pub fn message(&self) -> &[u8] {
+        &self.message
+    }
+
+    /// Decodes the request message; a malformed one is the caller's error.
+    pub fn decode<M: Message + Default>(&self) -> Result<M, Status> {
+        M::decode(&self.message[..]).map_err(|e| {
+            Status::invalid_argument(format!("{}: malformed request: {e}", self.method))
+        })
+    }
+
+    /// Answers with one message and ends the call (never blocks the loop).
+    pub fn reply<M: Message>(mut self, msg: &M) {
+        self.answered = true;
+        let body = msg.encode_to_vec();
+        let conn = self.conn.clone();
+        let id = self.id;
+        let sent = conn.send_data(id, body.len(), true, None, false, |out| {
+            out.extend_from_slice(&body)
+        });
+        match sent {
+            Ok(true) => {
+                let mut st = conn.lock();
+                conn.release_stream(&mut st, id, false);
+            }
+            Ok(false) => {
+                // No credit right now: finish on a worker, which may wait for it.
+                let c2 = conn.clone();
+                let job = Box::new(move || {
+                    let r = c2.send_data(id, body.len(), true, None, true, |out| {
+                        out.extend_from_slice(&body)
+                    });
+                    let mut st = c2.lock();
+                    if let Err(e) = r {
+                        c2.send_error(&mut st, id, &e);
+                    }
+                    c2.release_stream(&mut st, id, false);
+                });
+                if self.pool.spawn(job).is_err() {
+                    let mut st = conn.lock();
+                    conn.send_error(
+                        &mut st,
+                        id,
+                        &Status::resource_exhausted("server is too busy"),
+                    );
+                    conn.release_stream(&mut st, id, false);
+                }
+            }
+            Err(e) => {
+                let mut st = conn.lock();
+                conn.send_error(
+                    &mut st,
+                    id,
+                    &Status::internal(format!("response not sent: {e}")),
+                );
+                conn.release_stream(&mut st, id, false);
+            }
+        }
+    }
+
+    /// Ends the call with an error.
+    pub fn fail(mut self, status: Status) {
+        self.answered = true;
+        let mut st = self.conn.lock();
+        self.conn.send_error(&mut st, self.id, &status);
+        self.conn.release_stream(&mut st, self.id, false);
+    }
+
+    /// Answers with a message or an error.
+    pub fn respond<M: Message>(self, r: Result<M, Status>) {
+        match r {
+            Ok(m) => self.reply(&m),
+            Err(s) => self.fail(s),
+        }
+    }
+
+    /// Moves the call to a worker thread, where `f` may block. A saturated pool fails the
+    /// call with `resource_exhausted`.
+    pub fn spawn(mut self, f: impl FnOnce(ServerStream) + Send + 'static) {
+        self.answered = true;
+        let stream = ServerStream {
+            conn: self.conn.clone(),
+            id: self.id,
+            method: std::mem::take(&mut self.method),
+            message: std::mem::take(&mut self.message),
+            peer: self.peer.clone(),
+            finished: false,
+        };
+        let pool = self.pool.clone();
+        if let Err(job) = pool.spawn(Box::new(move || f(stream))) {
+            // Dropping the job drops the ServerStream unfinished, which would answer
+            // "internal"; answer the truth first.
+            let mut st = self.conn.lock();
+            self.conn.send_error(
+                &mut st,
+                self.id,
+                &Status::resource_exhausted("server is too busy"),
+            );
+            drop(st);
+            drop(job);
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.answered {
+            let mut st = self.conn.lock();
+            let s = Status::internal(format!(
+                "{}: the server dropped the call unanswered",
+                self.method
+            ));
+            self.conn.send_error(&mut st, self.id, &s);
+            self.conn.release_stream(&mut st, self.id, false);
+        }
+    }
+}
+
+/// A call on a worker thread, with blocking receive and send.
+pub struct ServerStream {
+    conn: Arc<Conn>,
+    id: u32,
+    method: String,
+    message: Vec<u8>,
+    peer: Peer,
+    finished: bool,
+}
+
+impl std::fmt::Debug for ServerStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerStream")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .finish()
+    }
+}
+
+impl ServerStream {
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// Decodes the request message (the first message of the call).
+    pub fn first<M: Message + Default>(&self) -> Result<M, Status> {
+        M::decode(&self.message[..]).map_err(|e| {
+            Status::invalid_argument(format!("{}: malformed request: {e}", self.method))
+        })
+    }
+
+    /// Receives the client's next message; `Ok(None)` once the client closed its side.
+    pub fn recv<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+        match self.recv_bytes()? {
+            Some(b) => M::decode(&b[..]).map(Some).map_err(|e| {
+                Status::invalid_argument(format!("{}: malformed message: {e}", self.method))
+            }),
+            None => Ok(None),
+        }
+    }
+
+    pub fn recv_bytes(&mut self) -> Result<Option<Vec<u8>>, Status> {
+        let id = self.id;
+        let conn = self.conn.clone();
+        let r = conn
+            .wait(None, |st| conn.take_message(st, id))
+            .map(|(_, m)| m);
+        r
+    }
+
+    /// Like `recv_bytes`, but gives up after `timeout` with `Ok(Err(()))`.
+    pub fn recv_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Result<Option<Vec<u8>>, ()>, Status> {
+        let id = self.id;
+        let conn = self.conn.clone();
+        let r = conn
+            .wait(Some(Instant::now() + timeout), |st| {
+                conn.take_message(st, id)
+            })
+            .map(|(_, m)| m);
+        match r {
+            Ok(m) => Ok(Ok(m)),
+            Err(s) if s.code == Code::DeadlineExceeded && !self.is_cancelled() => Ok(Err(())),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Sends a message; blocks while the client's window is exhausted.
+    pub fn send<M: Message>(&mut self, msg: &M) -> Result<(), Status> {
+        let len = msg.encoded_len();
+        self.conn
+            .send_data(self.id, len, false, None, true, |out| {
+                let _ = msg.encode(out);
+            })
+            .map(|_| ())
+    }
+
+    /// Whether the client cancelled, the deadline passed, or the connection died.
+    pub fn is_cancelled(&self) -> bool {
+        let st = self.conn.lock();
+        Conn::is_cancelled(&st, self.id)
+    }
+
+    /// Ends the call: success (END) or an error.
+    pub fn finish(mut self, r: Result<(), Status>) {
+        self.finished = true;
+        let mut st = self.conn.lock();
+        match r {
+            Ok(()) => self.conn.send_end(&mut st, self.id),
+            Err(s) => self.conn.send_error(&mut st, self.id, &s),
+        }
+        self.conn.release_stream(&mut st, self.id, false);
+    }
+}
+
+impl Drop for ServerStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut st = self.conn.lock();
+            let s = Status::internal(format!(
+                "{}: the handler ended without an answer",
+                self.method
+            ));
+            self.conn.send_error(&mut st, self.id, &s);
+            self.conn.release_stream(&mut st, self.id, false);
+        }
+    }
+}

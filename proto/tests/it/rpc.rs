@@ -1,0 +1,656 @@
+//! The RPC runtime over real Unix sockets: call shapes, many streams, bad input,
+//! cancellation, flow control, dying peers.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use proto::frame::{self, Kind};
+use proto::gen::wrenn::wire::v1::{Hello, HelloAck};
+use proto::rpc::{CallOpts, Client, Credential, ServerConfig};
+use proto::Code;
+
+use crate::support::*;
+
+fn opts(end: bool) -> CallOpts {
+    CallOpts {
+        timeout: Some(Duration::from_secs(30)),
+        end_stream: end,
+    }
+}
+
+#[test]
+fn unary_round_trip_and_errors() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let b = Blob {
+        data: b"hello".to_vec(),
+        n: 7,
+        size: 0,
+    };
+    let r: Blob = c.unary(UNARY, &b, Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(r, b);
+    let e = c.unary::<_, Blob>(FAIL, &b, None).unwrap_err();
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (Code::NotFound, "nothing here")
+    );
+    assert_eq!(
+        code_of(c.unary::<_, Blob>("test.T/Nope", &b, None)),
+        Code::Unimplemented
+    );
+    // A malformed request message is the caller's error, and the connection survives it.
+    let garbage = Blob {
+        data: vec![],
+        n: 0,
+        size: 0,
+    };
+    let mut s = c.call(UNARY, &garbage, opts(true)).unwrap();
+    assert!(s.recv::<Blob>().unwrap().is_some());
+    let r: Blob = c.unary(UNARY, &b, None).unwrap();
+    assert_eq!(r.n, 7);
+}
+
+#[test]
+fn server_streaming_in_order() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let mut s = c
+        .call(
+            COUNT,
+            &Blob {
+                data: vec![],
+                n: 500,
+                size: 10_000,
+            },
+            opts(true),
+        )
+        .unwrap();
+    for i in 0..500u64 {
+        let m: Blob = s.recv().unwrap().expect("message");
+        assert_eq!(m.n, i);
+        assert_eq!(m.data.len(), 10_000);
+        assert!(m.data.iter().all(|b| *b == (i % 251) as u8));
+    }
+    assert!(s.recv::<Blob>().unwrap().is_none());
+}
+
+#[test]
+fn client_streaming_and_bidi() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let mut s = c.call(SUM, &Blob::default(), opts(false)).unwrap();
+    // The first message is the request itself (empty data), then 300 more.
+    for i in 0..300usize {
+        s.send(&Blob {
+            data: vec![1; i * 100],
+            n: 0,
+            size: 0,
+        })
+        .unwrap();
+    }
+    s.close_send().unwrap();
+    let r: Blob = s.recv().unwrap().unwrap();
+    assert_eq!(r.n, 300);
+    assert_eq!(r.size, (0..300u64).map(|i| i * 100).sum::<u64>());
+    assert!(s.recv::<Blob>().unwrap().is_none());
+
+    let mut s = c.call(BIDI, &Blob::default(), opts(false)).unwrap();
+    for i in 0..200u64 {
+        s.send(&Blob {
+            data: vec![3; 64],
+            n: i,
+            size: 0,
+        })
+        .unwrap();
+        let back: Blob = s.recv().unwrap().unwrap();
+        assert_eq!(back.n, i);
+    }
+    s.close_send().unwrap();
+    assert!(s.recv::<Blob>().unwrap().is_none());
+}
+
+#[test]
+fn hundreds_of_interleaved_streams() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    // 120 server streams open at once on one connection (limit 128), read round-robin.
+    let mut streams: Vec<_> = (0..120)
+        .map(|_| {
+            c.call(
+                COUNT,
+                &Blob {
+                    data: vec![],
+                    n: 40,
+                    size: 3000,
+                },
+                opts(true),
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut got = vec![0u64; streams.len()];
+    for round in 0..41 {
+        for (i, s) in streams.iter_mut().enumerate() {
+            match s.recv::<Blob>().unwrap() {
+                Some(m) => {
+                    assert_eq!(m.n, got[i]);
+                    got[i] += 1;
+                }
+                None => assert_eq!(round, 40),
+            }
+        }
+    }
+    assert!(got.iter().all(|g| *g == 40));
+    // And from many threads at once on the same connection.
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    let b = Blob {
+                        data: vec![t as u8; (i * 37) as usize],
+                        n: i,
+                        size: t,
+                    };
+                    let r: Blob = c.unary(UNARY, &b, Some(Duration::from_secs(30))).unwrap();
+                    assert_eq!(r, b);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn too_many_streams_is_refused_per_stream() {
+    let mut cfg = ServerConfig::new("test");
+    cfg.max_streams = 4;
+    let srv = TestServer::start_with(cfg, None);
+    let c = srv.client();
+    let held: Vec<_> = (0..4)
+        .map(|_| c.call(HANG, &Blob::default(), opts(true)).unwrap())
+        .collect();
+    let mut fifth = c.call(HANG, &Blob::default(), opts(true)).unwrap();
+    assert_eq!(
+        fifth.recv::<Blob>().unwrap_err().code,
+        Code::ResourceExhausted
+    );
+    drop(held);
+    // Cancelling freed the streams: new calls go through again.
+    wait_until(|| srv.stats.cancelled.load(Ordering::SeqCst) == 4);
+    let r: Blob = c
+        .unary(
+            UNARY,
+            &Blob {
+                n: 1,
+                ..Blob::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.n, 1);
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "condition not reached in 20 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn cancellation_reaches_the_handler_and_frees_streams() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    for round in 1..=3 {
+        let calls: Vec<_> = (0..100)
+            .map(|_| c.call(HANG, &Blob::default(), opts(true)).unwrap())
+            .collect();
+        wait_until(|| srv.stats.hang_started.load(Ordering::SeqCst) == round * 100);
+        for s in calls {
+            s.cancel();
+        }
+        wait_until(|| srv.stats.cancelled.load(Ordering::SeqCst) == round * 100);
+    }
+    // 300 streams were opened in total on this connection (limit 128 at once): all freed.
+    let r: Blob = c
+        .unary(
+            UNARY,
+            &Blob {
+                n: 9,
+                ..Blob::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.n, 9);
+}
+
+#[test]
+fn deadlines_fail_both_sides() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let t0 = Instant::now();
+    let mut s = c
+        .call(
+            HANG,
+            &Blob::default(),
+            CallOpts {
+                timeout: Some(Duration::from_millis(300)),
+                end_stream: true,
+            },
+        )
+        .unwrap();
+    assert_eq!(s.recv::<Blob>().unwrap_err().code, Code::DeadlineExceeded);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    wait_until(|| srv.stats.cancelled.load(Ordering::SeqCst) == 1);
+}
+
+#[test]
+fn credential_is_checked() {
+    let srv = TestServer::start_with(ServerConfig::new("test"), Some("sesame".into()));
+    let e = Client::connect_unix(&srv.path, Credential::access_token("wrong")).unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated);
+    let c = Client::connect_unix(&srv.path, Credential::access_token("sesame")).unwrap();
+    let r: Blob = c
+        .unary(
+            UNARY,
+            &Blob {
+                n: 2,
+                ..Blob::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.n, 2);
+    assert_eq!(c.server_info().server, "test");
+}
+
+#[test]
+fn credential_revocation_closes_connections() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let _: Blob = c.unary(UNARY, &Blob::default(), None).unwrap();
+    srv.handle.close_connections(|_| true);
+    wait_until(|| c.is_closed() || c.unary::<_, Blob>(UNARY, &Blob::default(), None).is_err());
+}
+
+/// A raw connection that has said hello, for sending hand-made frames.
+fn raw_hello(path: &std::path::Path) -> UnixStream {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = Hello {
+        version: proto::PROTOCOL_VERSION,
+        ..Hello::default()
+    };
+    let mut out = Vec::new();
+    frame::put_frame(&mut out, 0, Kind::Hello, 0, &hello.encode_to_vec());
+    s.write_all(&out).unwrap();
+    let f = read_frame(&mut s).expect("hello ack");
+    assert_eq!(f.1, Kind::HelloAck);
+    HelloAck::decode(&f.3[..]).unwrap();
+    s
+}
+
+/// Reads one frame: (stream, kind, flags, body); None at EOF.
+fn read_frame(s: &mut UnixStream) -> Option<(u32, Kind, u8, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let len = u32::from_be_bytes(len) as usize;
+    let mut rest = vec![0u8; len];
+    s.read_exact(&mut rest).ok()?;
+    let stream = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    Some((
+        stream,
+        Kind::from_u8(rest[4]).unwrap(),
+        rest[5],
+        rest[6..].to_vec(),
+    ))
+}
+
+/// Reads frames until a connection ERROR and EOF; returns the error's code.
+fn expect_conn_error(s: &mut UnixStream) -> Code {
+    let mut code = None;
+    while let Some((stream, kind, _, body)) = read_frame(s) {
+        if kind == Kind::Error && stream == 0 {
+            code = Some(frame::parse_error(&body).unwrap().0);
+        }
+    }
+    code.expect("a connection error before EOF")
+}
+
+#[test]
+fn garbage_and_truncated_input() {
+    let srv = TestServer::start();
+    // Garbage instead of a hello.
+    let mut s = UnixStream::connect(&srv.path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[0, 0, 0, 9, 0xde, 0xad, 0xbe, 0xef, 0xff, 0, 1, 2, 3])
+        .unwrap();
+    let _ = expect_conn_error(&mut s);
+    // Garbage after the hello.
+    let mut s = raw_hello(&srv.path);
+    s.write_all(&[0, 0, 0, 8, 0, 0, 0, 1, Kind::Window as u8, 0, 1, 2])
+        .unwrap();
+    assert_eq!(expect_conn_error(&mut s), Code::InvalidArgument);
+    // A truncated frame followed by a close: the server just drops the connection.
+    let mut s = raw_hello(&srv.path);
+    s.write_all(&[0, 0, 1, 0, 0, 0]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(read_frame(&mut s).is_none());
+    // A frame for a stream never opened.
+    let mut s = raw_hello(&srv.path);
+    let mut out = Vec::new();
+    frame::put_frame(&mut out, 5, Kind::Data, 0, b"x");
+    s.write_all(&out).unwrap();
+    assert_eq!(expect_conn_error(&mut s), Code::Internal);
+    // The server still serves well-behaved clients.
+    let r: Blob = srv
+        .client()
+        .unary(
+            UNARY,
+            &Blob {
+                n: 3,
+                ..Blob::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.n, 3);
+}
+
+#[test]
+fn unknown_frame_kinds() {
+    let srv = TestServer::start();
+    let mut s = raw_hello(&srv.path);
+    // Ignorable unknown kind: skipped; then a real call works on the same connection.
+    let mut out = vec![0, 0, 0, 9, 0, 0, 0, 0, 77, frame::FLAG_IGNORABLE, 1, 2, 3];
+    let req = Blob {
+        n: 4,
+        ..Blob::default()
+    }
+    .encode_to_vec();
+    frame::put_request(&mut out, 1, frame::FLAG_END_STREAM, UNARY, 0, &req);
+    s.write_all(&out).unwrap();
+    let (stream, kind, flags, body) = read_frame(&mut s).unwrap();
+    assert_eq!(
+        (stream, kind, flags & frame::FLAG_END_STREAM),
+        (1, Kind::Data, frame::FLAG_END_STREAM)
+    );
+    assert_eq!(Blob::decode(&body[..]).unwrap().n, 4);
+    // Unknown kind without the flag: connection error.
+    s.write_all(&[0, 0, 0, 6, 0, 0, 0, 0, 77, 0]).unwrap();
+    assert_eq!(expect_conn_error(&mut s), Code::InvalidArgument);
+}
+
+#[test]
+fn oversized_frames_are_refused_without_allocation() {
+    let srv = TestServer::start();
+    let mut s = raw_hello(&srv.path);
+    // Claims 16 MiB, sends 10 bytes: refused from the length alone.
+    s.write_all(&[1, 0, 0, 0, 0, 0, 0, 1, Kind::Data as u8, 0])
+        .unwrap();
+    assert_eq!(expect_conn_error(&mut s), Code::ResourceExhausted);
+    // Before the hello the limit is 16 KiB.
+    let mut s = UnixStream::connect(&srv.path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[0, 1, 0, 0, 0, 0, 0, 0, Kind::Hello as u8, 0])
+        .unwrap();
+    let _ = expect_conn_error(&mut s);
+    // A client refuses to send a message over the server's limit.
+    let c = srv.client();
+    let big = Blob {
+        data: vec![0; 2 << 20],
+        ..Blob::default()
+    };
+    assert_eq!(
+        code_of(c.call(UNARY, &big, opts(true))),
+        Code::InvalidArgument
+    );
+}
+
+#[test]
+fn flow_control_violation_closes_the_connection() {
+    let mut cfg = ServerConfig::new("test");
+    cfg.stream_window = 64 * 1024;
+    cfg.frame_len_max = 48 * 1024;
+    let srv = TestServer::start_with(cfg, None);
+    let mut s = raw_hello(&srv.path);
+    let mut out = Vec::new();
+    frame::put_request(&mut out, 1, 0, HANG, 0, &[]);
+    for _ in 0..3 {
+        frame::put_frame(&mut out, 1, Kind::Data, 0, &vec![0u8; 40 * 1024]);
+    }
+    s.write_all(&out).unwrap();
+    assert_eq!(expect_conn_error(&mut s), Code::ResourceExhausted);
+}
+
+#[test]
+fn wrong_version_is_refused() {
+    let srv = TestServer::start();
+    let mut s = UnixStream::connect(&srv.path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = Hello {
+        version: 99,
+        ..Hello::default()
+    };
+    let mut out = Vec::new();
+    frame::put_frame(&mut out, 0, Kind::Hello, 0, &hello.encode_to_vec());
+    s.write_all(&out).unwrap();
+    assert_eq!(expect_conn_error(&mut s), Code::FailedPrecondition);
+}
+
+#[test]
+fn dying_server_fails_every_waiting_call() {
+    // A fake server that answers the hello, reads requests, then vanishes.
+    let dir = TempDir::new("die");
+    let path = dir.path.join("s.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _hello = read_frame(&mut s).unwrap();
+        let ack = HelloAck {
+            version: proto::PROTOCOL_VERSION,
+            ..HelloAck::default()
+        };
+        let mut out = Vec::new();
+        frame::put_frame(&mut out, 0, Kind::HelloAck, 0, &ack.encode_to_vec());
+        s.write_all(&out).unwrap();
+        for _ in 0..10 {
+            read_frame(&mut s).unwrap();
+        }
+        drop(s);
+    });
+    let c = Client::connect_unix(&path, Credential::none()).unwrap();
+    let waiters: Vec<_> = (0..10)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let e = c
+                    .unary::<_, Blob>(UNARY, &Blob::default(), None)
+                    .unwrap_err();
+                (e.code, t0.elapsed())
+            })
+        })
+        .collect();
+    fake.join().unwrap();
+    for w in waiters {
+        let (code, took) = w.join().unwrap();
+        assert_eq!(code, Code::Unavailable);
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+    }
+}
+
+#[test]
+fn dying_client_cancels_server_handlers() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let calls: Vec<_> = (0..20)
+        .map(|_| c.call(HANG, &Blob::default(), opts(true)).unwrap())
+        .collect();
+    wait_until(|| srv.stats.hang_started.load(Ordering::SeqCst) == 20);
+    // The connection goes away under open calls, as when a client process dies.
+    c.close();
+    drop(calls);
+    drop(c);
+    wait_until(|| srv.stats.cancelled.load(Ordering::SeqCst) == 20);
+}
+
+#[test]
+fn property_random_calls_echo_exactly() {
+    let seed = seed("property_random_calls_echo_exactly");
+    let mut rng = Rng::new(seed);
+    let srv = TestServer::start();
+    let c = srv.client();
+    for _ in 0..200 {
+        match rng.below(3) {
+            0 => {
+                let len = rng.below(200_000) as usize;
+                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let b = Blob {
+                    data,
+                    n: rng.next(),
+                    size: 0,
+                };
+                let r: Blob = c.unary(UNARY, &b, None).unwrap();
+                assert_eq!(r, b, "seed {seed}");
+            }
+            1 => {
+                let n = rng.below(50);
+                let size = rng.below(100_000);
+                let mut s = c
+                    .call(
+                        COUNT,
+                        &Blob {
+                            data: vec![],
+                            n,
+                            size,
+                        },
+                        opts(true),
+                    )
+                    .unwrap();
+                for i in 0..n {
+                    let m: Blob = s.recv().unwrap().unwrap();
+                    assert_eq!((m.n, m.data.len() as u64), (i, size), "seed {seed}");
+                }
+                assert!(s.recv::<Blob>().unwrap().is_none(), "seed {seed}");
+            }
+            _ => {
+                let mut s = c.call(BIDI, &Blob::default(), opts(false)).unwrap();
+                let k = rng.below(20);
+                for i in 0..k {
+                    let len = rng.below(70_000) as usize;
+                    let b = Blob {
+                        data: vec![i as u8; len],
+                        n: i,
+                        size: 0,
+                    };
+                    s.send(&b).unwrap();
+                    assert_eq!(s.recv::<Blob>().unwrap().unwrap(), b, "seed {seed}");
+                }
+                s.close_send().unwrap();
+                assert!(s.recv::<Blob>().unwrap().is_none(), "seed {seed}");
+            }
+        }
+    }
+}
+
+/// Child-process side of `slow_reader_bounds_writer_rss`: serves the test service on the
+/// socket named by `WRENN_RSS_HELPER_SOCK` until its stdin closes.
+#[test]
+#[ignore = "helper process started by slow_reader_bounds_writer_rss"]
+fn rss_helper() {
+    let Ok(path) = std::env::var("WRENN_RSS_HELPER_SOCK") else {
+        return;
+    };
+    let svc = std::sync::Arc::new(TestService {
+        stats: Default::default(),
+        secret: None,
+    });
+    let mut server = proto::rpc::Server::new(ServerConfig::new("rss"), svc).unwrap();
+    server.listen_unix(&path).unwrap();
+    let (_h, _j) = server.spawn().unwrap();
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn slow_reader_bounds_writer_rss() {
+    const MESSAGES: u64 = 16 * 1024;
+    const SIZE: u64 = 64 * 1024; // 1 GiB in all
+    const BOUND_KIB: u64 = 32 * 1024;
+    let dir = TempDir::new("rss");
+    let path = dir.path.join("w.sock");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "rpc::rss_helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("WRENN_RSS_HELPER_SOCK", &path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let c = loop {
+        if let Ok(c) = Client::connect_unix(&path, Credential::none()) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "helper server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let before = rss_kib(child.id());
+    let mut s = c
+        .call(
+            COUNT,
+            &Blob {
+                data: vec![],
+                n: MESSAGES,
+                size: SIZE,
+            },
+            opts(true),
+        )
+        .unwrap();
+    let first: Blob = s.recv().unwrap().unwrap();
+    assert_eq!(first.n, 0);
+    // Stop reading: the writer must block on flow control, not buffer the gigabyte.
+    let mut peak = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(rss_kib(child.id()));
+    }
+    eprintln!("writer RSS before={before} KiB peak while stalled={peak} KiB bound={BOUND_KIB} KiB");
+    assert!(
+        peak < BOUND_KIB,
+        "writer RSS {peak} KiB exceeds {BOUND_KIB} KiB"
+    );
+    // Now read everything: the stream completes, in order.
+    for i in 1..MESSAGES {
+        let m: Blob = s.recv().unwrap().unwrap();
+        assert_eq!(m.n, i);
+        if i % 4096 == 0 {
+            peak = peak.max(rss_kib(child.id()));
+        }
+    }
+    assert!(s.recv::<Blob>().unwrap().is_none());
+    eprintln!("writer RSS peak over the whole 1 GiB stream={peak} KiB");
+    assert!(peak < BOUND_KIB);
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
