@@ -13,9 +13,11 @@
 
 pub mod clock;
 pub mod fs;
+pub mod init;
 pub mod limits;
 pub mod passwd;
 pub mod process;
 pub mod pty;
 pub mod reaper;
+pub mod vsock;
 pub mod watch;
