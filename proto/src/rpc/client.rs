@@ -393,6 +393,13 @@ impl ClientStream {
         }
     }
 
+    /// Splits the stream so one thread can send while another receives (bidi proxies).
+    /// The call is cancelled once both halves are dropped before it finished.
+    pub fn split(self) -> (StreamSender, StreamReceiver) {
+        let shared = Arc::new(std::sync::Mutex::new(self));
+        (StreamSender(shared.clone()), StreamReceiver(shared))
+    }
+
     /// Cancels the call (the server's handler sees the cancellation).
     pub fn cancel(mut self) {
         self.release(true);
@@ -414,5 +421,62 @@ impl Drop for ClientStream {
     fn drop(&mut self) {
         let mut st = self.conn.lock();
         self.conn.release_stream(&mut st, self.id, true);
+    }
+}
+
+/// The sending half of a split [`ClientStream`].
+#[derive(Debug)]
+pub struct StreamSender(Arc<std::sync::Mutex<ClientStream>>);
+/// The receiving half of a split [`ClientStream`].
+#[derive(Debug)]
+pub struct StreamReceiver(Arc<std::sync::Mutex<ClientStream>>);
+
+impl StreamSender {
+    /// Sends one message (blocks under flow control, without blocking the receiver).
+    pub fn send<M: Message>(&self, msg: &M) -> Result<(), Status> {
+        let (conn, id, deadline) = self.parts();
+        let len = msg.encoded_len();
+        conn.send_data(id, len, false, deadline, true, |out| {
+            let _ = msg.encode(out);
+        })
+        .map(|_| ())
+    }
+
+    pub fn close_send(&self) -> Result<(), Status> {
+        let (conn, id, _) = self.parts();
+        let mut st = conn.lock();
+        if let Some(d) = Conn::dead(&st) {
+            return Err(d.clone());
+        }
+        conn.send_end(&mut st, id);
+        Ok(())
+    }
+
+    fn parts(&self) -> (Arc<Conn>, u32, Option<Instant>) {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (g.conn.clone(), g.id, g.deadline)
+    }
+}
+
+impl StreamReceiver {
+    pub fn recv<M: Message + Default>(&self) -> Result<Option<M>, Status> {
+        // Receiving holds only this half's view; the sender never takes this lock while
+        // blocked, so both directions proceed at once.
+        let (conn, id, deadline, method) = {
+            let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            (g.conn.clone(), g.id, g.deadline, g.method.clone())
+        };
+        let r = conn
+            .wait(deadline, |st| conn.take_message(st, id))
+            .map(|(_, m)| m);
+        match r? {
+            Some(b) => M::decode(&b[..]).map(Some).map_err(|e| {
+                Status::internal(format!("{method}: malformed response message: {e}"))
+            }),
+            None => {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).finished = true;
+                Ok(None)
+            }
+        }
     }
 }

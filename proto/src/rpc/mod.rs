@@ -11,7 +11,9 @@ mod pool;
 mod server;
 mod sys;
 
-pub use client::{CallOpts, Client, ClientConfig, ClientStream, Credential};
+pub use client::{
+    CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
+};
 pub use server::{Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service};
 
 pub use crate::gen::wrenn::wire::v1::{CredentialKind, Hello};

@@ -654,3 +654,28 @@ fn slow_reader_bounds_writer_rss() {
     drop(child.stdin.take());
     let _ = child.wait();
 }
+
+#[test]
+fn split_stream_sends_and_receives_from_two_threads() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let s = c.call(BIDI, &Blob::default(), opts(false)).unwrap();
+    let (tx, rx) = s.split();
+    let sender = std::thread::spawn(move || {
+        for i in 0..500u64 {
+            tx.send(&Blob {
+                data: vec![7; 30_000],
+                n: i,
+                size: 0,
+            })
+            .unwrap();
+        }
+        tx.close_send().unwrap();
+    });
+    for i in 0..500u64 {
+        let m: Blob = rx.recv().unwrap().unwrap();
+        assert_eq!(m.n, i);
+    }
+    assert!(rx.recv::<Blob>().unwrap().is_none());
+    sender.join().unwrap();
+}
