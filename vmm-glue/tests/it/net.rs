@@ -1,0 +1,439 @@
+//! Network slots for real (needs root and nft): two slots with stand-in guests, reachability
+//! and isolation, NAT to a pretend internet, leftover clean-up, and nothing left afterwards.
+//!
+//! Traffic goes only to addresses inside namespaces this test creates (and loopback). Names
+//! use the prefix `wrnt` and the subnet 10.201.0.0/16 so the test never touches the slots of
+//! an agent running on the same host.
+//!
+//! The stand-in guest: Firecracker's guest sits behind `tap0` in the slot's namespace. Here
+//! the test replaces the tap with a veth pair of the same name and address whose other end
+//! (`eth0`, 169.254.0.21/30, default route via 169.254.0.22) is in a namespace of its own, so
+//! the guest has its own network stack, as a VM has, and every packet crosses the slot's
+//! `tap0` and its rules exactly as a real guest's would.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_glue::net::netlink::Netlink;
+use vmm_glue::net::slot::{GATEWAY_ADDR, GUEST_ADDR, GUEST_PREFIX_LEN, TAP_NAME};
+use vmm_glue::net::{firewall, netns, Egress, NetConfig, Network, Slot};
+
+const PREFIX: &str = "wrnt";
+const SUBNET: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 0);
+const INET_NS: &str = "wrnt-inet";
+const INET_HOST_LINK: &str = "wrnti-h";
+const INET_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const INET_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// A connection that should work gets this long.
+const REACH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection the firewall drops fails after this long.
+const BLOCKED_TIMEOUT: Duration = Duration::from_millis(800);
+/// Echo servers stop on their own after this, whatever happens to the test.
+const SERVER_LIFETIME: Duration = Duration::from_secs(120);
+
+fn guest_ns(index: u32) -> String {
+    format!("wrnt-g{index}")
+}
+
+/// Why this test cannot run here, if it cannot.
+fn missing() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root");
+    }
+    if firewall::nft_path().is_none() {
+        return Some("nft not installed (apt-get install nftables)");
+    }
+    None
+}
+
+/// Prints `skipped: <reason>` and returns true, or panics under WRENN_REQUIRE_E2E=1.
+fn skip() -> bool {
+    let Some(reason) = missing() else {
+        return false;
+    };
+    if std::env::var("WRENN_REQUIRE_E2E").as_deref() == Ok("1") {
+        panic!("WRENN_REQUIRE_E2E=1 but the network test cannot run: {reason}");
+    }
+    println!("skipped: {reason}");
+    true
+}
+
+/// A TCP echo server that answers each line with `<tag>:<line>` and records peers.
+struct EchoServer {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    fn start(listener: TcpListener, tag: &'static str) -> EchoServer {
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peers.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let end = Instant::now() + SERVER_LIFETIME;
+            while !s.load(Ordering::Relaxed) && Instant::now() < end {
+                match listener.accept() {
+                    Ok((conn, peer)) => {
+                        p.lock().unwrap().push(peer);
+                        let _ = answer(conn, tag);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        EchoServer {
+            addr,
+            peers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn answer(conn: TcpStream, tag: &str) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(REACH_TIMEOUT))?;
+    let line = read_line(&conn)?;
+    (&conn).write_all(format!("{tag}:{line}\n").as_bytes())
+}
+
+/// One line (at most 256 bytes), without its newline.
+fn read_line(conn: &TcpStream) -> io::Result<String> {
+    let mut line = String::new();
+    BufReader::new(conn.take(256)).read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects, sends "hello\n", returns the answer line.
+fn echo(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
+    let conn = TcpStream::connect_timeout(&addr, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    (&conn).write_all(b"hello\n")?;
+    read_line(&conn)
+}
+
+/// `echo` from inside namespace `ns`.
+fn echo_from(ns: &str, addr: SocketAddr, timeout: Duration) -> io::Result<String> {
+    netns::run_in(ns, || echo(addr, timeout)).unwrap()
+}
+
+fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+/// Replaces the slot's tap with a veth to a fresh namespace holding the guest's address.
+fn attach_stand_in_guest(slot: &Slot) {
+    let gns = guest_ns(slot.index);
+    netns::create(&gns).unwrap();
+    let gfd = netns::open(&gns).unwrap();
+    netns::run_in(&slot.netns, || {
+        let mut nl = Netlink::open().unwrap();
+        let tap = nl.link_by_name(TAP_NAME).unwrap().expect("slot has a tap");
+        assert_eq!(tap.kind.as_deref(), Some("tun"), "tap0 is a tun/tap device");
+        assert!(nl.delete_link(TAP_NAME).unwrap());
+        nl.create_veth(TAP_NAME, "eth0", Some(gfd.as_fd())).unwrap();
+        let i = nl.link_index(TAP_NAME).unwrap();
+        nl.set_up(i, true).unwrap();
+        nl.add_address_v4(i, GATEWAY_ADDR, GUEST_PREFIX_LEN)
+            .unwrap();
+    })
+    .unwrap();
+    netns::run_in(&gns, || {
+        let mut nl = Netlink::open().unwrap();
+        let lo = nl.link_index("lo").unwrap();
+        nl.set_up(lo, true).unwrap();
+        let eth = nl.link_index("eth0").unwrap();
+        nl.set_up(eth, true).unwrap();
+        nl.add_address_v4(eth, GUEST_ADDR, GUEST_PREFIX_LEN)
+            .unwrap();
+        nl.add_route_v4(None, Some(GATEWAY_ADDR), eth).unwrap();
+    })
+    .unwrap();
+}
+
+/// The pretend internet: a namespace with 198.18.0.1/30, its peer 198.18.0.2 on the host.
+fn create_internet() {
+    netns::create(INET_NS).unwrap();
+    let fd = netns::open(INET_NS).unwrap();
+    let mut nl = Netlink::open().unwrap();
+    nl.create_veth(INET_HOST_LINK, "eth0", Some(fd.as_fd()))
+        .unwrap();
+    let i = nl.link_index(INET_HOST_LINK).unwrap();
+    nl.set_up(i, true).unwrap();
+    nl.add_address_v4(i, INET_HOST_ADDR, 30).unwrap();
+    netns::run_in(INET_NS, || {
+        let mut nl = Netlink::open().unwrap();
+        let lo = nl.link_index("lo").unwrap();
+        nl.set_up(lo, true).unwrap();
+        let eth = nl.link_index("eth0").unwrap();
+        nl.set_up(eth, true).unwrap();
+        nl.add_address_v4(eth, INET_SERVER, 30).unwrap();
+    })
+    .unwrap();
+}
+
+/// Removes everything the test may have made, also after a failed run. Best effort.
+fn remove_all(net: &Network) {
+    let _ = net.cleanup_leftovers(&[]);
+    for i in 0..8 {
+        let _ = netns::delete(&guest_ns(i));
+    }
+    if let Ok(mut nl) = Netlink::open() {
+        let _ = nl.delete_link(INET_HOST_LINK);
+    }
+    let _ = netns::delete(INET_NS);
+    let _ = net.teardown_host();
+}
+
+struct Cleanup<'a>(&'a Network);
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        remove_all(self.0);
+    }
+}
+
+/// Everything of ours still on the host: links, namespaces, nft tables.
+fn leftovers() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut nl = Netlink::open().unwrap();
+    for l in nl.links().unwrap() {
+        if l.name.starts_with(PREFIX) {
+            out.push(format!("link {}", l.name));
+        }
+    }
+    for n in netns::list().unwrap() {
+        if n.starts_with(PREFIX) {
+            out.push(format!("netns {n}"));
+        }
+    }
+    for (family, name) in firewall::list_tables().unwrap() {
+        if name.starts_with(PREFIX) {
+            out.push(format!("table {family} {name}"));
+        }
+    }
+    out
+}
+
+#[test]
+fn slots_isolate_nat_and_clean_up() {
+    if skip() {
+        return;
+    }
+    let net = Network::new(NetConfig::new(PREFIX, SUBNET).unwrap());
+    remove_all(&net); // a previous run that died
+    let _cleanup = Cleanup(&net);
+
+    assert!(matches!(
+        net.create_slot(1, &Egress::default()),
+        Err(vmm_glue::net::Error::HostNotReady)
+    ));
+    net.setup_host().unwrap();
+    net.setup_host().unwrap(); // idempotent
+    create_internet();
+
+    let t = Instant::now();
+    let s1 = net.create_slot(1, &Egress::default()).unwrap();
+    let create_ms = t.elapsed().as_secs_f64() * 1e3;
+    let deny_internet = Egress {
+        allow: vec![],
+        deny: vec!["198.18.0.0/15".parse().unwrap()],
+    };
+    let s2 = net.create_slot(2, &deny_internet).unwrap();
+    println!("slot create took {create_ms:.1} ms");
+
+    // The slot's own table is inside its namespace, not on the host.
+    let tables = netns::run_in(&s1.netns, firewall::list_tables)
+        .unwrap()
+        .unwrap();
+    assert!(
+        tables.contains(&("ip".into(), "wrnt_slot".into())),
+        "{tables:?}"
+    );
+
+    attach_stand_in_guest(&s1);
+    attach_stand_in_guest(&s2);
+
+    // Creating an existing, live slot again changes nothing that matters.
+    let t = Instant::now();
+    assert_eq!(net.create_slot(1, &Egress::default()).unwrap(), s1);
+    println!(
+        "slot re-create (idempotent) took {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+
+    // Stand-in guests listen on the fixed guest address, each in its own namespace.
+    let bind_guest = || TcpListener::bind(sock(GUEST_ADDR, 0));
+    let g1 = EchoServer::start(
+        netns::run_in(&guest_ns(1), bind_guest).unwrap().unwrap(),
+        "g1",
+    );
+    let g2 = EchoServer::start(
+        netns::run_in(&guest_ns(2), bind_guest).unwrap().unwrap(),
+        "g2",
+    );
+    // Host services: on slot 1's host-side address, on the host end of the internet link,
+    // and on loopback.
+    let h_veth = EchoServer::start(TcpListener::bind(sock(s1.host_addr, 0)).unwrap(), "host");
+    let h_inet = EchoServer::start(TcpListener::bind(sock(INET_HOST_ADDR, 0)).unwrap(), "host");
+    let h_lo = EchoServer::start(
+        TcpListener::bind(sock(Ipv4Addr::LOCALHOST, 0)).unwrap(),
+        "host",
+    );
+    let inet = EchoServer::start(
+        netns::run_in(INET_NS, || TcpListener::bind(sock(INET_SERVER, 0)))
+            .unwrap()
+            .unwrap(),
+        "inet",
+    );
+
+    // Host -> each guest through its per-slot alias.
+    let t = Instant::now();
+    assert_eq!(
+        echo(sock(s1.guest_alias, g1.addr.port()), REACH_TIMEOUT).unwrap(),
+        "g1:hello"
+    );
+    println!(
+        "host -> guest echo through the alias took {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        echo(sock(s2.guest_alias, g2.addr.port()), REACH_TIMEOUT).unwrap(),
+        "g2:hello"
+    );
+    // The guests saw the host's end of their slot's link, not some other address.
+    assert_eq!(g1.peers.lock().unwrap()[0].ip(), IpAddr::V4(s1.host_addr));
+    // The host's own services answer the host (so the refusals below are the firewall's).
+    assert_eq!(
+        echo(sock(s1.host_addr, h_veth.addr.port()), REACH_TIMEOUT).unwrap(),
+        "host:hello"
+    );
+    assert_eq!(
+        echo(sock(INET_HOST_ADDR, h_inet.addr.port()), REACH_TIMEOUT).unwrap(),
+        "host:hello"
+    );
+
+    // Guest 1 cannot reach guest 2, nor any host service.
+    let g1ns = guest_ns(1);
+    for (what, addr) in [
+        ("slot 2's guest", sock(s2.guest_alias, g2.addr.port())),
+        (
+            "host service on the slot link",
+            sock(s1.host_addr, h_veth.addr.port()),
+        ),
+        (
+            "host service on another host address",
+            sock(INET_HOST_ADDR, h_inet.addr.port()),
+        ),
+    ] {
+        let r = echo_from(&g1ns, addr, BLOCKED_TIMEOUT);
+        assert!(r.is_err(), "guest 1 reached {what} at {addr}: {r:?}");
+    }
+    // Nor can the slot's namespace itself.
+    for (what, addr) in [
+        ("slot 2's guest", sock(s2.guest_alias, g2.addr.port())),
+        (
+            "host service on the slot link",
+            sock(s1.host_addr, h_veth.addr.port()),
+        ),
+        (
+            "host loopback service",
+            sock(Ipv4Addr::LOCALHOST, h_lo.addr.port()),
+        ),
+    ] {
+        let r = echo_from(&s1.netns, addr, BLOCKED_TIMEOUT);
+        assert!(
+            r.is_err(),
+            "slot 1's namespace reached {what} at {addr}: {r:?}"
+        );
+    }
+    // The host services accepted nothing but the host's own control connections.
+    assert_eq!(h_veth.peers.lock().unwrap().len(), 1);
+    assert_eq!(h_inet.peers.lock().unwrap().len(), 1);
+    assert_eq!(h_lo.peers.lock().unwrap().len(), 0);
+    assert_eq!(g2.peers.lock().unwrap().len(), 1);
+
+    // Egress through the NAT: guest 1 reaches the internet server, which sees the host's
+    // masqueraded address; guest 2's policy denies that network.
+    let r = echo_from(&g1ns, sock(INET_SERVER, inet.addr.port()), REACH_TIMEOUT);
+    assert_eq!(r.unwrap(), "inet:hello");
+    assert_eq!(
+        inet.peers.lock().unwrap()[0].ip(),
+        IpAddr::V4(INET_HOST_ADDR)
+    );
+    let r = echo_from(
+        &guest_ns(2),
+        sock(INET_SERVER, inet.addr.port()),
+        BLOCKED_TIMEOUT,
+    );
+    assert!(
+        r.is_err(),
+        "guest 2 reached the internet despite its egress policy: {r:?}"
+    );
+    assert_eq!(inet.peers.lock().unwrap().len(), 1);
+
+    // A crash left slot 3 and a bare namespace for slot 7; start-up clean-up keeps the
+    // re-adopted slots 1 and 2 and removes the rest.
+    net.create_slot(3, &Egress::none()).unwrap();
+    netns::create("wrnt-7").unwrap();
+    assert_eq!(net.cleanup_leftovers(&[1, 2]).unwrap(), vec![3, 7]);
+    assert!(!netns::exists("wrnt-3").unwrap());
+    assert_eq!(
+        echo(sock(s1.guest_alias, g1.addr.port()), REACH_TIMEOUT).unwrap(),
+        "g1:hello"
+    );
+
+    drop((g1, g2, h_veth, h_inet, h_lo, inet));
+    net.destroy_slot(1).unwrap();
+    net.destroy_slot(2).unwrap();
+    net.destroy_slot(2).unwrap(); // idempotent
+    for i in [1, 2] {
+        assert!(netns::delete(&guest_ns(i)).unwrap());
+    }
+    let mut nl = Netlink::open().unwrap();
+    assert!(nl.delete_link(INET_HOST_LINK).unwrap());
+    assert!(netns::delete(INET_NS).unwrap());
+    net.teardown_host().unwrap();
+
+    let left = leftovers();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn netlink_errors_are_typed() {
+    if skip() {
+        return;
+    }
+    let mut nl = Netlink::open().unwrap();
+    assert_eq!(nl.link_by_name("wrnt-absent").unwrap(), None);
+    assert!(!nl.delete_link("wrnt-absent").unwrap());
+    let e = nl.set_up(0x7fff_fff0, true).unwrap_err();
+    assert_eq!(e.errno(), Some(libc::ENODEV), "{e}");
+    // Creating a link that exists: EEXIST, and the socket still works afterwards.
+    let e = nl.create_veth("lo", "wrnt-peer", None).unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EEXIST), "{e}");
+    assert!(nl.link_by_name("lo").unwrap().is_some());
+    assert!(nl.link_by_name("wrnt-peer").unwrap().is_none());
+}
