@@ -72,6 +72,7 @@ struct PasswdEntry {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct GroupEntry {
+    name: String,
     gid: u32,
     members: Vec<String>,
 }
@@ -146,6 +147,18 @@ impl Db {
     }
 }
 
+impl Db {
+    /// The name of a uid, if /etc/passwd has one.
+    pub fn user_name(&self, uid: u32) -> Option<&str> {
+        self.users.iter().find(|u| u.uid == uid).map(|u| u.name.as_str())
+    }
+
+    /// The name of a gid, if /etc/group has one.
+    pub fn group_name(&self, gid: u32) -> Option<&str> {
+        self.groups.iter().find(|g| g.gid == gid).map(|g| g.name.as_str())
+    }
+}
+
 fn read_bounded(path: &Path) -> Result<String, Error> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -201,6 +214,7 @@ fn parse_group_line(line: &str) -> Option<GroupEntry> {
         return None;
     }
     Some(GroupEntry {
+        name: f[0].to_string(),
         gid: f[2].parse().ok()?,
         members: f[3]
             .split(',')
@@ -234,6 +248,9 @@ mod tests {
         assert_eq!(u.groups, vec![4, 27, 1000]);
         let r = db.user("root").unwrap();
         assert_eq!(r.groups, vec![0]);
+        assert_eq!(db.user_name(1000), Some("user"));
+        assert_eq!(db.group_name(27), Some("sudo"));
+        assert_eq!(db.group_name(12345), None);
         let n = db.user("nobody").unwrap();
         assert_eq!(
             (n.uid, n.gid, n.groups.clone()),

@@ -55,6 +55,8 @@ pub struct Spec {
     pub pty: Option<WinSize>,
     pub tag: Option<String>,
     pub timeout: Option<Duration>,
+    /// The variables the caller set (shown in listings; `env` is what the child gets).
+    pub caller_env: Vec<(OsString, OsString)>,
 }
 
 #[derive(Debug)]
@@ -113,6 +115,7 @@ pub struct Finished {
     pub status: ExitStatus,
     /// The timeout fired and envd killed the process group.
     pub timed_out: bool,
+    pub exited_unix_ns: i64,
 }
 
 /// A process as listed.
@@ -124,12 +127,34 @@ pub struct Info {
     pub args: Vec<OsString>,
     pub cwd: Option<PathBuf>,
     pub pty: bool,
+    pub pty_size: Option<WinSize>,
+    pub user: String,
+    pub stdin: bool,
+    pub timeout: Option<Duration>,
+    pub caller_env: Vec<(OsString, OsString)>,
+    pub started_unix_ns: i64,
+}
+
+/// A chunk of output as a client receives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub kind: StreamKind,
+    /// Position of data[0] in this kind's stream since the process started.
+    pub offset: u64,
+    pub data: Arc<Vec<u8>>,
+}
+
+fn kind_index(k: StreamKind) -> usize {
+    match k {
+        StreamKind::Stdout => 0,
+        StreamKind::Stderr => 1,
+        StreamKind::Pty => 2,
+    }
 }
 
 struct Chunk {
     seq: u64,
-    kind: StreamKind,
-    data: Arc<Vec<u8>>,
+    chunk: OutputChunk,
 }
 
 struct Output {
@@ -139,6 +164,9 @@ struct Output {
     /// Next sequence number each attached client wants; `None` = free slot.
     cursors: Vec<Option<u64>>,
     exit: Option<ExitStatus>,
+    exited_unix_ns: i64,
+    /// Bytes appended so far per stream kind (the next chunk's offset).
+    offsets: [u64; 3],
     timed_out: bool,
     /// The pump has closed every output fd: nothing more will be appended.
     eof: bool,
@@ -177,8 +205,21 @@ impl Process {
 
     /// Attaches a client; it first receives what the ring still holds (replay).
     pub fn subscribe(self: &Arc<Self>) -> Result<Subscription, Error> {
+        self.attach(true)
+    }
+
+    /// Attaches a client that receives only output produced from now on.
+    pub fn subscribe_live(self: &Arc<Self>) -> Result<Subscription, Error> {
+        self.attach(false)
+    }
+
+    fn attach(self: &Arc<Self>, replay: bool) -> Result<Subscription, Error> {
         let mut out = self.shared.lock();
-        let start = out.ring.front().map_or(out.next_seq, |c| c.seq);
+        let start = if replay {
+            out.ring.front().map_or(out.next_seq, |c| c.seq)
+        } else {
+            out.next_seq
+        };
         let slot = match out.cursors.iter().position(Option::is_none) {
             Some(i) => i,
             None if out.cursors.len() < SUBSCRIBERS_PER_PROCESS_MAX => {
@@ -222,8 +263,26 @@ impl Process {
             .ok_or(Error::NoStdin)
     }
 
+    /// Whether stdin is still open for input (always, with a pty).
+    pub fn stdin_open(&self) -> bool {
+        self.input.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Sends a signal to the process, or with `group` to its whole process group.
+    pub fn signal_to(&self, sig: i32, group: bool) -> Result<(), Error> {
+        if group {
+            self.signal_impl(sig, -self.info.pid)
+        } else {
+            self.signal_impl(sig, self.info.pid)
+        }
+    }
+
     /// Sends a signal to the process (not its group).
     pub fn signal(&self, sig: i32) -> Result<(), Error> {
+        self.signal_impl(sig, self.info.pid)
+    }
+
+    fn signal_impl(&self, sig: i32, target: i32) -> Result<(), Error> {
         if !(1..=64).contains(&sig) {
             return Err(Error::InvalidArgument(format!("signal {sig}")));
         }
@@ -232,7 +291,7 @@ impl Process {
         }
         // SAFETY: kill takes plain integers. The pid is still our unreaped child (exit is
         // unset under the lock the reaper callback takes), so it cannot have been reused.
-        let r = unsafe { libc::kill(self.info.pid, sig) };
+        let r = unsafe { libc::kill(target, sig) };
         if r < 0 {
             return Err(Error::Io {
                 action: "signal the process",
@@ -258,6 +317,7 @@ impl Process {
         out.exit.map(|status| Finished {
             status,
             timed_out: out.timed_out,
+            exited_unix_ns: out.exited_unix_ns,
         })
     }
 }
@@ -265,7 +325,7 @@ impl Process {
 /// What [`Subscription::next`] yields.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
-    Output(StreamKind, Arc<Vec<u8>>),
+    Output(OutputChunk),
     /// Output is complete and the process has ended; nothing follows.
     Finished(Finished),
     /// Nothing within the wait; check for cancellation and call again.
@@ -296,8 +356,7 @@ impl Subscription {
             let want = cursor.max(front);
             if want < out.next_seq {
                 let idx = (want - front) as usize;
-                let c = &out.ring[idx];
-                let item = Next::Output(c.kind, c.data.clone());
+                let item = Next::Output(out.ring[idx].chunk.clone());
                 out.cursors[self.slot] = Some(want + 1);
                 shared.cv.notify_all();
                 return item;
@@ -307,6 +366,7 @@ impl Subscription {
                     return Next::Finished(Finished {
                         status,
                         timed_out: out.timed_out,
+                        exited_unix_ns: out.exited_unix_ns,
                     });
                 }
             }
@@ -487,6 +547,8 @@ impl Table {
                 next_seq: 0,
                 cursors: Vec::new(),
                 exit: None,
+                exited_unix_ns: 0,
+                offsets: [0; 3],
                 timed_out: false,
                 eof: false,
             }),
@@ -533,6 +595,7 @@ impl Table {
         let on_exit = move |status: ExitStatus| {
             let mut out = on_exit_shared.lock();
             out.exit = Some(status);
+            out.exited_unix_ns = crate::clock::now_unix_ns();
             on_exit_shared.cv.notify_all();
             drop(out);
             let one: u64 = 1;
@@ -599,6 +662,12 @@ impl Table {
                 args: spec.args.clone(),
                 cwd: spec.cwd.clone(),
                 pty: master.is_some(),
+                pty_size: spec.pty,
+                user: spec.user.name.clone(),
+                stdin: spec.stdin,
+                timeout: spec.timeout,
+                caller_env: spec.caller_env.clone(),
+                started_unix_ns: crate::clock::now_unix_ns(),
             },
             shared,
             input: Mutex::new(input),
@@ -919,7 +988,7 @@ fn wait_for_room(shared: &Shared, pid: i32, deadline: Option<Instant>, killed: &
         let needed = out.cursors.iter().flatten().any(|&c| c <= front_seq);
         if !needed {
             if let Some(c) = out.ring.pop_front() {
-                out.ring_len -= c.data.len();
+                out.ring_len -= c.chunk.data.len();
             }
             continue;
         }
@@ -950,10 +1019,15 @@ fn append(shared: &Shared, kind: StreamKind, data: Vec<u8>) {
     let seq = out.next_seq;
     out.next_seq += 1;
     out.ring_len += data.len();
+    let offset = out.offsets[kind_index(kind)];
+    out.offsets[kind_index(kind)] += data.len() as u64;
     out.ring.push_back(Chunk {
         seq,
-        kind,
-        data: Arc::new(data),
+        chunk: OutputChunk {
+            kind,
+            offset,
+            data: Arc::new(data),
+        },
     });
     shared.cv.notify_all();
 }
@@ -983,6 +1057,7 @@ mod tests {
             pty: None,
             tag: None,
             timeout: None,
+            caller_env: Vec::new(),
         }
     }
 
@@ -993,9 +1068,9 @@ mod tests {
         loop {
             assert!(start.elapsed() < Duration::from_secs(60), "process hung");
             match sub.next(Duration::from_millis(200)) {
-                Next::Output(StreamKind::Stdout, d) => o.extend_from_slice(&d),
-                Next::Output(StreamKind::Stderr, d) => e.extend_from_slice(&d),
-                Next::Output(StreamKind::Pty, d) => p.extend_from_slice(&d),
+                Next::Output(c) if c.kind == StreamKind::Stdout => o.extend_from_slice(&c.data),
+                Next::Output(c) if c.kind == StreamKind::Stderr => e.extend_from_slice(&c.data),
+                Next::Output(c) => p.extend_from_slice(&c.data),
                 Next::Finished(f) => return (o, e, p, f),
                 Next::Pending => {}
             }
@@ -1024,9 +1099,12 @@ mod tests {
         let mut last = Vec::new();
         loop {
             match sub.next(Duration::from_secs(10)) {
-                Next::Output(_, d) => {
-                    total += d.len();
-                    last = d.to_vec();
+                Next::Output(c) => {
+                    assert_eq!(c.offset as usize, total);
+                    total += c.data.len();
+                    last.extend_from_slice(&c.data);
+                    let cut = last.len().saturating_sub(8);
+                    last.drain(..cut);
                     if total < 1 << 20 {
                         std::thread::sleep(Duration::from_millis(2));
                     }
@@ -1079,7 +1157,7 @@ mod tests {
         let mut seen = Vec::new();
         while !String::from_utf8_lossy(&seen).contains("30 100") {
             match sub.next(Duration::from_secs(10)) {
-                Next::Output(StreamKind::Pty, d) => seen.extend_from_slice(&d),
+                Next::Output(c) if c.kind == StreamKind::Pty => seen.extend_from_slice(&c.data),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -1126,7 +1204,7 @@ mod tests {
         spec.tag = Some("svc".into());
         let (p, mut sub) = t.start(spec.clone()).unwrap();
         assert!(
-            matches!(sub.next(Duration::from_secs(10)), Next::Output(_, d) if *d == b"ready\n")
+            matches!(sub.next(Duration::from_secs(10)), Next::Output(c) if *c.data == b"ready\n")
         );
         assert!(matches!(t.start(spec), Err(Error::TagInUse(_))));
         assert_eq!(t.by_tag("svc").unwrap().pid(), p.pid());
@@ -1135,7 +1213,7 @@ mod tests {
         // A new client gets the replay.
         let mut again = t.get(p.pid()).unwrap().subscribe().unwrap();
         assert!(
-            matches!(again.next(Duration::from_secs(10)), Next::Output(_, d) if *d == b"ready\n")
+            matches!(again.next(Duration::from_secs(10)), Next::Output(c) if *c.data == b"ready\n")
         );
         assert!(matches!(p.signal(0), Err(Error::InvalidArgument(_))));
         p.signal(libc::SIGTERM).unwrap();

@@ -26,12 +26,16 @@ use crate::limits::UNCLAIMED_EXITS_MAX;
 pub enum ExitStatus {
     Code(i32),
     Signal(i32),
+    /// Killed by this signal, and a core dump was written.
+    Dumped(i32),
 }
 
 impl ExitStatus {
     /// Decodes a `waitpid` status word.
     pub fn from_wait_status(status: libc::c_int) -> ExitStatus {
-        if libc::WIFSIGNALED(status) {
+        if libc::WIFSIGNALED(status) && libc::WCOREDUMP(status) {
+            ExitStatus::Dumped(libc::WTERMSIG(status))
+        } else if libc::WIFSIGNALED(status) {
             ExitStatus::Signal(libc::WTERMSIG(status))
         } else {
             ExitStatus::Code(libc::WEXITSTATUS(status))
@@ -44,6 +48,7 @@ impl fmt::Display for ExitStatus {
         match self {
             ExitStatus::Code(c) => write!(f, "exit code {c}"),
             ExitStatus::Signal(s) => write!(f, "signal {s}"),
+            ExitStatus::Dumped(s) => write!(f, "signal {s} (core dumped)"),
         }
     }
 }
