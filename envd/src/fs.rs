@@ -271,6 +271,8 @@ pub struct Entry {
     pub gid: u32,
     pub mtime_ns: i128,
     pub symlink_target: Option<PathBuf>,
+    /// Listing only: this directory's entries could not be read (they are missing).
+    pub error: Option<String>,
 }
 
 fn entry(path: &Path, md: &std::fs::Metadata) -> Entry {
@@ -297,13 +299,19 @@ fn entry(path: &Path, md: &std::fs::Metadata) -> Entry {
         } else {
             None
         },
+        error: None,
     }
 }
 
-/// Stat without following a final symlink.
-pub fn stat(user: &User, path: &Path) -> Result<Entry, Error> {
+/// Stat; with `follow`, a final symlink is followed (stat), else described (lstat).
+pub fn stat(user: &User, path: &Path, follow: bool) -> Result<Entry, Error> {
     as_user(user, || {
-        let md = std::fs::symlink_metadata(path).map_err(|e| Error::io("stat", path, e))?;
+        let md = if follow {
+            std::fs::metadata(path)
+        } else {
+            std::fs::symlink_metadata(path)
+        }
+        .map_err(|e| Error::io("stat", path, e))?;
         Ok(entry(path, &md))
     })
 }
@@ -326,19 +334,14 @@ pub fn list(user: &User, path: &Path, depth: u32) -> Result<Vec<Entry>, Error> {
             ));
         }
         let mut out = Vec::new();
-        walk(path, depth, &mut out, true)?;
+        let rd = std::fs::read_dir(path).map_err(|e| Error::io("list", path, e))?;
+        walk(path, rd, depth, &mut out)?;
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
     })
 }
 
-fn walk(dir: &Path, depth: u32, out: &mut Vec<Entry>, top: bool) -> Result<(), Error> {
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        // Below the top, an unreadable directory is listed but not descended into.
-        Err(_) if !top => return Ok(()),
-        Err(e) => return Err(Error::io("list", dir, e)),
-    };
+fn walk(dir: &Path, rd: std::fs::ReadDir, depth: u32, out: &mut Vec<Entry>) -> Result<(), Error> {
     for de in rd {
         let de = de.map_err(|e| Error::io("list", dir, e))?;
         let p = de.path();
@@ -358,7 +361,15 @@ fn walk(dir: &Path, depth: u32, out: &mut Vec<Entry>, top: bool) -> Result<(), E
         let is_dir = md.is_dir();
         out.push(entry(&p, &md));
         if is_dir && depth > 1 {
-            walk(&p, depth - 1, out, false)?;
+            match std::fs::read_dir(&p) {
+                Ok(sub) => walk(&p, sub, depth - 1, out)?,
+                // Listed, but its contents are reported missing (the listing goes on).
+                Err(e) => {
+                    if let Some(last) = out.iter_mut().rev().find(|x| x.path == p) {
+                        last.error = Some(Error::io("list", &p, e).to_string());
+                    }
+                }
+            }
         }
     }
     Ok(())
@@ -386,12 +397,42 @@ pub fn mkdir_all(user: &User, path: &Path, mode: u32) -> Result<bool, Error> {
     })
 }
 
-/// Renames `from` to `to` (replacing a file at `to`, as rename(2) does).
-pub fn rename(user: &User, from: &Path, to: &Path) -> Result<(), Error> {
+/// Renames `from` to `to`. With `overwrite`, an existing `to` (a file, or an empty
+/// directory) is replaced as rename(2) does; without it, an existing `to` is AlreadyExists
+/// (renameat2 RENAME_NOREPLACE, so there is no check-then-rename race). Across filesystems
+/// (EXDEV) the move fails with InvalidArgument: envd does not copy trees.
+pub fn rename(user: &User, from: &Path, to: &Path, overwrite: bool) -> Result<(), Error> {
+    let what = format!("move {} to", from.display());
     as_user(user, || {
-        std::fs::rename(from, to)
-            .map_err(|e| Error::io(&format!("move {} to", from.display()), to, e))
+        if overwrite {
+            std::fs::rename(from, to).map_err(|e| Error::io(&what, to, e))
+        } else {
+            rename_noreplace(from, to).map_err(|e| Error::io(&what, to, e))
+        }
     })
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD directory fds.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Removes a file, symlink or (empty, or with `recursive` any) directory.
@@ -482,6 +523,8 @@ pub struct WriteOptions {
     pub owner: Option<(u32, u32)>,
     /// Create missing parent directories.
     pub make_parents: bool,
+    /// Fail with AlreadyExists when the target exists.
+    pub exclusive: bool,
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -496,6 +539,7 @@ pub struct AtomicWriter {
     file: Option<File>,
     mode: u32,
     owner: Option<(u32, u32)>,
+    exclusive: bool,
     written: u64,
 }
 
@@ -511,6 +555,12 @@ impl AtomicWriter {
             }
         };
         as_user(user, || {
+            if opts.exclusive && std::fs::symlink_metadata(target).is_ok() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("write {}: exists", target.display()),
+                ));
+            }
             let existing_mode = match std::fs::metadata(target) {
                 Ok(md) if md.is_dir() => {
                     return Err(Error::new(
@@ -557,6 +607,7 @@ impl AtomicWriter {
                             file: Some(file),
                             mode,
                             owner: opts.owner,
+                            exclusive: opts.exclusive,
                             written: 0,
                         })
                     }
@@ -592,11 +643,12 @@ impl AtomicWriter {
             .file
             .take()
             .ok_or_else(|| Error::new(ErrorKind::Other, "commit twice".into()))?;
-        let (temp, target, mode, owner) = (
+        let (temp, target, mode, owner, exclusive) = (
             self.temp.clone(),
             self.target.clone(),
             self.mode,
             self.owner,
+            self.exclusive,
         );
         let r = as_user(&self.user, || {
             file.set_permissions(std::fs::Permissions::from_mode(mode))
@@ -609,7 +661,12 @@ impl AtomicWriter {
                     .map_err(|e| Error::io("chmod", &temp, e))?;
             }
             file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
-            std::fs::rename(&temp, &target).map_err(|e| Error::io("rename over", &target, e))?;
+            if exclusive {
+                rename_noreplace(&temp, &target)
+            } else {
+                std::fs::rename(&temp, &target)
+            }
+            .map_err(|e| Error::io("rename over", &target, e))?;
             // Make the rename durable; a directory the user cannot open for reading is
             // still renamed, just without this fsync.
             if let Some(dir) = target.parent() {
@@ -642,6 +699,67 @@ impl Drop for AtomicWriter {
             });
         }
     }
+}
+
+/// A write in place (not atomic): where and how to open.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InPlace {
+    pub offset: u64,
+    /// Truncate the file to `offset` first.
+    pub truncate: bool,
+    /// Mode of a new file (default 0644), also applied to an existing one when set.
+    pub mode: Option<u32>,
+    pub owner: Option<(u32, u32)>,
+    pub make_parents: bool,
+    /// Fail with AlreadyExists when the file exists.
+    pub exclusive: bool,
+}
+
+/// Opens (creating if needed) a file for writing in place at `opts.offset`.
+pub fn open_write(user: &User, path: &Path, opts: InPlace) -> Result<File, Error> {
+    let mut f = as_user(user, || {
+        if opts.make_parents {
+            if let Some(dir) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(dir)
+                    .map_err(|e| Error::io("mkdir", dir, e))?;
+            }
+        }
+        let mut oo = OpenOptions::new();
+        oo.write(true)
+            .mode(opts.mode.unwrap_or(0o644) & 0o7777)
+            .custom_flags(libc::O_CLOEXEC);
+        if opts.exclusive {
+            oo.create_new(true);
+        } else {
+            oo.create(true);
+        }
+        let f = oo.open(path).map_err(|e| Error::io("open", path, e))?;
+        if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(Error::new(
+                ErrorKind::IsADirectory,
+                format!("write {}: is a directory", path.display()),
+            ));
+        }
+        if let Some(m) = opts.mode {
+            f.set_permissions(std::fs::Permissions::from_mode(m & 0o7777))
+                .map_err(|e| Error::io("chmod", path, e))?;
+        }
+        if let Some((uid, gid)) = opts.owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                .map_err(|e| Error::io("chown", path, e))?;
+        }
+        Ok(f)
+    })?;
+    if opts.truncate {
+        f.set_len(opts.offset)
+            .map_err(|e| Error::io("truncate", path, e))?;
+    }
+    f.seek(SeekFrom::Start(opts.offset))
+        .map_err(|e| Error::io("seek", path, e))?;
+    Ok(f)
 }
 
 /// Opens an existing file for writing in place at `offset` (ranged writes are not atomic).
@@ -743,6 +861,22 @@ mod tests {
         assert_eq!(one[2].file_type, FileType::Symlink);
         assert_eq!(one[2].symlink_target, Some(PathBuf::from("f")));
         assert_eq!(list(&u, &d.join("a"), 3).unwrap().len(), 4);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // An unreadable subdirectory is listed with an error; the listing goes on.
+            if let Some(nb) = nobody() {
+                let mode = |p: &Path, m| {
+                    std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+                };
+                mode(&d.join("a/b"), 0o700);
+                mode(&d, 0o755);
+                mode(&d.join("a"), 0o755);
+                let l = list(&nb, &d.join("a"), 3).unwrap();
+                assert_eq!(l.len(), 3);
+                assert!(l[0].error.as_deref().unwrap().contains("denied"), "{l:?}");
+                mode(&d.join("a/b"), 0o755);
+            }
+        }
         assert_eq!(
             list(&u, &d.join("a/f"), 1).unwrap_err().kind,
             ErrorKind::NotADirectory
@@ -755,11 +889,23 @@ mod tests {
             list(&u, &d, 0).unwrap_err().kind,
             ErrorKind::InvalidArgument
         );
-        let st = stat(&u, &d.join("a/f")).unwrap();
-        assert_eq!((st.file_type, st.size), (FileType::File, 5));
-        rename(&u, &d.join("a/f"), &d.join("g")).unwrap();
+        let st = stat(&u, &d.join("a/f"), false).unwrap();
         assert_eq!(
-            stat(&u, &d.join("a/f")).unwrap_err().kind,
+            stat(&u, &d.join("a/link"), true).unwrap().file_type,
+            FileType::File
+        );
+        assert_eq!((st.file_type, st.size), (FileType::File, 5));
+        std::fs::write(d.join("g"), b"old").unwrap();
+        assert_eq!(
+            rename(&u, &d.join("a/f"), &d.join("g"), false)
+                .unwrap_err()
+                .kind,
+            ErrorKind::AlreadyExists
+        );
+        rename(&u, &d.join("a/f"), &d.join("g"), true).unwrap();
+        assert_eq!(std::fs::read(d.join("g")).unwrap(), b"12345");
+        assert_eq!(
+            stat(&u, &d.join("a/f"), false).unwrap_err().kind,
             ErrorKind::NotFound
         );
         assert_eq!(
@@ -857,6 +1003,43 @@ mod tests {
         let mut f = open_write_at(&u, &target, 1).unwrap();
         f.write_all(b"yz").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"xyz");
+        let ex = WriteOptions {
+            exclusive: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            AtomicWriter::create(&u, &target, ex).err().unwrap().kind,
+            ErrorKind::AlreadyExists
+        );
+        let ip = InPlace {
+            offset: 2,
+            truncate: true,
+            ..Default::default()
+        };
+        let mut f = open_write(&u, &target, ip).unwrap();
+        f.write_all(b"Q").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"xyQ");
+        let ip = InPlace {
+            exclusive: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            open_write(&u, &target, ip).err().unwrap().kind,
+            ErrorKind::AlreadyExists
+        );
+        let ip = InPlace {
+            mode: Some(0o600),
+            make_parents: true,
+            ..Default::default()
+        };
+        open_write(&u, &d.join("p/q/new"), ip)
+            .unwrap()
+            .write_all(b"n")
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(d.join("p/q/new")).unwrap().mode() & 0o777,
+            0o600
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

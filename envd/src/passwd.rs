@@ -150,12 +150,18 @@ impl Db {
 impl Db {
     /// The name of a uid, if /etc/passwd has one.
     pub fn user_name(&self, uid: u32) -> Option<&str> {
-        self.users.iter().find(|u| u.uid == uid).map(|u| u.name.as_str())
+        self.users
+            .iter()
+            .find(|u| u.uid == uid)
+            .map(|u| u.name.as_str())
     }
 
     /// The name of a gid, if /etc/group has one.
     pub fn group_name(&self, gid: u32) -> Option<&str> {
-        self.groups.iter().find(|g| g.gid == gid).map(|g| g.name.as_str())
+        self.groups
+            .iter()
+            .find(|g| g.gid == gid)
+            .map(|g| g.name.as_str())
     }
 }
 

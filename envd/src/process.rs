@@ -265,7 +265,10 @@ impl Process {
 
     /// Whether stdin is still open for input (always, with a pty).
     pub fn stdin_open(&self) -> bool {
-        self.input.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.input
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Sends a signal to the process, or with `group` to its whole process group.
