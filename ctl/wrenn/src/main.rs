@@ -1,1 +1,41 @@
-fn main() {}
+//! `wrenn`: the CLI. For now only `wrenn image kernel|rootfs`; the API client, `up`/`down` and
+//! `doctor` come later and extend this dispatcher. Logic lives in the library.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: wrenn <command> [flags]\n\ncommands:\n  image kernel|rootfs   build guest images (wrenn image --help)\n";
+
+fn main() -> ExitCode {
+    proto::logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("image") => wrenn::image::run(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprint!("wrenn: unknown command {other:?}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+        None => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("wrenn: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
