@@ -10,9 +10,12 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::limits::{NFT_POLL_INTERVAL, NFT_STDERR_LEN_MAX, NFT_STDOUT_LEN_MAX, NFT_TIMEOUT};
+use super::limits::{
+    NFT_POLL_INTERVAL, NFT_RULESET_LEN_MAX, NFT_STDERR_LEN_MAX, NFT_STDOUT_LEN_MAX, NFT_TIMEOUT,
+};
 use super::Error;
 
 /// Finds the `nft` binary: on PATH, else in the sbin directories PATH often lacks.
@@ -24,8 +27,38 @@ pub fn nft_path() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Reads `r` to its end on a thread, keeping the first `keep` bytes: nft must never block
+/// on a full stdout or stderr pipe while we wait for it to exit.
+fn drain(mut r: impl Read + Send + 'static, keep: usize) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let room = keep.saturating_sub(kept.len());
+                    kept.extend_from_slice(&chunk[..n.min(room)]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        String::from_utf8_lossy(&kept).into_owned()
+    })
+}
+
 /// Runs nft with `args`, feeding `stdin`; returns its stdout. Bounded by [`NFT_TIMEOUT`].
 fn run(args: &[&str], stdin: &str) -> Result<String, Error> {
+    if stdin.len() > NFT_RULESET_LEN_MAX {
+        return Err(Error::NftFailed {
+            status: "not run".to_owned(),
+            stderr: format!(
+                "ruleset of {} bytes over {NFT_RULESET_LEN_MAX}",
+                stdin.len()
+            ),
+        });
+    }
     let nft = nft_path().ok_or(Error::NftMissing)?;
     let mut child = Command::new(nft)
         .args(args)
@@ -34,36 +67,31 @@ fn run(args: &[&str], stdin: &str) -> Result<String, Error> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(Error::NftSpawn)?;
-    // Rulesets are a few KiB, well under a pipe's buffer, so this write does not wait on
-    // nft reading; dropping the handle closes nft's stdin, which starts the transaction.
+    let stdout = child.stdout.take().map(|o| drain(o, NFT_STDOUT_LEN_MAX));
+    let stderr = child.stderr.take().map(|e| drain(e, NFT_STDERR_LEN_MAX));
+    // The ruleset fits in a pipe's buffer (NFT_RULESET_LEN_MAX), so this write cannot wait
+    // on nft; dropping the handle closes nft's stdin, which starts the transaction.
     let fed = match child.stdin.take() {
         Some(mut pipe) => pipe.write_all(stdin.as_bytes()),
         None => Ok(()),
     };
     let deadline = Instant::now() + NFT_TIMEOUT;
     let status = loop {
-        match child.try_wait().map_err(Error::NftSpawn)? {
-            Some(status) => break status,
-            None if Instant::now() >= deadline => {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(NFT_POLL_INTERVAL),
+            Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::NftTimeout);
+                break Err(Error::NftTimeout);
             }
-            None => std::thread::sleep(NFT_POLL_INTERVAL),
+            Err(e) => break Err(Error::NftSpawn(e)),
         }
     };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = out
-            .take(NFT_STDOUT_LEN_MAX as u64)
-            .read_to_string(&mut stdout);
-    }
-    if let Some(err) = child.stderr.take() {
-        let _ = err
-            .take(NFT_STDERR_LEN_MAX as u64)
-            .read_to_string(&mut stderr);
-    }
+    // The child has exited (or was killed), so its pipes are closed and the readers end.
+    let stdout = stdout.and_then(|t| t.join().ok()).unwrap_or_default();
+    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    let status = status?;
     if !status.success() {
         return Err(Error::NftFailed {
             status: status.to_string(),

@@ -56,6 +56,12 @@ pub const NETLINK_RECV_TIMEOUT: Duration = Duration::from_secs(5);
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often we look whether nft has exited.
 pub const NFT_POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// Largest ruleset fed to nft. It must fit in a pipe's buffer (64 KiB on Linux) so that
+/// writing it never waits on nft. A slot's table is about 1 KiB plus at most
+/// 2 × EGRESS_RULES_MAX CIDRs of at most 20 bytes each.
+pub const NFT_RULESET_LEN_MAX: usize = 32 * 1024;
+const _: () = assert!(2048 + 2 * EGRESS_RULES_MAX * 20 <= NFT_RULESET_LEN_MAX);
+const _: () = assert!(NFT_RULESET_LEN_MAX <= 64 * 1024);
 /// Bytes of nft's stderr kept for an error message.
 pub const NFT_STDERR_LEN_MAX: usize = 4096;
 /// Bytes of `nft list tables` output we read (one short line per table).

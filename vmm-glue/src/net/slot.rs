@@ -64,6 +64,12 @@ pub const LINK_PREFIX_LEN: u8 = 30;
 /// Where the host's ip_forward switch lives (per namespace: the path is resolved in the
 /// namespace of the thread that opens it).
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// IPv6 switches of a slot's namespace. The slot's rules are IPv4 only, so IPv6 is turned
+/// off there: no IPv6 path may exist around them.
+const IPV6_DISABLE: [&str; 2] = [
+    "/proc/sys/net/ipv6/conf/all/disable_ipv6",
+    "/proc/sys/net/ipv6/conf/default/disable_ipv6",
+];
 
 // ---- addresses ----
 
@@ -548,7 +554,14 @@ fn setup_inside(cfg: &NetConfig, slot: &Slot, egress: &Egress) -> Result<(), Err
     nl.add_address_v4(tap_idx, GATEWAY_ADDR, GUEST_PREFIX_LEN)
         .map_err(Error::netlink("add address to tap0"))?;
 
+    for path in IPV6_DISABLE {
+        // Absent when the kernel has no IPv6, which is as good as off.
+        if std::path::Path::new(path).exists() {
+            write_sysctl(path, "1")?;
+        }
+    }
     firewall::apply(&slot_ruleset(cfg, slot, egress))?;
+    // A new namespace inherits the host's ip_forward; set it, after the rules are in.
     write_sysctl(IP_FORWARD, "1")
 }
 

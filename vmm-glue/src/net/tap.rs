@@ -9,7 +9,7 @@
 use std::fs::OpenOptions;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::netlink::check_ifname;
@@ -71,11 +71,12 @@ fn ioctl_persist(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 /// Creates a persistent tap device `name` in the calling thread's network namespace, with
 /// the flags Firecracker uses (no packet info, virtio-net header).
 pub fn create_persistent(name: &str) -> Result<(), Error> {
-    check_ifname(name).map_err(Error::netlink("check tap name"))?;
     let tap_err = |source| Error::Tap {
         name: name.to_owned(),
         source,
     };
+    check_ifname(name)
+        .map_err(|e| tap_err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())))?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -89,7 +90,6 @@ pub fn create_persistent(name: &str) -> Result<(), Error> {
     };
     // check_ifname bounds the name to 15 bytes, leaving the NUL.
     req.name[..name.len()].copy_from_slice(name.as_bytes());
-    use std::os::fd::AsFd;
     ioctl_ifreq(file.as_fd(), &mut req).map_err(tap_err)?;
     ioctl_persist(file.as_fd(), true).map_err(tap_err)
 }

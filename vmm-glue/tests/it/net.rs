@@ -253,6 +253,15 @@ fn slots_isolate_nat_and_clean_up() {
     net.setup_host().unwrap();
     net.setup_host().unwrap(); // idempotent
     create_internet();
+    // sysctls written on a thread inside a namespace are that namespace's (the slot code
+    // relies on it): turning forwarding off in the internet namespace leaves the host's on.
+    let ip_forward = "/proc/sys/net/ipv4/ip_forward";
+    netns::run_in(INET_NS, || std::fs::write(ip_forward, "0"))
+        .unwrap()
+        .unwrap();
+    let inside = netns::run_in(INET_NS, || std::fs::read_to_string(ip_forward));
+    assert_eq!(inside.unwrap().unwrap().trim(), "0");
+    assert_eq!(std::fs::read_to_string(ip_forward).unwrap().trim(), "1");
 
     let t = Instant::now();
     let s1 = net.create_slot(1, &Egress::default()).unwrap();
@@ -264,6 +273,17 @@ fn slots_isolate_nat_and_clean_up() {
     let s2 = net.create_slot(2, &deny_internet).unwrap();
     println!("slot create took {create_ms:.1} ms");
 
+    // Inside the slot: forwarding on, IPv6 off.
+    let sysctl = |path: &'static str| {
+        netns::run_in(&s1.netns, || std::fs::read_to_string(path))
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(sysctl(ip_forward).trim(), "1");
+    assert_eq!(
+        sysctl("/proc/sys/net/ipv6/conf/all/disable_ipv6").trim(),
+        "1"
+    );
     // The slot's own table is inside its namespace, not on the host.
     let tables = netns::run_in(&s1.netns, firewall::list_tables)
         .unwrap()
@@ -436,4 +456,110 @@ fn netlink_errors_are_typed() {
     assert_eq!(e.errno(), Some(libc::EEXIST), "{e}");
     assert!(nl.link_by_name("lo").unwrap().is_some());
     assert!(nl.link_by_name("wrnt-peer").unwrap().is_none());
+}
+
+/// The Firecracker this test may start, if any (WRENN_FIRECRACKER).
+fn firecracker() -> Option<std::path::PathBuf> {
+    let path = std::path::PathBuf::from(std::env::var_os("WRENN_FIRECRACKER")?);
+    path.is_file().then_some(path)
+}
+
+/// One HTTP request on Firecracker's API socket; returns the status line.
+fn fc_put(sock: &std::path::Path, path: &str, body: &str) -> io::Result<String> {
+    let conn = std::os::unix::net::UnixStream::connect(sock)?;
+    conn.set_read_timeout(Some(REACH_TIMEOUT))?;
+    let req = format!(
+        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    (&conn).write_all(req.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new((&conn).take(1024)).read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+/// Firecracker, started inside a slot's namespace, attaches its network interface to the
+/// slot's tap (it opens the tap when the interface is configured, before boot), and
+/// re-creating the slot while it holds the tap leaves the tap alone.
+#[test]
+fn firecracker_attaches_to_slot_tap() {
+    if skip() {
+        return;
+    }
+    let Some(fc) = firecracker() else {
+        if std::env::var("WRENN_REQUIRE_E2E").as_deref() == Ok("1") {
+            panic!("WRENN_REQUIRE_E2E=1 but WRENN_FIRECRACKER is not set to a file");
+        }
+        println!("skipped: WRENN_FIRECRACKER not set");
+        return;
+    };
+    // Own prefix and subnet, so this runs alongside the other test.
+    let net = Network::new(NetConfig::new("wrnf", Ipv4Addr::new(10, 202, 0, 0)).unwrap());
+    let _ = net.cleanup_leftovers(&[]);
+    net.setup_host().unwrap();
+    struct Done<'a>(&'a Network);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.cleanup_leftovers(&[]);
+            let _ = self.0.teardown_host();
+        }
+    }
+    let _done = Done(&net);
+    let slot = net.create_slot(0, &Egress::default()).unwrap();
+
+    let dir = std::env::temp_dir().join(format!("wrnf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let api = dir.join("fc.sock");
+    let _ = std::fs::remove_file(&api);
+    // A child starts in the namespace of the thread that spawns it.
+    let mut child = netns::run_in(&slot.netns, || {
+        std::process::Command::new(&fc)
+            .arg("--api-sock")
+            .arg(&api)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    })
+    .unwrap()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let body = format!(r#"{{"iface_id":"eth0","host_dev_name":"{TAP_NAME}"}}"#);
+    let status = fc_put(&api, "/network-interfaces/eth0", &body);
+    // While Firecracker holds the tap, creating the slot again must not disturb it.
+    let again = net.create_slot(0, &Egress::default());
+    // A second interface on the same tap fails: proof the first one really holds it.
+    let body = format!(r#"{{"iface_id":"eth1","host_dev_name":"{TAP_NAME}"}}"#);
+    let second = fc_put(&api, "/network-interfaces/eth1", &body);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let status = status.unwrap();
+    assert!(status.starts_with("HTTP/1.1 204"), "{status}");
+    assert_eq!(again.unwrap(), slot);
+    let second = second.unwrap();
+    assert!(second.starts_with("HTTP/1.1 400"), "{second}");
+
+    net.destroy_slot(0).unwrap();
+    net.teardown_host().unwrap();
+    let mut nl = Netlink::open().unwrap();
+    assert!(nl
+        .links()
+        .unwrap()
+        .iter()
+        .all(|l| !l.name.starts_with("wrnf")));
+    assert!(netns::list()
+        .unwrap()
+        .iter()
+        .all(|n| !n.starts_with("wrnf")));
+    let tables = firewall::list_tables().unwrap();
+    assert!(
+        tables.iter().all(|(_, n)| !n.starts_with("wrnf")),
+        "{tables:?}"
+    );
 }
