@@ -1,0 +1,86 @@
+//! Every bound of the agent, with its reason.
+
+use std::time::Duration;
+
+/// Largest state file read back (`sandbox.conf`, `template.conf`, `identity.conf`). A
+/// record holds a few dozen fields plus env and metadata maps; 1 MiB is the RPC message
+/// bound, so nothing ctl can send makes a record larger than about that.
+pub const STATE_FILE_LEN_MAX: u64 = 2 << 20;
+
+/// Lines in one state file: fields plus map entries (env and metadata are bounded below).
+pub const STATE_FILE_LINES_MAX: usize = 2 * MAP_ENTRIES_MAX + 256;
+
+/// Entries of an env or metadata map in a create request. Environments rarely exceed a
+/// few hundred variables; the bound keeps one sandbox's record small.
+pub const MAP_ENTRIES_MAX: usize = 1024;
+
+/// Length of a key or value of env and metadata, and of user/cwd strings.
+pub const FIELD_LEN_MAX: usize = 64 * 1024;
+
+/// Sandboxes (records) one agent holds, running or paused. Also the slot capacity: every
+/// running sandbox needs a slot and the slot layout has room for 4096.
+pub const SANDBOXES_MAX: usize = 1024;
+
+/// Lifecycle operations (create, pause, resume, template) doing slow work at once. A host
+/// with 2 cores saturates its disk with a few copies or snapshots; more in parallel only
+/// makes each slower. Further operations wait their turn.
+pub const LIFECYCLE_CONCURRENCY_MAX: usize = 4;
+
+/// Operations allowed to wait for a lifecycle turn; beyond that the call fails with
+/// RESOURCE_EXHAUSTED instead of piling up threads.
+pub const LIFECYCLE_QUEUE_MAX: usize = 64;
+
+/// Default sandbox timeout when a create request says 0.
+pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(300);
+
+/// Longest timeout accepted (30 days): ctl enforces its own plan limits, this only keeps
+/// `now + timeout` far from overflow.
+pub const TIMEOUT_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// When the reaper finds a sandbox busy with another operation at expiry, it retries after
+/// this long instead of blocking behind it.
+pub const TTL_RETRY: Duration = Duration::from_secs(5);
+
+/// Longest sleep of the reaper thread; it wakes at least this often even without changes,
+/// so a clock step is noticed.
+pub const TTL_TICK_MAX: Duration = Duration::from_secs(30);
+
+/// Bytes of each of stdout and stderr kept by a unary Exec by default, and at most.
+pub const EXEC_OUTPUT_DEFAULT: u64 = 1 << 20;
+pub const EXEC_OUTPUT_MAX: u64 = 16 << 20;
+
+/// Deadline of calls to envd that should answer at once (stat, signal, init).
+pub const ENVD_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time allowed for envd's readiness push after InstanceStart. A cold boot on nested KVM
+/// takes 4-6 minutes (see the machines' notes); real hosts take about a second.
+pub const BOOT_READY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Time allowed from snapshot/load to envd answering again.
+pub const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Access tokens: 32 random bytes, hex.
+pub const ACCESS_TOKEN_BYTES: usize = 32;
+
+/// Heartbeat interval until ctl names one.
+pub const HEARTBEAT_INTERVAL_DEFAULT: Duration = Duration::from_secs(10);
+
+/// Bounds on the interval ctl may set, so a bad value neither floods ctl nor goes silent.
+pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(500);
+pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(300);
+
+/// State reports waiting to be sent to ctl; the oldest are dropped beyond this (ctl's
+/// reconciler catches up with List), so an unreachable ctl never grows the agent's memory.
+pub const REPORT_QUEUE_MAX: usize = 1024;
+
+/// Deadline of calls to ctl.
+pub const CTL_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The metrics/health HTTP listener: connections served at once and request size. It is
+/// for a scraper and a load balancer's probe, nothing more.
+pub const HTTP_CONNECTIONS_MAX: usize = 16;
+pub const HTTP_REQUEST_LEN_MAX: usize = 8 * 1024;
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+const _: () = assert!(LIFECYCLE_CONCURRENCY_MAX <= LIFECYCLE_QUEUE_MAX);
+const _: () = assert!(SANDBOXES_MAX <= 4096, "slot layout has 4096 slots");
