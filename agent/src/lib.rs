@@ -11,3 +11,4 @@
 pub mod limits;
 pub mod state;
 pub mod statedir;
+pub mod ttl;
