@@ -1,1 +1,30 @@
-//! Placeholder; see the issue that builds this crate.
+//! `ctl`: wrenn's control plane (`wrenn-ctl`).
+//!
+//! It holds no state of its own: everything lives in PostgreSQL, so any replica serves any
+//! request. It serves the public API (`wrenn.ctl.v1`) twice over one service layer
+//! ([`service::Api`]): framed protobuf ([`server`], port 7700) and HTTP/JSON ([`http`], port
+//! 7701); agents call the host-facing `wrenn.host.v1` ([`host_service`]) on the protobuf port,
+//! the hello's credential kind telling the two apart. ctl calls agents ([`agents`]) for
+//! lifecycle work; background jobs ([`monitor`], [`reconciler`]) run under PostgreSQL
+//! advisory locks so N replicas do each job once.
+//!
+//! It is not the CLI (`wrenn`, in `ctl/wrenn`) and it runs no VMs.
+
+pub mod http;
+
+pub mod agents;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod host_service;
+pub mod limits;
+pub mod metrics;
+pub mod migrate;
+pub mod monitor;
+pub mod random;
+pub mod reconciler;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod sha256;
+pub mod admin;

@@ -1,0 +1,107 @@
+//! Clients of the hosts' agents (`wrenn.agent.v1`), one connection per host, presenting
+//! the per-host agent token. A connection that died is replaced on the next call.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prost::Message;
+use proto::id::Uuid;
+use proto::rpc::{CallOpts, Client, ClientStream, Credential};
+use proto::Status;
+
+use crate::db::{pg_err, Db};
+use crate::metrics;
+
+/// Pool of agent clients keyed by host.
+pub struct Agents {
+    db: Db,
+    call_timeout: Duration,
+    clients: Mutex<HashMap<Uuid, (String, Client)>>,
+}
+
+impl Agents {
+    pub fn new(db: Db, call_timeout: Duration) -> Agents {
+        Agents {
+            db,
+            call_timeout,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A connected client for `host` (address and agent token read from the database).
+    pub fn client(&self, host: Uuid) -> Result<Client, Status> {
+        {
+            let g = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, c)) = g.get(&host) {
+                if !c.is_closed() {
+                    return Ok(c.clone());
+                }
+            }
+        }
+        let row = self.db.run(move |c| {
+            c.query_opt("SELECT address, agent_token FROM hosts WHERE id = $1", &[&host])
+                .map_err(pg_err)
+        })?;
+        let Some(row) = row else {
+            return Err(Status::not_found("host not found"));
+        };
+        let addr: String = row.get(0);
+        let token: String = row.get(1);
+        let client = Client::connect_tcp(addr.as_str(), Credential::agent_token(token))
+            .map_err(|e| Status::unavailable(format!("connect to agent at {addr}: {}", e.message)))?;
+        let mut g = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        g.insert(host, (addr, client.clone()));
+        Ok(client)
+    }
+
+    /// Drops the cached connection of `host` (after its token or address changed).
+    pub fn forget(&self, host: Uuid) {
+        if let Some((_, c)) = self.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&host) {
+            c.close();
+        }
+    }
+
+    /// One unary call with the default deadline.
+    pub fn unary<Req: Message, Resp: Message + Default>(
+        &self,
+        host: Uuid,
+        method: &str,
+        req: &Req,
+    ) -> Result<Resp, Status> {
+        self.unary_timeout(host, method, req, self.call_timeout)
+    }
+
+    /// One unary call with an explicit deadline (lifecycle calls take minutes).
+    pub fn unary_timeout<Req: Message, Resp: Message + Default>(
+        &self,
+        host: Uuid,
+        method: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, Status> {
+        metrics::AGENT_CALLS.inc();
+        let client = self.client(host)?;
+        let r = client.unary(method, req, Some(timeout));
+        if r.is_err() {
+            metrics::AGENT_ERRORS.inc();
+        }
+        r
+    }
+
+    /// Opens a streaming call.
+    pub fn stream<Req: Message>(
+        &self,
+        host: Uuid,
+        method: &str,
+        req: &Req,
+        end_stream: bool,
+        timeout: Option<Duration>,
+    ) -> Result<ClientStream, Status> {
+        metrics::AGENT_CALLS.inc();
+        let client = self.client(host)?;
+        client
+            .call(method, req, CallOpts { timeout, end_stream })
+            .inspect_err(|_| metrics::AGENT_ERRORS.inc())
+    }
+}

@@ -1,0 +1,70 @@
+//! Settings of a ctl replica (from flags and `WRENN_*` variables, parsed in main.rs).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::limits;
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database_url: String,
+    /// Protobuf listener (wrenn.ctl.v1 and wrenn.host.v1), default 0.0.0.0:7700.
+    pub listen: SocketAddr,
+    /// HTTP/JSON listener, default 0.0.0.0:7701.
+    pub http_listen: SocketAddr,
+    pub db_workers: usize,
+    pub api: ApiConfig,
+    pub jobs: JobsConfig,
+}
+
+/// Settings the service layer uses.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Deadline of agent lifecycle calls (create, pause, resume, template create).
+    pub agent_lifecycle_timeout: Duration,
+    /// Deadline of every other agent call.
+    pub agent_call_timeout: Duration,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval: Duration,
+    /// How often `last_used` of API keys is flushed.
+    pub last_used_flush: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            agent_lifecycle_timeout: limits::AGENT_LIFECYCLE_TIMEOUT_DEFAULT,
+            agent_call_timeout: limits::AGENT_CALL_TIMEOUT_DEFAULT,
+            heartbeat_interval: limits::HEARTBEAT_INTERVAL_DEFAULT,
+            last_used_flush: limits::LAST_USED_FLUSH_INTERVAL,
+        }
+    }
+}
+
+/// Settings of the background jobs.
+#[derive(Clone, Debug)]
+pub struct JobsConfig {
+    /// Reconciler period.
+    pub reconcile_interval: Duration,
+    /// A host whose last heartbeat is older than this becomes unreachable.
+    pub heartbeat_timeout: Duration,
+    /// Destroy sandboxes an agent runs that the database does not know (else only report).
+    pub destroy_unknown: bool,
+    /// Grace before a new sandbox missing on its host counts as missing.
+    pub new_grace: Duration,
+    /// Grace for sandboxes in transition.
+    pub transition_grace: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            reconcile_interval: limits::RECONCILE_INTERVAL_DEFAULT,
+            heartbeat_timeout: limits::HEARTBEAT_INTERVAL_DEFAULT * limits::HEARTBEAT_MISSES,
+            destroy_unknown: true,
+            new_grace: limits::RECONCILE_NEW_GRACE,
+            transition_grace: limits::RECONCILE_TRANSITION_GRACE,
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The database: a fixed pool of worker threads, each owning one `postgres::Client`, fed
+//! through a bounded queue.
+//!
+//! Callers (RPC and HTTP worker threads, background jobs) submit a closure and wait for its
+//! result with a timeout; no event loop ever runs SQL. A worker whose connection broke
+//! (PostgreSQL restarted) reconnects with exponential backoff; jobs that arrive while it is
+//! disconnected fail at once with `unavailable`, so callers never wait for a dead database.
+//!
+//! The `postgres` crate runs a small tokio runtime inside each client; that runtime is
+//! confined to these threads.
+
+use std::fmt;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use postgres::error::SqlState;
+use postgres::{Client, NoTls};
+use proto::Status;
+
+use crate::limits::{
+    DB_BACKOFF_MAX, DB_BACKOFF_MIN, DB_CONNECT_TIMEOUT, DB_JOB_TIMEOUT, DB_QUEUE_MAX,
+};
+use crate::metrics;
+
+type Job = Box<dyn FnOnce(Option<&mut Client>) + Send>;
+
+/// Settings of the pool.
+#[derive(Clone, Debug)]
+pub struct DbConfig {
+    pub url: String,
+    pub workers: usize,
+    pub queue_max: usize,
+    pub job_timeout: Duration,
+}
+
+impl DbConfig {
+    pub fn new(url: &str) -> DbConfig {
+        DbConfig {
+            url: url.to_owned(),
+            workers: crate::limits::DB_WORKERS_DEFAULT,
+            queue_max: DB_QUEUE_MAX,
+            job_timeout: DB_JOB_TIMEOUT,
+        }
+    }
+}
+
+/// Why the pool could not start.
+#[derive(Debug)]
+pub enum DbError {
+    /// The URL does not parse.
+    BadUrl { source: postgres::Error },
+    /// A worker thread could not be spawned.
+    Spawn { source: std::io::Error },
+}
+
+impl fmt::Display for DbError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DbError::BadUrl { .. } => f.write_str("parse database url"),
+            DbError::Spawn { .. } => f.write_str("spawn database worker"),
+        }
+    }
+}
+
+impl std::error::Error for DbError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DbError::BadUrl { source } => Some(source),
+            DbError::Spawn { source } => Some(source),
+        }
+    }
+}
+
+/// Handle to the pool; cheap to clone. Dropping the last handle stops the workers.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Mutex<Option<SyncSender<Job>>>,
+    job_timeout: Duration,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends every worker's loop.
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+impl Db {
+    /// Starts the workers. They connect lazily (the first job, or right away in the
+    /// background), so a database that is down at start-up is not fatal.
+    pub fn start(cfg: &DbConfig) -> Result<Db, DbError> {
+        let mut pg: postgres::Config = cfg.url.parse().map_err(|source| DbError::BadUrl { source })?;
+        pg.connect_timeout(DB_CONNECT_TIMEOUT);
+        if pg.get_application_name().is_none() {
+            pg.application_name("wrenn-ctl");
+        }
+        assert!(cfg.workers > 0, "db workers must be > 0");
+        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_max);
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = Vec::with_capacity(cfg.workers);
+        for i in 0..cfg.workers {
+            let rx = Arc::clone(&rx);
+            let pg = pg.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("ctl-db-{i}"))
+                .spawn(move || worker(pg, rx))
+                .map_err(|source| DbError::Spawn { source })?;
+            workers.push(h);
+        }
+        Ok(Db {
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                job_timeout: cfg.job_timeout,
+                workers: Mutex::new(workers),
+            }),
+        })
+    }
+
+    /// Runs `f` on a DB worker and waits for its result (at most the job timeout).
+    pub fn run<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Client) -> Result<T, Status> + Send + 'static,
+    {
+        let start = Instant::now();
+        let (rtx, rrx) = mpsc::sync_channel::<Result<T, Status>>(1);
+        let job: Job = Box::new(move |client| {
+            let r = match client {
+                Some(c) => f(c),
+                None => Err(Status::unavailable("database unavailable")),
+            };
+            let _ = rtx.send(r);
+        });
+        {
+            let guard = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(tx) = guard.as_ref() else {
+                return Err(Status::unavailable("database pool stopped"));
+            };
+            match tx.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    metrics::DB_QUEUE_FULL.inc();
+                    return Err(Status::unavailable("database queue full"));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(Status::unavailable("database pool stopped"))
+                }
+            }
+        }
+        let r = match rrx.recv_timeout(self.inner.job_timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(Status::new(proto::Code::DeadlineExceeded, "database call timed out"))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(Status::internal("database worker dropped the job"))
+            }
+        };
+        metrics::DB_JOBS.inc();
+        metrics::DB_JOB_SECONDS.observe(start.elapsed());
+        if let Err(e) = &r {
+            if e.code == proto::Code::Unavailable {
+                metrics::DB_UNAVAILABLE.inc();
+            }
+        }
+        r
+    }
+
+    /// Runs `f` inside one transaction, committed when `f` returns `Ok`.
+    pub fn tx<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut postgres::Transaction<'_>) -> Result<T, Status> + Send + 'static,
+    {
+        self.run(move |c| {
+            let mut tx = c.transaction().map_err(pg_err)?;
+            let v = f(&mut tx)?;
+            tx.commit().map_err(pg_err)?;
+            Ok(v)
+        })
+    }
+
+    /// Number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.inner.workers.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>) {
+    let mut client: Option<Client> = None;
+    let mut backoff = DB_BACKOFF_MIN;
+    let mut next_attempt = Instant::now();
+    // Connect eagerly so the first requests find a warm pool.
+    try_connect(&pg, &mut client, &mut backoff, &mut next_attempt);
+    loop {
+        let job = {
+            let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.recv() {
+                Ok(j) => j,
+                Err(_) => return, // queue closed: the pool was dropped
+            }
+        };
+        if client.as_ref().is_some_and(|c| c.is_closed()) {
+            log::warn!("database connection lost; reconnecting");
+            client = None;
+        }
+        if client.is_none() && Instant::now() >= next_attempt {
+            try_connect(&pg, &mut client, &mut backoff, &mut next_attempt);
+        }
+        job(client.as_mut());
+        if client.as_ref().is_some_and(|c| c.is_closed()) {
+            client = None;
+            next_attempt = Instant::now();
+        }
+    }
+}
+
+fn try_connect(
+    pg: &postgres::Config,
+    client: &mut Option<Client>,
+    backoff: &mut Duration,
+    next_attempt: &mut Instant,
+) {
+    match pg.connect(NoTls) {
+        Ok(c) => {
+            *client = Some(c);
+            *backoff = DB_BACKOFF_MIN;
+        }
+        Err(e) => {
+            log::warn!("database connect failed: {e} retry_in_ms={}", backoff.as_millis());
+            *next_attempt = Instant::now() + *backoff;
+            *backoff = (*backoff * 2).min(DB_BACKOFF_MAX);
+        }
+    }
+}
+
+/// Maps a PostgreSQL error to a call status: lost connections are `unavailable`, constraint
+/// violations the caller did not expect are `failed_precondition`, the rest `internal`.
+pub fn pg_err(e: postgres::Error) -> Status {
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        return Status::unavailable(format!("database: {e}"));
+    }
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
+            Status::new(proto::Code::AlreadyExists, "already exists")
+        }
+        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => {
+            Status::failed_precondition("referenced by or referencing another entity")
+        }
+        Some(c) if *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CANNOT_CONNECT_NOW => {
+            Status::unavailable("database shutting down")
+        }
+        _ => {
+            log::error!("database error: {e}");
+            Status::internal("database error")
+        }
+    }
+}
+
+/// Whether `e` is a unique violation (for callers that map it to their own message).
+pub fn is_unique_violation(e: &postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}

@@ -1,0 +1,1 @@
+//! HTTP/JSON gateway (owned by the HTTP helper; see ARCHITECTURE-NOTES.md).

@@ -1,0 +1,76 @@
+//! Bounds of ctl, each with its reason.
+
+use std::time::Duration;
+
+/// DB worker threads (= PostgreSQL connections per replica). Each request holds one for a
+/// few queries; 8 keeps a replica well under PostgreSQL's default `max_connections` (100)
+/// even with several replicas.
+pub const DB_WORKERS_DEFAULT: usize = 8;
+/// Jobs waiting for a DB worker. Beyond this the database is the bottleneck and queueing more
+/// only adds latency: callers get `unavailable` at once.
+pub const DB_QUEUE_MAX: usize = 1024;
+/// How long a caller waits for its DB job (queueing + running) before `deadline_exceeded`.
+pub const DB_JOB_TIMEOUT: Duration = Duration::from_secs(30);
+/// Reconnect backoff after a failed connection attempt: first and largest delay.
+pub const DB_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const DB_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Connecting to PostgreSQL must not hang a worker forever.
+pub const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Page sizes of every list call (the API contract: 0 = 100, at most 1000).
+pub const PAGE_SIZE_DEFAULT: u32 = 100;
+pub const PAGE_SIZE_MAX: u32 = 1000;
+
+/// Sandbox timeout when the request gives none (the API contract: 300 s).
+pub const SANDBOX_TIMEOUT_DEFAULT_S: u64 = 300;
+/// Longest timeout a caller may set: 30 days; longer would be a leak, not a sandbox.
+pub const SANDBOX_TIMEOUT_MAX_S: u64 = 30 * 24 * 3600;
+/// Largest vCPU count / memory a request may ask for (the scheduler refuses what no host
+/// has anyway; these bound the arithmetic).
+pub const SANDBOX_VCPUS_MAX: u32 = 64;
+pub const SANDBOX_MEMORY_MIB_MAX: u32 = 1024 * 1024;
+pub const SANDBOX_DISK_MIB_MAX: u64 = 16 * 1024 * 1024;
+/// Metadata/env maps: entries and bytes per key/value (stored in one JSONB row).
+pub const MAP_ENTRIES_MAX: usize = 64;
+pub const MAP_KEY_LEN_MAX: usize = 256;
+pub const MAP_VALUE_LEN_MAX: usize = 4096;
+/// Names (templates, teams, keys, users) and emails.
+pub const NAME_LEN_MAX: usize = 128;
+pub const EMAIL_LEN_MAX: usize = 254;
+
+/// Creates with `wait = false` finish on background threads; at most this many at once
+/// (more answers `resource_exhausted` instead of spawning without bound).
+pub const BACKGROUND_CREATES_MAX: usize = 64;
+
+/// Agent calls: lifecycle (create/pause/resume/template: a cold boot on a slow host takes
+/// minutes) and everything else.
+pub const AGENT_LIFECYCLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(600);
+pub const AGENT_CALL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Registration tokens live 1 hour unless asked otherwise, at most a week.
+pub const REGISTRATION_TTL_DEFAULT_S: u64 = 3600;
+pub const REGISTRATION_TTL_MAX_S: u64 = 7 * 24 * 3600;
+
+/// Heartbeat interval told to agents; a host that misses `HEARTBEAT_MISSES` of them
+/// becomes unreachable.
+pub const HEARTBEAT_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
+pub const HEARTBEAT_MISSES: u32 = 3;
+/// Reconciler period (the issue: every 30 s, configurable).
+pub const RECONCILE_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
+/// A sandbox in transition (starting, pausing, ...) is left alone by the reconciler for this
+/// long: the lifecycle call that moves it may still be running.
+pub const RECONCILE_TRANSITION_GRACE: Duration = Duration::from_secs(660);
+/// A sandbox younger than this is not reported missing (its agent call may be in flight).
+pub const RECONCILE_NEW_GRACE: Duration = Duration::from_secs(60);
+
+/// `last_used` of API keys is written at most this often (batched, off the request path).
+pub const LAST_USED_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+/// Distinct keys remembered between flushes; beyond this, further keys wait for the next.
+pub const LAST_USED_PENDING_MAX: usize = 65536;
+
+/// Exec output kept per stream when the request gives no limit, and the most it may ask.
+pub const EXEC_OUTPUT_DEFAULT: u64 = 1024 * 1024;
+pub const EXEC_OUTPUT_MAX: u64 = 16 * 1024 * 1024;
+
+/// Audit metadata JSON text; larger detail belongs in logs.
+pub const AUDIT_METADATA_LEN_MAX: usize = 8192;

@@ -1,0 +1,2 @@
+//! wrenn-ctl (flag parsing only; being built).
+fn main() {}

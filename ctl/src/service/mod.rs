@@ -1,0 +1,193 @@
+//! The service layer: every `wrenn.ctl.v1` call as a plain blocking method of [`Api`].
+//!
+//! Both transports call these same methods: the protobuf server ([`crate::server`]) and the
+//! HTTP/JSON gateway ([`crate::http`]). Each method takes the caller's [`AuthCtx`] (made
+//! once per connection or request by [`Api::authenticate`]) and the prost request type of
+//! `wrenn.ctl.v1`, and returns the prost response or a [`Status`]. Streaming calls take a
+//! [`Sink`] (server-streaming) or a [`Source`] (client-streaming) that the transport
+//! implements. Methods block (SQL through [`crate::db`], calls to agents): transports run
+//! them on worker threads, never on an event loop.
+//!
+//! Architecture invariant: every query is scoped to `ctx.team_id` (platform templates are
+//! readable by all); a resource of another team is `not_found`, never `permission_denied`,
+//! so IDs of other teams leak nothing. Every mutating call writes one audit row in the
+//! same transaction as its change.
+
+mod audit;
+mod convert;
+mod hosts;
+mod processes;
+mod sandboxes;
+mod teams;
+mod templates;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use proto::id::{self, Kind, Uuid};
+use proto::Status;
+
+use crate::agents::Agents;
+use crate::auth::LastUsed;
+use crate::config::ApiConfig;
+use crate::db::Db;
+
+pub use audit::Actor;
+
+/// Who is calling: the team an API key acts for. Made by [`Api::authenticate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthCtx {
+    /// The team the key belongs to (and acts for).
+    pub team_id: Uuid,
+    /// The key itself.
+    pub key_id: Uuid,
+    /// The key's display name (recorded in audit rows).
+    pub key_name: String,
+    /// A platform-admin key (platform team only): manages hosts and platform templates.
+    pub platform_admin: bool,
+}
+
+impl AuthCtx {
+    /// Fails with `permission_denied` unless this is a platform-admin key.
+    pub fn require_admin(&self) -> Result<(), Status> {
+        if self.platform_admin {
+            Ok(())
+        } else {
+            Err(Status::permission_denied("platform admin key required"))
+        }
+    }
+}
+
+/// Where a server-streaming call writes its messages (the transport implements it: the
+/// protobuf server over its stream, HTTP as chunked newline-delimited JSON).
+pub trait Sink<M> {
+    /// Sends one message; blocks under flow control; an error ends the call.
+    fn send(&mut self, msg: &M) -> Result<(), Status>;
+    /// Whether the client went away (the call should stop early).
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Where a client-streaming call reads its messages from.
+pub trait Source<M> {
+    /// The next message; `Ok(None)` once the client finished sending.
+    fn recv(&mut self) -> Result<Option<M>, Status>;
+}
+
+/// A [`Source`] over messages already in memory (one-shot HTTP bodies, tests).
+#[derive(Debug, Default)]
+pub struct VecSource<M>(std::collections::VecDeque<M>);
+
+impl<M> VecSource<M> {
+    pub fn new(v: Vec<M>) -> VecSource<M> {
+        VecSource(v.into())
+    }
+}
+
+impl<M> Source<M> for VecSource<M> {
+    fn recv(&mut self) -> Result<Option<M>, Status> {
+        Ok(self.0.pop_front())
+    }
+}
+
+/// A [`Sink`] collecting into a vector (tests, small HTTP answers).
+#[derive(Debug)]
+pub struct VecSink<M>(pub Vec<M>);
+
+impl<M: Clone> Sink<M> for VecSink<M> {
+    fn send(&mut self, msg: &M) -> Result<(), Status> {
+        self.0.push(msg.clone());
+        Ok(())
+    }
+}
+
+/// The service layer. Cheap to clone (one `Arc`); share one per process.
+#[derive(Clone)]
+pub struct Api {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub db: Db,
+    pub agents: Agents,
+    pub cfg: ApiConfig,
+    pub last_used: LastUsed,
+    pub background_creates: AtomicUsize,
+}
+
+impl Api {
+    /// Builds the service layer over a DB pool; starts the `last_used` flusher thread.
+    pub fn new(db: Db, cfg: ApiConfig) -> Api {
+        let agents = Agents::new(db.clone(), cfg.agent_call_timeout);
+        let last_used = LastUsed::start(db.clone(), cfg.last_used_flush);
+        Api {
+            inner: Arc::new(Inner {
+                db,
+                agents,
+                cfg,
+                last_used,
+                background_creates: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The DB pool (background jobs and the host service share it).
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// The pool of agent clients.
+    pub fn agents(&self) -> &Agents {
+        &self.inner.agents
+    }
+
+    /// Settings in force.
+    pub fn config(&self) -> &ApiConfig {
+        &self.inner.cfg
+    }
+
+    /// Checks an API key (from the hello or `X-API-Key`): `unauthenticated` when unknown or
+    /// revoked. One indexed SELECT; `last_used` is recorded in batches off this path.
+    pub fn authenticate(&self, api_key: &str) -> Result<AuthCtx, Status> {
+        crate::auth::authenticate(self, api_key)
+    }
+
+    /// Health: `Ok` when the database answers.
+    pub fn health(&self) -> Result<(), Status> {
+        self.inner.db.run(|c| {
+            c.simple_query("SELECT 1").map_err(crate::db::pg_err)?;
+            Ok(())
+        })
+    }
+
+    /// Writes pending `last_used` stamps now (tests, shutdown).
+    pub fn flush_last_used(&self) -> Result<(), Status> {
+        self.inner.last_used.flush_now()
+    }
+}
+
+/// Parses a wire ID of `kind` at the API boundary (`invalid_argument` when malformed).
+pub fn parse_id(kind: Kind, s: &str) -> Result<Uuid, Status> {
+    id::parse(kind, s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Like [`parse_id`] but "" means `None`.
+pub fn parse_opt_id(kind: Kind, s: &str) -> Result<Option<Uuid>, Status> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse_id(kind, s).map(Some)
+    }
+}
+
+/// Page size in force for a request value (0 = default, capped).
+pub fn page_size(n: u32) -> i64 {
+    let n = if n == 0 { crate::limits::PAGE_SIZE_DEFAULT } else { n };
+    i64::from(n.min(crate::limits::PAGE_SIZE_MAX))
+}
+
+/// The all-zeros UUID: the platform team and the `minimal` template.
+pub const PLATFORM_TEAM: Uuid = Uuid::nil();
+/// The seeded `minimal` base template.
+pub const MINIMAL_TEMPLATE: Uuid = Uuid::nil();

@@ -1,0 +1,1 @@
+//! ctl integration tests (being built).
