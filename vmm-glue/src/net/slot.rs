@@ -503,13 +503,21 @@ impl Network {
     }
 
     /// Removes every slot on this host except `keep` (the slots of sandboxes the agent
-    /// re-adopted after a restart). Returns the indices removed.
+    /// re-adopted after a restart). Returns the indices removed. One slot that cannot be
+    /// removed does not stop the others from being tried; the first error is returned.
     pub fn cleanup_leftovers(&self, keep: &[u32]) -> Result<Vec<u32>, Error> {
         let mut removed = Vec::new();
+        let mut first_err = None;
         for index in self.existing_slots()? {
-            if !keep.contains(&index) {
-                self.destroy_slot(index)?;
-                removed.push(index);
+            if keep.contains(&index) {
+                continue;
+            }
+            match self.destroy_slot(index) {
+                Ok(()) => removed.push(index),
+                Err(e) => {
+                    log::error!("remove leftover slot failed index={index} error={e}");
+                    first_err.get_or_insert(e);
+                }
             }
         }
         if !removed.is_empty() {
@@ -518,7 +526,10 @@ impl Network {
                 removed.len()
             );
         }
-        Ok(removed)
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(removed),
+        }
     }
 }
 

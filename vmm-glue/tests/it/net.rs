@@ -563,3 +563,50 @@ fn firecracker_attaches_to_slot_tap() {
         "{tables:?}"
     );
 }
+
+/// Links move between namespaces and go up and down; nothing is left afterwards.
+#[test]
+fn netlink_moves_links_and_sets_state() {
+    if skip() {
+        return;
+    }
+    let (ns, a, b) = ("wrnt-move", "wrnt-m0", "wrnt-m1");
+    let mut nl = Netlink::open().unwrap();
+    let _ = nl.delete_link(a);
+    let _ = netns::delete(ns);
+    assert!(netns::create(ns).unwrap());
+    assert!(!netns::create(ns).unwrap()); // idempotent
+    let fd = netns::open(ns).unwrap();
+
+    nl.create_veth(a, b, None).unwrap();
+    let e = nl.create_veth(a, b, None).unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EEXIST), "{e}");
+    let link_b = nl.link_by_name(b).unwrap().unwrap();
+    assert_eq!(link_b.kind.as_deref(), Some("veth"));
+    nl.set_up(link_b.index, true).unwrap();
+    assert!(nl.link_by_name(b).unwrap().unwrap().up);
+    nl.set_up(link_b.index, false).unwrap();
+    assert!(!nl.link_by_name(b).unwrap().unwrap().up);
+
+    nl.move_to_netns(link_b.index, fd.as_fd()).unwrap();
+    assert_eq!(nl.link_by_name(b).unwrap(), None);
+    let inside = netns::run_in(ns, || {
+        let mut nl = Netlink::open().unwrap();
+        nl.links()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.name)
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    assert!(inside.contains(&b.to_owned()), "{inside:?}");
+    assert!(inside.contains(&"lo".to_owned()), "{inside:?}");
+
+    // Deleting one end of a veth pair removes the other, in whatever namespace it is.
+    assert!(nl.delete_link(a).unwrap());
+    let left = netns::run_in(ns, || Netlink::open().unwrap().link_by_name(b).unwrap()).unwrap();
+    assert_eq!(left, None);
+    assert!(netns::delete(ns).unwrap());
+    assert!(!netns::delete(ns).unwrap()); // idempotent
+    assert!(!netns::exists(ns).unwrap());
+}
