@@ -22,12 +22,21 @@
 //! - on the host, one shared table `ip <prefix>` (applied once by [`Network::setup_host`]):
 //!   nothing arriving from a slot link may open a connection to the host itself (input), no
 //!   slot may reach another slot and nothing but the host may open connections into a slot
-//!   (forward), and egress from the slot subnet is masqueraded. Interfaces are matched by the
+//!   (forward), nothing from a slot goes to a link-local address (a cloud's metadata
+//!   service), and egress from the slot subnet is masqueraded. Interfaces are matched by the
 //!   name pattern `<prefix>-v*`, so the table does not change as slots come and go.
 //!
 //! Creation is idempotent and repairs partial state (every step checks or replaces); so is
 //! destruction. [`Network::cleanup_leftovers`] removes slots that a crashed agent left
-//! behind, except those it re-adopted.
+//! behind, except those it re-adopted. Creating a live slot again with another [`Egress`]
+//! changes its policy for new connections (established ones are kept).
+//!
+//! Use: at start-up `Network::setup_host`, then `cleanup_leftovers(&adopted)` and
+//! `SlotAllocator::mark_used` for each adopted slot. Per sandbox: `create_slot`, start
+//! Firecracker inside `slot.netns` (a child spawned from `netns::run_in` starts there), give
+//! its network interface `host_dev_name` [`TAP_NAME`] and the guest [`GUEST_IP_BOOT_ARG`];
+//! the tap has the same name in every slot, so a snapshot restores into any slot unchanged.
+//! After Firecracker has exited, `destroy_slot` and free the index.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -301,6 +310,9 @@ pub fn host_ruleset(cfg: &NetConfig) -> String {
     oifname {links} drop
     # Egress only from slot addresses (the namespace SNATs its guest to its alias).
     iifname {links} ip saddr != {subnet} drop
+    # Link-local addresses are never routed (RFC 3927), least of all to a cloud's
+    # metadata service at 169.254.169.254.
+    iifname {links} ip daddr 169.254.0.0/16 drop
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -797,6 +809,7 @@ mod tests {
         assert!(host.starts_with("table ip wrenn {}\ndelete table ip wrenn\n"));
         assert!(host.contains("iifname \"wrenn-v*\" oifname \"wrenn-v*\" drop"));
         assert!(host.contains("ip saddr 10.200.0.0/16 oifname != \"wrenn-v*\" masquerade"));
+        assert!(host.contains("iifname \"wrenn-v*\" ip daddr 169.254.0.0/16 drop"));
     }
 
     #[test]

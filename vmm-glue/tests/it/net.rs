@@ -414,6 +414,21 @@ fn slots_isolate_nat_and_clean_up() {
     );
     assert_eq!(inet.peers.lock().unwrap().len(), 1);
 
+    // Changing a live slot's policy by creating it again: an allow list that covers the
+    // server lets guest 2 out; one that does not, blocks it again.
+    let inet_addr = sock(INET_SERVER, inet.addr.port());
+    let allow = |cidr: &str| Egress {
+        allow: vec![cidr.parse().unwrap()],
+        deny: vec![],
+    };
+    net.create_slot(2, &allow("198.18.0.1/32")).unwrap();
+    let r = echo_from(&guest_ns(2), inet_addr, REACH_TIMEOUT);
+    assert_eq!(r.unwrap(), "inet:hello");
+    net.create_slot(2, &allow("198.19.0.0/16")).unwrap();
+    let r = echo_from(&guest_ns(2), inet_addr, BLOCKED_TIMEOUT);
+    assert!(r.is_err(), "guest 2 got past its allow list: {r:?}");
+    assert_eq!(inet.peers.lock().unwrap().len(), 2);
+
     // A crash left slot 3 and a bare namespace for slot 7; start-up clean-up keeps the
     // re-adopted slots 1 and 2 and removes the rest.
     net.create_slot(3, &Egress::none()).unwrap();
