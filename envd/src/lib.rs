@@ -12,12 +12,17 @@
 //! [`ports`] loopback port forwarding; [`limits`] every bound with its reason.
 
 pub mod clock;
+pub mod daemon;
 pub mod fs;
 pub mod init;
 pub mod limits;
+pub mod metrics;
+pub mod mmds;
 pub mod passwd;
+pub mod ports;
 pub mod process;
 pub mod pty;
 pub mod reaper;
+pub mod service;
 pub mod vsock;
 pub mod watch;

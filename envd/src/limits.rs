@@ -29,6 +29,9 @@ pub const UNCLAIMED_EXITS_MAX: usize = 1024;
 
 /// Entries a recursive listing returns; deeper trees need paging by path.
 pub const LIST_ENTRIES_MAX: usize = 10_000;
+/// Encoded bytes of listing entries per message: well under the 1 MiB message limit even
+/// when one more entry of maximum path length is added.
+pub const LIST_BATCH_BYTES_MAX: usize = 256 * 1024;
 /// Depth of a recursive listing.
 pub const LIST_DEPTH_MAX: u32 = 32;
 /// Attempts to find an unused temporary name for an atomic write.

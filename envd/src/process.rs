@@ -25,6 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use prost::bytes::Bytes;
 
 use crate::limits::{
     OUTPUT_CHUNK_LEN, OUTPUT_DRAIN_AFTER_EXIT, OUTPUT_RING_LEN, PROCESSES_MAX, PROCESS_ARGS_MAX,
@@ -141,7 +142,7 @@ pub struct OutputChunk {
     pub kind: StreamKind,
     /// Position of data[0] in this kind's stream since the process started.
     pub offset: u64,
-    pub data: Arc<Vec<u8>>,
+    pub data: Bytes,
 }
 
 fn kind_index(k: StreamKind) -> usize {
@@ -1029,7 +1030,7 @@ fn append(shared: &Shared, kind: StreamKind, data: Vec<u8>) {
         chunk: OutputChunk {
             kind,
             offset,
-            data: Arc::new(data),
+            data: Bytes::from(data),
         },
     });
     shared.cv.notify_all();
@@ -1207,7 +1208,7 @@ mod tests {
         spec.tag = Some("svc".into());
         let (p, mut sub) = t.start(spec.clone()).unwrap();
         assert!(
-            matches!(sub.next(Duration::from_secs(10)), Next::Output(c) if *c.data == b"ready\n")
+            matches!(sub.next(Duration::from_secs(10)), Next::Output(c) if c.data[..] == b"ready\n"[..])
         );
         assert!(matches!(t.start(spec), Err(Error::TagInUse(_))));
         assert_eq!(t.by_tag("svc").unwrap().pid(), p.pid());
@@ -1216,7 +1217,7 @@ mod tests {
         // A new client gets the replay.
         let mut again = t.get(p.pid()).unwrap().subscribe().unwrap();
         assert!(
-            matches!(again.next(Duration::from_secs(10)), Next::Output(c) if *c.data == b"ready\n")
+            matches!(again.next(Duration::from_secs(10)), Next::Output(c) if c.data[..] == b"ready\n"[..])
         );
         assert!(matches!(p.signal(0), Err(Error::InvalidArgument(_))));
         p.signal(libc::SIGTERM).unwrap();

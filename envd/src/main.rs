@@ -1,0 +1,104 @@
+//! `envd [--listen-unix PATH | --listen-tcp ADDR | --vsock-port PORT] [--no-announce]
+//! [--announce-unix PATH]`: parses flags and runs [`envd::daemon::run`].
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use envd::daemon::{Listen, Options};
+
+const USAGE: &str = "usage: envd [--listen-unix PATH | --listen-tcp ADDR | --vsock-port PORT] \
+[--no-announce] [--announce-unix PATH]
+  --listen-unix PATH    serve on a Unix socket (tests, development)
+  --listen-tcp ADDR     serve on TCP, e.g. 127.0.0.1:49983
+  --vsock-port PORT     serve on AF_VSOCK (default 49983)
+  --no-announce         do not push readiness to the host (CID 2, port 49984)
+  --announce-unix PATH  push readiness to a Unix socket instead of the host";
+
+/// Parses the arguments after the program name.
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut listen: Option<Listen> = None;
+    let mut announce = true;
+    let mut announce_unix = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let set = |l: &mut Option<Listen>, v: Listen| {
+            if l.is_some() {
+                return Err("only one of --listen-unix, --listen-tcp, --vsock-port".to_string());
+            }
+            *l = Some(v);
+            Ok(())
+        };
+        match a.as_str() {
+            "--listen-unix" => set(&mut listen, Listen::Unix(PathBuf::from(value(a)?)))?,
+            "--listen-tcp" => {
+                let v = value(a)?;
+                let addr = v.parse().map_err(|e| format!("--listen-tcp {v}: {e}"))?;
+                set(&mut listen, Listen::Tcp(addr))?
+            }
+            "--vsock-port" => {
+                let v = value(a)?;
+                let port = v.parse().map_err(|e| format!("--vsock-port {v}: {e}"))?;
+                set(&mut listen, Listen::Vsock(port))?
+            }
+            "--no-announce" => announce = false,
+            "--announce-unix" => announce_unix = Some(PathBuf::from(value(a)?)),
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            "--version" => return Err(format!("envd {}", env!("CARGO_PKG_VERSION"))),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(Options {
+        listen: listen.unwrap_or(Listen::Vsock(envd::vsock::API_PORT)),
+        announce,
+        announce_unix,
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match parse(&args) {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = envd::daemon::run(opts) {
+        eprintln!("envd: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(a: &[&str]) -> Result<Options, String> {
+        parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn flags() {
+        assert_eq!(p(&[]).unwrap().listen, Listen::Vsock(49983));
+        assert!(p(&[]).unwrap().announce);
+        let o = p(&["--listen-unix", "/tmp/x", "--no-announce"]).unwrap();
+        assert_eq!(o.listen, Listen::Unix("/tmp/x".into()));
+        assert!(!o.announce);
+        assert_eq!(
+            p(&["--listen-tcp", "127.0.0.1:5"]).unwrap().listen,
+            Listen::Tcp("127.0.0.1:5".parse().unwrap())
+        );
+        assert_eq!(p(&["--vsock-port", "7"]).unwrap().listen, Listen::Vsock(7));
+        assert!(p(&["--listen-unix"]).is_err());
+        assert!(p(&["--listen-tcp", "nonsense"]).is_err());
+        assert!(p(&["--vsock-port", "-1"]).is_err());
+        assert!(p(&["--listen-unix", "/a", "--vsock-port", "1"]).is_err());
+        assert!(p(&["--bogus"]).is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! Firecracker's MMDS (V2) as envd's source of identity before the first init.
+//!
+//! `PUT /latest/api/token` with `X-metadata-token-ttl-seconds`, then `GET <path>` with
+//! `X-metadata-token` and `Accept: application/json`, over plain TCP to 169.254.169.254:80
+//! with short timeouts. An absent MMDS (no route, refused, timeout, 404) is not an error:
+//! envd then learns its identity from init. The layout envd reads is
+//! `{"wrenn": {"sandbox_id": "sb-…", "template_id": "tpl-…"}}` (string leaves fetched one by
+//! one, so envd needs only a JSON string decoder, not a JSON parser).
+//!
+//! The HTTP exchange is hand-written: one request per connection (`Connection: close`), a
+//! bounded response, status line + headers + Content-Length body.
+
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use crate::limits::{MMDS_HEADERS_MAX, MMDS_RESPONSE_LEN_MAX, MMDS_TIMEOUT};
+
+/// Firecracker's default MMDS address.
+pub const MMDS_ADDR: &str = "169.254.169.254:80";
+/// Token lifetime asked for: envd reads MMDS once at start.
+const TOKEN_TTL_SECONDS: u32 = 60;
+
+#[derive(Debug)]
+pub enum Error {
+    Io(std::io::Error),
+    Malformed(&'static str),
+    TooLarge,
+    Status(u16),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "mmds i/o: {e}"),
+            Error::Malformed(w) => write!(f, "malformed mmds response: {w}"),
+            Error::TooLarge => write!(f, "mmds response larger than {MMDS_RESPONSE_LEN_MAX} bytes"),
+            Error::Status(s) => write!(f, "mmds answered status {s}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Parses a complete HTTP/1.x response (the server closed the connection after it).
+/// Public for the fuzz target: never panics, bounded by the buffer it is given.
+pub fn parse_response(buf: &[u8]) -> Result<Response, Error> {
+    let head_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or(Error::Malformed("no end of headers"))?;
+    let head =
+        std::str::from_utf8(&buf[..head_end]).map_err(|_| Error::Malformed("non-UTF-8 head"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or(Error::Malformed("empty"))?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(Error::Malformed("not HTTP/1.x"));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (100..600).contains(s))
+        .ok_or(Error::Malformed("bad status"))?;
+    let mut content_length: Option<usize> = None;
+    for (i, line) in lines.enumerate() {
+        if i >= MMDS_HEADERS_MAX {
+            return Err(Error::Malformed("too many headers"));
+        }
+        let (k, v) = line.split_once(':').ok_or(Error::Malformed("bad header"))?;
+        if k.trim().eq_ignore_ascii_case("content-length") {
+            content_length = Some(
+                v.trim()
+                    .parse()
+                    .map_err(|_| Error::Malformed("bad length"))?,
+            );
+        }
+    }
+    let body = &buf[head_end + 4..];
+    let body = match content_length {
+        Some(n) if n > body.len() => return Err(Error::Malformed("short body")),
+        Some(n) => &body[..n],
+        None => body,
+    };
+    Ok(Response {
+        status,
+        body: body.to_vec(),
+    })
+}
+
+fn exchange(addr: SocketAddr, request: &str) -> Result<Response, Error> {
+    let mut s = TcpStream::connect_timeout(&addr, MMDS_TIMEOUT).map_err(Error::Io)?;
+    s.set_read_timeout(Some(MMDS_TIMEOUT)).map_err(Error::Io)?;
+    s.set_write_timeout(Some(MMDS_TIMEOUT)).map_err(Error::Io)?;
+    s.write_all(request.as_bytes()).map_err(Error::Io)?;
+    let mut buf = Vec::new();
+    s.take(MMDS_RESPONSE_LEN_MAX as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(Error::Io)?;
+    if buf.len() > MMDS_RESPONSE_LEN_MAX {
+        return Err(Error::TooLarge);
+    }
+    parse_response(&buf)
+}
+
+/// Fetches `path` (e.g. `/wrenn/sandbox_id`) as JSON text; `Ok(None)` when it does not exist.
+pub fn fetch(addr: SocketAddr, path: &str) -> Result<Option<String>, Error> {
+    let token_req = format!(
+        "PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+         X-metadata-token-ttl-seconds: {TOKEN_TTL_SECONDS}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let t = exchange(addr, &token_req)?;
+    if t.status != 200 {
+        return Err(Error::Status(t.status));
+    }
+    let token = String::from_utf8(t.body).map_err(|_| Error::Malformed("token"))?;
+    let token = token.trim();
+    if token.is_empty() || token.contains(['\r', '\n']) {
+        return Err(Error::Malformed("token"));
+    }
+    let get = format!(
+        "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token: {token}\r\n\
+         Accept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    let r = exchange(addr, &get)?;
+    match r.status {
+        200 => String::from_utf8(r.body)
+            .map(Some)
+            .map_err(|_| Error::Malformed("non-UTF-8 body")),
+        404 => Ok(None),
+        s => Err(Error::Status(s)),
+    }
+}
+
+/// Decodes one JSON string literal (`"..."` with escapes). None when it is not one.
+pub fn json_string(text: &str) -> Option<String> {
+    let t = text.trim();
+    let inner = t.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return None,
+            '\\' => match chars.next()? {
+                '"' => out.push('"'),
+                '\\' => out.push('\\'),
+                '/' => out.push('/'),
+                'b' => out.push('\u{8}'),
+                'f' => out.push('\u{c}'),
+                'n' => out.push('\n'),
+                'r' => out.push('\r'),
+                't' => out.push('\t'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    let v = u32::from_str_radix(&hex, 16).ok()?;
+                    // Surrogate pairs are not needed for ids; reject them.
+                    out.push(char::from_u32(v)?);
+                }
+                _ => return None,
+            },
+            c if (c as u32) < 0x20 => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// What envd learns from MMDS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub sandbox_id: String,
+    pub template_id: String,
+}
+
+/// Reads the identity from `addr`; None when MMDS is absent or holds none.
+pub fn identity_from(addr: SocketAddr) -> Option<Identity> {
+    let get = |key: &str| match fetch(addr, &format!("/wrenn/{key}")) {
+        Ok(Some(text)) => json_string(&text),
+        Ok(None) => None,
+        Err(e) => {
+            log::debug!("mmds read failed key={key} error={e}");
+            None
+        }
+    };
+    let sandbox_id = get("sandbox_id")?;
+    let template_id = get("template_id").unwrap_or_default();
+    Some(Identity {
+        sandbox_id,
+        template_id,
+    })
+}
+
+/// Reads the identity from Firecracker's MMDS address.
+pub fn identity() -> Option<Identity> {
+    identity_from(MMDS_ADDR.parse().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    #[test]
+    fn response_parser() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA").unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+        let r = parse_response(b"HTTP/1.0 404 Not Found\r\n\r\n").unwrap();
+        assert_eq!(r.status, 404);
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse_response(b"SMTP 200\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 999 X\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nnocolon\r\n\r\n").is_err());
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "A: b\r\n".repeat(40));
+        assert!(parse_response(many.as_bytes()).is_err());
+        for n in 0..40 {
+            let _ = parse_response(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..n]);
+        }
+    }
+
+    #[test]
+    fn json_strings() {
+        assert_eq!(json_string(r#""sb-1""#).as_deref(), Some("sb-1"));
+        assert_eq!(
+            json_string(r#" "a\"b\\c\u0041" "#).as_deref(),
+            Some("a\"b\\cA")
+        );
+        assert_eq!(json_string("42"), None);
+        assert_eq!(json_string(r#""unterminated"#), None);
+        assert_eq!(json_string(r#""a"b""#), None);
+        assert_eq!(json_string(r#""\x""#), None);
+    }
+
+    /// A fake MMDS V2: answers the token PUT and GETs that carry the token.
+    fn fake_mmds() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let resp = if req.starts_with("PUT /latest/api/token")
+                    && req.contains("X-metadata-token-ttl-seconds: 60")
+                {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntok".to_string()
+                } else if !req.contains("X-metadata-token: tok\r\n")
+                    || !req.contains("Accept: application/json")
+                {
+                    "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n".to_string()
+                } else if req.starts_with("GET /wrenn/sandbox_id ") {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n\"sb-1\"".to_string()
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string()
+                };
+                let _ = s.write_all(resp.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn reads_identity_from_a_v2_service() {
+        let addr = fake_mmds();
+        let id = identity_from(addr).unwrap();
+        assert_eq!(id.sandbox_id, "sb-1");
+        assert_eq!(id.template_id, "");
+    }
+
+    #[test]
+    fn absence_is_quick_and_not_an_error() {
+        // A port nobody listens on: refused at once.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let start = std::time::Instant::now();
+        assert_eq!(identity_from(addr), None);
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+}
