@@ -38,11 +38,19 @@ pub const STREAMS_PER_CONN_MAX: u32 = 128;
 /// Bytes of non-flow-controlled frames (PONG, WINDOW, ERROR, CANCEL) a connection may queue
 /// for a peer that does not read before it is closed: such a peer is flooding us.
 pub const CONTROL_QUEUE_LEN_MAX: usize = 256 * 1024;
+/// A server stops its senders while this many bytes wait for the socket.
+pub const OUT_HIGH_WATER: usize = 512 * 1024;
+/// A client's reader wakes at least this often (receive timeout) to check deadlines and
+/// keepalive; call deadlines are honoured to within this.
+pub const READER_TICK: Duration = Duration::from_millis(50);
 /// Read syscall size.
-pub const READ_CHUNK_LEN: usize = 64 * 1024;
+pub const READ_CHUNK_LEN: usize = 256 * 1024;
 
 /// A new connection must complete its hello within this time.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has been quiet this long checks, before its next call, whether the server
+/// closed the connection meanwhile.
+pub const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// After this long without receiving anything, a side sends a PING.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// After this long without receiving anything while streams are open, the peer is dead.
@@ -60,6 +68,9 @@ pub const WORKERS_MAX_DEFAULT: usize = 256;
 pub const WORKER_IDLE: Duration = Duration::from_secs(10);
 
 const _: () = assert!(STREAM_WINDOW_DEFAULT as usize >= MESSAGE_LEN_MAX);
+// Window credit is returned in quarters; a frame may cost at most three quarters of a
+// stream window or a blocked sender could wait for credit that never comes (conn.rs).
+const _: () = assert!(FRAME_LEN_MAX_DEFAULT as u64 * 4 <= STREAM_WINDOW_DEFAULT as u64 * 3);
 const _: () = assert!(CONN_WINDOW_DEFAULT >= STREAM_WINDOW_DEFAULT);
 const _: () = assert!(FRAME_LEN_MAX_DEFAULT <= FRAME_LEN_MAX_CEILING);
 const _: () = assert!(FRAME_LEN_MAX_FLOOR as usize > FRAME_HEADER_LEN + ERROR_MESSAGE_LEN_MAX + 6);

@@ -3,8 +3,14 @@
 //!
 //! Besides prost's messages, every service gets a module of method-name constants and a
 //! table of [`MethodDesc`](proto::rpc::MethodDesc)s, so no method string is typed by hand.
+//!
+//! It also writes `ctl/src/http/gen_json.rs`: the HTTP gateway's JSON mapping of every message
+//! of `wrenn.ctl.v1` (and the packages it imports) and their OpenAPI component schemas (see
+//! `json.rs`). `--check` covers that file too.
 
 #![forbid(unsafe_code)]
+
+mod json;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -69,11 +75,12 @@ fn proto_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn generate(schema: &Path, out_dir: &Path) -> Result<(), String> {
+fn generate(schema: &Path, out_dir: &Path) -> Result<String, String> {
     let mut files = Vec::new();
     proto_files(schema, &mut files).map_err(|e| format!("read {}: {e}", schema.display()))?;
     files.sort();
     let fds = protox::compile(&files, [schema]).map_err(|e| format!("compile schema: {e}"))?;
+    let json_text = json::generate(fds.clone())?;
     let mut packages: Vec<String> = fds.file.iter().filter_map(|f| f.package.clone()).collect();
     packages.sort();
     packages.dedup();
@@ -96,7 +103,7 @@ fn generate(schema: &Path, out_dir: &Path) -> Result<(), String> {
     );
     write_tree(&mut m, &tree, &[], 0);
     std::fs::write(out_dir.join("mod.rs"), m).map_err(|e| format!("write mod.rs: {e}"))?;
-    Ok(())
+    Ok(json_text)
 }
 
 fn write_tree(
@@ -129,6 +136,7 @@ fn main() -> ExitCode {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let schema = root.join("schema");
     let gen = root.join("src/gen");
+    let json_path = root.join("../ctl/src/http/gen_json.rs");
     let target = if check {
         let tmp = std::env::temp_dir().join(format!("wrenn-codegen-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -145,15 +153,26 @@ fn main() -> ExitCode {
         }
         gen.clone()
     };
-    if let Err(e) = generate(&schema, &target) {
-        eprintln!("error: {e}");
-        return ExitCode::FAILURE;
-    }
+    let json_text = match generate(&schema, &target) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if !check {
-        println!("generated {}", gen.display());
+        if let Err(e) = std::fs::write(&json_path, &json_text) {
+            eprintln!("error: write {}: {e}", json_path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("generated {} and {}", gen.display(), json_path.display());
         return ExitCode::SUCCESS;
     }
-    let stale = compare(&target, &gen);
+    let stale = compare(&target, &gen).and_then(|()| match std::fs::read_to_string(&json_path) {
+        Ok(t) if t == json_text => Ok(()),
+        Ok(_) => Err(format!("{} differs", json_path.display())),
+        Err(e) => Err(format!("read {}: {e}", json_path.display())),
+    });
     let _ = std::fs::remove_dir_all(&target);
     match stale {
         Ok(()) => {

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::bytes::Bytes;
 use prost::Message;
 
 use super::conn::{Conn, Limits, Side};
@@ -194,7 +195,7 @@ impl Client {
             )));
         }
         let limits = Limits {
-            send_frame_len_max: clamp_frame(ack.frame_len_max),
+            send_frame_len_max: send_frame_limit(ack.frame_len_max, ack.stream_window),
             send_stream_window: nonzero(ack.stream_window, STREAM_WINDOW_DEFAULT),
             send_conn_window: nonzero(ack.conn_window, CONN_WINDOW_DEFAULT),
             max_streams: ack.max_streams,
@@ -284,6 +285,12 @@ impl Client {
     }
 }
 
+/// What we may send to a peer that announced `frame_len_max` and `stream_window`: at most
+/// three quarters of its window per frame (see limits.rs).
+pub(crate) fn send_frame_limit(frame_len_max: u32, stream_window: u32) -> u32 {
+    clamp_frame(frame_len_max).min((nonzero(stream_window, STREAM_WINDOW_DEFAULT) / 4).saturating_mul(3))
+}
+
 fn clamp_frame(v: u32) -> u32 {
     if v == 0 {
         FRAME_LEN_MAX_DEFAULT
@@ -298,11 +305,6 @@ fn nonzero(v: u32, default: u32) -> u32 {
     } else {
         v
     }
-}
-
-/// The frame limit in force for a peer that announced `v` (0 = default).
-pub(crate) fn negotiated_frame_len(v: u32) -> u32 {
-    clamp_frame(v)
 }
 
 pub(crate) fn negotiated_window(v: u32, default: u32) -> u32 {
@@ -363,7 +365,7 @@ impl ClientStream {
     /// Receives the next message; `Ok(None)` once the server finished successfully.
     pub fn recv<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
         match self.recv_bytes()? {
-            Some(b) => M::decode(&b[..]).map(Some).map_err(|e| {
+            Some(b) => M::decode(b).map(Some).map_err(|e| {
                 Status::internal(format!("{}: malformed response message: {e}", self.method))
             }),
             None => Ok(None),
@@ -371,7 +373,7 @@ impl ClientStream {
     }
 
     /// Receives the next message undecoded.
-    pub fn recv_bytes(&mut self) -> Result<Option<Vec<u8>>, Status> {
+    pub fn recv_bytes(&mut self) -> Result<Option<Bytes>, Status> {
         if self.finished {
             return Ok(None);
         }
@@ -470,7 +472,7 @@ impl StreamReceiver {
             .wait(deadline, |st| conn.take_message(st, id))
             .map(|(_, m)| m);
         match r? {
-            Some(b) => M::decode(&b[..]).map(Some).map_err(|e| {
+            Some(b) => M::decode(b).map(Some).map_err(|e| {
                 Status::internal(format!("{method}: malformed response message: {e}"))
             }),
             None => {

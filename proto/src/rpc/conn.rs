@@ -16,13 +16,16 @@
 //! `CONTROL_QUEUE_LEN_MAX` (a peer that makes us exceed it is closed).
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use prost::bytes::{Bytes, BytesMut};
+
 use crate::frame::{self, Decoded, Kind, FLAG_END_STREAM};
 use crate::limits::{
+    OUT_HIGH_WATER, READER_TICK,
     CONTROL_QUEUE_LEN_MAX, FRAME_HEADER_LEN, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
     LENGTH_PREFIX_LEN, READ_CHUNK_LEN,
 };
@@ -54,7 +57,8 @@ pub(crate) struct Limits {
 
 /// A message received on a stream, with the window cost to credit back once consumed.
 struct Msg {
-    bytes: Vec<u8>,
+    /// A slice of the read buffer: no copy between the socket and the decoder.
+    bytes: Bytes,
     cost: u32,
 }
 
@@ -92,6 +96,9 @@ pub(crate) struct State {
     /// A client thread is currently doing the reading.
     reader_busy: bool,
     pub last_rx: Instant,
+    last_tx: Instant,
+    /// Threads sleeping on the condvar.
+    waiters: usize,
     ping_sent: Option<Instant>,
 }
 
@@ -101,58 +108,46 @@ pub(crate) struct Conn {
     pub limits: Limits,
     state: Mutex<State>,
     cv: Condvar,
-    /// Client only: wakes a reader blocked in poll when a writer left bytes behind.
-    wake: Option<(UnixStream, UnixStream)>,
     /// Client only: the reader's buffer (touched only by the thread holding the reader role).
     rbuf: Mutex<RecvBuf>,
 }
 
-/// A read buffer that grows only as bytes arrive, never beyond one maximum frame plus one
-/// read chunk.
+/// A read buffer that grows only as bytes arrive. Frames are split off it as `Bytes`, so
+/// message bodies are never copied between the socket and the decoder.
 pub(crate) struct RecvBuf {
-    buf: Vec<u8>,
-    start: usize,
+    buf: BytesMut,
 }
 
 impl RecvBuf {
     pub fn new() -> RecvBuf {
-        RecvBuf {
-            buf: Vec::new(),
-            start: 0,
-        }
+        RecvBuf { buf: BytesMut::new() }
     }
 
-    /// Reads once from `sock` (non-blocking). Returns bytes read, 0 at EOF.
-    pub fn read_from(&mut self, mut sock: &UnixStream) -> io::Result<usize> {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > READ_CHUNK_LEN {
-            self.buf.drain(..self.start);
-            self.start = 0;
+    /// Reads once from `sock` (non-blocking). Returns bytes read (0 at EOF) and whether
+    /// the read filled all the room it had (more may be waiting).
+    pub fn read_from(&mut self, sock: &UnixStream, block: bool) -> io::Result<(usize, bool)> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK_LEN / 4 {
+            self.buf.reserve(READ_CHUNK_LEN);
         }
-        let len = self.buf.len();
-        self.buf.resize(len + READ_CHUNK_LEN, 0);
-        let r = sock.read(&mut self.buf[len..]);
-        let n = *r.as_ref().unwrap_or(&0);
-        self.buf.truncate(len + n);
-        r
+        let room = self.buf.capacity() - self.buf.len();
+        let n = super::sys::read_into(sock, &mut self.buf, block)?;
+        Ok((n, n == room))
     }
 
     pub fn pending(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf
     }
 
-    pub fn consume(&mut self, n: usize) {
-        self.start += n;
-        assert!(self.start <= self.buf.len());
+    /// Splits the first `n` bytes off as an immutable buffer.
+    pub fn take(&mut self, n: usize) -> Bytes {
+        assert!(n <= self.buf.len());
+        self.buf.split_to(n).freeze()
     }
 
     /// Releases memory of an idle connection.
     pub fn shrink(&mut self) {
-        if self.start == self.buf.len() {
-            self.buf = Vec::new();
-            self.start = 0;
+        if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK_LEN {
+            self.buf = BytesMut::new();
         }
     }
 }
@@ -161,7 +156,7 @@ impl RecvBuf {
 pub(crate) struct NewCall {
     pub stream: u32,
     pub method: String,
-    pub message: Vec<u8>,
+    pub message: Bytes,
 }
 
 /// What processing a batch of frames produced that must be acted on outside the lock.
@@ -169,8 +164,8 @@ pub(crate) struct NewCall {
 pub(crate) struct Events {
     pub calls: Vec<NewCall>,
     /// Bytes of a HELLO or HELLO_ACK body (first frame of a connection).
-    pub hello: Option<Vec<u8>>,
-    pub hello_ack: Option<Vec<u8>>,
+    pub hello: Option<Bytes>,
+    pub hello_ack: Option<Bytes>,
 }
 
 fn proto_err(msg: impl Into<String>) -> Status {
@@ -179,15 +174,17 @@ fn proto_err(msg: impl Into<String>) -> Status {
 
 impl Conn {
     pub fn new(sock: UnixStream, side: Side, limits: Limits) -> io::Result<Conn> {
-        sock.set_nonblocking(true)?;
-        let wake = if side == Side::Client {
-            let (a, b) = UnixStream::pair()?;
-            a.set_nonblocking(true)?;
-            b.set_nonblocking(true)?;
-            Some((a, b))
-        } else {
-            None
-        };
+        // A server socket is non-blocking (the event loop). A client socket blocks, with a
+        // receive timeout: its reader sleeps inside recv itself, one system call fewer than
+        // poll + recv on every reply. Every write passes MSG_DONTWAIT, so writers never
+        // block under the lock on either side.
+        match side {
+            Side::Server => sock.set_nonblocking(true)?,
+            Side::Client => {
+                sock.set_nonblocking(false)?;
+                super::sys::set_recv_timeout(&sock, READER_TICK)?;
+            }
+        }
         Ok(Conn {
             sock,
             side,
@@ -204,10 +201,11 @@ impl Conn {
                 goaway: false,
                 reader_busy: false,
                 last_rx: Instant::now(),
+                last_tx: Instant::now(),
+                waiters: 0,
                 ping_sent: None,
             }),
             cv: Condvar::new(),
-            wake,
             rbuf: Mutex::new(RecvBuf::new()),
         })
     }
@@ -218,6 +216,14 @@ impl Conn {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         st.conn_send_window = limits.send_conn_window as i64;
         self
+    }
+
+    /// Wakes threads sleeping on the condvar, if any (a futex wake is a system call: the
+    /// hot path skips it when nobody waits).
+    fn wake_waiters(&self, st: &State) {
+        if st.waiters > 0 {
+            self.cv.notify_all();
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
@@ -232,12 +238,15 @@ impl Conn {
     /// on a write error.
     pub fn flush(&self, st: &mut State) {
         while st.out_pos < st.out.len() {
-            match (&self.sock).write(&st.out[st.out_pos..]) {
+            match super::sys::send_nb(&self.sock, &st.out[st.out_pos..]) {
                 Ok(0) => {
                     self.kill(st, Status::unavailable("connection closed while writing"));
                     return;
                 }
-                Ok(n) => st.out_pos += n,
+                Ok(n) => {
+                    st.out_pos += n;
+                    st.last_tx = Instant::now();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -257,11 +266,37 @@ impl Conn {
             st.out.drain(..st.out_pos);
             st.out_pos = 0;
         }
-        if st.out_pos < st.out.len() {
-            if let Some((tx, _)) = &self.wake {
-                let _ = (&*tx).write(&[1]);
-            }
+        // Senders held back by the high-water mark may go on.
+        if Self::pending_output(st) < OUT_HIGH_WATER {
+            self.wake_waiters(st);
         }
+    }
+
+    /// Bytes queued for the socket.
+    pub fn pending_output(st: &State) -> usize {
+        st.out.len() - st.out_pos
+    }
+
+    /// Client: flushes from the calling thread until the socket took everything (a client
+    /// has no event loop to do it later).
+    fn flush_blocking<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        deadline: Option<Instant>,
+    ) -> Result<MutexGuard<'a, State>, Status> {
+        while Self::has_pending_output(&st) {
+            if let Some(d) = &st.dead {
+                return Err(d.clone());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Status::deadline_exceeded("deadline exceeded while sending"));
+            }
+            drop(st);
+            let _ = super::sys::poll1(&self.sock, true, READER_TICK);
+            st = self.lock();
+            self.flush(&mut st);
+        }
+        Ok(st)
     }
 
     pub fn has_pending_output(st: &State) -> bool {
@@ -295,10 +330,7 @@ impl Conn {
         st.dead = Some(status);
         st.streams.clear();
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        self.cv.notify_all();
-        if let Some((tx, _)) = &self.wake {
-            let _ = (&*tx).write(&[1]);
-        }
+        self.wake_waiters(st);
     }
 
     /// Sends a connection error (ERROR on stream 0) and kills the connection.
@@ -436,7 +468,10 @@ impl Conn {
                     "send after the stream was closed",
                 ));
             }
-            Ok((s.send_window >= cost as i64 && conn_window >= cost as i64).then_some(()))
+            // A server's senders also wait while the socket is backed up, so the outbound
+            // buffer stays near the high-water mark instead of growing to the windows.
+            let backed_up = self.side == Side::Server && Self::pending_output(st) >= OUT_HIGH_WATER;
+            Ok((s.send_window >= cost as i64 && conn_window >= cost as i64 && !backed_up).then_some(()))
         };
         let mut st = if block {
             self.wait(deadline, ready)?.0
@@ -464,6 +499,9 @@ impl Conn {
         );
         st.out_data += LENGTH_PREFIX_LEN + cost as usize;
         self.flush(&mut st);
+        if self.side == Side::Client && block {
+            drop(self.flush_blocking(st, deadline)?);
+        }
         Ok(true)
     }
 
@@ -500,13 +538,15 @@ impl Conn {
         if send_cancel && !peer_finished && st.dead.is_none() {
             self.control(st, |out| frame::put_frame(out, id, Kind::Cancel, 0, &[]));
         }
-        self.credit_conn(st, dropped, true);
+        if dropped > 0 {
+            self.credit_conn(st, dropped, true);
+        }
     }
 
     fn credit_conn(&self, st: &mut State, n: u32, force: bool) {
         st.conn_credit_pending = st.conn_credit_pending.saturating_add(n);
         let pending = st.conn_credit_pending;
-        if pending > 0 && (force || pending >= self.limits.recv_conn_window / 2) {
+        if pending > 0 && (force || pending >= self.limits.recv_conn_window / 4) {
             st.conn_credit_pending = 0;
             self.control(st, |out| frame::put_window(out, 0, pending));
         }
@@ -515,23 +555,25 @@ impl Conn {
     /// Pops the next message of a stream, crediting its cost back. `Ok(None)` means the
     /// peer finished cleanly and the queue is empty; `Err` is the peer's or the
     /// connection's error.
-    pub fn take_message(&self, st: &mut State, id: u32) -> Result<Option<Option<Vec<u8>>>, Status> {
+    pub fn take_message(&self, st: &mut State, id: u32) -> Result<Option<Option<Bytes>>, Status> {
         let dead = st.dead.clone();
         let Some(s) = st.streams.get_mut(&id) else {
             return Err(dead.unwrap_or_else(closed_stream));
         };
         if let Some(m) = s.queue.pop_front() {
             s.credit_pending += m.cost;
-            let empty = s.queue.is_empty();
             let pending = s.credit_pending;
-            let send_stream_credit = !s.peer_done
-                && s.error.is_none()
-                && (empty || pending >= self.limits.recv_stream_window / 2);
+            // Credit back in quarters of the window: few WINDOW frames, and no deadlock as
+            // long as a frame costs at most three quarters of the window (see limits.rs):
+            // a blocked sender has nothing in flight, so the receiver, having consumed
+            // everything, holds more than a quarter of pending credit.
+            let send_stream_credit =
+                !s.peer_done && s.error.is_none() && pending >= self.limits.recv_stream_window / 4;
             if send_stream_credit {
                 s.credit_pending = 0;
                 self.control(st, |out| frame::put_window(out, id, pending));
             }
-            self.credit_conn(st, m.cost, empty);
+            self.credit_conn(st, m.cost, false);
             return Ok(Some(Some(m.bytes)));
         }
         if let Some(e) = &s.error {
@@ -578,7 +620,7 @@ impl Conn {
             }
         }
         if !expired.is_empty() {
-            self.cv.notify_all();
+            self.wake_waiters(st);
         }
         expired.len()
     }
@@ -607,11 +649,14 @@ impl Conn {
             };
             match decoded {
                 Decoded::Incomplete { .. } => return,
-                Decoded::Skip(n) => rbuf.consume(n),
-                Decoded::Frame(f, n) => {
-                    let r = self.on_frame(st, &f, ev);
-                    rbuf.consume(n);
-                    if let Err(status) = r {
+                Decoded::Skip(n) => drop(rbuf.take(n)),
+                Decoded::Frame(_, n) => {
+                    let whole = rbuf.take(n);
+                    let max = self.limits.recv_frame_len_max;
+                    let Ok(Decoded::Frame(f, _)) = frame::decode(&whole, max) else {
+                        unreachable!("a frame decodes the same twice");
+                    };
+                    if let Err(status) = self.on_frame(st, &f, &whole, ev) {
                         self.fail_connection(st, status);
                         return;
                     }
@@ -624,21 +669,23 @@ impl Conn {
         &self,
         st: &mut State,
         f: &frame::Frame<'_>,
+        whole: &Bytes,
         ev: &mut Events,
     ) -> Result<(), Status> {
         let cost = (FRAME_HEADER_LEN + f.body.len()) as u32;
+        let body_at = LENGTH_PREFIX_LEN + FRAME_HEADER_LEN;
         match f.kind {
             Kind::Hello => {
                 if self.side != Side::Server || ev.hello.is_some() {
                     return Err(proto_err("unexpected HELLO"));
                 }
-                ev.hello = Some(f.body.to_vec());
+                ev.hello = Some(whole.slice(body_at..));
             }
             Kind::HelloAck => {
                 if self.side != Side::Client || ev.hello_ack.is_some() {
                     return Err(proto_err("unexpected HELLO_ACK"));
                 }
-                ev.hello_ack = Some(f.body.to_vec());
+                ev.hello_ack = Some(whole.slice(body_at..));
             }
             Kind::Ping => {
                 let body = f.body.to_vec();
@@ -668,7 +715,7 @@ impl Conn {
                         return Err(proto_err("stream window overflow"));
                     }
                 }
-                self.cv.notify_all();
+                self.wake_waiters(st);
             }
             Kind::Request => {
                 if self.side != Side::Server {
@@ -709,7 +756,7 @@ impl Conn {
                 ev.calls.push(NewCall {
                     stream: f.stream,
                     method: req.method.to_owned(),
-                    message: req.message.to_vec(),
+                    message: whole.slice(whole.len() - req.message.len()..),
                 });
             }
             Kind::Data => {
@@ -739,21 +786,18 @@ impl Conn {
                         f.stream
                     )));
                 }
-                s.queue.push_back(Msg {
-                    bytes: f.body.to_vec(),
-                    cost,
-                });
+                s.queue.push_back(Msg { bytes: whole.slice(body_at..), cost });
                 if f.flags & FLAG_END_STREAM != 0 {
                     s.peer_done = true;
                 }
-                self.cv.notify_all();
+                self.wake_waiters(st);
             }
             Kind::End => {
                 if self.check_stream_id(st, f.stream)? {
                     if let Some(s) = st.streams.get_mut(&f.stream) {
                         s.peer_done = true;
                     }
-                    self.cv.notify_all();
+                    self.wake_waiters(st);
                 }
             }
             Kind::Error => {
@@ -767,7 +811,7 @@ impl Conn {
                         s.error = Some(Status::new(code, msg));
                         s.local_done = true;
                     }
-                    self.cv.notify_all();
+                    self.wake_waiters(st);
                 }
             }
             Kind::Cancel => {
@@ -777,7 +821,7 @@ impl Conn {
                         let dropped: u32 = s.queue.drain(..).map(|m| m.cost).sum();
                         self.credit_conn(st, dropped, false);
                     }
-                    self.cv.notify_all();
+                    self.wake_waiters(st);
                 }
             }
         }
@@ -848,61 +892,54 @@ impl Conn {
                 st = self.lock();
                 st.reader_busy = false;
                 self.after_poll(&mut st, io);
-                self.cv.notify_all();
+                self.wake_waiters(&st);
             } else {
-                st = self
-                    .cv
-                    .wait_timeout(st, tick)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                st.waiters += 1;
+                st = self.cv.wait_timeout(st, tick).unwrap_or_else(|e| e.into_inner()).0;
+                st.waiters -= 1;
             }
         }
     }
 
-    /// Client reader: one poll of the socket (and the wake pipe), then read what is there.
+    /// Client reader: waits for bytes (inside recv, or in poll when output is pending),
+    /// then reads what is there.
     fn poll_once(&self, want_write: bool, timeout: Duration) -> PollResult {
-        let Some((_, wake_rx)) = &self.wake else {
-            return PollResult::default();
-        };
-        let (readable, writable, woke) =
-            match super::sys::poll2(&self.sock, want_write, wake_rx, timeout) {
+        let mut res = PollResult::default();
+        let mut block = true;
+        if want_write || timeout.is_zero() {
+            let (readable, writable) = match super::sys::poll1(&self.sock, want_write, timeout.min(READER_TICK)) {
                 Ok(r) => r,
-                Err(e) => {
-                    return PollResult {
-                        error: Some(e),
-                        ..Default::default()
+                Err(e) => return PollResult { error: Some(e), ..Default::default() },
+            };
+            res.writable = writable;
+            if !readable {
+                return res;
+            }
+            block = false;
+        }
+        let mut rbuf = self.rbuf.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match rbuf.read_from(&self.sock, block) {
+                Ok((0, _)) => {
+                    res.eof = true;
+                    break;
+                }
+                Ok((_, filled)) => {
+                    res.got = true;
+                    block = false;
+                    // A short read drained the socket; a full one may have left more,
+                    // but stop at one frame's worth so the lock is not starved.
+                    let max = self.limits.recv_frame_len_max as usize;
+                    if !filled || rbuf.pending().len() >= max {
+                        break;
                     }
                 }
-            };
-        if woke {
-            let mut sink = [0u8; 64];
-            while matches!((&*wake_rx).read(&mut sink), Ok(n) if n > 0) {}
-        }
-        let mut res = PollResult {
-            writable,
-            ..Default::default()
-        };
-        if readable {
-            let mut rbuf = self.rbuf.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                match rbuf.read_from(&self.sock) {
-                    Ok(0) => {
-                        res.eof = true;
-                        break;
-                    }
-                    Ok(_) => {
-                        res.got = true;
-                        // Stop at one frame's worth so the lock is not starved.
-                        if rbuf.pending().len() >= self.limits.recv_frame_len_max as usize {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        res.error = Some(e);
-                        break;
-                    }
+                // The receive timeout (or nothing there on a non-blocking read).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    res.error = Some(e);
+                    break;
                 }
             }
         }
@@ -947,16 +984,15 @@ impl Conn {
     }
 
     /// Client: reads the hello answer synchronously during connect.
-    pub fn read_hello_ack(&self, deadline: Instant) -> Result<Vec<u8>, Status> {
+    pub fn read_hello_ack(&self, deadline: Instant) -> Result<Bytes, Status> {
         let mut rbuf = self.rbuf.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Ok(Decoded::Frame(f, n)) =
                 frame::decode(rbuf.pending(), self.limits.recv_frame_len_max)
             {
-                let body = f.body.to_vec();
                 let kind = f.kind;
                 let stream = f.stream;
-                rbuf.consume(n);
+                let body = rbuf.take(n).slice(LENGTH_PREFIX_LEN + FRAME_HEADER_LEN..);
                 return match kind {
                     Kind::HelloAck => Ok(body),
                     Kind::Error if stream == 0 => {
@@ -973,13 +1009,9 @@ impl Conn {
             if now >= deadline {
                 return Err(Status::deadline_exceeded("no hello answer from the server"));
             }
-            let Some((_, wake_rx)) = &self.wake else {
-                return Err(proto_err("not a client"));
-            };
-            super::sys::poll2(&self.sock, false, wake_rx, deadline - now)
-                .map_err(|e| Status::unavailable(format!("poll: {e}")))?;
-            match rbuf.read_from(&self.sock) {
-                Ok(0) => return Err(Status::unavailable("connection closed during hello")),
+            // Blocks up to the receive timeout, then the deadline is checked again.
+            match rbuf.read_from(&self.sock, true) {
+                Ok((0, _)) => return Err(Status::unavailable("connection closed during hello")),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -992,7 +1024,8 @@ impl Conn {
     /// idle connection meanwhile (reads whatever is already there, never blocks).
     pub fn poll_idle(&self) {
         let mut st = self.lock();
-        if st.reader_busy || st.dead.is_some() {
+        let quiet = st.last_rx.elapsed() < crate::limits::IDLE_CHECK && st.last_tx.elapsed() < crate::limits::IDLE_CHECK;
+        if st.reader_busy || st.dead.is_some() || quiet {
             return;
         }
         st.reader_busy = true;
@@ -1001,7 +1034,7 @@ impl Conn {
         let mut st = self.lock();
         st.reader_busy = false;
         self.after_poll(&mut st, io);
-        self.cv.notify_all();
+        self.wake_waiters(&st);
     }
 }
 

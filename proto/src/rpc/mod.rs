@@ -17,6 +17,7 @@ pub use client::{
 pub use server::{Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service};
 
 pub use crate::gen::wrenn::wire::v1::{CredentialKind, Hello};
+pub use prost::bytes::Bytes;
 
 /// A method of a service and its streaming shape (generated for every service).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

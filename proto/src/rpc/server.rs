@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events as MioEvents, Interest, Poll, Token, Waker};
+use prost::bytes::Bytes;
 use prost::Message;
 
 use super::conn::{Conn, Events, Limits, RecvBuf, Side};
@@ -263,7 +264,12 @@ impl Server {
                 match ev.token() {
                     WAKER => {}
                     Token(t) if t < LISTENERS_MAX => self.accept(t),
-                    Token(t) => self.conn_event(t - CONN_BASE, ev.is_readable(), ev.is_writable()),
+                    Token(t) => {
+                        // A peer's close may arrive with its last bytes in one edge: then
+                        // read to EOF instead of stopping at a short read.
+                        let closing = ev.is_read_closed() || ev.is_error();
+                        self.conn_event(t - CONN_BASE, ev.is_readable() || closing, ev.is_writable(), closing)
+                    }
                 }
             }
             self.run_commands();
@@ -340,11 +346,11 @@ impl Server {
                 serial: self.serial,
             });
             // Bytes may already be there; edge-triggered readiness would not repeat it.
-            self.conn_event(slot, true, false);
+            self.conn_event(slot, true, false, false);
         }
     }
 
-    fn conn_event(&mut self, slot: usize, readable: bool, writable: bool) {
+    fn conn_event(&mut self, slot: usize, readable: bool, writable: bool, closing: bool) {
         let Some(entry) = self.conns.get_mut(slot).and_then(|e| e.as_mut()) else {
             return;
         };
@@ -365,14 +371,19 @@ impl Server {
                     (None, Some(c)) => &c.sock,
                     (None, None) => return,
                 };
-                match rbuf.read_from(sock) {
-                    Ok(0) => {
+                match rbuf.read_from(sock, false) {
+                    Ok((0, _)) => {
                         self.close(slot, Status::unavailable("connection closed by peer"));
                         return;
                     }
-                    Ok(_) => {
+                    Ok((_, filled)) => {
                         if !self.process(slot) {
                             return;
+                        }
+                        // A short read drained the socket: edge-triggered readiness will
+                        // report the next bytes.
+                        if !filled && !closing {
+                            break;
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -448,7 +459,7 @@ impl Server {
             Ok(Decoded::Incomplete { .. }) => return true,
             Ok(Decoded::Frame(f, n)) if f.kind == Kind::Hello => {
                 let h = super::parse_hello(f.body);
-                entry.rbuf.consume(n);
+                drop(entry.rbuf.take(n));
                 h
             }
             Ok(_) => Err(Status::invalid_argument("protocol error: expected HELLO")),
@@ -502,7 +513,7 @@ impl Server {
             recv_frame_len_max: self.cfg.frame_len_max,
             recv_stream_window: self.cfg.stream_window,
             recv_conn_window: self.cfg.conn_window,
-            send_frame_len_max: super::client::negotiated_frame_len(hello.frame_len_max),
+            send_frame_len_max: super::client::send_frame_limit(hello.frame_len_max, hello.stream_window),
             send_stream_window: super::client::negotiated_window(
                 hello.stream_window,
                 STREAM_WINDOW_DEFAULT,
@@ -684,7 +695,7 @@ pub struct Call {
     conn: Arc<Conn>,
     id: u32,
     method: String,
-    message: Vec<u8>,
+    message: Bytes,
     peer: Peer,
     pool: Arc<Pool>,
     answered: bool,
@@ -715,7 +726,7 @@ impl Call {
 
     /// Decodes the request message; a malformed one is the caller's error.
     pub fn decode<M: Message + Default>(&self) -> Result<M, Status> {
-        M::decode(&self.message[..]).map_err(|e| {
+        M::decode(self.message.clone()).map_err(|e| {
             Status::invalid_argument(format!("{}: malformed request: {e}", self.method))
         })
     }
@@ -832,7 +843,7 @@ pub struct ServerStream {
     conn: Arc<Conn>,
     id: u32,
     method: String,
-    message: Vec<u8>,
+    message: Bytes,
     peer: Peer,
     finished: bool,
 }
@@ -857,7 +868,7 @@ impl ServerStream {
 
     /// Decodes the request message (the first message of the call).
     pub fn first<M: Message + Default>(&self) -> Result<M, Status> {
-        M::decode(&self.message[..]).map_err(|e| {
+        M::decode(self.message.clone()).map_err(|e| {
             Status::invalid_argument(format!("{}: malformed request: {e}", self.method))
         })
     }
@@ -865,14 +876,14 @@ impl ServerStream {
     /// Receives the client's next message; `Ok(None)` once the client closed its side.
     pub fn recv<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
         match self.recv_bytes()? {
-            Some(b) => M::decode(&b[..]).map(Some).map_err(|e| {
+            Some(b) => M::decode(b).map(Some).map_err(|e| {
                 Status::invalid_argument(format!("{}: malformed message: {e}", self.method))
             }),
             None => Ok(None),
         }
     }
 
-    pub fn recv_bytes(&mut self) -> Result<Option<Vec<u8>>, Status> {
+    pub fn recv_bytes(&mut self) -> Result<Option<Bytes>, Status> {
         let id = self.id;
         let conn = self.conn.clone();
         let r = conn
@@ -885,7 +896,7 @@ impl ServerStream {
     pub fn recv_timeout(
         &mut self,
         timeout: Duration,
-    ) -> Result<Result<Option<Vec<u8>>, ()>, Status> {
+    ) -> Result<Result<Option<Bytes>, ()>, Status> {
         let id = self.id;
         let conn = self.conn.clone();
         let r = conn

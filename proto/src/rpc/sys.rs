@@ -5,46 +5,74 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-/// Polls `sock` for reading (and writing when `want_write`) and `wake` for reading.
-/// Returns (sock readable or hung up, sock writable, wake readable).
-pub(crate) fn poll2(
-    sock: &UnixStream,
-    want_write: bool,
-    wake: &UnixStream,
-    timeout: Duration,
-) -> io::Result<(bool, bool, bool)> {
+/// Polls `sock` for reading (and writing when `want_write`).
+/// Returns (readable or hung up, writable).
+pub(crate) fn poll1(sock: &UnixStream, want_write: bool, timeout: Duration) -> io::Result<(bool, bool)> {
     let mut events = libc::POLLIN;
     if want_write {
         events |= libc::POLLOUT;
     }
-    let mut fds = [
-        libc::pollfd {
-            fd: sock.as_raw_fd(),
-            events,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+    let mut fds = [libc::pollfd { fd: sock.as_raw_fd(), events, revents: 0 }];
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `fds` is a valid array of two initialised pollfd structs that outlives the
-    // call, and its length is passed exactly; both fds are owned by live `UnixStream`s.
+    // SAFETY: `fds` is a valid array of one initialised pollfd that outlives the call, and
+    // its length is passed exactly; the fd is owned by a live `UnixStream`.
     let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
-            return Ok((false, false, false));
+            return Ok((false, false));
         }
         return Err(e);
     }
     let r = fds[0].revents;
-    let readable = r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
-    let writable = r & libc::POLLOUT != 0;
-    let woke = fds[1].revents & libc::POLLIN != 0;
-    Ok((readable, writable, woke))
+    Ok((r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0, r & libc::POLLOUT != 0))
+}
+
+/// Sends without blocking (and without SIGPIPE), whatever the socket's mode.
+pub(crate) fn send_nb(sock: &UnixStream, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is a valid readable slice for the duration of the call; the fd is
+    // owned by a live `UnixStream`.
+    let n = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Sets the receive timeout of a blocking socket.
+pub(crate) fn set_recv_timeout(sock: &UnixStream, d: Duration) -> io::Result<()> {
+    sock.set_read_timeout(Some(d))
+}
+
+/// Reads from `sock` into the spare capacity of `buf` without zero-filling it first.
+/// With `block`, waits up to the socket's receive timeout (a blocking socket).
+pub(crate) fn read_into(
+    sock: &UnixStream,
+    buf: &mut prost::bytes::BytesMut,
+    block: bool,
+) -> io::Result<usize> {
+    let flags = if block { 0 } else { libc::MSG_DONTWAIT };
+    let len = buf.len();
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `spare` is valid writable memory of `spare.len()` bytes owned by `buf`;
+    // recv writes at most that many bytes and reports how many it wrote.
+    let n = unsafe {
+        libc::recv(sock.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), flags)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(len + n) };
+    Ok(n)
 }
 
 /// Accepts one connection from a listening socket (non-blocking, close-on-exec).
@@ -101,15 +129,15 @@ mod tests {
     use std::io::Write;
 
     #[test]
-    fn poll_reports_readable_and_wake() {
+    fn poll_reports_readable_and_writable() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let (w, mut wt) = UnixStream::pair().unwrap();
-        let r = poll2(&a, false, &w, Duration::from_millis(10)).unwrap();
-        assert_eq!(r, (false, false, false));
+        assert_eq!(poll1(&a, false, Duration::from_millis(10)).unwrap(), (false, false));
         b.write_all(b"x").unwrap();
-        let r = poll2(&a, true, &w, Duration::from_millis(10)).unwrap();
-        assert_eq!(r, (true, true, false));
-        wt.write_all(b"x").unwrap();
-        assert!(poll2(&a, false, &w, Duration::ZERO).unwrap().2);
+        assert_eq!(poll1(&a, true, Duration::from_millis(10)).unwrap(), (true, true));
+        let mut buf = prost::bytes::BytesMut::with_capacity(16);
+        assert_eq!(read_into(&a, &mut buf, false).unwrap(), 1);
+        assert_eq!(&buf[..], b"x");
+        assert_eq!(read_into(&a, &mut buf, false).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(send_nb(&a, b"yz").unwrap(), 2);
     }
 }
