@@ -1,0 +1,1375 @@
+//! envd end to end: the `envd` binary on a Unix socket in a temp dir, driven through the
+//! proto client. Tests that need root (user switching) print `skipped:` without it and fail
+//! instead when WRENN_REQUIRE_E2E=1.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::bytes::Bytes;
+use proto::gen::wrenn::envd::v1 as pb;
+use proto::gen::wrenn::wire::v1::Hello;
+use proto::rpc::{
+    Call, CallOpts, Client, ClientStream, Credential, Peer, Server, ServerConfig, Service,
+};
+use proto::{Code, Status};
+
+const TOKEN: &str = "test-token-0123456789";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn require_e2e() -> bool {
+    std::env::var("WRENN_REQUIRE_E2E").as_deref() == Ok("1")
+}
+
+fn skip(reason: &str) {
+    if require_e2e() {
+        panic!("WRENN_REQUIRE_E2E=1 but {reason}");
+    }
+    println!("skipped: {reason}");
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A running envd and its temp dir.
+struct Envd {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Envd {
+    fn start() -> Envd {
+        Envd::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Envd {
+        let dir = std::env::temp_dir().join(format!(
+            "envd-it-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("envd.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_envd"))
+            .arg("--listen-unix")
+            .arg(&sock)
+            .arg("--no-announce")
+            .args(extra)
+            .env("WRENN_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "envd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Envd { child, dir, sock }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn connect(&self, cred: Credential) -> Result<Client, Status> {
+        Client::connect_unix(&self.sock, cred)
+    }
+
+    /// A client on a fresh envd that has been initialized with TOKEN.
+    fn init(&self) -> Client {
+        let c = self.connect(Credential::none()).unwrap();
+        let r: pb::InitResponse = c
+            .unary(
+                pb::init_methods::INIT,
+                &pb::InitRequest {
+                    sandbox_id: "sb-00000000-0000-0000-0000-000000000001".into(),
+                    access_token: TOKEN.into(),
+                    env: [("WRENN_TEST".to_string(), "1".to_string())].into(),
+                    ..Default::default()
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .unwrap();
+        assert_eq!(r.envd_version, env!("CARGO_PKG_VERSION"));
+        c
+    }
+
+    fn authed(&self) -> Client {
+        self.connect(Credential::access_token(TOKEN)).unwrap()
+    }
+
+    fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Live children of envd (not zombies).
+    fn children(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(rest) = stat.rsplit_once(") ").map(|x| x.1) else {
+                continue;
+            };
+            let f: Vec<&str> = rest.split(' ').collect();
+            if f.len() > 1 && f[1] == self.pid().to_string() && f[0] != "Z" {
+                out.push(pid);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Envd {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                _ if start.elapsed() > Duration::from_secs(10) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stream_opts() -> CallOpts {
+    CallOpts {
+        timeout: None,
+        end_stream: true,
+    }
+}
+
+fn sh(script: &str) -> pb::ProcessConfig {
+    pb::ProcessConfig {
+        cmd: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+fn start(c: &Client, cfg: pb::ProcessConfig) -> Result<(u32, ClientStream), Status> {
+    let mut s = c.call(
+        pb::process_methods::START,
+        &pb::StartRequest { process: Some(cfg) },
+        stream_opts(),
+    )?;
+    match next_event(&mut s)? {
+        Some(pb::process_event::Event::Started(st)) => Ok((st.pid, s)),
+        other => panic!("expected started, got {other:?}"),
+    }
+}
+
+fn next_event(s: &mut ClientStream) -> Result<Option<pb::process_event::Event>, Status> {
+    Ok(s.recv::<pb::ProcessEvent>()?.and_then(|e| e.event))
+}
+
+/// Collected output of a process stream until its end.
+#[derive(Debug, Default)]
+struct Outcome {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    pty: Vec<u8>,
+    exited: Option<pb::ProcessExited>,
+}
+
+fn drain(s: &mut ClientStream) -> Outcome {
+    let mut o = Outcome::default();
+    while let Some(ev) = next_event(s).unwrap() {
+        match ev {
+            pb::process_event::Event::Output(out) => match out.stream {
+                1 => o.stdout.extend_from_slice(&out.data),
+                2 => o.stderr.extend_from_slice(&out.data),
+                _ => o.pty.extend_from_slice(&out.data),
+            },
+            pb::process_event::Event::Exited(e) => o.exited = Some(e),
+            pb::process_event::Event::Started(_) => panic!("second started"),
+        }
+    }
+    o
+}
+
+fn exit_code(o: &Outcome) -> Option<i32> {
+    match o.exited.as_ref()?.status {
+        Some(pb::process_exited::Status::ExitCode(c)) => Some(c),
+        _ => None,
+    }
+}
+
+fn exit_signal(o: &Outcome) -> Option<i32> {
+    match o.exited.as_ref()?.status {
+        Some(pb::process_exited::Status::Signal(s)) => Some(s),
+        _ => None,
+    }
+}
+
+fn pid_sel(pid: u32) -> Option<pb::ProcessSelector> {
+    Some(pb::ProcessSelector {
+        selector: Some(pb::process_selector::Selector::Pid(pid)),
+    })
+}
+
+fn tag_sel(tag: &str) -> Option<pb::ProcessSelector> {
+    Some(pb::ProcessSelector {
+        selector: Some(pb::process_selector::Selector::Tag(tag.into())),
+    })
+}
+
+fn send_input(c: &Client, sel: Option<pb::ProcessSelector>, data: &[u8], close: bool) -> u64 {
+    let mut s = c
+        .call(
+            pb::process_methods::SEND_INPUT,
+            &pb::SendInputRequest {
+                process: sel,
+                data: Bytes::copy_from_slice(data),
+                close,
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    s.close_send().unwrap();
+    let r: pb::SendInputResponse = s.recv().unwrap().unwrap();
+    r.bytes_written
+}
+
+fn t10() -> Option<Duration> {
+    Some(Duration::from_secs(10))
+}
+
+// ---- authentication -----------------------------------------------------------------
+
+#[test]
+fn before_init_only_init_and_health() {
+    let e = Envd::start();
+    let c = e.connect(Credential::none()).unwrap();
+    let h: pb::HealthCheckResponse = c
+        .unary(pb::health_methods::CHECK, &pb::HealthCheckRequest {}, t10())
+        .unwrap();
+    assert!(!h.initialized);
+    let err = c
+        .unary::<_, pb::ListProcessesResponse>(
+            pb::process_methods::LIST,
+            &pb::ListProcessesRequest {},
+            t10(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition, "{err}");
+    let err = c
+        .unary::<_, pb::StatResponse>(
+            pb::filesystem_methods::STAT,
+            &pb::StatRequest {
+                path: "/".into(),
+                ..Default::default()
+            },
+            t10(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition);
+    // The first Init must set a token.
+    let err = c
+        .unary::<_, pb::InitResponse>(pb::init_methods::INIT, &pb::InitRequest::default(), t10())
+        .unwrap_err();
+    assert_eq!(err.code, Code::InvalidArgument);
+}
+
+#[test]
+fn tokens_are_required_after_init_and_rotate() {
+    let e = Envd::start();
+    let first = e.init();
+    // The connection that initialized keeps working.
+    let _: pb::ListProcessesResponse = first
+        .unary(
+            pb::process_methods::LIST,
+            &pb::ListProcessesRequest {},
+            t10(),
+        )
+        .unwrap();
+    assert_eq!(
+        e.connect(Credential::none()).unwrap_err().code,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        e.connect(Credential::access_token("wrong"))
+            .unwrap_err()
+            .code,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        e.connect(Credential::api_key(TOKEN)).unwrap_err().code,
+        Code::Unauthenticated
+    );
+    let a = e.authed();
+    let b = e.authed();
+    let h: pb::HealthCheckResponse = b
+        .unary(pb::health_methods::CHECK, &pb::HealthCheckRequest {}, t10())
+        .unwrap();
+    assert!(h.initialized);
+    assert_eq!(h.sandbox_id, "sb-00000000-0000-0000-0000-000000000001");
+    // A rotation on `a` closes `b` (and `first`), keeps `a`.
+    let _: pb::InitResponse = a
+        .unary(
+            pb::init_methods::INIT,
+            &pb::InitRequest {
+                access_token: "second-token".into(),
+                ..Default::default()
+            },
+            t10(),
+        )
+        .unwrap();
+    let _: pb::ListProcessesResponse = a
+        .unary(
+            pb::process_methods::LIST,
+            &pb::ListProcessesRequest {},
+            t10(),
+        )
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let r = b.unary::<_, pb::ListProcessesResponse>(
+            pb::process_methods::LIST,
+            &pb::ListProcessesRequest {},
+            t10(),
+        );
+        if r.is_err() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "old connection still served"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(e.authed_with("second-token").is_ok());
+    assert_eq!(
+        e.authed_with(TOKEN).unwrap_err().code,
+        Code::Unauthenticated
+    );
+}
+
+impl Envd {
+    fn authed_with(&self, t: &str) -> Result<Client, Status> {
+        self.connect(Credential::access_token(t))
+    }
+}
+
+// ---- processes ----------------------------------------------------------------------
+
+#[test]
+fn output_of_200_mib_is_complete_and_ordered() {
+    let e = Envd::start();
+    let c = e.init();
+    // seq prints 1..N; checking every line proves order and completeness.
+    let n: u64 = 25_000_000; // 213,888,898 bytes: over 200 MiB
+    let (_, mut s) = start(&c, sh(&format!("seq 1 {n}"))).unwrap();
+    let mut expect = 1u64;
+    let mut partial = Vec::new();
+    let mut total = 0u64;
+    let t0 = Instant::now();
+    let mut exited = None;
+    while let Some(ev) = next_event(&mut s).unwrap() {
+        match ev {
+            pb::process_event::Event::Output(o) => {
+                assert_eq!(o.stream, pb::OutputStream::Stdout as i32);
+                assert_eq!(o.offset, total, "offsets must be contiguous");
+                total += o.data.len() as u64;
+                partial.extend_from_slice(&o.data);
+                let last_nl = match partial.iter().rposition(|&b| b == b'\n') {
+                    Some(i) => i,
+                    None => continue,
+                };
+                for line in partial[..last_nl].split(|&b| b == b'\n') {
+                    let v: u64 = std::str::from_utf8(line).unwrap().parse().unwrap();
+                    assert_eq!(v, expect);
+                    expect += 1;
+                }
+                partial.drain(..=last_nl);
+            }
+            pb::process_event::Event::Exited(x) => exited = Some(x),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(expect, n + 1);
+    assert!(partial.is_empty());
+    assert!(total >= 200 * 1024 * 1024, "{total}");
+    assert_eq!(
+        exited.unwrap().status,
+        Some(pb::process_exited::Status::ExitCode(0))
+    );
+    println!(
+        "200 MiB output: {total} bytes in {:?} ({:.0} MiB/s)",
+        t0.elapsed(),
+        total as f64 / 1048576.0 / t0.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn stdout_stderr_env_and_exit_code() {
+    let e = Envd::start();
+    let c = e.init();
+    let mut cfg = sh("echo out $WRENN_TEST $MINE; echo err >&2; pwd; exit 7");
+    cfg.env = [("MINE".to_string(), "x".to_string())].into();
+    cfg.cwd = "/tmp".into();
+    let (_, mut s) = start(&c, cfg).unwrap();
+    let o = drain(&mut s);
+    assert_eq!(o.stdout, b"out 1 x\n/tmp\n");
+    assert_eq!(o.stderr, b"err\n");
+    assert_eq!(exit_code(&o), Some(7));
+    // Spawn errors fail the call before any message.
+    let mut bad = sh("true");
+    bad.cmd = "/no/such/program".into();
+    assert_eq!(start(&c, bad).unwrap_err().code, Code::NotFound);
+    let mut bad = sh("true");
+    bad.user = "no-such-user".into();
+    assert_eq!(start(&c, bad).unwrap_err().code, Code::InvalidArgument);
+    let mut bad = sh("true");
+    bad.pty = Some(pb::PtySize { rows: 0, cols: 80 });
+    assert_eq!(start(&c, bad).unwrap_err().code, Code::InvalidArgument);
+}
+
+#[test]
+fn stdin_round_trip() {
+    let e = Envd::start();
+    let c = e.init();
+    let mut cfg = sh("cat; echo done");
+    cfg.stdin = true;
+    let (pid, mut s) = start(&c, cfg).unwrap();
+    // A stream of several messages, the last one closing stdin.
+    let mut input = c
+        .call(
+            pb::process_methods::SEND_INPUT,
+            &pb::SendInputRequest {
+                process: pid_sel(pid),
+                data: Bytes::from_static(b"hello "),
+                close: false,
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    let big = vec![b'z'; 3 << 20];
+    for chunk in big.chunks(64 * 1024) {
+        input
+            .send(&pb::SendInputRequest {
+                process: None,
+                data: Bytes::copy_from_slice(chunk),
+                close: false,
+            })
+            .unwrap();
+    }
+    input
+        .send(&pb::SendInputRequest {
+            process: None,
+            data: Bytes::from_static(b"\n"),
+            close: true,
+        })
+        .unwrap();
+    input.close_send().unwrap();
+    let r: pb::SendInputResponse = input.recv().unwrap().unwrap();
+    assert_eq!(r.bytes_written, 6 + (3 << 20) + 1);
+    let o = drain(&mut s);
+    assert_eq!(o.stdout.len(), 6 + (3 << 20) + 1 + 5);
+    assert!(o.stdout.starts_with(b"hello zzz"));
+    assert!(o.stdout.ends_with(b"z\ndone\n"));
+    // Without stdin: FAILED_PRECONDITION.
+    let (pid, mut s) = start(&c, sh("sleep 0.2")).unwrap();
+    let mut input = c
+        .call(
+            pb::process_methods::SEND_INPUT,
+            &pb::SendInputRequest {
+                process: pid_sel(pid),
+                data: Bytes::from_static(b"x"),
+                close: false,
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    input.close_send().unwrap();
+    assert_eq!(
+        input.recv::<pb::SendInputResponse>().unwrap_err().code,
+        Code::FailedPrecondition
+    );
+    drain(&mut s);
+}
+
+#[test]
+fn pty_tty_and_resize() {
+    let e = Envd::start();
+    let c = e.init();
+    let mut cfg = sh("tty; stty size; read x; stty size");
+    cfg.pty = Some(pb::PtySize {
+        rows: 30,
+        cols: 100,
+    });
+    let (pid, mut s) = start(&c, cfg).unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("30 100") {
+        match next_event(&mut s).unwrap() {
+            Some(pb::process_event::Event::Output(o)) => {
+                assert_eq!(o.stream, pb::OutputStream::Pty as i32);
+                seen.extend_from_slice(&o.data);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let _: pb::ResizePtyResponse = c
+        .unary(
+            pb::process_methods::RESIZE_PTY,
+            &pb::ResizePtyRequest {
+                process: pid_sel(pid),
+                size: Some(pb::PtySize {
+                    rows: 40,
+                    cols: 120,
+                }),
+            },
+            t10(),
+        )
+        .unwrap();
+    send_input(&c, pid_sel(pid), b"\n", false);
+    let o = drain(&mut s);
+    seen.extend_from_slice(&o.pty);
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert!(text.contains("40 120"), "{text}");
+    assert_eq!(exit_code(&o), Some(0));
+    // Resize of a process without a pty.
+    let (pid, mut s) = start(&c, sh("sleep 0.2")).unwrap();
+    let err = c
+        .unary::<_, pb::ResizePtyResponse>(
+            pb::process_methods::RESIZE_PTY,
+            &pb::ResizePtyRequest {
+                process: pid_sel(pid),
+                size: Some(pb::PtySize { rows: 1, cols: 1 }),
+            },
+            t10(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition);
+    drain(&mut s);
+}
+
+fn signal(
+    c: &Client,
+    sel: Option<pb::ProcessSelector>,
+    sig: i32,
+    group: bool,
+) -> Result<(), Status> {
+    c.unary::<_, pb::SignalResponse>(
+        pb::process_methods::SIGNAL,
+        &pb::SignalRequest {
+            process: sel,
+            signal: sig,
+            group,
+        },
+        t10(),
+    )
+    .map(|_| ())
+}
+
+#[test]
+fn signals_and_timeouts() {
+    let e = Envd::start();
+    let c = e.init();
+    let (pid, mut s) = start(&c, sh("echo up; sleep 100")).unwrap();
+    assert!(matches!(
+        next_event(&mut s).unwrap(),
+        Some(pb::process_event::Event::Output(_))
+    ));
+    signal(&c, pid_sel(pid), libc::SIGTERM, false).unwrap();
+    assert_eq!(exit_signal(&drain(&mut s)), Some(libc::SIGTERM));
+    // Group signal reaches the background child too (the shell waits for it).
+    let (pid, mut s) = start(&c, sh("sleep 100 & wait")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&c, pid_sel(pid), libc::SIGKILL, true).unwrap();
+    assert_eq!(exit_signal(&drain(&mut s)), Some(libc::SIGKILL));
+    assert_eq!(
+        signal(&c, pid_sel(999_999), libc::SIGTERM, false)
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
+    assert_eq!(
+        signal(&c, pid_sel(1), 0, false).unwrap_err().code,
+        Code::InvalidArgument
+    );
+    // Timeout kills the whole group.
+    let mut cfg = sh("sleep 100 & sleep 100");
+    cfg.timeout_ms = 300;
+    let t0 = Instant::now();
+    let (_, mut s) = start(&c, cfg).unwrap();
+    let o = drain(&mut s);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(o.exited.as_ref().unwrap().timed_out);
+    assert_eq!(exit_signal(&o), Some(libc::SIGKILL));
+    let start_wait = Instant::now();
+    while !e.children().is_empty() {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            e.children()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn reconnect_replays_recent_output() {
+    let e = Envd::start();
+    let c = e.init();
+    let mut cfg = sh("echo hello; echo world >&2; sleep 100");
+    cfg.tag = "svc".into();
+    let (pid, mut s) = start(&c, cfg.clone()).unwrap();
+    let mut got = 0;
+    while got < 2 {
+        if let Some(pb::process_event::Event::Output(_)) = next_event(&mut s).unwrap() {
+            got += 1;
+        }
+    }
+    s.cancel();
+    // Tags are unique among running processes.
+    assert_eq!(start(&c, cfg).unwrap_err().code, Code::AlreadyExists);
+    let list: pb::ListProcessesResponse = c
+        .unary(
+            pb::process_methods::LIST,
+            &pb::ListProcessesRequest {},
+            t10(),
+        )
+        .unwrap();
+    let info = list.processes.iter().find(|p| p.pid == pid).unwrap();
+    assert_eq!(info.tag, "svc");
+    assert_eq!(info.config.as_ref().unwrap().cmd, "/bin/sh");
+    // A new connection reattaches by tag and gets the replay.
+    let c2 = e.authed();
+    let mut s2 = c2
+        .call(
+            pb::process_methods::CONNECT,
+            &pb::ConnectRequest {
+                process: tag_sel("svc"),
+                skip_replay: false,
+            },
+            stream_opts(),
+        )
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut s2).unwrap(), Some(pb::process_event::Event::Started(st)) if st.pid == pid)
+    );
+    signal(&c2, tag_sel("svc"), libc::SIGTERM, false).unwrap();
+    let o = drain(&mut s2);
+    assert_eq!(o.stdout, b"hello\n");
+    assert_eq!(o.stderr, b"world\n");
+    assert_eq!(exit_signal(&o), Some(libc::SIGTERM));
+    let err = c2
+        .call(
+            pb::process_methods::CONNECT,
+            &pb::ConnectRequest {
+                process: pid_sel(999_999),
+                skip_replay: false,
+            },
+            stream_opts(),
+        )
+        .and_then(|mut s| s.recv::<pb::ProcessEvent>())
+        .unwrap_err();
+    assert_eq!(err.code, Code::NotFound);
+}
+
+#[test]
+fn runs_as_nobody() {
+    if !is_root() {
+        return skip("not root: cannot switch users");
+    }
+    let e = Envd::start();
+    let c = e.init();
+    let mut cfg = sh("id -u; id -g; echo $HOME $USER");
+    cfg.user = "nobody".into();
+    let (_, mut s) = start(&c, cfg).unwrap();
+    let o = drain(&mut s);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "65534\n65534\n/nonexistent nobody\n"
+    );
+    // Files: nobody may not write into a root-owned 0755 directory, nor read a 0600 file.
+    std::fs::write(e.dir.join("secret"), b"s").unwrap();
+    let secret = e.dir.join("secret");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let err = read_file(&c, &secret, "nobody").unwrap_err();
+    assert_eq!(err.code, Code::PermissionDenied);
+    let err = write_file(&c, &e.dir.join("new"), b"x", "nobody", true).unwrap_err();
+    assert_eq!(err.code, Code::PermissionDenied);
+    assert_eq!(read_file(&c, &secret, "").unwrap(), b"s");
+}
+
+// ---- files --------------------------------------------------------------------------
+
+fn read_file(c: &Client, path: &Path, user: &str) -> Result<Vec<u8>, Status> {
+    let mut s = c.call(
+        pb::filesystem_methods::READ,
+        &pb::ReadRequest {
+            path: path.to_str().unwrap().into(),
+            user: user.into(),
+            ..Default::default()
+        },
+        stream_opts(),
+    )?;
+    let mut out = Vec::new();
+    while let Some(m) = s.recv::<pb::ReadResponse>()? {
+        assert_eq!(m.offset, out.len() as u64);
+        out.extend_from_slice(&m.data);
+    }
+    Ok(out)
+}
+
+fn write_file(
+    c: &Client,
+    path: &Path,
+    data: &[u8],
+    user: &str,
+    atomic: bool,
+) -> Result<pb::WriteResponse, Status> {
+    let mut s = c.call(
+        pb::filesystem_methods::WRITE,
+        &pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                path: path.to_str().unwrap().into(),
+                user: user.into(),
+                atomic,
+                truncate: true,
+                ..Default::default()
+            })),
+        },
+        CallOpts::default(),
+    )?;
+    for chunk in data.chunks(64 * 1024) {
+        s.send(&pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Data(Bytes::copy_from_slice(chunk))),
+        })?;
+    }
+    s.close_send()?;
+    Ok(s.recv::<pb::WriteResponse>()?.unwrap())
+}
+
+/// Deterministic bytes: a xorshift stream, 8 bytes per step.
+struct Gen(u64);
+impl Gen {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for w in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let b = self.0.to_le_bytes();
+            w.copy_from_slice(&b[..w.len()]);
+        }
+    }
+}
+
+/// A cheap order-sensitive checksum over 8-byte words.
+#[derive(Default)]
+struct Sum(u64, u64);
+impl Sum {
+    fn add(&mut self, buf: &[u8]) {
+        for w in buf.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..w.len()].copy_from_slice(w);
+            self.0 = self.0.wrapping_add(u64::from_le_bytes(b));
+            self.1 = self.1.wrapping_add(self.0).rotate_left(1);
+        }
+    }
+}
+
+#[test]
+fn file_round_trip_2_gib_with_checksum() {
+    let mib: u64 = std::env::var("WRENN_ENVD_BIG_FILE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let len = mib << 20;
+    let e = Envd::start();
+    let c = e.init();
+    let path = e.dir.join("big");
+    let t0 = Instant::now();
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WRITE,
+            &pb::WriteRequest {
+                msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                    path: path.to_str().unwrap().into(),
+                    atomic: true,
+                    mode: Some(0o600),
+                    ..Default::default()
+                })),
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    let mut g = Gen(0x9e3779b97f4a7c15);
+    let mut sent = Sum::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        g.fill(&mut buf[..n]);
+        sent.add(&buf[..n]);
+        s.send(&pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Data(Bytes::copy_from_slice(
+                &buf[..n],
+            ))),
+        })
+        .unwrap();
+        left -= n as u64;
+    }
+    s.close_send().unwrap();
+    let w: pb::WriteResponse = s.recv().unwrap().unwrap();
+    assert_eq!(w.bytes_written, len);
+    assert_eq!(w.entry.as_ref().unwrap().size, len);
+    assert_eq!(w.entry.as_ref().unwrap().mode, 0o600);
+    let wrote = t0.elapsed();
+    let t1 = Instant::now();
+    let mut r = c
+        .call(
+            pb::filesystem_methods::READ,
+            &pb::ReadRequest {
+                path: path.to_str().unwrap().into(),
+                ..Default::default()
+            },
+            stream_opts(),
+        )
+        .unwrap();
+    let mut got = Sum::default();
+    let mut total = 0u64;
+    while let Some(m) = r.recv::<pb::ReadResponse>().unwrap() {
+        assert_eq!(m.offset, total);
+        total += m.data.len() as u64;
+        got.add(&m.data);
+    }
+    assert_eq!(total, len);
+    assert_eq!((got.0, got.1), (sent.0, sent.1));
+    println!(
+        "{mib} MiB file: write {:?} ({:.0} MiB/s), read {:?} ({:.0} MiB/s)",
+        wrote,
+        mib as f64 / wrote.as_secs_f64(),
+        t1.elapsed(),
+        mib as f64 / t1.elapsed().as_secs_f64()
+    );
+    // Ranged read.
+    let mut r = c
+        .call(
+            pb::filesystem_methods::READ,
+            &pb::ReadRequest {
+                path: path.to_str().unwrap().into(),
+                offset: 1000,
+                length: 100_000,
+                ..Default::default()
+            },
+            stream_opts(),
+        )
+        .unwrap();
+    let mut part = Vec::new();
+    while let Some(m) = r.recv::<pb::ReadResponse>().unwrap() {
+        part.extend_from_slice(&m.data);
+    }
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut expect = vec![0u8; 101_000];
+    f.read_exact(&mut expect).unwrap();
+    assert_eq!(part, expect[1000..]);
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn concurrent_writers_never_mix() {
+    let e = Envd::start();
+    let c = e.init();
+    let path = e.dir.join("shared");
+    let threads: Vec<_> = (0..6u8)
+        .map(|i| {
+            let c = c.clone();
+            let path = path.clone();
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    let data = vec![b'a' + i; 300_000];
+                    write_file(&c, &path, &data, "", true).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let data = std::fs::read(&path).unwrap();
+    assert_eq!(data.len(), 300_000);
+    assert!(data.iter().all(|&b| b == data[0]));
+    // No temporary files left behind.
+    let names: Vec<_> = std::fs::read_dir(&e.dir)
+        .unwrap()
+        .flatten()
+        .map(|d| d.file_name())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.to_string_lossy().contains("wrenn-tmp")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn file_operations_and_bad_paths() {
+    let e = Envd::start();
+    let c = e.init();
+    let d = e.dir.to_str().unwrap().to_string();
+    let mk: pb::MakeDirResponse = c
+        .unary(
+            pb::filesystem_methods::MAKE_DIR,
+            &pb::MakeDirRequest {
+                path: format!("{d}/a/b/c"),
+                ..Default::default()
+            },
+            t10(),
+        )
+        .unwrap();
+    assert!(mk.created);
+    assert_eq!(mk.entry.unwrap().r#type, pb::FileType::Dir as i32);
+    write_file(&c, &e.dir.join("a/f"), b"12345", "", false).unwrap();
+    let st: pb::StatResponse = c
+        .unary(
+            pb::filesystem_methods::STAT,
+            &pb::StatRequest {
+                path: format!("{d}/a/f"),
+                ..Default::default()
+            },
+            t10(),
+        )
+        .unwrap();
+    let entry = st.entry.unwrap();
+    assert_eq!(
+        (entry.size, entry.name.as_str(), entry.owner.as_str()),
+        (5, "f", "root")
+    );
+    // List with depth, including a non-UTF-8 name (raw bytes reported).
+    let raw = e.dir.join(std::ffi::OsStr::from_bytes(b"a/\xff\xfe"));
+    std::fs::write(&raw, b"").unwrap();
+    let mut s = c
+        .call(
+            pb::filesystem_methods::LIST,
+            &pb::ListDirRequest {
+                path: format!("{d}/a"),
+                depth: 3,
+                ..Default::default()
+            },
+            stream_opts(),
+        )
+        .unwrap();
+    let mut entries = Vec::new();
+    while let Some(b) = s.recv::<pb::ListDirResponse>().unwrap() {
+        entries.extend(b.entries);
+    }
+    assert_eq!(entries.len(), 4, "{entries:?}");
+    let odd = entries
+        .iter()
+        .find(|x| !x.entry.as_ref().unwrap().name_raw.is_empty())
+        .unwrap();
+    assert_eq!(&odd.entry.as_ref().unwrap().name_raw[..], b"\xff\xfe");
+    // Move without and with overwrite.
+    write_file(&c, &e.dir.join("g"), b"old", "", true).unwrap();
+    let mv = |overwrite| {
+        c.unary::<_, pb::MoveResponse>(
+            pb::filesystem_methods::MOVE,
+            &pb::MoveRequest {
+                source: format!("{d}/a/f"),
+                destination: format!("{d}/g"),
+                overwrite,
+                ..Default::default()
+            },
+            t10(),
+        )
+    };
+    assert_eq!(mv(false).unwrap_err().code, Code::AlreadyExists);
+    mv(true).unwrap();
+    assert_eq!(read_file(&c, &e.dir.join("g"), "").unwrap(), b"12345");
+    // Errors.
+    let stat = |p: &str| {
+        c.unary::<_, pb::StatResponse>(
+            pb::filesystem_methods::STAT,
+            &pb::StatRequest {
+                path: p.into(),
+                ..Default::default()
+            },
+            t10(),
+        )
+        .unwrap_err()
+        .code
+    };
+    assert_eq!(stat(&format!("{d}/missing")), Code::NotFound);
+    assert_eq!(stat(&format!("{d}/a\0b")), Code::InvalidArgument);
+    assert_eq!(stat(""), Code::InvalidArgument);
+    assert_eq!(
+        read_file(&c, &e.dir, "").unwrap_err().code,
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        read_file(&c, &e.dir.join("g/x"), "").unwrap_err().code,
+        Code::FailedPrecondition
+    );
+    let mut s = c
+        .call(
+            pb::filesystem_methods::LIST,
+            &pb::ListDirRequest {
+                path: format!("{d}/g"),
+                ..Default::default()
+            },
+            stream_opts(),
+        )
+        .unwrap();
+    assert_eq!(
+        s.recv::<pb::ListDirResponse>().unwrap_err().code,
+        Code::FailedPrecondition
+    );
+    let rm = |p: String, recursive, ignore_missing| {
+        c.unary::<_, pb::RemoveResponse>(
+            pb::filesystem_methods::REMOVE,
+            &pb::RemoveRequest {
+                path: p,
+                recursive,
+                ignore_missing,
+                ..Default::default()
+            },
+            t10(),
+        )
+    };
+    assert_eq!(
+        rm(format!("{d}/a"), false, false).unwrap_err().code,
+        Code::FailedPrecondition
+    );
+    rm(format!("{d}/a"), true, false).unwrap();
+    assert_eq!(
+        rm(format!("{d}/a"), true, false).unwrap_err().code,
+        Code::NotFound
+    );
+    rm(format!("{d}/a"), true, true).unwrap();
+    // Invalid UTF-8 in a string field: the request does not decode.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawStat {
+        #[prost(bytes = "vec", tag = "1")]
+        path: Vec<u8>,
+    }
+    let err = c
+        .unary::<_, pb::StatResponse>(
+            pb::filesystem_methods::STAT,
+            &RawStat {
+                path: b"/tmp/\xff".to_vec(),
+            },
+            t10(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code, Code::InvalidArgument, "{err}");
+    // A write whose first message is not a header.
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WRITE,
+            &pb::WriteRequest {
+                msg: Some(pb::write_request::Msg::Data(Bytes::from_static(b"x"))),
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    let _ = s.close_send();
+    assert_eq!(
+        s.recv::<pb::WriteResponse>().unwrap_err().code,
+        Code::InvalidArgument
+    );
+}
+
+#[test]
+fn watch_reports_changes() {
+    let e = Envd::start();
+    let c = e.init();
+    std::fs::create_dir(e.dir.join("w")).unwrap();
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WATCH,
+            &pb::WatchRequest {
+                path: e.dir.join("w").to_str().unwrap().into(),
+                recursive: true,
+                ..Default::default()
+            },
+            stream_opts(),
+        )
+        .unwrap();
+    match s.recv::<pb::WatchResponse>().unwrap().unwrap().msg {
+        Some(pb::watch_response::Msg::Started(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    std::fs::create_dir(e.dir.join("w/sub")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    write_file(&c, &e.dir.join("w/sub/file"), b"data", "", false).unwrap();
+    let want = e.dir.join("w/sub/file").to_str().unwrap().to_string();
+    let mut seen = HashSet::new();
+    let t0 = Instant::now();
+    while !(seen.contains(&(pb::FsEventKind::Create as i32, want.clone()))
+        && seen.contains(&(pb::FsEventKind::CloseWrite as i32, want.clone())))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{seen:?}");
+        if let Some(pb::watch_response::Msg::Events(b)) =
+            s.recv::<pb::WatchResponse>().unwrap().unwrap().msg
+        {
+            for ev in b.events {
+                seen.insert((ev.kind, ev.path));
+            }
+        }
+    }
+    s.cancel();
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WATCH,
+            &pb::WatchRequest {
+                path: "/no/such/dir".into(),
+                ..Default::default()
+            },
+            stream_opts(),
+        )
+        .unwrap();
+    assert_eq!(
+        s.recv::<pb::WatchResponse>().unwrap_err().code,
+        Code::NotFound
+    );
+}
+
+// ---- robustness ---------------------------------------------------------------------
+
+#[test]
+fn oversized_frames_are_refused_and_envd_survives() {
+    let e = Envd::start();
+    let c = e.init();
+    // A message above the 1 MiB message limit.
+    let huge = vec![0u8; 3 << 20];
+    let r = write_file(&c, &e.dir.join("huge"), &[], "", false).map(|_| ());
+    assert!(r.is_ok());
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WRITE,
+            &pb::WriteRequest {
+                msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                    path: e.dir.join("huge2").to_str().unwrap().into(),
+                    ..Default::default()
+                })),
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    let sent = s.send(&pb::WriteRequest {
+        msg: Some(pb::write_request::Msg::Data(Bytes::from(huge))),
+    });
+    let outcome = sent
+        .and_then(|_| s.close_send())
+        .and_then(|_| s.recv::<pb::WriteResponse>());
+    assert!(outcome.is_err(), "an oversized message was accepted");
+    // A raw oversized length prefix on a fresh socket: refused, envd still serves.
+    {
+        use std::io::Write;
+        let mut raw = std::os::unix::net::UnixStream::connect(&e.sock).unwrap();
+        let _ = raw.write_all(&u32::MAX.to_be_bytes());
+        let _ = raw.write_all(&[0u8; 64]);
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 256];
+        let _ = raw.read(&mut buf);
+    }
+    let c2 = e.authed();
+    let _: pb::HealthCheckResponse = c2
+        .unary(pb::health_methods::CHECK, &pb::HealthCheckRequest {}, t10())
+        .unwrap();
+}
+
+#[test]
+fn vanishing_clients_leak_nothing() {
+    let e = Envd::start();
+    let c = e.init();
+    // Warm up worker threads and lazily opened files so the baseline is stable.
+    let (_, mut s) = start(&c, sh("true")).unwrap();
+    drain(&mut s);
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = e.fd_count();
+    for round in 0..3 {
+        let c = e.authed();
+        // A process with far more output than the ring, a half-written file, a watch.
+        let (_, mut s) = start(&c, sh("head -c 50000000 /dev/zero")).unwrap();
+        let _ = next_event(&mut s).unwrap();
+        let mut w = c
+            .call(
+                pb::filesystem_methods::WRITE,
+                &pb::WriteRequest {
+                    msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                        path: e
+                            .dir
+                            .join(format!("partial{round}"))
+                            .to_str()
+                            .unwrap()
+                            .into(),
+                        atomic: true,
+                        ..Default::default()
+                    })),
+                },
+                CallOpts::default(),
+            )
+            .unwrap();
+        w.send(&pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Data(Bytes::from(vec![
+                1u8;
+                100_000
+            ]))),
+        })
+        .unwrap();
+        let mut wa = c
+            .call(
+                pb::filesystem_methods::WATCH,
+                &pb::WatchRequest {
+                    path: e.dir.to_str().unwrap().into(),
+                    ..Default::default()
+                },
+                stream_opts(),
+            )
+            .unwrap();
+        let _ = wa.recv::<pb::WatchResponse>();
+        // Vanish: close the connection without finishing anything.
+        c.close();
+        drop((s, w, wa));
+    }
+    let t0 = Instant::now();
+    loop {
+        let fds = e.fd_count();
+        let kids = e.children();
+        let temps: Vec<_> = std::fs::read_dir(&e.dir)
+            .unwrap()
+            .flatten()
+            .filter(|d| d.file_name().to_string_lossy().contains("wrenn-tmp"))
+            .collect();
+        if fds <= baseline && kids.is_empty() && temps.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "leaked: fds {fds} (baseline {baseline}), children {kids:?}, temp files {}",
+            temps.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list: pb::ListProcessesResponse = e
+        .authed()
+        .unary(
+            pb::process_methods::LIST,
+            &pb::ListProcessesRequest {},
+            t10(),
+        )
+        .unwrap();
+    assert!(list.processes.is_empty());
+}
+
+#[test]
+fn metrics_and_health() {
+    let e = Envd::start();
+    let c = e.init();
+    let (_, mut s) = start(&c, sh("sleep 0.5")).unwrap();
+    let m: pb::GetMetricsResponse = c
+        .unary(pb::metrics_methods::GET, &pb::GetMetricsRequest {}, t10())
+        .unwrap();
+    assert!(m.cpu_count >= 1);
+    assert!(m.memory_total_bytes > 0 && m.disk_total_bytes > 0);
+    assert_eq!(m.api_process_count, 1);
+    assert!(m.now_unix_ns > 0);
+    drain(&mut s);
+}
+
+// ---- announce -----------------------------------------------------------------------
+
+struct AnnounceSink(Arc<Mutex<Vec<pb::ReadyRequest>>>);
+
+impl Service for AnnounceSink {
+    fn hello(&self, _: &Hello) -> Result<Peer, Status> {
+        Ok(Arc::new(()))
+    }
+    fn call(&self, call: Call) {
+        if call.method() != pb::announce_methods::READY {
+            return call.fail(Status::unimplemented("no"));
+        }
+        match call.decode::<pb::ReadyRequest>() {
+            Ok(r) => {
+                self.0.lock().unwrap().push(r);
+                call.reply(&pb::ReadyResponse {})
+            }
+            Err(e) => call.fail(e),
+        }
+    }
+}
+
+#[test]
+fn announces_readiness_and_again_after_resumed() {
+    let dir = std::env::temp_dir().join(format!("envd-ann-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("ready.sock");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let mut server = Server::new(
+        ServerConfig::new("agent-test"),
+        Arc::new(AnnounceSink(got.clone())),
+    )
+    .unwrap();
+    server.listen_unix(&sock).unwrap();
+    let (handle, _join) = server.spawn().unwrap();
+    let e = Envd::start_with(&["--announce-unix", sock.to_str().unwrap()]);
+    let wait_for = |n: usize| {
+        let t0 = Instant::now();
+        while got.lock().unwrap().len() < n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no announce");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(1);
+    {
+        let g = got.lock().unwrap();
+        assert!(!g[0].resumed && !g[0].initialized);
+        assert_eq!(g[0].envd_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(g[0].instance_id.len(), 32);
+    }
+    let c = e.init();
+    let r: pb::ResumedResponse = c
+        .unary(
+            pb::init_methods::RESUMED,
+            &pb::ResumedRequest {
+                host_wall_time_unix_ns: 0,
+            },
+            t10(),
+        )
+        .unwrap();
+    assert_eq!(r.clock_source, pb::ClockSource::None as i32);
+    wait_for(2);
+    {
+        let g = got.lock().unwrap();
+        assert!(g[1].resumed && g[1].initialized);
+        assert_eq!(g[1].instance_id, g[0].instance_id);
+        assert_eq!(g[1].sandbox_id, "sb-00000000-0000-0000-0000-000000000001");
+    }
+    handle.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
