@@ -130,7 +130,7 @@ impl Db {
             if groups.len() >= SUPPLEMENTARY_GROUPS_MAX {
                 break;
             }
-            if g.members.iter().any(|m| *m == entry.name) {
+            if g.members.contains(&entry.name) {
                 groups.push(g.gid);
             }
         }

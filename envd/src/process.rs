@@ -805,17 +805,16 @@ impl ChildSetup {
                 Ok(())
             }
         };
-        // SAFETY (all blocks below): plain system calls on data owned by `self`, which
-        // lives until exec; no allocation happens on this path.
+        // Every call below is a plain system call on data owned by `self`, which lives
+        // until exec; nothing allocates on this path.
+        // SAFETY: sigset_t is plain data; sigemptyset initializes it next.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t.
         unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            check(libc::sigprocmask(
-                libc::SIG_SETMASK,
-                &set,
-                std::ptr::null_mut(),
-            ))?;
         }
+        // SAFETY: `set` is initialized; the old mask is not wanted.
+        check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) })?;
         // A new session, hence a new process group led by the child: a timeout or
         // shutdown kills the whole group with kill(-pid).
         // SAFETY: setsid has no arguments.

@@ -33,7 +33,7 @@ pub struct Pty {
 pub fn open(size: WinSize) -> io::Result<Pty> {
     let mut master: libc::c_int = -1;
     let mut slave: libc::c_int = -1;
-    let mut ws = size.to_libc();
+    let ws = size.to_libc();
     // SAFETY: openpty writes two fds into the given ints; name and termios may be null;
     // `ws` is a valid winsize read by the call.
     let r = unsafe {
@@ -42,19 +42,17 @@ pub fn open(size: WinSize) -> io::Result<Pty> {
             &mut slave,
             std::ptr::null_mut(),
             std::ptr::null(),
-            &mut ws,
+            &ws,
         )
     };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: openpty succeeded, so both are fresh fds owned by nobody else.
-    let pty = unsafe {
-        Pty {
-            master: OwnedFd::from_raw_fd(master),
-            slave: OwnedFd::from_raw_fd(slave),
-        }
-    };
+    // SAFETY: openpty succeeded, so `master` is a fresh fd owned by nobody else.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    // SAFETY: likewise for `slave`.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    let pty = Pty { master, slave };
     set_cloexec(pty.master.as_raw_fd())?;
     set_cloexec(pty.slave.as_raw_fd())?;
     Ok(pty)
