@@ -2,13 +2,21 @@
 //!
 //! - [`state`]: the sandbox state machine as a table;
 //! - [`statedir`]: records under the state root, written atomically;
-//! - [`ttl`]: timeouts with an injectable clock;
+//! - [`ttl`]: timeouts with an injectable clock, and the reaper loop;
+//! - [`manager`]: lifecycle operations, slots, disks, re-adoption after a restart;
+//! - [`vm`]: the VM layer the manager drives, as a trait;
+//! - [`metrics`]: counters and Prometheus text;
+//! - [`sys`]: pidfds, statvfs, random bytes;
 //! - [`limits`]: every bound, with its reason.
 //!
 //! It is not the VMM layer (Firecracker's API, processes, vsock, network slots live in
 //! `vmm-glue`) nor the page server (`uffd`).
 
 pub mod limits;
+pub mod manager;
+pub mod metrics;
 pub mod state;
 pub mod statedir;
+pub mod sys;
 pub mod ttl;
+pub mod vm;

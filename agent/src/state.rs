@@ -268,7 +268,10 @@ mod tests {
                 }
                 i += 1;
             }
-            assert!(seen.contains(&State::Stopped), "{from} cannot reach stopped");
+            assert!(
+                seen.contains(&State::Stopped),
+                "{from} cannot reach stopped"
+            );
         }
     }
 

@@ -830,7 +830,8 @@ mod tests {
         r.timeout_s = 60;
         r.policy = Policy::Pause;
         r.env.insert("PATH".into(), "/usr/bin:/bin".into());
-        r.env.insert("WEIRD=KEY%".into(), "line1\nline2\r\t=%41".into());
+        r.env
+            .insert("WEIRD=KEY%".into(), "line1\nline2\r\t=%41".into());
         r.env.insert("".into(), "".into());
         r.metadata.insert("env.fake".into(), "ü ✓".into());
         r.default_user = "user".into();
@@ -929,8 +930,14 @@ mod tests {
             (format!("{good}k=%4\n"), "bad escape"),
             (format!("{good}k=%zz\n"), "bad escape"),
             (format!("{good}k=%FF\n"), "bad escape"),
-            (good.replace("firecracker.start_ticks=99\n", ""), "incomplete"),
-            (good.replace("firecracker.pid=1234", "firecracker.pid=0"), "incomplete"),
+            (
+                good.replace("firecracker.start_ticks=99\n", ""),
+                "incomplete",
+            ),
+            (
+                good.replace("firecracker.pid=1234", "firecracker.pid=0"),
+                "incomplete",
+            ),
             (
                 good.replace(
                     "id=12345678-9abc-def0-1234-56789abcdef0",
@@ -948,11 +955,15 @@ mod tests {
     #[test]
     fn escaping_round_trips_every_small_string() {
         // A small seeded generator over characters that need escaping and ones that don't.
-        let alphabet = ['a', '=', '%', '\n', '\r', '\0', '\x7f', 'é', '✓', ' ', '0', 'F'];
+        let alphabet = [
+            'a', '=', '%', '\n', '\r', '\0', '\x7f', 'é', '✓', ' ', '0', 'F',
+        ];
         let mut seed: u64 = 0x5eed;
         for _ in 0..2000 {
             let mut s = String::new();
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let len = (seed >> 60) as usize;
             for i in 0..len {
                 s.push(alphabet[((seed >> (i * 4)) & 0xf) as usize % alphabet.len()]);

@@ -271,7 +271,10 @@ mod tests {
         clock.advance(Duration::from_secs(59));
         assert!(r.tick(&clock, &expire).is_empty());
         // Ping of 1 at t=59s with its 60 s timeout: now expires at 119 s.
-        r.set(id(1), deadline(clock.now_unix_ns(), Duration::from_secs(60)));
+        r.set(
+            id(1),
+            deadline(clock.now_unix_ns(), Duration::from_secs(60)),
+        );
         clock.advance(Duration::from_secs(2));
         assert!(r.tick(&clock, &expire).is_empty());
         clock.advance(Duration::from_secs(58)); // t = 119 s
@@ -317,7 +320,10 @@ mod tests {
         });
         // Set after the loop sleeps: the condvar wakes it.
         std::thread::sleep(Duration::from_millis(50));
-        r.set(id(7), deadline(clock.now_unix_ns(), Duration::from_millis(100)));
+        r.set(
+            id(7),
+            deadline(clock.now_unix_ns(), Duration::from_millis(100)),
+        );
         let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(got, id(7));
         r.stop();

@@ -1,0 +1,81 @@
+//! The agent's metrics: static counters and histograms rendered as Prometheus text
+//! (`/metrics`) and as samples (Host.Metrics).
+
+use proto::metrics::{family, sample, Counter, Histogram};
+
+pub static TRANSITIONS: Counter = Counter::new();
+pub static EXPIRED: Counter = Counter::new();
+pub static RPC_CALLS: Counter = Counter::new();
+pub static RPC_REFUSED: Counter = Counter::new();
+pub static REPORTS_SENT: Counter = Counter::new();
+pub static REPORTS_DROPPED: Counter = Counter::new();
+pub static HEARTBEATS_FAILED: Counter = Counter::new();
+pub static CREATE_SECONDS: Histogram = Histogram::new();
+pub static PAUSE_SECONDS: Histogram = Histogram::new();
+pub static RESUME_SECONDS: Histogram = Histogram::new();
+
+/// A gauge sample computed at scrape time.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: f64,
+}
+
+/// Counters as samples (histograms are exported as their counts).
+pub fn counters() -> Vec<Sample> {
+    let c = |name, v: u64| Sample {
+        name,
+        labels: Vec::new(),
+        value: v as f64,
+    };
+    vec![
+        c("wrenn_agent_transitions_total", TRANSITIONS.get()),
+        c("wrenn_agent_expired_total", EXPIRED.get()),
+        c("wrenn_agent_rpc_calls_total", RPC_CALLS.get()),
+        c("wrenn_agent_rpc_refused_total", RPC_REFUSED.get()),
+        c("wrenn_agent_reports_sent_total", REPORTS_SENT.get()),
+        c("wrenn_agent_reports_dropped_total", REPORTS_DROPPED.get()),
+        c(
+            "wrenn_agent_heartbeats_failed_total",
+            HEARTBEATS_FAILED.get(),
+        ),
+        c("wrenn_agent_create_seconds_count", CREATE_SECONDS.count()),
+        c("wrenn_agent_pause_seconds_count", PAUSE_SECONDS.count()),
+        c("wrenn_agent_resume_seconds_count", RESUME_SECONDS.count()),
+    ]
+}
+
+/// Prometheus text of every metric plus the given gauges.
+pub fn render(gauges: &[Sample]) -> String {
+    let mut out = String::new();
+    for s in counters() {
+        if s.name.ends_with("_count") {
+            continue;
+        }
+        family(&mut out, s.name, "counter", s.name);
+        sample(&mut out, s.name, "", s.value);
+    }
+    for (name, h) in [
+        ("wrenn_agent_create_seconds", &CREATE_SECONDS),
+        ("wrenn_agent_pause_seconds", &PAUSE_SECONDS),
+        ("wrenn_agent_resume_seconds", &RESUME_SECONDS),
+    ] {
+        family(&mut out, name, "histogram", name);
+        h.render(&mut out, name, "");
+    }
+    let mut last = "";
+    for g in gauges {
+        if g.name != last {
+            family(&mut out, g.name, "gauge", g.name);
+            last = g.name;
+        }
+        let labels: Vec<String> = g
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", proto::metrics::escape_label(v)))
+            .collect();
+        sample(&mut out, g.name, &labels.join(","), g.value);
+    }
+    out
+}

@@ -1,0 +1,212 @@
+//! The agent's few system calls: process identity and signals through pidfds, file-system
+//! capacity, random bytes. Everything else goes through `vmm-glue` or the standard library.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use crate::statedir::ProcRef;
+
+/// Start time of `pid` (field 22 of /proc/<pid>/stat, clock ticks since boot), or `None`
+/// when there is no such process.
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_ticks(&stat)
+}
+
+/// Field 22 of a /proc/<pid>/stat line. The command (field 2) is in parentheses and may
+/// itself contain spaces and parentheses, so the fields are counted after the last `)`.
+pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ")": field 3 (state) is the first; field 22 is the 20th.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+/// The recorded reference of a process we just started.
+pub fn proc_ref(pid: i32) -> Option<ProcRef> {
+    start_ticks(pid).map(|start_ticks| ProcRef { pid, start_ticks })
+}
+
+/// A pidfd for the process `p` names, if it still runs and is the same process (its
+/// start time matches). Holding the pidfd makes later signals race-free: the pid cannot be
+/// reused while we hold it.
+pub fn open(p: ProcRef) -> Option<OwnedFd> {
+    if p.pid <= 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
+    // passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Checked after opening: if the pid was reused before pidfd_open, the start time
+    // differs; if after, the pidfd still refers to the process we checked.
+    (start_ticks(p.pid) == Some(p.start_ticks)).then_some(fd)
+}
+
+/// Whether the recorded process still runs (a zombie counts as gone once reaped by
+/// its parent; an unreaped zombie child of ours is reaped by [`kill_and_reap`]).
+pub fn alive(p: ProcRef) -> bool {
+    match open(p) {
+        Some(_) => !is_zombie(p.pid),
+        None => false,
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_ascii_whitespace().next().map(|st| st == "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Sends `signal` to the recorded process if it is still that process. Returns whether a
+/// signal was delivered.
+pub fn signal(p: ProcRef, signal: i32) -> bool {
+    let Some(fd) = open(p) else {
+        return false;
+    };
+    // SAFETY: pidfd_send_signal takes a valid pidfd (held by `fd` for the call), a
+    // signal number, a null siginfo and flags 0.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    r == 0
+}
+
+/// SIGKILLs the recorded process and waits (up to `timeout`) until it is gone; reaps it if
+/// it is our child. Returns true once it is gone.
+pub fn kill_and_reap(p: ProcRef, timeout: std::time::Duration) -> bool {
+    signal(p, libc::SIGKILL);
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        reap(p.pid);
+        if !alive(p) {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Reaps `pid` if it is our exited child (no-op otherwise).
+pub fn reap(pid: i32) {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG writes the exit status into our local int; a pid that
+    // is not our child yields -1/ECHILD, which is ignored.
+    let _ = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+}
+
+/// Total and available bytes of the file system holding `path`.
+pub fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer for the call.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bs = st.f_frsize;
+    Ok((st.f_blocks * bs, st.f_bavail * bs))
+}
+
+/// `n` random bytes from the kernel, hex-encoded.
+pub fn random_hex(n: usize) -> io::Result<String> {
+    let mut buf = vec![0u8; n];
+    File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A random (version 4) UUID.
+pub fn random_uuid() -> io::Result<proto::id::Uuid> {
+    let mut b = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut b)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(proto::id::Uuid::from_bytes(b))
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_skips_a_command_with_parentheses() {
+        let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10";
+        assert_eq!(parse_start_ticks(line), Some(123456));
+        assert_eq!(parse_start_ticks("garbage"), None);
+        assert_eq!(parse_start_ticks("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn own_process_is_alive_and_a_changed_start_time_is_not() {
+        let me = proc_ref(std::process::id() as i32).unwrap();
+        assert!(alive(me));
+        assert!(!alive(ProcRef {
+            start_ticks: me.start_ticks + 1,
+            ..me
+        }));
+        assert!(!alive(ProcRef {
+            pid: i32::MAX,
+            start_ticks: 0
+        }));
+    }
+
+    #[test]
+    fn kill_and_reap_a_child() {
+        // Reaped by kill_and_reap (waitpid), not by Child::wait.
+        #[allow(clippy::zombie_processes)]
+        let child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let p = proc_ref(child.id() as i32).unwrap();
+        assert!(alive(p));
+        assert!(kill_and_reap(p, std::time::Duration::from_secs(5)));
+        assert!(!alive(p));
+        assert!(
+            !signal(p, libc::SIGKILL),
+            "no second signal to a gone process"
+        );
+    }
+
+    #[test]
+    fn random_and_compare() {
+        let a = random_hex(32).unwrap();
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, random_hex(32).unwrap());
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        let u = random_uuid().unwrap();
+        assert_eq!(u.get_version_num(), 4);
+        let (total, avail) = fs_space(Path::new("/")).unwrap();
+        assert!(total >= avail && total > 0);
+    }
+}
