@@ -75,7 +75,11 @@ impl Samples {
     }
 
     pub fn from_durations(d: &[Duration]) -> Samples {
-        Samples::new(d.iter().map(|d| d.as_nanos().min(u64::MAX as u128) as u64).collect())
+        Samples::new(
+            d.iter()
+                .map(|d| d.as_nanos().min(u64::MAX as u128) as u64)
+                .collect(),
+        )
     }
 
     pub fn percentile(&self, p: f64) -> u64 {
@@ -102,7 +106,11 @@ impl Samples {
 }
 
 /// Times `iters` calls of `f` after `warmup` untimed ones.
-pub fn measure(iters: usize, warmup: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<Samples, String> {
+pub fn measure(
+    iters: usize,
+    warmup: usize,
+    mut f: impl FnMut() -> Result<(), String>,
+) -> Result<Samples, String> {
     for _ in 0..warmup {
         f()?;
     }
@@ -116,14 +124,26 @@ pub fn measure(iters: usize, warmup: usize, mut f: impl FnMut() -> Result<(), St
 }
 
 /// Formats a latency case (ratio = our p50 / baseline p50; lower is better).
-pub fn latency_line(name: &str, ours: &Samples, baseline: &str, base: &Samples, goal: Goal) -> String {
+pub fn latency_line(
+    name: &str,
+    ours: &Samples,
+    baseline: &str,
+    base: &Samples,
+    goal: Goal,
+) -> String {
     let ratio = ours.p50() as f64 / base.p50().max(1) as f64;
     line(name, ours, baseline, ratio, goal)
 }
 
 /// Formats a throughput case where every iteration moves the same bytes for ours and the
 /// baseline (ratio = baseline time / our time = our throughput / baseline throughput).
-pub fn throughput_line(name: &str, ours: &Samples, baseline: &str, base: &Samples, goal: Goal) -> String {
+pub fn throughput_line(
+    name: &str,
+    ours: &Samples,
+    baseline: &str,
+    base: &Samples,
+    goal: Goal,
+) -> String {
     let ratio = base.p50() as f64 / ours.p50().max(1) as f64;
     line(name, ours, baseline, ratio, goal)
 }
@@ -139,12 +159,19 @@ fn line(name: &str, ours: &Samples, baseline: &str, ratio: f64, goal: Goal) -> S
 
 /// Formats a figure without a same-run baseline (RSS, sizes, counts).
 pub fn metric_line(name: &str, value: f64, unit: &str, goal: Goal) -> String {
-    format!("metric={name} value={value} unit={unit} goal={goal} ok={}", goal.holds(value))
+    format!(
+        "metric={name} value={value} unit={unit} goal={goal} ok={}",
+        goal.holds(value)
+    )
 }
 
 /// Formats an informational line (a figure with no goal, e.g. an extra reference point).
 pub fn info_line(name: &str, samples: &Samples, note: &str) -> String {
-    format!("info={name} p50_ns={} p99_ns={} note={note}", samples.p50(), samples.p99())
+    format!(
+        "info={name} p50_ns={} p99_ns={} note={note}",
+        samples.p50(),
+        samples.p99()
+    )
 }
 
 /// Resident set size of a process in KiB, from /proc.
@@ -174,7 +201,11 @@ mod tests {
             latency_line("x", &ours, "y", &base, Goal::AtMost(1.5)),
             "bench=x p50_ns=15 p99_ns=15 baseline=y ratio=1.500 goal=<=1.5 ok=true"
         );
-        assert!(throughput_line("x", &ours, "y", &base, Goal::AtLeast(0.7)).ends_with("ratio=0.667 goal=>=0.7 ok=false"));
-        assert_eq!(metric_line("rss", 3.5, "MiB", Goal::AtMost(4.0)), "metric=rss value=3.5 unit=MiB goal=<=4 ok=true");
+        assert!(throughput_line("x", &ours, "y", &base, Goal::AtLeast(0.7))
+            .ends_with("ratio=0.667 goal=>=0.7 ok=false"));
+        assert_eq!(
+            metric_line("rss", 3.5, "MiB", Goal::AtMost(4.0)),
+            "metric=rss value=3.5 unit=MiB goal=<=4 ok=true"
+        );
     }
 }

@@ -1,16 +1,9 @@
 //! `cargo run --release -p bench -- <name>|all [--quick]`: runs benchmark cases, each
 //! against a baseline measured in the same run (see harness.rs for the output format).
 
-mod harness;
-mod rpc;
-
 use std::process::ExitCode;
 
-fn cases() -> Vec<harness::Case> {
-    let mut v = Vec::new();
-    v.extend(rpc::cases());
-    v
-}
+use bench::{cases, harness};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,7 +14,11 @@ fn main() -> ExitCode {
         for c in cases() {
             eprintln!("  {}", c.name);
         }
-        return if names.is_empty() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+        return if names.is_empty() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
     }
     let all = cases();
     for n in &names {
@@ -32,7 +29,10 @@ fn main() -> ExitCode {
     }
     let opts = harness::Opts { quick };
     let mut failed = 0;
-    for c in all.iter().filter(|c| names.iter().any(|n| *n == "all" || *n == c.name)) {
+    for c in all
+        .iter()
+        .filter(|c| names.iter().any(|n| *n == "all" || *n == c.name))
+    {
         if let Err(e) = (c.run)(&opts) {
             println!("bench={} error={}", c.name, e.replace(' ', "_"));
             failed += 1;

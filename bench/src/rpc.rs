@@ -13,8 +13,14 @@ use crate::harness::{latency_line, measure, throughput_line, Case, Goal, Opts};
 
 pub fn cases() -> Vec<Case> {
     vec![
-        Case { name: "rpc_unary", run: rpc_unary },
-        Case { name: "rpc_stream", run: rpc_stream },
+        Case {
+            name: "rpc_unary",
+            run: rpc_unary,
+        },
+        Case {
+            name: "rpc_stream",
+            run: rpc_stream,
+        },
     ]
 }
 
@@ -49,7 +55,10 @@ impl Service for Bench {
                     Ok(r) => r,
                     Err(e) => return s.finish(Err(e)),
                 };
-                let msg = Blob { data: vec![0x5a; CHUNK].into(), n: 0 };
+                let msg = Blob {
+                    data: vec![0x5a; CHUNK].into(),
+                    n: 0,
+                };
                 for _ in 0..req.n {
                     if let Err(e) = s.send(&msg) {
                         return s.finish(Err(e));
@@ -99,11 +108,17 @@ impl Drop for TempDir {
 fn fixture() -> Result<Fixture, String> {
     let dir = TempDir::new("rpc")?;
     let path = dir.0.join("rpc.sock");
-    let mut server = Server::new(ServerConfig::new("bench"), Arc::new(Bench)).map_err(|e| e.to_string())?;
+    let mut server =
+        Server::new(ServerConfig::new("bench"), Arc::new(Bench)).map_err(|e| e.to_string())?;
     server.listen_unix(&path).map_err(|e| e.to_string())?;
     let (handle, join) = server.spawn().map_err(|e| e.to_string())?;
     let client = Client::connect_unix(&path, Credential::none()).map_err(|e| e.to_string())?;
-    Ok(Fixture { _dir: dir, client, handle, join: Some(join) })
+    Ok(Fixture {
+        _dir: dir,
+        client,
+        handle,
+        join: Some(join),
+    })
 }
 
 /// Wire bytes of one unary exchange, so the baseline moves exactly as many.
@@ -116,10 +131,16 @@ fn unary_wire_lens(req: &Blob) -> (usize, usize) {
 
 fn rpc_unary(opts: &Opts) -> Result<(), String> {
     let iters = opts.iters(20_000, 200);
-    let req = Blob { data: vec![7; 64].into(), n: 1 };
+    let req = Blob {
+        data: vec![7; 64].into(),
+        n: 1,
+    };
     let fx = fixture()?;
     let ours = measure(iters, iters / 10, || {
-        let r: Blob = fx.client.unary(ECHO, &req, None).map_err(|e| e.to_string())?;
+        let r: Blob = fx
+            .client
+            .unary(ECHO, &req, None)
+            .map_err(|e| e.to_string())?;
         if r.n != 1 {
             return Err("wrong echo".into());
         }
@@ -148,7 +169,16 @@ fn rpc_unary(opts: &Opts) -> Result<(), String> {
     })?;
     drop(a);
     let _ = echo.join();
-    println!("{}", latency_line("rpc_unary", &ours, "raw_socket_pingpong", &base, Goal::AtMost(1.5)));
+    println!(
+        "{}",
+        latency_line(
+            "rpc_unary",
+            &ours,
+            "raw_socket_pingpong",
+            &base,
+            Goal::AtMost(1.5)
+        )
+    );
     Ok(())
 }
 
@@ -160,7 +190,17 @@ fn rpc_stream(opts: &Opts) -> Result<(), String> {
     let ours = measure(iters, 1, || {
         let mut s = fx
             .client
-            .call(STREAM, &Blob { data: Default::default(), n: chunks }, CallOpts { timeout: None, end_stream: true })
+            .call(
+                STREAM,
+                &Blob {
+                    data: Default::default(),
+                    n: chunks,
+                },
+                CallOpts {
+                    timeout: None,
+                    end_stream: true,
+                },
+            )
             .map_err(|e| e.to_string())?;
         let mut n = 0u64;
         while let Some(m) = s.recv::<Blob>().map_err(|e| e.to_string())? {
@@ -175,7 +215,13 @@ fn rpc_stream(opts: &Opts) -> Result<(), String> {
 
     // Baseline: the same bytes (frame overhead included) copied through a Unix socket by a
     // writer thread in CHUNK-sized writes, read by this thread.
-    let frame_len = 4 + 6 + Blob { data: vec![0; CHUNK].into(), n: 0 }.encoded_len();
+    let frame_len = 4
+        + 6
+        + Blob {
+            data: vec![0; CHUNK].into(),
+            n: 0,
+        }
+        .encoded_len();
     let total = frame_len * chunks as usize;
     let dir = TempDir::new("copy")?;
     let path = dir.0.join("copy.sock");
@@ -207,6 +253,15 @@ fn rpc_stream(opts: &Opts) -> Result<(), String> {
     })?;
     drop(s);
     let _ = writer.join();
-    println!("{}", throughput_line("rpc_stream", &ours, "raw_socket_copy", &base, Goal::AtLeast(0.7)));
+    println!(
+        "{}",
+        throughput_line(
+            "rpc_stream",
+            &ours,
+            "raw_socket_copy",
+            &base,
+            Goal::AtLeast(0.7)
+        )
+    );
     Ok(())
 }

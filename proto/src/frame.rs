@@ -412,6 +412,24 @@ mod tests {
         assert_eq!(r.message, b"\x0a\x01x");
     }
 
+    /// The worked example of PROTOCOL.md §8, byte for byte.
+    #[test]
+    fn protocol_md_example() {
+        let mut out = Vec::new();
+        put_request(
+            &mut out,
+            1,
+            FLAG_END_STREAM,
+            "wrenn.envd.v1.Health/Check",
+            0,
+            &[],
+        );
+        let mut want = vec![0, 0, 0, 0x25, 0, 0, 0, 1, 3, 1, 0x1a];
+        want.extend_from_slice(b"wrenn.envd.v1.Health/Check");
+        want.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(out, want);
+    }
+
     #[test]
     fn split_at_every_byte() {
         let mut out = Vec::new();

@@ -288,7 +288,8 @@ impl Client {
 /// What we may send to a peer that announced `frame_len_max` and `stream_window`: at most
 /// three quarters of its window per frame (see limits.rs).
 pub(crate) fn send_frame_limit(frame_len_max: u32, stream_window: u32) -> u32 {
-    clamp_frame(frame_len_max).min((nonzero(stream_window, STREAM_WINDOW_DEFAULT) / 4).saturating_mul(3))
+    clamp_frame(frame_len_max)
+        .min((nonzero(stream_window, STREAM_WINDOW_DEFAULT) / 4).saturating_mul(3))
 }
 
 fn clamp_frame(v: u32) -> u32 {

@@ -25,9 +25,8 @@ use prost::bytes::{Bytes, BytesMut};
 
 use crate::frame::{self, Decoded, Kind, FLAG_END_STREAM};
 use crate::limits::{
-    OUT_HIGH_WATER, READER_TICK,
     CONTROL_QUEUE_LEN_MAX, FRAME_HEADER_LEN, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
-    LENGTH_PREFIX_LEN, READ_CHUNK_LEN,
+    LENGTH_PREFIX_LEN, OUT_HIGH_WATER, READER_TICK, READ_CHUNK_LEN,
 };
 use crate::status::{Code, Status};
 
@@ -120,7 +119,9 @@ pub(crate) struct RecvBuf {
 
 impl RecvBuf {
     pub fn new() -> RecvBuf {
-        RecvBuf { buf: BytesMut::new() }
+        RecvBuf {
+            buf: BytesMut::new(),
+        }
     }
 
     /// Reads once from `sock` (non-blocking). Returns bytes read (0 at EOF) and whether
@@ -471,7 +472,10 @@ impl Conn {
             // A server's senders also wait while the socket is backed up, so the outbound
             // buffer stays near the high-water mark instead of growing to the windows.
             let backed_up = self.side == Side::Server && Self::pending_output(st) >= OUT_HIGH_WATER;
-            Ok((s.send_window >= cost as i64 && conn_window >= cost as i64 && !backed_up).then_some(()))
+            Ok(
+                (s.send_window >= cost as i64 && conn_window >= cost as i64 && !backed_up)
+                    .then_some(()),
+            )
         };
         let mut st = if block {
             self.wait(deadline, ready)?.0
@@ -786,7 +790,10 @@ impl Conn {
                         f.stream
                     )));
                 }
-                s.queue.push_back(Msg { bytes: whole.slice(body_at..), cost });
+                s.queue.push_back(Msg {
+                    bytes: whole.slice(body_at..),
+                    cost,
+                });
                 if f.flags & FLAG_END_STREAM != 0 {
                     s.peer_done = true;
                 }
@@ -895,7 +902,11 @@ impl Conn {
                 self.wake_waiters(&st);
             } else {
                 st.waiters += 1;
-                st = self.cv.wait_timeout(st, tick).unwrap_or_else(|e| e.into_inner()).0;
+                st = self
+                    .cv
+                    .wait_timeout(st, tick)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
                 st.waiters -= 1;
             }
         }
@@ -907,10 +918,16 @@ impl Conn {
         let mut res = PollResult::default();
         let mut block = true;
         if want_write || timeout.is_zero() {
-            let (readable, writable) = match super::sys::poll1(&self.sock, want_write, timeout.min(READER_TICK)) {
-                Ok(r) => r,
-                Err(e) => return PollResult { error: Some(e), ..Default::default() },
-            };
+            let (readable, writable) =
+                match super::sys::poll1(&self.sock, want_write, timeout.min(READER_TICK)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return PollResult {
+                            error: Some(e),
+                            ..Default::default()
+                        }
+                    }
+                };
             res.writable = writable;
             if !readable {
                 return res;
@@ -1024,7 +1041,8 @@ impl Conn {
     /// idle connection meanwhile (reads whatever is already there, never blocks).
     pub fn poll_idle(&self) {
         let mut st = self.lock();
-        let quiet = st.last_rx.elapsed() < crate::limits::IDLE_CHECK && st.last_tx.elapsed() < crate::limits::IDLE_CHECK;
+        let quiet = st.last_rx.elapsed() < crate::limits::IDLE_CHECK
+            && st.last_tx.elapsed() < crate::limits::IDLE_CHECK;
         if st.reader_busy || st.dead.is_some() || quiet {
             return;
         }

@@ -268,7 +268,12 @@ impl Server {
                         // A peer's close may arrive with its last bytes in one edge: then
                         // read to EOF instead of stopping at a short read.
                         let closing = ev.is_read_closed() || ev.is_error();
-                        self.conn_event(t - CONN_BASE, ev.is_readable() || closing, ev.is_writable(), closing)
+                        self.conn_event(
+                            t - CONN_BASE,
+                            ev.is_readable() || closing,
+                            ev.is_writable(),
+                            closing,
+                        )
                     }
                 }
             }
@@ -513,7 +518,10 @@ impl Server {
             recv_frame_len_max: self.cfg.frame_len_max,
             recv_stream_window: self.cfg.stream_window,
             recv_conn_window: self.cfg.conn_window,
-            send_frame_len_max: super::client::send_frame_limit(hello.frame_len_max, hello.stream_window),
+            send_frame_len_max: super::client::send_frame_limit(
+                hello.frame_len_max,
+                hello.stream_window,
+            ),
             send_stream_window: super::client::negotiated_window(
                 hello.stream_window,
                 STREAM_WINDOW_DEFAULT,
@@ -893,10 +901,7 @@ impl ServerStream {
     }
 
     /// Like `recv_bytes`, but gives up after `timeout` with `Ok(Err(()))`.
-    pub fn recv_timeout(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Result<Option<Bytes>, ()>, Status> {
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Result<Option<Bytes>, ()>, Status> {
         let id = self.id;
         let conn = self.conn.clone();
         let r = conn

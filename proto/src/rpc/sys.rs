@@ -7,12 +7,20 @@ use std::time::Duration;
 
 /// Polls `sock` for reading (and writing when `want_write`).
 /// Returns (readable or hung up, writable).
-pub(crate) fn poll1(sock: &UnixStream, want_write: bool, timeout: Duration) -> io::Result<(bool, bool)> {
+pub(crate) fn poll1(
+    sock: &UnixStream,
+    want_write: bool,
+    timeout: Duration,
+) -> io::Result<(bool, bool)> {
     let mut events = libc::POLLIN;
     if want_write {
         events |= libc::POLLOUT;
     }
-    let mut fds = [libc::pollfd { fd: sock.as_raw_fd(), events, revents: 0 }];
+    let mut fds = [libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events,
+        revents: 0,
+    }];
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: `fds` is a valid array of one initialised pollfd that outlives the call, and
     // its length is passed exactly; the fd is owned by a live `UnixStream`.
@@ -25,7 +33,10 @@ pub(crate) fn poll1(sock: &UnixStream, want_write: bool, timeout: Duration) -> i
         return Err(e);
     }
     let r = fds[0].revents;
-    Ok((r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0, r & libc::POLLOUT != 0))
+    Ok((
+        r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
+        r & libc::POLLOUT != 0,
+    ))
 }
 
 /// Sends without blocking (and without SIGPIPE), whatever the socket's mode.
@@ -64,7 +75,12 @@ pub(crate) fn read_into(
     // SAFETY: `spare` is valid writable memory of `spare.len()` bytes owned by `buf`;
     // recv writes at most that many bytes and reports how many it wrote.
     let n = unsafe {
-        libc::recv(sock.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), flags)
+        libc::recv(
+            sock.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            flags,
+        )
     };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -131,13 +147,22 @@ mod tests {
     #[test]
     fn poll_reports_readable_and_writable() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        assert_eq!(poll1(&a, false, Duration::from_millis(10)).unwrap(), (false, false));
+        assert_eq!(
+            poll1(&a, false, Duration::from_millis(10)).unwrap(),
+            (false, false)
+        );
         b.write_all(b"x").unwrap();
-        assert_eq!(poll1(&a, true, Duration::from_millis(10)).unwrap(), (true, true));
+        assert_eq!(
+            poll1(&a, true, Duration::from_millis(10)).unwrap(),
+            (true, true)
+        );
         let mut buf = prost::bytes::BytesMut::with_capacity(16);
         assert_eq!(read_into(&a, &mut buf, false).unwrap(), 1);
         assert_eq!(&buf[..], b"x");
-        assert_eq!(read_into(&a, &mut buf, false).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(
+            read_into(&a, &mut buf, false).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
         assert_eq!(send_nb(&a, b"yz").unwrap(), 2);
     }
 }

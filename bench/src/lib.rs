@@ -1,0 +1,12 @@
+//! wrenn's benchmark suite: every case measures its baseline in the same run and prints the
+//! ratio (see `harness`). `cargo run --release -p bench -- <name>|all [--quick]`.
+
+pub mod harness;
+pub mod rpc;
+
+/// Every case, in the order `all` runs them.
+pub fn cases() -> Vec<harness::Case> {
+    let mut v = Vec::new();
+    v.extend(rpc::cases());
+    v
+}
