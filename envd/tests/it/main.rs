@@ -60,7 +60,10 @@ impl Envd {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("envd.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_envd"))
+        // WRENN_ENVD_BIN runs the tests against another build (e.g. the static release one).
+        let bin = std::env::var("WRENN_ENVD_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_envd").to_string());
+        let child = Command::new(bin)
             .arg("--listen-unix")
             .arg(&sock)
             .arg("--no-announce")
