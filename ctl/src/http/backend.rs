@@ -5,8 +5,15 @@
 //! Architecture invariant: the gateway never implements API behaviour itself; it converts
 //! JSON to the request message, calls the backend, and converts the answer back.
 
+use std::sync::Arc;
+
+use prost::Message;
+use proto::gen::wrenn::ctl::v1 as ctl;
+use proto::gen::wrenn::envd::v1 as envd;
 use proto::rpc::Peer;
 use proto::Status;
+
+use crate::service::{Api, AuthCtx, Sink, Source};
 
 /// The service layer as the gateway sees it. Implementations are called on the gateway's
 /// worker threads and may block (SQL, agent calls).
@@ -16,7 +23,8 @@ pub trait Backend: Send + Sync + 'static {
     fn authenticate(&self, api_key: &str) -> Result<Peer, Status>;
 
     /// A unary call: encoded request in, encoded reply out.
-    fn unary(&self, peer: &Peer, method: &'static str, request: Vec<u8>) -> Result<Vec<u8>, Status>;
+    fn unary(&self, peer: &Peer, method: &'static str, request: Vec<u8>)
+        -> Result<Vec<u8>, Status>;
 
     /// A server-streaming call. `emit` is called with each encoded message, in order; when it
     /// fails (the HTTP client went away) the implementation stops and returns that error.
@@ -43,4 +51,168 @@ pub trait Backend: Send + Sync + 'static {
     /// Liveness detail for `/health`: Ok when the service can answer (e.g. its database pool
     /// is connected), Err with the reason otherwise.
     fn health(&self) -> Result<(), String>;
+}
+
+/// The gateway's [`Backend`] over ctl's service layer.
+pub struct ApiBackend(pub Api);
+
+fn ctx_of(peer: &Peer) -> Result<&AuthCtx, Status> {
+    peer.downcast_ref::<AuthCtx>()
+        .ok_or_else(|| Status::internal("http peer is not an AuthCtx"))
+}
+
+fn req<M: Message + Default>(b: &[u8]) -> Result<M, Status> {
+    M::decode(b).map_err(|e| Status::invalid_argument(format!("decode request: {e}")))
+}
+
+fn enc<M: Message>(r: Result<M, Status>) -> Result<Vec<u8>, Status> {
+    r.map(|m| m.encode_to_vec())
+}
+
+struct EmitSink<'a>(&'a mut dyn FnMut(Vec<u8>) -> Result<(), Status>);
+
+impl<M: Message> Sink<M> for EmitSink<'_> {
+    fn send(&mut self, msg: &M) -> Result<(), Status> {
+        (self.0)(msg.encode_to_vec())
+    }
+}
+
+struct NextSource<'a>(&'a mut dyn FnMut() -> Result<Option<Vec<u8>>, Status>);
+
+impl<M: Message + Default> Source<M> for NextSource<'_> {
+    fn recv(&mut self) -> Result<Option<M>, Status> {
+        match (self.0)()? {
+            Some(b) => req(&b).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Backend for ApiBackend {
+    fn authenticate(&self, api_key: &str) -> Result<Peer, Status> {
+        let ctx = self.0.authenticate(api_key)?;
+        Ok(Arc::new(ctx))
+    }
+
+    fn unary(&self, peer: &Peer, method: &'static str, b: Vec<u8>) -> Result<Vec<u8>, Status> {
+        use ctl::{
+            api_keys_methods as keys, audit_logs_methods as audit, files_methods as files,
+            hosts_methods as hosts, processes_methods as procs, sandboxes_methods as sb,
+            teams_methods as teams, templates_methods as tpl, users_methods as users,
+        };
+        let a = &self.0;
+        let c = ctx_of(peer)?;
+        match method {
+            sb::CREATE => enc(a.create_sandbox(c, req(&b)?)),
+            sb::LIST => enc(a.list_sandboxes(c, req(&b)?)),
+            sb::GET => enc(a.get_sandbox(c, req(&b)?)),
+            sb::DESTROY => enc(a.destroy_sandbox(c, req(&b)?)),
+            sb::PING => enc(a.ping_sandbox(c, req(&b)?)),
+            sb::SET_TIMEOUT => enc(a.set_sandbox_timeout(c, req(&b)?)),
+            sb::PAUSE => enc(a.pause_sandbox(c, req(&b)?)),
+            sb::RESUME => enc(a.resume_sandbox(c, req(&b)?)),
+            procs::EXEC => enc(a.exec(c, req(&b)?)),
+            procs::CLOSE_STDIN => enc(a.close_stdin(c, req(&b)?)),
+            procs::SIGNAL => enc(a.signal_process(c, req(&b)?)),
+            procs::RESIZE_PTY => enc(a.resize_pty(c, req(&b)?)),
+            procs::LIST => enc(a.list_processes(c, req(&b)?)),
+            procs::SEND_INPUT => {
+                // A one-shot write is a client stream of one message.
+                let one: ctl::SendInputRequest = req(&b)?;
+                let mut src = crate::service::VecSource::new(vec![one]);
+                enc(a.send_input(c, &mut src))
+            }
+            files::STAT => enc(a.stat(c, req(&b)?)),
+            files::MAKE_DIR => enc(a.make_dir(c, req(&b)?)),
+            files::MOVE => enc(a.move_path(c, req(&b)?)),
+            files::REMOVE => enc(a.remove_path(c, req(&b)?)),
+            tpl::CREATE => enc(a.create_template(c, req(&b)?)),
+            tpl::LIST => enc(a.list_templates(c, req(&b)?)),
+            tpl::GET => enc(a.get_template(c, req(&b)?)),
+            tpl::DELETE => enc(a.delete_template(c, req(&b)?)),
+            teams::GET => enc(a.get_team(c, req(&b)?)),
+            teams::ADD_MEMBER => enc(a.add_member(c, req(&b)?)),
+            teams::REMOVE_MEMBER => enc(a.remove_member(c, req(&b)?)),
+            teams::LIST_MEMBERS => enc(a.list_members(c, req(&b)?)),
+            users::CREATE => enc(a.create_user(c, req(&b)?)),
+            users::GET => enc(a.get_user(c, req(&b)?)),
+            users::LIST => enc(a.list_users(c, req(&b)?)),
+            keys::CREATE => enc(a.create_api_key(c, req(&b)?)),
+            keys::LIST => enc(a.list_api_keys(c, req(&b)?)),
+            keys::REVOKE => enc(a.revoke_api_key(c, req(&b)?)),
+            hosts::CREATE_REGISTRATION_TOKEN => enc(a.create_registration_token(c, req(&b)?)),
+            hosts::LIST => enc(a.list_hosts(c, req(&b)?)),
+            hosts::GET => enc(a.get_host(c, req(&b)?)),
+            hosts::DRAIN => enc(a.drain_host(c, req(&b)?)),
+            hosts::DELETE => enc(a.delete_host(c, req(&b)?)),
+            audit::LIST => enc(a.list_audit_logs(c, req(&b)?)),
+            other => Err(Status::new(
+                proto::Code::Unimplemented,
+                format!("no unary method {other}"),
+            )),
+        }
+    }
+
+    fn server_stream(
+        &self,
+        peer: &Peer,
+        method: &'static str,
+        b: Vec<u8>,
+        emit: &mut dyn FnMut(Vec<u8>) -> Result<(), Status>,
+    ) -> Result<(), Status> {
+        use ctl::{files_methods as files, processes_methods as procs};
+        let a = &self.0;
+        let c = ctx_of(peer)?;
+        let mut sink = EmitSink(emit);
+        match method {
+            procs::EXEC_STREAM => {
+                a.exec_stream(c, req(&b)?, &mut sink as &mut dyn Sink<envd::ProcessEvent>)
+            }
+            procs::CONNECT => {
+                a.connect_process(c, req(&b)?, &mut sink as &mut dyn Sink<envd::ProcessEvent>)
+            }
+            files::DOWNLOAD => {
+                a.download(c, req(&b)?, &mut sink as &mut dyn Sink<envd::ReadResponse>)
+            }
+            files::LIST => a.list_dir(
+                c,
+                req(&b)?,
+                &mut sink as &mut dyn Sink<envd::ListDirResponse>,
+            ),
+            other => Err(Status::new(
+                proto::Code::Unimplemented,
+                format!("no server-streaming method {other}"),
+            )),
+        }
+    }
+
+    fn client_stream(
+        &self,
+        peer: &Peer,
+        method: &'static str,
+        next: &mut dyn FnMut() -> Result<Option<Vec<u8>>, Status>,
+    ) -> Result<Vec<u8>, Status> {
+        use ctl::{files_methods as files, processes_methods as procs};
+        let a = &self.0;
+        let c = ctx_of(peer)?;
+        let mut src = NextSource(next);
+        match method {
+            files::UPLOAD => enc(a.upload(c, &mut src as &mut dyn Source<ctl::UploadRequest>)),
+            procs::SEND_INPUT => {
+                enc(a.send_input(c, &mut src as &mut dyn Source<ctl::SendInputRequest>))
+            }
+            other => Err(Status::new(
+                proto::Code::Unimplemented,
+                format!("no client-streaming method {other}"),
+            )),
+        }
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        out.push_str(&crate::metrics::render());
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.0.health().map_err(|s| s.message)
+    }
 }

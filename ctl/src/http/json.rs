@@ -181,8 +181,12 @@ fn integer(v: &Value, path: &str) -> Result<i128, JsonError> {
         }
         Value::String(s) => {
             let digits = s.strip_prefix('-').unwrap_or(s);
-            if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(JsonError::value(path, format!("{s:?} is not a decimal integer")));
+            if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err(JsonError::value(
+                    path,
+                    format!("{s:?} is not a decimal integer"),
+                ));
             }
             s.parse::<i128>()
                 .map_err(|_| JsonError::value(path, format!("{s:?} is not a decimal integer")))
@@ -396,19 +400,22 @@ mod tests {
     fn types_ranges_and_enums_are_checked() {
         let e = from_json::<ctl::CreateSandboxRequest>(&json!({"vcpus": "x"})).unwrap_err();
         assert_eq!(e.path, "vcpus");
-        let e = from_json::<ctl::CreateSandboxRequest>(&json!({"vcpus": 4294967296u64})).unwrap_err();
+        let e =
+            from_json::<ctl::CreateSandboxRequest>(&json!({"vcpus": 4294967296u64})).unwrap_err();
         assert!(e.to_string().contains("out of range"), "{e}");
         let e = from_json::<ctl::CreateSandboxRequest>(&json!({"vcpus": 1.5})).unwrap_err();
         assert_eq!(e.path, "vcpus");
         let e = from_json::<ctl::CreateSandboxRequest>(&json!({"on_timeout": "NOPE"})).unwrap_err();
         assert!(e.to_string().contains("NOPE"));
-        let r: ctl::CreateSandboxRequest =
-            from_json(&json!({"on_timeout": "TIMEOUT_POLICY_PAUSE", "timeout_s": "60", "wait": false}))
-                .unwrap();
+        let r: ctl::CreateSandboxRequest = from_json(
+            &json!({"on_timeout": "TIMEOUT_POLICY_PAUSE", "timeout_s": "60", "wait": false}),
+        )
+        .unwrap();
         assert_eq!(r.on_timeout, ctl::TimeoutPolicy::Pause as i32);
         assert_eq!(r.timeout_s, 60);
         assert_eq!(r.wait, Some(false));
-        let r: ctl::CreateSandboxRequest = from_json(&json!({"on_timeout": 1, "timeout_s": 60})).unwrap();
+        let r: ctl::CreateSandboxRequest =
+            from_json(&json!({"on_timeout": 1, "timeout_s": 60})).unwrap();
         assert_eq!(r.on_timeout, 1);
         assert_eq!(r.timeout_s, 60);
         assert!(from_json::<ctl::CreateSandboxRequest>(&json!([])).is_err());
@@ -426,12 +433,18 @@ mod tests {
             })),
         };
         let v = to_json(&ev);
-        assert_eq!(v, json!({"output": {"stream": "OUTPUT_STREAM_STDOUT", "data": "aGkK", "offset": "3"}}));
+        assert_eq!(
+            v,
+            json!({"output": {"stream": "OUTPUT_STREAM_STDOUT", "data": "aGkK", "offset": "3"}})
+        );
         assert_eq!(from_json::<envd::ProcessEvent>(&v).unwrap(), ev);
         let e = from_json::<envd::ProcessSelector>(&json!({"pid": 1, "tag": "x"})).unwrap_err();
         assert!(matches!(e.kind, JsonErrorKind::Oneof(_)), "{e}");
         let s: envd::ProcessSelector = from_json(&json!({"tag": "x"})).unwrap();
-        assert_eq!(s.selector, Some(envd::process_selector::Selector::Tag("x".into())));
+        assert_eq!(
+            s.selector,
+            Some(envd::process_selector::Selector::Tag("x".into()))
+        );
         let m = envd::MakeDirRequest {
             path: "/a".into(),
             mode: None,
@@ -460,10 +473,17 @@ mod tests {
     fn schemas_parse_and_cover_every_message() {
         let v: Value = serde_json::from_str(super::super::gen_json::SCHEMAS_JSON).unwrap();
         let s = v.as_object().unwrap();
-        for name in ["ctl.v1.Sandbox", "envd.v1.ProcessEvent", "ctl.v1.SandboxState"] {
+        for name in [
+            "ctl.v1.Sandbox",
+            "envd.v1.ProcessEvent",
+            "ctl.v1.SandboxState",
+        ] {
             assert!(s.contains_key(name), "{name}");
         }
-        assert_eq!(s["ctl.v1.Sandbox"]["properties"]["created_unix_ns"]["type"], json!("string"));
+        assert_eq!(
+            s["ctl.v1.Sandbox"]["properties"]["created_unix_ns"]["type"],
+            json!("string")
+        );
         assert_eq!(s["ctl.v1.Sandbox"]["additionalProperties"], json!(false));
     }
 }

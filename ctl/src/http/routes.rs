@@ -111,10 +111,25 @@ pub struct Route {
     pub call: Call,
     /// HTTP status of success.
     pub status: u16,
+    /// Path parameters whose request field has another name: (parameter, field).
+    pub renames: &'static [(&'static str, &'static str)],
 }
 
 impl Route {
     /// Names of the path parameters, in order.
+    /// The request field a path parameter fills.
+    pub fn field_of(&self, param: &str) -> &'static str {
+        for (p, f) in self.renames {
+            if *p == param {
+                return f;
+            }
+        }
+        self.params()
+            .into_iter()
+            .find(|p| *p == param)
+            .unwrap_or("")
+    }
+
     pub fn params(&self) -> Vec<&'static str> {
         self.path
             .split('/')
@@ -164,6 +179,7 @@ fn route<Req: Json + Message, Resp: Json + Message>(
                 resp: decode::<Resp>,
             },
             status: 200,
+            renames: &[],
         },
     }
 }
@@ -172,6 +188,12 @@ impl B {
     fn wrap<Inner: Json>(mut self, field: &'static str) -> B {
         self.r.wrap = Some(field);
         self.r.input_schema = Inner::SCHEMA;
+        self
+    }
+    fn rename(mut self, param: &'static str, field: &'static str) -> B {
+        // Only one route needs it; a static table keeps Route free of allocations.
+        assert_eq!((param, field), ("template_id", "template"));
+        self.r.renames = &[("template_id", "template")];
         self
     }
     fn created(mut self) -> B {
@@ -260,8 +282,8 @@ fn build() -> Vec<Route> {
             "Make a snapshot template from a sandbox").created(),
         route::<ctl::ListTemplatesRequest, ctl::ListTemplatesResponse>(Get, "/v1/templates", "templates.list", tpl::LIST, Query,
             "The team's templates and the platform templates"),
-        route::<ctl::GetTemplateRequest, ctl::Template>(Get, "/v1/templates/{template}", "templates.get", tpl::GET, Path,
-            "One template, by id or name"),
+        route::<ctl::GetTemplateRequest, ctl::Template>(Get, "/v1/templates/{template_id}", "templates.get", tpl::GET, Path,
+            "One template, by id (`tpl-...`) or by name").rename("template_id", "template"),
         route::<ctl::DeleteTemplateRequest, ctl::DeleteTemplateResponse>(Delete, "/v1/templates/{template_id}", "templates.delete", tpl::DELETE, Path,
             "Delete a template"),
         // Teams
@@ -357,5 +379,20 @@ pub fn match_route<'a>(routes: &'a [Route], method: Method, path: &str) -> Match
         allowed.sort();
         allowed.dedup();
         Match::MethodNotAllowed(allowed)
+    }
+}
+
+/// The wire-ID kind a path parameter must hold, checked before any call; `None` for
+/// parameters that also take names (`templates.get`) or special values (`current`).
+pub fn param_kind(route: &Route, param: &str, value: &str) -> Option<proto::id::Kind> {
+    use proto::id::Kind;
+    match param {
+        "sandbox_id" => Some(Kind::Sandbox),
+        "user_id" => Some(Kind::User),
+        "key_id" => Some(Kind::Key),
+        "host_id" => Some(Kind::Host),
+        "team_id" if value != "current" => Some(Kind::Team),
+        "template_id" if route.renames.is_empty() => Some(Kind::Template),
+        _ => None,
     }
 }

@@ -1,0 +1,877 @@
+//! Serves one request on a blocking connection: routing, `X-API-Key` auth, building the
+//! request message from path, query and body, calling the [`Backend`], and writing the
+//! answer (JSON, newline-delimited JSON, raw bytes). Runs on a worker thread.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Instant;
+
+use prost::Message;
+use proto::gen::wrenn::ctl::v1 as ctl;
+use proto::gen::wrenn::envd::v1 as envd;
+use proto::metrics::{family, sample, Counter, Gauge, Histogram};
+use proto::rpc::Peer;
+use proto::{Code, Status};
+use serde_json::{Map, Value};
+
+use super::backend::Backend;
+use super::json::Json;
+use super::limits::{DRAIN_MAX, FORM_FIELD_MAX, JSON_BODY_MAX, UPLOAD_CHUNK};
+use super::openapi;
+use super::request::{
+    multipart_boundary, parse_query, BodyReader, Head, Multipart, MultipartError, Wire,
+};
+use super::response::{write_head, write_response, Chunked, Response};
+use super::routes::{match_route, param_kind, Call, Input, Match, Method, Route, ROUTES};
+
+/// The gateway's own metrics (the service layer's come from the backend).
+pub struct HttpMetrics {
+    pub connections_open: Gauge,
+    pub connections_refused: Counter,
+    pub workers_busy: Gauge,
+    pub latency: Histogram,
+    /// (operation, HTTP status) -> count; both sets are fixed, so the map stays small.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+}
+
+pub static METRICS: HttpMetrics = HttpMetrics {
+    connections_open: Gauge::new(),
+    connections_refused: Counter::new(),
+    workers_busy: Gauge::new(),
+    latency: Histogram::new(),
+    requests: Mutex::new(BTreeMap::new()),
+};
+
+impl HttpMetrics {
+    fn count(&self, op: &'static str, status: u16) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((op, status)).or_insert(0) += 1;
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        family(
+            out,
+            "wrenn_http_requests_total",
+            "counter",
+            "HTTP requests by operation and status.",
+        );
+        if let Ok(m) = self.requests.lock() {
+            for ((op, status), n) in m.iter() {
+                sample(
+                    out,
+                    "wrenn_http_requests_total",
+                    &format!("operation=\"{op}\",status=\"{status}\""),
+                    n,
+                );
+            }
+        }
+        family(
+            out,
+            "wrenn_http_request_duration_seconds",
+            "histogram",
+            "HTTP request latency.",
+        );
+        self.latency
+            .render(out, "wrenn_http_request_duration_seconds", "");
+        family(
+            out,
+            "wrenn_http_connections_open",
+            "gauge",
+            "Open HTTP connections.",
+        );
+        sample(
+            out,
+            "wrenn_http_connections_open",
+            "",
+            self.connections_open.get(),
+        );
+        family(
+            out,
+            "wrenn_http_connections_refused_total",
+            "counter",
+            "Connections refused at the bound.",
+        );
+        sample(
+            out,
+            "wrenn_http_connections_refused_total",
+            "",
+            self.connections_refused.get(),
+        );
+        family(
+            out,
+            "wrenn_http_workers_busy",
+            "gauge",
+            "Requests being served.",
+        );
+        sample(out, "wrenn_http_workers_busy", "", self.workers_busy.get());
+    }
+}
+
+/// The request-serving half of the gateway.
+pub struct Gateway {
+    pub backend: Arc<dyn Backend>,
+}
+
+/// What the caller does with the connection afterwards.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    KeepAlive,
+    Close,
+}
+
+struct Ctx<'a, S: Read + Write> {
+    head: &'a Head,
+    wire: &'a mut Wire<S>,
+    /// Body bytes were left unread and cannot be skipped: close after answering.
+    body_started: bool,
+    keep: bool,
+    sent_continue: bool,
+}
+
+impl<S: Read + Write> Ctx<'_, S> {
+    fn send(&mut self, r: &Response) -> After {
+        let head_only = self.head.method == "HEAD";
+        if write_response(&mut self.wire.stream, r, self.keep, head_only).is_err() {
+            return After::Close;
+        }
+        if self.keep {
+            After::KeepAlive
+        } else {
+            After::Close
+        }
+    }
+
+    fn continue_100(&mut self) -> std::io::Result<()> {
+        if self.head.expect_continue && !self.sent_continue {
+            self.sent_continue = true;
+            self.wire
+                .stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            self.wire.stream.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl Gateway {
+    pub fn new(backend: Arc<dyn Backend>) -> Gateway {
+        Gateway { backend }
+    }
+
+    /// Serves the request whose head was parsed; its body (if any) is next on `wire`.
+    pub fn serve<S: Read + Write>(&self, head: &Head, wire: &mut Wire<S>) -> After {
+        let start = Instant::now();
+        METRICS.workers_busy.add(1);
+        let mut ctx = Ctx {
+            head,
+            wire,
+            body_started: false,
+            keep: head.keep_alive,
+            sent_continue: false,
+        };
+        let (op, status, after) = self.dispatch(&mut ctx);
+        METRICS.workers_busy.add(-1);
+        METRICS.latency.observe(start.elapsed());
+        METRICS.count(op, status);
+        log::debug!(
+            "http request method={} path={} op={op} status={status} ms={}",
+            head.method,
+            head.path,
+            start.elapsed().as_millis()
+        );
+        if after == After::Close || !ctx.keep {
+            return After::Close;
+        }
+        // Skip an unread body so the next request starts at the right byte.
+        if head.has_body() {
+            if ctx.body_started || head.expect_continue && !ctx.sent_continue {
+                return After::Close;
+            }
+            let mut body = BodyReader::new(ctx.wire, head);
+            if !body.drain(DRAIN_MAX) {
+                return After::Close;
+            }
+        }
+        After::KeepAlive
+    }
+
+    fn dispatch<S: Read + Write>(&self, ctx: &mut Ctx<'_, S>) -> (&'static str, u16, After) {
+        let path = ctx.head.path.as_str();
+        let is_get = matches!(ctx.head.method.as_str(), "GET" | "HEAD");
+        let fixed = match path {
+            "/health" => Some(("health", self.health())),
+            "/metrics" => Some(("metrics", self.metrics())),
+            "/openapi.yaml" => Some((
+                "openapi",
+                Response::text(
+                    200,
+                    "application/yaml; charset=utf-8",
+                    openapi::yaml().as_bytes().to_vec(),
+                ),
+            )),
+            "/docs" | "/docs/" => Some((
+                "docs",
+                Response::text(
+                    200,
+                    "text/html; charset=utf-8",
+                    openapi::docs_html().as_bytes().to_vec(),
+                ),
+            )),
+            _ => None,
+        };
+        if let Some((op, resp)) = fixed {
+            let resp = if is_get {
+                resp
+            } else {
+                let mut r = Response::error(405, "method_not_allowed", "only GET is allowed here");
+                r.extra.push(("Allow", "GET, HEAD".into()));
+                r
+            };
+            let status = resp.status;
+            return (op, status, ctx.send(&resp));
+        }
+        let Some(method) = Method::parse(&ctx.head.method) else {
+            let r = Response::error(405, "method_not_allowed", "unsupported method");
+            return ("unknown", 405, ctx.send(&r));
+        };
+        let (route, params) = match match_route(&ROUTES, method, path) {
+            Match::Found { route, params } => (route, params),
+            Match::MethodNotAllowed(allowed) => {
+                let list: Vec<&str> = allowed.iter().map(|m| m.as_str()).collect();
+                let mut r = Response::error(
+                    405,
+                    "method_not_allowed",
+                    &format!(
+                        "{} is not allowed on {path}; allowed: {}",
+                        ctx.head.method,
+                        list.join(", ")
+                    ),
+                );
+                r.extra.push(("Allow", list.join(", ")));
+                return ("unknown", 405, ctx.send(&r));
+            }
+            Match::NotFound => {
+                let r = Response::error(404, "not_found", &format!("no route for {path}"));
+                return ("unknown", 404, ctx.send(&r));
+            }
+        };
+        let op = route.operation;
+        let result = self.call(ctx, route, &params);
+        match result {
+            Ok((status, after)) => (op, status, after),
+            Err(resp) => {
+                let status = resp.status;
+                (op, status, ctx.send(&resp))
+            }
+        }
+    }
+
+    fn health(&self) -> Response {
+        match self.backend.health() {
+            Ok(()) => Response::json(200, &serde_json::json!({"status": "ok"})),
+            Err(why) => Response::json(
+                503,
+                &serde_json::json!({"status": "unavailable", "reason": why}),
+            ),
+        }
+    }
+
+    fn metrics(&self) -> Response {
+        let mut out = String::new();
+        self.backend.render_metrics(&mut out);
+        METRICS.render(&mut out);
+        Response::text(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            out.into_bytes(),
+        )
+    }
+
+    /// Runs a routed call. `Ok` once the answer is written; `Err` is an answer not yet sent.
+    fn call<S: Read + Write>(
+        &self,
+        ctx: &mut Ctx<'_, S>,
+        route: &Route,
+        params: &[(&'static str, String)],
+    ) -> Result<(u16, After), Response> {
+        let key = ctx
+            .head
+            .header("x-api-key")
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                Response::error(
+                    401,
+                    Code::Unauthenticated.name(),
+                    "missing X-API-Key header",
+                )
+            })?;
+        let peer = self
+            .backend
+            .authenticate(key)
+            .map_err(|s| Response::from_status(&s))?;
+        for (name, value) in params {
+            if let Some(kind) = param_kind(route, name, value) {
+                proto::id::parse(kind, value).map_err(|e| {
+                    Response::error(400, Code::InvalidArgument.name(), &format!("{name}: {e}"))
+                })?;
+            }
+        }
+        match route.call {
+            Call::Upload { multipart } => return self.upload(ctx, route, params, &peer, multipart),
+            Call::Unary { .. } | Call::Ndjson { .. } | Call::ListDir | Call::Download => {}
+        }
+        let input = match route.input {
+            Input::Query => query_object(ctx.head, route.input_schema)?,
+            Input::Body | Input::None => {
+                if route.input == Input::None && !ctx.head.has_body() {
+                    Value::Object(Map::new())
+                } else {
+                    read_json(ctx)?
+                }
+            }
+        };
+        if route.input != Input::Query && !ctx.head.query.is_empty() {
+            return Err(bad_request(&format!(
+                "{} takes no query parameters",
+                route.operation
+            )));
+        }
+        let request = assemble(route, params, input)?;
+        let encoded = (route.encode)(&request).map_err(|e| bad_request(&e.to_string()))?;
+        match route.call {
+            Call::Unary { resp } => {
+                let reply = self
+                    .backend
+                    .unary(&peer, route.rpc, encoded)
+                    .map_err(|s| Response::from_status(&s))?;
+                let v = resp(&reply).map_err(|s| Response::from_status(&s))?;
+                let r = Response::json(route.status, &v);
+                Ok((route.status, ctx.send(&r)))
+            }
+            Call::Ndjson { item } => self.ndjson(ctx, route, &peer, encoded, item),
+            Call::ListDir => self.list_dir(ctx, route, &peer, encoded),
+            Call::Download => self.download(ctx, route, &peer, encoded),
+            Call::Upload { .. } => Err(Response::error(500, "internal", "unreachable upload arm")),
+        }
+    }
+
+    fn ndjson<S: Read + Write>(
+        &self,
+        ctx: &mut Ctx<'_, S>,
+        route: &Route,
+        peer: &Peer,
+        encoded: Vec<u8>,
+        item: super::routes::DecodeFn,
+    ) -> Result<(u16, After), Response> {
+        let keep = ctx.keep;
+        let mut out: Option<Chunked<&mut S>> = None;
+        let stream = &mut ctx.wire.stream;
+        let mut stream_slot = Some(stream);
+        let result = self
+            .backend
+            .server_stream(peer, route.rpc, encoded, &mut |msg| {
+                let v = item(&msg)?;
+                let mut line =
+                    serde_json::to_vec(&v).map_err(|e| Status::internal(e.to_string()))?;
+                line.push(b'\n');
+                if out.is_none() {
+                    let s = stream_slot
+                        .take()
+                        .ok_or_else(|| Status::internal("stream taken"))?;
+                    write_head(s, 200, "application/x-ndjson", None, keep, &[])
+                        .map_err(|e| Status::new(Code::Cancelled, format!("client gone: {e}")))?;
+                    out = Some(Chunked { inner: s });
+                }
+                match out.as_mut() {
+                    Some(c) => c
+                        .write_chunk(&line)
+                        .map_err(|e| Status::new(Code::Cancelled, format!("client gone: {e}"))),
+                    None => Err(Status::internal("no writer")),
+                }
+            });
+        match (result, out) {
+            (Err(s), None) => Err(Response::from_status(&s)),
+            (Ok(()), None) => {
+                let Some(s) = stream_slot.take() else {
+                    return Ok((200, After::Close));
+                };
+                let ok = write_head(&mut *s, 200, "application/x-ndjson", None, keep, &[]).is_ok()
+                    && (Chunked { inner: s }).finish().is_ok();
+                Ok((200, if ok { After::KeepAlive } else { After::Close }))
+            }
+            (Ok(()), Some(mut c)) => {
+                let ok = c.finish().is_ok();
+                Ok((200, if ok { After::KeepAlive } else { After::Close }))
+            }
+            (Err(s), Some(mut c)) => {
+                // After the first line the status is sent: report the failure as a last line.
+                let mut line =
+                    serde_json::to_vec(&super::response::error_body(s.code.name(), &s.message))
+                        .unwrap_or_default();
+                line.push(b'\n');
+                let ok = c.write_chunk(&line).is_ok() && c.finish().is_ok();
+                Ok((200, if ok { After::KeepAlive } else { After::Close }))
+            }
+        }
+    }
+
+    fn list_dir<S: Read + Write>(
+        &self,
+        ctx: &mut Ctx<'_, S>,
+        route: &Route,
+        peer: &Peer,
+        encoded: Vec<u8>,
+    ) -> Result<(u16, After), Response> {
+        let keep = ctx.keep;
+        let mut out: Option<Chunked<&mut S>> = None;
+        let mut slot = Some(&mut ctx.wire.stream);
+        let mut first = true;
+        let result = self
+            .backend
+            .server_stream(peer, route.rpc, encoded, &mut |msg| {
+                let batch = envd::ListDirResponse::decode(msg.as_slice())
+                    .map_err(|e| Status::internal(format!("decode reply: {e}")))?;
+                let gone =
+                    |e: std::io::Error| Status::new(Code::Cancelled, format!("client gone: {e}"));
+                if out.is_none() {
+                    let s = slot
+                        .take()
+                        .ok_or_else(|| Status::internal("stream taken"))?;
+                    write_head(s, 200, "application/json", None, keep, &[]).map_err(gone)?;
+                    let mut c = Chunked { inner: s };
+                    c.write_chunk(b"{\"entries\":[").map_err(gone)?;
+                    out = Some(c);
+                }
+                let mut text = Vec::new();
+                for e in &batch.entries {
+                    if !first {
+                        text.push(b',');
+                    }
+                    first = false;
+                    text.extend(serde_json::to_vec(&e.to_json()).unwrap_or_default());
+                }
+                match out.as_mut() {
+                    Some(c) => c.write_chunk(&text).map_err(gone),
+                    None => Err(Status::internal("no writer")),
+                }
+            });
+        match (result, out) {
+            (Err(s), None) => Err(Response::from_status(&s)),
+            (Ok(()), None) => {
+                let r = Response::json(200, &envd::ListDirResponse::default().to_json());
+                Ok((200, ctx.send(&r)))
+            }
+            (Ok(()), Some(mut c)) => {
+                let ok = c.write_chunk(b"]}\n").is_ok() && c.finish().is_ok();
+                Ok((200, if ok { After::KeepAlive } else { After::Close }))
+            }
+            // The status line is out: end the connection without the last chunk, so the
+            // client sees a truncated body instead of a complete, wrong listing.
+            (Err(s), Some(_)) => {
+                log::warn!(
+                    "http list failed mid-stream code={} message={}",
+                    s.code,
+                    s.message
+                );
+                Ok((200, After::Close))
+            }
+        }
+    }
+
+    fn download<S: Read + Write>(
+        &self,
+        ctx: &mut Ctx<'_, S>,
+        route: &Route,
+        peer: &Peer,
+        encoded: Vec<u8>,
+    ) -> Result<(u16, After), Response> {
+        let keep = ctx.keep;
+        let mut out: Option<Chunked<&mut S>> = None;
+        let mut slot = Some(&mut ctx.wire.stream);
+        let result = self
+            .backend
+            .server_stream(peer, route.rpc, encoded, &mut |msg| {
+                let m = envd::ReadResponse::decode(msg.as_slice())
+                    .map_err(|e| Status::internal(format!("decode reply: {e}")))?;
+                let gone =
+                    |e: std::io::Error| Status::new(Code::Cancelled, format!("client gone: {e}"));
+                if out.is_none() {
+                    let s = slot
+                        .take()
+                        .ok_or_else(|| Status::internal("stream taken"))?;
+                    let mut extra = Vec::new();
+                    if let Some(e) = &m.entry {
+                        extra.push(("X-Wrenn-File-Size", e.size.to_string()));
+                        extra.push(("X-Wrenn-File-Mode", format!("{:o}", e.mode)));
+                    }
+                    write_head(s, 200, "application/octet-stream", None, keep, &extra)
+                        .map_err(gone)?;
+                    out = Some(Chunked { inner: s });
+                }
+                match out.as_mut() {
+                    Some(c) => c.write_chunk(&m.data).map_err(gone),
+                    None => Err(Status::internal("no writer")),
+                }
+            });
+        match (result, out) {
+            (Err(s), None) => Err(Response::from_status(&s)),
+            (Ok(()), None) => {
+                let r = Response::text(200, "application/octet-stream", Vec::new());
+                Ok((200, ctx.send(&r)))
+            }
+            (Ok(()), Some(mut c)) => {
+                let ok = c.finish().is_ok();
+                Ok((200, if ok { After::KeepAlive } else { After::Close }))
+            }
+            (Err(s), Some(_)) => {
+                log::warn!(
+                    "http download failed mid-stream code={} message={}",
+                    s.code,
+                    s.message
+                );
+                Ok((200, After::Close))
+            }
+        }
+    }
+
+    fn upload<S: Read + Write>(
+        &self,
+        ctx: &mut Ctx<'_, S>,
+        route: &Route,
+        params: &[(&'static str, String)],
+        peer: &Peer,
+        multipart: bool,
+    ) -> Result<(u16, After), Response> {
+        let mut header = query_object(ctx.head, route.input_schema)?;
+        let boundary = if multipart {
+            let ct = ctx.head.header("content-type").unwrap_or("");
+            Some(multipart_boundary(ct).ok_or_else(|| {
+                Response::error(
+                    415,
+                    "unsupported_media_type",
+                    "expected multipart/form-data with a boundary",
+                )
+            })?)
+        } else {
+            None
+        };
+        ctx.continue_100()
+            .map_err(|_| Response::error(499, "cancelled", "client gone"))?;
+        ctx.body_started = true;
+        let head = ctx.head;
+        let mut body = BodyReader::new(ctx.wire, head);
+        let mut buf = vec![0u8; UPLOAD_CHUNK];
+        let result;
+        let mut header_sent = false;
+        if let Some(boundary) = boundary {
+            let mut mp = Multipart::new(&mut body, &boundary);
+            let mut in_file = false;
+            let mut file_done = false;
+            let schema = route.input_schema;
+            result = self.backend.client_stream(peer, route.rpc, &mut || {
+                if !header_sent {
+                    // Form fields before the file part are header fields.
+                    loop {
+                        let part = mp.next_part().map_err(mp_status)?.ok_or_else(|| {
+                            Status::invalid_argument("multipart body has no file part (a part named \"file\" or with a filename)")
+                        })?;
+                        if part.filename.is_some() || part.name == "file" {
+                            in_file = true;
+                            break;
+                        }
+                        let text = mp.read_text(FORM_FIELD_MAX).map_err(mp_status)?;
+                        set_typed(&mut header, schema, &part.name, &text).map_err(|r| {
+                            Status::invalid_argument(format!("form field {:?}: {}", part.name, error_message(&r)))
+                        })?;
+                    }
+                    header_sent = true;
+                    let msg = upload_header(route, params, &header)?;
+                    return Ok(Some(msg));
+                }
+                if !in_file || file_done {
+                    return Ok(None);
+                }
+                let n = mp.read_data(&mut buf).map_err(mp_status)?;
+                if n == 0 {
+                    file_done = true;
+                    // Skip any parts after the file up to the closing delimiter.
+                    while mp.next_part().map_err(mp_status)?.is_some() {}
+                    return Ok(None);
+                }
+                Ok(Some(upload_data(&buf[..n])))
+            });
+        } else {
+            result = self.backend.client_stream(peer, route.rpc, &mut || {
+                if !header_sent {
+                    header_sent = true;
+                    return upload_header(route, params, &header).map(Some);
+                }
+                let n = body
+                    .read(&mut buf)
+                    .map_err(|e| Status::new(Code::Cancelled, format!("read request body: {e}")))?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                Ok(Some(upload_data(&buf[..n])))
+            });
+        }
+        let done = body.is_done();
+        ctx.body_started = !done;
+        if !done {
+            ctx.keep = false;
+        }
+        let reply = result.map_err(|s| Response::from_status(&s))?;
+        let v = envd::WriteResponse::decode(reply.as_slice())
+            .map(|m| m.to_json())
+            .map_err(|e| Response::error(500, "internal", &format!("decode reply: {e}")))?;
+        let r = Response::json(route.status, &v);
+        Ok((route.status, ctx.send(&r)))
+    }
+}
+
+fn mp_status(e: MultipartError) -> Status {
+    match e {
+        MultipartError::Malformed(_) => Status::invalid_argument(e.to_string()),
+        MultipartError::Io(_) => Status::new(Code::Cancelled, e.to_string()),
+    }
+}
+
+fn error_message(r: &Response) -> String {
+    serde_json::from_slice::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn upload_header(
+    route: &Route,
+    params: &[(&'static str, String)],
+    header: &Value,
+) -> Result<Vec<u8>, Status> {
+    let v = assemble(route, params, header.clone())
+        .map_err(|r| Status::invalid_argument(error_message(&r)))?;
+    let mut obj = v;
+    // UploadRequest is a oneof: the header arm holds {sandbox_id, file}.
+    let sandbox_id = obj.get("sandbox_id").cloned().unwrap_or(Value::Null);
+    let file = obj
+        .get_mut("header")
+        .map(Value::take)
+        .unwrap_or(Value::Null);
+    let req = serde_json::json!({"header": {"sandbox_id": sandbox_id, "file": file}});
+    let m =
+        ctl::UploadRequest::from_json(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(m.encode_to_vec())
+}
+
+fn upload_data(data: &[u8]) -> Vec<u8> {
+    ctl::UploadRequest {
+        msg: Some(ctl::upload_request::Msg::Data(
+            prost::bytes::Bytes::copy_from_slice(data),
+        )),
+    }
+    .encode_to_vec()
+}
+
+fn bad_request(msg: &str) -> Response {
+    Response::error(400, Code::InvalidArgument.name(), msg)
+}
+
+/// Reads a JSON body (≤ JSON_BODY_MAX, 413 beyond).
+fn read_json<S: Read + Write>(ctx: &mut Ctx<'_, S>) -> Result<Value, Response> {
+    if let Some(ct) = ctx.head.header("content-type") {
+        let base = ct.split(';').next().unwrap_or("").trim();
+        if !base.eq_ignore_ascii_case("application/json") {
+            ctx.keep = false;
+            return Err(Response::error(
+                415,
+                "unsupported_media_type",
+                &format!("expected application/json, got {base:?}"),
+            ));
+        }
+    }
+    if ctx
+        .head
+        .content_length
+        .is_some_and(|n| n > JSON_BODY_MAX as u64)
+    {
+        ctx.keep = false;
+        return Err(Response::error(
+            413,
+            "payload_too_large",
+            &format!("JSON bodies are limited to {JSON_BODY_MAX} bytes"),
+        ));
+    }
+    if !ctx.head.has_body() {
+        return Ok(Value::Object(Map::new()));
+    }
+    if ctx.continue_100().is_err() {
+        return Err(Response::error(499, "cancelled", "client gone"));
+    }
+    ctx.body_started = true;
+    let head = ctx.head;
+    let mut body = BodyReader::new(ctx.wire, head);
+    let bytes = match body.read_to_vec(JSON_BODY_MAX) {
+        Ok(b) => b,
+        Err(super::request::BodyError::TooLarge) => {
+            ctx.keep = false;
+            return Err(Response::error(
+                413,
+                "payload_too_large",
+                &format!("JSON bodies are limited to {JSON_BODY_MAX} bytes"),
+            ));
+        }
+        Err(e) => {
+            ctx.keep = false;
+            return Err(bad_request(&format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            )));
+        }
+    };
+    ctx.body_started = false;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Map::new()));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(&format!("invalid JSON body: {e}")))
+}
+
+/// The component schemas, parsed once.
+pub static SCHEMAS: LazyLock<Value> =
+    LazyLock::new(|| serde_json::from_str(super::gen_json::SCHEMAS_JSON).unwrap_or(Value::Null));
+
+fn resolve(s: &Value) -> &Value {
+    if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+        let name = r.rsplit('/').next().unwrap_or("");
+        return SCHEMAS.get(name).unwrap_or(&Value::Null);
+    }
+    s
+}
+
+/// Converts one query or form value to the JSON the message parser expects and sets it.
+fn set_typed(obj: &mut Value, schema: &str, key: &str, raw: &str) -> Result<(), Response> {
+    let props = SCHEMAS[schema]["properties"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let (field, map_key) = match key.split_once('.') {
+        Some((f, k)) => (f, Some(k)),
+        None => (key, None),
+    };
+    let Some(fs) = props.get(field) else {
+        return Err(bad_request(&format!("unknown parameter {key:?}")));
+    };
+    let fs = resolve(fs);
+    let o = obj
+        .as_object_mut()
+        .ok_or_else(|| bad_request("bad parameters"))?;
+    match (fs["type"].as_str(), map_key) {
+        (Some("object"), Some(k))
+            if fs.get("additionalProperties").is_some_and(Value::is_object) =>
+        {
+            let vs = resolve(&fs["additionalProperties"]);
+            let v = scalar(vs, raw).map_err(|m| bad_request(&format!("{key}: {m}")))?;
+            let entry = o
+                .entry(field.to_owned())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Some(m) = entry.as_object_mut() {
+                m.insert(k.to_owned(), v);
+            }
+        }
+        (Some("array"), None) => {
+            let is = resolve(&fs["items"]);
+            let v = scalar(is, raw).map_err(|m| bad_request(&format!("{key}: {m}")))?;
+            let entry = o
+                .entry(field.to_owned())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Some(a) = entry.as_array_mut() {
+                a.push(v);
+            }
+        }
+        (_, None) => {
+            let v = scalar(fs, raw).map_err(|m| bad_request(&format!("{key}: {m}")))?;
+            if o.insert(field.to_owned(), v).is_some() {
+                return Err(bad_request(&format!("parameter {key:?} given twice")));
+            }
+        }
+        (_, Some(_)) => return Err(bad_request(&format!("unknown parameter {key:?}"))),
+    }
+    Ok(())
+}
+
+fn scalar(schema: &Value, raw: &str) -> Result<Value, String> {
+    match schema["type"].as_str() {
+        Some("integer") => raw
+            .parse::<i64>()
+            .map(Value::from)
+            .map_err(|_| format!("{raw:?} is not an integer")),
+        Some("boolean") => match raw {
+            "" | "true" | "1" => Ok(Value::Bool(true)),
+            "false" | "0" => Ok(Value::Bool(false)),
+            _ => Err(format!("{raw:?} is not a boolean")),
+        },
+        Some("number") => raw
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+            .ok_or_else(|| format!("{raw:?} is not a number")),
+        Some("object") => Err("objects cannot be given as parameters".into()),
+        _ => Ok(Value::String(raw.to_owned())),
+    }
+}
+
+/// The query string as a JSON object of the schema's fields.
+fn query_object(head: &Head, schema: &str) -> Result<Value, Response> {
+    let pairs = parse_query(&head.query).ok_or_else(|| bad_request("malformed query string"))?;
+    let mut obj = Value::Object(Map::new());
+    for (k, v) in pairs {
+        set_typed(&mut obj, schema, &k, &v)?;
+    }
+    Ok(obj)
+}
+
+/// Puts path parameters and the input together into the request message's JSON.
+fn assemble(
+    route: &Route,
+    params: &[(&'static str, String)],
+    input: Value,
+) -> Result<Value, Response> {
+    let Value::Object(input) = input else {
+        return Err(bad_request("the body must be a JSON object"));
+    };
+    let mut obj = match route.wrap {
+        Some(field) => {
+            let mut m = Map::new();
+            m.insert(field.to_owned(), Value::Object(input));
+            m
+        }
+        None => input,
+    };
+    for (name, value) in params {
+        let field = route.field_of(name);
+        let value = if *name == "team_id" && value == "current" {
+            String::new()
+        } else {
+            value.clone()
+        };
+        match obj.get(field) {
+            Some(Value::String(s)) if *s != value => {
+                return Err(bad_request(&format!(
+                    "{field} in the body differs from the path"
+                )));
+            }
+            Some(Value::String(_)) | Some(Value::Null) | None => {}
+            Some(_) => return Err(bad_request(&format!("{field} must be a string"))),
+        }
+        obj.insert(field.to_owned(), Value::String(value));
+    }
+    Ok(Value::Object(obj))
+}
+
+/// Operation names of the fixed endpoints, for the router/document test.
+pub const FIXED_PATHS: &[&str] = &["/health", "/metrics", "/openapi.yaml", "/docs"];

@@ -1,0 +1,767 @@
+//! Request side of HTTP/1.1: the parsed head (httparse), bounded body readers
+//! (Content-Length and chunked), query strings, percent-decoding and a streaming
+//! multipart/form-data reader. Pure over `Read`, so tests feed it byte slices.
+
+use std::fmt;
+use std::io::{self, Read};
+
+use super::limits::{CHUNK_LINE_MAX, HEADERS_MAX, MULTIPART_HEAD_MAX};
+
+/// A parsed request head.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub method: String,
+    /// Path without the query, still percent-encoded.
+    pub path: String,
+    /// The raw query string ("" when none).
+    pub query: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub content_length: Option<u64>,
+    pub chunked: bool,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+impl Head {
+    /// First value of a header (case-insensitive name) as UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+    pub fn has_body(&self) -> bool {
+        self.chunked || self.content_length.is_some_and(|n| n > 0)
+    }
+}
+
+/// Why a request head was refused (every one answers 400, except `TooLarge`: 431).
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadError {
+    Parse(String),
+    TooLarge,
+    BadContentLength,
+    UnsupportedTransferEncoding,
+    UnsupportedVersion,
+}
+
+impl fmt::Display for HeadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeadError::Parse(e) => write!(f, "malformed request head: {e}"),
+            HeadError::TooLarge => f.write_str("request head too large"),
+            HeadError::BadContentLength => f.write_str("invalid or conflicting Content-Length"),
+            HeadError::UnsupportedTransferEncoding => {
+                f.write_str("unsupported Transfer-Encoding (only chunked)")
+            }
+            HeadError::UnsupportedVersion => f.write_str("unsupported HTTP version"),
+        }
+    }
+}
+
+impl std::error::Error for HeadError {}
+
+/// Parses a head from `buf`: `Ok(None)` when more bytes are needed, else the head and its
+/// length in bytes.
+pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(e) => return Err(HeadError::Parse(e.to_string())),
+    };
+    let version = req.version.unwrap_or(1);
+    if version > 1 {
+        return Err(HeadError::UnsupportedVersion);
+    }
+    let target = req.path.unwrap_or("/");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_owned(), q.to_owned()),
+        None => (target.to_owned(), String::new()),
+    };
+    let mut head = Head {
+        method: req.method.unwrap_or("").to_owned(),
+        path,
+        query,
+        version,
+        headers: req
+            .headers
+            .iter()
+            .map(|h| (h.name.to_owned(), h.value.to_vec()))
+            .collect(),
+        content_length: None,
+        chunked: false,
+        keep_alive: version == 1,
+        expect_continue: false,
+    };
+    for (name, value) in &head.headers {
+        let v = std::str::from_utf8(value).unwrap_or("").trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let len: u64 = v.parse().map_err(|_| HeadError::BadContentLength)?;
+            if head.content_length.is_some_and(|l| l != len) {
+                return Err(HeadError::BadContentLength);
+            }
+            head.content_length = Some(len);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if !v.eq_ignore_ascii_case("chunked") {
+                return Err(HeadError::UnsupportedTransferEncoding);
+            }
+            head.chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for t in v.split(',') {
+                let t = t.trim();
+                if t.eq_ignore_ascii_case("close") {
+                    head.keep_alive = false;
+                } else if t.eq_ignore_ascii_case("keep-alive") && version == 0 {
+                    head.keep_alive = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("expect") && v.eq_ignore_ascii_case("100-continue") {
+            head.expect_continue = true;
+        }
+    }
+    // RFC 9112 §6.3: both framing headers is a smuggling vector; refuse it.
+    if head.chunked && head.content_length.is_some() {
+        return Err(HeadError::BadContentLength);
+    }
+    Ok(Some((head, n)))
+}
+
+/// A socket with the bytes read past the current position (the rest of a head read, a
+/// pipelined request).
+pub struct Wire<S> {
+    pub stream: S,
+    pub buf: Vec<u8>,
+}
+
+impl<S: Read> Read for Wire<S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if !self.buf.is_empty() {
+            let n = out.len().min(self.buf.len());
+            out[..n].copy_from_slice(&self.buf[..n]);
+            self.buf.drain(..n);
+            return Ok(n);
+        }
+        self.stream.read(out)
+    }
+}
+
+enum Framing {
+    Length(u64),
+    Chunked(ChunkState),
+}
+
+#[derive(PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk with this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    Done,
+}
+
+/// Reads exactly one request body from a [`Wire`], leaving anything after it in place.
+pub struct BodyReader<'a, S> {
+    wire: &'a mut Wire<S>,
+    framing: Framing,
+    /// Body bytes delivered so far.
+    pub read_total: u64,
+}
+
+impl<'a, S: Read> BodyReader<'a, S> {
+    pub fn new(wire: &'a mut Wire<S>, head: &Head) -> BodyReader<'a, S> {
+        let framing = if head.chunked {
+            Framing::Chunked(ChunkState::Size)
+        } else {
+            Framing::Length(head.content_length.unwrap_or(0))
+        };
+        BodyReader {
+            wire,
+            framing,
+            read_total: 0,
+        }
+    }
+
+    /// Whether the whole body has been consumed (so the connection can carry another request).
+    pub fn is_done(&self) -> bool {
+        matches!(
+            self.framing,
+            Framing::Length(0) | Framing::Chunked(ChunkState::Done)
+        )
+    }
+
+    /// Reads the rest of the body into memory, failing with `TooLarge` past `max` bytes.
+    pub fn read_to_vec(&mut self, max: usize) -> Result<Vec<u8>, BodyError> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = self.read(&mut chunk).map_err(BodyError::Io)?;
+            if n == 0 {
+                return Ok(out);
+            }
+            if out.len() + n > max {
+                return Err(BodyError::TooLarge);
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads and drops the rest of the body, up to `max` bytes (false when more remain).
+    pub fn drain(&mut self, max: u64) -> bool {
+        let mut chunk = [0u8; 8192];
+        let start = self.read_total;
+        while self.read_total - start <= max {
+            match self.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    fn line(&mut self) -> io::Result<String> {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        loop {
+            if self.wire.read(&mut b)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "body ended early",
+                ));
+            }
+            if b[0] == b'\n' {
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return String::from_utf8(line)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk line"));
+            }
+            line.push(b[0]);
+            if line.len() > CHUNK_LINE_MAX {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "chunk line too long",
+                ));
+            }
+        }
+    }
+}
+
+impl<S: Read> Read for BodyReader<'_, S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match &mut self.framing {
+                Framing::Length(0) => return Ok(0),
+                Framing::Length(left) => {
+                    let want = out.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    let n = self.wire.read(&mut out[..want])?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "body ended early",
+                        ));
+                    }
+                    *left -= n as u64;
+                    self.read_total += n as u64;
+                    return Ok(n);
+                }
+                Framing::Chunked(ChunkState::Done) => return Ok(0),
+                Framing::Chunked(ChunkState::Size) => {
+                    let line = self.line()?;
+                    let size_text = line.split(';').next().unwrap_or("").trim();
+                    let size = u64::from_str_radix(size_text, 16).map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidData, "bad chunk size")
+                    })?;
+                    if size == 0 {
+                        // Trailers, then the empty line.
+                        let mut trailers = 0;
+                        while !self.line()?.is_empty() {
+                            trailers += 1;
+                            if trailers > HEADERS_MAX {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    "too many trailers",
+                                ));
+                            }
+                        }
+                        self.framing = Framing::Chunked(ChunkState::Done);
+                    } else {
+                        self.framing = Framing::Chunked(ChunkState::Data(size));
+                    }
+                }
+                Framing::Chunked(ChunkState::Data(left)) => {
+                    let want = out.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    let n = self.wire.read(&mut out[..want])?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "body ended early",
+                        ));
+                    }
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.framing = Framing::Chunked(ChunkState::DataEnd);
+                    }
+                    self.read_total += n as u64;
+                    return Ok(n);
+                }
+                Framing::Chunked(ChunkState::DataEnd) => {
+                    if !self.line()?.is_empty() {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunk end"));
+                    }
+                    self.framing = Framing::Chunked(ChunkState::Size);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum BodyError {
+    TooLarge,
+    Io(io::Error),
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyError::TooLarge => f.write_str("request body too large"),
+            BodyError::Io(_) => f.write_str("read request body"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Io(e) => Some(e),
+            BodyError::TooLarge => None,
+        }
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hi = hex(*b.get(i + 1)?)?;
+                let lo = hex(*b.get(i + 2)?)?;
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Percent-decodes a path segment; `None` for bad escapes or non-UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    decode(s, false)
+}
+
+/// Parses `a=1&b=x+y` into decoded pairs; `None` for bad escapes.
+pub fn parse_query(q: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for part in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        out.push((decode(k, true)?, decode(v, true)?));
+    }
+    Some(out)
+}
+
+/// The boundary of a `multipart/form-data` content type.
+pub fn multipart_boundary(content_type: &str) -> Option<String> {
+    let mut parts = content_type.split(';');
+    if !parts
+        .next()?
+        .trim()
+        .eq_ignore_ascii_case("multipart/form-data")
+    {
+        return None;
+    }
+    for p in parts {
+        let (k, v) = p.trim().split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("boundary") {
+            let v = v.trim().trim_matches('"');
+            if v.is_empty() || v.len() > 70 {
+                return None;
+            }
+            return Some(v.to_owned());
+        }
+    }
+    None
+}
+
+/// Headers of one multipart part.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Part {
+    pub name: String,
+    pub filename: Option<String>,
+}
+
+/// Streams the parts of a multipart/form-data body without holding a part in memory.
+pub struct Multipart<R> {
+    inner: R,
+    /// `\r\n--boundary`.
+    delim: Vec<u8>,
+    buf: Vec<u8>,
+    eof: bool,
+    state: MpState,
+}
+
+#[derive(PartialEq, Eq, Debug)]
+enum MpState {
+    Start,
+    InPart,
+    BetweenParts,
+    End,
+}
+
+#[derive(Debug)]
+pub enum MultipartError {
+    Malformed(&'static str),
+    Io(io::Error),
+}
+
+impl fmt::Display for MultipartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MultipartError::Malformed(w) => write!(f, "malformed multipart body: {w}"),
+            MultipartError::Io(e) => write!(f, "read multipart body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MultipartError {}
+
+impl<R: Read> Multipart<R> {
+    pub fn new(inner: R, boundary: &str) -> Multipart<R> {
+        Multipart {
+            inner,
+            delim: format!("\r\n--{boundary}").into_bytes(),
+            // The body starts with `--boundary` (no CRLF); pretend one precedes it.
+            buf: b"\r\n".to_vec(),
+            eof: false,
+            state: MpState::Start,
+        }
+    }
+
+    fn fill(&mut self, want: usize) -> Result<(), MultipartError> {
+        let mut chunk = [0u8; 16384];
+        while self.buf.len() < want && !self.eof {
+            let n = self.inner.read(&mut chunk).map_err(MultipartError::Io)?;
+            if n == 0 {
+                self.eof = true;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+
+    /// Moves to the next part and returns its headers; `None` after the last one. Unread
+    /// data of the current part is skipped.
+    pub fn next_part(&mut self) -> Result<Option<Part>, MultipartError> {
+        let mut sink = [0u8; 8192];
+        if self.state == MpState::InPart {
+            while self.read_data(&mut sink)? > 0 {}
+        }
+        if self.state == MpState::End {
+            return Ok(None);
+        }
+        if self.state == MpState::Start {
+            // Skip the preamble up to the first delimiter.
+            loop {
+                self.fill(self.delim.len() + 2)?;
+                if let Some(i) = Self::find(&self.buf, &self.delim) {
+                    self.buf.drain(..i + self.delim.len());
+                    break;
+                }
+                if self.eof {
+                    return Err(MultipartError::Malformed("no boundary"));
+                }
+                let keep = self.delim.len();
+                let cut = self.buf.len().saturating_sub(keep);
+                self.buf.drain(..cut);
+                if cut == 0 {
+                    self.fill(self.buf.len() + 1)?;
+                }
+            }
+            self.state = MpState::BetweenParts;
+        }
+        // After a delimiter: `--` ends the body, CRLF starts a part.
+        self.fill(2)?;
+        if self.buf.starts_with(b"--") {
+            self.state = MpState::End;
+            return Ok(None);
+        }
+        if !self.buf.starts_with(b"\r\n") {
+            return Err(MultipartError::Malformed("bad delimiter line"));
+        }
+        self.buf.drain(..2);
+        // Part headers up to the blank line.
+        let end = loop {
+            if let Some(i) = Self::find(&self.buf, b"\r\n\r\n") {
+                break i;
+            }
+            if self.buf.len() > MULTIPART_HEAD_MAX {
+                return Err(MultipartError::Malformed("part headers too large"));
+            }
+            if self.eof {
+                return Err(MultipartError::Malformed("body ended in part headers"));
+            }
+            let want = self.buf.len() + 1;
+            self.fill(want)?;
+        };
+        let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        self.buf.drain(..end + 4);
+        let mut part = Part::default();
+        for line in text.split("\r\n") {
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            if !k.trim().eq_ignore_ascii_case("content-disposition") {
+                continue;
+            }
+            for p in v.split(';').skip(1) {
+                if let Some((pk, pv)) = p.trim().split_once('=') {
+                    let pv = pv.trim().trim_matches('"').to_owned();
+                    match pk.trim() {
+                        "name" => part.name = pv,
+                        "filename" => part.filename = Some(pv),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.state = MpState::InPart;
+        Ok(Some(part))
+    }
+
+    /// Reads the current part's data; 0 at its end.
+    pub fn read_data(&mut self, out: &mut [u8]) -> Result<usize, MultipartError> {
+        if self.state != MpState::InPart || out.is_empty() {
+            return Ok(0);
+        }
+        self.fill(self.delim.len() + out.len().min(16384))?;
+        if let Some(i) = Self::find(&self.buf, &self.delim) {
+            if i == 0 {
+                self.buf.drain(..self.delim.len());
+                self.state = MpState::BetweenParts;
+                return Ok(0);
+            }
+            let n = i.min(out.len());
+            out[..n].copy_from_slice(&self.buf[..n]);
+            self.buf.drain(..n);
+            return Ok(n);
+        }
+        if self.eof {
+            return Err(MultipartError::Malformed("body ended inside a part"));
+        }
+        // Keep enough bytes back that a delimiter split across reads is still found.
+        let safe = self.buf.len().saturating_sub(self.delim.len() - 1);
+        let n = safe.min(out.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        self.buf.drain(..n);
+        Ok(n)
+    }
+
+    /// Reads the whole current part as text, up to `max` bytes.
+    pub fn read_text(&mut self, max: usize) -> Result<String, MultipartError> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = self.read_data(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..n]);
+            if out.len() > max {
+                return Err(MultipartError::Malformed("form field too large"));
+            }
+        }
+        String::from_utf8(out).map_err(|_| MultipartError::Malformed("form field is not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(b: &[u8]) -> Wire<&[u8]> {
+        Wire {
+            stream: b,
+            buf: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn head_partial_complete_and_framing() {
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .unwrap()
+            .is_none());
+        let (h, n) = parse_head(b"POST /v1/x?a=1 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 46);
+        assert_eq!((h.path.as_str(), h.query.as_str()), ("/v1/x", "a=1"));
+        assert_eq!(h.content_length, Some(3));
+        assert!(h.keep_alive);
+        let (h, _) = parse_head(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!h.keep_alive);
+        let (h, _) = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n").unwrap_err(),
+            HeadError::BadContentLength
+        );
+        assert_eq!(
+            parse_head(
+                b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            .unwrap_err(),
+            HeadError::BadContentLength
+        );
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").unwrap_err(),
+            HeadError::UnsupportedTransferEncoding
+        );
+        assert!(matches!(
+            parse_head(b"GET\x01 / HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn content_length_body_leaves_the_next_request() {
+        let (h, n) = parse_head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let data = b"abcGET / HTTP/1.1\r\n\r\n";
+        let _ = n;
+        let mut w = wire(data);
+        let mut b = BodyReader::new(&mut w, &h);
+        assert_eq!(b.read_to_vec(10).unwrap(), b"abc");
+        assert!(b.is_done());
+        let mut rest = Vec::new();
+        w.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn chunked_body_decodes_and_bounds() {
+        let (h, _) = parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let mut w = wire(b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nT: 1\r\n\r\nNEXT");
+        let mut b = BodyReader::new(&mut w, &h);
+        assert_eq!(b.read_to_vec(10).unwrap(), b"abcde");
+        assert!(b.is_done());
+        let mut w = wire(b"3\r\nabc\r\n0\r\n\r\n");
+        let mut b = BodyReader::new(&mut w, &h);
+        assert!(matches!(b.read_to_vec(2), Err(BodyError::TooLarge)));
+        let mut w = wire(b"zz\r\nabc\r\n");
+        let mut b = BodyReader::new(&mut w, &h);
+        assert!(matches!(b.read_to_vec(10), Err(BodyError::Io(_))));
+        let mut w = wire(b"3\r\nab");
+        let mut b = BodyReader::new(&mut w, &h);
+        assert!(matches!(b.read_to_vec(10), Err(BodyError::Io(_))));
+    }
+
+    #[test]
+    fn query_and_percent() {
+        assert_eq!(
+            parse_query("a=1&b=x+y%2F&c").unwrap(),
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "x y/".into()),
+                ("c".into(), String::new())
+            ]
+        );
+        assert!(parse_query("a=%zz").is_none());
+        assert_eq!(percent_decode("a%20b+c").unwrap(), "a b+c");
+        assert!(percent_decode("%ff").is_none());
+    }
+
+    #[test]
+    fn multipart_streams_parts() {
+        assert_eq!(
+            multipart_boundary("multipart/form-data; boundary=\"xyz\"").as_deref(),
+            Some("xyz")
+        );
+        assert!(multipart_boundary("text/plain").is_none());
+        let body = b"preamble\r\n--xyz\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n/tmp/a\r\n--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\nContent-Type: text/plain\r\n\r\nhello\r\n--xy world\r\n--xyz--\r\n";
+        // Read through a 1-byte-at-a-time reader to exercise split delimiters.
+        struct Slow<'a>(&'a [u8]);
+        impl Read for Slow<'_> {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                if self.0.is_empty() || out.is_empty() {
+                    return Ok(0);
+                }
+                out[0] = self.0[0];
+                self.0 = &self.0[1..];
+                Ok(1)
+            }
+        }
+        let mut m = Multipart::new(Slow(body), "xyz");
+        let p = m.next_part().unwrap().unwrap();
+        assert_eq!(p.name, "path");
+        assert_eq!(m.read_text(100).unwrap(), "/tmp/a");
+        let p = m.next_part().unwrap().unwrap();
+        assert_eq!(p.filename.as_deref(), Some("a.txt"));
+        let mut data = Vec::new();
+        let mut buf = [0u8; 3];
+        loop {
+            let n = m.read_data(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            data.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(data, b"hello\r\n--xy world");
+        assert!(m.next_part().unwrap().is_none());
+        let mut m = Multipart::new(
+            &b"--xyz\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nabc"[..],
+            "xyz",
+        );
+        m.next_part().unwrap();
+        assert!(m.read_text(100).is_err());
+        let mut m = Multipart::new(&b"nothing here"[..], "xyz");
+        assert!(m.next_part().is_err());
+    }
+}

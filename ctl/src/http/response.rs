@@ -1,0 +1,209 @@
+//! Response side: status lines, the error body `{"error":{"code","message"}}` with the
+//! HTTP status of each code, fixed-length and chunked bodies.
+
+use std::io::{self, Write};
+
+use proto::{Code, Status};
+use serde_json::{json, Value};
+
+/// The HTTP status answering a call status code.
+pub fn http_status(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::InvalidArgument | Code::OutOfRange => 400,
+        Code::Unauthenticated => 401,
+        Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        Code::AlreadyExists | Code::Aborted => 409,
+        Code::FailedPrecondition => 412,
+        Code::ResourceExhausted => 429,
+        Code::Cancelled => 499,
+        Code::Unimplemented => 501,
+        Code::Unavailable => 503,
+        Code::DeadlineExceeded => 504,
+        Code::Unknown | Code::Internal | Code::DataLoss => 500,
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        412 => "Precondition Failed",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        499 => "Client Closed Request",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+/// The JSON error body.
+pub fn error_body(code: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message}})
+}
+
+/// A complete response with a fixed-length body.
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    pub extra: Vec<(&'static str, String)>,
+}
+
+impl Response {
+    pub fn json(status: u16, v: &Value) -> Response {
+        let mut body = serde_json::to_vec(v).unwrap_or_default();
+        body.push(b'\n');
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+            extra: Vec::new(),
+        }
+    }
+    pub fn text(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
+        Response {
+            status,
+            content_type,
+            body: body.into(),
+            extra: Vec::new(),
+        }
+    }
+    /// An error with its own HTTP status (for errors that are not call statuses: 404 route,
+    /// 405, 413 ...) and a stable code.
+    pub fn error(status: u16, code: &str, message: &str) -> Response {
+        Response::json(status, &error_body(code, message))
+    }
+    pub fn from_status(s: &Status) -> Response {
+        Response::error(http_status(s.code), s.code.name(), &s.message)
+    }
+}
+
+/// Writes a status line and headers; `length` None means a chunked body follows.
+pub fn write_head(
+    w: &mut impl Write,
+    status: u16,
+    content_type: &str,
+    length: Option<u64>,
+    keep_alive: bool,
+    extra: &[(&'static str, String)],
+) -> io::Result<()> {
+    let mut h = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    if !content_type.is_empty() {
+        h.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    match length {
+        Some(n) => h.push_str(&format!("Content-Length: {n}\r\n")),
+        None => h.push_str("Transfer-Encoding: chunked\r\n"),
+    }
+    if !keep_alive {
+        h.push_str("Connection: close\r\n");
+    }
+    h.push_str("Cache-Control: no-store\r\n");
+    for (k, v) in extra {
+        h.push_str(&format!("{k}: {v}\r\n"));
+    }
+    h.push_str("\r\n");
+    w.write_all(h.as_bytes())
+}
+
+pub fn write_response(
+    w: &mut impl Write,
+    r: &Response,
+    keep_alive: bool,
+    head_only: bool,
+) -> io::Result<()> {
+    write_head(
+        w,
+        r.status,
+        r.content_type,
+        Some(r.body.len() as u64),
+        keep_alive,
+        &r.extra,
+    )?;
+    if !head_only {
+        w.write_all(&r.body)?;
+    }
+    w.flush()
+}
+
+/// Writes a chunked body: each `write_chunk` is one chunk; `finish` writes the last chunk.
+pub struct Chunked<W: Write> {
+    pub inner: W,
+}
+
+impl<W: Write> Chunked<W> {
+    pub fn write_chunk(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        write!(self.inner, "{:x}\r\n", data.len())?;
+        self.inner.write_all(data)?;
+        self.inner.write_all(b"\r\n")?;
+        self.inner.flush()
+    }
+    pub fn finish(&mut self) -> io::Result<()> {
+        self.inner.write_all(b"0\r\n\r\n")?;
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_an_error_status() {
+        for c in Code::ALL {
+            let s = http_status(c);
+            if c == Code::Ok {
+                assert_eq!(s, 200);
+            } else {
+                assert!((400..600).contains(&s), "{c}");
+                assert_ne!(reason(s), "Unknown", "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_framing() {
+        let mut c = Chunked { inner: Vec::new() };
+        c.write_chunk(b"hello").unwrap();
+        c.write_chunk(b"").unwrap();
+        c.write_chunk(&[b'x'; 17]).unwrap();
+        c.finish().unwrap();
+        let s = String::from_utf8(c.inner).unwrap();
+        assert_eq!(
+            s,
+            format!("5\r\nhello\r\n11\r\n{}\r\n0\r\n\r\n", "x".repeat(17))
+        );
+    }
+
+    #[test]
+    fn error_response_shape() {
+        let r = Response::from_status(&Status::not_found("no such sandbox"));
+        assert_eq!(r.status, 404);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v, error_body("not_found", "no such sandbox"));
+        let mut out = Vec::new();
+        write_response(&mut out, &r, true, false).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(text.contains(&format!("Content-Length: {}\r\n", r.body.len())));
+    }
+}

@@ -1,0 +1,584 @@
+//! The gateway's event loop and workers.
+//!
+//! One mio thread accepts connections and reads request heads (edge-triggered, draining
+//! until `WouldBlock`) into fixed slots, enforcing the head bound and the head/idle
+//! deadlines there, so slow or idle clients cost no thread. A complete head hands the
+//! connection to a bounded worker pool: the worker turns the socket blocking with I/O
+//! timeouts, serves the request (bodies and streamed answers of any size), then serves any
+//! pipelined request already buffered and gives the connection back to the loop for the
+//! next keep-alive request. Architecture invariant: the loop never blocks on a backend call
+//! or on a client; every wait is in a worker with a timeout.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::backend::Backend;
+use super::handler::{After, Gateway, METRICS};
+use super::limits::{
+    CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT, IDLE_TIMEOUT, IO_TIMEOUT, WORKERS_MAX,
+};
+use super::request::{parse_head, Head, HeadError, Wire};
+use super::response::{write_response, Response};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// How often deadlines are checked.
+const SWEEP: Duration = Duration::from_millis(250);
+/// A worker without work for this long exits, so an idle server holds no threads.
+const WORKER_IDLE: Duration = Duration::from_secs(30);
+
+/// Tunables; the defaults are the bounds in `limits.rs`.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub connections_max: usize,
+    pub workers_max: usize,
+    pub head_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub io_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            connections_max: CONNECTIONS_MAX,
+            workers_max: WORKERS_MAX,
+            head_timeout: HEAD_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            io_timeout: IO_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum HttpError {
+    Bind { addr: SocketAddr, source: io::Error },
+    Poll(io::Error),
+    Spawn(io::Error),
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpError::Bind { addr, .. } => write!(f, "bind http listener {addr}"),
+            HttpError::Poll(_) => f.write_str("http event loop"),
+            HttpError::Spawn(_) => f.write_str("spawn http thread"),
+        }
+    }
+}
+
+impl std::error::Error for HttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HttpError::Bind { source, .. } => Some(source),
+            HttpError::Poll(e) | HttpError::Spawn(e) => Some(e),
+        }
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+enum Slot {
+    Free,
+    Reading(Conn),
+    /// Held by a worker.
+    Busy,
+}
+
+/// What a worker gives back: the slot and, for keep-alive, the connection and its buffer.
+type Returned = (usize, Option<(std::net::TcpStream, Vec<u8>)>);
+
+struct Shared {
+    returned: Mutex<Vec<Returned>>,
+    waker: Waker,
+    stop: AtomicBool,
+}
+
+/// Stops a running server.
+#[derive(Clone)]
+pub struct HttpHandle {
+    shared: Arc<Shared>,
+}
+
+impl HttpHandle {
+    /// Stops accepting and closes idle connections; requests being served finish.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = self.shared.waker.wake();
+    }
+}
+
+pub struct HttpServer {
+    poll: Poll,
+    listener: TcpListener,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    gateway: Arc<Gateway>,
+    pool: Arc<Pool>,
+    config: HttpConfig,
+}
+
+impl HttpServer {
+    pub fn bind(
+        addr: SocketAddr,
+        backend: Arc<dyn Backend>,
+        config: HttpConfig,
+    ) -> Result<HttpServer, HttpError> {
+        assert!(config.connections_max > 0 && config.workers_max > 0);
+        let poll = Poll::new().map_err(HttpError::Poll)?;
+        let mut listener =
+            TcpListener::bind(addr).map_err(|source| HttpError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| HttpError::Bind { addr, source })?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(HttpError::Poll)?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(HttpError::Poll)?;
+        Ok(HttpServer {
+            poll,
+            listener,
+            addr,
+            shared: Arc::new(Shared {
+                returned: Mutex::new(Vec::new()),
+                waker,
+                stop: AtomicBool::new(false),
+            }),
+            gateway: Arc::new(Gateway::new(backend)),
+            pool: Pool::new(config.workers_max),
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn handle(&self) -> HttpHandle {
+        HttpHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Runs the loop on a new thread.
+    pub fn spawn(self) -> Result<(HttpHandle, JoinHandle<Result<(), HttpError>>), HttpError> {
+        let h = self.handle();
+        let j = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || self.run())
+            .map_err(HttpError::Spawn)?;
+        Ok((h, j))
+    }
+
+    /// Runs the loop until [`HttpHandle::shutdown`].
+    pub fn run(mut self) -> Result<(), HttpError> {
+        let mut events = Events::with_capacity(EVENTS);
+        let mut slots: Vec<Slot> = (0..self.config.connections_max)
+            .map(|_| Slot::Free)
+            .collect();
+        let mut free: Vec<usize> = (0..self.config.connections_max).rev().collect();
+        let mut next_sweep = Instant::now() + SWEEP;
+        log::info!("http listening addr={}", self.addr);
+        loop {
+            let timeout = next_sweep.saturating_duration_since(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(HttpError::Poll(e));
+            }
+            if self.shared.stop.load(Ordering::SeqCst) {
+                let open = slots
+                    .iter()
+                    .filter(|s| matches!(s, Slot::Reading(_)))
+                    .count();
+                METRICS.connections_open.add(-(open as i64));
+                log::info!("http stopped addr={}", self.addr);
+                return Ok(());
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(&mut slots, &mut free),
+                    WAKER => {}
+                    Token(t) => {
+                        let i = t - FIRST_CONN;
+                        self.readable(&mut slots, &mut free, i);
+                    }
+                }
+            }
+            // Connections given back by workers.
+            let returned = match self.shared.returned.lock() {
+                Ok(mut r) => std::mem::take(&mut *r),
+                Err(_) => Vec::new(),
+            };
+            for (i, conn) in returned {
+                match conn {
+                    None => release(&mut slots, &mut free, i),
+                    Some((std, buf)) => self.resume(&mut slots, &mut free, i, std, buf),
+                }
+            }
+            if Instant::now() >= next_sweep {
+                next_sweep = Instant::now() + SWEEP;
+                let now = Instant::now();
+                for i in 0..slots.len() {
+                    if let Slot::Reading(c) = &slots[i] {
+                        if now >= c.deadline {
+                            if !c.buf.is_empty() {
+                                let mut c = c.stream.try_clone_std();
+                                let r = Response::error(
+                                    408,
+                                    "deadline_exceeded",
+                                    "request head not received in time",
+                                );
+                                let _ = c.as_mut().map(|s| write_response(s, &r, false, false));
+                            }
+                            self.close(&mut slots, &mut free, i);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, slots: &mut [Slot], free: &mut Vec<usize>) {
+        loop {
+            let (mut stream, _) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: leave the rest in the backlog until the next event.
+                    log::warn!("http accept failed error={e}");
+                    return;
+                }
+            };
+            let Some(i) = free.pop() else {
+                METRICS.connections_refused.inc();
+                let r = Response::error(503, "unavailable", "too many connections");
+                let mut buf = Vec::new();
+                let _ = write_response(&mut buf, &r, false, false);
+                let _ = stream.write(&buf);
+                continue;
+            };
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, Token(FIRST_CONN + i), Interest::READABLE)
+                .is_err()
+            {
+                free.push(i);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            METRICS.connections_open.add(1);
+            slots[i] = Slot::Reading(Conn {
+                stream,
+                buf: Vec::new(),
+                deadline: Instant::now() + self.config.idle_timeout,
+            });
+            // Edge-triggered: bytes may already be there.
+            self.readable(slots, free, i);
+        }
+    }
+
+    fn resume(
+        &mut self,
+        slots: &mut [Slot],
+        free: &mut Vec<usize>,
+        i: usize,
+        std: std::net::TcpStream,
+        buf: Vec<u8>,
+    ) {
+        if std.set_nonblocking(true).is_err() {
+            release(slots, free, i);
+            return;
+        }
+        let mut stream = TcpStream::from_std(std);
+        if self
+            .poll
+            .registry()
+            .register(&mut stream, Token(FIRST_CONN + i), Interest::READABLE)
+            .is_err()
+        {
+            release(slots, free, i);
+            return;
+        }
+        let timeout = if buf.is_empty() {
+            self.config.idle_timeout
+        } else {
+            self.config.head_timeout
+        };
+        slots[i] = Slot::Reading(Conn {
+            stream,
+            buf,
+            deadline: Instant::now() + timeout,
+        });
+        self.readable(slots, free, i);
+    }
+
+    fn close(&mut self, slots: &mut [Slot], free: &mut Vec<usize>, i: usize) {
+        if let Slot::Reading(mut c) = std::mem::replace(&mut slots[i], Slot::Free) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            METRICS.connections_open.add(-1);
+            free.push(i);
+        }
+    }
+
+    fn readable(&mut self, slots: &mut [Slot], free: &mut Vec<usize>, i: usize) {
+        let Some(Slot::Reading(c)) = slots.get_mut(i) else {
+            return;
+        };
+        let mut chunk = [0u8; 4096];
+        let mut eof = false;
+        loop {
+            if c.buf.len() > HEAD_MAX {
+                break;
+            }
+            match c.stream.read(&mut chunk) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    if c.buf.is_empty() {
+                        c.deadline = Instant::now() + self.config.head_timeout;
+                    }
+                    c.buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let parsed = parse_head(&c.buf[..c.buf.len().min(HEAD_MAX)]);
+        match parsed {
+            Ok(Some((head, n))) => {
+                let rest = c.buf.split_off(n);
+                self.dispatch(slots, free, i, head, rest);
+            }
+            Ok(None) if c.buf.len() >= HEAD_MAX => {
+                let r = Response::error(431, "invalid_argument", "request head larger than 16 KiB");
+                self.fail(slots, free, i, &r);
+            }
+            Ok(None) => {
+                if eof {
+                    self.close(slots, free, i);
+                }
+            }
+            Err(e) => {
+                let status = if e == HeadError::TooLarge {
+                    431
+                } else if e == HeadError::UnsupportedVersion {
+                    505
+                } else {
+                    400
+                };
+                let r = Response::error(status, "invalid_argument", &e.to_string());
+                self.fail(slots, free, i, &r);
+            }
+        }
+    }
+
+    /// Answers from the loop (non-blocking, best effort) and closes.
+    fn fail(&mut self, slots: &mut [Slot], free: &mut Vec<usize>, i: usize, r: &Response) {
+        if let Slot::Reading(c) = &mut slots[i] {
+            let mut buf = Vec::new();
+            let _ = write_response(&mut buf, r, false, false);
+            let _ = c.stream.write(&buf);
+        }
+        self.close(slots, free, i);
+    }
+
+    fn dispatch(
+        &mut self,
+        slots: &mut [Slot],
+        free: &mut Vec<usize>,
+        i: usize,
+        head: Head,
+        rest: Vec<u8>,
+    ) {
+        let Slot::Reading(mut c) = std::mem::replace(&mut slots[i], Slot::Busy) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let std: std::net::TcpStream = c.stream.into();
+        let prepared = std
+            .set_nonblocking(false)
+            .and_then(|()| std.set_read_timeout(Some(self.config.io_timeout)))
+            .and_then(|()| std.set_write_timeout(Some(self.config.io_timeout)));
+        if prepared.is_err() {
+            release(slots, free, i);
+            return;
+        }
+        // A second handle to answer 503 if no worker can take the request.
+        let spare = std.try_clone().ok();
+        let gateway = self.gateway.clone();
+        let shared = self.shared.clone();
+        let job = move || {
+            let mut wire = Wire {
+                stream: std,
+                buf: rest,
+            };
+            let mut head = head;
+            let back = loop {
+                if gateway.serve(&head, &mut wire) == After::Close {
+                    break None;
+                }
+                // A pipelined request may already be buffered.
+                match parse_head(&wire.buf) {
+                    Ok(Some((h, n))) => {
+                        wire.buf.drain(..n);
+                        head = h;
+                    }
+                    Ok(None) if wire.buf.len() < HEAD_MAX => break Some((wire.stream, wire.buf)),
+                    Ok(None) | Err(_) => {
+                        let r =
+                            Response::error(400, "invalid_argument", "malformed pipelined request");
+                        let _ = write_response(&mut wire.stream, &r, false, false);
+                        break None;
+                    }
+                }
+            };
+            if let Ok(mut r) = shared.returned.lock() {
+                r.push((i, back));
+            }
+            let _ = shared.waker.wake();
+        };
+        if let Err(job) = self.pool.spawn(Box::new(job)) {
+            drop(job);
+            METRICS.connections_refused.inc();
+            if let Some(mut s) = spare {
+                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                let r = Response::error(503, "unavailable", "every worker is busy; retry");
+                let _ = write_response(&mut s, &r, false, false);
+            }
+            release(slots, free, i);
+        }
+    }
+}
+
+fn release(slots: &mut [Slot], free: &mut Vec<usize>, i: usize) {
+    if matches!(slots[i], Slot::Busy) {
+        slots[i] = Slot::Free;
+        METRICS.connections_open.add(-1);
+        free.push(i);
+    }
+}
+
+trait TryCloneStd {
+    fn try_clone_std(&self) -> Option<std::net::TcpStream>;
+}
+
+impl TryCloneStd for TcpStream {
+    /// A blocking-agnostic second handle for a last best-effort write.
+    fn try_clone_std(&self) -> Option<std::net::TcpStream> {
+        use std::os::fd::AsFd;
+        let fd = self.as_fd().try_clone_to_owned().ok()?;
+        Some(std::net::TcpStream::from(fd))
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// A bounded pool: threads start on demand up to `max` and exit when idle; when all are busy
+/// a job is refused rather than queued without bound.
+struct Pool {
+    max: usize,
+    inner: Mutex<PoolInner>,
+    cv: Condvar,
+}
+
+struct PoolInner {
+    queue: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+}
+
+impl Pool {
+    fn new(max: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            max,
+            inner: Mutex::new(PoolInner {
+                queue: VecDeque::new(),
+                threads: 0,
+                idle: 0,
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn spawn(self: &Arc<Pool>, job: Job) -> Result<(), Job> {
+        let Ok(mut g) = self.inner.lock() else {
+            return Err(job);
+        };
+        if g.idle > g.queue.len() {
+            g.queue.push_back(job);
+            self.cv.notify_one();
+            return Ok(());
+        }
+        if g.threads >= self.max {
+            return Err(job);
+        }
+        g.threads += 1;
+        g.queue.push_back(job);
+        drop(g);
+        let pool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("http-worker".into())
+            .spawn(move || pool.work());
+        if spawned.is_err() {
+            let Ok(mut g) = self.inner.lock() else {
+                return Ok(());
+            };
+            g.threads -= 1;
+            // The job stays queued; an existing thread may take it. With none, it is lost:
+            // its connection closes when dropped.
+            if g.threads == 0 {
+                g.queue.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn work(self: Arc<Pool>) {
+        loop {
+            let job = {
+                let Ok(mut g) = self.inner.lock() else {
+                    return;
+                };
+                loop {
+                    if let Some(j) = g.queue.pop_front() {
+                        break j;
+                    }
+                    g.idle += 1;
+                    let (ng, t) = match self.cv.wait_timeout(g, WORKER_IDLE) {
+                        Ok(x) => x,
+                        Err(_) => return,
+                    };
+                    g = ng;
+                    g.idle -= 1;
+                    if t.timed_out() && g.queue.is_empty() {
+                        g.threads -= 1;
+                        return;
+                    }
+                }
+            };
+            job();
+        }
+    }
+}
