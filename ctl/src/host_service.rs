@@ -1,1 +1,216 @@
-//! host_service (being built).
+//! `wrenn.host.v1`: what agents call — Register (one-time token → identity), Heartbeat,
+//! ReportState (state changes the agent made on its own).
+
+use std::time::SystemTime;
+
+use proto::gen::wrenn::agent::v1 as agent;
+use proto::gen::wrenn::host::v1 as host;
+use proto::id::{self, Kind, Uuid};
+use proto::{Code, Status};
+
+use crate::auth;
+use crate::db::pg_err;
+use crate::scheduler::{self, State};
+use crate::service::audit_entry;
+use crate::service::{new_uuid, Actor, Api};
+
+/// Largest capacity figures accepted (fit the i32/i64 columns with room for sums).
+const VCPUS_MAX: u32 = 1 << 20;
+const MIB_MAX: u64 = 1 << 40;
+
+fn check_resources(r: &Option<agent::Resources>) -> Result<(i32, i64, i64), Status> {
+    let r = r.as_ref().ok_or_else(|| Status::invalid_argument("capacity is required"))?;
+    if r.vcpus > VCPUS_MAX || r.memory_mib > MIB_MAX || r.disk_mib > MIB_MAX {
+        return Err(Status::invalid_argument("capacity out of range"));
+    }
+    Ok((r.vcpus as i32, r.memory_mib as i64, r.disk_mib as i64))
+}
+
+fn check_address(a: &str) -> Result<(), Status> {
+    let ok = a.len() <= 255
+        && a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        && !a.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument("agent_address must be host:port"))
+    }
+}
+
+fn problems_json(p: &[String]) -> serde_json::Value {
+    serde_json::Value::Array(
+        p.iter()
+            .take(64)
+            .map(|s| serde_json::Value::String(s.chars().take(512).collect()))
+            .collect(),
+    )
+}
+
+/// Register: exchanges a one-time registration token for the host's identity and tokens.
+pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterResponse, Status> {
+    if !auth::well_formed(&req.registration_token, auth::REGISTRATION_TOKEN_PREFIX) {
+        crate::metrics::AUTH_FAILURES.inc();
+        return Err(Status::unauthenticated("malformed registration token"));
+    }
+    check_address(&req.agent_address)?;
+    let (vcpus, mem, disk) = check_resources(&req.capacity)?;
+    if req.hostname.len() > 255 || req.agent_version.len() > 255 || req.firecracker_version.len() > 255 {
+        return Err(Status::invalid_argument("hostname or versions too long"));
+    }
+    let token_hash = auth::hash(&req.registration_token).to_vec();
+    let host_token = auth::new_secret(auth::HOST_TOKEN_PREFIX)?;
+    let agent_token = auth::new_secret(auth::AGENT_TOKEN_PREFIX)?;
+    let id = new_uuid()?;
+    let interval = api.config().heartbeat_interval;
+    let ht = host_token.clone();
+    let at = agent_token.plaintext.clone();
+    api.db().tx(move |tx| {
+        let tok = tx
+            .query_opt(
+                "SELECT id FROM registration_tokens WHERE token_hash = $1 AND used_at IS NULL \
+                 AND expires_at > now() FOR UPDATE",
+                &[&token_hash],
+            )
+            .map_err(pg_err)?;
+        let Some(tok) = tok else {
+            crate::metrics::AUTH_FAILURES.inc();
+            return Err(Status::unauthenticated("unknown, used or expired registration token"));
+        };
+        let tok_id: Uuid = tok.get(0);
+        tx.execute(
+            "INSERT INTO hosts (id, address, hostname, status, capacity_vcpus, capacity_memory_mib, \
+                capacity_disk_mib, agent_version, firecracker_version, can_host, problems, \
+                last_heartbeat_at, host_token_hash, agent_token) \
+             VALUES ($1,$2,$3,'online',$4,$5,$6,$7,$8,$9,$10,now(),$11,$12)",
+            &[
+                &id, &req.agent_address, &req.hostname, &vcpus, &mem, &disk, &req.agent_version,
+                &req.firecracker_version, &req.can_host_sandboxes, &problems_json(&req.problems),
+                &ht.hash, &at,
+            ],
+        )
+        .map_err(pg_err)?;
+        tx.execute("UPDATE registration_tokens SET used_at = now(), host_id = $2 WHERE id = $1", &[&tok_id, &id])
+            .map_err(pg_err)?;
+        crate::service::audit_write(tx, audit_entry(
+            None,
+            &Actor::Host { id, name: req.hostname.clone() },
+            "host",
+            id::format(Kind::Host, id),
+            "host.register",
+            serde_json::json!({"address": req.agent_address}),
+        ))?;
+        Ok(())
+    })?;
+    log::info!("host registered host={}", id::format(Kind::Host, id));
+    Ok(host::RegisterResponse {
+        host_id: id::format(Kind::Host, id),
+        host_token: host_token.plaintext,
+        agent_token: agent_token.plaintext,
+        heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+    })
+}
+
+/// Heartbeat: liveness, capacity and versions; brings an unreachable host back online.
+pub fn heartbeat(api: &Api, host_id: Uuid, name: &str, req: host::HeartbeatRequest) -> Result<host::HeartbeatResponse, Status> {
+    let (vcpus, mem, disk) = check_resources(&req.capacity)?;
+    if req.agent_version.len() > 255 {
+        return Err(Status::invalid_argument("agent_version too long"));
+    }
+    let interval = api.config().heartbeat_interval;
+    let name = name.to_owned();
+    let draining = api.db().tx(move |tx| {
+        let prev = tx
+            .query_opt("SELECT status FROM hosts WHERE id = $1 FOR UPDATE", &[&host_id])
+            .map_err(pg_err)?
+            .ok_or_else(|| Status::unauthenticated("host no longer registered"))?;
+        let prev: String = prev.get(0);
+        tx.execute(
+            "UPDATE hosts SET last_heartbeat_at = now(), capacity_vcpus = $2, capacity_memory_mib = $3, \
+                capacity_disk_mib = $4, can_host = $5, problems = $6, agent_version = $7, \
+                status = CASE WHEN status = 'unreachable' THEN 'online' ELSE status END WHERE id = $1",
+            &[&host_id, &vcpus, &mem, &disk, &req.can_host_sandboxes, &problems_json(&req.problems), &req.agent_version],
+        )
+        .map_err(pg_err)?;
+        if prev == "unreachable" {
+            crate::service::audit_write(tx, audit_entry(
+                None,
+                &Actor::Host { id: host_id, name },
+                "host",
+                id::format(Kind::Host, host_id),
+                "host.online",
+                serde_json::json!({"from": "unreachable"}),
+            ))?;
+        }
+        Ok(prev == "draining")
+    })?;
+    Ok(host::HeartbeatResponse {
+        heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+        draining,
+    })
+}
+
+/// ReportState: a change the agent made on its own. Idempotent; stale reports are ignored.
+pub fn report_state(api: &Api, host_id: Uuid, name: &str, req: host::ReportStateRequest) -> Result<host::ReportStateResponse, Status> {
+    let sb = id::parse(Kind::Sandbox, &req.sandbox_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let state = State::from_wire(req.state).ok_or_else(|| Status::invalid_argument("unknown state"))?;
+    if state == State::Pending {
+        return Err(Status::invalid_argument("an agent never reports pending"));
+    }
+    if req.message.len() > 4096 {
+        return Err(Status::invalid_argument("message too long"));
+    }
+    let changed = (req.changed_unix_ns > 0).then(|| crate::service::time_from_ns(req.changed_unix_ns));
+    let name = name.to_owned();
+    api.db().tx(move |tx| {
+        let row = tx
+            .query_opt(
+                "SELECT team_id, state, updated_at, timeout_s FROM sandboxes WHERE id = $1 AND host_id = $2 FOR UPDATE",
+                &[&sb, &host_id],
+            )
+            .map_err(pg_err)?
+            .ok_or_else(|| Status::not_found("sandbox not found on this host"))?;
+        let team: Uuid = row.get(0);
+        let cur = State::parse(row.get(1)).unwrap_or(State::Error);
+        let updated: SystemTime = row.get(2);
+        if cur == state || cur == State::Stopped {
+            return Ok(()); // repeated report, or nothing left to change
+        }
+        if changed.is_some_and(|c| c < updated) {
+            return Ok(()); // older than what ctl holds
+        }
+        let timeout_s: i64 = row.get(3);
+        let exp = if state == State::Running {
+            Some(Some(SystemTime::now() + std::time::Duration::from_secs(timeout_s.max(1) as u64)))
+        } else {
+            Some(None)
+        };
+        let reason = if req.message.is_empty() { reason_text(req.reason).to_owned() } else { req.message.clone() };
+        scheduler::set_state(tx, sb, state, &reason, exp)?;
+        crate::service::audit_write(tx, audit_entry(
+            Some(team),
+            &Actor::Host { id: host_id, name },
+            "sandbox",
+            id::format(Kind::Sandbox, sb),
+            "sandbox.state",
+            serde_json::json!({"from": cur.as_str(), "to": state.as_str(), "reason": reason_text(req.reason)}),
+        ))?;
+        Ok(())
+    })?;
+    Ok(host::ReportStateResponse {})
+}
+
+fn reason_text(v: i32) -> &'static str {
+    match host::StateChangeReason::try_from(v) {
+        Ok(host::StateChangeReason::Timeout) => "timeout",
+        Ok(host::StateChangeReason::VmExited) => "vm exited",
+        Ok(host::StateChangeReason::AdoptionFailed) => "adoption failed",
+        Ok(host::StateChangeReason::PageServerFailed) => "page server failed",
+        Ok(host::StateChangeReason::Other) => "other",
+        _ => "unspecified",
+    }
+}
+
+/// Refusal for calls a registering connection may not make.
+pub fn registering_only() -> Status {
+    Status::new(Code::PermissionDenied, "a connection without a host token may only call Register")
+}

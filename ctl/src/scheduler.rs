@@ -1,1 +1,297 @@
-//! scheduler (being built).
+//! Placement and the capacity ledger.
+//!
+//! Each host row keeps `used_*`, the sum of what its sandboxes hold; each sandbox row keeps
+//! `held_*`, what it holds now. Both change only together, in SQL, inside the caller's
+//! transaction, so the ledger never drifts and concurrent creates on any number of ctl
+//! replicas never overbook a host: a reservation is one conditional UPDATE (`used + need <=
+//! capacity`), which PostgreSQL re-checks on the latest row version after any concurrent
+//! writer commits.
+//!
+//! What a sandbox holds follows its state ([`holds`]): everything while it has (or is
+//! getting) a VM, the disk only while paused, nothing once stopped or failed (an agent
+//! cleans up after a failed create; an errored sandbox's leftovers are removed by Destroy).
+
+use std::time::SystemTime;
+
+use postgres::GenericClient;
+use proto::id::Uuid;
+use proto::Status;
+
+use crate::db::pg_err;
+
+/// Lifecycle state of a sandbox, as stored (`sandboxes.state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    Pending,
+    Starting,
+    Running,
+    Pausing,
+    Paused,
+    Resuming,
+    Stopping,
+    Stopped,
+    Error,
+}
+
+impl State {
+    pub const ALL: [State; 9] = [
+        State::Pending,
+        State::Starting,
+        State::Running,
+        State::Pausing,
+        State::Paused,
+        State::Resuming,
+        State::Stopping,
+        State::Stopped,
+        State::Error,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Pausing => "pausing",
+            State::Paused => "paused",
+            State::Resuming => "resuming",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.iter().copied().find(|x| x.as_str() == s)
+    }
+
+    /// The wire value (wrenn.ctl.v1 and wrenn.agent.v1 share the numbering).
+    pub const fn wire(self) -> i32 {
+        match self {
+            State::Pending => 1,
+            State::Starting => 2,
+            State::Running => 3,
+            State::Pausing => 4,
+            State::Paused => 5,
+            State::Resuming => 6,
+            State::Stopping => 7,
+            State::Stopped => 8,
+            State::Error => 9,
+        }
+    }
+
+    pub fn from_wire(v: i32) -> Option<State> {
+        State::ALL.iter().copied().find(|x| x.wire() == v)
+    }
+
+    /// A state an API call or the agent is still moving the sandbox out of.
+    pub const fn in_transition(self) -> bool {
+        matches!(
+            self,
+            State::Pending | State::Starting | State::Pausing | State::Resuming | State::Stopping
+        )
+    }
+}
+
+/// Amounts of host resources.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Need {
+    pub vcpus: i32,
+    pub memory_mib: i64,
+    pub disk_mib: i64,
+}
+
+impl Need {
+    fn minus(self, o: Need) -> Need {
+        Need {
+            vcpus: self.vcpus - o.vcpus,
+            memory_mib: self.memory_mib - o.memory_mib,
+            disk_mib: self.disk_mib - o.disk_mib,
+        }
+    }
+}
+
+/// What a sandbox of size `size` holds on its host in `state`.
+pub fn holds(state: State, size: Need) -> Need {
+    match state {
+        State::Pending
+        | State::Starting
+        | State::Running
+        | State::Pausing
+        | State::Resuming
+        | State::Stopping => size,
+        State::Paused => Need {
+            vcpus: 0,
+            memory_mib: 0,
+            disk_mib: size.disk_mib,
+        },
+        State::Stopped | State::Error => Need::default(),
+    }
+}
+
+/// Attempts to reserve before giving up when concurrent writers keep taking the host
+/// chosen (each attempt re-reads the candidates).
+const RESERVE_ATTEMPTS: usize = 8;
+
+/// Chooses an online host that can take `need` (only `pinned` when given) and adds `need`
+/// to its `used_*`. `resource_exhausted` when none can.
+pub fn reserve(tx: &mut impl GenericClient, need: Need, pinned: Option<Uuid>) -> Result<Uuid, Status> {
+    assert!(need.vcpus >= 0 && need.memory_mib >= 0 && need.disk_mib >= 0);
+    for _ in 0..RESERVE_ATTEMPTS {
+        // The subquery picks the emptiest fitting host; the outer WHERE re-checks the fit on
+        // the row version the UPDATE locks, so a host filled meanwhile is left alone (0 rows)
+        // and we retry.
+        let row = tx
+            .query_opt(
+                "UPDATE hosts SET used_vcpus = used_vcpus + $1, \
+                    used_memory_mib = used_memory_mib + $2, used_disk_mib = used_disk_mib + $3 \
+                 WHERE id = (SELECT id FROM hosts WHERE status = 'online' AND can_host \
+                        AND ($4::uuid IS NULL OR id = $4) \
+                        AND used_vcpus + $1 <= capacity_vcpus \
+                        AND used_memory_mib + $2 <= capacity_memory_mib \
+                        AND used_disk_mib + $3 <= capacity_disk_mib \
+                      ORDER BY capacity_memory_mib - used_memory_mib DESC, id LIMIT 1) \
+                   AND status = 'online' AND can_host \
+                   AND used_vcpus + $1 <= capacity_vcpus \
+                   AND used_memory_mib + $2 <= capacity_memory_mib \
+                   AND used_disk_mib + $3 <= capacity_disk_mib \
+                 RETURNING id",
+                &[&need.vcpus, &need.memory_mib, &need.disk_mib, &pinned],
+            )
+            .map_err(pg_err)?;
+        if let Some(r) = row {
+            return Ok(r.get(0));
+        }
+        // Nothing fits, or the pick was taken: only retry when something might still fit.
+        let any: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM hosts WHERE status = 'online' AND can_host \
+                    AND ($4::uuid IS NULL OR id = $4) \
+                    AND used_vcpus + $1 <= capacity_vcpus \
+                    AND used_memory_mib + $2 <= capacity_memory_mib \
+                    AND used_disk_mib + $3 <= capacity_disk_mib)",
+                &[&need.vcpus, &need.memory_mib, &need.disk_mib, &pinned],
+            )
+            .map_err(pg_err)?
+            .get(0);
+        if !any {
+            break;
+        }
+    }
+    crate::metrics::SCHEDULE_EXHAUSTED.inc();
+    Err(match pinned {
+        Some(_) => Status::resource_exhausted("the host this sandbox must run on has no free capacity"),
+        None => Status::resource_exhausted("no host has free capacity for this sandbox"),
+    })
+}
+
+/// A sandbox's state and holdings, locked for update.
+#[derive(Clone, Debug)]
+pub struct Locked {
+    pub state: State,
+    pub host: Option<Uuid>,
+    pub size: Need,
+    pub held: Need,
+}
+
+/// Locks a sandbox row (`FOR UPDATE`); `None` when it does not exist.
+pub fn lock(tx: &mut impl GenericClient, sandbox: Uuid) -> Result<Option<Locked>, Status> {
+    let row = tx
+        .query_opt(
+            "SELECT state, host_id, vcpus, memory_mib, disk_mib, held_vcpus, held_memory_mib, \
+                held_disk_mib FROM sandboxes WHERE id = $1 FOR UPDATE",
+            &[&sandbox],
+        )
+        .map_err(pg_err)?;
+    Ok(row.map(|r| Locked {
+        state: State::parse(r.get(0)).unwrap_or(State::Error),
+        host: r.get(1),
+        size: Need {
+            vcpus: r.get(2),
+            memory_mib: i64::from(r.get::<_, i32>(3)),
+            disk_mib: r.get(4),
+        },
+        held: Need {
+            vcpus: r.get(5),
+            memory_mib: r.get(6),
+            disk_mib: r.get(7),
+        },
+    }))
+}
+
+/// Moves a sandbox to `state` and adjusts its host's ledger by the change in what it holds.
+/// Growing (paused → resuming) must fit on its host (`resource_exhausted` otherwise).
+/// `expires` sets `expires_at` (`Some(None)` clears it).
+pub fn set_state(
+    tx: &mut impl GenericClient,
+    sandbox: Uuid,
+    state: State,
+    reason: &str,
+    expires: Option<Option<SystemTime>>,
+) -> Result<Locked, Status> {
+    let cur = lock(tx, sandbox)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
+    let want = if cur.host.is_some() { holds(state, cur.size) } else { Need::default() };
+    let delta = want.minus(cur.held);
+    if delta != Need::default() {
+        let Some(host) = cur.host else {
+            return Err(Status::internal("sandbox holds resources without a host"));
+        };
+        let grows = delta.vcpus > 0 || delta.memory_mib > 0 || delta.disk_mib > 0;
+        let n = tx
+            .execute(
+                "UPDATE hosts SET used_vcpus = GREATEST(used_vcpus + $2, 0), \
+                    used_memory_mib = GREATEST(used_memory_mib + $3, 0), \
+                    used_disk_mib = GREATEST(used_disk_mib + $4, 0) \
+                 WHERE id = $1 AND ($5 = false OR (used_vcpus + $2 <= capacity_vcpus \
+                    AND used_memory_mib + $3 <= capacity_memory_mib \
+                    AND used_disk_mib + $4 <= capacity_disk_mib))",
+                &[&host, &delta.vcpus, &delta.memory_mib, &delta.disk_mib, &grows],
+            )
+            .map_err(pg_err)?;
+        if n == 0 && grows {
+            crate::metrics::SCHEDULE_EXHAUSTED.inc();
+            return Err(Status::resource_exhausted("the sandbox's host has no free capacity"));
+        }
+    }
+    let (set_exp, exp) = match expires {
+        Some(e) => (true, e),
+        None => (false, None),
+    };
+    tx.execute(
+        "UPDATE sandboxes SET state = $2, state_reason = $3, held_vcpus = $4, \
+            held_memory_mib = $5, held_disk_mib = $6, updated_at = now(), \
+            expires_at = CASE WHEN $7 THEN $8 ELSE expires_at END WHERE id = $1",
+        &[&sandbox, &state.as_str(), &reason, &want.vcpus, &want.memory_mib, &want.disk_mib, &set_exp, &exp],
+    )
+    .map_err(pg_err)?;
+    Ok(Locked {
+        state,
+        held: want,
+        ..cur
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_and_wire_values_round_trip() {
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
+            assert_eq!(State::from_wire(s.wire()), Some(s));
+        }
+        assert_eq!(State::parse("RUNNING"), None);
+        assert_eq!(State::from_wire(0), None);
+        assert_eq!(State::from_wire(10), None);
+    }
+
+    #[test]
+    fn holdings_follow_state() {
+        let size = Need { vcpus: 2, memory_mib: 1024, disk_mib: 5120 };
+        assert_eq!(holds(State::Running, size), size);
+        assert_eq!(holds(State::Paused, size), Need { vcpus: 0, memory_mib: 0, disk_mib: 5120 });
+        assert_eq!(holds(State::Stopped, size), Need::default());
+        assert_eq!(holds(State::Error, size), Need::default());
+        assert_eq!(holds(State::Resuming, size), size);
+    }
+}

@@ -1,1 +1,285 @@
-//! server (being built).
+//! The protobuf transport: one `proto::rpc::Server` on port 7700 serving `wrenn.ctl.v1`
+//! (hello with an API key) and `wrenn.host.v1` (hello with a host token) over the service
+//! layer. Every call runs on the RPC worker pool: the event loop never blocks on SQL.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prost::Message;
+use proto::gen::wrenn::ctl::v1 as ctl;
+use proto::gen::wrenn::host::v1 as host;
+use proto::gen::wrenn::wire::v1::{CredentialKind, Hello};
+use proto::id::Uuid;
+use proto::rpc::{Call, Peer, ServerStream, Service};
+use proto::Status;
+
+use crate::host_service;
+use crate::metrics;
+use crate::service::{Api, AuthCtx, Sink, Source};
+
+/// Who a connection is, decided once by its hello.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// A client with an API key: wrenn.ctl.v1.
+    Api(AuthCtx),
+    /// An agent with an empty host token: may only call Register.
+    Registering,
+    /// An agent with its host token: wrenn.host.v1.
+    Host { id: Uuid, name: String },
+}
+
+/// The `proto::rpc::Service` of ctl.
+pub struct CtlService {
+    api: Api,
+}
+
+impl CtlService {
+    pub fn new(api: Api) -> CtlService {
+        CtlService { api }
+    }
+}
+
+impl Service for CtlService {
+    fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
+        let caller = match CredentialKind::try_from(hello.credential_kind) {
+            Ok(CredentialKind::ApiKey) => Caller::Api(self.api.authenticate(&hello.credential)?),
+            Ok(CredentialKind::HostToken) if hello.credential.is_empty() => Caller::Registering,
+            Ok(CredentialKind::HostToken) => {
+                let (id, name) = crate::auth::lookup_host_token(self.api.db(), &hello.credential)
+                    .inspect_err(|_| metrics::AUTH_FAILURES.inc())?;
+                Caller::Host { id, name }
+            }
+            _ => {
+                metrics::AUTH_FAILURES.inc();
+                return Err(Status::unauthenticated(
+                    "wrenn-ctl accepts an API key (wrenn.ctl.v1) or a host token (wrenn.host.v1)",
+                ));
+            }
+        };
+        Ok(Arc::new(caller))
+    }
+
+    fn call(&self, call: Call) {
+        let Some(caller) = call.peer().downcast_ref::<Caller>().cloned() else {
+            call.fail(Status::internal("connection without a caller"));
+            return;
+        };
+        let api = self.api.clone();
+        match caller {
+            Caller::Api(ctx) => {
+                if !call.method().starts_with("wrenn.ctl.v1.") {
+                    call.fail(Status::permission_denied("an API key may call wrenn.ctl.v1 only"));
+                    return;
+                }
+                call.spawn(move |stream| {
+                    let start = Instant::now();
+                    metrics::API_CALLS.inc();
+                    let ok = dispatch_ctl(&api, &ctx, stream);
+                    if !ok {
+                        metrics::API_ERRORS.inc();
+                    }
+                    metrics::API_CALL_SECONDS.observe(start.elapsed());
+                });
+            }
+            Caller::Registering => {
+                if call.method() != host::host_methods::REGISTER {
+                    call.fail(host_service::registering_only());
+                    return;
+                }
+                call.spawn(move |stream| {
+                    metrics::HOST_CALLS.inc();
+                    unary(stream, |r| host_service::register(&api, r));
+                });
+            }
+            Caller::Host { id, name } => {
+                call.spawn(move |stream| {
+                    metrics::HOST_CALLS.inc();
+                    match stream.method() {
+                        host::host_methods::HEARTBEAT => {
+                            unary(stream, |r| host_service::heartbeat(&api, id, &name, r))
+                        }
+                        host::host_methods::REPORT_STATE => {
+                            unary(stream, |r| host_service::report_state(&api, id, &name, r))
+                        }
+                        host::host_methods::REGISTER => {
+                            stream.finish(Err(Status::failed_precondition("already registered")));
+                            false
+                        }
+                        m => {
+                            let s = Status::unimplemented(format!("unknown method {m}"));
+                            stream.finish(Err(s));
+                            false
+                        }
+                    };
+                });
+            }
+        }
+    }
+}
+
+/// Answers a unary call: decode, run, send, finish. Returns whether it succeeded.
+fn unary<Req: Message + Default, Resp: Message>(
+    mut stream: ServerStream,
+    f: impl FnOnce(Req) -> Result<Resp, Status>,
+) -> bool {
+    let r = stream.first::<Req>().and_then(f);
+    match r {
+        Ok(m) => match stream.send(&m) {
+            Ok(()) => {
+                stream.finish(Ok(()));
+                true
+            }
+            Err(e) => {
+                stream.finish(Err(e));
+                false
+            }
+        },
+        Err(e) => {
+            stream.finish(Err(e));
+            false
+        }
+    }
+}
+
+/// A server-streaming call: `f` writes into the stream.
+fn server_stream<Req: Message + Default, M: Message>(
+    mut stream: ServerStream,
+    f: impl FnOnce(Req, &mut dyn Sink<M>) -> Result<(), Status>,
+) -> bool {
+    let r = match stream.first::<Req>() {
+        Ok(req) => {
+            let mut sink = StreamSink { stream: &mut stream };
+            f(req, &mut sink)
+        }
+        Err(e) => Err(e),
+    };
+    let ok = r.is_ok();
+    stream.finish(r);
+    ok
+}
+
+/// A client-streaming call: `f` reads the request messages (the first included).
+fn client_stream<Req: Message + Default, Resp: Message>(
+    mut stream: ServerStream,
+    f: impl FnOnce(&mut dyn Source<Req>) -> Result<Resp, Status>,
+) -> bool {
+    let r = match stream.first::<Req>() {
+        Ok(first) => {
+            let mut src = StreamSource { stream: &mut stream, first: Some(first) };
+            f(&mut src)
+        }
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(m) => match stream.send(&m) {
+            Ok(()) => {
+                stream.finish(Ok(()));
+                true
+            }
+            Err(e) => {
+                stream.finish(Err(e));
+                false
+            }
+        },
+        Err(e) => {
+            stream.finish(Err(e));
+            false
+        }
+    }
+}
+
+struct StreamSink<'a> {
+    stream: &'a mut ServerStream,
+}
+
+impl<M: Message> Sink<M> for StreamSink<'_> {
+    fn send(&mut self, msg: &M) -> Result<(), Status> {
+        self.stream.send(msg)
+    }
+    fn is_cancelled(&self) -> bool {
+        self.stream.is_cancelled()
+    }
+}
+
+struct StreamSource<'a, M> {
+    stream: &'a mut ServerStream,
+    first: Option<M>,
+}
+
+impl<M: Message + Default> Source<M> for StreamSource<'_, M> {
+    fn recv(&mut self) -> Result<Option<M>, Status> {
+        if let Some(m) = self.first.take() {
+            return Ok(Some(m));
+        }
+        self.stream.recv::<M>()
+    }
+}
+
+/// Routes one wrenn.ctl.v1 call to the service layer. Returns whether it succeeded.
+fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
+    use ctl::{
+        api_keys_methods as keys, audit_logs_methods as audit, files_methods as files,
+        hosts_methods as hosts, processes_methods as procs, sandboxes_methods as sb,
+        teams_methods as teams, templates_methods as tpl, users_methods as users,
+    };
+    let method = stream.method().to_owned();
+    match method.as_str() {
+        sb::CREATE => unary(stream, |r| api.create_sandbox(ctx, r)),
+        sb::LIST => unary(stream, |r| api.list_sandboxes(ctx, r)),
+        sb::GET => unary(stream, |r| api.get_sandbox(ctx, r)),
+        sb::DESTROY => unary(stream, |r| api.destroy_sandbox(ctx, r)),
+        sb::PING => unary(stream, |r| api.ping_sandbox(ctx, r)),
+        sb::SET_TIMEOUT => unary(stream, |r| api.set_sandbox_timeout(ctx, r)),
+        sb::PAUSE => unary(stream, |r| api.pause_sandbox(ctx, r)),
+        sb::RESUME => unary(stream, |r| api.resume_sandbox(ctx, r)),
+
+        procs::EXEC => unary(stream, |r| api.exec(ctx, r)),
+        procs::EXEC_STREAM => server_stream(stream, |r, out| api.exec_stream(ctx, r, out)),
+        procs::CONNECT => server_stream(stream, |r, out| api.connect_process(ctx, r, out)),
+        procs::SEND_INPUT => client_stream(stream, |src| api.send_input(ctx, src)),
+        procs::CLOSE_STDIN => unary(stream, |r| api.close_stdin(ctx, r)),
+        procs::SIGNAL => unary(stream, |r| api.signal_process(ctx, r)),
+        procs::RESIZE_PTY => unary(stream, |r| api.resize_pty(ctx, r)),
+        procs::LIST => unary(stream, |r| api.list_processes(ctx, r)),
+
+        files::UPLOAD => client_stream(stream, |src| api.upload(ctx, src)),
+        files::DOWNLOAD => server_stream(stream, |r, out| api.download(ctx, r, out)),
+        files::STAT => unary(stream, |r| api.stat(ctx, r)),
+        files::LIST => server_stream(stream, |r, out| api.list_dir(ctx, r, out)),
+        files::MAKE_DIR => unary(stream, |r| api.make_dir(ctx, r)),
+        files::MOVE => unary(stream, |r| api.move_path(ctx, r)),
+        files::REMOVE => unary(stream, |r| api.remove_path(ctx, r)),
+
+        tpl::CREATE => unary(stream, |r| api.create_template(ctx, r)),
+        tpl::LIST => unary(stream, |r| api.list_templates(ctx, r)),
+        tpl::GET => unary(stream, |r| api.get_template(ctx, r)),
+        tpl::DELETE => unary(stream, |r| api.delete_template(ctx, r)),
+
+        teams::GET => unary(stream, |r| api.get_team(ctx, r)),
+        teams::ADD_MEMBER => unary(stream, |r| api.add_member(ctx, r)),
+        teams::REMOVE_MEMBER => unary(stream, |r| api.remove_member(ctx, r)),
+        teams::LIST_MEMBERS => unary(stream, |r| api.list_members(ctx, r)),
+
+        users::CREATE => unary(stream, |r| api.create_user(ctx, r)),
+        users::GET => unary(stream, |r| api.get_user(ctx, r)),
+        users::LIST => unary(stream, |r| api.list_users(ctx, r)),
+
+        keys::CREATE => unary(stream, |r| api.create_api_key(ctx, r)),
+        keys::LIST => unary(stream, |r| api.list_api_keys(ctx, r)),
+        keys::REVOKE => unary(stream, |r| api.revoke_api_key(ctx, r)),
+
+        hosts::CREATE_REGISTRATION_TOKEN => unary(stream, |r| api.create_registration_token(ctx, r)),
+        hosts::LIST => unary(stream, |r| api.list_hosts(ctx, r)),
+        hosts::GET => unary(stream, |r| api.get_host(ctx, r)),
+        hosts::DRAIN => unary(stream, |r| api.drain_host(ctx, r)),
+        hosts::DELETE => unary(stream, |r| api.delete_host(ctx, r)),
+
+        audit::LIST => unary(stream, |r| api.list_audit_logs(ctx, r)),
+
+        m => {
+            let s = Status::unimplemented(format!("unknown method {m}"));
+            stream.finish(Err(s));
+            false
+        }
+    }
+}

@@ -32,7 +32,9 @@ use crate::auth::LastUsed;
 use crate::config::ApiConfig;
 use crate::db::Db;
 
-pub use audit::Actor;
+pub use audit::{from_ns as time_from_ns, new_uuid, write as audit_write, Actor, Entry as AuditEntry};
+pub use hosts::insert_registration_token;
+pub use teams::{create_team_with_owner, insert_key};
 
 /// Who is calling: the team an API key acts for. Made by [`Api::authenticate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,6 +187,39 @@ pub fn parse_opt_id(kind: Kind, s: &str) -> Result<Option<Uuid>, Status> {
 pub fn page_size(n: u32) -> i64 {
     let n = if n == 0 { crate::limits::PAGE_SIZE_DEFAULT } else { n };
     i64::from(n.min(crate::limits::PAGE_SIZE_MAX))
+}
+
+/// Turns `limit + 1` fetched rows into one page and its next token (the (time, id) of the
+/// last row kept when more rows exist).
+pub(crate) fn paginate<T>(
+    rows: &[postgres::Row],
+    limit: i64,
+    key: impl Fn(&postgres::Row) -> (std::time::SystemTime, Uuid),
+    map: impl Fn(&postgres::Row) -> T,
+) -> (Vec<T>, String) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let page = &rows[..rows.len().min(limit)];
+    let next = if rows.len() > limit {
+        page.last().map(|r| {
+            let (t, id) = key(r);
+            audit::page_token(t, id)
+        })
+    } else {
+        None
+    };
+    (page.iter().map(map).collect(), next.unwrap_or_default())
+}
+
+/// An audit entry (for the host service and background jobs).
+pub fn audit_entry<'a>(
+    team: Option<Uuid>,
+    actor: &'a Actor,
+    resource_type: &'a str,
+    resource_id: String,
+    action: &'a str,
+    metadata: serde_json::Value,
+) -> AuditEntry<'a> {
+    AuditEntry { team, actor, resource_type, resource_id, action, success: true, metadata }
 }
 
 /// The all-zeros UUID: the platform team and the `minimal` template.

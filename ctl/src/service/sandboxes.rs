@@ -1,20 +1,516 @@
 //! Sandboxes: create, list, get, destroy, ping, set timeout, pause, resume.
+//!
+//! Lifecycle calls change the state in PostgreSQL first (one transaction with the audit row
+//! and the capacity ledger), then call the host's agent with a long deadline, then record
+//! the outcome. A sandbox left in a transition by a crash or a lost agent is finished by
+//! the reconciler.
 
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use postgres::GenericClient;
+use proto::gen::wrenn::agent::v1 as agent;
 use proto::gen::wrenn::ctl::v1 as ctl;
-use proto::Status;
+use proto::id::{self, Kind, Uuid};
+use proto::{Code, Status};
 
-use super::{Api, AuthCtx};
+use super::audit::{self, Actor, Entry};
+use super::convert::{self, SANDBOX_COLS};
+use super::{page_size, paginate, parse_id, parse_opt_id, templates, Api, AuthCtx};
+use crate::db::pg_err;
+use crate::limits::{
+    BACKGROUND_CREATES_MAX, SANDBOX_DISK_MIB_MAX, SANDBOX_MEMORY_MIB_MAX, SANDBOX_TIMEOUT_DEFAULT_S,
+    SANDBOX_TIMEOUT_MAX_S, SANDBOX_VCPUS_MAX,
+};
+use crate::scheduler::{self, Need, State};
+
+/// What an agent Create needs, kept from the insert to the call.
+struct Pending {
+    req: agent::CreateSandboxRequest,
+    host: Uuid,
+    id: Uuid,
+}
+
+/// Reads one sandbox of `team` (`not_found` for other teams' and unknown ids).
+pub(crate) fn fetch(c: &mut impl GenericClient, team: Uuid, id: Uuid) -> Result<ctl::Sandbox, Status> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {SANDBOX_COLS} FROM sandboxes s WHERE s.id = $1 AND s.team_id = $2"),
+            &[&id, &team],
+        )
+        .map_err(pg_err)?;
+    row.map(|r| convert::sandbox(&r))
+        .ok_or_else(|| Status::not_found("sandbox not found"))
+}
+
+/// State and host of a sandbox of `team`, locked for update.
+fn lock_owned(
+    c: &mut impl GenericClient,
+    team: Uuid,
+    id: Uuid,
+) -> Result<scheduler::Locked, Status> {
+    let owned = c
+        .query_opt("SELECT 1 FROM sandboxes WHERE id = $1 AND team_id = $2", &[&id, &team])
+        .map_err(pg_err)?;
+    if owned.is_none() {
+        return Err(Status::not_found("sandbox not found"));
+    }
+    scheduler::lock(c, id)?.ok_or_else(|| Status::not_found("sandbox not found"))
+}
+
+fn check_timeout(t: u64) -> Result<(), Status> {
+    if t > SANDBOX_TIMEOUT_MAX_S {
+        return Err(Status::invalid_argument(format!(
+            "timeout_s must be at most {SANDBOX_TIMEOUT_MAX_S}"
+        )));
+    }
+    Ok(())
+}
+
+fn expiry(info_ns: i64, timeout_s: u64) -> SystemTime {
+    if info_ns > 0 {
+        audit::from_ns(info_ns)
+    } else {
+        SystemTime::now() + Duration::from_secs(timeout_s)
+    }
+}
+
+fn audit_sb(
+    c: &mut impl GenericClient,
+    ctx: &AuthCtx,
+    id: Uuid,
+    action: &str,
+    metadata: serde_json::Value,
+) -> Result<(), Status> {
+    audit::write(
+        c,
+        Entry {
+            team: Some(ctx.team_id),
+            actor: &Actor::key(ctx),
+            resource_type: "sandbox",
+            resource_id: id::format(Kind::Sandbox, id),
+            action,
+            success: true,
+            metadata,
+        },
+    )
+}
 
 impl Api {
     /// Creates a sandbox. With `wait` (default) answers once it is RUNNING and envd answered;
     /// `wait = false` answers at once with STARTING and finishes in the background.
-    pub fn create_sandbox(&self, ctx: &AuthCtx, req: ctl::CreateSandboxRequest) -> Result<ctl::Sandbox, Status> { let _ = (ctx, req); Err(Status::unimplemented("not built yet")) }
+    pub fn create_sandbox(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::CreateSandboxRequest,
+    ) -> Result<ctl::Sandbox, Status> {
+        let start = Instant::now();
+        if req.vcpus > SANDBOX_VCPUS_MAX || req.memory_mib > SANDBOX_MEMORY_MIB_MAX || req.disk_mib > SANDBOX_DISK_MIB_MAX {
+            return Err(Status::invalid_argument("vcpus, memory_mib or disk_mib out of range"));
+        }
+        check_timeout(req.timeout_s)?;
+        let policy = convert::policy_text(req.on_timeout)?.unwrap_or("destroy");
+        let metadata = convert::check_map("metadata", &req.metadata)?;
+        convert::check_map("env", &req.env)?;
+        let timeout_s = if req.timeout_s == 0 { SANDBOX_TIMEOUT_DEFAULT_S } else { req.timeout_s };
+        let wait = req.wait.unwrap_or(true);
+        if !wait && self.inner.background_creates.load(Ordering::Relaxed) >= BACKGROUND_CREATES_MAX {
+            return Err(Status::resource_exhausted("too many creates finishing in the background"));
+        }
+        let id = audit::new_uuid()?;
+        let team = ctx.team_id;
+        let ctx2 = ctx.clone();
+        let tpl_ref = if req.template.is_empty() { "minimal".to_owned() } else { req.template.clone() };
+        let (sb, pending) = self.inner.db.tx(move |tx| {
+            let tpl = templates::resolve(tx, team, &tpl_ref)?;
+            let snapshot = tpl.kind == "snapshot";
+            let size = if snapshot {
+                Need { vcpus: tpl.vcpus, memory_mib: i64::from(tpl.memory_mib), disk_mib: tpl.disk_mib }
+            } else {
+                let disk = if req.disk_mib == 0 { tpl.disk_mib } else { req.disk_mib as i64 };
+                if disk < tpl.disk_mib {
+                    return Err(Status::invalid_argument("disk_mib may only grow the template's disk"));
+                }
+                Need {
+                    vcpus: if req.vcpus == 0 { tpl.vcpus } else { req.vcpus as i32 },
+                    memory_mib: if req.memory_mib == 0 { i64::from(tpl.memory_mib) } else { i64::from(req.memory_mib) },
+                    disk_mib: disk,
+                }
+            };
+            let host = scheduler::reserve(tx, size, if snapshot { tpl.host } else { None })?;
+            tx.execute(
+                "INSERT INTO sandboxes (id, team_id, host_id, template_id, state, vcpus, memory_mib, \
+                    disk_mib, held_vcpus, held_memory_mib, held_disk_mib, timeout_s, on_timeout, metadata) \
+                 VALUES ($1,$2,$3,$4,'starting',$5,$6,$7,$5,$8,$7,$9,$10,$11)",
+                &[
+                    &id, &team, &host, &tpl.id, &size.vcpus, &(size.memory_mib as i32), &size.disk_mib,
+                    &size.memory_mib, &(timeout_s as i64), &policy, &metadata,
+                ],
+            )
+            .map_err(pg_err)?;
+            audit_sb(tx, &ctx2, id, "sandbox.create", serde_json::json!({
+                "template": id::format(Kind::Template, tpl.id),
+                "host": id::format(Kind::Host, host),
+                "vcpus": size.vcpus, "memory_mib": size.memory_mib,
+            }))?;
+            let sb = fetch(tx, team, id)?;
+            let areq = agent::CreateSandboxRequest {
+                sandbox_id: id::format(Kind::Sandbox, id),
+                team_id: id::format(Kind::Team, team),
+                template_id: id::format(Kind::Template, tpl.id),
+                template_kind: if snapshot { agent::TemplateKind::Snapshot as i32 } else { agent::TemplateKind::Base as i32 },
+                vcpus: size.vcpus as u32,
+                memory_mib: size.memory_mib as u32,
+                disk_mib: size.disk_mib as u64,
+                timeout_s,
+                on_timeout: convert::policy_wire(policy),
+                env: req.env,
+                metadata: req.metadata,
+                ..Default::default()
+            };
+            Ok((sb, Pending { req: areq, host, id }))
+        })?;
+        crate::metrics::SANDBOXES_CREATED.inc();
+        if !wait {
+            let api = self.clone();
+            self.inner.background_creates.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::BACKGROUND_CREATES.add(1);
+            let spawned = std::thread::Builder::new()
+                .name("ctl-create".into())
+                .spawn(move || {
+                    let _ = api.finish_create(team, pending);
+                    api.inner.background_creates.fetch_sub(1, Ordering::Relaxed);
+                    crate::metrics::BACKGROUND_CREATES.add(-1);
+                });
+            if let Err(e) = spawned {
+                self.inner.background_creates.fetch_sub(1, Ordering::Relaxed);
+                crate::metrics::BACKGROUND_CREATES.add(-1);
+                let _ = self.fail_sandbox(id, "could not start the create");
+                return Err(Status::internal(format!("spawn create thread: {e}")));
+            }
+            return Ok(sb);
+        }
+        let r = self.finish_create(team, pending);
+        crate::metrics::SANDBOX_CREATE_SECONDS.observe(start.elapsed());
+        r
+    }
+
+    /// Calls the agent's Create and records the outcome.
+    fn finish_create(&self, team: Uuid, p: Pending) -> Result<ctl::Sandbox, Status> {
+        let r: Result<agent::SandboxInfo, Status> = self.inner.agents.unary_timeout(
+            p.host,
+            agent::sandboxes_methods::CREATE,
+            &p.req,
+            self.inner.cfg.agent_lifecycle_timeout,
+        );
+        let id = p.id;
+        match r {
+            Ok(info) => {
+                let exp = expiry(info.expires_unix_ns, p.req.timeout_s);
+                self.inner.db.tx(move |tx| {
+                    // A destroy may have raced us; only a sandbox still starting becomes running.
+                    let cur = scheduler::lock(tx, id)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
+                    if cur.state == State::Starting {
+                        scheduler::set_state(tx, id, State::Running, "", Some(Some(exp)))?;
+                    }
+                    fetch(tx, team, id)
+                })
+            }
+            Err(e) => {
+                log::warn!("sandbox create failed sandbox={} code={} message={}", id::format(Kind::Sandbox, id), e.code, e.message);
+                let _ = self.fail_sandbox(id, &format!("create failed: {}", e.message));
+                Err(e)
+            }
+        }
+    }
+
+    fn fail_sandbox(&self, id: Uuid, reason: &str) -> Result<(), Status> {
+        let reason = reason.to_owned();
+        self.inner.db.tx(move |tx| {
+            let cur = scheduler::lock(tx, id)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
+            if cur.state != State::Stopped {
+                scheduler::set_state(tx, id, State::Error, &reason, Some(None))?;
+            }
+            Ok(())
+        })
+    }
+
     /// The caller's team's sandboxes, newest first (keyset pages).
-    pub fn list_sandboxes(&self, ctx: &AuthCtx, req: ctl::ListSandboxesRequest) -> Result<ctl::ListSandboxesResponse, Status> { let _ = (ctx, req); Err(Status::unimplemented("not built yet")) }
-    pub fn get_sandbox(&self, ctx: &AuthCtx, req: ctl::GetSandboxRequest) -> Result<ctl::Sandbox, Status> { let _ = (ctx, req); Err(Status::unimplemented("not built yet")) }
-    pub fn destroy_sandbox(&self, ctx: &AuthCtx, req: ctl::DestroySandboxRequest) -> Result<ctl::DestroySandboxResponse, Status> { let _ = (ctx, req); Err(Status::unimplemented("not built yet")) }
-    pub fn ping_sandbox(&self, ctx: &AuthCtx, req: ctl::PingSandboxRequest) -> Result<ctl::Sandbox, Status> { let _ = (ctx, req); Err(Status::unimplemented("not built yet")) }
-    pub fn set_sandbox_timeout(&self, ctx: &AuthCtx, req: ctl::SetTimeoutRequest) -> Result<ctl::Sandbox, Status> { let _ = (ctx, req); Err(Status::unimplemented("not built yet")) }
-    pub fn pause_sandbox(&self, ctx: &AuthCtx, req: ctl::PauseSandboxRequest) -> Result<ctl::Sandbox, Status> { let _ = (ctx, req); Err(Status::unimplemented("not built yet")) }
-    pub fn resume_sandbox(&self, ctx: &AuthCtx, req: ctl::ResumeSandboxRequest) -> Result<ctl::Sandbox, Status> { let _ = (ctx, req); Err(Status::unimplemented("not built yet")) }
+    pub fn list_sandboxes(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ListSandboxesRequest,
+    ) -> Result<ctl::ListSandboxesResponse, Status> {
+        let mut states = Vec::with_capacity(req.states.len());
+        for s in &req.states {
+            let st = State::from_wire(*s).ok_or_else(|| Status::invalid_argument(format!("unknown state {s}")))?;
+            states.push(st.as_str().to_owned());
+        }
+        let all_but_stopped = states.is_empty();
+        let template = parse_opt_id(Kind::Template, &req.template_id)?;
+        let meta = convert::check_map("metadata", &req.metadata)?;
+        let after = audit::parse_page_token(&req.page_token)?;
+        let (after_t, after_id) = (after.map(|a| a.0), after.map(|a| a.1));
+        let limit = page_size(req.page_size);
+        let team = ctx.team_id;
+        let rows = self.inner.db.run(move |c| {
+            c.query(
+                &format!(
+                    "SELECT {SANDBOX_COLS} FROM sandboxes s WHERE s.team_id = $1 \
+                       AND (CASE WHEN $2 THEN s.state <> 'stopped' ELSE s.state = ANY($3) END) \
+                       AND ($4::uuid IS NULL OR s.template_id = $4) \
+                       AND s.metadata @> $5 \
+                       AND ($6::timestamptz IS NULL OR (s.created_at, s.id) < ($6, $7::uuid)) \
+                     ORDER BY s.created_at DESC, s.id DESC LIMIT $8"
+                ),
+                &[&team, &all_but_stopped, &states, &template, &meta, &after_t, &after_id, &(limit + 1)],
+            )
+            .map_err(pg_err)
+        })?;
+        let (sandboxes, next_page_token) =
+            paginate(&rows, limit, |r| (r.get(12), r.get(0)), convert::sandbox);
+        Ok(ctl::ListSandboxesResponse { sandboxes, next_page_token })
+    }
+
+    /// One sandbox of the caller's team.
+    pub fn get_sandbox(&self, ctx: &AuthCtx, req: ctl::GetSandboxRequest) -> Result<ctl::Sandbox, Status> {
+        let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
+        let team = ctx.team_id;
+        self.inner.db.run(move |c| fetch(c, team, id))
+    }
+
+    /// Destroys a sandbox (idempotent for one already stopped).
+    pub fn destroy_sandbox(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::DestroySandboxRequest,
+    ) -> Result<ctl::DestroySandboxResponse, Status> {
+        let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
+        let team = ctx.team_id;
+        let ctx2 = ctx.clone();
+        let host = self.inner.db.tx(move |tx| {
+            let cur = lock_owned(tx, team, id)?;
+            if cur.state == State::Stopped {
+                return Ok(None);
+            }
+            audit_sb(tx, &ctx2, id, "sandbox.destroy", serde_json::json!({"from": cur.state.as_str()}))?;
+            match cur.host {
+                None => {
+                    scheduler::set_state(tx, id, State::Stopped, "destroyed", Some(None))?;
+                    Ok(None)
+                }
+                Some(h) => {
+                    scheduler::set_state(tx, id, State::Stopping, "destroy requested", Some(None))?;
+                    Ok(Some(h))
+                }
+            }
+        })?;
+        if let Some(host) = host {
+            self.agent_destroy(host, id)?;
+        }
+        Ok(ctl::DestroySandboxResponse {})
+    }
+
+    /// Asks the agent to destroy `id` and records STOPPED (an unknown sandbox on the agent
+    /// counts as destroyed). Used by Destroy and the reconciler.
+    pub(crate) fn agent_destroy(&self, host: Uuid, id: Uuid) -> Result<(), Status> {
+        let r: Result<agent::DestroySandboxResponse, Status> = self.inner.agents.unary_timeout(
+            host,
+            agent::sandboxes_methods::DESTROY,
+            &agent::DestroySandboxRequest { sandbox_id: id::format(Kind::Sandbox, id) },
+            self.inner.cfg.agent_lifecycle_timeout,
+        );
+        match r {
+            Ok(_) => {}
+            Err(e) if e.code == Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.inner.db.tx(move |tx| {
+            scheduler::set_state(tx, id, State::Stopped, "destroyed", Some(None))?;
+            Ok(())
+        })
+    }
+
+    /// Keeps a running sandbox alive: expiry becomes now + its timeout.
+    pub fn ping_sandbox(&self, ctx: &AuthCtx, req: ctl::PingSandboxRequest) -> Result<ctl::Sandbox, Status> {
+        let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
+        let host = self.running_host(ctx, id)?;
+        let info: agent::SandboxInfo = self.inner.agents.unary(
+            host,
+            agent::sandboxes_methods::PING,
+            &agent::PingSandboxRequest { sandbox_id: req.sandbox_id.clone() },
+        )?;
+        let team = ctx.team_id;
+        let ctx2 = ctx.clone();
+        self.inner.db.tx(move |tx| {
+            let t: i64 = tx
+                .query_one("SELECT timeout_s FROM sandboxes WHERE id = $1", &[&id])
+                .map_err(pg_err)?
+                .get(0);
+            let exp = expiry(info.expires_unix_ns, t as u64);
+            tx.execute("UPDATE sandboxes SET expires_at = $2, updated_at = now() WHERE id = $1", &[&id, &exp])
+                .map_err(pg_err)?;
+            audit_sb(tx, &ctx2, id, "sandbox.ping", serde_json::json!({}))?;
+            fetch(tx, team, id)
+        })
+    }
+
+    /// Changes the timeout (and optionally the policy).
+    pub fn set_sandbox_timeout(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::SetTimeoutRequest,
+    ) -> Result<ctl::Sandbox, Status> {
+        let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
+        if req.timeout_s == 0 {
+            return Err(Status::invalid_argument("timeout_s must be > 0"));
+        }
+        check_timeout(req.timeout_s)?;
+        let policy = convert::policy_text(req.on_timeout)?;
+        let team = ctx.team_id;
+        let cur = self.inner.db.run(move |c| fetch(c, team, id))?;
+        let running = cur.state == State::Running.wire();
+        let mut exp = None;
+        if running {
+            let host = parse_id(Kind::Host, &cur.host_id)?;
+            let info: agent::SandboxInfo = self.inner.agents.unary(
+                host,
+                agent::sandboxes_methods::SET_TIMEOUT,
+                &agent::SetTimeoutRequest {
+                    sandbox_id: req.sandbox_id.clone(),
+                    timeout_s: req.timeout_s,
+                    on_timeout: req.on_timeout,
+                },
+            )?;
+            exp = Some(expiry(info.expires_unix_ns, req.timeout_s));
+        } else if cur.state == State::Stopped.wire() || cur.state == State::Error.wire() {
+            return Err(Status::failed_precondition("sandbox is not running or paused"));
+        }
+        let ctx2 = ctx.clone();
+        let timeout = req.timeout_s as i64;
+        self.inner.db.tx(move |tx| {
+            tx.execute(
+                "UPDATE sandboxes SET timeout_s = $2, on_timeout = COALESCE($3, on_timeout), \
+                    expires_at = COALESCE($4, expires_at), updated_at = now() WHERE id = $1",
+                &[&id, &timeout, &policy, &exp],
+            )
+            .map_err(pg_err)?;
+            audit_sb(tx, &ctx2, id, "sandbox.set_timeout", serde_json::json!({"timeout_s": timeout, "on_timeout": policy}))?;
+            fetch(tx, team, id)
+        })
+    }
+
+    /// Pauses a running sandbox; answers PAUSED.
+    pub fn pause_sandbox(&self, ctx: &AuthCtx, req: ctl::PauseSandboxRequest) -> Result<ctl::Sandbox, Status> {
+        let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
+        self.transition(ctx, id, State::Running, State::Pausing, "sandbox.pause", |api, host| {
+            api.inner.agents.unary_timeout(
+                host,
+                agent::sandboxes_methods::PAUSE,
+                &agent::PauseSandboxRequest { sandbox_id: id::format(Kind::Sandbox, id) },
+                api.inner.cfg.agent_lifecycle_timeout,
+            )
+        })
+    }
+
+    /// Resumes a paused sandbox on its own host; answers RUNNING.
+    pub fn resume_sandbox(&self, ctx: &AuthCtx, req: ctl::ResumeSandboxRequest) -> Result<ctl::Sandbox, Status> {
+        let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
+        check_timeout(req.timeout_s)?;
+        let timeout_s = req.timeout_s;
+        if timeout_s > 0 {
+            let t = timeout_s as i64;
+            self.inner.db.run(move |c| {
+                c.execute("UPDATE sandboxes SET timeout_s = $2 WHERE id = $1 AND state = 'paused'", &[&id, &t])
+                    .map_err(pg_err)
+            })?;
+        }
+        self.transition(ctx, id, State::Paused, State::Resuming, "sandbox.resume", move |api, host| {
+            api.inner.agents.unary_timeout(
+                host,
+                agent::sandboxes_methods::RESUME,
+                &agent::ResumeSandboxRequest { sandbox_id: id::format(Kind::Sandbox, id), timeout_s },
+                api.inner.cfg.agent_lifecycle_timeout,
+            )
+        })
+    }
+
+    /// from → via (audited) → agent call → the state the agent reports.
+    fn transition(
+        &self,
+        ctx: &AuthCtx,
+        id: Uuid,
+        from: State,
+        via: State,
+        action: &'static str,
+        call: impl FnOnce(&Api, Uuid) -> Result<agent::SandboxInfo, Status>,
+    ) -> Result<ctl::Sandbox, Status> {
+        let team = ctx.team_id;
+        let ctx2 = ctx.clone();
+        let host = self.inner.db.tx(move |tx| {
+            let cur = lock_owned(tx, team, id)?;
+            if cur.state != from {
+                return Err(Status::failed_precondition(format!(
+                    "sandbox is {}, not {}",
+                    cur.state.as_str(),
+                    from.as_str()
+                )));
+            }
+            let host = cur.host.ok_or_else(|| Status::internal("sandbox has no host"))?;
+            scheduler::set_state(tx, id, via, "", None)?;
+            audit_sb(tx, &ctx2, id, action, serde_json::json!({}))?;
+            Ok(host)
+        })?;
+        match call(self, host) {
+            Ok(info) => self.apply_agent_state(team, id, &info),
+            Err(e) => {
+                // Take the agent's word for where the sandbox is now; without it go back.
+                let back = self
+                    .inner
+                    .agents
+                    .unary::<_, agent::SandboxInfo>(
+                        host,
+                        agent::sandboxes_methods::GET,
+                        &agent::GetSandboxRequest { sandbox_id: id::format(Kind::Sandbox, id) },
+                    );
+                match back {
+                    Ok(info) => {
+                        let _ = self.apply_agent_state(team, id, &info);
+                    }
+                    Err(_) => {
+                        let _ = self.inner.db.tx(move |tx| {
+                            scheduler::set_state(tx, id, from, "", None).map(|_| ())
+                        });
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Records the state an agent reported (after a lifecycle call).
+    pub(crate) fn apply_agent_state(&self, team: Uuid, id: Uuid, info: &agent::SandboxInfo) -> Result<ctl::Sandbox, Status> {
+        let state = State::from_wire(info.state).ok_or_else(|| Status::internal("agent sent an unknown state"))?;
+        let exp = (state == State::Running).then(|| expiry(info.expires_unix_ns, info.timeout_s.max(1)));
+        let reason = info.state_reason.clone();
+        self.inner.db.tx(move |tx| {
+            scheduler::set_state(tx, id, state, &reason, Some(exp))?;
+            fetch(tx, team, id)
+        })
+    }
+
+    /// The host of a RUNNING sandbox of the caller's team (`failed_precondition` otherwise).
+    pub(crate) fn running_host(&self, ctx: &AuthCtx, id: Uuid) -> Result<Uuid, Status> {
+        let team = ctx.team_id;
+        let row = self.inner.db.run(move |c| {
+            c.query_opt("SELECT state, host_id FROM sandboxes WHERE id = $1 AND team_id = $2", &[&id, &team])
+                .map_err(pg_err)
+        })?;
+        let row = row.ok_or_else(|| Status::not_found("sandbox not found"))?;
+        let state: String = row.get(0);
+        if state != "running" {
+            return Err(Status::failed_precondition(format!("sandbox is {state}, not running")));
+        }
+        row.get::<_, Option<Uuid>>(1).ok_or_else(|| Status::internal("running sandbox has no host"))
+    }
 }
