@@ -1,2 +1,22 @@
-//! Placeholder; see the issue that builds this crate.
+//! `vmm-glue`: the host-side glue between wrenn-agent and Firecracker.
+//!
+//! - [`api`]: client of Firecracker's HTTP API on its Unix socket (one keep-alive connection,
+//!   bounded heads and bodies, a deadline per call);
+//! - [`request`]: typed API requests (machine, boot source, drives, network, vsock, MMDS,
+//!   actions, pause/resume, snapshots, logger, metrics);
+//! - [`process`]: spawning Firecracker in a sandbox's network namespace, cgroup and own mount
+//!   namespace (the stable disk path), holding it by pidfd, re-adopting it, killing it;
+//! - [`cgroup`]: per-sandbox cgroups, v2 where mounted with controllers, else v1 cpu/memory;
+//! - [`vsock`]: the host side of Firecracker's hybrid vsock (`CONNECT <port>`, guest-initiated
+//!   listeners, envd's readiness push);
+//! - [`disk`]: per-sandbox root disks as reflink clones or sparse copies of a template;
+//! - [`net`]: network slots (namespaces, veth, tap, NAT);
+//! - [`limits`]: every bound outside `net`, with its reason.
+//!
+//! It is not a scheduler and keeps no state of its own beyond a sandbox's process state file:
+//! the agent decides what runs where.
+
+pub mod api;
+pub mod limits;
 pub mod net;
+pub mod request;

@@ -1,1 +1,7 @@
+//! vmm-glue's integration tests (one binary): the API client against a scripted server,
+//! request bodies against Firecracker's schema, network slots, disk clones, and Firecracker
+//! for real where it is available.
+
+mod api;
 mod net;
+mod schema;

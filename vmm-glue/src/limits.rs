@@ -1,0 +1,67 @@
+//! Every bound of vmm-glue outside `net/` (which keeps its own), each with its reason.
+
+use std::time::Duration;
+
+/// Longest request line plus headers we send to Firecracker's API. Ours are about 150 bytes;
+/// the bound catches a runaway path (an ID is at most [`API_ID_LEN_MAX`]).
+pub const API_REQUEST_HEAD_LEN_MAX: usize = 1024;
+/// Largest request body: Firecracker's default `--http-api-max-payload-size` (51,200 bytes).
+/// A larger body would be refused by Firecracker after we sent it; we refuse it first.
+pub const API_REQUEST_BODY_LEN_MAX: usize = 51_200;
+/// Longest response head we accept. Firecracker's are about 130 bytes.
+pub const API_RESPONSE_HEAD_LEN_MAX: usize = 1024;
+/// Most response headers parsed (Firecracker sends four).
+pub const API_RESPONSE_HEADERS_MAX: usize = 16;
+/// Largest response body we read: Firecracker never sends more than it accepts (its largest
+/// answers, `GET /vm/config` and `GET /mmds`, are bounded by the same payload limit).
+pub const API_RESPONSE_BODY_LEN_MAX: usize = 51_200;
+/// Longest fault message kept from an error response (the rest is cut).
+pub const API_FAULT_MESSAGE_LEN_MAX: usize = 2048;
+/// Default time for one API call: configuration calls answer in microseconds, but the nested
+/// hypervisor of test hosts makes InstanceStart take a while.
+pub const API_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// `snapshot/create` writes the whole guest memory for a Full snapshot (0.35–0.7 s for
+/// 256 MiB measured here; a 4 GiB guest on a slow disk takes far longer).
+pub const API_TIMEOUT_SNAPSHOT_CREATE: Duration = Duration::from_secs(300);
+/// `snapshot/load` blocks Firecracker while it maps memory and, with the Uffd backend, while
+/// the page server accepts the handshake.
+pub const API_TIMEOUT_SNAPSHOT_LOAD: Duration = Duration::from_secs(120);
+/// Firecracker's own limit on device and drive IDs (path segments of the API).
+pub const API_ID_LEN_MAX: usize = 64;
+/// Longest kernel command line we pass. x86's COMMAND_LINE_SIZE is 2048 and Firecracker
+/// appends `root=`, `virtio_mmio.device=` entries (about 40 bytes per device) to ours.
+pub const BOOT_ARGS_LEN_MAX: usize = 1536;
+/// Longest path Firecracker may be given for a Unix socket (`sun_path` is 108 bytes with NUL).
+pub const UNIX_SOCKET_PATH_LEN_MAX: usize = 107;
+
+/// Default time from spawning Firecracker to its API socket accepting connections
+/// (tens of milliseconds normally; the bound only catches a Firecracker that never listens).
+pub const API_SOCKET_WAIT_DEFAULT: Duration = Duration::from_secs(10);
+/// Interval between checks for the API socket while waiting.
+pub const API_SOCKET_POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How long to wait for a killed Firecracker to exit before giving up. SIGKILL cannot be
+/// caught; only a process stuck in an uninterruptible sleep (a hung disk) takes longer.
+pub const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Longest command line read from /proc/PID/cmdline when re-adopting a process.
+pub const PROC_CMDLINE_LEN_MAX: usize = 64 * 1024;
+/// Largest process state file we read back.
+pub const STATE_FILE_LEN_MAX: usize = 16 * 1024;
+/// Size of the tmpfs that holds the stable paths in a Firecracker's mount namespace: it only
+/// holds empty files used as bind-mount targets.
+pub const STABLE_TMPFS_SIZE: &str = "size=64k,nr_inodes=64,mode=0755";
+
+/// Longest `OK <port>\n` reply to a hybrid-vsock `CONNECT`: "OK " + u32 digits + '\n' is 14;
+/// anything longer is not Firecracker.
+pub const VSOCK_REPLY_LEN_MAX: usize = 32;
+/// Default time for the hybrid-vsock handshake (connect, CONNECT, OK). Firecracker answers
+/// once the guest accepts, which a loaded or just-restored guest may take a second to do.
+pub const VSOCK_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most bytes asked of one `copy_file_range` call in a sparse copy, so one call never ties up
+/// the thread for long on a slow disk.
+pub const COPY_CHUNK_LEN: usize = 64 << 20;
+
+const _: () = assert!(API_REQUEST_HEAD_LEN_MAX >= 256);
+const _: () = assert!(API_RESPONSE_BODY_LEN_MAX >= API_FAULT_MESSAGE_LEN_MAX);
+const _: () = assert!(BOOT_ARGS_LEN_MAX < 2048);
+const _: () = assert!(VSOCK_REPLY_LEN_MAX >= "OK 4294967295\n".len());
