@@ -84,6 +84,9 @@ pub fn run(opts: Options) -> Result<(), String> {
             "mmds identity sandbox_id={} template_id={}",
             id.sandbox_id, id.template_id
         );
+        if let Err(e) = init::set_hostname(&id.sandbox_id) {
+            warn!("set hostname failed error={e}");
+        }
     }
     let clock = Arc::new(Clock::new(Path::new("/dev/ptp0"), pid1));
     if pid1 {
@@ -119,6 +122,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             .map(|i| i.sandbox_id.clone())
             .unwrap_or_default(),
         initial_template_id: identity.map(|i| i.template_id).unwrap_or_default(),
+        set_hostname: pid1,
     };
     let envd = Envd::new(cfg, table.clone(), clock);
     let mut server = Server::new(

@@ -24,6 +24,10 @@ pub const OUTPUT_DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
 pub const TAG_LEN_MAX: usize = 256;
 /// Clients attached to one process's output at once.
 pub const SUBSCRIBERS_PER_PROCESS_MAX: usize = 16;
+/// Ended processes remembered for a late reconnect (exit status and replay ring), and for
+/// how long: enough for a client whose connection broke to come back.
+pub const RECENT_EXITED_MAX: usize = 64;
+pub const RECENT_EXITED_TTL: Duration = Duration::from_secs(60);
 /// Exit statuses of children reaped before anyone claimed them, kept for a late claim.
 pub const UNCLAIMED_EXITS_MAX: usize = 1024;
 

@@ -29,7 +29,7 @@ use prost::bytes::Bytes;
 
 use crate::limits::{
     OUTPUT_CHUNK_LEN, OUTPUT_DRAIN_AFTER_EXIT, OUTPUT_RING_LEN, PROCESSES_MAX, PROCESS_ARGS_MAX,
-    SUBSCRIBERS_PER_PROCESS_MAX, TAG_LEN_MAX,
+    RECENT_EXITED_MAX, RECENT_EXITED_TTL, SUBSCRIBERS_PER_PROCESS_MAX, TAG_LEN_MAX,
 };
 use crate::passwd::User;
 use crate::pty::{self, WinSize};
@@ -460,7 +460,23 @@ fn own_cgroup2_path() -> io::Result<String> {
 struct TableInner {
     reaper: Reaper,
     procs: Mutex<HashMap<i32, Arc<Process>>>,
+    /// Processes that ended recently, newest last: a client whose stream broke can still
+    /// reconnect and learn how the process ended (and get the ring's replay).
+    recent: Mutex<VecDeque<(Instant, Arc<Process>)>>,
     cgroup: Option<Cgroup>,
+}
+
+impl TableInner {
+    fn recent(&self) -> MutexGuard<'_, VecDeque<(Instant, Arc<Process>)>> {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        while r
+            .front()
+            .is_some_and(|(t, _)| t.elapsed() > RECENT_EXITED_TTL)
+        {
+            r.pop_front();
+        }
+        r
+    }
 }
 
 /// Every process started through the API, by pid (and tag).
@@ -475,6 +491,7 @@ impl Table {
             inner: Arc::new(TableInner {
                 reaper,
                 procs: Mutex::new(HashMap::new()),
+                recent: Mutex::new(VecDeque::new()),
                 cgroup,
             }),
         }
@@ -488,15 +505,34 @@ impl Table {
         self.inner.cgroup.as_ref()
     }
 
+    /// A running process, or one that ended within [`RECENT_EXITED_TTL`].
     pub fn get(&self, pid: i32) -> Option<Arc<Process>> {
-        self.procs().get(&pid).cloned()
+        if let Some(p) = self.procs().get(&pid) {
+            return Some(p.clone());
+        }
+        let recent = self.inner.recent();
+        recent
+            .iter()
+            .rev()
+            .find(|(_, p)| p.info.pid == pid)
+            .map(|(_, p)| p.clone())
     }
 
+    /// Like [`Table::get`], by tag (a running process first, then the newest ended one).
     pub fn by_tag(&self, tag: &str) -> Option<Arc<Process>> {
-        self.procs()
+        let running = self
+            .procs()
             .values()
             .find(|p| p.info.tag.as_deref() == Some(tag))
-            .cloned()
+            .cloned();
+        running.or_else(|| {
+            let recent = self.inner.recent();
+            recent
+                .iter()
+                .rev()
+                .find(|(_, p)| p.info.tag.as_deref() == Some(tag))
+                .map(|(_, p)| p.clone())
+        })
     }
 
     /// Running processes (and those whose output is still being drained).
@@ -960,10 +996,18 @@ fn pump(
         shared.cv.notify_all();
     }
     if let Some(t) = table.upgrade() {
-        t.procs
+        let removed = t
+            .procs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&pid);
+        if let Some(p) = removed {
+            let mut recent = t.recent();
+            if recent.len() >= RECENT_EXITED_MAX {
+                recent.pop_front();
+            }
+            recent.push_back((Instant::now(), p));
+        }
     }
     info!("process ended pid={pid} finished={:?}", process.finished());
 }
@@ -1223,10 +1267,16 @@ mod tests {
         let (_, _, _, f) = collect(&mut again);
         assert_eq!(f.status, ExitStatus::Signal(libc::SIGTERM));
         let start = Instant::now();
-        while t.get(p.pid()).is_some() {
+        while !t.is_empty() {
             assert!(start.elapsed() < Duration::from_secs(5));
             std::thread::sleep(Duration::from_millis(10));
         }
+        // Still reachable for a while after it ended, with its replay and exit.
+        let late = t.by_tag("svc").unwrap();
+        let (o, _, _, f) = collect(&mut late.subscribe().unwrap());
+        assert_eq!(o, b"ready\n");
+        assert_eq!(f.status, ExitStatus::Signal(libc::SIGTERM));
+        assert!(t.list().is_empty());
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Config {
     /// Identity from MMDS before the first init.
     pub initial_sandbox_id: String,
     pub initial_template_id: String,
+    /// Set the hostname to the sandbox id at init (PID 1 in a guest only).
+    pub set_hostname: bool,
 }
 
 struct State {
@@ -788,6 +790,11 @@ impl Envd {
                     let g = peer_generation(p);
                     g != 0 && g < new_gen
                 });
+            }
+        }
+        if self.cfg.set_hostname && !r.sandbox_id.is_empty() {
+            if let Err(e) = crate::init::set_hostname(&r.sandbox_id) {
+                warn!("set hostname failed error={e}");
             }
         }
         let synced = self.clock.sync(r.wall_time_unix_ns);

@@ -1376,3 +1376,145 @@ fn announces_readiness_and_again_after_resumed() {
     handle.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- PID 1 --------------------------------------------------------------------------
+
+/// Host pid of the first child of `parent`.
+fn first_child(parent: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// envd as PID 1 of new pid, mount, network and UTS namespaces (so its mounts, hostname
+/// and `kill(-1)` stay inside): mounts, hostname, orphan reaping, shutdown.
+#[test]
+fn pid1_duties_in_namespaces() {
+    if !is_root() {
+        return skip("not root: cannot create namespaces for a PID 1 test");
+    }
+    if !Path::new("/usr/bin/unshare").exists() {
+        return skip("no /usr/bin/unshare");
+    }
+    // Not under /tmp or /run: envd mounts tmpfs there.
+    let dir = PathBuf::from(format!("/var/tmp/envd-pid1-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("envd.sock");
+    let bin =
+        std::env::var("WRENN_ENVD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_envd").to_string());
+    let mut unshare = Command::new("/usr/bin/unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount",
+            "--net",
+            "--uts",
+            "--propagation",
+            "private",
+            "--",
+        ])
+        .arg(bin)
+        .arg("--listen-unix")
+        .arg(&sock)
+        .arg("--no-announce")
+        .env("WRENN_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if t0.elapsed() > Duration::from_secs(10) || unshare.try_wait().unwrap().is_some() {
+            let _ = unshare.kill();
+            let _ = unshare.wait();
+            return skip("unshare could not start envd in new namespaces");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let envd_pid = first_child(unshare.id()).unwrap();
+    let c = Client::connect_unix(&sock, Credential::none()).unwrap();
+    let sandbox = "sb-00000000-0000-0000-0000-0000000000aa";
+    let _: pb::InitResponse = c
+        .unary(
+            pb::init_methods::INIT,
+            &pb::InitRequest {
+                sandbox_id: sandbox.into(),
+                access_token: TOKEN.into(),
+                ..Default::default()
+            },
+            t10(),
+        )
+        .unwrap();
+    let run = |script: &str| {
+        let (_, mut s) = start(&c, sh(script)).unwrap();
+        let o = drain(&mut s);
+        assert_eq!(
+            exit_code(&o),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let out = run("cat /proc/1/comm; hostname; cut -d' ' -f2,3 /proc/mounts");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("envd"));
+    assert_eq!(lines.next(), Some(sandbox));
+    let mounts: HashSet<&str> = lines.collect();
+    for m in [
+        "/proc proc",
+        "/sys sysfs",
+        "/dev devtmpfs",
+        "/dev/pts devpts",
+        "/dev/shm tmpfs",
+        "/run tmpfs",
+        "/tmp tmpfs",
+        "/sys/fs/cgroup cgroup2",
+    ] {
+        assert!(mounts.contains(m), "missing mount {m}: {mounts:?}");
+    }
+    // An orphan (its parent exits at once) is re-parented to envd and reaped.
+    run("(sleep 0.3 &) ; exit 0");
+    std::thread::sleep(Duration::from_millis(800));
+    let zombies = run("cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' ; true");
+    assert_eq!(zombies, "", "zombies left");
+    // Many short-lived orphans and API processes at once: statuses go to the right owners.
+    let out = run("for i in $(seq 1 50); do (true &); done; echo ok");
+    assert_eq!(out, "ok\n");
+    for code in [0, 3, 42] {
+        let (_, mut s) = start(&c, sh(&format!("(sleep 0.05 &); exit {code}"))).unwrap();
+        assert_eq!(exit_code(&drain(&mut s)), Some(code));
+    }
+    // SIGTERM: envd terminates everything and ends its namespace.
+    let (_, _sleeper) = start(&c, sh("sleep 100")).unwrap();
+    // SAFETY: signalling a process this test started (through unshare).
+    unsafe {
+        libc::kill(envd_pid as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    loop {
+        if unshare.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "envd as PID 1 did not shut down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    // envd (PID 1, root cgroup of the hierarchy) made a "processes" cgroup; now empty.
+    if let Some(mp) = cgroup2_mount() {
+        let _ = std::fs::remove_dir(mp.join("processes"));
+    }
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split(' ').next() != Some("cgroup2") {
+            return None;
+        }
+        left.split(' ').nth(4).map(PathBuf::from)
+    })
+}
