@@ -17,6 +17,8 @@
 //! the agent decides what runs where.
 
 pub mod api;
+pub mod disk;
 pub mod limits;
 pub mod net;
 pub mod request;
+mod sys;

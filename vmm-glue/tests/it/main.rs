@@ -3,5 +3,6 @@
 //! for real where it is available.
 
 mod api;
+mod disk;
 mod net;
 mod schema;

@@ -1,0 +1,223 @@
+//! Small safe wrappers of the system calls vmm-glue needs outside `net/`: one function per
+//! call, taking `BorrowedFd`s, returning `io::Result`.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+const IOC_NRBITS: u32 = 8;
+const IOC_TYPEBITS: u32 = 8;
+const IOC_SIZEBITS: u32 = 14;
+const IOC_NRSHIFT: u32 = 0;
+const IOC_TYPESHIFT: u32 = IOC_NRSHIFT + IOC_NRBITS;
+const IOC_SIZESHIFT: u32 = IOC_TYPESHIFT + IOC_TYPEBITS;
+const IOC_DIRSHIFT: u32 = IOC_SIZESHIFT + IOC_SIZEBITS;
+const IOC_WRITE: u32 = 1;
+
+/// The kernel's `_IOC(dir, type, nr, size)`.
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
+    assert!(size < (1 << IOC_SIZEBITS));
+    (dir << IOC_DIRSHIFT)
+        | (ty << IOC_TYPESHIFT)
+        | (nr << IOC_NRSHIFT)
+        | ((size as u32) << IOC_SIZESHIFT)
+}
+
+/// `FICLONE = _IOW(0x94, 9, int)` (linux/fs.h): share all of a file's extents with another.
+pub const FICLONE: u32 = ioc(IOC_WRITE, 0x94, 9, std::mem::size_of::<libc::c_int>());
+const _: () = assert!(FICLONE == 0x4004_9409);
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Makes `dst` share every extent of `src` (same filesystem, reflink support needed).
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument; both descriptors are
+    // open for the duration of the call and nothing is read from or written to our memory.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
+    cvt(rc).map(drop)
+}
+
+/// `lseek(fd, off, SEEK_DATA)`: the next data at or after `off`, or `None` past the last data.
+pub fn seek_data(fd: BorrowedFd<'_>, off: u64) -> io::Result<Option<u64>> {
+    let off = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: plain syscall on an open descriptor; no memory is passed.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(r as u64))
+}
+
+/// `lseek(fd, off, SEEK_HOLE)`: the next hole at or after `off` (end of file counts as one).
+pub fn seek_hole(fd: BorrowedFd<'_>, off: u64) -> io::Result<u64> {
+    let off = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: plain syscall on an open descriptor; no memory is passed.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, libc::SEEK_HOLE) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
+/// `copy_file_range` between explicit offsets; returns bytes copied (0 at source EOF).
+pub fn copy_file_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut so =
+        i64::try_from(src_off).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let mut d =
+        i64::try_from(dst_off).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: the offset pointers point to live locals; descriptors are open; the kernel copies
+    // between files without touching our memory otherwise.
+    let r =
+        unsafe { libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// `pidfd_send_signal(pidfd, sig, NULL, 0)`.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall; the siginfo pointer is null, which the kernel accepts.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for `fd` to become readable (a pidfd does when its process exits).
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(rc > 0);
+    }
+}
+
+/// How a child ended, from `waitid`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Reaps the child behind `pidfd` (`waitid(P_PIDFD, WEXITED)`); `block` false adds WNOHANG
+/// and returns `None` while it runs. ECHILD if it is not our child.
+pub fn waitid_pidfd(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<Exit>> {
+    const P_PIDFD: libc::idtype_t = 3;
+    // SAFETY: siginfo_t is plain data; zeroed is a valid initial value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | if block { 0 } else { libc::WNOHANG };
+    loop {
+        // SAFETY: `info` is a valid out-parameter; the pidfd is open.
+        let rc =
+            unsafe { libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, flags) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        break;
+    }
+    // SAFETY: waitid filled `info` (or left si_pid zero under WNOHANG with nothing to reap).
+    let pid = unsafe { info.si_pid() };
+    if pid == 0 {
+        return Ok(None);
+    }
+    // SAFETY: as above, `info` describes an exited child.
+    let status = unsafe { info.si_status() };
+    Ok(Some(if info.si_code == libc::CLD_EXITED {
+        Exit::Code(status)
+    } else {
+        Exit::Signal(status)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn ficlone_encoding() {
+        assert_eq!(FICLONE, 0x4004_9409);
+        // FICLONERANGE = _IOW(0x94, 13, struct file_clone_range) with a 32-byte struct.
+        assert_eq!(ioc(IOC_WRITE, 0x94, 13, 32), 0x4020_940d);
+    }
+
+    #[test]
+    fn ficlone_on_pipe_fails_cleanly() {
+        let f = std::fs::File::open("/proc/self/stat").unwrap();
+        assert!(ficlone(f.as_fd(), f.as_fd()).is_err());
+    }
+
+    #[test]
+    fn pidfd_of_child() {
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let fd = pidfd_open(child.id()).unwrap();
+        assert!(!poll_readable(fd.as_fd(), Duration::ZERO).unwrap());
+        assert_eq!(waitid_pidfd(fd.as_fd(), false).unwrap(), None);
+        pidfd_send_signal(fd.as_fd(), libc::SIGKILL).unwrap();
+        assert!(poll_readable(fd.as_fd(), Duration::from_secs(5)).unwrap());
+        assert_eq!(
+            waitid_pidfd(fd.as_fd(), true).unwrap(),
+            Some(Exit::Signal(libc::SIGKILL))
+        );
+        assert!(pidfd_open(u32::MAX).is_err());
+    }
+}
