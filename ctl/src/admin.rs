@@ -1,1 +1,125 @@
-//! admin (being built).
+//! `wrenn-ctl admin ...`: work done directly on the database (no server needed).
+
+use std::fmt;
+
+use postgres::{Client, NoTls};
+use proto::id::{self, Kind};
+use proto::Status;
+
+use crate::migrate::{self, MigrateError};
+use crate::service::{self, Actor, PLATFORM_TEAM};
+
+/// Why an admin command failed.
+#[derive(Debug)]
+pub enum AdminError {
+    Connect { source: postgres::Error },
+    Migrate(MigrateError),
+    Sql { source: postgres::Error },
+    Call(Status),
+    AlreadyInitialized,
+}
+
+impl fmt::Display for AdminError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminError::Connect { .. } => f.write_str("connect to the database"),
+            AdminError::Migrate(e) => write!(f, "{e}"),
+            AdminError::Sql { .. } => f.write_str("database query"),
+            AdminError::Call(s) => write!(f, "{}: {}", s.code, s.message),
+            AdminError::AlreadyInitialized => f.write_str(
+                "already initialized (a platform-admin key exists); use the API to add teams and keys",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for AdminError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AdminError::Connect { source } | AdminError::Sql { source } => Some(source),
+            AdminError::Migrate(e) => std::error::Error::source(e),
+            _ => None,
+        }
+    }
+}
+
+/// Connects and applies pending migrations.
+pub fn connect(url: &str) -> Result<Client, AdminError> {
+    let mut pg: postgres::Config = url.parse().map_err(|source| AdminError::Connect { source })?;
+    pg.connect_timeout(crate::limits::DB_CONNECT_TIMEOUT);
+    let mut c = pg.connect(NoTls).map_err(|source| AdminError::Connect { source })?;
+    migrate::run(&mut c).map_err(AdminError::Migrate)?;
+    Ok(c)
+}
+
+/// `admin migrate`: applies pending migrations; returns the versions applied.
+pub fn migrate(url: &str) -> Result<Vec<i32>, AdminError> {
+    let mut pg: postgres::Config = url.parse().map_err(|source| AdminError::Connect { source })?;
+    pg.connect_timeout(crate::limits::DB_CONNECT_TIMEOUT);
+    let mut c = pg.connect(NoTls).map_err(|source| AdminError::Connect { source })?;
+    migrate::run(&mut c).map_err(AdminError::Migrate)
+}
+
+/// What `admin init` made (the plaintexts are shown once).
+#[derive(Debug, Clone)]
+pub struct Init {
+    pub team_id: String,
+    pub user_id: String,
+    pub team_key_id: String,
+    pub team_key: String,
+    pub admin_key_id: String,
+    pub admin_key: String,
+}
+
+/// `admin init`: the first team, its owner, a team key and a platform-admin key.
+pub fn init(url: &str, team: &str, email: &str, name: &str) -> Result<Init, AdminError> {
+    let mut c = connect(url)?;
+    let mut tx = c.transaction().map_err(|source| AdminError::Sql { source })?;
+    let exists: bool = tx
+        .query_one("SELECT EXISTS (SELECT 1 FROM api_keys WHERE platform_admin AND revoked_at IS NULL)", &[])
+        .map_err(|source| AdminError::Sql { source })?
+        .get(0);
+    if exists {
+        return Err(AdminError::AlreadyInitialized);
+    }
+    let (team_id, user_id, key_id, key) =
+        service::create_team_with_owner(&mut tx, team, email, name).map_err(AdminError::Call)?;
+    let (admin_id, admin_key) =
+        service::insert_key(&mut tx, PLATFORM_TEAM, "platform-admin", None, true).map_err(AdminError::Call)?;
+    service::audit_write(&mut tx, service::audit_entry(
+        Some(PLATFORM_TEAM),
+        &Actor::System,
+        "api_key",
+        id::format(Kind::Key, admin_id),
+        "api_key.create",
+        serde_json::json!({"platform_admin": true, "by": "wrenn-ctl admin init"}),
+    ))
+    .map_err(AdminError::Call)?;
+    tx.commit().map_err(|source| AdminError::Sql { source })?;
+    Ok(Init {
+        team_id: id::format(Kind::Team, team_id),
+        user_id: id::format(Kind::User, user_id),
+        team_key_id: id::format(Kind::Key, key_id),
+        team_key: key,
+        admin_key_id: id::format(Kind::Key, admin_id),
+        admin_key,
+    })
+}
+
+/// `admin create-registration-token`: a one-time token for an agent; (token, expiry ns).
+pub fn create_registration_token(url: &str, ttl_s: u64) -> Result<(String, i64), AdminError> {
+    let mut c = connect(url)?;
+    let mut tx = c.transaction().map_err(|source| AdminError::Sql { source })?;
+    let (tok, exp) = service::insert_registration_token(&mut tx, ttl_s, None).map_err(AdminError::Call)?;
+    service::audit_write(&mut tx, service::audit_entry(
+        None,
+        &Actor::System,
+        "host",
+        String::new(),
+        "host.create_registration_token",
+        serde_json::json!({"ttl_s": ttl_s, "by": "wrenn-ctl admin"}),
+    ))
+    .map_err(AdminError::Call)?;
+    tx.commit().map_err(|source| AdminError::Sql { source })?;
+    Ok((tok, crate::service::audit_ns(Some(exp))))
+}

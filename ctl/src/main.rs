@@ -1,2 +1,198 @@
-//! wrenn-ctl (flag parsing only; being built).
-fn main() {}
+//! `wrenn-ctl`: flag parsing only; the work is in the `ctl` library.
+//!
+//! ```text
+//! wrenn-ctl serve [--database-url URL] [--listen ADDR] [--http-listen ADDR] [--db-workers N]
+//!                 [--reconcile-interval-s S] [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
+//! wrenn-ctl admin migrate [--database-url URL]
+//! wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
+//! wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
+//! ```
+//! The database URL may also come from `WRENN_DATABASE_URL` or `DATABASE_URL`.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ctl::config::{ApiConfig, Config, JobsConfig};
+
+const USAGE: &str = "usage:
+  wrenn-ctl serve [--database-url URL] [--listen 0.0.0.0:7700] [--http-listen 0.0.0.0:7701]
+                  [--no-http] [--db-workers N] [--reconcile-interval-s S]
+                  [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
+  wrenn-ctl admin migrate [--database-url URL]
+  wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
+  wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
+The database URL defaults to $WRENN_DATABASE_URL, then $DATABASE_URL.";
+
+/// Parsed `--flag value` pairs and bare switches, checked against the allowed set.
+struct Flags {
+    pairs: Vec<(String, String)>,
+    switches: Vec<String>,
+}
+
+impl Flags {
+    fn parse(args: &[String], with_value: &[&str], switches: &[&str]) -> Result<Flags, String> {
+        let mut f = Flags { pairs: Vec::new(), switches: Vec::new() };
+        let mut i = 0;
+        while i < args.len() {
+            let a = &args[i];
+            let (name, inline) = match a.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (a.as_str(), None),
+            };
+            if with_value.contains(&name) {
+                let v = match inline {
+                    Some(v) => v,
+                    None => {
+                        i += 1;
+                        args.get(i).cloned().ok_or_else(|| format!("{name} needs a value"))?
+                    }
+                };
+                if f.pairs.iter().any(|(n, _)| n == name) {
+                    return Err(format!("{name} given twice"));
+                }
+                f.pairs.push((name.to_owned(), v));
+            } else if switches.contains(&name) && inline.is_none() {
+                f.switches.push(name.to_owned());
+            } else {
+                return Err(format!("unknown argument {a:?}"));
+            }
+            i += 1;
+        }
+        Ok(f)
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.switches.iter().any(|s| s == name)
+    }
+
+    fn addr(&self, name: &str, env: &str, default: &str) -> Result<SocketAddr, String> {
+        let v = self.get(name).map(str::to_owned).or_else(|| std::env::var(env).ok()).unwrap_or_else(|| default.to_owned());
+        v.parse().map_err(|_| format!("{name}: {v:?} is not an address like 0.0.0.0:7700"))
+    }
+
+    fn secs(&self, name: &str, default: Duration) -> Result<Duration, String> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if n > 0 && n <= 7 * 24 * 3600 => Ok(Duration::from_secs(n)),
+                _ => Err(format!("{name}: {v:?} is not a number of seconds in 1..=604800")),
+            },
+        }
+    }
+
+    fn database_url(&self) -> Result<String, String> {
+        self.get("--database-url")
+            .map(str::to_owned)
+            .or_else(|| std::env::var("WRENN_DATABASE_URL").ok())
+            .or_else(|| std::env::var("DATABASE_URL").ok())
+            .ok_or_else(|| "no database: pass --database-url or set WRENN_DATABASE_URL / DATABASE_URL".to_owned())
+    }
+}
+
+fn serve(args: &[String]) -> Result<(), String> {
+    let f = Flags::parse(
+        args,
+        &["--database-url", "--listen", "--http-listen", "--db-workers", "--reconcile-interval-s", "--heartbeat-timeout-s", "--lifecycle-timeout-s"],
+        &["--no-http"],
+    )?;
+    let db_workers = match f.get("--db-workers") {
+        None => ctl::limits::DB_WORKERS_DEFAULT,
+        Some(v) => v.parse::<usize>().ok().filter(|n| (1..=256).contains(n)).ok_or("--db-workers must be 1..=256")?,
+    };
+    let jobs_default = JobsConfig::default();
+    let api_default = ApiConfig::default();
+    let cfg = Config {
+        database_url: f.database_url()?,
+        listen: f.addr("--listen", "WRENN_LISTEN", "0.0.0.0:7700")?,
+        http_listen: f.addr("--http-listen", "WRENN_HTTP_LISTEN", "0.0.0.0:7701")?,
+        db_workers,
+        api: ApiConfig {
+            agent_lifecycle_timeout: f.secs("--lifecycle-timeout-s", api_default.agent_lifecycle_timeout)?,
+            ..api_default
+        },
+        jobs: JobsConfig {
+            reconcile_interval: f.secs("--reconcile-interval-s", jobs_default.reconcile_interval)?,
+            heartbeat_timeout: f.secs("--heartbeat-timeout-s", jobs_default.heartbeat_timeout)?,
+            ..jobs_default
+        },
+    };
+    let running = ctl::server::start(&cfg, ctl::server::StartOpts { jobs: true, http: !f.has("--no-http") })
+        .map_err(|e| error_chain(&e))?;
+    running.wait().map_err(|e| format!("server: {e}"))
+}
+
+fn admin(args: &[String]) -> Result<(), String> {
+    let Some((cmd, rest)) = args.split_first() else {
+        return Err("admin needs a subcommand".into());
+    };
+    match cmd.as_str() {
+        "migrate" => {
+            let f = Flags::parse(rest, &["--database-url"], &[])?;
+            let done = ctl::admin::migrate(&f.database_url()?).map_err(|e| error_chain(&e))?;
+            println!("migrations applied now: {done:?}");
+            Ok(())
+        }
+        "init" => {
+            let f = Flags::parse(rest, &["--database-url", "--team", "--email", "--name"], &[])?;
+            let team = f.get("--team").ok_or("--team is required")?;
+            let email = f.get("--email").ok_or("--email is required")?;
+            let name = f.get("--name").unwrap_or("");
+            let i = ctl::admin::init(&f.database_url()?, team, email, name).map_err(|e| error_chain(&e))?;
+            println!("team:               {}", i.team_id);
+            println!("user:               {}", i.user_id);
+            println!("team api key:       {}  ({})", i.team_key, i.team_key_id);
+            println!("platform admin key: {}  ({})", i.admin_key, i.admin_key_id);
+            println!("These keys are shown once; store them now.");
+            Ok(())
+        }
+        "create-registration-token" => {
+            let f = Flags::parse(rest, &["--database-url", "--ttl-s"], &[])?;
+            let ttl = f.secs("--ttl-s", Duration::from_secs(ctl::limits::REGISTRATION_TTL_DEFAULT_S))?;
+            let (tok, exp) = ctl::admin::create_registration_token(&f.database_url()?, ttl.as_secs())
+                .map_err(|e| error_chain(&e))?;
+            println!("{tok}");
+            eprintln!("one-time registration token; expires at {exp} ns since the epoch");
+            Ok(())
+        }
+        other => Err(format!("unknown admin subcommand {other:?}")),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    proto::logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.split_first() {
+        Some((c, rest)) if c == "serve" => serve(rest),
+        Some((c, rest)) if c == "admin" => admin(rest),
+        Some((c, _)) if c == "--help" || c == "-h" || c == "help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => Err("missing or unknown command".into()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wrenn-ctl: {e}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}

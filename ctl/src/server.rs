@@ -283,3 +283,120 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         }
     }
 }
+
+/// Why a ctl replica could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Db(crate::db::DbError),
+    Connect { source: postgres::Error },
+    Migrate(crate::migrate::MigrateError),
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    Spawn { source: std::io::Error },
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Db(_) => f.write_str("start database pool"),
+            StartError::Connect { .. } => f.write_str("connect to the database"),
+            StartError::Migrate(e) => write!(f, "{e}"),
+            StartError::Listen { addr, .. } => write!(f, "listen on {addr}"),
+            StartError::Spawn { .. } => f.write_str("spawn server thread"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Db(e) => Some(e),
+            StartError::Connect { source } => Some(source),
+            StartError::Migrate(e) => std::error::Error::source(e),
+            StartError::Listen { source, .. } | StartError::Spawn { source } => Some(source),
+        }
+    }
+}
+
+/// A running replica: protobuf server, HTTP gateway (when configured), background jobs.
+pub struct Running {
+    pub api: Api,
+    /// Bound protobuf address.
+    pub addr: std::net::SocketAddr,
+    /// Bound HTTP address (None when not started).
+    pub http_addr: Option<std::net::SocketAddr>,
+    pub handle: proto::rpc::ServerHandle,
+    join: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    jobs: Option<crate::monitor::Jobs>,
+}
+
+impl Running {
+    /// Blocks until the protobuf server stops.
+    pub fn wait(mut self) -> std::io::Result<()> {
+        match self.join.take() {
+            Some(j) => j.join().unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the protobuf server and the jobs (the HTTP gateway runs until the process ends).
+    pub fn shutdown(mut self) {
+        if let Some(mut j) = self.jobs.take() {
+            j.stop();
+        }
+        self.handle.shutdown();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// Options of [`start`] beyond the config.
+#[derive(Clone, Copy, Debug)]
+pub struct StartOpts {
+    /// Run the monitor and reconciler timers (tests drive them by hand).
+    pub jobs: bool,
+    /// Start the HTTP gateway.
+    pub http: bool,
+}
+
+/// Migrates the database, then starts the pool, the protobuf server, the HTTP gateway and
+/// the background jobs.
+pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, StartError> {
+    {
+        let mut pg: postgres::Config = cfg
+            .database_url
+            .parse()
+            .map_err(|source| StartError::Connect { source })?;
+        pg.connect_timeout(crate::limits::DB_CONNECT_TIMEOUT);
+        let mut c = pg.connect(postgres::NoTls).map_err(|source| StartError::Connect { source })?;
+        crate::migrate::run(&mut c).map_err(StartError::Migrate)?;
+    }
+    let mut dbc = crate::db::DbConfig::new(&cfg.database_url);
+    dbc.workers = cfg.db_workers;
+    let db = crate::db::Db::start(&dbc).map_err(StartError::Db)?;
+    let api = Api::new(db, cfg.api.clone());
+    let mut server = proto::rpc::Server::new(
+        proto::rpc::ServerConfig::new("wrenn-ctl"),
+        Arc::new(CtlService::new(api.clone())),
+    )
+    .map_err(|source| StartError::Spawn { source })?;
+    let addr = server
+        .listen_tcp(cfg.listen)
+        .map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
+    let handle = server.handle();
+    let (_, join) = server.spawn().map_err(|source| StartError::Spawn { source })?;
+    let http_addr = if opts.http {
+        let (a, _) = crate::http::spawn(api.clone(), cfg.http_listen)
+            .map_err(|source| StartError::Listen { addr: cfg.http_listen, source })?;
+        Some(a)
+    } else {
+        None
+    };
+    let jobs = if opts.jobs {
+        Some(crate::monitor::Jobs::start(api.clone(), cfg.jobs.clone()).map_err(|source| StartError::Spawn { source })?)
+    } else {
+        None
+    };
+    log::info!("wrenn-ctl serving addr={addr} http={http_addr:?}");
+    Ok(Running { api, addr, http_addr, handle, join: Some(join), jobs })
+}

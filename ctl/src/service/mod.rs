@@ -13,7 +13,7 @@
 //! so IDs of other teams leak nothing. Every mutating call writes one audit row in the
 //! same transaction as its change.
 
-mod audit;
+pub mod audit;
 mod convert;
 mod hosts;
 mod processes;
@@ -32,7 +32,7 @@ use crate::auth::LastUsed;
 use crate::config::ApiConfig;
 use crate::db::Db;
 
-pub use audit::{from_ns as time_from_ns, new_uuid, write as audit_write, Actor, Entry as AuditEntry};
+pub use audit::{from_ns as time_from_ns, ns as audit_ns, new_uuid, write as audit_write, Actor, Entry as AuditEntry};
 pub use hosts::insert_registration_token;
 pub use teams::{create_team_with_owner, insert_key};
 
