@@ -5,6 +5,9 @@
 //! `skipped: <reason>` without it (a failure instead when `WRENN_REQUIRE_E2E=1`). No test here
 //! builds a kernel or runs debootstrap: those take minutes to hours.
 
+mod doctor;
+mod support;
+
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

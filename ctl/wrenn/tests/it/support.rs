@@ -1,0 +1,47 @@
+//! Shared helpers: visible skips, the `wrenn` binary, temporary directories.
+
+use std::path::PathBuf;
+
+/// Whether every end-to-end skip must fail instead (`WRENN_REQUIRE_E2E=1`).
+pub fn require_e2e() -> bool {
+    std::env::var("WRENN_REQUIRE_E2E").as_deref() == Ok("1")
+}
+
+/// Prints `skipped: <reason>`, or panics under `WRENN_REQUIRE_E2E=1`.
+pub fn skip(test: &str, reason: &str) {
+    assert!(!require_e2e(), "{test}: WRENN_REQUIRE_E2E=1 but {reason}");
+    println!("skipped: {test}: {reason}");
+    eprintln!("skipped: {test}: {reason}");
+}
+
+/// The `wrenn` binary under test.
+pub fn wrenn_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wrenn"))
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "wrenn-it-{tag}-{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
