@@ -804,6 +804,12 @@ fn set_typed(obj: &mut Value, schema: &str, key: &str, raw: &str) -> Result<(), 
 }
 
 fn scalar(schema: &Value, raw: &str) -> Result<Value, String> {
+    // Enums take their name or their number.
+    if schema.get("enum").is_some() {
+        if let Ok(n) = raw.parse::<i32>() {
+            return Ok(Value::from(n));
+        }
+    }
     match schema["type"].as_str() {
         Some("integer") => raw
             .parse::<i64>()

@@ -1,1 +1,2 @@
 //! ctl integration tests (being built).
+mod http;

@@ -1,0 +1,1432 @@
+//! The HTTP/JSON gateway over a real socket.
+//!
+//! Most tests run the gateway over an in-test [`Fake`] backend (no PostgreSQL needed): they
+//! check HTTP behaviour, the JSON mapping and the OpenAPI document, which do not depend on
+//! what the service answers. The router/document test parses the served `/openapi.yaml` and
+//! walks it against the router in both directions; the conformance test calls every
+//! documented operation and validates status, content type and body against the document.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ctl::http::backend::Backend;
+use ctl::http::openapi;
+use ctl::http::routes::{match_route, Match, Method, ROUTES};
+use ctl::http::{HttpConfig, HttpHandle, HttpServer};
+use prost::Message;
+use proto::gen::wrenn::ctl::v1 as pb;
+use proto::gen::wrenn::envd::v1 as envd;
+use proto::rpc::Peer;
+use proto::{Code, Status};
+use serde_json::{json, Map, Value};
+
+const KEY: &str = "wrenn_test_key";
+const SB: &str = "sb-0c6f2c8e-3b0b-4f55-9d59-2b0f0c1d2e3f";
+
+/// A backend that answers every method with a filled-in reply built from the request, so
+/// the test sees path parameters and bodies arrive and every field kind leave.
+struct Fake {
+    uploads: AtomicUsize,
+}
+
+fn dec<M: Message + Default>(b: &[u8]) -> Result<M, Status> {
+    M::decode(b).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn sandbox(id: &str) -> pb::Sandbox {
+    let mut s = pb::Sandbox {
+        id: id.to_owned(),
+        team_id: "team-00000000-0000-0000-0000-000000000001".into(),
+        state: pb::SandboxState::Running as i32,
+        vcpus: 2,
+        memory_mib: 512,
+        disk_mib: 5120,
+        timeout_s: 300,
+        on_timeout: pb::TimeoutPolicy::Pause as i32,
+        created_unix_ns: 1_764_000_000_123_456_789,
+        ..Default::default()
+    };
+    s.metadata.insert("owner".into(), "test".into());
+    s
+}
+
+fn entry(path: &str) -> envd::EntryInfo {
+    envd::EntryInfo {
+        name: path.rsplit('/').next().unwrap_or("").into(),
+        path: path.into(),
+        r#type: envd::FileType::File as i32,
+        size: 5,
+        mode: 0o644,
+        ..Default::default()
+    }
+}
+
+impl Backend for Fake {
+    fn authenticate(&self, api_key: &str) -> Result<Peer, Status> {
+        if api_key == KEY {
+            Ok(Arc::new(()))
+        } else {
+            Err(Status::new(Code::Unauthenticated, "unknown API key"))
+        }
+    }
+
+    fn unary(&self, _peer: &Peer, method: &'static str, b: Vec<u8>) -> Result<Vec<u8>, Status> {
+        use pb::*;
+        Ok(match method {
+            sandboxes_methods::CREATE => {
+                let r: CreateSandboxRequest = dec(&b)?;
+                let mut s = sandbox(SB);
+                s.metadata = r.metadata;
+                s.encode_to_vec()
+            }
+            sandboxes_methods::LIST => {
+                let r: ListSandboxesRequest = dec(&b)?;
+                let mut s = sandbox(SB);
+                s.metadata = r.metadata;
+                ListSandboxesResponse {
+                    sandboxes: vec![s],
+                    next_page_token: format!("page-{}", r.page_size),
+                }
+                .encode_to_vec()
+            }
+            sandboxes_methods::GET => {
+                sandbox(&dec::<GetSandboxRequest>(&b)?.sandbox_id).encode_to_vec()
+            }
+            sandboxes_methods::PING => {
+                sandbox(&dec::<PingSandboxRequest>(&b)?.sandbox_id).encode_to_vec()
+            }
+            sandboxes_methods::PAUSE => {
+                let mut s = sandbox(&dec::<PauseSandboxRequest>(&b)?.sandbox_id);
+                s.state = SandboxState::Paused as i32;
+                s.encode_to_vec()
+            }
+            sandboxes_methods::RESUME => {
+                sandbox(&dec::<ResumeSandboxRequest>(&b)?.sandbox_id).encode_to_vec()
+            }
+            sandboxes_methods::SET_TIMEOUT => {
+                let r: SetTimeoutRequest = dec(&b)?;
+                let mut s = sandbox(&r.sandbox_id);
+                s.timeout_s = r.timeout_s;
+                s.encode_to_vec()
+            }
+            sandboxes_methods::DESTROY => {
+                let r: DestroySandboxRequest = dec(&b)?;
+                if r.sandbox_id != SB {
+                    return Err(Status::not_found("no such sandbox"));
+                }
+                DestroySandboxResponse {}.encode_to_vec()
+            }
+            processes_methods::EXEC => {
+                let r: ExecRequest = dec(&b)?;
+                let cmd = r.process.map(|p| p.cmd).unwrap_or_default();
+                if cmd.is_empty() {
+                    return Err(Status::invalid_argument("process.cmd is required"));
+                }
+                ExecResponse {
+                    pid: 42,
+                    stdout: format!("ran {cmd}\n").into_bytes().into(),
+                    stderr: r.stdin,
+                    exited: Some(envd::ProcessExited {
+                        status: Some(envd::process_exited::Status::ExitCode(3)),
+                        ..Default::default()
+                    }),
+                    duration_ns: 1_000_000,
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            }
+            processes_methods::LIST => envd::ListProcessesResponse {
+                processes: vec![envd::ProcessInfo {
+                    pid: 7,
+                    tag: "t".into(),
+                    ..Default::default()
+                }],
+            }
+            .encode_to_vec(),
+            processes_methods::SEND_INPUT => {
+                let r: SendInputRequest = dec(&b)?;
+                envd::SendInputResponse {
+                    bytes_written: r.input.map(|i| i.data.len() as u64).unwrap_or(0),
+                }
+                .encode_to_vec()
+            }
+            processes_methods::CLOSE_STDIN => envd::CloseStdinResponse {}.encode_to_vec(),
+            processes_methods::SIGNAL => envd::SignalResponse {}.encode_to_vec(),
+            processes_methods::RESIZE_PTY => envd::ResizePtyResponse {}.encode_to_vec(),
+            files_methods::STAT => {
+                let r: StatRequest = dec(&b)?;
+                envd::StatResponse {
+                    entry: Some(entry(&r.stat.unwrap_or_default().path)),
+                }
+                .encode_to_vec()
+            }
+            files_methods::MAKE_DIR => {
+                let r: MakeDirRequest = dec(&b)?;
+                envd::MakeDirResponse {
+                    entry: Some(entry(&r.make_dir.unwrap_or_default().path)),
+                    created: true,
+                }
+                .encode_to_vec()
+            }
+            files_methods::MOVE => {
+                let r: MoveRequest = dec(&b)?;
+                envd::MoveResponse {
+                    entry: Some(entry(&r.r#move.unwrap_or_default().destination)),
+                }
+                .encode_to_vec()
+            }
+            files_methods::REMOVE => envd::RemoveResponse {}.encode_to_vec(),
+            templates_methods::CREATE | templates_methods::GET => Template {
+                id: "tpl-00000000-0000-0000-0000-000000000000".into(),
+                name: "minimal".into(),
+                kind: TemplateKind::Base as i32,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            templates_methods::LIST => ListTemplatesResponse {
+                templates: vec![Template::default()],
+                next_page_token: String::new(),
+            }
+            .encode_to_vec(),
+            templates_methods::DELETE => DeleteTemplateResponse {}.encode_to_vec(),
+            teams_methods::GET => {
+                let r: GetTeamRequest = dec(&b)?;
+                Team {
+                    id: if r.team_id.is_empty() {
+                        "team-self".into()
+                    } else {
+                        r.team_id
+                    },
+                    name: "t".into(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            }
+            teams_methods::ADD_MEMBER => Member {
+                user: Some(User::default()),
+                role: TeamRole::Member as i32,
+                added_unix_ns: 5,
+            }
+            .encode_to_vec(),
+            teams_methods::REMOVE_MEMBER => RemoveMemberResponse {}.encode_to_vec(),
+            teams_methods::LIST_MEMBERS => ListMembersResponse {
+                members: vec![Member::default()],
+                next_page_token: String::new(),
+            }
+            .encode_to_vec(),
+            users_methods::CREATE | users_methods::GET => User {
+                id: "usr-x".into(),
+                email: "a@b".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            users_methods::LIST => ListUsersResponse::default().encode_to_vec(),
+            api_keys_methods::CREATE => CreateApiKeyResponse {
+                key: Some(ApiKey::default()),
+                plaintext: "wrenn_secret".into(),
+            }
+            .encode_to_vec(),
+            api_keys_methods::LIST => ListApiKeysResponse {
+                keys: vec![ApiKey::default()],
+                next_page_token: String::new(),
+            }
+            .encode_to_vec(),
+            api_keys_methods::REVOKE => RevokeApiKeyResponse {}.encode_to_vec(),
+            hosts_methods::CREATE_REGISTRATION_TOKEN => CreateRegistrationTokenResponse {
+                token: "tok".into(),
+                expires_unix_ns: 9,
+            }
+            .encode_to_vec(),
+            hosts_methods::LIST => ListHostsResponse {
+                hosts: vec![Host {
+                    capacity: Some(Resources {
+                        vcpus: 4,
+                        memory_mib: 8192,
+                        disk_mib: 1,
+                    }),
+                    problems: vec!["no kvm".into()],
+                    ..Default::default()
+                }],
+                next_page_token: String::new(),
+            }
+            .encode_to_vec(),
+            hosts_methods::GET => Host::default().encode_to_vec(),
+            hosts_methods::DRAIN => DrainHostResponse {
+                host: Some(Host::default()),
+                remaining_sandbox_ids: vec![SB.into()],
+            }
+            .encode_to_vec(),
+            hosts_methods::DELETE => DeleteHostResponse {}.encode_to_vec(),
+            audit_logs_methods::LIST => ListAuditLogsResponse {
+                entries: vec![AuditLog {
+                    metadata_json: "{}".into(),
+                    ..Default::default()
+                }],
+                next_page_token: String::new(),
+            }
+            .encode_to_vec(),
+            other => return Err(Status::new(Code::Unimplemented, other)),
+        })
+    }
+
+    fn server_stream(
+        &self,
+        _peer: &Peer,
+        method: &'static str,
+        b: Vec<u8>,
+        emit: &mut dyn FnMut(Vec<u8>) -> Result<(), Status>,
+    ) -> Result<(), Status> {
+        use pb::*;
+        match method {
+            processes_methods::EXEC_STREAM | processes_methods::CONNECT => {
+                if method == processes_methods::EXEC_STREAM {
+                    let r: ExecStreamRequest = dec(&b)?;
+                    let cmd = r.process.map(|p| p.cmd).unwrap_or_default();
+                    if cmd == "missing" {
+                        return Err(Status::not_found("no such command"));
+                    }
+                    if cmd == "fail-late" {
+                        emit(
+                            envd::ProcessEvent {
+                                event: Some(envd::process_event::Event::Started(
+                                    envd::ProcessStarted {
+                                        pid: 1,
+                                        ..Default::default()
+                                    },
+                                )),
+                            }
+                            .encode_to_vec(),
+                        )?;
+                        return Err(Status::unavailable("agent went away"));
+                    }
+                }
+                emit(
+                    envd::ProcessEvent {
+                        event: Some(envd::process_event::Event::Started(envd::ProcessStarted {
+                            pid: 9,
+                            tag: String::new(),
+                            started_unix_ns: 1,
+                        })),
+                    }
+                    .encode_to_vec(),
+                )?;
+                for i in 0..3u64 {
+                    emit(
+                        envd::ProcessEvent {
+                            event: Some(envd::process_event::Event::Output(envd::ProcessOutput {
+                                stream: envd::OutputStream::Stdout as i32,
+                                data: format!("line {i}\n").into_bytes().into(),
+                                offset: i * 7,
+                            })),
+                        }
+                        .encode_to_vec(),
+                    )?;
+                }
+                emit(
+                    envd::ProcessEvent {
+                        event: Some(envd::process_event::Event::Exited(envd::ProcessExited {
+                            status: Some(envd::process_exited::Status::ExitCode(0)),
+                            ..Default::default()
+                        })),
+                    }
+                    .encode_to_vec(),
+                )?;
+                Ok(())
+            }
+            files_methods::LIST => {
+                for batch in 0..2 {
+                    let entries = (0..3)
+                        .map(|i| envd::ListEntry {
+                            entry: Some(entry(&format!("/d/{batch}-{i}"))),
+                            path: format!("/d/{batch}-{i}"),
+                            error: String::new(),
+                        })
+                        .collect();
+                    emit(envd::ListDirResponse { entries }.encode_to_vec())?;
+                }
+                Ok(())
+            }
+            files_methods::DOWNLOAD => {
+                let r: DownloadRequest = dec(&b)?;
+                let path = r.read.unwrap_or_default().path;
+                if path == "/missing" {
+                    return Err(Status::not_found("no such file"));
+                }
+                // 3 MiB in 64 KiB chunks: more than any JSON bound.
+                let chunk = vec![b'z'; 64 * 1024];
+                emit(
+                    envd::ReadResponse {
+                        entry: Some(entry(&path)),
+                        data: Default::default(),
+                        offset: 0,
+                    }
+                    .encode_to_vec(),
+                )?;
+                for i in 0..48u64 {
+                    emit(
+                        envd::ReadResponse {
+                            entry: None,
+                            data: chunk.clone().into(),
+                            offset: i * 65536,
+                        }
+                        .encode_to_vec(),
+                    )?;
+                }
+                Ok(())
+            }
+            other => Err(Status::new(Code::Unimplemented, other)),
+        }
+    }
+
+    fn client_stream(
+        &self,
+        _peer: &Peer,
+        method: &'static str,
+        next: &mut dyn FnMut() -> Result<Option<Vec<u8>>, Status>,
+    ) -> Result<Vec<u8>, Status> {
+        if method != pb::files_methods::UPLOAD {
+            return Err(Status::new(Code::Unimplemented, method));
+        }
+        let first: pb::UploadRequest =
+            dec(&next()?.ok_or_else(|| Status::invalid_argument("empty"))?)?;
+        let Some(pb::upload_request::Msg::Header(h)) = first.msg else {
+            return Err(Status::invalid_argument("header first"));
+        };
+        let file = h.file.unwrap_or_default();
+        if h.sandbox_id != SB || file.path.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "bad header sandbox={} path={:?}",
+                h.sandbox_id, file.path
+            )));
+        }
+        let mut total = 0u64;
+        let mut sum = 0u64;
+        while let Some(b) = next()? {
+            let m: pb::UploadRequest = dec(&b)?;
+            let Some(pb::upload_request::Msg::Data(d)) = m.msg else {
+                return Err(Status::invalid_argument("second header"));
+            };
+            assert!(d.len() <= 64 * 1024);
+            total += d.len() as u64;
+            sum = d
+                .iter()
+                .fold(sum, |a, x| a.wrapping_mul(31).wrapping_add(u64::from(*x)));
+        }
+        self.uploads.fetch_add(1, Ordering::SeqCst);
+        let mut e = entry(&file.path);
+        e.size = total;
+        e.uid = (sum & 0xffff) as u32;
+        Ok(envd::WriteResponse {
+            entry: Some(e),
+            bytes_written: total,
+        }
+        .encode_to_vec())
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        out.push_str(
+            "# HELP wrenn_fake_total Fake.\n# TYPE wrenn_fake_total counter\nwrenn_fake_total 1\n",
+        );
+    }
+
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+struct Gw {
+    addr: SocketAddr,
+    handle: HttpHandle,
+    fake: Arc<Fake>,
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+fn start(config: HttpConfig) -> Gw {
+    let fake = Arc::new(Fake {
+        uploads: AtomicUsize::new(0),
+    });
+    let server = HttpServer::bind("127.0.0.1:0".parse().unwrap(), fake.clone(), config).unwrap();
+    let addr = server.local_addr();
+    let (handle, _join) = server.spawn().unwrap();
+    Gw { addr, handle, fake }
+}
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, n: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    fn error_code(&self) -> String {
+        let v = self.json();
+        assert!(v["error"]["message"].is_string(), "{v}");
+        v["error"]["code"].as_str().unwrap_or("").to_owned()
+    }
+}
+
+/// Reads one response from `s` (Content-Length or chunked).
+fn read_response(s: &mut impl Read) -> Resp {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap() == 0 {
+            panic!(
+                "connection closed in head: {:?}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8(head).unwrap();
+    let mut lines = text.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let find = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if status == 100 {
+        return Resp {
+            status,
+            headers,
+            body,
+        };
+    }
+    if let Some(len) = find("content-length") {
+        body.resize(len.parse().unwrap(), 0);
+        s.read_exact(&mut body).unwrap();
+    } else if find("transfer-encoding").as_deref() == Some("chunked") {
+        loop {
+            let mut line = Vec::new();
+            while !line.ends_with(b"\r\n") {
+                assert_eq!(s.read(&mut b).unwrap(), 1, "eof in chunk size");
+                line.push(b[0]);
+            }
+            let n =
+                usize::from_str_radix(std::str::from_utf8(&line[..line.len() - 2]).unwrap(), 16)
+                    .unwrap();
+            let mut chunk = vec![0u8; n + 2];
+            s.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&[u8]>,
+    extra: &str,
+) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{extra}");
+    if let Some(k) = key {
+        req.push_str(&format!("X-API-Key: {k}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    if let Some(b) = body {
+        bytes.extend_from_slice(b);
+    }
+    s.write_all(&bytes).unwrap();
+    read_response(&mut s)
+}
+
+fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, "GET", path, Some(KEY), None, "")
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
+    request(
+        addr,
+        "POST",
+        path,
+        Some(KEY),
+        Some(&serde_json::to_vec(body).unwrap()),
+        "Content-Type: application/json\r\n",
+    )
+}
+
+/// Parses the YAML subset `openapi::to_yaml` writes (block mappings and sequences whose
+/// scalars are JSON literals). Written independently of the emitter, so a served document
+/// that is not the document fails the comparison.
+fn parse_yaml(text: &str) -> Value {
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| (l.len() - l.trim_start().len(), l.trim_start()))
+        .collect();
+    let mut i = 0;
+    let v = yaml_block(&lines, &mut i, 0);
+    assert_eq!(i, lines.len(), "trailing YAML at line {i}");
+    v
+}
+
+fn yaml_block(lines: &[(usize, &str)], i: &mut usize, indent: usize) -> Value {
+    let is_seq = lines[*i].1.starts_with('-');
+    if is_seq {
+        let mut out = Vec::new();
+        while *i < lines.len() && lines[*i].0 == indent && lines[*i].1.starts_with('-') {
+            let rest = lines[*i].1[1..].trim();
+            *i += 1;
+            if rest.is_empty() {
+                out.push(yaml_block(lines, i, indent + 2));
+            } else {
+                out.push(serde_json::from_str(rest).unwrap());
+            }
+        }
+        Value::Array(out)
+    } else {
+        let mut out = Map::new();
+        while *i < lines.len() && lines[*i].0 == indent && !lines[*i].1.starts_with('-') {
+            let line = lines[*i].1;
+            // The key is a JSON string; find its end.
+            let key: String = serde_json::Deserializer::from_str(line)
+                .into_iter::<String>()
+                .next()
+                .unwrap()
+                .unwrap();
+            let key_len = serde_json::to_string(&key).unwrap().len();
+            let rest = line[key_len..].strip_prefix(':').unwrap().trim();
+            *i += 1;
+            let v = if rest.is_empty() {
+                yaml_block(lines, i, indent + 2)
+            } else {
+                serde_json::from_str(rest).unwrap()
+            };
+            out.insert(key, v);
+        }
+        Value::Object(out)
+    }
+}
+
+fn sample_id(param: &str, schema: &Value) -> String {
+    let Some(pattern) = schema["pattern"].as_str() else {
+        return if param == "team_id" {
+            "current".into()
+        } else {
+            "minimal".into()
+        };
+    };
+    let prefix = pattern.trim_start_matches('^').split('-').next().unwrap();
+    if prefix == "sb" {
+        return SB.into();
+    }
+    format!("{prefix}-11111111-2222-4333-8444-555555555555")
+}
+
+/// A minimal JSON Schema check of the subset the document uses.
+fn validate(doc: &Value, schema: &Value, v: &Value, path: &str) -> Result<(), String> {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r
+            .strip_prefix("#/components/schemas/")
+            .ok_or(format!("odd ref {r}"))?;
+        return validate(doc, &doc["components"]["schemas"][name], v, path);
+    }
+    if let Some(all) = schema["allOf"].as_array() {
+        for s in all {
+            if let Some(req) = s["not"]["required"].as_array() {
+                if req.iter().all(|k| v.get(k.as_str().unwrap()).is_some()) {
+                    return Err(format!("{path}: oneof arms {req:?} both set"));
+                }
+            }
+        }
+    }
+    if let Some(e) = schema["enum"].as_array() {
+        if !e.contains(v) {
+            return Err(format!("{path}: {v} not in enum"));
+        }
+    }
+    match schema["type"].as_str() {
+        Some("object") => {
+            let o = v
+                .as_object()
+                .ok_or(format!("{path}: expected object, got {v}"))?;
+            for r in schema["required"].as_array().into_iter().flatten() {
+                if !o.contains_key(r.as_str().unwrap()) {
+                    return Err(format!("{path}: missing {r}"));
+                }
+            }
+            let props = schema["properties"].as_object();
+            for (k, x) in o {
+                let p = format!("{path}.{k}");
+                match props.and_then(|ps| ps.get(k)) {
+                    Some(s) => validate(doc, s, x, &p)?,
+                    None => match &schema["additionalProperties"] {
+                        Value::Bool(false) => return Err(format!("{p}: not in the schema")),
+                        s @ Value::Object(_) => validate(doc, s, x, &p)?,
+                        _ => {}
+                    },
+                }
+            }
+            // Every documented scalar and list field is present (the mapping writes defaults).
+            for (k, s) in props.into_iter().flatten() {
+                let plain = s["type"].is_string()
+                    && !s["description"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("(optional")
+                    && !s["description"].as_str().unwrap_or("").contains("(oneof");
+                if plain
+                    && schema["additionalProperties"] == json!(false)
+                    && schema.get("required").is_none()
+                    && !o.contains_key(k)
+                {
+                    return Err(format!("{path}: field {k} missing from the answer"));
+                }
+            }
+            Ok(())
+        }
+        Some("array") => {
+            let a = v.as_array().ok_or(format!("{path}: expected array"))?;
+            for (i, x) in a.iter().enumerate() {
+                validate(doc, &schema["items"], x, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        Some("string") => {
+            let s = v
+                .as_str()
+                .ok_or(format!("{path}: expected string, got {v}"))?;
+            match schema["format"].as_str() {
+                Some("int64") => s
+                    .strip_prefix('-')
+                    .unwrap_or(s)
+                    .parse::<u64>()
+                    .map(|_| ())
+                    .map_err(|_| format!("{path}: {s:?} not int64")),
+                Some("uint64") => s
+                    .parse::<u64>()
+                    .map(|_| ())
+                    .map_err(|_| format!("{path}: {s:?} not uint64")),
+                _ => Ok(()),
+            }
+        }
+        Some("integer") => v
+            .as_i64()
+            .map(|_| ())
+            .ok_or(format!("{path}: expected integer, got {v}")),
+        Some("number") => v
+            .as_f64()
+            .map(|_| ())
+            .ok_or(format!("{path}: expected number")),
+        Some("boolean") => v
+            .as_bool()
+            .map(|_| ())
+            .ok_or(format!("{path}: expected boolean")),
+        _ => Ok(()),
+    }
+}
+
+fn served_document(addr: SocketAddr) -> Value {
+    let r = request(addr, "GET", "/openapi.yaml", None, None, "");
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/yaml"));
+    parse_yaml(std::str::from_utf8(&r.body).unwrap())
+}
+
+#[test]
+fn router_and_document_agree() {
+    let gw = start(HttpConfig::default());
+    let doc = served_document(gw.addr);
+    assert_eq!(
+        doc,
+        openapi::document(),
+        "served YAML differs from the document"
+    );
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    // Document -> router: every documented operation routes to itself.
+    let mut documented = 0;
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let op_id = op["operationId"].as_str().unwrap();
+            if ctl::http::handler::FIXED_PATHS.contains(&path.as_str()) {
+                assert_eq!(method, "get");
+                continue;
+            }
+            documented += 1;
+            let mut concrete = path.clone();
+            for p in op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "path")
+            {
+                let name = p["name"].as_str().unwrap();
+                concrete = concrete.replace(&format!("{{{name}}}"), &sample_id(name, &p["schema"]));
+            }
+            assert!(
+                !concrete.contains('{'),
+                "{path}: undocumented path parameter"
+            );
+            let m = Method::parse(&method.to_uppercase()).unwrap();
+            match match_route(&ROUTES, m, &concrete) {
+                Match::Found { route, .. } => {
+                    assert_eq!(route.operation, op_id, "{method} {concrete}")
+                }
+                _ => panic!("documented {method} {path} ({op_id}) is not routed"),
+            }
+        }
+    }
+    // Router -> document: every route is documented with the same operation.
+    for r in ROUTES.iter() {
+        let op = &doc["paths"][r.path][r.method.lower()];
+        assert_eq!(
+            op["operationId"],
+            json!(r.operation),
+            "route {} {} is not documented",
+            r.method.as_str(),
+            r.path
+        );
+        let documented_params: Vec<&str> = op["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["in"] == "path")
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(documented_params, r.params(), "{}", r.operation);
+        assert!(
+            op["responses"][r.status.to_string()].is_object(),
+            "{}: success status undocumented",
+            r.operation
+        );
+        for code in ["400", "401", "404", "500"] {
+            assert_eq!(
+                op["responses"][code]["$ref"], "#/components/responses/Error",
+                "{} {code}",
+                r.operation
+            );
+        }
+    }
+    assert_eq!(documented, ROUTES.len());
+    // Every fixed endpoint is documented and answers.
+    for p in ctl::http::handler::FIXED_PATHS {
+        assert!(paths.contains_key(*p), "{p}");
+        assert_eq!(
+            request(gw.addr, "GET", p, None, None, "").status,
+            200,
+            "{p}"
+        );
+    }
+    // Neighbours of documented paths are not routed.
+    assert_eq!(get(gw.addr, "/v1/sandboxes/extra/segment/x").status, 404);
+    assert_eq!(get(gw.addr, "/v1/sandbox").status, 404);
+}
+
+#[test]
+fn every_documented_operation_answers_as_documented() {
+    let gw = start(HttpConfig::default());
+    let doc = served_document(gw.addr);
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let op_id = op["operationId"].as_str().unwrap();
+            let mut concrete = path.clone();
+            for p in op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "path")
+            {
+                let name = p["name"].as_str().unwrap();
+                concrete = concrete.replace(&format!("{{{name}}}"), &sample_id(name, &p["schema"]));
+            }
+            let needs_key = op["security"] != json!([]);
+            let upper = method.to_uppercase();
+            let body_ct = op["requestBody"]["content"]
+                .as_object()
+                .and_then(|c| c.keys().next().cloned());
+            let (body, extra, query): (Option<Vec<u8>>, String, &str) = match body_ct.as_deref() {
+                Some("application/json") => {
+                    let b = match op_id {
+                        "processes.exec" | "processes.exec_stream" => json!({"process": {"cmd": "ls", "args": ["-l"]}}),
+                        "processes.send_input" => json!({"process": {"pid": 7}, "data": "aGk="}),
+                        "processes.connect" | "processes.signal" | "processes.close_stdin" => json!({"process": {"tag": "t"}}),
+                        "files.make_dir" | "files.remove" => json!({"path": "/tmp/x"}),
+                        "files.move" => json!({"source": "/a", "destination": "/b"}),
+                        _ => json!({}),
+                    };
+                    (Some(serde_json::to_vec(&b).unwrap()), "Content-Type: application/json\r\n".into(), "")
+                }
+                Some("application/octet-stream") => (Some(b"hello".to_vec()), String::new(), "?path=/tmp/up"),
+                Some("multipart/form-data") => (
+                    Some(b"--B\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n/tmp/up\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nhello\r\n--B--\r\n".to_vec()),
+                    "Content-Type: multipart/form-data; boundary=B\r\n".into(),
+                    "",
+                ),
+                _ => (None, String::new(), if op_id.starts_with("files.") { "?path=/tmp/f" } else { "" }),
+            };
+            let target = format!("{concrete}{query}");
+            let r = request(
+                gw.addr,
+                &upper,
+                &target,
+                needs_key.then_some(KEY),
+                body.as_deref(),
+                &extra,
+            );
+            let (status, resp) = op["responses"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .find(|(s, _)| s.starts_with('2'))
+                .unwrap();
+            assert_eq!(
+                r.status.to_string(),
+                *status,
+                "{op_id}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            let (ct, media) = resp["content"].as_object().unwrap().iter().next().unwrap();
+            let got_ct = r.header("content-type").unwrap_or("");
+            assert!(
+                got_ct.starts_with(ct.as_str()),
+                "{op_id}: content type {got_ct} vs {ct}"
+            );
+            match ct.as_str() {
+                "application/json" => validate(
+                    &doc,
+                    &media["schema"],
+                    &r.json(),
+                    op_id.split('.').next().unwrap(),
+                )
+                .unwrap_or_else(|e| panic!("{op_id}: {e}")),
+                "application/x-ndjson" => {
+                    let text = String::from_utf8(r.body.clone()).unwrap();
+                    let lines: Vec<&str> = text.lines().collect();
+                    assert_eq!(lines.len(), 5, "{op_id}: {text}");
+                    for l in lines {
+                        validate(
+                            &doc,
+                            &media["schema"],
+                            &serde_json::from_str(l).unwrap(),
+                            op_id,
+                        )
+                        .unwrap_or_else(|e| panic!("{op_id}: {e}"));
+                    }
+                }
+                "application/octet-stream" => assert_eq!(r.body.len(), 48 * 64 * 1024, "{op_id}"),
+                _ => assert!(!r.body.is_empty(), "{op_id}"),
+            }
+            if needs_key {
+                // Without a key, and with a wrong one: 401 with the documented error body.
+                for key in [None, Some("nope")] {
+                    let r = request(gw.addr, &upper, &target, key, body.as_deref(), &extra);
+                    assert_eq!(r.status, 401, "{op_id} key={key:?}");
+                    validate(
+                        &doc,
+                        &json!({"$ref": "#/components/schemas/Error"}),
+                        &r.json(),
+                        "error",
+                    )
+                    .unwrap();
+                    assert_eq!(r.error_code(), "unauthenticated");
+                }
+                // A bad id in each id parameter: 400 invalid_argument.
+                for p in op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "path" && p["schema"]["pattern"].is_string())
+                {
+                    let name = p["name"].as_str().unwrap();
+                    let good = sample_id(name, &p["schema"]);
+                    let prefix = good.split('-').next().unwrap();
+                    for bad in [
+                        format!("{prefix}-nope"),
+                        format!("{prefix}-11111111-2222-4333-8444-55555555555G"),
+                        "x".to_owned(),
+                        good.to_uppercase(),
+                    ] {
+                        let t = target.replacen(&good, &bad, 1);
+                        let r = request(gw.addr, &upper, &t, Some(KEY), body.as_deref(), &extra);
+                        assert_eq!(
+                            (r.status, r.error_code()),
+                            (400, "invalid_argument".to_owned()),
+                            "{op_id} {t}"
+                        );
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked,
+        ROUTES.len() + ctl::http::handler::FIXED_PATHS.len()
+    );
+    assert_eq!(gw.fake.uploads.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn json_mapping_in_and_out() {
+    let gw = start(HttpConfig::default());
+    let r = post(
+        gw.addr,
+        "/v1/sandboxes",
+        &json!({"template": "minimal", "vcpus": 2, "timeout_s": "60", "metadata": {"a": "b"}, "wait": false}),
+    );
+    assert_eq!(r.status, 201);
+    let v = r.json();
+    assert_eq!(v["state"], "SANDBOX_STATE_RUNNING");
+    assert_eq!(v["created_unix_ns"], "1764000000123456789");
+    assert_eq!(v["metadata"], json!({"a": "b"}));
+    // Query parameters are typed by the request's schema: repeated enums, maps, integers.
+    let r = get(
+        gw.addr,
+        "/v1/sandboxes?states=SANDBOX_STATE_RUNNING&states=5&metadata.team=red&page_size=7",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["next_page_token"], "page-7");
+    assert_eq!(r.json()["sandboxes"][0]["metadata"], json!({"team": "red"}));
+    assert_eq!(
+        get(gw.addr, "/v1/sandboxes?page_size=x").error_code(),
+        "invalid_argument"
+    );
+    assert_eq!(
+        get(gw.addr, "/v1/sandboxes?nope=1").error_code(),
+        "invalid_argument"
+    );
+    assert_eq!(
+        get(gw.addr, "/v1/sandboxes?page_size=1&page_size=2").error_code(),
+        "invalid_argument"
+    );
+    assert_eq!(
+        get(gw.addr, &format!("/v1/sandboxes/{SB}?x=1")).error_code(),
+        "invalid_argument"
+    );
+    // Exec: bytes are base64, oneofs are their arm, errors come from the backend.
+    let r = post(
+        gw.addr,
+        &format!("/v1/sandboxes/{SB}/exec"),
+        &json!({"process": {"cmd": "echo"}, "stdin": "aGk="}),
+    );
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["stdout"], "cmFuIGVjaG8K"); // "ran echo\n"
+    assert_eq!(v["stderr"], "aGk=");
+    assert_eq!(
+        v["exited"],
+        json!({"exit_code": 3, "timed_out": false, "core_dumped": false, "exited_unix_ns": "0"})
+    );
+    let r = post(
+        gw.addr,
+        &format!("/v1/sandboxes/{SB}/exec"),
+        &json!({"process": {}}),
+    );
+    assert_eq!((r.status, r.error_code()), (400, "invalid_argument".into()));
+    // Path and body disagreeing about an id is refused.
+    let r = post(
+        gw.addr,
+        &format!("/v1/sandboxes/{SB}/timeout"),
+        &json!({"sandbox_id": "sb-00000000-0000-0000-0000-000000000000", "timeout_s": 5}),
+    );
+    assert_eq!(r.status, 400);
+    let r = post(
+        gw.addr,
+        &format!("/v1/sandboxes/{SB}/timeout"),
+        &json!({"sandbox_id": SB, "timeout_s": 5}),
+    );
+    assert_eq!((r.status, r.json()["timeout_s"].clone()), (200, json!("5")));
+    // Backend statuses map to HTTP statuses with stable codes.
+    let other = "sb-00000000-0000-0000-0000-000000000009";
+    let r = request(
+        gw.addr,
+        "DELETE",
+        &format!("/v1/sandboxes/{other}"),
+        Some(KEY),
+        None,
+        "",
+    );
+    assert_eq!((r.status, r.error_code()), (404, "not_found".into()));
+    // `current` team.
+    assert_eq!(get(gw.addr, "/v1/teams/current").json()["id"], "team-self");
+}
+
+#[test]
+fn bad_requests_get_typed_errors() {
+    let gw = start(HttpConfig::default());
+    let a = gw.addr;
+    let path = "/v1/sandboxes";
+    let bad = |body: &[u8], ct: &str| request(a, "POST", path, Some(KEY), Some(body), ct);
+    let ct = "Content-Type: application/json\r\n";
+    for body in [&b"{"[..], b"{\"template\": }", b"nul", b"\xff\xfe"] {
+        let r = bad(body, ct);
+        assert_eq!(
+            (r.status, r.error_code()),
+            (400, "invalid_argument".into()),
+            "{body:?}"
+        );
+    }
+    let r = bad(b"[]", ct);
+    assert_eq!(r.status, 400);
+    let r = bad(b"{\"template\": \"minimal\", \"vcpu\": 1}", ct);
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"vcpu\""),
+        "{:?}",
+        r.json()
+    );
+    let r = bad(b"{\"process\": {\"cmd\": \"ls\", \"argz\": []}}", ct);
+    assert_eq!(r.status, 400);
+    let r = post(
+        a,
+        &format!("/v1/sandboxes/{SB}/exec"),
+        &json!({"process": {"cmd": "ls", "argz": []}}),
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("process.argz"),
+        "{:?}",
+        r.json()
+    );
+    let r = bad(b"{\"vcpus\": -1}", ct);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("vcpus"));
+    let r = bad(b"{}", "Content-Type: text/plain\r\n");
+    assert_eq!(
+        (r.status, r.error_code()),
+        (415, "unsupported_media_type".into())
+    );
+    // Oversized JSON: refused from the declared length, without reading the body.
+    let mut s = TcpStream::connect(a).unwrap();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n",
+            2 << 20
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let r = read_response(&mut s);
+    assert_eq!(
+        (r.status, r.error_code()),
+        (413, "payload_too_large".into())
+    );
+    // ... and a chunked one that grows past the bound.
+    let mut s = TcpStream::connect(a).unwrap();
+    s.write_all(
+        format!("POST {path} HTTP/1.1\r\nX-API-Key: {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let chunk = vec![b' '; 256 * 1024];
+    for _ in 0..5 {
+        if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .is_err()
+            || s.write_all(&chunk).is_err()
+            || s.write_all(b"\r\n").is_err()
+        {
+            break;
+        }
+    }
+    let r = read_response(&mut s);
+    assert_eq!(r.status, 413);
+    // A body of exactly the bound is accepted (as JSON whitespace plus an object).
+    let mut body = vec![b' '; (1 << 20) - 2];
+    body.extend_from_slice(b"{}");
+    assert_eq!(bad(&body, ct).status, 201);
+    // Unknown routes and methods.
+    let r = get(a, "/v1/nothing");
+    assert_eq!((r.status, r.error_code()), (404, "not_found".into()));
+    assert_eq!(get(a, "/").status, 404);
+    let r = request(a, "PATCH", path, Some(KEY), None, "");
+    assert_eq!(r.status, 405);
+    let r = request(a, "PUT", path, Some(KEY), None, "");
+    assert_eq!(
+        (r.status, r.error_code()),
+        (405, "method_not_allowed".into())
+    );
+    assert_eq!(r.header("allow"), Some("GET, POST"));
+    // Bad percent-encoding in an id segment is a 404 (no route), never a panic.
+    assert_eq!(get(a, "/v1/sandboxes/%zz").status, 404);
+    // A head over 16 KiB: 431.
+    let r = request(
+        a,
+        "GET",
+        path,
+        Some(KEY),
+        None,
+        &format!("X-Pad: {}\r\n", "a".repeat(17 * 1024)),
+    );
+    assert_eq!(r.status, 431);
+    // Garbage heads: 400.
+    let mut s = TcpStream::connect(a).unwrap();
+    s.write_all(b"\x01\x02 / HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut s).status, 400);
+    // Smuggling-shaped framing: 400.
+    let r = request(
+        a,
+        "POST",
+        path,
+        Some(KEY),
+        Some(b"{}"),
+        "Transfer-Encoding: chunked\r\n",
+    );
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn keep_alive_pipelining_and_connection_limits() {
+    let gw = start(HttpConfig {
+        connections_max: 3,
+        head_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
+    });
+    let a = gw.addr;
+    let mut s = TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for i in 0..3 {
+        s.write_all(
+            format!("GET /v1/sandboxes/{SB} HTTP/1.1\r\nX-API-Key: {KEY}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let r = read_response(&mut s);
+        assert_eq!(r.status, 200, "request {i} on one connection");
+        assert_eq!(r.json()["id"], SB);
+    }
+    // An error answer with an unread small body keeps the connection usable.
+    s.write_all(
+        "POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: bad\r\nContent-Length: 2\r\n\r\n{}".to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut s).status, 401);
+    // Two pipelined requests in one write, answered in order.
+    s.write_all(format!("GET /health HTTP/1.1\r\n\r\nPOST /v1/sandboxes/{SB}/ping HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).json()["status"], "ok");
+    let r = read_response(&mut s);
+    assert_eq!((r.status, r.json()["id"].clone()), (200, json!(SB)));
+    // Bounded connections: with 3 slots, s + two idle ones fill it; the next gets 503.
+    let _b = TcpStream::connect(a).unwrap();
+    let _c = TcpStream::connect(a).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut d = TcpStream::connect(a).unwrap();
+    d.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = read_response(&mut d);
+    assert_eq!((r.status, r.error_code()), (503, "unavailable".into()));
+    drop(_b);
+    drop(_c);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    // A head that never completes is answered 408 and closed at the deadline.
+    let mut slow = TcpStream::connect(a).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nX-Slow: ").unwrap();
+    let r = read_response(&mut slow);
+    assert_eq!(r.status, 408);
+    let mut rest = Vec::new();
+    assert_eq!(slow.read_to_end(&mut rest).unwrap(), 0, "closed after 408");
+    // Metrics count the requests.
+    let m = String::from_utf8(request(a, "GET", "/metrics", None, None, "").body).unwrap();
+    assert!(m.contains("wrenn_fake_total 1"), "{m}");
+    assert!(
+        m.contains("wrenn_http_requests_total{operation=\"sandboxes.get\",status=\"200\"}"),
+        "{m}"
+    );
+    assert!(m.contains("wrenn_http_connections_refused_total"), "{m}");
+}
+
+#[test]
+fn streams_uploads_and_downloads() {
+    let gw = start(HttpConfig::default());
+    let a = gw.addr;
+    // exec/stream: NDJSON lines as they come.
+    let r = post(
+        a,
+        &format!("/v1/sandboxes/{SB}/exec/stream"),
+        &json!({"process": {"cmd": "ls"}}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    let lines: Vec<Value> = String::from_utf8(r.body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["started"]["pid"], 9);
+    assert_eq!(lines[1]["output"]["data"], "bGluZSAwCg==");
+    assert_eq!(lines[4]["exited"]["exit_code"], 0);
+    // A failure before the first event is an ordinary error answer...
+    let r = post(
+        a,
+        &format!("/v1/sandboxes/{SB}/exec/stream"),
+        &json!({"process": {"cmd": "missing"}}),
+    );
+    assert_eq!((r.status, r.error_code()), (404, "not_found".into()));
+    // ... and after it, a last error line.
+    let r = post(
+        a,
+        &format!("/v1/sandboxes/{SB}/exec/stream"),
+        &json!({"process": {"cmd": "fail-late"}}),
+    );
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).unwrap();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "unavailable");
+    // Upload: a raw body larger than any JSON bound, chunked, in 64 KiB messages.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let sum = data
+        .iter()
+        .fold(0u64, |a, x| a.wrapping_mul(31).wrapping_add(u64::from(*x)));
+    let mut s = TcpStream::connect(a).unwrap();
+    s.write_all(format!("PUT /v1/sandboxes/{SB}/files?path=/big&mode=420&atomic=true HTTP/1.1\r\nX-API-Key: {KEY}\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).status, 100);
+    for c in data.chunks(100_000) {
+        s.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+            .unwrap();
+        s.write_all(c).unwrap();
+        s.write_all(b"\r\n").unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    let r = read_response(&mut s);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["bytes_written"], data.len().to_string());
+    assert_eq!(r.json()["entry"]["uid"], json!(sum & 0xffff));
+    // Upload parameters are typed: a bad mode is refused before any data moves.
+    let r = request(
+        a,
+        "PUT",
+        &format!("/v1/sandboxes/{SB}/files?path=/x&mode=rw"),
+        Some(KEY),
+        Some(b"x"),
+        "",
+    );
+    assert_eq!(r.status, 400);
+    // Multipart with the path as a form field; the file part carries binary incl. CRLF--.
+    let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n/m\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n".to_vec();
+    let payload: Vec<u8> = b"\r\n--Xy"
+        .iter()
+        .copied()
+        .chain((0..200_000u32).map(|i| (i % 7) as u8))
+        .collect();
+    body.extend_from_slice(&payload);
+    body.extend_from_slice(b"\r\n--XyZ--\r\n");
+    let r = request(
+        a,
+        "POST",
+        &format!("/v1/sandboxes/{SB}/files"),
+        Some(KEY),
+        Some(&body),
+        "Content-Type: multipart/form-data; boundary=XyZ\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["bytes_written"], payload.len().to_string());
+    assert_eq!(r.json()["entry"]["path"], "/m");
+    let r = request(
+        a,
+        "POST",
+        &format!("/v1/sandboxes/{SB}/files?path=/m"),
+        Some(KEY),
+        Some(b"--XyZ--\r\n"),
+        "Content-Type: multipart/form-data; boundary=XyZ\r\n",
+    );
+    assert_eq!(r.status, 400);
+    let r = request(
+        a,
+        "POST",
+        &format!("/v1/sandboxes/{SB}/files?path=/m"),
+        Some(KEY),
+        Some(b"x"),
+        "Content-Type: text/plain\r\n",
+    );
+    assert_eq!(r.status, 415);
+    // Download streams past every bound; a missing file is a 404 before any byte.
+    let r = get(a, &format!("/v1/sandboxes/{SB}/files?path=/f&offset=0"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 48 * 65536);
+    assert_eq!(r.header("x-wrenn-file-mode"), Some("644"));
+    let r = get(a, &format!("/v1/sandboxes/{SB}/files?path=/missing"));
+    assert_eq!((r.status, r.error_code()), (404, "not_found".into()));
+    // Listing merges batches into one object.
+    let r = get(a, &format!("/v1/sandboxes/{SB}/files/list?path=/d&depth=2"));
+    assert_eq!(r.json()["entries"].as_array().unwrap().len(), 6);
+}
+
+#[test]
+fn docs_page_is_self_contained() {
+    let gw = start(HttpConfig::default());
+    let r = request(gw.addr, "GET", "/docs", None, None, "");
+    assert_eq!(r.status, 200);
+    let html = String::from_utf8(r.body).unwrap();
+    for r in ROUTES.iter() {
+        assert!(
+            html.contains(&format!("id=\"op-{}\"", r.operation)),
+            "{}",
+            r.operation
+        );
+    }
+    assert!(
+        !html.contains("<script src") && !html.contains("<link") && !html.contains("https://"),
+        "external assets"
+    );
+    let r = request(gw.addr, "POST", "/health", None, Some(b""), "");
+    assert_eq!(r.status, 405);
+}
