@@ -1,2 +1,10 @@
-//! ctl integration tests (being built).
-mod http;
+//! ctl integration tests: a real PostgreSQL (throwaway cluster or DATABASE_URL), ctl
+//! replicas in-process, and a fake agent speaking the real wrenn.agent.v1 protocol.
+
+mod agent_conformance;
+mod api;
+mod fake_agent;
+mod harness;
+mod jobs;
+mod matrix;
+mod scale;

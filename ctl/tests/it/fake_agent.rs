@@ -1,0 +1,467 @@
+//! An in-test agent speaking the real `wrenn.agent.v1` protocol over `proto::rpc`, with
+//! in-memory sandboxes, templates and files. Its behaviour is checked by the same
+//! conformance suite that runs against the real agent (agent_conformance.rs).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use proto::gen::wrenn::agent::v1 as agent;
+use proto::gen::wrenn::envd::v1 as envd;
+use proto::gen::wrenn::wire::v1::{CredentialKind, Hello};
+use proto::id::{self, Kind};
+use proto::rpc::{Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service};
+use proto::{Code, Status};
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Test knobs and state.
+#[derive(Default)]
+pub struct State {
+    pub token: String,
+    pub sandboxes: HashMap<String, agent::SandboxInfo>,
+    pub templates: HashMap<String, agent::TemplateInfo>,
+    pub files: HashMap<(String, String), Vec<u8>>,
+    /// When set, Create fails with this status.
+    pub fail_create: Option<Status>,
+    /// Create waits this long before answering.
+    pub create_delay: Duration,
+}
+
+pub struct FakeAgent {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<State>>,
+    pub creates: Arc<AtomicUsize>,
+    handle: ServerHandle,
+    host_token: Mutex<Option<(String, String)>>,
+    next_pid: Arc<AtomicU32>,
+}
+
+struct Svc {
+    state: Arc<Mutex<State>>,
+    creates: Arc<AtomicUsize>,
+    next_pid: Arc<AtomicU32>,
+}
+
+impl FakeAgent {
+    pub fn start() -> Arc<FakeAgent> {
+        let state = Arc::new(Mutex::new(State { token: "unset".into(), ..Default::default() }));
+        let creates = Arc::new(AtomicUsize::new(0));
+        let next_pid = Arc::new(AtomicU32::new(100));
+        let svc = Svc { state: state.clone(), creates: creates.clone(), next_pid: next_pid.clone() };
+        let mut server = Server::new(ServerConfig::new("fake-agent"), Arc::new(svc)).unwrap();
+        let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let handle = server.handle();
+        let _ = server.spawn().unwrap();
+        Arc::new(FakeAgent { addr, state, creates, handle, host_token: Mutex::new(None), next_pid })
+    }
+
+    pub fn set_token(&self, t: &str) {
+        self.state.lock().unwrap().token = t.to_owned();
+    }
+
+    /// Remembers the host token (to send heartbeats/reports like a real agent).
+    pub fn set_host_token(&self, t: &str, ctl_addr: &str) {
+        *self.host_token.lock().unwrap() = Some((t.to_owned(), ctl_addr.to_owned()));
+    }
+
+    /// A client of ctl's wrenn.host.v1 with this agent's host token.
+    pub fn host_client(&self) -> proto::rpc::Client {
+        let (t, a) = self.host_token.lock().unwrap().clone().expect("registered");
+        proto::rpc::Client::connect_tcp(a, proto::rpc::Credential::host_token(t)).expect("connect host client")
+    }
+
+    pub fn sandbox_state(&self, sb: &str) -> Option<i32> {
+        self.state.lock().unwrap().sandboxes.get(sb).map(|s| s.state)
+    }
+
+    pub fn stop(&self) {
+        self.handle.shutdown();
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+impl Service for Svc {
+    fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
+        let tok = self.state.lock().unwrap().token.clone();
+        if hello.credential_kind != CredentialKind::AgentToken as i32 || hello.credential != tok {
+            return Err(Status::unauthenticated("agent token required"));
+        }
+        Ok(Arc::new(()))
+    }
+
+    fn call(&self, call: Call) {
+        let state = self.state.clone();
+        let creates = self.creates.clone();
+        let next_pid = self.next_pid.clone();
+        call.spawn(move |stream| dispatch(&state, &creates, &next_pid, stream));
+    }
+}
+
+fn unary<Req: Message + Default, Resp: Message>(mut s: ServerStream, f: impl FnOnce(Req) -> Result<Resp, Status>) {
+    match s.first::<Req>().and_then(f) {
+        Ok(m) => {
+            let r = s.send(&m);
+            s.finish(r);
+        }
+        Err(e) => s.finish(Err(e)),
+    }
+}
+
+fn sb_id(s: &str) -> Result<String, Status> {
+    id::parse(Kind::Sandbox, s).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(s.to_owned())
+}
+
+fn running_sb(state: &Mutex<State>, s: &str) -> Result<String, Status> {
+    let id = sb_id(s)?;
+    let st = state.lock().unwrap();
+    let sb = st.sandboxes.get(&id).ok_or_else(|| Status::not_found("sandbox not found"))?;
+    if sb.state != agent::SandboxState::Running as i32 {
+        return Err(Status::failed_precondition("sandbox not running"));
+    }
+    Ok(id)
+}
+
+fn entry(path: &str, size: u64) -> envd::EntryInfo {
+    envd::EntryInfo {
+        name: path.rsplit('/').next().unwrap_or("").to_owned(),
+        path: path.to_owned(),
+        size,
+        ..Default::default()
+    }
+}
+
+fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU32, mut s: ServerStream) {
+    use agent::{files_methods as f, host_methods as h, processes_methods as p, sandboxes_methods as sm, templates_methods as t};
+    let method = s.method().to_owned();
+    match method.as_str() {
+        sm::CREATE => {
+            let (delay, fail) = {
+                let st = state.lock().unwrap();
+                (st.create_delay, st.fail_create.clone())
+            };
+            unary(s, |r: agent::CreateSandboxRequest| {
+                let id = sb_id(&r.sandbox_id)?;
+                creates.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(delay);
+                if let Some(e) = fail {
+                    return Err(e);
+                }
+                let mut st = state.lock().unwrap();
+                if st.sandboxes.contains_key(&id) {
+                    return Err(Status::new(Code::AlreadyExists, "sandbox exists"));
+                }
+                let timeout = if r.timeout_s == 0 { 300 } else { r.timeout_s };
+                let info = agent::SandboxInfo {
+                    sandbox_id: id.clone(),
+                    team_id: r.team_id,
+                    template_id: r.template_id,
+                    state: agent::SandboxState::Running as i32,
+                    vcpus: r.vcpus.max(1),
+                    memory_mib: r.memory_mib.max(128),
+                    disk_mib: r.disk_mib,
+                    timeout_s: timeout,
+                    on_timeout: r.on_timeout,
+                    expires_unix_ns: now_ns() + (timeout as i64) * 1_000_000_000,
+                    created_unix_ns: now_ns(),
+                    updated_unix_ns: now_ns(),
+                    metadata: r.metadata,
+                    envd_version: "fake".into(),
+                    ..Default::default()
+                };
+                st.sandboxes.insert(id, info.clone());
+                Ok(info)
+            })
+        }
+        sm::GET => unary(s, |r: agent::GetSandboxRequest| {
+            let id = sb_id(&r.sandbox_id)?;
+            state.lock().unwrap().sandboxes.get(&id).cloned().ok_or_else(|| Status::not_found("sandbox not found"))
+        }),
+        sm::LIST => unary(s, |r: agent::ListSandboxesRequest| {
+            let st = state.lock().unwrap();
+            Ok(agent::ListSandboxesResponse {
+                sandboxes: st
+                    .sandboxes
+                    .values()
+                    .filter(|s| r.states.is_empty() || r.states.contains(&s.state))
+                    .cloned()
+                    .collect(),
+            })
+        }),
+        sm::DESTROY => unary(s, |r: agent::DestroySandboxRequest| {
+            let id = sb_id(&r.sandbox_id)?;
+            state
+                .lock()
+                .unwrap()
+                .sandboxes
+                .remove(&id)
+                .map(|_| agent::DestroySandboxResponse {})
+                .ok_or_else(|| Status::not_found("sandbox not found"))
+        }),
+        sm::PAUSE | sm::RESUME | sm::PING | sm::SET_TIMEOUT => {
+            let m = method.clone();
+            // All four requests start with sandbox_id (tag 1); decode by method.
+            let r: Result<(String, u64), Status> = match m.as_str() {
+                sm::PAUSE => s.first::<agent::PauseSandboxRequest>().map(|r| (r.sandbox_id, 0)),
+                sm::RESUME => s.first::<agent::ResumeSandboxRequest>().map(|r| (r.sandbox_id, r.timeout_s)),
+                sm::PING => s.first::<agent::PingSandboxRequest>().map(|r| (r.sandbox_id, 0)),
+                _ => s.first::<agent::SetTimeoutRequest>().map(|r| (r.sandbox_id, r.timeout_s)),
+            };
+            let r = r.and_then(|(sid, t)| {
+                let id = sb_id(&sid)?;
+                let mut st = state.lock().unwrap();
+                let sb = st.sandboxes.get_mut(&id).ok_or_else(|| Status::not_found("sandbox not found"))?;
+                let running = agent::SandboxState::Running as i32;
+                let paused = agent::SandboxState::Paused as i32;
+                match m.as_str() {
+                    sm::PAUSE if sb.state == running => {
+                        sb.state = paused;
+                        sb.expires_unix_ns = 0;
+                    }
+                    sm::RESUME if sb.state == paused => {
+                        if t > 0 {
+                            sb.timeout_s = t;
+                        }
+                        sb.state = running;
+                        sb.expires_unix_ns = now_ns() + sb.timeout_s as i64 * 1_000_000_000;
+                    }
+                    sm::PING if sb.state == running => {
+                        sb.expires_unix_ns = now_ns() + sb.timeout_s as i64 * 1_000_000_000;
+                    }
+                    sm::SET_TIMEOUT if t > 0 => {
+                        sb.timeout_s = t;
+                        if sb.state == running {
+                            sb.expires_unix_ns = now_ns() + t as i64 * 1_000_000_000;
+                        }
+                    }
+                    sm::SET_TIMEOUT => return Err(Status::invalid_argument("timeout_s must be > 0")),
+                    _ => return Err(Status::failed_precondition("wrong state")),
+                }
+                sb.updated_unix_ns = now_ns();
+                Ok(sb.clone())
+            });
+            match r {
+                Ok(m) => {
+                    let r = s.send(&m);
+                    s.finish(r);
+                }
+                Err(e) => s.finish(Err(e)),
+            }
+        }
+        p::EXEC => unary(s, |r: agent::ExecRequest| {
+            running_sb(state, &r.sandbox_id)?;
+            let cfg = r.process.ok_or_else(|| Status::invalid_argument("process required"))?;
+            let pid = next_pid.fetch_add(1, Ordering::Relaxed);
+            if r.background {
+                return Ok(agent::ExecResponse { pid, tag: cfg.tag, ..Default::default() });
+            }
+            // "echo": stdout = args joined plus stdin; "fail": exit code 3 with stderr.
+            let (out, err, code) = match cfg.cmd.as_str() {
+                "echo" => {
+                    let mut o = cfg.args.join(" ").into_bytes();
+                    o.extend_from_slice(&r.stdin);
+                    (o, Vec::new(), 0)
+                }
+                "fail" => (Vec::new(), b"failed".to_vec(), 3),
+                _ => return Err(Status::not_found("no such command")),
+            };
+            Ok(agent::ExecResponse {
+                pid,
+                tag: cfg.tag,
+                stdout: out.into(),
+                stderr: err.into(),
+                exited: Some(envd::ProcessExited {
+                    status: Some(envd::process_exited::Status::ExitCode(code)),
+                    exited_unix_ns: now_ns(),
+                    ..Default::default()
+                }),
+                duration_ns: 1000,
+                ..Default::default()
+            })
+        }),
+        p::EXEC_STREAM => {
+            let r = s.first::<agent::ExecStreamRequest>().and_then(|r| running_sb(state, &r.sandbox_id).map(|_| r));
+            let r = r.and_then(|r| {
+                let cfg = r.process.unwrap_or_default();
+                let pid = next_pid.fetch_add(1, Ordering::Relaxed);
+                s.send(&envd::ProcessEvent {
+                    event: Some(envd::process_event::Event::Started(envd::ProcessStarted { pid, tag: cfg.tag.clone(), started_unix_ns: now_ns() })),
+                })?;
+                for (i, a) in cfg.args.iter().enumerate() {
+                    s.send(&envd::ProcessEvent {
+                        event: Some(envd::process_event::Event::Output(envd::ProcessOutput {
+                            stream: envd::OutputStream::Stdout as i32,
+                            data: a.clone().into_bytes().into(),
+                            offset: i as u64,
+                        })),
+                    })?;
+                }
+                s.send(&envd::ProcessEvent {
+                    event: Some(envd::process_event::Event::Exited(envd::ProcessExited {
+                        status: Some(envd::process_exited::Status::ExitCode(0)),
+                        ..Default::default()
+                    })),
+                })
+            });
+            s.finish(r);
+        }
+        p::SEND_INPUT => {
+            let r = s.first::<agent::SendInputRequest>().and_then(|first| {
+                running_sb(state, &first.sandbox_id)?;
+                let mut n = first.input.map(|i| i.data.len() as u64).unwrap_or(0);
+                while let Some(m) = s.recv::<agent::SendInputRequest>()? {
+                    n += m.input.map(|i| i.data.len() as u64).unwrap_or(0);
+                }
+                Ok(envd::SendInputResponse { bytes_written: n })
+            });
+            match r {
+                Ok(m) => {
+                    let r = s.send(&m);
+                    s.finish(r);
+                }
+                Err(e) => s.finish(Err(e)),
+            }
+        }
+        p::CLOSE_STDIN => unary(s, |r: agent::CloseStdinRequest| running_sb(state, &r.sandbox_id).map(|_| envd::CloseStdinResponse {})),
+        p::SIGNAL => unary(s, |r: agent::SignalRequest| running_sb(state, &r.sandbox_id).map(|_| envd::SignalResponse {})),
+        p::RESIZE_PTY => unary(s, |r: agent::ResizePtyRequest| running_sb(state, &r.sandbox_id).map(|_| envd::ResizePtyResponse {})),
+        p::LIST => unary(s, |r: agent::ListProcessesRequest| running_sb(state, &r.sandbox_id).map(|_| envd::ListProcessesResponse { processes: vec![] })),
+        p::CONNECT => {
+            let r = s.first::<agent::ConnectRequest>().and_then(|r| running_sb(state, &r.sandbox_id)).and_then(|_| Err(Status::not_found("no such process")));
+            s.finish(r);
+        }
+        f::WRITE => {
+            let r = s.first::<agent::WriteRequest>().and_then(|first| {
+                let Some(agent::write_request::Msg::Header(h)) = first.msg else {
+                    return Err(Status::invalid_argument("header first"));
+                };
+                let sb = running_sb(state, &h.sandbox_id)?;
+                let path = h.file.map(|f| f.path).unwrap_or_default();
+                let mut data = Vec::new();
+                while let Some(m) = s.recv::<agent::WriteRequest>()? {
+                    if let Some(agent::write_request::Msg::Data(d)) = m.msg {
+                        data.extend_from_slice(&d);
+                    }
+                }
+                let n = data.len() as u64;
+                state.lock().unwrap().files.insert((sb, path.clone()), data);
+                Ok(envd::WriteResponse { entry: Some(entry(&path, n)), bytes_written: n })
+            });
+            match r {
+                Ok(m) => {
+                    let r = s.send(&m);
+                    s.finish(r);
+                }
+                Err(e) => s.finish(Err(e)),
+            }
+        }
+        f::READ => {
+            let r = s.first::<agent::ReadRequest>().and_then(|r| {
+                let sb = running_sb(state, &r.sandbox_id)?;
+                let path = r.read.map(|x| x.path).unwrap_or_default();
+                let data = state.lock().unwrap().files.get(&(sb, path.clone())).cloned().ok_or_else(|| Status::not_found("no such file"))?;
+                s.send(&envd::ReadResponse { entry: Some(entry(&path, data.len() as u64)), data: Default::default(), offset: 0 })?;
+                for (i, c) in data.chunks(proto::limits::CHUNK_LEN).enumerate() {
+                    s.send(&envd::ReadResponse { entry: None, data: c.to_vec().into(), offset: (i * proto::limits::CHUNK_LEN) as u64 })?;
+                }
+                Ok(())
+            });
+            s.finish(r);
+        }
+        f::STAT => unary(s, |r: agent::StatRequest| {
+            let sb = running_sb(state, &r.sandbox_id)?;
+            let path = r.stat.map(|x| x.path).unwrap_or_default();
+            let st = state.lock().unwrap();
+            let d = st.files.get(&(sb, path.clone())).ok_or_else(|| Status::not_found("no such file"))?;
+            Ok(envd::StatResponse { entry: Some(entry(&path, d.len() as u64)) })
+        }),
+        f::LIST => {
+            let r = s.first::<agent::ListDirRequest>().and_then(|r| {
+                let sb = running_sb(state, &r.sandbox_id)?;
+                let dir = r.list.map(|x| x.path).unwrap_or_default();
+                let entries: Vec<envd::ListEntry> = state
+                    .lock()
+                    .unwrap()
+                    .files
+                    .iter()
+                    .filter(|((s2, p), _)| *s2 == sb && p.starts_with(&dir))
+                    .map(|((_, p), d)| envd::ListEntry { entry: Some(entry(p, d.len() as u64)), path: p.clone(), error: String::new() })
+                    .collect();
+                s.send(&envd::ListDirResponse { entries })
+            });
+            s.finish(r);
+        }
+        f::MAKE_DIR => unary(s, |r: agent::MakeDirRequest| {
+            running_sb(state, &r.sandbox_id)?;
+            let p = r.make_dir.map(|m| m.path).unwrap_or_default();
+            Ok(envd::MakeDirResponse { entry: Some(entry(&p, 0)), created: true })
+        }),
+        f::MOVE => unary(s, |r: agent::MoveRequest| {
+            let sb = running_sb(state, &r.sandbox_id)?;
+            let m = r.r#move.unwrap_or_default();
+            let mut st = state.lock().unwrap();
+            let d = st.files.remove(&(sb.clone(), m.source.clone())).ok_or_else(|| Status::not_found("no such file"))?;
+            let n = d.len() as u64;
+            st.files.insert((sb, m.destination.clone()), d);
+            Ok(envd::MoveResponse { entry: Some(entry(&m.destination, n)) })
+        }),
+        f::REMOVE => unary(s, |r: agent::RemoveRequest| {
+            let sb = running_sb(state, &r.sandbox_id)?;
+            let p = r.remove.unwrap_or_default();
+            let gone = state.lock().unwrap().files.remove(&(sb, p.path.clone())).is_some();
+            if !gone && !p.ignore_missing {
+                return Err(Status::not_found("no such file"));
+            }
+            Ok(envd::RemoveResponse {})
+        }),
+        t::CREATE => unary(s, |r: agent::CreateTemplateRequest| {
+            let sb = sb_id(&r.sandbox_id)?;
+            id::parse(Kind::Template, &r.template_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let mut st = state.lock().unwrap();
+            let info = st.sandboxes.get_mut(&sb).ok_or_else(|| Status::not_found("sandbox not found"))?;
+            info.state = agent::SandboxState::Paused as i32;
+            let (v, m, d) = (info.vcpus, info.memory_mib, info.disk_mib);
+            let ti = agent::TemplateInfo {
+                template_id: r.template_id.clone(),
+                kind: agent::TemplateKind::Snapshot as i32,
+                source_sandbox_id: sb,
+                vcpus: v,
+                memory_mib: m,
+                disk_mib: d,
+                size_bytes: 4096,
+                ..Default::default()
+            };
+            st.templates.insert(r.template_id, ti.clone());
+            Ok(ti)
+        }),
+        t::DELETE => unary(s, |r: agent::DeleteTemplateRequest| {
+            state
+                .lock()
+                .unwrap()
+                .templates
+                .remove(&r.template_id)
+                .map(|_| agent::DeleteTemplateResponse {})
+                .ok_or_else(|| Status::not_found("template not found"))
+        }),
+        t::LIST => unary(s, |_: agent::ListTemplatesRequest| {
+            Ok(agent::ListTemplatesResponse { templates: state.lock().unwrap().templates.values().cloned().collect() })
+        }),
+        h::INFO => unary(s, |_: agent::HostInfoRequest| {
+            Ok(agent::HostInfo { hostname: "fake".into(), agent_version: "fake".into(), can_host_sandboxes: true, now_unix_ns: now_ns(), ..Default::default() })
+        }),
+        m => s.finish(Err(Status::unimplemented(format!("unknown method {m}")))),
+    }
+}

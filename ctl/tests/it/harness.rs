@@ -1,0 +1,330 @@
+//! Test harness: a throwaway PostgreSQL 15 cluster (or `DATABASE_URL`), one database per
+//! test, a ctl replica started in-process, and the fake agent.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use ctl::config::{ApiConfig, Config, JobsConfig};
+use ctl::server::{Running, StartOpts};
+use proto::gen::wrenn::agent::v1 as agent;
+use proto::gen::wrenn::ctl::v1 as ctlpb;
+use proto::gen::wrenn::host::v1 as host;
+use proto::rpc::{Client, Credential};
+
+use crate::fake_agent::FakeAgent;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Whether end-to-end skips must fail.
+pub fn require_e2e() -> bool {
+    std::env::var("WRENN_REQUIRE_E2E").is_ok_and(|v| v == "1")
+}
+
+/// Prints the skip (or panics under WRENN_REQUIRE_E2E=1).
+pub fn skip(reason: &str) {
+    if require_e2e() {
+        panic!("WRENN_REQUIRE_E2E=1 but: {reason}");
+    }
+    println!("skipped: {reason}");
+}
+
+/// A PostgreSQL cluster this process started.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+fn as_postgres(bin: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--", &format!("{PG_BIN}/{bin}")]);
+    c
+}
+
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+
+impl Cluster {
+    /// initdb + start, listening on a Unix socket in its own directory.
+    pub fn start() -> Result<Cluster, String> {
+        if !Path::new(PG_BIN).join("initdb").exists() {
+            return Err(format!("PostgreSQL 15 binaries not found in {PG_BIN}"));
+        }
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wrenn-ctl-pg-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir:?}: {e}"))?;
+        run(Command::new("chown").args(["postgres:postgres"]).arg(&dir))?;
+        let data = dir.join("data");
+        run(as_postgres("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data))?;
+        let port = 5432;
+        let c = Cluster { dir, port };
+        c.pg_ctl_start()?;
+        Ok(c)
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        run(as_postgres("pg_ctl")
+            .args(["-w", "-t", "60", "-o", &opts, "-l"])
+            .arg(self.dir.join("log"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("start"))
+    }
+
+    pub fn stop(&self) -> Result<(), String> {
+        run(as_postgres("pg_ctl")
+            .args(["-w", "-m", "fast", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop"))
+    }
+
+    pub fn restart(&self) -> Result<(), String> {
+        self.stop()?;
+        self.pg_ctl_start()
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = run(as_postgres("pg_ctl")
+            .args(["-m", "immediate", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop"));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The shared cluster (or DATABASE_URL), stopped when the test process exits.
+enum Shared {
+    Own(Cluster),
+    External(String),
+}
+
+static SHARED: OnceLock<Result<Mutex<Option<Shared>>, String>> = OnceLock::new();
+
+extern "C" fn stop_shared() {
+    if let Some(Ok(m)) = SHARED.get() {
+        // Dropping the cluster stops it.
+        m.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+fn shared() -> Result<&'static Mutex<Option<Shared>>, String> {
+    SHARED
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                return Ok(Mutex::new(Some(Shared::External(url))));
+            }
+            let c = Cluster::start()?;
+            // SAFETY: registers a plain extern "C" function with no arguments; it runs at
+            // process exit, after the tests, and only touches the static above.
+            let rc = unsafe { libc::atexit(stop_shared) };
+            assert_eq!(rc, 0, "atexit");
+            Ok(Mutex::new(Some(Shared::Own(c))))
+        })
+        .as_ref()
+        .map_err(|e| e.clone())
+}
+
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh database on the shared cluster; `None` (after printing the skip) when
+/// PostgreSQL is absent.
+pub fn fresh_db() -> Option<String> {
+    let m = match shared() {
+        Ok(m) => m,
+        Err(e) => {
+            skip(&e);
+            return None;
+        }
+    };
+    let g = m.lock().unwrap_or_else(|e| e.into_inner());
+    let admin_url = match g.as_ref()? {
+        Shared::Own(c) => c.url("postgres"),
+        Shared::External(u) => u.clone(),
+    };
+    let name = format!("wrenn_t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let mut c = postgres::Client::connect(&admin_url, postgres::NoTls).expect("connect to the admin database");
+    c.batch_execute(&format!("CREATE DATABASE {name}")).expect("create database");
+    Some(match g.as_ref()? {
+        Shared::Own(cl) => cl.url(&name),
+        Shared::External(u) => with_dbname(u, &name),
+    })
+}
+
+fn with_dbname(url: &str, db: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let (base, query) = url.split_once('?').map(|(b, q)| (b, Some(q))).unwrap_or((url, None));
+        let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+        let base = match base[scheme_end..].find('/') {
+            Some(i) => &base[..scheme_end + i],
+            None => base,
+        };
+        match query {
+            Some(q) => format!("{base}/{db}?{q}"),
+            None => format!("{base}/{db}"),
+        }
+    } else {
+        format!("{url} dbname={db}")
+    }
+}
+
+/// Settings for a test replica: short timeouts, no timers (tests drive the jobs).
+pub fn test_config(url: &str) -> Config {
+    Config {
+        database_url: url.to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        db_workers: 4,
+        api: ApiConfig {
+            agent_lifecycle_timeout: Duration::from_secs(20),
+            agent_call_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_millis(500),
+            last_used_flush: Duration::from_millis(200),
+        },
+        jobs: JobsConfig {
+            reconcile_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(2),
+            destroy_unknown: true,
+            new_grace: Duration::from_millis(0),
+            transition_grace: Duration::from_secs(600),
+        },
+    }
+}
+
+/// A ctl replica with an initialized database.
+pub struct Ctl {
+    pub url: String,
+    pub running: Option<Running>,
+    pub team_key: String,
+    pub admin_key: String,
+    pub team_id: String,
+    pub user_id: String,
+}
+
+impl Ctl {
+    /// Fresh database + `admin init` + a replica. `None` when PostgreSQL is absent.
+    pub fn start() -> Option<Ctl> {
+        let url = fresh_db()?;
+        let init = ctl::admin::init(&url, "team-a", "a@example.com", "Alice").expect("admin init");
+        let running = ctl::server::start(&test_config(&url), StartOpts { jobs: false, http: false }).expect("start ctl");
+        Some(Ctl {
+            url,
+            running: Some(running),
+            team_key: init.team_key,
+            admin_key: init.admin_key,
+            team_id: init.team_id,
+            user_id: init.user_id,
+        })
+    }
+
+    /// A second replica on the same database.
+    pub fn replica(&self) -> Running {
+        ctl::server::start(&test_config(&self.url), StartOpts { jobs: false, http: false }).expect("start replica")
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("running")
+    }
+
+    pub fn api(&self) -> &ctl::service::Api {
+        &self.running().api
+    }
+
+    pub fn addr(&self) -> String {
+        self.running().addr.to_string()
+    }
+
+    pub fn client(&self, key: &str) -> Client {
+        Client::connect_tcp(self.addr(), Credential::api_key(key)).expect("connect with api key")
+    }
+
+    pub fn team(&self) -> Client {
+        self.client(&self.team_key)
+    }
+
+    pub fn admin(&self) -> Client {
+        self.client(&self.admin_key)
+    }
+
+    /// Makes a second team (with its own key) through the database, as `admin init` does.
+    pub fn other_team(&self, name: &str, email: &str) -> (String, String) {
+        let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+        let mut tx = c.transaction().unwrap();
+        let (team, _, _, key) = ctl::service::create_team_with_owner(&mut tx, name, email, "").unwrap();
+        tx.commit().unwrap();
+        (proto::id::format(proto::id::Kind::Team, team), key)
+    }
+
+    /// Starts a fake agent and registers it as a host with the given capacity.
+    pub fn add_host(&self, vcpus: u32, memory_mib: u64, disk_mib: u64) -> (Arc<FakeAgent>, String) {
+        let fa = FakeAgent::start();
+        let tok: ctlpb::CreateRegistrationTokenResponse = self
+            .admin()
+            .unary(ctlpb::hosts_methods::CREATE_REGISTRATION_TOKEN, &ctlpb::CreateRegistrationTokenRequest { ttl_s: 60 }, None)
+            .expect("registration token");
+        let reg = Client::connect_tcp(self.addr(), Credential::host_token("")).expect("connect to register");
+        let r: host::RegisterResponse = reg
+            .unary(
+                host::host_methods::REGISTER,
+                &host::RegisterRequest {
+                    registration_token: tok.token,
+                    agent_address: fa.addr.to_string(),
+                    hostname: format!("fake-{}", fa.addr.port()),
+                    capacity: Some(agent::Resources { vcpus, memory_mib, disk_mib }),
+                    agent_version: "fake".into(),
+                    firecracker_version: "fake".into(),
+                    can_host_sandboxes: true,
+                    problems: vec![],
+                },
+                None,
+            )
+            .expect("register");
+        fa.set_token(&r.agent_token);
+        fa.set_host_token(&r.host_token, &self.addr());
+        (fa, r.host_id)
+    }
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown();
+        }
+    }
+}
+
+/// Unwraps a status error's code.
+pub fn code<T: std::fmt::Debug>(r: Result<T, proto::Status>) -> proto::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code,
+    }
+}
