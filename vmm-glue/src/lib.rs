@@ -17,8 +17,10 @@
 //! the agent decides what runs where.
 
 pub mod api;
+pub mod cgroup;
 pub mod disk;
 pub mod limits;
 pub mod net;
+pub mod process;
 pub mod request;
 mod sys;

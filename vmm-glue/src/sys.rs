@@ -185,6 +185,101 @@ pub fn waitid_pidfd(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<Exi
     }))
 }
 
+// The functions below run in a forked child before exec (Command::pre_exec): they make one
+// system call each, allocate nothing and take no locks.
+
+/// `setsid()`: a new session, so the child outlives its parent's session and process group.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: plain syscall without arguments.
+    let rc = unsafe { libc::setsid() };
+    cvt(rc).map(drop)
+}
+
+/// One `write` of all of `bytes` (cgroup files take a pid in one write).
+pub fn write_once(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: `bytes` is valid for reads of its length; the descriptor is open.
+    let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != bytes.len() {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
+}
+
+/// `setns(fd, CLONE_NEWNET)`.
+pub fn setns_net(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on an open namespace descriptor.
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    cvt(rc).map(drop)
+}
+
+/// `unshare(CLONE_NEWNS)`, then makes every mount a slave: mounts made here stay here, and
+/// unmounts on the host (a deleted network namespace's file) still reach this namespace.
+pub fn unshare_mount_ns() -> io::Result<()> {
+    // SAFETY: plain syscall with a flag argument.
+    cvt(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+    // SAFETY: all pointers are valid C strings or null, as mount(2) allows for a propagation
+    // change.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        )
+    };
+    cvt(rc).map(drop)
+}
+
+/// Mounts a tmpfs at `target` with mount data `data`.
+pub fn mount_tmpfs(target: &std::ffi::CStr, data: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    cvt(rc).map(drop)
+}
+
+/// Creates an empty file (a bind-mount target) and closes it.
+pub fn create_empty_file(path: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: `path` is a valid C string; the returned descriptor is closed right below.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    cvt(fd)?;
+    // SAFETY: `fd` was just opened and is owned here.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Bind-mounts `src` onto `target`.
+pub fn bind_mount(src: &std::ffi::CStr, target: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: valid C strings; fstype and data may be null for MS_BIND.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    cvt(rc).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +299,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::zombie_processes)] // reaped through the pidfd below
     fn pidfd_of_child() {
         let child = std::process::Command::new("sleep")
             .arg("5")

@@ -4,5 +4,6 @@
 
 mod api;
 mod disk;
+mod firecracker;
 mod net;
 mod schema;

@@ -1,0 +1,740 @@
+//! One Firecracker process per sandbox.
+//!
+//! [`VmProcess::spawn`] starts `firecracker --api-sock <dir>/api.sock --id <id>` with:
+//! - its own session (`setsid`): it is not in the agent's process group or session, so it
+//!   outlives the agent (the agent's systemd unit uses `KillMode=process`);
+//! - the sandbox's cgroup, joined in the child before exec (charged from its first page);
+//! - the sandbox's network namespace (`setns` on `/run/netns/NAME` in the child);
+//! - its own mount namespace in which a tmpfs at [`STABLE_DIR`] holds [`STABLE_DISK_PATH`],
+//!   bind-mounted onto this sandbox's disk. Drives are configured with the stable path, so a
+//!   snapshot (which records the drive path) taken in one sandbox restores onto another
+//!   sandbox's disk copy: `snapshot/load` has overrides for taps and vsock, none for drives;
+//! - stdout and stderr appended to `<dir>/firecracker.log`;
+//! - a pidfd held from the moment it runs, and a state file (`<dir>/firecracker.state`) with
+//!   its pid and start time, so a restarted agent can [`VmProcess::adopt`] it and be sure the
+//!   pid still names the same process.
+//!
+//! Dropping a [`VmProcess`] leaves Firecracker running; [`VmProcess::kill`] ends it and removes
+//! everything spawn made (cgroup, sockets, state file; the mount namespace dies with it).
+
+use std::ffi::CString;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::api::ApiClient;
+use crate::cgroup::{Cgroup, CgroupError, CgroupLimits, CgroupMode};
+use crate::limits::{
+    API_SOCKET_POLL_INTERVAL, KILL_WAIT, PROC_CMDLINE_LEN_MAX, STABLE_TMPFS_SIZE,
+    STATE_FILE_LEN_MAX, UNIX_SOCKET_PATH_LEN_MAX,
+};
+use crate::sys;
+
+/// Directory that exists only inside each Firecracker's mount namespace (a tmpfs there; an
+/// empty directory on the host, created once as the mount point).
+pub const STABLE_DIR: &str = "/run/wrenn-vm";
+/// The path every Firecracker sees its own sandbox's root disk at.
+pub const STABLE_DISK_PATH: &str = "/run/wrenn-vm/rootfs.ext4";
+/// File names inside the sandbox directory.
+pub const API_SOCKET_NAME: &str = "api.sock";
+pub const LOG_NAME: &str = "firecracker.log";
+pub const STATE_NAME: &str = "firecracker.state";
+
+/// The cgroup a Firecracker goes into.
+#[derive(Clone, Debug)]
+pub struct CgroupSpec {
+    pub mode: CgroupMode,
+    /// Directory under each hierarchy root holding all sandboxes (e.g. `wrenn`).
+    pub parent: String,
+    /// This sandbox's cgroup name.
+    pub name: String,
+    pub limits: CgroupLimits,
+}
+
+/// How to start one Firecracker.
+#[derive(Clone, Debug)]
+pub struct SpawnConfig {
+    /// The `firecracker` binary (`WRENN_FIRECRACKER`).
+    pub firecracker: PathBuf,
+    /// `--id` (1–64 of `[A-Za-z0-9-]`).
+    pub id: String,
+    /// The sandbox directory: API socket, log, state file. Must exist.
+    pub dir: PathBuf,
+    /// Named network namespace to run in (`/run/netns/NAME`); `None` keeps the host's.
+    pub netns: Option<String>,
+    pub cgroup: Option<CgroupSpec>,
+    /// This sandbox's disk, seen by Firecracker at [`STABLE_DISK_PATH`]. `None`: no mount
+    /// namespace of its own.
+    pub disk: Option<PathBuf>,
+    /// More files to remove when the process is killed (the vsock socket and its listeners).
+    pub cleanup: Vec<PathBuf>,
+    /// More command-line arguments (e.g. `--level Info`).
+    pub extra_args: Vec<String>,
+}
+
+impl SpawnConfig {
+    pub fn new(firecracker: impl Into<PathBuf>, id: &str, dir: impl Into<PathBuf>) -> SpawnConfig {
+        SpawnConfig {
+            firecracker: firecracker.into(),
+            id: id.to_owned(),
+            dir: dir.into(),
+            netns: None,
+            cgroup: None,
+            disk: None,
+            cleanup: Vec::new(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ProcessError {
+    InvalidConfig(String),
+    Cgroup(CgroupError),
+    Netns(crate::net::Error),
+    /// Preparing a file or directory (log, stable dir, stale socket) failed.
+    Prepare {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Spawn {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Pidfd(io::Error),
+    /// Reading /proc for the process failed.
+    Proc {
+        pid: u32,
+        source: io::Error,
+    },
+    /// Writing or reading the state file failed.
+    State {
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The state file does not parse.
+    BadState {
+        path: PathBuf,
+        reason: String,
+    },
+    /// The recorded pid is gone or is now another process.
+    Gone {
+        pid: u32,
+    },
+    /// Firecracker exited while we waited for its API socket.
+    Exited {
+        status: String,
+        log_tail: String,
+    },
+    /// The API socket did not accept connections in time.
+    ApiSocketTimeout {
+        path: PathBuf,
+        timeout: Duration,
+    },
+    Signal(io::Error),
+    Wait(io::Error),
+    /// Firecracker did not die within [`KILL_WAIT`] of SIGKILL.
+    KillTimeout {
+        pid: u32,
+    },
+    Cleanup {
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for ProcessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessError::InvalidConfig(s) => write!(f, "invalid firecracker spawn config: {s}"),
+            ProcessError::Cgroup(_) => write!(f, "set up the sandbox cgroup"),
+            ProcessError::Netns(_) => write!(f, "open the sandbox network namespace"),
+            ProcessError::Prepare { path, .. } => write!(f, "prepare {}", path.display()),
+            ProcessError::Spawn { path, .. } => write!(f, "spawn {}", path.display()),
+            ProcessError::Pidfd(_) => write!(f, "open a pidfd for firecracker"),
+            ProcessError::Proc { pid, .. } => write!(f, "read /proc/{pid}"),
+            ProcessError::State { path, .. } => write!(f, "state file {}", path.display()),
+            ProcessError::BadState { path, reason } => {
+                write!(f, "state file {}: {reason}", path.display())
+            }
+            ProcessError::Gone { pid } => {
+                write!(f, "firecracker pid {pid} is gone or is another process now")
+            }
+            ProcessError::Exited { status, log_tail } => {
+                write!(f, "firecracker exited ({status}); log ends: {log_tail}")
+            }
+            ProcessError::ApiSocketTimeout { path, timeout } => write!(
+                f,
+                "api socket {} not ready within {timeout:?}",
+                path.display()
+            ),
+            ProcessError::Signal(_) => write!(f, "signal firecracker"),
+            ProcessError::Wait(_) => write!(f, "wait for firecracker"),
+            ProcessError::KillTimeout { pid } => {
+                write!(f, "firecracker pid {pid} still alive after SIGKILL")
+            }
+            ProcessError::Cleanup { path, .. } => write!(f, "remove {}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for ProcessError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProcessError::Cgroup(e) => Some(e),
+            ProcessError::Netns(e) => Some(e),
+            ProcessError::Prepare { source, .. }
+            | ProcessError::Spawn { source, .. }
+            | ProcessError::Proc { source, .. }
+            | ProcessError::State { source, .. }
+            | ProcessError::Cleanup { source, .. } => Some(source),
+            ProcessError::Pidfd(e) | ProcessError::Signal(e) | ProcessError::Wait(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// How Firecracker ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    Code(i32),
+    Signal(i32),
+    /// It was not our child (re-adopted): the exit status went to its real parent.
+    Unknown,
+}
+
+fn cstring(p: &Path) -> Result<CString, ProcessError> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| ProcessError::InvalidConfig(format!("path {} has a NUL", p.display())))
+}
+
+/// What was recorded about a running Firecracker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct State {
+    pid: u32,
+    start_time: u64,
+    exe: PathBuf,
+    api_socket: PathBuf,
+    cgroup_dirs: Vec<PathBuf>,
+    cleanup: Vec<PathBuf>,
+}
+
+impl State {
+    fn encode(&self) -> String {
+        let mut s = format!(
+            "pid={}\nstart_time={}\nexe={}\napi_socket={}\n",
+            self.pid,
+            self.start_time,
+            self.exe.display(),
+            self.api_socket.display()
+        );
+        for d in &self.cgroup_dirs {
+            s.push_str(&format!("cgroup={}\n", d.display()));
+        }
+        for d in &self.cleanup {
+            s.push_str(&format!("cleanup={}\n", d.display()));
+        }
+        s
+    }
+
+    fn decode(text: &str) -> Result<State, String> {
+        let (mut pid, mut start_time, mut exe, mut api) = (None, None, None, None);
+        let (mut cgroup_dirs, mut cleanup) = (Vec::new(), Vec::new());
+        for line in text.lines() {
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| format!("line without '=': {line:?}"))?;
+            match k {
+                "pid" => pid = Some(v.parse::<u32>().map_err(|_| "bad pid")?),
+                "start_time" => start_time = Some(v.parse::<u64>().map_err(|_| "bad start_time")?),
+                "exe" => exe = Some(PathBuf::from(v)),
+                "api_socket" => api = Some(PathBuf::from(v)),
+                "cgroup" => cgroup_dirs.push(PathBuf::from(v)),
+                "cleanup" => cleanup.push(PathBuf::from(v)),
+                _ => {} // written by a newer version: ignore
+            }
+        }
+        Ok(State {
+            pid: pid.filter(|p| *p > 1).ok_or("no pid")?,
+            start_time: start_time.ok_or("no start_time")?,
+            exe: exe.ok_or("no exe")?,
+            api_socket: api.ok_or("no api_socket")?,
+            cgroup_dirs,
+            cleanup,
+        })
+    }
+}
+
+/// Start time (clock ticks since boot, field 22 of /proc/PID/stat).
+fn proc_start_time(pid: u32) -> io::Result<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold anything, even ')'.
+    let after = s
+        .rfind(')')
+        .map(|i| &s[i + 1..])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no ')' in stat"))?;
+    after
+        .split_ascii_whitespace()
+        .nth(22 - 3)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no start time in stat"))
+}
+
+fn proc_cmdline(pid: u32) -> io::Result<Vec<Vec<u8>>> {
+    let mut buf = Vec::new();
+    File::open(format!("/proc/{pid}/cmdline"))?
+        .take(PROC_CMDLINE_LEN_MAX as u64)
+        .read_to_end(&mut buf)?;
+    Ok(buf
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(600);
+    String::from_utf8_lossy(&text[start..]).trim().to_owned()
+}
+
+/// A running (or exited, not yet reaped) Firecracker.
+#[derive(Debug)]
+pub struct VmProcess {
+    pid: u32,
+    pidfd: OwnedFd,
+    /// Spawned by this process (so `waitid` can reap it and read its status).
+    is_child: bool,
+    state: State,
+    state_path: PathBuf,
+    log_path: PathBuf,
+    cgroup: Option<Cgroup>,
+    exit: Option<ExitKind>,
+}
+
+fn check_id(id: &str) -> Result<(), ProcessError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ProcessError::InvalidConfig(format!("instance id {id:?}")))
+    }
+}
+
+fn prepare(path: &Path) -> impl FnOnce(io::Error) -> ProcessError + '_ {
+    move |source| ProcessError::Prepare {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl VmProcess {
+    /// Starts Firecracker as configured. Does not wait for its API socket: see
+    /// [`VmProcess::wait_api_socket`].
+    pub fn spawn(cfg: &SpawnConfig) -> Result<VmProcess, ProcessError> {
+        check_id(&cfg.id)?;
+        let api_socket = cfg.dir.join(API_SOCKET_NAME);
+        if api_socket.as_os_str().len() > UNIX_SOCKET_PATH_LEN_MAX {
+            return Err(ProcessError::InvalidConfig(format!(
+                "api socket path {} is over {UNIX_SOCKET_PATH_LEN_MAX} bytes",
+                api_socket.display()
+            )));
+        }
+        let log_path = cfg.dir.join(LOG_NAME);
+        let state_path = cfg.dir.join(STATE_NAME);
+
+        // A socket left by an earlier Firecracker of this sandbox would make bind fail.
+        match fs::remove_file(&api_socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(prepare(&api_socket)(e)),
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(prepare(&log_path))?;
+        let log2 = log.try_clone().map_err(prepare(&log_path))?;
+
+        let netns: Option<OwnedFd> = match &cfg.netns {
+            Some(name) => Some(crate::net::netns::open(name).map_err(ProcessError::Netns)?),
+            None => None,
+        };
+        let mount = match &cfg.disk {
+            Some(disk) => {
+                fs::create_dir_all(STABLE_DIR).map_err(prepare(Path::new(STABLE_DIR)))?;
+                // Resolve now: the child cannot report a missing disk legibly.
+                let disk = fs::canonicalize(disk).map_err(prepare(disk))?;
+                Some((
+                    cstring(Path::new(STABLE_DIR))?,
+                    cstring(Path::new(STABLE_DISK_PATH))?,
+                    cstring(&disk)?,
+                    // Compile-time constant without NUL.
+                    CString::new(STABLE_TMPFS_SIZE)
+                        .map_err(|_| ProcessError::InvalidConfig("tmpfs options".to_owned()))?,
+                ))
+            }
+            None => None,
+        };
+        let cgroup = match &cfg.cgroup {
+            Some(spec) => Some(
+                Cgroup::create(&spec.mode, &spec.parent, &spec.name, &spec.limits)
+                    .map_err(ProcessError::Cgroup)?,
+            ),
+            None => None,
+        };
+        let procs: Vec<File> = match &cgroup {
+            Some(cg) => cg.open_procs().map_err(ProcessError::Cgroup)?,
+            None => Vec::new(),
+        };
+
+        let mut cmd = Command::new(&cfg.firecracker);
+        cmd.arg("--api-sock")
+            .arg(&api_socket)
+            .arg("--id")
+            .arg(&cfg.id)
+            .args(&cfg.extra_args)
+            .current_dir(&cfg.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        // SAFETY: the closure runs in the forked child before exec. It only makes system calls
+        // through sys's one-call wrappers on descriptors and strings prepared above: no
+        // allocation, no locks (io::Error::last_os_error does not allocate).
+        unsafe {
+            cmd.pre_exec(move || {
+                sys::setsid()?;
+                for f in &procs {
+                    // "0" names the writing process itself.
+                    sys::write_once(f.as_fd(), b"0")?;
+                }
+                if let Some(ns) = &netns {
+                    sys::setns_net(ns.as_fd())?;
+                }
+                if let Some((dir, file, disk, opts)) = &mount {
+                    sys::unshare_mount_ns()?;
+                    sys::mount_tmpfs(dir, opts)?;
+                    sys::create_empty_file(file)?;
+                    sys::bind_mount(disk, file)?;
+                }
+                Ok(())
+            });
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(cg) = &cgroup {
+                    let _ = cg.remove(Duration::from_millis(100));
+                }
+                return Err(ProcessError::Spawn {
+                    path: cfg.firecracker.clone(),
+                    source,
+                });
+            }
+        };
+        let pid = child.id();
+        // Our unreaped child: the pid cannot be reused before we wait, so this pidfd names it.
+        let pidfd = sys::pidfd_open(pid).map_err(ProcessError::Pidfd)?;
+        // `child` is dropped without waiting: we reap through the pidfd.
+        drop(child);
+        let start_time =
+            proc_start_time(pid).map_err(|source| ProcessError::Proc { pid, source })?;
+        let state = State {
+            pid,
+            start_time,
+            exe: cfg.firecracker.clone(),
+            api_socket,
+            cgroup_dirs: cgroup
+                .as_ref()
+                .map(|c| c.dirs().to_vec())
+                .unwrap_or_default(),
+            cleanup: cfg.cleanup.clone(),
+        };
+        let vm = VmProcess {
+            pid,
+            pidfd,
+            is_child: true,
+            state,
+            state_path,
+            log_path,
+            cgroup,
+            exit: None,
+        };
+        if let Err(e) = vm.write_state() {
+            let _ = vm.kill();
+            return Err(e);
+        }
+        log::info!(
+            "firecracker spawned pid={pid} id={} netns={} disk={}",
+            cfg.id,
+            cfg.netns.as_deref().unwrap_or("-"),
+            cfg.disk
+                .as_deref()
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+        Ok(vm)
+    }
+
+    fn write_state(&self) -> Result<(), ProcessError> {
+        let tmp = self.state_path.with_extension("state.tmp");
+        let err = |source| ProcessError::State {
+            path: self.state_path.clone(),
+            source,
+        };
+        fs::write(&tmp, self.state.encode()).map_err(err)?;
+        fs::rename(&tmp, &self.state_path).map_err(err)
+    }
+
+    /// Re-adopts the Firecracker recorded in `<dir>/firecracker.state` by an earlier agent.
+    /// Fails with [`ProcessError::Gone`] if that process no longer exists or the pid now
+    /// names another process (checked by start time and command line).
+    pub fn adopt(dir: &Path) -> Result<VmProcess, ProcessError> {
+        let state_path = dir.join(STATE_NAME);
+        let mut text = String::new();
+        File::open(&state_path)
+            .and_then(|f| f.take(STATE_FILE_LEN_MAX as u64).read_to_string(&mut text))
+            .map_err(|source| ProcessError::State {
+                path: state_path.clone(),
+                source,
+            })?;
+        let state = State::decode(&text).map_err(|reason| ProcessError::BadState {
+            path: state_path.clone(),
+            reason,
+        })?;
+        let pid = state.pid;
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                return Err(ProcessError::Gone { pid })
+            }
+            Err(e) => return Err(ProcessError::Pidfd(e)),
+        };
+        // The pidfd pins one process. Check that the process behind the pid is the recorded
+        // one, then that the pidfd's process is still alive: if so, both name the same process.
+        let same = proc_start_time(pid).ok() == Some(state.start_time)
+            && proc_cmdline(pid).ok().is_some_and(|argv| {
+                argv.first().map(Vec::as_slice) == Some(state.exe.as_os_str().as_bytes())
+                    && argv.windows(2).any(|w| {
+                        w[0] == b"--api-sock" && w[1] == state.api_socket.as_os_str().as_bytes()
+                    })
+            });
+        let alive =
+            !sys::poll_readable(pidfd.as_fd(), Duration::ZERO).map_err(ProcessError::Pidfd)?;
+        if !(same && alive) {
+            return Err(ProcessError::Gone { pid });
+        }
+        let cgroup =
+            (!state.cgroup_dirs.is_empty()).then(|| Cgroup::from_dirs(state.cgroup_dirs.clone()));
+        log::info!("firecracker adopted pid={pid}");
+        Ok(VmProcess {
+            pid,
+            pidfd,
+            is_child: false,
+            log_path: dir.join(LOG_NAME),
+            state,
+            state_path,
+            cgroup,
+            exit: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    pub fn api_socket(&self) -> &Path {
+        &self.state.api_socket
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// A new API client for this Firecracker.
+    pub fn api_client(&self) -> ApiClient {
+        ApiClient::new(&self.state.api_socket)
+    }
+
+    /// True until the process has exited.
+    pub fn is_running(&self) -> bool {
+        self.exit.is_none()
+            && matches!(
+                sys::poll_readable(self.pidfd.as_fd(), Duration::ZERO),
+                Ok(false)
+            )
+    }
+
+    /// The exit, if it has happened (reaps our child).
+    pub fn try_wait(&mut self) -> Result<Option<ExitKind>, ProcessError> {
+        if self.exit.is_some() {
+            return Ok(self.exit);
+        }
+        if self.is_child {
+            match sys::waitid_pidfd(self.pidfd.as_fd(), false).map_err(ProcessError::Wait)? {
+                Some(sys::Exit::Code(c)) => self.exit = Some(ExitKind::Code(c)),
+                Some(sys::Exit::Signal(s)) => self.exit = Some(ExitKind::Signal(s)),
+                None => {}
+            }
+        } else if sys::poll_readable(self.pidfd.as_fd(), Duration::ZERO)
+            .map_err(ProcessError::Wait)?
+        {
+            self.exit = Some(ExitKind::Unknown);
+        }
+        Ok(self.exit)
+    }
+
+    /// Waits until the API socket accepts a connection, or fails early if Firecracker exits.
+    pub fn wait_api_socket(&mut self, timeout: Duration) -> Result<(), ProcessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if UnixStream::connect(&self.state.api_socket).is_ok() {
+                return Ok(());
+            }
+            if let Some(exit) = self.try_wait()? {
+                return Err(ProcessError::Exited {
+                    status: format!("{exit:?}"),
+                    log_tail: log_tail(&self.log_path),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(ProcessError::ApiSocketTimeout {
+                    path: self.state.api_socket.clone(),
+                    timeout,
+                });
+            }
+            // Sleep on the pidfd: wakes at once if Firecracker dies.
+            let _ = sys::poll_readable(self.pidfd.as_fd(), API_SOCKET_POLL_INTERVAL);
+        }
+    }
+
+    /// Kills Firecracker (SIGKILL), waits for it to exit, kills anything else left in its
+    /// cgroup, and removes the cgroup, the API socket, the cleanup files and the state file.
+    pub fn kill(mut self) -> Result<ExitKind, ProcessError> {
+        if self.try_wait()?.is_none() {
+            match sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => return Err(ProcessError::Signal(e)),
+            }
+            if !sys::poll_readable(self.pidfd.as_fd(), KILL_WAIT).map_err(ProcessError::Wait)? {
+                return Err(ProcessError::KillTimeout { pid: self.pid });
+            }
+        }
+        let exit = match self.try_wait()? {
+            Some(e) => e,
+            None if self.is_child => {
+                match sys::waitid_pidfd(self.pidfd.as_fd(), true).map_err(ProcessError::Wait)? {
+                    Some(sys::Exit::Code(c)) => ExitKind::Code(c),
+                    Some(sys::Exit::Signal(s)) => ExitKind::Signal(s),
+                    None => ExitKind::Unknown,
+                }
+            }
+            None => ExitKind::Unknown,
+        };
+        if let Some(cg) = &self.cgroup {
+            // Firecracker does not fork, but whatever else joined its cgroup goes with it.
+            for pid in cg.pids() {
+                if let Ok(fd) = sys::pidfd_open(pid) {
+                    let _ = sys::pidfd_send_signal(fd.as_fd(), libc::SIGKILL);
+                    let _ = sys::poll_readable(fd.as_fd(), KILL_WAIT);
+                }
+            }
+            cg.remove(KILL_WAIT).map_err(ProcessError::Cgroup)?;
+        }
+        let mut files = vec![self.state.api_socket.clone()];
+        files.extend(self.state.cleanup.iter().cloned());
+        files.push(self.state_path.clone());
+        for f in files {
+            match fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(ProcessError::Cleanup { path: f, source }),
+            }
+        }
+        log::info!("firecracker killed pid={} exit={exit:?}", self.pid);
+        Ok(exit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trip() {
+        let s = State {
+            pid: 42,
+            start_time: 123456,
+            exe: "/opt/fc".into(),
+            api_socket: "/d/api.sock".into(),
+            cgroup_dirs: vec!["/sys/fs/cgroup/memory/wrenn/x".into()],
+            cleanup: vec!["/d/v.sock".into(), "/d/v.sock_49984".into()],
+        };
+        assert_eq!(State::decode(&s.encode()).unwrap(), s);
+        assert!(State::decode("pid=1\n").is_err());
+        assert!(State::decode("garbage").is_err());
+        assert!(State::decode("pid=x\nstart_time=1\nexe=/a\napi_socket=/b\n").is_err());
+    }
+
+    #[test]
+    fn own_start_time_and_cmdline() {
+        let me = std::process::id();
+        assert!(proc_start_time(me).unwrap() > 0);
+        assert!(!proc_cmdline(me).unwrap().is_empty());
+    }
+
+    #[test]
+    fn ids() {
+        assert!(check_id("sb-0123").is_ok());
+        for bad in ["", "a b", "a/b", &"x".repeat(65)] {
+            assert!(check_id(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn adopt_refuses_other_process() {
+        let dir = std::env::temp_dir().join(format!("vmm-glue-adopt-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // Our own pid, but a start time and exe that are not ours.
+        let s = State {
+            pid: std::process::id(),
+            start_time: 1,
+            exe: "/nonexistent/firecracker".into(),
+            api_socket: dir.join("api.sock"),
+            cgroup_dirs: vec![],
+            cleanup: vec![],
+        };
+        fs::write(dir.join(STATE_NAME), s.encode()).unwrap();
+        assert!(matches!(
+            VmProcess::adopt(&dir),
+            Err(ProcessError::Gone { .. })
+        ));
+        fs::write(dir.join(STATE_NAME), "nonsense").unwrap();
+        assert!(matches!(
+            VmProcess::adopt(&dir),
+            Err(ProcessError::BadState { .. })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
