@@ -172,11 +172,22 @@ pub fn run(opts: Options) -> Result<(), String> {
     while !table.is_empty() && start.elapsed() < SHUTDOWN_GRACE {
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Descendants the table does not know (background jobs of ended processes) are in the
+    // cgroup: kill them too, so nothing outlives envd.
+    if let Some(cg) = table.cgroup() {
+        cg.kill_all();
+        let start = Instant::now();
+        while !cg.pids().is_empty() && start.elapsed() < SHUTDOWN_GRACE {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     if let Listen::Unix(p) = &opts.listen {
         let _ = std::fs::remove_file(p);
     }
     if let Some(d) = cgroup_dir {
-        let _ = std::fs::remove_dir(d);
+        if let Err(e) = std::fs::remove_dir(&d) {
+            warn!("remove cgroup failed dir={} error={e}", d.display());
+        }
     }
     info!("envd stopped");
     Ok(())

@@ -177,8 +177,6 @@ struct Output {
 struct Shared {
     out: Mutex<Output>,
     cv: Condvar,
-    /// Written by the reaper callback to wake the pump (an eventfd).
-    exit_event: OwnedFd,
 }
 
 impl Shared {
@@ -425,6 +423,27 @@ impl Cgroup {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Pids in the cgroup (the children and everything they left behind).
+    pub fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs everything in the cgroup: `cgroup.kill` (Linux 5.14+), else each pid.
+    pub fn kill_all(&self) {
+        if std::fs::write(self.dir.join("cgroup.kill"), "1").is_ok() {
+            return;
+        }
+        for pid in self.pids() {
+            // SAFETY: kill takes plain integers. A pid listed in our cgroup is one of our
+            // processes or their descendants.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 impl Drop for Cgroup {
@@ -593,7 +612,6 @@ impl Table {
                 eof: false,
             }),
             cv: Condvar::new(),
-            exit_event,
         });
         let io_err = |action| move |source| Error::Io { action, source };
         let pty = match spec.pty {
@@ -631,6 +649,10 @@ impl Table {
             cmd.pre_exec(move || child_setup.run());
         }
 
+        // Written by the reaper callback to wake the pump. Owned by the two of them only, so
+        // it closes once both are done (an ended process kept for reconnects holds no fd).
+        let exit_event = Arc::new(exit_event);
+        let on_exit_event = exit_event.clone();
         let on_exit_shared = shared.clone();
         let on_exit = move |status: ExitStatus| {
             let mut out = on_exit_shared.lock();
@@ -641,11 +663,7 @@ impl Table {
             let one: u64 = 1;
             // SAFETY: writing 8 bytes from a u64 to our eventfd.
             unsafe {
-                libc::write(
-                    on_exit_shared.exit_event.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    8,
-                );
+                libc::write(on_exit_event.as_raw_fd(), (&one as *const u64).cast(), 8);
             }
         };
         let cmd_name = spec.cmd.to_string_lossy().into_owned();
@@ -725,7 +743,7 @@ impl Table {
         let spawned = std::thread::Builder::new()
             .name(format!("pump-{pid}"))
             .stack_size(256 * 1024)
-            .spawn(move || pump(pump_process, fds, deadline, table));
+            .spawn(move || pump(pump_process, fds, exit_event, deadline, table));
         if let Err(source) = spawned {
             // Without a pump nobody would drain the child: kill it.
             // SAFETY: kill takes plain integers; the child is unreaped.
@@ -899,6 +917,7 @@ fn eventfd() -> io::Result<OwnedFd> {
 fn pump(
     process: Arc<Process>,
     fds: Vec<(StreamKind, OwnedFd)>,
+    exit_event: Arc<OwnedFd>,
     deadline: Option<Instant>,
     table: Weak<TableInner>,
 ) {
@@ -941,7 +960,7 @@ fn pump(
             })
             .collect();
         pfds.push(libc::pollfd {
-            fd: shared.exit_event.as_raw_fd(),
+            fd: exit_event.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         });
@@ -960,7 +979,7 @@ fn pump(
             let mut v = [0u8; 8];
             // SAFETY: reading 8 bytes into a stack buffer from our non-blocking eventfd.
             unsafe {
-                libc::read(shared.exit_event.as_raw_fd(), v.as_mut_ptr().cast(), 8);
+                libc::read(exit_event.as_raw_fd(), v.as_mut_ptr().cast(), 8);
             }
         }
         let mut closed = Vec::new();
@@ -1247,7 +1266,7 @@ mod tests {
     #[test]
     fn signals_tags_list_and_reconnect_replay() {
         let t = table();
-        let mut spec = sh("echo ready; sleep 100");
+        let mut spec = sh("echo ready; exec sleep 100");
         spec.tag = Some("svc".into());
         let (p, mut sub) = t.start(spec.clone()).unwrap();
         assert!(

@@ -114,6 +114,20 @@ impl Envd {
         self.connect(Credential::access_token(TOKEN)).unwrap()
     }
 
+    fn fd_targets(&self) -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| {
+                d.flatten()
+                    .map(|f| {
+                        std::fs::read_link(f.path())
+                            .map(|t| t.display().to_string())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
@@ -599,7 +613,7 @@ fn signal(
 fn signals_and_timeouts() {
     let e = Envd::start();
     let c = e.init();
-    let (pid, mut s) = start(&c, sh("echo up; sleep 100")).unwrap();
+    let (pid, mut s) = start(&c, sh("echo up; exec sleep 100")).unwrap();
     assert!(matches!(
         next_event(&mut s).unwrap(),
         Some(pb::process_event::Event::Output(_))
@@ -645,7 +659,7 @@ fn signals_and_timeouts() {
 fn reconnect_replays_recent_output() {
     let e = Envd::start();
     let c = e.init();
-    let mut cfg = sh("echo hello; echo world >&2; sleep 100");
+    let mut cfg = sh("echo hello; echo world >&2; exec sleep 100");
     cfg.tag = "svc".into();
     let (pid, mut s) = start(&c, cfg.clone()).unwrap();
     let mut got = 0;
@@ -1274,7 +1288,8 @@ fn vanishing_clients_leak_nothing() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(20),
-            "leaked: fds {fds} (baseline {baseline}), children {kids:?}, temp files {}",
+            "leaked: fds {fds} (baseline {baseline}): {:?}, children {kids:?}, temp files {}",
+            e.fd_targets(),
             temps.len()
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -1517,4 +1532,43 @@ fn cgroup2_mount() -> Option<PathBuf> {
         }
         left.split(' ').nth(4).map(PathBuf::from)
     })
+}
+
+#[test]
+fn shutdown_kills_leftovers_and_removes_its_cgroup() {
+    let mut e = Envd::start();
+    let c = e.init();
+    // The shell exits at once; its background sleep outlives it, unknown to the table.
+    let (_, mut s) = start(&c, sh("sleep 100 & echo $!")).unwrap();
+    let o = drain(&mut s);
+    let orphan: i32 = String::from_utf8(o.stdout).unwrap().trim().parse().unwrap();
+    let cgroup = cgroup2_mount().map(|m| m.join(format!("envd-{}", e.pid())));
+    let has_cgroup = cgroup.as_ref().is_some_and(|c| c.exists());
+    // SAFETY: signalling the envd this test started.
+    unsafe {
+        libc::kill(e.pid() as i32, libc::SIGTERM);
+    }
+    let status = e.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    if !has_cgroup {
+        // Without a cgroup envd cannot find processes it did not start.
+        // SAFETY: killing the orphan this test made.
+        unsafe {
+            libc::kill(orphan, libc::SIGKILL);
+        }
+        return skip("cgroup2 not writable: leftover processes are not tracked");
+    }
+    let t0 = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "orphan survived envd: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!cgroup.unwrap().exists(), "envd left its cgroup behind");
 }
