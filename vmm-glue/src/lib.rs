@@ -24,3 +24,4 @@ pub mod net;
 pub mod process;
 pub mod request;
 mod sys;
+pub mod vsock;

@@ -7,3 +7,4 @@ mod disk;
 mod firecracker;
 mod net;
 mod schema;
+mod vsock;
