@@ -3,6 +3,7 @@
 //! for real where it is available.
 
 mod api;
+mod boot;
 mod disk;
 mod firecracker;
 mod net;

@@ -1,0 +1,249 @@
+//! The full path on a real guest: boot, envd's readiness over vsock, exec `echo hi`, pause,
+//! Full snapshot, restore into a second sandbox (its own disk copy at the stable path, File
+//! backend, vsock override), exec again.
+//!
+//! Needs root, /dev/kvm, `WRENN_FIRECRACKER`, `WRENN_KERNEL` and `WRENN_ROOTFS` (an image with
+//! envd as /sbin/init); else `skipped`. Optional: `WRENN_BOOT_ARGS` (extra kernel arguments,
+//! e.g. the nested-hypervisor workarounds of test hosts), `WRENN_BOOT_CONSOLE=1` (serial
+//! console into the Firecracker log), `WRENN_BOOT_TIMEOUT_S` (default 900: a guest kernel
+//! takes 4–6 minutes to reach userspace under the nested hypervisor of test hosts).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use proto::gen::wrenn::envd::v1::{
+    init_methods, process_event, process_exited, process_methods, InitRequest, InitResponse,
+    ProcessConfig, ProcessEvent, ReadyRequest, StartRequest,
+};
+use proto::rpc::{CallOpts, Client, Credential};
+use vmm_glue::disk::clone_disk;
+use vmm_glue::process::{SpawnConfig, VmProcess, STABLE_DISK_PATH};
+use vmm_glue::request::{
+    Action, BootSource, Drive, MachineConfig, MemBackend, SnapshotCreate, SnapshotLoad,
+    SnapshotType, VmState, Vsock,
+};
+use vmm_glue::vsock::{self, ReadinessListener, ENVD_PORT};
+
+use crate::firecracker::{firecracker, skip, TempDir};
+
+const TOKEN: &str = "boot-test-token";
+
+fn guest_inputs() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let fc = firecracker()?;
+    let kernel = std::env::var_os("WRENN_KERNEL").map(PathBuf::from);
+    let rootfs = std::env::var_os("WRENN_ROOTFS").map(PathBuf::from);
+    match (kernel, rootfs) {
+        (Some(k), Some(r)) if k.is_file() && r.is_file() => Some((fc, k, r)),
+        (Some(_), Some(_)) => skip("WRENN_KERNEL or WRENN_ROOTFS is not a file"),
+        _ => skip("WRENN_KERNEL/WRENN_ROOTFS not set"),
+    }
+}
+
+fn spawn(fc: &Path, id: &str, dir: &Path, disk: &Path, vsock: &Path) -> VmProcess {
+    let mut cfg = SpawnConfig::new(fc, id, dir);
+    cfg.disk = Some(disk.to_owned());
+    cfg.cleanup = vec![
+        vsock.to_owned(),
+        vsock::listener_path(vsock, vsock::READINESS_PORT),
+    ];
+    let mut vm = VmProcess::spawn(&cfg).expect("spawn firecracker");
+    vm.wait_api_socket(Duration::from_secs(10))
+        .expect("api socket");
+    vm
+}
+
+fn wait_ready(rx: &Receiver<ReadyRequest>, timeout: Duration, vm: &mut VmProcess) -> ReadyRequest {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(r) => return r,
+            Err(_) if Instant::now() >= deadline => panic!(
+                "no readiness within {timeout:?}; log ends: {}",
+                tail(vm.log_path())
+            ),
+            Err(_) => {
+                if let Some(e) = vm.try_wait().unwrap() {
+                    panic!(
+                        "firecracker exited {e:?}; log ends: {}",
+                        tail(vm.log_path())
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let t = fs::read(p).unwrap_or_default();
+    String::from_utf8_lossy(&t[t.len().saturating_sub(2000)..]).into_owned()
+}
+
+/// Connects to envd (retrying: right after a restore the guest takes a moment).
+fn envd(uds: &Path, cred: &Credential, timeout: Duration) -> Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match vsock::connect_rpc(uds, ENVD_PORT, cred.clone(), Duration::from_secs(10)) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                println!("envd not reachable yet: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("connect to envd: {e}"),
+        }
+    }
+}
+
+/// Runs `echo hi` and returns its stdout (retrying once: guest processes on test hosts now
+/// and then die on their first steps).
+fn echo_hi(c: &Client) -> String {
+    for attempt in 0..3 {
+        let req = StartRequest {
+            process: Some(ProcessConfig {
+                cmd: "/bin/echo".into(),
+                args: vec!["hi".into()],
+                ..Default::default()
+            }),
+        };
+        let mut s = c
+            .call(
+                process_methods::START,
+                &req,
+                CallOpts {
+                    timeout: Some(Duration::from_secs(120)),
+                    end_stream: true,
+                },
+            )
+            .expect("Process/Start");
+        let mut out = Vec::new();
+        let mut exit = None;
+        while let Some(ev) = s.recv::<ProcessEvent>().expect("process events") {
+            match ev.event {
+                Some(process_event::Event::Output(o)) => out.extend_from_slice(&o.data),
+                Some(process_event::Event::Exited(e)) => exit = e.status,
+                _ => {}
+            }
+        }
+        if exit == Some(process_exited::Status::ExitCode(0)) {
+            return String::from_utf8_lossy(&out).into_owned();
+        }
+        println!("echo attempt {attempt} ended {exit:?}");
+    }
+    panic!("echo hi never succeeded");
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+#[test]
+fn boot_snapshot_restore() {
+    let Some((fc, kernel, rootfs)) = guest_inputs() else {
+        return;
+    };
+    let boot_timeout = Duration::from_secs(
+        std::env::var("WRENN_BOOT_TIMEOUT_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(900),
+    );
+    let d1 = TempDir::new("boot1");
+    let disk1 = d1.0.join("rootfs.ext4");
+    let method = clone_disk(&rootfs, &disk1).expect("clone rootfs");
+    println!("disk: {method:?}");
+    let uds1 = d1.0.join("v.sock");
+    let (ready1, rx1) = ReadinessListener::with_channel(&uds1).expect("readiness listener");
+    let mut vm1 = spawn(&fc, "boot-1", &d1.0, &disk1, &uds1);
+    let mut api = vm1.api_client();
+    api.call(&MachineConfig::new(1, 256))
+        .expect("machine-config");
+    let mut boot = BootSource::new(&kernel);
+    boot.console = std::env::var("WRENN_BOOT_CONSOLE").as_deref() == Ok("1");
+    if let Ok(extra) = std::env::var("WRENN_BOOT_ARGS") {
+        boot = boot.arg(&extra);
+    }
+    println!("boot args: {}", boot.boot_args().unwrap());
+    api.call(&boot).expect("boot-source");
+    api.call(&Drive::root("rootfs", STABLE_DISK_PATH))
+        .expect("drive");
+    api.call(&Vsock {
+        guest_cid: 3,
+        uds_path: uds1.clone(),
+    })
+    .expect("vsock");
+    let t0 = Instant::now();
+    api.call(&Action::InstanceStart).expect("InstanceStart");
+    let ready = wait_ready(&rx1, boot_timeout, &mut vm1);
+    println!("ready after {:?}: {ready:?}", t0.elapsed());
+    assert!(!ready.resumed);
+    assert_eq!(ready.api_port, ENVD_PORT);
+
+    // Init over vsock (no credential before the first Init), then exec with the token.
+    let c = envd(&uds1, &Credential::none(), Duration::from_secs(60));
+    let init: InitResponse = c
+        .unary(
+            init_methods::INIT,
+            &InitRequest {
+                sandbox_id: "sb-00000000-0000-0000-0000-000000000001".into(),
+                access_token: TOKEN.into(),
+                wall_time_unix_ns: now_ns(),
+                ..Default::default()
+            },
+            Some(Duration::from_secs(60)),
+        )
+        .expect("Init");
+    println!("init: {init:?}");
+    c.close();
+    let c = envd(
+        &uds1,
+        &Credential::access_token(TOKEN),
+        Duration::from_secs(60),
+    );
+    assert_eq!(echo_hi(&c), "hi\n");
+    c.close();
+
+    // Pause, Full snapshot, and a copy of the disk as it is at the snapshot.
+    api.call(&VmState::Paused).expect("pause");
+    let snap = d1.0.join("snap");
+    fs::create_dir(&snap).unwrap();
+    let t = Instant::now();
+    api.call(&SnapshotCreate {
+        snapshot_type: SnapshotType::Full,
+        snapshot_path: snap.join("state"),
+        mem_file_path: snap.join("mem"),
+    })
+    .expect("snapshot/create");
+    println!("Full snapshot took {:?}", t.elapsed());
+    let d2 = TempDir::new("boot2");
+    let disk2 = d2.0.join("rootfs.ext4");
+    clone_disk(&disk1, &disk2).expect("copy the paused disk");
+    vm1.kill().expect("kill the first vm");
+    drop(ready1);
+
+    // Restore into a second sandbox: its own disk at the same stable path, a new vsock path.
+    let uds2 = d2.0.join("v.sock");
+    let (_ready2, _rx2) = ReadinessListener::with_channel(&uds2).expect("readiness listener 2");
+    let vm2 = spawn(&fc, "boot-2", &d2.0, &disk2, &uds2);
+    let mut api2 = vm2.api_client();
+    let mut load = SnapshotLoad::new(snap.join("state"), MemBackend::File(snap.join("mem")));
+    load.resume_vm = true;
+    load.vsock_override = Some(uds2.clone());
+    let t = Instant::now();
+    api2.call(&load).expect("snapshot/load");
+    println!("snapshot/load + resume took {:?}", t.elapsed());
+    assert_eq!(api2.describe_instance().unwrap().state, "Running");
+    let t = Instant::now();
+    let c = envd(
+        &uds2,
+        &Credential::access_token(TOKEN),
+        Duration::from_secs(120),
+    );
+    println!("envd reachable {:?} after restore", t.elapsed());
+    assert_eq!(echo_hi(&c), "hi\n");
+    c.close();
+    vm2.kill().expect("kill the restored vm");
+}
