@@ -1572,3 +1572,107 @@ fn shutdown_kills_leftovers_and_removes_its_cgroup() {
     }
     assert!(!cgroup.unwrap().exists(), "envd left its cgroup behind");
 }
+
+// ---- measurements (opt-in: `cargo test --release -p envd --test it -- --ignored`) ----
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Exec round trip of `true` through envd vs spawn+wait of the same command (goal ≤ 1.3).
+#[test]
+#[ignore]
+fn measure_exec_round_trip() {
+    let e = Envd::start();
+    let c = e.init();
+    let n = 300;
+    let mut via = Vec::with_capacity(n);
+    let mut direct = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let (_, mut s) = start(
+            &c,
+            pb::ProcessConfig {
+                cmd: "/bin/true".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(exit_code(&drain(&mut s)), Some(0));
+        via.push(t.elapsed());
+        let t = Instant::now();
+        assert!(Command::new("/bin/true").status().unwrap().success());
+        direct.push(t.elapsed());
+    }
+    let (v50, v99) = (percentile(&mut via, 0.5), percentile(&mut via, 0.99));
+    let (d50, d99) = (percentile(&mut direct, 0.5), percentile(&mut direct, 0.99));
+    println!(
+        "envd_exec p50={v50:?} p99={v99:?} direct p50={d50:?} p99={d99:?} ratio_p50={:.2}",
+        v50.as_secs_f64() / d50.as_secs_f64()
+    );
+}
+
+/// 1 GiB written and read through envd vs a local copy of the same file (goal ≥ 0.7).
+#[test]
+#[ignore]
+fn measure_file_throughput() {
+    let e = Envd::start();
+    let c = e.init();
+    let len: usize = 1 << 30;
+    let path = e.dir.join("f");
+    let chunk = vec![7u8; 64 * 1024];
+    let t = Instant::now();
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WRITE,
+            &pb::WriteRequest {
+                msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                    path: path.to_str().unwrap().into(),
+                    atomic: true,
+                    ..Default::default()
+                })),
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    let data = Bytes::from(chunk);
+    for _ in 0..len / data.len() {
+        s.send(&pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Data(data.clone())),
+        })
+        .unwrap();
+    }
+    s.close_send().unwrap();
+    let _: pb::WriteResponse = s.recv().unwrap().unwrap();
+    let write = t.elapsed();
+    let t = Instant::now();
+    let mut r = c
+        .call(
+            pb::filesystem_methods::READ,
+            &pb::ReadRequest {
+                path: path.to_str().unwrap().into(),
+                ..Default::default()
+            },
+            stream_opts(),
+        )
+        .unwrap();
+    let mut total = 0;
+    while let Some(m) = r.recv::<pb::ReadResponse>().unwrap() {
+        total += m.data.len();
+    }
+    assert_eq!(total, len);
+    let read = t.elapsed();
+    let t = Instant::now();
+    std::fs::copy(&path, e.dir.join("copy")).unwrap();
+    let copy = t.elapsed();
+    let mib = (len >> 20) as f64;
+    println!(
+        "envd_file write={:.0} MiB/s read={:.0} MiB/s local copy={:.0} MiB/s ratio write={:.2} read={:.2}",
+        mib / write.as_secs_f64(),
+        mib / read.as_secs_f64(),
+        mib / copy.as_secs_f64(),
+        copy.as_secs_f64() / write.as_secs_f64(),
+        copy.as_secs_f64() / read.as_secs_f64()
+    );
+}
