@@ -230,8 +230,12 @@ fn apply(api: &Api, host: Uuid, a: &Action) -> Result<(), Status> {
                 r?;
             }
             api.db().tx(move |tx| {
+                let team: Option<Uuid> = tx
+                    .query_opt("SELECT team_id FROM sandboxes WHERE id = $1", &[&id])
+                    .map_err(pg_err)?
+                    .map(|r| r.get(0));
                 audit_write(tx, audit_entry(
-                    None,
+                    team,
                     &Actor::System,
                     "sandbox",
                     id::format(Kind::Sandbox, id),

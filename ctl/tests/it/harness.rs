@@ -106,6 +106,11 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    /// Starts a stopped cluster again.
+    pub fn start_again(&self) -> Result<(), String> {
+        self.pg_ctl_start()
+    }
+
     pub fn url(&self, db: &str) -> String {
         format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
     }
