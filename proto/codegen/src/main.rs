@@ -75,12 +75,13 @@ fn proto_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn generate(schema: &Path, out_dir: &Path) -> Result<String, String> {
+fn generate(schema: &Path, out_dir: &Path) -> Result<(String, String), String> {
     let mut files = Vec::new();
     proto_files(schema, &mut files).map_err(|e| format!("read {}: {e}", schema.display()))?;
     files.sort();
     let fds = protox::compile(&files, [schema]).map_err(|e| format!("compile schema: {e}"))?;
-    let json_text = json::generate(fds.clone())?;
+    let json_text = json::generate(fds.clone(), json::Target::Gateway)?;
+    let cli_text = json::generate(fds.clone(), json::Target::Cli)?;
     let mut packages: Vec<String> = fds.file.iter().filter_map(|f| f.package.clone()).collect();
     packages.sort();
     packages.dedup();
@@ -103,7 +104,7 @@ fn generate(schema: &Path, out_dir: &Path) -> Result<String, String> {
     );
     write_tree(&mut m, &tree, &[], 0);
     std::fs::write(out_dir.join("mod.rs"), m).map_err(|e| format!("write mod.rs: {e}"))?;
-    Ok(json_text)
+    Ok((json_text, cli_text))
 }
 
 fn write_tree(
@@ -137,6 +138,7 @@ fn main() -> ExitCode {
     let schema = root.join("schema");
     let gen = root.join("src/gen");
     let json_path = root.join("../ctl/src/http/gen_json.rs");
+    let cli_path = root.join("../ctl/wrenn/src/cli/gen_json.rs");
     let target = if check {
         let tmp = std::env::temp_dir().join(format!("wrenn-codegen-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -153,7 +155,7 @@ fn main() -> ExitCode {
         }
         gen.clone()
     };
-    let json_text = match generate(&schema, &target) {
+    let (json_text, cli_text) = match generate(&schema, &target) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
@@ -161,18 +163,23 @@ fn main() -> ExitCode {
         }
     };
     if !check {
-        if let Err(e) = std::fs::write(&json_path, &json_text) {
-            eprintln!("error: write {}: {e}", json_path.display());
-            return ExitCode::FAILURE;
+        for (path, text) in [(&json_path, &json_text), (&cli_path, &cli_text)] {
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("error: write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
         }
-        println!("generated {} and {}", gen.display(), json_path.display());
+        println!("generated {}, {} and {}", gen.display(), json_path.display(), cli_path.display());
         return ExitCode::SUCCESS;
     }
-    let stale = compare(&target, &gen).and_then(|()| match std::fs::read_to_string(&json_path) {
-        Ok(t) if t == json_text => Ok(()),
-        Ok(_) => Err(format!("{} differs", json_path.display())),
-        Err(e) => Err(format!("read {}: {e}", json_path.display())),
-    });
+    let same = |path: &Path, text: &str| match std::fs::read_to_string(path) {
+        Ok(t) if t == text => Ok(()),
+        Ok(_) => Err(format!("{} differs", path.display())),
+        Err(e) => Err(format!("read {}: {e}", path.display())),
+    };
+    let stale = compare(&target, &gen)
+        .and_then(|()| same(&json_path, &json_text))
+        .and_then(|()| same(&cli_path, &cli_text));
     let _ = std::fs::remove_dir_all(&target);
     match stale {
         Ok(()) => {

@@ -1,0 +1,257 @@
+//! The table of API subcommands: their flags, arguments and help. `mod.rs` runs them.
+
+use super::args::{Arg, Command, Flag};
+
+const fn arg(name: &'static str, help: &'static str) -> Arg {
+    Arg {
+        name,
+        required: true,
+        help,
+    }
+}
+const fn opt(name: &'static str, help: &'static str) -> Arg {
+    Arg {
+        name,
+        required: false,
+        help,
+    }
+}
+const fn val(name: &'static str, value: &'static str, help: &'static str) -> Flag {
+    Flag {
+        name,
+        value: Some(value),
+        repeat: false,
+        help,
+    }
+}
+const fn rep(name: &'static str, value: &'static str, help: &'static str) -> Flag {
+    Flag {
+        name,
+        value: Some(value),
+        repeat: true,
+        help,
+    }
+}
+const fn on(name: &'static str, help: &'static str) -> Flag {
+    Flag {
+        name,
+        value: None,
+        repeat: false,
+        help,
+    }
+}
+
+const SB: Arg = arg("SANDBOX", "sandbox id (sb-...)");
+const PAGE: [Flag; 2] = [
+    val(
+        "page-size",
+        "N",
+        "entries per page (default 100, at most 1000)",
+    ),
+    val(
+        "page-token",
+        "TOKEN",
+        "the next_page_token of the previous page",
+    ),
+];
+const PROC: [Flag; 2] = [
+    val("pid", "PID", "the process, by pid"),
+    val("tag", "TAG", "the process, by tag"),
+];
+
+macro_rules! cmd {
+    ($path:expr, $about:expr, [$($a:expr),*], [$($f:expr),*]) => {
+        Command { path: $path, about: $about, args: &[$($a),*], flags: &[$($f),*], rest: None }
+    };
+}
+
+pub static COMMANDS: &[Command] = &[
+    cmd!("sandbox create", "Create a sandbox from a template and print it (waits until it runs unless --no-wait).", [], [
+        val("template", "NAME|ID", "template (default: minimal)"),
+        val("vcpus", "N", "vCPUs (default: the template's)"),
+        val("memory", "MIB", "guest memory in MiB (default: the template's)"),
+        val("disk", "MIB", "root disk in MiB (default: the template's)"),
+        val("timeout", "SECONDS", "seconds until the timeout policy applies (default 300)"),
+        val("on-timeout", "pause|destroy", "what happens at expiry (default destroy)"),
+        rep("meta", "KEY=VALUE", "metadata label"),
+        rep("env", "KEY=VALUE", "environment variable for every process"),
+        on("no-wait", "answer at once (state pending/starting)")]),
+    cmd!("sandbox list", "List the team's sandboxes, newest first.", [], [
+        rep("state", "STATE", "only this state (running, paused, stopped, ...)"),
+        val("template", "ID", "only sandboxes from this template (tpl-...)"),
+        rep("meta", "KEY=VALUE", "only sandboxes with this label"),
+        PAGE[0], PAGE[1]]),
+    cmd!("sandbox get", "Show one sandbox.", [SB], []),
+    cmd!("sandbox rm", "Destroy a sandbox.", [SB], []),
+    cmd!("sandbox pause", "Pause a running sandbox.", [SB], []),
+    cmd!("sandbox resume", "Resume a paused sandbox.", [SB], [val("timeout", "SECONDS", "new timeout (default: keep)")]),
+    cmd!("sandbox ping", "Keep a sandbox alive: its expiry becomes now + its timeout.", [SB], []),
+    cmd!("sandbox set-timeout", "Change a sandbox's timeout (and policy).", [SB, arg("SECONDS", "new timeout")], [
+        val("on-timeout", "pause|destroy", "new policy (default: keep)")]),
+    Command {
+        path: "sandbox exec",
+        about: "Run a command in a sandbox, streaming its output live; exits with the command's exit code (128+N when killed by signal N).",
+        args: &[SB],
+        flags: &[
+            rep("env", "KEY=VALUE", "environment variable"),
+            val("cwd", "DIR", "working directory"),
+            val("user", "USER", "user to run as"),
+            val("tag", "TAG", "name for the process (reconnect with process connect --tag)"),
+            val("timeout-ms", "MS", "kill the process group after this long"),
+            on("stdin", "forward this terminal's stdin to the process"),
+            on("background", "start it and print its pid at once")],
+        rest: Some("CMD [ARGS...]"),
+    },
+    cmd!("process list", "List running processes started through the API.", [SB], []),
+    cmd!("process connect", "Reattach to a process: replay of recent output, then live output.", [SB], [
+        PROC[0], PROC[1], on("skip-replay", "only output produced from now on")]),
+    cmd!("process kill", "Send a signal to a process.", [SB], [
+        PROC[0], PROC[1],
+        val("signal", "NAME|N", "signal (default TERM)"),
+        on("group", "signal the whole process group")]),
+    cmd!("process input", "Write DATA (or this program's stdin) to a process's stdin.", [SB, opt("DATA", "bytes to write (default: read stdin)")], [
+        PROC[0], PROC[1], on("close", "close its stdin afterwards")]),
+    cmd!("process close-stdin", "Close a process's stdin.", [SB], [PROC[0], PROC[1]]),
+    cmd!("process resize", "Resize a process's PTY.", [SB], [
+        PROC[0], PROC[1], val("rows", "N", "rows"), val("cols", "N", "columns")]),
+    cmd!("file put", "Upload a local file (- = stdin) to a path in the sandbox, any size.", [SB, arg("LOCAL", "local file or -"), arg("REMOTE", "path in the sandbox")], [
+        val("mode", "OCTAL", "permission bits, e.g. 644"),
+        val("user", "USER", "user who writes (and owns) it"),
+        on("atomic", "write a temp file and rename it over the target"),
+        on("parents", "create missing parent directories"),
+        on("progress", "show progress on stderr even when it is not a terminal")]),
+    cmd!("file get", "Download a file from the sandbox to a local path (- = stdout), any size.", [SB, arg("REMOTE", "path in the sandbox"), arg("LOCAL", "local file or -")], [
+        val("offset", "BYTES", "first byte"),
+        val("length", "BYTES", "bytes to read (default: to the end)"),
+        val("user", "USER", "user whose permissions apply"),
+        on("progress", "show progress on stderr even when it is not a terminal")]),
+    cmd!("file ls", "List a directory.", [SB, arg("PATH", "directory")], [
+        val("depth", "N", "levels to descend (default 1)"), val("user", "USER", "user whose permissions apply")]),
+    cmd!("file stat", "Show a path's metadata.", [SB, arg("PATH", "path")], [
+        on("follow", "describe a symlink's target"), val("user", "USER", "user whose permissions apply")]),
+    cmd!("file mkdir", "Create a directory and its parents.", [SB, arg("PATH", "directory")], [
+        val("mode", "OCTAL", "permission bits"), val("user", "USER", "user who creates it")]),
+    cmd!("file mv", "Rename a file or directory.", [SB, arg("SOURCE", "existing path"), arg("DEST", "new path")], [
+        on("overwrite", "replace an existing destination"), val("user", "USER", "user whose permissions apply")]),
+    cmd!("file rm", "Remove a file or directory.", [SB, arg("PATH", "path")], [
+        on("recursive", "remove a directory and everything under it"),
+        on("force", "a missing path is not an error"),
+        val("user", "USER", "user whose permissions apply")]),
+    cmd!("template create", "Snapshot a sandbox into a template (the sandbox ends paused).", [SB, arg("NAME", "template name, unique in the team")], [
+        on("platform", "publish as a platform template (platform admin)")]),
+    cmd!("template list", "List the team's and the platform's templates.", [], [
+        on("team-only", "leave out platform templates"), PAGE[0], PAGE[1]]),
+    cmd!("template get", "Show a template.", [arg("TEMPLATE", "id (tpl-...) or name")], []),
+    cmd!("template rm", "Delete a template.", [arg("TEMPLATE", "id (tpl-...)")], []),
+    cmd!("key create", "Create an API key; its secret is printed once.", [arg("NAME", "display name")], [
+        on("admin", "a platform-admin key (platform admin)")]),
+    cmd!("key list", "List the team's API keys.", [], [PAGE[0], PAGE[1]]),
+    cmd!("key revoke", "Revoke an API key.", [arg("KEY", "key id (key-...)")], []),
+    cmd!("team get", "Show a team (default: the caller's).", [opt("TEAM", "team id (team-...)")], []),
+    cmd!("team members", "List a team's members (default: the caller's team).", [opt("TEAM", "team id")], [PAGE[0], PAGE[1]]),
+    cmd!("team add-member", "Add an existing user to a team.", [arg("USER", "user id (usr-...)")], [
+        val("team", "TEAM", "team id (default: the caller's)"), val("role", "owner|admin|member", "role (default member)")]),
+    cmd!("team remove-member", "Remove a user from a team.", [arg("USER", "user id (usr-...)")], [
+        val("team", "TEAM", "team id (default: the caller's)")]),
+    cmd!("user create", "Create a user in the caller's team.", [arg("EMAIL", "unique email address")], [
+        val("name", "NAME", "display name"), val("role", "owner|admin|member", "role (default member)")]),
+    cmd!("user list", "List users of the caller's team.", [], [PAGE[0], PAGE[1]]),
+    cmd!("user get", "Show a user.", [arg("USER", "user id (usr-...)")], []),
+    cmd!("host token", "Make a one-time host registration token (platform admin).", [], [
+        val("ttl", "SECONDS", "validity (default 3600)")]),
+    cmd!("host list", "List hosts (platform admin).", [], [
+        rep("status", "STATUS", "only this status (online, unreachable, draining)"), PAGE[0], PAGE[1]]),
+    cmd!("host get", "Show a host (platform admin).", [arg("HOST", "host id (host-...)")], []),
+    cmd!("host drain", "Stop placing sandboxes on a host; lists what remains (platform admin).", [arg("HOST", "host id")], []),
+    cmd!("host rm", "Forget a host (platform admin).", [arg("HOST", "host id")], []),
+    cmd!("audit list", "List audit entries, newest first.", [], [
+        val("actor", "ID", "who acted (key-..., usr-..., host-...)"),
+        val("resource-type", "TYPE", "sandbox, template, team, user, api_key, host"),
+        val("resource", "ID", "the resource's id"),
+        val("action", "ACTION", "e.g. sandbox.create"),
+        val("since", "UNIX_NS", "entries at or after this time"),
+        val("until", "UNIX_NS", "entries before this time"),
+        PAGE[0], PAGE[1]]),
+];
+
+/// Finds the command named by the first two words of `argv`.
+pub fn lookup(group: &str, verb: &str) -> Option<&'static Command> {
+    COMMANDS
+        .iter()
+        .find(|c| c.path.split_once(' ') == Some((group, verb)))
+}
+
+/// The command groups, in order.
+pub fn groups() -> Vec<&'static str> {
+    let mut g: Vec<&str> = COMMANDS
+        .iter()
+        .filter_map(|c| c.path.split(' ').next())
+        .collect();
+    g.dedup();
+    g
+}
+
+/// `wrenn <group> --help`.
+pub fn group_usage(group: &str) -> String {
+    let mut s = format!("usage: wrenn {group} <command> [flags]\n\ncommands:\n");
+    for c in COMMANDS
+        .iter()
+        .filter(|c| c.path.starts_with(&format!("{group} ")))
+    {
+        let verb = c.path.split_once(' ').map(|x| x.1).unwrap_or("");
+        let first = c
+            .about
+            .split(". ")
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('.');
+        s.push_str(&format!("  {verb:<16} {first}\n"));
+    }
+    s.push_str(&format!(
+        "\nwrenn {group} <command> --help shows a command's flags.\n"
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_consistent() {
+        let mut seen = std::collections::HashSet::new();
+        for c in COMMANDS {
+            assert!(seen.insert(c.path), "duplicate {}", c.path);
+            let mut names = std::collections::HashSet::new();
+            for f in c.flags.iter().chain(super::super::args::GLOBAL) {
+                assert!(
+                    names.insert(f.name),
+                    "{}: duplicate flag {}",
+                    c.path,
+                    f.name
+                );
+            }
+            // Optional positionals only at the end.
+            let first_opt = c
+                .args
+                .iter()
+                .position(|a| !a.required)
+                .unwrap_or(c.args.len());
+            assert!(
+                c.args[first_opt..].iter().all(|a| !a.required),
+                "{}",
+                c.path
+            );
+            assert!(lookup(
+                c.path.split(' ').next().unwrap(),
+                c.path.split(' ').nth(1).unwrap()
+            )
+            .is_some());
+        }
+        assert_eq!(
+            groups(),
+            ["sandbox", "process", "file", "template", "key", "team", "user", "host", "audit"]
+        );
+        assert!(group_usage("file").contains("  put "));
+    }
+}
