@@ -1,5 +1,7 @@
 //! Start-up and shutdown of the envd process: what `main` runs once flags are parsed.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

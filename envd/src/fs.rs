@@ -805,7 +805,7 @@ mod tests {
     fn nobody() -> Option<User> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            println!("skipped: not root, cannot act as nobody");
+            crate::testing::skip("not root, cannot act as nobody");
             return None;
         }
         Some(Db::load(Path::new("/")).unwrap().user("nobody").unwrap())

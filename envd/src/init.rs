@@ -301,7 +301,7 @@ mod tests {
     fn mounts_a_tmpfs_under_a_root() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            println!("skipped: mounting needs root");
+            crate::testing::skip("mounting needs root");
             return;
         }
         let root = std::env::temp_dir().join(format!("envd-init-{}", std::process::id()));

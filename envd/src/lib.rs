@@ -26,3 +26,15 @@ pub mod reaper;
 pub mod service;
 pub mod vsock;
 pub mod watch;
+
+/// Test support shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Reports a test part that cannot run here; with WRENN_REQUIRE_E2E=1 it fails instead.
+    pub fn skip(reason: &str) {
+        if std::env::var("WRENN_REQUIRE_E2E").as_deref() == Ok("1") {
+            panic!("WRENN_REQUIRE_E2E=1 but {reason}");
+        }
+        println!("skipped: {reason}");
+    }
+}

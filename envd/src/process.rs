@@ -1302,7 +1302,7 @@ mod tests {
     fn runs_as_another_user_in_its_cwd() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            println!("skipped: not root, cannot switch users");
+            crate::testing::skip("not root, cannot switch users");
             return;
         }
         let t = table();
@@ -1343,7 +1343,7 @@ mod tests {
         let cg = match Cgroup::create(&name) {
             Ok(c) => c,
             Err(e) => {
-                println!("skipped: cgroup2 not writable: {e}");
+                crate::testing::skip(&format!("cgroup2 not writable: {e}"));
                 return;
             }
         };

@@ -16,6 +16,8 @@
 //! (`Call::spawn`). File operations switch the worker thread's filesystem identity for their
 //! duration (see [`crate::fs`]).
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{Read, Write};

@@ -137,7 +137,7 @@ mod tests {
         match listen(0) {
             Ok(fd) => assert!(fd.as_raw_fd() >= 0),
             // Hosts without the vsock transport modules: EAFNOSUPPORT/ENODEV.
-            Err(e) => println!("skipped: no AF_VSOCK here: {e}"),
+            Err(e) => crate::testing::skip(&format!("no AF_VSOCK here: {e}")),
         }
         // Nothing listens on the host's readiness port in a test; connecting fails cleanly.
         let r = connect(CID_HOST, READY_PORT, Duration::from_millis(200));
