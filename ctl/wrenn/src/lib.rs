@@ -2,6 +2,8 @@
 //!
 //! `image`: builds guest kernels and root filesystem images (`wrenn image kernel|rootfs`).
 //! `doctor`: host checks (`wrenn doctor`).
+//! `cli`: the API client (`wrenn sandbox|process|file|template|key|team|user|host|audit ...`).
 
+pub mod cli;
 pub mod doctor;
 pub mod image;

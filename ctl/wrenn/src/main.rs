@@ -12,16 +12,23 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("image") => wrenn::image::run(&args[1..]),
+        // The API client: `wrenn sandbox|process|file|template|key|team|user|host|audit ...`.
+        Some(group) if wrenn::cli::is_group(group) => {
+            return ExitCode::from(wrenn::cli::run(&args))
+        }
         Some("-h" | "--help" | "help") => {
-            print!("{USAGE}");
+            print!("{USAGE}{}", wrenn::cli::groups_usage());
             return ExitCode::SUCCESS;
         }
         Some(other) => {
-            eprint!("wrenn: unknown command {other:?}\n{USAGE}");
+            eprint!(
+                "wrenn: unknown command {other:?}\n{USAGE}{}",
+                wrenn::cli::groups_usage()
+            );
             return ExitCode::from(2);
         }
         None => {
-            eprint!("{USAGE}");
+            eprint!("{USAGE}{}", wrenn::cli::groups_usage());
             return ExitCode::from(2);
         }
     };
