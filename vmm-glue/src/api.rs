@@ -537,6 +537,22 @@ fn parse_instance_info(body: &[u8]) -> Result<InstanceInfo, String> {
     })
 }
 
+/// Fuzz target body (`fuzz/fuzz_targets/api_response.rs`): a response as it arrives from the
+/// socket goes through the head parser, and the body through the fault and `GET /` parsers.
+pub fn fuzz_response(data: &[u8]) {
+    if let Ok(Some((status, head_len, body_len, _close))) = parse_head(data) {
+        assert!(head_len <= data.len());
+        assert!((100..1000).contains(&status));
+        if matches!(status, 204 | 304 | 100..=199) {
+            assert_eq!(body_len, 0);
+        }
+        let rest = &data[head_len..];
+        let msg = fault_message(rest);
+        assert!(msg.len() <= API_FAULT_MESSAGE_LEN_MAX + 3);
+        let _ = parse_instance_info(rest);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -351,6 +351,13 @@ impl Drop for ReadinessListener {
     }
 }
 
+/// Fuzz target body (`fuzz/fuzz_targets/vsock_reply.rs`): the reply to `CONNECT`.
+pub fn fuzz_reply(data: &[u8]) {
+    if parse_reply(data).is_some() {
+        assert!(data.starts_with(b"OK ") && data.ends_with(b"\n"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 mod api;
 mod boot;
+mod corpus;
 mod disk;
 mod firecracker;
 mod net;
