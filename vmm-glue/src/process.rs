@@ -80,6 +80,28 @@ pub struct SpawnConfig {
     pub extra_args: Vec<String>,
 }
 
+/// The Firecracker binary: `configured` (a flag or config file) if given, else
+/// `WRENN_FIRECRACKER`. It must be an existing file.
+pub fn firecracker_binary(configured: Option<&Path>) -> Result<PathBuf, ProcessError> {
+    let p = match configured {
+        Some(p) => p.to_owned(),
+        None => std::env::var_os("WRENN_FIRECRACKER")
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                ProcessError::InvalidConfig(
+                    "no firecracker binary configured and WRENN_FIRECRACKER not set".to_owned(),
+                )
+            })?,
+    };
+    if !p.is_file() {
+        return Err(ProcessError::InvalidConfig(format!(
+            "firecracker binary {} is not a file",
+            p.display()
+        )));
+    }
+    Ok(p)
+}
+
 impl SpawnConfig {
     pub fn new(firecracker: impl Into<PathBuf>, id: &str, dir: impl Into<PathBuf>) -> SpawnConfig {
         SpawnConfig {
@@ -702,6 +724,15 @@ mod tests {
         let me = std::process::id();
         assert!(proc_start_time(me).unwrap() > 0);
         assert!(!proc_cmdline(me).unwrap().is_empty());
+    }
+
+    #[test]
+    fn binary_lookup() {
+        assert!(firecracker_binary(Some(Path::new("/nonexistent/fc"))).is_err());
+        assert_eq!(
+            firecracker_binary(Some(Path::new("/proc/self/exe"))).unwrap(),
+            PathBuf::from("/proc/self/exe")
+        );
     }
 
     #[test]
