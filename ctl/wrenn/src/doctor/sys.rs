@@ -160,6 +160,15 @@ pub fn kill(pid: i32, signal: libc::c_int) -> io::Result<bool> {
     }
 }
 
+/// Detaches the mount at `path` (`umount2(MNT_DETACH)`).
+pub fn umount_detach(path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a NUL-terminated path; umount2 touches no other memory.
+    let ret = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    cvt(ret).map(|_| ())
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail and touches no memory.

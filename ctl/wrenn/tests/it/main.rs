@@ -6,7 +6,9 @@
 //! builds a kernel or runs debootstrap: those take minutes to hours.
 
 mod doctor;
+mod metrics;
 mod support;
+mod up;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
