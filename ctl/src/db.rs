@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -104,13 +105,15 @@ impl Db {
         assert!(cfg.workers > 0, "db workers must be > 0");
         let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_max);
         let rx = Arc::new(Mutex::new(rx));
+        let broken = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::with_capacity(cfg.workers);
         for i in 0..cfg.workers {
             let rx = Arc::clone(&rx);
+            let broken = Arc::clone(&broken);
             let pg = pg.clone();
             let h = std::thread::Builder::new()
                 .name(format!("ctl-db-{i}"))
-                .spawn(move || worker(pg, rx))
+                .spawn(move || worker(pg, rx, broken))
                 .map_err(|source| DbError::Spawn { source })?;
             workers.push(h);
         }
@@ -193,8 +196,12 @@ impl Db {
     }
 }
 
-fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>) {
+/// `broken` counts connection losses seen by any worker: a worker whose connection is older
+/// than the latest loss checks it (one round trip) before its next job, so after a
+/// PostgreSQL restart at most the job that discovered it fails, not one per worker.
+fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>, broken: Arc<AtomicU64>) {
     let mut client: Option<Client> = None;
+    let mut conn_gen = broken.load(Ordering::Acquire);
     let mut backoff = DB_BACKOFF_MIN;
     let mut next_attempt = Instant::now();
     // Connect eagerly so the first requests find a warm pool.
@@ -207,17 +214,28 @@ fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>) {
                 Err(_) => return, // queue closed: the pool was dropped
             }
         };
+        let gen = broken.load(Ordering::Acquire);
+        if gen != conn_gen {
+            if let Some(c) = client.as_mut() {
+                if c.is_valid(DB_CONNECT_TIMEOUT).is_err() {
+                    client = None;
+                }
+            }
+            conn_gen = gen;
+        }
         if client.as_ref().is_some_and(|c| c.is_closed()) {
             log::warn!("database connection lost; reconnecting");
             client = None;
         }
         if client.is_none() && Instant::now() >= next_attempt {
             try_connect(&pg, &mut client, &mut backoff, &mut next_attempt);
+            conn_gen = broken.load(Ordering::Acquire);
         }
         job(client.as_mut());
         if client.as_ref().is_some_and(|c| c.is_closed()) {
             client = None;
             next_attempt = Instant::now();
+            conn_gen = broken.fetch_add(1, Ordering::AcqRel) + 1;
         }
     }
 }
