@@ -7,14 +7,26 @@
 //! - [`vm`]: the VM layer the manager drives, as a trait;
 //! - [`metrics`]: counters and Prometheus text;
 //! - [`sys`]: pidfds, statvfs, random bytes;
+//! - [`rpc`]: the wrenn.agent.v1 server and the proxies to envd;
+//! - [`ctl`]: registration, heartbeats and reports to ctl (wrenn.host.v1);
+//! - [`firecracker`]: the VM layer on Firecracker;
+//! - [`host`], [`http`], [`flags`], [`daemon`]: host info, /health and /metrics, the
+//!   command line, start-up;
 //! - [`limits`]: every bound, with its reason.
 //!
 //! It is not the VMM layer (Firecracker's API, processes, vsock, network slots live in
 //! `vmm-glue`) nor the page server (`uffd`).
 
+pub mod ctl;
+pub mod daemon;
+pub mod firecracker;
+pub mod flags;
+pub mod host;
+pub mod http;
 pub mod limits;
 pub mod manager;
 pub mod metrics;
+pub mod rpc;
 pub mod state;
 pub mod statedir;
 pub mod sys;

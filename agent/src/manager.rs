@@ -1224,7 +1224,7 @@ impl Manager {
         // The page server writes the set when it stops; a backend without one leaves none.
         match fs::read(&ws_path) {
             Ok(b) => uffd::working_set::WorkingSet::parse(&b)
-                .map(|w| w.runs().iter().map(|(_, n)| n).sum())
+                .map(|w| w.pages.len() as u64)
                 .map_err(internal),
             Err(_) => Ok(0),
         }

@@ -1,0 +1,327 @@
+//! The agent's link to ctl (wrenn.host.v1): registration with a one-time token, heartbeats,
+//! and reports of state changes the agent makes on its own.
+//!
+//! One thread owns the link. Reports wait in a bounded queue ([`REPORT_QUEUE_MAX`]; the
+//! oldest are dropped beyond it, and ctl's reconciler catches up through Sandboxes.List),
+//! so an unreachable ctl never grows the agent's memory nor blocks a lifecycle operation.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use proto::gen::wrenn::host::v1 as hpb;
+use proto::id;
+use proto::rpc::{Client, Credential};
+use proto::Status;
+
+use crate::host::{Host, IdentityCell, AGENT_VERSION};
+use crate::limits::{
+    CTL_CALL_TIMEOUT, HEARTBEAT_INTERVAL_DEFAULT, HEARTBEAT_INTERVAL_MAX, HEARTBEAT_INTERVAL_MIN,
+    REPORT_QUEUE_MAX,
+};
+use crate::manager::Events;
+use crate::statedir::Identity;
+
+/// Settings of the link.
+#[derive(Clone, Debug)]
+pub struct CtlConfig {
+    /// ctl's protobuf address, "host:port".
+    pub addr: String,
+    /// One-time registration token (used only when the host has no identity yet).
+    pub registration_token: Option<String>,
+    /// Where ctl reaches this agent, "host:port".
+    pub agent_address: String,
+    /// Where the identity is saved.
+    pub identity_path: std::path::PathBuf,
+}
+
+/// The link to ctl.
+pub struct CtlLink {
+    cfg: CtlConfig,
+    identity: Arc<IdentityCell>,
+    host: OnceLock<Arc<Host>>,
+    queue: Mutex<VecDeque<hpb::ReportStateRequest>>,
+    wake: Condvar,
+    stop: AtomicBool,
+    interval: Mutex<Duration>,
+}
+
+impl std::fmt::Debug for CtlLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CtlLink")
+            .field("addr", &self.cfg.addr)
+            .finish()
+    }
+}
+
+impl Events for CtlLink {
+    fn state_changed(&self, report: hpb::ReportStateRequest) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= REPORT_QUEUE_MAX {
+            q.pop_front();
+            crate::metrics::REPORTS_DROPPED.inc();
+        }
+        q.push_back(report);
+        self.wake.notify_all();
+    }
+}
+
+fn clamp_interval(ms: u32) -> Duration {
+    if ms == 0 {
+        return HEARTBEAT_INTERVAL_DEFAULT;
+    }
+    Duration::from_millis(u64::from(ms)).clamp(HEARTBEAT_INTERVAL_MIN, HEARTBEAT_INTERVAL_MAX)
+}
+
+impl CtlLink {
+    pub fn new(cfg: CtlConfig, identity: Arc<IdentityCell>) -> Arc<CtlLink> {
+        Arc::new(CtlLink {
+            cfg,
+            identity,
+            host: OnceLock::new(),
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            interval: Mutex::new(HEARTBEAT_INTERVAL_DEFAULT),
+        })
+    }
+
+    /// Completes the link once the host exists (the manager needs the link first).
+    pub fn set_host(&self, host: Arc<Host>) {
+        let _ = self.host.set(host);
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        self.wake.notify_all();
+    }
+
+    /// Reports waiting to be sent.
+    pub fn pending(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Registers with the one-time token and saves the identity.
+    pub fn register(&self, host: &Host) -> Result<Identity, Status> {
+        let token = self.cfg.registration_token.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "not registered: start with --registration-token (made by `wrenn hosts token`)",
+            )
+        })?;
+        let client = Client::connect_tcp(self.cfg.addr.as_str(), Credential::host_token(""))?;
+        let problems = host.problems();
+        let resp: hpb::RegisterResponse = client.unary(
+            hpb::host_methods::REGISTER,
+            &hpb::RegisterRequest {
+                registration_token: token,
+                agent_address: self.cfg.agent_address.clone(),
+                hostname: host.info().hostname,
+                capacity: Some(host.capacity()),
+                agent_version: AGENT_VERSION.to_owned(),
+                firecracker_version: host.manager.vmm().firecracker_version(),
+                can_host_sandboxes: problems.is_empty(),
+                problems,
+            },
+            Some(CTL_CALL_TIMEOUT),
+        )?;
+        client.close();
+        let host_id = id::parse_host(&resp.host_id)
+            .map_err(|e| Status::internal(format!("ctl sent a bad host id: {e}")))?;
+        if resp.host_token.is_empty() || resp.agent_token.is_empty() {
+            return Err(Status::internal("ctl sent empty tokens"));
+        }
+        let ident = Identity {
+            host_id,
+            host_token: resp.host_token,
+            agent_token: resp.agent_token,
+        };
+        ident
+            .save(&self.cfg.identity_path)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        *self.interval.lock().unwrap_or_else(|e| e.into_inner()) =
+            clamp_interval(resp.heartbeat_interval_ms);
+        self.identity.set(ident.clone());
+        info!("registered with ctl host_id={}", resp.host_id);
+        Ok(ident)
+    }
+
+    fn heartbeat(&self, client: &Client, host: &Host) -> Result<(), Status> {
+        let problems = host.problems();
+        let m = &host.manager;
+        let resp: hpb::HeartbeatResponse = client.unary(
+            hpb::host_methods::HEARTBEAT,
+            &hpb::HeartbeatRequest {
+                now_unix_ns: m.clock().now_unix_ns(),
+                capacity: Some(host.capacity()),
+                usage: Some(host.usage()),
+                can_host_sandboxes: problems.is_empty(),
+                problems,
+                agent_version: AGENT_VERSION.to_owned(),
+                sandboxes: m
+                    .summaries()
+                    .into_iter()
+                    .map(|(id, st, exp, upd)| hpb::SandboxSummary {
+                        sandbox_id: id::format_sandbox(id),
+                        state: st.to_proto() as i32,
+                        expires_unix_ns: exp,
+                        updated_unix_ns: upd,
+                    })
+                    .collect(),
+                template_ids: m
+                    .list_templates()
+                    .into_iter()
+                    .map(|t| t.template_id)
+                    .collect(),
+            },
+            Some(CTL_CALL_TIMEOUT),
+        )?;
+        *self.interval.lock().unwrap_or_else(|e| e.into_inner()) =
+            clamp_interval(resp.heartbeat_interval_ms);
+        Ok(())
+    }
+
+    /// Sends queued reports; a report is removed only once ctl accepted it.
+    fn flush(&self, client: &Client) -> Result<(), Status> {
+        loop {
+            let next = self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .front()
+                .cloned();
+            let Some(r) = next else { return Ok(()) };
+            let _: hpb::ReportStateResponse =
+                client.unary(hpb::host_methods::REPORT_STATE, &r, Some(CTL_CALL_TIMEOUT))?;
+            crate::metrics::REPORTS_SENT.inc();
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.front() == Some(&r) {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// Runs the link until [`CtlLink::stop`]: register if needed, then heartbeats and
+    /// reports, reconnecting with back-off after failures.
+    pub fn run(&self) {
+        let mut backoff = Duration::from_millis(500);
+        let mut client: Option<Client> = None;
+        let mut next_beat = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            let Some(host) = self.host.get().cloned() else {
+                self.sleep(Duration::from_millis(100));
+                continue;
+            };
+            let ident = match self.identity.get() {
+                Some(i) => i,
+                None => match self.register(&host) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        warn!("registration failed error={:?}", e.message);
+                        self.sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                        continue;
+                    }
+                },
+            };
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                match Client::connect_tcp(
+                    self.cfg.addr.as_str(),
+                    Credential::host_token(ident.host_token.clone()),
+                ) {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        crate::metrics::HEARTBEATS_FAILED.inc();
+                        warn!(
+                            "connect to ctl failed addr={} error={:?}",
+                            self.cfg.addr, e.message
+                        );
+                        self.sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = client.as_ref() else { continue };
+            let mut r = self.flush(c);
+            if r.is_ok() && Instant::now() >= next_beat {
+                r = self.heartbeat(c, &host);
+                let interval = *self.interval.lock().unwrap_or_else(|e| e.into_inner());
+                next_beat = Instant::now() + interval;
+            }
+            match r {
+                Ok(()) => {
+                    backoff = Duration::from_millis(500);
+                    let wait = next_beat.saturating_duration_since(Instant::now());
+                    self.wait_for_work(wait);
+                }
+                Err(e) => {
+                    crate::metrics::HEARTBEATS_FAILED.inc();
+                    warn!("ctl call failed error={:?}", e.message);
+                    if let Some(c) = client.take() {
+                        c.close();
+                    }
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+        if let Some(c) = client {
+            c.close();
+        }
+    }
+
+    fn sleep(&self, d: Duration) {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.wake.wait_timeout(q, d);
+    }
+
+    /// Sleeps until a report is queued, `d` passes, or stop.
+    fn wait_for_work(&self, d: Duration) {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if !q.is_empty() || self.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.wake.wait_timeout(q, d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_queue_is_bounded_and_drops_the_oldest() {
+        let link = CtlLink::new(
+            CtlConfig {
+                addr: "127.0.0.1:1".into(),
+                registration_token: None,
+                agent_address: String::new(),
+                identity_path: "/nonexistent/identity.conf".into(),
+            },
+            Arc::new(IdentityCell::new(None)),
+        );
+        for i in 0..REPORT_QUEUE_MAX + 10 {
+            link.state_changed(hpb::ReportStateRequest {
+                changed_unix_ns: i as i64,
+                ..Default::default()
+            });
+        }
+        assert_eq!(link.pending(), REPORT_QUEUE_MAX);
+        let first = link.queue.lock().unwrap().front().unwrap().changed_unix_ns;
+        assert_eq!(first, 10);
+    }
+
+    #[test]
+    fn heartbeat_interval_is_clamped() {
+        assert_eq!(clamp_interval(0), HEARTBEAT_INTERVAL_DEFAULT);
+        assert_eq!(clamp_interval(1), HEARTBEAT_INTERVAL_MIN);
+        assert_eq!(clamp_interval(u32::MAX), HEARTBEAT_INTERVAL_MAX);
+        assert_eq!(clamp_interval(2000), Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,255 @@
+//! wrenn-agent's command line, parsed by hand.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const USAGE: &str = "\
+usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
+                   [--state-root /var/lib/wrenn] [--ctl HOST:PORT] [--registration-token T]
+                   [--advertise HOST:PORT] [--firecracker PATH] [--kernel PATH]
+                   [--uffd-bin PATH] [--restore-backend uffd|file] [--boot-args-extra STR]
+                   [--slots N]
+environment: WRENN_FIRECRACKER, WRENN_KERNEL (defaults of --firecracker, --kernel)";
+
+/// Which restore path the host uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreBackend {
+    Uffd,
+    File,
+}
+
+/// The parsed flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flags {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub state_root: PathBuf,
+    pub ctl: Option<String>,
+    pub registration_token: Option<String>,
+    /// Address ctl uses to reach this agent (default: --listen, with the host's name when
+    /// it listens on 0.0.0.0).
+    pub advertise: Option<String>,
+    pub firecracker: PathBuf,
+    /// Default guest kernel (else `<state-root>/kernels/vmlinux-*`, newest).
+    pub kernel: Option<PathBuf>,
+    /// wrenn-uffd (else next to this executable).
+    pub uffd_bin: Option<PathBuf>,
+    pub restore_backend: RestoreBackend,
+    pub boot_args_extra: String,
+    pub slots: u32,
+    pub help: bool,
+}
+
+/// A command line that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlagError {
+    Unknown(String),
+    MissingValue(&'static str),
+    BadValue { flag: &'static str, value: String },
+}
+
+impl fmt::Display for FlagError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FlagError::Unknown(s) => write!(f, "unknown argument {s:?}"),
+            FlagError::MissingValue(flag) => write!(f, "{flag} needs a value"),
+            FlagError::BadValue { flag, value } => write!(f, "bad value {value:?} for {flag}"),
+        }
+    }
+}
+
+impl std::error::Error for FlagError {}
+
+impl Flags {
+    /// Parses arguments (without the program name); `env` looks up environment variables.
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Flags, FlagError> {
+        let mut f = Flags {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7710)),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 7711)),
+            state_root: PathBuf::from("/var/lib/wrenn"),
+            ctl: None,
+            registration_token: None,
+            advertise: None,
+            firecracker: env("WRENN_FIRECRACKER")
+                .filter(|s| !s.is_empty())
+                .map_or_else(
+                    || PathBuf::from("/usr/local/bin/firecracker"),
+                    PathBuf::from,
+                ),
+            kernel: env("WRENN_KERNEL")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            uffd_bin: None,
+            restore_backend: RestoreBackend::Uffd,
+            boot_args_extra: String::new(),
+            slots: crate::limits::SANDBOXES_MAX as u32,
+            help: false,
+        };
+        let mut it = args.into_iter();
+        while let Some(arg) = it.next() {
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            macro_rules! value {
+                ($flag:literal) => {
+                    match inline.clone().or_else(|| it.next()) {
+                        Some(v) => v,
+                        None => return Err(FlagError::MissingValue($flag)),
+                    }
+                };
+            }
+            let bad = |flag: &'static str, value: String| FlagError::BadValue { flag, value };
+            match name.as_str() {
+                "--listen" => {
+                    let v = value!("--listen");
+                    f.listen = v.parse().map_err(|_| bad("--listen", v))?;
+                }
+                "--metrics-listen" => {
+                    let v = value!("--metrics-listen");
+                    f.metrics_listen = v.parse().map_err(|_| bad("--metrics-listen", v))?;
+                }
+                "--state-root" => f.state_root = PathBuf::from(value!("--state-root")),
+                "--ctl" => {
+                    let v = value!("--ctl");
+                    if !v.contains(':') {
+                        return Err(bad("--ctl", v));
+                    }
+                    f.ctl = Some(v);
+                }
+                "--registration-token" => {
+                    f.registration_token = Some(value!("--registration-token"))
+                }
+                "--advertise" => f.advertise = Some(value!("--advertise")),
+                "--firecracker" => f.firecracker = PathBuf::from(value!("--firecracker")),
+                "--kernel" => f.kernel = Some(PathBuf::from(value!("--kernel"))),
+                "--uffd-bin" => f.uffd_bin = Some(PathBuf::from(value!("--uffd-bin"))),
+                "--restore-backend" => {
+                    let v = value!("--restore-backend");
+                    f.restore_backend = match v.as_str() {
+                        "uffd" => RestoreBackend::Uffd,
+                        "file" => RestoreBackend::File,
+                        _ => return Err(bad("--restore-backend", v)),
+                    };
+                }
+                "--boot-args-extra" => f.boot_args_extra = value!("--boot-args-extra"),
+                "--slots" => {
+                    let v = value!("--slots");
+                    f.slots = match v.parse::<u32>() {
+                        Ok(n) if (1..=crate::limits::SANDBOXES_MAX as u32).contains(&n) => n,
+                        _ => return Err(bad("--slots", v)),
+                    };
+                }
+                "-h" | "--help" => f.help = true,
+                _ => return Err(FlagError::Unknown(arg)),
+            }
+        }
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Flags, FlagError> {
+        Flags::parse(args.iter().map(|s| s.to_string()), |_| None)
+    }
+
+    #[test]
+    fn defaults() {
+        let f = parse(&[]).unwrap();
+        assert_eq!(f.listen.to_string(), "0.0.0.0:7710");
+        assert_eq!(f.metrics_listen.to_string(), "0.0.0.0:7711");
+        assert_eq!(f.state_root, PathBuf::from("/var/lib/wrenn"));
+        assert_eq!(f.restore_backend, RestoreBackend::Uffd);
+        assert_eq!(f.ctl, None);
+    }
+
+    #[test]
+    fn every_flag_both_spellings() {
+        let f = parse(&[
+            "--listen",
+            "127.0.0.1:1",
+            "--metrics-listen=127.0.0.1:2",
+            "--state-root",
+            "/tmp/x",
+            "--ctl",
+            "ctl:7700",
+            "--registration-token=abc",
+            "--firecracker",
+            "/fc",
+            "--kernel",
+            "/k",
+            "--uffd-bin",
+            "/u",
+            "--restore-backend",
+            "file",
+            "--boot-args-extra",
+            "quiet a=b",
+            "--slots",
+            "8",
+            "--advertise",
+            "10.0.0.5:7710",
+        ])
+        .unwrap();
+        assert_eq!(f.listen.port(), 1);
+        assert_eq!(f.metrics_listen.port(), 2);
+        assert_eq!(f.ctl.as_deref(), Some("ctl:7700"));
+        assert_eq!(f.registration_token.as_deref(), Some("abc"));
+        assert_eq!(f.firecracker, PathBuf::from("/fc"));
+        assert_eq!(f.kernel, Some(PathBuf::from("/k")));
+        assert_eq!(f.uffd_bin, Some(PathBuf::from("/u")));
+        assert_eq!(f.restore_backend, RestoreBackend::File);
+        assert_eq!(f.boot_args_extra, "quiet a=b");
+        assert_eq!(f.slots, 8);
+        assert_eq!(f.advertise.as_deref(), Some("10.0.0.5:7710"));
+    }
+
+    #[test]
+    fn environment_supplies_defaults_and_flags_win() {
+        let env = |k: &str| match k {
+            "WRENN_FIRECRACKER" => Some("/env/fc".to_string()),
+            "WRENN_KERNEL" => Some("/env/k".to_string()),
+            _ => None,
+        };
+        let f = Flags::parse(Vec::<String>::new(), env).unwrap();
+        assert_eq!(f.firecracker, PathBuf::from("/env/fc"));
+        assert_eq!(f.kernel, Some(PathBuf::from("/env/k")));
+        let f = Flags::parse(vec!["--firecracker".into(), "/flag".into()], env).unwrap();
+        assert_eq!(f.firecracker, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(
+            parse(&["--bogus"]),
+            Err(FlagError::Unknown("--bogus".into()))
+        );
+        assert_eq!(
+            parse(&["--listen"]),
+            Err(FlagError::MissingValue("--listen"))
+        );
+        assert!(matches!(
+            parse(&["--listen", "nope"]),
+            Err(FlagError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse(&["--restore-backend", "disk"]),
+            Err(FlagError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse(&["--slots", "0"]),
+            Err(FlagError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse(&["--ctl", "nohostport"]),
+            Err(FlagError::BadValue { .. })
+        ));
+        assert!(parse(&["-h"]).unwrap().help);
+    }
+}

@@ -1,0 +1,504 @@
+//! The manager over the fake VM layer: states, slots, disks, TTL, failures, re-adoption,
+//! templates.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use agent::state::State;
+use agent::statedir::{Policy, SandboxDir, SandboxRecord, TemplateKind};
+use agent::ttl::Outcome;
+use proto::gen::wrenn::agent::v1 as pb;
+use proto::gen::wrenn::host::v1::StateChangeReason;
+use proto::id::Uuid;
+use proto::Code;
+
+use crate::{Env, BASE};
+
+fn state(info: &pb::SandboxInfo) -> State {
+    State::from_proto(info.state).unwrap()
+}
+
+#[test]
+fn create_pause_resume_destroy_leaves_nothing() {
+    let env = Env::new("cycle");
+    let m = &env.manager;
+    let info = m.create(env.spec(1)).unwrap();
+    assert_eq!(state(&info), State::Running);
+    assert_eq!(info.envd_version, "fake-1");
+    assert_eq!(info.vcpus, 1);
+    assert_eq!(info.memory_mib, 512);
+    assert!(info.expires_unix_ns > 0);
+    assert_eq!(m.slots_used(), 1);
+    assert_eq!(env.vmm.slots.lock().unwrap().len(), 1);
+    assert!(env.dir(1).join("rootfs.ext4").exists(), "disk copied");
+    let guest = env.vmm.envd(&env.dir(1)).unwrap();
+    let token1 = guest.token.lock().unwrap().clone();
+    assert_eq!(token1.len(), 64, "fresh random token");
+    assert_eq!(guest.env.lock().unwrap().get("GREETING").unwrap(), "hi");
+    guest
+        .files
+        .lock()
+        .unwrap()
+        .insert("/home/user/f".into(), b"kept".to_vec());
+
+    let info = m.pause(Uuid::from_u128(1)).unwrap();
+    assert_eq!(state(&info), State::Paused);
+    assert_eq!(info.expires_unix_ns, 0);
+    assert_eq!(m.slots_used(), 0, "a paused sandbox holds no slot");
+    assert!(env.vmm.slots.lock().unwrap().is_empty());
+    assert_eq!(env.vmm.running(), 0, "no process left while paused");
+    let rec = SandboxRecord::load(&SandboxDir(env.dir(1))).unwrap();
+    assert_eq!(rec.state, State::Paused);
+    assert!(rec.firecracker.is_none() && rec.slot.is_none());
+    assert_eq!(rec.chain.as_ref().unwrap().generation, 1);
+
+    let info = m.resume(Uuid::from_u128(1), 0).unwrap();
+    assert_eq!(state(&info), State::Running);
+    let guest = env.vmm.envd(&env.dir(1)).unwrap();
+    assert_eq!(
+        guest.files.lock().unwrap().get("/home/user/f").unwrap(),
+        b"kept"
+    );
+    assert_eq!(guest.resumed.load(Ordering::SeqCst), 1);
+    let token2 = guest.token.lock().unwrap().clone();
+    assert_ne!(token1, token2, "a resume sets a fresh token");
+    // The manager's envd connection uses the new token.
+    let c = m.envd(Uuid::from_u128(1)).unwrap();
+    c.close();
+
+    // Second pause is a Diff on top: generation 2.
+    m.pause(Uuid::from_u128(1)).unwrap();
+    let rec = SandboxRecord::load(&SandboxDir(env.dir(1))).unwrap();
+    assert_eq!(rec.chain.as_ref().unwrap().generation, 2);
+    m.resume(Uuid::from_u128(1), 0).unwrap();
+
+    m.destroy(Uuid::from_u128(1)).unwrap();
+    assert_eq!(m.get(Uuid::from_u128(1)).unwrap_err().code, Code::NotFound);
+    assert!(!env.dir(1).exists());
+    assert_eq!(m.slots_used(), 0);
+    assert!(env.vmm.slots.lock().unwrap().is_empty());
+    assert_eq!(env.vmm.running(), 0);
+    assert!(m.list(&[]).is_empty());
+    assert_eq!(
+        m.destroy(Uuid::from_u128(1)).unwrap_err().code,
+        Code::NotFound
+    );
+}
+
+#[test]
+fn wrong_state_unknown_ids_and_duplicates() {
+    let env = Env::new("states");
+    let m = &env.manager;
+    let id = Uuid::from_u128(2);
+    assert_eq!(m.pause(id).unwrap_err().code, Code::NotFound);
+    assert_eq!(m.resume(id, 0).unwrap_err().code, Code::NotFound);
+    assert_eq!(m.ping(id).unwrap_err().code, Code::NotFound);
+    m.create(env.spec(2)).unwrap();
+    assert_eq!(m.create(env.spec(2)).unwrap_err().code, Code::AlreadyExists);
+    assert_eq!(m.resume(id, 0).unwrap_err().code, Code::FailedPrecondition);
+    m.pause(id).unwrap();
+    assert_eq!(m.pause(id).unwrap_err().code, Code::FailedPrecondition);
+    assert_eq!(m.ping(id).unwrap_err().code, Code::FailedPrecondition);
+    assert_eq!(m.envd(id).unwrap_err().code, Code::FailedPrecondition);
+    assert_eq!(
+        m.set_timeout(id, 0, 0).unwrap_err().code,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        m.set_timeout(id, 10, 99).unwrap_err().code,
+        Code::InvalidArgument
+    );
+    // Set-timeout on a paused sandbox records it for the next resume.
+    let info = m
+        .set_timeout(id, 10, pb::TimeoutPolicy::Pause as i32)
+        .unwrap();
+    assert_eq!(info.timeout_s, 10);
+    assert_eq!(info.expires_unix_ns, 0);
+
+    let mut s = env.spec(3);
+    s.template_id = Uuid::from_u128(99);
+    assert_eq!(m.create(s).unwrap_err().code, Code::NotFound);
+    let mut s = env.spec(3);
+    s.kind = TemplateKind::Snapshot;
+    assert_eq!(m.create(s).unwrap_err().code, Code::FailedPrecondition);
+    assert!(!env.dir(3).exists(), "a refused create leaves no directory");
+    m.destroy(id).unwrap();
+}
+
+#[test]
+fn ttl_pauses_or_destroys_per_policy_and_ping_extends() {
+    let env = Env::new("ttl");
+    let m = &env.manager;
+    let mut s = env.spec(1);
+    s.policy = Policy::Pause;
+    m.create(s).unwrap();
+    m.create(env.spec(2)).unwrap(); // destroy policy, 60 s
+    let expire = |id| m.expire(id);
+
+    env.clock.advance(Duration::from_secs(59));
+    assert!(m.reaper().tick(env.clock.as_ref(), &expire).is_empty());
+    m.ping(Uuid::from_u128(1)).unwrap(); // now expires at 119 s
+    env.clock.advance(Duration::from_secs(2));
+    let fired = m.reaper().tick(env.clock.as_ref(), &expire);
+    assert_eq!(fired, vec![Uuid::from_u128(2)]);
+    assert_eq!(m.get(Uuid::from_u128(2)).unwrap_err().code, Code::NotFound);
+    assert!(!env.dir(2).exists());
+    assert_eq!(state(&m.get(Uuid::from_u128(1)).unwrap()), State::Running);
+
+    env.clock.advance(Duration::from_secs(58));
+    assert_eq!(
+        m.reaper().tick(env.clock.as_ref(), &expire),
+        vec![Uuid::from_u128(1)]
+    );
+    let info = m.get(Uuid::from_u128(1)).unwrap();
+    assert_eq!(state(&info), State::Paused);
+    assert_eq!(info.state_reason, "timeout");
+
+    let reports = env.events.0.lock().unwrap().clone();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(reports
+        .iter()
+        .all(|r| r.reason == StateChangeReason::Timeout as i32));
+    assert_eq!(reports[0].state, pb::SandboxState::Stopped as i32);
+    assert_eq!(reports[1].state, pb::SandboxState::Paused as i32);
+    assert_eq!(reports[1].previous_state, pb::SandboxState::Running as i32);
+
+    // Resume restarts the timeout from now; set-timeout moves it.
+    let info = m.resume(Uuid::from_u128(1), 30).unwrap();
+    let now = agent::ttl::Clock::now_unix_ns(env.clock.as_ref());
+    assert_eq!(info.expires_unix_ns, now + 30_000_000_000);
+    let info = m.set_timeout(Uuid::from_u128(1), 5, 0).unwrap();
+    assert_eq!(info.expires_unix_ns, now + 5_000_000_000);
+    assert_eq!(
+        m.reaper().get(Uuid::from_u128(1)),
+        Some(now + 5_000_000_000)
+    );
+    // A stale deadline (ping came after the reaper took it) keeps the sandbox running.
+    m.ping(Uuid::from_u128(1)).unwrap();
+    assert_eq!(m.expire(Uuid::from_u128(1)), Outcome::Done);
+    assert_eq!(state(&m.get(Uuid::from_u128(1)).unwrap()), State::Running);
+    m.destroy(Uuid::from_u128(1)).unwrap();
+}
+
+#[test]
+fn failed_create_cleans_up_everything() {
+    let env = Env::new("failcreate");
+    let m = &env.manager;
+    *env.vmm.fail_next.lock().unwrap() = Some("boot");
+    let e = m.create(env.spec(1)).unwrap_err();
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    assert!(!env.dir(1).exists());
+    assert_eq!(m.slots_used(), 0);
+    assert!(env.vmm.slots.lock().unwrap().is_empty());
+    assert!(m.list(&[]).is_empty());
+    // The id is free again.
+    m.create(env.spec(1)).unwrap();
+    m.destroy(Uuid::from_u128(1)).unwrap();
+
+    env.vmm.problems.lock().unwrap().push("no kvm".into());
+    let e = m.create(env.spec(4)).unwrap_err();
+    assert_eq!(e.code, Code::Unavailable);
+    assert!(e.message.contains("no kvm"), "{e}");
+}
+
+#[test]
+fn failed_pause_keeps_or_fails_and_failed_resume_stays_paused() {
+    let env = Env::new("failpause");
+    let m = &env.manager;
+    let id = Uuid::from_u128(1);
+    m.create(env.spec(1)).unwrap();
+    *env.vmm.fail_next.lock().unwrap() = Some("snapshot-keep");
+    assert_eq!(m.pause(id).unwrap_err().code, Code::Unavailable);
+    let info = m.get(id).unwrap();
+    assert_eq!(state(&info), State::Running);
+    assert!(info.state_reason.contains("pause failed"));
+    assert!(m.reaper().get(id).is_some(), "timeout runs again");
+
+    m.pause(id).unwrap();
+    *env.vmm.fail_next.lock().unwrap() = Some("restore");
+    assert_eq!(m.resume(id, 0).unwrap_err().code, Code::Unavailable);
+    let info = m.get(id).unwrap();
+    assert_eq!(state(&info), State::Paused, "chain intact, still paused");
+    assert_eq!(m.slots_used(), 0, "slot of the failed restore released");
+    m.resume(id, 0).unwrap();
+
+    *env.vmm.fail_next.lock().unwrap() = Some("snapshot");
+    assert_eq!(m.pause(id).unwrap_err().code, Code::Unavailable);
+    assert_eq!(state(&m.get(id).unwrap()), State::Error);
+    assert_eq!(env.vmm.running(), 0);
+    assert_eq!(m.slots_used(), 0);
+    m.destroy(id).unwrap();
+    assert!(!env.dir(1).exists());
+}
+
+#[test]
+fn slots_run_out_and_come_back() {
+    let env = Env::with_slots("slots", 2);
+    let m = &env.manager;
+    m.create(env.spec(1)).unwrap();
+    m.create(env.spec(2)).unwrap();
+    let e = m.create(env.spec(3)).unwrap_err();
+    assert_eq!(e.code, Code::ResourceExhausted);
+    assert!(!env.dir(3).exists());
+    // A paused sandbox frees its slot; it needs one again to resume.
+    m.pause(Uuid::from_u128(1)).unwrap();
+    m.create(env.spec(3)).unwrap();
+    assert_eq!(
+        m.resume(Uuid::from_u128(1), 0).unwrap_err().code,
+        Code::ResourceExhausted
+    );
+    assert_eq!(state(&m.get(Uuid::from_u128(1)).unwrap()), State::Paused);
+    m.destroy(Uuid::from_u128(3)).unwrap();
+    m.resume(Uuid::from_u128(1), 0).unwrap();
+    let u = m.usage();
+    assert_eq!((u.running, u.vcpus, u.memory_mib), (2, 2, 1024));
+    for n in [1, 2] {
+        m.destroy(Uuid::from_u128(n)).unwrap();
+    }
+    assert_eq!(m.slots_used(), 0);
+}
+
+#[test]
+fn a_vm_that_dies_becomes_error_and_is_reported() {
+    let env = Env::new("death");
+    let m = &env.manager;
+    m.create(env.spec(1)).unwrap();
+    m.create(env.spec(2)).unwrap();
+    assert_eq!(m.check_vms(), 0);
+    env.vmm.kill_firecracker(&env.dir(1));
+    assert_eq!(m.check_vms(), 1);
+    let info = m.get(Uuid::from_u128(1)).unwrap();
+    assert_eq!(state(&info), State::Error);
+    assert!(
+        info.state_reason.contains("exited"),
+        "{}",
+        info.state_reason
+    );
+    assert_eq!(m.slots_used(), 1);
+    let r = env.events.0.lock().unwrap().clone();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].reason, StateChangeReason::VmExited as i32);
+    assert_eq!(r[0].state, pb::SandboxState::Error as i32);
+    assert_eq!(m.reaper().get(Uuid::from_u128(1)), None);
+    m.destroy(Uuid::from_u128(1)).unwrap();
+    m.destroy(Uuid::from_u128(2)).unwrap();
+}
+
+#[test]
+fn operations_on_one_sandbox_are_serialized_others_proceed() {
+    let env = Env::new("serial");
+    let m = env.manager.clone();
+    m.create(env.spec(1)).unwrap();
+    m.create(env.spec(2)).unwrap();
+    *env.vmm.snapshot_delay.lock().unwrap() = Duration::from_millis(800);
+    let m2 = m.clone();
+    let t = std::thread::spawn(move || m2.pause(Uuid::from_u128(1)));
+    std::thread::sleep(Duration::from_millis(200));
+    // Sandbox 1 is mid-pause: a second operation is refused at once.
+    let started = std::time::Instant::now();
+    assert_eq!(m.ping(Uuid::from_u128(1)).unwrap_err().code, Code::Aborted);
+    assert_eq!(
+        m.destroy(Uuid::from_u128(1)).unwrap_err().code,
+        Code::Aborted
+    );
+    assert_eq!(m.expire(Uuid::from_u128(1)), Outcome::Busy);
+    // Reads and other sandboxes are not blocked by it.
+    assert_eq!(state(&m.get(Uuid::from_u128(1)).unwrap()), State::Pausing);
+    m.ping(Uuid::from_u128(2)).unwrap();
+    assert!(started.elapsed() < Duration::from_millis(400));
+    t.join().unwrap().unwrap();
+    *env.vmm.snapshot_delay.lock().unwrap() = Duration::ZERO;
+    m.destroy(Uuid::from_u128(1)).unwrap();
+    m.destroy(Uuid::from_u128(2)).unwrap();
+}
+
+#[test]
+fn restart_readopts_live_vms_and_reports_dead_ones() {
+    let env = Env::new("readopt");
+    let m = env.manager.clone();
+    for n in 1..=4 {
+        m.create(env.spec(n)).unwrap();
+    }
+    m.pause(Uuid::from_u128(3)).unwrap();
+    // Sandbox 4's record says it was being created when the agent died.
+    let d4 = SandboxDir(env.dir(4));
+    let mut r4 = SandboxRecord::load(&d4).unwrap();
+    r4.state = State::Starting;
+    r4.save(&d4).unwrap();
+    // A stray process naming a sandbox directory the records do not know.
+    let stray_dir = env
+        .root
+        .join("sandboxes/00000000-0000-0000-0000-0000000000ff");
+    let mut stray = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("sleep 100; : \"$0\"")
+        .arg(stray_dir.join("fc.sock"))
+        .spawn()
+        .unwrap();
+    // A leftover slot no record holds.
+    env.vmm.slots.lock().unwrap().insert(50);
+    // The agent "crashes": nothing is cleaned up. Sandbox 2's VM dies meanwhile.
+    drop(m);
+    env.vmm.kill_firecracker(&env.dir(2));
+
+    let m = crate::Env::manager_on(&env.root, 64, &env.vmm, &env.clock, &env.events);
+    let decisions = m.recover();
+    assert_eq!(decisions.len(), 4);
+    use agent::manager::Action;
+    let d = |n: u128| {
+        decisions
+            .iter()
+            .find(|(id, _)| *id == Uuid::from_u128(n))
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_eq!(d(1).action, Action::Adopt);
+    assert_eq!(d(2).state, State::Error);
+    assert_eq!(d(3).state, State::Paused);
+    assert_eq!(d(4).state, State::Error);
+    assert_eq!(state(&m.get(Uuid::from_u128(1)).unwrap()), State::Running);
+    assert!(m
+        .get(Uuid::from_u128(2))
+        .unwrap()
+        .state_reason
+        .contains("exited while the agent was down"));
+    // The adopted sandbox is usable and keeps its slot; no other slot survives.
+    m.envd(Uuid::from_u128(1)).unwrap().close();
+    assert_eq!(m.slots_used(), 1);
+    assert_eq!(env.vmm.slots.lock().unwrap().len(), 1);
+    assert_eq!(env.vmm.running(), 1, "only the adopted VM runs");
+    // The stray was killed.
+    let mut gone = false;
+    for _ in 0..100 {
+        // Reaped by the agent already (same process here): ECHILD.
+        if !matches!(stray.try_wait(), Ok(None)) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(gone, "stray process still alive");
+    let reports = env.events.0.lock().unwrap().clone();
+    let failed: Vec<_> = reports
+        .iter()
+        .filter(|r| r.reason == StateChangeReason::AdoptionFailed as i32)
+        .collect();
+    assert_eq!(failed.len(), 2, "{reports:?}");
+    // Paused and error sandboxes work after the restart.
+    m.resume(Uuid::from_u128(3), 0).unwrap();
+    for n in 1..=4 {
+        m.destroy(Uuid::from_u128(n)).unwrap();
+    }
+    assert_eq!(m.slots_used(), 0);
+    assert_eq!(env.vmm.running(), 0);
+    let left: Vec<_> = std::fs::read_dir(env.root.join("sandboxes"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn corrupt_record_becomes_error_and_destroy_removes_it() {
+    let env = Env::new("corrupt");
+    let dir = env.dir(9);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("sandbox.conf"), "garbage").unwrap();
+    let d = env.manager.recover();
+    assert_eq!(d.len(), 1);
+    let info = env.manager.get(Uuid::from_u128(9)).unwrap();
+    assert_eq!(state(&info), State::Error);
+    assert!(info.state_reason.contains("record unreadable"));
+    env.manager.destroy(Uuid::from_u128(9)).unwrap();
+    assert!(!dir.exists());
+}
+
+#[test]
+fn snapshot_templates_are_independent_of_their_sandbox() {
+    let env = Env::new("template");
+    let m = env.manager.clone();
+    m.create(env.spec(1)).unwrap();
+    let g = env.vmm.envd(&env.dir(1)).unwrap();
+    g.files
+        .lock()
+        .unwrap()
+        .insert("/data".into(), b"v1".to_vec());
+    let tpl = Uuid::from_u128(0x77);
+    let t = m.create_template(Uuid::from_u128(1), tpl).unwrap();
+    assert_eq!(t.kind, pb::TemplateKind::Snapshot as i32);
+    assert_eq!(
+        t.working_set_pages, 3,
+        "working set recorded before publishing"
+    );
+    assert_eq!(env.vmm.working_sets_recorded.load(Ordering::SeqCst), 1);
+    assert!(t.size_bytes > 0);
+    assert_eq!(state(&m.get(Uuid::from_u128(1)).unwrap()), State::Paused);
+    assert_eq!(m.slots_used(), 0, "the recording restore released its slot");
+    assert_eq!(
+        m.create_template(Uuid::from_u128(1), tpl).unwrap_err().code,
+        Code::AlreadyExists
+    );
+    // Deleting the source sandbox never breaks the template.
+    m.destroy(Uuid::from_u128(1)).unwrap();
+
+    // Three sandboxes from the template, in parallel; each independent.
+    let mut threads = Vec::new();
+    for n in 10..13u128 {
+        let m = m.clone();
+        let mut s = env.spec(n);
+        s.template_id = tpl;
+        s.kind = TemplateKind::Snapshot;
+        s.vcpus = 4; // ignored: the snapshot's values hold
+        threads.push(std::thread::spawn(move || m.create(s)));
+    }
+    for t in threads {
+        let info = t.join().unwrap().unwrap();
+        assert_eq!(info.vcpus, 1);
+    }
+    for n in 10..13u128 {
+        let g = env.vmm.envd(&env.dir(n)).unwrap();
+        assert_eq!(g.files.lock().unwrap().get("/data").unwrap(), b"v1");
+        assert_eq!(g.resumed.load(Ordering::SeqCst), 1);
+        g.files
+            .lock()
+            .unwrap()
+            .insert(format!("/own-{n}"), b"x".to_vec());
+    }
+    for n in 10..13u128 {
+        let g = env.vmm.envd(&env.dir(n)).unwrap();
+        let files = g.files.lock().unwrap();
+        assert_eq!(files.len(), 2, "sandbox {n} sees only its own writes");
+    }
+    // Sandbox 10 pauses on top of the template's shared layers; then the template goes;
+    // sandbox 10 still resumes with its data.
+    m.pause(Uuid::from_u128(10)).unwrap();
+    let rec = SandboxRecord::load(&SandboxDir(env.dir(10))).unwrap();
+    let tdir = env
+        .root
+        .join("templates")
+        .join(tpl.hyphenated().to_string());
+    assert!(rec
+        .chain
+        .as_ref()
+        .unwrap()
+        .layer_dirs
+        .contains(&tdir.join("snapshot")));
+    m.delete_template(tpl).unwrap();
+    assert!(!tdir.exists());
+    assert_eq!(m.delete_template(tpl).unwrap_err().code, Code::NotFound);
+    m.resume(Uuid::from_u128(10), 0).unwrap();
+    let g = env.vmm.envd(&env.dir(10)).unwrap();
+    assert_eq!(g.files.lock().unwrap().get("/own-10").unwrap(), b"x");
+    for n in 10..13u128 {
+        m.destroy(Uuid::from_u128(n)).unwrap();
+    }
+    assert_eq!(
+        m.list_templates().len(),
+        1,
+        "only the base template is left"
+    );
+    assert_eq!(
+        m.list_templates()[0].template_id,
+        proto::id::format_template(BASE)
+    );
+}
