@@ -13,6 +13,15 @@
 //! - [`net`]: network slots (namespaces, veth, tap, NAT);
 //! - [`limits`]: every bound outside `net`, with its reason.
 //!
+//! A cold boot, as the agent drives it: take a network slot (`net`); [`disk::clone_disk`] the
+//! template into the sandbox directory; start a [`vsock::ReadinessListener`] on the vsock
+//! path; [`process::VmProcess::spawn`] with the slot's namespace, the disk (seen by Firecracker
+//! at [`process::STABLE_DISK_PATH`]) and a cgroup; `wait_api_socket`; send machine-config,
+//! boot-source (with the slot's `ip=`), the root [`request::Drive`] at the stable path, the tap,
+//! the vsock; `InstanceStart`; wait for Ready; talk to envd with [`vsock::connect_rpc`].
+//! A restore replaces the configuration with one [`request::SnapshotLoad`] carrying the vsock
+//! override (the tap has the same name in every slot, and the disk path is stable).
+//!
 //! It is not a scheduler and keeps no state of its own beyond a sandbox's process state file:
 //! the agent decides what runs where.
 
