@@ -55,12 +55,14 @@ impl Service for Bench {
                     Ok(r) => r,
                     Err(e) => return s.finish(Err(e)),
                 };
-                let msg = Blob {
-                    data: vec![0x5a; CHUNK].into(),
+                // Bulk data goes out as a payload: written from its own buffer, not copied.
+                let chunk = proto::rpc::Bytes::from(vec![0x5a; CHUNK]);
+                let header = Blob {
+                    data: Default::default(),
                     n: 0,
                 };
                 for _ in 0..req.n {
-                    if let Err(e) = s.send(&msg) {
+                    if let Err(e) = s.send_payload(&header, 1, chunk.clone()) {
                         return s.finish(Err(e));
                     }
                 }

@@ -343,6 +343,20 @@ impl ClientStream {
             .map(|_| ())
     }
 
+    /// Sends `msg` with its bytes field `tag` set to `payload`, without copying the payload.
+    /// `msg` must leave that field empty.
+    pub fn send_payload<M: Message>(
+        &mut self,
+        msg: &M,
+        tag: u32,
+        payload: Bytes,
+    ) -> Result<(), Status> {
+        let prefix = super::payload_prefix(msg, tag, payload.len());
+        self.conn
+            .send_data_payload(self.id, &prefix, payload, false, self.deadline)
+            .map(|_| ())
+    }
+
     /// Sends one more message and half-closes in the same frame.
     pub fn send_last<M: Message>(&mut self, msg: &M) -> Result<(), Status> {
         let len = msg.encoded_len();
@@ -443,6 +457,19 @@ impl StreamSender {
             let _ = msg.encode(out);
         })
         .map(|_| ())
+    }
+
+    /// Sends `msg` with its bytes field `tag` set to `payload`, without copying the payload.
+    pub fn send_payload<M: Message>(
+        &self,
+        msg: &M,
+        tag: u32,
+        payload: Bytes,
+    ) -> Result<(), Status> {
+        let (conn, id, deadline) = self.parts();
+        let prefix = super::payload_prefix(msg, tag, payload.len());
+        conn.send_data_payload(id, &prefix, payload, false, deadline)
+            .map(|_| ())
     }
 
     pub fn close_send(&self) -> Result<(), Status> {

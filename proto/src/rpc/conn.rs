@@ -81,6 +81,10 @@ struct Stream {
 pub(crate) struct State {
     out: Vec<u8>,
     out_pos: usize,
+    /// Whole segments queued ahead of `out` (large payloads sent without copying, and the
+    /// part of `out` that preceded them).
+    segs: VecDeque<Bytes>,
+    segs_len: usize,
     /// Bytes of flow-controlled frames currently in `out` (the rest are control frames).
     out_data: usize,
     streams: HashMap<u32, Stream>,
@@ -193,6 +197,8 @@ impl Conn {
             state: Mutex::new(State {
                 out: Vec::new(),
                 out_pos: 0,
+                segs: VecDeque::new(),
+                segs_len: 0,
                 out_data: 0,
                 streams: HashMap::new(),
                 last_stream: 0,
@@ -238,14 +244,29 @@ impl Conn {
     /// Writes as much of the outbound buffer as the socket takes. Marks the connection dead
     /// on a write error.
     pub fn flush(&self, st: &mut State) {
-        while st.out_pos < st.out.len() {
-            match super::sys::send_nb(&self.sock, &st.out[st.out_pos..]) {
+        while Self::has_pending_output(st) {
+            let sent = if st.segs.is_empty() {
+                super::sys::send_nb(&self.sock, &st.out[st.out_pos..])
+            } else {
+                let mut iov: [io::IoSlice<'_>; IOV_MAX] = [io::IoSlice::new(&[]); IOV_MAX];
+                let mut n = 0;
+                for s in st.segs.iter().take(IOV_MAX - 1) {
+                    iov[n] = io::IoSlice::new(s);
+                    n += 1;
+                }
+                if n < IOV_MAX - 1 || st.segs.len() == n {
+                    iov[n] = io::IoSlice::new(&st.out[st.out_pos..]);
+                    n += 1;
+                }
+                super::sys::send_vectored_nb(&self.sock, &iov[..n])
+            };
+            match sent {
                 Ok(0) => {
                     self.kill(st, Status::unavailable("connection closed while writing"));
                     return;
                 }
                 Ok(n) => {
-                    st.out_pos += n;
+                    Self::consume_output(st, n);
                     st.last_tx = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -256,7 +277,7 @@ impl Conn {
                 }
             }
         }
-        if st.out_pos == st.out.len() {
+        if !Self::has_pending_output(st) {
             st.out.clear();
             st.out_pos = 0;
             st.out_data = 0;
@@ -275,7 +296,41 @@ impl Conn {
 
     /// Bytes queued for the socket.
     pub fn pending_output(st: &State) -> usize {
-        st.out.len() - st.out_pos
+        st.segs_len + st.out.len() - st.out_pos
+    }
+
+    /// Drops `n` written bytes from the front of the queue (segments first, then `out`).
+    fn consume_output(st: &mut State, mut n: usize) {
+        while n > 0 {
+            let Some(front) = st.segs.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                st.segs_len -= front.len();
+                st.segs.pop_front();
+            } else {
+                prost::bytes::Buf::advance(front, n);
+                st.segs_len -= n;
+                n = 0;
+            }
+        }
+        st.out_pos += n;
+        assert!(st.out_pos <= st.out.len());
+    }
+
+    /// Queues `payload` as its own segment after what is already queued, without copying.
+    fn push_segment(st: &mut State, payload: Bytes) {
+        if st.out_pos < st.out.len() {
+            let tail = Bytes::from(std::mem::take(&mut st.out)).slice(st.out_pos..);
+            st.segs_len += tail.len();
+            st.segs.push_back(tail);
+        } else {
+            st.out.clear();
+        }
+        st.out_pos = 0;
+        st.segs_len += payload.len();
+        st.segs.push_back(payload);
     }
 
     /// Client: flushes from the calling thread until the socket took everything (a client
@@ -301,7 +356,7 @@ impl Conn {
     }
 
     pub fn has_pending_output(st: &State) -> bool {
-        st.out_pos < st.out.len()
+        st.segs_len > 0 || st.out_pos < st.out.len()
     }
 
     /// Appends a control frame and flushes; a peer that lets control frames pile up is
@@ -311,7 +366,8 @@ impl Conn {
             return;
         }
         build(&mut st.out);
-        let control_bytes = st.out.len() - st.out_pos - st.out_data.min(st.out.len() - st.out_pos);
+        let pending = Self::pending_output(st);
+        let control_bytes = pending - st.out_data.min(pending);
         if control_bytes > CONTROL_QUEUE_LEN_MAX {
             self.kill(
                 st,
@@ -445,6 +501,42 @@ impl Conn {
         block: bool,
         encode: impl FnOnce(&mut Vec<u8>),
     ) -> Result<bool, Status> {
+        self.send_data_with(id, body_len, end_stream, deadline, block, |st| {
+            encode(&mut st.out)
+        })
+    }
+
+    /// Like [`Conn::send_data`] for a message whose last field is a large byte payload:
+    /// `prefix` is the encoded message up to the payload's length varint; the payload is
+    /// queued as its own segment and written with `writev`, never copied.
+    pub fn send_data_payload(
+        &self,
+        id: u32,
+        prefix: &[u8],
+        payload: Bytes,
+        end_stream: bool,
+        deadline: Option<Instant>,
+    ) -> Result<bool, Status> {
+        let len = prefix.len() + payload.len();
+        self.send_data_with(id, len, end_stream, deadline, true, |st| {
+            st.out.extend_from_slice(prefix);
+            if payload.len() >= ZERO_COPY_MIN {
+                Self::push_segment(st, payload);
+            } else {
+                st.out.extend_from_slice(&payload);
+            }
+        })
+    }
+
+    fn send_data_with(
+        &self,
+        id: u32,
+        body_len: usize,
+        end_stream: bool,
+        deadline: Option<Instant>,
+        block: bool,
+        emit: impl FnOnce(&mut State),
+    ) -> Result<bool, Status> {
         let cost = (FRAME_HEADER_LEN + body_len) as u32;
         if cost > self.limits.send_frame_len_max {
             return Err(Status::invalid_argument(format!(
@@ -493,11 +585,11 @@ impl Conn {
         }
         st.conn_send_window -= cost as i64;
         let flags = if end_stream { FLAG_END_STREAM } else { 0 };
-        let before = st.out.len();
+        let before = Self::pending_output(&st);
         frame::put_header(&mut st.out, id, Kind::Data, flags, body_len);
-        encode(&mut st.out);
+        emit(&mut st);
         assert_eq!(
-            st.out.len() - before,
+            Self::pending_output(&st) - before,
             LENGTH_PREFIX_LEN + cost as usize,
             "encoded length"
         );
@@ -1063,6 +1155,11 @@ struct PollResult {
     writable: bool,
     error: Option<io::Error>,
 }
+
+/// Payloads at least this large are queued as segments instead of copied.
+const ZERO_COPY_MIN: usize = 16 * 1024;
+/// Segments per writev.
+const IOV_MAX: usize = 64;
 
 fn closed_stream() -> Status {
     Status::cancelled("the stream is closed")

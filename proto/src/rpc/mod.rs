@@ -19,6 +19,18 @@ pub use server::{Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, S
 pub use crate::gen::wrenn::wire::v1::{CredentialKind, Hello};
 pub use prost::bytes::Bytes;
 
+/// Encodes `msg` followed by the key and length of a bytes field `tag` holding `payload_len`
+/// bytes: the prefix that, with the payload appended, is the encoding of `msg` with that
+/// field set. `msg` must leave the field empty. Used to send bulk data without copying it.
+pub fn payload_prefix<M: prost::Message>(msg: &M, tag: u32, payload_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.encoded_len() + 10);
+    // Encoding into a Vec cannot fail: it grows as needed.
+    let _ = msg.encode(&mut out);
+    prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut out);
+    prost::encoding::encode_varint(payload_len as u64, &mut out);
+    out
+}
+
 /// A method of a service and its streaming shape (generated for every service).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MethodDesc {

@@ -926,6 +926,21 @@ impl ServerStream {
             .map(|_| ())
     }
 
+    /// Sends `msg` with its bytes field `tag` set to `payload`, without copying the payload
+    /// (it is written to the socket from `payload` itself). `msg` must leave that field
+    /// empty. Blocks under flow control like [`ServerStream::send`].
+    pub fn send_payload<M: Message>(
+        &mut self,
+        msg: &M,
+        tag: u32,
+        payload: Bytes,
+    ) -> Result<(), Status> {
+        let prefix = super::payload_prefix(msg, tag, payload.len());
+        self.conn
+            .send_data_payload(self.id, &prefix, payload, false, None)
+            .map(|_| ())
+    }
+
     /// Whether the client cancelled, the deadline passed, or the connection died.
     pub fn is_cancelled(&self) -> bool {
         let st = self.conn.lock();

@@ -57,6 +57,28 @@ pub(crate) fn send_nb(sock: &UnixStream, data: &[u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Sends several buffers in one call without blocking (and without SIGPIPE).
+pub(crate) fn send_vectored_nb(sock: &UnixStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is a valid "no address, no control data" header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is guaranteed ABI-compatible with `struct iovec` on Unix.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: `msg` points at `bufs`, valid readable iovecs for the duration of the call;
+    // the fd is owned by a live `UnixStream`.
+    let n = unsafe {
+        libc::sendmsg(
+            sock.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Sets the receive timeout of a blocking socket.
 pub(crate) fn set_recv_timeout(sock: &UnixStream, d: Duration) -> io::Result<()> {
     sock.set_read_timeout(Some(d))

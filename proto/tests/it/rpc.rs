@@ -679,3 +679,30 @@ fn split_stream_sends_and_receives_from_two_threads() {
     assert!(rx.recv::<Blob>().unwrap().is_none());
     sender.join().unwrap();
 }
+
+#[test]
+fn payload_sends_arrive_intact_and_in_order() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let mut s = c
+        .call(
+            PAYLOAD,
+            &Blob {
+                data: vec![],
+                n: 400,
+                size: 0,
+            },
+            opts(true),
+        )
+        .unwrap();
+    for i in 0..400u64 {
+        let m: Blob = s.recv().unwrap().expect("message");
+        assert_eq!((m.n, m.size), (i, 7));
+        assert!(m.data == payload_for(i), "payload {i} differs");
+        if i % 50 == 0 {
+            // Stall now and then so the server's socket fills and segments queue up.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(s.recv::<Blob>().unwrap().is_none());
+}

@@ -24,6 +24,22 @@ pub const SUM: &str = "test.T/Sum";
 pub const BIDI: &str = "test.T/Bidi";
 pub const HANG: &str = "test.T/Hang";
 pub const FAIL: &str = "test.T/Fail";
+pub const PAYLOAD: &str = "test.T/Payload";
+
+/// Payload bytes of message `i` in the PAYLOAD stream: sizes straddle the zero-copy
+/// threshold, contents depend on `i`.
+pub fn payload_for(i: u64) -> Vec<u8> {
+    let len = [
+        0usize,
+        10,
+        16 * 1024 - 1,
+        16 * 1024,
+        64 * 1024,
+        200_000,
+        1000,
+    ][(i % 7) as usize];
+    (0..len).map(|k| (k as u64 * 31 + i) as u8).collect()
+}
 
 #[derive(Default)]
 pub struct Stats {
@@ -53,6 +69,33 @@ impl Service for TestService {
                 Err(e) => call.fail(e),
             },
             FAIL => call.fail(Status::not_found("nothing here")),
+            PAYLOAD => call.spawn(|mut s| {
+                let req: Blob = match s.first() {
+                    Ok(r) => r,
+                    Err(e) => return s.finish(Err(e)),
+                };
+                for i in 0..req.n {
+                    let header = Blob {
+                        data: vec![],
+                        n: i,
+                        size: 7,
+                    };
+                    let r = if i % 3 == 2 {
+                        // Mixed in: ordinary copied sends keep their place in the stream.
+                        s.send(&Blob {
+                            data: payload_for(i),
+                            n: i,
+                            size: 7,
+                        })
+                    } else {
+                        s.send_payload(&header, 1, payload_for(i).into())
+                    };
+                    if let Err(e) = r {
+                        return s.finish(Err(e));
+                    }
+                }
+                s.finish(Ok(()))
+            }),
             COUNT => call.spawn(|mut s| {
                 let req: Blob = match s.first() {
                     Ok(r) => r,
