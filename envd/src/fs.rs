@@ -400,15 +400,57 @@ pub fn mkdir_all(user: &User, path: &Path, mode: u32) -> Result<bool, Error> {
 /// Renames `from` to `to`. With `overwrite`, an existing `to` (a file, or an empty
 /// directory) is replaced as rename(2) does; without it, an existing `to` is AlreadyExists
 /// (renameat2 RENAME_NOREPLACE, so there is no check-then-rename race). Across filesystems
-/// (EXDEV) the move fails with InvalidArgument: envd does not copy trees.
+/// (EXDEV, e.g. from the guest's tmpfs /tmp to its disk) a regular file is copied into
+/// place atomically and the source removed; a directory is InvalidArgument (envd does not
+/// copy trees).
 pub fn rename(user: &User, from: &Path, to: &Path, overwrite: bool) -> Result<(), Error> {
     let what = format!("move {} to", from.display());
-    as_user(user, || {
+    let r = as_user(user, || {
         if overwrite {
             std::fs::rename(from, to).map_err(|e| Error::io(&what, to, e))
         } else {
             rename_noreplace(from, to).map_err(|e| Error::io(&what, to, e))
         }
+    });
+    match r {
+        Err(e) if e.source.as_ref().and_then(|s| s.raw_os_error()) == Some(libc::EXDEV) => {
+            move_file_across(user, from, to, overwrite)
+        }
+        other => other,
+    }
+}
+
+/// The EXDEV fallback of [`rename`] for a regular file: copy, then remove the source.
+fn move_file_across(user: &User, from: &Path, to: &Path, overwrite: bool) -> Result<(), Error> {
+    let md = stat(user, from, false)?;
+    if md.file_type != FileType::File {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "move {} to {}: only files move across filesystems",
+                from.display(),
+                to.display()
+            ),
+        ));
+    }
+    let mut reader = open_read(user, from, 0, None)?;
+    let opts = WriteOptions {
+        mode: Some(md.mode),
+        exclusive: !overwrite,
+        ..Default::default()
+    };
+    let mut w = AtomicWriter::create(user, to, opts)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read_chunk(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        w.write(&buf[..n])?;
+    }
+    w.commit()?;
+    as_user(user, || {
+        std::fs::remove_file(from).map_err(|e| Error::io("remove", from, e))
     })
 }
 
@@ -922,6 +964,44 @@ mod tests {
             remove(&u, Path::new("/"), true).unwrap_err().kind,
             ErrorKind::InvalidArgument
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn moves_files_across_filesystems() {
+        let u = me();
+        let d = tmpdir("xdev");
+        let shm = Path::new("/dev/shm");
+        let (Ok(a), Ok(b)) = (std::fs::metadata(&d), std::fs::metadata(shm)) else {
+            return crate::testing::skip("no /dev/shm");
+        };
+        if a.dev() == b.dev() {
+            // Not an end-to-end part: this host simply has no second filesystem here.
+            println!("skipped: /dev/shm and the temp dir share a filesystem");
+            return;
+        }
+        let src = shm.join(format!("envd-xdev-{}", std::process::id()));
+        std::fs::write(&src, b"across").unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::fs::write(d.join("taken"), b"x").unwrap();
+        assert_eq!(
+            rename(&u, &src, &d.join("taken"), false).unwrap_err().kind,
+            ErrorKind::AlreadyExists
+        );
+        rename(&u, &src, &d.join("moved"), false).unwrap();
+        assert!(!src.exists());
+        assert_eq!(std::fs::read(d.join("moved")).unwrap(), b"across");
+        assert_eq!(
+            std::fs::metadata(d.join("moved")).unwrap().mode() & 0o777,
+            0o640
+        );
+        let sdir = shm.join(format!("envd-xdev-dir-{}", std::process::id()));
+        std::fs::create_dir(&sdir).unwrap();
+        assert_eq!(
+            rename(&u, &sdir, &d.join("dir"), false).unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
+        std::fs::remove_dir(&sdir).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }
 
