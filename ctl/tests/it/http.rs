@@ -1253,7 +1253,8 @@ fn keep_alive_pipelining_and_connection_limits() {
     }
     // An error answer with an unread small body keeps the connection usable.
     s.write_all(
-        "POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: bad\r\nContent-Length: 2\r\n\r\n{}".to_string()
+        "POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: bad\r\nContent-Length: 2\r\n\r\n{}"
+            .to_string()
             .as_bytes(),
     )
     .unwrap();
@@ -1429,4 +1430,721 @@ fn docs_page_is_self_contained() {
     );
     let r = request(gw.addr, "POST", "/health", None, Some(b""), "");
     assert_eq!(r.status, 405);
+}
+
+/// The gateway over the real service layer (PostgreSQL + a fake agent speaking the real
+/// agent protocol): every documented operation is called with real ids, in an order that
+/// makes each succeed, and each answer is checked against the document. A second team's
+/// key sees none of the first team's resources.
+mod real {
+    use super::*;
+    use crate::harness::Ctl;
+    use ctl::http::backend::ApiBackend;
+
+    struct Real {
+        addr: SocketAddr,
+        handle: HttpHandle,
+    }
+
+    impl Drop for Real {
+        fn drop(&mut self) {
+            self.handle.shutdown();
+        }
+    }
+
+    fn serve(ctl: &Ctl) -> Real {
+        let backend = Arc::new(ApiBackend(ctl.api().clone()));
+        let server = HttpServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            backend,
+            HttpConfig::default(),
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let (handle, _) = server.spawn().unwrap();
+        Real { addr, handle }
+    }
+
+    fn call(addr: SocketAddr, key: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
+        match body {
+            Some(b) => request(
+                addr,
+                method,
+                path,
+                Some(key),
+                Some(&serde_json::to_vec(&b).unwrap()),
+                "Content-Type: application/json\r\n",
+            ),
+            None => request(addr, method, path, Some(key), None, ""),
+        }
+    }
+
+    /// Checks an answer against the documented success response of `op` and returns its JSON.
+    fn check(doc: &Value, seen: &mut Vec<String>, op: &str, r: &Resp) -> Value {
+        let (path, method) = find_op(doc, op);
+        let spec = &doc["paths"][&path][&method];
+        let (status, resp) = spec["responses"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(s, _)| s.starts_with('2'))
+            .unwrap();
+        assert_eq!(
+            r.status.to_string(),
+            *status,
+            "{op}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let (ct, media) = resp["content"].as_object().unwrap().iter().next().unwrap();
+        assert!(
+            r.header("content-type")
+                .unwrap_or("")
+                .starts_with(ct.as_str()),
+            "{op}"
+        );
+        seen.push(op.to_owned());
+        match ct.as_str() {
+            "application/json" => {
+                let v = r.json();
+                validate(doc, &media["schema"], &v, op).unwrap_or_else(|e| panic!("{op}: {e}"));
+                v
+            }
+            "application/x-ndjson" => {
+                let lines: Vec<Value> = String::from_utf8(r.body.clone())
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
+                for l in &lines {
+                    validate(doc, &media["schema"], l, op).unwrap_or_else(|e| panic!("{op}: {e}"));
+                }
+                Value::Array(lines)
+            }
+            _ => Value::String(String::from_utf8_lossy(&r.body).into_owned()),
+        }
+    }
+
+    fn find_op(doc: &Value, op: &str) -> (String, String) {
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, spec) in item.as_object().unwrap() {
+                if spec["operationId"] == op {
+                    return (path.clone(), method.clone());
+                }
+            }
+        }
+        panic!("operation {op} is not documented");
+    }
+
+    fn assert_error(doc: &Value, r: &Resp, status: u16, code: &str) {
+        assert_eq!(
+            (r.status, r.error_code()),
+            (status, code.to_owned()),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        validate(
+            doc,
+            &json!({"$ref": "#/components/schemas/Error"}),
+            &r.json(),
+            "error",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn every_operation_against_the_real_service() {
+        let Some(ctl) = Ctl::start() else { return };
+        let (_agent, host_id) = ctl.add_host(8, 16384, 100_000);
+        let gw = serve(&ctl);
+        let a = gw.addr;
+        let k = ctl.team_key.clone();
+        let admin = ctl.admin_key.clone();
+        let doc = served_document(a);
+        let mut seen = Vec::new();
+        let s = &mut seen;
+        for p in ctl::http::handler::FIXED_PATHS {
+            let r = request(a, "GET", p, None, None, "");
+            let op = match *p {
+                "/health" => "health",
+                "/metrics" => "metrics",
+                "/openapi.yaml" => "openapi",
+                _ => "docs",
+            };
+            check(&doc, s, op, &r);
+        }
+        // Sandboxes.
+        let sb = check(
+            &doc,
+            s,
+            "sandboxes.create",
+            &call(
+                a,
+                &k,
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"memory_mib": 256, "metadata": {"suite": "http"}})),
+            ),
+        );
+        let id = sb["id"].as_str().unwrap().to_owned();
+        assert_eq!(sb["state"], "SANDBOX_STATE_RUNNING");
+        let list = check(
+            &doc,
+            s,
+            "sandboxes.list",
+            &call(
+                a,
+                &k,
+                "GET",
+                "/v1/sandboxes?metadata.suite=http&states=SANDBOX_STATE_RUNNING",
+                None,
+            ),
+        );
+        assert_eq!(list["sandboxes"][0]["id"], json!(id));
+        let none = call(a, &k, "GET", "/v1/sandboxes?metadata.suite=other", None);
+        assert_eq!(none.json()["sandboxes"], json!([]));
+        check(
+            &doc,
+            s,
+            "sandboxes.get",
+            &call(a, &k, "GET", &format!("/v1/sandboxes/{id}"), None),
+        );
+        check(
+            &doc,
+            s,
+            "sandboxes.ping",
+            &call(a, &k, "POST", &format!("/v1/sandboxes/{id}/ping"), None),
+        );
+        let t = check(
+            &doc,
+            s,
+            "sandboxes.set_timeout",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/timeout"),
+                Some(json!({"timeout_s": "900"})),
+            ),
+        );
+        assert_eq!(t["timeout_s"], "900");
+        // Processes.
+        let e = check(
+            &doc,
+            s,
+            "processes.exec",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(json!({"process": {"cmd": "echo", "args": ["hi"]}})),
+            ),
+        );
+        assert_eq!(e["stdout"], "aGk="); // "hi"
+        assert_eq!(e["exited"]["exit_code"], 0);
+        let e = call(
+            a,
+            &k,
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"process": {"cmd": "nope"}})),
+        );
+        assert_error(&doc, &e, 404, "not_found");
+        let lines = check(
+            &doc,
+            s,
+            "processes.exec_stream",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec/stream"),
+                Some(json!({"process": {"cmd": "x", "args": ["a", "b"]}})),
+            ),
+        );
+        assert_eq!(lines.as_array().unwrap().len(), 4);
+        check(
+            &doc,
+            s,
+            "processes.list",
+            &call(a, &k, "GET", &format!("/v1/sandboxes/{id}/processes"), None),
+        );
+        check(
+            &doc,
+            s,
+            "processes.send_input",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/processes/input"),
+                Some(json!({"process": {"pid": 1}, "data": "aGk="})),
+            ),
+        );
+        check(
+            &doc,
+            s,
+            "processes.close_stdin",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/processes/close-stdin"),
+                Some(json!({"process": {"pid": 1}})),
+            ),
+        );
+        check(
+            &doc,
+            s,
+            "processes.signal",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/processes/signal"),
+                Some(json!({"process": {"pid": 1}, "signal": "SIGNAL_SIGTERM"})),
+            ),
+        );
+        check(
+            &doc,
+            s,
+            "processes.resize_pty",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/processes/resize"),
+                Some(json!({"process": {"pid": 1}, "size": {"rows": 24, "cols": 80}})),
+            ),
+        );
+        // The fake agent knows no processes to reattach to: a typed 404, as documented.
+        let r = call(
+            a,
+            &k,
+            "POST",
+            &format!("/v1/sandboxes/{id}/processes/connect"),
+            Some(json!({"process": {"pid": 1}})),
+        );
+        assert_error(&doc, &r, 404, "not_found");
+        seen.push("processes.connect".into());
+        let s = &mut seen;
+        // Files: raw and multipart uploads, download, stat, list, mkdir, move, remove.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let r = request(
+            a,
+            "PUT",
+            &format!("/v1/sandboxes/{id}/files?path=/data/a.bin"),
+            Some(&k),
+            Some(&data),
+            "",
+        );
+        assert_eq!(
+            check(&doc, s, "files.upload", &r)["bytes_written"],
+            data.len().to_string()
+        );
+        let body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m\"\r\n\r\nmulti\r\n--b--\r\n";
+        let r = request(
+            a,
+            "POST",
+            &format!("/v1/sandboxes/{id}/files?path=/data/m.txt"),
+            Some(&k),
+            Some(body),
+            "Content-Type: multipart/form-data; boundary=b\r\n",
+        );
+        assert_eq!(
+            check(&doc, s, "files.upload_multipart", &r)["bytes_written"],
+            "5"
+        );
+        let r = call(
+            a,
+            &k,
+            "GET",
+            &format!("/v1/sandboxes/{id}/files?path=/data/a.bin"),
+            None,
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, data);
+        s.push("files.download".into());
+        check(
+            &doc,
+            s,
+            "files.stat",
+            &call(
+                a,
+                &k,
+                "GET",
+                &format!("/v1/sandboxes/{id}/files/stat?path=/data/m.txt"),
+                None,
+            ),
+        );
+        let ls = check(
+            &doc,
+            s,
+            "files.list",
+            &call(
+                a,
+                &k,
+                "GET",
+                &format!("/v1/sandboxes/{id}/files/list?path=/data"),
+                None,
+            ),
+        );
+        assert_eq!(ls["entries"].as_array().unwrap().len(), 2);
+        check(
+            &doc,
+            s,
+            "files.make_dir",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/files/mkdir"),
+                Some(json!({"path": "/data/d"})),
+            ),
+        );
+        check(
+            &doc,
+            s,
+            "files.move",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/files/move"),
+                Some(json!({"source": "/data/m.txt", "destination": "/data/n.txt"})),
+            ),
+        );
+        check(
+            &doc,
+            s,
+            "files.remove",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/files/remove"),
+                Some(json!({"path": "/data/n.txt"})),
+            ),
+        );
+        let r = call(
+            a,
+            &k,
+            "GET",
+            &format!("/v1/sandboxes/{id}/files?path=/data/n.txt"),
+            None,
+        );
+        assert_error(&doc, &r, 404, "not_found");
+        // Another team sees nothing of this one.
+        let (_, other) = ctl.other_team("team-b", "b@example.com");
+        assert_error(
+            &doc,
+            &call(a, &other, "GET", &format!("/v1/sandboxes/{id}"), None),
+            404,
+            "not_found",
+        );
+        assert_error(
+            &doc,
+            &call(
+                a,
+                &other,
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(json!({"process": {"cmd": "echo"}})),
+            ),
+            404,
+            "not_found",
+        );
+        assert_eq!(
+            call(a, &other, "GET", "/v1/sandboxes", None).json()["sandboxes"],
+            json!([])
+        );
+        // Pause / resume / templates.
+        let p = check(
+            &doc,
+            s,
+            "sandboxes.pause",
+            &call(a, &k, "POST", &format!("/v1/sandboxes/{id}/pause"), None),
+        );
+        assert_eq!(p["state"], "SANDBOX_STATE_PAUSED");
+        assert_error(
+            &doc,
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(json!({"process": {"cmd": "echo"}})),
+            ),
+            412,
+            "failed_precondition",
+        );
+        let p = check(
+            &doc,
+            s,
+            "sandboxes.resume",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/resume"),
+                Some(json!({})),
+            ),
+        );
+        assert_eq!(p["state"], "SANDBOX_STATE_RUNNING");
+        let tpl = call(
+            a,
+            &k,
+            "POST",
+            "/v1/templates",
+            Some(json!({"sandbox_id": id, "name": "snap"})),
+        );
+        let tpl_id = check(&doc, s, "templates.create", &tpl)["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let tl = check(
+            &doc,
+            s,
+            "templates.list",
+            &call(a, &k, "GET", "/v1/templates", None),
+        );
+        let names: Vec<&str> = tl["templates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"minimal") && names.contains(&"snap"),
+            "{names:?}"
+        );
+        check(
+            &doc,
+            s,
+            "templates.get",
+            &call(a, &k, "GET", "/v1/templates/snap", None),
+        );
+        // Platform templates cannot be deleted by a team key.
+        let r = call(
+            a,
+            &k,
+            "DELETE",
+            "/v1/templates/tpl-00000000-0000-0000-0000-000000000000",
+            None,
+        );
+        assert_error(&doc, &r, 403, "permission_denied");
+        check(
+            &doc,
+            s,
+            "templates.delete",
+            &call(a, &k, "DELETE", &format!("/v1/templates/{tpl_id}"), None),
+        );
+        check(
+            &doc,
+            s,
+            "sandboxes.destroy",
+            &call(a, &k, "DELETE", &format!("/v1/sandboxes/{id}"), None),
+        );
+        // Teams, users, keys.
+        let team = check(
+            &doc,
+            s,
+            "teams.get",
+            &call(a, &k, "GET", "/v1/teams/current", None),
+        );
+        assert_eq!(team["id"], json!(ctl.team_id));
+        let u = check(
+            &doc,
+            s,
+            "users.create",
+            &call(
+                a,
+                &k,
+                "POST",
+                "/v1/users",
+                Some(json!({"email": "c@example.com", "name": "Carol"})),
+            ),
+        );
+        let uid = u["id"].as_str().unwrap().to_owned();
+        assert_error(
+            &doc,
+            &call(
+                a,
+                &k,
+                "POST",
+                "/v1/users",
+                Some(json!({"email": "c@example.com"})),
+            ),
+            409,
+            "already_exists",
+        );
+        check(
+            &doc,
+            s,
+            "users.get",
+            &call(a, &k, "GET", &format!("/v1/users/{uid}"), None),
+        );
+        check(
+            &doc,
+            s,
+            "users.list",
+            &call(a, &k, "GET", "/v1/users?page_size=10", None),
+        );
+        let members = check(
+            &doc,
+            s,
+            "teams.list_members",
+            &call(a, &k, "GET", "/v1/teams/current/members", None),
+        );
+        assert!(members["members"].as_array().unwrap().len() >= 2);
+        check(
+            &doc,
+            s,
+            "teams.remove_member",
+            &call(
+                a,
+                &k,
+                "DELETE",
+                &format!("/v1/teams/current/members/{uid}"),
+                None,
+            ),
+        );
+        check(
+            &doc,
+            s,
+            "teams.add_member",
+            &call(
+                a,
+                &k,
+                "POST",
+                "/v1/teams/current/members",
+                Some(json!({"user_id": uid, "role": "TEAM_ROLE_ADMIN"})),
+            ),
+        );
+        let key = check(
+            &doc,
+            s,
+            "api_keys.create",
+            &call(a, &k, "POST", "/v1/api-keys", Some(json!({"name": "ci"}))),
+        );
+        let (kid, secret) = (
+            key["key"]["id"].as_str().unwrap().to_owned(),
+            key["plaintext"].as_str().unwrap().to_owned(),
+        );
+        assert_eq!(
+            call(a, &secret, "GET", "/v1/teams/current", None).status,
+            200
+        );
+        check(
+            &doc,
+            s,
+            "api_keys.list",
+            &call(a, &k, "GET", "/v1/api-keys", None),
+        );
+        check(
+            &doc,
+            s,
+            "api_keys.revoke",
+            &call(a, &k, "DELETE", &format!("/v1/api-keys/{kid}"), None),
+        );
+        assert_error(
+            &doc,
+            &call(a, &secret, "GET", "/v1/teams/current", None),
+            401,
+            "unauthenticated",
+        );
+        // Hosts: platform admin only.
+        assert_error(
+            &doc,
+            &call(a, &k, "GET", "/v1/hosts", None),
+            403,
+            "permission_denied",
+        );
+        check(
+            &doc,
+            s,
+            "hosts.create_registration_token",
+            &call(
+                a,
+                &admin,
+                "POST",
+                "/v1/hosts/registration-tokens",
+                Some(json!({"ttl_s": "60"})),
+            ),
+        );
+        let hosts = check(
+            &doc,
+            s,
+            "hosts.list",
+            &call(a, &admin, "GET", "/v1/hosts", None),
+        );
+        assert!(hosts["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["id"] == json!(host_id)));
+        check(
+            &doc,
+            s,
+            "hosts.get",
+            &call(a, &admin, "GET", &format!("/v1/hosts/{host_id}"), None),
+        );
+        let d = check(
+            &doc,
+            s,
+            "hosts.drain",
+            &call(
+                a,
+                &admin,
+                "POST",
+                &format!("/v1/hosts/{host_id}/drain"),
+                None,
+            ),
+        );
+        assert_eq!(d["host"]["status"], "HOST_STATUS_DRAINING");
+        check(
+            &doc,
+            s,
+            "hosts.delete",
+            &call(a, &admin, "DELETE", &format!("/v1/hosts/{host_id}"), None),
+        );
+        // Audit: the calls above left entries.
+        let log = check(
+            &doc,
+            s,
+            "audit_logs.list",
+            &call(
+                a,
+                &k,
+                "GET",
+                "/v1/audit-logs?resource_type=sandbox&page_size=50",
+                None,
+            ),
+        );
+        let actions: Vec<&str> = log["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["action"].as_str())
+            .collect();
+        assert!(
+            actions.contains(&"sandbox.create") && actions.contains(&"sandbox.pause"),
+            "{actions:?}"
+        );
+        // Every documented operation was exercised.
+        let mut documented: Vec<String> = ROUTES.iter().map(|r| r.operation.to_owned()).collect();
+        documented.extend(["health", "metrics", "openapi", "docs"].map(String::from));
+        documented.sort();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, documented);
+        // Metrics carry both ctl's own and the gateway's families.
+        let m = String::from_utf8(request(a, "GET", "/metrics", None, None, "").body).unwrap();
+        // (Gateway counters are process-wide; other tests in this binary add to them.)
+        assert!(
+            m.contains("wrenn_http_requests_total{operation=\"sandboxes.create\",status=\"201\"} "),
+            "{m}"
+        );
+        assert!(m.contains("# TYPE wrenn_ctl_"), "{m}");
+    }
 }

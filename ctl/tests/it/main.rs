@@ -5,6 +5,7 @@ mod agent_conformance;
 mod api;
 mod fake_agent;
 mod harness;
+mod http;
 mod jobs;
 mod matrix;
 mod scale;
