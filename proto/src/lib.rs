@@ -4,7 +4,8 @@
 //! - [`rpc`] (feature `rpc`): the multiplexed RPC runtime on mio — client, server, flow control;
 //! - [`gen`] (feature `rpc`): protobuf messages generated from `schema/` (checked in);
 //! - [`id`]: wire IDs (`sb-{uuid}` ...), parsed strictly at every boundary;
-//! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text.
+//! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text;
+//! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`).
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
@@ -14,6 +15,7 @@ pub mod id;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
+pub mod skip;
 pub mod status;
 
 #[cfg(feature = "rpc")]
