@@ -8,6 +8,7 @@
 mod doctor;
 mod metrics;
 mod support;
+mod units;
 mod up;
 
 use std::fs;
