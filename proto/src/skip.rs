@@ -14,14 +14,19 @@ pub fn required() -> bool {
 /// skips are not allowed.
 pub fn skip(test: &str, reason: &str) {
     assert!(!required(), "{test}: WRENN_REQUIRE_E2E=1 but {reason}");
-    println!("skipped: {test}: {reason}");
-    eprintln!("skipped: {test}: {reason}");
+    visible(&format!("skipped: {test}: {reason}"));
 }
 
 /// Reports a test that needs hardware absent from every machine here; never fails.
 pub fn hardware(test: &str, reason: &str) {
-    println!("skipped (hardware): {test}: {reason}");
-    eprintln!("skipped (hardware): {test}: {reason}");
+    visible(&format!("skipped (hardware): {test}: {reason}"));
+}
+
+/// Writes a line to the real stderr: the test harness captures `println!`/`eprintln!`
+/// of passing tests, so a skip printed that way would never be seen.
+fn visible(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Whether the current process runs as root (tests that create namespaces, devices, mounts).
