@@ -453,7 +453,7 @@ impl VmProcess {
                 Ok(())
             });
         }
-        let child = match cmd.spawn() {
+        let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(source) => {
                 if let Some(cg) = &cgroup {
@@ -467,11 +467,27 @@ impl VmProcess {
         };
         let pid = child.id();
         // Our unreaped child: the pid cannot be reused before we wait, so this pidfd names it.
-        let pidfd = sys::pidfd_open(pid).map_err(ProcessError::Pidfd)?;
-        // `child` is dropped without waiting: we reap through the pidfd.
+        let held = sys::pidfd_open(pid)
+            .map_err(ProcessError::Pidfd)
+            .and_then(|fd| {
+                let t =
+                    proc_start_time(pid).map_err(|source| ProcessError::Proc { pid, source })?;
+                Ok((fd, t))
+            });
+        let (pidfd, start_time) = match held {
+            Ok(h) => h,
+            Err(e) => {
+                // Without a pidfd we could not manage it: do not leave it running.
+                let _ = child.kill();
+                let _ = child.wait();
+                if let Some(cg) = &cgroup {
+                    let _ = cg.remove(Duration::from_millis(100));
+                }
+                return Err(e);
+            }
+        };
+        // `child` is dropped without waiting: from here on we reap through the pidfd.
         drop(child);
-        let start_time =
-            proc_start_time(pid).map_err(|source| ProcessError::Proc { pid, source })?;
         let state = State {
             pid,
             start_time,
