@@ -116,6 +116,9 @@ fn spawn_configure_kill() {
     });
     let vsock_leftover = dir.0.join("v.sock");
     cfg.cleanup = vec![vsock_leftover.clone()];
+    // Another sandbox's namespace, deleted while this Firecracker runs: its mount must not
+    // linger in Firecracker's mount namespace (that would keep the namespace alive).
+    let other = Netns::new(format!("wrnfo-{pid_tag}"));
 
     let t0 = Instant::now();
     let mut vm = VmProcess::spawn(&cfg).expect("spawn");
@@ -150,6 +153,14 @@ fn spawn_configure_kill() {
     assert!(stable_mounts(&mountinfo(&pid.to_string())) >= 2);
     assert_eq!(stable_mounts(&mountinfo("self")), 0);
     assert!(!Path::new(STABLE_DISK_PATH).exists());
+    let other_name = other.0.clone();
+    let mentions_other = |info: &str| info.lines().any(|l| l.contains(&format!("/{other_name} ")));
+    assert!(mentions_other(&mountinfo(&pid.to_string())));
+    drop(other);
+    assert!(
+        !mentions_other(&mountinfo(&pid.to_string())),
+        "a deleted netns is unmounted in firecracker's mount namespace too"
+    );
 
     // The API.
     let mut api = vm.api_client();
