@@ -3,6 +3,7 @@
 
 mod agent_conformance;
 mod api;
+mod cli;
 mod fake_agent;
 mod harness;
 mod http;

@@ -1,0 +1,341 @@
+//! The `wrenn` CLI end to end: the real binary against a ctl replica over PostgreSQL with a
+//! fake agent. Needs `target/<profile>/wrenn` (built by `cargo build -p wrenn`; cargo does
+//! not build other packages' binaries for this test), else it prints a skip.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::harness::{skip, Ctl};
+
+fn wrenn_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/it-<hash> -> target/<profile>/wrenn
+    let bin = exe.parent()?.parent()?.join("wrenn");
+    bin.is_file().then_some(bin)
+}
+
+struct Cli {
+    bin: PathBuf,
+    url: String,
+    key: String,
+}
+
+impl Cli {
+    fn run_with(&self, key: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .env("WRENN_URL", &self.url)
+            .env("WRENN_API_KEY", key)
+            .env("WRENN_LOG", "error")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("run wrenn");
+        if let Some(data) = stdin {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(data).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with(&self.key, args, None)
+    }
+    /// Runs, expects success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "wrenn {args:?}: {:?}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+    fn json(&self, args: &[&str]) -> Value {
+        // After the command words: for `sandbox exec` everything after CMD belongs to CMD.
+        let mut a = args.to_vec();
+        a.insert(2, "--json");
+        let out = self.ok(&a);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("wrenn {args:?} --json is not JSON ({e}): {out}"))
+    }
+}
+
+#[test]
+fn cli_end_to_end() {
+    let Some(bin) = wrenn_binary() else {
+        skip("the wrenn binary is not built (run `cargo build -p wrenn` first)");
+        return;
+    };
+    let Some(ctl) = Ctl::start() else { return };
+    let (_agent, host_id) = ctl.add_host(8, 16384, 100_000);
+    let cli = Cli {
+        bin,
+        url: ctl.addr(),
+        key: ctl.team_key.clone(),
+    };
+
+    // Sandboxes.
+    let sb = cli.json(&[
+        "sandbox",
+        "create",
+        "--memory",
+        "256",
+        "--meta",
+        "suite=cli",
+        "--timeout",
+        "120",
+    ]);
+    let id = sb["id"].as_str().unwrap().to_owned();
+    assert_eq!(sb["state"], "SANDBOX_STATE_RUNNING");
+    assert_eq!(sb["memory_mib"], 256);
+    assert_eq!(sb["timeout_s"], "120");
+    let table = cli.ok(&["sandbox", "list", "--meta", "suite=cli"]);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("running")),
+        "{table}"
+    );
+    let one = cli.ok(&["sandbox", "get", &id]);
+    assert!(
+        one.contains("state     running") && one.contains("metadata  suite=cli"),
+        "{one}"
+    );
+    assert!(cli.ok(&["sandbox", "ping", &id]).contains("running"));
+    assert_eq!(
+        cli.json(&[
+            "sandbox",
+            "set-timeout",
+            &id,
+            "600",
+            "--on-timeout",
+            "pause"
+        ])["on_timeout"],
+        "TIMEOUT_POLICY_PAUSE"
+    );
+
+    // Exec: output streamed, exit code passed through; --json gives NDJSON events.
+    let o = cli.run(&["sandbox", "exec", &id, "echo", "hi", "-n", "there"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi-nthere");
+    let nd = cli.ok(&["sandbox", "exec", "--json", &id, "x", "a"]);
+    let events: Vec<Value> = nd
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{nd}");
+    assert_eq!(events[1]["output"]["data"], "YQ==");
+    assert!(events[2]["exited"].is_object());
+    let bg = cli.json(&[
+        "sandbox",
+        "exec",
+        "--background",
+        "--tag",
+        "job",
+        &id,
+        "sleep",
+        "9",
+    ]);
+    assert!(bg["pid"].as_u64().unwrap() > 0);
+    assert_eq!(
+        cli.json(&["process", "list", &id])["processes"],
+        serde_json::json!([])
+    );
+    assert!(cli
+        .ok(&["process", "kill", &id, "--pid", "1", "--signal", "KILL"])
+        .contains("signal 9"));
+    let o = cli.run_with(
+        &cli.key,
+        &["process", "input", &id, "--pid", "1"],
+        Some(b"hello"),
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("wrote 5 bytes"),
+        "{o:?}"
+    );
+    let o = cli.run(&["process", "connect", &id, "--pid", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not_found"));
+
+    // Files: a 3 MiB round trip through put/get, and the small operations.
+    let dir = std::env::temp_dir().join(format!("wrenn-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("src.bin");
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    let put = cli.json(&[
+        "file",
+        "put",
+        &id,
+        src.to_str().unwrap(),
+        "/data/big.bin",
+        "--mode",
+        "600",
+    ]);
+    assert_eq!(put["bytes_written"], data.len().to_string());
+    let dst = dir.join("dst.bin");
+    let o = cli.run(&[
+        "file",
+        "get",
+        &id,
+        "/data/big.bin",
+        dst.to_str().unwrap(),
+        "--progress",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("MiB"),
+        "progress on stderr: {o:?}"
+    );
+    assert!(
+        std::fs::read(&dst).unwrap() == data,
+        "downloaded bytes differ"
+    );
+    let o = cli.run_with(
+        &cli.key,
+        &["file", "put", &id, "-", "/data/s.txt"],
+        Some(b"from stdin"),
+    );
+    assert!(o.status.success());
+    assert_eq!(
+        cli.ok(&["file", "get", &id, "/data/s.txt", "-"]),
+        "from stdin"
+    );
+    let ls = cli.ok(&["file", "ls", &id, "/data"]);
+    assert!(
+        ls.contains("/data/big.bin") && ls.contains("/data/s.txt"),
+        "{ls}"
+    );
+    assert_eq!(
+        cli.json(&["file", "stat", &id, "/data/s.txt"])["entry"]["size"],
+        "10"
+    );
+    cli.ok(&["file", "mkdir", &id, "/data/d"]);
+    cli.ok(&["file", "mv", &id, "/data/s.txt", "/data/t.txt"]);
+    cli.ok(&["file", "rm", &id, "/data/t.txt"]);
+    let o = cli.run(&[
+        "file",
+        "get",
+        &id,
+        "/data/t.txt",
+        dir.join("none").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        !dir.join("none").exists(),
+        "no local file for a missing remote one"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Pause, resume, templates.
+    assert!(cli.ok(&["sandbox", "pause", &id]).contains("paused"));
+    assert!(cli.ok(&["sandbox", "resume", &id]).contains("running"));
+    let tpl = cli.json(&["template", "create", &id, "snap"]);
+    let tpl_id = tpl["id"].as_str().unwrap().to_owned();
+    let tl = cli.ok(&["template", "list"]);
+    assert!(tl.contains("snap") && tl.contains("minimal"), "{tl}");
+    assert!(cli.ok(&["template", "get", "snap"]).contains(&tpl_id));
+    cli.ok(&["template", "rm", &tpl_id]);
+
+    // Keys, users, teams.
+    let key = cli.json(&["key", "create", "ci"]);
+    let secret = key["plaintext"].as_str().unwrap().to_owned();
+    let kid = key["key"]["id"].as_str().unwrap().to_owned();
+    assert!(cli
+        .run_with(&secret, &["team", "get"], None)
+        .status
+        .success());
+    assert!(cli.ok(&["key", "list"]).contains("ci"));
+    cli.ok(&["key", "revoke", &kid]);
+    let o = cli.run_with(&secret, &["team", "get"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unauthenticated"));
+    let u = cli.json(&[
+        "user",
+        "create",
+        "d@example.com",
+        "--name",
+        "Dan",
+        "--role",
+        "admin",
+    ]);
+    let uid = u["id"].as_str().unwrap().to_owned();
+    assert!(cli.ok(&["user", "get", &uid]).contains("d@example.com"));
+    assert!(cli.ok(&["user", "list"]).contains("d@example.com"));
+    let members = cli.ok(&["team", "members"]);
+    assert!(
+        members
+            .lines()
+            .any(|l| l.starts_with(&uid) && l.contains("admin")),
+        "{members}"
+    );
+    cli.ok(&["team", "remove-member", &uid]);
+    cli.ok(&["team", "add-member", &uid, "--role", "member"]);
+    assert!(cli.ok(&["team", "get"]).contains(&ctl.team_id));
+
+    // Hosts need the platform-admin key.
+    let o = cli.run(&["host", "list"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("permission_denied"));
+    let admin = |args: &[&str]| {
+        let o = cli.run_with(&ctl.admin_key, args, None);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert!(admin(&["host", "list"]).contains(&host_id));
+    assert!(admin(&["host", "get", &host_id]).contains("online"));
+    assert!(admin(&["host", "token", "--ttl", "60"]).starts_with("token: "));
+    let drained = admin(&["host", "drain", &host_id]);
+    assert!(
+        drained.contains("draining") && drained.contains(&id),
+        "{drained}"
+    );
+
+    // Audit, then destroy.
+    let audit = cli.ok(&["audit", "list", "--resource", &id]);
+    assert!(
+        audit.contains("sandbox.create") && audit.contains("sandbox.pause"),
+        "{audit}"
+    );
+    cli.ok(&["sandbox", "rm", &id]);
+    assert!(cli.ok(&["sandbox", "get", &id]).contains("stopped"));
+
+    // Errors: bad ids, usage, missing key, unreachable ctl.
+    let o = cli.run(&["sandbox", "get", "sb-nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("invalid_argument"),
+        "{o:?}"
+    );
+    assert_eq!(cli.run(&["sandbox", "get"]).status.code(), Some(2));
+    assert_eq!(cli.run(&["sandbox", "bogus"]).status.code(), Some(2));
+    assert_eq!(
+        cli.run(&["sandbox", "create", "--on-timeout", "nap"])
+            .status
+            .code(),
+        Some(2)
+    );
+    let o = cli.run_with("", &["sandbox", "list"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("WRENN_API_KEY"));
+    let o = cli.run(&["sandbox", "list", "--url", "127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unavailable"));
+    assert!(cli
+        .ok(&["sandbox", "create", "--help"])
+        .contains("--on-timeout pause|destroy"));
+}
