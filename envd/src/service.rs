@@ -991,6 +991,10 @@ pub fn process_status(e: process::Error) -> Status {
         },
         E::NotFound => Code::NotFound,
         E::NoStdin | E::NotAPty => Code::FailedPrecondition,
+        // The reading end is gone: the process exited or closed its stdin.
+        E::Io { source, .. } if source.raw_os_error() == Some(libc::EPIPE) => {
+            Code::FailedPrecondition
+        }
         E::Io { .. } => Code::Internal,
     };
     let msg = match &e {

@@ -128,6 +128,17 @@ impl Envd {
             .unwrap_or_default()
     }
 
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
@@ -411,7 +422,17 @@ fn output_of_200_mib_is_complete_and_ordered() {
     let mut total = 0u64;
     let t0 = Instant::now();
     let mut exited = None;
+    let mut rss_max = 0u64;
+    let mut events = 0u64;
     while let Some(ev) = next_event(&mut s).unwrap() {
+        events += 1;
+        if events % 256 == 0 {
+            rss_max = rss_max.max(e.rss_kib());
+            // A slow reader for a while: envd must hold the child back, not buffer.
+            if events < 2048 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         match ev {
             pb::process_event::Event::Output(o) => {
                 assert_eq!(o.stream, pb::OutputStream::Stdout as i32);
@@ -441,10 +462,12 @@ fn output_of_200_mib_is_complete_and_ordered() {
         Some(pb::process_exited::Status::ExitCode(0))
     );
     println!(
-        "200 MiB output: {total} bytes in {:?} ({:.0} MiB/s)",
+        "200 MiB output: {total} bytes in {:?} ({:.0} MiB/s), envd max RSS {rss_max} KiB",
         t0.elapsed(),
         total as f64 / 1048576.0 / t0.elapsed().as_secs_f64()
     );
+    // Bounded: the 1 MiB ring plus the RPC windows, nowhere near the 200 MiB streamed.
+    assert!(rss_max < 48 * 1024, "envd RSS grew to {rss_max} KiB");
 }
 
 #[test]
