@@ -405,7 +405,7 @@ impl PageServer {
             pid: config.firecracker_pid,
             source,
         })?;
-        let listener = bind_socket(&config.socket_path)?;
+        let (listener, tmp) = bind_socket(&config.socket_path)?;
         let stats = Stats {
             state: "listening",
             ..Stats::default()
@@ -420,7 +420,13 @@ impl PageServer {
             started,
             stats,
         };
+        // Stats first, then the socket's final name: whoever sees the socket sees the stats.
         server.write_stats();
+        let path = &server.config.socket_path;
+        std::fs::rename(&tmp, path).map_err(|source| Error::Bind {
+            path: path.clone(),
+            source,
+        })?;
         info!(
             "listening socket={} firecracker_pid={} memory_bytes={} layers={} extents={}",
             server.config.socket_path.display(),
@@ -580,9 +586,9 @@ impl PageServer {
     }
 }
 
-/// Creates the listening socket atomically: bind and listen on a temporary name, then rename,
-/// so that the path appears only once connections are accepted.
-fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
+/// Creates the listening socket under a temporary name (bind + listen); the caller renames it
+/// to `path`, so that the path appears only once connections are accepted.
+fn bind_socket(path: &Path) -> Result<(UnixListener, PathBuf), Error> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -591,11 +597,7 @@ fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
         path: path.to_path_buf(),
         source,
     })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Bind {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(l)
+    Ok((l, tmp))
 }
 
 /// The serving phase: owns the userfaultfd and the page states.
@@ -1001,6 +1003,12 @@ impl<'a> Serve<'a> {
     /// One step of background work: a prefetch run, else (when not recording) a fill chunk.
     /// Returns `None` when there is nothing left to do.
     fn background_step(&mut self) -> Result<Option<Install>, Error> {
+        if self.prefetch_next == self.prefetch.len() && !self.prefetch.is_empty() {
+            // Announce the end of the prefetch once (the agent and tests watch the stats).
+            self.prefetch_next += 1;
+            info!("prefetch done pages={}", self.srv.stats.pages_prefetched);
+            self.srv.write_stats();
+        }
         while self.prefetch_next < self.prefetch.len() {
             let (run_off, run_len) = self.prefetch[self.prefetch_next];
             // Skip the resident head of the run.

@@ -504,6 +504,10 @@ pub fn signalfd(signals: &[i32]) -> io::Result<OwnedFd> {
 
 /// Drains a readable fd (a signalfd, eventfd or pipe) so that edge-triggered polling re-arms.
 pub fn drain(fd: BorrowedFd<'_>) {
+    // Never block here: the fd may have been created blocking (a pipe or socket pair).
+    if set_nonblocking(fd).is_err() {
+        return;
+    }
     let mut buf = [0u8; 256];
     loop {
         // SAFETY: `buf` is writable for its length.
