@@ -2148,3 +2148,34 @@ mod real {
         assert!(m.contains("# TYPE wrenn_ctl_"), "{m}");
     }
 }
+
+/// The served document is valid OpenAPI 3.1 by an independent validator
+/// (`openapi-spec-validator`, when Python has it; skipped otherwise).
+#[test]
+fn openapi_document_passes_an_independent_validator() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import yaml, openapi_spec_validator"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("skipped: python3 with PyYAML and openapi-spec-validator not found");
+        return;
+    }
+    let gw = start(HttpConfig::default());
+    let r = request(gw.addr, "GET", "/openapi.yaml", None, None, "");
+    let path = std::env::temp_dir().join(format!("wrenn-openapi-{}.yaml", std::process::id()));
+    std::fs::write(&path, &r.body).unwrap();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, yaml\nfrom openapi_spec_validator import validate\nd = yaml.safe_load(open(sys.argv[1]))\nvalidate(d)\nassert d['openapi'].startswith('3.1')\nprint('valid')",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator rejects /openapi.yaml:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
