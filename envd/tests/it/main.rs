@@ -1227,15 +1227,66 @@ fn oversized_frames_are_refused_and_envd_survives() {
         .and_then(|_| s.close_send())
         .and_then(|_| s.recv::<pb::WriteResponse>());
     assert!(outcome.is_err(), "an oversized message was accepted");
-    // A raw oversized length prefix on a fresh socket: refused, envd still serves.
+    // Raw frames: after a valid hello, a REQUEST whose length prefix is far above the
+    // frame limit. The server must refuse it (GOAWAY/ERROR, then close) without reading
+    // the body, and go on serving others.
     {
+        use prost::Message;
+        use proto::frame::{self, Kind};
         use std::io::Write;
         let mut raw = std::os::unix::net::UnixStream::connect(&e.sock).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let hello = Hello {
+            version: proto::PROTOCOL_VERSION,
+            credential_kind: proto::gen::wrenn::wire::v1::CredentialKind::AccessToken as i32,
+            credential: TOKEN.into(),
+            client: "raw-test".into(),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        frame::put_frame(&mut out, 0, Kind::Hello, 0, &hello.encode_to_vec());
+        raw.write_all(&out).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut acked = false;
+        let t0 = Instant::now();
+        while !acked {
+            assert!(t0.elapsed() < Duration::from_secs(5), "no HELLO_ACK");
+            let n = raw.read(&mut buf).unwrap();
+            assert!(n > 0, "closed before HELLO_ACK");
+            got.extend_from_slice(&buf[..n]);
+            if let Ok(frame::Decoded::Frame(f, _)) = frame::decode(&got, u32::MAX >> 1) {
+                assert_eq!(f.kind, Kind::HelloAck);
+                acked = true;
+            }
+        }
+        out.clear();
+        frame::put_header(&mut out, 1, Kind::Request, 0, 8 << 20);
+        raw.write_all(&out).unwrap();
+        let _ = raw.write_all(&[0u8; 1024]);
+        // The server answers and closes: read to EOF (or a reset), never a timeout.
+        let t0 = Instant::now();
+        loop {
+            match raw.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("oversized frame not refused: {e} after {:?}", t0.elapsed()),
+            }
+        }
+        // Garbage before any hello: refused too.
+        let mut raw = std::os::unix::net::UnixStream::connect(&e.sock).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = raw.write_all(&u32::MAX.to_be_bytes());
         let _ = raw.write_all(&[0u8; 64]);
-        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 256];
-        let _ = raw.read(&mut buf);
+        loop {
+            match raw.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("garbage before hello not refused: {e}"),
+            }
+        }
     }
     let c2 = e.authed();
     let _: pb::HealthCheckResponse = c2
