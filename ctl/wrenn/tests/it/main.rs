@@ -10,6 +10,7 @@ mod metrics;
 mod support;
 mod units;
 mod up;
+mod upgrade;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

@@ -11,7 +11,6 @@ pub fn require_e2e() -> bool {
 pub fn skip(test: &str, reason: &str) {
     assert!(!require_e2e(), "{test}: WRENN_REQUIRE_E2E=1 but {reason}");
     println!("skipped: {test}: {reason}");
-    eprintln!("skipped: {test}: {reason}");
 }
 
 /// The `wrenn` binary under test.

@@ -18,7 +18,7 @@ fn free(port: u16) -> bool {
 }
 
 /// A base port p with p..p+5 free (ctl, http, agent, agent metrics, postgres).
-fn free_ports() -> u16 {
+pub fn free_ports() -> u16 {
     let seed = std::process::id() as u64
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -38,7 +38,7 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 /// The pieces `wrenn up` needs, or the reason they are missing.
-fn prerequisites() -> Result<(), String> {
+pub fn prerequisites() -> Result<(), String> {
     if !wrenn::doctor::sys::is_root() {
         return Err("not root (wrenn-agent needs root)".into());
     }
@@ -50,7 +50,7 @@ fn prerequisites() -> Result<(), String> {
 }
 
 /// Processes whose command line mentions `dir`.
-fn processes_under(dir: &Path) -> Vec<String> {
+pub fn processes_under(dir: &Path) -> Vec<String> {
     let needle = dir.display().to_string();
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -71,7 +71,7 @@ fn processes_under(dir: &Path) -> Vec<String> {
 }
 
 /// Stops the stack when the test ends, whatever happened.
-struct Down(Layout);
+pub struct Down(pub Layout);
 impl Drop for Down {
     fn drop(&mut self) {
         let _ = up::stop(&self.0);
@@ -200,15 +200,75 @@ fn up_then_down_without_firecracker() {
     // The agent's RPC counters move as ctl calls it (heartbeats, host info); at least the
     // page is stable and parseable a second time.
     let agent_after = metrics_of(agent_http);
+    for (who, e) in [("ctl", &after), ("agent", &agent_after)] {
+        let families: Vec<String> = e.types.iter().map(|(n, t)| format!("{n} ({t})")).collect();
+        println!(
+            "{who} /metrics: {} families: {}",
+            families.len(),
+            families.join(", ")
+        );
+    }
     assert!(agent_after.types.len() >= agent_before.types.len());
 
     // A sandbox create fails with an error naming the missing part.
-    let (code, body) = post(http, "/v1/sandboxes", &key, "{}");
+    let (code, body) = post(http, "/v1/sandboxes", &key, "{}", Duration::from_secs(120));
     println!("create without Firecracker: {code} {body}");
     assert!(code >= 400, "{code} {body}");
     assert!(
         body.to_lowercase().contains("firecracker") || body.contains("no host"),
         "{body}"
+    );
+
+    // ctl's host-facing counter moves with the agent's heartbeats.
+    let host_calls = after.sum("wrenn_ctl_host_calls_total");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metrics_of(http).sum("wrenn_ctl_host_calls_total") <= host_calls {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat reached ctl in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Upgrading the agent: stop only wrenn-agent (what KillMode=process does), start it
+    // again. It keeps its identity: no new registration, still one host in ctl.
+    let agent_pid: i32 = std::fs::read_to_string(cfg.layout.pid("agent"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let identity = cfg.layout.agent_root().join("agent/identity.conf");
+    let identity_before = std::fs::read(&identity).unwrap();
+    wrenn::doctor::sys::kill(agent_pid, libc::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::path::Path::new(&format!("/proc/{agent_pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{agent_pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let restarted = up::up(&cfg).unwrap_or_else(|e| panic!("wrenn up after agent stop: {e}"));
+    assert!(restarted.contains(&key));
+    assert_ne!(
+        std::fs::read_to_string(cfg.layout.pid("agent"))
+            .unwrap()
+            .trim(),
+        agent_pid.to_string()
+    );
+    assert_eq!(std::fs::read(&identity).unwrap(), identity_before);
+    let (code, hosts) = http_get(http, "/v1/hosts", &[("X-API-Key", &admin)], T).unwrap();
+    assert_eq!(code, 200, "{hosts}");
+    assert_eq!(
+        hosts
+            .matches(&format!("127.0.0.1:{}", cfg.agent_port))
+            .count(),
+        1,
+        "one host after the restart: {hosts}"
     );
 
     // A second `up` is a no-op that reuses everything (same key, same processes).
@@ -244,10 +304,16 @@ fn up_then_down_without_firecracker() {
     assert!(processes_under(state.path()).is_empty());
 }
 
-fn post(addr: SocketAddr, path: &str, key: &str, body: &str) -> (u16, String) {
+pub fn post(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    body: &str,
+    timeout: Duration,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
     write!(
         s,
         "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
