@@ -11,7 +11,7 @@ use log::{info, warn};
 use proto::rpc::{Server, ServerConfig};
 
 use crate::clock::Clock;
-use crate::limits::CLOCK_SYNC_INTERVAL;
+use crate::limits::{CLOCK_SYNC_INTERVAL, RPC_WORKERS_MAX};
 use crate::process::{Cgroup, Table};
 use crate::reaper::{Mode, Reaper};
 use crate::service::{AnnounceTarget, Config, Envd, EnvdService};
@@ -127,11 +127,10 @@ pub fn run(opts: Options) -> Result<(), String> {
         set_hostname: pid1,
     };
     let envd = Envd::new(cfg, table.clone(), clock);
-    let mut server = Server::new(
-        ServerConfig::new("envd"),
-        Arc::new(EnvdService(envd.clone())),
-    )
-    .map_err(|e| format!("create the server: {e}"))?;
+    let mut server_cfg = ServerConfig::new("envd");
+    server_cfg.workers_max = RPC_WORKERS_MAX;
+    let mut server = Server::new(server_cfg, Arc::new(EnvdService(envd.clone())))
+        .map_err(|e| format!("create the server: {e}"))?;
     match &opts.listen {
         Listen::Unix(p) => server
             .listen_unix(p)

@@ -10,6 +10,9 @@ pub const SUPPLEMENTARY_GROUPS_MAX: usize = 256;
 
 /// Processes envd runs at once (started through the API). Each holds a ring and a thread.
 pub const PROCESSES_MAX: usize = 256;
+/// RPC worker threads: every attached process stream, read, write and watch holds one for
+/// its whole life, so room for all processes' streams plus as many other calls.
+pub const RPC_WORKERS_MAX: usize = 2 * PROCESSES_MAX;
 /// Arguments plus environment entries of one process.
 pub const PROCESS_ARGS_MAX: usize = 4096;
 /// Bytes of recent output kept per process for replay on reconnect; also the most output
