@@ -118,6 +118,14 @@ impl Db {
                         shell: "/bin/sh".into(),
                     },
                 },
+                // A minimal image may have no /etc/passwd at all; root must still work.
+                Err(_) if name == "root" => PasswdEntry {
+                    name: "root".into(),
+                    uid: 0,
+                    gid: 0,
+                    home: "/root".into(),
+                    shell: "/bin/sh".into(),
+                },
                 Err(_) => {
                     return Err(Error::UnknownUser {
                         name: name.to_string(),
@@ -280,7 +288,9 @@ mod tests {
         assert!(matches!(db.user("ghost"), Err(Error::UnknownUser { .. })));
         assert!(matches!(db.user(""), Err(Error::UnknownUser { .. })));
         let empty = Db::parse("", "");
-        assert!(empty.user("root").is_err());
+        let root = empty.user("root").unwrap();
+        assert_eq!((root.uid, root.gid, root.groups.clone()), (0, 0, vec![0]));
+        assert!(empty.user("user").is_err());
         assert_eq!(empty.user("0").unwrap().uid, 0);
     }
 
