@@ -482,10 +482,27 @@ struct TableInner {
     /// Processes that ended recently, newest last: a client whose stream broke can still
     /// reconnect and learn how the process ended (and get the ring's replay).
     recent: Mutex<VecDeque<(Instant, Arc<Process>)>>,
+    /// Tags of processes being started.
+    reserved: Mutex<std::collections::HashSet<String>>,
     cgroup: Option<Cgroup>,
 }
 
+struct TagReservation<'a> {
+    table: &'a TableInner,
+    tag: String,
+}
+
+impl Drop for TagReservation<'_> {
+    fn drop(&mut self) {
+        self.table.reserved_tags().remove(&self.tag);
+    }
+}
+
 impl TableInner {
+    fn reserved_tags(&self) -> MutexGuard<'_, std::collections::HashSet<String>> {
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn recent(&self) -> MutexGuard<'_, VecDeque<(Instant, Arc<Process>)>> {
         let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         while r
@@ -511,6 +528,7 @@ impl Table {
                 reaper,
                 procs: Mutex::new(HashMap::new()),
                 recent: Mutex::new(VecDeque::new()),
+                reserved: Mutex::new(std::collections::HashSet::new()),
                 cgroup,
             }),
         }
@@ -584,17 +602,30 @@ impl Table {
     /// Starts a process and attaches the caller to its output from the first byte.
     pub fn start(&self, spec: Spec) -> Result<(Arc<Process>, Subscription), Error> {
         validate(&spec)?;
-        {
+        // Held until the process is in the table, so two concurrent starts cannot both
+        // take a tag.
+        let _tag = {
             let procs = self.procs();
             if procs.len() >= PROCESSES_MAX {
                 return Err(Error::TooManyProcesses);
             }
-            if let Some(tag) = &spec.tag {
-                if procs.values().any(|p| p.info.tag.as_ref() == Some(tag)) {
-                    return Err(Error::TagInUse(tag.clone()));
+            match &spec.tag {
+                Some(tag) => {
+                    let mut reserved = self.inner.reserved_tags();
+                    if reserved.contains(tag)
+                        || procs.values().any(|p| p.info.tag.as_ref() == Some(tag))
+                    {
+                        return Err(Error::TagInUse(tag.clone()));
+                    }
+                    reserved.insert(tag.clone());
+                    Some(TagReservation {
+                        table: &self.inner,
+                        tag: tag.clone(),
+                    })
                 }
+                None => None,
             }
-        }
+        };
         let exit_event = eventfd().map_err(|source| Error::Io {
             action: "create an eventfd",
             source,
@@ -1312,6 +1343,31 @@ mod tests {
         let (_, mut sub) = t.start(spec).unwrap();
         let (o, _, _, _) = collect(&mut sub);
         assert_eq!(String::from_utf8(o).unwrap(), "65534\n65534\n/tmp\n");
+    }
+
+    #[test]
+    fn concurrent_starts_cannot_share_a_tag() {
+        let t = table();
+        let results: Vec<_> = (0..8)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let mut spec = sh("exec sleep 2");
+                    spec.tag = Some("one".into());
+                    t.start(spec).map(|(p, _)| p)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let started: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(started.len(), 1);
+        assert!(results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, Error::TagInUse(_))));
+        started[0].signal(libc::SIGKILL).unwrap();
     }
 
     #[test]
