@@ -1,1 +1,109 @@
+//! The wrenn-agent executable: flags, and a start on a host without Firecracker, where it
+//! still serves and says why it cannot host sandboxes.
 
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent::statedir::Identity;
+use proto::gen::wrenn::agent::v1 as pb;
+use proto::id::Uuid;
+use proto::rpc::{Client, Credential};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wrenn-agent");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn bad_flags_exit_2_with_usage() {
+    let out = Command::new(BIN).arg("--bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown argument") && err.contains("usage:"),
+        "{err}"
+    );
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+}
+
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn starts_without_firecracker_and_reports_why_it_cannot_host() {
+    let root = crate::tmp_root("binary");
+    Identity {
+        host_id: Uuid::from_u128(8),
+        host_token: "h".into(),
+        agent_token: "tok".into(),
+    }
+    .save(&root.join("agent/identity.conf"))
+    .unwrap();
+    let (rpc, http) = (free_port(), free_port());
+    let child = Command::new(BIN)
+        .args(["--listen", &format!("127.0.0.1:{rpc}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{http}")])
+        .arg("--state-root")
+        .arg(&root)
+        .args(["--firecracker", "/nonexistent/firecracker"])
+        .args(["--kernel", "/nonexistent/vmlinux"])
+        .env_remove("WRENN_FIRECRACKER")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = Kill(child);
+    let end = Instant::now() + Duration::from_secs(20);
+    let health = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http)) {
+            write!(s, "GET /health HTTP/1.1\r\n\r\n").unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            break out;
+        }
+        assert!(Instant::now() < end, "agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("cannot host sandboxes"), "{health}");
+    let c = Client::connect_tcp(("127.0.0.1", rpc), Credential::agent_token("tok")).unwrap();
+    let info: pb::HostInfo = c
+        .unary(pb::host_methods::INFO, &pb::HostInfoRequest {}, None)
+        .unwrap();
+    assert!(!info.can_host_sandboxes);
+    assert!(
+        info.problems
+            .iter()
+            .any(|p| p.contains("firecracker not found")),
+        "{:?}",
+        info.problems
+    );
+    assert_eq!(info.host_id, proto::id::format_host(Uuid::from_u128(8)));
+    // A create is refused with the reason, not attempted.
+    let e = c
+        .unary::<_, pb::SandboxInfo>(
+            pb::sandboxes_methods::CREATE,
+            &pb::CreateSandboxRequest {
+                sandbox_id: proto::id::format_sandbox(Uuid::from_u128(1)),
+                template_id: proto::id::format_template(Uuid::nil()),
+                template_kind: pb::TemplateKind::Base as i32,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, proto::Code::Unavailable, "{e}");
+    let _ = std::fs::remove_dir_all(&root);
+}
