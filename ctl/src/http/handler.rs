@@ -112,6 +112,8 @@ impl HttpMetrics {
 /// The request-serving half of the gateway.
 pub struct Gateway {
     pub backend: Arc<dyn Backend>,
+    /// Bound on receiving a whole JSON body (see limits::JSON_BODY_TIMEOUT).
+    pub json_body_timeout: std::time::Duration,
 }
 
 /// What the caller does with the connection afterwards.
@@ -128,6 +130,7 @@ struct Ctx<'a, S: Read + Write> {
     body_started: bool,
     keep: bool,
     sent_continue: bool,
+    json_body_timeout: std::time::Duration,
 }
 
 impl<S: Read + Write> Ctx<'_, S> {
@@ -157,7 +160,10 @@ impl<S: Read + Write> Ctx<'_, S> {
 
 impl Gateway {
     pub fn new(backend: Arc<dyn Backend>) -> Gateway {
-        Gateway { backend }
+        Gateway {
+            backend,
+            json_body_timeout: super::limits::JSON_BODY_TIMEOUT,
+        }
     }
 
     /// Serves the request whose head was parsed; its body (if any) is next on `wire`.
@@ -170,6 +176,7 @@ impl Gateway {
             body_started: false,
             keep: head.keep_alive,
             sent_continue: false,
+            json_body_timeout: self.json_body_timeout,
         };
         let (op, status, after) = self.dispatch(&mut ctx);
         METRICS.workers_busy.add(-1);
@@ -713,7 +720,8 @@ fn read_json<S: Read + Write>(ctx: &mut Ctx<'_, S>) -> Result<Value, Response> {
     ctx.body_started = true;
     let head = ctx.head;
     let mut body = BodyReader::new(ctx.wire, head);
-    let bytes = match body.read_to_vec(JSON_BODY_MAX) {
+    let deadline = Instant::now() + ctx.json_body_timeout;
+    let bytes = match body.read_to_vec_until(JSON_BODY_MAX, Some(deadline)) {
         Ok(b) => b,
         Err(super::request::BodyError::TooLarge) => {
             ctx.keep = false;
@@ -721,6 +729,14 @@ fn read_json<S: Read + Write>(ctx: &mut Ctx<'_, S>) -> Result<Value, Response> {
                 413,
                 "payload_too_large",
                 &format!("JSON bodies are limited to {JSON_BODY_MAX} bytes"),
+            ));
+        }
+        Err(super::request::BodyError::Timeout) => {
+            ctx.keep = false;
+            return Err(Response::error(
+                408,
+                "request_timeout",
+                "request body not received in time",
             ));
         }
         Err(e) => {

@@ -35,3 +35,7 @@ pub const DRAIN_MAX: u64 = 64 * 1024;
 pub const UPLOAD_CHUNK: usize = 64 * 1024;
 /// Events handled per poll.
 pub const EVENTS: usize = 256;
+/// A JSON body (≤ 1 MiB) must arrive whole within this time of its first read, so a client
+/// dripping bytes cannot hold a worker for IO_TIMEOUT per byte. File uploads have no total
+/// bound (any size), only IO_TIMEOUT between reads.
+pub const JSON_BODY_TIMEOUT: Duration = Duration::from_secs(30);

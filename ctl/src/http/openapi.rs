@@ -29,8 +29,8 @@ checked strictly; a bad ID is `invalid_argument` (400).
 
 Errors: `{\"error\":{\"code\":\"...\",\"message\":\"...\"}}` with a stable code: \
 invalid_argument 400, unauthenticated 401, permission_denied 403, not_found 404 (also for \
-other teams' resources and unknown routes), method_not_allowed 405, already_exists and \
-aborted 409, failed_precondition 412, payload_too_large 413 (JSON bodies are limited to \
+other teams' resources and unknown routes), method_not_allowed 405, request_timeout 408 (a \
+request head or JSON body not received in time), already_exists and aborted 409, failed_precondition 412, payload_too_large 413 (JSON bodies are limited to \
 1 MiB; file transfers have no limit), unsupported_media_type 415, resource_exhausted 429, \
 internal 500, unimplemented 501, unavailable 503, deadline_exceeded 504.
 
@@ -58,6 +58,7 @@ fn error_responses(route: &Route) -> Map<String, Value> {
         m.insert(s.into(), err.clone());
     }
     if route.input == Input::Body || route.input == Input::None {
+        m.insert("408".into(), err.clone());
         m.insert("413".into(), err.clone());
         m.insert("415".into(), err.clone());
     }
@@ -242,7 +243,7 @@ pub fn document() -> Value {
                "description": "Every error answer.",
                "properties": {"error": {"type": "object", "additionalProperties": false, "required": ["code", "message"],
                    "properties": {
-                       "code": {"type": "string", "description": "Stable code (the call status code's snake_case name, or method_not_allowed, payload_too_large, unsupported_media_type)."},
+                       "code": {"type": "string", "description": "Stable code (the call status code's snake_case name, or method_not_allowed, request_timeout, payload_too_large, unsupported_media_type)."},
                        "message": {"type": "string", "description": "Human-readable detail."}}}}}),
     );
     schemas.insert(

@@ -23,7 +23,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::backend::Backend;
 use super::handler::{After, Gateway, METRICS};
 use super::limits::{
-    CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT, IDLE_TIMEOUT, IO_TIMEOUT, WORKERS_MAX,
+    CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT, IDLE_TIMEOUT, IO_TIMEOUT, JSON_BODY_TIMEOUT,
+    WORKERS_MAX,
 };
 use super::request::{parse_head, Head, HeadError, Wire};
 use super::response::{write_response, Response};
@@ -44,6 +45,7 @@ pub struct HttpConfig {
     pub head_timeout: Duration,
     pub idle_timeout: Duration,
     pub io_timeout: Duration,
+    pub json_body_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -54,6 +56,7 @@ impl Default for HttpConfig {
             head_timeout: HEAD_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             io_timeout: IO_TIMEOUT,
+            json_body_timeout: JSON_BODY_TIMEOUT,
         }
     }
 }
@@ -156,7 +159,10 @@ impl HttpServer {
                 waker,
                 stop: AtomicBool::new(false),
             }),
-            gateway: Arc::new(Gateway::new(backend)),
+            gateway: Arc::new(Gateway {
+                json_body_timeout: config.json_body_timeout,
+                ..Gateway::new(backend)
+            }),
             pool: Pool::new(config.workers_max),
             config,
         })
@@ -236,13 +242,15 @@ impl HttpServer {
                     if let Slot::Reading(c) = &slots[i] {
                         if now >= c.deadline {
                             if !c.buf.is_empty() {
-                                let mut c = c.stream.try_clone_std();
+                                // Best effort on the non-blocking socket; then close.
                                 let r = Response::error(
                                     408,
-                                    "deadline_exceeded",
+                                    "request_timeout",
                                     "request head not received in time",
                                 );
-                                let _ = c.as_mut().map(|s| write_response(s, &r, false, false));
+                                let mut out = Vec::new();
+                                let _ = write_response(&mut out, &r, false, false);
+                                let _ = (&c.stream).write(&out);
                             }
                             self.close(&mut slots, &mut free, i);
                         }
@@ -477,19 +485,6 @@ fn release(slots: &mut [Slot], free: &mut Vec<usize>, i: usize) {
         slots[i] = Slot::Free;
         METRICS.connections_open.add(-1);
         free.push(i);
-    }
-}
-
-trait TryCloneStd {
-    fn try_clone_std(&self) -> Option<std::net::TcpStream>;
-}
-
-impl TryCloneStd for TcpStream {
-    /// A blocking-agnostic second handle for a last best-effort write.
-    fn try_clone_std(&self) -> Option<std::net::TcpStream> {
-        use std::os::fd::AsFd;
-        let fd = self.as_fd().try_clone_to_owned().ok()?;
-        Some(std::net::TcpStream::from(fd))
     }
 }
 

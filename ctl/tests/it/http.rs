@@ -1237,6 +1237,7 @@ fn keep_alive_pipelining_and_connection_limits() {
     let gw = start(HttpConfig {
         connections_max: 3,
         head_timeout: Duration::from_millis(500),
+        json_body_timeout: Duration::from_millis(300),
         ..HttpConfig::default()
     });
     let a = gw.addr;
@@ -1282,9 +1283,24 @@ fn keep_alive_pipelining_and_connection_limits() {
         .unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nX-Slow: ").unwrap();
     let r = read_response(&mut slow);
-    assert_eq!(r.status, 408);
+    assert_eq!((r.status, r.error_code()), (408, "request_timeout".into()));
     let mut rest = Vec::new();
     assert_eq!(slow.read_to_end(&mut rest).unwrap(), 0, "closed after 408");
+    // A JSON body that trickles in past its deadline: 408, connection closed.
+    let mut drip = TcpStream::connect(a).unwrap();
+    drip.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    drip.write_all(
+        format!("POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: 10\r\n\r\n{{")
+            .as_bytes(),
+    )
+    .unwrap();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(150));
+        let _ = drip.write_all(b" ");
+    }
+    let r = read_response(&mut drip);
+    assert_eq!((r.status, r.error_code()), (408, "request_timeout".into()));
     // Metrics count the requests.
     let m = String::from_utf8(request(a, "GET", "/metrics", None, None, "").body).unwrap();
     assert!(m.contains("wrenn_fake_total 1"), "{m}");
