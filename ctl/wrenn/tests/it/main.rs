@@ -5,6 +5,7 @@
 //! `skipped: <reason>` without it (a failure instead when `WRENN_REQUIRE_E2E=1`). No test here
 //! builds a kernel or runs debootstrap: those take minutes to hours.
 
+mod docs;
 mod doctor;
 mod metrics;
 mod support;
