@@ -1,7 +1,7 @@
 //! Upgrading the agent without losing sandboxes (docs/operations.md, "Upgrading the agent"):
 //! with a sandbox running, stop only wrenn-agent (what the unit's KillMode=process does on
 //! `systemctl restart`), start it again, and the sandbox is re-adopted: same Firecracker
-//! process, still running, still usable through ctl.
+//! process, still running, still usable through ctl (`echo hi` before and after).
 //!
 //! Needs a host that can run sandboxes: WRENN_FIRECRACKER, a kernel (WRENN_KERNEL or
 //! /var/lib/wrenn/kernels) and the base rootfs (WRENN_ROOTFS or /var/lib/wrenn/templates/
@@ -33,6 +33,28 @@ fn sandbox_id(json: &str) -> Option<String> {
     let at = json.find("\"sb-")?;
     let rest = &json[at + 1..];
     Some(rest[..rest.find('"')?].to_owned())
+}
+
+/// `echo hi` in the sandbox through ctl; the guests of the development machines now and then
+/// kill a new process on its first steps, so it is tried a few times.
+fn echo_hi(http: std::net::SocketAddr, key: &str, id: &str) {
+    let body = "{\"process\": {\"cmd\": \"/bin/echo\", \"args\": [\"hi\"]}}";
+    let mut last = String::new();
+    for _ in 0..3 {
+        let (code, out) = post(
+            http,
+            &format!("/v1/sandboxes/{id}/exec"),
+            key,
+            body,
+            Duration::from_secs(120),
+        );
+        // stdout is base64 in JSON: "hi\n" = "aGkK".
+        if code == 200 && out.contains("aGkK") {
+            return;
+        }
+        last = format!("{code} {out}");
+    }
+    panic!("echo hi failed: {last}");
 }
 
 fn firecracker_pids(agent_root: &Path) -> Vec<String> {
@@ -125,6 +147,7 @@ fn agent_restart_keeps_sandboxes() {
     assert_eq!(code, 200, "create: {body}");
     println!("sandbox created in {:?}", t0.elapsed());
     let id = sandbox_id(&body).unwrap_or_else(|| panic!("no sandbox id in {body}"));
+    echo_hi(http, &key, &id);
     let before = firecracker_pids(&cfg.layout.agent_root());
     assert_eq!(before.len(), 1, "one Firecracker: {before:?}");
 
@@ -173,7 +196,8 @@ fn agent_restart_keeps_sandboxes() {
         "same Firecracker"
     );
 
-    // Still usable: a lifecycle call goes through the new agent.
+    // Still usable: a process and a lifecycle call go through the new agent.
+    echo_hi(http, &key, &id);
     let (code, body) = post(
         http,
         &format!("/v1/sandboxes/{id}/ping"),
