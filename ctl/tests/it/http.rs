@@ -2195,3 +2195,63 @@ fn openapi_document_passes_an_independent_validator() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Opt-in measurement (`cargo test -p ctl --test it measure_ -- --ignored --nocapture`):
+/// latency of one call over HTTP/JSON (keep-alive) and over framed protobuf, same service.
+#[test]
+#[ignore]
+fn measure_gateway_overhead() {
+    let Some(ctl) = crate::harness::Ctl::start() else {
+        return;
+    };
+    let backend = Arc::new(ctl::http::backend::ApiBackend(ctl.api().clone()));
+    let server = HttpServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        backend,
+        HttpConfig::default(),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let (handle, _) = server.spawn().unwrap();
+    let n = 2000;
+    let pct = |mut v: Vec<Duration>| {
+        v.sort();
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    };
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let req = format!(
+        "GET /v1/teams/current HTTP/1.1\r\nX-API-Key: {}\r\n\r\n",
+        ctl.team_key
+    );
+    let mut http = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        s.write_all(req.as_bytes()).unwrap();
+        assert_eq!(read_response(&mut s).status, 200);
+        http.push(t.elapsed());
+    }
+    // The gateway alone: /health with a backend check that is one SELECT 1.
+    let mut health = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        s.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut s).status, 200);
+        health.push(t.elapsed());
+    }
+    let client = ctl.team();
+    let mut pb = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let _: pb::Team = client
+            .unary(pb::teams_methods::GET, &pb::GetTeamRequest::default(), None)
+            .unwrap();
+        pb.push(t.elapsed());
+    }
+    let (g50, g99) = pct(health);
+    println!("/health x{n}: p50 {g50:?} p99 {g99:?}");
+    let (h50, h99) = pct(http);
+    let (p50, p99) = pct(pb);
+    println!("teams.get x{n}: http p50 {h50:?} p99 {h99:?}; protobuf p50 {p50:?} p99 {p99:?}; http/protobuf p50 {:.2}x", h50.as_secs_f64() / p50.as_secs_f64());
+    handle.shutdown();
+}
