@@ -15,7 +15,8 @@
 //! `log/`. When Firecracker, the kernel or the rootfs is missing everything still starts, the
 //! agent reports itself unable to host sandboxes with the reason, and `up` says what to do.
 //!
-//! `down` stops the agent, then kills whatever the agent left running under its state root
+//! `down` destroys the local team's sandboxes through ctl (so the agent frees their network
+//! slots and disks), stops the agent, then kills whatever the agent left running under its state root
 //! (Firecracker, wrenn-uffd), unmounts anything mounted under the state directory, stops ctl
 //! and PostgreSQL (`pg_ctl stop -m fast`), and checks that every port is free again.
 
@@ -549,14 +550,33 @@ pub fn http_get(
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
+    http_request(addr, "GET", path, headers, "", timeout)
+}
+
+/// One HTTP/1.1 request with a JSON body (empty: none) on a fresh connection.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if !body.is_empty() || method != "GET" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
     req.push_str("\r\n");
+    req.push_str(body);
     s.write_all(req.as_bytes())?;
     let mut raw = Vec::new();
     s.take(HTTP_RESPONSE_MAX as u64).read_to_end(&mut raw)?;
@@ -1072,6 +1092,12 @@ fn summary(cfg: &UpConfig, health: &str, exports: &str) -> String {
         l.admin_key().display()
     ));
     let mut todo = Vec::new();
+    if !sys::is_root() {
+        todo.push(
+            "wrenn-agent runs sandboxes only as root: `wrenn down`, then `sudo wrenn up`"
+                .to_owned(),
+        );
+    }
     if !fs::metadata(&cfg.firecracker).is_ok_and(|m| m.is_file()) {
         todo.push(format!(
             "Firecracker is not at {}: install the release binary (github.com/firecracker-microvm/firecracker/releases) as {} or set WRENN_FIRECRACKER, then `wrenn down && wrenn up`",
@@ -1206,6 +1232,63 @@ fn stop_pidfile(layout: &Layout, name: &str, report: &mut String, left: &mut Vec
     }
 }
 
+/// The distinct `sb-<uuid>` ids in a JSON text.
+pub fn sandbox_ids(json: &str) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for (i, _) in json.match_indices("\"sb-") {
+        let rest = &json[i + 1..];
+        let Some(end) = rest.find('"') else { continue };
+        let id = &rest[..end];
+        // "sb-" + a hyphenated UUID.
+        if id.len() == 3 + 36 && !ids.iter().any(|x| x == id) {
+            ids.push(id.to_owned());
+        }
+    }
+    ids
+}
+
+/// Destroys the local team's sandboxes through ctl, so that the agent tears down their VMs,
+/// network slots and disks itself (a stopped agent leaves them running on purpose).
+fn destroy_sandboxes(
+    layout: &Layout,
+    http: SocketAddr,
+    report: &mut String,
+    left: &mut Vec<String>,
+) {
+    let (Some(key), Some(_)) = (
+        read_trim(&layout.api_key()),
+        live_pid(&layout.pid("ctl"), "wrenn-ctl"),
+    ) else {
+        return;
+    };
+    let auth = [("X-API-Key", key.as_str())];
+    let list = match http_get(http, "/v1/sandboxes", &auth, Duration::from_secs(10)) {
+        Ok((200, body)) => body,
+        Ok((code, body)) => {
+            report.push_str(&format!(
+                "could not list sandboxes ({code}): {}\n",
+                body.trim()
+            ));
+            return;
+        }
+        Err(e) => {
+            report.push_str(&format!("could not list sandboxes: {e}\n"));
+            return;
+        }
+    };
+    for id in sandbox_ids(&list) {
+        let path = format!("/v1/sandboxes/{id}");
+        match http_request(http, "DELETE", &path, &auth, "", STOP_TIMEOUT * 8) {
+            Ok((200 | 204 | 404, _)) => report.push_str(&format!("destroyed {id}\n")),
+            Ok((code, body)) => left.push(format!(
+                "sandbox {id}: destroy failed ({code}): {}",
+                body.trim()
+            )),
+            Err(e) => left.push(format!("sandbox {id}: destroy failed: {e}")),
+        }
+    }
+}
+
 /// Stops the stack in `layout`; returns what was done, or what was left behind.
 pub fn stop(layout: &Layout) -> Result<String, UpError> {
     let mut report = String::new();
@@ -1219,6 +1302,9 @@ pub fn stop(layout: &Layout) -> Result<String, UpError> {
     let conf = read_conf(&layout.stack());
     let root = sys::is_root();
 
+    if let Some(port) = conf.get("http_port").and_then(|p| p.parse::<u16>().ok()) {
+        destroy_sandboxes(layout, loopback(port), &mut report, &mut left);
+    }
     stop_pidfile(layout, "agent", &mut report, &mut left);
     // The agent leaves Firecracker and wrenn-uffd running on purpose (a restarted agent
     // re-adopts them); `down` means nothing keeps running.
@@ -1332,6 +1418,15 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc"
         )
         .is_err());
+    }
+
+    #[test]
+    fn sandbox_ids_are_distinct_and_well_formed() {
+        let a = "sb-0b5f0e4c-6c58-4c39-9d5e-0f3b7b1f7a11";
+        let b = "sb-1b5f0e4c-6c58-4c39-9d5e-0f3b7b1f7a11";
+        let json = format!("{{\"sandboxes\":[{{\"id\":\"{a}\"}},{{\"id\":\"{b}\",\"x\":\"{a}\"}},{{\"id\":\"sb-short\"}}]}}");
+        assert_eq!(sandbox_ids(&json), [a, b]);
+        assert!(sandbox_ids("{}").is_empty());
     }
 
     #[test]
