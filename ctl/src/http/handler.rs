@@ -123,11 +123,21 @@ pub enum After {
     Close,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyState {
+    /// Not touched: skipped (bounded) before the next request.
+    Unread,
+    /// Read to its end.
+    Consumed,
+    /// Read in part: the connection cannot carry another request.
+    Partial,
+}
+
 struct Ctx<'a, S: Read + Write> {
     head: &'a Head,
     wire: &'a mut Wire<S>,
-    /// Body bytes were left unread and cannot be skipped: close after answering.
-    body_started: bool,
+    /// How far the request body has been read.
+    body: BodyState,
     keep: bool,
     sent_continue: bool,
     json_body_timeout: std::time::Duration,
@@ -173,7 +183,7 @@ impl Gateway {
         let mut ctx = Ctx {
             head,
             wire,
-            body_started: false,
+            body: BodyState::Unread,
             keep: head.keep_alive,
             sent_continue: false,
             json_body_timeout: self.json_body_timeout,
@@ -191,17 +201,22 @@ impl Gateway {
         if after == After::Close || !ctx.keep {
             return After::Close;
         }
-        // Skip an unread body so the next request starts at the right byte.
-        if head.has_body() {
-            if ctx.body_started || head.expect_continue && !ctx.sent_continue {
-                return After::Close;
-            }
-            let mut body = BodyReader::new(ctx.wire, head);
-            if !body.drain(DRAIN_MAX) {
-                return After::Close;
+        // The next request starts right after this body: skip it if it was not read.
+        match ctx.body {
+            BodyState::Consumed => After::KeepAlive,
+            BodyState::Partial => After::Close,
+            BodyState::Unread if !head.has_body() => After::KeepAlive,
+            // The client waits for 100 Continue before sending it: it never will.
+            BodyState::Unread if head.expect_continue && !ctx.sent_continue => After::Close,
+            BodyState::Unread => {
+                let mut body = BodyReader::new(ctx.wire, head);
+                if body.drain(DRAIN_MAX) {
+                    After::KeepAlive
+                } else {
+                    After::Close
+                }
             }
         }
-        After::KeepAlive
     }
 
     fn dispatch<S: Read + Write>(&self, ctx: &mut Ctx<'_, S>) -> (&'static str, u16, After) {
@@ -567,7 +582,7 @@ impl Gateway {
         };
         ctx.continue_100()
             .map_err(|_| Response::error(499, "cancelled", "client gone"))?;
-        ctx.body_started = true;
+        ctx.body = BodyState::Partial;
         let head = ctx.head;
         let mut body = BodyReader::new(ctx.wire, head);
         let mut buf = vec![0u8; UPLOAD_CHUNK];
@@ -625,9 +640,9 @@ impl Gateway {
                 Ok(Some(upload_data(&buf[..n])))
             });
         }
-        let done = body.is_done();
-        ctx.body_started = !done;
-        if !done {
+        if body.is_done() {
+            ctx.body = BodyState::Consumed;
+        } else {
             ctx.keep = false;
         }
         let reply = result.map_err(|s| Response::from_status(&s))?;
@@ -717,7 +732,7 @@ fn read_json<S: Read + Write>(ctx: &mut Ctx<'_, S>) -> Result<Value, Response> {
     if ctx.continue_100().is_err() {
         return Err(Response::error(499, "cancelled", "client gone"));
     }
-    ctx.body_started = true;
+    ctx.body = BodyState::Partial;
     let head = ctx.head;
     let mut body = BodyReader::new(ctx.wire, head);
     let deadline = Instant::now() + ctx.json_body_timeout;
@@ -749,7 +764,7 @@ fn read_json<S: Read + Write>(ctx: &mut Ctx<'_, S>) -> Result<Value, Response> {
             )));
         }
     };
-    ctx.body_started = false;
+    ctx.body = BodyState::Consumed;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Object(Map::new()));
     }

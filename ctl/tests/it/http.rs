@@ -1252,6 +1252,24 @@ fn keep_alive_pipelining_and_connection_limits() {
         assert_eq!(r.status, 200, "request {i} on one connection");
         assert_eq!(r.json()["id"], SB);
     }
+    // Bodies the handler reads (JSON, an upload) leave the connection at the next request.
+    for i in 0..2 {
+        s.write_all(format!("POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
+        assert_eq!(
+            read_response(&mut s).status,
+            201,
+            "JSON request {i} on one connection"
+        );
+    }
+    s.write_all(format!("PUT /v1/sandboxes/{SB}/files?path=/k HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: 3\r\n\r\nabc").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).json()["bytes_written"], "3");
+    s.write_all(format!("GET /v1/sandboxes/{SB} HTTP/1.1\r\nX-API-Key: {KEY}\r\n\r\n").as_bytes())
+        .unwrap();
+    assert_eq!(
+        read_response(&mut s).status,
+        200,
+        "request after an upload on one connection"
+    );
     // An error answer with an unread small body keeps the connection usable.
     s.write_all(
         "POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: bad\r\nContent-Length: 2\r\n\r\n{}"
