@@ -393,7 +393,7 @@ fn check_firecracker(explicit: Option<&Path>) -> Check {
     let path = resolve_firecracker(explicit);
     let fix = format!(
         "install Firecracker's release binary (github.com/firecracker-microvm/firecracker/\
-         releases, v1.12 or later) as {DEFAULT_FIRECRACKER}, or set WRENN_FIRECRACKER to its path"
+         releases) as {DEFAULT_FIRECRACKER}, or set WRENN_FIRECRACKER to its path"
     );
     if !is_executable(&path) {
         return Check::fail(

@@ -5,13 +5,16 @@
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: wrenn <command> [flags]\n\ncommands:\n  image kernel|rootfs   build guest images (wrenn image --help)\n";
+const USAGE: &str = "usage: wrenn <command> [flags]\n\ncommands:\n  image kernel|rootfs   build guest images (wrenn image --help)\n  up | down             start / stop the whole system on this machine (wrenn up --help)\n  doctor                check this host for running sandboxes (wrenn doctor --help)\n";
 
 fn main() -> ExitCode {
     proto::logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("image") => wrenn::image::run(&args[1..]),
+        Some("up") => return exit(wrenn::up::run(&args[1..])),
+        Some("down") => return exit(wrenn::up::down(&args[1..])),
+        Some("doctor") => return exit(wrenn::doctor::run(&args[1..])),
         // The API client: `wrenn sandbox|process|file|template|key|team|user|host|audit ...`.
         Some(group) if wrenn::cli::is_group(group) => {
             return ExitCode::from(wrenn::cli::run(&args))
@@ -45,4 +48,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of `up`, `down` and `doctor`: the error and its sources on one line.
+fn exit<E: std::error::Error>(result: Result<(), E>) -> ExitCode {
+    let Err(e) = result else {
+        return ExitCode::SUCCESS;
+    };
+    let mut msg = format!("wrenn: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("{msg}");
+    ExitCode::FAILURE
 }
