@@ -541,10 +541,10 @@ impl Pool {
                 return Ok(());
             };
             g.threads -= 1;
-            // The job stays queued; an existing thread may take it. With none, it is lost:
-            // its connection closes when dropped.
-            if g.threads == 0 {
-                g.queue.clear();
+            // Give the job back (the caller answers 503) unless a live thread took it; only
+            // the loop thread calls spawn, so the last queued job is this one.
+            if let Some(job) = g.queue.pop_back() {
+                return Err(job);
             }
         }
         Ok(())
@@ -575,5 +575,41 @@ impl Pool {
             };
             job();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn pool_is_bounded_and_reuses_idle_threads() {
+        let pool = Pool::new(2);
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        let (done_tx, done_rx) = mpsc::channel::<u32>();
+        for i in 0..2u32 {
+            let (rx, tx) = (release_rx.clone(), done_tx.clone());
+            assert!(pool
+                .spawn(Box::new(move || {
+                    let _ = rx.lock().map(|r| r.recv());
+                    let _ = tx.send(i);
+                }))
+                .is_ok());
+        }
+        // Both threads are busy: a third job is refused, not queued.
+        assert!(pool.spawn(Box::new(|| {})).is_err());
+        release_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+        let mut got = [done_rx.recv().unwrap(), done_rx.recv().unwrap()];
+        got.sort_unstable();
+        assert_eq!(got, [0, 1]);
+        // Idle threads take new work without growing past the bound.
+        std::thread::sleep(Duration::from_millis(50));
+        let (tx, rx) = mpsc::channel();
+        assert!(pool.spawn(Box::new(move || tx.send(7).unwrap())).is_ok());
+        assert_eq!(rx.recv().unwrap(), 7);
+        assert!(pool.inner.lock().unwrap().threads <= 2);
     }
 }
