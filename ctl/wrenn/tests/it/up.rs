@@ -356,3 +356,40 @@ fn binary_up_down_dispatch() {
     assert!(!out.status.success(), "port 0 accepted: {out:?}");
     let _ = (require_e2e(), PathBuf::new());
 }
+
+/// A port taken by someone else is a typed error before anything starts.
+#[test]
+fn busy_port_is_refused_before_starting_anything() {
+    if let Err(reason) = prerequisites() {
+        skip("up::busy_port_is_refused_before_starting_anything", &reason);
+        return;
+    }
+    let base = free_ports();
+    let _taken = TcpListener::bind(loopback(base + 1)).unwrap();
+    let d = TempDir::new("busy");
+    let out = Command::new(wrenn_bin())
+        .args(["up", "--state-dir"])
+        .arg(d.path().join("stack"))
+        .args([
+            "--ctl-port",
+            &base.to_string(),
+            "--http-port",
+            &(base + 1).to_string(),
+        ])
+        .args([
+            "--agent-port",
+            &(base + 2).to_string(),
+            "--pg-port",
+            &(base + 4).to_string(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains(&format!("port {}", base + 1)), "{err}");
+    assert!(processes_under(d.path()).is_empty(), "something started");
+    assert!(
+        !d.path().join("stack/postgres/data").exists(),
+        "PostgreSQL was initialized"
+    );
+}
