@@ -769,12 +769,18 @@ impl Table {
             spec.user.name, process.info.pty
         );
         let deadline = spec.timeout.map(|t| Instant::now() + t);
+        // The pump polls the child's own pidfd too and reaps through the reaper itself: one
+        // thread wake-up less between the exit and the client hearing of it. Without one
+        // (the child is already gone) the reaper thread's eventfd still wakes the pump.
+        let watch = crate::reaper::pidfd_open(pid)
+            .ok()
+            .map(|fd| (fd, self.inner.reaper.clone()));
         let table = Arc::downgrade(&self.inner);
         let pump_process = process.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("pump-{pid}"))
             .stack_size(256 * 1024)
-            .spawn(move || pump(pump_process, fds, exit_event, deadline, table));
+            .spawn(move || pump(pump_process, fds, exit_event, watch, deadline, table));
         if let Err(source) = spawned {
             // Without a pump nobody would drain the child: kill it.
             // SAFETY: kill takes plain integers; the child is unreaped.
@@ -949,6 +955,7 @@ fn pump(
     process: Arc<Process>,
     fds: Vec<(StreamKind, OwnedFd)>,
     exit_event: Arc<OwnedFd>,
+    mut watch: Option<(OwnedFd, Reaper)>,
     deadline: Option<Instant>,
     table: Weak<TableInner>,
 ) {
@@ -995,6 +1002,13 @@ fn pump(
             events: libc::POLLIN,
             revents: 0,
         });
+        if let Some((fd, _)) = &watch {
+            pfds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         // SAFETY: the pointer and length describe `pfds`, valid for the call.
         let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
         if r < 0 {
@@ -1004,6 +1018,14 @@ fn pump(
             }
             warn!("process output poll failed pid={pid} error={e}");
             break;
+        }
+        if let Some((_, reaper)) = &watch {
+            if pfds[files.len() + 1].revents != 0 {
+                // Exited (or already reaped by the reaper thread): either way this pidfd
+                // has done its job.
+                reaper.try_reap(pid);
+                watch = None;
+            }
         }
         let ev_revents = pfds[files.len()].revents;
         if ev_revents != 0 {

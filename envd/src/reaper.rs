@@ -149,6 +149,27 @@ impl Reaper {
         Ok((pid, value))
     }
 
+    /// Reaps `pid` now if it has exited, handing the status to its waiter as the reaper
+    /// thread would. A thread that polls the child's own pidfd calls this to skip waiting
+    /// for the reaper thread to be scheduled; the lock keeps the two from racing.
+    pub fn try_reap(&self, pid: libc::pid_t) -> bool {
+        let mut st = self.lock();
+        if !st.waiters.contains_key(&pid) {
+            return false;
+        }
+        let Some(status) = wait_pid(pid) else {
+            return false;
+        };
+        if let Some(w) = st.waiters.remove(&pid) {
+            debug!("child exited pid={pid} status={status}");
+            w(status);
+        }
+        drop(st);
+        // The reaper thread drops its pidfd for this child on its next round.
+        let _ = self.inner.waker.wake();
+        true
+    }
+
     /// Stops the reaper thread (children still running are not waited for).
     pub fn shutdown(&self) {
         self.lock().shutdown = true;
@@ -223,10 +244,15 @@ fn run(inner: Arc<Inner>, mut poll: Poll, signal_fd: Option<OwnedFd>) {
                 }
             }
         }
-        for (pid, status) in exited {
-            if let Some(fd) = pidfds.remove(&pid) {
+        // pidfds of children reaped elsewhere (try_reap) or below.
+        pidfds.retain(|pid, fd| {
+            let keep = st.waiters.contains_key(pid) && !exited.iter().any(|(p, _)| p == pid);
+            if !keep {
                 let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
             }
+            keep
+        });
+        for (pid, status) in exited {
             match st.waiters.remove(&pid) {
                 Some(w) => {
                     debug!("child exited pid={pid} status={status}");
@@ -268,7 +294,8 @@ fn wait_pid(pid: libc::pid_t) -> Option<ExitStatus> {
     Some(ExitStatus::from_wait_status(status))
 }
 
-fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+/// A pidfd for `pid` (readable once the process has exited).
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
