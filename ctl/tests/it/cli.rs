@@ -126,6 +126,15 @@ fn cli_end_to_end() {
     let o = cli.run(&["sandbox", "exec", &id, "echo", "hi", "-n", "there"]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi-nthere");
+    // --tty without a terminal: a remote PTY, stdin forwarded (EOF at once), no raw mode.
+    let o = cli.run(&["sandbox", "exec", "--tty", &id, "sh", "tty"]);
+    assert_eq!(
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        ),
+        (Some(0), "tty".to_owned())
+    );
     let nd = cli.ok(&["sandbox", "exec", "--json", &id, "x", "a"]);
     let events: Vec<Value> = nd
         .lines()

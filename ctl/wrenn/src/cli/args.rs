@@ -7,6 +7,8 @@
 //! command with a trailing command line (`sandbox exec ID CMD ARGS...`), everything after
 //! the required positionals is that command line, flags included.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -380,10 +382,7 @@ mod tests {
             parse(&EXEC, &v(&["sb-1"])),
             Err(ArgError::MissingArg("CMD [ARGS...]"))
         );
-        assert_eq!(
-            parse(&EXEC, &v(&[])),
-            Err(ArgError::MissingArg("SANDBOX"))
-        );
+        assert_eq!(parse(&EXEC, &v(&[])), Err(ArgError::MissingArg("SANDBOX")));
         assert_eq!(parse(&GET, &v(&[])), Err(ArgError::MissingArg("SANDBOX")));
         assert_eq!(
             parse(&GET, &v(&["a", "b", "c"])),

@@ -1,5 +1,7 @@
 //! The table of API subcommands: their flags, arguments and help. `mod.rs` runs them.
 
+#![forbid(unsafe_code)]
+
 use super::args::{Arg, Command, Flag};
 
 const fn arg(name: &'static str, help: &'static str) -> Arg {
@@ -99,6 +101,7 @@ pub static COMMANDS: &[Command] = &[
             val("tag", "TAG", "name for the process (reconnect with process connect --tag)"),
             val("timeout-ms", "MS", "kill the process group after this long"),
             on("stdin", "forward this terminal's stdin to the process"),
+            on("tty", "run on a PTY sized like this terminal, in raw mode, stdin forwarded (interactive shells)"),
             on("background", "start it and print its pid at once")],
         rest: Some("CMD [ARGS...]"),
     },

@@ -2,6 +2,8 @@
 //! Messages map to it through the generated `gen_json.rs`, with the HTTP gateway's rules:
 //! snake_case field names, 64-bit integers as strings, bytes as base64, enums by name.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 

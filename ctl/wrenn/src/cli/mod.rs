@@ -10,6 +10,7 @@ pub mod args;
 pub mod commands;
 pub mod json;
 pub mod table;
+pub mod tty;
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic)]
@@ -18,6 +19,7 @@ pub mod gen_json;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use proto::gen::wrenn::ctl::v1 as pb;
@@ -700,14 +702,26 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             ctx.print(&s, sandbox_human);
         }
         "sandbox exec" => {
+            let tty = p.flag("tty");
+            let stdin_fd = io::stdin();
+            let (rows, cols) = if tty {
+                tty::window_size(io::stdout().as_fd())
+                    .or_else(|| tty::window_size(stdin_fd.as_fd()))
+                    .unwrap_or((24, 80))
+            } else {
+                (0, 0)
+            };
             let config = envd::ProcessConfig {
                 cmd: p.rest[0].clone(),
                 args: p.rest[1..].to_vec(),
                 env: p.pairs("env")?.into_iter().collect(),
                 cwd: p.value("cwd").unwrap_or("").to_owned(),
                 user: p.value("user").unwrap_or("").to_owned(),
-                stdin: p.flag("stdin"),
-                pty: None,
+                stdin: p.flag("stdin") || tty,
+                pty: tty.then_some(envd::PtySize {
+                    rows: u32::from(rows),
+                    cols: u32::from(cols),
+                }),
                 tag: p.value("tag").unwrap_or("").to_owned(),
                 timeout_ms: p.num("timeout-ms")?.unwrap_or(0),
             };
@@ -747,6 +761,15 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             )?;
             let client = ctx.client.clone();
             let id = a(0);
+            // Raw mode only when stdin is a terminal; restored when `_raw` drops.
+            let _raw = if tty && stdin_fd.is_terminal() && !ctx.json {
+                Some(
+                    tty::RawMode::enable(stdin_fd.as_fd())
+                        .map_err(io_err("set the terminal to raw mode"))?,
+                )
+            } else {
+                None
+            };
             return follow(&ctx, &mut s, move |pid| {
                 if with_stdin {
                     let (c, id) = (client.clone(), id.clone());

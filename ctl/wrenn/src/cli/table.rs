@@ -1,5 +1,7 @@
 //! Aligned text tables for people (the default output; `--json` is for scripts).
 
+#![forbid(unsafe_code)]
+
 /// A table: a header row and data rows, rendered with columns padded to their widest cell.
 #[derive(Debug, Default)]
 pub struct Table {
