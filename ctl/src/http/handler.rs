@@ -22,7 +22,7 @@ use super::openapi;
 use super::request::{
     multipart_boundary, parse_query, BodyReader, Head, Multipart, MultipartError, Wire,
 };
-use super::response::{write_head, write_response, Chunked, Response};
+use super::response::{start_stream, write_response, Chunked, Response};
 use super::routes::{match_route, param_kind, Call, Input, Match, Method, Route, ROUTES};
 
 /// The gateway's own metrics (the service layer's come from the backend).
@@ -388,7 +388,10 @@ impl Gateway {
         encoded: Vec<u8>,
         item: super::routes::DecodeFn,
     ) -> Result<(u16, After), Response> {
-        let keep = ctx.keep;
+        // An HTTP/1.0 client gets a close-delimited body.
+        let http11 = ctx.head.version == 1;
+        let keep = ctx.keep && http11;
+        ctx.keep = keep;
         let mut out: Option<Chunked<&mut S>> = None;
         let stream = &mut ctx.wire.stream;
         let mut stream_slot = Some(stream);
@@ -403,9 +406,11 @@ impl Gateway {
                     let s = stream_slot
                         .take()
                         .ok_or_else(|| Status::internal("stream taken"))?;
-                    write_head(s, 200, "application/x-ndjson", None, keep, &[])
-                        .map_err(|e| Status::new(Code::Cancelled, format!("client gone: {e}")))?;
-                    out = Some(Chunked { inner: s });
+                    out = Some(
+                        start_stream(s, 200, "application/x-ndjson", http11, keep, &[]).map_err(
+                            |e| Status::new(Code::Cancelled, format!("client gone: {e}")),
+                        )?,
+                    );
                 }
                 match out.as_mut() {
                     Some(c) => c
@@ -420,8 +425,9 @@ impl Gateway {
                 let Some(s) = stream_slot.take() else {
                     return Ok((200, After::Close));
                 };
-                let ok = write_head(&mut *s, 200, "application/x-ndjson", None, keep, &[]).is_ok()
-                    && (Chunked { inner: s }).finish().is_ok();
+                let ok = start_stream(s, 200, "application/x-ndjson", http11, keep, &[])
+                    .and_then(|mut c| c.finish())
+                    .is_ok();
                 Ok((200, if ok { After::KeepAlive } else { After::Close }))
             }
             (Ok(()), Some(mut c)) => {
@@ -447,7 +453,10 @@ impl Gateway {
         peer: &Peer,
         encoded: Vec<u8>,
     ) -> Result<(u16, After), Response> {
-        let keep = ctx.keep;
+        // An HTTP/1.0 client gets a close-delimited body.
+        let http11 = ctx.head.version == 1;
+        let keep = ctx.keep && http11;
+        ctx.keep = keep;
         let mut out: Option<Chunked<&mut S>> = None;
         let mut slot = Some(&mut ctx.wire.stream);
         let mut first = true;
@@ -462,8 +471,8 @@ impl Gateway {
                     let s = slot
                         .take()
                         .ok_or_else(|| Status::internal("stream taken"))?;
-                    write_head(s, 200, "application/json", None, keep, &[]).map_err(gone)?;
-                    let mut c = Chunked { inner: s };
+                    let mut c = start_stream(s, 200, "application/json", http11, keep, &[])
+                        .map_err(gone)?;
                     c.write_chunk(b"{\"entries\":[").map_err(gone)?;
                     out = Some(c);
                 }
@@ -510,7 +519,10 @@ impl Gateway {
         peer: &Peer,
         encoded: Vec<u8>,
     ) -> Result<(u16, After), Response> {
-        let keep = ctx.keep;
+        // An HTTP/1.0 client gets a close-delimited body.
+        let http11 = ctx.head.version == 1;
+        let keep = ctx.keep && http11;
+        ctx.keep = keep;
         let mut out: Option<Chunked<&mut S>> = None;
         let mut slot = Some(&mut ctx.wire.stream);
         let result = self
@@ -529,9 +541,10 @@ impl Gateway {
                         extra.push(("X-Wrenn-File-Size", e.size.to_string()));
                         extra.push(("X-Wrenn-File-Mode", format!("{:o}", e.mode)));
                     }
-                    write_head(s, 200, "application/octet-stream", None, keep, &extra)
-                        .map_err(gone)?;
-                    out = Some(Chunked { inner: s });
+                    out = Some(
+                        start_stream(s, 200, "application/octet-stream", http11, keep, &extra)
+                            .map_err(gone)?,
+                    );
                 }
                 match out.as_mut() {
                     Some(c) => c.write_chunk(&m.data).map_err(gone),

@@ -143,9 +143,39 @@ pub fn write_response(
     w.flush()
 }
 
-/// Writes a chunked body: each `write_chunk` is one chunk; `finish` writes the last chunk.
+/// Writes a streamed body: chunked for HTTP/1.1 (each `write_chunk` is one chunk; `finish`
+/// writes the last one); for an HTTP/1.0 client, which knows no chunks, the bytes as they
+/// are, the end of the body being the end of the connection.
 pub struct Chunked<W: Write> {
     pub inner: W,
+    /// HTTP/1.0: no chunk framing.
+    pub raw: bool,
+}
+
+/// Writes the head of a streamed answer and returns the body writer. `http11` false means
+/// an HTTP/1.0 client: no Transfer-Encoding, and the connection closes after the body.
+pub fn start_stream<W: Write>(
+    mut w: W,
+    status: u16,
+    content_type: &str,
+    http11: bool,
+    keep_alive: bool,
+    extra: &[(&'static str, String)],
+) -> io::Result<Chunked<W>> {
+    if http11 {
+        write_head(&mut w, status, content_type, None, keep_alive, extra)?;
+    } else {
+        let mut h = format!("HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nConnection: close\r\nCache-Control: no-store\r\n", reason(status));
+        for (k, v) in extra {
+            h.push_str(&format!("{k}: {v}\r\n"));
+        }
+        h.push_str("\r\n");
+        w.write_all(h.as_bytes())?;
+    }
+    Ok(Chunked {
+        inner: w,
+        raw: !http11,
+    })
 }
 
 impl<W: Write> Chunked<W> {
@@ -153,12 +183,19 @@ impl<W: Write> Chunked<W> {
         if data.is_empty() {
             return Ok(());
         }
+        if self.raw {
+            self.inner.write_all(data)?;
+            return self.inner.flush();
+        }
         write!(self.inner, "{:x}\r\n", data.len())?;
         self.inner.write_all(data)?;
         self.inner.write_all(b"\r\n")?;
         self.inner.flush()
     }
     pub fn finish(&mut self) -> io::Result<()> {
+        if self.raw {
+            return self.inner.flush();
+        }
         self.inner.write_all(b"0\r\n\r\n")?;
         self.inner.flush()
     }
@@ -183,7 +220,10 @@ mod tests {
 
     #[test]
     fn chunked_framing() {
-        let mut c = Chunked { inner: Vec::new() };
+        let mut c = Chunked {
+            inner: Vec::new(),
+            raw: false,
+        };
         c.write_chunk(b"hello").unwrap();
         c.write_chunk(b"").unwrap();
         c.write_chunk(&[b'x'; 17]).unwrap();
@@ -193,6 +233,18 @@ mod tests {
             s,
             format!("5\r\nhello\r\n11\r\n{}\r\n0\r\n\r\n", "x".repeat(17))
         );
+    }
+
+    #[test]
+    fn http10_streams_are_raw_and_close() {
+        let mut c =
+            start_stream(Vec::new(), 200, "application/x-ndjson", false, true, &[]).unwrap();
+        c.write_chunk(b"{}\n").unwrap();
+        c.finish().unwrap();
+        let s = String::from_utf8(c.inner).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(s.contains("Connection: close\r\n") && !s.contains("Transfer-Encoding"));
+        assert!(s.ends_with("\r\n\r\n{}\n"));
     }
 
     #[test]

@@ -1349,6 +1349,20 @@ fn streams_uploads_and_downloads() {
     assert_eq!(lines[0]["started"]["pid"], 9);
     assert_eq!(lines[1]["output"]["data"], "bGluZSAwCg==");
     assert_eq!(lines[4]["exited"]["exit_code"], 0);
+    // An HTTP/1.0 client gets the same lines without chunk framing, then the close.
+    let mut s10 = TcpStream::connect(a).unwrap();
+    let body = br#"{"process": {"cmd": "ls"}}"#;
+    s10.write_all(format!("POST /v1/sandboxes/{SB}/exec/stream HTTP/1.0\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes()).unwrap();
+    s10.write_all(body).unwrap();
+    let mut all = Vec::new();
+    s10.read_to_end(&mut all).unwrap();
+    let text = String::from_utf8(all).unwrap();
+    let (head10, body10) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head10.contains("Connection: close") && !head10.contains("chunked"),
+        "{head10}"
+    );
+    assert_eq!(body10.lines().count(), 5, "{body10}");
     // A failure before the first event is an ordinary error answer...
     let r = post(
         a,
