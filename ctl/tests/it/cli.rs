@@ -320,6 +320,13 @@ fn cli_end_to_end() {
         audit.contains("sandbox.create") && audit.contains("sandbox.pause"),
         "{audit}"
     );
+    // Paging: one page of 2 leaves a token; --all follows it to the end.
+    let one = cli.json(&["audit", "list", "--page-size", "2"]);
+    assert_eq!(one["entries"].as_array().unwrap().len(), 2);
+    assert_ne!(one["next_page_token"], "");
+    let every = cli.json(&["audit", "list", "--page-size", "2", "--all"]);
+    assert!(every["entries"].as_array().unwrap().len() > 4, "{every}");
+    assert_eq!(every["next_page_token"], "");
     cli.ok(&["sandbox", "rm", &id]);
     assert!(cli.ok(&["sandbox", "get", &id]).contains("stopped"));
 

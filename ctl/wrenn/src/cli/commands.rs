@@ -44,7 +44,7 @@ const fn on(name: &'static str, help: &'static str) -> Flag {
 }
 
 const SB: Arg = arg("SANDBOX", "sandbox id (sb-...)");
-const PAGE: [Flag; 2] = [
+const PAGE: [Flag; 3] = [
     val(
         "page-size",
         "N",
@@ -55,6 +55,7 @@ const PAGE: [Flag; 2] = [
         "TOKEN",
         "the next_page_token of the previous page",
     ),
+    on("all", "follow next_page_token to the last page"),
 ];
 const PROC: [Flag; 2] = [
     val("pid", "PID", "the process, by pid"),
@@ -82,7 +83,7 @@ pub static COMMANDS: &[Command] = &[
         rep("state", "STATE", "only this state (running, paused, stopped, ...)"),
         val("template", "ID", "only sandboxes from this template (tpl-...)"),
         rep("meta", "KEY=VALUE", "only sandboxes with this label"),
-        PAGE[0], PAGE[1]]),
+        PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("sandbox get", "Show one sandbox.", [SB], []),
     cmd!("sandbox rm", "Destroy a sandbox.", [SB], []),
     cmd!("sandbox pause", "Pause a running sandbox.", [SB], []),
@@ -143,27 +144,27 @@ pub static COMMANDS: &[Command] = &[
     cmd!("template create", "Snapshot a sandbox into a template (the sandbox ends paused).", [SB, arg("NAME", "template name, unique in the team")], [
         on("platform", "publish as a platform template (platform admin)")]),
     cmd!("template list", "List the team's and the platform's templates.", [], [
-        on("team-only", "leave out platform templates"), PAGE[0], PAGE[1]]),
+        on("team-only", "leave out platform templates"), PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("template get", "Show a template.", [arg("TEMPLATE", "id (tpl-...) or name")], []),
     cmd!("template rm", "Delete a template.", [arg("TEMPLATE", "id (tpl-...)")], []),
     cmd!("key create", "Create an API key; its secret is printed once.", [arg("NAME", "display name")], [
         on("admin", "a platform-admin key (platform admin)")]),
-    cmd!("key list", "List the team's API keys.", [], [PAGE[0], PAGE[1]]),
+    cmd!("key list", "List the team's API keys.", [], [PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("key revoke", "Revoke an API key.", [arg("KEY", "key id (key-...)")], []),
     cmd!("team get", "Show a team (default: the caller's).", [opt("TEAM", "team id (team-...)")], []),
-    cmd!("team members", "List a team's members (default: the caller's team).", [opt("TEAM", "team id")], [PAGE[0], PAGE[1]]),
+    cmd!("team members", "List a team's members (default: the caller's team).", [opt("TEAM", "team id")], [PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("team add-member", "Add an existing user to a team.", [arg("USER", "user id (usr-...)")], [
         val("team", "TEAM", "team id (default: the caller's)"), val("role", "owner|admin|member", "role (default member)")]),
     cmd!("team remove-member", "Remove a user from a team.", [arg("USER", "user id (usr-...)")], [
         val("team", "TEAM", "team id (default: the caller's)")]),
     cmd!("user create", "Create a user in the caller's team.", [arg("EMAIL", "unique email address")], [
         val("name", "NAME", "display name"), val("role", "owner|admin|member", "role (default member)")]),
-    cmd!("user list", "List users of the caller's team.", [], [PAGE[0], PAGE[1]]),
+    cmd!("user list", "List users of the caller's team.", [], [PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("user get", "Show a user.", [arg("USER", "user id (usr-...)")], []),
     cmd!("host token", "Make a one-time host registration token (platform admin).", [], [
         val("ttl", "SECONDS", "validity (default 3600)")]),
     cmd!("host list", "List hosts (platform admin).", [], [
-        rep("status", "STATUS", "only this status (online, unreachable, draining)"), PAGE[0], PAGE[1]]),
+        rep("status", "STATUS", "only this status (online, unreachable, draining)"), PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("host get", "Show a host (platform admin).", [arg("HOST", "host id (host-...)")], []),
     cmd!("host drain", "Stop placing sandboxes on a host; lists what remains (platform admin).", [arg("HOST", "host id")], []),
     cmd!("host rm", "Forget a host (platform admin).", [arg("HOST", "host id")], []),
@@ -174,7 +175,7 @@ pub static COMMANDS: &[Command] = &[
         val("action", "ACTION", "e.g. sandbox.create"),
         val("since", "UNIX_NS", "entries at or after this time"),
         val("until", "UNIX_NS", "entries before this time"),
-        PAGE[0], PAGE[1]]),
+        PAGE[0], PAGE[1], PAGE[2]]),
 ];
 
 /// Finds the command named by the first two words of `argv`.

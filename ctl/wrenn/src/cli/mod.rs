@@ -596,6 +596,63 @@ impl Progress {
     }
 }
 
+/// A list request whose pages can be followed.
+trait PagedReq: prost::Message {
+    fn set_page_token(&mut self, t: String);
+}
+
+/// A list reply: its items are appended page after page.
+trait PagedResp: prost::Message + Default {
+    fn next_token(&self) -> &str;
+    fn absorb(&mut self, next: Self);
+}
+
+macro_rules! paged {
+    ($($req:ty, $resp:ty, $items:ident;)*) => {$(
+        impl PagedReq for $req {
+            fn set_page_token(&mut self, t: String) {
+                self.page_token = t;
+            }
+        }
+        impl PagedResp for $resp {
+            fn next_token(&self) -> &str {
+                &self.next_page_token
+            }
+            fn absorb(&mut self, next: Self) {
+                self.$items.extend(next.$items);
+                self.next_page_token = next.next_page_token;
+            }
+        }
+    )*};
+}
+
+paged! {
+    pb::ListSandboxesRequest, pb::ListSandboxesResponse, sandboxes;
+    pb::ListTemplatesRequest, pb::ListTemplatesResponse, templates;
+    pb::ListApiKeysRequest, pb::ListApiKeysResponse, keys;
+    pb::ListMembersRequest, pb::ListMembersResponse, members;
+    pb::ListUsersRequest, pb::ListUsersResponse, users;
+    pb::ListHostsRequest, pb::ListHostsResponse, hosts;
+    pb::ListAuditLogsRequest, pb::ListAuditLogsResponse, entries;
+}
+
+/// Lists one page, or with `all` every page from the requested one on.
+fn list<Req: PagedReq, Resp: PagedResp>(
+    ctx: &Ctx,
+    method: &str,
+    mut req: Req,
+    all: bool,
+) -> Result<Resp, CliError> {
+    let mut out: Resp = ctx.unary(method, &req, false)?;
+    // Bounded by the server: each page moves the keyset forward until the token is empty.
+    while all && !out.next_token().is_empty() {
+        req.set_page_token(out.next_token().to_owned());
+        let next: Resp = ctx.unary(method, &req, false)?;
+        out.absorb(next);
+    }
+    Ok(out)
+}
+
 fn page(p: &Parsed) -> Result<(u32, String), CliError> {
     Ok((
         p.num::<u32>("page-size")?.unwrap_or(0),
@@ -646,7 +703,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 page_size,
                 page_token,
             };
-            let r: pb::ListSandboxesResponse = ctx.unary(sb::LIST, &req, false)?;
+            let r: pb::ListSandboxesResponse = list(&ctx, sb::LIST, req, p.flag("all"))?;
             ctx.print(&r, |r| sandboxes_table(&r.sandboxes));
             if !ctx.json {
                 page_note(&r.next_page_token);
@@ -1025,14 +1082,15 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         }
         "template list" => {
             let (page_size, page_token) = page(p)?;
-            let r: pb::ListTemplatesResponse = ctx.unary(
+            let r: pb::ListTemplatesResponse = list(
+                &ctx,
                 tpl::LIST,
-                &pb::ListTemplatesRequest {
+                pb::ListTemplatesRequest {
                     team_only: p.flag("team-only"),
                     page_size,
                     page_token,
                 },
-                false,
+                p.flag("all"),
             )?;
             ctx.print(&r, |r| {
                 let mut t = Table::new(&[
@@ -1096,13 +1154,14 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         }
         "key list" => {
             let (page_size, page_token) = page(p)?;
-            let r: pb::ListApiKeysResponse = ctx.unary(
+            let r: pb::ListApiKeysResponse = list(
+                &ctx,
                 keys::LIST,
-                &pb::ListApiKeysRequest {
+                pb::ListApiKeysRequest {
                     page_size,
                     page_token,
                 },
-                false,
+                p.flag("all"),
             )?;
             ctx.print(&r, |r| {
                 let mut t = Table::new(&["ID", "NAME", "PREFIX", "ADMIN", "CREATED", "LAST USED"]);
@@ -1144,14 +1203,15 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         }
         "team members" => {
             let (page_size, page_token) = page(p)?;
-            let r: pb::ListMembersResponse = ctx.unary(
+            let r: pb::ListMembersResponse = list(
+                &ctx,
                 teams::LIST_MEMBERS,
-                &pb::ListMembersRequest {
+                pb::ListMembersRequest {
                     team_id: a(0),
                     page_size,
                     page_token,
                 },
-                false,
+                p.flag("all"),
             )?;
             ctx.print(&r, |r| {
                 let mut t = Table::new(&["USER", "EMAIL", "NAME", "ROLE", "ADDED"]);
@@ -1213,13 +1273,14 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         }
         "user list" => {
             let (page_size, page_token) = page(p)?;
-            let r: pb::ListUsersResponse = ctx.unary(
+            let r: pb::ListUsersResponse = list(
+                &ctx,
                 users::LIST,
-                &pb::ListUsersRequest {
+                pb::ListUsersRequest {
                     page_size,
                     page_token,
                 },
-                false,
+                p.flag("all"),
             )?;
             ctx.print(&r, |r| {
                 let mut t = Table::new(&["ID", "EMAIL", "NAME", "CREATED"]);
@@ -1265,14 +1326,15 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let r: pb::ListHostsResponse = ctx.unary(
+            let r: pb::ListHostsResponse = list(
+                &ctx,
                 hosts::LIST,
-                &pb::ListHostsRequest {
+                pb::ListHostsRequest {
                     statuses,
                     page_size,
                     page_token,
                 },
-                false,
+                p.flag("all"),
             )?;
             ctx.print(&r, |r| {
                 let mut t = Table::new(&[
@@ -1348,7 +1410,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 page_size,
                 page_token,
             };
-            let r: pb::ListAuditLogsResponse = ctx.unary(audit::LIST, &req, false)?;
+            let r: pb::ListAuditLogsResponse = list(&ctx, audit::LIST, req, p.flag("all"))?;
             ctx.print(&r, |r| {
                 let mut t = Table::new(&["TIME", "ACTOR", "ACTION", "RESOURCE", "STATUS"]);
                 for e in &r.entries {
