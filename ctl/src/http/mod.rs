@@ -56,3 +56,23 @@ pub fn spawn(
         })?;
     Ok((bound, join))
 }
+
+/// A started gateway: its address, the handle that stops it, and its thread.
+pub type Started = (
+    std::net::SocketAddr,
+    HttpHandle,
+    std::thread::JoinHandle<Result<(), HttpError>>,
+);
+
+/// As [`spawn`], also returning a handle that stops the gateway ([`HttpHandle::shutdown`]:
+/// no new connections, idle ones closed, requests in flight finish).
+pub fn start(api: crate::service::Api, addr: std::net::SocketAddr) -> std::io::Result<Started> {
+    let backend = std::sync::Arc::new(backend::ApiBackend(api));
+    let server = HttpServer::bind(addr, backend, HttpConfig::default())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let bound = server.local_addr();
+    let (handle, join) = server
+        .spawn()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok((bound, handle, join))
+}

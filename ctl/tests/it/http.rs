@@ -1487,7 +1487,6 @@ fn docs_page_is_self_contained() {
 mod real {
     use super::*;
     use crate::harness::Ctl;
-    use ctl::http::backend::ApiBackend;
 
     struct Real {
         addr: SocketAddr,
@@ -1501,15 +1500,8 @@ mod real {
     }
 
     fn serve(ctl: &Ctl) -> Real {
-        let backend = Arc::new(ApiBackend(ctl.api().clone()));
-        let server = HttpServer::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            backend,
-            HttpConfig::default(),
-        )
-        .unwrap();
-        let addr = server.local_addr();
-        let (handle, _) = server.spawn().unwrap();
+        let (addr, handle, _join) =
+            ctl::http::start(ctl.api().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
         Real { addr, handle }
     }
 

@@ -307,11 +307,7 @@ fn message_impl(out: &mut String, m: &MessageDescriptor, target: Target) -> Resu
                 in_expr(&kind, "v", "&p")
             );
         } else {
-            let x = if by_value(&kind) {
-                format!("self.{rf}")
-            } else {
-                format!("self.{rf}")
-            };
+            let x = format!("self.{rf}");
             let _ = writeln!(to, "        m.insert({name:?}.into(), {});", out_expr(&kind, &x));
             let _ = writeln!(
                 from,
