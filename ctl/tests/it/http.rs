@@ -125,6 +125,9 @@ impl Backend for Fake {
                 if cmd.is_empty() {
                     return Err(Status::invalid_argument("process.cmd is required"));
                 }
+                if cmd == "sleep" {
+                    std::thread::sleep(Duration::from_millis(700));
+                }
                 ExecResponse {
                     pid: 42,
                     stdout: format!("ran {cmd}\n").into_bytes().into(),
@@ -2278,4 +2281,63 @@ fn measure_gateway_overhead() {
     let (p50, p99) = pct(pb);
     println!("teams.get x{n}: http p50 {h50:?} p99 {h99:?}; protobuf p50 {p50:?} p99 {p99:?}; http/protobuf p50 {:.2}x", h50.as_secs_f64() / p50.as_secs_f64());
     handle.shutdown();
+}
+
+#[test]
+fn concurrent_clients_and_the_worker_bound() {
+    // Many keep-alive clients at once: every request answered, in order, per connection.
+    let gw = start(HttpConfig::default());
+    let a = gw.addr;
+    let threads: Vec<_> = (0..32)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(a).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                for i in 0..25 {
+                    let body = format!("{{\"process\": {{\"cmd\": \"c{t}-{i}\"}}}}");
+                    s.write_all(format!("POST /v1/sandboxes/{SB}/exec HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).unwrap();
+                    let r = read_response(&mut s);
+                    assert_eq!(r.status, 200);
+                    // "ran c<t>-<i>\n", base64: decode by re-encoding the expectation.
+                    let want = ctl::http::json::base64_encode(format!("ran c{t}-{i}\n").as_bytes());
+                    assert_eq!(r.json()["stdout"], want, "thread {t} request {i}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop(gw);
+    // With two workers busy on slow calls, a third request is refused with 503 at once.
+    let gw = start(HttpConfig {
+        workers_max: 2,
+        ..HttpConfig::default()
+    });
+    let a = gw.addr;
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                post(
+                    a,
+                    &format!("/v1/sandboxes/{SB}/exec"),
+                    &json!({"process": {"cmd": "sleep"}}),
+                )
+                .status
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    let r = get(a, &format!("/v1/sandboxes/{SB}"));
+    assert_eq!((r.status, r.error_code()), (503, "unavailable".into()));
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "refused at once, not queued"
+    );
+    for h in slow {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    // Once they finish, requests are served again.
+    assert_eq!(get(a, &format!("/v1/sandboxes/{SB}")).status, 200);
 }
