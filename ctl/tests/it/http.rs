@@ -30,6 +30,8 @@ const SB: &str = "sb-0c6f2c8e-3b0b-4f55-9d59-2b0f0c1d2e3f";
 /// the test sees path parameters and bodies arrive and every field kind leave.
 struct Fake {
     uploads: AtomicUsize,
+    /// Calls inside the slow "sleep" exec.
+    sleeping: AtomicUsize,
 }
 
 fn dec<M: Message + Default>(b: &[u8]) -> Result<M, Status> {
@@ -126,7 +128,9 @@ impl Backend for Fake {
                     return Err(Status::invalid_argument("process.cmd is required"));
                 }
                 if cmd == "sleep" {
-                    std::thread::sleep(Duration::from_millis(700));
+                    self.sleeping.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1500));
+                    self.sleeping.fetch_sub(1, Ordering::SeqCst);
                 }
                 ExecResponse {
                     pid: 42,
@@ -455,6 +459,7 @@ impl Drop for Gw {
 fn start(config: HttpConfig) -> Gw {
     let fake = Arc::new(Fake {
         uploads: AtomicUsize::new(0),
+        sleeping: AtomicUsize::new(0),
     });
     let server = HttpServer::bind("127.0.0.1:0".parse().unwrap(), fake.clone(), config).unwrap();
     let addr = server.local_addr();
@@ -2327,13 +2332,20 @@ fn concurrent_clients_and_the_worker_bound() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    let wait = std::time::Instant::now();
+    while gw.fake.sleeping.load(Ordering::SeqCst) < 2 {
+        assert!(
+            wait.elapsed() < Duration::from_secs(10),
+            "slow calls never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let t = std::time::Instant::now();
     let r = get(a, &format!("/v1/sandboxes/{SB}"));
     assert_eq!((r.status, r.error_code()), (503, "unavailable".into()));
     assert!(
-        t.elapsed() < Duration::from_millis(400),
-        "refused at once, not queued"
+        t.elapsed() < Duration::from_millis(1000),
+        "refused at once, not queued behind the 1.5 s calls"
     );
     for h in slow {
         assert_eq!(h.join().unwrap(), 200);
