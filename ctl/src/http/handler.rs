@@ -121,6 +121,8 @@ pub struct Gateway {
 pub enum After {
     KeepAlive,
     Close,
+    /// Close while request body bytes may still be arriving (close gracefully: lingering).
+    CloseUnread,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,13 +200,19 @@ impl Gateway {
             head.path,
             start.elapsed().as_millis()
         );
-        if after == After::Close || !ctx.keep {
-            return After::Close;
+        let unread = head.has_body() && ctx.body != BodyState::Consumed;
+        let close = if unread {
+            After::CloseUnread
+        } else {
+            After::Close
+        };
+        if after != After::KeepAlive || !ctx.keep {
+            return close;
         }
         // The next request starts right after this body: skip it if it was not read.
         match ctx.body {
             BodyState::Consumed => After::KeepAlive,
-            BodyState::Partial => After::Close,
+            BodyState::Partial => close,
             BodyState::Unread if !head.has_body() => After::KeepAlive,
             // The client waits for 100 Continue before sending it: it never will.
             BodyState::Unread if head.expect_continue && !ctx.sent_continue => After::Close,
@@ -213,7 +221,7 @@ impl Gateway {
                 if body.drain(DRAIN_MAX) {
                     After::KeepAlive
                 } else {
-                    After::Close
+                    close
                 }
             }
         }

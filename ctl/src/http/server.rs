@@ -34,6 +34,11 @@ const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 /// How often deadlines are checked.
 const SWEEP: Duration = Duration::from_millis(250);
+/// Lingering close after an error with a body still arriving: at most this long, this many
+/// bytes, and this long without a byte.
+const LINGER_MAX: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+const LINGER_READ: Duration = Duration::from_millis(200);
 /// A worker without work for this long exits, so an idle server holds no threads.
 const WORKER_IDLE: Duration = Duration::from_secs(30);
 
@@ -444,8 +449,13 @@ impl HttpServer {
             };
             let mut head = head;
             let back = loop {
-                if gateway.serve(&head, &mut wire) == After::Close {
-                    break None;
+                match gateway.serve(&head, &mut wire) {
+                    After::KeepAlive => {}
+                    After::Close => break None,
+                    After::CloseUnread => {
+                        linger(&wire.stream);
+                        break None;
+                    }
                 }
                 // A pipelined request may already be buffered.
                 match parse_head(&wire.buf) {
@@ -476,6 +486,25 @@ impl HttpServer {
                 let _ = write_response(&mut s, &r, false, false);
             }
             release(slots, free, i);
+        }
+    }
+}
+
+/// Closes gracefully after an answer sent while the client may still be sending a body:
+/// half-close, then read and drop what arrives for a short, bounded while. Closing with
+/// unread bytes queued makes the kernel send RST, which can destroy the answer before the
+/// client reads it.
+fn linger(stream: &std::net::TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(LINGER_READ));
+    let start = Instant::now();
+    let mut sink = [0u8; 8192];
+    let mut total = 0usize;
+    let mut s = stream;
+    while start.elapsed() < LINGER_MAX && total < LINGER_BYTES {
+        match s.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
         }
     }
 }
