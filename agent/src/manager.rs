@@ -588,13 +588,36 @@ impl Manager {
         Some(t)
     }
 
-    fn template_chain(&self, t: &TemplateRecord, own: &SandboxDir) -> Chain {
-        let tdir = self.cfg.layout.template(t.id);
-        Chain {
-            header: tdir.snapshot().join("header"),
-            vmstate: tdir.snapshot().join("vmstate"),
-            layer_dirs: vec![own.snapshot(), tdir.snapshot()],
+    /// Gives a sandbox its own view of a template's snapshot: the layers are hard-linked
+    /// (layer files are immutable once written, and a link keeps the data alive after the
+    /// template is deleted), the small header and VM state are copied (they are replaced
+    /// at every pause). Falls back to copies across file systems.
+    fn adopt_template_chain(&self, t: &TemplateRecord, own: &SandboxDir) -> Result<Chain, Status> {
+        let tsnap = self.cfg.layout.template(t.id).snapshot();
+        let header = fs::read(tsnap.join("header")).map_err(internal)?;
+        let header = uffd::header::Header::parse(&header).map_err(internal)?;
+        for l in &header.layers {
+            let name = l.build_id.layer_file_name();
+            self.link_or_copy(&tsnap.join(&name), &own.snapshot().join(&name))?;
+        }
+        for f in ["header", "vmstate"] {
+            self.vmm
+                .copy_file(&tsnap.join(f), &own.snapshot().join(f), None)
+                .map_err(vm_status)?;
+        }
+        Ok(Chain {
+            header: own.snapshot().join("header"),
+            vmstate: own.snapshot().join("vmstate"),
+            layer_dirs: vec![own.snapshot()],
             generation: t.generation,
+        })
+    }
+
+    fn link_or_copy(&self, src: &Path, dst: &Path) -> Result<(), Status> {
+        match fs::hard_link(src, dst) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(_) => self.vmm.copy_file(src, dst, None).map_err(vm_status),
         }
     }
 
@@ -806,7 +829,7 @@ impl Manager {
                 self.init_envd(sb, rec, "", false)?;
             }
             TemplateKind::Snapshot => {
-                let chain = self.template_chain(template, &sb.dir);
+                let chain = self.adopt_template_chain(template, &sb.dir)?;
                 rec.chain = Some(chain.clone());
                 // Firecracker tracks dirty pages from the restore on: the first pause is a
                 // Diff on top of the template's layers.
@@ -1145,7 +1168,7 @@ impl Manager {
             let name = l.build_id.layer_file_name();
             let src = find_layer(&chain.layer_dirs, &name)
                 .ok_or_else(|| Status::internal(format!("layer {name} not found")))?;
-            cp(&src, tmp.snapshot().join(&name))?;
+            self.link_or_copy(&src, &tmp.snapshot().join(&name))?;
         }
         cp(&chain.header, tmp.snapshot().join("header"))?;
         cp(&chain.vmstate, tmp.snapshot().join("vmstate"))?;
@@ -1230,55 +1253,12 @@ impl Manager {
         }
     }
 
-    /// Removes a template's files. Sandboxes restored from it that still share its layers
-    /// get their own copies first, so they are unaffected.
+    /// Removes a template's files. Sandboxes restored from it are unaffected: they hold
+    /// their own links to its layers and copies of its header, state and disk.
     pub fn delete_template(&self, id: Uuid) -> Result<(), Status> {
         let t = self.template(id).ok_or_else(|| {
             Status::not_found(format!("template {} not found", id::format_template(id)))
         })?;
-        let shared = self.cfg.layout.template(id).snapshot();
-        let all: Vec<Arc<Sandbox>> = self.map().values().cloned().collect();
-        for sb in all {
-            if !sb
-                .rec()
-                .chain
-                .is_some_and(|c| c.layer_dirs.contains(&shared))
-            {
-                continue;
-            }
-            self.with_op(sb.id, |sb| {
-                let mut rec = sb.rec();
-                let Some(chain) = rec.chain.as_mut() else {
-                    return Ok(());
-                };
-                for ent in fs::read_dir(&shared).map_err(internal)? {
-                    let ent = ent.map_err(internal)?;
-                    let name = ent.file_name();
-                    if name.to_string_lossy().ends_with(".layer") {
-                        let dst = sb.dir.snapshot().join(&name);
-                        if !dst.exists() {
-                            self.vmm
-                                .copy_file(&ent.path(), &dst, None)
-                                .map_err(vm_status)?;
-                        }
-                    }
-                }
-                if chain.header.starts_with(&shared) {
-                    for f in ["header", "vmstate"] {
-                        let dst = sb.dir.snapshot().join(f);
-                        if !dst.exists() {
-                            self.vmm
-                                .copy_file(&shared.join(f), &dst, None)
-                                .map_err(vm_status)?;
-                        }
-                    }
-                    chain.header = sb.dir.snapshot().join("header");
-                    chain.vmstate = sb.dir.snapshot().join("vmstate");
-                }
-                chain.layer_dirs.retain(|d| d != &shared);
-                self.commit(sb, &rec)
-            })?;
-        }
         let dir = self.cfg.layout.template(t.id);
         match fs::remove_dir_all(dir.path()) {
             Ok(()) => {}

@@ -515,9 +515,11 @@ impl Vmm for FakeVmm {
         }
         let snap = dir.snapshot();
         let build = BuildId(*agent::sys::random_uuid().unwrap().as_bytes());
+        // Each generation writes a different page, so older layers stay referenced.
+        let page = rec.chain.as_ref().map_or(0, |c| c.generation + 1) % 16;
         let diff = Diff {
             extents: vec![DiffExtent {
-                offset: 0,
+                offset: page * 4096,
                 length: 4096,
                 kind: DiffKind::Data { storage_offset: 0 },
             }],

@@ -477,12 +477,24 @@ fn snapshot_templates_are_independent_of_their_sandbox() {
         .root
         .join("templates")
         .join(tpl.hyphenated().to_string());
-    assert!(rec
-        .chain
-        .as_ref()
-        .unwrap()
-        .layer_dirs
-        .contains(&tdir.join("snapshot")));
+    let chain = rec.chain.as_ref().unwrap();
+    assert_eq!(
+        chain.layer_dirs,
+        vec![env.dir(10).join("snapshot")],
+        "own view of the layers"
+    );
+    // The template's layers are shared (hard links), not copied.
+    let header = uffd::header::Header::parse(&std::fs::read(&chain.header).unwrap()).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let shared = header
+        .layers
+        .iter()
+        .filter(|l| {
+            let p = tdir.join("snapshot").join(l.build_id.layer_file_name());
+            p.exists() && std::fs::metadata(&p).unwrap().nlink() > 1
+        })
+        .count();
+    assert!(shared >= 1, "no layer shared with the template");
     m.delete_template(tpl).unwrap();
     assert!(!tdir.exists());
     assert_eq!(m.delete_template(tpl).unwrap_err().code, Code::NotFound);
