@@ -44,6 +44,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes of an HTTP answer `http_get` reads (health and metrics pages are small).
 const HTTP_RESPONSE_MAX: usize = 4 << 20;
+/// How long a port may take to be released by a process that was just stopped.
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// Lines of a component's log shown when it fails to start.
 const LOG_TAIL_LINES: usize = 30;
 
@@ -120,6 +122,10 @@ pub enum UpError {
     },
     /// `down` found things still running, mounted or listening.
     Leftovers(Vec<String>),
+    /// Another `wrenn up`/`down` works on the same state directory.
+    Busy {
+        dir: PathBuf,
+    },
 }
 
 impl fmt::Display for UpError {
@@ -152,6 +158,11 @@ impl fmt::Display for UpError {
                 path.display()
             ),
             UpError::Leftovers(l) => write!(f, "left behind: {}", l.join("; ")),
+            UpError::Busy { dir } => write!(
+                f,
+                "another wrenn up or down is working on {}; wait for it",
+                dir.display()
+            ),
         }
     }
 }
@@ -539,6 +550,18 @@ fn port_free(port: u16) -> bool {
     TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok()
 }
 
+/// Waits up to `limit` for `port` to become free.
+fn wait_port_free(port: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !port_free(port) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -720,6 +743,25 @@ fn read_conf(path: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Holds `<state-dir>/lock` for the duration of one `up` or `down`.
+fn lock(layout: &Layout) -> Result<fs::File, UpError> {
+    let path = layout.dir.join("lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err("open", &path))?;
+    match sys::try_lock_exclusive(std::os::fd::AsFd::as_fd(&f)) {
+        Ok(true) => Ok(f),
+        Ok(false) => Err(UpError::Busy {
+            dir: layout.dir.clone(),
+        }),
+        Err(e) => Err(io_err("lock", &path)(e)),
+    }
+}
+
 // ---- up ----
 
 /// Starts what is not running and returns the summary to print.
@@ -728,6 +770,7 @@ pub fn up(cfg: &UpConfig) -> Result<String, UpError> {
     let root = sys::is_root();
     // The state directory must be traversable by the postgres user (as root).
     mkdir(&l.dir, 0o755)?;
+    let _lock = lock(l)?;
     mkdir(&l.dir.join("run"), 0o755)?;
     mkdir(&l.dir.join("log"), 0o755)?;
     mkdir(&l.agent_root(), 0o700)?;
@@ -749,7 +792,9 @@ pub fn up(cfg: &UpConfig) -> Result<String, UpError> {
         busy.push((cfg.agent_metrics_port(), "agent metrics"));
     }
     for (port, what) in busy {
-        if !port_free(port) {
+        // A process of ours that was just stopped may still be closing its sockets (a
+        // multi-threaded process shows as a zombie before its last thread is gone).
+        if !wait_port_free(port, PORT_RELEASE_WAIT) {
             return Err(UpError::PortBusy {
                 port,
                 what: what.into(),
@@ -1299,6 +1344,7 @@ pub fn stop(layout: &Layout) -> Result<String, UpError> {
             layout.dir.display()
         ));
     }
+    let _lock = lock(layout)?;
     let conf = read_conf(&layout.stack());
     let root = sys::is_root();
 
@@ -1365,11 +1411,7 @@ pub fn stop(layout: &Layout) -> Result<String, UpError> {
     ] {
         if let Some(p) = conf.get(key).and_then(|v| v.parse::<u16>().ok()) {
             // TIME_WAIT does not block a bind with SO_REUSEADDR, which std sets.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !port_free(p) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if !port_free(p) {
+            if !wait_port_free(p, PORT_RELEASE_WAIT) {
                 left.push(format!("port {p} ({key}) still in use"));
             }
         }

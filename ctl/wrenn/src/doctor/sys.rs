@@ -169,6 +169,22 @@ pub fn umount_detach(path: &Path) -> io::Result<()> {
     cvt(ret).map(|_| ())
 }
 
+/// Takes an exclusive `flock` on `file` without waiting; `Ok(false)` when another process
+/// holds it. The lock goes with the descriptor.
+pub fn try_lock_exclusive(file: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: flock takes a descriptor and flags by value and touches no memory.
+    let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail and touches no memory.
@@ -210,6 +226,18 @@ mod tests {
         let (total, avail) = fs_space(Path::new("/")).unwrap();
         assert!(total > 0 && avail <= total);
         assert!(fs_space(Path::new("/does/not/exist")).is_err());
+    }
+
+    #[test]
+    fn flock_is_exclusive_between_descriptions() {
+        let p = std::env::temp_dir().join(format!("wrenn-flock-{}", std::process::id()));
+        let a = std::fs::File::create(&p).unwrap();
+        let b = std::fs::File::open(&p).unwrap();
+        assert!(try_lock_exclusive(a.as_fd()).unwrap());
+        assert!(!try_lock_exclusive(b.as_fd()).unwrap());
+        drop(a);
+        assert!(try_lock_exclusive(b.as_fd()).unwrap());
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]

@@ -393,3 +393,21 @@ fn busy_port_is_refused_before_starting_anything() {
         "PostgreSQL was initialized"
     );
 }
+
+/// Two `up`/`down` on one state directory never run at once.
+#[test]
+fn one_up_or_down_at_a_time() {
+    let d = TempDir::new("lock");
+    let layout = Layout {
+        dir: d.path().to_path_buf(),
+    };
+    let held = std::fs::File::create(d.path().join("lock")).unwrap();
+    assert!(wrenn::doctor::sys::try_lock_exclusive(std::os::fd::AsFd::as_fd(&held)).unwrap());
+    match up::stop(&layout) {
+        Err(up::UpError::Busy { dir }) => assert_eq!(dir, d.path()),
+        other => panic!("down ran beside another: {other:?}"),
+    }
+    drop(held);
+    let report = up::stop(&layout).unwrap();
+    assert!(report.contains("nothing was running"), "{report}");
+}
