@@ -485,6 +485,30 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), UpError> {
     Ok(())
 }
 
+/// Every directory from `/` to `dir` must let `uid` (the postgres user) pass.
+fn check_traversable(dir: &Path, uid: u32) -> Result<(), UpError> {
+    use std::os::unix::fs::MetadataExt;
+    for d in dir.ancestors() {
+        let m = fs::metadata(d).map_err(io_err("stat", d))?;
+        let passes = if m.uid() == uid {
+            m.mode() & 0o100 != 0
+        } else {
+            // Group membership is not looked up: other's x bit, as on a stock system.
+            m.mode() & 0o001 != 0
+        };
+        if !passes {
+            return Err(UpError::Missing {
+                what: format!(
+                    "a path the postgres user can reach ({} is closed to it)",
+                    d.display()
+                ),
+                hint: "`chmod o+x` that directory or pick another --state-dir".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Runs a PostgreSQL tool: as root through `runuser -u postgres --`, else directly.
 fn pg_command(bin: &Path, tool: &str, as_postgres: bool) -> Command {
     if as_postgres {
@@ -839,6 +863,9 @@ fn start_postgres(cfg: &UpConfig, bin: &Path, root: bool) -> Result<String, UpEr
     } else {
         None
     };
+    if let Some((uid, _)) = ids {
+        check_traversable(&l.dir, uid)?;
+    }
     mkdir(&l.pg(), 0o700)?;
     mkdir(&l.pg_socket_dir(), 0o700)?;
     let log = l.log("postgres");
@@ -1460,6 +1487,21 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc"
         )
         .is_err());
+    }
+
+    #[test]
+    fn closed_parents_are_found() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("wrenn-up-trav-{}", std::process::id()));
+        let inner = d.join("a/b");
+        fs::create_dir_all(&inner).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(d.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_traversable(&inner, 4242).is_ok());
+        fs::set_permissions(d.join("a"), fs::Permissions::from_mode(0o750)).unwrap();
+        let e = check_traversable(&inner, 4242).unwrap_err();
+        assert!(e.to_string().contains("/a is closed"), "{e}");
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
