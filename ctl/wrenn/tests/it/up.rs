@@ -163,7 +163,16 @@ fn up_then_down_without_firecracker() {
     // /metrics of both parse strictly, and ctl's counters move after API calls.
     let before = metrics_of(http);
     let agent_before = metrics_of(agent_http);
-    assert!(!agent_before.samples.is_empty());
+    // Without Firecracker the agent says so in its gauges too, and runs nothing.
+    assert_eq!(
+        agent_before.value("wrenn_agent_can_host_sandboxes"),
+        Some(0.0)
+    );
+    assert_eq!(agent_before.sum("wrenn_agent_sandboxes"), 0.0);
+    assert!(agent_before
+        .samples
+        .iter()
+        .any(|s| s.name == "wrenn_agent_sandboxes" && s.labels.iter().any(|(k, _)| k == "state")));
     // HTTP calls are counted by operation and status (the protobuf transport counts into
     // wrenn_ctl_api_calls_total); refused keys into wrenn_ctl_auth_failures_total.
     let list_ok = |e: &metrics::Exposition| -> f64 {
