@@ -291,6 +291,22 @@ pub fn to_yaml(v: &Value) -> String {
     out
 }
 
+/// A multi-line string as the lines of a `|-` literal block, when it can be one exactly:
+/// printable text, no line starting with a space, no trailing whitespace on any line.
+fn block_lines(v: &Value) -> Option<Vec<&str>> {
+    let s = v.as_str()?;
+    if !s.contains('\n') || s.ends_with('\n') || s.starts_with('\n') {
+        return None;
+    }
+    let lines: Vec<&str> = s.split('\n').collect();
+    let ok = lines.iter().all(|l| {
+        !l.starts_with(' ')
+            && !l.ends_with(' ')
+            && !l.chars().any(|c| c.is_control() || c == '\u{feff}')
+    });
+    ok.then_some(lines)
+}
+
 fn scalar(v: &Value) -> Option<String> {
     match v {
         Value::Null => Some("null".into()),
@@ -303,12 +319,58 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
+/// Keys written first, in this order, wherever they appear (the rest follow sorted), so the
+/// document reads top-down: `openapi`, `info`, `paths` before `components`; an operation's
+/// id and summary before its parameters and responses.
+const KEY_ORDER: &[&str] = &[
+    "openapi",
+    "info",
+    "title",
+    "version",
+    "servers",
+    "tags",
+    "security",
+    "paths",
+    "components",
+    "operationId",
+    "summary",
+    "name",
+    "in",
+    "description",
+    "type",
+    "format",
+    "parameters",
+    "requestBody",
+    "responses",
+];
+
+fn key_rank(k: &str) -> usize {
+    KEY_ORDER
+        .iter()
+        .position(|x| *x == k)
+        .unwrap_or(KEY_ORDER.len())
+}
+
 fn yaml_value(out: &mut String, v: &Value, indent: usize, _in_seq: bool) {
     let pad = " ".repeat(indent);
     match v {
         Value::Object(o) if !o.is_empty() => {
-            for (k, val) in o {
+            let mut entries: Vec<(&String, &Value)> = o.iter().collect();
+            // Stable: keys outside KEY_ORDER keep the map's sorted order.
+            entries.sort_by_key(|(k, _)| key_rank(k));
+            for (k, val) in entries {
                 let key = serde_json::to_string(k).unwrap_or_default();
+                if let Some(lines) = block_lines(val) {
+                    let _ = writeln!(out, "{pad}{key}: |-");
+                    for l in lines {
+                        if l.is_empty() {
+                            out.push('\n');
+                        } else {
+                            let _ = writeln!(out, "{pad}  {l}");
+                        }
+                    }
+                    continue;
+                }
                 match scalar(val) {
                     Some(s) => {
                         let _ = writeln!(out, "{pad}{key}: {s}");
@@ -511,12 +573,34 @@ nav a{margin-right:.8em}</style></head><body>");
 mod tests {
     use super::*;
 
+    /// `WRENN_WRITE_API_DOCS=DIR cargo test -p ctl --lib write_api_docs` writes openapi.yaml
+    /// and docs.html into DIR (for reading them without a running ctl).
+    #[test]
+    fn write_api_docs() {
+        if let Ok(dir) = std::env::var("WRENN_WRITE_API_DOCS") {
+            let dir = std::path::Path::new(&dir);
+            std::fs::write(dir.join("openapi.yaml"), yaml()).unwrap();
+            std::fs::write(dir.join("docs.html"), docs_html()).unwrap();
+        }
+        assert!(yaml().starts_with("\"openapi\": \"3.1.0\"\n"));
+    }
+
     #[test]
     fn yaml_quotes_strings_and_nests() {
         let v = json!({"a": {"b": [1, "x: y", {"c": true}], "e": {}}, "yes": "no"});
         assert_eq!(
             to_yaml(&v),
             "\"a\":\n  \"b\":\n    - 1\n    - \"x: y\"\n    -\n      \"c\": true\n  \"e\": {}\n\"yes\": \"no\"\n"
+        );
+        let v = json!({"d": "one\n\ntwo: x", "e": " lead\nx", "f": "tab\tx\ny"});
+        assert_eq!(
+            to_yaml(&v),
+            "\"d\": |-\n  one\n\n  two: x\n\"e\": \" lead\\nx\"\n\"f\": \"tab\\tx\\ny\"\n"
+        );
+        let v = json!({"paths": 1, "components": 2, "openapi": "3.1.0", "zeta": 3, "info": 4});
+        assert_eq!(
+            to_yaml(&v),
+            "\"openapi\": \"3.1.0\"\n\"info\": 4\n\"paths\": 1\n\"components\": 2\n\"zeta\": 3\n"
         );
     }
 

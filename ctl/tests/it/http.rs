@@ -613,18 +613,39 @@ fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
 /// scalars are JSON literals). Written independently of the emitter, so a served document
 /// that is not the document fails the comparison.
 fn parse_yaml(text: &str) -> Value {
+    // Empty lines are kept: inside a `|-` block they are part of the text.
     let lines: Vec<(usize, &str)> = text
         .lines()
-        .filter(|l| !l.trim().is_empty())
         .map(|l| (l.len() - l.trim_start().len(), l.trim_start()))
         .collect();
     let mut i = 0;
     let v = yaml_block(&lines, &mut i, 0);
+    skip_blank(&lines, &mut i);
     assert_eq!(i, lines.len(), "trailing YAML at line {i}");
     v
 }
 
+fn skip_blank(lines: &[(usize, &str)], i: &mut usize) {
+    while *i < lines.len() && lines[*i].1.is_empty() {
+        *i += 1;
+    }
+}
+
+/// The lines of a `|-` literal block indented deeper than `indent`, joined.
+fn yaml_literal(lines: &[(usize, &str)], i: &mut usize, indent: usize) -> Value {
+    let mut text: Vec<&str> = Vec::new();
+    while *i < lines.len() && (lines[*i].1.is_empty() || lines[*i].0 > indent) {
+        text.push(lines[*i].1);
+        *i += 1;
+    }
+    while text.last() == Some(&"") {
+        text.pop();
+    }
+    Value::String(text.join("\n"))
+}
+
 fn yaml_block(lines: &[(usize, &str)], i: &mut usize, indent: usize) -> Value {
+    skip_blank(lines, i);
     let is_seq = lines[*i].1.starts_with('-');
     if is_seq {
         let mut out = Vec::new();
@@ -636,6 +657,7 @@ fn yaml_block(lines: &[(usize, &str)], i: &mut usize, indent: usize) -> Value {
             } else {
                 out.push(serde_json::from_str(rest).unwrap());
             }
+            skip_blank(lines, i);
         }
         Value::Array(out)
     } else {
@@ -651,12 +673,13 @@ fn yaml_block(lines: &[(usize, &str)], i: &mut usize, indent: usize) -> Value {
             let key_len = serde_json::to_string(&key).unwrap().len();
             let rest = line[key_len..].strip_prefix(':').unwrap().trim();
             *i += 1;
-            let v = if rest.is_empty() {
-                yaml_block(lines, i, indent + 2)
-            } else {
-                serde_json::from_str(rest).unwrap()
+            let v = match rest {
+                "" => yaml_block(lines, i, indent + 2),
+                "|-" => yaml_literal(lines, i, indent),
+                _ => serde_json::from_str(rest).unwrap(),
             };
             out.insert(key, v);
+            skip_blank(lines, i);
         }
         Value::Object(out)
     }
@@ -2211,15 +2234,25 @@ fn openapi_document_passes_an_independent_validator() {
     let gw = start(HttpConfig::default());
     let r = request(gw.addr, "GET", "/openapi.yaml", None, None, "");
     let path = std::env::temp_dir().join(format!("wrenn-openapi-{}.yaml", std::process::id()));
+    let json_path = path.with_extension("json");
     std::fs::write(&path, &r.body).unwrap();
+    std::fs::write(
+        &json_path,
+        serde_json::to_vec(&openapi::document()).unwrap(),
+    )
+    .unwrap();
+    // PyYAML must read the served YAML as exactly the document (checks the emitter against
+    // a real YAML parser), and the validator must accept it.
     let out = std::process::Command::new("python3")
         .args([
             "-c",
-            "import sys, yaml\nfrom openapi_spec_validator import validate\nd = yaml.safe_load(open(sys.argv[1]))\nvalidate(d)\nassert d['openapi'].startswith('3.1')\nprint('valid')",
+            "import sys, yaml, json\nfrom openapi_spec_validator import validate\nd = yaml.safe_load(open(sys.argv[1]))\nassert d == json.load(open(sys.argv[2])), 'YAML differs from the document'\nvalidate(d)\nassert d['openapi'].startswith('3.1')\nprint('valid')",
             path.to_str().unwrap(),
+            json_path.to_str().unwrap(),
         ])
         .output()
         .unwrap();
+    let _ = std::fs::remove_file(&json_path);
     let _ = std::fs::remove_file(&path);
     assert!(
         out.status.success(),
