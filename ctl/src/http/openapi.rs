@@ -472,9 +472,18 @@ nav a{margin-right:.8em}</style></head><body>");
             by_tag.push((tag, path.clone(), method.clone(), op.clone()));
         }
     }
-    let mut tags: Vec<String> = by_tag.iter().map(|t| t.0.clone()).collect();
-    tags.sort();
-    tags.dedup();
+    // Tags in the document's order (sandboxes first), then any others.
+    let mut tags: Vec<String> = doc["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    for t in by_tag.iter().map(|t| &t.0) {
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
     h.push_str("<nav>");
     for t in &tags {
         let _ = write!(h, "<a href=\"#tag-{0}\">{0}</a>", esc(t));
@@ -528,6 +537,20 @@ nav a{margin-right:.8em}</style></head><body>");
                         );
                     }
                 }
+            }
+            let errors: Vec<&str> = op["responses"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| !k.starts_with('2'))
+                .collect();
+            if !errors.is_empty() {
+                let _ = write!(
+                    h,
+                    "<p>Errors (<a href=\"#schema-Error\">Error</a>): {}</p>",
+                    errors.join(", ")
+                );
             }
             h.push_str("</div>");
         }
