@@ -1163,6 +1163,11 @@ fn summary(cfg: &UpConfig, health: &str, exports: &str) -> String {
         l.api_key().display(),
         l.admin_key().display()
     ));
+    let flags = if l.dir == default_state_dir().unwrap_or_default() {
+        String::new()
+    } else {
+        format!(" --state-dir {}", l.dir.display())
+    };
     let mut todo = Vec::new();
     if !sys::is_root() {
         todo.push(
@@ -1172,7 +1177,7 @@ fn summary(cfg: &UpConfig, health: &str, exports: &str) -> String {
     }
     if !fs::metadata(&cfg.firecracker).is_ok_and(|m| m.is_file()) {
         todo.push(format!(
-            "Firecracker is not at {}: install the release binary (github.com/firecracker-microvm/firecracker/releases) as {} or set WRENN_FIRECRACKER, then `wrenn down && wrenn up`",
+            "Firecracker is not at {}: install the release binary (github.com/firecracker-microvm/firecracker/releases) as {} or set WRENN_FIRECRACKER",
             cfg.firecracker.display(),
             doctor::DEFAULT_FIRECRACKER
         ));
@@ -1199,17 +1204,15 @@ fn summary(cfg: &UpConfig, health: &str, exports: &str) -> String {
         for t in &todo {
             s.push_str(&format!("  - {t}\n"));
         }
+        s.push_str(&format!(
+            "then restart the stack: wrenn down{flags} && wrenn up{flags}\n"
+        ));
     }
     let one_line = exports
         .lines()
         .map(|l| l.trim_start_matches("export "))
         .collect::<Vec<_>>()
         .join(" ");
-    let flags = if l.dir == default_state_dir().unwrap_or_default() {
-        String::new()
-    } else {
-        format!(" --state-dir {}", l.dir.display())
-    };
     s.push_str(&format!(
         "\nuse it:\n  export {one_line}; wrenn sandbox create\n(or `. {}` first)\nstop it: wrenn down{flags}\n",
         l.env_file().display(),
