@@ -156,13 +156,38 @@ pub fn run(argv: &[String]) -> u8 {
                 msg.push_str(&format!(": {s}"));
                 src = s.source();
             }
-            eprintln!("{msg}");
+            if parsed.flag("json") {
+                // Scripts get the HTTP API's error shape on stderr, with its stable code.
+                eprintln!("{}", render(&error_json(&e, &msg), false));
+            } else {
+                eprintln!("{msg}");
+            }
             match e {
                 CliError::Args(_) | CliError::Usage(_) => 2,
                 _ => 1,
             }
         }
     }
+}
+
+/// `{"error":{"code":"...","message":"..."}}` for `--json`.
+pub fn error_json(e: &CliError, message: &str) -> json::Value {
+    let code = match e {
+        CliError::Status(s) => s.code.name(),
+        CliError::Args(_) | CliError::Usage(_) => "usage",
+        CliError::NoApiKey => "unauthenticated",
+        CliError::Io { .. } => "io",
+    };
+    let message = match e {
+        CliError::Status(s) => s.message.clone(),
+        _ => message.to_owned(),
+    };
+    let mut inner = json::Map::new();
+    inner.insert("code".into(), json::Value::from(code));
+    inner.insert("message".into(), json::Value::String(message));
+    let mut outer = json::Map::new();
+    outer.insert("error".into(), json::Value::Object(inner));
+    json::Value::Object(outer)
 }
 
 /// Connection settings from flags and the environment.
@@ -1588,6 +1613,20 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_errors_carry_stable_codes() {
+        let e = CliError::Status(Status::not_found("no such sandbox"));
+        assert_eq!(
+            render(&error_json(&e, "ignored"), false),
+            r#"{"error":{"code":"not_found","message":"no such sandbox"}}"#
+        );
+        let e = CliError::Usage("bad".into());
+        assert_eq!(
+            render(&error_json(&e, "wrenn x: bad"), false),
+            r#"{"error":{"code":"usage","message":"wrenn x: bad"}}"#
+        );
+    }
 
     #[test]
     fn exit_status_of_codes_and_signals() {
