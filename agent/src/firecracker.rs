@@ -1,14 +1,50 @@
-//! The VM layer on Firecracker: [`Vmm`] implemented with `vmm-glue` (API client, typed
-//! requests, network slots) and `uffd` (generations, headers, the page server binary).
+//! The VM layer on Firecracker: [`Vmm`] implemented with `vmm-glue` (process, API, vsock,
+//! disks, network slots, cgroups) and `uffd` (generations, headers, the page server).
+//!
+//! Per sandbox directory: `api.sock`, `firecracker.log`, `firecracker.state` (vmm-glue's
+//! record for re-adoption), `vsock.sock` (+ `_49984` for envd's readiness push),
+//! `uffd.sock`/`uffd.stats` while a page server runs, `snapshot/` with `header`, `vmstate`
+//! and `<build id>.layer` files.
 
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use proto::rpc::Client;
+use log::{info, warn};
+use proto::rpc::{Client, Credential};
 use proto::Status;
+use uffd::generation::{self, SnapshotKind};
+use uffd::header::{BuildId, Header};
+use vmm_glue::api::ApiClient;
+use vmm_glue::cgroup::{self, CgroupLimits, CgroupMode};
+use vmm_glue::net::{Egress, NetConfig, Network};
+use vmm_glue::process::{CgroupSpec, SpawnConfig, VmProcess, STABLE_DISK_PATH};
+use vmm_glue::request::{
+    Action, BootSource, Drive, MachineConfig, MemBackend, NetworkInterface, NetworkOverride,
+    SnapshotCreate, SnapshotLoad, SnapshotType, VmState, Vsock,
+};
+use vmm_glue::vsock::{self, ReadinessListener, ENVD_PORT};
 
 use crate::flags::{Flags, RestoreBackend};
-use crate::statedir::{ProcRef, SandboxDir, SandboxRecord, TemplateDir};
+use crate::limits::{BOOT_READY_TIMEOUT, ENVD_CALL_TIMEOUT};
+use crate::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
+use crate::sys;
 use crate::vm::{RestoreSource, VmError, Vmm};
+
+/// The guest's network interface and the tap it uses in every slot.
+const IFACE_ID: &str = "eth0";
+const GUEST_CID: u32 = 3;
+/// Time for Firecracker's API socket to appear.
+const API_SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// Time for wrenn-uffd's socket to appear.
+const PAGE_SERVER_WAIT: Duration = Duration::from_secs(10);
+/// Memory Firecracker itself needs besides guest memory (cgroup limit headroom).
+const VMM_OVERHEAD_BYTES: u64 = 128 << 20;
+/// cgroup directory holding every sandbox.
+const CGROUP_PARENT: &str = "wrenn";
 
 /// Settings of the Firecracker VM layer.
 #[derive(Clone, Debug)]
@@ -20,6 +56,8 @@ pub struct FcConfig {
     pub backend: RestoreBackend,
     pub boot_args_extra: String,
     pub state_root: PathBuf,
+    /// Serial console into firecracker.log (slow; for debugging).
+    pub console: bool,
 }
 
 impl FcConfig {
@@ -35,19 +73,104 @@ impl FcConfig {
             backend: f.restore_backend,
             boot_args_extra: f.boot_args_extra.clone(),
             state_root: f.state_root.clone(),
+            console: false,
         }
     }
 }
 
+/// What runs for one sandbox.
+struct Running {
+    vm: VmProcess,
+    /// Kept so envd's announces after a resume find a listener.
+    _ready: Option<ReadinessListener>,
+    page_server: Option<std::process::Child>,
+}
+
 /// The Firecracker VM layer.
-#[derive(Debug)]
 pub struct FirecrackerVmm {
     cfg: FcConfig,
+    net: Network,
+    /// Why host networking could not be set up (a problem until fixed).
+    net_problem: Option<String>,
+    cgroups: Option<CgroupMode>,
+    running: Mutex<HashMap<PathBuf, Running>>,
+}
+
+impl std::fmt::Debug for FirecrackerVmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirecrackerVmm")
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+fn err(action: &str) -> impl FnOnce(String) -> VmError + '_ {
+    move |reason| VmError::new(action, reason)
+}
+
+fn executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn running_as_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `vmlinux-<version>` -> version.
+fn kernel_version(p: &Path) -> String {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinux-"))
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn tail(p: &Path) -> String {
+    let t = fs::read(p).unwrap_or_default();
+    String::from_utf8_lossy(&t[t.len().saturating_sub(800)..])
+        .trim()
+        .to_owned()
 }
 
 impl FirecrackerVmm {
+    /// Sets up host networking (when possible: root and nft needed) and detects cgroups.
     pub fn new(cfg: FcConfig) -> FirecrackerVmm {
-        FirecrackerVmm { cfg }
+        let net = Network::new(NetConfig::default());
+        // Host networking is set up only where sandboxes can run at all.
+        let net_problem = if !executable(&cfg.firecracker) {
+            None
+        } else if !running_as_root() {
+            Some(
+                "wrenn-agent is not running as root (network namespaces, taps, cgroups need it)"
+                    .into(),
+            )
+        } else {
+            net.setup_host()
+                .err()
+                .map(|e| format!("host networking could not be set up: {e}"))
+        };
+        let cgroups = match cgroup::detect() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!("no usable cgroups; sandboxes run without limits error={e}");
+                None
+            }
+        };
+        FirecrackerVmm {
+            cfg,
+            net,
+            net_problem,
+            cgroups,
+            running: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The guest kernel used for `version` ("" = the default).
@@ -58,33 +181,266 @@ impl FirecrackerVmm {
             return p.exists().then_some(p);
         }
         if let Some(k) = &self.cfg.kernel {
-            return k.exists().then(|| k.clone());
+            return k.is_file().then(|| k.clone());
         }
-        let mut found: Vec<PathBuf> = std::fs::read_dir(&kernels)
+        let mut found: Vec<PathBuf> = fs::read_dir(&kernels)
             .ok()?
             .flatten()
             .map(|e| e.path())
             .filter(|p| {
                 p.file_name()
                     .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("vmlinux-"))
+                    .is_some_and(|n| n.starts_with("vmlinux-") && !n.ends_with(".config"))
             })
             .collect();
         found.sort();
         found.pop()
     }
 
-    fn unsupported(&self, action: &str) -> VmError {
-        VmError::new(
-            action,
-            "this build's VM layer cannot start Firecracker yet (vmm-glue process launcher missing)",
-        )
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns Firecracker (API only) for `rec` in its slot.
+    fn spawn(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<VmProcess, VmError> {
+        let index = rec
+            .slot
+            .ok_or_else(|| VmError::new("start firecracker", "no slot"))?;
+        let slot = self
+            .net
+            .config()
+            .slot(index)
+            .map_err(|e| VmError::new("start firecracker", e))?;
+        let id = rec.id.hyphenated().to_string();
+        let mut sc = SpawnConfig::new(&self.cfg.firecracker, &id, dir.path());
+        sc.netns = Some(slot.netns);
+        sc.disk = Some(dir.disk());
+        sc.cleanup = vec![
+            dir.vsock_socket(),
+            vsock::listener_path(&dir.vsock_socket(), vsock::READINESS_PORT),
+        ];
+        sc.cgroup = self.cgroups.clone().map(|mode| CgroupSpec {
+            mode,
+            parent: CGROUP_PARENT.into(),
+            name: id.clone(),
+            limits: CgroupLimits {
+                memory_max_bytes: Some((u64::from(rec.memory_mib) << 20) + VMM_OVERHEAD_BYTES),
+                cpu_millis: Some(rec.vcpus.max(1) * 1000),
+            },
+        });
+        let mut vm = VmProcess::spawn(&sc).map_err(|e| VmError::new("start firecracker", e))?;
+        rec.firecracker = sys::proc_ref(vm.pid() as i32);
+        if let Err(e) = vm.wait_api_socket(API_SOCKET_WAIT) {
+            let _ = vm.kill();
+            rec.firecracker = None;
+            return Err(VmError::new("firecracker api socket", e));
+        }
+        Ok(vm)
+    }
+
+    fn configure_and_start(
+        &self,
+        rec: &SandboxRecord,
+        dir: &SandboxDir,
+        api: &mut ApiClient,
+        kernel: &Path,
+    ) -> Result<(), VmError> {
+        let call = |api: &mut ApiClient, what: &str, r: &dyn ToReq| {
+            r.send(api).map_err(|e| VmError::new(what, e))
+        };
+        let mut mc = MachineConfig::new(rec.vcpus.max(1), rec.memory_mib);
+        mc.track_dirty_pages = true;
+        call(api, "machine-config", &mc)?;
+        let mut boot = BootSource::new(kernel).arg(vmm_glue::net::slot::GUEST_IP_BOOT_ARG);
+        boot.console = self.cfg.console;
+        if !self.cfg.boot_args_extra.is_empty() {
+            boot = boot.arg(&self.cfg.boot_args_extra);
+        }
+        call(api, "boot-source", &boot)?;
+        call(api, "drive", &Drive::root("rootfs", STABLE_DISK_PATH))?;
+        call(
+            api,
+            "network-interface",
+            &NetworkInterface {
+                iface_id: IFACE_ID.into(),
+                host_dev_name: vmm_glue::net::slot::TAP_NAME.into(),
+                guest_mac: None,
+            },
+        )?;
+        call(
+            api,
+            "vsock",
+            &Vsock {
+                guest_cid: GUEST_CID,
+                uds_path: dir.vsock_socket(),
+            },
+        )?;
+        call(api, "InstanceStart", &Action::InstanceStart)
+    }
+
+    /// Starts wrenn-uffd for a restore and waits until its socket exists.
+    fn start_page_server(
+        &self,
+        dir: &SandboxDir,
+        fc_pid: u32,
+        src: &RestoreSource<'_>,
+    ) -> Result<std::process::Child, VmError> {
+        let bin = self
+            .cfg
+            .uffd_bin
+            .clone()
+            .filter(|b| executable(b))
+            .ok_or_else(|| VmError::new("start wrenn-uffd", "binary not found"))?;
+        let sock = dir.uffd_socket();
+        let _ = fs::remove_file(&sock);
+        let layers = src
+            .chain
+            .layer_dirs
+            .first()
+            .ok_or_else(|| VmError::new("start wrenn-uffd", "no layer directory"))?;
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg("--socket")
+            .arg(&sock)
+            .arg("--firecracker-pid")
+            .arg(fc_pid.to_string())
+            .arg("--header")
+            .arg(&src.chain.header)
+            .arg("--layers")
+            .arg(layers)
+            .arg("--stats")
+            .arg(dir.path().join("uffd.stats"));
+        if let Some(ws) = src.working_set {
+            cmd.arg("--prefetch").arg(ws);
+        }
+        if let Some(rec) = src.record_working_set {
+            cmd.arg("--record")
+                .arg(rec)
+                .arg("--record-seconds")
+                .arg("600");
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("uffd.log"))
+            .map_err(|e| VmError::new("open uffd.log", e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| VmError::new("open uffd.log", e))?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        {
+            use std::os::unix::process::CommandExt;
+            // Its own session: it outlives an agent restart like Firecracker does.
+            cmd.process_group(0);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| VmError::new("start wrenn-uffd", e))?;
+        let end = Instant::now() + PAGE_SERVER_WAIT;
+        loop {
+            if sock.exists() {
+                return Ok(child);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(VmError::new(
+                    "start wrenn-uffd",
+                    format!("exited {status}: {}", tail(&dir.path().join("uffd.log"))),
+                ));
+            }
+            if Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(VmError::new("start wrenn-uffd", "socket did not appear"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Materializes the full memory file of a chain for the File backend: a sparse file of
+    /// the memory's size with every data extent written at its offset (zeros stay holes).
+    fn materialize(&self, chain: &Chain, out: &Path) -> Result<(), VmError> {
+        let header = read_header(&chain.header)?;
+        let _ = fs::remove_file(out);
+        let f = File::create(out).map_err(|e| VmError::new("create memory file", e))?;
+        f.set_len(header.memory_size)
+            .map_err(|e| VmError::new("size memory file", e))?;
+        let mut files: HashMap<BuildId, File> = HashMap::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for e in header.extents.iter().filter(|e| !e.is_zero()) {
+            let src = match files.entry(e.build_id) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let p = find_layer(chain, &e.build_id)?;
+                    v.insert(File::open(&p).map_err(|x| VmError::new("open layer", x))?)
+                }
+            };
+            let mut done = 0;
+            while done < e.length {
+                let n = (e.length - done).min(buf.len() as u64) as usize;
+                src.read_exact_at(&mut buf[..n], e.storage_offset + done)
+                    .map_err(|x| VmError::new("read layer", x))?;
+                f.write_all_at(&buf[..n], e.offset + done)
+                    .map_err(|x| VmError::new("write memory file", x))?;
+                done += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn kill_running(&self, dir: &SandboxDir) {
+        let r = self.map().remove(dir.path());
+        if let Some(mut r) = r {
+            if let Some(mut ps) = r.page_server.take() {
+                let _ = ps.kill();
+                let _ = ps.wait();
+            }
+            if let Err(e) = r.vm.kill() {
+                warn!("kill firecracker failed error={e}");
+            }
+        }
+    }
+
+    /// Resumes a paused VM after a failed snapshot step.
+    fn resume_after_failure(&self, api: &mut ApiClient, action: &str, reason: String) -> VmError {
+        let mut e = VmError::new(action, reason);
+        e.vm_still_running = api.call(&VmState::Resumed).is_ok();
+        e
     }
 }
 
-fn executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+/// A typed request that can be sent (object-safe wrapper over vmm-glue's trait).
+trait ToReq {
+    fn send(&self, api: &mut ApiClient) -> Result<(), String>;
+}
+
+impl<T: vmm_glue::request::ToApiRequest> ToReq for T {
+    fn send(&self, api: &mut ApiClient) -> Result<(), String> {
+        api.call(self).map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+fn read_header(p: &Path) -> Result<Header, VmError> {
+    let b = fs::read(p).map_err(|e| VmError::new("read header", e))?;
+    Header::parse(&b).map_err(|e| VmError::new("parse header", e))
+}
+
+fn find_layer(chain: &Chain, id: &BuildId) -> Result<PathBuf, VmError> {
+    let name = id.layer_file_name();
+    chain
+        .layer_dirs
+        .iter()
+        .map(|d| d.join(&name))
+        .find(|p| p.exists())
+        .ok_or_else(|| VmError::new("find layer", format!("{name} missing")))
+}
+
+struct FileLayers(HashMap<BuildId, Vec<u8>>);
+
+impl uffd::header::Layers for FileLayers {
+    fn layer(&self, id: &BuildId) -> Option<&[u8]> {
+        self.0.get(id).map(|v| v.as_slice())
+    }
 }
 
 impl Vmm for FirecrackerVmm {
@@ -102,6 +458,16 @@ impl Vmm for FirecrackerVmm {
                 self.cfg.state_root.join("kernels").display()
             ));
         }
+        let base = self
+            .cfg
+            .state_root
+            .join("templates/00000000-0000-0000-0000-000000000000/rootfs.ext4");
+        if !base.is_file() {
+            p.push(format!(
+                "no base template rootfs at {} (build one with `wrenn image rootfs`)",
+                base.display()
+            ));
+        }
         if !Path::new("/dev/kvm").exists() {
             p.push("/dev/kvm is missing (enable KVM; load kvm_intel or kvm_amd)".into());
         }
@@ -116,7 +482,9 @@ impl Vmm for FirecrackerVmm {
                     .map_or_else(|| "(none)".into(), |b| b.display().to_string())
             ));
         }
-        p.push(self.unsupported("start").reason);
+        if let Some(n) = &self.net_problem {
+            p.push(n.clone());
+        }
         p
     }
 
@@ -140,60 +508,391 @@ impl Vmm for FirecrackerVmm {
         }
     }
 
-    fn create_slot(&self, _index: u32) -> Result<(), VmError> {
-        Err(self.unsupported("create slot"))
+    fn create_slot(&self, index: u32) -> Result<(), VmError> {
+        let r = self.net.create_slot(index, &Egress::default()).map(|_| ());
+        r.map_err(|e| {
+            let mut e = VmError::new(format!("create network slot {index}"), e);
+            e.exhausted = false;
+            e
+        })
     }
 
-    fn destroy_slot(&self, _index: u32) -> Result<(), VmError> {
+    fn destroy_slot(&self, index: u32) -> Result<(), VmError> {
+        self.net
+            .destroy_slot(index)
+            .map_err(|e| VmError::new(format!("destroy network slot {index}"), e))
+    }
+
+    fn cleanup_slots(&self, keep: &[u32]) -> Result<Vec<u32>, VmError> {
+        if self.net_problem.is_some() {
+            return Ok(Vec::new());
+        }
+        self.net
+            .cleanup_leftovers(keep)
+            .map_err(|e| VmError::new("clean up network slots", e))
+    }
+
+    fn copy_file(&self, src: &Path, dst: &Path, size: Option<u64>) -> Result<(), VmError> {
+        let _ = fs::remove_file(dst);
+        vmm_glue::disk::clone_disk(src, dst)
+            .map_err(|e| VmError::new(format!("copy {}", src.display()), e))?;
+        if let Some(n) = size {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(dst)
+                .map_err(|e| VmError::new("open copy", e))?;
+            let len = f
+                .metadata()
+                .map_err(|e| VmError::new("stat copy", e))?
+                .len();
+            if len < n {
+                f.set_len(n).map_err(|e| VmError::new("grow copy", e))?;
+            }
+        }
         Ok(())
     }
 
-    fn cleanup_slots(&self, _keep: &[u32]) -> Result<Vec<u32>, VmError> {
-        Ok(Vec::new())
-    }
-
-    fn copy_file(&self, _src: &Path, _dst: &Path, _size: Option<u64>) -> Result<(), VmError> {
-        Err(self.unsupported("copy"))
-    }
-
-    fn boot(&self, _: &mut SandboxRecord, _: &SandboxDir, _: &TemplateDir) -> Result<(), VmError> {
-        Err(self.unsupported("boot"))
+    fn boot(
+        &self,
+        rec: &mut SandboxRecord,
+        dir: &SandboxDir,
+        _template: &TemplateDir,
+    ) -> Result<(), VmError> {
+        let kernel = self
+            .kernel_path(&rec.kernel)
+            .ok_or_else(|| VmError::new("boot", format!("no guest kernel {:?}", rec.kernel)))?;
+        rec.kernel_version = kernel_version(&kernel);
+        let (listener, rx) = ReadinessListener::with_channel(&dir.vsock_socket())
+            .map_err(|e| VmError::new("readiness listener", e))?;
+        let mut vm = self.spawn(rec, dir)?;
+        let mut api = vm.api_client();
+        let started = Instant::now();
+        let r = self
+            .configure_and_start(rec, dir, &mut api, &kernel)
+            .and_then(|()| {
+                // envd pushes its readiness; watch Firecracker meanwhile.
+                let end = Instant::now() + BOOT_READY_TIMEOUT;
+                loop {
+                    match rx.recv_timeout(Duration::from_secs(1)) {
+                        Ok(r) => return Ok(r),
+                        Err(_) if Instant::now() >= end => {
+                            return Err(VmError::new(
+                                "boot",
+                                format!("envd not ready within {BOOT_READY_TIMEOUT:?}"),
+                            ))
+                        }
+                        Err(_) => {
+                            if let Ok(Some(exit)) = vm.try_wait() {
+                                return Err(VmError::new(
+                                    "boot",
+                                    format!("firecracker exited {exit:?}: {}", tail(&dir.log())),
+                                ));
+                            }
+                        }
+                    }
+                }
+            });
+        match r {
+            Ok(ready) => {
+                info!(
+                    "guest ready id={} after_ms={} envd={}",
+                    rec.id,
+                    started.elapsed().as_millis(),
+                    ready.envd_version
+                );
+                rec.envd_version = ready.envd_version;
+                self.map().insert(
+                    dir.path().to_owned(),
+                    Running {
+                        vm,
+                        _ready: Some(listener),
+                        page_server: None,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                drop(listener);
+                let _ = vm.kill();
+                rec.firecracker = None;
+                Err(e)
+            }
+        }
     }
 
     fn restore(
         &self,
-        _: &mut SandboxRecord,
-        _: &SandboxDir,
-        _: &RestoreSource<'_>,
+        rec: &mut SandboxRecord,
+        dir: &SandboxDir,
+        src: &RestoreSource<'_>,
     ) -> Result<(), VmError> {
-        Err(self.unsupported("restore"))
+        // Announces after Resumed go here; nobody has to wait for them.
+        let ready = ReadinessListener::start(&dir.vsock_socket(), |_| {}).ok();
+        let mem_file = dir.snapshot().join("memory");
+        let backend =
+            if self.cfg.backend == RestoreBackend::File && src.record_working_set.is_none() {
+                self.materialize(src.chain, &mem_file)?;
+                None
+            } else {
+                Some(())
+            };
+        let vm = self.spawn(rec, dir)?;
+        let mut page_server = None;
+        let r = (|| -> Result<(), VmError> {
+            let mem_backend = match backend {
+                None => MemBackend::File(mem_file.clone()),
+                Some(()) => {
+                    let child = self.start_page_server(dir, vm.pid(), src)?;
+                    rec.page_server = sys::proc_ref(child.id() as i32);
+                    page_server = Some(child);
+                    MemBackend::Uffd(dir.uffd_socket())
+                }
+            };
+            let mut load = SnapshotLoad::new(&src.chain.vmstate, mem_backend);
+            load.track_dirty_pages = true;
+            load.resume_vm = true;
+            load.clock_realtime = true;
+            load.network_overrides = vec![NetworkOverride {
+                iface_id: IFACE_ID.into(),
+                host_dev_name: vmm_glue::net::slot::TAP_NAME.into(),
+            }];
+            load.vsock_override = Some(dir.vsock_socket());
+            let mut api = vm.api_client();
+            api.call(&load)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+                .map_err(err("snapshot/load"))
+        })();
+        match r {
+            Ok(()) => {
+                self.map().insert(
+                    dir.path().to_owned(),
+                    Running {
+                        vm,
+                        _ready: ready,
+                        page_server,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(mut ps) = page_server {
+                    let _ = ps.kill();
+                    let _ = ps.wait();
+                }
+                let _ = vm.kill();
+                rec.firecracker = None;
+                rec.page_server = None;
+                Err(VmError::new(
+                    e.action,
+                    format!("{}; log: {}", e.reason, tail(&dir.log())),
+                ))
+            }
+        }
     }
 
-    fn snapshot(&self, _: &mut SandboxRecord, _: &SandboxDir) -> Result<(), VmError> {
-        Err(self.unsupported("snapshot"))
+    fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+        let mut api = ApiClient::new(dir.api_socket());
+        api.call(&VmState::Paused)
+            .map_err(|e| VmError::new("pause vm", e))
+            .map_err(|mut e| {
+                e.vm_still_running = true;
+                e
+            })?;
+        let snap = dir.snapshot();
+        let kind = if rec.full_snapshot_taken && rec.chain.is_some() {
+            SnapshotKind::Diff
+        } else {
+            SnapshotKind::Full
+        };
+        let mem = snap.join("memory.snap");
+        let vmstate_new = snap.join("vmstate.new");
+        let _ = fs::remove_file(&mem);
+        let _ = fs::remove_file(&vmstate_new);
+        let t0 = Instant::now();
+        let create = SnapshotCreate {
+            snapshot_type: match kind {
+                SnapshotKind::Full => SnapshotType::Full,
+                SnapshotKind::Diff => SnapshotType::Diff,
+            },
+            snapshot_path: vmstate_new.clone(),
+            mem_file_path: mem.clone(),
+        };
+        if let Err(e) = api.call(&create) {
+            return Err(self.resume_after_failure(&mut api, "snapshot/create", e.to_string()));
+        }
+        let fc_ms = t0.elapsed().as_millis();
+        let t1 = Instant::now();
+        let built = (|| -> Result<(Header, u64), String> {
+            let memory_size = u64::from(rec.memory_mib) << 20;
+            let build = BuildId(*sys::random_uuid().map_err(|e| e.to_string())?.as_bytes());
+            let layer_path = snap.join(build.layer_file_name());
+            let tmp_layer = snap.join(format!("{}.tmp", build.layer_file_name()));
+            let memf = File::open(&mem).map_err(|e| e.to_string())?;
+            let mut out = std::io::BufWriter::with_capacity(
+                1 << 20,
+                File::create(&tmp_layer).map_err(|e| e.to_string())?,
+            );
+            let (diff, stats) =
+                generation::build(&memf, memory_size, kind, &mut out).map_err(|e| e.to_string())?;
+            let f = out.into_inner().map_err(|e| e.to_string())?;
+            f.sync_all().map_err(|e| e.to_string())?;
+            let mut header = match (&rec.chain, kind) {
+                (Some(c), SnapshotKind::Diff) => {
+                    let old = read_header(&c.header).map_err(|e| e.to_string())?;
+                    old.merge(&diff, build).map_err(|e| e.to_string())?
+                }
+                _ => Header::from_base(memory_size, build, &diff).map_err(|e| e.to_string())?,
+            };
+            fs::rename(&tmp_layer, &layer_path).map_err(|e| e.to_string())?;
+            info!(
+                "generation built id={} kind={kind:?} pages_written={} zero_pages={} scanned={}",
+                rec.id, stats.pages_written, stats.zero_pages, stats.pages_scanned
+            );
+            if header.needs_squash() {
+                let chain = Chain {
+                    header: PathBuf::new(),
+                    vmstate: PathBuf::new(),
+                    layer_dirs: vec![snap.clone()],
+                    generation: 0,
+                };
+                let mut data = HashMap::new();
+                for l in &header.layers {
+                    let p = find_layer(&chain, &l.build_id).map_err(|e| e.to_string())?;
+                    data.insert(l.build_id, fs::read(p).map_err(|e| e.to_string())?);
+                }
+                let sq = BuildId(*sys::random_uuid().map_err(|e| e.to_string())?.as_bytes());
+                let tmp = snap.join(format!("{}.tmp", sq.layer_file_name()));
+                let mut out = File::create(&tmp).map_err(|e| e.to_string())?;
+                header = uffd::header::squash(&header, &FileLayers(data), &mut out, sq)
+                    .map_err(|e| e.to_string())?;
+                out.sync_all().map_err(|e| e.to_string())?;
+                fs::rename(&tmp, snap.join(sq.layer_file_name())).map_err(|e| e.to_string())?;
+            }
+            let generation = header.generation;
+            uffd::working_set::write_atomic(&snap.join("header"), &header.serialize())
+                .map_err(|e| e.to_string())?;
+            Ok((header, generation))
+        })();
+        let (header, generation) = match built {
+            Ok(x) => x,
+            Err(e) => return Err(self.resume_after_failure(&mut api, "build generation", e)),
+        };
+        if let Err(e) = fs::rename(&vmstate_new, snap.join("vmstate")) {
+            return Err(self.resume_after_failure(&mut api, "keep vm state", e.to_string()));
+        }
+        let _ = fs::remove_file(&mem);
+        // Layers no longer referenced (squashed or fully overwritten) go.
+        if let Ok(rd) = fs::read_dir(&snap) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_suffix(".layer").and_then(BuildId::parse) {
+                    if header.layer(&id).is_none() {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        info!(
+            "snapshot taken id={} snapshot_create_ms={fc_ms} build_ms={}",
+            rec.id,
+            t1.elapsed().as_millis()
+        );
+        rec.chain = Some(Chain {
+            header: snap.join("header"),
+            vmstate: snap.join("vmstate"),
+            layer_dirs: vec![snap.clone()],
+            generation,
+        });
+        rec.full_snapshot_taken = true;
+        Ok(())
     }
 
-    fn stop(&self, rec: &SandboxRecord, _: &SandboxDir) {
+    fn finish_recording(
+        &self,
+        rec: &SandboxRecord,
+        _dir: &SandboxDir,
+        path: &Path,
+    ) -> Result<(), VmError> {
+        let Some(p) = rec.page_server else {
+            return Err(VmError::new("record working set", "no page server"));
+        };
+        sys::signal(p, libc::SIGUSR1);
+        let end = Instant::now() + ENVD_CALL_TIMEOUT;
+        while !path.exists() {
+            if Instant::now() >= end {
+                return Err(VmError::new("record working set", "file not written"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn stop(&self, rec: &SandboxRecord, dir: &SandboxDir) {
+        self.kill_running(dir);
+        // Processes of an earlier agent run (re-adopted or not).
+        if let Ok(vm) = VmProcess::adopt(dir.path()) {
+            let _ = vm.kill();
+        }
         for p in [rec.firecracker, rec.page_server].into_iter().flatten() {
-            crate::sys::kill_and_reap(p, std::time::Duration::from_secs(10));
+            sys::kill_and_reap(p, Duration::from_secs(10));
+        }
+        for f in [
+            dir.uffd_socket(),
+            dir.vsock_socket(),
+            vsock::listener_path(&dir.vsock_socket(), vsock::READINESS_PORT),
+            dir.snapshot().join("memory"),
+            dir.snapshot().join("memory.snap"),
+        ] {
+            let _ = fs::remove_file(f);
         }
     }
 
     fn alive(&self, p: ProcRef) -> bool {
-        crate::sys::alive(p)
+        sys::alive(p)
     }
 
-    fn readopt(&self, _: &SandboxRecord, _: &SandboxDir) -> Result<(), VmError> {
-        Err(self.unsupported("re-adopt"))
+    fn readopt(&self, _rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+        let vm = VmProcess::adopt(dir.path()).map_err(|e| VmError::new("re-adopt", e))?;
+        let mut api = vm.api_client();
+        let info = api
+            .describe_instance()
+            .map_err(|e| VmError::new("re-adopt: firecracker api", e))?;
+        info!(
+            "re-adopted firecracker dir={} state={}",
+            dir.path().display(),
+            info.state
+        );
+        let ready = ReadinessListener::start(&dir.vsock_socket(), |_| {}).ok();
+        self.map().insert(
+            dir.path().to_owned(),
+            Running {
+                vm,
+                _ready: ready,
+                page_server: None,
+            },
+        );
+        Ok(())
     }
 
-    fn resume_vm(&self, _: &SandboxRecord, _: &SandboxDir) -> Result<(), VmError> {
-        Err(self.unsupported("resume vm"))
+    fn resume_vm(&self, _rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+        let mut api = ApiClient::new(dir.api_socket());
+        api.call(&VmState::Resumed)
+            .map(|_| ())
+            .map_err(|e| VmError::new("resume vm", e))
     }
 
-    fn connect_envd(&self, _: &SandboxDir, _: &str) -> Result<Client, Status> {
-        Err(Status::unavailable(
-            self.unsupported("connect envd").to_string(),
-        ))
+    fn connect_envd(&self, dir: &SandboxDir, token: &str) -> Result<Client, Status> {
+        let cred = if token.is_empty() {
+            Credential::none()
+        } else {
+            Credential::access_token(token)
+        };
+        vsock::connect_rpc(&dir.vsock_socket(), ENVD_PORT, cred, ENVD_CALL_TIMEOUT).map_err(|e| {
+            match e {
+                vsock::VsockError::Rpc(s) => s,
+                other => Status::unavailable(format!("connect to envd: {other}")),
+            }
+        })
     }
 }

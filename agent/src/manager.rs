@@ -1238,7 +1238,9 @@ impl Manager {
                 Some(ENVD_CALL_TIMEOUT),
             )?;
             client.close();
-            Ok(())
+            self.vmm
+                .finish_recording(&rec, &dir, &ws_path)
+                .map_err(vm_status)
         })();
         self.vmm.stop(&rec, &dir);
         self.release_slot(&mut rec);

@@ -4,8 +4,9 @@
 //! <root>/agent/identity.conf          host id and tokens from registration (0600)
 //! <root>/kernels/vmlinux-<version>    guest kernels
 //! <root>/templates/<uuid>/            rootfs.ext4, template.conf, snapshot/ (never modified)
-//! <root>/sandboxes/<uuid>/            sandbox.conf, rootfs.ext4, fc.sock, vsock.sock,
-//!                                     snapshot/ (header, vmstate, <build id>.layer), fc.log
+//! <root>/sandboxes/<uuid>/            sandbox.conf, rootfs.ext4, api.sock, vsock.sock,
+//!                                     snapshot/ (header, vmstate, <build id>.layer),
+//!                                     firecracker.log, firecracker.state
 //! ```
 //! Records are small `key=value` text files written atomically (temp file, fsync, rename,
 //! fsync of the directory), so a crash leaves either the old or the new record. Keys and
@@ -162,7 +163,7 @@ impl SandboxDir {
         self.0.join("rootfs.ext4")
     }
     pub fn api_socket(&self) -> PathBuf {
-        self.0.join("fc.sock")
+        self.0.join("api.sock")
     }
     pub fn vsock_socket(&self) -> PathBuf {
         self.0.join("vsock.sock")
@@ -174,7 +175,7 @@ impl SandboxDir {
         self.0.join("snapshot")
     }
     pub fn log(&self) -> PathBuf {
-        self.0.join("fc.log")
+        self.0.join("firecracker.log")
     }
     pub fn create(&self) -> Result<(), Error> {
         mkdir_private(&self.0)?;

@@ -106,6 +106,15 @@ pub trait Vmm: Send + Sync {
     /// On error with `vm_still_running`, the VM has been resumed.
     fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError>;
 
+    /// Ends the working-set recording of a restore made with `record_working_set` and
+    /// waits until the file is written.
+    fn finish_recording(
+        &self,
+        rec: &SandboxRecord,
+        dir: &SandboxDir,
+        path: &Path,
+    ) -> Result<(), VmError>;
+
     /// Stops every process of the sandbox (Firecracker, page server); idempotent.
     fn stop(&self, rec: &SandboxRecord, dir: &SandboxDir);
 
