@@ -44,6 +44,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes of an HTTP answer `http_get` reads (health and metrics pages are small).
 const HTTP_RESPONSE_MAX: usize = 4 << 20;
+/// Longest agent state root: its deepest Unix socket,
+/// `<root>/sandboxes/<uuid>/vsock.sock_<port>` (the path Firecracker derives for
+/// guest-initiated vsock connections), must fit in `sun_path` (107 bytes and a NUL).
+pub const AGENT_ROOT_LEN_MAX: usize = 107 - "/sandboxes/".len() - 36 - "/vsock.sock_49984".len();
+const _: () = assert!(AGENT_ROOT_LEN_MAX == 43);
 /// How long a port may take to be released by a process that was just stopped.
 const PORT_RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// Lines of a component's log shown when it fails to start.
@@ -126,6 +131,11 @@ pub enum UpError {
     Busy {
         dir: PathBuf,
     },
+    /// The agent's sockets under this state directory would not fit in `sun_path`.
+    PathTooLong {
+        path: PathBuf,
+        max: usize,
+    },
 }
 
 impl fmt::Display for UpError {
@@ -158,6 +168,12 @@ impl fmt::Display for UpError {
                 path.display()
             ),
             UpError::Leftovers(l) => write!(f, "left behind: {}", l.join("; ")),
+            UpError::PathTooLong { path, max } => write!(
+                f,
+                "{} is longer than {max} bytes: the agent's Unix sockets under it would not fit \
+                 in a socket address; pick a shorter --state-dir",
+                path.display()
+            ),
             UpError::Busy { dir } => write!(
                 f,
                 "another wrenn up or down is working on {}; wait for it",
@@ -792,6 +808,12 @@ fn lock(layout: &Layout) -> Result<fs::File, UpError> {
 pub fn up(cfg: &UpConfig) -> Result<String, UpError> {
     let l = &cfg.layout;
     let root = sys::is_root();
+    if l.agent_root().as_os_str().len() > AGENT_ROOT_LEN_MAX {
+        return Err(UpError::PathTooLong {
+            path: l.agent_root(),
+            max: AGENT_ROOT_LEN_MAX,
+        });
+    }
     // The state directory must be traversable by the postgres user (as root).
     mkdir(&l.dir, 0o755)?;
     let _lock = lock(l)?;

@@ -34,6 +34,16 @@ impl TempDir {
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
+    /// A directory with a short path (`/tmp/wr…`), for a `wrenn up` state directory: the
+    /// agent's Unix sockets live under it and must fit in a socket address.
+    pub fn short() -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = PathBuf::from(format!("/tmp/wr{:x}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
     pub fn path(&self) -> &std::path::Path {
         &self.0
     }

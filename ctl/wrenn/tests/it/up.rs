@@ -91,11 +91,11 @@ fn up_then_down_without_firecracker() {
         return;
     }
     // `down` must leave no process or port: a crashed earlier run could hide that.
-    let state = TempDir::new("up");
+    let state = TempDir::short();
     let base = free_ports();
     let cfg = UpConfig {
         layout: Layout {
-            dir: state.path().join("stack"),
+            dir: state.path().join("s"),
         },
         ctl_port: base,
         http_port: base + 1,
@@ -375,7 +375,7 @@ fn busy_port_is_refused_before_starting_anything() {
     }
     let base = free_ports();
     let _taken = TcpListener::bind(loopback(base + 1)).unwrap();
-    let d = TempDir::new("busy");
+    let d = TempDir::short();
     let out = Command::new(wrenn_bin())
         .args(["up", "--state-dir"])
         .arg(d.path().join("stack"))
@@ -419,4 +419,29 @@ fn one_up_or_down_at_a_time() {
     drop(held);
     let report = up::stop(&layout).unwrap();
     assert!(report.contains("nothing was running"), "{report}");
+}
+
+/// A state directory too deep for the agent's Unix sockets is refused up front.
+#[test]
+fn too_long_state_dir_is_refused() {
+    let d = TempDir::new("long");
+    let dir = d.path().join("x".repeat(up::AGENT_ROOT_LEN_MAX));
+    let cfg = UpConfig {
+        layout: Layout { dir: dir.clone() },
+        ctl_port: 1,
+        http_port: 2,
+        agent_port: 3,
+        pg_port: 5,
+        image_root: d.path().to_path_buf(),
+        firecracker: d.path().join("fc"),
+        kernel: None,
+        rootfs: d.path().join("rootfs"),
+        bin_dir: None,
+        agent_args: Vec::new(),
+    };
+    match up::up(&cfg) {
+        Err(up::UpError::PathTooLong { max, .. }) => assert_eq!(max, up::AGENT_ROOT_LEN_MAX),
+        other => panic!("expected PathTooLong, got {other:?}"),
+    }
+    assert!(!dir.exists(), "nothing is created");
 }

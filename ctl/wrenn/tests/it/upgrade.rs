@@ -97,7 +97,7 @@ fn agent_restart_keeps_sandboxes() {
         );
         return;
     }
-    let state = TempDir::new("upgrade");
+    let state = TempDir::short();
     let base = free_ports();
     let mut agent_args = Vec::new();
     if let Ok(extra) = std::env::var("WRENN_BOOT_ARGS_EXTRA") {
@@ -105,7 +105,7 @@ fn agent_restart_keeps_sandboxes() {
     }
     let cfg = UpConfig {
         layout: Layout {
-            dir: state.path().join("stack"),
+            dir: state.path().join("s"),
         },
         ctl_port: base,
         http_port: base + 1,
