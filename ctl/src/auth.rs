@@ -84,12 +84,13 @@ pub fn lookup_key(db: &Db, key: &str) -> Result<AuthCtx, Status> {
     let lookup = key[..LOOKUP_LEN].to_owned();
     let h = hash(key);
     let rows = db.run(move |c| {
-        c.query(
+        let st = crate::db::prepared(
+            c,
             "SELECT id, team_id, name, key_hash, platform_admin FROM api_keys \
              WHERE lookup = $1 AND revoked_at IS NULL",
-            &[&lookup],
-        )
-        .map_err(pg_err)
+            &[postgres::types::Type::TEXT],
+        )?;
+        c.query(&st, &[&lookup]).map_err(pg_err)
     })?;
     for row in rows {
         let stored: Vec<u8> = row.get(3);

@@ -105,15 +105,15 @@ impl Db {
         assert!(cfg.workers > 0, "db workers must be > 0");
         let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_max);
         let rx = Arc::new(Mutex::new(rx));
-        let broken = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(Health { broken: AtomicU64::new(0), connects: AtomicU64::new(0) });
         let mut workers = Vec::with_capacity(cfg.workers);
         for i in 0..cfg.workers {
             let rx = Arc::clone(&rx);
-            let broken = Arc::clone(&broken);
+            let shared = Arc::clone(&shared);
             let pg = pg.clone();
             let h = std::thread::Builder::new()
                 .name(format!("ctl-db-{i}"))
-                .spawn(move || worker(pg, rx, broken))
+                .spawn(move || worker(pg, rx, shared))
                 .map_err(|source| DbError::Spawn { source })?;
             workers.push(h);
         }
@@ -196,16 +196,61 @@ impl Db {
     }
 }
 
-/// `broken` counts connection losses seen by any worker: a worker whose connection is older
-/// than the latest loss checks it (one round trip) before its next job, so after a
-/// PostgreSQL restart at most the job that discovered it fails, not one per worker.
-fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>, broken: Arc<AtomicU64>) {
+thread_local! {
+    /// Prepared statements of this DB worker's connection (each worker thread owns exactly
+    /// one connection, so a thread-local cache is a per-connection cache). Cleared whenever
+    /// the worker connects anew.
+    static STATEMENTS: std::cell::RefCell<std::collections::HashMap<&'static str, postgres::Statement>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Bound on cached statements per connection (the hot queries are a handful; a bound keeps
+/// a bug from growing the server's per-connection memory without limit).
+const STATEMENTS_MAX: usize = 64;
+
+/// A statement prepared once per connection: hot queries then cost one round trip and no
+/// parse/plan on the server. Call only inside [`Db::run`]/[`Db::tx`] jobs.
+pub fn prepared(
+    c: &mut impl postgres::GenericClient,
+    sql: &'static str,
+    types: &[postgres::types::Type],
+) -> Result<postgres::Statement, Status> {
+    if let Some(s) = STATEMENTS.with(|m| m.borrow().get(sql).cloned()) {
+        return Ok(s);
+    }
+    let st = c.prepare_typed(sql, types).map_err(pg_err)?;
+    STATEMENTS.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.len() < STATEMENTS_MAX {
+            m.insert(sql, st.clone());
+        }
+    });
+    Ok(st)
+}
+
+fn forget_statements() {
+    STATEMENTS.with(|m| m.borrow_mut().clear());
+}
+
+/// What the workers tell each other about the database.
+struct Health {
+    /// Connection losses seen by any worker: a worker whose connection is older than the
+    /// latest loss checks it (one round trip) before its next job, so after a PostgreSQL
+    /// restart at most the job that discovered it fails, not one per worker.
+    broken: AtomicU64,
+    /// Successful connects by any worker: a worker waiting out its backoff tries again at
+    /// once when another one got through (the database is back).
+    connects: AtomicU64,
+}
+
+fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>, h: Arc<Health>) {
     let mut client: Option<Client> = None;
-    let mut conn_gen = broken.load(Ordering::Acquire);
+    let mut conn_gen = h.broken.load(Ordering::Acquire);
     let mut backoff = DB_BACKOFF_MIN;
     let mut next_attempt = Instant::now();
+    let mut seen_connects = h.connects.load(Ordering::Acquire);
     // Connect eagerly so the first requests find a warm pool.
-    try_connect(&pg, &mut client, &mut backoff, &mut next_attempt);
+    try_connect(&pg, &mut client, &mut backoff, &mut next_attempt, &h);
     loop {
         let job = {
             let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,7 +259,7 @@ fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>, broken: Arc<Atomi
                 Err(_) => return, // queue closed: the pool was dropped
             }
         };
-        let gen = broken.load(Ordering::Acquire);
+        let gen = h.broken.load(Ordering::Acquire);
         if gen != conn_gen {
             if let Some(c) = client.as_mut() {
                 if c.is_valid(DB_CONNECT_TIMEOUT).is_err() {
@@ -227,15 +272,17 @@ fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>, broken: Arc<Atomi
             log::warn!("database connection lost; reconnecting");
             client = None;
         }
-        if client.is_none() && Instant::now() >= next_attempt {
-            try_connect(&pg, &mut client, &mut backoff, &mut next_attempt);
-            conn_gen = broken.load(Ordering::Acquire);
+        let others_connected = h.connects.load(Ordering::Acquire) != seen_connects;
+        if client.is_none() && (Instant::now() >= next_attempt || others_connected) {
+            try_connect(&pg, &mut client, &mut backoff, &mut next_attempt, &h);
+            conn_gen = h.broken.load(Ordering::Acquire);
         }
+        seen_connects = h.connects.load(Ordering::Acquire);
         job(client.as_mut());
         if client.as_ref().is_some_and(|c| c.is_closed()) {
             client = None;
             next_attempt = Instant::now();
-            conn_gen = broken.fetch_add(1, Ordering::AcqRel) + 1;
+            conn_gen = h.broken.fetch_add(1, Ordering::AcqRel) + 1;
         }
     }
 }
@@ -245,10 +292,13 @@ fn try_connect(
     client: &mut Option<Client>,
     backoff: &mut Duration,
     next_attempt: &mut Instant,
+    h: &Health,
 ) {
+    forget_statements();
     match pg.connect(NoTls) {
         Ok(c) => {
             *client = Some(c);
+            h.connects.fetch_add(1, Ordering::AcqRel);
             *backoff = DB_BACKOFF_MIN;
         }
         Err(e) => {

@@ -27,4 +27,5 @@ pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod sha256;
+pub mod testkit;
 pub mod admin;

@@ -17,7 +17,7 @@ pub mod audit;
 mod convert;
 mod hosts;
 mod processes;
-mod sandboxes;
+pub mod sandboxes;
 mod teams;
 mod templates;
 

@@ -6,8 +6,10 @@
 //! the reconciler.
 
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
+use postgres::types::Type;
 use postgres::GenericClient;
 use proto::gen::wrenn::agent::v1 as agent;
 use proto::gen::wrenn::ctl::v1 as ctl;
@@ -31,14 +33,129 @@ struct Pending {
     id: Uuid,
 }
 
+static LIST_SQL: OnceLock<String> = OnceLock::new();
+static FETCH_SQL: OnceLock<String> = OnceLock::new();
+static RUNNING_SQL: OnceLock<String> = OnceLock::new();
+static INSERT_SQL: OnceLock<String> = OnceLock::new();
+
+/// A query text built once (from the column list) with a `'static` lifetime, so it can key
+/// the prepared-statement cache.
+fn static_sql(cell: &'static OnceLock<String>, make: impl FnOnce() -> String) -> &'static str {
+    cell.get_or_init(make).as_str()
+}
+
+/// The query of Sandboxes.List (public so the benchmark can run the same SQL bare).
+/// Parameters: team, all-but-stopped, states, template, metadata, after time, after id,
+/// limit.
+pub fn list_sql() -> String {
+    format!(
+        "SELECT {SANDBOX_COLS} FROM sandboxes s WHERE s.team_id = $1 \
+           AND (CASE WHEN $2 THEN s.state <> 'stopped' ELSE s.state = ANY($3) END) \
+           AND ($4::uuid IS NULL OR s.template_id = $4) \
+           AND s.metadata @> $5 \
+           AND ($6::timestamptz IS NULL OR (s.created_at, s.id) < ($6, $7::uuid)) \
+         ORDER BY s.created_at DESC, s.id DESC LIMIT $8"
+    )
+}
+
+/// What [`insert_reserved`] inserts.
+struct Insert<'a> {
+    id: Uuid,
+    team: Uuid,
+    template: Uuid,
+    size: Need,
+    pinned: Option<Uuid>,
+    timeout_s: i64,
+    policy: &'static str,
+    metadata: serde_json::Value,
+    audit_id: Uuid,
+    ctx: &'a AuthCtx,
+}
+
+/// Reserves a host, inserts the sandbox (STARTING, holding its size) and its audit row —
+/// one statement, so one round trip and atomic without an explicit transaction. The
+/// reservation re-checks the fit on the row version it locks (see scheduler.rs); when a
+/// concurrent create took the chosen host, the statement inserts nothing and is retried.
+fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres::Row, Status> {
+    let sql = static_sql(&INSERT_SQL, || format!(
+        "WITH h AS ( \
+            UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mib = used_memory_mib + $2, \
+                used_disk_mib = used_disk_mib + $3 \
+            WHERE id = (SELECT id FROM hosts WHERE status = 'online' AND can_host \
+                    AND ($4::uuid IS NULL OR id = $4) AND used_vcpus + $1 <= capacity_vcpus \
+                    AND used_memory_mib + $2 <= capacity_memory_mib \
+                    AND used_disk_mib + $3 <= capacity_disk_mib \
+                  ORDER BY capacity_memory_mib - used_memory_mib DESC, id LIMIT 1) \
+              AND status = 'online' AND can_host AND used_vcpus + $1 <= capacity_vcpus \
+              AND used_memory_mib + $2 <= capacity_memory_mib AND used_disk_mib + $3 <= capacity_disk_mib \
+            RETURNING id), \
+         s AS ( \
+            INSERT INTO sandboxes (id, team_id, host_id, template_id, state, vcpus, memory_mib, disk_mib, \
+                held_vcpus, held_memory_mib, held_disk_mib, timeout_s, on_timeout, metadata) \
+            SELECT $5, $6, h.id, $7, 'starting', $1, $8, $3, $1, $2, $3, $9, $10, $11 FROM h \
+            RETURNING *), \
+         a AS ( \
+            INSERT INTO audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, \
+                resource_id, action, status, metadata) \
+            SELECT $12, $6, 'api_key', $13, $14, 'sandbox', $15, 'sandbox.create', 'success', \
+                jsonb_build_object('template', $16::text, 'host', 'host-' || s.host_id::text, \
+                    'vcpus', $1, 'memory_mib', $2) FROM s) \
+         SELECT {SANDBOX_COLS} FROM s"
+    ));
+    let st = crate::db::prepared(
+        c,
+        sql,
+        &[
+            Type::INT4, Type::INT8, Type::INT8, Type::UUID, Type::UUID, Type::UUID, Type::UUID, Type::INT4,
+            Type::INT8, Type::TEXT, Type::JSONB, Type::UUID, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT,
+        ],
+    )?;
+    let mem32 = i.size.memory_mib as i32;
+    let key_id = id::format(Kind::Key, i.ctx.key_id);
+    let sb_id = id::format(Kind::Sandbox, i.id);
+    let tpl_id = id::format(Kind::Template, i.template);
+    for _ in 0..8 {
+        let row = c
+            .query_opt(
+                &st,
+                &[
+                    &i.size.vcpus, &i.size.memory_mib, &i.size.disk_mib, &i.pinned, &i.id, &i.team,
+                    &i.template, &mem32, &i.timeout_s, &i.policy, &i.metadata, &i.audit_id, &key_id,
+                    &i.ctx.key_name, &sb_id, &tpl_id,
+                ],
+            )
+            .map_err(pg_err)?;
+        if let Some(r) = row {
+            return Ok(r);
+        }
+        let any: bool = c
+            .query_typed_one(
+                "SELECT EXISTS (SELECT 1 FROM hosts WHERE status = 'online' AND can_host \
+                    AND ($4::uuid IS NULL OR id = $4) AND used_vcpus + $1 <= capacity_vcpus \
+                    AND used_memory_mib + $2 <= capacity_memory_mib AND used_disk_mib + $3 <= capacity_disk_mib)",
+                &[(&i.size.vcpus, Type::INT4), (&i.size.memory_mib, Type::INT8), (&i.size.disk_mib, Type::INT8), (&i.pinned, Type::UUID)],
+            )
+            .map_err(pg_err)?
+            .get(0);
+        if !any {
+            break;
+        }
+    }
+    crate::metrics::SCHEDULE_EXHAUSTED.inc();
+    Err(match i.pinned {
+        Some(_) => Status::resource_exhausted("the host this sandbox must run on has no free capacity"),
+        None => Status::resource_exhausted("no host has free capacity for this sandbox"),
+    })
+}
+
 /// Reads one sandbox of `team` (`not_found` for other teams' and unknown ids).
 pub(crate) fn fetch(c: &mut impl GenericClient, team: Uuid, id: Uuid) -> Result<ctl::Sandbox, Status> {
-    let row = c
-        .query_opt(
-            &format!("SELECT {SANDBOX_COLS} FROM sandboxes s WHERE s.id = $1 AND s.team_id = $2"),
-            &[&id, &team],
-        )
-        .map_err(pg_err)?;
+    let st = crate::db::prepared(
+        c,
+        static_sql(&FETCH_SQL, || format!("SELECT {SANDBOX_COLS} FROM sandboxes s WHERE s.id = $1 AND s.team_id = $2")),
+        &[Type::UUID, Type::UUID],
+    )?;
+    let row = c.query_opt(&st, &[&id, &team]).map_err(pg_err)?;
     row.map(|r| convert::sandbox(&r))
         .ok_or_else(|| Status::not_found("sandbox not found"))
 }
@@ -121,8 +238,9 @@ impl Api {
         let team = ctx.team_id;
         let ctx2 = ctx.clone();
         let tpl_ref = if req.template.is_empty() { "minimal".to_owned() } else { req.template.clone() };
-        let (sb, pending) = self.inner.db.tx(move |tx| {
-            let tpl = templates::resolve(tx, team, &tpl_ref)?;
+        let audit_id = audit::new_uuid()?;
+        let (sb, pending) = self.inner.db.run(move |c| {
+            let tpl = templates::resolve(c, team, &tpl_ref)?;
             let snapshot = tpl.kind == "snapshot";
             let size = if snapshot {
                 Need { vcpus: tpl.vcpus, memory_mib: i64::from(tpl.memory_mib), disk_mib: tpl.disk_mib }
@@ -137,23 +255,21 @@ impl Api {
                     disk_mib: disk,
                 }
             };
-            let host = scheduler::reserve(tx, size, if snapshot { tpl.host } else { None })?;
-            tx.execute(
-                "INSERT INTO sandboxes (id, team_id, host_id, template_id, state, vcpus, memory_mib, \
-                    disk_mib, held_vcpus, held_memory_mib, held_disk_mib, timeout_s, on_timeout, metadata) \
-                 VALUES ($1,$2,$3,$4,'starting',$5,$6,$7,$5,$8,$7,$9,$10,$11)",
-                &[
-                    &id, &team, &host, &tpl.id, &size.vcpus, &(size.memory_mib as i32), &size.disk_mib,
-                    &size.memory_mib, &(timeout_s as i64), &policy, &metadata,
-                ],
-            )
-            .map_err(pg_err)?;
-            audit_sb(tx, &ctx2, id, "sandbox.create", serde_json::json!({
-                "template": id::format(Kind::Template, tpl.id),
-                "host": id::format(Kind::Host, host),
-                "vcpus": size.vcpus, "memory_mib": size.memory_mib,
-            }))?;
-            let sb = fetch(tx, team, id)?;
+            let pinned = if snapshot { tpl.host } else { None };
+            let row = insert_reserved(c, &Insert {
+                id,
+                team,
+                template: tpl.id,
+                size,
+                pinned,
+                timeout_s: timeout_s as i64,
+                policy,
+                metadata,
+                audit_id,
+                ctx: &ctx2,
+            })?;
+            let sb = convert::sandbox(&row);
+            let host: Uuid = row.get(2);
             let areq = agent::CreateSandboxRequest {
                 sandbox_id: id::format(Kind::Sandbox, id),
                 team_id: id::format(Kind::Team, team),
@@ -207,13 +323,25 @@ impl Api {
         match r {
             Ok(info) => {
                 let exp = expiry(info.expires_unix_ns, p.req.timeout_s);
-                self.inner.db.tx(move |tx| {
-                    // A destroy may have raced us; only a sandbox still starting becomes running.
-                    let cur = scheduler::lock(tx, id)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
-                    if cur.state == State::Starting {
-                        scheduler::set_state(tx, id, State::Running, "", Some(Some(exp)))?;
+                // STARTING and RUNNING hold the same resources, so no ledger change: one
+                // statement. Only a sandbox still starting becomes running (a destroy may
+                // have raced us).
+                self.inner.db.run(move |c| {
+                    let st = crate::db::prepared(
+                        c,
+                        static_sql(&RUNNING_SQL, || {
+                            format!(
+                                "UPDATE sandboxes s SET state = 'running', state_reason = '', updated_at = now(), \
+                                    expires_at = $2 WHERE s.id = $1 AND s.state = 'starting' RETURNING {SANDBOX_COLS}"
+                            )
+                        }),
+                        &[Type::UUID, Type::TIMESTAMPTZ],
+                    )?;
+                    let row = c.query_opt(&st, &[&id, &exp]).map_err(pg_err)?;
+                    match row {
+                        Some(r) => Ok(convert::sandbox(&r)),
+                        None => fetch(c, team, id),
                     }
-                    fetch(tx, team, id)
                 })
             }
             Err(e) => {
@@ -254,18 +382,13 @@ impl Api {
         let limit = page_size(req.page_size);
         let team = ctx.team_id;
         let rows = self.inner.db.run(move |c| {
-            c.query(
-                &format!(
-                    "SELECT {SANDBOX_COLS} FROM sandboxes s WHERE s.team_id = $1 \
-                       AND (CASE WHEN $2 THEN s.state <> 'stopped' ELSE s.state = ANY($3) END) \
-                       AND ($4::uuid IS NULL OR s.template_id = $4) \
-                       AND s.metadata @> $5 \
-                       AND ($6::timestamptz IS NULL OR (s.created_at, s.id) < ($6, $7::uuid)) \
-                     ORDER BY s.created_at DESC, s.id DESC LIMIT $8"
-                ),
-                &[&team, &all_but_stopped, &states, &template, &meta, &after_t, &after_id, &(limit + 1)],
-            )
-            .map_err(pg_err)
+            let st = crate::db::prepared(
+                c,
+                static_sql(&LIST_SQL, list_sql),
+                &[Type::UUID, Type::BOOL, Type::TEXT_ARRAY, Type::UUID, Type::JSONB, Type::TIMESTAMPTZ, Type::UUID, Type::INT8],
+            )?;
+            c.query(&st, &[&team, &all_but_stopped, &states, &template, &meta, &after_t, &after_id, &(limit + 1)])
+                .map_err(pg_err)
         })?;
         let (sandboxes, next_page_token) =
             paginate(&rows, limit, |r| (r.get(12), r.get(0)), convert::sandbox);

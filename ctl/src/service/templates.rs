@@ -2,6 +2,7 @@
 //! Visible: the caller's team's and the platform team's. Platform ones are managed by
 //! platform admins only.
 
+use postgres::types::Type;
 use postgres::GenericClient;
 use proto::gen::wrenn::agent::v1 as agent;
 use proto::gen::wrenn::ctl::v1 as ctl;
@@ -30,20 +31,24 @@ pub(crate) struct Tpl {
 pub(crate) fn resolve(c: &mut impl GenericClient, team: Uuid, r: &str) -> Result<Tpl, Status> {
     let row = if r.starts_with("tpl-") {
         let id = parse_id(Kind::Template, r)?;
-        c.query_opt(
+        let st = crate::db::prepared(
+            c,
             "SELECT id, team_id, kind, vcpus, memory_mib, disk_mib, host_id FROM templates \
              WHERE id = $1 AND team_id IN ($2, $3)",
-            &[&id, &team, &PLATFORM_TEAM],
-        )
+            &[Type::UUID, Type::UUID, Type::UUID],
+        )?;
+        c.query_opt(&st, &[&id, &team, &PLATFORM_TEAM])
     } else {
         if r.len() > crate::limits::NAME_LEN_MAX {
             return Err(Status::invalid_argument("template name too long"));
         }
-        c.query_opt(
+        let st = crate::db::prepared(
+            c,
             "SELECT id, team_id, kind, vcpus, memory_mib, disk_mib, host_id FROM templates \
              WHERE name = $1 AND team_id IN ($2, $3) ORDER BY (team_id = $3) LIMIT 1",
-            &[&r, &team, &PLATFORM_TEAM],
-        )
+            &[Type::TEXT, Type::UUID, Type::UUID],
+        )?;
+        c.query_opt(&st, &[&r, &team, &PLATFORM_TEAM])
     }
     .map_err(pg_err)?;
     let row = row.ok_or_else(|| Status::not_found("template not found"))?;

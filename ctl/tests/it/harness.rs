@@ -3,8 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -17,8 +15,6 @@ use proto::gen::wrenn::host::v1 as host;
 use proto::rpc::{Client, Credential};
 
 use crate::fake_agent::FakeAgent;
-
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Whether end-to-end skips must fail.
 pub fn require_e2e() -> bool {
@@ -33,98 +29,7 @@ pub fn skip(reason: &str) {
     println!("skipped: {reason}");
 }
 
-/// A PostgreSQL cluster this process started.
-pub struct Cluster {
-    pub dir: PathBuf,
-    pub port: u16,
-}
-
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
-fn as_postgres(bin: &str) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--", &format!("{PG_BIN}/{bin}")]);
-    c
-}
-
-static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
-
-impl Cluster {
-    /// initdb + start, listening on a Unix socket in its own directory.
-    pub fn start() -> Result<Cluster, String> {
-        if !Path::new(PG_BIN).join("initdb").exists() {
-            return Err(format!("PostgreSQL 15 binaries not found in {PG_BIN}"));
-        }
-        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("wrenn-ctl-pg-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir:?}: {e}"))?;
-        run(Command::new("chown").args(["postgres:postgres"]).arg(&dir))?;
-        let data = dir.join("data");
-        run(as_postgres("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
-            .arg(&data))?;
-        let port = 5432;
-        let c = Cluster { dir, port };
-        c.pg_ctl_start()?;
-        Ok(c)
-    }
-
-    fn pg_ctl_start(&self) -> Result<(), String> {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
-            self.port,
-            self.dir.display()
-        );
-        run(as_postgres("pg_ctl")
-            .args(["-w", "-t", "60", "-o", &opts, "-l"])
-            .arg(self.dir.join("log"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .arg("start"))
-    }
-
-    pub fn stop(&self) -> Result<(), String> {
-        run(as_postgres("pg_ctl")
-            .args(["-w", "-m", "fast", "-D"])
-            .arg(self.dir.join("data"))
-            .arg("stop"))
-    }
-
-    pub fn restart(&self) -> Result<(), String> {
-        self.stop()?;
-        self.pg_ctl_start()
-    }
-
-    /// Starts a stopped cluster again.
-    pub fn start_again(&self) -> Result<(), String> {
-        self.pg_ctl_start()
-    }
-
-    pub fn url(&self, db: &str) -> String {
-        format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = run(as_postgres("pg_ctl")
-            .args(["-m", "immediate", "-D"])
-            .arg(self.dir.join("data"))
-            .arg("stop"));
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+pub use ctl::testkit::PgCluster as Cluster;
 
 /// The shared cluster (or DATABASE_URL), stopped when the test process exits.
 enum Shared {

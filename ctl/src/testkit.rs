@@ -1,0 +1,204 @@
+//! Support for tests and benchmarks (not used by `wrenn-ctl serve`): a throwaway
+//! PostgreSQL 15 cluster started with the system's `initdb`/`pg_ctl`, and an agent that
+//! answers every lifecycle call at once (the `ctl_*` benchmarks measure ctl, not VMs).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use proto::gen::wrenn::agent::v1 as agent;
+use proto::gen::wrenn::wire::v1::{CredentialKind, Hello};
+use proto::rpc::{Call, Peer, Server, ServerConfig, ServerHandle, Service};
+use proto::Status;
+
+/// Where Debian/Ubuntu install PostgreSQL 15's server binaries.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// A command run as the `postgres` user (the server refuses to run as root).
+fn as_postgres(bin: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--", &format!("{PG_BIN}/{bin}")]);
+    c
+}
+
+static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(0);
+
+/// A PostgreSQL cluster in a temporary directory, listening only on a Unix socket there.
+/// Stopped and removed on drop.
+#[derive(Debug)]
+pub struct PgCluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl PgCluster {
+    /// initdb + start. Err when the binaries are absent or a step fails.
+    pub fn start() -> Result<PgCluster, String> {
+        if !Path::new(PG_BIN).join("initdb").exists() {
+            return Err(format!("PostgreSQL 15 binaries not found in {PG_BIN}"));
+        }
+        let n = NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wrenn-ctl-pg-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir:?}: {e}"))?;
+        run(Command::new("chown").args(["postgres:postgres"]).arg(&dir))?;
+        run(as_postgres("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(dir.join("data")))?;
+        let c = PgCluster { dir, port: 5432 };
+        c.start_again()?;
+        Ok(c)
+    }
+
+    /// Starts the (stopped) cluster.
+    pub fn start_again(&self) -> Result<(), String> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        run(as_postgres("pg_ctl")
+            .args(["-w", "-t", "60", "-o", &opts, "-l"])
+            .arg(self.dir.join("log"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("start"))
+    }
+
+    /// Stops the cluster (fast shutdown: connections are closed).
+    pub fn stop(&self) -> Result<(), String> {
+        run(as_postgres("pg_ctl")
+            .args(["-w", "-m", "fast", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop"))
+    }
+
+    /// Connection string of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
+    }
+
+    /// Creates database `name` and returns its URL.
+    pub fn create_db(&self, name: &str) -> Result<String, String> {
+        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).map_err(|e| e.to_string())?;
+        c.batch_execute(&format!("CREATE DATABASE {name}")).map_err(|e| e.to_string())?;
+        Ok(self.url(name))
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = run(as_postgres("pg_ctl")
+            .args(["-m", "immediate", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop"));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A wrenn.agent.v1 server whose sandboxes exist only in memory and whose lifecycle calls
+/// answer at once.
+pub struct InstantAgent {
+    pub addr: SocketAddr,
+    pub token: Arc<Mutex<String>>,
+    handle: ServerHandle,
+}
+
+struct Instant {
+    token: Arc<Mutex<String>>,
+    sandboxes: Mutex<HashMap<String, agent::SandboxInfo>>,
+}
+
+impl InstantAgent {
+    pub fn start() -> std::io::Result<InstantAgent> {
+        let token = Arc::new(Mutex::new(String::new()));
+        let svc = Instant { token: token.clone(), sandboxes: Mutex::new(HashMap::new()) };
+        let mut server = Server::new(ServerConfig::new("instant-agent"), Arc::new(svc))?;
+        let addr = server.listen_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let handle = server.handle();
+        let _ = server.spawn()?;
+        Ok(InstantAgent { addr, token, handle })
+    }
+
+    pub fn set_token(&self, t: &str) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = t.to_owned();
+    }
+}
+
+impl Drop for InstantAgent {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+impl Service for Instant {
+    fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
+        let tok = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if hello.credential_kind != CredentialKind::AgentToken as i32 || tok.is_empty() || hello.credential != tok {
+            return Err(Status::unauthenticated("agent token required"));
+        }
+        Ok(Arc::new(()))
+    }
+
+    fn call(&self, call: Call) {
+        use agent::sandboxes_methods as sm;
+        match call.method() {
+            sm::CREATE => {
+                let r = call.decode::<agent::CreateSandboxRequest>().map(|r| {
+                    let info = agent::SandboxInfo {
+                        sandbox_id: r.sandbox_id.clone(),
+                        team_id: r.team_id,
+                        template_id: r.template_id,
+                        state: agent::SandboxState::Running as i32,
+                        vcpus: r.vcpus,
+                        memory_mib: r.memory_mib,
+                        disk_mib: r.disk_mib,
+                        timeout_s: r.timeout_s,
+                        on_timeout: r.on_timeout,
+                        ..Default::default()
+                    };
+                    self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).insert(r.sandbox_id, info.clone());
+                    info
+                });
+                call.respond(r)
+            }
+            sm::DESTROY => {
+                let r = call.decode::<agent::DestroySandboxRequest>().and_then(|r| {
+                    self.sandboxes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&r.sandbox_id)
+                        .map(|_| agent::DestroySandboxResponse {})
+                        .ok_or_else(|| Status::not_found("sandbox not found"))
+                });
+                call.respond(r)
+            }
+            sm::LIST => {
+                let l = agent::ListSandboxesResponse {
+                    sandboxes: self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect(),
+                };
+                call.reply(&l)
+            }
+            m => {
+                let s = Status::unimplemented(format!("instant agent: {m}"));
+                call.fail(s)
+            }
+        }
+    }
+}
