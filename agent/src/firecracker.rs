@@ -629,13 +629,16 @@ impl Vmm for FirecrackerVmm {
         // Announces after Resumed go here; nobody has to wait for them.
         let ready = ReadinessListener::start(&dir.vsock_socket(), |_| {}).ok();
         let mem_file = dir.snapshot().join("memory");
-        let backend =
-            if self.cfg.backend == RestoreBackend::File && src.record_working_set.is_none() {
-                self.materialize(src.chain, &mem_file)?;
-                None
-            } else {
-                Some(())
-            };
+        let have_uffd = self.cfg.uffd_bin.as_deref().is_some_and(executable);
+        // Recording needs the page server; without one the template has no working set.
+        let backend = if !have_uffd
+            || (self.cfg.backend == RestoreBackend::File && src.record_working_set.is_none())
+        {
+            self.materialize(src.chain, &mem_file)?;
+            None
+        } else {
+            Some(())
+        };
         let vm = self.spawn(rec, dir)?;
         let mut page_server = None;
         let r = (|| -> Result<(), VmError> {
@@ -815,7 +818,8 @@ impl Vmm for FirecrackerVmm {
         path: &Path,
     ) -> Result<(), VmError> {
         let Some(p) = rec.page_server else {
-            return Err(VmError::new("record working set", "no page server"));
+            // Restored through the File backend: nothing was recorded.
+            return Ok(());
         };
         sys::signal(p, libc::SIGUSR1);
         let end = Instant::now() + ENVD_CALL_TIMEOUT;
