@@ -327,16 +327,24 @@ pub fn build(opts: &KernelOptions) -> Result<PathBuf, ImageError> {
     )?;
     super::sync_parent(&installed)?;
     write_atomic(&stamp, format!("{release}\n").as_bytes())?;
-    if !opts.keep_build {
-        if let Err(e) = fs::remove_dir_all(&work) {
-            log::warn!("remove build tree path={} error={e}", work.display());
-        }
-    }
     log::info!(
         "kernel installed path={} total={}",
         installed.display(),
         fmt_duration(started.elapsed())
     );
+    if !opts.keep_build {
+        // A full object tree is ~1.5 GB in ~20k files: removing it can take minutes on a busy
+        // disk, so it is said, and a failure only warns (the kernel is already installed).
+        let t = Instant::now();
+        log::info!(
+            "removing build tree path={} (--keep-build keeps it)",
+            work.display()
+        );
+        match fs::remove_dir_all(&work) {
+            Ok(()) => log::info!("build tree removed took={}", fmt_duration(t.elapsed())),
+            Err(e) => log::warn!("remove build tree path={} error={e}", work.display()),
+        }
+    }
     Ok(installed)
 }
 
