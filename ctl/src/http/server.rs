@@ -17,7 +17,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsRawFd;
+
 use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::backend::Backend;
@@ -96,6 +99,8 @@ struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     deadline: Instant,
+    /// Socket timeouts already set (they survive the blocking/non-blocking switches).
+    prepared: bool,
 }
 
 enum Slot {
@@ -288,7 +293,11 @@ impl HttpServer {
             if self
                 .poll
                 .registry()
-                .register(&mut stream, Token(FIRST_CONN + i), Interest::READABLE)
+                .register(
+                    &mut SourceFd(&stream.as_raw_fd()),
+                    Token(FIRST_CONN + i),
+                    Interest::READABLE,
+                )
                 .is_err()
             {
                 free.push(i);
@@ -300,6 +309,7 @@ impl HttpServer {
                 stream,
                 buf: Vec::new(),
                 deadline: Instant::now() + self.config.idle_timeout,
+                prepared: false,
             });
             // Edge-triggered: bytes may already be there.
             self.readable(slots, free, i);
@@ -318,11 +328,16 @@ impl HttpServer {
             release(slots, free, i);
             return;
         }
-        let mut stream = TcpStream::from_std(std);
+        let stream = TcpStream::from_std(std);
+        // Still registered (dispatch keeps it so): re-arm instead of a delete and an add.
         if self
             .poll
             .registry()
-            .register(&mut stream, Token(FIRST_CONN + i), Interest::READABLE)
+            .reregister(
+                &mut SourceFd(&stream.as_raw_fd()),
+                Token(FIRST_CONN + i),
+                Interest::READABLE,
+            )
             .is_err()
         {
             release(slots, free, i);
@@ -336,14 +351,18 @@ impl HttpServer {
         slots[i] = Slot::Reading(Conn {
             stream,
             buf,
+            prepared: true,
             deadline: Instant::now() + timeout,
         });
         self.readable(slots, free, i);
     }
 
     fn close(&mut self, slots: &mut [Slot], free: &mut Vec<usize>, i: usize) {
-        if let Slot::Reading(mut c) = std::mem::replace(&mut slots[i], Slot::Free) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
+        if let Slot::Reading(c) = std::mem::replace(&mut slots[i], Slot::Free) {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&c.stream.as_raw_fd()));
             METRICS.connections_open.add(-1);
             free.push(i);
         }
@@ -425,21 +444,29 @@ impl HttpServer {
         head: Head,
         rest: Vec<u8>,
     ) {
-        let Slot::Reading(mut c) = std::mem::replace(&mut slots[i], Slot::Busy) else {
+        if !self.pool.has_capacity() {
+            METRICS.connections_refused.inc();
+            let r = Response::error(503, "unavailable", "every worker is busy; retry");
+            self.fail(slots, free, i, &r);
+            return;
+        }
+        let Slot::Reading(c) = std::mem::replace(&mut slots[i], Slot::Busy) else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut c.stream);
+        // The socket stays registered while a worker holds it: its events are ignored for a
+        // busy slot, and `resume` re-arms it (reading at once, since edges may be missed).
+        let prepared_before = c.prepared;
         let std: std::net::TcpStream = c.stream.into();
-        let prepared = std
-            .set_nonblocking(false)
-            .and_then(|()| std.set_read_timeout(Some(self.config.io_timeout)))
-            .and_then(|()| std.set_write_timeout(Some(self.config.io_timeout)));
+        let mut prepared = std.set_nonblocking(false);
+        if !prepared_before {
+            prepared = prepared
+                .and_then(|()| std.set_read_timeout(Some(self.config.io_timeout)))
+                .and_then(|()| std.set_write_timeout(Some(self.config.io_timeout)));
+        }
         if prepared.is_err() {
             release(slots, free, i);
             return;
         }
-        // A second handle to answer 503 if no worker can take the request.
-        let spare = std.try_clone().ok();
         let gateway = self.gateway.clone();
         let shared = self.shared.clone();
         let job = move || {
@@ -478,13 +505,10 @@ impl HttpServer {
             let _ = shared.waker.wake();
         };
         if let Err(job) = self.pool.spawn(Box::new(job)) {
+            // Only when a thread could not be created (capacity was checked above): the
+            // job and its socket are dropped, so the client sees the connection close.
             drop(job);
             METRICS.connections_refused.inc();
-            if let Some(mut s) = spare {
-                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-                let r = Response::error(503, "unavailable", "every worker is busy; retry");
-                let _ = write_response(&mut s, &r, false, false);
-            }
             release(slots, free, i);
         }
     }
@@ -544,6 +568,16 @@ impl Pool {
             }),
             cv: Condvar::new(),
         })
+    }
+
+    /// Whether `spawn` would take a job now. Only the loop thread spawns, and workers only
+    /// lower `idle` by taking queued jobs or by exiting (which lowers `threads` too), so a
+    /// true answer holds until the loop's next `spawn`.
+    fn has_capacity(&self) -> bool {
+        self.inner
+            .lock()
+            .map(|g| g.idle > g.queue.len() || g.threads < self.max)
+            .unwrap_or(false)
     }
 
     fn spawn(self: &Arc<Pool>, job: Job) -> Result<(), Job> {

@@ -2386,3 +2386,28 @@ fn concurrent_clients_and_the_worker_bound() {
     // Once they finish, requests are served again.
     assert_eq!(get(a, &format!("/v1/sandboxes/{SB}")).status, 200);
 }
+
+/// Opt-in measurement of the gateway alone (in-test backend answering at once):
+/// `cargo test -p ctl --test it measure_gateway_alone -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_gateway_alone() {
+    let gw = start(HttpConfig::default());
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let req = format!("GET /v1/sandboxes/{SB} HTTP/1.1\r\nX-API-Key: {KEY}\r\n\r\n");
+    let n = 5000;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        s.write_all(req.as_bytes()).unwrap();
+        assert_eq!(read_response(&mut s).status, 200);
+        v.push(t.elapsed());
+    }
+    v.sort();
+    println!(
+        "sandboxes.get (in-test backend) x{n}: p50 {:?} p99 {:?}",
+        v[n / 2],
+        v[n * 99 / 100]
+    );
+}
