@@ -1544,6 +1544,44 @@ fn file_put(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// A download's temporary file, removed on drop unless committed (renamed into place).
+struct Partial {
+    path: std::path::PathBuf,
+    target: std::path::PathBuf,
+    done: bool,
+}
+
+impl Partial {
+    fn new(target: &str) -> Partial {
+        let target = std::path::PathBuf::from(target);
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let path = target.with_file_name(format!(".{name}.wrenn-partial-{}", std::process::id()));
+        Partial {
+            path,
+            target,
+            done: false,
+        }
+    }
+
+    fn commit(mut self) -> Result<(), CliError> {
+        std::fs::rename(&self.path, &self.target)
+            .map_err(io_err(format!("rename into {}", self.target.display())))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
     let local = p.arg(2).unwrap_or("");
     let req = pb::DownloadRequest {
@@ -1563,7 +1601,10 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
             end_stream: true,
         },
     )?;
-    // Open the destination only once the file is known to exist (first message).
+    // Open the destination only once the file is known to exist (first message), as a
+    // temporary file beside it renamed over it at the end: a failed download leaves no
+    // truncated file behind and an existing one untouched.
+    let mut partial: Option<Partial> = None;
     let mut out: Option<Box<dyn Write>> = None;
     let mut progress: Option<Progress> = None;
     let mut written = 0u64;
@@ -1577,9 +1618,11 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
             out = Some(if local == "-" {
                 Box::new(io::stdout())
             } else {
-                Box::new(io::BufWriter::new(
-                    File::create(local).map_err(io_err(format!("create {local}")))?,
-                ))
+                let tmp = Partial::new(local);
+                let f = File::create(&tmp.path)
+                    .map_err(io_err(format!("create {}", tmp.path.display())))?;
+                partial = Some(tmp);
+                Box::new(io::BufWriter::new(f))
             });
         }
         if let Some(w) = out.as_mut() {
@@ -1593,8 +1636,14 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
     }
     if let Some(mut w) = out {
         w.flush().map_err(io_err(format!("write {local}")))?;
-    } else if local != "-" {
-        File::create(local).map_err(io_err(format!("create {local}")))?;
+    }
+    match partial {
+        Some(tmp) => tmp.commit()?,
+        // An empty stream: an empty file.
+        None if local != "-" => {
+            File::create(local).map_err(io_err(format!("create {local}")))?;
+        }
+        None => {}
     }
     if let Some(pr) = progress {
         pr.finish();
@@ -1613,6 +1662,35 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_downloads_vanish_unless_committed() {
+        let dir = std::env::temp_dir().join(format!("wrenn-partial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("out.bin");
+        std::fs::write(&target, b"old").unwrap();
+        {
+            let p = Partial::new(target.to_str().unwrap());
+            std::fs::write(&p.path, b"half").unwrap();
+            assert!(p.path.starts_with(&dir) && p.path != target);
+        }
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            b"old",
+            "failed download leaves the old file"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "temporary removed"
+        );
+        let p = Partial::new(target.to_str().unwrap());
+        std::fs::write(&p.path, b"new").unwrap();
+        p.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn json_errors_carry_stable_codes() {
