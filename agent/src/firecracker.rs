@@ -58,6 +58,8 @@ pub struct FcConfig {
     pub state_root: PathBuf,
     /// Serial console into firecracker.log (slow; for debugging).
     pub console: bool,
+    /// Slot naming and addresses (two agents on one host need different ones).
+    pub net: NetConfig,
 }
 
 impl FcConfig {
@@ -74,6 +76,7 @@ impl FcConfig {
             boot_args_extra: f.boot_args_extra.clone(),
             state_root: f.state_root.clone(),
             console: false,
+            net: f.net.clone(),
         }
     }
 }
@@ -143,7 +146,7 @@ fn tail(p: &Path) -> String {
 impl FirecrackerVmm {
     /// Sets up host networking (when possible: root and nft needed) and detects cgroups.
     pub fn new(cfg: FcConfig) -> FirecrackerVmm {
-        let net = Network::new(NetConfig::default());
+        let net = Network::new(cfg.net.clone());
         // Host networking is set up only where sandboxes can run at all.
         let net_problem = if !executable(&cfg.firecracker) {
             None

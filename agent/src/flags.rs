@@ -9,7 +9,7 @@ usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
                    [--state-root /var/lib/wrenn] [--ctl HOST:PORT] [--registration-token T]
                    [--advertise HOST:PORT] [--firecracker PATH] [--kernel PATH]
                    [--uffd-bin PATH] [--restore-backend uffd|file] [--boot-args-extra STR]
-                   [--slots N]
+                   [--slots N] [--net-prefix wrenn] [--net-subnet 10.200.0.0]
 environment: WRENN_FIRECRACKER, WRENN_KERNEL (defaults of --firecracker, --kernel)";
 
 /// Which restore path the host uses.
@@ -38,6 +38,8 @@ pub struct Flags {
     pub restore_backend: RestoreBackend,
     pub boot_args_extra: String,
     pub slots: u32,
+    /// Names of slots' namespaces and links, and the /16 their addresses come from.
+    pub net: vmm_glue::net::NetConfig,
     pub help: bool,
 }
 
@@ -87,8 +89,11 @@ impl Flags {
             restore_backend: RestoreBackend::Uffd,
             boot_args_extra: String::new(),
             slots: crate::limits::SANDBOXES_MAX as u32,
+            net: vmm_glue::net::NetConfig::default(),
             help: false,
         };
+        let mut net_prefix = f.net.prefix().to_owned();
+        let mut net_subnet = f.net.subnet().addr();
         let mut it = args.into_iter();
         while let Some(arg) = it.next() {
             let (name, inline) = match arg.split_once('=') {
@@ -144,10 +149,21 @@ impl Flags {
                         _ => return Err(bad("--slots", v)),
                     };
                 }
+                "--net-prefix" => net_prefix = value!("--net-prefix"),
+                "--net-subnet" => {
+                    let v = value!("--net-subnet");
+                    net_subnet = v.parse().map_err(|_| bad("--net-subnet", v))?;
+                }
                 "-h" | "--help" => f.help = true,
                 _ => return Err(FlagError::Unknown(arg)),
             }
         }
+        f.net = vmm_glue::net::NetConfig::new(&net_prefix, net_subnet).map_err(|_| {
+            FlagError::BadValue {
+                flag: "--net-prefix/--net-subnet",
+                value: format!("{net_prefix} {net_subnet}"),
+            }
+        })?;
         Ok(f)
     }
 }
@@ -251,5 +267,15 @@ mod tests {
             Err(FlagError::BadValue { .. })
         ));
         assert!(parse(&["-h"]).unwrap().help);
+        assert!(matches!(
+            parse(&["--net-prefix", "Bad!"]),
+            Err(FlagError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse(&["--net-subnet", "10.1.2.0"]),
+            Err(FlagError::BadValue { .. })
+        ));
+        let f = parse(&["--net-prefix", "wt", "--net-subnet", "10.201.0.0"]).unwrap();
+        assert_eq!(f.net.prefix(), "wt");
     }
 }

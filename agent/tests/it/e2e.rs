@@ -192,6 +192,8 @@ fn start_in_process(inp: &Inputs) -> InProcess {
             boot_args_extra: inp.boot_args.clone(),
             state_root: inp.root.clone(),
             console: false,
+            // Its own slot names and addresses: other agents may run on this host.
+            net: vmm_glue::net::NetConfig::new("wre2e", "10.213.0.0".parse().unwrap()).unwrap(),
         },
     ));
     let mut cfg = agent::manager::Config::new(&inp.root);
@@ -460,7 +462,7 @@ fn e2e_lifecycle_on_firecracker() {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     assert!(
-        !netns.contains("wrenn-"),
+        !netns.contains("wre2e-"),
         "network namespaces left: {netns}"
     );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
