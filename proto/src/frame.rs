@@ -228,10 +228,12 @@ pub fn parse_request(body: &[u8]) -> Result<Request<'_>, &'static str> {
     if rest.len() < mlen + 4 {
         return Err("body shorter than method and timeout");
     }
-    let method = std::str::from_utf8(&rest[..mlen]).map_err(|_| "method is not utf-8")?;
-    if !method.bytes().all(|b| b.is_ascii_graphic()) {
+    let raw = &rest[..mlen];
+    // Printable ASCII is valid UTF-8, so checking it first makes the conversion infallible.
+    if !raw.iter().all(|b| b.is_ascii_graphic()) {
         return Err("method has a character outside printable ascii");
     }
+    let method = std::str::from_utf8(raw).map_err(|_| "method is not utf-8")?;
     let t = &rest[mlen..mlen + 4];
     let timeout_ms = u32::from_be_bytes([t[0], t[1], t[2], t[3]]);
     Ok(Request {
