@@ -351,6 +351,7 @@ impl Gateway {
         }
         match route.call {
             Call::Upload { multipart } => return self.upload(ctx, route, params, &peer, multipart),
+            Call::Stdin => return self.stdin(ctx, route, params, &peer),
             Call::Unary { .. } | Call::Ndjson { .. } | Call::ListDir | Call::Download => {}
         }
         let input = match route.input {
@@ -384,7 +385,11 @@ impl Gateway {
             Call::Ndjson { item } => self.ndjson(ctx, route, &peer, encoded, item),
             Call::ListDir => self.list_dir(ctx, route, &peer, encoded),
             Call::Download => self.download(ctx, route, &peer, encoded),
-            Call::Upload { .. } => Err(Response::error(500, "internal", "unreachable upload arm")),
+            Call::Upload { .. } | Call::Stdin => Err(Response::error(
+                500,
+                "internal",
+                "unreachable streaming-body arm",
+            )),
         }
     }
 
@@ -675,6 +680,86 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Processes.SendInput with the raw request body as the bytes, streamed in chunks.
+    fn stdin<S: Read + Write>(
+        &self,
+        ctx: &mut Ctx<'_, S>,
+        route: &Route,
+        params: &[(&'static str, String)],
+        peer: &Peer,
+    ) -> Result<(u16, After), Response> {
+        let q = query_object(ctx.head, STDIN_PARAMS)?;
+        let selector = match (q.get("pid"), q.get("tag")) {
+            (Some(pid), None) => serde_json::json!({"pid": pid}),
+            (None, Some(tag)) => serde_json::json!({"tag": tag}),
+            _ => {
+                return Err(bad_request(
+                    "name the process with exactly one of pid or tag",
+                ))
+            }
+        };
+        let close = q.get("close").and_then(Value::as_bool).unwrap_or(false);
+        let sandbox_id = params
+            .iter()
+            .find(|(n, _)| *n == "sandbox_id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let first = ctl::SendInputRequest::from_json(&serde_json::json!({
+            "sandbox_id": sandbox_id,
+            "input": {"process": selector},
+        }))
+        .map_err(|e| bad_request(&e.to_string()))?;
+        ctx.continue_100()
+            .map_err(|_| Response::error(499, "cancelled", "client gone"))?;
+        ctx.body = BodyState::Partial;
+        let head = ctx.head;
+        let mut body = BodyReader::new(ctx.wire, head);
+        let mut buf = vec![0u8; UPLOAD_CHUNK];
+        let mut state = 0u8; // 0: first message next, 1: data, 2: done
+        let result = self
+            .backend
+            .client_stream(peer, route.rpc, &mut || match state {
+                0 => {
+                    state = 1;
+                    Ok(Some(first.encode_to_vec()))
+                }
+                1 => {
+                    let n = body.read(&mut buf).map_err(|e| {
+                        Status::new(Code::Cancelled, format!("read request body: {e}"))
+                    })?;
+                    if n == 0 {
+                        state = 2;
+                        if !close {
+                            return Ok(None);
+                        }
+                    }
+                    let msg = ctl::SendInputRequest {
+                        sandbox_id: String::new(),
+                        input: Some(envd::SendInputRequest {
+                            process: None,
+                            data: prost::bytes::Bytes::copy_from_slice(&buf[..n]),
+                            close: n == 0,
+                        }),
+                    };
+                    Ok(Some(msg.encode_to_vec()))
+                }
+                _ => Ok(None),
+            });
+        if body.is_done() {
+            ctx.body = BodyState::Consumed;
+        } else {
+            ctx.keep = false;
+        }
+        let reply = result.map_err(|s| Response::from_status(&s))?;
+        let v = envd::SendInputResponse::decode(reply.as_slice())
+            .map(|m| m.to_json())
+            .map_err(|e| Response::error(500, "internal", &format!("decode reply: {e}")))?;
+        let r = Response::json(route.status, &v);
+        Ok((route.status, ctx.send(&r)))
+    }
+}
+
 fn mp_status(e: MultipartError) -> Status {
     match e {
         MultipartError::Malformed(_) => Status::invalid_argument(e.to_string()),
@@ -793,8 +878,25 @@ fn read_json<S: Read + Write>(ctx: &mut Ctx<'_, S>) -> Result<Value, Response> {
 }
 
 /// The component schemas, parsed once.
-pub static SCHEMAS: LazyLock<Value> =
-    LazyLock::new(|| serde_json::from_str(super::gen_json::SCHEMAS_JSON).unwrap_or(Value::Null));
+pub static SCHEMAS: LazyLock<Value> = LazyLock::new(|| {
+    let mut v: Value = serde_json::from_str(super::gen_json::SCHEMAS_JSON).unwrap_or(Value::Null);
+    if let Some(m) = v.as_object_mut() {
+        // The gateway's own shapes (not protobuf messages).
+        m.insert(
+            STDIN_PARAMS.into(),
+            serde_json::json!({"type": "object", "additionalProperties": false,
+                "description": "Query parameters of a streamed stdin write: the process (exactly one of pid or tag) and whether to close stdin at the end of the body.",
+                "properties": {
+                    "pid": {"type": "integer", "format": "uint32", "minimum": 0, "maximum": 4294967295u64, "description": "The process, by pid."},
+                    "tag": {"type": "string", "description": "The process, by tag."},
+                    "close": {"type": "boolean", "description": "Close the process's stdin after the body."}}}),
+        );
+    }
+    v
+});
+
+/// Component name of the streamed-stdin query parameters.
+pub const STDIN_PARAMS: &str = "StdinParams";
 
 fn resolve(s: &Value) -> &Value {
     if let Some(r) = s.get("$ref").and_then(Value::as_str) {

@@ -36,7 +36,8 @@ internal 500, unimplemented 501, unavailable 503, deadline_exceeded 504.
 
 Streams: `exec/stream` and `processes/connect` answer chunked newline-delimited JSON, one \
 `envd.v1.ProcessEvent` per line; a failure after the first line arrives as a last line \
-`{\"error\":{...}}`. Downloads and directory listings stream without a size cap; a failure \
+`{\"error\":{...}}`. Uploads (raw or multipart) and `processes/stdin` take request bodies of any size, \
+streamed. Downloads and directory listings stream without a size cap; a failure \
 after the status line closes the connection before the final chunk, so the body is visibly \
 truncated.
 
@@ -146,6 +147,13 @@ fn operation(route: &Route) -> Value {
         op.insert("parameters".into(), Value::Array(params));
     }
     match route.call {
+        Call::Stdin => {
+            op.insert(
+                "requestBody".into(),
+                json!({"required": true, "description": "Bytes for the process's stdin, streamed (any size).",
+                       "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}),
+            );
+        }
         Call::Upload { multipart: false } => {
             op.insert(
                 "requestBody".into(),
@@ -172,7 +180,7 @@ fn operation(route: &Route) -> Value {
         _ => {}
     }
     let ok = match route.call {
-        Call::Unary { .. } | Call::Upload { .. } | Call::ListDir => json!({
+        Call::Unary { .. } | Call::Upload { .. } | Call::ListDir | Call::Stdin => json!({
             "description": "Success.",
             "content": {"application/json": {"schema": schema_ref(route.response_schema)}}}),
         Call::Ndjson { .. } => json!({

@@ -84,6 +84,8 @@ pub enum Call {
     Download,
     /// Files.Upload: raw body (`PUT`) or multipart/form-data (`POST`), streamed.
     Upload { multipart: bool },
+    /// Processes.SendInput with the raw body as the bytes (any size, streamed).
+    Stdin,
 }
 
 pub struct Route {
@@ -196,6 +198,10 @@ impl B {
         self.r.renames = &[("template_id", "template")];
         self
     }
+    fn input_schema(mut self, schema: &'static str) -> B {
+        self.r.input_schema = schema;
+        self
+    }
     fn created(mut self) -> B {
         self.r.status = 201;
         self
@@ -250,6 +256,9 @@ fn build() -> Vec<Route> {
         route::<ctl::SendInputRequest, envd::SendInputResponse>(Post, "/v1/sandboxes/{sandbox_id}/processes/input", "processes.send_input", procs::SEND_INPUT, Body,
             "Write bytes to a process's stdin (one message; `close` closes stdin after it)")
             .wrap::<envd::SendInputRequest>("input"),
+        route::<ctl::SendInputRequest, envd::SendInputResponse>(Put, "/v1/sandboxes/{sandbox_id}/processes/stdin", "processes.stdin", procs::SEND_INPUT, Query,
+            "Stream the raw request body (any size) to a process's stdin")
+            .input_schema(super::handler::STDIN_PARAMS).call(Call::Stdin),
         route::<ctl::CloseStdinRequest, envd::CloseStdinResponse>(Post, "/v1/sandboxes/{sandbox_id}/processes/close-stdin", "processes.close_stdin", procs::CLOSE_STDIN, Body,
             "Close a process's stdin").wrap::<envd::CloseStdinRequest>("close"),
         route::<ctl::SignalRequest, envd::SignalResponse>(Post, "/v1/sandboxes/{sandbox_id}/processes/signal", "processes.signal", procs::SIGNAL, Body,
