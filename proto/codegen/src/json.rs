@@ -37,7 +37,8 @@ pub fn generate(
     fds: protox::prost_reflect::prost_types::FileDescriptorSet,
     target: Target,
 ) -> Result<String, String> {
-    let pool = DescriptorPool::from_file_descriptor_set(fds).map_err(|e| format!("descriptors: {e}"))?;
+    let pool =
+        DescriptorPool::from_file_descriptor_set(fds).map_err(|e| format!("descriptors: {e}"))?;
     let mut packages = vec![ROOT_PACKAGE.to_owned()];
     for f in pool.files() {
         if f.package_name() == ROOT_PACKAGE {
@@ -115,7 +116,10 @@ fn schema_name(full: &str) -> String {
 }
 
 fn rust_path(full: &str, package: &str) -> String {
-    let rest = full.strip_prefix(package).and_then(|r| r.strip_prefix('.')).unwrap_or(full);
+    let rest = full
+        .strip_prefix(package)
+        .and_then(|r| r.strip_prefix('.'))
+        .unwrap_or(full);
     let mut parts: Vec<&str> = rest.split('.').collect();
     let last = parts.pop().unwrap_or_default();
     let mut path = format!("proto::gen::{}", package.replace('.', "::"));
@@ -175,7 +179,10 @@ fn out_expr(kind: &Kind, expr: &str) -> String {
         Kind::Uint64 | Kind::Fixed64 => format!("j::u64_out({expr})"),
         Kind::String => format!("Value::String({expr}.clone())"),
         Kind::Bytes => format!("j::bytes_out(&{expr})"),
-        Kind::Message(m) => format!("{}::to_json(&{expr})", rust_path(m.full_name(), m.package_name())),
+        Kind::Message(m) => format!(
+            "{}::to_json(&{expr})",
+            rust_path(m.full_name(), m.package_name())
+        ),
         Kind::Enum(e) => format!(
             "j::enum_out({expr}, {}::try_from({expr}).ok().map(|e| e.as_str_name()))",
             rust_path(e.full_name(), e.package_name())
@@ -268,7 +275,10 @@ fn message_impl(out: &mut String, m: &MessageDescriptor, target: Target) -> Resu
             };
             let key = entry.map_entry_key_field();
             if key.kind() != Kind::String {
-                return Err(format!("{}: only string map keys are supported", f.full_name()));
+                return Err(format!(
+                    "{}: only string map keys are supported",
+                    f.full_name()
+                ));
             }
             let vk = entry.map_entry_value_field().kind();
             let x = if by_value(&vk) { "*x" } else { "x" };
@@ -308,7 +318,11 @@ fn message_impl(out: &mut String, m: &MessageDescriptor, target: Target) -> Resu
             );
         } else {
             let x = format!("self.{rf}");
-            let _ = writeln!(to, "        m.insert({name:?}.into(), {});", out_expr(&kind, &x));
+            let _ = writeln!(
+                to,
+                "        m.insert({name:?}.into(), {});",
+                out_expr(&kind, &x)
+            );
             let _ = writeln!(
                 from,
                 "                {name:?} => {{ if !v.is_null() {{ out.{rf} = {}; }} }}",
@@ -340,10 +354,19 @@ fn message_impl(out: &mut String, m: &MessageDescriptor, target: Target) -> Resu
         let _ = writeln!(out, "        Value::Object(m)");
     }
     let _ = writeln!(out, "    }}");
-    let _ = writeln!(out, "    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {{");
+    let _ = writeln!(
+        out,
+        "    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {{"
+    );
     if from.is_empty() {
-        let _ = writeln!(out, "        if let Some((k, _)) = j::object_or_null(v, path)?.iter().next() {{");
-        let _ = writeln!(out, "            return Err(JsonError::unknown_field(path, k));");
+        let _ = writeln!(
+            out,
+            "        if let Some((k, _)) = j::object_or_null(v, path)?.iter().next() {{"
+        );
+        let _ = writeln!(
+            out,
+            "            return Err(JsonError::unknown_field(path, k));"
+        );
         let _ = writeln!(out, "        }}");
         let _ = writeln!(out, "        Ok(Self::default())");
     } else {
@@ -353,7 +376,10 @@ fn message_impl(out: &mut String, m: &MessageDescriptor, target: Target) -> Resu
         let _ = writeln!(out, "            let p = j::field(path, k);");
         let _ = writeln!(out, "            match k.as_str() {{");
         out.push_str(&from);
-        let _ = writeln!(out, "                _ => return Err(JsonError::unknown_field(path, k)),");
+        let _ = writeln!(
+            out,
+            "                _ => return Err(JsonError::unknown_field(path, k)),"
+        );
         let _ = writeln!(out, "            }}");
         let _ = writeln!(out, "        }}");
         let _ = writeln!(out, "        Ok(out)");
@@ -380,7 +406,9 @@ fn comment(file: &protox::prost_reflect::prost_types::FileDescriptorProto, path:
 fn kind_schema(kind: &Kind) -> Value {
     match kind {
         Kind::Double | Kind::Float => json!({"type": "number"}),
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => json!({"type": "integer", "format": "int32"}),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            json!({"type": "integer", "format": "int32"})
+        }
         Kind::Uint32 | Kind::Fixed32 => {
             json!({"type": "integer", "format": "uint32", "minimum": 0, "maximum": 4294967295u64})
         }
@@ -393,8 +421,12 @@ fn kind_schema(kind: &Kind) -> Value {
         Kind::Bool => json!({"type": "boolean"}),
         Kind::String => json!({"type": "string"}),
         Kind::Bytes => json!({"type": "string", "contentEncoding": "base64"}),
-        Kind::Message(m) => json!({"$ref": format!("#/components/schemas/{}", schema_name(m.full_name()))}),
-        Kind::Enum(e) => json!({"$ref": format!("#/components/schemas/{}", schema_name(e.full_name()))}),
+        Kind::Message(m) => {
+            json!({"$ref": format!("#/components/schemas/{}", schema_name(m.full_name()))})
+        }
+        Kind::Enum(e) => {
+            json!({"$ref": format!("#/components/schemas/{}", schema_name(e.full_name()))})
+        }
     }
 }
 
@@ -416,12 +448,20 @@ fn message_schema(m: &MessageDescriptor) -> Result<Value, String> {
         };
         let mut desc = comment(file, f.path());
         if let Some(o) = f.containing_oneof().filter(|_| !is_proto3_optional(&f)) {
-            oneofs.entry(o.name().to_owned()).or_default().push(f.name().to_owned());
-            desc = format!("{desc} (oneof `{}`: at most one of its fields is set)", o.name())
+            oneofs
+                .entry(o.name().to_owned())
+                .or_default()
+                .push(f.name().to_owned());
+            desc = format!(
+                "{desc} (oneof `{}`: at most one of its fields is set)",
+                o.name()
+            )
+            .trim()
+            .to_owned();
+        } else if is_proto3_optional(&f) {
+            desc = format!("{desc} (optional: absent when not set)")
                 .trim()
                 .to_owned();
-        } else if is_proto3_optional(&f) {
-            desc = format!("{desc} (optional: absent when not set)").trim().to_owned();
         }
         if !desc.is_empty() {
             if let Value::Object(o) = &mut s {
@@ -457,7 +497,10 @@ fn message_schema(m: &MessageDescriptor) -> Result<Value, String> {
 
 fn enum_schema(e: &EnumDescriptor) -> Value {
     let file = e.parent_file_descriptor_proto();
-    let names: Vec<Value> = e.values().map(|v| Value::String(v.name().to_owned())).collect();
+    let names: Vec<Value> = e
+        .values()
+        .map(|v| Value::String(v.name().to_owned()))
+        .collect();
     let mut s = serde_json::Map::new();
     s.insert("type".into(), json!("string"));
     let mut desc = comment(file, e.path());

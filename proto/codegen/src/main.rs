@@ -169,7 +169,12 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        println!("generated {}, {} and {}", gen.display(), json_path.display(), cli_path.display());
+        println!(
+            "generated {}, {} and {}",
+            gen.display(),
+            json_path.display(),
+            cli_path.display()
+        );
         return ExitCode::SUCCESS;
     }
     let same = |path: &Path, text: &str| match std::fs::read_to_string(path) {
