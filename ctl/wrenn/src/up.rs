@@ -38,6 +38,11 @@ pub const HTTP_PORT_DEFAULT: u16 = 7701;
 pub const AGENT_PORT_DEFAULT: u16 = 7710;
 /// PostgreSQL's loopback port for the local stack (not 5432, so a system cluster can run).
 pub const PG_PORT_DEFAULT: u16 = 7720;
+/// Network slot names of the local agent (`wrnup-N`): not the system agent's `wrenn`, so a
+/// local stack never touches a real agent's slots on the same machine.
+pub const NET_PREFIX_DEFAULT: &str = "wrnup";
+/// The /16 the local agent's slots take addresses from (the system agent's is 10.200.0.0).
+pub const NET_SUBNET_DEFAULT: &str = "10.201.0.0";
 /// How long a component may take to answer after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a process gets after SIGTERM before SIGKILL.
@@ -57,7 +62,8 @@ const LOG_TAIL_LINES: usize = 30;
 pub const USAGE: &str = "\
 usage: wrenn up [--state-dir DIR] [--ctl-port 7700] [--http-port 7701] [--agent-port 7710]
                 [--pg-port 7720] [--image-root /var/lib/wrenn] [--firecracker PATH]
-                [--kernel PATH] [--rootfs PATH] [--bin-dir DIR] [--agent-arg ARG]...
+                [--kernel PATH] [--rootfs PATH] [--bin-dir DIR] [--net-prefix wrnup]
+                [--net-subnet 10.201.0.0] [--agent-arg ARG]...
        wrenn down [--state-dir DIR]
 
 up: starts PostgreSQL, wrenn-ctl and wrenn-agent on loopback (each only if not running),
@@ -82,6 +88,8 @@ const UP_FLAGS: &[Flag] = &[
     Flag::value("kernel"),
     Flag::value("rootfs"),
     Flag::value("bin-dir"),
+    Flag::value("net-prefix"),
+    Flag::value("net-subnet"),
     Flag::repeated("agent-arg"),
 ];
 
@@ -261,6 +269,9 @@ pub struct UpConfig {
     pub kernel: Option<PathBuf>,
     pub rootfs: PathBuf,
     pub bin_dir: Option<PathBuf>,
+    /// The agent's `--net-prefix` and `--net-subnet` (checked by the agent).
+    pub net_prefix: String,
+    pub net_subnet: String,
     pub agent_args: Vec<String>,
 }
 
@@ -351,6 +362,14 @@ pub fn run(argv: &[String]) -> Result<(), UpError> {
             .unwrap_or_else(|| doctor::minimal_rootfs(&image_root)),
         image_root,
         bin_dir: parsed.value("bin-dir").map(PathBuf::from),
+        net_prefix: parsed
+            .value("net-prefix")
+            .unwrap_or(NET_PREFIX_DEFAULT)
+            .to_owned(),
+        net_subnet: parsed
+            .value("net-subnet")
+            .unwrap_or(NET_SUBNET_DEFAULT)
+            .to_owned(),
         agent_args: parsed
             .values("agent-arg")
             .into_iter()
@@ -1126,6 +1145,10 @@ fn start_agent(
                 loopback(cfg.ctl_port).to_string(),
                 "--firecracker".into(),
                 cfg.firecracker.display().to_string(),
+                "--net-prefix".into(),
+                cfg.net_prefix.clone(),
+                "--net-subnet".into(),
+                cfg.net_subnet.clone(),
             ];
             if let Some(k) = &cfg.kernel {
                 args.extend(["--kernel".into(), k.display().to_string()]);

@@ -12,6 +12,10 @@ use crate::metrics;
 use crate::support::{require_e2e, skip, wrenn_bin, TempDir};
 
 const T: Duration = Duration::from_secs(10);
+/// Slot names and addresses of this test's agent: its own, so that it never touches the
+/// slots of another agent on this machine (nor of the upgrade test running beside it).
+const NET_PREFIX: &str = "wtup";
+const NET_SUBNET: &str = "10.231.0.0";
 
 fn free(port: u16) -> bool {
     TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok()
@@ -106,6 +110,8 @@ fn up_then_down_without_firecracker() {
         kernel: None,
         rootfs: state.path().join("images/no-rootfs.ext4"),
         bin_dir: None,
+        net_prefix: NET_PREFIX.into(),
+        net_subnet: NET_SUBNET.into(),
         agent_args: Vec::new(),
     };
     let _guard = Down(cfg.layout.clone());
@@ -437,6 +443,8 @@ fn too_long_state_dir_is_refused() {
         kernel: None,
         rootfs: d.path().join("rootfs"),
         bin_dir: None,
+        net_prefix: NET_PREFIX.into(),
+        net_subnet: NET_SUBNET.into(),
         agent_args: Vec::new(),
     };
     match up::up(&cfg) {

@@ -19,6 +19,9 @@ use crate::support::{skip, TempDir};
 use crate::up::{free_ports, post, prerequisites, processes_under, Down};
 
 const NAME: &str = "upgrade::agent_restart_keeps_sandboxes";
+/// This test's agent's own slot names and addresses (see up.rs).
+const NET_PREFIX: &str = "wtupg";
+const NET_SUBNET: &str = "10.232.0.0";
 /// Guests on the nested-KVM development machines take 4-6 minutes to boot.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -116,6 +119,8 @@ fn agent_restart_keeps_sandboxes() {
         kernel: Some(kernel),
         rootfs,
         bin_dir: None,
+        net_prefix: NET_PREFIX.into(),
+        net_subnet: NET_SUBNET.into(),
         agent_args,
     };
     let _guard = Down(cfg.layout.clone());
