@@ -5,7 +5,7 @@
 //!
 //! Needs a host that can run sandboxes: WRENN_FIRECRACKER, a kernel (WRENN_KERNEL or
 //! /var/lib/wrenn/kernels) and the base rootfs (WRENN_ROOTFS or /var/lib/wrenn/templates/
-//! 0000...0000/rootfs.ext4); WRENN_BOOT_ARGS_EXTRA is passed to the agent's
+//! 0000...0000/rootfs.ext4); WRENN_BOOT_ARGS (as in the agent's own end-to-end test) is passed to the agent's
 //! --boot-args-extra (the nested-KVM workarounds of the development machines). Otherwise, or
 //! when the agent reports itself unable to host sandboxes, it prints `skipped:` (a failure
 //! under WRENN_REQUIRE_E2E=1).
@@ -103,7 +103,7 @@ fn agent_restart_keeps_sandboxes() {
     let state = TempDir::short();
     let base = free_ports();
     let mut agent_args = Vec::new();
-    if let Ok(extra) = std::env::var("WRENN_BOOT_ARGS_EXTRA") {
+    if let Ok(extra) = std::env::var("WRENN_BOOT_ARGS") {
         agent_args.push(format!("--boot-args-extra={extra}"));
     }
     let cfg = UpConfig {
