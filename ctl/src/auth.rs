@@ -106,6 +106,18 @@ pub fn lookup_key(db: &Db, key: &str) -> Result<AuthCtx, Status> {
     Err(Status::unauthenticated("unknown or revoked api key"))
 }
 
+/// Whether key `id` still exists and is not revoked.
+pub fn key_active(db: &Db, id: Uuid) -> Result<bool, Status> {
+    db.run(move |c| {
+        let st = crate::db::prepared(
+            c,
+            "SELECT 1 FROM api_keys WHERE id = $1 AND revoked_at IS NULL",
+            &[postgres::types::Type::UUID],
+        )?;
+        Ok(c.query_opt(&st, &[&id]).map_err(pg_err)?.is_some())
+    })
+}
+
 /// Checks a host token: the host it belongs to, with its hostname.
 pub fn lookup_host_token(db: &Db, token: &str) -> Result<(Uuid, String), Status> {
     if !well_formed(token, HOST_TOKEN_PREFIX) {

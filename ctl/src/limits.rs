@@ -74,3 +74,7 @@ pub const EXEC_OUTPUT_MAX: u64 = 16 * 1024 * 1024;
 
 /// Audit metadata JSON text; larger detail belongs in logs.
 pub const AUDIT_METADATA_LEN_MAX: usize = 8192;
+
+/// Open connections re-check their API key this often: revocation reaches every replica
+/// within this bound at the cost of one indexed SELECT per connection per period.
+pub const KEY_RECHECK_DEFAULT: Duration = Duration::from_secs(10);

@@ -2,7 +2,7 @@
 //! (hello with an API key) and `wrenn.host.v1` (hello with a host token) over the service
 //! layer. Every call runs on the RPC worker pool: the event loop never blocks on SQL.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prost::Message;
@@ -20,8 +20,10 @@ use crate::service::{Api, AuthCtx, Sink, Source};
 /// Who a connection is, decided once by its hello.
 #[derive(Clone, Debug)]
 pub enum Caller {
-    /// A client with an API key: wrenn.ctl.v1.
-    Api(AuthCtx),
+    /// A client with an API key: wrenn.ctl.v1. The key is checked again every
+    /// `ApiConfig::key_recheck` on long-lived connections, so a revoked key stops working on every
+    /// replica within that bound (at once on new connections).
+    Api(AuthCtx, Arc<Mutex<Instant>>),
     /// An agent with an empty host token: may only call Register.
     Registering,
     /// An agent with its host token: wrenn.host.v1.
@@ -42,7 +44,10 @@ impl CtlService {
 impl Service for CtlService {
     fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
         let caller = match CredentialKind::try_from(hello.credential_kind) {
-            Ok(CredentialKind::ApiKey) => Caller::Api(self.api.authenticate(&hello.credential)?),
+            Ok(CredentialKind::ApiKey) => Caller::Api(
+                self.api.authenticate(&hello.credential)?,
+                Arc::new(Mutex::new(Instant::now())),
+            ),
             Ok(CredentialKind::HostToken) if hello.credential.is_empty() => Caller::Registering,
             Ok(CredentialKind::HostToken) => {
                 let (id, name) = crate::auth::lookup_host_token(self.api.db(), &hello.credential)
@@ -66,13 +71,18 @@ impl Service for CtlService {
         };
         let api = self.api.clone();
         match caller {
-            Caller::Api(ctx) => {
+            Caller::Api(ctx, checked) => {
                 if !call.method().starts_with("wrenn.ctl.v1.") {
                     call.fail(Status::permission_denied("an API key may call wrenn.ctl.v1 only"));
                     return;
                 }
                 call.spawn(move |stream| {
                     let start = Instant::now();
+                    if let Err(e) = recheck(&api, &ctx, &checked) {
+                        metrics::AUTH_FAILURES.inc();
+                        stream.finish(Err(e));
+                        return;
+                    }
                     metrics::API_CALLS.inc();
                     let ok = dispatch_ctl(&api, &ctx, stream);
                     if !ok {
@@ -115,6 +125,18 @@ impl Service for CtlService {
             }
         }
     }
+}
+
+fn recheck(api: &Api, ctx: &AuthCtx, checked: &Mutex<Instant>) -> Result<(), Status> {
+    let due = checked.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= api.config().key_recheck;
+    if !due {
+        return Ok(());
+    }
+    if !crate::auth::key_active(api.db(), ctx.key_id)? {
+        return Err(Status::unauthenticated("api key revoked"));
+    }
+    *checked.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    Ok(())
 }
 
 /// Answers a unary call: decode, run, send, finish. Returns whether it succeeded.

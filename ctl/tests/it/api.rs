@@ -386,10 +386,15 @@ fn templates_teams_users_keys_hosts_audit() {
     assert_eq!(code(r), Code::PermissionDenied);
     let other = ctl.client(&k.plaintext);
     let _: c::Team = other.unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T).unwrap();
+    let open_conn = ctl.client(&k.plaintext);
     let lk: c::ListApiKeysResponse = cl.unary(c::api_keys_methods::LIST, &c::ListApiKeysRequest::default(), T).unwrap();
     assert_eq!(lk.keys.len(), 2);
     let _: c::RevokeApiKeyResponse = cl.unary(c::api_keys_methods::REVOKE, &c::RevokeApiKeyRequest { key_id: k.key.unwrap().id }, T).unwrap();
     let r = Client::connect_tcp(ctl.addr(), Credential::api_key(&k.plaintext)).and_then(|c2| c2.unary::<_, c::Team>(c::teams_methods::GET, &c::GetTeamRequest::default(), T));
+    assert_eq!(code(r), Code::Unauthenticated);
+    // A connection opened before the revocation stops working within key_recheck.
+    std::thread::sleep(Duration::from_millis(400));
+    let r = open_conn.unary::<_, c::Team>(c::teams_methods::GET, &c::GetTeamRequest::default(), T);
     assert_eq!(code(r), Code::Unauthenticated);
 
     // Hosts: admin only; list, get, drain (no new sandboxes), delete refused while busy.
