@@ -305,6 +305,18 @@ fn up_then_down_without_firecracker() {
     assert!(report.contains("stopped PostgreSQL"), "{report}");
     let left = processes_under(state.path());
     assert!(left.is_empty(), "still running: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let needle = state.path().display().to_string();
+    assert!(!mounts.contains(&needle), "still mounted under {needle}");
+    let netns: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{NET_PREFIX}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(netns.is_empty(), "network namespaces left: {netns:?}");
     for p in base..base + 5 {
         assert!(free(p), "port {p} still in use");
     }
