@@ -1215,10 +1215,9 @@ fn summary(cfg: &UpConfig, health: &str, exports: &str) -> String {
     };
     let mut todo = Vec::new();
     if !sys::is_root() {
-        todo.push(
-            "wrenn-agent runs sandboxes only as root: `wrenn down`, then `sudo wrenn up`"
-                .to_owned(),
-        );
+        todo.push(format!(
+            "wrenn-agent runs sandboxes only as root: `wrenn down{flags}`, then `sudo wrenn up`"
+        ));
     }
     if !fs::metadata(&cfg.firecracker).is_ok_and(|m| m.is_file()) {
         todo.push(format!(
