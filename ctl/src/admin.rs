@@ -45,18 +45,26 @@ impl std::error::Error for AdminError {
 
 /// Connects and applies pending migrations.
 pub fn connect(url: &str) -> Result<Client, AdminError> {
-    let mut pg: postgres::Config = url.parse().map_err(|source| AdminError::Connect { source })?;
+    let mut pg: postgres::Config = url
+        .parse()
+        .map_err(|source| AdminError::Connect { source })?;
     pg.connect_timeout(crate::limits::DB_CONNECT_TIMEOUT);
-    let mut c = pg.connect(NoTls).map_err(|source| AdminError::Connect { source })?;
+    let mut c = pg
+        .connect(NoTls)
+        .map_err(|source| AdminError::Connect { source })?;
     migrate::run(&mut c).map_err(AdminError::Migrate)?;
     Ok(c)
 }
 
 /// `admin migrate`: applies pending migrations; returns the versions applied.
 pub fn migrate(url: &str) -> Result<Vec<i32>, AdminError> {
-    let mut pg: postgres::Config = url.parse().map_err(|source| AdminError::Connect { source })?;
+    let mut pg: postgres::Config = url
+        .parse()
+        .map_err(|source| AdminError::Connect { source })?;
     pg.connect_timeout(crate::limits::DB_CONNECT_TIMEOUT);
-    let mut c = pg.connect(NoTls).map_err(|source| AdminError::Connect { source })?;
+    let mut c = pg
+        .connect(NoTls)
+        .map_err(|source| AdminError::Connect { source })?;
     migrate::run(&mut c).map_err(AdminError::Migrate)
 }
 
@@ -74,9 +82,14 @@ pub struct Init {
 /// `admin init`: the first team, its owner, a team key and a platform-admin key.
 pub fn init(url: &str, team: &str, email: &str, name: &str) -> Result<Init, AdminError> {
     let mut c = connect(url)?;
-    let mut tx = c.transaction().map_err(|source| AdminError::Sql { source })?;
+    let mut tx = c
+        .transaction()
+        .map_err(|source| AdminError::Sql { source })?;
     let exists: bool = tx
-        .query_one("SELECT EXISTS (SELECT 1 FROM api_keys WHERE platform_admin AND revoked_at IS NULL)", &[])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM api_keys WHERE platform_admin AND revoked_at IS NULL)",
+            &[],
+        )
         .map_err(|source| AdminError::Sql { source })?
         .get(0);
     if exists {
@@ -85,15 +98,19 @@ pub fn init(url: &str, team: &str, email: &str, name: &str) -> Result<Init, Admi
     let (team_id, user_id, key_id, key) =
         service::create_team_with_owner(&mut tx, team, email, name).map_err(AdminError::Call)?;
     let (admin_id, admin_key) =
-        service::insert_key(&mut tx, PLATFORM_TEAM, "platform-admin", None, true).map_err(AdminError::Call)?;
-    service::audit_write(&mut tx, service::audit_entry(
-        Some(PLATFORM_TEAM),
-        &Actor::System,
-        "api_key",
-        id::format(Kind::Key, admin_id),
-        "api_key.create",
-        serde_json::json!({"platform_admin": true, "by": "wrenn-ctl admin init"}),
-    ))
+        service::insert_key(&mut tx, PLATFORM_TEAM, "platform-admin", None, true)
+            .map_err(AdminError::Call)?;
+    service::audit_write(
+        &mut tx,
+        service::audit_entry(
+            Some(PLATFORM_TEAM),
+            &Actor::System,
+            "api_key",
+            id::format(Kind::Key, admin_id),
+            "api_key.create",
+            serde_json::json!({"platform_admin": true, "by": "wrenn-ctl admin init"}),
+        ),
+    )
     .map_err(AdminError::Call)?;
     tx.commit().map_err(|source| AdminError::Sql { source })?;
     Ok(Init {
@@ -109,16 +126,22 @@ pub fn init(url: &str, team: &str, email: &str, name: &str) -> Result<Init, Admi
 /// `admin create-registration-token`: a one-time token for an agent; (token, expiry ns).
 pub fn create_registration_token(url: &str, ttl_s: u64) -> Result<(String, i64), AdminError> {
     let mut c = connect(url)?;
-    let mut tx = c.transaction().map_err(|source| AdminError::Sql { source })?;
-    let (tok, exp) = service::insert_registration_token(&mut tx, ttl_s, None).map_err(AdminError::Call)?;
-    service::audit_write(&mut tx, service::audit_entry(
-        None,
-        &Actor::System,
-        "host",
-        String::new(),
-        "host.create_registration_token",
-        serde_json::json!({"ttl_s": ttl_s, "by": "wrenn-ctl admin"}),
-    ))
+    let mut tx = c
+        .transaction()
+        .map_err(|source| AdminError::Sql { source })?;
+    let (tok, exp) =
+        service::insert_registration_token(&mut tx, ttl_s, None).map_err(AdminError::Call)?;
+    service::audit_write(
+        &mut tx,
+        service::audit_entry(
+            None,
+            &Actor::System,
+            "host",
+            String::new(),
+            "host.create_registration_token",
+            serde_json::json!({"ttl_s": ttl_s, "by": "wrenn-ctl admin"}),
+        ),
+    )
     .map_err(AdminError::Call)?;
     tx.commit().map_err(|source| AdminError::Sql { source })?;
     Ok((tok, crate::service::audit_ns(Some(exp))))

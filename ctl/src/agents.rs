@@ -40,16 +40,21 @@ impl Agents {
             }
         }
         let row = self.db.run(move |c| {
-            c.query_opt("SELECT address, agent_token FROM hosts WHERE id = $1", &[&host])
-                .map_err(pg_err)
+            c.query_opt(
+                "SELECT address, agent_token FROM hosts WHERE id = $1",
+                &[&host],
+            )
+            .map_err(pg_err)
         })?;
         let Some(row) = row else {
             return Err(Status::not_found("host not found"));
         };
         let addr: String = row.get(0);
         let token: String = row.get(1);
-        let client = Client::connect_tcp(addr.as_str(), Credential::agent_token(token))
-            .map_err(|e| Status::unavailable(format!("connect to agent at {addr}: {}", e.message)))?;
+        let client =
+            Client::connect_tcp(addr.as_str(), Credential::agent_token(token)).map_err(|e| {
+                Status::unavailable(format!("connect to agent at {addr}: {}", e.message))
+            })?;
         let mut g = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         g.insert(host, (addr, client.clone()));
         Ok(client)
@@ -57,7 +62,12 @@ impl Agents {
 
     /// Drops the cached connection of `host` (after its token or address changed).
     pub fn forget(&self, host: Uuid) {
-        if let Some((_, c)) = self.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&host) {
+        if let Some((_, c)) = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&host)
+        {
             c.close();
         }
     }
@@ -101,7 +111,14 @@ impl Agents {
         metrics::AGENT_CALLS.inc();
         let client = self.client(host)?;
         client
-            .call(method, req, CallOpts { timeout, end_stream })
+            .call(
+                method,
+                req,
+                CallOpts {
+                    timeout,
+                    end_stream,
+                },
+            )
             .inspect_err(|_| metrics::AGENT_ERRORS.inc())
     }
 }

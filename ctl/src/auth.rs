@@ -43,8 +43,8 @@ pub struct NewSecret {
 
 /// Makes a new secret with `prefix` (one of the `*_PREFIX` constants).
 pub fn new_secret(prefix: &str) -> Result<NewSecret, Status> {
-    let plaintext = crate::random::token(prefix)
-        .map_err(|e| Status::internal(format!("getrandom: {e}")))?;
+    let plaintext =
+        crate::random::token(prefix).map_err(|e| Status::internal(format!("getrandom: {e}")))?;
     Ok(NewSecret {
         lookup: plaintext[..LOOKUP_LEN].to_owned(),
         hash: hash(&plaintext).to_vec(),
@@ -125,8 +125,11 @@ pub fn lookup_host_token(db: &Db, token: &str) -> Result<(Uuid, String), Status>
     }
     let h = hash(token).to_vec();
     let row = db.run(move |c| {
-        c.query_opt("SELECT id, hostname, host_token_hash FROM hosts WHERE host_token_hash = $1", &[&h])
-            .map_err(pg_err)
+        c.query_opt(
+            "SELECT id, hostname, host_token_hash FROM hosts WHERE host_token_hash = $1",
+            &[&h],
+        )
+        .map_err(pg_err)
     })?;
     match row {
         // The index lookup already matched the hash; compare again in constant time so the
@@ -164,7 +167,9 @@ impl LastUsed {
                 let Some(s) = weak.upgrade() else { return };
                 let stop = {
                     let g = s.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    let (g, _) = s.cv.wait_timeout(g, every).unwrap_or_else(|e| e.into_inner());
+                    let (g, _) =
+                        s.cv.wait_timeout(g, every)
+                            .unwrap_or_else(|e| e.into_inner());
                     g.1
                 };
                 if let Err(e) = flush(&s, &db2) {
@@ -182,7 +187,11 @@ impl LastUsed {
 
     /// Records a use of `key` (in memory only).
     pub fn touch(&self, key: Uuid) {
-        let mut g = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if g.0.len() < LAST_USED_PENDING_MAX || g.0.contains_key(&key) {
             g.0.insert(key, SystemTime::now());
         }
@@ -196,7 +205,11 @@ impl LastUsed {
 
 impl Drop for LastUsed {
     fn drop(&mut self) {
-        self.shared.pending.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1 = true;
         self.shared.cv.notify_all();
     }
 }
@@ -232,6 +245,9 @@ mod tests {
         assert!(!well_formed("wrn_short", API_KEY_PREFIX));
         let upper = s.plaintext.to_uppercase().replacen("WRN_", "wrn_", 1);
         assert!(!well_formed(&upper, API_KEY_PREFIX) || upper == s.plaintext);
-        assert!(!well_formed(&format!("{}\u{e9}", &s.plaintext[..67]), API_KEY_PREFIX));
+        assert!(!well_formed(
+            &format!("{}\u{e9}", &s.plaintext[..67]),
+            API_KEY_PREFIX
+        ));
     }
 }

@@ -10,8 +10,8 @@
 //! confined to these threads.
 
 use std::fmt;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -97,7 +97,10 @@ impl Db {
     /// Starts the workers. They connect lazily (the first job, or right away in the
     /// background), so a database that is down at start-up is not fatal.
     pub fn start(cfg: &DbConfig) -> Result<Db, DbError> {
-        let mut pg: postgres::Config = cfg.url.parse().map_err(|source| DbError::BadUrl { source })?;
+        let mut pg: postgres::Config = cfg
+            .url
+            .parse()
+            .map_err(|source| DbError::BadUrl { source })?;
         pg.connect_timeout(DB_CONNECT_TIMEOUT);
         if pg.get_application_name().is_none() {
             pg.application_name("wrenn-ctl");
@@ -105,7 +108,10 @@ impl Db {
         assert!(cfg.workers > 0, "db workers must be > 0");
         let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_max);
         let rx = Arc::new(Mutex::new(rx));
-        let shared = Arc::new(Health { broken: AtomicU64::new(0), connects: AtomicU64::new(0) });
+        let shared = Arc::new(Health {
+            broken: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+        });
         let mut workers = Vec::with_capacity(cfg.workers);
         for i in 0..cfg.workers {
             let rx = Arc::clone(&rx);
@@ -159,9 +165,10 @@ impl Db {
         }
         let r = match rrx.recv_timeout(self.inner.job_timeout) {
             Ok(r) => r,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                Err(Status::new(proto::Code::DeadlineExceeded, "database call timed out"))
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(Status::new(
+                proto::Code::DeadlineExceeded,
+                "database call timed out",
+            )),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 Err(Status::internal("database worker dropped the job"))
             }
@@ -192,7 +199,11 @@ impl Db {
 
     /// Number of worker threads.
     pub fn workers(&self) -> usize {
-        self.inner.workers.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 }
 
@@ -302,7 +313,10 @@ fn try_connect(
             *backoff = DB_BACKOFF_MIN;
         }
         Err(e) => {
-            log::warn!("database connect failed: {e} retry_in_ms={}", backoff.as_millis());
+            log::warn!(
+                "database connect failed: {e} retry_in_ms={}",
+                backoff.as_millis()
+            );
             *next_attempt = Instant::now() + *backoff;
             *backoff = (*backoff * 2).min(DB_BACKOFF_MAX);
         }

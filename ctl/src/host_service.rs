@@ -19,7 +19,9 @@ const VCPUS_MAX: u32 = 1 << 20;
 const MIB_MAX: u64 = 1 << 40;
 
 fn check_resources(r: &Option<agent::Resources>) -> Result<(i32, i64, i64), Status> {
-    let r = r.as_ref().ok_or_else(|| Status::invalid_argument("capacity is required"))?;
+    let r = r
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("capacity is required"))?;
     if r.vcpus > VCPUS_MAX || r.memory_mib > MIB_MAX || r.disk_mib > MIB_MAX {
         return Err(Status::invalid_argument("capacity out of range"));
     }
@@ -28,7 +30,8 @@ fn check_resources(r: &Option<agent::Resources>) -> Result<(i32, i64, i64), Stat
 
 fn check_address(a: &str) -> Result<(), Status> {
     let ok = a.len() <= 255
-        && a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        && a.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
         && !a.chars().any(|c| c.is_whitespace() || c.is_control());
     if ok {
         Ok(())
@@ -54,7 +57,10 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
     }
     check_address(&req.agent_address)?;
     let (vcpus, mem, disk) = check_resources(&req.capacity)?;
-    if req.hostname.len() > 255 || req.agent_version.len() > 255 || req.firecracker_version.len() > 255 {
+    if req.hostname.len() > 255
+        || req.agent_version.len() > 255
+        || req.firecracker_version.len() > 255
+    {
         return Err(Status::invalid_argument("hostname or versions too long"));
     }
     let token_hash = auth::hash(&req.registration_token).to_vec();
@@ -111,7 +117,12 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
 }
 
 /// Heartbeat: liveness, capacity and versions; brings an unreachable host back online.
-pub fn heartbeat(api: &Api, host_id: Uuid, name: &str, req: host::HeartbeatRequest) -> Result<host::HeartbeatResponse, Status> {
+pub fn heartbeat(
+    api: &Api,
+    host_id: Uuid,
+    name: &str,
+    req: host::HeartbeatRequest,
+) -> Result<host::HeartbeatResponse, Status> {
     let (vcpus, mem, disk) = check_resources(&req.capacity)?;
     if req.agent_version.len() > 255 {
         return Err(Status::invalid_argument("agent_version too long"));
@@ -150,16 +161,24 @@ pub fn heartbeat(api: &Api, host_id: Uuid, name: &str, req: host::HeartbeatReque
 }
 
 /// ReportState: a change the agent made on its own. Idempotent; stale reports are ignored.
-pub fn report_state(api: &Api, host_id: Uuid, name: &str, req: host::ReportStateRequest) -> Result<host::ReportStateResponse, Status> {
-    let sb = id::parse(Kind::Sandbox, &req.sandbox_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let state = State::from_wire(req.state).ok_or_else(|| Status::invalid_argument("unknown state"))?;
+pub fn report_state(
+    api: &Api,
+    host_id: Uuid,
+    name: &str,
+    req: host::ReportStateRequest,
+) -> Result<host::ReportStateResponse, Status> {
+    let sb = id::parse(Kind::Sandbox, &req.sandbox_id)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let state =
+        State::from_wire(req.state).ok_or_else(|| Status::invalid_argument("unknown state"))?;
     if state == State::Pending {
         return Err(Status::invalid_argument("an agent never reports pending"));
     }
     if req.message.len() > 4096 {
         return Err(Status::invalid_argument("message too long"));
     }
-    let changed = (req.changed_unix_ns > 0).then(|| crate::service::time_from_ns(req.changed_unix_ns));
+    let changed =
+        (req.changed_unix_ns > 0).then(|| crate::service::time_from_ns(req.changed_unix_ns));
     let name = name.to_owned();
     api.db().tx(move |tx| {
         let row = tx
@@ -212,5 +231,8 @@ fn reason_text(v: i32) -> &'static str {
 
 /// Refusal for calls a registering connection may not make.
 pub fn registering_only() -> Status {
-    Status::new(Code::PermissionDenied, "a connection without a host token may only call Register")
+    Status::new(
+        Code::PermissionDenied,
+        "a connection without a host token may only call Register",
+    )
 }

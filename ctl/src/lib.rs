@@ -10,13 +10,13 @@
 //!
 //! It is not the CLI (`wrenn`, in `ctl/wrenn`) and it runs no VMs.
 
-pub mod http;
-
+pub mod admin;
 pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod db;
 pub mod host_service;
+pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod migrate;
@@ -28,4 +28,3 @@ pub mod server;
 pub mod service;
 pub mod sha256;
 pub mod testkit;
-pub mod admin;

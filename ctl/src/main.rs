@@ -34,7 +34,10 @@ struct Flags {
 
 impl Flags {
     fn parse(args: &[String], with_value: &[&str], switches: &[&str]) -> Result<Flags, String> {
-        let mut f = Flags { pairs: Vec::new(), switches: Vec::new() };
+        let mut f = Flags {
+            pairs: Vec::new(),
+            switches: Vec::new(),
+        };
         let mut i = 0;
         while i < args.len() {
             let a = &args[i];
@@ -47,7 +50,9 @@ impl Flags {
                     Some(v) => v,
                     None => {
                         i += 1;
-                        args.get(i).cloned().ok_or_else(|| format!("{name} needs a value"))?
+                        args.get(i)
+                            .cloned()
+                            .ok_or_else(|| format!("{name} needs a value"))?
                     }
                 };
                 if f.pairs.iter().any(|(n, _)| n == name) {
@@ -65,7 +70,10 @@ impl Flags {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn has(&self, name: &str) -> bool {
@@ -73,8 +81,13 @@ impl Flags {
     }
 
     fn addr(&self, name: &str, env: &str, default: &str) -> Result<SocketAddr, String> {
-        let v = self.get(name).map(str::to_owned).or_else(|| std::env::var(env).ok()).unwrap_or_else(|| default.to_owned());
-        v.parse().map_err(|_| format!("{name}: {v:?} is not an address like 0.0.0.0:7700"))
+        let v = self
+            .get(name)
+            .map(str::to_owned)
+            .or_else(|| std::env::var(env).ok())
+            .unwrap_or_else(|| default.to_owned());
+        v.parse()
+            .map_err(|_| format!("{name}: {v:?} is not an address like 0.0.0.0:7700"))
     }
 
     fn secs(&self, name: &str, default: Duration) -> Result<Duration, String> {
@@ -82,7 +95,9 @@ impl Flags {
             None => Ok(default),
             Some(v) => match v.parse::<u64>() {
                 Ok(n) if n > 0 && n <= 7 * 24 * 3600 => Ok(Duration::from_secs(n)),
-                _ => Err(format!("{name}: {v:?} is not a number of seconds in 1..=604800")),
+                _ => Err(format!(
+                    "{name}: {v:?} is not a number of seconds in 1..=604800"
+                )),
             },
         }
     }
@@ -92,19 +107,34 @@ impl Flags {
             .map(str::to_owned)
             .or_else(|| std::env::var("WRENN_DATABASE_URL").ok())
             .or_else(|| std::env::var("DATABASE_URL").ok())
-            .ok_or_else(|| "no database: pass --database-url or set WRENN_DATABASE_URL / DATABASE_URL".to_owned())
+            .ok_or_else(|| {
+                "no database: pass --database-url or set WRENN_DATABASE_URL / DATABASE_URL"
+                    .to_owned()
+            })
     }
 }
 
 fn serve(args: &[String]) -> Result<(), String> {
     let f = Flags::parse(
         args,
-        &["--database-url", "--listen", "--http-listen", "--db-workers", "--reconcile-interval-s", "--heartbeat-timeout-s", "--lifecycle-timeout-s"],
+        &[
+            "--database-url",
+            "--listen",
+            "--http-listen",
+            "--db-workers",
+            "--reconcile-interval-s",
+            "--heartbeat-timeout-s",
+            "--lifecycle-timeout-s",
+        ],
         &["--no-http"],
     )?;
     let db_workers = match f.get("--db-workers") {
         None => ctl::limits::DB_WORKERS_DEFAULT,
-        Some(v) => v.parse::<usize>().ok().filter(|n| (1..=256).contains(n)).ok_or("--db-workers must be 1..=256")?,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=256).contains(n))
+            .ok_or("--db-workers must be 1..=256")?,
     };
     let jobs_default = JobsConfig::default();
     let api_default = ApiConfig::default();
@@ -114,17 +144,25 @@ fn serve(args: &[String]) -> Result<(), String> {
         http_listen: f.addr("--http-listen", "WRENN_HTTP_LISTEN", "0.0.0.0:7701")?,
         db_workers,
         api: ApiConfig {
-            agent_lifecycle_timeout: f.secs("--lifecycle-timeout-s", api_default.agent_lifecycle_timeout)?,
+            agent_lifecycle_timeout: f
+                .secs("--lifecycle-timeout-s", api_default.agent_lifecycle_timeout)?,
             ..api_default
         },
         jobs: JobsConfig {
-            reconcile_interval: f.secs("--reconcile-interval-s", jobs_default.reconcile_interval)?,
+            reconcile_interval: f
+                .secs("--reconcile-interval-s", jobs_default.reconcile_interval)?,
             heartbeat_timeout: f.secs("--heartbeat-timeout-s", jobs_default.heartbeat_timeout)?,
             ..jobs_default
         },
     };
-    let running = ctl::server::start(&cfg, ctl::server::StartOpts { jobs: true, http: !f.has("--no-http") })
-        .map_err(|e| error_chain(&e))?;
+    let running = ctl::server::start(
+        &cfg,
+        ctl::server::StartOpts {
+            jobs: true,
+            http: !f.has("--no-http"),
+        },
+    )
+    .map_err(|e| error_chain(&e))?;
     running.wait().map_err(|e| format!("server: {e}"))
 }
 
@@ -140,11 +178,16 @@ fn admin(args: &[String]) -> Result<(), String> {
             Ok(())
         }
         "init" => {
-            let f = Flags::parse(rest, &["--database-url", "--team", "--email", "--name"], &[])?;
+            let f = Flags::parse(
+                rest,
+                &["--database-url", "--team", "--email", "--name"],
+                &[],
+            )?;
             let team = f.get("--team").ok_or("--team is required")?;
             let email = f.get("--email").ok_or("--email is required")?;
             let name = f.get("--name").unwrap_or("");
-            let i = ctl::admin::init(&f.database_url()?, team, email, name).map_err(|e| error_chain(&e))?;
+            let i = ctl::admin::init(&f.database_url()?, team, email, name)
+                .map_err(|e| error_chain(&e))?;
             println!("team:               {}", i.team_id);
             println!("user:               {}", i.user_id);
             println!("team api key:       {}  ({})", i.team_key, i.team_key_id);
@@ -154,9 +197,13 @@ fn admin(args: &[String]) -> Result<(), String> {
         }
         "create-registration-token" => {
             let f = Flags::parse(rest, &["--database-url", "--ttl-s"], &[])?;
-            let ttl = f.secs("--ttl-s", Duration::from_secs(ctl::limits::REGISTRATION_TTL_DEFAULT_S))?;
-            let (tok, exp) = ctl::admin::create_registration_token(&f.database_url()?, ttl.as_secs())
-                .map_err(|e| error_chain(&e))?;
+            let ttl = f.secs(
+                "--ttl-s",
+                Duration::from_secs(ctl::limits::REGISTRATION_TTL_DEFAULT_S),
+            )?;
+            let (tok, exp) =
+                ctl::admin::create_registration_token(&f.database_url()?, ttl.as_secs())
+                    .map_err(|e| error_chain(&e))?;
             println!("{tok}");
             eprintln!("one-time registration token; expires at {exp} ns since the epoch");
             Ok(())

@@ -25,29 +25,98 @@ pub static BACKGROUND_CREATES: Gauge = Gauge::new();
 pub fn render() -> String {
     let mut out = String::new();
     let counters: [(&str, &str, &Counter); 14] = [
-        ("wrenn_ctl_api_calls_total", "Public API calls served (both transports).", &API_CALLS),
-        ("wrenn_ctl_api_errors_total", "Public API calls that failed.", &API_ERRORS),
-        ("wrenn_ctl_auth_failures_total", "Refused credentials.", &AUTH_FAILURES),
-        ("wrenn_ctl_host_calls_total", "wrenn.host.v1 calls served.", &HOST_CALLS),
-        ("wrenn_ctl_db_queue_full_total", "DB jobs refused because the queue was full.", &DB_QUEUE_FULL),
-        ("wrenn_ctl_db_unavailable_total", "DB jobs failed as unavailable.", &DB_UNAVAILABLE),
-        ("wrenn_ctl_agent_calls_total", "Calls made to agents.", &AGENT_CALLS),
-        ("wrenn_ctl_agent_errors_total", "Calls to agents that failed.", &AGENT_ERRORS),
-        ("wrenn_ctl_sandboxes_created_total", "Sandboxes created.", &SANDBOXES_CREATED),
-        ("wrenn_ctl_schedule_exhausted_total", "Creates refused: no host had capacity.", &SCHEDULE_EXHAUSTED),
-        ("wrenn_ctl_reconcile_runs_total", "Reconciler passes run by this replica.", &RECONCILE_RUNS),
-        ("wrenn_ctl_reconcile_actions_total", "Corrections the reconciler applied.", &RECONCILE_ACTIONS),
-        ("wrenn_ctl_hosts_unreachable_total", "Hosts marked unreachable by this replica.", &HOSTS_UNREACHABLE_MARKED),
+        (
+            "wrenn_ctl_api_calls_total",
+            "Public API calls served (both transports).",
+            &API_CALLS,
+        ),
+        (
+            "wrenn_ctl_api_errors_total",
+            "Public API calls that failed.",
+            &API_ERRORS,
+        ),
+        (
+            "wrenn_ctl_auth_failures_total",
+            "Refused credentials.",
+            &AUTH_FAILURES,
+        ),
+        (
+            "wrenn_ctl_host_calls_total",
+            "wrenn.host.v1 calls served.",
+            &HOST_CALLS,
+        ),
+        (
+            "wrenn_ctl_db_queue_full_total",
+            "DB jobs refused because the queue was full.",
+            &DB_QUEUE_FULL,
+        ),
+        (
+            "wrenn_ctl_db_unavailable_total",
+            "DB jobs failed as unavailable.",
+            &DB_UNAVAILABLE,
+        ),
+        (
+            "wrenn_ctl_agent_calls_total",
+            "Calls made to agents.",
+            &AGENT_CALLS,
+        ),
+        (
+            "wrenn_ctl_agent_errors_total",
+            "Calls to agents that failed.",
+            &AGENT_ERRORS,
+        ),
+        (
+            "wrenn_ctl_sandboxes_created_total",
+            "Sandboxes created.",
+            &SANDBOXES_CREATED,
+        ),
+        (
+            "wrenn_ctl_schedule_exhausted_total",
+            "Creates refused: no host had capacity.",
+            &SCHEDULE_EXHAUSTED,
+        ),
+        (
+            "wrenn_ctl_reconcile_runs_total",
+            "Reconciler passes run by this replica.",
+            &RECONCILE_RUNS,
+        ),
+        (
+            "wrenn_ctl_reconcile_actions_total",
+            "Corrections the reconciler applied.",
+            &RECONCILE_ACTIONS,
+        ),
+        (
+            "wrenn_ctl_hosts_unreachable_total",
+            "Hosts marked unreachable by this replica.",
+            &HOSTS_UNREACHABLE_MARKED,
+        ),
         ("wrenn_ctl_db_jobs_total", "DB jobs run.", &DB_JOBS),
     ];
     for (name, help, c) in counters {
         proto_counter(&mut out, name, help, c.get());
     }
-    gauge(&mut out, "wrenn_ctl_background_creates", "Creates finishing in the background.", BACKGROUND_CREATES.get());
+    gauge(
+        &mut out,
+        "wrenn_ctl_background_creates",
+        "Creates finishing in the background.",
+        BACKGROUND_CREATES.get(),
+    );
     let hists: [(&str, &str, &Histogram); 3] = [
-        ("wrenn_ctl_api_call_duration_seconds", "Public API call latency.", &API_CALL_SECONDS),
-        ("wrenn_ctl_db_job_duration_seconds", "DB job latency (queue + run).", &DB_JOB_SECONDS),
-        ("wrenn_ctl_sandbox_create_duration_seconds", "Sandbox create latency.", &SANDBOX_CREATE_SECONDS),
+        (
+            "wrenn_ctl_api_call_duration_seconds",
+            "Public API call latency.",
+            &API_CALL_SECONDS,
+        ),
+        (
+            "wrenn_ctl_db_job_duration_seconds",
+            "DB job latency (queue + run).",
+            &DB_JOB_SECONDS,
+        ),
+        (
+            "wrenn_ctl_sandbox_create_duration_seconds",
+            "Sandbox create latency.",
+            &SANDBOX_CREATE_SECONDS,
+        ),
     ];
     for (name, help, h) in hists {
         family(&mut out, name, "histogram", help);
@@ -76,7 +145,11 @@ mod tests {
         assert!(text.contains("wrenn_ctl_api_call_duration_seconds_bucket{le=\"+Inf\"}"));
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = line.split(' ').nth(2).unwrap();
-            assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name}");
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name}"
+            );
         }
     }
 }

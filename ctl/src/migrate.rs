@@ -31,7 +31,10 @@ pub const MIGRATE_LOCK: i64 = 0x7772_656e_6e2d_6d67;
 /// Why migrating failed.
 #[derive(Debug)]
 pub enum MigrateError {
-    Sql { step: &'static str, source: postgres::Error },
+    Sql {
+        step: &'static str,
+        source: postgres::Error,
+    },
     /// An applied migration's checksum differs from the embedded one.
     Edited { version: i32, name: String },
     /// The database has a migration this binary does not know (a newer ctl ran).
@@ -69,7 +72,10 @@ pub fn checksum(sql: &str) -> String {
 }
 
 /// Applies pending migrations of `list`; returns the versions applied now.
-pub fn run_list(client: &mut postgres::Client, list: &[Migration]) -> Result<Vec<i32>, MigrateError> {
+pub fn run_list(
+    client: &mut postgres::Client,
+    list: &[Migration],
+) -> Result<Vec<i32>, MigrateError> {
     let sql = |step: &'static str| move |source| MigrateError::Sql { step, source };
     let mut tx = client.transaction().map_err(sql("begin"))?;
     tx.query("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
@@ -83,7 +89,10 @@ pub fn run_list(client: &mut postgres::Client, list: &[Migration]) -> Result<Vec
     )
     .map_err(sql("create schema_migrations"))?;
     let applied = tx
-        .query("SELECT version, name, checksum FROM schema_migrations ORDER BY version", &[])
+        .query(
+            "SELECT version, name, checksum FROM schema_migrations ORDER BY version",
+            &[],
+        )
         .map_err(sql("read schema_migrations"))?;
     for row in &applied {
         let version: i32 = row.get(0);

@@ -27,7 +27,12 @@ pub const RECONCILE_LOCK: i64 = 0x7772_656e_6e2d_7263;
 
 /// Claims one run of job `name` for this period: true when this replica should run it now.
 /// Call inside a transaction (the lock is transaction-scoped).
-pub fn claim(tx: &mut impl GenericClient, lock: i64, name: &str, period: Duration) -> Result<bool, Status> {
+pub fn claim(
+    tx: &mut impl GenericClient,
+    lock: i64,
+    name: &str,
+    period: Duration,
+) -> Result<bool, Status> {
     let got: bool = tx
         .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock])
         .map_err(pg_err)?
@@ -97,28 +102,33 @@ impl Jobs {
     pub fn start(api: Api, cfg: JobsConfig) -> std::io::Result<Jobs> {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = Arc::clone(&stop);
-        let join = std::thread::Builder::new().name("ctl-jobs".into()).spawn(move || {
-            let monitor_every = (cfg.heartbeat_timeout / 3).max(Duration::from_millis(200));
-            let mut next_monitor = Instant::now();
-            let mut next_reconcile = Instant::now() + cfg.reconcile_interval / 2;
-            while !s2.load(Ordering::Relaxed) {
-                let now = Instant::now();
-                if now >= next_monitor {
-                    if let Err(e) = check_hosts(&api, cfg.heartbeat_timeout) {
-                        log::warn!("host monitor failed: {}", e.message);
+        let join = std::thread::Builder::new()
+            .name("ctl-jobs".into())
+            .spawn(move || {
+                let monitor_every = (cfg.heartbeat_timeout / 3).max(Duration::from_millis(200));
+                let mut next_monitor = Instant::now();
+                let mut next_reconcile = Instant::now() + cfg.reconcile_interval / 2;
+                while !s2.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if now >= next_monitor {
+                        if let Err(e) = check_hosts(&api, cfg.heartbeat_timeout) {
+                            log::warn!("host monitor failed: {}", e.message);
+                        }
+                        next_monitor = now + monitor_every;
                     }
-                    next_monitor = now + monitor_every;
-                }
-                if now >= next_reconcile {
-                    if let Err(e) = crate::reconciler::run_if_due(&api, &cfg) {
-                        log::warn!("reconciler failed: {}", e.message);
+                    if now >= next_reconcile {
+                        if let Err(e) = crate::reconciler::run_if_due(&api, &cfg) {
+                            log::warn!("reconciler failed: {}", e.message);
+                        }
+                        next_reconcile = now + cfg.reconcile_interval;
                     }
-                    next_reconcile = now + cfg.reconcile_interval;
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })?;
-        Ok(Jobs { stop, join: Some(join) })
+            })?;
+        Ok(Jobs {
+            stop,
+            join: Some(join),
+        })
     }
 
     pub fn stop(&mut self) {

@@ -49,7 +49,12 @@ pub struct HostSandbox {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Record a state (with the agent's expiry when running).
-    Apply { id: Uuid, state: State, reason: String, expires_at: Option<SystemTime> },
+    Apply {
+        id: Uuid,
+        state: State,
+        reason: String,
+        expires_at: Option<SystemTime>,
+    },
     /// Destroy on the host (unknown to the database, or still there while stopping).
     Destroy { id: Uuid, known: bool },
     /// Unknown on the host but left alone (destroy_unknown = false).
@@ -57,7 +62,12 @@ pub enum Action {
 }
 
 /// Decides the corrections for one host.
-pub fn decide(db: &[DbSandbox], host: &[HostSandbox], now: SystemTime, cfg: &JobsConfig) -> Vec<Action> {
+pub fn decide(
+    db: &[DbSandbox],
+    host: &[HostSandbox],
+    now: SystemTime,
+    cfg: &JobsConfig,
+) -> Vec<Action> {
     let on_host: HashMap<Uuid, &HostSandbox> = host.iter().map(|h| (h.id, h)).collect();
     let in_db: HashMap<Uuid, &DbSandbox> = db.iter().map(|d| (d.id, d)).collect();
     let age = |t: SystemTime| now.duration_since(t).unwrap_or(Duration::ZERO);
@@ -66,7 +76,9 @@ pub fn decide(db: &[DbSandbox], host: &[HostSandbox], now: SystemTime, cfg: &Job
         if d.state == State::Stopped {
             continue;
         }
-        let busy = d.state.in_transition() && d.state != State::Stopping && age(d.updated_at) < cfg.transition_grace;
+        let busy = d.state.in_transition()
+            && d.state != State::Stopping
+            && age(d.updated_at) < cfg.transition_grace;
         match on_host.get(&d.id) {
             Some(h) => {
                 if h.state == d.state || busy {
@@ -74,9 +86,17 @@ pub fn decide(db: &[DbSandbox], host: &[HostSandbox], now: SystemTime, cfg: &Job
                 }
                 if d.state == State::Stopping {
                     if h.state == State::Stopped {
-                        out.push(Action::Apply { id: d.id, state: State::Stopped, reason: "destroyed".into(), expires_at: None });
+                        out.push(Action::Apply {
+                            id: d.id,
+                            state: State::Stopped,
+                            reason: "destroyed".into(),
+                            expires_at: None,
+                        });
                     } else if age(d.updated_at) >= cfg.new_grace {
-                        out.push(Action::Destroy { id: d.id, known: true });
+                        out.push(Action::Destroy {
+                            id: d.id,
+                            known: true,
+                        });
                     }
                     continue;
                 }
@@ -86,7 +106,11 @@ pub fn decide(db: &[DbSandbox], host: &[HostSandbox], now: SystemTime, cfg: &Job
                 out.push(Action::Apply {
                     id: d.id,
                     state: h.state,
-                    reason: if h.reason.is_empty() { "reconciled with host".into() } else { h.reason.clone() },
+                    reason: if h.reason.is_empty() {
+                        "reconciled with host".into()
+                    } else {
+                        h.reason.clone()
+                    },
                     expires_at: h.expires_at,
                 });
             }
@@ -95,15 +119,27 @@ pub fn decide(db: &[DbSandbox], host: &[HostSandbox], now: SystemTime, cfg: &Job
                     continue;
                 }
                 match d.state {
-                    State::Stopping => out.push(Action::Apply { id: d.id, state: State::Stopped, reason: "destroyed".into(), expires_at: None }),
-                    State::Error => {}
-                    State::Running if d.expires_at.is_some_and(|e| e <= now) => out.push(Action::Apply {
+                    State::Stopping => out.push(Action::Apply {
                         id: d.id,
                         state: State::Stopped,
-                        reason: "timeout".into(),
+                        reason: "destroyed".into(),
                         expires_at: None,
                     }),
-                    _ => out.push(Action::Apply { id: d.id, state: State::Error, reason: "missing on host".into(), expires_at: None }),
+                    State::Error => {}
+                    State::Running if d.expires_at.is_some_and(|e| e <= now) => {
+                        out.push(Action::Apply {
+                            id: d.id,
+                            state: State::Stopped,
+                            reason: "timeout".into(),
+                            expires_at: None,
+                        })
+                    }
+                    _ => out.push(Action::Apply {
+                        id: d.id,
+                        state: State::Error,
+                        reason: "missing on host".into(),
+                        expires_at: None,
+                    }),
                 }
             }
         }
@@ -115,7 +151,10 @@ pub fn decide(db: &[DbSandbox], host: &[HostSandbox], now: SystemTime, cfg: &Job
         let known = in_db.get(&h.id).is_some_and(|d| d.state != State::Stopped);
         if !known {
             out.push(if cfg.destroy_unknown {
-                Action::Destroy { id: h.id, known: in_db.contains_key(&h.id) }
+                Action::Destroy {
+                    id: h.id,
+                    known: in_db.contains_key(&h.id),
+                }
             } else {
                 Action::ReportUnknown { id: h.id }
             });
@@ -127,7 +166,9 @@ pub fn decide(db: &[DbSandbox], host: &[HostSandbox], now: SystemTime, cfg: &Job
 /// Runs a pass when this replica wins the period's claim. Returns whether it ran.
 pub fn run_if_due(api: &Api, cfg: &JobsConfig) -> Result<bool, Status> {
     let period = cfg.reconcile_interval;
-    let won = api.db().tx(move |tx| claim(tx, RECONCILE_LOCK, "reconciler", period))?;
+    let won = api
+        .db()
+        .tx(move |tx| claim(tx, RECONCILE_LOCK, "reconciler", period))?;
     if won {
         run_once(api, cfg)?;
     }
@@ -139,17 +180,24 @@ pub fn run_if_due(api: &Api, cfg: &JobsConfig) -> Result<bool, Status> {
 pub fn run_once(api: &Api, cfg: &JobsConfig) -> Result<Vec<(Uuid, Vec<Action>)>, Status> {
     crate::metrics::RECONCILE_RUNS.inc();
     let hosts: Vec<Uuid> = api.db().run(|c| {
-        Ok(c.query("SELECT id FROM hosts WHERE status IN ('online', 'draining')", &[])
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect())
+        Ok(c.query(
+            "SELECT id FROM hosts WHERE status IN ('online', 'draining')",
+            &[],
+        )
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
     })?;
     let mut all = Vec::new();
     for h in hosts {
         match reconcile_host(api, h, cfg) {
             Ok(actions) => all.push((h, actions)),
-            Err(e) => log::warn!("reconcile host={} failed: {}", id::format(Kind::Host, h), e.message),
+            Err(e) => log::warn!(
+                "reconcile host={} failed: {}",
+                id::format(Kind::Host, h),
+                e.message
+            ),
         }
     }
     Ok(all)
@@ -157,12 +205,22 @@ pub fn run_once(api: &Api, cfg: &JobsConfig) -> Result<Vec<(Uuid, Vec<Action>)>,
 
 fn reconcile_host(api: &Api, host: Uuid, cfg: &JobsConfig) -> Result<Vec<Action>, Status> {
     // Agent first, then the database (see the module comment).
-    let list: agent::ListSandboxesResponse =
-        api.agents().unary(host, agent::sandboxes_methods::LIST, &agent::ListSandboxesRequest { states: vec![] })?;
+    let list: agent::ListSandboxesResponse = api.agents().unary(
+        host,
+        agent::sandboxes_methods::LIST,
+        &agent::ListSandboxesRequest { states: vec![] },
+    )?;
     let mut on_host = Vec::with_capacity(list.sandboxes.len());
     for s in list.sandboxes {
-        let (Ok(id), Some(state)) = (id::parse(Kind::Sandbox, &s.sandbox_id), State::from_wire(s.state)) else {
-            log::warn!("agent listed a malformed sandbox host={} id={:?}", id::format(Kind::Host, host), s.sandbox_id);
+        let (Ok(id), Some(state)) = (
+            id::parse(Kind::Sandbox, &s.sandbox_id),
+            State::from_wire(s.state),
+        ) else {
+            log::warn!(
+                "agent listed a malformed sandbox host={} id={:?}",
+                id::format(Kind::Host, host),
+                s.sandbox_id
+            );
             continue;
         };
         on_host.push(HostSandbox {
@@ -193,7 +251,11 @@ fn reconcile_host(api: &Api, host: Uuid, cfg: &JobsConfig) -> Result<Vec<Action>
     for a in &actions {
         crate::metrics::RECONCILE_ACTIONS.inc();
         if let Err(e) = apply(api, host, a) {
-            log::warn!("reconcile action failed host={} action={a:?}: {}", id::format(Kind::Host, host), e.message);
+            log::warn!(
+                "reconcile action failed host={} action={a:?}: {}",
+                id::format(Kind::Host, host),
+                e.message
+            );
         }
     }
     Ok(actions)
@@ -268,17 +330,32 @@ mod tests {
     }
 
     fn dbs(id: u8, state: State, age_s: u64, now: SystemTime) -> DbSandbox {
-        DbSandbox { id: u(id), state, updated_at: now - Duration::from_secs(age_s), expires_at: None }
+        DbSandbox {
+            id: u(id),
+            state,
+            updated_at: now - Duration::from_secs(age_s),
+            expires_at: None,
+        }
     }
 
     fn hs(id: u8, state: State) -> HostSandbox {
-        HostSandbox { id: u(id), state, expires_at: None, reason: String::new() }
+        HostSandbox {
+            id: u(id),
+            state,
+            expires_at: None,
+            reason: String::new(),
+        }
     }
 
     #[test]
     fn agreement_needs_nothing() {
         let now = SystemTime::now();
-        let a = decide(&[dbs(1, State::Running, 1000, now)], &[hs(1, State::Running)], now, &cfg());
+        let a = decide(
+            &[dbs(1, State::Running, 1000, now)],
+            &[hs(1, State::Running)],
+            now,
+            &cfg(),
+        );
         assert!(a.is_empty());
     }
 
@@ -289,7 +366,7 @@ mod tests {
         expired.expires_at = Some(now - Duration::from_secs(5));
         let db = [
             dbs(1, State::Running, 1000, now),  // → error
-            expired,                             // → stopped (timeout)
+            expired,                            // → stopped (timeout)
             dbs(3, State::Stopping, 1000, now), // → stopped
             dbs(4, State::Running, 5, now),     // new: left alone
             dbs(5, State::Starting, 100, now),  // in transition: left alone
@@ -299,7 +376,9 @@ mod tests {
         let a = decide(&db, &[], now, &cfg());
         assert_eq!(a.len(), 4, "{a:?}");
         assert!(matches!(&a[0], Action::Apply { id, state: State::Error, .. } if *id == u(1)));
-        assert!(matches!(&a[1], Action::Apply { id, state: State::Stopped, reason, .. } if *id == u(2) && reason == "timeout"));
+        assert!(
+            matches!(&a[1], Action::Apply { id, state: State::Stopped, reason, .. } if *id == u(2) && reason == "timeout")
+        );
         assert!(matches!(&a[2], Action::Apply { id, state: State::Stopped, .. } if *id == u(3)));
         assert!(matches!(&a[3], Action::Apply { id, state: State::Error, .. } if *id == u(7)));
     }
@@ -309,19 +388,45 @@ mod tests {
         let now = SystemTime::now();
         let host = [hs(9, State::Running), hs(8, State::Stopped)];
         let a = decide(&[], &host, now, &cfg());
-        assert_eq!(a, vec![Action::Destroy { id: u(9), known: false }]);
-        let c = JobsConfig { destroy_unknown: false, ..cfg() };
-        assert_eq!(decide(&[], &host, now, &c), vec![Action::ReportUnknown { id: u(9) }]);
+        assert_eq!(
+            a,
+            vec![Action::Destroy {
+                id: u(9),
+                known: false
+            }]
+        );
+        let c = JobsConfig {
+            destroy_unknown: false,
+            ..cfg()
+        };
+        assert_eq!(
+            decide(&[], &host, now, &c),
+            vec![Action::ReportUnknown { id: u(9) }]
+        );
         // Stopped in the database but still on the host: a leftover.
         let a = decide(&[dbs(9, State::Stopped, 1000, now)], &host, now, &cfg());
-        assert_eq!(a, vec![Action::Destroy { id: u(9), known: true }]);
+        assert_eq!(
+            a,
+            vec![Action::Destroy {
+                id: u(9),
+                known: true
+            }]
+        );
     }
 
     #[test]
     fn agent_transitions_are_applied() {
         let now = SystemTime::now();
-        let db = [dbs(1, State::Running, 1000, now), dbs(2, State::Running, 1000, now), dbs(3, State::Pausing, 30, now)];
-        let host = [hs(1, State::Paused), hs(2, State::Error), hs(3, State::Paused)];
+        let db = [
+            dbs(1, State::Running, 1000, now),
+            dbs(2, State::Running, 1000, now),
+            dbs(3, State::Pausing, 30, now),
+        ];
+        let host = [
+            hs(1, State::Paused),
+            hs(2, State::Error),
+            hs(3, State::Paused),
+        ];
         let a = decide(&db, &host, now, &cfg());
         assert_eq!(a.len(), 2, "{a:?}");
         assert!(matches!(&a[0], Action::Apply { id, state: State::Paused, .. } if *id == u(1)));
@@ -329,13 +434,30 @@ mod tests {
         // A transition older than the grace is settled by the host's word.
         let db = [dbs(3, State::Pausing, 10_000, now)];
         let a = decide(&db, &host[2..], now, &cfg());
-        assert!(matches!(&a[0], Action::Apply { state: State::Paused, .. }));
+        assert!(matches!(
+            &a[0],
+            Action::Apply {
+                state: State::Paused,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn stopping_still_on_host_is_destroyed_again() {
         let now = SystemTime::now();
-        let a = decide(&[dbs(1, State::Stopping, 1000, now)], &[hs(1, State::Running)], now, &cfg());
-        assert_eq!(a, vec![Action::Destroy { id: u(1), known: true }]);
+        let a = decide(
+            &[dbs(1, State::Stopping, 1000, now)],
+            &[hs(1, State::Running)],
+            now,
+            &cfg(),
+        );
+        assert_eq!(
+            a,
+            vec![Action::Destroy {
+                id: u(1),
+                known: true
+            }]
+        );
     }
 }

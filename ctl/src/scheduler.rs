@@ -134,7 +134,11 @@ const RESERVE_ATTEMPTS: usize = 8;
 
 /// Chooses an online host that can take `need` (only `pinned` when given) and adds `need`
 /// to its `used_*`. `resource_exhausted` when none can.
-pub fn reserve(tx: &mut impl GenericClient, need: Need, pinned: Option<Uuid>) -> Result<Uuid, Status> {
+pub fn reserve(
+    tx: &mut impl GenericClient,
+    need: Need,
+    pinned: Option<Uuid>,
+) -> Result<Uuid, Status> {
     assert!(need.vcpus >= 0 && need.memory_mib >= 0 && need.disk_mib >= 0);
     for _ in 0..RESERVE_ATTEMPTS {
         // The subquery picks the emptiest fitting host; the outer WHERE re-checks the fit on
@@ -179,7 +183,9 @@ pub fn reserve(tx: &mut impl GenericClient, need: Need, pinned: Option<Uuid>) ->
     }
     crate::metrics::SCHEDULE_EXHAUSTED.inc();
     Err(match pinned {
-        Some(_) => Status::resource_exhausted("the host this sandbox must run on has no free capacity"),
+        Some(_) => {
+            Status::resource_exhausted("the host this sandbox must run on has no free capacity")
+        }
         None => Status::resource_exhausted("no host has free capacity for this sandbox"),
     })
 }
@@ -229,7 +235,11 @@ pub fn set_state(
     expires: Option<Option<SystemTime>>,
 ) -> Result<Locked, Status> {
     let cur = lock(tx, sandbox)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
-    let want = if cur.host.is_some() { holds(state, cur.size) } else { Need::default() };
+    let want = if cur.host.is_some() {
+        holds(state, cur.size)
+    } else {
+        Need::default()
+    };
     let delta = want.minus(cur.held);
     if delta != Need::default() {
         let Some(host) = cur.host else {
@@ -244,12 +254,20 @@ pub fn set_state(
                  WHERE id = $1 AND ($5 = false OR (used_vcpus + $2 <= capacity_vcpus \
                     AND used_memory_mib + $3 <= capacity_memory_mib \
                     AND used_disk_mib + $4 <= capacity_disk_mib))",
-                &[&host, &delta.vcpus, &delta.memory_mib, &delta.disk_mib, &grows],
+                &[
+                    &host,
+                    &delta.vcpus,
+                    &delta.memory_mib,
+                    &delta.disk_mib,
+                    &grows,
+                ],
             )
             .map_err(pg_err)?;
         if n == 0 && grows {
             crate::metrics::SCHEDULE_EXHAUSTED.inc();
-            return Err(Status::resource_exhausted("the sandbox's host has no free capacity"));
+            return Err(Status::resource_exhausted(
+                "the sandbox's host has no free capacity",
+            ));
         }
     }
     let (set_exp, exp) = match expires {
@@ -260,7 +278,16 @@ pub fn set_state(
         "UPDATE sandboxes SET state = $2, state_reason = $3, held_vcpus = $4, \
             held_memory_mib = $5, held_disk_mib = $6, updated_at = now(), \
             expires_at = CASE WHEN $7 THEN $8 ELSE expires_at END WHERE id = $1",
-        &[&sandbox, &state.as_str(), &reason, &want.vcpus, &want.memory_mib, &want.disk_mib, &set_exp, &exp],
+        &[
+            &sandbox,
+            &state.as_str(),
+            &reason,
+            &want.vcpus,
+            &want.memory_mib,
+            &want.disk_mib,
+            &set_exp,
+            &exp,
+        ],
     )
     .map_err(pg_err)?;
     Ok(Locked {
@@ -287,9 +314,20 @@ mod tests {
 
     #[test]
     fn holdings_follow_state() {
-        let size = Need { vcpus: 2, memory_mib: 1024, disk_mib: 5120 };
+        let size = Need {
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_mib: 5120,
+        };
         assert_eq!(holds(State::Running, size), size);
-        assert_eq!(holds(State::Paused, size), Need { vcpus: 0, memory_mib: 0, disk_mib: 5120 });
+        assert_eq!(
+            holds(State::Paused, size),
+            Need {
+                vcpus: 0,
+                memory_mib: 0,
+                disk_mib: 5120
+            }
+        );
         assert_eq!(holds(State::Stopped, size), Need::default());
         assert_eq!(holds(State::Error, size), Need::default());
         assert_eq!(holds(State::Resuming, size), size);

@@ -73,7 +73,9 @@ impl Service for CtlService {
         match caller {
             Caller::Api(ctx, checked) => {
                 if !call.method().starts_with("wrenn.ctl.v1.") {
-                    call.fail(Status::permission_denied("an API key may call wrenn.ctl.v1 only"));
+                    call.fail(Status::permission_denied(
+                        "an API key may call wrenn.ctl.v1 only",
+                    ));
                     return;
                 }
                 call.spawn(move |stream| {
@@ -128,7 +130,8 @@ impl Service for CtlService {
 }
 
 fn recheck(api: &Api, ctx: &AuthCtx, checked: &Mutex<Instant>) -> Result<(), Status> {
-    let due = checked.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= api.config().key_recheck;
+    let due =
+        checked.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= api.config().key_recheck;
     if !due {
         return Ok(());
     }
@@ -170,7 +173,9 @@ fn server_stream<Req: Message + Default, M: Message>(
 ) -> bool {
     let r = match stream.first::<Req>() {
         Ok(req) => {
-            let mut sink = StreamSink { stream: &mut stream };
+            let mut sink = StreamSink {
+                stream: &mut stream,
+            };
             f(req, &mut sink)
         }
         Err(e) => Err(e),
@@ -187,7 +192,10 @@ fn client_stream<Req: Message + Default, Resp: Message>(
 ) -> bool {
     let r = match stream.first::<Req>() {
         Ok(first) => {
-            let mut src = StreamSource { stream: &mut stream, first: Some(first) };
+            let mut src = StreamSource {
+                stream: &mut stream,
+                first: Some(first),
+            };
             f(&mut src)
         }
         Err(e) => Err(e),
@@ -290,7 +298,9 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         keys::LIST => unary(stream, |r| api.list_api_keys(ctx, r)),
         keys::REVOKE => unary(stream, |r| api.revoke_api_key(ctx, r)),
 
-        hosts::CREATE_REGISTRATION_TOKEN => unary(stream, |r| api.create_registration_token(ctx, r)),
+        hosts::CREATE_REGISTRATION_TOKEN => {
+            unary(stream, |r| api.create_registration_token(ctx, r))
+        }
         hosts::LIST => unary(stream, |r| api.list_hosts(ctx, r)),
         hosts::GET => unary(stream, |r| api.get_host(ctx, r)),
         hosts::DRAIN => unary(stream, |r| api.drain_host(ctx, r)),
@@ -310,10 +320,17 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
 #[derive(Debug)]
 pub enum StartError {
     Db(crate::db::DbError),
-    Connect { source: postgres::Error },
+    Connect {
+        source: postgres::Error,
+    },
     Migrate(crate::migrate::MigrateError),
-    Listen { addr: std::net::SocketAddr, source: std::io::Error },
-    Spawn { source: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    Spawn {
+        source: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for StartError {
@@ -355,7 +372,9 @@ impl Running {
     /// Blocks until the protobuf server stops.
     pub fn wait(mut self) -> std::io::Result<()> {
         match self.join.take() {
-            Some(j) => j.join().unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked"))),
+            Some(j) => j
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked"))),
             None => Ok(()),
         }
     }
@@ -390,7 +409,9 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
             .parse()
             .map_err(|source| StartError::Connect { source })?;
         pg.connect_timeout(crate::limits::DB_CONNECT_TIMEOUT);
-        let mut c = pg.connect(postgres::NoTls).map_err(|source| StartError::Connect { source })?;
+        let mut c = pg
+            .connect(postgres::NoTls)
+            .map_err(|source| StartError::Connect { source })?;
         crate::migrate::run(&mut c).map_err(StartError::Migrate)?;
     }
     let mut dbc = crate::db::DbConfig::new(&cfg.database_url);
@@ -404,21 +425,40 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
     .map_err(|source| StartError::Spawn { source })?;
     let addr = server
         .listen_tcp(cfg.listen)
-        .map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
+        .map_err(|source| StartError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
     let handle = server.handle();
-    let (_, join) = server.spawn().map_err(|source| StartError::Spawn { source })?;
+    let (_, join) = server
+        .spawn()
+        .map_err(|source| StartError::Spawn { source })?;
     let http_addr = if opts.http {
-        let (a, _) = crate::http::spawn(api.clone(), cfg.http_listen)
-            .map_err(|source| StartError::Listen { addr: cfg.http_listen, source })?;
+        let (a, _) = crate::http::spawn(api.clone(), cfg.http_listen).map_err(|source| {
+            StartError::Listen {
+                addr: cfg.http_listen,
+                source,
+            }
+        })?;
         Some(a)
     } else {
         None
     };
     let jobs = if opts.jobs {
-        Some(crate::monitor::Jobs::start(api.clone(), cfg.jobs.clone()).map_err(|source| StartError::Spawn { source })?)
+        Some(
+            crate::monitor::Jobs::start(api.clone(), cfg.jobs.clone())
+                .map_err(|source| StartError::Spawn { source })?,
+        )
     } else {
         None
     };
     log::info!("wrenn-ctl serving addr={addr} http={http_addr:?}");
-    Ok(Running { api, addr, http_addr, handle, join: Some(join), jobs })
+    Ok(Running {
+        api,
+        addr,
+        http_addr,
+        handle,
+        join: Some(join),
+        jobs,
+    })
 }

@@ -58,7 +58,16 @@ impl PgCluster {
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir:?}: {e}"))?;
         run(Command::new("chown").args(["postgres:postgres"]).arg(&dir))?;
         run(as_postgres("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
             .arg(dir.join("data")))?;
         let c = PgCluster { dir, port: 5432 };
         c.start_again()?;
@@ -91,13 +100,19 @@ impl PgCluster {
 
     /// Connection string of database `db`.
     pub fn url(&self, db: &str) -> String {
-        format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
+        format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.dir.display(),
+            self.port
+        )
     }
 
     /// Creates database `name` and returns its URL.
     pub fn create_db(&self, name: &str) -> Result<String, String> {
-        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).map_err(|e| e.to_string())?;
-        c.batch_execute(&format!("CREATE DATABASE {name}")).map_err(|e| e.to_string())?;
+        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+            .map_err(|e| e.to_string())?;
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
+            .map_err(|e| e.to_string())?;
         Ok(self.url(name))
     }
 }
@@ -128,12 +143,19 @@ struct Instant {
 impl InstantAgent {
     pub fn start() -> std::io::Result<InstantAgent> {
         let token = Arc::new(Mutex::new(String::new()));
-        let svc = Instant { token: token.clone(), sandboxes: Mutex::new(HashMap::new()) };
+        let svc = Instant {
+            token: token.clone(),
+            sandboxes: Mutex::new(HashMap::new()),
+        };
         let mut server = Server::new(ServerConfig::new("instant-agent"), Arc::new(svc))?;
         let addr = server.listen_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let handle = server.handle();
         let _ = server.spawn()?;
-        Ok(InstantAgent { addr, token, handle })
+        Ok(InstantAgent {
+            addr,
+            token,
+            handle,
+        })
     }
 
     pub fn set_token(&self, t: &str) {
@@ -150,7 +172,10 @@ impl Drop for InstantAgent {
 impl Service for Instant {
     fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
         let tok = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if hello.credential_kind != CredentialKind::AgentToken as i32 || tok.is_empty() || hello.credential != tok {
+        if hello.credential_kind != CredentialKind::AgentToken as i32
+            || tok.is_empty()
+            || hello.credential != tok
+        {
             return Err(Status::unauthenticated("agent token required"));
         }
         Ok(Arc::new(()))
@@ -173,7 +198,10 @@ impl Service for Instant {
                         on_timeout: r.on_timeout,
                         ..Default::default()
                     };
-                    self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).insert(r.sandbox_id, info.clone());
+                    self.sandboxes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(r.sandbox_id, info.clone());
                     info
                 });
                 call.respond(r)
@@ -191,7 +219,13 @@ impl Service for Instant {
             }
             sm::LIST => {
                 let l = agent::ListSandboxesResponse {
-                    sandboxes: self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect(),
+                    sandboxes: self
+                        .sandboxes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .values()
+                        .cloned()
+                        .collect(),
                 };
                 call.reply(&l)
             }

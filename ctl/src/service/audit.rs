@@ -103,7 +103,10 @@ pub fn from_ns(v: i64) -> SystemTime {
 
 /// Keyset page token: the (time, id) of the last row returned, as "<µs>.<uuid>".
 pub fn page_token(t: SystemTime, id: Uuid) -> String {
-    let us = t.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    let us = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
     format!("{us}.{}", id.hyphenated())
 }
 
@@ -142,7 +145,11 @@ impl Api {
                 return Err(Status::invalid_argument(format!("{name} too long")));
             }
         }
-        let team: Option<Uuid> = if ctx.platform_admin { None } else { Some(ctx.team_id) };
+        let team: Option<Uuid> = if ctx.platform_admin {
+            None
+        } else {
+            Some(ctx.team_id)
+        };
         let since = (req.since_unix_ns > 0).then(|| from_ns(req.since_unix_ns));
         let until = (req.until_unix_ns > 0).then(|| from_ns(req.until_unix_ns));
         let (after_t, after_id) = match after {
@@ -175,25 +182,30 @@ impl Api {
             )
             .map_err(pg_err)
         })?;
-        let (entries, next) = paginate(&rows, limit, |r| (r.get(10), r.get(0)), |r| {
-            let t: SystemTime = r.get(10);
-            ctl::AuditLog {
-                id: id::format(Kind::Log, r.get(0)),
-                team_id: r
-                    .get::<_, Option<Uuid>>(1)
-                    .map(|t| id::format(Kind::Team, t))
-                    .unwrap_or_default(),
-                actor_type: r.get(2),
-                actor_id: r.get(3),
-                actor_name: r.get(4),
-                resource_type: r.get(5),
-                resource_id: r.get(6),
-                action: r.get(7),
-                status: r.get(8),
-                metadata_json: r.get(9),
-                created_unix_ns: ns(Some(t)),
-            }
-        });
+        let (entries, next) = paginate(
+            &rows,
+            limit,
+            |r| (r.get(10), r.get(0)),
+            |r| {
+                let t: SystemTime = r.get(10);
+                ctl::AuditLog {
+                    id: id::format(Kind::Log, r.get(0)),
+                    team_id: r
+                        .get::<_, Option<Uuid>>(1)
+                        .map(|t| id::format(Kind::Team, t))
+                        .unwrap_or_default(),
+                    actor_type: r.get(2),
+                    actor_id: r.get(3),
+                    actor_name: r.get(4),
+                    resource_type: r.get(5),
+                    resource_id: r.get(6),
+                    action: r.get(7),
+                    status: r.get(8),
+                    metadata_json: r.get(9),
+                    created_unix_ns: ns(Some(t)),
+                }
+            },
+        );
         Ok(ctl::ListAuditLogsResponse {
             entries,
             next_page_token: next,
@@ -212,7 +224,14 @@ mod tests {
         let tok = page_token(t, id);
         assert_eq!(parse_page_token(&tok).unwrap(), Some((t, id)));
         assert_eq!(parse_page_token("").unwrap(), None);
-        for bad in ["x", "1.", ".abc", "-1.00000000-0000-0000-0000-000000000000", "1.ZZ", "99999999999999999999999.x"] {
+        for bad in [
+            "x",
+            "1.",
+            ".abc",
+            "-1.00000000-0000-0000-0000-000000000000",
+            "1.ZZ",
+            "99999999999999999999999.x",
+        ] {
             assert!(parse_page_token(bad).is_err(), "{bad}");
         }
     }

@@ -13,7 +13,8 @@ use crate::limits::{MAP_ENTRIES_MAX, MAP_KEY_LEN_MAX, MAP_VALUE_LEN_MAX, NAME_LE
 use crate::scheduler::State;
 
 /// Columns of a sandbox row, in the order [`sandbox`] reads them.
-pub const SANDBOX_COLS: &str = "s.id, s.team_id, s.host_id, s.template_id, s.state, s.state_reason, \
+pub const SANDBOX_COLS: &str =
+    "s.id, s.team_id, s.host_id, s.template_id, s.state, s.state_reason, \
     s.vcpus, s.memory_mib, s.disk_mib, s.timeout_s, s.on_timeout, s.metadata, s.created_at, \
     s.updated_at, s.expires_at";
 
@@ -38,7 +39,11 @@ pub fn sandbox(r: &Row) -> ctl::Sandbox {
         on_timeout: policy_wire(r.get(10)),
         created_unix_ns: ns(Some(r.get(12))),
         updated_unix_ns: ns(Some(r.get(13))),
-        expires_unix_ns: if state == State::Running { ns(r.get(14)) } else { 0 },
+        expires_unix_ns: if state == State::Running {
+            ns(r.get(14))
+        } else {
+            0
+        },
         metadata: json_to_map(&metadata),
     }
 }
@@ -75,7 +80,9 @@ pub fn json_to_map(v: &serde_json::Value) -> HashMap<String, String> {
 /// Checks a label/env map against the bounds and turns it into a JSON object.
 pub fn check_map(name: &str, m: &HashMap<String, String>) -> Result<serde_json::Value, Status> {
     if m.len() > MAP_ENTRIES_MAX {
-        return Err(Status::invalid_argument(format!("{name}: more than {MAP_ENTRIES_MAX} entries")));
+        return Err(Status::invalid_argument(format!(
+            "{name}: more than {MAP_ENTRIES_MAX} entries"
+        )));
     }
     let mut o = serde_json::Map::new();
     for (k, v) in m {
@@ -108,7 +115,8 @@ pub fn kind_wire(s: &str) -> i32 {
 }
 
 /// Columns of a template row, in the order [`template`] reads them.
-pub const TEMPLATE_COLS: &str = "t.id, t.team_id, t.name, t.kind, t.vcpus, t.memory_mib, t.disk_mib, \
+pub const TEMPLATE_COLS: &str =
+    "t.id, t.team_id, t.name, t.kind, t.vcpus, t.memory_mib, t.disk_mib, \
     t.size_bytes, t.host_id, t.source_sandbox_id, t.created_at";
 
 pub fn template(r: &Row) -> ctl::Template {

@@ -13,7 +13,8 @@ use crate::auth;
 use crate::db::pg_err;
 use crate::limits::{REGISTRATION_TTL_DEFAULT_S, REGISTRATION_TTL_MAX_S};
 
-const HOST_COLS: &str = "h.id, h.address, h.hostname, h.status, h.capacity_vcpus, h.capacity_memory_mib, \
+const HOST_COLS: &str =
+    "h.id, h.address, h.hostname, h.status, h.capacity_vcpus, h.capacity_memory_mib, \
     h.capacity_disk_mib, h.used_vcpus, h.used_memory_mib, h.used_disk_mib, h.agent_version, \
     h.firecracker_version, h.can_host, h.problems, h.last_heartbeat_at, h.created_at, \
     (SELECT count(*) FROM sandboxes s WHERE s.host_id = h.id AND s.state <> 'stopped')";
@@ -36,14 +37,26 @@ fn host(r: &postgres::Row) -> ctl::Host {
         address: r.get(1),
         hostname: r.get(2),
         status: status_wire(r.get(3)),
-        capacity: Some(ctl::Resources { vcpus: u32_of(4), memory_mib: u64_of(5), disk_mib: u64_of(6) }),
-        usage: Some(ctl::Resources { vcpus: u32_of(7), memory_mib: u64_of(8), disk_mib: u64_of(9) }),
+        capacity: Some(ctl::Resources {
+            vcpus: u32_of(4),
+            memory_mib: u64_of(5),
+            disk_mib: u64_of(6),
+        }),
+        usage: Some(ctl::Resources {
+            vcpus: u32_of(7),
+            memory_mib: u64_of(8),
+            disk_mib: u64_of(9),
+        }),
         agent_version: r.get(10),
         firecracker_version: r.get(11),
         can_host_sandboxes: r.get(12),
         problems: problems
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default(),
         sandbox_count: u32::try_from(r.get::<_, i64>(16)).unwrap_or(u32::MAX),
         last_heartbeat_unix_ns: ns(r.get(14)),
@@ -53,22 +66,34 @@ fn host(r: &postgres::Row) -> ctl::Host {
 
 fn fetch(c: &mut impl GenericClient, h: Uuid) -> Result<ctl::Host, Status> {
     let r = c
-        .query_opt(&format!("SELECT {HOST_COLS} FROM hosts h WHERE h.id = $1"), &[&h])
+        .query_opt(
+            &format!("SELECT {HOST_COLS} FROM hosts h WHERE h.id = $1"),
+            &[&h],
+        )
         .map_err(pg_err)?
         .ok_or_else(|| Status::not_found("host not found"))?;
     Ok(host(&r))
 }
 
-fn audit_host(c: &mut impl GenericClient, ctx: &AuthCtx, h: String, action: &str, meta: serde_json::Value) -> Result<(), Status> {
-    audit::write(c, Entry {
-        team: None,
-        actor: &Actor::key(ctx),
-        resource_type: "host",
-        resource_id: h,
-        action,
-        success: true,
-        metadata: meta,
-    })
+fn audit_host(
+    c: &mut impl GenericClient,
+    ctx: &AuthCtx,
+    h: String,
+    action: &str,
+    meta: serde_json::Value,
+) -> Result<(), Status> {
+    audit::write(
+        c,
+        Entry {
+            team: None,
+            actor: &Actor::key(ctx),
+            resource_type: "host",
+            resource_id: h,
+            action,
+            success: true,
+            metadata: meta,
+        },
+    )
 }
 
 /// Makes a registration token (used by the API and `wrenn-ctl admin`); returns the
@@ -97,29 +122,51 @@ impl Api {
         req: ctl::CreateRegistrationTokenRequest,
     ) -> Result<ctl::CreateRegistrationTokenResponse, Status> {
         ctx.require_admin()?;
-        let ttl = if req.ttl_s == 0 { REGISTRATION_TTL_DEFAULT_S } else { req.ttl_s };
+        let ttl = if req.ttl_s == 0 {
+            REGISTRATION_TTL_DEFAULT_S
+        } else {
+            req.ttl_s
+        };
         if ttl > REGISTRATION_TTL_MAX_S {
-            return Err(Status::invalid_argument(format!("ttl_s must be at most {REGISTRATION_TTL_MAX_S}")));
+            return Err(Status::invalid_argument(format!(
+                "ttl_s must be at most {REGISTRATION_TTL_MAX_S}"
+            )));
         }
         let ctx2 = ctx.clone();
         self.inner.db.tx(move |tx| {
             let (token, exp) = insert_registration_token(tx, ttl, Some(ctx2.key_id))?;
-            audit_host(tx, &ctx2, String::new(), "host.create_registration_token", serde_json::json!({"ttl_s": ttl}))?;
-            Ok(ctl::CreateRegistrationTokenResponse { token, expires_unix_ns: ns(Some(exp)) })
+            audit_host(
+                tx,
+                &ctx2,
+                String::new(),
+                "host.create_registration_token",
+                serde_json::json!({"ttl_s": ttl}),
+            )?;
+            Ok(ctl::CreateRegistrationTokenResponse {
+                token,
+                expires_unix_ns: ns(Some(exp)),
+            })
         })
     }
 
     /// Every host (filtered by status), newest first.
-    pub fn list_hosts(&self, ctx: &AuthCtx, req: ctl::ListHostsRequest) -> Result<ctl::ListHostsResponse, Status> {
+    pub fn list_hosts(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ListHostsRequest,
+    ) -> Result<ctl::ListHostsResponse, Status> {
         ctx.require_admin()?;
         let mut statuses = Vec::new();
         for s in &req.statuses {
-            statuses.push(match ctl::HostStatus::try_from(*s) {
-                Ok(ctl::HostStatus::Online) => "online",
-                Ok(ctl::HostStatus::Unreachable) => "unreachable",
-                Ok(ctl::HostStatus::Draining) => "draining",
-                _ => return Err(Status::invalid_argument(format!("unknown host status {s}"))),
-            }.to_owned());
+            statuses.push(
+                match ctl::HostStatus::try_from(*s) {
+                    Ok(ctl::HostStatus::Online) => "online",
+                    Ok(ctl::HostStatus::Unreachable) => "unreachable",
+                    Ok(ctl::HostStatus::Draining) => "draining",
+                    _ => return Err(Status::invalid_argument(format!("unknown host status {s}"))),
+                }
+                .to_owned(),
+            );
         }
         let any = statuses.is_empty();
         let after = audit::parse_page_token(&req.page_token)?;
@@ -137,7 +184,10 @@ impl Api {
             .map_err(pg_err)
         })?;
         let (hosts, next_page_token) = paginate(&rows, limit, |r| (r.get(15), r.get(0)), host);
-        Ok(ctl::ListHostsResponse { hosts, next_page_token })
+        Ok(ctl::ListHostsResponse {
+            hosts,
+            next_page_token,
+        })
     }
 
     pub fn get_host(&self, ctx: &AuthCtx, req: ctl::GetHostRequest) -> Result<ctl::Host, Status> {
@@ -147,7 +197,11 @@ impl Api {
     }
 
     /// Stops placing sandboxes on a host; lists those that remain.
-    pub fn drain_host(&self, ctx: &AuthCtx, req: ctl::DrainHostRequest) -> Result<ctl::DrainHostResponse, Status> {
+    pub fn drain_host(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::DrainHostRequest,
+    ) -> Result<ctl::DrainHostResponse, Status> {
         ctx.require_admin()?;
         let h = parse_id(Kind::Host, &req.host_id)?;
         let ctx2 = ctx.clone();
@@ -168,7 +222,11 @@ impl Api {
     }
 
     /// Forgets a host; refused while sandboxes or snapshot templates remain on it.
-    pub fn delete_host(&self, ctx: &AuthCtx, req: ctl::DeleteHostRequest) -> Result<ctl::DeleteHostResponse, Status> {
+    pub fn delete_host(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::DeleteHostRequest,
+    ) -> Result<ctl::DeleteHostResponse, Status> {
         ctx.require_admin()?;
         let h = parse_id(Kind::Host, &req.host_id)?;
         let ctx2 = ctx.clone();

@@ -32,7 +32,10 @@ use crate::auth::LastUsed;
 use crate::config::ApiConfig;
 use crate::db::Db;
 
-pub use audit::{from_ns as time_from_ns, ns as audit_ns, new_uuid, write as audit_write, Actor, Entry as AuditEntry};
+pub use audit::{
+    from_ns as time_from_ns, new_uuid, ns as audit_ns, write as audit_write, Actor,
+    Entry as AuditEntry,
+};
 pub use hosts::insert_registration_token;
 pub use teams::{create_team_with_owner, insert_key};
 
@@ -185,7 +188,11 @@ pub fn parse_opt_id(kind: Kind, s: &str) -> Result<Option<Uuid>, Status> {
 
 /// Page size in force for a request value (0 = default, capped).
 pub fn page_size(n: u32) -> i64 {
-    let n = if n == 0 { crate::limits::PAGE_SIZE_DEFAULT } else { n };
+    let n = if n == 0 {
+        crate::limits::PAGE_SIZE_DEFAULT
+    } else {
+        n
+    };
     i64::from(n.min(crate::limits::PAGE_SIZE_MAX))
 }
 
@@ -219,7 +226,15 @@ pub fn audit_entry<'a>(
     action: &'a str,
     metadata: serde_json::Value,
 ) -> AuditEntry<'a> {
-    AuditEntry { team, actor, resource_type, resource_id, action, success: true, metadata }
+    AuditEntry {
+        team,
+        actor,
+        resource_type,
+        resource_id,
+        action,
+        success: true,
+        metadata,
+    }
 }
 
 /// The all-zeros UUID: the platform team and the `minimal` template.

@@ -25,7 +25,9 @@ impl Api {
     /// streams (they last as long as the process) and the default for unary calls.
     fn exec_deadline(&self, p: Option<&envd::ProcessConfig>) -> Option<Duration> {
         match p.map(|p| p.timeout_ms) {
-            Some(ms) if ms > 0 => Some(Duration::from_millis(ms) + self.inner.cfg.agent_call_timeout),
+            Some(ms) if ms > 0 => {
+                Some(Duration::from_millis(ms) + self.inner.cfg.agent_call_timeout)
+            }
             _ => None,
         }
     }
@@ -53,10 +55,16 @@ impl Api {
             return Err(Status::invalid_argument("process is required"));
         }
         if req.output_limit_bytes > EXEC_OUTPUT_MAX {
-            return Err(Status::invalid_argument(format!("output_limit_bytes must be at most {EXEC_OUTPUT_MAX}")));
+            return Err(Status::invalid_argument(format!(
+                "output_limit_bytes must be at most {EXEC_OUTPUT_MAX}"
+            )));
         }
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        let deadline = if req.background { None } else { self.exec_deadline(req.process.as_ref()) };
+        let deadline = if req.background {
+            None
+        } else {
+            self.exec_deadline(req.process.as_ref())
+        };
         let client = self.inner.agents.client(host)?;
         let areq = agent::ExecRequest {
             sandbox_id: req.sandbox_id,
@@ -65,7 +73,11 @@ impl Api {
             background: req.background,
             output_limit_bytes: req.output_limit_bytes,
         };
-        let r: agent::ExecResponse = client.unary(agent::processes_methods::EXEC, &areq, deadline.or(Some(Duration::from_secs(24 * 3600))))?;
+        let r: agent::ExecResponse = client.unary(
+            agent::processes_methods::EXEC,
+            &areq,
+            deadline.or(Some(Duration::from_secs(24 * 3600))),
+        )?;
         Ok(ctl::ExecResponse {
             pid: r.pid,
             tag: r.tag,
@@ -79,7 +91,12 @@ impl Api {
     }
 
     /// Streams ProcessEvents (started, output, exited) into `out`.
-    pub fn exec_stream(&self, ctx: &AuthCtx, req: ctl::ExecStreamRequest, out: &mut dyn Sink<envd::ProcessEvent>) -> Result<(), Status> {
+    pub fn exec_stream(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ExecStreamRequest,
+        out: &mut dyn Sink<envd::ProcessEvent>,
+    ) -> Result<(), Status> {
         if req.process.is_none() {
             return Err(Status::invalid_argument("process is required"));
         }
@@ -88,7 +105,10 @@ impl Api {
         let s = self.inner.agents.stream(
             host,
             agent::processes_methods::EXEC_STREAM,
-            &agent::ExecStreamRequest { sandbox_id: req.sandbox_id, process: req.process },
+            &agent::ExecStreamRequest {
+                sandbox_id: req.sandbox_id,
+                process: req.process,
+            },
             true,
             deadline,
         )?;
@@ -96,12 +116,20 @@ impl Api {
     }
 
     /// Reattaches to a process by pid or tag.
-    pub fn connect_process(&self, ctx: &AuthCtx, req: ctl::ConnectRequest, out: &mut dyn Sink<envd::ProcessEvent>) -> Result<(), Status> {
+    pub fn connect_process(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ConnectRequest,
+        out: &mut dyn Sink<envd::ProcessEvent>,
+    ) -> Result<(), Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
         let s = self.inner.agents.stream(
             host,
             agent::processes_methods::CONNECT,
-            &agent::ConnectRequest { sandbox_id: req.sandbox_id, connect: req.connect },
+            &agent::ConnectRequest {
+                sandbox_id: req.sandbox_id,
+                connect: req.connect,
+            },
             true,
             None,
         )?;
@@ -109,53 +137,115 @@ impl Api {
     }
 
     /// Client stream: the first message names the sandbox; later ones carry input.
-    pub fn send_input(&self, ctx: &AuthCtx, input: &mut dyn Source<ctl::SendInputRequest>) -> Result<envd::SendInputResponse, Status> {
-        let first = input.recv()?.ok_or_else(|| Status::invalid_argument("empty input stream"))?;
+    pub fn send_input(
+        &self,
+        ctx: &AuthCtx,
+        input: &mut dyn Source<ctl::SendInputRequest>,
+    ) -> Result<envd::SendInputResponse, Status> {
+        let first = input
+            .recv()?
+            .ok_or_else(|| Status::invalid_argument("empty input stream"))?;
         let host = self.host_of(ctx, &first.sandbox_id)?;
         let client = self.inner.agents.client(host)?;
         let mut s = client.call(
             agent::processes_methods::SEND_INPUT,
-            &agent::SendInputRequest { sandbox_id: first.sandbox_id.clone(), input: first.input },
-            CallOpts { timeout: None, end_stream: false },
+            &agent::SendInputRequest {
+                sandbox_id: first.sandbox_id.clone(),
+                input: first.input,
+            },
+            CallOpts {
+                timeout: None,
+                end_stream: false,
+            },
         )?;
         while let Some(m) = input.recv()? {
-            s.send(&agent::SendInputRequest { sandbox_id: String::new(), input: m.input })?;
+            s.send(&agent::SendInputRequest {
+                sandbox_id: String::new(),
+                input: m.input,
+            })?;
         }
         s.close_send()?;
         s.recv::<envd::SendInputResponse>()?
             .ok_or_else(|| Status::internal("agent ended SendInput without an answer"))
     }
 
-    pub fn close_stdin(&self, ctx: &AuthCtx, req: ctl::CloseStdinRequest) -> Result<envd::CloseStdinResponse, Status> {
+    pub fn close_stdin(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::CloseStdinRequest,
+    ) -> Result<envd::CloseStdinResponse, Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(host, agent::processes_methods::CLOSE_STDIN,
-            &agent::CloseStdinRequest { sandbox_id: req.sandbox_id, close: req.close })
+        self.inner.agents.unary(
+            host,
+            agent::processes_methods::CLOSE_STDIN,
+            &agent::CloseStdinRequest {
+                sandbox_id: req.sandbox_id,
+                close: req.close,
+            },
+        )
     }
 
-    pub fn signal_process(&self, ctx: &AuthCtx, req: ctl::SignalRequest) -> Result<envd::SignalResponse, Status> {
+    pub fn signal_process(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::SignalRequest,
+    ) -> Result<envd::SignalResponse, Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(host, agent::processes_methods::SIGNAL,
-            &agent::SignalRequest { sandbox_id: req.sandbox_id, signal: req.signal })
+        self.inner.agents.unary(
+            host,
+            agent::processes_methods::SIGNAL,
+            &agent::SignalRequest {
+                sandbox_id: req.sandbox_id,
+                signal: req.signal,
+            },
+        )
     }
 
-    pub fn resize_pty(&self, ctx: &AuthCtx, req: ctl::ResizePtyRequest) -> Result<envd::ResizePtyResponse, Status> {
+    pub fn resize_pty(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ResizePtyRequest,
+    ) -> Result<envd::ResizePtyResponse, Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(host, agent::processes_methods::RESIZE_PTY,
-            &agent::ResizePtyRequest { sandbox_id: req.sandbox_id, resize: req.resize })
+        self.inner.agents.unary(
+            host,
+            agent::processes_methods::RESIZE_PTY,
+            &agent::ResizePtyRequest {
+                sandbox_id: req.sandbox_id,
+                resize: req.resize,
+            },
+        )
     }
 
-    pub fn list_processes(&self, ctx: &AuthCtx, req: ctl::ListProcessesRequest) -> Result<envd::ListProcessesResponse, Status> {
+    pub fn list_processes(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ListProcessesRequest,
+    ) -> Result<envd::ListProcessesResponse, Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(host, agent::processes_methods::LIST,
-            &agent::ListProcessesRequest { sandbox_id: req.sandbox_id })
+        self.inner.agents.unary(
+            host,
+            agent::processes_methods::LIST,
+            &agent::ListProcessesRequest {
+                sandbox_id: req.sandbox_id,
+            },
+        )
     }
 
     /// Client stream: UploadRequest.header first, then UploadRequest.data chunks.
-    pub fn upload(&self, ctx: &AuthCtx, input: &mut dyn Source<ctl::UploadRequest>) -> Result<envd::WriteResponse, Status> {
+    pub fn upload(
+        &self,
+        ctx: &AuthCtx,
+        input: &mut dyn Source<ctl::UploadRequest>,
+    ) -> Result<envd::WriteResponse, Status> {
         use ctl::upload_request::Msg;
-        let first = input.recv()?.ok_or_else(|| Status::invalid_argument("empty upload stream"))?;
+        let first = input
+            .recv()?
+            .ok_or_else(|| Status::invalid_argument("empty upload stream"))?;
         let Some(Msg::Header(h)) = first.msg else {
-            return Err(Status::invalid_argument("the first upload message must be the header"));
+            return Err(Status::invalid_argument(
+                "the first upload message must be the header",
+            ));
         };
         if h.file.is_none() {
             return Err(Status::invalid_argument("header.file is required"));
@@ -165,16 +255,26 @@ impl Api {
         let mut s = client.call(
             agent::files_methods::WRITE,
             &agent::WriteRequest {
-                msg: Some(agent::write_request::Msg::Header(agent::WriteHeader { sandbox_id: h.sandbox_id, file: h.file })),
+                msg: Some(agent::write_request::Msg::Header(agent::WriteHeader {
+                    sandbox_id: h.sandbox_id,
+                    file: h.file,
+                })),
             },
-            CallOpts { timeout: None, end_stream: false },
+            CallOpts {
+                timeout: None,
+                end_stream: false,
+            },
         )?;
         while let Some(m) = input.recv()? {
             match m.msg {
-                Some(Msg::Data(d)) => s.send(&agent::WriteRequest { msg: Some(agent::write_request::Msg::Data(d)) })?,
+                Some(Msg::Data(d)) => s.send(&agent::WriteRequest {
+                    msg: Some(agent::write_request::Msg::Data(d)),
+                })?,
                 Some(Msg::Header(_)) => {
                     s.cancel();
-                    return Err(Status::invalid_argument("only the first upload message may be a header"));
+                    return Err(Status::invalid_argument(
+                        "only the first upload message may be a header",
+                    ));
                 }
                 None => {}
             }
@@ -185,45 +285,106 @@ impl Api {
     }
 
     /// Streams ReadResponses (metadata first, then chunks) into `out`.
-    pub fn download(&self, ctx: &AuthCtx, req: ctl::DownloadRequest, out: &mut dyn Sink<envd::ReadResponse>) -> Result<(), Status> {
+    pub fn download(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::DownloadRequest,
+        out: &mut dyn Sink<envd::ReadResponse>,
+    ) -> Result<(), Status> {
         if req.read.is_none() {
             return Err(Status::invalid_argument("read is required"));
         }
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        let s = self.inner.agents.stream(host, agent::files_methods::READ,
-            &agent::ReadRequest { sandbox_id: req.sandbox_id, read: req.read }, true, None)?;
+        let s = self.inner.agents.stream(
+            host,
+            agent::files_methods::READ,
+            &agent::ReadRequest {
+                sandbox_id: req.sandbox_id,
+                read: req.read,
+            },
+            true,
+            None,
+        )?;
         self.forward(s, out)
     }
 
     pub fn stat(&self, ctx: &AuthCtx, req: ctl::StatRequest) -> Result<envd::StatResponse, Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(host, agent::files_methods::STAT,
-            &agent::StatRequest { sandbox_id: req.sandbox_id, stat: req.stat })
+        self.inner.agents.unary(
+            host,
+            agent::files_methods::STAT,
+            &agent::StatRequest {
+                sandbox_id: req.sandbox_id,
+                stat: req.stat,
+            },
+        )
     }
 
-    pub fn list_dir(&self, ctx: &AuthCtx, req: ctl::ListDirRequest, out: &mut dyn Sink<envd::ListDirResponse>) -> Result<(), Status> {
+    pub fn list_dir(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ListDirRequest,
+        out: &mut dyn Sink<envd::ListDirResponse>,
+    ) -> Result<(), Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        let s = self.inner.agents.stream(host, agent::files_methods::LIST,
-            &agent::ListDirRequest { sandbox_id: req.sandbox_id, list: req.list }, true,
-            Some(self.inner.cfg.agent_call_timeout))?;
+        let s = self.inner.agents.stream(
+            host,
+            agent::files_methods::LIST,
+            &agent::ListDirRequest {
+                sandbox_id: req.sandbox_id,
+                list: req.list,
+            },
+            true,
+            Some(self.inner.cfg.agent_call_timeout),
+        )?;
         self.forward(s, out)
     }
 
-    pub fn make_dir(&self, ctx: &AuthCtx, req: ctl::MakeDirRequest) -> Result<envd::MakeDirResponse, Status> {
+    pub fn make_dir(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::MakeDirRequest,
+    ) -> Result<envd::MakeDirResponse, Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(host, agent::files_methods::MAKE_DIR,
-            &agent::MakeDirRequest { sandbox_id: req.sandbox_id, make_dir: req.make_dir })
+        self.inner.agents.unary(
+            host,
+            agent::files_methods::MAKE_DIR,
+            &agent::MakeDirRequest {
+                sandbox_id: req.sandbox_id,
+                make_dir: req.make_dir,
+            },
+        )
     }
 
-    pub fn move_path(&self, ctx: &AuthCtx, req: ctl::MoveRequest) -> Result<envd::MoveResponse, Status> {
+    pub fn move_path(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::MoveRequest,
+    ) -> Result<envd::MoveResponse, Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(host, agent::files_methods::MOVE,
-            &agent::MoveRequest { sandbox_id: req.sandbox_id, r#move: req.r#move })
+        self.inner.agents.unary(
+            host,
+            agent::files_methods::MOVE,
+            &agent::MoveRequest {
+                sandbox_id: req.sandbox_id,
+                r#move: req.r#move,
+            },
+        )
     }
 
-    pub fn remove_path(&self, ctx: &AuthCtx, req: ctl::RemoveRequest) -> Result<envd::RemoveResponse, Status> {
+    pub fn remove_path(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::RemoveRequest,
+    ) -> Result<envd::RemoveResponse, Status> {
         let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(host, agent::files_methods::REMOVE,
-            &agent::RemoveRequest { sandbox_id: req.sandbox_id, remove: req.remove })
+        self.inner.agents.unary(
+            host,
+            agent::files_methods::REMOVE,
+            &agent::RemoveRequest {
+                sandbox_id: req.sandbox_id,
+                remove: req.remove,
+            },
+        )
     }
 }

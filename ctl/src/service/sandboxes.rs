@@ -21,8 +21,8 @@ use super::convert::{self, SANDBOX_COLS};
 use super::{page_size, paginate, parse_id, parse_opt_id, templates, Api, AuthCtx};
 use crate::db::pg_err;
 use crate::limits::{
-    BACKGROUND_CREATES_MAX, SANDBOX_DISK_MIB_MAX, SANDBOX_MEMORY_MIB_MAX, SANDBOX_TIMEOUT_DEFAULT_S,
-    SANDBOX_TIMEOUT_MAX_S, SANDBOX_VCPUS_MAX,
+    BACKGROUND_CREATES_MAX, SANDBOX_DISK_MIB_MAX, SANDBOX_MEMORY_MIB_MAX,
+    SANDBOX_TIMEOUT_DEFAULT_S, SANDBOX_TIMEOUT_MAX_S, SANDBOX_VCPUS_MAX,
 };
 use crate::scheduler::{self, Need, State};
 
@@ -77,7 +77,8 @@ struct Insert<'a> {
 /// reservation re-checks the fit on the row version it locks (see scheduler.rs); when a
 /// concurrent create took the chosen host, the statement inserts nothing and is retried.
 fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres::Row, Status> {
-    let sql = static_sql(&INSERT_SQL, || format!(
+    let sql = static_sql(&INSERT_SQL, || {
+        format!(
         "WITH h AS ( \
             UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mib = used_memory_mib + $2, \
                 used_disk_mib = used_disk_mib + $3 \
@@ -101,13 +102,28 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres:
                 jsonb_build_object('template', $16::text, 'host', 'host-' || s.host_id::text, \
                     'vcpus', $1, 'memory_mib', $2) FROM s) \
          SELECT {SANDBOX_COLS} FROM s"
-    ));
+    )
+    });
     let st = crate::db::prepared(
         c,
         sql,
         &[
-            Type::INT4, Type::INT8, Type::INT8, Type::UUID, Type::UUID, Type::UUID, Type::UUID, Type::INT4,
-            Type::INT8, Type::TEXT, Type::JSONB, Type::UUID, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT,
+            Type::INT4,
+            Type::INT8,
+            Type::INT8,
+            Type::UUID,
+            Type::UUID,
+            Type::UUID,
+            Type::UUID,
+            Type::INT4,
+            Type::INT8,
+            Type::TEXT,
+            Type::JSONB,
+            Type::UUID,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
         ],
     )?;
     let mem32 = i.size.memory_mib as i32;
@@ -119,9 +135,22 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres:
             .query_opt(
                 &st,
                 &[
-                    &i.size.vcpus, &i.size.memory_mib, &i.size.disk_mib, &i.pinned, &i.id, &i.team,
-                    &i.template, &mem32, &i.timeout_s, &i.policy, &i.metadata, &i.audit_id, &key_id,
-                    &i.ctx.key_name, &sb_id, &tpl_id,
+                    &i.size.vcpus,
+                    &i.size.memory_mib,
+                    &i.size.disk_mib,
+                    &i.pinned,
+                    &i.id,
+                    &i.team,
+                    &i.template,
+                    &mem32,
+                    &i.timeout_s,
+                    &i.policy,
+                    &i.metadata,
+                    &i.audit_id,
+                    &key_id,
+                    &i.ctx.key_name,
+                    &sb_id,
+                    &tpl_id,
                 ],
             )
             .map_err(pg_err)?;
@@ -143,16 +172,24 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres:
     }
     crate::metrics::SCHEDULE_EXHAUSTED.inc();
     Err(match i.pinned {
-        Some(_) => Status::resource_exhausted("the host this sandbox must run on has no free capacity"),
+        Some(_) => {
+            Status::resource_exhausted("the host this sandbox must run on has no free capacity")
+        }
         None => Status::resource_exhausted("no host has free capacity for this sandbox"),
     })
 }
 
 /// Reads one sandbox of `team` (`not_found` for other teams' and unknown ids).
-pub(crate) fn fetch(c: &mut impl GenericClient, team: Uuid, id: Uuid) -> Result<ctl::Sandbox, Status> {
+pub(crate) fn fetch(
+    c: &mut impl GenericClient,
+    team: Uuid,
+    id: Uuid,
+) -> Result<ctl::Sandbox, Status> {
     let st = crate::db::prepared(
         c,
-        static_sql(&FETCH_SQL, || format!("SELECT {SANDBOX_COLS} FROM sandboxes s WHERE s.id = $1 AND s.team_id = $2")),
+        static_sql(&FETCH_SQL, || {
+            format!("SELECT {SANDBOX_COLS} FROM sandboxes s WHERE s.id = $1 AND s.team_id = $2")
+        }),
         &[Type::UUID, Type::UUID],
     )?;
     let row = c.query_opt(&st, &[&id, &team]).map_err(pg_err)?;
@@ -167,7 +204,10 @@ fn lock_owned(
     id: Uuid,
 ) -> Result<scheduler::Locked, Status> {
     let owned = c
-        .query_opt("SELECT 1 FROM sandboxes WHERE id = $1 AND team_id = $2", &[&id, &team])
+        .query_opt(
+            "SELECT 1 FROM sandboxes WHERE id = $1 AND team_id = $2",
+            &[&id, &team],
+        )
         .map_err(pg_err)?;
     if owned.is_none() {
         return Err(Status::not_found("sandbox not found"));
@@ -222,59 +262,100 @@ impl Api {
         req: ctl::CreateSandboxRequest,
     ) -> Result<ctl::Sandbox, Status> {
         let start = Instant::now();
-        if req.vcpus > SANDBOX_VCPUS_MAX || req.memory_mib > SANDBOX_MEMORY_MIB_MAX || req.disk_mib > SANDBOX_DISK_MIB_MAX {
-            return Err(Status::invalid_argument("vcpus, memory_mib or disk_mib out of range"));
+        if req.vcpus > SANDBOX_VCPUS_MAX
+            || req.memory_mib > SANDBOX_MEMORY_MIB_MAX
+            || req.disk_mib > SANDBOX_DISK_MIB_MAX
+        {
+            return Err(Status::invalid_argument(
+                "vcpus, memory_mib or disk_mib out of range",
+            ));
         }
         check_timeout(req.timeout_s)?;
         let policy = convert::policy_text(req.on_timeout)?.unwrap_or("destroy");
         let metadata = convert::check_map("metadata", &req.metadata)?;
         convert::check_map("env", &req.env)?;
-        let timeout_s = if req.timeout_s == 0 { SANDBOX_TIMEOUT_DEFAULT_S } else { req.timeout_s };
+        let timeout_s = if req.timeout_s == 0 {
+            SANDBOX_TIMEOUT_DEFAULT_S
+        } else {
+            req.timeout_s
+        };
         let wait = req.wait.unwrap_or(true);
-        if !wait && self.inner.background_creates.load(Ordering::Relaxed) >= BACKGROUND_CREATES_MAX {
-            return Err(Status::resource_exhausted("too many creates finishing in the background"));
+        if !wait && self.inner.background_creates.load(Ordering::Relaxed) >= BACKGROUND_CREATES_MAX
+        {
+            return Err(Status::resource_exhausted(
+                "too many creates finishing in the background",
+            ));
         }
         let id = audit::new_uuid()?;
         let team = ctx.team_id;
         let ctx2 = ctx.clone();
-        let tpl_ref = if req.template.is_empty() { "minimal".to_owned() } else { req.template.clone() };
+        let tpl_ref = if req.template.is_empty() {
+            "minimal".to_owned()
+        } else {
+            req.template.clone()
+        };
         let audit_id = audit::new_uuid()?;
         let (sb, pending) = self.inner.db.run(move |c| {
             let tpl = templates::resolve(c, team, &tpl_ref)?;
             let snapshot = tpl.kind == "snapshot";
             let size = if snapshot {
-                Need { vcpus: tpl.vcpus, memory_mib: i64::from(tpl.memory_mib), disk_mib: tpl.disk_mib }
+                Need {
+                    vcpus: tpl.vcpus,
+                    memory_mib: i64::from(tpl.memory_mib),
+                    disk_mib: tpl.disk_mib,
+                }
             } else {
-                let disk = if req.disk_mib == 0 { tpl.disk_mib } else { req.disk_mib as i64 };
+                let disk = if req.disk_mib == 0 {
+                    tpl.disk_mib
+                } else {
+                    req.disk_mib as i64
+                };
                 if disk < tpl.disk_mib {
-                    return Err(Status::invalid_argument("disk_mib may only grow the template's disk"));
+                    return Err(Status::invalid_argument(
+                        "disk_mib may only grow the template's disk",
+                    ));
                 }
                 Need {
-                    vcpus: if req.vcpus == 0 { tpl.vcpus } else { req.vcpus as i32 },
-                    memory_mib: if req.memory_mib == 0 { i64::from(tpl.memory_mib) } else { i64::from(req.memory_mib) },
+                    vcpus: if req.vcpus == 0 {
+                        tpl.vcpus
+                    } else {
+                        req.vcpus as i32
+                    },
+                    memory_mib: if req.memory_mib == 0 {
+                        i64::from(tpl.memory_mib)
+                    } else {
+                        i64::from(req.memory_mib)
+                    },
                     disk_mib: disk,
                 }
             };
             let pinned = if snapshot { tpl.host } else { None };
-            let row = insert_reserved(c, &Insert {
-                id,
-                team,
-                template: tpl.id,
-                size,
-                pinned,
-                timeout_s: timeout_s as i64,
-                policy,
-                metadata,
-                audit_id,
-                ctx: &ctx2,
-            })?;
+            let row = insert_reserved(
+                c,
+                &Insert {
+                    id,
+                    team,
+                    template: tpl.id,
+                    size,
+                    pinned,
+                    timeout_s: timeout_s as i64,
+                    policy,
+                    metadata,
+                    audit_id,
+                    ctx: &ctx2,
+                },
+            )?;
             let sb = convert::sandbox(&row);
             let host: Uuid = row.get(2);
             let areq = agent::CreateSandboxRequest {
                 sandbox_id: id::format(Kind::Sandbox, id),
                 team_id: id::format(Kind::Team, team),
                 template_id: id::format(Kind::Template, tpl.id),
-                template_kind: if snapshot { agent::TemplateKind::Snapshot as i32 } else { agent::TemplateKind::Base as i32 },
+                template_kind: if snapshot {
+                    agent::TemplateKind::Snapshot as i32
+                } else {
+                    agent::TemplateKind::Base as i32
+                },
                 vcpus: size.vcpus as u32,
                 memory_mib: size.memory_mib as u32,
                 disk_mib: size.disk_mib as u64,
@@ -284,12 +365,21 @@ impl Api {
                 metadata: req.metadata,
                 ..Default::default()
             };
-            Ok((sb, Pending { req: areq, host, id }))
+            Ok((
+                sb,
+                Pending {
+                    req: areq,
+                    host,
+                    id,
+                },
+            ))
         })?;
         crate::metrics::SANDBOXES_CREATED.inc();
         if !wait {
             let api = self.clone();
-            self.inner.background_creates.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .background_creates
+                .fetch_add(1, Ordering::Relaxed);
             crate::metrics::BACKGROUND_CREATES.add(1);
             let spawned = std::thread::Builder::new()
                 .name("ctl-create".into())
@@ -299,7 +389,9 @@ impl Api {
                     crate::metrics::BACKGROUND_CREATES.add(-1);
                 });
             if let Err(e) = spawned {
-                self.inner.background_creates.fetch_sub(1, Ordering::Relaxed);
+                self.inner
+                    .background_creates
+                    .fetch_sub(1, Ordering::Relaxed);
                 crate::metrics::BACKGROUND_CREATES.add(-1);
                 let _ = self.fail_sandbox(id, "could not start the create");
                 return Err(Status::internal(format!("spawn create thread: {e}")));
@@ -345,7 +437,12 @@ impl Api {
                 })
             }
             Err(e) => {
-                log::warn!("sandbox create failed sandbox={} code={} message={}", id::format(Kind::Sandbox, id), e.code, e.message);
+                log::warn!(
+                    "sandbox create failed sandbox={} code={} message={}",
+                    id::format(Kind::Sandbox, id),
+                    e.code,
+                    e.message
+                );
                 let _ = self.fail_sandbox(id, &format!("create failed: {}", e.message));
                 Err(e)
             }
@@ -355,7 +452,8 @@ impl Api {
     fn fail_sandbox(&self, id: Uuid, reason: &str) -> Result<(), Status> {
         let reason = reason.to_owned();
         self.inner.db.tx(move |tx| {
-            let cur = scheduler::lock(tx, id)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
+            let cur =
+                scheduler::lock(tx, id)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
             if cur.state != State::Stopped {
                 scheduler::set_state(tx, id, State::Error, &reason, Some(None))?;
             }
@@ -371,7 +469,8 @@ impl Api {
     ) -> Result<ctl::ListSandboxesResponse, Status> {
         let mut states = Vec::with_capacity(req.states.len());
         for s in &req.states {
-            let st = State::from_wire(*s).ok_or_else(|| Status::invalid_argument(format!("unknown state {s}")))?;
+            let st = State::from_wire(*s)
+                .ok_or_else(|| Status::invalid_argument(format!("unknown state {s}")))?;
             states.push(st.as_str().to_owned());
         }
         let all_but_stopped = states.is_empty();
@@ -385,18 +484,46 @@ impl Api {
             let st = crate::db::prepared(
                 c,
                 static_sql(&LIST_SQL, list_sql),
-                &[Type::UUID, Type::BOOL, Type::TEXT_ARRAY, Type::UUID, Type::JSONB, Type::TIMESTAMPTZ, Type::UUID, Type::INT8],
+                &[
+                    Type::UUID,
+                    Type::BOOL,
+                    Type::TEXT_ARRAY,
+                    Type::UUID,
+                    Type::JSONB,
+                    Type::TIMESTAMPTZ,
+                    Type::UUID,
+                    Type::INT8,
+                ],
             )?;
-            c.query(&st, &[&team, &all_but_stopped, &states, &template, &meta, &after_t, &after_id, &(limit + 1)])
-                .map_err(pg_err)
+            c.query(
+                &st,
+                &[
+                    &team,
+                    &all_but_stopped,
+                    &states,
+                    &template,
+                    &meta,
+                    &after_t,
+                    &after_id,
+                    &(limit + 1),
+                ],
+            )
+            .map_err(pg_err)
         })?;
         let (sandboxes, next_page_token) =
             paginate(&rows, limit, |r| (r.get(12), r.get(0)), convert::sandbox);
-        Ok(ctl::ListSandboxesResponse { sandboxes, next_page_token })
+        Ok(ctl::ListSandboxesResponse {
+            sandboxes,
+            next_page_token,
+        })
     }
 
     /// One sandbox of the caller's team.
-    pub fn get_sandbox(&self, ctx: &AuthCtx, req: ctl::GetSandboxRequest) -> Result<ctl::Sandbox, Status> {
+    pub fn get_sandbox(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::GetSandboxRequest,
+    ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         let team = ctx.team_id;
         self.inner.db.run(move |c| fetch(c, team, id))
@@ -416,7 +543,13 @@ impl Api {
             if cur.state == State::Stopped {
                 return Ok(None);
             }
-            audit_sb(tx, &ctx2, id, "sandbox.destroy", serde_json::json!({"from": cur.state.as_str()}))?;
+            audit_sb(
+                tx,
+                &ctx2,
+                id,
+                "sandbox.destroy",
+                serde_json::json!({"from": cur.state.as_str()}),
+            )?;
             match cur.host {
                 None => {
                     scheduler::set_state(tx, id, State::Stopped, "destroyed", Some(None))?;
@@ -440,7 +573,9 @@ impl Api {
         let r: Result<agent::DestroySandboxResponse, Status> = self.inner.agents.unary_timeout(
             host,
             agent::sandboxes_methods::DESTROY,
-            &agent::DestroySandboxRequest { sandbox_id: id::format(Kind::Sandbox, id) },
+            &agent::DestroySandboxRequest {
+                sandbox_id: id::format(Kind::Sandbox, id),
+            },
             self.inner.cfg.agent_lifecycle_timeout,
         );
         match r {
@@ -455,13 +590,19 @@ impl Api {
     }
 
     /// Keeps a running sandbox alive: expiry becomes now + its timeout.
-    pub fn ping_sandbox(&self, ctx: &AuthCtx, req: ctl::PingSandboxRequest) -> Result<ctl::Sandbox, Status> {
+    pub fn ping_sandbox(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::PingSandboxRequest,
+    ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         let host = self.running_host(ctx, id)?;
         let info: agent::SandboxInfo = self.inner.agents.unary(
             host,
             agent::sandboxes_methods::PING,
-            &agent::PingSandboxRequest { sandbox_id: req.sandbox_id.clone() },
+            &agent::PingSandboxRequest {
+                sandbox_id: req.sandbox_id.clone(),
+            },
         )?;
         let team = ctx.team_id;
         let ctx2 = ctx.clone();
@@ -471,8 +612,11 @@ impl Api {
                 .map_err(pg_err)?
                 .get(0);
             let exp = expiry(info.expires_unix_ns, t as u64);
-            tx.execute("UPDATE sandboxes SET expires_at = $2, updated_at = now() WHERE id = $1", &[&id, &exp])
-                .map_err(pg_err)?;
+            tx.execute(
+                "UPDATE sandboxes SET expires_at = $2, updated_at = now() WHERE id = $1",
+                &[&id, &exp],
+            )
+            .map_err(pg_err)?;
             audit_sb(tx, &ctx2, id, "sandbox.ping", serde_json::json!({}))?;
             fetch(tx, team, id)
         })
@@ -507,7 +651,9 @@ impl Api {
             )?;
             exp = Some(expiry(info.expires_unix_ns, req.timeout_s));
         } else if cur.state == State::Stopped.wire() || cur.state == State::Error.wire() {
-            return Err(Status::failed_precondition("sandbox is not running or paused"));
+            return Err(Status::failed_precondition(
+                "sandbox is not running or paused",
+            ));
         }
         let ctx2 = ctx.clone();
         let timeout = req.timeout_s as i64;
@@ -518,44 +664,80 @@ impl Api {
                 &[&id, &timeout, &policy, &exp],
             )
             .map_err(pg_err)?;
-            audit_sb(tx, &ctx2, id, "sandbox.set_timeout", serde_json::json!({"timeout_s": timeout, "on_timeout": policy}))?;
+            audit_sb(
+                tx,
+                &ctx2,
+                id,
+                "sandbox.set_timeout",
+                serde_json::json!({"timeout_s": timeout, "on_timeout": policy}),
+            )?;
             fetch(tx, team, id)
         })
     }
 
     /// Pauses a running sandbox; answers PAUSED.
-    pub fn pause_sandbox(&self, ctx: &AuthCtx, req: ctl::PauseSandboxRequest) -> Result<ctl::Sandbox, Status> {
+    pub fn pause_sandbox(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::PauseSandboxRequest,
+    ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
-        self.transition(ctx, id, State::Running, State::Pausing, "sandbox.pause", |api, host| {
-            api.inner.agents.unary_timeout(
-                host,
-                agent::sandboxes_methods::PAUSE,
-                &agent::PauseSandboxRequest { sandbox_id: id::format(Kind::Sandbox, id) },
-                api.inner.cfg.agent_lifecycle_timeout,
-            )
-        })
+        self.transition(
+            ctx,
+            id,
+            State::Running,
+            State::Pausing,
+            "sandbox.pause",
+            |api, host| {
+                api.inner.agents.unary_timeout(
+                    host,
+                    agent::sandboxes_methods::PAUSE,
+                    &agent::PauseSandboxRequest {
+                        sandbox_id: id::format(Kind::Sandbox, id),
+                    },
+                    api.inner.cfg.agent_lifecycle_timeout,
+                )
+            },
+        )
     }
 
     /// Resumes a paused sandbox on its own host; answers RUNNING.
-    pub fn resume_sandbox(&self, ctx: &AuthCtx, req: ctl::ResumeSandboxRequest) -> Result<ctl::Sandbox, Status> {
+    pub fn resume_sandbox(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ResumeSandboxRequest,
+    ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         check_timeout(req.timeout_s)?;
         let timeout_s = req.timeout_s;
         if timeout_s > 0 {
             let t = timeout_s as i64;
             self.inner.db.run(move |c| {
-                c.execute("UPDATE sandboxes SET timeout_s = $2 WHERE id = $1 AND state = 'paused'", &[&id, &t])
-                    .map_err(pg_err)
+                c.execute(
+                    "UPDATE sandboxes SET timeout_s = $2 WHERE id = $1 AND state = 'paused'",
+                    &[&id, &t],
+                )
+                .map_err(pg_err)
             })?;
         }
-        self.transition(ctx, id, State::Paused, State::Resuming, "sandbox.resume", move |api, host| {
-            api.inner.agents.unary_timeout(
-                host,
-                agent::sandboxes_methods::RESUME,
-                &agent::ResumeSandboxRequest { sandbox_id: id::format(Kind::Sandbox, id), timeout_s },
-                api.inner.cfg.agent_lifecycle_timeout,
-            )
-        })
+        self.transition(
+            ctx,
+            id,
+            State::Paused,
+            State::Resuming,
+            "sandbox.resume",
+            move |api, host| {
+                api.inner.agents.unary_timeout(
+                    host,
+                    agent::sandboxes_methods::RESUME,
+                    &agent::ResumeSandboxRequest {
+                        sandbox_id: id::format(Kind::Sandbox, id),
+                        timeout_s,
+                    },
+                    api.inner.cfg.agent_lifecycle_timeout,
+                )
+            },
+        )
     }
 
     /// from → via (audited) → agent call → the state the agent reports.
@@ -579,7 +761,9 @@ impl Api {
                     from.as_str()
                 )));
             }
-            let host = cur.host.ok_or_else(|| Status::internal("sandbox has no host"))?;
+            let host = cur
+                .host
+                .ok_or_else(|| Status::internal("sandbox has no host"))?;
             scheduler::set_state(tx, id, via, "", None)?;
             audit_sb(tx, &ctx2, id, action, serde_json::json!({}))?;
             Ok(host)
@@ -588,22 +772,22 @@ impl Api {
             Ok(info) => self.apply_agent_state(team, id, &info),
             Err(e) => {
                 // Take the agent's word for where the sandbox is now; without it go back.
-                let back = self
-                    .inner
-                    .agents
-                    .unary::<_, agent::SandboxInfo>(
-                        host,
-                        agent::sandboxes_methods::GET,
-                        &agent::GetSandboxRequest { sandbox_id: id::format(Kind::Sandbox, id) },
-                    );
+                let back = self.inner.agents.unary::<_, agent::SandboxInfo>(
+                    host,
+                    agent::sandboxes_methods::GET,
+                    &agent::GetSandboxRequest {
+                        sandbox_id: id::format(Kind::Sandbox, id),
+                    },
+                );
                 match back {
                     Ok(info) => {
                         let _ = self.apply_agent_state(team, id, &info);
                     }
                     Err(_) => {
-                        let _ = self.inner.db.tx(move |tx| {
-                            scheduler::set_state(tx, id, from, "", None).map(|_| ())
-                        });
+                        let _ = self
+                            .inner
+                            .db
+                            .tx(move |tx| scheduler::set_state(tx, id, from, "", None).map(|_| ()));
                     }
                 }
                 Err(e)
@@ -612,9 +796,16 @@ impl Api {
     }
 
     /// Records the state an agent reported (after a lifecycle call).
-    pub(crate) fn apply_agent_state(&self, team: Uuid, id: Uuid, info: &agent::SandboxInfo) -> Result<ctl::Sandbox, Status> {
-        let state = State::from_wire(info.state).ok_or_else(|| Status::internal("agent sent an unknown state"))?;
-        let exp = (state == State::Running).then(|| expiry(info.expires_unix_ns, info.timeout_s.max(1)));
+    pub(crate) fn apply_agent_state(
+        &self,
+        team: Uuid,
+        id: Uuid,
+        info: &agent::SandboxInfo,
+    ) -> Result<ctl::Sandbox, Status> {
+        let state = State::from_wire(info.state)
+            .ok_or_else(|| Status::internal("agent sent an unknown state"))?;
+        let exp =
+            (state == State::Running).then(|| expiry(info.expires_unix_ns, info.timeout_s.max(1)));
         let reason = info.state_reason.clone();
         self.inner.db.tx(move |tx| {
             scheduler::set_state(tx, id, state, &reason, Some(exp))?;
@@ -626,14 +817,20 @@ impl Api {
     pub(crate) fn running_host(&self, ctx: &AuthCtx, id: Uuid) -> Result<Uuid, Status> {
         let team = ctx.team_id;
         let row = self.inner.db.run(move |c| {
-            c.query_opt("SELECT state, host_id FROM sandboxes WHERE id = $1 AND team_id = $2", &[&id, &team])
-                .map_err(pg_err)
+            c.query_opt(
+                "SELECT state, host_id FROM sandboxes WHERE id = $1 AND team_id = $2",
+                &[&id, &team],
+            )
+            .map_err(pg_err)
         })?;
         let row = row.ok_or_else(|| Status::not_found("sandbox not found"))?;
         let state: String = row.get(0);
         if state != "running" {
-            return Err(Status::failed_precondition(format!("sandbox is {state}, not running")));
+            return Err(Status::failed_precondition(format!(
+                "sandbox is {state}, not running"
+            )));
         }
-        row.get::<_, Option<Uuid>>(1).ok_or_else(|| Status::internal("running sandbox has no host"))
+        row.get::<_, Option<Uuid>>(1)
+            .ok_or_else(|| Status::internal("running sandbox has no host"))
     }
 }

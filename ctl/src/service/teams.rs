@@ -58,11 +58,13 @@ fn key(r: &postgres::Row) -> ctl::ApiKey {
     }
 }
 
-const KEY_COLS: &str = "id, team_id, name, lookup, created_by, created_at, last_used_at, platform_admin";
+const KEY_COLS: &str =
+    "id, team_id, name, lookup, created_by, created_at, last_used_at, platform_admin";
 
 fn check_email(e: &str) -> Result<(), Status> {
     let ok = e.len() <= EMAIL_LEN_MAX
-        && e.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+        && e.split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
         && !e.chars().any(|c| c.is_whitespace() || c.is_control());
     if ok {
         Ok(())
@@ -90,15 +92,18 @@ fn audit_row(
     action: &str,
     meta: serde_json::Value,
 ) -> Result<(), Status> {
-    audit::write(c, Entry {
-        team: Some(team),
-        actor: &Actor::key(ctx),
-        resource_type: rtype,
-        resource_id: rid,
-        action,
-        success: true,
-        metadata: meta,
-    })
+    audit::write(
+        c,
+        Entry {
+            team: Some(team),
+            actor: &Actor::key(ctx),
+            resource_type: rtype,
+            resource_id: rid,
+            action,
+            success: true,
+            metadata: meta,
+        },
+    )
 }
 
 /// Creates a team with an owner and a first key (used by `wrenn-ctl admin init` and tests).
@@ -113,21 +118,40 @@ pub fn create_team_with_owner(
     check_email(email)?;
     let team = audit::new_uuid()?;
     let user = audit::new_uuid()?;
-    c.execute("INSERT INTO teams (id, name) VALUES ($1, $2)", &[&team, &team_name]).map_err(pg_err)?;
-    c.execute("INSERT INTO users (id, email, name) VALUES ($1, $2, $3)", &[&user, &email, &user_name])
-        .map_err(|e| if is_unique_violation(&e) { Status::new(Code::AlreadyExists, "email taken") } else { pg_err(e) })?;
-    c.execute("INSERT INTO memberships (team_id, user_id, role) VALUES ($1, $2, 'owner')", &[&team, &user])
-        .map_err(pg_err)?;
-    let (kid, plain) = insert_key(c, team, "default", Some(user), false)?;
-    audit::write(c, Entry {
-        team: Some(team),
-        actor: &Actor::System,
-        resource_type: "team",
-        resource_id: id::format(Kind::Team, team),
-        action: "team.create",
-        success: true,
-        metadata: serde_json::json!({"owner": id::format(Kind::User, user)}),
+    c.execute(
+        "INSERT INTO teams (id, name) VALUES ($1, $2)",
+        &[&team, &team_name],
+    )
+    .map_err(pg_err)?;
+    c.execute(
+        "INSERT INTO users (id, email, name) VALUES ($1, $2, $3)",
+        &[&user, &email, &user_name],
+    )
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            Status::new(Code::AlreadyExists, "email taken")
+        } else {
+            pg_err(e)
+        }
     })?;
+    c.execute(
+        "INSERT INTO memberships (team_id, user_id, role) VALUES ($1, $2, 'owner')",
+        &[&team, &user],
+    )
+    .map_err(pg_err)?;
+    let (kid, plain) = insert_key(c, team, "default", Some(user), false)?;
+    audit::write(
+        c,
+        Entry {
+            team: Some(team),
+            actor: &Actor::System,
+            resource_type: "team",
+            resource_id: id::format(Kind::Team, team),
+            action: "team.create",
+            success: true,
+            metadata: serde_json::json!({"owner": id::format(Kind::User, user)}),
+        },
+    )?;
     Ok((team, user, kid, plain))
 }
 
@@ -144,7 +168,15 @@ pub fn insert_key(
     c.execute(
         "INSERT INTO api_keys (id, team_id, name, lookup, key_hash, created_by, platform_admin) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        &[&id, &team, &name, &s.lookup, &s.hash, &created_by, &platform_admin],
+        &[
+            &id,
+            &team,
+            &name,
+            &s.lookup,
+            &s.hash,
+            &created_by,
+            &platform_admin,
+        ],
     )
     .map_err(pg_err)?;
     Ok((id, s.plaintext))
@@ -156,7 +188,10 @@ impl Api {
         let team = target_team(ctx, &req.team_id)?;
         self.inner.db.run(move |c| {
             let r = c
-                .query_opt("SELECT id, name, created_at FROM teams WHERE id = $1", &[&team])
+                .query_opt(
+                    "SELECT id, name, created_at FROM teams WHERE id = $1",
+                    &[&team],
+                )
                 .map_err(pg_err)?
                 .ok_or_else(|| Status::not_found("team not found"))?;
             let id: Uuid = r.get(0);
@@ -170,12 +205,18 @@ impl Api {
     }
 
     /// Adds an existing user to the team with a role.
-    pub fn add_member(&self, ctx: &AuthCtx, req: ctl::AddMemberRequest) -> Result<ctl::Member, Status> {
+    pub fn add_member(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::AddMemberRequest,
+    ) -> Result<ctl::Member, Status> {
         let team = target_team(ctx, &req.team_id)?;
         let user = parse_id(Kind::User, &req.user_id)?;
         let role = role_text(req.role)?;
         if team == PLATFORM_TEAM {
-            return Err(Status::failed_precondition("the platform team has no members"));
+            return Err(Status::failed_precondition(
+                "the platform team has no members",
+            ));
         }
         let ctx2 = ctx.clone();
         self.inner.db.tx(move |tx| {
@@ -195,28 +236,57 @@ impl Api {
     }
 
     /// Removes a member; refused when it would leave the team without an owner.
-    pub fn remove_member(&self, ctx: &AuthCtx, req: ctl::RemoveMemberRequest) -> Result<ctl::RemoveMemberResponse, Status> {
+    pub fn remove_member(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::RemoveMemberRequest,
+    ) -> Result<ctl::RemoveMemberResponse, Status> {
         let team = target_team(ctx, &req.team_id)?;
         let user = parse_id(Kind::User, &req.user_id)?;
         let ctx2 = ctx.clone();
         self.inner.db.tx(move |tx| {
             // Lock the team's memberships so two removals cannot both pass the owner check.
             let rows = tx
-                .query("SELECT user_id, role FROM memberships WHERE team_id = $1 FOR UPDATE", &[&team])
+                .query(
+                    "SELECT user_id, role FROM memberships WHERE team_id = $1 FOR UPDATE",
+                    &[&team],
+                )
                 .map_err(pg_err)?;
-            let me = rows.iter().find(|r| r.get::<_, Uuid>(0) == user).ok_or_else(|| Status::not_found("not a member"))?;
-            let owners = rows.iter().filter(|r| r.get::<_, String>(1) == "owner").count();
+            let me = rows
+                .iter()
+                .find(|r| r.get::<_, Uuid>(0) == user)
+                .ok_or_else(|| Status::not_found("not a member"))?;
+            let owners = rows
+                .iter()
+                .filter(|r| r.get::<_, String>(1) == "owner")
+                .count();
             if me.get::<_, String>(1) == "owner" && owners == 1 {
                 return Err(Status::failed_precondition("the team would have no owner"));
             }
-            tx.execute("DELETE FROM memberships WHERE team_id = $1 AND user_id = $2", &[&team, &user]).map_err(pg_err)?;
-            audit_row(tx, &ctx2, team, "user", id::format(Kind::User, user), "team.remove_member", serde_json::json!({}))?;
+            tx.execute(
+                "DELETE FROM memberships WHERE team_id = $1 AND user_id = $2",
+                &[&team, &user],
+            )
+            .map_err(pg_err)?;
+            audit_row(
+                tx,
+                &ctx2,
+                team,
+                "user",
+                id::format(Kind::User, user),
+                "team.remove_member",
+                serde_json::json!({}),
+            )?;
             Ok(ctl::RemoveMemberResponse {})
         })
     }
 
     /// Members of a team, by join time.
-    pub fn list_members(&self, ctx: &AuthCtx, req: ctl::ListMembersRequest) -> Result<ctl::ListMembersResponse, Status> {
+    pub fn list_members(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ListMembersRequest,
+    ) -> Result<ctl::ListMembersResponse, Status> {
         let team = target_team(ctx, &req.team_id)?;
         let after = audit::parse_page_token(&req.page_token)?;
         let (at, aid) = (after.map(|a| a.0), after.map(|a| a.1));
@@ -231,17 +301,29 @@ impl Api {
             )
             .map_err(pg_err)
         })?;
-        let (members, next_page_token) = paginate(&rows, limit, |r| (r.get(5), r.get(0)), |r| ctl::Member {
-            user: Some(user(r)),
-            role: role_wire(r.get(4)),
-            added_unix_ns: ns(Some(r.get::<_, SystemTime>(5))),
-        });
-        Ok(ctl::ListMembersResponse { members, next_page_token })
+        let (members, next_page_token) = paginate(
+            &rows,
+            limit,
+            |r| (r.get(5), r.get(0)),
+            |r| ctl::Member {
+                user: Some(user(r)),
+                role: role_wire(r.get(4)),
+                added_unix_ns: ns(Some(r.get::<_, SystemTime>(5))),
+            },
+        );
+        Ok(ctl::ListMembersResponse {
+            members,
+            next_page_token,
+        })
     }
 
     /// Creates a user and makes it a member of the caller's team (platform admins: no
     /// membership, the platform team has none).
-    pub fn create_user(&self, ctx: &AuthCtx, req: ctl::CreateUserRequest) -> Result<ctl::User, Status> {
+    pub fn create_user(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::CreateUserRequest,
+    ) -> Result<ctl::User, Status> {
         check_email(&req.email)?;
         if !req.name.is_empty() {
             convert::check_name("name", &req.name)?;
@@ -284,7 +366,11 @@ impl Api {
     }
 
     /// Members of the caller's team (every user for a platform admin).
-    pub fn list_users(&self, ctx: &AuthCtx, req: ctl::ListUsersRequest) -> Result<ctl::ListUsersResponse, Status> {
+    pub fn list_users(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ListUsersRequest,
+    ) -> Result<ctl::ListUsersResponse, Status> {
         let after = audit::parse_page_token(&req.page_token)?;
         let (at, aid) = (after.map(|a| a.0), after.map(|a| a.1));
         let limit = page_size(req.page_size);
@@ -301,29 +387,54 @@ impl Api {
             .map_err(pg_err)
         })?;
         let (users, next_page_token) = paginate(&rows, limit, |r| (r.get(3), r.get(0)), user);
-        Ok(ctl::ListUsersResponse { users, next_page_token })
+        Ok(ctl::ListUsersResponse {
+            users,
+            next_page_token,
+        })
     }
 
     /// Creates a key for the caller's team; the plaintext is shown only here.
-    pub fn create_api_key(&self, ctx: &AuthCtx, req: ctl::CreateApiKeyRequest) -> Result<ctl::CreateApiKeyResponse, Status> {
+    pub fn create_api_key(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::CreateApiKeyRequest,
+    ) -> Result<ctl::CreateApiKeyResponse, Status> {
         convert::check_name("name", &req.name)?;
         if req.platform_admin {
             ctx.require_admin()?;
         }
         let ctx2 = ctx.clone();
         self.inner.db.tx(move |tx| {
-            let (kid, plaintext) = insert_key(tx, ctx2.team_id, &req.name, None, req.platform_admin)?;
-            audit_row(tx, &ctx2, ctx2.team_id, "api_key", id::format(Kind::Key, kid), "api_key.create",
-                serde_json::json!({"platform_admin": req.platform_admin}))?;
+            let (kid, plaintext) =
+                insert_key(tx, ctx2.team_id, &req.name, None, req.platform_admin)?;
+            audit_row(
+                tx,
+                &ctx2,
+                ctx2.team_id,
+                "api_key",
+                id::format(Kind::Key, kid),
+                "api_key.create",
+                serde_json::json!({"platform_admin": req.platform_admin}),
+            )?;
             let r = tx
-                .query_one(&format!("SELECT {KEY_COLS} FROM api_keys WHERE id = $1"), &[&kid])
+                .query_one(
+                    &format!("SELECT {KEY_COLS} FROM api_keys WHERE id = $1"),
+                    &[&kid],
+                )
                 .map_err(pg_err)?;
-            Ok(ctl::CreateApiKeyResponse { key: Some(key(&r)), plaintext })
+            Ok(ctl::CreateApiKeyResponse {
+                key: Some(key(&r)),
+                plaintext,
+            })
         })
     }
 
     /// Keys of the caller's team (not revoked), newest first.
-    pub fn list_api_keys(&self, ctx: &AuthCtx, req: ctl::ListApiKeysRequest) -> Result<ctl::ListApiKeysResponse, Status> {
+    pub fn list_api_keys(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ListApiKeysRequest,
+    ) -> Result<ctl::ListApiKeysResponse, Status> {
         let after = audit::parse_page_token(&req.page_token)?;
         let (at, aid) = (after.map(|a| a.0), after.map(|a| a.1));
         let limit = page_size(req.page_size);
@@ -340,11 +451,18 @@ impl Api {
             .map_err(pg_err)
         })?;
         let (keys, next_page_token) = paginate(&rows, limit, |r| (r.get(5), r.get(0)), key);
-        Ok(ctl::ListApiKeysResponse { keys, next_page_token })
+        Ok(ctl::ListApiKeysResponse {
+            keys,
+            next_page_token,
+        })
     }
 
     /// Revokes a key of the caller's team at once.
-    pub fn revoke_api_key(&self, ctx: &AuthCtx, req: ctl::RevokeApiKeyRequest) -> Result<ctl::RevokeApiKeyResponse, Status> {
+    pub fn revoke_api_key(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::RevokeApiKeyRequest,
+    ) -> Result<ctl::RevokeApiKeyResponse, Status> {
         let kid = parse_id(Kind::Key, &req.key_id)?;
         let ctx2 = ctx.clone();
         self.inner.db.tx(move |tx| {

@@ -67,45 +67,70 @@ fn parse_tpl_token(s: &str) -> Result<Option<(bool, std::time::SystemTime, Uuid)
     if s.is_empty() {
         return Ok(None);
     }
-    let (p, rest) = s.split_at(s.find('.').ok_or_else(|| Status::invalid_argument("malformed page_token"))?);
+    let (p, rest) = s.split_at(
+        s.find('.')
+            .ok_or_else(|| Status::invalid_argument("malformed page_token"))?,
+    );
     let plat = match p {
         "0" => false,
         "1" => true,
         _ => return Err(Status::invalid_argument("malformed page_token")),
     };
-    let (t, id) = audit::parse_page_token(&rest[1..])?.ok_or_else(|| Status::invalid_argument("malformed page_token"))?;
+    let (t, id) = audit::parse_page_token(&rest[1..])?
+        .ok_or_else(|| Status::invalid_argument("malformed page_token"))?;
     Ok(Some((plat, t, id)))
 }
 
 impl Api {
     /// Makes a snapshot template from a running or paused sandbox; the sandbox ends PAUSED.
-    pub fn create_template(&self, ctx: &AuthCtx, req: ctl::CreateTemplateRequest) -> Result<ctl::Template, Status> {
+    pub fn create_template(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::CreateTemplateRequest,
+    ) -> Result<ctl::Template, Status> {
         let sb = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         convert::check_name("name", &req.name)?;
         if req.name.starts_with("tpl-") {
-            return Err(Status::invalid_argument("template names must not look like ids (tpl-...)"));
+            return Err(Status::invalid_argument(
+                "template names must not look like ids (tpl-...)",
+            ));
         }
         if req.platform {
             ctx.require_admin()?;
         }
-        let owner = if req.platform { PLATFORM_TEAM } else { ctx.team_id };
+        let owner = if req.platform {
+            PLATFORM_TEAM
+        } else {
+            ctx.team_id
+        };
         let team = ctx.team_id;
         let name = req.name.clone();
         let (host, state) = self.inner.db.run(move |c| {
             let row = c
-                .query_opt("SELECT host_id, state FROM sandboxes WHERE id = $1 AND team_id = $2", &[&sb, &team])
+                .query_opt(
+                    "SELECT host_id, state FROM sandboxes WHERE id = $1 AND team_id = $2",
+                    &[&sb, &team],
+                )
                 .map_err(pg_err)?
                 .ok_or_else(|| Status::not_found("sandbox not found"))?;
             let taken = c
-                .query_opt("SELECT 1 FROM templates WHERE team_id = $1 AND name = $2", &[&owner, &name])
+                .query_opt(
+                    "SELECT 1 FROM templates WHERE team_id = $1 AND name = $2",
+                    &[&owner, &name],
+                )
                 .map_err(pg_err)?;
             if taken.is_some() {
-                return Err(Status::new(Code::AlreadyExists, "a template with this name exists"));
+                return Err(Status::new(
+                    Code::AlreadyExists,
+                    "a template with this name exists",
+                ));
             }
             Ok((row.get::<_, Option<Uuid>>(0), row.get::<_, String>(1)))
         })?;
         if state != "running" && state != "paused" {
-            return Err(Status::failed_precondition(format!("sandbox is {state}, not running or paused")));
+            return Err(Status::failed_precondition(format!(
+                "sandbox is {state}, not running or paused"
+            )));
         }
         let host = host.ok_or_else(|| Status::internal("sandbox has no host"))?;
         let tid = audit::new_uuid()?;
@@ -163,14 +188,20 @@ impl Api {
             let _ = self.inner.agents.unary::<_, agent::DeleteTemplateResponse>(
                 host,
                 agent::templates_methods::DELETE,
-                &agent::DeleteTemplateRequest { template_id: id::format(Kind::Template, tid) },
+                &agent::DeleteTemplateRequest {
+                    template_id: id::format(Kind::Template, tid),
+                },
             );
         }
         r
     }
 
     /// The caller's team's templates, then the platform ones.
-    pub fn list_templates(&self, ctx: &AuthCtx, req: ctl::ListTemplatesRequest) -> Result<ctl::ListTemplatesResponse, Status> {
+    pub fn list_templates(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::ListTemplatesRequest,
+    ) -> Result<ctl::ListTemplatesResponse, Status> {
         let after = parse_tpl_token(&req.page_token)?;
         let limit = page_size(req.page_size);
         let team = ctx.team_id;
@@ -196,15 +227,26 @@ impl Api {
         let next_page_token = if rows.len() > n {
             let r = &rows[n - 1];
             let plat: bool = r.get(11);
-            format!("{}.{}", u8::from(plat), audit::page_token(r.get(10), r.get(0)))
+            format!(
+                "{}.{}",
+                u8::from(plat),
+                audit::page_token(r.get(10), r.get(0))
+            )
         } else {
             String::new()
         };
-        Ok(ctl::ListTemplatesResponse { templates, next_page_token })
+        Ok(ctl::ListTemplatesResponse {
+            templates,
+            next_page_token,
+        })
     }
 
     /// One template visible to the caller, by id or name.
-    pub fn get_template(&self, ctx: &AuthCtx, req: ctl::GetTemplateRequest) -> Result<ctl::Template, Status> {
+    pub fn get_template(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::GetTemplateRequest,
+    ) -> Result<ctl::Template, Status> {
         if req.template.is_empty() {
             return Err(Status::invalid_argument("template is required"));
         }
@@ -212,28 +254,42 @@ impl Api {
         self.inner.db.run(move |c| {
             let t = resolve(c, team, &req.template)?;
             let row = c
-                .query_one(&format!("SELECT {TEMPLATE_COLS} FROM templates t WHERE t.id = $1"), &[&t.id])
+                .query_one(
+                    &format!("SELECT {TEMPLATE_COLS} FROM templates t WHERE t.id = $1"),
+                    &[&t.id],
+                )
                 .map_err(pg_err)?;
             Ok(convert::template(&row))
         })
     }
 
     /// Deletes a template and its files; platform ones need a platform-admin key.
-    pub fn delete_template(&self, ctx: &AuthCtx, req: ctl::DeleteTemplateRequest) -> Result<ctl::DeleteTemplateResponse, Status> {
+    pub fn delete_template(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::DeleteTemplateRequest,
+    ) -> Result<ctl::DeleteTemplateResponse, Status> {
         let tid = parse_id(Kind::Template, &req.template_id)?;
         let team = ctx.team_id;
-        let t = self.inner.db.run(move |c| resolve(c, team, &id::format(Kind::Template, tid)))?;
+        let t = self
+            .inner
+            .db
+            .run(move |c| resolve(c, team, &id::format(Kind::Template, tid)))?;
         if t.team == PLATFORM_TEAM {
             ctx.require_admin()?;
             if t.id == super::MINIMAL_TEMPLATE {
-                return Err(Status::failed_precondition("the seeded minimal template cannot be deleted"));
+                return Err(Status::failed_precondition(
+                    "the seeded minimal template cannot be deleted",
+                ));
             }
         }
         if let (Some(host), "snapshot") = (t.host, t.kind.as_str()) {
             let r: Result<agent::DeleteTemplateResponse, Status> = self.inner.agents.unary(
                 host,
                 agent::templates_methods::DELETE,
-                &agent::DeleteTemplateRequest { template_id: req.template_id.clone() },
+                &agent::DeleteTemplateRequest {
+                    template_id: req.template_id.clone(),
+                },
             );
             match r {
                 Ok(_) => {}
@@ -243,19 +299,24 @@ impl Api {
         }
         let ctx2 = ctx.clone();
         self.inner.db.tx(move |tx| {
-            let n = tx.execute("DELETE FROM templates WHERE id = $1", &[&tid]).map_err(pg_err)?;
+            let n = tx
+                .execute("DELETE FROM templates WHERE id = $1", &[&tid])
+                .map_err(pg_err)?;
             if n == 0 {
                 return Err(Status::not_found("template not found"));
             }
-            audit::write(tx, Entry {
-                team: Some(ctx2.team_id),
-                actor: &Actor::key(&ctx2),
-                resource_type: "template",
-                resource_id: id::format(Kind::Template, tid),
-                action: "template.delete",
-                success: true,
-                metadata: serde_json::json!({}),
-            })?;
+            audit::write(
+                tx,
+                Entry {
+                    team: Some(ctx2.team_id),
+                    actor: &Actor::key(&ctx2),
+                    resource_type: "template",
+                    resource_id: id::format(Kind::Template, tid),
+                    action: "template.delete",
+                    success: true,
+                    metadata: serde_json::json!({}),
+                },
+            )?;
             Ok(ctl::DeleteTemplateResponse {})
         })
     }

@@ -15,13 +15,22 @@ const T: Option<Duration> = Some(Duration::from_secs(30));
 fn create(cl: &Client, tpl: &str) -> Result<c::Sandbox, proto::Status> {
     cl.unary(
         c::sandboxes_methods::CREATE,
-        &c::CreateSandboxRequest { template: tpl.into(), ..Default::default() },
+        &c::CreateSandboxRequest {
+            template: tpl.into(),
+            ..Default::default()
+        },
         T,
     )
 }
 
 fn get(cl: &Client, id: &str) -> Result<c::Sandbox, proto::Status> {
-    cl.unary(c::sandboxes_methods::GET, &c::GetSandboxRequest { sandbox_id: id.into() }, T)
+    cl.unary(
+        c::sandboxes_methods::GET,
+        &c::GetSandboxRequest {
+            sandbox_id: id.into(),
+        },
+        T,
+    )
 }
 
 fn state(s: c::SandboxState) -> i32 {
@@ -46,10 +55,16 @@ fn hello_and_auth() {
     }
     // A good key works; a host-facing method with an API key is refused.
     let cl = ctl.team();
-    let team: c::Team = cl.unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T).unwrap();
+    let team: c::Team = cl
+        .unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
+        .unwrap();
     assert_eq!(team.id, ctl.team_id);
     assert!(!team.platform);
-    let r = cl.unary::<_, c::Team>("wrenn.host.v1.Host/Heartbeat", &c::GetTeamRequest::default(), T);
+    let r = cl.unary::<_, c::Team>(
+        "wrenn.host.v1.Host/Heartbeat",
+        &c::GetTeamRequest::default(),
+        T,
+    );
     assert_eq!(code(r), Code::PermissionDenied);
     let r = cl.unary::<_, c::Team>("wrenn.ctl.v1.Teams/Nope", &c::GetTeamRequest::default(), T);
     assert_eq!(code(r), Code::Unimplemented);
@@ -63,8 +78,17 @@ fn hello_and_auth() {
     assert_eq!(code(r), Code::PermissionDenied);
     // last_used is written in batches off the request path.
     ctl.api().flush_last_used().unwrap();
-    let keys: c::ListApiKeysResponse = cl.unary(c::api_keys_methods::LIST, &c::ListApiKeysRequest::default(), T).unwrap();
-    assert!(keys.keys.iter().all(|k| k.last_used_unix_ns > 0), "{keys:?}");
+    let keys: c::ListApiKeysResponse = cl
+        .unary(
+            c::api_keys_methods::LIST,
+            &c::ListApiKeysRequest::default(),
+            T,
+        )
+        .unwrap();
+    assert!(
+        keys.keys.iter().all(|k| k.last_used_unix_ns > 0),
+        "{keys:?}"
+    );
 }
 
 #[test]
@@ -80,7 +104,12 @@ fn sandbox_lifecycle() {
     let sb: c::Sandbox = cl
         .unary(
             c::sandboxes_methods::CREATE,
-            &c::CreateSandboxRequest { metadata: meta.clone(), timeout_s: 60, on_timeout: c::TimeoutPolicy::Pause as i32, ..Default::default() },
+            &c::CreateSandboxRequest {
+                metadata: meta.clone(),
+                timeout_s: 60,
+                on_timeout: c::TimeoutPolicy::Pause as i32,
+                ..Default::default()
+            },
             T,
         )
         .unwrap();
@@ -97,94 +126,331 @@ fn sandbox_lifecycle() {
     // Get / List with filters and pages.
     assert_eq!(get(&cl, &sb.id).unwrap().id, sb.id);
     let sb2: c::Sandbox = cl
-        .unary(c::sandboxes_methods::CREATE, &c::CreateSandboxRequest { template: "minimal".into(), vcpus: 2, memory_mib: 1024, ..Default::default() }, T)
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                template: "minimal".into(),
+                vcpus: 2,
+                memory_mib: 1024,
+                ..Default::default()
+            },
+            T,
+        )
         .unwrap();
     assert_eq!((sb2.vcpus, sb2.memory_mib), (2, 1024));
-    let l: c::ListSandboxesResponse = cl.unary(c::sandboxes_methods::LIST, &c::ListSandboxesRequest { page_size: 1, ..Default::default() }, T).unwrap();
+    let l: c::ListSandboxesResponse = cl
+        .unary(
+            c::sandboxes_methods::LIST,
+            &c::ListSandboxesRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(l.sandboxes.len(), 1);
     assert_eq!(l.sandboxes[0].id, sb2.id, "newest first");
     assert!(!l.next_page_token.is_empty());
     let l2: c::ListSandboxesResponse = cl
-        .unary(c::sandboxes_methods::LIST, &c::ListSandboxesRequest { page_size: 1, page_token: l.next_page_token.clone(), ..Default::default() }, T)
+        .unary(
+            c::sandboxes_methods::LIST,
+            &c::ListSandboxesRequest {
+                page_size: 1,
+                page_token: l.next_page_token.clone(),
+                ..Default::default()
+            },
+            T,
+        )
         .unwrap();
     assert_eq!(l2.sandboxes[0].id, sb.id);
     assert!(l2.next_page_token.is_empty());
-    let lm: c::ListSandboxesResponse = cl.unary(c::sandboxes_methods::LIST, &c::ListSandboxesRequest { metadata: meta.clone(), ..Default::default() }, T).unwrap();
-    assert_eq!(lm.sandboxes.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), vec![sb.id.clone()]);
-    let r = cl.unary::<_, c::ListSandboxesResponse>(c::sandboxes_methods::LIST, &c::ListSandboxesRequest { page_token: "garbage".into(), ..Default::default() }, T);
+    let lm: c::ListSandboxesResponse = cl
+        .unary(
+            c::sandboxes_methods::LIST,
+            &c::ListSandboxesRequest {
+                metadata: meta.clone(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        lm.sandboxes
+            .iter()
+            .map(|s| s.id.clone())
+            .collect::<Vec<_>>(),
+        vec![sb.id.clone()]
+    );
+    let r = cl.unary::<_, c::ListSandboxesResponse>(
+        c::sandboxes_methods::LIST,
+        &c::ListSandboxesRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
-    let r = cl.unary::<_, c::ListSandboxesResponse>(c::sandboxes_methods::LIST, &c::ListSandboxesRequest { states: vec![42], ..Default::default() }, T);
+    let r = cl.unary::<_, c::ListSandboxesResponse>(
+        c::sandboxes_methods::LIST,
+        &c::ListSandboxesRequest {
+            states: vec![42],
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
 
     // Ping, set timeout.
-    let p: c::Sandbox = cl.unary(c::sandboxes_methods::PING, &c::PingSandboxRequest { sandbox_id: sb.id.clone() }, T).unwrap();
+    let p: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::PING,
+            &c::PingSandboxRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
     assert!(p.expires_unix_ns >= sb.expires_unix_ns);
     let st: c::Sandbox = cl
-        .unary(c::sandboxes_methods::SET_TIMEOUT, &c::SetTimeoutRequest { sandbox_id: sb.id.clone(), timeout_s: 120, on_timeout: c::TimeoutPolicy::Destroy as i32 }, T)
+        .unary(
+            c::sandboxes_methods::SET_TIMEOUT,
+            &c::SetTimeoutRequest {
+                sandbox_id: sb.id.clone(),
+                timeout_s: 120,
+                on_timeout: c::TimeoutPolicy::Destroy as i32,
+            },
+            T,
+        )
         .unwrap();
-    assert_eq!((st.timeout_s, st.on_timeout), (120, c::TimeoutPolicy::Destroy as i32));
-    let r = cl.unary::<_, c::Sandbox>(c::sandboxes_methods::SET_TIMEOUT, &c::SetTimeoutRequest { sandbox_id: sb.id.clone(), timeout_s: 0, on_timeout: 0 }, T);
+    assert_eq!(
+        (st.timeout_s, st.on_timeout),
+        (120, c::TimeoutPolicy::Destroy as i32)
+    );
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::SET_TIMEOUT,
+        &c::SetTimeoutRequest {
+            sandbox_id: sb.id.clone(),
+            timeout_s: 0,
+            on_timeout: 0,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
 
     // Pause / resume, wrong-state errors.
-    let paused: c::Sandbox = cl.unary(c::sandboxes_methods::PAUSE, &c::PauseSandboxRequest { sandbox_id: sb.id.clone() }, T).unwrap();
+    let paused: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::PAUSE,
+            &c::PauseSandboxRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(paused.state, state(c::SandboxState::Paused));
     assert_eq!(paused.expires_unix_ns, 0);
-    let r = cl.unary::<_, c::Sandbox>(c::sandboxes_methods::PAUSE, &c::PauseSandboxRequest { sandbox_id: sb.id.clone() }, T);
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::PAUSE,
+        &c::PauseSandboxRequest {
+            sandbox_id: sb.id.clone(),
+        },
+        T,
+    );
     assert_eq!(code(r), Code::FailedPrecondition);
-    let r = cl.unary::<_, c::ExecResponse>(c::processes_methods::EXEC, &c::ExecRequest { sandbox_id: sb.id.clone(), process: Some(envd::ProcessConfig { cmd: "echo".into(), ..Default::default() }), ..Default::default() }, T);
-    assert_eq!(code(r), Code::FailedPrecondition, "exec in a paused sandbox");
-    let resumed: c::Sandbox = cl.unary(c::sandboxes_methods::RESUME, &c::ResumeSandboxRequest { sandbox_id: sb.id.clone(), timeout_s: 30 }, T).unwrap();
+    let r = cl.unary::<_, c::ExecResponse>(
+        c::processes_methods::EXEC,
+        &c::ExecRequest {
+            sandbox_id: sb.id.clone(),
+            process: Some(envd::ProcessConfig {
+                cmd: "echo".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        T,
+    );
+    assert_eq!(
+        code(r),
+        Code::FailedPrecondition,
+        "exec in a paused sandbox"
+    );
+    let resumed: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::RESUME,
+            &c::ResumeSandboxRequest {
+                sandbox_id: sb.id.clone(),
+                timeout_s: 30,
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(resumed.state, state(c::SandboxState::Running));
     assert_eq!(resumed.timeout_s, 30);
-    let r = cl.unary::<_, c::Sandbox>(c::sandboxes_methods::RESUME, &c::ResumeSandboxRequest { sandbox_id: sb.id.clone(), timeout_s: 0 }, T);
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::RESUME,
+        &c::ResumeSandboxRequest {
+            sandbox_id: sb.id.clone(),
+            timeout_s: 0,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::FailedPrecondition);
 
     // Capacity is held while running, released on destroy.
-    let h: c::Host = ctl.admin().unary(c::hosts_methods::GET, &c::GetHostRequest { host_id: host_id.clone() }, T).unwrap();
+    let h: c::Host = ctl
+        .admin()
+        .unary(
+            c::hosts_methods::GET,
+            &c::GetHostRequest {
+                host_id: host_id.clone(),
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(h.usage.as_ref().unwrap().vcpus, 3);
     assert_eq!(h.sandbox_count, 2);
 
     // Destroy (idempotent), then gone from the default listing.
-    let _: c::DestroySandboxResponse = cl.unary(c::sandboxes_methods::DESTROY, &c::DestroySandboxRequest { sandbox_id: sb.id.clone() }, T).unwrap();
-    let _: c::DestroySandboxResponse = cl.unary(c::sandboxes_methods::DESTROY, &c::DestroySandboxRequest { sandbox_id: sb.id.clone() }, T).unwrap();
-    assert_eq!(get(&cl, &sb.id).unwrap().state, state(c::SandboxState::Stopped));
+    let _: c::DestroySandboxResponse = cl
+        .unary(
+            c::sandboxes_methods::DESTROY,
+            &c::DestroySandboxRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    let _: c::DestroySandboxResponse = cl
+        .unary(
+            c::sandboxes_methods::DESTROY,
+            &c::DestroySandboxRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        get(&cl, &sb.id).unwrap().state,
+        state(c::SandboxState::Stopped)
+    );
     assert_eq!(fa.sandbox_state(&sb.id), None);
-    let l: c::ListSandboxesResponse = cl.unary(c::sandboxes_methods::LIST, &c::ListSandboxesRequest::default(), T).unwrap();
+    let l: c::ListSandboxesResponse = cl
+        .unary(
+            c::sandboxes_methods::LIST,
+            &c::ListSandboxesRequest::default(),
+            T,
+        )
+        .unwrap();
     assert_eq!(l.sandboxes.len(), 1);
-    let h: c::Host = ctl.admin().unary(c::hosts_methods::GET, &c::GetHostRequest { host_id: host_id.clone() }, T).unwrap();
+    let h: c::Host = ctl
+        .admin()
+        .unary(
+            c::hosts_methods::GET,
+            &c::GetHostRequest {
+                host_id: host_id.clone(),
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(h.usage.as_ref().unwrap().vcpus, 2);
 
     // Bad ids everywhere: invalid_argument; unknown: not_found.
-    for bad in ["", "sb-", "sb-ABC", "tpl-00000000-0000-0000-0000-000000000000", "sb-00000000-0000-0000-0000-00000000000Z", &"x".repeat(5000)] {
+    for bad in [
+        "",
+        "sb-",
+        "sb-ABC",
+        "tpl-00000000-0000-0000-0000-000000000000",
+        "sb-00000000-0000-0000-0000-00000000000Z",
+        &"x".repeat(5000),
+    ] {
         assert_eq!(code(get(&cl, bad)), Code::InvalidArgument, "{bad:?}");
     }
-    assert_eq!(code(get(&cl, "sb-00000000-0000-4000-8000-000000000000")), Code::NotFound);
+    assert_eq!(
+        code(get(&cl, "sb-00000000-0000-4000-8000-000000000000")),
+        Code::NotFound
+    );
 
     // Create errors: unknown template, out-of-range values, agent failure → error state.
     assert_eq!(code(create(&cl, "no-such-template")), Code::NotFound);
-    assert_eq!(code(create(&cl, "tpl-00000000-0000-4000-8000-000000000009")), Code::NotFound);
+    assert_eq!(
+        code(create(&cl, "tpl-00000000-0000-4000-8000-000000000009")),
+        Code::NotFound
+    );
     assert_eq!(code(create(&cl, "tpl-BAD")), Code::InvalidArgument);
-    let r = cl.unary::<_, c::Sandbox>(c::sandboxes_methods::CREATE, &c::CreateSandboxRequest { vcpus: 10_000, ..Default::default() }, T);
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::CREATE,
+        &c::CreateSandboxRequest {
+            vcpus: 10_000,
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
-    let r = cl.unary::<_, c::Sandbox>(c::sandboxes_methods::CREATE, &c::CreateSandboxRequest { vcpus: 64, ..Default::default() }, T);
-    assert_eq!(code(r), Code::ResourceExhausted, "more vcpus than the host has");
-    let r = cl.unary::<_, c::Sandbox>(c::sandboxes_methods::CREATE, &c::CreateSandboxRequest { on_timeout: 7, ..Default::default() }, T);
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::CREATE,
+        &c::CreateSandboxRequest {
+            vcpus: 64,
+            ..Default::default()
+        },
+        T,
+    );
+    assert_eq!(
+        code(r),
+        Code::ResourceExhausted,
+        "more vcpus than the host has"
+    );
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::CREATE,
+        &c::CreateSandboxRequest {
+            on_timeout: 7,
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
     fa.state.lock().unwrap().fail_create = Some(proto::Status::unavailable("no kvm"));
     assert_eq!(code(create(&cl, "")), Code::Unavailable);
     let l: c::ListSandboxesResponse = cl
-        .unary(c::sandboxes_methods::LIST, &c::ListSandboxesRequest { states: vec![state(c::SandboxState::Error)], ..Default::default() }, T)
+        .unary(
+            c::sandboxes_methods::LIST,
+            &c::ListSandboxesRequest {
+                states: vec![state(c::SandboxState::Error)],
+                ..Default::default()
+            },
+            T,
+        )
         .unwrap();
     assert_eq!(l.sandboxes.len(), 1);
     assert!(l.sandboxes[0].state_reason.contains("no kvm"));
     fa.state.lock().unwrap().fail_create = None;
-    let h: c::Host = ctl.admin().unary(c::hosts_methods::GET, &c::GetHostRequest { host_id: host_id.clone() }, T).unwrap();
-    assert_eq!(h.usage.as_ref().unwrap().vcpus, 2, "a failed create holds nothing");
+    let h: c::Host = ctl
+        .admin()
+        .unary(
+            c::hosts_methods::GET,
+            &c::GetHostRequest {
+                host_id: host_id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        h.usage.as_ref().unwrap().vcpus,
+        2,
+        "a failed create holds nothing"
+    );
 
     // wait = false answers STARTING at once; the create finishes in the background.
     fa.state.lock().unwrap().create_delay = Duration::from_millis(300);
-    let s: c::Sandbox = cl.unary(c::sandboxes_methods::CREATE, &c::CreateSandboxRequest { wait: Some(false), ..Default::default() }, T).unwrap();
+    let s: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                wait: Some(false),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(s.state, state(c::SandboxState::Starting));
     let mut ok = false;
     for _ in 0..100 {
@@ -203,27 +469,94 @@ fn processes_and_files() {
     let cl = ctl.team();
     let (_fa, _host) = ctl.add_host(4, 4096, 100_000);
     let sb = create(&cl, "").unwrap();
-    let cfg = |cmd: &str, args: &[&str]| envd::ProcessConfig { cmd: cmd.into(), args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let cfg = |cmd: &str, args: &[&str]| envd::ProcessConfig {
+        cmd: cmd.into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
 
     let r: c::ExecResponse = cl
-        .unary(c::processes_methods::EXEC, &c::ExecRequest { sandbox_id: sb.id.clone(), process: Some(cfg("echo", &["hi", "there"])), stdin: b"!".to_vec().into(), ..Default::default() }, T)
+        .unary(
+            c::processes_methods::EXEC,
+            &c::ExecRequest {
+                sandbox_id: sb.id.clone(),
+                process: Some(cfg("echo", &["hi", "there"])),
+                stdin: b"!".to_vec().into(),
+                ..Default::default()
+            },
+            T,
+        )
         .unwrap();
     assert_eq!(&r.stdout[..], b"hi there!");
-    assert_eq!(r.exited.unwrap().status, Some(envd::process_exited::Status::ExitCode(0)));
-    let r: c::ExecResponse = cl.unary(c::processes_methods::EXEC, &c::ExecRequest { sandbox_id: sb.id.clone(), process: Some(cfg("fail", &[])), ..Default::default() }, T).unwrap();
-    assert_eq!(r.exited.unwrap().status, Some(envd::process_exited::Status::ExitCode(3)));
+    assert_eq!(
+        r.exited.unwrap().status,
+        Some(envd::process_exited::Status::ExitCode(0))
+    );
     let r: c::ExecResponse = cl
-        .unary(c::processes_methods::EXEC, &c::ExecRequest { sandbox_id: sb.id.clone(), process: Some(envd::ProcessConfig { tag: "bg".into(), ..cfg("echo", &[]) }), background: true, ..Default::default() }, T)
+        .unary(
+            c::processes_methods::EXEC,
+            &c::ExecRequest {
+                sandbox_id: sb.id.clone(),
+                process: Some(cfg("fail", &[])),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        r.exited.unwrap().status,
+        Some(envd::process_exited::Status::ExitCode(3))
+    );
+    let r: c::ExecResponse = cl
+        .unary(
+            c::processes_methods::EXEC,
+            &c::ExecRequest {
+                sandbox_id: sb.id.clone(),
+                process: Some(envd::ProcessConfig {
+                    tag: "bg".into(),
+                    ..cfg("echo", &[])
+                }),
+                background: true,
+                ..Default::default()
+            },
+            T,
+        )
         .unwrap();
     assert!(r.pid > 0 && r.tag == "bg" && r.exited.is_none());
-    let e = cl.unary::<_, c::ExecResponse>(c::processes_methods::EXEC, &c::ExecRequest { sandbox_id: sb.id.clone(), process: None, ..Default::default() }, T);
+    let e = cl.unary::<_, c::ExecResponse>(
+        c::processes_methods::EXEC,
+        &c::ExecRequest {
+            sandbox_id: sb.id.clone(),
+            process: None,
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(e), Code::InvalidArgument);
-    let e = cl.unary::<_, c::ExecResponse>(c::processes_methods::EXEC, &c::ExecRequest { sandbox_id: sb.id.clone(), process: Some(cfg("nope", &[])), ..Default::default() }, T);
+    let e = cl.unary::<_, c::ExecResponse>(
+        c::processes_methods::EXEC,
+        &c::ExecRequest {
+            sandbox_id: sb.id.clone(),
+            process: Some(cfg("nope", &[])),
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(e), Code::NotFound, "agent errors pass through");
 
     // Streamed exec: started, output in order, exited.
     let mut s = cl
-        .call(c::processes_methods::EXEC_STREAM, &c::ExecStreamRequest { sandbox_id: sb.id.clone(), process: Some(cfg("echo", &["a", "b", "c"])) }, CallOpts { timeout: T, end_stream: true })
+        .call(
+            c::processes_methods::EXEC_STREAM,
+            &c::ExecStreamRequest {
+                sandbox_id: sb.id.clone(),
+                process: Some(cfg("echo", &["a", "b", "c"])),
+            },
+            CallOpts {
+                timeout: T,
+                end_stream: true,
+            },
+        )
         .unwrap();
     let mut events = Vec::new();
     while let Some(ev) = s.recv::<envd::ProcessEvent>().unwrap() {
@@ -239,11 +572,24 @@ fn processes_and_files() {
         .flatten()
         .collect();
     assert_eq!(out, b"abc");
-    assert!(matches!(events.last(), Some(envd::process_event::Event::Exited(_))));
+    assert!(matches!(
+        events.last(),
+        Some(envd::process_event::Event::Exited(_))
+    ));
 
     // Connect to a missing process: the agent's not_found passes through the stream.
     let mut s = cl
-        .call(c::processes_methods::CONNECT, &c::ConnectRequest { sandbox_id: sb.id.clone(), connect: None }, CallOpts { timeout: T, end_stream: true })
+        .call(
+            c::processes_methods::CONNECT,
+            &c::ConnectRequest {
+                sandbox_id: sb.id.clone(),
+                connect: None,
+            },
+            CallOpts {
+                timeout: T,
+                end_stream: true,
+            },
+        )
         .unwrap();
     assert_eq!(code(s.recv::<envd::ProcessEvent>()), Code::NotFound);
 
@@ -251,18 +597,69 @@ fn processes_and_files() {
     let mut s = cl
         .call(
             c::processes_methods::SEND_INPUT,
-            &c::SendInputRequest { sandbox_id: sb.id.clone(), input: Some(envd::SendInputRequest { data: b"abc".to_vec().into(), ..Default::default() }) },
-            CallOpts { timeout: T, end_stream: false },
+            &c::SendInputRequest {
+                sandbox_id: sb.id.clone(),
+                input: Some(envd::SendInputRequest {
+                    data: b"abc".to_vec().into(),
+                    ..Default::default()
+                }),
+            },
+            CallOpts {
+                timeout: T,
+                end_stream: false,
+            },
         )
         .unwrap();
-    s.send(&c::SendInputRequest { sandbox_id: String::new(), input: Some(envd::SendInputRequest { data: b"de".to_vec().into(), ..Default::default() }) }).unwrap();
+    s.send(&c::SendInputRequest {
+        sandbox_id: String::new(),
+        input: Some(envd::SendInputRequest {
+            data: b"de".to_vec().into(),
+            ..Default::default()
+        }),
+    })
+    .unwrap();
     s.close_send().unwrap();
     let r: envd::SendInputResponse = s.recv().unwrap().unwrap();
     assert_eq!(r.bytes_written, 5);
-    let _: envd::CloseStdinResponse = cl.unary(c::processes_methods::CLOSE_STDIN, &c::CloseStdinRequest { sandbox_id: sb.id.clone(), close: None }, T).unwrap();
-    let _: envd::SignalResponse = cl.unary(c::processes_methods::SIGNAL, &c::SignalRequest { sandbox_id: sb.id.clone(), signal: None }, T).unwrap();
-    let _: envd::ResizePtyResponse = cl.unary(c::processes_methods::RESIZE_PTY, &c::ResizePtyRequest { sandbox_id: sb.id.clone(), resize: None }, T).unwrap();
-    let _: envd::ListProcessesResponse = cl.unary(c::processes_methods::LIST, &c::ListProcessesRequest { sandbox_id: sb.id.clone() }, T).unwrap();
+    let _: envd::CloseStdinResponse = cl
+        .unary(
+            c::processes_methods::CLOSE_STDIN,
+            &c::CloseStdinRequest {
+                sandbox_id: sb.id.clone(),
+                close: None,
+            },
+            T,
+        )
+        .unwrap();
+    let _: envd::SignalResponse = cl
+        .unary(
+            c::processes_methods::SIGNAL,
+            &c::SignalRequest {
+                sandbox_id: sb.id.clone(),
+                signal: None,
+            },
+            T,
+        )
+        .unwrap();
+    let _: envd::ResizePtyResponse = cl
+        .unary(
+            c::processes_methods::RESIZE_PTY,
+            &c::ResizePtyRequest {
+                sandbox_id: sb.id.clone(),
+                resize: None,
+            },
+            T,
+        )
+        .unwrap();
+    let _: envd::ListProcessesResponse = cl
+        .unary(
+            c::processes_methods::LIST,
+            &c::ListProcessesRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
 
     // Files: upload 200 KiB in chunks, stat, list, download, move, remove, mkdir.
     let data: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
@@ -272,22 +669,56 @@ fn processes_and_files() {
             &c::UploadRequest {
                 msg: Some(c::upload_request::Msg::Header(c::UploadHeader {
                     sandbox_id: sb.id.clone(),
-                    file: Some(envd::WriteHeader { path: "/tmp/f".into(), ..Default::default() }),
+                    file: Some(envd::WriteHeader {
+                        path: "/tmp/f".into(),
+                        ..Default::default()
+                    }),
                 })),
             },
-            CallOpts { timeout: T, end_stream: false },
+            CallOpts {
+                timeout: T,
+                end_stream: false,
+            },
         )
         .unwrap();
     for chunk in data.chunks(proto::limits::CHUNK_LEN) {
-        up.send(&c::UploadRequest { msg: Some(c::upload_request::Msg::Data(chunk.to_vec().into())) }).unwrap();
+        up.send(&c::UploadRequest {
+            msg: Some(c::upload_request::Msg::Data(chunk.to_vec().into())),
+        })
+        .unwrap();
     }
     up.close_send().unwrap();
     let w: envd::WriteResponse = up.recv().unwrap().unwrap();
     assert_eq!(w.bytes_written, data.len() as u64);
-    let st: envd::StatResponse = cl.unary(c::files_methods::STAT, &c::StatRequest { sandbox_id: sb.id.clone(), stat: Some(envd::StatRequest { path: "/tmp/f".into(), ..Default::default() }) }, T).unwrap();
+    let st: envd::StatResponse = cl
+        .unary(
+            c::files_methods::STAT,
+            &c::StatRequest {
+                sandbox_id: sb.id.clone(),
+                stat: Some(envd::StatRequest {
+                    path: "/tmp/f".into(),
+                    ..Default::default()
+                }),
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(st.entry.unwrap().size, data.len() as u64);
     let mut dl = cl
-        .call(c::files_methods::DOWNLOAD, &c::DownloadRequest { sandbox_id: sb.id.clone(), read: Some(envd::ReadRequest { path: "/tmp/f".into(), ..Default::default() }) }, CallOpts { timeout: T, end_stream: true })
+        .call(
+            c::files_methods::DOWNLOAD,
+            &c::DownloadRequest {
+                sandbox_id: sb.id.clone(),
+                read: Some(envd::ReadRequest {
+                    path: "/tmp/f".into(),
+                    ..Default::default()
+                }),
+            },
+            CallOpts {
+                timeout: T,
+                end_stream: true,
+            },
+        )
         .unwrap();
     let mut got = Vec::new();
     let mut first = true;
@@ -298,24 +729,94 @@ fn processes_and_files() {
     }
     assert_eq!(got, data);
     let mut ls = cl
-        .call(c::files_methods::LIST, &c::ListDirRequest { sandbox_id: sb.id.clone(), list: Some(envd::ListDirRequest { path: "/tmp".into(), ..Default::default() }) }, CallOpts { timeout: T, end_stream: true })
+        .call(
+            c::files_methods::LIST,
+            &c::ListDirRequest {
+                sandbox_id: sb.id.clone(),
+                list: Some(envd::ListDirRequest {
+                    path: "/tmp".into(),
+                    ..Default::default()
+                }),
+            },
+            CallOpts {
+                timeout: T,
+                end_stream: true,
+            },
+        )
         .unwrap();
     let batch: envd::ListDirResponse = ls.recv().unwrap().unwrap();
     assert_eq!(batch.entries.len(), 1);
     let _: envd::MoveResponse = cl
-        .unary(c::files_methods::MOVE, &c::MoveRequest { sandbox_id: sb.id.clone(), r#move: Some(envd::MoveRequest { source: "/tmp/f".into(), destination: "/tmp/g".into(), ..Default::default() }) }, T)
+        .unary(
+            c::files_methods::MOVE,
+            &c::MoveRequest {
+                sandbox_id: sb.id.clone(),
+                r#move: Some(envd::MoveRequest {
+                    source: "/tmp/f".into(),
+                    destination: "/tmp/g".into(),
+                    ..Default::default()
+                }),
+            },
+            T,
+        )
         .unwrap();
-    let _: envd::RemoveResponse = cl.unary(c::files_methods::REMOVE, &c::RemoveRequest { sandbox_id: sb.id.clone(), remove: Some(envd::RemoveRequest { path: "/tmp/g".into(), ..Default::default() }) }, T).unwrap();
-    let r = cl.unary::<_, envd::RemoveResponse>(c::files_methods::REMOVE, &c::RemoveRequest { sandbox_id: sb.id.clone(), remove: Some(envd::RemoveRequest { path: "/tmp/g".into(), ..Default::default() }) }, T);
+    let _: envd::RemoveResponse = cl
+        .unary(
+            c::files_methods::REMOVE,
+            &c::RemoveRequest {
+                sandbox_id: sb.id.clone(),
+                remove: Some(envd::RemoveRequest {
+                    path: "/tmp/g".into(),
+                    ..Default::default()
+                }),
+            },
+            T,
+        )
+        .unwrap();
+    let r = cl.unary::<_, envd::RemoveResponse>(
+        c::files_methods::REMOVE,
+        &c::RemoveRequest {
+            sandbox_id: sb.id.clone(),
+            remove: Some(envd::RemoveRequest {
+                path: "/tmp/g".into(),
+                ..Default::default()
+            }),
+        },
+        T,
+    );
     assert_eq!(code(r), Code::NotFound);
-    let m: envd::MakeDirResponse = cl.unary(c::files_methods::MAKE_DIR, &c::MakeDirRequest { sandbox_id: sb.id.clone(), make_dir: Some(envd::MakeDirRequest { path: "/d".into(), ..Default::default() }) }, T).unwrap();
+    let m: envd::MakeDirResponse = cl
+        .unary(
+            c::files_methods::MAKE_DIR,
+            &c::MakeDirRequest {
+                sandbox_id: sb.id.clone(),
+                make_dir: Some(envd::MakeDirRequest {
+                    path: "/d".into(),
+                    ..Default::default()
+                }),
+            },
+            T,
+        )
+        .unwrap();
     assert!(m.created);
     // An upload whose first message is data is refused.
     let mut up = cl
-        .call(c::files_methods::UPLOAD, &c::UploadRequest { msg: Some(c::upload_request::Msg::Data(b"x".to_vec().into())) }, CallOpts { timeout: T, end_stream: false })
+        .call(
+            c::files_methods::UPLOAD,
+            &c::UploadRequest {
+                msg: Some(c::upload_request::Msg::Data(b"x".to_vec().into())),
+            },
+            CallOpts {
+                timeout: T,
+                end_stream: false,
+            },
+        )
         .unwrap();
     up.close_send().unwrap();
-    assert_eq!(code(up.recv::<envd::WriteResponse>()), Code::InvalidArgument);
+    assert_eq!(
+        code(up.recv::<envd::WriteResponse>()),
+        Code::InvalidArgument
+    );
 }
 
 #[test]
@@ -328,69 +829,291 @@ fn templates_teams_users_keys_hosts_audit() {
 
     // Templates: create from a sandbox (it ends paused), list (team + platform), get by
     // name, snapshot create pinned to its host, delete; platform ones refused.
-    let t: c::Template = cl.unary(c::templates_methods::CREATE, &c::CreateTemplateRequest { sandbox_id: sb.id.clone(), name: "mine".into(), platform: false }, T).unwrap();
+    let t: c::Template = cl
+        .unary(
+            c::templates_methods::CREATE,
+            &c::CreateTemplateRequest {
+                sandbox_id: sb.id.clone(),
+                name: "mine".into(),
+                platform: false,
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(t.kind, c::TemplateKind::Snapshot as i32);
     assert_eq!(t.host_id, host_id);
     assert_eq!(t.source_sandbox_id, sb.id);
-    assert_eq!(get(&cl, &sb.id).unwrap().state, state(c::SandboxState::Paused));
-    let r = cl.unary::<_, c::Template>(c::templates_methods::CREATE, &c::CreateTemplateRequest { sandbox_id: sb.id.clone(), name: "mine".into(), platform: false }, T);
+    assert_eq!(
+        get(&cl, &sb.id).unwrap().state,
+        state(c::SandboxState::Paused)
+    );
+    let r = cl.unary::<_, c::Template>(
+        c::templates_methods::CREATE,
+        &c::CreateTemplateRequest {
+            sandbox_id: sb.id.clone(),
+            name: "mine".into(),
+            platform: false,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::AlreadyExists);
-    let r = cl.unary::<_, c::Template>(c::templates_methods::CREATE, &c::CreateTemplateRequest { sandbox_id: sb.id.clone(), name: "p".into(), platform: true }, T);
+    let r = cl.unary::<_, c::Template>(
+        c::templates_methods::CREATE,
+        &c::CreateTemplateRequest {
+            sandbox_id: sb.id.clone(),
+            name: "p".into(),
+            platform: true,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::PermissionDenied);
-    let r = cl.unary::<_, c::Template>(c::templates_methods::CREATE, &c::CreateTemplateRequest { sandbox_id: sb.id.clone(), name: "".into(), platform: false }, T);
+    let r = cl.unary::<_, c::Template>(
+        c::templates_methods::CREATE,
+        &c::CreateTemplateRequest {
+            sandbox_id: sb.id.clone(),
+            name: "".into(),
+            platform: false,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
-    let l: c::ListTemplatesResponse = cl.unary(c::templates_methods::LIST, &c::ListTemplatesRequest::default(), T).unwrap();
-    assert_eq!(l.templates.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["mine", "minimal"], "team first, then platform");
-    let l1: c::ListTemplatesResponse = cl.unary(c::templates_methods::LIST, &c::ListTemplatesRequest { page_size: 1, ..Default::default() }, T).unwrap();
-    let l2: c::ListTemplatesResponse = cl.unary(c::templates_methods::LIST, &c::ListTemplatesRequest { page_size: 1, page_token: l1.next_page_token.clone(), ..Default::default() }, T).unwrap();
-    assert_eq!((l1.templates[0].name.as_str(), l2.templates[0].name.as_str()), ("mine", "minimal"));
-    let lt: c::ListTemplatesResponse = cl.unary(c::templates_methods::LIST, &c::ListTemplatesRequest { team_only: true, ..Default::default() }, T).unwrap();
+    let l: c::ListTemplatesResponse = cl
+        .unary(
+            c::templates_methods::LIST,
+            &c::ListTemplatesRequest::default(),
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        l.templates
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["mine", "minimal"],
+        "team first, then platform"
+    );
+    let l1: c::ListTemplatesResponse = cl
+        .unary(
+            c::templates_methods::LIST,
+            &c::ListTemplatesRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    let l2: c::ListTemplatesResponse = cl
+        .unary(
+            c::templates_methods::LIST,
+            &c::ListTemplatesRequest {
+                page_size: 1,
+                page_token: l1.next_page_token.clone(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        (l1.templates[0].name.as_str(), l2.templates[0].name.as_str()),
+        ("mine", "minimal")
+    );
+    let lt: c::ListTemplatesResponse = cl
+        .unary(
+            c::templates_methods::LIST,
+            &c::ListTemplatesRequest {
+                team_only: true,
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(lt.templates.len(), 1);
-    let g: c::Template = cl.unary(c::templates_methods::GET, &c::GetTemplateRequest { template: "minimal".into() }, T).unwrap();
+    let g: c::Template = cl
+        .unary(
+            c::templates_methods::GET,
+            &c::GetTemplateRequest {
+                template: "minimal".into(),
+            },
+            T,
+        )
+        .unwrap();
     assert!(g.platform);
     let from_snap = create(&cl, "mine").unwrap();
-    assert_eq!(from_snap.host_id, host_id, "a snapshot template starts on its host");
+    assert_eq!(
+        from_snap.host_id, host_id,
+        "a snapshot template starts on its host"
+    );
     assert_eq!(from_snap.template_id, t.id);
-    let r = cl.unary::<_, c::DeleteTemplateResponse>(c::templates_methods::DELETE, &c::DeleteTemplateRequest { template_id: g.id.clone() }, T);
+    let r = cl.unary::<_, c::DeleteTemplateResponse>(
+        c::templates_methods::DELETE,
+        &c::DeleteTemplateRequest {
+            template_id: g.id.clone(),
+        },
+        T,
+    );
     assert_eq!(code(r), Code::PermissionDenied);
-    let _: c::DeleteTemplateResponse = cl.unary(c::templates_methods::DELETE, &c::DeleteTemplateRequest { template_id: t.id.clone() }, T).unwrap();
+    let _: c::DeleteTemplateResponse = cl
+        .unary(
+            c::templates_methods::DELETE,
+            &c::DeleteTemplateRequest {
+                template_id: t.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
     assert!(fa.state.lock().unwrap().templates.is_empty());
-    let r = cl.unary::<_, c::Template>(c::templates_methods::GET, &c::GetTemplateRequest { template: t.id.clone() }, T);
+    let r = cl.unary::<_, c::Template>(
+        c::templates_methods::GET,
+        &c::GetTemplateRequest {
+            template: t.id.clone(),
+        },
+        T,
+    );
     assert_eq!(code(r), Code::NotFound);
 
     // Users and members.
-    let u: c::User = cl.unary(c::users_methods::CREATE, &c::CreateUserRequest { email: "b@example.com".into(), name: "Bob".into(), role: 0 }, T).unwrap();
-    let r = cl.unary::<_, c::User>(c::users_methods::CREATE, &c::CreateUserRequest { email: "b@example.com".into(), name: "B".into(), role: 0 }, T);
+    let u: c::User = cl
+        .unary(
+            c::users_methods::CREATE,
+            &c::CreateUserRequest {
+                email: "b@example.com".into(),
+                name: "Bob".into(),
+                role: 0,
+            },
+            T,
+        )
+        .unwrap();
+    let r = cl.unary::<_, c::User>(
+        c::users_methods::CREATE,
+        &c::CreateUserRequest {
+            email: "b@example.com".into(),
+            name: "B".into(),
+            role: 0,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::AlreadyExists);
-    let r = cl.unary::<_, c::User>(c::users_methods::CREATE, &c::CreateUserRequest { email: "no-at".into(), name: "B".into(), role: 0 }, T);
+    let r = cl.unary::<_, c::User>(
+        c::users_methods::CREATE,
+        &c::CreateUserRequest {
+            email: "no-at".into(),
+            name: "B".into(),
+            role: 0,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
-    let g: c::User = cl.unary(c::users_methods::GET, &c::GetUserRequest { user_id: u.id.clone() }, T).unwrap();
+    let g: c::User = cl
+        .unary(
+            c::users_methods::GET,
+            &c::GetUserRequest {
+                user_id: u.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(g.email, "b@example.com");
-    let lu: c::ListUsersResponse = cl.unary(c::users_methods::LIST, &c::ListUsersRequest::default(), T).unwrap();
+    let lu: c::ListUsersResponse = cl
+        .unary(c::users_methods::LIST, &c::ListUsersRequest::default(), T)
+        .unwrap();
     assert_eq!(lu.users.len(), 2);
-    let lm: c::ListMembersResponse = cl.unary(c::teams_methods::LIST_MEMBERS, &c::ListMembersRequest::default(), T).unwrap();
+    let lm: c::ListMembersResponse = cl
+        .unary(
+            c::teams_methods::LIST_MEMBERS,
+            &c::ListMembersRequest::default(),
+            T,
+        )
+        .unwrap();
     assert_eq!(lm.members.len(), 2);
-    let r = cl.unary::<_, c::Member>(c::teams_methods::ADD_MEMBER, &c::AddMemberRequest { team_id: String::new(), user_id: u.id.clone(), role: 0 }, T);
+    let r = cl.unary::<_, c::Member>(
+        c::teams_methods::ADD_MEMBER,
+        &c::AddMemberRequest {
+            team_id: String::new(),
+            user_id: u.id.clone(),
+            role: 0,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::AlreadyExists);
-    let r = cl.unary::<_, c::RemoveMemberResponse>(c::teams_methods::REMOVE_MEMBER, &c::RemoveMemberRequest { team_id: String::new(), user_id: ctl.user_id.clone() }, T);
+    let r = cl.unary::<_, c::RemoveMemberResponse>(
+        c::teams_methods::REMOVE_MEMBER,
+        &c::RemoveMemberRequest {
+            team_id: String::new(),
+            user_id: ctl.user_id.clone(),
+        },
+        T,
+    );
     assert_eq!(code(r), Code::FailedPrecondition, "last owner");
-    let _: c::RemoveMemberResponse = cl.unary(c::teams_methods::REMOVE_MEMBER, &c::RemoveMemberRequest { team_id: String::new(), user_id: u.id.clone() }, T).unwrap();
-    let m: c::Member = cl.unary(c::teams_methods::ADD_MEMBER, &c::AddMemberRequest { team_id: String::new(), user_id: u.id.clone(), role: c::TeamRole::Admin as i32 }, T).unwrap();
+    let _: c::RemoveMemberResponse = cl
+        .unary(
+            c::teams_methods::REMOVE_MEMBER,
+            &c::RemoveMemberRequest {
+                team_id: String::new(),
+                user_id: u.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    let m: c::Member = cl
+        .unary(
+            c::teams_methods::ADD_MEMBER,
+            &c::AddMemberRequest {
+                team_id: String::new(),
+                user_id: u.id.clone(),
+                role: c::TeamRole::Admin as i32,
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(m.role, c::TeamRole::Admin as i32);
 
     // API keys: create (plaintext once, it works), list, revoke (then unauthenticated).
-    let k: c::CreateApiKeyResponse = cl.unary(c::api_keys_methods::CREATE, &c::CreateApiKeyRequest { name: "ci".into(), platform_admin: false }, T).unwrap();
+    let k: c::CreateApiKeyResponse = cl
+        .unary(
+            c::api_keys_methods::CREATE,
+            &c::CreateApiKeyRequest {
+                name: "ci".into(),
+                platform_admin: false,
+            },
+            T,
+        )
+        .unwrap();
     assert!(k.plaintext.starts_with("wrn_"));
     assert!(k.plaintext.starts_with(&k.key.as_ref().unwrap().prefix));
-    let r = cl.unary::<_, c::CreateApiKeyResponse>(c::api_keys_methods::CREATE, &c::CreateApiKeyRequest { name: "x".into(), platform_admin: true }, T);
+    let r = cl.unary::<_, c::CreateApiKeyResponse>(
+        c::api_keys_methods::CREATE,
+        &c::CreateApiKeyRequest {
+            name: "x".into(),
+            platform_admin: true,
+        },
+        T,
+    );
     assert_eq!(code(r), Code::PermissionDenied);
     let other = ctl.client(&k.plaintext);
-    let _: c::Team = other.unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T).unwrap();
+    let _: c::Team = other
+        .unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
+        .unwrap();
     let open_conn = ctl.client(&k.plaintext);
-    let lk: c::ListApiKeysResponse = cl.unary(c::api_keys_methods::LIST, &c::ListApiKeysRequest::default(), T).unwrap();
+    let lk: c::ListApiKeysResponse = cl
+        .unary(
+            c::api_keys_methods::LIST,
+            &c::ListApiKeysRequest::default(),
+            T,
+        )
+        .unwrap();
     assert_eq!(lk.keys.len(), 2);
-    let _: c::RevokeApiKeyResponse = cl.unary(c::api_keys_methods::REVOKE, &c::RevokeApiKeyRequest { key_id: k.key.unwrap().id }, T).unwrap();
-    let r = Client::connect_tcp(ctl.addr(), Credential::api_key(&k.plaintext)).and_then(|c2| c2.unary::<_, c::Team>(c::teams_methods::GET, &c::GetTeamRequest::default(), T));
+    let _: c::RevokeApiKeyResponse = cl
+        .unary(
+            c::api_keys_methods::REVOKE,
+            &c::RevokeApiKeyRequest {
+                key_id: k.key.unwrap().id,
+            },
+            T,
+        )
+        .unwrap();
+    let r = Client::connect_tcp(ctl.addr(), Credential::api_key(&k.plaintext)).and_then(|c2| {
+        c2.unary::<_, c::Team>(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
+    });
     assert_eq!(code(r), Code::Unauthenticated);
     // A connection opened before the revocation stops working within key_recheck.
     std::thread::sleep(Duration::from_millis(400));
@@ -398,27 +1121,83 @@ fn templates_teams_users_keys_hosts_audit() {
     assert_eq!(code(r), Code::Unauthenticated);
 
     // Hosts: admin only; list, get, drain (no new sandboxes), delete refused while busy.
-    let r = cl.unary::<_, c::ListHostsResponse>(c::hosts_methods::LIST, &c::ListHostsRequest::default(), T);
+    let r = cl.unary::<_, c::ListHostsResponse>(
+        c::hosts_methods::LIST,
+        &c::ListHostsRequest::default(),
+        T,
+    );
     assert_eq!(code(r), Code::PermissionDenied);
-    let lh: c::ListHostsResponse = admin.unary(c::hosts_methods::LIST, &c::ListHostsRequest::default(), T).unwrap();
+    let lh: c::ListHostsResponse = admin
+        .unary(c::hosts_methods::LIST, &c::ListHostsRequest::default(), T)
+        .unwrap();
     assert_eq!(lh.hosts.len(), 1);
     assert_eq!(lh.hosts[0].status, c::HostStatus::Online as i32);
-    let d: c::DrainHostResponse = admin.unary(c::hosts_methods::DRAIN, &c::DrainHostRequest { host_id: host_id.clone() }, T).unwrap();
+    let d: c::DrainHostResponse = admin
+        .unary(
+            c::hosts_methods::DRAIN,
+            &c::DrainHostRequest {
+                host_id: host_id.clone(),
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(d.host.unwrap().status, c::HostStatus::Draining as i32);
     assert_eq!(d.remaining_sandbox_ids.len(), 2);
-    assert_eq!(code(create(&cl, "")), Code::ResourceExhausted, "draining host takes nothing");
-    let r = admin.unary::<_, c::DeleteHostResponse>(c::hosts_methods::DELETE, &c::DeleteHostRequest { host_id: host_id.clone() }, T);
+    assert_eq!(
+        code(create(&cl, "")),
+        Code::ResourceExhausted,
+        "draining host takes nothing"
+    );
+    let r = admin.unary::<_, c::DeleteHostResponse>(
+        c::hosts_methods::DELETE,
+        &c::DeleteHostRequest {
+            host_id: host_id.clone(),
+        },
+        T,
+    );
     assert_eq!(code(r), Code::FailedPrecondition);
-    let r = admin.unary::<_, c::Host>(c::hosts_methods::GET, &c::GetHostRequest { host_id: "host-x".into() }, T);
+    let r = admin.unary::<_, c::Host>(
+        c::hosts_methods::GET,
+        &c::GetHostRequest {
+            host_id: "host-x".into(),
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
     for id in d.remaining_sandbox_ids {
-        let _: c::DestroySandboxResponse = cl.unary(c::sandboxes_methods::DESTROY, &c::DestroySandboxRequest { sandbox_id: id }, T).unwrap();
+        let _: c::DestroySandboxResponse = cl
+            .unary(
+                c::sandboxes_methods::DESTROY,
+                &c::DestroySandboxRequest { sandbox_id: id },
+                T,
+            )
+            .unwrap();
     }
-    let _: c::DeleteHostResponse = admin.unary(c::hosts_methods::DELETE, &c::DeleteHostRequest { host_id: host_id.clone() }, T).unwrap();
-    let r = admin.unary::<_, c::Host>(c::hosts_methods::GET, &c::GetHostRequest { host_id: host_id.clone() }, T);
+    let _: c::DeleteHostResponse = admin
+        .unary(
+            c::hosts_methods::DELETE,
+            &c::DeleteHostRequest {
+                host_id: host_id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    let r = admin.unary::<_, c::Host>(
+        c::hosts_methods::GET,
+        &c::GetHostRequest {
+            host_id: host_id.clone(),
+        },
+        T,
+    );
     assert_eq!(code(r), Code::NotFound);
     // A used registration token does not work twice.
-    let tok: c::CreateRegistrationTokenResponse = admin.unary(c::hosts_methods::CREATE_REGISTRATION_TOKEN, &c::CreateRegistrationTokenRequest { ttl_s: 0 }, T).unwrap();
+    let tok: c::CreateRegistrationTokenResponse = admin
+        .unary(
+            c::hosts_methods::CREATE_REGISTRATION_TOKEN,
+            &c::CreateRegistrationTokenRequest { ttl_s: 0 },
+            T,
+        )
+        .unwrap();
     let reg = |t: &str| {
         let rc = Client::connect_tcp(ctl.addr(), Credential::host_token("")).unwrap();
         rc.unary::<_, proto::gen::wrenn::host::v1::RegisterResponse>(
@@ -426,7 +1205,11 @@ fn templates_teams_users_keys_hosts_audit() {
             &proto::gen::wrenn::host::v1::RegisterRequest {
                 registration_token: t.into(),
                 agent_address: "127.0.0.1:1".into(),
-                capacity: Some(proto::gen::wrenn::agent::v1::Resources { vcpus: 1, memory_mib: 1, disk_mib: 1 }),
+                capacity: Some(proto::gen::wrenn::agent::v1::Resources {
+                    vcpus: 1,
+                    memory_mib: 1,
+                    disk_mib: 1,
+                }),
                 ..Default::default()
             },
             T,
@@ -437,13 +1220,35 @@ fn templates_teams_users_keys_hosts_audit() {
     assert_eq!(code(reg("wrr_nope")), Code::Unauthenticated);
 
     // Audit: every mutating call wrote a row; keyset pages are stable and filters work.
-    let a: c::ListAuditLogsResponse = cl.unary(c::audit_logs_methods::LIST, &c::ListAuditLogsRequest { action: "sandbox.create".into(), ..Default::default() }, T).unwrap();
+    let a: c::ListAuditLogsResponse = cl
+        .unary(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                action: "sandbox.create".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(a.entries.len(), 2);
-    assert!(a.entries.iter().all(|e| e.actor_type == "api_key" && e.status == "success"));
+    assert!(a
+        .entries
+        .iter()
+        .all(|e| e.actor_type == "api_key" && e.status == "success"));
     let mut all = Vec::new();
     let mut tok = String::new();
     loop {
-        let p: c::ListAuditLogsResponse = cl.unary(c::audit_logs_methods::LIST, &c::ListAuditLogsRequest { page_size: 3, page_token: tok.clone(), ..Default::default() }, T).unwrap();
+        let p: c::ListAuditLogsResponse = cl
+            .unary(
+                c::audit_logs_methods::LIST,
+                &c::ListAuditLogsRequest {
+                    page_size: 3,
+                    page_token: tok.clone(),
+                    ..Default::default()
+                },
+                T,
+            )
+            .unwrap();
         all.extend(p.entries.into_iter().map(|e| e.id));
         if p.next_page_token.is_empty() {
             break;
@@ -455,11 +1260,36 @@ fn templates_teams_users_keys_hosts_audit() {
     dedup.dedup();
     assert_eq!(dedup.len(), all.len(), "no entry twice across pages");
     assert!(all.len() >= 12, "{}", all.len());
-    let r = cl.unary::<_, c::ListAuditLogsResponse>(c::audit_logs_methods::LIST, &c::ListAuditLogsRequest { page_token: "1.x".into(), ..Default::default() }, T);
+    let r = cl.unary::<_, c::ListAuditLogsResponse>(
+        c::audit_logs_methods::LIST,
+        &c::ListAuditLogsRequest {
+            page_token: "1.x".into(),
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
     // Host-level entries are visible to the platform admin only.
-    let ah: c::ListAuditLogsResponse = admin.unary(c::audit_logs_methods::LIST, &c::ListAuditLogsRequest { resource_type: "host".into(), ..Default::default() }, T).unwrap();
+    let ah: c::ListAuditLogsResponse = admin
+        .unary(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                resource_type: "host".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
     assert!(ah.entries.iter().any(|e| e.action == "host.register"));
-    let at: c::ListAuditLogsResponse = cl.unary(c::audit_logs_methods::LIST, &c::ListAuditLogsRequest { resource_type: "host".into(), ..Default::default() }, T).unwrap();
+    let at: c::ListAuditLogsResponse = cl
+        .unary(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                resource_type: "host".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
     assert!(at.entries.is_empty());
 }

@@ -19,7 +19,10 @@ use proto::rpc::{Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, S
 use proto::{Code, Status};
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Test knobs and state.
@@ -52,15 +55,29 @@ struct Svc {
 
 impl FakeAgent {
     pub fn start() -> Arc<FakeAgent> {
-        let state = Arc::new(Mutex::new(State { token: "unset".into(), ..Default::default() }));
+        let state = Arc::new(Mutex::new(State {
+            token: "unset".into(),
+            ..Default::default()
+        }));
         let creates = Arc::new(AtomicUsize::new(0));
         let next_pid = Arc::new(AtomicU32::new(100));
-        let svc = Svc { state: state.clone(), creates: creates.clone(), next_pid: next_pid.clone() };
+        let svc = Svc {
+            state: state.clone(),
+            creates: creates.clone(),
+            next_pid: next_pid.clone(),
+        };
         let mut server = Server::new(ServerConfig::new("fake-agent"), Arc::new(svc)).unwrap();
         let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
         let handle = server.handle();
         let _ = server.spawn().unwrap();
-        Arc::new(FakeAgent { addr, state, creates, handle, host_token: Mutex::new(None), next_pid })
+        Arc::new(FakeAgent {
+            addr,
+            state,
+            creates,
+            handle,
+            host_token: Mutex::new(None),
+            next_pid,
+        })
     }
 
     pub fn set_token(&self, t: &str) {
@@ -75,11 +92,17 @@ impl FakeAgent {
     /// A client of ctl's wrenn.host.v1 with this agent's host token.
     pub fn host_client(&self) -> proto::rpc::Client {
         let (t, a) = self.host_token.lock().unwrap().clone().expect("registered");
-        proto::rpc::Client::connect_tcp(a, proto::rpc::Credential::host_token(t)).expect("connect host client")
+        proto::rpc::Client::connect_tcp(a, proto::rpc::Credential::host_token(t))
+            .expect("connect host client")
     }
 
     pub fn sandbox_state(&self, sb: &str) -> Option<i32> {
-        self.state.lock().unwrap().sandboxes.get(sb).map(|s| s.state)
+        self.state
+            .lock()
+            .unwrap()
+            .sandboxes
+            .get(sb)
+            .map(|s| s.state)
     }
 
     pub fn stop(&self) {
@@ -110,7 +133,10 @@ impl Service for Svc {
     }
 }
 
-fn unary<Req: Message + Default, Resp: Message>(mut s: ServerStream, f: impl FnOnce(Req) -> Result<Resp, Status>) {
+fn unary<Req: Message + Default, Resp: Message>(
+    mut s: ServerStream,
+    f: impl FnOnce(Req) -> Result<Resp, Status>,
+) {
     match s.first::<Req>().and_then(f) {
         Ok(m) => {
             let r = s.send(&m);
@@ -128,7 +154,10 @@ fn sb_id(s: &str) -> Result<String, Status> {
 fn running_sb(state: &Mutex<State>, s: &str) -> Result<String, Status> {
     let id = sb_id(s)?;
     let st = state.lock().unwrap();
-    let sb = st.sandboxes.get(&id).ok_or_else(|| Status::not_found("sandbox not found"))?;
+    let sb = st
+        .sandboxes
+        .get(&id)
+        .ok_or_else(|| Status::not_found("sandbox not found"))?;
     if sb.state != agent::SandboxState::Running as i32 {
         return Err(Status::failed_precondition("sandbox not running"));
     }
@@ -144,8 +173,16 @@ fn entry(path: &str, size: u64) -> envd::EntryInfo {
     }
 }
 
-fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU32, mut s: ServerStream) {
-    use agent::{files_methods as f, host_methods as h, processes_methods as p, sandboxes_methods as sm, templates_methods as t};
+fn dispatch(
+    state: &Arc<Mutex<State>>,
+    creates: &AtomicUsize,
+    next_pid: &AtomicU32,
+    mut s: ServerStream,
+) {
+    use agent::{
+        files_methods as f, host_methods as h, processes_methods as p, sandboxes_methods as sm,
+        templates_methods as t,
+    };
     let method = s.method().to_owned();
     match method.as_str() {
         sm::CREATE => {
@@ -188,7 +225,13 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
         }
         sm::GET => unary(s, |r: agent::GetSandboxRequest| {
             let id = sb_id(&r.sandbox_id)?;
-            state.lock().unwrap().sandboxes.get(&id).cloned().ok_or_else(|| Status::not_found("sandbox not found"))
+            state
+                .lock()
+                .unwrap()
+                .sandboxes
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| Status::not_found("sandbox not found"))
         }),
         sm::LIST => unary(s, |r: agent::ListSandboxesRequest| {
             let st = state.lock().unwrap();
@@ -215,15 +258,26 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
             let m = method.clone();
             // All four requests start with sandbox_id (tag 1); decode by method.
             let r: Result<(String, u64), Status> = match m.as_str() {
-                sm::PAUSE => s.first::<agent::PauseSandboxRequest>().map(|r| (r.sandbox_id, 0)),
-                sm::RESUME => s.first::<agent::ResumeSandboxRequest>().map(|r| (r.sandbox_id, r.timeout_s)),
-                sm::PING => s.first::<agent::PingSandboxRequest>().map(|r| (r.sandbox_id, 0)),
-                _ => s.first::<agent::SetTimeoutRequest>().map(|r| (r.sandbox_id, r.timeout_s)),
+                sm::PAUSE => s
+                    .first::<agent::PauseSandboxRequest>()
+                    .map(|r| (r.sandbox_id, 0)),
+                sm::RESUME => s
+                    .first::<agent::ResumeSandboxRequest>()
+                    .map(|r| (r.sandbox_id, r.timeout_s)),
+                sm::PING => s
+                    .first::<agent::PingSandboxRequest>()
+                    .map(|r| (r.sandbox_id, 0)),
+                _ => s
+                    .first::<agent::SetTimeoutRequest>()
+                    .map(|r| (r.sandbox_id, r.timeout_s)),
             };
             let r = r.and_then(|(sid, t)| {
                 let id = sb_id(&sid)?;
                 let mut st = state.lock().unwrap();
-                let sb = st.sandboxes.get_mut(&id).ok_or_else(|| Status::not_found("sandbox not found"))?;
+                let sb = st
+                    .sandboxes
+                    .get_mut(&id)
+                    .ok_or_else(|| Status::not_found("sandbox not found"))?;
                 let running = agent::SandboxState::Running as i32;
                 let paused = agent::SandboxState::Paused as i32;
                 match m.as_str() {
@@ -247,7 +301,9 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
                             sb.expires_unix_ns = now_ns() + t as i64 * 1_000_000_000;
                         }
                     }
-                    sm::SET_TIMEOUT => return Err(Status::invalid_argument("timeout_s must be > 0")),
+                    sm::SET_TIMEOUT => {
+                        return Err(Status::invalid_argument("timeout_s must be > 0"))
+                    }
                     _ => return Err(Status::failed_precondition("wrong state")),
                 }
                 sb.updated_unix_ns = now_ns();
@@ -263,10 +319,16 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
         }
         p::EXEC => unary(s, |r: agent::ExecRequest| {
             running_sb(state, &r.sandbox_id)?;
-            let cfg = r.process.ok_or_else(|| Status::invalid_argument("process required"))?;
+            let cfg = r
+                .process
+                .ok_or_else(|| Status::invalid_argument("process required"))?;
             let pid = next_pid.fetch_add(1, Ordering::Relaxed);
             if r.background {
-                return Ok(agent::ExecResponse { pid, tag: cfg.tag, ..Default::default() });
+                return Ok(agent::ExecResponse {
+                    pid,
+                    tag: cfg.tag,
+                    ..Default::default()
+                });
             }
             // "echo": stdout = args joined plus stdin; "fail": exit code 3 with stderr.
             let (out, err, code) = match cfg.cmd.as_str() {
@@ -293,12 +355,18 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
             })
         }),
         p::EXEC_STREAM => {
-            let r = s.first::<agent::ExecStreamRequest>().and_then(|r| running_sb(state, &r.sandbox_id).map(|_| r));
+            let r = s
+                .first::<agent::ExecStreamRequest>()
+                .and_then(|r| running_sb(state, &r.sandbox_id).map(|_| r));
             let r = r.and_then(|r| {
                 let cfg = r.process.unwrap_or_default();
                 let pid = next_pid.fetch_add(1, Ordering::Relaxed);
                 s.send(&envd::ProcessEvent {
-                    event: Some(envd::process_event::Event::Started(envd::ProcessStarted { pid, tag: cfg.tag.clone(), started_unix_ns: now_ns() })),
+                    event: Some(envd::process_event::Event::Started(envd::ProcessStarted {
+                        pid,
+                        tag: cfg.tag.clone(),
+                        started_unix_ns: now_ns(),
+                    })),
                 })?;
                 for (i, a) in cfg.args.iter().enumerate() {
                     s.send(&envd::ProcessEvent {
@@ -335,12 +403,24 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
                 Err(e) => s.finish(Err(e)),
             }
         }
-        p::CLOSE_STDIN => unary(s, |r: agent::CloseStdinRequest| running_sb(state, &r.sandbox_id).map(|_| envd::CloseStdinResponse {})),
-        p::SIGNAL => unary(s, |r: agent::SignalRequest| running_sb(state, &r.sandbox_id).map(|_| envd::SignalResponse {})),
-        p::RESIZE_PTY => unary(s, |r: agent::ResizePtyRequest| running_sb(state, &r.sandbox_id).map(|_| envd::ResizePtyResponse {})),
-        p::LIST => unary(s, |r: agent::ListProcessesRequest| running_sb(state, &r.sandbox_id).map(|_| envd::ListProcessesResponse { processes: vec![] })),
+        p::CLOSE_STDIN => unary(s, |r: agent::CloseStdinRequest| {
+            running_sb(state, &r.sandbox_id).map(|_| envd::CloseStdinResponse {})
+        }),
+        p::SIGNAL => unary(s, |r: agent::SignalRequest| {
+            running_sb(state, &r.sandbox_id).map(|_| envd::SignalResponse {})
+        }),
+        p::RESIZE_PTY => unary(s, |r: agent::ResizePtyRequest| {
+            running_sb(state, &r.sandbox_id).map(|_| envd::ResizePtyResponse {})
+        }),
+        p::LIST => unary(s, |r: agent::ListProcessesRequest| {
+            running_sb(state, &r.sandbox_id)
+                .map(|_| envd::ListProcessesResponse { processes: vec![] })
+        }),
         p::CONNECT => {
-            let r = s.first::<agent::ConnectRequest>().and_then(|r| running_sb(state, &r.sandbox_id)).and_then(|_| Err(Status::not_found("no such process")));
+            let r = s
+                .first::<agent::ConnectRequest>()
+                .and_then(|r| running_sb(state, &r.sandbox_id))
+                .and_then(|_| Err(Status::not_found("no such process")));
             s.finish(r);
         }
         f::WRITE => {
@@ -358,7 +438,10 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
                 }
                 let n = data.len() as u64;
                 state.lock().unwrap().files.insert((sb, path.clone()), data);
-                Ok(envd::WriteResponse { entry: Some(entry(&path, n)), bytes_written: n })
+                Ok(envd::WriteResponse {
+                    entry: Some(entry(&path, n)),
+                    bytes_written: n,
+                })
             });
             match r {
                 Ok(m) => {
@@ -372,10 +455,24 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
             let r = s.first::<agent::ReadRequest>().and_then(|r| {
                 let sb = running_sb(state, &r.sandbox_id)?;
                 let path = r.read.map(|x| x.path).unwrap_or_default();
-                let data = state.lock().unwrap().files.get(&(sb, path.clone())).cloned().ok_or_else(|| Status::not_found("no such file"))?;
-                s.send(&envd::ReadResponse { entry: Some(entry(&path, data.len() as u64)), data: Default::default(), offset: 0 })?;
+                let data = state
+                    .lock()
+                    .unwrap()
+                    .files
+                    .get(&(sb, path.clone()))
+                    .cloned()
+                    .ok_or_else(|| Status::not_found("no such file"))?;
+                s.send(&envd::ReadResponse {
+                    entry: Some(entry(&path, data.len() as u64)),
+                    data: Default::default(),
+                    offset: 0,
+                })?;
                 for (i, c) in data.chunks(proto::limits::CHUNK_LEN).enumerate() {
-                    s.send(&envd::ReadResponse { entry: None, data: c.to_vec().into(), offset: (i * proto::limits::CHUNK_LEN) as u64 })?;
+                    s.send(&envd::ReadResponse {
+                        entry: None,
+                        data: c.to_vec().into(),
+                        offset: (i * proto::limits::CHUNK_LEN) as u64,
+                    })?;
                 }
                 Ok(())
             });
@@ -385,8 +482,13 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
             let sb = running_sb(state, &r.sandbox_id)?;
             let path = r.stat.map(|x| x.path).unwrap_or_default();
             let st = state.lock().unwrap();
-            let d = st.files.get(&(sb, path.clone())).ok_or_else(|| Status::not_found("no such file"))?;
-            Ok(envd::StatResponse { entry: Some(entry(&path, d.len() as u64)) })
+            let d = st
+                .files
+                .get(&(sb, path.clone()))
+                .ok_or_else(|| Status::not_found("no such file"))?;
+            Ok(envd::StatResponse {
+                entry: Some(entry(&path, d.len() as u64)),
+            })
         }),
         f::LIST => {
             let r = s.first::<agent::ListDirRequest>().and_then(|r| {
@@ -398,7 +500,11 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
                     .files
                     .iter()
                     .filter(|((s2, p), _)| *s2 == sb && p.starts_with(&dir))
-                    .map(|((_, p), d)| envd::ListEntry { entry: Some(entry(p, d.len() as u64)), path: p.clone(), error: String::new() })
+                    .map(|((_, p), d)| envd::ListEntry {
+                        entry: Some(entry(p, d.len() as u64)),
+                        path: p.clone(),
+                        error: String::new(),
+                    })
                     .collect();
                 s.send(&envd::ListDirResponse { entries })
             });
@@ -407,21 +513,34 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
         f::MAKE_DIR => unary(s, |r: agent::MakeDirRequest| {
             running_sb(state, &r.sandbox_id)?;
             let p = r.make_dir.map(|m| m.path).unwrap_or_default();
-            Ok(envd::MakeDirResponse { entry: Some(entry(&p, 0)), created: true })
+            Ok(envd::MakeDirResponse {
+                entry: Some(entry(&p, 0)),
+                created: true,
+            })
         }),
         f::MOVE => unary(s, |r: agent::MoveRequest| {
             let sb = running_sb(state, &r.sandbox_id)?;
             let m = r.r#move.unwrap_or_default();
             let mut st = state.lock().unwrap();
-            let d = st.files.remove(&(sb.clone(), m.source.clone())).ok_or_else(|| Status::not_found("no such file"))?;
+            let d = st
+                .files
+                .remove(&(sb.clone(), m.source.clone()))
+                .ok_or_else(|| Status::not_found("no such file"))?;
             let n = d.len() as u64;
             st.files.insert((sb, m.destination.clone()), d);
-            Ok(envd::MoveResponse { entry: Some(entry(&m.destination, n)) })
+            Ok(envd::MoveResponse {
+                entry: Some(entry(&m.destination, n)),
+            })
         }),
         f::REMOVE => unary(s, |r: agent::RemoveRequest| {
             let sb = running_sb(state, &r.sandbox_id)?;
             let p = r.remove.unwrap_or_default();
-            let gone = state.lock().unwrap().files.remove(&(sb, p.path.clone())).is_some();
+            let gone = state
+                .lock()
+                .unwrap()
+                .files
+                .remove(&(sb, p.path.clone()))
+                .is_some();
             if !gone && !p.ignore_missing {
                 return Err(Status::not_found("no such file"));
             }
@@ -429,9 +548,13 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
         }),
         t::CREATE => unary(s, |r: agent::CreateTemplateRequest| {
             let sb = sb_id(&r.sandbox_id)?;
-            id::parse(Kind::Template, &r.template_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            id::parse(Kind::Template, &r.template_id)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let mut st = state.lock().unwrap();
-            let info = st.sandboxes.get_mut(&sb).ok_or_else(|| Status::not_found("sandbox not found"))?;
+            let info = st
+                .sandboxes
+                .get_mut(&sb)
+                .ok_or_else(|| Status::not_found("sandbox not found"))?;
             info.state = agent::SandboxState::Paused as i32;
             let (v, m, d) = (info.vcpus, info.memory_mib, info.disk_mib);
             let ti = agent::TemplateInfo {
@@ -457,10 +580,18 @@ fn dispatch(state: &Arc<Mutex<State>>, creates: &AtomicUsize, next_pid: &AtomicU
                 .ok_or_else(|| Status::not_found("template not found"))
         }),
         t::LIST => unary(s, |_: agent::ListTemplatesRequest| {
-            Ok(agent::ListTemplatesResponse { templates: state.lock().unwrap().templates.values().cloned().collect() })
+            Ok(agent::ListTemplatesResponse {
+                templates: state.lock().unwrap().templates.values().cloned().collect(),
+            })
         }),
         h::INFO => unary(s, |_: agent::HostInfoRequest| {
-            Ok(agent::HostInfo { hostname: "fake".into(), agent_version: "fake".into(), can_host_sandboxes: true, now_unix_ns: now_ns(), ..Default::default() })
+            Ok(agent::HostInfo {
+                hostname: "fake".into(),
+                agent_version: "fake".into(),
+                can_host_sandboxes: true,
+                now_unix_ns: now_ns(),
+                ..Default::default()
+            })
         }),
         m => s.finish(Err(Status::unimplemented(format!("unknown method {m}")))),
     }

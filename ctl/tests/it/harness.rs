@@ -80,9 +80,15 @@ pub fn fresh_db() -> Option<String> {
         Shared::Own(c) => c.url("postgres"),
         Shared::External(u) => u.clone(),
     };
-    let name = format!("wrenn_t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
-    let mut c = postgres::Client::connect(&admin_url, postgres::NoTls).expect("connect to the admin database");
-    c.batch_execute(&format!("CREATE DATABASE {name}")).expect("create database");
+    let name = format!(
+        "wrenn_t{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut c = postgres::Client::connect(&admin_url, postgres::NoTls)
+        .expect("connect to the admin database");
+    c.batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("create database");
     Some(match g.as_ref()? {
         Shared::Own(cl) => cl.url(&name),
         Shared::External(u) => with_dbname(u, &name),
@@ -91,7 +97,10 @@ pub fn fresh_db() -> Option<String> {
 
 fn with_dbname(url: &str, db: &str) -> String {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let (base, query) = url.split_once('?').map(|(b, q)| (b, Some(q))).unwrap_or((url, None));
+        let (base, query) = url
+            .split_once('?')
+            .map(|(b, q)| (b, Some(q)))
+            .unwrap_or((url, None));
         let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
         let base = match base[scheme_end..].find('/') {
             Some(i) => &base[..scheme_end + i],
@@ -145,7 +154,14 @@ impl Ctl {
     pub fn start() -> Option<Ctl> {
         let url = fresh_db()?;
         let init = ctl::admin::init(&url, "team-a", "a@example.com", "Alice").expect("admin init");
-        let running = ctl::server::start(&test_config(&url), StartOpts { jobs: false, http: false }).expect("start ctl");
+        let running = ctl::server::start(
+            &test_config(&url),
+            StartOpts {
+                jobs: false,
+                http: false,
+            },
+        )
+        .expect("start ctl");
         Some(Ctl {
             url,
             running: Some(running),
@@ -158,7 +174,14 @@ impl Ctl {
 
     /// A second replica on the same database.
     pub fn replica(&self) -> Running {
-        ctl::server::start(&test_config(&self.url), StartOpts { jobs: false, http: false }).expect("start replica")
+        ctl::server::start(
+            &test_config(&self.url),
+            StartOpts {
+                jobs: false,
+                http: false,
+            },
+        )
+        .expect("start replica")
     }
 
     pub fn running(&self) -> &Running {
@@ -189,7 +212,8 @@ impl Ctl {
     pub fn other_team(&self, name: &str, email: &str) -> (String, String) {
         let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
         let mut tx = c.transaction().unwrap();
-        let (team, _, _, key) = ctl::service::create_team_with_owner(&mut tx, name, email, "").unwrap();
+        let (team, _, _, key) =
+            ctl::service::create_team_with_owner(&mut tx, name, email, "").unwrap();
         tx.commit().unwrap();
         (proto::id::format(proto::id::Kind::Team, team), key)
     }
@@ -199,9 +223,14 @@ impl Ctl {
         let fa = FakeAgent::start();
         let tok: ctlpb::CreateRegistrationTokenResponse = self
             .admin()
-            .unary(ctlpb::hosts_methods::CREATE_REGISTRATION_TOKEN, &ctlpb::CreateRegistrationTokenRequest { ttl_s: 60 }, None)
+            .unary(
+                ctlpb::hosts_methods::CREATE_REGISTRATION_TOKEN,
+                &ctlpb::CreateRegistrationTokenRequest { ttl_s: 60 },
+                None,
+            )
             .expect("registration token");
-        let reg = Client::connect_tcp(self.addr(), Credential::host_token("")).expect("connect to register");
+        let reg = Client::connect_tcp(self.addr(), Credential::host_token(""))
+            .expect("connect to register");
         let r: host::RegisterResponse = reg
             .unary(
                 host::host_methods::REGISTER,
@@ -209,7 +238,11 @@ impl Ctl {
                     registration_token: tok.token,
                     agent_address: fa.addr.to_string(),
                     hostname: format!("fake-{}", fa.addr.port()),
-                    capacity: Some(agent::Resources { vcpus, memory_mib, disk_mib }),
+                    capacity: Some(agent::Resources {
+                        vcpus,
+                        memory_mib,
+                        disk_mib,
+                    }),
                     agent_version: "fake".into(),
                     firecracker_version: "fake".into(),
                     can_host_sandboxes: true,

@@ -15,11 +15,23 @@ use crate::harness::{self, code, test_config, Cluster, Ctl};
 const T: Option<Duration> = Some(Duration::from_secs(30));
 
 fn create(cl: &Client) -> c::Sandbox {
-    cl.unary(c::sandboxes_methods::CREATE, &c::CreateSandboxRequest::default(), T).unwrap()
+    cl.unary(
+        c::sandboxes_methods::CREATE,
+        &c::CreateSandboxRequest::default(),
+        T,
+    )
+    .unwrap()
 }
 
 fn get(cl: &Client, id: &str) -> c::Sandbox {
-    cl.unary(c::sandboxes_methods::GET, &c::GetSandboxRequest { sandbox_id: id.into() }, T).unwrap()
+    cl.unary(
+        c::sandboxes_methods::GET,
+        &c::GetSandboxRequest {
+            sandbox_id: id.into(),
+        },
+        T,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -59,22 +71,68 @@ fn reconciler_corrects_drift() {
 
     assert_eq!(get(&cl, &missing.id).state, c::SandboxState::Error as i32);
     assert_eq!(get(&cl, &missing.id).state_reason, "missing on host");
-    assert_eq!(get(&cl, &ttl_paused.id).state, c::SandboxState::Paused as i32);
+    assert_eq!(
+        get(&cl, &ttl_paused.id).state,
+        c::SandboxState::Paused as i32
+    );
     let d = get(&cl, &died.id);
-    assert_eq!((d.state, d.state_reason.as_str()), (c::SandboxState::Error as i32, "firecracker exited"));
+    assert_eq!(
+        (d.state, d.state_reason.as_str()),
+        (c::SandboxState::Error as i32, "firecracker exited")
+    );
     assert_eq!(get(&cl, &fine.id).state, c::SandboxState::Running as i32);
-    assert_eq!(get(&cl, &stuck_stopping.id).state, c::SandboxState::Stopped as i32);
-    assert!(fa.sandbox_state(&unknown).is_none(), "unknown sandbox destroyed");
-    assert!(fa.sandbox_state(&stuck_stopping.id).is_none(), "stopping sandbox destroyed on the host");
+    assert_eq!(
+        get(&cl, &stuck_stopping.id).state,
+        c::SandboxState::Stopped as i32
+    );
+    assert!(
+        fa.sandbox_state(&unknown).is_none(),
+        "unknown sandbox destroyed"
+    );
+    assert!(
+        fa.sandbox_state(&stuck_stopping.id).is_none(),
+        "stopping sandbox destroyed on the host"
+    );
     // The ledger follows: fine (1) + paused (disk only) are held.
-    let h: c::Host = ctl.admin().unary(c::hosts_methods::GET, &c::GetHostRequest { host_id: _h.clone() }, T).unwrap();
+    let h: c::Host = ctl
+        .admin()
+        .unary(
+            c::hosts_methods::GET,
+            &c::GetHostRequest {
+                host_id: _h.clone(),
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(h.usage.unwrap().vcpus, 1);
     // Audited as system actions.
-    let a: c::ListAuditLogsResponse = cl.unary(c::audit_logs_methods::LIST, &c::ListAuditLogsRequest { action: "sandbox.reconcile".into(), ..Default::default() }, T).unwrap();
+    let a: c::ListAuditLogsResponse = cl
+        .unary(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                action: "sandbox.reconcile".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
     assert_eq!(a.entries.len(), 3, "{a:?}");
     assert!(a.entries.iter().all(|e| e.actor_type == "system"));
-    let a: c::ListAuditLogsResponse = cl.unary(c::audit_logs_methods::LIST, &c::ListAuditLogsRequest { action: "sandbox.reconcile_destroy".into(), ..Default::default() }, T).unwrap();
-    assert_eq!(a.entries.len(), 1, "the known sandbox's destroy is in its team's trail");
+    let a: c::ListAuditLogsResponse = cl
+        .unary(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                action: "sandbox.reconcile_destroy".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        a.entries.len(),
+        1,
+        "the known sandbox's destroy is in its team's trail"
+    );
     // A second pass finds nothing to do.
     let again = ctl::reconciler::run_once(ctl.api(), &cfg).unwrap();
     assert!(again[0].1.is_empty(), "{:?}", again[0].1);
@@ -92,7 +150,10 @@ fn reconciler_runs_once_per_period_across_replicas() {
     let t2 = std::thread::spawn(move || ctl::reconciler::run_if_due(&a2, &c2).unwrap());
     let (r1, r2) = (t1.join().unwrap(), t2.join().unwrap());
     assert!(r1 ^ r2, "exactly one replica ran it: {r1} {r2}");
-    assert!(!ctl::reconciler::run_if_due(ctl.api(), &cfg).unwrap(), "not again within the period");
+    assert!(
+        !ctl::reconciler::run_if_due(ctl.api(), &cfg).unwrap(),
+        "not again within the period"
+    );
     replica.shutdown();
 }
 
@@ -104,31 +165,81 @@ fn monitor_marks_unreachable_and_heartbeat_brings_back() {
     let hb = |hc: &Client| {
         hc.unary::<_, host::HeartbeatResponse>(
             host::host_methods::HEARTBEAT,
-            &host::HeartbeatRequest { capacity: Some(agent::Resources { vcpus: 2, memory_mib: 2048, disk_mib: 100_000 }), can_host_sandboxes: true, ..Default::default() },
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 2,
+                    memory_mib: 2048,
+                    disk_mib: 100_000,
+                }),
+                can_host_sandboxes: true,
+                ..Default::default()
+            },
             T,
         )
     };
     let r = hb(&hc).unwrap();
     assert!(!r.draining && r.heartbeat_interval_ms > 0);
-    assert!(ctl::monitor::check_hosts(ctl.api(), Duration::from_secs(60)).unwrap().is_empty());
+    assert!(
+        ctl::monitor::check_hosts(ctl.api(), Duration::from_secs(60))
+            .unwrap()
+            .is_empty()
+    );
     std::thread::sleep(Duration::from_millis(300));
     let marked = ctl::monitor::check_hosts(ctl.api(), Duration::from_millis(100)).unwrap();
     assert_eq!(marked.len(), 1);
     let admin = ctl.admin();
-    let host: c::Host = admin.unary(c::hosts_methods::GET, &c::GetHostRequest { host_id: h.clone() }, T).unwrap();
+    let host: c::Host = admin
+        .unary(
+            c::hosts_methods::GET,
+            &c::GetHostRequest { host_id: h.clone() },
+            T,
+        )
+        .unwrap();
     assert_eq!(host.status, c::HostStatus::Unreachable as i32);
-    assert_eq!(code(ctl.team().unary::<_, c::Sandbox>(c::sandboxes_methods::CREATE, &c::CreateSandboxRequest::default(), T)), Code::ResourceExhausted);
+    assert_eq!(
+        code(ctl.team().unary::<_, c::Sandbox>(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest::default(),
+            T
+        )),
+        Code::ResourceExhausted
+    );
     hb(&hc).unwrap();
-    let host: c::Host = admin.unary(c::hosts_methods::GET, &c::GetHostRequest { host_id: h.clone() }, T).unwrap();
+    let host: c::Host = admin
+        .unary(
+            c::hosts_methods::GET,
+            &c::GetHostRequest { host_id: h.clone() },
+            T,
+        )
+        .unwrap();
     assert_eq!(host.status, c::HostStatus::Online as i32);
-    let a: c::ListAuditLogsResponse = admin.unary(c::audit_logs_methods::LIST, &c::ListAuditLogsRequest { resource_id: h.clone(), ..Default::default() }, T).unwrap();
+    let a: c::ListAuditLogsResponse = admin
+        .unary(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                resource_id: h.clone(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
     let actions: Vec<&str> = a.entries.iter().map(|e| e.action.as_str()).collect();
-    assert!(actions.contains(&"host.unreachable") && actions.contains(&"host.online"), "{actions:?}");
+    assert!(
+        actions.contains(&"host.unreachable") && actions.contains(&"host.online"),
+        "{actions:?}"
+    );
     // Bad heartbeat input is a typed error; an unknown host token never gets in.
-    let r = hc.unary::<_, host::HeartbeatResponse>(host::host_methods::HEARTBEAT, &host::HeartbeatRequest::default(), T);
+    let r = hc.unary::<_, host::HeartbeatResponse>(
+        host::host_methods::HEARTBEAT,
+        &host::HeartbeatRequest::default(),
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
-    let r = Client::connect_tcp(ctl.addr(), proto::rpc::Credential::host_token(format!("wrh_{}", "1".repeat(64))))
-        .and_then(|c2| hb(&c2));
+    let r = Client::connect_tcp(
+        ctl.addr(),
+        proto::rpc::Credential::host_token(format!("wrh_{}", "1".repeat(64))),
+    )
+    .and_then(|c2| hb(&c2));
     assert_eq!(code(r), Code::Unauthenticated);
 }
 
@@ -157,22 +268,51 @@ fn agent_state_reports_apply_ttl_transitions() {
     report(agent::SandboxState::Paused, now).unwrap();
     report(agent::SandboxState::Paused, now).unwrap(); // idempotent
     let g = get(&cl, &sb.id);
-    assert_eq!((g.state, g.state_reason.as_str()), (c::SandboxState::Paused as i32, "timeout"));
+    assert_eq!(
+        (g.state, g.state_reason.as_str()),
+        (c::SandboxState::Paused as i32, "timeout")
+    );
     // A report older than what ctl holds is ignored.
     report(agent::SandboxState::Stopped, 1).unwrap();
     assert_eq!(get(&cl, &sb.id).state, c::SandboxState::Paused as i32);
     // Unknown sandbox, bad id, bad state.
-    let r = hc.unary::<_, host::ReportStateResponse>(host::host_methods::REPORT_STATE, &host::ReportStateRequest { sandbox_id: "sb-00000000-0000-4000-8000-000000000000".into(), state: 8, ..Default::default() }, T);
+    let r = hc.unary::<_, host::ReportStateResponse>(
+        host::host_methods::REPORT_STATE,
+        &host::ReportStateRequest {
+            sandbox_id: "sb-00000000-0000-4000-8000-000000000000".into(),
+            state: 8,
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(r), Code::NotFound);
-    let r = hc.unary::<_, host::ReportStateResponse>(host::host_methods::REPORT_STATE, &host::ReportStateRequest { sandbox_id: "nope".into(), state: 8, ..Default::default() }, T);
+    let r = hc.unary::<_, host::ReportStateResponse>(
+        host::host_methods::REPORT_STATE,
+        &host::ReportStateRequest {
+            sandbox_id: "nope".into(),
+            state: 8,
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
-    let r = hc.unary::<_, host::ReportStateResponse>(host::host_methods::REPORT_STATE, &host::ReportStateRequest { sandbox_id: sb.id.clone(), state: 99, ..Default::default() }, T);
+    let r = hc.unary::<_, host::ReportStateResponse>(
+        host::host_methods::REPORT_STATE,
+        &host::ReportStateRequest {
+            sandbox_id: sb.id.clone(),
+            state: 99,
+            ..Default::default()
+        },
+        T,
+    );
     assert_eq!(code(r), Code::InvalidArgument);
 }
 
 #[test]
 fn migrations_refuse_edits_and_run_once_concurrently() {
-    let Some(url) = harness::fresh_db() else { return };
+    let Some(url) = harness::fresh_db() else {
+        return;
+    };
     let threads: Vec<_> = (0..3)
         .map(|_| {
             let url = url.clone();
@@ -183,12 +323,24 @@ fn migrations_refuse_edits_and_run_once_concurrently() {
         })
         .collect();
     let applied: Vec<Vec<i32>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert_eq!(applied.iter().filter(|a| !a.is_empty()).count(), 1, "{applied:?}");
+    assert_eq!(
+        applied.iter().filter(|a| !a.is_empty()).count(),
+        1,
+        "{applied:?}"
+    );
     let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     assert!(ctl::migrate::is_current(&mut c).unwrap());
     // The seed: platform team and `minimal`.
     let r = c.query_one("SELECT name, vcpus, memory_mib, disk_mib FROM templates WHERE id = '00000000-0000-0000-0000-000000000000'", &[]).unwrap();
-    assert_eq!((r.get::<_, String>(0), r.get::<_, i32>(1), r.get::<_, i32>(2), r.get::<_, i64>(3)), ("minimal".into(), 1, 512, 5120));
+    assert_eq!(
+        (
+            r.get::<_, String>(0),
+            r.get::<_, i32>(1),
+            r.get::<_, i32>(2),
+            r.get::<_, i64>(3)
+        ),
+        ("minimal".into(), 1, 512, 5120)
+    );
     let mut edited = ctl::migrate::MIGRATIONS.to_vec();
     let sql = format!("{}\n-- edited", edited[0].sql);
     edited[0].sql = Box::leak(sql.into_boxed_str());
@@ -201,15 +353,34 @@ fn migrations_refuse_edits_and_run_once_concurrently() {
         other => panic!("expected Unknown, got {other:?}"),
     }
     // A replica refuses to start on an edited schema record.
-    c.execute("UPDATE schema_migrations SET checksum = 'x' WHERE version = 1", &[]).unwrap();
+    c.execute(
+        "UPDATE schema_migrations SET checksum = 'x' WHERE version = 1",
+        &[],
+    )
+    .unwrap();
     assert!(matches!(
-        ctl::server::start(&test_config(&url), ctl::server::StartOpts { jobs: false, http: false }),
-        Err(ctl::server::StartError::Migrate(ctl::migrate::MigrateError::Edited { .. }))
+        ctl::server::start(
+            &test_config(&url),
+            ctl::server::StartOpts {
+                jobs: false,
+                http: false
+            }
+        ),
+        Err(ctl::server::StartError::Migrate(
+            ctl::migrate::MigrateError::Edited { .. }
+        ))
     ));
     // admin init works once.
-    c.execute("UPDATE schema_migrations SET checksum = $1 WHERE version = 1", &[&ctl::migrate::checksum(ctl::migrate::MIGRATIONS[0].sql)]).unwrap();
+    c.execute(
+        "UPDATE schema_migrations SET checksum = $1 WHERE version = 1",
+        &[&ctl::migrate::checksum(ctl::migrate::MIGRATIONS[0].sql)],
+    )
+    .unwrap();
     ctl::admin::init(&url, "t", "x@example.com", "").unwrap();
-    assert!(matches!(ctl::admin::init(&url, "t2", "y@example.com", ""), Err(ctl::admin::AdminError::AlreadyInitialized)));
+    assert!(matches!(
+        ctl::admin::init(&url, "t2", "y@example.com", ""),
+        Err(ctl::admin::AdminError::AlreadyInitialized)
+    ));
 }
 
 #[test]
@@ -227,13 +398,34 @@ fn recovers_after_postgres_restart() {
     };
     let url = cluster.url("postgres");
     let init = ctl::admin::init(&url, "team-r", "r@example.com", "").unwrap();
-    let running = ctl::server::start(&test_config(&url), ctl::server::StartOpts { jobs: false, http: false }).unwrap();
-    let cl = Client::connect_tcp(running.addr.to_string(), proto::rpc::Credential::api_key(&init.team_key)).unwrap();
-    let list = |cl: &Client| cl.unary::<_, c::ListSandboxesResponse>(c::sandboxes_methods::LIST, &c::ListSandboxesRequest::default(), T);
+    let running = ctl::server::start(
+        &test_config(&url),
+        ctl::server::StartOpts {
+            jobs: false,
+            http: false,
+        },
+    )
+    .unwrap();
+    let cl = Client::connect_tcp(
+        running.addr.to_string(),
+        proto::rpc::Credential::api_key(&init.team_key),
+    )
+    .unwrap();
+    let list = |cl: &Client| {
+        cl.unary::<_, c::ListSandboxesResponse>(
+            c::sandboxes_methods::LIST,
+            &c::ListSandboxesRequest::default(),
+            T,
+        )
+    };
     list(&cl).unwrap();
     cluster.stop().unwrap();
     let r = list(&cl);
-    assert_eq!(code(r), Code::Unavailable, "database down: unavailable, not a hang");
+    assert_eq!(
+        code(r),
+        Code::Unavailable,
+        "database down: unavailable, not a hang"
+    );
     cluster.start_again().unwrap();
     let start = Instant::now();
     loop {
@@ -241,14 +433,24 @@ fn recovers_after_postgres_restart() {
             Ok(_) => break,
             Err(e) => {
                 assert_eq!(e.code, Code::Unavailable, "{e:?}");
-                assert!(start.elapsed() < Duration::from_secs(30), "no recovery within 30 s");
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "no recovery within 30 s"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
-    println!("recovered {} ms after PostgreSQL came back", start.elapsed().as_millis());
+    println!(
+        "recovered {} ms after PostgreSQL came back",
+        start.elapsed().as_millis()
+    );
     // New connections (fresh auth) work too.
-    let cl2 = Client::connect_tcp(running.addr.to_string(), proto::rpc::Credential::api_key(&init.team_key)).unwrap();
+    let cl2 = Client::connect_tcp(
+        running.addr.to_string(),
+        proto::rpc::Credential::api_key(&init.team_key),
+    )
+    .unwrap();
     // Every worker is usable again: many calls in a row all succeed.
     for _ in 0..40 {
         list(&cl2).unwrap();

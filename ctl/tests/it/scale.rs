@@ -28,19 +28,37 @@ fn concurrent_creates_never_exceed_capacity() {
             let key = key.clone();
             std::thread::spawn(move || {
                 let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
-                cl.unary::<_, c::Sandbox>(c::sandboxes_methods::CREATE, &c::CreateSandboxRequest::default(), T)
+                cl.unary::<_, c::Sandbox>(
+                    c::sandboxes_methods::CREATE,
+                    &c::CreateSandboxRequest::default(),
+                    T,
+                )
             })
         })
         .collect();
     let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     let ok: Vec<&c::Sandbox> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
-    let exhausted = results.iter().filter(|r| matches!(r, Err(s) if s.code == Code::ResourceExhausted)).count();
-    assert_eq!(ok.len(), 8, "4 vCPUs on each of 2 hosts, 1 per sandbox: {results:?}");
+    let exhausted = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code == Code::ResourceExhausted))
+        .count();
+    assert_eq!(
+        ok.len(),
+        8,
+        "4 vCPUs on each of 2 hosts, 1 per sandbox: {results:?}"
+    );
     assert_eq!(exhausted, 16);
     for (fa, h) in [(&fa1, &h1), (&fa2, &h2)] {
         assert_eq!(fa.state.lock().unwrap().sandboxes.len(), 4, "host {h}");
         assert_eq!(ok.iter().filter(|s| &s.host_id == h).count(), 4);
-        let host: c::Host = ctl.admin().unary(c::hosts_methods::GET, &c::GetHostRequest { host_id: h.clone() }, T).unwrap();
+        let host: c::Host = ctl
+            .admin()
+            .unary(
+                c::hosts_methods::GET,
+                &c::GetHostRequest { host_id: h.clone() },
+                T,
+            )
+            .unwrap();
         let u = host.usage.unwrap();
         assert_eq!((u.vcpus, u.memory_mib), (4, 2048));
     }
@@ -54,7 +72,12 @@ fn concurrent_creates_never_exceed_capacity() {
             let key = key.clone();
             std::thread::spawn(move || {
                 let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
-                cl.unary::<_, c::DestroySandboxResponse>(c::sandboxes_methods::DESTROY, &c::DestroySandboxRequest { sandbox_id: id }, T).unwrap();
+                cl.unary::<_, c::DestroySandboxResponse>(
+                    c::sandboxes_methods::DESTROY,
+                    &c::DestroySandboxRequest { sandbox_id: id },
+                    T,
+                )
+                .unwrap();
             })
         })
         .collect();
@@ -62,7 +85,14 @@ fn concurrent_creates_never_exceed_capacity() {
         t.join().unwrap();
     }
     for h in [&h1, &h2] {
-        let host: c::Host = ctl.admin().unary(c::hosts_methods::GET, &c::GetHostRequest { host_id: h.clone() }, T).unwrap();
+        let host: c::Host = ctl
+            .admin()
+            .unary(
+                c::hosts_methods::GET,
+                &c::GetHostRequest { host_id: h.clone() },
+                T,
+            )
+            .unwrap();
         let u = host.usage.unwrap();
         assert_eq!((u.vcpus, u.memory_mib, u.disk_mib), (0, 0, 0));
     }
