@@ -14,6 +14,7 @@
 //! and the kernel never overwrites a present page, so a late or duplicate install is harmless
 //! (`EEXIST`).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -29,8 +30,8 @@ use mio::{Events, Interest, Poll, Token};
 use crate::handshake::{self, Region};
 use crate::header::{BuildId, Header};
 use crate::limits::{
-    BLOCK_SIZE, EVENT_BATCH, FAULT_AROUND_MAX, FILL_CHUNK, HANDSHAKE_TIMEOUT_MS, RETRY_QUEUE_MAX,
-    SPIN_MAX_US,
+    AROUND_QUEUE_MAX, AROUND_STEP, BLOCK_SIZE, EVENT_BATCH, FAULT_AROUND_MAX, FILL_CHUNK,
+    HANDSHAKE_TIMEOUT_MS, RETRY_QUEUE_MAX, SPIN_MAX_US,
 };
 use crate::stats::Stats;
 use crate::sys::{self, UffdMsg};
@@ -619,6 +620,10 @@ struct Serve<'a> {
     fill_offset: u64,
     handshake_at: Instant,
     last_stats: Instant,
+    /// Set by `install_run` when a page turned out to be present already.
+    eexist_seen: bool,
+    /// Fault-around windows still to install: (region, from, to) in memory offsets.
+    around: VecDeque<(Region, u64, u64)>,
 }
 
 impl<'a> Serve<'a> {
@@ -652,6 +657,8 @@ impl<'a> Serve<'a> {
             fill_offset: 0,
             handshake_at: Instant::now(),
             last_stats: Instant::now(),
+            eexist_seen: false,
+            around: VecDeque::with_capacity(AROUND_QUEUE_MAX),
             srv,
         }
     }
@@ -673,7 +680,12 @@ impl<'a> Serve<'a> {
             {
                 self.stop_recording()?;
             }
-            let worked = match self.background_step()? {
+            // Fault-around first (it serves what was just touched), then prefetch and fill.
+            let step = match self.around_step()? {
+                Some(r) => Some(r),
+                None => self.background_step()?,
+            };
+            let worked = match step {
                 Some(Install::Gone) => return Ok(Outcome::FirecrackerExited),
                 Some(_) => true,
                 None => false,
@@ -860,36 +872,52 @@ impl<'a> Serve<'a> {
             let _ = sys::uffdio_wake(self.uffd.as_fd(), page_host, BLOCK_SIZE);
             return Ok(Install::Done);
         }
-        // Fault-around: the aligned window around the page, within the region; recording
-        // installs single pages so that the record lists exactly the touched pages.
-        let window = if self.recording.is_some() {
-            BLOCK_SIZE
-        } else {
-            self.srv.config.fault_around.max(BLOCK_SIZE)
-        };
-        let lo = (off / window * window).max(r.offset);
-        let hi = (off / window * window + window).min(r.offset + r.size);
-        let mut start = off;
-        while start > lo && self.same_source(start - BLOCK_SIZE, off) {
-            start -= BLOCK_SIZE;
+        // The faulting page alone first, so that its vCPU resumes after one page's copy.
+        self.eexist_seen = false;
+        let res = self.install_run(&r, off, BLOCK_SIZE, Cause::Fault)?;
+        if !matches!(res, Install::Done) {
+            return Ok(res);
         }
-        let res = self.install_run(&r, start, hi - start, Cause::Fault)?;
-        if matches!(res, Install::Done) && self.state[page] & STATE_MASK != RESIDENT {
-            // The run stopped before the faulting page (EEXIST on it): make sure it runs.
+        if self.eexist_seen {
+            // Present already without our install having woken this fault: wake it.
             let _ = sys::uffdio_wake(self.uffd.as_fd(), page_host, BLOCK_SIZE);
         }
-        Ok(res)
+        // Then fault-around: the rest of the aligned window (within the region) is queued and
+        // installed in small steps between reads of the userfaultfd, so that neighbours never
+        // delay the next demand fault. Recording installs single pages so that the record
+        // lists exactly the touched pages.
+        if self.recording.is_none() && self.srv.config.fault_around > BLOCK_SIZE {
+            let window = self.srv.config.fault_around;
+            let lo = (off / window * window).max(r.offset);
+            let hi = (off / window * window + window).min(r.offset + r.size);
+            if self.around.len() == AROUND_QUEUE_MAX {
+                // Bounded: drop the oldest window (an optimization only; faults still work).
+                self.around.pop_front();
+            }
+            self.around.push_back((r, lo, hi));
+        }
+        Ok(Install::Done)
     }
 
-    /// Whether page `a` would be installed from the same source as page `b` (same state and,
-    /// for missing pages, same extent).
-    fn same_source(&self, a: u64, b: u64) -> bool {
-        let sa = self.state[(a / BLOCK_SIZE) as usize] & STATE_MASK;
-        let sb = self.state[(b / BLOCK_SIZE) as usize] & STATE_MASK;
-        if sa != sb || sa == RESIDENT {
-            return false;
+    /// One step of queued fault-around: at most `AROUND_STEP` bytes. `None` when the queue is
+    /// empty.
+    fn around_step(&mut self) -> Result<Option<Install>, Error> {
+        while let Some(&(r, from, to)) = self.around.front() {
+            let mut off = from;
+            while off < to && self.state[(off / BLOCK_SIZE) as usize] & STATE_MASK == RESIDENT {
+                off += BLOCK_SIZE;
+            }
+            if off >= to {
+                self.around.pop_front();
+                continue;
+            }
+            let res = self.install_run(&r, off, AROUND_STEP.min(to - off), Cause::Fault)?;
+            if let Some(front) = self.around.front_mut() {
+                front.1 = off + BLOCK_SIZE;
+            }
+            return Ok(Some(res));
         }
-        sa == REMOVED || self.srv.header.find(a) == self.srv.header.find(b)
+        Ok(None)
     }
 
     /// Installs the run of not-yet-resident pages starting at memory offset `start` (which must
@@ -945,6 +973,7 @@ impl<'a> Serve<'a> {
                     done += fe.done;
                     match fe.error.raw_os_error() {
                         Some(libc::EEXIST) => {
+                            self.eexist_seen = true;
                             // Present already (installed by the kernel or an earlier copy).
                             self.srv.stats.eexist += 1;
                             self.set_resident(start + done, BLOCK_SIZE);
