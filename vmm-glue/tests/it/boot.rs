@@ -75,9 +75,17 @@ fn wait_ready(rx: &Receiver<ReadyRequest>, timeout: Duration, vm: &mut VmProcess
     }
 }
 
+/// The end of a Firecracker log; the whole log is kept in the temp dir (the sandbox dir is
+/// removed when the test ends) so a failed boot can be read afterwards.
 fn tail(p: &Path) -> String {
     let t = fs::read(p).unwrap_or_default();
-    String::from_utf8_lossy(&t[t.len().saturating_sub(2000)..]).into_owned()
+    let keep = std::env::temp_dir().join(format!("vmm-glue-boot-{}.log", std::process::id()));
+    let _ = fs::write(&keep, &t);
+    format!(
+        "(whole log kept at {})\n{}",
+        keep.display(),
+        String::from_utf8_lossy(&t[t.len().saturating_sub(3000)..])
+    )
 }
 
 /// Connects to envd (retrying: right after a restore the guest takes a moment).
