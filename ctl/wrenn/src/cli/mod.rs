@@ -573,6 +573,32 @@ fn pump_stdin(client: Client, sandbox_id: String, pid: u32) {
     let _ = s.recv::<envd::SendInputResponse>();
 }
 
+/// Resizes the remote PTY whenever the local terminal changes size (until a call fails).
+fn forward_resizes(client: Client, sandbox_id: String, pid: u32) {
+    while tty::wait_resize().is_ok() {
+        let Some((rows, cols)) = tty::window_size(io::stdout().as_fd()) else {
+            continue;
+        };
+        let req = pb::ResizePtyRequest {
+            sandbox_id: sandbox_id.clone(),
+            resize: Some(envd::ResizePtyRequest {
+                process: Some(envd::ProcessSelector {
+                    selector: Some(envd::process_selector::Selector::Pid(pid)),
+                }),
+                size: Some(envd::PtySize {
+                    rows: u32::from(rows),
+                    cols: u32::from(cols),
+                }),
+            }),
+        };
+        let r: Result<envd::ResizePtyResponse, Status> =
+            client.unary(pb::processes_methods::RESIZE_PTY, &req, Some(CALL_DEADLINE));
+        if r.is_err() {
+            return;
+        }
+    }
+}
+
 /// Progress of a transfer on stderr.
 struct Progress {
     on: bool,
@@ -844,7 +870,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             let client = ctx.client.clone();
             let id = a(0);
             // Raw mode only when stdin is a terminal; restored when `_raw` drops.
-            let _raw = if tty && stdin_fd.is_terminal() && !ctx.json {
+            let raw = if tty && stdin_fd.is_terminal() && !ctx.json {
                 Some(
                     tty::RawMode::enable(stdin_fd.as_fd())
                         .map_err(io_err("set the terminal to raw mode"))?,
@@ -852,12 +878,21 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             } else {
                 None
             };
+            // Window changes follow the local terminal (SIGWINCH, taken by a thread).
+            let follow_resizes =
+                raw.is_some() && io::stdout().is_terminal() && tty::block_resize_signal().is_ok();
             return follow(&ctx, &mut s, move |pid| {
                 if with_stdin {
                     let (c, id) = (client.clone(), id.clone());
                     let _ = std::thread::Builder::new()
                         .name("stdin".into())
                         .spawn(move || pump_stdin(c, id, pid));
+                }
+                if follow_resizes {
+                    let (c, id) = (client.clone(), id.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("resize".into())
+                        .spawn(move || forward_resizes(c, id, pid));
                 }
             });
         }

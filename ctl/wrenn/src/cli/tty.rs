@@ -67,6 +67,40 @@ impl Drop for RawMode<'_> {
     }
 }
 
+fn sigwinch_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; all-zero bytes are valid and sigemptyset resets it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset writes the set behind a pointer to a live local.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: as above; SIGWINCH is a valid signal number.
+    unsafe { libc::sigaddset(&mut set, libc::SIGWINCH) };
+    set
+}
+
+/// Blocks SIGWINCH in the calling thread (and in threads it starts later), so that
+/// [`wait_resize`] can take it synchronously. Call before starting other threads.
+pub fn block_resize_signal() -> io::Result<()> {
+    let set = sigwinch_set();
+    // SAFETY: pthread_sigmask reads the set from a live local; the old mask is not asked for.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// Waits for the next SIGWINCH (the terminal was resized); it must be blocked first.
+pub fn wait_resize() -> io::Result<()> {
+    let set = sigwinch_set();
+    let mut sig = 0;
+    // SAFETY: sigwait reads the set and writes the signal number into live locals.
+    let ret = unsafe { libc::sigwait(&set, &mut sig) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +126,21 @@ mod tests {
         // SAFETY: as for `m`.
         let s = unsafe { OwnedFd::from_raw_fd(s) };
         (m, s)
+    }
+
+    #[test]
+    fn resize_signal_is_taken_synchronously() {
+        // On a thread of its own: the mask change must not leak into other tests.
+        std::thread::spawn(|| {
+            block_resize_signal().unwrap();
+            // SAFETY: pthread_self has no preconditions.
+            let me = unsafe { libc::pthread_self() };
+            // SAFETY: signals this live thread with SIGWINCH, which it has blocked.
+            assert_eq!(unsafe { libc::pthread_kill(me, libc::SIGWINCH) }, 0);
+            wait_resize().unwrap();
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
