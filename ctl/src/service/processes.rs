@@ -16,6 +16,41 @@ use super::{parse_id, Api, AuthCtx, Sink, Source};
 use crate::limits::EXEC_OUTPUT_MAX;
 
 impl Api {
+    /// Audits a pass-through call that changes a sandbox's contents (exec, files, signals):
+    /// one row with its outcome. It changes nothing in the database, so the row is its
+    /// own transaction; a failure to write it is logged, not returned (the work is done).
+    fn audit_call<T>(
+        &self,
+        ctx: &AuthCtx,
+        sandbox_id: &str,
+        action: &'static str,
+        r: &Result<T, Status>,
+    ) {
+        let ctx2 = ctx.clone();
+        let sid = sandbox_id.to_owned();
+        let (ok, meta) = match r {
+            Ok(_) => (true, serde_json::json!({})),
+            Err(e) => (false, serde_json::json!({"code": e.code.name()})),
+        };
+        let w = self.inner.db.run(move |c| {
+            super::audit::write(
+                c,
+                super::audit::Entry {
+                    team: Some(ctx2.team_id),
+                    actor: &super::Actor::key(&ctx2),
+                    resource_type: "sandbox",
+                    resource_id: sid,
+                    action,
+                    success: ok,
+                    metadata: meta,
+                },
+            )
+        });
+        if let Err(e) = w {
+            log::warn!("audit write failed action={action}: {}", e.message);
+        }
+    }
+
     fn host_of(&self, ctx: &AuthCtx, sandbox_id: &str) -> Result<Uuid, Status> {
         let id = parse_id(Kind::Sandbox, sandbox_id)?;
         self.running_host(ctx, id)
@@ -73,11 +108,13 @@ impl Api {
             background: req.background,
             output_limit_bytes: req.output_limit_bytes,
         };
-        let r: agent::ExecResponse = client.unary(
+        let r: Result<agent::ExecResponse, Status> = client.unary(
             agent::processes_methods::EXEC,
             &areq,
             deadline.or(Some(Duration::from_secs(24 * 3600))),
-        )?;
+        );
+        self.audit_call(ctx, &areq.sandbox_id, "sandbox.exec", &r);
+        let r = r?;
         Ok(ctl::ExecResponse {
             pid: r.pid,
             tag: r.tag,
@@ -100,19 +137,25 @@ impl Api {
         if req.process.is_none() {
             return Err(Status::invalid_argument("process is required"));
         }
-        let host = self.host_of(ctx, &req.sandbox_id)?;
+        let sid = req.sandbox_id.clone();
+        let host = self.host_of(ctx, &sid)?;
         let deadline = self.exec_deadline(req.process.as_ref());
-        let s = self.inner.agents.stream(
-            host,
-            agent::processes_methods::EXEC_STREAM,
-            &agent::ExecStreamRequest {
-                sandbox_id: req.sandbox_id,
-                process: req.process,
-            },
-            true,
-            deadline,
-        )?;
-        self.forward(s, out)
+        let r = self
+            .inner
+            .agents
+            .stream(
+                host,
+                agent::processes_methods::EXEC_STREAM,
+                &agent::ExecStreamRequest {
+                    sandbox_id: req.sandbox_id,
+                    process: req.process,
+                },
+                true,
+                deadline,
+            )
+            .and_then(|s| self.forward(s, out));
+        self.audit_call(ctx, &sid, "sandbox.exec_stream", &r);
+        r
     }
 
     /// Reattaches to a process by pid or tag.
@@ -190,15 +233,18 @@ impl Api {
         ctx: &AuthCtx,
         req: ctl::SignalRequest,
     ) -> Result<envd::SignalResponse, Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(
+        let sid = req.sandbox_id.clone();
+        let host = self.host_of(ctx, &sid)?;
+        let r = self.inner.agents.unary(
             host,
             agent::processes_methods::SIGNAL,
             &agent::SignalRequest {
                 sandbox_id: req.sandbox_id,
                 signal: req.signal,
             },
-        )
+        );
+        self.audit_call(ctx, &sid, "sandbox.signal", &r);
+        r
     }
 
     pub fn resize_pty(
@@ -238,6 +284,20 @@ impl Api {
         ctx: &AuthCtx,
         input: &mut dyn Source<ctl::UploadRequest>,
     ) -> Result<envd::WriteResponse, Status> {
+        let mut sid = None;
+        let r = self.upload_inner(ctx, input, &mut sid);
+        if let Some(sid) = sid {
+            self.audit_call(ctx, &sid, "sandbox.upload", &r);
+        }
+        r
+    }
+
+    fn upload_inner(
+        &self,
+        ctx: &AuthCtx,
+        input: &mut dyn Source<ctl::UploadRequest>,
+        sid: &mut Option<String>,
+    ) -> Result<envd::WriteResponse, Status> {
         use ctl::upload_request::Msg;
         let first = input
             .recv()?
@@ -251,6 +311,7 @@ impl Api {
             return Err(Status::invalid_argument("header.file is required"));
         }
         let host = self.host_of(ctx, &h.sandbox_id)?;
+        *sid = Some(h.sandbox_id.clone());
         let client = self.inner.agents.client(host)?;
         let mut s = client.call(
             agent::files_methods::WRITE,
@@ -345,15 +406,18 @@ impl Api {
         ctx: &AuthCtx,
         req: ctl::MakeDirRequest,
     ) -> Result<envd::MakeDirResponse, Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(
+        let sid = req.sandbox_id.clone();
+        let host = self.host_of(ctx, &sid)?;
+        let r = self.inner.agents.unary(
             host,
             agent::files_methods::MAKE_DIR,
             &agent::MakeDirRequest {
                 sandbox_id: req.sandbox_id,
                 make_dir: req.make_dir,
             },
-        )
+        );
+        self.audit_call(ctx, &sid, "sandbox.make_dir", &r);
+        r
     }
 
     pub fn move_path(
@@ -361,15 +425,18 @@ impl Api {
         ctx: &AuthCtx,
         req: ctl::MoveRequest,
     ) -> Result<envd::MoveResponse, Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(
+        let sid = req.sandbox_id.clone();
+        let host = self.host_of(ctx, &sid)?;
+        let r = self.inner.agents.unary(
             host,
             agent::files_methods::MOVE,
             &agent::MoveRequest {
                 sandbox_id: req.sandbox_id,
                 r#move: req.r#move,
             },
-        )
+        );
+        self.audit_call(ctx, &sid, "sandbox.move", &r);
+        r
     }
 
     pub fn remove_path(
@@ -377,14 +444,17 @@ impl Api {
         ctx: &AuthCtx,
         req: ctl::RemoveRequest,
     ) -> Result<envd::RemoveResponse, Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(
+        let sid = req.sandbox_id.clone();
+        let host = self.host_of(ctx, &sid)?;
+        let r = self.inner.agents.unary(
             host,
             agent::files_methods::REMOVE,
             &agent::RemoveRequest {
                 sandbox_id: req.sandbox_id,
                 remove: req.remove,
             },
-        )
+        );
+        self.audit_call(ctx, &sid, "sandbox.remove", &r);
+        r
     }
 }

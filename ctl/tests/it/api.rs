@@ -799,6 +799,33 @@ fn processes_and_files() {
         )
         .unwrap();
     assert!(m.created);
+    // Calls that change the sandbox's contents are audited with their outcome.
+    let a: c::ListAuditLogsResponse = cl
+        .unary(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                resource_id: sb.id.clone(),
+                page_size: 1000,
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    let count = |action: &str, status: &str| {
+        a.entries
+            .iter()
+            .filter(|e| e.action == action && e.status == status)
+            .count()
+    };
+    assert_eq!(count("sandbox.exec", "success"), 3, "{a:?}");
+    assert_eq!(count("sandbox.exec", "failure"), 1, "the unknown command");
+    assert_eq!(count("sandbox.exec_stream", "success"), 1);
+    assert_eq!(count("sandbox.upload", "success"), 1);
+    assert_eq!(count("sandbox.move", "success"), 1);
+    assert_eq!(count("sandbox.remove", "success"), 1);
+    assert_eq!(count("sandbox.remove", "failure"), 1);
+    assert_eq!(count("sandbox.make_dir", "success"), 1);
+    assert_eq!(count("sandbox.signal", "success"), 1);
     // An upload whose first message is data is refused.
     let mut up = cl
         .call(
