@@ -99,3 +99,120 @@ fn concurrent_creates_never_exceed_capacity() {
     let _keep = Arc::new(());
     replica.shutdown();
 }
+
+#[test]
+fn placement_follows_template_files_and_paused_sandboxes() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (_fa1, h1) = ctl.add_host(2, 8192, 1_000_000);
+    let src: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest::default(),
+            T,
+        )
+        .unwrap();
+    assert_eq!(src.host_id, h1);
+    let tpl: c::Template = cl
+        .unary(
+            c::templates_methods::CREATE,
+            &c::CreateTemplateRequest {
+                sandbox_id: src.id.clone(),
+                name: "snap".into(),
+                platform: false,
+            },
+            T,
+        )
+        .unwrap();
+    // A second, emptier host appears; the snapshot template still starts only on h1.
+    let (_fa2, h2) = ctl.add_host(16, 65536, 1_000_000);
+    let a: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                template: tpl.id.clone(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(a.host_id, h1);
+    // h1 has 2 vCPUs: the source (paused: holds only disk) + a → one more fits, then full.
+    let b: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                template: "snap".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(b.host_id, h1);
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::CREATE,
+        &c::CreateSandboxRequest {
+            template: "snap".into(),
+            ..Default::default()
+        },
+        T,
+    );
+    assert_eq!(
+        crate::harness::code(r),
+        Code::ResourceExhausted,
+        "h2 is free but holds no files of the template"
+    );
+    // Base-template creates go to the free host.
+    let d: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest::default(),
+            T,
+        )
+        .unwrap();
+    assert_eq!(d.host_id, h2);
+    // The paused source resumes only on h1, which is full: resource_exhausted, still paused.
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::RESUME,
+        &c::ResumeSandboxRequest {
+            sandbox_id: src.id.clone(),
+            timeout_s: 0,
+        },
+        T,
+    );
+    assert_eq!(crate::harness::code(r), Code::ResourceExhausted);
+    let g: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::GET,
+            &c::GetSandboxRequest {
+                sandbox_id: src.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(g.state, c::SandboxState::Paused as i32);
+    // Free a slot on h1: now it resumes there.
+    let _: c::DestroySandboxResponse = cl
+        .unary(
+            c::sandboxes_methods::DESTROY,
+            &c::DestroySandboxRequest {
+                sandbox_id: a.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    let g: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::RESUME,
+            &c::ResumeSandboxRequest {
+                sandbox_id: src.id.clone(),
+                timeout_s: 0,
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        (g.state, g.host_id.as_str()),
+        (c::SandboxState::Running as i32, h1.as_str())
+    );
+}
