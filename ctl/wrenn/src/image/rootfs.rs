@@ -221,6 +221,14 @@ pub fn build(opts: &RootfsOptions) -> Result<PathBuf, ImageError> {
     create_dir(out_dir)?;
     let staging_parent = opts.state_root.join("cache").join("rootfs-staging");
     create_dir(&staging_parent)?;
+    // A run killed mid-way (Ctrl-C during mkfs) leaves its staging tree and temporary image.
+    remove_stale(&staging_parent, "");
+    let out_name = opts
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    remove_stale(out_dir, &format!(".{out_name}.tmp-"));
     let t = Instant::now();
     assemble(
         &tree,
@@ -493,6 +501,46 @@ pub fn assemble(
     Ok(())
 }
 
+/// The pid a leftover name carries: `<prefix><pid>` or `<prefix><pid>-<anything>`.
+pub fn leftover_pid(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?;
+    let pid = rest.split('-').next()?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes entries of `dir` named `<prefix><pid>[-...]` whose process is gone. Best effort: a
+/// failure only warns, since it never affects the image being built.
+fn remove_stale(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = leftover_pid(&name, prefix) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = e.path();
+        log::info!(
+            "removing leftover of an interrupted build path={}",
+            path.display()
+        );
+        let res = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if let Err(err) = res {
+            log::warn!("remove leftover path={} error={err}", path.display());
+        }
+    }
+}
+
 /// Hard-link copy of the tree (same filesystem: instant), falling back to a full copy.
 fn clone_tree(tree: &Path, staging: &Path) -> Result<(), ImageError> {
     let t = Instant::now();
@@ -670,6 +718,39 @@ mod tests {
         ] {
             assert!(RootfsOptions::from_args(&argv(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn leftover_names() {
+        assert_eq!(leftover_pid("1234-99887766", ""), Some(1234));
+        assert_eq!(
+            leftover_pid(".rootfs.ext4.tmp-77", ".rootfs.ext4.tmp-"),
+            Some(77)
+        );
+        assert_eq!(leftover_pid("rootfs.ext4", ".rootfs.ext4.tmp-"), None);
+        assert_eq!(leftover_pid(".rootfs.ext4.tmp-", ".rootfs.ext4.tmp-"), None);
+        assert_eq!(leftover_pid("snapshot", ""), None);
+        assert_eq!(leftover_pid("-12", ""), None);
+    }
+
+    #[test]
+    fn stale_leftovers_are_removed_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("wrenn-stale-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("99999999-1/etc")).unwrap();
+        fs::write(dir.join(".rootfs.ext4.tmp-99999999"), "x").unwrap();
+        let mine = format!(".rootfs.ext4.tmp-{}", std::process::id());
+        fs::write(dir.join(&mine), "x").unwrap();
+        fs::write(dir.join("rootfs.ext4"), "published").unwrap();
+        remove_stale(&dir, "");
+        remove_stale(&dir, ".rootfs.ext4.tmp-");
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [mine, "rootfs.ext4".to_string()]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
