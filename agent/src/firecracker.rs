@@ -136,9 +136,10 @@ fn kernel_version(p: &Path) -> String {
         .to_owned()
 }
 
+/// The end of Firecracker's log (with the serial console on, the guest kernel's last words).
 fn tail(p: &Path) -> String {
     let t = fs::read(p).unwrap_or_default();
-    String::from_utf8_lossy(&t[t.len().saturating_sub(800)..])
+    String::from_utf8_lossy(&t[t.len().saturating_sub(4000)..])
         .trim()
         .to_owned()
 }
