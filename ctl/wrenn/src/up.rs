@@ -1283,12 +1283,34 @@ fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
         let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
-        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if text.contains(needle) {
+        if is_stack_process(&cmdline, needle) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             found.push((pid, text.trim().to_owned()));
         }
     }
     found
+}
+
+/// Programs a local stack runs. A process counts as the stack's only when it is one of these
+/// and its command line names the state directory: a `tail -f` of a log there is not ours
+/// to kill.
+const STACK_PROGRAMS: &[&str] = &[
+    "postgres",
+    "pg_ctl",
+    "wrenn-ctl",
+    "wrenn-agent",
+    "firecracker",
+    "wrenn-uffd",
+];
+
+/// Whether a NUL-separated command line is a stack program that mentions `needle`.
+fn is_stack_process(cmdline: &[u8], needle: &str) -> bool {
+    let mut args = cmdline.split(|b| *b == 0);
+    let argv0 = String::from_utf8_lossy(args.next().unwrap_or_default());
+    // postgres children rename themselves ("postgres: checkpointer"): take the first word.
+    let program = argv0.split([' ', ':']).next().unwrap_or("");
+    let name = program.rsplit('/').next().unwrap_or("");
+    STACK_PROGRAMS.contains(&name) && String::from_utf8_lossy(cmdline).contains(needle)
 }
 
 /// Mount points at or under `dir` (deepest first).
@@ -1490,6 +1512,18 @@ pub fn stop(layout: &Layout) -> Result<String, UpError> {
             }
         }
     }
+    // `pg_ctl stop -w` returns once the pid file is gone, a moment before the postmaster
+    // has exited; anything else still running from the state directory is a leftover.
+    let dir = layout.dir.display().to_string();
+    let deadline = Instant::now() + PORT_RELEASE_WAIT;
+    let mut still = processes_mentioning(&dir);
+    while !still.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        still = processes_mentioning(&dir);
+    }
+    for (pid, cmd) in still {
+        left.push(format!("pid {pid} still running: {cmd}"));
+    }
     if !left.is_empty() {
         return Err(UpError::Leftovers(left));
     }
@@ -1534,6 +1568,33 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc"
         )
         .is_err());
+    }
+
+    #[test]
+    fn only_stack_programs_count() {
+        let d = "/var/lib/wrenn/local";
+        assert!(is_stack_process(
+            b"/usr/lib/postgresql/15/bin/postgres\0-D\0/var/lib/wrenn/local/postgres/data\0",
+            d
+        ));
+        assert!(is_stack_process(
+            b"/opt/fc/firecracker\0--api-sock\0/var/lib/wrenn/local/agent/sandboxes/x/api.sock\0",
+            d
+        ));
+        assert!(is_stack_process(
+            b"/x/target/debug/wrenn-agent\0--state-root\0/var/lib/wrenn/local/agent\0",
+            d
+        ));
+        // Not ours: a user looking at a log, another stack's agent.
+        assert!(!is_stack_process(
+            b"tail\0-f\0/var/lib/wrenn/local/log/agent.log\0",
+            d
+        ));
+        assert!(!is_stack_process(
+            b"/x/wrenn-agent\0--state-root\0/srv/other\0",
+            d
+        ));
+        assert!(!is_stack_process(b"", d));
     }
 
     #[test]
