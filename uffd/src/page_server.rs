@@ -615,6 +615,8 @@ struct Serve<'a> {
     /// Prefetch cursor: (run index, offset inside run).
     prefetch: Vec<(u64, u64)>,
     prefetch_next: usize,
+    /// Working-set run index of each page (empty without a working set).
+    prefetch_run_of: Vec<u32>,
     /// Background-fill cursor: (region index, offset inside region).
     fill_region: usize,
     fill_offset: u64,
@@ -643,7 +645,19 @@ impl<'a> Serve<'a> {
             .as_ref()
             .map(|w| w.runs())
             .unwrap_or_default();
+        // Run index of every working-set page (u32::MAX: not in the set), so that a demand
+        // fault can move the prefetch cursor to where the guest is.
+        let mut prefetch_run_of = Vec::new();
+        if !prefetch.is_empty() {
+            prefetch_run_of = vec![u32::MAX; pages];
+            for (i, &(off, len)) in prefetch.iter().enumerate() {
+                for p in off / BLOCK_SIZE..(off + len) / BLOCK_SIZE {
+                    prefetch_run_of[p as usize] = i as u32;
+                }
+            }
+        }
         Serve {
+            prefetch_run_of,
             uffd,
             regions,
             state: vec![MISSING; pages],
@@ -886,7 +900,18 @@ impl<'a> Serve<'a> {
         // installed in small steps between reads of the userfaultfd, so that neighbours never
         // delay the next demand fault. Recording installs single pages so that the record
         // lists exactly the touched pages.
-        if self.recording.is_none() && self.srv.config.fault_around > BLOCK_SIZE {
+        // While a working set is being prefetched it predicts better than the neighbours do:
+        // no fault-around then, and a fault on a page further down the working set means the
+        // guest is there, so the prefetch jumps ahead to follow it (skipped runs are faulted
+        // in or filled later).
+        let prefetching = self.prefetch_next < self.prefetch.len();
+        if prefetching {
+            let run = self.prefetch_run_of[page];
+            if run != u32::MAX && run as usize > self.prefetch_next {
+                self.prefetch_next = run as usize;
+            }
+        }
+        if !prefetching && self.recording.is_none() && self.srv.config.fault_around > BLOCK_SIZE {
             let window = self.srv.config.fault_around;
             let lo = (off / window * window).max(r.offset);
             let hi = (off / window * window + window).min(r.offset + r.size);
