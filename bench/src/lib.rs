@@ -3,10 +3,12 @@
 
 pub mod harness;
 pub mod rpc;
+pub mod uffd;
 
 /// Every case, in the order `all` runs them.
 pub fn cases() -> Vec<harness::Case> {
     let mut v = Vec::new();
     v.extend(rpc::cases());
+    v.extend(uffd::cases());
     v
 }
