@@ -7,6 +7,11 @@
 //! e.g. the nested-hypervisor workarounds of test hosts), `WRENN_BOOT_CONSOLE=1` (serial
 //! console into the Firecracker log), `WRENN_BOOT_TIMEOUT_S` (default 900: a guest kernel
 //! takes 4–6 minutes to reach userspace under the nested hypervisor of test hosts).
+//!
+//! On the nested-KVM test hosts this passed with the patched kernel and
+//! `WRENN_BOOT_ARGS="mitigations=off clearcpuid=xsave,cx16,popcnt,rdrand,rdseed,fsgsbase,rdpid,smap
+//! initcall_blacklist=ptp_kvm_init"`. `clearcpuid=xsave` stands in for `noxsave`: the 6.1
+//! kernel does not know `noxsave` and hands it to init as an argument, which envd refuses.
 
 use std::fs;
 use std::path::{Path, PathBuf};
