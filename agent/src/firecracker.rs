@@ -50,7 +50,7 @@ const CGROUP_PARENT: &str = "wrenn";
 #[derive(Clone, Debug)]
 pub struct FcConfig {
     pub firecracker: PathBuf,
-    /// Default guest kernel; else the newest `<state-root>/kernels/vmlinux-*`.
+    /// Default guest kernel; else the most recent `<state-root>/kernels/vmlinux-*`.
     pub kernel: Option<PathBuf>,
     pub uffd_bin: Option<PathBuf>,
     pub backend: RestoreBackend,
@@ -187,18 +187,18 @@ impl FirecrackerVmm {
         if let Some(k) = &self.cfg.kernel {
             return k.is_file().then(|| k.clone());
         }
-        let mut found: Vec<PathBuf> = fs::read_dir(&kernels)
+        // The most recently installed kernel (names carry a config hash, not an order).
+        fs::read_dir(&kernels)
             .ok()?
             .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
                     .is_some_and(|n| n.starts_with("vmlinux-") && !n.ends_with(".config"))
             })
-            .collect();
-        found.sort();
-        found.pop()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .max()
+            .map(|(_, p)| p)
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Running>> {

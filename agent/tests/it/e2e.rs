@@ -465,8 +465,86 @@ fn e2e_lifecycle_on_firecracker() {
         assert_eq!(sh_ok(&c, n, "echo alive").trim(), "alive");
     }
 
+    // A real kill -9 of a wrenn-agent process: the binary takes over the state root (the
+    // in-process agent stops serving), is killed with SIGKILL, and a new one re-adopts.
+    agent2.handle.shutdown();
+    drop(c);
+    Identity {
+        host_id: Uuid::from_u128(1),
+        host_token: "h".into(),
+        agent_token: TOKEN.into(),
+    }
+    .save(&inp.root.join("agent/identity.conf"))
+    .unwrap();
+    let spawn_agent = |port: u16| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wrenn-agent"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .arg("--state-root")
+            .arg(&inp.root)
+            .arg("--firecracker")
+            .arg(&inp.fc)
+            .arg("--kernel")
+            .arg(&inp.kernel)
+            .args(["--net-prefix", "wre2e", "--net-subnet", "10.213.0.0"])
+            .arg(format!("--boot-args-extra={}", inp.boot_args))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(inp.root.join(format!("agent-{port}.log"))).unwrap(),
+            ));
+        match &inp.uffd {
+            Some(u) => cmd.arg("--uffd-bin").arg(u),
+            None => cmd.args(["--restore-backend", "file"]),
+        };
+        cmd.spawn().unwrap()
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let connect = || {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Client::connect_tcp(("127.0.0.1", port), Credential::agent_token(TOKEN)) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < end => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("agent binary did not come up: {e}"),
+            }
+        }
+    };
+    let mut first = spawn_agent(port);
+    let c = connect();
+    assert_eq!(sh_ok(&c, 21, "echo via-binary").trim(), "via-binary");
+    drop(c);
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let mut second = spawn_agent(port);
+    let c = connect();
+    for n in [10u128, 21] {
+        let info: pb::SandboxInfo = call(
+            &c,
+            pb::sandboxes_methods::GET,
+            &pb::GetSandboxRequest { sandbox_id: sb(n) },
+        );
+        assert_eq!(
+            info.state,
+            pb::SandboxState::Running as i32,
+            "after kill -9: {info:?}"
+        );
+        assert_eq!(sh_ok(&c, n, "echo after-kill").trim(), "after-kill");
+    }
+
     // Destroy all: nothing left.
-    for s in agent2.manager.list(&[]) {
+    let all: pb::ListSandboxesResponse = call(
+        &c,
+        pb::sandboxes_methods::LIST,
+        &pb::ListSandboxesRequest { states: vec![] },
+    );
+    for s in all.sandboxes {
         let _: pb::DestroySandboxResponse = call(
             &c,
             pb::sandboxes_methods::DESTROY,
@@ -479,7 +557,8 @@ fn e2e_lifecycle_on_firecracker() {
     let left: Vec<_> = std::fs::read_dir(&sandboxes).unwrap().flatten().collect();
     assert!(left.is_empty(), "left in {}: {left:?}", sandboxes.display());
     assert!(firecrackers_under(&sandboxes).is_empty(), "processes left");
-    assert_eq!(agent2.manager.slots_used(), 0);
+    second.kill().unwrap();
+    second.wait().unwrap();
     let netns = Command::new("ip")
         .args(["netns", "list"])
         .stderr(Stdio::null())
