@@ -1,6 +1,7 @@
 //! wrenn's benchmark suite: every case measures its baseline in the same run and prints the
 //! ratio (see `harness`). `cargo run --release -p bench -- <name>|all [--quick]`.
 
+pub mod ctl;
 pub mod harness;
 pub mod rpc;
 pub mod uffd;
@@ -9,6 +10,7 @@ pub mod uffd;
 pub fn cases() -> Vec<harness::Case> {
     let mut v = Vec::new();
     v.extend(rpc::cases());
+    v.extend(ctl::cases());
     v.extend(uffd::cases());
     v
 }

@@ -1,0 +1,287 @@
+//! ctl cases: each measured against one bare PostgreSQL round trip (a prepared `SELECT` of
+//! one row by primary key) in the same run, on a throwaway PostgreSQL 15 cluster.
+//! - `ctl_auth`: `Api::authenticate` (the API-key check every connection/request does);
+//! - `ctl_create`: `Api::create_sandbox` with an agent that answers at once;
+//! - `ctl_list`: `Api::list_sandboxes` (a page of 100) of a team with 10,000 sandboxes,
+//!   against the same SQL query run bare; compared at p99.
+
+use std::time::Duration;
+
+use ctl::config::{ApiConfig, Config, JobsConfig};
+use ctl::server::{Running, StartOpts};
+use ctl::service::{Api, AuthCtx};
+use ctl::testkit::{InstantAgent, PgCluster};
+use postgres::types::Type;
+use proto::gen::wrenn::agent::v1 as agent;
+use proto::gen::wrenn::ctl::v1 as c;
+use proto::gen::wrenn::host::v1 as host;
+
+use crate::harness::{latency_line, measure, Case, Goal, Opts, Samples};
+
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "ctl_auth",
+            run: ctl_auth,
+        },
+        Case {
+            name: "ctl_create",
+            run: ctl_create,
+        },
+        Case {
+            name: "ctl_list",
+            run: ctl_list,
+        },
+    ]
+}
+
+struct Env {
+    running: Option<Running>,
+    _agent: InstantAgent,
+    key: String,
+    ctx: AuthCtx,
+    bare: postgres::Client,
+    key_id: proto::id::Uuid,
+    url: String,
+    // Dropped last: stops the cluster.
+    _cluster: PgCluster,
+}
+
+impl Env {
+    fn api(&self) -> &Api {
+        &self.running.as_ref().expect("running").api
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown();
+        }
+    }
+}
+
+fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |err| format!("{what}: {err}")
+}
+
+/// `Ok(None)` (after printing the skip) when PostgreSQL 15 is not installed, unless
+/// WRENN_REQUIRE_E2E=1 demands it.
+fn env_or_skip(name: &str) -> Result<Option<Env>, String> {
+    if !std::path::Path::new(ctl::testkit::PG_BIN)
+        .join("initdb")
+        .exists()
+    {
+        let why = format!("PostgreSQL 15 not found in {}", ctl::testkit::PG_BIN);
+        if std::env::var("WRENN_REQUIRE_E2E").is_ok_and(|v| v == "1") {
+            return Err(why);
+        }
+        println!("bench={name} skipped: {why}");
+        return Ok(None);
+    }
+    env().map(Some)
+}
+
+fn env() -> Result<Env, String> {
+    let cluster = PgCluster::start()?;
+    let url = cluster.create_db("bench")?;
+    let init = ctl::admin::init(&url, "bench", "bench@example.com", "").map_err(e("admin init"))?;
+    let cfg = Config {
+        database_url: url.clone(),
+        listen: "127.0.0.1:0".parse().map_err(e("addr"))?,
+        http_listen: "127.0.0.1:0".parse().map_err(e("addr"))?,
+        db_workers: 4,
+        api: ApiConfig {
+            last_used_flush: Duration::from_secs(1),
+            ..ApiConfig::default()
+        },
+        jobs: JobsConfig::default(),
+    };
+    let running = ctl::server::start(
+        &cfg,
+        StartOpts {
+            jobs: false,
+            http: false,
+        },
+    )
+    .map_err(e("start ctl"))?;
+    let api = running.api.clone();
+    let agent = InstantAgent::start().map_err(e("start agent"))?;
+    let (tok, _) =
+        ctl::admin::create_registration_token(&url, 600).map_err(e("registration token"))?;
+    let reg = ctl::host_service::register(
+        &api,
+        host::RegisterRequest {
+            registration_token: tok,
+            agent_address: agent.addr.to_string(),
+            hostname: "bench".into(),
+            capacity: Some(agent::Resources {
+                vcpus: 1 << 20,
+                memory_mib: 1 << 40,
+                disk_mib: 1 << 40,
+            }),
+            can_host_sandboxes: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|s| format!("register: {s:?}"))?;
+    agent.set_token(&reg.agent_token);
+    let ctx = api
+        .authenticate(&init.team_key)
+        .map_err(|s| format!("auth: {s:?}"))?;
+    let bare = postgres::Client::connect(&url, postgres::NoTls).map_err(e("connect"))?;
+    Ok(Env {
+        running: Some(running),
+        _agent: agent,
+        key: init.team_key,
+        key_id: ctx.key_id,
+        ctx,
+        bare,
+        url,
+        _cluster: cluster,
+    })
+}
+
+/// The baseline: one prepared SELECT of one row by primary key.
+fn bare_round_trip(env: &mut Env, iters: usize) -> Result<Samples, String> {
+    let stmt = env
+        .bare
+        .prepare_typed(
+            "SELECT id, team_id, name, key_hash, platform_admin FROM api_keys WHERE id = $1",
+            &[Type::UUID],
+        )
+        .map_err(e("prepare"))?;
+    let id = env.key_id;
+    let bare = &mut env.bare;
+    measure(iters, iters / 10 + 1, || {
+        bare.query_one(&stmt, &[&id])
+            .map(|_| ())
+            .map_err(|err| err.to_string())
+    })
+}
+
+fn ctl_auth(o: &Opts) -> Result<(), String> {
+    let Some(mut env) = env_or_skip("ctl_auth")? else {
+        return Ok(());
+    };
+    let iters = o.iters(3000, 5);
+    let base = bare_round_trip(&mut env, iters)?;
+    let api = env.api().clone();
+    let key = env.key.clone();
+    let ours = measure(iters, iters / 10 + 1, || {
+        api.authenticate(&key).map(|_| ()).map_err(|s| s.message)
+    })?;
+    println!(
+        "{}",
+        latency_line("ctl_auth", &ours, "pg_select_pk", &base, Goal::AtMost(1.5))
+    );
+    Ok(())
+}
+
+fn ctl_create(o: &Opts) -> Result<(), String> {
+    let Some(mut env) = env_or_skip("ctl_create")? else {
+        return Ok(());
+    };
+    let iters = o.iters(1000, 3);
+    let base = bare_round_trip(&mut env, iters)?;
+    let api = env.api().clone();
+    let ctx = env.ctx.clone();
+    let ours = measure(iters, iters / 10 + 1, || {
+        api.create_sandbox(&ctx, c::CreateSandboxRequest::default())
+            .map(|_| ())
+            .map_err(|s| format!("{}: {}", s.code, s.message))
+    })?;
+    println!(
+        "{}",
+        latency_line(
+            "ctl_create",
+            &ours,
+            "pg_select_pk",
+            &base,
+            Goal::AtMost(6.0)
+        )
+    );
+    Ok(())
+}
+
+fn ctl_list(o: &Opts) -> Result<(), String> {
+    let Some(mut env) = env_or_skip("ctl_list")? else {
+        return Ok(());
+    };
+    let n: i32 = if o.quick { 200 } else { 10_000 };
+    let team = env.ctx.team_id;
+    // 10,000 running sandboxes of the team, inserted directly (the ledger is irrelevant here).
+    env.bare
+        .execute(
+            "INSERT INTO sandboxes (id, team_id, template_id, state, vcpus, memory_mib, disk_mib, timeout_s, \
+                on_timeout, metadata, created_at) \
+             SELECT gen_random_uuid(), $1, '00000000-0000-0000-0000-000000000000', 'running', 1, 512, 5120, \
+                300, 'destroy', jsonb_build_object('i', i::text), now() - make_interval(secs => i) \
+             FROM generate_series(1, $2) AS i",
+            &[&team, &n],
+        )
+        .map_err(e("insert sandboxes"))?;
+    env.bare
+        .batch_execute("ANALYZE sandboxes")
+        .map_err(e("analyze"))?;
+    let iters = o.iters(1000, 3);
+    // Baseline: the same SQL, prepared, run bare with the same parameters.
+    let stmt = env
+        .bare
+        .prepare_typed(
+            &ctl::service::sandboxes::list_sql(),
+            &[
+                Type::UUID,
+                Type::BOOL,
+                Type::TEXT_ARRAY,
+                Type::UUID,
+                Type::JSONB,
+                Type::TIMESTAMPTZ,
+                Type::UUID,
+                Type::INT8,
+            ],
+        )
+        .map_err(e("prepare list"))?;
+    let empty: Vec<String> = Vec::new();
+    let meta = serde_json::json!({});
+    let none_uuid: Option<proto::id::Uuid> = None;
+    let none_t: Option<std::time::SystemTime> = None;
+    let limit: i64 = 101;
+    let bare = &mut env.bare;
+    let base = measure(iters, iters / 10 + 1, || {
+        let rows = bare
+            .query(
+                &stmt,
+                &[
+                    &team, &true, &empty, &none_uuid, &meta, &none_t, &none_uuid, &limit,
+                ],
+            )
+            .map_err(|err| err.to_string())?;
+        if rows.len() as i64 != limit.min(i64::from(n)) {
+            return Err(format!("bare list returned {} rows", rows.len()));
+        }
+        Ok(())
+    })?;
+    let api = env.api().clone();
+    let ctx = env.ctx.clone();
+    let ours = measure(iters, iters / 10 + 1, || {
+        let r = api
+            .list_sandboxes(&ctx, c::ListSandboxesRequest::default())
+            .map_err(|s| s.message)?;
+        if r.sandboxes.len() as i64 != 100.min(i64::from(n)) {
+            return Err(format!("list returned {}", r.sandboxes.len()));
+        }
+        Ok(())
+    })?;
+    // The goal is on p99: compare tails.
+    let ratio = ours.p99() as f64 / base.p99().max(1) as f64;
+    let goal = Goal::AtMost(4.0);
+    println!(
+        "bench=ctl_list p50_ns={} p99_ns={} baseline=pg_list_query_p99 ratio={ratio:.3} goal={goal} ok={}",
+        ours.p50(),
+        ours.p99(),
+        goal.holds(ratio)
+    );
+    let _ = &env.url;
+    Ok(())
+}
