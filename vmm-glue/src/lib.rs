@@ -9,6 +9,7 @@
 //! - [`cgroup`]: per-sandbox cgroups, v2 where mounted with controllers, else v1 cpu/memory;
 //! - [`vsock`]: the host side of Firecracker's hybrid vsock (`CONNECT <port>`, guest-initiated
 //!   listeners, envd's readiness push);
+//! - [`page_server`]: the launcher of `wrenn-uffd` (the page server of a restored VM);
 //! - [`disk`]: per-sandbox root disks as reflink clones or sparse copies of a template;
 //! - [`net`]: network slots (namespaces, veth, tap, NAT);
 //! - [`limits`]: every bound outside `net`, with its reason.
@@ -30,6 +31,7 @@ pub mod cgroup;
 pub mod disk;
 pub mod limits;
 pub mod net;
+pub mod page_server;
 pub mod process;
 pub mod request;
 mod sys;

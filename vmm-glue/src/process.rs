@@ -296,7 +296,7 @@ impl State {
 }
 
 /// Start time (clock ticks since boot, field 22 of /proc/PID/stat).
-fn proc_start_time(pid: u32) -> io::Result<u64> {
+pub(crate) fn proc_start_time(pid: u32) -> io::Result<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) is in parentheses and may hold anything, even ')'.
     let after = s
@@ -310,7 +310,7 @@ fn proc_start_time(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no start time in stat"))
 }
 
-fn proc_cmdline(pid: u32) -> io::Result<Vec<Vec<u8>>> {
+pub(crate) fn proc_cmdline(pid: u32) -> io::Result<Vec<Vec<u8>>> {
     let mut buf = Vec::new();
     File::open(format!("/proc/{pid}/cmdline"))?
         .take(PROC_CMDLINE_LEN_MAX as u64)
