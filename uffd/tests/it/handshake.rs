@@ -218,3 +218,82 @@ fn a_fatal_error_kills_firecracker() {
         "firecracker was killed: {status:?}"
     );
 }
+
+/// Child side of the tests below: a Firecracker that hands over its memory, then exits.
+#[test]
+fn child_hands_over_memory_then_exits() {
+    let Ok(sock) = std::env::var("UFFD_IT_CHILD_HANDOVER") else {
+        return;
+    };
+    let memory: u64 = std::env::var("UFFD_IT_CHILD_MEMORY")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let vm = FakeVm::new(memory, memory / 2, MIB);
+    let _conn = vm.connect(Path::new(&sock));
+    let ms: u64 = std::env::var("UFFD_IT_CHILD_SLEEP_MS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(ms));
+    std::process::exit(0);
+}
+
+fn firecracker_exits_after_handover(
+    memory: u64,
+    fill: bool,
+    sleep_ms: u64,
+) -> Result<(Outcome, uffd::stats::Stats), Error> {
+    let chain = build_chain(25, memory);
+    let sock = chain.dir.path().join("handover.sock");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "handshake::child_hands_over_memory_then_exits",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("UFFD_IT_CHILD_HANDOVER", &sock)
+        .env("UFFD_IT_CHILD_MEMORY", memory.to_string())
+        .env("UFFD_IT_CHILD_SLEEP_MS", sleep_ms.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let s2 = sock.clone();
+    let srv = Running::start(&chain, move |c| {
+        c.firecracker_pid = pid;
+        c.socket_path = s2;
+        c.background_fill = fill;
+        c.kill_on_fatal = true;
+    });
+    let out = srv.join();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the child exited by itself: {status:?}");
+    out
+}
+
+#[test]
+fn firecracker_exiting_after_the_handshake_ends_the_server() {
+    if uffd_unavailable() {
+        return;
+    }
+    let (outcome, stats) = firecracker_exits_after_handover(MIB, false, 100).unwrap();
+    assert_eq!(outcome, Outcome::FirecrackerExited);
+    assert!(stats.handshake_us > 0);
+}
+
+#[test]
+fn firecracker_exiting_during_the_fill_is_not_an_error() {
+    if uffd_unavailable() {
+        return;
+    }
+    // The fill races the exit: either it finishes first or its copies find the address space
+    // gone (ESRCH); neither is a failure.
+    let (outcome, stats) = firecracker_exits_after_handover(64 * MIB, true, 15).unwrap();
+    eprintln!("outcome {outcome:?} filled {}", stats.pages_filled);
+    assert!(
+        matches!(outcome, Outcome::FirecrackerExited | Outcome::Resident),
+        "{outcome:?}"
+    );
+}

@@ -195,3 +195,33 @@ fn a_missing_layer_is_a_clean_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_squashed_chain_serves_the_same_bytes() {
+    if uffd_unavailable() {
+        return;
+    }
+    use uffd::header::{squash, BuildId};
+    let memory = 2 * MIB;
+    let chain = build_chain(15, memory);
+    let layers = uffd::page_server::LayerSet::open(&chain.header, &chain.layer_dir()).unwrap();
+    let id = BuildId([0x5a; 16]);
+    let out_path = chain.layer_dir().join(id.layer_file_name());
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&out_path).unwrap());
+    let squashed = squash(&chain.header, &layers, &mut out, id).unwrap();
+    drop(out);
+    assert_eq!(squashed.layers.len(), 1);
+    // Serve the squashed header from a directory holding only its layer.
+    for l in &chain.header.layers {
+        std::fs::remove_file(chain.layer_dir().join(l.build_id.layer_file_name())).unwrap();
+    }
+    std::fs::write(chain.header_path(), squashed.serialize()).unwrap();
+    let vm = FakeVm::new(memory, MIB, MIB);
+    let srv = Running::start(&chain, |_| {});
+    let _conn = vm.connect(&srv.socket);
+    let (outcome, _) = srv.join().unwrap();
+    assert_eq!(outcome, Outcome::Resident);
+    for p in 0..memory / PAGE {
+        check_page(&vm, &chain.expected, p * PAGE);
+    }
+}
