@@ -4,6 +4,7 @@
 mod agent_conformance;
 mod api;
 mod cli;
+mod ctl_bin;
 mod fake_agent;
 mod harness;
 mod http;

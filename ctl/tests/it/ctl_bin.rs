@@ -1,0 +1,176 @@
+//! The `wrenn-ctl` server binary: flags, `admin` subcommands and `serve`, end to end.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::gen::wrenn::ctl::v1 as c;
+use proto::rpc::{Client, Credential};
+
+use crate::harness;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wrenn-ctl");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    for args in [
+        &[][..],
+        &["nope"],
+        &["serve", "--bogus"],
+        &["serve", "--listen"],
+        &["admin"],
+        &["admin", "init"],
+        &["serve", "--db-workers", "0", "--database-url", "x"],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("WRENN_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("usage"),
+            "{args:?}"
+        );
+    }
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn admin_and_serve() {
+    let Some(url) = harness::fresh_db() else {
+        return;
+    };
+    let out = Command::new(BIN)
+        .args(["admin", "migrate", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args([
+            "admin",
+            "init",
+            "--team",
+            "acme",
+            "--email",
+            "ops@acme.test",
+        ])
+        .env("WRENN_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = |label: &str| {
+        text.lines()
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("wrn_")))
+            .unwrap_or_else(|| panic!("{label} in {text}"))
+            .to_owned()
+    };
+    let team_key = key("team api key");
+    let admin_key = key("platform admin key");
+    // A second init is refused.
+    let out = Command::new(BIN)
+        .args([
+            "admin",
+            "init",
+            "--team",
+            "x",
+            "--email",
+            "x@y.z",
+            "--database-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = Command::new(BIN)
+        .args([
+            "admin",
+            "create-registration-token",
+            "--ttl-s",
+            "60",
+            "--database-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .starts_with("wrr_"));
+
+    let (port, http_port) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--database-url",
+            &url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http_port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let team = loop {
+        let r = Client::connect_tcp(format!("127.0.0.1:{port}"), Credential::api_key(&team_key))
+            .and_then(|cl| {
+                cl.unary::<_, c::Team>(
+                    c::teams_methods::GET,
+                    &c::GetTeamRequest::default(),
+                    Some(Duration::from_secs(5)),
+                )
+            });
+        match r {
+            Ok(t) => break t,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("serve did not answer: {e:?}");
+            }
+        }
+    };
+    assert_eq!(team.name, "acme");
+    let admin =
+        Client::connect_tcp(format!("127.0.0.1:{port}"), Credential::api_key(&admin_key)).unwrap();
+    let hosts: c::ListHostsResponse = admin
+        .unary(
+            c::hosts_methods::LIST,
+            &c::ListHostsRequest::default(),
+            Some(Duration::from_secs(5)),
+        )
+        .unwrap();
+    assert!(hosts.hosts.is_empty());
+    let _ = child.kill();
+    let _ = child.wait();
+}
