@@ -1491,7 +1491,15 @@ fn pid1_duties_in_namespaces() {
     let sock = dir.join("envd.sock");
     let bin =
         std::env::var("WRENN_ENVD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_envd").to_string());
-    let mut unshare = Command::new("/usr/bin/unshare")
+    // /proc/<pid>/comm holds at most 15 bytes of the executable's name.
+    let comm: String = Path::new(&bin)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .take(15)
+        .collect();
+    let unshare = Command::new("/usr/bin/unshare")
         .args([
             "--pid",
             "--fork",
@@ -1502,24 +1510,48 @@ fn pid1_duties_in_namespaces() {
             "private",
             "--",
         ])
-        .arg(bin)
+        .arg(&bin)
         .arg("--listen-unix")
         .arg(&sock)
         .arg("--no-announce")
         .env("WRENN_LOG", "warn")
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    // Ends the namespace (and removes the dir) however the test ends.
+    struct Ns {
+        unshare: Child,
+        dir: PathBuf,
+    }
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            if let Ok(None) = self.unshare.try_wait() {
+                if let Some(pid) = first_child(self.unshare.id()) {
+                    // SAFETY: killing the namespace's PID 1, which this test started, ends
+                    // the whole namespace.
+                    unsafe {
+                        libc::kill(pid as i32, libc::SIGKILL);
+                    }
+                }
+                let _ = self.unshare.kill();
+                let _ = self.unshare.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+    let mut ns = Ns {
+        unshare,
+        dir: dir.clone(),
+    };
     let t0 = Instant::now();
     while !sock.exists() {
-        if t0.elapsed() > Duration::from_secs(10) || unshare.try_wait().unwrap().is_some() {
-            let _ = unshare.kill();
-            let _ = unshare.wait();
+        if t0.elapsed() > Duration::from_secs(10) || ns.unshare.try_wait().unwrap().is_some() {
             return skip("unshare could not start envd in new namespaces");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let envd_pid = first_child(unshare.id()).unwrap();
+    let envd_pid = first_child(ns.unshare.id()).unwrap();
     let c = Client::connect_unix(&sock, Credential::none()).unwrap();
     let sandbox = "sb-00000000-0000-0000-0000-0000000000aa";
     let _: pb::InitResponse = c
@@ -1546,7 +1578,7 @@ fn pid1_duties_in_namespaces() {
     };
     let out = run("cat /proc/1/comm; hostname; cut -d' ' -f2,3 /proc/mounts");
     let mut lines = out.lines();
-    assert_eq!(lines.next(), Some("envd"));
+    assert_eq!(lines.next(), Some(comm.as_str()));
     assert_eq!(lines.next(), Some(sandbox));
     let mounts: HashSet<&str> = lines.collect();
     for m in [
@@ -1581,7 +1613,7 @@ fn pid1_duties_in_namespaces() {
     }
     let t0 = Instant::now();
     loop {
-        if unshare.try_wait().unwrap().is_some() {
+        if ns.unshare.try_wait().unwrap().is_some() {
             break;
         }
         assert!(
@@ -1590,7 +1622,7 @@ fn pid1_duties_in_namespaces() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(ns);
     // envd (PID 1, root cgroup of the hierarchy) made a "processes" cgroup; now empty.
     if let Some(mp) = cgroup2_mount() {
         let _ = std::fs::remove_dir(mp.join("processes"));
