@@ -218,16 +218,98 @@ fn restore_through_wrenn_uffd_with_real_firecracker() {
     std::fs::write(d.join("header"), header.serialize()).unwrap();
 
     // Restore: Firecracker (API only), then wrenn-uffd with its pid, then snapshot/load.
-    let fc2 = Fc::start(&fc_bin, d, "fc2");
-    let uffd_sock = d.join("uffd.sock");
-    let stats_path = d.join("uffd.stats");
+    let (fc2, _) = restore(&fc_bin, d, "fc2", &snap, &d.join("header"), &layers);
+
+    // The VM still runs without its handler. A Diff snapshot (its dirty pages: what Firecracker
+    // wrote on restore), then a Full one of the same state.
+    std::thread::sleep(Duration::from_millis(200));
+    fc2.ok("PATCH", "/vm", "{\"state\":\"Paused\"}");
+    let (snap2d, mem2d) = (d.join("vm2d.snap"), d.join("vm2d.mem"));
+    snapshot(&fc2, "Diff", &snap2d, &mem2d);
+    let (snap2, mem2) = (d.join("vm2.snap"), d.join("vm2.mem"));
+    snapshot(&fc2, "Full", &snap2, &mem2);
+    drop(fc2);
+    let full2 = std::fs::read(&mem2).unwrap();
+    assert_same_but_system_area(&std::fs::read(&mem1).unwrap(), &full2);
+
+    // Generation 2 from the Diff file, merged over generation 1: it must read exactly as the
+    // Full snapshot of the same state.
+    let id2 = BuildId([0xf2; 16]);
+    let mut layer =
+        std::io::BufWriter::new(File::create(layers.join(id2.layer_file_name())).unwrap());
+    let (diff2, stats2) = generation::build(
+        &File::open(&mem2d).unwrap(),
+        memory,
+        SnapshotKind::Diff,
+        &mut layer,
+    )
+    .unwrap();
+    drop(layer);
+    eprintln!("generation 2 (diff): {stats2:?}");
+    assert!(
+        stats2.pages_scanned > 0 && stats2.pages_scanned < memory / 4096,
+        "{stats2:?}"
+    );
+    let header2 = header.merge(&diff2, id2).unwrap();
+    let set = uffd::page_server::LayerSet::open(&header2, &layers).unwrap();
+    for p in 0..(memory / 4096) as usize {
+        let off = p as u64 * 4096;
+        let e = &header2.extents[header2.find(off).unwrap()];
+        let want = &full2[p * 4096..(p + 1) * 4096];
+        if e.is_zero() {
+            assert!(want.iter().all(|b| *b == 0), "page {p} should be zeros");
+        } else {
+            let data = uffd::header::Layers::layer(&set, &e.build_id).unwrap();
+            let s = (e.storage_offset + off - e.offset) as usize;
+            assert!(
+                &data[s..s + 4096] == want,
+                "page {p} differs from the Full snapshot"
+            );
+        }
+    }
+    std::fs::write(d.join("header2"), header2.serialize()).unwrap();
+
+    // Restore generation 2 (the Diff snapshot's VM state) through the page server.
+    let (fc3, _) = restore(&fc_bin, d, "fc3", &snap2d, &d.join("header2"), &layers);
+    std::thread::sleep(Duration::from_millis(200));
+    fc3.ok("PATCH", "/vm", "{\"state\":\"Paused\"}");
+    let (snap3, mem3) = (d.join("vm3.snap"), d.join("vm3.mem"));
+    snapshot(&fc3, "Full", &snap3, &mem3);
+    assert_same_but_system_area(&full2, &std::fs::read(&mem3).unwrap());
+}
+
+fn snapshot(fc: &Fc, kind: &str, snap: &Path, mem: &Path) {
+    fc.ok(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            "{{\"snapshot_type\":\"{kind}\",\"snapshot_path\":\"{}\",\"mem_file_path\":\"{}\"}}",
+            snap.display(),
+            mem.display()
+        ),
+    );
+}
+
+/// Starts Firecracker and `wrenn-uffd` for it, loads `snap` through the page server (resumed,
+/// dirty pages tracked) and waits until the server has made every page resident and exited.
+fn restore(
+    fc_bin: &Path,
+    d: &Path,
+    name: &str,
+    snap: &Path,
+    header: &Path,
+    layers: &Path,
+) -> (Fc, String) {
+    let fc = Fc::start(fc_bin, d, name);
+    let uffd_sock = d.join(format!("{name}.uffd"));
+    let stats_path = d.join(format!("{name}.stats"));
     let mut srv = Command::new(env!("CARGO_BIN_EXE_wrenn-uffd"))
         .arg("--socket")
         .arg(&uffd_sock)
-        .args(["--firecracker-pid", &fc2.pid().to_string(), "--header"])
-        .arg(d.join("header"))
+        .args(["--firecracker-pid", &fc.pid().to_string(), "--header"])
+        .arg(header)
         .arg("--layers")
-        .arg(&layers)
+        .arg(layers)
         .arg("--stats")
         .arg(&stats_path)
         .stdin(Stdio::null())
@@ -242,52 +324,46 @@ fn restore_through_wrenn_uffd_with_real_firecracker() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let t = Instant::now();
-    fc2.ok(
+    fc.ok(
         "PUT",
         "/snapshot/load",
         &format!(
-            "{{\"snapshot_path\":\"{}\",\"mem_backend\":{{\"backend_type\":\"Uffd\",\"backend_path\":\"{}\"}},\"resume_vm\":true}}",
+            "{{\"snapshot_path\":\"{}\",\"mem_backend\":{{\"backend_type\":\"Uffd\",\"backend_path\":\"{}\"}},\"track_dirty_pages\":true,\"resume_vm\":true}}",
             snap.display(),
             uffd_sock.display()
         ),
     );
-    eprintln!("snapshot/load + resume took {:?}", t.elapsed());
+    eprintln!("{name}: snapshot/load + resume took {:?}", t.elapsed());
     // The server fills every page, unregisters and exits by itself.
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = srv.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "wrenn-uffd did not finish: {}",
-            std::fs::read_to_string(&stats_path).unwrap_or_default()
-        );
+        if Instant::now() > deadline {
+            let _ = srv.kill();
+            panic!(
+                "wrenn-uffd did not finish: {}",
+                std::fs::read_to_string(&stats_path).unwrap_or_default()
+            );
+        }
         std::thread::sleep(Duration::from_millis(10));
     };
     let text = std::fs::read_to_string(&stats_path).unwrap();
-    eprintln!("wrenn-uffd stats:\n{text}");
+    eprintln!("{name}: wrenn-uffd stats:\n{text}");
     assert!(status.success(), "{status:?}");
     assert_eq!(uffd::stats::value(&text, "state"), Some("resident"));
     assert_eq!(
         uffd::stats::value(&text, "pages_total"),
-        Some((memory / 4096).to_string().as_str())
+        Some(((MEM_MIB << 20) / 4096).to_string().as_str())
     );
+    (fc, text)
+}
 
-    // The VM still runs without its handler; a second snapshot has the same bytes.
-    std::thread::sleep(Duration::from_millis(200));
-    fc2.ok("PATCH", "/vm", "{\"state\":\"Paused\"}");
-    let (snap2, mem2) = (d.join("vm2.snap"), d.join("vm2.mem"));
-    fc2.ok(
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            "{{\"snapshot_type\":\"Full\",\"snapshot_path\":\"{}\",\"mem_file_path\":\"{}\"}}",
-            snap2.display(),
-            mem2.display()
-        ),
-    );
-    let (a, b) = (std::fs::read(&mem1).unwrap(), std::fs::read(&mem2).unwrap());
+/// Two memory images are byte-identical except for the few bytes Firecracker itself writes into
+/// guest memory on restore: the VMGenID device's new 16-byte generation id and the vmclock
+/// page's counters, in the system area below 1 MiB (seen here: pages 0xde and 0xdf).
+fn assert_same_but_system_area(a: &[u8], b: &[u8]) {
     assert_eq!(a.len(), b.len());
     let differing: Vec<usize> = (0..a.len() / 4096)
         .filter(|p| a[p * 4096..(p + 1) * 4096] != b[p * 4096..(p + 1) * 4096])
@@ -298,11 +374,8 @@ fn restore_through_wrenn_uffd_with_real_firecracker() {
             .map(|i| (i, a[i], b[i]))
             .take(24)
             .collect();
-        eprintln!("page {p}: {diffs:x?}");
+        eprintln!("page {p:#x}: {diffs:x?}");
     }
-    // Firecracker itself writes a few bytes into guest memory on restore: the VMGenID device's
-    // new 16-byte generation id and the vmclock page's counters, in the system area below
-    // 1 MiB (seen here: pages 0xde and 0xdf). Everything else must be byte-identical.
     assert!(
         differing.len() <= 4,
         "too many pages differ after the restore: {differing:?}"
