@@ -51,3 +51,62 @@ fn bad_flags_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
 }
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    let r = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(r, 0);
+}
+
+#[test]
+fn records_until_sigusr1_and_stops_on_sigterm() {
+    if crate::harness::uffd_unavailable() {
+        return;
+    }
+    use crate::harness::{FakeVm, PAGE};
+    let memory = 2 << 20;
+    let chain = build_chain(42, memory);
+    let sock = chain.dir.path().join("rec.sock");
+    let ws = chain.dir.path().join("rec.ws");
+    let stats = chain.dir.path().join("rec.stats");
+    // This test process plays Firecracker.
+    let mut srv = Command::new(env!("CARGO_BIN_EXE_wrenn-uffd"))
+        .arg("--socket")
+        .arg(&sock)
+        .args([
+            "--firecracker-pid",
+            &std::process::id().to_string(),
+            "--header",
+        ])
+        .arg(chain.header_path())
+        .arg("--layers")
+        .arg(chain.layer_dir())
+        .arg("--record")
+        .arg(&ws)
+        .args(["--record-seconds", "600", "--no-background-fill", "--stats"])
+        .arg(&stats)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm = FakeVm::new(memory, 1 << 20, 1 << 20);
+    let _conn = vm.connect(&sock);
+    let touched = [5 * PAGE, 300 * PAGE, 6 * PAGE, 511 * PAGE];
+    for off in touched {
+        let r = off as usize..(off + PAGE) as usize;
+        assert!(vm.read_page(off) == chain.expected[r]);
+    }
+    signal(&srv, libc::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ws.exists() {
+        assert!(Instant::now() < deadline, "working set never written");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let set = uffd::working_set::WorkingSet::parse(&std::fs::read(&ws).unwrap()).unwrap();
+    assert_eq!(set.pages, touched.to_vec());
+    signal(&srv, libc::SIGTERM);
+    let status = srv.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&stats).unwrap();
+    assert_eq!(uffd::stats::value(&text, "state"), Some("stopped"));
+    assert_eq!(uffd::stats::value(&text, "pages_recorded"), Some("4"));
+}
