@@ -709,17 +709,21 @@ impl Api {
     ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         check_timeout(req.timeout_s)?;
-        let timeout_s = req.timeout_s;
-        if timeout_s > 0 {
-            let t = timeout_s as i64;
-            self.inner.db.run(move |c| {
-                c.execute(
-                    "UPDATE sandboxes SET timeout_s = $2 WHERE id = $1 AND state = 'paused'",
-                    &[&id, &t],
+        // The agent is always told the timeout ctl holds (it may have been changed with
+        // SetTimeout while the sandbox was paused, which only the database saw).
+        let team = ctx.team_id;
+        let req_t = req.timeout_s as i64;
+        let timeout_s = self.inner.db.run(move |c| {
+            let row = c
+                .query_opt(
+                    "UPDATE sandboxes SET timeout_s = CASE WHEN $3::bigint > 0 AND state = 'paused' \
+                        THEN $3 ELSE timeout_s END WHERE id = $1 AND team_id = $2 RETURNING timeout_s",
+                    &[&id, &team, &req_t],
                 )
-                .map_err(pg_err)
-            })?;
-        }
+                .map_err(pg_err)?
+                .ok_or_else(|| Status::not_found("sandbox not found"))?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(1))
+        })?;
         self.transition(
             ctx,
             id,

@@ -286,6 +286,40 @@ fn sandbox_lifecycle() {
         .unwrap();
     assert_eq!(resumed.state, state(c::SandboxState::Running));
     assert_eq!(resumed.timeout_s, 30);
+    // A timeout set while paused reaches the agent at resume.
+    let _: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::PAUSE,
+            &c::PauseSandboxRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    let p: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::SET_TIMEOUT,
+            &c::SetTimeoutRequest {
+                sandbox_id: sb.id.clone(),
+                timeout_s: 77,
+                on_timeout: 0,
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!((p.state, p.timeout_s), (state(c::SandboxState::Paused), 77));
+    let r: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::RESUME,
+            &c::ResumeSandboxRequest {
+                sandbox_id: sb.id.clone(),
+                timeout_s: 0,
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(r.timeout_s, 77);
+    assert_eq!(fa.state.lock().unwrap().sandboxes[&sb.id].timeout_s, 77);
     let r = cl.unary::<_, c::Sandbox>(
         c::sandboxes_methods::RESUME,
         &c::ResumeSandboxRequest {
