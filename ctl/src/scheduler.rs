@@ -5,7 +5,9 @@
 //! transaction, so the ledger never drifts and concurrent creates on any number of ctl
 //! replicas never overbook a host: a reservation is one conditional UPDATE (`used + need <=
 //! capacity`), which PostgreSQL re-checks on the latest row version after any concurrent
-//! writer commits.
+//! writer commits. Placement of a new sandbox is that UPDATE inside the one statement that
+//! also inserts the sandbox and its audit row (`service::sandboxes::insert_reserved`);
+//! growth of an existing sandbox (resume) is [`set_state`], pinned to its own host.
 //!
 //! What a sandbox holds follows its state ([`holds`]): everything while it has (or is
 //! getting) a VM, the disk only while paused, nothing once stopped or failed (an agent
@@ -126,68 +128,6 @@ pub fn holds(state: State, size: Need) -> Need {
         },
         State::Stopped | State::Error => Need::default(),
     }
-}
-
-/// Attempts to reserve before giving up when concurrent writers keep taking the host
-/// chosen (each attempt re-reads the candidates).
-const RESERVE_ATTEMPTS: usize = 8;
-
-/// Chooses an online host that can take `need` (only `pinned` when given) and adds `need`
-/// to its `used_*`. `resource_exhausted` when none can.
-pub fn reserve(
-    tx: &mut impl GenericClient,
-    need: Need,
-    pinned: Option<Uuid>,
-) -> Result<Uuid, Status> {
-    assert!(need.vcpus >= 0 && need.memory_mib >= 0 && need.disk_mib >= 0);
-    for _ in 0..RESERVE_ATTEMPTS {
-        // The subquery picks the emptiest fitting host; the outer WHERE re-checks the fit on
-        // the row version the UPDATE locks, so a host filled meanwhile is left alone (0 rows)
-        // and we retry.
-        let row = tx
-            .query_opt(
-                "UPDATE hosts SET used_vcpus = used_vcpus + $1, \
-                    used_memory_mib = used_memory_mib + $2, used_disk_mib = used_disk_mib + $3 \
-                 WHERE id = (SELECT id FROM hosts WHERE status = 'online' AND can_host \
-                        AND ($4::uuid IS NULL OR id = $4) \
-                        AND used_vcpus + $1 <= capacity_vcpus \
-                        AND used_memory_mib + $2 <= capacity_memory_mib \
-                        AND used_disk_mib + $3 <= capacity_disk_mib \
-                      ORDER BY capacity_memory_mib - used_memory_mib DESC, id LIMIT 1) \
-                   AND status = 'online' AND can_host \
-                   AND used_vcpus + $1 <= capacity_vcpus \
-                   AND used_memory_mib + $2 <= capacity_memory_mib \
-                   AND used_disk_mib + $3 <= capacity_disk_mib \
-                 RETURNING id",
-                &[&need.vcpus, &need.memory_mib, &need.disk_mib, &pinned],
-            )
-            .map_err(pg_err)?;
-        if let Some(r) = row {
-            return Ok(r.get(0));
-        }
-        // Nothing fits, or the pick was taken: only retry when something might still fit.
-        let any: bool = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM hosts WHERE status = 'online' AND can_host \
-                    AND ($4::uuid IS NULL OR id = $4) \
-                    AND used_vcpus + $1 <= capacity_vcpus \
-                    AND used_memory_mib + $2 <= capacity_memory_mib \
-                    AND used_disk_mib + $3 <= capacity_disk_mib)",
-                &[&need.vcpus, &need.memory_mib, &need.disk_mib, &pinned],
-            )
-            .map_err(pg_err)?
-            .get(0);
-        if !any {
-            break;
-        }
-    }
-    crate::metrics::SCHEDULE_EXHAUSTED.inc();
-    Err(match pinned {
-        Some(_) => {
-            Status::resource_exhausted("the host this sandbox must run on has no free capacity")
-        }
-        None => Status::resource_exhausted("no host has free capacity for this sandbox"),
-    })
 }
 
 /// A sandbox's state and holdings, locked for update.
