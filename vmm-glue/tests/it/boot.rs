@@ -1,6 +1,8 @@
 //! The full path on a real guest: boot, envd's readiness over vsock, exec `echo hi`, pause,
 //! Full snapshot, restore into a second sandbox (its own disk copy at the stable path, File
-//! backend, vsock override), exec again.
+//! backend, vsock override), exec again; then restore into a third sandbox with the Uffd
+//! backend served by `wrenn-uffd` (`WRENN_UFFD`, else `target/<profile>/wrenn-uffd` when
+//! `cargo build -p uffd` made it; skipped with a message otherwise), exec again.
 //!
 //! Needs root, /dev/kvm, `WRENN_FIRECRACKER`, `WRENN_KERNEL` and `WRENN_ROOTFS` (an image with
 //! envd as /sbin/init); else `skipped`. Optional: `WRENN_BOOT_ARGS` (extra kernel arguments,
@@ -23,7 +25,10 @@ use proto::gen::wrenn::envd::v1::{
     ProcessConfig, ProcessEvent, ReadyRequest, StartRequest,
 };
 use proto::rpc::{CallOpts, Client, Credential};
+use uffd::generation::{self, SnapshotKind};
+use uffd::header::{BuildId, Header};
 use vmm_glue::disk::clone_disk;
+use vmm_glue::page_server::{PageServerConfig, PageServerProcess};
 use vmm_glue::process::{SpawnConfig, VmProcess, STABLE_DISK_PATH};
 use vmm_glue::request::{
     Action, BootSource, Drive, MachineConfig, MemBackend, SnapshotCreate, SnapshotLoad,
@@ -234,6 +239,9 @@ fn boot_snapshot_restore() {
     let d2 = TempDir::new("boot2");
     let disk2 = d2.0.join("rootfs.ext4");
     clone_disk(&disk1, &disk2).expect("copy the paused disk");
+    let d3 = TempDir::new("boot3");
+    let disk3 = d3.0.join("rootfs.ext4");
+    clone_disk(&disk1, &disk3).expect("copy the paused disk again");
     vm1.kill().expect("kill the first vm");
     drop(ready1);
 
@@ -259,4 +267,91 @@ fn boot_snapshot_restore() {
     assert_eq!(echo_hi(&c), "hi\n");
     c.close();
     vm2.kill().expect("kill the restored vm");
+
+    restore_uffd(&fc, &snap, &d3.0, &disk3);
+}
+
+/// `wrenn-uffd`: `WRENN_UFFD`, else next to the test binary's target directory.
+fn uffd_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("WRENN_UFFD").map(PathBuf::from) {
+        return Some(p);
+    }
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/it-<hash> -> target/<profile>/wrenn-uffd
+    let p = exe.parent()?.parent()?.join("wrenn-uffd");
+    p.is_file().then_some(p)
+}
+
+fn random_build_id() -> BuildId {
+    let mut b = [0u8; 16];
+    let f = fs::File::open("/dev/urandom").expect("open /dev/urandom");
+    std::io::Read::read_exact(&mut &f, &mut b).expect("read /dev/urandom");
+    b[0] |= 1; // never nil
+    BuildId(b)
+}
+
+/// Restores the Full snapshot in `snap` into a third sandbox through `wrenn-uffd`.
+fn restore_uffd(fc: &Path, snap: &Path, dir: &Path, disk: &Path) {
+    let Some(bin) = uffd_binary() else {
+        return skip(
+            "uffd restore: WRENN_UFFD not set and wrenn-uffd not built (cargo build -p uffd)",
+        )
+        .unwrap_or(());
+    };
+    // The page server reads a header and layer files, not Firecracker's memory file.
+    let mem = fs::File::open(snap.join("mem")).unwrap();
+    let size = mem.metadata().unwrap().len();
+    let layers = snap.join("layers");
+    fs::create_dir(&layers).unwrap();
+    let id = random_build_id();
+    let t = Instant::now();
+    let mut layer =
+        std::io::BufWriter::new(fs::File::create(layers.join(id.layer_file_name())).unwrap());
+    let (diff, stats) =
+        generation::build(&mem, size, SnapshotKind::Full, &mut layer).expect("build layer");
+    std::io::Write::flush(&mut layer).unwrap();
+    drop(layer);
+    let header = Header::from_base(size, id, &diff).expect("header");
+    fs::write(snap.join("header"), header.serialize()).unwrap();
+    println!("layer built in {:?}: {stats:?}", t.elapsed());
+
+    let uds = dir.join("v.sock");
+    let (_ready, _rx) = ReadinessListener::with_channel(&uds).expect("readiness listener 3");
+    let vm = spawn(fc, "boot-3", dir, disk, &uds);
+    let mut ps = PageServerProcess::spawn(&PageServerConfig {
+        binary: bin,
+        dir: dir.to_owned(),
+        socket: dir.join("uffd.sock"),
+        firecracker_pid: vm.pid(),
+        header: snap.join("header"),
+        layers,
+        prefetch: None,
+        stats: None,
+        extra_args: vec![],
+    })
+    .expect("spawn wrenn-uffd");
+    ps.wait_listening(Duration::from_secs(10))
+        .expect("wrenn-uffd listening");
+    let mut api = vm.api_client();
+    let mut load = SnapshotLoad::new(snap.join("state"), MemBackend::Uffd(ps.socket().to_owned()));
+    load.resume_vm = true;
+    load.vsock_override = Some(uds.clone());
+    let t = Instant::now();
+    api.call(&load).expect("snapshot/load (Uffd)");
+    println!("snapshot/load (Uffd) + resume took {:?}", t.elapsed());
+    let t = Instant::now();
+    let c = envd(
+        &uds,
+        &Credential::access_token(TOKEN),
+        Duration::from_secs(120),
+    );
+    println!("envd reachable {:?} after the Uffd restore", t.elapsed());
+    assert_eq!(echo_hi(&c), "hi\n");
+    c.close();
+    vm.kill().expect("kill the uffd-restored vm");
+    let exit = ps.kill().expect("stop wrenn-uffd");
+    println!(
+        "wrenn-uffd ended {exit:?}; log: {}",
+        tail(&dir.join("wrenn-uffd.log"))
+    );
 }
