@@ -350,8 +350,9 @@ fn restore_uffd(fc: &Path, snap: &Path, dir: &Path, disk: &Path) {
     c.close();
     vm.kill().expect("kill the uffd-restored vm");
     let exit = ps.kill().expect("stop wrenn-uffd");
+    let log = fs::read(dir.join("wrenn-uffd.log")).unwrap_or_default();
     println!(
-        "wrenn-uffd ended {exit:?}; log: {}",
-        tail(&dir.join("wrenn-uffd.log"))
+        "wrenn-uffd ended {exit:?}; log ends: {}",
+        String::from_utf8_lossy(&log[log.len().saturating_sub(1000)..])
     );
 }
