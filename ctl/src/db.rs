@@ -22,6 +22,7 @@ use proto::Status;
 
 use crate::limits::{
     DB_BACKOFF_MAX, DB_BACKOFF_MIN, DB_CONNECT_TIMEOUT, DB_JOB_TIMEOUT, DB_QUEUE_MAX,
+    LOCK_TIMEOUT, STATEMENT_TIMEOUT,
 };
 use crate::metrics;
 
@@ -104,6 +105,16 @@ impl Db {
         pg.connect_timeout(DB_CONNECT_TIMEOUT);
         if pg.get_application_name().is_none() {
             pg.application_name("wrenn-ctl");
+        }
+        if pg.get_options().is_none() {
+            // A stuck query or lock wait must not hold a worker (and its caller) forever:
+            // the server ends it; the caller's own wait is bounded by the job timeout.
+            pg.options(&format!(
+                "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+                STATEMENT_TIMEOUT.as_millis(),
+                LOCK_TIMEOUT.as_millis(),
+                STATEMENT_TIMEOUT.as_millis()
+            ));
         }
         assert!(cfg.workers > 0, "db workers must be > 0");
         let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_max);

@@ -14,6 +14,11 @@ pub const DB_JOB_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reconnect backoff after a failed connection attempt: first and largest delay.
 pub const DB_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const DB_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Server-side bounds on one statement and on a lock wait of the pool's connections (the
+/// caller's wait is DB_JOB_TIMEOUT; these free the worker too). Below the job timeout so
+/// the caller sees the database's error rather than its own timeout.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(25);
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting to PostgreSQL must not hang a worker forever.
 pub const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -76,6 +76,13 @@ fn hello_and_auth() {
         T,
     );
     assert_eq!(code(r), Code::PermissionDenied);
+    // The pool's connections carry server-side statement and lock timeouts.
+    let v: String = ctl
+        .api()
+        .db()
+        .run(|c| Ok(c.query_one("SHOW statement_timeout", &[]).map_err(ctl::db::pg_err)?.get(0)))
+        .unwrap();
+    assert_eq!(v, "25s");
     // last_used is written in batches off the request path.
     ctl.api().flush_last_used().unwrap();
     let keys: c::ListApiKeysResponse = cl
