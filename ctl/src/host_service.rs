@@ -236,3 +236,39 @@ pub fn registering_only() -> Status {
         "a connection without a host token may only call Register",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_resources_are_checked() {
+        for ok in ["10.0.0.5:7710", "agent.local:1", "[::1]:7710"] {
+            assert!(check_address(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "10.0.0.5",
+            ":7710",
+            "h:0",
+            "h:70000",
+            "h:x",
+            "a b:1",
+            &format!("{}:1", "h".repeat(300)),
+        ] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+        assert!(check_resources(&None).is_err());
+        let r = |v, m, d| {
+            Some(agent::Resources {
+                vcpus: v,
+                memory_mib: m,
+                disk_mib: d,
+            })
+        };
+        assert!(check_resources(&r(4, 4096, 1000)).is_ok());
+        assert!(check_resources(&r(u32::MAX, 1, 1)).is_err());
+        assert!(check_resources(&r(1, u64::MAX, 1)).is_err());
+        assert!(check_resources(&r(1, 1, u64::MAX)).is_err());
+    }
+}

@@ -458,3 +458,71 @@ fn recovers_after_postgres_restart() {
     }
     running.shutdown();
 }
+
+#[test]
+fn register_checks_its_input() {
+    let Some(ctl) = Ctl::start() else { return };
+    let admin = ctl.admin();
+    let tok = |ttl_s| -> String {
+        admin
+            .unary::<_, c::CreateRegistrationTokenResponse>(
+                c::hosts_methods::CREATE_REGISTRATION_TOKEN,
+                &c::CreateRegistrationTokenRequest { ttl_s },
+                T,
+            )
+            .unwrap()
+            .token
+    };
+    let reg = |req: host::RegisterRequest| {
+        let rc = Client::connect_tcp(ctl.addr(), proto::rpc::Credential::host_token("")).unwrap();
+        rc.unary::<_, host::RegisterResponse>(host::host_methods::REGISTER, &req, T)
+    };
+    let good = |t: String| host::RegisterRequest {
+        registration_token: t,
+        agent_address: "127.0.0.1:7710".into(),
+        capacity: Some(agent::Resources {
+            vcpus: 1,
+            memory_mib: 1,
+            disk_mib: 1,
+        }),
+        ..Default::default()
+    };
+    let t = tok(60);
+    assert_eq!(
+        code(reg(host::RegisterRequest {
+            agent_address: "nope".into(),
+            ..good(t.clone())
+        })),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(reg(host::RegisterRequest {
+            capacity: None,
+            ..good(t.clone())
+        })),
+        Code::InvalidArgument
+    );
+    // Refused input does not use the token up.
+    reg(good(t.clone())).unwrap();
+    assert_eq!(code(reg(good(t))), Code::Unauthenticated);
+    let r = admin.unary::<_, c::CreateRegistrationTokenResponse>(
+        c::hosts_methods::CREATE_REGISTRATION_TOKEN,
+        &c::CreateRegistrationTokenRequest {
+            ttl_s: 10 * 24 * 3600,
+        },
+        T,
+    );
+    assert_eq!(code(r), Code::InvalidArgument);
+    // An expired token is refused.
+    let t = tok(1);
+    let mut pg = postgres::Client::connect(&ctl.url, postgres::NoTls).unwrap();
+    pg.execute("UPDATE registration_tokens SET expires_at = now() - interval '1 second' WHERE used_at IS NULL", &[]).unwrap();
+    assert_eq!(code(reg(good(t))), Code::Unauthenticated);
+    // Registering with a team key's connection is not possible: host methods need a host token.
+    let r = ctl.team().unary::<_, host::RegisterResponse>(
+        host::host_methods::REGISTER,
+        &good("x".into()),
+        T,
+    );
+    assert_eq!(code(r), Code::PermissionDenied);
+}
