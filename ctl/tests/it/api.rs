@@ -80,7 +80,11 @@ fn hello_and_auth() {
     let v: String = ctl
         .api()
         .db()
-        .run(|c| Ok(c.query_one("SHOW statement_timeout", &[]).map_err(ctl::db::pg_err)?.get(0)))
+        .run(|c| {
+            Ok(c.query_one("SHOW statement_timeout", &[])
+                .map_err(ctl::db::pg_err)?
+                .get(0))
+        })
         .unwrap();
     assert_eq!(v, "25s");
     // last_used is written in batches off the request path.
