@@ -72,9 +72,12 @@ pub const WORKING_SET_COUNT_MAX: u64 = MEMORY_SIZE_MAX / BLOCK_SIZE;
 pub const RETRY_QUEUE_MAX: usize = EVENT_BATCH;
 
 /// Spin (busy-poll the userfaultfd) for this long after the last event before sleeping in
-/// epoll (µs). Sleeping costs two thread wake-ups per fault (about 67 µs a page measured on these
-/// nested-KVM machines); a vCPU that faults once usually faults again within microseconds.
-pub const SPIN_DEFAULT_US: u64 = 200;
+/// epoll (µs). Off by default: on these 2-core hosts a wake-up from epoll cost about 4 µs (the
+/// same as a page install) and a spinning handler took the core the woken vCPU needed
+/// (`bench uffd_*` with `WRENN_BENCH_SPIN_US=200` was no faster and had worse tails). Raise it
+/// with `--spin-us` on hosts with spare cores where wake-ups are slow (67 µs a page was measured
+/// for a sleeping handler on one nested-KVM host).
+pub const SPIN_DEFAULT_US: u64 = 0;
 
 /// Longest accepted spin (µs): beyond this the handler just burns a core.
 pub const SPIN_MAX_US: u64 = 100_000;

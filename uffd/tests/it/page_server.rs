@@ -28,6 +28,8 @@ fn threads_touch_a_three_generation_chain_and_removed_ranges_read_zero() {
     let srv = Running::start(&chain, |c| {
         c.background_fill = false;
         c.fault_around = 64 * 1024;
+        // Exercise the spinning path too (off by default).
+        c.spin = Duration::from_micros(200);
     });
     let _conn = vm.connect(&srv.socket);
 
