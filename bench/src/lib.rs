@@ -2,6 +2,7 @@
 //! ratio (see `harness`). `cargo run --release -p bench -- <name>|all [--quick]`.
 
 pub mod ctl;
+pub mod envd;
 pub mod harness;
 pub mod rpc;
 pub mod uffd;
@@ -11,6 +12,7 @@ pub fn cases() -> Vec<harness::Case> {
     let mut v = Vec::new();
     v.extend(rpc::cases());
     v.extend(ctl::cases());
+    v.extend(envd::cases());
     v.extend(uffd::cases());
     v
 }
