@@ -60,8 +60,24 @@ fn parse(args: &[String]) -> Result<Options, String> {
     })
 }
 
+/// As PID 1, envd's arguments are whatever words of the kernel command line the kernel did
+/// not recognise (e.g. `noxsave`): they are the boot configuration's, not envd's, so they
+/// are ignored rather than refused — refusing them would panic the guest.
+fn args_for(pid1: bool, args: Vec<String>) -> Vec<String> {
+    if !pid1 {
+        return args;
+    }
+    let (flags, ignored): (Vec<String>, Vec<String>) =
+        args.into_iter().partition(|a| a.starts_with("--"));
+    if !ignored.is_empty() {
+        eprintln!("envd: ignoring kernel command-line words {ignored:?}");
+    }
+    flags
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let pid1 = std::process::id() == 1;
+    let args = args_for(pid1, std::env::args().skip(1).collect());
     let opts = match parse(&args) {
         Ok(o) => o,
         Err(msg) => {
@@ -100,5 +116,16 @@ mod tests {
         assert!(p(&["--vsock-port", "-1"]).is_err());
         assert!(p(&["--listen-unix", "/a", "--vsock-port", "1"]).is_err());
         assert!(p(&["--bogus"]).is_err());
+    }
+
+    #[test]
+    fn pid1_ignores_kernel_words() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            args_for(true, a(&["noxsave", "--no-announce", "quiet"])),
+            a(&["--no-announce"])
+        );
+        assert_eq!(args_for(false, a(&["noxsave"])), a(&["noxsave"]));
+        assert!(parse(&args_for(false, a(&["noxsave"]))).is_err());
     }
 }
