@@ -36,7 +36,7 @@ use vmm_glue::request::{
 };
 use vmm_glue::vsock::{self, ReadinessListener, ENVD_PORT};
 
-use crate::firecracker::{firecracker, skip, TempDir};
+use crate::firecracker::{firecracker, skip, Guard, TempDir};
 
 const TOKEN: &str = "boot-test-token";
 
@@ -51,7 +51,7 @@ fn guest_inputs() -> Option<(PathBuf, PathBuf, PathBuf)> {
     }
 }
 
-fn spawn(fc: &Path, id: &str, dir: &Path, disk: &Path, vsock: &Path) -> VmProcess {
+fn spawn(fc: &Path, id: &str, dir: &Path, disk: &Path, vsock: &Path) -> Guard {
     let mut cfg = SpawnConfig::new(fc, id, dir);
     cfg.disk = Some(disk.to_owned());
     cfg.cleanup = vec![
@@ -61,7 +61,7 @@ fn spawn(fc: &Path, id: &str, dir: &Path, disk: &Path, vsock: &Path) -> VmProces
     let mut vm = VmProcess::spawn(&cfg).expect("spawn firecracker");
     vm.wait_api_socket(Duration::from_secs(10))
         .expect("api socket");
-    vm
+    Guard(Some(vm))
 }
 
 fn wait_ready(rx: &Receiver<ReadyRequest>, timeout: Duration, vm: &mut VmProcess) -> ReadyRequest {
@@ -176,7 +176,7 @@ fn boot_snapshot_restore() {
     let uds1 = d1.0.join("v.sock");
     let (ready1, rx1) = ReadinessListener::with_channel(&uds1).expect("readiness listener");
     let mut vm1 = spawn(&fc, "boot-1", &d1.0, &disk1, &uds1);
-    let mut api = vm1.api_client();
+    let mut api = vm1.vm().api_client();
     api.call(&MachineConfig::new(1, 256))
         .expect("machine-config");
     let mut boot = BootSource::new(&kernel);
@@ -195,7 +195,7 @@ fn boot_snapshot_restore() {
     .expect("vsock");
     let t0 = Instant::now();
     api.call(&Action::InstanceStart).expect("InstanceStart");
-    let ready = wait_ready(&rx1, boot_timeout, &mut vm1);
+    let ready = wait_ready(&rx1, boot_timeout, vm1.vm());
     println!("ready after {:?}: {ready:?}", t0.elapsed());
     assert!(!ready.resumed);
     assert_eq!(ready.api_port, ENVD_PORT);
@@ -242,14 +242,14 @@ fn boot_snapshot_restore() {
     let d3 = TempDir::new("boot3");
     let disk3 = d3.0.join("rootfs.ext4");
     clone_disk(&disk1, &disk3).expect("copy the paused disk again");
-    vm1.kill().expect("kill the first vm");
+    vm1.take().kill().expect("kill the first vm");
     drop(ready1);
 
     // Restore into a second sandbox: its own disk at the same stable path, a new vsock path.
     let uds2 = d2.0.join("v.sock");
     let (_ready2, _rx2) = ReadinessListener::with_channel(&uds2).expect("readiness listener 2");
-    let vm2 = spawn(&fc, "boot-2", &d2.0, &disk2, &uds2);
-    let mut api2 = vm2.api_client();
+    let mut vm2 = spawn(&fc, "boot-2", &d2.0, &disk2, &uds2);
+    let mut api2 = vm2.vm().api_client();
     let mut load = SnapshotLoad::new(snap.join("state"), MemBackend::File(snap.join("mem")));
     load.resume_vm = true;
     load.vsock_override = Some(uds2.clone());
@@ -266,7 +266,7 @@ fn boot_snapshot_restore() {
     println!("envd reachable {:?} after restore", t.elapsed());
     assert_eq!(echo_hi(&c), "hi\n");
     c.close();
-    vm2.kill().expect("kill the restored vm");
+    vm2.take().kill().expect("kill the restored vm");
 
     restore_uffd(&fc, &snap, &d3.0, &disk3);
 }
@@ -317,12 +317,12 @@ fn restore_uffd(fc: &Path, snap: &Path, dir: &Path, disk: &Path) {
 
     let uds = dir.join("v.sock");
     let (_ready, _rx) = ReadinessListener::with_channel(&uds).expect("readiness listener 3");
-    let vm = spawn(fc, "boot-3", dir, disk, &uds);
+    let mut vm = spawn(fc, "boot-3", dir, disk, &uds);
     let mut ps = PageServerProcess::spawn(&PageServerConfig {
         binary: bin,
         dir: dir.to_owned(),
         socket: dir.join("uffd.sock"),
-        firecracker_pid: vm.pid(),
+        firecracker_pid: vm.vm().pid(),
         header: snap.join("header"),
         layers,
         prefetch: None,
@@ -332,7 +332,7 @@ fn restore_uffd(fc: &Path, snap: &Path, dir: &Path, disk: &Path) {
     .expect("spawn wrenn-uffd");
     ps.wait_listening(Duration::from_secs(10))
         .expect("wrenn-uffd listening");
-    let mut api = vm.api_client();
+    let mut api = vm.vm().api_client();
     let mut load = SnapshotLoad::new(snap.join("state"), MemBackend::Uffd(ps.socket().to_owned()));
     load.resume_vm = true;
     load.vsock_override = Some(uds.clone());
@@ -348,7 +348,7 @@ fn restore_uffd(fc: &Path, snap: &Path, dir: &Path, disk: &Path) {
     println!("envd reachable {:?} after the Uffd restore", t.elapsed());
     assert_eq!(echo_hi(&c), "hi\n");
     c.close();
-    vm.kill().expect("kill the uffd-restored vm");
+    vm.take().kill().expect("kill the uffd-restored vm");
     let exit = ps.kill().expect("stop wrenn-uffd");
     let log = fs::read(dir.join("wrenn-uffd.log")).unwrap_or_default();
     println!(

@@ -10,12 +10,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vmm_glue::api::ApiError;
 use vmm_glue::cgroup::{self, CgroupLimits};
 use vmm_glue::net::netns;
 use vmm_glue::process::{
     CgroupSpec, ExitKind, SpawnConfig, VmProcess, STABLE_DIR, STABLE_DISK_PATH,
 };
-use vmm_glue::request::{Drive, MachineConfig};
+use vmm_glue::request::{Action, Drive, LogLevel, Logger, MachineConfig, Metrics, MmdsData};
 
 /// Prints `skipped: <reason>` and returns None, or panics under WRENN_REQUIRE_E2E=1.
 pub fn skip<T>(reason: &str) -> Option<T> {
@@ -78,6 +79,26 @@ impl Drop for Netns {
     }
 }
 
+/// Kills the VM if the test panics before it does so itself.
+pub struct Guard(pub Option<VmProcess>);
+
+impl Guard {
+    pub fn vm(&mut self) -> &mut VmProcess {
+        self.0.as_mut().expect("vm still held")
+    }
+    pub fn take(&mut self) -> VmProcess {
+        self.0.take().expect("vm still held")
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.take() {
+            let _ = vm.kill();
+        }
+    }
+}
+
 fn mountinfo(pid: &str) -> String {
     fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default()
 }
@@ -121,7 +142,8 @@ fn spawn_configure_kill() {
     let other = Netns::new(format!("wrnfo-{pid_tag}"));
 
     let t0 = Instant::now();
-    let mut vm = VmProcess::spawn(&cfg).expect("spawn");
+    let mut guard = Guard(Some(VmProcess::spawn(&cfg).expect("spawn")));
+    let vm = guard.vm();
     vm.wait_api_socket(Duration::from_secs(10))
         .expect("api socket");
     println!("spawn to api socket: {:?}", t0.elapsed());
@@ -186,6 +208,33 @@ fn spawn_configure_kill() {
         .filter_map(|e| fs::metadata(e.ok()?.path()).ok())
         .any(|m| m.ino() == disk_ino);
     assert!(held, "the stable path is this sandbox's disk");
+    // More of the typed requests, accepted by this Firecracker before boot.
+    let mut mc = MachineConfig::new(1, 256);
+    mc.track_dirty_pages = true;
+    api.call(&mc)
+        .expect("PUT /machine-config with dirty page tracking");
+    let fc_log = dir.0.join("fc-logger.log");
+    let fc_metrics = dir.0.join("fc-metrics.json");
+    fs::write(&fc_log, b"").unwrap();
+    fs::write(&fc_metrics, b"").unwrap();
+    api.call(&Logger {
+        log_path: fc_log.clone(),
+        level: LogLevel::Info,
+        show_level: true,
+        show_log_origin: false,
+    })
+    .expect("PUT /logger");
+    api.call(&Metrics {
+        metrics_path: fc_metrics.clone(),
+    })
+    .expect("PUT /metrics");
+    api.call(&MmdsData(
+        serde_json::json!({"wrenn": {"sandbox": "sb-test-1"}}),
+    ))
+    .expect("PUT /mmds");
+    // FlushMetrics is refused before the VM starts: a typed fault, not a hang.
+    let err = api.call(&Action::FlushMetrics).unwrap_err();
+    assert!(matches!(err, ApiError::Fault { status: 400, .. }), "{err}");
     // A bad request comes back as a fault with Firecracker's message.
     let err = api
         .call(&Drive::root("rootfs2", "/nonexistent/disk"))
@@ -203,7 +252,7 @@ fn spawn_configure_kill() {
     drop(adopted);
 
     fs::write(&vsock_leftover, b"").unwrap();
-    let exit = vm.kill().expect("kill");
+    let exit = guard.take().kill().expect("kill");
     assert_eq!(exit, ExitKind::Signal(libc::SIGKILL));
 
     // Nothing left.
