@@ -7,7 +7,7 @@ use std::time::Duration;
 use uffd::page_server::{Config, Outcome, PageServer};
 
 const USAGE: &str =
-    "usage: wrenn-uffd --socket PATH --firecracker-pid PID --header PATH --layers DIR
+    "usage: wrenn-uffd --socket PATH --firecracker-pid PID --header PATH --layers DIR...
                   [--prefetch PATH] [--record PATH [--record-seconds N]] [--stats PATH]
                   [--fault-around BYTES] [--no-background-fill] [--spin-us N]";
 
@@ -16,7 +16,7 @@ struct Flags {
     socket: PathBuf,
     pid: i32,
     header: PathBuf,
-    layers: PathBuf,
+    layers: Vec<PathBuf>,
     prefetch: Option<PathBuf>,
     record: Option<PathBuf>,
     record_seconds: Option<u64>,
@@ -30,12 +30,12 @@ fn parse(args: &[String]) -> Result<Flags, String> {
     let mut socket = None;
     let mut pid = None;
     let mut header = None;
-    let mut layers = None;
+    let mut layers = Vec::new();
     let mut f = Flags {
         socket: PathBuf::new(),
         pid: 0,
         header: PathBuf::new(),
-        layers: PathBuf::new(),
+        layers: Vec::new(),
         prefetch: None,
         record: None,
         record_seconds: None,
@@ -71,7 +71,7 @@ fn parse(args: &[String]) -> Result<Flags, String> {
                 pid = Some(p);
             }
             "--header" => header = Some(PathBuf::from(value()?)),
-            "--layers" => layers = Some(PathBuf::from(value()?)),
+            "--layers" => layers.push(PathBuf::from(value()?)),
             "--prefetch" => f.prefetch = Some(PathBuf::from(value()?)),
             "--record" => f.record = Some(PathBuf::from(value()?)),
             "--record-seconds" => f.record_seconds = Some(number(value()?)?),
@@ -84,7 +84,10 @@ fn parse(args: &[String]) -> Result<Flags, String> {
     f.socket = socket.ok_or("--socket is required")?;
     f.pid = pid.ok_or("--firecracker-pid is required")?;
     f.header = header.ok_or("--header is required")?;
-    f.layers = layers.ok_or("--layers is required")?;
+    if layers.is_empty() {
+        return Err("--layers is required".into());
+    }
+    f.layers = layers;
     if f.record_seconds.is_some() && f.record.is_none() {
         return Err("--record-seconds needs --record".into());
     }
@@ -115,7 +118,8 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let mut config = Config::new(flags.socket, flags.pid, flags.header, flags.layers);
+    let mut config = Config::new(flags.socket, flags.pid, flags.header, PathBuf::new());
+    config.layer_dirs = flags.layers;
     config.prefetch = flags.prefetch;
     config.record = flags.record;
     // Recording stops on SIGUSR1, or after 30 s when no time is given.
@@ -179,6 +183,11 @@ mod tests {
         assert_eq!(f.pid, 42);
         assert_eq!(f.record_seconds, Some(5));
         assert!(!f.background_fill);
+        let two = parse(&args(
+            "--socket /s --firecracker-pid 1 --header /h --layers /a --layers /b",
+        ))
+        .unwrap();
+        assert_eq!(two.layers, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(f.spin_us, Some(10));
     }
 

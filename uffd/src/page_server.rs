@@ -46,8 +46,9 @@ pub struct Config {
     pub firecracker_pid: i32,
     /// The snapshot header file.
     pub header_path: PathBuf,
-    /// Directory holding the layer files, `<build id>.layer`.
-    pub layer_dir: PathBuf,
+    /// Directories holding the layer files, `<build id>.layer`, searched in order (a sandbox's
+    /// own generations and its template's shared layers may live apart).
+    pub layer_dirs: Vec<PathBuf>,
     /// Working set to prefetch.
     pub prefetch: Option<PathBuf>,
     /// Where to write the working set recorded in this run.
@@ -82,7 +83,7 @@ impl Config {
             socket_path,
             firecracker_pid,
             header_path,
-            layer_dir,
+            layer_dirs: vec![layer_dir],
             prefetch: None,
             record: None,
             record_for: None,
@@ -265,9 +266,24 @@ impl LayerSet {
     /// Maps every layer the header references from `dir`, read-only, checking each is long
     /// enough for the header.
     pub fn open(header: &Header, dir: &Path) -> Result<LayerSet, Error> {
+        LayerSet::open_dirs(header, &[dir.to_path_buf()])
+    }
+
+    /// As [`LayerSet::open`], taking each layer from the first of `dirs` that has its file.
+    pub fn open_dirs(header: &Header, dirs: &[PathBuf]) -> Result<LayerSet, Error> {
+        if dirs.is_empty() {
+            return Err(Error::Config {
+                what: "no layer directory",
+            });
+        }
         let mut maps = Vec::with_capacity(header.layers.len());
         for l in &header.layers {
-            let path = dir.join(l.build_id.layer_file_name());
+            let name = l.build_id.layer_file_name();
+            let path = dirs
+                .iter()
+                .map(|d| d.join(&name))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| dirs[0].join(&name));
             if l.size == 0 {
                 maps.push((l.build_id, None));
                 continue;
@@ -376,7 +392,7 @@ impl PageServer {
             path: path.clone(),
             source,
         })?;
-        let layers = LayerSet::open(&header, &config.layer_dir)?;
+        let layers = LayerSet::open_dirs(&header, &config.layer_dirs)?;
         let working_set = match &config.prefetch {
             None => None,
             Some(p) => {

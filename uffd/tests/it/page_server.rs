@@ -227,3 +227,26 @@ fn a_squashed_chain_serves_the_same_bytes() {
         check_page(&vm, &chain.expected, p * PAGE);
     }
 }
+
+#[test]
+fn layers_are_found_across_several_directories() {
+    if uffd_unavailable() {
+        return;
+    }
+    let memory = MIB;
+    let chain = build_chain(16, memory);
+    // Move the base layer elsewhere, as a template's shared layers live apart from a sandbox's.
+    let other = chain.dir.path().join("template-layers");
+    std::fs::create_dir_all(&other).unwrap();
+    let base = chain.header.layers[0].build_id.layer_file_name();
+    std::fs::rename(chain.layer_dir().join(&base), other.join(&base)).unwrap();
+    let vm = FakeVm::new(memory, MIB / 2, MIB);
+    let own = chain.layer_dir();
+    let srv = Running::start(&chain, move |c| c.layer_dirs = vec![own, other]);
+    let _conn = vm.connect(&srv.socket);
+    let (outcome, _) = srv.join().unwrap();
+    assert_eq!(outcome, Outcome::Resident);
+    for p in 0..memory / PAGE {
+        check_page(&vm, &chain.expected, p * PAGE);
+    }
+}
