@@ -215,6 +215,19 @@ pub fn identity() -> Option<Identity> {
 
 #[cfg(test)]
 mod tests {
+    /// The committed fuzz corpus keeps being replayed by `cargo test`.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/mmds_response");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("corpus directory") {
+            super::fuzz_response(&std::fs::read(e.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0);
+    }
+
     use super::*;
     use std::net::TcpListener;
     use std::time::Duration;
@@ -296,5 +309,15 @@ mod tests {
         let start = std::time::Instant::now();
         assert_eq!(identity_from(addr), None);
         assert!(start.elapsed() < Duration::from_secs(2));
+    }
+}
+
+/// Fuzz entry point (`fuzz/fuzz_targets/mmds_response.rs`): an MMDS answer, as the host
+/// sends it, never panics the parser, and a body that is text goes through the JSON string
+/// reader too.
+pub fn fuzz_response(data: &[u8]) {
+    let _ = parse_response(data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = json_string(text);
     }
 }

@@ -373,6 +373,18 @@ pub fn fuzz_json(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    /// The committed fuzz corpus keeps being replayed by `cargo test`.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/http_json");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("corpus directory") {
+            super::fuzz_json(&std::fs::read(e.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0);
+    }
+
     use super::*;
     use proto::gen::wrenn::ctl::v1 as ctl;
     use proto::gen::wrenn::envd::v1 as envd;

@@ -673,6 +673,19 @@ pub fn fuzz_request(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    /// The committed fuzz corpus keeps being replayed by `cargo test`.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/http_request");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("corpus directory") {
+            super::fuzz_request(&std::fs::read(e.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0);
+    }
+
     use super::*;
 
     /// xorshift64*: a small seeded generator (the seed is printed on failure).
