@@ -3,11 +3,14 @@
 //! ```text
 //! wrenn-ctl serve [--database-url URL] [--listen ADDR] [--http-listen ADDR] [--db-workers N]
 //!                 [--reconcile-interval-s S] [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
+//!                 [--no-http] [--keep-unknown]
 //! wrenn-ctl admin migrate [--database-url URL]
 //! wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
 //! wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
 //! ```
 //! The database URL may also come from `WRENN_DATABASE_URL` or `DATABASE_URL`.
+//! `--keep-unknown`: the reconciler only reports sandboxes an agent runs that the database
+//! does not know, instead of destroying them.
 
 #![forbid(unsafe_code)]
 
@@ -19,7 +22,7 @@ use ctl::config::{ApiConfig, Config, JobsConfig};
 
 const USAGE: &str = "usage:
   wrenn-ctl serve [--database-url URL] [--listen 0.0.0.0:7700] [--http-listen 0.0.0.0:7701]
-                  [--no-http] [--db-workers N] [--reconcile-interval-s S]
+                  [--no-http] [--keep-unknown] [--db-workers N] [--reconcile-interval-s S]
                   [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
   wrenn-ctl admin migrate [--database-url URL]
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
@@ -126,7 +129,7 @@ fn serve(args: &[String]) -> Result<(), String> {
             "--heartbeat-timeout-s",
             "--lifecycle-timeout-s",
         ],
-        &["--no-http"],
+        &["--no-http", "--keep-unknown"],
     )?;
     let db_workers = match f.get("--db-workers") {
         None => ctl::limits::DB_WORKERS_DEFAULT,
@@ -152,6 +155,7 @@ fn serve(args: &[String]) -> Result<(), String> {
             reconcile_interval: f
                 .secs("--reconcile-interval-s", jobs_default.reconcile_interval)?,
             heartbeat_timeout: f.secs("--heartbeat-timeout-s", jobs_default.heartbeat_timeout)?,
+            destroy_unknown: !f.has("--keep-unknown"),
             ..jobs_default
         },
     };
