@@ -6,6 +6,7 @@ pub mod envd;
 pub mod harness;
 pub mod rpc;
 pub mod uffd;
+pub mod vm;
 
 /// Every case, in the order `all` runs them.
 pub fn cases() -> Vec<harness::Case> {
@@ -14,5 +15,6 @@ pub fn cases() -> Vec<harness::Case> {
     v.extend(ctl::cases());
     v.extend(envd::cases());
     v.extend(uffd::cases());
+    v.extend(vm::cases());
     v
 }
