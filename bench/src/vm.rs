@@ -267,15 +267,30 @@ fn wait_ready(
     }
 }
 
+/// envd's answer to `Health/Check` after a resume, and how it came.
+struct EnvdAnswer {
+    resp: HealthCheckResponse,
+    /// Connection attempts (1 = the first one got through).
+    attempts: u32,
+    /// From the first attempt until the connection that answered was open (vsock CONNECT
+    /// and the RPC hello included, failed attempts and pauses too).
+    connect: Duration,
+}
+
 /// Connects to envd over vsock and calls `Health/Check` until it answers; retries every
 /// `ENVD_RETRY` while the guest is not there yet.
-fn health(uds: &Path, cred: &Credential, timeout: Duration) -> Result<HealthCheckResponse, String> {
-    let deadline = Instant::now() + timeout;
+fn health(uds: &Path, cred: &Credential, timeout: Duration) -> Result<EnvdAnswer, String> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut attempts = 0;
     loop {
+        attempts += 1;
         let left = deadline.saturating_duration_since(Instant::now());
+        let mut connect = Duration::ZERO;
         let attempt = vsock::connect_rpc(uds, ENVD_PORT, cred.clone(), left)
             .map_err(|e| format!("connect to envd: {e}"))
             .and_then(|c| {
+                connect = start.elapsed();
                 let r = c
                     .unary::<_, HealthCheckResponse>(
                         health_methods::CHECK,
@@ -287,9 +302,17 @@ fn health(uds: &Path, cred: &Credential, timeout: Duration) -> Result<HealthChec
                 r
             });
         match attempt {
-            Ok(r) => return Ok(r),
+            Ok(resp) => {
+                return Ok(EnvdAnswer {
+                    resp,
+                    attempts,
+                    connect,
+                })
+            }
             Err(e) if Instant::now() + ENVD_RETRY >= deadline => {
-                return Err(format!("envd did not answer within {timeout:?}: {e}"))
+                return Err(format!(
+                    "envd did not answer within {timeout:?} ({attempts} attempts): {e}"
+                ))
             }
             Err(_) => std::thread::sleep(ENVD_RETRY),
         }
@@ -472,6 +495,10 @@ struct Phases {
     load: Duration,
     resume: Duration,
     guest: Duration,
+    /// The part of `guest` until the connection that answered was open.
+    guest_connect: Duration,
+    /// Connection attempts until envd answered.
+    attempts: u32,
     total: Duration,
 }
 
@@ -578,6 +605,9 @@ fn restore_once(
     })?;
     let t5 = Instant::now();
     p.guest = t5 - t4;
+    p.guest_connect = h.connect;
+    p.attempts = h.attempts;
+    let h = h.resp;
     p.total = t5 - t0;
     // The answer comes from the snapshotted guest, not some other envd.
     if !h.initialized || h.sandbox_id != SANDBOX_ID {
@@ -658,6 +688,11 @@ impl Runs {
                 "resume_to_envd_Health/Check_answer(guest)",
             ),
             (
+                "guest_connect",
+                self.samples(|p| p.guest_connect),
+                "resume_to_envd_connection_open(vsock_CONNECT+hello,retries_included)",
+            ),
+            (
                 "overhead",
                 self.samples(|p| p.overhead()),
                 "total-(load+resume)-guest",
@@ -668,13 +703,19 @@ impl Runs {
                 "spawn_to_envd_Health/Check_answer",
             ),
         ]);
+        let attempts_max = self.phases.iter().map(|p| p.attempts).max().unwrap_or(0);
         for (phase, s, note) in lines {
+            let more = if phase == "guest" {
+                format!(",envd_connect_attempts_max={attempts_max}")
+            } else {
+                String::new()
+            };
             println!(
                 "{}",
                 info_line(
                     &format!("vm_restore_{b}_{phase}"),
                     &s,
-                    &format!("{note},n={n}")
+                    &format!("{note}{more},n={n}")
                 )
             );
         }
@@ -773,6 +814,8 @@ mod tests {
             load: ms(20),
             resume: ms(5),
             guest: ms(925),
+            guest_connect: ms(900),
+            attempts: 1,
             total: ms(1000),
         };
         assert_eq!(p.overhead(), ms(50));
