@@ -134,7 +134,8 @@ fn inputs() -> Result<Result<Inputs, String>, String> {
                     Ok(p)
                 } else {
                     Err(format!(
-                        "WRENN_UFFD_not_set_and_no_{}_(cargo_build_--release_-p_uffd)",
+                        "{}_not_set_and_no_{}_(cargo_build_--release_-p_uffd)",
+                        "WRENN_UFFD",
                         p.display()
                     ))
                 }
