@@ -977,7 +977,7 @@ mod tests {
         };
         if a.dev() == b.dev() {
             // Not an end-to-end part: this host simply has no second filesystem here.
-            println!("skipped: /dev/shm and the temp dir share a filesystem");
+            proto::skip::note("envd fs", "/dev/shm and the temp dir share a filesystem");
             return;
         }
         let src = shm.join(format!("envd-xdev-{}", std::process::id()));

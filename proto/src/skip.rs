@@ -17,6 +17,13 @@ pub fn skip(test: &str, reason: &str) {
     visible(&format!("skipped: {test}: {reason}"));
 }
 
+/// Reports a test, or a part of one, that does not apply to this host for a reason that is
+/// no missing part of the product (an input not given, a host without a second
+/// filesystem): visible, never a failure.
+pub fn note(test: &str, reason: &str) {
+    visible(&format!("skipped: {test}: {reason}"));
+}
+
 /// Reports a test that needs hardware absent from every machine here; never fails.
 pub fn hardware(test: &str, reason: &str) {
     visible(&format!("skipped (hardware): {test}: {reason}"));

@@ -464,6 +464,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(u16, usize, u64, bool)>, String>
     let Some(status) = resp.code else {
         return Err("no status code".to_owned());
     };
+    // httparse takes any three digits; a status below 100 is not HTTP (found by fuzzing).
+    if status < 100 {
+        return Err(format!("status {status:03} is not a valid HTTP status"));
+    }
     let mut content_length: Option<u64> = None;
     let mut close = false;
     for h in resp.headers.iter() {

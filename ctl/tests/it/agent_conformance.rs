@@ -167,8 +167,9 @@ fn real_agent_conforms_when_given() {
         std::env::var("WRENN_AGENT_TOKEN"),
     ) {
         (Ok(a), Ok(t)) => run(&a, &t).unwrap(),
-        _ => println!(
-            "skipped: WRENN_AGENT_ADDR / WRENN_AGENT_TOKEN not set (real agent conformance)"
+        _ => proto::skip::note(
+            "real agent conformance",
+            "WRENN_AGENT_ADDR / WRENN_AGENT_TOKEN not set",
         ),
     }
 }

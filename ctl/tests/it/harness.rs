@@ -18,15 +18,12 @@ use crate::fake_agent::FakeAgent;
 
 /// Whether end-to-end skips must fail.
 pub fn require_e2e() -> bool {
-    std::env::var("WRENN_REQUIRE_E2E").is_ok_and(|v| v == "1")
+    proto::skip::required()
 }
 
 /// Prints the skip (or panics under WRENN_REQUIRE_E2E=1).
 pub fn skip(reason: &str) {
-    if require_e2e() {
-        panic!("WRENN_REQUIRE_E2E=1 but: {reason}");
-    }
-    println!("skipped: {reason}");
+    proto::skip::skip("ctl", reason);
 }
 
 pub use ctl::testkit::PgCluster as Cluster;

@@ -2308,7 +2308,10 @@ fn openapi_document_passes_an_independent_validator() {
         .args(["-c", "import yaml, openapi_spec_validator"])
         .output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        println!("skipped: python3 with PyYAML and openapi-spec-validator not found");
+        proto::skip::skip(
+            "openapi validation",
+            "python3 with PyYAML and openapi-spec-validator not found",
+        );
         return;
     }
     let gw = start(HttpConfig::default());

@@ -386,7 +386,10 @@ fn migrations_refuse_edits_and_run_once_concurrently() {
 #[test]
 fn recovers_after_postgres_restart() {
     if std::env::var("DATABASE_URL").is_ok() {
-        println!("skipped: DATABASE_URL is set; this test needs a cluster it can restart");
+        proto::skip::note(
+            "recovers_after_postgres_restart",
+            "DATABASE_URL is set; this test needs a cluster it can restart",
+        );
         return;
     }
     let cluster = match Cluster::start() {

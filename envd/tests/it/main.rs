@@ -23,15 +23,9 @@ const TOKEN: &str = "test-token-0123456789";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn require_e2e() -> bool {
-    std::env::var("WRENN_REQUIRE_E2E").as_deref() == Ok("1")
-}
 
 fn skip(reason: &str) {
-    if require_e2e() {
-        panic!("WRENN_REQUIRE_E2E=1 but {reason}");
-    }
-    println!("skipped: {reason}");
+    proto::skip::skip("envd", reason);
 }
 
 fn is_root() -> bool {

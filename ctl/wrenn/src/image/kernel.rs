@@ -687,7 +687,8 @@ mod tests {
     fn shipped_config_holds_after_olddefconfig_on_debian_source() {
         let tarball = Path::new("/usr/src/linux-source-6.1.tar.xz");
         if !tarball.is_file() || super::super::command::find_program("make").is_none() {
-            println!("skipped: {} or make not installed", tarball.display());
+            let reason = format!("{} or make not installed", tarball.display());
+            proto::skip::note("kernel config check", &reason);
             return;
         }
         let dir = std::env::temp_dir().join(format!("wrenn-kconfig-{}", std::process::id()));

@@ -22,18 +22,13 @@ use wrenn::image::command::find_program;
 use wrenn::image::rootfs::{assemble, Assembly, GuestFiles};
 use wrenn::image::ImageError;
 
-fn require_e2e() -> bool {
-    std::env::var("WRENN_REQUIRE_E2E").is_ok_and(|v| v == "1")
-}
-
 /// `Some((mkfs, debugfs))`, or prints the skip (panics under WRENN_REQUIRE_E2E=1).
 fn tools(test: &str) -> Option<PathBuf> {
     match (find_program("mkfs.ext4"), find_program("debugfs")) {
         (Some(_), Some(debugfs)) => Some(debugfs),
         _ => {
             let reason = "mkfs.ext4/debugfs not found (install e2fsprogs)";
-            assert!(!require_e2e(), "{test}: {reason} and WRENN_REQUIRE_E2E=1");
-            println!("skipped: {test}: {reason}");
+            proto::skip::skip(test, reason);
             None
         }
     }

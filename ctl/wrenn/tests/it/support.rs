@@ -4,13 +4,12 @@ use std::path::PathBuf;
 
 /// Whether every end-to-end skip must fail instead (`WRENN_REQUIRE_E2E=1`).
 pub fn require_e2e() -> bool {
-    std::env::var("WRENN_REQUIRE_E2E").as_deref() == Ok("1")
+    proto::skip::required()
 }
 
 /// Prints `skipped: <reason>`, or panics under `WRENN_REQUIRE_E2E=1`.
 pub fn skip(test: &str, reason: &str) {
-    assert!(!require_e2e(), "{test}: WRENN_REQUIRE_E2E=1 but {reason}");
-    println!("skipped: {test}: {reason}");
+    proto::skip::skip(test, reason);
 }
 
 /// The `wrenn` binary under test.
