@@ -23,7 +23,6 @@ const TOKEN: &str = "test-token-0123456789";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-
 fn skip(reason: &str) {
     proto::skip::skip("envd", reason);
 }
