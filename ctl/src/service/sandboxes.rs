@@ -171,6 +171,42 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres:
         }
     }
     crate::metrics::SCHEDULE_EXHAUSTED.inc();
+    // When no online host can run sandboxes at all, say why in the hosts' own words (a
+    // missing Firecracker, kernel or rootfs), instead of blaming capacity.
+    let capable: bool = c
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM hosts WHERE status = 'online' AND can_host \
+                AND ($1::uuid IS NULL OR id = $1))",
+            &[(&i.pinned, Type::UUID)],
+        )
+        .map_err(pg_err)?
+        .get(0);
+    if !capable {
+        let rows = c
+            .query_typed(
+                "SELECT id, problems FROM hosts WHERE status = 'online' AND NOT can_host \
+                    AND ($1::uuid IS NULL OR id = $1) ORDER BY created_at LIMIT 5",
+                &[(&i.pinned, Type::UUID)],
+            )
+            .map_err(pg_err)?;
+        let reasons: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let problems: serde_json::Value = r.get(1);
+                let list: Vec<&str> = problems
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
+                    .unwrap_or_default();
+                format!("{}: {}", proto::id::format_host(r.get(0)), list.join(", "))
+            })
+            .collect();
+        if !reasons.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "no host can run sandboxes: {}",
+                reasons.join("; ")
+            )));
+        }
+    }
     Err(match i.pinned {
         Some(_) => {
             Status::resource_exhausted("the host this sandbox must run on has no free capacity")

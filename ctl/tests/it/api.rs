@@ -103,6 +103,20 @@ fn hello_and_auth() {
 }
 
 #[test]
+fn create_names_why_no_host_can_run_sandboxes() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let missing = "firecracker not found at /nowhere/firecracker (set WRENN_FIRECRACKER)";
+    let (_fa, host_id) = ctl.add_host_with(8, 8192, 100_000, vec![missing.into()]);
+    let e = create(&cl, "").unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message.contains(missing) && e.message.contains(&host_id),
+        "{e}"
+    );
+}
+
+#[test]
 fn sandbox_lifecycle() {
     let Some(ctl) = Ctl::start() else { return };
     let cl = ctl.team();

@@ -217,6 +217,17 @@ impl Ctl {
 
     /// Starts a fake agent and registers it as a host with the given capacity.
     pub fn add_host(&self, vcpus: u32, memory_mib: u64, disk_mib: u64) -> (Arc<FakeAgent>, String) {
+        self.add_host_with(vcpus, memory_mib, disk_mib, vec![])
+    }
+
+    /// Registers a fake agent; with `problems`, one that says it cannot host sandboxes.
+    pub fn add_host_with(
+        &self,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_mib: u64,
+        problems: Vec<String>,
+    ) -> (Arc<FakeAgent>, String) {
         let fa = FakeAgent::start();
         let tok: ctlpb::CreateRegistrationTokenResponse = self
             .admin()
@@ -242,8 +253,8 @@ impl Ctl {
                     }),
                     agent_version: "fake".into(),
                     firecracker_version: "fake".into(),
-                    can_host_sandboxes: true,
-                    problems: vec![],
+                    can_host_sandboxes: problems.is_empty(),
+                    problems,
                 },
                 None,
             )
