@@ -1,6 +1,7 @@
 //! wrenn's benchmark suite: every case measures its baseline in the same run and prints the
 //! ratio (see `harness`). `cargo run --release -p bench -- <name>|all [--quick]`.
 
+pub mod agent;
 pub mod ctl;
 pub mod envd;
 pub mod harness;
@@ -16,5 +17,6 @@ pub fn cases() -> Vec<harness::Case> {
     v.extend(envd::cases());
     v.extend(uffd::cases());
     v.extend(vm::cases());
+    v.extend(agent::cases());
     v
 }
