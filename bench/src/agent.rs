@@ -429,7 +429,7 @@ mod lifecycle {
             self.total.push(total);
         }
 
-        fn print(&self, case: &str) {
+        fn print(&self, case: &str, total_note: &str) {
             let n = self.total.len();
             for (phase, d) in &self.by_name {
                 println!(
@@ -446,7 +446,7 @@ mod lifecycle {
                 info_line(
                     &format!("{case}_total"),
                     &Samples::from_durations(&self.total),
-                    &format!("manager_call_to_envd_first_answer,n={n}"),
+                    &format!("{total_note},n={n}"),
                 )
             );
         }
@@ -492,7 +492,7 @@ mod lifecycle {
         for s in m.list(&[]) {
             if let Ok(id) = id::parse_sandbox(&s.sandbox_id) {
                 if let Err(e) = m.destroy(id) {
-                    println!("info=cleanup note=destroy_{}_failed:{e}", s.sandbox_id);
+                    println!("info=cleanup_failed note=destroy_{}:{e}", s.sandbox_id);
                 }
             }
         }
@@ -682,12 +682,21 @@ mod lifecycle {
                         build_part.push(Duration::from_millis(b));
                         if let Some((_, len)) = newest_layer(&snap) {
                             seq.push(sequential_write(&snap, len)?);
+                            // Written: the new layer and the (rewritten) header. Dirty:
+                            // the pages in the data extents of Firecracker's Diff file
+                            // that are not all zeros.
+                            let header = fs::metadata(snap.join("header"))
+                                .map(|m| m.len())
+                                .unwrap_or(0);
                             if let (Some(sc), Some(z)) =
                                 (logged(&lines, "scanned"), logged(&lines, "zero_pages"))
                             {
                                 let dirty = sc.saturating_sub(z) * 4096;
+                                println!(
+                                    "info=sandbox_pause_bytes layer={len} header={header} dirty_pages={sc} zero_pages={z} dirty_nonzero_bytes={dirty}"
+                                );
                                 if dirty > 0 {
-                                    ratios.push(len as f64 / dirty as f64);
+                                    ratios.push((len + header) as f64 / dirty as f64);
                                 }
                             }
                         }
@@ -702,11 +711,12 @@ mod lifecycle {
             }
         }
         timed.use_file.store(false, Ordering::SeqCst);
-        create[0].print("sandbox_create_from_template");
-        pause.print("sandbox_pause");
-        resume.print("sandbox_resume");
+        let to_answer = "manager_call_to_envd_first_Health/Check_answer";
+        create[0].print("sandbox_create_from_template", to_answer);
+        pause.print("sandbox_pause", "manager_pause_call");
+        resume.print("sandbox_resume", to_answer);
         if backends.len() == 2 {
-            create[1].print("sandbox_create_from_template_file");
+            create[1].print("sandbox_create_from_template_file", to_answer);
             println!(
                 "{}",
                 latency_line(
