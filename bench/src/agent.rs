@@ -2,19 +2,31 @@
 //!
 //! - `agent_idle_rss`: starts the `wrenn-agent` binary (next to the bench binary, else the
 //!   line is skipped with the reason) with a temporary state root, loopback listeners on
-//!   free ports and its own network prefix/subnet (`wrbn`, 10.205.0.0/16 given as `10.205.0.0`: never the default
-//!   prefix, another agent may run on this host), waits until `GET /health` answers, reads
+//!   free ports and its own network prefix/subnet (`wrbn`, 10.205.0.0/16: never the
+//!   default prefix, another agent may run on this host), waits until `GET /health` answers, reads
 //!   VmRSS from /proc and kills it: `metric=agent_idle_rss value=.. unit=MiB goal=<=10`.
-//! - The sandbox lifecycle cases (`sandbox_create_from_template`, `sandbox_pause`,
-//!   `sandbox_resume`, `sandbox_resume_uffd` vs `sandbox_resume_file`,
-//!   `pause_generation_build` vs `sequential_write`, `snapshot_bytes_ratio`,
-//!   `sandbox_create_cold`) need `WRENN_FIRECRACKER`, `WRENN_KERNEL` and `WRENN_ROOTFS`;
-//!   without them each prints `bench=<name> skipped=<reason>`. They are NOT implemented yet:
-//!   with the variables set they print `skipped=not_implemented` (the Firecracker restore
-//!   phases and the Uffd-vs-File restore of a raw snapshot are measured by `vm_restore`).
+//! - `sandbox_lifecycle` (one case, several lines): the real `agent::manager::Manager` with
+//!   the real Firecracker layer, every VM-layer call timed by a wrapper (the phases, printed
+//!   as `info=<case>_<call>` p50/p99; `manager_rest` = what the manager spends outside the
+//!   VM layer, retry sleeps included). The state root `/var/tmp/wrenn-bench-agent` keeps the
+//!   snapshot template between runs (made by one cold boot: `metric=sandbox_create_cold`,
+//!   reported only on the run that boots; delete the root to measure it again). Then, N times:
+//!   `sandbox_create_from_template` (to envd's first answer) with the Uffd backend and with
+//!   the File backend (same template snapshot, its recorded working set):
+//!   `bench=sandbox_resume_uffd baseline=sandbox_resume_file`, goal <= 1.0; on the Uffd
+//!   sandbox `sandbox_pause` (split into Firecracker's `snapshot/create` and our generation
+//!   build, from the layer's own `snapshot taken` log line, ms resolution;
+//!   `bench=pause_generation_build baseline=sequential_write` writes the layer's size
+//!   sequentially and syncs it in the same directory, goal <= 1.2), `metric=
+//!   snapshot_bytes_ratio` (new layer + header bytes over the non-zero pages in the data
+//!   extents of Firecracker's Diff file, goal <= 1.01), and `sandbox_resume` (to envd's
+//!   first answer). Needs `WRENN_FIRECRACKER`, `WRENN_KERNEL`, `WRENN_ROOTFS`, root and
+//!   /dev/kvm, else `bench=<name> skipped=<reason>` for each line; optional `WRENN_BOOT_ARGS`,
+//!   `WRENN_UFFD` (else `wrenn-uffd` next to the bench binary; without it only File runs).
+//!   Slots are named `wrbl*` in 10.206.0.0/16.
 //!
-//! Everything the case creates (the agent process, its state root) is removed on the way
-//! out, error or not.
+//! What the cases start (the agent process and its state root; the sandboxes, their slots
+//! and processes) is removed on the way out, error or not; only the template stays cached.
 
 use std::fs;
 use std::io::{Read, Write};
