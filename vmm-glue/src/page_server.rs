@@ -257,21 +257,7 @@ impl PageServerProcess {
     /// The exit, if it has happened (reaps our child). `wrenn-uffd` exits by itself once
     /// every page is resident.
     pub fn try_wait(&mut self) -> Result<Option<ExitKind>, ProcessError> {
-        if self.exit.is_some() {
-            return Ok(self.exit);
-        }
-        if self.is_child {
-            match sys::waitid_pidfd(self.pidfd.as_fd(), false).map_err(ProcessError::Wait)? {
-                Some(sys::Exit::Code(c)) => self.exit = Some(ExitKind::Code(c)),
-                Some(sys::Exit::Signal(s)) => self.exit = Some(ExitKind::Signal(s)),
-                None => {}
-            }
-        } else if sys::poll_readable(self.pidfd.as_fd(), Duration::ZERO)
-            .map_err(ProcessError::Wait)?
-        {
-            self.exit = Some(ExitKind::Unknown);
-        }
-        Ok(self.exit)
+        crate::process::poll_exit(self.pidfd.as_fd(), self.is_child, &mut self.exit)
     }
 
     /// Waits until the socket exists (it is renamed into place once it accepts), or fails

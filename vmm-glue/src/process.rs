@@ -625,21 +625,7 @@ impl VmProcess {
 
     /// The exit, if it has happened (reaps our child).
     pub fn try_wait(&mut self) -> Result<Option<ExitKind>, ProcessError> {
-        if self.exit.is_some() {
-            return Ok(self.exit);
-        }
-        if self.is_child {
-            match sys::waitid_pidfd(self.pidfd.as_fd(), false).map_err(ProcessError::Wait)? {
-                Some(sys::Exit::Code(c)) => self.exit = Some(ExitKind::Code(c)),
-                Some(sys::Exit::Signal(s)) => self.exit = Some(ExitKind::Signal(s)),
-                None => {}
-            }
-        } else if sys::poll_readable(self.pidfd.as_fd(), Duration::ZERO)
-            .map_err(ProcessError::Wait)?
-        {
-            self.exit = Some(ExitKind::Unknown);
-        }
-        Ok(self.exit)
+        poll_exit(self.pidfd.as_fd(), self.is_child, &mut self.exit)
     }
 
     /// Waits until the API socket accepts a connection, or fails early if Firecracker exits.
@@ -713,6 +699,28 @@ impl VmProcess {
         log::info!("firecracker killed pid={} exit={exit:?}", self.pid);
         Ok(exit)
     }
+}
+
+/// Polls a process held by `pidfd` for its exit without blocking, once: a child of ours is
+/// reaped (its status kept), an adopted process only reports that it is gone.
+pub(crate) fn poll_exit(
+    pidfd: std::os::fd::BorrowedFd<'_>,
+    is_child: bool,
+    exit: &mut Option<ExitKind>,
+) -> Result<Option<ExitKind>, ProcessError> {
+    if exit.is_some() {
+        return Ok(*exit);
+    }
+    if is_child {
+        match sys::waitid_pidfd(pidfd, false).map_err(ProcessError::Wait)? {
+            Some(sys::Exit::Code(c)) => *exit = Some(ExitKind::Code(c)),
+            Some(sys::Exit::Signal(s)) => *exit = Some(ExitKind::Signal(s)),
+            None => {}
+        }
+    } else if sys::poll_readable(pidfd, Duration::ZERO).map_err(ProcessError::Wait)? {
+        *exit = Some(ExitKind::Unknown);
+    }
+    Ok(*exit)
 }
 
 #[cfg(test)]
