@@ -149,7 +149,7 @@ fn agent_restart_keeps_sandboxes() {
         "{\"timeout_s\": 3600}",
         CREATE_TIMEOUT,
     );
-    assert_eq!(code, 200, "create: {body}");
+    assert_eq!(code, 201, "create: {body}");
     println!("sandbox created in {:?}", t0.elapsed());
     let id = sandbox_id(&body).unwrap_or_else(|| panic!("no sandbox id in {body}"));
     echo_hi(http, &key, &id);
