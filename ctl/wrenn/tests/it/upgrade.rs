@@ -63,7 +63,12 @@ fn echo_hi(http: std::net::SocketAddr, key: &str, id: &str) {
 fn firecracker_pids(agent_root: &Path) -> Vec<String> {
     processes_under(agent_root)
         .into_iter()
-        .filter(|p| p.contains("firecracker"))
+        // The executable itself, not any command line that mentions Firecracker (the
+        // agent's own has `--firecracker PATH`).
+        .filter(|p| {
+            let exe = p.split(": ").nth(1).and_then(|c| c.split(' ').next());
+            exe.is_some_and(|e| e == "firecracker" || e.ends_with("/firecracker"))
+        })
         .map(|p| p.split(':').next().unwrap_or("").to_owned())
         .collect()
 }
