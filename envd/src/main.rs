@@ -67,12 +67,30 @@ fn args_for(pid1: bool, args: Vec<String>) -> Vec<String> {
     if !pid1 {
         return args;
     }
-    let (flags, ignored): (Vec<String>, Vec<String>) =
-        args.into_iter().partition(|a| a.starts_with("--"));
+    const WITH_VALUE: [&str; 4] = [
+        "--listen-unix",
+        "--listen-tcp",
+        "--vsock-port",
+        "--announce-unix",
+    ];
+    const PLAIN: [&str; 1] = ["--no-announce"];
+    let mut kept = Vec::new();
+    let mut ignored = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if WITH_VALUE.contains(&a.as_str()) {
+            kept.push(a);
+            kept.extend(it.next());
+        } else if PLAIN.contains(&a.as_str()) {
+            kept.push(a);
+        } else {
+            ignored.push(a);
+        }
+    }
     if !ignored.is_empty() {
         eprintln!("envd: ignoring kernel command-line words {ignored:?}");
     }
-    flags
+    kept
 }
 
 fn main() {
@@ -124,6 +142,14 @@ mod tests {
         assert_eq!(
             args_for(true, a(&["noxsave", "--no-announce", "quiet"])),
             a(&["--no-announce"])
+        );
+        // Flag values survive (the PID-1 test passes a socket path).
+        assert_eq!(
+            args_for(
+                true,
+                a(&["--listen-unix", "/tmp/s", "noxsave", "--no-announce"])
+            ),
+            a(&["--listen-unix", "/tmp/s", "--no-announce"])
         );
         assert_eq!(args_for(false, a(&["noxsave"])), a(&["noxsave"]));
         assert!(parse(&args_for(false, a(&["noxsave"]))).is_err());
