@@ -159,7 +159,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
                 continue;
             }
             rust_files(&p, out);
-        } else if name.ends_with(".rs") && name != "tidy.rs" {
+        } else if name.ends_with(".rs") {
             out.push(p);
         }
     }
@@ -175,9 +175,10 @@ pub fn undocumented_unsafe(src: &str) -> Vec<usize> {
             continue;
         }
         let code = t.split("//").next().unwrap_or("");
-        let opens = ["unsafe {", "unsafe fn", "unsafe impl", "unsafe extern"]
+        // Spelled in pieces so this file's own text never looks like an unsafe block.
+        let opens = [" {", " fn", " impl", " extern"]
             .iter()
-            .any(|k| code.contains(k));
+            .any(|k| code.contains(&format!("{}{k}", "unsafe")));
         if !opens {
             continue;
         }
@@ -217,7 +218,7 @@ fn every_unsafe_has_a_safety_comment() {
 
 #[test]
 fn the_unsafe_check_itself_can_fail() {
-    let bad = "fn f() {\n    let x = 1;\n    unsafe { g() }\n}\n";
+    let bad = concat!("fn f() {\n    let x = 1;\n    unsa", "fe { g() }\n}\n");
     assert_eq!(undocumented_unsafe(bad), vec![3]);
     let good = "fn f() {\n    // SAFETY: g has no preconditions.\n    unsafe { g() }\n}\n";
     assert!(undocumented_unsafe(good).is_empty());
