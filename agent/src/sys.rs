@@ -146,10 +146,7 @@ pub fn random_uuid() -> io::Result<proto::id::Uuid> {
 
 /// Compares two secrets in time independent of where they differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    proto::sha256::constant_time_eq(a, b)
 }
 
 #[cfg(test)]
