@@ -203,7 +203,8 @@ impl Server {
         }
     }
 
-    /// Listens on a Unix socket path (a stale socket file there is replaced).
+    /// Listens on a Unix socket path (a stale socket file there is replaced). The path
+    /// appears only once the socket listens.
     pub fn listen_unix(&mut self, path: impl AsRef<Path>) -> io::Result<()> {
         let path = path.as_ref();
         if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -212,7 +213,22 @@ impl Server {
                 std::fs::remove_file(path)?;
             }
         }
-        let l = UnixListener::bind(path)?;
+        // bind() makes the path appear before listen() runs, and a connect in between is
+        // refused. Bind a temporary name and rename it into place once listening, so that
+        // the path existing means the server accepts.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        // sun_path holds 108 bytes with the NUL; a path too long for the suffix binds directly.
+        if tmp.as_os_str().len() > 107 {
+            return self.listen_fd(UnixListener::bind(path)?.into());
+        }
+        let _ = std::fs::remove_file(&tmp);
+        let l = UnixListener::bind(&tmp)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         self.listen_fd(l.into())
     }
 

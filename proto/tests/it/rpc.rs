@@ -706,3 +706,49 @@ fn payload_sends_arrive_intact_and_in_order() {
     }
     assert!(s.recv::<Blob>().unwrap().is_none());
 }
+
+/// A Unix socket path appears only once it listens: a client that connects the moment the
+/// path exists is never refused (bind() alone would create the path before listen()).
+#[test]
+fn unix_path_appears_only_when_listening() {
+    let dir = TempDir::new("appear");
+    // The second path is long enough that the temporary-name suffix does not fit sun_path.
+    let long = "x".repeat(100 - dir.path.as_os_str().len().min(99));
+    for name in ["s.sock".to_string(), long] {
+        let path = dir.path.join(&name);
+        for round in 0..2000 {
+            let p = path.clone();
+            let t = std::thread::spawn(move || {
+                let svc = std::sync::Arc::new(TestService {
+                    stats: Default::default(),
+                    secret: None,
+                });
+                let mut server = proto::rpc::Server::new(ServerConfig::new("appear"), svc).unwrap();
+                server.listen_unix(&p).unwrap();
+                server
+            });
+            let t0 = Instant::now();
+            while !path.exists() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "path never appeared"
+                );
+                std::hint::spin_loop();
+            }
+            if name == "s.sock" {
+                if let Err(e) = UnixStream::connect(&path) {
+                    panic!("round {round}: connect as soon as the path exists: {e}");
+                }
+            }
+            let server = t.join().unwrap();
+            UnixStream::connect(&path).unwrap();
+            drop(server);
+            let names: Vec<_> = std::fs::read_dir(&dir.path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, vec![std::ffi::OsString::from(&name)]);
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
