@@ -272,6 +272,7 @@ impl PageServerProcess {
                 let text = fs::read(&self.log_path).unwrap_or_default();
                 let tail = &text[text.len().saturating_sub(600)..];
                 return Err(ProcessError::Exited {
+                    program: "wrenn-uffd",
                     status: format!("{exit:?}"),
                     log_tail: String::from_utf8_lossy(tail).trim().to_owned(),
                 });
@@ -353,7 +354,12 @@ mod tests {
         let mut p = PageServerProcess::spawn(&cfg).unwrap();
         assert!(dir.join(PAGE_SERVER_STATE_NAME).exists());
         match p.wait_listening(Duration::from_secs(5)) {
-            Err(ProcessError::Exited { status, .. }) => assert_eq!(status, "Code(1)"),
+            Err(e @ ProcessError::Exited { .. }) => {
+                assert!(
+                    e.to_string().starts_with("wrenn-uffd exited (Code(1))"),
+                    "{e}"
+                );
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(p.kill().unwrap(), ExitKind::Code(1));

@@ -151,8 +151,10 @@ pub enum ProcessError {
     Gone {
         pid: u32,
     },
-    /// Firecracker exited while we waited for its API socket.
+    /// The program (Firecracker, or the `wrenn-uffd` page server) exited while we waited
+    /// for its socket.
     Exited {
+        program: &'static str,
         status: String,
         log_tail: String,
     },
@@ -190,8 +192,12 @@ impl fmt::Display for ProcessError {
             ProcessError::Gone { pid } => {
                 write!(f, "firecracker pid {pid} is gone or is another process now")
             }
-            ProcessError::Exited { status, log_tail } => {
-                write!(f, "firecracker exited ({status}); log ends: {log_tail}")
+            ProcessError::Exited {
+                program,
+                status,
+                log_tail,
+            } => {
+                write!(f, "{program} exited ({status}); log ends: {log_tail}")
             }
             ProcessError::ApiSocketTimeout { path, timeout } => write!(
                 f,
@@ -637,6 +643,7 @@ impl VmProcess {
             }
             if let Some(exit) = self.try_wait()? {
                 return Err(ProcessError::Exited {
+                    program: "firecracker",
                     status: format!("{exit:?}"),
                     log_tail: log_tail(&self.log_path),
                 });
