@@ -9,8 +9,9 @@ pub const BLOCK_SIZE: u64 = 4096;
 pub const MEMORY_SIZE_MAX: u64 = 1 << 40;
 
 /// Most extents in one header. A generation's diff after a pause has a few hundred extents
-/// (measured: 221–233); merged chains fragment further. 1 Mi extents is a 40 MiB header, well
-/// past anything real, and bounds what a corrupt file can make the parser allocate.
+/// (measured: 221–233); merged chains fragment further. 1 Mi extents is a 12 MiB header
+/// (40 MiB in version 1), well past anything real, and bounds what a corrupt file can make the
+/// parser allocate.
 pub const EXTENT_COUNT_MAX: u32 = 1 << 20;
 
 /// Most layers (distinct generations) one header may reference. The chain is squashed long
@@ -21,10 +22,11 @@ pub const LAYER_COUNT_MAX: u32 = 1024;
 /// and mapping in the page server, and one more file to keep per sandbox.
 pub const SQUASH_LAYER_COUNT: usize = 8;
 
-/// Largest header file accepted, derived from the counts above (the exact length is checked).
+/// Largest header file accepted, derived from the counts above and the larger extent record
+/// (version 1's, still read); the exact length for the file's version is checked after.
 pub const HEADER_SIZE_MAX: u64 = crate::header::HEADER_FIXED_SIZE as u64
     + LAYER_COUNT_MAX as u64 * crate::header::LAYER_RECORD_SIZE as u64
-    + EXTENT_COUNT_MAX as u64 * crate::header::EXTENT_RECORD_SIZE as u64
+    + EXTENT_COUNT_MAX as u64 * crate::header::EXTENT_RECORD_SIZE_V1 as u64
     + 4;
 
 /// Largest handshake message from Firecracker. Each region is about 120 bytes of JSON; a
@@ -92,4 +94,9 @@ const _: () = assert!(FILL_CHUNK % BLOCK_SIZE == 0);
 const _: () = assert!(AROUND_STEP % BLOCK_SIZE == 0 && AROUND_STEP <= FAULT_AROUND_MAX);
 const _: () = assert!(SCAN_CHUNK as u64 % BLOCK_SIZE == 0);
 const _: () = assert!(MEMORY_SIZE_MAX % BLOCK_SIZE == 0);
+// Version-2 headers store lengths and storage offsets as u32 block counts: every length fits,
+// and so does every storage offset, since a layer is never larger than the memory.
+const _: () = assert!(MEMORY_SIZE_MAX / BLOCK_SIZE <= u32::MAX as u64);
+// `HEADER_SIZE_MAX` is derived from the larger of the two extent records.
+const _: () = assert!(crate::header::EXTENT_RECORD_SIZE_V1 >= crate::header::EXTENT_RECORD_SIZE);
 const _: () = assert!(HANDSHAKE_FD_MAX >= 2);
