@@ -228,6 +228,68 @@ fn ctl_create(o: &Opts) -> Result<(), String> {
             Goal::AtMost(6.0)
         )
     );
+    create_phases(&mut env, iters)
+}
+
+/// What a create is made of, each part timed interleaved with the same baseline and printed
+/// as an info line with its multiple of the round trip: a hand-off to a DB worker with no
+/// SQL, a hand-off running one prepared SELECT, and the agent's Create over the RPC runtime
+/// (to the same in-memory agent). A create costs two hand-offs with its statements plus
+/// one agent call; these lines show which part to cut.
+fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
+    let mut cfg = ctl::db::DbConfig::new(&env.url);
+    cfg.workers = 4;
+    let db = ctl::db::Db::start(&cfg).map_err(e("db pool"))?;
+    let key = env.key_id;
+    let token = env._agent.token.lock().map_err(e("token"))?.clone();
+    let agent = proto::rpc::Client::connect_tcp(
+        env._agent.addr.to_string().as_str(),
+        proto::rpc::Credential::agent_token(token),
+    )
+    .map_err(|s| format!("connect agent: {}", s.message))?;
+    let mut n = 0u64;
+    let mut agent_create = || {
+        n += 1;
+        let req = agent::CreateSandboxRequest {
+            sandbox_id: proto::id::format_sandbox(proto::id::Uuid::from_u128(u128::from(n))),
+            ..Default::default()
+        };
+        agent
+            .unary::<_, agent::SandboxInfo>(
+                agent::sandboxes_methods::CREATE,
+                &req,
+                Some(Duration::from_secs(10)),
+            )
+            .map(|_| ())
+            .map_err(|s| s.message)
+    };
+    let phase = |name: &str, base: &Samples, ours: &Samples| {
+        let note = format!(
+            "ratio_to_round_trip={:.3}",
+            ours.p50() as f64 / base.p50().max(1) as f64
+        );
+        println!("{}", crate::harness::info_line(name, ours, &note));
+    };
+    let (base, ours) = measure_interleaved(iters, bare_round_trip(env)?, || {
+        db.run(|_| Ok(())).map_err(|s| s.message)
+    })?;
+    phase("ctl_create_phase_db_handoff", &base, &ours);
+    let (base, ours) = measure_interleaved(iters, bare_round_trip(env)?, || {
+        db.run(move |c| {
+            let st = ctl::db::prepared(
+                c,
+                "SELECT id, team_id, name, key_hash, platform_admin FROM api_keys WHERE id = $1",
+                &[Type::UUID],
+            )?;
+            c.query_one(&st, &[&key]).map_err(ctl::db::pg_err)?;
+            Ok(())
+        })
+        .map_err(|s| s.message)
+    })?;
+    phase("ctl_create_phase_db_select", &base, &ours);
+    let (base, ours) = measure_interleaved(iters, bare_round_trip(env)?, &mut agent_create)?;
+    phase("ctl_create_phase_agent_create", &base, &ours);
+    agent.close();
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use proto::{Code, Status};
 
 use super::audit::{self, Actor, Entry};
 use super::convert::{self, SANDBOX_COLS};
-use super::{page_size, paginate, parse_id, parse_opt_id, templates, Api, AuthCtx};
+use super::{page_size, paginate, parse_id, parse_opt_id, Api, AuthCtx, PLATFORM_TEAM};
 use crate::db::pg_err;
 use crate::limits::{
     BACKGROUND_CREATES_MAX, SANDBOX_DISK_MIB_MAX, SANDBOX_MEMORY_MIB_MAX,
@@ -36,7 +36,6 @@ struct Pending {
 static LIST_SQL: OnceLock<String> = OnceLock::new();
 static FETCH_SQL: OnceLock<String> = OnceLock::new();
 static RUNNING_SQL: OnceLock<String> = OnceLock::new();
-static INSERT_SQL: OnceLock<String> = OnceLock::new();
 
 /// A query text built once (from the column list) with a `'static` lifetime, so it can key
 /// the prepared-statement cache.
@@ -58,64 +57,137 @@ pub fn list_sql() -> String {
     )
 }
 
-/// What [`insert_reserved`] inserts.
+/// How a create names its template: by wire ID or by name (the caller's team's first, then
+/// the platform's), as [`super::templates::resolve`] does.
+enum TplRef {
+    Id(Uuid),
+    Name(String),
+}
+
+impl TplRef {
+    /// Checks `r` as `templates::resolve` would before any SQL.
+    fn parse(r: &str) -> Result<TplRef, Status> {
+        if r.starts_with("tpl-") {
+            return Ok(TplRef::Id(parse_id(Kind::Template, r)?));
+        }
+        if r.len() > crate::limits::NAME_LEN_MAX {
+            return Err(Status::invalid_argument("template name too long"));
+        }
+        Ok(TplRef::Name(r.to_owned()))
+    }
+}
+
+/// What [`insert_reserved`] inserts. A size of 0 means the template's own; a snapshot
+/// template's size always wins (its memory image fixes it).
 struct Insert<'a> {
     id: Uuid,
     team: Uuid,
-    template: Uuid,
-    size: Need,
-    pinned: Option<Uuid>,
+    template: &'a TplRef,
+    vcpus: i32,
+    memory_mib: i32,
+    disk_mib: i64,
     timeout_s: i64,
     policy: &'static str,
-    metadata: serde_json::Value,
+    metadata: &'a serde_json::Value,
     audit_id: Uuid,
     ctx: &'a AuthCtx,
 }
 
-/// Reserves a host, inserts the sandbox (STARTING, holding its size) and its audit row —
-/// one statement, so one round trip and atomic without an explicit transaction. The
-/// reservation re-checks the fit on the row version it locks (see scheduler.rs); when a
-/// concurrent create took the chosen host, the statement inserts nothing and is retried.
-fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres::Row, Status> {
-    let sql = static_sql(&INSERT_SQL, || {
-        format!(
-        "WITH h AS ( \
-            UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mib = used_memory_mib + $2, \
-                used_disk_mib = used_disk_mib + $3 \
-            WHERE id = (SELECT id FROM hosts WHERE status = 'online' AND can_host \
-                    AND ($4::uuid IS NULL OR id = $4) AND used_vcpus + $1 <= capacity_vcpus \
-                    AND used_memory_mib + $2 <= capacity_memory_mib \
-                    AND used_disk_mib + $3 <= capacity_disk_mib \
-                  ORDER BY capacity_memory_mib - used_memory_mib DESC, id LIMIT 1) \
-              AND status = 'online' AND can_host AND used_vcpus + $1 <= capacity_vcpus \
-              AND used_memory_mib + $2 <= capacity_memory_mib AND used_disk_mib + $3 <= capacity_disk_mib \
-            RETURNING id), \
+/// What [`insert_reserved`] placed.
+struct Placed {
+    /// The sandbox row ([`SANDBOX_COLS`]).
+    row: postgres::Row,
+    template: Uuid,
+    snapshot: bool,
+    size: Need,
+}
+
+static INSERT_BY_ID_SQL: OnceLock<String> = OnceLock::new();
+static INSERT_BY_NAME_SQL: OnceLock<String> = OnceLock::new();
+
+/// The create statement. Parameters: $1 team, $2 platform team, $3 template (id or name),
+/// $4..$6 requested vCPUs, memory, disk (0: the template's), $7 sandbox id, $8 timeout,
+/// $9 policy, $10 metadata, $11 audit row id, $12 key wire id, $13 key name, $14 sandbox
+/// wire id. Columns: [`SANDBOX_COLS`] (NULL when nothing was inserted), then template id,
+/// snapshot?, vCPUs, memory, disk, pinned host, disk request valid?. No row: no template.
+///
+/// CTEs: `t` resolves the template, `n` derives the size and the pinned host, `p` picks
+/// the host with the most free memory, `h` reserves on it — re-checking the fit on the row
+/// version it locks, so a concurrent create that took the capacity makes it update (and
+/// insert) nothing — `s` inserts the sandbox, `a` its audit row.
+fn insert_sql(by_id: bool) -> String {
+    let tpl_match = if by_id { "id = $3" } else { "name = $3" };
+    format!(
+        "WITH t AS ( \
+            SELECT id, kind = 'snapshot' AS snap, vcpus, memory_mib, disk_mib, host_id FROM templates \
+            WHERE {tpl_match} AND team_id IN ($1, $2) ORDER BY (team_id = $2) LIMIT 1), \
+         n AS ( \
+            SELECT t.id AS tpl, t.snap, \
+                CASE WHEN t.snap OR $4 = 0 THEN t.vcpus ELSE $4 END AS vcpus, \
+                CASE WHEN t.snap OR $5 = 0 THEN t.memory_mib ELSE $5 END AS memory_mib, \
+                CASE WHEN t.snap OR $6 = 0 THEN t.disk_mib ELSE $6 END AS disk_mib, \
+                CASE WHEN t.snap THEN t.host_id END AS pinned, \
+                (t.snap OR $6 = 0 OR $6 >= t.disk_mib) AS disk_ok \
+            FROM t), \
+         p AS ( \
+            SELECT c.id FROM hosts c, n WHERE n.disk_ok AND c.status = 'online' AND c.can_host \
+                AND (n.pinned IS NULL OR c.id = n.pinned) AND c.used_vcpus + n.vcpus <= c.capacity_vcpus \
+                AND c.used_memory_mib + n.memory_mib <= c.capacity_memory_mib \
+                AND c.used_disk_mib + n.disk_mib <= c.capacity_disk_mib \
+            ORDER BY c.capacity_memory_mib - c.used_memory_mib DESC, c.id LIMIT 1), \
+         h AS ( \
+            UPDATE hosts SET used_vcpus = hosts.used_vcpus + n.vcpus, \
+                used_memory_mib = hosts.used_memory_mib + n.memory_mib, \
+                used_disk_mib = hosts.used_disk_mib + n.disk_mib \
+            FROM n, p \
+            WHERE hosts.id = p.id AND hosts.status = 'online' AND hosts.can_host \
+                AND hosts.used_vcpus + n.vcpus <= hosts.capacity_vcpus \
+                AND hosts.used_memory_mib + n.memory_mib <= hosts.capacity_memory_mib \
+                AND hosts.used_disk_mib + n.disk_mib <= hosts.capacity_disk_mib \
+            RETURNING hosts.id), \
          s AS ( \
             INSERT INTO sandboxes (id, team_id, host_id, template_id, state, vcpus, memory_mib, disk_mib, \
                 held_vcpus, held_memory_mib, held_disk_mib, timeout_s, on_timeout, metadata) \
-            SELECT $5, $6, h.id, $7, 'starting', $1, $8, $3, $1, $2, $3, $9, $10, $11 FROM h \
+            SELECT $7, $1, h.id, n.tpl, 'starting', n.vcpus, n.memory_mib, n.disk_mib, \
+                n.vcpus, n.memory_mib, n.disk_mib, $8, $9, $10 FROM h, n \
             RETURNING *), \
          a AS ( \
             INSERT INTO audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, \
                 resource_id, action, status, metadata) \
-            SELECT $12, $6, 'api_key', $13, $14, 'sandbox', $15, 'sandbox.create', 'success', \
-                jsonb_build_object('template', $16::text, 'host', 'host-' || s.host_id::text, \
-                    'vcpus', $1, 'memory_mib', $2) FROM s) \
-         SELECT {SANDBOX_COLS} FROM s"
+            SELECT $11, $1, 'api_key', $12, $13, 'sandbox', $14, 'sandbox.create', 'success', \
+                jsonb_build_object('template', 'tpl-' || n.tpl::text, 'host', 'host-' || s.host_id::text, \
+                    'vcpus', n.vcpus, 'memory_mib', n.memory_mib) FROM s, n) \
+         SELECT {SANDBOX_COLS}, n.tpl, n.snap, n.vcpus, n.memory_mib, n.disk_mib, n.pinned, n.disk_ok \
+         FROM n LEFT JOIN s ON true"
     )
-    });
+}
+
+/// Resolves the template, reserves a host, inserts the sandbox (STARTING, holding its size)
+/// and its audit row: one statement, so one round trip, and atomic without an explicit
+/// transaction. When a concurrent create took the chosen host's capacity, the statement
+/// inserts nothing and is retried while some host still fits.
+fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, Status> {
+    let (sql, key_type) = match i.template {
+        TplRef::Id(_) => (
+            static_sql(&INSERT_BY_ID_SQL, || insert_sql(true)),
+            Type::UUID,
+        ),
+        TplRef::Name(_) => (
+            static_sql(&INSERT_BY_NAME_SQL, || insert_sql(false)),
+            Type::TEXT,
+        ),
+    };
     let st = crate::db::prepared(
         c,
         sql,
         &[
+            Type::UUID,
+            Type::UUID,
+            key_type,
+            Type::INT4,
             Type::INT4,
             Type::INT8,
-            Type::INT8,
             Type::UUID,
-            Type::UUID,
-            Type::UUID,
-            Type::UUID,
-            Type::INT4,
             Type::INT8,
             Type::TEXT,
             Type::JSONB,
@@ -123,46 +195,64 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres:
             Type::TEXT,
             Type::TEXT,
             Type::TEXT,
-            Type::TEXT,
         ],
     )?;
-    let mem32 = i.size.memory_mib as i32;
+    let key: &(dyn postgres::types::ToSql + Sync) = match i.template {
+        TplRef::Id(u) => u,
+        TplRef::Name(n) => n,
+    };
     let key_id = id::format(Kind::Key, i.ctx.key_id);
     let sb_id = id::format(Kind::Sandbox, i.id);
-    let tpl_id = id::format(Kind::Template, i.template);
+    let n = SANDBOX_COLS.split(',').count();
+    let mut pinned: Option<Uuid> = None;
     for _ in 0..8 {
         let row = c
             .query_opt(
                 &st,
                 &[
-                    &i.size.vcpus,
-                    &i.size.memory_mib,
-                    &i.size.disk_mib,
-                    &i.pinned,
-                    &i.id,
                     &i.team,
-                    &i.template,
-                    &mem32,
+                    &PLATFORM_TEAM,
+                    key,
+                    &i.vcpus,
+                    &i.memory_mib,
+                    &i.disk_mib,
+                    &i.id,
                     &i.timeout_s,
                     &i.policy,
-                    &i.metadata,
+                    i.metadata,
                     &i.audit_id,
                     &key_id,
                     &i.ctx.key_name,
                     &sb_id,
-                    &tpl_id,
                 ],
             )
-            .map_err(pg_err)?;
-        if let Some(r) = row {
-            return Ok(r);
+            .map_err(pg_err)?
+            .ok_or_else(|| Status::not_found("template not found"))?;
+        let size = Need {
+            vcpus: row.get(n + 2),
+            memory_mib: i64::from(row.get::<_, i32>(n + 3)),
+            disk_mib: row.get(n + 4),
+        };
+        pinned = row.get(n + 5);
+        if !row.get::<_, bool>(n + 6) {
+            return Err(Status::invalid_argument(
+                "disk_mib may only grow the template's disk",
+            ));
+        }
+        if row.get::<_, Option<Uuid>>(0).is_some() {
+            return Ok(Placed {
+                template: row.get(n),
+                snapshot: row.get(n + 1),
+                size,
+                row,
+            });
         }
         let any: bool = c
             .query_typed_one(
                 "SELECT EXISTS (SELECT 1 FROM hosts WHERE status = 'online' AND can_host \
                     AND ($4::uuid IS NULL OR id = $4) AND used_vcpus + $1 <= capacity_vcpus \
                     AND used_memory_mib + $2 <= capacity_memory_mib AND used_disk_mib + $3 <= capacity_disk_mib)",
-                &[(&i.size.vcpus, Type::INT4), (&i.size.memory_mib, Type::INT8), (&i.size.disk_mib, Type::INT8), (&i.pinned, Type::UUID)],
+                &[(&size.vcpus, Type::INT4), (&size.memory_mib, Type::INT8), (&size.disk_mib, Type::INT8), (&pinned, Type::UUID)],
             )
             .map_err(pg_err)?
             .get(0);
@@ -177,7 +267,7 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres:
         .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM hosts WHERE status = 'online' AND can_host \
                 AND ($1::uuid IS NULL OR id = $1))",
-            &[(&i.pinned, Type::UUID)],
+            &[(&pinned, Type::UUID)],
         )
         .map_err(pg_err)?
         .get(0);
@@ -186,7 +276,7 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres:
             .query_typed(
                 "SELECT id, problems FROM hosts WHERE status = 'online' AND NOT can_host \
                     AND ($1::uuid IS NULL OR id = $1) ORDER BY created_at LIMIT 5",
-                &[(&i.pinned, Type::UUID)],
+                &[(&pinned, Type::UUID)],
             )
             .map_err(pg_err)?;
         let reasons: Vec<String> = rows
@@ -207,7 +297,7 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<postgres:
             )));
         }
     }
-    Err(match i.pinned {
+    Err(match pinned {
         Some(_) => {
             Status::resource_exhausted("the host this sandbox must run on has no free capacity")
         }
@@ -331,62 +421,32 @@ impl Api {
             req.template.clone()
         };
         let audit_id = audit::new_uuid()?;
+        let tpl_ref = TplRef::parse(&tpl_ref)?;
         let (sb, pending) = self.inner.db.run(move |c| {
-            let tpl = templates::resolve(c, team, &tpl_ref)?;
-            let snapshot = tpl.kind == "snapshot";
-            let size = if snapshot {
-                Need {
-                    vcpus: tpl.vcpus,
-                    memory_mib: i64::from(tpl.memory_mib),
-                    disk_mib: tpl.disk_mib,
-                }
-            } else {
-                let disk = if req.disk_mib == 0 {
-                    tpl.disk_mib
-                } else {
-                    req.disk_mib as i64
-                };
-                if disk < tpl.disk_mib {
-                    return Err(Status::invalid_argument(
-                        "disk_mib may only grow the template's disk",
-                    ));
-                }
-                Need {
-                    vcpus: if req.vcpus == 0 {
-                        tpl.vcpus
-                    } else {
-                        req.vcpus as i32
-                    },
-                    memory_mib: if req.memory_mib == 0 {
-                        i64::from(tpl.memory_mib)
-                    } else {
-                        i64::from(req.memory_mib)
-                    },
-                    disk_mib: disk,
-                }
-            };
-            let pinned = if snapshot { tpl.host } else { None };
-            let row = insert_reserved(
+            let placed = insert_reserved(
                 c,
                 &Insert {
                     id,
                     team,
-                    template: tpl.id,
-                    size,
-                    pinned,
+                    template: &tpl_ref,
+                    // Lossless: bounded by the SANDBOX_*_MAX check above.
+                    vcpus: req.vcpus as i32,
+                    memory_mib: req.memory_mib as i32,
+                    disk_mib: req.disk_mib as i64,
                     timeout_s: timeout_s as i64,
                     policy,
-                    metadata,
+                    metadata: &metadata,
                     audit_id,
                     ctx: &ctx2,
                 },
             )?;
-            let sb = convert::sandbox(&row);
+            let (row, snapshot, size) = (&placed.row, placed.snapshot, placed.size);
+            let sb = convert::sandbox(row);
             let host: Uuid = row.get(2);
             let areq = agent::CreateSandboxRequest {
                 sandbox_id: id::format(Kind::Sandbox, id),
                 team_id: id::format(Kind::Team, team),
-                template_id: id::format(Kind::Template, tpl.id),
+                template_id: id::format(Kind::Template, placed.template),
                 template_kind: if snapshot {
                     agent::TemplateKind::Snapshot as i32
                 } else {

@@ -15,15 +15,13 @@ use super::{page_size, parse_id, Api, AuthCtx, PLATFORM_TEAM};
 use crate::db::pg_err;
 use crate::scheduler::{self, State};
 
-/// What the scheduler needs of a template.
+/// What Get and Delete need of a resolved template (Create resolves its template inside
+/// its one statement, `sandboxes::insert_sql`, with the same rules).
 #[derive(Clone, Debug)]
 pub(crate) struct Tpl {
     pub id: Uuid,
     pub team: Uuid,
     pub kind: String,
-    pub vcpus: i32,
-    pub memory_mib: i32,
-    pub disk_mib: i64,
     pub host: Option<Uuid>,
 }
 
@@ -33,7 +31,7 @@ pub(crate) fn resolve(c: &mut impl GenericClient, team: Uuid, r: &str) -> Result
         let id = parse_id(Kind::Template, r)?;
         let st = crate::db::prepared(
             c,
-            "SELECT id, team_id, kind, vcpus, memory_mib, disk_mib, host_id FROM templates \
+            "SELECT id, team_id, kind, host_id FROM templates \
              WHERE id = $1 AND team_id IN ($2, $3)",
             &[Type::UUID, Type::UUID, Type::UUID],
         )?;
@@ -44,7 +42,7 @@ pub(crate) fn resolve(c: &mut impl GenericClient, team: Uuid, r: &str) -> Result
         }
         let st = crate::db::prepared(
             c,
-            "SELECT id, team_id, kind, vcpus, memory_mib, disk_mib, host_id FROM templates \
+            "SELECT id, team_id, kind, host_id FROM templates \
              WHERE name = $1 AND team_id IN ($2, $3) ORDER BY (team_id = $3) LIMIT 1",
             &[Type::TEXT, Type::UUID, Type::UUID],
         )?;
@@ -56,10 +54,7 @@ pub(crate) fn resolve(c: &mut impl GenericClient, team: Uuid, r: &str) -> Result
         id: row.get(0),
         team: row.get(1),
         kind: row.get(2),
-        vcpus: row.get(3),
-        memory_mib: row.get(4),
-        disk_mib: row.get(5),
-        host: row.get(6),
+        host: row.get(3),
     })
 }
 

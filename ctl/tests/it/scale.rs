@@ -216,3 +216,185 @@ fn placement_follows_template_files_and_paused_sandboxes() {
         (c::SandboxState::Running as i32, h1.as_str())
     );
 }
+
+/// Usage of a host as (vCPUs, memory, disk), read through the API.
+fn usage(ctl: &Ctl, host: &str) -> (u32, u64, u64) {
+    let h: c::Host = ctl
+        .admin()
+        .unary(
+            c::hosts_methods::GET,
+            &c::GetHostRequest {
+                host_id: host.to_owned(),
+            },
+            T,
+        )
+        .unwrap();
+    let u = h.usage.unwrap();
+    (u.vcpus, u.memory_mib, u.disk_mib)
+}
+
+fn audit_creates(cl: &Client) -> Vec<c::AuditLog> {
+    let a: c::ListAuditLogsResponse = cl
+        .unary(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                action: "sandbox.create".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    a.entries
+}
+
+#[test]
+fn the_last_capacity_goes_to_exactly_one_create() {
+    let Some(ctl) = Ctl::start() else { return };
+    let replica = ctl.replica();
+    let (fa, h) = ctl.add_host(2, 1024, 1_000_000);
+    fa.state.lock().unwrap().create_delay = Duration::from_millis(20);
+    let first: c::Sandbox = ctl
+        .team()
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest::default(),
+            T,
+        )
+        .unwrap();
+    assert_eq!(first.host_id, h);
+    // One sandbox of 1 vCPU / 512 MiB still fits; 8 creates on two replicas race for it.
+    let addrs = [ctl.addr(), replica.addr.to_string()];
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let addr = addrs[i % 2].clone();
+            let key = ctl.team_key.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
+                barrier.wait();
+                cl.unary::<_, c::Sandbox>(
+                    c::sandboxes_methods::CREATE,
+                    &c::CreateSandboxRequest::default(),
+                    T,
+                )
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    let exhausted = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code == Code::ResourceExhausted))
+        .count();
+    assert_eq!((won, exhausted), (1, 7), "{results:?}");
+    assert_eq!(usage(&ctl, &h), (2, 1024, 2 * 5120));
+    assert_eq!(fa.state.lock().unwrap().sandboxes.len(), 2);
+    // One audit row per sandbox that exists, none for the refused creates.
+    assert_eq!(audit_creates(&ctl.team()).len(), 2);
+    replica.shutdown();
+}
+
+#[test]
+fn create_sizes_refusals_and_audit_row() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (_fa, h) = ctl.add_host(8, 8192, 1_000_000);
+    // A base template: requested sizes win; 0 means the template's.
+    let sb: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                vcpus: 2,
+                memory_mib: 1024,
+                disk_mib: 6000,
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!((sb.vcpus, sb.memory_mib, sb.disk_mib), (2, 1024, 6000));
+    assert_eq!(usage(&ctl, &h), (2, 1024, 6000));
+    let audit = audit_creates(&cl);
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].resource_id, sb.id);
+    let meta: serde_json::Value = serde_json::from_str(&audit[0].metadata_json).unwrap();
+    assert_eq!(
+        meta,
+        serde_json::json!({
+            "template": "tpl-00000000-0000-0000-0000-000000000000",
+            "host": h,
+            "vcpus": 2,
+            "memory_mib": 1024,
+        })
+    );
+    // A disk below the template's is refused before anything is reserved or written.
+    let r = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::CREATE,
+        &c::CreateSandboxRequest {
+            disk_mib: 100,
+            ..Default::default()
+        },
+        T,
+    );
+    assert_eq!(crate::harness::code(r), Code::InvalidArgument);
+    // Unknown templates, by name and by id, and another team's template by id.
+    for t in ["nope", "tpl-00000000-0000-4000-8000-000000000009"] {
+        let r = cl.unary::<_, c::Sandbox>(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                template: t.into(),
+                ..Default::default()
+            },
+            T,
+        );
+        assert_eq!(crate::harness::code(r), Code::NotFound, "{t}");
+    }
+    assert_eq!(usage(&ctl, &h), (2, 1024, 6000));
+    assert_eq!(audit_creates(&cl).len(), 1);
+    // A snapshot template: its own size wins over the request, and it runs on its host.
+    let tpl: c::Template = cl
+        .unary(
+            c::templates_methods::CREATE,
+            &c::CreateTemplateRequest {
+                sandbox_id: sb.id.clone(),
+                name: "snap".into(),
+                platform: false,
+            },
+            T,
+        )
+        .unwrap();
+    let (other_team, other_key) = ctl.other_team("other", "other@example.com");
+    assert!(!other_team.is_empty());
+    let r = ctl.client(&other_key).unary::<_, c::Sandbox>(
+        c::sandboxes_methods::CREATE,
+        &c::CreateSandboxRequest {
+            template: tpl.id.clone(),
+            ..Default::default()
+        },
+        T,
+    );
+    assert_eq!(crate::harness::code(r), Code::NotFound, "another team's");
+    let (_fa2, _h2) = ctl.add_host(64, 65536, 1_000_000);
+    for t in [tpl.id.clone(), "snap".to_owned()] {
+        let s: c::Sandbox = cl
+            .unary(
+                c::sandboxes_methods::CREATE,
+                &c::CreateSandboxRequest {
+                    template: t.clone(),
+                    vcpus: 1,
+                    memory_mib: 256,
+                    disk_mib: 100_000,
+                    ..Default::default()
+                },
+                T,
+            )
+            .unwrap();
+        assert_eq!(
+            (s.vcpus, s.memory_mib, s.disk_mib, s.host_id.as_str()),
+            (2, 1024, 6000, h.as_str()),
+            "{t}"
+        );
+        assert_eq!(s.template_id, tpl.id);
+    }
+}
