@@ -2,17 +2,21 @@
 //! through a bounded queue.
 //!
 //! Callers (RPC and HTTP worker threads, background jobs) submit a closure and wait for its
-//! result with a timeout; no event loop ever runs SQL. A worker whose connection broke
+//! result with a timeout; no event loop ever runs SQL. Idle workers wait on one condition
+//! variable, so a job wakes exactly one of them (with a channel behind a mutex, the worker
+//! taking a job would also wake the next idle worker on the mutex, an extra context switch
+//! on every call's path). A worker whose connection broke
 //! (PostgreSQL restarted) reconnects with exponential backoff; jobs that arrive while it is
 //! disconnected fail at once with `unavailable`, so callers never wait for a dead database.
 //!
 //! The `postgres` crate runs a small tokio runtime inside each client; that runtime is
 //! confined to these threads.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -82,15 +86,49 @@ pub struct Db {
 }
 
 struct Inner {
-    tx: Mutex<Option<SyncSender<Job>>>,
+    queue: Arc<Queue>,
     job_timeout: Duration,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the queue ends every worker's loop.
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Closing the queue ends every worker's loop once the queued jobs ran.
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
+    }
+}
+
+/// The bounded job queue shared by the workers.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled once per queued job (and to all on close).
+    ready: Condvar,
+    max: usize,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next job; `None` once the queue is closed and empty.
+    fn next(&self) -> Option<Job> {
+        let mut st = self.lock();
+        loop {
+            if let Some(j) = st.jobs.pop_front() {
+                return Some(j);
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
@@ -117,26 +155,32 @@ impl Db {
             ));
         }
         assert!(cfg.workers > 0, "db workers must be > 0");
-        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_max);
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::with_capacity(cfg.queue_max.min(64)),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            max: cfg.queue_max,
+        });
         let shared = Arc::new(Health {
             broken: AtomicU64::new(0),
             connects: AtomicU64::new(0),
         });
         let mut workers = Vec::with_capacity(cfg.workers);
         for i in 0..cfg.workers {
-            let rx = Arc::clone(&rx);
+            let queue = Arc::clone(&queue);
             let shared = Arc::clone(&shared);
             let pg = pg.clone();
             let h = std::thread::Builder::new()
                 .name(format!("ctl-db-{i}"))
-                .spawn(move || worker(pg, rx, shared))
+                .spawn(move || worker(pg, queue, shared))
                 .map_err(|source| DbError::Spawn { source })?;
             workers.push(h);
         }
         Ok(Db {
             inner: Arc::new(Inner {
-                tx: Mutex::new(Some(tx)),
+                queue,
                 job_timeout: cfg.job_timeout,
                 workers: Mutex::new(workers),
             }),
@@ -159,21 +203,18 @@ impl Db {
             let _ = rtx.send(r);
         });
         {
-            let guard = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(tx) = guard.as_ref() else {
+            let mut st = self.inner.queue.lock();
+            if st.closed {
                 return Err(Status::unavailable("database pool stopped"));
-            };
-            match tx.try_send(job) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    metrics::DB_QUEUE_FULL.inc();
-                    return Err(Status::unavailable("database queue full"));
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    return Err(Status::unavailable("database pool stopped"))
-                }
             }
+            if st.jobs.len() >= self.inner.queue.max {
+                drop(st);
+                metrics::DB_QUEUE_FULL.inc();
+                return Err(Status::unavailable("database queue full"));
+            }
+            st.jobs.push_back(job);
         }
+        self.inner.queue.ready.notify_one();
         let r = match rrx.recv_timeout(self.inner.job_timeout) {
             Ok(r) => r,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(Status::new(
@@ -265,7 +306,7 @@ struct Health {
     connects: AtomicU64,
 }
 
-fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>, h: Arc<Health>) {
+fn worker(pg: postgres::Config, queue: Arc<Queue>, h: Arc<Health>) {
     let mut client: Option<Client> = None;
     let mut conn_gen = h.broken.load(Ordering::Acquire);
     let mut backoff = DB_BACKOFF_MIN;
@@ -274,12 +315,8 @@ fn worker(pg: postgres::Config, rx: Arc<Mutex<Receiver<Job>>>, h: Arc<Health>) {
     // Connect eagerly so the first requests find a warm pool.
     try_connect(&pg, &mut client, &mut backoff, &mut next_attempt, &h);
     loop {
-        let job = {
-            let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
-            match guard.recv() {
-                Ok(j) => j,
-                Err(_) => return, // queue closed: the pool was dropped
-            }
+        let Some(job) = queue.next() else {
+            return; // queue closed: the pool was dropped
         };
         let gen = h.broken.load(Ordering::Acquire);
         if gen != conn_gen {
