@@ -233,9 +233,12 @@ fn ctl_create(o: &Opts) -> Result<(), String> {
 
 /// What a create is made of, each part timed interleaved with the same baseline and printed
 /// as an info line with its multiple of the round trip: a hand-off to a DB worker with no
-/// SQL, a hand-off running one prepared SELECT, and the agent's Create over the RPC runtime
-/// (to the same in-memory agent). A create costs two hand-offs with its statements plus
-/// one agent call; these lines show which part to cut.
+/// SQL, a hand-off running one prepared SELECT, the agent's Create over the RPC runtime (to
+/// the same in-memory agent), and the create's two statements (reserve + insert + audit,
+/// then mark running) run bare. A create costs two hand-offs, those two statements and one
+/// agent call; these lines show which part to cut (on the machines measured so far the two
+/// statements alone, server-side work of three tables' constraints, indexes and foreign
+/// keys, come close to the whole create).
 fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
     let mut cfg = ctl::db::DbConfig::new(&env.url);
     cfg.workers = 4;
@@ -290,6 +293,65 @@ fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
     let (base, ours) = measure_interleaved(iters, bare_round_trip(env)?, &mut agent_create)?;
     phase("ctl_create_phase_agent_create", &base, &ours);
     agent.close();
+    // The create's two statements run bare on a connection of their own (no hand-off, no
+    // agent): the floor of a create made of these statements.
+    let mut sql = postgres::Client::connect(&env.url, postgres::NoTls).map_err(e("connect"))?;
+    let create = sql
+        .prepare_typed(
+            &ctl::service::sandboxes::create_sql(false),
+            &[
+                Type::UUID,
+                Type::UUID,
+                Type::TEXT,
+                Type::INT4,
+                Type::INT4,
+                Type::INT8,
+                Type::UUID,
+                Type::INT8,
+                Type::TEXT,
+                Type::JSONB,
+                Type::UUID,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+            ],
+        )
+        .map_err(e("prepare create"))?;
+    let running = sql
+        .prepare_typed(
+            &ctl::service::sandboxes::running_sql(),
+            &[Type::UUID, Type::TIMESTAMPTZ],
+        )
+        .map_err(e("prepare running"))?;
+    let team = env.ctx.team_id;
+    let platform = proto::id::Uuid::nil();
+    let meta = serde_json::json!({});
+    let key_id = proto::id::format_key(env.key_id);
+    let mut n = 0u128;
+    let (base, ours) = measure_interleaved(iters, bare_round_trip(env)?, || {
+        n += 1;
+        // Ids no create of ctl makes (ctl's are random v4 UUIDs; these have version 0).
+        let id = proto::id::Uuid::from_u128((0xbe_u128 << 120) | (n << 1));
+        let audit = proto::id::Uuid::from_u128((0xbe_u128 << 120) | (n << 1) | 1);
+        let sb = proto::id::format_sandbox(id);
+        let row = sql
+            .query_one(
+                &create,
+                &[
+                    &team, &platform, &"minimal", &0i32, &0i32, &0i64, &id, &300i64, &"destroy",
+                    &meta, &audit, &key_id, &"bench", &sb,
+                ],
+            )
+            .map_err(|err| err.to_string())?;
+        if row.get::<_, Option<proto::id::Uuid>>(0).is_none() {
+            return Err("bare create inserted nothing".into());
+        }
+        let exp = std::time::SystemTime::now() + Duration::from_secs(300);
+        sql.query_one(&running, &[&id, &exp])
+            .map(|_| ())
+            .map_err(|err| err.to_string())
+    })?;
+    phase("ctl_create_phase_sql_bare", &base, &ours);
     Ok(())
 }
 

@@ -43,6 +43,16 @@ fn static_sql(cell: &'static OnceLock<String>, make: impl FnOnce() -> String) ->
     cell.get_or_init(make).as_str()
 }
 
+/// The statement that records a created sandbox as running once its agent answered (only
+/// one still starting: a destroy may have raced). Parameters: sandbox id, expiry. Public so
+/// the benchmark can run the same SQL bare.
+pub fn running_sql() -> String {
+    format!(
+        "UPDATE sandboxes s SET state = 'running', state_reason = '', updated_at = now(), \
+            expires_at = $2 WHERE s.id = $1 AND s.state = 'starting' RETURNING {SANDBOX_COLS}"
+    )
+}
+
 /// The query of Sandboxes.List (public so the benchmark can run the same SQL bare).
 /// Parameters: team, all-but-stopped, states, template, metadata, after time, after id,
 /// limit.
@@ -105,7 +115,7 @@ struct Placed {
 static INSERT_BY_ID_SQL: OnceLock<String> = OnceLock::new();
 static INSERT_BY_NAME_SQL: OnceLock<String> = OnceLock::new();
 
-/// The create statement. Parameters: $1 team, $2 platform team, $3 template (id or name),
+/// The create statement (public so the benchmark can run the same SQL bare). Parameters: $1 team, $2 platform team, $3 template (id or name),
 /// $4..$6 requested vCPUs, memory, disk (0: the template's), $7 sandbox id, $8 timeout,
 /// $9 policy, $10 metadata, $11 audit row id, $12 key wire id, $13 key name, $14 sandbox
 /// wire id. Columns: [`SANDBOX_COLS`] (NULL when nothing was inserted), then template id,
@@ -115,7 +125,7 @@ static INSERT_BY_NAME_SQL: OnceLock<String> = OnceLock::new();
 /// the host with the most free memory, `h` reserves on it — re-checking the fit on the row
 /// version it locks, so a concurrent create that took the capacity makes it update (and
 /// insert) nothing — `s` inserts the sandbox, `a` its audit row.
-fn insert_sql(by_id: bool) -> String {
+pub fn create_sql(by_id: bool) -> String {
     let tpl_match = if by_id { "id = $3" } else { "name = $3" };
     format!(
         "WITH t AS ( \
@@ -169,11 +179,11 @@ fn insert_sql(by_id: bool) -> String {
 fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, Status> {
     let (sql, key_type) = match i.template {
         TplRef::Id(_) => (
-            static_sql(&INSERT_BY_ID_SQL, || insert_sql(true)),
+            static_sql(&INSERT_BY_ID_SQL, || create_sql(true)),
             Type::UUID,
         ),
         TplRef::Name(_) => (
-            static_sql(&INSERT_BY_NAME_SQL, || insert_sql(false)),
+            static_sql(&INSERT_BY_NAME_SQL, || create_sql(false)),
             Type::TEXT,
         ),
     };
@@ -517,12 +527,7 @@ impl Api {
                 self.inner.db.run(move |c| {
                     let st = crate::db::prepared(
                         c,
-                        static_sql(&RUNNING_SQL, || {
-                            format!(
-                                "UPDATE sandboxes s SET state = 'running', state_reason = '', updated_at = now(), \
-                                    expires_at = $2 WHERE s.id = $1 AND s.state = 'starting' RETURNING {SANDBOX_COLS}"
-                            )
-                        }),
+                        static_sql(&RUNNING_SQL, running_sql),
                         &[Type::UUID, Type::TIMESTAMPTZ],
                     )?;
                     let row = c.query_opt(&st, &[&id, &exp]).map_err(pg_err)?;

@@ -16,7 +16,7 @@ use crate::db::pg_err;
 use crate::scheduler::{self, State};
 
 /// What Get and Delete need of a resolved template (Create resolves its template inside
-/// its one statement, `sandboxes::insert_sql`, with the same rules).
+/// its one statement, `sandboxes::create_sql`, with the same rules).
 #[derive(Clone, Debug)]
 pub(crate) struct Tpl {
     pub id: Uuid,
