@@ -725,7 +725,10 @@ impl Vmm for FirecrackerVmm {
             snapshot_path: vmstate_new.clone(),
             mem_file_path: mem.clone(),
         };
+        // From here on Firecracker may have reset its dirty-page log: if this pause fails,
+        // the next snapshot must be Full, or the pages dirtied before it would be lost.
         if let Err(e) = api.call(&create) {
+            rec.full_snapshot_taken = false;
             return Err(self.resume_after_failure(&mut api, "snapshot/create", e.to_string()));
         }
         let fc_ms = t0.elapsed().as_millis();
@@ -742,8 +745,7 @@ impl Vmm for FirecrackerVmm {
             );
             let (diff, stats) =
                 generation::build(&memf, memory_size, kind, &mut out).map_err(|e| e.to_string())?;
-            let f = out.into_inner().map_err(|e| e.to_string())?;
-            f.sync_all().map_err(|e| e.to_string())?;
+            let layer_file = out.into_inner().map_err(|e| e.to_string())?;
             let mut header = match (&rec.chain, kind) {
                 (Some(c), SnapshotKind::Diff) => {
                     let old = read_header(&c.header).map_err(|e| e.to_string())?;
@@ -751,11 +753,14 @@ impl Vmm for FirecrackerVmm {
                 }
                 _ => Header::from_base(memory_size, build, &diff).map_err(|e| e.to_string())?,
             };
+            // Visible under its name (squash looks layers up by name) but referenced by no
+            // header until the header below is renamed into place.
             fs::rename(&tmp_layer, &layer_path).map_err(|e| e.to_string())?;
             info!(
                 "generation built id={} kind={kind:?} pages_written={} zero_pages={} scanned={}",
                 rec.id, stats.pages_written, stats.zero_pages, stats.pages_scanned
             );
+            let mut new_files = vec![layer_file];
             if header.needs_squash() {
                 let chain = Chain {
                     header: PathBuf::new(),
@@ -773,21 +778,33 @@ impl Vmm for FirecrackerVmm {
                 let mut out = File::create(&tmp).map_err(|e| e.to_string())?;
                 header = uffd::header::squash(&header, &FileLayers(data), &mut out, sq)
                     .map_err(|e| e.to_string())?;
-                out.sync_all().map_err(|e| e.to_string())?;
                 fs::rename(&tmp, snap.join(sq.layer_file_name())).map_err(|e| e.to_string())?;
+                new_files.push(out);
             }
             let generation = header.generation;
-            uffd::working_set::write_atomic(&snap.join("header"), &header.serialize())
-                .map_err(|e| e.to_string())?;
+            let header_tmp = snap.join("header.tmp");
+            let mut hf = File::create(&header_tmp).map_err(|e| e.to_string())?;
+            std::io::Write::write_all(&mut hf, &header.serialize()).map_err(|e| e.to_string())?;
+            new_files.push(hf);
+            new_files.push(File::open(&vmstate_new).map_err(|e| e.to_string())?);
+            // One durability point for the whole generation: the layer(s), the header and
+            // Firecracker's VM state reach the disk before either name changes, so a crash
+            // leaves the old snapshot or the new one, never a mix.
+            sys::sync_data_all(&new_files).map_err(|e| format!("fsync: {e}"))?;
+            fs::rename(&header_tmp, snap.join("header")).map_err(|e| e.to_string())?;
+            fs::rename(&vmstate_new, snap.join("vmstate")).map_err(|e| e.to_string())?;
+            File::open(&snap)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("fsync {}: {e}", snap.display()))?;
             Ok((header, generation))
         })();
         let (header, generation) = match built {
             Ok(x) => x,
-            Err(e) => return Err(self.resume_after_failure(&mut api, "build generation", e)),
+            Err(e) => {
+                rec.full_snapshot_taken = false;
+                return Err(self.resume_after_failure(&mut api, "build generation", e));
+            }
         };
-        if let Err(e) = fs::rename(&vmstate_new, snap.join("vmstate")) {
-            return Err(self.resume_after_failure(&mut api, "keep vm state", e.to_string()));
-        }
         let _ = fs::remove_file(&mem);
         // Layers no longer referenced (squashed or fully overwritten) go.
         if let Ok(rd) = fs::read_dir(&snap) {
