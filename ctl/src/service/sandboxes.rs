@@ -115,11 +115,12 @@ struct Placed {
 static INSERT_BY_ID_SQL: OnceLock<String> = OnceLock::new();
 static INSERT_BY_NAME_SQL: OnceLock<String> = OnceLock::new();
 
-/// The create statement (public so the benchmark can run the same SQL bare). Parameters: $1 team, $2 platform team, $3 template (id or name),
-/// $4..$6 requested vCPUs, memory, disk (0: the template's), $7 sandbox id, $8 timeout,
-/// $9 policy, $10 metadata, $11 audit row id, $12 key wire id, $13 key name, $14 sandbox
-/// wire id. Columns: [`SANDBOX_COLS`] (NULL when nothing was inserted), then template id,
-/// snapshot?, vCPUs, memory, disk, pinned host, disk request valid?. No row: no template.
+/// The create statement (public so the benchmark can run the same SQL bare). Parameters:
+/// $1 team, $2 platform team, $3 template (id or name), $4..$6 requested vCPUs, memory,
+/// disk (0: the template's), $7 sandbox id, $8 timeout, $9 policy, $10 metadata, $11 audit
+/// row id, $12 key wire id, $13 key name, $14 sandbox wire id. Columns: [`SANDBOX_COLS`]
+/// (NULL when nothing was inserted), then template id, snapshot?, vCPUs, memory, disk,
+/// pinned host, disk request valid?. No row: no such template visible to the team.
 ///
 /// CTEs: `t` resolves the template, `n` derives the size and the pinned host, `p` picks
 /// the host with the most free memory, `h` reserves on it — re-checking the fit on the row
@@ -937,5 +938,53 @@ impl Api {
         }
         row.get::<_, Option<Uuid>>(1)
             .ok_or_else(|| Status::internal("running sandbox has no host"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_refs_are_checked_before_any_sql() {
+        let u = Uuid::from_u128(7);
+        assert!(
+            matches!(TplRef::parse(&id::format(Kind::Template, u)), Ok(TplRef::Id(x)) if x == u)
+        );
+        assert!(matches!(TplRef::parse("minimal"), Ok(TplRef::Name(n)) if n == "minimal"));
+        for bad in [
+            "tpl-BAD",
+            "tpl-",
+            "tpl-00000000-0000-0000-0000-00000000000Z",
+        ] {
+            let e = TplRef::parse(bad).err().map(|s| s.code);
+            assert_eq!(e, Some(Code::InvalidArgument), "{bad}");
+        }
+        let long = "x".repeat(crate::limits::NAME_LEN_MAX + 1);
+        assert_eq!(
+            TplRef::parse(&long).err().map(|s| s.code),
+            Some(Code::InvalidArgument)
+        );
+        assert!(TplRef::parse(&long[1..]).is_ok());
+    }
+
+    #[test]
+    fn create_statement_shape() {
+        for by_id in [true, false] {
+            let sql = create_sql(by_id);
+            // The row starts with the sandbox columns convert::sandbox reads by position.
+            assert!(sql.contains(&format!("SELECT {SANDBOX_COLS}, n.tpl")));
+            assert!(sql.contains(if by_id {
+                "WHERE id = $3"
+            } else {
+                "WHERE name = $3"
+            }));
+            // Every parameter is used, none beyond the 14 declared.
+            for p in 1..=14 {
+                assert!(sql.contains(&format!("${p}")), "${p} unused");
+            }
+            assert!(!sql.contains("$15"));
+        }
+        assert_eq!(SANDBOX_COLS.split(',').count(), 15);
     }
 }
