@@ -299,22 +299,7 @@ fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
     let create = sql
         .prepare_typed(
             &ctl::service::sandboxes::create_sql(false),
-            &[
-                Type::UUID,
-                Type::UUID,
-                Type::TEXT,
-                Type::INT4,
-                Type::INT4,
-                Type::INT8,
-                Type::UUID,
-                Type::INT8,
-                Type::TEXT,
-                Type::JSONB,
-                Type::UUID,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-            ],
+            &ctl::service::sandboxes::create_types(false),
         )
         .map_err(e("prepare create"))?;
     let running = sql

@@ -173,41 +173,37 @@ pub fn create_sql(by_id: bool) -> String {
     )
 }
 
+/// Parameter types of [`create_sql`]: $3 is the template's id or its name.
+pub fn create_types(by_id: bool) -> [Type; 14] {
+    let key = if by_id { Type::UUID } else { Type::TEXT };
+    [
+        Type::UUID,
+        Type::UUID,
+        key,
+        Type::INT4,
+        Type::INT4,
+        Type::INT8,
+        Type::UUID,
+        Type::INT8,
+        Type::TEXT,
+        Type::JSONB,
+        Type::UUID,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+    ]
+}
+
 /// Resolves the template, reserves a host, inserts the sandbox (STARTING, holding its size)
 /// and its audit row: one statement, so one round trip, and atomic without an explicit
 /// transaction. When a concurrent create took the chosen host's capacity, the statement
 /// inserts nothing and is retried while some host still fits.
 fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, Status> {
-    let (sql, key_type) = match i.template {
-        TplRef::Id(_) => (
-            static_sql(&INSERT_BY_ID_SQL, || create_sql(true)),
-            Type::UUID,
-        ),
-        TplRef::Name(_) => (
-            static_sql(&INSERT_BY_NAME_SQL, || create_sql(false)),
-            Type::TEXT,
-        ),
+    let (sql, by_id) = match i.template {
+        TplRef::Id(_) => (static_sql(&INSERT_BY_ID_SQL, || create_sql(true)), true),
+        TplRef::Name(_) => (static_sql(&INSERT_BY_NAME_SQL, || create_sql(false)), false),
     };
-    let st = crate::db::prepared(
-        c,
-        sql,
-        &[
-            Type::UUID,
-            Type::UUID,
-            key_type,
-            Type::INT4,
-            Type::INT4,
-            Type::INT8,
-            Type::UUID,
-            Type::INT8,
-            Type::TEXT,
-            Type::JSONB,
-            Type::UUID,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-        ],
-    )?;
+    let st = crate::db::prepared(c, sql, &create_types(by_id))?;
     let key: &(dyn postgres::types::ToSql + Sync) = match i.template {
         TplRef::Id(u) => u,
         TplRef::Name(n) => n,
