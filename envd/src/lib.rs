@@ -6,7 +6,8 @@
 //! forwarder, and it reads no configuration files beyond /etc/passwd and /etc/group (a static
 //! glibc binary has no NSS).
 //!
-//! Code map: [`passwd`] users and groups; [`process`] + [`pty`] + [`reaper`] child processes;
+//! Code map: [`passwd`] users and groups; [`process`] + [`spawn`] + [`pty`] + [`reaper`] child
+//! processes;
 //! [`fs`] file operations as a user; [`watch`] inotify; [`clock`] KVM PTP clock sync;
 //! [`init`] PID 1 duties; [`vsock`] AF_VSOCK sockets; [`mmds`] Firecracker's metadata service;
 //! [`ports`] loopback port forwarding; [`limits`] every bound with its reason.
@@ -24,6 +25,7 @@ pub mod process;
 pub mod pty;
 pub mod reaper;
 pub mod service;
+pub mod spawn;
 pub mod vsock;
 pub mod watch;
 

@@ -15,6 +15,15 @@ pub const PROCESSES_MAX: usize = 256;
 pub const RPC_WORKERS_MAX: usize = 2 * PROCESSES_MAX;
 /// Arguments plus environment entries of one process.
 pub const PROCESS_ARGS_MAX: usize = 4096;
+/// Stack of a child between clone and exec. It runs a few raw system calls in frames of
+/// well under 1 KiB (see spawn.rs); 64 KiB leaves room for any signal frame too.
+pub const CHILD_STACK_LEN: usize = 64 * 1024;
+/// Inaccessible page below the child's stack: an overflow faults instead of writing over
+/// the mapping below.
+pub const CHILD_STACK_GUARD_LEN: usize = 4096;
+/// PATH entries searched for a command without a slash (each is one exec attempt, prepared
+/// in the parent): real PATHs have about ten.
+pub const PATH_SEARCH_DIRS_MAX: usize = 256;
 /// Bytes of recent output kept per process for replay on reconnect; also the most output
 /// envd buffers for a slow client before it stops reading the child's pipe.
 pub const OUTPUT_RING_LEN: usize = 1 << 20;
@@ -78,4 +87,6 @@ pub const FORWARD_BUFFER_LEN: usize = 16 * 1024;
 pub const PORT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 const _: () = assert!(OUTPUT_RING_LEN >= 4 * OUTPUT_CHUNK_LEN);
+const _: () =
+    assert!(CHILD_STACK_LEN % CHILD_STACK_GUARD_LEN == 0 && CHILD_STACK_GUARD_LEN % 4096 == 0);
 const _: () = assert!(CLOCK_SAMPLES >= 3 && CLOCK_SAMPLES <= 25);

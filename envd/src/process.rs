@@ -12,15 +12,13 @@
 //! Exit statuses come from the [`Reaper`], never from a `wait` here.
 
 use std::collections::{HashMap, VecDeque};
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -34,6 +32,7 @@ use crate::limits::{
 use crate::passwd::User;
 use crate::pty::{self, WinSize};
 use crate::reaper::{ExitStatus, Reaper};
+use crate::spawn;
 
 /// Which output a chunk came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -485,6 +484,8 @@ struct TableInner {
     /// Tags of processes being started.
     reserved: Mutex<std::collections::HashSet<String>>,
     cgroup: Option<Cgroup>,
+    /// The children's stack between clone and exec, made at the first start.
+    stack: Mutex<Option<spawn::Stack>>,
 }
 
 struct TagReservation<'a> {
@@ -501,6 +502,10 @@ impl Drop for TagReservation<'_> {
 impl TableInner {
     fn reserved_tags(&self) -> MutexGuard<'_, std::collections::HashSet<String>> {
         self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stack(&self) -> MutexGuard<'_, Option<spawn::Stack>> {
+        self.stack.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn recent(&self) -> MutexGuard<'_, VecDeque<(Instant, Arc<Process>)>> {
@@ -530,6 +535,7 @@ impl Table {
                 recent: Mutex::new(VecDeque::new()),
                 reserved: Mutex::new(std::collections::HashSet::new()),
                 cgroup,
+                stack: Mutex::new(None),
             }),
         }
     }
@@ -645,39 +651,40 @@ impl Table {
             cv: Condvar::new(),
         });
         let io_err = |action| move |source| Error::Io { action, source };
-        let pty = match spec.pty {
+        // The child's fds 0, 1, 2 and the parent's other ends.
+        let io = match spec.pty {
             Some(size) => {
                 check_size(size)?;
-                Some(pty::open(size).map_err(io_err("open a pty"))?)
+                ChildIo::Pty(pty::open(size).map_err(io_err("open a pty"))?)
             }
-            None => None,
+            None => ChildIo::Pipes(Pipes::new(spec.stdin).map_err(io_err("create pipes"))?),
         };
-        let mut cmd = Command::new(&spec.cmd);
-        cmd.args(&spec.args)
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)));
-        match &pty {
-            Some(p) => {
-                let dup = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
-                cmd.stdin(dup(&p.slave).map_err(io_err("dup the pty"))?)
-                    .stdout(dup(&p.slave).map_err(io_err("dup the pty"))?)
-                    .stderr(dup(&p.slave).map_err(io_err("dup the pty"))?);
-            }
-            None => {
-                cmd.stdin(if spec.stdin {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            }
+        let mut cmd = spawn::Command::new(&spec.cmd, &spec.args, &spec.env)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        // A new session, hence a new process group led by the child: a timeout or shutdown
+        // kills the whole group with kill(-pid). With a pty, the slave becomes the
+        // session's controlling terminal.
+        match &io {
+            ChildIo::Pty(p) => cmd
+                .stdio(p.slave.as_fd(), p.slave.as_fd(), p.slave.as_fd())
+                .new_session(true),
+            ChildIo::Pipes(p) => cmd
+                .stdio(p.stdin.as_fd(), p.stdout.as_fd(), p.stderr.as_fd())
+                .new_session(false),
+        };
+        if let Some(c) = &self.inner.cgroup {
+            cmd.cgroup(c.procs.as_fd());
         }
-        let child_setup = ChildSetup::new(&spec, pty.is_some(), self.inner.cgroup.as_ref())?;
-        // SAFETY: the closure only makes async-signal-safe system calls on data prepared
-        // before the fork (no allocation, no locks): see ChildSetup::run.
-        unsafe {
-            cmd.pre_exec(move || child_setup.run());
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        // As root always switch (also to root: that sets its groups). As anyone else only
+        // the own user is possible; asking for another fails in setuid (EPERM).
+        if euid == 0 || spec.user.uid != euid {
+            cmd.user(spec.user.uid, spec.user.gid, &spec.user.groups);
+        }
+        if let Some(cwd) = &spec.cwd {
+            cmd.cwd(cwd)
+                .map_err(|_| Error::InvalidArgument("NUL byte in the working directory".into()))?;
         }
 
         // Written by the reaper callback to wake the pump. Owned by the two of them only, so
@@ -698,13 +705,20 @@ impl Table {
             }
         };
         let cmd_name = spec.cmd.to_string_lossy().into_owned();
-        let (pid, mut child) = self
+        // A child that failed before exec has exited (status 127) and is registered all the
+        // same: the reaper collects it like any other; nothing here waits.
+        let (pid, failure) = self
             .inner
             .reaper
             .spawn(
                 || {
-                    let child = cmd.spawn()?;
-                    Ok((child.id() as i32, child))
+                    let mut stack = self.inner.stack();
+                    let stack = match &mut *stack {
+                        Some(s) => s,
+                        None => stack.insert(spawn::Stack::new()?),
+                    };
+                    let child = spawn::spawn(&cmd, stack)?;
+                    Ok((child.pid, child.failure))
                 },
                 on_exit,
             )
@@ -712,11 +726,22 @@ impl Table {
                 cmd: cmd_name.clone(),
                 source,
             })?;
-        // The child holds its own copies of the slave; ours must close so that reading the
-        // master ends (EIO) once the child's session is gone.
         drop(cmd);
-        let (fds, input, master) = match pty {
-            Some(p) => {
+        if let Some(f) = failure {
+            warn!(
+                "process start failed pid={pid} cmd={cmd_name:?} step={:?} error={}",
+                f.step, f.source
+            );
+            return Err(Error::Spawn {
+                cmd: cmd_name,
+                source: f.source,
+            });
+        }
+        // The child has its own copies of its ends (it exec'd); ours must close so that
+        // reading the pipes or the pty master ends once the child and its descendants are
+        // gone.
+        let (fds, input, master) = match io {
+            ChildIo::Pty(p) => {
                 drop(p.slave);
                 let reader = p.master.try_clone().map_err(io_err("dup the pty master"))?;
                 let writer = p.master.try_clone().map_err(io_err("dup the pty master"))?;
@@ -726,23 +751,15 @@ impl Table {
                     Some(p.master),
                 )
             }
-            None => {
-                let mut fds = Vec::new();
-                if let Some(o) = child.stdout.take() {
-                    fds.push((StreamKind::Stdout, OwnedFd::from(o)));
-                }
-                if let Some(e) = child.stderr.take() {
-                    fds.push((StreamKind::Stderr, OwnedFd::from(e)));
-                }
-                let input = child
-                    .stdin
-                    .take()
-                    .map(|s| Arc::new(File::from(OwnedFd::from(s))));
-                (fds, input, None)
+            ChildIo::Pipes(p) => {
+                drop((p.stdin, p.stdout, p.stderr));
+                (
+                    vec![(StreamKind::Stdout, p.out), (StreamKind::Stderr, p.err)],
+                    p.input.map(|w| Arc::new(File::from(w))),
+                    None,
+                )
             }
         };
-        // The std Child is dropped without waiting: the reaper owns the exit status.
-        drop(child);
         let process = Arc::new(Process {
             info: Info {
                 pid,
@@ -842,100 +859,59 @@ fn validate(spec: &Spec) -> Result<(), Error> {
     Ok(())
 }
 
-/// Everything the child does between fork and exec, prepared in the parent so that the
-/// child allocates nothing (only async-signal-safe calls are allowed after fork in a
-/// multi-threaded program).
-struct ChildSetup {
-    pty: bool,
-    cgroup_procs: Option<OwnedFd>,
-    switch_user: bool,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    groups: Vec<libc::gid_t>,
-    cwd: Option<CString>,
+/// A child's stdio: a pty (the slave is its fds 0, 1 and 2) or pipes.
+enum ChildIo {
+    Pty(pty::Pty),
+    Pipes(Pipes),
 }
 
-impl ChildSetup {
-    fn new(spec: &Spec, pty: bool, cgroup: Option<&Cgroup>) -> Result<ChildSetup, Error> {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        let cgroup_procs = match cgroup {
-            Some(c) => Some(c.procs.try_clone().map_err(|source| Error::Io {
-                action: "dup the cgroup.procs fd",
-                source,
-            })?),
-            None => None,
+/// Pipes for a child without a pty, every end close-on-exec (the child gets its ends
+/// through dup3, which clears the flag on the copy).
+struct Pipes {
+    /// The child's ends: stdin is /dev/null when it has no input.
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    /// The parent's ends.
+    input: Option<OwnedFd>,
+    out: OwnedFd,
+    err: OwnedFd,
+}
+
+impl Pipes {
+    fn new(with_stdin: bool) -> io::Result<Pipes> {
+        let (stdin, input) = if with_stdin {
+            let (r, w) = pipe()?;
+            (r, Some(w))
+        } else {
+            (File::open("/dev/null")?.into(), None)
         };
-        let cwd =
-            match &spec.cwd {
-                // validate() rejected NUL bytes.
-                Some(c) => Some(CString::new(c.as_os_str().as_bytes()).map_err(|_| {
-                    Error::InvalidArgument("NUL byte in the working directory".into())
-                })?),
-                None => None,
-            };
-        Ok(ChildSetup {
-            pty,
-            cgroup_procs,
-            // As root always switch (also to root: that sets its groups). As anyone else
-            // only the own user is possible; asking for another fails in setuid (EPERM).
-            switch_user: euid == 0 || spec.user.uid != euid,
-            uid: spec.user.uid,
-            gid: spec.user.gid,
-            groups: spec.user.groups.clone(),
-            cwd,
+        let (out, stdout) = pipe()?;
+        let (err, stderr) = pipe()?;
+        Ok(Pipes {
+            stdin,
+            stdout,
+            stderr,
+            input,
+            out,
+            err,
         })
     }
+}
 
-    /// Runs in the child after fork. Only async-signal-safe system calls.
-    fn run(&self) -> io::Result<()> {
-        let check = |r: libc::c_int| {
-            if r < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
-        // Every call below is a plain system call on data owned by `self`, which lives
-        // until exec; nothing allocates on this path.
-        // SAFETY: sigset_t is plain data; sigemptyset initializes it next.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t.
-        unsafe {
-            libc::sigemptyset(&mut set);
-        }
-        // SAFETY: `set` is initialized; the old mask is not wanted.
-        check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) })?;
-        // A new session, hence a new process group led by the child: a timeout or
-        // shutdown kills the whole group with kill(-pid).
-        // SAFETY: setsid has no arguments.
-        check(unsafe { libc::setsid() })?;
-        if self.pty {
-            pty::make_controlling_terminal_in_child()?;
-        }
-        if let Some(fd) = &self.cgroup_procs {
-            // Writing "0" to cgroup.procs moves the writing process.
-            // SAFETY: a 1-byte write from a static buffer.
-            let n = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        if self.switch_user {
-            // SAFETY: the pointer and length describe `self.groups`.
-            check(unsafe { libc::setgroups(self.groups.len(), self.groups.as_ptr()) })?;
-            // SAFETY: plain integer arguments.
-            check(unsafe { libc::setgid(self.gid) })?;
-            // SAFETY: plain integer arguments.
-            check(unsafe { libc::setuid(self.uid) })?;
-        }
-        if let Some(cwd) = &self.cwd {
-            // After switching user, so the user's own permissions decide.
-            // SAFETY: a NUL-terminated string owned by `self`.
-            check(unsafe { libc::chdir(cwd.as_ptr()) })?;
-        }
-        Ok(())
+/// A pipe, both ends close-on-exec: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds: [libc::c_int; 2] = [-1; 2];
+    // SAFETY: pipe2 writes two fds into the array, which is valid for the call.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: pipe2 succeeded: a fresh fd nobody else owns.
+    let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: likewise.
+    let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    Ok((read, write))
 }
 
 fn eventfd() -> io::Result<OwnedFd> {
