@@ -17,7 +17,8 @@
 //!   sandbox `sandbox_pause` (split into Firecracker's `snapshot/create` and our generation
 //!   build, from the layer's own `snapshot taken` log line, ms resolution;
 //!   `bench=pause_generation_build baseline=sequential_write` writes the layer's size
-//!   sequentially and syncs it in the same directory, goal <= 1.2), `metric=
+//!   sequentially and syncs it in the same directory, goal <= 1.2; the build's phases as
+//!   `info=sandbox_pause_build_{scan,header,sync,publish}`), `metric=
 //!   snapshot_bytes_ratio` (new layer + header bytes over the non-zero pages in the data
 //!   extents of Firecracker's Diff file, goal <= 1.01), and `sandbox_resume` (to envd's
 //!   first answer). Needs `WRENN_FIRECRACKER`, `WRENN_KERNEL`, `WRENN_ROOTFS`, root and
@@ -659,6 +660,9 @@ mod lifecycle {
         let mut pause = PhaseRuns::default();
         let mut resume = PhaseRuns::default();
         let (mut fc_part, mut build_part, mut seq) = (Vec::new(), Vec::new(), Vec::new());
+        // The build's phases, from the same log line (µs).
+        const BUILD_PHASES: [&str; 4] = ["scan_us", "header_us", "sync_us", "publish_us"];
+        let mut build_phases: [Vec<Duration>; 4] = Default::default();
         let mut ratios = Vec::new();
         let mut k = 0u128;
         for i in 0..n {
@@ -692,6 +696,11 @@ mod lifecycle {
                     ) {
                         fc_part.push(Duration::from_millis(f));
                         build_part.push(Duration::from_millis(b));
+                        for (k, v) in BUILD_PHASES.iter().zip(build_phases.iter_mut()) {
+                            if let Some(us) = logged(&lines, k) {
+                                v.push(Duration::from_micros(us));
+                            }
+                        }
                         if let Some((_, len)) = newest_layer(&snap) {
                             seq.push(sequential_write(&snap, len)?);
                             // Written: the new layer and the (rewritten) header. Dirty:
@@ -751,6 +760,15 @@ mod lifecycle {
                     "firecracker_snapshot/create(ms_resolution)",
                 )
             );
+            for (k, v) in BUILD_PHASES.iter().zip(build_phases.iter()) {
+                if !v.is_empty() {
+                    let name = format!("sandbox_pause_build_{}", k.trim_end_matches("_us"));
+                    println!(
+                        "{}",
+                        info_line(&name, &Samples::from_durations(v), "ours(us_resolution)")
+                    );
+                }
+            }
             let build = Samples::from_durations(&build_part);
             println!(
                 "{}",
