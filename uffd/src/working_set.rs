@@ -156,6 +156,23 @@ impl WorkingSet {
     }
 }
 
+/// Fuzz entry point (`fuzz/fuzz_targets/uffd_working_set.rs`, and the corpus replay in the
+/// tests): never panics on any input; an accepted file is canonical and its runs cover
+/// exactly its pages.
+pub fn fuzz_parse(data: &[u8]) {
+    if let Ok(ws) = WorkingSet::parse(data) {
+        assert_eq!(
+            ws.serialize(),
+            data,
+            "accepted working set is not canonical"
+        );
+        let runs = ws.runs();
+        let covered: u64 = runs.iter().map(|r| r.1 / BLOCK_SIZE).sum();
+        assert_eq!(covered, ws.pages.len() as u64);
+        assert!(runs.iter().all(|r| r.0 + r.1 <= ws.memory_size));
+    }
+}
+
 /// Writes `bytes` to `path` atomically (a temporary file in the same directory, then rename).
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;

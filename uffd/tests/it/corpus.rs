@@ -237,3 +237,39 @@ fn handshake_corpus_and_oracle() {
     }
     assert!(accepted > 0);
 }
+
+#[test]
+fn working_set_corpus() {
+    use uffd::working_set::{ParseError, WorkingSet};
+    let mut valid = 0;
+    for (p, b) in corpus("uffd_working_set") {
+        uffd::working_set::fuzz_parse(&b);
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let r = WorkingSet::parse(&b);
+        // The seeds' names say what they hold (fuzzing may add others: only parse them).
+        let expected = match name.as_str() {
+            "repeated" => Some(Err(ParseError::Repeated { index: 2 })),
+            "unaligned" => Some(Err(ParseError::BadPage { index: 0 })),
+            "past-memory" => Some(Err(ParseError::BadPage { index: 0 })),
+            "bad-crc" => Some(Err(ParseError::BadCrc)),
+            "bad-version" => Some(Err(ParseError::BadVersion { version: 2 })),
+            "count-mismatch" => Some(Err(ParseError::LengthMismatch)),
+            "too-many" => Some(Err(ParseError::TooMany { count: 3 })),
+            "zero-memory" => Some(Err(ParseError::BadMemorySize)),
+            _ => None,
+        };
+        if let Some(e) = expected {
+            assert_eq!(r.as_ref().map(|_| ()).map_err(Clone::clone), e, "{name}");
+        }
+        if name == "valid-runs" {
+            let ws = r.unwrap();
+            assert_eq!(ws.pages, vec![8192, 12288, 0, 4096, 65536]);
+            assert_eq!(ws.runs(), vec![(8192, 8192), (0, 8192), (65536, 4096)]);
+            valid += 1;
+        } else if name == "valid-empty" {
+            assert!(r.unwrap().pages.is_empty());
+            valid += 1;
+        }
+    }
+    assert_eq!(valid, 2, "both valid seeds are in the corpus");
+}
