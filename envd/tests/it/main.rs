@@ -1672,6 +1672,119 @@ fn shutdown_kills_leftovers_and_removes_its_cgroup() {
     assert!(!cgroup.unwrap().exists(), "envd left its cgroup behind");
 }
 
+/// Children of `parent` in any state, zombies included.
+fn all_children(parent: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(") ").map(|x| x.1) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split(' ').collect();
+        if f.len() > 1 && f[1] == parent.to_string() {
+            out.push((pid, f[0].to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn exec_failures_are_typed_quick_and_reaped() {
+    let e = Envd::start();
+    let c = e.init();
+    let bin = e.dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let plain = bin.join("not-executable");
+    std::fs::write(&plain, "echo hi\n").unwrap();
+    let cases = [
+        ("/no/such/program".to_string(), Code::NotFound),
+        ("no-such-program-on-the-path".to_string(), Code::NotFound),
+        (plain.display().to_string(), Code::PermissionDenied),
+        (bin.display().to_string(), Code::PermissionDenied),
+        (format!("{}/x", plain.display()), Code::InvalidArgument),
+    ];
+    for (cmd, code) in cases {
+        let t = Instant::now();
+        let r = start(
+            &c,
+            pb::ProcessConfig {
+                cmd: cmd.clone(),
+                ..Default::default()
+            },
+        );
+        let err = match r {
+            Ok((pid, _)) => panic!("{cmd} started as pid {pid}"),
+            Err(err) => err,
+        };
+        assert_eq!(err.code, code, "{cmd}: {err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{cmd}: took {:?}",
+            t.elapsed()
+        );
+    }
+    // A nonexistent working directory fails the start too.
+    let mut cfg = sh("true");
+    cfg.cwd = "/no/such/dir".into();
+    assert_eq!(start(&c, cfg).err().unwrap().code, Code::NotFound);
+    // envd still starts processes, and the children that failed were reaped (no zombies).
+    let (_, mut s) = start(&c, sh("echo ok")).unwrap();
+    let o = drain(&mut s);
+    assert_eq!(o.stdout, b"ok\n");
+    assert_eq!(exit_code(&o), Some(0));
+    let t0 = Instant::now();
+    loop {
+        let left = all_children(e.pid());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "children left: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn processes_run_in_envds_cgroup() {
+    let e = Envd::start();
+    let c = e.init();
+    let Some(mount) = cgroup2_mount() else {
+        return skip("no cgroup2 mount");
+    };
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", e.pid())).unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .to_string();
+    let rel = format!("{}/envd-{}", own.trim_end_matches('/'), e.pid());
+    let dir = mount.join(rel.trim_start_matches('/'));
+    if !dir.exists() {
+        return skip("cgroup2 not writable: processes stay in envd's cgroup");
+    }
+    let (pid, mut s) = start(&c, sh("grep '^0::' /proc/self/cgroup; exec sleep 30")).unwrap();
+    let line = match next_event(&mut s).unwrap() {
+        Some(pb::process_event::Event::Output(o)) => String::from_utf8(o.data.to_vec()).unwrap(),
+        other => panic!("expected output, got {other:?}"),
+    };
+    assert_eq!(line.trim(), format!("0::{rel}"));
+    // Seen from outside too: the running process is listed in the cgroup.
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|l| l.trim() == pid.to_string()),
+        "{pid} not in {procs}"
+    );
+    signal(&c, pid_sel(pid), libc::SIGKILL, true).unwrap();
+    assert_eq!(exit_signal(&drain(&mut s)), Some(libc::SIGKILL));
+}
+
 // ---- measurements (opt-in: `cargo test --release -p envd --test it -- --ignored`) ----
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
