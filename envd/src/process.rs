@@ -941,6 +941,7 @@ fn pump(
         fds.into_iter().map(|(k, fd)| (k, File::from(fd))).collect();
     let mut killed = false;
     let mut exited_at: Option<Instant> = None;
+    let mut read_buf = vec![0u8; OUTPUT_CHUNK_LEN];
     loop {
         let now = Instant::now();
         if let Some(d) = deadline {
@@ -1019,13 +1020,11 @@ fn pump(
             if !wait_for_room(shared, pid, deadline, &mut killed) {
                 continue;
             }
-            let mut buf = vec![0u8; OUTPUT_CHUNK_LEN];
-            match files[i].1.read(&mut buf) {
+            match files[i].1.read(&mut read_buf) {
                 Ok(0) => closed.push(i),
-                Ok(n) => {
-                    buf.truncate(n);
-                    append(shared, files[i].0, buf);
-                }
+                // An exact-size copy: a chunk must not keep the whole read buffer alive
+                // (the ring bounds the bytes it holds, not the allocations behind them).
+                Ok(n) => append(shared, files[i].0, read_buf[..n].to_vec()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // EIO: the pty's slave side is closed everywhere.

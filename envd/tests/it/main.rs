@@ -1785,6 +1785,28 @@ fn processes_run_in_envds_cgroup() {
     assert_eq!(exit_signal(&drain(&mut s)), Some(libc::SIGKILL));
 }
 
+#[test]
+fn many_small_writes_keep_envds_memory_small() {
+    let e = Envd::start();
+    let c = e.init();
+    // Warm up (first process, thread stacks), then measure.
+    let (_, mut s) = start(&c, sh("echo warm")).unwrap();
+    drain(&mut s);
+    let before = e.rss_kib();
+    // 20,000 writes of 2 bytes, read by the pump as they come: thousands of tiny chunks,
+    // all kept in the replay ring (40 kB of output). Each chunk must cost its size, not
+    // the 64 KiB read buffer (that was 16 MiB more here).
+    let (_, mut s) = start(
+        &c,
+        sh("i=0; while [ $i -lt 20000 ]; do echo x; i=$((i+1)); done"),
+    )
+    .unwrap();
+    let o = drain(&mut s);
+    assert_eq!(o.stdout.len(), 40_000);
+    let grown = e.rss_kib().saturating_sub(before);
+    assert!(grown < 4096, "envd grew by {grown} KiB for 40 kB of output");
+}
+
 // ---- measurements (opt-in: `cargo test --release -p envd --test it -- --ignored`) ----
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
