@@ -173,6 +173,39 @@ impl Db {
     }
 }
 
+/// Fuzz entry point (`fuzz/fuzz_targets/envd_accounts.rs`): the guest's own users write
+/// /etc/passwd and /etc/group, so envd (PID 1) parses untrusted text. The input is split at
+/// its first NUL into the two files; every lookup answers without panicking, and a user
+/// found by name has that name.
+pub fn fuzz_accounts(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (passwd, group) = text.split_once('\0').unwrap_or((&text, ""));
+    let db = Db::parse(passwd, group);
+    for name in [
+        "root",
+        "user",
+        "nobody",
+        "0",
+        "1000",
+        "4294967295",
+        "4294967296",
+        "",
+    ] {
+        if let Ok(u) = db.user(name) {
+            assert!(u.groups.len() <= SUPPLEMENTARY_GROUPS_MAX);
+            assert!(u.groups.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+    for e in &db.users {
+        let u = db.user(&e.name).expect("a listed user resolves");
+        assert_eq!(u.name, e.name);
+        let _ = db.user_name(e.uid);
+    }
+    for g in &db.groups {
+        let _ = db.group_name(g.gid);
+    }
+}
+
 fn read_bounded(path: &Path) -> Result<String, Error> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -241,6 +274,24 @@ fn parse_group_line(line: &str) -> Option<GroupEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The committed fuzz corpus keeps being replayed by `cargo test`.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/envd_accounts");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("corpus directory") {
+            fuzz_accounts(&std::fs::read(e.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0);
+        // The seed named `typical` resolves as a real image's files do.
+        let typical = std::fs::read(dir.join("typical")).unwrap();
+        let text = String::from_utf8(typical).unwrap();
+        let (p, g) = text.split_once('\0').unwrap();
+        let u = Db::parse(p, g).user("user").unwrap();
+        assert_eq!((u.uid, u.gid, u.groups), (1000, 1000, vec![4, 27, 1000]));
+    }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
         # comment\n\
