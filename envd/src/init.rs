@@ -200,7 +200,7 @@ fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
 
 /// Blocks [`HANDLED_SIGNALS`] in the calling thread. Call first thing in `main`, before any
 /// thread exists, so every thread inherits the mask and the signalfds see every signal.
-/// Children get an empty mask back (process::ChildSetup).
+/// Children get an empty mask back (`spawn`, in the child before exec).
 pub fn block_signals() -> io::Result<()> {
     let set = sigset(&HANDLED_SIGNALS);
     // SAFETY: `set` is valid; the old mask is not needed.

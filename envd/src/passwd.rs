@@ -8,7 +8,9 @@
 
 use std::fmt;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::limits::{ACCOUNT_FILE_LEN_MAX, SUPPLEMENTARY_GROUPS_MAX};
 
@@ -206,6 +208,55 @@ pub fn fuzz_accounts(data: &[u8]) {
     }
 }
 
+/// The last parsed account files, reused while neither file changed: every process start
+/// and file call resolves a user, and re-reading both files each time cost about 40 µs of
+/// a ~1 ms exec here.
+#[derive(Default)]
+pub struct Cache {
+    last: Mutex<Option<(CacheKey, Arc<Db>)>>,
+}
+
+/// What identifies a version of the two files: device, inode, size, mtime and ctime of each
+/// (a rewrite by rename changes the inode; an edit in place, the times or the size).
+/// `None` for a missing file.
+type CacheKey = [Option<(u64, u64, u64, i64, i64, i64, i64)>; 2];
+
+impl Cache {
+    /// The accounts of `root` (as [`Db::load`]), parsed again only when a file changed.
+    pub fn load(&self, root: &Path) -> Result<Arc<Db>, Error> {
+        let key = [
+            file_key(&root.join("etc/passwd")),
+            file_key(&root.join("etc/group")),
+        ];
+        if let Some((k, db)) = &*self.lock() {
+            if *k == key {
+                return Ok(db.clone());
+            }
+        }
+        let db = Arc::new(Db::load(root)?);
+        *self.lock() = Some((key, db.clone()));
+        Ok(db)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(CacheKey, Arc<Db>)>> {
+        // A panic elsewhere cannot leave the cached value half-written: recover it.
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn file_key(path: &Path) -> Option<(u64, u64, u64, i64, i64, i64, i64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
+}
+
 fn read_bounded(path: &Path) -> Result<String, Error> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -274,6 +325,43 @@ fn parse_group_line(line: &str) -> Option<GroupEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_reloads_only_after_a_change() {
+        let dir = std::env::temp_dir().join(format!("envd-passwd-cache-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(dir.join("etc/passwd"), PASSWD).unwrap();
+        std::fs::write(dir.join("etc/group"), GROUP).unwrap();
+        let cache = Cache::default();
+        let a = cache.load(&dir).unwrap();
+        let b = cache.load(&dir).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "unchanged files are not parsed again");
+        assert!(a.user("newbie").is_err());
+        // A rewrite by rename (what useradd does) is a new inode.
+        let tmp = dir.join("etc/passwd.new");
+        std::fs::write(
+            &tmp,
+            format!("{PASSWD}newbie:x:1001:1001::/home/newbie:/bin/sh\n"),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, dir.join("etc/passwd")).unwrap();
+        let c = cache.load(&dir).unwrap();
+        assert_eq!(c.user("newbie").unwrap().uid, 1001);
+        // An edit in place that changes the size.
+        std::fs::write(
+            dir.join("etc/group"),
+            format!("{GROUP}newbies:x:2000:newbie\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            cache.load(&dir).unwrap().user("newbie").unwrap().groups,
+            vec![1001, 2000]
+        );
+        // A removed file counts as empty again.
+        std::fs::remove_file(dir.join("etc/passwd")).unwrap();
+        assert!(cache.load(&dir).unwrap().user("newbie").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// The committed fuzz corpus keeps being replayed by `cargo test`.
     #[test]

@@ -93,17 +93,6 @@ pub fn size(fd: BorrowedFd<'_>) -> io::Result<WinSize> {
     })
 }
 
-/// In a freshly forked child whose fd 0 is the slave, after `setsid()`: makes the slave
-/// its controlling terminal. Async-signal-safe (one ioctl).
-pub fn make_controlling_terminal_in_child() -> io::Result<()> {
-    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal from another session).
-    let r = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

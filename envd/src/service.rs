@@ -38,7 +38,7 @@ use proto::{Code, Status};
 use crate::clock::{Clock, Source, Synced};
 use crate::fs::{self, Entry, ErrorKind};
 use crate::limits::{LIST_BATCH_BYTES_MAX, LIST_DEPTH_MAX, OUTPUT_CHUNK_LEN};
-use crate::passwd::{Db, User};
+use crate::passwd::{self, Db, User};
 use crate::process::{self, Next, Spec, StreamKind, Table};
 use crate::watch::{EventKind, Watch};
 
@@ -101,6 +101,7 @@ pub struct Envd {
     handle: OnceLock<ServerHandle>,
     started: Instant,
     instance_id: String,
+    accounts: passwd::Cache,
 }
 
 impl Envd {
@@ -123,6 +124,7 @@ impl Envd {
             handle: OnceLock::new(),
             started: Instant::now(),
             instance_id: random_hex(16),
+            accounts: passwd::Cache::default(),
         })
     }
 
@@ -217,7 +219,10 @@ impl Envd {
         } else {
             name.to_string()
         };
-        let db = Db::load(&self.cfg.root).map_err(|e| Status::internal(e.to_string()))?;
+        let db = self
+            .accounts
+            .load(&self.cfg.root)
+            .map_err(|e| Status::internal(e.to_string()))?;
         db.user(&name)
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
@@ -274,8 +279,8 @@ impl Envd {
         }
     }
 
-    fn db(&self) -> Db {
-        Db::load(&self.cfg.root).unwrap_or_default()
+    fn db(&self) -> Arc<Db> {
+        self.accounts.load(&self.cfg.root).unwrap_or_default()
     }
 
     /// Is this peer allowed `method`?
@@ -730,7 +735,10 @@ impl Envd {
     fn init(&self, peer: &Peer, r: pb::InitRequest) -> Result<pb::InitResponse, Status> {
         let gen = peer_generation(peer);
         if !r.default_user.is_empty() {
-            let db = Db::load(&self.cfg.root).map_err(|e| Status::internal(e.to_string()))?;
+            let db = self
+                .accounts
+                .load(&self.cfg.root)
+                .map_err(|e| Status::internal(e.to_string()))?;
             db.user(&r.default_user)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
