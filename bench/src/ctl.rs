@@ -22,7 +22,7 @@ use proto::gen::wrenn::agent::v1 as agent;
 use proto::gen::wrenn::ctl::v1 as c;
 use proto::gen::wrenn::host::v1 as host;
 
-use crate::harness::{latency_line, Case, Goal, Opts, Samples};
+use crate::harness::{latency_line, measure_interleaved, Case, Goal, Opts, Samples};
 
 pub fn cases() -> Vec<Case> {
     vec![
@@ -146,29 +146,6 @@ fn env() -> Result<Env, String> {
         url,
         _cluster: cluster,
     })
-}
-
-/// Times ours and the baseline alternately, one iteration each in turn, so both see the
-/// same machine (this machine is shared; load comes and goes within a run).
-fn measure_interleaved(
-    iters: usize,
-    mut base: impl FnMut() -> Result<(), String>,
-    mut ours: impl FnMut() -> Result<(), String>,
-) -> Result<(Samples, Samples), String> {
-    for _ in 0..iters / 10 + 1 {
-        base()?;
-        ours()?;
-    }
-    let (mut b, mut o) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
-    for _ in 0..iters.max(1) {
-        let t = std::time::Instant::now();
-        base()?;
-        b.push(t.elapsed());
-        let t = std::time::Instant::now();
-        ours()?;
-        o.push(t.elapsed());
-    }
-    Ok((Samples::from_durations(&b), Samples::from_durations(&o)))
 }
 
 /// The baseline: one prepared SELECT of one row by primary key.

@@ -1,6 +1,8 @@
 //! envd cases: exec round trip against a direct spawn of the same command, and file
 //! transfer through envd against a local copy of the same bytes. envd runs as its own
 //! process (the `envd` binary next to this one, or this binary re-executed as envd).
+//! `envd_exec` alternates the two one iteration each (`measure_interleaved`), so both meet
+//! the same load on this shared machine.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,7 +12,8 @@ use proto::gen::wrenn::envd::v1 as pb;
 use proto::rpc::{Bytes, CallOpts, Client, Credential};
 
 use crate::harness::{
-    latency_line, measure, metric_line, rss_kib, throughput_line, Case, Goal, Opts,
+    latency_line, measure, measure_interleaved, metric_line, rss_kib, throughput_line, Case, Goal,
+    Opts,
 };
 use crate::rpc::TempDir;
 
@@ -56,9 +59,21 @@ struct Envd {
 }
 
 impl Drop for Envd {
+    /// SIGTERM, so envd removes its cgroup on the way out; SIGKILL if it takes too long.
     fn drop(&mut self) {
         self.client.close();
-        let _ = self.child.kill();
+        // SAFETY: kill takes plain integers; the pid is our child, not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let t0 = Instant::now();
+        while let Ok(None) = self.child.try_wait() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.wait();
     }
 }
@@ -149,17 +164,20 @@ fn envd_exec(opts: &Opts) -> Result<(), String> {
     let iters = opts.iters(400, 5);
     let e = start_envd()?;
     let idle = rss_kib(e.child.id())?;
-    let ours = measure(iters, iters / 10, || exec_true(&e.client))?;
-    let base = measure(iters, iters / 10, || {
-        let st = Command::new("/bin/true")
-            .status()
-            .map_err(|e| e.to_string())?;
-        if st.success() {
-            Ok(())
-        } else {
-            Err("true failed".into())
-        }
-    })?;
+    let (base, ours) = measure_interleaved(
+        iters,
+        || {
+            let st = Command::new("/bin/true")
+                .status()
+                .map_err(|e| e.to_string())?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err("true failed".into())
+            }
+        },
+        || exec_true(&e.client),
+    )?;
     println!(
         "{}",
         latency_line("envd_exec", &ours, "spawn_wait", &base, Goal::AtMost(1.3))

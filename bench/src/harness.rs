@@ -123,6 +123,29 @@ pub fn measure(
     Ok(Samples::new(ns))
 }
 
+/// Times ours and the baseline alternately, one iteration each in turn, so both see the
+/// same machine (this machine is shared; load comes and goes within a run).
+pub fn measure_interleaved(
+    iters: usize,
+    mut base: impl FnMut() -> Result<(), String>,
+    mut ours: impl FnMut() -> Result<(), String>,
+) -> Result<(Samples, Samples), String> {
+    for _ in 0..iters / 10 + 1 {
+        base()?;
+        ours()?;
+    }
+    let (mut b, mut o) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    for _ in 0..iters.max(1) {
+        let t = std::time::Instant::now();
+        base()?;
+        b.push(t.elapsed());
+        let t = std::time::Instant::now();
+        ours()?;
+        o.push(t.elapsed());
+    }
+    Ok((Samples::from_durations(&b), Samples::from_durations(&o)))
+}
+
 /// Formats a latency case (ratio = our p50 / baseline p50; lower is better).
 pub fn latency_line(
     name: &str,
