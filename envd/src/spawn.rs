@@ -417,12 +417,13 @@ pub fn spawn(cmd: &Command<'_>, stack: &mut Stack) -> io::Result<Child> {
     let old_mask = block_all_signals()?;
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
     let arg: *const ChildArgs<'_, '_> = &args;
-    // SAFETY: `child_main` runs on `stack` (ours alone for this call: `&mut`) with `arg`
-    // pointing at `args`, which lives on this frame. CLONE_VFORK suspends this thread until
-    // the child has exec'd or exited, so `args`, `cmd` and the stack outlive every use by
-    // the child. The child shares memory with the whole process; `child_main` keeps to the
-    // rules in this module's doc (raw system calls, no allocation, writes only atomics).
-    // All signals are blocked (inherited by the child) until it resets their dispositions.
+    // `child_main` runs on `stack` (ours alone for this call: `&mut`) with `arg` pointing at
+    // `args`, which lives on this frame. CLONE_VFORK suspends this thread until the child
+    // has exec'd or exited, so `args`, `cmd` and the stack outlive every use by the child.
+    // The child shares memory with the whole process; `child_main` keeps to the rules in
+    // this module's doc (raw system calls, no allocation, writes only atomics).
+    // SAFETY: as argued just above; and all signals are blocked (inherited by the child)
+    // until it resets their dispositions, so no handler of ours runs on the child's stack.
     let pid = unsafe { libc::clone(child_main, stack.top(), flags, arg.cast_mut().cast()) };
     let clone_error = io::Error::last_os_error();
     restore_signal_mask(&old_mask);
