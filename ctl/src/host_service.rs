@@ -129,6 +129,17 @@ pub fn heartbeat(
     }
     let interval = api.config().heartbeat_interval;
     let name = name.to_owned();
+    let summaries = crate::reconciler::host_sandboxes(
+        host_id,
+        req.sandboxes.iter().map(|s| {
+            (
+                s.sandbox_id.clone(),
+                s.state,
+                s.expires_unix_ns,
+                String::new(),
+            )
+        }),
+    );
     let draining = api.db().tx(move |tx| {
         let prev = tx
             .query_opt("SELECT status FROM hosts WHERE id = $1 FOR UPDATE", &[&host_id])
@@ -154,6 +165,8 @@ pub fn heartbeat(
         }
         Ok(prev == "draining")
     })?;
+    // Compared with the database by the jobs thread (reconciler::check_heartbeats).
+    api.note_heartbeat(host_id, summaries);
     Ok(host::HeartbeatResponse {
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         draining,

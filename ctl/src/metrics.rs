@@ -18,13 +18,14 @@ pub static SANDBOX_CREATE_SECONDS: Histogram = Histogram::new();
 pub static SCHEDULE_EXHAUSTED: Counter = Counter::new();
 pub static RECONCILE_RUNS: Counter = Counter::new();
 pub static RECONCILE_ACTIONS: Counter = Counter::new();
+pub static RECONCILE_EARLY: Counter = Counter::new();
 pub static HOSTS_UNREACHABLE_MARKED: Counter = Counter::new();
 pub static BACKGROUND_CREATES: Gauge = Gauge::new();
 
 /// Prometheus text of every ctl metric.
 pub fn render() -> String {
     let mut out = String::new();
-    let counters: [(&str, &str, &Counter); 14] = [
+    let counters: [(&str, &str, &Counter); 15] = [
         (
             "wrenn_ctl_api_calls_total",
             "Public API calls served (both transports).",
@@ -84,6 +85,11 @@ pub fn render() -> String {
             "wrenn_ctl_reconcile_actions_total",
             "Corrections the reconciler applied.",
             &RECONCILE_ACTIONS,
+        ),
+        (
+            "wrenn_ctl_reconcile_early_total",
+            "Hosts reconciled at once because their heartbeat showed drift.",
+            &RECONCILE_EARLY,
         ),
         (
             "wrenn_ctl_hosts_unreachable_total",

@@ -116,6 +116,7 @@ impl Jobs {
                         }
                         next_monitor = now + monitor_every;
                     }
+                    crate::reconciler::check_heartbeats(&api, &cfg);
                     if now >= next_reconcile {
                         if let Err(e) = crate::reconciler::run_if_due(&api, &cfg) {
                             log::warn!("reconciler failed: {}", e.message);

@@ -10,6 +10,10 @@
 //!   the agent made but could not report, VMs that died); a STOPPING sandbox still on the
 //!   host is destroyed again.
 //!
+//! Between passes, each heartbeat's sandbox summaries go through the same decisions
+//! ([`check_heartbeats`], on the jobs thread): a host whose summaries show drift is reconciled
+//! at once, from its own list.
+//!
 //! Sandboxes in transition and new ones are left alone for a grace period: the lifecycle
 //! call that moves them may still be running. The agent's list is read *before* the
 //! database's, so a sandbox the agent has was always inserted before it was read.
@@ -203,35 +207,38 @@ pub fn run_once(api: &Api, cfg: &JobsConfig) -> Result<Vec<(Uuid, Vec<Action>)>,
     Ok(all)
 }
 
-fn reconcile_host(api: &Api, host: Uuid, cfg: &JobsConfig) -> Result<Vec<Action>, Status> {
-    // Agent first, then the database (see the module comment).
-    let list: agent::ListSandboxesResponse = api.agents().unary(
-        host,
-        agent::sandboxes_methods::LIST,
-        &agent::ListSandboxesRequest { states: vec![] },
-    )?;
-    let mut on_host = Vec::with_capacity(list.sandboxes.len());
-    for s in list.sandboxes {
+/// Parses an agent's view of its sandboxes (`(id, state, expires_unix_ns, reason)`, from a
+/// List answer or a heartbeat), skipping malformed entries with a warning.
+pub fn host_sandboxes(
+    host: Uuid,
+    entries: impl IntoIterator<Item = (String, i32, i64, String)>,
+) -> Vec<HostSandbox> {
+    let mut out = Vec::new();
+    for (sandbox_id, state, expires_unix_ns, reason) in entries {
         let (Ok(id), Some(state)) = (
-            id::parse(Kind::Sandbox, &s.sandbox_id),
-            State::from_wire(s.state),
+            id::parse(Kind::Sandbox, &sandbox_id),
+            State::from_wire(state),
         ) else {
             log::warn!(
-                "agent listed a malformed sandbox host={} id={:?}",
+                "agent listed a malformed sandbox host={} id={sandbox_id:?}",
                 id::format(Kind::Host, host),
-                s.sandbox_id
             );
             continue;
         };
-        on_host.push(HostSandbox {
+        out.push(HostSandbox {
             id,
             state,
-            expires_at: (s.expires_unix_ns > 0).then(|| time_from_ns(s.expires_unix_ns)),
-            reason: s.state_reason,
+            expires_at: (expires_unix_ns > 0).then(|| time_from_ns(expires_unix_ns)),
+            reason,
         });
     }
+    out
+}
+
+/// The database's sandboxes of `host`, and those the host has wherever the database puts them.
+fn db_sandboxes(api: &Api, host: Uuid, on_host: &[HostSandbox]) -> Result<Vec<DbSandbox>, Status> {
     let ids: Vec<Uuid> = on_host.iter().map(|s| s.id).collect();
-    let db: Vec<DbSandbox> = api.db().run(move |c| {
+    api.db().run(move |c| {
         Ok(c.query(
             "SELECT id, state, updated_at, expires_at FROM sandboxes \
              WHERE (host_id = $1 AND state <> 'stopped') OR id = ANY($2)",
@@ -246,7 +253,63 @@ fn reconcile_host(api: &Api, host: Uuid, cfg: &JobsConfig) -> Result<Vec<Action>
             expires_at: r.get(3),
         })
         .collect())
-    })?;
+    })
+}
+
+/// Compares the heartbeats received since the last call with the database: a host whose
+/// summaries show drift (the same decisions as a pass, graces included) is reconciled at once
+/// from its own `Sandboxes/List`, instead of at the next pass. Heartbeats are a cheap early
+/// signal; the list stays the authority. Returns the actions applied per host.
+pub fn check_heartbeats(api: &Api, cfg: &JobsConfig) -> Vec<(Uuid, Vec<Action>)> {
+    let mut done = Vec::new();
+    for (host, summaries) in api.take_heartbeats() {
+        let db = match db_sandboxes(api, host, &summaries) {
+            Ok(db) => db,
+            Err(e) => {
+                log::warn!("heartbeat drift check failed: {}", e.message);
+                continue;
+            }
+        };
+        // An unknown sandbox left alone by policy is drift the pass only reports: not worth
+        // a list at every heartbeat.
+        let actions = decide(&db, &summaries, SystemTime::now(), cfg);
+        if actions
+            .iter()
+            .all(|a| matches!(a, Action::ReportUnknown { .. }))
+        {
+            continue;
+        }
+        log::info!(
+            "heartbeat shows drift, reconciling host={}",
+            id::format(Kind::Host, host)
+        );
+        crate::metrics::RECONCILE_EARLY.inc();
+        match reconcile_host(api, host, cfg) {
+            Ok(actions) => done.push((host, actions)),
+            Err(e) => log::warn!(
+                "reconcile host={} failed: {}",
+                id::format(Kind::Host, host),
+                e.message
+            ),
+        }
+    }
+    done
+}
+
+fn reconcile_host(api: &Api, host: Uuid, cfg: &JobsConfig) -> Result<Vec<Action>, Status> {
+    // Agent first, then the database (see the module comment).
+    let list: agent::ListSandboxesResponse = api.agents().unary(
+        host,
+        agent::sandboxes_methods::LIST,
+        &agent::ListSandboxesRequest { states: vec![] },
+    )?;
+    let on_host = host_sandboxes(
+        host,
+        list.sandboxes
+            .into_iter()
+            .map(|s| (s.sandbox_id, s.state, s.expires_unix_ns, s.state_reason)),
+    );
+    let db = db_sandboxes(api, host, &on_host)?;
     let actions = decide(&db, &on_host, SystemTime::now(), cfg);
     for a in &actions {
         crate::metrics::RECONCILE_ACTIONS.inc();

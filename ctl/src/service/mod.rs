@@ -21,8 +21,9 @@ pub mod sandboxes;
 mod teams;
 mod templates;
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use proto::id::{self, Kind, Uuid};
 use proto::Status;
@@ -119,6 +120,10 @@ pub(crate) struct Inner {
     pub cfg: ApiConfig,
     pub last_used: LastUsed,
     pub background_creates: AtomicUsize,
+    /// The newest heartbeat's sandbox summaries per host, not yet compared with the
+    /// database (by the jobs thread: [`crate::reconciler::check_heartbeats`]). One entry per
+    /// host, replaced by each heartbeat.
+    pub heartbeats: Mutex<HashMap<Uuid, Vec<crate::reconciler::HostSandbox>>>,
 }
 
 impl Api {
@@ -133,8 +138,29 @@ impl Api {
                 cfg,
                 last_used,
                 background_creates: AtomicUsize::new(0),
+                heartbeats: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Keeps a host's heartbeat summaries for the next drift check.
+    pub fn note_heartbeat(&self, host: Uuid, sandboxes: Vec<crate::reconciler::HostSandbox>) {
+        self.heartbeats().insert(host, sandboxes);
+    }
+
+    /// Takes the summaries noted since the last call.
+    pub fn take_heartbeats(&self) -> HashMap<Uuid, Vec<crate::reconciler::HostSandbox>> {
+        std::mem::take(&mut *self.heartbeats())
+    }
+
+    fn heartbeats(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<crate::reconciler::HostSandbox>>> {
+        // Plain data: a panic elsewhere cannot leave it half-written.
+        self.inner
+            .heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The DB pool (background jobs and the host service share it).

@@ -529,3 +529,93 @@ fn register_checks_its_input() {
     );
     assert_eq!(code(r), Code::PermissionDenied);
 }
+
+/// Drift seen in a heartbeat's summaries is reconciled at once, not at the next pass; a
+/// heartbeat that agrees with the database (or whose drift is within a grace) changes nothing.
+#[test]
+fn heartbeat_drift_is_reconciled_before_the_next_pass() {
+    let Some(ctl) = Ctl::start() else { return };
+    let (fa, _h) = ctl.add_host(8, 8192, 1_000_000);
+    let cl = ctl.team();
+    let paused_by_ttl = create(&cl);
+    let fine = create(&cl);
+    // The next pass is an hour away: only the heartbeat path can correct anything here.
+    let mut cfg = test_config(&ctl.url).jobs;
+    cfg.reconcile_interval = Duration::from_secs(3600);
+    let _jobs = ctl::monitor::Jobs::start(ctl.api().clone(), cfg).unwrap();
+    let hc = fa.host_client();
+    let heartbeat = |states: &[(&str, agent::SandboxState)]| {
+        let _: host::HeartbeatResponse = hc
+            .unary(
+                host::host_methods::HEARTBEAT,
+                &host::HeartbeatRequest {
+                    capacity: Some(agent::Resources {
+                        vcpus: 8,
+                        memory_mib: 8192,
+                        disk_mib: 1_000_000,
+                    }),
+                    can_host_sandboxes: true,
+                    sandboxes: states
+                        .iter()
+                        .map(|(id, st)| host::SandboxSummary {
+                            sandbox_id: (*id).to_owned(),
+                            state: *st as i32,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+                T,
+            )
+            .unwrap();
+    };
+    let reconciled = |cl: &Client| -> usize {
+        let a: c::ListAuditLogsResponse = cl
+            .unary(
+                c::audit_logs_methods::LIST,
+                &c::ListAuditLogsRequest {
+                    action: "sandbox.reconcile".into(),
+                    ..Default::default()
+                },
+                T,
+            )
+            .unwrap();
+        a.entries.len()
+    };
+    let running = agent::SandboxState::Running;
+    heartbeat(&[(&paused_by_ttl.id, running), (&fine.id, running)]);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(reconciled(&cl), 0, "no drift, nothing done");
+
+    // The agent paused a sandbox on its own and its report was lost.
+    fa.state
+        .lock()
+        .unwrap()
+        .sandboxes
+        .get_mut(&paused_by_ttl.id)
+        .unwrap()
+        .state = agent::SandboxState::Paused as i32;
+    heartbeat(&[
+        (&paused_by_ttl.id, agent::SandboxState::Paused),
+        (&fine.id, running),
+    ]);
+    let t0 = Instant::now();
+    while get(&cl, &paused_by_ttl.id).state != c::SandboxState::Paused as i32 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "heartbeat drift not reconciled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(&cl, &fine.id).state, c::SandboxState::Running as i32);
+    assert_eq!(reconciled(&cl), 1);
+
+    // A heartbeat can be stale: the agent's own list decides. Here it still says running.
+    heartbeat(&[
+        (&paused_by_ttl.id, agent::SandboxState::Paused),
+        (&fine.id, agent::SandboxState::Paused),
+    ]);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(get(&cl, &fine.id).state, c::SandboxState::Running as i32);
+    assert_eq!(reconciled(&cl), 1);
+}
