@@ -57,6 +57,46 @@ pub struct PeerInfo {
     generation: AtomicU64,
 }
 
+/// Chunk buffers of one file read, reused once the connection has written them: a new
+/// 64 KiB buffer per chunk cost a zero-fill of every byte read. A buffer is reusable when
+/// nothing else holds it (the payload slice sent is dropped once written). The connection's
+/// flow-control window bounds how many are in flight; at most [`READ_BUFFERS_KEPT`] are
+/// kept for reuse.
+#[derive(Default)]
+struct ReadBuffers {
+    kept: std::collections::VecDeque<Bytes>,
+}
+
+/// Buffers one read keeps for reuse (1 MiB of 64 KiB chunks).
+const READ_BUFFERS_KEPT: usize = 16;
+
+impl ReadBuffers {
+    /// A buffer of `OUTPUT_CHUNK_LEN` bytes: a written one back, else a new one.
+    fn take(&mut self) -> prost::bytes::BytesMut {
+        for i in 0..self.kept.len() {
+            if self.kept[i].is_unique() {
+                if let Some(b) = self.kept.remove(i) {
+                    match b.try_into_mut() {
+                        Ok(m) if m.len() == OUTPUT_CHUNK_LEN => return m,
+                        Ok(_) => {}
+                        Err(b) => self.kept.push_back(b),
+                    }
+                }
+                break;
+            }
+        }
+        prost::bytes::BytesMut::zeroed(OUTPUT_CHUNK_LEN)
+    }
+
+    /// Keeps `buf` (the whole chunk buffer) to be taken again once written.
+    fn give_back(&mut self, buf: Bytes) {
+        if self.kept.len() == READ_BUFFERS_KEPT {
+            self.kept.pop_front();
+        }
+        self.kept.push_back(buf);
+    }
+}
+
 /// Where the readiness announce goes.
 #[derive(Clone, Debug)]
 pub enum AnnounceTarget {
@@ -595,16 +635,19 @@ impl Envd {
             offset: r.offset,
         };
         let mut offset = r.offset;
+        let mut buffers = ReadBuffers::default();
         loop {
-            let mut buf = vec![0u8; OUTPUT_CHUNK_LEN];
+            let mut buf = buffers.take();
             let n = reader.read_chunk(&mut buf).map_err(fs_status)?;
-            buf.truncate(n);
-            msg.data = Bytes::from(buf);
+            let buf = buf.freeze();
             msg.offset = offset;
             let first = msg.entry.is_some();
             if n > 0 || first {
-                s.send(&msg)?;
+                // The data goes out as the payload of field 2 (`data`), written to the
+                // socket from this buffer: no encode copy.
+                s.send_payload(&msg, 2, buf.slice(..n))?;
             }
+            buffers.give_back(buf);
             msg.entry = None;
             offset += n as u64;
             if n == 0 {
@@ -1140,6 +1183,34 @@ impl Service for EnvdService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_buffers_are_reused_once_written_and_never_while_held() {
+        let mut rb = ReadBuffers::default();
+        let mut a = rb.take();
+        assert_eq!(a.len(), OUTPUT_CHUNK_LEN);
+        a[0] = 7;
+        let a = a.freeze();
+        let a_ptr = a.as_ptr();
+        let in_flight = a.slice(..10);
+        rb.give_back(a);
+        // Still held by the connection: a new buffer.
+        let b = rb.take();
+        assert_ne!(b.as_ptr(), a_ptr);
+        drop(in_flight);
+        // Written: the same memory again, whole, without a zero-fill.
+        let again = rb.take();
+        assert_eq!(again.as_ptr(), a_ptr);
+        assert_eq!((again.len(), again[0]), (OUTPUT_CHUNK_LEN, 7));
+        // The kept list is bounded, however many are in flight.
+        let mut held = Vec::new();
+        for _ in 0..READ_BUFFERS_KEPT + 5 {
+            let x = rb.take().freeze();
+            held.push(x.clone());
+            rb.give_back(x);
+        }
+        assert_eq!(rb.kept.len(), READ_BUFFERS_KEPT);
+    }
 
     #[test]
     fn constant_time_compare() {
