@@ -15,12 +15,10 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::limits::{
-    API_SOCKET_POLL_INTERVAL, KILL_WAIT, STATE_FILE_LEN_MAX, UNIX_SOCKET_PATH_LEN_MAX,
-};
-use crate::process::{proc_cmdline, proc_start_time, ExitKind, ProcessError};
+use crate::limits::{STATE_FILE_LEN_MAX, UNIX_SOCKET_PATH_LEN_MAX};
+use crate::process::{proc_cmdline, proc_start_time, ExitKind, ProcessError, Watched};
 use crate::sys;
 
 /// File names inside the sandbox directory.
@@ -263,47 +261,27 @@ impl PageServerProcess {
     /// Waits until the socket exists (it is renamed into place once it accepts), or fails
     /// early if `wrenn-uffd` exits.
     pub fn wait_listening(&mut self, timeout: Duration) -> Result<(), ProcessError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket()) {
-                return Ok(());
-            }
-            if let Some(exit) = self.try_wait()? {
-                let text = fs::read(&self.log_path).unwrap_or_default();
-                let tail = &text[text.len().saturating_sub(600)..];
-                return Err(ProcessError::Exited {
-                    program: "wrenn-uffd",
-                    status: format!("{exit:?}"),
-                    log_tail: String::from_utf8_lossy(tail).trim().to_owned(),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(ProcessError::ApiSocketTimeout {
-                    path: self.socket.clone(),
-                    timeout,
-                });
-            }
-            let _ = sys::poll_readable(self.pidfd.as_fd(), API_SOCKET_POLL_INTERVAL);
+        let socket = self.socket.clone();
+        self.watched().wait_ready(&socket, timeout, || {
+            fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket())
+        })
+    }
+
+    fn watched(&mut self) -> Watched<'_> {
+        Watched {
+            program: "wrenn-uffd",
+            pid: self.pid,
+            pidfd: self.pidfd.as_fd(),
+            is_child: self.is_child,
+            exit: &mut self.exit,
+            log_path: &self.log_path,
         }
     }
 
     /// Kills `wrenn-uffd` if it still runs, reaps it, and removes its socket and state file.
     /// The log stays.
     pub fn kill(mut self) -> Result<ExitKind, ProcessError> {
-        if self.try_wait()?.is_none() {
-            match sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => return Err(ProcessError::Signal(e)),
-            }
-            if !sys::poll_readable(self.pidfd.as_fd(), KILL_WAIT).map_err(ProcessError::Wait)? {
-                return Err(ProcessError::KillTimeout { pid: self.pid });
-            }
-        }
-        let exit = match self.try_wait()? {
-            Some(e) => e,
-            None => ExitKind::Unknown,
-        };
+        let exit = self.watched().kill_and_wait()?.unwrap_or(ExitKind::Unknown);
         for f in [self.socket.clone(), self.state_path.clone()] {
             match fs::remove_file(&f) {
                 Ok(()) => {}

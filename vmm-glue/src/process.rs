@@ -636,43 +636,26 @@ impl VmProcess {
 
     /// Waits until the API socket accepts a connection, or fails early if Firecracker exits.
     pub fn wait_api_socket(&mut self, timeout: Duration) -> Result<(), ProcessError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if UnixStream::connect(&self.state.api_socket).is_ok() {
-                return Ok(());
-            }
-            if let Some(exit) = self.try_wait()? {
-                return Err(ProcessError::Exited {
-                    program: "firecracker",
-                    status: format!("{exit:?}"),
-                    log_tail: log_tail(&self.log_path),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(ProcessError::ApiSocketTimeout {
-                    path: self.state.api_socket.clone(),
-                    timeout,
-                });
-            }
-            // Sleep on the pidfd: wakes at once if Firecracker dies.
-            let _ = sys::poll_readable(self.pidfd.as_fd(), API_SOCKET_POLL_INTERVAL);
+        let socket = self.state.api_socket.clone();
+        self.watched()
+            .wait_ready(&socket, timeout, || UnixStream::connect(&socket).is_ok())
+    }
+
+    fn watched(&mut self) -> Watched<'_> {
+        Watched {
+            program: "firecracker",
+            pid: self.pid,
+            pidfd: self.pidfd.as_fd(),
+            is_child: self.is_child,
+            exit: &mut self.exit,
+            log_path: &self.log_path,
         }
     }
 
     /// Kills Firecracker (SIGKILL), waits for it to exit, kills anything else left in its
     /// cgroup, and removes the cgroup, the API socket, the cleanup files and the state file.
     pub fn kill(mut self) -> Result<ExitKind, ProcessError> {
-        if self.try_wait()?.is_none() {
-            match sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => return Err(ProcessError::Signal(e)),
-            }
-            if !sys::poll_readable(self.pidfd.as_fd(), KILL_WAIT).map_err(ProcessError::Wait)? {
-                return Err(ProcessError::KillTimeout { pid: self.pid });
-            }
-        }
-        let exit = match self.try_wait()? {
+        let exit = match self.watched().kill_and_wait()? {
             Some(e) => e,
             None if self.is_child => {
                 match sys::waitid_pidfd(self.pidfd.as_fd(), true).map_err(ProcessError::Wait)? {
@@ -728,6 +711,66 @@ pub(crate) fn poll_exit(
         *exit = Some(ExitKind::Unknown);
     }
     Ok(*exit)
+}
+
+/// A process of ours held by a pidfd (Firecracker or `wrenn-uffd`), for the waits both
+/// launchers share.
+pub(crate) struct Watched<'a> {
+    pub program: &'static str,
+    pub pid: u32,
+    pub pidfd: std::os::fd::BorrowedFd<'a>,
+    pub is_child: bool,
+    pub exit: &'a mut Option<ExitKind>,
+    pub log_path: &'a Path,
+}
+
+impl Watched<'_> {
+    /// Waits until `ready()` holds, failing early (with the log's tail) if the process
+    /// exits, or after `timeout` naming `socket`. Sleeps on the pidfd between checks, so a
+    /// death wakes it at once.
+    pub fn wait_ready(
+        &mut self,
+        socket: &Path,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), ProcessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            if let Some(exit) = poll_exit(self.pidfd, self.is_child, self.exit)? {
+                return Err(ProcessError::Exited {
+                    program: self.program,
+                    status: format!("{exit:?}"),
+                    log_tail: log_tail(self.log_path),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(ProcessError::ApiSocketTimeout {
+                    path: socket.to_owned(),
+                    timeout,
+                });
+            }
+            let _ = sys::poll_readable(self.pidfd, API_SOCKET_POLL_INTERVAL);
+        }
+    }
+
+    /// SIGKILLs the process unless it already exited, and waits up to [`KILL_WAIT`] for it
+    /// to die. Returns its exit if known (a child of ours is reaped).
+    pub fn kill_and_wait(&mut self) -> Result<Option<ExitKind>, ProcessError> {
+        if poll_exit(self.pidfd, self.is_child, self.exit)?.is_none() {
+            match sys::pidfd_send_signal(self.pidfd, libc::SIGKILL) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => return Err(ProcessError::Signal(e)),
+            }
+            if !sys::poll_readable(self.pidfd, KILL_WAIT).map_err(ProcessError::Wait)? {
+                return Err(ProcessError::KillTimeout { pid: self.pid });
+            }
+        }
+        poll_exit(self.pidfd, self.is_child, self.exit)
+    }
 }
 
 #[cfg(test)]
