@@ -280,3 +280,18 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, proto::Status>) -> proto::Code {
         Err(s) => s.code,
     }
 }
+
+/// The audit rows with `action` that `cl`'s team can see (first page).
+pub fn audit(cl: &Client, action: &str) -> Vec<ctlpb::AuditLog> {
+    let a: ctlpb::ListAuditLogsResponse = cl
+        .unary(
+            ctlpb::audit_logs_methods::LIST,
+            &ctlpb::ListAuditLogsRequest {
+                action: action.into(),
+                ..Default::default()
+            },
+            Some(Duration::from_secs(30)),
+        )
+        .expect("list audit logs");
+    a.entries
+}

@@ -106,30 +106,11 @@ fn reconciler_corrects_drift() {
         .unwrap();
     assert_eq!(h.usage.unwrap().vcpus, 1);
     // Audited as system actions.
-    let a: c::ListAuditLogsResponse = cl
-        .unary(
-            c::audit_logs_methods::LIST,
-            &c::ListAuditLogsRequest {
-                action: "sandbox.reconcile".into(),
-                ..Default::default()
-            },
-            T,
-        )
-        .unwrap();
-    assert_eq!(a.entries.len(), 3, "{a:?}");
-    assert!(a.entries.iter().all(|e| e.actor_type == "system"));
-    let a: c::ListAuditLogsResponse = cl
-        .unary(
-            c::audit_logs_methods::LIST,
-            &c::ListAuditLogsRequest {
-                action: "sandbox.reconcile_destroy".into(),
-                ..Default::default()
-            },
-            T,
-        )
-        .unwrap();
+    let a = harness::audit(&cl, "sandbox.reconcile");
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert!(a.iter().all(|e| e.actor_type == "system"));
     assert_eq!(
-        a.entries.len(),
+        harness::audit(&cl, "sandbox.reconcile_destroy").len(),
         1,
         "the known sandbox's destroy is in its team's trail"
     );
@@ -569,19 +550,7 @@ fn heartbeat_drift_is_reconciled_before_the_next_pass() {
             )
             .unwrap();
     };
-    let reconciled = |cl: &Client| -> usize {
-        let a: c::ListAuditLogsResponse = cl
-            .unary(
-                c::audit_logs_methods::LIST,
-                &c::ListAuditLogsRequest {
-                    action: "sandbox.reconcile".into(),
-                    ..Default::default()
-                },
-                T,
-            )
-            .unwrap();
-        a.entries.len()
-    };
+    let reconciled = |cl: &Client| harness::audit(cl, "sandbox.reconcile").len();
     let running = agent::SandboxState::Running;
     heartbeat(&[(&paused_by_ttl.id, running), (&fine.id, running)]);
     std::thread::sleep(Duration::from_millis(600));
