@@ -146,21 +146,7 @@ impl PageServerProcess {
             source,
         })?;
         let pid = child.id();
-        let held = sys::pidfd_open(pid)
-            .map_err(ProcessError::Pidfd)
-            .and_then(|fd| {
-                let t =
-                    proc_start_time(pid).map_err(|source| ProcessError::Proc { pid, source })?;
-                Ok((fd, t))
-            });
-        let (pidfd, start_time) = match held {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        };
+        let (pidfd, start_time) = crate::process::hold_child(&mut child)?;
         // Reaped through the pidfd from here on.
         drop(child);
         let p = PageServerProcess {

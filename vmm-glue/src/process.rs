@@ -472,20 +472,9 @@ impl VmProcess {
             }
         };
         let pid = child.id();
-        // Our unreaped child: the pid cannot be reused before we wait, so this pidfd names it.
-        let held = sys::pidfd_open(pid)
-            .map_err(ProcessError::Pidfd)
-            .and_then(|fd| {
-                let t =
-                    proc_start_time(pid).map_err(|source| ProcessError::Proc { pid, source })?;
-                Ok((fd, t))
-            });
-        let (pidfd, start_time) = match held {
+        let (pidfd, start_time) = match hold_child(&mut child) {
             Ok(h) => h,
             Err(e) => {
-                // Without a pidfd we could not manage it: do not leave it running.
-                let _ = child.kill();
-                let _ = child.wait();
                 if let Some(cg) = &cgroup {
                     let _ = cg.remove(Duration::from_millis(100));
                 }
@@ -689,6 +678,25 @@ impl VmProcess {
         log::info!("firecracker killed pid={} exit={exit:?}", self.pid);
         Ok(exit)
     }
+}
+
+/// A pidfd and the start time of a child just spawned (Firecracker or `wrenn-uffd`), from
+/// which on it is reaped through the pidfd. It is our unreaped child, so the pid cannot be
+/// reused before we wait and the pidfd names it. On failure the child is killed and reaped:
+/// without a pidfd we could not manage it.
+pub(crate) fn hold_child(child: &mut std::process::Child) -> Result<(OwnedFd, u64), ProcessError> {
+    let pid = child.id();
+    let held = sys::pidfd_open(pid)
+        .map_err(ProcessError::Pidfd)
+        .and_then(|fd| {
+            let t = proc_start_time(pid).map_err(|source| ProcessError::Proc { pid, source })?;
+            Ok((fd, t))
+        });
+    if held.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    held
 }
 
 /// Polls a process held by `pidfd` for its exit without blocking, once: a child of ours is
