@@ -738,7 +738,11 @@ impl Vmm for FirecrackerVmm {
         let mut phase_us = [0u128; 4];
         let built = (|| -> Result<(Header, u64), String> {
             let memory_size = u64::from(rec.memory_mib) << 20;
-            let build = BuildId(*sys::random_uuid().map_err(|e| e.to_string())?.as_bytes());
+            let build = BuildId(
+                *proto::random::uuid_v4()
+                    .map_err(|e| e.to_string())?
+                    .as_bytes(),
+            );
             let layer_path = snap.join(build.layer_file_name());
             let tmp_layer = snap.join(format!("{}.tmp", build.layer_file_name()));
             let memf = File::open(&mem).map_err(|e| e.to_string())?;
@@ -777,7 +781,11 @@ impl Vmm for FirecrackerVmm {
                     let p = find_layer(&chain, &l.build_id).map_err(|e| e.to_string())?;
                     data.insert(l.build_id, fs::read(p).map_err(|e| e.to_string())?);
                 }
-                let sq = BuildId(*sys::random_uuid().map_err(|e| e.to_string())?.as_bytes());
+                let sq = BuildId(
+                    *proto::random::uuid_v4()
+                        .map_err(|e| e.to_string())?
+                        .as_bytes(),
+                );
                 let tmp = snap.join(format!("{}.tmp", sq.layer_file_name()));
                 let mut out = File::create(&tmp).map_err(|e| e.to_string())?;
                 header = uffd::header::squash(&header, &FileLayers(data), &mut out, sq)

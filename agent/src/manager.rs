@@ -658,7 +658,7 @@ impl Manager {
                 Some(ENVD_CALL_TIMEOUT),
             )?;
         }
-        let token = sys::random_hex(ACCESS_TOKEN_BYTES).map_err(internal)?;
+        let token = proto::random::hex(ACCESS_TOKEN_BYTES).map_err(internal)?;
         let resp: InitResponse = client.unary(
             init_methods::INIT,
             &InitRequest {
@@ -1194,7 +1194,7 @@ impl Manager {
     /// One restore of the not yet published template, recording the order in which the
     /// guest touches its pages; then the scratch VM is thrown away.
     fn record_working_set(&self, t: &TemplateRecord, tmp: &TemplateDir) -> Result<u64, Status> {
-        let scratch_id = sys::random_uuid().map_err(internal)?;
+        let scratch_id = proto::random::uuid_v4().map_err(internal)?;
         let dir = SandboxDir(
             self.cfg
                 .layout

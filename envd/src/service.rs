@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,7 +163,10 @@ impl Envd {
             state: Mutex::new(state),
             handle: OnceLock::new(),
             started: Instant::now(),
-            instance_id: random_hex(16),
+            // Not a secret; a failed getrandom (not expected with GRND_INSECURE) leaves an
+            // id that still changes with every envd start.
+            instance_id: proto::random::hex_early(16)
+                .unwrap_or_else(|_| format!("{:x}", std::process::id())),
             accounts: passwd::Cache::default(),
         })
     }
@@ -933,14 +936,6 @@ fn winsize(p: pb::PtySize) -> Result<crate::pty::WinSize, Status> {
         rows: p.rows as u16,
         cols: p.cols as u16,
     })
-}
-
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Streams a process's events to a client until the process ends or the client leaves

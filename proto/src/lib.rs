@@ -5,16 +5,19 @@
 //! - [`gen`] (feature `rpc`): protobuf messages generated from `schema/` (checked in);
 //! - [`id`]: wire IDs (`sb-{uuid}` ...), parsed strictly at every boundary;
 //! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text;
+//! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
 //! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`).
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
 
+pub mod base64;
 pub mod frame;
 pub mod id;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
+pub mod random;
 pub mod sha256;
 pub mod skip;
 pub mod status;

@@ -514,7 +514,7 @@ impl Vmm for FakeVmm {
             text.push_str(&format!("{k}={}\n", String::from_utf8_lossy(v)));
         }
         let snap = dir.snapshot();
-        let build = BuildId(*agent::sys::random_uuid().unwrap().as_bytes());
+        let build = BuildId(*proto::random::uuid_v4().unwrap().as_bytes());
         // Each generation writes a different page, so older layers stay referenced.
         let page = rec.chain.as_ref().map_or(0, |c| c.generation + 1) % 16;
         let diff = Diff {

@@ -292,58 +292,7 @@ pub fn bytes_in(v: &Value, path: &str) -> Result<prost::bytes::Bytes, JsonError>
     }
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-pub fn base64_encode(b: &[u8]) -> String {
-    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
-    for chunk in b.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16)
-            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*chunk.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Standard or URL-safe base64, padded or not; `None` when malformed.
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
-    if s.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            // Masked to one byte.
-            out.push(((acc >> bits) & 0xff) as u8);
-        }
-    }
-    // Leftover bits must be zero (canonical encoding).
-    if acc & ((1 << bits) - 1) != 0 {
-        return None;
-    }
-    Some(out)
-}
+pub use proto::base64::{decode as base64_decode, encode as base64_encode};
 
 /// Fuzz entry point: any bytes, read as JSON and mapped to request messages, never panic;
 /// whatever maps must survive a round trip (`to_json` then `from_json` gives the message
@@ -391,21 +340,6 @@ mod tests {
     use proto::gen::wrenn::ctl::v1 as ctl;
     use proto::gen::wrenn::envd::v1 as envd;
     use serde_json::json;
-
-    #[test]
-    fn base64_round_trip_and_rejects() {
-        for n in 0..40u8 {
-            let data: Vec<u8> = (0..n).map(|i| i.wrapping_mul(37)).collect();
-            let e = base64_encode(&data);
-            assert_eq!(base64_decode(&e).as_deref(), Some(&data[..]), "n={n}");
-        }
-        assert_eq!(base64_encode(b"hi"), "aGk=");
-        assert_eq!(base64_decode("aGk").as_deref(), Some(&b"hi"[..]));
-        assert_eq!(base64_decode("-_8="), base64_decode("+/8="));
-        assert!(base64_decode("a").is_none());
-        assert!(base64_decode("a!==").is_none());
-        assert!(base64_decode("aGl=").is_none()); // non-zero leftover bits
-    }
 
     #[test]
     fn sandbox_round_trip_uses_snake_names_strings_and_enum_names() {

@@ -491,16 +491,6 @@ fn read_trim(path: &Path) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// 32 random bytes as hex.
-fn random_hex() -> Result<String, UpError> {
-    let path = Path::new("/dev/urandom");
-    let mut b = [0u8; 32];
-    fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(io_err("read", path))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
 /// Uid and gid of `user` from /etc/passwd.
 fn user_ids(user: &str) -> Option<(u32, u32)> {
     let text = fs::read_to_string("/etc/passwd").ok()?;
@@ -925,7 +915,8 @@ fn start_postgres(cfg: &UpConfig, bin: &Path, root: bool) -> Result<String, UpEr
     let password = match read_trim(&l.pg_password()) {
         Some(p) => p,
         None => {
-            let p = random_hex()?;
+            let p =
+                proto::random::hex(32).map_err(io_err("getrandom", Path::new("/dev/urandom")))?;
             write_secret(&l.pg_password(), &p)?;
             p
         }
