@@ -3,49 +3,23 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
 use crate::statedir::ProcRef;
 
-/// Start time of `pid` (field 22 of /proc/<pid>/stat, clock ticks since boot), or `None`
-/// when there is no such process.
-pub fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_ticks(&stat)
-}
-
-/// Field 22 of a /proc/<pid>/stat line. The command (field 2) is in parentheses and may
-/// itself contain spaces and parentheses, so the fields are counted after the last `)`.
-pub fn parse_start_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // After ")": field 3 (state) is the first; field 22 is the 20th.
-    rest.split_ascii_whitespace().nth(19)?.parse().ok()
-}
-
 /// The recorded reference of a process we just started.
 pub fn proc_ref(pid: i32) -> Option<ProcRef> {
-    start_ticks(pid).map(|start_ticks| ProcRef { pid, start_ticks })
+    proto::process::start_ticks(pid)
+        .ok()
+        .map(|start_ticks| ProcRef { pid, start_ticks })
 }
 
 /// A pidfd for the process `p` names, if it still runs and is the same process (its
 /// start time matches). Holding the pidfd makes later signals race-free: the pid cannot be
 /// reused while we hold it.
 pub fn open(p: ProcRef) -> Option<OwnedFd> {
-    if p.pid <= 0 {
-        return None;
-    }
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
-    // passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // Checked after opening: if the pid was reused before pidfd_open, the start time
-    // differs; if after, the pidfd still refers to the process we checked.
-    (start_ticks(p.pid) == Some(p.start_ticks)).then_some(fd)
+    proto::process::open_if_same(p.pid, p.start_ticks)
 }
 
 /// Whether the recorded process still runs (a zombie counts as gone once reaped by
@@ -58,13 +32,7 @@ pub fn alive(p: ProcRef) -> bool {
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 1..];
-            rest.split_ascii_whitespace().next().map(|st| st == "Z")
-        })
-        .unwrap_or(false)
+    proto::process::state(pid) == Some('Z')
 }
 
 /// Sends `signal` to the recorded process if it is still that process. Returns whether a
@@ -73,18 +41,7 @@ pub fn signal(p: ProcRef, signal: i32) -> bool {
     let Some(fd) = open(p) else {
         return false;
     };
-    // SAFETY: pidfd_send_signal takes a valid pidfd (held by `fd` for the call), a
-    // signal number, a null siginfo and flags 0.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    r == 0
+    proto::process::pidfd_send_signal(fd.as_fd(), signal).is_ok()
 }
 
 /// SIGKILLs the recorded process and waits (up to `timeout`) until it is gone; reaps it if
@@ -161,14 +118,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn start_ticks_skips_a_command_with_parentheses() {
-        let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10";
-        assert_eq!(parse_start_ticks(line), Some(123456));
-        assert_eq!(parse_start_ticks("garbage"), None);
-        assert_eq!(parse_start_ticks("1 (x) S 1 2"), None);
-    }
+    use std::os::fd::FromRawFd;
 
     #[test]
     fn own_process_is_alive_and_a_changed_start_time_is_not() {

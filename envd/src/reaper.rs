@@ -294,16 +294,7 @@ fn wait_pid(pid: libc::pid_t) -> Option<ExitStatus> {
     Some(ExitStatus::from_wait_status(status))
 }
 
-/// A pidfd for `pid` (readable once the process has exited).
-pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
+pub use proto::process::pidfd_open;
 
 /// A non-blocking signalfd for SIGCHLD (the caller blocked SIGCHLD in every thread).
 fn sigchld_fd() -> io::Result<OwnedFd> {

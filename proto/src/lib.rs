@@ -5,6 +5,7 @@
 //! - [`gen`] (feature `rpc`): protobuf messages generated from `schema/` (checked in);
 //! - [`id`]: wire IDs (`sb-{uuid}` ...), parsed strictly at every boundary;
 //! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text;
+//! - [`process`]: pidfds and process start times (a live process, never a recycled pid);
 //! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
 //! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`).
 //!
@@ -17,6 +18,7 @@ pub mod id;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
+pub mod process;
 pub mod random;
 pub mod sha256;
 pub mod skip;

@@ -448,35 +448,7 @@ pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<i32> {
 
 // ---- pidfd ----
 
-/// `pidfd_open(pid)`: an fd that becomes readable when the process exits.
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: the syscall takes a pid and flags and returns a new fd or -1.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
-}
-
-/// `pidfd_send_signal`: signals the process the pidfd refers to (never a recycled pid).
-pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
-    let null = std::ptr::null::<libc::siginfo_t>();
-    // SAFETY: a null siginfo is allowed; flags are 0.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            null,
-            0,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+pub use proto::process::{pidfd_open, pidfd_send_signal};
 
 // ---- signals (used by main.rs) ----
 

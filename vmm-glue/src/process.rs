@@ -303,17 +303,8 @@ impl State {
 
 /// Start time (clock ticks since boot, field 22 of /proc/PID/stat).
 pub(crate) fn proc_start_time(pid: u32) -> io::Result<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) is in parentheses and may hold anything, even ')'.
-    let after = s
-        .rfind(')')
-        .map(|i| &s[i + 1..])
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no ')' in stat"))?;
-    after
-        .split_ascii_whitespace()
-        .nth(22 - 3)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no start time in stat"))
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    proto::process::start_ticks(pid)
 }
 
 pub(crate) fn proc_cmdline(pid: u32) -> io::Result<Vec<Vec<u8>>> {

@@ -2,7 +2,7 @@
 //! call, taking `BorrowedFd`s, returning `io::Result`.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 const IOC_NRBITS: u32 = 8;
@@ -92,35 +92,13 @@ pub fn copy_file_range(
     Ok(r as usize)
 }
 
-/// `pidfd_open(pid, 0)`.
+/// `pidfd_open` for the `u32` pids of `std::process::Child` (see [`proto::process`]).
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: plain syscall with integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    proto::process::pidfd_open(pid)
 }
 
-/// `pidfd_send_signal(pidfd, sig, NULL, 0)`.
-pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: plain syscall; the siginfo pointer is null, which the kernel accepts.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            sig,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+pub use proto::process::pidfd_send_signal;
 
 /// Waits up to `timeout` for `fd` to become readable (a pidfd does when its process exits).
 pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
