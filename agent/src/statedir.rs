@@ -582,149 +582,69 @@ fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// Escapes `%`, `=`, and bytes below 0x20 or 0x7f as `%XX`.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c == '%' || c == '=' || (c as u32) < 0x20 || c as u32 == 0x7f {
-            out.push_str(&format!("%{:02X}", c as u32));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+use proto::kv::KvError;
 
-fn unescape(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            let v = u8::from_str_radix(hex, 16).ok()?;
-            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
-                return None;
-            }
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-struct Writer {
-    out: String,
-}
+/// Records are written with [`proto::kv::Writer`]; processes as `<name>.pid` and
+/// `<name>.start_ticks`.
+struct Writer(proto::kv::Writer);
 
 impl Writer {
     fn new(magic: &str) -> Writer {
-        Writer {
-            out: format!("{magic}\n"),
-        }
+        Writer(proto::kv::Writer::new(magic))
     }
     fn put(&mut self, k: &str, v: &str) {
-        self.out.push_str(&escape(k));
-        self.out.push('=');
-        self.out.push_str(&escape(v));
-        self.out.push('\n');
+        self.0.put(k, v);
     }
     fn map(&mut self, prefix: &str, m: &BTreeMap<String, String>) {
-        for (k, v) in m {
-            self.put(&format!("{prefix}{k}"), v);
-        }
+        self.0.map(prefix, m);
     }
     fn proc(&mut self, name: &str, p: Option<ProcRef>) {
         if let Some(p) = p {
-            self.put(&format!("{name}.pid"), &p.pid.to_string());
-            self.put(&format!("{name}.start_ticks"), &p.start_ticks.to_string());
+            self.0.put_display(&format!("{name}.pid"), p.pid);
+            self.0
+                .put_display(&format!("{name}.start_ticks"), p.start_ticks);
         }
     }
     fn finish(self) -> String {
-        self.out
+        self.0.finish()
     }
 }
 
+/// A [`proto::kv::Reader`] whose errors name the file.
 struct Reader<'a> {
     path: &'a Path,
-    fields: BTreeMap<String, String>,
+    kv: proto::kv::Reader,
 }
 
 impl<'a> Reader<'a> {
     fn parse(path: &'a Path, text: &str, magic: &str) -> Result<Reader<'a>, Error> {
-        let bad = |line: usize, reason: String| Error::Malformed {
-            path: path.to_owned(),
-            line,
-            reason,
-        };
-        let mut lines = text.split_terminator('\n');
-        match lines.next() {
-            Some(m) if m == magic => {}
-            other => {
-                return Err(bad(
-                    1,
-                    format!("expected {magic:?}, found {:?}", other.unwrap_or("")),
-                ))
-            }
-        }
-        if !text.ends_with('\n') {
-            return Err(bad(0, "truncated (no final newline)".into()));
-        }
-        let mut fields = BTreeMap::new();
-        for (n, line) in lines.enumerate() {
-            let n = n + 2;
-            if n > STATE_FILE_LINES_MAX {
-                return Err(bad(n, "too many lines".into()));
-            }
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| bad(n, "no '='".into()))?;
-            let k = unescape(k).ok_or_else(|| bad(n, "bad escape in key".into()))?;
-            let v = unescape(v).ok_or_else(|| bad(n, "bad escape in value".into()))?;
-            if fields.insert(k.clone(), v).is_some() {
-                return Err(bad(n, format!("duplicate key {k:?}")));
-            }
-        }
-        Ok(Reader { path, fields })
+        let (kv, _) = proto::kv::Reader::parse(text, &[magic], STATE_FILE_LINES_MAX)
+            .map_err(|e| malformed(path, e))?;
+        Ok(Reader { path, kv })
     }
 
-    fn bad(&self, reason: String) -> Error {
-        Error::Malformed {
-            path: self.path.to_owned(),
-            line: 0,
-            reason,
-        }
+    fn err(&self, e: KvError) -> Error {
+        malformed(self.path, e)
     }
 
     fn take(&mut self, k: &str) -> Option<String> {
-        self.fields.remove(k)
+        self.kv.take(k)
     }
 
     fn string(&mut self, k: &str) -> Result<String, Error> {
-        self.take(k)
-            .ok_or_else(|| self.bad(format!("missing key {k:?}")))
+        self.kv.string(k).map_err(|e| self.err(e))
     }
 
     fn with<T>(&mut self, k: &str, f: impl FnOnce(&str) -> Option<T>) -> Result<T, Error> {
-        let v = self.string(k)?;
-        f(&v).ok_or_else(|| self.bad(format!("bad value {v:?} of {k:?}")))
+        self.kv.with(k, f).map_err(|e| self.err(e))
     }
 
     fn num<T: std::str::FromStr>(&mut self, k: &str) -> Result<T, Error> {
-        self.with(k, |s| s.parse().ok())
+        self.kv.num(k).map_err(|e| self.err(e))
     }
 
     fn opt_num<T: std::str::FromStr>(&mut self, k: &str) -> Result<Option<T>, Error> {
-        match self.take(k) {
-            None => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| self.bad(format!("bad value {v:?} of {k:?}"))),
-        }
+        self.kv.opt_num(k).map_err(|e| self.err(e))
     }
 
     fn uuid(&mut self, k: &str) -> Result<Uuid, Error> {
@@ -737,30 +657,28 @@ impl<'a> Reader<'a> {
         match (pid, ticks) {
             (None, None) => Ok(None),
             (Some(pid), Some(start_ticks)) if pid > 0 => Ok(Some(ProcRef { pid, start_ticks })),
-            _ => Err(self.bad(format!("incomplete or bad {name}.pid/start_ticks"))),
+            _ => Err(self.err(KvError {
+                line: 0,
+                reason: format!("incomplete or bad {name}.pid/start_ticks"),
+            })),
         }
     }
 
     fn map(&mut self, prefix: &str) -> Result<BTreeMap<String, String>, Error> {
-        let keys: Vec<String> = self
-            .fields
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut m = BTreeMap::new();
-        for k in keys {
-            let v = self.fields.remove(&k).unwrap_or_default();
-            m.insert(k[prefix.len()..].to_owned(), v);
-        }
-        Ok(m)
+        Ok(self.kv.map(prefix))
     }
 
     fn done(self) -> Result<(), Error> {
-        match self.fields.keys().next() {
-            None => Ok(()),
-            Some(k) => Err(self.bad(format!("unknown key {k:?}"))),
-        }
+        let path = self.path;
+        self.kv.done().map_err(|e| malformed(path, e))
+    }
+}
+
+fn malformed(path: &Path, e: KvError) -> Error {
+    Error::Malformed {
+        path: path.to_owned(),
+        line: e.line,
+        reason: e.reason,
     }
 }
 
@@ -809,6 +727,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::kv::{escape, unescape};
 
     fn tmpdir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(

@@ -5,6 +5,7 @@
 //! - [`gen`] (feature `rpc`): protobuf messages generated from `schema/` (checked in);
 //! - [`id`]: wire IDs (`sb-{uuid}` ...), parsed strictly at every boundary;
 //! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text;
+//! - [`kv`]: the `key=value` format of every small state file;
 //! - [`process`]: pidfds and process start times (a live process, never a recycled pid);
 //! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
 //! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`).
@@ -15,6 +16,7 @@
 pub mod base64;
 pub mod frame;
 pub mod id;
+pub mod kv;
 pub mod limits;
 pub mod logger;
 pub mod metrics;

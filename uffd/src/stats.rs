@@ -2,7 +2,6 @@
 //! that the agent reads. Written atomically (temporary file + rename) at each phase change,
 //! about once a second while serving, and at exit.
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 /// Counters of one page-server run.
@@ -40,31 +39,29 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// The file's text: one `key=value` per line.
+    /// The file's text in the [`proto::kv`] format: first line [`STATS_MAGIC`], then one
+    /// `key=value` per counter.
     pub fn render(&self) -> String {
-        let mut s = String::with_capacity(512);
-        // Writing to a String cannot fail.
-        let _ = write!(
-            s,
-            "version=1\nstate={}\nfaults={}\npages_faulted={}\npages_prefetched={}\npages_filled={}\n\
-             zero_pages={}\nremove_events={}\neexist={}\neagain={}\npages_recorded={}\npages_total={}\n\
-             pages_resident={}\nhandshake_us={}\nresident_ms={}\n",
-            self.state,
-            self.faults,
-            self.pages_faulted,
-            self.pages_prefetched,
-            self.pages_filled,
-            self.zero_pages,
-            self.remove_events,
-            self.eexist,
-            self.eagain,
-            self.pages_recorded,
-            self.pages_total,
-            self.pages_resident,
-            self.handshake_us,
-            self.resident_ms,
-        );
-        s
+        let mut w = proto::kv::Writer::new(STATS_MAGIC);
+        w.put("state", self.state);
+        for (k, v) in [
+            ("faults", self.faults),
+            ("pages_faulted", self.pages_faulted),
+            ("pages_prefetched", self.pages_prefetched),
+            ("pages_filled", self.pages_filled),
+            ("zero_pages", self.zero_pages),
+            ("remove_events", self.remove_events),
+            ("eexist", self.eexist),
+            ("eagain", self.eagain),
+            ("pages_recorded", self.pages_recorded),
+            ("pages_total", self.pages_total),
+            ("pages_resident", self.pages_resident),
+            ("handshake_us", self.handshake_us),
+            ("resident_ms", self.resident_ms),
+        ] {
+            w.put_display(k, v);
+        }
+        w.finish()
     }
 
     /// Writes the file atomically.
@@ -73,10 +70,14 @@ impl Stats {
     }
 }
 
-/// Reads one value from a stats file's text (for the agent and tests).
-pub fn value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+/// First line of the stats file.
+pub const STATS_MAGIC: &str = "wrenn-uffd-stats 1";
+
+/// Reads one value from a stats file's text (for the agent and tests); `None` when the text
+/// is not a stats file or has no such key.
+pub fn value(text: &str, key: &str) -> Option<String> {
+    let (mut r, _) = proto::kv::Reader::parse(text, &[STATS_MAGIC], 64).ok()?;
+    r.take(key)
 }
 
 #[cfg(test)]
@@ -92,9 +93,9 @@ mod tests {
             ..Stats::default()
         };
         let t = s.render();
-        assert_eq!(value(&t, "state"), Some("resident"));
-        assert_eq!(value(&t, "faults"), Some("3"));
-        assert_eq!(value(&t, "resident_ms"), Some("12"));
+        assert_eq!(value(&t, "state").as_deref(), Some("resident"));
+        assert_eq!(value(&t, "faults").as_deref(), Some("3"));
+        assert_eq!(value(&t, "resident_ms").as_deref(), Some("12"));
         assert_eq!(value(&t, "nope"), None);
     }
 }

@@ -46,6 +46,9 @@ pub const KILL_WAIT: Duration = Duration::from_secs(10);
 pub const PROC_CMDLINE_LEN_MAX: usize = 64 * 1024;
 /// Largest process state file we read back.
 pub const STATE_FILE_LEN_MAX: usize = 16 * 1024;
+/// Lines of a process state file: a handful of fields, one line per cgroup directory (one
+/// per controller on cgroup v1) and per file to clean up.
+pub const STATE_FILE_LINES_MAX: usize = 64;
 /// Size of the tmpfs that holds the stable paths in a Firecracker's mount namespace: it only
 /// holds empty files used as bind-mount targets.
 pub const STABLE_TMPFS_SIZE: &str = "size=64k,nr_inodes=64,mode=0755";

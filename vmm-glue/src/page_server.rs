@@ -17,8 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::limits::{STATE_FILE_LEN_MAX, UNIX_SOCKET_PATH_LEN_MAX};
-use crate::process::{proc_cmdline, proc_start_time, ExitKind, ProcessError, Watched};
+use crate::limits::{STATE_FILE_LEN_MAX, STATE_FILE_LINES_MAX, UNIX_SOCKET_PATH_LEN_MAX};
+use crate::process::{
+    legacy_state, proc_cmdline, proc_start_time, ExitKind, ProcessError, Watched,
+};
 use crate::sys;
 
 /// File names inside the sandbox directory.
@@ -59,34 +61,36 @@ pub struct PageServerProcess {
     exit: Option<ExitKind>,
 }
 
+/// First line of `uffd.state` ([`proto::kv`] format).
+const STATE_MAGIC: &str = "wrenn-uffd-state 1";
+
 fn encode_state(pid: u32, start_time: u64, exe: &Path, socket: &Path) -> String {
-    format!(
-        "pid={pid}\nstart_time={start_time}\nexe={}\nsocket={}\n",
-        exe.display(),
-        socket.display()
-    )
+    let mut w = proto::kv::Writer::new(STATE_MAGIC);
+    w.put_display("pid", pid);
+    w.put_display("start_time", start_time);
+    w.put_display("exe", exe.display());
+    w.put_display("socket", socket.display());
+    w.finish()
 }
 
 fn decode_state(text: &str) -> Result<(u32, u64, PathBuf, PathBuf), String> {
-    let (mut pid, mut start, mut exe, mut socket) = (None, None, None, None);
-    for line in text.lines() {
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| format!("line without '=': {line:?}"))?;
-        match k {
-            "pid" => pid = Some(v.parse::<u32>().map_err(|_| "bad pid")?),
-            "start_time" => start = Some(v.parse::<u64>().map_err(|_| "bad start_time")?),
-            "exe" => exe = Some(PathBuf::from(v)),
-            "socket" => socket = Some(PathBuf::from(v)),
-            _ => {}
-        }
+    let text = legacy_state(text, STATE_MAGIC, &[]);
+    let (mut r, _) = proto::kv::Reader::parse(&text, &[STATE_MAGIC], STATE_FILE_LINES_MAX)
+        .map_err(|e| e.to_string())?;
+    let mut read = || -> Result<_, proto::kv::KvError> {
+        Ok((
+            r.num::<u32>("pid")?,
+            r.num::<u64>("start_time")?,
+            PathBuf::from(r.string("exe")?),
+            PathBuf::from(r.string("socket")?),
+        ))
+    };
+    let state = read().map_err(|e| e.to_string())?;
+    r.done().map_err(|e| e.to_string())?;
+    if state.0 <= 1 {
+        return Err("no pid".into());
     }
-    Ok((
-        pid.filter(|p| *p > 1).ok_or("no pid")?,
-        start.ok_or("no start_time")?,
-        exe.ok_or("no exe")?,
-        socket.ok_or("no socket")?,
-    ))
+    Ok(state)
 }
 
 impl PageServerProcess {
@@ -296,6 +300,12 @@ mod tests {
             (42, 7, "/bin/wrenn-uffd".into(), "/d/uffd.sock".into())
         );
         assert!(decode_state("pid=1\nstart_time=1\nexe=/a\nsocket=/b\n").is_err());
+        // The format before proto::kv still reads (adoption across an agent upgrade).
+        assert_eq!(
+            decode_state("pid=42\nstart_time=7\nexe=/bin/wrenn-uffd\nsocket=/d/uffd.sock\n")
+                .unwrap(),
+            (42, 7, "/bin/wrenn-uffd".into(), "/d/uffd.sock".into())
+        );
         assert!(decode_state("nonsense").is_err());
     }
 

@@ -34,7 +34,7 @@ use crate::api::ApiClient;
 use crate::cgroup::{Cgroup, CgroupError, CgroupLimits, CgroupMode};
 use crate::limits::{
     API_SOCKET_POLL_INTERVAL, KILL_WAIT, PROC_CMDLINE_LEN_MAX, STABLE_TMPFS_SIZE,
-    STATE_FILE_LEN_MAX, UNIX_SOCKET_PATH_LEN_MAX,
+    STATE_FILE_LEN_MAX, STATE_FILE_LINES_MAX, UNIX_SOCKET_PATH_LEN_MAX,
 };
 use crate::sys;
 
@@ -255,50 +255,74 @@ struct State {
     cleanup: Vec<PathBuf>,
 }
 
+/// First line of `firecracker.state` ([`proto::kv`] format).
+const STATE_MAGIC: &str = "wrenn-firecracker-state 1";
+
 impl State {
     fn encode(&self) -> String {
-        let mut s = format!(
-            "pid={}\nstart_time={}\nexe={}\napi_socket={}\n",
-            self.pid,
-            self.start_time,
-            self.exe.display(),
-            self.api_socket.display()
-        );
-        for d in &self.cgroup_dirs {
-            s.push_str(&format!("cgroup={}\n", d.display()));
-        }
-        for d in &self.cleanup {
-            s.push_str(&format!("cleanup={}\n", d.display()));
-        }
-        s
+        let mut w = proto::kv::Writer::new(STATE_MAGIC);
+        w.put_display("pid", self.pid);
+        w.put_display("start_time", self.start_time);
+        w.put_display("exe", self.exe.display());
+        w.put_display("api_socket", self.api_socket.display());
+        w.list("cgroup", self.cgroup_dirs.iter().map(|d| d.display()));
+        w.list("cleanup", self.cleanup.iter().map(|d| d.display()));
+        w.finish()
     }
 
     fn decode(text: &str) -> Result<State, String> {
-        let (mut pid, mut start_time, mut exe, mut api) = (None, None, None, None);
-        let (mut cgroup_dirs, mut cleanup) = (Vec::new(), Vec::new());
-        for line in text.lines() {
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| format!("line without '=': {line:?}"))?;
-            match k {
-                "pid" => pid = Some(v.parse::<u32>().map_err(|_| "bad pid")?),
-                "start_time" => start_time = Some(v.parse::<u64>().map_err(|_| "bad start_time")?),
-                "exe" => exe = Some(PathBuf::from(v)),
-                "api_socket" => api = Some(PathBuf::from(v)),
-                "cgroup" => cgroup_dirs.push(PathBuf::from(v)),
-                "cleanup" => cleanup.push(PathBuf::from(v)),
-                _ => {} // written by a newer version: ignore
-            }
+        let text = legacy_state(text, STATE_MAGIC, &["cgroup", "cleanup"]);
+        let (mut r, _) = proto::kv::Reader::parse(&text, &[STATE_MAGIC], STATE_FILE_LINES_MAX)
+            .map_err(|e| e.to_string())?;
+        let mut read = || -> Result<State, proto::kv::KvError> {
+            let state = State {
+                pid: r.num("pid")?,
+                start_time: r.num("start_time")?,
+                exe: r.string("exe")?.into(),
+                api_socket: r.string("api_socket")?.into(),
+                cgroup_dirs: r.list("cgroup")?.into_iter().map(PathBuf::from).collect(),
+                cleanup: r.list("cleanup")?.into_iter().map(PathBuf::from).collect(),
+            };
+            Ok(state)
+        };
+        let state = read().map_err(|e| e.to_string())?;
+        r.done().map_err(|e| e.to_string())?;
+        if state.pid <= 1 {
+            return Err("no pid".into());
         }
-        Ok(State {
-            pid: pid.filter(|p| *p > 1).ok_or("no pid")?,
-            start_time: start_time.ok_or("no start_time")?,
-            exe: exe.ok_or("no exe")?,
-            api_socket: api.ok_or("no api_socket")?,
-            cgroup_dirs,
-            cleanup,
-        })
+        Ok(state)
     }
+}
+
+/// A state file written before the [`proto::kv`] format (plain `key=value` lines, no first
+/// line, repeated keys for lists), rewritten in that format so one reader reads both: a
+/// Firecracker started by an older agent is still adopted by a newer one. Keys the old
+/// writers never wrote are dropped here and so refused by no one; text that already starts
+/// with `magic` is returned as it is.
+pub(crate) fn legacy_state<'a>(
+    text: &'a str,
+    magic: &str,
+    lists: &[&str],
+) -> std::borrow::Cow<'a, str> {
+    if text.starts_with(magic) || text.starts_with("wrenn-") {
+        return text.into();
+    }
+    let mut w = proto::kv::Writer::new(magic);
+    let mut counts = vec![0usize; lists.len()];
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            // Left for the reader to refuse.
+            return text.into();
+        };
+        match lists.iter().position(|l| *l == k) {
+            Some(i) => {
+                w.put(&format!("{k}.{}", counts[i]), v);
+                counts[i] += 1;
+            }
+            None => w.put(k, v),
+        }
+    }
+    w.finish().into()
 }
 
 /// Start time (clock ticks since boot, field 22 of /proc/PID/stat).
@@ -787,6 +811,20 @@ mod tests {
             cleanup: vec!["/d/v.sock".into(), "/d/v.sock_49984".into()],
         };
         assert_eq!(State::decode(&s.encode()).unwrap(), s);
+        // A file written before the shared format (repeated keys, no first line) still
+        // reads, so an upgraded agent adopts a Firecracker started by the old one.
+        let legacy = "pid=42\nstart_time=123456\nexe=/opt/fc\napi_socket=/d/api.sock\n\
+                      cgroup=/sys/fs/cgroup/memory/wrenn/x\ncleanup=/d/v.sock\n\
+                      cleanup=/d/v.sock_49984\n";
+        assert_eq!(State::decode(legacy).unwrap(), s);
+        // A path with a newline round-trips; an unknown key is refused.
+        let odd = State {
+            exe: "/opt/f\nc=1".into(),
+            ..s.clone()
+        };
+        assert_eq!(State::decode(&odd.encode()).unwrap(), odd);
+        let extra = format!("{}colour=blue\n", s.encode());
+        assert!(State::decode(&extra).unwrap_err().contains("unknown key"));
         assert!(State::decode("pid=1\n").is_err());
         assert!(State::decode("garbage").is_err());
         assert!(State::decode("pid=x\nstart_time=1\nexe=/a\napi_socket=/b\n").is_err());

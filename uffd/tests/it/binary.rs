@@ -29,14 +29,17 @@ fn exits_cleanly_when_firecracker_exits() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let text = std::fs::read_to_string(&stats).unwrap();
-    assert_eq!(uffd::stats::value(&text, "state"), Some("listening"));
+    assert_eq!(
+        uffd::stats::value(&text, "state").as_deref(),
+        Some("listening")
+    );
     fc.kill().unwrap();
     fc.wait().unwrap();
     let status = srv.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let text = std::fs::read_to_string(&stats).unwrap();
     assert_eq!(
-        uffd::stats::value(&text, "state"),
+        uffd::stats::value(&text, "state").as_deref(),
         Some("firecracker_exited")
     );
     assert!(!sock.exists(), "socket removed at exit");
@@ -107,6 +110,12 @@ fn records_until_sigusr1_and_stops_on_sigterm() {
     let status = srv.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let text = std::fs::read_to_string(&stats).unwrap();
-    assert_eq!(uffd::stats::value(&text, "state"), Some("stopped"));
-    assert_eq!(uffd::stats::value(&text, "pages_recorded"), Some("4"));
+    assert_eq!(
+        uffd::stats::value(&text, "state").as_deref(),
+        Some("stopped")
+    );
+    assert_eq!(
+        uffd::stats::value(&text, "pages_recorded").as_deref(),
+        Some("4")
+    );
 }

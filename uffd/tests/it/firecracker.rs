@@ -352,9 +352,12 @@ fn restore(
     let text = std::fs::read_to_string(&stats_path).unwrap();
     eprintln!("{name}: wrenn-uffd stats:\n{text}");
     assert!(status.success(), "{status:?}");
-    assert_eq!(uffd::stats::value(&text, "state"), Some("resident"));
     assert_eq!(
-        uffd::stats::value(&text, "pages_total"),
+        uffd::stats::value(&text, "state").as_deref(),
+        Some("resident")
+    );
+    assert_eq!(
+        uffd::stats::value(&text, "pages_total").as_deref(),
         Some(((MEM_MIB << 20) / 4096).to_string().as_str())
     );
     (fc, text)

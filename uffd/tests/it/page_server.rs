@@ -106,7 +106,10 @@ fn background_fill_makes_everything_resident_then_unregisters() {
     assert_eq!(stats.pages_total, memory / PAGE);
     assert!(stats.pages_filled > 0);
     let text = std::fs::read_to_string(stats_path).unwrap();
-    assert_eq!(uffd::stats::value(&text, "state"), Some("resident"));
+    assert_eq!(
+        uffd::stats::value(&text, "state").as_deref(),
+        Some("resident")
+    );
     assert_eq!(stat(&text, "pages_resident"), memory / PAGE);
     // The server is gone and the memory unregistered: reads never block, and every byte is
     // there (a page left missing would now read as zeros and fail the comparison).
