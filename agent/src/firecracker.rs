@@ -21,6 +21,7 @@ use uffd::header::{BuildId, Header};
 use vmm_glue::api::ApiClient;
 use vmm_glue::cgroup::{self, CgroupLimits, CgroupMode};
 use vmm_glue::net::{Egress, NetConfig, Network};
+use vmm_glue::page_server::{PageServerConfig, PageServerProcess};
 use vmm_glue::process::{CgroupSpec, SpawnConfig, VmProcess, STABLE_DISK_PATH};
 use vmm_glue::request::{
     Action, BootSource, Drive, MachineConfig, MemBackend, NetworkInterface, NetworkOverride,
@@ -41,6 +42,9 @@ const GUEST_CID: u32 = 3;
 const API_SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// Time for wrenn-uffd's socket to appear.
 const PAGE_SERVER_WAIT: Duration = Duration::from_secs(10);
+/// Longest a template's working set is recorded (wrenn-uffd `--record-seconds`): recording
+/// ends with the template's pause (SIGUSR1); this only bounds a recording nobody stops.
+const RECORD_SECONDS_MAX: u32 = 600;
 /// Memory Firecracker itself needs besides guest memory (cgroup limit headroom).
 const VMM_OVERHEAD_BYTES: u64 = 128 << 20;
 /// cgroup directory holding every sandbox.
@@ -86,7 +90,7 @@ struct Running {
     vm: VmProcess,
     /// Kept so envd's announces after a resume find a listener.
     _ready: Option<ReadinessListener>,
-    page_server: Option<std::process::Child>,
+    page_server: Option<PageServerProcess>,
 }
 
 /// The Firecracker VM layer.
@@ -282,83 +286,50 @@ impl FirecrackerVmm {
         call(api, "InstanceStart", &Action::InstanceStart)
     }
 
-    /// Starts wrenn-uffd for a restore and waits until its socket exists.
+    /// Starts wrenn-uffd for a restore (vmm-glue's launcher: own session, pidfd, state file
+    /// for re-adoption) and waits until its socket accepts.
     fn start_page_server(
         &self,
         dir: &SandboxDir,
         fc_pid: u32,
         src: &RestoreSource<'_>,
-    ) -> Result<std::process::Child, VmError> {
-        let bin = self
+    ) -> Result<PageServerProcess, VmError> {
+        let binary = self
             .cfg
             .uffd_bin
             .clone()
             .filter(|b| executable(b))
             .ok_or_else(|| VmError::new("start wrenn-uffd", "binary not found"))?;
-        let sock = dir.uffd_socket();
-        let _ = fs::remove_file(&sock);
         let layers = src
             .chain
             .layer_dirs
             .first()
             .ok_or_else(|| VmError::new("start wrenn-uffd", "no layer directory"))?;
-        let mut cmd = std::process::Command::new(&bin);
-        cmd.arg("--socket")
-            .arg(&sock)
-            .arg("--firecracker-pid")
-            .arg(fc_pid.to_string())
-            .arg("--header")
-            .arg(&src.chain.header)
-            .arg("--layers")
-            .arg(layers)
-            .arg("--stats")
-            .arg(dir.path().join("uffd.stats"));
-        if let Some(ws) = src.working_set {
-            cmd.arg("--prefetch").arg(ws);
-        }
+        let mut extra_args = Vec::new();
         if let Some(rec) = src.record_working_set {
-            cmd.arg("--record")
-                .arg(rec)
-                .arg("--record-seconds")
-                .arg("600");
+            extra_args.push("--record".to_owned());
+            extra_args.push(rec.display().to_string());
+            extra_args.push("--record-seconds".to_owned());
+            extra_args.push(RECORD_SECONDS_MAX.to_string());
         }
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.path().join("uffd.log"))
-            .map_err(|e| VmError::new("open uffd.log", e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| VmError::new("open uffd.log", e))?;
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        {
-            use std::os::unix::process::CommandExt;
-            // Its own session: it outlives an agent restart like Firecracker does.
-            cmd.process_group(0);
+        let cfg = PageServerConfig {
+            binary,
+            dir: dir.path().to_owned(),
+            socket: dir.uffd_socket(),
+            firecracker_pid: fc_pid,
+            header: src.chain.header.clone(),
+            layers: layers.clone(),
+            prefetch: src.working_set.map(Path::to_owned),
+            stats: Some(dir.path().join("uffd.stats")),
+            extra_args,
+        };
+        let mut ps =
+            PageServerProcess::spawn(&cfg).map_err(|e| VmError::new("start wrenn-uffd", e))?;
+        if let Err(e) = ps.wait_listening(PAGE_SERVER_WAIT) {
+            let _ = ps.kill();
+            return Err(VmError::new("start wrenn-uffd", e));
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| VmError::new("start wrenn-uffd", e))?;
-        let end = Instant::now() + PAGE_SERVER_WAIT;
-        loop {
-            if sock.exists() {
-                return Ok(child);
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(VmError::new(
-                    "start wrenn-uffd",
-                    format!("exited {status}: {}", tail(&dir.path().join("uffd.log"))),
-                ));
-            }
-            if Instant::now() >= end {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(VmError::new("start wrenn-uffd", "socket did not appear"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        Ok(ps)
     }
 
     /// Materializes the full memory file of a chain for the File backend: a sparse file of
@@ -395,9 +366,8 @@ impl FirecrackerVmm {
     fn kill_running(&self, dir: &SandboxDir) {
         let r = self.map().remove(dir.path());
         if let Some(mut r) = r {
-            if let Some(mut ps) = r.page_server.take() {
+            if let Some(ps) = r.page_server.take() {
                 let _ = ps.kill();
-                let _ = ps.wait();
             }
             if let Err(e) = r.vm.kill() {
                 warn!("kill firecracker failed error={e}");
@@ -649,9 +619,9 @@ impl Vmm for FirecrackerVmm {
             let mem_backend = match backend {
                 None => MemBackend::File(mem_file.clone()),
                 Some(()) => {
-                    let child = self.start_page_server(dir, vm.pid(), src)?;
-                    rec.page_server = sys::proc_ref(child.id() as i32);
-                    page_server = Some(child);
+                    let ps = self.start_page_server(dir, vm.pid(), src)?;
+                    rec.page_server = sys::proc_ref(ps.pid() as i32);
+                    page_server = Some(ps);
                     MemBackend::Uffd(dir.uffd_socket())
                 }
             };
@@ -683,9 +653,8 @@ impl Vmm for FirecrackerVmm {
                 Ok(())
             }
             Err(e) => {
-                if let Some(mut ps) = page_server {
+                if let Some(ps) = page_server {
                     let _ = ps.kill();
-                    let _ = ps.wait();
                 }
                 let _ = vm.kill();
                 rec.firecracker = None;
@@ -885,6 +854,8 @@ impl Vmm for FirecrackerVmm {
         }
         for f in [
             dir.uffd_socket(),
+            dir.path()
+                .join(vmm_glue::page_server::PAGE_SERVER_STATE_NAME),
             dir.vsock_socket(),
             vsock::listener_path(&dir.vsock_socket(), vsock::READINESS_PORT),
             dir.snapshot().join("memory"),
@@ -910,12 +881,15 @@ impl Vmm for FirecrackerVmm {
             info.state
         );
         let ready = ReadinessListener::start(&dir.vsock_socket(), |_| {}).ok();
+        // A page server still filling memory is adopted too (it exits by itself once every
+        // page is resident; gone is the usual case).
+        let page_server = PageServerProcess::adopt(dir.path()).ok();
         self.map().insert(
             dir.path().to_owned(),
             Running {
                 vm,
                 _ready: ready,
-                page_server: None,
+                page_server,
             },
         );
         Ok(())
