@@ -2,7 +2,10 @@
 //! `cargo run -p proto-codegen -- --check` fails when the checked-in code is stale.
 //!
 //! Besides prost's messages, every service gets a module of method-name constants and a
-//! table of [`MethodDesc`](proto::rpc::MethodDesc)s, so no method string is typed by hand.
+//! table of [`MethodDesc`](proto::rpc::MethodDesc)s, so no method string is typed by hand;
+//! a `<Service>Server` trait with one method per RPC and `dispatch_<service>`, which routes
+//! a call to it through `proto::rpc::serve`; and a `<Service>Client` with one typed call per
+//! RPC.
 //!
 //! It also writes `ctl/src/http/gen_json.rs`: the HTTP gateway's JSON mapping of every message
 //! of `wrenn.ctl.v1` (and the packages it imports) and their OpenAPI component schemas (see
@@ -45,7 +48,124 @@ impl prost_build::ServiceGenerator for Methods {
         }
         let _ = writeln!(buf, "    ];");
         let _ = writeln!(buf, "}}");
+        server_trait(&service, &module, &full, buf);
+        client_stub(&service, &module, &full, buf);
     }
+}
+
+/// The shape of a method: which adaptor of `proto::rpc::serve` runs it.
+fn shape(m: &prost_build::Method) -> &'static str {
+    match (m.client_streaming, m.server_streaming) {
+        (false, false) => "unary",
+        (false, true) => "server streaming",
+        (true, false) => "client streaming",
+        (true, true) => "bidirectional",
+    }
+}
+
+/// `trait <Service>Server`, one method per RPC, and `dispatch_<service>`, which routes a
+/// call (already on a worker thread) to it. A new RPC in the `.proto` file is then one more
+/// trait method, and the compiler names every server that must implement it.
+fn server_trait(service: &prost_build::Service, module: &str, full: &str, buf: &mut String) {
+    let name = &service.name;
+    let snake_name = snake(name);
+    let _ = writeln!(
+        buf,
+        "/// Server side of `{full}`: one method per RPC. Handlers run on the server's worker\n\
+         /// threads and may block; [`dispatch_{snake_name}`] routes calls to them."
+    );
+    let _ = writeln!(buf, "pub trait {name}Server: Send + Sync {{");
+    for m in &service.methods {
+        let (i, o) = (&m.input_type, &m.output_type);
+        let _ = writeln!(buf, "    /// `{}` ({}).", m.proto_name, shape(m));
+        let sig = match (m.client_streaming, m.server_streaming) {
+            (false, false) => format!(
+                "fn {}(&self, peer: &crate::rpc::Peer, req: {i}) -> Result<{o}, crate::Status>;",
+                m.name
+            ),
+            (true, false) => format!(
+                "fn {}(&self, peer: &crate::rpc::Peer, req: {i}, stream: &mut crate::rpc::ServerStream) -> Result<{o}, crate::Status>;",
+                m.name
+            ),
+            _ => format!(
+                "fn {}(&self, peer: &crate::rpc::Peer, req: {i}, stream: &mut crate::rpc::ServerStream) -> Result<(), crate::Status>;",
+                m.name
+            ),
+        };
+        let _ = writeln!(buf, "    {sig}");
+    }
+    let _ = writeln!(buf, "}}");
+    let _ = writeln!(
+        buf,
+        "/// Runs a call of `{full}` on `svc` and returns its final code, or gives the stream\n\
+         /// back when the method is not one of this service's."
+    );
+    let _ = writeln!(
+        buf,
+        "pub fn dispatch_{snake_name}<S: {name}Server + ?Sized>(svc: &S, stream: crate::rpc::ServerStream) -> Result<crate::Code, crate::rpc::ServerStream> {{"
+    );
+    let _ = writeln!(buf, "    let code = match stream.method() {{");
+    for m in &service.methods {
+        let adaptor = match (m.client_streaming, m.server_streaming) {
+            (false, false) => "unary(stream, |p, r| svc.NAME(p, r))",
+            (true, false) => "client_streaming(stream, |p, r, s| svc.NAME(p, r, s))",
+            _ => "streaming(stream, |p, r, s| svc.NAME(p, r, s))",
+        }
+        .replace("NAME", &m.name);
+        let _ = writeln!(
+            buf,
+            "        {module}::{} => crate::rpc::serve::{adaptor},",
+            snake(&m.proto_name).to_uppercase()
+        );
+    }
+    let _ = writeln!(buf, "        _ => return Err(stream),");
+    let _ = writeln!(buf, "    }};");
+    let _ = writeln!(buf, "    Ok(code)");
+    let _ = writeln!(buf, "}}");
+}
+
+/// `struct <Service>Client`: a typed call per RPC over a `proto::rpc::Client`. Unary calls
+/// return the response; the others return the open stream (the request is its first
+/// message).
+fn client_stub(service: &prost_build::Service, module: &str, full: &str, buf: &mut String) {
+    let name = &service.name;
+    let _ = writeln!(
+        buf,
+        "/// Typed calls of `{full}` over a connection; `timeout` is each call's deadline."
+    );
+    let _ = writeln!(buf, "#[derive(Clone, Copy, Debug)]");
+    let _ = writeln!(
+        buf,
+        "pub struct {name}Client<'a> {{ pub client: &'a crate::rpc::Client, pub timeout: Option<std::time::Duration> }}"
+    );
+    let _ = writeln!(buf, "impl<'a> {name}Client<'a> {{");
+    let _ = writeln!(
+        buf,
+        "    pub fn new(client: &'a crate::rpc::Client) -> Self {{ {name}Client {{ client, timeout: None }} }}"
+    );
+    let _ = writeln!(
+        buf,
+        "    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {{ {name}Client {{ timeout: Some(timeout), ..self }} }}"
+    );
+    for m in &service.methods {
+        let (i, o) = (&m.input_type, &m.output_type);
+        let method = format!("{module}::{}", snake(&m.proto_name).to_uppercase());
+        let _ = writeln!(buf, "    /// `{}` ({}).", m.proto_name, shape(m));
+        if !m.client_streaming && !m.server_streaming {
+            let _ = writeln!(
+                buf,
+                "    pub fn {}(&self, req: &{i}) -> Result<{o}, crate::Status> {{ self.client.unary({method}, req, self.timeout) }}",
+                m.name
+            );
+        } else {
+            let _ = writeln!(
+                buf,
+                "    pub fn {}(&self, req: &{i}) -> Result<crate::rpc::ClientStream, crate::Status> {{ self.client.call({method}, req, crate::rpc::CallOpts {{ timeout: self.timeout, end_stream: {} }}) }}",
+                m.name, !m.client_streaming
+            );
+        }
+    }
+    let _ = writeln!(buf, "}}");
 }
 
 fn snake(name: &str) -> String {

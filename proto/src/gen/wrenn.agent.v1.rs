@@ -738,6 +738,177 @@ pub mod sandboxes_methods {
         },
     ];
 }
+/// Server side of `wrenn.agent.v1.Sandboxes`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_sandboxes`] routes calls to them.
+pub trait SandboxesServer: Send + Sync {
+    /// `Create` (unary).
+    fn create(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateSandboxRequest,
+    ) -> Result<SandboxInfo, crate::Status>;
+    /// `Get` (unary).
+    fn get(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: GetSandboxRequest,
+    ) -> Result<SandboxInfo, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListSandboxesRequest,
+    ) -> Result<ListSandboxesResponse, crate::Status>;
+    /// `Destroy` (unary).
+    fn destroy(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: DestroySandboxRequest,
+    ) -> Result<DestroySandboxResponse, crate::Status>;
+    /// `Pause` (unary).
+    fn pause(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: PauseSandboxRequest,
+    ) -> Result<SandboxInfo, crate::Status>;
+    /// `Resume` (unary).
+    fn resume(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ResumeSandboxRequest,
+    ) -> Result<SandboxInfo, crate::Status>;
+    /// `SetTimeout` (unary).
+    fn set_timeout(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SetTimeoutRequest,
+    ) -> Result<SandboxInfo, crate::Status>;
+    /// `Ping` (unary).
+    fn ping(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: PingSandboxRequest,
+    ) -> Result<SandboxInfo, crate::Status>;
+    /// `Metrics` (unary).
+    fn metrics(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SandboxMetricsRequest,
+    ) -> Result<super::super::envd::v1::GetMetricsResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.agent.v1.Sandboxes` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        sandboxes_methods::CREATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create(p, r))
+        }
+        sandboxes_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
+        sandboxes_methods::LIST => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
+        }
+        sandboxes_methods::DESTROY => {
+            crate::rpc::serve::unary(stream, |p, r| svc.destroy(p, r))
+        }
+        sandboxes_methods::PAUSE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.pause(p, r))
+        }
+        sandboxes_methods::RESUME => {
+            crate::rpc::serve::unary(stream, |p, r| svc.resume(p, r))
+        }
+        sandboxes_methods::SET_TIMEOUT => {
+            crate::rpc::serve::unary(stream, |p, r| svc.set_timeout(p, r))
+        }
+        sandboxes_methods::PING => {
+            crate::rpc::serve::unary(stream, |p, r| svc.ping(p, r))
+        }
+        sandboxes_methods::METRICS => {
+            crate::rpc::serve::unary(stream, |p, r| svc.metrics(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.agent.v1.Sandboxes` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct SandboxesClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> SandboxesClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        SandboxesClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        SandboxesClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Create` (unary).
+    pub fn create(
+        &self,
+        req: &CreateSandboxRequest,
+    ) -> Result<SandboxInfo, crate::Status> {
+        self.client.unary(sandboxes_methods::CREATE, req, self.timeout)
+    }
+    /// `Get` (unary).
+    pub fn get(&self, req: &GetSandboxRequest) -> Result<SandboxInfo, crate::Status> {
+        self.client.unary(sandboxes_methods::GET, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListSandboxesRequest,
+    ) -> Result<ListSandboxesResponse, crate::Status> {
+        self.client.unary(sandboxes_methods::LIST, req, self.timeout)
+    }
+    /// `Destroy` (unary).
+    pub fn destroy(
+        &self,
+        req: &DestroySandboxRequest,
+    ) -> Result<DestroySandboxResponse, crate::Status> {
+        self.client.unary(sandboxes_methods::DESTROY, req, self.timeout)
+    }
+    /// `Pause` (unary).
+    pub fn pause(
+        &self,
+        req: &PauseSandboxRequest,
+    ) -> Result<SandboxInfo, crate::Status> {
+        self.client.unary(sandboxes_methods::PAUSE, req, self.timeout)
+    }
+    /// `Resume` (unary).
+    pub fn resume(
+        &self,
+        req: &ResumeSandboxRequest,
+    ) -> Result<SandboxInfo, crate::Status> {
+        self.client.unary(sandboxes_methods::RESUME, req, self.timeout)
+    }
+    /// `SetTimeout` (unary).
+    pub fn set_timeout(
+        &self,
+        req: &SetTimeoutRequest,
+    ) -> Result<SandboxInfo, crate::Status> {
+        self.client.unary(sandboxes_methods::SET_TIMEOUT, req, self.timeout)
+    }
+    /// `Ping` (unary).
+    pub fn ping(&self, req: &PingSandboxRequest) -> Result<SandboxInfo, crate::Status> {
+        self.client.unary(sandboxes_methods::PING, req, self.timeout)
+    }
+    /// `Metrics` (unary).
+    pub fn metrics(
+        &self,
+        req: &SandboxMetricsRequest,
+    ) -> Result<super::super::envd::v1::GetMetricsResponse, crate::Status> {
+        self.client.unary(sandboxes_methods::METRICS, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.agent.v1.Processes`.
 pub mod processes_methods {
     pub const EXEC: &str = "wrenn.agent.v1.Processes/Exec";
@@ -791,6 +962,196 @@ pub mod processes_methods {
             server_streaming: false,
         },
     ];
+}
+/// Server side of `wrenn.agent.v1.Processes`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_processes`] routes calls to them.
+pub trait ProcessesServer: Send + Sync {
+    /// `Exec` (unary).
+    fn exec(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ExecRequest,
+    ) -> Result<ExecResponse, crate::Status>;
+    /// `ExecStream` (server streaming).
+    fn exec_stream(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ExecStreamRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `Connect` (server streaming).
+    fn connect(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ConnectRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `SendInput` (client streaming).
+    fn send_input(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SendInputRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<super::super::envd::v1::SendInputResponse, crate::Status>;
+    /// `CloseStdin` (unary).
+    fn close_stdin(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CloseStdinRequest,
+    ) -> Result<super::super::envd::v1::CloseStdinResponse, crate::Status>;
+    /// `Signal` (unary).
+    fn signal(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SignalRequest,
+    ) -> Result<super::super::envd::v1::SignalResponse, crate::Status>;
+    /// `ResizePty` (unary).
+    fn resize_pty(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ResizePtyRequest,
+    ) -> Result<super::super::envd::v1::ResizePtyResponse, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListProcessesRequest,
+    ) -> Result<super::super::envd::v1::ListProcessesResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.agent.v1.Processes` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_processes<S: ProcessesServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        processes_methods::EXEC => {
+            crate::rpc::serve::unary(stream, |p, r| svc.exec(p, r))
+        }
+        processes_methods::EXEC_STREAM => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.exec_stream(p, r, s))
+        }
+        processes_methods::CONNECT => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.connect(p, r, s))
+        }
+        processes_methods::SEND_INPUT => {
+            crate::rpc::serve::client_streaming(
+                stream,
+                |p, r, s| svc.send_input(p, r, s),
+            )
+        }
+        processes_methods::CLOSE_STDIN => {
+            crate::rpc::serve::unary(stream, |p, r| svc.close_stdin(p, r))
+        }
+        processes_methods::SIGNAL => {
+            crate::rpc::serve::unary(stream, |p, r| svc.signal(p, r))
+        }
+        processes_methods::RESIZE_PTY => {
+            crate::rpc::serve::unary(stream, |p, r| svc.resize_pty(p, r))
+        }
+        processes_methods::LIST => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.agent.v1.Processes` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessesClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> ProcessesClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        ProcessesClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        ProcessesClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Exec` (unary).
+    pub fn exec(&self, req: &ExecRequest) -> Result<ExecResponse, crate::Status> {
+        self.client.unary(processes_methods::EXEC, req, self.timeout)
+    }
+    /// `ExecStream` (server streaming).
+    pub fn exec_stream(
+        &self,
+        req: &ExecStreamRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                processes_methods::EXEC_STREAM,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `Connect` (server streaming).
+    pub fn connect(
+        &self,
+        req: &ConnectRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                processes_methods::CONNECT,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `SendInput` (client streaming).
+    pub fn send_input(
+        &self,
+        req: &SendInputRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                processes_methods::SEND_INPUT,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: false,
+                },
+            )
+    }
+    /// `CloseStdin` (unary).
+    pub fn close_stdin(
+        &self,
+        req: &CloseStdinRequest,
+    ) -> Result<super::super::envd::v1::CloseStdinResponse, crate::Status> {
+        self.client.unary(processes_methods::CLOSE_STDIN, req, self.timeout)
+    }
+    /// `Signal` (unary).
+    pub fn signal(
+        &self,
+        req: &SignalRequest,
+    ) -> Result<super::super::envd::v1::SignalResponse, crate::Status> {
+        self.client.unary(processes_methods::SIGNAL, req, self.timeout)
+    }
+    /// `ResizePty` (unary).
+    pub fn resize_pty(
+        &self,
+        req: &ResizePtyRequest,
+    ) -> Result<super::super::envd::v1::ResizePtyResponse, crate::Status> {
+        self.client.unary(processes_methods::RESIZE_PTY, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListProcessesRequest,
+    ) -> Result<super::super::envd::v1::ListProcessesResponse, crate::Status> {
+        self.client.unary(processes_methods::LIST, req, self.timeout)
+    }
 }
 /// Method names of service `wrenn.agent.v1.Files`.
 pub mod files_methods {
@@ -846,6 +1207,201 @@ pub mod files_methods {
         },
     ];
 }
+/// Server side of `wrenn.agent.v1.Files`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_files`] routes calls to them.
+pub trait FilesServer: Send + Sync {
+    /// `Stat` (unary).
+    fn stat(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: StatRequest,
+    ) -> Result<super::super::envd::v1::StatResponse, crate::Status>;
+    /// `List` (server streaming).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListDirRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `MakeDir` (unary).
+    fn make_dir(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: MakeDirRequest,
+    ) -> Result<super::super::envd::v1::MakeDirResponse, crate::Status>;
+    /// `Move` (unary).
+    fn r#move(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: MoveRequest,
+    ) -> Result<super::super::envd::v1::MoveResponse, crate::Status>;
+    /// `Remove` (unary).
+    fn remove(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: RemoveRequest,
+    ) -> Result<super::super::envd::v1::RemoveResponse, crate::Status>;
+    /// `Read` (server streaming).
+    fn read(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ReadRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `Write` (client streaming).
+    fn write(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: WriteRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<super::super::envd::v1::WriteResponse, crate::Status>;
+    /// `Watch` (server streaming).
+    fn watch(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: WatchRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+}
+/// Runs a call of `wrenn.agent.v1.Files` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_files<S: FilesServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        files_methods::STAT => crate::rpc::serve::unary(stream, |p, r| svc.stat(p, r)),
+        files_methods::LIST => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.list(p, r, s))
+        }
+        files_methods::MAKE_DIR => {
+            crate::rpc::serve::unary(stream, |p, r| svc.make_dir(p, r))
+        }
+        files_methods::MOVE => crate::rpc::serve::unary(stream, |p, r| svc.r#move(p, r)),
+        files_methods::REMOVE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.remove(p, r))
+        }
+        files_methods::READ => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.read(p, r, s))
+        }
+        files_methods::WRITE => {
+            crate::rpc::serve::client_streaming(stream, |p, r, s| svc.write(p, r, s))
+        }
+        files_methods::WATCH => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.watch(p, r, s))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.agent.v1.Files` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct FilesClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> FilesClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        FilesClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        FilesClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Stat` (unary).
+    pub fn stat(
+        &self,
+        req: &StatRequest,
+    ) -> Result<super::super::envd::v1::StatResponse, crate::Status> {
+        self.client.unary(files_methods::STAT, req, self.timeout)
+    }
+    /// `List` (server streaming).
+    pub fn list(
+        &self,
+        req: &ListDirRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                files_methods::LIST,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `MakeDir` (unary).
+    pub fn make_dir(
+        &self,
+        req: &MakeDirRequest,
+    ) -> Result<super::super::envd::v1::MakeDirResponse, crate::Status> {
+        self.client.unary(files_methods::MAKE_DIR, req, self.timeout)
+    }
+    /// `Move` (unary).
+    pub fn r#move(
+        &self,
+        req: &MoveRequest,
+    ) -> Result<super::super::envd::v1::MoveResponse, crate::Status> {
+        self.client.unary(files_methods::MOVE, req, self.timeout)
+    }
+    /// `Remove` (unary).
+    pub fn remove(
+        &self,
+        req: &RemoveRequest,
+    ) -> Result<super::super::envd::v1::RemoveResponse, crate::Status> {
+        self.client.unary(files_methods::REMOVE, req, self.timeout)
+    }
+    /// `Read` (server streaming).
+    pub fn read(
+        &self,
+        req: &ReadRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                files_methods::READ,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `Write` (client streaming).
+    pub fn write(
+        &self,
+        req: &WriteRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                files_methods::WRITE,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: false,
+                },
+            )
+    }
+    /// `Watch` (server streaming).
+    pub fn watch(
+        &self,
+        req: &WatchRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                files_methods::WATCH,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+}
 /// Method names of service `wrenn.agent.v1.Templates`.
 pub mod templates_methods {
     pub const CREATE: &str = "wrenn.agent.v1.Templates/Create";
@@ -870,6 +1426,89 @@ pub mod templates_methods {
         },
     ];
 }
+/// Server side of `wrenn.agent.v1.Templates`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_templates`] routes calls to them.
+pub trait TemplatesServer: Send + Sync {
+    /// `Create` (unary).
+    fn create(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateTemplateRequest,
+    ) -> Result<TemplateInfo, crate::Status>;
+    /// `Delete` (unary).
+    fn delete(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: DeleteTemplateRequest,
+    ) -> Result<DeleteTemplateResponse, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListTemplatesRequest,
+    ) -> Result<ListTemplatesResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.agent.v1.Templates` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_templates<S: TemplatesServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        templates_methods::CREATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create(p, r))
+        }
+        templates_methods::DELETE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.delete(p, r))
+        }
+        templates_methods::LIST => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.agent.v1.Templates` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct TemplatesClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> TemplatesClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        TemplatesClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        TemplatesClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Create` (unary).
+    pub fn create(
+        &self,
+        req: &CreateTemplateRequest,
+    ) -> Result<TemplateInfo, crate::Status> {
+        self.client.unary(templates_methods::CREATE, req, self.timeout)
+    }
+    /// `Delete` (unary).
+    pub fn delete(
+        &self,
+        req: &DeleteTemplateRequest,
+    ) -> Result<DeleteTemplateResponse, crate::Status> {
+        self.client.unary(templates_methods::DELETE, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListTemplatesRequest,
+    ) -> Result<ListTemplatesResponse, crate::Status> {
+        self.client.unary(templates_methods::LIST, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.agent.v1.Host`.
 pub mod host_methods {
     pub const INFO: &str = "wrenn.agent.v1.Host/Info";
@@ -887,4 +1526,66 @@ pub mod host_methods {
             server_streaming: false,
         },
     ];
+}
+/// Server side of `wrenn.agent.v1.Host`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_host`] routes calls to them.
+pub trait HostServer: Send + Sync {
+    /// `Info` (unary).
+    fn info(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: HostInfoRequest,
+    ) -> Result<HostInfo, crate::Status>;
+    /// `Metrics` (unary).
+    fn metrics(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: HostMetricsRequest,
+    ) -> Result<HostMetrics, crate::Status>;
+}
+/// Runs a call of `wrenn.agent.v1.Host` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_host<S: HostServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        host_methods::INFO => crate::rpc::serve::unary(stream, |p, r| svc.info(p, r)),
+        host_methods::METRICS => {
+            crate::rpc::serve::unary(stream, |p, r| svc.metrics(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.agent.v1.Host` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct HostClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> HostClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        HostClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        HostClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Info` (unary).
+    pub fn info(&self, req: &HostInfoRequest) -> Result<HostInfo, crate::Status> {
+        self.client.unary(host_methods::INFO, req, self.timeout)
+    }
+    /// `Metrics` (unary).
+    pub fn metrics(
+        &self,
+        req: &HostMetricsRequest,
+    ) -> Result<HostMetrics, crate::Status> {
+        self.client.unary(host_methods::METRICS, req, self.timeout)
+    }
 }

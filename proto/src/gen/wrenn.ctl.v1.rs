@@ -1141,6 +1141,152 @@ pub mod sandboxes_methods {
         },
     ];
 }
+/// Server side of `wrenn.ctl.v1.Sandboxes`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_sandboxes`] routes calls to them.
+pub trait SandboxesServer: Send + Sync {
+    /// `Create` (unary).
+    fn create(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateSandboxRequest,
+    ) -> Result<Sandbox, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListSandboxesRequest,
+    ) -> Result<ListSandboxesResponse, crate::Status>;
+    /// `Get` (unary).
+    fn get(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: GetSandboxRequest,
+    ) -> Result<Sandbox, crate::Status>;
+    /// `Destroy` (unary).
+    fn destroy(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: DestroySandboxRequest,
+    ) -> Result<DestroySandboxResponse, crate::Status>;
+    /// `Ping` (unary).
+    fn ping(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: PingSandboxRequest,
+    ) -> Result<Sandbox, crate::Status>;
+    /// `SetTimeout` (unary).
+    fn set_timeout(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SetTimeoutRequest,
+    ) -> Result<Sandbox, crate::Status>;
+    /// `Pause` (unary).
+    fn pause(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: PauseSandboxRequest,
+    ) -> Result<Sandbox, crate::Status>;
+    /// `Resume` (unary).
+    fn resume(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ResumeSandboxRequest,
+    ) -> Result<Sandbox, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Sandboxes` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        sandboxes_methods::CREATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create(p, r))
+        }
+        sandboxes_methods::LIST => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
+        }
+        sandboxes_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
+        sandboxes_methods::DESTROY => {
+            crate::rpc::serve::unary(stream, |p, r| svc.destroy(p, r))
+        }
+        sandboxes_methods::PING => {
+            crate::rpc::serve::unary(stream, |p, r| svc.ping(p, r))
+        }
+        sandboxes_methods::SET_TIMEOUT => {
+            crate::rpc::serve::unary(stream, |p, r| svc.set_timeout(p, r))
+        }
+        sandboxes_methods::PAUSE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.pause(p, r))
+        }
+        sandboxes_methods::RESUME => {
+            crate::rpc::serve::unary(stream, |p, r| svc.resume(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Sandboxes` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct SandboxesClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> SandboxesClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        SandboxesClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        SandboxesClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Create` (unary).
+    pub fn create(&self, req: &CreateSandboxRequest) -> Result<Sandbox, crate::Status> {
+        self.client.unary(sandboxes_methods::CREATE, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListSandboxesRequest,
+    ) -> Result<ListSandboxesResponse, crate::Status> {
+        self.client.unary(sandboxes_methods::LIST, req, self.timeout)
+    }
+    /// `Get` (unary).
+    pub fn get(&self, req: &GetSandboxRequest) -> Result<Sandbox, crate::Status> {
+        self.client.unary(sandboxes_methods::GET, req, self.timeout)
+    }
+    /// `Destroy` (unary).
+    pub fn destroy(
+        &self,
+        req: &DestroySandboxRequest,
+    ) -> Result<DestroySandboxResponse, crate::Status> {
+        self.client.unary(sandboxes_methods::DESTROY, req, self.timeout)
+    }
+    /// `Ping` (unary).
+    pub fn ping(&self, req: &PingSandboxRequest) -> Result<Sandbox, crate::Status> {
+        self.client.unary(sandboxes_methods::PING, req, self.timeout)
+    }
+    /// `SetTimeout` (unary).
+    pub fn set_timeout(
+        &self,
+        req: &SetTimeoutRequest,
+    ) -> Result<Sandbox, crate::Status> {
+        self.client.unary(sandboxes_methods::SET_TIMEOUT, req, self.timeout)
+    }
+    /// `Pause` (unary).
+    pub fn pause(&self, req: &PauseSandboxRequest) -> Result<Sandbox, crate::Status> {
+        self.client.unary(sandboxes_methods::PAUSE, req, self.timeout)
+    }
+    /// `Resume` (unary).
+    pub fn resume(&self, req: &ResumeSandboxRequest) -> Result<Sandbox, crate::Status> {
+        self.client.unary(sandboxes_methods::RESUME, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.ctl.v1.Processes`.
 pub mod processes_methods {
     pub const EXEC: &str = "wrenn.ctl.v1.Processes/Exec";
@@ -1195,6 +1341,196 @@ pub mod processes_methods {
         },
     ];
 }
+/// Server side of `wrenn.ctl.v1.Processes`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_processes`] routes calls to them.
+pub trait ProcessesServer: Send + Sync {
+    /// `Exec` (unary).
+    fn exec(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ExecRequest,
+    ) -> Result<ExecResponse, crate::Status>;
+    /// `ExecStream` (server streaming).
+    fn exec_stream(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ExecStreamRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `Connect` (server streaming).
+    fn connect(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ConnectRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `SendInput` (client streaming).
+    fn send_input(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SendInputRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<super::super::envd::v1::SendInputResponse, crate::Status>;
+    /// `CloseStdin` (unary).
+    fn close_stdin(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CloseStdinRequest,
+    ) -> Result<super::super::envd::v1::CloseStdinResponse, crate::Status>;
+    /// `Signal` (unary).
+    fn signal(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SignalRequest,
+    ) -> Result<super::super::envd::v1::SignalResponse, crate::Status>;
+    /// `ResizePty` (unary).
+    fn resize_pty(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ResizePtyRequest,
+    ) -> Result<super::super::envd::v1::ResizePtyResponse, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListProcessesRequest,
+    ) -> Result<super::super::envd::v1::ListProcessesResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Processes` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_processes<S: ProcessesServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        processes_methods::EXEC => {
+            crate::rpc::serve::unary(stream, |p, r| svc.exec(p, r))
+        }
+        processes_methods::EXEC_STREAM => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.exec_stream(p, r, s))
+        }
+        processes_methods::CONNECT => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.connect(p, r, s))
+        }
+        processes_methods::SEND_INPUT => {
+            crate::rpc::serve::client_streaming(
+                stream,
+                |p, r, s| svc.send_input(p, r, s),
+            )
+        }
+        processes_methods::CLOSE_STDIN => {
+            crate::rpc::serve::unary(stream, |p, r| svc.close_stdin(p, r))
+        }
+        processes_methods::SIGNAL => {
+            crate::rpc::serve::unary(stream, |p, r| svc.signal(p, r))
+        }
+        processes_methods::RESIZE_PTY => {
+            crate::rpc::serve::unary(stream, |p, r| svc.resize_pty(p, r))
+        }
+        processes_methods::LIST => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Processes` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessesClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> ProcessesClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        ProcessesClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        ProcessesClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Exec` (unary).
+    pub fn exec(&self, req: &ExecRequest) -> Result<ExecResponse, crate::Status> {
+        self.client.unary(processes_methods::EXEC, req, self.timeout)
+    }
+    /// `ExecStream` (server streaming).
+    pub fn exec_stream(
+        &self,
+        req: &ExecStreamRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                processes_methods::EXEC_STREAM,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `Connect` (server streaming).
+    pub fn connect(
+        &self,
+        req: &ConnectRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                processes_methods::CONNECT,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `SendInput` (client streaming).
+    pub fn send_input(
+        &self,
+        req: &SendInputRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                processes_methods::SEND_INPUT,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: false,
+                },
+            )
+    }
+    /// `CloseStdin` (unary).
+    pub fn close_stdin(
+        &self,
+        req: &CloseStdinRequest,
+    ) -> Result<super::super::envd::v1::CloseStdinResponse, crate::Status> {
+        self.client.unary(processes_methods::CLOSE_STDIN, req, self.timeout)
+    }
+    /// `Signal` (unary).
+    pub fn signal(
+        &self,
+        req: &SignalRequest,
+    ) -> Result<super::super::envd::v1::SignalResponse, crate::Status> {
+        self.client.unary(processes_methods::SIGNAL, req, self.timeout)
+    }
+    /// `ResizePty` (unary).
+    pub fn resize_pty(
+        &self,
+        req: &ResizePtyRequest,
+    ) -> Result<super::super::envd::v1::ResizePtyResponse, crate::Status> {
+        self.client.unary(processes_methods::RESIZE_PTY, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListProcessesRequest,
+    ) -> Result<super::super::envd::v1::ListProcessesResponse, crate::Status> {
+        self.client.unary(processes_methods::LIST, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.ctl.v1.Files`.
 pub mod files_methods {
     pub const UPLOAD: &str = "wrenn.ctl.v1.Files/Upload";
@@ -1243,6 +1579,176 @@ pub mod files_methods {
         },
     ];
 }
+/// Server side of `wrenn.ctl.v1.Files`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_files`] routes calls to them.
+pub trait FilesServer: Send + Sync {
+    /// `Upload` (client streaming).
+    fn upload(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: UploadRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<super::super::envd::v1::WriteResponse, crate::Status>;
+    /// `Download` (server streaming).
+    fn download(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: DownloadRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `Stat` (unary).
+    fn stat(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: StatRequest,
+    ) -> Result<super::super::envd::v1::StatResponse, crate::Status>;
+    /// `List` (server streaming).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListDirRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `MakeDir` (unary).
+    fn make_dir(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: MakeDirRequest,
+    ) -> Result<super::super::envd::v1::MakeDirResponse, crate::Status>;
+    /// `Move` (unary).
+    fn r#move(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: MoveRequest,
+    ) -> Result<super::super::envd::v1::MoveResponse, crate::Status>;
+    /// `Remove` (unary).
+    fn remove(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: RemoveRequest,
+    ) -> Result<super::super::envd::v1::RemoveResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Files` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_files<S: FilesServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        files_methods::UPLOAD => {
+            crate::rpc::serve::client_streaming(stream, |p, r, s| svc.upload(p, r, s))
+        }
+        files_methods::DOWNLOAD => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.download(p, r, s))
+        }
+        files_methods::STAT => crate::rpc::serve::unary(stream, |p, r| svc.stat(p, r)),
+        files_methods::LIST => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.list(p, r, s))
+        }
+        files_methods::MAKE_DIR => {
+            crate::rpc::serve::unary(stream, |p, r| svc.make_dir(p, r))
+        }
+        files_methods::MOVE => crate::rpc::serve::unary(stream, |p, r| svc.r#move(p, r)),
+        files_methods::REMOVE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.remove(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Files` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct FilesClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> FilesClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        FilesClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        FilesClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Upload` (client streaming).
+    pub fn upload(
+        &self,
+        req: &UploadRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                files_methods::UPLOAD,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: false,
+                },
+            )
+    }
+    /// `Download` (server streaming).
+    pub fn download(
+        &self,
+        req: &DownloadRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                files_methods::DOWNLOAD,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `Stat` (unary).
+    pub fn stat(
+        &self,
+        req: &StatRequest,
+    ) -> Result<super::super::envd::v1::StatResponse, crate::Status> {
+        self.client.unary(files_methods::STAT, req, self.timeout)
+    }
+    /// `List` (server streaming).
+    pub fn list(
+        &self,
+        req: &ListDirRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                files_methods::LIST,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `MakeDir` (unary).
+    pub fn make_dir(
+        &self,
+        req: &MakeDirRequest,
+    ) -> Result<super::super::envd::v1::MakeDirResponse, crate::Status> {
+        self.client.unary(files_methods::MAKE_DIR, req, self.timeout)
+    }
+    /// `Move` (unary).
+    pub fn r#move(
+        &self,
+        req: &MoveRequest,
+    ) -> Result<super::super::envd::v1::MoveResponse, crate::Status> {
+        self.client.unary(files_methods::MOVE, req, self.timeout)
+    }
+    /// `Remove` (unary).
+    pub fn remove(
+        &self,
+        req: &RemoveRequest,
+    ) -> Result<super::super::envd::v1::RemoveResponse, crate::Status> {
+        self.client.unary(files_methods::REMOVE, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.ctl.v1.Templates`.
 pub mod templates_methods {
     pub const CREATE: &str = "wrenn.ctl.v1.Templates/Create";
@@ -1272,6 +1778,100 @@ pub mod templates_methods {
             server_streaming: false,
         },
     ];
+}
+/// Server side of `wrenn.ctl.v1.Templates`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_templates`] routes calls to them.
+pub trait TemplatesServer: Send + Sync {
+    /// `Create` (unary).
+    fn create(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateTemplateRequest,
+    ) -> Result<Template, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListTemplatesRequest,
+    ) -> Result<ListTemplatesResponse, crate::Status>;
+    /// `Get` (unary).
+    fn get(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: GetTemplateRequest,
+    ) -> Result<Template, crate::Status>;
+    /// `Delete` (unary).
+    fn delete(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: DeleteTemplateRequest,
+    ) -> Result<DeleteTemplateResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Templates` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_templates<S: TemplatesServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        templates_methods::CREATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create(p, r))
+        }
+        templates_methods::LIST => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
+        }
+        templates_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
+        templates_methods::DELETE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.delete(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Templates` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct TemplatesClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> TemplatesClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        TemplatesClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        TemplatesClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Create` (unary).
+    pub fn create(
+        &self,
+        req: &CreateTemplateRequest,
+    ) -> Result<Template, crate::Status> {
+        self.client.unary(templates_methods::CREATE, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListTemplatesRequest,
+    ) -> Result<ListTemplatesResponse, crate::Status> {
+        self.client.unary(templates_methods::LIST, req, self.timeout)
+    }
+    /// `Get` (unary).
+    pub fn get(&self, req: &GetTemplateRequest) -> Result<Template, crate::Status> {
+        self.client.unary(templates_methods::GET, req, self.timeout)
+    }
+    /// `Delete` (unary).
+    pub fn delete(
+        &self,
+        req: &DeleteTemplateRequest,
+    ) -> Result<DeleteTemplateResponse, crate::Status> {
+        self.client.unary(templates_methods::DELETE, req, self.timeout)
+    }
 }
 /// Method names of service `wrenn.ctl.v1.Teams`.
 pub mod teams_methods {
@@ -1303,6 +1903,97 @@ pub mod teams_methods {
         },
     ];
 }
+/// Server side of `wrenn.ctl.v1.Teams`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_teams`] routes calls to them.
+pub trait TeamsServer: Send + Sync {
+    /// `Get` (unary).
+    fn get(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: GetTeamRequest,
+    ) -> Result<Team, crate::Status>;
+    /// `AddMember` (unary).
+    fn add_member(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: AddMemberRequest,
+    ) -> Result<Member, crate::Status>;
+    /// `RemoveMember` (unary).
+    fn remove_member(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: RemoveMemberRequest,
+    ) -> Result<RemoveMemberResponse, crate::Status>;
+    /// `ListMembers` (unary).
+    fn list_members(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListMembersRequest,
+    ) -> Result<ListMembersResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Teams` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_teams<S: TeamsServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        teams_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
+        teams_methods::ADD_MEMBER => {
+            crate::rpc::serve::unary(stream, |p, r| svc.add_member(p, r))
+        }
+        teams_methods::REMOVE_MEMBER => {
+            crate::rpc::serve::unary(stream, |p, r| svc.remove_member(p, r))
+        }
+        teams_methods::LIST_MEMBERS => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list_members(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Teams` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct TeamsClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> TeamsClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        TeamsClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        TeamsClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Get` (unary).
+    pub fn get(&self, req: &GetTeamRequest) -> Result<Team, crate::Status> {
+        self.client.unary(teams_methods::GET, req, self.timeout)
+    }
+    /// `AddMember` (unary).
+    pub fn add_member(&self, req: &AddMemberRequest) -> Result<Member, crate::Status> {
+        self.client.unary(teams_methods::ADD_MEMBER, req, self.timeout)
+    }
+    /// `RemoveMember` (unary).
+    pub fn remove_member(
+        &self,
+        req: &RemoveMemberRequest,
+    ) -> Result<RemoveMemberResponse, crate::Status> {
+        self.client.unary(teams_methods::REMOVE_MEMBER, req, self.timeout)
+    }
+    /// `ListMembers` (unary).
+    pub fn list_members(
+        &self,
+        req: &ListMembersRequest,
+    ) -> Result<ListMembersResponse, crate::Status> {
+        self.client.unary(teams_methods::LIST_MEMBERS, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.ctl.v1.Users`.
 pub mod users_methods {
     pub const CREATE: &str = "wrenn.ctl.v1.Users/Create";
@@ -1327,6 +2018,79 @@ pub mod users_methods {
         },
     ];
 }
+/// Server side of `wrenn.ctl.v1.Users`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_users`] routes calls to them.
+pub trait UsersServer: Send + Sync {
+    /// `Create` (unary).
+    fn create(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateUserRequest,
+    ) -> Result<User, crate::Status>;
+    /// `Get` (unary).
+    fn get(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: GetUserRequest,
+    ) -> Result<User, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListUsersRequest,
+    ) -> Result<ListUsersResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Users` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_users<S: UsersServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        users_methods::CREATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create(p, r))
+        }
+        users_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
+        users_methods::LIST => crate::rpc::serve::unary(stream, |p, r| svc.list(p, r)),
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Users` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct UsersClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> UsersClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        UsersClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        UsersClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Create` (unary).
+    pub fn create(&self, req: &CreateUserRequest) -> Result<User, crate::Status> {
+        self.client.unary(users_methods::CREATE, req, self.timeout)
+    }
+    /// `Get` (unary).
+    pub fn get(&self, req: &GetUserRequest) -> Result<User, crate::Status> {
+        self.client.unary(users_methods::GET, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListUsersRequest,
+    ) -> Result<ListUsersResponse, crate::Status> {
+        self.client.unary(users_methods::LIST, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.ctl.v1.ApiKeys`.
 pub mod api_keys_methods {
     pub const CREATE: &str = "wrenn.ctl.v1.ApiKeys/Create";
@@ -1350,6 +2114,87 @@ pub mod api_keys_methods {
             server_streaming: false,
         },
     ];
+}
+/// Server side of `wrenn.ctl.v1.ApiKeys`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_api_keys`] routes calls to them.
+pub trait ApiKeysServer: Send + Sync {
+    /// `Create` (unary).
+    fn create(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateApiKeyRequest,
+    ) -> Result<CreateApiKeyResponse, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListApiKeysRequest,
+    ) -> Result<ListApiKeysResponse, crate::Status>;
+    /// `Revoke` (unary).
+    fn revoke(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: RevokeApiKeyRequest,
+    ) -> Result<RevokeApiKeyResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.ApiKeys` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_api_keys<S: ApiKeysServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        api_keys_methods::CREATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create(p, r))
+        }
+        api_keys_methods::LIST => crate::rpc::serve::unary(stream, |p, r| svc.list(p, r)),
+        api_keys_methods::REVOKE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.revoke(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.ApiKeys` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct ApiKeysClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> ApiKeysClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        ApiKeysClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        ApiKeysClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Create` (unary).
+    pub fn create(
+        &self,
+        req: &CreateApiKeyRequest,
+    ) -> Result<CreateApiKeyResponse, crate::Status> {
+        self.client.unary(api_keys_methods::CREATE, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListApiKeysRequest,
+    ) -> Result<ListApiKeysResponse, crate::Status> {
+        self.client.unary(api_keys_methods::LIST, req, self.timeout)
+    }
+    /// `Revoke` (unary).
+    pub fn revoke(
+        &self,
+        req: &RevokeApiKeyRequest,
+    ) -> Result<RevokeApiKeyResponse, crate::Status> {
+        self.client.unary(api_keys_methods::REVOKE, req, self.timeout)
+    }
 }
 /// Method names of service `wrenn.ctl.v1.Hosts`.
 pub mod hosts_methods {
@@ -1387,6 +2232,112 @@ pub mod hosts_methods {
         },
     ];
 }
+/// Server side of `wrenn.ctl.v1.Hosts`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_hosts`] routes calls to them.
+pub trait HostsServer: Send + Sync {
+    /// `CreateRegistrationToken` (unary).
+    fn create_registration_token(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateRegistrationTokenRequest,
+    ) -> Result<CreateRegistrationTokenResponse, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListHostsRequest,
+    ) -> Result<ListHostsResponse, crate::Status>;
+    /// `Get` (unary).
+    fn get(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: GetHostRequest,
+    ) -> Result<Host, crate::Status>;
+    /// `Drain` (unary).
+    fn drain(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: DrainHostRequest,
+    ) -> Result<DrainHostResponse, crate::Status>;
+    /// `Delete` (unary).
+    fn delete(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: DeleteHostRequest,
+    ) -> Result<DeleteHostResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Hosts` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_hosts<S: HostsServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        hosts_methods::CREATE_REGISTRATION_TOKEN => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create_registration_token(p, r))
+        }
+        hosts_methods::LIST => crate::rpc::serve::unary(stream, |p, r| svc.list(p, r)),
+        hosts_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
+        hosts_methods::DRAIN => crate::rpc::serve::unary(stream, |p, r| svc.drain(p, r)),
+        hosts_methods::DELETE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.delete(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Hosts` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct HostsClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> HostsClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        HostsClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        HostsClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `CreateRegistrationToken` (unary).
+    pub fn create_registration_token(
+        &self,
+        req: &CreateRegistrationTokenRequest,
+    ) -> Result<CreateRegistrationTokenResponse, crate::Status> {
+        self.client.unary(hosts_methods::CREATE_REGISTRATION_TOKEN, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListHostsRequest,
+    ) -> Result<ListHostsResponse, crate::Status> {
+        self.client.unary(hosts_methods::LIST, req, self.timeout)
+    }
+    /// `Get` (unary).
+    pub fn get(&self, req: &GetHostRequest) -> Result<Host, crate::Status> {
+        self.client.unary(hosts_methods::GET, req, self.timeout)
+    }
+    /// `Drain` (unary).
+    pub fn drain(
+        &self,
+        req: &DrainHostRequest,
+    ) -> Result<DrainHostResponse, crate::Status> {
+        self.client.unary(hosts_methods::DRAIN, req, self.timeout)
+    }
+    /// `Delete` (unary).
+    pub fn delete(
+        &self,
+        req: &DeleteHostRequest,
+    ) -> Result<DeleteHostResponse, crate::Status> {
+        self.client.unary(hosts_methods::DELETE, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.ctl.v1.AuditLogs`.
 pub mod audit_logs_methods {
     pub const LIST: &str = "wrenn.ctl.v1.AuditLogs/List";
@@ -1398,4 +2349,55 @@ pub mod audit_logs_methods {
             server_streaming: false,
         },
     ];
+}
+/// Server side of `wrenn.ctl.v1.AuditLogs`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_audit_logs`] routes calls to them.
+pub trait AuditLogsServer: Send + Sync {
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListAuditLogsRequest,
+    ) -> Result<ListAuditLogsResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.AuditLogs` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_audit_logs<S: AuditLogsServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        audit_logs_methods::LIST => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.AuditLogs` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct AuditLogsClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> AuditLogsClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        AuditLogsClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        AuditLogsClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListAuditLogsRequest,
+    ) -> Result<ListAuditLogsResponse, crate::Status> {
+        self.client.unary(audit_logs_methods::LIST, req, self.timeout)
+    }
 }

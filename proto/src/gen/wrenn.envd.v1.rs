@@ -993,6 +993,178 @@ pub mod process_methods {
         },
     ];
 }
+/// Server side of `wrenn.envd.v1.Process`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_process`] routes calls to them.
+pub trait ProcessServer: Send + Sync {
+    /// `Start` (server streaming).
+    fn start(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: StartRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `Connect` (server streaming).
+    fn connect(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ConnectRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `SendInput` (client streaming).
+    fn send_input(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SendInputRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<SendInputResponse, crate::Status>;
+    /// `CloseStdin` (unary).
+    fn close_stdin(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CloseStdinRequest,
+    ) -> Result<CloseStdinResponse, crate::Status>;
+    /// `Signal` (unary).
+    fn signal(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SignalRequest,
+    ) -> Result<SignalResponse, crate::Status>;
+    /// `ResizePty` (unary).
+    fn resize_pty(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ResizePtyRequest,
+    ) -> Result<ResizePtyResponse, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListProcessesRequest,
+    ) -> Result<ListProcessesResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.envd.v1.Process` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_process<S: ProcessServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        process_methods::START => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.start(p, r, s))
+        }
+        process_methods::CONNECT => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.connect(p, r, s))
+        }
+        process_methods::SEND_INPUT => {
+            crate::rpc::serve::client_streaming(
+                stream,
+                |p, r, s| svc.send_input(p, r, s),
+            )
+        }
+        process_methods::CLOSE_STDIN => {
+            crate::rpc::serve::unary(stream, |p, r| svc.close_stdin(p, r))
+        }
+        process_methods::SIGNAL => {
+            crate::rpc::serve::unary(stream, |p, r| svc.signal(p, r))
+        }
+        process_methods::RESIZE_PTY => {
+            crate::rpc::serve::unary(stream, |p, r| svc.resize_pty(p, r))
+        }
+        process_methods::LIST => crate::rpc::serve::unary(stream, |p, r| svc.list(p, r)),
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.envd.v1.Process` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> ProcessClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        ProcessClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        ProcessClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Start` (server streaming).
+    pub fn start(
+        &self,
+        req: &StartRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                process_methods::START,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `Connect` (server streaming).
+    pub fn connect(
+        &self,
+        req: &ConnectRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                process_methods::CONNECT,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `SendInput` (client streaming).
+    pub fn send_input(
+        &self,
+        req: &SendInputRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                process_methods::SEND_INPUT,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: false,
+                },
+            )
+    }
+    /// `CloseStdin` (unary).
+    pub fn close_stdin(
+        &self,
+        req: &CloseStdinRequest,
+    ) -> Result<CloseStdinResponse, crate::Status> {
+        self.client.unary(process_methods::CLOSE_STDIN, req, self.timeout)
+    }
+    /// `Signal` (unary).
+    pub fn signal(&self, req: &SignalRequest) -> Result<SignalResponse, crate::Status> {
+        self.client.unary(process_methods::SIGNAL, req, self.timeout)
+    }
+    /// `ResizePty` (unary).
+    pub fn resize_pty(
+        &self,
+        req: &ResizePtyRequest,
+    ) -> Result<ResizePtyResponse, crate::Status> {
+        self.client.unary(process_methods::RESIZE_PTY, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListProcessesRequest,
+    ) -> Result<ListProcessesResponse, crate::Status> {
+        self.client.unary(process_methods::LIST, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.envd.v1.Filesystem`.
 pub mod filesystem_methods {
     pub const STAT: &str = "wrenn.envd.v1.Filesystem/Stat";
@@ -1047,6 +1219,196 @@ pub mod filesystem_methods {
         },
     ];
 }
+/// Server side of `wrenn.envd.v1.Filesystem`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_filesystem`] routes calls to them.
+pub trait FilesystemServer: Send + Sync {
+    /// `Stat` (unary).
+    fn stat(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: StatRequest,
+    ) -> Result<StatResponse, crate::Status>;
+    /// `List` (server streaming).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListDirRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `MakeDir` (unary).
+    fn make_dir(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: MakeDirRequest,
+    ) -> Result<MakeDirResponse, crate::Status>;
+    /// `Move` (unary).
+    fn r#move(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: MoveRequest,
+    ) -> Result<MoveResponse, crate::Status>;
+    /// `Remove` (unary).
+    fn remove(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: RemoveRequest,
+    ) -> Result<RemoveResponse, crate::Status>;
+    /// `Read` (server streaming).
+    fn read(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ReadRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `Write` (client streaming).
+    fn write(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: WriteRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<WriteResponse, crate::Status>;
+    /// `Watch` (server streaming).
+    fn watch(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: WatchRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+}
+/// Runs a call of `wrenn.envd.v1.Filesystem` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_filesystem<S: FilesystemServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        filesystem_methods::STAT => {
+            crate::rpc::serve::unary(stream, |p, r| svc.stat(p, r))
+        }
+        filesystem_methods::LIST => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.list(p, r, s))
+        }
+        filesystem_methods::MAKE_DIR => {
+            crate::rpc::serve::unary(stream, |p, r| svc.make_dir(p, r))
+        }
+        filesystem_methods::MOVE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.r#move(p, r))
+        }
+        filesystem_methods::REMOVE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.remove(p, r))
+        }
+        filesystem_methods::READ => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.read(p, r, s))
+        }
+        filesystem_methods::WRITE => {
+            crate::rpc::serve::client_streaming(stream, |p, r, s| svc.write(p, r, s))
+        }
+        filesystem_methods::WATCH => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.watch(p, r, s))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.envd.v1.Filesystem` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct FilesystemClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> FilesystemClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        FilesystemClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        FilesystemClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Stat` (unary).
+    pub fn stat(&self, req: &StatRequest) -> Result<StatResponse, crate::Status> {
+        self.client.unary(filesystem_methods::STAT, req, self.timeout)
+    }
+    /// `List` (server streaming).
+    pub fn list(
+        &self,
+        req: &ListDirRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                filesystem_methods::LIST,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `MakeDir` (unary).
+    pub fn make_dir(
+        &self,
+        req: &MakeDirRequest,
+    ) -> Result<MakeDirResponse, crate::Status> {
+        self.client.unary(filesystem_methods::MAKE_DIR, req, self.timeout)
+    }
+    /// `Move` (unary).
+    pub fn r#move(&self, req: &MoveRequest) -> Result<MoveResponse, crate::Status> {
+        self.client.unary(filesystem_methods::MOVE, req, self.timeout)
+    }
+    /// `Remove` (unary).
+    pub fn remove(&self, req: &RemoveRequest) -> Result<RemoveResponse, crate::Status> {
+        self.client.unary(filesystem_methods::REMOVE, req, self.timeout)
+    }
+    /// `Read` (server streaming).
+    pub fn read(
+        &self,
+        req: &ReadRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                filesystem_methods::READ,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `Write` (client streaming).
+    pub fn write(
+        &self,
+        req: &WriteRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                filesystem_methods::WRITE,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: false,
+                },
+            )
+    }
+    /// `Watch` (server streaming).
+    pub fn watch(
+        &self,
+        req: &WatchRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                filesystem_methods::WATCH,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+}
 /// Method names of service `wrenn.envd.v1.Init`.
 pub mod init_methods {
     pub const INIT: &str = "wrenn.envd.v1.Init/Init";
@@ -1065,6 +1427,68 @@ pub mod init_methods {
         },
     ];
 }
+/// Server side of `wrenn.envd.v1.Init`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_init`] routes calls to them.
+pub trait InitServer: Send + Sync {
+    /// `Init` (unary).
+    fn init(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: InitRequest,
+    ) -> Result<InitResponse, crate::Status>;
+    /// `Resumed` (unary).
+    fn resumed(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ResumedRequest,
+    ) -> Result<ResumedResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.envd.v1.Init` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_init<S: InitServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        init_methods::INIT => crate::rpc::serve::unary(stream, |p, r| svc.init(p, r)),
+        init_methods::RESUMED => {
+            crate::rpc::serve::unary(stream, |p, r| svc.resumed(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.envd.v1.Init` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct InitClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> InitClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        InitClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        InitClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Init` (unary).
+    pub fn init(&self, req: &InitRequest) -> Result<InitResponse, crate::Status> {
+        self.client.unary(init_methods::INIT, req, self.timeout)
+    }
+    /// `Resumed` (unary).
+    pub fn resumed(
+        &self,
+        req: &ResumedRequest,
+    ) -> Result<ResumedResponse, crate::Status> {
+        self.client.unary(init_methods::RESUMED, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.envd.v1.Health`.
 pub mod health_methods {
     pub const CHECK: &str = "wrenn.envd.v1.Health/Check";
@@ -1076,6 +1500,55 @@ pub mod health_methods {
             server_streaming: false,
         },
     ];
+}
+/// Server side of `wrenn.envd.v1.Health`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_health`] routes calls to them.
+pub trait HealthServer: Send + Sync {
+    /// `Check` (unary).
+    fn check(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: HealthCheckRequest,
+    ) -> Result<HealthCheckResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.envd.v1.Health` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_health<S: HealthServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        health_methods::CHECK => crate::rpc::serve::unary(stream, |p, r| svc.check(p, r)),
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.envd.v1.Health` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct HealthClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> HealthClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        HealthClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        HealthClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Check` (unary).
+    pub fn check(
+        &self,
+        req: &HealthCheckRequest,
+    ) -> Result<HealthCheckResponse, crate::Status> {
+        self.client.unary(health_methods::CHECK, req, self.timeout)
+    }
 }
 /// Method names of service `wrenn.envd.v1.Metrics`.
 pub mod metrics_methods {
@@ -1089,6 +1562,55 @@ pub mod metrics_methods {
         },
     ];
 }
+/// Server side of `wrenn.envd.v1.Metrics`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_metrics`] routes calls to them.
+pub trait MetricsServer: Send + Sync {
+    /// `Get` (unary).
+    fn get(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: GetMetricsRequest,
+    ) -> Result<GetMetricsResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.envd.v1.Metrics` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_metrics<S: MetricsServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        metrics_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.envd.v1.Metrics` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricsClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> MetricsClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        MetricsClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        MetricsClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Get` (unary).
+    pub fn get(
+        &self,
+        req: &GetMetricsRequest,
+    ) -> Result<GetMetricsResponse, crate::Status> {
+        self.client.unary(metrics_methods::GET, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.envd.v1.Announce`.
 pub mod announce_methods {
     pub const READY: &str = "wrenn.envd.v1.Announce/Ready";
@@ -1100,4 +1622,52 @@ pub mod announce_methods {
             server_streaming: false,
         },
     ];
+}
+/// Server side of `wrenn.envd.v1.Announce`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_announce`] routes calls to them.
+pub trait AnnounceServer: Send + Sync {
+    /// `Ready` (unary).
+    fn ready(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ReadyRequest,
+    ) -> Result<ReadyResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.envd.v1.Announce` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_announce<S: AnnounceServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        announce_methods::READY => {
+            crate::rpc::serve::unary(stream, |p, r| svc.ready(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.envd.v1.Announce` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct AnnounceClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> AnnounceClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        AnnounceClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        AnnounceClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Ready` (unary).
+    pub fn ready(&self, req: &ReadyRequest) -> Result<ReadyResponse, crate::Status> {
+        self.client.unary(announce_methods::READY, req, self.timeout)
+    }
 }

@@ -191,3 +191,86 @@ pub mod host_methods {
         },
     ];
 }
+/// Server side of `wrenn.host.v1.Host`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_host`] routes calls to them.
+pub trait HostServer: Send + Sync {
+    /// `Register` (unary).
+    fn register(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: RegisterRequest,
+    ) -> Result<RegisterResponse, crate::Status>;
+    /// `Heartbeat` (unary).
+    fn heartbeat(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, crate::Status>;
+    /// `ReportState` (unary).
+    fn report_state(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ReportStateRequest,
+    ) -> Result<ReportStateResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.host.v1.Host` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_host<S: HostServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        host_methods::REGISTER => {
+            crate::rpc::serve::unary(stream, |p, r| svc.register(p, r))
+        }
+        host_methods::HEARTBEAT => {
+            crate::rpc::serve::unary(stream, |p, r| svc.heartbeat(p, r))
+        }
+        host_methods::REPORT_STATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.report_state(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.host.v1.Host` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct HostClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> HostClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        HostClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        HostClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Register` (unary).
+    pub fn register(
+        &self,
+        req: &RegisterRequest,
+    ) -> Result<RegisterResponse, crate::Status> {
+        self.client.unary(host_methods::REGISTER, req, self.timeout)
+    }
+    /// `Heartbeat` (unary).
+    pub fn heartbeat(
+        &self,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, crate::Status> {
+        self.client.unary(host_methods::HEARTBEAT, req, self.timeout)
+    }
+    /// `ReportState` (unary).
+    pub fn report_state(
+        &self,
+        req: &ReportStateRequest,
+    ) -> Result<ReportStateResponse, crate::Status> {
+        self.client.unary(host_methods::REPORT_STATE, req, self.timeout)
+    }
+}

@@ -8,6 +8,7 @@
 mod client;
 mod conn;
 mod pool;
+pub mod serve;
 mod server;
 mod sys;
 

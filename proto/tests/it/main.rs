@@ -2,6 +2,7 @@
 //! and the replay of the committed fuzz corpus.
 
 mod corpus;
+mod generated;
 mod rpc;
 mod support;
 mod tidy;

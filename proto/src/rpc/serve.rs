@@ -1,0 +1,72 @@
+//! The adaptors between a call and a typed handler, one per streaming shape. The code that
+//! `proto-codegen` generates for every service (`<Service>Server` traits and
+//! `dispatch_<service>`) calls these, so no server writes its own.
+//!
+//! Each runs on a worker thread, decodes the request (the first message of the call), runs
+//! the handler, sends what it returns and ends the call exactly once. They return the call's
+//! final code, for metrics and audit.
+
+use prost::Message;
+
+use super::{Peer, ServerStream};
+use crate::status::{Code, Status};
+
+fn end(s: ServerStream, r: Result<(), Status>) -> Code {
+    let code = match &r {
+        Ok(()) => Code::Ok,
+        Err(e) => e.code,
+    };
+    s.finish(r);
+    code
+}
+
+fn reply<Resp: Message>(mut s: ServerStream, r: Result<Resp, Status>) -> Code {
+    let r = r.and_then(|resp| s.send(&resp));
+    end(s, r)
+}
+
+/// One request, one response.
+pub fn unary<Req, Resp>(s: ServerStream, f: impl FnOnce(&Peer, Req) -> Result<Resp, Status>) -> Code
+where
+    Req: Message + Default,
+    Resp: Message,
+{
+    let peer = s.peer().clone();
+    let r = s.first::<Req>().and_then(|req| f(&peer, req));
+    reply(s, r)
+}
+
+/// One request; the handler sends any number of responses on the stream; `Ok` ends the call
+/// with END. Bidirectional calls have the same shape (the handler also receives).
+pub fn streaming<Req>(
+    mut s: ServerStream,
+    f: impl FnOnce(&Peer, Req, &mut ServerStream) -> Result<(), Status>,
+) -> Code
+where
+    Req: Message + Default,
+{
+    let peer = s.peer().clone();
+    let r = s.first::<Req>().and_then(|req| f(&peer, req, &mut s));
+    end(s, r)
+}
+
+/// Client streaming: the request (the header message) is decoded for the handler, which
+/// receives the rest from the stream and returns the one response.
+pub fn client_streaming<Req, Resp>(
+    mut s: ServerStream,
+    f: impl FnOnce(&Peer, Req, &mut ServerStream) -> Result<Resp, Status>,
+) -> Code
+where
+    Req: Message + Default,
+    Resp: Message,
+{
+    let peer = s.peer().clone();
+    let r = s.first::<Req>().and_then(|req| f(&peer, req, &mut s));
+    reply(s, r)
+}
+
+/// A method no dispatch table knows: `unimplemented`, naming it.
+pub fn unknown(s: ServerStream) -> Code {
+    let m = format!("unknown method {}", s.method());
+    end(s, Err(Status::unimplemented(m)))
+}
