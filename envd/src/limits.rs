@@ -72,10 +72,10 @@ pub const CLOCK_SYNC_INTERVAL: Duration = Duration::from_secs(60);
 /// MMDS connect/read/write timeout: the service is local to the VMM, an answer takes
 /// microseconds; a missing MMDS must not delay start-up.
 pub const MMDS_TIMEOUT: Duration = Duration::from_millis(300);
-/// Largest MMDS response envd reads.
+/// Largest MMDS response body envd reads (its answers are short JSON strings).
 pub const MMDS_RESPONSE_LEN_MAX: usize = 64 * 1024;
-/// Header lines of an MMDS response.
-pub const MMDS_HEADERS_MAX: usize = 32;
+/// Largest MMDS response head (status line and headers; Firecracker's are about 150 bytes).
+pub const MMDS_HEAD_LEN_MAX: usize = 4 * 1024;
 
 /// Ports forwarded from loopback to the guest interface at once.
 pub const FORWARDED_PORTS_MAX: usize = 64;

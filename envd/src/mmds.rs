@@ -7,8 +7,8 @@
 //! `{"wrenn": {"sandbox_id": "sb-…", "template_id": "tpl-…"}}` (string leaves fetched one by
 //! one, so envd needs only a JSON string decoder, not a JSON parser).
 //!
-//! The HTTP exchange is hand-written: one request per connection (`Connection: close`), a
-//! bounded response, status line + headers + Content-Length body.
+//! HTTP goes through the shared codec (`proto::http`): one request per connection
+//! (`Connection: close`), one bounded response (head and body).
 
 #![forbid(unsafe_code)]
 
@@ -16,7 +16,9 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-use crate::limits::{MMDS_HEADERS_MAX, MMDS_RESPONSE_LEN_MAX, MMDS_TIMEOUT};
+use proto::http::{BodyError, HeadError, ResponseError, Wire};
+
+use crate::limits::{MMDS_HEAD_LEN_MAX, MMDS_RESPONSE_LEN_MAX, MMDS_TIMEOUT};
 
 /// Firecracker's default MMDS address.
 pub const MMDS_ADDR: &str = "169.254.169.254:80";
@@ -26,6 +28,8 @@ const TOKEN_TTL_SECONDS: u32 = 60;
 #[derive(Debug)]
 pub enum Error {
     Io(std::io::Error),
+    /// Not an HTTP response (the codec's reason).
+    Http(ResponseError),
     Malformed(&'static str),
     TooLarge,
     Status(u16),
@@ -35,6 +39,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io(e) => write!(f, "mmds i/o: {e}"),
+            Error::Http(e) => write!(f, "malformed mmds response: {e}"),
             Error::Malformed(w) => write!(f, "malformed mmds response: {w}"),
             Error::TooLarge => write!(f, "mmds response larger than {MMDS_RESPONSE_LEN_MAX} bytes"),
             Error::Status(s) => write!(f, "mmds answered status {s}"),
@@ -46,6 +51,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io(e) => Some(e),
+            Error::Http(e) => Some(e),
             _ => None,
         }
     }
@@ -58,75 +64,52 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// Reads one response from `wire`: a head of at most [`MMDS_HEAD_LEN_MAX`] bytes, a body of
+/// at most [`MMDS_RESPONSE_LEN_MAX`].
+fn read_response<S: Read>(wire: &mut Wire<S>) -> Result<Response, Error> {
+    match proto::http::read_response(wire, MMDS_HEAD_LEN_MAX, MMDS_RESPONSE_LEN_MAX as u64, false) {
+        Ok(r) => Ok(Response {
+            status: r.head.status,
+            body: r.body,
+        }),
+        Err(ResponseError::Head(HeadError::TooLarge))
+        | Err(ResponseError::Body(BodyError::TooLarge { .. })) => Err(Error::TooLarge),
+        Err(ResponseError::Io(e)) | Err(ResponseError::Body(BodyError::Io(e))) => Err(Error::Io(e)),
+        Err(e) => Err(Error::Http(e)),
+    }
+}
+
 /// Parses a complete HTTP/1.x response (the server closed the connection after it).
 /// Public for the fuzz target: never panics, bounded by the buffer it is given.
 pub fn parse_response(buf: &[u8]) -> Result<Response, Error> {
-    let head_end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or(Error::Malformed("no end of headers"))?;
-    let head =
-        std::str::from_utf8(&buf[..head_end]).map_err(|_| Error::Malformed("non-UTF-8 head"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().ok_or(Error::Malformed("empty"))?;
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.") {
-        return Err(Error::Malformed("not HTTP/1.x"));
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .filter(|s| (100..600).contains(s))
-        .ok_or(Error::Malformed("bad status"))?;
-    let mut content_length: Option<usize> = None;
-    for (i, line) in lines.enumerate() {
-        if i >= MMDS_HEADERS_MAX {
-            return Err(Error::Malformed("too many headers"));
-        }
-        let (k, v) = line.split_once(':').ok_or(Error::Malformed("bad header"))?;
-        if k.trim().eq_ignore_ascii_case("content-length") {
-            content_length = Some(
-                v.trim()
-                    .parse()
-                    .map_err(|_| Error::Malformed("bad length"))?,
-            );
-        }
-    }
-    let body = &buf[head_end + 4..];
-    let body = match content_length {
-        Some(n) if n > body.len() => return Err(Error::Malformed("short body")),
-        Some(n) => &body[..n],
-        None => body,
-    };
-    Ok(Response {
-        status,
-        body: body.to_vec(),
-    })
+    read_response(&mut Wire::new(buf, Vec::new()))
 }
 
-fn exchange(addr: SocketAddr, request: &str) -> Result<Response, Error> {
-    let mut s = TcpStream::connect_timeout(&addr, MMDS_TIMEOUT).map_err(Error::Io)?;
+fn exchange(addr: SocketAddr, request: &[u8]) -> Result<Response, Error> {
+    let s = TcpStream::connect_timeout(&addr, MMDS_TIMEOUT).map_err(Error::Io)?;
     s.set_read_timeout(Some(MMDS_TIMEOUT)).map_err(Error::Io)?;
     s.set_write_timeout(Some(MMDS_TIMEOUT)).map_err(Error::Io)?;
-    s.write_all(request.as_bytes()).map_err(Error::Io)?;
-    let mut buf = Vec::new();
-    s.take(MMDS_RESPONSE_LEN_MAX as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(Error::Io)?;
-    if buf.len() > MMDS_RESPONSE_LEN_MAX {
-        return Err(Error::TooLarge);
-    }
-    parse_response(&buf)
+    (&s).write_all(request).map_err(Error::Io)?;
+    read_response(&mut Wire::new(s, Vec::new()))
+}
+
+fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Vec<u8>, Error> {
+    let mut all = vec![("Host", "169.254.169.254")];
+    all.extend_from_slice(headers);
+    all.push(("Connection", "close"));
+    let body = (method == "PUT").then_some(0);
+    proto::http::request_head(method, path, &all, body)
+        .map_err(|_| Error::Malformed("request path or token"))
 }
 
 /// Fetches `path` (e.g. `/wrenn/sandbox_id`) as JSON text; `Ok(None)` when it does not exist.
 pub fn fetch(addr: SocketAddr, path: &str) -> Result<Option<String>, Error> {
-    let token_req = format!(
-        "PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n\
-         X-metadata-token-ttl-seconds: {TOKEN_TTL_SECONDS}\r\nContent-Length: 0\r\n\
-         Connection: close\r\n\r\n"
-    );
+    let ttl = TOKEN_TTL_SECONDS.to_string();
+    let token_req = request(
+        "PUT",
+        "/latest/api/token",
+        &[("X-metadata-token-ttl-seconds", &ttl)],
+    )?;
     let t = exchange(addr, &token_req)?;
     if t.status != 200 {
         return Err(Error::Status(t.status));
@@ -136,10 +119,11 @@ pub fn fetch(addr: SocketAddr, path: &str) -> Result<Option<String>, Error> {
     if token.is_empty() || token.contains(['\r', '\n']) {
         return Err(Error::Malformed("token"));
     }
-    let get = format!(
-        "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token: {token}\r\n\
-         Accept: application/json\r\nConnection: close\r\n\r\n"
-    );
+    let get = request(
+        "GET",
+        path,
+        &[("X-metadata-token", token), ("Accept", "application/json")],
+    )?;
     let r = exchange(addr, &get)?;
     match r.status {
         200 => String::from_utf8(r.body)
@@ -253,7 +237,7 @@ mod tests {
         assert!(parse_response(b"HTTP/1.1 999 X\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nnocolon\r\n\r\n").is_err());
-        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "A: b\r\n".repeat(40));
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "A: b\r\n".repeat(65));
         assert!(parse_response(many.as_bytes()).is_err());
         for n in 0..40 {
             let _ = parse_response(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..n]);

@@ -2,6 +2,7 @@
 //!
 //! - [`frame`]: the length-prefixed frame codec (pure, no I/O), described in PROTOCOL.md;
 //! - [`rpc`] (feature `rpc`): the multiplexed RPC runtime on mio — client, server, flow control;
+//! - [`http`] (feature `http`): the one HTTP/1.1 codec (heads, bounded bodies, chunked);
 //! - [`gen`] (feature `rpc`): protobuf messages generated from `schema/` (checked in);
 //! - [`id`]: wire IDs (`sb-{uuid}` ...), parsed strictly at every boundary;
 //! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text;
@@ -28,6 +29,8 @@ pub mod status;
 
 #[cfg(feature = "rpc")]
 pub mod gen;
+#[cfg(feature = "http")]
+pub mod http;
 #[cfg(feature = "rpc")]
 pub mod rpc;
 

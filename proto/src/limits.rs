@@ -79,3 +79,19 @@ const _: () = assert!(KEEPALIVE_TIMEOUT.as_secs() > 2 * KEEPALIVE_INTERVAL.as_se
 
 /// Longest credential or client name accepted in a HELLO.
 pub const CREDENTIAL_LEN_MAX: usize = 1024;
+
+// HTTP/1.1 codec (`http`), shared by ctl's gateway, the agent's health/metrics listener and
+// the HTTP clients (Firecracker's API, MMDS, `wrenn up`). Each server or client may bound a
+// head more tightly (its own limits.rs); these are the codec's ceilings.
+
+/// Largest HTTP head (request or status line + headers) the codec parses: what common
+/// servers allow; heads here are a URL, a key and a few headers.
+pub const HTTP_HEAD_LEN_MAX: usize = 16 * 1024;
+/// Most headers in one head (and most trailers after a chunked body); more is not a client
+/// or server of ours.
+pub const HTTP_HEADERS_MAX: usize = 64;
+/// Longest chunk-size line (with extensions) or trailer line of a chunked body: a size is at
+/// most 16 hex digits, so anything near this is padding meant to cost memory.
+pub const HTTP_CHUNK_LINE_MAX: usize = 1024;
+
+const _: () = assert!(HTTP_CHUNK_LINE_MAX < HTTP_HEAD_LEN_MAX);

@@ -3,8 +3,9 @@
 //! HTTP/1.1 over one keep-alive connection, opened on first use and dropped after any error
 //! that leaves its state unknown (a timeout, a malformed answer, a closed peer); the next call
 //! opens a fresh one. Every request carries `Content-Length` (Firecracker's micro-http wants
-//! it, even when zero); response heads are parsed with `httparse`. A `204` has no body; any
-//! other answer's body is exactly `Content-Length` bytes (Firecracker never chunks). Non-2xx
+//! it, even when zero). Heads and bodies go through the shared codec (`proto::http`). A
+//! `204` has no body; an answer without `Content-Length` (or chunking) has none either, as
+//! Firecracker omits the header only then, and the connection stays usable. Non-2xx
 //! answers become [`ApiError::Fault`] with the message from `{"fault_message": ...}` or
 //! `{"error": ...}`.
 //!
@@ -17,10 +18,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use proto::http::{BodyDecoder, BodyError, BodyReader, Framing, HeadError, Wire};
+
 use crate::limits::{
     API_FAULT_MESSAGE_LEN_MAX, API_REQUEST_BODY_LEN_MAX, API_REQUEST_HEAD_LEN_MAX,
-    API_RESPONSE_BODY_LEN_MAX, API_RESPONSE_HEADERS_MAX, API_RESPONSE_HEAD_LEN_MAX,
-    API_TIMEOUT_DEFAULT,
+    API_RESPONSE_BODY_LEN_MAX, API_RESPONSE_HEAD_LEN_MAX, API_TIMEOUT_DEFAULT,
 };
 use crate::request::{RequestError, ToApiRequest};
 
@@ -116,7 +118,8 @@ pub enum ApiError {
     ResponseHeadTooLarge { op: String },
     /// The response is not HTTP/1.1 as Firecracker speaks it.
     Malformed { op: String, reason: String },
-    /// The response announces a body over [`API_RESPONSE_BODY_LEN_MAX`].
+    /// The response announces (or, chunked, sends) a body over [`API_RESPONSE_BODY_LEN_MAX`];
+    /// `len` is the announced length, or the bound + 1 for a chunked body.
     ResponseBodyTooLarge { op: String, len: u64 },
     /// Firecracker refused the request.
     Fault {
@@ -303,45 +306,127 @@ impl ApiClient {
             }
         }
 
-        // Read until the head is complete.
-        self.buf.clear();
-        let (status, head_len, body_len, close) = loop {
-            if let Some(parsed) =
-                parse_head(&self.buf).map_err(|reason| ApiError::Malformed { op: op(), reason })?
-            {
-                break parsed;
-            }
-            if self.buf.len() >= API_RESPONSE_HEAD_LEN_MAX {
-                return Err(ApiError::ResponseHeadTooLarge { op: op() });
-            }
-            let want = API_RESPONSE_HEAD_LEN_MAX - self.buf.len();
-            read_some(conn, &mut self.buf, want, deadline, req)?;
-        };
-        if body_len > API_RESPONSE_BODY_LEN_MAX as u64 {
-            return Err(ApiError::ResponseBodyTooLarge {
-                op: op(),
-                len: body_len,
-            });
-        }
-        // Checked just above: fits in usize.
-        let total = head_len + body_len as usize;
-        while self.buf.len() < total {
-            let want = total - self.buf.len();
-            read_some(conn, &mut self.buf, want, deadline, req)?;
-        }
-        if self.buf.len() > total {
+        // Read the response under the deadline.
+        let mut staging = std::mem::take(&mut self.buf);
+        staging.clear();
+        let mut wire = Wire::new(Deadlined { conn, deadline }, staging);
+        let result = read_answer(&mut wire, req);
+        let (_, mut staging) = wire.into_parts();
+        let leftover = staging.len();
+        staging.clear();
+        self.buf = staging;
+        let (status, body, close) = result?;
+        if leftover > 0 {
             // Bytes after the response: Firecracker answers one request with one response.
             return Err(ApiError::Malformed {
                 op: op(),
-                reason: format!("{} bytes after the response", self.buf.len() - total),
+                reason: format!("{leftover} bytes after the response"),
             });
         }
-        let body = self.buf[head_len..total].to_vec();
         if close {
             self.conn = None;
         }
         Ok((status, body))
     }
+}
+
+/// A connection whose every read waits at most until `deadline`.
+struct Deadlined<'a> {
+    conn: &'a mut UnixStream,
+    deadline: Instant,
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let left = remaining(self.deadline)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "api call deadline"))?;
+        self.conn.set_read_timeout(Some(left))?;
+        self.conn.read(out)
+    }
+}
+
+/// Reads one answer: (status, body, the server closes after it).
+fn read_answer(
+    wire: &mut Wire<Deadlined<'_>>,
+    req: &ApiRequest,
+) -> Result<(u16, Vec<u8>, bool), ApiError> {
+    let op = || req.op();
+    let io_err = |e: io::Error| {
+        if is_timeout(&e) {
+            ApiError::Timeout {
+                op: req.op(),
+                timeout: req.timeout,
+            }
+        } else if e.kind() == io::ErrorKind::ConnectionReset {
+            ApiError::Closed { op: req.op() }
+        } else {
+            ApiError::Read {
+                op: req.op(),
+                source: e,
+            }
+        }
+    };
+    let head = loop {
+        match proto::http::parse_response_head(wire.buffered(), API_RESPONSE_HEAD_LEN_MAX, false) {
+            Ok(Some((h, n))) => {
+                wire.consume_buffered(n);
+                break h;
+            }
+            Ok(None) => {}
+            Err(HeadError::TooLarge) => return Err(ApiError::ResponseHeadTooLarge { op: op() }),
+            Err(e) => {
+                return Err(ApiError::Malformed {
+                    op: op(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+        let want = API_RESPONSE_HEAD_LEN_MAX - wire.buffered().len();
+        match wire.fill_more(want.max(1)) {
+            Ok(0) => return Err(ApiError::Closed { op: op() }),
+            Ok(_) => {}
+            Err(e) => return Err(io_err(e)),
+        }
+    };
+    if head.version != 1 {
+        return Err(ApiError::Malformed {
+            op: op(),
+            reason: "not HTTP/1.1".to_owned(),
+        });
+    }
+    let framing = match head.framing {
+        // Firecracker omits Content-Length only when there is no body.
+        Framing::UntilClose => Framing::Length(0),
+        f => f,
+    };
+    if let Framing::Length(n) = framing {
+        if n > API_RESPONSE_BODY_LEN_MAX as u64 {
+            return Err(ApiError::ResponseBodyTooLarge { op: op(), len: n });
+        }
+    }
+    let decoder = BodyDecoder::new(framing).with_limit(API_RESPONSE_BODY_LEN_MAX as u64);
+    let body = BodyReader::new(&mut *wire, decoder)
+        .read_to_vec()
+        .map_err(|e| match e {
+            BodyError::Io(e) => io_err(e),
+            BodyError::Truncated => ApiError::Closed { op: op() },
+            BodyError::TooLarge { limit } => ApiError::ResponseBodyTooLarge {
+                op: op(),
+                len: limit + 1,
+            },
+            e => ApiError::Malformed {
+                op: op(),
+                reason: e.to_string(),
+            },
+        })?;
+    // The codec marks a close-delimited answer as closing; here it was an empty body.
+    let close = if head.framing == Framing::UntilClose {
+        head.header("connection")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"))
+    } else {
+        head.close
+    };
+    Ok((head.status, body, close))
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {
@@ -358,55 +443,6 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
-}
-
-/// Reads at most `want` bytes (at least one) into `buf` before `deadline`.
-fn read_some(
-    conn: &mut UnixStream,
-    buf: &mut Vec<u8>,
-    want: usize,
-    deadline: Instant,
-    req: &ApiRequest,
-) -> Result<(), ApiError> {
-    debug_assert!(want > 0);
-    let mut chunk = [0u8; 4096];
-    let n_max = want.min(chunk.len());
-    loop {
-        let Some(left) = remaining(deadline) else {
-            return Err(ApiError::Timeout {
-                op: req.op(),
-                timeout: req.timeout,
-            });
-        };
-        conn.set_read_timeout(Some(left))
-            .map_err(|source| ApiError::Read {
-                op: req.op(),
-                source,
-            })?;
-        match conn.read(&mut chunk[..n_max]) {
-            Ok(0) => return Err(ApiError::Closed { op: req.op() }),
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                return Ok(());
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => {
-                return Err(ApiError::Timeout {
-                    op: req.op(),
-                    timeout: req.timeout,
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                return Err(ApiError::Closed { op: req.op() })
-            }
-            Err(source) => {
-                return Err(ApiError::Read {
-                    op: req.op(),
-                    source,
-                })
-            }
-        }
-    }
 }
 
 /// Checks `path` and lays out the request bytes: request line, headers, body.
@@ -428,76 +464,50 @@ pub fn encode_request(req: &ApiRequest) -> Result<Vec<u8>, ApiError> {
             len: body.len(),
         });
     }
-    let mut head = String::with_capacity(256);
-    head.push_str(req.method.as_str());
-    head.push(' ');
-    head.push_str(&req.path);
-    head.push_str(" HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+    let mut headers = vec![("Host", "localhost"), ("Accept", "application/json")];
     if req.body.is_some() {
-        head.push_str("Content-Type: application/json\r\n");
+        headers.push(("Content-Type", "application/json"));
     }
-    head.push_str("Content-Length: ");
-    head.push_str(&body.len().to_string());
-    head.push_str("\r\n\r\n");
+    let head = proto::http::request_head(
+        req.method.as_str(),
+        &req.path,
+        &headers,
+        Some(body.len() as u64),
+    )
+    .map_err(|_| ApiError::InvalidPath {
+        path: req.path.clone(),
+    })?;
     if head.len() > API_REQUEST_HEAD_LEN_MAX {
         return Err(ApiError::RequestHeadTooLarge { len: head.len() });
     }
-    let mut wire = Vec::with_capacity(head.len() + body.len());
-    wire.extend_from_slice(head.as_bytes());
+    let mut wire = head;
     wire.extend_from_slice(body);
     Ok(wire)
 }
 
-/// Parses a response head. `Ok(None)`: incomplete. `Ok(Some((status, head_len, body_len,
-/// close)))`: complete; `close` if the server said `Connection: close`.
+/// Parses a response head with the shared codec, as the client does. `Ok(None)`:
+/// incomplete. `Ok(Some((status, head_len, body_len, close)))`: complete (`body_len` of a
+/// chunked answer: `u64::MAX`, read by the decoder).
 pub fn parse_head(buf: &[u8]) -> Result<Option<(u16, usize, u64, bool)>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; API_RESPONSE_HEADERS_MAX];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(format!("{e}")),
-    };
-    if resp.version != Some(1) {
-        return Err("not HTTP/1.1".to_owned());
-    }
-    let Some(status) = resp.code else {
-        return Err("no status code".to_owned());
-    };
-    // httparse takes any three digits; a status below 100 is not HTTP (found by fuzzing).
-    if status < 100 {
-        return Err(format!("status {status:03} is not a valid HTTP status"));
-    }
-    let mut content_length: Option<u64> = None;
-    let mut close = false;
-    for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value)
-                .ok()
-                .map(str::trim)
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| "bad Content-Length".to_owned())?;
-            if content_length.is_some_and(|old| old != v) {
-                return Err("conflicting Content-Length headers".to_owned());
-            }
-            content_length = Some(v);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err("Transfer-Encoding is not supported".to_owned());
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            close = h.value.eq_ignore_ascii_case(b"close");
+    match proto::http::parse_response_head(buf, API_RESPONSE_HEAD_LEN_MAX, false) {
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.to_string()),
+        Ok(Some((h, _))) if h.version != 1 => Err("not HTTP/1.1".to_owned()),
+        Ok(Some((h, n))) => {
+            let len = match h.framing {
+                Framing::Length(n) => n,
+                Framing::UntilClose => 0,
+                Framing::Chunked => u64::MAX,
+            };
+            let close = if h.framing == Framing::UntilClose {
+                h.header("connection")
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"))
+            } else {
+                h.close
+            };
+            Ok(Some((h.status, n, len, close)))
         }
     }
-    let body_len = match status {
-        // No body by definition (RFC 9112 §6.3); a Content-Length here would be a lie.
-        100..=199 | 204 | 304 => match content_length {
-            None | Some(0) => 0,
-            Some(_) => return Err(format!("{status} with a body")),
-        },
-        // Firecracker omits Content-Length only when there is no body.
-        _ => content_length.unwrap_or(0),
-    };
-    Ok(Some((status, head_len, body_len, close)))
 }
 
 /// The message of an error body: `fault_message`, else `error`, else the body as text.
@@ -617,7 +627,6 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 204 OK\r\nContent-Length: 3\r\n\r\n",
             b"garbage\r\n\r\n",
         ] {

@@ -10,8 +10,6 @@ pub const API_REQUEST_HEAD_LEN_MAX: usize = 1024;
 pub const API_REQUEST_BODY_LEN_MAX: usize = 51_200;
 /// Longest response head we accept. Firecracker's are about 130 bytes.
 pub const API_RESPONSE_HEAD_LEN_MAX: usize = 1024;
-/// Most response headers parsed (Firecracker sends four).
-pub const API_RESPONSE_HEADERS_MAX: usize = 16;
 /// Largest response body we read: Firecracker never sends more than it accepts (its largest
 /// answers, `GET /vm/config` and `GET /mmds`, are bounded by the same payload limit).
 pub const API_RESPONSE_BODY_LEN_MAX: usize = 51_200;

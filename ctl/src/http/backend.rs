@@ -22,6 +22,12 @@ pub trait Backend: Send + Sync + 'static {
     /// with it, like a protobuf connection's peer. UNAUTHENTICATED for a bad key.
     fn authenticate(&self, api_key: &str) -> Result<Peer, Status>;
 
+    /// Whether `api_key` is shaped like a key at all, decided without I/O: the event loop
+    /// answers 401 at once to a key that is not, without a worker or a body read.
+    fn key_well_formed(&self, _api_key: &str) -> bool {
+        true
+    }
+
     /// A unary call: encoded request in, encoded reply out.
     fn unary(&self, peer: &Peer, method: &'static str, request: Vec<u8>)
         -> Result<Vec<u8>, Status>;
@@ -92,6 +98,10 @@ impl Backend for ApiBackend {
     fn authenticate(&self, api_key: &str) -> Result<Peer, Status> {
         let ctx = self.0.authenticate(api_key)?;
         Ok(Arc::new(ctx))
+    }
+
+    fn key_well_formed(&self, api_key: &str) -> bool {
+        crate::auth::well_formed(api_key, crate::auth::API_KEY_PREFIX)
     }
 
     fn unary(&self, peer: &Peer, method: &'static str, b: Vec<u8>) -> Result<Vec<u8>, Status> {

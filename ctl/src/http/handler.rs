@@ -17,10 +17,10 @@ use serde_json::{Map, Value};
 
 use super::backend::Backend;
 use super::json::Json;
-use super::limits::{DRAIN_MAX, FORM_FIELD_MAX, JSON_BODY_MAX, UPLOAD_CHUNK};
+use super::limits::{DRAIN_MAX, FORM_FIELD_MAX, IO_TIMEOUT, JSON_BODY_MAX, UPLOAD_CHUNK};
 use super::openapi;
 use super::request::{
-    multipart_boundary, parse_query, BodyReader, Head, Multipart, MultipartError, Wire,
+    body, multipart_boundary, parse_query, Head, Multipart, MultipartError, Wire,
 };
 use super::response::{start_stream, write_response, Chunked, Response};
 use super::routes::{match_route, param_kind, Call, Input, Match, Method, Route, ROUTES};
@@ -30,6 +30,8 @@ pub struct HttpMetrics {
     pub connections_open: Gauge,
     pub connections_refused: Counter,
     pub workers_busy: Gauge,
+    /// Requests (and key checks) waiting for a worker.
+    pub queued: Gauge,
     pub latency: Histogram,
     /// (operation, HTTP status) -> count; both sets are fixed, so the map stays small.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -39,6 +41,7 @@ pub static METRICS: HttpMetrics = HttpMetrics {
     connections_open: Gauge::new(),
     connections_refused: Counter::new(),
     workers_busy: Gauge::new(),
+    queued: Gauge::new(),
     latency: Histogram::new(),
     requests: Mutex::new(BTreeMap::new()),
 };
@@ -48,6 +51,11 @@ impl HttpMetrics {
         if let Ok(mut m) = self.requests.lock() {
             *m.entry((op, status)).or_insert(0) += 1;
         }
+    }
+
+    /// Counts an answer the event loop gave itself (401 without a key, 408, 413, 503 ...).
+    pub fn count_gateway(&self, status: u16) {
+        self.count("gateway", status);
     }
 
     pub fn render(&self, out: &mut String) {
@@ -106,14 +114,22 @@ impl HttpMetrics {
             "Requests being served.",
         );
         sample(out, "wrenn_http_workers_busy", "", self.workers_busy.get());
+        family(
+            out,
+            "wrenn_http_requests_queued",
+            "gauge",
+            "Complete requests and key checks waiting for a worker.",
+        );
+        sample(out, "wrenn_http_requests_queued", "", self.queued.get());
     }
 }
 
 /// The request-serving half of the gateway.
 pub struct Gateway {
     pub backend: Arc<dyn Backend>,
-    /// Bound on receiving a whole JSON body (see limits::JSON_BODY_TIMEOUT).
-    pub json_body_timeout: std::time::Duration,
+    /// Read deadline of a streamed body after the hand-off (limits::IO_TIMEOUT), for the
+    /// 408 message.
+    pub io_timeout: std::time::Duration,
 }
 
 /// What the caller does with the connection afterwards.
@@ -142,7 +158,9 @@ struct Ctx<'a, S: Read + Write> {
     body: BodyState,
     keep: bool,
     sent_continue: bool,
-    json_body_timeout: std::time::Duration,
+    /// Authenticated before the body was read (by the event loop's auth step).
+    peer: Option<Peer>,
+    io_timeout: std::time::Duration,
 }
 
 impl<S: Read + Write> Ctx<'_, S> {
@@ -174,12 +192,20 @@ impl Gateway {
     pub fn new(backend: Arc<dyn Backend>) -> Gateway {
         Gateway {
             backend,
-            json_body_timeout: super::limits::JSON_BODY_TIMEOUT,
+            io_timeout: IO_TIMEOUT,
         }
     }
 
-    /// Serves the request whose head was parsed; its body (if any) is next on `wire`.
-    pub fn serve<S: Read + Write>(&self, head: &Head, wire: &mut Wire<S>) -> After {
+    /// Serves the request whose head was parsed; its body (if any) is next on `wire` (the
+    /// event loop has buffered it whole, or its first bytes for a streamed upload). `peer`:
+    /// the key was already checked (requests with a body are authenticated before it is
+    /// read); `None`: the handler checks it.
+    pub fn serve<S: Read + Write>(
+        &self,
+        head: &Head,
+        peer: Option<Peer>,
+        wire: &mut Wire<S>,
+    ) -> After {
         let start = Instant::now();
         METRICS.workers_busy.add(1);
         let mut ctx = Ctx {
@@ -188,7 +214,8 @@ impl Gateway {
             body: BodyState::Unread,
             keep: head.keep_alive,
             sent_continue: false,
-            json_body_timeout: self.json_body_timeout,
+            peer,
+            io_timeout: self.io_timeout,
         };
         let (op, status, after) = self.dispatch(&mut ctx);
         METRICS.workers_busy.add(-1);
@@ -217,7 +244,7 @@ impl Gateway {
             // The client waits for 100 Continue before sending it: it never will.
             BodyState::Unread if head.expect_continue && !ctx.sent_continue => After::Close,
             BodyState::Unread => {
-                let mut body = BodyReader::new(ctx.wire, head);
+                let mut body = body(ctx.wire, head, u64::MAX);
                 if body.drain(DRAIN_MAX) {
                     After::KeepAlive
                 } else {
@@ -326,22 +353,15 @@ impl Gateway {
         route: &Route,
         params: &[(&'static str, String)],
     ) -> Result<(u16, After), Response> {
-        let key = ctx
-            .head
-            .header("x-api-key")
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| {
-                Response::error(
-                    401,
-                    Code::Unauthenticated.name(),
-                    "missing X-API-Key header",
-                )
-            })?;
-        let peer = self
-            .backend
-            .authenticate(key)
-            .map_err(|s| Response::from_status(&s))?;
+        let peer = match ctx.peer.take() {
+            Some(p) => p,
+            None => {
+                let key = api_key(ctx.head).ok_or_else(missing_key)?;
+                self.backend
+                    .authenticate(key)
+                    .map_err(|s| Response::from_status(&s))?
+            }
+        };
         for (name, value) in params {
             if let Some(kind) = param_kind(route, name, value) {
                 proto::id::parse(kind, value).map_err(|e| {
@@ -610,8 +630,10 @@ impl Gateway {
             .map_err(|_| Response::error(499, "cancelled", "client gone"))?;
         ctx.body = BodyState::Partial;
         let head = ctx.head;
-        let mut body = BodyReader::new(ctx.wire, head);
+        let io_timeout = ctx.io_timeout;
+        let mut body = body(ctx.wire, head, u64::MAX);
         let mut buf = vec![0u8; UPLOAD_CHUNK];
+        let mut stalled = false;
         let result;
         let mut header_sent = false;
         if let Some(boundary) = boundary {
@@ -659,7 +681,7 @@ impl Gateway {
                 }
                 let n = body
                     .read(&mut buf)
-                    .map_err(|e| Status::new(Code::Cancelled, format!("read request body: {e}")))?;
+                    .map_err(|e| body_status(e, &mut stalled))?;
                 if n == 0 {
                     return Ok(None);
                 }
@@ -670,6 +692,9 @@ impl Gateway {
             ctx.body = BodyState::Consumed;
         } else {
             ctx.keep = false;
+        }
+        if stalled {
+            return Err(stalled_response(io_timeout));
         }
         let reply = result.map_err(|s| Response::from_status(&s))?;
         let v = envd::WriteResponse::decode(reply.as_slice())
@@ -714,8 +739,10 @@ impl Gateway {
             .map_err(|_| Response::error(499, "cancelled", "client gone"))?;
         ctx.body = BodyState::Partial;
         let head = ctx.head;
-        let mut body = BodyReader::new(ctx.wire, head);
+        let io_timeout = ctx.io_timeout;
+        let mut body = body(ctx.wire, head, u64::MAX);
         let mut buf = vec![0u8; UPLOAD_CHUNK];
+        let mut stalled = false;
         let mut state = 0u8; // 0: first message next, 1: data, 2: done
         let result = self
             .backend
@@ -725,9 +752,9 @@ impl Gateway {
                     Ok(Some(first.encode_to_vec()))
                 }
                 1 => {
-                    let n = body.read(&mut buf).map_err(|e| {
-                        Status::new(Code::Cancelled, format!("read request body: {e}"))
-                    })?;
+                    let n = body
+                        .read(&mut buf)
+                        .map_err(|e| body_status(e, &mut stalled))?;
                     if n == 0 {
                         state = 2;
                         if !close {
@@ -751,6 +778,9 @@ impl Gateway {
         } else {
             ctx.keep = false;
         }
+        if stalled {
+            return Err(stalled_response(io_timeout));
+        }
         let reply = result.map_err(|s| Response::from_status(&s))?;
         let v = envd::SendInputResponse::decode(reply.as_slice())
             .map(|m| m.to_json())
@@ -765,6 +795,48 @@ fn mp_status(e: MultipartError) -> Status {
         MultipartError::Malformed(_) => Status::invalid_argument(e.to_string()),
         MultipartError::Io(_) => Status::new(Code::Cancelled, e.to_string()),
     }
+}
+
+/// The `X-API-Key` header, trimmed, when present and not empty.
+pub fn api_key(head: &Head) -> Option<&str> {
+    head.header("x-api-key")
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+/// 401 for a request without a key.
+pub fn missing_key() -> Response {
+    Response::error(
+        401,
+        Code::Unauthenticated.name(),
+        "missing X-API-Key header",
+    )
+}
+
+/// The status of a failed read of a streamed body; a read timeout sets `stalled`.
+fn body_status(e: std::io::Error, stalled: &mut bool) -> Status {
+    let e = super::request::BodyError::from(e);
+    if e.is_timeout() {
+        *stalled = true;
+    }
+    match e {
+        super::request::BodyError::Io(io) => {
+            Status::new(Code::Cancelled, format!("read request body: {io}"))
+        }
+        other => Status::invalid_argument(format!("request body: {other}")),
+    }
+}
+
+/// 408 for a streamed body that stopped arriving after the hand-off to a worker.
+fn stalled_response(io_timeout: std::time::Duration) -> Response {
+    Response::error(
+        408,
+        "request_timeout",
+        &format!(
+            "request body stalled: no bytes within the {} s read deadline",
+            io_timeout.as_secs_f64()
+        ),
+    )
 }
 
 fn error_message(r: &Response) -> String {
@@ -840,11 +912,10 @@ fn read_json<S: Read + Write>(ctx: &mut Ctx<'_, S>) -> Result<Value, Response> {
     }
     ctx.body = BodyState::Partial;
     let head = ctx.head;
-    let mut body = BodyReader::new(ctx.wire, head);
-    let deadline = Instant::now() + ctx.json_body_timeout;
-    let bytes = match body.read_to_vec_until(JSON_BODY_MAX, Some(deadline)) {
+    // The event loop buffered the whole body (within JSON_BODY_MAX): no socket wait here.
+    let bytes = match body(ctx.wire, head, JSON_BODY_MAX as u64).read_to_vec() {
         Ok(b) => b,
-        Err(super::request::BodyError::TooLarge) => {
+        Err(super::request::BodyError::TooLarge { .. }) => {
             ctx.keep = false;
             return Err(Response::error(
                 413,
@@ -852,22 +923,9 @@ fn read_json<S: Read + Write>(ctx: &mut Ctx<'_, S>) -> Result<Value, Response> {
                 &format!("JSON bodies are limited to {JSON_BODY_MAX} bytes"),
             ));
         }
-        Err(super::request::BodyError::Timeout) => {
-            ctx.keep = false;
-            return Err(Response::error(
-                408,
-                "request_timeout",
-                "request body not received in time",
-            ));
-        }
         Err(e) => {
             ctx.keep = false;
-            return Err(bad_request(&format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
-            )));
+            return Err(bad_request(&format!("request body: {e}")));
         }
     };
     ctx.body = BodyState::Consumed;

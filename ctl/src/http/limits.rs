@@ -1,41 +1,92 @@
-//! Bounds of the HTTP gateway, each with its reason.
+//! Bounds of the HTTP gateway, each with its reason. docs/operations.md and the "Listener
+//! budgets" table of ARCHITECTURE.md repeat them.
 
 use std::time::Duration;
 
-/// Largest request head (request line + headers). Heads are a URL, a key and a few
-/// headers; 16 KiB is what common servers allow and keeps a slow client's buffer small.
-pub const HEAD_MAX: usize = 16 * 1024;
-/// Most headers in one request; more is not a client of this API.
-pub const HEADERS_MAX: usize = 64;
+/// Largest request head (request line + headers): the shared codec's ceiling
+/// (`proto::limits::HTTP_HEAD_LEN_MAX`, 16 KiB). Heads are a URL, a key and a few headers.
+pub const HEAD_MAX: usize = proto::limits::HTTP_HEAD_LEN_MAX;
 /// Largest JSON request body (413 beyond): the protobuf transport's message bound
 /// (`proto::limits`, 1 MiB), since every JSON body becomes one message.
-pub const JSON_BODY_MAX: usize = 1024 * 1024;
-/// Longest chunk-size or trailer line of a chunked body.
-pub const CHUNK_LINE_MAX: usize = 1024;
+pub const JSON_BODY_MAX: usize = proto::limits::MESSAGE_LEN_MAX;
+/// Raw bytes of a buffered body, chunk framing included: twice the body bound. A client
+/// sending a 1 MiB body in one-byte chunks (6 bytes of framing each) is refused with 413
+/// rather than costing six times the memory of its body.
+pub const BODY_RAW_MAX: usize = 2 * JSON_BODY_MAX;
 /// Largest part-header block of a multipart body.
 pub const MULTIPART_HEAD_MAX: usize = 8 * 1024;
 /// Largest non-file form field of a multipart upload (a path, a user, a mode).
 pub const FORM_FIELD_MAX: usize = 8 * 1024;
-/// Open connections at once (idle, reading or being served); more are refused with 503, so
-/// a flood cannot exhaust file descriptors.
+
+/// Open connections at once (idle, reading, queued or being served); more are answered 503
+/// and closed, so a flood cannot exhaust file descriptors.
 pub const CONNECTIONS_MAX: usize = 1024;
-/// Requests served at once (worker threads). Streams (exec, download, upload) hold one for
-/// their duration; the rest get 503 instead of an unbounded queue.
+/// Open connections from one source address: a quarter of [`CONNECTIONS_MAX`], so one host
+/// cannot take every connection, while a NAT gateway or a busy CI runner still fits.
+pub const SOURCE_CONNECTIONS_MAX: usize = 256;
+/// Requests served at once (worker threads). A worker only ever gets a complete request
+/// (head and body), or a streamed upload that has already sent [`STREAM_HANDOFF`] bytes.
 pub const WORKERS_MAX: usize = 64;
+/// Workers one source address may hold at once (half the pool): one client running long
+/// streams (exec output, downloads) leaves the other half to everyone else. Its further
+/// requests wait in the queue, they are not refused.
+pub const SOURCE_WORKERS_MAX: usize = WORKERS_MAX / 2;
+/// Workers held by requests whose body streams into the call (file uploads, stdin) after
+/// the hand-off: such a body can stall a worker until [`IO_TIMEOUT`], so at most a quarter
+/// of the pool, whatever the source.
+pub const STREAM_WORKERS_MAX: usize = WORKERS_MAX / 4;
+/// Complete requests waiting for a worker. Keep-alive clients beyond the pool wait here;
+/// past it they get 503 with `Retry-After` ([`RETRY_AFTER_SECS`]): a wait behind 512
+/// requests is already longer than a retry. Each connection has at most one request queued.
+pub const QUEUE_MAX: usize = 512;
+/// Queued requests of one source address: half the queue, so one host's burst leaves room
+/// for others.
+pub const SOURCE_QUEUED_MAX: usize = QUEUE_MAX / 2;
+/// `Retry-After` of a 503 at the queue or connection bound.
+pub const RETRY_AFTER_SECS: u32 = 1;
+/// Threads reserved for `/health` and `/metrics`, outside the worker pool, so probes and
+/// scrapes answer even when every worker is busy; two, so one slow health check (it runs a
+/// `SELECT 1`) does not hold up a scrape.
+pub const OPS_WORKERS: usize = 2;
+/// `/health` and `/metrics` requests waiting for an ops thread (503 beyond): probes and
+/// scrapers send one at a time.
+pub const OPS_QUEUE_MAX: usize = 64;
+
 /// A request head must arrive whole within this time of its first byte (slowloris).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// An idle keep-alive connection is closed after this long.
+/// A connection that sends nothing (new, or idle between keep-alive requests) is closed
+/// after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest wait for the next bytes of a body, or for the client to take response bytes.
+/// A request body must arrive whole (or, for a streamed upload, its first
+/// [`STREAM_HANDOFF`] bytes) within this time of its head; else 408 naming this deadline.
+/// The event loop reads it, so a stalled body costs a buffer, never a worker.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of a streamed upload the loop buffers before a worker takes over (the rest
+/// streams into the call without a size bound): a client must show this much of its body
+/// before it costs a worker. Smaller uploads arrive whole. Stdin bodies are handed over at
+/// their first byte (interactive input), still within [`STREAM_WORKERS_MAX`].
+pub const STREAM_HANDOFF: usize = 1024 * 1024;
+/// After the hand-off: longest wait for the next bytes of a streamed body, or for the
+/// client to take response bytes (a server stream's reader). No total bound: exec output
+/// and downloads, and later exposed ports, are long-lived by design.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Unread body bytes skipped after an error answer to keep the connection; beyond this the
 /// connection is closed instead.
 pub const DRAIN_MAX: u64 = 64 * 1024;
+/// Closing after an answer while the client may still be sending: half-close, then read
+/// and drop at most this long and [`LINGER_BYTES`], so the kernel does not reset the
+/// connection (which can destroy the answer before the client reads it).
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// See [`LINGER_TIMEOUT`].
+pub const LINGER_BYTES: usize = 1024 * 1024;
 /// Bytes of file data per upload message (the protobuf transport's bulk chunk size).
-pub const UPLOAD_CHUNK: usize = 64 * 1024;
+pub const UPLOAD_CHUNK: usize = proto::limits::CHUNK_LEN;
+/// Bytes read from a socket per read call on the loop.
+pub const READ_CHUNK: usize = 16 * 1024;
 /// Events handled per poll.
 pub const EVENTS: usize = 256;
-/// A JSON body (≤ 1 MiB) must arrive whole within this time of its first read, so a client
-/// dripping bytes cannot hold a worker for IO_TIMEOUT per byte. File uploads have no total
-/// bound (any size), only IO_TIMEOUT between reads.
-pub const JSON_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+const _: () = assert!(SOURCE_CONNECTIONS_MAX <= CONNECTIONS_MAX);
+const _: () = assert!(SOURCE_WORKERS_MAX <= WORKERS_MAX && STREAM_WORKERS_MAX < WORKERS_MAX);
+const _: () = assert!(SOURCE_QUEUED_MAX <= QUEUE_MAX);
+const _: () = assert!(STREAM_HANDOFF <= BODY_RAW_MAX);

@@ -3,6 +3,7 @@
 
 use std::io::{self, Write};
 
+use proto::http::BodyLen;
 use proto::{Code, Status};
 use serde_json::{json, Value};
 
@@ -25,33 +26,7 @@ pub fn http_status(code: Code) -> u16 {
     }
 }
 
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        201 => "Created",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        411 => "Length Required",
-        412 => "Precondition Failed",
-        413 => "Content Too Large",
-        415 => "Unsupported Media Type",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        499 => "Client Closed Request",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
-}
+pub use proto::http::reason;
 
 /// The JSON error body.
 pub fn error_body(code: &str, message: &str) -> Value {
@@ -104,23 +79,40 @@ pub fn write_head(
     keep_alive: bool,
     extra: &[(&'static str, String)],
 ) -> io::Result<()> {
-    let mut h = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    let body = match length {
+        Some(n) => BodyLen::Length(n),
+        None => BodyLen::Chunked,
+    };
+    w.write_all(&head_bytes(status, content_type, body, !keep_alive, extra))
+}
+
+fn head_bytes(
+    status: u16,
+    content_type: &str,
+    body: BodyLen,
+    close: bool,
+    extra: &[(&'static str, String)],
+) -> Vec<u8> {
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 2);
     if !content_type.is_empty() {
-        h.push_str(&format!("Content-Type: {content_type}\r\n"));
+        headers.push(("Content-Type", content_type));
     }
-    match length {
-        Some(n) => h.push_str(&format!("Content-Length: {n}\r\n")),
-        None => h.push_str("Transfer-Encoding: chunked\r\n"),
-    }
-    if !keep_alive {
-        h.push_str("Connection: close\r\n");
-    }
-    h.push_str("Cache-Control: no-store\r\n");
-    for (k, v) in extra {
-        h.push_str(&format!("{k}: {v}\r\n"));
-    }
-    h.push_str("\r\n");
-    w.write_all(h.as_bytes())
+    headers.push(("Cache-Control", "no-store"));
+    headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+    proto::http::response_head(status, &headers, body, close)
+}
+
+/// A whole response as bytes (answers written from the event loop).
+pub fn response_bytes(r: &Response, keep_alive: bool) -> Vec<u8> {
+    let mut out = head_bytes(
+        r.status,
+        r.content_type,
+        BodyLen::Length(r.body.len() as u64),
+        !keep_alive,
+        &r.extra,
+    );
+    out.extend_from_slice(&r.body);
+    out
 }
 
 pub fn write_response(
@@ -165,12 +157,13 @@ pub fn start_stream<W: Write>(
     if http11 {
         write_head(&mut w, status, content_type, None, keep_alive, extra)?;
     } else {
-        let mut h = format!("HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nConnection: close\r\nCache-Control: no-store\r\n", reason(status));
-        for (k, v) in extra {
-            h.push_str(&format!("{k}: {v}\r\n"));
-        }
-        h.push_str("\r\n");
-        w.write_all(h.as_bytes())?;
+        w.write_all(&head_bytes(
+            status,
+            content_type,
+            BodyLen::UntilClose,
+            true,
+            extra,
+        ))?;
     }
     Ok(Chunked {
         inner: w,
@@ -187,16 +180,14 @@ impl<W: Write> Chunked<W> {
             self.inner.write_all(data)?;
             return self.inner.flush();
         }
-        write!(self.inner, "{:x}\r\n", data.len())?;
-        self.inner.write_all(data)?;
-        self.inner.write_all(b"\r\n")?;
+        proto::http::write_chunk(&mut self.inner, data)?;
         self.inner.flush()
     }
     pub fn finish(&mut self) -> io::Result<()> {
         if self.raw {
             return self.inner.flush();
         }
-        self.inner.write_all(b"0\r\n\r\n")?;
+        proto::http::write_last_chunk(&mut self.inner)?;
         self.inner.flush()
     }
 }

@@ -1,47 +1,68 @@
-//! The gateway's event loop and workers.
+//! The gateway's event loop, its bounded queue and its workers.
 //!
-//! One mio thread accepts connections and reads request heads (edge-triggered, draining
-//! until `WouldBlock`) into fixed slots, enforcing the head bound and the head/idle
-//! deadlines there, so slow or idle clients cost no thread. A complete head hands the
-//! connection to a bounded worker pool: the worker turns the socket blocking with I/O
-//! timeouts, serves the request (bodies and streamed answers of any size), then serves any
-//! pipelined request already buffered and gives the connection back to the loop for the
-//! next keep-alive request. Architecture invariant: the loop never blocks on a backend call
-//! or on a client; every wait is in a worker with a timeout.
+//! One mio thread accepts connections and does all request I/O that can stall: it reads
+//! heads and bodies (edge-triggered, non-blocking) into per-connection buffers under the
+//! head, body and idle deadlines, and writes the answers it gives itself (401 without a
+//! key, 408, 413, 503, errors of the head). A worker gets only a complete request:
+//!
+//! 1. head parsed on the loop; `/health` and `/metrics` go to [`OPS_WORKERS`] reserved
+//!    threads with their own queue, so they answer when every worker is busy;
+//! 2. a `/v1` route without `X-API-Key`, or with a key that is not even shaped like one, is
+//!    answered 401 on the loop at once and the connection closed: its body is never read;
+//! 3. a request with a body and a key: a worker checks the key first (it needs the
+//!    database; see below) and the body is read only if the key is valid;
+//! 4. the body is read on the loop, whole (at most `JSON_BODY_MAX`), before the BODY_TIMEOUT
+//!    deadline (408 naming it); streamed uploads are handed over once [`STREAM_HANDOFF`]
+//!    bytes arrived (stdin at its first byte) and count against [`STREAM_WORKERS_MAX`];
+//! 5. the complete request waits in a bounded FIFO queue for a worker ([`QUEUE_MAX`], per
+//!    source [`SOURCE_QUEUED_MAX`]; 503 with `Retry-After` beyond), a source holding at
+//!    most [`SOURCE_WORKERS_MAX`] workers;
+//! 6. the worker turns the socket blocking (I/O timeouts), serves the request, including
+//!    streamed answers of any length, and gives the connection back to the loop for the
+//!    next keep-alive or pipelined request.
+//!
+//! Why the key is checked on a worker and not cached on the loop: checking a key is an
+//! indexed SELECT; a cache on the loop would make a revoked key keep working for the
+//! cache's lifetime (issue 12 wants revocation immediate). The loop only decides what needs
+//! no database: is there a key, is it shaped like one. A bad key thus costs one short worker
+//! turn and no body read.
+//!
+//! Architecture invariant: the loop never blocks, neither on a backend call nor on a
+//! client; every wait outside it is in a worker with a timeout, and a worker never waits
+//! for a client's request bytes except a streamed body after its hand-off.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::os::fd::AsRawFd;
-
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use proto::http::{BodyDecoder, BodyError};
+use proto::rpc::Peer;
 
 use super::backend::Backend;
-use super::handler::{After, Gateway, METRICS};
+use super::handler::{api_key, missing_key, After, Gateway, METRICS};
 use super::limits::{
-    CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT, IDLE_TIMEOUT, IO_TIMEOUT, JSON_BODY_TIMEOUT,
-    WORKERS_MAX,
+    BODY_RAW_MAX, BODY_TIMEOUT, CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT, IDLE_TIMEOUT,
+    IO_TIMEOUT, JSON_BODY_MAX, LINGER_BYTES, LINGER_TIMEOUT, OPS_QUEUE_MAX, OPS_WORKERS, QUEUE_MAX,
+    READ_CHUNK, RETRY_AFTER_SECS, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX, SOURCE_WORKERS_MAX,
+    STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
 };
 use super::request::{parse_head, Head, HeadError, Wire};
-use super::response::{write_response, Response};
+use super::response::{response_bytes, Response};
+use super::routes::{match_route, Call, Match, Method, ROUTES};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
-/// How often deadlines are checked.
-const SWEEP: Duration = Duration::from_millis(250);
-/// Lingering close after an error with a body still arriving: at most this long, this many
-/// bytes, and this long without a byte.
-const LINGER_MAX: Duration = Duration::from_secs(2);
-const LINGER_BYTES: usize = 1024 * 1024;
-const LINGER_READ: Duration = Duration::from_millis(200);
+/// Longest pause between deadline sweeps (shorter when a configured deadline is short).
+const SWEEP_MAX: Duration = Duration::from_millis(250);
 /// A worker without work for this long exits, so an idle server holds no threads.
 const WORKER_IDLE: Duration = Duration::from_secs(30);
 
@@ -49,22 +70,32 @@ const WORKER_IDLE: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     pub connections_max: usize,
+    pub source_connections_max: usize,
     pub workers_max: usize,
+    pub source_workers_max: usize,
+    pub stream_workers_max: usize,
+    pub queue_max: usize,
+    pub source_queued_max: usize,
     pub head_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_timeout: Duration,
     pub io_timeout: Duration,
-    pub json_body_timeout: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             connections_max: CONNECTIONS_MAX,
+            source_connections_max: SOURCE_CONNECTIONS_MAX,
             workers_max: WORKERS_MAX,
+            source_workers_max: SOURCE_WORKERS_MAX,
+            stream_workers_max: STREAM_WORKERS_MAX,
+            queue_max: QUEUE_MAX,
+            source_queued_max: SOURCE_QUEUED_MAX,
             head_timeout: HEAD_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
+            body_timeout: BODY_TIMEOUT,
             io_timeout: IO_TIMEOUT,
-            json_body_timeout: JSON_BODY_TIMEOUT,
         }
     }
 }
@@ -95,28 +126,114 @@ impl std::error::Error for HttpError {
     }
 }
 
+/// What a request needs before a worker may take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// `/health`, `/metrics`: the reserved ops threads.
+    Ops,
+    /// No key needed (documents, unknown routes: the handler answers).
+    Open,
+    /// A `/v1` route: a key, and the body read whole (`stream`: false) or until the
+    /// hand-off threshold `handoff` (streamed uploads, stdin).
+    Api { stream: bool, handoff: usize },
+}
+
+/// A parsed request on the loop.
+struct Pending {
+    head: Head,
+    plan: Plan,
+    peer: Option<Peer>,
+}
+
+enum Phase {
+    /// Waiting for (the rest of) a head.
+    Head,
+    /// A worker checks the key; nothing is read meanwhile.
+    Authing(Pending),
+    /// Reading the body: `scanned` raw bytes of `buf` decoded so far.
+    Body {
+        req: Pending,
+        decoder: BodyDecoder,
+        scanned: usize,
+    },
+    /// Complete, waiting in a queue.
+    Queued(Pending),
+    /// Writing a last answer, then half-close and linger.
+    Closing,
+    /// Half-closed: reading and dropping until EOF or the linger bound.
+    Linger { dropped: usize },
+}
+
 struct Conn {
     stream: TcpStream,
+    source: IpAddr,
+    /// Bytes read and not used yet (after the head: the body's raw bytes, then pipelined
+    /// requests).
     buf: Vec<u8>,
+    /// Bytes to write from the loop (an answer of its own, a 100 Continue).
+    out: Vec<u8>,
+    phase: Phase,
     deadline: Instant,
+    /// Generation of the slot, so a late auth answer cannot reach a newer connection.
+    gen: u64,
     /// Socket timeouts already set (they survive the blocking/non-blocking switches).
     prepared: bool,
 }
 
-enum Slot {
-    Free,
-    Reading(Conn),
-    /// Held by a worker.
-    Busy,
+enum ReadOutcome {
+    /// Bytes were added to the buffer.
+    Got,
+    Eof,
+    /// Nothing more now (would block), or the phase reads no more.
+    Stop,
 }
 
-/// What a worker gives back: the slot and, for keep-alive, the connection and its buffer.
-type Returned = (usize, Option<(std::net::TcpStream, Vec<u8>)>);
+enum Slot {
+    Free,
+    Open(Box<Conn>),
+    /// Held by a worker.
+    Busy {
+        source: IpAddr,
+        stream: bool,
+        gen: u64,
+    },
+}
+
+/// What happens to a connection a worker gives back.
+enum Then {
+    /// Read the next request (`buf` holds any bytes already read).
+    Resume,
+    /// The client may still be sending: half-close and linger.
+    Linger,
+}
+
+enum Returned {
+    Auth {
+        slot: usize,
+        gen: u64,
+        source: IpAddr,
+        result: Result<Peer, Response>,
+    },
+    Served {
+        slot: usize,
+        ops: bool,
+        conn: Option<(std::net::TcpStream, Vec<u8>, Then)>,
+    },
+}
 
 struct Shared {
     returned: Mutex<Vec<Returned>>,
     waker: Waker,
     stop: AtomicBool,
+}
+
+impl Shared {
+    fn give_back(&self, r: Returned) {
+        if let Ok(mut v) = self.returned.lock() {
+            v.push(r);
+        }
+        let _ = self.waker.wake();
+    }
 }
 
 /// Stops a running server.
@@ -133,6 +250,23 @@ impl HttpHandle {
     }
 }
 
+/// A job waiting for a worker.
+struct Job {
+    slot: usize,
+    gen: u64,
+    source: IpAddr,
+    /// Some: a key to check (the connection stays on the loop).
+    auth: Option<String>,
+    stream: bool,
+}
+
+#[derive(Default)]
+struct SourceUse {
+    conns: usize,
+    queued: usize,
+    busy: usize,
+}
+
 pub struct HttpServer {
     poll: Poll,
     listener: TcpListener,
@@ -140,7 +274,17 @@ pub struct HttpServer {
     shared: Arc<Shared>,
     gateway: Arc<Gateway>,
     pool: Arc<Pool>,
+    ops_pool: Arc<Pool>,
     config: HttpConfig,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    next_gen: u64,
+    sources: HashMap<IpAddr, SourceUse>,
+    queue: VecDeque<Job>,
+    ops_queue: VecDeque<Job>,
+    busy: usize,
+    streams_busy: usize,
+    ops_busy: usize,
 }
 
 impl HttpServer {
@@ -170,11 +314,21 @@ impl HttpServer {
                 stop: AtomicBool::new(false),
             }),
             gateway: Arc::new(Gateway {
-                json_body_timeout: config.json_body_timeout,
+                io_timeout: config.io_timeout,
                 ..Gateway::new(backend)
             }),
-            pool: Pool::new(config.workers_max),
+            pool: Pool::new(config.workers_max, "http-worker"),
+            ops_pool: Pool::new(OPS_WORKERS, "http-ops"),
+            slots: (0..config.connections_max).map(|_| Slot::Free).collect(),
+            free: (0..config.connections_max).rev().collect(),
             config,
+            next_gen: 0,
+            sources: HashMap::new(),
+            queue: VecDeque::new(),
+            ops_queue: VecDeque::new(),
+            busy: 0,
+            streams_busy: 0,
+            ops_busy: 0,
         })
     }
 
@@ -201,11 +355,13 @@ impl HttpServer {
     /// Runs the loop until [`HttpHandle::shutdown`].
     pub fn run(mut self) -> Result<(), HttpError> {
         let mut events = Events::with_capacity(EVENTS);
-        let mut slots: Vec<Slot> = (0..self.config.connections_max)
-            .map(|_| Slot::Free)
-            .collect();
-        let mut free: Vec<usize> = (0..self.config.connections_max).rev().collect();
-        let mut next_sweep = Instant::now() + SWEEP;
+        let shortest = self
+            .config
+            .head_timeout
+            .min(self.config.body_timeout)
+            .min(self.config.idle_timeout);
+        let sweep = (shortest / 4).clamp(Duration::from_millis(10), SWEEP_MAX);
+        let mut next_sweep = Instant::now() + sweep;
         log::info!("http listening addr={}", self.addr);
         loop {
             let timeout = next_sweep.saturating_duration_since(Instant::now());
@@ -216,63 +372,63 @@ impl HttpServer {
                 return Err(HttpError::Poll(e));
             }
             if self.shared.stop.load(Ordering::SeqCst) {
-                let open = slots
+                let open = self
+                    .slots
                     .iter()
-                    .filter(|s| matches!(s, Slot::Reading(_)))
+                    .filter(|s| matches!(s, Slot::Open(_)))
                     .count();
                 METRICS.connections_open.add(-(open as i64));
+                METRICS.queued.add(-(self.queue.len() as i64));
                 log::info!("http stopped addr={}", self.addr);
                 return Ok(());
             }
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(&mut slots, &mut free),
+                    LISTENER => self.accept(),
                     WAKER => {}
                     Token(t) => {
                         let i = t - FIRST_CONN;
-                        self.readable(&mut slots, &mut free, i);
-                    }
-                }
-            }
-            // Connections given back by workers.
-            let returned = match self.shared.returned.lock() {
-                Ok(mut r) => std::mem::take(&mut *r),
-                Err(_) => Vec::new(),
-            };
-            for (i, conn) in returned {
-                match conn {
-                    None => release(&mut slots, &mut free, i),
-                    Some((std, buf)) => self.resume(&mut slots, &mut free, i, std, buf),
-                }
-            }
-            if Instant::now() >= next_sweep {
-                next_sweep = Instant::now() + SWEEP;
-                let now = Instant::now();
-                for i in 0..slots.len() {
-                    if let Slot::Reading(c) = &slots[i] {
-                        if now >= c.deadline {
-                            if !c.buf.is_empty() {
-                                // Best effort on the non-blocking socket; then close.
-                                let r = Response::error(
-                                    408,
-                                    "request_timeout",
-                                    "request head not received in time",
-                                );
-                                let mut out = Vec::new();
-                                let _ = write_response(&mut out, &r, false, false);
-                                let _ = (&c.stream).write(&out);
-                            }
-                            self.close(&mut slots, &mut free, i);
+                        if ev.is_writable() {
+                            self.flush(i);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.readable(i);
                         }
                     }
                 }
             }
+            let returned = match self.shared.returned.lock() {
+                Ok(mut r) => std::mem::take(&mut *r),
+                Err(_) => Vec::new(),
+            };
+            for r in returned {
+                self.on_returned(r);
+            }
+            self.pump();
+            if Instant::now() >= next_sweep {
+                next_sweep = Instant::now() + sweep;
+                self.sweep();
+            }
         }
     }
 
-    fn accept(&mut self, slots: &mut [Slot], free: &mut Vec<usize>) {
+    fn source_use(&mut self, ip: IpAddr) -> &mut SourceUse {
+        self.sources.entry(ip).or_default()
+    }
+
+    fn forget_source_if_unused(&mut self, ip: IpAddr) {
+        if self
+            .sources
+            .get(&ip)
+            .is_some_and(|u| u.conns == 0 && u.queued == 0 && u.busy == 0)
+        {
+            self.sources.remove(&ip);
+        }
+    }
+
+    fn accept(&mut self) {
         loop {
-            let (mut stream, _) = match self.listener.accept() {
+            let (mut stream, peer) = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -282,285 +438,795 @@ impl HttpServer {
                     return;
                 }
             };
-            let Some(i) = free.pop() else {
-                METRICS.connections_refused.inc();
-                let r = Response::error(503, "unavailable", "too many connections");
-                let mut buf = Vec::new();
-                let _ = write_response(&mut buf, &r, false, false);
-                let _ = stream.write(&buf);
-                continue;
+            let source = peer.ip();
+            let per_source = self.sources.get(&source).map_or(0, |u| u.conns);
+            let refusal = if per_source >= self.config.source_connections_max {
+                Some("too many connections from this address")
+            } else if self.free.is_empty() {
+                Some("too many connections")
+            } else {
+                None
             };
+            if let Some(why) = refusal {
+                METRICS.connections_refused.inc();
+                let _ = stream.write(&response_bytes(&unavailable(why), false));
+                continue;
+            }
+            let Some(i) = self.free.pop() else { continue };
             if self
                 .poll
                 .registry()
                 .register(
                     &mut SourceFd(&stream.as_raw_fd()),
                     Token(FIRST_CONN + i),
-                    Interest::READABLE,
+                    Interest::READABLE | Interest::WRITABLE,
                 )
                 .is_err()
             {
-                free.push(i);
+                self.free.push(i);
                 continue;
             }
             let _ = stream.set_nodelay(true);
             METRICS.connections_open.add(1);
-            slots[i] = Slot::Reading(Conn {
+            self.source_use(source).conns += 1;
+            self.next_gen += 1;
+            self.slots[i] = Slot::Open(Box::new(Conn {
                 stream,
+                source,
                 buf: Vec::new(),
+                out: Vec::new(),
+                phase: Phase::Head,
                 deadline: Instant::now() + self.config.idle_timeout,
+                gen: self.next_gen,
                 prepared: false,
-            });
+            }));
             // Edge-triggered: bytes may already be there.
-            self.readable(slots, free, i);
+            self.readable(i);
         }
     }
 
-    fn resume(
-        &mut self,
-        slots: &mut [Slot],
-        free: &mut Vec<usize>,
-        i: usize,
-        std: std::net::TcpStream,
-        buf: Vec<u8>,
-    ) {
-        if std.set_nonblocking(true).is_err() {
-            release(slots, free, i);
+    fn conn(&mut self, i: usize) -> Option<&mut Conn> {
+        match self.slots.get_mut(i) {
+            Some(Slot::Open(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Closes an open connection and frees its slot.
+    fn close(&mut self, i: usize) {
+        if let Slot::Open(c) = std::mem::replace(&mut self.slots[i], Slot::Free) {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&c.stream.as_raw_fd()));
+            METRICS.connections_open.add(-1);
+            self.free.push(i);
+            self.source_use(c.source).conns -= 1;
+            if matches!(c.phase, Phase::Queued(_)) {
+                self.unqueue(i, c.gen, c.source);
+            }
+            self.forget_source_if_unused(c.source);
+        }
+    }
+
+    fn unqueue(&mut self, i: usize, gen: u64, source: IpAddr) {
+        let before = self.queue.len() + self.ops_queue.len();
+        self.queue.retain(|j| !(j.slot == i && j.gen == gen));
+        self.ops_queue.retain(|j| !(j.slot == i && j.gen == gen));
+        let removed = before - self.queue.len() - self.ops_queue.len();
+        if removed > 0 {
+            METRICS.queued.add(-(removed as i64));
+            self.source_use(source).queued -= removed;
+        }
+    }
+
+    /// Answers from the loop, then closes (half-close and linger, so the answer is not lost
+    /// to a reset while the client is still sending).
+    fn answer_and_close(&mut self, i: usize, r: &Response) {
+        METRICS.count_gateway(r.status);
+        let Some(c) = self.conn(i) else { return };
+        c.out.extend_from_slice(&response_bytes(r, false));
+        c.phase = Phase::Closing;
+        c.deadline = Instant::now() + LINGER_TIMEOUT;
+        self.flush(i);
+    }
+
+    /// Writes pending output; after a last answer, half-closes and lingers.
+    fn flush(&mut self, i: usize) {
+        let Some(c) = self.conn(i) else { return };
+        let mut failed = false;
+        while !c.out.is_empty() {
+            match c.stream.write(&c.out) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            self.close(i);
             return;
         }
+        if matches!(c.phase, Phase::Closing) {
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            c.phase = Phase::Linger { dropped: 0 };
+            self.readable(i);
+        }
+    }
+
+    /// Reads what the connection's phase wants, one chunk at a time, acting on each (a
+    /// complete head, body progress), until the socket is drained or the phase reads no more.
+    fn readable(&mut self, i: usize) {
+        loop {
+            match self.read_once(i) {
+                ReadOutcome::Got => self.process(i, false),
+                ReadOutcome::Eof => return self.process(i, true),
+                ReadOutcome::Stop => return,
+            }
+        }
+    }
+
+    fn process(&mut self, i: usize, eof: bool) {
+        let Some(c) = self.conn(i) else { return };
+        match c.phase {
+            Phase::Head => self.advance_head(i, eof),
+            Phase::Body { .. } => self.advance_body(i, eof),
+            Phase::Linger { .. } if eof => self.close(i),
+            _ => {}
+        }
+    }
+
+    fn read_once(&mut self, i: usize) -> ReadOutcome {
+        let head_timeout = self.config.head_timeout;
+        let Some(c) = self.conn(i) else {
+            return ReadOutcome::Stop;
+        };
+        let room = match &c.phase {
+            Phase::Head => HEAD_MAX + 1 > c.buf.len(),
+            Phase::Body { .. } => BODY_RAW_MAX + 1 > c.buf.len(),
+            Phase::Linger { .. } => true,
+            Phase::Authing(_) | Phase::Queued(_) | Phase::Closing => false,
+        };
+        if !room {
+            return ReadOutcome::Stop;
+        }
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            return match c.stream.read(&mut chunk) {
+                Ok(0) => ReadOutcome::Eof,
+                Ok(n) => {
+                    if let Phase::Linger { dropped } = &mut c.phase {
+                        *dropped += n;
+                        if *dropped > LINGER_BYTES {
+                            return ReadOutcome::Eof;
+                        }
+                        continue;
+                    }
+                    if c.buf.is_empty() && matches!(c.phase, Phase::Head) {
+                        c.deadline = Instant::now() + head_timeout;
+                    }
+                    c.buf.extend_from_slice(&chunk[..n]);
+                    ReadOutcome::Got
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::Stop,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => ReadOutcome::Eof,
+            };
+        }
+    }
+
+    fn advance_head(&mut self, i: usize, eof: bool) {
+        let Some(c) = self.conn(i) else { return };
+        match parse_head(&c.buf) {
+            Ok(Some((head, n))) => {
+                c.buf.drain(..n);
+                self.on_head(i, head);
+            }
+            Ok(None) => {
+                if eof {
+                    self.close(i);
+                }
+            }
+            Err(e) => {
+                let status = match e {
+                    HeadError::TooLarge => 431,
+                    HeadError::UnsupportedVersion => 505,
+                    _ => 400,
+                };
+                let msg = if e == HeadError::TooLarge {
+                    format!("request head larger than {} KiB", HEAD_MAX / 1024)
+                } else {
+                    format!("request {e}")
+                };
+                self.answer_and_close(i, &Response::error(status, "invalid_argument", &msg));
+            }
+        }
+    }
+
+    fn on_head(&mut self, i: usize, head: Head) {
+        let plan = plan_of(&head);
+        let mut req = Pending {
+            head,
+            plan,
+            peer: None,
+        };
+        if let Plan::Api { .. } = plan {
+            let key = api_key(&req.head).map(str::to_owned);
+            match key {
+                None => return self.answer_and_close(i, &missing_key()),
+                Some(k) if !self.gateway.backend.key_well_formed(&k) => {
+                    let r = Response::error(
+                        401,
+                        proto::Code::Unauthenticated.name(),
+                        "malformed api key",
+                    );
+                    return self.answer_and_close(i, &r);
+                }
+                // Checked before the body is read (a worker: it needs the database).
+                Some(k) if req.head.has_body() => {
+                    let Some(c) = self.conn(i) else { return };
+                    let (gen, source) = (c.gen, c.source);
+                    c.phase = Phase::Authing(req);
+                    self.enqueue(
+                        i,
+                        Job {
+                            slot: i,
+                            gen,
+                            source,
+                            auth: Some(k),
+                            stream: false,
+                        },
+                    );
+                    return;
+                }
+                // No body to protect: the worker checks the key as it serves.
+                Some(_) => {}
+            }
+        }
+        if !req.head.has_body() {
+            return self.ready(i, req);
+        }
+        self.start_body(i, &mut req);
+        let Some(c) = self.conn(i) else { return };
+        let decoder = BodyDecoder::new(req.head.framing()).with_limit(match req.plan {
+            Plan::Api { stream: true, .. } => u64::MAX,
+            _ => JSON_BODY_MAX as u64,
+        });
+        c.phase = Phase::Body {
+            req,
+            decoder,
+            scanned: 0,
+        };
+        self.advance_body(i, false);
+    }
+
+    /// Entering the body: its deadline, and `100 Continue` when the client waits for it.
+    fn start_body(&mut self, i: usize, req: &mut Pending) {
+        let body_timeout = self.config.body_timeout;
+        let Some(c) = self.conn(i) else { return };
+        c.deadline = Instant::now() + body_timeout;
+        if req.head.expect_continue {
+            req.head.expect_continue = false;
+            c.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            self.flush(i);
+        }
+    }
+
+    fn advance_body(&mut self, i: usize, eof: bool) {
+        let Some(c) = self.conn(i) else { return };
+        let Phase::Body {
+            req,
+            decoder,
+            scanned,
+        } = &mut c.phase
+        else {
+            return;
+        };
+        // A Content-Length over the limit fails before any body byte arrives.
+        let mut failure = decoder.advance(&[], 0).err();
+        while failure.is_none() && *scanned < c.buf.len() && !decoder.is_done() {
+            match decoder.advance(&c.buf[*scanned..], usize::MAX) {
+                Ok(p) if p.consumed == 0 => break,
+                Ok(p) => *scanned += p.consumed,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() && !decoder.is_done() && eof {
+            failure = Some(BodyError::Truncated);
+        }
+        if let Some(e) = failure {
+            let r = match e {
+                BodyError::TooLarge { limit } => Response::error(
+                    413,
+                    "payload_too_large",
+                    &format!("JSON bodies are limited to {limit} bytes"),
+                ),
+                BodyError::Truncated => {
+                    // The client went away mid-body: nobody to answer.
+                    return self.close(i);
+                }
+                e => Response::error(400, "invalid_argument", &format!("request body: {e}")),
+            };
+            return self.answer_and_close(i, &r);
+        }
+        let ready = match req.plan {
+            _ if decoder.is_done() => true,
+            Plan::Api {
+                stream: true,
+                handoff,
+            } => decoder.decoded() >= handoff as u64 || c.buf.len() >= BODY_RAW_MAX,
+            _ => false,
+        };
+        if ready {
+            let Phase::Body { req, .. } = std::mem::replace(&mut c.phase, Phase::Head) else {
+                return;
+            };
+            return self.ready(i, req);
+        }
+        if c.buf.len() > BODY_RAW_MAX {
+            let r = Response::error(
+                413,
+                "payload_too_large",
+                &format!("request body framing over {BODY_RAW_MAX} bytes"),
+            );
+            self.answer_and_close(i, &r);
+        }
+    }
+
+    /// A complete request (or a streamed one at its hand-off): into a queue.
+    fn ready(&mut self, i: usize, req: Pending) {
+        let ops = req.plan == Plan::Ops;
+        let stream = matches!(req.plan, Plan::Api { stream: true, .. });
+        let Some(c) = self.conn(i) else { return };
+        let (gen, source) = (c.gen, c.source);
+        c.phase = Phase::Queued(req);
+        if ops {
+            if self.ops_queue.len() >= OPS_QUEUE_MAX {
+                METRICS.connections_refused.inc();
+                return self.answer_and_close(i, &unavailable("health and metrics are busy"));
+            }
+            self.source_use(source).queued += 1;
+            METRICS.queued.add(1);
+            self.ops_queue.push_back(Job {
+                slot: i,
+                gen,
+                source,
+                auth: None,
+                stream: false,
+            });
+            self.pump();
+            return;
+        }
+        self.enqueue(
+            i,
+            Job {
+                slot: i,
+                gen,
+                source,
+                auth: None,
+                stream,
+            },
+        );
+    }
+
+    fn enqueue(&mut self, i: usize, job: Job) {
+        let source = job.source;
+        let queued = self.sources.get(&source).map_or(0, |u| u.queued);
+        if self.queue.len() >= self.config.queue_max {
+            METRICS.connections_refused.inc();
+            return self.answer_and_close(i, &unavailable("too many requests waiting; retry"));
+        }
+        if queued >= self.config.source_queued_max {
+            METRICS.connections_refused.inc();
+            return self.answer_and_close(
+                i,
+                &unavailable("too many requests waiting from this address; retry"),
+            );
+        }
+        self.source_use(source).queued += 1;
+        METRICS.queued.add(1);
+        self.queue.push_back(job);
+        // Start it now if a worker is free: the queue holds only what must wait.
+        self.pump();
+    }
+
+    /// Gives queued jobs to free workers, in order, skipping a job whose source or kind is
+    /// at its worker bound (it keeps its place).
+    fn pump(&mut self) {
+        while self.ops_busy < OPS_WORKERS {
+            let Some(job) = self.ops_queue.pop_front() else {
+                break;
+            };
+            self.dequeued(&job);
+            self.start(job, true);
+        }
+        let mut k = 0;
+        while self.busy < self.config.workers_max && k < self.queue.len() {
+            let job = &self.queue[k];
+            let source_busy = self.sources.get(&job.source).map_or(0, |u| u.busy);
+            let blocked = job.auth.is_none()
+                && (source_busy >= self.config.source_workers_max
+                    || (job.stream && self.streams_busy >= self.config.stream_workers_max));
+            if blocked {
+                k += 1;
+                continue;
+            }
+            let Some(job) = self.queue.remove(k) else {
+                break;
+            };
+            self.dequeued(&job);
+            self.start(job, false);
+        }
+    }
+
+    fn dequeued(&mut self, job: &Job) {
+        METRICS.queued.add(-1);
+        self.source_use(job.source).queued -= 1;
+    }
+
+    /// Starts a job on a worker (`ops`: an ops thread).
+    fn start(&mut self, job: Job, ops: bool) {
+        let i = job.slot;
+        let live = matches!(&self.slots[i], Slot::Open(c) if c.gen == job.gen);
+        if !live {
+            self.forget_source_if_unused(job.source);
+            return;
+        }
+        if let Some(key) = job.auth {
+            // The connection stays on the loop; only the key goes to the worker.
+            let backend = self.gateway.backend.clone();
+            let shared = self.shared.clone();
+            let (gen, source) = (job.gen, job.source);
+            self.busy += 1;
+            self.source_use(job.source).busy += 1;
+            let run = move || {
+                let result = backend
+                    .authenticate(&key)
+                    .map_err(|s| Response::from_status(&s));
+                shared.give_back(Returned::Auth {
+                    slot: i,
+                    gen,
+                    source,
+                    result,
+                });
+            };
+            if self.pool.spawn(Box::new(run)).is_err() {
+                self.busy -= 1;
+                self.source_use(job.source).busy -= 1;
+                self.answer_and_close(i, &unavailable("no worker thread could be started"));
+            }
+            return;
+        }
+        let Slot::Open(c) = std::mem::replace(
+            &mut self.slots[i],
+            Slot::Busy {
+                source: job.source,
+                stream: job.stream,
+                gen: job.gen,
+            },
+        ) else {
+            return;
+        };
+        let Conn {
+            stream,
+            buf,
+            out,
+            phase,
+            prepared,
+            source,
+            ..
+        } = *c;
+        let Phase::Queued(req) = phase else {
+            // Not a request: put it back as it was (cannot happen: only queued requests
+            // are jobs without a key).
+            self.release(i);
+            return;
+        };
+        // The socket stays registered while a worker holds it: its events are ignored for
+        // a busy slot, and `resume` re-arms it (reading at once, since edges may be missed).
+        let std: std::net::TcpStream = stream.into();
+        let mut ok = std.set_nonblocking(false);
+        if !prepared {
+            ok = ok
+                .and_then(|()| std.set_read_timeout(Some(self.config.io_timeout)))
+                .and_then(|()| std.set_write_timeout(Some(self.config.io_timeout)));
+        }
+        if ok.is_err() {
+            self.release(i);
+            return;
+        }
+        if ops {
+            self.ops_busy += 1;
+        } else {
+            self.busy += 1;
+            if job.stream {
+                self.streams_busy += 1;
+            }
+        }
+        self.source_use(source).busy += 1;
+        let gateway = self.gateway.clone();
+        let shared = self.shared.clone();
+        let run = move || {
+            let mut std = std;
+            if !out.is_empty() && std.write_all(&out).is_err() {
+                shared.give_back(Returned::Served {
+                    slot: i,
+                    ops,
+                    conn: None,
+                });
+                return;
+            }
+            let mut wire = Wire::new(std, buf);
+            let after = gateway.serve(&req.head, req.peer, &mut wire);
+            let (std, rest) = wire.into_parts();
+            let conn = match after {
+                After::KeepAlive => Some((std, rest, Then::Resume)),
+                After::CloseUnread => Some((std, Vec::new(), Then::Linger)),
+                After::Close => None,
+            };
+            shared.give_back(Returned::Served { slot: i, ops, conn });
+        };
+        let pool = if ops { &self.ops_pool } else { &self.pool };
+        if pool.spawn(Box::new(run)).is_err() {
+            // Only when a thread could not be created: the job and its socket are
+            // dropped, so the client sees the connection close.
+            METRICS.connections_refused.inc();
+            self.on_returned(Returned::Served {
+                slot: i,
+                ops,
+                conn: None,
+            });
+        }
+    }
+
+    fn on_returned(&mut self, r: Returned) {
+        match r {
+            Returned::Auth {
+                slot,
+                gen,
+                source,
+                result,
+            } => {
+                self.busy -= 1;
+                self.source_use(source).busy -= 1;
+                let live = matches!(&self.slots[slot], Slot::Open(c) if c.gen == gen);
+                if !live {
+                    // The client went away while its key was checked.
+                    self.forget_source_if_unused(source);
+                    return;
+                }
+                match result {
+                    Err(resp) => self.answer_and_close(slot, &resp),
+                    Ok(peer) => {
+                        let Some(c) = self.conn(slot) else { return };
+                        let Phase::Authing(mut req) = std::mem::replace(&mut c.phase, Phase::Head)
+                        else {
+                            return;
+                        };
+                        req.peer = Some(peer);
+                        self.start_body(slot, &mut req);
+                        let Some(c) = self.conn(slot) else { return };
+                        let decoder =
+                            BodyDecoder::new(req.head.framing()).with_limit(match req.plan {
+                                Plan::Api { stream: true, .. } => u64::MAX,
+                                _ => JSON_BODY_MAX as u64,
+                            });
+                        c.phase = Phase::Body {
+                            req,
+                            decoder,
+                            scanned: 0,
+                        };
+                        // Bytes may have arrived (and been left in the kernel) meanwhile.
+                        self.advance_body(slot, false);
+                        self.readable(slot);
+                    }
+                }
+            }
+            Returned::Served { slot, ops, conn } => {
+                let (source, stream) = match self.slots[slot] {
+                    Slot::Busy { source, stream, .. } => (source, stream),
+                    _ => return,
+                };
+                if ops {
+                    self.ops_busy -= 1;
+                } else {
+                    self.busy -= 1;
+                    if stream {
+                        self.streams_busy -= 1;
+                    }
+                }
+                self.source_use(source).busy -= 1;
+                match conn {
+                    None => self.release(slot),
+                    Some((std, buf, then)) => self.resume(slot, std, buf, then),
+                }
+            }
+        }
+    }
+
+    /// Frees the slot of a connection a worker held (its socket is already closed).
+    fn release(&mut self, i: usize) {
+        if let Slot::Busy { source, .. } = self.slots[i] {
+            self.slots[i] = Slot::Free;
+            METRICS.connections_open.add(-1);
+            self.free.push(i);
+            self.source_use(source).conns -= 1;
+            self.forget_source_if_unused(source);
+        }
+    }
+
+    fn resume(&mut self, i: usize, std: std::net::TcpStream, buf: Vec<u8>, then: Then) {
+        let (source, gen) = match self.slots[i] {
+            Slot::Busy { source, gen, .. } => (source, gen),
+            _ => return,
+        };
+        if std.set_nonblocking(true).is_err() {
+            return self.release(i);
+        }
         let stream = TcpStream::from_std(std);
-        // Still registered (dispatch keeps it so): re-arm instead of a delete and an add.
+        // Still registered (start keeps it so): re-arm instead of a delete and an add.
         if self
             .poll
             .registry()
             .reregister(
                 &mut SourceFd(&stream.as_raw_fd()),
                 Token(FIRST_CONN + i),
-                Interest::READABLE,
+                Interest::READABLE | Interest::WRITABLE,
             )
             .is_err()
         {
-            release(slots, free, i);
-            return;
+            return self.release(i);
         }
-        let timeout = if buf.is_empty() {
-            self.config.idle_timeout
-        } else {
-            self.config.head_timeout
+        let now = Instant::now();
+        let (phase, deadline) = match then {
+            Then::Resume if buf.is_empty() => (Phase::Head, now + self.config.idle_timeout),
+            Then::Resume => (Phase::Head, now + self.config.head_timeout),
+            Then::Linger => (Phase::Closing, now + LINGER_TIMEOUT),
         };
-        slots[i] = Slot::Reading(Conn {
+        self.slots[i] = Slot::Open(Box::new(Conn {
             stream,
+            source,
             buf,
+            out: Vec::new(),
+            phase,
+            deadline,
+            gen,
             prepared: true,
-            deadline: Instant::now() + timeout,
-        });
-        self.readable(slots, free, i);
-    }
-
-    fn close(&mut self, slots: &mut [Slot], free: &mut Vec<usize>, i: usize) {
-        if let Slot::Reading(c) = std::mem::replace(&mut slots[i], Slot::Free) {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&c.stream.as_raw_fd()));
-            METRICS.connections_open.add(-1);
-            free.push(i);
+        }));
+        match then {
+            Then::Resume => {
+                // A pipelined request may be buffered already; then read what waits.
+                self.advance_head(i, false);
+                self.readable(i);
+            }
+            Then::Linger => self.flush(i),
         }
     }
 
-    fn readable(&mut self, slots: &mut [Slot], free: &mut Vec<usize>, i: usize) {
-        let Some(Slot::Reading(c)) = slots.get_mut(i) else {
-            return;
-        };
-        let mut chunk = [0u8; 4096];
-        let mut eof = false;
-        loop {
-            if c.buf.len() > HEAD_MAX {
-                break;
-            }
-            match c.stream.read(&mut chunk) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    if c.buf.is_empty() {
-                        c.deadline = Instant::now() + self.config.head_timeout;
-                    }
-                    c.buf.extend_from_slice(&chunk[..n]);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    eof = true;
-                    break;
-                }
-            }
-        }
-        let parsed = parse_head(&c.buf[..c.buf.len().min(HEAD_MAX)]);
-        match parsed {
-            Ok(Some((head, n))) => {
-                let rest = c.buf.split_off(n);
-                self.dispatch(slots, free, i, head, rest);
-            }
-            Ok(None) if c.buf.len() >= HEAD_MAX => {
-                let r = Response::error(431, "invalid_argument", "request head larger than 16 KiB");
-                self.fail(slots, free, i, &r);
-            }
-            Ok(None) => {
-                if eof {
-                    self.close(slots, free, i);
-                }
-            }
-            Err(e) => {
-                let status = if e == HeadError::TooLarge {
-                    431
-                } else if e == HeadError::UnsupportedVersion {
-                    505
-                } else {
-                    400
-                };
-                let r = Response::error(status, "invalid_argument", &e.to_string());
-                self.fail(slots, free, i, &r);
-            }
-        }
-    }
-
-    /// Answers from the loop (non-blocking, best effort) and closes.
-    fn fail(&mut self, slots: &mut [Slot], free: &mut Vec<usize>, i: usize, r: &Response) {
-        if let Slot::Reading(c) = &mut slots[i] {
-            let mut buf = Vec::new();
-            let _ = write_response(&mut buf, r, false, false);
-            let _ = c.stream.write(&buf);
-        }
-        self.close(slots, free, i);
-    }
-
-    fn dispatch(
-        &mut self,
-        slots: &mut [Slot],
-        free: &mut Vec<usize>,
-        i: usize,
-        head: Head,
-        rest: Vec<u8>,
-    ) {
-        if !self.pool.has_capacity() {
-            METRICS.connections_refused.inc();
-            let r = Response::error(503, "unavailable", "every worker is busy; retry");
-            self.fail(slots, free, i, &r);
-            return;
-        }
-        let Slot::Reading(c) = std::mem::replace(&mut slots[i], Slot::Busy) else {
-            return;
-        };
-        // The socket stays registered while a worker holds it: its events are ignored for a
-        // busy slot, and `resume` re-arms it (reading at once, since edges may be missed).
-        let prepared_before = c.prepared;
-        let std: std::net::TcpStream = c.stream.into();
-        let mut prepared = std.set_nonblocking(false);
-        if !prepared_before {
-            prepared = prepared
-                .and_then(|()| std.set_read_timeout(Some(self.config.io_timeout)))
-                .and_then(|()| std.set_write_timeout(Some(self.config.io_timeout)));
-        }
-        if prepared.is_err() {
-            release(slots, free, i);
-            return;
-        }
-        let gateway = self.gateway.clone();
-        let shared = self.shared.clone();
-        let job = move || {
-            let mut wire = Wire {
-                stream: std,
-                buf: rest,
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let Slot::Open(c) = &self.slots[i] else {
+                continue;
             };
-            let mut head = head;
-            let back = loop {
-                match gateway.serve(&head, &mut wire) {
-                    After::KeepAlive => {}
-                    After::Close => break None,
-                    After::CloseUnread => {
-                        linger(&wire.stream);
-                        break None;
-                    }
-                }
-                // A pipelined request may already be buffered.
-                match parse_head(&wire.buf) {
-                    Ok(Some((h, n))) => {
-                        wire.buf.drain(..n);
-                        head = h;
-                    }
-                    Ok(None) if wire.buf.len() < HEAD_MAX => break Some((wire.stream, wire.buf)),
-                    Ok(None) | Err(_) => {
-                        let r =
-                            Response::error(400, "invalid_argument", "malformed pipelined request");
-                        let _ = write_response(&mut wire.stream, &r, false, false);
-                        break None;
-                    }
-                }
-            };
-            if let Ok(mut r) = shared.returned.lock() {
-                r.push((i, back));
+            if now < c.deadline {
+                continue;
             }
-            let _ = shared.waker.wake();
-        };
-        if let Err(job) = self.pool.spawn(Box::new(job)) {
-            // Only when a thread could not be created (capacity was checked above): the
-            // job and its socket are dropped, so the client sees the connection close.
-            drop(job);
-            METRICS.connections_refused.inc();
-            release(slots, free, i);
+            match &c.phase {
+                Phase::Head if c.buf.is_empty() => self.close(i),
+                Phase::Head => {
+                    let r = Response::error(
+                        408,
+                        "request_timeout",
+                        &format!(
+                            "request head not received within the {} s head deadline",
+                            secs(self.config.head_timeout)
+                        ),
+                    );
+                    self.answer_and_close(i, &r);
+                }
+                Phase::Body { .. } => {
+                    let r = Response::error(
+                        408,
+                        "request_timeout",
+                        &format!(
+                            "request body not received within the {} s body deadline",
+                            secs(self.config.body_timeout)
+                        ),
+                    );
+                    self.answer_and_close(i, &r);
+                }
+                Phase::Closing | Phase::Linger { .. } => self.close(i),
+                // Waiting for a worker: the queue bounds this, not a clock.
+                Phase::Authing(_) | Phase::Queued(_) => {}
+            }
         }
     }
 }
 
-/// Closes gracefully after an answer sent while the client may still be sending a body:
-/// half-close, then read and drop what arrives for a short, bounded while. Closing with
-/// unread bytes queued makes the kernel send RST, which can destroy the answer before the
-/// client reads it.
-fn linger(stream: &std::net::TcpStream) {
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(LINGER_READ));
-    let start = Instant::now();
-    let mut sink = [0u8; 8192];
-    let mut total = 0usize;
-    let mut s = stream;
-    while start.elapsed() < LINGER_MAX && total < LINGER_BYTES {
-        match s.read(&mut sink) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => total += n,
-        }
+/// Seconds as a short decimal ("30", "0.3").
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s}")
     }
 }
 
-fn release(slots: &mut [Slot], free: &mut Vec<usize>, i: usize) {
-    if matches!(slots[i], Slot::Busy) {
-        slots[i] = Slot::Free;
-        METRICS.connections_open.add(-1);
-        free.push(i);
+fn unavailable(why: &str) -> Response {
+    let mut r = Response::error(503, "unavailable", why);
+    r.extra.push(("Retry-After", RETRY_AFTER_SECS.to_string()));
+    r
+}
+
+/// What the loop must do with a request before a worker takes it.
+fn plan_of(head: &Head) -> Plan {
+    match head.path.as_str() {
+        "/health" | "/metrics" => return Plan::Ops,
+        "/openapi.yaml" | "/docs" | "/docs/" => return Plan::Open,
+        _ => {}
+    }
+    let Some(method) = Method::parse(&head.method) else {
+        return Plan::Open;
+    };
+    match match_route(&ROUTES, method, &head.path) {
+        Match::Found { route, .. } => match route.call {
+            Call::Upload { .. } => Plan::Api {
+                stream: true,
+                handoff: STREAM_HANDOFF,
+            },
+            // Interactive input: a worker takes it at its first byte.
+            Call::Stdin => Plan::Api {
+                stream: true,
+                handoff: 1,
+            },
+            Call::Unary { .. } | Call::Ndjson { .. } | Call::ListDir | Call::Download => {
+                Plan::Api {
+                    stream: false,
+                    handoff: 0,
+                }
+            }
+        },
+        Match::MethodNotAllowed(_) | Match::NotFound => Plan::Open,
     }
 }
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+type Task = Box<dyn FnOnce() + Send + 'static>;
 
-/// A bounded pool: threads start on demand up to `max` and exit when idle; when all are busy
-/// a job is refused rather than queued without bound.
+/// Worker threads started on demand up to `max`, exiting when idle. The loop never gives
+/// it more jobs than it has threads (it counts them), so its queue is at most `max` long;
+/// the waiting happens in the loop's bounded queues.
 struct Pool {
     max: usize,
+    name: &'static str,
     inner: Mutex<PoolInner>,
     cv: Condvar,
 }
 
 struct PoolInner {
-    queue: VecDeque<Job>,
+    queue: VecDeque<Task>,
     threads: usize,
     idle: usize,
 }
 
 impl Pool {
-    fn new(max: usize) -> Arc<Pool> {
+    fn new(max: usize, name: &'static str) -> Arc<Pool> {
         Arc::new(Pool {
             max,
+            name,
             inner: Mutex::new(PoolInner {
                 queue: VecDeque::new(),
                 threads: 0,
@@ -570,44 +1236,33 @@ impl Pool {
         })
     }
 
-    /// Whether `spawn` would take a job now. Only the loop thread spawns, and workers only
-    /// lower `idle` by taking queued jobs or by exiting (which lowers `threads` too), so a
-    /// true answer holds until the loop's next `spawn`.
-    fn has_capacity(&self) -> bool {
-        self.inner
-            .lock()
-            .map(|g| g.idle > g.queue.len() || g.threads < self.max)
-            .unwrap_or(false)
-    }
-
-    fn spawn(self: &Arc<Pool>, job: Job) -> Result<(), Job> {
+    fn spawn(self: &Arc<Pool>, task: Task) -> Result<(), Task> {
         let Ok(mut g) = self.inner.lock() else {
-            return Err(job);
+            return Err(task);
         };
-        if g.idle > g.queue.len() {
-            g.queue.push_back(job);
+        if g.idle > g.queue.len() || g.threads >= self.max {
+            g.queue.push_back(task);
             self.cv.notify_one();
             return Ok(());
         }
-        if g.threads >= self.max {
-            return Err(job);
-        }
         g.threads += 1;
-        g.queue.push_back(job);
+        g.queue.push_back(task);
         drop(g);
         let pool = self.clone();
         let spawned = std::thread::Builder::new()
-            .name("http-worker".into())
+            .name(self.name.into())
             .spawn(move || pool.work());
         if spawned.is_err() {
             let Ok(mut g) = self.inner.lock() else {
                 return Ok(());
             };
             g.threads -= 1;
-            // Give the job back (the caller answers 503) unless a live thread took it; only
-            // the loop thread calls spawn, so the last queued job is this one.
-            if let Some(job) = g.queue.pop_back() {
-                return Err(job);
+            // Give the task back unless a live thread took it; only the loop thread calls
+            // spawn, so the last queued task is this one.
+            if g.threads == 0 {
+                if let Some(task) = g.queue.pop_back() {
+                    return Err(task);
+                }
             }
         }
         Ok(())
@@ -615,7 +1270,7 @@ impl Pool {
 
     fn work(self: Arc<Pool>) {
         loop {
-            let job = {
+            let task = {
                 let Ok(mut g) = self.inner.lock() else {
                     return;
                 };
@@ -636,7 +1291,7 @@ impl Pool {
                     }
                 }
             };
-            job();
+            task();
         }
     }
 }
@@ -647,12 +1302,12 @@ mod tests {
     use std::sync::mpsc;
 
     #[test]
-    fn pool_is_bounded_and_reuses_idle_threads() {
-        let pool = Pool::new(2);
+    fn pool_stays_within_its_threads_and_reuses_idle_ones() {
+        let pool = Pool::new(2, "t");
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let release_rx = Arc::new(Mutex::new(release_rx));
         let (done_tx, done_rx) = mpsc::channel::<u32>();
-        for i in 0..2u32 {
+        for i in 0..3u32 {
             let (rx, tx) = (release_rx.clone(), done_tx.clone());
             assert!(pool
                 .spawn(Box::new(move || {
@@ -661,18 +1316,32 @@ mod tests {
                 }))
                 .is_ok());
         }
-        // Both threads are busy: a third job is refused, not queued.
-        assert!(pool.spawn(Box::new(|| {})).is_err());
-        release_tx.send(()).unwrap();
-        release_tx.send(()).unwrap();
-        let mut got = [done_rx.recv().unwrap(), done_rx.recv().unwrap()];
+        // Two threads, the third task waits for one of them.
+        assert_eq!(pool.inner.lock().unwrap().threads, 2);
+        for _ in 0..3 {
+            release_tx.send(()).unwrap();
+        }
+        let mut got = [
+            done_rx.recv().unwrap(),
+            done_rx.recv().unwrap(),
+            done_rx.recv().unwrap(),
+        ];
         got.sort_unstable();
-        assert_eq!(got, [0, 1]);
-        // Idle threads take new work without growing past the bound.
-        std::thread::sleep(Duration::from_millis(50));
-        let (tx, rx) = mpsc::channel();
-        assert!(pool.spawn(Box::new(move || tx.send(7).unwrap())).is_ok());
-        assert_eq!(rx.recv().unwrap(), 7);
+        assert_eq!(got, [0, 1, 2]);
         assert!(pool.inner.lock().unwrap().threads <= 2);
+    }
+
+    #[test]
+    fn plans() {
+        let head = |t: &str| parse_head(t.as_bytes()).unwrap().unwrap().0;
+        assert_eq!(plan_of(&head("GET /health HTTP/1.1\r\n\r\n")), Plan::Ops);
+        assert_eq!(plan_of(&head("GET /nope HTTP/1.1\r\n\r\n")), Plan::Open);
+        assert_eq!(
+            plan_of(&head("POST /v1/sandboxes HTTP/1.1\r\n\r\n")),
+            Plan::Api {
+                stream: false,
+                handoff: 0
+            }
+        );
     }
 }

@@ -127,6 +127,9 @@ impl Backend for Fake {
                 if cmd.is_empty() {
                     return Err(Status::invalid_argument("process.cmd is required"));
                 }
+                if cmd == "nap" {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 if cmd == "sleep" {
                     self.sleeping.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(1500));
@@ -1294,7 +1297,7 @@ fn keep_alive_pipelining_and_connection_limits() {
     let gw = start(HttpConfig {
         connections_max: 3,
         head_timeout: Duration::from_millis(500),
-        json_body_timeout: Duration::from_millis(300),
+        body_timeout: Duration::from_millis(300),
         ..HttpConfig::default()
     });
     let a = gw.addr;
@@ -1327,7 +1330,7 @@ fn keep_alive_pipelining_and_connection_limits() {
         200,
         "request after an upload on one connection"
     );
-    // An error answer with an unread small body keeps the connection usable.
+    // A bad key is answered without reading the body, and the connection closed.
     s.write_all(
         "POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: bad\r\nContent-Length: 2\r\n\r\n{}"
             .to_string()
@@ -1335,6 +1338,18 @@ fn keep_alive_pipelining_and_connection_limits() {
     )
     .unwrap();
     assert_eq!(read_response(&mut s).status, 401);
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "closed after 401");
+    drop(s);
+    let mut s = TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // An error answer with an unread small body keeps the connection usable.
+    s.write_all(
+        format!("POST /v1/nope HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: 2\r\n\r\n{{}}")
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut s).status, 404);
     // Two pipelined requests in one write, answered in order.
     s.write_all(format!("GET /health HTTP/1.1\r\n\r\nPOST /v1/sandboxes/{SB}/ping HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
     assert_eq!(read_response(&mut s).json()["status"], "ok");
@@ -2430,9 +2445,12 @@ fn concurrent_clients_and_the_worker_bound() {
         t.join().unwrap();
     }
     drop(gw);
-    // With two workers busy on slow calls, a third request is refused with 503 at once.
+    // With two workers busy on slow calls, a third request waits in the queue (bound 1)
+    // and is served once a worker is free; a fourth, beyond the bound, gets 503 with
+    // Retry-After at once; /health and /metrics answer at once on their reserved threads.
     let gw = start(HttpConfig {
         workers_max: 2,
+        queue_max: 1,
         ..HttpConfig::default()
     });
     let a = gw.addr;
@@ -2457,11 +2475,32 @@ fn concurrent_clients_and_the_worker_bound() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let t = std::time::Instant::now();
-    let r = get(a, &format!("/v1/sandboxes/{SB}"));
-    assert_eq!((r.status, r.error_code()), (503, "unavailable".into()));
+    let r = request(a, "GET", "/health", None, None, "");
+    assert_eq!(r.status, 200, "health with every worker busy");
+    let r = request(a, "GET", "/metrics", None, None, "");
+    assert_eq!(r.status, 200, "metrics with every worker busy");
     assert!(
         t.elapsed() < Duration::from_millis(1000),
-        "refused at once, not queued behind the 1.5 s calls"
+        "health and metrics answered at once, not behind the 1.5 s calls"
+    );
+    let queued = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        (get(a, &format!("/v1/sandboxes/{SB}")).status, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    let r = get(a, &format!("/v1/sandboxes/{SB}"));
+    assert_eq!((r.status, r.error_code()), (503, "unavailable".into()));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "refused at once beyond the queue bound"
+    );
+    let (status, waited) = queued.join().unwrap();
+    assert_eq!(status, 200, "the queued request is served");
+    assert!(
+        waited > Duration::from_millis(500),
+        "it waited for a worker: {waited:?}"
     );
     for h in slow {
         assert_eq!(h.join().unwrap(), 200);
@@ -2493,4 +2532,190 @@ fn measure_gateway_alone() {
         v[n / 2],
         v[n * 99 / 100]
     );
+}
+
+// Denial of service (issue 12 items 1 and 3): bounded loopback load tests that stop by
+// themselves. Each failed before the event loop read bodies (a stalled body held a worker
+// for 60 s, keep-alive clients beyond the pool got 503 at once, a stalled chunked body got
+// 400 "Resource temporarily unavailable" after 62 s).
+
+/// Opens `n` connections that each send a POST head (with `key`, or none) and a first body
+/// byte of a 100-byte body, then stall.
+fn stalled_bodies(a: SocketAddr, n: usize, key: Option<&str>) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(a).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let key = key.map(|k| format!("X-API-Key: {k}\r\n")).unwrap_or_default();
+            s.write_all(
+                format!("POST /v1/sandboxes HTTP/1.1\r\n{key}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{").as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn stalled_body_flood_costs_no_worker() {
+    // The real service (auth against PostgreSQL), the default budgets (64 workers).
+    let Some(ctl) = crate::harness::Ctl::start() else {
+        return;
+    };
+    let (a, handle, _join) =
+        ctl::http::start(ctl.api().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let workers = ctl::http::limits::WORKERS_MAX;
+    // 1.5 times the pool without a key, as many with a valid key, all stalled mid-body (192
+    // connections: within one address's budget of 256, so the calls below still connect).
+    let flood_start = std::time::Instant::now();
+    let mut keyless = stalled_bodies(a, workers * 3 / 2, None);
+    let keyed = stalled_bodies(a, workers * 3 / 2, Some(&ctl.team_key));
+    // Keyless requests are answered 401 without waiting for their bodies, and closed.
+    for (n, s) in keyless.iter_mut().enumerate() {
+        let r = read_response(s);
+        assert_eq!(
+            (r.status, r.error_code()),
+            (401, "unauthenticated".into()),
+            "keyless {n}"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).unwrap_or(0), 0, "closed after 401");
+    }
+    drop(keyless);
+    assert!(
+        flood_start.elapsed() < Duration::from_secs(5),
+        "401s took {:?}",
+        flood_start.elapsed()
+    );
+    // Meanwhile /health and an authenticated call answer at once, several times.
+    for round in 0..5 {
+        let t = std::time::Instant::now();
+        let r = request(a, "GET", "/health", None, None, "");
+        assert_eq!(r.status, 200, "health during the flood, round {round}");
+        let r = request(a, "GET", "/metrics", None, None, "");
+        assert_eq!(r.status, 200, "metrics during the flood, round {round}");
+        let r = request(a, "GET", "/v1/teams/current", Some(&ctl.team_key), None, "");
+        assert_eq!(
+            r.status, 200,
+            "authenticated call during the flood, round {round}"
+        );
+        let r = request(
+            a,
+            "POST",
+            "/v1/api-keys",
+            Some(&ctl.team_key),
+            Some(b"{\"name\": \"k\"}"),
+            "Content-Type: application/json\r\n",
+        );
+        assert_eq!(
+            r.status,
+            201,
+            "authenticated call with a body, round {round}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "round {round} took {:?}",
+            t.elapsed()
+        );
+    }
+    drop(keyed);
+    handle.shutdown();
+}
+
+#[test]
+fn keep_alive_clients_beyond_the_pool_queue_instead_of_503() {
+    let gw = start(HttpConfig::default());
+    let a = gw.addr;
+    let clients = 200;
+    let per_client = 5;
+    let barrier = Arc::new(std::sync::Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|t| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(a).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                barrier.wait();
+                let mut statuses = Vec::new();
+                for i in 0..per_client {
+                    let body = format!("{{\"process\": {{\"cmd\": \"nap\", \"args\": [\"{t}-{i}\"]}}}}");
+                    s.write_all(format!("POST /v1/sandboxes/{SB}/exec HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).unwrap();
+                    let r = read_response(&mut s);
+                    statuses.push(r.status);
+                    if r.status != 200 {
+                        break;
+                    }
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in threads {
+        for st in t.join().unwrap() {
+            match st {
+                200 => ok += 1,
+                _ => refused += 1,
+            }
+        }
+    }
+    assert_eq!(
+        (ok, refused),
+        (clients * per_client, 0),
+        "{clients} keep-alive clients (queue bound {}): every request answered 200",
+        ctl::http::limits::QUEUE_MAX
+    );
+}
+
+#[test]
+fn stalled_chunked_body_gets_408_at_the_body_deadline() {
+    let gw = start(HttpConfig {
+        body_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_millis(500),
+        source_connections_max: 4,
+        ..HttpConfig::default()
+    });
+    let a = gw.addr;
+    let mut s = TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = std::time::Instant::now();
+    s.write_all(format!("POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{{\"a\"").as_bytes()).unwrap();
+    let r = read_response(&mut s);
+    let took = t.elapsed();
+    assert_eq!((r.status, r.error_code()), (408, "request_timeout".into()));
+    let msg = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(msg.contains("0.5 s body deadline"), "{msg}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+        "408 at the deadline, took {took:?}"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap_or(0), 0, "closed after 408");
+    // A connection that sends nothing is closed at the idle deadline.
+    let mut idle = TcpStream::connect(a).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(idle.read(&mut [0u8; 16]).unwrap_or(0), 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "idle close took {:?}",
+        t.elapsed()
+    );
+    // The per-source connection budget: the fifth connection from one address gets 503.
+    let held: Vec<_> = (0..4).map(|_| TcpStream::connect(a).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut fifth = TcpStream::connect(a).unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = read_response(&mut fifth);
+    assert_eq!(r.status, 503);
+    assert!(String::from_utf8_lossy(&r.body).contains("from this address"));
+    drop(held);
 }

@@ -634,81 +634,45 @@ pub fn http_request(
     body: &str,
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+    let host = addr.to_string();
+    let mut all = vec![("Host", host.as_str()), ("Connection", "close")];
+    all.extend_from_slice(headers);
+    let with_body = !body.is_empty() || method != "GET";
+    if with_body {
+        all.push(("Content-Type", "application/json"));
     }
-    if !body.is_empty() || method != "GET" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.take(HTTP_RESPONSE_MAX as u64).read_to_end(&mut raw)?;
-    parse_http_response(&raw)
+    let mut req =
+        proto::http::request_head(method, path, &all, with_body.then_some(body.len() as u64))
+            .map_err(|e| bad(&e.to_string()))?;
+    req.extend_from_slice(body.as_bytes());
+    (&s).write_all(&req)?;
+    read_http_response(&mut proto::http::Wire::new(s, Vec::new()))
 }
 
 fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_owned())
 }
 
-/// (status, body) of a complete HTTP/1.1 response read to EOF.
-pub fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String)> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("headers not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let mut parts = status_line.split(' ');
-    if !parts.next().unwrap_or("").starts_with("HTTP/1.") {
-        return Err(bad("not an HTTP/1 response"));
+/// (status, body) of one response (the shared codec: Content-Length, chunked, or to EOF).
+fn read_http_response<S: Read>(wire: &mut proto::http::Wire<S>) -> io::Result<(u16, String)> {
+    match proto::http::read_response(
+        wire,
+        proto::http::HTTP_HEAD_LEN_MAX,
+        HTTP_RESPONSE_MAX as u64,
+        false,
+    ) {
+        Ok(r) => Ok((r.head.status, String::from_utf8_lossy(&r.body).into_owned())),
+        Err(proto::http::ResponseError::Io(e)) => Err(e),
+        Err(e) => Err(bad(&e.to_string())),
     }
-    let code: u16 = parts
-        .next()
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| bad("bad status code"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = &raw[split + 4..];
-    let body = if chunked {
-        decode_chunked(body)?
-    } else {
-        body.to_vec()
-    };
-    Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn decode_chunked(mut b: &[u8]) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| bad("truncated chunk size"))?;
-        let size_text = std::str::from_utf8(&b[..eol]).map_err(|_| bad("bad chunk size"))?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| bad("bad chunk size"))?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            return Err(bad("truncated chunk"));
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
+/// (status, body) of a complete HTTP/1.1 response read to EOF.
+pub fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String)> {
+    read_http_response(&mut proto::http::Wire::new(raw, Vec::new()))
 }
 
 /// Starts `program args` detached (new session, stdin null, stdout/stderr appended to

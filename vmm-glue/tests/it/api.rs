@@ -420,3 +420,17 @@ fn invalid_request_is_not_sent() {
         Err(ApiError::InvalidRequest(_))
     ));
 }
+
+#[test]
+fn chunked_answer_is_decoded_by_the_shared_codec() {
+    let mut resp = b"HTTP/1.1 200 \r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for piece in INFO.as_bytes().chunks(10) {
+        proto::http::write_chunk(&mut resp, piece).unwrap();
+    }
+    proto::http::write_last_chunk(&mut resp).unwrap();
+    let srv = Server::start(vec![vec![Step::Answer(GET_ROOT.to_vec(), resp)]]);
+    let mut c = ApiClient::new(&srv.path);
+    assert_eq!(c.describe_instance().unwrap().state, "Not started");
+    assert!(c.is_connected(), "a chunked answer keeps the connection");
+    srv.finish();
+}
