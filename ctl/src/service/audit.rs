@@ -144,6 +144,7 @@ impl Api {
             if v.len() > 128 {
                 return Err(Status::invalid_argument(format!("{name} too long")));
             }
+            crate::db::check_text(name, v)?;
         }
         let team: Option<Uuid> = if ctx.platform_admin {
             None

@@ -83,6 +83,7 @@ impl TplRef {
         if r.len() > crate::limits::NAME_LEN_MAX {
             return Err(Status::invalid_argument("template name too long"));
         }
+        crate::db::check_text("template", r)?;
         Ok(TplRef::Name(r.to_owned()))
     }
 }
@@ -301,6 +302,25 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, S
             return Err(Status::failed_precondition(format!(
                 "no host can run sandboxes: {}",
                 reasons.join("; ")
+            )));
+        }
+    }
+    if pinned.is_none() {
+        let (registered, online): (i64, i64) = c
+            .query_typed_one(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'online') FROM hosts",
+                &[],
+            )
+            .map(|r| (r.get(0), r.get(1)))
+            .map_err(pg_err)?;
+        if registered == 0 {
+            return Err(Status::failed_precondition(
+                "no host is registered: register an agent with a registration token first",
+            ));
+        }
+        if online == 0 {
+            return Err(Status::unavailable(format!(
+                "no host is online ({registered} registered, all unreachable or draining)"
             )));
         }
     }

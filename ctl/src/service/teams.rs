@@ -62,6 +62,7 @@ const KEY_COLS: &str =
     "id, team_id, name, lookup, created_by, created_at, last_used_at, platform_admin";
 
 fn check_email(e: &str) -> Result<(), Status> {
+    crate::db::check_text("email", e)?;
     let ok = e.len() <= EMAIL_LEN_MAX
         && e.split_once('@')
             .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())

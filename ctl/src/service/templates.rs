@@ -40,6 +40,7 @@ pub(crate) fn resolve(c: &mut impl GenericClient, team: Uuid, r: &str) -> Result
         if r.len() > crate::limits::NAME_LEN_MAX {
             return Err(Status::invalid_argument("template name too long"));
         }
+        crate::db::check_text("template", r)?;
         let st = crate::db::prepared(
             c,
             "SELECT id, team_id, kind, host_id FROM templates \

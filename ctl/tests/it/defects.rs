@@ -1,0 +1,218 @@
+//! Regressions of the outside acceptance run (issue 12): credentials and teams, hosts that
+//! die, truth in the audit log and errors. Each test failed before its fix.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use proto::gen::wrenn::agent::v1 as agent;
+use proto::gen::wrenn::ctl::v1 as c;
+use proto::gen::wrenn::host::v1 as host;
+use proto::rpc::Client;
+use proto::Code;
+
+use crate::harness::Ctl;
+
+const T: Option<Duration> = Some(Duration::from_secs(30));
+
+fn create(cl: &Client, req: c::CreateSandboxRequest) -> Result<c::Sandbox, proto::Status> {
+    cl.unary(c::sandboxes_methods::CREATE, &req, T)
+}
+
+fn create_min(cl: &Client) -> Result<c::Sandbox, proto::Status> {
+    create(cl, c::CreateSandboxRequest::default())
+}
+
+fn destroy(cl: &Client, id: &str) -> Result<c::DestroySandboxResponse, proto::Status> {
+    cl.unary(
+        c::sandboxes_methods::DESTROY,
+        &c::DestroySandboxRequest {
+            sandbox_id: id.into(),
+        },
+        T,
+    )
+}
+
+fn get(cl: &Client, id: &str) -> c::Sandbox {
+    cl.unary(
+        c::sandboxes_methods::GET,
+        &c::GetSandboxRequest {
+            sandbox_id: id.into(),
+        },
+        T,
+    )
+    .expect("get sandbox")
+}
+
+/// One HTTP/1.1 request to the gateway; returns (status, body).
+fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+// ---- item 11: NUL characters and the real cause of database errors ----
+
+#[test]
+fn nul_characters_are_refused_naming_the_field() {
+    let Some(mut ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, _) = ctl.add_host(4, 8192, 100_000);
+    let mut req = c::CreateSandboxRequest::default();
+    req.metadata.insert("owner".into(), "a\0b".into());
+    let e = create(&cl, req).unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    assert!(
+        e.message.contains("metadata") && e.message.contains("owner"),
+        "{e}"
+    );
+    let mut req = c::CreateSandboxRequest::default();
+    req.metadata.insert("o\0".into(), "v".into());
+    assert_eq!(create(&cl, req).unwrap_err().code, Code::InvalidArgument);
+
+    // A heartbeat's problem text.
+    let e = fa
+        .host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 8192,
+                    disk_mib: 100_000,
+                }),
+                problems: vec!["kvm\0missing".into()],
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    assert!(e.message.contains("problems"), "{e}");
+
+    // Names and audit filters.
+    let e = cl
+        .unary::<_, c::CreateApiKeyResponse>(
+            c::api_keys_methods::CREATE,
+            &c::CreateApiKeyRequest {
+                name: "k\0".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    let e = cl
+        .unary::<_, c::ListAuditLogsResponse>(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                action: "x\0".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    assert!(e.message.contains("action"), "{e}");
+
+    // JSON `\u0000` through the HTTP gateway: 400 naming the field, not 500.
+    let url = ctl.url.clone();
+    let key = ctl.team_key.clone();
+    if let Some(r) = ctl.running.take() {
+        r.shutdown();
+    }
+    let running = ctl::server::start(
+        &crate::harness::test_config(&url),
+        ctl::server::StartOpts {
+            jobs: false,
+            http: true,
+        },
+    )
+    .expect("start ctl with http");
+    let (status, body) = http(
+        running.http_addr.expect("http addr"),
+        "POST",
+        "/v1/sandboxes",
+        &key,
+        r#"{"metadata":{"owner":"a\u0000b"}}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("metadata"), "{body}");
+    running.shutdown();
+}
+
+#[test]
+fn database_errors_name_their_cause() {
+    // A statement PostgreSQL refuses (NUL in text is the case the issue saw) must log the
+    // server's code and message, not the driver's "db error".
+    let Some(url) = crate::harness::fresh_db() else {
+        return;
+    };
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let e = c.query("SELECT 1/0", &[]).unwrap_err();
+    let logged = ctl::db::describe(&e);
+    assert!(logged.contains("22012"), "{logged}");
+    assert!(logged.contains("division by zero"), "{logged}");
+}
+
+// ---- item 12: no host registered ----
+
+#[test]
+fn create_without_any_host_says_so() {
+    let Some(ctl) = Ctl::start() else { return };
+    let e = create_min(&ctl.team()).unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+    assert!(e.message.contains("no host is registered"), "{e}");
+    // With a host that is full, it is capacity.
+    let _h = ctl.add_host(1, 512, 100_000);
+    create_min(&ctl.team()).expect("first fits");
+    let e = create_min(&ctl.team()).unwrap_err();
+    assert_eq!(e.code, Code::ResourceExhausted, "{e}");
+}
+
+// ---- item 8: freeing never needs capacity ----
+
+#[test]
+fn destroying_a_paused_sandbox_on_a_full_host_needs_no_capacity() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let _h = ctl.add_host(1, 512, 100_000);
+    let a = create_min(&cl).expect("create a");
+    let p: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::PAUSE,
+            &c::PauseSandboxRequest {
+                sandbox_id: a.id.clone(),
+            },
+            T,
+        )
+        .expect("pause a");
+    assert_eq!(p.state, c::SandboxState::Paused as i32);
+    let b = create_min(&cl).expect("b takes the host's only vCPU");
+    destroy(&cl, &a.id).expect("destroy the paused sandbox on a full host");
+    assert_eq!(get(&cl, &a.id).state, c::SandboxState::Stopped as i32);
+    destroy(&cl, &b.id).expect("destroy b");
+}
