@@ -216,3 +216,122 @@ fn destroying_a_paused_sandbox_on_a_full_host_needs_no_capacity() {
     assert_eq!(get(&cl, &a.id).state, c::SandboxState::Stopped as i32);
     destroy(&cl, &b.id).expect("destroy b");
 }
+
+// ---- item 5: a team sees and adds only what it may ----
+
+fn create_user(cl: &Client, email: &str) -> Result<c::User, proto::Status> {
+    cl.unary(
+        c::users_methods::CREATE,
+        &c::CreateUserRequest {
+            email: email.into(),
+            ..Default::default()
+        },
+        T,
+    )
+}
+
+fn add_member(cl: &Client, user: &str) -> Result<c::Member, proto::Status> {
+    cl.unary(
+        c::teams_methods::ADD_MEMBER,
+        &c::AddMemberRequest {
+            user_id: user.into(),
+            ..Default::default()
+        },
+        T,
+    )
+}
+
+#[test]
+fn teams_neither_add_nor_probe_other_teams_users() {
+    let Some(ctl) = Ctl::start() else { return };
+    let a = ctl.team();
+    let (_, key_b) = ctl.other_team("team-b", "b@example.com");
+    let b = ctl.client(&key_b);
+
+    // Team b cannot add team a's owner, and the answer does not carry its email.
+    let e = add_member(&b, &ctl.user_id).unwrap_err();
+    assert_eq!(e.code, Code::NotFound, "{e}");
+    assert!(!e.message.contains("a@example.com"), "{e}");
+    // Nor read it.
+    let e = b
+        .unary::<_, c::User>(
+            c::users_methods::GET,
+            &c::GetUserRequest {
+                user_id: ctl.user_id.clone(),
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::NotFound);
+
+    // Creating a user whose email exists in team a tells team b nothing: it succeeds, as it
+    // does for an unused email.
+    let u = create_user(&b, "a@example.com").expect("an email of another team is not probed");
+    assert_ne!(u.id, ctl.user_id);
+
+    // Within one team, email uniqueness ignores case.
+    let e = create_user(&a, "A@Example.COM").unwrap_err();
+    assert_eq!(e.code, Code::AlreadyExists, "{e}");
+
+    // A team may add back a user of its own directory after removing it.
+    let v = create_user(&a, "v@example.com").unwrap();
+    a.unary::<_, c::RemoveMemberResponse>(
+        c::teams_methods::REMOVE_MEMBER,
+        &c::RemoveMemberRequest {
+            user_id: v.id.clone(),
+            ..Default::default()
+        },
+        T,
+    )
+    .unwrap();
+    let m = add_member(&a, &v.id).expect("re-add own user");
+    assert_eq!(m.user.unwrap().email, "v@example.com");
+    // The platform admin may add anyone anywhere.
+    let admin = ctl.admin();
+    admin
+        .unary::<_, c::Member>(
+            c::teams_methods::ADD_MEMBER,
+            &c::AddMemberRequest {
+                team_id: ctl.team_id.clone(),
+                user_id: u.id.clone(),
+                ..Default::default()
+            },
+            T,
+        )
+        .expect("platform admin adds across teams");
+}
+
+#[test]
+fn email_migration_keeps_existing_case_duplicates() {
+    let Some(url) = crate::harness::fresh_db() else {
+        return;
+    };
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    ctl::migrate::run_list(&mut c, &ctl::migrate::MIGRATIONS[..1]).unwrap();
+    c.batch_execute(
+        "INSERT INTO teams (id, name) VALUES ('00000000-0000-0000-0000-000000000007', 't');
+         INSERT INTO users (id, email, created_at) VALUES
+            ('00000000-0000-0000-0000-000000000001', 'X@y.example', now() - interval '1 day'),
+            ('00000000-0000-0000-0000-000000000002', 'x@y.example', now());
+         INSERT INTO memberships (team_id, user_id, role) VALUES
+            ('00000000-0000-0000-0000-000000000007', '00000000-0000-0000-0000-000000000001', 'owner'),
+            ('00000000-0000-0000-0000-000000000007', '00000000-0000-0000-0000-000000000002', 'member');",
+    )
+    .unwrap();
+    let done = ctl::migrate::run(&mut c).expect("migration with case duplicates");
+    assert!(done.contains(&2), "{done:?}");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "nobody deleted");
+    // A third spelling is refused in that directory.
+    let e = c
+        .execute(
+            "INSERT INTO users (id, email, home_team_id) VALUES \
+             ('00000000-0000-0000-0000-000000000003', 'X@Y.EXAMPLE', '00000000-0000-0000-0000-000000000007')",
+            &[],
+        )
+        .unwrap_err();
+    assert!(ctl::db::is_unique_violation(&e), "{e}");
+}
