@@ -220,7 +220,7 @@ impl Api {
     }
 
     /// Adds an existing user to the team with a role.
-    pub fn add_member(
+    pub(super) fn add_member_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::AddMemberRequest,
@@ -257,7 +257,7 @@ impl Api {
     }
 
     /// Removes a member; refused when it would leave the team without an owner.
-    pub fn remove_member(
+    pub(super) fn remove_member_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::RemoveMemberRequest,
@@ -340,7 +340,7 @@ impl Api {
 
     /// Creates a user and makes it a member of the caller's team (platform admins: no
     /// membership, the platform team has none).
-    pub fn create_user(
+    pub(super) fn create_user_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::CreateUserRequest,
@@ -438,7 +438,7 @@ impl Api {
     }
 
     /// Creates a key for the caller's team; the plaintext is shown only here.
-    pub fn create_api_key(
+    pub(super) fn create_api_key_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::CreateApiKeyRequest,
@@ -502,7 +502,7 @@ impl Api {
     }
 
     /// Revokes a key of the caller's team at once.
-    pub fn revoke_api_key(
+    pub(super) fn revoke_api_key_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::RevokeApiKeyRequest,

@@ -79,7 +79,7 @@ fn parse_tpl_token(s: &str) -> Result<Option<(bool, std::time::SystemTime, Uuid)
 
 impl Api {
     /// Makes a snapshot template from a running or paused sandbox; the sandbox ends PAUSED.
-    pub fn create_template(
+    pub(super) fn create_template_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::CreateTemplateRequest,
@@ -260,7 +260,7 @@ impl Api {
     }
 
     /// Deletes a template and its files; platform ones need a platform-admin key.
-    pub fn delete_template(
+    pub(super) fn delete_template_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::DeleteTemplateRequest,

@@ -335,3 +335,75 @@ fn email_migration_keeps_existing_case_duplicates() {
         .unwrap_err();
     assert!(ctl::db::is_unique_violation(&e), "{e}");
 }
+
+// ---- item 10: every mutating call records its outcome ----
+
+fn newest(cl: &Client, action: &str) -> c::AuditLog {
+    crate::harness::audit(cl, action)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no audit row {action}"))
+}
+
+#[test]
+fn failed_calls_are_audited_as_failures() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    // Refused before anything changed: a separate failure row.
+    create_min(&cl).unwrap_err();
+    let a = newest(&cl, "sandbox.create");
+    assert_eq!(a.status, "failure", "{a:?}");
+    assert!(a.metadata_json.contains("failed_precondition"), "{a:?}");
+
+    // The agent refuses the create: the create's own row says failure.
+    let (fa, _) = ctl.add_host(4, 8192, 100_000);
+    fa.state.lock().unwrap().fail_create = Some(proto::Status::internal("boom"));
+    let e = create_min(&cl).unwrap_err();
+    assert_eq!(e.code, Code::Internal);
+    let rows = crate::harness::audit(&cl, "sandbox.create");
+    assert_eq!(rows.len(), 2, "one row per call: {rows:?}");
+    assert_eq!(rows[0].status, "failure", "{rows:?}");
+    assert!(rows[0].resource_id.starts_with("sb-"), "{rows:?}");
+    assert!(rows[0].metadata_json.contains("boom"), "{rows:?}");
+    fa.state.lock().unwrap().fail_create = None;
+
+    // A destroy whose agent is gone answers unavailable and is recorded so.
+    let sb = create_min(&cl).expect("create");
+    assert_eq!(newest(&cl, "sandbox.create").status, "success");
+    fa.stop();
+    let e = destroy(&cl, &sb.id).unwrap_err();
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    let d = newest(&cl, "sandbox.destroy");
+    assert_eq!(d.status, "failure", "{d:?}");
+    assert!(d.metadata_json.contains("unavailable"), "{d:?}");
+    assert_eq!(crate::harness::audit(&cl, "sandbox.destroy").len(), 1);
+
+    // Calls of one transaction: the failure row comes after the rollback.
+    let e = cl
+        .unary::<_, c::RevokeApiKeyResponse>(
+            c::api_keys_methods::REVOKE,
+            &c::RevokeApiKeyRequest {
+                key_id: "key-00000000-0000-4000-8000-000000000000".into(),
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::NotFound);
+    let r = newest(&cl, "api_key.revoke");
+    assert_eq!(r.status, "failure");
+    assert_eq!(r.resource_id, "key-00000000-0000-4000-8000-000000000000");
+    // Process calls on a sandbox that does not run.
+    let e = cl
+        .unary::<_, c::ExecResponse>(
+            c::processes_methods::EXEC,
+            &c::ExecRequest {
+                sandbox_id: sb.id.clone(),
+                process: Some(Default::default()),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+    assert_eq!(newest(&cl, "sandbox.exec").status, "failure");
+}
