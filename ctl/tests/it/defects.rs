@@ -407,3 +407,59 @@ fn failed_calls_are_audited_as_failures() {
     assert_eq!(e.code, Code::FailedPrecondition, "{e}");
     assert_eq!(newest(&cl, "sandbox.exec").status, "failure");
 }
+
+// ---- item 9: creates cut off by a ctl crash ----
+
+fn sql(ctl: &Ctl) -> postgres::Client {
+    postgres::Client::connect(&ctl.url, postgres::NoTls).unwrap()
+}
+
+fn uuid_of(wire: &str) -> proto::id::Uuid {
+    proto::id::parse_uuid_strict(wire.split_once('-').unwrap().1).unwrap()
+}
+
+#[test]
+fn creates_cut_off_by_a_crash_do_not_stay_starting() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, host_id) = ctl.add_host(4, 8192, 100_000);
+    // Two sandboxes as a crashed ctl leaves them: `starting` two minutes ago (well inside
+    // the old 11-minute transition grace). The agent never got the first; it finished the
+    // second.
+    let a = create_min(&cl).unwrap();
+    let b = create_min(&cl).unwrap();
+    fa.state.lock().unwrap().sandboxes.remove(&a.id);
+    let mut db = sql(&ctl);
+    db.execute(
+        "UPDATE sandboxes SET state = 'starting', updated_at = now() - interval '2 minutes'",
+        &[],
+    )
+    .unwrap();
+    ctl::reconciler::run_once(ctl.api(), &crate::harness::test_config(&ctl.url).jobs).unwrap();
+    assert_eq!(get(&cl, &a.id).state, c::SandboxState::Error as i32);
+    assert_eq!(get(&cl, &b.id).state, c::SandboxState::Running as i32);
+
+    // On a host that no longer answers: after the create's deadline plus the grace.
+    db.execute(
+        "UPDATE sandboxes SET state = 'starting', updated_at = now() - interval '2 minutes', \
+            held_vcpus = vcpus, held_memory_mib = memory_mib, held_disk_mib = disk_mib WHERE id = $1",
+        &[&uuid_of(&b.id)],
+    )
+    .unwrap();
+    db.execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    let cfg = crate::harness::test_config(&ctl.url).jobs;
+    assert_eq!(
+        ctl::reconciler::settle_cut_off_creates(ctl.api(), &cfg).unwrap(),
+        1
+    );
+    assert_eq!(get(&cl, &b.id).state, c::SandboxState::Error as i32);
+    let used: i32 = db
+        .query_one(
+            "SELECT used_vcpus FROM hosts WHERE id = $1",
+            &[&uuid_of(&host_id)],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 0, "the cut-off creates gave their capacity back");
+}
