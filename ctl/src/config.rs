@@ -59,6 +59,10 @@ pub struct JobsConfig {
     pub new_grace: Duration,
     /// Grace for sandboxes in transition.
     pub transition_grace: Duration,
+    /// The deadline of a create's agent call (the replicas' agent lifecycle timeout): a
+    /// sandbox `starting` for longer than this plus [`limits::CREATE_DEADLINE_GRACE`] is no
+    /// longer being created by any ctl.
+    pub create_deadline: Duration,
 }
 
 impl Default for JobsConfig {
@@ -69,6 +73,7 @@ impl Default for JobsConfig {
             destroy_unknown: true,
             new_grace: limits::RECONCILE_NEW_GRACE,
             transition_grace: limits::RECONCILE_TRANSITION_GRACE,
+            create_deadline: limits::AGENT_LIFECYCLE_TIMEOUT_DEFAULT,
         }
     }
 }

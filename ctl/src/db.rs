@@ -389,10 +389,58 @@ pub fn pg_err(e: postgres::Error) -> Status {
             Status::unavailable("database shutting down")
         }
         _ => {
-            log::error!("database error: {e}");
+            log_cause(&e);
             Status::internal("database error")
         }
     }
+}
+
+/// Logs what PostgreSQL said (see [`describe`]), not only the driver's summary (`db error`),
+/// so an `internal: database error` can be traced to its cause.
+fn log_cause(e: &postgres::Error) {
+    log::error!("database error: {}", describe(e));
+}
+
+/// What PostgreSQL said about a failed statement: SQLSTATE, message, detail, hint and
+/// where; for errors that are not the server's, the driver's error with its sources.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "code={} severity={} message={:?} detail={:?} hint={:?} where={:?}",
+            d.code().code(),
+            d.severity(),
+            d.message(),
+            d.detail().unwrap_or(""),
+            d.hint().unwrap_or(""),
+            d.where_().unwrap_or(""),
+        ),
+        None => chain(e),
+    }
+}
+
+/// `e` with its sources, joined by ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Checks that `value` can be stored in a PostgreSQL `text` or `jsonb` column: neither
+/// holds a NUL character (`text` refuses the byte, `jsonb` the `\u0000` escape), and the
+/// statement would fail with an internal error. Every caller-supplied string that reaches
+/// SQL goes through here first; `field` names it in the `invalid_argument` answer.
+pub fn check_text(field: &str, value: &str) -> Result<(), Status> {
+    if value.contains('\0') {
+        return Err(Status::invalid_argument(format!(
+            "{field} contains a NUL character, which cannot be stored"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether `e` is a unique violation (for callers that map it to their own message).

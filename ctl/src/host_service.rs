@@ -40,6 +40,17 @@ fn check_address(a: &str) -> Result<(), Status> {
     }
 }
 
+/// Checks the free text of a Register or Heartbeat before it reaches SQL.
+fn check_host_text(problems: &[String], texts: &[(&str, &str)]) -> Result<(), Status> {
+    for p in problems {
+        crate::db::check_text("problems", p)?;
+    }
+    for (field, v) in texts {
+        crate::db::check_text(field, v)?;
+    }
+    Ok(())
+}
+
 fn problems_json(p: &[String]) -> serde_json::Value {
     serde_json::Value::Array(
         p.iter()
@@ -63,6 +74,14 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
     {
         return Err(Status::invalid_argument("hostname or versions too long"));
     }
+    check_host_text(
+        &req.problems,
+        &[
+            ("hostname", &req.hostname),
+            ("agent_version", &req.agent_version),
+            ("firecracker_version", &req.firecracker_version),
+        ],
+    )?;
     let token_hash = auth::hash(&req.registration_token).to_vec();
     let host_token = auth::new_secret(auth::HOST_TOKEN_PREFIX)?;
     let agent_token = auth::new_secret(auth::AGENT_TOKEN_PREFIX)?;
@@ -127,6 +146,7 @@ pub fn heartbeat(
     if req.agent_version.len() > 255 {
         return Err(Status::invalid_argument("agent_version too long"));
     }
+    check_host_text(&req.problems, &[("agent_version", &req.agent_version)])?;
     let interval = api.config().heartbeat_interval;
     let name = name.to_owned();
     let summaries = crate::reconciler::host_sandboxes(
@@ -190,6 +210,7 @@ pub fn report_state(
     if req.message.len() > 4096 {
         return Err(Status::invalid_argument("message too long"));
     }
+    crate::db::check_text("message", &req.message)?;
     let changed =
         (req.changed_unix_ns > 0).then(|| crate::service::time_from_ns(req.changed_unix_ns));
     let name = name.to_owned();

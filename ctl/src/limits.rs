@@ -65,6 +65,12 @@ pub const RECONCILE_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
 /// A sandbox in transition (starting, pausing, ...) is left alone by the reconciler for this
 /// long: the lifecycle call that moves it may still be running.
 pub const RECONCILE_TRANSITION_GRACE: Duration = Duration::from_secs(660);
+/// Grace after a create's own deadline (ctl's Create call to the agent is bounded by the
+/// agent lifecycle timeout): past both, no ctl is still creating the sandbox, so the
+/// reconciler settles a row left `starting` (by a ctl crash) from the host's word, or marks
+/// it `error` when its host is gone. Covers clock skew between replicas and the database,
+/// and the time ctl takes to record an answer.
+pub const CREATE_DEADLINE_GRACE: Duration = Duration::from_secs(30);
 /// A sandbox younger than this is not reported missing (its agent call may be in flight).
 pub const RECONCILE_NEW_GRACE: Duration = Duration::from_secs(60);
 

@@ -141,14 +141,14 @@ fn serve(args: &[String]) -> Result<(), String> {
     };
     let jobs_default = JobsConfig::default();
     let api_default = ApiConfig::default();
+    let lifecycle = f.secs("--lifecycle-timeout-s", api_default.agent_lifecycle_timeout)?;
     let cfg = Config {
         database_url: f.database_url()?,
         listen: f.addr("--listen", "WRENN_LISTEN", "0.0.0.0:7700")?,
         http_listen: f.addr("--http-listen", "WRENN_HTTP_LISTEN", "0.0.0.0:7701")?,
         db_workers,
         api: ApiConfig {
-            agent_lifecycle_timeout: f
-                .secs("--lifecycle-timeout-s", api_default.agent_lifecycle_timeout)?,
+            agent_lifecycle_timeout: lifecycle,
             ..api_default
         },
         jobs: JobsConfig {
@@ -156,6 +156,7 @@ fn serve(args: &[String]) -> Result<(), String> {
                 .secs("--reconcile-interval-s", jobs_default.reconcile_interval)?,
             heartbeat_timeout: f.secs("--heartbeat-timeout-s", jobs_default.heartbeat_timeout)?,
             destroy_unknown: !f.has("--keep-unknown"),
+            create_deadline: lifecycle,
             ..jobs_default
         },
     };

@@ -19,11 +19,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_init",
-    sql: include_str!("../migrations/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_user_directories",
+        sql: include_str!("../migrations/0002_user_directories.sql"),
+    },
+];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).
 pub const MIGRATE_LOCK: i64 = 0x7772_656e_6e2d_6d67;

@@ -15,7 +15,11 @@
 //! at once, from its own list.
 //!
 //! Sandboxes in transition and new ones are left alone for a grace period: the lifecycle
-//! call that moves them may still be running. The agent's list is read *before* the
+//! call that moves them may still be running. A create is the exception: the agent lists a
+//! sandbox from the start of its Create, so a `starting` row is settled from the host's
+//! word (missing → error, settled → that state) once it is older than the new-sandbox grace,
+//! and on a host that does not answer once its create's own deadline and
+//! `limits::CREATE_DEADLINE_GRACE` passed ([`settle_cut_off_creates`]). The agent's list is read *before* the
 //! database's, so a sandbox the agent has was always inserted before it was read.
 
 use std::collections::HashMap;
@@ -78,6 +82,18 @@ pub fn decide(
     let mut out = Vec::new();
     for d in db {
         if d.state == State::Stopped {
+            continue;
+        }
+        // A create is settled from the host's word, not after the long transition grace:
+        // the agent lists a sandbox from the start of its Create, so one it does not have
+        // is being created by nobody (a ctl crashed before or while calling), and a state
+        // the agent settled (running, error) is what ctl would record itself. Only while the
+        // agent still says starting is the create left alone. Hosts that do not answer are
+        // covered by [`settle_cut_off_creates`].
+        if d.state == State::Starting {
+            if let Some(a) = settle_starting(d, on_host.get(&d.id).copied(), now, cfg) {
+                out.push(a);
+            }
             continue;
         }
         let busy = d.state.in_transition()
@@ -167,6 +183,39 @@ pub fn decide(
     out
 }
 
+/// The correction of a sandbox the database has `starting` (see [`decide`]).
+fn settle_starting(
+    d: &DbSandbox,
+    host: Option<&HostSandbox>,
+    now: SystemTime,
+    cfg: &JobsConfig,
+) -> Option<Action> {
+    let age = now.duration_since(d.updated_at).unwrap_or(Duration::ZERO);
+    if age < cfg.new_grace {
+        return None; // ctl's Create may not have reached the agent yet
+    }
+    match host {
+        None => Some(Action::Apply {
+            id: d.id,
+            state: State::Error,
+            reason: "create cut off: not on its host".into(),
+            expires_at: None,
+        }),
+        // The agent is still creating it (its own steps bound that).
+        Some(h) if h.state.in_transition() => None,
+        Some(h) => Some(Action::Apply {
+            id: d.id,
+            state: h.state,
+            reason: if h.reason.is_empty() {
+                "reconciled with host".into()
+            } else {
+                h.reason.clone()
+            },
+            expires_at: h.expires_at,
+        }),
+    }
+}
+
 /// Runs a pass when this replica wins the period's claim. Returns whether it ran.
 pub fn run_if_due(api: &Api, cfg: &JobsConfig) -> Result<bool, Status> {
     let period = cfg.reconcile_interval;
@@ -193,6 +242,9 @@ pub fn run_once(api: &Api, cfg: &JobsConfig) -> Result<Vec<(Uuid, Vec<Action>)>,
         .map(|r| r.get(0))
         .collect())
     })?;
+    if let Err(e) = settle_cut_off_creates(api, cfg) {
+        log::warn!("settling cut-off creates failed: {}", e.message);
+    }
     let mut all = Vec::new();
     for h in hosts {
         match reconcile_host(api, h, cfg) {
@@ -205,6 +257,42 @@ pub fn run_once(api: &Api, cfg: &JobsConfig) -> Result<Vec<(Uuid, Vec<Action>)>,
         }
     }
     Ok(all)
+}
+
+/// Marks `error` the sandboxes still `starting` past their create's own deadline plus
+/// [`crate::limits::CREATE_DEADLINE_GRACE`] on a host the pass cannot ask (unreachable):
+/// no ctl is creating them any more, and their capacity goes back to the host. Returns how
+/// many. (Reachable hosts settle theirs from their own list, in [`decide`].)
+pub fn settle_cut_off_creates(api: &Api, cfg: &JobsConfig) -> Result<usize, Status> {
+    let bound = (cfg.create_deadline + crate::limits::CREATE_DEADLINE_GRACE).as_secs_f64();
+    api.db().tx(move |tx| {
+        let rows = tx
+            .query(
+                "SELECT s.id, s.team_id FROM sandboxes s LEFT JOIN hosts h ON h.id = s.host_id \
+                 WHERE s.state = 'starting' AND s.updated_at < now() - make_interval(secs => $1) \
+                   AND (h.id IS NULL OR h.status = 'unreachable') \
+                 ORDER BY s.updated_at LIMIT 1000 FOR UPDATE OF s SKIP LOCKED",
+                &[&bound],
+            )
+            .map_err(pg_err)?;
+        for r in &rows {
+            let id: Uuid = r.get(0);
+            let reason = "create cut off: past its deadline on an unreachable host";
+            scheduler::set_state(tx, id, State::Error, reason, Some(None))?;
+            audit_write(
+                tx,
+                audit_entry(
+                    Some(r.get(1)),
+                    &Actor::System,
+                    "sandbox",
+                    id::format(Kind::Sandbox, id),
+                    "sandbox.reconcile",
+                    serde_json::json!({"from": "starting", "to": "error", "reason": reason}),
+                ),
+            )?;
+        }
+        Ok(rows.len())
+    })
 }
 
 /// Parses an agent's view of its sandboxes (`(id, state, expires_unix_ns, reason)`, from a
@@ -383,6 +471,7 @@ mod tests {
     fn cfg() -> JobsConfig {
         JobsConfig {
             new_grace: Duration::from_secs(60),
+            create_deadline: Duration::from_secs(600),
             transition_grace: Duration::from_secs(600),
             ..JobsConfig::default()
         }
@@ -432,7 +521,7 @@ mod tests {
             expired,                            // → stopped (timeout)
             dbs(3, State::Stopping, 1000, now), // → stopped
             dbs(4, State::Running, 5, now),     // new: left alone
-            dbs(5, State::Starting, 100, now),  // in transition: left alone
+            dbs(5, State::Pausing, 100, now),   // in transition: left alone
             dbs(6, State::Error, 1000, now),    // already error: left alone
             dbs(7, State::Paused, 1000, now),   // paused but files gone → error
         ];
@@ -504,6 +593,23 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn creates_cut_off_are_settled_without_the_transition_grace() {
+        let now = SystemTime::now();
+        // Older than the new-sandbox grace, far younger than the transition grace.
+        let db = [
+            dbs(1, State::Starting, 120, now), // not on the host: nobody creates it
+            dbs(2, State::Starting, 120, now), // the agent finished: running
+            dbs(3, State::Starting, 120, now), // the agent still creates it
+            dbs(4, State::Starting, 5, now),   // ctl's call may still be in flight
+        ];
+        let host = [hs(2, State::Running), hs(3, State::Starting)];
+        let a = decide(&db, &host, now, &cfg());
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert!(matches!(&a[0], Action::Apply { id, state: State::Error, .. } if *id == u(1)));
+        assert!(matches!(&a[1], Action::Apply { id, state: State::Running, .. } if *id == u(2)));
     }
 
     #[test]

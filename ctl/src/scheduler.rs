@@ -85,6 +85,13 @@ impl State {
         State::ALL.iter().copied().find(|x| x.wire() == v)
     }
 
+    /// A state on the way to freeing the sandbox's resources: entering it never takes more
+    /// than the sandbox already holds (a paused sandbox being destroyed must not need the
+    /// vCPUs and memory it gave back, or Destroy would fail on a full host).
+    pub const fn frees(self) -> bool {
+        matches!(self, State::Stopping | State::Stopped | State::Error)
+    }
+
     /// A state an API call or the agent is still moving the sandbox out of.
     pub const fn in_transition(self) -> bool {
         matches!(
@@ -103,6 +110,14 @@ pub struct Need {
 }
 
 impl Need {
+    fn min(self, o: Need) -> Need {
+        Need {
+            vcpus: self.vcpus.min(o.vcpus),
+            memory_mib: self.memory_mib.min(o.memory_mib),
+            disk_mib: self.disk_mib.min(o.disk_mib),
+        }
+    }
+
     fn minus(self, o: Need) -> Need {
         Need {
             vcpus: self.vcpus - o.vcpus,
@@ -165,7 +180,8 @@ pub fn lock(tx: &mut impl GenericClient, sandbox: Uuid) -> Result<Option<Locked>
 }
 
 /// Moves a sandbox to `state` and adjusts its host's ledger by the change in what it holds.
-/// Growing (paused → resuming) must fit on its host (`resource_exhausted` otherwise).
+/// Growing (paused → resuming) must fit on its host (`resource_exhausted` otherwise);
+/// a state that frees ([`State::frees`]) never grows.
 /// `expires` sets `expires_at` (`Some(None)` clears it).
 pub fn set_state(
     tx: &mut impl GenericClient,
@@ -175,10 +191,10 @@ pub fn set_state(
     expires: Option<Option<SystemTime>>,
 ) -> Result<Locked, Status> {
     let cur = lock(tx, sandbox)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
-    let want = if cur.host.is_some() {
-        holds(state, cur.size)
-    } else {
-        Need::default()
+    let want = match cur.host {
+        Some(_) if state.frees() => holds(state, cur.size).min(cur.held),
+        Some(_) => holds(state, cur.size),
+        None => Need::default(),
     };
     let delta = want.minus(cur.held);
     if delta != Need::default() {

@@ -50,6 +50,29 @@ pub struct Entry<'a> {
 
 /// Writes one audit row with `c` (the caller's transaction).
 pub fn write(c: &mut impl GenericClient, e: Entry<'_>) -> Result<(), Status> {
+    insert(c, e).map(|_| ())
+}
+
+/// Metadata of a failed call: its status code and message (bounded).
+pub fn failure_meta(s: &Status) -> serde_json::Value {
+    let message: String = s.message.chars().take(512).collect();
+    serde_json::json!({"code": s.code.name(), "message": message})
+}
+
+/// Marks the audit row `row` (written when the call's first step committed) as failed,
+/// with the failure's code and message merged into its metadata: a call whose later step
+/// (the agent's) failed is then recorded as the failure it was.
+pub fn mark_failed(c: &mut impl GenericClient, row: Uuid, s: &Status) -> Result<(), Status> {
+    c.execute(
+        "UPDATE audit_logs SET status = 'failure', metadata = metadata || $2 WHERE id = $1",
+        &[&row, &failure_meta(s)],
+    )
+    .map_err(pg_err)?;
+    Ok(())
+}
+
+/// Writes one audit row with `c`; returns its id.
+pub fn insert(c: &mut impl GenericClient, e: Entry<'_>) -> Result<Uuid, Status> {
     let (actor_type, actor_id, actor_name) = e.actor.parts();
     let mut meta = e.metadata;
     if meta.to_string().len() > AUDIT_METADATA_LEN_MAX {
@@ -73,7 +96,7 @@ pub fn write(c: &mut impl GenericClient, e: Entry<'_>) -> Result<(), Status> {
         ],
     )
     .map_err(pg_err)?;
-    Ok(())
+    Ok(id)
 }
 
 /// A random (v4) UUID for a new entity.
@@ -144,6 +167,7 @@ impl Api {
             if v.len() > 128 {
                 return Err(Status::invalid_argument(format!("{name} too long")));
             }
+            crate::db::check_text(name, v)?;
         }
         let team: Option<Uuid> = if ctx.platform_admin {
             None

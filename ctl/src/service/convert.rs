@@ -91,6 +91,8 @@ pub fn check_map(name: &str, m: &HashMap<String, String>) -> Result<serde_json::
                 "{name}: keys must be 1..={MAP_KEY_LEN_MAX} bytes, values at most {MAP_VALUE_LEN_MAX}"
             )));
         }
+        crate::db::check_text(&format!("{name} key"), k)?;
+        crate::db::check_text(&format!("{name}[{k:?}]"), v)?;
         o.insert(k.clone(), serde_json::Value::String(v.clone()));
     }
     Ok(serde_json::Value::Object(o))
@@ -98,6 +100,7 @@ pub fn check_map(name: &str, m: &HashMap<String, String>) -> Result<serde_json::
 
 /// Checks a display name (templates, keys, teams, users).
 pub fn check_name(what: &str, s: &str) -> Result<(), Status> {
+    crate::db::check_text(what, s)?;
     if s.trim().is_empty() || s.len() > NAME_LEN_MAX || s.chars().any(|c| c.is_control()) {
         return Err(Status::invalid_argument(format!(
             "{what} must be 1..={NAME_LEN_MAX} bytes without control characters"

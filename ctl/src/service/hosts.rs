@@ -116,7 +116,7 @@ pub fn insert_registration_token(
 
 impl Api {
     /// A one-time token an agent exchanges for its identity.
-    pub fn create_registration_token(
+    pub(super) fn create_registration_token_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::CreateRegistrationTokenRequest,
@@ -197,7 +197,7 @@ impl Api {
     }
 
     /// Stops placing sandboxes on a host; lists those that remain.
-    pub fn drain_host(
+    pub(super) fn drain_host_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::DrainHostRequest,
@@ -222,7 +222,7 @@ impl Api {
     }
 
     /// Forgets a host; refused while sandboxes or snapshot templates remain on it.
-    pub fn delete_host(
+    pub(super) fn delete_host_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::DeleteHostRequest,

@@ -10,12 +10,14 @@
 //!
 //! Architecture invariant: every query is scoped to `ctx.team_id` (platform templates are
 //! readable by all); a resource of another team is `not_found`, never `permission_denied`,
-//! so IDs of other teams leak nothing. Every mutating call writes one audit row in the
-//! same transaction as its change.
+//! so IDs of other teams leak nothing. Every mutating call writes one audit row with its
+//! outcome: in the same transaction as its change when it succeeds, after the failed attempt
+//! when it fails (`outcome.rs`).
 
 pub mod audit;
 mod convert;
 mod hosts;
+mod outcome;
 mod processes;
 pub mod sandboxes;
 mod teams;

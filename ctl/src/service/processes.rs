@@ -27,10 +27,14 @@ impl Api {
         r: &Result<T, Status>,
     ) {
         let ctx2 = ctx.clone();
-        let sid = sandbox_id.to_owned();
+        // The canonical id, or "" for a malformed one (caller input that is not worth
+        // keeping, and may not even be storable).
+        let sid = parse_id(Kind::Sandbox, sandbox_id)
+            .map(|u| proto::id::format(Kind::Sandbox, u))
+            .unwrap_or_default();
         let (ok, meta) = match r {
             Ok(_) => (true, serde_json::json!({})),
-            Err(e) => (false, serde_json::json!({"code": e.code.name()})),
+            Err(e) => (false, super::audit::failure_meta(e)),
         };
         let w = self.inner.db.run(move |c| {
             super::audit::write(
@@ -49,6 +53,21 @@ impl Api {
         if let Err(e) = w {
             log::warn!("audit write failed action={action}: {}", e.message);
         }
+    }
+
+    /// [`Self::host_of`] for a call that records its outcome: a failure here (unknown
+    /// sandbox, not running) is recorded too.
+    fn host_audited(
+        &self,
+        ctx: &AuthCtx,
+        sandbox_id: &str,
+        action: &'static str,
+    ) -> Result<Uuid, Status> {
+        let r = self.host_of(ctx, sandbox_id);
+        if r.is_err() {
+            self.audit_call(ctx, sandbox_id, action, &r);
+        }
+        r
     }
 
     fn host_of(&self, ctx: &AuthCtx, sandbox_id: &str) -> Result<Uuid, Status> {
@@ -94,7 +113,7 @@ impl Api {
                 "output_limit_bytes must be at most {EXEC_OUTPUT_MAX}"
             )));
         }
-        let host = self.host_of(ctx, &req.sandbox_id)?;
+        let host = self.host_audited(ctx, &req.sandbox_id, "sandbox.exec")?;
         let deadline = if req.background {
             None
         } else {
@@ -138,7 +157,7 @@ impl Api {
             return Err(Status::invalid_argument("process is required"));
         }
         let sid = req.sandbox_id.clone();
-        let host = self.host_of(ctx, &sid)?;
+        let host = self.host_audited(ctx, &sid, "sandbox.exec_stream")?;
         let deadline = self.exec_deadline(req.process.as_ref());
         let r = self
             .inner
@@ -188,7 +207,20 @@ impl Api {
         let first = input
             .recv()?
             .ok_or_else(|| Status::invalid_argument("empty input stream"))?;
-        let host = self.host_of(ctx, &first.sandbox_id)?;
+        let sid = first.sandbox_id.clone();
+        let host = self.host_audited(ctx, &sid, "sandbox.send_input")?;
+        let r = self.send_input_rest(host, first, input);
+        self.audit_call(ctx, &sid, "sandbox.send_input", &r);
+        r
+    }
+
+    /// The input stream once its sandbox's host is known.
+    fn send_input_rest(
+        &self,
+        host: Uuid,
+        first: ctl::SendInputRequest,
+        input: &mut dyn Source<ctl::SendInputRequest>,
+    ) -> Result<envd::SendInputResponse, Status> {
         let client = self.inner.agents.client(host)?;
         let mut s = client.call(
             agent::processes_methods::SEND_INPUT,
@@ -217,15 +249,18 @@ impl Api {
         ctx: &AuthCtx,
         req: ctl::CloseStdinRequest,
     ) -> Result<envd::CloseStdinResponse, Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(
+        let sid = req.sandbox_id.clone();
+        let host = self.host_audited(ctx, &sid, "sandbox.close_stdin")?;
+        let r = self.inner.agents.unary(
             host,
             agent::processes_methods::CLOSE_STDIN,
             &agent::CloseStdinRequest {
                 sandbox_id: req.sandbox_id,
                 close: req.close,
             },
-        )
+        );
+        self.audit_call(ctx, &sid, "sandbox.close_stdin", &r);
+        r
     }
 
     pub fn signal_process(
@@ -234,7 +269,7 @@ impl Api {
         req: ctl::SignalRequest,
     ) -> Result<envd::SignalResponse, Status> {
         let sid = req.sandbox_id.clone();
-        let host = self.host_of(ctx, &sid)?;
+        let host = self.host_audited(ctx, &sid, "sandbox.signal")?;
         let r = self.inner.agents.unary(
             host,
             agent::processes_methods::SIGNAL,
@@ -411,7 +446,7 @@ impl Api {
         req: ctl::MakeDirRequest,
     ) -> Result<envd::MakeDirResponse, Status> {
         let sid = req.sandbox_id.clone();
-        let host = self.host_of(ctx, &sid)?;
+        let host = self.host_audited(ctx, &sid, "sandbox.make_dir")?;
         let r = self.inner.agents.unary(
             host,
             agent::files_methods::MAKE_DIR,
@@ -430,7 +465,7 @@ impl Api {
         req: ctl::MoveRequest,
     ) -> Result<envd::MoveResponse, Status> {
         let sid = req.sandbox_id.clone();
-        let host = self.host_of(ctx, &sid)?;
+        let host = self.host_audited(ctx, &sid, "sandbox.move")?;
         let r = self.inner.agents.unary(
             host,
             agent::files_methods::MOVE,
@@ -449,7 +484,7 @@ impl Api {
         req: ctl::RemoveRequest,
     ) -> Result<envd::RemoveResponse, Status> {
         let sid = req.sandbox_id.clone();
-        let host = self.host_of(ctx, &sid)?;
+        let host = self.host_audited(ctx, &sid, "sandbox.remove")?;
         let r = self.inner.agents.unary(
             host,
             agent::files_methods::REMOVE,

@@ -83,6 +83,7 @@ impl TplRef {
         if r.len() > crate::limits::NAME_LEN_MAX {
             return Err(Status::invalid_argument("template name too long"));
         }
+        crate::db::check_text("template", r)?;
         Ok(TplRef::Name(r.to_owned()))
     }
 }
@@ -304,6 +305,25 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, S
             )));
         }
     }
+    if pinned.is_none() {
+        let (registered, online): (i64, i64) = c
+            .query_typed_one(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'online') FROM hosts",
+                &[],
+            )
+            .map(|r| (r.get(0), r.get(1)))
+            .map_err(pg_err)?;
+        if registered == 0 {
+            return Err(Status::failed_precondition(
+                "no host is registered: register an agent with a registration token first",
+            ));
+        }
+        if online == 0 {
+            return Err(Status::unavailable(format!(
+                "no host is online ({registered} registered, all unreachable or draining)"
+            )));
+        }
+    }
     Err(match pinned {
         Some(_) => {
             Status::resource_exhausted("the host this sandbox must run on has no free capacity")
@@ -365,14 +385,15 @@ fn expiry(info_ns: i64, timeout_s: u64) -> SystemTime {
     }
 }
 
+/// Writes a sandbox call's audit row; returns its id.
 fn audit_sb(
     c: &mut impl GenericClient,
     ctx: &AuthCtx,
     id: Uuid,
     action: &str,
     metadata: serde_json::Value,
-) -> Result<(), Status> {
-    audit::write(
+) -> Result<Uuid, Status> {
+    audit::insert(
         c,
         Entry {
             team: Some(ctx.team_id),
@@ -387,11 +408,11 @@ fn audit_sb(
 }
 
 impl Api {
-    /// Creates a sandbox. With `wait` (default) answers once it is RUNNING and envd answered;
-    /// `wait = false` answers at once with STARTING and finishes in the background.
-    pub fn create_sandbox(
+    /// Create (see `create_sandbox`); `row` receives the audit row once it is committed.
+    pub(super) fn create_sandbox_inner(
         &self,
         ctx: &AuthCtx,
+        row: &mut Option<Uuid>,
         req: ctl::CreateSandboxRequest,
     ) -> Result<ctl::Sandbox, Status> {
         let start = Instant::now();
@@ -477,9 +498,13 @@ impl Api {
                 },
             ))
         })?;
+        // The create's audit row (written with the insert) now exists: a failure from here
+        // on marks it.
+        *row = Some(audit_id);
         crate::metrics::SANDBOXES_CREATED.inc();
         if !wait {
             let api = self.clone();
+            let ctx_bg = ctx.clone();
             self.inner
                 .background_creates
                 .fetch_add(1, Ordering::Relaxed);
@@ -487,7 +512,16 @@ impl Api {
             let spawned = std::thread::Builder::new()
                 .name("ctl-create".into())
                 .spawn(move || {
-                    let _ = api.finish_create(team, pending);
+                    if let Err(e) = api.finish_create(team, pending) {
+                        api.record_failure(
+                            &ctx_bg,
+                            "sandbox",
+                            String::new(),
+                            "sandbox.create",
+                            Some(audit_id),
+                            &e,
+                        );
+                    }
                     api.inner.background_creates.fetch_sub(1, Ordering::Relaxed);
                     crate::metrics::BACKGROUND_CREATES.add(-1);
                 });
@@ -628,20 +662,21 @@ impl Api {
     }
 
     /// Destroys a sandbox (idempotent for one already stopped).
-    pub fn destroy_sandbox(
+    pub(super) fn destroy_sandbox_inner(
         &self,
         ctx: &AuthCtx,
+        row: &mut Option<Uuid>,
         req: ctl::DestroySandboxRequest,
     ) -> Result<ctl::DestroySandboxResponse, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         let team = ctx.team_id;
         let ctx2 = ctx.clone();
-        let host = self.inner.db.tx(move |tx| {
+        let (host, audit_row) = self.inner.db.tx(move |tx| {
             let cur = lock_owned(tx, team, id)?;
             if cur.state == State::Stopped {
-                return Ok(None);
+                return Ok((None, None));
             }
-            audit_sb(
+            let a = audit_sb(
                 tx,
                 &ctx2,
                 id,
@@ -651,14 +686,15 @@ impl Api {
             match cur.host {
                 None => {
                     scheduler::set_state(tx, id, State::Stopped, "destroyed", Some(None))?;
-                    Ok(None)
+                    Ok((None, Some(a)))
                 }
                 Some(h) => {
                     scheduler::set_state(tx, id, State::Stopping, "destroy requested", Some(None))?;
-                    Ok(Some(h))
+                    Ok((Some(h), Some(a)))
                 }
             }
         })?;
+        *row = audit_row;
         if let Some(host) = host {
             self.agent_destroy(host, id)?;
         }
@@ -688,7 +724,7 @@ impl Api {
     }
 
     /// Keeps a running sandbox alive: expiry becomes now + its timeout.
-    pub fn ping_sandbox(
+    pub(super) fn ping_sandbox_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::PingSandboxRequest,
@@ -721,7 +757,7 @@ impl Api {
     }
 
     /// Changes the timeout (and optionally the policy).
-    pub fn set_sandbox_timeout(
+    pub(super) fn set_sandbox_timeout_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::SetTimeoutRequest,
@@ -774,14 +810,16 @@ impl Api {
     }
 
     /// Pauses a running sandbox; answers PAUSED.
-    pub fn pause_sandbox(
+    pub(super) fn pause_sandbox_inner(
         &self,
         ctx: &AuthCtx,
+        row: &mut Option<Uuid>,
         req: ctl::PauseSandboxRequest,
     ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         self.transition(
             ctx,
+            row,
             id,
             State::Running,
             State::Pausing,
@@ -800,9 +838,10 @@ impl Api {
     }
 
     /// Resumes a paused sandbox on its own host; answers RUNNING.
-    pub fn resume_sandbox(
+    pub(super) fn resume_sandbox_inner(
         &self,
         ctx: &AuthCtx,
+        row: &mut Option<Uuid>,
         req: ctl::ResumeSandboxRequest,
     ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
@@ -824,6 +863,7 @@ impl Api {
         })?;
         self.transition(
             ctx,
+            row,
             id,
             State::Paused,
             State::Resuming,
@@ -843,9 +883,11 @@ impl Api {
     }
 
     /// from → via (audited) → agent call → the state the agent reports.
+    #[allow(clippy::too_many_arguments)] // each is one fact of the transition
     fn transition(
         &self,
         ctx: &AuthCtx,
+        row: &mut Option<Uuid>,
         id: Uuid,
         from: State,
         via: State,
@@ -867,9 +909,11 @@ impl Api {
                 .host
                 .ok_or_else(|| Status::internal("sandbox has no host"))?;
             scheduler::set_state(tx, id, via, "", None)?;
-            audit_sb(tx, &ctx2, id, action, serde_json::json!({}))?;
-            Ok(host)
+            let a = audit_sb(tx, &ctx2, id, action, serde_json::json!({}))?;
+            Ok((host, a))
         })?;
+        let (host, a) = host;
+        *row = Some(a);
         match call(self, host) {
             Ok(info) => self.apply_agent_state(team, id, &info),
             Err(e) => {

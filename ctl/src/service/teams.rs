@@ -2,6 +2,11 @@
 //!
 //! A key acts for its team: any key of a team may manage that team's members, users and
 //! keys. Platform admins may also read other teams and every user.
+//!
+//! Each user belongs to the directory of the team that created it (`users.home_team_id`);
+//! emails are unique within a directory, case-insensitively. A team sees, and may add as a
+//! member, only its members and its directory's users: another team's user is `not_found`
+//! like an unknown id, and creating a user never tells whether the email exists elsewhere.
 
 use std::time::SystemTime;
 
@@ -58,10 +63,20 @@ fn key(r: &postgres::Row) -> ctl::ApiKey {
     }
 }
 
+/// Users a key may see (`u` the users row, $2 its team, $3 whether it is a platform
+/// admin): every user for a platform admin; else the team's members and the users of its
+/// directory (those it created, members or not, so it can add them back).
+const VISIBLE: &str = "($3 OR u.home_team_id = $2 \
+    OR EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = u.id AND m.team_id = $2))";
+/// [`VISIBLE`] with the team as $1 and the admin flag as $2.
+const VISIBLE_1: &str = "($2 OR u.home_team_id = $1 \
+    OR EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = u.id AND m.team_id = $1))";
+
 const KEY_COLS: &str =
     "id, team_id, name, lookup, created_by, created_at, last_used_at, platform_admin";
 
 fn check_email(e: &str) -> Result<(), Status> {
+    crate::db::check_text("email", e)?;
     let ok = e.len() <= EMAIL_LEN_MAX
         && e.split_once('@')
             .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
@@ -124,8 +139,8 @@ pub fn create_team_with_owner(
     )
     .map_err(pg_err)?;
     c.execute(
-        "INSERT INTO users (id, email, name) VALUES ($1, $2, $3)",
-        &[&user, &email, &user_name],
+        "INSERT INTO users (id, email, name, home_team_id) VALUES ($1, $2, $3, $4)",
+        &[&user, &email, &user_name, &team],
     )
     .map_err(|e| {
         if is_unique_violation(&e) {
@@ -205,7 +220,7 @@ impl Api {
     }
 
     /// Adds an existing user to the team with a role.
-    pub fn add_member(
+    pub(super) fn add_member_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::AddMemberRequest,
@@ -220,8 +235,14 @@ impl Api {
         }
         let ctx2 = ctx.clone();
         self.inner.db.tx(move |tx| {
+            // Only a user the caller may see: any for a platform admin, else one of its
+            // own directory or a member of its team. Another team's user is `not_found`,
+            // like an unknown id, so nothing about it (its email) leaks.
             let u = tx
-                .query_opt("SELECT id, email, name, created_at FROM users WHERE id = $1", &[&user])
+                .query_opt(
+                    &format!("SELECT id, email, name, created_at FROM users u WHERE id = $1 AND {VISIBLE}"),
+                    &[&user, &ctx2.team_id, &ctx2.platform_admin],
+                )
                 .map_err(pg_err)?
                 .ok_or_else(|| Status::not_found("user not found"))?;
             let r = tx
@@ -236,7 +257,7 @@ impl Api {
     }
 
     /// Removes a member; refused when it would leave the team without an owner.
-    pub fn remove_member(
+    pub(super) fn remove_member_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::RemoveMemberRequest,
@@ -319,7 +340,7 @@ impl Api {
 
     /// Creates a user and makes it a member of the caller's team (platform admins: no
     /// membership, the platform team has none).
-    pub fn create_user(
+    pub(super) fn create_user_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::CreateUserRequest,
@@ -334,15 +355,38 @@ impl Api {
             let uid = audit::new_uuid()?;
             let r = tx
                 .query_one(
-                    "INSERT INTO users (id, email, name) VALUES ($1, $2, $3) RETURNING id, email, name, created_at",
-                    &[&uid, &req.email, &req.name],
+                    "INSERT INTO users (id, email, name, home_team_id) VALUES ($1, $2, $3, $4) \
+                     RETURNING id, email, name, created_at",
+                    &[&uid, &req.email, &req.name, &ctx2.team_id],
                 )
-                .map_err(|e| if is_unique_violation(&e) { Status::new(Code::AlreadyExists, "email taken") } else { pg_err(e) })?;
+                .map_err(|e| {
+                    // Unique per directory (this team's), case-insensitively: says nothing
+                    // about other teams' users.
+                    if is_unique_violation(&e) {
+                        Status::new(
+                            Code::AlreadyExists,
+                            "a user with this email exists in this team",
+                        )
+                    } else {
+                        pg_err(e)
+                    }
+                })?;
             if ctx2.team_id != PLATFORM_TEAM {
-                tx.execute("INSERT INTO memberships (team_id, user_id, role) VALUES ($1, $2, $3)", &[&ctx2.team_id, &uid, &role])
-                    .map_err(pg_err)?;
+                tx.execute(
+                    "INSERT INTO memberships (team_id, user_id, role) VALUES ($1, $2, $3)",
+                    &[&ctx2.team_id, &uid, &role],
+                )
+                .map_err(pg_err)?;
             }
-            audit_row(tx, &ctx2, ctx2.team_id, "user", id::format(Kind::User, uid), "user.create", serde_json::json!({"role": role}))?;
+            audit_row(
+                tx,
+                &ctx2,
+                ctx2.team_id,
+                "user",
+                id::format(Kind::User, uid),
+                "user.create",
+                serde_json::json!({"role": role}),
+            )?;
             Ok(user(&r))
         })
     }
@@ -355,8 +399,7 @@ impl Api {
         self.inner.db.run(move |c| {
             let r = c
                 .query_opt(
-                    "SELECT u.id, u.email, u.name, u.created_at FROM users u WHERE u.id = $1 AND \
-                     ($3 OR EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = u.id AND m.team_id = $2))",
+                    &format!("SELECT u.id, u.email, u.name, u.created_at FROM users u WHERE u.id = $1 AND {VISIBLE}"),
                     &[&uid, &team, &admin],
                 )
                 .map_err(pg_err)?
@@ -378,10 +421,11 @@ impl Api {
         let admin = ctx.platform_admin;
         let rows = self.inner.db.run(move |c| {
             c.query(
-                "SELECT u.id, u.email, u.name, u.created_at FROM users u WHERE \
-                 ($2 OR EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = u.id AND m.team_id = $1)) \
-                 AND ($3::timestamptz IS NULL OR (u.created_at, u.id) > ($3, $4::uuid)) \
-                 ORDER BY u.created_at, u.id LIMIT $5",
+                &format!(
+                    "SELECT u.id, u.email, u.name, u.created_at FROM users u WHERE {VISIBLE_1} \
+                     AND ($3::timestamptz IS NULL OR (u.created_at, u.id) > ($3, $4::uuid)) \
+                     ORDER BY u.created_at, u.id LIMIT $5"
+                ),
                 &[&team, &admin, &at, &aid, &(limit + 1)],
             )
             .map_err(pg_err)
@@ -394,7 +438,7 @@ impl Api {
     }
 
     /// Creates a key for the caller's team; the plaintext is shown only here.
-    pub fn create_api_key(
+    pub(super) fn create_api_key_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::CreateApiKeyRequest,
@@ -458,7 +502,7 @@ impl Api {
     }
 
     /// Revokes a key of the caller's team at once.
-    pub fn revoke_api_key(
+    pub(super) fn revoke_api_key_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::RevokeApiKeyRequest,

@@ -40,6 +40,7 @@ pub(crate) fn resolve(c: &mut impl GenericClient, team: Uuid, r: &str) -> Result
         if r.len() > crate::limits::NAME_LEN_MAX {
             return Err(Status::invalid_argument("template name too long"));
         }
+        crate::db::check_text("template", r)?;
         let st = crate::db::prepared(
             c,
             "SELECT id, team_id, kind, host_id FROM templates \
@@ -78,7 +79,7 @@ fn parse_tpl_token(s: &str) -> Result<Option<(bool, std::time::SystemTime, Uuid)
 
 impl Api {
     /// Makes a snapshot template from a running or paused sandbox; the sandbox ends PAUSED.
-    pub fn create_template(
+    pub(super) fn create_template_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::CreateTemplateRequest,
@@ -259,7 +260,7 @@ impl Api {
     }
 
     /// Deletes a template and its files; platform ones need a platform-admin key.
-    pub fn delete_template(
+    pub(super) fn delete_template_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::DeleteTemplateRequest,

@@ -132,6 +132,7 @@ pub fn test_config(url: &str) -> Config {
             destroy_unknown: true,
             new_grace: Duration::from_millis(0),
             transition_grace: Duration::from_secs(600),
+            create_deadline: Duration::from_secs(20),
         },
     }
 }

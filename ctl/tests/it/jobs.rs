@@ -183,7 +183,7 @@ fn monitor_marks_unreachable_and_heartbeat_brings_back() {
             &c::CreateSandboxRequest::default(),
             T
         )),
-        Code::ResourceExhausted
+        Code::Unavailable
     );
     hb(&hc).unwrap();
     let host: c::Host = admin

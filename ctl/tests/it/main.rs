@@ -5,6 +5,7 @@ mod agent_conformance;
 mod api;
 mod cli;
 mod ctl_bin;
+mod defects;
 mod fake_agent;
 mod harness;
 mod http;

@@ -233,8 +233,19 @@ fn usage(ctl: &Ctl, host: &str) -> (u32, u64, u64) {
     (u.vcpus, u.memory_mib, u.disk_mib)
 }
 
+/// The successful creates' audit rows (refused creates have failure rows of their own).
 fn audit_creates(cl: &Client) -> Vec<c::AuditLog> {
     crate::harness::audit(cl, "sandbox.create")
+        .into_iter()
+        .filter(|a| a.status == "success")
+        .collect()
+}
+
+fn audit_create_failures(cl: &Client) -> Vec<c::AuditLog> {
+    crate::harness::audit(cl, "sandbox.create")
+        .into_iter()
+        .filter(|a| a.status == "failure")
+        .collect()
 }
 
 #[test]
@@ -280,8 +291,9 @@ fn the_last_capacity_goes_to_exactly_one_create() {
     assert_eq!((won, exhausted), (1, 7), "{results:?}");
     assert_eq!(usage(&ctl, &h), (2, 1024, 2 * 5120));
     assert_eq!(fa.state.lock().unwrap().sandboxes.len(), 2);
-    // One audit row per sandbox that exists, none for the refused creates.
+    // One success row per sandbox that exists, a failure row per refused create.
     assert_eq!(audit_creates(&ctl.team()).len(), 2);
+    assert_eq!(audit_create_failures(&ctl.team()).len(), 7);
     replica.shutdown();
 }
 

@@ -1,0 +1,465 @@
+//! Regressions of the outside acceptance run (issue 12): credentials and teams, hosts that
+//! die, truth in the audit log and errors. Each test failed before its fix.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use proto::gen::wrenn::agent::v1 as agent;
+use proto::gen::wrenn::ctl::v1 as c;
+use proto::gen::wrenn::host::v1 as host;
+use proto::rpc::Client;
+use proto::Code;
+
+use crate::harness::Ctl;
+
+const T: Option<Duration> = Some(Duration::from_secs(30));
+
+fn create(cl: &Client, req: c::CreateSandboxRequest) -> Result<c::Sandbox, proto::Status> {
+    cl.unary(c::sandboxes_methods::CREATE, &req, T)
+}
+
+fn create_min(cl: &Client) -> Result<c::Sandbox, proto::Status> {
+    create(cl, c::CreateSandboxRequest::default())
+}
+
+fn destroy(cl: &Client, id: &str) -> Result<c::DestroySandboxResponse, proto::Status> {
+    cl.unary(
+        c::sandboxes_methods::DESTROY,
+        &c::DestroySandboxRequest {
+            sandbox_id: id.into(),
+        },
+        T,
+    )
+}
+
+fn get(cl: &Client, id: &str) -> c::Sandbox {
+    cl.unary(
+        c::sandboxes_methods::GET,
+        &c::GetSandboxRequest {
+            sandbox_id: id.into(),
+        },
+        T,
+    )
+    .expect("get sandbox")
+}
+
+/// One HTTP/1.1 request to the gateway; returns (status, body).
+fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+// ---- item 11: NUL characters and the real cause of database errors ----
+
+#[test]
+fn nul_characters_are_refused_naming_the_field() {
+    let Some(mut ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, _) = ctl.add_host(4, 8192, 100_000);
+    let mut req = c::CreateSandboxRequest::default();
+    req.metadata.insert("owner".into(), "a\0b".into());
+    let e = create(&cl, req).unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    assert!(
+        e.message.contains("metadata") && e.message.contains("owner"),
+        "{e}"
+    );
+    let mut req = c::CreateSandboxRequest::default();
+    req.metadata.insert("o\0".into(), "v".into());
+    assert_eq!(create(&cl, req).unwrap_err().code, Code::InvalidArgument);
+
+    // A heartbeat's problem text.
+    let e = fa
+        .host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 8192,
+                    disk_mib: 100_000,
+                }),
+                problems: vec!["kvm\0missing".into()],
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    assert!(e.message.contains("problems"), "{e}");
+
+    // Names and audit filters.
+    let e = cl
+        .unary::<_, c::CreateApiKeyResponse>(
+            c::api_keys_methods::CREATE,
+            &c::CreateApiKeyRequest {
+                name: "k\0".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    let e = cl
+        .unary::<_, c::ListAuditLogsResponse>(
+            c::audit_logs_methods::LIST,
+            &c::ListAuditLogsRequest {
+                action: "x\0".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    assert!(e.message.contains("action"), "{e}");
+
+    // JSON `\u0000` through the HTTP gateway: 400 naming the field, not 500.
+    let url = ctl.url.clone();
+    let key = ctl.team_key.clone();
+    if let Some(r) = ctl.running.take() {
+        r.shutdown();
+    }
+    let running = ctl::server::start(
+        &crate::harness::test_config(&url),
+        ctl::server::StartOpts {
+            jobs: false,
+            http: true,
+        },
+    )
+    .expect("start ctl with http");
+    let (status, body) = http(
+        running.http_addr.expect("http addr"),
+        "POST",
+        "/v1/sandboxes",
+        &key,
+        r#"{"metadata":{"owner":"a\u0000b"}}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("metadata"), "{body}");
+    running.shutdown();
+}
+
+#[test]
+fn database_errors_name_their_cause() {
+    // A statement PostgreSQL refuses (NUL in text is the case the issue saw) must log the
+    // server's code and message, not the driver's "db error".
+    let Some(url) = crate::harness::fresh_db() else {
+        return;
+    };
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let e = c.query("SELECT 1/0", &[]).unwrap_err();
+    let logged = ctl::db::describe(&e);
+    assert!(logged.contains("22012"), "{logged}");
+    assert!(logged.contains("division by zero"), "{logged}");
+}
+
+// ---- item 12: no host registered ----
+
+#[test]
+fn create_without_any_host_says_so() {
+    let Some(ctl) = Ctl::start() else { return };
+    let e = create_min(&ctl.team()).unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+    assert!(e.message.contains("no host is registered"), "{e}");
+    // With a host that is full, it is capacity.
+    let _h = ctl.add_host(1, 512, 100_000);
+    create_min(&ctl.team()).expect("first fits");
+    let e = create_min(&ctl.team()).unwrap_err();
+    assert_eq!(e.code, Code::ResourceExhausted, "{e}");
+}
+
+// ---- item 8: freeing never needs capacity ----
+
+#[test]
+fn destroying_a_paused_sandbox_on_a_full_host_needs_no_capacity() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let _h = ctl.add_host(1, 512, 100_000);
+    let a = create_min(&cl).expect("create a");
+    let p: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::PAUSE,
+            &c::PauseSandboxRequest {
+                sandbox_id: a.id.clone(),
+            },
+            T,
+        )
+        .expect("pause a");
+    assert_eq!(p.state, c::SandboxState::Paused as i32);
+    let b = create_min(&cl).expect("b takes the host's only vCPU");
+    destroy(&cl, &a.id).expect("destroy the paused sandbox on a full host");
+    assert_eq!(get(&cl, &a.id).state, c::SandboxState::Stopped as i32);
+    destroy(&cl, &b.id).expect("destroy b");
+}
+
+// ---- item 5: a team sees and adds only what it may ----
+
+fn create_user(cl: &Client, email: &str) -> Result<c::User, proto::Status> {
+    cl.unary(
+        c::users_methods::CREATE,
+        &c::CreateUserRequest {
+            email: email.into(),
+            ..Default::default()
+        },
+        T,
+    )
+}
+
+fn add_member(cl: &Client, user: &str) -> Result<c::Member, proto::Status> {
+    cl.unary(
+        c::teams_methods::ADD_MEMBER,
+        &c::AddMemberRequest {
+            user_id: user.into(),
+            ..Default::default()
+        },
+        T,
+    )
+}
+
+#[test]
+fn teams_neither_add_nor_probe_other_teams_users() {
+    let Some(ctl) = Ctl::start() else { return };
+    let a = ctl.team();
+    let (_, key_b) = ctl.other_team("team-b", "b@example.com");
+    let b = ctl.client(&key_b);
+
+    // Team b cannot add team a's owner, and the answer does not carry its email.
+    let e = add_member(&b, &ctl.user_id).unwrap_err();
+    assert_eq!(e.code, Code::NotFound, "{e}");
+    assert!(!e.message.contains("a@example.com"), "{e}");
+    // Nor read it.
+    let e = b
+        .unary::<_, c::User>(
+            c::users_methods::GET,
+            &c::GetUserRequest {
+                user_id: ctl.user_id.clone(),
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::NotFound);
+
+    // Creating a user whose email exists in team a tells team b nothing: it succeeds, as it
+    // does for an unused email.
+    let u = create_user(&b, "a@example.com").expect("an email of another team is not probed");
+    assert_ne!(u.id, ctl.user_id);
+
+    // Within one team, email uniqueness ignores case.
+    let e = create_user(&a, "A@Example.COM").unwrap_err();
+    assert_eq!(e.code, Code::AlreadyExists, "{e}");
+
+    // A team may add back a user of its own directory after removing it.
+    let v = create_user(&a, "v@example.com").unwrap();
+    a.unary::<_, c::RemoveMemberResponse>(
+        c::teams_methods::REMOVE_MEMBER,
+        &c::RemoveMemberRequest {
+            user_id: v.id.clone(),
+            ..Default::default()
+        },
+        T,
+    )
+    .unwrap();
+    let m = add_member(&a, &v.id).expect("re-add own user");
+    assert_eq!(m.user.unwrap().email, "v@example.com");
+    // The platform admin may add anyone anywhere.
+    let admin = ctl.admin();
+    admin
+        .unary::<_, c::Member>(
+            c::teams_methods::ADD_MEMBER,
+            &c::AddMemberRequest {
+                team_id: ctl.team_id.clone(),
+                user_id: u.id.clone(),
+                ..Default::default()
+            },
+            T,
+        )
+        .expect("platform admin adds across teams");
+}
+
+#[test]
+fn email_migration_keeps_existing_case_duplicates() {
+    let Some(url) = crate::harness::fresh_db() else {
+        return;
+    };
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    ctl::migrate::run_list(&mut c, &ctl::migrate::MIGRATIONS[..1]).unwrap();
+    c.batch_execute(
+        "INSERT INTO teams (id, name) VALUES ('00000000-0000-0000-0000-000000000007', 't');
+         INSERT INTO users (id, email, created_at) VALUES
+            ('00000000-0000-0000-0000-000000000001', 'X@y.example', now() - interval '1 day'),
+            ('00000000-0000-0000-0000-000000000002', 'x@y.example', now());
+         INSERT INTO memberships (team_id, user_id, role) VALUES
+            ('00000000-0000-0000-0000-000000000007', '00000000-0000-0000-0000-000000000001', 'owner'),
+            ('00000000-0000-0000-0000-000000000007', '00000000-0000-0000-0000-000000000002', 'member');",
+    )
+    .unwrap();
+    let done = ctl::migrate::run(&mut c).expect("migration with case duplicates");
+    assert!(done.contains(&2), "{done:?}");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "nobody deleted");
+    // A third spelling is refused in that directory.
+    let e = c
+        .execute(
+            "INSERT INTO users (id, email, home_team_id) VALUES \
+             ('00000000-0000-0000-0000-000000000003', 'X@Y.EXAMPLE', '00000000-0000-0000-0000-000000000007')",
+            &[],
+        )
+        .unwrap_err();
+    assert!(ctl::db::is_unique_violation(&e), "{e}");
+}
+
+// ---- item 10: every mutating call records its outcome ----
+
+fn newest(cl: &Client, action: &str) -> c::AuditLog {
+    crate::harness::audit(cl, action)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no audit row {action}"))
+}
+
+#[test]
+fn failed_calls_are_audited_as_failures() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    // Refused before anything changed: a separate failure row.
+    create_min(&cl).unwrap_err();
+    let a = newest(&cl, "sandbox.create");
+    assert_eq!(a.status, "failure", "{a:?}");
+    assert!(a.metadata_json.contains("failed_precondition"), "{a:?}");
+
+    // The agent refuses the create: the create's own row says failure.
+    let (fa, _) = ctl.add_host(4, 8192, 100_000);
+    fa.state.lock().unwrap().fail_create = Some(proto::Status::internal("boom"));
+    let e = create_min(&cl).unwrap_err();
+    assert_eq!(e.code, Code::Internal);
+    let rows = crate::harness::audit(&cl, "sandbox.create");
+    assert_eq!(rows.len(), 2, "one row per call: {rows:?}");
+    assert_eq!(rows[0].status, "failure", "{rows:?}");
+    assert!(rows[0].resource_id.starts_with("sb-"), "{rows:?}");
+    assert!(rows[0].metadata_json.contains("boom"), "{rows:?}");
+    fa.state.lock().unwrap().fail_create = None;
+
+    // A destroy whose agent is gone answers unavailable and is recorded so.
+    let sb = create_min(&cl).expect("create");
+    assert_eq!(newest(&cl, "sandbox.create").status, "success");
+    fa.stop();
+    let e = destroy(&cl, &sb.id).unwrap_err();
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    let d = newest(&cl, "sandbox.destroy");
+    assert_eq!(d.status, "failure", "{d:?}");
+    assert!(d.metadata_json.contains("unavailable"), "{d:?}");
+    assert_eq!(crate::harness::audit(&cl, "sandbox.destroy").len(), 1);
+
+    // Calls of one transaction: the failure row comes after the rollback.
+    let e = cl
+        .unary::<_, c::RevokeApiKeyResponse>(
+            c::api_keys_methods::REVOKE,
+            &c::RevokeApiKeyRequest {
+                key_id: "key-00000000-0000-4000-8000-000000000000".into(),
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::NotFound);
+    let r = newest(&cl, "api_key.revoke");
+    assert_eq!(r.status, "failure");
+    assert_eq!(r.resource_id, "key-00000000-0000-4000-8000-000000000000");
+    // Process calls on a sandbox that does not run.
+    let e = cl
+        .unary::<_, c::ExecResponse>(
+            c::processes_methods::EXEC,
+            &c::ExecRequest {
+                sandbox_id: sb.id.clone(),
+                process: Some(Default::default()),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+    assert_eq!(newest(&cl, "sandbox.exec").status, "failure");
+}
+
+// ---- item 9: creates cut off by a ctl crash ----
+
+fn sql(ctl: &Ctl) -> postgres::Client {
+    postgres::Client::connect(&ctl.url, postgres::NoTls).unwrap()
+}
+
+fn uuid_of(wire: &str) -> proto::id::Uuid {
+    proto::id::parse_uuid_strict(wire.split_once('-').unwrap().1).unwrap()
+}
+
+#[test]
+fn creates_cut_off_by_a_crash_do_not_stay_starting() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, host_id) = ctl.add_host(4, 8192, 100_000);
+    // Two sandboxes as a crashed ctl leaves them: `starting` two minutes ago (well inside
+    // the old 11-minute transition grace). The agent never got the first; it finished the
+    // second.
+    let a = create_min(&cl).unwrap();
+    let b = create_min(&cl).unwrap();
+    fa.state.lock().unwrap().sandboxes.remove(&a.id);
+    let mut db = sql(&ctl);
+    db.execute(
+        "UPDATE sandboxes SET state = 'starting', updated_at = now() - interval '2 minutes'",
+        &[],
+    )
+    .unwrap();
+    ctl::reconciler::run_once(ctl.api(), &crate::harness::test_config(&ctl.url).jobs).unwrap();
+    assert_eq!(get(&cl, &a.id).state, c::SandboxState::Error as i32);
+    assert_eq!(get(&cl, &b.id).state, c::SandboxState::Running as i32);
+
+    // On a host that no longer answers: after the create's deadline plus the grace.
+    db.execute(
+        "UPDATE sandboxes SET state = 'starting', updated_at = now() - interval '2 minutes', \
+            held_vcpus = vcpus, held_memory_mib = memory_mib, held_disk_mib = disk_mib WHERE id = $1",
+        &[&uuid_of(&b.id)],
+    )
+    .unwrap();
+    db.execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    let cfg = crate::harness::test_config(&ctl.url).jobs;
+    assert_eq!(
+        ctl::reconciler::settle_cut_off_creates(ctl.api(), &cfg).unwrap(),
+        1
+    );
+    assert_eq!(get(&cl, &b.id).state, c::SandboxState::Error as i32);
+    let used: i32 = db
+        .query_one(
+            "SELECT used_vcpus FROM hosts WHERE id = $1",
+            &[&uuid_of(&host_id)],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 0, "the cut-off creates gave their capacity back");
+}
