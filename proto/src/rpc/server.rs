@@ -963,6 +963,36 @@ impl ServerStream {
         Conn::is_cancelled(&st, self.id)
     }
 
+    /// Ends a call with its one response: a single DATA frame with END_STREAM, the form
+    /// PROTOCOL.md §3 documents for unary replies (one frame less than DATA then END).
+    /// Blocks under flow control like [`ServerStream::send`]; a failed send ends the call
+    /// with that error instead. Returns whether the response was sent.
+    pub fn reply<M: Message>(mut self, msg: &M) -> bool {
+        self.finished = true;
+        let len = msg.encoded_len();
+        let sent = self.conn.send_data(self.id, len, true, None, true, |out| {
+            let _ = msg.encode(out);
+        });
+        let mut st = self.conn.lock();
+        if let Err(e) = &sent {
+            self.conn.send_error(&mut st, self.id, e);
+        }
+        self.conn.release_stream(&mut st, self.id, false);
+        sent.is_ok()
+    }
+
+    /// Answers with a message ([`ServerStream::reply`]) or an error. Returns whether the
+    /// call succeeded.
+    pub fn respond<M: Message>(self, r: Result<M, Status>) -> bool {
+        match r {
+            Ok(m) => self.reply(&m),
+            Err(s) => {
+                self.finish(Err(s));
+                false
+            }
+        }
+    }
+
     /// Ends the call: success (END) or an error.
     pub fn finish(mut self, r: Result<(), Status>) {
         self.finished = true;

@@ -365,6 +365,50 @@ fn garbage_and_truncated_input() {
     assert_eq!(r.n, 3);
 }
 
+/// Issue 12 item 13: a unary reply is one DATA frame with END_STREAM (PROTOCOL.md §3), from
+/// the loop (`Call::reply`) and from a worker (`ServerStream::reply`) alike; the next frame
+/// on the connection is the next call's answer, never an END.
+#[test]
+fn unary_reply_is_one_data_frame_with_end_stream() {
+    let srv = TestServer::start();
+    let mut s = raw_hello(&srv.path);
+    let mut out = Vec::new();
+    for (id, method) in [(1, UNARY), (3, WORKER_UNARY), (5, UNARY)] {
+        let req = Blob {
+            n: id as u64,
+            ..Blob::default()
+        }
+        .encode_to_vec();
+        frame::put_request(&mut out, id, frame::FLAG_END_STREAM, method, 0, &req);
+        s.write_all(&out).unwrap();
+        out.clear();
+        let (stream, kind, flags, body) = read_frame(&mut s).unwrap();
+        assert_eq!(
+            (stream, kind, flags & frame::FLAG_END_STREAM),
+            (id, Kind::Data, frame::FLAG_END_STREAM),
+            "{method}: the reply must be DATA with END_STREAM"
+        );
+        assert_eq!(Blob::decode(&body[..]).unwrap().n, id as u64);
+    }
+}
+
+/// A client accepts both forms of a unary answer: DATA with END_STREAM, and DATA then END.
+#[test]
+fn client_accepts_both_unary_reply_forms() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    for method in [UNARY, WORKER_UNARY, TWO_FRAME_UNARY] {
+        for n in 0..3 {
+            let b = Blob {
+                n,
+                ..Blob::default()
+            };
+            let r: Blob = c.unary(method, &b, Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(r.n, n, "{method}");
+        }
+    }
+}
+
 #[test]
 fn unknown_frame_kinds() {
     let srv = TestServer::start();

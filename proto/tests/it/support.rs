@@ -25,6 +25,10 @@ pub const BIDI: &str = "test.T/Bidi";
 pub const HANG: &str = "test.T/Hang";
 pub const FAIL: &str = "test.T/Fail";
 pub const PAYLOAD: &str = "test.T/Payload";
+/// Unary answered from a worker thread ([`proto::rpc::ServerStream::reply`]).
+pub const WORKER_UNARY: &str = "test.T/WorkerUnary";
+/// Unary answered the older way: DATA, then a separate END (clients must accept it).
+pub const TWO_FRAME_UNARY: &str = "test.T/TwoFrameUnary";
 
 /// Payload bytes of message `i` in the PAYLOAD stream: sizes straddle the zero-copy
 /// threshold, contents depend on `i`.
@@ -69,6 +73,14 @@ impl Service for TestService {
                 Err(e) => call.fail(e),
             },
             FAIL => call.fail(Status::not_found("nothing here")),
+            WORKER_UNARY => call.spawn(|s| {
+                let r = s.first::<Blob>();
+                s.respond(r);
+            }),
+            TWO_FRAME_UNARY => call.spawn(|mut s| {
+                let r = s.first::<Blob>().and_then(|b| s.send(&b));
+                s.finish(r)
+            }),
             PAYLOAD => call.spawn(|mut s| {
                 let req: Blob = match s.first() {
                     Ok(r) => r,
