@@ -5,7 +5,8 @@
 //! - [`gen`] (feature `rpc`): protobuf messages generated from `schema/` (checked in);
 //! - [`id`]: wire IDs (`sb-{uuid}` ...), parsed strictly at every boundary;
 //! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text;
-//! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`).
+//! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`);
+//! - [`signal`]: waiting for SIGTERM/SIGINT, so daemons drain their servers.
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod logger;
 pub mod metrics;
 pub mod sha256;
+pub mod signal;
 pub mod skip;
 pub mod status;
 
