@@ -20,8 +20,12 @@ use crate::ttl::{Clock, SystemClock};
 /// How often the monitor looks for VMs that died.
 const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Runs the agent until the RPC server stops.
+/// Runs the agent until the RPC server stops. SIGTERM or SIGINT drains the server
+/// (GOAWAY, open calls finish up to `DRAIN_TIMEOUT`) and returns; running VMs are left
+/// alone, to be re-adopted by the next agent.
 pub fn run(flags: Flags) -> Result<(), String> {
+    let term =
+        proto::signal::Termination::install().map_err(|e| format!("signal handlers: {e}"))?;
     let layout = Layout::new(&flags.state_root);
     layout
         .create()
@@ -112,6 +116,16 @@ pub fn run(flags: Flags) -> Result<(), String> {
         _http.addr(),
         flags.state_root.display()
     );
+    let handle = server.handle();
+    std::thread::Builder::new()
+        .name("agent-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = term.wait() {
+                info!("draining rpc server signal={sig}");
+                handle.shutdown();
+            }
+        })
+        .map_err(|e| format!("spawn signal thread: {e}"))?;
     server.run().map_err(|e| {
         error!("rpc server failed error={e}");
         e.to_string()

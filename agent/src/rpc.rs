@@ -102,16 +102,11 @@ impl Service for AgentService {
 
 /// Answers a unary call from a worker.
 fn unary<Req: Message + Default, Resp: Message>(
-    mut s: ServerStream,
+    s: ServerStream,
     f: impl FnOnce(Req) -> Result<Resp, Status>,
 ) {
-    match s.first::<Req>().and_then(f) {
-        Ok(resp) => {
-            let r = s.send(&resp);
-            s.finish(r);
-        }
-        Err(e) => s.finish(Err(e)),
-    }
+    let r = s.first::<Req>().and_then(f);
+    s.respond(r);
 }
 
 fn sandbox_id(s: &str) -> Result<Uuid, Status> {
@@ -468,13 +463,7 @@ fn send_input(m: &Manager, mut s: ServerStream) {
         client.close();
         Ok(resp)
     })();
-    match r {
-        Ok(resp) => {
-            let r = s.send(&resp);
-            s.finish(r)
-        }
-        Err(e) => s.finish(Err(e)),
-    }
+    s.respond(r);
 }
 
 /// Files.Write: header first (with the sandbox), then data, forwarded as envd's Write.
@@ -518,13 +507,7 @@ fn write_file(m: &Manager, mut s: ServerStream) {
         client.close();
         Ok(resp)
     })();
-    match r {
-        Ok(resp) => {
-            let r = s.send(&resp);
-            s.finish(r)
-        }
-        Err(e) => s.finish(Err(e)),
-    }
+    s.respond(r);
 }
 
 /// Processes.Exec: start, optionally feed stdin, collect bounded output until exit (or

@@ -160,6 +160,8 @@ fn serve(args: &[String]) -> Result<(), String> {
             ..jobs_default
         },
     };
+    let term =
+        proto::signal::Termination::install().map_err(|e| format!("signal handlers: {e}"))?;
     let running = ctl::server::start(
         &cfg,
         ctl::server::StartOpts {
@@ -168,6 +170,17 @@ fn serve(args: &[String]) -> Result<(), String> {
         },
     )
     .map_err(|e| error_chain(&e))?;
+    // SIGTERM/SIGINT drain the protobuf server: GOAWAY, open calls finish (PROTOCOL.md §5).
+    let handle = running.handle.clone();
+    std::thread::Builder::new()
+        .name("ctl-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = term.wait() {
+                log::info!("draining protobuf server signal={sig}");
+                handle.shutdown();
+            }
+        })
+        .map_err(|e| format!("spawn signal thread: {e}"))?;
     running.wait().map_err(|e| format!("server: {e}"))
 }
 

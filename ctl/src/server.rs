@@ -144,26 +144,11 @@ fn recheck(api: &Api, ctx: &AuthCtx, checked: &Mutex<Instant>) -> Result<(), Sta
 
 /// Answers a unary call: decode, run, send, finish. Returns whether it succeeded.
 fn unary<Req: Message + Default, Resp: Message>(
-    mut stream: ServerStream,
+    stream: ServerStream,
     f: impl FnOnce(Req) -> Result<Resp, Status>,
 ) -> bool {
     let r = stream.first::<Req>().and_then(f);
-    match r {
-        Ok(m) => match stream.send(&m) {
-            Ok(()) => {
-                stream.finish(Ok(()));
-                true
-            }
-            Err(e) => {
-                stream.finish(Err(e));
-                false
-            }
-        },
-        Err(e) => {
-            stream.finish(Err(e));
-            false
-        }
-    }
+    stream.respond(r)
 }
 
 /// A server-streaming call: `f` writes into the stream.
@@ -200,22 +185,7 @@ fn client_stream<Req: Message + Default, Resp: Message>(
         }
         Err(e) => Err(e),
     };
-    match r {
-        Ok(m) => match stream.send(&m) {
-            Ok(()) => {
-                stream.finish(Ok(()));
-                true
-            }
-            Err(e) => {
-                stream.finish(Err(e));
-                false
-            }
-        },
-        Err(e) => {
-            stream.finish(Err(e));
-            false
-        }
-    }
+    stream.respond(r)
 }
 
 struct StreamSink<'a> {

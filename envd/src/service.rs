@@ -1113,18 +1113,12 @@ where
     Req: Message + Default + 'static,
     Resp: Message + 'static,
 {
-    call.spawn(move |mut s| {
+    call.spawn(move |s| {
         let r = s.first::<Req>().and_then(|req| {
             let peer = s.peer().clone();
             f(req, &peer)
         });
-        match r {
-            Ok(resp) => {
-                let sent = s.send(&resp);
-                s.finish(sent)
-            }
-            Err(e) => s.finish(Err(e)),
-        }
+        s.respond(r);
     });
 }
 
@@ -1183,13 +1177,7 @@ impl Service for EnvdService {
             pm::CONNECT => call.spawn(move |s| envd.connect(s)),
             pm::SEND_INPUT => call.spawn(move |mut s| {
                 let r = envd.send_input(&mut s);
-                match r {
-                    Ok(resp) => {
-                        let sent = s.send(&resp);
-                        s.finish(sent)
-                    }
-                    Err(e) => s.finish(Err(e)),
-                }
+                s.respond(r);
             }),
             pm::CLOSE_STDIN => unary(call, move |r: pb::CloseStdinRequest, _| {
                 let p = envd.find(r.process)?;
@@ -1227,12 +1215,9 @@ impl Service for EnvdService {
             fsm::MOVE => unary(call, move |r: pb::MoveRequest, _| envd.move_(r)),
             fsm::REMOVE => unary(call, move |r: pb::RemoveRequest, _| envd.remove(r)),
             fsm::READ => streaming(call, move |s| envd.read(s)),
-            fsm::WRITE => call.spawn(move |mut s| match envd.write(&mut s) {
-                Ok(resp) => {
-                    let sent = s.send(&resp);
-                    s.finish(sent)
-                }
-                Err(e) => s.finish(Err(e)),
+            fsm::WRITE => call.spawn(move |mut s| {
+                let r = envd.write(&mut s);
+                s.respond(r);
             }),
             fsm::WATCH => streaming(call, move |s| envd.watch(s)),
             other => call.fail(Status::unimplemented(format!("unknown method {other}"))),

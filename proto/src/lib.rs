@@ -9,7 +9,8 @@
 //! - [`kv`]: the `key=value` format of every small state file;
 //! - [`process`]: pidfds and process start times (a live process, never a recycled pid);
 //! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
-//! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`).
+//! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`);
+//! - [`signal`]: waiting for SIGTERM/SIGINT, so daemons drain their servers.
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod process;
 pub mod random;
 pub mod sha256;
+pub mod signal;
 pub mod skip;
 pub mod status;
 

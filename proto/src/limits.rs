@@ -25,6 +25,15 @@ pub const FRAME_LEN_MAX_DEFAULT: u32 =
 pub const FRAME_LEN_MAX_FLOOR: u32 = 16 * 1024;
 /// Hard ceiling of any frame length limit (16 MiB).
 pub const FRAME_LEN_MAX_CEILING: u32 = 16 << 20;
+
+/// Smallest receive window (stream or connection) a peer may announce next to a frame length
+/// limit of `frame_len_max`: four thirds of it, rounded up. Window credit is returned in
+/// quarters, so a blocked sender waits for a quarter of the window to come back; with a
+/// window of at least 4/3 of the largest frame, a largest frame always fits in what is left
+/// (PROTOCOL.md §4, §6). Smaller windows would make every call fail or hang.
+pub const fn window_min(frame_len_max: u32) -> u32 {
+    (frame_len_max as u64 * 4).div_ceil(3) as u32
+}
 /// Bulk chunk size used by services that move bytes (file read/write, process output).
 pub const CHUNK_LEN: usize = 64 * 1024;
 
@@ -71,6 +80,7 @@ const _: () = assert!(STREAM_WINDOW_DEFAULT as usize >= MESSAGE_LEN_MAX);
 // Window credit is returned in quarters; a frame may cost at most three quarters of a
 // stream window or a blocked sender could wait for credit that never comes (conn.rs).
 const _: () = assert!(FRAME_LEN_MAX_DEFAULT as u64 * 4 <= STREAM_WINDOW_DEFAULT as u64 * 3);
+const _: () = assert!(STREAM_WINDOW_DEFAULT >= window_min(FRAME_LEN_MAX_DEFAULT));
 const _: () = assert!(CONN_WINDOW_DEFAULT >= STREAM_WINDOW_DEFAULT);
 const _: () = assert!(FRAME_LEN_MAX_DEFAULT <= FRAME_LEN_MAX_CEILING);
 const _: () = assert!(FRAME_LEN_MAX_FLOOR as usize > FRAME_HEADER_LEN + ERROR_MESSAGE_LEN_MAX + 6);

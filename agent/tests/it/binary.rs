@@ -105,5 +105,57 @@ fn starts_without_firecracker_and_reports_why_it_cannot_host() {
         )
         .unwrap_err();
     assert_eq!(e.code, proto::Code::Unavailable, "{e}");
+    // SIGTERM drains (issue 12 item 14): an open connection gets GOAWAY, then the agent
+    // exits 0 instead of dying with the signal.
+    let mut raw = raw_hello_tcp(rpc, "tok");
+    let mut guard = _guard;
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped yet.
+    assert_eq!(unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(read_kind(&mut raw), Some(proto::frame::Kind::GoAway));
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = guard.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "wrenn-agent did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A raw TCP connection that said hello with an agent token, for reading frames by hand.
+fn raw_hello_tcp(port: u16, token: &str) -> std::net::TcpStream {
+    use prost::Message;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let hello = proto::rpc::Hello {
+        version: proto::PROTOCOL_VERSION,
+        credential_kind: proto::rpc::CredentialKind::AgentToken as i32,
+        credential: token.into(),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    proto::frame::put_frame(
+        &mut out,
+        0,
+        proto::frame::Kind::Hello,
+        0,
+        &hello.encode_to_vec(),
+    );
+    s.write_all(&out).unwrap();
+    assert_eq!(read_kind(&mut s), Some(proto::frame::Kind::HelloAck));
+    s
+}
+
+/// Reads one frame and returns its kind (None at EOF).
+fn read_kind(s: &mut std::net::TcpStream) -> Option<proto::frame::Kind> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut rest).ok()?;
+    proto::frame::Kind::from_u8(rest[4])
 }

@@ -171,6 +171,57 @@ fn admin_and_serve() {
         )
         .unwrap();
     assert!(hosts.hosts.is_empty());
-    let _ = child.kill();
-    let _ = child.wait();
+    // SIGTERM drains (issue 12 item 14): an open connection gets GOAWAY, then the process
+    // exits 0 instead of dying with the signal.
+    let mut raw = raw_hello_tcp(port, &team_key);
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(read_kind(&mut raw), Some(proto::frame::Kind::GoAway));
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("wrenn-ctl did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+/// A raw TCP connection that said hello with an API key, for reading frames by hand.
+fn raw_hello_tcp(port: u16, key: &str) -> std::net::TcpStream {
+    use prost::Message;
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let hello = proto::rpc::Hello {
+        version: proto::PROTOCOL_VERSION,
+        credential_kind: proto::rpc::CredentialKind::ApiKey as i32,
+        credential: key.into(),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    proto::frame::put_frame(
+        &mut out,
+        0,
+        proto::frame::Kind::Hello,
+        0,
+        &hello.encode_to_vec(),
+    );
+    s.write_all(&out).unwrap();
+    assert_eq!(read_kind(&mut s), Some(proto::frame::Kind::HelloAck));
+    s
+}
+
+/// Reads one frame and returns its kind (None at EOF).
+fn read_kind(s: &mut std::net::TcpStream) -> Option<proto::frame::Kind> {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut rest).ok()?;
+    proto::frame::Kind::from_u8(rest[4])
 }

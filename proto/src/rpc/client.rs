@@ -155,6 +155,7 @@ impl Client {
         cred: Credential,
         cfg: &ClientConfig,
     ) -> Result<Client, Status> {
+        super::check_announced_limits(cfg.frame_len_max, cfg.stream_window, cfg.conn_window)?;
         let sock = UnixStream::from(fd);
         // Until the server answers, assume the protocol defaults for what we may send.
         let provisional = Limits {
@@ -186,7 +187,7 @@ impl Client {
         }
         let body = conn.read_hello_ack(Instant::now() + cfg.hello_timeout)?;
         let ack = HelloAck::decode(&body[..])
-            .map_err(|e| Status::internal(format!("protocol error: bad HELLO_ACK: {e}")))?;
+            .map_err(|e| Status::invalid_argument(format!("protocol error: bad HELLO_ACK: {e}")))?;
         if ack.version != crate::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "server speaks protocol version {}, we speak {}",
@@ -194,6 +195,8 @@ impl Client {
                 crate::PROTOCOL_VERSION
             )));
         }
+        super::check_announced_limits(ack.frame_len_max, ack.stream_window, ack.conn_window)
+            .map_err(|s| Status::invalid_argument(format!("HELLO_ACK: {}", s.message)))?;
         let limits = Limits {
             send_frame_len_max: send_frame_limit(ack.frame_len_max, ack.stream_window),
             send_stream_window: nonzero(ack.stream_window, STREAM_WINDOW_DEFAULT),

@@ -173,8 +173,14 @@ pub(crate) struct Events {
     pub hello_ack: Option<Bytes>,
 }
 
+/// A protocol fault by the peer (a reused stream id, a frame for a stream never opened, a
+/// window overflow, a misplaced frame): the peer's error, so `invalid_argument`, never
+/// `internal` (issue 12 item 14). Exceeding flow-control credit is `resource_exhausted`.
 fn proto_err(msg: impl Into<String>) -> Status {
-    Status::new(Code::Internal, format!("protocol error: {}", msg.into()))
+    Status::new(
+        Code::InvalidArgument,
+        format!("protocol error: {}", msg.into()),
+    )
 }
 
 impl Conn {
@@ -733,11 +739,7 @@ impl Conn {
             let decoded = match frame::decode(rbuf.pending(), self.limits.recv_frame_len_max) {
                 Ok(d) => d,
                 Err(e) => {
-                    let code = match e {
-                        frame::FrameError::TooLong { .. } => Code::ResourceExhausted,
-                        _ => Code::InvalidArgument,
-                    };
-                    self.fail_connection(st, Status::new(code, format!("protocol error: {e}")));
+                    self.fail_connection(st, super::server::frame_error_status(&e));
                     return;
                 }
             };

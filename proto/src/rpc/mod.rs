@@ -61,7 +61,46 @@ pub fn parse_hello(body: &[u8]) -> Result<Hello, crate::Status> {
             "protocol error: HELLO field too long",
         ));
     }
+    check_announced_limits(h.frame_len_max, h.stream_window, h.conn_window)
+        .map_err(|s| crate::Status::invalid_argument(format!("HELLO: {}", s.message)))?;
     Ok(h)
+}
+
+/// Checks the receive limits a HELLO or HELLO_ACK announces against the minimums of
+/// PROTOCOL.md §6 (0 stands for the default): `frame_len_max` within
+/// [`FRAME_LEN_MAX_FLOOR`](crate::limits::FRAME_LEN_MAX_FLOOR) ..=
+/// [`FRAME_LEN_MAX_CEILING`](crate::limits::FRAME_LEN_MAX_CEILING), and each window at least
+/// [`window_min`](crate::limits::window_min) of that frame limit. The error is
+/// `invalid_argument` naming the field.
+pub fn check_announced_limits(
+    frame_len_max: u32,
+    stream_window: u32,
+    conn_window: u32,
+) -> Result<(), crate::Status> {
+    use crate::limits::{
+        window_min, CONN_WINDOW_DEFAULT, FRAME_LEN_MAX_CEILING, FRAME_LEN_MAX_DEFAULT,
+        FRAME_LEN_MAX_FLOOR, STREAM_WINDOW_DEFAULT,
+    };
+    let or = |v: u32, d: u32| if v == 0 { d } else { v };
+    let frame = or(frame_len_max, FRAME_LEN_MAX_DEFAULT);
+    if !(FRAME_LEN_MAX_FLOOR..=FRAME_LEN_MAX_CEILING).contains(&frame) {
+        return Err(crate::Status::invalid_argument(format!(
+            "frame_len_max={frame} is outside {FRAME_LEN_MAX_FLOOR}..={FRAME_LEN_MAX_CEILING}"
+        )));
+    }
+    let min = window_min(frame);
+    for (name, v, d) in [
+        ("stream_window", stream_window, STREAM_WINDOW_DEFAULT),
+        ("conn_window", conn_window, CONN_WINDOW_DEFAULT),
+    ] {
+        let v = or(v, d);
+        if v < min {
+            return Err(crate::Status::invalid_argument(format!(
+                "{name}={v} is below {min}, 4/3 of frame_len_max={frame}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Fuzz entry point for the hello exchange: never panics; what parses re-encodes to a

@@ -20,9 +20,14 @@ fn end(s: ServerStream, r: Result<(), Status>) -> Code {
     code
 }
 
-fn reply<Resp: Message>(mut s: ServerStream, r: Result<Resp, Status>) -> Code {
-    let r = r.and_then(|resp| s.send(&resp));
-    end(s, r)
+/// The response as one DATA frame with END_STREAM (PROTOCOL.md §3), or the error.
+fn reply<Resp: Message>(s: ServerStream, r: Result<Resp, Status>) -> Code {
+    match r {
+        Ok(resp) if s.reply(&resp) => Code::Ok,
+        // The send failed; `reply` ended the call with that error.
+        Ok(_) => Code::Unavailable,
+        Err(e) => end(s, Err(e)),
+    }
 }
 
 /// One request, one response.

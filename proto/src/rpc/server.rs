@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub max_streams: u32,
     pub connections_max: usize,
     pub workers_max: usize,
+    /// After [`ServerHandle::shutdown`], how long open calls get to finish.
+    pub drain_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -70,6 +72,7 @@ impl ServerConfig {
             max_streams: STREAMS_PER_CONN_MAX,
             connections_max: CONNECTIONS_MAX_DEFAULT,
             workers_max: WORKERS_MAX_DEFAULT,
+            drain_timeout: DRAIN_TIMEOUT,
         }
     }
 }
@@ -121,8 +124,11 @@ impl std::fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
-    /// Graceful stop: GOAWAY to every connection, no new connections; `run` returns once
-    /// open calls finished or `DRAIN_TIMEOUT` passed.
+    /// Graceful stop (PROTOCOL.md §5): the listeners close (no new connections), every
+    /// connection gets GOAWAY (no new calls on it), connections that have not finished their
+    /// hello are closed with `unavailable`, and each connection closes once its open calls
+    /// finished; [`Server::run`] returns when none is left or after
+    /// [`ServerConfig::drain_timeout`] (default [`DRAIN_TIMEOUT`]), closing the rest.
     pub fn shutdown(&self) {
         self.shared.send(Cmd::Shutdown);
     }
@@ -177,6 +183,8 @@ pub struct Server {
 
 impl Server {
     pub fn new(cfg: ServerConfig, svc: Arc<dyn Service>) -> io::Result<Server> {
+        super::check_announced_limits(cfg.frame_len_max, cfg.stream_window, cfg.conn_window)
+            .map_err(|s| io::Error::new(io::ErrorKind::InvalidInput, s.message))?;
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let pool = Pool::new(&cfg.name, cfg.workers_max);
@@ -301,7 +309,7 @@ impl Server {
             }
             if let Some(since) = self.draining {
                 let open = self.conns.iter().flatten().count();
-                if open == 0 || since.elapsed() >= DRAIN_TIMEOUT {
+                if open == 0 || since.elapsed() >= self.cfg.drain_timeout {
                     for slot in 0..self.conns.len() {
                         self.close(slot, Status::unavailable("server stopped"));
                     }
@@ -484,7 +492,7 @@ impl Server {
                 h
             }
             Ok(_) => Err(Status::invalid_argument("protocol error: expected HELLO")),
-            Err(e) => Err(Status::invalid_argument(format!("protocol error: {e}"))),
+            Err(e) => Err(frame_error_status(&e)),
         };
         let hello = match hello {
             Ok(h) => h,
@@ -615,6 +623,16 @@ impl Server {
                                 .deregister(&mut SourceFd(&l.as_raw_fd()));
                         }
                         for slot in 0..self.conns.len() {
+                            let before_hello = self.conns[slot]
+                                .as_ref()
+                                .is_some_and(|e| !matches!(e.phase, Phase::Open));
+                            if before_hello {
+                                self.close_with_error(
+                                    slot,
+                                    Status::unavailable("server shutting down"),
+                                );
+                                continue;
+                            }
                             if let Some(conn) =
                                 self.conns[slot].as_ref().and_then(|e| e.conn.clone())
                             {
@@ -712,6 +730,17 @@ impl Server {
         }
         self.free.push(slot);
     }
+}
+
+/// The connection error for a frame that cannot be decoded: too long is
+/// `resource_exhausted` (PROTOCOL.md §1), before and after the hello alike; anything else
+/// malformed is `invalid_argument`.
+pub(crate) fn frame_error_status(e: &frame::FrameError) -> Status {
+    let code = match e {
+        frame::FrameError::TooLong { .. } => Code::ResourceExhausted,
+        _ => Code::InvalidArgument,
+    };
+    Status::new(code, format!("protocol error: {e}"))
 }
 
 /// A call, handed to [`Service::call`] on the event-loop thread.
@@ -961,6 +990,36 @@ impl ServerStream {
     pub fn is_cancelled(&self) -> bool {
         let st = self.conn.lock();
         Conn::is_cancelled(&st, self.id)
+    }
+
+    /// Ends a call with its one response: a single DATA frame with END_STREAM, the form
+    /// PROTOCOL.md §3 documents for unary replies (one frame less than DATA then END).
+    /// Blocks under flow control like [`ServerStream::send`]; a failed send ends the call
+    /// with that error instead. Returns whether the response was sent.
+    pub fn reply<M: Message>(mut self, msg: &M) -> bool {
+        self.finished = true;
+        let len = msg.encoded_len();
+        let sent = self.conn.send_data(self.id, len, true, None, true, |out| {
+            let _ = msg.encode(out);
+        });
+        let mut st = self.conn.lock();
+        if let Err(e) = &sent {
+            self.conn.send_error(&mut st, self.id, e);
+        }
+        self.conn.release_stream(&mut st, self.id, false);
+        sent.is_ok()
+    }
+
+    /// Answers with a message ([`ServerStream::reply`]) or an error. Returns whether the
+    /// call succeeded.
+    pub fn respond<M: Message>(self, r: Result<M, Status>) -> bool {
+        match r {
+            Ok(m) => self.reply(&m),
+            Err(s) => {
+                self.finish(Err(s));
+                false
+            }
+        }
     }
 
     /// Ends the call: success (END) or an error.

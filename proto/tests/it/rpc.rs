@@ -316,13 +316,226 @@ fn read_frame(s: &mut UnixStream) -> Option<(u32, Kind, u8, Vec<u8>)> {
 
 /// Reads frames until a connection ERROR and EOF; returns the error's code.
 fn expect_conn_error(s: &mut UnixStream) -> Code {
-    let mut code = None;
+    expect_conn_error_msg(s).0
+}
+
+/// Reads frames until a connection ERROR and EOF; returns the error's code and message.
+fn expect_conn_error_msg(s: &mut UnixStream) -> (Code, String) {
+    let mut err = None;
     while let Some((stream, kind, _, body)) = read_frame(s) {
         if kind == Kind::Error && stream == 0 {
-            code = Some(frame::parse_error(&body).unwrap().0);
+            let (code, msg) = frame::parse_error(&body).unwrap();
+            err = Some((code, msg.to_owned()));
         }
     }
-    code.expect("a connection error before EOF")
+    err.expect("a connection error before EOF")
+}
+
+/// Sends `hello` on a new connection and returns the connection error it gets.
+fn hello_refused(path: &std::path::Path, hello: &Hello) -> (Code, String) {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    frame::put_frame(&mut out, 0, Kind::Hello, 0, &hello.encode_to_vec());
+    s.write_all(&out).unwrap();
+    expect_conn_error_msg(&mut s)
+}
+
+/// Issue 12 item 14: a HELLO announcing limits below PROTOCOL.md §6's minimums is refused
+/// with `invalid_argument` naming the field (it used to be accepted, then every call failed
+/// naming the wrong limit or hung).
+#[test]
+fn hello_limits_below_minimums_are_refused_naming_the_field() {
+    let srv = TestServer::start();
+    let base = Hello {
+        version: proto::PROTOCOL_VERSION,
+        ..Hello::default()
+    };
+    let cases = [
+        (
+            Hello {
+                frame_len_max: 100,
+                ..base.clone()
+            },
+            "frame_len_max",
+        ),
+        (
+            Hello {
+                frame_len_max: 32 << 20,
+                ..base.clone()
+            },
+            "frame_len_max",
+        ),
+        (
+            Hello {
+                stream_window: 1,
+                ..base.clone()
+            },
+            "stream_window",
+        ),
+        (
+            Hello {
+                conn_window: 1,
+                ..base.clone()
+            },
+            "conn_window",
+        ),
+        // 4/3 of a 48 KiB frame is 64 KiB: one byte less is refused.
+        (
+            Hello {
+                frame_len_max: 48 * 1024,
+                stream_window: 64 * 1024 - 1,
+                ..base.clone()
+            },
+            "stream_window",
+        ),
+    ];
+    for (hello, field) in cases {
+        let (code, msg) = hello_refused(&srv.path, &hello);
+        assert_eq!(code, Code::InvalidArgument, "{msg}");
+        assert!(msg.contains(field), "{field}: {msg}");
+    }
+    // At the minimums exactly, calls work.
+    let cfg = proto::rpc::ClientConfig {
+        frame_len_max: proto::limits::FRAME_LEN_MAX_FLOOR,
+        stream_window: proto::limits::window_min(proto::limits::FRAME_LEN_MAX_FLOOR),
+        conn_window: proto::limits::window_min(proto::limits::FRAME_LEN_MAX_FLOOR),
+        ..Default::default()
+    };
+    let sock = UnixStream::connect(&srv.path).unwrap();
+    let c = Client::from_stream(sock.into(), Credential::none(), &cfg).unwrap();
+    let mut s = c
+        .call(
+            COUNT,
+            &Blob {
+                n: 20,
+                size: 10_000,
+                ..Blob::default()
+            },
+            opts(true),
+        )
+        .unwrap();
+    let mut got = 0;
+    while let Some(b) = s.recv::<Blob>().unwrap() {
+        assert_eq!(b.data.len(), 10_000);
+        got += 1;
+    }
+    assert_eq!(got, 20);
+    // A client refuses to announce limits below the minimums, and a server to start.
+    let sock = UnixStream::connect(&srv.path).unwrap();
+    let bad = proto::rpc::ClientConfig {
+        stream_window: 1000,
+        ..Default::default()
+    };
+    let e = Client::from_stream(sock.into(), Credential::none(), &bad).unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument);
+    assert!(e.message.contains("stream_window"), "{e}");
+    let mut cfg = ServerConfig::new("bad");
+    cfg.conn_window = 1000;
+    let svc = std::sync::Arc::new(TestService {
+        stats: Default::default(),
+        secret: None,
+    });
+    assert!(proto::rpc::Server::new(cfg, svc).is_err());
+}
+
+/// Issue 12 item 14: protocol faults by a client are its error (`invalid_argument`), not the
+/// server's (`internal`).
+#[test]
+fn client_protocol_faults_are_invalid_argument() {
+    let srv = TestServer::start();
+    let req = Blob::default().encode_to_vec();
+    // A reused stream id.
+    let mut s = raw_hello(&srv.path);
+    let mut out = Vec::new();
+    frame::put_request(&mut out, 3, frame::FLAG_END_STREAM, UNARY, 0, &req);
+    s.write_all(&out).unwrap();
+    assert_eq!(read_frame(&mut s).unwrap().0, 3);
+    s.write_all(&out).unwrap();
+    let (code, msg) = expect_conn_error_msg(&mut s);
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("reused"), "{msg}");
+    // END on a stream never opened.
+    let mut s = raw_hello(&srv.path);
+    out.clear();
+    frame::put_frame(&mut out, 9, Kind::End, 0, &[]);
+    s.write_all(&out).unwrap();
+    assert_eq!(expect_conn_error(&mut s), Code::InvalidArgument);
+    // A WINDOW increment that overflows the connection window.
+    let mut s = raw_hello(&srv.path);
+    out.clear();
+    for _ in 0..3 {
+        frame::put_window(&mut out, 0, u32::MAX);
+    }
+    s.write_all(&out).unwrap();
+    let (code, msg) = expect_conn_error_msg(&mut s);
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    // DATA after the client's END_STREAM.
+    let mut s = raw_hello(&srv.path);
+    out.clear();
+    frame::put_request(&mut out, 1, frame::FLAG_END_STREAM, HANG, 0, &req);
+    frame::put_frame(&mut out, 1, Kind::Data, 0, b"");
+    s.write_all(&out).unwrap();
+    assert_eq!(expect_conn_error(&mut s), Code::InvalidArgument);
+}
+
+/// Issue 12 item 14: shutdown is graceful (PROTOCOL.md §5): GOAWAY to every connection, no
+/// new connections, calls already open finish, then the loop returns.
+#[test]
+fn shutdown_sends_goaway_and_lets_open_calls_finish() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let path = srv.path.clone();
+    let mut raw = raw_hello(&path);
+    let mut pre = UnixStream::connect(&path).unwrap();
+    pre.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let slow = std::thread::spawn(move || {
+        c.unary::<_, Blob>(
+            SLOW,
+            &Blob {
+                n: 600,
+                ..Blob::default()
+            },
+            None,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let t0 = Instant::now();
+    let stopper = std::thread::spawn(move || srv.stop());
+    // The idle raw connection gets GOAWAY and is closed.
+    let (stream, kind, _, body) = read_frame(&mut raw).expect("GOAWAY");
+    assert_eq!((stream, kind), (0, Kind::GoAway));
+    let (_, code, _) = frame::parse_goaway(&body);
+    assert_eq!(code, Code::Unavailable);
+    assert!(read_frame(&mut raw).is_none());
+    // A connection still before its hello is closed with `unavailable`.
+    assert_eq!(expect_conn_error(&mut pre), Code::Unavailable);
+    // New connections are refused.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(Client::connect_unix(&path, Credential::none()).is_err());
+    // The open call finished normally, and then the server stopped.
+    let r = slow
+        .join()
+        .unwrap()
+        .expect("the open call finishes during the drain");
+    assert_eq!(r.n, 600);
+    stopper.join().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+/// The drain is bounded: a call that does not finish is cut at `drain_timeout`.
+#[test]
+fn shutdown_drain_is_bounded() {
+    let mut cfg = ServerConfig::new("test");
+    cfg.drain_timeout = Duration::from_millis(300);
+    let srv = TestServer::start_with(cfg, None);
+    let c = srv.client();
+    let mut s = c.call(HANG, &Blob::default(), opts(true)).unwrap();
+    wait_until(|| srv.stats.hang_started.load(Ordering::SeqCst) == 1);
+    let t0 = Instant::now();
+    srv.stop();
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(s.recv::<Blob>().unwrap_err().code, Code::Unavailable);
 }
 
 #[test]
@@ -349,7 +562,7 @@ fn garbage_and_truncated_input() {
     let mut out = Vec::new();
     frame::put_frame(&mut out, 5, Kind::Data, 0, b"x");
     s.write_all(&out).unwrap();
-    assert_eq!(expect_conn_error(&mut s), Code::Internal);
+    assert_eq!(expect_conn_error(&mut s), Code::InvalidArgument);
     // The server still serves well-behaved clients.
     let r: Blob = srv
         .client()
@@ -363,6 +576,50 @@ fn garbage_and_truncated_input() {
         )
         .unwrap();
     assert_eq!(r.n, 3);
+}
+
+/// Issue 12 item 13: a unary reply is one DATA frame with END_STREAM (PROTOCOL.md §3), from
+/// the loop (`Call::reply`) and from a worker (`ServerStream::reply`) alike; the next frame
+/// on the connection is the next call's answer, never an END.
+#[test]
+fn unary_reply_is_one_data_frame_with_end_stream() {
+    let srv = TestServer::start();
+    let mut s = raw_hello(&srv.path);
+    let mut out = Vec::new();
+    for (id, method) in [(1, UNARY), (3, WORKER_UNARY), (5, UNARY)] {
+        let req = Blob {
+            n: id as u64,
+            ..Blob::default()
+        }
+        .encode_to_vec();
+        frame::put_request(&mut out, id, frame::FLAG_END_STREAM, method, 0, &req);
+        s.write_all(&out).unwrap();
+        out.clear();
+        let (stream, kind, flags, body) = read_frame(&mut s).unwrap();
+        assert_eq!(
+            (stream, kind, flags & frame::FLAG_END_STREAM),
+            (id, Kind::Data, frame::FLAG_END_STREAM),
+            "{method}: the reply must be DATA with END_STREAM"
+        );
+        assert_eq!(Blob::decode(&body[..]).unwrap().n, id as u64);
+    }
+}
+
+/// A client accepts both forms of a unary answer: DATA with END_STREAM, and DATA then END.
+#[test]
+fn client_accepts_both_unary_reply_forms() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    for method in [UNARY, WORKER_UNARY, TWO_FRAME_UNARY] {
+        for n in 0..3 {
+            let b = Blob {
+                n,
+                ..Blob::default()
+            };
+            let r: Blob = c.unary(method, &b, Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(r.n, n, "{method}");
+        }
+    }
 }
 
 #[test]
@@ -402,7 +659,8 @@ fn oversized_frames_are_refused_without_allocation() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&[0, 1, 0, 0, 0, 0, 0, 0, Kind::Hello as u8, 0])
         .unwrap();
-    let _ = expect_conn_error(&mut s);
+    // One code for "too long", before the hello as after it (issue 12 item 14).
+    assert_eq!(expect_conn_error(&mut s), Code::ResourceExhausted);
     // A client refuses to send a message over the server's limit.
     let c = srv.client();
     let big = Blob {

@@ -25,6 +25,12 @@ pub const BIDI: &str = "test.T/Bidi";
 pub const HANG: &str = "test.T/Hang";
 pub const FAIL: &str = "test.T/Fail";
 pub const PAYLOAD: &str = "test.T/Payload";
+/// Unary answered from a worker thread ([`proto::rpc::ServerStream::reply`]).
+pub const WORKER_UNARY: &str = "test.T/WorkerUnary";
+/// Unary answered the older way: DATA, then a separate END (clients must accept it).
+pub const TWO_FRAME_UNARY: &str = "test.T/TwoFrameUnary";
+/// Unary on a worker that sleeps `n` milliseconds, then answers with the request.
+pub const SLOW: &str = "test.T/Slow";
 
 /// Payload bytes of message `i` in the PAYLOAD stream: sizes straddle the zero-copy
 /// threshold, contents depend on `i`.
@@ -69,6 +75,21 @@ impl Service for TestService {
                 Err(e) => call.fail(e),
             },
             FAIL => call.fail(Status::not_found("nothing here")),
+            WORKER_UNARY => call.spawn(|s| {
+                let r = s.first::<Blob>();
+                s.respond(r);
+            }),
+            SLOW => call.spawn(|s| {
+                let r = s.first::<Blob>();
+                if let Ok(b) = &r {
+                    std::thread::sleep(Duration::from_millis(b.n));
+                }
+                s.respond(r);
+            }),
+            TWO_FRAME_UNARY => call.spawn(|mut s| {
+                let r = s.first::<Blob>().and_then(|b| s.send(&b));
+                s.finish(r)
+            }),
             PAYLOAD => call.spawn(|mut s| {
                 let req: Blob = match s.first() {
                     Ok(r) => r,
@@ -196,6 +217,14 @@ impl TestServer {
             stats,
             _dir: dir,
             join: Some(join),
+        }
+    }
+
+    /// Shuts the server down gracefully and waits for its loop to return.
+    pub fn stop(mut self) {
+        self.handle.shutdown();
+        if let Some(j) = self.join.take() {
+            j.join().unwrap().unwrap();
         }
     }
 
