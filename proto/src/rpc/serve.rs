@@ -23,9 +23,14 @@ fn end(s: ServerStream, r: Result<(), Status>) -> Code {
 /// The response as one DATA frame with END_STREAM (PROTOCOL.md §3), or the error.
 fn reply<Resp: Message>(s: ServerStream, r: Result<Resp, Status>) -> Code {
     match r {
-        Ok(resp) if s.reply(&resp) => Code::Ok,
-        // The send failed; `reply` ended the call with that error.
-        Ok(_) => Code::Unavailable,
+        Ok(resp) => {
+            if s.reply(&resp) {
+                Code::Ok
+            } else {
+                // The send failed (the peer left); `reply` ended the call with that error.
+                Code::Unavailable
+            }
+        }
         Err(e) => end(s, Err(e)),
     }
 }
