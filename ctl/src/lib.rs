@@ -8,7 +8,7 @@
 //! lifecycle work; background jobs ([`monitor`], [`reconciler`]) run under PostgreSQL
 //! advisory locks so N replicas do each job once.
 //!
-//! It is not the CLI (`wrenn`, in `ctl/wrenn`) and it runs no VMs.
+//! It is not the CLI (`wrenn`, in `cli/`) and it runs no VMs.
 
 pub mod admin;
 pub mod agents;

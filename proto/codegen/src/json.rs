@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 const ROOT_PACKAGE: &str = "wrenn.ctl.v1";
 
 /// Which file to write: ctl's gateway mapping (both directions + schemas, serde_json) or the
-/// CLI's output-only mapping (`ctl/wrenn/src/gen_json.rs`, over the CLI's own small JSON type,
+/// CLI's output-only mapping (`cli/src/cli/gen_json.rs`, over the CLI's own small JSON type,
 /// so `wrenn --json` prints exactly what the HTTP API answers without linking serde_json).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Target {

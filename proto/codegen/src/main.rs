@@ -258,7 +258,7 @@ fn main() -> ExitCode {
     let schema = root.join("schema");
     let gen = root.join("src/gen");
     let json_path = root.join("../ctl/src/http/gen_json.rs");
-    let cli_path = root.join("../ctl/wrenn/src/cli/gen_json.rs");
+    let cli_path = root.join("../cli/src/cli/gen_json.rs");
     let target = if check {
         let tmp = std::env::temp_dir().join(format!("wrenn-codegen-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);

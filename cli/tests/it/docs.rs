@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn read(rel: &str) -> String {
@@ -72,10 +72,10 @@ fn operations_lists_every_flag() {
         ("wrenn-agent", "agent/src/flags.rs", false),
         ("wrenn-uffd", "uffd/src/main.rs", false),
         ("envd", "envd/src/main.rs", false),
-        ("wrenn up", "ctl/wrenn/src/up.rs", true),
-        ("wrenn doctor", "ctl/wrenn/src/doctor.rs", true),
-        ("wrenn image kernel", "ctl/wrenn/src/image/kernel.rs", true),
-        ("wrenn image rootfs", "ctl/wrenn/src/image/rootfs.rs", true),
+        ("wrenn up", "cli/src/up.rs", true),
+        ("wrenn doctor", "cli/src/doctor.rs", true),
+        ("wrenn image kernel", "cli/src/image/kernel.rs", true),
+        ("wrenn image rootfs", "cli/src/image/rootfs.rs", true),
     ];
     for (bin, file, declared) in sources {
         let src = read(file);

@@ -8,7 +8,7 @@ use std::process::Command;
 use crate::support::{skip, TempDir};
 
 fn deploy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
 fn unit(name: &str) -> String {
@@ -104,7 +104,7 @@ fn systemd_analyze_verify() {
     let dir = TempDir::new("units");
     let exe = |name: &str| -> String {
         let built = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../target/debug")
+            .join("../target/debug")
             .join(name);
         if built.exists() {
             built.display().to_string()
