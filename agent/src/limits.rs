@@ -76,11 +76,21 @@ pub const REPORT_QUEUE_MAX: usize = 1024;
 /// Deadline of calls to ctl.
 pub const CTL_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The metrics/health HTTP listener: connections served at once and request size. It is
-/// for a scraper and a load balancer's probe, nothing more.
-pub const HTTP_CONNECTIONS_MAX: usize = 16;
+/// The metrics/health HTTP listener (for a scraper and a load balancer's probe, nothing
+/// more): connections at once. A connection costs a slot on the event loop, not a thread;
+/// a new one beyond the bound evicts the oldest connection still sending its request.
+pub const HTTP_CONNECTIONS_MAX: usize = 64;
+/// Connections from one source address (a quarter of [`HTTP_CONNECTIONS_MAX`]); beyond it a
+/// new connection evicts that source's oldest unanswered one, so one host's flood churns
+/// its own connections and leaves the rest to the probes.
+pub const HTTP_SOURCE_CONNECTIONS_MAX: usize = 16;
+/// Largest request head (the codec's 16 KiB ceiling is for API clients; a probe's head is a
+/// line and a Host header).
 pub const HTTP_REQUEST_LEN_MAX: usize = 8 * 1024;
+/// A request must arrive whole, and its answer be taken, within this time of the accept.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 const _: () = assert!(LIFECYCLE_CONCURRENCY_MAX <= LIFECYCLE_QUEUE_MAX);
+const _: () = assert!(HTTP_SOURCE_CONNECTIONS_MAX <= HTTP_CONNECTIONS_MAX);
+const _: () = assert!(HTTP_REQUEST_LEN_MAX <= proto::limits::HTTP_HEAD_LEN_MAX);
 const _: () = assert!(SANDBOXES_MAX <= 4096, "slot layout has 4096 slots");

@@ -726,3 +726,75 @@ fn host_metrics_and_http_endpoints() {
     let _ = s.read_to_string(&mut out);
     assert!(out.starts_with("HTTP/1.1 4"), "{out}");
 }
+
+/// Issue 18 on the agent's metrics/health port: idle and slow-header floods cost no thread
+/// and cannot starve a probe (before the event loop, 16 idle connections held all 16
+/// connection threads for 5 s each and every probe got 503). Bounded, loopback, stops by
+/// itself.
+#[test]
+fn metrics_listener_survives_idle_and_slow_floods() {
+    use agent::limits::HTTP_CONNECTIONS_MAX;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let rig = Rig::new("http-flood");
+    let http = agent::http::HttpServer::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        rig.host.clone(),
+        agent::http::HttpLimits {
+            timeout: Duration::from_millis(800),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let a = http.addr();
+    let probe = |path: &str| {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        (out, t.elapsed())
+    };
+    // Idle: three times the connection bound, sending nothing.
+    let idle: Vec<TcpStream> = (0..3 * HTTP_CONNECTIONS_MAX)
+        .map(|_| TcpStream::connect(a).unwrap())
+        .collect();
+    // Slow headers: the connection bound again, each stalled inside its head.
+    let slow: Vec<TcpStream> = (0..HTTP_CONNECTIONS_MAX)
+        .map(|_| {
+            let mut s = TcpStream::connect(a).unwrap();
+            s.write_all(b"GET /health HTTP/1.1\r\nX-Slow: ").unwrap();
+            s
+        })
+        .collect();
+    for round in 0..5 {
+        let (h, took) = probe("/health");
+        assert!(
+            h.starts_with("HTTP/1.1 200") && h.ends_with("ok\n"),
+            "round {round}: {h:?}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "round {round}: probe took {took:?}"
+        );
+        let (m, _) = probe("/metrics");
+        assert!(
+            m.contains("# TYPE wrenn_agent_create_seconds histogram"),
+            "round {round}"
+        );
+    }
+    // Every flood connection is closed by the deadline (evicted sooner, most of them).
+    let t = Instant::now();
+    for mut s in idle.into_iter().chain(slow) {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 64];
+        // EOF, a reset, or a 4xx answer to a half head: all mean closed by the server.
+        let _ = s.read(&mut b);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "flood connections closed by the 0.8 s deadline, took {:?}",
+        t.elapsed()
+    );
+}
