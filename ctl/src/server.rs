@@ -286,6 +286,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         tpl::DELETE => unary(stream, |r| api.delete_template(ctx, r)),
 
         teams::GET => unary(stream, |r| api.get_team(ctx, r)),
+        teams::CREATE => unary(stream, |r| api.create_team(ctx, r)),
         teams::ADD_MEMBER => unary(stream, |r| api.add_member(ctx, r)),
         teams::REMOVE_MEMBER => unary(stream, |r| api.remove_member(ctx, r)),
         teams::LIST_MEMBERS => unary(stream, |r| api.list_members(ctx, r)),
@@ -304,6 +305,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         hosts::LIST => unary(stream, |r| api.list_hosts(ctx, r)),
         hosts::GET => unary(stream, |r| api.get_host(ctx, r)),
         hosts::DRAIN => unary(stream, |r| api.drain_host(ctx, r)),
+        hosts::UNDRAIN => unary(stream, |r| api.undrain_host(ctx, r)),
         hosts::DELETE => unary(stream, |r| api.delete_host(ctx, r)),
 
         audit::LIST => unary(stream, |r| api.list_audit_logs(ctx, r)),

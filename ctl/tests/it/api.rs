@@ -375,6 +375,7 @@ fn sandbox_lifecycle() {
             c::sandboxes_methods::DESTROY,
             &c::DestroySandboxRequest {
                 sandbox_id: sb.id.clone(),
+                force: false,
             },
             T,
         )
@@ -384,6 +385,7 @@ fn sandbox_lifecycle() {
             c::sandboxes_methods::DESTROY,
             &c::DestroySandboxRequest {
                 sandbox_id: sb.id.clone(),
+                force: false,
             },
             T,
         )
@@ -1238,6 +1240,7 @@ fn templates_teams_users_keys_hosts_audit() {
         c::hosts_methods::DELETE,
         &c::DeleteHostRequest {
             host_id: host_id.clone(),
+            force: false,
         },
         T,
     );
@@ -1254,7 +1257,10 @@ fn templates_teams_users_keys_hosts_audit() {
         let _: c::DestroySandboxResponse = cl
             .unary(
                 c::sandboxes_methods::DESTROY,
-                &c::DestroySandboxRequest { sandbox_id: id },
+                &c::DestroySandboxRequest {
+                    sandbox_id: id,
+                    force: false,
+                },
                 T,
             )
             .unwrap();
@@ -1264,6 +1270,7 @@ fn templates_teams_users_keys_hosts_audit() {
             c::hosts_methods::DELETE,
             &c::DeleteHostRequest {
                 host_id: host_id.clone(),
+                force: false,
             },
             T,
         )

@@ -27,6 +27,7 @@ fn destroy(cl: &Client, id: &str) -> Result<c::DestroySandboxResponse, proto::St
         c::sandboxes_methods::DESTROY,
         &c::DestroySandboxRequest {
             sandbox_id: id.into(),
+            force: false,
         },
         T,
     )
@@ -462,4 +463,179 @@ fn creates_cut_off_by_a_crash_do_not_stay_starting() {
         .unwrap()
         .get(0);
     assert_eq!(used, 0, "the cut-off creates gave their capacity back");
+}
+
+// ---- item 6: Teams/Create ----
+
+#[test]
+fn platform_admin_creates_teams() {
+    let Some(ctl) = Ctl::start() else { return };
+    let req = c::CreateTeamRequest {
+        name: "team-c".into(),
+        owner_email: "c@example.com".into(),
+        owner_name: "Cee".into(),
+    };
+    let e = ctl
+        .team()
+        .unary::<_, c::CreateTeamResponse>(c::teams_methods::CREATE, &req, T)
+        .unwrap_err();
+    assert_eq!(e.code, Code::PermissionDenied, "only the platform admin");
+    let r: c::CreateTeamResponse = ctl
+        .admin()
+        .unary(c::teams_methods::CREATE, &req, T)
+        .expect("create team");
+    let team = r.team.unwrap();
+    assert_eq!(team.name, "team-c");
+    assert_eq!(r.owner.unwrap().email, "c@example.com");
+    // The new team's key works and acts for that team.
+    let t: c::Team = ctl
+        .client(&r.key_plaintext)
+        .unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
+        .unwrap();
+    assert_eq!(t.id, team.id);
+    let a = newest(&ctl.admin(), "team.create");
+    assert_eq!(
+        (a.status.as_str(), a.actor_type.as_str()),
+        ("success", "api_key")
+    );
+}
+
+// ---- item 7: hosts that die ----
+
+fn admin_call<Req: prost::Message, Resp: prost::Message + Default>(
+    ctl: &Ctl,
+    m: &str,
+    r: &Req,
+) -> Result<Resp, proto::Status> {
+    ctl.admin().unary(m, r, T)
+}
+
+#[test]
+fn sandboxes_of_a_dead_host_can_be_forced_and_come_back_destroyed() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, host_id) = ctl.add_host(4, 8192, 100_000);
+    let a = create_min(&cl).unwrap();
+    let b = create_min(&cl).unwrap();
+    // The host stops answering; the monitor marks it unreachable.
+    let mut db = sql(&ctl);
+    db.execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    // A plain destroy cannot finish; a forced one records the sandbox stopped.
+    let force = |id: &str| {
+        cl.unary::<_, c::DestroySandboxResponse>(
+            c::sandboxes_methods::DESTROY,
+            &c::DestroySandboxRequest {
+                sandbox_id: id.into(),
+                force: true,
+            },
+            T,
+        )
+    };
+    force(&a.id).expect("forced destroy");
+    let got = get(&cl, &a.id);
+    assert_eq!(got.state, c::SandboxState::Stopped as i32, "{got:?}");
+    assert_eq!(
+        fa.sandbox_state(&a.id),
+        Some(c::SandboxState::Running as i32),
+        "the agent was not asked"
+    );
+    // The host comes back: the reconciler destroys what ctl recorded stopped.
+    db.execute("UPDATE hosts SET status = 'online'", &[])
+        .unwrap();
+    let cfg = ctl::config::JobsConfig {
+        destroy_unknown: false, // even when strangers are only reported
+        ..crate::harness::test_config(&ctl.url).jobs
+    };
+    ctl::reconciler::run_once(ctl.api(), &cfg).unwrap();
+    assert_ne!(
+        fa.sandbox_state(&a.id),
+        Some(c::SandboxState::Running as i32),
+        "destroyed on the host"
+    );
+    assert_eq!(get(&cl, &b.id).state, c::SandboxState::Running as i32);
+
+    // A host that is gone for good: delete refused without force, then forced.
+    fa.stop();
+    db.execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    let del = |force: bool| {
+        admin_call::<_, c::DeleteHostResponse>(
+            &ctl,
+            c::hosts_methods::DELETE,
+            &c::DeleteHostRequest {
+                host_id: host_id.clone(),
+                force,
+            },
+        )
+    };
+    assert_eq!(del(false).unwrap_err().code, Code::FailedPrecondition);
+    let r = del(true).expect("forced delete");
+    assert_eq!(r.stopped_sandbox_ids, vec![b.id.clone()]);
+    assert_eq!(get(&cl, &b.id).state, c::SandboxState::Stopped as i32);
+    // The team sees why.
+    assert_eq!(newest(&cl, "sandbox.force_stop").resource_id, b.id);
+}
+
+#[test]
+fn force_destroy_when_the_agent_does_not_answer() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, _) = ctl.add_host(4, 8192, 100_000);
+    let a = create_min(&cl).unwrap();
+    fa.stop(); // still "online" in the database: the agent just does not answer
+    assert_eq!(destroy(&cl, &a.id).unwrap_err().code, Code::Unavailable);
+    assert_eq!(get(&cl, &a.id).state, c::SandboxState::Stopping as i32);
+    cl.unary::<_, c::DestroySandboxResponse>(
+        c::sandboxes_methods::DESTROY,
+        &c::DestroySandboxRequest {
+            sandbox_id: a.id.clone(),
+            force: true,
+        },
+        T,
+    )
+    .expect("forced");
+    assert_eq!(get(&cl, &a.id).state, c::SandboxState::Stopped as i32);
+}
+
+#[test]
+fn drained_hosts_can_be_undrained_and_online_hosts_not_force_deleted() {
+    let Some(ctl) = Ctl::start() else { return };
+    let (_fa, host_id) = ctl.add_host(4, 8192, 100_000);
+    let undrain = || {
+        admin_call::<_, c::Host>(
+            &ctl,
+            c::hosts_methods::UNDRAIN,
+            &c::UndrainHostRequest {
+                host_id: host_id.clone(),
+            },
+        )
+    };
+    assert_eq!(
+        undrain().unwrap_err().code,
+        Code::FailedPrecondition,
+        "not draining"
+    );
+    admin_call::<_, c::DrainHostResponse>(
+        &ctl,
+        c::hosts_methods::DRAIN,
+        &c::DrainHostRequest {
+            host_id: host_id.clone(),
+        },
+    )
+    .unwrap();
+    assert_eq!(create_min(&ctl.team()).unwrap_err().code, Code::Unavailable);
+    let h = undrain().expect("undrain");
+    assert_eq!(h.status, c::HostStatus::Online as i32);
+    create_min(&ctl.team()).expect("placed again");
+    let e = admin_call::<_, c::DeleteHostResponse>(
+        &ctl,
+        c::hosts_methods::DELETE,
+        &c::DeleteHostRequest {
+            host_id: host_id.clone(),
+            force: true,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
 }
