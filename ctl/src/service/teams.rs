@@ -581,8 +581,17 @@ impl Api {
                 return Err(Status::not_found("api key not found"));
             }
             audit_row(tx, &ctx2, ctx2.team_id, "api_key", id::format(Kind::Key, kid), "api_key.revoke", serde_json::json!({}))?;
+            // Every replica hears of it at commit and closes the key's connections.
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&crate::revocation::CHANNEL, &kid.hyphenated().to_string()],
+            )
+            .map_err(pg_err)?;
             Ok(ctl::RevokeApiKeyResponse {})
-        })
+        })?;
+        // This replica need not wait for its own notification.
+        self.revocations().revoked(kid);
+        Ok(ctl::RevokeApiKeyResponse {})
     }
 }
 

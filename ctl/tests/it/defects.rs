@@ -639,3 +639,113 @@ fn drained_hosts_can_be_undrained_and_online_hosts_not_force_deleted() {
     .unwrap_err();
     assert_eq!(e.code, Code::FailedPrecondition, "{e}");
 }
+
+// ---- item 4: revocation on every connection of every replica ----
+
+fn team_get(cl: &Client) -> Result<c::Team, proto::Status> {
+    cl.unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
+}
+
+fn wait_listening(api: &ctl::service::Api) {
+    let t = std::time::Instant::now();
+    while !api.revocations().listening() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "listener never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn new_key(ctl: &Ctl) -> c::CreateApiKeyResponse {
+    ctl.team()
+        .unary(
+            c::api_keys_methods::CREATE,
+            &c::CreateApiKeyRequest {
+                name: "short-lived".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap()
+}
+
+/// Calls until one fails; returns how long that took (panics after `max`).
+fn until_refused(cl: &Client, max: Duration) -> (Duration, proto::Status) {
+    let t = std::time::Instant::now();
+    loop {
+        if let Err(e) = team_get(cl) {
+            return (t.elapsed(), e);
+        }
+        assert!(t.elapsed() < max, "still accepted after {max:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn revocation_reaches_every_replica_at_once() {
+    let Some(ctl) = Ctl::start() else { return };
+    let replica = ctl.replica();
+    wait_listening(ctl.api());
+    wait_listening(&replica.api);
+    let k = new_key(&ctl);
+    let on_1 = ctl.client(&k.plaintext);
+    let on_2 = proto::rpc::Client::connect_tcp(
+        replica.addr.to_string(),
+        proto::rpc::Credential::api_key(&k.plaintext),
+    )
+    .unwrap();
+    team_get(&on_1).unwrap();
+    team_get(&on_2).unwrap();
+    ctl.team()
+        .unary::<_, c::RevokeApiKeyResponse>(
+            c::api_keys_methods::REVOKE,
+            &c::RevokeApiKeyRequest {
+                key_id: k.key.unwrap().id,
+            },
+            T,
+        )
+        .unwrap();
+    // The revoking replica: the very next call.
+    let e = team_get(&on_1).unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    // The other replica: as soon as the notification arrives (milliseconds; the old
+    // periodic re-check took up to 10 s).
+    let (took, e) = until_refused(&on_2, Duration::from_secs(1));
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    println!("revocation reached the other replica in {took:?}");
+    let r = proto::rpc::Client::connect_tcp(
+        replica.addr.to_string(),
+        proto::rpc::Credential::api_key(&k.plaintext),
+    )
+    .and_then(|c| team_get(&c));
+    assert_eq!(r.unwrap_err().code, Code::Unauthenticated);
+    replica.shutdown();
+}
+
+#[test]
+fn a_lost_listener_falls_back_to_the_database() {
+    let Some(ctl) = Ctl::start() else { return };
+    wait_listening(ctl.api());
+    let k = new_key(&ctl);
+    let cl = ctl.client(&k.plaintext);
+    team_get(&cl).unwrap();
+    let mut db = sql(&ctl);
+    // The listener's connection dies, and a revocation happens that it cannot hear (no
+    // NOTIFY): the open connection must still stop working.
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'wrenn-ctl-listen' AND datname = current_database()",
+        &[],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1",
+        &[&uuid_of(&k.key.unwrap().id)],
+    )
+    .unwrap();
+    let (_, e) = until_refused(&cl, Duration::from_secs(3));
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    // The listener comes back by itself.
+    wait_listening(ctl.api());
+}
