@@ -27,7 +27,8 @@ impl fmt::Display for AdminError {
             AdminError::Sql { .. } => f.write_str("database query"),
             AdminError::Call(s) => write!(f, "{}: {}", s.code, s.message),
             AdminError::AlreadyInitialized => f.write_str(
-                "already initialized (a platform-admin key exists); use the API to add teams and keys",
+                "already initialized (a platform-admin key exists); add teams with \
+                 `wrenn-ctl admin create-team` or Teams/Create with the platform-admin key",
             ),
         }
     }
@@ -120,6 +121,32 @@ pub fn init(url: &str, team: &str, email: &str, name: &str) -> Result<Init, Admi
         team_key: key,
         admin_key_id: id::format(Kind::Key, admin_id),
         admin_key,
+    })
+}
+
+/// What `admin create-team` made (the key's plaintext is shown once).
+#[derive(Debug, Clone)]
+pub struct NewTeam {
+    pub team_id: String,
+    pub user_id: String,
+    pub key_id: String,
+    pub key: String,
+}
+
+/// `admin create-team`: another team with its owner and a first key (as Teams/Create).
+pub fn create_team(url: &str, team: &str, email: &str, name: &str) -> Result<NewTeam, AdminError> {
+    let mut c = connect(url)?;
+    let mut tx = c
+        .transaction()
+        .map_err(|source| AdminError::Sql { source })?;
+    let (team_id, user_id, key_id, key) =
+        service::create_team_with_owner(&mut tx, team, email, name).map_err(AdminError::Call)?;
+    tx.commit().map_err(|source| AdminError::Sql { source })?;
+    Ok(NewTeam {
+        team_id: id::format(Kind::Team, team_id),
+        user_id: id::format(Kind::User, user_id),
+        key_id: id::format(Kind::Key, key_id),
+        key,
     })
 }
 

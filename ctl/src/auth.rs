@@ -68,7 +68,14 @@ pub fn well_formed(s: &str, prefix: &str) -> bool {
 }
 
 pub(crate) fn authenticate(api: &Api, key: &str) -> Result<AuthCtx, Status> {
-    let r = lookup_key(api.db(), key);
+    let r = lookup_key(api.db(), key).and_then(|ctx| {
+        // A revocation this replica heard of but the lookup's snapshot predates.
+        if api.revocations().is_revoked(ctx.key_id) {
+            Err(Status::unauthenticated("api key revoked"))
+        } else {
+            Ok(ctx)
+        }
+    });
     match &r {
         Ok(ctx) => api.inner.last_used.touch(ctx.key_id),
         Err(_) => crate::metrics::AUTH_FAILURES.inc(),

@@ -29,9 +29,6 @@ pub struct ApiConfig {
     pub heartbeat_interval: Duration,
     /// How often `last_used` of API keys is flushed.
     pub last_used_flush: Duration,
-    /// How long a connection's API-key check stays good before it is checked again (a
-    /// revoked key stops working on open connections within this bound).
-    pub key_recheck: Duration,
 }
 
 impl Default for ApiConfig {
@@ -41,7 +38,6 @@ impl Default for ApiConfig {
             agent_call_timeout: limits::AGENT_CALL_TIMEOUT_DEFAULT,
             heartbeat_interval: limits::HEARTBEAT_INTERVAL_DEFAULT,
             last_used_flush: limits::LAST_USED_FLUSH_INTERVAL,
-            key_recheck: limits::KEY_RECHECK_DEFAULT,
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod migrate;
 pub mod monitor;
 pub mod random;
 pub mod reconciler;
+pub mod revocation;
 pub mod scheduler;
 pub mod server;
 pub mod service;

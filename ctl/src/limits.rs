@@ -86,6 +86,11 @@ pub const EXEC_OUTPUT_MAX: u64 = 16 * 1024 * 1024;
 /// Audit metadata JSON text; larger detail belongs in logs.
 pub const AUDIT_METADATA_LEN_MAX: usize = 8192;
 
-/// Open connections re-check their API key this often: revocation reaches every replica
-/// within this bound at the cost of one indexed SELECT per connection per period.
-pub const KEY_RECHECK_DEFAULT: Duration = Duration::from_secs(10);
+/// Revoked keys a replica remembers (from LISTEN/NOTIFY). Beyond this the set is flushed and
+/// every open connection re-checks its key in the database once: revocations are rare, and
+/// 65536 UUIDs are about 2 MiB with the set's overhead.
+pub const REVOKED_KEYS_MAX: usize = 65536;
+/// The revocation listener pings its connection this often, so a silently dead one (and the
+/// notifications it would miss) is noticed within this bound; meanwhile calls check their key
+/// in the database.
+pub const LISTEN_PING_INTERVAL: Duration = Duration::from_secs(5);

@@ -6,8 +6,11 @@
 //!                 [--no-http] [--keep-unknown]
 //! wrenn-ctl admin migrate [--database-url URL]
 //! wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
+//! wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
 //! wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
+//! wrenn-ctl --version | --help, and --help after any command
 //! ```
+//! Usage errors print the usage and exit 2; runtime errors print only the error, exit 1.
 //! The database URL may also come from `WRENN_DATABASE_URL` or `DATABASE_URL`.
 //! `--keep-unknown`: the reconciler only reports sandboxes an agent runs that the database
 //! does not know, instead of destroying them.
@@ -26,8 +29,35 @@ const USAGE: &str = "usage:
                   [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
   wrenn-ctl admin migrate [--database-url URL]
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
+  wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
-The database URL defaults to $WRENN_DATABASE_URL, then $DATABASE_URL.";
+  wrenn-ctl --version
+The database URL defaults to $WRENN_DATABASE_URL, then $DATABASE_URL.
+`serve` applies pending migrations itself before it listens (docs/operations.md).";
+
+/// Why a command failed: a usage error (bad or missing arguments: the usage follows) or a
+/// runtime error (the arguments were fine; only the error is printed).
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Failure {
+        Failure::Usage(s)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(s: &str) -> Failure {
+        Failure::Usage(s.to_owned())
+    }
+}
+
+/// Whether `args` asks for help (`--help` or `-h` anywhere).
+fn wants_help(args: &[String]) -> bool {
+    args.iter().any(|a| a == "--help" || a == "-h")
+}
 
 /// Parsed `--flag value` pairs and bare switches, checked against the allowed set.
 struct Flags {
@@ -117,7 +147,7 @@ impl Flags {
     }
 }
 
-fn serve(args: &[String]) -> Result<(), String> {
+fn serve(args: &[String]) -> Result<(), Failure> {
     let f = Flags::parse(
         args,
         &[
@@ -169,7 +199,7 @@ fn serve(args: &[String]) -> Result<(), String> {
             http: !f.has("--no-http"),
         },
     )
-    .map_err(|e| error_chain(&e))?;
+    .map_err(|e| Failure::Runtime(error_chain(&e)))?;
     // SIGTERM/SIGINT drain the protobuf server: GOAWAY, open calls finish (PROTOCOL.md §5).
     let handle = running.handle.clone();
     std::thread::Builder::new()
@@ -180,18 +210,21 @@ fn serve(args: &[String]) -> Result<(), String> {
                 handle.shutdown();
             }
         })
-        .map_err(|e| format!("spawn signal thread: {e}"))?;
-    running.wait().map_err(|e| format!("server: {e}"))
+        .map_err(|e| Failure::Runtime(format!("spawn signal thread: {e}")))?;
+    running
+        .wait()
+        .map_err(|e| Failure::Runtime(format!("server: {e}")))
 }
 
-fn admin(args: &[String]) -> Result<(), String> {
+fn admin(args: &[String]) -> Result<(), Failure> {
     let Some((cmd, rest)) = args.split_first() else {
         return Err("admin needs a subcommand".into());
     };
     match cmd.as_str() {
         "migrate" => {
             let f = Flags::parse(rest, &["--database-url"], &[])?;
-            let done = ctl::admin::migrate(&f.database_url()?).map_err(|e| error_chain(&e))?;
+            let done = ctl::admin::migrate(&f.database_url()?)
+                .map_err(|e| Failure::Runtime(error_chain(&e)))?;
             println!("migrations applied now: {done:?}");
             Ok(())
         }
@@ -205,12 +238,29 @@ fn admin(args: &[String]) -> Result<(), String> {
             let email = f.get("--email").ok_or("--email is required")?;
             let name = f.get("--name").unwrap_or("");
             let i = ctl::admin::init(&f.database_url()?, team, email, name)
-                .map_err(|e| error_chain(&e))?;
+                .map_err(|e| Failure::Runtime(error_chain(&e)))?;
             println!("team:               {}", i.team_id);
             println!("user:               {}", i.user_id);
             println!("team api key:       {}  ({})", i.team_key, i.team_key_id);
             println!("platform admin key: {}  ({})", i.admin_key, i.admin_key_id);
             println!("These keys are shown once; store them now.");
+            Ok(())
+        }
+        "create-team" => {
+            let f = Flags::parse(
+                rest,
+                &["--database-url", "--team", "--email", "--name"],
+                &[],
+            )?;
+            let team = f.get("--team").ok_or("--team is required")?;
+            let email = f.get("--email").ok_or("--email is required")?;
+            let name = f.get("--name").unwrap_or("");
+            let t = ctl::admin::create_team(&f.database_url()?, team, email, name)
+                .map_err(|e| Failure::Runtime(error_chain(&e)))?;
+            println!("team:         {}", t.team_id);
+            println!("user:         {}", t.user_id);
+            println!("team api key: {}  ({})", t.key, t.key_id);
+            println!("The key is shown once; store it now.");
             Ok(())
         }
         "create-registration-token" => {
@@ -221,12 +271,14 @@ fn admin(args: &[String]) -> Result<(), String> {
             )?;
             let (tok, exp) =
                 ctl::admin::create_registration_token(&f.database_url()?, ttl.as_secs())
-                    .map_err(|e| error_chain(&e))?;
+                    .map_err(|e| Failure::Runtime(error_chain(&e)))?;
             println!("{tok}");
             eprintln!("one-time registration token; expires at {exp} ns since the epoch");
             Ok(())
         }
-        other => Err(format!("unknown admin subcommand {other:?}")),
+        other => Err(Failure::Usage(format!(
+            "unknown admin subcommand {other:?}"
+        ))),
     }
 }
 
@@ -245,19 +297,32 @@ fn main() -> ExitCode {
     proto::logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.split_first() {
-        Some((c, rest)) if c == "serve" => serve(rest),
-        Some((c, rest)) if c == "admin" => admin(rest),
+        Some((c, _)) if c == "--version" || c == "-V" || c == "version" => {
+            println!("wrenn-ctl {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
         Some((c, _)) if c == "--help" || c == "-h" || c == "help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        _ => Err("missing or unknown command".into()),
+        Some((c, rest)) if (c == "serve" || c == "admin") && wants_help(rest) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some((c, rest)) if c == "serve" => serve(rest),
+        Some((c, rest)) if c == "admin" => admin(rest),
+        Some((c, _)) => Err(Failure::Usage(format!("unknown command {c:?}"))),
+        None => Err(Failure::Usage("missing command".into())),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Usage(e)) => {
             eprintln!("wrenn-ctl: {e}\n{USAGE}");
             ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("wrenn-ctl: {e}");
+            ExitCode::from(1)
         }
     }
 }

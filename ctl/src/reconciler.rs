@@ -4,8 +4,10 @@
 //! Decisions ([`decide`]) are a pure function of the two lists, so they are unit-tested:
 //! - in the database but missing on the host: STOPPING → stopped; expired (the agent's TTL
 //!   destroyed it and the report was lost) → stopped; otherwise → error "missing on host";
-//! - on the host but unknown to the database (or stopped there): destroyed when configured
-//!   (default), else only reported;
+//! - on the host but stopped in the database (a forced Destroy while the host was gone):
+//!   destroyed, whatever the policy for unknown ones;
+//! - on the host but unknown to the database: destroyed when configured (default), else only
+//!   reported;
 //! - on both with different states: the agent's state is applied (TTL pauses and destroys
 //!   the agent made but could not report, VMs that died); a STOPPING sandbox still on the
 //!   host is destroyed again.
@@ -169,7 +171,14 @@ pub fn decide(
             continue;
         }
         let known = in_db.get(&h.id).is_some_and(|d| d.state != State::Stopped);
-        if !known {
+        if !known && in_db.contains_key(&h.id) {
+            // Stopped in the database (a forced Destroy while the host was gone, or a lost
+            // destroy): ours, and meant to be gone whatever the policy for strangers.
+            out.push(Action::Destroy {
+                id: h.id,
+                known: true,
+            });
+        } else if !known {
             out.push(if cfg.destroy_unknown {
                 Action::Destroy {
                     id: h.id,
@@ -554,6 +563,15 @@ mod tests {
         assert_eq!(
             decide(&[], &host, now, &c),
             vec![Action::ReportUnknown { id: u(9) }]
+        );
+        // Stopped in the database (force-destroyed while its host was gone): destroyed even
+        // when unknown ones are only reported.
+        assert_eq!(
+            decide(&[dbs(9, State::Stopped, 1000, now)], &host, now, &c),
+            vec![Action::Destroy {
+                id: u(9),
+                known: true
+            }]
         );
         // Stopped in the database but still on the host: a leftover.
         let a = decide(&[dbs(9, State::Stopped, 1000, now)], &host, now, &cfg());

@@ -2,7 +2,7 @@
 //! (hello with an API key) and `wrenn.host.v1` (hello with a host token) over the service
 //! layer. Every call runs on the RPC worker pool: the event loop never blocks on SQL.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use prost::Message;
@@ -15,15 +15,16 @@ use proto::Status;
 
 use crate::host_service;
 use crate::metrics;
+use crate::revocation::KeyCheck;
 use crate::service::{Api, AuthCtx, Sink, Source};
 
 /// Who a connection is, decided once by its hello.
 #[derive(Clone, Debug)]
 pub enum Caller {
-    /// A client with an API key: wrenn.ctl.v1. The key is checked again every
-    /// `ApiConfig::key_recheck` on long-lived connections, so a revoked key stops working on every
-    /// replica within that bound (at once on new connections).
-    Api(AuthCtx, Arc<Mutex<Instant>>),
+    /// A client with an API key: wrenn.ctl.v1. A revoked key's connections are closed and
+    /// its next call refused on every replica as soon as the revocation's notification
+    /// arrives; the check on each call is in memory ([`crate::revocation`]).
+    Api(AuthCtx, Arc<KeyCheck>),
     /// An agent with an empty host token: may only call Register.
     Registering,
     /// An agent with its host token: wrenn.host.v1.
@@ -44,10 +45,14 @@ impl CtlService {
 impl Service for CtlService {
     fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
         let caller = match CredentialKind::try_from(hello.credential_kind) {
-            Ok(CredentialKind::ApiKey) => Caller::Api(
-                self.api.authenticate(&hello.credential)?,
-                Arc::new(Mutex::new(Instant::now())),
-            ),
+            Ok(CredentialKind::ApiKey) => {
+                // The generation before the lookup: a change during it forces a re-check.
+                let generation = self.api.revocations().generation();
+                Caller::Api(
+                    self.api.authenticate(&hello.credential)?,
+                    Arc::new(KeyCheck::at(generation)),
+                )
+            }
             Ok(CredentialKind::HostToken) if hello.credential.is_empty() => Caller::Registering,
             Ok(CredentialKind::HostToken) => {
                 let (id, name) = crate::auth::lookup_host_token(self.api.db(), &hello.credential)
@@ -129,16 +134,18 @@ impl Service for CtlService {
     }
 }
 
-fn recheck(api: &Api, ctx: &AuthCtx, checked: &Mutex<Instant>) -> Result<(), Status> {
-    let due =
-        checked.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= api.config().key_recheck;
-    if !due {
+/// Whether the connection's key may still call: in memory while the revocation listener is
+/// up and nothing was missed since the key was checked; else one indexed SELECT.
+fn recheck(api: &Api, ctx: &AuthCtx, check: &KeyCheck) -> Result<(), Status> {
+    let rev = api.revocations();
+    if rev.fresh(ctx.key_id, check)? {
         return Ok(());
     }
+    let generation = rev.generation();
     if !crate::auth::key_active(api.db(), ctx.key_id)? {
         return Err(Status::unauthenticated("api key revoked"));
     }
-    *checked.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    rev.checked(check, generation);
     Ok(())
 }
 
@@ -256,6 +263,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         tpl::DELETE => unary(stream, |r| api.delete_template(ctx, r)),
 
         teams::GET => unary(stream, |r| api.get_team(ctx, r)),
+        teams::CREATE => unary(stream, |r| api.create_team(ctx, r)),
         teams::ADD_MEMBER => unary(stream, |r| api.add_member(ctx, r)),
         teams::REMOVE_MEMBER => unary(stream, |r| api.remove_member(ctx, r)),
         teams::LIST_MEMBERS => unary(stream, |r| api.list_members(ctx, r)),
@@ -274,6 +282,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         hosts::LIST => unary(stream, |r| api.list_hosts(ctx, r)),
         hosts::GET => unary(stream, |r| api.get_host(ctx, r)),
         hosts::DRAIN => unary(stream, |r| api.drain_host(ctx, r)),
+        hosts::UNDRAIN => unary(stream, |r| api.undrain_host(ctx, r)),
         hosts::DELETE => unary(stream, |r| api.delete_host(ctx, r)),
 
         audit::LIST => unary(stream, |r| api.list_audit_logs(ctx, r)),
@@ -301,6 +310,8 @@ pub enum StartError {
     Spawn {
         source: std::io::Error,
     },
+    /// The revocation listener could not start.
+    Revocations(crate::revocation::ListenError),
 }
 
 impl std::fmt::Display for StartError {
@@ -311,6 +322,7 @@ impl std::fmt::Display for StartError {
             StartError::Migrate(e) => write!(f, "{e}"),
             StartError::Listen { addr, .. } => write!(f, "listen on {addr}"),
             StartError::Spawn { .. } => f.write_str("spawn server thread"),
+            StartError::Revocations(e) => write!(f, "{e}"),
         }
     }
 }
@@ -322,6 +334,7 @@ impl std::error::Error for StartError {
             StartError::Connect { source } => Some(source),
             StartError::Migrate(e) => std::error::Error::source(e),
             StartError::Listen { source, .. } | StartError::Spawn { source } => Some(source),
+            StartError::Revocations(e) => std::error::Error::source(e),
         }
     }
 }
@@ -354,6 +367,7 @@ impl Running {
         if let Some(mut j) = self.jobs.take() {
             j.stop();
         }
+        self.api.revocations().stop();
         self.handle.shutdown();
         if let Some(j) = self.join.take() {
             let _ = j.join();
@@ -400,6 +414,15 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
             source,
         })?;
     let handle = server.handle();
+    let closer = handle.clone();
+    api.revocations().on_revoke(move |key| {
+        closer.close_connections(move |peer| {
+            matches!(peer.downcast_ref::<Caller>(), Some(Caller::Api(ctx, _)) if ctx.key_id == key)
+        })
+    });
+    api.revocations()
+        .listen(&cfg.database_url)
+        .map_err(StartError::Revocations)?;
     let (_, join) = server
         .spawn()
         .map_err(|source| StartError::Spawn { source })?;

@@ -85,7 +85,8 @@ pub static COMMANDS: &[Command] = &[
         rep("meta", "KEY=VALUE", "only sandboxes with this label"),
         PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("sandbox get", "Show one sandbox.", [SB], []),
-    cmd!("sandbox rm", "Destroy a sandbox.", [SB], []),
+    cmd!("sandbox rm", "Destroy a sandbox.", [SB], [
+        on("force", "record it stopped even when its host cannot be reached (the host destroys it if it comes back)")]),
     cmd!("sandbox pause", "Pause a running sandbox.", [SB], []),
     cmd!("sandbox resume", "Resume a paused sandbox.", [SB], [val("timeout", "SECONDS", "new timeout (default: keep)")]),
     cmd!("sandbox ping", "Keep a sandbox alive: its expiry becomes now + its timeout.", [SB], []),
@@ -153,6 +154,8 @@ pub static COMMANDS: &[Command] = &[
     cmd!("key list", "List the team's API keys.", [], [PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("key revoke", "Revoke an API key.", [arg("KEY", "key id (key-...)")], []),
     cmd!("team get", "Show a team (default: the caller's).", [opt("TEAM", "team id (team-...)")], []),
+    cmd!("team create", "Create a team with its owner and first API key, printed once (platform admin).", [arg("NAME", "team name")], [
+        val("owner-email", "EMAIL", "the owner's email (required)"), val("owner-name", "NAME", "the owner's display name")]),
     cmd!("team members", "List a team's members (default: the caller's team).", [opt("TEAM", "team id")], [PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("team add-member", "Add an existing user to a team.", [arg("USER", "user id (usr-...)")], [
         val("team", "TEAM", "team id (default: the caller's)"), val("role", "owner|admin|member", "role (default member)")]),
@@ -168,7 +171,9 @@ pub static COMMANDS: &[Command] = &[
         rep("status", "STATUS", "only this status (online, unreachable, draining)"), PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("host get", "Show a host (platform admin).", [arg("HOST", "host id (host-...)")], []),
     cmd!("host drain", "Stop placing sandboxes on a host; lists what remains (platform admin).", [arg("HOST", "host id")], []),
-    cmd!("host rm", "Forget a host (platform admin).", [arg("HOST", "host id")], []),
+    cmd!("host undrain", "Place sandboxes on a draining host again (platform admin).", [arg("HOST", "host id")], []),
+    cmd!("host rm", "Forget a host (platform admin).", [arg("HOST", "host id")], [
+        on("force", "for a host that is gone: record its sandboxes stopped and delete its snapshot templates")]),
     cmd!("audit list", "List audit entries, newest first.", [], [
         val("actor", "ID", "who acted (key-..., usr-..., host-...)"),
         val("resource-type", "TYPE", "sandbox, template, team, user, api_key, host"),

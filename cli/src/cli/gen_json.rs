@@ -118,6 +118,27 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::CreateTeamRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("name".into(), Value::String(self.name.clone()));
+        m.insert("owner_email".into(), Value::String(self.owner_email.clone()));
+        m.insert("owner_name".into(), Value::String(self.owner_name.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::CreateTeamResponse {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(x) = &self.team { m.insert("team".into(), proto::gen::wrenn::ctl::v1::Team::to_json(&x)); }
+        if let Some(x) = &self.owner { m.insert("owner".into(), proto::gen::wrenn::ctl::v1::User::to_json(&x)); }
+        if let Some(x) = &self.key { m.insert("key".into(), proto::gen::wrenn::ctl::v1::ApiKey::to_json(&x)); }
+        m.insert("key_plaintext".into(), Value::String(self.key_plaintext.clone()));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::CreateTemplateRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -142,13 +163,17 @@ impl Json for proto::gen::wrenn::ctl::v1::DeleteHostRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("host_id".into(), Value::String(self.host_id.clone()));
+        m.insert("force".into(), Value::from(self.force));
         Value::Object(m)
     }
 }
 
 impl Json for proto::gen::wrenn::ctl::v1::DeleteHostResponse {
     fn to_json(&self) -> Value {
-        Value::Object(Map::new())
+        let mut m = Map::new();
+        m.insert("stopped_sandbox_ids".into(), Value::Array(self.stopped_sandbox_ids.iter().map(|x| Value::String(x.clone())).collect()));
+        m.insert("deleted_template_ids".into(), Value::Array(self.deleted_template_ids.iter().map(|x| Value::String(x.clone())).collect()));
+        Value::Object(m)
     }
 }
 
@@ -170,6 +195,7 @@ impl Json for proto::gen::wrenn::ctl::v1::DestroySandboxRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        m.insert("force".into(), Value::from(self.force));
         Value::Object(m)
     }
 }
@@ -652,6 +678,14 @@ impl Json for proto::gen::wrenn::ctl::v1::Template {
         m.insert("host_id".into(), Value::String(self.host_id.clone()));
         m.insert("source_sandbox_id".into(), Value::String(self.source_sandbox_id.clone()));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::UndrainHostRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("host_id".into(), Value::String(self.host_id.clone()));
         Value::Object(m)
     }
 }

@@ -768,7 +768,10 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         "sandbox rm" => {
             let r: pb::DestroySandboxResponse = ctx.unary(
                 sb::DESTROY,
-                &pb::DestroySandboxRequest { sandbox_id: a(0) },
+                &pb::DestroySandboxRequest {
+                    sandbox_id: a(0),
+                    force: p.flag("force"),
+                },
                 true,
             )?;
             ctx.print(&r, |_| format!("destroyed {}\n", a(0)));
@@ -1249,6 +1252,34 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             )?;
             ctx.print(&r, |_| format!("revoked {}\n", a(0)));
         }
+        "team create" => {
+            let email = p
+                .value("owner-email")
+                .ok_or_else(|| CliError::Usage("team create needs --owner-email EMAIL".into()))?;
+            let r: pb::CreateTeamResponse = ctx.unary(
+                teams::CREATE,
+                &pb::CreateTeamRequest {
+                    name: a(0),
+                    owner_email: email.to_owned(),
+                    owner_name: p.value("owner-name").unwrap_or("").to_owned(),
+                },
+                false,
+            )?;
+            ctx.print(&r, |r| {
+                kv(&[
+                    (
+                        "team",
+                        r.team.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
+                    ),
+                    (
+                        "owner",
+                        r.owner.as_ref().map(|u| u.id.clone()).unwrap_or_default(),
+                    ),
+                    ("api key", r.key_plaintext.clone()),
+                    ("note", "the key is shown once; store it now".into()),
+                ])
+            });
+        }
         "team get" => {
             let t: pb::Team =
                 ctx.unary(teams::GET, &pb::GetTeamRequest { team_id: a(0) }, false)?;
@@ -1453,10 +1484,30 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         "host rm" => {
             let r: pb::DeleteHostResponse = ctx.unary(
                 hosts::DELETE,
-                &pb::DeleteHostRequest { host_id: a(0) },
+                &pb::DeleteHostRequest {
+                    host_id: a(0),
+                    force: p.flag("force"),
+                },
                 false,
             )?;
-            ctx.print(&r, |_| format!("deleted {}\n", a(0)));
+            ctx.print(&r, |r| {
+                let mut s = format!("deleted {}\n", a(0));
+                for sb in &r.stopped_sandbox_ids {
+                    s.push_str(&format!("recorded stopped: {sb}\n"));
+                }
+                for t in &r.deleted_template_ids {
+                    s.push_str(&format!("template deleted: {t}\n"));
+                }
+                s
+            });
+        }
+        "host undrain" => {
+            let h: pb::Host = ctx.unary(
+                hosts::UNDRAIN,
+                &pb::UndrainHostRequest { host_id: a(0) },
+                false,
+            )?;
+            ctx.print(&h, host_human);
         }
         "audit list" => {
             let (page_size, page_token) = page(p)?;

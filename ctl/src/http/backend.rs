@@ -141,6 +141,7 @@ impl Backend for ApiBackend {
             tpl::GET => enc(a.get_template(c, req(&b)?)),
             tpl::DELETE => enc(a.delete_template(c, req(&b)?)),
             teams::GET => enc(a.get_team(c, req(&b)?)),
+            teams::CREATE => enc(a.create_team(c, req(&b)?)),
             teams::ADD_MEMBER => enc(a.add_member(c, req(&b)?)),
             teams::REMOVE_MEMBER => enc(a.remove_member(c, req(&b)?)),
             teams::LIST_MEMBERS => enc(a.list_members(c, req(&b)?)),
@@ -154,6 +155,7 @@ impl Backend for ApiBackend {
             hosts::LIST => enc(a.list_hosts(c, req(&b)?)),
             hosts::GET => enc(a.get_host(c, req(&b)?)),
             hosts::DRAIN => enc(a.drain_host(c, req(&b)?)),
+            hosts::UNDRAIN => enc(a.undrain_host(c, req(&b)?)),
             hosts::DELETE => enc(a.delete_host(c, req(&b)?)),
             audit::LIST => enc(a.list_audit_logs(c, req(&b)?)),
             other => Err(Status::new(

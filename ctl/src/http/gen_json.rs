@@ -285,6 +285,58 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::CreateTeamRequest {
+    const SCHEMA: &'static str = "ctl.v1.CreateTeamRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("name".into(), Value::String(self.name.clone()));
+        m.insert("owner_email".into(), Value::String(self.owner_email.clone()));
+        m.insert("owner_name".into(), Value::String(self.owner_name.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "name" => { if !v.is_null() { out.name = j::string_in(v, &p)?; } }
+                "owner_email" => { if !v.is_null() { out.owner_email = j::string_in(v, &p)?; } }
+                "owner_name" => { if !v.is_null() { out.owner_name = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::CreateTeamResponse {
+    const SCHEMA: &'static str = "ctl.v1.CreateTeamResponse";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(x) = &self.team { m.insert("team".into(), proto::gen::wrenn::ctl::v1::Team::to_json(&x)); }
+        if let Some(x) = &self.owner { m.insert("owner".into(), proto::gen::wrenn::ctl::v1::User::to_json(&x)); }
+        if let Some(x) = &self.key { m.insert("key".into(), proto::gen::wrenn::ctl::v1::ApiKey::to_json(&x)); }
+        m.insert("key_plaintext".into(), Value::String(self.key_plaintext.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "team" => { if !v.is_null() { out.team = Some(<proto::gen::wrenn::ctl::v1::Team as Json>::from_json_at(v, &p)?); } }
+                "owner" => { if !v.is_null() { out.owner = Some(<proto::gen::wrenn::ctl::v1::User as Json>::from_json_at(v, &p)?); } }
+                "key" => { if !v.is_null() { out.key = Some(<proto::gen::wrenn::ctl::v1::ApiKey as Json>::from_json_at(v, &p)?); } }
+                "key_plaintext" => { if !v.is_null() { out.key_plaintext = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::CreateTemplateRequest {
     const SCHEMA: &'static str = "ctl.v1.CreateTemplateRequest";
     fn to_json(&self) -> Value {
@@ -340,6 +392,7 @@ impl Json for proto::gen::wrenn::ctl::v1::DeleteHostRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("host_id".into(), Value::String(self.host_id.clone()));
+        m.insert("force".into(), Value::from(self.force));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -349,6 +402,7 @@ impl Json for proto::gen::wrenn::ctl::v1::DeleteHostRequest {
             let p = j::field(path, k);
             match k.as_str() {
                 "host_id" => { if !v.is_null() { out.host_id = j::string_in(v, &p)?; } }
+                "force" => { if !v.is_null() { out.force = j::bool_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -359,13 +413,23 @@ impl Json for proto::gen::wrenn::ctl::v1::DeleteHostRequest {
 impl Json for proto::gen::wrenn::ctl::v1::DeleteHostResponse {
     const SCHEMA: &'static str = "ctl.v1.DeleteHostResponse";
     fn to_json(&self) -> Value {
-        Value::Object(Map::new())
+        let mut m = Map::new();
+        m.insert("stopped_sandbox_ids".into(), Value::Array(self.stopped_sandbox_ids.iter().map(|x| Value::String(x.clone())).collect()));
+        m.insert("deleted_template_ids".into(), Value::Array(self.deleted_template_ids.iter().map(|x| Value::String(x.clone())).collect()));
+        Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
-        if let Some((k, _)) = j::object_or_null(v, path)?.iter().next() {
-            return Err(JsonError::unknown_field(path, k));
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "stopped_sandbox_ids" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.stopped_sandbox_ids.push(j::string_in(v, &p)?); } }
+                "deleted_template_ids" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.deleted_template_ids.push(j::string_in(v, &p)?); } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
         }
-        Ok(Self::default())
+        Ok(out)
     }
 }
 
@@ -408,6 +472,7 @@ impl Json for proto::gen::wrenn::ctl::v1::DestroySandboxRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        m.insert("force".into(), Value::from(self.force));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -417,6 +482,7 @@ impl Json for proto::gen::wrenn::ctl::v1::DestroySandboxRequest {
             let p = j::field(path, k);
             match k.as_str() {
                 "sandbox_id" => { if !v.is_null() { out.sandbox_id = j::string_in(v, &p)?; } }
+                "force" => { if !v.is_null() { out.force = j::bool_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -1614,6 +1680,27 @@ impl Json for proto::gen::wrenn::ctl::v1::Template {
                 "host_id" => { if !v.is_null() { out.host_id = j::string_in(v, &p)?; } }
                 "source_sandbox_id" => { if !v.is_null() { out.source_sandbox_id = j::string_in(v, &p)?; } }
                 "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::UndrainHostRequest {
+    const SCHEMA: &'static str = "ctl.v1.UndrainHostRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("host_id".into(), Value::String(self.host_id.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "host_id" => { if !v.is_null() { out.host_id = j::string_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -3228,6 +3315,48 @@ pub const SCHEMAS_JSON: &str = r##"{
     },
     "type": "object"
   },
+  "ctl.v1.CreateTeamRequest": {
+    "additionalProperties": false,
+    "description": "Request of Teams.Create.",
+    "properties": {
+      "name": {
+        "description": "Display name of the team.",
+        "type": "string"
+      },
+      "owner_email": {
+        "description": "Email of its owner (a new user in the team's directory).",
+        "type": "string"
+      },
+      "owner_name": {
+        "description": "Display name of the owner.",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.CreateTeamResponse": {
+    "additionalProperties": false,
+    "description": "Reply of Teams.Create.",
+    "properties": {
+      "key": {
+        "$ref": "#/components/schemas/ctl.v1.ApiKey",
+        "description": "Its first API key's metadata."
+      },
+      "key_plaintext": {
+        "description": "That key's secret, shown only here.",
+        "type": "string"
+      },
+      "owner": {
+        "$ref": "#/components/schemas/ctl.v1.User",
+        "description": "Its owner."
+      },
+      "team": {
+        "$ref": "#/components/schemas/ctl.v1.Team",
+        "description": "The new team."
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.CreateTemplateRequest": {
     "additionalProperties": false,
     "description": "Request of Templates.Create.",
@@ -3270,6 +3399,10 @@ pub const SCHEMAS_JSON: &str = r##"{
     "additionalProperties": false,
     "description": "Request of Hosts.Delete.",
     "properties": {
+      "force": {
+        "description": "For a host that is gone: its sandboxes are recorded STOPPED and its snapshot templates deleted (their files were on it). Refused (FAILED_PRECONDITION) for an ONLINE host: drain it, or wait until it is UNREACHABLE.",
+        "type": "boolean"
+      },
       "host_id": {
         "description": "The host, \"host-{uuid}\".",
         "type": "string"
@@ -3280,7 +3413,22 @@ pub const SCHEMAS_JSON: &str = r##"{
   "ctl.v1.DeleteHostResponse": {
     "additionalProperties": false,
     "description": "Reply of Hosts.Delete.",
-    "properties": {},
+    "properties": {
+      "deleted_template_ids": {
+        "description": "Snapshot templates deleted by a forced delete (\"tpl-{uuid}\").",
+        "items": {
+          "type": "string"
+        },
+        "type": "array"
+      },
+      "stopped_sandbox_ids": {
+        "description": "Sandboxes recorded STOPPED by a forced delete (\"sb-{uuid}\").",
+        "items": {
+          "type": "string"
+        },
+        "type": "array"
+      }
+    },
     "type": "object"
   },
   "ctl.v1.DeleteTemplateRequest": {
@@ -3304,6 +3452,10 @@ pub const SCHEMAS_JSON: &str = r##"{
     "additionalProperties": false,
     "description": "Request of Sandboxes.Destroy.",
     "properties": {
+      "force": {
+        "description": "When its host cannot be reached (unreachable, or the agent does not answer), record the sandbox STOPPED anyway and give its capacity back; the reconciler destroys it on the host if that host ever comes back. Without it such a Destroy answers UNAVAILABLE and the sandbox stays STOPPING. A host that answers is asked as usual.",
+        "type": "boolean"
+      },
       "sandbox_id": {
         "description": "The sandbox, \"sb-{uuid}\".",
         "type": "string"
@@ -4396,6 +4548,17 @@ pub const SCHEMAS_JSON: &str = r##"{
       "TIMEOUT_POLICY_DESTROY"
     ],
     "type": "string"
+  },
+  "ctl.v1.UndrainHostRequest": {
+    "additionalProperties": false,
+    "description": "Request of Hosts.Undrain.",
+    "properties": {
+      "host_id": {
+        "description": "The host, \"host-{uuid}\".",
+        "type": "string"
+      }
+    },
+    "type": "object"
   },
   "ctl.v1.UploadHeader": {
     "additionalProperties": false,

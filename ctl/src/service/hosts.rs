@@ -221,7 +221,43 @@ impl Api {
         })
     }
 
-    /// Forgets a host; refused while sandboxes or snapshot templates remain on it.
+    /// Places sandboxes on a draining host again (back to online; the monitor marks it
+    /// unreachable if its heartbeats have stopped).
+    pub(super) fn undrain_host_inner(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::UndrainHostRequest,
+    ) -> Result<ctl::Host, Status> {
+        ctx.require_admin()?;
+        let h = parse_id(Kind::Host, &req.host_id)?;
+        let ctx2 = ctx.clone();
+        self.inner.db.tx(move |tx| {
+            let row = tx
+                .query_opt("SELECT status FROM hosts WHERE id = $1 FOR UPDATE", &[&h])
+                .map_err(pg_err)?
+                .ok_or_else(|| Status::not_found("host not found"))?;
+            let status: String = row.get(0);
+            if status != "draining" {
+                return Err(Status::failed_precondition(format!(
+                    "host is {status}, not draining"
+                )));
+            }
+            tx.execute("UPDATE hosts SET status = 'online' WHERE id = $1", &[&h])
+                .map_err(pg_err)?;
+            audit_host(
+                tx,
+                &ctx2,
+                id::format(Kind::Host, h),
+                "host.undrain",
+                serde_json::json!({}),
+            )?;
+            fetch(tx, h)
+        })
+    }
+
+    /// Forgets a host; refused while sandboxes or snapshot templates remain on it, unless
+    /// `force`: then (for a host that is not online) its sandboxes are recorded stopped and
+    /// its snapshot templates deleted, each with an audit row its team can see.
     pub(super) fn delete_host_inner(
         &self,
         ctx: &AuthCtx,
@@ -229,28 +265,118 @@ impl Api {
     ) -> Result<ctl::DeleteHostResponse, Status> {
         ctx.require_admin()?;
         let h = parse_id(Kind::Host, &req.host_id)?;
+        let force = req.force;
         let ctx2 = ctx.clone();
-        self.inner.db.tx(move |tx| {
-            let exists = tx.query_opt("SELECT 1 FROM hosts WHERE id = $1 FOR UPDATE", &[&h]).map_err(pg_err)?;
-            if exists.is_none() {
-                return Err(Status::not_found("host not found"));
-            }
-            let busy: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM sandboxes WHERE host_id = $1 AND state <> 'stopped') \
-                     OR EXISTS (SELECT 1 FROM templates WHERE host_id = $1)",
-                    &[&h],
-                )
+        let resp = self.inner.db.tx(move |tx| {
+            let row = tx
+                .query_opt("SELECT status FROM hosts WHERE id = $1 FOR UPDATE", &[&h])
                 .map_err(pg_err)?
-                .get(0);
-            if busy {
-                return Err(Status::failed_precondition("sandboxes or snapshot templates remain on the host"));
+                .ok_or_else(|| Status::not_found("host not found"))?;
+            let status: String = row.get(0);
+            let mut resp = ctl::DeleteHostResponse::default();
+            if force {
+                if status == "online" {
+                    return Err(Status::failed_precondition(
+                        "host is online: drain it first, or wait until it is unreachable",
+                    ));
+                }
+                resp = force_clear(tx, h)?;
+            } else {
+                let busy: bool = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM sandboxes WHERE host_id = $1 AND state <> 'stopped') \
+                         OR EXISTS (SELECT 1 FROM templates WHERE host_id = $1)",
+                        &[&h],
+                    )
+                    .map_err(pg_err)?
+                    .get(0);
+                if busy {
+                    return Err(Status::failed_precondition(
+                        "sandboxes or snapshot templates remain on the host (force deletes a host that is gone)",
+                    ));
+                }
             }
-            tx.execute("DELETE FROM hosts WHERE id = $1", &[&h]).map_err(pg_err)?;
-            audit_host(tx, &ctx2, id::format(Kind::Host, h), "host.delete", serde_json::json!({}))?;
-            Ok(())
+            tx.execute("DELETE FROM hosts WHERE id = $1", &[&h])
+                .map_err(pg_err)?;
+            audit_host(
+                tx,
+                &ctx2,
+                id::format(Kind::Host, h),
+                "host.delete",
+                serde_json::json!({
+                    "force": force,
+                    "stopped_sandboxes": resp.stopped_sandbox_ids.len(),
+                    "deleted_templates": resp.deleted_template_ids.len(),
+                }),
+            )?;
+            Ok(resp)
         })?;
         self.inner.agents.forget(h);
-        Ok(ctl::DeleteHostResponse {})
+        Ok(resp)
     }
+}
+
+/// A forced host delete's clean-up: every sandbox left on host `h` is recorded stopped
+/// (giving back its capacity) and every snapshot template on it deleted, each audited as
+/// the system's doing for its team.
+fn force_clear(
+    tx: &mut postgres::Transaction<'_>,
+    h: Uuid,
+) -> Result<ctl::DeleteHostResponse, Status> {
+    let mut resp = ctl::DeleteHostResponse::default();
+    let rows = tx
+        .query(
+            "SELECT id, team_id, state FROM sandboxes WHERE host_id = $1 AND state <> 'stopped' \
+             ORDER BY created_at FOR UPDATE",
+            &[&h],
+        )
+        .map_err(pg_err)?;
+    for r in &rows {
+        let sb: Uuid = r.get(0);
+        let from: String = r.get(2);
+        crate::scheduler::set_state(
+            tx,
+            sb,
+            crate::scheduler::State::Stopped,
+            "host deleted",
+            Some(None),
+        )?;
+        let wire = id::format(Kind::Sandbox, sb);
+        audit::write(
+            tx,
+            Entry {
+                team: Some(r.get(1)),
+                actor: &Actor::System,
+                resource_type: "sandbox",
+                resource_id: wire.clone(),
+                action: "sandbox.force_stop",
+                success: true,
+                metadata: serde_json::json!({"from": from, "host": id::format(Kind::Host, h), "reason": "host deleted"}),
+            },
+        )?;
+        resp.stopped_sandbox_ids.push(wire);
+    }
+    let rows = tx
+        .query(
+            "DELETE FROM templates WHERE host_id = $1 RETURNING id, team_id",
+            &[&h],
+        )
+        .map_err(pg_err)?;
+    for r in &rows {
+        let wire = id::format(Kind::Template, r.get(0));
+        audit::write(
+            tx,
+            Entry {
+                team: Some(r.get(1)),
+                actor: &Actor::System,
+                resource_type: "template",
+                resource_id: wire.clone(),
+                action: "template.delete",
+                success: true,
+                metadata: serde_json::json!({"host": id::format(Kind::Host, h), "reason": "host deleted"}),
+            },
+        )?;
+        resp.deleted_template_ids.push(wire);
+    }
+    Ok(resp)
 }

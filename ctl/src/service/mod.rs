@@ -126,6 +126,8 @@ pub(crate) struct Inner {
     /// database (by the jobs thread: [`crate::reconciler::check_heartbeats`]). One entry per
     /// host, replaced by each heartbeat.
     pub heartbeats: Mutex<HashMap<Uuid, Vec<crate::reconciler::HostSandbox>>>,
+    /// Keys this replica heard were revoked (LISTEN/NOTIFY, [`crate::revocation`]).
+    pub revocations: crate::revocation::Revocations,
 }
 
 impl Api {
@@ -141,6 +143,7 @@ impl Api {
                 last_used,
                 background_creates: AtomicUsize::new(0),
                 heartbeats: Mutex::new(HashMap::new()),
+                revocations: crate::revocation::Revocations::new(),
             }),
         }
     }
@@ -170,6 +173,11 @@ impl Api {
         &self.inner.db
     }
 
+    /// Revoked keys as this replica knows them (its listener is started by `server::start`).
+    pub fn revocations(&self) -> &crate::revocation::Revocations {
+        &self.inner.revocations
+    }
+
     /// The pool of agent clients.
     pub fn agents(&self) -> &Agents {
         &self.inner.agents
@@ -181,7 +189,8 @@ impl Api {
     }
 
     /// Checks an API key (from the hello or `X-API-Key`): `unauthenticated` when unknown or
-    /// revoked. One indexed SELECT; `last_used` is recorded in batches off this path.
+    /// revoked (in the database, or as this replica heard). One indexed SELECT; `last_used`
+    /// is recorded in batches off this path.
     pub fn authenticate(&self, api_key: &str) -> Result<AuthCtx, Status> {
         crate::auth::authenticate(self, api_key)
     }

@@ -183,6 +183,17 @@ impl Api {
 
     // ---- teams, users, keys ----
 
+    /// Creates a team with its owner and first key (platform admin only).
+    pub fn create_team(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::CreateTeamRequest,
+    ) -> Result<ctl::CreateTeamResponse, Status> {
+        self.audited(ctx, "team", String::new(), "team.create", |_| {
+            self.create_team_inner(ctx, req)
+        })
+    }
+
     /// Adds a user the caller may see to a team with a role.
     pub fn add_member(
         &self,
@@ -271,7 +282,20 @@ impl Api {
         })
     }
 
-    /// Forgets a host; refused while sandboxes or snapshot templates remain on it.
+    /// Places sandboxes on a draining host again.
+    pub fn undrain_host(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::UndrainHostRequest,
+    ) -> Result<ctl::Host, Status> {
+        let r = rid(Kind::Host, &req.host_id);
+        self.audited(ctx, "host", r, "host.undrain", |_| {
+            self.undrain_host_inner(ctx, req)
+        })
+    }
+
+    /// Forgets a host; refused while sandboxes or snapshot templates remain on it unless
+    /// forced (then they are recorded stopped and deleted).
     pub fn delete_host(
         &self,
         ctx: &AuthCtx,

@@ -26,6 +26,10 @@ use crate::limits::{
 };
 use crate::scheduler::{self, Need, State};
 
+/// State reasons of a forced Destroy that did not reach the agent.
+const FORCED_UNREACHABLE: &str = "force-destroyed: host unreachable";
+const FORCED_NO_ANSWER: &str = "force-destroyed: host did not answer";
+
 /// What an agent Create needs, kept from the insert to the call.
 struct Pending {
     req: agent::CreateSandboxRequest,
@@ -671,21 +675,35 @@ impl Api {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         let team = ctx.team_id;
         let ctx2 = ctx.clone();
+        let force = req.force;
         let (host, audit_row) = self.inner.db.tx(move |tx| {
             let cur = lock_owned(tx, team, id)?;
             if cur.state == State::Stopped {
                 return Ok((None, None));
             }
+            let unreachable = match cur.host {
+                Some(h) => tx
+                    .query_opt("SELECT status FROM hosts WHERE id = $1", &[&h])
+                    .map_err(pg_err)?
+                    .is_none_or(|r| r.get::<_, &str>(0) == "unreachable"),
+                None => false,
+            };
             let a = audit_sb(
                 tx,
                 &ctx2,
                 id,
                 "sandbox.destroy",
-                serde_json::json!({"from": cur.state.as_str()}),
+                serde_json::json!({"from": cur.state.as_str(), "force": force}),
             )?;
             match cur.host {
                 None => {
                     scheduler::set_state(tx, id, State::Stopped, "destroyed", Some(None))?;
+                    Ok((None, Some(a)))
+                }
+                Some(_) if force && unreachable => {
+                    // Nobody to ask: recorded stopped now; the reconciler destroys it on the
+                    // host if the host comes back (a stopped sandbox still there).
+                    scheduler::set_state(tx, id, State::Stopped, FORCED_UNREACHABLE, Some(None))?;
                     Ok((None, Some(a)))
                 }
                 Some(h) => {
@@ -696,7 +714,22 @@ impl Api {
         })?;
         *row = audit_row;
         if let Some(host) = host {
-            self.agent_destroy(host, id)?;
+            match self.agent_destroy(host, id) {
+                Ok(()) => {}
+                Err(e) if force && matches!(e.code, Code::Unavailable | Code::DeadlineExceeded) => {
+                    log::warn!(
+                        "force-destroy without the agent sandbox={} host={} agent_error={}",
+                        id::format(Kind::Sandbox, id),
+                        id::format(Kind::Host, host),
+                        e.message
+                    );
+                    self.inner.db.tx(move |tx| {
+                        scheduler::set_state(tx, id, State::Stopped, FORCED_NO_ANSWER, Some(None))
+                            .map(|_| ())
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(ctl::DestroySandboxResponse {})
     }

@@ -129,6 +129,17 @@ pub fn create_team_with_owner(
     email: &str,
     user_name: &str,
 ) -> Result<(Uuid, Uuid, Uuid, String), Status> {
+    create_team_by(c, &Actor::System, team_name, email, user_name)
+}
+
+/// [`create_team_with_owner`] with its audit row naming `actor`.
+fn create_team_by(
+    c: &mut impl GenericClient,
+    actor: &Actor,
+    team_name: &str,
+    email: &str,
+    user_name: &str,
+) -> Result<(Uuid, Uuid, Uuid, String), Status> {
     convert::check_name("team name", team_name)?;
     check_email(email)?;
     let team = audit::new_uuid()?;
@@ -159,7 +170,7 @@ pub fn create_team_with_owner(
         c,
         Entry {
             team: Some(team),
-            actor: &Actor::System,
+            actor,
             resource_type: "team",
             resource_id: id::format(Kind::Team, team),
             action: "team.create",
@@ -198,6 +209,56 @@ pub fn insert_key(
 }
 
 impl Api {
+    /// Creates a team with its owner and first key (platform admin only).
+    pub(super) fn create_team_inner(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::CreateTeamRequest,
+    ) -> Result<ctl::CreateTeamResponse, Status> {
+        ctx.require_admin()?;
+        convert::check_name("name", &req.name)?;
+        check_email(&req.owner_email)?;
+        if !req.owner_name.is_empty() {
+            convert::check_name("owner_name", &req.owner_name)?;
+        }
+        let ctx2 = ctx.clone();
+        self.inner.db.tx(move |tx| {
+            let (team, uid, kid, plaintext) = create_team_by(
+                tx,
+                &Actor::key(&ctx2),
+                &req.name,
+                &req.owner_email,
+                &req.owner_name,
+            )?;
+            let t = tx
+                .query_one("SELECT name, created_at FROM teams WHERE id = $1", &[&team])
+                .map_err(pg_err)?;
+            let u = tx
+                .query_one(
+                    "SELECT id, email, name, created_at FROM users WHERE id = $1",
+                    &[&uid],
+                )
+                .map_err(pg_err)?;
+            let k = tx
+                .query_one(
+                    &format!("SELECT {KEY_COLS} FROM api_keys WHERE id = $1"),
+                    &[&kid],
+                )
+                .map_err(pg_err)?;
+            Ok(ctl::CreateTeamResponse {
+                team: Some(ctl::Team {
+                    id: id::format(Kind::Team, team),
+                    name: t.get(0),
+                    platform: false,
+                    created_unix_ns: ns(Some(t.get(1))),
+                }),
+                owner: Some(user(&u)),
+                key: Some(key(&k)),
+                key_plaintext: plaintext,
+            })
+        })
+    }
+
     /// A team: the caller's own ("" id), or another for a platform admin.
     pub fn get_team(&self, ctx: &AuthCtx, req: ctl::GetTeamRequest) -> Result<ctl::Team, Status> {
         let team = target_team(ctx, &req.team_id)?;
@@ -520,8 +581,17 @@ impl Api {
                 return Err(Status::not_found("api key not found"));
             }
             audit_row(tx, &ctx2, ctx2.team_id, "api_key", id::format(Kind::Key, kid), "api_key.revoke", serde_json::json!({}))?;
+            // Every replica hears of it at commit and closes the key's connections.
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&crate::revocation::CHANNEL, &kid.hyphenated().to_string()],
+            )
+            .map_err(pg_err)?;
             Ok(ctl::RevokeApiKeyResponse {})
-        })
+        })?;
+        // This replica need not wait for its own notification.
+        self.revocations().revoked(kid);
+        Ok(ctl::RevokeApiKeyResponse {})
     }
 }
 

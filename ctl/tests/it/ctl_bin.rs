@@ -51,6 +51,86 @@ fn bad_flags_are_refused() {
 }
 
 #[test]
+fn help_and_version_exit_zero() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["admin", "--help"],
+        &["admin", "init", "--help"],
+        &["-h"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("wrenn-ctl serve"),
+            "{args:?}"
+        );
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("wrenn-ctl {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn runtime_errors_are_not_followed_by_the_usage() {
+    // Well-formed arguments, a database that is not there: an error, exit 1, no usage text.
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args([
+            "admin",
+            "migrate",
+            "--database-url",
+            &format!("postgres://nobody@127.0.0.1:{port}/none?connect_timeout=2"),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("connect to the database"), "{err}");
+    assert!(!err.contains("usage"), "{err}");
+}
+
+#[test]
+fn admin_create_team_makes_a_second_team() {
+    let Some(url) = harness::fresh_db() else {
+        return;
+    };
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("WRENN_DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["admin", "init", "--team", "a", "--email", "a@x.test"]);
+    assert!(out.status.success());
+    // A second init names the way to add teams (the API had no call for it).
+    let out = run(&["admin", "init", "--team", "b", "--email", "b@x.test"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("admin create-team"),
+        "{err}"
+    );
+    let out = run(&["admin", "create-team", "--team", "b", "--email", "b@x.test"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = text
+        .split_whitespace()
+        .find(|w| w.starts_with("wrn_"))
+        .expect("a key");
+    let db = ctl::db::Db::start(&ctl::db::DbConfig::new(&url)).unwrap();
+    let ctx = ctl::auth::lookup_key(&db, key).expect("the new key works");
+    assert!(!ctx.platform_admin);
+}
+
+#[test]
 fn admin_and_serve() {
     let Some(url) = harness::fresh_db() else {
         return;

@@ -27,6 +27,7 @@ fn destroy(cl: &Client, id: &str) -> Result<c::DestroySandboxResponse, proto::St
         c::sandboxes_methods::DESTROY,
         &c::DestroySandboxRequest {
             sandbox_id: id.into(),
+            force: false,
         },
         T,
     )
@@ -462,4 +463,289 @@ fn creates_cut_off_by_a_crash_do_not_stay_starting() {
         .unwrap()
         .get(0);
     assert_eq!(used, 0, "the cut-off creates gave their capacity back");
+}
+
+// ---- item 6: Teams/Create ----
+
+#[test]
+fn platform_admin_creates_teams() {
+    let Some(ctl) = Ctl::start() else { return };
+    let req = c::CreateTeamRequest {
+        name: "team-c".into(),
+        owner_email: "c@example.com".into(),
+        owner_name: "Cee".into(),
+    };
+    let e = ctl
+        .team()
+        .unary::<_, c::CreateTeamResponse>(c::teams_methods::CREATE, &req, T)
+        .unwrap_err();
+    assert_eq!(e.code, Code::PermissionDenied, "only the platform admin");
+    let r: c::CreateTeamResponse = ctl
+        .admin()
+        .unary(c::teams_methods::CREATE, &req, T)
+        .expect("create team");
+    let team = r.team.unwrap();
+    assert_eq!(team.name, "team-c");
+    assert_eq!(r.owner.unwrap().email, "c@example.com");
+    // The new team's key works and acts for that team.
+    let t: c::Team = ctl
+        .client(&r.key_plaintext)
+        .unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
+        .unwrap();
+    assert_eq!(t.id, team.id);
+    let a = newest(&ctl.admin(), "team.create");
+    assert_eq!(
+        (a.status.as_str(), a.actor_type.as_str()),
+        ("success", "api_key")
+    );
+}
+
+// ---- item 7: hosts that die ----
+
+fn admin_call<Req: prost::Message, Resp: prost::Message + Default>(
+    ctl: &Ctl,
+    m: &str,
+    r: &Req,
+) -> Result<Resp, proto::Status> {
+    ctl.admin().unary(m, r, T)
+}
+
+#[test]
+fn sandboxes_of_a_dead_host_can_be_forced_and_come_back_destroyed() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, host_id) = ctl.add_host(4, 8192, 100_000);
+    let a = create_min(&cl).unwrap();
+    let b = create_min(&cl).unwrap();
+    // The host stops answering; the monitor marks it unreachable.
+    let mut db = sql(&ctl);
+    db.execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    // A plain destroy cannot finish; a forced one records the sandbox stopped.
+    let force = |id: &str| {
+        cl.unary::<_, c::DestroySandboxResponse>(
+            c::sandboxes_methods::DESTROY,
+            &c::DestroySandboxRequest {
+                sandbox_id: id.into(),
+                force: true,
+            },
+            T,
+        )
+    };
+    force(&a.id).expect("forced destroy");
+    let got = get(&cl, &a.id);
+    assert_eq!(got.state, c::SandboxState::Stopped as i32, "{got:?}");
+    assert_eq!(
+        fa.sandbox_state(&a.id),
+        Some(c::SandboxState::Running as i32),
+        "the agent was not asked"
+    );
+    // The host comes back: the reconciler destroys what ctl recorded stopped.
+    db.execute("UPDATE hosts SET status = 'online'", &[])
+        .unwrap();
+    let cfg = ctl::config::JobsConfig {
+        destroy_unknown: false, // even when strangers are only reported
+        ..crate::harness::test_config(&ctl.url).jobs
+    };
+    ctl::reconciler::run_once(ctl.api(), &cfg).unwrap();
+    assert_ne!(
+        fa.sandbox_state(&a.id),
+        Some(c::SandboxState::Running as i32),
+        "destroyed on the host"
+    );
+    assert_eq!(get(&cl, &b.id).state, c::SandboxState::Running as i32);
+
+    // A host that is gone for good: delete refused without force, then forced.
+    fa.stop();
+    db.execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    let del = |force: bool| {
+        admin_call::<_, c::DeleteHostResponse>(
+            &ctl,
+            c::hosts_methods::DELETE,
+            &c::DeleteHostRequest {
+                host_id: host_id.clone(),
+                force,
+            },
+        )
+    };
+    assert_eq!(del(false).unwrap_err().code, Code::FailedPrecondition);
+    let r = del(true).expect("forced delete");
+    assert_eq!(r.stopped_sandbox_ids, vec![b.id.clone()]);
+    assert_eq!(get(&cl, &b.id).state, c::SandboxState::Stopped as i32);
+    // The team sees why.
+    assert_eq!(newest(&cl, "sandbox.force_stop").resource_id, b.id);
+}
+
+#[test]
+fn force_destroy_when_the_agent_does_not_answer() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, _) = ctl.add_host(4, 8192, 100_000);
+    let a = create_min(&cl).unwrap();
+    fa.stop(); // still "online" in the database: the agent just does not answer
+    assert_eq!(destroy(&cl, &a.id).unwrap_err().code, Code::Unavailable);
+    assert_eq!(get(&cl, &a.id).state, c::SandboxState::Stopping as i32);
+    cl.unary::<_, c::DestroySandboxResponse>(
+        c::sandboxes_methods::DESTROY,
+        &c::DestroySandboxRequest {
+            sandbox_id: a.id.clone(),
+            force: true,
+        },
+        T,
+    )
+    .expect("forced");
+    assert_eq!(get(&cl, &a.id).state, c::SandboxState::Stopped as i32);
+}
+
+#[test]
+fn drained_hosts_can_be_undrained_and_online_hosts_not_force_deleted() {
+    let Some(ctl) = Ctl::start() else { return };
+    let (_fa, host_id) = ctl.add_host(4, 8192, 100_000);
+    let undrain = || {
+        admin_call::<_, c::Host>(
+            &ctl,
+            c::hosts_methods::UNDRAIN,
+            &c::UndrainHostRequest {
+                host_id: host_id.clone(),
+            },
+        )
+    };
+    assert_eq!(
+        undrain().unwrap_err().code,
+        Code::FailedPrecondition,
+        "not draining"
+    );
+    admin_call::<_, c::DrainHostResponse>(
+        &ctl,
+        c::hosts_methods::DRAIN,
+        &c::DrainHostRequest {
+            host_id: host_id.clone(),
+        },
+    )
+    .unwrap();
+    assert_eq!(create_min(&ctl.team()).unwrap_err().code, Code::Unavailable);
+    let h = undrain().expect("undrain");
+    assert_eq!(h.status, c::HostStatus::Online as i32);
+    create_min(&ctl.team()).expect("placed again");
+    let e = admin_call::<_, c::DeleteHostResponse>(
+        &ctl,
+        c::hosts_methods::DELETE,
+        &c::DeleteHostRequest {
+            host_id: host_id.clone(),
+            force: true,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+}
+
+// ---- item 4: revocation on every connection of every replica ----
+
+fn team_get(cl: &Client) -> Result<c::Team, proto::Status> {
+    cl.unary(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
+}
+
+fn wait_listening(api: &ctl::service::Api) {
+    let t = std::time::Instant::now();
+    while !api.revocations().listening() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "listener never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn new_key(ctl: &Ctl) -> c::CreateApiKeyResponse {
+    ctl.team()
+        .unary(
+            c::api_keys_methods::CREATE,
+            &c::CreateApiKeyRequest {
+                name: "short-lived".into(),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap()
+}
+
+/// Calls until one fails; returns how long that took (panics after `max`).
+fn until_refused(cl: &Client, max: Duration) -> (Duration, proto::Status) {
+    let t = std::time::Instant::now();
+    loop {
+        if let Err(e) = team_get(cl) {
+            return (t.elapsed(), e);
+        }
+        assert!(t.elapsed() < max, "still accepted after {max:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn revocation_reaches_every_replica_at_once() {
+    let Some(ctl) = Ctl::start() else { return };
+    let replica = ctl.replica();
+    wait_listening(ctl.api());
+    wait_listening(&replica.api);
+    let k = new_key(&ctl);
+    let on_1 = ctl.client(&k.plaintext);
+    let on_2 = proto::rpc::Client::connect_tcp(
+        replica.addr.to_string(),
+        proto::rpc::Credential::api_key(&k.plaintext),
+    )
+    .unwrap();
+    team_get(&on_1).unwrap();
+    team_get(&on_2).unwrap();
+    ctl.team()
+        .unary::<_, c::RevokeApiKeyResponse>(
+            c::api_keys_methods::REVOKE,
+            &c::RevokeApiKeyRequest {
+                key_id: k.key.unwrap().id,
+            },
+            T,
+        )
+        .unwrap();
+    // The revoking replica: the very next call.
+    let e = team_get(&on_1).unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    // The other replica: as soon as the notification arrives (milliseconds; the old
+    // periodic re-check took up to 10 s).
+    let (took, e) = until_refused(&on_2, Duration::from_secs(1));
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    println!("revocation reached the other replica in {took:?}");
+    let r = proto::rpc::Client::connect_tcp(
+        replica.addr.to_string(),
+        proto::rpc::Credential::api_key(&k.plaintext),
+    )
+    .and_then(|c| team_get(&c));
+    assert_eq!(r.unwrap_err().code, Code::Unauthenticated);
+    replica.shutdown();
+}
+
+#[test]
+fn a_lost_listener_falls_back_to_the_database() {
+    let Some(ctl) = Ctl::start() else { return };
+    wait_listening(ctl.api());
+    let k = new_key(&ctl);
+    let cl = ctl.client(&k.plaintext);
+    team_get(&cl).unwrap();
+    let mut db = sql(&ctl);
+    // The listener's connection dies, and a revocation happens that it cannot hear (no
+    // NOTIFY): the open connection must still stop working.
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'wrenn-ctl-listen' AND datname = current_database()",
+        &[],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1",
+        &[&uuid_of(&k.key.unwrap().id)],
+    )
+    .unwrap();
+    let (_, e) = until_refused(&cl, Duration::from_secs(3));
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    // The listener comes back by itself.
+    wait_listening(ctl.api());
 }

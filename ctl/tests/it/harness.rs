@@ -124,7 +124,6 @@ pub fn test_config(url: &str) -> Config {
             agent_call_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_millis(500),
             last_used_flush: Duration::from_millis(200),
-            key_recheck: Duration::from_millis(300),
         },
         jobs: JobsConfig {
             reconcile_interval: Duration::from_secs(1),

@@ -269,7 +269,17 @@ impl Backend for Fake {
                 remaining_sandbox_ids: vec![SB.into()],
             }
             .encode_to_vec(),
-            hosts_methods::DELETE => DeleteHostResponse {}.encode_to_vec(),
+            hosts_methods::DELETE => DeleteHostResponse::default().encode_to_vec(),
+            hosts_methods::UNDRAIN => Host::default().encode_to_vec(),
+            teams_methods::CREATE => CreateTeamResponse {
+                team: Some(Team {
+                    id: "team-new".into(),
+                    ..Default::default()
+                }),
+                key_plaintext: "wrn_new".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
             audit_logs_methods::LIST => ListAuditLogsResponse {
                 entries: vec![AuditLog {
                     metadata_json: "{}".into(),
@@ -2296,6 +2306,19 @@ mod real {
             &call(a, &k, "GET", "/v1/teams/current", None),
         );
         assert_eq!(team["id"], json!(ctl.team_id));
+        let made = check(
+            &doc,
+            s,
+            "teams.create",
+            &call(
+                a,
+                &admin,
+                "POST",
+                "/v1/teams",
+                Some(json!({"name": "team-c", "owner_email": "c@example.com"})),
+            ),
+        );
+        assert!(made["key_plaintext"].as_str().unwrap().starts_with("wrn_"));
         let u = check(
             &doc,
             s,
@@ -2445,6 +2468,19 @@ mod real {
             ),
         );
         assert_eq!(d["host"]["status"], "HOST_STATUS_DRAINING");
+        let u = check(
+            &doc,
+            s,
+            "hosts.undrain",
+            &call(
+                a,
+                &admin,
+                "POST",
+                &format!("/v1/hosts/{host_id}/undrain"),
+                None,
+            ),
+        );
+        assert_eq!(u["status"], "HOST_STATUS_ONLINE");
         check(
             &doc,
             s,

@@ -143,6 +143,7 @@ fn team_b_sees_and_changes_nothing_of_team_a() {
             c::sandboxes_methods::DESTROY,
             &c::DestroySandboxRequest {
                 sandbox_id: s.clone(),
+                force: false,
             },
         )
         .map(|_| ()),

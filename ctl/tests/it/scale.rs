@@ -74,7 +74,10 @@ fn concurrent_creates_never_exceed_capacity() {
                 let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
                 cl.unary::<_, c::DestroySandboxResponse>(
                     c::sandboxes_methods::DESTROY,
-                    &c::DestroySandboxRequest { sandbox_id: id },
+                    &c::DestroySandboxRequest {
+                        sandbox_id: id,
+                        force: false,
+                    },
                     T,
                 )
                 .unwrap();
@@ -197,6 +200,7 @@ fn placement_follows_template_files_and_paused_sandboxes() {
             c::sandboxes_methods::DESTROY,
             &c::DestroySandboxRequest {
                 sandbox_id: a.id.clone(),
+                force: false,
             },
             T,
         )

@@ -135,6 +135,12 @@ pub struct DestroySandboxRequest {
     /// The sandbox, "sb-{uuid}".
     #[prost(string, tag = "1")]
     pub sandbox_id: ::prost::alloc::string::String,
+    /// When its host cannot be reached (unreachable, or the agent does not answer), record the
+    /// sandbox STOPPED anyway and give its capacity back; the reconciler destroys it on the
+    /// host if that host ever comes back. Without it such a Destroy answers UNAVAILABLE and the
+    /// sandbox stays STOPPING. A host that answers is asked as usual.
+    #[prost(bool, tag = "2")]
+    pub force: bool,
 }
 /// Reply of Sandboxes.Destroy.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -475,6 +481,35 @@ pub struct DeleteTemplateRequest {
 /// Reply of Templates.Delete.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteTemplateResponse {}
+/// Request of Teams.Create.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateTeamRequest {
+    /// Display name of the team.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Email of its owner (a new user in the team's directory).
+    #[prost(string, tag = "2")]
+    pub owner_email: ::prost::alloc::string::String,
+    /// Display name of the owner.
+    #[prost(string, tag = "3")]
+    pub owner_name: ::prost::alloc::string::String,
+}
+/// Reply of Teams.Create.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateTeamResponse {
+    /// The new team.
+    #[prost(message, optional, tag = "1")]
+    pub team: ::core::option::Option<Team>,
+    /// Its owner.
+    #[prost(message, optional, tag = "2")]
+    pub owner: ::core::option::Option<User>,
+    /// Its first API key's metadata.
+    #[prost(message, optional, tag = "3")]
+    pub key: ::core::option::Option<ApiKey>,
+    /// That key's secret, shown only here.
+    #[prost(string, tag = "4")]
+    pub key_plaintext: ::prost::alloc::string::String,
+}
 /// Reply of Teams.Get.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Team {
@@ -820,10 +855,29 @@ pub struct DeleteHostRequest {
     /// The host, "host-{uuid}".
     #[prost(string, tag = "1")]
     pub host_id: ::prost::alloc::string::String,
+    /// For a host that is gone: its sandboxes are recorded STOPPED and its snapshot templates
+    /// deleted (their files were on it). Refused (FAILED_PRECONDITION) for an ONLINE host:
+    /// drain it, or wait until it is UNREACHABLE.
+    #[prost(bool, tag = "2")]
+    pub force: bool,
 }
 /// Reply of Hosts.Delete.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct DeleteHostResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteHostResponse {
+    /// Sandboxes recorded STOPPED by a forced delete ("sb-{uuid}").
+    #[prost(string, repeated, tag = "1")]
+    pub stopped_sandbox_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Snapshot templates deleted by a forced delete ("tpl-{uuid}").
+    #[prost(string, repeated, tag = "2")]
+    pub deleted_template_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// Request of Hosts.Undrain.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UndrainHostRequest {
+    /// The host, "host-{uuid}".
+    #[prost(string, tag = "1")]
+    pub host_id: ::prost::alloc::string::String,
+}
 /// One audited action.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AuditLog {
@@ -1880,6 +1934,7 @@ impl<'a> TemplatesClient<'a> {
 /// Method names of service `wrenn.ctl.v1.Teams`.
 pub mod teams_methods {
     pub const GET: &str = "wrenn.ctl.v1.Teams/Get";
+    pub const CREATE: &str = "wrenn.ctl.v1.Teams/Create";
     pub const ADD_MEMBER: &str = "wrenn.ctl.v1.Teams/AddMember";
     pub const REMOVE_MEMBER: &str = "wrenn.ctl.v1.Teams/RemoveMember";
     pub const LIST_MEMBERS: &str = "wrenn.ctl.v1.Teams/ListMembers";
@@ -1887,6 +1942,11 @@ pub mod teams_methods {
     pub const ALL: &[crate::rpc::MethodDesc] = &[
         crate::rpc::MethodDesc {
             name: GET,
+            client_streaming: false,
+            server_streaming: false,
+        },
+        crate::rpc::MethodDesc {
+            name: CREATE,
             client_streaming: false,
             server_streaming: false,
         },
@@ -2206,6 +2266,7 @@ pub mod hosts_methods {
     pub const LIST: &str = "wrenn.ctl.v1.Hosts/List";
     pub const GET: &str = "wrenn.ctl.v1.Hosts/Get";
     pub const DRAIN: &str = "wrenn.ctl.v1.Hosts/Drain";
+    pub const UNDRAIN: &str = "wrenn.ctl.v1.Hosts/Undrain";
     pub const DELETE: &str = "wrenn.ctl.v1.Hosts/Delete";
     /// Every method with its streaming shape.
     pub const ALL: &[crate::rpc::MethodDesc] = &[
@@ -2226,6 +2287,11 @@ pub mod hosts_methods {
         },
         crate::rpc::MethodDesc {
             name: DRAIN,
+            client_streaming: false,
+            server_streaming: false,
+        },
+        crate::rpc::MethodDesc {
+            name: UNDRAIN,
             client_streaming: false,
             server_streaming: false,
         },
