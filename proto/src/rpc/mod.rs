@@ -5,12 +5,14 @@
 //!
 //! Flow control bounds what either side buffers (see `conn.rs`).
 
+pub mod admission;
 mod client;
 mod conn;
 mod pool;
 mod server;
 mod sys;
 
+pub use admission::{CredentialId, Source};
 pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
