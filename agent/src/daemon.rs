@@ -106,8 +106,10 @@ pub fn run(flags: Flags) -> Result<(), String> {
         .map_err(|e| format!("listen {}: {e}", flags.metrics_listen))?;
 
     let svc = AgentService::new(manager, host, identity);
-    let mut server = Server::new(ServerConfig::new("wrenn-agent"), Arc::new(svc))
-        .map_err(|e| format!("rpc server: {e}"))?;
+    // ctl's connections (AGENT_TOKEN) keep reserved slots: no flood or other credential
+    // can lock ctl out of this host (issue 18).
+    let cfg = ServerConfig::new("wrenn-agent").reserve_for(proto::rpc::CredentialKind::AgentToken);
+    let mut server = Server::new(cfg, Arc::new(svc)).map_err(|e| format!("rpc server: {e}"))?;
     let addr = server
         .listen_tcp(flags.listen)
         .map_err(|e| format!("listen {}: {e}", flags.listen))?;

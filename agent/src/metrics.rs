@@ -77,5 +77,6 @@ pub fn render(gauges: &[Sample]) -> String {
             .collect();
         sample(&mut out, g.name, &labels.join(","), g.value);
     }
+    proto::rpc::admission::render_metrics(&mut out);
     out
 }

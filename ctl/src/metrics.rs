@@ -128,6 +128,7 @@ pub fn render() -> String {
         family(&mut out, name, "histogram", help);
         h.render(&mut out, name, "");
     }
+    proto::rpc::admission::render_metrics(&mut out);
     out
 }
 

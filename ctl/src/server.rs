@@ -403,7 +403,9 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
     let db = crate::db::Db::start(&dbc).map_err(StartError::Db)?;
     let api = Api::new(db, cfg.api.clone());
     let mut server = proto::rpc::Server::new(
-        proto::rpc::ServerConfig::new("wrenn-ctl"),
+        // Agents' heartbeats (HOST_TOKEN) keep reserved slots, so clients cannot starve them.
+        proto::rpc::ServerConfig::new("wrenn-ctl")
+            .reserve_for(proto::rpc::CredentialKind::HostToken),
         Arc::new(CtlService::new(api.clone())),
     )
     .map_err(|source| StartError::Spawn { source })?;

@@ -69,8 +69,34 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// After GOAWAY, open streams get this long to finish before the connection is dropped.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Default maximum number of connections one server accepts at once; more are refused.
+/// Default maximum number of authenticated connections one server holds at once (those
+/// still before their hello have their own budget, [`PRE_HELLO_MAX_DEFAULT`]); more are
+/// refused with `resource_exhausted`. Each costs a slot, two small buffers and at most its
+/// windows; 1024 keeps a server's worst case within a few hundred MiB.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// Default number of connections a server holds that have not finished their hello (TCP
+/// accept to HELLO_ACK; a TLS handshake would count too). Small: such a connection proves
+/// nothing, and a legitimate client finishes its hello within one round trip. When it is
+/// full, the oldest is evicted for the newcomer, so a flood delays but never locks out.
+pub const PRE_HELLO_MAX_DEFAULT: usize = 64;
+/// Default number of pre-hello connections one source address holds; its next one evicts
+/// its own oldest, so one address cannot push other addresses' newcomers out.
+pub const PRE_HELLO_PER_SOURCE_MAX_DEFAULT: usize = 8;
+/// Default rate of new connections per source address (per second) and the burst above
+/// it (token bucket). A client pool opens a handful; a flood opens thousands. Over it, the
+/// connection is refused at once, which bounds the accept work one address causes.
+pub const ACCEPT_RATE_PER_SOURCE_DEFAULT: u32 = 100;
+pub const ACCEPT_BURST_PER_SOURCE_DEFAULT: u32 = 200;
+/// Source addresses whose accept rate is tracked at once (idle ones are forgotten first);
+/// bounds the rate table against an attacker with many addresses.
+pub const SOURCES_TRACKED_MAX: usize = 4096;
+/// Default number of authenticated connections one credential holds at once: a pooled
+/// client needs a few, so one leaked or hostile key cannot take `CONNECTIONS_MAX_DEFAULT`.
+pub const CONNECTIONS_PER_CREDENTIAL_DEFAULT: usize = 256;
+/// Default number of the `CONNECTIONS_MAX_DEFAULT` slots kept for a server's privileged
+/// credential kind (ctl's AGENT_TOKEN on an agent, agents' HOST_TOKEN on ctl), so neither
+/// a flood nor one credential can lock that peer out.
+pub const RESERVED_CONNECTIONS_DEFAULT: usize = 64;
 /// Default maximum number of worker threads a server runs handlers on.
 pub const WORKERS_MAX_DEFAULT: usize = 256;
 /// How long an idle worker thread waits for new work before it exits.
@@ -85,6 +111,10 @@ const _: () = assert!(CONN_WINDOW_DEFAULT >= STREAM_WINDOW_DEFAULT);
 const _: () = assert!(FRAME_LEN_MAX_DEFAULT <= FRAME_LEN_MAX_CEILING);
 const _: () = assert!(FRAME_LEN_MAX_FLOOR as usize > FRAME_HEADER_LEN + ERROR_MESSAGE_LEN_MAX + 6);
 const _: () = assert!(CHUNK_LEN <= MESSAGE_LEN_MAX);
+const _: () = assert!(PRE_HELLO_PER_SOURCE_MAX_DEFAULT <= PRE_HELLO_MAX_DEFAULT);
+const _: () = assert!(RESERVED_CONNECTIONS_DEFAULT < CONNECTIONS_MAX_DEFAULT);
+const _: () = assert!(CONNECTIONS_PER_CREDENTIAL_DEFAULT <= CONNECTIONS_MAX_DEFAULT);
+const _: () = assert!(ACCEPT_BURST_PER_SOURCE_DEFAULT >= ACCEPT_RATE_PER_SOURCE_DEFAULT);
 const _: () = assert!(KEEPALIVE_TIMEOUT.as_secs() > 2 * KEEPALIVE_INTERVAL.as_secs());
 
 /// Longest credential or client name accepted in a HELLO.

@@ -5,6 +5,7 @@
 //!
 //! Flow control bounds what either side buffers (see `conn.rs`).
 
+pub mod admission;
 mod client;
 mod conn;
 mod pool;
@@ -12,6 +13,7 @@ pub mod serve;
 mod server;
 mod sys;
 
+pub use admission::{CredentialId, Source};
 pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };

@@ -23,15 +23,19 @@ use mio::{Events as MioEvents, Interest, Poll, Token, Waker};
 use prost::bytes::Bytes;
 use prost::Message;
 
+use super::admission::{AcceptVerdict, Admission, Budgets, CredentialId, Refusal, Source};
 use super::conn::{Conn, Events, Limits, RecvBuf, Side};
 use super::pool::Pool;
 use crate::frame::{self, Decoded, Kind};
 use crate::gen::wrenn::wire::v1::{Hello, HelloAck};
 
+use crate::gen::wrenn::wire::v1::CredentialKind;
 use crate::limits::{
-    CONNECTIONS_MAX_DEFAULT, CONN_WINDOW_DEFAULT, DRAIN_TIMEOUT, FRAME_LEN_MAX_DEFAULT,
-    FRAME_LEN_MAX_FLOOR, HELLO_TIMEOUT, IDLE_TIMEOUT, STREAMS_PER_CONN_MAX, STREAM_WINDOW_DEFAULT,
-    WORKERS_MAX_DEFAULT,
+    ACCEPT_BURST_PER_SOURCE_DEFAULT, ACCEPT_RATE_PER_SOURCE_DEFAULT, CONNECTIONS_MAX_DEFAULT,
+    CONNECTIONS_PER_CREDENTIAL_DEFAULT, CONN_WINDOW_DEFAULT, DRAIN_TIMEOUT, FRAME_LEN_MAX_DEFAULT,
+    FRAME_LEN_MAX_FLOOR, HELLO_TIMEOUT, IDLE_TIMEOUT, PRE_HELLO_MAX_DEFAULT,
+    PRE_HELLO_PER_SOURCE_MAX_DEFAULT, RESERVED_CONNECTIONS_DEFAULT, STREAMS_PER_CONN_MAX,
+    STREAM_WINDOW_DEFAULT, WORKERS_MAX_DEFAULT,
 };
 use crate::status::{Code, Status};
 
@@ -45,6 +49,12 @@ pub trait Service: Send + Sync + 'static {
     /// A new call, on the event-loop thread. It must not block: answer with
     /// [`Call::reply`]/[`Call::fail`] or move the call to a worker with [`Call::spawn`].
     fn call(&self, call: Call);
+    /// The credential an accepted hello presented, for the per-credential connection
+    /// budget: its class (kind) and identity. The default is the HELLO's kind and a keyed
+    /// hash of its secret; a service may name a stabler identity (a key id).
+    fn credential(&self, hello: &Hello, _peer: &Peer) -> CredentialId {
+        CredentialId::from_hello(hello)
+    }
 }
 
 /// Server settings.
@@ -56,13 +66,53 @@ pub struct ServerConfig {
     pub stream_window: u32,
     pub conn_window: u32,
     pub max_streams: u32,
+    /// Authenticated connections held at once, reserved ones included.
     pub connections_max: usize,
+    /// Connections before their hello (accept to HELLO_ACK) held at once; when full, the
+    /// oldest is evicted for a newcomer.
+    pub pre_hello_max: usize,
+    /// Pre-hello connections one source address holds; its next evicts its own oldest.
+    pub pre_hello_per_source_max: usize,
+    /// New connections per second per source address, and the burst (token bucket).
+    pub accept_rate_per_source: u32,
+    pub accept_burst_per_source: u32,
+    /// Authenticated connections one credential holds, by `CredentialKind` value.
+    pub per_credential_max: [usize; super::admission::CREDENTIAL_KINDS],
+    /// The credential kind that alone may use the last `reserved_connections` of
+    /// `connections_max` (None: no reservation).
+    pub reserved_kind: Option<CredentialKind>,
+    pub reserved_connections: usize,
+    /// A connection must finish its hello within this (PROTOCOL.md §2).
+    pub hello_timeout: Duration,
     pub workers_max: usize,
     /// After [`ServerHandle::shutdown`], how long open calls get to finish.
     pub drain_timeout: Duration,
 }
 
 impl ServerConfig {
+    /// Keeps `reserved_connections` of `connections_max` for `kind` alone.
+    pub fn reserve_for(mut self, kind: CredentialKind) -> ServerConfig {
+        self.reserved_kind = Some(kind);
+        self
+    }
+
+    fn budgets(&self) -> Budgets {
+        Budgets {
+            pre_hello_max: self.pre_hello_max,
+            pre_hello_per_source_max: self.pre_hello_per_source_max,
+            accept_rate_per_source: self.accept_rate_per_source,
+            accept_burst_per_source: self.accept_burst_per_source,
+            connections_max: self.connections_max,
+            per_credential_max: self.per_credential_max,
+            reserved_kind: self.reserved_kind,
+            reserved_connections: if self.reserved_kind.is_some() {
+                self.reserved_connections.min(self.connections_max)
+            } else {
+                0
+            },
+        }
+    }
+
     pub fn new(name: &str) -> ServerConfig {
         ServerConfig {
             name: name.to_owned(),
@@ -71,6 +121,15 @@ impl ServerConfig {
             conn_window: CONN_WINDOW_DEFAULT,
             max_streams: STREAMS_PER_CONN_MAX,
             connections_max: CONNECTIONS_MAX_DEFAULT,
+            pre_hello_max: PRE_HELLO_MAX_DEFAULT,
+            pre_hello_per_source_max: PRE_HELLO_PER_SOURCE_MAX_DEFAULT,
+            accept_rate_per_source: ACCEPT_RATE_PER_SOURCE_DEFAULT,
+            accept_burst_per_source: ACCEPT_BURST_PER_SOURCE_DEFAULT,
+            per_credential_max: [CONNECTIONS_PER_CREDENTIAL_DEFAULT;
+                super::admission::CREDENTIAL_KINDS],
+            reserved_kind: None,
+            reserved_connections: RESERVED_CONNECTIONS_DEFAULT,
+            hello_timeout: HELLO_TIMEOUT,
             workers_max: WORKERS_MAX_DEFAULT,
             drain_timeout: DRAIN_TIMEOUT,
         }
@@ -145,7 +204,17 @@ enum Phase {
     Open,
 }
 
+/// Which budget an entry counts against until it is closed.
+#[derive(Clone, Copy)]
+enum Counted {
+    PreHello,
+    Credential(CredentialId),
+    Nothing,
+}
+
 struct Entry {
+    source: Source,
+    counted: Counted,
     /// The socket until the hello is accepted; then it moves into `conn`.
     pre: Option<UnixStream>,
     conn: Option<Arc<Conn>>,
@@ -179,6 +248,7 @@ pub struct Server {
     free: Vec<usize>,
     serial: u64,
     draining: Option<Instant>,
+    admission: Admission,
 }
 
 impl Server {
@@ -187,8 +257,15 @@ impl Server {
             .map_err(|s| io::Error::new(io::ErrorKind::InvalidInput, s.message))?;
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
+        if cfg.pre_hello_max == 0 || cfg.pre_hello_per_source_max == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "pre_hello_max and pre_hello_per_source_max must be positive",
+            ));
+        }
         let pool = Pool::new(&cfg.name, cfg.workers_max);
         Ok(Server {
+            admission: Admission::new(cfg.budgets()),
             svc,
             poll,
             shared: Arc::new(Shared {
@@ -324,20 +401,36 @@ impl Server {
             if self.draining.is_some() {
                 return;
             }
-            let fd = match super::sys::accept(self.listeners[idx].as_fd()) {
-                Ok(Some(fd)) => fd,
+            let (fd, source) = match super::sys::accept(self.listeners[idx].as_fd()) {
+                Ok(Some(a)) => a,
                 Ok(None) => return,
                 Err(e) => {
                     log::warn!("accept failed server={} error={e}", self.cfg.name);
                     return;
                 }
             };
-            let open = self.conns.iter().flatten().count();
-            if open >= self.cfg.connections_max {
-                let mut out = Vec::new();
-                frame::put_error(&mut out, 0, Code::ResourceExhausted, "too many connections");
-                let _ = std::io::Write::write(&mut &UnixStream::from(fd), &out);
-                continue;
+            let conns = &self.conns;
+            let live = |slot: usize, serial: u64| {
+                conns
+                    .get(slot)
+                    .and_then(|e| e.as_ref())
+                    .is_some_and(|e| e.serial == serial && matches!(e.counted, Counted::PreHello))
+            };
+            match self.admission.on_accept(source, Instant::now(), live) {
+                AcceptVerdict::Admit => {}
+                AcceptVerdict::AdmitEvicting(slot, _) => {
+                    Refusal::PreHelloEvicted.count();
+                    let msg = self.admission.message(Refusal::PreHelloEvicted, None);
+                    self.close_with_error(slot, Status::resource_exhausted(msg));
+                }
+                AcceptVerdict::Refuse(r) => {
+                    r.count();
+                    let msg = self.admission.message(r, None);
+                    let mut out = Vec::new();
+                    frame::put_error(&mut out, 0, Code::ResourceExhausted, &msg);
+                    let _ = super::sys::send_nb(&UnixStream::from(fd), &out);
+                    continue;
+                }
             }
             super::sys::set_nodelay(fd.as_fd());
             let sock = UnixStream::from(fd);
@@ -364,7 +457,10 @@ impl Server {
                 continue;
             }
             self.serial += 1;
+            self.admission.admitted(slot, self.serial, source);
             self.conns[slot] = Some(Entry {
+                source,
+                counted: Counted::PreHello,
                 pre: Some(sock),
                 conn: None,
                 raw_fd: raw,
@@ -505,6 +601,13 @@ impl Server {
             return false;
         };
         entry.phase = Phase::Authenticating;
+        // A whole HELLO arrived: the peer speaks the protocol and now waits on us, so it
+        // leaves the pre-hello budget (and can no longer be evicted). While the service
+        // checks it, it holds a worker, bounded by `workers_max`.
+        if let Counted::PreHello = entry.counted {
+            entry.counted = Counted::Nothing;
+            self.admission.pre_done(entry.source);
+        }
         let serial = entry.serial;
         let svc = self.svc.clone();
         let shared = self.shared.clone();
@@ -538,6 +641,18 @@ impl Server {
                 return;
             }
         };
+        // Into its credential's budget.
+        let cred = self.svc.credential(&hello, &peer);
+        if let Err(r) = self.admission.on_authenticated(cred) {
+            r.count();
+            let msg = self.admission.message(r, Some(cred.kind));
+            self.close_with_error(slot, Status::resource_exhausted(msg));
+            return;
+        }
+        let Some(entry) = self.conns.get_mut(slot).and_then(|e| e.as_mut()) else {
+            return;
+        };
+        entry.counted = Counted::Credential(cred);
         let limits = Limits {
             recv_frame_len_max: self.cfg.frame_len_max,
             recv_stream_window: self.cfg.stream_window,
@@ -659,7 +774,8 @@ impl Server {
             let conn = entry.conn.clone();
             match entry.phase {
                 Phase::AwaitHello | Phase::Authenticating => {
-                    if now.duration_since(entry.since) >= HELLO_TIMEOUT {
+                    if now.duration_since(entry.since) >= self.cfg.hello_timeout {
+                        Refusal::HelloTimeout.count();
                         self.close_with_error(slot, Status::deadline_exceeded("no hello in time"));
                     }
                 }
@@ -718,6 +834,11 @@ impl Server {
         let Some(entry) = self.conns.get_mut(slot).and_then(|e| e.take()) else {
             return;
         };
+        match entry.counted {
+            Counted::PreHello => self.admission.pre_done(entry.source),
+            Counted::Credential(c) => self.admission.auth_done(c),
+            Counted::Nothing => {}
+        }
         let _ = self
             .poll
             .registry()

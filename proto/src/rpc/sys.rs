@@ -113,26 +113,30 @@ pub(crate) fn read_into(
     Ok(n)
 }
 
-/// Accepts one connection from a listening socket (non-blocking, close-on-exec).
-/// `Ok(None)` when no connection is pending.
+/// Accepts one connection from a listening socket (non-blocking, close-on-exec), with its
+/// source for the accept budgets. `Ok(None)` when no connection is pending.
 pub(crate) fn accept(
     listener: std::os::fd::BorrowedFd<'_>,
-) -> io::Result<Option<std::os::fd::OwnedFd>> {
+) -> io::Result<Option<(std::os::fd::OwnedFd, super::admission::Source)>> {
     use std::os::fd::FromRawFd;
     loop {
-        // SAFETY: accept4 with null address pointers only writes the returned fd; the
-        // listener fd is borrowed and open for the duration of the call.
+        // SAFETY: an all-zero sockaddr_storage is a valid empty address buffer.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `addr` and `len` are valid for writes and `len` holds the buffer's size,
+        // so accept4 writes at most that many bytes; the listener fd is borrowed and open.
         let fd = unsafe {
             libc::accept4(
                 listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                (&mut addr as *mut libc::sockaddr_storage).cast(),
+                &mut len,
                 libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             )
         };
         if fd >= 0 {
             // SAFETY: accept4 returned a new fd that nothing else owns.
-            return Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            return Ok(Some((fd, source_of(&addr))));
         }
         let e = io::Error::last_os_error();
         match e.kind() {
@@ -142,6 +146,30 @@ pub(crate) fn accept(
             io::ErrorKind::ConnectionAborted => continue,
             _ => return Err(e),
         }
+    }
+}
+
+/// The budget source of a peer address: its IP, or the one local source (Unix, vsock).
+fn source_of(addr: &libc::sockaddr_storage) -> super::admission::Source {
+    use super::admission::Source;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match addr.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which it is large
+            // and aligned enough for.
+            let sin =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Source::from_ip(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                sin.sin_addr.s_addr,
+            ))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Source::from_ip(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+        }
+        _ => Source::Local,
     }
 }
 
