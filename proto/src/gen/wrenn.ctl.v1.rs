@@ -1976,6 +1976,12 @@ pub trait TeamsServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: GetTeamRequest,
     ) -> Result<Team, crate::Status>;
+    /// `Create` (unary).
+    fn create(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateTeamRequest,
+    ) -> Result<CreateTeamResponse, crate::Status>;
     /// `AddMember` (unary).
     fn add_member(
         &self,
@@ -2003,6 +2009,9 @@ pub fn dispatch_teams<S: TeamsServer + ?Sized>(
 ) -> Result<crate::Code, crate::rpc::ServerStream> {
     let code = match stream.method() {
         teams_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
+        teams_methods::CREATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create(p, r))
+        }
         teams_methods::ADD_MEMBER => {
             crate::rpc::serve::unary(stream, |p, r| svc.add_member(p, r))
         }
@@ -2038,6 +2047,13 @@ impl<'a> TeamsClient<'a> {
     /// `Get` (unary).
     pub fn get(&self, req: &GetTeamRequest) -> Result<Team, crate::Status> {
         self.client.unary(teams_methods::GET, req, self.timeout)
+    }
+    /// `Create` (unary).
+    pub fn create(
+        &self,
+        req: &CreateTeamRequest,
+    ) -> Result<CreateTeamResponse, crate::Status> {
+        self.client.unary(teams_methods::CREATE, req, self.timeout)
     }
     /// `AddMember` (unary).
     pub fn add_member(&self, req: &AddMemberRequest) -> Result<Member, crate::Status> {
@@ -2329,6 +2345,12 @@ pub trait HostsServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: DrainHostRequest,
     ) -> Result<DrainHostResponse, crate::Status>;
+    /// `Undrain` (unary).
+    fn undrain(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: UndrainHostRequest,
+    ) -> Result<Host, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
@@ -2349,6 +2371,9 @@ pub fn dispatch_hosts<S: HostsServer + ?Sized>(
         hosts_methods::LIST => crate::rpc::serve::unary(stream, |p, r| svc.list(p, r)),
         hosts_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
         hosts_methods::DRAIN => crate::rpc::serve::unary(stream, |p, r| svc.drain(p, r)),
+        hosts_methods::UNDRAIN => {
+            crate::rpc::serve::unary(stream, |p, r| svc.undrain(p, r))
+        }
         hosts_methods::DELETE => {
             crate::rpc::serve::unary(stream, |p, r| svc.delete(p, r))
         }
@@ -2399,6 +2424,10 @@ impl<'a> HostsClient<'a> {
         req: &DrainHostRequest,
     ) -> Result<DrainHostResponse, crate::Status> {
         self.client.unary(hosts_methods::DRAIN, req, self.timeout)
+    }
+    /// `Undrain` (unary).
+    pub fn undrain(&self, req: &UndrainHostRequest) -> Result<Host, crate::Status> {
+        self.client.unary(hosts_methods::UNDRAIN, req, self.timeout)
     }
     /// `Delete` (unary).
     pub fn delete(
