@@ -501,6 +501,10 @@ fn write_file(m: &Manager, mut s: ServerStream) {
                 Some(A::Data(d)) => up.send(&envd::WriteRequest {
                     msg: Some(E::Data(d)),
                 })?,
+                // The end-to-end checksum goes on unchanged: envd, the receiver, checks it.
+                Some(A::Crc32(c)) => up.send(&envd::WriteRequest {
+                    msg: Some(E::Crc32(c)),
+                })?,
                 Some(A::Header(_)) => {
                     return Err(Status::invalid_argument("a second Write header"));
                 }

@@ -634,7 +634,9 @@ impl AtomicWriter {
                     TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
                 ));
                 let temp = dir.join(&tname);
+                // Readable too, so `stored_crc32` can read back what was written.
                 match OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
@@ -677,6 +679,45 @@ impl AtomicWriter {
 
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// The CRC-32 of the bytes stored in the temporary file, read back through the open
+    /// file in `buf`-sized chunks: the checksum of what the kernel holds, not of what was
+    /// handed to `write`, so a copy that went wrong on the way into the page cache shows.
+    pub fn stored_crc32(&self, buf: &mut [u8]) -> Result<u32, Error> {
+        use std::os::unix::fs::FileExt;
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Other, "read back after commit".into()))?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut at = 0u64;
+        while at < self.written {
+            let want = (buf.len() as u64).min(self.written - at) as usize;
+            let n = match file.read_at(&mut buf[..want], at) {
+                Ok(0) => {
+                    return Err(Error::new(
+                        ErrorKind::Other,
+                        format!(
+                            "read back {}: {at} of {} bytes",
+                            self.temp.display(),
+                            self.written
+                        ),
+                    ))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("read back", &self.temp, e)),
+            };
+            crc.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(crc.finalize())
+    }
+
+    /// The temporary file's path (tests look for leftovers by it).
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
     }
 
     /// Makes the data durable and visible at the target path.
@@ -1120,6 +1161,29 @@ mod tests {
             std::fs::metadata(d.join("p/q/new")).unwrap().mode() & 0o777,
             0o600
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn stored_checksum_reads_back_what_the_file_holds() {
+        let u = me();
+        let d = tmpdir("readback");
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8).collect();
+        let mut w = AtomicWriter::create(&u, &d.join("f"), WriteOptions::default()).unwrap();
+        w.write(&data[..70_000]).unwrap();
+        w.write(&data[70_000..]).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        assert_eq!(w.stored_crc32(&mut buf).unwrap(), crc32fast::hash(&data));
+        // A change to the stored bytes (what a faulty copy into the page cache would leave)
+        // shows in the read-back checksum, though the bytes handed over were right.
+        let other = OpenOptions::new().write(true).open(w.temp_path()).unwrap();
+        std::os::unix::fs::FileExt::write_at(&other, &[0u8; 16], 100_000).unwrap();
+        assert_ne!(w.stored_crc32(&mut buf).unwrap(), crc32fast::hash(&data));
+        // A file shorter than what was written is an error, not a wrong checksum.
+        other.set_len(10).unwrap();
+        assert_eq!(w.stored_crc32(&mut buf).unwrap_err().kind, ErrorKind::Other);
+        drop(w);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -633,9 +633,11 @@ impl Envd {
             entry: Some(self.entry_info(&e, &self.db())),
             data: Bytes::new(),
             offset: r.offset,
+            crc32: None,
         };
         let mut offset = r.offset;
         let mut buffers = ReadBuffers::default();
+        let mut crc = crc32fast::Hasher::new();
         loop {
             let mut buf = buffers.take();
             let n = reader.read_chunk(&mut buf).map_err(fs_status)?;
@@ -643,6 +645,7 @@ impl Envd {
             msg.offset = offset;
             let first = msg.entry.is_some();
             if n > 0 || first {
+                crc.update(&buf[..n]);
                 // The data goes out as the payload of field 2 (`data`), written to the
                 // socket from this buffer: no encode copy.
                 s.send_payload(&msg, 2, buf.slice(..n))?;
@@ -651,7 +654,14 @@ impl Envd {
             msg.entry = None;
             offset += n as u64;
             if n == 0 {
-                return Ok(());
+                // The end-to-end checksum of every byte sent, in a message of its own.
+                let last = pb::ReadResponse {
+                    entry: None,
+                    data: Bytes::new(),
+                    offset,
+                    crc32: Some(crc.finalize()),
+                };
+                return s.send(&last);
             }
         }
     }
@@ -702,14 +712,26 @@ impl Envd {
             Sink::InPlace(fs::open_write(&user, &path, opts).map_err(fs_status)?)
         };
         let mut written = 0u64;
+        let mut received = crc32fast::Hasher::new();
+        let mut expected: Option<u32> = None;
         while let Some(m) = s.recv::<pb::WriteRequest>()? {
+            if expected.is_some() {
+                return Err(Status::invalid_argument(
+                    "a message after the checksum (crc32 must be the last message)",
+                ));
+            }
             let data = match m.msg {
                 Some(Msg::Data(d)) => d,
+                Some(Msg::Crc32(c)) => {
+                    expected = Some(c);
+                    continue;
+                }
                 Some(Msg::Header(_)) => {
                     return Err(Status::invalid_argument("a second header"));
                 }
                 None => continue,
             };
+            received.update(&data);
             match &mut sink {
                 Sink::Atomic(w) => w.write(&data).map_err(fs_status)?,
                 Sink::InPlace(f) => f
@@ -717,6 +739,46 @@ impl Envd {
                     .map_err(|e| fs_status(fs::Error::from_io("write", &path, e)))?,
             }
             written += data.len() as u64;
+        }
+        if let Some(want) = expected {
+            let got = received.finalize();
+            if got != want {
+                warn!(
+                    "write checksum mismatch path={} bytes={written} received={got:08x} sent={want:08x}",
+                    path.display()
+                );
+                let outcome = match sink {
+                    Sink::Atomic(_) => "nothing was written",
+                    Sink::InPlace(_) => "the bytes are written (not an atomic write)",
+                };
+                return Err(Status::new(
+                    Code::DataLoss,
+                    format!(
+                        "write {}: checksum mismatch: the {written} bytes received have \
+                         CRC-32 {got:08x}, the sender's is {want:08x}; {outcome}",
+                        path.display()
+                    ),
+                ));
+            }
+            if let Sink::Atomic(w) = &sink {
+                let mut buf = vec![0u8; OUTPUT_CHUNK_LEN];
+                let stored = w.stored_crc32(&mut buf).map_err(fs_status)?;
+                if stored != want {
+                    warn!(
+                        "write read-back mismatch path={} bytes={written} stored={stored:08x} sent={want:08x}",
+                        path.display()
+                    );
+                    return Err(Status::new(
+                        Code::DataLoss,
+                        format!(
+                            "write {}: the {written} bytes read back from the temporary \
+                             file have CRC-32 {stored:08x}, the bytes received {want:08x}: \
+                             they changed on the way to the file; nothing was written",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
         }
         match sink {
             Sink::Atomic(w) => {

@@ -227,10 +227,20 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
                 return s.finish(Err(Status::invalid_argument("header first")));
             };
             let mut data = Vec::new();
+            let mut crc = None;
             while let Ok(Some(m)) = s.recv::<envd::WriteRequest>() {
-                if let Some(Msg::Data(d)) = m.msg {
-                    data.extend_from_slice(&d);
+                match m.msg {
+                    Some(Msg::Data(d)) => data.extend_from_slice(&d),
+                    Some(Msg::Crc32(c)) => crc = Some(c),
+                    _ => {}
                 }
+            }
+            // As envd: the end-to-end checksum, when sent, must match what arrived.
+            if crc.is_some_and(|c| c != crc32fast::hash(&data)) {
+                return s.finish(Err(Status::new(
+                    proto::Code::DataLoss,
+                    "fake envd: checksum mismatch",
+                )));
             }
             let n = data.len() as u64;
             e.files.lock().unwrap().insert(h.path.clone(), data);
@@ -267,6 +277,14 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
                     entry: None,
                     data: c.to_vec().into(),
                     offset: (i * 65536) as u64,
+                    crc32: None,
+                });
+            }
+            if res.is_ok() {
+                res = s.send(&envd::ReadResponse {
+                    offset: data.len() as u64,
+                    crc32: Some(crc32fast::hash(&data)),
+                    ..Default::default()
                 });
             }
             s.finish(res)

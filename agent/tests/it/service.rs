@@ -468,9 +468,46 @@ fn files_stream_both_ways_and_idle_streams_are_cancelled() {
         })
         .unwrap();
     }
+    // The end-to-end checksum travels through the agent to envd.
+    w.send(&pb::WriteRequest {
+        msg: Some(pb::write_request::Msg::Crc32(crc32fast::hash(&data))),
+    })
+    .unwrap();
     w.close_send().unwrap();
     let resp: envd::WriteResponse = w.recv().unwrap().unwrap();
     assert_eq!(resp.bytes_written, data.len() as u64);
+
+    // A byte flipped on the way (after the sender computed its checksum): envd's
+    // DATA_LOSS comes back through the agent.
+    let mut w = c
+        .call(
+            pb::files_methods::WRITE,
+            &pb::WriteRequest {
+                msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                    sandbox_id: sb(1),
+                    file: Some(envd::WriteHeader {
+                        path: "/tmp/flipped".into(),
+                        ..Default::default()
+                    }),
+                })),
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    let mut flipped = data[..100_000].to_vec();
+    let crc = crc32fast::hash(&flipped);
+    flipped[4242] ^= 1;
+    for m in [
+        pb::write_request::Msg::Data(flipped.into()),
+        pb::write_request::Msg::Crc32(crc),
+    ] {
+        w.send(&pb::WriteRequest { msg: Some(m) }).unwrap();
+    }
+    w.close_send().unwrap();
+    assert_eq!(
+        w.recv::<envd::WriteResponse>().unwrap_err().code,
+        Code::DataLoss
+    );
 
     // A second header is refused.
     let mut w = c
@@ -516,14 +553,18 @@ fn files_stream_both_ways_and_idle_streams_are_cancelled() {
         .unwrap();
     let mut back = Vec::new();
     let mut first = true;
+    let mut crc = None;
     while let Some(m) = r.recv::<envd::ReadResponse>().unwrap() {
         if first {
             assert_eq!(m.entry.unwrap().size, data.len() as u64);
             first = false;
         }
         back.extend_from_slice(&m.data);
+        crc = crc.or(m.crc32);
     }
     assert!(back == data, "read back differs");
+    // envd's checksum of the download arrives through the agent.
+    assert_eq!(crc, Some(crc32fast::hash(&data)));
     let st: envd::StatResponse = c
         .unary(
             pb::files_methods::STAT,

@@ -1651,6 +1651,7 @@ impl Json for proto::gen::wrenn::ctl::v1::UploadRequest {
         match &self.msg {
             Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Header(x)) => { m.insert("header".into(), proto::gen::wrenn::ctl::v1::UploadHeader::to_json(&x)); }
             Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Data(x)) => { m.insert("data".into(), j::bytes_out(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Crc32(x)) => { m.insert("crc32".into(), Value::from(*x)); }
             None => {}
         }
         Value::Object(m)
@@ -1663,6 +1664,7 @@ impl Json for proto::gen::wrenn::ctl::v1::UploadRequest {
             match k.as_str() {
                 "header" => { if out.msg.is_some() { return Err(JsonError::oneof(&p, "msg")); } out.msg = Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Header(<proto::gen::wrenn::ctl::v1::UploadHeader as Json>::from_json_at(v, &p)?)); }
                 "data" => { if out.msg.is_some() { return Err(JsonError::oneof(&p, "msg")); } out.msg = Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Data(j::bytes_in(v, &p)?)); }
+                "crc32" => { if out.msg.is_some() { return Err(JsonError::oneof(&p, "msg")); } out.msg = Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Crc32(j::u32_in(v, &p)?)); }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -2467,6 +2469,7 @@ impl Json for proto::gen::wrenn::envd::v1::ReadResponse {
         if let Some(x) = &self.entry { m.insert("entry".into(), proto::gen::wrenn::envd::v1::EntryInfo::to_json(&x)); }
         m.insert("data".into(), j::bytes_out(&self.data));
         m.insert("offset".into(), j::u64_out(self.offset));
+        if let Some(x) = &self.crc32 { m.insert("crc32".into(), Value::from(*x)); }
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -2478,6 +2481,7 @@ impl Json for proto::gen::wrenn::envd::v1::ReadResponse {
                 "entry" => { if !v.is_null() { out.entry = Some(<proto::gen::wrenn::envd::v1::EntryInfo as Json>::from_json_at(v, &p)?); } }
                 "data" => { if !v.is_null() { out.data = j::bytes_in(v, &p)?; } }
                 "offset" => { if !v.is_null() { out.offset = j::u64_in(v, &p)?; } }
+                "crc32" => { if !v.is_null() { out.crc32 = Some(j::u32_in(v, &p)?); } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -2914,6 +2918,7 @@ impl Json for proto::gen::wrenn::envd::v1::WriteRequest {
         match &self.msg {
             Some(proto::gen::wrenn::envd::v1::write_request::Msg::Header(x)) => { m.insert("header".into(), proto::gen::wrenn::envd::v1::WriteHeader::to_json(&x)); }
             Some(proto::gen::wrenn::envd::v1::write_request::Msg::Data(x)) => { m.insert("data".into(), j::bytes_out(&x)); }
+            Some(proto::gen::wrenn::envd::v1::write_request::Msg::Crc32(x)) => { m.insert("crc32".into(), Value::from(*x)); }
             None => {}
         }
         Value::Object(m)
@@ -2926,6 +2931,7 @@ impl Json for proto::gen::wrenn::envd::v1::WriteRequest {
             match k.as_str() {
                 "header" => { if out.msg.is_some() { return Err(JsonError::oneof(&p, "msg")); } out.msg = Some(proto::gen::wrenn::envd::v1::write_request::Msg::Header(<proto::gen::wrenn::envd::v1::WriteHeader as Json>::from_json_at(v, &p)?)); }
                 "data" => { if out.msg.is_some() { return Err(JsonError::oneof(&p, "msg")); } out.msg = Some(proto::gen::wrenn::envd::v1::write_request::Msg::Data(j::bytes_in(v, &p)?)); }
+                "crc32" => { if out.msg.is_some() { return Err(JsonError::oneof(&p, "msg")); } out.msg = Some(proto::gen::wrenn::envd::v1::write_request::Msg::Crc32(j::u32_in(v, &p)?)); }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -4416,10 +4422,33 @@ pub const SCHEMAS_JSON: &str = r##"{
             "data"
           ]
         }
+      },
+      {
+        "not": {
+          "required": [
+            "header",
+            "crc32"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "data",
+            "crc32"
+          ]
+        }
       }
     ],
     "description": "One message of Files.Upload.",
     "properties": {
+      "crc32": {
+        "description": "Optional last message: CRC-32 (IEEE) of every data byte, checked by envd (see wrenn.envd.v1.WriteRequest.crc32; a mismatch is DATA_LOSS). (oneof `msg`: at most one of its fields is set)",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
       "data": {
         "contentEncoding": "base64",
         "description": "Every later message: the next bytes. (oneof `msg`: at most one of its fields is set)",
@@ -5285,6 +5314,13 @@ pub const SCHEMAS_JSON: &str = r##"{
     "additionalProperties": false,
     "description": "One message of Filesystem.Read.",
     "properties": {
+      "crc32": {
+        "description": "End-to-end checksum: the CRC-32 (IEEE 802.3, as zlib's crc32) of every data byte of this call, in the order sent. Set only in the last message, which then carries no data and follows the last chunk. A receiver compares it with the CRC-32 of the bytes it got and treats a difference as DATA_LOSS (the bytes changed on the way). envd versions before this field never set it. (optional: absent when not set)",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
       "data": {
         "contentEncoding": "base64",
         "description": "The next bytes of the range (may be empty in the first message).",
@@ -5665,10 +5701,33 @@ pub const SCHEMAS_JSON: &str = r##"{
             "data"
           ]
         }
+      },
+      {
+        "not": {
+          "required": [
+            "header",
+            "crc32"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "data",
+            "crc32"
+          ]
+        }
       }
     ],
     "description": "One message of Filesystem.Write (header-first client stream).",
     "properties": {
+      "crc32": {
+        "description": "Optional end-to-end checksum, the last message when sent (nothing may follow it: INVALID_ARGUMENT): the CRC-32 (IEEE 802.3, as zlib's crc32) of every data byte of the call, computed by the sender. envd compares it with the CRC-32 of the bytes it received and, for an atomic write, of the bytes read back from the temporary file after fsync; a difference fails the call with DATA_LOSS, and an atomic write is then not renamed into place (its temporary file is removed). A non-atomic write cannot be taken back: its bytes stay written. Writes without it are not checked. (oneof `msg`: at most one of its fields is set)",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
       "data": {
         "contentEncoding": "base64",
         "description": "Every later message: the next bytes, written contiguously from header.offset. (oneof `msg`: at most one of its fields is set)",

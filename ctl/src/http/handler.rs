@@ -538,11 +538,25 @@ impl Gateway {
         ctx.keep = keep;
         let mut out: Option<Chunked<&mut S>> = None;
         let mut slot = Some(&mut ctx.wire.stream);
+        // The gateway is the receiver of envd's end-to-end checksum: a mismatch ends the
+        // body without its last chunk, so the client sees a broken transfer, never a
+        // complete-looking wrong file.
+        let mut crc = crc32fast::Hasher::new();
         let result = self
             .backend
             .server_stream(peer, route.rpc, encoded, &mut |msg| {
                 let m = envd::ReadResponse::decode(msg.as_slice())
                     .map_err(|e| Status::internal(format!("decode reply: {e}")))?;
+                if let Some(want) = m.crc32 {
+                    let got = crc.clone().finalize();
+                    if got != want {
+                        return Err(Status::new(
+                            Code::DataLoss,
+                            format!("download checksum mismatch: received CRC-32 {got:08x}, envd sent {want:08x}"),
+                        ));
+                    }
+                }
+                crc.update(&m.data);
                 let gone =
                     |e: std::io::Error| Status::new(Code::Cancelled, format!("client gone: {e}"));
                 if out.is_none() {
@@ -606,6 +620,15 @@ impl Gateway {
         } else {
             None
         };
+        // An optional end-to-end checksum of the body, passed to envd after the last byte.
+        let mut crc = match ctx.head.header(CRC32_HEADER) {
+            None => None,
+            Some(v) => Some(parse_crc32(v).ok_or_else(|| {
+                bad_request(&format!(
+                    "{CRC32_HEADER}: expected the body's CRC-32 as 8 hexadecimal digits"
+                ))
+            })?),
+        };
         ctx.continue_100()
             .map_err(|_| Response::error(499, "cancelled", "client gone"))?;
         ctx.body = BodyState::Partial;
@@ -647,7 +670,7 @@ impl Gateway {
                     file_done = true;
                     // Skip any parts after the file up to the closing delimiter.
                     while mp.next_part().map_err(mp_status)?.is_some() {}
-                    return Ok(None);
+                    return Ok(crc.take().map(upload_crc32));
                 }
                 Ok(Some(upload_data(&buf[..n])))
             });
@@ -661,7 +684,7 @@ impl Gateway {
                     .read(&mut buf)
                     .map_err(|e| Status::new(Code::Cancelled, format!("read request body: {e}")))?;
                 if n == 0 {
-                    return Ok(None);
+                    return Ok(crc.take().map(upload_crc32));
                 }
                 Ok(Some(upload_data(&buf[..n])))
             });
@@ -799,6 +822,26 @@ fn upload_data(data: &[u8]) -> Vec<u8> {
         msg: Some(ctl::upload_request::Msg::Data(
             prost::bytes::Bytes::copy_from_slice(data),
         )),
+    }
+    .encode_to_vec()
+}
+
+/// Request header of an upload carrying the body's CRC-32 (IEEE, as `crc32` or zlib print
+/// it: 8 hexadecimal digits), checked end to end by envd.
+pub const CRC32_HEADER: &str = "X-Wrenn-Crc32";
+
+/// Exactly 8 hexadecimal digits (either case), as `crc32(1)` prints a CRC-32.
+fn parse_crc32(v: &str) -> Option<u32> {
+    let v = v.trim();
+    if v.len() != 8 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(v, 16).ok()
+}
+
+fn upload_crc32(crc: u32) -> Vec<u8> {
+    ctl::UploadRequest {
+        msg: Some(ctl::upload_request::Msg::Crc32(crc)),
     }
     .encode_to_vec()
 }

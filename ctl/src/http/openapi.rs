@@ -142,7 +142,12 @@ fn operation(route: &Route) -> Value {
         );
     }
     op.insert("description".into(), json!(desc));
-    let params = parameters(route);
+    let mut params = parameters(route);
+    if let Call::Upload { .. } = route.call {
+        params.push(json!({"name": super::handler::CRC32_HEADER, "in": "header", "required": false,
+            "description": "The content's CRC-32 (IEEE, 8 hexadecimal digits, as `crc32` prints it). envd checks it against the bytes it received and wrote; a mismatch answers 500 `data_loss`, and an atomic upload then leaves nothing at the path.",
+            "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{8}$"}}));
+    }
     if !params.is_empty() {
         op.insert("parameters".into(), Value::Array(params));
     }
@@ -187,7 +192,7 @@ fn operation(route: &Route) -> Value {
             "description": "Newline-delimited JSON: one object per line; a last line `{\"error\":...}` reports a failure after the first.",
             "content": {"application/x-ndjson": {"schema": schema_ref(route.response_schema)}}}),
         Call::Download => json!({
-            "description": "The bytes of the range, streamed. Headers X-Wrenn-File-Size and X-Wrenn-File-Mode (octal) describe the file.",
+            "description": "The bytes of the range, streamed. Headers X-Wrenn-File-Size and X-Wrenn-File-Mode (octal) describe the file. The gateway checks envd's end-to-end CRC-32 of the bytes: on a mismatch it closes the connection before the body's end, so the transfer fails instead of delivering wrong bytes.",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}),
     };
     let mut responses = Map::new();

@@ -331,6 +331,10 @@ impl Api {
                 Some(Msg::Data(d)) => s.send(&agent::WriteRequest {
                     msg: Some(agent::write_request::Msg::Data(d)),
                 })?,
+                // Passed on unchanged: envd, the receiver, checks it.
+                Some(Msg::Crc32(c)) => s.send(&agent::WriteRequest {
+                    msg: Some(agent::write_request::Msg::Crc32(c)),
+                })?,
                 Some(Msg::Header(_)) => {
                     s.cancel();
                     return Err(Status::invalid_argument(

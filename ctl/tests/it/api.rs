@@ -526,7 +526,7 @@ fn sandbox_lifecycle() {
 fn processes_and_files() {
     let Some(ctl) = Ctl::start() else { return };
     let cl = ctl.team();
-    let (_fa, _host) = ctl.add_host(4, 4096, 100_000);
+    let (fa, _host) = ctl.add_host(4, 4096, 100_000);
     let sb = create(&cl, "").unwrap();
     let cfg = |cmd: &str, args: &[&str]| envd::ProcessConfig {
         cmd: cmd.into(),
@@ -781,12 +781,65 @@ fn processes_and_files() {
         .unwrap();
     let mut got = Vec::new();
     let mut first = true;
+    let mut crc = None;
     while let Some(m) = dl.recv::<envd::ReadResponse>().unwrap() {
         assert_eq!(m.entry.is_some(), first);
         first = false;
         got.extend_from_slice(&m.data);
+        crc = crc.or(m.crc32);
     }
     assert_eq!(got, data);
+    assert_eq!(
+        crc,
+        Some(crc32fast::hash(&data)),
+        "envd's checksum reaches the client"
+    );
+
+    // End-to-end checksums through ctl: a byte flipped on the way to envd (the fake
+    // agent's test hook) fails a checked upload with DATA_LOSS and stores nothing.
+    let upload = |path: &str, crc: Option<u32>| -> Result<envd::WriteResponse, proto::Status> {
+        let mut up = cl.call(
+            c::files_methods::UPLOAD,
+            &c::UploadRequest {
+                msg: Some(c::upload_request::Msg::Header(c::UploadHeader {
+                    sandbox_id: sb.id.clone(),
+                    file: Some(envd::WriteHeader {
+                        path: path.into(),
+                        atomic: true,
+                        ..Default::default()
+                    }),
+                })),
+            },
+            CallOpts {
+                timeout: T,
+                end_stream: false,
+            },
+        )?;
+        up.send(&c::UploadRequest {
+            msg: Some(c::upload_request::Msg::Data(data.clone().into())),
+        })?;
+        if let Some(crc) = crc {
+            up.send(&c::UploadRequest {
+                msg: Some(c::upload_request::Msg::Crc32(crc)),
+            })?;
+        }
+        up.close_send()?;
+        Ok(up.recv()?.unwrap())
+    };
+    upload("/crc/checked", Some(crc32fast::hash(&data))).unwrap();
+    fa.state.lock().unwrap().corrupt_files = true;
+    let err = upload("/crc/corrupt", Some(crc32fast::hash(&data))).unwrap_err();
+    assert_eq!(err.code, Code::DataLoss, "{err}");
+    assert!(!fa
+        .state
+        .lock()
+        .unwrap()
+        .files
+        .keys()
+        .any(|(_, p)| p == "/crc/corrupt"));
+    // An old client (no checksum) is not checked.
+    upload("/crc/unchecked", None).unwrap();
+    fa.state.lock().unwrap().corrupt_files = false;
     let mut ls = cl
         .call(
             c::files_methods::LIST,
@@ -879,7 +932,9 @@ fn processes_and_files() {
     assert_eq!(count("sandbox.exec", "success"), 3, "{a:?}");
     assert_eq!(count("sandbox.exec", "failure"), 1, "the unknown command");
     assert_eq!(count("sandbox.exec_stream", "success"), 1);
-    assert_eq!(count("sandbox.upload", "success"), 1);
+    // The first upload, the checked one and the unchecked one; the corrupted one failed.
+    assert_eq!(count("sandbox.upload", "success"), 3);
+    assert_eq!(count("sandbox.upload", "failure"), 1);
     assert_eq!(count("sandbox.move", "success"), 1);
     assert_eq!(count("sandbox.remove", "success"), 1);
     assert_eq!(count("sandbox.remove", "failure"), 1);

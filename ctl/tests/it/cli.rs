@@ -74,7 +74,7 @@ fn cli_end_to_end() {
         return;
     };
     let Some(ctl) = Ctl::start() else { return };
-    let (_agent, host_id) = ctl.add_host(8, 16384, 100_000);
+    let (agent, host_id) = ctl.add_host(8, 16384, 100_000);
     let cli = Cli {
         bin,
         url: ctl.addr(),
@@ -209,6 +209,36 @@ fn cli_end_to_end() {
     assert!(
         std::fs::read(&dst).unwrap() == data,
         "downloaded bytes differ"
+    );
+    // A byte flipped between ctl and envd (the fake agent's test hook): both directions
+    // fail with data_loss, nothing appears at either end.
+    agent.state.lock().unwrap().corrupt_files = true;
+    let o = cli.run(&["file", "put", &id, src.to_str().unwrap(), "/data/bad.bin"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("data_loss"),
+        "{o:?}"
+    );
+    let bad = dir.join("bad.bin");
+    let o = cli.run(&["file", "get", &id, "/data/big.bin", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("data_loss"),
+        "{o:?}"
+    );
+    assert!(!bad.exists(), "no local file after a corrupted download");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "only src.bin and dst.bin: {left:?}");
+    agent.state.lock().unwrap().corrupt_files = false;
+    let o = cli.run(&["file", "stat", &id, "/data/bad.bin"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the corrupted upload stored nothing: {o:?}"
     );
     let o = cli.run_with(
         &cli.key,

@@ -36,6 +36,9 @@ pub struct State {
     pub fail_create: Option<Status>,
     /// Create waits this long before answering.
     pub create_delay: Duration,
+    /// Test hook: flip one byte of every file upload as it arrives and of every download
+    /// after its checksum was computed (a byte corrupted in transit).
+    pub corrupt_files: bool,
 }
 
 pub struct FakeAgent {
@@ -431,10 +434,21 @@ fn dispatch(
                 let sb = running_sb(state, &h.sandbox_id)?;
                 let path = h.file.map(|f| f.path).unwrap_or_default();
                 let mut data = Vec::new();
+                let mut crc = None;
                 while let Some(m) = s.recv::<agent::WriteRequest>()? {
-                    if let Some(agent::write_request::Msg::Data(d)) = m.msg {
-                        data.extend_from_slice(&d);
+                    match m.msg {
+                        Some(agent::write_request::Msg::Data(d)) => data.extend_from_slice(&d),
+                        Some(agent::write_request::Msg::Crc32(c)) => crc = Some(c),
+                        _ => {}
                     }
+                }
+                if state.lock().unwrap().corrupt_files && !data.is_empty() {
+                    let mid = data.len() / 2;
+                    data[mid] ^= 0x01;
+                }
+                // As envd: a checksum that does not match what arrived is DATA_LOSS.
+                if crc.is_some_and(|c| c != crc32fast::hash(&data)) {
+                    return Err(Status::new(Code::DataLoss, "checksum mismatch"));
                 }
                 let n = data.len() as u64;
                 state.lock().unwrap().files.insert((sb, path.clone()), data);
@@ -462,18 +476,31 @@ fn dispatch(
                     .get(&(sb, path.clone()))
                     .cloned()
                     .ok_or_else(|| Status::not_found("no such file"))?;
+                let crc = crc32fast::hash(&data);
+                let mut data = data;
+                if state.lock().unwrap().corrupt_files && !data.is_empty() {
+                    let mid = data.len() / 2;
+                    data[mid] ^= 0x01;
+                }
                 s.send(&envd::ReadResponse {
                     entry: Some(entry(&path, data.len() as u64)),
                     data: Default::default(),
                     offset: 0,
+                    crc32: None,
                 })?;
                 for (i, c) in data.chunks(proto::limits::CHUNK_LEN).enumerate() {
                     s.send(&envd::ReadResponse {
                         entry: None,
                         data: c.to_vec().into(),
                         offset: (i * proto::limits::CHUNK_LEN) as u64,
+                        crc32: None,
                     })?;
                 }
+                s.send(&envd::ReadResponse {
+                    offset: data.len() as u64,
+                    crc32: Some(crc),
+                    ..Default::default()
+                })?;
                 Ok(())
             });
             s.finish(r);

@@ -369,19 +369,37 @@ impl Backend for Fake {
                         entry: Some(entry(&path)),
                         data: Default::default(),
                         offset: 0,
+                        crc32: None,
                     }
                     .encode_to_vec(),
                 )?;
+                let mut crc = crc32fast::Hasher::new();
                 for i in 0..48u64 {
+                    crc.update(&chunk);
                     emit(
                         envd::ReadResponse {
                             entry: None,
                             data: chunk.clone().into(),
                             offset: i * 65536,
+                            crc32: None,
                         }
                         .encode_to_vec(),
                     )?;
                 }
+                // The end-to-end checksum; "/corrupt" gets a wrong one (a byte changed on
+                // the way, as the gateway sees it).
+                let mut crc = crc.finalize();
+                if path == "/corrupt" {
+                    crc ^= 1;
+                }
+                emit(
+                    envd::ReadResponse {
+                        offset: 48 * 65536,
+                        crc32: Some(crc),
+                        ..Default::default()
+                    }
+                    .encode_to_vec(),
+                )?;
                 Ok(())
             }
             other => Err(Status::new(Code::Unimplemented, other)),
@@ -436,11 +454,21 @@ impl Backend for Fake {
         }
         let mut total = 0u64;
         let mut sum = 0u64;
+        let mut crc = crc32fast::Hasher::new();
         while let Some(b) = next()? {
             let m: pb::UploadRequest = dec(&b)?;
-            let Some(pb::upload_request::Msg::Data(d)) = m.msg else {
-                return Err(Status::invalid_argument("second header"));
+            let d = match m.msg {
+                Some(pb::upload_request::Msg::Data(d)) => d,
+                // As envd: the checksum from X-Wrenn-Crc32 must match the bytes.
+                Some(pb::upload_request::Msg::Crc32(c)) => {
+                    if c != crc.clone().finalize() {
+                        return Err(Status::new(Code::DataLoss, "checksum mismatch"));
+                    }
+                    continue;
+                }
+                _ => return Err(Status::invalid_argument("second header")),
             };
+            crc.update(&d);
             assert!(d.len() <= 64 * 1024);
             total += d.len() as u64;
             sum = d
@@ -617,6 +645,16 @@ fn request(
     }
     s.write_all(&bytes).unwrap();
     read_response(&mut s)
+}
+
+/// Sends `req` and reads everything until the server closes (or 20 s pass).
+fn raw_exchange(addr: SocketAddr, req: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    all
 }
 
 fn get(addr: SocketAddr, path: &str) -> Resp {
@@ -1553,6 +1591,80 @@ fn streams_uploads_and_downloads() {
     assert_eq!(r.header("x-wrenn-file-mode"), Some("644"));
     let r = get(a, &format!("/v1/sandboxes/{SB}/files?path=/missing"));
     assert_eq!((r.status, r.error_code()), (404, "not_found".into()));
+    // A download whose end-to-end checksum does not match: the body ends without its last
+    // chunk (the client sees a broken transfer, never a complete wrong file).
+    let raw = raw_exchange(
+        a,
+        &format!("GET /v1/sandboxes/{SB}/files?path=/corrupt HTTP/1.1\r\nX-API-Key: {KEY}\r\n\r\n"),
+    );
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &raw[..40.min(raw.len())]
+    );
+    assert!(
+        !raw.ends_with(b"0\r\n\r\n"),
+        "a corrupt download was completed"
+    );
+    let raw = raw_exchange(a, &format!("GET /v1/sandboxes/{SB}/files?path=/f HTTP/1.1\r\nX-API-Key: {KEY}\r\nConnection: close\r\n\r\n"));
+    assert!(raw.ends_with(b"0\r\n\r\n"), "a good download is completed");
+    // Upload checksums: X-Wrenn-Crc32 is passed on after the body; a wrong one is 500
+    // data_loss, a malformed one 400 before any data moves.
+    let body = b"checked bytes";
+    let good = format!("X-Wrenn-Crc32: {:08x}\r\n", crc32fast::hash(body));
+    let r = request(
+        a,
+        "PUT",
+        &format!("/v1/sandboxes/{SB}/files?path=/c"),
+        Some(KEY),
+        Some(body),
+        &good,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let bad = format!("X-Wrenn-Crc32: {:08X}\r\n", crc32fast::hash(body) ^ 4);
+    let r = request(
+        a,
+        "PUT",
+        &format!("/v1/sandboxes/{SB}/files?path=/c"),
+        Some(KEY),
+        Some(body),
+        &bad,
+    );
+    assert_eq!((r.status, r.error_code()), (500, "data_loss".into()));
+    let mp = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m\"\r\n\r\nchecked bytes\r\n--b--\r\n";
+    let r = request(
+        a,
+        "POST",
+        &format!("/v1/sandboxes/{SB}/files?path=/c"),
+        Some(KEY),
+        Some(mp),
+        &format!("Content-Type: multipart/form-data; boundary=b\r\n{bad}"),
+    );
+    assert_eq!((r.status, r.error_code()), (500, "data_loss".into()));
+    let r = request(
+        a,
+        "POST",
+        &format!("/v1/sandboxes/{SB}/files?path=/c"),
+        Some(KEY),
+        Some(mp),
+        &format!("Content-Type: multipart/form-data; boundary=b\r\n{good}"),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for v in ["123", "0000000g", "1234567890", "-1234567"] {
+        let r = request(
+            a,
+            "PUT",
+            &format!("/v1/sandboxes/{SB}/files?path=/c"),
+            Some(KEY),
+            Some(body),
+            &format!("X-Wrenn-Crc32: {v}\r\n"),
+        );
+        assert_eq!(
+            (r.status, r.error_code()),
+            (400, "invalid_argument".into()),
+            "{v}"
+        );
+    }
     // Listing merges batches into one object.
     let r = get(a, &format!("/v1/sandboxes/{SB}/files/list?path=/d&depth=2"));
     assert_eq!(r.json()["entries"].as_array().unwrap().len(), 6);
@@ -1688,6 +1800,71 @@ mod real {
             "error",
         )
         .unwrap();
+    }
+
+    /// A byte flipped between ctl and envd (the fake agent's test hook): a checked upload
+    /// answers data_loss and stores nothing; a download's body is cut short.
+    #[test]
+    fn checksums_through_the_real_service() {
+        let Some(ctl) = Ctl::start() else { return };
+        let (agent, _host) = ctl.add_host(8, 16384, 100_000);
+        let gw = serve(&ctl);
+        let (a, k) = (gw.addr, ctl.team_key.clone());
+        let sb = call(
+            a,
+            &k,
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"memory_mib": 256})),
+        );
+        let id = sb.json()["id"].as_str().unwrap().to_owned();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 249) as u8).collect();
+        let crc = format!("X-Wrenn-Crc32: {:08x}\r\n", crc32fast::hash(&data));
+        let put = |path: &str, extra: &str| {
+            request(
+                a,
+                "PUT",
+                &format!("/v1/sandboxes/{id}/files?path={path}&atomic=true"),
+                Some(&k),
+                Some(&data),
+                extra,
+            )
+        };
+        assert_eq!(put("/data/ok", &crc).status, 200);
+        agent.state.lock().unwrap().corrupt_files = true;
+        let r = put("/data/bad", &crc);
+        assert_eq!(
+            (r.status, r.error_code()),
+            (500, "data_loss".into()),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let r = call(
+            a,
+            &k,
+            "GET",
+            &format!("/v1/sandboxes/{id}/files/stat?path=/data/bad"),
+            None,
+        );
+        assert_eq!(r.status, 404, "nothing stored after a mismatch");
+        // Without the header the old behaviour stays: accepted unchecked.
+        assert_eq!(put("/data/unchecked", "").status, 200);
+        let raw = raw_exchange(a, &format!(
+            "GET /v1/sandboxes/{id}/files?path=/data/ok HTTP/1.1\r\nX-API-Key: {k}\r\nConnection: close\r\n\r\n"));
+        assert!(raw.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            !raw.ends_with(b"0\r\n\r\n"),
+            "a corrupted download was completed"
+        );
+        agent.state.lock().unwrap().corrupt_files = false;
+        let r = call(
+            a,
+            &k,
+            "GET",
+            &format!("/v1/sandboxes/{id}/files?path=/data/ok"),
+            None,
+        );
+        assert_eq!((r.status, r.body == data), (200, true));
     }
 
     #[test]

@@ -969,6 +969,237 @@ fn concurrent_writers_never_mix() {
     );
 }
 
+/// Writes `data` with an optional trailing checksum; `flip` changes one byte of what is sent
+/// after the checksum was computed (a byte flipped in transit).
+fn write_checked(
+    c: &Client,
+    path: &Path,
+    data: &[u8],
+    atomic: bool,
+    crc: Option<u32>,
+    flip: Option<usize>,
+) -> Result<pb::WriteResponse, Status> {
+    let mut sent = data.to_vec();
+    if let Some(i) = flip {
+        sent[i] ^= 0x20;
+    }
+    let mut s = c.call(
+        pb::filesystem_methods::WRITE,
+        &pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                path: path.to_str().unwrap().into(),
+                atomic,
+                truncate: true,
+                ..Default::default()
+            })),
+        },
+        CallOpts::default(),
+    )?;
+    for chunk in sent.chunks(64 * 1024) {
+        s.send(&pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Data(Bytes::copy_from_slice(chunk))),
+        })?;
+    }
+    if let Some(crc) = crc {
+        s.send(&pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Crc32(crc)),
+        })?;
+    }
+    s.close_send()?;
+    Ok(s.recv::<pb::WriteResponse>()?.unwrap())
+}
+
+fn temp_files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("wrenn-tmp"))
+        .collect()
+}
+
+#[test]
+fn uploads_are_checked_end_to_end() {
+    let e = Envd::start();
+    let c = e.init();
+    let mut data = vec![0u8; 300_000];
+    Gen(7).fill(&mut data);
+    let crc = crc32fast::hash(&data);
+    let target = e.dir.join("checked");
+    // The right checksum: written.
+    let w = write_checked(&c, &target, &data, true, Some(crc), None).unwrap();
+    assert_eq!(w.bytes_written, data.len() as u64);
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+    // One byte flipped on the way: DATA_LOSS, the file keeps its old content, no temp file.
+    let mut newer = data.clone();
+    newer[..5].copy_from_slice(b"newer");
+    let err = write_checked(
+        &c,
+        &target,
+        &newer,
+        true,
+        Some(crc32fast::hash(&newer)),
+        Some(123_456),
+    )
+    .unwrap_err();
+    assert_eq!(err.code, Code::DataLoss, "{err}");
+    assert!(err.message.contains("checksum mismatch"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), data, "old content kept");
+    assert!(
+        temp_files_in(&e.dir).is_empty(),
+        "{:?}",
+        temp_files_in(&e.dir)
+    );
+    // A new path: nothing appears at it.
+    let fresh = e.dir.join("fresh");
+    let err = write_checked(&c, &fresh, &data, true, Some(crc), Some(0)).unwrap_err();
+    assert_eq!(err.code, Code::DataLoss);
+    assert!(!fresh.exists());
+    assert!(temp_files_in(&e.dir).is_empty());
+    // In place, a mismatch is still reported (the bytes cannot be taken back).
+    let err = write_checked(&c, &fresh, &data, false, Some(crc ^ 1), None).unwrap_err();
+    assert_eq!(err.code, Code::DataLoss);
+    assert!(err.message.contains("not an atomic write"), "{err}");
+    // In place with the right checksum, and the old form without one: both written.
+    write_checked(
+        &c,
+        &fresh,
+        &newer,
+        false,
+        Some(crc32fast::hash(&newer)),
+        None,
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&fresh).unwrap(), newer);
+    write_checked(&c, &fresh, &data, true, None, None).unwrap();
+    assert_eq!(std::fs::read(&fresh).unwrap(), data);
+    // Empty file with its checksum (0).
+    write_checked(&c, &fresh, b"", true, Some(0), None).unwrap();
+    assert_eq!(std::fs::read(&fresh).unwrap(), b"");
+    // Nothing may follow the checksum.
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WRITE,
+            &pb::WriteRequest {
+                msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                    path: e.dir.join("late").to_str().unwrap().into(),
+                    atomic: true,
+                    ..Default::default()
+                })),
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    for m in [
+        pb::write_request::Msg::Crc32(0),
+        pb::write_request::Msg::Data(Bytes::from_static(b"late")),
+    ] {
+        s.send(&pb::WriteRequest { msg: Some(m) }).unwrap();
+    }
+    let _ = s.close_send();
+    let err = s.recv::<pb::WriteResponse>().unwrap_err();
+    assert_eq!(err.code, Code::InvalidArgument, "{err}");
+    assert!(!e.dir.join("late").exists());
+}
+
+#[test]
+fn interrupted_upload_leaves_no_file() {
+    let e = Envd::start();
+    let c = e.init();
+    let target = e.dir.join("interrupted");
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WRITE,
+            &pb::WriteRequest {
+                msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                    path: target.to_str().unwrap().into(),
+                    atomic: true,
+                    ..Default::default()
+                })),
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    for _ in 0..16 {
+        s.send(&pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Data(Bytes::from(vec![
+                7u8;
+                64 * 1024
+            ]))),
+        })
+        .unwrap();
+    }
+    // The temporary file exists while the upload runs...
+    let start = Instant::now();
+    while temp_files_in(&e.dir).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no temp file seen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // ...and the client vanishes mid-stream: no file at the path, no temporary file.
+    drop(s);
+    c.close();
+    drop(c);
+    let start = Instant::now();
+    while !temp_files_in(&e.dir).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "temp file left: {:?}",
+            temp_files_in(&e.dir)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!target.exists());
+}
+
+#[test]
+fn downloads_end_with_a_checksum() {
+    let e = Envd::start();
+    let c = e.init();
+    let mut data = vec![0u8; 200_000];
+    Gen(11).fill(&mut data);
+    let path = e.dir.join("down");
+    std::fs::write(&path, &data).unwrap();
+    std::fs::write(e.dir.join("empty"), b"").unwrap();
+    for (file, offset, length, expect) in [
+        ("down", 0u64, 0u64, &data[..]),
+        ("down", 1000, 70_000, &data[1000..71_000]),
+        ("down", 500_000, 0, &data[..0]),
+        ("empty", 0, 0, &data[..0]),
+    ] {
+        let mut s = c
+            .call(
+                pb::filesystem_methods::READ,
+                &pb::ReadRequest {
+                    path: e.dir.join(file).to_str().unwrap().into(),
+                    offset,
+                    length,
+                    ..Default::default()
+                },
+                stream_opts(),
+            )
+            .unwrap();
+        let mut got = Vec::new();
+        let mut crc = None;
+        while let Some(m) = s.recv::<pb::ReadResponse>().unwrap() {
+            assert!(crc.is_none(), "a message after the checksum");
+            got.extend_from_slice(&m.data);
+            if m.crc32.is_some() {
+                assert!(m.data.is_empty(), "the checksum message carries no data");
+                crc = m.crc32;
+            }
+        }
+        assert_eq!(got, expect, "{file} {offset} {length}");
+        assert_eq!(
+            crc,
+            Some(crc32fast::hash(expect)),
+            "{file} {offset} {length}"
+        );
+    }
+}
+
 #[test]
 fn file_operations_and_bad_paths() {
     let e = Envd::start();

@@ -387,7 +387,7 @@ pub struct WriteHeader {
 /// One message of Files.Write (header-first client stream).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WriteRequest {
-    #[prost(oneof = "write_request::Msg", tags = "1, 2")]
+    #[prost(oneof = "write_request::Msg", tags = "1, 2, 3")]
     pub msg: ::core::option::Option<write_request::Msg>,
 }
 /// Nested message and enum types in `WriteRequest`.
@@ -400,6 +400,10 @@ pub mod write_request {
         /// Every later message: the next bytes of the file.
         #[prost(bytes, tag = "2")]
         Data(::prost::bytes::Bytes),
+        /// Optional last message: CRC-32 (IEEE) of every data byte, passed on to envd (see
+        /// wrenn.envd.v1.WriteRequest.crc32; a mismatch is DATA_LOSS).
+        #[prost(fixed32, tag = "3")]
+        Crc32(u32),
     }
 }
 /// Request of Files.Watch.

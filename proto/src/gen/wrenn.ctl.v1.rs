@@ -303,7 +303,7 @@ pub struct UploadHeader {
 /// One message of Files.Upload.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct UploadRequest {
-    #[prost(oneof = "upload_request::Msg", tags = "1, 2")]
+    #[prost(oneof = "upload_request::Msg", tags = "1, 2, 3")]
     pub msg: ::core::option::Option<upload_request::Msg>,
 }
 /// Nested message and enum types in `UploadRequest`.
@@ -316,6 +316,10 @@ pub mod upload_request {
         /// Every later message: the next bytes.
         #[prost(bytes, tag = "2")]
         Data(::prost::bytes::Bytes),
+        /// Optional last message: CRC-32 (IEEE) of every data byte, checked by envd (see
+        /// wrenn.envd.v1.WriteRequest.crc32; a mismatch is DATA_LOSS).
+        #[prost(fixed32, tag = "3")]
+        Crc32(u32),
     }
 }
 /// Request of Files.Download.

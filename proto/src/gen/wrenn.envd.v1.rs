@@ -437,6 +437,13 @@ pub struct ReadResponse {
     /// File position of data\[0\].
     #[prost(uint64, tag = "3")]
     pub offset: u64,
+    /// End-to-end checksum: the CRC-32 (IEEE 802.3, as zlib's crc32) of every data byte of
+    /// this call, in the order sent. Set only in the last message, which then carries no data
+    /// and follows the last chunk. A receiver compares it with the CRC-32 of the bytes it got
+    /// and treats a difference as DATA_LOSS (the bytes changed on the way). envd versions
+    /// before this field never set it.
+    #[prost(fixed32, optional, tag = "4")]
+    pub crc32: ::core::option::Option<u32>,
 }
 /// First message of Filesystem.Write.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -478,7 +485,7 @@ pub struct WriteHeader {
 /// One message of Filesystem.Write (header-first client stream).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WriteRequest {
-    #[prost(oneof = "write_request::Msg", tags = "1, 2")]
+    #[prost(oneof = "write_request::Msg", tags = "1, 2, 3")]
     pub msg: ::core::option::Option<write_request::Msg>,
 }
 /// Nested message and enum types in `WriteRequest`.
@@ -491,6 +498,15 @@ pub mod write_request {
         /// Every later message: the next bytes, written contiguously from header.offset.
         #[prost(bytes, tag = "2")]
         Data(::prost::bytes::Bytes),
+        /// Optional end-to-end checksum, the last message when sent (nothing may follow it:
+        /// INVALID_ARGUMENT): the CRC-32 (IEEE 802.3, as zlib's crc32) of every data byte of
+        /// the call, computed by the sender. envd compares it with the CRC-32 of the bytes it
+        /// received and, for an atomic write, of the bytes read back from the temporary file
+        /// after fsync; a difference fails the call with DATA_LOSS, and an atomic write is then
+        /// not renamed into place (its temporary file is removed). A non-atomic write cannot be
+        /// taken back: its bytes stay written. Writes without it are not checked.
+        #[prost(fixed32, tag = "3")]
+        Crc32(u32),
     }
 }
 /// Reply of Filesystem.Write.

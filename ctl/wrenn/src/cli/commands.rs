@@ -118,13 +118,14 @@ pub static COMMANDS: &[Command] = &[
     cmd!("process close-stdin", "Close a process's stdin.", [SB], [PROC[0], PROC[1]]),
     cmd!("process resize", "Resize a process's PTY.", [SB], [
         PROC[0], PROC[1], val("rows", "N", "rows"), val("cols", "N", "columns")]),
-    cmd!("file put", "Upload a local file (- = stdin) to a path in the sandbox, any size.", [SB, arg("LOCAL", "local file or -"), arg("REMOTE", "path in the sandbox")], [
+    cmd!("file put", "Upload a local file (- = stdin) to a path in the sandbox, any size, checked end to end by a CRC-32 (a mismatch fails with data_loss and leaves the path as it was).", [SB, arg("LOCAL", "local file or -"), arg("REMOTE", "path in the sandbox")], [
         val("mode", "OCTAL", "permission bits, e.g. 644"),
         val("user", "USER", "user who writes (and owns) it"),
-        on("atomic", "write a temp file and rename it over the target"),
+        on("atomic", "write a temp file and rename it over the target once checked (the default)"),
+        on("in-place", "write into the file in place instead (a failed upload may leave part of it)"),
         on("parents", "create missing parent directories"),
         on("progress", "show progress on stderr even when it is not a terminal")]),
-    cmd!("file get", "Download a file from the sandbox to a local path (- = stdout), any size.", [SB, arg("REMOTE", "path in the sandbox"), arg("LOCAL", "local file or -")], [
+    cmd!("file get", "Download a file from the sandbox to a local path (- = stdout), any size, checked end to end by a CRC-32 (a mismatch fails with data_loss and writes no local file).", [SB, arg("REMOTE", "path in the sandbox"), arg("LOCAL", "local file or -")], [
         val("offset", "BYTES", "first byte"),
         val("length", "BYTES", "bytes to read (default: to the end)"),
         val("user", "USER", "user whose permissions apply"),

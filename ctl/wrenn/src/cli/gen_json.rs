@@ -671,6 +671,7 @@ impl Json for proto::gen::wrenn::ctl::v1::UploadRequest {
         match &self.msg {
             Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Header(x)) => { m.insert("header".into(), proto::gen::wrenn::ctl::v1::UploadHeader::to_json(&x)); }
             Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Data(x)) => { m.insert("data".into(), j::bytes_out(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::upload_request::Msg::Crc32(x)) => { m.insert("crc32".into(), Value::from(*x)); }
             None => {}
         }
         Value::Object(m)
@@ -1013,6 +1014,7 @@ impl Json for proto::gen::wrenn::envd::v1::ReadResponse {
         if let Some(x) = &self.entry { m.insert("entry".into(), proto::gen::wrenn::envd::v1::EntryInfo::to_json(&x)); }
         m.insert("data".into(), j::bytes_out(&self.data));
         m.insert("offset".into(), j::u64_out(self.offset));
+        if let Some(x) = &self.crc32 { m.insert("crc32".into(), Value::from(*x)); }
         Value::Object(m)
     }
 }
@@ -1198,6 +1200,7 @@ impl Json for proto::gen::wrenn::envd::v1::WriteRequest {
         match &self.msg {
             Some(proto::gen::wrenn::envd::v1::write_request::Msg::Header(x)) => { m.insert("header".into(), proto::gen::wrenn::envd::v1::WriteHeader::to_json(&x)); }
             Some(proto::gen::wrenn::envd::v1::write_request::Msg::Data(x)) => { m.insert("data".into(), j::bytes_out(&x)); }
+            Some(proto::gen::wrenn::envd::v1::write_request::Msg::Crc32(x)) => { m.insert("crc32".into(), Value::from(*x)); }
             None => {}
         }
         Value::Object(m)

@@ -1526,7 +1526,9 @@ fn file_put(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
             user: p.value("user").unwrap_or("").to_owned(),
             mode: octal(p.value("mode"), "--mode")?,
             truncate: true,
-            atomic: p.flag("atomic"),
+            // A temporary file renamed into place once envd checked the checksum: a failed
+            // or corrupted upload leaves the path as it was.
+            atomic: !p.flag("in-place"),
             make_parents: p.flag("parents"),
             ..Default::default()
         }),
@@ -1544,6 +1546,7 @@ fn file_put(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
     )?;
     let mut progress = Progress::new(p, total);
     let mut buf = vec![0u8; CHUNK];
+    let mut crc = crc32fast::Hasher::new();
     loop {
         let n = match input.read(&mut buf) {
             Ok(n) => n,
@@ -1559,11 +1562,16 @@ fn file_put(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
         if n == 0 {
             break;
         }
+        crc.update(&buf[..n]);
         s.send(&pb::UploadRequest {
             msg: Some(pb::upload_request::Msg::Data(buf[..n].to_vec().into())),
         })?;
         progress.add(n);
     }
+    // The end-to-end checksum: envd compares it with what it received and stored.
+    s.send(&pb::UploadRequest {
+        msg: Some(pb::upload_request::Msg::Crc32(crc.finalize())),
+    })?;
     s.close_send()?;
     let r = s
         .recv::<envd::WriteResponse>()?
@@ -1643,7 +1651,30 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
     let mut out: Option<Box<dyn Write>> = None;
     let mut progress: Option<Progress> = None;
     let mut written = 0u64;
+    let mut crc = crc32fast::Hasher::new();
+    let mut checked = false;
     while let Some(m) = s.recv::<envd::ReadResponse>()? {
+        if let Some(want) = m.crc32 {
+            // envd's checksum of every byte it sent, after the last one.
+            let got = crc.clone().finalize();
+            if got != want {
+                return Err(Status::new(
+                    proto::Code::DataLoss,
+                    format!(
+                        "download checksum mismatch: the {written} bytes received have \
+                         CRC-32 {got:08x}, the sandbox sent {want:08x}{}",
+                        if local == "-" {
+                            ""
+                        } else {
+                            "; nothing was written"
+                        }
+                    ),
+                )
+                .into());
+            }
+            checked = true;
+        }
+        crc.update(&m.data);
         if out.is_none() {
             let total = m.entry.as_ref().map(|e| {
                 e.size
@@ -1671,6 +1702,9 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
     }
     if let Some(mut w) = out {
         w.flush().map_err(io_err(format!("write {local}")))?;
+    }
+    if !checked {
+        eprintln!("warning: the sandbox's envd sent no checksum (an older version): not verified");
     }
     match partial {
         Some(tmp) => tmp.commit()?,
