@@ -47,6 +47,7 @@ pub fn run_envd(args: &[String]) -> Result<(), String> {
         listen: envd::daemon::Listen::Unix(sock),
         announce: false,
         announce_unix: None,
+        accounts_root: None,
     })
 }
 

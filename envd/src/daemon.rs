@@ -33,6 +33,8 @@ pub struct Options {
     pub announce: bool,
     /// Announce to this Unix socket instead of the host (tests, development).
     pub announce_unix: Option<PathBuf>,
+    /// Where etc/passwd and etc/group are read (None = `/`; tests give a fake one).
+    pub accounts_root: Option<PathBuf>,
 }
 
 /// How long processes get between SIGTERM and SIGKILL at shutdown.
@@ -116,7 +118,10 @@ pub fn run(opts: Options) -> Result<(), String> {
         _ => 0,
     };
     let cfg = Config {
-        root: PathBuf::from("/"),
+        root: opts
+            .accounts_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/")),
         announce,
         api_port,
         initial_sandbox_id: identity

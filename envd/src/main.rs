@@ -1,5 +1,6 @@
 //! `envd [--listen-unix PATH | --listen-tcp ADDR | --vsock-port PORT] [--no-announce]
-//! [--announce-unix PATH]`: parses flags and runs [`envd::daemon::run`].
+//! [--announce-unix PATH] [--accounts-root DIR]`: parses flags and runs
+//! [`envd::daemon::run`].
 
 #![forbid(unsafe_code)]
 
@@ -8,18 +9,20 @@ use std::path::PathBuf;
 use envd::daemon::{Listen, Options};
 
 const USAGE: &str = "usage: envd [--listen-unix PATH | --listen-tcp ADDR | --vsock-port PORT] \
-[--no-announce] [--announce-unix PATH]
+[--no-announce] [--announce-unix PATH] [--accounts-root DIR]
   --listen-unix PATH    serve on a Unix socket (tests, development)
   --listen-tcp ADDR     serve on TCP, e.g. 127.0.0.1:49983
   --vsock-port PORT     serve on AF_VSOCK (default 49983)
   --no-announce         do not push readiness to the host (CID 2, port 49984)
-  --announce-unix PATH  push readiness to a Unix socket instead of the host";
+  --announce-unix PATH  push readiness to a Unix socket instead of the host
+  --accounts-root DIR   read users from DIR/etc/passwd and DIR/etc/group (default /; tests)";
 
 /// Parses the arguments after the program name.
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut listen: Option<Listen> = None;
     let mut announce = true;
     let mut announce_unix = None;
+    let mut accounts_root = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
@@ -48,6 +51,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--no-announce" => announce = false,
             "--announce-unix" => announce_unix = Some(PathBuf::from(value(a)?)),
+            "--accounts-root" => accounts_root = Some(PathBuf::from(value(a)?)),
             "-h" | "--help" => return Err(USAGE.to_string()),
             "--version" => return Err(format!("envd {}", env!("CARGO_PKG_VERSION"))),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -57,6 +61,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         listen: listen.unwrap_or(Listen::Vsock(envd::vsock::API_PORT)),
         announce,
         announce_unix,
+        accounts_root,
     })
 }
 
@@ -67,11 +72,12 @@ fn args_for(pid1: bool, args: Vec<String>) -> Vec<String> {
     if !pid1 {
         return args;
     }
-    const WITH_VALUE: [&str; 4] = [
+    const WITH_VALUE: [&str; 5] = [
         "--listen-unix",
         "--listen-tcp",
         "--vsock-port",
         "--announce-unix",
+        "--accounts-root",
     ];
     const PLAIN: [&str; 1] = ["--no-announce"];
     let mut kept = Vec::new();
@@ -129,6 +135,12 @@ mod tests {
             Listen::Tcp("127.0.0.1:5".parse().unwrap())
         );
         assert_eq!(p(&["--vsock-port", "7"]).unwrap().listen, Listen::Vsock(7));
+        assert_eq!(p(&[]).unwrap().accounts_root, None);
+        assert_eq!(
+            p(&["--accounts-root", "/r"]).unwrap().accounts_root,
+            Some(PathBuf::from("/r"))
+        );
+        assert!(p(&["--accounts-root"]).is_err());
         assert!(p(&["--listen-unix"]).is_err());
         assert!(p(&["--listen-tcp", "nonsense"]).is_err());
         assert!(p(&["--vsock-port", "-1"]).is_err());

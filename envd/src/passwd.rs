@@ -157,7 +157,26 @@ impl Db {
     }
 }
 
+/// The unprivileged account of the images `wrenn image rootfs` builds (uid 1000, home
+/// `/home/user`): the default user of processes and file operations when it exists.
+pub const DEFAULT_USER: &str = "user";
+
+/// The user a call runs as when neither it nor Init names one: [`DEFAULT_USER`] when
+/// /etc/passwd has that account, else `root` (images built before it existed, or others).
+pub fn default_user(db: &Db) -> &'static str {
+    if db.has_user(DEFAULT_USER) {
+        DEFAULT_USER
+    } else {
+        "root"
+    }
+}
+
 impl Db {
+    /// Whether /etc/passwd has an account of this name (a numeric uid does not count).
+    pub fn has_user(&self, name: &str) -> bool {
+        self.users.iter().any(|u| u.name == name)
+    }
+
     /// The name of a uid, if /etc/passwd has one.
     pub fn user_name(&self, uid: u32) -> Option<&str> {
         self.users
@@ -409,6 +428,17 @@ mod tests {
             (n.uid, n.gid, n.groups.clone()),
             (65534, 65534, vec![65534])
         );
+    }
+
+    #[test]
+    fn the_default_user_is_user_when_the_image_has_it() {
+        assert_eq!(default_user(&Db::parse(PASSWD, GROUP)), "user");
+        // Older images (or any without the account) keep root.
+        let old = PASSWD.replace("user:x:1000", "other:x:1000");
+        assert_eq!(default_user(&Db::parse(&old, GROUP)), "root");
+        assert_eq!(default_user(&Db::parse("", "")), "root");
+        // A group called `user` is not an account.
+        assert_eq!(default_user(&Db::parse("", "user:x:1000:\n")), "root");
     }
 
     #[test]

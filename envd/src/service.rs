@@ -128,6 +128,7 @@ struct State {
     sandbox_id: String,
     template_id: String,
     env: Vec<(String, String)>,
+    /// The default user set by Init; "" = [`passwd::default_user`].
     default_user: String,
     default_cwd: String,
 }
@@ -153,7 +154,8 @@ impl Envd {
             sandbox_id: cfg.initial_sandbox_id.clone(),
             template_id: cfg.initial_template_id.clone(),
             env: Vec::new(),
-            default_user: "root".into(),
+            // "": chosen per call by passwd::default_user (`user` if the image has it).
+            default_user: String::new(),
             default_cwd: String::new(),
         };
         Arc::new(Envd {
@@ -254,7 +256,7 @@ impl Envd {
     }
 
     fn user(&self, name: &str) -> Result<User, Status> {
-        let name = if name.is_empty() {
+        let chosen = if name.is_empty() {
             self.state().default_user.clone()
         } else {
             name.to_string()
@@ -263,7 +265,12 @@ impl Envd {
             .accounts
             .load(&self.cfg.root)
             .map_err(|e| Status::internal(e.to_string()))?;
-        db.user(&name)
+        let name = if chosen.is_empty() {
+            passwd::default_user(&db)
+        } else {
+            &chosen
+        };
+        db.user(name)
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 
@@ -888,11 +895,7 @@ impl Envd {
             let mut env: Vec<(String, String)> = r.env.into_iter().collect();
             env.sort();
             st.env = env;
-            st.default_user = if r.default_user.is_empty() {
-                "root".into()
-            } else {
-                r.default_user.clone()
-            };
+            st.default_user = r.default_user.clone();
             st.default_cwd = r.default_cwd.clone();
             (st.generation, rotated)
         };

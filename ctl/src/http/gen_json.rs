@@ -4815,7 +4815,7 @@ pub const SCHEMAS_JSON: &str = r##"{
         "type": "string"
       },
       "default_user": {
-        "description": "Default user of processes and file operations; empty = \"root\".",
+        "description": "Default user of processes and file operations; empty = \"user\" when /etc/passwd has that account, else \"root\".",
         "type": "string"
       },
       "env": {

@@ -757,6 +757,113 @@ fn runs_as_nobody() {
     assert_eq!(read_file(&c, &secret, "").unwrap(), b"s");
 }
 
+/// An accounts root whose etc/passwd has root, nobody and (when `with_user`) the image's
+/// default account `user` (uid 4242 here, home `<root>/home/user` owned by it).
+fn accounts_root(name: &str, with_user: bool) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("envd-accounts-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let home = root.join("home/user");
+    let mut passwd = "root:x:0:0:root:/root:/bin/sh\n\
+                      nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        .to_string();
+    let mut group = "root:x:0:\nnogroup:x:65534:\n".to_string();
+    if with_user {
+        passwd.push_str(&format!("user:x:4242:4242::{}:/bin/sh\n", home.display()));
+        group.push_str("user:x:4242:\n");
+        std::fs::create_dir_all(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(4242), Some(4242)).unwrap();
+        // The parents must be searchable by the user.
+        for d in [&root, &root.join("home")] {
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+    }
+    std::fs::write(root.join("etc/passwd"), passwd).unwrap();
+    std::fs::write(root.join("etc/group"), group).unwrap();
+    root
+}
+
+fn run_sh(c: &Client, script: &str, user: &str) -> String {
+    let mut cfg = sh(script);
+    cfg.user = user.into();
+    let (_, mut s) = start(c, cfg).unwrap();
+    let o = drain(&mut s);
+    assert_eq!(exit_code(&o), Some(0), "{o:?}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn default_user_is_user_when_the_image_has_it() {
+    if !is_root() {
+        return skip("not root: cannot switch users");
+    }
+    let root = accounts_root("with", true);
+    let home = root.join("home/user");
+    let e = Envd::start_with(&["--accounts-root", root.to_str().unwrap()]);
+    let c = e.init();
+    // Processes: uid, environment and working directory of `user`.
+    assert_eq!(
+        run_sh(&c, "id -u; echo $USER $HOME; pwd", ""),
+        format!("4242\nuser {0}\n{0}\n", home.display())
+    );
+    // Files: a relative path lands in the home directory, owned by `user`.
+    let mut s = c
+        .call(
+            pb::filesystem_methods::WRITE,
+            &pb::WriteRequest {
+                msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
+                    path: "rel.txt".into(),
+                    atomic: true,
+                    ..Default::default()
+                })),
+            },
+            CallOpts::default(),
+        )
+        .unwrap();
+    s.send(&pb::WriteRequest {
+        msg: Some(pb::write_request::Msg::Data(Bytes::from_static(b"mine"))),
+    })
+    .unwrap();
+    s.close_send().unwrap();
+    let w: pb::WriteResponse = s.recv().unwrap().unwrap();
+    let entry = w.entry.unwrap();
+    assert_eq!(entry.path, home.join("rel.txt").to_str().unwrap());
+    assert_eq!(
+        (entry.uid, entry.gid, entry.owner.as_str()),
+        (4242, 4242, "user")
+    );
+    // `user` may not write where only root may.
+    let err = write_file(&c, &e.dir.join("rootonly"), b"x", "", true).unwrap_err();
+    assert_eq!(err.code, Code::PermissionDenied, "{err}");
+    // A call that names another user runs as that user.
+    assert_eq!(run_sh(&c, "id -u", "root"), "0\n");
+    write_file(&c, &e.dir.join("rootonly"), b"x", "root", true).unwrap();
+    // Init can still choose another default.
+    let r: pb::InitResponse = c
+        .unary(
+            pb::init_methods::INIT,
+            &pb::InitRequest {
+                default_user: "nobody".into(),
+                ..Default::default()
+            },
+            t10(),
+        )
+        .unwrap();
+    assert!(!r.envd_version.is_empty());
+    assert_eq!(run_sh(&c, "id -u", ""), "65534\n");
+    drop(e);
+
+    // An image without the account (built before it existed): root, as before.
+    let old = accounts_root("without", false);
+    let e = Envd::start_with(&["--accounts-root", old.to_str().unwrap()]);
+    let c = e.init();
+    assert_eq!(run_sh(&c, "id -u; echo $USER", ""), "0\nroot\n");
+    drop(e);
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(&old);
+}
+
 // ---- files --------------------------------------------------------------------------
 
 fn read_file(c: &Client, path: &Path, user: &str) -> Result<Vec<u8>, Status> {

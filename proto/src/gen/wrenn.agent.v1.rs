@@ -115,7 +115,8 @@ pub struct CreateSandboxRequest {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
-    /// Default user and working directory inside the guest ("" = root / its home).
+    /// Default user and working directory inside the guest ("" = envd's default: "user" when
+    /// the image has that account, else "root"; and that user's home).
     #[prost(string, tag = "13")]
     pub default_user: ::prost::alloc::string::String,
     /// "" = the default user's home.

@@ -592,7 +592,8 @@ pub struct InitRequest {
     /// Empty keeps the current token (INVALID_ARGUMENT on the first Init).
     #[prost(string, tag = "3")]
     pub access_token: ::prost::alloc::string::String,
-    /// Default user of processes and file operations; empty = "root".
+    /// Default user of processes and file operations; empty = "user" when /etc/passwd has
+    /// that account, else "root".
     #[prost(string, tag = "4")]
     pub default_user: ::prost::alloc::string::String,
     /// Default working directory; empty = the default user's home.
