@@ -584,6 +584,147 @@ fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ImageError> 
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
 }
 
+/// The unprivileged account every image gets: envd runs processes and file operations as it
+/// unless a call (or the sandbox's Init) names another user (envd's `passwd::DEFAULT_USER`).
+pub const GUEST_USER: &str = "user";
+/// Its uid and gid (the first regular account of a Debian system).
+pub const GUEST_UID: u32 = 1000;
+/// Its home directory, inside the image.
+pub const GUEST_HOME: &str = "/home/user";
+/// Its login shell (bash is in [`INCLUDE`]).
+pub const GUEST_SHELL: &str = "/bin/bash";
+
+/// The fields of an account-file line (`name:...`), or None for comments and blank lines.
+fn account_fields(line: &str) -> Option<Vec<&str>> {
+    if line.trim().is_empty() || line.starts_with('#') {
+        return None;
+    }
+    Some(line.split(':').collect())
+}
+
+/// `text` with `line` appended, unless an entry named [`GUEST_USER`] is there already. An id
+/// column (`id_field`) holding [`GUEST_UID`] under another name is an error: the account
+/// would share its files with that one.
+fn add_account_line(
+    text: &str,
+    line: &str,
+    id_field: Option<usize>,
+    file: &str,
+) -> Result<String, ImageError> {
+    for fields in text.lines().filter_map(account_fields) {
+        if fields[0] == GUEST_USER {
+            return Ok(text.to_string());
+        }
+        if let Some(i) = id_field {
+            if fields.get(i) == Some(&GUEST_UID.to_string().as_str()) {
+                return Err(ImageError::Unexpected {
+                    what: "tree layout",
+                    detail: format!(
+                        "{file}: id {GUEST_UID} belongs to {:?}, not {GUEST_USER:?}",
+                        fields[0]
+                    ),
+                });
+            }
+        }
+    }
+    let mut out = text.to_string();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(line);
+    out.push('\n');
+    Ok(out)
+}
+
+/// The four account files of a tree with [`GUEST_USER`] added: passwd, group, shadow and
+/// gshadow, in that order (the input in the same order). The password is locked (`*`):
+/// nobody logs in, envd switches to the account directly.
+pub fn with_guest_user(files: [&str; 4]) -> Result<[String; 4], ImageError> {
+    let [passwd, group, shadow, gshadow] = files;
+    Ok([
+        add_account_line(
+            passwd,
+            &format!("{GUEST_USER}:x:{GUEST_UID}:{GUEST_UID}::{GUEST_HOME}:{GUEST_SHELL}"),
+            Some(2),
+            "etc/passwd",
+        )?,
+        add_account_line(
+            group,
+            &format!("{GUEST_USER}:x:{GUEST_UID}:"),
+            Some(2),
+            "etc/group",
+        )?,
+        add_account_line(
+            shadow,
+            &format!("{GUEST_USER}:*::0:99999:7:::"),
+            None,
+            "etc/shadow",
+        )?,
+        add_account_line(gshadow, &format!("{GUEST_USER}:!::"), None, "etc/gshadow")?,
+    ])
+}
+
+/// Adds [`GUEST_USER`] to the tree at `root`: the account files (each a new inode; the old
+/// may be a hard link into the cached tree) and a home directory owned by it, with the
+/// files of `etc/skel`.
+pub fn install_guest_user(root: &Path) -> Result<(), ImageError> {
+    const FILES: [(&str, u32); 4] = [
+        ("etc/passwd", 0o644),
+        ("etc/group", 0o644),
+        ("etc/shadow", 0o640),
+        ("etc/gshadow", 0o640),
+    ];
+    let mut texts: [String; 4] = Default::default();
+    for (i, (name, _)) in FILES.iter().enumerate() {
+        let path = root.join(name);
+        texts[i] = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+    }
+    let new = with_guest_user([&texts[0], &texts[1], &texts[2], &texts[3]])?;
+    for (i, (name, mode)) in FILES.iter().enumerate() {
+        if new[i] != texts[i] {
+            let path = root.join(name);
+            // Keep the owner and mode the tree gave it (shadow is root:shadow 0640).
+            let meta = fs::metadata(&path).ok();
+            replace_file(
+                &path,
+                new[i].as_bytes(),
+                meta.as_ref().map_or(*mode, |m| m.mode() & 0o7777),
+            )?;
+            if let Some(m) = meta {
+                std::os::unix::fs::chown(&path, Some(m.uid()), Some(m.gid()))
+                    .map_err(io_err("chown", &path))?;
+            }
+        }
+    }
+    let home = root.join(GUEST_HOME.trim_start_matches('/'));
+    create_dir(&home)?;
+    let skel = root.join("etc/skel");
+    if let Ok(entries) = fs::read_dir(&skel) {
+        for e in entries.flatten() {
+            let from = e.path();
+            let Ok(m) = fs::symlink_metadata(&from) else {
+                continue;
+            };
+            if !m.is_file() {
+                continue;
+            }
+            let to = home.join(e.file_name());
+            let bytes = fs::read(&from).map_err(io_err("read", &from))?;
+            replace_file(&to, &bytes, m.mode() & 0o777)?;
+            std::os::unix::fs::chown(&to, Some(GUEST_UID), Some(GUEST_UID))
+                .map_err(io_err("chown", &to))?;
+        }
+    }
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o755))
+        .map_err(io_err("chmod", &home))?;
+    std::os::unix::fs::chown(&home, Some(GUEST_UID), Some(GUEST_UID))
+        .map_err(io_err("chown", &home))
+}
+
 fn install_files(root: &Path, a: &Assembly<'_>) -> Result<(), ImageError> {
     let envd = fs::read(a.envd).map_err(io_err("read envd", a.envd))?;
     replace_file(&root.join("sbin/init"), &envd, 0o755)?;
@@ -610,7 +751,7 @@ fn install_files(root: &Path, a: &Assembly<'_>) -> Result<(), ImageError> {
         a.files.etc_resolv_conf().as_bytes(),
         0o644,
     )?;
-    Ok(())
+    install_guest_user(root)
 }
 
 /// Bytes the tree occupies (allocated blocks, each inode once).
@@ -763,6 +904,90 @@ mod tests {
             f.etc_resolv_conf(),
             "nameserver 1.1.1.1\nnameserver 8.8.8.8\n"
         );
+    }
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
+        nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+    const GROUP: &str = "root:x:0:\nusers:x:100:\nnogroup:x:65534:\n";
+
+    #[test]
+    fn account_files_gain_the_guest_user_once() {
+        let [p, g, s, gs] =
+            with_guest_user([PASSWD, GROUP, "root:*:19000:0:99999:7:::", ""]).unwrap();
+        assert_eq!(
+            p,
+            format!("{PASSWD}user:x:1000:1000::/home/user:/bin/bash\n")
+        );
+        assert_eq!(g, format!("{GROUP}user:x:1000:\n"));
+        assert_eq!(s, "root:*:19000:0:99999:7:::\nuser:*::0:99999:7:::\n");
+        assert_eq!(gs, "user:!::\n");
+        // envd reads the result as the account it runs things as by default.
+        let again = with_guest_user([&p, &g, &s, &gs]).unwrap();
+        assert_eq!(again, [p, g, s, gs], "adding twice changes nothing");
+        // uid 1000 under another name is refused, not shared.
+        let taken = format!("{PASSWD}debian:x:1000:1000::/home/debian:/bin/sh\n");
+        assert!(matches!(
+            with_guest_user([&taken, GROUP, "", ""]),
+            Err(ImageError::Unexpected { .. })
+        ));
+        let gtaken = format!("{GROUP}staff2:x:1000:\n");
+        assert!(with_guest_user([PASSWD, &gtaken, "", ""]).is_err());
+    }
+
+    #[test]
+    fn install_guest_user_writes_accounts_and_an_owned_home() {
+        let root = std::env::temp_dir().join(format!("wrenn-guest-user-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("etc/skel")).unwrap();
+        fs::write(root.join("etc/passwd"), PASSWD).unwrap();
+        fs::write(root.join("etc/group"), GROUP).unwrap();
+        fs::write(root.join("etc/skel/.bashrc"), "# bashrc\n").unwrap();
+        // etc/passwd as a hard link into a cached tree: the cache must stay as it was.
+        let cached = root.join("cached-passwd");
+        fs::hard_link(root.join("etc/passwd"), &cached).unwrap();
+        let root_user = crate::doctor::sys::is_root();
+        let r = install_guest_user(&root);
+        if !root_user {
+            // chown needs root; the files before it are still checked below.
+            assert!(
+                matches!(
+                    r,
+                    Err(ImageError::Io {
+                        action: "chown",
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+            proto::skip::note(
+                "rootfs guest user",
+                "not root: the home directory's owner is not checked",
+            );
+        } else {
+            r.unwrap();
+            let home = fs::metadata(root.join("home/user")).unwrap();
+            assert!(home.is_dir());
+            assert_eq!(
+                (home.uid(), home.gid(), home.mode() & 0o777),
+                (1000, 1000, 0o755)
+            );
+            let rc = fs::metadata(root.join("home/user/.bashrc")).unwrap();
+            assert_eq!((rc.uid(), rc.gid()), (1000, 1000));
+        }
+        let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
+        assert!(
+            passwd.ends_with("user:x:1000:1000::/home/user:/bin/bash\n"),
+            "{passwd}"
+        );
+        assert!(fs::read_to_string(root.join("etc/group"))
+            .unwrap()
+            .ends_with("user:x:1000:\n"));
+        assert_eq!(
+            fs::read_to_string(&cached).unwrap(),
+            PASSWD,
+            "the cached tree is untouched"
+        );
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
