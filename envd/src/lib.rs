@@ -10,7 +10,8 @@
 //! processes;
 //! [`fs`] file operations as a user; [`watch`] inotify; [`clock`] KVM PTP clock sync;
 //! [`init`] PID 1 duties; [`vsock`] AF_VSOCK sockets; [`mmds`] Firecracker's metadata service;
-//! [`ports`] loopback port forwarding; [`limits`] every bound with its reason.
+//! [`ports`] loopback port forwarding; [`selftest`] the copy self-test (`envd selftest`);
+//! [`limits`] every bound with its reason.
 
 pub mod clock;
 pub mod daemon;
@@ -24,6 +25,7 @@ pub mod ports;
 pub mod process;
 pub mod pty;
 pub mod reaper;
+pub mod selftest;
 pub mod service;
 pub mod spawn;
 pub mod vsock;

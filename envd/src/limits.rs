@@ -86,6 +86,14 @@ pub const FORWARD_BUFFER_LEN: usize = 16 * 1024;
 /// How often /proc/net/tcp{,6} is scanned for new loopback listeners.
 pub const PORT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Bytes per round of `envd selftest`, in MiB: it holds the source and a copy per memcpy
+/// thread in memory, and guests have a few hundred MiB.
+pub const SELFTEST_MIB_MAX: u64 = 1024;
+/// Threads copying at once in the self-test's memcpy case.
+pub const SELFTEST_THREADS_MAX: usize = 64;
+/// Differing runs the self-test prints per stage (all are counted).
+pub const SELFTEST_RUNS_SHOWN: usize = 32;
+
 const _: () = assert!(OUTPUT_RING_LEN >= 4 * OUTPUT_CHUNK_LEN);
 const _: () =
     assert!(CHILD_STACK_LEN % CHILD_STACK_GUARD_LEN == 0 && CHILD_STACK_GUARD_LEN % 4096 == 0);

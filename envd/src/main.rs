@@ -1,6 +1,7 @@
 //! `envd [--listen-unix PATH | --listen-tcp ADDR | --vsock-port PORT] [--no-announce]
 //! [--announce-unix PATH] [--accounts-root DIR]`: parses flags and runs
-//! [`envd::daemon::run`].
+//! [`envd::daemon::run`]. `envd selftest ...` runs the copy self-test instead
+//! ([`envd::selftest`]).
 
 #![forbid(unsafe_code)]
 
@@ -10,6 +11,7 @@ use envd::daemon::{Listen, Options};
 
 const USAGE: &str = "usage: envd [--listen-unix PATH | --listen-tcp ADDR | --vsock-port PORT] \
 [--no-announce] [--announce-unix PATH] [--accounts-root DIR]
+       envd selftest [--dir DIR] [--mib N] [--rounds N] [--threads N]   (see envd selftest --help)
   --listen-unix PATH    serve on a Unix socket (tests, development)
   --listen-tcp ADDR     serve on TCP, e.g. 127.0.0.1:49983
   --vsock-port PORT     serve on AF_VSOCK (default 49983)
@@ -99,9 +101,36 @@ fn args_for(pid1: bool, args: Vec<String>) -> Vec<String> {
     kept
 }
 
+/// `envd selftest ...`: prints the report, exits 0 (clean), 1 (corruption) or 2 (error).
+fn selftest(args: &[String]) -> ! {
+    let opts = match envd::selftest::parse(args) {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+    match envd::selftest::run(&opts, &mut std::io::stderr()) {
+        Ok(report) => {
+            let mut out = std::io::stdout();
+            let _ = std::io::Write::write_all(&mut out, report.render().as_bytes());
+            let _ = std::io::Write::flush(&mut out);
+            std::process::exit(if report.corrupted().is_empty() { 0 } else { 1 });
+        }
+        Err(e) => {
+            eprintln!("envd selftest: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
     let pid1 = std::process::id() == 1;
-    let args = args_for(pid1, std::env::args().skip(1).collect());
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if !pid1 && argv.first().map(String::as_str) == Some("selftest") {
+        selftest(&argv[1..]);
+    }
+    let args = args_for(pid1, argv);
     let opts = match parse(&args) {
         Ok(o) => o,
         Err(msg) => {

@@ -1308,6 +1308,42 @@ fn downloads_end_with_a_checksum() {
 }
 
 #[test]
+fn selftest_subcommand_reports_a_clean_machine() {
+    let dir = std::env::temp_dir().join(format!("envd-it-selftest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin =
+        std::env::var("WRENN_ENVD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_envd").to_string());
+    let out = Command::new(&bin)
+        .args(["selftest", "--mib", "2", "--rounds", "1", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.ends_with("selftest verdict=clean\n"), "{text}");
+    assert!(
+        text.contains("case=kernel-copy stage=sendfile bytes=2097152 runs=0"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "test files removed"
+    );
+    let bad = Command::new(&bin)
+        .args(["selftest", "--mib", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn file_operations_and_bad_paths() {
     let e = Envd::start();
     let c = e.init();
