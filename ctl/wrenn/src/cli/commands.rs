@@ -98,7 +98,7 @@ pub static COMMANDS: &[Command] = &[
         flags: &[
             rep("env", "KEY=VALUE", "environment variable"),
             val("cwd", "DIR", "working directory"),
-            val("user", "USER", "user to run as"),
+            val("user", "USER", "user to run as (default: the image's `user`, else root)"),
             val("tag", "TAG", "name for the process (reconnect with process connect --tag)"),
             val("timeout-ms", "MS", "kill the process group after this long"),
             on("stdin", "forward this terminal's stdin to the process"),
@@ -120,7 +120,7 @@ pub static COMMANDS: &[Command] = &[
         PROC[0], PROC[1], val("rows", "N", "rows"), val("cols", "N", "columns")]),
     cmd!("file put", "Upload a local file (- = stdin) to a path in the sandbox, any size, checked end to end by a CRC-32 (a mismatch fails with data_loss and leaves the path as it was).", [SB, arg("LOCAL", "local file or -"), arg("REMOTE", "path in the sandbox")], [
         val("mode", "OCTAL", "permission bits, e.g. 644"),
-        val("user", "USER", "user who writes (and owns) it"),
+        val("user", "USER", "user who writes (and owns) it (default: the image's `user`, else root)"),
         on("atomic", "write a temp file and rename it over the target once checked (the default)"),
         on("in-place", "write into the file in place instead (a failed upload may leave part of it)"),
         on("parents", "create missing parent directories"),
