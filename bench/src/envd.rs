@@ -197,7 +197,13 @@ fn envd_exec(opts: &Opts) -> Result<(), String> {
     Ok(())
 }
 
-fn write_through(c: &Client, path: &Path, len: usize, chunk: &Bytes) -> Result<(), String> {
+fn write_through(
+    c: &Client,
+    path: &Path,
+    len: usize,
+    chunk: &Bytes,
+    checked: bool,
+) -> Result<(), String> {
     let header = pb::WriteRequest {
         msg: Some(pb::write_request::Msg::Header(pb::WriteHeader {
             path: path.to_string_lossy().into_owned(),
@@ -211,9 +217,20 @@ fn write_through(c: &Client, path: &Path, len: usize, chunk: &Bytes) -> Result<(
         .map_err(|e| e.to_string())?;
     // The data arm of WriteRequest's oneof is field 2; the payload is sent without a copy.
     let empty = pb::WriteRequest { msg: None };
+    let mut crc = crc32fast::Hasher::new();
     for _ in 0..len / chunk.len() {
+        if checked {
+            crc.update(chunk);
+        }
         s.send_payload(&empty, WRITE_DATA_TAG, chunk.clone())
             .map_err(|e| e.to_string())?;
+    }
+    if checked {
+        // What `wrenn file put` sends: envd checks it and reads the file back.
+        s.send(&pb::WriteRequest {
+            msg: Some(pb::write_request::Msg::Crc32(crc.finalize())),
+        })
+        .map_err(|e| e.to_string())?;
     }
     s.close_send().map_err(|e| e.to_string())?;
     let _: Option<pb::WriteResponse> = s.recv().map_err(|e| e.to_string())?;
@@ -256,7 +273,12 @@ fn envd_file(opts: &Opts) -> Result<(), String> {
     let src = e.dir.join("src");
     let dst = e.dir.join("dst");
     let through = e.dir.join("through");
-    let write = measure(iters, 0, || write_through(&e.client, &through, len, &chunk))?;
+    let write = measure(iters, 0, || {
+        write_through(&e.client, &through, len, &chunk, false)
+    })?;
+    let write_checked = measure(iters, 0, || {
+        write_through(&e.client, &through, len, &chunk, true)
+    })?;
     let read = measure(iters, 0, || read_through(&e.client, &through, len))?;
     std::fs::write(&src, vec![0x42u8; len]).map_err(|e| e.to_string())?;
     // The write baseline is as durable as envd's write (which fsyncs before it answers);
@@ -279,6 +301,16 @@ fn envd_file(opts: &Opts) -> Result<(), String> {
         throughput_line(
             "envd_file_write",
             &write,
+            "local_copy_fsync",
+            &copy_durable,
+            Goal::AtLeast(0.7)
+        )
+    );
+    println!(
+        "{}",
+        throughput_line(
+            "envd_file_write_checked",
+            &write_checked,
             "local_copy_fsync",
             &copy_durable,
             Goal::AtLeast(0.7)
