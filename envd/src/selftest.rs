@@ -14,6 +14,8 @@
 //!   fsync, rename), then read back twice through envd's reader in chunk-sized buffers.
 //! - `kernel-copy`: copy_file_range(2) and then sendfile(2) of the stored file into new
 //!   files: the kernel copies, no user-space buffer holds the bytes. They are read back twice.
+//! - `process-pipe`: the bytes through `/bin/cat` (stdin and stdout pipes, read in chunks as
+//!   envd reads a process's output), as `wrenn sandbox exec -- cat FILE` moves them.
 //!
 //! Every read-back is done twice: a difference the two reads share is in the file
 //! (`stored`: it went wrong on the way in); one only a single read shows went wrong while
@@ -244,6 +246,9 @@ impl Report {
         if bad("kernel-copy", &["copy_file_range", "sendfile"]) {
             out.push("kernel-copy");
         }
+        if bad("process-pipe", &["output"]) {
+            out.push("process-output");
+        }
         if self
             .stages
             .iter()
@@ -310,6 +315,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Report, efs::Error> {
         let r = kernel_copy_case(&opts.dir, &stored, &src, &mut report);
         let _ = std::fs::remove_file(&stored.path);
         r?;
+        pipe_case(&src, &mut report)?;
         let _ = writeln!(
             log,
             "selftest round={round} mib={} took_ms={} corrupted={:?}",
@@ -515,6 +521,75 @@ fn kernel_copy_case(
     Ok(())
 }
 
+/// The program the process-pipe case runs (skipped when the image has none).
+const CAT: &str = "/bin/cat";
+
+/// A process's output: the bytes through `cat`'s stdin and stdout, read in envd's chunk size.
+fn pipe_case(src: &[u8], report: &mut Report) -> Result<(), efs::Error> {
+    use std::process::{Command, Stdio};
+    let fail = |action: &str, e: io::Error| io_error(action, Path::new(CAT), e);
+    let mut child = match Command::new(CAT)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(fail("run", e)),
+    };
+    let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(efs::Error::new(
+            efs::ErrorKind::Other,
+            "cat has no pipes".into(),
+        ));
+    };
+    let mut runs = Runs::default();
+    let result = std::thread::scope(|sc| -> Result<(), efs::Error> {
+        let feeder = sc.spawn(move || -> io::Result<()> {
+            for chunk in src.chunks(OUTPUT_CHUNK_LEN) {
+                stdin.write_all(chunk)?;
+            }
+            Ok(())
+        });
+        let mut buf = vec![0u8; OUTPUT_CHUNK_LEN];
+        let mut at = 0usize;
+        loop {
+            let n = match stdout.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(fail("read the output of", e)),
+            };
+            if n == 0 {
+                break;
+            }
+            let end = (at + n).min(src.len());
+            diff(at as u64, &src[at..end], &buf[..n], &mut runs);
+            at += n;
+        }
+        if at < src.len() {
+            runs.add(Run {
+                offset: at as u64,
+                len: (src.len() - at) as u64,
+                zeros: false,
+            });
+        }
+        match feeder.join() {
+            Ok(r) => r.map_err(|e| fail("write the input of", e)),
+            Err(_) => Err(efs::Error::new(
+                efs::ErrorKind::Other,
+                "the pipe feeder panicked".into(),
+            )),
+        }
+    });
+    let _ = child.wait();
+    result?;
+    report.record("process-pipe", "output", src.len() as u64, runs);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,6 +697,7 @@ mod tests {
             ("kernel-copy", "copy_file_range"),
             ("kernel-copy", "sendfile"),
             ("kernel-copy", "read"),
+            ("process-pipe", "output"),
         ] {
             let s = report
                 .stages
