@@ -445,45 +445,11 @@ impl Envd {
         found.ok_or_else(|| Status::not_found("no such process"))
     }
 
-    fn start(&self, mut s: ServerStream) {
-        let r = (|| {
-            let req: pb::StartRequest = s.first()?;
-            let cfg = req
-                .process
-                .ok_or_else(|| Status::invalid_argument("no process config"))?;
-            let spec = self.spec(cfg)?;
-            let (p, sub) = self.table.start(spec).map_err(process_status)?;
-            Ok((p, sub))
-        })();
-        match r {
-            Ok((p, sub)) => stream_process(s, &p, sub),
-            Err(e) => {
-                let _ = &mut s;
-                s.finish(Err(e))
-            }
-        }
-    }
-
-    fn connect(&self, s: ServerStream) {
-        let r = (|| {
-            let req: pb::ConnectRequest = s.first()?;
-            let p = self.find(req.process)?;
-            let sub = if req.skip_replay {
-                p.subscribe_live()
-            } else {
-                p.subscribe()
-            }
-            .map_err(process_status)?;
-            Ok((p, sub))
-        })();
-        match r {
-            Ok((p, sub)) => stream_process(s, &p, sub),
-            Err(e) => s.finish(Err(e)),
-        }
-    }
-
-    fn send_input(&self, s: &mut ServerStream) -> Result<pb::SendInputResponse, Status> {
-        let first: pb::SendInputRequest = s.first()?;
+    fn send_input_stream(
+        &self,
+        first: pb::SendInputRequest,
+        s: &mut ServerStream,
+    ) -> Result<pb::SendInputResponse, Status> {
         let p = self.find(first.process.clone())?;
         let mut written = 0u64;
         let mut msg = Some(first);
@@ -553,7 +519,7 @@ impl Envd {
 
     // ---- filesystem ---------------------------------------------------------------------
 
-    fn stat(&self, r: pb::StatRequest) -> Result<pb::StatResponse, Status> {
+    fn fs_stat(&self, r: pb::StatRequest) -> Result<pb::StatResponse, Status> {
         let user = self.user(&r.user)?;
         let path = self.path(&r.path, &user)?;
         let e = fs::stat(&user, &path, r.follow_symlinks).map_err(fs_status)?;
@@ -562,8 +528,7 @@ impl Envd {
         })
     }
 
-    fn list_dir(&self, s: &mut ServerStream) -> Result<(), Status> {
-        let r: pb::ListDirRequest = s.first()?;
+    fn fs_list(&self, r: pb::ListDirRequest, s: &mut ServerStream) -> Result<(), Status> {
         let user = self.user(&r.user)?;
         let path = self.path(&r.path, &user)?;
         let depth = r.depth.clamp(1, LIST_DEPTH_MAX);
@@ -598,7 +563,7 @@ impl Envd {
         Ok(())
     }
 
-    fn make_dir(&self, r: pb::MakeDirRequest) -> Result<pb::MakeDirResponse, Status> {
+    fn fs_make_dir(&self, r: pb::MakeDirRequest) -> Result<pb::MakeDirResponse, Status> {
         let user = self.user(&r.user)?;
         let path = self.path(&r.path, &user)?;
         let created = fs::mkdir_all(&user, &path, r.mode.unwrap_or(0o755)).map_err(fs_status)?;
@@ -609,7 +574,7 @@ impl Envd {
         })
     }
 
-    fn move_(&self, r: pb::MoveRequest) -> Result<pb::MoveResponse, Status> {
+    fn fs_move(&self, r: pb::MoveRequest) -> Result<pb::MoveResponse, Status> {
         let user = self.user(&r.user)?;
         let from = self.path(&r.source, &user)?;
         let to = self.path(&r.destination, &user)?;
@@ -620,7 +585,7 @@ impl Envd {
         })
     }
 
-    fn remove(&self, r: pb::RemoveRequest) -> Result<pb::RemoveResponse, Status> {
+    fn fs_remove(&self, r: pb::RemoveRequest) -> Result<pb::RemoveResponse, Status> {
         let user = self.user(&r.user)?;
         let path = self.path(&r.path, &user)?;
         match fs::remove(&user, &path, r.recursive) {
@@ -632,8 +597,7 @@ impl Envd {
         }
     }
 
-    fn read(&self, s: &mut ServerStream) -> Result<(), Status> {
-        let r: pb::ReadRequest = s.first()?;
+    fn fs_read(&self, r: pb::ReadRequest, s: &mut ServerStream) -> Result<(), Status> {
         let user = self.user(&r.user)?;
         let path = self.path(&r.path, &user)?;
         let length = if r.length == 0 { None } else { Some(r.length) };
@@ -676,9 +640,12 @@ impl Envd {
         }
     }
 
-    fn write(&self, s: &mut ServerStream) -> Result<pb::WriteResponse, Status> {
+    fn fs_write(
+        &self,
+        first: pb::WriteRequest,
+        s: &mut ServerStream,
+    ) -> Result<pb::WriteResponse, Status> {
         use pb::write_request::Msg;
-        let first: pb::WriteRequest = s.first()?;
         let h = match first.msg {
             Some(Msg::Header(h)) => h,
             _ => {
@@ -805,8 +772,7 @@ impl Envd {
         })
     }
 
-    fn watch(&self, s: &mut ServerStream) -> Result<(), Status> {
-        let r: pb::WatchRequest = s.first()?;
+    fn fs_watch(&self, r: pb::WatchRequest, s: &mut ServerStream) -> Result<(), Status> {
         let user = self.user(&r.user)?;
         let path = self.path(&r.path, &user)?;
         let mut w = Watch::new(&user, &path, r.recursive).map_err(fs_status)?;
@@ -847,7 +813,7 @@ impl Envd {
 
     // ---- init ---------------------------------------------------------------------------
 
-    fn init(&self, peer: &Peer, r: pb::InitRequest) -> Result<pb::InitResponse, Status> {
+    fn init_envd(&self, peer: &Peer, r: pb::InitRequest) -> Result<pb::InitResponse, Status> {
         let gen = peer_generation(peer);
         if !r.default_user.is_empty() {
             let db = self
@@ -930,7 +896,7 @@ impl Envd {
         })
     }
 
-    fn resumed(self: &Arc<Self>, r: pb::ResumedRequest) -> pb::ResumedResponse {
+    fn resumed_at(self: &Arc<Self>, r: pb::ResumedRequest) -> pb::ResumedResponse {
         let synced = self.clock.sync(r.host_wall_time_unix_ns);
         self.announce(true);
         pb::ResumedResponse {
@@ -1005,7 +971,11 @@ fn winsize(p: pb::PtySize) -> Result<crate::pty::WinSize, Status> {
 
 /// Streams a process's events to a client until the process ends or the client leaves
 /// (which detaches; the process keeps running).
-fn stream_process(mut s: ServerStream, p: &Arc<process::Process>, mut sub: process::Subscription) {
+fn stream_process(
+    s: &mut ServerStream,
+    p: &Arc<process::Process>,
+    mut sub: process::Subscription,
+) -> Result<(), Status> {
     let info = p.info();
     let started = pb::ProcessEvent {
         event: Some(pb::process_event::Event::Started(pb::ProcessStarted {
@@ -1014,9 +984,7 @@ fn stream_process(mut s: ServerStream, p: &Arc<process::Process>, mut sub: proce
             started_unix_ns: info.started_unix_ns,
         })),
     };
-    if let Err(e) = s.send(&started) {
-        return s.finish(Err(e));
-    }
+    s.send(&started)?;
     loop {
         match sub.next(POLL_SLICE) {
             Next::Output(c) => {
@@ -1031,9 +999,7 @@ fn stream_process(mut s: ServerStream, p: &Arc<process::Process>, mut sub: proce
                         offset: c.offset,
                     })),
                 };
-                if let Err(e) = s.send(&ev) {
-                    return s.finish(Err(e));
-                }
+                s.send(&ev)?;
             }
             Next::Finished(f) => {
                 use crate::reaper::ExitStatus;
@@ -1051,12 +1017,11 @@ fn stream_process(mut s: ServerStream, p: &Arc<process::Process>, mut sub: proce
                         status: Some(status),
                     })),
                 };
-                let r = s.send(&ev);
-                return s.finish(r);
+                return s.send(&ev);
             }
             Next::Pending => {
                 if s.is_cancelled() {
-                    return s.finish(Err(Status::cancelled("detached")));
+                    return Err(Status::cancelled("detached"));
                 }
             }
         }
@@ -1107,29 +1072,6 @@ pub fn process_status(e: process::Error) -> Status {
     Status::new(code, msg)
 }
 
-/// Runs a unary handler on a worker thread.
-fn unary<Req, Resp>(call: Call, f: impl FnOnce(Req, &Peer) -> Result<Resp, Status> + Send + 'static)
-where
-    Req: Message + Default + 'static,
-    Resp: Message + 'static,
-{
-    call.spawn(move |s| {
-        let r = s.first::<Req>().and_then(|req| {
-            let peer = s.peer().clone();
-            f(req, &peer)
-        });
-        s.respond(r);
-    });
-}
-
-/// Runs a streaming handler on a worker thread and ends the call with its result.
-fn streaming(call: Call, f: impl FnOnce(&mut ServerStream) -> Result<(), Status> + Send + 'static) {
-    call.spawn(move |mut s| {
-        let r = f(&mut s);
-        s.finish(r)
-    });
-}
-
 /// The [`Service`] the runtime drives.
 pub struct EnvdService(pub Arc<Envd>);
 
@@ -1154,74 +1096,174 @@ impl Service for EnvdService {
     }
 
     fn call(&self, call: Call) {
-        use pb::process_methods as pm;
-        use pb::{filesystem_methods as fsm, health_methods, init_methods, metrics_methods};
         if let Err(e) = self.0.authorize(call.peer(), call.method()) {
             return call.fail(e);
         }
-        let envd = self.0.clone();
-        let method = call.method().to_string();
-        match method.as_str() {
-            health_methods::CHECK => {
-                let resp = envd.health();
-                call.reply(&resp)
-            }
-            init_methods::INIT => unary(call, move |r: pb::InitRequest, peer| envd.init(peer, r)),
-            init_methods::RESUMED => {
-                unary(call, move |r: pb::ResumedRequest, _| Ok(envd.resumed(r)))
-            }
-            metrics_methods::GET => {
-                unary(call, move |_: pb::GetMetricsRequest, _| Ok(envd.metrics()))
-            }
-            pm::START => call.spawn(move |s| envd.start(s)),
-            pm::CONNECT => call.spawn(move |s| envd.connect(s)),
-            pm::SEND_INPUT => call.spawn(move |mut s| {
-                let r = envd.send_input(&mut s);
-                s.respond(r);
-            }),
-            pm::CLOSE_STDIN => unary(call, move |r: pb::CloseStdinRequest, _| {
-                let p = envd.find(r.process)?;
-                match p.close_input() {
-                    Ok(()) => Ok(pb::CloseStdinResponse {}),
-                    // Idempotent: a stdin that was open once may be closed again.
-                    Err(process::Error::NoStdin) if p.info().stdin => Ok(pb::CloseStdinResponse {}),
-                    Err(e) => Err(process_status(e)),
-                }
-            }),
-            pm::SIGNAL => unary(call, move |r: pb::SignalRequest, _| {
-                if r.signal == 0 {
-                    return Err(Status::invalid_argument("no signal"));
-                }
-                let p = envd.find(r.process)?;
-                p.signal_to(r.signal, r.group).map_err(process_status)?;
-                Ok(pb::SignalResponse {})
-            }),
-            pm::RESIZE_PTY => unary(call, move |r: pb::ResizePtyRequest, _| {
-                let p = envd.find(r.process)?;
-                let size = r
-                    .size
-                    .ok_or_else(|| Status::invalid_argument("no size"))
-                    .and_then(winsize)?;
-                p.resize(size).map_err(process_status)?;
-                Ok(pb::ResizePtyResponse {})
-            }),
-            pm::LIST => {
-                let resp = envd.list_processes();
-                call.reply(&resp)
-            }
-            fsm::STAT => unary(call, move |r: pb::StatRequest, _| envd.stat(r)),
-            fsm::LIST => streaming(call, move |s| envd.list_dir(s)),
-            fsm::MAKE_DIR => unary(call, move |r: pb::MakeDirRequest, _| envd.make_dir(r)),
-            fsm::MOVE => unary(call, move |r: pb::MoveRequest, _| envd.move_(r)),
-            fsm::REMOVE => unary(call, move |r: pb::RemoveRequest, _| envd.remove(r)),
-            fsm::READ => streaming(call, move |s| envd.read(s)),
-            fsm::WRITE => call.spawn(move |mut s| {
-                let r = envd.write(&mut s);
-                s.respond(r);
-            }),
-            fsm::WATCH => streaming(call, move |s| envd.watch(s)),
-            other => call.fail(Status::unimplemented(format!("unknown method {other}"))),
+        // Cheap answers that never block stay on the event loop.
+        match call.method() {
+            pb::health_methods::CHECK => return call.reply(&self.0.health()),
+            pb::process_methods::LIST => return call.reply(&self.0.list_processes()),
+            _ => {}
         }
+        let envd = EnvdService(self.0.clone());
+        call.spawn(move |s| {
+            let envd = &envd;
+            let _ = pb::dispatch_process(envd, s)
+                .or_else(|s| pb::dispatch_filesystem(envd, s))
+                .or_else(|s| pb::dispatch_init(envd, s))
+                .or_else(|s| pb::dispatch_metrics(envd, s))
+                .or_else(|s| pb::dispatch_health(envd, s))
+                .unwrap_or_else(proto::rpc::serve::unknown);
+        });
+    }
+}
+
+// ---- the generated service traits, each method a thin adaptor over Envd's own (on the
+// service wrapper, since a resume re-announces from an `Arc<Envd>`) --------------
+
+impl pb::ProcessServer for EnvdService {
+    fn start(&self, _: &Peer, req: pb::StartRequest, s: &mut ServerStream) -> Result<(), Status> {
+        let cfg = req
+            .process
+            .ok_or_else(|| Status::invalid_argument("no process config"))?;
+        let spec = self.0.spec(cfg)?;
+        let (p, sub) = self.0.table.start(spec).map_err(process_status)?;
+        stream_process(s, &p, sub)
+    }
+
+    fn connect(
+        &self,
+        _: &Peer,
+        req: pb::ConnectRequest,
+        s: &mut ServerStream,
+    ) -> Result<(), Status> {
+        let p = self.0.find(req.process)?;
+        let sub = if req.skip_replay {
+            p.subscribe_live()
+        } else {
+            p.subscribe()
+        }
+        .map_err(process_status)?;
+        stream_process(s, &p, sub)
+    }
+
+    fn send_input(
+        &self,
+        _: &Peer,
+        first: pb::SendInputRequest,
+        s: &mut ServerStream,
+    ) -> Result<pb::SendInputResponse, Status> {
+        self.0.send_input_stream(first, s)
+    }
+
+    fn close_stdin(
+        &self,
+        _: &Peer,
+        r: pb::CloseStdinRequest,
+    ) -> Result<pb::CloseStdinResponse, Status> {
+        let p = self.0.find(r.process)?;
+        match p.close_input() {
+            Ok(()) => Ok(pb::CloseStdinResponse {}),
+            // Idempotent: a stdin that was open once may be closed again.
+            Err(process::Error::NoStdin) if p.info().stdin => Ok(pb::CloseStdinResponse {}),
+            Err(e) => Err(process_status(e)),
+        }
+    }
+
+    fn signal(&self, _: &Peer, r: pb::SignalRequest) -> Result<pb::SignalResponse, Status> {
+        if r.signal == 0 {
+            return Err(Status::invalid_argument("no signal"));
+        }
+        let p = self.0.find(r.process)?;
+        p.signal_to(r.signal, r.group).map_err(process_status)?;
+        Ok(pb::SignalResponse {})
+    }
+
+    fn resize_pty(
+        &self,
+        _: &Peer,
+        r: pb::ResizePtyRequest,
+    ) -> Result<pb::ResizePtyResponse, Status> {
+        let p = self.0.find(r.process)?;
+        let size = r
+            .size
+            .ok_or_else(|| Status::invalid_argument("no size"))
+            .and_then(winsize)?;
+        p.resize(size).map_err(process_status)?;
+        Ok(pb::ResizePtyResponse {})
+    }
+
+    fn list(
+        &self,
+        _: &Peer,
+        _: pb::ListProcessesRequest,
+    ) -> Result<pb::ListProcessesResponse, Status> {
+        Ok(self.0.list_processes())
+    }
+}
+
+impl pb::FilesystemServer for EnvdService {
+    fn stat(&self, _: &Peer, r: pb::StatRequest) -> Result<pb::StatResponse, Status> {
+        self.0.fs_stat(r)
+    }
+
+    fn list(&self, _: &Peer, r: pb::ListDirRequest, s: &mut ServerStream) -> Result<(), Status> {
+        self.0.fs_list(r, s)
+    }
+
+    fn make_dir(&self, _: &Peer, r: pb::MakeDirRequest) -> Result<pb::MakeDirResponse, Status> {
+        self.0.fs_make_dir(r)
+    }
+
+    fn r#move(&self, _: &Peer, r: pb::MoveRequest) -> Result<pb::MoveResponse, Status> {
+        self.0.fs_move(r)
+    }
+
+    fn remove(&self, _: &Peer, r: pb::RemoveRequest) -> Result<pb::RemoveResponse, Status> {
+        self.0.fs_remove(r)
+    }
+
+    fn read(&self, _: &Peer, r: pb::ReadRequest, s: &mut ServerStream) -> Result<(), Status> {
+        self.0.fs_read(r, s)
+    }
+
+    fn write(
+        &self,
+        _: &Peer,
+        first: pb::WriteRequest,
+        s: &mut ServerStream,
+    ) -> Result<pb::WriteResponse, Status> {
+        self.0.fs_write(first, s)
+    }
+
+    fn watch(&self, _: &Peer, r: pb::WatchRequest, s: &mut ServerStream) -> Result<(), Status> {
+        self.0.fs_watch(r, s)
+    }
+}
+
+impl pb::InitServer for EnvdService {
+    fn init(&self, peer: &Peer, r: pb::InitRequest) -> Result<pb::InitResponse, Status> {
+        self.0.init_envd(peer, r)
+    }
+
+    fn resumed(&self, _: &Peer, r: pb::ResumedRequest) -> Result<pb::ResumedResponse, Status> {
+        Ok(self.0.resumed_at(r))
+    }
+}
+
+impl pb::MetricsServer for EnvdService {
+    fn get(&self, _: &Peer, _: pb::GetMetricsRequest) -> Result<pb::GetMetricsResponse, Status> {
+        Ok(self.0.metrics())
+    }
+}
+
+impl pb::HealthServer for EnvdService {
+    fn check(
+        &self,
+        _: &Peer,
+        _: pb::HealthCheckRequest,
+    ) -> Result<pb::HealthCheckResponse, Status> {
+        Ok(self.0.health())
     }
 }
 
