@@ -31,6 +31,10 @@ pub const WORKERS_MAX: usize = 64;
 /// streams (exec output, downloads) leaves the other half to everyone else. Its further
 /// requests wait in the queue, they are not refused.
 pub const SOURCE_WORKERS_MAX: usize = WORKERS_MAX / 2;
+/// Workers one API key may hold at once (half the pool), whatever the addresses it comes
+/// from: one team's key running many long streams leaves the other half to other keys. Its
+/// further requests wait in the queue.
+pub const KEY_WORKERS_MAX: usize = WORKERS_MAX / 2;
 /// Workers held by requests whose body streams into the call (file uploads, stdin) after
 /// the hand-off: such a body can stall a worker until [`IO_TIMEOUT`], so at most a quarter
 /// of the pool, whatever the source.
@@ -88,5 +92,6 @@ pub const EVENTS: usize = 256;
 
 const _: () = assert!(SOURCE_CONNECTIONS_MAX <= CONNECTIONS_MAX);
 const _: () = assert!(SOURCE_WORKERS_MAX <= WORKERS_MAX && STREAM_WORKERS_MAX < WORKERS_MAX);
+const _: () = assert!(KEY_WORKERS_MAX <= WORKERS_MAX);
 const _: () = assert!(SOURCE_QUEUED_MAX <= QUEUE_MAX);
 const _: () = assert!(STREAM_HANDOFF <= BODY_RAW_MAX);

@@ -16,7 +16,7 @@
 //!    bytes arrived (stdin at its first byte) and count against [`STREAM_WORKERS_MAX`];
 //! 5. the complete request waits in a bounded FIFO queue for a worker ([`QUEUE_MAX`], per
 //!    source [`SOURCE_QUEUED_MAX`]; 503 with `Retry-After` beyond), a source holding at
-//!    most [`SOURCE_WORKERS_MAX`] workers;
+//!    most [`SOURCE_WORKERS_MAX`] workers and an API key at most [`KEY_WORKERS_MAX`];
 //! 6. the worker turns the socket blocking (I/O timeouts), serves the request, including
 //!    streamed answers of any length, and gives the connection back to the loop for the
 //!    next keep-alive or pipelined request.
@@ -50,9 +50,9 @@ use super::backend::Backend;
 use super::handler::{api_key, missing_key, After, Gateway, METRICS};
 use super::limits::{
     BODY_RAW_MAX, BODY_TIMEOUT, CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT, IDLE_TIMEOUT,
-    IO_TIMEOUT, JSON_BODY_MAX, LINGER_BYTES, LINGER_TIMEOUT, OPS_QUEUE_MAX, OPS_WORKERS, QUEUE_MAX,
-    READ_CHUNK, RETRY_AFTER_SECS, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX, SOURCE_WORKERS_MAX,
-    STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
+    IO_TIMEOUT, JSON_BODY_MAX, KEY_WORKERS_MAX, LINGER_BYTES, LINGER_TIMEOUT, OPS_QUEUE_MAX,
+    OPS_WORKERS, QUEUE_MAX, READ_CHUNK, RETRY_AFTER_SECS, SOURCE_CONNECTIONS_MAX,
+    SOURCE_QUEUED_MAX, SOURCE_WORKERS_MAX, STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
 };
 use super::request::{parse_head, Head, HeadError, Wire};
 use super::response::{response_bytes, Response};
@@ -73,6 +73,7 @@ pub struct HttpConfig {
     pub source_connections_max: usize,
     pub workers_max: usize,
     pub source_workers_max: usize,
+    pub key_workers_max: usize,
     pub stream_workers_max: usize,
     pub queue_max: usize,
     pub source_queued_max: usize,
@@ -89,6 +90,7 @@ impl Default for HttpConfig {
             source_connections_max: SOURCE_CONNECTIONS_MAX,
             workers_max: WORKERS_MAX,
             source_workers_max: SOURCE_WORKERS_MAX,
+            key_workers_max: KEY_WORKERS_MAX,
             stream_workers_max: STREAM_WORKERS_MAX,
             queue_max: QUEUE_MAX,
             source_queued_max: SOURCE_QUEUED_MAX,
@@ -196,6 +198,8 @@ enum Slot {
         source: IpAddr,
         stream: bool,
         gen: u64,
+        /// The API key it was sent with (its worker budget), if any.
+        key: Option<String>,
     },
 }
 
@@ -258,6 +262,8 @@ struct Job {
     /// Some: a key to check (the connection stays on the loop).
     auth: Option<String>,
     stream: bool,
+    /// The request's API key: a key holds at most `key_workers_max` workers.
+    key: Option<String>,
 }
 
 #[derive(Default)]
@@ -285,6 +291,8 @@ pub struct HttpServer {
     busy: usize,
     streams_busy: usize,
     ops_busy: usize,
+    /// Workers held per API key.
+    key_busy: HashMap<String, usize>,
 }
 
 impl HttpServer {
@@ -329,6 +337,7 @@ impl HttpServer {
             busy: 0,
             streams_busy: 0,
             ops_busy: 0,
+            key_busy: HashMap::new(),
         })
     }
 
@@ -684,6 +693,7 @@ impl HttpServer {
                             source,
                             auth: Some(k),
                             stream: false,
+                            key: None,
                         },
                     );
                     return;
@@ -789,6 +799,10 @@ impl HttpServer {
     fn ready(&mut self, i: usize, req: Pending) {
         let ops = req.plan == Plan::Ops;
         let stream = matches!(req.plan, Plan::Api { stream: true, .. });
+        let key = match req.plan {
+            Plan::Api { .. } => api_key(&req.head).map(str::to_owned),
+            Plan::Ops | Plan::Open => None,
+        };
         let Some(c) = self.conn(i) else { return };
         let (gen, source) = (c.gen, c.source);
         c.phase = Phase::Queued(req);
@@ -805,6 +819,7 @@ impl HttpServer {
                 source,
                 auth: None,
                 stream: false,
+                key: None,
             });
             self.pump();
             return;
@@ -817,6 +832,7 @@ impl HttpServer {
                 source,
                 auth: None,
                 stream,
+                key,
             },
         );
     }
@@ -856,8 +872,15 @@ impl HttpServer {
         while self.busy < self.config.workers_max && k < self.queue.len() {
             let job = &self.queue[k];
             let source_busy = self.sources.get(&job.source).map_or(0, |u| u.busy);
+            let key_busy = job
+                .key
+                .as_ref()
+                .and_then(|k| self.key_busy.get(k))
+                .copied()
+                .unwrap_or(0);
             let blocked = job.auth.is_none()
                 && (source_busy >= self.config.source_workers_max
+                    || key_busy >= self.config.key_workers_max
                     || (job.stream && self.streams_busy >= self.config.stream_workers_max));
             if blocked {
                 k += 1;
@@ -915,6 +938,7 @@ impl HttpServer {
                 source: job.source,
                 stream: job.stream,
                 gen: job.gen,
+                key: job.key.clone(),
             },
         ) else {
             return;
@@ -956,6 +980,9 @@ impl HttpServer {
             }
         }
         self.source_use(source).busy += 1;
+        if let Some(k) = job.key {
+            *self.key_busy.entry(k).or_insert(0) += 1;
+        }
         let gateway = self.gateway.clone();
         let shared = self.shared.clone();
         let run = move || {
@@ -1035,10 +1062,23 @@ impl HttpServer {
                 }
             }
             Returned::Served { slot, ops, conn } => {
-                let (source, stream) = match self.slots[slot] {
-                    Slot::Busy { source, stream, .. } => (source, stream),
+                let (source, stream, key) = match &self.slots[slot] {
+                    Slot::Busy {
+                        source,
+                        stream,
+                        key,
+                        ..
+                    } => (*source, *stream, key.clone()),
                     _ => return,
                 };
+                if let Some(k) = key {
+                    if let Some(n) = self.key_busy.get_mut(&k) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.key_busy.remove(&k);
+                        }
+                    }
+                }
                 if ops {
                     self.ops_busy -= 1;
                 } else {

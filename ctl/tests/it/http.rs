@@ -2719,3 +2719,66 @@ fn stalled_chunked_body_gets_408_at_the_body_deadline() {
     assert!(String::from_utf8_lossy(&r.body).contains("from this address"));
     drop(held);
 }
+
+#[test]
+fn streamed_bodies_and_keys_stay_within_their_worker_budgets() {
+    let gw = start(HttpConfig {
+        io_timeout: Duration::from_millis(600),
+        stream_workers_max: 1,
+        key_workers_max: 1,
+        ..HttpConfig::default()
+    });
+    let a = gw.addr;
+    let handoff = ctl::http::limits::STREAM_HANDOFF;
+    // Two uploads that send their first STREAM_HANDOFF bytes (so a worker takes them over)
+    // and then stall: with a stream budget of 1, the second waits for the first.
+    let upload = move || {
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(format!("PUT /v1/sandboxes/{SB}/files?path=/big HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n", 2 * handoff).as_bytes()).unwrap();
+        s.write_all(&vec![b'x'; handoff + 100]).unwrap();
+        s
+    };
+    let t = std::time::Instant::now();
+    let mut first = upload();
+    let mut second = upload();
+    let r = read_response(&mut first);
+    let first_at = t.elapsed();
+    assert_eq!((r.status, r.error_code()), (408, "request_timeout".into()));
+    let msg = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(msg.contains("within the 0.6 s read deadline"), "{msg}");
+    let r = read_response(&mut second);
+    let second_at = t.elapsed();
+    assert_eq!(r.status, 408);
+    assert!(
+        second_at >= first_at + Duration::from_millis(400),
+        "the second stalled upload got a worker only after the first: {first_at:?} then {second_at:?}"
+    );
+    drop((first, second));
+    // One key holds at most one worker: two slow calls with it run one after the other.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                post(
+                    a,
+                    &format!("/v1/sandboxes/{SB}/exec"),
+                    &json!({"process": {"cmd": "sleep"}}),
+                )
+                .status
+            })
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let mut most = 0;
+    while t.elapsed() < Duration::from_millis(2500) {
+        most = most.max(gw.fake.sleeping.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in slow {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    assert_eq!(most, 1, "one key, one worker at a time");
+}
