@@ -13,6 +13,17 @@ pub const JSON_BODY_MAX: usize = proto::limits::MESSAGE_LEN_MAX;
 /// sending a 1 MiB body in one-byte chunks (6 bytes of framing each) is refused with 413
 /// rather than costing six times the memory of its body.
 pub const BODY_RAW_MAX: usize = 2 * JSON_BODY_MAX;
+/// Body bytes read for a request that no handler reads (`/health`, documents, unknown
+/// routes, answered 404/405): enough to keep a keep-alive connection, no more (413 beyond).
+pub const OPEN_BODY_MAX: usize = DRAIN_MAX as usize;
+/// Request bytes (heads and bodies) the event loop holds in all connection buffers at
+/// once: 256 complete 1 MiB bodies. Beyond it, reads wait until requests move on (the
+/// kernel's receive window pushes back on the clients), so memory stays bounded whatever
+/// the number of stalled bodies.
+pub const BUFFER_MAX: usize = 256 * JSON_BODY_MAX;
+/// Request bytes held for one source address: a quarter of [`BUFFER_MAX`], so one host's
+/// stalled bodies cannot pause everyone else's reads.
+pub const SOURCE_BUFFER_MAX: usize = BUFFER_MAX / 4;
 /// Largest part-header block of a multipart body.
 pub const MULTIPART_HEAD_MAX: usize = 8 * 1024;
 /// Largest non-file form field of a multipart upload (a path, a user, a mode).
@@ -95,3 +106,4 @@ const _: () = assert!(SOURCE_WORKERS_MAX <= WORKERS_MAX && STREAM_WORKERS_MAX < 
 const _: () = assert!(KEY_WORKERS_MAX <= WORKERS_MAX);
 const _: () = assert!(SOURCE_QUEUED_MAX <= QUEUE_MAX);
 const _: () = assert!(STREAM_HANDOFF <= BODY_RAW_MAX);
+const _: () = assert!(BODY_RAW_MAX <= SOURCE_BUFFER_MAX && SOURCE_BUFFER_MAX <= BUFFER_MAX);

@@ -35,7 +35,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,10 +49,11 @@ use proto::rpc::Peer;
 use super::backend::Backend;
 use super::handler::{api_key, missing_key, After, Gateway, METRICS};
 use super::limits::{
-    BODY_RAW_MAX, BODY_TIMEOUT, CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT, IDLE_TIMEOUT,
-    IO_TIMEOUT, JSON_BODY_MAX, KEY_WORKERS_MAX, LINGER_BYTES, LINGER_TIMEOUT, OPS_QUEUE_MAX,
-    OPS_WORKERS, QUEUE_MAX, READ_CHUNK, RETRY_AFTER_SECS, SOURCE_CONNECTIONS_MAX,
-    SOURCE_QUEUED_MAX, SOURCE_WORKERS_MAX, STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
+    BODY_RAW_MAX, BODY_TIMEOUT, BUFFER_MAX, CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT,
+    IDLE_TIMEOUT, IO_TIMEOUT, JSON_BODY_MAX, KEY_WORKERS_MAX, LINGER_BYTES, LINGER_TIMEOUT,
+    OPEN_BODY_MAX, OPS_QUEUE_MAX, OPS_WORKERS, QUEUE_MAX, READ_CHUNK, RETRY_AFTER_SECS,
+    SOURCE_BUFFER_MAX, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX, SOURCE_WORKERS_MAX,
+    STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
 };
 use super::request::{parse_head, Head, HeadError, Wire};
 use super::response::{response_bytes, Response};
@@ -77,6 +78,8 @@ pub struct HttpConfig {
     pub stream_workers_max: usize,
     pub queue_max: usize,
     pub source_queued_max: usize,
+    pub buffer_max: usize,
+    pub source_buffer_max: usize,
     pub head_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_timeout: Duration,
@@ -94,6 +97,8 @@ impl Default for HttpConfig {
             stream_workers_max: STREAM_WORKERS_MAX,
             queue_max: QUEUE_MAX,
             source_queued_max: SOURCE_QUEUED_MAX,
+            buffer_max: BUFFER_MAX,
+            source_buffer_max: SOURCE_BUFFER_MAX,
             head_timeout: HEAD_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
@@ -229,6 +234,8 @@ struct Shared {
     returned: Mutex<Vec<Returned>>,
     waker: Waker,
     stop: AtomicBool,
+    /// Request bytes the loop holds (see `HttpHandle::buffered`).
+    held: AtomicUsize,
 }
 
 impl Shared {
@@ -247,6 +254,11 @@ pub struct HttpHandle {
 }
 
 impl HttpHandle {
+    /// Request bytes (heads and bodies) the event loop holds in its buffers now.
+    pub fn buffered(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+
     /// Stops accepting and closes idle connections; requests being served finish.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
@@ -271,6 +283,8 @@ struct SourceUse {
     conns: usize,
     queued: usize,
     busy: usize,
+    /// Request bytes of this source the loop holds.
+    held: usize,
 }
 
 pub struct HttpServer {
@@ -293,6 +307,10 @@ pub struct HttpServer {
     ops_busy: usize,
     /// Workers held per API key.
     key_busy: HashMap<String, usize>,
+    /// Request bytes (heads, bodies) the loop holds in connection buffers.
+    held: usize,
+    /// Connections whose reads wait for buffer room (retried every turn of the loop).
+    paused: Vec<usize>,
 }
 
 impl HttpServer {
@@ -320,6 +338,7 @@ impl HttpServer {
                 returned: Mutex::new(Vec::new()),
                 waker,
                 stop: AtomicBool::new(false),
+                held: AtomicUsize::new(0),
             }),
             gateway: Arc::new(Gateway {
                 io_timeout: config.io_timeout,
@@ -338,6 +357,8 @@ impl HttpServer {
             streams_busy: 0,
             ops_busy: 0,
             key_busy: HashMap::new(),
+            held: 0,
+            paused: Vec::new(),
         })
     }
 
@@ -388,6 +409,7 @@ impl HttpServer {
                     .count();
                 METRICS.connections_open.add(-(open as i64));
                 METRICS.queued.add(-(self.queue.len() as i64));
+                METRICS.buffered.add(-(self.held as i64));
                 log::info!("http stopped addr={}", self.addr);
                 return Ok(());
             }
@@ -414,11 +436,25 @@ impl HttpServer {
                 self.on_returned(r);
             }
             self.pump();
+            if !self.paused.is_empty() {
+                for i in std::mem::take(&mut self.paused) {
+                    self.readable(i);
+                }
+            }
             if Instant::now() >= next_sweep {
                 next_sweep = Instant::now() + sweep;
                 self.sweep();
             }
         }
+    }
+
+    /// Counts `n` more (or fewer) request bytes held for `source`.
+    fn hold(&mut self, source: IpAddr, n: isize) {
+        self.held = self.held.saturating_add_signed(n);
+        self.shared.held.store(self.held, Ordering::Relaxed);
+        METRICS.buffered.add(n as i64);
+        let u = self.source_use(source);
+        u.held = u.held.saturating_add_signed(n);
     }
 
     fn source_use(&mut self, ip: IpAddr) -> &mut SourceUse {
@@ -429,7 +465,7 @@ impl HttpServer {
         if self
             .sources
             .get(&ip)
-            .is_some_and(|u| u.conns == 0 && u.queued == 0 && u.busy == 0)
+            .is_some_and(|u| u.conns == 0 && u.queued == 0 && u.busy == 0 && u.held == 0)
         {
             self.sources.remove(&ip);
         }
@@ -511,6 +547,7 @@ impl HttpServer {
             METRICS.connections_open.add(-1);
             self.free.push(i);
             self.source_use(c.source).conns -= 1;
+            self.hold(c.source, -(c.buf.len() as isize));
             if matches!(c.phase, Phase::Queued(_)) {
                 self.unqueue(i, c.gen, c.source);
             }
@@ -596,9 +633,30 @@ impl HttpServer {
 
     fn read_once(&mut self, i: usize) -> ReadOutcome {
         let head_timeout = self.config.head_timeout;
+        let (held, buffer_max, source_buffer_max) = (
+            self.held,
+            self.config.buffer_max,
+            self.config.source_buffer_max,
+        );
+        let source = match self.conn(i) {
+            Some(c) => c.source,
+            None => return ReadOutcome::Stop,
+        };
+        let source_held = self.sources.get(&source).map_or(0, |u| u.held);
         let Some(c) = self.conn(i) else {
             return ReadOutcome::Stop;
         };
+        // Memory: the loop holds at most buffer_max body bytes (plus heads), a source at most
+        // source_buffer_max; beyond, reads wait (the kernel's window pushes back on the
+        // client) and are retried as room frees up. Heads are not paused (at most HEAD_MAX
+        // per connection), so `/health` is always read.
+        let buffering = matches!(c.phase, Phase::Body { .. });
+        if buffering
+            && (held + READ_CHUNK > buffer_max || source_held + READ_CHUNK > source_buffer_max)
+        {
+            self.paused.push(i);
+            return ReadOutcome::Stop;
+        }
         let room = match &c.phase {
             Phase::Head => HEAD_MAX + 1 > c.buf.len(),
             Phase::Body { .. } => BODY_RAW_MAX + 1 > c.buf.len(),
@@ -624,6 +682,7 @@ impl HttpServer {
                         c.deadline = Instant::now() + head_timeout;
                     }
                     c.buf.extend_from_slice(&chunk[..n]);
+                    self.hold(source, n as isize);
                     ReadOutcome::Got
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::Stop,
@@ -638,6 +697,8 @@ impl HttpServer {
         match parse_head(&c.buf) {
             Ok(Some((head, n))) => {
                 c.buf.drain(..n);
+                let source = c.source;
+                self.hold(source, -(n as isize));
                 self.on_head(i, head);
             }
             Ok(None) => {
@@ -709,7 +770,9 @@ impl HttpServer {
         let Some(c) = self.conn(i) else { return };
         let decoder = BodyDecoder::new(req.head.framing()).with_limit(match req.plan {
             Plan::Api { stream: true, .. } => u64::MAX,
-            _ => JSON_BODY_MAX as u64,
+            Plan::Api { .. } => JSON_BODY_MAX as u64,
+            // No handler reads it (documents, 404, 405): a little, to keep the connection.
+            Plan::Ops | Plan::Open => OPEN_BODY_MAX as u64,
         });
         c.phase = Phase::Body {
             req,
@@ -952,6 +1015,8 @@ impl HttpServer {
             source,
             ..
         } = *c;
+        // The worker holds these bytes now (a bounded request, or a stream's prefix).
+        self.hold(source, -(buf.len() as isize));
         let Phase::Queued(req) = phase else {
             // Not a request: put it back as it was (cannot happen: only queued requests
             // are jobs without a key).
@@ -1129,6 +1194,7 @@ impl HttpServer {
         {
             return self.release(i);
         }
+        self.hold(source, buf.len() as isize);
         let now = Instant::now();
         let (phase, deadline) = match then {
             Then::Resume if buf.is_empty() => (Phase::Head, now + self.config.idle_timeout),

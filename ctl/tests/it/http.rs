@@ -2782,3 +2782,53 @@ fn streamed_bodies_and_keys_stay_within_their_worker_budgets() {
     }
     assert_eq!(most, 1, "one key, one worker at a time");
 }
+
+#[test]
+fn stalled_bodies_stay_within_the_buffer_budget() {
+    let budget = 1 << 20;
+    let gw = start(HttpConfig {
+        buffer_max: budget,
+        source_buffer_max: budget,
+        body_timeout: Duration::from_millis(1500),
+        ..HttpConfig::default()
+    });
+    let a = gw.addr;
+    // Eight keyed requests announce 1 MiB bodies and send 400 KiB each (3.2 MiB), then stall.
+    let stalled: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(a).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(format!("POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", 1 << 20).as_bytes()).unwrap();
+            s.write_all(&vec![b' '; 400 << 10]).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let held = gw.handle.buffered();
+    // The budget, plus one read per connection taken while its head was read (heads are
+    // never paused, so /health is always read).
+    let slack = 9 * ctl::http::limits::READ_CHUNK;
+    assert!(
+        held <= budget + slack,
+        "the loop holds {held} bytes, budget {budget} + {slack}"
+    );
+    assert!(held > budget / 2, "the budget is used: {held}");
+    // Heads are still read: /health answers.
+    let t = std::time::Instant::now();
+    assert_eq!(request(a, "GET", "/health", None, None, "").status, 200);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    // At the body deadline every stalled request is answered 408 and its bytes released.
+    for mut s in stalled {
+        let r = read_response(&mut s);
+        assert_eq!(r.status, 408);
+    }
+    let t = std::time::Instant::now();
+    while gw.handle.buffered() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} bytes still held",
+            gw.handle.buffered()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
