@@ -67,10 +67,10 @@ pub const OPS_WORKERS: usize = 2;
 /// scrapers send one at a time.
 pub const OPS_QUEUE_MAX: usize = 64;
 
-/// A request head must arrive whole within this time of its first byte (slowloris).
+/// A request head must arrive whole within this time of its first byte, or of the accept
+/// for a new connection (slowloris; a connection that sends nothing).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection that sends nothing (new, or idle between keep-alive requests) is closed
-/// after this long.
+/// A keep-alive connection idle between requests is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A request body must arrive whole (or, for a streamed upload, its first
 /// [`STREAM_HANDOFF`] bytes) within this time of its head; else 408 naming this deadline.

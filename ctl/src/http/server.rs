@@ -521,7 +521,9 @@ impl HttpServer {
                 buf: Vec::new(),
                 out: Vec::new(),
                 phase: Phase::Head,
-                deadline: Instant::now() + self.config.idle_timeout,
+                // A new connection must send its request head within the head deadline;
+                // the longer idle deadline is for keep-alive connections between requests.
+                deadline: Instant::now() + self.config.head_timeout,
                 gen: self.next_gen,
                 prepared: false,
             }));

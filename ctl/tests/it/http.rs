@@ -2673,7 +2673,7 @@ fn keep_alive_clients_beyond_the_pool_queue_instead_of_503() {
 fn stalled_chunked_body_gets_408_at_the_body_deadline() {
     let gw = start(HttpConfig {
         body_timeout: Duration::from_millis(500),
-        idle_timeout: Duration::from_millis(500),
+        head_timeout: Duration::from_millis(500),
         source_connections_max: 4,
         ..HttpConfig::default()
     });
@@ -2696,7 +2696,7 @@ fn stalled_chunked_body_gets_408_at_the_body_deadline() {
     );
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap_or(0), 0, "closed after 408");
-    // A connection that sends nothing is closed at the idle deadline.
+    // A new connection that sends nothing is closed at the head deadline.
     let mut idle = TcpStream::connect(a).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
