@@ -826,7 +826,7 @@ impl HttpServer {
                 BodyError::TooLarge { limit } => Response::error(
                     413,
                     "payload_too_large",
-                    &format!("JSON bodies are limited to {limit} bytes"),
+                    &format!("request body larger than {limit} bytes"),
                 ),
                 BodyError::Truncated => {
                     // The client went away mid-body: nobody to answer.
