@@ -32,6 +32,8 @@ pub struct HttpMetrics {
     pub workers_busy: Gauge,
     /// Requests (and key checks) waiting for a worker.
     pub queued: Gauge,
+    /// Request bytes held by the event loop.
+    pub buffered: Gauge,
     pub latency: Histogram,
     /// (operation, HTTP status) -> count; both sets are fixed, so the map stays small.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -42,6 +44,7 @@ pub static METRICS: HttpMetrics = HttpMetrics {
     connections_refused: Counter::new(),
     workers_busy: Gauge::new(),
     queued: Gauge::new(),
+    buffered: Gauge::new(),
     latency: Histogram::new(),
     requests: Mutex::new(BTreeMap::new()),
 };
@@ -121,6 +124,13 @@ impl HttpMetrics {
             "Complete requests and key checks waiting for a worker.",
         );
         sample(out, "wrenn_http_requests_queued", "", self.queued.get());
+        family(
+            out,
+            "wrenn_http_buffered_bytes",
+            "gauge",
+            "Request bytes (heads, bodies) held by the event loop.",
+        );
+        sample(out, "wrenn_http_buffered_bytes", "", self.buffered.get());
     }
 }
 

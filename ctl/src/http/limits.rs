@@ -13,6 +13,17 @@ pub const JSON_BODY_MAX: usize = proto::limits::MESSAGE_LEN_MAX;
 /// sending a 1 MiB body in one-byte chunks (6 bytes of framing each) is refused with 413
 /// rather than costing six times the memory of its body.
 pub const BODY_RAW_MAX: usize = 2 * JSON_BODY_MAX;
+/// Body bytes read for a request that no handler reads (`/health`, documents, unknown
+/// routes, answered 404/405): enough to keep a keep-alive connection, no more (413 beyond).
+pub const OPEN_BODY_MAX: usize = DRAIN_MAX as usize;
+/// Request bytes (heads and bodies) the event loop holds in all connection buffers at
+/// once: 256 complete 1 MiB bodies. Beyond it, reads wait until requests move on (the
+/// kernel's receive window pushes back on the clients), so memory stays bounded whatever
+/// the number of stalled bodies.
+pub const BUFFER_MAX: usize = 256 * JSON_BODY_MAX;
+/// Request bytes held for one source address: a quarter of [`BUFFER_MAX`], so one host's
+/// stalled bodies cannot pause everyone else's reads.
+pub const SOURCE_BUFFER_MAX: usize = BUFFER_MAX / 4;
 /// Largest part-header block of a multipart body.
 pub const MULTIPART_HEAD_MAX: usize = 8 * 1024;
 /// Largest non-file form field of a multipart upload (a path, a user, a mode).
@@ -31,6 +42,10 @@ pub const WORKERS_MAX: usize = 64;
 /// streams (exec output, downloads) leaves the other half to everyone else. Its further
 /// requests wait in the queue, they are not refused.
 pub const SOURCE_WORKERS_MAX: usize = WORKERS_MAX / 2;
+/// Workers one API key may hold at once (half the pool), whatever the addresses it comes
+/// from: one team's key running many long streams leaves the other half to other keys. Its
+/// further requests wait in the queue.
+pub const KEY_WORKERS_MAX: usize = WORKERS_MAX / 2;
 /// Workers held by requests whose body streams into the call (file uploads, stdin) after
 /// the hand-off: such a body can stall a worker until [`IO_TIMEOUT`], so at most a quarter
 /// of the pool, whatever the source.
@@ -52,10 +67,10 @@ pub const OPS_WORKERS: usize = 2;
 /// scrapers send one at a time.
 pub const OPS_QUEUE_MAX: usize = 64;
 
-/// A request head must arrive whole within this time of its first byte (slowloris).
+/// A request head must arrive whole within this time of its first byte, or of the accept
+/// for a new connection (slowloris; a connection that sends nothing).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection that sends nothing (new, or idle between keep-alive requests) is closed
-/// after this long.
+/// A keep-alive connection idle between requests is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A request body must arrive whole (or, for a streamed upload, its first
 /// [`STREAM_HANDOFF`] bytes) within this time of its head; else 408 naming this deadline.
@@ -88,5 +103,7 @@ pub const EVENTS: usize = 256;
 
 const _: () = assert!(SOURCE_CONNECTIONS_MAX <= CONNECTIONS_MAX);
 const _: () = assert!(SOURCE_WORKERS_MAX <= WORKERS_MAX && STREAM_WORKERS_MAX < WORKERS_MAX);
+const _: () = assert!(KEY_WORKERS_MAX <= WORKERS_MAX);
 const _: () = assert!(SOURCE_QUEUED_MAX <= QUEUE_MAX);
 const _: () = assert!(STREAM_HANDOFF <= BODY_RAW_MAX);
+const _: () = assert!(BODY_RAW_MAX <= SOURCE_BUFFER_MAX && SOURCE_BUFFER_MAX <= BUFFER_MAX);

@@ -15,7 +15,9 @@ The public API of wrenn-ctl over HTTP/1.1 and JSON. The same calls are served as
 protobuf (`wrenn.ctl.v1`, port 7700) over one service layer; this gateway listens on port 7701.
 
 Authentication: every `/v1` call needs an API key in the `X-API-Key` header. A key acts for \
-its team: every call sees only that team's resources (and the platform templates).
+its team: every call sees only that team's resources (and the platform templates). A request \
+without a key, or with a bad one, is answered 401 without its body being read, and the \
+connection is closed.
 
 JSON mapping of the protobuf messages: field names are the `.proto` names (snake_case); every \
 field is written, with its default when unset, except unset optional scalars, unset messages \
@@ -30,9 +32,10 @@ checked strictly; a bad ID is `invalid_argument` (400).
 Errors: `{\"error\":{\"code\":\"...\",\"message\":\"...\"}}` with a stable code: \
 invalid_argument 400, unauthenticated 401, permission_denied 403, not_found 404 (also for \
 other teams' resources and unknown routes), method_not_allowed 405, request_timeout 408 (a \
-request head or JSON body not received in time), already_exists and aborted 409, failed_precondition 412, payload_too_large 413 (JSON bodies are limited to \
+request head or body not received in time; the message names the deadline), already_exists and aborted 409, failed_precondition 412, payload_too_large 413 (JSON bodies are limited to \
 1 MiB; file transfers have no limit), unsupported_media_type 415, resource_exhausted 429, \
-internal 500, unimplemented 501, unavailable 503, deadline_exceeded 504.
+internal 500, unimplemented 501, unavailable 503 (also at the gateway's connection and \
+queue bounds, with `Retry-After`), deadline_exceeded 504.
 
 Streams: `exec/stream` and `processes/connect` answer chunked newline-delimited JSON, one \
 `envd.v1.ProcessEvent` per line; a failure after the first line arrives as a last line \

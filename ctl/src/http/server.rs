@@ -16,7 +16,7 @@
 //!    bytes arrived (stdin at its first byte) and count against [`STREAM_WORKERS_MAX`];
 //! 5. the complete request waits in a bounded FIFO queue for a worker ([`QUEUE_MAX`], per
 //!    source [`SOURCE_QUEUED_MAX`]; 503 with `Retry-After` beyond), a source holding at
-//!    most [`SOURCE_WORKERS_MAX`] workers;
+//!    most [`SOURCE_WORKERS_MAX`] workers and an API key at most [`KEY_WORKERS_MAX`];
 //! 6. the worker turns the socket blocking (I/O timeouts), serves the request, including
 //!    streamed answers of any length, and gives the connection back to the loop for the
 //!    next keep-alive or pipelined request.
@@ -35,7 +35,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,9 +49,10 @@ use proto::rpc::Peer;
 use super::backend::Backend;
 use super::handler::{api_key, missing_key, After, Gateway, METRICS};
 use super::limits::{
-    BODY_RAW_MAX, BODY_TIMEOUT, CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT, IDLE_TIMEOUT,
-    IO_TIMEOUT, JSON_BODY_MAX, LINGER_BYTES, LINGER_TIMEOUT, OPS_QUEUE_MAX, OPS_WORKERS, QUEUE_MAX,
-    READ_CHUNK, RETRY_AFTER_SECS, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX, SOURCE_WORKERS_MAX,
+    BODY_RAW_MAX, BODY_TIMEOUT, BUFFER_MAX, CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT,
+    IDLE_TIMEOUT, IO_TIMEOUT, JSON_BODY_MAX, KEY_WORKERS_MAX, LINGER_BYTES, LINGER_TIMEOUT,
+    OPEN_BODY_MAX, OPS_QUEUE_MAX, OPS_WORKERS, QUEUE_MAX, READ_CHUNK, RETRY_AFTER_SECS,
+    SOURCE_BUFFER_MAX, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX, SOURCE_WORKERS_MAX,
     STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
 };
 use super::request::{parse_head, Head, HeadError, Wire};
@@ -73,9 +74,12 @@ pub struct HttpConfig {
     pub source_connections_max: usize,
     pub workers_max: usize,
     pub source_workers_max: usize,
+    pub key_workers_max: usize,
     pub stream_workers_max: usize,
     pub queue_max: usize,
     pub source_queued_max: usize,
+    pub buffer_max: usize,
+    pub source_buffer_max: usize,
     pub head_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_timeout: Duration,
@@ -89,9 +93,12 @@ impl Default for HttpConfig {
             source_connections_max: SOURCE_CONNECTIONS_MAX,
             workers_max: WORKERS_MAX,
             source_workers_max: SOURCE_WORKERS_MAX,
+            key_workers_max: KEY_WORKERS_MAX,
             stream_workers_max: STREAM_WORKERS_MAX,
             queue_max: QUEUE_MAX,
             source_queued_max: SOURCE_QUEUED_MAX,
+            buffer_max: BUFFER_MAX,
+            source_buffer_max: SOURCE_BUFFER_MAX,
             head_timeout: HEAD_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
@@ -196,6 +203,8 @@ enum Slot {
         source: IpAddr,
         stream: bool,
         gen: u64,
+        /// The API key it was sent with (its worker budget), if any.
+        key: Option<String>,
     },
 }
 
@@ -225,6 +234,8 @@ struct Shared {
     returned: Mutex<Vec<Returned>>,
     waker: Waker,
     stop: AtomicBool,
+    /// Request bytes the loop holds (see `HttpHandle::buffered`).
+    held: AtomicUsize,
 }
 
 impl Shared {
@@ -243,6 +254,11 @@ pub struct HttpHandle {
 }
 
 impl HttpHandle {
+    /// Request bytes (heads and bodies) the event loop holds in its buffers now.
+    pub fn buffered(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+
     /// Stops accepting and closes idle connections; requests being served finish.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
@@ -258,6 +274,8 @@ struct Job {
     /// Some: a key to check (the connection stays on the loop).
     auth: Option<String>,
     stream: bool,
+    /// The request's API key: a key holds at most `key_workers_max` workers.
+    key: Option<String>,
 }
 
 #[derive(Default)]
@@ -265,6 +283,8 @@ struct SourceUse {
     conns: usize,
     queued: usize,
     busy: usize,
+    /// Request bytes of this source the loop holds.
+    held: usize,
 }
 
 pub struct HttpServer {
@@ -285,6 +305,12 @@ pub struct HttpServer {
     busy: usize,
     streams_busy: usize,
     ops_busy: usize,
+    /// Workers held per API key.
+    key_busy: HashMap<String, usize>,
+    /// Request bytes (heads, bodies) the loop holds in connection buffers.
+    held: usize,
+    /// Connections whose reads wait for buffer room (retried every turn of the loop).
+    paused: Vec<usize>,
 }
 
 impl HttpServer {
@@ -312,6 +338,7 @@ impl HttpServer {
                 returned: Mutex::new(Vec::new()),
                 waker,
                 stop: AtomicBool::new(false),
+                held: AtomicUsize::new(0),
             }),
             gateway: Arc::new(Gateway {
                 io_timeout: config.io_timeout,
@@ -329,6 +356,9 @@ impl HttpServer {
             busy: 0,
             streams_busy: 0,
             ops_busy: 0,
+            key_busy: HashMap::new(),
+            held: 0,
+            paused: Vec::new(),
         })
     }
 
@@ -379,6 +409,7 @@ impl HttpServer {
                     .count();
                 METRICS.connections_open.add(-(open as i64));
                 METRICS.queued.add(-(self.queue.len() as i64));
+                METRICS.buffered.add(-(self.held as i64));
                 log::info!("http stopped addr={}", self.addr);
                 return Ok(());
             }
@@ -405,11 +436,25 @@ impl HttpServer {
                 self.on_returned(r);
             }
             self.pump();
+            if !self.paused.is_empty() {
+                for i in std::mem::take(&mut self.paused) {
+                    self.readable(i);
+                }
+            }
             if Instant::now() >= next_sweep {
                 next_sweep = Instant::now() + sweep;
                 self.sweep();
             }
         }
+    }
+
+    /// Counts `n` more (or fewer) request bytes held for `source`.
+    fn hold(&mut self, source: IpAddr, n: isize) {
+        self.held = self.held.saturating_add_signed(n);
+        self.shared.held.store(self.held, Ordering::Relaxed);
+        METRICS.buffered.add(n as i64);
+        let u = self.source_use(source);
+        u.held = u.held.saturating_add_signed(n);
     }
 
     fn source_use(&mut self, ip: IpAddr) -> &mut SourceUse {
@@ -420,7 +465,7 @@ impl HttpServer {
         if self
             .sources
             .get(&ip)
-            .is_some_and(|u| u.conns == 0 && u.queued == 0 && u.busy == 0)
+            .is_some_and(|u| u.conns == 0 && u.queued == 0 && u.busy == 0 && u.held == 0)
         {
             self.sources.remove(&ip);
         }
@@ -476,7 +521,9 @@ impl HttpServer {
                 buf: Vec::new(),
                 out: Vec::new(),
                 phase: Phase::Head,
-                deadline: Instant::now() + self.config.idle_timeout,
+                // A new connection must send its request head within the head deadline;
+                // the longer idle deadline is for keep-alive connections between requests.
+                deadline: Instant::now() + self.config.head_timeout,
                 gen: self.next_gen,
                 prepared: false,
             }));
@@ -502,6 +549,7 @@ impl HttpServer {
             METRICS.connections_open.add(-1);
             self.free.push(i);
             self.source_use(c.source).conns -= 1;
+            self.hold(c.source, -(c.buf.len() as isize));
             if matches!(c.phase, Phase::Queued(_)) {
                 self.unqueue(i, c.gen, c.source);
             }
@@ -587,9 +635,30 @@ impl HttpServer {
 
     fn read_once(&mut self, i: usize) -> ReadOutcome {
         let head_timeout = self.config.head_timeout;
+        let (held, buffer_max, source_buffer_max) = (
+            self.held,
+            self.config.buffer_max,
+            self.config.source_buffer_max,
+        );
+        let source = match self.conn(i) {
+            Some(c) => c.source,
+            None => return ReadOutcome::Stop,
+        };
+        let source_held = self.sources.get(&source).map_or(0, |u| u.held);
         let Some(c) = self.conn(i) else {
             return ReadOutcome::Stop;
         };
+        // Memory: the loop holds at most buffer_max body bytes (plus heads), a source at most
+        // source_buffer_max; beyond, reads wait (the kernel's window pushes back on the
+        // client) and are retried as room frees up. Heads are not paused (at most HEAD_MAX
+        // per connection), so `/health` is always read.
+        let buffering = matches!(c.phase, Phase::Body { .. });
+        if buffering
+            && (held + READ_CHUNK > buffer_max || source_held + READ_CHUNK > source_buffer_max)
+        {
+            self.paused.push(i);
+            return ReadOutcome::Stop;
+        }
         let room = match &c.phase {
             Phase::Head => HEAD_MAX + 1 > c.buf.len(),
             Phase::Body { .. } => BODY_RAW_MAX + 1 > c.buf.len(),
@@ -615,6 +684,7 @@ impl HttpServer {
                         c.deadline = Instant::now() + head_timeout;
                     }
                     c.buf.extend_from_slice(&chunk[..n]);
+                    self.hold(source, n as isize);
                     ReadOutcome::Got
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::Stop,
@@ -629,6 +699,8 @@ impl HttpServer {
         match parse_head(&c.buf) {
             Ok(Some((head, n))) => {
                 c.buf.drain(..n);
+                let source = c.source;
+                self.hold(source, -(n as isize));
                 self.on_head(i, head);
             }
             Ok(None) => {
@@ -684,6 +756,7 @@ impl HttpServer {
                             source,
                             auth: Some(k),
                             stream: false,
+                            key: None,
                         },
                     );
                     return;
@@ -699,7 +772,9 @@ impl HttpServer {
         let Some(c) = self.conn(i) else { return };
         let decoder = BodyDecoder::new(req.head.framing()).with_limit(match req.plan {
             Plan::Api { stream: true, .. } => u64::MAX,
-            _ => JSON_BODY_MAX as u64,
+            Plan::Api { .. } => JSON_BODY_MAX as u64,
+            // No handler reads it (documents, 404, 405): a little, to keep the connection.
+            Plan::Ops | Plan::Open => OPEN_BODY_MAX as u64,
         });
         c.phase = Phase::Body {
             req,
@@ -751,7 +826,7 @@ impl HttpServer {
                 BodyError::TooLarge { limit } => Response::error(
                     413,
                     "payload_too_large",
-                    &format!("JSON bodies are limited to {limit} bytes"),
+                    &format!("request body larger than {limit} bytes"),
                 ),
                 BodyError::Truncated => {
                     // The client went away mid-body: nobody to answer.
@@ -789,6 +864,10 @@ impl HttpServer {
     fn ready(&mut self, i: usize, req: Pending) {
         let ops = req.plan == Plan::Ops;
         let stream = matches!(req.plan, Plan::Api { stream: true, .. });
+        let key = match req.plan {
+            Plan::Api { .. } => api_key(&req.head).map(str::to_owned),
+            Plan::Ops | Plan::Open => None,
+        };
         let Some(c) = self.conn(i) else { return };
         let (gen, source) = (c.gen, c.source);
         c.phase = Phase::Queued(req);
@@ -805,6 +884,7 @@ impl HttpServer {
                 source,
                 auth: None,
                 stream: false,
+                key: None,
             });
             self.pump();
             return;
@@ -817,6 +897,7 @@ impl HttpServer {
                 source,
                 auth: None,
                 stream,
+                key,
             },
         );
     }
@@ -856,8 +937,15 @@ impl HttpServer {
         while self.busy < self.config.workers_max && k < self.queue.len() {
             let job = &self.queue[k];
             let source_busy = self.sources.get(&job.source).map_or(0, |u| u.busy);
+            let key_busy = job
+                .key
+                .as_ref()
+                .and_then(|k| self.key_busy.get(k))
+                .copied()
+                .unwrap_or(0);
             let blocked = job.auth.is_none()
                 && (source_busy >= self.config.source_workers_max
+                    || key_busy >= self.config.key_workers_max
                     || (job.stream && self.streams_busy >= self.config.stream_workers_max));
             if blocked {
                 k += 1;
@@ -915,6 +1003,7 @@ impl HttpServer {
                 source: job.source,
                 stream: job.stream,
                 gen: job.gen,
+                key: job.key.clone(),
             },
         ) else {
             return;
@@ -928,6 +1017,8 @@ impl HttpServer {
             source,
             ..
         } = *c;
+        // The worker holds these bytes now (a bounded request, or a stream's prefix).
+        self.hold(source, -(buf.len() as isize));
         let Phase::Queued(req) = phase else {
             // Not a request: put it back as it was (cannot happen: only queued requests
             // are jobs without a key).
@@ -956,6 +1047,9 @@ impl HttpServer {
             }
         }
         self.source_use(source).busy += 1;
+        if let Some(k) = job.key {
+            *self.key_busy.entry(k).or_insert(0) += 1;
+        }
         let gateway = self.gateway.clone();
         let shared = self.shared.clone();
         let run = move || {
@@ -1035,10 +1129,23 @@ impl HttpServer {
                 }
             }
             Returned::Served { slot, ops, conn } => {
-                let (source, stream) = match self.slots[slot] {
-                    Slot::Busy { source, stream, .. } => (source, stream),
+                let (source, stream, key) = match &self.slots[slot] {
+                    Slot::Busy {
+                        source,
+                        stream,
+                        key,
+                        ..
+                    } => (*source, *stream, key.clone()),
                     _ => return,
                 };
+                if let Some(k) = key {
+                    if let Some(n) = self.key_busy.get_mut(&k) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.key_busy.remove(&k);
+                        }
+                    }
+                }
                 if ops {
                     self.ops_busy -= 1;
                 } else {
@@ -1089,6 +1196,7 @@ impl HttpServer {
         {
             return self.release(i);
         }
+        self.hold(source, buf.len() as isize);
         let now = Instant::now();
         let (phase, deadline) = match then {
             Then::Resume if buf.is_empty() => (Phase::Head, now + self.config.idle_timeout),

@@ -2886,7 +2886,7 @@ fn keep_alive_clients_beyond_the_pool_queue_instead_of_503() {
 fn stalled_chunked_body_gets_408_at_the_body_deadline() {
     let gw = start(HttpConfig {
         body_timeout: Duration::from_millis(500),
-        idle_timeout: Duration::from_millis(500),
+        head_timeout: Duration::from_millis(500),
         source_connections_max: 4,
         ..HttpConfig::default()
     });
@@ -2909,7 +2909,7 @@ fn stalled_chunked_body_gets_408_at_the_body_deadline() {
     );
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap_or(0), 0, "closed after 408");
-    // A connection that sends nothing is closed at the idle deadline.
+    // A new connection that sends nothing is closed at the head deadline.
     let mut idle = TcpStream::connect(a).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -2931,4 +2931,117 @@ fn stalled_chunked_body_gets_408_at_the_body_deadline() {
     assert_eq!(r.status, 503);
     assert!(String::from_utf8_lossy(&r.body).contains("from this address"));
     drop(held);
+}
+
+#[test]
+fn streamed_bodies_and_keys_stay_within_their_worker_budgets() {
+    let gw = start(HttpConfig {
+        io_timeout: Duration::from_millis(600),
+        stream_workers_max: 1,
+        key_workers_max: 1,
+        ..HttpConfig::default()
+    });
+    let a = gw.addr;
+    let handoff = ctl::http::limits::STREAM_HANDOFF;
+    // Two uploads that send their first STREAM_HANDOFF bytes (so a worker takes them over)
+    // and then stall: with a stream budget of 1, the second waits for the first.
+    let upload = move || {
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(format!("PUT /v1/sandboxes/{SB}/files?path=/big HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n", 2 * handoff).as_bytes()).unwrap();
+        s.write_all(&vec![b'x'; handoff + 100]).unwrap();
+        s
+    };
+    let t = std::time::Instant::now();
+    let mut first = upload();
+    let mut second = upload();
+    let r = read_response(&mut first);
+    let first_at = t.elapsed();
+    assert_eq!((r.status, r.error_code()), (408, "request_timeout".into()));
+    let msg = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(msg.contains("within the 0.6 s read deadline"), "{msg}");
+    let r = read_response(&mut second);
+    let second_at = t.elapsed();
+    assert_eq!(r.status, 408);
+    assert!(
+        second_at >= first_at + Duration::from_millis(400),
+        "the second stalled upload got a worker only after the first: {first_at:?} then {second_at:?}"
+    );
+    drop((first, second));
+    // One key holds at most one worker: two slow calls with it run one after the other.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                post(
+                    a,
+                    &format!("/v1/sandboxes/{SB}/exec"),
+                    &json!({"process": {"cmd": "sleep"}}),
+                )
+                .status
+            })
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let mut most = 0;
+    while t.elapsed() < Duration::from_millis(2500) {
+        most = most.max(gw.fake.sleeping.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in slow {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    assert_eq!(most, 1, "one key, one worker at a time");
+}
+
+#[test]
+fn stalled_bodies_stay_within_the_buffer_budget() {
+    let budget = 1 << 20;
+    let gw = start(HttpConfig {
+        buffer_max: budget,
+        source_buffer_max: budget,
+        body_timeout: Duration::from_millis(1500),
+        ..HttpConfig::default()
+    });
+    let a = gw.addr;
+    // Eight keyed requests announce 1 MiB bodies and send 400 KiB each (3.2 MiB), then stall.
+    let stalled: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(a).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(format!("POST /v1/sandboxes HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", 1 << 20).as_bytes()).unwrap();
+            s.write_all(&vec![b' '; 400 << 10]).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let held = gw.handle.buffered();
+    // The budget, plus one read per connection taken while its head was read (heads are
+    // never paused, so /health is always read).
+    let slack = 9 * ctl::http::limits::READ_CHUNK;
+    assert!(
+        held <= budget + slack,
+        "the loop holds {held} bytes, budget {budget} + {slack}"
+    );
+    assert!(held > budget / 2, "the budget is used: {held}");
+    // Heads are still read: /health answers.
+    let t = std::time::Instant::now();
+    assert_eq!(request(a, "GET", "/health", None, None, "").status, 200);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    // At the body deadline every stalled request is answered 408 and its bytes released.
+    for mut s in stalled {
+        let r = read_response(&mut s);
+        assert_eq!(r.status, 408);
+    }
+    let t = std::time::Instant::now();
+    while gw.handle.buffered() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} bytes still held",
+            gw.handle.buffered()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
