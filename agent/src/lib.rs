@@ -1,4 +1,4 @@
-//! `agent`: wrenn-agent, the per-host daemon that runs sandboxes (DESIGN.md §1, §3).
+//! `agent`: wrenn-agent, the per-host daemon that runs sandboxes (ARCHITECTURE.md, `agent/`).
 //!
 //! - [`state`]: the sandbox state machine as a table;
 //! - [`statedir`]: records under the state root, written atomically;

@@ -1,4 +1,4 @@
-//! The sandbox state machine of DESIGN.md §3, as one table.
+//! The sandbox state machine, as one table (the states are wrenn.agent.v1.SandboxState).
 //!
 //! ```text
 //! pending ─Start─> starting ─Started─> running ─Pause─> pausing ─Paused─> paused

@@ -579,7 +579,7 @@ fn restore_once(
 
     let mut api = vm.vm()?.api_client();
     let mut load = SnapshotLoad::new(&snap.state, mem);
-    // As the agent loads (DESIGN §3): dirty tracking on for the next Diff, vsock override.
+    // As the agent loads (agent/src/firecracker.rs): dirty tracking on for the next Diff, vsock override.
     load.track_dirty_pages = true;
     load.resume_vm = false;
     load.vsock_override = Some(uds.clone());

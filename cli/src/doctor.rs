@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::image::args::{self, Flag};
 
-/// Default state root (DESIGN.md §8).
+/// Default state root (the agent's default, `agent/src/statedir.rs`).
 pub const DEFAULT_STATE_ROOT: &str = "/var/lib/wrenn";
 /// Template id of the base (`minimal`) template whose rootfs `wrenn image rootfs` builds.
 pub const MINIMAL_TEMPLATE: &str = "00000000-0000-0000-0000-000000000000";

@@ -1,4 +1,5 @@
-//! `wrenn image`: builds what a Firecracker guest boots, into the host layout of DESIGN.md §8.
+//! `wrenn image`: builds what a Firecracker guest boots, into the agent's state root
+//! (layout in `agent/src/statedir.rs`).
 //!
 //! - `wrenn image kernel`: an uncompressed `vmlinux` from Debian's `linux-source-<version>`
 //!   with the project's own config (`image/kernel/base.config` + `required.fragment`, checked
@@ -28,7 +29,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
-/// Default state root (DESIGN.md §8).
+/// Default state root (the agent's default, `agent/src/statedir.rs`).
 pub const DEFAULT_STATE_ROOT: &str = "/var/lib/wrenn";
 
 pub const USAGE: &str = "\

@@ -1,4 +1,4 @@
-//! Launcher of `wrenn-uffd`, the page server of one restored VM (DESIGN.md §1, §5).
+//! Launcher of `wrenn-uffd`, the page server of one restored VM (uffd/HEADER.md).
 //!
 //! It runs as its own process so that an agent restart or crash never freezes a VM; like
 //! Firecracker it gets its own session (`setsid`), a log file and a pidfd, and a state file so

@@ -20,7 +20,7 @@ use crate::limits::{
 
 /// Kernel arguments every guest gets: reboot by triple fault (Firecracker exits on it), panic
 /// reboots after a second, no PCI scan (virtio-mmio only), and kvm-clock as the clock source
-/// (the TSC is not trusted across snapshot restore; DESIGN.md §3).
+/// (the TSC is not trusted across snapshot restore).
 pub const BOOT_ARGS_BASE: &str = "reboot=k panic=1 pci=off clocksource=kvm-clock";
 /// Arguments when the serial console is asked for.
 pub const BOOT_ARGS_CONSOLE_ON: &str = "console=ttyS0";

@@ -23,7 +23,7 @@ use super::limits::{
 use super::sha256::Sha256;
 use super::{apt, create_dir, fmt_duration, io_err, sync_parent, ImageError, Lock};
 
-/// The `minimal` template's id (DESIGN.md §8).
+/// The `minimal` template's id (all zeros: the template every host has).
 pub const MINIMAL_TEMPLATE_ID: &str = "00000000-0000-0000-0000-000000000000";
 
 /// Packages on top of minbase: what users expect in a sandbox.

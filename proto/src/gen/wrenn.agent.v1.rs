@@ -557,7 +557,7 @@ pub struct MetricSample {
     #[prost(double, tag = "3")]
     pub value: f64,
 }
-/// Lifecycle state of a sandbox (DESIGN.md §3):
+/// Lifecycle state of a sandbox (agent/src/state.rs has the transitions):
 /// pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped,
 /// and error. Same numbering as wrenn.ctl.v1.SandboxState.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -1,4 +1,4 @@
-//! Network slots: one network namespace per sandbox, wired to the host (DESIGN.md §8).
+//! Network slots: one network namespace per sandbox, wired to the host.
 //!
 //! - [`slot`]: the slot layout (names, addresses, the guest's fixed address and its kernel
 //!   `ip=` argument), create/destroy/clean-up, and the slot allocator;
