@@ -1328,61 +1328,66 @@ fn stop_pidfile(layout: &Layout, name: &str, report: &mut String, left: &mut Vec
     }
 }
 
-/// The distinct `sb-<uuid>` ids in a JSON text.
-pub fn sandbox_ids(json: &str) -> Vec<String> {
-    let mut ids: Vec<String> = Vec::new();
-    for (i, _) in json.match_indices("\"sb-") {
-        let rest = &json[i + 1..];
-        let Some(end) = rest.find('"') else { continue };
-        let id = &rest[..end];
-        // "sb-" + a hyphenated UUID.
-        if id.len() == 3 + 36 && !ids.iter().any(|x| x == id) {
-            ids.push(id.to_owned());
-        }
-    }
-    ids
-}
-
-/// Destroys the local team's sandboxes through ctl, so that the agent tears down their VMs,
-/// network slots and disks itself (a stopped agent leaves them running on purpose).
+/// Destroys the local team's sandboxes through ctl's protobuf API (the generated
+/// `SandboxesClient`), so that the agent tears down their VMs, network slots and disks itself
+/// (a stopped agent leaves them running on purpose).
 fn destroy_sandboxes(
     layout: &Layout,
-    http: SocketAddr,
+    ctl: SocketAddr,
     report: &mut String,
     left: &mut Vec<String>,
 ) {
+    use proto::gen::wrenn::ctl::v1 as pb;
     let (Some(key), Some(_)) = (
         read_trim(&layout.api_key()),
         live_pid(&layout.pid("ctl"), "wrenn-ctl"),
     ) else {
         return;
     };
-    let auth = [("X-API-Key", key.as_str())];
-    let list = match http_get(http, "/v1/sandboxes", &auth, Duration::from_secs(10)) {
-        Ok((200, body)) => body,
-        Ok((code, body)) => {
-            report.push_str(&format!(
-                "could not list sandboxes ({code}): {}\n",
-                body.trim()
-            ));
-            return;
-        }
+    let client = match proto::rpc::Client::connect_tcp(ctl, proto::rpc::Credential::api_key(key))
+    {
+        Ok(c) => c,
         Err(e) => {
-            report.push_str(&format!("could not list sandboxes: {e}\n"));
+            report.push_str(&format!("could not reach ctl to list sandboxes: {e}\n"));
             return;
         }
     };
-    for id in sandbox_ids(&list) {
-        let path = format!("/v1/sandboxes/{id}");
-        match http_request(http, "DELETE", &path, &auth, "", STOP_TIMEOUT * 8) {
-            Ok((200 | 204 | 404, _)) => report.push_str(&format!("destroyed {id}\n")),
-            Ok((code, body)) => left.push(format!(
-                "sandbox {id}: destroy failed ({code}): {}",
-                body.trim()
-            )),
+    let list_client = pb::SandboxesClient::new(&client).with_timeout(Duration::from_secs(10));
+    let destroy_client = pb::SandboxesClient::new(&client).with_timeout(STOP_TIMEOUT * 8);
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = match list_client.list(&pb::ListSandboxesRequest {
+            page_size: 1000,
+            page_token: std::mem::take(&mut page_token),
+            ..Default::default()
+        }) {
+            Ok(p) => p,
+            Err(e) => {
+                report.push_str(&format!("could not list sandboxes: {e}\n"));
+                return;
+            }
+        };
+        ids.extend(page.sandboxes.into_iter().map(|sb| sb.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    for id in ids {
+        let req = pb::DestroySandboxRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        };
+        match destroy_client.destroy(&req) {
+            Ok(_) => report.push_str(&format!("destroyed {id}\n")),
+            Err(e) if e.code == proto::Code::NotFound => {
+                report.push_str(&format!("destroyed {id}\n"))
+            }
             Err(e) => left.push(format!("sandbox {id}: destroy failed: {e}")),
         }
     }
+    client.close();
 }
 
 /// Stops the stack in `layout`; returns what was done, or what was left behind.
@@ -1399,7 +1404,7 @@ pub fn stop(layout: &Layout) -> Result<String, UpError> {
     let conf = read_conf(&layout.stack());
     let root = sys::is_root();
 
-    if let Some(port) = conf.get("http_port").and_then(|p| p.parse::<u16>().ok()) {
+    if let Some(port) = conf.get("ctl_port").and_then(|p| p.parse::<u16>().ok()) {
         destroy_sandboxes(layout, loopback(port), &mut report, &mut left);
     }
     stop_pidfile(layout, "agent", &mut report, &mut left);
@@ -1565,15 +1570,6 @@ mod tests {
         let e = check_traversable(&inner, 4242).unwrap_err();
         assert!(e.to_string().contains("/a is closed"), "{e}");
         fs::remove_dir_all(&d).unwrap();
-    }
-
-    #[test]
-    fn sandbox_ids_are_distinct_and_well_formed() {
-        let a = "sb-0b5f0e4c-6c58-4c39-9d5e-0f3b7b1f7a11";
-        let b = "sb-1b5f0e4c-6c58-4c39-9d5e-0f3b7b1f7a11";
-        let json = format!("{{\"sandboxes\":[{{\"id\":\"{a}\"}},{{\"id\":\"{b}\",\"x\":\"{a}\"}},{{\"id\":\"sb-short\"}}]}}");
-        assert_eq!(sandbox_ids(&json), [a, b]);
-        assert!(sandbox_ids("{}").is_empty());
     }
 
     #[test]
