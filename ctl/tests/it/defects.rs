@@ -749,3 +749,48 @@ fn a_lost_listener_falls_back_to_the_database() {
     // The listener comes back by itself.
     wait_listening(ctl.api());
 }
+
+// ---- item 2 (last clause): agents have their own listener ----
+
+#[test]
+fn agents_and_clients_have_separate_ports() {
+    let Some(ctl) = Ctl::start() else { return };
+    assert_ne!(ctl.addr(), ctl.host_addr());
+    // A host token on the client port: refused, naming the host port.
+    let e = proto::rpc::Client::connect_tcp(ctl.addr(), proto::rpc::Credential::host_token(""))
+        .and_then(|c| {
+            c.unary::<_, host::RegisterResponse>(
+                host::host_methods::REGISTER,
+                &host::RegisterRequest::default(),
+                T,
+            )
+        })
+        .unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("7702"), "{e}");
+    // An API key on the host port: refused, naming the client port.
+    let e = proto::rpc::Client::connect_tcp(
+        ctl.host_addr(),
+        proto::rpc::Credential::api_key(&ctl.team_key),
+    )
+    .and_then(|c| team_get(&c))
+    .unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("7700"), "{e}");
+    // Agents register and heartbeat on theirs.
+    let (fa, _) = ctl.add_host(2, 2048, 100_000);
+    fa.host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 2,
+                    memory_mib: 2048,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+        .expect("heartbeat on the host port");
+}
