@@ -30,15 +30,15 @@ pub const PAGE_SIZE_MAX: u32 = 1000;
 pub const SANDBOX_TIMEOUT_DEFAULT_S: u64 = 300;
 /// Longest timeout a caller may set: 30 days; longer would be a leak, not a sandbox.
 pub const SANDBOX_TIMEOUT_MAX_S: u64 = 30 * 24 * 3600;
-/// Largest vCPU count / memory a request may ask for (the scheduler refuses what no host
-/// has anyway; these bound the arithmetic).
-pub const SANDBOX_VCPUS_MAX: u32 = 64;
-pub const SANDBOX_MEMORY_MIB_MAX: u32 = 1024 * 1024;
-pub const SANDBOX_DISK_MIB_MAX: u64 = 16 * 1024 * 1024;
-/// Metadata/env maps: entries and bytes per key/value (stored in one JSONB row).
-pub const MAP_ENTRIES_MAX: usize = 64;
-pub const MAP_KEY_LEN_MAX: usize = 256;
-pub const MAP_VALUE_LEN_MAX: usize = 4096;
+/// Largest vCPU count / memory / disk a request may ask for, and the metadata/env maps'
+/// bounds: the agent's own, from `proto::sandbox_limits`, so ctl never reserves capacity
+/// for a sandbox its host would refuse.
+pub const SANDBOX_VCPUS_MAX: u32 = proto::sandbox_limits::VCPUS_MAX;
+pub const SANDBOX_MEMORY_MIB_MAX: u32 = proto::sandbox_limits::MEMORY_MIB_MAX;
+pub const SANDBOX_DISK_MIB_MAX: u64 = proto::sandbox_limits::DISK_MIB_MAX;
+pub const MAP_ENTRIES_MAX: usize = proto::sandbox_limits::MAP_ENTRIES_MAX;
+pub const MAP_KEY_LEN_MAX: usize = proto::sandbox_limits::MAP_KEY_LEN_MAX;
+pub const MAP_VALUE_LEN_MAX: usize = proto::sandbox_limits::MAP_VALUE_LEN_MAX;
 /// Names (templates, teams, keys, users) and emails.
 pub const NAME_LEN_MAX: usize = 128;
 pub const EMAIL_LEN_MAX: usize = 254;

@@ -15,6 +15,7 @@ pub mod id;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
+pub mod sandbox_limits;
 pub mod sha256;
 pub mod skip;
 pub mod status;

@@ -794,3 +794,45 @@ fn agents_and_clients_have_separate_ports() {
         )
         .expect("heartbeat on the host port");
 }
+
+// ---- issue 11 §3: the sandbox bounds ctl and the agent share ----
+
+#[test]
+fn ctl_refuses_what_the_agent_would_refuse_before_reserving() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    // A host big enough that capacity is not the reason.
+    let _h = ctl.add_host(1024, 4 * 1024 * 1024, 1 << 30);
+    use proto::sandbox_limits as sl;
+    for (vcpus, memory_mib) in [
+        (sl::VCPUS_MAX + 1, 0),
+        (0, sl::MEMORY_MIB_MAX + 1),
+        (64, 1024 * 1024),
+    ] {
+        let e = create(
+            &cl,
+            c::CreateSandboxRequest {
+                vcpus,
+                memory_mib,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument, "{vcpus} {memory_mib}: {e}");
+    }
+    let used: i32 = sql(&ctl)
+        .query_one("SELECT used_vcpus FROM hosts", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 0, "nothing reserved for a refused create");
+    // The largest the agent accepts is placed.
+    create(
+        &cl,
+        c::CreateSandboxRequest {
+            vcpus: sl::VCPUS_MAX,
+            memory_mib: sl::MEMORY_MIB_MAX,
+            ..Default::default()
+        },
+    )
+    .expect("the shared maximum is accepted");
+}
