@@ -71,6 +71,9 @@ pub const RECONCILE_TRANSITION_GRACE: Duration = Duration::from_secs(660);
 /// it `error` when its host is gone. Covers clock skew between replicas and the database,
 /// and the time ctl takes to record an answer.
 pub const CREATE_DEADLINE_GRACE: Duration = Duration::from_secs(30);
+/// How often each replica's jobs thread looks for hosts whose heartbeats showed drift (one
+/// small transaction under an advisory lock): the early reconcile starts within this bound.
+pub const DRIFT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// A sandbox younger than this is not reported missing (its agent call may be in flight).
 pub const RECONCILE_NEW_GRACE: Duration = Duration::from_secs(60);
 

@@ -471,7 +471,7 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
     let mut dbc = crate::db::DbConfig::new(&cfg.database_url);
     dbc.workers = cfg.db_workers;
     let db = crate::db::Db::start(&dbc).map_err(StartError::Db)?;
-    let api = Api::new(db, cfg.api.clone());
+    let api = Api::new(db, cfg.api.clone(), cfg.jobs.clone());
     let mut server = proto::rpc::Server::new(
         proto::rpc::ServerConfig::new("wrenn-ctl"),
         Arc::new(CtlService::new(api.clone(), Port::Api)),

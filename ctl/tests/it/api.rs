@@ -450,7 +450,7 @@ fn sandbox_lifecycle() {
     let r = cl.unary::<_, c::Sandbox>(
         c::sandboxes_methods::CREATE,
         &c::CreateSandboxRequest {
-            vcpus: 64,
+            vcpus: 16,
             ..Default::default()
         },
         T,

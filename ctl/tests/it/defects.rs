@@ -836,3 +836,71 @@ fn ctl_refuses_what_the_agent_would_refuse_before_reserving() {
     )
     .expect("the shared maximum is accepted");
 }
+
+// ---- issue 11 §7: heartbeat drift lives in the database, its job under a lock ----
+
+#[test]
+fn heartbeat_drift_is_recorded_in_the_database_and_taken_once() {
+    let Some(ctl) = Ctl::start() else { return };
+    let replica = ctl.replica();
+    let (fa, host_id) = ctl.add_host(4, 8192, 100_000);
+    let cl = ctl.team();
+    let sb = create_min(&cl).unwrap();
+    // The agent paused it on its own and the report was lost; its heartbeat says so.
+    fa.state
+        .lock()
+        .unwrap()
+        .sandboxes
+        .get_mut(&sb.id)
+        .unwrap()
+        .state = agent::SandboxState::Paused as i32;
+    fa.host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 8192,
+                    disk_mib: 100_000,
+                }),
+                can_host_sandboxes: true,
+                sandboxes: vec![host::SandboxSummary {
+                    sandbox_id: sb.id.clone(),
+                    state: agent::SandboxState::Paused as i32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    // The drift is on the host row, not in the memory of the replica that got the heartbeat.
+    let mut db = sql(&ctl);
+    let marked: bool = db
+        .query_one(
+            "SELECT drift_seen_at IS NOT NULL FROM hosts WHERE id = $1",
+            &[&uuid_of(&host_id)],
+        )
+        .unwrap()
+        .get(0);
+    assert!(marked);
+    // Any replica may take it (here the one that did not receive the heartbeat), once.
+    let cfg = crate::harness::test_config(&ctl.url).jobs;
+    let done = ctl::reconciler::check_heartbeats(&replica.api, &cfg);
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert!(ctl::reconciler::check_heartbeats(ctl.api(), &cfg).is_empty());
+    assert_eq!(get(&cl, &sb.id).state, c::SandboxState::Paused as i32);
+    // While another session holds the job's advisory lock, nobody takes a mark.
+    db.execute("UPDATE hosts SET drift_seen_at = now()", &[])
+        .unwrap();
+    let mut tx = db.transaction().unwrap();
+    tx.query(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&ctl::reconciler::DRIFT_LOCK],
+    )
+    .unwrap();
+    assert!(ctl::reconciler::check_heartbeats(ctl.api(), &cfg).is_empty());
+    tx.rollback().unwrap();
+    assert_eq!(ctl::reconciler::check_heartbeats(ctl.api(), &cfg).len(), 1);
+    replica.shutdown();
+}
