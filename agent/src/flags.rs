@@ -6,10 +6,11 @@ use std::path::PathBuf;
 
 pub const USAGE: &str = "\
 usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
-                   [--state-root /var/lib/wrenn] [--ctl HOST:PORT] [--registration-token T]
+                   [--state-root /var/lib/wrenn] [--ctl HOST:7702] [--registration-token T]
                    [--advertise HOST:PORT] [--firecracker PATH] [--kernel PATH]
                    [--uffd-bin PATH] [--restore-backend uffd|file] [--boot-args-extra STR]
                    [--slots N] [--net-prefix wrenn] [--net-subnet 10.200.0.0]
+--ctl is ctl's host port (wrenn.host.v1, 7702 by default), not its client port (7700).
 environment: WRENN_FIRECRACKER, WRENN_KERNEL (defaults of --firecracker, --kernel)";
 
 /// Which restore path the host uses.
@@ -195,7 +196,7 @@ mod tests {
             "--state-root",
             "/tmp/x",
             "--ctl",
-            "ctl:7700",
+            "ctl:7702",
             "--registration-token=abc",
             "--firecracker",
             "/fc",
@@ -215,7 +216,7 @@ mod tests {
         .unwrap();
         assert_eq!(f.listen.port(), 1);
         assert_eq!(f.metrics_listen.port(), 2);
-        assert_eq!(f.ctl.as_deref(), Some("ctl:7700"));
+        assert_eq!(f.ctl.as_deref(), Some("ctl:7702"));
         assert_eq!(f.registration_token.as_deref(), Some("abc"));
         assert_eq!(f.firecracker, PathBuf::from("/fc"));
         assert_eq!(f.kernel, Some(PathBuf::from("/k")));

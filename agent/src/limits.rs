@@ -10,9 +10,12 @@ pub const STATE_FILE_LEN_MAX: u64 = 2 << 20;
 /// Lines in one state file: fields plus map entries (env and metadata are bounded below).
 pub const STATE_FILE_LINES_MAX: usize = 2 * MAP_ENTRIES_MAX + 256;
 
-/// Entries of an env or metadata map in a create request. Environments rarely exceed a
-/// few hundred variables; the bound keeps one sandbox's record small.
+/// Entries of an env or metadata map read back from a state file. A create request is held
+/// to `proto::sandbox_limits::MAP_ENTRIES_MAX` (what ctl allows); records written by older
+/// agents may hold more, and still load.
 pub const MAP_ENTRIES_MAX: usize = 1024;
+const _: () = assert!(MAP_ENTRIES_MAX >= proto::sandbox_limits::MAP_ENTRIES_MAX);
+const _: () = assert!(FIELD_LEN_MAX >= proto::sandbox_limits::MAP_VALUE_LEN_MAX);
 
 /// Length of a key or value of env and metadata, and of user/cwd strings.
 pub const FIELD_LEN_MAX: usize = 64 * 1024;

@@ -29,7 +29,7 @@ use vmm_glue::net::SlotAllocator;
 
 use crate::limits::{
     ACCESS_TOKEN_BYTES, ENVD_CALL_TIMEOUT, FIELD_LEN_MAX, LIFECYCLE_CONCURRENCY_MAX,
-    LIFECYCLE_QUEUE_MAX, MAP_ENTRIES_MAX, RESTORE_READY_TIMEOUT, SANDBOXES_MAX, TIMEOUT_MAX,
+    LIFECYCLE_QUEUE_MAX, RESTORE_READY_TIMEOUT, SANDBOXES_MAX, TIMEOUT_MAX,
 };
 use crate::state::{self, Event, State};
 use crate::statedir::{
@@ -118,17 +118,24 @@ impl CreateSpec {
         {
             return Err(Status::invalid_argument("kernel: bad version string"));
         }
-        if r.vcpus > 32 || r.memory_mib > 256 * 1024 {
-            return Err(Status::invalid_argument("vcpus or memory_mib out of range"));
+        // The bounds ctl checks before it reserves capacity (one set, in proto).
+        use proto::sandbox_limits as sl;
+        if r.vcpus > sl::VCPUS_MAX
+            || r.memory_mib > sl::MEMORY_MIB_MAX
+            || r.disk_mib > sl::DISK_MIB_MAX
+        {
+            return Err(Status::invalid_argument(
+                "vcpus, memory_mib or disk_mib out of range",
+            ));
         }
         for (what, m) in [("env", &r.env), ("metadata", &r.metadata)] {
-            if m.len() > MAP_ENTRIES_MAX {
+            if m.len() > sl::MAP_ENTRIES_MAX {
                 return Err(Status::invalid_argument(format!(
                     "{what}: too many entries"
                 )));
             }
             if m.iter()
-                .any(|(k, v)| k.len() > FIELD_LEN_MAX || v.len() > FIELD_LEN_MAX)
+                .any(|(k, v)| k.len() > sl::MAP_KEY_LEN_MAX || v.len() > sl::MAP_VALUE_LEN_MAX)
             {
                 return Err(Status::invalid_argument(format!("{what}: entry too long")));
             }
@@ -1710,6 +1717,28 @@ mod tests {
         assert_eq!(bad(&|r| r.template_kind = 0), Code::InvalidArgument);
         assert_eq!(bad(&|r| r.template_kind = 7), Code::InvalidArgument);
         assert_eq!(bad(&|r| r.on_timeout = 9), Code::InvalidArgument);
+        // The shared bounds (proto::sandbox_limits), exactly: ctl refuses beyond them too.
+        use proto::sandbox_limits as sl;
+        let mut top = good.clone();
+        (top.vcpus, top.memory_mib, top.disk_mib) =
+            (sl::VCPUS_MAX, sl::MEMORY_MIB_MAX, sl::DISK_MIB_MAX);
+        assert!(CreateSpec::from_request(&top).is_ok());
+        assert_eq!(bad(&|r| r.vcpus = sl::VCPUS_MAX + 1), Code::InvalidArgument);
+        assert_eq!(
+            bad(&|r| r.memory_mib = sl::MEMORY_MIB_MAX + 1),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            bad(&|r| r.disk_mib = sl::DISK_MIB_MAX + 1),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            bad(&|r| {
+                r.metadata
+                    .insert("k".into(), "v".repeat(sl::MAP_VALUE_LEN_MAX + 1));
+            }),
+            Code::InvalidArgument
+        );
         assert_eq!(bad(&|r| r.timeout_s = u64::MAX), Code::InvalidArgument);
         assert_eq!(
             bad(&|r| r.kernel = "../../etc".into()),
@@ -1717,7 +1746,7 @@ mod tests {
         );
         assert_eq!(
             bad(&|r| {
-                for i in 0..=MAP_ENTRIES_MAX {
+                for i in 0..=crate::limits::MAP_ENTRIES_MAX {
                     r.env.insert(i.to_string(), String::new());
                 }
             }),

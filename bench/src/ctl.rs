@@ -96,6 +96,7 @@ fn env() -> Result<Env, String> {
         database_url: url.clone(),
         listen: "127.0.0.1:0".parse().map_err(e("addr"))?,
         http_listen: "127.0.0.1:0".parse().map_err(e("addr"))?,
+        host_listen: "127.0.0.1:0".parse().map_err(e("addr"))?,
         db_workers: 4,
         api: ApiConfig {
             last_used_flush: Duration::from_secs(1),

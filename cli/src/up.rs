@@ -35,6 +35,8 @@ use crate::image::args::{self, Flag};
 
 pub const CTL_PORT_DEFAULT: u16 = 7700;
 pub const HTTP_PORT_DEFAULT: u16 = 7701;
+/// ctl's port for agents (wrenn.host.v1), apart from the clients' so they cannot starve it.
+pub const HOST_PORT_DEFAULT: u16 = 7702;
 pub const AGENT_PORT_DEFAULT: u16 = 7710;
 /// PostgreSQL's loopback port for the local stack (not 5432, so a system cluster can run).
 pub const PG_PORT_DEFAULT: u16 = 7720;
@@ -60,8 +62,8 @@ const PORT_RELEASE_WAIT: Duration = Duration::from_secs(5);
 const LOG_TAIL_LINES: usize = 30;
 
 pub const USAGE: &str = "\
-usage: wrenn up [--state-dir DIR] [--ctl-port 7700] [--http-port 7701] [--agent-port 7710]
-                [--pg-port 7720] [--image-root /var/lib/wrenn] [--firecracker PATH]
+usage: wrenn up [--state-dir DIR] [--ctl-port 7700] [--http-port 7701] [--host-port 7702]
+                [--agent-port 7710] [--pg-port 7720] [--image-root /var/lib/wrenn] [--firecracker PATH]
                 [--kernel PATH] [--rootfs PATH] [--bin-dir DIR] [--net-prefix wrnup]
                 [--net-subnet 10.201.0.0] [--agent-arg ARG]...
        wrenn down [--state-dir DIR]
@@ -81,6 +83,7 @@ const UP_FLAGS: &[Flag] = &[
     Flag::value("state-dir"),
     Flag::value("ctl-port"),
     Flag::value("http-port"),
+    Flag::value("host-port"),
     Flag::value("agent-port"),
     Flag::value("pg-port"),
     Flag::value("image-root"),
@@ -262,6 +265,8 @@ pub struct UpConfig {
     pub layout: Layout,
     pub ctl_port: u16,
     pub http_port: u16,
+    /// ctl's port for agents (wrenn.host.v1).
+    pub host_port: u16,
     pub agent_port: u16,
     pub pg_port: u16,
     pub image_root: PathBuf,
@@ -347,6 +352,7 @@ pub fn run(argv: &[String]) -> Result<(), UpError> {
     let cfg = UpConfig {
         ctl_port: port(&parsed, "ctl-port", CTL_PORT_DEFAULT)?,
         http_port: port(&parsed, "http-port", HTTP_PORT_DEFAULT)?,
+        host_port: port(&parsed, "host-port", HOST_PORT_DEFAULT)?,
         agent_port: port(&parsed, "agent-port", AGENT_PORT_DEFAULT)?,
         pg_port: port(&parsed, "pg-port", PG_PORT_DEFAULT)?,
         firecracker,
@@ -805,6 +811,7 @@ pub fn up(cfg: &UpConfig) -> Result<String, UpError> {
     if running_ctl.is_none() {
         busy.push((cfg.ctl_port, "ctl"));
         busy.push((cfg.http_port, "ctl HTTP"));
+        busy.push((cfg.host_port, "ctl host port"));
     }
     if running_agent.is_none() {
         busy.push((cfg.agent_port, "agent"));
@@ -822,9 +829,10 @@ pub fn up(cfg: &UpConfig) -> Result<String, UpError> {
     }
 
     let stack = format!(
-        "ctl_port={}\nhttp_port={}\nagent_port={}\nagent_metrics_port={}\npg_port={}\npg_bin={}\nagent_root={}\n",
+        "ctl_port={}\nhttp_port={}\nhost_port={}\nagent_port={}\nagent_metrics_port={}\npg_port={}\npg_bin={}\nagent_root={}\n",
         cfg.ctl_port,
         cfg.http_port,
+        cfg.host_port,
         cfg.agent_port,
         cfg.agent_metrics_port(),
         cfg.pg_port,
@@ -1050,6 +1058,8 @@ fn start_ctl(
                 loopback(cfg.ctl_port).to_string(),
                 "--http-listen".into(),
                 loopback(cfg.http_port).to_string(),
+                "--host-listen".into(),
+                loopback(cfg.host_port).to_string(),
             ],
             &[("WRENN_DATABASE_URL", db_url.to_owned())],
             &l.log("ctl"),
@@ -1097,7 +1107,7 @@ fn start_agent(
                 "--state-root".into(),
                 root.display().to_string(),
                 "--ctl".into(),
-                loopback(cfg.ctl_port).to_string(),
+                loopback(cfg.host_port).to_string(),
                 "--firecracker".into(),
                 cfg.firecracker.display().to_string(),
                 "--net-prefix".into(),
@@ -1147,12 +1157,13 @@ fn start_agent(
 fn summary(cfg: &UpConfig, health: &str, exports: &str) -> String {
     let l = &cfg.layout;
     let mut s = format!(
-        "wrenn is up (state in {}):\n  PostgreSQL   127.0.0.1:{}   log {}\n  wrenn-ctl    127.0.0.1:{} (protobuf), http://127.0.0.1:{} (HTTP/JSON)   log {}\n  wrenn-agent  127.0.0.1:{}, metrics http://127.0.0.1:{}/metrics   log {}\n",
+        "wrenn is up (state in {}):\n  PostgreSQL   127.0.0.1:{}   log {}\n  wrenn-ctl    127.0.0.1:{} (protobuf), http://127.0.0.1:{} (HTTP/JSON), 127.0.0.1:{} (agents)   log {}\n  wrenn-agent  127.0.0.1:{}, metrics http://127.0.0.1:{}/metrics   log {}\n",
         l.dir.display(),
         cfg.pg_port,
         l.log("postgres").display(),
         cfg.ctl_port,
         cfg.http_port,
+        cfg.host_port,
         l.log("ctl").display(),
         cfg.agent_port,
         cfg.agent_metrics_port(),
@@ -1461,6 +1472,7 @@ pub fn stop(layout: &Layout) -> Result<String, UpError> {
     for key in [
         "ctl_port",
         "http_port",
+        "host_port",
         "agent_port",
         "agent_metrics_port",
         "pg_port",

@@ -9,8 +9,11 @@ use crate::limits;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub database_url: String,
-    /// Protobuf listener (wrenn.ctl.v1 and wrenn.host.v1), default 0.0.0.0:7700.
+    /// Protobuf listener of clients (wrenn.ctl.v1), default 0.0.0.0:7700.
     pub listen: SocketAddr,
+    /// Protobuf listener of agents (wrenn.host.v1), default 0.0.0.0:7702: its own port and
+    /// server, so clients can never starve agents' heartbeats of connections or workers.
+    pub host_listen: SocketAddr,
     /// HTTP/JSON listener, default 0.0.0.0:7701.
     pub http_listen: SocketAddr,
     pub db_workers: usize,

@@ -149,6 +149,7 @@ pub fn heartbeat(
     check_host_text(&req.problems, &[("agent_version", &req.agent_version)])?;
     let interval = api.config().heartbeat_interval;
     let name = name.to_owned();
+    let jobs = api.jobs_config().clone();
     let summaries = crate::reconciler::host_sandboxes(
         host_id,
         req.sandboxes.iter().map(|s| {
@@ -173,6 +174,9 @@ pub fn heartbeat(
             &[&host_id, &vcpus, &mem, &disk, &req.can_host_sandboxes, &problems_json(&req.problems), &req.agent_version],
         )
         .map_err(pg_err)?;
+        // Drift between the summaries and the database is recorded on the host row, for
+        // whichever replica's jobs take it (reconciler::check_heartbeats).
+        crate::reconciler::note_heartbeat_drift(tx, host_id, &summaries, &jobs)?;
         if prev == "unreachable" {
             crate::service::audit_write(tx, audit_entry(
                 None,
@@ -185,8 +189,6 @@ pub fn heartbeat(
         }
         Ok(prev == "draining")
     })?;
-    // Compared with the database by the jobs thread (reconciler::check_heartbeats).
-    api.note_heartbeat(host_id, summaries);
     Ok(host::HeartbeatResponse {
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         draining,

@@ -3,8 +3,8 @@
 //! It holds no state of its own: everything lives in PostgreSQL, so any replica serves any
 //! request. It serves the public API (`wrenn.ctl.v1`) twice over one service layer
 //! ([`service::Api`]): framed protobuf ([`server`], port 7700) and HTTP/JSON ([`http`], port
-//! 7701); agents call the host-facing `wrenn.host.v1` ([`host_service`]) on the protobuf port,
-//! the hello's credential kind telling the two apart. ctl calls agents ([`agents`]) for
+//! 7701); agents call the host-facing `wrenn.host.v1` ([`host_service`]) on a listener of
+//! their own (port 7702), so clients can never starve their heartbeats. ctl calls agents ([`agents`]) for
 //! lifecycle work; background jobs ([`monitor`], [`reconciler`]) run under PostgreSQL
 //! advisory locks so N replicas do each job once.
 //!

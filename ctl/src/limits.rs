@@ -30,15 +30,15 @@ pub const PAGE_SIZE_MAX: u32 = 1000;
 pub const SANDBOX_TIMEOUT_DEFAULT_S: u64 = 300;
 /// Longest timeout a caller may set: 30 days; longer would be a leak, not a sandbox.
 pub const SANDBOX_TIMEOUT_MAX_S: u64 = 30 * 24 * 3600;
-/// Largest vCPU count / memory a request may ask for (the scheduler refuses what no host
-/// has anyway; these bound the arithmetic).
-pub const SANDBOX_VCPUS_MAX: u32 = 64;
-pub const SANDBOX_MEMORY_MIB_MAX: u32 = 1024 * 1024;
-pub const SANDBOX_DISK_MIB_MAX: u64 = 16 * 1024 * 1024;
-/// Metadata/env maps: entries and bytes per key/value (stored in one JSONB row).
-pub const MAP_ENTRIES_MAX: usize = 64;
-pub const MAP_KEY_LEN_MAX: usize = 256;
-pub const MAP_VALUE_LEN_MAX: usize = 4096;
+/// Largest vCPU count / memory / disk a request may ask for, and the metadata/env maps'
+/// bounds: the agent's own, from `proto::sandbox_limits`, so ctl never reserves capacity
+/// for a sandbox its host would refuse.
+pub const SANDBOX_VCPUS_MAX: u32 = proto::sandbox_limits::VCPUS_MAX;
+pub const SANDBOX_MEMORY_MIB_MAX: u32 = proto::sandbox_limits::MEMORY_MIB_MAX;
+pub const SANDBOX_DISK_MIB_MAX: u64 = proto::sandbox_limits::DISK_MIB_MAX;
+pub const MAP_ENTRIES_MAX: usize = proto::sandbox_limits::MAP_ENTRIES_MAX;
+pub const MAP_KEY_LEN_MAX: usize = proto::sandbox_limits::MAP_KEY_LEN_MAX;
+pub const MAP_VALUE_LEN_MAX: usize = proto::sandbox_limits::MAP_VALUE_LEN_MAX;
 /// Names (templates, teams, keys, users) and emails.
 pub const NAME_LEN_MAX: usize = 128;
 pub const EMAIL_LEN_MAX: usize = 254;
@@ -71,6 +71,9 @@ pub const RECONCILE_TRANSITION_GRACE: Duration = Duration::from_secs(660);
 /// it `error` when its host is gone. Covers clock skew between replicas and the database,
 /// and the time ctl takes to record an answer.
 pub const CREATE_DEADLINE_GRACE: Duration = Duration::from_secs(30);
+/// How often each replica's jobs thread looks for hosts whose heartbeats showed drift (one
+/// small transaction under an advisory lock): the early reconcile starts within this bound.
+pub const DRIFT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// A sandbox younger than this is not reported missing (its agent call may be in flight).
 pub const RECONCILE_NEW_GRACE: Duration = Duration::from_secs(60);
 

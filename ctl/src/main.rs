@@ -1,7 +1,7 @@
 //! `wrenn-ctl`: flag parsing only; the work is in the `ctl` library.
 //!
 //! ```text
-//! wrenn-ctl serve [--database-url URL] [--listen ADDR] [--http-listen ADDR] [--db-workers N]
+//! wrenn-ctl serve [--database-url URL] [--listen ADDR] [--http-listen ADDR] [--host-listen ADDR] [--db-workers N]
 //!                 [--reconcile-interval-s S] [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
 //!                 [--no-http] [--keep-unknown]
 //! wrenn-ctl admin migrate [--database-url URL]
@@ -25,7 +25,7 @@ use ctl::config::{ApiConfig, Config, JobsConfig};
 
 const USAGE: &str = "usage:
   wrenn-ctl serve [--database-url URL] [--listen 0.0.0.0:7700] [--http-listen 0.0.0.0:7701]
-                  [--no-http] [--keep-unknown] [--db-workers N] [--reconcile-interval-s S]
+                  [--host-listen 0.0.0.0:7702] [--no-http] [--keep-unknown] [--db-workers N] [--reconcile-interval-s S]
                   [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
   wrenn-ctl admin migrate [--database-url URL]
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
@@ -154,6 +154,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             "--database-url",
             "--listen",
             "--http-listen",
+            "--host-listen",
             "--db-workers",
             "--reconcile-interval-s",
             "--heartbeat-timeout-s",
@@ -176,6 +177,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
         database_url: f.database_url()?,
         listen: f.addr("--listen", "WRENN_LISTEN", "0.0.0.0:7700")?,
         http_listen: f.addr("--http-listen", "WRENN_HTTP_LISTEN", "0.0.0.0:7701")?,
+        host_listen: f.addr("--host-listen", "WRENN_HOST_LISTEN", "0.0.0.0:7702")?,
         db_workers,
         api: ApiConfig {
             agent_lifecycle_timeout: lifecycle,

@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_user_directories",
         sql: include_str!("../migrations/0002_user_directories.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_host_drift",
+        sql: include_str!("../migrations/0003_host_drift.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

@@ -108,6 +108,7 @@ impl Jobs {
                 let monitor_every = (cfg.heartbeat_timeout / 3).max(Duration::from_millis(200));
                 let mut next_monitor = Instant::now();
                 let mut next_reconcile = Instant::now() + cfg.reconcile_interval / 2;
+                let mut next_drift = Instant::now();
                 while !s2.load(Ordering::Relaxed) {
                     let now = Instant::now();
                     if now >= next_monitor {
@@ -116,7 +117,10 @@ impl Jobs {
                         }
                         next_monitor = now + monitor_every;
                     }
-                    crate::reconciler::check_heartbeats(&api, &cfg);
+                    if now >= next_drift {
+                        crate::reconciler::check_heartbeats(&api, &cfg);
+                        next_drift = now + crate::limits::DRIFT_CHECK_INTERVAL;
+                    }
                     if now >= next_reconcile {
                         if let Err(e) = crate::reconciler::run_if_due(&api, &cfg) {
                             log::warn!("reconciler failed: {}", e.message);

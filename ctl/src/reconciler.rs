@@ -12,9 +12,11 @@
 //!   the agent made but could not report, VMs that died); a STOPPING sandbox still on the
 //!   host is destroyed again.
 //!
-//! Between passes, each heartbeat's sandbox summaries go through the same decisions
-//! ([`check_heartbeats`], on the jobs thread): a host whose summaries show drift is reconciled
-//! at once, from its own list.
+//! Between passes, each heartbeat's sandbox summaries go through the same decisions in the
+//! heartbeat's own transaction ([`note_heartbeat_drift`]), which marks a host whose summaries
+//! show drift in the database; the jobs thread of whichever replica takes the advisory lock
+//! ([`check_heartbeats`]) reconciles such a host at once, from its own list. Nothing about it
+//! lives in a replica's memory.
 //!
 //! Sandboxes in transition and new ones are left alone for a grace period: the lifecycle
 //! call that moves them may still be running. A create is the exception: the agent lists a
@@ -34,6 +36,9 @@ use proto::Status;
 use crate::config::JobsConfig;
 use crate::db::pg_err;
 use crate::monitor::{claim, RECONCILE_LOCK};
+
+/// Advisory lock key of the heartbeat-drift job ("wrenn-dr").
+pub const DRIFT_LOCK: i64 = 0x7772_656e_6e2d_6472;
 use crate::scheduler::{self, State};
 use crate::service::{audit_entry, audit_write, time_from_ns, Actor, Api};
 
@@ -335,47 +340,92 @@ pub fn host_sandboxes(
 /// The database's sandboxes of `host`, and those the host has wherever the database puts them.
 fn db_sandboxes(api: &Api, host: Uuid, on_host: &[HostSandbox]) -> Result<Vec<DbSandbox>, Status> {
     let ids: Vec<Uuid> = on_host.iter().map(|s| s.id).collect();
-    api.db().run(move |c| {
-        Ok(c.query(
-            "SELECT id, state, updated_at, expires_at FROM sandboxes \
-             WHERE (host_id = $1 AND state <> 'stopped') OR id = ANY($2)",
-            &[&host, &ids],
-        )
-        .map_err(pg_err)?
-        .iter()
-        .map(|r| DbSandbox {
-            id: r.get(0),
-            state: State::parse(r.get(1)).unwrap_or(State::Error),
-            updated_at: r.get(2),
-            expires_at: r.get(3),
-        })
-        .collect())
-    })
+    api.db().run(move |c| db_sandboxes_in(c, host, &ids))
 }
 
-/// Compares the heartbeats received since the last call with the database: a host whose
-/// summaries show drift (the same decisions as a pass, graces included) is reconciled at once
-/// from its own `Sandboxes/List`, instead of at the next pass. Heartbeats are a cheap early
-/// signal; the list stays the authority. Returns the actions applied per host.
+/// [`db_sandboxes`] with the caller's client (`ids`: the sandboxes the host has).
+fn db_sandboxes_in(
+    c: &mut impl postgres::GenericClient,
+    host: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<DbSandbox>, Status> {
+    Ok(c.query(
+        "SELECT id, state, updated_at, expires_at FROM sandboxes \
+             WHERE (host_id = $1 AND state <> 'stopped') OR id = ANY($2)",
+        &[&host, &ids],
+    )
+    .map_err(pg_err)?
+    .iter()
+    .map(|r| DbSandbox {
+        id: r.get(0),
+        state: State::parse(r.get(1)).unwrap_or(State::Error),
+        updated_at: r.get(2),
+        expires_at: r.get(3),
+    })
+    .collect())
+}
+
+/// Called by the host service inside a heartbeat's transaction: compares the heartbeat's
+/// sandbox summaries with the database (the same decisions as a pass, graces included) and,
+/// when they show drift, records it on the host row (`hosts.drift_seen_at`). Nothing is kept
+/// in this replica's memory. An unknown sandbox left alone by policy is drift the pass only
+/// reports: not worth a list at every heartbeat.
+pub fn note_heartbeat_drift(
+    tx: &mut impl postgres::GenericClient,
+    host: Uuid,
+    summaries: &[HostSandbox],
+    cfg: &JobsConfig,
+) -> Result<bool, Status> {
+    let ids: Vec<Uuid> = summaries.iter().map(|s| s.id).collect();
+    let db = db_sandboxes_in(tx, host, &ids)?;
+    let actions = decide(&db, summaries, SystemTime::now(), cfg);
+    let drift = actions
+        .iter()
+        .any(|a| !matches!(a, Action::ReportUnknown { .. }));
+    if drift {
+        tx.execute(
+            "UPDATE hosts SET drift_seen_at = COALESCE(drift_seen_at, now()) WHERE id = $1",
+            &[&host],
+        )
+        .map_err(pg_err)?;
+    }
+    Ok(drift)
+}
+
+/// Takes the hosts whose heartbeats showed drift ([`note_heartbeat_drift`]) and reconciles
+/// each at once from its own `Sandboxes/List`, instead of at the next pass. Heartbeats are a
+/// cheap early signal; the list stays the authority. The hosts are claimed (their mark
+/// cleared) under the advisory lock [`DRIFT_LOCK`] in one transaction, so among N replicas
+/// one takes each mark. Returns the actions applied per host.
 pub fn check_heartbeats(api: &Api, cfg: &JobsConfig) -> Vec<(Uuid, Vec<Action>)> {
-    let mut done = Vec::new();
-    for (host, summaries) in api.take_heartbeats() {
-        let db = match db_sandboxes(api, host, &summaries) {
-            Ok(db) => db,
-            Err(e) => {
-                log::warn!("heartbeat drift check failed: {}", e.message);
-                continue;
-            }
-        };
-        // An unknown sandbox left alone by policy is drift the pass only reports: not worth
-        // a list at every heartbeat.
-        let actions = decide(&db, &summaries, SystemTime::now(), cfg);
-        if actions
-            .iter()
-            .all(|a| matches!(a, Action::ReportUnknown { .. }))
-        {
-            continue;
+    let claimed = api.db().tx(|tx| {
+        let got: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&DRIFT_LOCK])
+            .map_err(pg_err)?
+            .get(0);
+        if !got {
+            return Ok(Vec::new());
         }
+        Ok(tx
+            .query(
+                "UPDATE hosts SET drift_seen_at = NULL WHERE drift_seen_at IS NOT NULL \
+                 AND status IN ('online', 'draining') RETURNING id",
+                &[],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get::<_, Uuid>(0))
+            .collect::<Vec<_>>())
+    });
+    let hosts = match claimed {
+        Ok(h) => h,
+        Err(e) => {
+            log::warn!("heartbeat drift check failed: {}", e.message);
+            return Vec::new();
+        }
+    };
+    let mut done = Vec::new();
+    for host in hosts {
         log::info!(
             "heartbeat shows drift, reconciling host={}",
             id::format(Kind::Host, host)

@@ -1,6 +1,9 @@
-//! The protobuf transport: one `proto::rpc::Server` on port 7700 serving `wrenn.ctl.v1`
-//! (hello with an API key) and `wrenn.host.v1` (hello with a host token) over the service
-//! layer. Every call runs on the RPC worker pool: the event loop never blocks on SQL.
+//! The protobuf transport: two `proto::rpc::Server`s over the service layer, each with its
+//! own listener, connection budget and worker pool — clients on port 7700 (`wrenn.ctl.v1`,
+//! hello with an API key) and agents on port 7702 (`wrenn.host.v1`, hello with a host
+//! token), so no number of client connections can starve agents' heartbeats. Each port
+//! refuses the other's credential with a message naming the right port. Every call runs on
+//! the RPC worker pool: the event loop never blocks on SQL.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,20 +34,48 @@ pub enum Caller {
     Host { id: Uuid, name: String },
 }
 
-/// The `proto::rpc::Service` of ctl.
+/// Which listener a [`CtlService`] serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// Clients: wrenn.ctl.v1 with an API key.
+    Api,
+    /// Agents: wrenn.host.v1 with a host token (or an empty one to register).
+    Host,
+}
+
+/// The `proto::rpc::Service` of ctl (one per listener).
 pub struct CtlService {
     api: Api,
+    port: Port,
 }
 
 impl CtlService {
-    pub fn new(api: Api) -> CtlService {
-        CtlService { api }
+    pub fn new(api: Api, port: Port) -> CtlService {
+        CtlService { api, port }
     }
 }
 
 impl Service for CtlService {
     fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
-        let caller = match CredentialKind::try_from(hello.credential_kind) {
+        let kind = CredentialKind::try_from(hello.credential_kind);
+        match (self.port, kind) {
+            (Port::Api, Ok(CredentialKind::HostToken)) => {
+                metrics::AUTH_FAILURES.inc();
+                return Err(Status::unauthenticated(
+                    "this is wrenn-ctl's client port (wrenn.ctl.v1, API keys); agents connect to \
+                     its host port (wrenn.host.v1, default 7702, --host-listen)",
+                ));
+            }
+            (Port::Host, Ok(CredentialKind::ApiKey)) => {
+                metrics::AUTH_FAILURES.inc();
+                return Err(Status::unauthenticated(
+                    "this is wrenn-ctl's host port (wrenn.host.v1, host tokens); clients connect \
+                     to its client port (wrenn.ctl.v1, default 7700)",
+                ));
+            }
+            _ => {}
+        }
+        let caller = match kind {
             Ok(CredentialKind::ApiKey) => {
                 // The generation before the lookup: a change during it forces a re-check.
                 let generation = self.api.revocations().generation();
@@ -339,11 +370,16 @@ impl std::error::Error for StartError {
     }
 }
 
-/// A running replica: protobuf server, HTTP gateway (when configured), background jobs.
+/// A running replica: protobuf servers, HTTP gateway (when configured), background jobs.
 pub struct Running {
     pub api: Api,
-    /// Bound protobuf address.
+    /// Bound protobuf address of clients.
     pub addr: std::net::SocketAddr,
+    /// Bound protobuf address of agents.
+    pub host_addr: std::net::SocketAddr,
+    /// The agents' server.
+    pub host_handle: proto::rpc::ServerHandle,
+    host_join: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     /// Bound HTTP address (None when not started).
     pub http_addr: Option<std::net::SocketAddr>,
     pub handle: proto::rpc::ServerHandle,
@@ -369,7 +405,11 @@ impl Running {
         }
         self.api.revocations().stop();
         self.handle.shutdown();
+        self.host_handle.shutdown();
         if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+        if let Some(j) = self.host_join.take() {
             let _ = j.join();
         }
     }
@@ -401,14 +441,29 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
     let mut dbc = crate::db::DbConfig::new(&cfg.database_url);
     dbc.workers = cfg.db_workers;
     let db = crate::db::Db::start(&dbc).map_err(StartError::Db)?;
-    let api = Api::new(db, cfg.api.clone());
+    let api = Api::new(db, cfg.api.clone(), cfg.jobs.clone());
     let mut server = proto::rpc::Server::new(
-        // Agents' heartbeats (HOST_TOKEN) keep reserved slots, so clients cannot starve them.
-        proto::rpc::ServerConfig::new("wrenn-ctl")
-            .reserve_for(proto::rpc::CredentialKind::HostToken),
-        Arc::new(CtlService::new(api.clone())),
+        proto::rpc::ServerConfig::new("wrenn-ctl"),
+        Arc::new(CtlService::new(api.clone(), Port::Api)),
     )
     .map_err(|source| StartError::Spawn { source })?;
+    // Agents: a server of their own (own connection budget and workers).
+    let mut host_server = proto::rpc::Server::new(
+        proto::rpc::ServerConfig::new("wrenn-ctl-host"),
+        Arc::new(CtlService::new(api.clone(), Port::Host)),
+    )
+    .map_err(|source| StartError::Spawn { source })?;
+    let host_addr =
+        host_server
+            .listen_tcp(cfg.host_listen)
+            .map_err(|source| StartError::Listen {
+                addr: cfg.host_listen,
+                source,
+            })?;
+    let host_handle = host_server.handle();
+    let (_, host_join) = host_server
+        .spawn()
+        .map_err(|source| StartError::Spawn { source })?;
     let addr = server
         .listen_tcp(cfg.listen)
         .map_err(|source| StartError::Listen {
@@ -447,10 +502,13 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
     } else {
         None
     };
-    log::info!("wrenn-ctl serving addr={addr} http={http_addr:?}");
+    log::info!("wrenn-ctl serving addr={addr} host_addr={host_addr} http={http_addr:?}");
     Ok(Running {
         api,
         addr,
+        host_addr,
+        host_handle,
+        host_join: Some(host_join),
         http_addr,
         handle,
         join: Some(join),

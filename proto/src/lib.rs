@@ -24,6 +24,7 @@ pub mod logger;
 pub mod metrics;
 pub mod process;
 pub mod random;
+pub mod sandbox_limits;
 pub mod sha256;
 pub mod signal;
 pub mod skip;

@@ -30,11 +30,11 @@ pub fn free_ports() -> u16 {
             .as_nanos() as u64;
     for i in 0..200u64 {
         let base = 20000 + ((seed.wrapping_mul(2654435761).wrapping_add(i * 977)) % 40000) as u16;
-        if (0..5).all(|k| free(base + k)) {
+        if (0..6).all(|k| free(base + k)) {
             return base;
         }
     }
-    panic!("no five free consecutive ports");
+    panic!("no six free consecutive ports");
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -103,6 +103,7 @@ fn up_then_down_without_firecracker() {
         },
         ctl_port: base,
         http_port: base + 1,
+        host_port: base + 5,
         agent_port: base + 2,
         pg_port: base + 4,
         image_root: state.path().join("images"),
@@ -317,7 +318,7 @@ fn up_then_down_without_firecracker() {
         })
         .unwrap_or_default();
     assert!(netns.is_empty(), "network namespaces left: {netns:?}");
-    for p in base..base + 5 {
+    for p in base..base + 6 {
         assert!(free(p), "port {p} still in use");
     }
     assert!(!cfg.layout.pid("ctl").exists() && !cfg.layout.pid("agent").exists());
@@ -402,6 +403,8 @@ fn busy_port_is_refused_before_starting_anything() {
             &base.to_string(),
             "--http-port",
             &(base + 1).to_string(),
+            "--host-port",
+            &(base + 5).to_string(),
         ])
         .args([
             "--agent-port",
@@ -448,6 +451,7 @@ fn too_long_state_dir_is_refused() {
         layout: Layout { dir: dir.clone() },
         ctl_port: 1,
         http_port: 2,
+        host_port: 6,
         agent_port: 3,
         pg_port: 5,
         image_root: d.path().to_path_buf(),

@@ -117,6 +117,7 @@ fn agent_restart_keeps_sandboxes() {
         },
         ctl_port: base,
         http_port: base + 1,
+        host_port: base + 5,
         agent_port: base + 2,
         pg_port: base + 4,
         image_root,

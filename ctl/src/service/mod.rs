@@ -23,9 +23,8 @@ pub mod sandboxes;
 mod teams;
 mod templates;
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use proto::id::{self, Kind, Uuid};
 use proto::Status;
@@ -122,17 +121,16 @@ pub(crate) struct Inner {
     pub cfg: ApiConfig,
     pub last_used: LastUsed,
     pub background_creates: AtomicUsize,
-    /// The newest heartbeat's sandbox summaries per host, not yet compared with the
-    /// database (by the jobs thread: [`crate::reconciler::check_heartbeats`]). One entry per
-    /// host, replaced by each heartbeat.
-    pub heartbeats: Mutex<HashMap<Uuid, Vec<crate::reconciler::HostSandbox>>>,
+    /// The reconciler's graces: a heartbeat's drift is judged with the same decisions.
+    pub jobs: crate::config::JobsConfig,
     /// Keys this replica heard were revoked (LISTEN/NOTIFY, [`crate::revocation`]).
     pub revocations: crate::revocation::Revocations,
 }
 
 impl Api {
     /// Builds the service layer over a DB pool; starts the `last_used` flusher thread.
-    pub fn new(db: Db, cfg: ApiConfig) -> Api {
+    /// `jobs` gives the reconciler's graces, which heartbeats' drift checks use too.
+    pub fn new(db: Db, cfg: ApiConfig, jobs: crate::config::JobsConfig) -> Api {
         let agents = Agents::new(db.clone(), cfg.agent_call_timeout);
         let last_used = LastUsed::start(db.clone(), cfg.last_used_flush);
         Api {
@@ -142,30 +140,15 @@ impl Api {
                 cfg,
                 last_used,
                 background_creates: AtomicUsize::new(0),
-                heartbeats: Mutex::new(HashMap::new()),
+                jobs,
                 revocations: crate::revocation::Revocations::new(),
             }),
         }
     }
 
-    /// Keeps a host's heartbeat summaries for the next drift check.
-    pub fn note_heartbeat(&self, host: Uuid, sandboxes: Vec<crate::reconciler::HostSandbox>) {
-        self.heartbeats().insert(host, sandboxes);
-    }
-
-    /// Takes the summaries noted since the last call.
-    pub fn take_heartbeats(&self) -> HashMap<Uuid, Vec<crate::reconciler::HostSandbox>> {
-        std::mem::take(&mut *self.heartbeats())
-    }
-
-    fn heartbeats(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<crate::reconciler::HostSandbox>>> {
-        // Plain data: a panic elsewhere cannot leave it half-written.
-        self.inner
-            .heartbeats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// The reconciler's settings (graces) in force.
+    pub fn jobs_config(&self) -> &crate::config::JobsConfig {
+        &self.inner.jobs
     }
 
     /// The DB pool (background jobs and the host service share it).

@@ -203,7 +203,7 @@ fn admin_and_serve() {
         .trim()
         .starts_with("wrr_"));
 
-    let (port, http_port) = (free_port(), free_port());
+    let (port, http_port, host_port) = (free_port(), free_port(), free_port());
     let mut child = Command::new(BIN)
         .args([
             "serve",
@@ -213,6 +213,8 @@ fn admin_and_serve() {
             &format!("127.0.0.1:{port}"),
             "--http-listen",
             &format!("127.0.0.1:{http_port}"),
+            "--host-listen",
+            &format!("127.0.0.1:{host_port}"),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -749,3 +749,158 @@ fn a_lost_listener_falls_back_to_the_database() {
     // The listener comes back by itself.
     wait_listening(ctl.api());
 }
+
+// ---- item 2 (last clause): agents have their own listener ----
+
+#[test]
+fn agents_and_clients_have_separate_ports() {
+    let Some(ctl) = Ctl::start() else { return };
+    assert_ne!(ctl.addr(), ctl.host_addr());
+    // A host token on the client port: refused, naming the host port.
+    let e = proto::rpc::Client::connect_tcp(ctl.addr(), proto::rpc::Credential::host_token(""))
+        .and_then(|c| {
+            c.unary::<_, host::RegisterResponse>(
+                host::host_methods::REGISTER,
+                &host::RegisterRequest::default(),
+                T,
+            )
+        })
+        .unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("7702"), "{e}");
+    // An API key on the host port: refused, naming the client port.
+    let e = proto::rpc::Client::connect_tcp(
+        ctl.host_addr(),
+        proto::rpc::Credential::api_key(&ctl.team_key),
+    )
+    .and_then(|c| team_get(&c))
+    .unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("7700"), "{e}");
+    // Agents register and heartbeat on theirs.
+    let (fa, _) = ctl.add_host(2, 2048, 100_000);
+    fa.host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 2,
+                    memory_mib: 2048,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+        .expect("heartbeat on the host port");
+}
+
+// ---- issue 11 §3: the sandbox bounds ctl and the agent share ----
+
+#[test]
+fn ctl_refuses_what_the_agent_would_refuse_before_reserving() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    // A host big enough that capacity is not the reason.
+    let _h = ctl.add_host(1024, 4 * 1024 * 1024, 1 << 30);
+    use proto::sandbox_limits as sl;
+    for (vcpus, memory_mib) in [
+        (sl::VCPUS_MAX + 1, 0),
+        (0, sl::MEMORY_MIB_MAX + 1),
+        (64, 1024 * 1024),
+    ] {
+        let e = create(
+            &cl,
+            c::CreateSandboxRequest {
+                vcpus,
+                memory_mib,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument, "{vcpus} {memory_mib}: {e}");
+    }
+    let used: i32 = sql(&ctl)
+        .query_one("SELECT used_vcpus FROM hosts", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 0, "nothing reserved for a refused create");
+    // The largest the agent accepts is placed.
+    create(
+        &cl,
+        c::CreateSandboxRequest {
+            vcpus: sl::VCPUS_MAX,
+            memory_mib: sl::MEMORY_MIB_MAX,
+            ..Default::default()
+        },
+    )
+    .expect("the shared maximum is accepted");
+}
+
+// ---- issue 11 §7: heartbeat drift lives in the database, its job under a lock ----
+
+#[test]
+fn heartbeat_drift_is_recorded_in_the_database_and_taken_once() {
+    let Some(ctl) = Ctl::start() else { return };
+    let replica = ctl.replica();
+    let (fa, host_id) = ctl.add_host(4, 8192, 100_000);
+    let cl = ctl.team();
+    let sb = create_min(&cl).unwrap();
+    // The agent paused it on its own and the report was lost; its heartbeat says so.
+    fa.state
+        .lock()
+        .unwrap()
+        .sandboxes
+        .get_mut(&sb.id)
+        .unwrap()
+        .state = agent::SandboxState::Paused as i32;
+    fa.host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 8192,
+                    disk_mib: 100_000,
+                }),
+                can_host_sandboxes: true,
+                sandboxes: vec![host::SandboxSummary {
+                    sandbox_id: sb.id.clone(),
+                    state: agent::SandboxState::Paused as i32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    // The drift is on the host row, not in the memory of the replica that got the heartbeat.
+    let mut db = sql(&ctl);
+    let marked: bool = db
+        .query_one(
+            "SELECT drift_seen_at IS NOT NULL FROM hosts WHERE id = $1",
+            &[&uuid_of(&host_id)],
+        )
+        .unwrap()
+        .get(0);
+    assert!(marked);
+    // Any replica may take it (here the one that did not receive the heartbeat), once.
+    let cfg = crate::harness::test_config(&ctl.url).jobs;
+    let done = ctl::reconciler::check_heartbeats(&replica.api, &cfg);
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert!(ctl::reconciler::check_heartbeats(ctl.api(), &cfg).is_empty());
+    assert_eq!(get(&cl, &sb.id).state, c::SandboxState::Paused as i32);
+    // While another session holds the job's advisory lock, nobody takes a mark.
+    db.execute("UPDATE hosts SET drift_seen_at = now()", &[])
+        .unwrap();
+    let mut tx = db.transaction().unwrap();
+    tx.query(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&ctl::reconciler::DRIFT_LOCK],
+    )
+    .unwrap();
+    assert!(ctl::reconciler::check_heartbeats(ctl.api(), &cfg).is_empty());
+    tx.rollback().unwrap();
+    assert_eq!(ctl::reconciler::check_heartbeats(ctl.api(), &cfg).len(), 1);
+    replica.shutdown();
+}

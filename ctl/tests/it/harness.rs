@@ -118,6 +118,7 @@ pub fn test_config(url: &str) -> Config {
         database_url: url.to_owned(),
         listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
+        host_listen: "127.0.0.1:0".parse().unwrap(),
         db_workers: 4,
         api: ApiConfig {
             agent_lifecycle_timeout: Duration::from_secs(20),
@@ -193,6 +194,11 @@ impl Ctl {
         self.running().addr.to_string()
     }
 
+    /// The agents' port (wrenn.host.v1).
+    pub fn host_addr(&self) -> String {
+        self.running().host_addr.to_string()
+    }
+
     pub fn client(&self, key: &str) -> Client {
         Client::connect_tcp(self.addr(), Credential::api_key(key)).expect("connect with api key")
     }
@@ -237,7 +243,7 @@ impl Ctl {
                 None,
             )
             .expect("registration token");
-        let reg = Client::connect_tcp(self.addr(), Credential::host_token(""))
+        let reg = Client::connect_tcp(self.host_addr(), Credential::host_token(""))
             .expect("connect to register");
         let r: host::RegisterResponse = reg
             .unary(
@@ -260,7 +266,7 @@ impl Ctl {
             )
             .expect("register");
         fa.set_token(&r.agent_token);
-        fa.set_host_token(&r.host_token, &self.addr());
+        fa.set_host_token(&r.host_token, &self.host_addr());
         (fa, r.host_id)
     }
 }

@@ -1,0 +1,25 @@
+//! Bounds of a sandbox that ctl and the agent must agree on, in one place: ctl refuses a
+//! request beyond them before it reserves capacity, and the agent refuses the same request
+//! with the same numbers, so ctl never places a sandbox its host would refuse. (Bounds of
+//! one crate alone stay in that crate's `limits.rs`.)
+
+/// vCPUs of one sandbox: Firecracker's own maximum (`MAX_SUPPORTED_VCPUS`, 32).
+pub const VCPUS_MAX: u32 = 32;
+/// Guest memory of one sandbox: 256 GiB, far above any sandbox's need and within what
+/// Firecracker maps for one guest; it also bounds the capacity arithmetic.
+pub const MEMORY_MIB_MAX: u32 = 256 * 1024;
+/// Disk of one sandbox: 16 TiB (a sparse or reflinked file; the bound keeps the byte
+/// count, `disk_mib << 20`, far from overflow).
+pub const DISK_MIB_MAX: u64 = 16 * 1024 * 1024;
+/// Entries of a sandbox's metadata or env map (stored as one JSONB row by ctl, as state-file
+/// lines by the agent).
+pub const MAP_ENTRIES_MAX: usize = 64;
+/// Bytes of a key of those maps.
+pub const MAP_KEY_LEN_MAX: usize = 256;
+/// Bytes of a value of those maps.
+pub const MAP_VALUE_LEN_MAX: usize = 4096;
+
+const _: () = assert!(VCPUS_MAX as u64 <= i32::MAX as u64);
+const _: () = assert!(MEMORY_MIB_MAX as u64 <= i32::MAX as u64);
+const _: () = assert!(DISK_MIB_MAX <= (u64::MAX >> 20));
+const _: () = assert!(DISK_MIB_MAX <= i64::MAX as u64);
