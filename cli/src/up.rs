@@ -1355,8 +1355,7 @@ fn destroy_sandboxes(
     ) else {
         return;
     };
-    let client = match proto::rpc::Client::connect_tcp(ctl, proto::rpc::Credential::api_key(key))
-    {
+    let client = match proto::rpc::Client::connect_tcp(ctl, proto::rpc::Credential::api_key(key)) {
         Ok(c) => c,
         Err(e) => {
             report.push_str(&format!("could not reach ctl to list sandboxes: {e}\n"));

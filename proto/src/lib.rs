@@ -10,7 +10,8 @@
 //! - [`process`]: pidfds and process start times (a live process, never a recycled pid);
 //! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
 //! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`);
-//! - [`signal`]: waiting for SIGTERM/SIGINT, so daemons drain their servers.
+//! - [`signal`]: waiting for SIGTERM/SIGINT, so daemons drain their servers;
+//! - [`sandbox_limits`]: the bounds of one sandbox that ctl and the agent must agree on.
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
