@@ -72,7 +72,7 @@ fn operations_lists_every_flag() {
         ("wrenn-agent", "agent/src/flags.rs", false),
         ("wrenn-uffd", "uffd/src/main.rs", false),
         ("envd", "envd/src/main.rs", false),
-        ("wrenn up", "cli/src/up.rs", true),
+        ("wrenn up", "cli/src/up/mod.rs", true),
         ("wrenn doctor", "cli/src/doctor.rs", true),
         ("wrenn image kernel", "cli/src/image/kernel.rs", true),
         ("wrenn image rootfs", "cli/src/image/rootfs.rs", true),

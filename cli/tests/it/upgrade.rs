@@ -19,7 +19,7 @@ use crate::support::{skip, TempDir};
 use crate::up::{free_ports, post, prerequisites, processes_under, Down};
 
 const NAME: &str = "upgrade::agent_restart_keeps_sandboxes";
-/// This test's agent's own slot names and addresses (see up.rs).
+/// This test's agent's own slot names and addresses (see cli/src/up/mod.rs).
 const NET_PREFIX: &str = "wtupg";
 const NET_SUBNET: &str = "10.232.0.0";
 /// Guests on the nested-KVM development machines take 4-6 minutes to boot.
