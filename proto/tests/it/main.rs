@@ -6,3 +6,4 @@ mod corpus;
 mod rpc;
 mod support;
 mod tidy;
+mod transport;
