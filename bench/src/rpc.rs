@@ -21,6 +21,10 @@ pub fn cases() -> Vec<Case> {
             name: "rpc_stream",
             run: rpc_stream,
         },
+        Case {
+            name: "listener_flood",
+            run: listener_flood,
+        },
     ]
 }
 
@@ -265,5 +269,77 @@ fn rpc_stream(opts: &Opts) -> Result<(), String> {
             Goal::AtLeast(0.7)
         )
     );
+    Ok(())
+}
+
+/// Issue 18 at full size: a TCP server with the default budgets under each flood of
+/// `proto::rpc::flood` (from 127.0.0.2+), while a legitimate client makes unary calls from
+/// 127.0.0.1, connecting anew every tenth call. Prints the loaded/unloaded p99 ratio per scenario (goal
+/// at most 2) and the process's peak RSS.
+fn listener_flood(opts: &Opts) -> Result<(), String> {
+    use proto::rpc::flood::{self, Scenario, Size, Target};
+    let mut server = Server::new(ServerConfig::new("bench-flood"), Arc::new(Bench))
+        .map_err(|e| e.to_string())?;
+    let addr = server
+        .listen_tcp("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?)
+        .map_err(|e| e.to_string())?;
+    let (handle, join) = server.spawn().map_err(|e| e.to_string())?;
+    let req = Blob {
+        data: vec![7; 64].into(),
+        n: 1,
+    };
+    // A new connection every tenth call (the newcomer must get in), as a pooled client.
+    let mut conn: Option<Client> = None;
+    let mut n = 0u32;
+    let mut legit = || -> Result<(), String> {
+        n += 1;
+        if n % 10 == 0 || conn.is_none() {
+            if let Some(old) = conn.take() {
+                old.close();
+            }
+            conn = Some(Client::connect_tcp(addr, Credential::none()).map_err(|e| e.to_string())?);
+        }
+        let c = conn.as_ref().ok_or("not connected")?;
+        let r: Blob = c.unary(ECHO, &req, None).map_err(|e| e.to_string())?;
+        if r.n != 1 {
+            return Err("wrong echo".into());
+        }
+        Ok(())
+    };
+    let size = if opts.quick {
+        Size::quick()
+    } else {
+        Size::full()
+    };
+    let target = Target::Tcp(addr);
+    let pid = std::process::id();
+    for scenario in [
+        Scenario::IdleUnauthenticated,
+        Scenario::SlowHello,
+        Scenario::HalfWrittenFrames(None),
+        Scenario::HalfWrittenFrames(Some(Credential::api_key("k"))),
+        Scenario::OneCredentialMany(Credential::api_key("k")),
+    ] {
+        let r = flood::run(&target, &scenario, &size, Some(pid), &mut legit);
+        println!("# {}", r.line());
+        println!(
+            "{}",
+            crate::harness::metric_line(
+                &format!("listener_flood_{}_p99_ratio", r.scenario),
+                r.ratio(),
+                "x",
+                Goal::AtMost(2.0),
+            )
+        );
+        if r.failed > 0 {
+            println!(
+                "# {} legitimate calls failed: {:?}",
+                r.failed,
+                r.errors.first()
+            );
+        }
+    }
+    handle.shutdown();
+    let _ = join.join();
     Ok(())
 }

@@ -215,7 +215,8 @@ pub fn connect_rpc(
         name: "wrenn-agent".to_owned(),
         ..ClientConfig::default()
     };
-    Client::from_stream(OwnedFd::from(s), cred, &cfg).map_err(VsockError::Rpc)
+    let io = proto::rpc::SocketTransport::hybrid_vsock(OwnedFd::from(s), port);
+    Client::from_transport(Box::new(io), cred, &cfg).map_err(VsockError::Rpc)
 }
 
 /// The Unix socket where guest connections to host port `port` arrive.

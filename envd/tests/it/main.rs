@@ -2284,3 +2284,44 @@ fn measure_file_throughput() {
         copy.as_secs_f64() / read.as_secs_f64()
     );
 }
+
+/// Issue 18: envd's listener survives hostile clients on its socket. The agent's part is
+/// played by a client holding an initialized connection (every Unix-socket peer is one
+/// source, so new connections share the flood's accept rate: envd's socket is reachable
+/// only by the host's agent, and it is the per-connection budgets that must hold). p99 of a
+/// Health/Check under flood at most 2× unloaded p99 plus 5 ms (an absolute floor, so a
+/// sub-millisecond baseline on a shared machine is not flaky); envd's RSS under 64 MiB. A
+/// scenario that misses is measured once more before it fails (the machine is shared).
+#[test]
+fn listener_survives_floods() {
+    use proto::rpc::flood::{self, Scenario, Size, Target};
+    let e = Envd::start();
+    let _ = e.init();
+    let c = e.authed();
+    let mut legit = || -> Result<(), String> {
+        let _: pb::HealthCheckResponse = c
+            .unary(pb::health_methods::CHECK, &pb::HealthCheckRequest {}, t10())
+            .map_err(|e| format!("Health/Check: {e}"))?;
+        Ok(())
+    };
+    let target = Target::Unix(e.sock.clone());
+    for scenario in [
+        Scenario::IdleUnauthenticated,
+        Scenario::SlowHello,
+        Scenario::HalfWrittenFrames(None),
+        Scenario::HalfWrittenFrames(Some(Credential::access_token(TOKEN))),
+        Scenario::OneCredentialMany(Credential::access_token(TOKEN)),
+    ] {
+        let r = flood::run_checked(
+            &target,
+            &scenario,
+            &Size::quick(),
+            Some(e.pid()),
+            &mut legit,
+            Duration::from_millis(5),
+            64 * 1024,
+        )
+        .unwrap();
+        eprintln!("envd {}", r.line());
+    }
+}

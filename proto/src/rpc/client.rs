@@ -15,6 +15,7 @@ use prost::bytes::Bytes;
 use prost::Message;
 
 use super::conn::{Conn, Limits, Side};
+use super::transport::{SocketTransport, Transport};
 use crate::frame::Kind;
 use crate::gen::wrenn::wire::v1::{CredentialKind, Hello, HelloAck};
 use crate::limits::{
@@ -148,15 +149,23 @@ impl Client {
         Err(last)
     }
 
-    /// Says hello over an already connected stream socket (TCP, Unix, or vsock after its
-    /// `CONNECT` handshake).
+    /// Says hello over an already connected stream socket (TCP, Unix, or vsock; its kind is
+    /// read from the socket).
     pub fn from_stream(
         fd: OwnedFd,
         cred: Credential,
         cfg: &ClientConfig,
     ) -> Result<Client, Status> {
+        Client::from_transport(Box::new(SocketTransport::new(fd)), cred, cfg)
+    }
+
+    /// Says hello over any transport (e.g. [`SocketTransport::hybrid_vsock`]).
+    pub fn from_transport(
+        io: Box<dyn Transport>,
+        cred: Credential,
+        cfg: &ClientConfig,
+    ) -> Result<Client, Status> {
         super::check_announced_limits(cfg.frame_len_max, cfg.stream_window, cfg.conn_window)?;
-        let sock = UnixStream::from(fd);
         // Until the server answers, assume the protocol defaults for what we may send.
         let provisional = Limits {
             recv_frame_len_max: cfg.frame_len_max,
@@ -167,7 +176,7 @@ impl Client {
             send_conn_window: CONN_WINDOW_DEFAULT,
             max_streams: 0,
         };
-        let conn = Conn::new(sock, Side::Client, provisional)
+        let conn = Conn::new(io, Side::Client, provisional)
             .map_err(|e| Status::unavailable(format!("set up socket: {e}")))?;
         let hello = Hello {
             version: crate::PROTOCOL_VERSION,

@@ -18,12 +18,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::os::unix::net::UnixStream;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prost::bytes::{Bytes, BytesMut};
 
+use super::transport::{ReadMode, Transport};
 use crate::frame::{self, Decoded, Kind, FLAG_END_STREAM};
 use crate::limits::{
     CONTROL_QUEUE_LEN_MAX, FRAME_HEADER_LEN, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
@@ -103,10 +103,13 @@ pub(crate) struct State {
     /// Threads sleeping on the condvar.
     waiters: usize,
     ping_sent: Option<Instant>,
+    /// The transport holds bytes of its own not yet on the wire.
+    io_pending: bool,
 }
 
 pub(crate) struct Conn {
-    pub sock: UnixStream,
+    /// The byte stream: frame handling never learns what carries it.
+    pub io: Box<dyn Transport>,
     pub side: Side,
     pub limits: Limits,
     state: Mutex<State>,
@@ -130,12 +133,12 @@ impl RecvBuf {
 
     /// Reads once from `sock` (non-blocking). Returns bytes read (0 at EOF) and whether
     /// the read filled all the room it had (more may be waiting).
-    pub fn read_from(&mut self, sock: &UnixStream, block: bool) -> io::Result<(usize, bool)> {
+    pub fn read_from(&mut self, io: &dyn Transport, block: bool) -> io::Result<(usize, bool)> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK_LEN / 4 {
             self.buf.reserve(READ_CHUNK_LEN);
         }
         let room = self.buf.capacity() - self.buf.len();
-        let n = super::sys::read_into(sock, &mut self.buf, block)?;
+        let n = io.read_into(&mut self.buf, block)?;
         Ok((n, n == room))
     }
 
@@ -184,20 +187,17 @@ fn proto_err(msg: impl Into<String>) -> Status {
 }
 
 impl Conn {
-    pub fn new(sock: UnixStream, side: Side, limits: Limits) -> io::Result<Conn> {
+    pub fn new(io: Box<dyn Transport>, side: Side, limits: Limits) -> io::Result<Conn> {
         // A server socket is non-blocking (the event loop). A client socket blocks, with a
         // receive timeout: its reader sleeps inside recv itself, one system call fewer than
         // poll + recv on every reply. Every write passes MSG_DONTWAIT, so writers never
         // block under the lock on either side.
-        match side {
-            Side::Server => sock.set_nonblocking(true)?,
-            Side::Client => {
-                sock.set_nonblocking(false)?;
-                super::sys::set_recv_timeout(&sock, READER_TICK)?;
-            }
-        }
+        io.set_read_mode(match side {
+            Side::Server => ReadMode::NonBlocking,
+            Side::Client => ReadMode::Blocking { tick: READER_TICK },
+        })?;
         Ok(Conn {
-            sock,
+            io,
             side,
             limits,
             state: Mutex::new(State {
@@ -216,6 +216,7 @@ impl Conn {
                 last_rx: Instant::now(),
                 waiters: 0,
                 ping_sent: None,
+                io_pending: false,
             }),
             cv: Condvar::new(),
             rbuf: Mutex::new(RecvBuf::new()),
@@ -249,9 +250,9 @@ impl Conn {
     /// Writes as much of the outbound buffer as the socket takes. Marks the connection dead
     /// on a write error.
     pub fn flush(&self, st: &mut State) {
-        while Self::has_pending_output(st) {
+        while Self::has_queued(st) {
             let sent = if st.segs.is_empty() {
-                super::sys::send_nb(&self.sock, &st.out[st.out_pos..])
+                self.io.write(&st.out[st.out_pos..])
             } else {
                 let mut iov: [io::IoSlice<'_>; IOV_MAX] = [io::IoSlice::new(&[]); IOV_MAX];
                 let mut n = 0;
@@ -263,7 +264,7 @@ impl Conn {
                     iov[n] = io::IoSlice::new(&st.out[st.out_pos..]);
                     n += 1;
                 }
-                super::sys::send_vectored_nb(&self.sock, &iov[..n])
+                self.io.write_vectored(&iov[..n])
             };
             match sent {
                 Ok(0) => {
@@ -281,7 +282,16 @@ impl Conn {
                 }
             }
         }
-        if !Self::has_pending_output(st) {
+        // Bytes the transport buffered itself (TLS records) count as pending output.
+        match self.io.flush() {
+            Ok(pending) => st.io_pending = pending,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.io_pending = true,
+            Err(e) => {
+                self.kill(st, Status::unavailable(format!("write failed: {e}")));
+                return;
+            }
+        }
+        if !Self::has_queued(st) {
             st.out.clear();
             st.out_pos = 0;
             st.out_data = 0;
@@ -352,15 +362,20 @@ impl Conn {
                 return Err(Status::deadline_exceeded("deadline exceeded while sending"));
             }
             drop(st);
-            let _ = super::sys::poll1(&self.sock, true, READER_TICK);
+            let _ = self.io.poll(true, READER_TICK);
             st = self.lock();
             self.flush(&mut st);
         }
         Ok(st)
     }
 
-    pub fn has_pending_output(st: &State) -> bool {
+    /// Bytes of ours queued for the transport.
+    fn has_queued(st: &State) -> bool {
         st.segs_len > 0 || st.out_pos < st.out.len()
+    }
+
+    pub fn has_pending_output(st: &State) -> bool {
+        st.segs_len > 0 || st.out_pos < st.out.len() || st.io_pending
     }
 
     /// Appends a control frame and flushes; a peer that lets control frames pile up is
@@ -390,7 +405,7 @@ impl Conn {
         }
         st.dead = Some(status);
         st.streams.clear();
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.io.shutdown();
         self.wake_waiters(st);
     }
 
@@ -1014,16 +1029,15 @@ impl Conn {
         let mut res = PollResult::default();
         let mut block = true;
         if want_write || timeout.is_zero() {
-            let (readable, writable) =
-                match super::sys::poll1(&self.sock, want_write, timeout.min(READER_TICK)) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return PollResult {
-                            error: Some(e),
-                            ..Default::default()
-                        }
+            let (readable, writable) = match self.io.poll(want_write, timeout.min(READER_TICK)) {
+                Ok(r) => r,
+                Err(e) => {
+                    return PollResult {
+                        error: Some(e),
+                        ..Default::default()
                     }
-                };
+                }
+            };
             res.writable = writable;
             if !readable {
                 return res;
@@ -1032,7 +1046,7 @@ impl Conn {
         }
         let mut rbuf = self.rbuf.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            match rbuf.read_from(&self.sock, block) {
+            match rbuf.read_from(self.io.as_ref(), block) {
                 Ok((0, _)) => {
                     res.eof = true;
                     break;
@@ -1123,7 +1137,7 @@ impl Conn {
                 return Err(Status::deadline_exceeded("no hello answer from the server"));
             }
             // Blocks up to the receive timeout, then the deadline is checked again.
-            match rbuf.read_from(&self.sock, true) {
+            match rbuf.read_from(self.io.as_ref(), true) {
                 Ok((0, _)) => return Err(Status::unavailable("connection closed during hello")),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

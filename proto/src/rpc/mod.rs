@@ -1,4 +1,5 @@
-//! The multiplexed RPC runtime over any stream socket (TCP, Unix, vsock); see PROTOCOL.md.
+//! The multiplexed RPC runtime over any byte stream ([`Transport`]: TCP, Unix, vsock);
+//! see PROTOCOL.md.
 //!
 //! - [`Client`]: blocking calls from any thread; no background thread.
 //! - [`Server`]: a mio event loop plus a bounded worker pool; [`Service`] answers calls.
@@ -8,16 +9,22 @@
 pub mod admission;
 mod client;
 mod conn;
+#[cfg(feature = "flood")]
+pub mod flood;
 mod pool;
 pub mod serve;
 mod server;
 mod sys;
+pub mod transport;
 
 pub use admission::{CredentialId, Source};
 pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
-pub use server::{Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service};
+pub use server::{
+    Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service, WrapTransport,
+};
+pub use transport::{ReadMode, SocketKind, SocketTransport, Transport};
 
 pub use crate::gen::wrenn::wire::v1::{CredentialKind, Hello};
 pub use prost::bytes::Bytes;

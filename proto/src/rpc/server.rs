@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use prost::Message;
 use super::admission::{AcceptVerdict, Admission, Budgets, CredentialId, Refusal, Source};
 use super::conn::{Conn, Events, Limits, RecvBuf, Side};
 use super::pool::Pool;
+use super::transport::{SocketTransport, Transport};
 use crate::frame::{self, Decoded, Kind};
 use crate::gen::wrenn::wire::v1::{Hello, HelloAck};
 
@@ -139,6 +140,8 @@ impl ServerConfig {
 const LISTENERS_MAX: usize = 8;
 const WAKER: Token = Token(LISTENERS_MAX);
 const CONN_BASE: usize = LISTENERS_MAX + 1;
+/// Connections accepted per listener before the loop serves other ready connections.
+const ACCEPT_BATCH: usize = 16;
 /// Events taken from epoll per wait.
 const EVENTS_CAPACITY: usize = 256;
 /// The loop wakes at least this often to run timers (hello, keepalive, deadlines).
@@ -216,7 +219,7 @@ struct Entry {
     source: Source,
     counted: Counted,
     /// The socket until the hello is accepted; then it moves into `conn`.
-    pre: Option<UnixStream>,
+    pre: Option<Box<dyn Transport>>,
     conn: Option<Arc<Conn>>,
     raw_fd: std::os::fd::RawFd,
     rbuf: RecvBuf,
@@ -227,14 +230,17 @@ struct Entry {
 }
 
 impl Entry {
-    fn sock(&self) -> &UnixStream {
+    fn io(&self) -> &dyn Transport {
         match (&self.pre, &self.conn) {
-            (Some(s), _) => s,
-            (None, Some(c)) => &c.sock,
+            (Some(s), _) => s.as_ref(),
+            (None, Some(c)) => c.io.as_ref(),
             (None, None) => unreachable!("an entry always holds its socket"),
         }
     }
 }
+
+/// Turns an accepted socket into the transport a listener speaks (e.g. TLS over TCP).
+pub type WrapTransport = Arc<dyn Fn(SocketTransport) -> Box<dyn Transport> + Send + Sync>;
 
 /// The server. Build it, add listeners, then [`Server::run`] (or [`Server::spawn`]).
 pub struct Server {
@@ -243,12 +249,14 @@ pub struct Server {
     poll: Poll,
     shared: Arc<Shared>,
     pool: Arc<Pool>,
-    listeners: Vec<OwnedFd>,
+    listeners: Vec<(OwnedFd, Option<WrapTransport>)>,
     conns: Vec<Option<Entry>>,
     free: Vec<usize>,
     serial: u64,
     draining: Option<Instant>,
     admission: Admission,
+    /// Listeners that had more connections queued than one batch took.
+    accept_pending: Vec<usize>,
 }
 
 impl Server {
@@ -266,6 +274,7 @@ impl Server {
         let pool = Pool::new(&cfg.name, cfg.workers_max);
         Ok(Server {
             admission: Admission::new(cfg.budgets()),
+            accept_pending: Vec::new(),
             svc,
             poll,
             shared: Arc::new(Shared {
@@ -327,17 +336,26 @@ impl Server {
 
     /// Serves an already listening stream socket of any family (vsock included).
     pub fn listen_fd(&mut self, fd: OwnedFd) -> io::Result<()> {
+        self.listen_fd_inner(fd, None)
+    }
+
+    /// Like [`Server::listen_fd`], with each accepted socket wrapped in another transport
+    /// (TLS would be one) before the hello; the wrapped transport's handshake counts as
+    /// pre-hello time (budget and hello deadline start at accept).
+    pub fn listen_fd_with(&mut self, fd: OwnedFd, wrap: WrapTransport) -> io::Result<()> {
+        self.listen_fd_inner(fd, Some(wrap))
+    }
+
+    fn listen_fd_inner(&mut self, fd: OwnedFd, wrap: Option<WrapTransport>) -> io::Result<()> {
         if self.listeners.len() >= LISTENERS_MAX {
             return Err(io::Error::other("too many listeners"));
         }
-        let sock = UnixStream::from(fd);
-        sock.set_nonblocking(true)?;
-        let fd: OwnedFd = sock.into();
+        super::sys::set_nonblocking(fd.as_fd(), true)?;
         let token = Token(self.listeners.len());
         self.poll
             .registry()
             .register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE)?;
-        self.listeners.push(fd);
+        self.listeners.push((fd, wrap));
         Ok(())
     }
 
@@ -356,7 +374,14 @@ impl Server {
         let mut events = MioEvents::with_capacity(EVENTS_CAPACITY);
         let mut last_tick = Instant::now();
         loop {
-            match self.poll.poll(&mut events, Some(TICK)) {
+            // Listeners with connections still queued are served again after this round of
+            // events, without waiting.
+            let timeout = if self.accept_pending.is_empty() {
+                TICK
+            } else {
+                Duration::ZERO
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -378,6 +403,9 @@ impl Server {
                     }
                 }
             }
+            for idx in std::mem::take(&mut self.accept_pending) {
+                self.accept(idx);
+            }
             self.run_commands();
             let now = Instant::now();
             if now.duration_since(last_tick) >= TICK {
@@ -396,12 +424,21 @@ impl Server {
         }
     }
 
+    /// Accepts up to `ACCEPT_BATCH` connections; with more queued, the listener is served
+    /// again after the other ready connections, so a connection flood cannot hold the loop
+    /// away from established connections for long.
     fn accept(&mut self, idx: usize) {
-        loop {
-            if self.draining.is_some() {
+        for n in 0.. {
+            if self.draining.is_some() || idx >= self.listeners.len() {
                 return;
             }
-            let (fd, source) = match super::sys::accept(self.listeners[idx].as_fd()) {
+            if n == ACCEPT_BATCH {
+                if !self.accept_pending.contains(&idx) {
+                    self.accept_pending.push(idx);
+                }
+                return;
+            }
+            let (fd, peer) = match super::sys::accept(self.listeners[idx].0.as_fd()) {
                 Ok(Some(a)) => a,
                 Ok(None) => return,
                 Err(e) => {
@@ -409,6 +446,7 @@ impl Server {
                     return;
                 }
             };
+            let source = peer.source();
             let conns = &self.conns;
             let live = |slot: usize, serial: u64| {
                 conns
@@ -428,16 +466,15 @@ impl Server {
                     let msg = self.admission.message(r, None);
                     let mut out = Vec::new();
                     frame::put_error(&mut out, 0, Code::ResourceExhausted, &msg);
-                    let _ = super::sys::send_nb(&UnixStream::from(fd), &out);
+                    let _ = super::sys::send_nb(fd.as_fd(), &out);
                     continue;
                 }
             }
-            super::sys::set_nodelay(fd.as_fd());
-            let sock = UnixStream::from(fd);
-            if let Err(e) = sock.set_nonblocking(true) {
-                log::warn!("socket setup failed error={e}");
-                continue;
-            }
+            let sock = SocketTransport::accepted(fd, peer);
+            let io: Box<dyn Transport> = match &self.listeners[idx].1 {
+                Some(wrap) => wrap(sock),
+                None => Box::new(sock),
+            };
             let slot = match self.free.pop() {
                 Some(s) => s,
                 None => {
@@ -445,7 +482,7 @@ impl Server {
                     self.conns.len() - 1
                 }
             };
-            let raw = sock.as_raw_fd();
+            let raw = io.fd().as_raw_fd();
             let interest = Interest::READABLE | Interest::WRITABLE;
             if let Err(e) = self.poll.registry().register(
                 &mut SourceFd(&raw),
@@ -461,7 +498,7 @@ impl Server {
             self.conns[slot] = Some(Entry {
                 source,
                 counted: Counted::PreHello,
-                pre: Some(sock),
+                pre: Some(io),
                 conn: None,
                 raw_fd: raw,
                 rbuf: RecvBuf::new(),
@@ -491,12 +528,12 @@ impl Server {
                 let Entry {
                     pre, conn, rbuf, ..
                 } = entry;
-                let sock = match (pre.as_ref(), conn.as_ref()) {
-                    (Some(s), _) => s,
-                    (None, Some(c)) => &c.sock,
+                let io: &dyn Transport = match (pre.as_ref(), conn.as_ref()) {
+                    (Some(s), _) => s.as_ref(),
+                    (None, Some(c)) => c.io.as_ref(),
                     (None, None) => return,
                 };
-                match rbuf.read_from(sock, false) {
+                match rbuf.read_from(io, false) {
                     Ok((0, _)) => {
                         self.close(slot, Status::unavailable("connection closed by peer"));
                         return;
@@ -731,7 +768,7 @@ impl Server {
                 Cmd::Shutdown => {
                     if self.draining.is_none() {
                         self.draining = Some(Instant::now());
-                        for l in self.listeners.drain(..) {
+                        for (l, _) in self.listeners.drain(..) {
                             let _ = self
                                 .poll
                                 .registry()
@@ -824,7 +861,7 @@ impl Server {
                 // Before the hello: best effort, the socket is non-blocking and nearly empty.
                 let mut out = Vec::new();
                 frame::put_error(&mut out, 0, status.code, &status.message);
-                let _ = std::io::Write::write(&mut entry.sock(), &out);
+                let _ = entry.io().write(&out);
             }
         }
         self.close(slot, status);
@@ -847,7 +884,7 @@ impl Server {
             let mut st = conn.lock();
             conn.kill(&mut st, status);
         } else if let Some(s) = &entry.pre {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            s.shutdown();
         }
         self.free.push(slot);
     }

@@ -7,3 +7,4 @@ mod generated;
 mod rpc;
 mod support;
 mod tidy;
+mod transport;
