@@ -904,3 +904,37 @@ fn heartbeat_drift_is_recorded_in_the_database_and_taken_once() {
     assert_eq!(ctl::reconciler::check_heartbeats(ctl.api(), &cfg).len(), 1);
     replica.shutdown();
 }
+
+#[test]
+fn forced_destroy_over_http() {
+    let Some(mut ctl) = Ctl::start() else { return };
+    if let Some(r) = ctl.running.take() {
+        r.shutdown();
+    }
+    ctl.running = Some(
+        ctl::server::start(
+            &crate::harness::test_config(&ctl.url),
+            ctl::server::StartOpts {
+                jobs: false,
+                http: true,
+            },
+        )
+        .expect("start ctl with http"),
+    );
+    let http_addr = ctl.running().http_addr.unwrap();
+    let cl = ctl.team();
+    let (_fa, _) = ctl.add_host(4, 8192, 100_000);
+    let sb = create_min(&cl).unwrap();
+    sql(&ctl)
+        .execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    let (status, body) = http(
+        http_addr,
+        "DELETE",
+        &format!("/v1/sandboxes/{}?force=true", sb.id),
+        &ctl.team_key,
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get(&cl, &sb.id).state, c::SandboxState::Stopped as i32);
+}
