@@ -430,6 +430,17 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// `value` made storable in `text`/`jsonb` for text ctl did not get from a caller and must
+/// keep anyway (an agent's state reason, an error message in an audit row): NUL characters
+/// become U+FFFD. Caller input is refused instead ([`check_text`]).
+pub fn storable(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.contains('\0') {
+        std::borrow::Cow::Owned(value.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(value)
+    }
+}
+
 /// Checks that `value` can be stored in a PostgreSQL `text` or `jsonb` column: neither
 /// holds a NUL character (`text` refuses the byte, `jsonb` the `\u0000` escape), and the
 /// statement would fail with an internal error. Every caller-supplied string that reaches
@@ -446,4 +457,19 @@ pub fn check_text(field: &str, value: &str) -> Result<(), Status> {
 /// Whether `e` is a unique violation (for callers that map it to their own message).
 pub fn is_unique_violation(e: &postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_checks() {
+        assert!(check_text("f", "plain").is_ok());
+        let e = check_text("metadata[\"k\"]", "a\0b").unwrap_err();
+        assert_eq!(e.code, proto::Code::InvalidArgument);
+        assert!(e.message.contains("metadata[\"k\"]"), "{e}");
+        assert_eq!(storable("a\0b"), "a\u{fffd}b");
+        assert!(matches!(storable("ab"), std::borrow::Cow::Borrowed("ab")));
+    }
 }

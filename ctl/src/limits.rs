@@ -89,6 +89,11 @@ pub const EXEC_OUTPUT_MAX: u64 = 16 * 1024 * 1024;
 /// Audit metadata JSON text; larger detail belongs in logs.
 pub const AUDIT_METADATA_LEN_MAX: usize = 8192;
 
+/// Connections open on the host port with an empty host token (an agent registering: one
+/// call, once per new host). Anyone can open such a connection, so they have this small
+/// budget of their own instead of sharing the agents' connections.
+pub const REGISTERING_CONNECTIONS_MAX: usize = 16;
+
 /// Revoked keys a replica remembers (from LISTEN/NOTIFY). Beyond this the set is flushed and
 /// every open connection re-checks its key in the database once: revocations are rare, and
 /// 65536 UUIDs are about 2 MiB with the set's overhead.

@@ -331,7 +331,8 @@ pub fn host_sandboxes(
             id,
             state,
             expires_at: (expires_unix_ns > 0).then(|| time_from_ns(expires_unix_ns)),
-            reason,
+            // Stored as the state reason and in audit rows: keep it storable.
+            reason: crate::db::storable(&reason).into_owned(),
         });
     }
     out

@@ -230,6 +230,9 @@ pub fn set_state(
         Some(e) => (true, e),
         None => (false, None),
     };
+    // Reasons may come from an agent (or a guest through it): never let one break the row.
+    let reason = crate::db::storable(reason);
+    let reason: &str = &reason;
     tx.execute(
         "UPDATE sandboxes SET state = $2, state_reason = $3, held_vcpus = $4, \
             held_memory_mib = $5, held_disk_mib = $6, updated_at = now(), \

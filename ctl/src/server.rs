@@ -5,6 +5,7 @@
 //! refuses the other's credential with a message naming the right port. Every call runs on
 //! the RPC worker pool: the event loop never blocks on SQL.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,8 +29,9 @@ pub enum Caller {
     /// its next call refused on every replica as soon as the revocation's notification
     /// arrives; the check on each call is in memory ([`crate::revocation`]).
     Api(AuthCtx, Arc<KeyCheck>),
-    /// An agent with an empty host token: may only call Register.
-    Registering,
+    /// An agent with an empty host token: may only call Register. Holds one of the host
+    /// port's few registering places until the connection closes.
+    Registering(Arc<RegisteringPlace>),
     /// An agent with its host token: wrenn.host.v1.
     Host { id: Uuid, name: String },
 }
@@ -47,11 +49,47 @@ pub enum Port {
 pub struct CtlService {
     api: Api,
     port: Port,
+    /// Connections open with an empty host token (registering): anyone can open one, so
+    /// they get a small budget of their own and can never fill the agents' port.
+    registering: Arc<AtomicUsize>,
 }
 
 impl CtlService {
     pub fn new(api: Api, port: Port) -> CtlService {
-        CtlService { api, port }
+        CtlService {
+            api,
+            port,
+            registering: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// One of [`crate::limits::REGISTERING_CONNECTIONS_MAX`] places; given back when the
+/// connection (its peer) is dropped.
+#[derive(Debug)]
+pub struct RegisteringPlace(Arc<AtomicUsize>);
+
+impl RegisteringPlace {
+    fn take(count: &Arc<AtomicUsize>) -> Result<RegisteringPlace, Status> {
+        let max = crate::limits::REGISTERING_CONNECTIONS_MAX;
+        let r = count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        });
+        match r {
+            Ok(_) => Ok(RegisteringPlace(Arc::clone(count))),
+            Err(_) => {
+                metrics::AUTH_FAILURES.inc();
+                Err(Status::resource_exhausted(format!(
+                    "too many registering connections (at most {max}); try again shortly"
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for RegisteringPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -84,7 +122,9 @@ impl Service for CtlService {
                     Arc::new(KeyCheck::at(generation)),
                 )
             }
-            Ok(CredentialKind::HostToken) if hello.credential.is_empty() => Caller::Registering,
+            Ok(CredentialKind::HostToken) if hello.credential.is_empty() => {
+                Caller::Registering(Arc::new(RegisteringPlace::take(&self.registering)?))
+            }
             Ok(CredentialKind::HostToken) => {
                 let (id, name) = crate::auth::lookup_host_token(self.api.db(), &hello.credential)
                     .inspect_err(|_| metrics::AUTH_FAILURES.inc())?;
@@ -129,7 +169,7 @@ impl Service for CtlService {
                     metrics::API_CALL_SECONDS.observe(start.elapsed());
                 });
             }
-            Caller::Registering => {
+            Caller::Registering(_) => {
                 if call.method() != host::host_methods::REGISTER {
                     call.fail(host_service::registering_only());
                     return;

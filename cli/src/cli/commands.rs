@@ -161,7 +161,7 @@ pub static COMMANDS: &[Command] = &[
         val("team", "TEAM", "team id (default: the caller's)"), val("role", "owner|admin|member", "role (default member)")]),
     cmd!("team remove-member", "Remove a user from a team.", [arg("USER", "user id (usr-...)")], [
         val("team", "TEAM", "team id (default: the caller's)")]),
-    cmd!("user create", "Create a user in the caller's team.", [arg("EMAIL", "unique email address")], [
+    cmd!("user create", "Create a user in the caller's team.", [arg("EMAIL", "email address (unique within the team, any case)")], [
         val("name", "NAME", "display name"), val("role", "owner|admin|member", "role (default member)")]),
     cmd!("user list", "List users of the caller's team.", [], [PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("user get", "Show a user.", [arg("USER", "user id (usr-...)")], []),

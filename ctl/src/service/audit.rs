@@ -55,7 +55,7 @@ pub fn write(c: &mut impl GenericClient, e: Entry<'_>) -> Result<(), Status> {
 
 /// Metadata of a failed call: its status code and message (bounded).
 pub fn failure_meta(s: &Status) -> serde_json::Value {
-    let message: String = s.message.chars().take(512).collect();
+    let message: String = crate::db::storable(&s.message).chars().take(512).collect();
     serde_json::json!({"code": s.code.name(), "message": message})
 }
 

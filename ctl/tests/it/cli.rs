@@ -385,3 +385,63 @@ fn cli_end_to_end() {
         .ok(&["sandbox", "create", "--help"])
         .contains("--on-timeout pause|destroy"));
 }
+
+/// The words added for dead hosts and teams: `team create`, `host undrain`,
+/// `sandbox rm --force`, `host rm --force`.
+#[test]
+fn cli_teams_and_dead_hosts() {
+    let Some(bin) = wrenn_binary() else {
+        skip("the wrenn binary is not built (run `cargo build -p wrenn` first)");
+        return;
+    };
+    let Some(ctl) = Ctl::start() else { return };
+    let (agent, host_id) = ctl.add_host(8, 16384, 100_000);
+    let cli = Cli {
+        bin,
+        url: ctl.addr(),
+        key: ctl.team_key.clone(),
+    };
+    let admin = |args: &[&str]| {
+        let o = cli.run_with(&ctl.admin_key, args, None);
+        assert!(
+            o.status.success(),
+            "wrenn {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let out = admin(&["team", "create", "team-z", "--owner-email", "z@example.com"]);
+    let key = out
+        .split_whitespace()
+        .find(|w| w.starts_with("wrn_"))
+        .unwrap_or_else(|| panic!("no key in {out}"));
+    let o = cli.run_with(key, &["team", "get"], None);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("team-z"));
+    // Missing --owner-email is a usage error.
+    assert_eq!(
+        cli.run_with(&ctl.admin_key, &["team", "create", "x"], None)
+            .status
+            .code(),
+        Some(2)
+    );
+
+    admin(&["host", "drain", &host_id]);
+    assert!(admin(&["host", "undrain", &host_id]).contains("online"));
+
+    let sb = cli.json(&["sandbox", "create"]);
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let _other = cli.json(&["sandbox", "create"]);
+    agent.stop();
+    assert!(!cli.run(&["sandbox", "rm", &id]).status.success());
+    cli.ok(&["sandbox", "rm", "--force", &id]);
+    assert_eq!(
+        cli.json(&["sandbox", "get", &id])["state"],
+        "SANDBOX_STATE_STOPPED"
+    );
+    postgres::Client::connect(&ctl.url, postgres::NoTls)
+        .unwrap()
+        .execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    let out = admin(&["host", "rm", "--force", &host_id]);
+    assert!(out.contains("recorded stopped: sb-"), "{out}");
+}

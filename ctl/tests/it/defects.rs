@@ -904,3 +904,93 @@ fn heartbeat_drift_is_recorded_in_the_database_and_taken_once() {
     assert_eq!(ctl::reconciler::check_heartbeats(ctl.api(), &cfg).len(), 1);
     replica.shutdown();
 }
+
+#[test]
+fn forced_destroy_over_http() {
+    let Some(mut ctl) = Ctl::start() else { return };
+    if let Some(r) = ctl.running.take() {
+        r.shutdown();
+    }
+    ctl.running = Some(
+        ctl::server::start(
+            &crate::harness::test_config(&ctl.url),
+            ctl::server::StartOpts {
+                jobs: false,
+                http: true,
+            },
+        )
+        .expect("start ctl with http"),
+    );
+    let http_addr = ctl.running().http_addr.unwrap();
+    let cl = ctl.team();
+    let (_fa, _) = ctl.add_host(4, 8192, 100_000);
+    let sb = create_min(&cl).unwrap();
+    sql(&ctl)
+        .execute("UPDATE hosts SET status = 'unreachable'", &[])
+        .unwrap();
+    let (status, body) = http(
+        http_addr,
+        "DELETE",
+        &format!("/v1/sandboxes/{}?force=true", sb.id),
+        &ctl.team_key,
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get(&cl, &sb.id).state, c::SandboxState::Stopped as i32);
+}
+
+#[test]
+fn registering_connections_cannot_fill_the_agents_port() {
+    let Some(ctl) = Ctl::start() else { return };
+    let reg = || {
+        proto::rpc::Client::connect_tcp(ctl.host_addr(), proto::rpc::Credential::host_token(""))
+            .and_then(|c| {
+                // Any call proves the hello was accepted (Register with a bad token fails
+                // after the hello, with unauthenticated).
+                let e = c
+                    .unary::<_, host::RegisterResponse>(
+                        host::host_methods::REGISTER,
+                        &host::RegisterRequest::default(),
+                        T,
+                    )
+                    .unwrap_err();
+                if e.code == Code::ResourceExhausted {
+                    Err(e)
+                } else {
+                    Ok(c)
+                }
+            })
+    };
+    let (fa, _) = ctl.add_host(2, 2048, 100_000);
+    let held: Vec<_> = (0..ctl::limits::REGISTERING_CONNECTIONS_MAX)
+        .map(|_| reg().expect("within the budget"))
+        .collect();
+    let Err(e) = reg() else {
+        panic!("a registering connection beyond the budget was accepted")
+    };
+    assert_eq!(e.code, Code::ResourceExhausted, "{e}");
+    // Agents with their host token still get in.
+    fa.host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 2,
+                    memory_mib: 2048,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+        .expect("a registered agent is not held up");
+    drop(held);
+    let t = std::time::Instant::now();
+    while reg().is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "places not given back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
