@@ -451,6 +451,7 @@ impl FirecrackerVmm {
         &self,
         dir: &SandboxDir,
         fc_pid: u32,
+        jail_uid: Option<u32>,
         src: &RestoreSource<'_>,
     ) -> Result<PageServerProcess, VmError> {
         let binary = self
@@ -465,7 +466,23 @@ impl FirecrackerVmm {
             .first()
             .ok_or_else(|| VmError::new("start wrenn-uffd", "no layer directory"))?;
         let mut extra_args = Vec::new();
-        if let Some(rec) = src.record_working_set {
+        let mut stats = dir.path().join("uffd.stats");
+        let mut record = src.record_working_set.map(Path::to_owned);
+        if let (Some(j), Some(uid)) = (&self.cfg.jail, jail_uid) {
+            // It drops to the page servers' uid before serving: its socket goes to the
+            // jailed Firecracker's uid, its output files to a directory of its own.
+            let out = uffd_out_dir(dir);
+            make_uffd_out_dir(&out, j.uffd_uid).map_err(err2("start wrenn-uffd"))?;
+            stats = out.join("uffd.stats");
+            if record.is_some() {
+                record = Some(out.join(UFFD_WORKING_SET_NAME));
+            }
+            extra_args.push("--socket-owner".to_owned());
+            extra_args.push(format!("{uid}:{uid}"));
+            extra_args.push("--run-as".to_owned());
+            extra_args.push(format!("{0}:{0}", j.uffd_uid));
+        }
+        if let Some(rec) = record {
             extra_args.push("--record".to_owned());
             extra_args.push(rec.display().to_string());
             extra_args.push("--record-seconds".to_owned());
@@ -479,7 +496,7 @@ impl FirecrackerVmm {
             header: src.chain.header.clone(),
             layers: layers.clone(),
             prefetch: src.working_set.map(Path::to_owned),
-            stats: Some(dir.path().join("uffd.stats")),
+            stats: Some(stats),
             extra_args,
         };
         let mut ps =
@@ -819,7 +836,7 @@ impl Vmm for FirecrackerVmm {
             let mem_backend = match backend {
                 None => MemBackend::File(paths.fc_view(jail::JAIL_MEMORY, mem_file.clone())),
                 Some(()) => {
-                    let ps = self.start_page_server(dir, vm.pid(), src)?;
+                    let ps = self.start_page_server(dir, vm.pid(), rec.jail_uid, src)?;
                     rec.page_server = sys::proc_ref(ps.pid() as i32);
                     page_server = Some(ps);
                     // wrenn-uffd made it as root: the jailed uid must be able to connect.
@@ -1043,20 +1060,36 @@ impl Vmm for FirecrackerVmm {
     fn finish_recording(
         &self,
         rec: &SandboxRecord,
-        _dir: &SandboxDir,
+        dir: &SandboxDir,
         path: &Path,
     ) -> Result<(), VmError> {
         let Some(p) = rec.page_server else {
             // Restored through the File backend: nothing was recorded.
             return Ok(());
         };
+        // Jailed, wrenn-uffd writes into its own directory; the agent copies the set out
+        // without following a name that uid controls.
+        let jailed = self.cfg.jail.is_some() && rec.jail_uid.is_some();
+        let out = uffd_out_dir(dir);
+        let written = if jailed {
+            out.join(UFFD_WORKING_SET_NAME)
+        } else {
+            path.to_owned()
+        };
         sys::signal(p, libc::SIGUSR1);
         let end = Instant::now() + ENVD_CALL_TIMEOUT;
-        while !path.exists() {
+        while !written.exists() {
             if Instant::now() >= end {
                 return Err(VmError::new("record working set", "file not written"));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if jailed {
+            let mut from = jail::open_beneath(&out, Path::new(UFFD_WORKING_SET_NAME))
+                .map_err(err2("read the recorded working set"))?;
+            let mut to = File::create(path).map_err(err2("write the working set"))?;
+            std::io::copy(&mut from, &mut to).map_err(err2("write the working set"))?;
+            to.sync_all().map_err(err2("write the working set"))?;
         }
         Ok(())
     }
@@ -1100,6 +1133,7 @@ impl Vmm for FirecrackerVmm {
             if let Err(e) = jail::release_owned(&dir.disk()) {
                 warn!("give the disk back to root failed error={e}");
             }
+            let _ = fs::remove_dir_all(uffd_out_dir(dir));
         }
         for f in [
             dir.uffd_socket(),
@@ -1203,6 +1237,26 @@ fn jail_base_problem(chroot_base: &Path, state_root: &Path) -> Option<String> {
 const JAIL_VMSTATE_NEW: &str = "/snapshot/vmstate.new";
 const JAIL_MEMORY_SNAP: &str = "/snapshot/memory.snap";
 const _: () = assert!(JAIL_VMSTATE_NEW.len() > jail::JAIL_SNAPSHOT_DIR.len());
+
+/// Directory of a jailed restore's wrenn-uffd output files (stats, recorded working set),
+/// owned by the page servers' uid: it can write nothing else once it dropped root.
+fn uffd_out_dir(dir: &SandboxDir) -> PathBuf {
+    dir.path().join("uffd-out")
+}
+const UFFD_WORKING_SET_NAME: &str = "working_set";
+
+/// (Re)creates [`uffd_out_dir`] empty, owned by `uid`, mode 0700.
+fn make_uffd_out_dir(out: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::remove_dir_all(out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    fs::create_dir(out)?;
+    std::os::unix::fs::chown(out, Some(uid), Some(uid))?;
+    fs::set_permissions(out, fs::Permissions::from_mode(0o700))
+}
 
 /// The readiness listener's socket for `paths`' vsock.
 fn listener_socket(paths: &VmPaths) -> PathBuf {
