@@ -63,6 +63,12 @@ pub fn run(flags: Flags) -> Result<(), String> {
     let vmm = Arc::new(FirecrackerVmm::new(FcConfig::from_flags(&flags)));
     let mut cfg = Config::new(&flags.state_root);
     cfg.slot_capacity = flags.slots;
+    if !flags.unjailed {
+        cfg.jail_uids = Some(crate::uid_pool::UidRange {
+            base: flags.uid_base,
+            count: flags.uid_count,
+        });
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let manager = Manager::new(cfg, vmm, clock.clone(), events).map_err(|e| e.to_string())?;
     let decisions = manager.recover();

@@ -20,6 +20,7 @@ use uffd::generation::{self, SnapshotKind};
 use uffd::header::{BuildId, Header};
 use vmm_glue::api::ApiClient;
 use vmm_glue::cgroup::{self, CgroupLimits, CgroupMode};
+use vmm_glue::jail::{self, Access, ChrootEntry, JailCgroups, JailLimits, JailSpec};
 use vmm_glue::net::{Egress, NetConfig, Network};
 use vmm_glue::page_server::{PageServerConfig, PageServerProcess};
 use vmm_glue::process::{CgroupSpec, SpawnConfig, VmProcess, STABLE_DISK_PATH};
@@ -45,8 +46,9 @@ const PAGE_SERVER_WAIT: Duration = Duration::from_secs(10);
 /// Longest a template's working set is recorded (wrenn-uffd `--record-seconds`): recording
 /// ends with the template's pause (SIGUSR1); this only bounds a recording nobody stops.
 const RECORD_SECONDS_MAX: u32 = 600;
-/// Memory Firecracker itself needs besides guest memory (cgroup limit headroom).
-const VMM_OVERHEAD_BYTES: u64 = 128 << 20;
+/// Memory Firecracker itself needs besides guest memory (cgroup limit headroom); one value
+/// for jailed and unjailed Firecrackers.
+const VMM_OVERHEAD_BYTES: u64 = vmm_glue::limits::VMM_MEMORY_OVERHEAD_BYTES;
 /// cgroup directory holding every sandbox.
 const CGROUP_PARENT: &str = "wrenn";
 
@@ -64,6 +66,41 @@ pub struct FcConfig {
     pub console: bool,
     /// Slot naming and addresses (two agents on one host need different ones).
     pub net: NetConfig,
+    /// Run every Firecracker under Firecracker's jailer (`None`: `--unjailed`).
+    pub jail: Option<JailConfig>,
+}
+
+/// How Firecrackers are jailed.
+#[derive(Clone, Debug)]
+pub struct JailConfig {
+    pub jailer: PathBuf,
+    /// `--chroot-base-dir`: on the sandboxes' filesystem (disks are hard-linked in).
+    pub chroot_base: PathBuf,
+    /// The uid (and gid) every wrenn-uffd drops to.
+    pub uffd_uid: u32,
+}
+
+/// Where one sandbox's VM files are, for the agent (host paths) and for Firecracker (the
+/// same, or paths inside its chroot when jailed).
+#[derive(Clone, Debug)]
+struct VmPaths {
+    /// `<chroot base>/<exec>/<id>/root` when jailed.
+    chroot: Option<PathBuf>,
+    api_socket: PathBuf,
+    vsock_host: PathBuf,
+    vsock_fc: PathBuf,
+    uffd_host: PathBuf,
+    uffd_fc: PathBuf,
+}
+
+impl VmPaths {
+    /// Firecracker's view of a host path that is inside the chroot.
+    fn fc_view(&self, inside: &str, host: PathBuf) -> PathBuf {
+        match &self.chroot {
+            Some(_) => PathBuf::from(inside),
+            None => host,
+        }
+    }
 }
 
 impl FcConfig {
@@ -81,6 +118,11 @@ impl FcConfig {
             state_root: f.state_root.clone(),
             console: false,
             net: f.net.clone(),
+            jail: (!f.unjailed).then(|| JailConfig {
+                jailer: f.jailer.clone(),
+                chroot_base: f.chroot_base.clone(),
+                uffd_uid: f.uffd_uid,
+            }),
         }
     }
 }
@@ -100,6 +142,8 @@ pub struct FirecrackerVmm {
     /// Why host networking could not be set up (a problem until fixed).
     net_problem: Option<String>,
     cgroups: Option<CgroupMode>,
+    /// The host's cgroups as the jailer needs them.
+    jail_cgroups: Option<JailCgroups>,
     running: Mutex<HashMap<PathBuf, Running>>,
 }
 
@@ -112,6 +156,10 @@ impl std::fmt::Debug for FirecrackerVmm {
 }
 
 fn err(action: &str) -> impl FnOnce(String) -> VmError + '_ {
+    move |reason| VmError::new(action, reason)
+}
+
+fn err2<E: std::fmt::Display>(action: &str) -> impl FnOnce(E) -> VmError + '_ {
     move |reason| VmError::new(action, reason)
 }
 
@@ -172,11 +220,16 @@ impl FirecrackerVmm {
                 None
             }
         };
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let jail_cgroups = cgroups
+            .as_ref()
+            .map(|m| JailCgroups::from_mode(m, &mountinfo));
         FirecrackerVmm {
             cfg,
             net,
             net_problem,
             cgroups,
+            jail_cgroups,
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -209,8 +262,112 @@ impl FirecrackerVmm {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Spawns Firecracker (API only) for `rec` in its slot.
+    /// The paths of `dir`'s VM files (its directory name is the sandbox id).
+    fn paths(&self, dir: &SandboxDir) -> VmPaths {
+        let chroot = self.cfg.jail.as_ref().and_then(|j| {
+            let id = dir.path().file_name()?.to_str()?;
+            jail::chroot_dir(&j.chroot_base, &self.cfg.firecracker, id).ok()
+        });
+        match chroot {
+            Some(c) => VmPaths {
+                api_socket: jail::host_path(&c, Path::new(jail::JAIL_API_SOCKET)),
+                vsock_host: jail::host_path(&c, Path::new(jail::JAIL_VSOCK_SOCKET)),
+                vsock_fc: jail::JAIL_VSOCK_SOCKET.into(),
+                uffd_host: jail::host_path(&c, Path::new(jail::JAIL_UFFD_SOCKET)),
+                uffd_fc: jail::JAIL_UFFD_SOCKET.into(),
+                chroot: Some(c),
+            },
+            None => VmPaths {
+                chroot: None,
+                api_socket: dir.api_socket(),
+                vsock_host: dir.vsock_socket(),
+                vsock_fc: dir.vsock_socket(),
+                uffd_host: dir.uffd_socket(),
+                uffd_fc: dir.uffd_socket(),
+            },
+        }
+    }
+
+    /// The jail uid of `rec` (held with its slot by the manager).
+    fn jail_uid(&self, rec: &SandboxRecord) -> Result<Option<u32>, VmError> {
+        match (&self.cfg.jail, rec.jail_uid) {
+            (None, _) => Ok(None),
+            (Some(_), Some(u)) => Ok(Some(u)),
+            (Some(_), None) => Err(VmError::new("start firecracker", "no jail uid assigned")),
+        }
+    }
+
+    /// Jailed: builds `rec`'s chroot afresh with the kernel (shared), its disk at the stable
+    /// path (owned by its uid while it runs), a directory for a pause's files, and `extra`.
+    /// Unjailed: nothing.
+    fn prepare_chroot(
+        &self,
+        rec: &SandboxRecord,
+        dir: &SandboxDir,
+        kernel: Option<&Path>,
+        extra: Vec<ChrootEntry>,
+    ) -> Result<(), VmError> {
+        let (Some(chroot), Some(uid)) = (self.paths(dir).chroot, self.jail_uid(rec)?) else {
+            return Ok(());
+        };
+        let mut entries = vec![
+            ChrootEntry::new(STABLE_DISK_PATH, dir.disk(), Access::Owned),
+            ChrootEntry::new(jail::JAIL_SNAPSHOT_DIR, "", Access::WritableDir),
+        ];
+        if let Some(k) = kernel {
+            entries.push(ChrootEntry::new(jail::JAIL_KERNEL, k, Access::Shared));
+        }
+        entries.extend(extra);
+        jail::prepare_chroot(&chroot, &entries, uid, uid).map_err(err2("prepare chroot"))
+    }
+
+    /// Makes a socket the agent listens on inside the chroot connectable by the jailed uid.
+    fn give_socket(&self, rec: &SandboxRecord, path: &Path) -> Result<(), VmError> {
+        match (&self.cfg.jail, rec.jail_uid) {
+            (Some(_), Some(uid)) => {
+                jail::give_socket(path, uid, uid).map_err(err2("chown socket for the jail"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Spawns Firecracker (API only) for `rec` in its slot: jailed (its chroot prepared by
+    /// [`Self::prepare_chroot`]) or, with `--unjailed`, in its own mount namespace.
     fn spawn(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<VmProcess, VmError> {
+        if let (Some(j), Some(uid)) = (&self.cfg.jail, self.jail_uid(rec)?) {
+            let index = rec
+                .slot
+                .ok_or_else(|| VmError::new("start firecracker", "no slot"))?;
+            let slot = self
+                .net
+                .config()
+                .slot(index)
+                .map_err(|e| VmError::new("start firecracker", e))?;
+            let memory_bytes = u64::from(rec.memory_mib) << 20;
+            let disk_bytes = fs::metadata(dir.disk()).map(|m| m.len()).unwrap_or(0);
+            let spec = JailSpec {
+                jailer: j.jailer.clone(),
+                firecracker: self.cfg.firecracker.clone(),
+                id: rec.id.hyphenated().to_string(),
+                uid,
+                gid: uid,
+                chroot_base: j.chroot_base.clone(),
+                netns: Some(slot.netns),
+                cgroups: self.jail_cgroups.clone(),
+                cgroup_parent: CGROUP_PARENT.into(),
+                limits: JailLimits::for_vm(rec.vcpus, memory_bytes, disk_bytes),
+                firecracker_args: Vec::new(),
+            };
+            let mut vm = VmProcess::spawn_jailed(&spec, dir.path(), Vec::new())
+                .map_err(|e| VmError::new("start jailed firecracker", e))?;
+            rec.firecracker = sys::proc_ref(vm.pid() as i32);
+            if let Err(e) = vm.wait_api_socket(API_SOCKET_WAIT) {
+                let _ = vm.kill();
+                rec.firecracker = None;
+                return Err(VmError::new("firecracker api socket", e));
+            }
+            return Ok(vm);
+        }
         let index = rec
             .slot
             .ok_or_else(|| VmError::new("start firecracker", "no slot"))?;
@@ -259,7 +416,9 @@ impl FirecrackerVmm {
         let mut mc = MachineConfig::new(rec.vcpus.max(1), rec.memory_mib);
         mc.track_dirty_pages = true;
         call(api, "machine-config", &mc)?;
-        let mut boot = BootSource::new(kernel).arg(vmm_glue::net::slot::GUEST_IP_BOOT_ARG);
+        let paths = self.paths(dir);
+        let kernel = paths.fc_view(jail::JAIL_KERNEL, kernel.to_owned());
+        let mut boot = BootSource::new(&kernel).arg(vmm_glue::net::slot::GUEST_IP_BOOT_ARG);
         boot.console = self.cfg.console;
         if !self.cfg.boot_args_extra.is_empty() {
             boot = boot.arg(&self.cfg.boot_args_extra);
@@ -280,7 +439,7 @@ impl FirecrackerVmm {
             "vsock",
             &Vsock {
                 guest_cid: GUEST_CID,
-                uds_path: dir.vsock_socket(),
+                uds_path: paths.vsock_fc.clone(),
             },
         )?;
         call(api, "InstanceStart", &Action::InstanceStart)
@@ -292,6 +451,7 @@ impl FirecrackerVmm {
         &self,
         dir: &SandboxDir,
         fc_pid: u32,
+        jail_uid: Option<u32>,
         src: &RestoreSource<'_>,
     ) -> Result<PageServerProcess, VmError> {
         let binary = self
@@ -306,7 +466,23 @@ impl FirecrackerVmm {
             .first()
             .ok_or_else(|| VmError::new("start wrenn-uffd", "no layer directory"))?;
         let mut extra_args = Vec::new();
-        if let Some(rec) = src.record_working_set {
+        let mut stats = dir.path().join("uffd.stats");
+        let mut record = src.record_working_set.map(Path::to_owned);
+        if let (Some(j), Some(uid)) = (&self.cfg.jail, jail_uid) {
+            // It drops to the page servers' uid before serving: its socket goes to the
+            // jailed Firecracker's uid, its output files to a directory of its own.
+            let out = uffd_out_dir(dir);
+            make_uffd_out_dir(&out, j.uffd_uid).map_err(err2("start wrenn-uffd"))?;
+            stats = out.join("uffd.stats");
+            if record.is_some() {
+                record = Some(out.join(UFFD_WORKING_SET_NAME));
+            }
+            extra_args.push("--socket-owner".to_owned());
+            extra_args.push(format!("{uid}:{uid}"));
+            extra_args.push("--run-as".to_owned());
+            extra_args.push(format!("{0}:{0}", j.uffd_uid));
+        }
+        if let Some(rec) = record {
             extra_args.push("--record".to_owned());
             extra_args.push(rec.display().to_string());
             extra_args.push("--record-seconds".to_owned());
@@ -315,12 +491,12 @@ impl FirecrackerVmm {
         let cfg = PageServerConfig {
             binary,
             dir: dir.path().to_owned(),
-            socket: dir.uffd_socket(),
+            socket: self.paths(dir).uffd_host,
             firecracker_pid: fc_pid,
             header: src.chain.header.clone(),
             layers: layers.clone(),
             prefetch: src.working_set.map(Path::to_owned),
-            stats: Some(dir.path().join("uffd.stats")),
+            stats: Some(stats),
             extra_args,
         };
         let mut ps =
@@ -459,6 +635,17 @@ impl Vmm for FirecrackerVmm {
         if let Some(n) = &self.net_problem {
             p.push(n.clone());
         }
+        if let Some(j) = &self.cfg.jail {
+            if !executable(&j.jailer) {
+                p.push(format!(
+                    "jailer not found at {} (set --jailer or WRENN_JAILER, or run --unjailed)",
+                    j.jailer.display()
+                ));
+            }
+            if let Some(reason) = jail_base_problem(&j.chroot_base, &self.cfg.state_root) {
+                p.push(reason);
+            }
+        }
         p
     }
 
@@ -536,8 +723,11 @@ impl Vmm for FirecrackerVmm {
             .kernel_path(&rec.kernel)
             .ok_or_else(|| VmError::new("boot", format!("no guest kernel {:?}", rec.kernel)))?;
         rec.kernel_version = kernel_version(&kernel);
-        let (listener, rx) = ReadinessListener::with_channel(&dir.vsock_socket())
+        self.prepare_chroot(rec, dir, Some(&kernel), Vec::new())?;
+        let paths = self.paths(dir);
+        let (listener, rx) = ReadinessListener::with_channel(&paths.vsock_host)
             .map_err(|e| VmError::new("readiness listener", e))?;
+        self.give_socket(rec, &listener_socket(&paths))?;
         let mut vm = self.spawn(rec, dir)?;
         let mut api = vm.api_client();
         let started = Instant::now();
@@ -600,15 +790,42 @@ impl Vmm for FirecrackerVmm {
         dir: &SandboxDir,
         src: &RestoreSource<'_>,
     ) -> Result<(), VmError> {
+        let paths = self.paths(dir);
+        // Jailed: the VM state is a private copy in the chroot, the memory file (File
+        // backend) is written straight into it, both readable by the jailed uid only.
+        self.prepare_chroot(
+            rec,
+            dir,
+            None,
+            vec![ChrootEntry::new(
+                jail::JAIL_VMSTATE,
+                &src.chain.vmstate,
+                Access::Private,
+            )],
+        )?;
         // Announces after Resumed go here; nobody has to wait for them.
-        let ready = ReadinessListener::start(&dir.vsock_socket(), |_| {}).ok();
-        let mem_file = dir.snapshot().join("memory");
+        let ready = ReadinessListener::start(&paths.vsock_host, |_| {}).ok();
+        if ready.is_some() {
+            self.give_socket(rec, &listener_socket(&paths))?;
+        }
+        let mem_file = match &paths.chroot {
+            Some(c) => jail::host_path(c, Path::new(jail::JAIL_MEMORY)),
+            None => dir.snapshot().join("memory"),
+        };
         let have_uffd = self.cfg.uffd_bin.as_deref().is_some_and(executable);
         // Recording needs the page server; without one the template has no working set.
         let backend = if !have_uffd
             || (self.cfg.backend == RestoreBackend::File && src.record_working_set.is_none())
         {
             self.materialize(src.chain, &mem_file)?;
+            if let (Some(_), Some(uid)) = (&paths.chroot, self.jail_uid(rec)?) {
+                use std::os::unix::fs::PermissionsExt;
+                std::os::unix::fs::chown(&mem_file, Some(uid), Some(uid))
+                    .and_then(|()| {
+                        fs::set_permissions(&mem_file, fs::Permissions::from_mode(0o400))
+                    })
+                    .map_err(err2("give the memory file to the jail"))?;
+            }
             None
         } else {
             Some(())
@@ -617,15 +834,18 @@ impl Vmm for FirecrackerVmm {
         let mut page_server = None;
         let r = (|| -> Result<(), VmError> {
             let mem_backend = match backend {
-                None => MemBackend::File(mem_file.clone()),
+                None => MemBackend::File(paths.fc_view(jail::JAIL_MEMORY, mem_file.clone())),
                 Some(()) => {
-                    let ps = self.start_page_server(dir, vm.pid(), src)?;
+                    let ps = self.start_page_server(dir, vm.pid(), rec.jail_uid, src)?;
                     rec.page_server = sys::proc_ref(ps.pid() as i32);
                     page_server = Some(ps);
-                    MemBackend::Uffd(dir.uffd_socket())
+                    // wrenn-uffd made it as root: the jailed uid must be able to connect.
+                    self.give_socket(rec, &paths.uffd_host)?;
+                    MemBackend::Uffd(paths.uffd_fc.clone())
                 }
             };
-            let mut load = SnapshotLoad::new(&src.chain.vmstate, mem_backend);
+            let vmstate = paths.fc_view(jail::JAIL_VMSTATE, src.chain.vmstate.clone());
+            let mut load = SnapshotLoad::new(&vmstate, mem_backend);
             load.track_dirty_pages = true;
             load.resume_vm = true;
             load.clock_realtime = true;
@@ -633,7 +853,7 @@ impl Vmm for FirecrackerVmm {
                 iface_id: IFACE_ID.into(),
                 host_dev_name: vmm_glue::net::slot::TAP_NAME.into(),
             }];
-            load.vsock_override = Some(dir.vsock_socket());
+            load.vsock_override = Some(paths.vsock_fc.clone());
             let mut api = vm.api_client();
             api.call(&load)
                 .map(|_| ())
@@ -668,7 +888,8 @@ impl Vmm for FirecrackerVmm {
     }
 
     fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
-        let mut api = ApiClient::new(dir.api_socket());
+        let paths = self.paths(dir);
+        let mut api = ApiClient::new(&paths.api_socket);
         api.call(&VmState::Paused)
             .map_err(|e| VmError::new("pause vm", e))
             .map_err(|mut e| {
@@ -692,8 +913,8 @@ impl Vmm for FirecrackerVmm {
                 SnapshotKind::Full => SnapshotType::Full,
                 SnapshotKind::Diff => SnapshotType::Diff,
             },
-            snapshot_path: vmstate_new.clone(),
-            mem_file_path: mem.clone(),
+            snapshot_path: paths.fc_view(JAIL_VMSTATE_NEW, vmstate_new.clone()),
+            mem_file_path: paths.fc_view(JAIL_MEMORY_SNAP, mem.clone()),
         };
         // From here on Firecracker may have reset its dirty-page log: if this pause fails,
         // the next snapshot must be Full, or the pages dirtied before it would be lost.
@@ -714,7 +935,18 @@ impl Vmm for FirecrackerVmm {
             );
             let layer_path = snap.join(build.layer_file_name());
             let tmp_layer = snap.join(format!("{}.tmp", build.layer_file_name()));
-            let memf = File::open(&mem).map_err(|e| e.to_string())?;
+            // Jailed: what Firecracker wrote is read without following any name the jailed
+            // uid controls, and its VM state copied out (root's from here on).
+            let memf = match &paths.chroot {
+                Some(c) => {
+                    let mut v = jail::open_beneath(c, Path::new(JAIL_VMSTATE_NEW))
+                        .map_err(|e| e.to_string())?;
+                    let mut out = File::create(&vmstate_new).map_err(|e| e.to_string())?;
+                    std::io::copy(&mut v, &mut out).map_err(|e| e.to_string())?;
+                    jail::open_beneath(c, Path::new(JAIL_MEMORY_SNAP)).map_err(|e| e.to_string())?
+                }
+                None => File::open(&mem).map_err(|e| e.to_string())?,
+            };
             let mut out = std::io::BufWriter::with_capacity(
                 1 << 20,
                 File::create(&tmp_layer).map_err(|e| e.to_string())?,
@@ -790,7 +1022,10 @@ impl Vmm for FirecrackerVmm {
             }
         };
         let build_ms = t1.elapsed().as_millis();
-        discard_in_background(&mem);
+        if paths.chroot.is_none() {
+            // Jailed, it goes with the chroot when the VM stops.
+            discard_in_background(&mem);
+        }
         // Layers no longer referenced (squashed or fully overwritten) go.
         if let Ok(rd) = fs::read_dir(&snap) {
             for e in rd.flatten() {
@@ -825,20 +1060,36 @@ impl Vmm for FirecrackerVmm {
     fn finish_recording(
         &self,
         rec: &SandboxRecord,
-        _dir: &SandboxDir,
+        dir: &SandboxDir,
         path: &Path,
     ) -> Result<(), VmError> {
         let Some(p) = rec.page_server else {
             // Restored through the File backend: nothing was recorded.
             return Ok(());
         };
+        // Jailed, wrenn-uffd writes into its own directory; the agent copies the set out
+        // without following a name that uid controls.
+        let jailed = self.cfg.jail.is_some() && rec.jail_uid.is_some();
+        let out = uffd_out_dir(dir);
+        let written = if jailed {
+            out.join(UFFD_WORKING_SET_NAME)
+        } else {
+            path.to_owned()
+        };
         sys::signal(p, libc::SIGUSR1);
         let end = Instant::now() + ENVD_CALL_TIMEOUT;
-        while !path.exists() {
+        while !written.exists() {
             if Instant::now() >= end {
                 return Err(VmError::new("record working set", "file not written"));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if jailed {
+            let mut from = jail::open_beneath(&out, Path::new(UFFD_WORKING_SET_NAME))
+                .map_err(err2("read the recorded working set"))?;
+            let mut to = File::create(path).map_err(err2("write the working set"))?;
+            std::io::copy(&mut from, &mut to).map_err(err2("write the working set"))?;
+            to.sync_all().map_err(err2("write the working set"))?;
         }
         Ok(())
     }
@@ -851,6 +1102,38 @@ impl Vmm for FirecrackerVmm {
         }
         for p in [rec.firecracker, rec.page_server].into_iter().flatten() {
             sys::kill_and_reap(p, Duration::from_secs(10));
+        }
+        if let (Some(j), Some(chroot)) = (&self.cfg.jail, self.paths(dir).chroot) {
+            // Whatever a failed start or a lost process left: the chroot, the jailer's cgroup
+            // directories; and the disk goes back to root (its uid goes to the next sandbox).
+            if let Some(instance) = chroot.parent() {
+                if let Err(e) = jail::remove_chroot(instance) {
+                    warn!("remove chroot failed error={e}");
+                }
+            }
+            let id = rec.id.hyphenated().to_string();
+            let spec_dirs = JailSpec {
+                jailer: j.jailer.clone(),
+                firecracker: self.cfg.firecracker.clone(),
+                id,
+                uid: 1,
+                gid: 1,
+                chroot_base: j.chroot_base.clone(),
+                netns: None,
+                cgroups: self.jail_cgroups.clone(),
+                cgroup_parent: CGROUP_PARENT.into(),
+                limits: JailLimits::for_vm(1, 0, 0),
+                firecracker_args: Vec::new(),
+            }
+            .cgroup_dirs();
+            if let Err(e) = cgroup::Cgroup::from_dirs(spec_dirs).remove(Duration::from_millis(200))
+            {
+                warn!("remove jail cgroup failed error={e}");
+            }
+            if let Err(e) = jail::release_owned(&dir.disk()) {
+                warn!("give the disk back to root failed error={e}");
+            }
+            let _ = fs::remove_dir_all(uffd_out_dir(dir));
         }
         for f in [
             dir.uffd_socket(),
@@ -869,7 +1152,7 @@ impl Vmm for FirecrackerVmm {
         sys::alive(p)
     }
 
-    fn readopt(&self, _rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+    fn readopt(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
         let vm = VmProcess::adopt(dir.path()).map_err(|e| VmError::new("re-adopt", e))?;
         let mut api = vm.api_client();
         let info = api
@@ -880,7 +1163,11 @@ impl Vmm for FirecrackerVmm {
             dir.path().display(),
             info.state
         );
-        let ready = ReadinessListener::start(&dir.vsock_socket(), |_| {}).ok();
+        let paths = self.paths(dir);
+        let ready = ReadinessListener::start(&paths.vsock_host, |_| {}).ok();
+        if ready.is_some() {
+            self.give_socket(rec, &listener_socket(&paths))?;
+        }
         // A page server still filling memory is adopted too (it exits by itself once every
         // page is resident; gone is the usual case).
         let page_server = PageServerProcess::adopt(dir.path()).ok();
@@ -896,7 +1183,7 @@ impl Vmm for FirecrackerVmm {
     }
 
     fn resume_vm(&self, _rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
-        let mut api = ApiClient::new(dir.api_socket());
+        let mut api = ApiClient::new(self.paths(dir).api_socket);
         api.call(&VmState::Resumed)
             .map(|_| ())
             .map_err(|e| VmError::new("resume vm", e))
@@ -908,13 +1195,72 @@ impl Vmm for FirecrackerVmm {
         } else {
             Credential::access_token(token)
         };
-        vsock::connect_rpc(&dir.vsock_socket(), ENVD_PORT, cred, ENVD_CALL_TIMEOUT).map_err(|e| {
-            match e {
-                vsock::VsockError::Rpc(s) => s,
-                other => Status::unavailable(format!("connect to envd: {other}")),
-            }
+        vsock::connect_rpc(
+            &self.paths(dir).vsock_host,
+            ENVD_PORT,
+            cred,
+            ENVD_CALL_TIMEOUT,
+        )
+        .map_err(|e| match e {
+            vsock::VsockError::Rpc(s) => s,
+            other => Status::unavailable(format!("connect to envd: {other}")),
         })
     }
+}
+
+/// Why `chroot_base` cannot hold chroots for sandboxes under `state_root`: disks are
+/// hard-linked in, so both must be on one filesystem. Creates the base (root's, 0700).
+fn jail_base_problem(chroot_base: &Path, state_root: &Path) -> Option<String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let sandboxes = state_root.join("sandboxes");
+    if let Err(e) = fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(chroot_base)
+    {
+        return Some(format!(
+            "cannot create the chroot base {}: {e}",
+            chroot_base.display()
+        ));
+    }
+    match (fs::metadata(chroot_base), fs::metadata(&sandboxes)) {
+        (Ok(a), Ok(b)) if a.dev() != b.dev() => Some(format!(
+            "chroot base {} is not on the filesystem of {} (disks are hard-linked into chroots)",
+            chroot_base.display(),
+            sandboxes.display()
+        )),
+        _ => None,
+    }
+}
+
+/// Where a jailed Firecracker writes a pause's files (in its writable snapshot directory).
+const JAIL_VMSTATE_NEW: &str = "/snapshot/vmstate.new";
+const JAIL_MEMORY_SNAP: &str = "/snapshot/memory.snap";
+const _: () = assert!(JAIL_VMSTATE_NEW.len() > jail::JAIL_SNAPSHOT_DIR.len());
+
+/// Directory of a jailed restore's wrenn-uffd output files (stats, recorded working set),
+/// owned by the page servers' uid: it can write nothing else once it dropped root.
+fn uffd_out_dir(dir: &SandboxDir) -> PathBuf {
+    dir.path().join("uffd-out")
+}
+const UFFD_WORKING_SET_NAME: &str = "working_set";
+
+/// (Re)creates [`uffd_out_dir`] empty, owned by `uid`, mode 0700.
+fn make_uffd_out_dir(out: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::remove_dir_all(out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    fs::create_dir(out)?;
+    std::os::unix::fs::chown(out, Some(uid), Some(uid))?;
+    fs::set_permissions(out, fs::Permissions::from_mode(0o700))
+}
+
+/// The readiness listener's socket for `paths`' vsock.
+fn listener_socket(paths: &VmPaths) -> PathBuf {
+    vsock::listener_path(&paths.vsock_host, vsock::READINESS_PORT)
 }
 
 /// Suffix of files renamed away to be deleted by a background thread.

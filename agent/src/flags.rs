@@ -10,8 +10,12 @@ usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
                    [--advertise HOST:PORT] [--firecracker PATH] [--kernel PATH]
                    [--uffd-bin PATH] [--restore-backend uffd|file] [--boot-args-extra STR]
                    [--slots N] [--net-prefix wrenn] [--net-subnet 10.200.0.0]
+                    [--jailer /usr/local/bin/jailer] [--chroot-base-dir <state-root>/jail]
+                    [--uid-base 900000] [--uid-count 4096] [--uffd-uid <uid-base + uid-count>]
+                    [--unjailed]
 --ctl is ctl's host port (wrenn.host.v1, 7702 by default), not its client port (7700).
-environment: WRENN_FIRECRACKER, WRENN_KERNEL (defaults of --firecracker, --kernel)";
+environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_JAILER (defaults of --firecracker,
+             --kernel, --jailer)";
 
 /// Which restore path the host uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +43,19 @@ pub struct Flags {
     pub restore_backend: RestoreBackend,
     pub boot_args_extra: String,
     pub slots: u32,
+    /// Firecracker's jailer (`WRENN_JAILER`); unused with `--unjailed`.
+    pub jailer: PathBuf,
+    /// Where chroots are built (default `<state-root>/jail`: the same filesystem as the
+    /// sandboxes, so disks hard-link in).
+    pub chroot_base: PathBuf,
+    /// Uids (and equal gids) of jailed Firecrackers: `uid_base .. uid_base + uid_count`.
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// The one uid every `wrenn-uffd` drops to (default: the first after the range).
+    pub uffd_uid: u32,
+    /// Today's mode without the jailer (Firecracker and wrenn-uffd as root); `wrenn doctor`
+    /// reports it as a failure for production.
+    pub unjailed: bool,
     /// Names of slots' namespaces and links, and the /16 their addresses come from.
     pub net: vmm_glue::net::NetConfig,
     pub help: bool,
@@ -91,8 +108,18 @@ impl Flags {
             boot_args_extra: String::new(),
             slots: crate::limits::SANDBOXES_MAX as u32,
             net: vmm_glue::net::NetConfig::default(),
+            jailer: env("WRENN_JAILER")
+                .filter(|s| !s.is_empty())
+                .map_or_else(|| PathBuf::from("/usr/local/bin/jailer"), PathBuf::from),
+            chroot_base: PathBuf::new(),
+            uid_base: crate::limits::JAIL_UID_BASE_DEFAULT,
+            uid_count: crate::limits::JAIL_UID_COUNT_DEFAULT,
+            uffd_uid: 0,
+            unjailed: false,
             help: false,
         };
+        let mut chroot_base = None;
+        let mut uffd_uid = None;
         let mut net_prefix = f.net.prefix().to_owned();
         let mut net_subnet = f.net.subnet().addr();
         let mut it = args.into_iter();
@@ -155,6 +182,27 @@ impl Flags {
                     let v = value!("--net-subnet");
                     net_subnet = v.parse().map_err(|_| bad("--net-subnet", v))?;
                 }
+                "--jailer" => f.jailer = PathBuf::from(value!("--jailer")),
+                "--chroot-base-dir" => {
+                    let v = value!("--chroot-base-dir");
+                    if !v.starts_with('/') {
+                        return Err(bad("--chroot-base-dir", v));
+                    }
+                    chroot_base = Some(PathBuf::from(v));
+                }
+                "--uid-base" => {
+                    let v = value!("--uid-base");
+                    f.uid_base = v.parse().map_err(|_| bad("--uid-base", v))?;
+                }
+                "--uid-count" => {
+                    let v = value!("--uid-count");
+                    f.uid_count = v.parse().map_err(|_| bad("--uid-count", v))?;
+                }
+                "--uffd-uid" => {
+                    let v = value!("--uffd-uid");
+                    uffd_uid = Some(v.parse::<u32>().map_err(|_| bad("--uffd-uid", v))?);
+                }
+                "--unjailed" => f.unjailed = true,
                 "-h" | "--help" => f.help = true,
                 _ => return Err(FlagError::Unknown(arg)),
             }
@@ -165,6 +213,37 @@ impl Flags {
                 value: format!("{net_prefix} {net_subnet}"),
             }
         })?;
+        f.chroot_base = chroot_base.unwrap_or_else(|| f.state_root.join("jail"));
+        let range = crate::uid_pool::UidRange {
+            base: f.uid_base,
+            count: f.uid_count,
+        };
+        if crate::uid_pool::UidPool::new(range).is_err() || f.uid_count < f.slots {
+            return Err(FlagError::BadValue {
+                flag: "--uid-base/--uid-count",
+                value: format!(
+                    "{} {} (at least --slots uids from 1000 up)",
+                    f.uid_base, f.uid_count
+                ),
+            });
+        }
+        f.uffd_uid = match uffd_uid {
+            Some(u) => u,
+            None => f
+                .uid_base
+                .checked_add(f.uid_count)
+                .ok_or(FlagError::BadValue {
+                    flag: "--uffd-uid",
+                    value: "past the largest uid".into(),
+                })?,
+        };
+        let in_range = |u: u32| u >= f.uid_base && u - f.uid_base < f.uid_count;
+        if f.uffd_uid == 0 || in_range(f.uffd_uid) {
+            return Err(FlagError::BadValue {
+                flag: "--uffd-uid",
+                value: format!("{} (not 0, not a sandbox uid)", f.uffd_uid),
+            });
+        }
         Ok(f)
     }
 }
@@ -185,6 +264,57 @@ mod tests {
         assert_eq!(f.state_root, PathBuf::from("/var/lib/wrenn"));
         assert_eq!(f.restore_backend, RestoreBackend::Uffd);
         assert_eq!(f.ctl, None);
+        assert_eq!(f.jailer, PathBuf::from("/usr/local/bin/jailer"));
+        assert_eq!(f.chroot_base, PathBuf::from("/var/lib/wrenn/jail"));
+        assert_eq!(
+            (f.uid_base, f.uid_count, f.uffd_uid),
+            (900_000, 4096, 904_096)
+        );
+        assert!(!f.unjailed);
+    }
+
+    #[test]
+    fn jail_flags() {
+        let f = parse(&[
+            "--state-root",
+            "/s",
+            "--jailer=/j",
+            "--uid-base",
+            "700000",
+            "--uid-count",
+            "100",
+            "--slots",
+            "10",
+            "--unjailed",
+        ])
+        .unwrap();
+        assert_eq!(f.jailer, PathBuf::from("/j"));
+        assert_eq!(
+            f.chroot_base,
+            PathBuf::from("/s/jail"),
+            "follows --state-root"
+        );
+        assert_eq!(f.uffd_uid, 700_100);
+        assert!(f.unjailed);
+        let f = parse(&["--chroot-base-dir", "/c", "--uffd-uid", "5000"]).unwrap();
+        assert_eq!((f.chroot_base, f.uffd_uid), (PathBuf::from("/c"), 5000));
+        let env = |k: &str| (k == "WRENN_JAILER").then(|| "/env/jailer".to_string());
+        let f = Flags::parse(Vec::<String>::new(), env).unwrap();
+        assert_eq!(f.jailer, PathBuf::from("/env/jailer"));
+        for bad in [
+            &["--chroot-base-dir", "rel"][..],
+            &["--uid-base", "0"],
+            &["--uid-count", "0"],
+            &["--uid-count", "10", "--slots", "11"],
+            &["--uffd-uid", "900005"],
+            &["--uffd-uid", "0"],
+            &["--uid-base", "x"],
+        ] {
+            assert!(
+                matches!(parse(bad), Err(FlagError::BadValue { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

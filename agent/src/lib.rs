@@ -4,6 +4,7 @@
 //! - [`statedir`]: records under the state root, written atomically;
 //! - [`ttl`]: timeouts with an injectable clock, and the reaper loop;
 //! - [`manager`]: lifecycle operations, slots, disks, re-adoption after a restart;
+//! - [`uid_pool`]: the unprivileged uids jailed Firecrackers run as, one per running sandbox;
 //! - [`vm`]: the VM layer the manager drives, as a trait;
 //! - [`metrics`]: counters and Prometheus text;
 //! - [`sys`]: pidfds, statvfs, random bytes;
@@ -31,4 +32,5 @@ pub mod state;
 pub mod statedir;
 pub mod sys;
 pub mod ttl;
+pub mod uid_pool;
 pub mod vm;

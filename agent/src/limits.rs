@@ -23,6 +23,12 @@ pub const FIELD_LEN_MAX: usize = 64 * 1024;
 /// Sandboxes (records) one agent holds, running or paused. Also the slot capacity: every
 /// running sandbox needs a slot and the slot layout has room for 4096.
 pub const SANDBOXES_MAX: usize = 1024;
+/// First uid of jailed Firecrackers by default (`--uid-base`): far above the uids of
+/// people and system accounts, below the 32-bit overflow uids.
+pub const JAIL_UID_BASE_DEFAULT: u32 = 900_000;
+/// Uids in the default range (`--uid-count`): at least one per slot ([`SANDBOXES_MAX`]),
+/// with room so a released uid is not handed out again at once.
+pub const JAIL_UID_COUNT_DEFAULT: u32 = 4096;
 
 /// Lifecycle operations (create, pause, resume, template) doing slow work at once. A host
 /// with 2 cores saturates its disk with a few copies or snapshots; more in parallel only
@@ -97,3 +103,4 @@ const _: () = assert!(LIFECYCLE_CONCURRENCY_MAX <= LIFECYCLE_QUEUE_MAX);
 const _: () = assert!(HTTP_SOURCE_CONNECTIONS_MAX <= HTTP_CONNECTIONS_MAX);
 const _: () = assert!(HTTP_REQUEST_LEN_MAX <= proto::limits::HTTP_HEAD_LEN_MAX);
 const _: () = assert!(SANDBOXES_MAX <= 4096, "slot layout has 4096 slots");
+const _: () = assert!(JAIL_UID_COUNT_DEFAULT as usize >= SANDBOXES_MAX);

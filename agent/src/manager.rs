@@ -37,6 +37,7 @@ use crate::statedir::{
 };
 use crate::sys;
 use crate::ttl::{self, Clock, Outcome, Reaper};
+use crate::uid_pool::{UidPool, UidRange};
 use crate::vm::{RestoreSource, VmError, Vmm};
 
 /// Where the manager sends state changes it makes on its own (TTL, VM death, adoption).
@@ -60,6 +61,9 @@ pub struct Config {
     pub slot_capacity: u32,
     /// Timeout of a sandbox created with `timeout_s = 0`.
     pub default_timeout: Duration,
+    /// Uids for jailed Firecrackers (one per running sandbox, held with its slot); `None`:
+    /// Firecracker runs unjailed (`--unjailed`) and records carry no uid.
+    pub jail_uids: Option<UidRange>,
 }
 
 impl Config {
@@ -68,6 +72,7 @@ impl Config {
             layout: Layout::new(root),
             slot_capacity: SANDBOXES_MAX as u32,
             default_timeout: crate::limits::TIMEOUT_DEFAULT,
+            jail_uids: None,
         }
     }
 }
@@ -357,6 +362,7 @@ pub struct Manager {
     sandboxes: Mutex<HashMap<Uuid, Arc<Sandbox>>>,
     templates: Mutex<HashMap<Uuid, TemplateRecord>>,
     slots: Mutex<SlotAllocator>,
+    uids: Option<Mutex<UidPool>>,
     turns: Turns,
 }
 
@@ -390,6 +396,10 @@ impl Manager {
     ) -> Result<Arc<Manager>, Status> {
         cfg.layout.create().map_err(internal)?;
         let slots = SlotAllocator::new(cfg.slot_capacity).map_err(internal)?;
+        let uids = match cfg.jail_uids {
+            Some(r) => Some(Mutex::new(UidPool::new(r).map_err(internal)?)),
+            None => None,
+        };
         Ok(Arc::new(Manager {
             cfg,
             vmm,
@@ -399,6 +409,7 @@ impl Manager {
             sandboxes: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
             slots: Mutex::new(slots),
+            uids,
             turns: Turns {
                 st: Mutex::new((0, 0)),
                 cv: Condvar::new(),
@@ -510,6 +521,45 @@ impl Manager {
 
     // ---- slots ----
 
+    /// Takes a network slot and, when jailed, a uid for `rec`'s Firecracker: both are held
+    /// while it runs and given back together by [`Self::release_slot`].
+    fn take_slot_for(&self, rec: &mut SandboxRecord) -> Result<(), Status> {
+        let index = self.take_slot()?;
+        if let Some(pool) = &self.uids {
+            let uid = pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .allocate(rec.id, crate::uid_pool::uid_has_process);
+            match uid {
+                Ok(u) => rec.jail_uid = Some(u),
+                Err(e) => {
+                    if let Err(e) = self.vmm.destroy_slot(index) {
+                        warn!("destroy slot failed slot={index} error={e:?}");
+                    }
+                    self.free_slot_index(index);
+                    return Err(Status::resource_exhausted(e.to_string()));
+                }
+            }
+        }
+        rec.slot = Some(index);
+        Ok(())
+    }
+
+    fn release_uid(&self, rec: &mut SandboxRecord) {
+        if let (Some(uid), Some(pool)) = (rec.jail_uid.take(), &self.uids) {
+            pool.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(uid, rec.id);
+        }
+    }
+
+    /// Jail uids held (for tests and metrics).
+    pub fn uids_used(&self) -> usize {
+        self.uids
+            .as_ref()
+            .map_or(0, |p| p.lock().unwrap_or_else(|e| e.into_inner()).held())
+    }
+
     fn take_slot(&self) -> Result<u32, Status> {
         let index = self
             .slots
@@ -533,6 +583,7 @@ impl Manager {
     }
 
     fn release_slot(&self, rec: &mut SandboxRecord) {
+        self.release_uid(rec);
         if let Some(index) = rec.slot.take() {
             if let Err(e) = self.vmm.destroy_slot(index) {
                 warn!("destroy slot failed slot={index} error={e:?}");
@@ -826,7 +877,7 @@ impl Manager {
         self.vmm
             .copy_file(&tdir.rootfs(), &sb.dir.disk(), disk_bytes)
             .map_err(vm_status)?;
-        rec.slot = Some(self.take_slot()?);
+        self.take_slot_for(rec)?;
         self.commit(sb, rec)?;
         match template.kind {
             TemplateKind::Base => {
@@ -970,7 +1021,7 @@ impl Manager {
             .chain
             .clone()
             .ok_or_else(|| Status::internal("paused sandbox has no snapshot chain"))?;
-        rec.slot = Some(self.take_slot()?);
+        self.take_slot_for(rec)?;
         self.commit(sb, rec)?;
         let src = RestoreSource {
             chain: &chain,
@@ -1222,7 +1273,7 @@ impl Manager {
             self.vmm
                 .copy_file(&tmp.rootfs(), &dir.disk(), None)
                 .map_err(vm_status)?;
-            rec.slot = Some(self.take_slot()?);
+            self.take_slot_for(&mut rec)?;
             let src = RestoreSource {
                 chain: &chain,
                 record_working_set: Some(&ws_path),
@@ -1484,6 +1535,28 @@ impl Manager {
                     };
                 }
                 rec.slot = None;
+            }
+        }
+        // A uid is held with the slot: marked before any new sandbox takes one, so a live
+        // Firecracker's uid never goes to a second sandbox. A uid outside the range or held
+        // twice means the record is wrong: the VM is stopped, never shares a uid.
+        if let (Some(uid), Some(pool)) = (rec.jail_uid, &self.uids) {
+            let kept = rec.slot.is_some()
+                && pool
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mark_used(uid, rec.id);
+            if !kept {
+                rec.jail_uid = None;
+                if d.action == Action::Adopt || d.action == Action::ResumeVmThenAdopt {
+                    d = Decision {
+                        action: Action::Keep,
+                        state: State::Error,
+                        reason: format!("jail uid {uid} invalid or already in use"),
+                        stop_processes: true,
+                        release_slot: true,
+                    };
+                }
             }
         }
         let adopt = match d.action {

@@ -311,6 +311,8 @@ pub struct SandboxRecord {
     pub kernel_version: String,
     /// Network slot held while a VM exists.
     pub slot: Option<u32>,
+    /// The uid and gid its jailed Firecracker runs as, held with the slot (`uid_pool`).
+    pub jail_uid: Option<u32>,
     pub firecracker: Option<ProcRef>,
     pub page_server: Option<ProcRef>,
     /// The memory snapshot, once the sandbox was paused (or restored from a template).
@@ -347,6 +349,7 @@ impl SandboxRecord {
             envd_version: String::new(),
             kernel_version: String::new(),
             slot: None,
+            jail_uid: None,
             firecracker: None,
             page_server: None,
             chain: None,
@@ -380,6 +383,9 @@ impl SandboxRecord {
         w.put("kernel_version", &self.kernel_version);
         if let Some(s) = self.slot {
             w.put("slot", &s.to_string());
+        }
+        if let Some(u) = self.jail_uid {
+            w.put("jail_uid", &u.to_string());
         }
         w.proc("firecracker", self.firecracker);
         w.proc("page_server", self.page_server);
@@ -424,6 +430,7 @@ impl SandboxRecord {
         rec.envd_version = r.string("envd_version")?;
         rec.kernel_version = r.string("kernel_version")?;
         rec.slot = r.opt_num("slot")?;
+        rec.jail_uid = r.opt_num("jail_uid")?;
         rec.firecracker = r.proc("firecracker")?;
         rec.page_server = r.proc("page_server")?;
         rec.chain = match r.take("chain.header") {
@@ -764,6 +771,7 @@ mod tests {
         r.envd_version = "0.1.0".into();
         r.kernel_version = "6.1.0-wrenn".into();
         r.slot = Some(4095);
+        r.jail_uid = Some(900_017);
         r.firecracker = Some(ProcRef {
             pid: 1234,
             start_ticks: 99,

@@ -573,6 +573,8 @@ mod lifecycle {
             state_root: root.clone(),
             console: false,
             net: net.clone(),
+            // Unjailed: the bench measures the lifecycle's own costs.
+            jail: None,
         };
         let timed = Arc::new(Timed {
             uffd: FirecrackerVmm::new(fc_cfg(if uffd_bin.is_some() {

@@ -6,6 +6,7 @@
 //! - [`handshake`]: Firecracker's UFFD handshake (fd + JSON regions);
 //! - [`working_set`]: the recorded order of first-touched pages;
 //! - [`page_server`]: the `wrenn-uffd` event loop that serves page faults from layer files;
+//! - [`privileges`]: dropping root before serving (uid, gid, capabilities, no new privileges);
 //! - [`sys`]: the only module with `unsafe`: ioctls, SCM_RIGHTS, pidfd, mappings.
 //!
 //! It is not the VMM launcher (that is `vmm-glue`) and it speaks no RPC.
@@ -15,6 +16,7 @@ pub mod handshake;
 pub mod header;
 pub mod limits;
 pub mod page_server;
+pub mod privileges;
 pub mod stats;
 pub mod sys;
 pub mod working_set;

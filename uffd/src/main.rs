@@ -9,7 +9,8 @@ use uffd::page_server::{Config, Outcome, PageServer};
 const USAGE: &str =
     "usage: wrenn-uffd --socket PATH --firecracker-pid PID --header PATH --layers DIR...
                   [--prefetch PATH] [--record PATH [--record-seconds N]] [--stats PATH]
-                  [--fault-around BYTES] [--no-background-fill] [--spin-us N]";
+                  [--fault-around BYTES] [--no-background-fill] [--spin-us N]
+                  [--socket-owner UID:GID] [--run-as UID:GID]";
 
 #[derive(Debug, PartialEq)]
 struct Flags {
@@ -24,6 +25,15 @@ struct Flags {
     fault_around: Option<u64>,
     background_fill: bool,
     spin_us: Option<u64>,
+    socket_owner: Option<(u32, u32)>,
+    run_as: Option<(u32, u32)>,
+}
+
+/// `UID:GID`, both numbers.
+fn ids(flag: &str, v: &str) -> Result<(u32, u32), String> {
+    v.split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+        .ok_or_else(|| format!("{flag}: not UID:GID: {v}"))
 }
 
 fn parse(args: &[String]) -> Result<Flags, String> {
@@ -43,6 +53,8 @@ fn parse(args: &[String]) -> Result<Flags, String> {
         fault_around: None,
         background_fill: true,
         spin_us: None,
+        socket_owner: None,
+        run_as: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -78,6 +90,14 @@ fn parse(args: &[String]) -> Result<Flags, String> {
             "--stats" => f.stats = Some(PathBuf::from(value()?)),
             "--fault-around" => f.fault_around = Some(number(value()?)?),
             "--spin-us" => f.spin_us = Some(number(value()?)?),
+            "--socket-owner" => f.socket_owner = Some(ids(flag, &value()?)?),
+            "--run-as" => {
+                let v = ids(flag, &value()?)?;
+                if v.0 == 0 || v.1 == 0 {
+                    return Err(format!("{flag}: not root"));
+                }
+                f.run_as = Some(v);
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -135,6 +155,7 @@ fn main() {
     if let Some(us) = flags.spin_us {
         config.spin = Duration::from_micros(us);
     }
+    config.socket_owner = flags.socket_owner;
     config.stop_fd = Some(stop_fd);
     config.record_stop_fd = Some(record_stop_fd);
     let server = match PageServer::bind(config) {
@@ -147,6 +168,17 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Everything is open: from here on an unprivileged process, before the first fault.
+    if let Some((uid, gid)) = flags.run_as {
+        if let Err(e) = uffd::privileges::drop_to(uid, gid) {
+            log::error!(
+                "cannot drop privileges error={e} cause={:?}",
+                std::error::Error::source(&e).map(|s| s.to_string())
+            );
+            std::process::exit(1);
+        }
+        log::info!("privileges dropped uid={uid} gid={gid}");
+    }
     match server.run() {
         Ok((outcome, stats)) => {
             let how = match outcome {
@@ -189,6 +221,13 @@ mod tests {
         .unwrap();
         assert_eq!(two.layers, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(f.spin_us, Some(10));
+        let j = parse(&args(
+            "--socket /s --firecracker-pid 1 --header /h --layers /l --socket-owner 900001:900001 \
+             --run-as 904096:904096",
+        ))
+        .unwrap();
+        assert_eq!(j.socket_owner, Some((900_001, 900_001)));
+        assert_eq!(j.run_as, Some((904_096, 904_096)));
     }
 
     #[test]
@@ -214,5 +253,16 @@ mod tests {
             "--socket /s --firecracker-pid 1 --header /h --layers /l --record-seconds 3"
         ))
         .is_err());
+        for bad in [
+            "--run-as 0:5",
+            "--run-as 5:0",
+            "--run-as 5",
+            "--socket-owner a:b",
+        ] {
+            assert!(parse(&args(&format!(
+                "--socket /s --firecracker-pid 1 --header /h --layers /l {bad}"
+            )))
+            .is_err());
+        }
     }
 }

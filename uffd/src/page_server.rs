@@ -35,7 +35,7 @@ use crate::limits::{
 };
 use crate::stats::Stats;
 use crate::sys::{self, UffdMsg};
-use crate::working_set::WorkingSet;
+use crate::working_set::{OutputFile, WorkingSet};
 
 /// Everything the server needs; `main.rs` builds it from flags (see HEADER.md).
 #[derive(Debug)]
@@ -65,6 +65,9 @@ pub struct Config {
     pub spin: Duration,
     /// Kill Firecracker on a fatal error (tests serving their own process turn it off).
     pub kill_on_fatal: bool,
+    /// Owner (uid, gid) given to the socket before it appears: the jailed Firecracker's, so
+    /// it can connect once `wrenn-uffd` is no longer root.
+    pub socket_owner: Option<(u32, u32)>,
     /// Readable = exit cleanly (main passes a signalfd for SIGTERM/SIGINT).
     pub stop_fd: Option<OwnedFd>,
     /// Readable = stop recording (main passes a signalfd for SIGUSR1).
@@ -92,6 +95,7 @@ impl Config {
             background_fill: true,
             spin: Duration::from_micros(crate::limits::SPIN_DEFAULT_US),
             kill_on_fatal: true,
+            socket_owner: None,
             stop_fd: None,
             record_stop_fd: None,
         }
@@ -167,6 +171,11 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The directory of an output file (stats, recorded working set) cannot be opened.
+    OpenOutput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl fmt::Display for Error {
@@ -207,6 +216,9 @@ impl fmt::Display for Error {
             WriteWorkingSet { path, .. } => {
                 write!(f, "cannot write working set {}", path.display())
             }
+            OpenOutput { path, .. } => {
+                write!(f, "cannot open the directory of {}", path.display())
+            }
         }
     }
 }
@@ -224,7 +236,8 @@ impl std::error::Error for Error {
             | ReadEvents { source }
             | Install { source, .. }
             | Unregister { source }
-            | WriteWorkingSet { source, .. } => Some(source),
+            | WriteWorkingSet { source, .. }
+            | OpenOutput { source, .. } => Some(source),
             Header { source, .. } => Some(source),
             WorkingSet { source, .. } => Some(source),
             Handshake { source } => Some(source),
@@ -366,6 +379,8 @@ pub struct PageServer {
     pidfd: OwnedFd,
     started: Instant,
     stats: Stats,
+    stats_out: Option<OutputFile>,
+    record_out: Option<OutputFile>,
 }
 
 impl PageServer {
@@ -423,6 +438,27 @@ impl PageServer {
             source,
         })?;
         let (listener, tmp) = bind_socket(&config.socket_path)?;
+        if let Some((uid, gid)) = config.socket_owner {
+            std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid)).map_err(|source| {
+                Error::Bind {
+                    path: config.socket_path.clone(),
+                    source,
+                }
+            })?;
+        }
+        // Output files are reached through their directories opened now, while we may.
+        let open_out = |p: &Option<PathBuf>| -> Result<Option<OutputFile>, Error> {
+            p.as_ref()
+                .map(|p| {
+                    OutputFile::open(p).map_err(|source| Error::OpenOutput {
+                        path: p.clone(),
+                        source,
+                    })
+                })
+                .transpose()
+        };
+        let stats_out = open_out(&config.stats_path)?;
+        let record_out = open_out(&config.record)?;
         let stats = Stats {
             state: "listening",
             ..Stats::default()
@@ -436,6 +472,8 @@ impl PageServer {
             pidfd,
             started,
             stats,
+            stats_out,
+            record_out,
         };
         // Stats first, then the socket's final name: whoever sees the socket sees the stats.
         server.write_stats();
@@ -496,9 +534,9 @@ impl PageServer {
     }
 
     fn write_stats(&self) {
-        if let Some(p) = &self.config.stats_path {
-            if let Err(e) = self.stats.write(p) {
-                warn!("cannot write stats path={} error={e}", p.display());
+        if let Some(out) = &self.stats_out {
+            if let Err(e) = out.write(self.stats.render().as_bytes()) {
+                warn!("cannot write stats path={} error={e}", out.path().display());
             }
         }
     }
@@ -1141,21 +1179,21 @@ impl<'a> Serve<'a> {
         let Some(pages) = self.recording.take() else {
             return Ok(());
         };
-        let Some(path) = self.srv.config.record.clone() else {
+        let Some(out) = &self.srv.record_out else {
             return Ok(());
         };
+        let path = out.path().to_owned();
         self.srv.stats.pages_recorded = pages.len() as u64;
         let ws = WorkingSet {
             memory_size: self.srv.header.memory_size,
             build_id: self.srv.header.build_id,
             pages,
         };
-        crate::working_set::write_atomic(&path, &ws.serialize()).map_err(|source| {
-            Error::WriteWorkingSet {
+        out.write(&ws.serialize())
+            .map_err(|source| Error::WriteWorkingSet {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         info!(
             "working set recorded path={} pages={}",
             path.display(),

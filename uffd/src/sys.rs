@@ -630,6 +630,65 @@ impl Drop for AnonMapping {
     }
 }
 
+// ---- files written after dropping privileges ----
+
+/// Creates (or truncates) `name` in the directory `dir` for writing, mode 0600, never
+/// following a symlink at `name`.
+pub fn openat_create(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is NUL-terminated and outlives the call; the mode is passed as the
+    // variadic third argument open(2) expects with O_CREAT.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            0o600 as libc::c_uint,
+        )
+    })?;
+    // SAFETY: openat returned a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `renameat(dir, from, dir, to)`.
+pub fn renameat(dir: BorrowedFd<'_>, from: &std::ffi::CStr, to: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated and outlive the call.
+    cvt(unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) })
+        .map(drop)
+}
+
+// ---- dropping privileges (privileges.rs) ----
+
+/// `prctl(PR_CAPBSET_DROP, cap)`: removes `cap` from the bounding set (needs CAP_SETPCAP).
+pub fn capbset_drop(cap: u32) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) }).map(drop)
+}
+
+/// `setgroups(0, NULL)`: no supplementary groups.
+pub fn setgroups_none() -> io::Result<()> {
+    // SAFETY: a zero-length list; the null pointer is never read.
+    cvt(unsafe { libc::setgroups(0, std::ptr::null()) }).map(drop)
+}
+
+/// `setresgid(gid, gid, gid)` (glibc applies it to every thread).
+pub fn setresgid(gid: u32) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    cvt(unsafe { libc::setresgid(gid, gid, gid) }).map(drop)
+}
+
+/// `setresuid(uid, uid, uid)`: from root to a non-zero uid, the kernel also clears the
+/// permitted, effective and ambient capability sets.
+pub fn setresuid(uid: u32) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    cvt(unsafe { libc::setresuid(uid, uid, uid) }).map(drop)
+}
+
+/// `prctl(PR_SET_NO_NEW_PRIVS, 1)`: no exec can grant privileges again.
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) }).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

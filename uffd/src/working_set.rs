@@ -174,6 +174,55 @@ pub fn fuzz_parse(data: &[u8]) {
 }
 
 /// Writes `bytes` to `path` atomically (a temporary file in the same directory, then rename).
+/// A file replaced atomically in a directory opened up front: written to `<name>.tmp` and
+/// renamed over `<name>` relative to the directory's descriptor, so it keeps working after
+/// `wrenn-uffd` dropped the privileges that reached the directory by path (it needs write
+/// permission on the directory itself only).
+#[derive(Debug)]
+pub struct OutputFile {
+    dir: std::os::fd::OwnedFd,
+    name: std::ffi::CString,
+    tmp: std::ffi::CString,
+    path: std::path::PathBuf,
+}
+
+impl OutputFile {
+    /// Opens `path`'s directory now.
+    pub fn open(path: &std::path::Path) -> std::io::Result<OutputFile> {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = || std::io::Error::from_raw_os_error(libc::EINVAL);
+        let name = path.file_name().ok_or_else(bad)?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        let dir = std::fs::File::open(parent)?;
+        let mut tmp = name.as_bytes().to_vec();
+        tmp.extend_from_slice(b".tmp");
+        Ok(OutputFile {
+            dir: dir.into(),
+            name: std::ffi::CString::new(name.as_bytes()).map_err(|_| bad())?,
+            tmp: std::ffi::CString::new(tmp).map_err(|_| bad())?,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Writes `bytes` to the temporary name, syncs, renames over the final name.
+    pub fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let fd = crate::sys::openat_create(self.dir.as_fd(), &self.tmp)?;
+        let mut f = std::fs::File::from(fd);
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        crate::sys::renameat(self.dir.as_fd(), &self.tmp, &self.name)
+    }
+}
+
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut tmp = path.as_os_str().to_owned();

@@ -29,8 +29,7 @@ pub struct CgroupLimits {
     pub cpu_millis: Option<u32>,
 }
 
-/// CFS period used for `cpu_millis` (the kernel's default, 100 ms).
-const CPU_PERIOD_US: u64 = 100_000;
+use crate::limits::CGROUP_CPU_PERIOD_US as CPU_PERIOD_US;
 
 #[derive(Debug)]
 pub enum CgroupError {
@@ -103,6 +102,21 @@ fn unescape(s: &str) -> String {
 
 /// Picks the layout from the text of /proc/self/mountinfo; `controllers` reads a v2
 /// mount's `cgroup.controllers`.
+/// The mount point of the v1 hierarchy that has `controller` (e.g. `pids`), from
+/// /proc/self/mountinfo text.
+pub fn v1_mount_from(mountinfo: &str, controller: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let mnt = pre.split(' ').nth(4)?;
+        let mut post = post.split(' ');
+        let fstype = post.next()?;
+        let _source = post.next();
+        let opts = post.next().unwrap_or("");
+        (fstype == "cgroup" && opts.split(',').any(|x| x == controller))
+            .then(|| PathBuf::from(unescape(mnt)))
+    })
+}
+
 pub fn detect_from(
     mountinfo: &str,
     controllers: impl Fn(&Path) -> Option<String>,
@@ -348,6 +362,23 @@ mod tests {
 29 25 0:27 / /sys/fs/cgroup/memory rw,relatime shared:13 - cgroup cgroup rw,memory
 35 25 0:33 / /sys/fs/cgroup/unified rw,relatime shared:19 - cgroup2 cgroup2 rw
 ";
+
+    #[test]
+    fn v1_controller_mounts() {
+        let pids = format!(
+            "{HYBRID}36 25 0:34 / /sys/fs/cgroup/pids rw,relatime shared:20 - cgroup cgroup rw,pids\n"
+        );
+        assert_eq!(
+            v1_mount_from(&pids, "pids"),
+            Some(PathBuf::from("/sys/fs/cgroup/pids"))
+        );
+        assert_eq!(v1_mount_from(HYBRID, "pids"), None);
+        // "cpuacct" is not "cpu".
+        assert_eq!(
+            v1_mount_from(HYBRID, "cpu"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu"))
+        );
+    }
 
     #[test]
     fn hybrid_without_v2_controllers_is_v1() {

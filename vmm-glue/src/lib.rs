@@ -10,6 +10,7 @@
 //! - [`vsock`]: the host side of Firecracker's hybrid vsock (`CONNECT <port>`, guest-initiated
 //!   listeners, envd's readiness push);
 //! - [`page_server`]: the launcher of `wrenn-uffd` (the page server of a restored VM);
+//! - [`jail`]: Firecracker under Firecracker's jailer (command line, chroot layout, cleanup);
 //! - [`disk`]: per-sandbox root disks as reflink clones or sparse copies of a template;
 //! - [`net`]: network slots (namespaces, veth, tap, NAT);
 //! - [`limits`]: every bound outside `net`, with its reason.
@@ -29,6 +30,7 @@
 pub mod api;
 pub mod cgroup;
 pub mod disk;
+pub mod jail;
 pub mod limits;
 pub mod net;
 pub mod page_server;

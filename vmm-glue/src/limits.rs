@@ -62,7 +62,28 @@ pub const VSOCK_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// the thread for long on a slow disk.
 pub const COPY_CHUNK_LEN: usize = 64 << 20;
 
+/// CFS period for CPU quotas (the kernel's default, 100 ms); a quota of one period is one CPU.
+pub const CGROUP_CPU_PERIOD_US: u64 = 100_000;
+/// Memory a Firecracker needs besides guest memory (its own heap, the API and device
+/// threads' stacks, virtio queues, the copied static binary's pages): the cgroup memory limit
+/// is guest memory plus this.
+pub const VMM_MEMORY_OVERHEAD_BYTES: u64 = 128 << 20;
+/// Tasks of a jailed Firecracker besides its vCPU threads: the main (VMM) thread, the API
+/// thread, the jailer's clone while it execs, and headroom for threads a release adds.
+pub const JAIL_PIDS_BASE: u32 = 16;
+/// One thread per vCPU.
+pub const JAIL_PIDS_PER_VCPU: u32 = 1;
+/// `RLIMIT_NOFILE` of a jailed Firecracker: the jailer's own default (2048); Firecracker
+/// holds a few dozen descriptors (KVM, vCPUs, eventfds, tap, disk, sockets).
+pub const JAIL_NO_FILE: u64 = 2048;
+/// How long the jailer may take to set up the jail and exit after writing the pid file
+/// (it copies the Firecracker binary, a few MiB, into the chroot).
+pub const JAILER_EXIT_WAIT: Duration = Duration::from_secs(30);
+/// Longest pid file read (a decimal pid).
+pub const PID_FILE_LEN_MAX: usize = 32;
+
 const _: () = assert!(API_REQUEST_HEAD_LEN_MAX >= 256);
 const _: () = assert!(API_RESPONSE_BODY_LEN_MAX >= API_FAULT_MESSAGE_LEN_MAX);
 const _: () = assert!(BOOT_ARGS_LEN_MAX < 2048);
 const _: () = assert!(VSOCK_REPLY_LEN_MAX >= "OK 4294967295\n".len());
+const _: () = assert!(JAIL_PIDS_BASE >= 4);

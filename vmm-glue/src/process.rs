@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use crate::api::ApiClient;
 use crate::cgroup::{Cgroup, CgroupError, CgroupLimits, CgroupMode};
 use crate::limits::{
-    API_SOCKET_POLL_INTERVAL, KILL_WAIT, PROC_CMDLINE_LEN_MAX, STABLE_TMPFS_SIZE,
-    STATE_FILE_LEN_MAX, STATE_FILE_LINES_MAX, UNIX_SOCKET_PATH_LEN_MAX,
+    API_SOCKET_POLL_INTERVAL, JAILER_EXIT_WAIT, KILL_WAIT, PID_FILE_LEN_MAX, PROC_CMDLINE_LEN_MAX,
+    STABLE_TMPFS_SIZE, STATE_FILE_LEN_MAX, STATE_FILE_LINES_MAX, UNIX_SOCKET_PATH_LEN_MAX,
 };
 use crate::sys;
 
@@ -253,6 +253,9 @@ struct State {
     api_socket: PathBuf,
     cgroup_dirs: Vec<PathBuf>,
     cleanup: Vec<PathBuf>,
+    /// Started by the jailer: its instance directory (`<chroot base>/<exec>/<id>`, removed
+    /// on kill). `exe` and the `--api-sock` argument are then paths inside `<chroot>/root`.
+    chroot: Option<PathBuf>,
 }
 
 /// First line of `firecracker.state` ([`proto::kv`] format).
@@ -267,6 +270,9 @@ impl State {
         w.put_display("api_socket", self.api_socket.display());
         w.list("cgroup", self.cgroup_dirs.iter().map(|d| d.display()));
         w.list("cleanup", self.cleanup.iter().map(|d| d.display()));
+        if let Some(c) = &self.chroot {
+            w.put_display("chroot", c.display());
+        }
         w.finish()
     }
 
@@ -282,6 +288,7 @@ impl State {
                 api_socket: r.string("api_socket")?.into(),
                 cgroup_dirs: r.list("cgroup")?.into_iter().map(PathBuf::from).collect(),
                 cleanup: r.list("cleanup")?.into_iter().map(PathBuf::from).collect(),
+                chroot: r.take("chroot").map(PathBuf::from),
             };
             Ok(state)
         };
@@ -347,6 +354,35 @@ fn log_tail(path: &Path) -> String {
     let text = fs::read(path).unwrap_or_default();
     let start = text.len().saturating_sub(600);
     String::from_utf8_lossy(&text[start..]).trim().to_owned()
+}
+
+/// True if `pid`'s command line is the recorded Firecracker's: its program and its
+/// `--api-sock` (for a jailed one, the socket's path inside the chroot).
+fn same_command(pid: u32, state: &State) -> bool {
+    let api_arg = match &state.chroot {
+        Some(c) => match state.api_socket.strip_prefix(c.join("root")) {
+            Ok(rel) => Path::new("/").join(rel),
+            Err(_) => return false,
+        },
+        None => state.api_socket.clone(),
+    };
+    proc_cmdline(pid).ok().is_some_and(|argv| {
+        argv.first().map(Vec::as_slice) == Some(state.exe.as_os_str().as_bytes())
+            && argv
+                .windows(2)
+                .any(|w| w[0] == b"--api-sock" && w[1] == api_arg.as_os_str().as_bytes())
+    })
+}
+
+/// True if the root directory of `pid` is `dir` (the same inode on the same device): a jailed
+/// Firecracker's root is its chroot. Compared by inode, not by name: after the jailer's
+/// `pivot_root` in its own mount namespace, `/proc/PID/root` reads as `/`.
+pub fn root_is(pid: u32, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(format!("/proc/{pid}/root")), fs::metadata(dir)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// A running (or exited, not yet reaped) Firecracker.
@@ -508,6 +544,7 @@ impl VmProcess {
                 .map(|c| c.dirs().to_vec())
                 .unwrap_or_default(),
             cleanup: cfg.cleanup.clone(),
+            chroot: None,
         };
         let vm = VmProcess {
             pid,
@@ -532,6 +569,151 @@ impl VmProcess {
                 .map(Path::display)
                 .map(|d| d.to_string())
                 .unwrap_or_else(|| "-".into())
+        );
+        Ok(vm)
+    }
+
+    /// Starts Firecracker under the jailer as `spec` says, its chroot already filled by
+    /// [`crate::jail::prepare_chroot`]. `dir` is the sandbox directory (log, state file).
+    /// The jailer (our child, its own session, stdout and stderr on `firecracker.log`) clones
+    /// Firecracker into a new PID namespace, writes its host pid to
+    /// `<chroot>/<exec file name>.pid` and exits; we wait for that, read the pid, and hold the
+    /// process by pidfd, checked to be a process whose root is the chroot. Firecracker is
+    /// then not our child: its exit status goes to init. Does not wait for the API socket.
+    pub fn spawn_jailed(
+        spec: &crate::jail::JailSpec,
+        dir: &Path,
+        cleanup: Vec<PathBuf>,
+    ) -> Result<VmProcess, ProcessError> {
+        let jail_err = |e: crate::jail::JailError| ProcessError::InvalidConfig(e.to_string());
+        let args = spec.args().map_err(jail_err)?;
+        let instance = spec.instance_dir().map_err(jail_err)?;
+        let chroot = instance.join("root");
+        let exec_name = crate::jail::exec_file_name(&spec.firecracker).map_err(jail_err)?;
+        let api_socket = crate::jail::host_path(&chroot, Path::new(crate::jail::JAIL_API_SOCKET));
+        if api_socket.as_os_str().len() > UNIX_SOCKET_PATH_LEN_MAX {
+            return Err(ProcessError::InvalidConfig(format!(
+                "api socket path {} is over {UNIX_SOCKET_PATH_LEN_MAX} bytes",
+                api_socket.display()
+            )));
+        }
+        let pid_file = chroot.join(format!("{exec_name}{}", crate::jail::PID_FILE_SUFFIX));
+        // The jailer creates the pid file with O_EXCL; the API socket must not exist.
+        for stale in [&pid_file, &api_socket] {
+            match fs::remove_file(stale) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(prepare(stale)(e)),
+            }
+        }
+        let log_path = dir.join(LOG_NAME);
+        let state_path = dir.join(STATE_NAME);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(prepare(&log_path))?;
+        let log2 = log.try_clone().map_err(prepare(&log_path))?;
+        let mut cmd = Command::new(&spec.jailer);
+        cmd.args(&args)
+            .current_dir(dir)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        // SAFETY: runs in the forked child before exec; setsid is one system call, no
+        // allocation, no locks. A session leader, the jailer moves Firecracker into a new
+        // session of its own (so the jailer's exit sends it no SIGHUP).
+        unsafe {
+            cmd.pre_exec(sys::setsid);
+        }
+        let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+            path: spec.jailer.clone(),
+            source,
+        })?;
+        let (jailer_fd, _) = hold_child(&mut child)?;
+        let cgroup_dirs = spec.cgroup_dirs();
+        let fail = |e: ProcessError| {
+            let _ = Cgroup::from_dirs(cgroup_dirs.clone()).remove(Duration::from_millis(100));
+            e
+        };
+        if !sys::poll_readable(jailer_fd.as_fd(), JAILER_EXIT_WAIT).map_err(ProcessError::Wait)? {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(ProcessError::Exited {
+                program: "jailer",
+                status: format!("still running after {JAILER_EXIT_WAIT:?}"),
+                log_tail: log_tail(&log_path),
+            }));
+        }
+        let status = child.wait().map_err(ProcessError::Wait)?;
+        if !status.success() {
+            return Err(fail(ProcessError::Exited {
+                program: "jailer",
+                status: status.to_string(),
+                log_tail: log_tail(&log_path),
+            }));
+        }
+        let mut text = String::new();
+        File::open(&pid_file)
+            .and_then(|f| f.take(PID_FILE_LEN_MAX as u64).read_to_string(&mut text))
+            .map_err(|source| {
+                fail(ProcessError::State {
+                    path: pid_file.clone(),
+                    source,
+                })
+            })?;
+        let pid: u32 = text.trim().parse().ok().filter(|p| *p > 1).ok_or_else(|| {
+            fail(ProcessError::BadState {
+                path: pid_file.clone(),
+                reason: format!("not a pid: {text:?}"),
+            })
+        })?;
+        let gone = |_| {
+            fail(ProcessError::Exited {
+                program: "firecracker",
+                status: "gone right after the jailer started it".into(),
+                log_tail: log_tail(&log_path),
+            })
+        };
+        let pidfd = sys::pidfd_open(pid).map_err(gone)?;
+        let start_time = proc_start_time(pid).map_err(gone)?;
+        // The pidfd pins the process; its root must be our chroot, or the pid was reused.
+        let root_ok = root_is(pid, &chroot);
+        let alive =
+            !sys::poll_readable(pidfd.as_fd(), Duration::ZERO).map_err(ProcessError::Pidfd)?;
+        if !(root_ok && alive) {
+            return Err(fail(ProcessError::Gone { pid }));
+        }
+        let state = State {
+            pid,
+            start_time,
+            exe: Path::new("/").join(&exec_name),
+            api_socket,
+            cgroup_dirs: cgroup_dirs.clone(),
+            cleanup,
+            chroot: Some(instance),
+        };
+        let vm = VmProcess {
+            pid,
+            pidfd,
+            is_child: false,
+            state,
+            state_path,
+            log_path,
+            cgroup: (!cgroup_dirs.is_empty()).then(|| Cgroup::from_dirs(cgroup_dirs)),
+            exit: None,
+        };
+        if let Err(e) = vm.write_state() {
+            let _ = vm.kill();
+            return Err(e);
+        }
+        log::info!(
+            "firecracker spawned jailed pid={pid} id={} uid={} netns={}",
+            spec.id,
+            spec.uid,
+            spec.netns.as_deref().unwrap_or("-")
         );
         Ok(vm)
     }
@@ -573,12 +755,11 @@ impl VmProcess {
         // The pidfd pins one process. Check that the process behind the pid is the recorded
         // one, then that the pidfd's process is still alive: if so, both name the same process.
         let same = proc_start_time(pid).ok() == Some(state.start_time)
-            && proc_cmdline(pid).ok().is_some_and(|argv| {
-                argv.first().map(Vec::as_slice) == Some(state.exe.as_os_str().as_bytes())
-                    && argv.windows(2).any(|w| {
-                        w[0] == b"--api-sock" && w[1] == state.api_socket.as_os_str().as_bytes()
-                    })
-            });
+            && same_command(pid, &state)
+            && state
+                .chroot
+                .as_ref()
+                .is_none_or(|c| root_is(pid, &c.join("root")));
         let alive =
             !sys::poll_readable(pidfd.as_fd(), Duration::ZERO).map_err(ProcessError::Pidfd)?;
         if !(same && alive) {
@@ -601,6 +782,11 @@ impl VmProcess {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The chroot (`<instance>/root`) of a jailed Firecracker.
+    pub fn chroot(&self) -> Option<PathBuf> {
+        self.state.chroot.as_ref().map(|c| c.join("root"))
     }
 
     pub fn pidfd(&self) -> BorrowedFd<'_> {
@@ -679,6 +865,12 @@ impl VmProcess {
                 }
             }
             cg.remove(KILL_WAIT).map_err(ProcessError::Cgroup)?;
+        }
+        if let Some(instance) = &self.state.chroot {
+            crate::jail::remove_chroot(instance).map_err(|e| ProcessError::Cleanup {
+                path: instance.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
         }
         let mut files = vec![self.state.api_socket.clone()];
         files.extend(self.state.cleanup.iter().cloned());
@@ -809,6 +1001,7 @@ mod tests {
             api_socket: "/d/api.sock".into(),
             cgroup_dirs: vec!["/sys/fs/cgroup/memory/wrenn/x".into()],
             cleanup: vec!["/d/v.sock".into(), "/d/v.sock_49984".into()],
+            chroot: None,
         };
         assert_eq!(State::decode(&s.encode()).unwrap(), s);
         // A file written before the shared format (repeated keys, no first line) still
@@ -866,6 +1059,7 @@ mod tests {
             api_socket: dir.join("api.sock"),
             cgroup_dirs: vec![],
             cleanup: vec![],
+            chroot: None,
         };
         fs::write(dir.join(STATE_NAME), s.encode()).unwrap();
         assert!(matches!(

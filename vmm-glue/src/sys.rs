@@ -23,6 +23,45 @@ const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
         | ((size as u32) << IOC_SIZESHIFT)
 }
 
+/// `struct open_how` of linux/openat2.h (libc's is non-exhaustive).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+const _: () = assert!(std::mem::size_of::<OpenHow>() == 24);
+
+/// Opens `rel` under the directory `dir` for reading with `openat2`, refusing any symlink or
+/// magic link on the way and any path that leaves `dir` (`RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`): how the agent, as root, reads what a jailed
+/// Firecracker wrote inside its chroot, where every name is under the jailed uid's control.
+pub fn open_beneath(dir: BorrowedFd<'_>, rel: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let how = OpenHow {
+        flags: (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `rel` is a NUL-terminated string and `how` a fully initialized open_how that
+    // both outlive the call; the size passed is that of the struct.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            rel.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `FICLONE = _IOW(0x94, 9, int)` (linux/fs.h): share all of a file's extents with another.
 pub const FICLONE: u32 = ioc(IOC_WRITE, 0x94, 9, std::mem::size_of::<libc::c_int>());
 const _: () = assert!(FICLONE == 0x4004_9409);

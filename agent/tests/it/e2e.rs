@@ -40,9 +40,16 @@ struct Inputs {
     kernel: PathBuf,
     rootfs: PathBuf,
     uffd: Option<PathBuf>,
+    /// `WRENN_JAILER`: the suite runs jailed; unset, unjailed (said so visibly).
+    jailer: Option<PathBuf>,
     boot_args: String,
     root: PathBuf,
 }
+
+/// The jail's uid range in this suite (the agent's defaults).
+const E2E_UID_BASE: u32 = 900_000;
+const E2E_UID_COUNT: u32 = 64;
+const E2E_UFFD_UID: u32 = E2E_UID_BASE + E2E_UID_COUNT;
 
 fn inputs() -> Option<Inputs> {
     let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
@@ -81,11 +88,16 @@ fn inputs() -> Option<Inputs> {
         let p = exe.parent()?.parent()?.join("wrenn-uffd");
         p.is_file().then_some(p)
     });
+    let jailer = var("WRENN_JAILER").filter(|j| j.is_file());
+    if jailer.is_none() {
+        println!("e2e: WRENN_JAILER not set: Firecracker runs unjailed and the jail checks skip");
+    }
     Some(Inputs {
         fc,
         kernel,
         rootfs,
         uffd,
+        jailer,
         boot_args: std::env::var("WRENN_BOOT_ARGS").unwrap_or_default(),
         root: var("WRENN_E2E_ROOT").unwrap_or_else(|| "/var/tmp/wrenn-agent-e2e".into()),
     })
@@ -199,10 +211,21 @@ fn start_in_process(inp: &Inputs) -> InProcess {
             console: std::env::var("WRENN_BOOT_CONSOLE").as_deref() == Ok("1"),
             // Its own slot names and addresses: other agents may run on this host.
             net: vmm_glue::net::NetConfig::new("wre2e", "10.213.0.0".parse().unwrap()).unwrap(),
+            jail: inp.jailer.as_ref().map(|j| agent::firecracker::JailConfig {
+                jailer: j.clone(),
+                chroot_base: inp.root.join("jail"),
+                uffd_uid: E2E_UFFD_UID,
+            }),
         },
     ));
     let mut cfg = agent::manager::Config::new(&inp.root);
     cfg.slot_capacity = 64;
+    if inp.jailer.is_some() {
+        cfg.jail_uids = Some(agent::uid_pool::UidRange {
+            base: E2E_UID_BASE,
+            count: E2E_UID_COUNT,
+        });
+    }
     let m = agent::manager::Manager::new(
         cfg,
         vmm,
@@ -671,6 +694,17 @@ fn e2e_lifecycle_on_firecracker() {
         match &inp.uffd {
             Some(u) => cmd.arg("--uffd-bin").arg(u),
             None => cmd.args(["--restore-backend", "file"]),
+        };
+        match &inp.jailer {
+            Some(j) => cmd
+                .arg("--jailer")
+                .arg(j)
+                .arg("--chroot-base-dir")
+                .arg(inp.root.join("jail"))
+                .args(["--uid-base", &E2E_UID_BASE.to_string()])
+                .args(["--uid-count", &E2E_UID_COUNT.to_string()])
+                .args(["--slots", "64"]),
+            None => cmd.arg("--unjailed"),
         };
         cmd.spawn().unwrap()
     };

@@ -514,3 +514,70 @@ fn snapshot_templates_are_independent_of_their_sandbox() {
         proto::id::format_template(BASE)
     );
 }
+
+#[test]
+fn jail_uids_are_held_with_the_slot_and_survive_a_restart() {
+    use agent::manager::{Config, Manager};
+    use agent::uid_pool::UidRange;
+    let env = Env::new("uids");
+    let manager = || {
+        let mut cfg = Config::new(&env.root);
+        cfg.jail_uids = Some(UidRange {
+            base: 7_340_000,
+            count: 3,
+        });
+        Manager::new(cfg, env.vmm.clone(), env.clock.clone(), env.events.clone()).unwrap()
+    };
+    let uid = |n: u128| {
+        SandboxRecord::load(&SandboxDir(env.dir(n)))
+            .unwrap()
+            .jail_uid
+    };
+    let m = manager();
+    m.recover();
+    for n in 1..=3 {
+        m.create(env.spec(n)).unwrap();
+    }
+    let held: std::collections::BTreeSet<_> = (1..=3).map(|n| uid(n).unwrap()).collect();
+    assert_eq!(held.len(), 3, "three sandboxes, three uids");
+    assert!(held.iter().all(|u| (7_340_000..7_340_003).contains(u)));
+    assert_eq!(m.uids_used(), 3);
+    // No uid left: a fourth sandbox is refused, and holds no slot either.
+    let e = m.create(env.spec(4)).unwrap_err();
+    assert_eq!(e.code, Code::ResourceExhausted);
+    assert!(e.message.contains("jail uids"), "{}", e.message);
+    assert_eq!(m.slots_used(), 3);
+    // Pause gives the uid back; resume needs one again.
+    m.pause(Uuid::from_u128(1)).unwrap();
+    assert_eq!(uid(1), None);
+    assert_eq!(m.uids_used(), 2);
+    m.create(env.spec(4)).unwrap();
+    assert_eq!(
+        m.resume(Uuid::from_u128(1), 0).unwrap_err().code,
+        Code::ResourceExhausted
+    );
+    m.destroy(Uuid::from_u128(4)).unwrap();
+    assert_eq!(m.uids_used(), 2, "destroy gives it back");
+    m.resume(Uuid::from_u128(1), 0).unwrap();
+    assert!(uid(1).is_some());
+
+    // The agent restarts: the live sandboxes' uids are marked before anything is created.
+    drop(m);
+    let m = manager();
+    m.recover();
+    assert_eq!(m.uids_used(), 3);
+    assert_eq!(
+        m.create(env.spec(5)).unwrap_err().code,
+        Code::ResourceExhausted
+    );
+    let two = uid(2).unwrap();
+    m.destroy(Uuid::from_u128(2)).unwrap();
+    m.create(env.spec(5)).unwrap();
+    assert_eq!(uid(5), Some(two), "the only free uid");
+    let all: std::collections::BTreeSet<_> = [1, 3, 5].iter().map(|n| uid(*n).unwrap()).collect();
+    assert_eq!(all.len(), 3, "never shared");
+    for n in [1, 3, 5] {
+        m.destroy(Uuid::from_u128(n)).unwrap();
+    }
+    assert_eq!(m.uids_used(), 0);
+}

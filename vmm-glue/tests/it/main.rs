@@ -7,6 +7,7 @@ mod boot;
 mod corpus;
 mod disk;
 mod firecracker;
+mod jail;
 mod net;
 mod schema;
 mod vsock;
