@@ -8,6 +8,7 @@
 pub mod admission;
 mod client;
 mod conn;
+pub mod forward;
 mod pool;
 pub mod serve;
 mod server;
@@ -17,7 +18,9 @@ pub use admission::{CredentialId, Source};
 pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
-pub use server::{Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service};
+pub use server::{
+    Call, CallWatch, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service,
+};
 
 pub use crate::gen::wrenn::wire::v1::{CredentialKind, Hello};
 pub use prost::bytes::Bytes;
