@@ -18,7 +18,7 @@ use std::time::Instant;
 use proto::gen::wrenn::agent::v1 as pb;
 use proto::gen::wrenn::envd::v1 as envd;
 use proto::id::{self, Uuid};
-use proto::rpc::forward::{self, Route};
+use proto::rpc::forward::{self, Relay, Route};
 use proto::rpc::{
     serve, Call, CallOpts, CallWatch, Client, CredentialKind, Hello, Peer, ServerStream, Service,
 };
@@ -297,13 +297,11 @@ fn forward(m: &Manager, route: &Route, mut s: ServerStream) {
             .call_bytes(route.envd, &req, opts)
             .and_then(|mut up| {
                 if route.client_streaming {
-                    forward::pump_up(&mut up, &mut s, route).map(Some)
+                    forward::pump_up(&mut up, &mut s, route, Relay::Envd).map(Some)
                 } else if route.server_streaming {
                     forward::pump_down(&mut up, &mut s, route).map(|()| None)
                 } else {
-                    up.recv_bytes()?
-                        .ok_or_else(|| Status::internal(format!("{} sent no response", route.envd)))
-                        .map(Some)
+                    forward::one(&mut up, route).map(Some)
                 }
             });
         watch.finish();

@@ -245,6 +245,13 @@ fn entry(
         }
     }
     let split_path = opt_str(opt, "split");
+    if !split_path.is_empty() && !later_path.is_empty() {
+        // ctl relays later messages as received; a split path inside envd's message would
+        // not apply to them.
+        return Err(err(
+            "split is for later messages passed unchanged (no `later`)".into(),
+        ));
+    }
     let (split, split_offset) = if split_path.is_empty() {
         (Vec::new(), 0)
     } else {

@@ -343,8 +343,36 @@ pub fn split(msg: Bytes, path: &[u32], offset: u32, max: usize) -> Result<Vec<By
     Ok(pieces)
 }
 
-/// Sends `msg` on a call received, cut to the client's frame limit.
-pub fn send_down(down: &mut ServerStream, route: &Route, msg: Bytes) -> Result<(), Status> {
+/// The caller's side of a forwarded call: a call this server received (a [`ServerStream`]),
+/// or another transport in front of the same path (ctl's HTTP gateway).
+pub trait Downstream {
+    /// The caller's next message (client streams); `Ok(None)` once it is done.
+    fn recv_bytes(&mut self) -> Result<Option<Bytes>, Status>;
+    /// Sends one response message (server streams); blocks under flow control.
+    fn send_bytes(&mut self, msg: Bytes) -> Result<(), Status>;
+    /// Largest message the caller accepts in one piece.
+    fn max_message_len(&self) -> usize;
+    /// Whether the caller cancelled or went away.
+    fn is_cancelled(&self) -> bool;
+}
+
+impl Downstream for ServerStream {
+    fn recv_bytes(&mut self) -> Result<Option<Bytes>, Status> {
+        ServerStream::recv_bytes(self)
+    }
+    fn send_bytes(&mut self, msg: Bytes) -> Result<(), Status> {
+        ServerStream::send_bytes(self, msg)
+    }
+    fn max_message_len(&self) -> usize {
+        ServerStream::max_message_len(self)
+    }
+    fn is_cancelled(&self) -> bool {
+        ServerStream::is_cancelled(self)
+    }
+}
+
+/// Sends `msg` to the caller, cut to its frame limit along the route's `split` field.
+pub fn send_down(down: &mut dyn Downstream, route: &Route, msg: Bytes) -> Result<(), Status> {
     let max = down.max_message_len();
     for piece in split(msg, route.split, route.split_offset, max)? {
         down.send_bytes(piece)?;
@@ -361,12 +389,12 @@ pub fn send_up(up: &mut ClientStream, route: &Route, msg: Bytes) -> Result<(), S
     Ok(())
 }
 
-/// Server streams: every response of `up` is sent on `down` as it arrives, until `up` ends;
-/// returns its result. `cancelled` is polled before each wait, so a caller that left stops
-/// the pump at the next message (the caller of this cuts `up`'s connection to end a wait).
+/// Server streams: every response of `up` is sent to `down` as it arrives, until `up` ends;
+/// returns its result. Cancellation of `down` is checked before each wait, and a caller
+/// that left fails the next send; dropping `up` then cancels the upstream call.
 pub fn pump_down(
     up: &mut ClientStream,
-    down: &mut ServerStream,
+    down: &mut dyn Downstream,
     route: &Route,
 ) -> Result<(), Status> {
     loop {
@@ -380,17 +408,35 @@ pub fn pump_down(
     }
 }
 
-/// Client streams: every later message of `down` is mapped ([`Route::later`]) and sent on
-/// `up`, then `up` is half-closed and its one response returned.
+/// What a forwarder sends upstream for a later message of a client stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relay {
+    /// envd's message ([`Route::later`]): the agent, calling envd.
+    Envd,
+    /// The message as received, once [`Route::later`] accepted it: ctl, calling the agent
+    /// method with the same request.
+    AsIs,
+}
+
+/// Client streams: every later message of `down` is checked, mapped per `relay` and sent on
+/// `up`; then `up` is half-closed and its one response returned.
 pub fn pump_up(
     up: &mut ClientStream,
-    down: &mut ServerStream,
+    down: &mut dyn Downstream,
     route: &Route,
+    relay: Relay,
 ) -> Result<Bytes, Status> {
     while let Some(m) = down.recv_bytes()? {
-        send_up(up, route, route.later(m)?)?;
+        let envd = route.later(m.clone())?;
+        send_up(up, route, if relay == Relay::Envd { envd } else { m })?;
     }
     up.close_send()?;
+    up.recv_bytes()?
+        .ok_or_else(|| Status::internal(format!("{} sent no response", route.envd)))
+}
+
+/// Unary calls: the one response of `up`.
+pub fn one(up: &mut ClientStream, route: &Route) -> Result<Bytes, Status> {
     up.recv_bytes()?
         .ok_or_else(|| Status::internal(format!("{} sent no response", route.envd)))
 }
