@@ -284,7 +284,10 @@ pub fn split(msg: Bytes, path: &[u32], offset: u32, max: usize) -> Result<Vec<By
         cur = next;
     }
     let data = cur;
-    let fixed = msg.len() - data.len();
+    // Every piece is at most the message without its data, plus an offset field later
+    // pieces may carry that the original left out (a zero offset) or wrote shorter: a key
+    // and a varint, at most 15 bytes.
+    let fixed = msg.len() - data.len() + if offset != 0 { 15 } else { 0 };
     if max <= fixed {
         return Err(too_large());
     }
@@ -311,12 +314,15 @@ pub fn split(msg: Bytes, path: &[u32], offset: u32, max: usize) -> Result<Vec<By
                 len_field(f.number, part, &mut inner);
             } else if at == 0 {
                 inner.put_slice(&holder[f.span.clone()]);
-            } else if offset != 0 && f.number == offset && f.wire == WireType::Varint {
-                encode_key(offset, WireType::Varint, &mut inner);
-                encode_varint(base_offset.unwrap_or(0) + at as u64, &mut inner);
+            } else if offset != 0 && f.number == offset {
+                // Written below (proto3 leaves out a zero offset, so it may be absent).
             } else if f.wire != WireType::LengthDelimited {
                 inner.put_slice(&holder[f.span.clone()]);
             }
+        }
+        if at > 0 && offset != 0 {
+            encode_key(offset, WireType::Varint, &mut inner);
+            encode_varint(base_offset.unwrap_or(0) + at as u64, &mut inner);
         }
         // Wrap it back up through the enclosing levels.
         let mut piece = inner.freeze();
@@ -459,17 +465,24 @@ mod tests {
             offset: 7,
             crc32: None,
         };
-        let pieces = split(Bytes::from(m.encode_to_vec()), &[2], 3, 16 * 1024).unwrap();
-        assert!(pieces.len() >= 7, "{}", pieces.len());
-        let mut got = Vec::new();
-        for (i, p) in pieces.iter().enumerate() {
-            assert!(p.len() <= 16 * 1024);
-            let r = envd::ReadResponse::decode(p.clone()).unwrap();
-            assert_eq!(r.entry.is_some(), i == 0);
-            assert_eq!(r.offset, 7 + got.len() as u64);
-            got.extend_from_slice(&r.data);
+        // A first chunk at offset 0 has no offset field on the wire (proto3).
+        let at0 = envd::ReadResponse {
+            offset: 0,
+            ..m.clone()
+        };
+        for (m, base) in [(m, 7), (at0, 0)] {
+            let pieces = split(Bytes::from(m.encode_to_vec()), &[2], 3, 16 * 1024).unwrap();
+            assert!(pieces.len() >= 7, "{}", pieces.len());
+            let mut got = Vec::new();
+            for (i, p) in pieces.iter().enumerate() {
+                assert!(p.len() <= 16 * 1024);
+                let r = envd::ReadResponse::decode(p.clone()).unwrap();
+                assert_eq!(r.entry.is_some(), i == 0);
+                assert_eq!(r.offset, base + got.len() as u64);
+                got.extend_from_slice(&r.data);
+            }
+            assert_eq!(got, data);
         }
-        assert_eq!(got, data);
     }
 
     #[test]
