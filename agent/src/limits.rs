@@ -61,6 +61,10 @@ pub const EXEC_OUTPUT_MAX: u64 = 16 << 20;
 /// Deadline of calls to envd that should answer at once (stat, signal, init).
 pub const ENVD_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a forwarded call checks whether ctl cancelled it while it waits on envd: the
+/// most a cancelled call keeps envd's side open.
+pub const CANCEL_POLL: Duration = Duration::from_millis(200);
+
 /// Time allowed for envd's readiness push after InstanceStart. A cold boot on nested KVM
 /// takes 4-6 minutes (see the machines' notes); real hosts take about a second.
 pub const BOOT_READY_TIMEOUT: Duration = Duration::from_secs(600);

@@ -1,31 +1,31 @@
-//! The wrenn.agent.v1 server: authentication of ctl, dispatch of every method, and the
-//! proxies to each sandbox's envd.
+//! The wrenn.agent.v1 server: authentication of ctl, the generated service traits, and the
+//! one forwarding path to each sandbox's envd (PROTOCOL.md §9).
 //!
 //! Every call moves to the RPC runtime's bounded worker pool at once (lifecycle calls block
 //! for seconds to minutes; even Get takes a lock an operation may hold briefly).
 //!
-//! Proxies keep flow control end to end: each message is received from one side and sent
+//! Forwarded calls keep flow control end to end: each message is received from one side and sent
 //! to the other before the next is read, so the agent holds at most one message per
 //! direction per call; when ctl reads slowly, `send` blocks, the agent stops reading from
 //! envd, envd's window to the agent fills, envd stops reading the process's pipe, and the
-//! process blocks on write. Streaming calls use their own envd connection, so a cancelled
-//! call is cut off by closing it even while the proxy waits for envd's next message.
+//! process blocks on write. Every forwarded call uses its own envd connection, so a cancelled
+//! call is cut off by closing it even while the forwarder waits for envd's next message.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use prost::Message;
 use proto::gen::wrenn::agent::v1 as pb;
 use proto::gen::wrenn::envd::v1 as envd;
 use proto::id::{self, Uuid};
+use proto::rpc::forward::{self, Relay, Route};
 use proto::rpc::{
-    Call, CallOpts, Client, ClientStream, CredentialKind, Hello, Peer, ServerStream, Service,
+    serve, Call, CallOpts, CallWatch, Client, CredentialKind, Hello, Peer, ServerStream, Service,
 };
 use proto::Status;
 
 use crate::host::{Host, IdentityCell};
-use crate::limits::{ENVD_CALL_TIMEOUT, EXEC_OUTPUT_DEFAULT, EXEC_OUTPUT_MAX};
+use crate::limits::{CANCEL_POLL, ENVD_CALL_TIMEOUT, EXEC_OUTPUT_DEFAULT, EXEC_OUTPUT_MAX};
 use crate::manager::{parse_id, CreateSpec, Manager};
 use crate::state::State;
 
@@ -35,8 +35,7 @@ pub struct Ctl;
 
 /// The agent's RPC service.
 pub struct AgentService {
-    manager: Arc<Manager>,
-    host: Arc<Host>,
+    handlers: Handlers,
     identity: Arc<IdentityCell>,
 }
 
@@ -49,8 +48,7 @@ impl std::fmt::Debug for AgentService {
 impl AgentService {
     pub fn new(manager: Arc<Manager>, host: Arc<Host>, identity: Arc<IdentityCell>) -> Self {
         AgentService {
-            manager,
-            host,
+            handlers: Handlers { manager, host },
             identity,
         }
     }
@@ -94,256 +92,148 @@ impl Service for AgentService {
 
     fn call(&self, call: Call) {
         crate::metrics::RPC_CALLS.inc();
-        let manager = self.manager.clone();
-        let host = self.host.clone();
-        call.spawn(move |s| dispatch(&manager, &host, s));
+        let h = self.handlers.clone();
+        call.spawn(move |s| h.serve(s));
     }
 }
 
-/// Answers a unary call from a worker.
-fn unary<Req: Message + Default, Resp: Message>(
-    s: ServerStream,
-    f: impl FnOnce(Req) -> Result<Resp, Status>,
-) {
-    let r = s.first::<Req>().and_then(f);
-    s.respond(r);
+/// What the calls run on: the generated service traits are implemented here.
+#[derive(Clone)]
+struct Handlers {
+    manager: Arc<Manager>,
+    host: Arc<Host>,
+}
+
+impl Handlers {
+    /// One call, on a worker: a forwarded method through [`forward`], the others through
+    /// the generated dispatch of their service.
+    fn serve(&self, s: ServerStream) {
+        if let Some(route) = forward::route(s.method()) {
+            forward(&self.manager, route, s);
+            return;
+        }
+        let Err(s) = pb::dispatch_sandboxes(self, s) else {
+            return;
+        };
+        let Err(s) = pb::dispatch_processes(self, s) else {
+            return;
+        };
+        let Err(s) = pb::dispatch_templates(self, s) else {
+            return;
+        };
+        let Err(s) = pb::dispatch_host(self, s) else {
+            return;
+        };
+        serve::unknown(s);
+    }
 }
 
 fn sandbox_id(s: &str) -> Result<Uuid, Status> {
     parse_id(id::Kind::Sandbox, s)
 }
 
-fn dispatch(m: &Arc<Manager>, host: &Arc<Host>, s: ServerStream) {
-    use pb::{
-        files_methods as fm, host_methods as hm, processes_methods as pm, sandboxes_methods as sm,
-        templates_methods as tm,
-    };
-    let method = s.method().to_owned();
-    match method.as_str() {
-        sm::CREATE => unary(s, |r: pb::CreateSandboxRequest| {
-            m.create(CreateSpec::from_request(&r)?)
-        }),
-        sm::GET => unary(s, |r: pb::GetSandboxRequest| {
-            m.get(sandbox_id(&r.sandbox_id)?)
-        }),
-        sm::LIST => unary(s, |r: pb::ListSandboxesRequest| {
-            let mut states = Vec::new();
-            for v in r.states {
-                states.push(
-                    State::from_proto(v)
-                        .ok_or_else(|| Status::invalid_argument("states: unknown state"))?,
-                );
-            }
-            Ok(pb::ListSandboxesResponse {
-                sandboxes: m.list(&states),
-            })
-        }),
-        sm::DESTROY => unary(s, |r: pb::DestroySandboxRequest| {
-            m.destroy(sandbox_id(&r.sandbox_id)?)
-                .map(|()| pb::DestroySandboxResponse {})
-        }),
-        sm::PAUSE => unary(s, |r: pb::PauseSandboxRequest| {
-            m.pause(sandbox_id(&r.sandbox_id)?)
-        }),
-        sm::RESUME => unary(s, |r: pb::ResumeSandboxRequest| {
-            m.resume(sandbox_id(&r.sandbox_id)?, r.timeout_s)
-        }),
-        sm::SET_TIMEOUT => unary(s, |r: pb::SetTimeoutRequest| {
-            m.set_timeout(sandbox_id(&r.sandbox_id)?, r.timeout_s, r.on_timeout)
-        }),
-        sm::PING => unary(s, |r: pb::PingSandboxRequest| {
-            m.ping(sandbox_id(&r.sandbox_id)?)
-        }),
-        sm::METRICS => unary(s, |r: pb::SandboxMetricsRequest| {
-            envd_unary::<_, envd::GetMetricsResponse>(
-                m,
-                &r.sandbox_id,
-                envd::metrics_methods::GET,
-                &envd::GetMetricsRequest {},
-            )
-        }),
+impl pb::SandboxesServer for Handlers {
+    fn create(&self, _: &Peer, r: pb::CreateSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+        self.manager.create(CreateSpec::from_request(&r)?)
+    }
 
-        pm::EXEC => unary(s, |r: pb::ExecRequest| exec(m, r)),
-        pm::EXEC_STREAM => {
-            let r = s.first::<pb::ExecStreamRequest>();
-            proxy_stream::<_, envd::ProcessEvent>(
-                m,
-                s,
-                r.map(|r| {
-                    (
-                        r.sandbox_id,
-                        envd::process_methods::START,
-                        envd::StartRequest { process: r.process },
-                    )
-                }),
-            )
-        }
-        pm::CONNECT => {
-            let r = s.first::<pb::ConnectRequest>();
-            proxy_stream::<_, envd::ProcessEvent>(
-                m,
-                s,
-                r.map(|r| {
-                    (
-                        r.sandbox_id,
-                        envd::process_methods::CONNECT,
-                        r.connect.unwrap_or_default(),
-                    )
-                }),
-            )
-        }
-        pm::SEND_INPUT => send_input(m, s),
-        pm::CLOSE_STDIN => unary(s, |r: pb::CloseStdinRequest| {
-            envd_unary::<_, envd::CloseStdinResponse>(
-                m,
-                &r.sandbox_id,
-                envd::process_methods::CLOSE_STDIN,
-                &r.close.unwrap_or_default(),
-            )
-        }),
-        pm::SIGNAL => unary(s, |r: pb::SignalRequest| {
-            envd_unary::<_, envd::SignalResponse>(
-                m,
-                &r.sandbox_id,
-                envd::process_methods::SIGNAL,
-                &r.signal.unwrap_or_default(),
-            )
-        }),
-        pm::RESIZE_PTY => unary(s, |r: pb::ResizePtyRequest| {
-            envd_unary::<_, envd::ResizePtyResponse>(
-                m,
-                &r.sandbox_id,
-                envd::process_methods::RESIZE_PTY,
-                &r.resize.unwrap_or_default(),
-            )
-        }),
-        pm::LIST => unary(s, |r: pb::ListProcessesRequest| {
-            envd_unary::<_, envd::ListProcessesResponse>(
-                m,
-                &r.sandbox_id,
-                envd::process_methods::LIST,
-                &envd::ListProcessesRequest {},
-            )
-        }),
+    fn get(&self, _: &Peer, r: pb::GetSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+        self.manager.get(sandbox_id(&r.sandbox_id)?)
+    }
 
-        fm::STAT => unary(s, |r: pb::StatRequest| {
-            envd_unary::<_, envd::StatResponse>(
-                m,
-                &r.sandbox_id,
-                envd::filesystem_methods::STAT,
-                &r.stat.unwrap_or_default(),
-            )
-        }),
-        fm::MAKE_DIR => unary(s, |r: pb::MakeDirRequest| {
-            envd_unary::<_, envd::MakeDirResponse>(
-                m,
-                &r.sandbox_id,
-                envd::filesystem_methods::MAKE_DIR,
-                &r.make_dir.unwrap_or_default(),
-            )
-        }),
-        fm::MOVE => unary(s, |r: pb::MoveRequest| {
-            envd_unary::<_, envd::MoveResponse>(
-                m,
-                &r.sandbox_id,
-                envd::filesystem_methods::MOVE,
-                &r.r#move.unwrap_or_default(),
-            )
-        }),
-        fm::REMOVE => unary(s, |r: pb::RemoveRequest| {
-            envd_unary::<_, envd::RemoveResponse>(
-                m,
-                &r.sandbox_id,
-                envd::filesystem_methods::REMOVE,
-                &r.remove.unwrap_or_default(),
-            )
-        }),
-        fm::LIST => {
-            let r = s.first::<pb::ListDirRequest>();
-            proxy_stream::<_, envd::ListDirResponse>(
-                m,
-                s,
-                r.map(|r| {
-                    (
-                        r.sandbox_id,
-                        envd::filesystem_methods::LIST,
-                        r.list.unwrap_or_default(),
-                    )
-                }),
-            )
+    fn list(
+        &self,
+        _: &Peer,
+        r: pb::ListSandboxesRequest,
+    ) -> Result<pb::ListSandboxesResponse, Status> {
+        let mut states = Vec::new();
+        for v in r.states {
+            states.push(
+                State::from_proto(v)
+                    .ok_or_else(|| Status::invalid_argument("states: unknown state"))?,
+            );
         }
-        fm::READ => {
-            let r = s.first::<pb::ReadRequest>();
-            proxy_stream::<_, envd::ReadResponse>(
-                m,
-                s,
-                r.map(|r| {
-                    (
-                        r.sandbox_id,
-                        envd::filesystem_methods::READ,
-                        r.read.unwrap_or_default(),
-                    )
-                }),
-            )
-        }
-        fm::WATCH => {
-            let r = s.first::<pb::WatchRequest>();
-            proxy_stream::<_, envd::WatchResponse>(
-                m,
-                s,
-                r.map(|r| {
-                    (
-                        r.sandbox_id,
-                        envd::filesystem_methods::WATCH,
-                        r.watch.unwrap_or_default(),
-                    )
-                }),
-            )
-        }
-        fm::WRITE => write_file(m, s),
+        Ok(pb::ListSandboxesResponse {
+            sandboxes: self.manager.list(&states),
+        })
+    }
 
-        tm::CREATE => unary(s, |r: pb::CreateTemplateRequest| {
-            let sb = sandbox_id(&r.sandbox_id)?;
-            let tpl = parse_id(id::Kind::Template, &r.template_id)?;
-            m.create_template(sb, tpl)
-        }),
-        tm::DELETE => unary(s, |r: pb::DeleteTemplateRequest| {
-            m.delete_template(parse_id(id::Kind::Template, &r.template_id)?)
-                .map(|()| pb::DeleteTemplateResponse {})
-        }),
-        tm::LIST => unary(s, |_: pb::ListTemplatesRequest| {
-            Ok(pb::ListTemplatesResponse {
-                templates: m.list_templates(),
-            })
-        }),
+    fn destroy(
+        &self,
+        _: &Peer,
+        r: pb::DestroySandboxRequest,
+    ) -> Result<pb::DestroySandboxResponse, Status> {
+        self.manager
+            .destroy(sandbox_id(&r.sandbox_id)?)
+            .map(|()| pb::DestroySandboxResponse {})
+    }
 
-        hm::INFO => unary(s, |_: pb::HostInfoRequest| Ok(host.info())),
-        hm::METRICS => unary(s, |_: pb::HostMetricsRequest| Ok(host.metrics())),
+    fn pause(&self, _: &Peer, r: pb::PauseSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+        self.manager.pause(sandbox_id(&r.sandbox_id)?)
+    }
 
-        other => {
-            let msg = format!("unknown method {other:?}");
-            s.finish(Err(Status::unimplemented(msg)))
-        }
+    fn resume(&self, _: &Peer, r: pb::ResumeSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+        self.manager.resume(sandbox_id(&r.sandbox_id)?, r.timeout_s)
+    }
+
+    fn set_timeout(&self, _: &Peer, r: pb::SetTimeoutRequest) -> Result<pb::SandboxInfo, Status> {
+        self.manager
+            .set_timeout(sandbox_id(&r.sandbox_id)?, r.timeout_s, r.on_timeout)
+    }
+
+    fn ping(&self, _: &Peer, r: pb::PingSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+        self.manager.ping(sandbox_id(&r.sandbox_id)?)
     }
 }
 
-/// One unary call to a sandbox's envd.
-fn envd_unary<Req: Message, Resp: Message + Default>(
-    m: &Manager,
-    sandbox: &str,
-    method: &str,
-    req: &Req,
-) -> Result<Resp, Status> {
-    let client = m.envd(sandbox_id(sandbox)?)?;
-    let r = client.unary(method, req, Some(ENVD_CALL_TIMEOUT));
-    client.close();
-    r
+impl pb::ProcessesServer for Handlers {
+    fn exec(&self, _: &Peer, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
+        exec(&self.manager, r)
+    }
 }
 
-/// Watches the agent-side call for cancellation while the proxy waits on envd, and cuts
-/// the envd connection when it happens.
+impl pb::TemplatesServer for Handlers {
+    fn create(&self, _: &Peer, r: pb::CreateTemplateRequest) -> Result<pb::TemplateInfo, Status> {
+        let sb = sandbox_id(&r.sandbox_id)?;
+        let tpl = parse_id(id::Kind::Template, &r.template_id)?;
+        self.manager.create_template(sb, tpl)
+    }
+
+    fn delete(
+        &self,
+        _: &Peer,
+        r: pb::DeleteTemplateRequest,
+    ) -> Result<pb::DeleteTemplateResponse, Status> {
+        self.manager
+            .delete_template(parse_id(id::Kind::Template, &r.template_id)?)
+            .map(|()| pb::DeleteTemplateResponse {})
+    }
+
+    fn list(
+        &self,
+        _: &Peer,
+        _: pb::ListTemplatesRequest,
+    ) -> Result<pb::ListTemplatesResponse, Status> {
+        Ok(pb::ListTemplatesResponse {
+            templates: self.manager.list_templates(),
+        })
+    }
+}
+
+impl pb::HostServer for Handlers {
+    fn info(&self, _: &Peer, _: pb::HostInfoRequest) -> Result<pb::HostInfo, Status> {
+        Ok(self.host.info())
+    }
+
+    fn metrics(&self, _: &Peer, _: pb::HostMetricsRequest) -> Result<pb::HostMetrics, Status> {
+        Ok(self.host.metrics())
+    }
+}
+
+/// Watches the agent-side call for cancellation while the forwarder waits on envd, and
+/// cuts the envd connection when it happens.
 struct CancelWatch<'a> {
-    s: &'a Mutex<Option<ServerStream>>,
+    call: CallWatch,
     envd: &'a Client,
     done: Mutex<bool>,
     cv: Condvar,
@@ -354,17 +244,14 @@ impl CancelWatch<'_> {
     fn run(&self) {
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
         while !*done {
-            // A stream held by the proxy is in `send`, which notices cancellation itself.
-            if let Ok(g) = self.s.try_lock() {
-                if g.as_ref().is_some_and(|s| s.is_cancelled()) {
-                    self.cancelled.store(true, Ordering::SeqCst);
-                    self.envd.close();
-                    return;
-                }
+            if self.call.is_cancelled() {
+                self.cancelled.store(true, Ordering::SeqCst);
+                self.envd.close();
+                return;
             }
             done = self
                 .cv
-                .wait_timeout(done, Duration::from_millis(200))
+                .wait_timeout(done, CANCEL_POLL)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -376,138 +263,63 @@ impl CancelWatch<'_> {
     }
 }
 
-/// Forwards every message of `up` (an envd call) to `s` (the agent call), then finishes
-/// `s` with envd's result.
-fn forward<O: Message + Default>(s: ServerStream, envd: &Client, mut up: ClientStream) {
-    let cell = Mutex::new(Some(s));
+/// Every forwarded method (PROTOCOL.md §9): the sandbox id and envd's request are sliced
+/// out of the first message, envd's method is opened on a connection of its own with those
+/// bytes, and messages pass through as bytes, one at a time per direction, re-cut to each
+/// receiver's frame limit. A cancelled call closes the envd connection, which ends a wait
+/// on envd at once.
+fn forward(m: &Manager, route: &Route, mut s: ServerStream) {
+    let open = (|| {
+        let first = s.first_bytes();
+        let sb = sandbox_id(&route.sandbox_id(&first)?)?;
+        let req = route.envd_request(&first)?;
+        Ok::<_, Status>((m.envd(sb)?, req))
+    })();
+    let (client, req) = match open {
+        Ok(x) => x,
+        Err(e) => return s.finish(Err(e)),
+    };
+    let unary = !route.client_streaming && !route.server_streaming;
+    let opts = CallOpts {
+        timeout: unary.then_some(ENVD_CALL_TIMEOUT),
+        end_stream: !route.client_streaming,
+    };
     let watch = CancelWatch {
-        s: &cell,
-        envd,
+        call: s.watch(),
+        envd: &client,
         done: Mutex::new(false),
         cv: Condvar::new(),
         cancelled: AtomicBool::new(false),
     };
     let result = std::thread::scope(|sc| {
         sc.spawn(|| watch.run());
-        let r = loop {
-            match up.recv::<O>() {
-                Ok(Some(msg)) => {
-                    let mut g = cell.lock().unwrap_or_else(|e| e.into_inner());
-                    let Some(s) = g.as_mut() else {
-                        break Err(Status::internal("stream gone"));
-                    };
-                    if let Err(e) = s.send(&msg) {
-                        break Err(e);
-                    }
+        let r = client
+            .call_bytes(route.envd, &req, opts)
+            .and_then(|mut up| {
+                if route.client_streaming {
+                    forward::pump_up(&mut up, &mut s, route, Relay::Envd).map(Some)
+                } else if route.server_streaming {
+                    forward::pump_down(&mut up, &mut s, route).map(|()| None)
+                } else {
+                    forward::one(&mut up, route).map(Some)
                 }
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
+            });
         watch.finish();
         r
     });
-    drop(up);
-    envd.close();
+    client.close();
     let result = if watch.cancelled.load(Ordering::SeqCst) {
         Err(Status::cancelled("cancelled by the caller"))
     } else {
         result
     };
-    if let Some(s) = cell.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        s.finish(result);
-    }
-}
-
-/// A server-streaming proxy: opens `method` on envd with `req` and forwards its messages.
-fn proxy_stream<E: Message, O: Message + Default>(
-    m: &Manager,
-    s: ServerStream,
-    r: Result<(String, &'static str, E), Status>,
-) {
-    let open = r.and_then(|(sb, method, req)| {
-        let client = m.envd(sandbox_id(&sb)?)?;
-        let up = client.call(
-            method,
-            &req,
-            CallOpts {
-                timeout: None,
-                end_stream: true,
-            },
-        )?;
-        Ok((client, up))
-    });
-    match open {
-        Ok((client, up)) => forward::<O>(s, &client, up),
+    match result {
+        Ok(Some(resp)) => {
+            s.reply_bytes(resp);
+        }
+        Ok(None) => s.finish(Ok(())),
         Err(e) => s.finish(Err(e)),
     }
-}
-
-/// Processes.SendInput: a client stream forwarded message by message.
-fn send_input(m: &Manager, mut s: ServerStream) {
-    let r = (|| -> Result<envd::SendInputResponse, Status> {
-        let first: pb::SendInputRequest = s.first()?;
-        let client = m.envd(sandbox_id(&first.sandbox_id)?)?;
-        let mut up = client.call(
-            envd::process_methods::SEND_INPUT,
-            &first.input.unwrap_or_default(),
-            CallOpts::default(),
-        )?;
-        while let Some(next) = s.recv::<pb::SendInputRequest>()? {
-            up.send(&next.input.unwrap_or_default())?;
-        }
-        up.close_send()?;
-        let resp = up
-            .recv::<envd::SendInputResponse>()?
-            .ok_or_else(|| Status::internal("envd sent no SendInput response"))?;
-        client.close();
-        Ok(resp)
-    })();
-    s.respond(r);
-}
-
-/// Files.Write: header first (with the sandbox), then data, forwarded as envd's Write.
-fn write_file(m: &Manager, mut s: ServerStream) {
-    use envd::write_request::Msg as E;
-    use pb::write_request::Msg as A;
-    let r = (|| -> Result<envd::WriteResponse, Status> {
-        let first: pb::WriteRequest = s.first()?;
-        let Some(A::Header(h)) = first.msg else {
-            return Err(Status::invalid_argument(
-                "the first message of Write must be the header",
-            ));
-        };
-        let client = m.envd(sandbox_id(&h.sandbox_id)?)?;
-        let mut up = client.call(
-            envd::filesystem_methods::WRITE,
-            &envd::WriteRequest {
-                msg: Some(E::Header(h.file.unwrap_or_default())),
-            },
-            CallOpts::default(),
-        )?;
-        while let Some(next) = s.recv::<pb::WriteRequest>()? {
-            match next.msg {
-                Some(A::Data(d)) => up.send(&envd::WriteRequest {
-                    msg: Some(E::Data(d)),
-                })?,
-                // The end-to-end checksum goes on unchanged: envd, the receiver, checks it.
-                Some(A::Crc32(c)) => up.send(&envd::WriteRequest {
-                    msg: Some(E::Crc32(c)),
-                })?,
-                Some(A::Header(_)) => {
-                    return Err(Status::invalid_argument("a second Write header"));
-                }
-                None => {}
-            }
-        }
-        up.close_send()?;
-        let resp = up
-            .recv::<envd::WriteResponse>()?
-            .ok_or_else(|| Status::internal("envd sent no Write response"))?;
-        client.close();
-        Ok(resp)
-    })();
-    s.respond(r);
 }
 
 /// Processes.Exec: start, optionally feed stdin, collect bounded output until exit (or

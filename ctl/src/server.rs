@@ -20,7 +20,7 @@ use proto::Status;
 use crate::host_service;
 use crate::metrics;
 use crate::revocation::KeyCheck;
-use crate::service::{Api, AuthCtx, Sink, Source};
+use crate::service::{Api, AuthCtx};
 
 /// Who a connection is, decided once by its hello.
 #[derive(Clone, Debug)]
@@ -229,77 +229,17 @@ fn unary<Req: Message + Default, Resp: Message>(
     stream.respond(r)
 }
 
-/// A server-streaming call: `f` writes into the stream.
-fn server_stream<Req: Message + Default, M: Message>(
-    mut stream: ServerStream,
-    f: impl FnOnce(Req, &mut dyn Sink<M>) -> Result<(), Status>,
-) -> bool {
-    let r = match stream.first::<Req>() {
-        Ok(req) => {
-            let mut sink = StreamSink {
-                stream: &mut stream,
-            };
-            f(req, &mut sink)
-        }
-        Err(e) => Err(e),
-    };
-    let ok = r.is_ok();
-    stream.finish(r);
-    ok
-}
-
-/// A client-streaming call: `f` reads the request messages (the first included).
-fn client_stream<Req: Message + Default, Resp: Message>(
-    mut stream: ServerStream,
-    f: impl FnOnce(&mut dyn Source<Req>) -> Result<Resp, Status>,
-) -> bool {
-    let r = match stream.first::<Req>() {
-        Ok(first) => {
-            let mut src = StreamSource {
-                stream: &mut stream,
-                first: Some(first),
-            };
-            f(&mut src)
-        }
-        Err(e) => Err(e),
-    };
-    stream.respond(r)
-}
-
-struct StreamSink<'a> {
-    stream: &'a mut ServerStream,
-}
-
-impl<M: Message> Sink<M> for StreamSink<'_> {
-    fn send(&mut self, msg: &M) -> Result<(), Status> {
-        self.stream.send(msg)
-    }
-    fn is_cancelled(&self) -> bool {
-        self.stream.is_cancelled()
-    }
-}
-
-struct StreamSource<'a, M> {
-    stream: &'a mut ServerStream,
-    first: Option<M>,
-}
-
-impl<M: Message + Default> Source<M> for StreamSource<'_, M> {
-    fn recv(&mut self) -> Result<Option<M>, Status> {
-        if let Some(m) = self.first.take() {
-            return Ok(Some(m));
-        }
-        self.stream.recv::<M>()
-    }
-}
-
 /// Routes one wrenn.ctl.v1 call to the service layer. Returns whether it succeeded.
 fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
     use ctl::{
-        api_keys_methods as keys, audit_logs_methods as audit, files_methods as files,
-        hosts_methods as hosts, processes_methods as procs, sandboxes_methods as sb,
-        teams_methods as teams, templates_methods as tpl, users_methods as users,
+        api_keys_methods as keys, audit_logs_methods as audit, hosts_methods as hosts,
+        processes_methods as procs, sandboxes_methods as sb, teams_methods as teams,
+        templates_methods as tpl, users_methods as users,
     };
+    // Process and file calls: the one forwarding path (PROTOCOL.md §9).
+    if let Some(route) = proto::rpc::forward::route(stream.method()) {
+        return api.serve_forwarded(ctx, route, stream);
+    }
     let method = stream.method().to_owned();
     match method.as_str() {
         sb::CREATE => unary(stream, |r| api.create_sandbox(ctx, r)),
@@ -312,21 +252,6 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         sb::RESUME => unary(stream, |r| api.resume_sandbox(ctx, r)),
 
         procs::EXEC => unary(stream, |r| api.exec(ctx, r)),
-        procs::EXEC_STREAM => server_stream(stream, |r, out| api.exec_stream(ctx, r, out)),
-        procs::CONNECT => server_stream(stream, |r, out| api.connect_process(ctx, r, out)),
-        procs::SEND_INPUT => client_stream(stream, |src| api.send_input(ctx, src)),
-        procs::CLOSE_STDIN => unary(stream, |r| api.close_stdin(ctx, r)),
-        procs::SIGNAL => unary(stream, |r| api.signal_process(ctx, r)),
-        procs::RESIZE_PTY => unary(stream, |r| api.resize_pty(ctx, r)),
-        procs::LIST => unary(stream, |r| api.list_processes(ctx, r)),
-
-        files::UPLOAD => client_stream(stream, |src| api.upload(ctx, src)),
-        files::DOWNLOAD => server_stream(stream, |r, out| api.download(ctx, r, out)),
-        files::STAT => unary(stream, |r| api.stat(ctx, r)),
-        files::LIST => server_stream(stream, |r, out| api.list_dir(ctx, r, out)),
-        files::MAKE_DIR => unary(stream, |r| api.make_dir(ctx, r)),
-        files::MOVE => unary(stream, |r| api.move_path(ctx, r)),
-        files::REMOVE => unary(stream, |r| api.remove_path(ctx, r)),
 
         tpl::CREATE => unary(stream, |r| api.create_template(ctx, r)),
         tpl::LIST => unary(stream, |r| api.list_templates(ctx, r)),

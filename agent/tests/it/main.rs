@@ -2,12 +2,15 @@
 //!
 //! - `lifecycle`: the manager over a fake VM layer (real processes, in-process envd);
 //! - `service`: the RPC server, its bad-input answers and the proxies to envd;
+//! - `forward`: every forwarded method through the one forwarding path, and re-cutting to
+//!   a client's small frame limit;
 //! - `binary`: the wrenn-agent executable (flags, start without Firecracker, /health);
 //! - `e2e`: with a real Firecracker (WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_ROOTFS).
 
 mod binary;
 mod e2e;
 mod fake;
+mod forward;
 mod lifecycle;
 mod service;
 

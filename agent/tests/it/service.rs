@@ -16,17 +16,17 @@ use proto::Code;
 
 use crate::Env;
 
-const TOKEN: &str = "agent-secret-token";
+pub const TOKEN: &str = "agent-secret-token";
 
-struct Rig {
+pub struct Rig {
     env: Env,
-    addr: std::net::SocketAddr,
+    pub addr: std::net::SocketAddr,
     handle: ServerHandle,
     host: Arc<Host>,
 }
 
 impl Rig {
-    fn new(name: &str) -> Rig {
+    pub fn new(name: &str) -> Rig {
         let env = Env::new(name);
         let identity = Arc::new(IdentityCell::new(Some(Identity {
             host_id: Uuid::from_u128(5),
@@ -50,11 +50,11 @@ impl Rig {
         }
     }
 
-    fn client(&self) -> Client {
+    pub fn client(&self) -> Client {
         Client::connect_tcp(self.addr, Credential::agent_token(TOKEN)).unwrap()
     }
 
-    fn create(&self, c: &Client, n: u128) -> pb::SandboxInfo {
+    pub fn create(&self, c: &Client, n: u128) -> pb::SandboxInfo {
         c.unary(
             pb::sandboxes_methods::CREATE,
             &pb::CreateSandboxRequest {
@@ -75,7 +75,7 @@ impl Drop for Rig {
     }
 }
 
-fn sb(n: u128) -> String {
+pub fn sb(n: u128) -> String {
     id::format_sandbox(Uuid::from_u128(n))
 }
 

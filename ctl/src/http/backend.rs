@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use prost::Message;
 use proto::gen::wrenn::ctl::v1 as ctl;
-use proto::gen::wrenn::envd::v1 as envd;
-use proto::rpc::Peer;
+use proto::rpc::forward::{self, Downstream};
+use proto::rpc::{Bytes, Peer};
 use proto::Status;
 
-use crate::service::{Api, AuthCtx, Sink, Source};
+use crate::service::{Api, AuthCtx};
 
 /// The service layer as the gateway sees it. Implementations are called on the gateway's
 /// worker threads and may block (SQL, agent calls).
@@ -75,22 +75,35 @@ fn enc<M: Message>(r: Result<M, Status>) -> Result<Vec<u8>, Status> {
     r.map(|m| m.encode_to_vec())
 }
 
-struct EmitSink<'a>(&'a mut dyn FnMut(Vec<u8>) -> Result<(), Status>);
-
-impl<M: Message> Sink<M> for EmitSink<'_> {
-    fn send(&mut self, msg: &M) -> Result<(), Status> {
-        (self.0)(msg.encode_to_vec())
-    }
+/// The gateway's side of a forwarded call: `next` yields a client stream's later messages,
+/// `emit` takes a server stream's messages (it fails once the HTTP client went away).
+struct HttpDown<'a> {
+    next: Option<&'a mut dyn FnMut() -> Result<Option<Vec<u8>>, Status>>,
+    emit: Option<&'a mut dyn FnMut(Vec<u8>) -> Result<(), Status>>,
 }
 
-struct NextSource<'a>(&'a mut dyn FnMut() -> Result<Option<Vec<u8>>, Status>);
-
-impl<M: Message + Default> Source<M> for NextSource<'_> {
-    fn recv(&mut self) -> Result<Option<M>, Status> {
-        match (self.0)()? {
-            Some(b) => req(&b).map(Some),
+impl Downstream for HttpDown<'_> {
+    fn recv_bytes(&mut self) -> Result<Option<Bytes>, Status> {
+        match &mut self.next {
+            Some(next) => Ok(next()?.map(Bytes::from)),
             None => Ok(None),
         }
+    }
+
+    fn send_bytes(&mut self, msg: Bytes) -> Result<(), Status> {
+        match &mut self.emit {
+            Some(emit) => emit(msg.to_vec()),
+            None => Err(Status::internal("a response message on a unary HTTP call")),
+        }
+    }
+
+    /// The gateway sends JSON over HTTP chunks: no frame limit.
+    fn max_message_len(&self) -> usize {
+        usize::MAX
+    }
+
+    fn is_cancelled(&self) -> bool {
+        false
     }
 }
 
@@ -106,12 +119,22 @@ impl Backend for ApiBackend {
 
     fn unary(&self, peer: &Peer, method: &'static str, b: Vec<u8>) -> Result<Vec<u8>, Status> {
         use ctl::{
-            api_keys_methods as keys, audit_logs_methods as audit, files_methods as files,
-            hosts_methods as hosts, processes_methods as procs, sandboxes_methods as sb,
-            teams_methods as teams, templates_methods as tpl, users_methods as users,
+            api_keys_methods as keys, audit_logs_methods as audit, hosts_methods as hosts,
+            processes_methods as procs, sandboxes_methods as sb, teams_methods as teams,
+            templates_methods as tpl, users_methods as users,
         };
         let a = &self.0;
         let c = ctx_of(peer)?;
+        if let Some(route) = forward::route(method) {
+            // A one-shot SendInput is a client stream of one message.
+            let mut down = HttpDown {
+                next: None,
+                emit: None,
+            };
+            return a
+                .forward(c, route, Bytes::from(b), &mut down)
+                .map(|r| r.unwrap_or_default().to_vec());
+        }
         match method {
             sb::CREATE => enc(a.create_sandbox(c, req(&b)?)),
             sb::LIST => enc(a.list_sandboxes(c, req(&b)?)),
@@ -122,20 +145,6 @@ impl Backend for ApiBackend {
             sb::PAUSE => enc(a.pause_sandbox(c, req(&b)?)),
             sb::RESUME => enc(a.resume_sandbox(c, req(&b)?)),
             procs::EXEC => enc(a.exec(c, req(&b)?)),
-            procs::CLOSE_STDIN => enc(a.close_stdin(c, req(&b)?)),
-            procs::SIGNAL => enc(a.signal_process(c, req(&b)?)),
-            procs::RESIZE_PTY => enc(a.resize_pty(c, req(&b)?)),
-            procs::LIST => enc(a.list_processes(c, req(&b)?)),
-            procs::SEND_INPUT => {
-                // A one-shot write is a client stream of one message.
-                let one: ctl::SendInputRequest = req(&b)?;
-                let mut src = crate::service::VecSource::new(vec![one]);
-                enc(a.send_input(c, &mut src))
-            }
-            files::STAT => enc(a.stat(c, req(&b)?)),
-            files::MAKE_DIR => enc(a.make_dir(c, req(&b)?)),
-            files::MOVE => enc(a.move_path(c, req(&b)?)),
-            files::REMOVE => enc(a.remove_path(c, req(&b)?)),
             tpl::CREATE => enc(a.create_template(c, req(&b)?)),
             tpl::LIST => enc(a.list_templates(c, req(&b)?)),
             tpl::GET => enc(a.get_template(c, req(&b)?)),
@@ -172,30 +181,15 @@ impl Backend for ApiBackend {
         b: Vec<u8>,
         emit: &mut dyn FnMut(Vec<u8>) -> Result<(), Status>,
     ) -> Result<(), Status> {
-        use ctl::{files_methods as files, processes_methods as procs};
-        let a = &self.0;
-        let c = ctx_of(peer)?;
-        let mut sink = EmitSink(emit);
-        match method {
-            procs::EXEC_STREAM => {
-                a.exec_stream(c, req(&b)?, &mut sink as &mut dyn Sink<envd::ProcessEvent>)
-            }
-            procs::CONNECT => {
-                a.connect_process(c, req(&b)?, &mut sink as &mut dyn Sink<envd::ProcessEvent>)
-            }
-            files::DOWNLOAD => {
-                a.download(c, req(&b)?, &mut sink as &mut dyn Sink<envd::ReadResponse>)
-            }
-            files::LIST => a.list_dir(
-                c,
-                req(&b)?,
-                &mut sink as &mut dyn Sink<envd::ListDirResponse>,
-            ),
-            other => Err(Status::new(
-                proto::Code::Unimplemented,
-                format!("no server-streaming method {other}"),
-            )),
-        }
+        let route = forward::route(method)
+            .ok_or_else(|| Status::unimplemented(format!("no server-streaming method {method}")))?;
+        let mut down = HttpDown {
+            next: None,
+            emit: Some(emit),
+        };
+        self.0
+            .forward(ctx_of(peer)?, route, Bytes::from(b), &mut down)
+            .map(|_| ())
     }
 
     fn client_stream(
@@ -204,20 +198,16 @@ impl Backend for ApiBackend {
         method: &'static str,
         next: &mut dyn FnMut() -> Result<Option<Vec<u8>>, Status>,
     ) -> Result<Vec<u8>, Status> {
-        use ctl::{files_methods as files, processes_methods as procs};
-        let a = &self.0;
-        let c = ctx_of(peer)?;
-        let mut src = NextSource(next);
-        match method {
-            files::UPLOAD => enc(a.upload(c, &mut src as &mut dyn Source<ctl::UploadRequest>)),
-            procs::SEND_INPUT => {
-                enc(a.send_input(c, &mut src as &mut dyn Source<ctl::SendInputRequest>))
-            }
-            other => Err(Status::new(
-                proto::Code::Unimplemented,
-                format!("no client-streaming method {other}"),
-            )),
-        }
+        let route = forward::route(method)
+            .ok_or_else(|| Status::unimplemented(format!("no client-streaming method {method}")))?;
+        let first = next()?.ok_or_else(|| Status::invalid_argument("empty request stream"))?;
+        let mut down = HttpDown {
+            next: Some(next),
+            emit: None,
+        };
+        self.0
+            .forward(ctx_of(peer)?, route, Bytes::from(first), &mut down)
+            .map(|r| r.unwrap_or_default().to_vec())
     }
 
     fn render_metrics(&self, out: &mut String) {

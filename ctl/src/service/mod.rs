@@ -3,9 +3,9 @@
 //! Both transports call these same methods: the protobuf server ([`crate::server`]) and the
 //! HTTP/JSON gateway ([`crate::http`]). Each method takes the caller's [`AuthCtx`] (made
 //! once per connection or request by [`Api::authenticate`]) and the prost request type of
-//! `wrenn.ctl.v1`, and returns the prost response or a [`Status`]. Streaming calls take a
-//! [`Sink`] (server-streaming) or a [`Source`] (client-streaming) that the transport
-//! implements. Methods block (SQL through [`crate::db`], calls to agents): transports run
+//! `wrenn.ctl.v1`, and returns the prost response or a [`Status`]. Process and file calls
+//! (all the streaming ones) go through one forwarding path, [`Api::forward`], over a
+//! `proto::rpc::forward::Downstream` that the transport implements. Methods block (SQL through [`crate::db`], calls to agents): transports run
 //! them on worker threads, never on an event loop.
 //!
 //! Architecture invariant: every query is scoped to `ctx.team_id` (platform templates are
@@ -62,50 +62,6 @@ impl AuthCtx {
         } else {
             Err(Status::permission_denied("platform admin key required"))
         }
-    }
-}
-
-/// Where a server-streaming call writes its messages (the transport implements it: the
-/// protobuf server over its stream, HTTP as chunked newline-delimited JSON).
-pub trait Sink<M> {
-    /// Sends one message; blocks under flow control; an error ends the call.
-    fn send(&mut self, msg: &M) -> Result<(), Status>;
-    /// Whether the client went away (the call should stop early).
-    fn is_cancelled(&self) -> bool {
-        false
-    }
-}
-
-/// Where a client-streaming call reads its messages from.
-pub trait Source<M> {
-    /// The next message; `Ok(None)` once the client finished sending.
-    fn recv(&mut self) -> Result<Option<M>, Status>;
-}
-
-/// A [`Source`] over messages already in memory (one-shot HTTP bodies, tests).
-#[derive(Debug, Default)]
-pub struct VecSource<M>(std::collections::VecDeque<M>);
-
-impl<M> VecSource<M> {
-    pub fn new(v: Vec<M>) -> VecSource<M> {
-        VecSource(v.into())
-    }
-}
-
-impl<M> Source<M> for VecSource<M> {
-    fn recv(&mut self) -> Result<Option<M>, Status> {
-        Ok(self.0.pop_front())
-    }
-}
-
-/// A [`Sink`] collecting into a vector (tests, small HTTP answers).
-#[derive(Debug)]
-pub struct VecSink<M>(pub Vec<M>);
-
-impl<M: Clone> Sink<M> for VecSink<M> {
-    fn send(&mut self, msg: &M) -> Result<(), Status> {
-        self.0.push(msg.clone());
-        Ok(())
     }
 }
 

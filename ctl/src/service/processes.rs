@@ -1,19 +1,22 @@
 //! Processes and files in a sandbox: passed through the sandbox's host agent to its envd,
 //! message by message, so flow control holds end to end (nothing is buffered whole here:
-//! uploads and downloads of any size stream through).
+//! uploads and downloads of any size stream through). Every call but Exec (which the agent
+//! composes) takes the one forwarding path, [`Api::forward`], driven by the generated
+//! table; Exec is below it.
 
 use std::time::Duration;
 
-use prost::Message;
 use proto::gen::wrenn::agent::v1 as agent;
 use proto::gen::wrenn::ctl::v1 as ctl;
 use proto::gen::wrenn::envd::v1 as envd;
 use proto::id::{Kind, Uuid};
-use proto::rpc::{CallOpts, ClientStream};
-use proto::{Code, Status};
+use proto::rpc::forward::{self, Deadline, Downstream, Relay, Route};
+use proto::rpc::{Bytes, CallOpts, ServerStream};
+use proto::Status;
 
-use super::{parse_id, Api, AuthCtx, Sink, Source};
+use super::{parse_id, Api, AuthCtx};
 use crate::limits::EXEC_OUTPUT_MAX;
+use crate::metrics;
 
 impl Api {
     /// Audits a pass-through call that changes a sandbox's contents (exec, files, signals):
@@ -86,23 +89,6 @@ impl Api {
         }
     }
 
-    fn forward<M: Message + Default>(
-        &self,
-        mut s: ClientStream,
-        out: &mut dyn Sink<M>,
-    ) -> Result<(), Status> {
-        loop {
-            if out.is_cancelled() {
-                s.cancel();
-                return Err(Status::new(Code::Cancelled, "client went away"));
-            }
-            match s.recv::<M>()? {
-                Some(m) => out.send(&m)?,
-                None => return Ok(()),
-            }
-        }
-    }
-
     /// Runs a command to completion (or starts it in the background).
     pub fn exec(&self, ctx: &AuthCtx, req: ctl::ExecRequest) -> Result<ctl::ExecResponse, Status> {
         if req.process.is_none() {
@@ -146,354 +132,81 @@ impl Api {
         })
     }
 
-    /// Streams ProcessEvents (started, output, exited) into `out`.
-    pub fn exec_stream(
+    /// Every forwarded call (PROTOCOL.md §9, `proto::gen::forward::ROUTES`): the sandbox
+    /// id is read from the first message, the sandbox's team and state are checked, and the
+    /// message bytes go unchanged to the same call of the agent that runs the sandbox;
+    /// responses come back as bytes, one message at a time, re-cut to the caller's frame
+    /// limit. An audited method writes its row from the call's final status. Returns the
+    /// response of a unary or client-streaming call.
+    pub fn forward(
         &self,
         ctx: &AuthCtx,
-        req: ctl::ExecStreamRequest,
-        out: &mut dyn Sink<envd::ProcessEvent>,
-    ) -> Result<(), Status> {
-        if req.process.is_none() {
-            return Err(Status::invalid_argument("process is required"));
-        }
-        let sid = req.sandbox_id.clone();
-        let host = self.host_audited(ctx, &sid, "sandbox.exec_stream")?;
-        let deadline = self.exec_deadline(req.process.as_ref());
-        let r = self
-            .inner
-            .agents
-            .stream(
-                host,
-                agent::processes_methods::EXEC_STREAM,
-                &agent::ExecStreamRequest {
-                    sandbox_id: req.sandbox_id,
-                    process: req.process,
-                },
-                true,
-                deadline,
-            )
-            .and_then(|s| self.forward(s, out));
-        self.audit_call(ctx, &sid, "sandbox.exec_stream", &r);
-        r
-    }
-
-    /// Reattaches to a process by pid or tag.
-    pub fn connect_process(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::ConnectRequest,
-        out: &mut dyn Sink<envd::ProcessEvent>,
-    ) -> Result<(), Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        let s = self.inner.agents.stream(
-            host,
-            agent::processes_methods::CONNECT,
-            &agent::ConnectRequest {
-                sandbox_id: req.sandbox_id,
-                connect: req.connect,
-            },
-            true,
-            None,
-        )?;
-        self.forward(s, out)
-    }
-
-    /// Client stream: the first message names the sandbox; later ones carry input.
-    pub fn send_input(
-        &self,
-        ctx: &AuthCtx,
-        input: &mut dyn Source<ctl::SendInputRequest>,
-    ) -> Result<envd::SendInputResponse, Status> {
-        let first = input
-            .recv()?
-            .ok_or_else(|| Status::invalid_argument("empty input stream"))?;
-        let sid = first.sandbox_id.clone();
-        let host = self.host_audited(ctx, &sid, "sandbox.send_input")?;
-        let r = self.send_input_rest(host, first, input);
-        self.audit_call(ctx, &sid, "sandbox.send_input", &r);
-        r
-    }
-
-    /// The input stream once its sandbox's host is known.
-    fn send_input_rest(
-        &self,
-        host: Uuid,
-        first: ctl::SendInputRequest,
-        input: &mut dyn Source<ctl::SendInputRequest>,
-    ) -> Result<envd::SendInputResponse, Status> {
-        let client = self.inner.agents.client(host)?;
-        let mut s = client.call(
-            agent::processes_methods::SEND_INPUT,
-            &agent::SendInputRequest {
-                sandbox_id: first.sandbox_id.clone(),
-                input: first.input,
-            },
-            CallOpts {
-                timeout: None,
-                end_stream: false,
-            },
-        )?;
-        while let Some(m) = input.recv()? {
-            s.send(&agent::SendInputRequest {
-                sandbox_id: String::new(),
-                input: m.input,
-            })?;
-        }
-        s.close_send()?;
-        s.recv::<envd::SendInputResponse>()?
-            .ok_or_else(|| Status::internal("agent ended SendInput without an answer"))
-    }
-
-    pub fn close_stdin(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::CloseStdinRequest,
-    ) -> Result<envd::CloseStdinResponse, Status> {
-        let sid = req.sandbox_id.clone();
-        let host = self.host_audited(ctx, &sid, "sandbox.close_stdin")?;
-        let r = self.inner.agents.unary(
-            host,
-            agent::processes_methods::CLOSE_STDIN,
-            &agent::CloseStdinRequest {
-                sandbox_id: req.sandbox_id,
-                close: req.close,
-            },
-        );
-        self.audit_call(ctx, &sid, "sandbox.close_stdin", &r);
-        r
-    }
-
-    pub fn signal_process(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::SignalRequest,
-    ) -> Result<envd::SignalResponse, Status> {
-        let sid = req.sandbox_id.clone();
-        let host = self.host_audited(ctx, &sid, "sandbox.signal")?;
-        let r = self.inner.agents.unary(
-            host,
-            agent::processes_methods::SIGNAL,
-            &agent::SignalRequest {
-                sandbox_id: req.sandbox_id,
-                signal: req.signal,
-            },
-        );
-        self.audit_call(ctx, &sid, "sandbox.signal", &r);
-        r
-    }
-
-    pub fn resize_pty(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::ResizePtyRequest,
-    ) -> Result<envd::ResizePtyResponse, Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(
-            host,
-            agent::processes_methods::RESIZE_PTY,
-            &agent::ResizePtyRequest {
-                sandbox_id: req.sandbox_id,
-                resize: req.resize,
-            },
-        )
-    }
-
-    pub fn list_processes(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::ListProcessesRequest,
-    ) -> Result<envd::ListProcessesResponse, Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(
-            host,
-            agent::processes_methods::LIST,
-            &agent::ListProcessesRequest {
-                sandbox_id: req.sandbox_id,
-            },
-        )
-    }
-
-    /// Client stream: UploadRequest.header first, then UploadRequest.data chunks.
-    pub fn upload(
-        &self,
-        ctx: &AuthCtx,
-        input: &mut dyn Source<ctl::UploadRequest>,
-    ) -> Result<envd::WriteResponse, Status> {
-        let mut sid = None;
-        let r = self.upload_inner(ctx, input, &mut sid);
-        if let Some(sid) = sid {
-            self.audit_call(ctx, &sid, "sandbox.upload", &r);
+        route: &Route,
+        first: Bytes,
+        down: &mut dyn Downstream,
+    ) -> Result<Option<Bytes>, Status> {
+        let sid = route.sandbox_id(&first)?;
+        let envd_request = route.envd_request(&first)?;
+        let r = self.forward_checked(ctx, route, &sid, &envd_request, first, down);
+        if !route.audit.is_empty() {
+            self.audit_call(ctx, &sid, route.audit, &r);
         }
         r
     }
 
-    fn upload_inner(
+    fn forward_checked(
         &self,
         ctx: &AuthCtx,
-        input: &mut dyn Source<ctl::UploadRequest>,
-        sid: &mut Option<String>,
-    ) -> Result<envd::WriteResponse, Status> {
-        use ctl::upload_request::Msg;
-        let first = input
-            .recv()?
-            .ok_or_else(|| Status::invalid_argument("empty upload stream"))?;
-        let Some(Msg::Header(h)) = first.msg else {
-            return Err(Status::invalid_argument(
-                "the first upload message must be the header",
-            ));
+        route: &Route,
+        sid: &str,
+        envd_request: &Bytes,
+        first: Bytes,
+        down: &mut dyn Downstream,
+    ) -> Result<Option<Bytes>, Status> {
+        let host = self.host_of(ctx, sid)?;
+        let call_timeout = self.inner.cfg.agent_call_timeout;
+        let unary = !route.client_streaming && !route.server_streaming;
+        let timeout = match route.timeout_ms(envd_request)? {
+            0 if unary || route.deadline == Deadline::Call => Some(call_timeout),
+            0 => None,
+            ms => Some(Duration::from_millis(ms) + call_timeout),
         };
-        if h.file.is_none() {
-            return Err(Status::invalid_argument("header.file is required"));
+        metrics::AGENT_CALLS.inc();
+        let r = (|| {
+            let client = self.inner.agents.client(host)?;
+            let opts = CallOpts {
+                timeout,
+                end_stream: !route.client_streaming,
+            };
+            let mut up = client.call_bytes(route.agent, &first, opts)?;
+            if route.client_streaming {
+                forward::pump_up(&mut up, down, route, Relay::AsIs).map(Some)
+            } else if route.server_streaming {
+                forward::pump_down(&mut up, down, route).map(|()| None)
+            } else {
+                forward::one(&mut up, route).map(Some)
+            }
+        })();
+        if r.is_err() {
+            metrics::AGENT_ERRORS.inc();
         }
-        let host = self.host_of(ctx, &h.sandbox_id)?;
-        *sid = Some(h.sandbox_id.clone());
-        let client = self.inner.agents.client(host)?;
-        let mut s = client.call(
-            agent::files_methods::WRITE,
-            &agent::WriteRequest {
-                msg: Some(agent::write_request::Msg::Header(agent::WriteHeader {
-                    sandbox_id: h.sandbox_id,
-                    file: h.file,
-                })),
-            },
-            CallOpts {
-                timeout: None,
-                end_stream: false,
-            },
-        )?;
-        while let Some(m) = input.recv()? {
-            match m.msg {
-                Some(Msg::Data(d)) => s.send(&agent::WriteRequest {
-                    msg: Some(agent::write_request::Msg::Data(d)),
-                })?,
-                // Passed on unchanged: envd, the receiver, checks it.
-                Some(Msg::Crc32(c)) => s.send(&agent::WriteRequest {
-                    msg: Some(agent::write_request::Msg::Crc32(c)),
-                })?,
-                Some(Msg::Header(_)) => {
-                    s.cancel();
-                    return Err(Status::invalid_argument(
-                        "only the first upload message may be a header",
-                    ));
-                }
-                None => {}
+        r
+    }
+
+    /// Serves a forwarded call received by the protobuf server. Returns whether it
+    /// succeeded.
+    pub fn serve_forwarded(&self, ctx: &AuthCtx, route: &Route, mut stream: ServerStream) -> bool {
+        let first = stream.first_bytes();
+        match self.forward(ctx, route, first, &mut stream) {
+            Ok(Some(resp)) => stream.reply_bytes(resp),
+            Ok(None) => {
+                stream.finish(Ok(()));
+                true
+            }
+            Err(e) => {
+                stream.finish(Err(e));
+                false
             }
         }
-        s.close_send()?;
-        s.recv::<envd::WriteResponse>()?
-            .ok_or_else(|| Status::internal("agent ended Write without an answer"))
-    }
-
-    /// Streams ReadResponses (metadata first, then chunks) into `out`.
-    pub fn download(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::DownloadRequest,
-        out: &mut dyn Sink<envd::ReadResponse>,
-    ) -> Result<(), Status> {
-        if req.read.is_none() {
-            return Err(Status::invalid_argument("read is required"));
-        }
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        let s = self.inner.agents.stream(
-            host,
-            agent::files_methods::READ,
-            &agent::ReadRequest {
-                sandbox_id: req.sandbox_id,
-                read: req.read,
-            },
-            true,
-            None,
-        )?;
-        self.forward(s, out)
-    }
-
-    pub fn stat(&self, ctx: &AuthCtx, req: ctl::StatRequest) -> Result<envd::StatResponse, Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        self.inner.agents.unary(
-            host,
-            agent::files_methods::STAT,
-            &agent::StatRequest {
-                sandbox_id: req.sandbox_id,
-                stat: req.stat,
-            },
-        )
-    }
-
-    pub fn list_dir(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::ListDirRequest,
-        out: &mut dyn Sink<envd::ListDirResponse>,
-    ) -> Result<(), Status> {
-        let host = self.host_of(ctx, &req.sandbox_id)?;
-        let s = self.inner.agents.stream(
-            host,
-            agent::files_methods::LIST,
-            &agent::ListDirRequest {
-                sandbox_id: req.sandbox_id,
-                list: req.list,
-            },
-            true,
-            Some(self.inner.cfg.agent_call_timeout),
-        )?;
-        self.forward(s, out)
-    }
-
-    pub fn make_dir(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::MakeDirRequest,
-    ) -> Result<envd::MakeDirResponse, Status> {
-        let sid = req.sandbox_id.clone();
-        let host = self.host_audited(ctx, &sid, "sandbox.make_dir")?;
-        let r = self.inner.agents.unary(
-            host,
-            agent::files_methods::MAKE_DIR,
-            &agent::MakeDirRequest {
-                sandbox_id: req.sandbox_id,
-                make_dir: req.make_dir,
-            },
-        );
-        self.audit_call(ctx, &sid, "sandbox.make_dir", &r);
-        r
-    }
-
-    pub fn move_path(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::MoveRequest,
-    ) -> Result<envd::MoveResponse, Status> {
-        let sid = req.sandbox_id.clone();
-        let host = self.host_audited(ctx, &sid, "sandbox.move")?;
-        let r = self.inner.agents.unary(
-            host,
-            agent::files_methods::MOVE,
-            &agent::MoveRequest {
-                sandbox_id: req.sandbox_id,
-                r#move: req.r#move,
-            },
-        );
-        self.audit_call(ctx, &sid, "sandbox.move", &r);
-        r
-    }
-
-    pub fn remove_path(
-        &self,
-        ctx: &AuthCtx,
-        req: ctl::RemoveRequest,
-    ) -> Result<envd::RemoveResponse, Status> {
-        let sid = req.sandbox_id.clone();
-        let host = self.host_audited(ctx, &sid, "sandbox.remove")?;
-        let r = self.inner.agents.unary(
-            host,
-            agent::files_methods::REMOVE,
-            &agent::RemoveRequest {
-                sandbox_id: req.sandbox_id,
-                remove: req.remove,
-            },
-        );
-        self.audit_call(ctx, &sid, "sandbox.remove", &r);
-        r
     }
 }

@@ -33,6 +33,9 @@ pub enum Target {
     Cli,
 }
 
+/// Package of `wrenn/options.proto`.
+const OPTIONS_PACKAGE: &str = "wrenn";
+
 pub fn generate(
     fds: protox::prost_reflect::prost_types::FileDescriptorSet,
     target: Target,
@@ -43,6 +46,10 @@ pub fn generate(
     for f in pool.files() {
         if f.package_name() == ROOT_PACKAGE {
             for d in f.dependencies() {
+                // The schema options (package `wrenn`) are not messages of the API.
+                if d.package_name() == OPTIONS_PACKAGE {
+                    continue;
+                }
                 if !packages.iter().any(|p| p == d.package_name()) {
                     packages.push(d.package_name().to_owned());
                 }

@@ -13,13 +13,18 @@
 
 #![forbid(unsafe_code)]
 
+mod forward;
 mod json;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-struct Methods;
+/// The service generator; `forwarded` holds the methods with `(wrenn.forward)`, which the
+/// server traits leave out (the generic forwarding path serves them).
+struct Methods {
+    forwarded: std::collections::BTreeSet<String>,
+}
 
 impl prost_build::ServiceGenerator for Methods {
     fn generate(&mut self, service: prost_build::Service, buf: &mut String) {
@@ -48,7 +53,7 @@ impl prost_build::ServiceGenerator for Methods {
         }
         let _ = writeln!(buf, "    ];");
         let _ = writeln!(buf, "}}");
-        server_trait(&service, &module, &full, buf);
+        server_trait(&service, &module, &full, &self.forwarded, buf);
         client_stub(&service, &module, &full, buf);
     }
 }
@@ -66,16 +71,38 @@ fn shape(m: &prost_build::Method) -> &'static str {
 /// `trait <Service>Server`, one method per RPC, and `dispatch_<service>`, which routes a
 /// call (already on a worker thread) to it. A new RPC in the `.proto` file is then one more
 /// trait method, and the compiler names every server that must implement it.
-fn server_trait(service: &prost_build::Service, module: &str, full: &str, buf: &mut String) {
+fn server_trait(
+    service: &prost_build::Service,
+    module: &str,
+    full: &str,
+    forwarded: &std::collections::BTreeSet<String>,
+    buf: &mut String,
+) {
     let name = &service.name;
+    let served: Vec<&prost_build::Method> = service
+        .methods
+        .iter()
+        .filter(|m| !forwarded.contains(&format!("{full}/{}", m.proto_name)))
+        .collect();
+    if served.is_empty() {
+        // Every method is forwarded: there is nothing for a server to implement.
+        return;
+    }
     let snake_name = snake(name);
     let _ = writeln!(
         buf,
         "/// Server side of `{full}`: one method per RPC. Handlers run on the server's worker\n\
          /// threads and may block; [`dispatch_{snake_name}`] routes calls to them."
     );
+    if served.len() < service.methods.len() {
+        let _ = writeln!(
+            buf,
+            "/// Methods with the `(wrenn.forward)` option are not here: they are forwarded to\n\
+             /// envd through `proto::rpc::forward` (PROTOCOL.md §9)."
+        );
+    }
     let _ = writeln!(buf, "pub trait {name}Server: Send + Sync {{");
-    for m in &service.methods {
+    for m in &served {
         let (i, o) = (&m.input_type, &m.output_type);
         let _ = writeln!(buf, "    /// `{}` ({}).", m.proto_name, shape(m));
         let sig = match (m.client_streaming, m.server_streaming) {
@@ -105,7 +132,7 @@ fn server_trait(service: &prost_build::Service, module: &str, full: &str, buf: &
         "pub fn dispatch_{snake_name}<S: {name}Server + ?Sized>(svc: &S, stream: crate::rpc::ServerStream) -> Result<crate::Code, crate::rpc::ServerStream> {{"
     );
     let _ = writeln!(buf, "    let code = match stream.method() {{");
-    for m in &service.methods {
+    for m in &served {
         let adaptor = match (m.client_streaming, m.server_streaming) {
             (false, false) => "unary(stream, |p, r| svc.NAME(p, r))",
             (true, false) => "client_streaming(stream, |p, r, s| svc.NAME(p, r, s))",
@@ -199,15 +226,27 @@ fn generate(schema: &Path, out_dir: &Path) -> Result<(String, String), String> {
     let mut files = Vec::new();
     proto_files(schema, &mut files).map_err(|e| format!("read {}: {e}", schema.display()))?;
     files.sort();
-    let fds = protox::compile(&files, [schema]).map_err(|e| format!("compile schema: {e}"))?;
+    let mut compiler =
+        protox::Compiler::new([schema]).map_err(|e| format!("compile schema: {e}"))?;
+    compiler.include_imports(true).include_source_info(true);
+    compiler
+        .open_files(&files)
+        .map_err(|e| format!("compile schema: {e}"))?;
+    let pool = compiler.descriptor_pool();
+    let forward_text = forward::generate(&pool)?;
+    let forwarded = forward::forwarded(&pool);
+    let mut fds = compiler.file_descriptor_set();
     let json_text = json::generate(fds.clone(), json::Target::Gateway)?;
     let cli_text = json::generate(fds.clone(), json::Target::Cli)?;
+    // descriptor.proto (imported for the options' `extend`) is prost-types' business.
+    fds.file
+        .retain(|f| f.package.as_deref() != Some("google.protobuf"));
     let mut packages: Vec<String> = fds.file.iter().filter_map(|f| f.package.clone()).collect();
     packages.sort();
     packages.dedup();
     let mut config = prost_build::Config::new();
     config.out_dir(out_dir);
-    config.service_generator(Box::new(Methods));
+    config.service_generator(Box::new(Methods { forwarded }));
     config.bytes(["."]);
     config
         .compile_fds(fds)
@@ -223,7 +262,10 @@ fn generate(schema: &Path, out_dir: &Path) -> Result<(String, String), String> {
          #![allow(clippy::all, missing_docs, rustdoc::all)]\n\n",
     );
     write_tree(&mut m, &tree, &[], 0);
+    m.push_str("/// The forwarding table (PROTOCOL.md §9).\npub mod forward {\n    include!(\"forward.rs\");\n}\n");
     std::fs::write(out_dir.join("mod.rs"), m).map_err(|e| format!("write mod.rs: {e}"))?;
+    std::fs::write(out_dir.join("forward.rs"), forward_text)
+        .map_err(|e| format!("write forward.rs: {e}"))?;
     Ok((json_text, cli_text))
 }
 

@@ -3,6 +3,7 @@
 #![allow(clippy::all, missing_docs, rustdoc::all)]
 
 pub mod wrenn {
+    include!("wrenn.rs");
     pub mod agent {
         pub mod v1 {
             include!("wrenn.agent.v1.rs");
@@ -28,4 +29,8 @@ pub mod wrenn {
             include!("wrenn.wire.v1.rs");
         }
     }
+}
+/// The forwarding table (PROTOCOL.md §9).
+pub mod forward {
+    include!("forward.rs");
 }

@@ -745,6 +745,8 @@ pub mod sandboxes_methods {
 }
 /// Server side of `wrenn.agent.v1.Sandboxes`: one method per RPC. Handlers run on the server's worker
 /// threads and may block; [`dispatch_sandboxes`] routes calls to them.
+/// Methods with the `(wrenn.forward)` option are not here: they are forwarded to
+/// envd through `proto::rpc::forward` (PROTOCOL.md §9).
 pub trait SandboxesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
@@ -794,12 +796,6 @@ pub trait SandboxesServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: PingSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
-    /// `Metrics` (unary).
-    fn metrics(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: SandboxMetricsRequest,
-    ) -> Result<super::super::envd::v1::GetMetricsResponse, crate::Status>;
 }
 /// Runs a call of `wrenn.agent.v1.Sandboxes` on `svc` and returns its final code, or gives the stream
 /// back when the method is not one of this service's.
@@ -829,9 +825,6 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
         }
         sandboxes_methods::PING => {
             crate::rpc::serve::unary(stream, |p, r| svc.ping(p, r))
-        }
-        sandboxes_methods::METRICS => {
-            crate::rpc::serve::unary(stream, |p, r| svc.metrics(p, r))
         }
         _ => return Err(stream),
     };
@@ -970,6 +963,8 @@ pub mod processes_methods {
 }
 /// Server side of `wrenn.agent.v1.Processes`: one method per RPC. Handlers run on the server's worker
 /// threads and may block; [`dispatch_processes`] routes calls to them.
+/// Methods with the `(wrenn.forward)` option are not here: they are forwarded to
+/// envd through `proto::rpc::forward` (PROTOCOL.md §9).
 pub trait ProcessesServer: Send + Sync {
     /// `Exec` (unary).
     fn exec(
@@ -977,51 +972,6 @@ pub trait ProcessesServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: ExecRequest,
     ) -> Result<ExecResponse, crate::Status>;
-    /// `ExecStream` (server streaming).
-    fn exec_stream(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ExecStreamRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-    /// `Connect` (server streaming).
-    fn connect(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ConnectRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-    /// `SendInput` (client streaming).
-    fn send_input(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: SendInputRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<super::super::envd::v1::SendInputResponse, crate::Status>;
-    /// `CloseStdin` (unary).
-    fn close_stdin(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: CloseStdinRequest,
-    ) -> Result<super::super::envd::v1::CloseStdinResponse, crate::Status>;
-    /// `Signal` (unary).
-    fn signal(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: SignalRequest,
-    ) -> Result<super::super::envd::v1::SignalResponse, crate::Status>;
-    /// `ResizePty` (unary).
-    fn resize_pty(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ResizePtyRequest,
-    ) -> Result<super::super::envd::v1::ResizePtyResponse, crate::Status>;
-    /// `List` (unary).
-    fn list(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ListProcessesRequest,
-    ) -> Result<super::super::envd::v1::ListProcessesResponse, crate::Status>;
 }
 /// Runs a call of `wrenn.agent.v1.Processes` on `svc` and returns its final code, or gives the stream
 /// back when the method is not one of this service's.
@@ -1032,30 +982,6 @@ pub fn dispatch_processes<S: ProcessesServer + ?Sized>(
     let code = match stream.method() {
         processes_methods::EXEC => {
             crate::rpc::serve::unary(stream, |p, r| svc.exec(p, r))
-        }
-        processes_methods::EXEC_STREAM => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.exec_stream(p, r, s))
-        }
-        processes_methods::CONNECT => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.connect(p, r, s))
-        }
-        processes_methods::SEND_INPUT => {
-            crate::rpc::serve::client_streaming(
-                stream,
-                |p, r, s| svc.send_input(p, r, s),
-            )
-        }
-        processes_methods::CLOSE_STDIN => {
-            crate::rpc::serve::unary(stream, |p, r| svc.close_stdin(p, r))
-        }
-        processes_methods::SIGNAL => {
-            crate::rpc::serve::unary(stream, |p, r| svc.signal(p, r))
-        }
-        processes_methods::RESIZE_PTY => {
-            crate::rpc::serve::unary(stream, |p, r| svc.resize_pty(p, r))
-        }
-        processes_methods::LIST => {
-            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
         }
         _ => return Err(stream),
     };
@@ -1211,93 +1137,6 @@ pub mod files_methods {
             server_streaming: true,
         },
     ];
-}
-/// Server side of `wrenn.agent.v1.Files`: one method per RPC. Handlers run on the server's worker
-/// threads and may block; [`dispatch_files`] routes calls to them.
-pub trait FilesServer: Send + Sync {
-    /// `Stat` (unary).
-    fn stat(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: StatRequest,
-    ) -> Result<super::super::envd::v1::StatResponse, crate::Status>;
-    /// `List` (server streaming).
-    fn list(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ListDirRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-    /// `MakeDir` (unary).
-    fn make_dir(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: MakeDirRequest,
-    ) -> Result<super::super::envd::v1::MakeDirResponse, crate::Status>;
-    /// `Move` (unary).
-    fn r#move(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: MoveRequest,
-    ) -> Result<super::super::envd::v1::MoveResponse, crate::Status>;
-    /// `Remove` (unary).
-    fn remove(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: RemoveRequest,
-    ) -> Result<super::super::envd::v1::RemoveResponse, crate::Status>;
-    /// `Read` (server streaming).
-    fn read(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ReadRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-    /// `Write` (client streaming).
-    fn write(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: WriteRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<super::super::envd::v1::WriteResponse, crate::Status>;
-    /// `Watch` (server streaming).
-    fn watch(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: WatchRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-}
-/// Runs a call of `wrenn.agent.v1.Files` on `svc` and returns its final code, or gives the stream
-/// back when the method is not one of this service's.
-pub fn dispatch_files<S: FilesServer + ?Sized>(
-    svc: &S,
-    stream: crate::rpc::ServerStream,
-) -> Result<crate::Code, crate::rpc::ServerStream> {
-    let code = match stream.method() {
-        files_methods::STAT => crate::rpc::serve::unary(stream, |p, r| svc.stat(p, r)),
-        files_methods::LIST => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.list(p, r, s))
-        }
-        files_methods::MAKE_DIR => {
-            crate::rpc::serve::unary(stream, |p, r| svc.make_dir(p, r))
-        }
-        files_methods::MOVE => crate::rpc::serve::unary(stream, |p, r| svc.r#move(p, r)),
-        files_methods::REMOVE => {
-            crate::rpc::serve::unary(stream, |p, r| svc.remove(p, r))
-        }
-        files_methods::READ => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.read(p, r, s))
-        }
-        files_methods::WRITE => {
-            crate::rpc::serve::client_streaming(stream, |p, r, s| svc.write(p, r, s))
-        }
-        files_methods::WATCH => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.watch(p, r, s))
-        }
-        _ => return Err(stream),
-    };
-    Ok(code)
 }
 /// Typed calls of `wrenn.agent.v1.Files` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]

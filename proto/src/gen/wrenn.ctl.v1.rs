@@ -1401,6 +1401,8 @@ pub mod processes_methods {
 }
 /// Server side of `wrenn.ctl.v1.Processes`: one method per RPC. Handlers run on the server's worker
 /// threads and may block; [`dispatch_processes`] routes calls to them.
+/// Methods with the `(wrenn.forward)` option are not here: they are forwarded to
+/// envd through `proto::rpc::forward` (PROTOCOL.md §9).
 pub trait ProcessesServer: Send + Sync {
     /// `Exec` (unary).
     fn exec(
@@ -1408,51 +1410,6 @@ pub trait ProcessesServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: ExecRequest,
     ) -> Result<ExecResponse, crate::Status>;
-    /// `ExecStream` (server streaming).
-    fn exec_stream(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ExecStreamRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-    /// `Connect` (server streaming).
-    fn connect(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ConnectRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-    /// `SendInput` (client streaming).
-    fn send_input(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: SendInputRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<super::super::envd::v1::SendInputResponse, crate::Status>;
-    /// `CloseStdin` (unary).
-    fn close_stdin(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: CloseStdinRequest,
-    ) -> Result<super::super::envd::v1::CloseStdinResponse, crate::Status>;
-    /// `Signal` (unary).
-    fn signal(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: SignalRequest,
-    ) -> Result<super::super::envd::v1::SignalResponse, crate::Status>;
-    /// `ResizePty` (unary).
-    fn resize_pty(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ResizePtyRequest,
-    ) -> Result<super::super::envd::v1::ResizePtyResponse, crate::Status>;
-    /// `List` (unary).
-    fn list(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ListProcessesRequest,
-    ) -> Result<super::super::envd::v1::ListProcessesResponse, crate::Status>;
 }
 /// Runs a call of `wrenn.ctl.v1.Processes` on `svc` and returns its final code, or gives the stream
 /// back when the method is not one of this service's.
@@ -1463,30 +1420,6 @@ pub fn dispatch_processes<S: ProcessesServer + ?Sized>(
     let code = match stream.method() {
         processes_methods::EXEC => {
             crate::rpc::serve::unary(stream, |p, r| svc.exec(p, r))
-        }
-        processes_methods::EXEC_STREAM => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.exec_stream(p, r, s))
-        }
-        processes_methods::CONNECT => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.connect(p, r, s))
-        }
-        processes_methods::SEND_INPUT => {
-            crate::rpc::serve::client_streaming(
-                stream,
-                |p, r, s| svc.send_input(p, r, s),
-            )
-        }
-        processes_methods::CLOSE_STDIN => {
-            crate::rpc::serve::unary(stream, |p, r| svc.close_stdin(p, r))
-        }
-        processes_methods::SIGNAL => {
-            crate::rpc::serve::unary(stream, |p, r| svc.signal(p, r))
-        }
-        processes_methods::RESIZE_PTY => {
-            crate::rpc::serve::unary(stream, |p, r| svc.resize_pty(p, r))
-        }
-        processes_methods::LIST => {
-            crate::rpc::serve::unary(stream, |p, r| svc.list(p, r))
         }
         _ => return Err(stream),
     };
@@ -1636,83 +1569,6 @@ pub mod files_methods {
             server_streaming: false,
         },
     ];
-}
-/// Server side of `wrenn.ctl.v1.Files`: one method per RPC. Handlers run on the server's worker
-/// threads and may block; [`dispatch_files`] routes calls to them.
-pub trait FilesServer: Send + Sync {
-    /// `Upload` (client streaming).
-    fn upload(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: UploadRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<super::super::envd::v1::WriteResponse, crate::Status>;
-    /// `Download` (server streaming).
-    fn download(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: DownloadRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-    /// `Stat` (unary).
-    fn stat(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: StatRequest,
-    ) -> Result<super::super::envd::v1::StatResponse, crate::Status>;
-    /// `List` (server streaming).
-    fn list(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: ListDirRequest,
-        stream: &mut crate::rpc::ServerStream,
-    ) -> Result<(), crate::Status>;
-    /// `MakeDir` (unary).
-    fn make_dir(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: MakeDirRequest,
-    ) -> Result<super::super::envd::v1::MakeDirResponse, crate::Status>;
-    /// `Move` (unary).
-    fn r#move(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: MoveRequest,
-    ) -> Result<super::super::envd::v1::MoveResponse, crate::Status>;
-    /// `Remove` (unary).
-    fn remove(
-        &self,
-        peer: &crate::rpc::Peer,
-        req: RemoveRequest,
-    ) -> Result<super::super::envd::v1::RemoveResponse, crate::Status>;
-}
-/// Runs a call of `wrenn.ctl.v1.Files` on `svc` and returns its final code, or gives the stream
-/// back when the method is not one of this service's.
-pub fn dispatch_files<S: FilesServer + ?Sized>(
-    svc: &S,
-    stream: crate::rpc::ServerStream,
-) -> Result<crate::Code, crate::rpc::ServerStream> {
-    let code = match stream.method() {
-        files_methods::UPLOAD => {
-            crate::rpc::serve::client_streaming(stream, |p, r, s| svc.upload(p, r, s))
-        }
-        files_methods::DOWNLOAD => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.download(p, r, s))
-        }
-        files_methods::STAT => crate::rpc::serve::unary(stream, |p, r| svc.stat(p, r)),
-        files_methods::LIST => {
-            crate::rpc::serve::streaming(stream, |p, r, s| svc.list(p, r, s))
-        }
-        files_methods::MAKE_DIR => {
-            crate::rpc::serve::unary(stream, |p, r| svc.make_dir(p, r))
-        }
-        files_methods::MOVE => crate::rpc::serve::unary(stream, |p, r| svc.r#move(p, r)),
-        files_methods::REMOVE => {
-            crate::rpc::serve::unary(stream, |p, r| svc.remove(p, r))
-        }
-        _ => return Err(stream),
-    };
-    Ok(code)
 }
 /// Typed calls of `wrenn.ctl.v1.Files` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]

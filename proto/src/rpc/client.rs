@@ -264,17 +264,26 @@ impl Client {
         req: &Req,
         opts: CallOpts,
     ) -> Result<ClientStream, Status> {
+        self.call_bytes(method, &req.encode_to_vec(), opts)
+    }
+
+    /// Opens a call whose first message is already encoded (forwarding).
+    pub fn call_bytes(
+        &self,
+        method: &str,
+        body: &[u8],
+        opts: CallOpts,
+    ) -> Result<ClientStream, Status> {
         self.conn.poll_idle();
         let deadline = opts.timeout.map(|t| Instant::now() + t);
         let timeout_ms = opts
             .timeout
             .map(|t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
             .unwrap_or(0);
-        let body = req.encode_to_vec();
         let id = {
             let mut st = self.conn.lock();
             self.conn
-                .open_stream(&mut st, method, timeout_ms, opts.end_stream, &body)?
+                .open_stream(&mut st, method, timeout_ms, opts.end_stream, body)?
         };
         Ok(ClientStream {
             conn: self.conn.clone(),
@@ -377,6 +386,26 @@ impl ClientStream {
                 let _ = msg.encode(out);
             })
             .map(|_| ())
+    }
+
+    /// Sends an encoded message as is (forwarding); blocks like [`ClientStream::send`].
+    pub fn send_bytes(&mut self, msg: Bytes) -> Result<(), Status> {
+        self.conn
+            .send_data_payload(self.id, &[], msg, false, self.deadline)
+            .map(|_| ())
+    }
+
+    /// Largest message the server accepts in one DATA frame (its `frame_len_max` less the
+    /// frame header).
+    pub fn max_message_len(&self) -> usize {
+        self.conn.max_data_len()
+    }
+
+    /// Whether the call already ended (its deadline passed, the peer cancelled it, or the
+    /// connection died), without waiting.
+    pub fn is_cancelled(&self) -> bool {
+        let st = self.conn.lock();
+        Conn::is_cancelled(&st, self.id)
     }
 
     /// Half-closes: the server's `recv` returns `None` after the queued messages.

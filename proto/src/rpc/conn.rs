@@ -525,6 +525,11 @@ impl Conn {
         })
     }
 
+    /// Largest message body the peer accepts in one DATA frame.
+    pub fn max_data_len(&self) -> usize {
+        (self.limits.send_frame_len_max as usize).saturating_sub(FRAME_HEADER_LEN)
+    }
+
     /// Like [`Conn::send_data`] for a message whose last field is a large byte payload:
     /// `prefix` is the encoded message up to the payload's length varint; the payload is
     /// queued as its own segment and written with `writev`, never copied.

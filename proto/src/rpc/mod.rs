@@ -11,6 +11,7 @@ mod client;
 mod conn;
 #[cfg(feature = "flood")]
 pub mod flood;
+pub mod forward;
 mod pool;
 pub mod serve;
 mod server;
@@ -22,7 +23,8 @@ pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
 pub use server::{
-    Call, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service, WrapTransport,
+    Call, CallWatch, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service,
+    WrapTransport,
 };
 pub use transport::{ReadMode, SocketKind, SocketTransport, Transport};
 

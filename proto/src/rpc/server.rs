@@ -1059,6 +1059,28 @@ pub struct ServerStream {
     finished: bool,
 }
 
+/// See [`ServerStream::watch`].
+#[derive(Clone)]
+pub struct CallWatch {
+    conn: Arc<Conn>,
+    id: u32,
+}
+
+impl std::fmt::Debug for CallWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallWatch").field("id", &self.id).finish()
+    }
+}
+
+impl CallWatch {
+    /// Whether the client cancelled, the deadline passed, the connection died, or the call
+    /// already ended.
+    pub fn is_cancelled(&self) -> bool {
+        let st = self.conn.lock();
+        Conn::is_cancelled(&st, self.id)
+    }
+}
+
 impl std::fmt::Debug for ServerStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerStream")
@@ -1142,6 +1164,46 @@ impl ServerStream {
         self.conn
             .send_data_payload(self.id, &prefix, payload, false, None)
             .map(|_| ())
+    }
+
+    /// The request message (the first message of the call), undecoded.
+    pub fn first_bytes(&self) -> Bytes {
+        self.message.clone()
+    }
+
+    /// Sends an encoded message as is (forwarding). Blocks under flow control like
+    /// [`ServerStream::send`]; fails when it exceeds [`ServerStream::max_message_len`].
+    pub fn send_bytes(&mut self, msg: Bytes) -> Result<(), Status> {
+        self.conn
+            .send_data_payload(self.id, &[], msg, false, None)
+            .map(|_| ())
+    }
+
+    /// Ends a call with an encoded response, as [`ServerStream::reply`] does.
+    pub fn reply_bytes(mut self, msg: Bytes) -> bool {
+        self.finished = true;
+        let sent = self.conn.send_data_payload(self.id, &[], msg, true, None);
+        let mut st = self.conn.lock();
+        if let Err(e) = &sent {
+            self.conn.send_error(&mut st, self.id, e);
+        }
+        self.conn.release_stream(&mut st, self.id, false);
+        sent.is_ok()
+    }
+
+    /// Largest message the client accepts in one DATA frame (its `frame_len_max`, PROTOCOL.md
+    /// §2, less the frame header).
+    pub fn max_message_len(&self) -> usize {
+        self.conn.max_data_len()
+    }
+
+    /// A handle that tells, from another thread, whether this call was cancelled (a
+    /// forwarder's watcher uses it while the stream itself waits on the upstream).
+    pub fn watch(&self) -> CallWatch {
+        CallWatch {
+            conn: self.conn.clone(),
+            id: self.id,
+        }
     }
 
     /// Whether the client cancelled, the deadline passed, or the connection died.
