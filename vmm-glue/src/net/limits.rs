@@ -57,12 +57,77 @@ pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often we look whether nft has exited.
 pub const NFT_POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// Largest ruleset fed to nft. It must fit in a pipe's buffer (64 KiB on Linux) so that
-/// writing it never waits on nft. A slot's table is about 1 KiB plus at most
-/// 2 × EGRESS_RULES_MAX CIDRs of at most 20 bytes each.
-pub const NFT_RULESET_LEN_MAX: usize = 32 * 1024;
-const _: () = assert!(2048 + 2 * EGRESS_RULES_MAX * 20 <= NFT_RULESET_LEN_MAX);
+/// writing it never waits on nft. A slot's table is about 2 KiB plus at most
+/// 2 × EGRESS_RULES_MAX + NEVER_OUT_MAX CIDRs of at most 20 bytes each, plus the DNS set's
+/// live addresses carried over on an update (`a.b.c.d timeout 3600s, `: at most 32 bytes).
+pub const NFT_RULESET_LEN_MAX: usize = 60 * 1024;
+const _: () = assert!(
+    3072 + (2 * EGRESS_RULES_MAX + NEVER_OUT_MAX) * 20 + DNS_SET_LEN_MAX * 32
+        <= NFT_RULESET_LEN_MAX
+);
 const _: () = assert!(NFT_RULESET_LEN_MAX <= 64 * 1024);
 /// Bytes of nft's stderr kept for an error message.
 pub const NFT_STDERR_LEN_MAX: usize = 4096;
 /// Bytes of `nft list tables` output we read (one short line per table).
 pub const NFT_STDOUT_LEN_MAX: usize = 256 * 1024;
+
+// ---- egress policy ----
+
+/// Entries in the operator's `never_out` list (host-wide). A handful of ranges in practice
+/// (private, link-local, loopback, the control network); 64 leaves room and keeps the
+/// ruleset small.
+pub const NEVER_OUT_MAX: usize = 64;
+/// Domain names (and `*.` wildcards) in one slot's allow list. Each is matched against every
+/// query by a linear scan; 256 keeps that scan far below a microsecond per name.
+pub const EGRESS_DOMAINS_MAX: usize = 256;
+
+// ---- the per-slot DNS resolver ----
+
+/// Largest query a guest may send. A question is at most 255 + 4 bytes, plus an EDNS
+/// record; 512 is the classic UDP DNS size and every real query fits.
+pub const DNS_QUERY_LEN_MAX: usize = 512;
+/// Receive buffer for one upstream answer. Our query advertises at most
+/// [`DNS_EDNS_UDP_PAYLOAD_MAX`], so a compliant upstream never sends more; a larger datagram
+/// is detected (MSG_TRUNC) and answered SERVFAIL.
+pub const DNS_MESSAGE_LEN_MAX: usize = 4096;
+/// The EDNS UDP payload size we advertise upstream (the size DNS Flag Day 2020 settled on:
+/// no IP fragmentation on common paths).
+pub const DNS_EDNS_UDP_PAYLOAD_MAX: u16 = 1232;
+const _: () = assert!(DNS_EDNS_UDP_PAYLOAD_MAX as usize <= DNS_MESSAGE_LEN_MAX);
+/// Longest name on the wire (RFC 1035 2.3.4).
+pub const DNS_NAME_LEN_MAX: usize = 255;
+/// Longest label (RFC 1035 2.3.4).
+pub const DNS_LABEL_LEN_MAX: usize = 63;
+/// Compression pointers followed while reading one name. Pointers must point backwards, so
+/// a chain always ends; this bounds the work on a message built to make it long.
+pub const DNS_POINTER_JUMPS_MAX: usize = 32;
+/// Records read from an answer section. Real answers hold a few; more is refused.
+pub const DNS_ANSWER_RECORDS_MAX: usize = 64;
+/// CNAME links followed from the question's name to its addresses. Resolvers give up far
+/// earlier in practice; a loop ends here.
+pub const DNS_CNAME_CHAIN_MAX: usize = 8;
+/// Addresses of one answer added to the slot's set: a name with more is cut to these.
+pub const DNS_ADDRESSES_PER_NAME_MAX: usize = 32;
+/// Addresses a slot's DNS set holds (the nftables set's `size`). When it is full, new answers
+/// are SERVFAIL until entries expire; 1024 is far beyond what one sandbox's allow list
+/// resolves to.
+pub const DNS_SET_LEN_MAX: usize = 1024;
+/// Shortest time an address stays in the set, whatever the record's TTL: guests and their
+/// libraries keep answers a little longer than the TTL, and a connection opened just before
+/// expiry must get through.
+pub const DNS_TTL_MIN: Duration = Duration::from_secs(30);
+/// Longest time an address stays in the set: an allowed name that moves away from an
+/// address stops granting it within this time.
+pub const DNS_TTL_MAX: Duration = Duration::from_secs(3600);
+/// Queries per second a slot's guest may send (a token bucket with this rate)...
+pub const DNS_QUERIES_PER_SEC: u32 = 50;
+/// ...and burst. A page load resolves a few dozen names; beyond, queries are dropped.
+pub const DNS_QUERY_BURST: u32 = 100;
+/// Queries of one slot waiting for the upstream; more are answered SERVFAIL.
+pub const DNS_PENDING_PER_SLOT_MAX: usize = 64;
+/// How long a query waits for the upstream before the guest gets SERVFAIL.
+pub const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
+/// Slots one resolver serves (the same bound as the host's slots).
+pub const DNS_SLOTS_MAX: usize = SLOT_COUNT_MAX as usize;
+/// Commands (add, update, remove a slot) queued for the resolver thread.
+pub const DNS_COMMANDS_MAX: usize = 256;

@@ -6,21 +6,27 @@
 //! - [`netns`]: named network namespaces compatible with `ip netns`, and running code in one;
 //! - [`tap`]: persistent tap devices for Firecracker (TUNSETIFF/TUNSETPERSIST);
 //! - [`firewall`]: nftables rulesets applied atomically through `nft -f -`;
+//! - [`dns`]: the bounded DNS message parser and the allow-list name patterns;
+//! - [`resolver`]: the per-slot DNS resolver (one mio thread) that fills each slot's
+//!   DNS set from the answers for allowed names;
 //! - [`limits`]: every bound, with its reason.
 //!
-//! It is not a DHCP server, DNS resolver or traffic shaper: the guest's address comes from its
-//! kernel command line and DNS is the guest image's business.
+//! It is not a DHCP server or a traffic shaper: the guest's address comes from its kernel
+//! command line. Its resolver is a filter in front of the host's, not a cache.
 
+pub mod dns;
 pub mod firewall;
 pub mod limits;
 pub mod netlink;
 pub mod netns;
+pub mod resolver;
 pub mod slot;
 pub mod tap;
 
 use std::fmt;
 use std::io;
 
+pub use dns::DomainPattern;
 pub use slot::{Egress, Ipv4Cidr, NetConfig, Network, Slot, SlotAllocator};
 
 /// What went wrong while setting up or tearing down host networking.
@@ -66,6 +72,13 @@ pub enum Error {
     HostNotReady,
     /// The helper thread that entered a namespace panicked.
     ThreadPanicked,
+    /// The slot's resolver could not be set up.
+    Dns {
+        action: &'static str,
+        source: io::Error,
+    },
+    /// A slot that does not exist (a policy update before `create_slot`).
+    NoSlot { index: u32 },
 }
 
 impl fmt::Display for Error {
@@ -92,6 +105,8 @@ impl fmt::Display for Error {
             }
             Error::HostNotReady => write!(f, "host networking not set up (call setup_host first)"),
             Error::ThreadPanicked => write!(f, "namespace helper thread panicked"),
+            Error::Dns { action, .. } => write!(f, "{action}"),
+            Error::NoSlot { index } => write!(f, "no network slot {index}"),
         }
     }
 }
@@ -103,6 +118,7 @@ impl std::error::Error for Error {
             Error::Netns { source, .. }
             | Error::Tap { source, .. }
             | Error::Sysctl { source, .. }
+            | Error::Dns { source, .. }
             | Error::NftSpawn(source) => Some(source),
             _ => None,
         }

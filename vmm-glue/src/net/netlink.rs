@@ -1,4 +1,6 @@
-//! A small rtnetlink client: links, IPv4 addresses and routes over a NETLINK_ROUTE socket.
+//! A small netlink client: links, IPv4 addresses and routes over a NETLINK_ROUTE socket,
+//! and elements of nftables sets over a NETLINK_NETFILTER socket (the DNS resolver adds the
+//! addresses it lets a guest reach without spawning `nft` per answer).
 //!
 //! Only what network slots need. Every request carries a fresh sequence number and asks for
 //! an acknowledgement, so each call ends with the kernel's verdict for that request:
@@ -29,6 +31,7 @@ use super::limits::{
 // ---- protocol constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h) ----
 
 const NETLINK_ROUTE: i32 = 0;
+const NETLINK_NETFILTER: i32 = 12;
 const SOL_NETLINK: i32 = 270;
 const NETLINK_EXT_ACK: i32 = 11;
 
@@ -77,6 +80,22 @@ const RTPROT_STATIC: u8 = 4;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RT_SCOPE_LINK: u8 = 253;
 const RTN_UNICAST: u8 = 1;
+
+// linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFPROTO_IPV4: u8 = 2;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_DATA_VALUE: u16 = 1;
+/// Set on a nested attribute's type (nf_tables checks it).
+const NLA_F_NESTED: u16 = 0x8000;
 
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
@@ -370,6 +389,12 @@ impl Request {
         at
     }
 
+    /// `struct nfgenmsg`: family, version 0, resource id (big-endian).
+    fn nfgen(&mut self, family: u8, res_id: u16) {
+        self.buf.extend_from_slice(&[family, 0]);
+        self.buf.extend_from_slice(&res_id.to_be_bytes());
+    }
+
     fn nest_end(&mut self, at: usize) {
         let len = self.buf.len() - at;
         assert!(len <= usize::from(u16::MAX), "nested attribute too long");
@@ -539,12 +564,21 @@ impl fmt::Debug for Netlink {
 impl Netlink {
     /// Opens and binds a NETLINK_ROUTE socket with a receive timeout and extended acks.
     pub fn open() -> Result<Self, Error> {
+        Self::open_protocol(NETLINK_ROUTE)
+    }
+
+    /// Opens a NETLINK_NETFILTER socket, for [`Netlink::add_set_elements_v4`].
+    pub fn open_netfilter() -> Result<Self, Error> {
+        Self::open_protocol(NETLINK_NETFILTER)
+    }
+
+    fn open_protocol(protocol: i32) -> Result<Self, Error> {
         // SAFETY: plain syscall with constant arguments; the result is checked below.
         let raw = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_ROUTE,
+                protocol,
             )
         };
         if raw < 0 {
@@ -611,6 +645,28 @@ impl Netlink {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let bytes = req.finish(seq);
+        self.send_bytes(&bytes)?;
+        Ok(seq)
+    }
+
+    /// Sends `reqs` as one datagram (an nfnetlink batch); returns the sequence number of
+    /// each.
+    fn send_batch(&mut self, reqs: Vec<Request>) -> Result<Vec<u32>, Error> {
+        let mut bytes = Vec::new();
+        let mut seqs = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            self.seq = self.seq.wrapping_add(1);
+            seqs.push(self.seq);
+            bytes.extend_from_slice(&req.finish(self.seq));
+        }
+        if bytes.len() > NETLINK_REQUEST_LEN_MAX {
+            return Err(Error::Malformed("batch over the request bound"));
+        }
+        self.send_bytes(&bytes)?;
+        Ok(seqs)
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), Error> {
         // SAFETY: sockaddr_nl is plain data; all zeros with the family set addresses the
         // kernel (pid 0).
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -635,7 +691,7 @@ impl Netlink {
                 "short netlink send",
             )));
         }
-        Ok(seq)
+        Ok(())
     }
 
     /// Receives one datagram from the kernel into `self.buf`; returns its length.
@@ -684,6 +740,15 @@ impl Netlink {
         mut on_reply: impl FnMut(u16, &[u8]) -> Result<(), Error>,
     ) -> Result<(), Error> {
         let seq = self.send(req)?;
+        self.wait_ack(seq, &mut on_reply)
+    }
+
+    /// Waits for the kernel's verdict on request `seq`.
+    fn wait_ack(
+        &mut self,
+        seq: u32,
+        on_reply: &mut impl FnMut(u16, &[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         for _ in 0..NETLINK_DATAGRAMS_MAX {
             let n = self.recv()?;
             for m in parse_messages(&self.buf[..n])? {
@@ -932,6 +997,48 @@ impl Netlink {
         }
         req.attr_u32(RTA_OIF, oif);
         self.ack(req)
+    }
+}
+
+impl Netlink {
+    // ---- nftables sets (NETLINK_NETFILTER sockets only) ----
+
+    /// Adds `elems` (address, timeout) to the IPv4 set `set` of table `ip table`, in one
+    /// transaction: all or none. An element already there gets the new timeout. A full set
+    /// is the kernel's ENFILE.
+    pub fn add_set_elements_v4(
+        &mut self,
+        table: &str,
+        set: &str,
+        elems: &[(Ipv4Addr, std::time::Duration)],
+    ) -> Result<(), Error> {
+        if elems.is_empty() {
+            return Ok(());
+        }
+        let mut begin = Request::new(NFNL_MSG_BATCH_BEGIN, 0);
+        begin.nfgen(AF_UNSPEC, NFNL_SUBSYS_NFTABLES);
+        let mut add = Request::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
+            NLM_F_ACK | NLM_F_CREATE,
+        );
+        add.nfgen(NFPROTO_IPV4, 0);
+        add.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+        add.attr_str(NFTA_SET_ELEM_LIST_SET, set);
+        let list = add.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED);
+        for (addr, timeout) in elems {
+            let elem = add.nest_start(NFTA_LIST_ELEM | NLA_F_NESTED);
+            let key = add.nest_start(NFTA_SET_ELEM_KEY | NLA_F_NESTED);
+            add.attr(NFTA_DATA_VALUE, &addr.octets());
+            add.nest_end(key);
+            let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            add.attr(NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
+            add.nest_end(elem);
+        }
+        add.nest_end(list);
+        let mut end = Request::new(NFNL_MSG_BATCH_END, 0);
+        end.nfgen(AF_UNSPEC, NFNL_SUBSYS_NFTABLES);
+        let seqs = self.send_batch(vec![begin, add, end])?;
+        self.wait_ack(seqs[1], &mut |_, _| Ok(()))
     }
 }
 

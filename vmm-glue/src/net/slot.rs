@@ -28,8 +28,18 @@
 //!
 //! Creation is idempotent and repairs partial state (every step checks or replaces); so is
 //! destruction. [`Network::cleanup_leftovers`] removes slots that a crashed agent left
-//! behind, except those it re-adopted. Creating a live slot again with another [`Egress`]
-//! changes its policy for new connections (established ones are kept).
+//! behind, except those it re-adopted. [`Network::set_egress`] (or creating a live slot
+//! again) replaces its policy atomically; since every packet of a connection the guest
+//! opened meets the policy, connections to destinations it now refuses are cut (the guest
+//! gets a TCP reset), not only new ones.
+//!
+//! Egress policy, in the slot's table (chain `egress`, evaluated in this order):
+//! 1. `never_out` (the host's list plus the slot subnet): refused, whatever else says;
+//! 2. `allow_out` (the sandbox's allowed addresses and networks): accepted;
+//! 3. `allow_dns` (addresses the slot's resolver answered for allowed domain names, each
+//!    with its TTL): accepted;
+//! 4. `deny_out`: refused (TCP reset, ICMP admin-prohibited otherwise);
+//! 5. anything else: accepted.
 //!
 //! Use: at start-up `Network::setup_host`, then `cleanup_leftovers(&adopted)` and
 //! `SlotAllocator::mark_used` for each adopted slot. Per sandbox: `create_slot`, start
@@ -41,16 +51,21 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
+use std::time::Duration;
+
+use super::dns::DomainPattern;
 use super::limits::{
-    EGRESS_RULES_MAX, NAME_PREFIX_LEN_MAX, SLOT_ALIAS_BLOCK_LEN, SLOT_COUNT_MAX,
-    SLOT_LINK_BLOCK_LEN, SUBNET_HALF_LEN,
+    DNS_SET_LEN_MAX, EGRESS_DOMAINS_MAX, EGRESS_RULES_MAX, NAME_PREFIX_LEN_MAX, NEVER_OUT_MAX,
+    SLOT_ALIAS_BLOCK_LEN, SLOT_COUNT_MAX, SLOT_LINK_BLOCK_LEN, SUBNET_HALF_LEN,
 };
 use super::netlink::Netlink;
+use super::resolver::{Resolver, SlotDns};
 use super::{firewall, netns, tap, Error};
 
 /// The guest's address in every slot.
@@ -90,6 +105,22 @@ pub struct Ipv4Cidr {
 }
 
 impl Ipv4Cidr {
+    /// Every IPv4 address, 0.0.0.0/0.
+    pub const ALL: Ipv4Cidr = Ipv4Cidr {
+        addr: Ipv4Addr::UNSPECIFIED,
+        prefix_len: 0,
+    };
+
+    /// Whether `ip` is inside this network.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix_len)
+        };
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+
     /// The network containing `addr`, with `prefix_len` bits (at most 32).
     pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Result<Self, Error> {
         if prefix_len > 32 {
@@ -132,11 +163,23 @@ impl std::fmt::Display for Ipv4Cidr {
     }
 }
 
-/// Which destinations a slot's guest may open connections to. Deny wins over allow; an
-/// empty allow list allows everything not denied.
+/// Which destinations a slot's guest may open connections to, in e2b's terms and with its
+/// precedence: `allow` (addresses and domain names) wins over `deny`; whatever neither list
+/// names is allowed. "Only these" is `deny: [0.0.0.0/0]` with an allow list ([`Egress::none`]
+/// plus allows). Above both stands the host's `never_out` list ([`NetConfig::never_out`]):
+/// nothing in it is reachable, whatever is allowed.
+///
+/// Domain names are enforced through the slot's resolver: the addresses it answers for an
+/// allowed name are added, with their TTL, to the slot's DNS set, which is checked like
+/// `allow`. A closed policy (deny covers every address) also makes the resolver refuse every
+/// name not allowed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Egress {
+    /// Addresses and networks always allowed (except `never_out`).
     pub allow: Vec<Ipv4Cidr>,
+    /// Domain names (`example.com`, `*.example.com`) whose addresses are allowed.
+    pub allow_domains: Vec<DomainPattern>,
+    /// Addresses and networks denied unless allowed.
     pub deny: Vec<Ipv4Cidr>,
 }
 
@@ -144,36 +187,103 @@ impl Egress {
     /// Egress to nowhere: the guest can only answer connections from the host.
     pub fn none() -> Self {
         Egress {
-            allow: Vec::new(),
-            deny: vec![Ipv4Cidr {
-                addr: Ipv4Addr::UNSPECIFIED,
-                prefix_len: 0,
-            }],
+            deny: vec![Ipv4Cidr::ALL],
+            ..Egress::default()
         }
     }
-    fn check(&self) -> Result<(), Error> {
-        for list in [&self.allow, &self.deny] {
-            if list.len() > EGRESS_RULES_MAX {
-                return Err(Error::TooManyEgressRules { len: list.len() });
+
+    /// The checks every list must pass: each within its bound.
+    pub fn check(&self) -> Result<(), Error> {
+        for len in [self.allow.len(), self.deny.len()] {
+            if len > EGRESS_RULES_MAX {
+                return Err(Error::TooManyEgressRules { len });
             }
+        }
+        if self.allow_domains.len() > EGRESS_DOMAINS_MAX {
+            return Err(Error::TooManyEgressRules {
+                len: self.allow_domains.len(),
+            });
         }
         Ok(())
     }
+
+    /// True if `deny` covers every IPv4 address: only what is allowed gets out, and the
+    /// resolver answers only allowed names.
+    pub fn is_closed(&self) -> bool {
+        covers_everything(&self.deny)
+    }
+
+    /// Whether a name may be resolved: it is allowed, or the policy is not closed (then
+    /// the guest may reach any address not denied anyway).
+    pub fn may_resolve(&self, name: &str) -> bool {
+        !self.is_closed() || self.domain_allowed(name)
+    }
+
+    /// Whether `name` matches one of the allowed domain names.
+    pub fn domain_allowed(&self, name: &str) -> bool {
+        self.allow_domains.iter().any(|p| p.matches(name))
+    }
 }
+
+/// Whether the union of `list` is all of IPv4.
+fn covers_everything(list: &[Ipv4Cidr]) -> bool {
+    let mut ranges: Vec<(u64, u64)> = list
+        .iter()
+        .map(|c| {
+            let start = u64::from(u32::from(c.addr));
+            (start, start + (1u64 << (32 - u32::from(c.prefix_len))))
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut reached = 0u64;
+    for (start, end) in ranges {
+        if start > reached {
+            return false;
+        }
+        reached = reached.max(end);
+    }
+    reached >= 1 << 32
+}
+
+/// The `never_out` ranges of a host that sets none: private networks (RFC 1918), shared
+/// address space (RFC 6598, carrier-grade NAT: 100.64.0.0/10), link-local (a cloud's
+/// metadata service), loopback and "this network" (0.0.0.0/8). The control network (ctl,
+/// agents, PostgreSQL) is usually inside these; if it is not, the operator adds it.
+pub const NEVER_OUT_DEFAULT: [&str; 7] = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+];
 
 /// Host-wide settings: how slots are named and numbered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     prefix: String,
     subnet: Ipv4Addr,
+    never_out: Vec<Ipv4Cidr>,
+}
+
+/// [`NEVER_OUT_DEFAULT`], parsed.
+pub fn never_out_default() -> Vec<Ipv4Cidr> {
+    NEVER_OUT_DEFAULT
+        .iter()
+        // The constants above are valid CIDRs (the `never_out_defaults_parse` test).
+        .filter_map(|s| s.parse().ok())
+        .collect()
 }
 
 impl Default for NetConfig {
-    /// Names `wrenn-N` / `wrenn-vN`, addresses from 10.200.0.0/16.
+    /// Names `wrenn-N` / `wrenn-vN`, addresses from 10.200.0.0/16, `never_out` the
+    /// defaults.
     fn default() -> Self {
         NetConfig {
             prefix: "wrenn".to_owned(),
             subnet: Ipv4Addr::new(10, 200, 0, 0),
+            never_out: never_out_default(),
         }
     }
 }
@@ -200,7 +310,33 @@ impl NetConfig {
         Ok(NetConfig {
             prefix: prefix.to_owned(),
             subnet,
+            never_out: never_out_default(),
         })
+    }
+
+    /// Replaces the host's `never_out` list (destinations no sandbox reaches, whatever its
+    /// policy allows). The slot subnet is always added to it.
+    pub fn with_never_out(mut self, list: Vec<Ipv4Cidr>) -> Result<Self, Error> {
+        if list.len() > NEVER_OUT_MAX {
+            return Err(Error::InvalidConfig(format!(
+                "{} never_out entries (at most {NEVER_OUT_MAX})",
+                list.len()
+            )));
+        }
+        self.never_out = list;
+        Ok(self)
+    }
+
+    /// Destinations no sandbox reaches: the operator's list plus the slot subnet.
+    pub fn never_out(&self) -> Vec<Ipv4Cidr> {
+        let mut v = self.never_out.clone();
+        v.push(self.subnet());
+        v
+    }
+
+    /// Whether `ip` is inside [`NetConfig::never_out`].
+    pub fn is_never_out(&self, ip: Ipv4Addr) -> bool {
+        self.subnet().contains(ip) || self.never_out.iter().any(|c| c.contains(ip))
     }
 
     pub fn prefix(&self) -> &str {
@@ -249,7 +385,7 @@ impl NetConfig {
     }
 
     /// The slot table's name (inside each slot's namespace).
-    fn slot_table(&self) -> String {
+    pub fn slot_table(&self) -> String {
         format!("{}_slot", self.prefix)
     }
 }
@@ -324,29 +460,56 @@ pub fn host_ruleset(cfg: &NetConfig) -> String {
     r
 }
 
-/// The table inside slot `slot`'s namespace.
-pub fn slot_ruleset(cfg: &NetConfig, slot: &Slot, egress: &Egress) -> String {
+/// The name of the DNS set in a slot's table.
+pub const DNS_SET: &str = "allow_dns";
+
+/// An nftables interval set of IPv4 networks (overlaps merged).
+fn interval_set(name: &str, list: &[Ipv4Cidr]) -> String {
+    let mut r = format!("  set {name} {{\n    type ipv4_addr; flags interval; auto-merge;\n");
+    if !list.is_empty() {
+        let _ = writeln!(r, "    elements = {}", set_of(list));
+    }
+    r.push_str("  }\n");
+    r
+}
+
+/// The table inside slot `slot`'s namespace. `dns_live` are the DNS set's entries to keep
+/// (address, time left), carried over when a policy update replaces the table.
+pub fn slot_ruleset(
+    cfg: &NetConfig,
+    slot: &Slot,
+    egress: &Egress,
+    dns_live: &[(Ipv4Addr, Duration)],
+) -> String {
     let t = cfg.slot_table();
-    let (veth, tap, guest, alias) = (NS_VETH_NAME, TAP_NAME, GUEST_ADDR, slot.guest_alias);
-    let mut egress_rules = String::new();
-    if !egress.deny.is_empty() {
-        let _ = writeln!(egress_rules, "    ip daddr {} drop", set_of(&egress.deny));
+    let (veth, tap, guest, gw, alias) = (
+        NS_VETH_NAME,
+        TAP_NAME,
+        GUEST_ADDR,
+        GATEWAY_ADDR,
+        slot.guest_alias,
+    );
+    let mut sets = interval_set("never_out", &cfg.never_out());
+    sets.push_str(&interval_set("allow_out", &egress.allow));
+    sets.push_str(&interval_set("deny_out", &egress.deny));
+    let _ = write!(
+        sets,
+        "  set {DNS_SET} {{\n    type ipv4_addr; size {DNS_SET_LEN_MAX}; flags timeout;\n"
+    );
+    if !dns_live.is_empty() {
+        let items: Vec<String> = dns_live
+            .iter()
+            .take(DNS_SET_LEN_MAX)
+            .map(|(ip, left)| format!("{ip} timeout {}s", left.as_secs().max(1)))
+            .collect();
+        let _ = writeln!(sets, "    elements = {{ {} }}", items.join(", "));
     }
-    if egress.allow.is_empty() {
-        egress_rules.push_str("    accept\n");
-    } else {
-        let _ = writeln!(
-            egress_rules,
-            "    ip daddr {} accept",
-            set_of(&egress.allow)
-        );
-        egress_rules.push_str("    drop\n");
-    }
+    sets.push_str("  }\n");
     let mut r = firewall::replace_table_preamble("ip", &t);
     let _ = write!(
         r,
         "table ip {t} {{
-  chain prerouting {{
+{sets}  chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"{veth}\" ip daddr {alias} dnat to {guest}
   }}
@@ -355,19 +518,34 @@ pub fn slot_ruleset(cfg: &NetConfig, slot: &Slot, egress: &Egress) -> String {
     oifname \"{veth}\" ip saddr {guest} snat to {alias}
   }}
   chain input {{
-    # The namespace itself serves nothing: not to the guest, not to the host.
+    # The namespace itself serves nothing but the slot's resolver, to its guest.
     type filter hook input priority filter; policy drop;
     iifname \"lo\" accept
     ct state established,related accept
+    iifname \"{tap}\" ip saddr {guest} ip daddr {gw} udp dport 53 accept
+    iifname \"{tap}\" ip saddr {guest} ip daddr {gw} tcp dport 53 reject with tcp reset
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
-    ct state established,related accept
+    iifname \"{veth}\" oifname \"{tap}\" ct state established,related accept
     iifname \"{veth}\" oifname \"{tap}\" ip daddr {guest} accept
+    # The guest's side of connections the host opened.
+    iifname \"{tap}\" oifname \"{veth}\" ip saddr {guest} ct direction reply accept
+    # Every packet of a connection the guest opened meets the policy, not only the first:
+    # a policy update cuts established connections to what it now refuses.
     iifname \"{tap}\" oifname \"{veth}\" ip saddr {guest} jump egress
   }}
   chain egress {{
-{egress_rules}  }}
+    ip daddr @never_out goto refuse
+    ip daddr @allow_out accept
+    ip daddr @{DNS_SET} accept
+    ip daddr @deny_out goto refuse
+    accept
+  }}
+  chain refuse {{
+    meta l4proto tcp reject with tcp reset
+    reject with icmp type admin-prohibited
+  }}
 }}
 "
     );
@@ -385,6 +563,7 @@ fn write_sysctl(path: &'static str, value: &str) -> Result<(), Error> {
 pub struct Network {
     cfg: NetConfig,
     host_ready: AtomicBool,
+    resolver: OnceLock<Resolver>,
 }
 
 impl Network {
@@ -392,7 +571,53 @@ impl Network {
         Network {
             cfg,
             host_ready: AtomicBool::new(false),
+            resolver: OnceLock::new(),
         }
+    }
+
+    /// Starts the slots' DNS resolver, forwarding allowed queries to `upstream` (the host's
+    /// resolver). Slots created afterwards get a resolver on their gateway address; without
+    /// it, domain names in an allow list resolve to nothing. Starting it twice is an error.
+    pub fn start_resolver(&self, upstream: SocketAddr) -> Result<(), Error> {
+        let r = Resolver::start(upstream)?;
+        self.resolver
+            .set(r)
+            .map_err(|_| Error::InvalidConfig("the slots' resolver is already running".to_owned()))
+    }
+
+    /// Replaces the egress policy of live slot `index`, atomically (one nftables
+    /// transaction). Addresses the resolver added for names the new policy still allows are
+    /// kept with their time left; established connections to what the new policy refuses
+    /// are cut (every packet of a guest's connection meets the policy).
+    pub fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), Error> {
+        egress.check()?;
+        let slot = self.cfg.slot(index)?;
+        if !netns::exists(&slot.netns)? {
+            return Err(Error::NoSlot { index });
+        }
+        let cfg = &self.cfg;
+        match self.resolver.get().and_then(|r| r.slot(index)) {
+            Some(state) => {
+                // Held across the apply: the resolver adds nothing to this slot's set
+                // meanwhile, so nothing it adds is lost with the old table.
+                let mut st = SlotDns::lock(&state);
+                let old = st.egress().clone();
+                let live = st.retain_for(egress);
+                let ruleset = slot_ruleset(cfg, &slot, egress, &live);
+                netns::run_in(&slot.netns, || firewall::apply(&ruleset))??;
+                st.set_egress(egress.clone());
+                log::info!(
+                    "slot egress updated index={index} kept_dns={} was_closed={}",
+                    live.len(),
+                    old.is_closed()
+                );
+            }
+            None => {
+                let ruleset = slot_ruleset(cfg, &slot, egress, &[]);
+                netns::run_in(&slot.netns, || firewall::apply(&ruleset))??;
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -464,7 +689,26 @@ impl Network {
         // Inside the namespace first: rules before forwarding, forwarding before the host
         // routes traffic here.
         let cfg = &self.cfg;
-        netns::run_in(&slot.netns, || setup_inside(cfg, &slot, egress))??;
+        let dns_state = self.resolver.get().and_then(|r| r.slot(index));
+        match &dns_state {
+            // A live slot (re-created): its policy changes under the resolver's lock.
+            Some(state) => {
+                let mut st = SlotDns::lock(state);
+                let live = st.retain_for(egress);
+                netns::run_in(&slot.netns, || setup_inside(cfg, &slot, egress, &live))??;
+                st.set_egress(egress.clone());
+            }
+            None => netns::run_in(&slot.netns, || setup_inside(cfg, &slot, egress, &[]))??,
+        }
+        if let (Some(r), None) = (self.resolver.get(), dns_state) {
+            r.add_slot(
+                index,
+                &slot.netns,
+                &cfg.slot_table(),
+                egress,
+                cfg.never_out(),
+            )?;
+        }
 
         // Host end: up, address, route to the guest alias through the namespace.
         let idx = nl
@@ -492,6 +736,9 @@ impl Network {
     /// an error. Firecracker must have exited: a process inside keeps the namespace alive.
     pub fn destroy_slot(&self, index: u32) -> Result<(), Error> {
         let slot = self.cfg.slot(index)?;
+        if let Some(r) = self.resolver.get() {
+            r.remove_slot(index)?;
+        }
         // Deleting the host end removes both ends now; namespace teardown in the kernel is
         // asynchronous, and a later create of the same slot must not find the old link.
         let mut nl = Netlink::open().map_err(Error::netlink("open netlink socket"))?;
@@ -546,7 +793,12 @@ impl Network {
 }
 
 /// Everything done inside a slot's namespace (runs on a thread that entered it).
-fn setup_inside(cfg: &NetConfig, slot: &Slot, egress: &Egress) -> Result<(), Error> {
+fn setup_inside(
+    cfg: &NetConfig,
+    slot: &Slot,
+    egress: &Egress,
+    dns_live: &[(Ipv4Addr, Duration)],
+) -> Result<(), Error> {
     let mut nl = Netlink::open().map_err(Error::netlink("open netlink socket in slot"))?;
     let lo = nl.link_index("lo").map_err(Error::netlink("look up lo"))?;
     nl.set_up(lo, true).map_err(Error::netlink("set lo up"))?;
@@ -583,7 +835,7 @@ fn setup_inside(cfg: &NetConfig, slot: &Slot, egress: &Egress) -> Result<(), Err
             write_sysctl(path, "1")?;
         }
     }
-    firewall::apply(&slot_ruleset(cfg, slot, egress))?;
+    firewall::apply(&slot_ruleset(cfg, slot, egress, dns_live))?;
     // A new namespace inherits the host's ip_forward; set it, after the rules are in.
     write_sysctl(IP_FORWARD, "1")
 }
@@ -788,22 +1040,33 @@ mod tests {
     fn rulesets() {
         let cfg = NetConfig::default();
         let slot = cfg.slot(3).unwrap();
-        let open = slot_ruleset(&cfg, &slot, &Egress::default());
+        let open = slot_ruleset(&cfg, &slot, &Egress::default(), &[]);
         assert!(open.starts_with("table ip wrenn_slot {}\ndelete table ip wrenn_slot\n"));
         assert!(open.contains("ip daddr 10.200.128.13 dnat to 169.254.0.21"));
         assert!(open.contains("ip saddr 169.254.0.21 snat to 10.200.128.13"));
-        assert!(open.contains("  chain egress {\n    accept\n  }"));
+        // Order: never_out, allow, dns, deny, accept.
+        assert!(open.contains(
+            "  chain egress {\n    ip daddr @never_out goto refuse\n    ip daddr @allow_out accept\n    \
+             ip daddr @allow_dns accept\n    ip daddr @deny_out goto refuse\n    accept\n  }"
+        ));
+        // The defaults and the slot subnet are in never_out.
+        assert!(open.contains(
+            "elements = { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, \
+             172.16.0.0/12, 192.168.0.0/16, 10.200.0.0/16 }"
+        ));
+        assert!(open.contains("udp dport 53 accept"));
+        assert!(open.contains("ct direction reply accept"));
         let restricted = Egress {
             allow: vec!["1.1.1.0/24".parse().unwrap()],
-            deny: vec![
-                "10.0.0.0/8".parse().unwrap(),
-                "192.168.0.0/16".parse().unwrap(),
-            ],
+            allow_domains: vec![DomainPattern::parse("*.example.com").unwrap()],
+            deny: vec![Ipv4Cidr::ALL],
         };
-        let r = slot_ruleset(&cfg, &slot, &restricted);
-        assert!(r.contains("ip daddr { 10.0.0.0/8, 192.168.0.0/16 } drop\n    ip daddr { 1.1.1.0/24 } accept\n    drop\n"));
-        let none = slot_ruleset(&cfg, &slot, &Egress::none());
-        assert!(none.contains("ip daddr { 0.0.0.0/0 } drop"));
+        let live = [(Ipv4Addr::new(203, 0, 113, 9), Duration::from_millis(59_500))];
+        let r = slot_ruleset(&cfg, &slot, &restricted, &live);
+        assert!(r.contains("  set allow_out {\n    type ipv4_addr; flags interval; auto-merge;\n    elements = { 1.1.1.0/24 }\n  }"));
+        assert!(r.contains("  set deny_out {\n    type ipv4_addr; flags interval; auto-merge;\n    elements = { 0.0.0.0/0 }\n  }"));
+        assert!(r.contains("elements = { 203.0.113.9 timeout 59s }"), "{r}");
+        assert!(r.contains(&format!("size {DNS_SET_LEN_MAX}; flags timeout;")));
 
         let host = host_ruleset(&cfg);
         assert!(host.starts_with("table ip wrenn {}\ndelete table ip wrenn\n"));
@@ -813,15 +1076,79 @@ mod tests {
     }
 
     #[test]
+    fn never_out_defaults_parse() {
+        assert_eq!(never_out_default().len(), NEVER_OUT_DEFAULT.len());
+        let cfg = NetConfig::default();
+        for ip in [
+            "10.1.2.3",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "127.0.0.1",
+            "10.200.5.5",
+        ] {
+            assert!(cfg.is_never_out(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "172.32.0.1", "100.128.0.1", "198.18.0.1"] {
+            assert!(!cfg.is_never_out(ip.parse().unwrap()), "{ip}");
+        }
+        // An operator list replaces the defaults; the slot subnet stays in.
+        let own = NetConfig::new("wrnt", Ipv4Addr::new(10, 201, 0, 0))
+            .unwrap()
+            .with_never_out(vec!["203.0.113.0/24".parse().unwrap()])
+            .unwrap();
+        assert!(own.is_never_out("203.0.113.7".parse().unwrap()));
+        assert!(own.is_never_out("10.201.0.1".parse().unwrap()));
+        assert!(!own.is_never_out("10.1.0.1".parse().unwrap()));
+        assert!(NetConfig::default()
+            .with_never_out(vec![Ipv4Cidr::ALL; NEVER_OUT_MAX + 1])
+            .is_err());
+    }
+
+    #[test]
+    fn closed_policies() {
+        assert!(!Egress::default().is_closed());
+        assert!(Egress::none().is_closed());
+        let halves = Egress {
+            deny: vec!["128.0.0.0/1".parse().unwrap(), "0.0.0.0/1".parse().unwrap()],
+            ..Egress::default()
+        };
+        assert!(halves.is_closed());
+        let gap = Egress {
+            deny: vec!["128.0.0.0/1".parse().unwrap(), "0.0.0.0/2".parse().unwrap()],
+            ..Egress::default()
+        };
+        assert!(!gap.is_closed());
+        let only = Egress {
+            allow_domains: vec![DomainPattern::parse("api.example.com").unwrap()],
+            ..Egress::none()
+        };
+        assert!(only.may_resolve("api.example.com"));
+        assert!(!only.may_resolve("evil.example.com"));
+        assert!(Egress::default().may_resolve("anything.net"));
+        assert!(!Egress::default().domain_allowed("anything.net"));
+        let c: Ipv4Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(10, 255, 0, 1)));
+        assert!(!c.contains(Ipv4Addr::new(11, 0, 0, 0)));
+        assert!(Ipv4Cidr::ALL.contains(Ipv4Addr::BROADCAST));
+    }
+
+    #[test]
     fn egress_bounds() {
         let many = Egress {
             allow: vec!["1.2.3.4/32".parse().unwrap(); EGRESS_RULES_MAX + 1],
-            deny: vec![],
+            ..Egress::default()
         };
         assert!(matches!(
             many.check(),
             Err(Error::TooManyEgressRules { .. })
         ));
+        let names = Egress {
+            allow_domains: vec![DomainPattern::parse("a.b").unwrap(); EGRESS_DOMAINS_MAX + 1],
+            ..Egress::default()
+        };
+        assert!(names.check().is_err());
         assert!(Egress::default().check().is_ok());
     }
 

@@ -1,5 +1,5 @@
-//! Replays the committed fuzz corpus (`fuzz/corpus/{api_response,vsock_reply}`) through the
-//! fuzz target bodies, so every input the fuzzer kept runs under `cargo test` too.
+//! Replays the committed fuzz corpus (`fuzz/corpus/{api_response,vsock_reply,dns_message}`)
+//! through the fuzz target bodies, so every input the fuzzer kept runs under `cargo test` too.
 
 use std::path::PathBuf;
 
@@ -30,5 +30,13 @@ fn vsock_reply_corpus() {
     for (p, data) in corpus("vsock_reply") {
         println!("{}", p.display());
         vmm_glue::vsock::fuzz_reply(&data);
+    }
+}
+
+#[test]
+fn dns_message_corpus() {
+    for (p, data) in corpus("dns_message") {
+        println!("{}", p.display());
+        vmm_glue::net::dns::fuzz_dns_message(&data);
     }
 }

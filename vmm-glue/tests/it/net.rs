@@ -264,8 +264,8 @@ fn slots_isolate_nat_and_clean_up() {
     let s1 = net.create_slot(1, &Egress::default()).unwrap();
     let create_ms = t.elapsed().as_secs_f64() * 1e3;
     let deny_internet = Egress {
-        allow: vec![],
         deny: vec!["198.18.0.0/15".parse().unwrap()],
+        ..Egress::default()
     };
     let s2 = net.create_slot(2, &deny_internet).unwrap();
     println!("slot create took {create_ms:.1} ms");
@@ -411,12 +411,13 @@ fn slots_isolate_nat_and_clean_up() {
     );
     assert_eq!(inet.peers.lock().unwrap().len(), 1);
 
-    // Changing a live slot's policy by creating it again: an allow list that covers the
-    // server lets guest 2 out; one that does not, blocks it again.
+    // Changing a live slot's policy by creating it again: "only these" with an allow list
+    // that covers the server lets guest 2 out (allow wins over deny); one that does not,
+    // blocks it again.
     let inet_addr = sock(INET_SERVER, inet.addr.port());
     let allow = |cidr: &str| Egress {
         allow: vec![cidr.parse().unwrap()],
-        deny: vec![],
+        ..Egress::none()
     };
     net.create_slot(2, &allow("198.18.0.1/32")).unwrap();
     let r = echo_from(&guest_ns(2), inet_addr, REACH_TIMEOUT);
