@@ -30,7 +30,7 @@ use vmm_glue::request::{
 };
 use vmm_glue::vsock::{self, ReadinessListener, ENVD_PORT};
 
-use crate::flags::{Flags, RestoreBackend};
+use crate::flags::{DnsUpstream, Flags, RestoreBackend};
 use crate::limits::{BOOT_READY_TIMEOUT, ENVD_CALL_TIMEOUT};
 use crate::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
 use crate::sys;
@@ -64,8 +64,10 @@ pub struct FcConfig {
     pub state_root: PathBuf,
     /// Serial console into firecracker.log (slow; for debugging).
     pub console: bool,
-    /// Slot naming and addresses (two agents on one host need different ones).
+    /// Slot naming and addresses (two agents on one host need different ones), never_out.
     pub net: NetConfig,
+    /// The slots' resolver's upstream.
+    pub dns_upstream: DnsUpstream,
     /// Run every Firecracker under Firecracker's jailer (`None`: `--unjailed`).
     pub jail: Option<JailConfig>,
 }
@@ -118,6 +120,7 @@ impl FcConfig {
             state_root: f.state_root.clone(),
             console: false,
             net: f.net.clone(),
+            dns_upstream: f.dns_upstream,
             jail: (!f.unjailed).then(|| JailConfig {
                 jailer: f.jailer.clone(),
                 chroot_base: f.chroot_base.clone(),
@@ -196,6 +199,26 @@ fn tail(p: &Path) -> String {
         .to_owned()
 }
 
+/// Starts the slots' DNS resolver. Without it sandboxes still run; allow lists of domain
+/// names then resolve nothing, which the log says.
+fn start_resolver(net: &Network, upstream: DnsUpstream) {
+    let addr = match upstream {
+        DnsUpstream::Off => return,
+        DnsUpstream::Addr(a) => Some(a),
+        DnsUpstream::ResolvConf => fs::read_to_string("/etc/resolv.conf")
+            .ok()
+            .and_then(|t| vmm_glue::net::resolver::upstream_from_resolv_conf(&t)),
+    };
+    let Some(addr) = addr else {
+        warn!("no IPv4 nameserver in /etc/resolv.conf; slots get no resolver (set --dns-upstream)");
+        return;
+    };
+    match net.start_resolver(addr) {
+        Ok(()) => log::info!("slot resolver started upstream={addr}"),
+        Err(e) => warn!("slot resolver not started upstream={addr} error={e}"),
+    }
+}
+
 impl FirecrackerVmm {
     /// Sets up host networking (when possible: root and nft needed) and detects cgroups.
     pub fn new(cfg: FcConfig) -> FirecrackerVmm {
@@ -213,6 +236,9 @@ impl FirecrackerVmm {
                 .err()
                 .map(|e| format!("host networking could not be set up: {e}"))
         };
+        if net_problem.is_none() && executable(&cfg.firecracker) {
+            start_resolver(&net, cfg.dns_upstream);
+        }
         let cgroups = match cgroup::detect() {
             Ok(m) => Some(m),
             Err(e) => {

@@ -12,8 +12,14 @@ usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
                    [--slots N] [--net-prefix wrenn] [--net-subnet 10.200.0.0]
                     [--jailer /usr/local/bin/jailer] [--chroot-base-dir <state-root>/jail]
                     [--uid-base 900000] [--uid-count 4096] [--uffd-uid <uid-base + uid-count>]
-                    [--unjailed]
+                    [--unjailed] [--never-out default,CIDR,...]
+                    [--dns-upstream IP[:PORT]|off]
 --ctl is ctl's host port (wrenn.host.v1, 7702 by default), not its client port (7700).
+--never-out: destinations no sandbox reaches whatever its policy allows; the word `default`
+stands for the private, shared, link-local, loopback ranges (the default). Add the control
+network when it is outside them.
+--dns-upstream: where the slots' resolver sends allowed queries (default: the first IPv4
+nameserver of /etc/resolv.conf); `off` runs no resolver (domain allow lists resolve nothing).
 environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_JAILER (defaults of --firecracker,
              --kernel, --jailer)";
 
@@ -22,6 +28,29 @@ environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_JAILER (defaults of --firecr
 pub enum RestoreBackend {
     Uffd,
     File,
+}
+
+/// Where the slots' resolver forwards allowed queries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsUpstream {
+    /// The first IPv4 `nameserver` of /etc/resolv.conf, read at start-up.
+    ResolvConf,
+    Addr(SocketAddr),
+    /// No resolver.
+    Off,
+}
+
+/// `default,CIDR,...` (`default` = the built-in list).
+fn parse_never_out(v: &str) -> Option<Vec<vmm_glue::net::Ipv4Cidr>> {
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if item == "default" {
+            out.extend(vmm_glue::net::slot::never_out_default());
+        } else {
+            out.push(item.parse().ok()?);
+        }
+    }
+    Some(out)
 }
 
 /// The parsed flags.
@@ -56,8 +85,11 @@ pub struct Flags {
     /// Today's mode without the jailer (Firecracker and wrenn-uffd as root); `wrenn doctor`
     /// reports it as a failure for production.
     pub unjailed: bool,
-    /// Names of slots' namespaces and links, and the /16 their addresses come from.
+    /// Names of slots' namespaces and links, the /16 their addresses come from, and the
+    /// host's `never_out` list.
     pub net: vmm_glue::net::NetConfig,
+    /// The slots' DNS resolver's upstream.
+    pub dns_upstream: DnsUpstream,
     pub help: bool,
 }
 
@@ -108,6 +140,7 @@ impl Flags {
             boot_args_extra: String::new(),
             slots: crate::limits::SANDBOXES_MAX as u32,
             net: vmm_glue::net::NetConfig::default(),
+            dns_upstream: DnsUpstream::ResolvConf,
             jailer: env("WRENN_JAILER")
                 .filter(|s| !s.is_empty())
                 .map_or_else(|| PathBuf::from("/usr/local/bin/jailer"), PathBuf::from),
@@ -122,6 +155,7 @@ impl Flags {
         let mut uffd_uid = None;
         let mut net_prefix = f.net.prefix().to_owned();
         let mut net_subnet = f.net.subnet().addr();
+        let mut never_out = None;
         let mut it = args.into_iter();
         while let Some(arg) = it.next() {
             let (name, inline) = match arg.split_once('=') {
@@ -182,6 +216,22 @@ impl Flags {
                     let v = value!("--net-subnet");
                     net_subnet = v.parse().map_err(|_| bad("--net-subnet", v))?;
                 }
+                "--never-out" => {
+                    let v = value!("--never-out");
+                    never_out = Some(parse_never_out(&v).ok_or_else(|| bad("--never-out", v))?);
+                }
+                "--dns-upstream" => {
+                    let v = value!("--dns-upstream");
+                    f.dns_upstream = if v == "off" {
+                        DnsUpstream::Off
+                    } else if let Ok(a) = v.parse::<SocketAddr>() {
+                        DnsUpstream::Addr(a)
+                    } else if let Ok(ip) = v.parse::<std::net::IpAddr>() {
+                        DnsUpstream::Addr(SocketAddr::new(ip, 53))
+                    } else {
+                        return Err(bad("--dns-upstream", v));
+                    };
+                }
                 "--jailer" => f.jailer = PathBuf::from(value!("--jailer")),
                 "--chroot-base-dir" => {
                     let v = value!("--chroot-base-dir");
@@ -213,6 +263,16 @@ impl Flags {
                 value: format!("{net_prefix} {net_subnet}"),
             }
         })?;
+        if let Some(list) = never_out {
+            let n = list.len();
+            f.net = f
+                .net
+                .with_never_out(list)
+                .map_err(|_| FlagError::BadValue {
+                    flag: "--never-out",
+                    value: format!("{n} entries"),
+                })?;
+        }
         f.chroot_base = chroot_base.unwrap_or_else(|| f.state_root.join("jail"));
         let range = crate::uid_pool::UidRange {
             base: f.uid_base,
@@ -408,5 +468,45 @@ mod tests {
         ));
         let f = parse(&["--net-prefix", "wt", "--net-subnet", "10.201.0.0"]).unwrap();
         assert_eq!(f.net.prefix(), "wt");
+    }
+
+    #[test]
+    fn egress_flags() {
+        let f = parse(&[]).unwrap();
+        assert_eq!(f.dns_upstream, DnsUpstream::ResolvConf);
+        assert!(f.net.is_never_out("10.1.2.3".parse().unwrap()));
+        let f = parse(&[
+            "--never-out",
+            "default,203.0.113.0/24",
+            "--dns-upstream=10.0.0.2",
+        ])
+        .unwrap();
+        assert!(f.net.is_never_out("203.0.113.9".parse().unwrap()));
+        assert!(f.net.is_never_out("192.168.1.1".parse().unwrap()));
+        assert_eq!(
+            f.dns_upstream,
+            DnsUpstream::Addr("10.0.0.2:53".parse().unwrap())
+        );
+        // Without `default` the list is only what is given (plus the slot subnet).
+        let f = parse(&["--never-out", "203.0.113.0/24", "--dns-upstream", "off"]).unwrap();
+        assert!(!f.net.is_never_out("192.168.1.1".parse().unwrap()));
+        assert_eq!(f.dns_upstream, DnsUpstream::Off);
+        let f = parse(&["--dns-upstream", "127.0.0.53:5353"]).unwrap();
+        assert_eq!(
+            f.dns_upstream,
+            DnsUpstream::Addr("127.0.0.53:5353".parse().unwrap())
+        );
+        for bad in [
+            &["--never-out", "10.0.0.0/33"][..],
+            &["--never-out", "default,x"],
+            &["--dns-upstream", "resolver.example"],
+        ] {
+            assert!(
+                matches!(parse(bad), Err(FlagError::BadValue { .. })),
+                "{bad:?}"
+            );
+        }
+        let many = vec!["1.2.3.4"; 65].join(",");
+        assert!(parse(&["--never-out", &many]).is_err());
     }
 }

@@ -573,6 +573,7 @@ mod lifecycle {
             state_root: root.clone(),
             console: false,
             net: net.clone(),
+            dns_upstream: agent::flags::DnsUpstream::Off,
             // Unjailed: the bench measures the lifecycle's own costs.
             jail: None,
         };

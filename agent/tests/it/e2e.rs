@@ -211,6 +211,7 @@ fn start_in_process(inp: &Inputs) -> InProcess {
             console: std::env::var("WRENN_BOOT_CONSOLE").as_deref() == Ok("1"),
             // Its own slot names and addresses: other agents may run on this host.
             net: vmm_glue::net::NetConfig::new("wre2e", "10.213.0.0".parse().unwrap()).unwrap(),
+            dns_upstream: agent::flags::DnsUpstream::ResolvConf,
             jail: inp.jailer.as_ref().map(|j| agent::firecracker::JailConfig {
                 jailer: j.clone(),
                 chroot_base: inp.root.join("jail"),

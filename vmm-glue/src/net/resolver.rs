@@ -629,9 +629,33 @@ fn handle_answer(slot: &mut LoopSlot, msg: &mut [u8], truncated: bool, p: &Pendi
     msg.to_vec()
 }
 
+/// The first IPv4 `nameserver` of a resolv.conf text, port 53: the host's upstream.
+pub fn upstream_from_resolv_conf(text: &str) -> Option<SocketAddr> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("nameserver"), Some(ip)) => ip
+                .parse::<Ipv4Addr>()
+                .ok()
+                .map(|ip| SocketAddr::V4(SocketAddrV4::new(ip, 53))),
+            _ => None,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolv_conf() {
+        let text = "# comment\nsearch example.com\nnameserver fe80::1\nnameserver 10.255.255.53\nnameserver 1.1.1.1\n";
+        assert_eq!(
+            upstream_from_resolv_conf(text),
+            Some("10.255.255.53:53".parse().unwrap())
+        );
+        assert_eq!(upstream_from_resolv_conf("search x\n"), None);
+    }
 
     #[test]
     fn bucket_limits_rate() {
