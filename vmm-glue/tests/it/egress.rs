@@ -161,6 +161,8 @@ fn zone(name: &str) -> Vec<(u16, u32, Vec<u8>)> {
     match name {
         "www.example.com" => vec![(dns::TYPE_CNAME, 300, name_wire("edge.cdn.test"))],
         "private.example.com" => vec![(dns::TYPE_A, 300, PRIVATE.octets().to_vec())],
+        // Never answered: the resolver's upstream timeout.
+        "slow.example.com" => vec![],
         "a.example.com" => vec![(dns::TYPE_A, 1, PUBLIC_A.octets().to_vec())],
         "blocked.example.org" => vec![(dns::TYPE_A, 300, PUBLIC_B.octets().to_vec())],
         _ => vec![],
@@ -219,6 +221,10 @@ impl DnsServer {
                 };
                 if let Ok(q) = dns::parse_query(&buf[..n]) {
                     a.lock().unwrap().push(q.name);
+                }
+                let slow = dns::parse_query(&buf[..n]).is_ok_and(|q| q.name == "slow.example.com");
+                if slow {
+                    continue;
                 }
                 if let Some(r) = dns_answer(&buf[..n]) {
                     let _ = sock.send_to(&r, from);
@@ -541,6 +547,51 @@ fn egress_policies_dns_and_updates() {
     assert!(!set.contains("10.99.0.5"), "{set}");
     assert_eq!(reach(addr_a).unwrap(), "a:hello");
     assert!(blocked(addr_private));
+
+    // Bad and excessive input: a message that is not a query gets FORMERR (or nothing, if it
+    // claims to be an answer), a flood beyond the rate gets no answers, an upstream that does
+    // not answer gives SERVFAIL; the resolver keeps serving.
+    let replies = netns::run_in(&g1, || -> io::Result<(Option<u8>, usize, usize)> {
+        let s = UdpSocket::bind(sock(GUEST_ADDR, 0))?;
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        let gw = sock(GATEWAY_ADDR, 53);
+        let mut buf = [0u8; 1500];
+        let mut two_questions = query(7, "www.example.com");
+        two_questions[5] = 2;
+        s.send_to(&two_questions, gw)?;
+        let formerr = s.recv_from(&mut buf).ok().map(|_| buf[3] & 0xf);
+        s.send_to(&[0xff; 40], gw)?;
+        let after_garbage = s.recv_from(&mut buf).is_ok() as usize;
+        let sent = 300;
+        for i in 0..sent {
+            s.send_to(&query(i as u16, "blocked.example.org"), gw)?;
+        }
+        let mut answered = 0;
+        while s.recv_from(&mut buf).is_ok() {
+            answered += 1;
+        }
+        Ok((formerr, after_garbage, answered))
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(replies.0, Some(dns::RCODE_FORMERR));
+    assert_eq!(
+        replies.1, 0,
+        "an answer to a message claiming to be an answer"
+    );
+    println!("flood of 300 queries: {} answered", replies.2);
+    assert!(
+        replies.2 <= 120 && replies.2 >= 50,
+        "rate limit: {} of 300 answered",
+        replies.2
+    );
+    std::thread::sleep(Duration::from_secs(1)); // the bucket refills
+    let t = Instant::now();
+    let (rcode, _) = resolve(&g1, "slow.example.com").unwrap();
+    assert_eq!(rcode, dns::RCODE_SERVFAIL);
+    assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
+    let (rcode, addrs) = resolve(&g1, "a.example.com").unwrap();
+    assert_eq!((rcode, addrs), (0, vec![PUBLIC_A]));
 
     // A runtime update cuts an open connection to what it now refuses, keeps the set's
     // entries for names still allowed, and takes effect without a restart.
