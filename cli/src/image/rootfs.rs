@@ -38,9 +38,11 @@ pub const INCLUDE: &[&str] = &[
 
 const DEFAULT_SUITE: &str = "bookworm";
 const DEFAULT_HOSTNAME: &str = "sandbox";
-/// Public resolvers: the guest's egress is NATed through the host, and sandboxes may not reach
-/// the host's own services (its resolver included).
-const DEFAULT_NAMESERVERS: &[&str] = &["1.1.1.1", "8.8.8.8"];
+/// The slot's resolver, on the guest's gateway in every slot (the agent runs it; see
+/// docs/operations.md "Sandbox egress"): it is the only resolver that makes domain names in a
+/// sandbox's allow list work, and it answers REFUSED at once for names a closed policy does
+/// not allow. Sandboxes never reach the host's own resolver directly.
+const DEFAULT_NAMESERVERS: &[&str] = &["169.254.0.22"];
 
 const MIB: u64 = 1 << 20;
 
@@ -900,10 +902,7 @@ mod tests {
         assert_eq!(f.etc_hostname(), "sandbox\n");
         assert!(f.etc_hosts().contains("127.0.1.1\tsandbox\n"));
         assert!(f.etc_hosts().starts_with("127.0.0.1\tlocalhost\n"));
-        assert_eq!(
-            f.etc_resolv_conf(),
-            "nameserver 1.1.1.1\nnameserver 8.8.8.8\n"
-        );
+        assert_eq!(f.etc_resolv_conf(), "nameserver 169.254.0.22\n");
     }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
