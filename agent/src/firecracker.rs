@@ -695,13 +695,19 @@ impl Vmm for FirecrackerVmm {
         }
     }
 
-    fn create_slot(&self, index: u32) -> Result<(), VmError> {
-        let r = self.net.create_slot(index, &Egress::default()).map(|_| ());
+    fn create_slot(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
+        let r = self.net.create_slot(index, egress).map(|_| ());
         r.map_err(|e| {
             let mut e = VmError::new(format!("create network slot {index}"), e);
             e.exhausted = false;
             e
         })
+    }
+
+    fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
+        self.net
+            .set_egress(index, egress)
+            .map_err(|e| VmError::new(format!("update egress of network slot {index}"), e))
     }
 
     fn destroy_slot(&self, index: u32) -> Result<(), VmError> {
@@ -1180,6 +1186,13 @@ impl Vmm for FirecrackerVmm {
 
     fn readopt(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
         let vm = VmProcess::adopt(dir.path()).map_err(|e| VmError::new("re-adopt", e))?;
+        if let Some(index) = rec.slot {
+            // The slot's table is still in place; its resolver is not (it ran in the old
+            // agent).
+            self.net
+                .adopt_slot(index, &rec.egress)
+                .map_err(|e| VmError::new("re-adopt: slot resolver", e))?;
+        }
         let mut api = vm.api_client();
         let info = api
             .describe_instance()

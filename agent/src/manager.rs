@@ -25,7 +25,7 @@ use proto::gen::wrenn::host::v1::{ReportStateRequest, StateChangeReason};
 use proto::id::{self, Uuid};
 use proto::rpc::Client;
 use proto::{Code, Status};
-use vmm_glue::net::SlotAllocator;
+use vmm_glue::net::{Egress, SlotAllocator};
 
 use crate::limits::{
     ACCESS_TOKEN_BYTES, ENVD_CALL_TIMEOUT, FIELD_LEN_MAX, LIFECYCLE_CONCURRENCY_MAX,
@@ -94,6 +94,8 @@ pub struct CreateSpec {
     pub metadata: BTreeMap<String, String>,
     pub default_user: String,
     pub default_cwd: String,
+    /// Its own egress policy (a template's source's policy is never inherited).
+    pub egress: Egress,
 }
 
 impl CreateSpec {
@@ -169,6 +171,7 @@ impl CreateSpec {
                 .collect(),
             default_user: r.default_user.clone(),
             default_cwd: r.default_cwd.clone(),
+            egress: Egress::default(),
         })
     }
 }
@@ -524,7 +527,7 @@ impl Manager {
     /// Takes a network slot and, when jailed, a uid for `rec`'s Firecracker: both are held
     /// while it runs and given back together by [`Self::release_slot`].
     fn take_slot_for(&self, rec: &mut SandboxRecord) -> Result<(), Status> {
-        let index = self.take_slot()?;
+        let index = self.take_slot(&rec.egress)?;
         if let Some(pool) = &self.uids {
             let uid = pool
                 .lock()
@@ -560,14 +563,15 @@ impl Manager {
             .map_or(0, |p| p.lock().unwrap_or_else(|e| e.into_inner()).held())
     }
 
-    fn take_slot(&self) -> Result<u32, Status> {
+    /// A slot with the sandbox's egress policy in place before its Firecracker starts.
+    fn take_slot(&self, egress: &Egress) -> Result<u32, Status> {
         let index = self
             .slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .allocate()
             .ok_or_else(|| Status::resource_exhausted("no free network slot on this host"))?;
-        if let Err(e) = self.vmm.create_slot(index) {
+        if let Err(e) = self.vmm.create_slot(index, egress) {
             self.free_slot_index(index);
             return Err(vm_status(e));
         }
@@ -791,6 +795,7 @@ impl Manager {
         rec.metadata = spec.metadata.clone();
         rec.default_user = spec.default_user.clone();
         rec.default_cwd = spec.default_cwd.clone();
+        rec.egress = spec.egress.clone();
         match spec.kind {
             TemplateKind::Base => {
                 rec.vcpus = if spec.vcpus == 0 {
@@ -1054,6 +1059,35 @@ impl Manager {
                 rec.policy = p;
             }
             self.extend(sb, &mut rec)
+        })
+    }
+
+    /// Replaces the sandbox's egress policy: at once on its slot if it has one (running),
+    /// else when it next gets one (resume). The record changes only if the slot took it.
+    pub fn update_network(&self, id: Uuid, egress: Egress) -> Result<pb::SandboxInfo, Status> {
+        egress
+            .check()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.with_op(id, |sb| {
+            let mut rec = sb.rec();
+            if matches!(rec.state, State::Stopping | State::Stopped) {
+                return Err(Status::failed_precondition(format!(
+                    "sandbox is {}",
+                    rec.state
+                )));
+            }
+            if let Some(index) = rec.slot {
+                self.vmm.set_egress(index, &egress).map_err(vm_status)?;
+            }
+            let old = std::mem::replace(&mut rec.egress, egress.clone());
+            if let Err(e) = self.commit(sb, &rec) {
+                // Put the slot back to what the record says.
+                if let Some(index) = rec.slot {
+                    let _ = self.vmm.set_egress(index, &old);
+                }
+                return Err(e);
+            }
+            Ok(self.info(&rec))
         })
     }
 

@@ -22,6 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use proto::id::Uuid;
+use vmm_glue::net::{DomainPattern, Egress};
 
 use crate::limits::{STATE_FILE_LEN_MAX, STATE_FILE_LINES_MAX};
 use crate::state::State;
@@ -320,6 +321,9 @@ pub struct SandboxRecord {
     /// A cold-booted sandbox takes a Full snapshot the first time; afterwards (and for a
     /// sandbox restored from a template, whose dirty pages Firecracker tracks) a Diff.
     pub full_snapshot_taken: bool,
+    /// Its egress policy: applied to every slot it gets (create, resume, restart), kept
+    /// across pause/resume and agent restarts, never copied into a template.
+    pub egress: Egress,
 }
 
 impl SandboxRecord {
@@ -354,6 +358,7 @@ impl SandboxRecord {
             page_server: None,
             chain: None,
             full_snapshot_taken: false,
+            egress: Egress::default(),
         }
     }
 
@@ -401,6 +406,9 @@ impl SandboxRecord {
             "full_snapshot_taken",
             if self.full_snapshot_taken { "1" } else { "0" },
         );
+        w.list("egress.allow", &self.egress.allow);
+        w.list("egress.deny", &self.egress.deny);
+        w.list("egress.domain", &self.egress.allow_domains);
         w.finish()
     }
 
@@ -455,6 +463,11 @@ impl SandboxRecord {
             "1" => Some(true),
             _ => None,
         })?;
+        rec.egress = Egress {
+            allow: r.parsed_list("egress.allow", |s| s.parse().ok())?,
+            deny: r.parsed_list("egress.deny", |s| s.parse().ok())?,
+            allow_domains: r.parsed_list("egress.domain", |s| DomainPattern::parse(s).ok())?,
+        };
         r.done()?;
         Ok(rec)
     }
@@ -605,6 +618,9 @@ impl Writer {
     fn map(&mut self, prefix: &str, m: &BTreeMap<String, String>) {
         self.0.map(prefix, m);
     }
+    fn list<T: fmt::Display>(&mut self, name: &str, items: impl IntoIterator<Item = T>) {
+        self.0.list(name, items);
+    }
     fn proc(&mut self, name: &str, p: Option<ProcRef>) {
         if let Some(p) = p {
             self.0.put_display(&format!("{name}.pid"), p.pid);
@@ -669,6 +685,26 @@ impl<'a> Reader<'a> {
                 reason: format!("incomplete or bad {name}.pid/start_ticks"),
             })),
         }
+    }
+
+    /// A [`proto::kv::Writer::list`], each item parsed by `f`.
+    fn parsed_list<T>(
+        &mut self,
+        name: &str,
+        f: impl Fn(&str) -> Option<T>,
+    ) -> Result<Vec<T>, Error> {
+        let items = self.kv.list(name).map_err(|e| self.err(e))?;
+        items
+            .iter()
+            .map(|s| {
+                f(s).ok_or_else(|| {
+                    self.err(KvError {
+                        line: 0,
+                        reason: format!("bad {name} item {s:?}"),
+                    })
+                })
+            })
+            .collect()
     }
 
     fn map(&mut self, prefix: &str) -> Result<BTreeMap<String, String>, Error> {
@@ -787,7 +823,32 @@ mod tests {
             generation: 3,
         });
         r.full_snapshot_taken = true;
+        r.egress = Egress {
+            allow: vec!["198.51.100.0/24".parse().unwrap()],
+            deny: vec![vmm_glue::net::Ipv4Cidr::ALL],
+            allow_domains: vec![
+                DomainPattern::parse("*.example.com").unwrap(),
+                DomainPattern::parse("api.example.org").unwrap(),
+            ],
+        };
         r
+    }
+
+    #[test]
+    fn bad_egress_items_are_refused() {
+        let mut text = full_record().encode();
+        text = text.replace("egress.domain.1=api.example.org", "egress.domain.1=a b");
+        let e = SandboxRecord::decode(Path::new("x"), &text).unwrap_err();
+        assert!(e.to_string().contains("egress.domain item"), "{e}");
+        // Records written before egress existed read back with the open default.
+        let old: String = full_record()
+            .encode()
+            .lines()
+            .filter(|l| !l.starts_with("egress."))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let rec = SandboxRecord::decode(Path::new("x"), &old).unwrap();
+        assert_eq!(rec.egress, Egress::default());
     }
 
     #[test]

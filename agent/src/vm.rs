@@ -12,6 +12,8 @@ use std::path::Path;
 use proto::rpc::Client;
 use proto::Status;
 
+use vmm_glue::net::Egress;
+
 use crate::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
 
 /// A failure in the VM layer.
@@ -68,8 +70,13 @@ pub trait Vmm: Send + Sync {
     /// "uffd" or "file".
     fn restore_backend(&self) -> &'static str;
 
-    /// Creates network slot `index` (namespace, veth, tap, NAT).
-    fn create_slot(&self, index: u32) -> Result<(), VmError>;
+    /// Creates network slot `index` (namespace, veth, tap, NAT) with egress policy `egress`,
+    /// in place before any guest runs in it.
+    fn create_slot(&self, index: u32, egress: &Egress) -> Result<(), VmError>;
+
+    /// Replaces the egress policy of live slot `index` atomically; connections to what it
+    /// now refuses are cut.
+    fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), VmError>;
 
     /// Removes network slot `index`; a missing slot is fine.
     fn destroy_slot(&self, index: u32) -> Result<(), VmError>;

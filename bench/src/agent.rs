@@ -36,6 +36,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vmm_glue::net::Egress;
+
 use crate::harness::{info_line, metric_line, rss_kib, Case, Goal, Opts, Samples};
 
 /// How long the agent may take to answer `/health` (it only creates its state root and
@@ -300,8 +302,11 @@ mod lifecycle {
         fn restore_backend(&self) -> &'static str {
             self.v().restore_backend()
         }
-        fn create_slot(&self, index: u32) -> Result<(), VmError> {
-            self.time("create_slot", |v| v.create_slot(index))
+        fn create_slot(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
+            self.time("create_slot", |v| v.create_slot(index, egress))
+        }
+        fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
+            self.time("set_egress", |v| v.set_egress(index, egress))
         }
         fn destroy_slot(&self, index: u32) -> Result<(), VmError> {
             self.time("destroy_slot", |v| v.destroy_slot(index))

@@ -17,6 +17,7 @@ use proto::rpc::{
 };
 use proto::Status;
 use uffd::header::{BuildId, Diff, DiffExtent, DiffKind, Header};
+use vmm_glue::net::Egress;
 
 // ---- fake envd ----
 
@@ -345,6 +346,8 @@ struct Guest {
 pub struct FakeVmm {
     guests: Mutex<HashMap<PathBuf, Guest>>,
     pub slots: Mutex<BTreeSet<u32>>,
+    /// The egress policy each slot was given last.
+    pub egress: Mutex<HashMap<u32, Egress>>,
     /// Fail the next call of this name ("boot", "restore", "snapshot", "snapshot-keep").
     pub fail_next: Mutex<Option<&'static str>>,
     pub problems: Mutex<Vec<String>>,
@@ -426,11 +429,19 @@ impl Vmm for FakeVmm {
     fn restore_backend(&self) -> &'static str {
         "uffd"
     }
-    fn create_slot(&self, index: u32) -> Result<(), VmError> {
+    fn create_slot(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
         assert!(
             self.slots.lock().unwrap().insert(index),
             "slot {index} created twice"
         );
+        self.egress.lock().unwrap().insert(index, egress.clone());
+        Ok(())
+    }
+    fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
+        if !self.slots.lock().unwrap().contains(&index) {
+            return Err(VmError::new("set egress", format!("no slot {index}")));
+        }
+        self.egress.lock().unwrap().insert(index, egress.clone());
         Ok(())
     }
     fn destroy_slot(&self, index: u32) -> Result<(), VmError> {
@@ -585,8 +596,14 @@ impl Vmm for FakeVmm {
     fn alive(&self, p: ProcRef) -> bool {
         agent::sys::alive(p)
     }
-    fn readopt(&self, _rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+    fn readopt(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
         if self.guests.lock().unwrap().contains_key(dir.path()) {
+            if let Some(index) = rec.slot {
+                self.egress
+                    .lock()
+                    .unwrap()
+                    .insert(index, rec.egress.clone());
+            }
             Ok(())
         } else {
             Err(VmError::new("re-adopt", "no guest"))

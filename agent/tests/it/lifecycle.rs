@@ -581,3 +581,72 @@ fn jail_uids_are_held_with_the_slot_and_survive_a_restart() {
     }
     assert_eq!(m.uids_used(), 0);
 }
+
+/// The egress policy is part of the sandbox: on its slot from the start, changed at once by
+/// UpdateNetwork, on the new slot after a resume, handed to re-adoption after a restart, and
+/// never copied into a template or the sandboxes made from it.
+#[test]
+fn egress_policy_follows_the_sandbox() {
+    use vmm_glue::net::Egress;
+    let env = Env::new("egress");
+    let m = env.manager.clone();
+    let id = Uuid::from_u128(1);
+    let only = |what: &str| Egress::from_lists(false, &[], &[what.to_string()]).unwrap();
+    let slot_policy = |m: &agent::manager::Manager| {
+        let rec = SandboxRecord::load(&SandboxDir(env.dir(1))).unwrap();
+        let index = rec.slot.expect("running sandbox holds a slot");
+        let got = env.vmm.egress.lock().unwrap().get(&index).cloned().unwrap();
+        assert_eq!(got, rec.egress, "slot and record agree");
+        let _ = m;
+        got
+    };
+    let mut spec = env.spec(1);
+    spec.egress = only("*.example.com");
+    m.create(spec).unwrap();
+    assert_eq!(slot_policy(&m), only("*.example.com"));
+
+    m.update_network(id, only("203.0.113.0/24")).unwrap();
+    assert_eq!(slot_policy(&m), only("203.0.113.0/24"));
+
+    // Paused: no slot; the update is stored and applied on resume.
+    m.pause(id).unwrap();
+    m.update_network(id, only("api.example.org")).unwrap();
+    m.resume(id, 0).unwrap();
+    assert_eq!(slot_policy(&m), only("api.example.org"));
+
+    // Restart: re-adoption gets the stored policy.
+    env.vmm.egress.lock().unwrap().clear();
+    drop(m);
+    let m = crate::Env::manager_on(&env.root, 64, &env.vmm, &env.clock, &env.events);
+    m.recover();
+    assert_eq!(slot_policy(&m), only("api.example.org"));
+
+    // A bad policy is refused and changes nothing.
+    let many = Egress {
+        allow: vec![vmm_glue::net::Ipv4Cidr::ALL; 257],
+        ..Egress::default()
+    };
+    assert_eq!(
+        m.update_network(id, many).unwrap_err().code,
+        Code::InvalidArgument
+    );
+    assert_eq!(slot_policy(&m), only("api.example.org"));
+    assert_eq!(
+        m.update_network(Uuid::from_u128(9), Egress::none())
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
+
+    // A template does not carry its source's policy.
+    let tpl = Uuid::from_u128(0x78);
+    m.create_template(id, tpl).unwrap();
+    let mut s = env.spec(2);
+    s.template_id = tpl;
+    s.kind = TemplateKind::Snapshot;
+    m.create(s).unwrap();
+    let rec2 = SandboxRecord::load(&SandboxDir(env.dir(2))).unwrap();
+    assert_eq!(rec2.egress, Egress::default());
+    let got = env.vmm.egress.lock().unwrap()[&rec2.slot.unwrap()].clone();
+    assert_eq!(got, Egress::default());
+}

@@ -103,6 +103,7 @@ impl Env {
             metadata: Default::default(),
             default_user: String::new(),
             default_cwd: String::new(),
+            egress: Default::default(),
         }
     }
 

@@ -66,6 +66,8 @@ pub enum Error {
     SlotOutOfRange { index: u32 },
     /// A CIDR that does not parse.
     InvalidCidr(String),
+    /// A domain name in an allow list that is not a host name or `*.` pattern.
+    InvalidDomain(String),
     /// An egress list over [`limits::EGRESS_RULES_MAX`].
     TooManyEgressRules { len: usize },
     /// `create_slot` before `setup_host`: the host's isolation rules are not in place.
@@ -96,6 +98,7 @@ impl fmt::Display for Error {
             Error::InvalidConfig(why) => write!(f, "invalid network configuration: {why}"),
             Error::SlotOutOfRange { index } => write!(f, "slot index {index} out of range"),
             Error::InvalidCidr(s) => write!(f, "invalid IPv4 CIDR {s:?}"),
+            Error::InvalidDomain(s) => write!(f, "invalid domain name {s}"),
             Error::TooManyEgressRules { len } => {
                 write!(
                     f,

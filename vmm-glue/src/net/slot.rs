@@ -192,6 +192,62 @@ impl Egress {
         }
     }
 
+    /// The policy from e2b's fields: `allow_internet_access` (false is the same as
+    /// `deny_out: ["0.0.0.0/0"]`), `deny_out` (IPv4 addresses and CIDRs) and `allow_out`
+    /// (addresses, CIDRs and domain names, `*.example.com` included). Anything else — IPv6,
+    /// a bad CIDR, a name that is not a host name — is refused with the item named.
+    pub fn from_lists(
+        allow_internet_access: bool,
+        deny_out: &[String],
+        allow_out: &[String],
+    ) -> Result<Egress, Error> {
+        let mut e = Egress::default();
+        for item in deny_out {
+            e.deny.push(item.trim().parse()?);
+        }
+        if !allow_internet_access && !e.deny.contains(&Ipv4Cidr::ALL) {
+            e.deny.push(Ipv4Cidr::ALL);
+        }
+        for item in allow_out {
+            let item = item.trim();
+            let looks_numeric = item
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/');
+            if looks_numeric {
+                e.allow.push(item.parse()?);
+            } else if item.contains(':') {
+                return Err(Error::InvalidCidr(format!(
+                    "{item} (IPv6 is not supported)"
+                )));
+            } else {
+                e.allow_domains.push(
+                    DomainPattern::parse(item)
+                        .map_err(|why| Error::InvalidDomain(format!("{item:?}: {why}")))?,
+                );
+            }
+        }
+        e.check()?;
+        Ok(e)
+    }
+
+    /// Back to e2b's fields: (`allow_internet_access`, `deny_out`, `allow_out`). A deny list
+    /// of exactly 0.0.0.0/0 reads as `allow_internet_access: false` with no deny entries.
+    pub fn to_lists(&self) -> (bool, Vec<String>, Vec<String>) {
+        let closed = self.deny == [Ipv4Cidr::ALL];
+        let deny = if closed {
+            Vec::new()
+        } else {
+            self.deny.iter().map(|c| c.to_string()).collect()
+        };
+        let allow = self
+            .allow
+            .iter()
+            .map(|c| c.to_string())
+            .chain(self.allow_domains.iter().map(|d| d.to_string()))
+            .collect();
+        (!closed, deny, allow)
+    }
+
     /// The checks every list must pass: each within its bound.
     pub fn check(&self) -> Result<(), Error> {
         for len in [self.allow.len(), self.deny.len()] {
@@ -583,6 +639,25 @@ impl Network {
         self.resolver
             .set(r)
             .map_err(|_| Error::InvalidConfig("the slots' resolver is already running".to_owned()))
+    }
+
+    /// Serves slot `index`, which survived an agent restart with its table in place, with
+    /// the slot resolver again (policy `egress`). Nothing happens without a resolver.
+    pub fn adopt_slot(&self, index: u32, egress: &Egress) -> Result<(), Error> {
+        let Some(r) = self.resolver.get() else {
+            return Ok(());
+        };
+        let slot = self.cfg.slot(index)?;
+        if !netns::exists(&slot.netns)? {
+            return Err(Error::NoSlot { index });
+        }
+        r.add_slot(
+            index,
+            &slot.netns,
+            &self.cfg.slot_table(),
+            egress,
+            self.cfg.never_out(),
+        )
     }
 
     /// Replaces the egress policy of live slot `index`, atomically (one nftables
@@ -1132,6 +1207,46 @@ mod tests {
         assert!(c.contains(Ipv4Addr::new(10, 255, 0, 1)));
         assert!(!c.contains(Ipv4Addr::new(11, 0, 0, 0)));
         assert!(Ipv4Cidr::ALL.contains(Ipv4Addr::BROADCAST));
+    }
+
+    #[test]
+    fn e2b_fields() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let e = Egress::from_lists(true, &[], &[]).unwrap();
+        assert_eq!(e, Egress::default());
+        let e = Egress::from_lists(false, &[], &s(&["1.2.3.4", "*.example.com"])).unwrap();
+        assert!(e.is_closed());
+        assert_eq!(e.allow, vec!["1.2.3.4/32".parse().unwrap()]);
+        assert_eq!(
+            e.to_lists(),
+            (false, vec![], s(&["1.2.3.4/32", "*.example.com"]))
+        );
+        let e = Egress::from_lists(true, &s(&["0.0.0.0/0"]), &s(&["api.example.com"])).unwrap();
+        assert!(e.may_resolve("api.example.com") && !e.may_resolve("x.example.com"));
+        assert_eq!(
+            Egress::from_lists(false, &s(&["0.0.0.0/0"]), &[])
+                .unwrap()
+                .deny
+                .len(),
+            1
+        );
+        let e = Egress::from_lists(true, &s(&["10.0.0.0/8", " 8.8.8.8 "]), &[]).unwrap();
+        assert_eq!(e.to_lists().1, s(&["10.0.0.0/8", "8.8.8.8/32"]));
+        for (deny, allow) in [
+            (&["1.2.3.4/33"][..], &[][..]),
+            (&["example.com"], &[]),
+            (&[], &["::1"]),
+            (&[], &["1.2.3.999"]),
+            (&[], &["bad name.com"]),
+            (&[], &["*.com"]),
+        ] {
+            assert!(
+                Egress::from_lists(true, &s(deny), &s(allow)).is_err(),
+                "{deny:?} {allow:?}"
+            );
+        }
+        let many = vec!["a.example.com".to_string(); EGRESS_DOMAINS_MAX + 1];
+        assert!(Egress::from_lists(true, &[], &many).is_err());
     }
 
     #[test]
