@@ -704,6 +704,13 @@ impl Vmm for FirecrackerVmm {
         })
     }
 
+    fn guest_ip(&self, index: u32) -> std::net::Ipv4Addr {
+        self.net
+            .config()
+            .slot(index)
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED, |s| s.guest_alias)
+    }
+
     fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
         self.net
             .set_egress(index, egress)

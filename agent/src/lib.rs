@@ -9,6 +9,7 @@
 //! - [`metrics`]: counters and Prometheus text;
 //! - [`sys`]: pidfds, statvfs, random bytes;
 //! - [`rpc`]: the wrenn.agent.v1 server and the proxies to envd;
+//! - [`ports`]: `Ports.Connect`, raw TCP to a port of a running sandbox;
 //! - [`ctl`]: registration, heartbeats and reports to ctl (wrenn.host.v1);
 //! - [`firecracker`]: the VM layer on Firecracker;
 //! - [`host`], [`http`], [`flags`], [`daemon`]: host info, /health and /metrics, the
@@ -27,6 +28,7 @@ pub mod http;
 pub mod limits;
 pub mod manager;
 pub mod metrics;
+pub mod ports;
 pub mod rpc;
 pub mod state;
 pub mod statedir;

@@ -112,3 +112,18 @@ const _: () = assert!(HTTP_SOURCE_CONNECTIONS_MAX <= HTTP_CONNECTIONS_MAX);
 const _: () = assert!(HTTP_REQUEST_LEN_MAX <= proto::limits::HTTP_HEAD_LEN_MAX);
 const _: () = assert!(SANDBOXES_MAX <= 4096, "slot layout has 4096 slots");
 const _: () = assert!(JAIL_UID_COUNT_DEFAULT as usize >= SANDBOXES_MAX);
+
+/// Ports.Connect streams open on this agent at once. Each holds one RPC worker (it blocks
+/// reading ctl's stream) and one thread reading the guest: 64 leaves the RPC pool's other
+/// workers to lifecycle and file calls.
+pub const PORT_STREAMS_MAX: usize = 64;
+/// Ports.Connect streams to one sandbox at once, so one sandbox's traffic cannot take the
+/// whole budget.
+pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
+const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_MAX);
+/// How long the agent waits for the guest to accept a Ports.Connect connection.
+pub const PORT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes read from the guest per message sent to ctl (well under the RPC frame limit).
+pub const PORT_CHUNK_LEN: usize = 64 * 1024;
+/// envd's API port inside the guest: never reachable through Ports.Connect.
+pub const ENVD_PORT: u32 = 49983;

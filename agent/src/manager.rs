@@ -1062,6 +1062,30 @@ impl Manager {
         })
     }
 
+    /// Where a Ports.Connect to `port` of sandbox `id` goes: the guest's address on the host.
+    /// FAILED_PRECONDITION (naming the state) unless it is running.
+    pub fn port_target(&self, id: Uuid, port: u32) -> Result<std::net::SocketAddrV4, Status> {
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0 && u32::from(*p) != crate::limits::ENVD_PORT)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "port {port}: must be 1 to 65535 and not envd's {}",
+                    crate::limits::ENVD_PORT
+                ))
+            })?;
+        let sb = self.lookup(id)?;
+        let rec = sb.rec();
+        match (rec.state, rec.slot) {
+            (State::Running, Some(index)) => {
+                Ok(std::net::SocketAddrV4::new(self.vmm.guest_ip(index), port))
+            }
+            (state, _) => Err(Status::failed_precondition(format!(
+                "sandbox is {state}, not running"
+            ))),
+        }
+    }
+
     /// Replaces the sandbox's egress policy: at once on its slot if it has one (running),
     /// else when it next gets one (resume). The record changes only if the slot took it.
     pub fn update_network(&self, id: Uuid, egress: Egress) -> Result<pb::SandboxInfo, Status> {

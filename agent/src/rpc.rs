@@ -48,7 +48,11 @@ impl std::fmt::Debug for AgentService {
 impl AgentService {
     pub fn new(manager: Arc<Manager>, host: Arc<Host>, identity: Arc<IdentityCell>) -> Self {
         AgentService {
-            handlers: Handlers { manager, host },
+            handlers: Handlers {
+                manager,
+                host,
+                ports: Arc::new(crate::ports::PortBudget::default()),
+            },
             identity,
         }
     }
@@ -102,6 +106,7 @@ impl Service for AgentService {
 struct Handlers {
     manager: Arc<Manager>,
     host: Arc<Host>,
+    ports: Arc<crate::ports::PortBudget>,
 }
 
 impl Handlers {
@@ -122,6 +127,9 @@ impl Handlers {
             return;
         };
         let Err(s) = pb::dispatch_host(self, s) else {
+            return;
+        };
+        let Err(s) = pb::dispatch_ports(self, s) else {
             return;
         };
         serve::unknown(s);
@@ -183,6 +191,17 @@ impl pb::SandboxesServer for Handlers {
 
     fn ping(&self, _: &Peer, r: pb::PingSandboxRequest) -> Result<pb::SandboxInfo, Status> {
         self.manager.ping(sandbox_id(&r.sandbox_id)?)
+    }
+}
+
+impl pb::PortsServer for Handlers {
+    fn connect(
+        &self,
+        _: &Peer,
+        r: pb::PortConnectRequest,
+        stream: &mut ServerStream,
+    ) -> Result<(), Status> {
+        crate::ports::connect(&self.manager, &self.ports, r, stream)
     }
 }
 
@@ -442,6 +461,7 @@ pub fn served_methods() -> Vec<&'static str> {
         pb::files_methods::ALL,
         pb::templates_methods::ALL,
         pb::host_methods::ALL,
+        pb::ports_methods::ALL,
     ] {
         v.extend(all.iter().map(|d| d.name));
     }

@@ -78,6 +78,9 @@ pub trait Vmm: Send + Sync {
     /// now refuses are cut.
     fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), VmError>;
 
+    /// Where the host reaches the guest of slot `index` (its guest alias).
+    fn guest_ip(&self, index: u32) -> std::net::Ipv4Addr;
+
     /// Removes network slot `index`; a missing slot is fine.
     fn destroy_slot(&self, index: u32) -> Result<(), VmError>;
 

@@ -305,6 +305,9 @@ mod lifecycle {
         fn create_slot(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
             self.time("create_slot", |v| v.create_slot(index, egress))
         }
+        fn guest_ip(&self, index: u32) -> std::net::Ipv4Addr {
+            self.v().guest_ip(index)
+        }
         fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
             self.time("set_egress", |v| v.set_egress(index, egress))
         }

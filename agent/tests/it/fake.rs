@@ -437,6 +437,10 @@ impl Vmm for FakeVmm {
         self.egress.lock().unwrap().insert(index, egress.clone());
         Ok(())
     }
+    /// Fake guests' servers listen on loopback.
+    fn guest_ip(&self, _index: u32) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::LOCALHOST
+    }
     fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
         if !self.slots.lock().unwrap().contains(&index) {
             return Err(VmError::new("set egress", format!("no slot {index}")));

@@ -126,6 +126,7 @@ fn every_method_of_the_schema_is_served_and_checks_its_input() {
         pb::files_methods::ALL,
         pb::templates_methods::ALL,
         pb::host_methods::ALL,
+        pb::ports_methods::ALL,
     ] {
         for m in all {
             // An empty message: every sandbox/template id is "" (invalid), lists are empty.
@@ -797,4 +798,124 @@ fn metrics_listener_survives_idle_and_slow_floods() {
         "flood connections closed by the 0.8 s deadline, took {:?}",
         t.elapsed()
     );
+}
+
+/// Opens Ports.Connect to `port` of sandbox `n`; returns the stream after `opened`.
+fn open_port(c: &Client, n: u128, port: u32) -> Result<proto::rpc::ClientStream, proto::Status> {
+    use pb::port_connect_response::Kind;
+    let mut s = c.call(
+        pb::ports_methods::CONNECT,
+        &pb::PortConnectRequest {
+            kind: Some(pb::port_connect_request::Kind::Open(pb::PortOpen {
+                sandbox_id: sb(n),
+                port,
+            })),
+        },
+        CallOpts {
+            // Bounds the test: a stream that never ends fails instead of hanging.
+            timeout: Some(Duration::from_secs(30)),
+            end_stream: false,
+        },
+    )?;
+    let first: Option<pb::PortConnectResponse> = s.recv()?;
+    assert_eq!(first.and_then(|m| m.kind), Some(Kind::Opened(true)));
+    Ok(s)
+}
+
+fn port_data(s: &mut proto::rpc::ClientStream) -> Option<Vec<u8>> {
+    use pb::port_connect_response::Kind;
+    match s.recv::<pb::PortConnectResponse>().unwrap()?.kind {
+        Some(Kind::Data(d)) => Some(d.to_vec()),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Ports.Connect carries bytes both ways to a server of the (fake) guest, half-closes,
+/// ends when the guest closes, answers a paused sandbox with its state, refuses envd's port,
+/// and keeps the per-sandbox budget.
+#[test]
+fn ports_connect_moves_bytes_both_ways() {
+    use std::io::{Read, Write};
+    let rig = Rig::new("ports");
+    let c = rig.client();
+    rig.create(&c, 1);
+    // The "guest" server: uppercases what it reads until EOF, then writes "bye" and closes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = u32::from(listener.local_addr().unwrap().port());
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut buf = [0u8; 65536];
+            let mut total = 0usize;
+            loop {
+                let n = conn.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                total += n;
+                conn.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
+            }
+            conn.write_all(format!("bye {total}").as_bytes()).unwrap();
+        }
+    });
+
+    let mut s = open_port(&c, 1, port).unwrap();
+    let send = |s: &mut proto::rpc::ClientStream, b: &[u8]| {
+        s.send(&pb::PortConnectRequest {
+            kind: Some(pb::port_connect_request::Kind::Data(b.to_vec().into())),
+        })
+        .unwrap()
+    };
+    send(&mut s, b"hello");
+    assert_eq!(port_data(&mut s).unwrap(), b"HELLO");
+    // 4 MiB through, read back in full.
+    let big = vec![b'x'; 4 << 20];
+    let mut got = Vec::new();
+    let mut sent = 0;
+    for chunk in big.chunks(256 << 10) {
+        send(&mut s, chunk);
+        sent += chunk.len();
+        while got.len() < sent {
+            got.extend(port_data(&mut s).unwrap());
+        }
+    }
+    assert_eq!(got.len(), big.len());
+    assert!(got.iter().all(|&b| b == b'X'));
+    // Half-close: the guest sees EOF, answers, closes; the call ends.
+    s.close_send().unwrap();
+    let mut tail = Vec::new();
+    while let Some(d) = port_data(&mut s) {
+        tail.extend(d);
+    }
+    assert_eq!(tail, format!("bye {}", 5 + big.len()).as_bytes());
+
+    // A second connection works (the server accepts two).
+    let mut s = open_port(&c, 1, port).unwrap();
+    send(&mut s, b"again");
+    assert_eq!(port_data(&mut s).unwrap(), b"AGAIN");
+    s.close_send().unwrap();
+    while port_data(&mut s).is_some() {}
+    server.join().unwrap();
+
+    // Nothing listening: UNAVAILABLE. envd's port, port 0: INVALID_ARGUMENT.
+    assert_eq!(open_port(&c, 1, port).unwrap_err().code, Code::Unavailable);
+    assert_eq!(
+        open_port(&c, 1, 49983).unwrap_err().code,
+        Code::InvalidArgument
+    );
+    assert_eq!(open_port(&c, 1, 0).unwrap_err().code, Code::InvalidArgument);
+    // Unknown sandbox: NOT_FOUND; paused: FAILED_PRECONDITION naming the state.
+    assert_eq!(open_port(&c, 9, port).unwrap_err().code, Code::NotFound);
+    let _: pb::SandboxInfo = c
+        .unary(
+            pb::sandboxes_methods::PAUSE,
+            &pb::PauseSandboxRequest { sandbox_id: sb(1) },
+            Some(Duration::from_secs(30)),
+        )
+        .unwrap();
+    let e = open_port(&c, 1, port).unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition);
+    assert!(e.message.contains("paused"), "{e}");
 }

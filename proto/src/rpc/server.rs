@@ -1059,6 +1059,35 @@ pub struct ServerStream {
     finished: bool,
 }
 
+/// The sending half of a call, for a second thread: a bidirectional call receives on its
+/// worker ([`ServerStream::recv`]) while this sends (flow control applies as for
+/// [`ServerStream::send`]). Sends after the call ended fail.
+#[derive(Clone)]
+pub struct ServerSender {
+    conn: Arc<Conn>,
+    id: u32,
+}
+
+impl std::fmt::Debug for ServerSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSender")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl ServerSender {
+    /// Sends a message; blocks while the client's window is exhausted.
+    pub fn send<M: Message>(&self, msg: &M) -> Result<(), Status> {
+        let len = msg.encoded_len();
+        self.conn
+            .send_data(self.id, len, false, None, true, |out| {
+                let _ = msg.encode(out);
+            })
+            .map(|_| ())
+    }
+}
+
 /// See [`ServerStream::watch`].
 #[derive(Clone)]
 pub struct CallWatch {
@@ -1195,6 +1224,14 @@ impl ServerStream {
     /// §2, less the frame header).
     pub fn max_message_len(&self) -> usize {
         self.conn.max_data_len()
+    }
+
+    /// A sender for another thread (bidirectional calls).
+    pub fn sender(&self) -> ServerSender {
+        ServerSender {
+            conn: self.conn.clone(),
+            id: self.id,
+        }
     }
 
     /// A handle that tells, from another thread, whether this call was cancelled (a
