@@ -1,5 +1,8 @@
-//! Clients of the hosts' agents (`wrenn.agent.v1`), one connection per host, presenting
-//! the per-host agent token. A connection that died is replaced on the next call.
+//! Clients of the hosts' agents (`wrenn.agent.v1`), presenting the per-host agent token: one
+//! connection per host for lifecycle, process and file calls, and a second one per host for
+//! port traffic (`Ports.Connect`), so bulk or long-lived port streams never share a
+//! connection's windows and budgets with create/pause/destroy. A connection that died is
+//! replaced on the next call.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,6 +21,8 @@ pub struct Agents {
     db: Db,
     call_timeout: Duration,
     clients: Mutex<HashMap<Uuid, (String, Client)>>,
+    /// Port traffic's own connections.
+    proxy_clients: Mutex<HashMap<Uuid, (String, Client)>>,
 }
 
 impl Agents {
@@ -26,13 +31,27 @@ impl Agents {
             db,
             call_timeout,
             clients: Mutex::new(HashMap::new()),
+            proxy_clients: Mutex::new(HashMap::new()),
         }
     }
 
     /// A connected client for `host` (address and agent token read from the database).
     pub fn client(&self, host: Uuid) -> Result<Client, Status> {
+        self.pooled(&self.clients, host)
+    }
+
+    /// A connected client for `host` that carries port traffic only.
+    pub fn proxy_client(&self, host: Uuid) -> Result<Client, Status> {
+        self.pooled(&self.proxy_clients, host)
+    }
+
+    fn pooled(
+        &self,
+        pool: &Mutex<HashMap<Uuid, (String, Client)>>,
+        host: Uuid,
+    ) -> Result<Client, Status> {
         {
-            let g = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            let g = pool.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((_, c)) = g.get(&host) {
                 if !c.is_closed() {
                     return Ok(c.clone());
@@ -55,20 +74,17 @@ impl Agents {
             Client::connect_tcp(addr.as_str(), Credential::agent_token(token)).map_err(|e| {
                 Status::unavailable(format!("connect to agent at {addr}: {}", e.message))
             })?;
-        let mut g = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = pool.lock().unwrap_or_else(|e| e.into_inner());
         g.insert(host, (addr, client.clone()));
         Ok(client)
     }
 
     /// Drops the cached connection of `host` (after its token or address changed).
     pub fn forget(&self, host: Uuid) {
-        if let Some((_, c)) = self
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&host)
-        {
-            c.close();
+        for pool in [&self.clients, &self.proxy_clients] {
+            if let Some((_, c)) = pool.lock().unwrap_or_else(|e| e.into_inner()).remove(&host) {
+                c.close();
+            }
         }
     }
 

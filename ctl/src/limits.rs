@@ -102,3 +102,10 @@ pub const REVOKED_KEYS_MAX: usize = 65536;
 /// notifications it would miss) is noticed within this bound; meanwhile calls check their key
 /// in the database.
 pub const LISTEN_PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Ports.Connect streams one team may hold open on a ctl replica. Each holds a worker of the
+/// protobuf server and a relay thread; 64 keeps one team's tunnels from taking the pool.
+pub const PORT_STREAMS_PER_TEAM_MAX: usize = 64;
+/// Ports.Connect streams to one sandbox on a ctl replica (the agent's own bound is the same).
+pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
+const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_PER_TEAM_MAX);

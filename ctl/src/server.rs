@@ -233,8 +233,8 @@ fn unary<Req: Message + Default, Resp: Message>(
 fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
     use ctl::{
         api_keys_methods as keys, audit_logs_methods as audit, hosts_methods as hosts,
-        processes_methods as procs, sandboxes_methods as sb, teams_methods as teams,
-        templates_methods as tpl, users_methods as users,
+        ports_methods as ports, processes_methods as procs, sandboxes_methods as sb,
+        teams_methods as teams, templates_methods as tpl, users_methods as users,
     };
     // Process and file calls: the one forwarding path (PROTOCOL.md §9).
     if let Some(route) = proto::rpc::forward::route(stream.method()) {
@@ -252,6 +252,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         sb::RESUME => unary(stream, |r| api.resume_sandbox(ctx, r)),
 
         procs::EXEC => unary(stream, |r| api.exec(ctx, r)),
+        ports::CONNECT => api.port_connect(ctx, stream),
 
         tpl::CREATE => unary(stream, |r| api.create_template(ctx, r)),
         tpl::LIST => unary(stream, |r| api.list_templates(ctx, r)),

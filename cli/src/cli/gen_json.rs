@@ -527,6 +527,39 @@ impl Json for proto::gen::wrenn::ctl::v1::PingSandboxRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::PortConnectRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        match &self.kind {
+            Some(proto::gen::wrenn::ctl::v1::port_connect_request::Kind::Open(x)) => { m.insert("open".into(), proto::gen::wrenn::ctl::v1::PortOpen::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::port_connect_request::Kind::Data(x)) => { m.insert("data".into(), j::bytes_out(&x)); }
+            None => {}
+        }
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::PortConnectResponse {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        match &self.kind {
+            Some(proto::gen::wrenn::ctl::v1::port_connect_response::Kind::Opened(x)) => { m.insert("opened".into(), Value::from(*x)); }
+            Some(proto::gen::wrenn::ctl::v1::port_connect_response::Kind::Data(x)) => { m.insert("data".into(), j::bytes_out(&x)); }
+            None => {}
+        }
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::PortOpen {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        m.insert("port".into(), Value::from(self.port));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::RemoveMemberRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();

@@ -1310,6 +1310,81 @@ impl Json for proto::gen::wrenn::ctl::v1::PingSandboxRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::PortConnectRequest {
+    const SCHEMA: &'static str = "ctl.v1.PortConnectRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        match &self.kind {
+            Some(proto::gen::wrenn::ctl::v1::port_connect_request::Kind::Open(x)) => { m.insert("open".into(), proto::gen::wrenn::ctl::v1::PortOpen::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::port_connect_request::Kind::Data(x)) => { m.insert("data".into(), j::bytes_out(&x)); }
+            None => {}
+        }
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "open" => { if out.kind.is_some() { return Err(JsonError::oneof(&p, "kind")); } out.kind = Some(proto::gen::wrenn::ctl::v1::port_connect_request::Kind::Open(<proto::gen::wrenn::ctl::v1::PortOpen as Json>::from_json_at(v, &p)?)); }
+                "data" => { if out.kind.is_some() { return Err(JsonError::oneof(&p, "kind")); } out.kind = Some(proto::gen::wrenn::ctl::v1::port_connect_request::Kind::Data(j::bytes_in(v, &p)?)); }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::PortConnectResponse {
+    const SCHEMA: &'static str = "ctl.v1.PortConnectResponse";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        match &self.kind {
+            Some(proto::gen::wrenn::ctl::v1::port_connect_response::Kind::Opened(x)) => { m.insert("opened".into(), Value::from(*x)); }
+            Some(proto::gen::wrenn::ctl::v1::port_connect_response::Kind::Data(x)) => { m.insert("data".into(), j::bytes_out(&x)); }
+            None => {}
+        }
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "opened" => { if out.kind.is_some() { return Err(JsonError::oneof(&p, "kind")); } out.kind = Some(proto::gen::wrenn::ctl::v1::port_connect_response::Kind::Opened(j::bool_in(v, &p)?)); }
+                "data" => { if out.kind.is_some() { return Err(JsonError::oneof(&p, "kind")); } out.kind = Some(proto::gen::wrenn::ctl::v1::port_connect_response::Kind::Data(j::bytes_in(v, &p)?)); }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::PortOpen {
+    const SCHEMA: &'static str = "ctl.v1.PortOpen";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        m.insert("port".into(), Value::from(self.port));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "sandbox_id" => { if !v.is_null() { out.sandbox_id = j::string_in(v, &p)?; } }
+                "port" => { if !v.is_null() { out.port = j::u32_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::RemoveMemberRequest {
     const SCHEMA: &'static str = "ctl.v1.RemoveMemberRequest";
     fn to_json(&self) -> Value {
@@ -4143,6 +4218,76 @@ pub const SCHEMAS_JSON: &str = r##"{
     "additionalProperties": false,
     "description": "Request of Sandboxes.Ping.",
     "properties": {
+      "sandbox_id": {
+        "description": "The sandbox, \"sb-{uuid}\".",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.PortConnectRequest": {
+    "additionalProperties": false,
+    "allOf": [
+      {
+        "not": {
+          "required": [
+            "open",
+            "data"
+          ]
+        }
+      }
+    ],
+    "description": "A message of Ports.Connect from the caller.",
+    "properties": {
+      "data": {
+        "contentEncoding": "base64",
+        "description": "Later messages: bytes for the sandbox. (oneof `kind`: at most one of its fields is set)",
+        "type": "string"
+      },
+      "open": {
+        "$ref": "#/components/schemas/ctl.v1.PortOpen",
+        "description": "First message only: where to connect. (oneof `kind`: at most one of its fields is set)"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.PortConnectResponse": {
+    "additionalProperties": false,
+    "allOf": [
+      {
+        "not": {
+          "required": [
+            "opened",
+            "data"
+          ]
+        }
+      }
+    ],
+    "description": "A message of Ports.Connect from ctl.",
+    "properties": {
+      "data": {
+        "contentEncoding": "base64",
+        "description": "Later messages: bytes from the sandbox. (oneof `kind`: at most one of its fields is set)",
+        "type": "string"
+      },
+      "opened": {
+        "description": "First message: the connection is open. (oneof `kind`: at most one of its fields is set)",
+        "type": "boolean"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.PortOpen": {
+    "additionalProperties": false,
+    "description": "Where Ports.Connect connects.",
+    "properties": {
+      "port": {
+        "description": "TCP port in the sandbox, 1 to 65535, not envd's 49983.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
       "sandbox_id": {
         "description": "The sandbox, \"sb-{uuid}\".",
         "type": "string"

@@ -18,6 +18,7 @@ pub mod audit;
 mod convert;
 mod hosts;
 mod outcome;
+pub mod ports;
 mod processes;
 pub mod sandboxes;
 mod teams;
@@ -81,6 +82,8 @@ pub(crate) struct Inner {
     pub jobs: crate::config::JobsConfig,
     /// Keys this replica heard were revoked (LISTEN/NOTIFY, [`crate::revocation`]).
     pub revocations: crate::revocation::Revocations,
+    /// Port streams open on this replica, per team and per sandbox.
+    pub ports: ports::PortBudget,
 }
 
 impl Api {
@@ -98,6 +101,7 @@ impl Api {
                 background_creates: AtomicUsize::new(0),
                 jobs,
                 revocations: crate::revocation::Revocations::new(),
+                ports: ports::PortBudget::default(),
             }),
         }
     }

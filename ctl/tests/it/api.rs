@@ -1445,3 +1445,84 @@ fn templates_teams_users_keys_hosts_audit() {
         .unwrap();
     assert!(at.entries.is_empty());
 }
+
+/// Opens Ports.Connect; returns the stream after `opened`.
+fn open_port(cl: &Client, sb: &str, port: u32) -> Result<proto::rpc::ClientStream, proto::Status> {
+    let mut s = cl.call(
+        c::ports_methods::CONNECT,
+        &c::PortConnectRequest {
+            kind: Some(c::port_connect_request::Kind::Open(c::PortOpen {
+                sandbox_id: sb.into(),
+                port,
+            })),
+        },
+        CallOpts {
+            timeout: T,
+            end_stream: false,
+        },
+    )?;
+    let first: Option<c::PortConnectResponse> = s.recv()?;
+    assert_eq!(
+        first.and_then(|m| m.kind),
+        Some(c::port_connect_response::Kind::Opened(true))
+    );
+    Ok(s)
+}
+
+/// Ports.Connect relays bytes both ways through the sandbox's agent, half-closes, and answers
+/// another team's, a paused, an unknown sandbox and envd's port with their errors.
+#[test]
+fn ports_connect_relays_through_the_agent() {
+    use c::port_connect_request::Kind as Up;
+    use c::port_connect_response::Kind as Down;
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (_fa, _host) = ctl.add_host(8, 8192, 100_000);
+    let sb = create(&cl, "").unwrap();
+
+    let mut s = open_port(&cl, &sb.id, 8080).unwrap();
+    let mut echoed = Vec::new();
+    for i in 0..50 {
+        let chunk = format!("chunk {i} ").repeat(1000);
+        s.send(&c::PortConnectRequest {
+            kind: Some(Up::Data(chunk.clone().into_bytes().into())),
+        })
+        .unwrap();
+        match s.recv::<c::PortConnectResponse>().unwrap().unwrap().kind {
+            Some(Down::Data(d)) => echoed.extend_from_slice(&d),
+            other => panic!("{other:?}"),
+        }
+        assert!(echoed.ends_with(chunk.to_uppercase().as_bytes()));
+    }
+    s.close_send().unwrap();
+    let mut tail = Vec::new();
+    while let Some(m) = s.recv::<c::PortConnectResponse>().unwrap() {
+        if let Some(Down::Data(d)) = m.kind {
+            tail.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(tail, b"bye", "the sandbox's answer after the half-close");
+
+    // Errors: envd's port and port 0, nothing listening, an unknown sandbox, another team's.
+    assert_eq!(code(open_port(&cl, &sb.id, 49983)), Code::InvalidArgument);
+    assert_eq!(code(open_port(&cl, &sb.id, 0)), Code::InvalidArgument);
+    assert_eq!(code(open_port(&cl, &sb.id, 1)), Code::Unavailable);
+    let unknown = "sb-00000000-0000-4000-8000-000000000001";
+    assert_eq!(code(open_port(&cl, unknown, 80)), Code::NotFound);
+    let (_, other_key) = ctl.other_team("team-b", "b@example.com");
+    let other = ctl.client(&other_key);
+    assert_eq!(code(open_port(&other, &sb.id, 80)), Code::NotFound);
+    // Paused: FAILED_PRECONDITION naming the state.
+    let _: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::PAUSE,
+            &c::PauseSandboxRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    let e = open_port(&cl, &sb.id, 8080).unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition);
+    assert!(e.message.contains("paused"), "{e}");
+}

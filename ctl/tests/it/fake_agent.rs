@@ -620,6 +620,38 @@ fn dispatch(
                 ..Default::default()
             })
         }),
+        agent::ports_methods::CONNECT => {
+            let r = fake_port(state, &mut s);
+            s.finish(r);
+        }
         m => s.finish(Err(Status::unimplemented(format!("unknown method {m}")))),
     }
+}
+
+/// Ports.Connect against a pretend server on the port: it answers each data message with the
+/// same bytes upper-cased, and "bye" after the caller's END.
+fn fake_port(state: &Mutex<State>, s: &mut ServerStream) -> Result<(), Status> {
+    use agent::port_connect_request::Kind as Up;
+    use agent::port_connect_response::Kind as Down;
+    let first: agent::PortConnectRequest = s.first()?;
+    let Some(Up::Open(open)) = first.kind else {
+        return Err(Status::invalid_argument("open first"));
+    };
+    running_sb(state, &open.sandbox_id)?;
+    if open.port == 1 {
+        return Err(Status::unavailable("nothing listens on port 1"));
+    }
+    s.send(&agent::PortConnectResponse {
+        kind: Some(Down::Opened(true)),
+    })?;
+    while let Some(m) = s.recv::<agent::PortConnectRequest>()? {
+        if let Some(Up::Data(d)) = m.kind {
+            s.send(&agent::PortConnectResponse {
+                kind: Some(Down::Data(d.to_ascii_uppercase().into())),
+            })?;
+        }
+    }
+    s.send(&agent::PortConnectResponse {
+        kind: Some(Down::Data(b"bye".to_vec().into())),
+    })
 }

@@ -953,6 +953,52 @@ pub struct ListAuditLogsResponse {
     #[prost(string, tag = "2")]
     pub next_page_token: ::prost::alloc::string::String,
 }
+/// A message of Ports.Connect from the caller.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PortConnectRequest {
+    #[prost(oneof = "port_connect_request::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<port_connect_request::Kind>,
+}
+/// Nested message and enum types in `PortConnectRequest`.
+pub mod port_connect_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        /// First message only: where to connect.
+        #[prost(message, tag = "1")]
+        Open(super::PortOpen),
+        /// Later messages: bytes for the sandbox.
+        #[prost(bytes, tag = "2")]
+        Data(::prost::bytes::Bytes),
+    }
+}
+/// Where Ports.Connect connects.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PortOpen {
+    /// The sandbox, "sb-{uuid}".
+    #[prost(string, tag = "1")]
+    pub sandbox_id: ::prost::alloc::string::String,
+    /// TCP port in the sandbox, 1 to 65535, not envd's 49983.
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+}
+/// A message of Ports.Connect from ctl.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PortConnectResponse {
+    #[prost(oneof = "port_connect_response::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<port_connect_response::Kind>,
+}
+/// Nested message and enum types in `PortConnectResponse`.
+pub mod port_connect_response {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        /// First message: the connection is open.
+        #[prost(bool, tag = "1")]
+        Opened(bool),
+        /// Later messages: bytes from the sandbox.
+        #[prost(bytes, tag = "2")]
+        Data(::prost::bytes::Bytes),
+    }
+}
 /// Lifecycle state of a sandbox:
 /// pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped,
 /// plus error. Same numbering as wrenn.agent.v1.SandboxState.
@@ -2354,5 +2400,77 @@ impl<'a> AuditLogsClient<'a> {
         req: &ListAuditLogsRequest,
     ) -> Result<ListAuditLogsResponse, crate::Status> {
         self.client.unary(audit_logs_methods::LIST, req, self.timeout)
+    }
+}
+/// Method names of service `wrenn.ctl.v1.Ports`.
+pub mod ports_methods {
+    pub const CONNECT: &str = "wrenn.ctl.v1.Ports/Connect";
+    /// Every method with its streaming shape.
+    pub const ALL: &[crate::rpc::MethodDesc] = &[
+        crate::rpc::MethodDesc {
+            name: CONNECT,
+            client_streaming: true,
+            server_streaming: true,
+        },
+    ];
+}
+/// Server side of `wrenn.ctl.v1.Ports`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_ports`] routes calls to them.
+pub trait PortsServer: Send + Sync {
+    /// `Connect` (bidirectional).
+    fn connect(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: PortConnectRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Ports` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_ports<S: PortsServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        ports_methods::CONNECT => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.connect(p, r, s))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Ports` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct PortsClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> PortsClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        PortsClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        PortsClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Connect` (bidirectional).
+    pub fn connect(
+        &self,
+        req: &PortConnectRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                ports_methods::CONNECT,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: false,
+                },
+            )
     }
 }

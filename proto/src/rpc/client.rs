@@ -523,6 +523,15 @@ impl StreamSender {
         Ok(())
     }
 
+    /// Cancels the call for both halves (a relay whose other side went away). A receiver
+    /// blocked in `recv` sees the call end at its next wake-up.
+    pub fn cancel(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.finished {
+            g.release(true);
+        }
+    }
+
     fn parts(&self) -> (Arc<Conn>, u32, Option<Instant>) {
         let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
         (g.conn.clone(), g.id, g.deadline)
