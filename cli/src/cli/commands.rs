@@ -143,6 +143,9 @@ pub static COMMANDS: &[Command] = &[
         on("recursive", "remove a directory and everything under it"),
         on("force", "a missing path is not an error"),
         val("user", "USER", "user whose permissions apply")]),
+    cmd!("port forward", "Forward local TCP port LOCAL (127.0.0.1; 0 = any free port, printed) to port REMOTE of the sandbox: every connection is one Ports.Connect stream through ctl and the sandbox's agent, for databases and anything not HTTP. Runs until interrupted.", [SB, arg("LOCAL:REMOTE", "local port and sandbox port")], [
+        val("connections", "N", "exit after serving N connections")
+    ]),
     cmd!("template create", "Snapshot a sandbox into a template (the sandbox ends paused).", [SB, arg("NAME", "template name, unique in the team")], [
         on("platform", "publish as a platform template (platform admin)")]),
     cmd!("template list", "List the team's and the platform's templates.", [], [
@@ -260,7 +263,10 @@ mod tests {
         }
         assert_eq!(
             groups(),
-            ["sandbox", "process", "file", "template", "key", "team", "user", "host", "audit"]
+            [
+                "sandbox", "process", "file", "port", "template", "key", "team", "user", "host",
+                "audit"
+            ]
         );
         assert!(group_usage("file").contains("  put "));
     }

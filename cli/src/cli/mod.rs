@@ -9,6 +9,7 @@
 pub mod args;
 pub mod commands;
 pub mod json;
+pub mod port;
 pub mod table;
 pub mod tty;
 
@@ -1036,6 +1037,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             ctx.print(&r, |_| "resized\n".into());
         }
         "file put" => return file_put(&ctx, p),
+        "port forward" => return port::forward(&ctx, p),
         "file get" => return file_get(&ctx, p),
         "file ls" => {
             let req = pb::ListDirRequest {

@@ -445,3 +445,62 @@ fn cli_teams_and_dead_hosts() {
     let out = admin(&["host", "rm", "--force", &host_id]);
     assert!(out.contains("recorded stopped: sb-"), "{out}");
 }
+
+/// `wrenn port forward`: a local connection through ctl and the (fake) agent to the
+/// sandbox's port and back; the local EOF reaches the sandbox, whose answer comes back.
+#[test]
+fn cli_port_forward() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let Some(bin) = wrenn_binary() else {
+        skip("the wrenn binary is not built (run `cargo build -p wrenn` first)");
+        return;
+    };
+    let Some(ctl) = Ctl::start() else { return };
+    let _agent = ctl.add_host(8, 16384, 100_000);
+    let cli = Cli {
+        bin: bin.clone(),
+        url: ctl.addr(),
+        key: ctl.team_key.clone(),
+    };
+    let sb = cli.json(&["sandbox", "create"]);
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let mut child = Command::new(&bin)
+        .args(["port", "forward", &id, "0:8080", "--connections", "2"])
+        .env("WRENN_URL", &cli.url)
+        .env("WRENN_API_KEY", &cli.key)
+        .env("WRENN_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    // "forwarding 127.0.0.1:PORT -> sb-...:8080"
+    let addr = line.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(line.contains(&format!("{id}:8080")), "{line}");
+    for _ in 0..2 {
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let data = "port forward ".repeat(20_000);
+        conn.write_all(data.as_bytes()).unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        let mut want = data.to_uppercase().into_bytes();
+        want.extend_from_slice(b"bye");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes differ");
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status:?} {err}");
+}
