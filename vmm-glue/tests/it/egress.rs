@@ -503,6 +503,21 @@ fn egress_policies_dns_and_updates() {
         "slot 2's guest serves (so the refusal above is the firewall's)"
     );
 
+    // Under a policy that denies everything, the host still reaches the guest's servers
+    // (port exposure): the guest's answers are replies, not connections it opens.
+    net.set_egress(1, &Egress::none()).unwrap();
+    let g1_server = LineEcho::start(
+        netns::run_in(&g1, || TcpListener::bind(sock(GUEST_ADDR, 0)))
+            .unwrap()
+            .unwrap(),
+        "g1",
+    );
+    let conn =
+        TcpStream::connect_timeout(&sock(s1.guest_alias, g1_server.port), REACH_TIMEOUT).unwrap();
+    conn.set_read_timeout(Some(REACH_TIMEOUT)).unwrap();
+    assert_eq!(say(&conn, "from the host").unwrap(), "g1:from the host");
+    drop((conn, g1_server));
+
     // Deny everything, allow *.example.com by name.
     let only_example = Egress {
         allow_domains: vec![pattern("*.example.com")],
