@@ -13,7 +13,9 @@
 //!   and its OpenAPI schemas; [`openapi`]: the document and the docs page.
 //! - [`backend`]: what the gateway needs from the service layer.
 //! - [`port_route`]: which sandbox port a request is for (host-name and path forms of port
-//!   exposure); the proxy that uses it is not built yet (docs/operations.md).
+//!   exposure); [`proxy_head`]: the heads a port proxy writes (credentials and hop-by-hop
+//!   headers out, cookie domains stripped). The proxy that uses them is not built yet
+//!   (docs/operations.md, "Sandbox ports").
 //!
 //! It is not an API of its own: every `/v1` route is one `wrenn.ctl.v1` call.
 
@@ -26,6 +28,7 @@ pub mod json;
 pub mod limits;
 pub mod openapi;
 pub mod port_route;
+pub mod proxy_head;
 pub mod request;
 pub mod response;
 pub mod routes;
