@@ -2,6 +2,7 @@
 //! (`/metrics`) and as samples (Host.Metrics).
 
 use proto::metrics::{family, sample, Counter, Histogram};
+use vmm_glue::net::resolver::stats as dns;
 
 pub static TRANSITIONS: Counter = Counter::new();
 pub static EXPIRED: Counter = Counter::new();
@@ -10,6 +11,8 @@ pub static RPC_REFUSED: Counter = Counter::new();
 pub static REPORTS_SENT: Counter = Counter::new();
 pub static REPORTS_DROPPED: Counter = Counter::new();
 pub static HEARTBEATS_FAILED: Counter = Counter::new();
+/// Ports.Connect streams opened to guests.
+pub static PORT_STREAMS: Counter = Counter::new();
 pub static CREATE_SECONDS: Histogram = Histogram::new();
 pub static PAUSE_SECONDS: Histogram = Histogram::new();
 pub static RESUME_SECONDS: Histogram = Histogram::new();
@@ -40,6 +43,23 @@ pub fn counters() -> Vec<Sample> {
             "wrenn_agent_heartbeats_failed_total",
             HEARTBEATS_FAILED.get(),
         ),
+        c("wrenn_agent_dns_queries_total", dns::QUERIES.get()),
+        c(
+            "wrenn_agent_dns_rate_dropped_total",
+            dns::RATE_DROPPED.get(),
+        ),
+        c("wrenn_agent_dns_refused_total", dns::REFUSED.get()),
+        c("wrenn_agent_dns_forwarded_total", dns::FORWARDED.get()),
+        c("wrenn_agent_dns_servfail_total", dns::SERVFAIL.get()),
+        c(
+            "wrenn_agent_dns_addresses_added_total",
+            dns::ADDRESSES_ADDED.get(),
+        ),
+        c(
+            "wrenn_agent_dns_never_out_dropped_total",
+            dns::NEVER_OUT_DROPPED.get(),
+        ),
+        c("wrenn_agent_port_streams_total", PORT_STREAMS.get()),
         c("wrenn_agent_create_seconds_count", CREATE_SECONDS.count()),
         c("wrenn_agent_pause_seconds_count", PAUSE_SECONDS.count()),
         c("wrenn_agent_resume_seconds_count", RESUME_SECONDS.count()),

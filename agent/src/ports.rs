@@ -106,6 +106,7 @@ pub fn connect(
         Status::unavailable(format!("connect to port {} of the sandbox: {e}", open.port))
     })?;
     let _ = sock.set_nodelay(true);
+    crate::metrics::PORT_STREAMS.inc();
     s.send(&pb::PortConnectResponse {
         kind: Some(Down::Opened(true)),
     })?;

@@ -41,6 +41,26 @@ use super::{netns, Error};
 #[cfg(doc)]
 use super::limits::{DNS_TTL_MAX, DNS_TTL_MIN};
 
+/// Counters of every slot's resolver together (the agent renders them on /metrics; no
+/// per-slot labels).
+pub mod stats {
+    use proto::metrics::Counter;
+    /// Guest queries received (within the rate).
+    pub static QUERIES: Counter = Counter::new();
+    /// Queries dropped over a slot's rate.
+    pub static RATE_DROPPED: Counter = Counter::new();
+    /// Queries answered REFUSED (name not allowed) or FORMERR.
+    pub static REFUSED: Counter = Counter::new();
+    /// Queries sent upstream.
+    pub static FORWARDED: Counter = Counter::new();
+    /// Answers SERVFAIL (upstream timeout or bad answer, set full, too many pending).
+    pub static SERVFAIL: Counter = Counter::new();
+    /// Addresses put into slots' DNS sets.
+    pub static ADDRESSES_ADDED: Counter = Counter::new();
+    /// Answer addresses inside never_out, kept out of the set.
+    pub static NEVER_OUT_DROPPED: Counter = Counter::new();
+}
+
 const WAKER: Token = Token(usize::MAX);
 /// Longest poll wait: pending queries are checked for their timeout at least this often.
 const TICK: Duration = Duration::from_millis(250);
@@ -98,6 +118,7 @@ impl SlotDns {
         let mut add: Vec<(Ipv4Addr, Duration)> = Vec::new();
         for &(ip, ttl) in addrs {
             if self.never_out.iter().any(|c| c.contains(ip)) {
+                stats::NEVER_OUT_DROPPED.inc();
                 log::info!("dns answer inside never_out dropped name={name} addr={ip}");
                 continue;
             }
@@ -121,6 +142,7 @@ impl SlotDns {
             });
         }
         self.nft.add_set_elements_v4(&self.table, DNS_SET, &add)?;
+        stats::ADDRESSES_ADDED.add(add.len() as u64);
         for (ip, ttl) in &add {
             let expires = now + *ttl;
             match self.live.iter_mut().find(|a| a.ip == *ip) {
@@ -492,8 +514,10 @@ impl Loop {
                 continue; // the slot's rules let only its guest in; never answer others
             }
             if !slot.bucket.take(Instant::now()) {
+                stats::RATE_DROPPED.inc();
                 continue; // over the rate: dropped, the guest retries
             }
+            stats::QUERIES.inc();
             let msg = &self.buf[..n];
             let reply = handle_query(slot, msg, from);
             if let Some(reply) = reply {
@@ -542,6 +566,7 @@ impl Loop {
                 .collect();
             for id in late {
                 if let Some(p) = slot.pending.remove(&id) {
+                    stats::SERVFAIL.inc();
                     if let Some(mut r) = dns::error_reply(&p.sent, RCODE_SERVFAIL) {
                         dns::set_id(&mut r, p.guest_id);
                         let _ = slot.guest.send_to(&r, p.guest_addr);
@@ -556,18 +581,28 @@ impl Loop {
 /// sent upstream (or dropped).
 fn handle_query(slot: &mut LoopSlot, msg: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
     if msg.len() > DNS_QUERY_LEN_MAX {
+        stats::REFUSED.inc();
         return dns::error_reply(msg, RCODE_FORMERR);
     }
     let q = match dns::parse_query(msg) {
         Ok(q) => q,
-        Err(dns::DnsError::NotHostName) => return dns::error_reply(msg, RCODE_REFUSED),
-        Err(_) => return dns::error_reply(msg, RCODE_FORMERR),
+        Err(e) => {
+            stats::REFUSED.inc();
+            let rcode = if e == dns::DnsError::NotHostName {
+                RCODE_REFUSED
+            } else {
+                RCODE_FORMERR
+            };
+            return dns::error_reply(msg, rcode);
+        }
     };
     if !lock(&slot.state).egress.may_resolve(&q.name) {
+        stats::REFUSED.inc();
         log::debug!("dns query refused name={}", q.name);
         return dns::error_reply(msg, RCODE_REFUSED);
     }
     if slot.pending.len() >= DNS_PENDING_PER_SLOT_MAX {
+        stats::SERVFAIL.inc();
         return dns::error_reply(msg, RCODE_SERVFAIL);
     }
     let id = loop {
@@ -582,9 +617,11 @@ fn handle_query(slot: &mut LoopSlot, msg: &[u8], from: SocketAddr) -> Option<Vec
     };
     let sent = dns::build_query(id, &q);
     if let Err(e) = slot.upstream.send(&sent) {
+        stats::SERVFAIL.inc();
         log::warn!("resolver upstream send failed error={e}");
         return dns::error_reply(msg, RCODE_SERVFAIL);
     }
+    stats::FORWARDED.inc();
     slot.pending.insert(
         id,
         Pending {
@@ -602,6 +639,7 @@ fn handle_query(slot: &mut LoopSlot, msg: &[u8], from: SocketAddr) -> Option<Vec
 /// allowed name are in the set before this returns.
 fn handle_answer(slot: &mut LoopSlot, msg: &mut [u8], truncated: bool, p: &Pending) -> Vec<u8> {
     let servfail = || {
+        stats::SERVFAIL.inc();
         let mut r = dns::error_reply(&p.sent, RCODE_SERVFAIL).unwrap_or_default();
         dns::set_id(&mut r, p.guest_id);
         r

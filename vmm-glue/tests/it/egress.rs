@@ -638,6 +638,15 @@ fn egress_policies_dns_and_updates() {
     net.set_egress(1, &Egress::default()).unwrap();
     assert_eq!(reach(addr_b).unwrap(), "b:hello");
 
+    // The resolver's counters (the agent's /metrics) saw all of it.
+    use vmm_glue::net::resolver::stats;
+    assert!(stats::REFUSED.get() >= 3, "refused {}", stats::REFUSED.get());
+    assert!(stats::RATE_DROPPED.get() >= 150);
+    assert!(stats::ADDRESSES_ADDED.get() >= 2);
+    assert!(stats::NEVER_OUT_DROPPED.get() >= 1);
+    assert!(stats::SERVFAIL.get() >= 1);
+    assert!(stats::FORWARDED.get() >= 5);
+
     // Bad input is a typed error.
     assert!(matches!(
         net.set_egress(5, &Egress::default()),
