@@ -123,6 +123,9 @@ pub const DNS_TTL_MAX: Duration = Duration::from_secs(3600);
 pub const DNS_QUERIES_PER_SEC: u32 = 50;
 /// ...and burst. A page load resolves a few dozen names; beyond, queries are dropped.
 pub const DNS_QUERY_BURST: u32 = 100;
+/// Datagrams read from one slot's socket before the loop turns to the other slots (and
+/// comes back): one guest's flood delays the others' queries by at most this many reads.
+pub const DNS_READS_PER_TURN: usize = 32;
 /// Queries of one slot waiting for the upstream; more are answered SERVFAIL.
 pub const DNS_PENDING_PER_SLOT_MAX: usize = 64;
 /// How long a query waits for the upstream before the guest gets SERVFAIL.

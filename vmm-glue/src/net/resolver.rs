@@ -31,8 +31,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::dns::{self, RCODE_FORMERR, RCODE_REFUSED, RCODE_SERVFAIL};
 use super::limits::{
     DNS_ADDRESSES_PER_NAME_MAX, DNS_COMMANDS_MAX, DNS_MESSAGE_LEN_MAX, DNS_PENDING_PER_SLOT_MAX,
-    DNS_QUERIES_PER_SEC, DNS_QUERY_BURST, DNS_QUERY_LEN_MAX, DNS_SET_LEN_MAX, DNS_SLOTS_MAX,
-    DNS_UPSTREAM_TIMEOUT,
+    DNS_QUERIES_PER_SEC, DNS_QUERY_BURST, DNS_QUERY_LEN_MAX, DNS_READS_PER_TURN, DNS_SET_LEN_MAX,
+    DNS_SLOTS_MAX, DNS_UPSTREAM_TIMEOUT,
 };
 use super::netlink::Netlink;
 use super::slot::{Egress, Ipv4Cidr, DNS_SET, GATEWAY_ADDR, GUEST_ADDR};
@@ -221,6 +221,7 @@ impl Resolver {
             stop: stop.clone(),
             slots: HashMap::new(),
             buf: vec![0u8; DNS_MESSAGE_LEN_MAX + 1].into_boxed_slice(),
+            again: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("wrenn-dns".to_owned())
@@ -386,6 +387,9 @@ struct Loop {
     stop: Arc<AtomicBool>,
     slots: HashMap<u32, LoopSlot>,
     buf: Box<[u8]>,
+    /// Slots whose guest socket may hold more datagrams than one turn read (epoll is
+    /// edge-triggered: they are read again without a new event).
+    again: Vec<u32>,
 }
 
 fn guest_token(index: u32) -> Token {
@@ -399,9 +403,13 @@ impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while !self.stop.load(Ordering::Acquire) {
-            let timeout = self.next_deadline().map_or(TICK, |d| {
-                d.saturating_duration_since(Instant::now()).min(TICK)
-            });
+            let timeout = if self.again.is_empty() {
+                self.next_deadline().map_or(TICK, |d| {
+                    d.saturating_duration_since(Instant::now()).min(TICK)
+                })
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("resolver poll failed error={e}");
@@ -421,6 +429,9 @@ impl Loop {
                 } else {
                     self.upstream_readable(index);
                 }
+            }
+            for index in std::mem::take(&mut self.again) {
+                self.guest_readable(index);
             }
             self.expire();
         }
@@ -495,9 +506,16 @@ impl Loop {
         let _ = self.poll.registry().deregister(&mut s.upstream);
     }
 
-    /// Drains the slot's guest socket.
+    /// Reads the slot's guest socket until it is empty or for [`DNS_READS_PER_TURN`]
+    /// datagrams (then the slot is read again on the next turn).
     fn guest_readable(&mut self, index: u32) {
-        loop {
+        for read in 0.. {
+            if read == DNS_READS_PER_TURN {
+                if !self.again.contains(&index) {
+                    self.again.push(index);
+                }
+                return;
+            }
             let Some(slot) = self.slots.get_mut(&index) else {
                 return;
             };

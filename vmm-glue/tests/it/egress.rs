@@ -640,7 +640,11 @@ fn egress_policies_dns_and_updates() {
 
     // The resolver's counters (the agent's /metrics) saw all of it.
     use vmm_glue::net::resolver::stats;
-    assert!(stats::REFUSED.get() >= 3, "refused {}", stats::REFUSED.get());
+    assert!(
+        stats::REFUSED.get() >= 3,
+        "refused {}",
+        stats::REFUSED.get()
+    );
     assert!(stats::RATE_DROPPED.get() >= 150);
     assert!(stats::ADDRESSES_ADDED.get() >= 2);
     assert!(stats::NEVER_OUT_DROPPED.get() >= 1);
