@@ -31,6 +31,10 @@ pub struct FakeEnvd {
     pub inits: AtomicU64,
     pub resumed: AtomicU64,
     stdin: Mutex<HashMap<u32, std::sync::mpsc::Sender<Option<Vec<u8>>>>>,
+    /// Running processes by pid (what List answers).
+    running: Mutex<HashMap<u32, envd::ProcessInfo>>,
+    /// What each `cat` echoed, replayed by Connect.
+    echoed: Mutex<HashMap<u32, Vec<u8>>>,
     next_pid: AtomicU64,
 }
 
@@ -129,6 +133,16 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
             {
                 return;
             }
+            e.running.lock().unwrap().insert(
+                pid,
+                envd::ProcessInfo {
+                    pid,
+                    tag: p.tag.clone(),
+                    config: Some(p.clone()),
+                    started_unix_ns: 1,
+                    stdin_open: p.stdin,
+                },
+            );
             let r = match p.cmd.as_str() {
                 "echo" => s
                     .send(&out(
@@ -161,15 +175,35 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
                     }
                     r
                 }
+                // `cat FILE`: the file from the fake's files, in envd's 64 KiB pipe reads.
+                "cat" if !p.args.is_empty() => {
+                    let data = e.files.lock().unwrap().get(&p.args[0]).cloned();
+                    match data {
+                        Some(data) => data.chunks(64 * 1024).try_for_each(|c| {
+                            s.send(&ev(Event::Output(envd::ProcessOutput {
+                                stream: envd::OutputStream::Stdout as i32,
+                                data: c.to_vec().into(),
+                                offset: (c.as_ptr() as usize - data.as_ptr() as usize) as u64,
+                            })))
+                        }),
+                        None => Err(Status::not_found("fake envd: cat: no such file")),
+                    }
+                }
                 "cat" => {
                     let mut r = Ok(());
                     while let Ok(Some(d)) = rx.recv_timeout(Duration::from_secs(10)) {
-                        r = s.send(&out(d, envd::OutputStream::Stdout));
-                        if r.is_err() {
-                            break;
+                        e.echoed
+                            .lock()
+                            .unwrap()
+                            .entry(pid)
+                            .or_default()
+                            .extend_from_slice(&d);
+                        // A detached stream still consumes stdin (as the real envd does).
+                        if s.send(&out(d, envd::OutputStream::Stdout)).is_err() {
+                            r = Err(Status::cancelled("reader gone"));
                         }
                     }
-                    r
+                    r.or(Ok(()))
                 }
                 "sleep" => {
                     while !s.is_cancelled() {
@@ -182,6 +216,7 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
             if r.is_err() {
                 return s.finish(r);
             }
+            e.running.lock().unwrap().remove(&pid);
             let r = s.send(&ev(Event::Exited(envd::ProcessExited {
                 status: Some(envd::process_exited::Status::ExitCode(0)),
                 ..Default::default()
@@ -216,7 +251,33 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
                 }),
             )
         }
-        envd::process_methods::LIST => reply(s, Ok(envd::ListProcessesResponse::default())),
+        envd::process_methods::LIST => {
+            let mut processes: Vec<_> = e.running.lock().unwrap().values().cloned().collect();
+            processes.sort_by_key(|p| p.pid);
+            reply(s, Ok(envd::ListProcessesResponse { processes }))
+        }
+        envd::process_methods::CONNECT => {
+            let r: envd::ConnectRequest = s.first().unwrap();
+            let pid = match r.process.and_then(|p| p.selector) {
+                Some(envd::process_selector::Selector::Pid(p)) => p,
+                _ => return s.finish(Err(Status::invalid_argument("no pid"))),
+            };
+            let data = e
+                .echoed
+                .lock()
+                .unwrap()
+                .get(&pid)
+                .cloned()
+                .unwrap_or_default();
+            let r = s.send(&envd::ProcessEvent {
+                event: Some(Event::Output(envd::ProcessOutput {
+                    stream: envd::OutputStream::Stdout as i32,
+                    data: data.into(),
+                    offset: 0,
+                })),
+            });
+            s.finish(r)
+        }
         envd::process_methods::SIGNAL => reply(s, Ok(envd::SignalResponse::default())),
         envd::process_methods::CLOSE_STDIN => reply(s, Ok(envd::CloseStdinResponse::default())),
         envd::process_methods::RESIZE_PTY => reply(s, Ok(envd::ResizePtyResponse::default())),
@@ -304,11 +365,62 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
                 .ok_or_else(|| Status::not_found("no such file")),
             )
         }
-        envd::filesystem_methods::MAKE_DIR => reply(s, Ok(envd::MakeDirResponse::default())),
-        envd::filesystem_methods::MOVE => reply(s, Ok(envd::MoveResponse::default())),
-        envd::filesystem_methods::REMOVE => reply(s, Ok(envd::RemoveResponse::default())),
+        // Directories are implicit: a file's directory is the prefix of its path.
+        envd::filesystem_methods::MAKE_DIR => {
+            let r: envd::MakeDirRequest = s.first().unwrap();
+            reply(
+                s,
+                Ok(envd::MakeDirResponse {
+                    entry: Some(envd::EntryInfo {
+                        path: r.path,
+                        r#type: envd::FileType::Dir as i32,
+                        ..Default::default()
+                    }),
+                    created: true,
+                }),
+            )
+        }
+        envd::filesystem_methods::MOVE => {
+            let r: envd::MoveRequest = s.first().unwrap();
+            let mut files = e.files.lock().unwrap();
+            let Some(data) = files.remove(&r.source) else {
+                drop(files);
+                return s.finish(Err(Status::not_found("no such file")));
+            };
+            files.insert(r.destination, data);
+            drop(files);
+            reply(s, Ok(envd::MoveResponse::default()))
+        }
+        envd::filesystem_methods::REMOVE => {
+            let r: envd::RemoveRequest = s.first().unwrap();
+            let prefix = format!("{}/", r.path.trim_end_matches('/'));
+            e.files
+                .lock()
+                .unwrap()
+                .retain(|p, _| *p != r.path && !p.starts_with(&prefix));
+            reply(s, Ok(envd::RemoveResponse::default()))
+        }
         envd::filesystem_methods::LIST => {
-            let r = s.send(&envd::ListDirResponse::default());
+            let r: envd::ListDirRequest = s.first().unwrap();
+            let prefix = format!("{}/", r.path.trim_end_matches('/'));
+            let mut entries: Vec<envd::ListEntry> = e
+                .files
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+                .map(|(p, d)| envd::ListEntry {
+                    entry: Some(envd::EntryInfo {
+                        path: p.clone(),
+                        size: d.len() as u64,
+                        ..Default::default()
+                    }),
+                    path: p.clone(),
+                    error: String::new(),
+                })
+                .collect();
+            entries.sort_by(|a, b| a.path.cmp(&b.path));
+            let r = s.send(&envd::ListDirResponse { entries });
             s.finish(r)
         }
         envd::filesystem_methods::WATCH => {
