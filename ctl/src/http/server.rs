@@ -185,6 +185,10 @@ struct Conn {
     gen: u64,
     /// Socket timeouts already set (they survive the blocking/non-blocking switches).
     prepared: bool,
+    /// A request of this connection has reached a worker. Until then it is the HTTP
+    /// analogue of a connection before its hello: when every place is taken, the oldest
+    /// such connection still waiting for its first head makes room for a newcomer.
+    served: bool,
 }
 
 enum ReadOutcome {
@@ -487,7 +491,7 @@ impl HttpServer {
             let per_source = self.sources.get(&source).map_or(0, |u| u.conns);
             let refusal = if per_source >= self.config.source_connections_max {
                 Some("too many connections from this address")
-            } else if self.free.is_empty() {
+            } else if self.free.is_empty() && !self.evict_oldest_unserved() {
                 Some("too many connections")
             } else {
                 None
@@ -526,6 +530,7 @@ impl HttpServer {
                 deadline: Instant::now() + self.config.head_timeout,
                 gen: self.next_gen,
                 prepared: false,
+                served: false,
             }));
             // Edge-triggered: bytes may already be there.
             self.readable(i);
@@ -540,6 +545,30 @@ impl HttpServer {
     }
 
     /// Closes an open connection and frees its slot.
+    /// With every place taken: closes the oldest connection that has not yet had a request
+    /// served and is still waiting for (the rest of) its first head, so that idle or
+    /// slow-header connections cannot lock newcomers out (keep-alive clients that were
+    /// served keep their connections). False when there is none.
+    fn evict_oldest_unserved(&mut self) -> bool {
+        let oldest = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Open(c) if !c.served && matches!(c.phase, Phase::Head) => Some((c.gen, i)),
+                _ => None,
+            })
+            .min();
+        match oldest {
+            Some((_, i)) => {
+                METRICS.connections_evicted.inc();
+                self.close(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn close(&mut self, i: usize) {
         if let Slot::Open(c) = std::mem::replace(&mut self.slots[i], Slot::Free) {
             let _ = self
@@ -1212,6 +1241,7 @@ impl HttpServer {
             deadline,
             gen,
             prepared: true,
+            served: true,
         }));
         match then {
             Then::Resume => {
