@@ -479,8 +479,9 @@ mod lifecycle {
             .map(|(_, p, l)| (p, l))
     }
 
-    /// Writes `len` bytes sequentially to a new file in `dir` and syncs it, as the
-    /// generation build does with its layer: the baseline of `pause_generation_build`.
+    /// Writes `len` bytes sequentially to a new file in `dir`, fdatasyncs it and fsyncs the
+    /// directory, the syncs the generation build does for its layer: the baseline of
+    /// `pause_generation_build` (without the syncs it would not be the same work).
     fn sequential_write(dir: &Path, len: u64) -> Result<Duration, String> {
         let p = dir.join("bench-seq.tmp");
         let chunk = vec![0xa5u8; 1 << 20];
@@ -493,7 +494,11 @@ mod lifecycle {
                 .map_err(|e| format!("write {}: {e}", p.display()))?;
             left -= n as u64;
         }
-        f.sync_all().map_err(|e| format!("sync: {e}"))?;
+        // The same syncs as the build: the file's data, then its directory.
+        f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("fsync {}: {e}", dir.display()))?;
         let d = t.elapsed();
         drop(f);
         let _ = fs::remove_file(&p);
