@@ -239,6 +239,7 @@ fn start_in_process(inp: &Inputs) -> InProcess {
         manager: m.clone(),
         identity: identity.clone(),
         extra_problems: Vec::new(),
+        overcommit: Default::default(),
     });
     let problems = host.problems();
     assert!(problems.is_empty(), "host problems: {problems:?}");

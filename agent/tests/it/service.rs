@@ -37,6 +37,7 @@ impl Rig {
             manager: env.manager.clone(),
             identity: identity.clone(),
             extra_problems: Vec::new(),
+            overcommit: Default::default(),
         });
         let svc = AgentService::new(env.manager.clone(), host.clone(), identity);
         let mut server = Server::new(ServerConfig::new("wrenn-agent"), Arc::new(svc)).unwrap();

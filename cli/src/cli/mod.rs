@@ -425,6 +425,14 @@ fn host_human(h: &pb::Host) -> String {
             ),
         ),
         ("capacity", res(&h.capacity)),
+        ("physical", res(&h.physical)),
+        (
+            "overcommit",
+            format!(
+                "{}x vCPU, {}x memory",
+                h.vcpu_overcommit, h.memory_overcommit
+            ),
+        ),
         ("usage", res(&h.usage)),
         ("sandboxes", h.sandbox_count.to_string()),
         ("can host", h.can_host_sandboxes.to_string()),

@@ -779,6 +779,9 @@ impl Json for proto::gen::wrenn::ctl::v1::Host {
         m.insert("sandbox_count".into(), Value::from(self.sandbox_count));
         m.insert("last_heartbeat_unix_ns".into(), j::i64_out(self.last_heartbeat_unix_ns));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        if let Some(x) = &self.physical { m.insert("physical".into(), proto::gen::wrenn::ctl::v1::Resources::to_json(&x)); }
+        m.insert("vcpu_overcommit".into(), j::f64_out(f64::from(self.vcpu_overcommit)));
+        m.insert("memory_overcommit".into(), j::f64_out(f64::from(self.memory_overcommit)));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -800,6 +803,9 @@ impl Json for proto::gen::wrenn::ctl::v1::Host {
                 "sandbox_count" => { if !v.is_null() { out.sandbox_count = j::u32_in(v, &p)?; } }
                 "last_heartbeat_unix_ns" => { if !v.is_null() { out.last_heartbeat_unix_ns = j::i64_in(v, &p)?; } }
                 "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                "physical" => { if !v.is_null() { out.physical = Some(<proto::gen::wrenn::ctl::v1::Resources as Json>::from_json_at(v, &p)?); } }
+                "vcpu_overcommit" => { if !v.is_null() { out.vcpu_overcommit = j::f64_in(v, &p)?; } }
+                "memory_overcommit" => { if !v.is_null() { out.memory_overcommit = j::f64_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -3703,6 +3709,14 @@ pub const SCHEMAS_JSON: &str = r##"{
         "pattern": "^-?[0-9]+$",
         "type": "string"
       },
+      "memory_overcommit": {
+        "description": "Guest memory offered per MiB of host memory (the agent's --memory-overcommit).",
+        "type": "number"
+      },
+      "physical": {
+        "$ref": "#/components/schemas/ctl.v1.Resources",
+        "description": "The host's own CPUs, memory and disk; `capacity` is this times the ratios below."
+      },
       "problems": {
         "description": "One line per problem, each with its fix.",
         "items": {
@@ -3724,6 +3738,10 @@ pub const SCHEMAS_JSON: &str = r##"{
       "usage": {
         "$ref": "#/components/schemas/ctl.v1.Resources",
         "description": "Reserved by its sandboxes."
+      },
+      "vcpu_overcommit": {
+        "description": "vCPUs offered per host CPU (the agent's --vcpu-overcommit).",
+        "type": "number"
       }
     },
     "type": "object"

@@ -485,7 +485,7 @@ pub struct ListTemplatesResponse {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HostInfoRequest {}
 /// Reply of Host.Info.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HostInfo {
     /// "host-{uuid}" given at registration ("" before registration).
     #[prost(string, tag = "1")]
@@ -530,6 +530,15 @@ pub struct HostInfo {
     /// The agent's current wall time.
     #[prost(int64, tag = "14")]
     pub now_unix_ns: i64,
+    /// The host's own CPUs, memory and disk; `capacity` is this times the overcommit ratios.
+    #[prost(message, optional, tag = "15")]
+    pub physical: ::core::option::Option<Resources>,
+    /// vCPUs offered per host CPU (default 4).
+    #[prost(double, tag = "16")]
+    pub vcpu_overcommit: f64,
+    /// Guest memory offered per MiB of host memory (default 1).
+    #[prost(double, tag = "17")]
+    pub memory_overcommit: f64,
 }
 /// Request of Host.Metrics.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -743,7 +743,7 @@ pub struct Resources {
     pub disk_mib: u64,
 }
 /// Reply of Hosts.Get.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Host {
     /// "host-{uuid}".
     #[prost(string, tag = "1")]
@@ -784,6 +784,15 @@ pub struct Host {
     /// Registration time.
     #[prost(int64, tag = "13")]
     pub created_unix_ns: i64,
+    /// The host's own CPUs, memory and disk; `capacity` is this times the ratios below.
+    #[prost(message, optional, tag = "14")]
+    pub physical: ::core::option::Option<Resources>,
+    /// vCPUs offered per host CPU (the agent's --vcpu-overcommit).
+    #[prost(double, tag = "15")]
+    pub vcpu_overcommit: f64,
+    /// Guest memory offered per MiB of host memory (the agent's --memory-overcommit).
+    #[prost(double, tag = "16")]
+    pub memory_overcommit: f64,
 }
 /// Request of Hosts.CreateRegistrationToken.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -840,7 +849,7 @@ pub struct DrainHostRequest {
     pub host_id: ::prost::alloc::string::String,
 }
 /// Reply of Hosts.Drain.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DrainHostResponse {
     /// The host, now DRAINING.
     #[prost(message, optional, tag = "1")]
