@@ -343,7 +343,7 @@ impl FirecrackerVmm {
                 .config()
                 .slot(index)
                 .map_err(|e| VmError::new("start firecracker", e))?;
-            let memory_bytes = u64::from(rec.memory_mib) << 20;
+            let memory_bytes = u64::from(rec.spec.memory_mib) << 20;
             let disk_bytes = fs::metadata(dir.disk()).map(|m| m.len()).unwrap_or(0);
             let spec = JailSpec {
                 jailer: j.jailer.clone(),
@@ -355,7 +355,7 @@ impl FirecrackerVmm {
                 netns: Some(slot.netns),
                 cgroups: self.jail_cgroups.clone(),
                 cgroup_parent: CGROUP_PARENT.into(),
-                limits: JailLimits::for_vm(rec.vcpus, memory_bytes, disk_bytes),
+                limits: JailLimits::for_vm(rec.spec.vcpus, memory_bytes, disk_bytes),
                 firecracker_args: Vec::new(),
             };
             let mut vm = VmProcess::spawn_jailed(&spec, dir.path(), Vec::new())
@@ -389,8 +389,8 @@ impl FirecrackerVmm {
             parent: CGROUP_PARENT.into(),
             name: id.clone(),
             limits: CgroupLimits {
-                memory_max_bytes: Some((u64::from(rec.memory_mib) << 20) + VMM_OVERHEAD_BYTES),
-                cpu_millis: Some(rec.vcpus.max(1) * 1000),
+                memory_max_bytes: Some((u64::from(rec.spec.memory_mib) << 20) + VMM_OVERHEAD_BYTES),
+                cpu_millis: Some(rec.spec.vcpus.max(1) * 1000),
             },
         });
         let mut vm = VmProcess::spawn(&sc).map_err(|e| VmError::new("start firecracker", e))?;
@@ -413,7 +413,7 @@ impl FirecrackerVmm {
         let call = |api: &mut ApiClient, what: &str, r: &dyn ToReq| {
             r.send(api).map_err(|e| VmError::new(what, e))
         };
-        let mut mc = MachineConfig::new(rec.vcpus.max(1), rec.memory_mib);
+        let mut mc = MachineConfig::new(rec.spec.vcpus.max(1), rec.spec.memory_mib);
         mc.track_dirty_pages = true;
         call(api, "machine-config", &mc)?;
         let paths = self.paths(dir);
@@ -719,9 +719,9 @@ impl Vmm for FirecrackerVmm {
         dir: &SandboxDir,
         _template: &TemplateDir,
     ) -> Result<(), VmError> {
-        let kernel = self
-            .kernel_path(&rec.kernel)
-            .ok_or_else(|| VmError::new("boot", format!("no guest kernel {:?}", rec.kernel)))?;
+        let kernel = self.kernel_path(&rec.spec.kernel).ok_or_else(|| {
+            VmError::new("boot", format!("no guest kernel {:?}", rec.spec.kernel))
+        })?;
         rec.kernel_version = kernel_version(&kernel);
         self.prepare_chroot(rec, dir, Some(&kernel), Vec::new())?;
         let paths = self.paths(dir);
@@ -927,7 +927,7 @@ impl Vmm for FirecrackerVmm {
         // Phases of the build, in µs, for the log line (the bench breaks the build down).
         let mut phase_us = [0u128; 4];
         let built = (|| -> Result<(Header, u64), String> {
-            let memory_size = u64::from(rec.memory_mib) << 20;
+            let memory_size = u64::from(rec.spec.memory_mib) << 20;
             let build = BuildId(
                 *proto::random::uuid_v4()
                     .map_err(|e| e.to_string())?

@@ -12,7 +12,7 @@
 //! every slot, process and directory a failed operation made is released before the
 //! operation answers; after a crash, [`Manager::recover`] finishes the job from the records.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -33,7 +33,8 @@ use crate::limits::{
 };
 use crate::state::{self, Event, State};
 use crate::statedir::{
-    Chain, Layout, Policy, SandboxDir, SandboxRecord, TemplateDir, TemplateKind, TemplateRecord,
+    Chain, Layout, SandboxDir, SandboxRecord, SandboxSpec, TemplateDir, TemplateKind,
+    TemplateRecord, TimeoutPolicy,
 };
 use crate::sys;
 use crate::ttl::{self, Clock, Outcome, Reaper};
@@ -77,43 +78,32 @@ impl Config {
     }
 }
 
-/// A validated create request.
+/// A checked create request: the shared spec as ctl sent it (an UNSPECIFIED policy made
+/// DESTROY) and its ids, parsed.
 #[derive(Clone, Debug)]
 pub struct CreateSpec {
     pub id: Uuid,
-    pub team_id: String,
     pub template_id: Uuid,
-    pub kind: TemplateKind,
-    pub kernel: String,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub disk_mib: u64,
-    pub timeout_s: u64,
-    pub policy: Policy,
-    pub env: BTreeMap<String, String>,
-    pub metadata: BTreeMap<String, String>,
-    pub default_user: String,
-    pub default_cwd: String,
+    pub spec: SandboxSpec,
 }
 
 impl CreateSpec {
     /// Checks a Create request strictly (ids, enum values, bounds).
-    pub fn from_request(r: &pb::CreateSandboxRequest) -> Result<CreateSpec, Status> {
+    pub fn from_request(r: &SandboxSpec) -> Result<CreateSpec, Status> {
         let id = parse_id(id::Kind::Sandbox, &r.sandbox_id)?;
         if !r.team_id.is_empty() {
             parse_id(id::Kind::Team, &r.team_id)?;
         }
         let template_id = parse_id(id::Kind::Template, &r.template_id)?;
-        let kind = match pb::TemplateKind::try_from(r.template_kind) {
-            Ok(pb::TemplateKind::Base) => TemplateKind::Base,
-            Ok(pb::TemplateKind::Snapshot) => TemplateKind::Snapshot,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "template_kind must be BASE or SNAPSHOT",
-                ))
-            }
-        };
-        let policy = policy_from(r.on_timeout)?.unwrap_or(Policy::Destroy);
+        if !matches!(
+            TemplateKind::try_from(r.template_kind),
+            Ok(TemplateKind::Base | TemplateKind::Snapshot)
+        ) {
+            return Err(Status::invalid_argument(
+                "template_kind must be BASE or SNAPSHOT",
+            ));
+        }
+        let policy = TimeoutPolicy::from_wire(r.on_timeout)?.unwrap_or(TimeoutPolicy::Destroy);
         check_timeout(r.timeout_s, true)?;
         if r.kernel.len() > 64
             || !r
@@ -150,25 +140,12 @@ impl CreateSpec {
                 "default_user/default_cwd too long",
             ));
         }
+        let mut spec = r.clone();
+        spec.on_timeout = policy as i32;
         Ok(CreateSpec {
             id,
-            team_id: r.team_id.clone(),
             template_id,
-            kind,
-            kernel: r.kernel.clone(),
-            vcpus: r.vcpus,
-            memory_mib: r.memory_mib,
-            disk_mib: r.disk_mib,
-            timeout_s: r.timeout_s,
-            policy,
-            env: r.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            metadata: r
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            default_user: r.default_user.clone(),
-            default_cwd: r.default_cwd.clone(),
+            spec,
         })
     }
 }
@@ -176,15 +153,6 @@ impl CreateSpec {
 /// Parses a wire id strictly (INVALID_ARGUMENT otherwise).
 pub fn parse_id(kind: id::Kind, s: &str) -> Result<Uuid, Status> {
     id::parse(kind, s).map_err(|e| Status::invalid_argument(format!("{}: {e}", kind.noun())))
-}
-
-fn policy_from(v: i32) -> Result<Option<Policy>, Status> {
-    match pb::TimeoutPolicy::try_from(v) {
-        Ok(pb::TimeoutPolicy::Unspecified) => Ok(None),
-        Ok(pb::TimeoutPolicy::Pause) => Ok(Some(Policy::Pause)),
-        Ok(pb::TimeoutPolicy::Destroy) => Ok(Some(Policy::Destroy)),
-        Err(_) => Err(Status::invalid_argument("on_timeout: unknown policy")),
-    }
 }
 
 fn check_timeout(s: u64, zero_ok: bool) -> Result<(), Status> {
@@ -282,7 +250,8 @@ pub fn decide(rec: &SandboxRecord, firecracker_alive: bool, chain_present: bool)
         ),
         State::Paused => d(Action::Keep, State::Paused, String::new(), true),
         State::Error => d(Action::Keep, State::Error, rec.state_reason.clone(), true),
-        State::Pending | State::Stopping | State::Stopped => {
+        // UNSPECIFIED is never stored (a record's state is read by name); treat it as gone.
+        State::Pending | State::Stopping | State::Stopped | State::Unspecified => {
             d(Action::Remove, State::Stopped, String::new(), true)
         }
     }
@@ -511,8 +480,8 @@ impl Manager {
     fn report(&self, rec: &SandboxRecord, previous: State, reason: StateChangeReason) {
         self.events.state_changed(ReportStateRequest {
             sandbox_id: id::format_sandbox(rec.id),
-            state: rec.state.to_proto() as i32,
-            previous_state: previous.to_proto() as i32,
+            state: rec.state as i32,
+            previous_state: previous as i32,
             reason: reason as i32,
             message: rec.state_reason.clone(),
             changed_unix_ns: rec.updated_unix_ns,
@@ -722,13 +691,14 @@ impl Manager {
             &InitRequest {
                 sandbox_id: id::format_sandbox(rec.id),
                 env: rec
+                    .spec
                     .env
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
                 access_token: token.clone(),
-                default_user: rec.default_user.clone(),
-                default_cwd: rec.default_cwd.clone(),
+                default_user: rec.spec.default_user.clone(),
+                default_cwd: rec.spec.default_cwd.clone(),
                 wall_time_unix_ns: self.now(),
                 template_id: id::format_template(rec.template_id),
             },
@@ -755,8 +725,10 @@ impl Manager {
 
     // ---- operations ----
 
-    /// Creates and starts a sandbox; on error everything it made is gone.
-    pub fn create(&self, spec: CreateSpec) -> Result<pb::SandboxInfo, Status> {
+    /// Creates and starts a sandbox from the spec ctl sent (checked here first); on error
+    /// everything it made is gone.
+    pub fn create(&self, spec: SandboxSpec) -> Result<pb::SandboxInfo, Status> {
+        let spec = CreateSpec::from_request(&spec)?;
         let problems = self.vmm.problems();
         if !problems.is_empty() {
             return Err(Status::unavailable(format!(
@@ -770,47 +742,34 @@ impl Manager {
                 id::format_template(spec.template_id)
             ))
         })?;
-        if template.kind != spec.kind {
+        let kind = spec.spec.template_kind();
+        if template.kind != kind {
             return Err(Status::failed_precondition(format!(
                 "template is {}, request says {}",
                 template.kind.name(),
-                spec.kind.name()
+                kind.name()
             )));
         }
         let now = self.now();
-        let mut rec = SandboxRecord::new(spec.id, spec.template_id, spec.kind, now);
-        rec.team_id = spec.team_id.clone();
-        rec.kernel = spec.kernel.clone();
-        rec.timeout_s = if spec.timeout_s == 0 {
-            self.cfg.default_timeout.as_secs()
+        let mut rec = SandboxRecord::new(spec.id, spec.template_id, kind, now);
+        // The spec as sent, with the host's and the template's defaults filled in.
+        rec.spec = spec.spec.clone();
+        if rec.spec.timeout_s == 0 {
+            rec.spec.timeout_s = self.cfg.default_timeout.as_secs();
+        }
+        if kind == TemplateKind::Snapshot {
+            rec.spec.vcpus = template.vcpus;
+            rec.spec.memory_mib = template.memory_mib;
+            rec.spec.disk_mib = template.disk_mib;
+            rec.kernel_version = template.kernel_version.clone();
         } else {
-            spec.timeout_s
-        };
-        rec.policy = spec.policy;
-        rec.env = spec.env.clone();
-        rec.metadata = spec.metadata.clone();
-        rec.default_user = spec.default_user.clone();
-        rec.default_cwd = spec.default_cwd.clone();
-        match spec.kind {
-            TemplateKind::Base => {
-                rec.vcpus = if spec.vcpus == 0 {
-                    template.vcpus
-                } else {
-                    spec.vcpus
-                };
-                rec.memory_mib = if spec.memory_mib == 0 {
-                    template.memory_mib
-                } else {
-                    spec.memory_mib
-                };
-                rec.disk_mib = spec.disk_mib.max(template.disk_mib);
+            if rec.spec.vcpus == 0 {
+                rec.spec.vcpus = template.vcpus;
             }
-            TemplateKind::Snapshot => {
-                rec.vcpus = template.vcpus;
-                rec.memory_mib = template.memory_mib;
-                rec.disk_mib = template.disk_mib;
-                rec.kernel_version = template.kernel_version.clone();
+            if rec.spec.memory_mib == 0 {
+                rec.spec.memory_mib = template.memory_mib;
             }
+            rec.spec.disk_mib = rec.spec.disk_mib.max(template.disk_mib);
         }
         let sb = Arc::new(Sandbox {
             id: spec.id,
@@ -873,14 +832,15 @@ impl Manager {
         sb.dir.create().map_err(internal)?;
         self.step(sb, rec, Event::Start, "")?;
         let tdir = self.cfg.layout.template(template.id);
-        let disk_bytes = rec.disk_mib.checked_mul(1 << 20);
+        let disk_bytes = rec.spec.disk_mib.checked_mul(1 << 20);
         self.vmm
             .copy_file(&tdir.rootfs(), &sb.dir.disk(), disk_bytes)
             .map_err(vm_status)?;
         self.take_slot_for(rec)?;
         self.commit(sb, rec)?;
         match template.kind {
-            TemplateKind::Base => {
+            // UNSPECIFIED is never stored: template records hold base or snapshot.
+            TemplateKind::Base | TemplateKind::Unspecified => {
                 let r = self.vmm.boot(rec, &sb.dir, &tdir);
                 self.commit(sb, rec)?;
                 r.map_err(vm_status)?;
@@ -904,7 +864,7 @@ impl Manager {
                 self.init_envd(sb, rec, &template.access_token, true)?;
             }
         }
-        rec.expires_unix_ns = ttl::deadline(self.now(), Duration::from_secs(rec.timeout_s));
+        rec.expires_unix_ns = ttl::deadline(self.now(), Duration::from_secs(rec.spec.timeout_s));
         self.step(sb, rec, Event::Started, "")?;
         self.reaper.set(rec.id, rec.expires_unix_ns);
         Ok(())
@@ -977,7 +937,8 @@ impl Manager {
             }
             Err(e) if e.vm_still_running => {
                 let msg = format!("pause failed: {e}");
-                rec.expires_unix_ns = ttl::deadline(self.now(), Duration::from_secs(rec.timeout_s));
+                rec.expires_unix_ns =
+                    ttl::deadline(self.now(), Duration::from_secs(rec.spec.timeout_s));
                 self.step(sb, rec, Event::Abort, &msg)?;
                 self.reaper.set(rec.id, rec.expires_unix_ns);
                 Err(Status::unavailable(msg))
@@ -997,7 +958,7 @@ impl Manager {
             let mut rec = sb.rec();
             self.step(sb, &mut rec, Event::Resume, "")?;
             if timeout_s != 0 {
-                rec.timeout_s = timeout_s;
+                rec.spec.timeout_s = timeout_s;
             }
             let started = Instant::now();
             match self.resume_inner(sb, &mut rec) {
@@ -1033,7 +994,7 @@ impl Manager {
         r.map_err(vm_status)?;
         let token = rec.access_token.clone();
         self.init_envd(sb, rec, &token, true)?;
-        rec.expires_unix_ns = ttl::deadline(self.now(), Duration::from_secs(rec.timeout_s));
+        rec.expires_unix_ns = ttl::deadline(self.now(), Duration::from_secs(rec.spec.timeout_s));
         self.step(sb, rec, Event::Resumed, "")?;
         self.reaper.set(rec.id, rec.expires_unix_ns);
         Ok(())
@@ -1046,12 +1007,12 @@ impl Manager {
         policy: i32,
     ) -> Result<pb::SandboxInfo, Status> {
         check_timeout(timeout_s, false)?;
-        let policy = policy_from(policy)?;
+        let policy = TimeoutPolicy::from_wire(policy)?;
         self.with_op(id, |sb| {
             let mut rec = sb.rec();
-            rec.timeout_s = timeout_s;
+            rec.spec.timeout_s = timeout_s;
             if let Some(p) = policy {
-                rec.policy = p;
+                rec.spec.on_timeout = p as i32;
             }
             self.extend(sb, &mut rec)
         })
@@ -1072,7 +1033,8 @@ impl Manager {
 
     fn extend(&self, sb: &Sandbox, rec: &mut SandboxRecord) -> Result<pb::SandboxInfo, Status> {
         if rec.state == State::Running {
-            rec.expires_unix_ns = ttl::deadline(self.now(), Duration::from_secs(rec.timeout_s));
+            rec.expires_unix_ns =
+                ttl::deadline(self.now(), Duration::from_secs(rec.spec.timeout_s));
             self.reaper.set(rec.id, rec.expires_unix_ns);
         }
         self.commit(sb, rec)?;
@@ -1093,13 +1055,13 @@ impl Manager {
             }
             let before = rec.state;
             crate::metrics::EXPIRED.inc();
-            match rec.policy {
-                Policy::Pause => {
+            match rec.on_timeout() {
+                TimeoutPolicy::Pause => {
                     let r = self.pause_locked(sb, &mut rec, "timeout");
                     self.report(&rec, before, StateChangeReason::Timeout);
                     r
                 }
-                Policy::Destroy => {
+                TimeoutPolicy::Destroy | TimeoutPolicy::Unspecified => {
                     let r = self.destroy_locked(sb);
                     let mut gone = sb.rec();
                     gone.state_reason = "timeout".into();
@@ -1235,9 +1197,9 @@ impl Manager {
             id: template,
             kind: TemplateKind::Snapshot,
             source_sandbox_id: id::format_sandbox(rec.id),
-            vcpus: rec.vcpus,
-            memory_mib: rec.memory_mib,
-            disk_mib: rec.disk_mib,
+            vcpus: rec.spec.vcpus,
+            memory_mib: rec.spec.memory_mib,
+            disk_mib: rec.spec.disk_mib,
             kernel_version: rec.kernel_version.clone(),
             access_token: rec.access_token.clone(),
             working_set_pages: 0,
@@ -1359,10 +1321,7 @@ impl Manager {
         let dir = self.cfg.layout.template(t.id);
         pb::TemplateInfo {
             template_id: id::format_template(t.id),
-            kind: match t.kind {
-                TemplateKind::Base => pb::TemplateKind::Base,
-                TemplateKind::Snapshot => pb::TemplateKind::Snapshot,
-            } as i32,
+            kind: t.kind as i32,
             source_sandbox_id: t.source_sandbox_id.clone(),
             vcpus: t.vcpus,
             memory_mib: t.memory_mib,
@@ -1379,26 +1338,19 @@ impl Manager {
     pub fn info(&self, r: &SandboxRecord) -> pb::SandboxInfo {
         pb::SandboxInfo {
             sandbox_id: id::format_sandbox(r.id),
-            team_id: r.team_id.clone(),
+            team_id: r.spec.team_id.clone(),
             template_id: id::format_template(r.template_id),
-            state: r.state.to_proto() as i32,
+            state: r.state as i32,
             state_reason: r.state_reason.clone(),
-            vcpus: r.vcpus,
-            memory_mib: r.memory_mib,
-            disk_mib: r.disk_mib,
-            timeout_s: r.timeout_s,
-            on_timeout: match r.policy {
-                Policy::Pause => pb::TimeoutPolicy::Pause,
-                Policy::Destroy => pb::TimeoutPolicy::Destroy,
-            } as i32,
+            vcpus: r.spec.vcpus,
+            memory_mib: r.spec.memory_mib,
+            disk_mib: r.spec.disk_mib,
+            timeout_s: r.spec.timeout_s,
+            on_timeout: r.on_timeout() as i32,
             expires_unix_ns: r.expires_unix_ns,
             created_unix_ns: r.created_unix_ns,
             updated_unix_ns: r.updated_unix_ns,
-            metadata: r
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            metadata: r.spec.metadata.clone(),
             envd_version: r.envd_version.clone(),
             kernel_version: r.kernel_version.clone(),
         }
@@ -1411,10 +1363,10 @@ impl Manager {
         for sb in all {
             let r = sb.rec();
             u.total += 1;
-            u.disk_mib += r.disk_mib;
-            if r.state.has_vm() {
-                u.vcpus += r.vcpus;
-                u.memory_mib += u64::from(r.memory_mib);
+            u.disk_mib += r.spec.disk_mib;
+            if crate::state::has_vm(r.state) {
+                u.vcpus += r.spec.vcpus;
+                u.memory_mib += u64::from(r.spec.memory_mib);
             }
             match r.state {
                 State::Running => u.running += 1,
@@ -1604,7 +1556,8 @@ impl Manager {
         }
         if rec.state == State::Running {
             if d.action == Action::ResumeVmThenAdopt || rec.expires_unix_ns == 0 {
-                rec.expires_unix_ns = ttl::deadline(self.now(), Duration::from_secs(rec.timeout_s));
+                rec.expires_unix_ns =
+                    ttl::deadline(self.now(), Duration::from_secs(rec.spec.timeout_s));
             }
             self.reaper.set(id, rec.expires_unix_ns);
         } else {
@@ -1757,15 +1710,15 @@ mod tests {
 
     #[test]
     fn create_requests_are_checked_strictly() {
-        let good = pb::CreateSandboxRequest {
+        let good = SandboxSpec {
             sandbox_id: id::format_sandbox(Uuid::from_u128(1)),
             template_id: id::format_template(Uuid::nil()),
-            template_kind: pb::TemplateKind::Base as i32,
+            template_kind: TemplateKind::Base as i32,
             ..Default::default()
         };
         let spec = CreateSpec::from_request(&good).unwrap();
-        assert_eq!(spec.policy, Policy::Destroy);
-        let bad = |f: &dyn Fn(&mut pb::CreateSandboxRequest)| {
+        assert_eq!(spec.spec.on_timeout(), TimeoutPolicy::Destroy);
+        let bad = |f: &dyn Fn(&mut SandboxSpec)| {
             let mut r = good.clone();
             f(&mut r);
             CreateSpec::from_request(&r).unwrap_err().code

@@ -11,7 +11,9 @@
 //! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
 //! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`);
 //! - [`signal`]: waiting for SIGTERM/SIGINT, so daemons drain their servers;
-//! - [`sandbox_limits`]: the bounds of one sandbox that ctl and the agent must agree on.
+//! - [`sandbox_limits`]: the bounds of one sandbox that ctl and the agent must agree on;
+//! - [`sandbox`] (feature `rpc`): the shared sandbox spec, state, timeout policy and template
+//!   kind, with their stored names.
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
@@ -37,6 +39,8 @@ pub mod gen;
 pub mod http;
 #[cfg(feature = "rpc")]
 pub mod rpc;
+#[cfg(feature = "rpc")]
+pub mod sandbox;
 
 pub use status::{Code, Status};
 

@@ -51,7 +51,8 @@ pub struct Sandbox {
         ::prost::alloc::string::String,
     >,
 }
-/// Request of Sandboxes.Create.
+/// Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of
+/// the same name) and fills in the rest.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CreateSandboxRequest {
     /// Template: an id "tpl-{uuid}", or a name looked up in the caller's team, then among
@@ -955,7 +956,7 @@ pub struct ListAuditLogsResponse {
 }
 /// Lifecycle state of a sandbox:
 /// pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped,
-/// plus error. Same numbering as wrenn.agent.v1.SandboxState.
+/// plus error. Same numbers as wrenn.sandbox.v1.SandboxState (a test in ctl checks them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum SandboxState {
@@ -1012,7 +1013,8 @@ impl SandboxState {
         }
     }
 }
-/// What happens when a sandbox's timeout passes.
+/// What happens when a sandbox's timeout passes. Same numbers as
+/// wrenn.sandbox.v1.TimeoutPolicy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum TimeoutPolicy {
@@ -1043,7 +1045,7 @@ impl TimeoutPolicy {
         }
     }
 }
-/// Kind of a template.
+/// Kind of a template. Same numbers as wrenn.sandbox.v1.TemplateKind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum TemplateKind {

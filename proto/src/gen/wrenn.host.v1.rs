@@ -51,7 +51,7 @@ pub struct SandboxSummary {
     #[prost(string, tag = "1")]
     pub sandbox_id: ::prost::alloc::string::String,
     /// Its current state.
-    #[prost(enumeration = "super::super::agent::v1::SandboxState", tag = "2")]
+    #[prost(enumeration = "super::super::sandbox::v1::SandboxState", tag = "2")]
     pub state: i32,
     /// When its timeout fires (0 when not running).
     #[prost(int64, tag = "3")]
@@ -105,10 +105,10 @@ pub struct ReportStateRequest {
     #[prost(string, tag = "1")]
     pub sandbox_id: ::prost::alloc::string::String,
     /// State the sandbox is in now.
-    #[prost(enumeration = "super::super::agent::v1::SandboxState", tag = "2")]
+    #[prost(enumeration = "super::super::sandbox::v1::SandboxState", tag = "2")]
     pub state: i32,
     /// State it was in before the change.
-    #[prost(enumeration = "super::super::agent::v1::SandboxState", tag = "3")]
+    #[prost(enumeration = "super::super::sandbox::v1::SandboxState", tag = "3")]
     pub previous_state: i32,
     /// Why it changed.
     #[prost(enumeration = "StateChangeReason", tag = "4")]
