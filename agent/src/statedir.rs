@@ -909,7 +909,10 @@ mod tests {
             ("wrenn-sandbox 3\n".into(), "expected"),
             (good.trim_end().to_owned(), "truncated"),
             (good.replace("state=paused", "state=sleeping"), "bad value"),
-            (good.replace("state=paused", "state=unspecified"), "bad value"),
+            (
+                good.replace("state=paused", "state=unspecified"),
+                "bad value",
+            ),
             (replace_spec(&good, "spec=!!!\n"), "bad value"),
             (replace_spec(&good, "spec=AAAA\n"), "bad value"),
             (replace_spec(&good, ""), "missing key"),
