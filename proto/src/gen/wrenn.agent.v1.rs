@@ -522,46 +522,64 @@ pub mod sandboxes_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.sandbox.v1.SandboxSpec",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.GetSandboxRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ListSandboxesRequest",
+            output: "wrenn.agent.v1.ListSandboxesResponse",
         },
         crate::rpc::MethodDesc {
             name: DESTROY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.DestroySandboxRequest",
+            output: "wrenn.agent.v1.DestroySandboxResponse",
         },
         crate::rpc::MethodDesc {
             name: PAUSE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.PauseSandboxRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: RESUME,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ResumeSandboxRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: SET_TIMEOUT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.SetTimeoutRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: PING,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.PingSandboxRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: METRICS,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.SandboxMetricsRequest",
+            output: "wrenn.envd.v1.GetMetricsResponse",
         },
     ];
 }
@@ -745,41 +763,57 @@ pub mod processes_methods {
             name: EXEC,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ExecRequest",
+            output: "wrenn.agent.v1.ExecResponse",
         },
         crate::rpc::MethodDesc {
             name: EXEC_STREAM,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.ExecStreamRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: CONNECT,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.ConnectRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: SEND_INPUT,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.agent.v1.SendInputRequest",
+            output: "wrenn.envd.v1.SendInputResponse",
         },
         crate::rpc::MethodDesc {
             name: CLOSE_STDIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.CloseStdinRequest",
+            output: "wrenn.envd.v1.CloseStdinResponse",
         },
         crate::rpc::MethodDesc {
             name: SIGNAL,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.SignalRequest",
+            output: "wrenn.envd.v1.SignalResponse",
         },
         crate::rpc::MethodDesc {
             name: RESIZE_PTY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ResizePtyRequest",
+            output: "wrenn.envd.v1.ResizePtyResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ListProcessesRequest",
+            output: "wrenn.envd.v1.ListProcessesResponse",
         },
     ];
 }
@@ -922,41 +956,57 @@ pub mod files_methods {
             name: STAT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.StatRequest",
+            output: "wrenn.envd.v1.StatResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.ListDirRequest",
+            output: "wrenn.envd.v1.ListDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MAKE_DIR,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.MakeDirRequest",
+            output: "wrenn.envd.v1.MakeDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.MoveRequest",
+            output: "wrenn.envd.v1.MoveResponse",
         },
         crate::rpc::MethodDesc {
             name: REMOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.RemoveRequest",
+            output: "wrenn.envd.v1.RemoveResponse",
         },
         crate::rpc::MethodDesc {
             name: READ,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.ReadRequest",
+            output: "wrenn.envd.v1.ReadResponse",
         },
         crate::rpc::MethodDesc {
             name: WRITE,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.agent.v1.WriteRequest",
+            output: "wrenn.envd.v1.WriteResponse",
         },
         crate::rpc::MethodDesc {
             name: WATCH,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.WatchRequest",
+            output: "wrenn.envd.v1.WatchResponse",
         },
     ];
 }
@@ -1079,16 +1129,22 @@ pub mod templates_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.CreateTemplateRequest",
+            output: "wrenn.agent.v1.TemplateInfo",
         },
         crate::rpc::MethodDesc {
             name: DELETE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.DeleteTemplateRequest",
+            output: "wrenn.agent.v1.DeleteTemplateResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ListTemplatesRequest",
+            output: "wrenn.agent.v1.ListTemplatesResponse",
         },
     ];
 }
@@ -1185,11 +1241,15 @@ pub mod host_methods {
             name: INFO,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.HostInfoRequest",
+            output: "wrenn.agent.v1.HostInfo",
         },
         crate::rpc::MethodDesc {
             name: METRICS,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.HostMetricsRequest",
+            output: "wrenn.agent.v1.HostMetrics",
         },
     ];
 }
@@ -1255,3 +1315,11 @@ impl<'a> HostClient<'a> {
         self.client.unary(host_methods::METRICS, req, self.timeout)
     }
 }
+/// Every method of every service of this package.
+pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
+    sandboxes_methods::ALL,
+    processes_methods::ALL,
+    files_methods::ALL,
+    templates_methods::ALL,
+    host_methods::ALL,
+];

@@ -178,16 +178,22 @@ pub mod host_methods {
             name: REGISTER,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.host.v1.RegisterRequest",
+            output: "wrenn.host.v1.RegisterResponse",
         },
         crate::rpc::MethodDesc {
             name: HEARTBEAT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.host.v1.HeartbeatRequest",
+            output: "wrenn.host.v1.HeartbeatResponse",
         },
         crate::rpc::MethodDesc {
             name: REPORT_STATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.host.v1.ReportStateRequest",
+            output: "wrenn.host.v1.ReportStateResponse",
         },
     ];
 }
@@ -274,3 +280,5 @@ impl<'a> HostClient<'a> {
         self.client.unary(host_methods::REPORT_STATE, req, self.timeout)
     }
 }
+/// Every method of every service of this package.
+pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[host_methods::ALL];
