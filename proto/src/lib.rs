@@ -7,6 +7,7 @@
 //! - [`id`]: wire IDs (`sb-{uuid}` ...), parsed strictly at every boundary;
 //! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text;
 //! - [`kv`]: the `key=value` format of every small state file;
+//! - [`pool`]: the one bounded pool of worker threads for work that blocks;
 //! - [`process`]: pidfds and process start times (a live process, never a recycled pid);
 //! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
 //! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`);
@@ -25,6 +26,7 @@ pub mod kv;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
+pub mod pool;
 pub mod process;
 pub mod random;
 pub mod sandbox_limits;

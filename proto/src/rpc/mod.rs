@@ -12,7 +12,6 @@ mod conn;
 #[cfg(feature = "flood")]
 pub mod flood;
 pub mod forward;
-mod pool;
 pub mod serve;
 mod server;
 mod sys;
