@@ -239,8 +239,8 @@ mod lifecycle {
     use agent::firecracker::{FcConfig, FirecrackerVmm};
     use agent::flags::RestoreBackend;
     use agent::manager::{CreateSpec, Manager};
-    use agent::statedir::{ProcRef, SandboxDir, SandboxRecord, TemplateDir};
-    use agent::vm::{RestoreSource, VmError, Vmm};
+    use agent::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
+    use agent::vm::{RestoreSource, Started, VmError, Vmm};
     use proto::gen::wrenn::envd::v1::{health_methods, HealthCheckRequest, HealthCheckResponse};
     use proto::id::{self, Uuid};
     use proto::rpc::Client;
@@ -319,21 +319,21 @@ mod lifecycle {
         }
         fn boot(
             &self,
-            rec: &mut SandboxRecord,
+            rec: &SandboxRecord,
             dir: &SandboxDir,
             template: &TemplateDir,
-        ) -> Result<(), VmError> {
+        ) -> Result<Started, VmError> {
             self.time("boot", |v| v.boot(rec, dir, template))
         }
         fn restore(
             &self,
-            rec: &mut SandboxRecord,
+            rec: &SandboxRecord,
             dir: &SandboxDir,
             src: &RestoreSource<'_>,
-        ) -> Result<(), VmError> {
+        ) -> Result<Started, VmError> {
             self.time("restore", |v| v.restore(rec, dir, src))
         }
-        fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+        fn snapshot(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<Chain, VmError> {
             self.time("snapshot", |v| v.snapshot(rec, dir))
         }
         fn finish_recording(

@@ -206,7 +206,7 @@ impl Manager {
         match template.kind {
             // UNSPECIFIED is never stored: template records hold base or snapshot.
             TemplateKind::Base | TemplateKind::Unspecified => {
-                let r = self.vmm.boot(rec, &sb.dir, &tdir);
+                let r = self.vmm.boot(rec, &sb.dir, &tdir).map(|s| rec.started(s));
                 self.commit(sb, rec)?;
                 r.map_err(vm_status)?;
                 self.init_envd(sb, rec, "", false)?;
@@ -223,7 +223,7 @@ impl Manager {
                     record_working_set: None,
                     working_set: ws.exists().then_some(ws.as_path()),
                 };
-                let r = self.vmm.restore(rec, &sb.dir, &src);
+                let r = self.vmm.restore(rec, &sb.dir, &src).map(|s| rec.started(s));
                 self.commit(sb, rec)?;
                 r.map_err(vm_status)?;
                 self.init_envd(sb, rec, &template.access_token, true)?;

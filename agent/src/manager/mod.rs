@@ -44,7 +44,7 @@ use crate::statedir::{
 use crate::sys;
 use crate::ttl::{self, Clock, Outcome, Reaper};
 use crate::uid_pool::{UidPool, UidRange};
-use crate::vm::{RestoreSource, VmError, Vmm};
+use crate::vm::{RestoreSource, Started, VmError, Vmm};
 
 mod create;
 mod pause;
@@ -183,12 +183,9 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// A VM-layer failure as the call's status (its code from the typed error).
 fn vm_status(e: VmError) -> Status {
-    if e.exhausted {
-        Status::resource_exhausted(e.to_string())
-    } else {
-        Status::unavailable(e.to_string())
-    }
+    e.status()
 }
 
 impl Manager {
@@ -558,6 +555,18 @@ impl Manager {
 }
 
 impl SandboxRecord {
+    /// Records what a boot or a restore started.
+    fn started(&mut self, s: Started) {
+        self.firecracker = s.firecracker;
+        self.page_server = s.page_server;
+        if let Some(v) = s.kernel_version {
+            self.kernel_version = v;
+        }
+        if let Some(v) = s.envd_version {
+            self.envd_version = v;
+        }
+    }
+
     fn expires_unix_ns_or(&self, now: i64) -> i64 {
         if self.expires_unix_ns == 0 {
             now

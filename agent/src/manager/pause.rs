@@ -29,7 +29,9 @@ impl Manager {
         };
         let started = Instant::now();
         match self.vmm.snapshot(rec, &sb.dir) {
-            Ok(()) => {
+            Ok(chain) => {
+                rec.chain = Some(chain);
+                rec.full_snapshot_taken = true;
                 self.vmm.stop(rec, &sb.dir);
                 rec.firecracker = None;
                 rec.page_server = None;
@@ -39,18 +41,24 @@ impl Manager {
                 Ok(())
             }
             Err(e) if e.vm_still_running => {
+                if e.full_snapshot_needed {
+                    rec.full_snapshot_taken = false;
+                }
                 let msg = format!("pause failed: {e}");
                 rec.expires_unix_ns =
                     ttl::deadline(self.now(), Duration::from_secs(rec.spec.timeout_s));
                 self.step(sb, rec, Event::Abort, &msg)?;
                 self.reaper.set(rec.id, rec.expires_unix_ns);
-                Err(Status::unavailable(msg))
+                Err(Status::new(e.code(), msg))
             }
             Err(e) => {
+                if e.full_snapshot_needed {
+                    rec.full_snapshot_taken = false;
+                }
                 let msg = format!("pause failed: {e}");
                 self.teardown_vm(sb, rec);
                 self.step(sb, rec, Event::Fail, &msg)?;
-                Err(Status::unavailable(msg))
+                Err(Status::new(e.code(), msg))
             }
         }
     }
@@ -92,7 +100,7 @@ impl Manager {
             record_working_set: None,
             working_set: None,
         };
-        let r = self.vmm.restore(rec, &sb.dir, &src);
+        let r = self.vmm.restore(rec, &sb.dir, &src).map(|s| rec.started(s));
         self.commit(sb, rec)?;
         r.map_err(vm_status)?;
         let token = rec.access_token.clone();

@@ -229,7 +229,8 @@ impl Manager {
                 record_working_set: Some(&ws_path),
                 working_set: None,
             };
-            self.vmm.restore(&mut rec, &dir, &src).map_err(vm_status)?;
+            let started = self.vmm.restore(&rec, &dir, &src).map_err(vm_status)?;
+            rec.started(started);
             // Wake envd so the pages a restore needs are touched, without changing its
             // token (the template's files never see this VM's changes).
             let client = self.connect_envd_retry(&dir, &t.access_token)?;

@@ -241,6 +241,37 @@ fn failed_pause_keeps_or_fails_and_failed_resume_stays_paused() {
 }
 
 #[test]
+fn the_manager_records_what_a_snapshot_returns_and_what_a_failed_one_leaves() {
+    // The VM layer returns the new chain, or an error saying Firecracker's dirty-page log
+    // may be gone; the manager alone writes the record.
+    let env = Env::new("snapoutcome");
+    let m = &env.manager;
+    let id = Uuid::from_u128(1);
+    m.create(env.spec(1)).unwrap();
+    let load = || SandboxRecord::load(&SandboxDir(env.dir(1))).unwrap();
+    assert!(!load().full_snapshot_taken, "a cold boot has taken none");
+    m.pause(id).unwrap();
+    let paused = load();
+    assert!(paused.full_snapshot_taken);
+    let generation = paused.chain.as_ref().unwrap().generation;
+    m.resume(id, 0).unwrap();
+    assert!(load().full_snapshot_taken);
+    *env.vmm.fail_next.lock().unwrap() = Some("snapshot-keep");
+    assert_eq!(m.pause(id).unwrap_err().code, Code::Unavailable);
+    let failed = load();
+    assert!(
+        !failed.full_snapshot_taken,
+        "the next snapshot must be Full"
+    );
+    assert_eq!(failed.chain.as_ref().unwrap().generation, generation);
+    m.pause(id).unwrap();
+    let again = load();
+    assert!(again.full_snapshot_taken);
+    assert_eq!(again.chain.as_ref().unwrap().generation, generation + 1);
+    m.destroy(id).unwrap();
+}
+
+#[test]
 fn slots_run_out_and_come_back() {
     let env = Env::with_slots("slots", 2);
     let m = &env.manager;
