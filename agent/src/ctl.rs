@@ -171,7 +171,7 @@ impl CtlLink {
                     .into_iter()
                     .map(|(id, st, exp, upd)| hpb::SandboxSummary {
                         sandbox_id: id::format_sandbox(id),
-                        state: st.to_proto() as i32,
+                        state: st as i32,
                         expires_unix_ns: exp,
                         updated_unix_ns: upd,
                     })

@@ -239,12 +239,12 @@ mod lifecycle {
     use agent::firecracker::{FcConfig, FirecrackerVmm};
     use agent::flags::RestoreBackend;
     use agent::manager::{CreateSpec, Manager};
-    use agent::statedir::{ProcRef, SandboxDir, SandboxRecord, TemplateDir};
-    use agent::vm::{RestoreSource, VmError, Vmm};
-    use proto::gen::wrenn::agent::v1 as pb;
+    use agent::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
+    use agent::vm::{RestoreSource, Started, VmError, Vmm};
     use proto::gen::wrenn::envd::v1::{health_methods, HealthCheckRequest, HealthCheckResponse};
     use proto::id::{self, Uuid};
     use proto::rpc::Client;
+    use proto::sandbox::SandboxSpec;
     use proto::Status;
 
     use super::*;
@@ -319,21 +319,21 @@ mod lifecycle {
         }
         fn boot(
             &self,
-            rec: &mut SandboxRecord,
+            rec: &SandboxRecord,
             dir: &SandboxDir,
             template: &TemplateDir,
-        ) -> Result<(), VmError> {
+        ) -> Result<Started, VmError> {
             self.time("boot", |v| v.boot(rec, dir, template))
         }
         fn restore(
             &self,
-            rec: &mut SandboxRecord,
+            rec: &SandboxRecord,
             dir: &SandboxDir,
             src: &RestoreSource<'_>,
-        ) -> Result<(), VmError> {
+        ) -> Result<Started, VmError> {
             self.time("restore", |v| v.restore(rec, dir, src))
         }
-        fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+        fn snapshot(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<Chain, VmError> {
             self.time("snapshot", |v| v.snapshot(rec, dir))
         }
         fn finish_recording(
@@ -395,16 +395,22 @@ mod lifecycle {
         Uuid::from_u128(n)
     }
 
-    fn spec(n: u128, template: Uuid, kind: pb::TemplateKind) -> Result<CreateSpec, String> {
-        CreateSpec::from_request(&pb::CreateSandboxRequest {
+    fn spec(
+        n: u128,
+        template: Uuid,
+        kind: proto::sandbox::TemplateKind,
+    ) -> Result<SandboxSpec, String> {
+        let spec = SandboxSpec {
             sandbox_id: id::format_sandbox(sb(n)),
             template_id: id::format_template(template),
             template_kind: kind as i32,
             memory_mib: GUEST_MIB,
             timeout_s: 3600,
             ..Default::default()
-        })
-        .map_err(|e| format!("create spec: {e}"))
+        };
+        // Checked here, so a bad spec fails the bench before it times anything.
+        CreateSpec::from_request(&spec).map_err(|e| format!("create spec: {e}"))?;
+        Ok(spec)
     }
 
     /// envd's first answer through the manager's own connection.
@@ -613,8 +619,12 @@ mod lifecycle {
         if m.template(tpl).is_none() {
             timed.take();
             let t = Instant::now();
-            m.create(spec(COLD_SANDBOX, Uuid::nil(), pb::TemplateKind::Base)?)
-                .map_err(|e| format!("cold create: {e}"))?;
+            m.create(spec(
+                COLD_SANDBOX,
+                Uuid::nil(),
+                proto::sandbox::TemplateKind::Base,
+            )?)
+            .map_err(|e| format!("cold create: {e}"))?;
             first_answer(&m, sb(COLD_SANDBOX))?;
             let cold = t.elapsed();
             let phases = timed.take();
@@ -683,8 +693,12 @@ mod lifecycle {
                 timed.use_file.store(use_file, Ordering::SeqCst);
                 timed.take();
                 let t = Instant::now();
-                m.create(spec(SANDBOX_BASE + k, tpl, pb::TemplateKind::Snapshot)?)
-                    .map_err(|e| format!("create from template: {e}"))?;
+                m.create(spec(
+                    SANDBOX_BASE + k,
+                    tpl,
+                    proto::sandbox::TemplateKind::Snapshot,
+                )?)
+                .map_err(|e| format!("create from template: {e}"))?;
                 first_answer(&m, id)?;
                 create[usize::from(use_file)].push(&timed.take(), t.elapsed());
                 if !use_file {

@@ -276,7 +276,7 @@ fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
     let mut n = 0u64;
     let mut agent_create = || {
         n += 1;
-        let req = agent::CreateSandboxRequest {
+        let req = proto::sandbox::SandboxSpec {
             sandbox_id: proto::id::format_sandbox(proto::id::Uuid::from_u128(u128::from(n))),
             ..Default::default()
         };

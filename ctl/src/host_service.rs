@@ -289,7 +289,7 @@ pub fn report_state(
             .map_err(pg_err)?
             .ok_or_else(|| Status::not_found("sandbox not found on this host"))?;
         let team: Uuid = row.get(0);
-        let cur = State::parse(row.get(1)).unwrap_or(State::Error);
+        let cur = State::from_name(row.get(1)).unwrap_or(State::Error);
         let updated: SystemTime = row.get(2);
         if cur == state || cur == State::Stopped {
             return Ok(()); // repeated report, or nothing left to change
@@ -311,7 +311,7 @@ pub fn report_state(
             "sandbox",
             id::format(Kind::Sandbox, sb),
             "sandbox.state",
-            serde_json::json!({"from": cur.as_str(), "to": state.as_str(), "reason": reason_text(req.reason)}),
+            serde_json::json!({"from": cur.name(), "to": state.name(), "reason": reason_text(req.reason)}),
         ))?;
         Ok(())
     })?;

@@ -206,12 +206,12 @@ impl Service for Instant {
         use agent::sandboxes_methods as sm;
         match call.method() {
             sm::CREATE => {
-                let r = call.decode::<agent::CreateSandboxRequest>().map(|r| {
+                let r = call.decode::<proto::sandbox::SandboxSpec>().map(|r| {
                     let info = agent::SandboxInfo {
                         sandbox_id: r.sandbox_id.clone(),
                         team_id: r.team_id,
                         template_id: r.template_id,
-                        state: agent::SandboxState::Running as i32,
+                        state: proto::sandbox::SandboxState::Running as i32,
                         vcpus: r.vcpus,
                         memory_mib: r.memory_mib,
                         disk_mib: r.disk_mib,

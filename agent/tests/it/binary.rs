@@ -95,10 +95,10 @@ fn starts_without_firecracker_and_reports_why_it_cannot_host() {
     let e = c
         .unary::<_, pb::SandboxInfo>(
             pb::sandboxes_methods::CREATE,
-            &pb::CreateSandboxRequest {
+            &proto::sandbox::SandboxSpec {
                 sandbox_id: proto::id::format_sandbox(Uuid::from_u128(1)),
                 template_id: proto::id::format_template(Uuid::nil()),
-                template_kind: pb::TemplateKind::Base as i32,
+                template_kind: proto::sandbox::TemplateKind::Base as i32,
                 ..Default::default()
             },
             None,

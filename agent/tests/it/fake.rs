@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
-use agent::vm::{RestoreSource, VmError, Vmm};
+use agent::vm::{RestoreSource, Started, VmError, Vmm};
 use proto::gen::wrenn::envd::v1 as envd;
 use proto::rpc::{
     Call, Client, CredentialKind, Hello, Peer, Server, ServerConfig, ServerHandle, ServerStream,
@@ -486,17 +486,12 @@ impl FakeVmm {
         self.guests.lock().unwrap().len()
     }
 
-    fn start_guest(
-        &self,
-        rec: &mut SandboxRecord,
-        dir: &SandboxDir,
-        envd: Arc<FakeEnvd>,
-    ) -> Result<(), VmError> {
+    fn start_guest(&self, dir: &SandboxDir, envd: Arc<FakeEnvd>) -> Result<Started, VmError> {
         let child = std::process::Command::new("sleep")
             .arg("100000")
             .spawn()
             .map_err(|e| VmError::new("spawn", e))?;
-        rec.firecracker = agent::sys::proc_ref(child.id() as i32);
+        let firecracker = agent::sys::proc_ref(child.id() as i32);
         let sock = dir.path().join("envd.sock");
         let mut server = Server::new(
             ServerConfig::new("fake-envd"),
@@ -515,7 +510,10 @@ impl FakeVmm {
                 child,
             },
         );
-        Ok(())
+        Ok(Started {
+            firecracker,
+            ..Started::default()
+        })
     }
 
     /// Kills a guest's "Firecracker" behind the manager's back (VM death).
@@ -569,24 +567,27 @@ impl Vmm for FakeVmm {
     }
     fn boot(
         &self,
-        rec: &mut SandboxRecord,
+        rec: &SandboxRecord,
         dir: &SandboxDir,
         _t: &TemplateDir,
-    ) -> Result<(), VmError> {
+    ) -> Result<Started, VmError> {
         assert!(rec.slot.is_some(), "boot without a slot");
         assert!(dir.disk().exists(), "boot without a disk");
         if self.should_fail("boot") {
             return Err(VmError::new("boot", "injected failure"));
         }
-        rec.kernel_version = "6.1-fake".into();
-        self.start_guest(rec, dir, Arc::new(FakeEnvd::default()))
+        let started = self.start_guest(dir, Arc::new(FakeEnvd::default()))?;
+        Ok(Started {
+            kernel_version: Some("6.1-fake".into()),
+            ..started
+        })
     }
     fn restore(
         &self,
-        rec: &mut SandboxRecord,
+        rec: &SandboxRecord,
         dir: &SandboxDir,
         src: &RestoreSource<'_>,
-    ) -> Result<(), VmError> {
+    ) -> Result<Started, VmError> {
         assert!(rec.slot.is_some(), "restore without a slot");
         if self.should_fail("restore") {
             return Err(VmError::new("restore", "injected failure"));
@@ -623,14 +624,16 @@ impl Vmm for FakeVmm {
             uffd::working_set::write_atomic(ws, &set.serialize()).unwrap();
             self.working_sets_recorded.fetch_add(1, Ordering::SeqCst);
         }
-        self.start_guest(rec, dir, envd)
+        self.start_guest(dir, envd)
     }
-    fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+    fn snapshot(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<Chain, VmError> {
         let delay = *self.snapshot_delay.lock().unwrap();
         std::thread::sleep(delay);
         if self.should_fail("snapshot-keep") {
+            // As Firecracker's: the VM resumed, its dirty-page log maybe reset.
             let mut e = VmError::new("snapshot/create", "injected failure");
             e.vm_still_running = true;
+            e.full_snapshot_needed = true;
             return Err(e);
         }
         if self.should_fail("snapshot") {
@@ -673,14 +676,12 @@ impl Vmm for FakeVmm {
                 }
             }
         }
-        rec.chain = Some(Chain {
+        Ok(Chain {
             header: snap.join("header"),
             vmstate: snap.join("vmstate"),
             layer_dirs,
             generation,
-        });
-        rec.full_snapshot_taken = true;
-        Ok(())
+        })
     }
     fn finish_recording(
         &self,

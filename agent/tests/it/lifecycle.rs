@@ -5,17 +5,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use agent::state::State;
-use agent::statedir::{Policy, SandboxDir, SandboxRecord, TemplateKind};
+use agent::statedir::{SandboxDir, SandboxRecord, TemplateKind, TimeoutPolicy};
 use agent::ttl::Outcome;
 use proto::gen::wrenn::agent::v1 as pb;
 use proto::gen::wrenn::host::v1::StateChangeReason;
-use proto::id::Uuid;
+use proto::id::{self, Uuid};
 use proto::Code;
 
 use crate::{Env, BASE};
 
 fn state(info: &pb::SandboxInfo) -> State {
-    State::from_proto(info.state).unwrap()
+    State::from_wire(info.state).unwrap()
 }
 
 #[test]
@@ -110,16 +110,16 @@ fn wrong_state_unknown_ids_and_duplicates() {
     );
     // Set-timeout on a paused sandbox records it for the next resume.
     let info = m
-        .set_timeout(id, 10, pb::TimeoutPolicy::Pause as i32)
+        .set_timeout(id, 10, proto::sandbox::TimeoutPolicy::Pause as i32)
         .unwrap();
     assert_eq!(info.timeout_s, 10);
     assert_eq!(info.expires_unix_ns, 0);
 
     let mut s = env.spec(3);
-    s.template_id = Uuid::from_u128(99);
+    s.template_id = id::format_template(Uuid::from_u128(99));
     assert_eq!(m.create(s).unwrap_err().code, Code::NotFound);
     let mut s = env.spec(3);
-    s.kind = TemplateKind::Snapshot;
+    s.template_kind = TemplateKind::Snapshot as i32;
     assert_eq!(m.create(s).unwrap_err().code, Code::FailedPrecondition);
     assert!(!env.dir(3).exists(), "a refused create leaves no directory");
     m.destroy(id).unwrap();
@@ -130,7 +130,7 @@ fn ttl_pauses_or_destroys_per_policy_and_ping_extends() {
     let env = Env::new("ttl");
     let m = &env.manager;
     let mut s = env.spec(1);
-    s.policy = Policy::Pause;
+    s.on_timeout = TimeoutPolicy::Pause as i32;
     m.create(s).unwrap();
     m.create(env.spec(2)).unwrap(); // destroy policy, 60 s
     let expire = |id| m.expire(id);
@@ -159,9 +159,18 @@ fn ttl_pauses_or_destroys_per_policy_and_ping_extends() {
     assert!(reports
         .iter()
         .all(|r| r.reason == StateChangeReason::Timeout as i32));
-    assert_eq!(reports[0].state, pb::SandboxState::Stopped as i32);
-    assert_eq!(reports[1].state, pb::SandboxState::Paused as i32);
-    assert_eq!(reports[1].previous_state, pb::SandboxState::Running as i32);
+    assert_eq!(
+        reports[0].state,
+        proto::sandbox::SandboxState::Stopped as i32
+    );
+    assert_eq!(
+        reports[1].state,
+        proto::sandbox::SandboxState::Paused as i32
+    );
+    assert_eq!(
+        reports[1].previous_state,
+        proto::sandbox::SandboxState::Running as i32
+    );
 
     // Resume restarts the timeout from now; set-timeout moves it.
     let info = m.resume(Uuid::from_u128(1), 30).unwrap();
@@ -232,6 +241,37 @@ fn failed_pause_keeps_or_fails_and_failed_resume_stays_paused() {
 }
 
 #[test]
+fn the_manager_records_what_a_snapshot_returns_and_what_a_failed_one_leaves() {
+    // The VM layer returns the new chain, or an error saying Firecracker's dirty-page log
+    // may be gone; the manager alone writes the record.
+    let env = Env::new("snapoutcome");
+    let m = &env.manager;
+    let id = Uuid::from_u128(1);
+    m.create(env.spec(1)).unwrap();
+    let load = || SandboxRecord::load(&SandboxDir(env.dir(1))).unwrap();
+    assert!(!load().full_snapshot_taken, "a cold boot has taken none");
+    m.pause(id).unwrap();
+    let paused = load();
+    assert!(paused.full_snapshot_taken);
+    let generation = paused.chain.as_ref().unwrap().generation;
+    m.resume(id, 0).unwrap();
+    assert!(load().full_snapshot_taken);
+    *env.vmm.fail_next.lock().unwrap() = Some("snapshot-keep");
+    assert_eq!(m.pause(id).unwrap_err().code, Code::Unavailable);
+    let failed = load();
+    assert!(
+        !failed.full_snapshot_taken,
+        "the next snapshot must be Full"
+    );
+    assert_eq!(failed.chain.as_ref().unwrap().generation, generation);
+    m.pause(id).unwrap();
+    let again = load();
+    assert!(again.full_snapshot_taken);
+    assert_eq!(again.chain.as_ref().unwrap().generation, generation + 1);
+    m.destroy(id).unwrap();
+}
+
+#[test]
 fn slots_run_out_and_come_back() {
     let env = Env::with_slots("slots", 2);
     let m = &env.manager;
@@ -278,7 +318,7 @@ fn a_vm_that_dies_becomes_error_and_is_reported() {
     let r = env.events.0.lock().unwrap().clone();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].reason, StateChangeReason::VmExited as i32);
-    assert_eq!(r[0].state, pb::SandboxState::Error as i32);
+    assert_eq!(r[0].state, proto::sandbox::SandboxState::Error as i32);
     assert_eq!(m.reaper().get(Uuid::from_u128(1)), None);
     m.destroy(Uuid::from_u128(1)).unwrap();
     m.destroy(Uuid::from_u128(2)).unwrap();
@@ -425,7 +465,7 @@ fn snapshot_templates_are_independent_of_their_sandbox() {
         .insert("/data".into(), b"v1".to_vec());
     let tpl = Uuid::from_u128(0x77);
     let t = m.create_template(Uuid::from_u128(1), tpl).unwrap();
-    assert_eq!(t.kind, pb::TemplateKind::Snapshot as i32);
+    assert_eq!(t.kind, proto::sandbox::TemplateKind::Snapshot as i32);
     assert_eq!(
         t.working_set_pages, 3,
         "working set recorded before publishing"
@@ -446,8 +486,8 @@ fn snapshot_templates_are_independent_of_their_sandbox() {
     for n in 10..13u128 {
         let m = m.clone();
         let mut s = env.spec(n);
-        s.template_id = tpl;
-        s.kind = TemplateKind::Snapshot;
+        s.template_id = id::format_template(tpl);
+        s.template_kind = TemplateKind::Snapshot as i32;
         s.vcpus = 4; // ignored: the snapshot's values hold
         threads.push(std::thread::spawn(move || m.create(s)));
     }

@@ -3264,7 +3264,7 @@ pub const SCHEMAS_JSON: &str = r##"{
   },
   "ctl.v1.CreateSandboxRequest": {
     "additionalProperties": false,
-    "description": "Request of Sandboxes.Create.",
+    "description": "Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of the same name) and fills in the rest.",
     "properties": {
       "disk_mib": {
         "description": "Root disk size; 0 = the template's.",
@@ -4366,7 +4366,7 @@ pub const SCHEMAS_JSON: &str = r##"{
     "type": "object"
   },
   "ctl.v1.SandboxState": {
-    "description": "Lifecycle state of a sandbox: pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped, plus error. Same numbering as wrenn.agent.v1.SandboxState. Written as the value's name; the value's number is accepted on input.",
+    "description": "Lifecycle state of a sandbox: pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped, plus error. Same numbers as wrenn.sandbox.v1.SandboxState (a test in ctl checks them). Written as the value's name; the value's number is accepted on input.",
     "enum": [
       "SANDBOX_STATE_UNSPECIFIED",
       "SANDBOX_STATE_PENDING",
@@ -4550,7 +4550,7 @@ pub const SCHEMAS_JSON: &str = r##"{
     "type": "object"
   },
   "ctl.v1.TemplateKind": {
-    "description": "Kind of a template. Written as the value's name; the value's number is accepted on input.",
+    "description": "Kind of a template. Same numbers as wrenn.sandbox.v1.TemplateKind. Written as the value's name; the value's number is accepted on input.",
     "enum": [
       "TEMPLATE_KIND_UNSPECIFIED",
       "TEMPLATE_KIND_BASE",
@@ -4559,7 +4559,7 @@ pub const SCHEMAS_JSON: &str = r##"{
     "type": "string"
   },
   "ctl.v1.TimeoutPolicy": {
-    "description": "What happens when a sandbox's timeout passes. Written as the value's name; the value's number is accepted on input.",
+    "description": "What happens when a sandbox's timeout passes. Same numbers as wrenn.sandbox.v1.TimeoutPolicy. Written as the value's name; the value's number is accepted on input.",
     "enum": [
       "TIMEOUT_POLICY_UNSPECIFIED",
       "TIMEOUT_POLICY_PAUSE",

@@ -51,7 +51,8 @@ pub struct Sandbox {
         ::prost::alloc::string::String,
     >,
 }
-/// Request of Sandboxes.Create.
+/// Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of
+/// the same name) and fills in the rest.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CreateSandboxRequest {
     /// Template: an id "tpl-{uuid}", or a name looked up in the caller's team, then among
@@ -964,7 +965,7 @@ pub struct ListAuditLogsResponse {
 }
 /// Lifecycle state of a sandbox:
 /// pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped,
-/// plus error. Same numbering as wrenn.agent.v1.SandboxState.
+/// plus error. Same numbers as wrenn.sandbox.v1.SandboxState (a test in ctl checks them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum SandboxState {
@@ -1021,7 +1022,8 @@ impl SandboxState {
         }
     }
 }
-/// What happens when a sandbox's timeout passes.
+/// What happens when a sandbox's timeout passes. Same numbers as
+/// wrenn.sandbox.v1.TimeoutPolicy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum TimeoutPolicy {
@@ -1052,7 +1054,7 @@ impl TimeoutPolicy {
         }
     }
 }
-/// Kind of a template.
+/// Kind of a template. Same numbers as wrenn.sandbox.v1.TemplateKind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum TemplateKind {
@@ -1170,41 +1172,57 @@ pub mod sandboxes_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListSandboxesRequest",
+            output: "wrenn.ctl.v1.ListSandboxesResponse",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: DESTROY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.DestroySandboxRequest",
+            output: "wrenn.ctl.v1.DestroySandboxResponse",
         },
         crate::rpc::MethodDesc {
             name: PING,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.PingSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: SET_TIMEOUT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.SetTimeoutRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: PAUSE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.PauseSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: RESUME,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ResumeSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
     ];
 }
@@ -1370,41 +1388,57 @@ pub mod processes_methods {
             name: EXEC,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ExecRequest",
+            output: "wrenn.ctl.v1.ExecResponse",
         },
         crate::rpc::MethodDesc {
             name: EXEC_STREAM,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.ctl.v1.ExecStreamRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: CONNECT,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.ctl.v1.ConnectRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: SEND_INPUT,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.ctl.v1.SendInputRequest",
+            output: "wrenn.envd.v1.SendInputResponse",
         },
         crate::rpc::MethodDesc {
             name: CLOSE_STDIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CloseStdinRequest",
+            output: "wrenn.envd.v1.CloseStdinResponse",
         },
         crate::rpc::MethodDesc {
             name: SIGNAL,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.SignalRequest",
+            output: "wrenn.envd.v1.SignalResponse",
         },
         crate::rpc::MethodDesc {
             name: RESIZE_PTY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ResizePtyRequest",
+            output: "wrenn.envd.v1.ResizePtyResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListProcessesRequest",
+            output: "wrenn.envd.v1.ListProcessesResponse",
         },
     ];
 }
@@ -1546,36 +1580,50 @@ pub mod files_methods {
             name: UPLOAD,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.ctl.v1.UploadRequest",
+            output: "wrenn.envd.v1.WriteResponse",
         },
         crate::rpc::MethodDesc {
             name: DOWNLOAD,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.ctl.v1.DownloadRequest",
+            output: "wrenn.envd.v1.ReadResponse",
         },
         crate::rpc::MethodDesc {
             name: STAT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.StatRequest",
+            output: "wrenn.envd.v1.StatResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.ctl.v1.ListDirRequest",
+            output: "wrenn.envd.v1.ListDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MAKE_DIR,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.MakeDirRequest",
+            output: "wrenn.envd.v1.MakeDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.MoveRequest",
+            output: "wrenn.envd.v1.MoveResponse",
         },
         crate::rpc::MethodDesc {
             name: REMOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.RemoveRequest",
+            output: "wrenn.envd.v1.RemoveResponse",
         },
     ];
 }
@@ -1684,21 +1732,29 @@ pub mod templates_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateTemplateRequest",
+            output: "wrenn.ctl.v1.Template",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListTemplatesRequest",
+            output: "wrenn.ctl.v1.ListTemplatesResponse",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetTemplateRequest",
+            output: "wrenn.ctl.v1.Template",
         },
         crate::rpc::MethodDesc {
             name: DELETE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.DeleteTemplateRequest",
+            output: "wrenn.ctl.v1.DeleteTemplateResponse",
         },
     ];
 }
@@ -1809,26 +1865,36 @@ pub mod teams_methods {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetTeamRequest",
+            output: "wrenn.ctl.v1.Team",
         },
         crate::rpc::MethodDesc {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateTeamRequest",
+            output: "wrenn.ctl.v1.CreateTeamResponse",
         },
         crate::rpc::MethodDesc {
             name: ADD_MEMBER,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.AddMemberRequest",
+            output: "wrenn.ctl.v1.Member",
         },
         crate::rpc::MethodDesc {
             name: REMOVE_MEMBER,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.RemoveMemberRequest",
+            output: "wrenn.ctl.v1.RemoveMemberResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST_MEMBERS,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListMembersRequest",
+            output: "wrenn.ctl.v1.ListMembersResponse",
         },
     ];
 }
@@ -1950,16 +2016,22 @@ pub mod users_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateUserRequest",
+            output: "wrenn.ctl.v1.User",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetUserRequest",
+            output: "wrenn.ctl.v1.User",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListUsersRequest",
+            output: "wrenn.ctl.v1.ListUsersResponse",
         },
     ];
 }
@@ -2047,16 +2119,22 @@ pub mod api_keys_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateApiKeyRequest",
+            output: "wrenn.ctl.v1.CreateApiKeyResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListApiKeysRequest",
+            output: "wrenn.ctl.v1.ListApiKeysResponse",
         },
         crate::rpc::MethodDesc {
             name: REVOKE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.RevokeApiKeyRequest",
+            output: "wrenn.ctl.v1.RevokeApiKeyResponse",
         },
     ];
 }
@@ -2155,31 +2233,43 @@ pub mod hosts_methods {
             name: CREATE_REGISTRATION_TOKEN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateRegistrationTokenRequest",
+            output: "wrenn.ctl.v1.CreateRegistrationTokenResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListHostsRequest",
+            output: "wrenn.ctl.v1.ListHostsResponse",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetHostRequest",
+            output: "wrenn.ctl.v1.Host",
         },
         crate::rpc::MethodDesc {
             name: DRAIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.DrainHostRequest",
+            output: "wrenn.ctl.v1.DrainHostResponse",
         },
         crate::rpc::MethodDesc {
             name: UNDRAIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.UndrainHostRequest",
+            output: "wrenn.ctl.v1.Host",
         },
         crate::rpc::MethodDesc {
             name: DELETE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.DeleteHostRequest",
+            output: "wrenn.ctl.v1.DeleteHostResponse",
         },
     ];
 }
@@ -2311,6 +2401,8 @@ pub mod audit_logs_methods {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListAuditLogsRequest",
+            output: "wrenn.ctl.v1.ListAuditLogsResponse",
         },
     ];
 }
@@ -2365,3 +2457,15 @@ impl<'a> AuditLogsClient<'a> {
         self.client.unary(audit_logs_methods::LIST, req, self.timeout)
     }
 }
+/// Every method of every service of this package.
+pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
+    sandboxes_methods::ALL,
+    processes_methods::ALL,
+    files_methods::ALL,
+    templates_methods::ALL,
+    teams_methods::ALL,
+    users_methods::ALL,
+    api_keys_methods::ALL,
+    hosts_methods::ALL,
+    audit_logs_methods::ALL,
+];

@@ -62,7 +62,7 @@ pub struct SandboxSummary {
     #[prost(string, tag = "1")]
     pub sandbox_id: ::prost::alloc::string::String,
     /// Its current state.
-    #[prost(enumeration = "super::super::agent::v1::SandboxState", tag = "2")]
+    #[prost(enumeration = "super::super::sandbox::v1::SandboxState", tag = "2")]
     pub state: i32,
     /// When its timeout fires (0 when not running).
     #[prost(int64, tag = "3")]
@@ -123,10 +123,10 @@ pub struct ReportStateRequest {
     #[prost(string, tag = "1")]
     pub sandbox_id: ::prost::alloc::string::String,
     /// State the sandbox is in now.
-    #[prost(enumeration = "super::super::agent::v1::SandboxState", tag = "2")]
+    #[prost(enumeration = "super::super::sandbox::v1::SandboxState", tag = "2")]
     pub state: i32,
     /// State it was in before the change.
-    #[prost(enumeration = "super::super::agent::v1::SandboxState", tag = "3")]
+    #[prost(enumeration = "super::super::sandbox::v1::SandboxState", tag = "3")]
     pub previous_state: i32,
     /// Why it changed.
     #[prost(enumeration = "StateChangeReason", tag = "4")]
@@ -196,16 +196,22 @@ pub mod host_methods {
             name: REGISTER,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.host.v1.RegisterRequest",
+            output: "wrenn.host.v1.RegisterResponse",
         },
         crate::rpc::MethodDesc {
             name: HEARTBEAT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.host.v1.HeartbeatRequest",
+            output: "wrenn.host.v1.HeartbeatResponse",
         },
         crate::rpc::MethodDesc {
             name: REPORT_STATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.host.v1.ReportStateRequest",
+            output: "wrenn.host.v1.ReportStateResponse",
         },
     ];
 }
@@ -292,3 +298,5 @@ impl<'a> HostClient<'a> {
         self.client.unary(host_methods::REPORT_STATE, req, self.timeout)
     }
 }
+/// Every method of every service of this package.
+pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[host_methods::ALL];
