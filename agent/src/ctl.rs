@@ -124,6 +124,9 @@ impl CtlLink {
                 firecracker_version: host.manager.vmm().firecracker_version(),
                 can_host_sandboxes: problems.is_empty(),
                 problems,
+                physical: Some(host.physical()),
+                vcpu_overcommit: host.overcommit.vcpu,
+                memory_overcommit: host.overcommit.memory,
             },
             Some(CTL_CALL_TIMEOUT),
         )?;
@@ -156,6 +159,9 @@ impl CtlLink {
             &hpb::HeartbeatRequest {
                 now_unix_ns: m.clock().now_unix_ns(),
                 capacity: Some(host.capacity()),
+                physical: Some(host.physical()),
+                vcpu_overcommit: host.overcommit.vcpu,
+                memory_overcommit: host.overcommit.memory,
                 usage: Some(host.usage()),
                 can_host_sandboxes: problems.is_empty(),
                 problems,
@@ -165,7 +171,7 @@ impl CtlLink {
                     .into_iter()
                     .map(|(id, st, exp, upd)| hpb::SandboxSummary {
                         sandbox_id: id::format_sandbox(id),
-                        state: st.to_proto() as i32,
+                        state: st as i32,
                         expires_unix_ns: exp,
                         updated_unix_ns: upd,
                     })

@@ -77,6 +77,7 @@ pub fn run(flags: Flags) -> Result<(), String> {
         manager: manager.clone(),
         identity: identity.clone(),
         extra_problems: Vec::new(),
+        overcommit: flags.overcommit,
     });
     let problems = host.problems();
     if !problems.is_empty() {

@@ -34,7 +34,7 @@ use crate::flags::{DnsUpstream, Flags, RestoreBackend};
 use crate::limits::{BOOT_READY_TIMEOUT, ENVD_CALL_TIMEOUT};
 use crate::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
 use crate::sys;
-use crate::vm::{RestoreSource, VmError, Vmm};
+use crate::vm::{RestoreSource, Started, VmError, Vmm};
 
 /// The guest's network interface and the tap it uses in every slot.
 const IFACE_ID: &str = "eth0";
@@ -158,12 +158,10 @@ impl std::fmt::Debug for FirecrackerVmm {
     }
 }
 
-fn err(action: &str) -> impl FnOnce(String) -> VmError + '_ {
-    move |reason| VmError::new(action, reason)
-}
-
-fn err2<E: std::fmt::Display>(action: &str) -> impl FnOnce(E) -> VmError + '_ {
-    move |reason| VmError::new(action, reason)
+fn err2<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    action: &'static str,
+) -> impl FnOnce(E) -> VmError {
+    move |source| VmError::new(action, source)
 }
 
 fn executable(p: &Path) -> bool {
@@ -359,7 +357,7 @@ impl FirecrackerVmm {
 
     /// Spawns Firecracker (API only) for `rec` in its slot: jailed (its chroot prepared by
     /// [`Self::prepare_chroot`]) or, with `--unjailed`, in its own mount namespace.
-    fn spawn(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<VmProcess, VmError> {
+    fn spawn(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<VmProcess, VmError> {
         if let (Some(j), Some(uid)) = (&self.cfg.jail, self.jail_uid(rec)?) {
             let index = rec
                 .slot
@@ -369,7 +367,7 @@ impl FirecrackerVmm {
                 .config()
                 .slot(index)
                 .map_err(|e| VmError::new("start firecracker", e))?;
-            let memory_bytes = u64::from(rec.memory_mib) << 20;
+            let memory_bytes = u64::from(rec.spec.memory_mib) << 20;
             let disk_bytes = fs::metadata(dir.disk()).map(|m| m.len()).unwrap_or(0);
             let spec = JailSpec {
                 jailer: j.jailer.clone(),
@@ -381,15 +379,13 @@ impl FirecrackerVmm {
                 netns: Some(slot.netns),
                 cgroups: self.jail_cgroups.clone(),
                 cgroup_parent: CGROUP_PARENT.into(),
-                limits: JailLimits::for_vm(rec.vcpus, memory_bytes, disk_bytes),
+                limits: JailLimits::for_vm(rec.spec.vcpus, memory_bytes, disk_bytes),
                 firecracker_args: Vec::new(),
             };
             let mut vm = VmProcess::spawn_jailed(&spec, dir.path(), Vec::new())
                 .map_err(|e| VmError::new("start jailed firecracker", e))?;
-            rec.firecracker = sys::proc_ref(vm.pid() as i32);
             if let Err(e) = vm.wait_api_socket(API_SOCKET_WAIT) {
                 let _ = vm.kill();
-                rec.firecracker = None;
                 return Err(VmError::new("firecracker api socket", e));
             }
             return Ok(vm);
@@ -415,15 +411,13 @@ impl FirecrackerVmm {
             parent: CGROUP_PARENT.into(),
             name: id.clone(),
             limits: CgroupLimits {
-                memory_max_bytes: Some((u64::from(rec.memory_mib) << 20) + VMM_OVERHEAD_BYTES),
-                cpu_millis: Some(rec.vcpus.max(1) * 1000),
+                memory_max_bytes: Some((u64::from(rec.spec.memory_mib) << 20) + VMM_OVERHEAD_BYTES),
+                cpu_millis: Some(rec.spec.vcpus.max(1) * 1000),
             },
         });
         let mut vm = VmProcess::spawn(&sc).map_err(|e| VmError::new("start firecracker", e))?;
-        rec.firecracker = sys::proc_ref(vm.pid() as i32);
         if let Err(e) = vm.wait_api_socket(API_SOCKET_WAIT) {
             let _ = vm.kill();
-            rec.firecracker = None;
             return Err(VmError::new("firecracker api socket", e));
         }
         Ok(vm)
@@ -436,10 +430,10 @@ impl FirecrackerVmm {
         api: &mut ApiClient,
         kernel: &Path,
     ) -> Result<(), VmError> {
-        let call = |api: &mut ApiClient, what: &str, r: &dyn ToReq| {
+        let call = |api: &mut ApiClient, what: &'static str, r: &dyn ToReq| {
             r.send(api).map_err(|e| VmError::new(what, e))
         };
-        let mut mc = MachineConfig::new(rec.vcpus.max(1), rec.memory_mib);
+        let mut mc = MachineConfig::new(rec.spec.vcpus.max(1), rec.spec.memory_mib);
         mc.track_dirty_pages = true;
         call(api, "machine-config", &mc)?;
         let paths = self.paths(dir);
@@ -578,21 +572,23 @@ impl FirecrackerVmm {
     }
 
     /// Resumes a paused VM after a failed snapshot step.
-    fn resume_after_failure(&self, api: &mut ApiClient, action: &str, reason: String) -> VmError {
-        let mut e = VmError::new(action, reason);
+    /// After a failed snapshot: resumes the VM if it can, and says whether it runs. Firecracker
+    /// may have reset its dirty-page log, so the next snapshot must be Full.
+    fn resume_after_failure(&self, api: &mut ApiClient, mut e: VmError) -> VmError {
         e.vm_still_running = api.call(&VmState::Resumed).is_ok();
+        e.full_snapshot_needed = true;
         e
     }
 }
 
 /// A typed request that can be sent (object-safe wrapper over vmm-glue's trait).
 trait ToReq {
-    fn send(&self, api: &mut ApiClient) -> Result<(), String>;
+    fn send(&self, api: &mut ApiClient) -> Result<(), vmm_glue::api::ApiError>;
 }
 
 impl<T: vmm_glue::request::ToApiRequest> ToReq for T {
-    fn send(&self, api: &mut ApiClient) -> Result<(), String> {
-        api.call(self).map(|_| ()).map_err(|e| e.to_string())
+    fn send(&self, api: &mut ApiClient) -> Result<(), vmm_glue::api::ApiError> {
+        api.call(self).map(|_| ())
     }
 }
 
@@ -754,14 +750,13 @@ impl Vmm for FirecrackerVmm {
 
     fn boot(
         &self,
-        rec: &mut SandboxRecord,
+        rec: &SandboxRecord,
         dir: &SandboxDir,
         _template: &TemplateDir,
-    ) -> Result<(), VmError> {
-        let kernel = self
-            .kernel_path(&rec.kernel)
-            .ok_or_else(|| VmError::new("boot", format!("no guest kernel {:?}", rec.kernel)))?;
-        rec.kernel_version = kernel_version(&kernel);
+    ) -> Result<Started, VmError> {
+        let kernel = self.kernel_path(&rec.spec.kernel).ok_or_else(|| {
+            VmError::new("boot", format!("no guest kernel {:?}", rec.spec.kernel))
+        })?;
         self.prepare_chroot(rec, dir, Some(&kernel), Vec::new())?;
         let paths = self.paths(dir);
         let (listener, rx) = ReadinessListener::with_channel(&paths.vsock_host)
@@ -803,7 +798,12 @@ impl Vmm for FirecrackerVmm {
                     started.elapsed().as_millis(),
                     ready.envd_version
                 );
-                rec.envd_version = ready.envd_version;
+                let started = Started {
+                    firecracker: sys::proc_ref(vm.pid() as i32),
+                    page_server: None,
+                    kernel_version: Some(kernel_version(&kernel)),
+                    envd_version: Some(ready.envd_version),
+                };
                 self.map().insert(
                     dir.path().to_owned(),
                     Running {
@@ -812,12 +812,11 @@ impl Vmm for FirecrackerVmm {
                         page_server: None,
                     },
                 );
-                Ok(())
+                Ok(started)
             }
             Err(e) => {
                 drop(listener);
                 let _ = vm.kill();
-                rec.firecracker = None;
                 Err(e)
             }
         }
@@ -825,10 +824,10 @@ impl Vmm for FirecrackerVmm {
 
     fn restore(
         &self,
-        rec: &mut SandboxRecord,
+        rec: &SandboxRecord,
         dir: &SandboxDir,
         src: &RestoreSource<'_>,
-    ) -> Result<(), VmError> {
+    ) -> Result<Started, VmError> {
         let paths = self.paths(dir);
         // Jailed: the VM state is a private copy in the chroot, the memory file (File
         // backend) is written straight into it, both readable by the jailed uid only.
@@ -876,7 +875,6 @@ impl Vmm for FirecrackerVmm {
                 None => MemBackend::File(paths.fc_view(jail::JAIL_MEMORY, mem_file.clone())),
                 Some(()) => {
                     let ps = self.start_page_server(dir, vm.pid(), rec.jail_uid, src)?;
-                    rec.page_server = sys::proc_ref(ps.pid() as i32);
                     page_server = Some(ps);
                     // wrenn-uffd made it as root: the jailed uid must be able to connect.
                     self.give_socket(rec, &paths.uffd_host)?;
@@ -894,13 +892,18 @@ impl Vmm for FirecrackerVmm {
             }];
             load.vsock_override = Some(paths.vsock_fc.clone());
             let mut api = vm.api_client();
-            api.call(&load)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-                .map_err(err("snapshot/load"))
+            api.call(&load).map(|_| ()).map_err(err2("snapshot/load"))
         })();
         match r {
             Ok(()) => {
+                let started = Started {
+                    firecracker: sys::proc_ref(vm.pid() as i32),
+                    page_server: page_server
+                        .as_ref()
+                        .and_then(|ps| sys::proc_ref(ps.pid() as i32)),
+                    kernel_version: None,
+                    envd_version: None,
+                };
                 self.map().insert(
                     dir.path().to_owned(),
                     Running {
@@ -909,24 +912,20 @@ impl Vmm for FirecrackerVmm {
                         page_server,
                     },
                 );
-                Ok(())
+                Ok(started)
             }
-            Err(e) => {
+            Err(mut e) => {
                 if let Some(ps) = page_server {
                     let _ = ps.kill();
                 }
                 let _ = vm.kill();
-                rec.firecracker = None;
-                rec.page_server = None;
-                Err(VmError::new(
-                    e.action,
-                    format!("{}; log: {}", e.reason, tail(&dir.log())),
-                ))
+                e.log_tail = tail(&dir.log());
+                Err(e)
             }
         }
     }
 
-    fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+    fn snapshot(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<Chain, VmError> {
         let paths = self.paths(dir);
         let mut api = ApiClient::new(&paths.api_socket);
         api.call(&VmState::Paused)
@@ -958,18 +957,18 @@ impl Vmm for FirecrackerVmm {
         // From here on Firecracker may have reset its dirty-page log: if this pause fails,
         // the next snapshot must be Full, or the pages dirtied before it would be lost.
         if let Err(e) = api.call(&create) {
-            rec.full_snapshot_taken = false;
-            return Err(self.resume_after_failure(&mut api, "snapshot/create", e.to_string()));
+            let e = VmError::new("snapshot/create", e);
+            return Err(self.resume_after_failure(&mut api, e));
         }
         let fc_ms = t0.elapsed().as_millis();
         let t1 = Instant::now();
         // Phases of the build, in µs, for the log line (the bench breaks the build down).
         let mut phase_us = [0u128; 4];
-        let built = (|| -> Result<(Header, u64), String> {
-            let memory_size = u64::from(rec.memory_mib) << 20;
+        let built = (|| -> Result<(Header, u64), VmError> {
+            let memory_size = u64::from(rec.spec.memory_mib) << 20;
             let build = BuildId(
                 *proto::random::uuid_v4()
-                    .map_err(|e| e.to_string())?
+                    .map_err(err2("make a build id"))?
                     .as_bytes(),
             );
             let layer_path = snap.join(build.layer_file_name());
@@ -979,31 +978,37 @@ impl Vmm for FirecrackerVmm {
             let memf = match &paths.chroot {
                 Some(c) => {
                     let mut v = jail::open_beneath(c, Path::new(JAIL_VMSTATE_NEW))
-                        .map_err(|e| e.to_string())?;
-                    let mut out = File::create(&vmstate_new).map_err(|e| e.to_string())?;
-                    std::io::copy(&mut v, &mut out).map_err(|e| e.to_string())?;
-                    jail::open_beneath(c, Path::new(JAIL_MEMORY_SNAP)).map_err(|e| e.to_string())?
+                        .map_err(err2("open the jail's vm state"))?;
+                    let mut out =
+                        File::create(&vmstate_new).map_err(err2("create the vm state copy"))?;
+                    std::io::copy(&mut v, &mut out).map_err(err2("copy the vm state"))?;
+                    jail::open_beneath(c, Path::new(JAIL_MEMORY_SNAP))
+                        .map_err(err2("open the jail's memory file"))?
                 }
-                None => File::open(&mem).map_err(|e| e.to_string())?,
+                None => File::open(&mem).map_err(err2("open the memory file"))?,
             };
             let mut out = std::io::BufWriter::with_capacity(
                 1 << 20,
-                File::create(&tmp_layer).map_err(|e| e.to_string())?,
+                File::create(&tmp_layer).map_err(err2("create the layer file"))?,
             );
-            let (diff, stats) =
-                generation::build(&memf, memory_size, kind, &mut out).map_err(|e| e.to_string())?;
-            let layer_file = out.into_inner().map_err(|e| e.to_string())?;
+            let (diff, stats) = generation::build(&memf, memory_size, kind, &mut out)
+                .map_err(err2("build the generation"))?;
+            let layer_file = out
+                .into_inner()
+                .map_err(|e| VmError::new("write the layer file", e.into_error()))?;
             phase_us[0] = t1.elapsed().as_micros();
             let mut header = match (&rec.chain, kind) {
                 (Some(c), SnapshotKind::Diff) => {
-                    let old = read_header(&c.header).map_err(|e| e.to_string())?;
-                    old.merge(&diff, build).map_err(|e| e.to_string())?
+                    let old = read_header(&c.header)?;
+                    old.merge(&diff, build).map_err(err2("merge the header"))?
                 }
-                _ => Header::from_base(memory_size, build, &diff).map_err(|e| e.to_string())?,
+                _ => {
+                    Header::from_base(memory_size, build, &diff).map_err(err2("make the header"))?
+                }
             };
             // Visible under its name (squash looks layers up by name) but referenced by no
             // header until the header below is renamed into place.
-            fs::rename(&tmp_layer, &layer_path).map_err(|e| e.to_string())?;
+            fs::rename(&tmp_layer, &layer_path).map_err(err2("publish the layer file"))?;
             info!(
                 "generation built id={} kind={kind:?} pages_written={} zero_pages={} scanned={}",
                 rec.id, stats.pages_written, stats.zero_pages, stats.pages_scanned
@@ -1018,47 +1023,46 @@ impl Vmm for FirecrackerVmm {
                 };
                 let mut data = HashMap::new();
                 for l in &header.layers {
-                    let p = find_layer(&chain, &l.build_id).map_err(|e| e.to_string())?;
-                    data.insert(l.build_id, fs::read(p).map_err(|e| e.to_string())?);
+                    let p = find_layer(&chain, &l.build_id)?;
+                    data.insert(l.build_id, fs::read(p).map_err(err2("read a layer"))?);
                 }
                 let sq = BuildId(
                     *proto::random::uuid_v4()
-                        .map_err(|e| e.to_string())?
+                        .map_err(err2("make a build id"))?
                         .as_bytes(),
                 );
                 let tmp = snap.join(format!("{}.tmp", sq.layer_file_name()));
-                let mut out = File::create(&tmp).map_err(|e| e.to_string())?;
+                let mut out = File::create(&tmp).map_err(err2("create the squashed layer"))?;
                 header = uffd::header::squash(&header, &FileLayers(data), &mut out, sq)
-                    .map_err(|e| e.to_string())?;
-                fs::rename(&tmp, snap.join(sq.layer_file_name())).map_err(|e| e.to_string())?;
+                    .map_err(err2("squash the layers"))?;
+                fs::rename(&tmp, snap.join(sq.layer_file_name()))
+                    .map_err(err2("publish the squashed layer"))?;
                 new_files.push(out);
             }
             let generation = header.generation;
             let header_tmp = snap.join("header.tmp");
-            let mut hf = File::create(&header_tmp).map_err(|e| e.to_string())?;
-            std::io::Write::write_all(&mut hf, &header.serialize()).map_err(|e| e.to_string())?;
+            let mut hf = File::create(&header_tmp).map_err(err2("create the header"))?;
+            std::io::Write::write_all(&mut hf, &header.serialize())
+                .map_err(err2("write the header"))?;
             new_files.push(hf);
-            new_files.push(File::open(&vmstate_new).map_err(|e| e.to_string())?);
+            new_files.push(File::open(&vmstate_new).map_err(err2("open the vm state"))?);
             phase_us[1] = t1.elapsed().as_micros();
             // One durability point for the whole generation: the layer(s), the header and
             // Firecracker's VM state reach the disk before either name changes, so a crash
             // leaves the old snapshot or the new one, never a mix.
-            sys::sync_data_all(&new_files).map_err(|e| format!("fsync: {e}"))?;
+            sys::sync_data_all(&new_files).map_err(err2("fsync the generation"))?;
             phase_us[2] = t1.elapsed().as_micros();
-            fs::rename(&header_tmp, snap.join("header")).map_err(|e| e.to_string())?;
-            fs::rename(&vmstate_new, snap.join("vmstate")).map_err(|e| e.to_string())?;
+            fs::rename(&header_tmp, snap.join("header")).map_err(err2("publish the header"))?;
+            fs::rename(&vmstate_new, snap.join("vmstate")).map_err(err2("publish the vm state"))?;
             File::open(&snap)
                 .and_then(|d| d.sync_all())
-                .map_err(|e| format!("fsync {}: {e}", snap.display()))?;
+                .map_err(err2("fsync the snapshot directory"))?;
             phase_us[3] = t1.elapsed().as_micros();
             Ok((header, generation))
         })();
         let (header, generation) = match built {
             Ok(x) => x,
-            Err(e) => {
-                rec.full_snapshot_taken = false;
-                return Err(self.resume_after_failure(&mut api, "build generation", e));
-            }
+            Err(e) => return Err(self.resume_after_failure(&mut api, e)),
         };
         let build_ms = t1.elapsed().as_millis();
         if paths.chroot.is_none() {
@@ -1086,14 +1090,12 @@ impl Vmm for FirecrackerVmm {
             phase_us[2].saturating_sub(phase_us[1]),
             phase_us[3].saturating_sub(phase_us[2]),
         );
-        rec.chain = Some(Chain {
+        Ok(Chain {
             header: snap.join("header"),
             vmstate: snap.join("vmstate"),
             layer_dirs: vec![snap.clone()],
             generation,
-        });
-        rec.full_snapshot_taken = true;
-        Ok(())
+        })
     }
 
     fn finish_recording(
@@ -1197,7 +1199,11 @@ impl Vmm for FirecrackerVmm {
             // The slot's table is still in place; its resolver is not (it ran in the old
             // agent).
             self.net
-                .adopt_slot(index, &rec.egress)
+                .adopt_slot(
+                    index,
+                    &crate::manager::egress_of(rec.spec.network.as_ref())
+                        .unwrap_or_else(|_| Egress::none()),
+                )
                 .map_err(|e| VmError::new("re-adopt: slot resolver", e))?;
         }
         let mut api = vm.api_client();

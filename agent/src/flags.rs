@@ -12,8 +12,8 @@ usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
                    [--slots N] [--net-prefix wrenn] [--net-subnet 10.200.0.0]
                     [--jailer /usr/local/bin/jailer] [--chroot-base-dir <state-root>/jail]
                     [--uid-base 900000] [--uid-count 4096] [--uffd-uid <uid-base + uid-count>]
-                    [--unjailed] [--never-out default,CIDR,...]
-                    [--dns-upstream IP[:PORT]|off]
+                    [--unjailed] [--vcpu-overcommit 4] [--memory-overcommit 1]
+                    [--never-out default,CIDR,...] [--dns-upstream IP[:PORT]|off]
 --ctl is ctl's host port (wrenn.host.v1, 7702 by default), not its client port (7700).
 --never-out: destinations no sandbox reaches whatever its policy allows; the word `default`
 stands for the private, shared, link-local, loopback ranges (the default). Add the control
@@ -54,7 +54,7 @@ fn parse_never_out(v: &str) -> Option<Vec<vmm_glue::net::Ipv4Cidr>> {
 }
 
 /// The parsed flags.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Flags {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
@@ -85,6 +85,8 @@ pub struct Flags {
     /// Today's mode without the jailer (Firecracker and wrenn-uffd as root); `wrenn doctor`
     /// reports it as a failure for production.
     pub unjailed: bool,
+    /// Capacity offered per unit of the host's own (reported to ctl, used by its scheduler).
+    pub overcommit: crate::host::Overcommit,
     /// Names of slots' namespaces and links, the /16 their addresses come from, and the
     /// host's `never_out` list.
     pub net: vmm_glue::net::NetConfig,
@@ -149,6 +151,7 @@ impl Flags {
             uid_count: crate::limits::JAIL_UID_COUNT_DEFAULT,
             uffd_uid: 0,
             unjailed: false,
+            overcommit: crate::host::Overcommit::default(),
             help: false,
         };
         let mut chroot_base = None;
@@ -253,6 +256,20 @@ impl Flags {
                     uffd_uid = Some(v.parse::<u32>().map_err(|_| bad("--uffd-uid", v))?);
                 }
                 "--unjailed" => f.unjailed = true,
+                "--vcpu-overcommit" => {
+                    let v = value!("--vcpu-overcommit");
+                    f.overcommit.vcpu = match v.parse::<f64>() {
+                        Ok(r) if proto::sandbox_limits::overcommit_ok(r, false) => r,
+                        _ => return Err(bad("--vcpu-overcommit", v)),
+                    };
+                }
+                "--memory-overcommit" => {
+                    let v = value!("--memory-overcommit");
+                    f.overcommit.memory = match v.parse::<f64>() {
+                        Ok(r) if proto::sandbox_limits::overcommit_ok(r, true) => r,
+                        _ => return Err(bad("--memory-overcommit", v)),
+                    };
+                }
                 "-h" | "--help" => f.help = true,
                 _ => return Err(FlagError::Unknown(arg)),
             }
@@ -331,6 +348,13 @@ mod tests {
             (900_000, 4096, 904_096)
         );
         assert!(!f.unjailed);
+        assert_eq!(
+            f.overcommit,
+            crate::host::Overcommit {
+                vcpu: 4.0,
+                memory: 1.0
+            }
+        );
     }
 
     #[test]
@@ -402,8 +426,18 @@ mod tests {
             "8",
             "--advertise",
             "10.0.0.5:7710",
+            "--vcpu-overcommit",
+            "5",
+            "--memory-overcommit=1.5",
         ])
         .unwrap();
+        assert_eq!(
+            f.overcommit,
+            crate::host::Overcommit {
+                vcpu: 5.0,
+                memory: 1.5
+            }
+        );
         assert_eq!(f.listen.port(), 1);
         assert_eq!(f.metrics_listen.port(), 2);
         assert_eq!(f.ctl.as_deref(), Some("ctl:7702"));
@@ -458,6 +492,18 @@ mod tests {
             Err(FlagError::BadValue { .. })
         ));
         assert!(parse(&["-h"]).unwrap().help);
+        for bad in [
+            ["--vcpu-overcommit", "0.05"],
+            ["--vcpu-overcommit", "33"],
+            ["--vcpu-overcommit", "NaN"],
+            ["--memory-overcommit", "4.5"],
+            ["--memory-overcommit", "-1"],
+        ] {
+            assert!(
+                matches!(parse(&bad), Err(FlagError::BadValue { .. })),
+                "{bad:?}"
+            );
+        }
         assert!(matches!(
             parse(&["--net-prefix", "Bad!"]),
             Err(FlagError::BadValue { .. })

@@ -28,12 +28,43 @@ impl IdentityCell {
     }
 }
 
+/// How much of the host is offered to sandboxes per unit of its own (`--vcpu-overcommit`,
+/// `--memory-overcommit`; bounds in `proto::sandbox_limits`). Disk is never overcommitted
+/// here: sparse disks grow, and a full file system fails every sandbox on it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Overcommit {
+    pub vcpu: f64,
+    pub memory: f64,
+}
+
+impl Default for Overcommit {
+    fn default() -> Overcommit {
+        Overcommit {
+            vcpu: proto::sandbox_limits::VCPU_OVERCOMMIT_DEFAULT,
+            memory: proto::sandbox_limits::MEMORY_OVERCOMMIT_DEFAULT,
+        }
+    }
+}
+
+impl Overcommit {
+    /// `physical` times the ratios (rounded down; never below what the host has when a
+    /// ratio is at least 1).
+    pub fn apply(&self, physical: &pb::Resources) -> pb::Resources {
+        pb::Resources {
+            vcpus: (f64::from(physical.vcpus) * self.vcpu) as u32,
+            memory_mib: (physical.memory_mib as f64 * self.memory) as u64,
+            disk_mib: physical.disk_mib,
+        }
+    }
+}
+
 /// Everything Host.Info reports.
 pub struct Host {
     pub manager: Arc<Manager>,
     pub identity: Arc<IdentityCell>,
     /// Problems found at start besides the VM layer's (missing rootfs, ...).
     pub extra_problems: Vec<String>,
+    pub overcommit: Overcommit,
 }
 
 impl std::fmt::Debug for Host {
@@ -65,8 +96,8 @@ impl Host {
         p
     }
 
-    /// What the host offers: its CPUs, memory and the state root's file system.
-    pub fn capacity(&self) -> pb::Resources {
+    /// What the host has: its CPUs, memory and the state root's file system.
+    pub fn physical(&self) -> pb::Resources {
         let disk = crate::sys::fs_space(&self.manager.layout().root)
             .map(|(total, _)| total >> 20)
             .unwrap_or(0);
@@ -75,6 +106,11 @@ impl Host {
             memory_mib: mem_total_mib(),
             disk_mib: disk,
         }
+    }
+
+    /// What the host offers to sandboxes: [`Host::physical`] times the overcommit ratios.
+    pub fn capacity(&self) -> pb::Resources {
+        self.overcommit.apply(&self.physical())
     }
 
     pub fn usage(&self) -> pb::Resources {
@@ -126,6 +162,9 @@ impl Host {
             sandboxes_paused: u.paused,
             restore_backend: self.manager.vmm().restore_backend().to_owned(),
             now_unix_ns: self.manager.clock().now_unix_ns(),
+            physical: Some(self.physical()),
+            vcpu_overcommit: self.overcommit.vcpu,
+            memory_overcommit: self.overcommit.memory,
         }
     }
 
@@ -186,5 +225,30 @@ impl Host {
     /// Prometheus text for /metrics.
     pub fn prometheus(&self) -> String {
         crate::metrics::render(&self.gauges())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overcommit_scales_cpus_and_memory_not_disk() {
+        let physical = pb::Resources {
+            vcpus: 2,
+            memory_mib: 24 * 1024,
+            disk_mib: 1000,
+        };
+        let offered = Overcommit::default().apply(&physical);
+        assert_eq!(
+            (offered.vcpus, offered.memory_mib, offered.disk_mib),
+            (8, 24 * 1024, 1000)
+        );
+        let o = Overcommit {
+            vcpu: 0.5,
+            memory: 1.5,
+        };
+        let offered = o.apply(&physical);
+        assert_eq!((offered.vcpus, offered.memory_mib), (1, 36 * 1024));
     }
 }

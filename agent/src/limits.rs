@@ -7,12 +7,8 @@ use std::time::Duration;
 /// bound, so nothing ctl can send makes a record larger than about that.
 pub const STATE_FILE_LEN_MAX: u64 = 2 << 20;
 
-/// Lines in one state file: fields plus map entries (env and metadata are bounded below)
-/// plus the egress lists (allow, deny, domains; vmm-glue's bounds).
-pub const STATE_FILE_LINES_MAX: usize = 2 * MAP_ENTRIES_MAX
-    + 256
-    + 2 * vmm_glue::net::limits::EGRESS_RULES_MAX
-    + vmm_glue::net::limits::EGRESS_DOMAINS_MAX;
+/// Lines in one state file: fields plus map entries (env and metadata are bounded below).
+pub const STATE_FILE_LINES_MAX: usize = 2 * MAP_ENTRIES_MAX + 256;
 
 /// Entries of an env or metadata map read back from a state file. A create request is held
 /// to `proto::sandbox_limits::MAP_ENTRIES_MAX` (what ctl allows); records written by older

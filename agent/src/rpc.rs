@@ -26,7 +26,7 @@ use proto::Status;
 
 use crate::host::{Host, IdentityCell};
 use crate::limits::{CANCEL_POLL, ENVD_CALL_TIMEOUT, EXEC_OUTPUT_DEFAULT, EXEC_OUTPUT_MAX};
-use crate::manager::{parse_id, CreateSpec, Manager};
+use crate::manager::{parse_id, Manager};
 use crate::state::State;
 
 /// What an authenticated connection carries: it is ctl.
@@ -141,8 +141,16 @@ fn sandbox_id(s: &str) -> Result<Uuid, Status> {
 }
 
 impl pb::SandboxesServer for Handlers {
-    fn create(&self, _: &Peer, r: pb::CreateSandboxRequest) -> Result<pb::SandboxInfo, Status> {
-        self.manager.create(CreateSpec::from_request(&r)?)
+    fn update_network(
+        &self,
+        _: &Peer,
+        r: pb::UpdateNetworkRequest,
+    ) -> Result<pb::SandboxInfo, Status> {
+        self.manager
+            .update_network(sandbox_id(&r.sandbox_id)?, r.network)
+    }
+    fn create(&self, _: &Peer, r: proto::sandbox::SandboxSpec) -> Result<pb::SandboxInfo, Status> {
+        self.manager.create(r)
     }
 
     fn get(&self, _: &Peer, r: pb::GetSandboxRequest) -> Result<pb::SandboxInfo, Status> {
@@ -157,7 +165,7 @@ impl pb::SandboxesServer for Handlers {
         let mut states = Vec::new();
         for v in r.states {
             states.push(
-                State::from_proto(v)
+                State::from_wire(v)
                     .ok_or_else(|| Status::invalid_argument("states: unknown state"))?,
             );
         }

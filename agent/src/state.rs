@@ -1,4 +1,4 @@
-//! The sandbox state machine, as one table (the states are wrenn.agent.v1.SandboxState).
+//! The sandbox state machine, as one table (the states are wrenn.sandbox.v1.SandboxState).
 //!
 //! ```text
 //! pending ─Start─> starting ─Started─> running ─Pause─> pausing ─Paused─> paused
@@ -14,21 +14,9 @@
 
 use std::fmt;
 
-use proto::gen::wrenn::agent::v1::SandboxState;
-
-/// A lifecycle state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum State {
-    Pending,
-    Starting,
-    Running,
-    Pausing,
-    Paused,
-    Resuming,
-    Stopping,
-    Stopped,
-    Error,
-}
+/// A lifecycle state: the shared `wrenn.sandbox.v1.SandboxState` (names, wire numbers and
+/// `is_transient` live in `proto::sandbox`). UNSPECIFIED has no transitions.
+pub use proto::sandbox::SandboxState as State;
 
 /// What happens to a sandbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,79 +43,12 @@ pub enum Event {
     Fail,
 }
 
-impl State {
-    pub const ALL: [State; 9] = [
-        State::Pending,
-        State::Starting,
-        State::Running,
-        State::Pausing,
-        State::Paused,
-        State::Resuming,
-        State::Stopping,
-        State::Stopped,
-        State::Error,
-    ];
-
-    /// The stable name used in state files and logs.
-    pub const fn name(self) -> &'static str {
-        match self {
-            State::Pending => "pending",
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Pausing => "pausing",
-            State::Paused => "paused",
-            State::Resuming => "resuming",
-            State::Stopping => "stopping",
-            State::Stopped => "stopped",
-            State::Error => "error",
-        }
-    }
-
-    pub fn from_name(s: &str) -> Option<State> {
-        State::ALL.into_iter().find(|st| st.name() == s)
-    }
-
-    pub fn to_proto(self) -> SandboxState {
-        match self {
-            State::Pending => SandboxState::Pending,
-            State::Starting => SandboxState::Starting,
-            State::Running => SandboxState::Running,
-            State::Pausing => SandboxState::Pausing,
-            State::Paused => SandboxState::Paused,
-            State::Resuming => SandboxState::Resuming,
-            State::Stopping => SandboxState::Stopping,
-            State::Stopped => SandboxState::Stopped,
-            State::Error => SandboxState::Error,
-        }
-    }
-
-    /// Maps a wire value; `None` for UNSPECIFIED and unknown numbers.
-    pub fn from_proto(v: i32) -> Option<State> {
-        State::ALL.into_iter().find(|st| st.to_proto() as i32 == v)
-    }
-
-    /// A state with work in progress: after an agent restart, a record left in one of these
-    /// was interrupted mid-operation.
-    pub fn is_transient(self) -> bool {
-        matches!(
-            self,
-            State::Pending | State::Starting | State::Pausing | State::Resuming | State::Stopping
-        )
-    }
-
-    /// A VM process is expected to exist in this state.
-    pub fn has_vm(self) -> bool {
-        matches!(
-            self,
-            State::Starting | State::Running | State::Pausing | State::Resuming
-        )
-    }
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// A VM process is expected to exist in this state.
+pub fn has_vm(s: State) -> bool {
+    matches!(
+        s,
+        State::Starting | State::Running | State::Pausing | State::Resuming
+    )
 }
 
 /// A transition the table does not have.
@@ -273,16 +194,5 @@ mod tests {
                 "{from} cannot reach stopped"
             );
         }
-    }
-
-    #[test]
-    fn names_and_wire_values_round_trip() {
-        for s in State::ALL {
-            assert_eq!(State::from_name(s.name()), Some(s));
-            assert_eq!(State::from_proto(s.to_proto() as i32), Some(s));
-        }
-        assert_eq!(State::from_name("Running"), None);
-        assert_eq!(State::from_proto(0), None);
-        assert_eq!(State::from_proto(99), None);
     }
 }

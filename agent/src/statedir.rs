@@ -12,7 +12,10 @@
 //! fsync of the directory), so a crash leaves either the old or the new record. Keys and
 //! values are percent-escaped (`%`, `=`, control bytes), so any string round-trips. The
 //! first line names the format and its version; unknown keys are refused, so a record written
-//! by a newer agent is never half-understood.
+//! by a newer agent is never half-understood. A sandbox record keeps the sandbox's
+//! `wrenn.sandbox.v1.SandboxSpec` as one field (`spec`, its protobuf encoding in base64), so
+//! a new spec field needs no change here; version 1 records (one key per spec field) are
+//! still read.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,7 +25,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use proto::id::Uuid;
-use vmm_glue::net::{DomainPattern, Egress};
 
 use crate::limits::{STATE_FILE_LEN_MAX, STATE_FILE_LINES_MAX};
 use crate::state::State;
@@ -235,71 +237,19 @@ pub struct Chain {
     pub generation: u64,
 }
 
-/// Timeout policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Policy {
-    Pause,
-    Destroy,
-}
+pub use proto::sandbox::{SandboxSpec, TemplateKind, TimeoutPolicy};
 
-impl Policy {
-    pub fn name(self) -> &'static str {
-        match self {
-            Policy::Pause => "pause",
-            Policy::Destroy => "destroy",
-        }
-    }
-    pub fn from_name(s: &str) -> Option<Policy> {
-        match s {
-            "pause" => Some(Policy::Pause),
-            "destroy" => Some(Policy::Destroy),
-            _ => None,
-        }
-    }
-}
-
-/// Kind of template a sandbox was created from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TemplateKind {
-    Base,
-    Snapshot,
-}
-
-impl TemplateKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            TemplateKind::Base => "base",
-            TemplateKind::Snapshot => "snapshot",
-        }
-    }
-    pub fn from_name(s: &str) -> Option<TemplateKind> {
-        match s {
-            "base" => Some(TemplateKind::Base),
-            "snapshot" => Some(TemplateKind::Snapshot),
-            _ => None,
-        }
-    }
-}
-
-/// Everything the agent keeps about one sandbox.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Everything the agent keeps about one sandbox: its spec as ctl sent it (with the defaults
+/// filled in, and the timeout as last set) and what the agent made of it.
+#[derive(Clone, Debug, PartialEq)]
 pub struct SandboxRecord {
+    /// `spec.sandbox_id`, parsed.
     pub id: Uuid,
-    /// Wire id of the owner ("team-{uuid}"), as given.
-    pub team_id: String,
+    /// `spec.template_id`, parsed.
     pub template_id: Uuid,
-    pub template_kind: TemplateKind,
-    /// Guest kernel version booted ("" = host default / from the snapshot).
-    pub kernel: String,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub disk_mib: u64,
-    pub timeout_s: u64,
-    pub policy: Policy,
-    pub env: BTreeMap<String, String>,
-    pub metadata: BTreeMap<String, String>,
-    pub default_user: String,
-    pub default_cwd: String,
+    /// The sandbox as asked for (`wrenn.sandbox.v1.SandboxSpec`): owner, template, size,
+    /// timeout and policy, env, metadata, default user and directory.
+    pub spec: SandboxSpec,
     pub state: State,
     pub state_reason: String,
     pub created_unix_ns: i64,
@@ -321,29 +271,32 @@ pub struct SandboxRecord {
     /// A cold-booted sandbox takes a Full snapshot the first time; afterwards (and for a
     /// sandbox restored from a template, whose dirty pages Firecracker tracks) a Diff.
     pub full_snapshot_taken: bool,
-    /// Its egress policy: applied to every slot it gets (create, resume, restart), kept
-    /// across pause/resume and agent restarts, never copied into a template.
-    pub egress: Egress,
 }
 
+/// The first line of a sandbox record: version 2 keeps the spec as one field (its protobuf
+/// encoding in base64), so a new spec field needs no change here.
+const SANDBOX_MAGIC: &str = "wrenn-sandbox 2";
+/// Version 1 (agents before the shared spec) wrote each spec field as its own key; it is
+/// still read, so an upgraded agent re-adopts the VMs of the old one.
+const SANDBOX_MAGIC_V1: &str = "wrenn-sandbox 1";
+
 impl SandboxRecord {
-    /// A fresh record in state `pending`.
+    /// A fresh record in state `pending`, with the default spec of a sandbox of `template_id`
+    /// (1 vCPU, 512 MiB, the default timeout, DESTROY at expiry).
     pub fn new(id: Uuid, template_id: Uuid, kind: TemplateKind, now_unix_ns: i64) -> Self {
         SandboxRecord {
             id,
-            team_id: String::new(),
             template_id,
-            template_kind: kind,
-            kernel: String::new(),
-            vcpus: 1,
-            memory_mib: 512,
-            disk_mib: 0,
-            timeout_s: crate::limits::TIMEOUT_DEFAULT.as_secs(),
-            policy: Policy::Destroy,
-            env: BTreeMap::new(),
-            metadata: BTreeMap::new(),
-            default_user: String::new(),
-            default_cwd: String::new(),
+            spec: SandboxSpec {
+                sandbox_id: proto::id::format(proto::id::Kind::Sandbox, id),
+                template_id: proto::id::format(proto::id::Kind::Template, template_id),
+                template_kind: kind as i32,
+                vcpus: 1,
+                memory_mib: 512,
+                timeout_s: crate::limits::TIMEOUT_DEFAULT.as_secs(),
+                on_timeout: TimeoutPolicy::Destroy as i32,
+                ..SandboxSpec::default()
+            },
             state: State::Pending,
             state_reason: String::new(),
             created_unix_ns: now_unix_ns,
@@ -358,26 +311,28 @@ impl SandboxRecord {
             page_server: None,
             chain: None,
             full_snapshot_taken: false,
-            egress: Egress::default(),
+        }
+    }
+
+    /// The template's kind (UNSPECIFIED is refused at create, so never stored).
+    pub fn template_kind(&self) -> TemplateKind {
+        self.spec.template_kind()
+    }
+
+    /// What happens at expiry (UNSPECIFIED reads as DESTROY, as the protocol says).
+    pub fn on_timeout(&self) -> TimeoutPolicy {
+        match self.spec.on_timeout() {
+            TimeoutPolicy::Pause => TimeoutPolicy::Pause,
+            _ => TimeoutPolicy::Destroy,
         }
     }
 
     pub fn encode(&self) -> String {
-        let mut w = Writer::new("wrenn-sandbox 1");
-        w.put("id", &self.id.hyphenated().to_string());
-        w.put("team_id", &self.team_id);
-        w.put("template_id", &self.template_id.hyphenated().to_string());
-        w.put("template_kind", self.template_kind.name());
-        w.put("kernel", &self.kernel);
-        w.put("vcpus", &self.vcpus.to_string());
-        w.put("memory_mib", &self.memory_mib.to_string());
-        w.put("disk_mib", &self.disk_mib.to_string());
-        w.put("timeout_s", &self.timeout_s.to_string());
-        w.put("policy", self.policy.name());
-        w.map("env.", &self.env);
-        w.map("metadata.", &self.metadata);
-        w.put("default_user", &self.default_user);
-        w.put("default_cwd", &self.default_cwd);
+        let mut w = Writer::new(SANDBOX_MAGIC);
+        w.put(
+            "spec",
+            &proto::base64::encode(&prost::Message::encode_to_vec(&self.spec)),
+        );
         w.put("state", self.state.name());
         w.put("state_reason", &self.state_reason);
         w.put("created_unix_ns", &self.created_unix_ns.to_string());
@@ -406,30 +361,25 @@ impl SandboxRecord {
             "full_snapshot_taken",
             if self.full_snapshot_taken { "1" } else { "0" },
         );
-        w.list("egress.allow", &self.egress.allow);
-        w.list("egress.deny", &self.egress.deny);
-        w.list("egress.domain", &self.egress.allow_domains);
         w.finish()
     }
 
     pub fn decode(path: &Path, text: &str) -> Result<SandboxRecord, Error> {
-        let mut r = Reader::parse(path, text, "wrenn-sandbox 1")?;
-        let id = r.uuid("id")?;
-        let template_id = r.uuid("template_id")?;
-        let template_kind = r.with("template_kind", TemplateKind::from_name)?;
+        let (mut r, magic) = Reader::parse(path, text, &[SANDBOX_MAGIC, SANDBOX_MAGIC_V1])?;
+        let (spec, id, template_id) = if magic == SANDBOX_MAGIC_V1 {
+            r.spec_v1()?
+        } else {
+            let spec = r.with("spec", |s| {
+                let bytes = proto::base64::decode(s)?;
+                <SandboxSpec as prost::Message>::decode(bytes.as_slice()).ok()
+            })?;
+            let id = r.wire_id(proto::id::Kind::Sandbox, &spec.sandbox_id)?;
+            let template_id = r.wire_id(proto::id::Kind::Template, &spec.template_id)?;
+            (spec, id, template_id)
+        };
         let created = r.num("created_unix_ns")?;
-        let mut rec = SandboxRecord::new(id, template_id, template_kind, created);
-        rec.team_id = r.string("team_id")?;
-        rec.kernel = r.string("kernel")?;
-        rec.vcpus = r.num("vcpus")?;
-        rec.memory_mib = r.num("memory_mib")?;
-        rec.disk_mib = r.num("disk_mib")?;
-        rec.timeout_s = r.num("timeout_s")?;
-        rec.policy = r.with("policy", Policy::from_name)?;
-        rec.env = r.map("env.")?;
-        rec.metadata = r.map("metadata.")?;
-        rec.default_user = r.string("default_user")?;
-        rec.default_cwd = r.string("default_cwd")?;
+        let mut rec = SandboxRecord::new(id, template_id, spec.template_kind(), created);
+        rec.spec = spec;
         rec.state = r.with("state", State::from_name)?;
         rec.state_reason = r.string("state_reason")?;
         rec.updated_unix_ns = r.num("updated_unix_ns")?;
@@ -463,11 +413,6 @@ impl SandboxRecord {
             "1" => Some(true),
             _ => None,
         })?;
-        rec.egress = Egress {
-            allow: r.parsed_list("egress.allow", |s| s.parse().ok())?,
-            deny: r.parsed_list("egress.deny", |s| s.parse().ok())?,
-            allow_domains: r.parsed_list("egress.domain", |s| DomainPattern::parse(s).ok())?,
-        };
         r.done()?;
         Ok(rec)
     }
@@ -521,7 +466,7 @@ impl TemplateRecord {
     }
 
     pub fn decode(path: &Path, text: &str) -> Result<TemplateRecord, Error> {
-        let mut r = Reader::parse(path, text, "wrenn-template 1")?;
+        let (mut r, _) = Reader::parse(path, text, &["wrenn-template 1"])?;
         let t = TemplateRecord {
             id: r.uuid("id")?,
             kind: r.with("kind", TemplateKind::from_name)?,
@@ -568,7 +513,7 @@ impl Identity {
     }
 
     pub fn decode(path: &Path, text: &str) -> Result<Identity, Error> {
-        let mut r = Reader::parse(path, text, "wrenn-identity 1")?;
+        let (mut r, _) = Reader::parse(path, text, &["wrenn-identity 1"])?;
         let id = Identity {
             host_id: r.uuid("host_id")?,
             host_token: r.string("host_token")?,
@@ -615,12 +560,6 @@ impl Writer {
     fn put(&mut self, k: &str, v: &str) {
         self.0.put(k, v);
     }
-    fn map(&mut self, prefix: &str, m: &BTreeMap<String, String>) {
-        self.0.map(prefix, m);
-    }
-    fn list<T: fmt::Display>(&mut self, name: &str, items: impl IntoIterator<Item = T>) {
-        self.0.list(name, items);
-    }
     fn proc(&mut self, name: &str, p: Option<ProcRef>) {
         if let Some(p) = p {
             self.0.put_display(&format!("{name}.pid"), p.pid);
@@ -640,10 +579,49 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn parse(path: &'a Path, text: &str, magic: &str) -> Result<Reader<'a>, Error> {
-        let (kv, _) = proto::kv::Reader::parse(text, &[magic], STATE_FILE_LINES_MAX)
+    fn parse<'m>(
+        path: &'a Path,
+        text: &str,
+        magics: &[&'m str],
+    ) -> Result<(Reader<'a>, &'m str), Error> {
+        let (kv, magic) = proto::kv::Reader::parse(text, magics, STATE_FILE_LINES_MAX)
             .map_err(|e| malformed(path, e))?;
-        Ok(Reader { path, kv })
+        Ok((Reader { path, kv }, magic))
+    }
+
+    /// A wire id of the spec, parsed strictly.
+    fn wire_id(&self, kind: proto::id::Kind, s: &str) -> Result<Uuid, Error> {
+        proto::id::parse(kind, s).map_err(|e| {
+            self.err(KvError {
+                line: 0,
+                reason: format!("spec: bad {}: {e}", kind.noun()),
+            })
+        })
+    }
+
+    /// The spec of a version 1 record, one key per field; with the sandbox and template ids.
+    fn spec_v1(&mut self) -> Result<(SandboxSpec, Uuid, Uuid), Error> {
+        use proto::id::{format, Kind};
+        let id = self.uuid("id")?;
+        let template_id = self.uuid("template_id")?;
+        let spec = SandboxSpec {
+            sandbox_id: format(Kind::Sandbox, id),
+            team_id: self.string("team_id")?,
+            template_id: format(Kind::Template, template_id),
+            template_kind: self.with("template_kind", TemplateKind::from_name)? as i32,
+            kernel: self.string("kernel")?,
+            vcpus: self.num("vcpus")?,
+            memory_mib: self.num("memory_mib")?,
+            disk_mib: self.num("disk_mib")?,
+            timeout_s: self.num("timeout_s")?,
+            on_timeout: self.with("policy", TimeoutPolicy::from_name)? as i32,
+            env: self.map("env.")?.into_iter().collect(),
+            metadata: self.map("metadata.")?.into_iter().collect(),
+            default_user: self.string("default_user")?,
+            default_cwd: self.string("default_cwd")?,
+            network: None,
+        };
+        Ok((spec, id, template_id))
     }
 
     fn err(&self, e: KvError) -> Error {
@@ -685,26 +663,6 @@ impl<'a> Reader<'a> {
                 reason: format!("incomplete or bad {name}.pid/start_ticks"),
             })),
         }
-    }
-
-    /// A [`proto::kv::Writer::list`], each item parsed by `f`.
-    fn parsed_list<T>(
-        &mut self,
-        name: &str,
-        f: impl Fn(&str) -> Option<T>,
-    ) -> Result<Vec<T>, Error> {
-        let items = self.kv.list(name).map_err(|e| self.err(e))?;
-        items
-            .iter()
-            .map(|s| {
-                f(s).ok_or_else(|| {
-                    self.err(KvError {
-                        line: 0,
-                        reason: format!("bad {name} item {s:?}"),
-                    })
-                })
-            })
-            .collect()
     }
 
     fn map(&mut self, prefix: &str) -> Result<BTreeMap<String, String>, Error> {
@@ -785,20 +743,21 @@ mod tests {
     fn full_record() -> SandboxRecord {
         let id = Uuid::from_u128(0x1234_5678_9abc_def0_1234_5678_9abc_def0);
         let mut r = SandboxRecord::new(id, Uuid::from_u128(7), TemplateKind::Snapshot, 11);
-        r.team_id = "team-00000000-0000-0000-0000-000000000001".into();
-        r.kernel = "6.1.0".into();
-        r.vcpus = 2;
-        r.memory_mib = 1024;
-        r.disk_mib = 5120;
-        r.timeout_s = 60;
-        r.policy = Policy::Pause;
-        r.env.insert("PATH".into(), "/usr/bin:/bin".into());
-        r.env
+        r.spec.team_id = "team-00000000-0000-0000-0000-000000000001".into();
+        r.spec.kernel = "6.1.0".into();
+        r.spec.vcpus = 2;
+        r.spec.memory_mib = 1024;
+        r.spec.disk_mib = 5120;
+        r.spec.timeout_s = 60;
+        r.spec.on_timeout = TimeoutPolicy::Pause as i32;
+        r.spec.env.insert("PATH".into(), "/usr/bin:/bin".into());
+        r.spec
+            .env
             .insert("WEIRD=KEY%".into(), "line1\nline2\r\t=%41".into());
-        r.env.insert("".into(), "".into());
-        r.metadata.insert("env.fake".into(), "ü ✓".into());
-        r.default_user = "user".into();
-        r.default_cwd = "/home/user".into();
+        r.spec.env.insert("".into(), "".into());
+        r.spec.metadata.insert("env.fake".into(), "ü ✓".into());
+        r.spec.default_user = "user".into();
+        r.spec.default_cwd = "/home/user".into();
         r.state = State::Paused;
         r.state_reason = "paused by ttl".into();
         r.updated_unix_ns = 22;
@@ -823,32 +782,7 @@ mod tests {
             generation: 3,
         });
         r.full_snapshot_taken = true;
-        r.egress = Egress {
-            allow: vec!["198.51.100.0/24".parse().unwrap()],
-            deny: vec![vmm_glue::net::Ipv4Cidr::ALL],
-            allow_domains: vec![
-                DomainPattern::parse("*.example.com").unwrap(),
-                DomainPattern::parse("api.example.org").unwrap(),
-            ],
-        };
         r
-    }
-
-    #[test]
-    fn bad_egress_items_are_refused() {
-        let mut text = full_record().encode();
-        text = text.replace("egress.domain.1=api.example.org", "egress.domain.1=a b");
-        let e = SandboxRecord::decode(Path::new("x"), &text).unwrap_err();
-        assert!(e.to_string().contains("egress.domain item"), "{e}");
-        // Records written before egress existed read back with the open default.
-        let old: String = full_record()
-            .encode()
-            .lines()
-            .filter(|l| !l.starts_with("egress."))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let rec = SandboxRecord::decode(Path::new("x"), &old).unwrap();
-        assert_eq!(rec.egress, Egress::default());
     }
 
     #[test]
@@ -902,19 +836,90 @@ mod tests {
         fs::remove_dir_all(d).unwrap();
     }
 
+    /// `text` with its `spec=` line replaced by `line` ("" removes it).
+    fn replace_spec(text: &str, line: &str) -> String {
+        text.lines()
+            .map(|l| {
+                if l.starts_with("spec=") {
+                    line.to_owned()
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_version_1_record_still_loads_with_the_same_spec() {
+        // What agents before the shared spec wrote for `full_record()`: an upgraded agent
+        // re-adopts their VMs.
+        let v1 = "wrenn-sandbox 1\n\
+            id=12345678-9abc-def0-1234-56789abcdef0\n\
+            team_id=team-00000000-0000-0000-0000-000000000001\n\
+            template_id=00000000-0000-0000-0000-000000000007\n\
+            template_kind=snapshot\n\
+            kernel=6.1.0\n\
+            vcpus=2\n\
+            memory_mib=1024\n\
+            disk_mib=5120\n\
+            timeout_s=60\n\
+            policy=pause\n\
+            env.=\n\
+            env.PATH=/usr/bin:/bin\n\
+            env.WEIRD%3DKEY%25=line1%0Aline2%0D%09%3D%2541\n\
+            metadata.env.fake=\u{fc} \u{2713}\n\
+            default_user=user\n\
+            default_cwd=/home/user\n\
+            state=paused\n\
+            state_reason=paused by ttl\n\
+            created_unix_ns=11\n\
+            updated_unix_ns=22\n\
+            expires_unix_ns=-1\n\
+            access_token=abc\n\
+            envd_version=0.1.0\n\
+            kernel_version=6.1.0-wrenn\n\
+            slot=4095\n\
+            jail_uid=900017\n\
+            firecracker.pid=1234\n\
+            firecracker.start_ticks=99\n\
+            page_server.pid=5\n\
+            page_server.start_ticks=18446744073709551615\n\
+            chain.header=/x/snapshot/header\n\
+            chain.vmstate=/x/snapshot/vmstate\n\
+            chain.generation=3\n\
+            chain.layer_dir.0=/x/snapshot\n\
+            chain.layer_dir.1=/t/snapshot\n\
+            full_snapshot_taken=1\n";
+        let p = Path::new("/x/sandbox.conf");
+        let rec = SandboxRecord::decode(p, v1).unwrap();
+        assert_eq!(rec, full_record());
+        // Saved again, it is a version 2 record.
+        assert!(rec.encode().starts_with("wrenn-sandbox 2\n"));
+        // A version 1 record with a key of version 2 is refused, not half-read.
+        let mixed = v1.replace("state=paused\n", "state=paused\nspec=AAAA\n");
+        let err = SandboxRecord::decode(p, &mixed).unwrap_err();
+        assert!(err.to_string().contains("unknown key"), "{err}");
+    }
+
     #[test]
     fn malformed_records_are_refused_with_a_reason() {
         let p = Path::new("/x/sandbox.conf");
         let good = full_record().encode();
         let cases: Vec<(String, &str)> = vec![
             (String::new(), "expected"),
-            ("wrenn-sandbox 2\n".into(), "expected"),
+            ("wrenn-sandbox 3\n".into(), "expected"),
             (good.trim_end().to_owned(), "truncated"),
             (good.replace("state=paused", "state=sleeping"), "bad value"),
-            (good.replace("vcpus=2", "vcpus=-2"), "bad value"),
-            (good.replace("vcpus=2\n", ""), "missing key"),
-            (format!("{good}vcpus=3\n"), "duplicate key"),
+            (
+                good.replace("state=paused", "state=unspecified"),
+                "bad value",
+            ),
+            (replace_spec(&good, "spec=!!!\n"), "bad value"),
+            (replace_spec(&good, "spec=AAAA\n"), "bad value"),
+            (replace_spec(&good, ""), "missing key"),
+            (format!("{good}state=running\n"), "duplicate key"),
             (format!("{good}colour=blue\n"), "unknown key"),
+            (format!("{good}vcpus=2\n"), "unknown key"),
             (format!("{good}no equals\n"), "no '='"),
             (format!("{good}k=%4\n"), "bad escape"),
             (format!("{good}k=%zz\n"), "bad escape"),
@@ -928,11 +933,20 @@ mod tests {
                 "incomplete",
             ),
             (
-                good.replace(
-                    "id=12345678-9abc-def0-1234-56789abcdef0",
-                    "id=12345678-9ABC-def0-1234-56789abcdef0",
-                ),
-                "bad value",
+                {
+                    let mut r = full_record();
+                    r.spec.sandbox_id = r.spec.sandbox_id.to_uppercase();
+                    r.encode()
+                },
+                "bad sandbox",
+            ),
+            (
+                {
+                    let mut r = full_record();
+                    r.spec.template_id = String::new();
+                    r.encode()
+                },
+                "bad template",
             ),
         ];
         for (text, want) in cases {

@@ -241,12 +241,12 @@ mod lifecycle {
     use agent::firecracker::{FcConfig, FirecrackerVmm};
     use agent::flags::RestoreBackend;
     use agent::manager::{CreateSpec, Manager};
-    use agent::statedir::{ProcRef, SandboxDir, SandboxRecord, TemplateDir};
-    use agent::vm::{RestoreSource, VmError, Vmm};
-    use proto::gen::wrenn::agent::v1 as pb;
+    use agent::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
+    use agent::vm::{RestoreSource, Started, VmError, Vmm};
     use proto::gen::wrenn::envd::v1::{health_methods, HealthCheckRequest, HealthCheckResponse};
     use proto::id::{self, Uuid};
     use proto::rpc::Client;
+    use proto::sandbox::SandboxSpec;
     use proto::Status;
 
     use super::*;
@@ -327,21 +327,21 @@ mod lifecycle {
         }
         fn boot(
             &self,
-            rec: &mut SandboxRecord,
+            rec: &SandboxRecord,
             dir: &SandboxDir,
             template: &TemplateDir,
-        ) -> Result<(), VmError> {
+        ) -> Result<Started, VmError> {
             self.time("boot", |v| v.boot(rec, dir, template))
         }
         fn restore(
             &self,
-            rec: &mut SandboxRecord,
+            rec: &SandboxRecord,
             dir: &SandboxDir,
             src: &RestoreSource<'_>,
-        ) -> Result<(), VmError> {
+        ) -> Result<Started, VmError> {
             self.time("restore", |v| v.restore(rec, dir, src))
         }
-        fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+        fn snapshot(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<Chain, VmError> {
             self.time("snapshot", |v| v.snapshot(rec, dir))
         }
         fn finish_recording(
@@ -403,16 +403,22 @@ mod lifecycle {
         Uuid::from_u128(n)
     }
 
-    fn spec(n: u128, template: Uuid, kind: pb::TemplateKind) -> Result<CreateSpec, String> {
-        CreateSpec::from_request(&pb::CreateSandboxRequest {
+    fn spec(
+        n: u128,
+        template: Uuid,
+        kind: proto::sandbox::TemplateKind,
+    ) -> Result<SandboxSpec, String> {
+        let spec = SandboxSpec {
             sandbox_id: id::format_sandbox(sb(n)),
             template_id: id::format_template(template),
             template_kind: kind as i32,
             memory_mib: GUEST_MIB,
             timeout_s: 3600,
             ..Default::default()
-        })
-        .map_err(|e| format!("create spec: {e}"))
+        };
+        // Checked here, so a bad spec fails the bench before it times anything.
+        CreateSpec::from_request(&spec).map_err(|e| format!("create spec: {e}"))?;
+        Ok(spec)
     }
 
     /// envd's first answer through the manager's own connection.
@@ -487,8 +493,9 @@ mod lifecycle {
             .map(|(_, p, l)| (p, l))
     }
 
-    /// Writes `len` bytes sequentially to a new file in `dir` and syncs it, as the
-    /// generation build does with its layer: the baseline of `pause_generation_build`.
+    /// Writes `len` bytes sequentially to a new file in `dir`, fdatasyncs it and fsyncs the
+    /// directory, the syncs the generation build does for its layer: the baseline of
+    /// `pause_generation_build` (without the syncs it would not be the same work).
     fn sequential_write(dir: &Path, len: u64) -> Result<Duration, String> {
         let p = dir.join("bench-seq.tmp");
         let chunk = vec![0xa5u8; 1 << 20];
@@ -501,7 +508,11 @@ mod lifecycle {
                 .map_err(|e| format!("write {}: {e}", p.display()))?;
             left -= n as u64;
         }
-        f.sync_all().map_err(|e| format!("sync: {e}"))?;
+        // The same syncs as the build: the file's data, then its directory.
+        f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("fsync {}: {e}", dir.display()))?;
         let d = t.elapsed();
         drop(f);
         let _ = fs::remove_file(&p);
@@ -617,8 +628,12 @@ mod lifecycle {
         if m.template(tpl).is_none() {
             timed.take();
             let t = Instant::now();
-            m.create(spec(COLD_SANDBOX, Uuid::nil(), pb::TemplateKind::Base)?)
-                .map_err(|e| format!("cold create: {e}"))?;
+            m.create(spec(
+                COLD_SANDBOX,
+                Uuid::nil(),
+                proto::sandbox::TemplateKind::Base,
+            )?)
+            .map_err(|e| format!("cold create: {e}"))?;
             first_answer(&m, sb(COLD_SANDBOX))?;
             let cold = t.elapsed();
             let phases = timed.take();
@@ -687,8 +702,12 @@ mod lifecycle {
                 timed.use_file.store(use_file, Ordering::SeqCst);
                 timed.take();
                 let t = Instant::now();
-                m.create(spec(SANDBOX_BASE + k, tpl, pb::TemplateKind::Snapshot)?)
-                    .map_err(|e| format!("create from template: {e}"))?;
+                m.create(spec(
+                    SANDBOX_BASE + k,
+                    tpl,
+                    proto::sandbox::TemplateKind::Snapshot,
+                )?)
+                .map_err(|e| format!("create from template: {e}"))?;
                 first_answer(&m, id)?;
                 create[usize::from(use_file)].push(&timed.take(), t.elapsed());
                 if !use_file {

@@ -28,6 +28,53 @@ fn check_resources(r: &Option<agent::Resources>) -> Result<(i32, i64, i64), Stat
     Ok((r.vcpus as i32, r.memory_mib as i64, r.disk_mib as i64))
 }
 
+/// A host's settings from a Register or Heartbeat: its own vCPUs and memory and its
+/// overcommit ratios, within the bounds the agent also applies (`proto::sandbox_limits`).
+/// An agent that sends none (an older one) is taken as offering what it has.
+struct Settings {
+    physical_vcpus: i32,
+    physical_memory_mib: i64,
+    vcpu_overcommit: f64,
+    memory_overcommit: f64,
+}
+
+fn check_settings(
+    physical: &Option<agent::Resources>,
+    vcpu_overcommit: f64,
+    memory_overcommit: f64,
+    capacity: (i32, i64),
+) -> Result<Settings, Status> {
+    let (physical_vcpus, physical_memory_mib) = match physical {
+        Some(_) => {
+            let (v, m, _) = check_resources(physical)?;
+            (v, m)
+        }
+        None => capacity,
+    };
+    let ratio = |r: f64, memory: bool, field: &str| {
+        let r = if r == 0.0 { 1.0 } else { r };
+        if proto::sandbox_limits::overcommit_ok(r, memory) {
+            Ok(r)
+        } else {
+            Err(Status::invalid_argument(format!(
+                "{field} {r} out of range ({} to {})",
+                proto::sandbox_limits::OVERCOMMIT_MIN,
+                if memory {
+                    proto::sandbox_limits::MEMORY_OVERCOMMIT_MAX
+                } else {
+                    proto::sandbox_limits::VCPU_OVERCOMMIT_MAX
+                }
+            )))
+        }
+    };
+    Ok(Settings {
+        physical_vcpus,
+        physical_memory_mib,
+        vcpu_overcommit: ratio(vcpu_overcommit, false, "vcpu_overcommit")?,
+        memory_overcommit: ratio(memory_overcommit, true, "memory_overcommit")?,
+    })
+}
+
 fn check_address(a: &str) -> Result<(), Status> {
     let ok = a.len() <= 255
         && a.rsplit_once(':')
@@ -68,6 +115,12 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
     }
     check_address(&req.agent_address)?;
     let (vcpus, mem, disk) = check_resources(&req.capacity)?;
+    let set = check_settings(
+        &req.physical,
+        req.vcpu_overcommit,
+        req.memory_overcommit,
+        (vcpus, mem),
+    )?;
     if req.hostname.len() > 255
         || req.agent_version.len() > 255
         || req.firecracker_version.len() > 255
@@ -105,12 +158,14 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
         tx.execute(
             "INSERT INTO hosts (id, address, hostname, status, capacity_vcpus, capacity_memory_mib, \
                 capacity_disk_mib, agent_version, firecracker_version, can_host, problems, \
-                last_heartbeat_at, host_token_hash, agent_token) \
-             VALUES ($1,$2,$3,'online',$4,$5,$6,$7,$8,$9,$10,now(),$11,$12)",
+                last_heartbeat_at, host_token_hash, agent_token, physical_vcpus, \
+                physical_memory_mib, vcpu_overcommit, memory_overcommit) \
+             VALUES ($1,$2,$3,'online',$4,$5,$6,$7,$8,$9,$10,now(),$11,$12,$13,$14,$15,$16)",
             &[
                 &id, &req.agent_address, &req.hostname, &vcpus, &mem, &disk, &req.agent_version,
                 &req.firecracker_version, &req.can_host_sandboxes, &problems_json(&req.problems),
-                &ht.hash, &at,
+                &ht.hash, &at, &set.physical_vcpus, &set.physical_memory_mib,
+                &set.vcpu_overcommit, &set.memory_overcommit,
             ],
         )
         .map_err(pg_err)?;
@@ -143,6 +198,12 @@ pub fn heartbeat(
     req: host::HeartbeatRequest,
 ) -> Result<host::HeartbeatResponse, Status> {
     let (vcpus, mem, disk) = check_resources(&req.capacity)?;
+    let set = check_settings(
+        &req.physical,
+        req.vcpu_overcommit,
+        req.memory_overcommit,
+        (vcpus, mem),
+    )?;
     if req.agent_version.len() > 255 {
         return Err(Status::invalid_argument("agent_version too long"));
     }
@@ -170,8 +231,11 @@ pub fn heartbeat(
         tx.execute(
             "UPDATE hosts SET last_heartbeat_at = now(), capacity_vcpus = $2, capacity_memory_mib = $3, \
                 capacity_disk_mib = $4, can_host = $5, problems = $6, agent_version = $7, \
+                physical_vcpus = $8, physical_memory_mib = $9, vcpu_overcommit = $10, \
+                memory_overcommit = $11, \
                 status = CASE WHEN status = 'unreachable' THEN 'online' ELSE status END WHERE id = $1",
-            &[&host_id, &vcpus, &mem, &disk, &req.can_host_sandboxes, &problems_json(&req.problems), &req.agent_version],
+            &[&host_id, &vcpus, &mem, &disk, &req.can_host_sandboxes, &problems_json(&req.problems), &req.agent_version,
+              &set.physical_vcpus, &set.physical_memory_mib, &set.vcpu_overcommit, &set.memory_overcommit],
         )
         .map_err(pg_err)?;
         // Drift between the summaries and the database is recorded on the host row, for
@@ -225,7 +289,7 @@ pub fn report_state(
             .map_err(pg_err)?
             .ok_or_else(|| Status::not_found("sandbox not found on this host"))?;
         let team: Uuid = row.get(0);
-        let cur = State::parse(row.get(1)).unwrap_or(State::Error);
+        let cur = State::from_name(row.get(1)).unwrap_or(State::Error);
         let updated: SystemTime = row.get(2);
         if cur == state || cur == State::Stopped {
             return Ok(()); // repeated report, or nothing left to change
@@ -247,7 +311,7 @@ pub fn report_state(
             "sandbox",
             id::format(Kind::Sandbox, sb),
             "sandbox.state",
-            serde_json::json!({"from": cur.as_str(), "to": state.as_str(), "reason": reason_text(req.reason)}),
+            serde_json::json!({"from": cur.name(), "to": state.name(), "reason": reason_text(req.reason)}),
         ))?;
         Ok(())
     })?;

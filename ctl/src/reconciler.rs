@@ -103,7 +103,7 @@ pub fn decide(
             }
             continue;
         }
-        let busy = d.state.in_transition()
+        let busy = d.state.is_transient()
             && d.state != State::Stopping
             && age(d.updated_at) < cfg.transition_grace;
         match on_host.get(&d.id) {
@@ -127,7 +127,7 @@ pub fn decide(
                     }
                     continue;
                 }
-                if h.state.in_transition() {
+                if h.state.is_transient() {
                     continue; // the agent is moving it; look again next pass
                 }
                 out.push(Action::Apply {
@@ -216,7 +216,7 @@ fn settle_starting(
             expires_at: None,
         }),
         // The agent is still creating it (its own steps bound that).
-        Some(h) if h.state.in_transition() => None,
+        Some(h) if h.state.is_transient() => None,
         Some(h) => Some(Action::Apply {
             id: d.id,
             state: h.state,
@@ -359,7 +359,7 @@ fn db_sandboxes_in(
     .iter()
     .map(|r| DbSandbox {
         id: r.get(0),
-        state: State::parse(r.get(1)).unwrap_or(State::Error),
+        state: State::from_name(r.get(1)).unwrap_or(State::Error),
         updated_at: r.get(2),
         expires_at: r.get(3),
     })
@@ -487,7 +487,7 @@ fn apply(api: &Api, host: Uuid, a: &Action) -> Result<(), Status> {
                 "sandbox",
                 id::format(Kind::Sandbox, id),
                 "sandbox.reconcile",
-                serde_json::json!({"from": from.map(State::as_str), "to": state.as_str(), "reason": reason}),
+                serde_json::json!({"from": from.map(State::name), "to": state.name(), "reason": reason}),
             ))
         }),
         Action::Destroy { id, known } => {

@@ -21,84 +21,16 @@ use proto::Status;
 
 use crate::db::pg_err;
 
-/// Lifecycle state of a sandbox, as stored (`sandboxes.state`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum State {
-    Pending,
-    Starting,
-    Running,
-    Pausing,
-    Paused,
-    Resuming,
-    Stopping,
-    Stopped,
-    Error,
-}
+/// Lifecycle state of a sandbox: the shared `wrenn.sandbox.v1.SandboxState`. It is stored
+/// by its name (`sandboxes.state`, `State::name`), and its wire number is the same in
+/// wrenn.ctl.v1, wrenn.agent.v1 and wrenn.host.v1 (`service::convert` tests the public one).
+pub use proto::sandbox::SandboxState as State;
 
-impl State {
-    pub const ALL: [State; 9] = [
-        State::Pending,
-        State::Starting,
-        State::Running,
-        State::Pausing,
-        State::Paused,
-        State::Resuming,
-        State::Stopping,
-        State::Stopped,
-        State::Error,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            State::Pending => "pending",
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Pausing => "pausing",
-            State::Paused => "paused",
-            State::Resuming => "resuming",
-            State::Stopping => "stopping",
-            State::Stopped => "stopped",
-            State::Error => "error",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<State> {
-        State::ALL.iter().copied().find(|x| x.as_str() == s)
-    }
-
-    /// The wire value (wrenn.ctl.v1 and wrenn.agent.v1 share the numbering).
-    pub const fn wire(self) -> i32 {
-        match self {
-            State::Pending => 1,
-            State::Starting => 2,
-            State::Running => 3,
-            State::Pausing => 4,
-            State::Paused => 5,
-            State::Resuming => 6,
-            State::Stopping => 7,
-            State::Stopped => 8,
-            State::Error => 9,
-        }
-    }
-
-    pub fn from_wire(v: i32) -> Option<State> {
-        State::ALL.iter().copied().find(|x| x.wire() == v)
-    }
-
-    /// A state on the way to freeing the sandbox's resources: entering it never takes more
-    /// than the sandbox already holds (a paused sandbox being destroyed must not need the
-    /// vCPUs and memory it gave back, or Destroy would fail on a full host).
-    pub const fn frees(self) -> bool {
-        matches!(self, State::Stopping | State::Stopped | State::Error)
-    }
-
-    /// A state an API call or the agent is still moving the sandbox out of.
-    pub const fn in_transition(self) -> bool {
-        matches!(
-            self,
-            State::Pending | State::Starting | State::Pausing | State::Resuming | State::Stopping
-        )
-    }
+/// A state on the way to freeing the sandbox's resources: entering it never takes more than
+/// the sandbox already holds (a paused sandbox being destroyed must not need the vCPUs and
+/// memory it gave back, or Destroy would fail on a full host).
+pub const fn frees(s: State) -> bool {
+    matches!(s, State::Stopping | State::Stopped | State::Error)
 }
 
 /// Amounts of host resources.
@@ -141,7 +73,8 @@ pub fn holds(state: State, size: Need) -> Need {
             memory_mib: 0,
             disk_mib: size.disk_mib,
         },
-        State::Stopped | State::Error => Need::default(),
+        // UNSPECIFIED is never stored (the column's CHECK lists the names).
+        State::Stopped | State::Error | State::Unspecified => Need::default(),
     }
 }
 
@@ -164,7 +97,7 @@ pub fn lock(tx: &mut impl GenericClient, sandbox: Uuid) -> Result<Option<Locked>
         )
         .map_err(pg_err)?;
     Ok(row.map(|r| Locked {
-        state: State::parse(r.get(0)).unwrap_or(State::Error),
+        state: State::from_name(r.get(0)).unwrap_or(State::Error),
         host: r.get(1),
         size: Need {
             vcpus: r.get(2),
@@ -192,7 +125,7 @@ pub fn set_state(
 ) -> Result<Locked, Status> {
     let cur = lock(tx, sandbox)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
     let want = match cur.host {
-        Some(_) if state.frees() => holds(state, cur.size).min(cur.held),
+        Some(_) if frees(state) => holds(state, cur.size).min(cur.held),
         Some(_) => holds(state, cur.size),
         None => Need::default(),
     };
@@ -239,7 +172,7 @@ pub fn set_state(
             expires_at = CASE WHEN $7 THEN $8 ELSE expires_at END WHERE id = $1",
         &[
             &sandbox,
-            &state.as_str(),
+            &state.name(),
             &reason,
             &want.vcpus,
             &want.memory_mib,
@@ -259,17 +192,6 @@ pub fn set_state(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn state_names_and_wire_values_round_trip() {
-        for s in State::ALL {
-            assert_eq!(State::parse(s.as_str()), Some(s));
-            assert_eq!(State::from_wire(s.wire()), Some(s));
-        }
-        assert_eq!(State::parse("RUNNING"), None);
-        assert_eq!(State::from_wire(0), None);
-        assert_eq!(State::from_wire(10), None);
-    }
 
     #[test]
     fn holdings_follow_state() {

@@ -44,11 +44,24 @@ static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(0);
 pub struct PgCluster {
     pub dir: PathBuf,
     pub port: u16,
+    /// PostgreSQL's default durability (fsync, synchronous commit, full-page writes), as in
+    /// production; off for tests, where a crash loses nothing of value.
+    pub durable: bool,
 }
 
 impl PgCluster {
-    /// initdb + start. Err when the binaries are absent or a step fails.
+    /// initdb + start, without durability (tests). Err when the binaries are absent or a
+    /// step fails.
     pub fn start() -> Result<PgCluster, String> {
+        PgCluster::start_with(false)
+    }
+
+    /// initdb + start with PostgreSQL's default durability: benches whose work is commits.
+    pub fn start_durable() -> Result<PgCluster, String> {
+        PgCluster::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<PgCluster, String> {
         if !Path::new(PG_BIN).join("initdb").exists() {
             return Err(format!("PostgreSQL 15 binaries not found in {PG_BIN}"));
         }
@@ -69,16 +82,24 @@ impl PgCluster {
                 "-D",
             ])
             .arg(dir.join("data")))?;
-        let c = PgCluster { dir, port: 5432 };
+        let c = PgCluster {
+            dir,
+            port: 5432,
+            durable,
+        };
         c.start_again()?;
         Ok(c)
     }
 
     /// Starts the (stopped) cluster.
     pub fn start_again(&self) -> Result<(), String> {
+        let durability = if self.durable {
+            ""
+        } else {
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses='' {durability} -c max_connections=200",
             self.port,
             self.dir.display()
         );
@@ -185,12 +206,12 @@ impl Service for Instant {
         use agent::sandboxes_methods as sm;
         match call.method() {
             sm::CREATE => {
-                let r = call.decode::<agent::CreateSandboxRequest>().map(|r| {
+                let r = call.decode::<proto::sandbox::SandboxSpec>().map(|r| {
                     let info = agent::SandboxInfo {
                         sandbox_id: r.sandbox_id.clone(),
                         team_id: r.team_id,
                         template_id: r.template_id,
-                        state: agent::SandboxState::Running as i32,
+                        state: proto::sandbox::SandboxState::Running as i32,
                         vcpus: r.vcpus,
                         memory_mib: r.memory_mib,
                         disk_mib: r.disk_mib,

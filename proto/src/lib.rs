@@ -7,11 +7,14 @@
 //! - [`id`]: wire IDs (`sb-{uuid}` ...), parsed strictly at every boundary;
 //! - [`status`]: error codes; [`logger`]: the `log` backend; [`metrics`]: Prometheus text;
 //! - [`kv`]: the `key=value` format of every small state file;
+//! - [`pool`]: the one bounded pool of worker threads for work that blocks;
 //! - [`process`]: pidfds and process start times (a live process, never a recycled pid);
 //! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
 //! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`);
 //! - [`signal`]: waiting for SIGTERM/SIGINT, so daemons drain their servers;
-//! - [`sandbox_limits`]: the bounds of one sandbox that ctl and the agent must agree on.
+//! - [`sandbox_limits`]: the bounds of one sandbox that ctl and the agent must agree on;
+//! - [`sandbox`] (feature `rpc`): the shared sandbox spec, state, timeout policy and template
+//!   kind, with their stored names.
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
@@ -23,6 +26,8 @@ pub mod kv;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
+pub mod network;
+pub mod pool;
 pub mod process;
 pub mod random;
 pub mod sandbox_limits;
@@ -37,6 +42,8 @@ pub mod gen;
 pub mod http;
 #[cfg(feature = "rpc")]
 pub mod rpc;
+#[cfg(feature = "rpc")]
+pub mod sandbox;
 
 pub use status::{Code, Status};
 

@@ -19,7 +19,37 @@ pub const MAP_KEY_LEN_MAX: usize = 256;
 /// Bytes of a value of those maps.
 pub const MAP_VALUE_LEN_MAX: usize = 4096;
 
+/// A host's overcommit ratios (capacity offered to sandboxes per unit of the host's own):
+/// reported by the agent at registration and in every heartbeat, checked by ctl with the
+/// same bounds. vCPUs: 4 per core by default (idle sandboxes, most of them most of the
+/// time, use almost no CPU; peers run many per core), at most 32. Memory: 1.0 by default
+/// (guest memory once touched is not given back: there is no balloon), at most 4. At least
+/// 0.1 for either (a ratio below 1 keeps part of the host for itself).
+pub const VCPU_OVERCOMMIT_DEFAULT: f64 = 4.0;
+pub const VCPU_OVERCOMMIT_MAX: f64 = 32.0;
+pub const MEMORY_OVERCOMMIT_DEFAULT: f64 = 1.0;
+pub const MEMORY_OVERCOMMIT_MAX: f64 = 4.0;
+pub const OVERCOMMIT_MIN: f64 = 0.1;
+
+/// Whether `ratio` is a vCPU (or, with `memory`, a memory) overcommit ratio both sides accept.
+pub fn overcommit_ok(ratio: f64, memory: bool) -> bool {
+    let max = if memory {
+        MEMORY_OVERCOMMIT_MAX
+    } else {
+        VCPU_OVERCOMMIT_MAX
+    };
+    ratio.is_finite() && (OVERCOMMIT_MIN..=max).contains(&ratio)
+}
+
 const _: () = assert!(VCPUS_MAX as u64 <= i32::MAX as u64);
 const _: () = assert!(MEMORY_MIB_MAX as u64 <= i32::MAX as u64);
 const _: () = assert!(DISK_MIB_MAX <= (u64::MAX >> 20));
 const _: () = assert!(DISK_MIB_MAX <= i64::MAX as u64);
+
+/// Addresses/networks in a sandbox's `deny_out`, and in its `allow_out`. Each becomes one
+/// element of an nftables interval set in the sandbox's slot; 256 keeps the slot's ruleset
+/// well inside one pipe buffer for `nft`.
+pub const EGRESS_RULES_MAX: usize = 256;
+/// Domain names (and `*.` wildcards) in a sandbox's `allow_out`. The slot's resolver scans
+/// them for every query; 256 keeps that scan far below a microsecond.
+pub const EGRESS_DOMAINS_MAX: usize = 256;

@@ -95,10 +95,10 @@ fn starts_without_firecracker_and_reports_why_it_cannot_host() {
     let e = c
         .unary::<_, pb::SandboxInfo>(
             pb::sandboxes_methods::CREATE,
-            &pb::CreateSandboxRequest {
+            &proto::sandbox::SandboxSpec {
                 sandbox_id: proto::id::format_sandbox(Uuid::from_u128(1)),
                 template_id: proto::id::format_template(Uuid::nil()),
-                template_kind: pb::TemplateKind::Base as i32,
+                template_kind: proto::sandbox::TemplateKind::Base as i32,
                 ..Default::default()
             },
             None,
@@ -244,6 +244,40 @@ fn rpc_port_survives_floods() {
         )
         .unwrap();
         eprintln!("agent {}", r.line());
+    }
+    // The health/metrics port of the same process: idle and slow-header floods while a
+    // monitoring system asks /health (a new connection per request, as probes do).
+    let health = || -> Result<(), String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", http))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
+        let head = String::from_utf8_lossy(&out);
+        // 200 healthy or 503 with problems (no Firecracker here): either is an answer.
+        if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.1 503") {
+            Ok(())
+        } else {
+            Err(format!("answer: {:?}", head.lines().next()))
+        }
+    };
+    let mut health = health;
+    let target = Target::Tcp(format!("127.0.0.1:{http}").parse().unwrap());
+    for scenario in [Scenario::HttpIdle, Scenario::HttpSlowHeaders] {
+        let r = flood::run_checked(
+            &target,
+            &scenario,
+            &Size::quick(),
+            Some(pid),
+            &mut health,
+            Duration::from_millis(5),
+            64 * 1024,
+        )
+        .unwrap();
+        eprintln!("agent metrics port {}", r.line());
     }
     drop(guard);
     let _ = std::fs::remove_dir_all(&root);

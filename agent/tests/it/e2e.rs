@@ -166,11 +166,16 @@ fn call<Req: prost::Message, Resp: prost::Message + Default>(
         .unwrap_or_else(|e| panic!("{method}: {e}"))
 }
 
-fn create_from(c: &Client, n: u128, tpl: u128, kind: pb::TemplateKind) -> pb::SandboxInfo {
+fn create_from(
+    c: &Client,
+    n: u128,
+    tpl: u128,
+    kind: proto::sandbox::TemplateKind,
+) -> pb::SandboxInfo {
     call(
         c,
         pb::sandboxes_methods::CREATE,
-        &pb::CreateSandboxRequest {
+        &proto::sandbox::SandboxSpec {
             sandbox_id: sb(n),
             template_id: id::format_template(Uuid::from_u128(tpl)),
             template_kind: kind as i32,
@@ -240,6 +245,7 @@ fn start_in_process(inp: &Inputs) -> InProcess {
         manager: m.clone(),
         identity: identity.clone(),
         extra_problems: Vec::new(),
+        overcommit: Default::default(),
     });
     let problems = host.problems();
     assert!(problems.is_empty(), "host problems: {problems:?}");
@@ -272,10 +278,10 @@ fn ensure_template(inp: &Inputs, c: &Client) {
         let t0 = Instant::now();
         let r = c.unary::<_, pb::SandboxInfo>(
             pb::sandboxes_methods::CREATE,
-            &pb::CreateSandboxRequest {
+            &proto::sandbox::SandboxSpec {
                 sandbox_id: sb(1),
                 template_id: id::format_template(Uuid::nil()),
-                template_kind: pb::TemplateKind::Base as i32,
+                template_kind: proto::sandbox::TemplateKind::Base as i32,
                 memory_mib: 256,
                 timeout_s: 3600,
                 default_user: "root".into(),
@@ -292,7 +298,7 @@ fn ensure_template(inp: &Inputs, c: &Client) {
             Err(e) => panic!("cold boot failed {attempt} times; last: {e}"),
         }
     };
-    assert_eq!(info.state, pb::SandboxState::Running as i32);
+    assert_eq!(info.state, proto::sandbox::SandboxState::Running as i32);
     assert_eq!(sh_ok(c, 1, "echo hi").trim(), "hi");
     let t1 = Instant::now();
     let t: pb::TemplateInfo = call(
@@ -501,9 +507,9 @@ fn e2e_lifecycle_on_firecracker() {
 
     // A sandbox from the template: exec, a file, a background counter in memory.
     let t0 = Instant::now();
-    let info = create_from(&c, 10, TEMPLATE, pb::TemplateKind::Snapshot);
+    let info = create_from(&c, 10, TEMPLATE, proto::sandbox::TemplateKind::Snapshot);
     println!("create from template took {:?}", t0.elapsed());
-    assert_eq!(info.state, pb::SandboxState::Running as i32);
+    assert_eq!(info.state, proto::sandbox::SandboxState::Running as i32);
     assert_eq!(sh_ok(&c, 10, "echo hi").trim(), "hi");
     sh_ok(&c, 10, "echo persisted > /root/file.txt && sync");
     sh_ok(
@@ -564,12 +570,15 @@ fn e2e_lifecycle_on_firecracker() {
             let addr = agent.addr;
             std::thread::spawn(move || {
                 let c = Client::connect_tcp(addr, Credential::agent_token(TOKEN)).unwrap();
-                create_from(&c, n, TEMPLATE, pb::TemplateKind::Snapshot)
+                create_from(&c, n, TEMPLATE, proto::sandbox::TemplateKind::Snapshot)
             })
         })
         .collect();
     for t in threads {
-        assert_eq!(t.join().unwrap().state, pb::SandboxState::Running as i32);
+        assert_eq!(
+            t.join().unwrap().state,
+            proto::sandbox::SandboxState::Running as i32
+        );
     }
     println!("three creates in parallel took {:?}", t.elapsed());
     for n in 20..23u128 {
@@ -660,7 +669,11 @@ fn e2e_lifecycle_on_firecracker() {
             pb::sandboxes_methods::GET,
             &pb::GetSandboxRequest { sandbox_id: sb(n) },
         );
-        assert_eq!(info.state, pb::SandboxState::Running as i32, "{info:?}");
+        assert_eq!(
+            info.state,
+            proto::sandbox::SandboxState::Running as i32,
+            "{info:?}"
+        );
         write_file(&c, n, "/tmp/alive", 0, true, b"alive");
         assert_eq!(read_file(&c, n, "/tmp/alive"), b"alive");
     }
@@ -744,7 +757,7 @@ fn e2e_lifecycle_on_firecracker() {
         );
         assert_eq!(
             info.state,
-            pb::SandboxState::Running as i32,
+            proto::sandbox::SandboxState::Running as i32,
             "after kill -9: {info:?}"
         );
         assert_eq!(sh_ok(&c, n, "echo after-kill").trim(), "after-kill");

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::statedir::{Chain, ProcRef, SandboxDir, SandboxRecord, TemplateDir};
-use agent::vm::{RestoreSource, VmError, Vmm};
+use agent::vm::{RestoreSource, Started, VmError, Vmm};
 use proto::gen::wrenn::envd::v1 as envd;
 use proto::rpc::{
     Call, Client, CredentialKind, Hello, Peer, Server, ServerConfig, ServerHandle, ServerStream,
@@ -32,6 +32,10 @@ pub struct FakeEnvd {
     pub inits: AtomicU64,
     pub resumed: AtomicU64,
     stdin: Mutex<HashMap<u32, std::sync::mpsc::Sender<Option<Vec<u8>>>>>,
+    /// Running processes by pid (what List answers).
+    running: Mutex<HashMap<u32, envd::ProcessInfo>>,
+    /// What each `cat` echoed, replayed by Connect.
+    echoed: Mutex<HashMap<u32, Vec<u8>>>,
     next_pid: AtomicU64,
 }
 
@@ -130,6 +134,16 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
             {
                 return;
             }
+            e.running.lock().unwrap().insert(
+                pid,
+                envd::ProcessInfo {
+                    pid,
+                    tag: p.tag.clone(),
+                    config: Some(p.clone()),
+                    started_unix_ns: 1,
+                    stdin_open: p.stdin,
+                },
+            );
             let r = match p.cmd.as_str() {
                 "echo" => s
                     .send(&out(
@@ -162,15 +176,35 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
                     }
                     r
                 }
+                // `cat FILE`: the file from the fake's files, in envd's 64 KiB pipe reads.
+                "cat" if !p.args.is_empty() => {
+                    let data = e.files.lock().unwrap().get(&p.args[0]).cloned();
+                    match data {
+                        Some(data) => data.chunks(64 * 1024).try_for_each(|c| {
+                            s.send(&ev(Event::Output(envd::ProcessOutput {
+                                stream: envd::OutputStream::Stdout as i32,
+                                data: c.to_vec().into(),
+                                offset: (c.as_ptr() as usize - data.as_ptr() as usize) as u64,
+                            })))
+                        }),
+                        None => Err(Status::not_found("fake envd: cat: no such file")),
+                    }
+                }
                 "cat" => {
                     let mut r = Ok(());
                     while let Ok(Some(d)) = rx.recv_timeout(Duration::from_secs(10)) {
-                        r = s.send(&out(d, envd::OutputStream::Stdout));
-                        if r.is_err() {
-                            break;
+                        e.echoed
+                            .lock()
+                            .unwrap()
+                            .entry(pid)
+                            .or_default()
+                            .extend_from_slice(&d);
+                        // A detached stream still consumes stdin (as the real envd does).
+                        if s.send(&out(d, envd::OutputStream::Stdout)).is_err() {
+                            r = Err(Status::cancelled("reader gone"));
                         }
                     }
-                    r
+                    r.or(Ok(()))
                 }
                 "sleep" => {
                     while !s.is_cancelled() {
@@ -183,6 +217,7 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
             if r.is_err() {
                 return s.finish(r);
             }
+            e.running.lock().unwrap().remove(&pid);
             let r = s.send(&ev(Event::Exited(envd::ProcessExited {
                 status: Some(envd::process_exited::Status::ExitCode(0)),
                 ..Default::default()
@@ -217,7 +252,33 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
                 }),
             )
         }
-        envd::process_methods::LIST => reply(s, Ok(envd::ListProcessesResponse::default())),
+        envd::process_methods::LIST => {
+            let mut processes: Vec<_> = e.running.lock().unwrap().values().cloned().collect();
+            processes.sort_by_key(|p| p.pid);
+            reply(s, Ok(envd::ListProcessesResponse { processes }))
+        }
+        envd::process_methods::CONNECT => {
+            let r: envd::ConnectRequest = s.first().unwrap();
+            let pid = match r.process.and_then(|p| p.selector) {
+                Some(envd::process_selector::Selector::Pid(p)) => p,
+                _ => return s.finish(Err(Status::invalid_argument("no pid"))),
+            };
+            let data = e
+                .echoed
+                .lock()
+                .unwrap()
+                .get(&pid)
+                .cloned()
+                .unwrap_or_default();
+            let r = s.send(&envd::ProcessEvent {
+                event: Some(Event::Output(envd::ProcessOutput {
+                    stream: envd::OutputStream::Stdout as i32,
+                    data: data.into(),
+                    offset: 0,
+                })),
+            });
+            s.finish(r)
+        }
         envd::process_methods::SIGNAL => reply(s, Ok(envd::SignalResponse::default())),
         envd::process_methods::CLOSE_STDIN => reply(s, Ok(envd::CloseStdinResponse::default())),
         envd::process_methods::RESIZE_PTY => reply(s, Ok(envd::ResizePtyResponse::default())),
@@ -305,11 +366,62 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
                 .ok_or_else(|| Status::not_found("no such file")),
             )
         }
-        envd::filesystem_methods::MAKE_DIR => reply(s, Ok(envd::MakeDirResponse::default())),
-        envd::filesystem_methods::MOVE => reply(s, Ok(envd::MoveResponse::default())),
-        envd::filesystem_methods::REMOVE => reply(s, Ok(envd::RemoveResponse::default())),
+        // Directories are implicit: a file's directory is the prefix of its path.
+        envd::filesystem_methods::MAKE_DIR => {
+            let r: envd::MakeDirRequest = s.first().unwrap();
+            reply(
+                s,
+                Ok(envd::MakeDirResponse {
+                    entry: Some(envd::EntryInfo {
+                        path: r.path,
+                        r#type: envd::FileType::Dir as i32,
+                        ..Default::default()
+                    }),
+                    created: true,
+                }),
+            )
+        }
+        envd::filesystem_methods::MOVE => {
+            let r: envd::MoveRequest = s.first().unwrap();
+            let mut files = e.files.lock().unwrap();
+            let Some(data) = files.remove(&r.source) else {
+                drop(files);
+                return s.finish(Err(Status::not_found("no such file")));
+            };
+            files.insert(r.destination, data);
+            drop(files);
+            reply(s, Ok(envd::MoveResponse::default()))
+        }
+        envd::filesystem_methods::REMOVE => {
+            let r: envd::RemoveRequest = s.first().unwrap();
+            let prefix = format!("{}/", r.path.trim_end_matches('/'));
+            e.files
+                .lock()
+                .unwrap()
+                .retain(|p, _| *p != r.path && !p.starts_with(&prefix));
+            reply(s, Ok(envd::RemoveResponse::default()))
+        }
         envd::filesystem_methods::LIST => {
-            let r = s.send(&envd::ListDirResponse::default());
+            let r: envd::ListDirRequest = s.first().unwrap();
+            let prefix = format!("{}/", r.path.trim_end_matches('/'));
+            let mut entries: Vec<envd::ListEntry> = e
+                .files
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+                .map(|(p, d)| envd::ListEntry {
+                    entry: Some(envd::EntryInfo {
+                        path: p.clone(),
+                        size: d.len() as u64,
+                        ..Default::default()
+                    }),
+                    path: p.clone(),
+                    error: String::new(),
+                })
+                .collect();
+            entries.sort_by(|a, b| a.path.cmp(&b.path));
+            let r = s.send(&envd::ListDirResponse { entries });
             s.finish(r)
         }
         envd::filesystem_methods::WATCH => {
@@ -377,17 +489,12 @@ impl FakeVmm {
         self.guests.lock().unwrap().len()
     }
 
-    fn start_guest(
-        &self,
-        rec: &mut SandboxRecord,
-        dir: &SandboxDir,
-        envd: Arc<FakeEnvd>,
-    ) -> Result<(), VmError> {
+    fn start_guest(&self, dir: &SandboxDir, envd: Arc<FakeEnvd>) -> Result<Started, VmError> {
         let child = std::process::Command::new("sleep")
             .arg("100000")
             .spawn()
             .map_err(|e| VmError::new("spawn", e))?;
-        rec.firecracker = agent::sys::proc_ref(child.id() as i32);
+        let firecracker = agent::sys::proc_ref(child.id() as i32);
         let sock = dir.path().join("envd.sock");
         let mut server = Server::new(
             ServerConfig::new("fake-envd"),
@@ -406,7 +513,10 @@ impl FakeVmm {
                 child,
             },
         );
-        Ok(())
+        Ok(Started {
+            firecracker,
+            ..Started::default()
+        })
     }
 
     /// Kills a guest's "Firecracker" behind the manager's back (VM death).
@@ -472,24 +582,27 @@ impl Vmm for FakeVmm {
     }
     fn boot(
         &self,
-        rec: &mut SandboxRecord,
+        rec: &SandboxRecord,
         dir: &SandboxDir,
         _t: &TemplateDir,
-    ) -> Result<(), VmError> {
+    ) -> Result<Started, VmError> {
         assert!(rec.slot.is_some(), "boot without a slot");
         assert!(dir.disk().exists(), "boot without a disk");
         if self.should_fail("boot") {
             return Err(VmError::new("boot", "injected failure"));
         }
-        rec.kernel_version = "6.1-fake".into();
-        self.start_guest(rec, dir, Arc::new(FakeEnvd::default()))
+        let started = self.start_guest(dir, Arc::new(FakeEnvd::default()))?;
+        Ok(Started {
+            kernel_version: Some("6.1-fake".into()),
+            ..started
+        })
     }
     fn restore(
         &self,
-        rec: &mut SandboxRecord,
+        rec: &SandboxRecord,
         dir: &SandboxDir,
         src: &RestoreSource<'_>,
-    ) -> Result<(), VmError> {
+    ) -> Result<Started, VmError> {
         assert!(rec.slot.is_some(), "restore without a slot");
         if self.should_fail("restore") {
             return Err(VmError::new("restore", "injected failure"));
@@ -526,14 +639,16 @@ impl Vmm for FakeVmm {
             uffd::working_set::write_atomic(ws, &set.serialize()).unwrap();
             self.working_sets_recorded.fetch_add(1, Ordering::SeqCst);
         }
-        self.start_guest(rec, dir, envd)
+        self.start_guest(dir, envd)
     }
-    fn snapshot(&self, rec: &mut SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
+    fn snapshot(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<Chain, VmError> {
         let delay = *self.snapshot_delay.lock().unwrap();
         std::thread::sleep(delay);
         if self.should_fail("snapshot-keep") {
+            // As Firecracker's: the VM resumed, its dirty-page log maybe reset.
             let mut e = VmError::new("snapshot/create", "injected failure");
             e.vm_still_running = true;
+            e.full_snapshot_needed = true;
             return Err(e);
         }
         if self.should_fail("snapshot") {
@@ -576,14 +691,12 @@ impl Vmm for FakeVmm {
                 }
             }
         }
-        rec.chain = Some(Chain {
+        Ok(Chain {
             header: snap.join("header"),
             vmstate: snap.join("vmstate"),
             layer_dirs,
             generation,
-        });
-        rec.full_snapshot_taken = true;
-        Ok(())
+        })
     }
     fn finish_recording(
         &self,
@@ -603,10 +716,10 @@ impl Vmm for FakeVmm {
     fn readopt(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<(), VmError> {
         if self.guests.lock().unwrap().contains_key(dir.path()) {
             if let Some(index) = rec.slot {
-                self.egress
-                    .lock()
-                    .unwrap()
-                    .insert(index, rec.egress.clone());
+                self.egress.lock().unwrap().insert(
+                    index,
+                    agent::manager::egress_of(rec.spec.network.as_ref()).unwrap(),
+                );
             }
             Ok(())
         } else {

@@ -26,10 +26,12 @@ fn by_pid(pid: u32) -> Option<envd::ProcessSelector> {
 }
 
 fn background(c: &Client, tag: &str, cmd: &str, args: &[&str], stdin: bool, pty: bool) -> u32 {
-    let r: pb::ExecResponse = c
-        .unary(
-            pb::processes_methods::EXEC,
-            &pb::ExecRequest {
+    // Started through ExecStream and detached after its first event: Exec would close the
+    // stdin it feeds (ExecRequest.stdin), and these processes must keep theirs open.
+    let mut s = c
+        .call(
+            pb::processes_methods::EXEC_STREAM,
+            &pb::ExecStreamRequest {
                 sandbox_id: sb(1),
                 process: Some(envd::ProcessConfig {
                     cmd: cmd.into(),
@@ -39,14 +41,19 @@ fn background(c: &Client, tag: &str, cmd: &str, args: &[&str], stdin: bool, pty:
                     pty: pty.then_some(envd::PtySize { rows: 24, cols: 80 }),
                     ..Default::default()
                 }),
-                background: true,
-                ..Default::default()
             },
-            None,
+            CallOpts {
+                timeout: None,
+                end_stream: true,
+            },
         )
         .unwrap();
-    assert!(r.pid > 0);
-    r.pid
+    let first: envd::ProcessEvent = s.recv().unwrap().expect("a started event");
+    let Some(envd::process_event::Event::Started(st)) = first.event else {
+        panic!("first event is not started: {first:?}");
+    };
+    assert!(st.pid > 0);
+    st.pid
 }
 
 #[test]
@@ -495,6 +502,13 @@ fn a_client_with_a_small_frame_limit_gets_envd_chunks_in_pieces() {
             out.extend_from_slice(&o.data);
         }
     }
-    assert!(out == data, "process output differs");
+    assert!(
+        out == data,
+        "process output differs: {} bytes of {}, first difference at {:?}, {} events",
+        out.len(),
+        data.len(),
+        out.iter().zip(&data).position(|(a, b)| a != b),
+        evs.len()
+    );
     let _ = std::fs::remove_file(&path);
 }

@@ -5,17 +5,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use agent::state::State;
-use agent::statedir::{Policy, SandboxDir, SandboxRecord, TemplateKind};
+use agent::statedir::{SandboxDir, SandboxRecord, TemplateKind, TimeoutPolicy};
 use agent::ttl::Outcome;
 use proto::gen::wrenn::agent::v1 as pb;
 use proto::gen::wrenn::host::v1::StateChangeReason;
-use proto::id::Uuid;
+use proto::id::{self, Uuid};
 use proto::Code;
 
 use crate::{Env, BASE};
 
 fn state(info: &pb::SandboxInfo) -> State {
-    State::from_proto(info.state).unwrap()
+    State::from_wire(info.state).unwrap()
 }
 
 #[test]
@@ -110,16 +110,16 @@ fn wrong_state_unknown_ids_and_duplicates() {
     );
     // Set-timeout on a paused sandbox records it for the next resume.
     let info = m
-        .set_timeout(id, 10, pb::TimeoutPolicy::Pause as i32)
+        .set_timeout(id, 10, proto::sandbox::TimeoutPolicy::Pause as i32)
         .unwrap();
     assert_eq!(info.timeout_s, 10);
     assert_eq!(info.expires_unix_ns, 0);
 
     let mut s = env.spec(3);
-    s.template_id = Uuid::from_u128(99);
+    s.template_id = id::format_template(Uuid::from_u128(99));
     assert_eq!(m.create(s).unwrap_err().code, Code::NotFound);
     let mut s = env.spec(3);
-    s.kind = TemplateKind::Snapshot;
+    s.template_kind = TemplateKind::Snapshot as i32;
     assert_eq!(m.create(s).unwrap_err().code, Code::FailedPrecondition);
     assert!(!env.dir(3).exists(), "a refused create leaves no directory");
     m.destroy(id).unwrap();
@@ -130,7 +130,7 @@ fn ttl_pauses_or_destroys_per_policy_and_ping_extends() {
     let env = Env::new("ttl");
     let m = &env.manager;
     let mut s = env.spec(1);
-    s.policy = Policy::Pause;
+    s.on_timeout = TimeoutPolicy::Pause as i32;
     m.create(s).unwrap();
     m.create(env.spec(2)).unwrap(); // destroy policy, 60 s
     let expire = |id| m.expire(id);
@@ -159,9 +159,18 @@ fn ttl_pauses_or_destroys_per_policy_and_ping_extends() {
     assert!(reports
         .iter()
         .all(|r| r.reason == StateChangeReason::Timeout as i32));
-    assert_eq!(reports[0].state, pb::SandboxState::Stopped as i32);
-    assert_eq!(reports[1].state, pb::SandboxState::Paused as i32);
-    assert_eq!(reports[1].previous_state, pb::SandboxState::Running as i32);
+    assert_eq!(
+        reports[0].state,
+        proto::sandbox::SandboxState::Stopped as i32
+    );
+    assert_eq!(
+        reports[1].state,
+        proto::sandbox::SandboxState::Paused as i32
+    );
+    assert_eq!(
+        reports[1].previous_state,
+        proto::sandbox::SandboxState::Running as i32
+    );
 
     // Resume restarts the timeout from now; set-timeout moves it.
     let info = m.resume(Uuid::from_u128(1), 30).unwrap();
@@ -232,6 +241,37 @@ fn failed_pause_keeps_or_fails_and_failed_resume_stays_paused() {
 }
 
 #[test]
+fn the_manager_records_what_a_snapshot_returns_and_what_a_failed_one_leaves() {
+    // The VM layer returns the new chain, or an error saying Firecracker's dirty-page log
+    // may be gone; the manager alone writes the record.
+    let env = Env::new("snapoutcome");
+    let m = &env.manager;
+    let id = Uuid::from_u128(1);
+    m.create(env.spec(1)).unwrap();
+    let load = || SandboxRecord::load(&SandboxDir(env.dir(1))).unwrap();
+    assert!(!load().full_snapshot_taken, "a cold boot has taken none");
+    m.pause(id).unwrap();
+    let paused = load();
+    assert!(paused.full_snapshot_taken);
+    let generation = paused.chain.as_ref().unwrap().generation;
+    m.resume(id, 0).unwrap();
+    assert!(load().full_snapshot_taken);
+    *env.vmm.fail_next.lock().unwrap() = Some("snapshot-keep");
+    assert_eq!(m.pause(id).unwrap_err().code, Code::Unavailable);
+    let failed = load();
+    assert!(
+        !failed.full_snapshot_taken,
+        "the next snapshot must be Full"
+    );
+    assert_eq!(failed.chain.as_ref().unwrap().generation, generation);
+    m.pause(id).unwrap();
+    let again = load();
+    assert!(again.full_snapshot_taken);
+    assert_eq!(again.chain.as_ref().unwrap().generation, generation + 1);
+    m.destroy(id).unwrap();
+}
+
+#[test]
 fn slots_run_out_and_come_back() {
     let env = Env::with_slots("slots", 2);
     let m = &env.manager;
@@ -278,7 +318,7 @@ fn a_vm_that_dies_becomes_error_and_is_reported() {
     let r = env.events.0.lock().unwrap().clone();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].reason, StateChangeReason::VmExited as i32);
-    assert_eq!(r[0].state, pb::SandboxState::Error as i32);
+    assert_eq!(r[0].state, proto::sandbox::SandboxState::Error as i32);
     assert_eq!(m.reaper().get(Uuid::from_u128(1)), None);
     m.destroy(Uuid::from_u128(1)).unwrap();
     m.destroy(Uuid::from_u128(2)).unwrap();
@@ -425,7 +465,7 @@ fn snapshot_templates_are_independent_of_their_sandbox() {
         .insert("/data".into(), b"v1".to_vec());
     let tpl = Uuid::from_u128(0x77);
     let t = m.create_template(Uuid::from_u128(1), tpl).unwrap();
-    assert_eq!(t.kind, pb::TemplateKind::Snapshot as i32);
+    assert_eq!(t.kind, proto::sandbox::TemplateKind::Snapshot as i32);
     assert_eq!(
         t.working_set_pages, 3,
         "working set recorded before publishing"
@@ -446,8 +486,8 @@ fn snapshot_templates_are_independent_of_their_sandbox() {
     for n in 10..13u128 {
         let m = m.clone();
         let mut s = env.spec(n);
-        s.template_id = tpl;
-        s.kind = TemplateKind::Snapshot;
+        s.template_id = id::format_template(tpl);
+        s.template_kind = TemplateKind::Snapshot as i32;
         s.vcpus = 4; // ignored: the snapshot's values hold
         threads.push(std::thread::spawn(move || m.create(s)));
     }
@@ -582,71 +622,85 @@ fn jail_uids_are_held_with_the_slot_and_survive_a_restart() {
     assert_eq!(m.uids_used(), 0);
 }
 
-/// The egress policy is part of the sandbox: on its slot from the start, changed at once by
-/// UpdateNetwork, on the new slot after a resume, handed to re-adoption after a restart, and
-/// never copied into a template or the sandboxes made from it.
+/// The egress policy is part of the sandbox (its spec's `network`): on its slot from the
+/// start, changed at once by UpdateNetwork, on the new slot after a resume, handed to
+/// re-adoption after a restart, and never copied into a template or the sandboxes made from it.
 #[test]
 fn egress_policy_follows_the_sandbox() {
+    use proto::sandbox::NetworkPolicy;
     use vmm_glue::net::Egress;
     let env = Env::new("egress");
     let m = env.manager.clone();
     let id = Uuid::from_u128(1);
-    let only = |what: &str| Egress::from_lists(false, &[], &[what.to_string()]).unwrap();
-    let slot_policy = |m: &agent::manager::Manager| {
+    let only = |what: &str| NetworkPolicy {
+        allow_internet_access: Some(false),
+        deny_out: vec![],
+        allow_out: vec![what.to_string()],
+    };
+    let egress = |p: &NetworkPolicy| agent::manager::egress_of(Some(p)).unwrap();
+    let slot_policy = || {
         let rec = SandboxRecord::load(&SandboxDir(env.dir(1))).unwrap();
         let index = rec.slot.expect("running sandbox holds a slot");
         let got = env.vmm.egress.lock().unwrap().get(&index).cloned().unwrap();
-        assert_eq!(got, rec.egress, "slot and record agree");
-        let _ = m;
+        assert_eq!(
+            got,
+            agent::manager::egress_of(rec.spec.network.as_ref()).unwrap(),
+            "slot and record agree"
+        );
         got
     };
     let mut spec = env.spec(1);
-    spec.egress = only("*.example.com");
+    spec.network = Some(only("*.example.com"));
     m.create(spec).unwrap();
-    assert_eq!(slot_policy(&m), only("*.example.com"));
+    assert_eq!(slot_policy(), egress(&only("*.example.com")));
 
-    m.update_network(id, only("203.0.113.0/24")).unwrap();
-    assert_eq!(slot_policy(&m), only("203.0.113.0/24"));
+    m.update_network(id, Some(only("203.0.113.0/24"))).unwrap();
+    assert_eq!(slot_policy(), egress(&only("203.0.113.0/24")));
 
     // Paused: no slot; the update is stored and applied on resume.
     m.pause(id).unwrap();
-    m.update_network(id, only("api.example.org")).unwrap();
+    m.update_network(id, Some(only("api.example.org"))).unwrap();
     m.resume(id, 0).unwrap();
-    assert_eq!(slot_policy(&m), only("api.example.org"));
+    assert_eq!(slot_policy(), egress(&only("api.example.org")));
 
     // Restart: re-adoption gets the stored policy.
     env.vmm.egress.lock().unwrap().clear();
     drop(m);
     let m = crate::Env::manager_on(&env.root, 64, &env.vmm, &env.clock, &env.events);
     m.recover();
-    assert_eq!(slot_policy(&m), only("api.example.org"));
+    assert_eq!(slot_policy(), egress(&only("api.example.org")));
 
-    // A bad policy is refused and changes nothing.
-    let many = Egress {
-        allow: vec![vmm_glue::net::Ipv4Cidr::ALL; 257],
-        ..Egress::default()
+    // A bad policy is refused, naming the item, and changes nothing.
+    let e = m.update_network(id, Some(only("bad name"))).unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument);
+    assert!(e.message.contains("bad name"), "{e}");
+    let many = NetworkPolicy {
+        deny_out: vec!["1.2.3.4".into(); 257],
+        ..NetworkPolicy::default()
     };
     assert_eq!(
-        m.update_network(id, many).unwrap_err().code,
+        m.update_network(id, Some(many)).unwrap_err().code,
         Code::InvalidArgument
     );
-    assert_eq!(slot_policy(&m), only("api.example.org"));
+    assert_eq!(slot_policy(), egress(&only("api.example.org")));
     assert_eq!(
-        m.update_network(Uuid::from_u128(9), Egress::none())
-            .unwrap_err()
-            .code,
+        m.update_network(Uuid::from_u128(9), None).unwrap_err().code,
         Code::NotFound
     );
+    // And at create.
+    let mut bad = env.spec(3);
+    bad.network = Some(only("::1"));
+    assert_eq!(m.create(bad).unwrap_err().code, Code::InvalidArgument);
 
     // A template does not carry its source's policy.
     let tpl = Uuid::from_u128(0x78);
     m.create_template(id, tpl).unwrap();
     let mut s = env.spec(2);
-    s.template_id = tpl;
-    s.kind = TemplateKind::Snapshot;
+    s.template_id = proto::id::format_template(tpl);
+    s.template_kind = proto::sandbox::TemplateKind::Snapshot as i32;
     m.create(s).unwrap();
     let rec2 = SandboxRecord::load(&SandboxDir(env.dir(2))).unwrap();
-    assert_eq!(rec2.egress, Egress::default());
+    assert_eq!(rec2.spec.network, None);
     let got = env.vmm.egress.lock().unwrap()[&rec2.slot.unwrap()].clone();
     assert_eq!(got, Egress::default());
 }

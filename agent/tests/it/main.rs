@@ -17,11 +17,11 @@ mod service;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use agent::manager::{Config, CreateSpec, Events, Manager};
-use agent::statedir::{Policy, TemplateKind};
+use agent::manager::{Config, Events, Manager};
+use agent::statedir::{SandboxSpec, TemplateKind, TimeoutPolicy};
 use agent::ttl::TestClock;
 use proto::gen::wrenn::host::v1::ReportStateRequest;
-use proto::id::Uuid;
+use proto::id::{self, Uuid};
 
 /// The id of the base template every test host has.
 pub const BASE: Uuid = Uuid::nil();
@@ -87,23 +87,15 @@ impl Env {
         Manager::new(cfg, vmm.clone(), clock.clone(), events.clone()).unwrap()
     }
 
-    pub fn spec(&self, n: u128) -> CreateSpec {
-        CreateSpec {
-            id: Uuid::from_u128(n),
-            team_id: String::new(),
-            template_id: BASE,
-            kind: TemplateKind::Base,
-            kernel: String::new(),
-            vcpus: 0,
-            memory_mib: 0,
-            disk_mib: 0,
+    pub fn spec(&self, n: u128) -> SandboxSpec {
+        SandboxSpec {
+            sandbox_id: id::format_sandbox(Uuid::from_u128(n)),
+            template_id: id::format_template(BASE),
+            template_kind: TemplateKind::Base as i32,
             timeout_s: 60,
-            policy: Policy::Destroy,
+            on_timeout: TimeoutPolicy::Destroy as i32,
             env: [("GREETING".to_string(), "hi".to_string())].into(),
-            metadata: Default::default(),
-            default_user: String::new(),
-            default_cwd: String::new(),
-            egress: Default::default(),
+            ..SandboxSpec::default()
         }
     }
 

@@ -37,6 +37,7 @@ impl Rig {
             manager: env.manager.clone(),
             identity: identity.clone(),
             extra_problems: Vec::new(),
+            overcommit: Default::default(),
         });
         let svc = AgentService::new(env.manager.clone(), host.clone(), identity);
         let mut server = Server::new(ServerConfig::new("wrenn-agent"), Arc::new(svc)).unwrap();
@@ -57,10 +58,10 @@ impl Rig {
     pub fn create(&self, c: &Client, n: u128) -> pb::SandboxInfo {
         c.unary(
             pb::sandboxes_methods::CREATE,
-            &pb::CreateSandboxRequest {
+            &proto::sandbox::SandboxSpec {
                 sandbox_id: id::format_sandbox(Uuid::from_u128(n)),
                 template_id: id::format_template(crate::BASE),
-                template_kind: pb::TemplateKind::Base as i32,
+                template_kind: proto::sandbox::TemplateKind::Base as i32,
                 ..Default::default()
             },
             Some(Duration::from_secs(30)),
@@ -246,7 +247,7 @@ fn bad_ids_unknown_sandboxes_wrong_states_and_oversized_frames() {
         .unary(
             pb::sandboxes_methods::LIST,
             &pb::ListSandboxesRequest {
-                states: vec![pb::SandboxState::Paused as i32],
+                states: vec![proto::sandbox::SandboxState::Paused as i32],
             },
             None,
         )
@@ -254,7 +255,7 @@ fn bad_ids_unknown_sandboxes_wrong_states_and_oversized_frames() {
     assert_eq!(paused.sandboxes.len(), 1);
 
     // A message over the frame limit is refused; the agent keeps serving.
-    let big = pb::CreateSandboxRequest {
+    let big = proto::sandbox::SandboxSpec {
         sandbox_id: sb(2),
         metadata: [("k".to_string(), "x".repeat(3 << 20))].into(),
         ..Default::default()

@@ -35,6 +35,8 @@ pub struct Arg {
 pub struct Command {
     /// `sandbox create`.
     pub path: &'static str,
+    /// The `wrenn.ctl.v1` methods it calls (checked against the service descriptors).
+    pub rpcs: &'static [&'static str],
     pub about: &'static str,
     pub args: &'static [Arg],
     pub flags: &'static [Flag],
@@ -294,6 +296,7 @@ mod tests {
 
     static EXEC: Command = Command {
         path: "sandbox exec",
+        rpcs: &[],
         about: "run",
         args: &[Arg {
             name: "SANDBOX",
@@ -324,6 +327,7 @@ mod tests {
     };
     static GET: Command = Command {
         path: "sandbox get",
+        rpcs: &[],
         about: "get",
         args: &[
             Arg {

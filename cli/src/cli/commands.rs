@@ -2,6 +2,13 @@
 
 #![forbid(unsafe_code)]
 
+use proto::gen::wrenn::ctl::v1::{
+    api_keys_methods as keys, audit_logs_methods as audit, files_methods as files,
+    hosts_methods as hosts, ports_methods as ports, processes_methods as procs,
+    sandboxes_methods as sb, teams_methods as teams, templates_methods as tpl,
+    users_methods as users,
+};
+
 use super::args::{Arg, Command, Flag};
 
 const fn arg(name: &'static str, help: &'static str) -> Arg {
@@ -63,13 +70,13 @@ const PROC: [Flag; 2] = [
 ];
 
 macro_rules! cmd {
-    ($path:expr, $about:expr, [$($a:expr),*], [$($f:expr),*]) => {
-        Command { path: $path, about: $about, args: &[$($a),*], flags: &[$($f),*], rest: None }
+    ($path:expr, $rpcs:expr, $about:expr, [$($a:expr),*], [$($f:expr),*]) => {
+        Command { path: $path, rpcs: $rpcs, about: $about, args: &[$($a),*], flags: &[$($f),*], rest: None }
     };
 }
 
 pub static COMMANDS: &[Command] = &[
-    cmd!("sandbox create", "Create a sandbox from a template and print it (waits until it runs unless --no-wait).", [], [
+    cmd!("sandbox create", &[sb::CREATE], "Create a sandbox from a template and print it (waits until it runs unless --no-wait).", [], [
         val("template", "NAME|ID", "template (default: minimal)"),
         val("vcpus", "N", "vCPUs (default: the template's)"),
         val("memory", "MIB", "guest memory in MiB (default: the template's)"),
@@ -79,21 +86,22 @@ pub static COMMANDS: &[Command] = &[
         rep("meta", "KEY=VALUE", "metadata label"),
         rep("env", "KEY=VALUE", "environment variable for every process"),
         on("no-wait", "answer at once (state pending/starting)")]),
-    cmd!("sandbox list", "List the team's sandboxes, newest first.", [], [
+    cmd!("sandbox list", &[sb::LIST], "List the team's sandboxes, newest first.", [], [
         rep("state", "STATE", "only this state (running, paused, stopped, ...)"),
         val("template", "ID", "only sandboxes from this template (tpl-...)"),
         rep("meta", "KEY=VALUE", "only sandboxes with this label"),
         PAGE[0], PAGE[1], PAGE[2]]),
-    cmd!("sandbox get", "Show one sandbox.", [SB], []),
-    cmd!("sandbox rm", "Destroy a sandbox.", [SB], [
+    cmd!("sandbox get", &[sb::GET], "Show one sandbox.", [SB], []),
+    cmd!("sandbox rm", &[sb::DESTROY], "Destroy a sandbox.", [SB], [
         on("force", "record it stopped even when its host cannot be reached (the host destroys it if it comes back)")]),
-    cmd!("sandbox pause", "Pause a running sandbox.", [SB], []),
-    cmd!("sandbox resume", "Resume a paused sandbox.", [SB], [val("timeout", "SECONDS", "new timeout (default: keep)")]),
-    cmd!("sandbox ping", "Keep a sandbox alive: its expiry becomes now + its timeout.", [SB], []),
-    cmd!("sandbox set-timeout", "Change a sandbox's timeout (and policy).", [SB, arg("SECONDS", "new timeout")], [
+    cmd!("sandbox pause", &[sb::PAUSE], "Pause a running sandbox.", [SB], []),
+    cmd!("sandbox resume", &[sb::RESUME], "Resume a paused sandbox.", [SB], [val("timeout", "SECONDS", "new timeout (default: keep)")]),
+    cmd!("sandbox ping", &[sb::PING], "Keep a sandbox alive: its expiry becomes now + its timeout.", [SB], []),
+    cmd!("sandbox set-timeout", &[sb::SET_TIMEOUT], "Change a sandbox's timeout (and policy).", [SB, arg("SECONDS", "new timeout")], [
         val("on-timeout", "pause|destroy", "new policy (default: keep)")]),
     Command {
         path: "sandbox exec",
+        rpcs: &[procs::EXEC, procs::EXEC_STREAM, procs::SEND_INPUT, procs::RESIZE_PTY],
         about: "Run a command in a sandbox, streaming its output live; exits with the command's exit code (128+N when killed by signal N).",
         args: &[SB],
         flags: &[
@@ -107,77 +115,77 @@ pub static COMMANDS: &[Command] = &[
             on("background", "start it and print its pid at once")],
         rest: Some("CMD [ARGS...]"),
     },
-    cmd!("process list", "List running processes started through the API.", [SB], []),
-    cmd!("process connect", "Reattach to a process: replay of recent output, then live output.", [SB], [
+    cmd!("process list", &[procs::LIST], "List running processes started through the API.", [SB], []),
+    cmd!("process connect", &[procs::CONNECT], "Reattach to a process: replay of recent output, then live output.", [SB], [
         PROC[0], PROC[1], on("skip-replay", "only output produced from now on")]),
-    cmd!("process kill", "Send a signal to a process.", [SB], [
+    cmd!("process kill", &[procs::SIGNAL], "Send a signal to a process.", [SB], [
         PROC[0], PROC[1],
         val("signal", "NAME|N", "signal (default TERM)"),
         on("group", "signal the whole process group")]),
-    cmd!("process input", "Write DATA (or this program's stdin) to a process's stdin.", [SB, opt("DATA", "bytes to write (default: read stdin)")], [
+    cmd!("process input", &[procs::SEND_INPUT], "Write DATA (or this program's stdin) to a process's stdin.", [SB, opt("DATA", "bytes to write (default: read stdin)")], [
         PROC[0], PROC[1], on("close", "close its stdin afterwards")]),
-    cmd!("process close-stdin", "Close a process's stdin.", [SB], [PROC[0], PROC[1]]),
-    cmd!("process resize", "Resize a process's PTY.", [SB], [
+    cmd!("process close-stdin", &[procs::CLOSE_STDIN], "Close a process's stdin.", [SB], [PROC[0], PROC[1]]),
+    cmd!("process resize", &[procs::RESIZE_PTY], "Resize a process's PTY.", [SB], [
         PROC[0], PROC[1], val("rows", "N", "rows"), val("cols", "N", "columns")]),
-    cmd!("file put", "Upload a local file (- = stdin) to a path in the sandbox, any size, checked end to end by a CRC-32 (a mismatch fails with data_loss and leaves the path as it was).", [SB, arg("LOCAL", "local file or -"), arg("REMOTE", "path in the sandbox")], [
+    cmd!("file put", &[files::UPLOAD], "Upload a local file (- = stdin) to a path in the sandbox, any size, checked end to end by a CRC-32 (a mismatch fails with data_loss and leaves the path as it was).", [SB, arg("LOCAL", "local file or -"), arg("REMOTE", "path in the sandbox")], [
         val("mode", "OCTAL", "permission bits, e.g. 644"),
         val("user", "USER", "user who writes (and owns) it (default: the image's `user`, else root)"),
         on("atomic", "write a temp file and rename it over the target once checked (the default)"),
         on("in-place", "write into the file in place instead (a failed upload may leave part of it)"),
         on("parents", "create missing parent directories"),
         on("progress", "show progress on stderr even when it is not a terminal")]),
-    cmd!("file get", "Download a file from the sandbox to a local path (- = stdout), any size, checked end to end by a CRC-32 (a mismatch fails with data_loss and writes no local file).", [SB, arg("REMOTE", "path in the sandbox"), arg("LOCAL", "local file or -")], [
+    cmd!("file get", &[files::DOWNLOAD], "Download a file from the sandbox to a local path (- = stdout), any size, checked end to end by a CRC-32 (a mismatch fails with data_loss and writes no local file).", [SB, arg("REMOTE", "path in the sandbox"), arg("LOCAL", "local file or -")], [
         val("offset", "BYTES", "first byte"),
         val("length", "BYTES", "bytes to read (default: to the end)"),
         val("user", "USER", "user whose permissions apply"),
         on("progress", "show progress on stderr even when it is not a terminal")]),
-    cmd!("file ls", "List a directory.", [SB, arg("PATH", "directory")], [
+    cmd!("file ls", &[files::LIST], "List a directory.", [SB, arg("PATH", "directory")], [
         val("depth", "N", "levels to descend (default 1)"), val("user", "USER", "user whose permissions apply")]),
-    cmd!("file stat", "Show a path's metadata.", [SB, arg("PATH", "path")], [
+    cmd!("file stat", &[files::STAT], "Show a path's metadata.", [SB, arg("PATH", "path")], [
         on("follow", "describe a symlink's target"), val("user", "USER", "user whose permissions apply")]),
-    cmd!("file mkdir", "Create a directory and its parents.", [SB, arg("PATH", "directory")], [
+    cmd!("file mkdir", &[files::MAKE_DIR], "Create a directory and its parents.", [SB, arg("PATH", "directory")], [
         val("mode", "OCTAL", "permission bits"), val("user", "USER", "user who creates it")]),
-    cmd!("file mv", "Rename a file or directory.", [SB, arg("SOURCE", "existing path"), arg("DEST", "new path")], [
+    cmd!("file mv", &[files::MOVE], "Rename a file or directory.", [SB, arg("SOURCE", "existing path"), arg("DEST", "new path")], [
         on("overwrite", "replace an existing destination"), val("user", "USER", "user whose permissions apply")]),
-    cmd!("file rm", "Remove a file or directory.", [SB, arg("PATH", "path")], [
+    cmd!("file rm", &[files::REMOVE], "Remove a file or directory.", [SB, arg("PATH", "path")], [
         on("recursive", "remove a directory and everything under it"),
         on("force", "a missing path is not an error"),
         val("user", "USER", "user whose permissions apply")]),
-    cmd!("port forward", "Forward local TCP port LOCAL (127.0.0.1; 0 = any free port, printed) to port REMOTE of the sandbox: every connection is one Ports.Connect stream through ctl and the sandbox's agent, for databases and anything not HTTP. Runs until interrupted.", [SB, arg("LOCAL:REMOTE", "local port and sandbox port")], [
+    cmd!("port forward", &[ports::CONNECT], "Forward local TCP port LOCAL (127.0.0.1; 0 = any free port, printed) to port REMOTE of the sandbox: every connection is one Ports.Connect stream through ctl and the sandbox's agent, for databases and anything not HTTP. Runs until interrupted.", [SB, arg("LOCAL:REMOTE", "local port and sandbox port")], [
         val("connections", "N", "exit after serving N connections")
     ]),
-    cmd!("template create", "Snapshot a sandbox into a template (the sandbox ends paused).", [SB, arg("NAME", "template name, unique in the team")], [
+    cmd!("template create", &[tpl::CREATE], "Snapshot a sandbox into a template (the sandbox ends paused).", [SB, arg("NAME", "template name, unique in the team")], [
         on("platform", "publish as a platform template (platform admin)")]),
-    cmd!("template list", "List the team's and the platform's templates.", [], [
+    cmd!("template list", &[tpl::LIST], "List the team's and the platform's templates.", [], [
         on("team-only", "leave out platform templates"), PAGE[0], PAGE[1], PAGE[2]]),
-    cmd!("template get", "Show a template.", [arg("TEMPLATE", "id (tpl-...) or name")], []),
-    cmd!("template rm", "Delete a template.", [arg("TEMPLATE", "id (tpl-...)")], []),
-    cmd!("key create", "Create an API key; its secret is printed once.", [arg("NAME", "display name")], [
+    cmd!("template get", &[tpl::GET], "Show a template.", [arg("TEMPLATE", "id (tpl-...) or name")], []),
+    cmd!("template rm", &[tpl::DELETE], "Delete a template.", [arg("TEMPLATE", "id (tpl-...)")], []),
+    cmd!("key create", &[keys::CREATE], "Create an API key; its secret is printed once.", [arg("NAME", "display name")], [
         on("admin", "a platform-admin key (platform admin)")]),
-    cmd!("key list", "List the team's API keys.", [], [PAGE[0], PAGE[1], PAGE[2]]),
-    cmd!("key revoke", "Revoke an API key.", [arg("KEY", "key id (key-...)")], []),
-    cmd!("team get", "Show a team (default: the caller's).", [opt("TEAM", "team id (team-...)")], []),
-    cmd!("team create", "Create a team with its owner and first API key, printed once (platform admin).", [arg("NAME", "team name")], [
+    cmd!("key list", &[keys::LIST], "List the team's API keys.", [], [PAGE[0], PAGE[1], PAGE[2]]),
+    cmd!("key revoke", &[keys::REVOKE], "Revoke an API key.", [arg("KEY", "key id (key-...)")], []),
+    cmd!("team get", &[teams::GET], "Show a team (default: the caller's).", [opt("TEAM", "team id (team-...)")], []),
+    cmd!("team create", &[teams::CREATE], "Create a team with its owner and first API key, printed once (platform admin).", [arg("NAME", "team name")], [
         val("owner-email", "EMAIL", "the owner's email (required)"), val("owner-name", "NAME", "the owner's display name")]),
-    cmd!("team members", "List a team's members (default: the caller's team).", [opt("TEAM", "team id")], [PAGE[0], PAGE[1], PAGE[2]]),
-    cmd!("team add-member", "Add an existing user to a team.", [arg("USER", "user id (usr-...)")], [
+    cmd!("team members", &[teams::LIST_MEMBERS], "List a team's members (default: the caller's team).", [opt("TEAM", "team id")], [PAGE[0], PAGE[1], PAGE[2]]),
+    cmd!("team add-member", &[teams::ADD_MEMBER], "Add an existing user to a team.", [arg("USER", "user id (usr-...)")], [
         val("team", "TEAM", "team id (default: the caller's)"), val("role", "owner|admin|member", "role (default member)")]),
-    cmd!("team remove-member", "Remove a user from a team.", [arg("USER", "user id (usr-...)")], [
+    cmd!("team remove-member", &[teams::REMOVE_MEMBER], "Remove a user from a team.", [arg("USER", "user id (usr-...)")], [
         val("team", "TEAM", "team id (default: the caller's)")]),
-    cmd!("user create", "Create a user in the caller's team.", [arg("EMAIL", "email address (unique within the team, any case)")], [
+    cmd!("user create", &[users::CREATE], "Create a user in the caller's team.", [arg("EMAIL", "email address (unique within the team, any case)")], [
         val("name", "NAME", "display name"), val("role", "owner|admin|member", "role (default member)")]),
-    cmd!("user list", "List users of the caller's team.", [], [PAGE[0], PAGE[1], PAGE[2]]),
-    cmd!("user get", "Show a user.", [arg("USER", "user id (usr-...)")], []),
-    cmd!("host token", "Make a one-time host registration token (platform admin).", [], [
+    cmd!("user list", &[users::LIST], "List users of the caller's team.", [], [PAGE[0], PAGE[1], PAGE[2]]),
+    cmd!("user get", &[users::GET], "Show a user.", [arg("USER", "user id (usr-...)")], []),
+    cmd!("host token", &[hosts::CREATE_REGISTRATION_TOKEN], "Make a one-time host registration token (platform admin).", [], [
         val("ttl", "SECONDS", "validity (default 3600)")]),
-    cmd!("host list", "List hosts (platform admin).", [], [
+    cmd!("host list", &[hosts::LIST], "List hosts (platform admin).", [], [
         rep("status", "STATUS", "only this status (online, unreachable, draining)"), PAGE[0], PAGE[1], PAGE[2]]),
-    cmd!("host get", "Show a host (platform admin).", [arg("HOST", "host id (host-...)")], []),
-    cmd!("host drain", "Stop placing sandboxes on a host; lists what remains (platform admin).", [arg("HOST", "host id")], []),
-    cmd!("host undrain", "Place sandboxes on a draining host again (platform admin).", [arg("HOST", "host id")], []),
-    cmd!("host rm", "Forget a host (platform admin).", [arg("HOST", "host id")], [
+    cmd!("host get", &[hosts::GET], "Show a host (platform admin).", [arg("HOST", "host id (host-...)")], []),
+    cmd!("host drain", &[hosts::DRAIN], "Stop placing sandboxes on a host; lists what remains (platform admin).", [arg("HOST", "host id")], []),
+    cmd!("host undrain", &[hosts::UNDRAIN], "Place sandboxes on a draining host again (platform admin).", [arg("HOST", "host id")], []),
+    cmd!("host rm", &[hosts::DELETE], "Forget a host (platform admin).", [arg("HOST", "host id")], [
         on("force", "for a host that is gone: record its sandboxes stopped and delete its snapshot templates")]),
-    cmd!("audit list", "List audit entries, newest first.", [], [
+    cmd!("audit list", &[audit::LIST], "List audit entries, newest first.", [], [
         val("actor", "ID", "who acted (key-..., usr-..., host-...)"),
         val("resource-type", "TYPE", "sandbox, template, team, user, api_key, host"),
         val("resource", "ID", "the resource's id"),
@@ -269,5 +277,35 @@ mod tests {
             ]
         );
         assert!(group_usage("file").contains("  put "));
+    }
+
+    /// Methods of `wrenn.ctl.v1` no command calls, with the reason. Empty: every RPC is
+    /// reachable from the CLI.
+    const NOT_IN_CLI: &[(&str, &str)] = &[];
+
+    /// The command table against the descriptors generated from the `.proto` files: every
+    /// command names the methods it calls, each a method of `wrenn.ctl.v1`, and every method
+    /// is called by some command. (`execute` checks at run time that a command calls only
+    /// the methods it names.)
+    #[test]
+    fn commands_agree_with_the_service_descriptors() {
+        use proto::gen::wrenn::ctl::v1::METHODS;
+        let all: Vec<&str> = METHODS
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|d| d.name)
+            .collect();
+        for c in COMMANDS {
+            assert!(!c.rpcs.is_empty(), "{} names no method", c.path);
+            for m in c.rpcs {
+                assert!(all.contains(m), "{}: no method {m} in wrenn.ctl.v1", c.path);
+            }
+        }
+        for m in &all {
+            let called = COMMANDS.iter().any(|c| c.rpcs.contains(m));
+            let exempt = NOT_IN_CLI.iter().any(|(x, _)| x == m);
+            assert!(called || exempt, "no command calls {m}");
+            assert!(!(called && exempt), "{m} is called and listed as not");
+        }
     }
 }

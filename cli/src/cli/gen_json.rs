@@ -324,6 +324,9 @@ impl Json for proto::gen::wrenn::ctl::v1::Host {
         m.insert("sandbox_count".into(), Value::from(self.sandbox_count));
         m.insert("last_heartbeat_unix_ns".into(), j::i64_out(self.last_heartbeat_unix_ns));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        if let Some(x) = &self.physical { m.insert("physical".into(), proto::gen::wrenn::ctl::v1::Resources::to_json(&x)); }
+        m.insert("vcpu_overcommit".into(), j::f64_out(f64::from(self.vcpu_overcommit)));
+        m.insert("memory_overcommit".into(), j::f64_out(f64::from(self.memory_overcommit)));
         Value::Object(m)
     }
 }

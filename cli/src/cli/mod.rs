@@ -196,10 +196,12 @@ pub struct Ctx {
     pub client: Client,
     pub json: bool,
     deadline: Option<Duration>,
+    /// The methods the running command's table entry names ([`Command::rpcs`]).
+    rpcs: &'static [&'static str],
 }
 
 impl Ctx {
-    fn connect(p: &Parsed) -> Result<Ctx, CliError> {
+    fn connect(p: &Parsed, rpcs: &'static [&'static str]) -> Result<Ctx, CliError> {
         let url = p
             .value("url")
             .map(str::to_owned)
@@ -225,7 +227,29 @@ impl Ctx {
             client,
             json: p.flag("json"),
             deadline,
+            rpcs,
         })
+    }
+
+    /// A command calls only the methods its table entry names, so the table (checked
+    /// against the service descriptors by a test) says what each command reaches.
+    fn named(&self, method: &str) {
+        debug_assert!(
+            self.rpcs.contains(&method),
+            "{method} is not among the methods of this command's table entry {:?}",
+            self.rpcs
+        );
+    }
+
+    /// `client.call` of a method the command names.
+    fn call<Req: prost::Message>(
+        &self,
+        method: &str,
+        req: &Req,
+        opts: CallOpts,
+    ) -> Result<proto::rpc::ClientStream, Status> {
+        self.named(method);
+        self.client.call(method, req, opts)
     }
 
     fn unary<Req: prost::Message, Resp: prost::Message + Default>(
@@ -239,6 +263,7 @@ impl Ctx {
         } else {
             CALL_DEADLINE
         });
+        self.named(method);
         Ok(self.client.unary(method, req, Some(d))?)
     }
 
@@ -426,6 +451,14 @@ fn host_human(h: &pb::Host) -> String {
             ),
         ),
         ("capacity", res(&h.capacity)),
+        ("physical", res(&h.physical)),
+        (
+            "overcommit",
+            format!(
+                "{}x vCPU, {}x memory",
+                h.vcpu_overcommit, h.memory_overcommit
+            ),
+        ),
         ("usage", res(&h.usage)),
         ("sandboxes", h.sandbox_count.to_string()),
         ("can host", h.can_host_sandboxes.to_string()),
@@ -719,7 +752,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         hosts_methods as hosts, processes_methods as procs, sandboxes_methods as sb,
         teams_methods as teams, templates_methods as tpl, users_methods as users,
     };
-    let ctx = Ctx::connect(p)?;
+    let ctx = Ctx::connect(p, cmd.rpcs)?;
     let a = |i: usize| p.arg(i).unwrap_or("").to_owned();
     match cmd.path {
         "sandbox create" => {
@@ -863,7 +896,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 sandbox_id: a(0),
                 process: Some(config),
             };
-            let mut s = ctx.client.call(
+            let mut s = ctx.call(
                 procs::EXEC_STREAM,
                 &req,
                 CallOpts {
@@ -937,7 +970,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                     skip_replay: p.flag("skip-replay"),
                 }),
             };
-            let mut s = ctx.client.call(
+            let mut s = ctx.call(
                 procs::CONNECT,
                 &req,
                 CallOpts {
@@ -981,7 +1014,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 }),
             };
             let d = ctx.deadline.unwrap_or(CALL_DEADLINE);
-            let mut s = ctx.client.call(
+            let mut s = ctx.call(
                 procs::SEND_INPUT,
                 &first,
                 CallOpts {
@@ -1048,7 +1081,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                     user: p.value("user").unwrap_or("").to_owned(),
                 }),
             };
-            let mut s = ctx.client.call(
+            let mut s = ctx.call(
                 files::LIST,
                 &req,
                 CallOpts {
@@ -1589,7 +1622,7 @@ fn file_put(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
     let first = pb::UploadRequest {
         msg: Some(pb::upload_request::Msg::Header(header)),
     };
-    let mut s = ctx.client.call(
+    let mut s = ctx.call(
         pb::files_methods::UPLOAD,
         &first,
         CallOpts {
@@ -1689,7 +1722,7 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
             user: p.value("user").unwrap_or("").to_owned(),
         }),
     };
-    let mut s = ctx.client.call(
+    let mut s = ctx.call(
         pb::files_methods::DOWNLOAD,
         &req,
         CallOpts {

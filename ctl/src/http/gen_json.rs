@@ -779,6 +779,9 @@ impl Json for proto::gen::wrenn::ctl::v1::Host {
         m.insert("sandbox_count".into(), Value::from(self.sandbox_count));
         m.insert("last_heartbeat_unix_ns".into(), j::i64_out(self.last_heartbeat_unix_ns));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        if let Some(x) = &self.physical { m.insert("physical".into(), proto::gen::wrenn::ctl::v1::Resources::to_json(&x)); }
+        m.insert("vcpu_overcommit".into(), j::f64_out(f64::from(self.vcpu_overcommit)));
+        m.insert("memory_overcommit".into(), j::f64_out(f64::from(self.memory_overcommit)));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -800,6 +803,9 @@ impl Json for proto::gen::wrenn::ctl::v1::Host {
                 "sandbox_count" => { if !v.is_null() { out.sandbox_count = j::u32_in(v, &p)?; } }
                 "last_heartbeat_unix_ns" => { if !v.is_null() { out.last_heartbeat_unix_ns = j::i64_in(v, &p)?; } }
                 "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                "physical" => { if !v.is_null() { out.physical = Some(<proto::gen::wrenn::ctl::v1::Resources as Json>::from_json_at(v, &p)?); } }
+                "vcpu_overcommit" => { if !v.is_null() { out.vcpu_overcommit = j::f64_in(v, &p)?; } }
+                "memory_overcommit" => { if !v.is_null() { out.memory_overcommit = j::f64_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -3333,7 +3339,7 @@ pub const SCHEMAS_JSON: &str = r##"{
   },
   "ctl.v1.CreateSandboxRequest": {
     "additionalProperties": false,
-    "description": "Request of Sandboxes.Create.",
+    "description": "Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of the same name) and fills in the rest.",
     "properties": {
       "disk_mib": {
         "description": "Root disk size; 0 = the template's.",
@@ -3778,6 +3784,14 @@ pub const SCHEMAS_JSON: &str = r##"{
         "pattern": "^-?[0-9]+$",
         "type": "string"
       },
+      "memory_overcommit": {
+        "description": "Guest memory offered per MiB of host memory (the agent's --memory-overcommit).",
+        "type": "number"
+      },
+      "physical": {
+        "$ref": "#/components/schemas/ctl.v1.Resources",
+        "description": "The host's own CPUs, memory and disk; `capacity` is this times the ratios below."
+      },
       "problems": {
         "description": "One line per problem, each with its fix.",
         "items": {
@@ -3799,6 +3813,10 @@ pub const SCHEMAS_JSON: &str = r##"{
       "usage": {
         "$ref": "#/components/schemas/ctl.v1.Resources",
         "description": "Reserved by its sandboxes."
+      },
+      "vcpu_overcommit": {
+        "description": "vCPUs offered per host CPU (the agent's --vcpu-overcommit).",
+        "type": "number"
       }
     },
     "type": "object"
@@ -4493,7 +4511,7 @@ pub const SCHEMAS_JSON: &str = r##"{
     "type": "object"
   },
   "ctl.v1.SandboxState": {
-    "description": "Lifecycle state of a sandbox: pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped, plus error. Same numbering as wrenn.agent.v1.SandboxState. Written as the value's name; the value's number is accepted on input.",
+    "description": "Lifecycle state of a sandbox: pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped, plus error. Same numbers as wrenn.sandbox.v1.SandboxState (a test in ctl checks them). Written as the value's name; the value's number is accepted on input.",
     "enum": [
       "SANDBOX_STATE_UNSPECIFIED",
       "SANDBOX_STATE_PENDING",
@@ -4677,7 +4695,7 @@ pub const SCHEMAS_JSON: &str = r##"{
     "type": "object"
   },
   "ctl.v1.TemplateKind": {
-    "description": "Kind of a template. Written as the value's name; the value's number is accepted on input.",
+    "description": "Kind of a template. Same numbers as wrenn.sandbox.v1.TemplateKind. Written as the value's name; the value's number is accepted on input.",
     "enum": [
       "TEMPLATE_KIND_UNSPECIFIED",
       "TEMPLATE_KIND_BASE",
@@ -4686,7 +4704,7 @@ pub const SCHEMAS_JSON: &str = r##"{
     "type": "string"
   },
   "ctl.v1.TimeoutPolicy": {
-    "description": "What happens when a sandbox's timeout passes. Written as the value's name; the value's number is accepted on input.",
+    "description": "What happens when a sandbox's timeout passes. Same numbers as wrenn.sandbox.v1.TimeoutPolicy. Written as the value's name; the value's number is accepted on input.",
     "enum": [
       "TIMEOUT_POLICY_UNSPECIFIED",
       "TIMEOUT_POLICY_PAUSE",

@@ -29,6 +29,8 @@ use super::routes::{match_route, param_kind, Call, Input, Match, Method, Route, 
 pub struct HttpMetrics {
     pub connections_open: Gauge,
     pub connections_refused: Counter,
+    /// Connections closed before their first request to make room for a newcomer.
+    pub connections_evicted: Counter,
     pub workers_busy: Gauge,
     /// Requests (and key checks) waiting for a worker.
     pub queued: Gauge,
@@ -42,6 +44,7 @@ pub struct HttpMetrics {
 pub static METRICS: HttpMetrics = HttpMetrics {
     connections_open: Gauge::new(),
     connections_refused: Counter::new(),
+    connections_evicted: Counter::new(),
     workers_busy: Gauge::new(),
     queued: Gauge::new(),
     buffered: Gauge::new(),
@@ -109,6 +112,18 @@ impl HttpMetrics {
             "wrenn_http_connections_refused_total",
             "",
             self.connections_refused.get(),
+        );
+        family(
+            out,
+            "wrenn_http_connections_evicted_total",
+            "counter",
+            "Connections closed before their first request to make room for a newcomer.",
+        );
+        sample(
+            out,
+            "wrenn_http_connections_evicted_total",
+            "",
+            self.connections_evicted.get(),
         );
         family(
             out,

@@ -409,3 +409,61 @@ pub fn param_kind(route: &Route, param: &str, value: &str) -> Option<proto::id::
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::rpc::MethodDesc;
+
+    /// Methods of `wrenn.ctl.v1` the gateway leaves out, with the reason.
+    const NOT_ROUTED: &[(&str, &str)] = &[(
+        ctl::ports_methods::CONNECT,
+        "a bidirectional byte stream; over HTTP a sandbox port is reached through the port \
+         proxy (docs/operations.md, \"Sandbox ports\")",
+    )];
+
+    /// The route table against the descriptors generated from the `.proto` files: every
+    /// route names a method of `wrenn.ctl.v1` with that method's request and response
+    /// messages and a call shape its streaming allows, and every method has a route.
+    #[test]
+    fn routes_agree_with_the_service_descriptors() {
+        let all: Vec<&MethodDesc> = ctl::METHODS.iter().flat_map(|s| s.iter()).collect();
+        for r in ROUTES.iter() {
+            let what = format!("{} {} ({})", r.method.as_str(), r.path, r.operation);
+            let d = all
+                .iter()
+                .find(|d| d.name == r.rpc)
+                .unwrap_or_else(|| panic!("{what}: no method {} in wrenn.ctl.v1", r.rpc));
+            assert_eq!(
+                format!("wrenn.{}", r.request_schema),
+                d.input,
+                "{what}: request"
+            );
+            assert_eq!(
+                format!("wrenn.{}", r.response_schema),
+                d.output,
+                "{what}: response"
+            );
+            let shape_ok = match r.call {
+                Call::Unary { .. } => !d.client_streaming && !d.server_streaming,
+                Call::Ndjson { .. } | Call::ListDir | Call::Download => {
+                    !d.client_streaming && d.server_streaming
+                }
+                Call::Upload { .. } | Call::Stdin => d.client_streaming && !d.server_streaming,
+            };
+            // SendInput is client streaming; its one-message JSON route sends one message.
+            let one_message = r.rpc == procs::SEND_INPUT && matches!(r.call, Call::Unary { .. });
+            assert!(shape_ok || one_message, "{what}: call shape vs {d:?}");
+        }
+        for d in &all {
+            let routed = ROUTES.iter().any(|r| r.rpc == d.name);
+            let exempt = NOT_ROUTED.iter().any(|(m, _)| *m == d.name);
+            assert!(routed || exempt, "{} has no HTTP route", d.name);
+            assert!(
+                !(routed && exempt),
+                "{} is routed and listed as not",
+                d.name
+            );
+        }
+    }
+}

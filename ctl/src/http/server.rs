@@ -36,7 +36,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use proto::http::{BodyDecoder, BodyError};
+use proto::pool::Pool;
 use proto::rpc::Peer;
 
 use super::backend::Backend;
@@ -185,6 +186,10 @@ struct Conn {
     gen: u64,
     /// Socket timeouts already set (they survive the blocking/non-blocking switches).
     prepared: bool,
+    /// A request of this connection has reached a worker. Until then it is the HTTP
+    /// analogue of a connection before its hello: when every place is taken, the oldest
+    /// such connection still waiting for its first head makes room for a newcomer.
+    served: bool,
 }
 
 enum ReadOutcome {
@@ -344,8 +349,11 @@ impl HttpServer {
                 io_timeout: config.io_timeout,
                 ..Gateway::new(backend)
             }),
-            pool: Pool::new(config.workers_max, "http-worker"),
-            ops_pool: Pool::new(OPS_WORKERS, "http-ops"),
+            // The loop never hands a pool more jobs than it has threads (it counts them),
+            // so a queue as long as the pool only holds a job until a thread finishing its
+            // previous one takes it.
+            pool: Pool::new("http", config.workers_max, config.workers_max, WORKER_IDLE),
+            ops_pool: Pool::new("http-ops", OPS_WORKERS, OPS_WORKERS, WORKER_IDLE),
             slots: (0..config.connections_max).map(|_| Slot::Free).collect(),
             free: (0..config.connections_max).rev().collect(),
             config,
@@ -487,7 +495,7 @@ impl HttpServer {
             let per_source = self.sources.get(&source).map_or(0, |u| u.conns);
             let refusal = if per_source >= self.config.source_connections_max {
                 Some("too many connections from this address")
-            } else if self.free.is_empty() {
+            } else if self.free.is_empty() && !self.evict_oldest_unserved() {
                 Some("too many connections")
             } else {
                 None
@@ -526,6 +534,7 @@ impl HttpServer {
                 deadline: Instant::now() + self.config.head_timeout,
                 gen: self.next_gen,
                 prepared: false,
+                served: false,
             }));
             // Edge-triggered: bytes may already be there.
             self.readable(i);
@@ -540,6 +549,30 @@ impl HttpServer {
     }
 
     /// Closes an open connection and frees its slot.
+    /// With every place taken: closes the oldest connection that has not yet had a request
+    /// served and is still waiting for (the rest of) its first head, so that idle or
+    /// slow-header connections cannot lock newcomers out (keep-alive clients that were
+    /// served keep their connections). False when there is none.
+    fn evict_oldest_unserved(&mut self) -> bool {
+        let oldest = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Open(c) if !c.served && matches!(c.phase, Phase::Head) => Some((c.gen, i)),
+                _ => None,
+            })
+            .min();
+        match oldest {
+            Some((_, i)) => {
+                METRICS.connections_evicted.inc();
+                self.close(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn close(&mut self, i: usize) {
         if let Slot::Open(c) = std::mem::replace(&mut self.slots[i], Slot::Free) {
             let _ = self
@@ -1212,6 +1245,7 @@ impl HttpServer {
             deadline,
             gen,
             prepared: true,
+            served: true,
         }));
         match then {
             Then::Resume => {
@@ -1312,132 +1346,9 @@ fn plan_of(head: &Head) -> Plan {
     }
 }
 
-type Task = Box<dyn FnOnce() + Send + 'static>;
-
-/// Worker threads started on demand up to `max`, exiting when idle. The loop never gives
-/// it more jobs than it has threads (it counts them), so its queue is at most `max` long;
-/// the waiting happens in the loop's bounded queues.
-struct Pool {
-    max: usize,
-    name: &'static str,
-    inner: Mutex<PoolInner>,
-    cv: Condvar,
-}
-
-struct PoolInner {
-    queue: VecDeque<Task>,
-    threads: usize,
-    idle: usize,
-}
-
-impl Pool {
-    fn new(max: usize, name: &'static str) -> Arc<Pool> {
-        Arc::new(Pool {
-            max,
-            name,
-            inner: Mutex::new(PoolInner {
-                queue: VecDeque::new(),
-                threads: 0,
-                idle: 0,
-            }),
-            cv: Condvar::new(),
-        })
-    }
-
-    fn spawn(self: &Arc<Pool>, task: Task) -> Result<(), Task> {
-        let Ok(mut g) = self.inner.lock() else {
-            return Err(task);
-        };
-        if g.idle > g.queue.len() || g.threads >= self.max {
-            g.queue.push_back(task);
-            self.cv.notify_one();
-            return Ok(());
-        }
-        g.threads += 1;
-        g.queue.push_back(task);
-        drop(g);
-        let pool = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(self.name.into())
-            .spawn(move || pool.work());
-        if spawned.is_err() {
-            let Ok(mut g) = self.inner.lock() else {
-                return Ok(());
-            };
-            g.threads -= 1;
-            // Give the task back unless a live thread took it; only the loop thread calls
-            // spawn, so the last queued task is this one.
-            if g.threads == 0 {
-                if let Some(task) = g.queue.pop_back() {
-                    return Err(task);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn work(self: Arc<Pool>) {
-        loop {
-            let task = {
-                let Ok(mut g) = self.inner.lock() else {
-                    return;
-                };
-                loop {
-                    if let Some(j) = g.queue.pop_front() {
-                        break j;
-                    }
-                    g.idle += 1;
-                    let (ng, t) = match self.cv.wait_timeout(g, WORKER_IDLE) {
-                        Ok(x) => x,
-                        Err(_) => return,
-                    };
-                    g = ng;
-                    g.idle -= 1;
-                    if t.timed_out() && g.queue.is_empty() {
-                        g.threads -= 1;
-                        return;
-                    }
-                }
-            };
-            task();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
-
-    #[test]
-    fn pool_stays_within_its_threads_and_reuses_idle_ones() {
-        let pool = Pool::new(2, "t");
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let release_rx = Arc::new(Mutex::new(release_rx));
-        let (done_tx, done_rx) = mpsc::channel::<u32>();
-        for i in 0..3u32 {
-            let (rx, tx) = (release_rx.clone(), done_tx.clone());
-            assert!(pool
-                .spawn(Box::new(move || {
-                    let _ = rx.lock().map(|r| r.recv());
-                    let _ = tx.send(i);
-                }))
-                .is_ok());
-        }
-        // Two threads, the third task waits for one of them.
-        assert_eq!(pool.inner.lock().unwrap().threads, 2);
-        for _ in 0..3 {
-            release_tx.send(()).unwrap();
-        }
-        let mut got = [
-            done_rx.recv().unwrap(),
-            done_rx.recv().unwrap(),
-            done_rx.recv().unwrap(),
-        ];
-        got.sort_unstable();
-        assert_eq!(got, [0, 1, 2]);
-        assert!(pool.inner.lock().unwrap().threads <= 2);
-    }
 
     #[test]
     fn plans() {

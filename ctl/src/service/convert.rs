@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use postgres::Row;
 use proto::gen::wrenn::ctl::v1 as ctl;
 use proto::id::{self, Kind, Uuid};
+use proto::sandbox::{SandboxSpec, TemplateKind, TimeoutPolicy};
 use proto::Status;
 
 use super::audit::ns;
@@ -20,7 +21,7 @@ pub const SANDBOX_COLS: &str =
 
 /// A sandbox row as a message.
 pub fn sandbox(r: &Row) -> ctl::Sandbox {
-    let state = State::parse(r.get(4)).unwrap_or(State::Error);
+    let state = State::from_name(r.get(4)).unwrap_or(State::Error);
     let metadata: serde_json::Value = r.get(11);
     ctl::Sandbox {
         id: id::format(Kind::Sandbox, r.get(0)),
@@ -30,7 +31,7 @@ pub fn sandbox(r: &Row) -> ctl::Sandbox {
             .map(|h| id::format(Kind::Host, h))
             .unwrap_or_default(),
         template_id: id::format(Kind::Template, r.get(3)),
-        state: state.wire(),
+        state: state as i32,
         state_reason: r.get(5),
         vcpus: u32::try_from(r.get::<_, i32>(6)).unwrap_or(0),
         memory_mib: u32::try_from(r.get::<_, i32>(7)).unwrap_or(0),
@@ -48,21 +49,27 @@ pub fn sandbox(r: &Row) -> ctl::Sandbox {
     }
 }
 
-/// `pause` / `destroy` → wire TimeoutPolicy.
+/// The stored policy (`sandboxes.on_timeout`: "pause", "destroy") → its wire value, the same
+/// number in wrenn.ctl.v1 and the shared enum.
 pub fn policy_wire(s: &str) -> i32 {
-    match s {
-        "pause" => ctl::TimeoutPolicy::Pause as i32,
-        _ => ctl::TimeoutPolicy::Destroy as i32,
-    }
+    TimeoutPolicy::from_name(s).unwrap_or(TimeoutPolicy::Destroy) as i32
 }
 
-/// Wire TimeoutPolicy → stored text (`None` = unspecified).
-pub fn policy_text(v: i32) -> Result<Option<&'static str>, Status> {
-    match ctl::TimeoutPolicy::try_from(v) {
-        Ok(ctl::TimeoutPolicy::Unspecified) => Ok(None),
-        Ok(ctl::TimeoutPolicy::Pause) => Ok(Some("pause")),
-        Ok(ctl::TimeoutPolicy::Destroy) => Ok(Some("destroy")),
-        Err(_) => Err(Status::invalid_argument(format!("unknown on_timeout {v}"))),
+/// The spec a public Create asks for: the fields wrenn.ctl.v1's request shares with
+/// `wrenn.sandbox.v1.SandboxSpec`, by name and number. The rest of the spec (ids, the
+/// template's kind, the placed size) ctl fills in once the sandbox is placed; the request's
+/// `template` (an id or a name) and `wait` are ctl's own. A new spec field that clients set
+/// is one line here and one in the test's reverse mapping, which fails until both exist.
+pub fn spec_from_create(r: &ctl::CreateSandboxRequest) -> SandboxSpec {
+    SandboxSpec {
+        vcpus: r.vcpus,
+        memory_mib: r.memory_mib,
+        disk_mib: r.disk_mib,
+        timeout_s: r.timeout_s,
+        on_timeout: r.on_timeout,
+        env: r.env.clone(),
+        metadata: r.metadata.clone(),
+        ..SandboxSpec::default()
     }
 }
 
@@ -109,12 +116,10 @@ pub fn check_name(what: &str, s: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// The template kind as stored → wire.
+/// The template kind as stored ("base", "snapshot") → its wire value (the same number in
+/// wrenn.ctl.v1 and the shared enum).
 pub fn kind_wire(s: &str) -> i32 {
-    match s {
-        "snapshot" => ctl::TemplateKind::Snapshot as i32,
-        _ => ctl::TemplateKind::Base as i32,
-    }
+    TemplateKind::from_name(s).unwrap_or(TemplateKind::Base) as i32
 }
 
 /// Columns of a template row, in the order [`template`] reads them.
@@ -143,5 +148,136 @@ pub fn template(r: &Row) -> ctl::Template {
             .map(|s| id::format(Kind::Sandbox, s))
             .unwrap_or_default(),
         created_unix_ns: ns(Some(r.get::<_, SystemTime>(10))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::gen::wrenn::agent::v1 as agent;
+
+    /// The other way: the public request that asks for `spec` (its template by id, `wait`
+    /// unset). The clients' view of a spec, e.g. for tests and tools that replay one.
+    fn create_request(spec: &SandboxSpec) -> ctl::CreateSandboxRequest {
+        ctl::CreateSandboxRequest {
+            template: spec.template_id.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            timeout_s: spec.timeout_s,
+            on_timeout: spec.on_timeout,
+            env: spec.env.clone(),
+            metadata: spec.metadata.clone(),
+            wait: None,
+        }
+    }
+
+    /// Every field of the public request set to a value that is not its default.
+    fn full_request() -> ctl::CreateSandboxRequest {
+        ctl::CreateSandboxRequest {
+            template: "tpl-00000000-0000-0000-0000-000000000007".into(),
+            vcpus: 3,
+            memory_mib: 1536,
+            disk_mib: 6000,
+            timeout_s: 90,
+            on_timeout: ctl::TimeoutPolicy::Pause as i32,
+            metadata: [("owner".to_string(), "ci".to_string())].into(),
+            env: [("LANG".to_string(), "C.UTF-8".to_string())].into(),
+            wait: None,
+        }
+    }
+
+    #[test]
+    fn the_public_create_request_and_the_spec_map_both_ways() {
+        use prost::Message;
+        let req = full_request();
+        let mut spec = spec_from_create(&req);
+        spec.template_id = req.template.clone();
+        assert_eq!(create_request(&spec), req);
+        // A spec with every field ctl.v1 can set maps to a request and back unchanged; the
+        // fields it cannot set (ids, kind, kernel, user, directory) ctl fills in itself.
+        let spec = SandboxSpec {
+            template_id: "tpl-00000000-0000-0000-0000-000000000007".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_mib: 5120,
+            timeout_s: 60,
+            on_timeout: TimeoutPolicy::Destroy as i32,
+            env: [("A".to_string(), "1".to_string())].into(),
+            metadata: [("k".to_string(), "v".to_string())].into(),
+            ..SandboxSpec::default()
+        };
+        let mut back = spec_from_create(&create_request(&spec));
+        back.template_id = spec.template_id.clone();
+        assert_eq!(back, spec);
+        // Every field of the public request is accounted for. Its JSON mapping is
+        // generated from the .proto file, so it lists every field, a new one too: each must
+        // be set in `full_request`, and a request with each field set must encode to exactly
+        // the bytes of the shared fields plus `template` and `wait`, so a field the mapping
+        // forgets makes this fail.
+        let mut req = full_request();
+        req.wait = Some(false);
+        let json = crate::http::json::to_json(&req);
+        for (k, v) in json.as_object().unwrap() {
+            let unset = match v {
+                serde_json::Value::String(s) => {
+                    s.is_empty() || s == "0" || s.ends_with("_UNSPECIFIED")
+                }
+                serde_json::Value::Number(n) => n.as_u64() == Some(0),
+                serde_json::Value::Object(o) => o.is_empty(),
+                serde_json::Value::Null => true,
+                _ => false,
+            };
+            assert!(!unset, "full_request leaves {k} unset: set it, and map it");
+        }
+        let shared = spec_from_create(&req).encoded_len();
+        let own = ctl::CreateSandboxRequest {
+            template: req.template.clone(),
+            wait: req.wait,
+            ..Default::default()
+        }
+        .encoded_len();
+        assert_eq!(req.encoded_len(), shared + own, "a field is not mapped");
+    }
+
+    #[test]
+    fn public_enums_have_the_shared_numbers_and_names() {
+        use proto::sandbox::SandboxState;
+        // Every number either enum knows, in both directions, with the same name.
+        for v in 0..16 {
+            let a = ctl::SandboxState::try_from(v).ok().map(|s| s.as_str_name());
+            let b = SandboxState::try_from(v).ok().map(|s| s.as_str_name());
+            assert_eq!(a, b, "SandboxState {v}");
+            let a = ctl::TimeoutPolicy::try_from(v)
+                .ok()
+                .map(|s| s.as_str_name());
+            let b = TimeoutPolicy::try_from(v).ok().map(|s| s.as_str_name());
+            assert_eq!(a, b, "TimeoutPolicy {v}");
+            let a = ctl::TemplateKind::try_from(v).ok().map(|s| s.as_str_name());
+            let b = TemplateKind::try_from(v).ok().map(|s| s.as_str_name());
+            assert_eq!(a, b, "TemplateKind {v}");
+        }
+        // The agent's report is the shared enum; ctl's stored names read it back.
+        for s in SandboxState::ALL {
+            let info = agent::SandboxInfo {
+                state: s as i32,
+                ..Default::default()
+            };
+            assert_eq!(SandboxState::from_wire(info.state), Some(s));
+        }
+        for name in ["pause", "destroy"] {
+            let wire = policy_wire(name);
+            assert_eq!(
+                ctl::TimeoutPolicy::try_from(wire).unwrap().as_str_name(),
+                format!("TIMEOUT_POLICY_{}", name.to_uppercase())
+            );
+        }
+        for name in ["base", "snapshot"] {
+            let wire = kind_wire(name);
+            assert_eq!(
+                ctl::TemplateKind::try_from(wire).unwrap().as_str_name(),
+                format!("TEMPLATE_KIND_{}", name.to_uppercase())
+            );
+        }
     }
 }

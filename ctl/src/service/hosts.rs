@@ -17,7 +17,8 @@ const HOST_COLS: &str =
     "h.id, h.address, h.hostname, h.status, h.capacity_vcpus, h.capacity_memory_mib, \
     h.capacity_disk_mib, h.used_vcpus, h.used_memory_mib, h.used_disk_mib, h.agent_version, \
     h.firecracker_version, h.can_host, h.problems, h.last_heartbeat_at, h.created_at, \
-    (SELECT count(*) FROM sandboxes s WHERE s.host_id = h.id AND s.state <> 'stopped')";
+    (SELECT count(*) FROM sandboxes s WHERE s.host_id = h.id AND s.state <> 'stopped'), \
+    h.physical_vcpus, h.physical_memory_mib, h.vcpu_overcommit, h.memory_overcommit";
 
 pub(crate) fn status_wire(s: &str) -> i32 {
     match s {
@@ -61,6 +62,13 @@ fn host(r: &postgres::Row) -> ctl::Host {
         sandbox_count: u32::try_from(r.get::<_, i64>(16)).unwrap_or(u32::MAX),
         last_heartbeat_unix_ns: ns(r.get(14)),
         created_unix_ns: ns(Some(r.get(15))),
+        physical: Some(ctl::Resources {
+            vcpus: u32_of(17),
+            memory_mib: u64_of(18),
+            disk_mib: u64_of(6),
+        }),
+        vcpu_overcommit: r.get(19),
+        memory_overcommit: r.get(20),
     }
 }
 

@@ -14,6 +14,7 @@ use postgres::GenericClient;
 use proto::gen::wrenn::agent::v1 as agent;
 use proto::gen::wrenn::ctl::v1 as ctl;
 use proto::id::{self, Kind, Uuid};
+use proto::sandbox::{SandboxSpec, TemplateKind, TimeoutPolicy};
 use proto::{Code, Status};
 
 use super::audit::{self, Actor, Entry};
@@ -32,7 +33,7 @@ const FORCED_NO_ANSWER: &str = "force-destroyed: host did not answer";
 
 /// What an agent Create needs, kept from the insert to the call.
 struct Pending {
-    req: agent::CreateSandboxRequest,
+    req: SandboxSpec,
     host: Uuid,
     id: Uuid,
 }
@@ -429,14 +430,14 @@ impl Api {
             ));
         }
         check_timeout(req.timeout_s)?;
-        let policy = convert::policy_text(req.on_timeout)?.unwrap_or("destroy");
-        let metadata = convert::check_map("metadata", &req.metadata)?;
-        convert::check_map("env", &req.env)?;
-        let timeout_s = if req.timeout_s == 0 {
-            SANDBOX_TIMEOUT_DEFAULT_S
-        } else {
-            req.timeout_s
-        };
+        let mut spec = convert::spec_from_create(&req);
+        let policy = TimeoutPolicy::from_wire(spec.on_timeout)?.unwrap_or(TimeoutPolicy::Destroy);
+        spec.on_timeout = policy as i32;
+        let metadata = convert::check_map("metadata", &spec.metadata)?;
+        convert::check_map("env", &spec.env)?;
+        if spec.timeout_s == 0 {
+            spec.timeout_s = SANDBOX_TIMEOUT_DEFAULT_S;
+        }
         let wait = req.wait.unwrap_or(true);
         if !wait && self.inner.background_creates.load(Ordering::Relaxed) >= BACKGROUND_CREATES_MAX
         {
@@ -462,11 +463,11 @@ impl Api {
                     team,
                     template: &tpl_ref,
                     // Lossless: bounded by the SANDBOX_*_MAX check above.
-                    vcpus: req.vcpus as i32,
-                    memory_mib: req.memory_mib as i32,
-                    disk_mib: req.disk_mib as i64,
-                    timeout_s: timeout_s as i64,
-                    policy,
+                    vcpus: spec.vcpus as i32,
+                    memory_mib: spec.memory_mib as i32,
+                    disk_mib: spec.disk_mib as i64,
+                    timeout_s: spec.timeout_s as i64,
+                    policy: policy.name(),
                     metadata: &metadata,
                     audit_id,
                     ctx: &ctx2,
@@ -475,23 +476,20 @@ impl Api {
             let (row, snapshot, size) = (&placed.row, placed.snapshot, placed.size);
             let sb = convert::sandbox(row);
             let host: Uuid = row.get(2);
-            let areq = agent::CreateSandboxRequest {
+            // The spec as placed: ids, the template's kind and the size it reserved.
+            let areq = SandboxSpec {
                 sandbox_id: id::format(Kind::Sandbox, id),
                 team_id: id::format(Kind::Team, team),
                 template_id: id::format(Kind::Template, placed.template),
                 template_kind: if snapshot {
-                    agent::TemplateKind::Snapshot as i32
+                    TemplateKind::Snapshot as i32
                 } else {
-                    agent::TemplateKind::Base as i32
+                    TemplateKind::Base as i32
                 },
                 vcpus: size.vcpus as u32,
                 memory_mib: size.memory_mib as u32,
                 disk_mib: size.disk_mib as u64,
-                timeout_s,
-                on_timeout: convert::policy_wire(policy),
-                env: req.env,
-                metadata: req.metadata,
-                ..Default::default()
+                ..spec
             };
             Ok((
                 sb,
@@ -607,7 +605,7 @@ impl Api {
         for s in &req.states {
             let st = State::from_wire(*s)
                 .ok_or_else(|| Status::invalid_argument(format!("unknown state {s}")))?;
-            states.push(st.as_str().to_owned());
+            states.push(st.name().to_owned());
         }
         let all_but_stopped = states.is_empty();
         let template = parse_opt_id(Kind::Template, &req.template_id)?;
@@ -693,7 +691,7 @@ impl Api {
                 &ctx2,
                 id,
                 "sandbox.destroy",
-                serde_json::json!({"from": cur.state.as_str(), "force": force}),
+                serde_json::json!({"from": cur.state.name(), "force": force}),
             )?;
             match cur.host {
                 None => {
@@ -800,10 +798,10 @@ impl Api {
             return Err(Status::invalid_argument("timeout_s must be > 0"));
         }
         check_timeout(req.timeout_s)?;
-        let policy = convert::policy_text(req.on_timeout)?;
+        let policy = TimeoutPolicy::from_wire(req.on_timeout)?.map(TimeoutPolicy::name);
         let team = ctx.team_id;
         let cur = self.inner.db.run(move |c| fetch(c, team, id))?;
-        let running = cur.state == State::Running.wire();
+        let running = cur.state == State::Running as i32;
         let mut exp = None;
         if running {
             let host = parse_id(Kind::Host, &cur.host_id)?;
@@ -817,7 +815,7 @@ impl Api {
                 },
             )?;
             exp = Some(expiry(info.expires_unix_ns, req.timeout_s));
-        } else if cur.state == State::Stopped.wire() || cur.state == State::Error.wire() {
+        } else if cur.state == State::Stopped as i32 || cur.state == State::Error as i32 {
             return Err(Status::failed_precondition(
                 "sandbox is not running or paused",
             ));
@@ -934,8 +932,8 @@ impl Api {
             if cur.state != from {
                 return Err(Status::failed_precondition(format!(
                     "sandbox is {}, not {}",
-                    cur.state.as_str(),
-                    from.as_str()
+                    cur.state.name(),
+                    from.name()
                 )));
             }
             let host = cur

@@ -308,15 +308,15 @@ fn read_kind(s: &mut std::net::TcpStream) -> Option<proto::frame::Kind> {
     proto::frame::Kind::from_u8(rest[4])
 }
 
-/// Issue 18: ctl's protobuf port survives hostile clients. Each flood runs against the real
+/// Issue 18: ctl's protobuf port, host port and HTTP gateway survive hostile clients. Each flood runs against the real
 /// binary (from loopback sources 127.0.0.2+) while a client with a team key calls from
 /// 127.0.0.1, connecting anew every tenth call (the failure was new connections refused):
 /// p99 under flood
 /// at most 2× unloaded p99 plus 5 ms (an absolute floor for a shared 2-core machine), and
 /// wrenn-ctl's RSS under 256 MiB. A scenario that misses is measured once more before it
 /// fails (`flood::run_checked`: the machine is shared). The "one credential" flood holds the platform admin key
-/// on as many connections as it is given. The host port (7702) takes the same test:
-/// `flood::run` with its address and a heartbeat closure.
+/// on as many connections as it is given. The host port (7702) and the gateway of the same
+/// process follow ([`host_and_http_floods`]).
 #[test]
 fn protobuf_port_survives_floods() {
     use proto::rpc::flood::{self, Scenario, Size, Target};
@@ -345,10 +345,19 @@ fn protobuf_port_survives_floods() {
             .to_owned()
     };
     let (team_key, admin_key) = (key("team api key"), key("platform admin key"));
-    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["admin", "create-registration-token", "--ttl-s", "600"])
+        .args(["--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let registration = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (port, http_port, host_port) = (free_port(), free_port(), free_port());
     let mut child = Command::new(BIN)
-        .args(["serve", "--database-url", &url, "--no-http"])
+        .args(["serve", "--database-url", &url])
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+        .args(["--host-listen", &format!("127.0.0.1:{host_port}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -413,9 +422,161 @@ fn protobuf_port_survives_floods() {
             }
         }
     }
+    if failure.is_none() {
+        failure = host_and_http_floods(pid, host_port, http_port, &registration, &team_key).err();
+    }
     let _ = child.kill();
     let _ = child.wait();
     if let Some(e) = failure {
         panic!("{e}");
     }
+}
+
+/// The same floods against the same process's host port (the legitimate peer is an agent's
+/// heartbeat; "one credential" holds registering connections, which anyone can open) and its
+/// HTTP gateway (idle and slow-header connections; the legitimate peer lists sandboxes with
+/// a team key, a new connection every tenth request).
+fn host_and_http_floods(
+    pid: u32,
+    host_port: u16,
+    http_port: u16,
+    registration: &str,
+    team_key: &str,
+) -> Result<(), String> {
+    use proto::gen::wrenn::agent::v1 as agent;
+    use proto::gen::wrenn::host::v1 as host;
+    use proto::rpc::flood::{self, Scenario, Size, Target};
+    use std::io::{Read, Write};
+    let host_addr = format!("127.0.0.1:{host_port}");
+    let reg: host::RegisterResponse =
+        Client::connect_tcp(host_addr.as_str(), Credential::host_token(""))
+            .and_then(|c| {
+                c.unary(
+                    host::host_methods::REGISTER,
+                    &host::RegisterRequest {
+                        registration_token: registration.into(),
+                        agent_address: "127.0.0.1:1".into(),
+                        hostname: "flooded".into(),
+                        capacity: Some(agent::Resources {
+                            vcpus: 2,
+                            memory_mib: 2048,
+                            disk_mib: 10_000,
+                        }),
+                        ..Default::default()
+                    },
+                    Some(Duration::from_secs(10)),
+                )
+            })
+            .map_err(|e| format!("register: {e}"))?;
+    let mut conn: Option<Client> = None;
+    let mut n = 0u32;
+    let mut heartbeat = || -> Result<(), String> {
+        n += 1;
+        if n % 10 == 0 || conn.is_none() {
+            if let Some(old) = conn.take() {
+                old.close();
+            }
+            conn = Some(
+                Client::connect_tcp(host_addr.as_str(), Credential::host_token(&reg.host_token))
+                    .map_err(|e| format!("connect: {e}"))?,
+            );
+        }
+        let cl = conn.as_ref().expect("connected above");
+        cl.unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 2,
+                    memory_mib: 2048,
+                    disk_mib: 10_000,
+                }),
+                ..Default::default()
+            },
+            Some(Duration::from_secs(10)),
+        )
+        .map_err(|e| format!("Heartbeat: {e}"))?;
+        Ok(())
+    };
+    let target = Target::Tcp(host_addr.parse().unwrap());
+    for scenario in [
+        Scenario::IdleUnauthenticated,
+        Scenario::SlowHello,
+        Scenario::HalfWrittenFrames(None),
+        Scenario::OneCredentialMany(Credential::host_token("")),
+    ] {
+        let r = flood::run_checked(
+            &target,
+            &scenario,
+            &Size::quick(),
+            Some(pid),
+            &mut heartbeat,
+            Duration::from_millis(5),
+            256 * 1024,
+        )
+        .map_err(|e| format!("host port: {e}"))?;
+        eprintln!("ctl host port {}", r.line());
+    }
+
+    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    let mut keep: Option<std::net::TcpStream> = None;
+    let mut m = 0u32;
+    let mut list = || -> Result<(), String> {
+        m += 1;
+        if m % 10 == 0 || keep.is_none() {
+            let s = std::net::TcpStream::connect(http_addr).map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_nodelay(true).unwrap();
+            keep = Some(s);
+        }
+        let s = keep.as_mut().expect("connected above");
+        write!(
+            s,
+            "GET /v1/sandboxes HTTP/1.1\r\nHost: t\r\nX-API-Key: {team_key}\r\n\r\n"
+        )
+        .map_err(|e| format!("write: {e}"))?;
+        // Read one response: head, then Content-Length bytes.
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 4096];
+        loop {
+            let n = s.read(&mut byte).map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                keep = None;
+                return Err("closed".into());
+            }
+            buf.extend_from_slice(&byte[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    if !head.starts_with("HTTP/1.1 200") {
+                        keep = None;
+                        return Err(head.lines().next().unwrap_or("").to_owned());
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let target = Target::Tcp(http_addr);
+    for scenario in [Scenario::HttpIdle, Scenario::HttpSlowHeaders] {
+        let r = flood::run_checked(
+            &target,
+            &scenario,
+            &Size::quick(),
+            Some(pid),
+            &mut list,
+            Duration::from_millis(5),
+            256 * 1024,
+        )
+        .map_err(|e| format!("http gateway: {e}"))?;
+        eprintln!("ctl http {}", r.line());
+    }
+    Ok(())
 }

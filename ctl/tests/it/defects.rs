@@ -853,7 +853,7 @@ fn heartbeat_drift_is_recorded_in_the_database_and_taken_once() {
         .sandboxes
         .get_mut(&sb.id)
         .unwrap()
-        .state = agent::SandboxState::Paused as i32;
+        .state = proto::sandbox::SandboxState::Paused as i32;
     fa.host_client()
         .unary::<_, host::HeartbeatResponse>(
             host::host_methods::HEARTBEAT,
@@ -866,7 +866,7 @@ fn heartbeat_drift_is_recorded_in_the_database_and_taken_once() {
                 can_host_sandboxes: true,
                 sandboxes: vec![host::SandboxSummary {
                     sandbox_id: sb.id.clone(),
-                    state: agent::SandboxState::Paused as i32,
+                    state: proto::sandbox::SandboxState::Paused as i32,
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -161,7 +161,7 @@ fn running_sb(state: &Mutex<State>, s: &str) -> Result<String, Status> {
         .sandboxes
         .get(&id)
         .ok_or_else(|| Status::not_found("sandbox not found"))?;
-    if sb.state != agent::SandboxState::Running as i32 {
+    if sb.state != proto::sandbox::SandboxState::Running as i32 {
         return Err(Status::failed_precondition("sandbox not running"));
     }
     Ok(id)
@@ -193,7 +193,7 @@ fn dispatch(
                 let st = state.lock().unwrap();
                 (st.create_delay, st.fail_create.clone())
             };
-            unary(s, |r: agent::CreateSandboxRequest| {
+            unary(s, |r: proto::sandbox::SandboxSpec| {
                 let id = sb_id(&r.sandbox_id)?;
                 creates.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(delay);
@@ -209,7 +209,7 @@ fn dispatch(
                     sandbox_id: id.clone(),
                     team_id: r.team_id,
                     template_id: r.template_id,
-                    state: agent::SandboxState::Running as i32,
+                    state: proto::sandbox::SandboxState::Running as i32,
                     vcpus: r.vcpus.max(1),
                     memory_mib: r.memory_mib.max(128),
                     disk_mib: r.disk_mib,
@@ -281,8 +281,8 @@ fn dispatch(
                     .sandboxes
                     .get_mut(&id)
                     .ok_or_else(|| Status::not_found("sandbox not found"))?;
-                let running = agent::SandboxState::Running as i32;
-                let paused = agent::SandboxState::Paused as i32;
+                let running = proto::sandbox::SandboxState::Running as i32;
+                let paused = proto::sandbox::SandboxState::Paused as i32;
                 match m.as_str() {
                     sm::PAUSE if sb.state == running => {
                         sb.state = paused;
@@ -582,11 +582,11 @@ fn dispatch(
                 .sandboxes
                 .get_mut(&sb)
                 .ok_or_else(|| Status::not_found("sandbox not found"))?;
-            info.state = agent::SandboxState::Paused as i32;
+            info.state = proto::sandbox::SandboxState::Paused as i32;
             let (v, m, d) = (info.vcpus, info.memory_mib, info.disk_mib);
             let ti = agent::TemplateInfo {
                 template_id: r.template_id.clone(),
-                kind: agent::TemplateKind::Snapshot as i32,
+                kind: proto::sandbox::TemplateKind::Snapshot as i32,
                 source_sandbox_id: sb,
                 vcpus: v,
                 memory_mib: m,

@@ -234,6 +234,19 @@ impl Ctl {
         disk_mib: u64,
         problems: Vec<String>,
     ) -> (Arc<FakeAgent>, String) {
+        self.register_host(vcpus, memory_mib, disk_mib, problems, |_| {})
+            .expect("register")
+    }
+
+    /// Registers a fake agent with a request `edit` may change (host settings).
+    pub fn register_host(
+        &self,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_mib: u64,
+        problems: Vec<String>,
+        edit: impl FnOnce(&mut host::RegisterRequest),
+    ) -> Result<(Arc<FakeAgent>, String), proto::Status> {
         let fa = FakeAgent::start();
         let tok: ctlpb::CreateRegistrationTokenResponse = self
             .admin()
@@ -245,29 +258,26 @@ impl Ctl {
             .expect("registration token");
         let reg = Client::connect_tcp(self.host_addr(), Credential::host_token(""))
             .expect("connect to register");
-        let r: host::RegisterResponse = reg
-            .unary(
-                host::host_methods::REGISTER,
-                &host::RegisterRequest {
-                    registration_token: tok.token,
-                    agent_address: fa.addr.to_string(),
-                    hostname: format!("fake-{}", fa.addr.port()),
-                    capacity: Some(agent::Resources {
-                        vcpus,
-                        memory_mib,
-                        disk_mib,
-                    }),
-                    agent_version: "fake".into(),
-                    firecracker_version: "fake".into(),
-                    can_host_sandboxes: problems.is_empty(),
-                    problems,
-                },
-                None,
-            )
-            .expect("register");
+        let mut req = host::RegisterRequest {
+            registration_token: tok.token,
+            agent_address: fa.addr.to_string(),
+            hostname: format!("fake-{}", fa.addr.port()),
+            capacity: Some(agent::Resources {
+                vcpus,
+                memory_mib,
+                disk_mib,
+            }),
+            agent_version: "fake".into(),
+            firecracker_version: "fake".into(),
+            can_host_sandboxes: problems.is_empty(),
+            problems,
+            ..Default::default()
+        };
+        edit(&mut req);
+        let r: host::RegisterResponse = reg.unary(host::host_methods::REGISTER, &req, None)?;
         fa.set_token(&r.agent_token);
         fa.set_host_token(&r.host_token, &self.host_addr());
-        (fa, r.host_id)
+        Ok((fa, r.host_id))
     }
 }
 

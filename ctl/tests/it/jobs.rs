@@ -48,9 +48,10 @@ fn reconciler_corrects_drift() {
     {
         let mut st = fa.state.lock().unwrap();
         st.sandboxes.remove(&missing.id);
-        st.sandboxes.get_mut(&ttl_paused.id).unwrap().state = agent::SandboxState::Paused as i32;
+        st.sandboxes.get_mut(&ttl_paused.id).unwrap().state =
+            proto::sandbox::SandboxState::Paused as i32;
         let d = st.sandboxes.get_mut(&died.id).unwrap();
-        d.state = agent::SandboxState::Error as i32;
+        d.state = proto::sandbox::SandboxState::Error as i32;
         d.state_reason = "firecracker exited".into();
         let mut u = st.sandboxes[&fine.id].clone();
         u.sandbox_id = unknown.clone();
@@ -231,13 +232,13 @@ fn agent_state_reports_apply_ttl_transitions() {
     let cl = ctl.team();
     let sb = create(&cl);
     let hc = fa.host_client();
-    let report = |state: agent::SandboxState, ns: i64| {
+    let report = |state: proto::sandbox::SandboxState, ns: i64| {
         hc.unary::<_, host::ReportStateResponse>(
             host::host_methods::REPORT_STATE,
             &host::ReportStateRequest {
                 sandbox_id: sb.id.clone(),
                 state: state as i32,
-                previous_state: agent::SandboxState::Running as i32,
+                previous_state: proto::sandbox::SandboxState::Running as i32,
                 reason: host::StateChangeReason::Timeout as i32,
                 message: String::new(),
                 changed_unix_ns: ns,
@@ -246,15 +247,15 @@ fn agent_state_reports_apply_ttl_transitions() {
         )
     };
     let now = ctl::service::audit_ns(Some(std::time::SystemTime::now()));
-    report(agent::SandboxState::Paused, now).unwrap();
-    report(agent::SandboxState::Paused, now).unwrap(); // idempotent
+    report(proto::sandbox::SandboxState::Paused, now).unwrap();
+    report(proto::sandbox::SandboxState::Paused, now).unwrap(); // idempotent
     let g = get(&cl, &sb.id);
     assert_eq!(
         (g.state, g.state_reason.as_str()),
         (c::SandboxState::Paused as i32, "timeout")
     );
     // A report older than what ctl holds is ignored.
-    report(agent::SandboxState::Stopped, 1).unwrap();
+    report(proto::sandbox::SandboxState::Stopped, 1).unwrap();
     assert_eq!(get(&cl, &sb.id).state, c::SandboxState::Paused as i32);
     // Unknown sandbox, bad id, bad state.
     let r = hc.unary::<_, host::ReportStateResponse>(
@@ -526,7 +527,7 @@ fn heartbeat_drift_is_reconciled_before_the_next_pass() {
     cfg.reconcile_interval = Duration::from_secs(3600);
     let _jobs = ctl::monitor::Jobs::start(ctl.api().clone(), cfg).unwrap();
     let hc = fa.host_client();
-    let heartbeat = |states: &[(&str, agent::SandboxState)]| {
+    let heartbeat = |states: &[(&str, proto::sandbox::SandboxState)]| {
         let _: host::HeartbeatResponse = hc
             .unary(
                 host::host_methods::HEARTBEAT,
@@ -552,7 +553,7 @@ fn heartbeat_drift_is_reconciled_before_the_next_pass() {
             .unwrap();
     };
     let reconciled = |cl: &Client| harness::audit(cl, "sandbox.reconcile").len();
-    let running = agent::SandboxState::Running;
+    let running = proto::sandbox::SandboxState::Running;
     heartbeat(&[(&paused_by_ttl.id, running), (&fine.id, running)]);
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(reconciled(&cl), 0, "no drift, nothing done");
@@ -564,9 +565,9 @@ fn heartbeat_drift_is_reconciled_before_the_next_pass() {
         .sandboxes
         .get_mut(&paused_by_ttl.id)
         .unwrap()
-        .state = agent::SandboxState::Paused as i32;
+        .state = proto::sandbox::SandboxState::Paused as i32;
     heartbeat(&[
-        (&paused_by_ttl.id, agent::SandboxState::Paused),
+        (&paused_by_ttl.id, proto::sandbox::SandboxState::Paused),
         (&fine.id, running),
     ]);
     let t0 = Instant::now();
@@ -582,8 +583,8 @@ fn heartbeat_drift_is_reconciled_before_the_next_pass() {
 
     // A heartbeat can be stale: the agent's own list decides. Here it still says running.
     heartbeat(&[
-        (&paused_by_ttl.id, agent::SandboxState::Paused),
-        (&fine.id, agent::SandboxState::Paused),
+        (&paused_by_ttl.id, proto::sandbox::SandboxState::Paused),
+        (&fine.id, proto::sandbox::SandboxState::Paused),
     ]);
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(get(&cl, &fine.id).state, c::SandboxState::Running as i32);

@@ -24,6 +24,8 @@ use std::process::ExitCode;
 /// server traits leave out (the generic forwarding path serves them).
 struct Methods {
     forwarded: std::collections::BTreeSet<String>,
+    /// The `<service>_methods` modules of the package being generated.
+    modules: Vec<String>,
 }
 
 impl prost_build::ServiceGenerator for Methods {
@@ -45,16 +47,33 @@ impl prost_build::ServiceGenerator for Methods {
         for m in &service.methods {
             let _ = writeln!(
                 buf,
-                "        crate::rpc::MethodDesc {{ name: {}, client_streaming: {}, server_streaming: {} }},",
+                "        crate::rpc::MethodDesc {{ name: {}, client_streaming: {}, server_streaming: {}, input: \"{}\", output: \"{}\" }},",
                 snake(&m.proto_name).to_uppercase(),
                 m.client_streaming,
-                m.server_streaming
+                m.server_streaming,
+                m.input_proto_type.trim_start_matches('.'),
+                m.output_proto_type.trim_start_matches('.')
             );
         }
         let _ = writeln!(buf, "    ];");
         let _ = writeln!(buf, "}}");
         server_trait(&service, &module, &full, &self.forwarded, buf);
         client_stub(&service, &module, &full, buf);
+        self.modules.push(module);
+    }
+
+    /// Called after each `.proto` file (every package is one file): every method of the
+    /// package, service by service, which tables naming methods are checked against.
+    fn finalize(&mut self, buf: &mut String) {
+        if self.modules.is_empty() {
+            return;
+        }
+        let _ = writeln!(buf, "/// Every method of every service of this package.");
+        let _ = writeln!(buf, "pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[");
+        for m in self.modules.drain(..) {
+            let _ = writeln!(buf, "    {m}::ALL,");
+        }
+        let _ = writeln!(buf, "];");
     }
 }
 
@@ -246,7 +265,10 @@ fn generate(schema: &Path, out_dir: &Path) -> Result<(String, String), String> {
     packages.dedup();
     let mut config = prost_build::Config::new();
     config.out_dir(out_dir);
-    config.service_generator(Box::new(Methods { forwarded }));
+    config.service_generator(Box::new(Methods {
+        forwarded,
+        modules: Vec::new(),
+    }));
     config.bytes(["."]);
     config
         .compile_fds(fds)

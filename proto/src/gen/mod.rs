@@ -24,6 +24,11 @@ pub mod wrenn {
             include!("wrenn.host.v1.rs");
         }
     }
+    pub mod sandbox {
+        pub mod v1 {
+            include!("wrenn.sandbox.v1.rs");
+        }
+    }
     pub mod wire {
         pub mod v1 {
             include!("wrenn.wire.v1.rs");

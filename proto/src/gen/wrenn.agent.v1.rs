@@ -12,7 +12,7 @@ pub struct SandboxInfo {
     #[prost(string, tag = "3")]
     pub template_id: ::prost::alloc::string::String,
     /// Current lifecycle state.
-    #[prost(enumeration = "SandboxState", tag = "4")]
+    #[prost(enumeration = "super::super::sandbox::v1::SandboxState", tag = "4")]
     pub state: i32,
     /// Why the sandbox is in ERROR (or what the last transition was caused by); "" when nothing
     /// to say. Informational, for people.
@@ -31,7 +31,7 @@ pub struct SandboxInfo {
     #[prost(uint64, tag = "9")]
     pub timeout_s: u64,
     /// What happens at expiry.
-    #[prost(enumeration = "TimeoutPolicy", tag = "10")]
+    #[prost(enumeration = "super::super::sandbox::v1::TimeoutPolicy", tag = "10")]
     pub on_timeout: i32,
     /// When the timeout fires (0 when the sandbox is not running).
     #[prost(int64, tag = "11")]
@@ -67,62 +67,6 @@ pub struct Resources {
     #[prost(uint64, tag = "3")]
     pub disk_mib: u64,
 }
-/// Request of Sandboxes.Create.
-#[derive(Clone, PartialEq, ::prost::Message)]
-pub struct CreateSandboxRequest {
-    /// Id chosen by ctl, "sb-{uuid}".
-    #[prost(string, tag = "1")]
-    pub sandbox_id: ::prost::alloc::string::String,
-    /// Owner, "team-{uuid}" (recorded, shown in SandboxInfo).
-    #[prost(string, tag = "2")]
-    pub team_id: ::prost::alloc::string::String,
-    /// Template, "tpl-{uuid}"; its files must be on this host (NOT_FOUND otherwise).
-    #[prost(string, tag = "3")]
-    pub template_id: ::prost::alloc::string::String,
-    /// BASE: boot cold from the template's rootfs. SNAPSHOT: restore from the template's
-    /// snapshot. Must match the template's kind on the host (FAILED_PRECONDITION otherwise).
-    #[prost(enumeration = "TemplateKind", tag = "4")]
-    pub template_kind: i32,
-    /// Guest kernel version for a cold boot (a `kernels/vmlinux-<version>` on the host);
-    /// "" = the host's default. Ignored for SNAPSHOT.
-    #[prost(string, tag = "5")]
-    pub kernel: ::prost::alloc::string::String,
-    /// vCPUs and memory; 0 = the template's defaults (1 vCPU, 512 MiB for `minimal`).
-    /// Ignored for SNAPSHOT: the snapshot's values are in force (SandboxInfo shows them).
-    #[prost(uint32, tag = "6")]
-    pub vcpus: u32,
-    /// Guest memory; 0 = the template's.
-    #[prost(uint32, tag = "7")]
-    pub memory_mib: u32,
-    /// Root disk size; 0 = the template image's size. May only grow the image.
-    #[prost(uint64, tag = "8")]
-    pub disk_mib: u64,
-    /// Seconds the sandbox runs before on_timeout applies; 0 = the agent's default.
-    #[prost(uint64, tag = "9")]
-    pub timeout_s: u64,
-    /// What happens at expiry; UNSPECIFIED = DESTROY.
-    #[prost(enumeration = "TimeoutPolicy", tag = "10")]
-    pub on_timeout: i32,
-    /// Environment variables for every process in the guest (envd Init).
-    #[prost(map = "string, string", tag = "11")]
-    pub env: ::std::collections::HashMap<
-        ::prost::alloc::string::String,
-        ::prost::alloc::string::String,
-    >,
-    /// Free-form labels, stored and returned as given.
-    #[prost(map = "string, string", tag = "12")]
-    pub metadata: ::std::collections::HashMap<
-        ::prost::alloc::string::String,
-        ::prost::alloc::string::String,
-    >,
-    /// Default user and working directory inside the guest ("" = envd's default: "user" when
-    /// the image has that account, else "root"; and that user's home).
-    #[prost(string, tag = "13")]
-    pub default_user: ::prost::alloc::string::String,
-    /// "" = the default user's home.
-    #[prost(string, tag = "14")]
-    pub default_cwd: ::prost::alloc::string::String,
-}
 /// Request of Sandboxes.Get.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetSandboxRequest {
@@ -134,7 +78,11 @@ pub struct GetSandboxRequest {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListSandboxesRequest {
     /// Only sandboxes in these states; empty = all.
-    #[prost(enumeration = "SandboxState", repeated, tag = "1")]
+    #[prost(
+        enumeration = "super::super::sandbox::v1::SandboxState",
+        repeated,
+        tag = "1"
+    )]
     pub states: ::prost::alloc::vec::Vec<i32>,
 }
 /// Reply of Sandboxes.List.
@@ -181,8 +129,18 @@ pub struct SetTimeoutRequest {
     #[prost(uint64, tag = "2")]
     pub timeout_s: u64,
     /// New policy; UNSPECIFIED = keep the current one.
-    #[prost(enumeration = "TimeoutPolicy", tag = "3")]
+    #[prost(enumeration = "super::super::sandbox::v1::TimeoutPolicy", tag = "3")]
     pub on_timeout: i32,
+}
+/// Request of Sandboxes.UpdateNetwork.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateNetworkRequest {
+    /// The sandbox, "sb-{uuid}".
+    #[prost(string, tag = "1")]
+    pub sandbox_id: ::prost::alloc::string::String,
+    /// The new policy (absent: allow everything not in never_out).
+    #[prost(message, optional, tag = "2")]
+    pub network: ::core::option::Option<super::super::sandbox::v1::NetworkPolicy>,
 }
 /// Request of Sandboxes.Ping.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -424,7 +382,7 @@ pub struct TemplateInfo {
     #[prost(string, tag = "1")]
     pub template_id: ::prost::alloc::string::String,
     /// BASE or SNAPSHOT.
-    #[prost(enumeration = "TemplateKind", tag = "2")]
+    #[prost(enumeration = "super::super::sandbox::v1::TemplateKind", tag = "2")]
     pub kind: i32,
     /// The sandbox a SNAPSHOT template was made from ("" for BASE).
     #[prost(string, tag = "3")]
@@ -485,7 +443,7 @@ pub struct ListTemplatesResponse {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HostInfoRequest {}
 /// Reply of Host.Info.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HostInfo {
     /// "host-{uuid}" given at registration ("" before registration).
     #[prost(string, tag = "1")]
@@ -530,6 +488,15 @@ pub struct HostInfo {
     /// The agent's current wall time.
     #[prost(int64, tag = "14")]
     pub now_unix_ns: i64,
+    /// The host's own CPUs, memory and disk; `capacity` is this times the overcommit ratios.
+    #[prost(message, optional, tag = "15")]
+    pub physical: ::core::option::Option<Resources>,
+    /// vCPUs offered per host CPU (default 4).
+    #[prost(double, tag = "16")]
+    pub vcpu_overcommit: f64,
+    /// Guest memory offered per MiB of host memory (default 1).
+    #[prost(double, tag = "17")]
+    pub memory_overcommit: f64,
 }
 /// Request of Host.Metrics.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -603,132 +570,6 @@ pub mod port_connect_response {
         Data(::prost::bytes::Bytes),
     }
 }
-/// Lifecycle state of a sandbox (agent/src/state.rs has the transitions):
-/// pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped,
-/// and error. Same numbering as wrenn.ctl.v1.SandboxState.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
-#[repr(i32)]
-pub enum SandboxState {
-    Unspecified = 0,
-    /// Accepted, not yet placed or started (ctl only; an agent never reports it).
-    Pending = 1,
-    /// The VM is being created or restored; envd not yet initialized.
-    Starting = 2,
-    /// Running and envd initialized.
-    Running = 3,
-    /// Being snapshotted for a pause.
-    Pausing = 4,
-    /// No VM; its memory and disk are kept in files on this host.
-    Paused = 5,
-    /// Being restored from its own snapshot chain.
-    Resuming = 6,
-    /// Being destroyed.
-    Stopping = 7,
-    /// Gone; nothing remains on the host.
-    Stopped = 8,
-    /// Failed; `state_reason` says why. Destroy cleans up what remains.
-    Error = 9,
-}
-impl SandboxState {
-    /// String value of the enum field names used in the ProtoBuf definition.
-    ///
-    /// The values are not transformed in any way and thus are considered stable
-    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
-    pub fn as_str_name(&self) -> &'static str {
-        match self {
-            Self::Unspecified => "SANDBOX_STATE_UNSPECIFIED",
-            Self::Pending => "SANDBOX_STATE_PENDING",
-            Self::Starting => "SANDBOX_STATE_STARTING",
-            Self::Running => "SANDBOX_STATE_RUNNING",
-            Self::Pausing => "SANDBOX_STATE_PAUSING",
-            Self::Paused => "SANDBOX_STATE_PAUSED",
-            Self::Resuming => "SANDBOX_STATE_RESUMING",
-            Self::Stopping => "SANDBOX_STATE_STOPPING",
-            Self::Stopped => "SANDBOX_STATE_STOPPED",
-            Self::Error => "SANDBOX_STATE_ERROR",
-        }
-    }
-    /// Creates an enum from field names used in the ProtoBuf definition.
-    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
-        match value {
-            "SANDBOX_STATE_UNSPECIFIED" => Some(Self::Unspecified),
-            "SANDBOX_STATE_PENDING" => Some(Self::Pending),
-            "SANDBOX_STATE_STARTING" => Some(Self::Starting),
-            "SANDBOX_STATE_RUNNING" => Some(Self::Running),
-            "SANDBOX_STATE_PAUSING" => Some(Self::Pausing),
-            "SANDBOX_STATE_PAUSED" => Some(Self::Paused),
-            "SANDBOX_STATE_RESUMING" => Some(Self::Resuming),
-            "SANDBOX_STATE_STOPPING" => Some(Self::Stopping),
-            "SANDBOX_STATE_STOPPED" => Some(Self::Stopped),
-            "SANDBOX_STATE_ERROR" => Some(Self::Error),
-            _ => None,
-        }
-    }
-}
-/// What happens when a sandbox's timeout passes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
-#[repr(i32)]
-pub enum TimeoutPolicy {
-    /// Treated as DESTROY.
-    Unspecified = 0,
-    Pause = 1,
-    Destroy = 2,
-}
-impl TimeoutPolicy {
-    /// String value of the enum field names used in the ProtoBuf definition.
-    ///
-    /// The values are not transformed in any way and thus are considered stable
-    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
-    pub fn as_str_name(&self) -> &'static str {
-        match self {
-            Self::Unspecified => "TIMEOUT_POLICY_UNSPECIFIED",
-            Self::Pause => "TIMEOUT_POLICY_PAUSE",
-            Self::Destroy => "TIMEOUT_POLICY_DESTROY",
-        }
-    }
-    /// Creates an enum from field names used in the ProtoBuf definition.
-    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
-        match value {
-            "TIMEOUT_POLICY_UNSPECIFIED" => Some(Self::Unspecified),
-            "TIMEOUT_POLICY_PAUSE" => Some(Self::Pause),
-            "TIMEOUT_POLICY_DESTROY" => Some(Self::Destroy),
-            _ => None,
-        }
-    }
-}
-/// Kind of a template.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
-#[repr(i32)]
-pub enum TemplateKind {
-    Unspecified = 0,
-    /// A root filesystem image: sandboxes boot cold from it.
-    Base = 1,
-    /// A snapshot of a sandbox (memory layers + disk): sandboxes restore from it; its vCPUs and
-    /// memory are fixed.
-    Snapshot = 2,
-}
-impl TemplateKind {
-    /// String value of the enum field names used in the ProtoBuf definition.
-    ///
-    /// The values are not transformed in any way and thus are considered stable
-    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
-    pub fn as_str_name(&self) -> &'static str {
-        match self {
-            Self::Unspecified => "TEMPLATE_KIND_UNSPECIFIED",
-            Self::Base => "TEMPLATE_KIND_BASE",
-            Self::Snapshot => "TEMPLATE_KIND_SNAPSHOT",
-        }
-    }
-    /// Creates an enum from field names used in the ProtoBuf definition.
-    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
-        match value {
-            "TEMPLATE_KIND_UNSPECIFIED" => Some(Self::Unspecified),
-            "TEMPLATE_KIND_BASE" => Some(Self::Base),
-            "TEMPLATE_KIND_SNAPSHOT" => Some(Self::Snapshot),
-            _ => None,
-        }
-    }
-}
 /// Method names of service `wrenn.agent.v1.Sandboxes`.
 pub mod sandboxes_methods {
     pub const CREATE: &str = "wrenn.agent.v1.Sandboxes/Create";
@@ -739,6 +580,7 @@ pub mod sandboxes_methods {
     pub const RESUME: &str = "wrenn.agent.v1.Sandboxes/Resume";
     pub const SET_TIMEOUT: &str = "wrenn.agent.v1.Sandboxes/SetTimeout";
     pub const PING: &str = "wrenn.agent.v1.Sandboxes/Ping";
+    pub const UPDATE_NETWORK: &str = "wrenn.agent.v1.Sandboxes/UpdateNetwork";
     pub const METRICS: &str = "wrenn.agent.v1.Sandboxes/Metrics";
     /// Every method with its streaming shape.
     pub const ALL: &[crate::rpc::MethodDesc] = &[
@@ -746,46 +588,71 @@ pub mod sandboxes_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.sandbox.v1.SandboxSpec",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.GetSandboxRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ListSandboxesRequest",
+            output: "wrenn.agent.v1.ListSandboxesResponse",
         },
         crate::rpc::MethodDesc {
             name: DESTROY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.DestroySandboxRequest",
+            output: "wrenn.agent.v1.DestroySandboxResponse",
         },
         crate::rpc::MethodDesc {
             name: PAUSE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.PauseSandboxRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: RESUME,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ResumeSandboxRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: SET_TIMEOUT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.SetTimeoutRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: PING,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.PingSandboxRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
+        },
+        crate::rpc::MethodDesc {
+            name: UPDATE_NETWORK,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.agent.v1.UpdateNetworkRequest",
+            output: "wrenn.agent.v1.SandboxInfo",
         },
         crate::rpc::MethodDesc {
             name: METRICS,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.SandboxMetricsRequest",
+            output: "wrenn.envd.v1.GetMetricsResponse",
         },
     ];
 }
@@ -798,7 +665,7 @@ pub trait SandboxesServer: Send + Sync {
     fn create(
         &self,
         peer: &crate::rpc::Peer,
-        req: CreateSandboxRequest,
+        req: super::super::sandbox::v1::SandboxSpec,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Get` (unary).
     fn get(
@@ -842,6 +709,12 @@ pub trait SandboxesServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: PingSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
+    /// `UpdateNetwork` (unary).
+    fn update_network(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: UpdateNetworkRequest,
+    ) -> Result<SandboxInfo, crate::Status>;
 }
 /// Runs a call of `wrenn.agent.v1.Sandboxes` on `svc` and returns its final code, or gives the stream
 /// back when the method is not one of this service's.
@@ -872,6 +745,9 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
         sandboxes_methods::PING => {
             crate::rpc::serve::unary(stream, |p, r| svc.ping(p, r))
         }
+        sandboxes_methods::UPDATE_NETWORK => {
+            crate::rpc::serve::unary(stream, |p, r| svc.update_network(p, r))
+        }
         _ => return Err(stream),
     };
     Ok(code)
@@ -898,7 +774,7 @@ impl<'a> SandboxesClient<'a> {
     /// `Create` (unary).
     pub fn create(
         &self,
-        req: &CreateSandboxRequest,
+        req: &super::super::sandbox::v1::SandboxSpec,
     ) -> Result<SandboxInfo, crate::Status> {
         self.client.unary(sandboxes_methods::CREATE, req, self.timeout)
     }
@@ -945,6 +821,13 @@ impl<'a> SandboxesClient<'a> {
     pub fn ping(&self, req: &PingSandboxRequest) -> Result<SandboxInfo, crate::Status> {
         self.client.unary(sandboxes_methods::PING, req, self.timeout)
     }
+    /// `UpdateNetwork` (unary).
+    pub fn update_network(
+        &self,
+        req: &UpdateNetworkRequest,
+    ) -> Result<SandboxInfo, crate::Status> {
+        self.client.unary(sandboxes_methods::UPDATE_NETWORK, req, self.timeout)
+    }
     /// `Metrics` (unary).
     pub fn metrics(
         &self,
@@ -969,41 +852,57 @@ pub mod processes_methods {
             name: EXEC,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ExecRequest",
+            output: "wrenn.agent.v1.ExecResponse",
         },
         crate::rpc::MethodDesc {
             name: EXEC_STREAM,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.ExecStreamRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: CONNECT,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.ConnectRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: SEND_INPUT,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.agent.v1.SendInputRequest",
+            output: "wrenn.envd.v1.SendInputResponse",
         },
         crate::rpc::MethodDesc {
             name: CLOSE_STDIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.CloseStdinRequest",
+            output: "wrenn.envd.v1.CloseStdinResponse",
         },
         crate::rpc::MethodDesc {
             name: SIGNAL,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.SignalRequest",
+            output: "wrenn.envd.v1.SignalResponse",
         },
         crate::rpc::MethodDesc {
             name: RESIZE_PTY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ResizePtyRequest",
+            output: "wrenn.envd.v1.ResizePtyResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ListProcessesRequest",
+            output: "wrenn.envd.v1.ListProcessesResponse",
         },
     ];
 }
@@ -1146,41 +1045,57 @@ pub mod files_methods {
             name: STAT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.StatRequest",
+            output: "wrenn.envd.v1.StatResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.ListDirRequest",
+            output: "wrenn.envd.v1.ListDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MAKE_DIR,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.MakeDirRequest",
+            output: "wrenn.envd.v1.MakeDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.MoveRequest",
+            output: "wrenn.envd.v1.MoveResponse",
         },
         crate::rpc::MethodDesc {
             name: REMOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.RemoveRequest",
+            output: "wrenn.envd.v1.RemoveResponse",
         },
         crate::rpc::MethodDesc {
             name: READ,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.ReadRequest",
+            output: "wrenn.envd.v1.ReadResponse",
         },
         crate::rpc::MethodDesc {
             name: WRITE,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.agent.v1.WriteRequest",
+            output: "wrenn.envd.v1.WriteResponse",
         },
         crate::rpc::MethodDesc {
             name: WATCH,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.agent.v1.WatchRequest",
+            output: "wrenn.envd.v1.WatchResponse",
         },
     ];
 }
@@ -1303,16 +1218,22 @@ pub mod templates_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.CreateTemplateRequest",
+            output: "wrenn.agent.v1.TemplateInfo",
         },
         crate::rpc::MethodDesc {
             name: DELETE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.DeleteTemplateRequest",
+            output: "wrenn.agent.v1.DeleteTemplateResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.ListTemplatesRequest",
+            output: "wrenn.agent.v1.ListTemplatesResponse",
         },
     ];
 }
@@ -1409,11 +1330,15 @@ pub mod host_methods {
             name: INFO,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.HostInfoRequest",
+            output: "wrenn.agent.v1.HostInfo",
         },
         crate::rpc::MethodDesc {
             name: METRICS,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.agent.v1.HostMetricsRequest",
+            output: "wrenn.agent.v1.HostMetrics",
         },
     ];
 }
@@ -1488,6 +1413,8 @@ pub mod ports_methods {
             name: CONNECT,
             client_streaming: true,
             server_streaming: true,
+            input: "wrenn.agent.v1.PortConnectRequest",
+            output: "wrenn.agent.v1.PortConnectResponse",
         },
     ];
 }
@@ -1551,3 +1478,12 @@ impl<'a> PortsClient<'a> {
             )
     }
 }
+/// Every method of every service of this package.
+pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
+    sandboxes_methods::ALL,
+    processes_methods::ALL,
+    files_methods::ALL,
+    templates_methods::ALL,
+    host_methods::ALL,
+    ports_methods::ALL,
+];

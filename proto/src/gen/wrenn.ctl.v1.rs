@@ -51,7 +51,8 @@ pub struct Sandbox {
         ::prost::alloc::string::String,
     >,
 }
-/// Request of Sandboxes.Create.
+/// Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of
+/// the same name) and fills in the rest.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CreateSandboxRequest {
     /// Template: an id "tpl-{uuid}", or a name looked up in the caller's team, then among
@@ -743,7 +744,7 @@ pub struct Resources {
     pub disk_mib: u64,
 }
 /// Reply of Hosts.Get.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Host {
     /// "host-{uuid}".
     #[prost(string, tag = "1")]
@@ -784,6 +785,15 @@ pub struct Host {
     /// Registration time.
     #[prost(int64, tag = "13")]
     pub created_unix_ns: i64,
+    /// The host's own CPUs, memory and disk; `capacity` is this times the ratios below.
+    #[prost(message, optional, tag = "14")]
+    pub physical: ::core::option::Option<Resources>,
+    /// vCPUs offered per host CPU (the agent's --vcpu-overcommit).
+    #[prost(double, tag = "15")]
+    pub vcpu_overcommit: f64,
+    /// Guest memory offered per MiB of host memory (the agent's --memory-overcommit).
+    #[prost(double, tag = "16")]
+    pub memory_overcommit: f64,
 }
 /// Request of Hosts.CreateRegistrationToken.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -840,7 +850,7 @@ pub struct DrainHostRequest {
     pub host_id: ::prost::alloc::string::String,
 }
 /// Reply of Hosts.Drain.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DrainHostResponse {
     /// The host, now DRAINING.
     #[prost(message, optional, tag = "1")]
@@ -1001,7 +1011,7 @@ pub mod port_connect_response {
 }
 /// Lifecycle state of a sandbox:
 /// pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped,
-/// plus error. Same numbering as wrenn.agent.v1.SandboxState.
+/// plus error. Same numbers as wrenn.sandbox.v1.SandboxState (a test in ctl checks them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum SandboxState {
@@ -1058,7 +1068,8 @@ impl SandboxState {
         }
     }
 }
-/// What happens when a sandbox's timeout passes.
+/// What happens when a sandbox's timeout passes. Same numbers as
+/// wrenn.sandbox.v1.TimeoutPolicy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum TimeoutPolicy {
@@ -1089,7 +1100,7 @@ impl TimeoutPolicy {
         }
     }
 }
-/// Kind of a template.
+/// Kind of a template. Same numbers as wrenn.sandbox.v1.TemplateKind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum TemplateKind {
@@ -1207,41 +1218,57 @@ pub mod sandboxes_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListSandboxesRequest",
+            output: "wrenn.ctl.v1.ListSandboxesResponse",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: DESTROY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.DestroySandboxRequest",
+            output: "wrenn.ctl.v1.DestroySandboxResponse",
         },
         crate::rpc::MethodDesc {
             name: PING,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.PingSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: SET_TIMEOUT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.SetTimeoutRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: PAUSE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.PauseSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
         crate::rpc::MethodDesc {
             name: RESUME,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ResumeSandboxRequest",
+            output: "wrenn.ctl.v1.Sandbox",
         },
     ];
 }
@@ -1407,41 +1434,57 @@ pub mod processes_methods {
             name: EXEC,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ExecRequest",
+            output: "wrenn.ctl.v1.ExecResponse",
         },
         crate::rpc::MethodDesc {
             name: EXEC_STREAM,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.ctl.v1.ExecStreamRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: CONNECT,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.ctl.v1.ConnectRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: SEND_INPUT,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.ctl.v1.SendInputRequest",
+            output: "wrenn.envd.v1.SendInputResponse",
         },
         crate::rpc::MethodDesc {
             name: CLOSE_STDIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CloseStdinRequest",
+            output: "wrenn.envd.v1.CloseStdinResponse",
         },
         crate::rpc::MethodDesc {
             name: SIGNAL,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.SignalRequest",
+            output: "wrenn.envd.v1.SignalResponse",
         },
         crate::rpc::MethodDesc {
             name: RESIZE_PTY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ResizePtyRequest",
+            output: "wrenn.envd.v1.ResizePtyResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListProcessesRequest",
+            output: "wrenn.envd.v1.ListProcessesResponse",
         },
     ];
 }
@@ -1583,36 +1626,50 @@ pub mod files_methods {
             name: UPLOAD,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.ctl.v1.UploadRequest",
+            output: "wrenn.envd.v1.WriteResponse",
         },
         crate::rpc::MethodDesc {
             name: DOWNLOAD,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.ctl.v1.DownloadRequest",
+            output: "wrenn.envd.v1.ReadResponse",
         },
         crate::rpc::MethodDesc {
             name: STAT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.StatRequest",
+            output: "wrenn.envd.v1.StatResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.ctl.v1.ListDirRequest",
+            output: "wrenn.envd.v1.ListDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MAKE_DIR,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.MakeDirRequest",
+            output: "wrenn.envd.v1.MakeDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.MoveRequest",
+            output: "wrenn.envd.v1.MoveResponse",
         },
         crate::rpc::MethodDesc {
             name: REMOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.RemoveRequest",
+            output: "wrenn.envd.v1.RemoveResponse",
         },
     ];
 }
@@ -1721,21 +1778,29 @@ pub mod templates_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateTemplateRequest",
+            output: "wrenn.ctl.v1.Template",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListTemplatesRequest",
+            output: "wrenn.ctl.v1.ListTemplatesResponse",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetTemplateRequest",
+            output: "wrenn.ctl.v1.Template",
         },
         crate::rpc::MethodDesc {
             name: DELETE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.DeleteTemplateRequest",
+            output: "wrenn.ctl.v1.DeleteTemplateResponse",
         },
     ];
 }
@@ -1846,26 +1911,36 @@ pub mod teams_methods {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetTeamRequest",
+            output: "wrenn.ctl.v1.Team",
         },
         crate::rpc::MethodDesc {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateTeamRequest",
+            output: "wrenn.ctl.v1.CreateTeamResponse",
         },
         crate::rpc::MethodDesc {
             name: ADD_MEMBER,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.AddMemberRequest",
+            output: "wrenn.ctl.v1.Member",
         },
         crate::rpc::MethodDesc {
             name: REMOVE_MEMBER,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.RemoveMemberRequest",
+            output: "wrenn.ctl.v1.RemoveMemberResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST_MEMBERS,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListMembersRequest",
+            output: "wrenn.ctl.v1.ListMembersResponse",
         },
     ];
 }
@@ -1987,16 +2062,22 @@ pub mod users_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateUserRequest",
+            output: "wrenn.ctl.v1.User",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetUserRequest",
+            output: "wrenn.ctl.v1.User",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListUsersRequest",
+            output: "wrenn.ctl.v1.ListUsersResponse",
         },
     ];
 }
@@ -2084,16 +2165,22 @@ pub mod api_keys_methods {
             name: CREATE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateApiKeyRequest",
+            output: "wrenn.ctl.v1.CreateApiKeyResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListApiKeysRequest",
+            output: "wrenn.ctl.v1.ListApiKeysResponse",
         },
         crate::rpc::MethodDesc {
             name: REVOKE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.RevokeApiKeyRequest",
+            output: "wrenn.ctl.v1.RevokeApiKeyResponse",
         },
     ];
 }
@@ -2192,31 +2279,43 @@ pub mod hosts_methods {
             name: CREATE_REGISTRATION_TOKEN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.CreateRegistrationTokenRequest",
+            output: "wrenn.ctl.v1.CreateRegistrationTokenResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListHostsRequest",
+            output: "wrenn.ctl.v1.ListHostsResponse",
         },
         crate::rpc::MethodDesc {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.GetHostRequest",
+            output: "wrenn.ctl.v1.Host",
         },
         crate::rpc::MethodDesc {
             name: DRAIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.DrainHostRequest",
+            output: "wrenn.ctl.v1.DrainHostResponse",
         },
         crate::rpc::MethodDesc {
             name: UNDRAIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.UndrainHostRequest",
+            output: "wrenn.ctl.v1.Host",
         },
         crate::rpc::MethodDesc {
             name: DELETE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.DeleteHostRequest",
+            output: "wrenn.ctl.v1.DeleteHostResponse",
         },
     ];
 }
@@ -2348,6 +2447,8 @@ pub mod audit_logs_methods {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.ctl.v1.ListAuditLogsRequest",
+            output: "wrenn.ctl.v1.ListAuditLogsResponse",
         },
     ];
 }
@@ -2411,6 +2512,8 @@ pub mod ports_methods {
             name: CONNECT,
             client_streaming: true,
             server_streaming: true,
+            input: "wrenn.ctl.v1.PortConnectRequest",
+            output: "wrenn.ctl.v1.PortConnectResponse",
         },
     ];
 }
@@ -2474,3 +2577,16 @@ impl<'a> PortsClient<'a> {
             )
     }
 }
+/// Every method of every service of this package.
+pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
+    sandboxes_methods::ALL,
+    processes_methods::ALL,
+    files_methods::ALL,
+    templates_methods::ALL,
+    teams_methods::ALL,
+    users_methods::ALL,
+    api_keys_methods::ALL,
+    hosts_methods::ALL,
+    audit_logs_methods::ALL,
+    ports_methods::ALL,
+];

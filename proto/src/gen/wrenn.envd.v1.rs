@@ -977,36 +977,50 @@ pub mod process_methods {
             name: START,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.envd.v1.StartRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: CONNECT,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.envd.v1.ConnectRequest",
+            output: "wrenn.envd.v1.ProcessEvent",
         },
         crate::rpc::MethodDesc {
             name: SEND_INPUT,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.envd.v1.SendInputRequest",
+            output: "wrenn.envd.v1.SendInputResponse",
         },
         crate::rpc::MethodDesc {
             name: CLOSE_STDIN,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.CloseStdinRequest",
+            output: "wrenn.envd.v1.CloseStdinResponse",
         },
         crate::rpc::MethodDesc {
             name: SIGNAL,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.SignalRequest",
+            output: "wrenn.envd.v1.SignalResponse",
         },
         crate::rpc::MethodDesc {
             name: RESIZE_PTY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.ResizePtyRequest",
+            output: "wrenn.envd.v1.ResizePtyResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.ListProcessesRequest",
+            output: "wrenn.envd.v1.ListProcessesResponse",
         },
     ];
 }
@@ -1198,41 +1212,57 @@ pub mod filesystem_methods {
             name: STAT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.StatRequest",
+            output: "wrenn.envd.v1.StatResponse",
         },
         crate::rpc::MethodDesc {
             name: LIST,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.envd.v1.ListDirRequest",
+            output: "wrenn.envd.v1.ListDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MAKE_DIR,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.MakeDirRequest",
+            output: "wrenn.envd.v1.MakeDirResponse",
         },
         crate::rpc::MethodDesc {
             name: MOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.MoveRequest",
+            output: "wrenn.envd.v1.MoveResponse",
         },
         crate::rpc::MethodDesc {
             name: REMOVE,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.RemoveRequest",
+            output: "wrenn.envd.v1.RemoveResponse",
         },
         crate::rpc::MethodDesc {
             name: READ,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.envd.v1.ReadRequest",
+            output: "wrenn.envd.v1.ReadResponse",
         },
         crate::rpc::MethodDesc {
             name: WRITE,
             client_streaming: true,
             server_streaming: false,
+            input: "wrenn.envd.v1.WriteRequest",
+            output: "wrenn.envd.v1.WriteResponse",
         },
         crate::rpc::MethodDesc {
             name: WATCH,
             client_streaming: false,
             server_streaming: true,
+            input: "wrenn.envd.v1.WatchRequest",
+            output: "wrenn.envd.v1.WatchResponse",
         },
     ];
 }
@@ -1436,11 +1466,15 @@ pub mod init_methods {
             name: INIT,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.InitRequest",
+            output: "wrenn.envd.v1.InitResponse",
         },
         crate::rpc::MethodDesc {
             name: RESUMED,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.ResumedRequest",
+            output: "wrenn.envd.v1.ResumedResponse",
         },
     ];
 }
@@ -1515,6 +1549,8 @@ pub mod health_methods {
             name: CHECK,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.HealthCheckRequest",
+            output: "wrenn.envd.v1.HealthCheckResponse",
         },
     ];
 }
@@ -1576,6 +1612,8 @@ pub mod metrics_methods {
             name: GET,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.GetMetricsRequest",
+            output: "wrenn.envd.v1.GetMetricsResponse",
         },
     ];
 }
@@ -1637,6 +1675,8 @@ pub mod announce_methods {
             name: READY,
             client_streaming: false,
             server_streaming: false,
+            input: "wrenn.envd.v1.ReadyRequest",
+            output: "wrenn.envd.v1.ReadyResponse",
         },
     ];
 }
@@ -1688,3 +1728,12 @@ impl<'a> AnnounceClient<'a> {
         self.client.unary(announce_methods::READY, req, self.timeout)
     }
 }
+/// Every method of every service of this package.
+pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
+    process_methods::ALL,
+    filesystem_methods::ALL,
+    init_methods::ALL,
+    health_methods::ALL,
+    metrics_methods::ALL,
+    announce_methods::ALL,
+];

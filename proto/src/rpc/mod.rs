@@ -12,7 +12,6 @@ mod conn;
 #[cfg(feature = "flood")]
 pub mod flood;
 pub mod forward;
-mod pool;
 pub mod serve;
 mod server;
 mod sys;
@@ -43,12 +42,18 @@ pub fn payload_prefix<M: prost::Message>(msg: &M, tag: u32, payload_len: usize) 
     out
 }
 
-/// A method of a service and its streaming shape (generated for every service).
+/// A method of a service, its streaming shape and its message types (generated for every
+/// service from the `.proto` descriptors, so tables that name methods — ctl's HTTP routes,
+/// the CLI's commands — are checked against them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MethodDesc {
     pub name: &'static str,
     pub client_streaming: bool,
     pub server_streaming: bool,
+    /// Full protobuf name of the request message (`wrenn.ctl.v1.GetSandboxRequest`).
+    pub input: &'static str,
+    /// Full protobuf name of the response message.
+    pub output: &'static str,
 }
 
 /// Parses and checks a HELLO body as the server does: protobuf, known version, credential

@@ -25,10 +25,11 @@ use prost::Message;
 
 use super::admission::{AcceptVerdict, Admission, Budgets, CredentialId, Refusal, Source};
 use super::conn::{Conn, Events, Limits, RecvBuf, Side};
-use super::pool::Pool;
 use super::transport::{SocketTransport, Transport};
 use crate::frame::{self, Decoded, Kind};
 use crate::gen::wrenn::wire::v1::{Hello, HelloAck};
+use crate::limits::WORKER_IDLE;
+use crate::pool::Pool;
 
 use crate::gen::wrenn::wire::v1::CredentialKind;
 use crate::limits::{
@@ -271,7 +272,8 @@ impl Server {
                 "pre_hello_max and pre_hello_per_source_max must be positive",
             ));
         }
-        let pool = Pool::new(&cfg.name, cfg.workers_max);
+        // No queue: a call that finds every worker busy fails at once (resource_exhausted).
+        let pool = Pool::new(&cfg.name, cfg.workers_max, 0, WORKER_IDLE);
         Ok(Server {
             admission: Admission::new(cfg.budgets()),
             accept_pending: Vec::new(),

@@ -31,9 +31,10 @@ const _: () = assert!(SLOT_COUNT_MAX <= 10_000); // fits in SLOT_INDEX_DIGITS_MA
 /// Longest network namespace name: it becomes a file name under /run/netns.
 pub const NETNS_NAME_LEN_MAX: usize = 64;
 
-/// Entries in each of a slot's egress allow and deny lists. Each becomes one element of an
-/// nftables set; the bound keeps a ruleset small enough to pass through a pipe in one go.
-pub const EGRESS_RULES_MAX: usize = 256;
+/// Entries in each of a slot's egress allow and deny lists (ctl checks the same bound:
+/// `proto::sandbox_limits`). Each becomes one element of an nftables set; the bound keeps a
+/// ruleset small enough to pass through a pipe in one go.
+pub const EGRESS_RULES_MAX: usize = proto::sandbox_limits::EGRESS_RULES_MAX;
 
 /// Largest request we build. Our biggest (a veth pair with its peer's attributes) is
 /// under 200 bytes; the bound catches a builder bug instead of sending garbage.
@@ -77,9 +78,9 @@ pub const NFT_STDOUT_LEN_MAX: usize = 256 * 1024;
 /// (private, link-local, loopback, the control network); 64 leaves room and keeps the
 /// ruleset small.
 pub const NEVER_OUT_MAX: usize = 64;
-/// Domain names (and `*.` wildcards) in one slot's allow list. Each is matched against every
-/// query by a linear scan; 256 keeps that scan far below a microsecond per name.
-pub const EGRESS_DOMAINS_MAX: usize = 256;
+/// Domain names (and `*.` wildcards) in one slot's allow list (`proto::sandbox_limits`, as
+/// ctl checks). Each is matched against every query by a linear scan.
+pub const EGRESS_DOMAINS_MAX: usize = proto::sandbox_limits::EGRESS_DOMAINS_MAX;
 
 // ---- the per-slot DNS resolver ----
 

@@ -98,7 +98,7 @@ impl fmt::Display for Error {
             Error::InvalidConfig(why) => write!(f, "invalid network configuration: {why}"),
             Error::SlotOutOfRange { index } => write!(f, "slot index {index} out of range"),
             Error::InvalidCidr(s) => write!(f, "invalid IPv4 CIDR {s:?}"),
-            Error::InvalidDomain(s) => write!(f, "invalid domain name {s}"),
+            Error::InvalidDomain(s) => write!(f, "invalid egress item: {s}"),
             Error::TooManyEgressRules { len } => {
                 write!(
                     f,

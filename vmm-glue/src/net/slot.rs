@@ -203,27 +203,20 @@ impl Egress {
     ) -> Result<Egress, Error> {
         let mut e = Egress::default();
         for item in deny_out {
-            e.deny.push(item.trim().parse()?);
+            let (addr, len) =
+                proto::network::parse_cidr(item.trim()).map_err(Error::InvalidCidr)?;
+            e.deny.push(Ipv4Cidr::new(addr, len)?);
         }
         if !allow_internet_access && !e.deny.contains(&Ipv4Cidr::ALL) {
             e.deny.push(Ipv4Cidr::ALL);
         }
         for item in allow_out {
-            let item = item.trim();
-            let looks_numeric = item
-                .bytes()
-                .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/');
-            if looks_numeric {
-                e.allow.push(item.parse()?);
-            } else if item.contains(':') {
-                return Err(Error::InvalidCidr(format!(
-                    "{item} (IPv6 is not supported)"
-                )));
-            } else {
-                e.allow_domains.push(
-                    DomainPattern::parse(item)
-                        .map_err(|why| Error::InvalidDomain(format!("{item:?}: {why}")))?,
-                );
+            match proto::network::parse_allow(item) {
+                Ok(proto::network::AllowItem::Cidr(addr, len)) => {
+                    e.allow.push(Ipv4Cidr::new(addr, len)?)
+                }
+                Ok(proto::network::AllowItem::Domain(d)) => e.allow_domains.push(d),
+                Err(why) => return Err(Error::InvalidDomain(why)),
             }
         }
         e.check()?;
