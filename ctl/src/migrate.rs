@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_host_overcommit",
         sql: include_str!("../migrations/0004_host_overcommit.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_sandbox_network",
+        sql: include_str!("../migrations/0005_sandbox_network.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

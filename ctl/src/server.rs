@@ -250,6 +250,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         sb::SET_TIMEOUT => unary(stream, |r| api.set_sandbox_timeout(ctx, r)),
         sb::PAUSE => unary(stream, |r| api.pause_sandbox(ctx, r)),
         sb::RESUME => unary(stream, |r| api.resume_sandbox(ctx, r)),
+        sb::UPDATE_NETWORK => unary(stream, |r| api.update_network(ctx, r)),
 
         procs::EXEC => unary(stream, |r| api.exec(ctx, r)),
         ports::CONNECT => api.port_connect(ctx, stream),

@@ -64,6 +64,22 @@ const PAGE: [Flag; 3] = [
     ),
     on("all", "follow next_page_token to the last page"),
 ];
+const NET: [Flag; 3] = [
+    on(
+        "no-internet",
+        "deny everything not allowed (allow_internet_access: false)",
+    ),
+    rep(
+        "deny-out",
+        "CIDR",
+        "refuse this address or network unless allowed",
+    ),
+    rep(
+        "allow-out",
+        "CIDR|DOMAIN",
+        "always allow (except never_out): address, network, example.com, *.example.com",
+    ),
+];
 const PROC: [Flag; 2] = [
     val("pid", "PID", "the process, by pid"),
     val("tag", "TAG", "the process, by tag"),
@@ -85,7 +101,8 @@ pub static COMMANDS: &[Command] = &[
         val("on-timeout", "pause|destroy", "what happens at expiry (default destroy)"),
         rep("meta", "KEY=VALUE", "metadata label"),
         rep("env", "KEY=VALUE", "environment variable for every process"),
-        on("no-wait", "answer at once (state pending/starting)")]),
+        on("no-wait", "answer at once (state pending/starting)"),
+        NET[0], NET[1], NET[2]]),
     cmd!("sandbox list", &[sb::LIST], "List the team's sandboxes, newest first.", [], [
         rep("state", "STATE", "only this state (running, paused, stopped, ...)"),
         val("template", "ID", "only sandboxes from this template (tpl-...)"),
@@ -97,6 +114,8 @@ pub static COMMANDS: &[Command] = &[
     cmd!("sandbox pause", &[sb::PAUSE], "Pause a running sandbox.", [SB], []),
     cmd!("sandbox resume", &[sb::RESUME], "Resume a paused sandbox.", [SB], [val("timeout", "SECONDS", "new timeout (default: keep)")]),
     cmd!("sandbox ping", &[sb::PING], "Keep a sandbox alive: its expiry becomes now + its timeout.", [SB], []),
+    cmd!("sandbox network", &[sb::UPDATE_NETWORK], "Replace a sandbox's network policy (egress), running or paused: e2b's fields; allow beats deny, the host's never_out beats both; domain names through the sandbox's resolver (docs/operations.md, Sandbox egress). Without flags: allow everything.", [SB], [
+        NET[0], NET[1], NET[2]]),
     cmd!("sandbox set-timeout", &[sb::SET_TIMEOUT], "Change a sandbox's timeout (and policy).", [SB, arg("SECONDS", "new timeout")], [
         val("on-timeout", "pause|destroy", "new policy (default: keep)")]),
     Command {

@@ -114,6 +114,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
         m.insert("metadata".into(), Value::Object(self.metadata.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         m.insert("env".into(), Value::Object(self.env.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         if let Some(x) = &self.wait { m.insert("wait".into(), Value::from(*x)); }
+        if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         Value::Object(m)
     }
 }
@@ -514,6 +515,16 @@ impl Json for proto::gen::wrenn::ctl::v1::MoveRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::NetworkPolicy {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(x) = &self.allow_internet_access { m.insert("allow_internet_access".into(), Value::from(*x)); }
+        m.insert("deny_out".into(), Value::Array(self.deny_out.iter().map(|x| Value::String(x.clone())).collect()));
+        m.insert("allow_out".into(), Value::Array(self.allow_out.iter().map(|x| Value::String(x.clone())).collect()));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::PauseSandboxRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -647,6 +658,7 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
         m.insert("updated_unix_ns".into(), j::i64_out(self.updated_unix_ns));
         m.insert("expires_unix_ns".into(), j::i64_out(self.expires_unix_ns));
         m.insert("metadata".into(), Value::Object(self.metadata.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
+        if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         Value::Object(m)
     }
 }
@@ -722,6 +734,15 @@ impl Json for proto::gen::wrenn::ctl::v1::UndrainHostRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("host_id".into(), Value::String(self.host_id.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::UpdateNetworkRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         Value::Object(m)
     }
 }

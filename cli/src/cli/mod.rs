@@ -276,6 +276,50 @@ impl Ctx {
     }
 }
 
+fn network_human(n: Option<&pb::NetworkPolicy>) -> String {
+    let Some(n) = n else {
+        return "open".into();
+    };
+    let mut parts = Vec::new();
+    if n.allow_internet_access == Some(false) {
+        parts.push("no internet".to_owned());
+    }
+    if !n.deny_out.is_empty() {
+        parts.push(format!("deny {}", n.deny_out.join(",")));
+    }
+    if !n.allow_out.is_empty() {
+        parts.push(format!("allow {}", n.allow_out.join(",")));
+    }
+    if parts.is_empty() {
+        "open".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// `--no-internet`, `--deny-out`, `--allow-out` as a policy; none given: no policy (open).
+fn network_flags(p: &Parsed) -> Option<pb::NetworkPolicy> {
+    let deny_out: Vec<String> = p
+        .values("deny-out")
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let allow_out: Vec<String> = p
+        .values("allow-out")
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let closed = p.flag("no-internet");
+    if !closed && deny_out.is_empty() && allow_out.is_empty() {
+        return None;
+    }
+    Some(pb::NetworkPolicy {
+        allow_internet_access: closed.then_some(false),
+        deny_out,
+        allow_out,
+    })
+}
+
 fn page_note(token: &str) {
     if !token.is_empty() {
         eprintln!("(more: --page-token {token})");
@@ -376,6 +420,7 @@ fn sandbox_human(s: &pb::Sandbox) -> String {
                 )
             ),
         ),
+        ("network", network_human(s.network.as_ref())),
         ("created", time(s.created_unix_ns)),
         ("expires", time(s.expires_unix_ns)),
         ("metadata", meta.join(" ")),
@@ -766,6 +811,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 metadata: p.pairs("meta")?.into_iter().collect(),
                 env: p.pairs("env")?.into_iter().collect(),
                 wait: Some(!p.flag("no-wait")),
+                network: network_flags(p),
             };
             let s: pb::Sandbox = ctx.unary(sb::CREATE, &req, true)?;
             ctx.print(&s, sandbox_human);
@@ -832,6 +878,14 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 &pb::PingSandboxRequest { sandbox_id: a(0) },
                 false,
             )?;
+            ctx.print(&s, sandbox_human);
+        }
+        "sandbox network" => {
+            let req = pb::UpdateNetworkRequest {
+                sandbox_id: a(0),
+                network: network_flags(p),
+            };
+            let s: pb::Sandbox = ctx.unary(sb::UPDATE_NETWORK, &req, false)?;
             ctx.print(&s, sandbox_human);
         }
         "sandbox set-timeout" => {
@@ -1928,7 +1982,8 @@ mod tests {
         };
         assert_eq!(entry_row(&e)[0], "symlink");
         assert_eq!(entry_row(&e)[5], "/l -> /t");
-        assert!(groups_usage()
-            .contains("  sandbox    create|list|get|rm|pause|resume|ping|set-timeout|exec\n"));
+        assert!(groups_usage().contains(
+            "  sandbox    create|list|get|rm|pause|resume|ping|network|set-timeout|exec\n"
+        ));
     }
 }

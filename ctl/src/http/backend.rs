@@ -142,6 +142,7 @@ impl Backend for ApiBackend {
             sb::DESTROY => enc(a.destroy_sandbox(c, req(&b)?)),
             sb::PING => enc(a.ping_sandbox(c, req(&b)?)),
             sb::SET_TIMEOUT => enc(a.set_sandbox_timeout(c, req(&b)?)),
+            sb::UPDATE_NETWORK => enc(a.update_network(c, req(&b)?)),
             sb::PAUSE => enc(a.pause_sandbox(c, req(&b)?)),
             sb::RESUME => enc(a.resume_sandbox(c, req(&b)?)),
             procs::EXEC => enc(a.exec(c, req(&b)?)),

@@ -261,6 +261,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
         m.insert("metadata".into(), Value::Object(self.metadata.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         m.insert("env".into(), Value::Object(self.env.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         if let Some(x) = &self.wait { m.insert("wait".into(), Value::from(*x)); }
+        if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -278,6 +279,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
                 "metadata" => { for (k, v) in j::object_or_null(v, &p)? { let p = j::key(&p, k); out.metadata.insert(k.clone(), j::string_in(v, &p)?); } }
                 "env" => { for (k, v) in j::object_or_null(v, &p)? { let p = j::key(&p, k); out.env.insert(k.clone(), j::string_in(v, &p)?); } }
                 "wait" => { if !v.is_null() { out.wait = Some(j::bool_in(v, &p)?); } }
+                "network" => { if !v.is_null() { out.network = Some(<proto::gen::wrenn::ctl::v1::NetworkPolicy as Json>::from_json_at(v, &p)?); } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -1274,6 +1276,31 @@ impl Json for proto::gen::wrenn::ctl::v1::MoveRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::NetworkPolicy {
+    const SCHEMA: &'static str = "ctl.v1.NetworkPolicy";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(x) = &self.allow_internet_access { m.insert("allow_internet_access".into(), Value::from(*x)); }
+        m.insert("deny_out".into(), Value::Array(self.deny_out.iter().map(|x| Value::String(x.clone())).collect()));
+        m.insert("allow_out".into(), Value::Array(self.allow_out.iter().map(|x| Value::String(x.clone())).collect()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "allow_internet_access" => { if !v.is_null() { out.allow_internet_access = Some(j::bool_in(v, &p)?); } }
+                "deny_out" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.deny_out.push(j::string_in(v, &p)?); } }
+                "allow_out" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.allow_out.push(j::string_in(v, &p)?); } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::PauseSandboxRequest {
     const SCHEMA: &'static str = "ctl.v1.PauseSandboxRequest";
     fn to_json(&self) -> Value {
@@ -1574,6 +1601,7 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
         m.insert("updated_unix_ns".into(), j::i64_out(self.updated_unix_ns));
         m.insert("expires_unix_ns".into(), j::i64_out(self.expires_unix_ns));
         m.insert("metadata".into(), Value::Object(self.metadata.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
+        if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -1597,6 +1625,7 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
                 "updated_unix_ns" => { if !v.is_null() { out.updated_unix_ns = j::i64_in(v, &p)?; } }
                 "expires_unix_ns" => { if !v.is_null() { out.expires_unix_ns = j::i64_in(v, &p)?; } }
                 "metadata" => { for (k, v) in j::object_or_null(v, &p)? { let p = j::key(&p, k); out.metadata.insert(k.clone(), j::string_in(v, &p)?); } }
+                "network" => { if !v.is_null() { out.network = Some(<proto::gen::wrenn::ctl::v1::NetworkPolicy as Json>::from_json_at(v, &p)?); } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -1782,6 +1811,29 @@ impl Json for proto::gen::wrenn::ctl::v1::UndrainHostRequest {
             let p = j::field(path, k);
             match k.as_str() {
                 "host_id" => { if !v.is_null() { out.host_id = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::UpdateNetworkRequest {
+    const SCHEMA: &'static str = "ctl.v1.UpdateNetworkRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "sandbox_id" => { if !v.is_null() { out.sandbox_id = j::string_in(v, &p)?; } }
+                "network" => { if !v.is_null() { out.network = Some(<proto::gen::wrenn::ctl::v1::NetworkPolicy as Json>::from_json_at(v, &p)?); } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -3368,6 +3420,10 @@ pub const SCHEMAS_JSON: &str = r##"{
         "description": "Labels, returned as given and usable as List filters.",
         "type": "object"
       },
+      "network": {
+        "$ref": "#/components/schemas/ctl.v1.NetworkPolicy",
+        "description": "Where the sandbox may open connections (absent: anywhere not in the host's never_out), with e2b's fields and precedence; see NetworkPolicy. Field 15, as in the shared spec."
+      },
       "on_timeout": {
         "$ref": "#/components/schemas/ctl.v1.TimeoutPolicy",
         "description": "What happens at expiry; UNSPECIFIED = DESTROY."
@@ -4221,6 +4277,31 @@ pub const SCHEMAS_JSON: &str = r##"{
     },
     "type": "object"
   },
+  "ctl.v1.NetworkPolicy": {
+    "additionalProperties": false,
+    "description": "A sandbox's egress policy: e2b's fields and precedence. Enforcement (nftables in the sandbox's network namespace, domain names through the sandbox's own resolver) and its limits: docs/operations.md, \"Sandbox egress\". - `allow_out` always wins over `deny_out`; what neither names is reachable. - `allow_internet_access: false` is `deny_out: [\"0.0.0.0/0\"]`; with an allow list it is the usual \"only these\". - Above every allow: the host's never_out list (private ranges, 100.64.0.0/10, link-local, loopback, the control network). A sandbox never reaches the host, other sandboxes or link-local services, whatever this says. - Domain names allow the addresses the sandbox's resolver (169.254.0.22) answers for them, each for its TTL (30 s to 1 h); another site on the same address is reachable too, and a name resolved elsewhere grants nothing. When everything else is denied, the resolver answers REFUSED for every name not allowed, so no other name is even looked up. - At most 256 addresses/networks per list and 256 names. IPv4 only.",
+    "properties": {
+      "allow_internet_access": {
+        "description": "false is the same as `deny_out: [\"0.0.0.0/0\"]`; absent = true. (optional: absent when not set)",
+        "type": "boolean"
+      },
+      "allow_out": {
+        "description": "Destinations always allowed (except never_out): addresses, networks, domain names (\"example.com\", \"*.example.com\": names below it, not the name itself).",
+        "items": {
+          "type": "string"
+        },
+        "type": "array"
+      },
+      "deny_out": {
+        "description": "Destinations refused unless allowed: \"1.2.3.4\", \"10.0.0.0/8\".",
+        "items": {
+          "type": "string"
+        },
+        "type": "array"
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.PauseSandboxRequest": {
     "additionalProperties": false,
     "description": "Request of Sandboxes.Pause.",
@@ -4467,6 +4548,10 @@ pub const SCHEMAS_JSON: &str = r##"{
         },
         "description": "Labels given at create.",
         "type": "object"
+      },
+      "network": {
+        "$ref": "#/components/schemas/ctl.v1.NetworkPolicy",
+        "description": "Its network policy as last set (absent: open)."
       },
       "on_timeout": {
         "$ref": "#/components/schemas/ctl.v1.TimeoutPolicy",
@@ -4718,6 +4803,21 @@ pub const SCHEMAS_JSON: &str = r##"{
     "properties": {
       "host_id": {
         "description": "The host, \"host-{uuid}\".",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.UpdateNetworkRequest": {
+    "additionalProperties": false,
+    "description": "Request of Sandboxes.UpdateNetwork.",
+    "properties": {
+      "network": {
+        "$ref": "#/components/schemas/ctl.v1.NetworkPolicy",
+        "description": "The new policy (absent: open)."
+      },
+      "sandbox_id": {
+        "description": "The sandbox, \"sb-{uuid}\".",
         "type": "string"
       }
     },

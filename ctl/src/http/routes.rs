@@ -239,6 +239,8 @@ fn build() -> Vec<Route> {
             "Keep a sandbox alive: expiry becomes now + its timeout"),
         route::<ctl::SetTimeoutRequest, ctl::Sandbox>(Post, "/v1/sandboxes/{sandbox_id}/timeout", "sandboxes.set_timeout", sb::SET_TIMEOUT, Body,
             "Change a sandbox's timeout and policy"),
+        route::<ctl::UpdateNetworkRequest, ctl::Sandbox>(Put, "/v1/sandboxes/{sandbox_id}/network", "sandboxes.update_network", sb::UPDATE_NETWORK, Body,
+            "Replace a sandbox's network policy (egress): at once when running, at resume when paused"),
         route::<ctl::PauseSandboxRequest, ctl::Sandbox>(Post, "/v1/sandboxes/{sandbox_id}/pause", "sandboxes.pause", sb::PAUSE, Path,
             "Pause a running sandbox"),
         route::<ctl::ResumeSandboxRequest, ctl::Sandbox>(Post, "/v1/sandboxes/{sandbox_id}/resume", "sandboxes.resume", sb::RESUME, Body,

@@ -17,7 +17,7 @@ use crate::scheduler::State;
 pub const SANDBOX_COLS: &str =
     "s.id, s.team_id, s.host_id, s.template_id, s.state, s.state_reason, \
     s.vcpus, s.memory_mib, s.disk_mib, s.timeout_s, s.on_timeout, s.metadata, s.created_at, \
-    s.updated_at, s.expires_at";
+    s.updated_at, s.expires_at, s.network";
 
 /// A sandbox row as a message.
 pub fn sandbox(r: &Row) -> ctl::Sandbox {
@@ -46,6 +46,55 @@ pub fn sandbox(r: &Row) -> ctl::Sandbox {
             0
         },
         metadata: json_to_map(&metadata),
+        network: r
+            .get::<_, Option<serde_json::Value>>(15)
+            .map(|v| network_from_json(&v)),
+    }
+}
+
+/// A public network policy as the shared one (the same fields).
+pub fn network_to_shared(n: &ctl::NetworkPolicy) -> proto::sandbox::NetworkPolicy {
+    proto::sandbox::NetworkPolicy {
+        allow_internet_access: n.allow_internet_access,
+        deny_out: n.deny_out.clone(),
+        allow_out: n.allow_out.clone(),
+    }
+}
+
+/// Refuses a bad policy before anything happens, naming the item (`proto::network`: the same
+/// syntax and bounds the agent applies).
+pub fn check_network(n: Option<&ctl::NetworkPolicy>) -> Result<(), Status> {
+    match n {
+        None => Ok(()),
+        Some(n) => proto::network::check_lists(&n.deny_out, &n.allow_out)
+            .map_err(|e| Status::invalid_argument(format!("network: {e}"))),
+    }
+}
+
+/// The stored form (`sandboxes.network`).
+pub fn network_json(n: &ctl::NetworkPolicy) -> serde_json::Value {
+    serde_json::json!({
+        "allow_internet_access": n.allow_internet_access,
+        "deny_out": n.deny_out,
+        "allow_out": n.allow_out,
+    })
+}
+
+/// The stored form back (what it cannot read is left out).
+pub fn network_from_json(v: &serde_json::Value) -> ctl::NetworkPolicy {
+    let list = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    ctl::NetworkPolicy {
+        allow_internet_access: v["allow_internet_access"].as_bool(),
+        deny_out: list("deny_out"),
+        allow_out: list("allow_out"),
     }
 }
 
@@ -69,6 +118,7 @@ pub fn spec_from_create(r: &ctl::CreateSandboxRequest) -> SandboxSpec {
         on_timeout: r.on_timeout,
         env: r.env.clone(),
         metadata: r.metadata.clone(),
+        network: r.network.as_ref().map(network_to_shared),
         ..SandboxSpec::default()
     }
 }
@@ -169,6 +219,11 @@ mod tests {
             env: spec.env.clone(),
             metadata: spec.metadata.clone(),
             wait: None,
+            network: spec.network.as_ref().map(|n| ctl::NetworkPolicy {
+                allow_internet_access: n.allow_internet_access,
+                deny_out: n.deny_out.clone(),
+                allow_out: n.allow_out.clone(),
+            }),
         }
     }
 
@@ -184,7 +239,33 @@ mod tests {
             metadata: [("owner".to_string(), "ci".to_string())].into(),
             env: [("LANG".to_string(), "C.UTF-8".to_string())].into(),
             wait: None,
+            network: Some(ctl::NetworkPolicy {
+                allow_internet_access: Some(false),
+                deny_out: vec!["10.0.0.0/8".into()],
+                allow_out: vec!["*.example.com".into()],
+            }),
         }
+    }
+
+    #[test]
+    fn network_policies_store_and_check() {
+        let n = ctl::NetworkPolicy {
+            allow_internet_access: Some(false),
+            deny_out: vec!["10.0.0.0/8".into()],
+            allow_out: vec!["1.2.3.4".into(), "*.example.com".into()],
+        };
+        assert_eq!(network_from_json(&network_json(&n)), n);
+        let open = ctl::NetworkPolicy::default();
+        assert_eq!(network_from_json(&network_json(&open)), open);
+        assert!(check_network(Some(&n)).is_ok());
+        assert!(check_network(None).is_ok());
+        let bad = ctl::NetworkPolicy {
+            allow_out: vec!["a b".into()],
+            ..Default::default()
+        };
+        let e = check_network(Some(&bad)).unwrap_err();
+        assert_eq!(e.code, proto::Code::InvalidArgument);
+        assert!(e.message.contains("a b"), "{e}");
     }
 
     #[test]
@@ -205,6 +286,11 @@ mod tests {
             on_timeout: TimeoutPolicy::Destroy as i32,
             env: [("A".to_string(), "1".to_string())].into(),
             metadata: [("k".to_string(), "v".to_string())].into(),
+            network: Some(proto::sandbox::NetworkPolicy {
+                allow_internet_access: None,
+                deny_out: vec!["0.0.0.0/0".into()],
+                allow_out: vec!["api.example.com".into()],
+            }),
             ..SandboxSpec::default()
         };
         let mut back = spec_from_create(&create_request(&spec));

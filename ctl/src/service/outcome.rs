@@ -132,6 +132,18 @@ impl Api {
         })
     }
 
+    /// Replaces a running or paused sandbox's network policy.
+    pub fn update_network(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::UpdateNetworkRequest,
+    ) -> Result<ctl::Sandbox, Status> {
+        let r = rid(Kind::Sandbox, &req.sandbox_id);
+        self.audited(ctx, "sandbox", r, "sandbox.update_network", |_| {
+            self.update_network_inner(ctx, req)
+        })
+    }
+
     /// Pauses a running sandbox; answers PAUSED.
     pub fn pause_sandbox(
         &self,

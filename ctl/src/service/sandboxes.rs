@@ -435,6 +435,9 @@ impl Api {
         spec.on_timeout = policy as i32;
         let metadata = convert::check_map("metadata", &spec.metadata)?;
         convert::check_map("env", &spec.env)?;
+        convert::check_network(req.network.as_ref())?;
+        let network = req.network.as_ref().map(convert::network_json);
+        let network_out = req.network.clone();
         if spec.timeout_s == 0 {
             spec.timeout_s = SANDBOX_TIMEOUT_DEFAULT_S;
         }
@@ -474,7 +477,12 @@ impl Api {
                 },
             )?;
             let (row, snapshot, size) = (&placed.row, placed.snapshot, placed.size);
-            let sb = convert::sandbox(row);
+            let mut sb = convert::sandbox(row);
+            if let Some(n) = &network {
+                c.execute("UPDATE sandboxes SET network = $2 WHERE id = $1", &[&id, n])
+                    .map_err(pg_err)?;
+                sb.network = network_out;
+            }
             let host: Uuid = row.get(2);
             // The spec as placed: ids, the template's kind and the size it reserved.
             let areq = SandboxSpec {
@@ -840,6 +848,53 @@ impl Api {
         })
     }
 
+    /// Replaces a running or paused sandbox's network policy: checked here, applied by its
+    /// agent (at once when running, at resume when paused), then stored with its audit row.
+    pub(super) fn update_network_inner(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::UpdateNetworkRequest,
+    ) -> Result<ctl::Sandbox, Status> {
+        let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
+        convert::check_network(req.network.as_ref())?;
+        let team = ctx.team_id;
+        let cur = self.inner.db.run(move |c| fetch(c, team, id))?;
+        if cur.state != State::Running as i32 && cur.state != State::Paused as i32 {
+            let state = State::try_from(cur.state)
+                .map(State::name)
+                .unwrap_or("unknown");
+            return Err(Status::failed_precondition(format!(
+                "sandbox is {state}: the network policy changes on running or paused sandboxes"
+            )));
+        }
+        let host = parse_id(Kind::Host, &cur.host_id)?;
+        let _: agent::SandboxInfo = self.inner.agents.unary(
+            host,
+            agent::sandboxes_methods::UPDATE_NETWORK,
+            &agent::UpdateNetworkRequest {
+                sandbox_id: id::format(Kind::Sandbox, id),
+                network: req.network.as_ref().map(convert::network_to_shared),
+            },
+        )?;
+        let ctx2 = ctx.clone();
+        let stored = req.network.as_ref().map(convert::network_json);
+        self.inner.db.tx(move |tx| {
+            tx.execute(
+                "UPDATE sandboxes SET network = $2, updated_at = now() WHERE id = $1",
+                &[&id, &stored],
+            )
+            .map_err(pg_err)?;
+            audit_sb(
+                tx,
+                &ctx2,
+                id,
+                "sandbox.update_network",
+                serde_json::json!({ "network": stored }),
+            )?;
+            fetch(tx, team, id)
+        })
+    }
+
     /// Pauses a running sandbox; answers PAUSED.
     pub(super) fn pause_sandbox_inner(
         &self,
@@ -1056,6 +1111,6 @@ mod tests {
             }
             assert!(!sql.contains("$15"));
         }
-        assert_eq!(SANDBOX_COLS.split(',').count(), 15);
+        assert_eq!(SANDBOX_COLS.split(',').count(), 16);
     }
 }

@@ -1526,3 +1526,112 @@ fn ports_connect_relays_through_the_agent() {
     assert_eq!(e.code, Code::FailedPrecondition);
     assert!(e.message.contains("paused"), "{e}");
 }
+
+/// The network policy: checked at create (nothing placed when bad), passed to the agent in the
+/// spec, stored and shown, replaced by UpdateNetwork on running and paused sandboxes (the
+/// agent gets it), audited, refused for another team's sandbox.
+#[test]
+fn network_policy_at_create_and_update() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, _host) = ctl.add_host(8, 8192, 100_000);
+    let policy = |allow: &[&str]| c::NetworkPolicy {
+        allow_internet_access: Some(false),
+        deny_out: vec![],
+        allow_out: allow.iter().map(|s| s.to_string()).collect(),
+    };
+    let creates_before = fa.creates.load(std::sync::atomic::Ordering::Relaxed);
+    let bad = cl.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::CREATE,
+        &c::CreateSandboxRequest {
+            network: Some(policy(&["not a name"])),
+            ..Default::default()
+        },
+        T,
+    );
+    let e = bad.unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument);
+    assert!(e.message.contains("not a name"), "{e}");
+    assert_eq!(
+        fa.creates.load(std::sync::atomic::Ordering::Relaxed),
+        creates_before,
+        "a bad policy reaches no agent"
+    );
+
+    let sb: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                network: Some(policy(&["*.example.com", "203.0.113.0/24"])),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        sb.network,
+        Some(policy(&["*.example.com", "203.0.113.0/24"]))
+    );
+    assert_eq!(get(&cl, &sb.id).unwrap().network, sb.network);
+    let sent = fa.state.lock().unwrap().networks[&sb.id].clone().unwrap();
+    assert_eq!(sent.allow_out, vec!["*.example.com", "203.0.113.0/24"]);
+    assert_eq!(sent.allow_internet_access, Some(false));
+
+    let update = |id: &str, n: Option<c::NetworkPolicy>| {
+        cl.unary::<_, c::Sandbox>(
+            c::sandboxes_methods::UPDATE_NETWORK,
+            &c::UpdateNetworkRequest {
+                sandbox_id: id.into(),
+                network: n,
+            },
+            T,
+        )
+    };
+    let s = update(&sb.id, Some(policy(&["api.example.org"]))).unwrap();
+    assert_eq!(s.network, Some(policy(&["api.example.org"])));
+    assert_eq!(
+        fa.state.lock().unwrap().networks[&sb.id]
+            .clone()
+            .unwrap()
+            .allow_out,
+        vec!["api.example.org"]
+    );
+    // Bad: nothing changes.
+    assert_eq!(
+        code(update(&sb.id, Some(policy(&["::1"])))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        get(&cl, &sb.id).unwrap().network,
+        Some(policy(&["api.example.org"]))
+    );
+    // Paused: stored and passed on (the agent applies it at resume).
+    let _: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::PAUSE,
+            &c::PauseSandboxRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    let s = update(&sb.id, None).unwrap();
+    assert_eq!(s.network, None);
+    assert_eq!(fa.state.lock().unwrap().networks[&sb.id], None);
+    // Another team's sandbox: not found.
+    let (_, other_key) = ctl.other_team("team-n", "n@example.com");
+    let other = ctl.client(&other_key);
+    let r = other.unary::<_, c::Sandbox>(
+        c::sandboxes_methods::UPDATE_NETWORK,
+        &c::UpdateNetworkRequest {
+            sandbox_id: sb.id.clone(),
+            network: None,
+        },
+        T,
+    );
+    assert_eq!(code(r), Code::NotFound);
+    // Audited, failures too.
+    let rows = crate::harness::audit(&cl, "sandbox.update_network");
+    assert!(rows.iter().any(|r| r.status == "success"), "{rows:?}");
+    assert!(rows.iter().any(|r| r.status == "failure"), "{rows:?}");
+}

@@ -39,6 +39,8 @@ pub struct State {
     /// Test hook: flip one byte of every file upload as it arrives and of every download
     /// after its checksum was computed (a byte corrupted in transit).
     pub corrupt_files: bool,
+    /// The network policy each sandbox was last given (Create, UpdateNetwork).
+    pub networks: HashMap<String, Option<proto::sandbox::NetworkPolicy>>,
 }
 
 pub struct FakeAgent {
@@ -201,6 +203,7 @@ fn dispatch(
                     return Err(e);
                 }
                 let mut st = state.lock().unwrap();
+                st.networks.insert(id.clone(), r.network.clone());
                 if st.sandboxes.contains_key(&id) {
                     return Err(Status::new(Code::AlreadyExists, "sandbox exists"));
                 }
@@ -256,6 +259,17 @@ fn dispatch(
                 .remove(&id)
                 .map(|_| agent::DestroySandboxResponse {})
                 .ok_or_else(|| Status::not_found("sandbox not found"))
+        }),
+        sm::UPDATE_NETWORK => unary(s, |r: agent::UpdateNetworkRequest| {
+            let id = sb_id(&r.sandbox_id)?;
+            let mut st = state.lock().unwrap();
+            let info = st
+                .sandboxes
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| Status::not_found("sandbox not found"))?;
+            st.networks.insert(id, r.network);
+            Ok(info)
         }),
         sm::PAUSE | sm::RESUME | sm::PING | sm::SET_TIMEOUT => {
             let m = method.clone();

@@ -108,6 +108,12 @@ impl Backend for Fake {
             sandboxes_methods::RESUME => {
                 sandbox(&dec::<ResumeSandboxRequest>(&b)?.sandbox_id).encode_to_vec()
             }
+            sandboxes_methods::UPDATE_NETWORK => {
+                let r: proto::gen::wrenn::ctl::v1::UpdateNetworkRequest = dec(&b)?;
+                let mut s = sandbox(&r.sandbox_id);
+                s.network = r.network;
+                s.encode_to_vec()
+            }
             sandboxes_methods::SET_TIMEOUT => {
                 let r: SetTimeoutRequest = dec(&b)?;
                 let mut s = sandbox(&r.sandbox_id);
@@ -1968,6 +1974,20 @@ mod real {
             ),
         );
         assert_eq!(t["timeout_s"], "900");
+        let n = check(
+            &doc,
+            s,
+            "sandboxes.update_network",
+            &call(
+                a,
+                &k,
+                "PUT",
+                &format!("/v1/sandboxes/{id}/network"),
+                Some(json!({"network": {"allow_internet_access": false,
+                    "allow_out": ["*.example.com"]}})),
+            ),
+        );
+        assert_eq!(n["network"]["allow_out"][0], "*.example.com");
         // Processes.
         let e = check(
             &doc,

@@ -50,6 +50,47 @@ pub struct Sandbox {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// Its network policy as last set (absent: open).
+    #[prost(message, optional, tag = "16")]
+    pub network: ::core::option::Option<NetworkPolicy>,
+}
+/// A sandbox's egress policy: e2b's fields and precedence. Enforcement (nftables in the
+/// sandbox's network namespace, domain names through the sandbox's own resolver) and its
+/// limits: docs/operations.md, "Sandbox egress".
+///
+/// - `allow_out` always wins over `deny_out`; what neither names is reachable.
+/// - `allow_internet_access: false` is `deny_out: \["0.0.0.0/0"\]`; with an allow list it is
+///    the usual "only these".
+/// - Above every allow: the host's never_out list (private ranges, 100.64.0.0/10,
+///    link-local, loopback, the control network). A sandbox never reaches the host, other
+///    sandboxes or link-local services, whatever this says.
+/// - Domain names allow the addresses the sandbox's resolver (169.254.0.22) answers for them,
+///    each for its TTL (30 s to 1 h); another site on the same address is reachable too, and a
+///    name resolved elsewhere grants nothing. When everything else is denied, the resolver
+///    answers REFUSED for every name not allowed, so no other name is even looked up.
+/// - At most 256 addresses/networks per list and 256 names. IPv4 only.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NetworkPolicy {
+    /// false is the same as `deny_out: \["0.0.0.0/0"\]`; absent = true.
+    #[prost(bool, optional, tag = "1")]
+    pub allow_internet_access: ::core::option::Option<bool>,
+    /// Destinations refused unless allowed: "1.2.3.4", "10.0.0.0/8".
+    #[prost(string, repeated, tag = "2")]
+    pub deny_out: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Destinations always allowed (except never_out): addresses, networks, domain names
+    /// ("example.com", "*.example.com": names below it, not the name itself).
+    #[prost(string, repeated, tag = "3")]
+    pub allow_out: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// Request of Sandboxes.UpdateNetwork.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateNetworkRequest {
+    /// The sandbox, "sb-{uuid}".
+    #[prost(string, tag = "1")]
+    pub sandbox_id: ::prost::alloc::string::String,
+    /// The new policy (absent: open).
+    #[prost(message, optional, tag = "2")]
+    pub network: ::core::option::Option<NetworkPolicy>,
 }
 /// Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of
 /// the same name) and fills in the rest.
@@ -90,6 +131,10 @@ pub struct CreateSandboxRequest {
     /// Wait until the sandbox runs; absent = true.
     #[prost(bool, optional, tag = "9")]
     pub wait: ::core::option::Option<bool>,
+    /// Where the sandbox may open connections (absent: anywhere not in the host's never_out),
+    /// with e2b's fields and precedence; see NetworkPolicy. Field 15, as in the shared spec.
+    #[prost(message, optional, tag = "15")]
+    pub network: ::core::option::Option<NetworkPolicy>,
 }
 /// Request of Sandboxes.List.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1212,6 +1257,7 @@ pub mod sandboxes_methods {
     pub const SET_TIMEOUT: &str = "wrenn.ctl.v1.Sandboxes/SetTimeout";
     pub const PAUSE: &str = "wrenn.ctl.v1.Sandboxes/Pause";
     pub const RESUME: &str = "wrenn.ctl.v1.Sandboxes/Resume";
+    pub const UPDATE_NETWORK: &str = "wrenn.ctl.v1.Sandboxes/UpdateNetwork";
     /// Every method with its streaming shape.
     pub const ALL: &[crate::rpc::MethodDesc] = &[
         crate::rpc::MethodDesc {
@@ -1270,6 +1316,13 @@ pub mod sandboxes_methods {
             input: "wrenn.ctl.v1.ResumeSandboxRequest",
             output: "wrenn.ctl.v1.Sandbox",
         },
+        crate::rpc::MethodDesc {
+            name: UPDATE_NETWORK,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.UpdateNetworkRequest",
+            output: "wrenn.ctl.v1.Sandbox",
+        },
     ];
 }
 /// Server side of `wrenn.ctl.v1.Sandboxes`: one method per RPC. Handlers run on the server's worker
@@ -1323,6 +1376,12 @@ pub trait SandboxesServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: ResumeSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
+    /// `UpdateNetwork` (unary).
+    fn update_network(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: UpdateNetworkRequest,
+    ) -> Result<Sandbox, crate::Status>;
 }
 /// Runs a call of `wrenn.ctl.v1.Sandboxes` on `svc` and returns its final code, or gives the stream
 /// back when the method is not one of this service's.
@@ -1352,6 +1411,9 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
         }
         sandboxes_methods::RESUME => {
             crate::rpc::serve::unary(stream, |p, r| svc.resume(p, r))
+        }
+        sandboxes_methods::UPDATE_NETWORK => {
+            crate::rpc::serve::unary(stream, |p, r| svc.update_network(p, r))
         }
         _ => return Err(stream),
     };
@@ -1416,6 +1478,13 @@ impl<'a> SandboxesClient<'a> {
     /// `Resume` (unary).
     pub fn resume(&self, req: &ResumeSandboxRequest) -> Result<Sandbox, crate::Status> {
         self.client.unary(sandboxes_methods::RESUME, req, self.timeout)
+    }
+    /// `UpdateNetwork` (unary).
+    pub fn update_network(
+        &self,
+        req: &UpdateNetworkRequest,
+    ) -> Result<Sandbox, crate::Status> {
+        self.client.unary(sandboxes_methods::UPDATE_NETWORK, req, self.timeout)
     }
 }
 /// Method names of service `wrenn.ctl.v1.Processes`.
