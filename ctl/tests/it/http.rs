@@ -1403,16 +1403,31 @@ fn keep_alive_pipelining_and_connection_limits() {
     assert_eq!(read_response(&mut s).json()["status"], "ok");
     let r = read_response(&mut s);
     assert_eq!((r.status, r.json()["id"].clone()), (200, json!(SB)));
-    // Bounded connections: with 3 slots, s + two idle ones fill it; the next gets 503.
-    let _b = TcpStream::connect(a).unwrap();
-    let _c = TcpStream::connect(a).unwrap();
+    // Bounded connections: with 3 slots, s and two idle ones fill it. A newcomer closes the
+    // oldest connection that never sent a request (b) and is served.
+    let mut b = TcpStream::connect(a).unwrap();
+    let mut c = TcpStream::connect(a).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let mut d = TcpStream::connect(a).unwrap();
     d.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let r = read_response(&mut d);
+    d.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut d).json()["status"], "ok");
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(
+        b.read(&mut [0u8; 64]).unwrap(),
+        0,
+        "the oldest idle connection was closed"
+    );
+    // Once every connection has been served a request, the next newcomer gets 503.
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut c).json()["status"], "ok");
+    let mut e = TcpStream::connect(a).unwrap();
+    e.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = read_response(&mut e);
     assert_eq!((r.status, r.error_code()), (503, "unavailable".into()));
-    drop(_b);
-    drop(_c);
+    drop(c);
+    drop(d);
     drop(s);
     std::thread::sleep(Duration::from_millis(300));
     // A head that never completes is answered 408 and closed at the deadline.
