@@ -658,7 +658,9 @@ impl Vmm for FirecrackerVmm {
                     j.jailer.display()
                 ));
             }
-            if let Some(reason) = jail_base_problem(&j.chroot_base, &self.cfg.state_root) {
+            if let Some(reason) =
+                jail_base_problem(&j.chroot_base, &self.cfg.firecracker, &self.cfg.state_root)
+            {
                 p.push(reason);
             }
         }
@@ -1213,10 +1215,14 @@ impl Vmm for FirecrackerVmm {
     }
 }
 
-/// Why `chroot_base` cannot hold chroots for sandboxes under `state_root`: disks are
-/// hard-linked in, so both must be on one filesystem. Creates the base (root's, 0700).
-fn jail_base_problem(chroot_base: &Path, state_root: &Path) -> Option<String> {
+/// Why `chroot_base` cannot hold chroots for sandboxes under `state_root`: the deepest
+/// socket in a chroot must fit a socket address, and disks are hard-linked in, so both must
+/// be on one filesystem. Creates the base (root's, 0700).
+fn jail_base_problem(chroot_base: &Path, firecracker: &Path, state_root: &Path) -> Option<String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(why) = chroot_sockets_too_long(chroot_base, firecracker) {
+        return Some(why);
+    }
     let sandboxes = state_root.join("sandboxes");
     if let Err(e) = fs::DirBuilder::new()
         .recursive(true)
@@ -1244,6 +1250,28 @@ fn jail_base_problem(chroot_base: &Path, state_root: &Path) -> Option<String> {
 fn jail_id(dir: &SandboxDir) -> Option<String> {
     let name = dir.path().file_name()?.to_str()?;
     Some(name.strip_prefix('.').unwrap_or(name).to_owned())
+}
+
+/// Why sockets in chroots under `chroot_base` cannot be bound: the deepest,
+/// `<base>/<exec>/<uuid>/root/run/vsock.sock_49984`, must fit a socket address.
+fn chroot_sockets_too_long(chroot_base: &Path, firecracker: &Path) -> Option<String> {
+    let uuid = "00000000-0000-0000-0000-000000000000";
+    let chroot = jail::chroot_dir(chroot_base, firecracker, uuid).ok()?;
+    let deepest = vsock::listener_path(
+        &jail::host_path(&chroot, Path::new(jail::JAIL_VSOCK_SOCKET)),
+        vsock::READINESS_PORT,
+    );
+    let len = deepest.as_os_str().len();
+    let max = vmm_glue::limits::UNIX_SOCKET_PATH_LEN_MAX;
+    (len > max).then(|| {
+        format!(
+            "chroot base {} is {} bytes too long: the sockets in a chroot ({}) must fit {max} \
+             bytes (set a shorter --chroot-base-dir on the sandboxes' filesystem)",
+            chroot_base.display(),
+            len - max,
+            deepest.display(),
+        )
+    })
 }
 
 /// Where a jailed Firecracker writes a pause's files (in its writable snapshot directory).
@@ -1316,6 +1344,21 @@ fn remove_discarded(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chroot_base_too_long_for_its_sockets() {
+        let fc = Path::new("/usr/local/bin/firecracker");
+        // `<base>/firecracker/<uuid>/root/run/vsock.sock_49984` is the base plus 75 bytes.
+        let fits = PathBuf::from("/".to_owned() + &"b".repeat(31));
+        let long = PathBuf::from("/".to_owned() + &"b".repeat(32));
+        assert_eq!(chroot_sockets_too_long(&fits, fc), None);
+        let why = chroot_sockets_too_long(&long, fc).unwrap();
+        assert!(why.contains("1 bytes too long"), "{why}");
+        // The default under /var/lib/wrenn and `wrenn up`'s agent root fit.
+        for base in ["/var/lib/wrenn/jail", "/var/lib/wrenn/local/agent/jail"] {
+            assert_eq!(chroot_sockets_too_long(Path::new(base), fc), None, "{base}");
+        }
+    }
 
     /// The jailer makes its chroot where the agent prepared it, for sandboxes and for a
     /// template's scratch VM (`.ws-<uuid>`, whose `.` the jailer refuses in an id).
