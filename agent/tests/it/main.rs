@@ -9,6 +9,7 @@
 
 mod binary;
 mod e2e;
+mod e2e_jail;
 mod fake;
 mod forward;
 mod lifecycle;
