@@ -202,6 +202,14 @@ impl pb::SandboxesServer for Handlers {
         r: pb::SandboxSamplesRequest,
     ) -> Result<pb::SandboxSamplesResponse, Status> {
         let id = sandbox_id(&r.sandbox_id)?;
+        // A VM that is gone (paused, destroyed, by ctl or the TTL) is frozen at once, so a
+        // read right after a pause sees every second up to it, not only after the sampler's
+        // next pass.
+        let live =
+            matches!(self.manager.get(id), Ok(i) if i.state == pb::SandboxState::Running as i32);
+        if !live {
+            self.samples.freeze(id, self.manager.clock().now_unix_ns());
+        }
         self.samples.samples(id, r.since_unix_ns, r.step_s)
     }
 }

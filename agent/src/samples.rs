@@ -132,11 +132,21 @@ impl Ring {
         }
     }
 
-    /// Samples ending after `since`, the open bucket last.
+    /// Closes the open bucket (the VM is gone: no more samples will fill it). It stays a
+    /// sample shorter than the step; a bucket the next VM opens at the same boundary is a
+    /// separate sample, so no second is counted twice.
+    fn close(&mut self) {
+        if let Some((_, s)) = self.open.take() {
+            self.push(s);
+        }
+    }
+
+    /// Closed samples ending after `since` (an open bucket is not returned: it would be
+    /// returned again, larger, once closed, and a reader that stores samples would count
+    /// its seconds twice).
     fn collect(&self, since_unix_ns: i64) -> Vec<pb::UsageSample> {
         self.ring
             .iter()
-            .chain(self.open.as_ref().map(|(_, s)| s))
             .filter(|s| s.end_unix_ns > since_unix_ns)
             .map(|s| s.to_proto(self.step_s))
             .collect()
@@ -206,6 +216,16 @@ impl Series {
         self.coarse.fold(&s);
     }
 
+    fn freeze(&mut self, now_unix_ns: i64) {
+        if self.frozen_at_unix_ns.is_none() {
+            self.frozen_at_unix_ns = Some(now_unix_ns);
+            // The next reading (after a resume) is a new VM.
+            self.last = None;
+            self.mid.close();
+            self.coarse.close();
+        }
+    }
+
     fn tier(&self, step_s: u32) -> Option<&Ring> {
         match step_s {
             1 => Some(&self.fine),
@@ -265,10 +285,8 @@ impl Store {
     pub fn sweep(&self, live: &[Uuid], now_unix_ns: i64) {
         let mut m = self.map();
         for (id, s) in m.iter_mut() {
-            if s.frozen_at_unix_ns.is_none() && !live.contains(id) {
-                s.frozen_at_unix_ns = Some(now_unix_ns);
-                // The next reading (after a resume) is a new VM.
-                s.last = None;
+            if !live.contains(id) {
+                s.freeze(now_unix_ns);
             }
         }
         let retain_ns = i64::try_from(FROZEN_RETAIN.as_nanos()).unwrap_or(i64::MAX);
@@ -278,6 +296,14 @@ impl Store {
         });
         while m.values().filter(|s| s.frozen_at_unix_ns.is_some()).count() > FROZEN_MAX {
             evict_oldest_frozen(&mut m);
+        }
+    }
+
+    /// Freezes `id` now (its VM is gone: paused, destroyed), closing its open buckets, so a
+    /// reader right after a pause sees every second up to it.
+    pub fn freeze(&self, id: Uuid, now_unix_ns: i64) {
+        if let Some(s) = self.map().get_mut(&id) {
+            s.freeze(now_unix_ns);
         }
     }
 
@@ -387,9 +413,9 @@ mod tests {
         // Three hours.
         feed(&st, id(1), T0, 0, 3 * 3600);
         let mid = st.samples(id(1), 0, 30).unwrap();
-        // 2 h of closed buckets plus the open one (which closed exactly at the end: the
-        // last sample ends on a boundary, so the open bucket is full).
-        assert_eq!(mid.samples.len(), TIER_MID_LEN + 1);
+        // 2 h of closed buckets; the open one (full: the last sample ends on a boundary,
+        // but no later sample closed it yet) is not returned.
+        assert_eq!(mid.samples.len(), TIER_MID_LEN);
         let s = &mid.samples[5];
         assert_eq!(s.step_s, 30);
         assert_eq!(s.cpu_usec, 15_000_000);
@@ -397,23 +423,28 @@ mod tests {
         assert_eq!(s.net_rx_bytes, 300);
         assert_eq!((s.unix_ns - T0) % (30 * NS), 0, "aligned on the wall clock");
         let last = mid.samples.last().unwrap();
-        assert_eq!(last.unix_ns, T0 + 3 * 3600 * NS);
-        assert_eq!(last.disk_bytes, 3 * 3600 * 1024);
+        assert_eq!(last.unix_ns, T0 + (3 * 3600 - 30) * NS);
+        assert_eq!(last.disk_bytes, (3 * 3600 - 30) * 1024);
         let coarse = st.samples(id(1), 0, 300).unwrap();
         assert_eq!(
             coarse.samples.len(),
-            36,
-            "3 h of 5-minute samples, nothing dropped"
+            35,
+            "3 h of 5-minute samples but the open one"
         );
         assert!(coarse
             .samples
             .iter()
             .all(|s| s.cpu_usec == 150_000_000 && s.step_s == 300));
+        // Frozen (paused): the open buckets close and are returned.
+        st.freeze(id(1), T0 + (3 * 3600 + 1) * NS);
+        let mid = st.samples(id(1), 0, 30).unwrap();
+        assert_eq!(mid.samples.last().unwrap().unix_ns, T0 + 3 * 3600 * NS);
+        assert_eq!(st.samples(id(1), 0, 300).unwrap().samples.len(), 36);
         // 24 h bound.
         let st = Store::new();
         feed(&st, id(2), T0, 0, 25 * 3600);
         let coarse = st.samples(id(2), 0, 300).unwrap();
-        assert_eq!(coarse.samples.len(), TIER_COARSE_LEN + 1);
+        assert_eq!(coarse.samples.len(), TIER_COARSE_LEN);
         assert_eq!(TIER_COARSE_LEN * 300, 24 * 3600);
         assert_eq!(TIER_MID_LEN * 30, 2 * 3600);
     }
@@ -473,6 +504,27 @@ mod tests {
         let retain = i64::try_from(FROZEN_RETAIN.as_nanos()).unwrap();
         st.sweep(&[], T0 + 200 * NS + retain);
         assert!(st.is_empty());
+    }
+
+    #[test]
+    fn a_pause_mid_bucket_and_a_resume_count_each_second_once() {
+        let st = Store::new();
+        // 45 s, paused, then resumed 100 s later for 20 s: the 30-s tier must hold exactly
+        // 65 seconds and 65 × 0.5 CPU-seconds.
+        feed(&st, id(1), T0, 0, 45);
+        st.freeze(id(1), T0 + 46 * NS);
+        for i in 0..20u64 {
+            let r = Reading {
+                cpu_usec: (i + 1) * 500_000,
+                ..Reading::default()
+            };
+            st.record(id(1), (200, 1), T0 + (145 + i as i64 + 1) * NS, r);
+        }
+        st.freeze(id(1), T0 + 170 * NS);
+        let mid = st.samples(id(1), 0, 30).unwrap().samples;
+        let secs: u32 = mid.iter().map(|s| s.step_s).sum();
+        let cpu: u64 = mid.iter().map(|s| s.cpu_usec).sum();
+        assert_eq!((secs, cpu), (65, 65 * 500_000), "{mid:?}");
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_host_drift",
         sql: include_str!("../migrations/0003_host_drift.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_usage_and_webhooks",
+        sql: include_str!("../migrations/0004_usage_and_webhooks.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

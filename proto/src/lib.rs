@@ -18,6 +18,7 @@
 
 pub mod base64;
 pub mod frame;
+pub mod hmac;
 pub mod id;
 pub mod kv;
 pub mod limits;
