@@ -29,3 +29,5 @@ pub mod server;
 pub mod service;
 pub mod sha256;
 pub mod testkit;
+pub mod usage;
+pub mod webhook;

@@ -89,6 +89,9 @@ pub static COMMANDS: &[Command] = &[
         on("force", "record it stopped even when its host cannot be reached (the host destroys it if it comes back)")]),
     cmd!("sandbox pause", "Pause a running sandbox.", [SB], []),
     cmd!("sandbox resume", "Resume a paused sandbox.", [SB], [val("timeout", "SECONDS", "new timeout (default: keep)")]),
+    cmd!("sandbox metrics", "Show a sandbox's CPU, memory, network and disk as its host sees them (live while it runs, stored once paused or stopped).", [SB], [
+        val("range", "DURATION", "how far back: 90s, 10m, 2h, 1d (default 10m; the step is 1 s up to 10m, 30 s up to 2h, 5 min beyond)"),
+        on("watch", "redraw every few seconds until interrupted")]),
     cmd!("sandbox ping", "Keep a sandbox alive: its expiry becomes now + its timeout.", [SB], []),
     cmd!("sandbox set-timeout", "Change a sandbox's timeout (and policy).", [SB, arg("SECONDS", "new timeout")], [
         val("on-timeout", "pause|destroy", "new policy (default: keep)")]),
@@ -157,6 +160,8 @@ pub static COMMANDS: &[Command] = &[
     cmd!("team create", "Create a team with its owner and first API key, printed once (platform admin).", [arg("NAME", "team name")], [
         val("owner-email", "EMAIL", "the owner's email (required)"), val("owner-name", "NAME", "the owner's display name")]),
     cmd!("team members", "List a team's members (default: the caller's team).", [opt("TEAM", "team id")], [PAGE[0], PAGE[1], PAGE[2]]),
+    cmd!("team usage", "Usage per UTC day: sandbox-seconds, CPU-seconds, memory MiB-seconds (default: the caller's team).", [opt("TEAM", "team id")], [
+        val("days", "N", "days back, today included (default 7, at most 92)")]),
     cmd!("team add-member", "Add an existing user to a team.", [arg("USER", "user id (usr-...)")], [
         val("team", "TEAM", "team id (default: the caller's)"), val("role", "owner|admin|member", "role (default member)")]),
     cmd!("team remove-member", "Remove a user from a team.", [arg("USER", "user id (usr-...)")], [

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod json;
 pub mod table;
 pub mod tty;
+pub mod usage;
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic)]
@@ -792,6 +793,29 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             let s: pb::Sandbox = ctx.unary(sb::RESUME, &req, true)?;
             ctx.print(&s, sandbox_human);
         }
+        "sandbox metrics" => {
+            let range_s = match p.value("range") {
+                Some(r) => usage::parse_range(r).map_err(CliError::Usage)?,
+                None => 0,
+            };
+            let req = pb::SandboxMetricsRequest {
+                sandbox_id: a(0),
+                range_s,
+            };
+            loop {
+                let r: pb::SandboxMetricsResponse = ctx.unary(sb::METRICS, &req, false)?;
+                if p.flag("watch") && !ctx.json && io::stdout().is_terminal() {
+                    // Home and clear, then the new picture.
+                    print!("\x1b[H\x1b[2J");
+                }
+                ctx.print(&r, usage::metrics_human);
+                let _ = io::stdout().flush();
+                if !p.flag("watch") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(u64::from(r.step_s.clamp(2, 30))));
+            }
+        }
         "sandbox ping" => {
             let s: pb::Sandbox = ctx.unary(
                 sb::PING,
@@ -1291,6 +1315,17 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                     ("created", time(t.created_unix_ns)),
                 ])
             });
+        }
+        "team usage" => {
+            let r: pb::TeamUsageResponse = ctx.unary(
+                teams::USAGE,
+                &pb::TeamUsageRequest {
+                    team_id: a(0),
+                    days: p.num("days")?.unwrap_or(0),
+                },
+                false,
+            )?;
+            ctx.print(&r, usage::usage_human);
         }
         "team members" => {
             let (page_size, page_token) = page(p)?;
@@ -1893,7 +1928,8 @@ mod tests {
         };
         assert_eq!(entry_row(&e)[0], "symlink");
         assert_eq!(entry_row(&e)[5], "/l -> /t");
-        assert!(groups_usage()
-            .contains("  sandbox    create|list|get|rm|pause|resume|ping|set-timeout|exec\n"));
+        assert!(groups_usage().contains(
+            "  sandbox    create|list|get|rm|pause|resume|metrics|ping|set-timeout|exec\n"
+        ));
     }
 }

@@ -3787,7 +3787,7 @@ pub const SCHEMAS_JSON: &str = r##"{
         "type": "array"
       },
       "url": {
-        "description": "http://host[:port]/path. Its address must not be loopback, link-local or private unless the operator allows them (checked again at every delivery, after resolving).",
+        "description": "An `http` URL: scheme, host, optional port, path. Its address must not be loopback, link-local or private unless the operator allows them (checked again at every delivery, after resolving).",
         "type": "string"
       }
     },
@@ -5368,7 +5368,7 @@ pub const SCHEMAS_JSON: &str = r##"{
         "type": "string"
       },
       "url": {
-        "description": "The URL deliveries are POSTed to (http://; https:// once ctl has a TLS client).",
+        "description": "The URL deliveries are POSTed to (scheme `http`; `https` once ctl has a TLS client).",
         "type": "string"
       }
     },

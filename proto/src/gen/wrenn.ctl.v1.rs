@@ -1046,7 +1046,7 @@ pub struct Webhook {
     /// "wh-{uuid}".
     #[prost(string, tag = "1")]
     pub id: ::prost::alloc::string::String,
-    /// The URL deliveries are POSTed to (<http://;> https:// once ctl has a TLS client).
+    /// The URL deliveries are POSTed to (scheme `http`; `https` once ctl has a TLS client).
     #[prost(string, tag = "2")]
     pub url: ::prost::alloc::string::String,
     /// Event types it receives; empty = all.
@@ -1059,7 +1059,7 @@ pub struct Webhook {
 /// Request of Webhooks.Create.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateWebhookRequest {
-    /// <http://host\[:port\]/path.> Its address must not be loopback, link-local or private unless
+    /// An `http` URL: scheme, host, optional port, path. Its address must not be loopback, link-local or private unless
     /// the operator allows them (checked again at every delivery, after resolving).
     #[prost(string, tag = "1")]
     pub url: ::prost::alloc::string::String,
