@@ -179,6 +179,12 @@ pub static COMMANDS: &[Command] = &[
     cmd!("host undrain", "Place sandboxes on a draining host again (platform admin).", [arg("HOST", "host id")], []),
     cmd!("host rm", "Forget a host (platform admin).", [arg("HOST", "host id")], [
         on("force", "for a host that is gone: record its sandboxes stopped and delete its snapshot templates")]),
+    cmd!("webhook create", "Register a webhook endpoint; its signing secret is printed once.", [arg("URL", "http://host[:port]/path (https once ctl has a TLS client)")], [
+        rep("event", "TYPE", "an event type to receive (default: all), e.g. sandbox.paused")]),
+    cmd!("webhook list", "List the team's webhooks.", [], []),
+    cmd!("webhook rm", "Remove a webhook (its pending deliveries are dropped).", [arg("WEBHOOK", "webhook id (wh-...)")], []),
+    cmd!("webhook deliveries", "List a webhook's deliveries and their outcome, newest first.", [arg("WEBHOOK", "webhook id (wh-...)")], [
+        PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("audit list", "List audit entries, newest first.", [], [
         val("actor", "ID", "who acted (key-..., usr-..., host-...)"),
         val("resource-type", "TYPE", "sandbox, template, team, user, api_key, host"),
@@ -265,7 +271,10 @@ mod tests {
         }
         assert_eq!(
             groups(),
-            ["sandbox", "process", "file", "template", "key", "team", "user", "host", "audit"]
+            [
+                "sandbox", "process", "file", "template", "key", "team", "user", "host", "webhook",
+                "audit"
+            ]
         );
         assert!(group_usage("file").contains("  put "));
     }

@@ -686,6 +686,7 @@ paged! {
     pb::ListUsersRequest, pb::ListUsersResponse, users;
     pb::ListHostsRequest, pb::ListHostsResponse, hosts;
     pb::ListAuditLogsRequest, pb::ListAuditLogsResponse, entries;
+    pb::ListDeliveriesRequest, pb::ListDeliveriesResponse, deliveries;
 }
 
 /// Lists one page, or with `all` every page from the requested one on.
@@ -1326,6 +1327,50 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 false,
             )?;
             ctx.print(&r, usage::usage_human);
+        }
+        "webhook create" => {
+            let r: pb::CreateWebhookResponse = ctx.unary(
+                pb::webhooks_methods::CREATE,
+                &pb::CreateWebhookRequest {
+                    url: a(0),
+                    events: p.values("event").into_iter().map(str::to_owned).collect(),
+                },
+                false,
+            )?;
+            ctx.print(&r, usage::webhook_created_human);
+        }
+        "webhook list" => {
+            let r: pb::ListWebhooksResponse = ctx.unary(
+                pb::webhooks_methods::LIST,
+                &pb::ListWebhooksRequest {},
+                false,
+            )?;
+            ctx.print(&r, |r| usage::webhooks_table(&r.webhooks));
+        }
+        "webhook rm" => {
+            let r: pb::DeleteWebhookResponse = ctx.unary(
+                pb::webhooks_methods::DELETE,
+                &pb::DeleteWebhookRequest { webhook_id: a(0) },
+                false,
+            )?;
+            ctx.print(&r, |_| format!("removed {}\n", a(0)));
+        }
+        "webhook deliveries" => {
+            let (page_size, page_token) = page(p)?;
+            let r: pb::ListDeliveriesResponse = list(
+                &ctx,
+                pb::webhooks_methods::DELIVERIES,
+                pb::ListDeliveriesRequest {
+                    webhook_id: a(0),
+                    page_size,
+                    page_token,
+                },
+                p.flag("all"),
+            )?;
+            ctx.print(&r, |r| usage::deliveries_table(&r.deliveries));
+            if !ctx.json {
+                page_note(&r.next_page_token);
+            }
         }
         "team members" => {
             let (page_size, page_token) = page(p)?;

@@ -135,6 +135,57 @@ pub fn usage_human(r: &pb::TeamUsageResponse) -> String {
     t.render()
 }
 
+/// `webhook create`: the webhook and its secret, which is shown only here.
+pub fn webhook_created_human(r: &pb::CreateWebhookResponse) -> String {
+    let w = r.webhook.clone().unwrap_or_default();
+    format!(
+        "webhook  {}\nurl      {}\nevents   {}\nsecret   {}\n(the secret is shown only now: verify each delivery's Wrenn-Signature with it)\n",
+        w.id,
+        w.url,
+        if w.events.is_empty() { "all".to_owned() } else { w.events.join(",") },
+        r.secret
+    )
+}
+
+pub fn webhooks_table(list: &[pb::Webhook]) -> String {
+    let mut t = Table::new(&["ID", "URL", "EVENTS", "CREATED"]);
+    for w in list {
+        t.row(vec![
+            w.id.clone(),
+            w.url.clone(),
+            if w.events.is_empty() {
+                "all".into()
+            } else {
+                w.events.join(",")
+            },
+            super::table::time(w.created_unix_ns),
+        ]);
+    }
+    t.render()
+}
+
+pub fn deliveries_table(list: &[pb::Delivery]) -> String {
+    let mut t = Table::new(&[
+        "EVENT", "TYPE", "STATUS", "ATTEMPTS", "HTTP", "ERROR", "CREATED",
+    ]);
+    for d in list {
+        t.row(vec![
+            d.event_id.clone(),
+            d.event_type.clone(),
+            d.status.clone(),
+            d.attempts.to_string(),
+            if d.last_http_status == 0 {
+                "-".into()
+            } else {
+                d.last_http_status.to_string()
+            },
+            d.last_error.clone(),
+            super::table::time(d.created_unix_ns),
+        ]);
+    }
+    t.render()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
