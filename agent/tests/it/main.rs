@@ -12,6 +12,7 @@ mod e2e;
 mod fake;
 mod forward;
 mod lifecycle;
+mod samples;
 mod service;
 
 use std::path::PathBuf;
