@@ -11,7 +11,9 @@
 //! - [`random`]: secrets and random ids from `getrandom(2)`; [`base64`]: RFC 4648;
 //! - [`skip`]: the `skipped: <reason>` convention of tests (`WRENN_REQUIRE_E2E=1`);
 //! - [`signal`]: waiting for SIGTERM/SIGINT, so daemons drain their servers;
-//! - [`sandbox_limits`]: the bounds of one sandbox that ctl and the agent must agree on.
+//! - [`sandbox_limits`]: the bounds of one sandbox that ctl and the agent must agree on;
+//! - [`recipe`]: template recipes (`Wrennfile`), parsed with line and column in every error;
+//! - [`hmac`]: HMAC-SHA256 and the webhook signature.
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
@@ -26,6 +28,7 @@ pub mod logger;
 pub mod metrics;
 pub mod process;
 pub mod random;
+pub mod recipe;
 pub mod sandbox_limits;
 pub mod sha256;
 pub mod signal;
