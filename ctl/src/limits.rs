@@ -164,3 +164,12 @@ const _: () = assert!(METRICS_FINE_RANGE_S < METRICS_MID_RANGE_S);
 const _: () = assert!(METRICS_MID_RANGE_S < METRICS_RANGE_MAX_S);
 const _: () = assert!(WEBHOOK_ATTEMPT_TIMEOUT.as_secs() * 2 <= WEBHOOK_LEASE.as_secs());
 const _: () = assert!(USAGE_FLUSH_INTERVAL.as_secs() < METRICS_MID_RANGE_S as u64);
+
+// ---- template builds (migration 5; no runner yet) ----
+
+/// Output kept per build step: the last 256 KiB (the table's CHECK holds the same number;
+/// a test checks). A step's full output streams live to the client; what is kept is for
+/// a later look at why a step failed.
+pub const BUILD_STEP_LOG_MAX: usize = 256 * 1024;
+/// A recipe as stored: `proto::recipe::RECIPE_LEN_MAX`.
+pub const BUILD_RECIPE_LEN_MAX: usize = proto::recipe::RECIPE_LEN_MAX;

@@ -148,6 +148,7 @@ pub static COMMANDS: &[Command] = &[
         val("user", "USER", "user whose permissions apply")]),
     cmd!("template create", "Snapshot a sandbox into a template (the sandbox ends paused).", [SB, arg("NAME", "template name, unique in the team")], [
         on("platform", "publish as a platform template (platform admin)")]),
+    cmd!("template check", "Check a recipe (Wrennfile) here, without a server: prints its steps, or its first error with line and column (exit 1).", [opt("FILE", "the recipe (default ./Wrennfile)")], []),
     cmd!("template list", "List the team's and the platform's templates.", [], [
         on("team-only", "leave out platform templates"), PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("template get", "Show a template.", [arg("TEMPLATE", "id (tpl-...) or name")], []),

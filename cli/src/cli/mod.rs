@@ -720,6 +720,10 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         hosts_methods as hosts, processes_methods as procs, sandboxes_methods as sb,
         teams_methods as teams, templates_methods as tpl, users_methods as users,
     };
+    if cmd.path == "template check" {
+        // Local only: no server, no key.
+        return usage::check_recipe(p.arg(0).unwrap_or("Wrennfile"));
+    }
     let ctx = Ctx::connect(p)?;
     let a = |i: usize| p.arg(i).unwrap_or("").to_owned();
     match cmd.path {

@@ -186,6 +186,59 @@ pub fn deliveries_table(list: &[pb::Delivery]) -> String {
     t.render()
 }
 
+/// `wrenn template check FILE`: 0 and the steps, or 1 and `FILE:LINE:COLUMN: error`.
+/// (Plain text only, `--json` included: the CLI's JSON writer renders API messages.)
+pub fn check_recipe(path: &str) -> Result<u8, super::CliError> {
+    use proto::recipe::{parse, Step, RECIPE_LEN_MAX};
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(RECIPE_LEN_MAX as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|source| super::CliError::Io {
+            action: format!("read {path}"),
+            source,
+        })?;
+    let r = match parse(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{path}:{}:{}: {}", e.line, e.column, e.kind);
+            return Ok(1);
+        }
+    };
+    let mut out = format!("from {}\n", r.from);
+    for (i, s) in r.steps.iter().enumerate() {
+        let (line, what) = match s {
+            Step::Run { line, cmd, .. } => (line, format!("RUN {cmd}")),
+            Step::Copy {
+                line,
+                sources,
+                target,
+            } => (line, format!("COPY {} -> {target}", sources.join(" "))),
+            Step::Env { line, vars } => (
+                line,
+                format!(
+                    "ENV {}",
+                    vars.iter()
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            ),
+            Step::Workdir { line, dir } => (line, format!("WORKDIR {dir}")),
+            Step::User { line, name } => (line, format!("USER {name}")),
+        };
+        out.push_str(&format!("{:>3}. line {line}: {what}\n", i + 1));
+    }
+    if let Some(s) = &r.start {
+        out.push_str(&format!("start (line {}): {}\n", s.line, s.value));
+    }
+    if let Some(h) = &r.healthcheck {
+        out.push_str(&format!("healthcheck (line {}): {}\n", h.line, h.value.cmd));
+    }
+    print!("{out}");
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -484,3 +484,62 @@ fn an_event_is_delivered_at_least_once_across_a_kill_9_mid_attempt() {
     let v: serde_json::Value = serde_json::from_slice(&got[1].body).unwrap();
     assert_eq!(v["data"]["sandbox_id"], sb.id.as_str());
 }
+
+#[test]
+fn a_finished_build_raises_build_finished_and_the_build_tables_hold_their_bounds() {
+    let Some(ctl) = start(true) else { return };
+    let cl = ctl.team();
+    let wh = create_webhook(&cl, "http://192.0.2.1/b", &["build.finished"]).unwrap();
+    let wid = wh.webhook.unwrap().id;
+    let mut pg = postgres::Client::connect(&ctl.url, postgres::NoTls).unwrap();
+    let team = proto::id::parse(proto::id::Kind::Team, &ctl.team_id).unwrap();
+    let build = proto::random::uuid_v4().unwrap();
+    pg.execute(
+        "INSERT INTO template_builds (id, team_id, name, recipe, status) \
+         VALUES ($1, $2, 'web', 'RUN true', 'queued')",
+        &[&build, &team],
+    )
+    .unwrap();
+    pg.execute(
+        "INSERT INTO template_build_steps (build_id, n, line, instruction, status) \
+         VALUES ($1, 0, 1, 'RUN true', 'pending')",
+        &[&build],
+    )
+    .unwrap();
+    // A step log beyond the bound is refused by the table, not kept.
+    let big = vec![b'x'; ctl::limits::BUILD_STEP_LOG_MAX + 1];
+    assert!(pg
+        .execute(
+            "UPDATE template_build_steps SET log = $2 WHERE build_id = $1",
+            &[&build, &big]
+        )
+        .is_err());
+    // Finished without finished_at is refused; running raises nothing.
+    assert!(pg
+        .execute(
+            "UPDATE template_builds SET status = 'failed' WHERE id = $1",
+            &[&build]
+        )
+        .is_err());
+    pg.execute(
+        "UPDATE template_builds SET status = 'running', started_at = now() WHERE id = $1",
+        &[&build],
+    )
+    .unwrap();
+    assert!(deliveries(&cl, &wid).is_empty());
+    pg.execute(
+        "UPDATE template_builds SET status = 'failed', reason = 'step 1 (line 1) exited 2', \
+            finished_at = now() WHERE id = $1",
+        &[&build],
+    )
+    .unwrap();
+    let d = deliveries(&cl, &wid);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].event_type, "build.finished");
+    let data: serde_json::Value = pg
+        .query_one("SELECT data FROM webhook_events", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(data["status"], "failed");
+    assert_eq!(data["reason"], "step 1 (line 1) exited 2");
+}
