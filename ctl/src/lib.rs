@@ -23,6 +23,7 @@ pub mod migrate;
 pub mod monitor;
 pub mod random;
 pub mod reconciler;
+pub mod retention;
 pub mod revocation;
 pub mod scheduler;
 pub mod server;

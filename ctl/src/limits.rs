@@ -173,3 +173,14 @@ const _: () = assert!(USAGE_FLUSH_INTERVAL.as_secs() < METRICS_MID_RANGE_S as u6
 pub const BUILD_STEP_LOG_MAX: usize = 256 * 1024;
 /// A recipe as stored: `proto::recipe::RECIPE_LEN_MAX`.
 pub const BUILD_RECIPE_LEN_MAX: usize = proto::recipe::RECIPE_LEN_MAX;
+
+// ---- retention (`retention.rs`) ----
+
+/// Stored samples and state transitions are kept a day longer than `Teams/Usage` looks
+/// back ([`USAGE_DAYS_MAX`]).
+pub const USAGE_RETENTION: Duration = Duration::from_secs((USAGE_DAYS_MAX as u64 + 1) * 86_400);
+/// Finished webhook deliveries (delivered, failed, dropped) and their events: a week, to
+/// look at with `Webhooks/Deliveries`.
+pub const WEBHOOK_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+/// Rows one pruning statement deletes at most.
+pub const RETENTION_BATCH: i64 = 10_000;

@@ -293,13 +293,19 @@ impl Api {
         })
     }
 
-    /// One pass of the usage flush: stores running sandboxes' samples, at most once per
-    /// [`USAGE_FLUSH_INTERVAL`] across replicas (advisory lock + `background_jobs`).
+    /// One pass of the usage flush: stores running sandboxes' samples and prunes old
+    /// history ([`crate::retention`]), at most once per [`USAGE_FLUSH_INTERVAL`] across
+    /// replicas (advisory lock + `background_jobs`).
     /// Returns the sandboxes flushed (None when another replica has the turn).
     pub fn flush_running_samples(&self) -> Result<Option<usize>, Status> {
         let targets: Option<Vec<(Uuid, Uuid)>> = self.inner.db.tx(move |tx| {
             if !crate::monitor::claim(tx, USAGE_FLUSH_LOCK, "usage_flush", USAGE_FLUSH_INTERVAL)? {
                 return Ok(None);
+            }
+            // History past its retention goes with the same turn (retention.rs).
+            let pruned = crate::retention::prune(tx)?;
+            if pruned != crate::retention::Pruned::default() {
+                log::info!("pruned history {pruned:?}");
             }
             let rows = tx
                 .query(

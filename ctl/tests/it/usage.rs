@@ -248,3 +248,85 @@ fn the_flush_job_stores_running_sandboxes_once_per_period() {
     let id = proto::id::parse(proto::id::Kind::Sandbox, &sb.id).unwrap();
     assert_eq!(api.store_samples(host, id).unwrap(), 0);
 }
+
+#[test]
+fn history_past_its_retention_is_pruned_with_the_flush() {
+    let Some(ctl) = Ctl::start() else { return };
+    let mut pg = postgres::Client::connect(&ctl.url, postgres::NoTls).unwrap();
+    let team = proto::id::parse(proto::id::Kind::Team, &ctl.team_id).unwrap();
+    let (a, b) = (proto::id::Uuid::from_u128(1), proto::id::Uuid::from_u128(2));
+    // Sandbox a: running 200 days ago, paused 150 days ago, running since 100 days ago.
+    // Sandbox b: stopped 100 days ago. Samples 100 days and 1 day old.
+    pg.batch_execute(&format!(
+        "INSERT INTO sandbox_transitions (sandbox_id, team_id, state, vcpus, memory_mib, at) VALUES \
+           ('{a}', '{team}', 'running', 1, 512, now() - interval '200 days'), \
+           ('{a}', '{team}', 'paused', 1, 512, now() - interval '150 days'), \
+           ('{a}', '{team}', 'running', 1, 512, now() - interval '100 days'), \
+           ('{b}', '{team}', 'running', 1, 512, now() - interval '120 days'), \
+           ('{b}', '{team}', 'stopped', 1, 512, now() - interval '100 days'); \
+         INSERT INTO sandbox_samples (sandbox_id, step_s, end_at, team_id, covered_s, cpu_usec, \
+            memory_bytes, disk_bytes, net_rx_bytes, net_tx_bytes) VALUES \
+           ('{a}', 30, now() - interval '100 days', '{team}', 30, 1, 1, 1, 1, 1), \
+           ('{a}', 30, now() - interval '1 day', '{team}', 30, 1, 1, 1, 1, 1);"
+    ))
+    .unwrap();
+    // Webhook history: an old delivered delivery goes (and its event); an old pending one
+    // stays (it is still to be delivered).
+    let wh: c::CreateWebhookResponse = ctl
+        .team()
+        .unary(
+            c::webhooks_methods::CREATE,
+            &c::CreateWebhookRequest {
+                url: "http://192.0.2.1/h".into(),
+                events: vec![],
+            },
+            T,
+        )
+        .unwrap();
+    let wid = proto::id::parse(proto::id::Kind::Webhook, &wh.webhook.unwrap().id).unwrap();
+    let (e1, e2) = (
+        proto::id::Uuid::from_u128(11),
+        proto::id::Uuid::from_u128(12),
+    );
+    pg.batch_execute(&format!(
+        "INSERT INTO webhook_events (id, team_id, type, data, created_at) VALUES \
+           ('{e1}', '{team}', 'sandbox.error', '{{}}', now() - interval '8 days'), \
+           ('{e2}', '{team}', 'sandbox.error', '{{}}', now() - interval '8 days'); \
+         INSERT INTO webhook_deliveries (webhook_id, event_id, status, created_at) VALUES \
+           ('{wid}', '{e1}', 'delivered', now() - interval '8 days'), \
+           ('{wid}', '{e2}', 'pending', now() - interval '8 days');"
+    ))
+    .unwrap();
+    assert_eq!(ctl.api().flush_running_samples().unwrap(), Some(0));
+    let hooks: Vec<(String, i64)> = pg
+        .query(
+            "SELECT (SELECT string_agg(status, ',') FROM webhook_deliveries), \
+                    (SELECT count(*) FROM webhook_events)",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(hooks, [("pending".to_owned(), 1)]);
+    let left: Vec<(proto::id::Uuid, String)> = pg
+        .query(
+            "SELECT sandbox_id, state FROM sandbox_transitions ORDER BY sandbox_id, seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // a keeps only its last transition before the cut (running since 100 days), which
+    // usage needs; b, stopped before the cut, keeps nothing.
+    assert_eq!(left, [(a, "running".to_owned())]);
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM sandbox_samples", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    // Usage still counts a as running for the whole window.
+    let u = usage(&ctl.team());
+    assert!(u.days[0].sandbox_seconds >= 86_399.0, "{:?}", u.days[0]);
+}
