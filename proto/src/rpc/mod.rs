@@ -23,7 +23,8 @@ pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
 pub use server::{
-    Call, CallWatch, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service, WrapTransport,
+    Call, CallWatch, Peer, Server, ServerConfig, ServerHandle, ServerStream, Service,
+    WrapTransport,
 };
 pub use transport::{ReadMode, SocketKind, SocketTransport, Transport};
 
