@@ -462,6 +462,10 @@ pub fn parse(bytes: &[u8]) -> Result<Recipe, RecipeError> {
                 let w = words(&l, kw_end)?;
                 match w.as_slice() {
                     [] => return Err(l.err(kw_end, ErrorKind::Missing("template name"))),
+                    // `FROM ""` is no name (the fuzzer found it accepted as one).
+                    [(at, t)] if t.is_empty() => {
+                        return Err(l.err(*at, ErrorKind::Missing("template name")))
+                    }
                     [(_, t)] => r.from = t.clone(),
                     [_, (at, _), ..] => {
                         return Err(l.err(*at, ErrorKind::BadPath("FROM takes one template".into())))
@@ -492,6 +496,9 @@ pub fn parse(bytes: &[u8]) -> Result<Recipe, RecipeError> {
                     .unwrap_or_default();
                 for (at, s) in &sources {
                     check_context_path(s).map_err(|why| l.err(*at, ErrorKind::BadPath(why)))?;
+                }
+                if let Some((at, _)) = w.iter().find(|(_, p)| p.is_empty()) {
+                    return Err(l.err(*at, ErrorKind::BadPath("COPY: an empty path".into())));
                 }
                 r.steps.push(Step::Copy {
                     line,
@@ -718,6 +725,12 @@ mod tests {
             .2
             .contains("leaves the build context"));
         assert_eq!(err("COPY onlyone").2, "missing a source and a target");
+        // Found by the fuzzer: quotes around nothing are no name and no path.
+        assert_eq!(
+            err("FROM \"\"\"\"\n#x"),
+            (1, 6, "missing template name".into())
+        );
+        assert_eq!(err("COPY a \"\""), (1, 8, "COPY: an empty path".into()));
         assert_eq!(err("WORKDIR rel").2, "WORKDIR \"rel\" must be absolute");
         assert_eq!(err("USER Root").1, 6);
         assert_eq!(err("START a\nSTART b").0, 2);
