@@ -8,7 +8,7 @@
 //! - Disk: blocks allocated to the sandbox's disk file (`st_blocks × 512`).
 //! - Network: the slot's tap counters, read from `/proc/<pid>/net/dev`, which shows the
 //!   network namespace the Firecracker process lives in (the tap is not visible from the
-//!   host's namespace).
+//!   host's namespace); the tap's receive is the guest's send and the other way round.
 //!
 //! The process is checked against its recorded start time before and after the reading,
 //! so a reused pid is never sampled. A reading that fails (the VM just stopped) is skipped.
@@ -53,7 +53,11 @@ pub fn read(p: ProcRef, disk: &Path) -> Option<Reading> {
         }
     };
     let netdev = std::fs::read_to_string(format!("/proc/{}/net/dev", p.pid)).unwrap_or_default();
-    let (net_rx_bytes, net_tx_bytes) = net_dev_bytes(&netdev, TAP_NAME).unwrap_or((0, 0));
+    // A tap counts from the host's side: what Firecracker writes into it (the guest's
+    // frames) is the tap's *receive*, what it reads out (frames for the guest) its
+    // *transmit*. The samples count from the guest's side, so the two swap.
+    let (tap_rx, tap_tx) = net_dev_bytes(&netdev, TAP_NAME).unwrap_or((0, 0));
+    let (net_rx_bytes, net_tx_bytes) = (tap_tx, tap_rx);
     let disk_bytes = {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(disk)
@@ -259,6 +263,35 @@ lo:       0       0    0    0    0     0          0         0        0       0  
 tap0:    1500      10    0    0    0     0          0         0     9000      20    0    0    0     0       0          0\n";
         assert_eq!(net_dev_bytes(dev, "tap0"), Some((1500, 9000)));
         assert_eq!(net_dev_bytes(dev, "eth9"), None);
+    }
+
+    /// Manual check on a real VM: `WRENN_SAMPLE_PID=<firecracker pid> cargo test -p agent
+    /// --lib sampler::tests::reads_a_running_firecracker -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs a running Firecracker named by WRENN_SAMPLE_PID"]
+    fn reads_a_running_firecracker() {
+        let Some(pid) = std::env::var("WRENN_SAMPLE_PID")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        else {
+            println!("skipped: WRENN_SAMPLE_PID not set");
+            return;
+        };
+        let p = ProcRef {
+            pid,
+            start_ticks: proto::process::start_ticks(pid).unwrap(),
+        };
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        println!("cgroup {:?} -> {:?}", cg.trim(), cgroup_dirs(&cg));
+        let a = read(p, Path::new("/nonexistent")).expect("first reading");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let b = read(p, Path::new("/nonexistent")).expect("second reading");
+        println!("first  {a:?}\nsecond {b:?}");
+        println!(
+            "cpu over 2 s: {:.1}% of one cpu",
+            (b.cpu_usec - a.cpu_usec) as f64 / 20_000.0
+        );
+        assert!(b.cpu_usec >= a.cpu_usec && b.memory_bytes > 0);
     }
 
     #[test]
