@@ -28,6 +28,8 @@ pub mod limits;
 pub mod manager;
 pub mod metrics;
 pub mod rpc;
+pub mod sampler;
+pub mod samples;
 pub mod state;
 pub mod statedir;
 pub mod sys;

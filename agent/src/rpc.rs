@@ -48,9 +48,19 @@ impl std::fmt::Debug for AgentService {
 impl AgentService {
     pub fn new(manager: Arc<Manager>, host: Arc<Host>, identity: Arc<IdentityCell>) -> Self {
         AgentService {
-            handlers: Handlers { manager, host },
+            handlers: Handlers {
+                manager,
+                host,
+                samples: Arc::new(crate::samples::Store::new()),
+            },
             identity,
         }
+    }
+
+    /// Serves `Sandboxes/Samples` from `store` (the sampler's; without it the store is empty).
+    pub fn with_samples(mut self, store: Arc<crate::samples::Store>) -> Self {
+        self.handlers.samples = store;
+        self
     }
 }
 
@@ -102,6 +112,7 @@ impl Service for AgentService {
 struct Handlers {
     manager: Arc<Manager>,
     host: Arc<Host>,
+    samples: Arc<crate::samples::Store>,
 }
 
 impl Handlers {
@@ -183,6 +194,22 @@ impl pb::SandboxesServer for Handlers {
 
     fn ping(&self, _: &Peer, r: pb::PingSandboxRequest) -> Result<pb::SandboxInfo, Status> {
         self.manager.ping(sandbox_id(&r.sandbox_id)?)
+    }
+
+    fn samples(
+        &self,
+        _: &Peer,
+        r: pb::SandboxSamplesRequest,
+    ) -> Result<pb::SandboxSamplesResponse, Status> {
+        let id = sandbox_id(&r.sandbox_id)?;
+        // A VM that is gone (paused, destroyed, by ctl or the TTL) is frozen at once, so a
+        // read right after a pause sees every second up to it, not only after the sampler's
+        // next pass.
+        let live = matches!(self.manager.get(id), Ok(i) if i.state == proto::sandbox::SandboxState::Running as i32);
+        if !live {
+            self.samples.freeze(id, self.manager.clock().now_unix_ns());
+        }
+        self.samples.samples(id, r.since_unix_ns, r.step_s)
     }
 }
 

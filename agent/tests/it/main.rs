@@ -13,6 +13,7 @@ mod e2e_jail;
 mod fake;
 mod forward;
 mod lifecycle;
+mod samples;
 mod service;
 
 use std::path::PathBuf;
