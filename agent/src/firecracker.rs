@@ -289,8 +289,8 @@ impl FirecrackerVmm {
     /// The paths of `dir`'s VM files (its directory name is the sandbox id).
     fn paths(&self, dir: &SandboxDir) -> VmPaths {
         let chroot = self.cfg.jail.as_ref().and_then(|j| {
-            let id = dir.path().file_name()?.to_str()?;
-            jail::chroot_dir(&j.chroot_base, &self.cfg.firecracker, id).ok()
+            let id = jail_id(dir)?;
+            jail::chroot_dir(&j.chroot_base, &self.cfg.firecracker, &id).ok()
         });
         match chroot {
             Some(c) => VmPaths {
@@ -355,6 +355,31 @@ impl FirecrackerVmm {
         }
     }
 
+    /// How the jailer starts the VM in `dir` (`None`: a directory name that is no id). The
+    /// chroot it makes is the one [`Self::paths`] names.
+    fn jail_spec(
+        &self,
+        j: &JailConfig,
+        dir: &SandboxDir,
+        uid: u32,
+        netns: Option<String>,
+        limits: JailLimits,
+    ) -> Option<JailSpec> {
+        Some(JailSpec {
+            jailer: j.jailer.clone(),
+            firecracker: self.cfg.firecracker.clone(),
+            id: jail_id(dir)?,
+            uid,
+            gid: uid,
+            chroot_base: j.chroot_base.clone(),
+            netns,
+            cgroups: self.jail_cgroups.clone(),
+            cgroup_parent: CGROUP_PARENT.into(),
+            limits,
+            firecracker_args: Vec::new(),
+        })
+    }
+
     /// Spawns Firecracker (API only) for `rec` in its slot: jailed (its chroot prepared by
     /// [`Self::prepare_chroot`]) or, with `--unjailed`, in its own mount namespace.
     fn spawn(&self, rec: &SandboxRecord, dir: &SandboxDir) -> Result<VmProcess, VmError> {
@@ -369,19 +394,10 @@ impl FirecrackerVmm {
                 .map_err(|e| VmError::new("start firecracker", e))?;
             let memory_bytes = u64::from(rec.spec.memory_mib) << 20;
             let disk_bytes = fs::metadata(dir.disk()).map(|m| m.len()).unwrap_or(0);
-            let spec = JailSpec {
-                jailer: j.jailer.clone(),
-                firecracker: self.cfg.firecracker.clone(),
-                id: rec.id.hyphenated().to_string(),
-                uid,
-                gid: uid,
-                chroot_base: j.chroot_base.clone(),
-                netns: Some(slot.netns),
-                cgroups: self.jail_cgroups.clone(),
-                cgroup_parent: CGROUP_PARENT.into(),
-                limits: JailLimits::for_vm(rec.spec.vcpus, memory_bytes, disk_bytes),
-                firecracker_args: Vec::new(),
-            };
+            let limits = JailLimits::for_vm(rec.spec.vcpus, memory_bytes, disk_bytes);
+            let spec = self
+                .jail_spec(j, dir, uid, Some(slot.netns), limits)
+                .ok_or_else(|| VmError::new("start firecracker", "no jail id"))?;
             let mut vm = VmProcess::spawn_jailed(&spec, dir.path(), Vec::new())
                 .map_err(|e| VmError::new("start jailed firecracker", e))?;
             if let Err(e) = vm.wait_api_socket(API_SOCKET_WAIT) {
@@ -664,7 +680,9 @@ impl Vmm for FirecrackerVmm {
                     j.jailer.display()
                 ));
             }
-            if let Some(reason) = jail_base_problem(&j.chroot_base, &self.cfg.state_root) {
+            if let Some(reason) =
+                jail_base_problem(&j.chroot_base, &self.cfg.firecracker, &self.cfg.state_root)
+            {
                 p.push(reason);
             }
         }
@@ -1152,21 +1170,10 @@ impl Vmm for FirecrackerVmm {
                     warn!("remove chroot failed error={e}");
                 }
             }
-            let id = rec.id.hyphenated().to_string();
-            let spec_dirs = JailSpec {
-                jailer: j.jailer.clone(),
-                firecracker: self.cfg.firecracker.clone(),
-                id,
-                uid: 1,
-                gid: 1,
-                chroot_base: j.chroot_base.clone(),
-                netns: None,
-                cgroups: self.jail_cgroups.clone(),
-                cgroup_parent: CGROUP_PARENT.into(),
-                limits: JailLimits::for_vm(1, 0, 0),
-                firecracker_args: Vec::new(),
-            }
-            .cgroup_dirs();
+            let spec_dirs = self
+                .jail_spec(j, dir, 1, None, JailLimits::for_vm(1, 0, 0))
+                .map(|s| s.cgroup_dirs())
+                .unwrap_or_default();
             if let Err(e) = cgroup::Cgroup::from_dirs(spec_dirs).remove(Duration::from_millis(200))
             {
                 warn!("remove jail cgroup failed error={e}");
@@ -1260,10 +1267,14 @@ impl Vmm for FirecrackerVmm {
     }
 }
 
-/// Why `chroot_base` cannot hold chroots for sandboxes under `state_root`: disks are
-/// hard-linked in, so both must be on one filesystem. Creates the base (root's, 0700).
-fn jail_base_problem(chroot_base: &Path, state_root: &Path) -> Option<String> {
+/// Why `chroot_base` cannot hold chroots for sandboxes under `state_root`: the deepest
+/// socket in a chroot must fit a socket address, and disks are hard-linked in, so both must
+/// be on one filesystem. Creates the base (root's, 0700).
+fn jail_base_problem(chroot_base: &Path, firecracker: &Path, state_root: &Path) -> Option<String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(why) = chroot_sockets_too_long(chroot_base, firecracker) {
+        return Some(why);
+    }
     let sandboxes = state_root.join("sandboxes");
     if let Err(e) = fs::DirBuilder::new()
         .recursive(true)
@@ -1283,6 +1294,36 @@ fn jail_base_problem(chroot_base: &Path, state_root: &Path) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// The jailer's `--id` of the VM in `dir` (which names its chroot and cgroups): the directory's
+/// name, a sandbox id, without the leading `.` of a template's scratch VM (`.ws-<uuid>`),
+/// since the jailer takes only letters, digits and `-`.
+fn jail_id(dir: &SandboxDir) -> Option<String> {
+    let name = dir.path().file_name()?.to_str()?;
+    Some(name.strip_prefix('.').unwrap_or(name).to_owned())
+}
+
+/// Why sockets in chroots under `chroot_base` cannot be bound: the deepest,
+/// `<base>/<exec>/<uuid>/root/run/vsock.sock_49984`, must fit a socket address.
+fn chroot_sockets_too_long(chroot_base: &Path, firecracker: &Path) -> Option<String> {
+    let uuid = "00000000-0000-0000-0000-000000000000";
+    let chroot = jail::chroot_dir(chroot_base, firecracker, uuid).ok()?;
+    let deepest = vsock::listener_path(
+        &jail::host_path(&chroot, Path::new(jail::JAIL_VSOCK_SOCKET)),
+        vsock::READINESS_PORT,
+    );
+    let len = deepest.as_os_str().len();
+    let max = vmm_glue::limits::UNIX_SOCKET_PATH_LEN_MAX;
+    (len > max).then(|| {
+        format!(
+            "chroot base {} is {} bytes too long: the sockets in a chroot ({}) must fit {max} \
+             bytes (set a shorter --chroot-base-dir on the sandboxes' filesystem)",
+            chroot_base.display(),
+            len - max,
+            deepest.display(),
+        )
+    })
 }
 
 /// Where a jailed Firecracker writes a pause's files (in its writable snapshot directory).
@@ -1355,6 +1396,62 @@ fn remove_discarded(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chroot_base_too_long_for_its_sockets() {
+        let fc = Path::new("/usr/local/bin/firecracker");
+        // `<base>/firecracker/<uuid>/root/run/vsock.sock_49984` is the base plus 75 bytes.
+        let fits = PathBuf::from("/".to_owned() + &"b".repeat(31));
+        let long = PathBuf::from("/".to_owned() + &"b".repeat(32));
+        assert_eq!(chroot_sockets_too_long(&fits, fc), None);
+        let why = chroot_sockets_too_long(&long, fc).unwrap();
+        assert!(why.contains("1 bytes too long"), "{why}");
+        // The default under /var/lib/wrenn and `wrenn up`'s agent root fit.
+        for base in ["/var/lib/wrenn/jail", "/var/lib/wrenn/local/agent/jail"] {
+            assert_eq!(chroot_sockets_too_long(Path::new(base), fc), None, "{base}");
+        }
+    }
+
+    /// The jailer makes its chroot where the agent prepared it, for sandboxes and for a
+    /// template's scratch VM (`.ws-<uuid>`, whose `.` the jailer refuses in an id).
+    #[test]
+    fn jail_spec_chroot_is_the_prepared_one() {
+        let root = PathBuf::from("/var/lib/wrenn-test");
+        let j = JailConfig {
+            jailer: "/usr/local/bin/jailer".into(),
+            chroot_base: root.join("jail"),
+            uffd_uid: 900_064,
+        };
+        let vmm = FirecrackerVmm::new(FcConfig {
+            firecracker: "/nonexistent/firecracker".into(),
+            kernel: None,
+            uffd_bin: None,
+            backend: RestoreBackend::Uffd,
+            boot_args_extra: String::new(),
+            state_root: root.clone(),
+            console: false,
+            net: NetConfig::new("wrtest", "10.214.0.0".parse().unwrap()).unwrap(),
+            dns_upstream: DnsUpstream::Off,
+            jail: Some(j.clone()),
+        });
+        let uuid = "0b6c2a52-3f5e-4f3a-9a51-000000000001";
+        for name in [uuid.to_owned(), format!(".ws-{uuid}")] {
+            let dir = SandboxDir(root.join("sandboxes").join(&name));
+            let spec = vmm
+                .jail_spec(&j, &dir, 900_001, None, JailLimits::for_vm(1, 256 << 20, 0))
+                .unwrap();
+            assert!(
+                spec.args().is_ok(),
+                "{name}: the jailer refuses {:?}",
+                spec.id
+            );
+            assert_eq!(
+                vmm.paths(&dir).chroot,
+                Some(spec.chroot_dir().unwrap()),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn discarded_files_go_in_the_background_and_leftovers_at_the_next_pause() {

@@ -30,6 +30,8 @@ pub mod manager;
 pub mod metrics;
 pub mod ports;
 pub mod rpc;
+pub mod sampler;
+pub mod samples;
 pub mod state;
 pub mod statedir;
 pub mod sys;

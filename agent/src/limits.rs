@@ -123,3 +123,25 @@ pub const PORT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PORT_CHUNK_LEN: usize = 64 * 1024;
 /// envd's API port inside the guest: never reachable through Ports.Connect.
 pub const ENVD_PORT: u32 = 49983;
+/// Per-sandbox usage samples (`samples.rs`): the sampler reads every running VM once a
+/// second ([`SAMPLE_INTERVAL`]) into three rings allocated at once, so each sandbox costs a
+/// fixed ~55 KiB: 10 min at 1 s, 2 h at 30 s, 24 h at 5 min. The tiers' steps are what
+/// ctl's `Sandboxes/Metrics` picks from by range (ctl's `limits.rs` holds the same numbers).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+pub const TIER_FINE_LEN: usize = 600;
+pub const TIER_MID_STEP_S: u32 = 30;
+pub const TIER_MID_LEN: usize = 240;
+pub const TIER_COARSE_STEP_S: u32 = 300;
+pub const TIER_COARSE_LEN: usize = 288;
+/// Sandboxes with sample rings at once: every sandbox the agent may hold, plus the frozen.
+pub const SAMPLED_SANDBOXES_MAX: usize = SANDBOXES_MAX + FROZEN_MAX;
+/// Rings of sandboxes whose VM is gone (paused, destroyed) are kept this long, so ctl can
+/// store them after a pause or destroy it did not make itself (TTL, a VM that died), at
+/// most this many (the oldest frozen are dropped first).
+pub const FROZEN_RETAIN: Duration = Duration::from_secs(3600);
+pub const FROZEN_MAX: usize = 256;
+
+const _: () = assert!(TIER_FINE_LEN == 10 * 60);
+const _: () = assert!(TIER_MID_LEN * TIER_MID_STEP_S as usize == 2 * 3600);
+const _: () = assert!(TIER_COARSE_LEN * TIER_COARSE_STEP_S as usize == 24 * 3600);
+const _: () = assert!(TIER_COARSE_STEP_S % TIER_MID_STEP_S == 0);

@@ -52,9 +52,16 @@ impl AgentService {
                 manager,
                 host,
                 ports: Arc::new(crate::ports::PortBudget::default()),
+                samples: Arc::new(crate::samples::Store::new()),
             },
             identity,
         }
+    }
+
+    /// Serves `Sandboxes/Samples` from `store` (the sampler's; without it the store is empty).
+    pub fn with_samples(mut self, store: Arc<crate::samples::Store>) -> Self {
+        self.handlers.samples = store;
+        self
     }
 }
 
@@ -107,6 +114,7 @@ struct Handlers {
     manager: Arc<Manager>,
     host: Arc<Host>,
     ports: Arc<crate::ports::PortBudget>,
+    samples: Arc<crate::samples::Store>,
 }
 
 impl Handlers {
@@ -199,6 +207,22 @@ impl pb::SandboxesServer for Handlers {
 
     fn ping(&self, _: &Peer, r: pb::PingSandboxRequest) -> Result<pb::SandboxInfo, Status> {
         self.manager.ping(sandbox_id(&r.sandbox_id)?)
+    }
+
+    fn samples(
+        &self,
+        _: &Peer,
+        r: pb::SandboxSamplesRequest,
+    ) -> Result<pb::SandboxSamplesResponse, Status> {
+        let id = sandbox_id(&r.sandbox_id)?;
+        // A VM that is gone (paused, destroyed, by ctl or the TTL) is frozen at once, so a
+        // read right after a pause sees every second up to it, not only after the sampler's
+        // next pass.
+        let live = matches!(self.manager.get(id), Ok(i) if i.state == proto::sandbox::SandboxState::Running as i32);
+        if !live {
+            self.samples.freeze(id, self.manager.clock().now_unix_ns());
+        }
+        self.samples.samples(id, r.since_unix_ns, r.step_s)
     }
 }
 

@@ -107,15 +107,24 @@ impl Layout {
         self.kernels().join(format!("vmlinux-{version}"))
     }
 
-    /// Creates the top-level directories (mode 0700: records hold tokens).
+    /// Creates the top-level directories (mode 0700: records hold tokens). `sandboxes`,
+    /// `templates` and `agent` are made 0700 even when something else created them first:
+    /// their files (disks, memory layers, tokens) must not be reachable by any other uid, a
+    /// jailed Firecracker's included, whatever their own modes. The root keeps its mode (a
+    /// `wrenn up` state directory may live inside it).
     pub fn create(&self) -> Result<(), Error> {
-        for d in [
-            self.root.clone(),
-            self.sandboxes(),
-            self.templates(),
-            self.root.join("agent"),
-        ] {
+        use std::os::unix::fs::PermissionsExt;
+        mkdir_private(&self.root)?;
+        for d in [self.sandboxes(), self.templates(), self.root.join("agent")] {
             mkdir_private(&d)?;
+            let mode = fs::metadata(&d)
+                .map_err(io_err("stat", &d))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                fs::set_permissions(&d, fs::Permissions::from_mode(0o700))
+                    .map_err(io_err("make private", &d))?;
+            }
         }
         Ok(())
     }
@@ -801,6 +810,23 @@ mod tests {
         let mode = fs::metadata(dir.record()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "records hold tokens");
         assert!(!d.join("sb/sandbox.conf.tmp").exists());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn top_level_directories_are_private_even_if_made_before() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmpdir("layout");
+        // As `wrenn image rootfs` leaves it: templates/ world-readable.
+        fs::create_dir_all(d.join("templates/00000000-0000-0000-0000-000000000000")).unwrap();
+        fs::set_permissions(d.join("templates"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        Layout::new(&d).create().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for sub in ["templates", "sandboxes", "agent"] {
+            assert_eq!(mode(&d.join(sub)), 0o700, "{sub}");
+        }
+        assert_eq!(mode(&d), 0o755, "the root keeps its mode");
         fs::remove_dir_all(d).unwrap();
     }
 

@@ -146,12 +146,61 @@ pub fn uid_has_process(uid: u32) -> bool {
         })
 }
 
+/// Pids of processes running with a uid of `range` (any of their uids) that are not in
+/// `known`: jailed Firecrackers no record holds (a crash between their start and the record
+/// that names them). Their command line names no sandbox directory, so only the uid finds
+/// them.
+pub fn processes_in_range(range: UidRange, known: &[i32]) -> Vec<i32> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let in_range =
+        |u: u64| u >= u64::from(range.base) && u < u64::from(range.base) + u64::from(range.count);
+    let mut out: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| !known.contains(pid))
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .is_some_and(|v| {
+                        v.split_whitespace()
+                            .any(|u| u.parse::<u64>().is_ok_and(in_range))
+                    })
+            })
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn id(n: u128) -> Uuid {
         Uuid::from_u128(n)
+    }
+
+    #[test]
+    fn processes_of_the_range_except_known_ones() {
+        let me = fs::metadata("/proc/self").map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid()
+        });
+        let me = me.unwrap();
+        let mine = std::process::id() as i32;
+        let range = UidRange { base: me, count: 1 };
+        assert!(processes_in_range(range, &[]).contains(&mine));
+        assert!(!processes_in_range(range, &[mine]).contains(&mine));
+        let other = UidRange {
+            base: me.wrapping_add(1).max(1000),
+            count: 1,
+        };
+        if other.base != me {
+            assert!(!processes_in_range(other, &[]).contains(&mine));
+        }
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! every failure. Exit status is non-zero when any check fails (warnings do not count).
 //!
 //! Checks: /dev/kvm opens and creates a VM; userfaultfd (the device, else the system call,
-//! with `vm.unprivileged_userfaultfd`); the Firecracker binary and its version; a guest kernel
+//! with `vm.unprivileged_userfaultfd`); the Firecracker binary and its version; Firecracker's
+//! jailer (present, the same version as Firecracker, which must be a static binary since the
+//! jailer execs it inside a chroot; an agent run `--unjailed` is a failure); a guest kernel
 //! and the base rootfs; IPv4 forwarding; `nft`; usable cgroups (v2 with cpu and memory
 //! controllers, else v1 cpu and memory hierarchies); free disk in the state root; reflink
 //! (FICLONE) support of the state root's file system.
@@ -29,6 +31,11 @@ pub const MINIMAL_TEMPLATE: &str = "00000000-0000-0000-0000-000000000000";
 /// Where the agent looks for Firecracker when neither `--firecracker` nor
 /// `WRENN_FIRECRACKER` is given (wrenn-agent's own default).
 pub const DEFAULT_FIRECRACKER: &str = "/usr/local/bin/firecracker";
+/// Where the agent looks for Firecracker's jailer (wrenn-agent's `--jailer` default).
+pub const DEFAULT_JAILER: &str = "/usr/local/bin/jailer";
+/// Bytes of an ELF file read to find its program headers (a header table further in is
+/// reported as unreadable, never searched for).
+const ELF_HEAD_LEN_MAX: usize = 64 * 1024;
 /// Free disk below which the disk check fails: two `minimal` sandboxes (5 GiB disks each)
 /// plus room for one snapshot of a 512 MiB guest.
 pub const MIN_FREE_GIB_DEFAULT: u64 = 11;
@@ -39,13 +46,15 @@ const VERSION_OUTPUT_MAX: u64 = 4096;
 
 pub const USAGE: &str = "\
 usage: wrenn doctor [--json] [--state-root /var/lib/wrenn] [--firecracker PATH] [--kernel PATH]
+                    [--jailer /usr/local/bin/jailer] [--unjailed]
                     [--rootfs PATH] [--min-free-gib 11] [--kvm-dev /dev/kvm]
                     [--uffd-dev /dev/userfaultfd] [--proc /proc] [--cgroup-root /sys/fs/cgroup]
                     [--nft nft]
 
 Checks this host for running wrenn sandboxes; prints a fix for every failure and exits 1
-when a check fails. Environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_ROOTFS (defaults of
---firecracker, --kernel, --rootfs); WRENN_DOCTOR_KVM_DEV, WRENN_DOCTOR_UFFD_DEV,
+when a check fails. --unjailed: the agent runs with --unjailed (reported as a failure: not
+for production). Environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_ROOTFS, WRENN_JAILER
+(defaults of --firecracker, --kernel, --rootfs, --jailer); WRENN_DOCTOR_KVM_DEV, WRENN_DOCTOR_UFFD_DEV,
 WRENN_DOCTOR_PROC, WRENN_DOCTOR_CGROUP_ROOT, WRENN_DOCTOR_NFT (defaults of the device and
 system paths, for tests); WRENN_DOCTOR_UFFD_SYSCALL=0 skips the userfaultfd system call (as
 on a kernel built without it).
@@ -56,6 +65,8 @@ const FLAGS: &[Flag] = &[
     Flag::switch("help"),
     Flag::value("state-root"),
     Flag::value("firecracker"),
+    Flag::value("jailer"),
+    Flag::switch("unjailed"),
     Flag::value("kernel"),
     Flag::value("rootfs"),
     Flag::value("min-free-gib"),
@@ -103,6 +114,10 @@ pub struct Config {
     pub state_root: PathBuf,
     /// `None`: `WRENN_FIRECRACKER`, else the agent's default path, else `firecracker` on PATH.
     pub firecracker: Option<PathBuf>,
+    /// Firecracker's jailer (`WRENN_JAILER`, else [`DEFAULT_JAILER`]).
+    pub jailer: PathBuf,
+    /// The agent runs `--unjailed` (Firecracker and wrenn-uffd as root): a failure.
+    pub unjailed: bool,
     /// `None`: the newest `<state-root>/kernels/vmlinux-*`.
     pub kernel: Option<PathBuf>,
     /// `None`: `<state-root>/templates/<minimal>/rootfs.ext4`.
@@ -125,6 +140,8 @@ impl Config {
         Config {
             state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             firecracker: var("WRENN_FIRECRACKER").map(PathBuf::from),
+            jailer: path("WRENN_JAILER", DEFAULT_JAILER),
+            unjailed: false,
             kernel: var("WRENN_KERNEL").map(PathBuf::from),
             rootfs: var("WRENN_ROOTFS").map(PathBuf::from),
             min_free_gib: MIN_FREE_GIB_DEFAULT,
@@ -208,6 +225,8 @@ pub fn run(argv: &[String]) -> Result<(), DoctorError> {
     let opt = |n: &str| parsed.value(n).map(PathBuf::from);
     cfg.firecracker = opt("firecracker").or(cfg.firecracker);
     cfg.kernel = opt("kernel").or(cfg.kernel);
+    cfg.jailer = opt("jailer").unwrap_or(cfg.jailer);
+    cfg.unjailed = parsed.switch("unjailed");
     cfg.rootfs = opt("rootfs").or(cfg.rootfs);
     cfg.kvm_dev = opt("kvm-dev").unwrap_or(cfg.kvm_dev);
     cfg.uffd_dev = opt("uffd-dev").unwrap_or(cfg.uffd_dev);
@@ -241,6 +260,8 @@ pub fn run_checks(cfg: &Config) -> Vec<Check> {
         check_kvm(&cfg.kvm_dev),
         check_userfaultfd(cfg),
         check_firecracker(cfg.firecracker.as_deref()),
+        check_jailer(cfg),
+        check_static_firecracker(cfg.firecracker.as_deref()),
         check_kernel(cfg),
         check_rootfs(cfg),
         check_forwarding(&cfg.proc_root),
@@ -421,6 +442,157 @@ fn check_firecracker(explicit: Option<&Path>) -> Check {
         },
         Err(e) => Check::fail(NAME, format!("{} --version: {e}", path.display()), fix),
     }
+}
+
+/// The version word of a `--version` line (`Firecracker v1.10.1` -> `1.10.1`), from the
+/// first line starting with `name v`.
+fn version_word(out: &str, name: &str) -> Option<String> {
+    let prefix = format!("{name} v");
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix))
+        .and_then(|v| v.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+/// The jailer: present, and of Firecracker's release (the two are built together; a jailer of
+/// another release may pass flags Firecracker does not know). `--unjailed` fails.
+fn check_jailer(cfg: &Config) -> Check {
+    const NAME: &str = "jailer";
+    let fix = format!(
+        "install the `jailer` binary of the same Firecracker release as {DEFAULT_JAILER} (or \
+         set WRENN_JAILER / --jailer), and run wrenn-agent without --unjailed"
+    );
+    if cfg.unjailed {
+        return Check::fail(
+            NAME,
+            "wrenn-agent runs --unjailed: every Firecracker and wrenn-uffd runs as root, and a \
+             guest that escapes into its VMM is root on this host (not for production)",
+            fix,
+        );
+    }
+    let path = &cfg.jailer;
+    if !is_executable(path) {
+        return Check::fail(
+            NAME,
+            format!("{}: not an executable file", path.display()),
+            fix,
+        );
+    }
+    let jailer = match version_of(path, &["--version"]) {
+        Ok(out) => match version_word(&out, "Jailer") {
+            Some(v) => v,
+            None => {
+                return Check::fail(
+                    NAME,
+                    format!("{} --version printed no Jailer version", path.display()),
+                    fix,
+                )
+            }
+        },
+        Err(e) => return Check::fail(NAME, format!("{} --version: {e}", path.display()), fix),
+    };
+    let fc_path = resolve_firecracker(cfg.firecracker.as_deref());
+    let fc = version_of(&fc_path, &["--version"])
+        .ok()
+        .and_then(|out| version_word(&out, "Firecracker"));
+    match fc {
+        Some(v) if v == jailer => Check::ok(NAME, format!("{}: v{jailer}", path.display())),
+        Some(v) => Check::fail(
+            NAME,
+            format!(
+                "{} is v{jailer} but {} is v{v}",
+                path.display(),
+                fc_path.display()
+            ),
+            fix,
+        ),
+        None => Check::fail(
+            NAME,
+            format!(
+                "{}: v{jailer}, but Firecracker's version is unknown (see the firecracker row)",
+                path.display()
+            ),
+            fix,
+        ),
+    }
+}
+
+/// Firecracker is a static binary: the jailer execs it inside a chroot that holds no shared
+/// libraries.
+fn check_static_firecracker(explicit: Option<&Path>) -> Check {
+    const NAME: &str = "static firecracker";
+    let path = resolve_firecracker(explicit);
+    let fix = "use Firecracker's release binary (static, musl), or build it static \
+               (RUSTFLAGS=\"-C target-feature=+crt-static\"; docs/operations.md, \"Production \
+               hosts\")"
+        .to_owned();
+    let mut head = Vec::new();
+    let read =
+        File::open(&path).and_then(|f| f.take(ELF_HEAD_LEN_MAX as u64).read_to_end(&mut head));
+    if let Err(e) = read {
+        return Check::fail(NAME, format!("read {}: {e}", path.display()), fix);
+    }
+    match elf_is_static(&head) {
+        Ok(true) => Check::ok(NAME, format!("{}: no program interpreter", path.display())),
+        Ok(false) => Check::fail(
+            NAME,
+            format!(
+                "{} is dynamically linked: the jailer cannot run it in a chroot",
+                path.display()
+            ),
+            fix,
+        ),
+        Err(why) => Check::fail(NAME, format!("{}: {why}", path.display()), fix),
+    }
+}
+
+/// Whether the 64-bit little-endian ELF file starting with `head` is static: it has no
+/// `PT_INTERP` program header (a static-pie binary has none either). Every offset is
+/// checked against `head`: bytes that are no such ELF file give an error, never a panic.
+pub fn elf_is_static(head: &[u8]) -> Result<bool, &'static str> {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| -> Option<u16> {
+        Some(u16::from_le_bytes(
+            head.get(o..o.checked_add(2)?)?.try_into().ok()?,
+        ))
+    };
+    let u32_at = |o: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(
+            head.get(o..o.checked_add(4)?)?.try_into().ok()?,
+        ))
+    };
+    let u64_at = |o: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            head.get(o..o.checked_add(8)?)?.try_into().ok()?,
+        ))
+    };
+    if head.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return Err("not an ELF file");
+    }
+    // EI_CLASS 2 = 64-bit, EI_DATA 1 = little-endian.
+    if head.get(4..6) != Some([2u8, 1].as_slice()) {
+        return Err("not a 64-bit little-endian ELF file");
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return Err("truncated ELF header");
+    };
+    if phentsize < 4 {
+        return Err("bad program header size");
+    }
+    let phoff = usize::try_from(phoff).map_err(|_| "program headers out of reach")?;
+    for i in 0..usize::from(phnum) {
+        let at = usize::from(phentsize)
+            .checked_mul(i)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or("program headers out of reach")?;
+        match u32_at(at) {
+            Some(PT_INTERP) => return Ok(false),
+            Some(_) => {}
+            None => return Err("program headers out of reach"),
+        }
+    }
+    Ok(true)
 }
 
 /// Runs `program args` and returns its standard output; fails on a non-zero exit or after
@@ -885,6 +1057,66 @@ mod tests {
         fs::remove_dir_all(&d).unwrap();
     }
 
+    /// A minimal ELF64 head: the file header and `types` as program headers (56 bytes each).
+    fn elf(types: &[u32]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        b[0x38..0x3a].copy_from_slice(&(types.len() as u16).to_le_bytes());
+        for t in types {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&t.to_le_bytes());
+            b.extend(ph);
+        }
+        b
+    }
+
+    #[test]
+    fn static_is_no_program_interpreter() {
+        // PT_LOAD, PT_DYNAMIC (a static-pie has one), PT_GNU_STACK: static.
+        assert_eq!(elf_is_static(&elf(&[1, 2, 0x6474_e551])), Ok(true));
+        // PT_PHDR, PT_INTERP: dynamic.
+        assert_eq!(elf_is_static(&elf(&[6, 3, 1])), Ok(false));
+        assert!(elf_is_static(b"#!/bin/sh\n").is_err());
+        assert!(elf_is_static(b"").is_err());
+        // Every truncation of a valid head is an error or an answer, never a panic; cut
+        // inside the program headers it cannot be called static.
+        let full = elf(&[1, 3]);
+        for n in 0..full.len() {
+            assert_ne!(elf_is_static(&full[..n]), Ok(true), "cut at {n}");
+        }
+        // Offsets and counts that point anywhere.
+        let mut wild = elf(&[1]);
+        wild[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(elf_is_static(&wild).is_err());
+        let mut wild = elf(&[1]);
+        wild[0x38..0x3a].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(elf_is_static(&wild).is_err());
+        // This test's own binary (std links dynamically unless built crt-static).
+        let me = fs::read(std::env::current_exe().unwrap()).unwrap();
+        let dynamic = !cfg!(target_feature = "crt-static");
+        assert_eq!(
+            elf_is_static(&me[..me.len().min(ELF_HEAD_LEN_MAX)]),
+            Ok(!dynamic)
+        );
+    }
+
+    #[test]
+    fn version_words() {
+        assert_eq!(
+            version_word("Firecracker v1.17.0-dev\n\nexiting", "Firecracker").as_deref(),
+            Some("1.17.0-dev")
+        );
+        assert_eq!(
+            version_word("Jailer v1.10.1\n", "Jailer").as_deref(),
+            Some("1.10.1")
+        );
+        assert_eq!(version_word("jailer 1.0", "Jailer"), None);
+    }
+
     #[test]
     fn every_failure_has_a_fix() {
         let mut cfg = Config::from_env(|_| None);
@@ -895,6 +1127,7 @@ mod tests {
         cfg.cgroup_root = "/nonexistent".into();
         cfg.nft = "/nonexistent/nft".into();
         cfg.firecracker = Some("/nonexistent/fc".into());
+        cfg.jailer = "/nonexistent/jailer".into();
         cfg.state_root = "/nonexistent/state".into();
         cfg.min_free_gib = u64::MAX >> 31;
         for c in run_checks(&cfg) {

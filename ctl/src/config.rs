@@ -32,6 +32,39 @@ pub struct ApiConfig {
     pub heartbeat_interval: Duration,
     /// How often `last_used` of API keys is flushed.
     pub last_used_flush: Duration,
+    /// Webhook delivery settings.
+    pub webhooks: WebhookConfig,
+}
+
+/// Webhook deliveries (`webhook/`).
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    /// Deliver to loopback, private, link-local and other special addresses
+    /// (`--webhook-allow-private`): for tests and receivers on a trusted network only.
+    pub allow_private: bool,
+    /// Backoff after failed attempt n: base × 2^(n-1), at most `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// One attempt's deadline.
+    pub attempt_timeout: Duration,
+    /// A claimed delivery's lease (it is attempted again after it if no outcome was
+    /// recorded: the replica died).
+    pub lease: Duration,
+    /// How often the delivery job looks for due deliveries.
+    pub poll: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            allow_private: false,
+            backoff_base: limits::WEBHOOK_BACKOFF_BASE,
+            backoff_max: limits::WEBHOOK_BACKOFF_MAX,
+            attempt_timeout: limits::WEBHOOK_ATTEMPT_TIMEOUT,
+            lease: limits::WEBHOOK_LEASE,
+            poll: limits::WEBHOOK_POLL,
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -41,6 +74,7 @@ impl Default for ApiConfig {
             agent_call_timeout: limits::AGENT_CALL_TIMEOUT_DEFAULT,
             heartbeat_interval: limits::HEARTBEAT_INTERVAL_DEFAULT,
             last_used_flush: limits::LAST_USED_FLUSH_INTERVAL,
+            webhooks: WebhookConfig::default(),
         }
     }
 }

@@ -109,3 +109,84 @@ pub const PORT_STREAMS_PER_TEAM_MAX: usize = 64;
 /// Ports.Connect streams to one sandbox on a ctl replica (the agent's own bound is the same).
 pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
 const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_PER_TEAM_MAX);
+// ---- per-sandbox metrics and usage (`usage.rs`) ----
+
+/// The agent's sample tiers (agent/src/limits.rs holds the same numbers): 1 s for 10
+/// minutes, 30 s for 2 hours, 5 minutes for 24 hours. `Sandboxes/Metrics` picks the step
+/// from the range asked.
+pub const METRICS_FINE_RANGE_S: u32 = 600;
+pub const METRICS_MID_STEP_S: u32 = 30;
+pub const METRICS_MID_RANGE_S: u32 = 7200;
+pub const METRICS_COARSE_STEP_S: u32 = 300;
+/// Longest range `Sandboxes/Metrics` serves (the agent's coarse tier).
+pub const METRICS_RANGE_MAX_S: u32 = 86_400;
+pub const METRICS_RANGE_DEFAULT_S: u32 = 600;
+/// Days `Teams/Usage` covers by default and at most (a quarter).
+pub const USAGE_DAYS_DEFAULT: u32 = 7;
+pub const USAGE_DAYS_MAX: u32 = 92;
+/// How often the usage flush stores running sandboxes' 30-s samples: well inside the
+/// agent's 2-hour mid tier, so a long run loses none.
+pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(600);
+/// Deadline of one `Sandboxes/Samples` call to an agent (a memory read on the agent).
+pub const SAMPLES_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Transitions and samples one `Teams/Usage` call reads at most (92 days of a busy team at
+/// 30 s a sample is far less than this for a handful of sandboxes; beyond it the call says
+/// so instead of answering with a partial sum).
+pub const USAGE_ROWS_MAX: i64 = 2_000_000;
+
+// ---- webhooks (`webhook/`) ----
+
+/// Webhooks per team.
+pub const WEBHOOKS_PER_TEAM_MAX: i64 = 32;
+/// Length of a webhook URL.
+pub const WEBHOOK_URL_LEN_MAX: usize = 2048;
+/// Deliveries pending per webhook; a new event beyond it is recorded `dropped` (the SQL
+/// function `wrenn_raise_event` of migration 4 holds the same number; a test checks).
+pub const WEBHOOK_QUEUE_MAX: usize = 1000;
+/// Attempts per delivery before it is `failed`.
+pub const WEBHOOK_ATTEMPTS_MAX: i32 = 8;
+/// Backoff after a failed attempt n (1-based): base × 2^(n-1), at most the cap. With 8
+/// attempts: 5 s, 10 s, ... 10 min, about 21 minutes from the first to the last.
+pub const WEBHOOK_BACKOFF_BASE: Duration = Duration::from_secs(5);
+pub const WEBHOOK_BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// One attempt: connect, send, and read the answer within this time.
+pub const WEBHOOK_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A claimed delivery is leased for this long: a ctl that dies mid-attempt leaves it due
+/// again after the lease (at least once), and no other replica takes it before.
+pub const WEBHOOK_LEASE: Duration = Duration::from_secs(60);
+/// Deliveries attempted at once by one replica (threads), and per webhook in one round, so
+/// one slow endpoint takes at most its share.
+pub const WEBHOOK_WORKERS: usize = 8;
+pub const WEBHOOK_PER_ENDPOINT_MAX: i64 = 2;
+/// How often the delivery job looks for due deliveries.
+pub const WEBHOOK_POLL: Duration = Duration::from_millis(500);
+/// Bytes of an endpoint's answer read (head and body); the rest is ignored.
+pub const WEBHOOK_RESPONSE_HEAD_MAX: usize = 8 * 1024;
+pub const WEBHOOK_RESPONSE_BODY_MAX: u64 = 64 * 1024;
+/// Characters of an error kept with a delivery.
+pub const WEBHOOK_ERROR_LEN_MAX: usize = 512;
+
+const _: () = assert!(METRICS_FINE_RANGE_S < METRICS_MID_RANGE_S);
+const _: () = assert!(METRICS_MID_RANGE_S < METRICS_RANGE_MAX_S);
+const _: () = assert!(WEBHOOK_ATTEMPT_TIMEOUT.as_secs() * 2 <= WEBHOOK_LEASE.as_secs());
+const _: () = assert!(USAGE_FLUSH_INTERVAL.as_secs() < METRICS_MID_RANGE_S as u64);
+
+// ---- template builds (migration 5; no runner yet) ----
+
+/// Output kept per build step: the last 256 KiB (the table's CHECK holds the same number;
+/// a test checks). A step's full output streams live to the client; what is kept is for
+/// a later look at why a step failed.
+pub const BUILD_STEP_LOG_MAX: usize = 256 * 1024;
+/// A recipe as stored: `proto::recipe::RECIPE_LEN_MAX`.
+pub const BUILD_RECIPE_LEN_MAX: usize = proto::recipe::RECIPE_LEN_MAX;
+
+// ---- retention (`retention.rs`) ----
+
+/// Stored samples and state transitions are kept a day longer than `Teams/Usage` looks
+/// back ([`USAGE_DAYS_MAX`]).
+pub const USAGE_RETENTION: Duration = Duration::from_secs((USAGE_DAYS_MAX as u64 + 1) * 86_400);
+/// Finished webhook deliveries (delivered, failed, dropped) and their events: a week, to
+/// look at with `Webhooks/Deliveries`.
+pub const WEBHOOK_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+/// Rows one pruning statement deletes at most.
+pub const RETENTION_BATCH: i64 = 10_000;

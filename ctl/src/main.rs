@@ -3,7 +3,7 @@
 //! ```text
 //! wrenn-ctl serve [--database-url URL] [--listen ADDR] [--http-listen ADDR] [--host-listen ADDR] [--db-workers N]
 //!                 [--reconcile-interval-s S] [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
-//!                 [--no-http] [--keep-unknown]
+//!                 [--no-http] [--keep-unknown] [--webhook-allow-private]
 //! wrenn-ctl admin migrate [--database-url URL]
 //! wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
 //! wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
@@ -13,7 +13,8 @@
 //! Usage errors print the usage and exit 2; runtime errors print only the error, exit 1.
 //! The database URL may also come from `WRENN_DATABASE_URL` or `DATABASE_URL`.
 //! `--keep-unknown`: the reconciler only reports sandboxes an agent runs that the database
-//! does not know, instead of destroying them.
+//! does not know, instead of destroying them. `--webhook-allow-private`: webhooks may be
+//! delivered to loopback, private and link-local addresses (tests; a trusted network).
 
 #![forbid(unsafe_code)]
 
@@ -26,7 +27,7 @@ use ctl::config::{ApiConfig, Config, JobsConfig};
 const USAGE: &str = "usage:
   wrenn-ctl serve [--database-url URL] [--listen 0.0.0.0:7700] [--http-listen 0.0.0.0:7701]
                   [--host-listen 0.0.0.0:7702] [--no-http] [--keep-unknown] [--db-workers N] [--reconcile-interval-s S]
-                  [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
+                  [--heartbeat-timeout-s S] [--lifecycle-timeout-s S] [--webhook-allow-private]
   wrenn-ctl admin migrate [--database-url URL]
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
@@ -160,7 +161,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             "--heartbeat-timeout-s",
             "--lifecycle-timeout-s",
         ],
-        &["--no-http", "--keep-unknown"],
+        &["--no-http", "--keep-unknown", "--webhook-allow-private"],
     )?;
     let db_workers = match f.get("--db-workers") {
         None => ctl::limits::DB_WORKERS_DEFAULT,
@@ -181,6 +182,10 @@ fn serve(args: &[String]) -> Result<(), Failure> {
         db_workers,
         api: ApiConfig {
             agent_lifecycle_timeout: lifecycle,
+            webhooks: ctl::config::WebhookConfig {
+                allow_private: f.has("--webhook-allow-private"),
+                ..Default::default()
+            },
             ..api_default
         },
         jobs: JobsConfig {

@@ -21,11 +21,23 @@ pub static RECONCILE_ACTIONS: Counter = Counter::new();
 pub static RECONCILE_EARLY: Counter = Counter::new();
 pub static HOSTS_UNREACHABLE_MARKED: Counter = Counter::new();
 pub static BACKGROUND_CREATES: Gauge = Gauge::new();
+pub static WEBHOOK_DELIVERED: Counter = Counter::new();
+pub static WEBHOOK_FAILED_ATTEMPTS: Counter = Counter::new();
 
 /// Prometheus text of every ctl metric.
 pub fn render() -> String {
     let mut out = String::new();
-    let counters: [(&str, &str, &Counter); 15] = [
+    let counters: [(&str, &str, &Counter); 17] = [
+        (
+            "wrenn_ctl_webhook_deliveries_total",
+            "Webhook deliveries answered 2xx.",
+            &WEBHOOK_DELIVERED,
+        ),
+        (
+            "wrenn_ctl_webhook_failed_attempts_total",
+            "Webhook delivery attempts that failed (each is retried until attempts run out).",
+            &WEBHOOK_FAILED_ATTEMPTS,
+        ),
         (
             "wrenn_ctl_api_calls_total",
             "Public API calls served (both transports).",

@@ -37,13 +37,23 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 4,
-        name: "0004_host_overcommit",
-        sql: include_str!("../migrations/0004_host_overcommit.sql"),
+        name: "0004_usage_and_webhooks",
+        sql: include_str!("../migrations/0004_usage_and_webhooks.sql"),
     },
     Migration {
         version: 5,
-        name: "0005_sandbox_network",
-        sql: include_str!("../migrations/0005_sandbox_network.sql"),
+        name: "0005_template_builds",
+        sql: include_str!("../migrations/0005_template_builds.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "0006_host_overcommit",
+        sql: include_str!("../migrations/0006_host_overcommit.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "0007_sandbox_network",
+        sql: include_str!("../migrations/0007_sandbox_network.sql"),
     },
 ];
 
@@ -194,5 +204,15 @@ mod tests {
         }
         assert!(sql.contains("actor_id        text"));
         assert!(sql.contains("resource_id     text"));
+    }
+
+    #[test]
+    fn build_bounds_in_sql_are_the_limits() {
+        let sql = MIGRATIONS.iter().find(|m| m.version == 5).unwrap().sql;
+        let log = crate::limits::BUILD_STEP_LOG_MAX;
+        assert!(sql.contains(&format!("length(log) <= {log}")));
+        let recipe = crate::limits::BUILD_RECIPE_LEN_MAX;
+        assert!(sql.contains(&format!("octet_length(recipe) <= {recipe}")));
+        assert!(sql.contains(&format!("n < {}", proto::recipe::RECIPE_STEPS_MAX)));
     }
 }

@@ -96,10 +96,14 @@ pub fn check_hosts(api: &Api, timeout: Duration) -> Result<Vec<Uuid>, Status> {
 pub struct Jobs {
     stop: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
+    /// Webhook deliveries: a thread of their own, so a slow endpoint never delays the
+    /// monitor (`webhook/deliver.rs`).
+    webhooks: Option<crate::webhook::deliver::Delivery>,
 }
 
 impl Jobs {
     pub fn start(api: Api, cfg: JobsConfig) -> std::io::Result<Jobs> {
+        let webhooks = Some(crate::webhook::deliver::Delivery::start(api.clone())?);
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = Arc::clone(&stop);
         let join = std::thread::Builder::new()
@@ -109,6 +113,7 @@ impl Jobs {
                 let mut next_monitor = Instant::now();
                 let mut next_reconcile = Instant::now() + cfg.reconcile_interval / 2;
                 let mut next_drift = Instant::now();
+                let mut next_usage = Instant::now() + crate::limits::USAGE_FLUSH_INTERVAL / 2;
                 while !s2.load(Ordering::Relaxed) {
                     let now = Instant::now();
                     if now >= next_monitor {
@@ -120,6 +125,12 @@ impl Jobs {
                     if now >= next_drift {
                         crate::reconciler::check_heartbeats(&api, &cfg);
                         next_drift = now + crate::limits::DRIFT_CHECK_INTERVAL;
+                    }
+                    if now >= next_usage {
+                        // On a thread of its own: it calls agents, which must never delay
+                        // the host monitor; one pass at a time.
+                        crate::usage::spawn_flush(&api);
+                        next_usage = now + crate::limits::USAGE_FLUSH_INTERVAL;
                     }
                     if now >= next_reconcile {
                         if let Err(e) = crate::reconciler::run_if_due(&api, &cfg) {
@@ -133,6 +144,7 @@ impl Jobs {
         Ok(Jobs {
             stop,
             join: Some(join),
+            webhooks,
         })
     }
 
@@ -140,6 +152,9 @@ impl Jobs {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(j) = self.join.take() {
             let _ = j.join();
+        }
+        if let Some(mut w) = self.webhooks.take() {
+            w.stop();
         }
     }
 }

@@ -235,6 +235,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         api_keys_methods as keys, audit_logs_methods as audit, hosts_methods as hosts,
         ports_methods as ports, processes_methods as procs, sandboxes_methods as sb,
         teams_methods as teams, templates_methods as tpl, users_methods as users,
+        webhooks_methods as wh,
     };
     // Process and file calls: the one forwarding path (PROTOCOL.md §9).
     if let Some(route) = proto::rpc::forward::route(stream.method()) {
@@ -251,6 +252,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         sb::PAUSE => unary(stream, |r| api.pause_sandbox(ctx, r)),
         sb::RESUME => unary(stream, |r| api.resume_sandbox(ctx, r)),
         sb::UPDATE_NETWORK => unary(stream, |r| api.update_network(ctx, r)),
+        sb::METRICS => unary(stream, |r| api.sandbox_metrics(ctx, r)),
 
         procs::EXEC => unary(stream, |r| api.exec(ctx, r)),
         ports::CONNECT => api.port_connect(ctx, stream),
@@ -265,6 +267,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         teams::ADD_MEMBER => unary(stream, |r| api.add_member(ctx, r)),
         teams::REMOVE_MEMBER => unary(stream, |r| api.remove_member(ctx, r)),
         teams::LIST_MEMBERS => unary(stream, |r| api.list_members(ctx, r)),
+        teams::USAGE => unary(stream, |r| api.team_usage(ctx, r)),
 
         users::CREATE => unary(stream, |r| api.create_user(ctx, r)),
         users::GET => unary(stream, |r| api.get_user(ctx, r)),
@@ -284,6 +287,11 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         hosts::DELETE => unary(stream, |r| api.delete_host(ctx, r)),
 
         audit::LIST => unary(stream, |r| api.list_audit_logs(ctx, r)),
+
+        wh::CREATE => unary(stream, |r| api.create_webhook(ctx, r)),
+        wh::LIST => unary(stream, |r| api.list_webhooks(ctx, r)),
+        wh::DELETE => unary(stream, |r| api.delete_webhook(ctx, r)),
+        wh::DELIVERIES => unary(stream, |r| api.list_deliveries(ctx, r)),
 
         m => {
             let s = Status::unimplemented(format!("unknown method {m}"));

@@ -1,4 +1,5 @@
-//! Wire IDs: `prefix-{uuid}` (`sb-`, `usr-`, `team-`, `key-`, `host-`, `tpl-`, `log-`).
+//! Wire IDs: `prefix-{uuid}` (`sb-`, `usr-`, `team-`, `key-`, `host-`, `tpl-`, `log-`,
+//! `wh-`, `evt-`).
 //!
 //! Parsed strictly at every API and RPC boundary; everything inside works with [`Uuid`].
 //! Accepted form: the prefix, a hyphen, then the 36-character lower-case hyphenated UUID.
@@ -19,10 +20,12 @@ pub enum Kind {
     Host,
     Template,
     Log,
+    Webhook,
+    Event,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Sandbox,
         Kind::User,
         Kind::Team,
@@ -30,6 +33,8 @@ impl Kind {
         Kind::Host,
         Kind::Template,
         Kind::Log,
+        Kind::Webhook,
+        Kind::Event,
     ];
 
     pub const fn prefix(self) -> &'static str {
@@ -41,6 +46,8 @@ impl Kind {
             Kind::Host => "host",
             Kind::Template => "tpl",
             Kind::Log => "log",
+            Kind::Webhook => "wh",
+            Kind::Event => "evt",
         }
     }
 
@@ -53,6 +60,8 @@ impl Kind {
             Kind::Host => "host",
             Kind::Template => "template",
             Kind::Log => "audit log",
+            Kind::Webhook => "webhook",
+            Kind::Event => "event",
         }
     }
 }

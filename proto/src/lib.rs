@@ -15,12 +15,15 @@
 //! - [`sandbox_limits`]: the bounds of one sandbox that ctl and the agent must agree on;
 //! - [`sandbox`] (feature `rpc`): the shared sandbox spec, state, timeout policy and template
 //!   kind, with their stored names.
+//! - [`recipe`]: template recipes (`Wrennfile`), parsed with line and column in every error;
+//! - [`hmac`]: HMAC-SHA256 and the webhook signature.
 //!
 //! It is not a place for service logic: each service lives in the crate that serves it.
 //! wrenn-uffd links this crate without the `rpc` feature, so it pulls neither mio nor prost.
 
 pub mod base64;
 pub mod frame;
+pub mod hmac;
 pub mod id;
 pub mod kv;
 pub mod limits;
@@ -30,6 +33,7 @@ pub mod network;
 pub mod pool;
 pub mod process;
 pub mod random;
+pub mod recipe;
 pub mod sandbox_limits;
 pub mod sha256;
 pub mod signal;

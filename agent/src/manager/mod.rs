@@ -555,6 +555,18 @@ impl Manager {
             })
             .collect()
     }
+
+    /// Running VMs for the usage sampler (`sampler.rs`): sandbox, Firecracker process, disk.
+    pub fn vm_processes(&self) -> Vec<(Uuid, crate::statedir::ProcRef, PathBuf)> {
+        let all: Vec<Arc<Sandbox>> = self.map().values().cloned().collect();
+        all.iter()
+            .filter_map(|sb| {
+                let r = sb.rec();
+                let fc = r.firecracker.filter(|_| r.state == State::Running)?;
+                Some((r.id, fc, sb.dir.disk()))
+            })
+            .collect()
+    }
 }
 
 impl SandboxRecord {

@@ -214,6 +214,14 @@ impl Manager {
             warn!("killing stray process pid={}", p.pid);
             sys::kill_and_reap(p, Duration::from_secs(5));
         }
+        // Jailed Firecrackers name no directory on their command line: found by their uid.
+        let range = self.cfg.jail_uids;
+        for pid in range.map_or_else(Vec::new, |r| crate::uid_pool::processes_in_range(r, &known)) {
+            if let Some(p) = sys::proc_ref(pid) {
+                warn!("killing stray jailed process pid={pid}");
+                sys::kill_and_reap(p, Duration::from_secs(5));
+            }
+        }
         let keep: Vec<u32> = self.map().values().filter_map(|sb| sb.rec().slot).collect();
         match self.vmm.cleanup_slots(&keep) {
             Ok(removed) if !removed.is_empty() => info!("removed leftover slots {removed:?}"),

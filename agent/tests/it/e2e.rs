@@ -5,14 +5,21 @@
 //! the test's target directory; without it the File backend is used), `WRENN_E2E_ROOT`
 //! (state root, default /var/tmp/wrenn-agent-e2e: the booted base snapshot template is kept
 //! there and reused, since a cold boot takes minutes on nested KVM), `WRENN_E2E_PAUSE_S`
-//! (default 60), `WRENN_E2E_CYCLES` (pause/resume cycles, default 20).
+//! (default 60), `WRENN_E2E_CYCLES` (pause/resume cycles, default 20), `WRENN_JAILER` (the
+//! suite runs jailed, with the checks of `e2e_jail.rs`; unset, unjailed, said visibly),
+//! `WRENN_E2E_PREJAIL_TEMPLATE` (a template directory made by an `--unjailed` agent: it is
+//! imported and restored jailed), `WRENN_E2E_SECCOMP=1` (Firecracker has seccomp filters),
+//! `WRENN_E2E_SELFTEST=0` (leave out the guest copy self-test).
 //!
 //! One test runs the whole story in order, since the host has few cores and one guest boot
 //! takes minutes: template (cached) -> sandbox from it -> exec, file, background counter ->
 //! pause >= 60 s -> resume (file, counter continued, clock) -> three sandboxes from the
 //! template in parallel -> N pause/resume cycles with checksums of a disk file and of memory
 //! (/dev/shm), including a region zeroed after a resume -> agent kill -9 with two sandboxes
-//! running, restart, both re-adopted -> destroy all -> nothing left on the host. Right after
+//! running, restart, both re-adopted -> a pause and a resume through the File backend ->
+//! destroy all -> nothing left on the host. Jailed, each running sandbox's processes and
+//! files are checked along the way (uid, chroot, cgroup, seccomp, what another sandbox's uid
+//! can open) and after the destroy no chroot, cgroup, jailed process or mount is left. Right after
 //! the first exec, the guest runs `envd selftest` (the image's envd, or `WRENN_ENVD_BIN`
 //! uploaded), which says whether user-space or kernel copies corrupt bytes in the guest.
 //! Every file written and read through Files carries the end-to-end CRC-32.
@@ -33,7 +40,12 @@ use proto::rpc::{Client, Credential, Server, ServerConfig};
 use crate::skip;
 
 const TOKEN: &str = "e2e-agent-token";
+/// Deadline of one exec or file transfer in a guest: minutes when the host's two cores are
+/// shared by several guests and builds (a 4 MiB write took over 300 s under load 11).
+const GUEST_CALL_TIMEOUT: Duration = Duration::from_secs(900);
 const TEMPLATE: u128 = 0xe2e0_0000_0000_0000_0000_0000_0000_0001;
+/// A template made by an unjailed Firecracker (`WRENN_E2E_PREJAIL_TEMPLATE`), imported.
+const PREJAIL_TEMPLATE: u128 = 0xe2e0_0000_0000_0000_0000_0000_0000_0002;
 
 struct Inputs {
     fc: PathBuf,
@@ -129,7 +141,7 @@ fn sh(c: &Client, n: u128, script: &str) -> (i32, String) {
                 }),
                 ..Default::default()
             },
-            Some(Duration::from_secs(300)),
+            Some(GUEST_CALL_TIMEOUT),
         );
         match r {
             Ok(resp) => {
@@ -317,6 +329,42 @@ fn ensure_template(inp: &Inputs, c: &Client) {
     );
 }
 
+/// A template made before the jail (by an unjailed Firecracker: `WRENN_E2E_PREJAIL_TEMPLATE`,
+/// a template directory of such an agent) restores under the jail: its VM state names the
+/// same disk path, and its sockets are overridden at load.
+fn prejail_template_restores_jailed(
+    inp: &Inputs,
+    c: &Client,
+    jail: Option<&crate::e2e_jail::Jail>,
+) {
+    let Some(j) = jail else { return };
+    let Some(from) = std::env::var_os("WRENN_E2E_PREJAIL_TEMPLATE").map(PathBuf::from) else {
+        println!(
+            "skipped: restoring a pre-jail template jailed (set WRENN_E2E_PREJAIL_TEMPLATE to \
+             a template directory made by an --unjailed agent)"
+        );
+        return;
+    };
+    crate::e2e_jail::import_template(&from, &inp.root, PREJAIL_TEMPLATE);
+    let t = Instant::now();
+    let info = create_from(
+        c,
+        30,
+        PREJAIL_TEMPLATE,
+        proto::sandbox::TemplateKind::Snapshot,
+    );
+    println!("create from the pre-jail template took {:?}", t.elapsed());
+    assert_eq!(info.state, proto::sandbox::SandboxState::Running as i32);
+    j.check_running(30, 1, 256);
+    assert_eq!(sh_ok(c, 30, "echo prejail").trim(), "prejail");
+    let _: pb::DestroySandboxResponse = call(
+        c,
+        pb::sandboxes_methods::DESTROY,
+        &pb::DestroySandboxRequest { sandbox_id: sb(30) },
+    );
+    assert!(!j.chroot(30).exists(), "chroot of a destroyed sandbox left");
+}
+
 fn firecrackers_under(dir: &Path) -> Vec<i32> {
     agent::manager::stray_processes(dir, &[])
         .into_iter()
@@ -343,7 +391,7 @@ fn write_file(c: &Client, n: u128, path: &str, offset: u64, truncate: bool, data
                 })),
             },
             CallOpts {
-                timeout: Some(Duration::from_secs(300)),
+                timeout: Some(GUEST_CALL_TIMEOUT),
                 end_stream: false,
             },
         )
@@ -378,7 +426,7 @@ fn read_file(c: &Client, n: u128, path: &str) -> Vec<u8> {
                 }),
             },
             CallOpts {
-                timeout: Some(Duration::from_secs(300)),
+                timeout: Some(GUEST_CALL_TIMEOUT),
                 end_stream: true,
             },
         )
@@ -425,7 +473,7 @@ fn selftest_in_guest(c: &Client, n: u128) {
                         })),
                     },
                     CallOpts {
-                        timeout: Some(Duration::from_secs(300)),
+                        timeout: Some(GUEST_CALL_TIMEOUT),
                         end_stream: false,
                     },
                 )
@@ -504,12 +552,26 @@ fn e2e_lifecycle_on_firecracker() {
             .destroy(id::parse_sandbox(&s.sandbox_id).unwrap());
     }
     ensure_template(&inp, &c);
+    let jail = inp.jailer.as_ref().map(|_| crate::e2e_jail::Jail {
+        root: inp.root.clone(),
+        firecracker: inp.fc.clone(),
+        uid_base: E2E_UID_BASE,
+        uid_count: E2E_UID_COUNT,
+        uffd_uid: E2E_UFFD_UID,
+    });
+    prejail_template_restores_jailed(&inp, &c, jail.as_ref());
 
     // A sandbox from the template: exec, a file, a background counter in memory.
     let t0 = Instant::now();
     let info = create_from(&c, 10, TEMPLATE, proto::sandbox::TemplateKind::Snapshot);
     println!("create from template took {:?}", t0.elapsed());
     assert_eq!(info.state, proto::sandbox::SandboxState::Running as i32);
+    if let Some(j) = &jail {
+        j.check_running(10, 1, 256);
+        if inp.uffd.is_some() {
+            j.check_page_server(10);
+        }
+    }
     assert_eq!(sh_ok(&c, 10, "echo hi").trim(), "hi");
     sh_ok(&c, 10, "echo persisted > /root/file.txt && sync");
     sh_ok(
@@ -517,11 +579,25 @@ fn e2e_lifecycle_on_firecracker() {
         10,
         "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done' >/dev/null 2>&1 &",
     );
-    std::thread::sleep(Duration::from_secs(3));
-    let before: u64 = sh_ok(&c, 10, "cat /tmp/counter").trim().parse().unwrap();
+    // The background shell starts slowly on nested KVM (seconds for a dynamic binary): wait in
+    // the guest for its first count rather than a fixed time.
+    let before: u64 = sh_ok(
+        &c,
+        10,
+        "i=0; while [ ! -s /tmp/counter ] && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; \
+         cat /tmp/counter",
+    )
+    .trim()
+    .parse()
+    .unwrap();
     assert!(before >= 1);
-    // Which copies (if any) corrupt bytes in this guest: issue 12, item 17.
-    selftest_in_guest(&c, 10);
+    // Which copies (if any) corrupt bytes in this guest: issue 12, item 17. Minutes of guest
+    // CPU on nested KVM: `WRENN_E2E_SELFTEST=0` leaves it out (said visibly).
+    if std::env::var("WRENN_E2E_SELFTEST").as_deref() == Ok("0") {
+        println!("skipped: envd selftest in the guest (WRENN_E2E_SELFTEST=0)");
+    } else {
+        selftest_in_guest(&c, 10);
+    }
 
     let pause_s: u64 = std::env::var("WRENN_E2E_PAUSE_S")
         .ok()
@@ -545,6 +621,10 @@ fn e2e_lifecycle_on_firecracker() {
         },
     );
     println!("resume took {:?}", t.elapsed());
+    if let Some(j) = &jail {
+        // A resume takes a uid (and a chroot) again.
+        j.check_running(10, 1, 256);
+    }
     assert_eq!(sh_ok(&c, 10, "cat /root/file.txt").trim(), "persisted");
     let after1: u64 = sh_ok(&c, 10, "cat /tmp/counter").trim().parse().unwrap();
     std::thread::sleep(Duration::from_secs(3));
@@ -656,6 +736,14 @@ fn e2e_lifecycle_on_firecracker() {
         );
     }
     assert_eq!(corruptions, 0, "corruptions in {cycles} cycles");
+    if let Some(j) = &jail {
+        for n in [20u128, 21, 22] {
+            j.check_running(n, 1, 256);
+        }
+        // 21 has paused: its chain is on disk. 10 is another tenant's sandbox.
+        j.check_cross_access(10, 21, TEMPLATE);
+        j.check_cross_access(21, 10, TEMPLATE);
+    }
 
     // kill -9 of the agent with two sandboxes running: here the in-process agent simply
     // stops without cleaning up (Firecracker and wrenn-uffd run in their own sessions).
@@ -689,7 +777,8 @@ fn e2e_lifecycle_on_firecracker() {
     }
     .save(&inp.root.join("agent/identity.conf"))
     .unwrap();
-    let spawn_agent = |port: u16| {
+    // `file_backend`: restores through a materialized memory file (the File backend).
+    let spawn_agent = |port: u16, file_backend: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wrenn-agent"));
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", "127.0.0.1:0"])
@@ -706,7 +795,11 @@ fn e2e_lifecycle_on_firecracker() {
                 std::fs::File::create(inp.root.join(format!("agent-{port}.log"))).unwrap(),
             ));
         match &inp.uffd {
-            Some(u) => cmd.arg("--uffd-bin").arg(u),
+            Some(u) if !file_backend => cmd.arg("--uffd-bin").arg(u),
+            Some(u) => cmd
+                .arg("--uffd-bin")
+                .arg(u)
+                .args(["--restore-backend", "file"]),
             None => cmd.args(["--restore-backend", "file"]),
         };
         match &inp.jailer {
@@ -740,14 +833,14 @@ fn e2e_lifecycle_on_firecracker() {
             }
         }
     };
-    let mut first = spawn_agent(port);
+    let mut first = spawn_agent(port, false);
     let c = connect();
     write_file(&c, 21, "/tmp/via-binary", 0, true, b"1");
     assert_eq!(read_file(&c, 21, "/tmp/via-binary"), b"1");
     drop(c);
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
-    let mut second = spawn_agent(port);
+    let mut second = spawn_agent(port, true);
     let c = connect();
     for n in [10u128, 21] {
         let info: pb::SandboxInfo = call(
@@ -761,6 +854,26 @@ fn e2e_lifecycle_on_firecracker() {
             "after kill -9: {info:?}"
         );
         assert_eq!(sh_ok(&c, n, "echo after-kill").trim(), "after-kill");
+    }
+    // The second agent restores through the File backend: a pause and resume of its own
+    // chain (a Diff generation on top of the cycles' chain).
+    write_file(&c, 21, "/dev/shm/file-backend", 0, true, b"file backend");
+    let _: pb::SandboxInfo = call(
+        &c,
+        pb::sandboxes_methods::PAUSE,
+        &pb::PauseSandboxRequest { sandbox_id: sb(21) },
+    );
+    let _: pb::SandboxInfo = call(
+        &c,
+        pb::sandboxes_methods::RESUME,
+        &pb::ResumeSandboxRequest {
+            sandbox_id: sb(21),
+            timeout_s: 0,
+        },
+    );
+    assert_eq!(read_file(&c, 21, "/dev/shm/file-backend"), b"file backend");
+    if let Some(j) = &jail {
+        j.check_running(21, 1, 256);
     }
 
     // Destroy all: nothing left.
@@ -799,5 +912,8 @@ fn e2e_lifecycle_on_firecracker() {
         !mounts.contains(&*sandboxes.to_string_lossy()),
         "mounts left"
     );
+    if let Some(j) = &jail {
+        j.check_nothing_left();
+    }
     agent2.handle.shutdown();
 }

@@ -622,6 +622,51 @@ fn jail_uids_are_held_with_the_slot_and_survive_a_restart() {
     assert_eq!(m.uids_used(), 0);
 }
 
+/// A jailed Firecracker that no record names (the agent died between its start and the
+/// record) names no sandbox directory either: a restarted agent finds it by its uid.
+#[test]
+fn recovery_kills_processes_of_jail_uids_no_record_holds() {
+    use agent::manager::{Config, Manager};
+    use agent::uid_pool::UidRange;
+    use std::os::unix::process::CommandExt;
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        crate::skip("recovery of stray jailed processes needs root (a process of another uid)");
+        return;
+    }
+    let env = Env::new("stray-uid");
+    let base = 7_350_000;
+    let mut stray = std::process::Command::new("/bin/sleep")
+        .arg("60")
+        .uid(base + 1)
+        .gid(base + 1)
+        .spawn()
+        .unwrap();
+    let mut cfg = Config::new(&env.root);
+    cfg.jail_uids = Some(UidRange { base, count: 3 });
+    let m = Manager::new(cfg, env.vmm.clone(), env.clock.clone(), env.events.clone()).unwrap();
+    let pid = stray.id();
+    m.recover();
+    // Killed and reaped by the recovery (it is this process's child here): gone from /proc.
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_or(true, |s| s.lines().any(|l| l.starts_with("State:\tZ")))
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !gone() {
+        assert!(
+            std::time::Instant::now() < end,
+            "the stray process of a jail uid survived recovery"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = stray.kill();
+    let _ = stray.try_wait();
+}
+
 /// The egress policy is part of the sandbox (its spec's `network`): on its slot from the
 /// start, changed at once by UpdateNetwork, on the new slot after a resume, handed to
 /// re-adoption after a restart, and never copied into a template or the sandboxes made from it.

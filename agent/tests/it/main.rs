@@ -9,9 +9,11 @@
 
 mod binary;
 mod e2e;
+mod e2e_jail;
 mod fake;
 mod forward;
 mod lifecycle;
+mod samples;
 mod service;
 
 use std::path::PathBuf;

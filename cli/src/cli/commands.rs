@@ -6,7 +6,7 @@ use proto::gen::wrenn::ctl::v1::{
     api_keys_methods as keys, audit_logs_methods as audit, files_methods as files,
     hosts_methods as hosts, ports_methods as ports, processes_methods as procs,
     sandboxes_methods as sb, teams_methods as teams, templates_methods as tpl,
-    users_methods as users,
+    users_methods as users, webhooks_methods as wh,
 };
 
 use super::args::{Arg, Command, Flag};
@@ -113,6 +113,9 @@ pub static COMMANDS: &[Command] = &[
         on("force", "record it stopped even when its host cannot be reached (the host destroys it if it comes back)")]),
     cmd!("sandbox pause", &[sb::PAUSE], "Pause a running sandbox.", [SB], []),
     cmd!("sandbox resume", &[sb::RESUME], "Resume a paused sandbox.", [SB], [val("timeout", "SECONDS", "new timeout (default: keep)")]),
+    cmd!("sandbox metrics", &[sb::METRICS], "Show a sandbox's CPU, memory, network and disk as its host sees them (live while it runs, stored once paused or stopped).", [SB], [
+        val("range", "DURATION", "how far back: 90s, 10m, 2h, 1d (default 10m; the step is 1 s up to 10m, 30 s up to 2h, 5 min beyond)"),
+        on("watch", "redraw every few seconds until interrupted")]),
     cmd!("sandbox ping", &[sb::PING], "Keep a sandbox alive: its expiry becomes now + its timeout.", [SB], []),
     cmd!("sandbox network", &[sb::UPDATE_NETWORK], "Replace a sandbox's network policy (egress), running or paused: e2b's fields; allow beats deny, the host's never_out beats both; domain names through the sandbox's resolver (docs/operations.md, Sandbox egress). Without flags: allow everything.", [SB], [
         NET[0], NET[1], NET[2]]),
@@ -175,6 +178,7 @@ pub static COMMANDS: &[Command] = &[
     ]),
     cmd!("template create", &[tpl::CREATE], "Snapshot a sandbox into a template (the sandbox ends paused).", [SB, arg("NAME", "template name, unique in the team")], [
         on("platform", "publish as a platform template (platform admin)")]),
+    cmd!("template check", &[], "Check a recipe (Wrennfile) here, without a server: prints its steps, or its first error with line and column (exit 1).", [opt("FILE", "the recipe (default ./Wrennfile)")], []),
     cmd!("template list", &[tpl::LIST], "List the team's and the platform's templates.", [], [
         on("team-only", "leave out platform templates"), PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("template get", &[tpl::GET], "Show a template.", [arg("TEMPLATE", "id (tpl-...) or name")], []),
@@ -187,6 +191,8 @@ pub static COMMANDS: &[Command] = &[
     cmd!("team create", &[teams::CREATE], "Create a team with its owner and first API key, printed once (platform admin).", [arg("NAME", "team name")], [
         val("owner-email", "EMAIL", "the owner's email (required)"), val("owner-name", "NAME", "the owner's display name")]),
     cmd!("team members", &[teams::LIST_MEMBERS], "List a team's members (default: the caller's team).", [opt("TEAM", "team id")], [PAGE[0], PAGE[1], PAGE[2]]),
+    cmd!("team usage", &[teams::USAGE], "Usage per UTC day: sandbox-seconds, CPU-seconds, memory MiB-seconds (default: the caller's team).", [opt("TEAM", "team id")], [
+        val("days", "N", "days back, today included (default 7, at most 92)")]),
     cmd!("team add-member", &[teams::ADD_MEMBER], "Add an existing user to a team.", [arg("USER", "user id (usr-...)")], [
         val("team", "TEAM", "team id (default: the caller's)"), val("role", "owner|admin|member", "role (default member)")]),
     cmd!("team remove-member", &[teams::REMOVE_MEMBER], "Remove a user from a team.", [arg("USER", "user id (usr-...)")], [
@@ -204,6 +210,12 @@ pub static COMMANDS: &[Command] = &[
     cmd!("host undrain", &[hosts::UNDRAIN], "Place sandboxes on a draining host again (platform admin).", [arg("HOST", "host id")], []),
     cmd!("host rm", &[hosts::DELETE], "Forget a host (platform admin).", [arg("HOST", "host id")], [
         on("force", "for a host that is gone: record its sandboxes stopped and delete its snapshot templates")]),
+    cmd!("webhook create", &[wh::CREATE], "Register a webhook endpoint; its signing secret is printed once.", [arg("URL", "http://host[:port]/path (https once ctl has a TLS client)")], [
+        rep("event", "TYPE", "an event type to receive (default: all), e.g. sandbox.paused")]),
+    cmd!("webhook list", &[wh::LIST], "List the team's webhooks.", [], []),
+    cmd!("webhook rm", &[wh::DELETE], "Remove a webhook (its pending deliveries are dropped).", [arg("WEBHOOK", "webhook id (wh-...)")], []),
+    cmd!("webhook deliveries", &[wh::DELIVERIES], "List a webhook's deliveries and their outcome, newest first.", [arg("WEBHOOK", "webhook id (wh-...)")], [
+        PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("audit list", &[audit::LIST], "List audit entries, newest first.", [], [
         val("actor", "ID", "who acted (key-..., usr-..., host-...)"),
         val("resource-type", "TYPE", "sandbox, template, team, user, api_key, host"),
@@ -292,7 +304,7 @@ mod tests {
             groups(),
             [
                 "sandbox", "process", "file", "port", "template", "key", "team", "user", "host",
-                "audit"
+                "webhook", "audit"
             ]
         );
         assert!(group_usage("file").contains("  put "));

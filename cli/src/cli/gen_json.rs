@@ -160,6 +160,36 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateUserRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::CreateWebhookRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("url".into(), Value::String(self.url.clone()));
+        m.insert("events".into(), Value::Array(self.events.iter().map(|x| Value::String(x.clone())).collect()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::CreateWebhookResponse {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(x) = &self.webhook { m.insert("webhook".into(), proto::gen::wrenn::ctl::v1::Webhook::to_json(&x)); }
+        m.insert("secret".into(), Value::String(self.secret.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::DailyUsage {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("day".into(), Value::String(self.day.clone()));
+        m.insert("sandbox_seconds".into(), j::f64_out(f64::from(self.sandbox_seconds)));
+        m.insert("cpu_seconds".into(), j::f64_out(f64::from(self.cpu_seconds)));
+        m.insert("memory_mib_seconds".into(), j::f64_out(f64::from(self.memory_mib_seconds)));
+        m.insert("unsampled_seconds".into(), j::f64_out(f64::from(self.unsampled_seconds)));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::DeleteHostRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -189,6 +219,36 @@ impl Json for proto::gen::wrenn::ctl::v1::DeleteTemplateRequest {
 impl Json for proto::gen::wrenn::ctl::v1::DeleteTemplateResponse {
     fn to_json(&self) -> Value {
         Value::Object(Map::new())
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::DeleteWebhookRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("webhook_id".into(), Value::String(self.webhook_id.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::DeleteWebhookResponse {
+    fn to_json(&self) -> Value {
+        Value::Object(Map::new())
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::Delivery {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("event_id".into(), Value::String(self.event_id.clone()));
+        m.insert("event_type".into(), Value::String(self.event_type.clone()));
+        m.insert("status".into(), Value::String(self.status.clone()));
+        m.insert("attempts".into(), Value::from(self.attempts));
+        m.insert("last_http_status".into(), Value::from(self.last_http_status));
+        m.insert("last_error".into(), Value::String(self.last_error.clone()));
+        m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        m.insert("next_attempt_unix_ns".into(), j::i64_out(self.next_attempt_unix_ns));
+        m.insert("delivered_unix_ns".into(), j::i64_out(self.delivered_unix_ns));
+        Value::Object(m)
     }
 }
 
@@ -374,6 +434,25 @@ impl Json for proto::gen::wrenn::ctl::v1::ListAuditLogsResponse {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::ListDeliveriesRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("webhook_id".into(), Value::String(self.webhook_id.clone()));
+        m.insert("page_size".into(), Value::from(self.page_size));
+        m.insert("page_token".into(), Value::String(self.page_token.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListDeliveriesResponse {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("deliveries".into(), Value::Array(self.deliveries.iter().map(|x| proto::gen::wrenn::ctl::v1::Delivery::to_json(&x)).collect()));
+        m.insert("next_page_token".into(), Value::String(self.next_page_token.clone()));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::ListDirRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -483,6 +562,20 @@ impl Json for proto::gen::wrenn::ctl::v1::ListUsersResponse {
         let mut m = Map::new();
         m.insert("users".into(), Value::Array(self.users.iter().map(|x| proto::gen::wrenn::ctl::v1::User::to_json(&x)).collect()));
         m.insert("next_page_token".into(), Value::String(self.next_page_token.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListWebhooksRequest {
+    fn to_json(&self) -> Value {
+        Value::Object(Map::new())
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListWebhooksResponse {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("webhooks".into(), Value::Array(self.webhooks.iter().map(|x| proto::gen::wrenn::ctl::v1::Webhook::to_json(&x)).collect()));
         Value::Object(m)
     }
 }
@@ -663,6 +756,25 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::SandboxMetricsRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        m.insert("range_s".into(), Value::from(self.range_s));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::SandboxMetricsResponse {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("samples".into(), Value::Array(self.samples.iter().map(|x| proto::gen::wrenn::ctl::v1::UsageSample::to_json(&x)).collect()));
+        m.insert("step_s".into(), Value::from(self.step_s));
+        m.insert("source".into(), Value::String(self.source.clone()));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::SendInputRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -707,6 +819,23 @@ impl Json for proto::gen::wrenn::ctl::v1::Team {
         m.insert("name".into(), Value::String(self.name.clone()));
         m.insert("platform".into(), Value::from(self.platform));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::TeamUsageRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("team_id".into(), Value::String(self.team_id.clone()));
+        m.insert("days".into(), Value::from(self.days));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::TeamUsageResponse {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("days".into(), Value::Array(self.days.iter().map(|x| proto::gen::wrenn::ctl::v1::DailyUsage::to_json(&x)).collect()));
         Value::Object(m)
     }
 }
@@ -769,12 +898,37 @@ impl Json for proto::gen::wrenn::ctl::v1::UploadRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::UsageSample {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("unix_ns".into(), j::i64_out(self.unix_ns));
+        m.insert("step_s".into(), Value::from(self.step_s));
+        m.insert("cpu_usec".into(), j::u64_out(self.cpu_usec));
+        m.insert("memory_bytes".into(), j::u64_out(self.memory_bytes));
+        m.insert("disk_bytes".into(), j::u64_out(self.disk_bytes));
+        m.insert("net_rx_bytes".into(), j::u64_out(self.net_rx_bytes));
+        m.insert("net_tx_bytes".into(), j::u64_out(self.net_tx_bytes));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::User {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("id".into(), Value::String(self.id.clone()));
         m.insert("email".into(), Value::String(self.email.clone()));
         m.insert("name".into(), Value::String(self.name.clone()));
+        m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::Webhook {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::String(self.id.clone()));
+        m.insert("url".into(), Value::String(self.url.clone()));
+        m.insert("events".into(), Value::Array(self.events.iter().map(|x| Value::String(x.clone())).collect()));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
         Value::Object(m)
     }

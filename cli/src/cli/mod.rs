@@ -12,6 +12,7 @@ pub mod json;
 pub mod port;
 pub mod table;
 pub mod tty;
+pub mod usage;
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic)]
@@ -764,6 +765,7 @@ paged! {
     pb::ListUsersRequest, pb::ListUsersResponse, users;
     pb::ListHostsRequest, pb::ListHostsResponse, hosts;
     pb::ListAuditLogsRequest, pb::ListAuditLogsResponse, entries;
+    pb::ListDeliveriesRequest, pb::ListDeliveriesResponse, deliveries;
 }
 
 /// Lists one page, or with `all` every page from the requested one on.
@@ -797,6 +799,10 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
         hosts_methods as hosts, processes_methods as procs, sandboxes_methods as sb,
         teams_methods as teams, templates_methods as tpl, users_methods as users,
     };
+    if cmd.path == "template check" {
+        // Local only: no server, no key.
+        return usage::check_recipe(p.arg(0).unwrap_or("Wrennfile"));
+    }
     let ctx = Ctx::connect(p, cmd.rpcs)?;
     let a = |i: usize| p.arg(i).unwrap_or("").to_owned();
     match cmd.path {
@@ -871,6 +877,29 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             };
             let s: pb::Sandbox = ctx.unary(sb::RESUME, &req, true)?;
             ctx.print(&s, sandbox_human);
+        }
+        "sandbox metrics" => {
+            let range_s = match p.value("range") {
+                Some(r) => usage::parse_range(r).map_err(CliError::Usage)?,
+                None => 0,
+            };
+            let req = pb::SandboxMetricsRequest {
+                sandbox_id: a(0),
+                range_s,
+            };
+            loop {
+                let r: pb::SandboxMetricsResponse = ctx.unary(sb::METRICS, &req, false)?;
+                if p.flag("watch") && !ctx.json && io::stdout().is_terminal() {
+                    // Home and clear, then the new picture.
+                    print!("\x1b[H\x1b[2J");
+                }
+                ctx.print(&r, usage::metrics_human);
+                let _ = io::stdout().flush();
+                if !p.flag("watch") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(u64::from(r.step_s.clamp(2, 30))));
+            }
         }
         "sandbox ping" => {
             let s: pb::Sandbox = ctx.unary(
@@ -1380,6 +1409,61 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                     ("created", time(t.created_unix_ns)),
                 ])
             });
+        }
+        "team usage" => {
+            let r: pb::TeamUsageResponse = ctx.unary(
+                teams::USAGE,
+                &pb::TeamUsageRequest {
+                    team_id: a(0),
+                    days: p.num("days")?.unwrap_or(0),
+                },
+                false,
+            )?;
+            ctx.print(&r, usage::usage_human);
+        }
+        "webhook create" => {
+            let r: pb::CreateWebhookResponse = ctx.unary(
+                pb::webhooks_methods::CREATE,
+                &pb::CreateWebhookRequest {
+                    url: a(0),
+                    events: p.values("event").into_iter().map(str::to_owned).collect(),
+                },
+                false,
+            )?;
+            ctx.print(&r, usage::webhook_created_human);
+        }
+        "webhook list" => {
+            let r: pb::ListWebhooksResponse = ctx.unary(
+                pb::webhooks_methods::LIST,
+                &pb::ListWebhooksRequest {},
+                false,
+            )?;
+            ctx.print(&r, |r| usage::webhooks_table(&r.webhooks));
+        }
+        "webhook rm" => {
+            let r: pb::DeleteWebhookResponse = ctx.unary(
+                pb::webhooks_methods::DELETE,
+                &pb::DeleteWebhookRequest { webhook_id: a(0) },
+                false,
+            )?;
+            ctx.print(&r, |_| format!("removed {}\n", a(0)));
+        }
+        "webhook deliveries" => {
+            let (page_size, page_token) = page(p)?;
+            let r: pb::ListDeliveriesResponse = list(
+                &ctx,
+                pb::webhooks_methods::DELIVERIES,
+                pb::ListDeliveriesRequest {
+                    webhook_id: a(0),
+                    page_size,
+                    page_token,
+                },
+                p.flag("all"),
+            )?;
+            ctx.print(&r, |r| usage::deliveries_table(&r.deliveries));
+            if !ctx.json {
+                page_note(&r.next_page_token);
+            }
         }
         "team members" => {
             let (page_size, page_token) = page(p)?;
@@ -1983,7 +2067,7 @@ mod tests {
         assert_eq!(entry_row(&e)[0], "symlink");
         assert_eq!(entry_row(&e)[5], "/l -> /t");
         assert!(groups_usage().contains(
-            "  sandbox    create|list|get|rm|pause|resume|ping|network|set-timeout|exec\n"
+            "  sandbox    create|list|get|rm|pause|resume|metrics|ping|network|set-timeout|exec\n"
         ));
     }
 }

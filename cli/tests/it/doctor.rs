@@ -87,6 +87,58 @@ fn firecracker_present_missing_and_wrong() {
     assert_fails(&cfg, "firecracker", "/bin/false");
 }
 
+/// A script printing `line` for `--version`.
+fn version_script(dir: &Path, name: &str, line: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    fs::write(&p, format!("#!/bin/sh\necho '{line}'\n")).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn jailer_missing_mismatched_matching_and_unjailed() {
+    let dir = TempDir::new("doctor-jailer");
+    let mut cfg = healthy();
+    cfg.firecracker = Some(version_script(dir.path(), "fc", "Firecracker v1.10.1"));
+    cfg.jailer = dir.path().join("no-jailer");
+    assert_fails(&cfg, "jailer", "a missing jailer");
+    cfg.jailer = PathBuf::from("/bin/true");
+    assert_fails(&cfg, "jailer", "/bin/true as the jailer");
+    cfg.jailer = version_script(dir.path(), "jailer-old", "Jailer v1.9.0");
+    assert_fails(&cfg, "jailer", "a jailer of another release");
+    cfg.jailer = version_script(dir.path(), "jailer", "Jailer v1.10.1");
+    let c = check(&cfg, "jailer");
+    assert_eq!(c.status, Status::Ok, "{c:?}");
+    // The same host, with the agent run --unjailed: a failure for production.
+    cfg.unjailed = true;
+    let c = check(&cfg, "jailer");
+    assert_fails(&cfg, "jailer", "--unjailed");
+    assert!(c.detail.contains("--unjailed"), "{}", c.detail);
+    // A script is no static binary; neither is this dynamically linked test.
+    assert_fails(&cfg, "static firecracker", "a shell script");
+    if !cfg!(target_feature = "crt-static") {
+        cfg.firecracker = Some(std::env::current_exe().unwrap());
+        assert_fails(&cfg, "static firecracker", "a dynamically linked binary");
+    }
+    match std::env::var("WRENN_FIRECRACKER") {
+        Ok(p) if Path::new(&p).exists() => {
+            cfg.firecracker = Some(PathBuf::from(&p));
+            println!("{:?}", check(&cfg, "static firecracker"));
+        }
+        _ => skip(
+            "doctor::static firecracker present",
+            "WRENN_FIRECRACKER is not set to a binary",
+        ),
+    }
+    // --unjailed reaches the check from the command line.
+    let args: Vec<String> = vec!["--unjailed".into(), "--json".into()];
+    assert!(matches!(
+        wrenn::doctor::run(&args),
+        Err(wrenn::doctor::DoctorError::Failed { .. })
+    ));
+}
+
 #[test]
 fn kvm_device_missing_directory_or_not_kvm() {
     let mut cfg = healthy();
@@ -278,6 +330,8 @@ fn binary_exit_status_and_json() {
         "cgroups",
         "disk",
         "reflink",
+        "jailer",
+        "static firecracker",
     ] {
         assert_eq!(
             text.matches(&format!("\"check\": \"{name}\"")).count(),
@@ -304,6 +358,15 @@ fn binary_exit_status_and_json() {
         );
         return;
     };
+    let jailer =
+        std::env::var("WRENN_JAILER").unwrap_or_else(|_| wrenn::doctor::DEFAULT_JAILER.to_owned());
+    if !Path::new(&jailer).exists() {
+        skip(
+            "doctor::binary_exit_status passing run",
+            "no jailer (WRENN_JAILER or /usr/local/bin/jailer)",
+        );
+        return;
+    }
     if !Path::new("/dev/kvm").exists() || wrenn::doctor::find_on_path("nft").is_none() {
         skip(
             "doctor::binary_exit_status passing run",
@@ -315,6 +378,7 @@ fn binary_exit_status_and_json() {
         .args(["doctor", "--min-free-gib", "1", "--state-root"])
         .arg(root.path())
         .args(["--firecracker", &fc])
+        .args(["--jailer", &jailer])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -8,6 +8,7 @@
 mod docs;
 mod doctor;
 mod metrics;
+mod recipe;
 mod support;
 mod units;
 mod up;

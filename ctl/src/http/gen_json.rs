@@ -389,6 +389,81 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateUserRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::CreateWebhookRequest {
+    const SCHEMA: &'static str = "ctl.v1.CreateWebhookRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("url".into(), Value::String(self.url.clone()));
+        m.insert("events".into(), Value::Array(self.events.iter().map(|x| Value::String(x.clone())).collect()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "url" => { if !v.is_null() { out.url = j::string_in(v, &p)?; } }
+                "events" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.events.push(j::string_in(v, &p)?); } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::CreateWebhookResponse {
+    const SCHEMA: &'static str = "ctl.v1.CreateWebhookResponse";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(x) = &self.webhook { m.insert("webhook".into(), proto::gen::wrenn::ctl::v1::Webhook::to_json(&x)); }
+        m.insert("secret".into(), Value::String(self.secret.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "webhook" => { if !v.is_null() { out.webhook = Some(<proto::gen::wrenn::ctl::v1::Webhook as Json>::from_json_at(v, &p)?); } }
+                "secret" => { if !v.is_null() { out.secret = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::DailyUsage {
+    const SCHEMA: &'static str = "ctl.v1.DailyUsage";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("day".into(), Value::String(self.day.clone()));
+        m.insert("sandbox_seconds".into(), j::f64_out(f64::from(self.sandbox_seconds)));
+        m.insert("cpu_seconds".into(), j::f64_out(f64::from(self.cpu_seconds)));
+        m.insert("memory_mib_seconds".into(), j::f64_out(f64::from(self.memory_mib_seconds)));
+        m.insert("unsampled_seconds".into(), j::f64_out(f64::from(self.unsampled_seconds)));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "day" => { if !v.is_null() { out.day = j::string_in(v, &p)?; } }
+                "sandbox_seconds" => { if !v.is_null() { out.sandbox_seconds = j::f64_in(v, &p)?; } }
+                "cpu_seconds" => { if !v.is_null() { out.cpu_seconds = j::f64_in(v, &p)?; } }
+                "memory_mib_seconds" => { if !v.is_null() { out.memory_mib_seconds = j::f64_in(v, &p)?; } }
+                "unsampled_seconds" => { if !v.is_null() { out.unsampled_seconds = j::f64_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::DeleteHostRequest {
     const SCHEMA: &'static str = "ctl.v1.DeleteHostRequest";
     fn to_json(&self) -> Value {
@@ -466,6 +541,77 @@ impl Json for proto::gen::wrenn::ctl::v1::DeleteTemplateResponse {
             return Err(JsonError::unknown_field(path, k));
         }
         Ok(Self::default())
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::DeleteWebhookRequest {
+    const SCHEMA: &'static str = "ctl.v1.DeleteWebhookRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("webhook_id".into(), Value::String(self.webhook_id.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "webhook_id" => { if !v.is_null() { out.webhook_id = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::DeleteWebhookResponse {
+    const SCHEMA: &'static str = "ctl.v1.DeleteWebhookResponse";
+    fn to_json(&self) -> Value {
+        Value::Object(Map::new())
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        if let Some((k, _)) = j::object_or_null(v, path)?.iter().next() {
+            return Err(JsonError::unknown_field(path, k));
+        }
+        Ok(Self::default())
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::Delivery {
+    const SCHEMA: &'static str = "ctl.v1.Delivery";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("event_id".into(), Value::String(self.event_id.clone()));
+        m.insert("event_type".into(), Value::String(self.event_type.clone()));
+        m.insert("status".into(), Value::String(self.status.clone()));
+        m.insert("attempts".into(), Value::from(self.attempts));
+        m.insert("last_http_status".into(), Value::from(self.last_http_status));
+        m.insert("last_error".into(), Value::String(self.last_error.clone()));
+        m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        m.insert("next_attempt_unix_ns".into(), j::i64_out(self.next_attempt_unix_ns));
+        m.insert("delivered_unix_ns".into(), j::i64_out(self.delivered_unix_ns));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "event_id" => { if !v.is_null() { out.event_id = j::string_in(v, &p)?; } }
+                "event_type" => { if !v.is_null() { out.event_type = j::string_in(v, &p)?; } }
+                "status" => { if !v.is_null() { out.status = j::string_in(v, &p)?; } }
+                "attempts" => { if !v.is_null() { out.attempts = j::u32_in(v, &p)?; } }
+                "last_http_status" => { if !v.is_null() { out.last_http_status = j::u32_in(v, &p)?; } }
+                "last_error" => { if !v.is_null() { out.last_error = j::string_in(v, &p)?; } }
+                "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                "next_attempt_unix_ns" => { if !v.is_null() { out.next_attempt_unix_ns = j::i64_in(v, &p)?; } }
+                "delivered_unix_ns" => { if !v.is_null() { out.delivered_unix_ns = j::i64_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -919,6 +1065,54 @@ impl Json for proto::gen::wrenn::ctl::v1::ListAuditLogsResponse {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::ListDeliveriesRequest {
+    const SCHEMA: &'static str = "ctl.v1.ListDeliveriesRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("webhook_id".into(), Value::String(self.webhook_id.clone()));
+        m.insert("page_size".into(), Value::from(self.page_size));
+        m.insert("page_token".into(), Value::String(self.page_token.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "webhook_id" => { if !v.is_null() { out.webhook_id = j::string_in(v, &p)?; } }
+                "page_size" => { if !v.is_null() { out.page_size = j::u32_in(v, &p)?; } }
+                "page_token" => { if !v.is_null() { out.page_token = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListDeliveriesResponse {
+    const SCHEMA: &'static str = "ctl.v1.ListDeliveriesResponse";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("deliveries".into(), Value::Array(self.deliveries.iter().map(|x| proto::gen::wrenn::ctl::v1::Delivery::to_json(&x)).collect()));
+        m.insert("next_page_token".into(), Value::String(self.next_page_token.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "deliveries" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.deliveries.push(<proto::gen::wrenn::ctl::v1::Delivery as Json>::from_json_at(v, &p)?); } }
+                "next_page_token" => { if !v.is_null() { out.next_page_token = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::ListDirRequest {
     const SCHEMA: &'static str = "ctl.v1.ListDirRequest";
     fn to_json(&self) -> Value {
@@ -1198,6 +1392,40 @@ impl Json for proto::gen::wrenn::ctl::v1::ListUsersResponse {
             match k.as_str() {
                 "users" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.users.push(<proto::gen::wrenn::ctl::v1::User as Json>::from_json_at(v, &p)?); } }
                 "next_page_token" => { if !v.is_null() { out.next_page_token = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListWebhooksRequest {
+    const SCHEMA: &'static str = "ctl.v1.ListWebhooksRequest";
+    fn to_json(&self) -> Value {
+        Value::Object(Map::new())
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        if let Some((k, _)) = j::object_or_null(v, path)?.iter().next() {
+            return Err(JsonError::unknown_field(path, k));
+        }
+        Ok(Self::default())
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListWebhooksResponse {
+    const SCHEMA: &'static str = "ctl.v1.ListWebhooksResponse";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("webhooks".into(), Value::Array(self.webhooks.iter().map(|x| proto::gen::wrenn::ctl::v1::Webhook::to_json(&x)).collect()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "webhooks" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.webhooks.push(<proto::gen::wrenn::ctl::v1::Webhook as Json>::from_json_at(v, &p)?); } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -1633,6 +1861,54 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::SandboxMetricsRequest {
+    const SCHEMA: &'static str = "ctl.v1.SandboxMetricsRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        m.insert("range_s".into(), Value::from(self.range_s));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "sandbox_id" => { if !v.is_null() { out.sandbox_id = j::string_in(v, &p)?; } }
+                "range_s" => { if !v.is_null() { out.range_s = j::u32_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::SandboxMetricsResponse {
+    const SCHEMA: &'static str = "ctl.v1.SandboxMetricsResponse";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("samples".into(), Value::Array(self.samples.iter().map(|x| proto::gen::wrenn::ctl::v1::UsageSample::to_json(&x)).collect()));
+        m.insert("step_s".into(), Value::from(self.step_s));
+        m.insert("source".into(), Value::String(self.source.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "samples" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.samples.push(<proto::gen::wrenn::ctl::v1::UsageSample as Json>::from_json_at(v, &p)?); } }
+                "step_s" => { if !v.is_null() { out.step_s = j::u32_in(v, &p)?; } }
+                "source" => { if !v.is_null() { out.source = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::SendInputRequest {
     const SCHEMA: &'static str = "ctl.v1.SendInputRequest";
     fn to_json(&self) -> Value {
@@ -1747,6 +2023,50 @@ impl Json for proto::gen::wrenn::ctl::v1::Team {
                 "name" => { if !v.is_null() { out.name = j::string_in(v, &p)?; } }
                 "platform" => { if !v.is_null() { out.platform = j::bool_in(v, &p)?; } }
                 "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::TeamUsageRequest {
+    const SCHEMA: &'static str = "ctl.v1.TeamUsageRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("team_id".into(), Value::String(self.team_id.clone()));
+        m.insert("days".into(), Value::from(self.days));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "team_id" => { if !v.is_null() { out.team_id = j::string_in(v, &p)?; } }
+                "days" => { if !v.is_null() { out.days = j::u32_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::TeamUsageResponse {
+    const SCHEMA: &'static str = "ctl.v1.TeamUsageResponse";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("days".into(), Value::Array(self.days.iter().map(|x| proto::gen::wrenn::ctl::v1::DailyUsage::to_json(&x)).collect()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "days" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.days.push(<proto::gen::wrenn::ctl::v1::DailyUsage as Json>::from_json_at(v, &p)?); } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -1892,6 +2212,39 @@ impl Json for proto::gen::wrenn::ctl::v1::UploadRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::UsageSample {
+    const SCHEMA: &'static str = "ctl.v1.UsageSample";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("unix_ns".into(), j::i64_out(self.unix_ns));
+        m.insert("step_s".into(), Value::from(self.step_s));
+        m.insert("cpu_usec".into(), j::u64_out(self.cpu_usec));
+        m.insert("memory_bytes".into(), j::u64_out(self.memory_bytes));
+        m.insert("disk_bytes".into(), j::u64_out(self.disk_bytes));
+        m.insert("net_rx_bytes".into(), j::u64_out(self.net_rx_bytes));
+        m.insert("net_tx_bytes".into(), j::u64_out(self.net_tx_bytes));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "unix_ns" => { if !v.is_null() { out.unix_ns = j::i64_in(v, &p)?; } }
+                "step_s" => { if !v.is_null() { out.step_s = j::u32_in(v, &p)?; } }
+                "cpu_usec" => { if !v.is_null() { out.cpu_usec = j::u64_in(v, &p)?; } }
+                "memory_bytes" => { if !v.is_null() { out.memory_bytes = j::u64_in(v, &p)?; } }
+                "disk_bytes" => { if !v.is_null() { out.disk_bytes = j::u64_in(v, &p)?; } }
+                "net_rx_bytes" => { if !v.is_null() { out.net_rx_bytes = j::u64_in(v, &p)?; } }
+                "net_tx_bytes" => { if !v.is_null() { out.net_tx_bytes = j::u64_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::User {
     const SCHEMA: &'static str = "ctl.v1.User";
     fn to_json(&self) -> Value {
@@ -1911,6 +2264,33 @@ impl Json for proto::gen::wrenn::ctl::v1::User {
                 "id" => { if !v.is_null() { out.id = j::string_in(v, &p)?; } }
                 "email" => { if !v.is_null() { out.email = j::string_in(v, &p)?; } }
                 "name" => { if !v.is_null() { out.name = j::string_in(v, &p)?; } }
+                "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::Webhook {
+    const SCHEMA: &'static str = "ctl.v1.Webhook";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::String(self.id.clone()));
+        m.insert("url".into(), Value::String(self.url.clone()));
+        m.insert("events".into(), Value::Array(self.events.iter().map(|x| Value::String(x.clone())).collect()));
+        m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "id" => { if !v.is_null() { out.id = j::string_in(v, &p)?; } }
+                "url" => { if !v.is_null() { out.url = j::string_in(v, &p)?; } }
+                "events" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.events.push(j::string_in(v, &p)?); } }
                 "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
@@ -3532,6 +3912,66 @@ pub const SCHEMAS_JSON: &str = r##"{
     },
     "type": "object"
   },
+  "ctl.v1.CreateWebhookRequest": {
+    "additionalProperties": false,
+    "description": "Request of Webhooks.Create.",
+    "properties": {
+      "events": {
+        "description": "Event types; empty = all. Unknown types: INVALID_ARGUMENT.",
+        "items": {
+          "type": "string"
+        },
+        "type": "array"
+      },
+      "url": {
+        "description": "An `http` URL: scheme, host, optional port, path. Its address must not be loopback, link-local or private unless the operator allows them (checked again at every delivery, after resolving).",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.CreateWebhookResponse": {
+    "additionalProperties": false,
+    "description": "Reply of Webhooks.Create.",
+    "properties": {
+      "secret": {
+        "description": "The signing secret (\"whsec_\" + 64 hex), shown once.",
+        "type": "string"
+      },
+      "webhook": {
+        "$ref": "#/components/schemas/ctl.v1.Webhook",
+        "description": "The webhook."
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.DailyUsage": {
+    "additionalProperties": false,
+    "description": "One UTC day of a team's usage.",
+    "properties": {
+      "cpu_seconds": {
+        "description": "CPU-seconds used: from samples where stored; running time without samples counts its vCPUs in full (an upper bound).",
+        "type": "number"
+      },
+      "day": {
+        "description": "\"YYYY-MM-DD\" (UTC).",
+        "type": "string"
+      },
+      "memory_mib_seconds": {
+        "description": "Memory MiB-seconds: from samples where stored; running time without samples counts the sandbox's memory size.",
+        "type": "number"
+      },
+      "sandbox_seconds": {
+        "description": "Seconds sandboxes were running (from the recorded state transitions).",
+        "type": "number"
+      },
+      "unsampled_seconds": {
+        "description": "Of sandbox_seconds, the seconds without samples, counted from the transitions alone.",
+        "type": "number"
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.DeleteHostRequest": {
     "additionalProperties": false,
     "description": "Request of Hosts.Delete.",
@@ -3583,6 +4023,78 @@ pub const SCHEMAS_JSON: &str = r##"{
     "additionalProperties": false,
     "description": "Reply of Templates.Delete.",
     "properties": {},
+    "type": "object"
+  },
+  "ctl.v1.DeleteWebhookRequest": {
+    "additionalProperties": false,
+    "description": "Request of Webhooks.Delete.",
+    "properties": {
+      "webhook_id": {
+        "description": "\"wh-{uuid}\".",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.DeleteWebhookResponse": {
+    "additionalProperties": false,
+    "description": "Reply of Webhooks.Delete.",
+    "properties": {},
+    "type": "object"
+  },
+  "ctl.v1.Delivery": {
+    "additionalProperties": false,
+    "description": "One event's delivery to one webhook.",
+    "properties": {
+      "attempts": {
+        "description": "Attempts made.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "created_unix_ns": {
+        "description": "When the event was raised.",
+        "format": "int64",
+        "pattern": "^-?[0-9]+$",
+        "type": "string"
+      },
+      "delivered_unix_ns": {
+        "description": "When it was delivered (0 = not).",
+        "format": "int64",
+        "pattern": "^-?[0-9]+$",
+        "type": "string"
+      },
+      "event_id": {
+        "description": "The event, \"evt-{uuid}\".",
+        "type": "string"
+      },
+      "event_type": {
+        "description": "Its type, e.g. \"sandbox.paused\".",
+        "type": "string"
+      },
+      "last_error": {
+        "description": "Why the last attempt failed; \"\" after success.",
+        "type": "string"
+      },
+      "last_http_status": {
+        "description": "HTTP status of the last answer (0 = none: no connection, refused, timed out).",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "next_attempt_unix_ns": {
+        "description": "The next attempt (0 unless pending).",
+        "format": "int64",
+        "pattern": "^-?[0-9]+$",
+        "type": "string"
+      },
+      "status": {
+        "description": "\"pending\" (waiting for its next attempt), \"delivered\", \"failed\" (attempts used up), \"dropped\" (the queue of this webhook was full).",
+        "type": "string"
+      }
+    },
     "type": "object"
   },
   "ctl.v1.DestroySandboxRequest": {
@@ -3987,6 +4499,46 @@ pub const SCHEMAS_JSON: &str = r##"{
     },
     "type": "object"
   },
+  "ctl.v1.ListDeliveriesRequest": {
+    "additionalProperties": false,
+    "description": "Request of Webhooks.Deliveries.",
+    "properties": {
+      "page_size": {
+        "description": "Page size: 0 = 100, at most 1000.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "page_token": {
+        "description": "\"\" for the first page, else the next_page_token of the previous page.",
+        "type": "string"
+      },
+      "webhook_id": {
+        "description": "\"wh-{uuid}\".",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.ListDeliveriesResponse": {
+    "additionalProperties": false,
+    "description": "Reply of Webhooks.Deliveries.",
+    "properties": {
+      "deliveries": {
+        "description": "One page, newest first.",
+        "items": {
+          "$ref": "#/components/schemas/ctl.v1.Delivery"
+        },
+        "type": "array"
+      },
+      "next_page_token": {
+        "description": "Token for the next page; \"\" when this was the last page.",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.ListDirRequest": {
     "additionalProperties": false,
     "description": "Request of Files.List.",
@@ -4220,6 +4772,26 @@ pub const SCHEMAS_JSON: &str = r##"{
         "description": "One page of users.",
         "items": {
           "$ref": "#/components/schemas/ctl.v1.User"
+        },
+        "type": "array"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.ListWebhooksRequest": {
+    "additionalProperties": false,
+    "description": "Request of Webhooks.List.",
+    "properties": {},
+    "type": "object"
+  },
+  "ctl.v1.ListWebhooksResponse": {
+    "additionalProperties": false,
+    "description": "Reply of Webhooks.List.",
+    "properties": {
+      "webhooks": {
+        "description": "Oldest first.",
+        "items": {
+          "$ref": "#/components/schemas/ctl.v1.Webhook"
         },
         "type": "array"
       }
@@ -4595,6 +5167,49 @@ pub const SCHEMAS_JSON: &str = r##"{
     },
     "type": "object"
   },
+  "ctl.v1.SandboxMetricsRequest": {
+    "additionalProperties": false,
+    "description": "Request of Sandboxes.Metrics.",
+    "properties": {
+      "range_s": {
+        "description": "How far back, seconds: 0 = 600. At most 86400. The step follows the range: 1 s up to 10 minutes, 30 s up to 2 hours, 5 minutes beyond.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "sandbox_id": {
+        "description": "The sandbox, \"sb-{uuid}\".",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.SandboxMetricsResponse": {
+    "additionalProperties": false,
+    "description": "Reply of Sandboxes.Metrics.",
+    "properties": {
+      "samples": {
+        "description": "Oldest first.",
+        "items": {
+          "$ref": "#/components/schemas/ctl.v1.UsageSample"
+        },
+        "type": "array"
+      },
+      "source": {
+        "description": "\"agent\" (live from the host) or \"database\" (stored at pause or destroy).",
+        "type": "string"
+      },
+      "step_s": {
+        "description": "Seconds per sample.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.SandboxState": {
     "description": "Lifecycle state of a sandbox: pending -> starting -> running <-> (pausing -> paused -> resuming) -> stopping -> stopped, plus error. Same numbers as wrenn.sandbox.v1.SandboxState (a test in ctl checks them). Written as the value's name; the value's number is accepted on input.",
     "enum": [
@@ -4711,6 +5326,38 @@ pub const SCHEMAS_JSON: &str = r##"{
       "TEAM_ROLE_MEMBER"
     ],
     "type": "string"
+  },
+  "ctl.v1.TeamUsageRequest": {
+    "additionalProperties": false,
+    "description": "Request of Teams.Usage.",
+    "properties": {
+      "days": {
+        "description": "UTC days back, today included: 0 = 7, at most 92.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "team_id": {
+        "description": "\"\" = the caller's team.",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.TeamUsageResponse": {
+    "additionalProperties": false,
+    "description": "Reply of Teams.Usage.",
+    "properties": {
+      "days": {
+        "description": "Oldest day first; days without usage included (zeros).",
+        "items": {
+          "$ref": "#/components/schemas/ctl.v1.DailyUsage"
+        },
+        "type": "array"
+      }
+    },
+    "type": "object"
   },
   "ctl.v1.Template": {
     "additionalProperties": false,
@@ -4887,6 +5534,56 @@ pub const SCHEMAS_JSON: &str = r##"{
     },
     "type": "object"
   },
+  "ctl.v1.UsageSample": {
+    "additionalProperties": false,
+    "description": "One sample: what a sandbox used during the `step_s` seconds ending at `unix_ns`.",
+    "properties": {
+      "cpu_usec": {
+        "description": "CPU time used in the interval (Firecracker's process or cgroup), microseconds.",
+        "format": "uint64",
+        "pattern": "^[0-9]+$",
+        "type": "string"
+      },
+      "disk_bytes": {
+        "description": "Bytes allocated to the sandbox's disk at the end of the interval.",
+        "format": "uint64",
+        "pattern": "^[0-9]+$",
+        "type": "string"
+      },
+      "memory_bytes": {
+        "description": "Memory resident for the VM as the host sees it, mean over the interval, bytes.",
+        "format": "uint64",
+        "pattern": "^[0-9]+$",
+        "type": "string"
+      },
+      "net_rx_bytes": {
+        "description": "Bytes received by the guest in the interval.",
+        "format": "uint64",
+        "pattern": "^[0-9]+$",
+        "type": "string"
+      },
+      "net_tx_bytes": {
+        "description": "Bytes sent by the guest in the interval.",
+        "format": "uint64",
+        "pattern": "^[0-9]+$",
+        "type": "string"
+      },
+      "step_s": {
+        "description": "Length of the interval, seconds.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "unix_ns": {
+        "description": "End of the interval.",
+        "format": "int64",
+        "pattern": "^-?[0-9]+$",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.User": {
     "additionalProperties": false,
     "description": "Reply of Users.Create / Reply of Users.Get.",
@@ -4907,6 +5604,34 @@ pub const SCHEMAS_JSON: &str = r##"{
       },
       "name": {
         "description": "Display name.",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.Webhook": {
+    "additionalProperties": false,
+    "description": "A registered endpoint.",
+    "properties": {
+      "created_unix_ns": {
+        "description": "Creation time.",
+        "format": "int64",
+        "pattern": "^-?[0-9]+$",
+        "type": "string"
+      },
+      "events": {
+        "description": "Event types it receives; empty = all.",
+        "items": {
+          "type": "string"
+        },
+        "type": "array"
+      },
+      "id": {
+        "description": "\"wh-{uuid}\".",
+        "type": "string"
+      },
+      "url": {
+        "description": "The URL deliveries are POSTed to (scheme `http`; `https` once ctl has a TLS client).",
         "type": "string"
       }
     },

@@ -17,6 +17,7 @@ use ctl::{
     api_keys_methods as keys, audit_logs_methods as audit, files_methods as files,
     hosts_methods as hosts, processes_methods as procs, sandboxes_methods as sb,
     teams_methods as teams, templates_methods as tpl, users_methods as users,
+    webhooks_methods as wh,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -245,6 +246,8 @@ fn build() -> Vec<Route> {
             "Pause a running sandbox"),
         route::<ctl::ResumeSandboxRequest, ctl::Sandbox>(Post, "/v1/sandboxes/{sandbox_id}/resume", "sandboxes.resume", sb::RESUME, Body,
             "Resume a paused sandbox"),
+        route::<ctl::SandboxMetricsRequest, ctl::SandboxMetricsResponse>(Get, "/v1/sandboxes/{sandbox_id}/metrics", "sandboxes.metrics", sb::METRICS, Query,
+            "Host-side samples of a sandbox (CPU, memory, disk, network) over `range_s`"),
         // Processes
         route::<ctl::ExecRequest, ctl::ExecResponse>(Post, "/v1/sandboxes/{sandbox_id}/exec", "processes.exec", procs::EXEC, Body,
             "Run a command to completion (or in the background) and return its output"),
@@ -308,6 +311,8 @@ fn build() -> Vec<Route> {
             "Add an existing user to a team").created(),
         route::<ctl::RemoveMemberRequest, ctl::RemoveMemberResponse>(Delete, "/v1/teams/{team_id}/members/{user_id}", "teams.remove_member", teams::REMOVE_MEMBER, Path,
             "Remove a member from a team"),
+        route::<ctl::TeamUsageRequest, ctl::TeamUsageResponse>(Get, "/v1/teams/{team_id}/usage", "teams.usage", teams::USAGE, Query,
+            "Usage per UTC day (`current` = the caller's team)"),
         // Users
         route::<ctl::CreateUserRequest, ctl::User>(Post, "/v1/users", "users.create", users::CREATE, Body,
             "Create a user and add it to the caller's team").created(),
@@ -338,6 +343,15 @@ fn build() -> Vec<Route> {
         // Audit logs
         route::<ctl::ListAuditLogsRequest, ctl::ListAuditLogsResponse>(Get, "/v1/audit-logs", "audit_logs.list", audit::LIST, Query,
             "Audit entries, newest first, keyset-paged"),
+        // Webhooks
+        route::<ctl::CreateWebhookRequest, ctl::CreateWebhookResponse>(Post, "/v1/webhooks", "webhooks.create", wh::CREATE, Body,
+            "Register a webhook endpoint; the signing secret is in this reply only").created(),
+        route::<ctl::ListWebhooksRequest, ctl::ListWebhooksResponse>(Get, "/v1/webhooks", "webhooks.list", wh::LIST, Query,
+            "The team's webhooks"),
+        route::<ctl::DeleteWebhookRequest, ctl::DeleteWebhookResponse>(Delete, "/v1/webhooks/{webhook_id}", "webhooks.delete", wh::DELETE, Path,
+            "Remove a webhook (its pending deliveries are dropped)"),
+        route::<ctl::ListDeliveriesRequest, ctl::ListDeliveriesResponse>(Get, "/v1/webhooks/{webhook_id}/deliveries", "webhooks.deliveries", wh::DELIVERIES, Query,
+            "Deliveries of a webhook with their outcome, newest first"),
     ];
     v.into_iter().map(|b| b.r).collect()
 }
@@ -406,6 +420,7 @@ pub fn param_kind(route: &Route, param: &str, value: &str) -> Option<proto::id::
         "user_id" => Some(Kind::User),
         "key_id" => Some(Kind::Key),
         "host_id" => Some(Kind::Host),
+        "webhook_id" => Some(Kind::Webhook),
         "team_id" if value != "current" => Some(Kind::Team),
         "template_id" if route.renames.is_empty() => Some(Kind::Template),
         _ => None,

@@ -752,7 +752,8 @@ impl Api {
             self.inner.cfg.agent_lifecycle_timeout,
         );
         match r {
-            Ok(_) => {}
+            // The agent keeps the destroyed VM's samples a while: store them (usage.rs).
+            Ok(_) => self.store_samples_logged(host, id),
             Err(e) if e.code == Code::NotFound => {}
             Err(e) => return Err(e),
         }
@@ -903,7 +904,7 @@ impl Api {
         req: ctl::PauseSandboxRequest,
     ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
-        self.transition(
+        let paused = self.transition(
             ctx,
             row,
             id,
@@ -920,7 +921,12 @@ impl Api {
                     api.inner.cfg.agent_lifecycle_timeout,
                 )
             },
-        )
+        )?;
+        // The agent froze the VM's samples: store them (usage.rs).
+        if let Ok(host) = parse_id(Kind::Host, &paused.host_id) {
+            self.store_samples_logged(host, id);
+        }
+        Ok(paused)
     }
 
     /// Resumes a paused sandbox on its own host; answers RUNNING.

@@ -446,6 +446,83 @@ fn cli_teams_and_dead_hosts() {
     assert!(out.contains("recorded stopped: sb-"), "{out}");
 }
 
+#[test]
+fn cli_metrics_usage_and_webhooks() {
+    let Some(bin) = wrenn_binary() else {
+        skip("the wrenn binary is not built (run `cargo build -p wrenn` first)");
+        return;
+    };
+    let Some(ctl) = Ctl::start() else { return };
+    let (agent, _host) = ctl.add_host(8, 16384, 100_000);
+    let cli = Cli {
+        bin,
+        url: ctl.addr(),
+        key: ctl.team_key.clone(),
+    };
+    let sb = cli.json(&["sandbox", "create"]);
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    agent.state.lock().unwrap().samples.insert(
+        id.clone(),
+        (1..=5)
+            .map(|i| proto::gen::wrenn::agent::v1::UsageSample {
+                unix_ns: now - (6 - i) * 1_000_000_000,
+                step_s: 1,
+                cpu_usec: 250_000 * i as u64,
+                memory_bytes: 64 << 20,
+                ..Default::default()
+            })
+            .collect(),
+    );
+    let out = cli.ok(&["sandbox", "metrics", &id, "--range", "5m"]);
+    assert!(
+        out.starts_with("5 samples, 1 s each, from the agent"),
+        "{out}"
+    );
+    assert!(
+        out.contains("cpu %     125.0") && out.contains("▂▄▅▇█"),
+        "{out}"
+    );
+    assert!(out.contains("64.0 MiB"), "{out}");
+    let j = cli.json(&["sandbox", "metrics", &id]);
+    assert_eq!(j["samples"].as_array().unwrap().len(), 5);
+    let bad = cli.run(&["sandbox", "metrics", &id, "--range", "3d"]);
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+
+    let u = cli.ok(&["team", "usage", "--days", "2"]);
+    assert!(u.starts_with("DAY "), "{u}");
+    assert_eq!(u.lines().count(), 3, "{u}");
+
+    let w = cli.ok(&[
+        "webhook",
+        "create",
+        "http://192.0.2.1/hook",
+        "--event",
+        "sandbox.paused",
+    ]);
+    assert!(
+        w.contains("secret   whsec_") && w.contains("events   sandbox.paused"),
+        "{w}"
+    );
+    let wid = w
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .to_owned();
+    assert!(cli.ok(&["webhook", "list"]).contains(&wid));
+    cli.ok(&["sandbox", "pause", &id]);
+    let d = cli.ok(&["webhook", "deliveries", &wid]);
+    assert!(d.contains("sandbox.paused") && d.contains("pending"), "{d}");
+    assert!(cli.ok(&["webhook", "rm", &wid]).contains("removed"));
+    let o = cli.run(&["webhook", "create", "https://example.com/"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("TLS client"));
+}
+
 /// `wrenn port forward`: a local connection through ctl and the (fake) agent to the
 /// sandbox's port and back; the local EOF reaches the sandbox, whose answer comes back.
 #[test]

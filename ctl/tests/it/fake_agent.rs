@@ -41,6 +41,11 @@ pub struct State {
     pub corrupt_files: bool,
     /// The network policy each sandbox was last given (Create, UpdateNetwork).
     pub networks: HashMap<String, Option<proto::sandbox::NetworkPolicy>>,
+    /// Sandboxes/Samples: what the agent's tiers hold per sandbox (every tier's samples;
+    /// a call gets those of its `step_s` ending after its `since_unix_ns`).
+    pub samples: HashMap<String, Vec<agent::UsageSample>>,
+    /// Sandboxes/Samples calls seen.
+    pub samples_calls: usize,
 }
 
 pub struct FakeAgent {
@@ -259,6 +264,25 @@ fn dispatch(
                 .remove(&id)
                 .map(|_| agent::DestroySandboxResponse {})
                 .ok_or_else(|| Status::not_found("sandbox not found"))
+        }),
+        sm::SAMPLES => unary(s, |r: agent::SandboxSamplesRequest| {
+            let id = sb_id(&r.sandbox_id)?;
+            let mut st = state.lock().unwrap();
+            st.samples_calls += 1;
+            let all = st
+                .samples
+                .get(&id)
+                .ok_or_else(|| Status::not_found("no samples for this sandbox on this host"))?;
+            let step = if r.step_s == 0 { 300 } else { r.step_s };
+            Ok(agent::SandboxSamplesResponse {
+                samples: all
+                    .iter()
+                    .filter(|x| x.unix_ns > r.since_unix_ns && x.step_s == step)
+                    .cloned()
+                    .collect(),
+                step_s: step,
+                live: true,
+            })
         }),
         sm::UPDATE_NETWORK => unary(s, |r: agent::UpdateNetworkRequest| {
             let id = sb_id(&r.sandbox_id)?;

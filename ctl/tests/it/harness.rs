@@ -125,6 +125,7 @@ pub fn test_config(url: &str) -> Config {
             agent_call_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_millis(500),
             last_used_flush: Duration::from_millis(200),
+            webhooks: ctl::config::WebhookConfig::default(),
         },
         jobs: JobsConfig {
             reconcile_interval: Duration::from_secs(1),

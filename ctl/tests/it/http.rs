@@ -294,6 +294,37 @@ impl Backend for Fake {
                 next_page_token: String::new(),
             }
             .encode_to_vec(),
+            sandboxes_methods::METRICS => SandboxMetricsResponse {
+                samples: vec![UsageSample {
+                    unix_ns: 1,
+                    step_s: 1,
+                    cpu_usec: 2,
+                    ..Default::default()
+                }],
+                step_s: 1,
+                source: "agent".into(),
+            }
+            .encode_to_vec(),
+            teams_methods::USAGE => TeamUsageResponse {
+                days: vec![DailyUsage {
+                    day: "2026-12-07".into(),
+                    sandbox_seconds: 1.5,
+                    ..Default::default()
+                }],
+            }
+            .encode_to_vec(),
+            webhooks_methods::CREATE => CreateWebhookResponse {
+                webhook: Some(Webhook {
+                    id: "wh-00000000-0000-4000-8000-000000000001".into(),
+                    url: "http://192.0.2.1/".into(),
+                    ..Default::default()
+                }),
+                secret: "whsec_x".into(),
+            }
+            .encode_to_vec(),
+            webhooks_methods::LIST => ListWebhooksResponse::default().encode_to_vec(),
+            webhooks_methods::DELETE => DeleteWebhookResponse {}.encode_to_vec(),
+            webhooks_methods::DELIVERIES => ListDeliveriesResponse::default().encode_to_vec(),
             other => return Err(Status::new(Code::Unimplemented, other)),
         })
     }
@@ -1409,16 +1440,31 @@ fn keep_alive_pipelining_and_connection_limits() {
     assert_eq!(read_response(&mut s).json()["status"], "ok");
     let r = read_response(&mut s);
     assert_eq!((r.status, r.json()["id"].clone()), (200, json!(SB)));
-    // Bounded connections: with 3 slots, s + two idle ones fill it; the next gets 503.
-    let _b = TcpStream::connect(a).unwrap();
-    let _c = TcpStream::connect(a).unwrap();
+    // Bounded connections: with 3 slots, s and two idle ones fill it. A newcomer closes the
+    // oldest connection that never sent a request (b) and is served.
+    let mut b = TcpStream::connect(a).unwrap();
+    let mut c = TcpStream::connect(a).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let mut d = TcpStream::connect(a).unwrap();
     d.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let r = read_response(&mut d);
+    d.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut d).json()["status"], "ok");
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(
+        b.read(&mut [0u8; 64]).unwrap(),
+        0,
+        "the oldest idle connection was closed"
+    );
+    // Once every connection has been served a request, the next newcomer gets 503.
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut c).json()["status"], "ok");
+    let mut e = TcpStream::connect(a).unwrap();
+    e.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = read_response(&mut e);
     assert_eq!((r.status, r.error_code()), (503, "unavailable".into()));
-    drop(_b);
-    drop(_c);
+    drop(c);
+    drop(d);
     drop(s);
     std::thread::sleep(Duration::from_millis(300));
     // A head that never completes is answered 408 and closed at the deadline.
@@ -2239,6 +2285,22 @@ mod real {
             &call(a, &k, "POST", &format!("/v1/sandboxes/{id}/pause"), None),
         );
         assert_eq!(p["state"], "SANDBOX_STATE_PAUSED");
+        let m = check(
+            &doc,
+            s,
+            "sandboxes.metrics",
+            &call(
+                a,
+                &k,
+                "GET",
+                &format!("/v1/sandboxes/{id}/metrics?range_s=3600"),
+                None,
+            ),
+        );
+        assert_eq!(
+            (m["source"].as_str(), m["step_s"].as_u64()),
+            (Some("database"), Some(30))
+        );
         assert_error(
             &doc,
             &call(
@@ -2383,6 +2445,13 @@ mod real {
             &call(a, &k, "GET", "/v1/teams/current/members", None),
         );
         assert!(members["members"].as_array().unwrap().len() >= 2);
+        let u = check(
+            &doc,
+            s,
+            "teams.usage",
+            &call(a, &k, "GET", "/v1/teams/current/usage?days=3", None),
+        );
+        assert_eq!(u["days"].as_array().unwrap().len(), 3);
         check(
             &doc,
             s,
@@ -2506,6 +2575,46 @@ mod real {
             s,
             "hosts.delete",
             &call(a, &admin, "DELETE", &format!("/v1/hosts/{host_id}"), None),
+        );
+        // Webhooks.
+        let w = check(
+            &doc,
+            s,
+            "webhooks.create",
+            &call(
+                a,
+                &k,
+                "POST",
+                "/v1/webhooks",
+                Some(json!({"url": "http://192.0.2.1/hook", "events": ["sandbox.created"]})),
+            ),
+        );
+        assert!(w["secret"].as_str().unwrap().starts_with("whsec_"));
+        let wid = w["webhook"]["id"].as_str().unwrap().to_owned();
+        let l = check(
+            &doc,
+            s,
+            "webhooks.list",
+            &call(a, &k, "GET", "/v1/webhooks", None),
+        );
+        assert_eq!(l["webhooks"][0]["id"], json!(wid));
+        check(
+            &doc,
+            s,
+            "webhooks.deliveries",
+            &call(
+                a,
+                &k,
+                "GET",
+                &format!("/v1/webhooks/{wid}/deliveries?page_size=5"),
+                None,
+            ),
+        );
+        check(
+            &doc,
+            s,
+            "webhooks.delete",
+            &call(a, &k, "DELETE", &format!("/v1/webhooks/{wid}"), None),
         );
         // Audit: the calls above left entries.
         let log = check(

@@ -13,3 +13,5 @@ mod http;
 mod jobs;
 mod matrix;
 mod scale;
+mod usage;
+mod webhooks;

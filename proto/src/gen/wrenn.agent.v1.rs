@@ -524,6 +524,61 @@ pub struct MetricSample {
     #[prost(double, tag = "3")]
     pub value: f64,
 }
+/// Request of Sandboxes.Samples.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SandboxSamplesRequest {
+    /// The sandbox, "sb-{uuid}".
+    #[prost(string, tag = "1")]
+    pub sandbox_id: ::prost::alloc::string::String,
+    /// Only samples whose interval ends after this time; 0 = everything kept.
+    #[prost(int64, tag = "2")]
+    pub since_unix_ns: i64,
+    /// Which tier: 1, 30 or 300 (seconds per sample); 0 = the finest tier that still covers
+    /// since_unix_ns (or the coarsest when since_unix_ns is 0). Other values: INVALID_ARGUMENT.
+    #[prost(uint32, tag = "3")]
+    pub step_s: u32,
+}
+/// One sample: what a sandbox used during the `step_s` seconds ending at `unix_ns`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UsageSample {
+    /// End of the interval.
+    #[prost(int64, tag = "1")]
+    pub unix_ns: i64,
+    /// Length of the interval, seconds (the tier's step; the first sample of a VM may be
+    /// shorter, its CPU and network counted from the VM's start).
+    #[prost(uint32, tag = "2")]
+    pub step_s: u32,
+    /// CPU time the Firecracker process (its cgroup when there is one) used in the interval,
+    /// microseconds.
+    #[prost(uint64, tag = "3")]
+    pub cpu_usec: u64,
+    /// Memory resident for the VM as the host sees it (the cgroup's memory.current, else the
+    /// process's RSS), the mean over the interval, bytes.
+    #[prost(uint64, tag = "4")]
+    pub memory_bytes: u64,
+    /// Bytes allocated to the sandbox's disk file at the end of the interval.
+    #[prost(uint64, tag = "5")]
+    pub disk_bytes: u64,
+    /// Bytes received by the guest through its tap in the interval.
+    #[prost(uint64, tag = "6")]
+    pub net_rx_bytes: u64,
+    /// Bytes sent by the guest through its tap in the interval.
+    #[prost(uint64, tag = "7")]
+    pub net_tx_bytes: u64,
+}
+/// Reply of Sandboxes.Samples.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SandboxSamplesResponse {
+    /// Oldest first.
+    #[prost(message, repeated, tag = "1")]
+    pub samples: ::prost::alloc::vec::Vec<UsageSample>,
+    /// The tier answered (1, 30 or 300).
+    #[prost(uint32, tag = "2")]
+    pub step_s: u32,
+    /// Whether the sandbox still has a VM being sampled (false: paused or destroyed, frozen).
+    #[prost(bool, tag = "3")]
+    pub live: bool,
+}
 /// A message of Ports.Connect from the caller.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PortConnectRequest {
@@ -580,6 +635,7 @@ pub mod sandboxes_methods {
     pub const RESUME: &str = "wrenn.agent.v1.Sandboxes/Resume";
     pub const SET_TIMEOUT: &str = "wrenn.agent.v1.Sandboxes/SetTimeout";
     pub const PING: &str = "wrenn.agent.v1.Sandboxes/Ping";
+    pub const SAMPLES: &str = "wrenn.agent.v1.Sandboxes/Samples";
     pub const UPDATE_NETWORK: &str = "wrenn.agent.v1.Sandboxes/UpdateNetwork";
     pub const METRICS: &str = "wrenn.agent.v1.Sandboxes/Metrics";
     /// Every method with its streaming shape.
@@ -639,6 +695,13 @@ pub mod sandboxes_methods {
             server_streaming: false,
             input: "wrenn.agent.v1.PingSandboxRequest",
             output: "wrenn.agent.v1.SandboxInfo",
+        },
+        crate::rpc::MethodDesc {
+            name: SAMPLES,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.agent.v1.SandboxSamplesRequest",
+            output: "wrenn.agent.v1.SandboxSamplesResponse",
         },
         crate::rpc::MethodDesc {
             name: UPDATE_NETWORK,
@@ -709,6 +772,12 @@ pub trait SandboxesServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: PingSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
+    /// `Samples` (unary).
+    fn samples(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SandboxSamplesRequest,
+    ) -> Result<SandboxSamplesResponse, crate::Status>;
     /// `UpdateNetwork` (unary).
     fn update_network(
         &self,
@@ -744,6 +813,9 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
         }
         sandboxes_methods::PING => {
             crate::rpc::serve::unary(stream, |p, r| svc.ping(p, r))
+        }
+        sandboxes_methods::SAMPLES => {
+            crate::rpc::serve::unary(stream, |p, r| svc.samples(p, r))
         }
         sandboxes_methods::UPDATE_NETWORK => {
             crate::rpc::serve::unary(stream, |p, r| svc.update_network(p, r))
@@ -820,6 +892,13 @@ impl<'a> SandboxesClient<'a> {
     /// `Ping` (unary).
     pub fn ping(&self, req: &PingSandboxRequest) -> Result<SandboxInfo, crate::Status> {
         self.client.unary(sandboxes_methods::PING, req, self.timeout)
+    }
+    /// `Samples` (unary).
+    pub fn samples(
+        &self,
+        req: &SandboxSamplesRequest,
+    ) -> Result<SandboxSamplesResponse, crate::Status> {
+        self.client.unary(sandboxes_methods::SAMPLES, req, self.timeout)
     }
     /// `UpdateNetwork` (unary).
     pub fn update_network(

@@ -54,44 +54,6 @@ pub struct Sandbox {
     #[prost(message, optional, tag = "16")]
     pub network: ::core::option::Option<NetworkPolicy>,
 }
-/// A sandbox's egress policy: e2b's fields and precedence. Enforcement (nftables in the
-/// sandbox's network namespace, domain names through the sandbox's own resolver) and its
-/// limits: docs/operations.md, "Sandbox egress".
-///
-/// - `allow_out` always wins over `deny_out`; what neither names is reachable.
-/// - `allow_internet_access: false` is `deny_out: \["0.0.0.0/0"\]`; with an allow list it is
-///    the usual "only these".
-/// - Above every allow: the host's never_out list (private ranges, 100.64.0.0/10,
-///    link-local, loopback, the control network). A sandbox never reaches the host, other
-///    sandboxes or link-local services, whatever this says.
-/// - Domain names allow the addresses the sandbox's resolver (169.254.0.22) answers for them,
-///    each for its TTL (30 s to 1 h); another site on the same address is reachable too, and a
-///    name resolved elsewhere grants nothing. When everything else is denied, the resolver
-///    answers REFUSED for every name not allowed, so no other name is even looked up.
-/// - At most 256 addresses/networks per list and 256 names. IPv4 only.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct NetworkPolicy {
-    /// false is the same as `deny_out: \["0.0.0.0/0"\]`; absent = true.
-    #[prost(bool, optional, tag = "1")]
-    pub allow_internet_access: ::core::option::Option<bool>,
-    /// Destinations refused unless allowed: "1.2.3.4", "10.0.0.0/8".
-    #[prost(string, repeated, tag = "2")]
-    pub deny_out: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    /// Destinations always allowed (except never_out): addresses, networks, domain names
-    /// ("example.com", "*.example.com": names below it, not the name itself).
-    #[prost(string, repeated, tag = "3")]
-    pub allow_out: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-}
-/// Request of Sandboxes.UpdateNetwork.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct UpdateNetworkRequest {
-    /// The sandbox, "sb-{uuid}".
-    #[prost(string, tag = "1")]
-    pub sandbox_id: ::prost::alloc::string::String,
-    /// The new policy (absent: open).
-    #[prost(message, optional, tag = "2")]
-    pub network: ::core::option::Option<NetworkPolicy>,
-}
 /// Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of
 /// the same name) and fills in the rest.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1008,6 +970,243 @@ pub struct ListAuditLogsResponse {
     #[prost(string, tag = "2")]
     pub next_page_token: ::prost::alloc::string::String,
 }
+/// Request of Sandboxes.Metrics.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SandboxMetricsRequest {
+    /// The sandbox, "sb-{uuid}".
+    #[prost(string, tag = "1")]
+    pub sandbox_id: ::prost::alloc::string::String,
+    /// How far back, seconds: 0 = 600. At most 86400. The step follows the range: 1 s up to
+    /// 10 minutes, 30 s up to 2 hours, 5 minutes beyond.
+    #[prost(uint32, tag = "2")]
+    pub range_s: u32,
+}
+/// One sample: what a sandbox used during the `step_s` seconds ending at `unix_ns`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UsageSample {
+    /// End of the interval.
+    #[prost(int64, tag = "1")]
+    pub unix_ns: i64,
+    /// Length of the interval, seconds.
+    #[prost(uint32, tag = "2")]
+    pub step_s: u32,
+    /// CPU time used in the interval (Firecracker's process or cgroup), microseconds.
+    #[prost(uint64, tag = "3")]
+    pub cpu_usec: u64,
+    /// Memory resident for the VM as the host sees it, mean over the interval, bytes.
+    #[prost(uint64, tag = "4")]
+    pub memory_bytes: u64,
+    /// Bytes allocated to the sandbox's disk at the end of the interval.
+    #[prost(uint64, tag = "5")]
+    pub disk_bytes: u64,
+    /// Bytes received by the guest in the interval.
+    #[prost(uint64, tag = "6")]
+    pub net_rx_bytes: u64,
+    /// Bytes sent by the guest in the interval.
+    #[prost(uint64, tag = "7")]
+    pub net_tx_bytes: u64,
+}
+/// Reply of Sandboxes.Metrics.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SandboxMetricsResponse {
+    /// Oldest first.
+    #[prost(message, repeated, tag = "1")]
+    pub samples: ::prost::alloc::vec::Vec<UsageSample>,
+    /// Seconds per sample.
+    #[prost(uint32, tag = "2")]
+    pub step_s: u32,
+    /// "agent" (live from the host) or "database" (stored at pause or destroy).
+    #[prost(string, tag = "3")]
+    pub source: ::prost::alloc::string::String,
+}
+/// Request of Teams.Usage.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TeamUsageRequest {
+    /// "" = the caller's team.
+    #[prost(string, tag = "1")]
+    pub team_id: ::prost::alloc::string::String,
+    /// UTC days back, today included: 0 = 7, at most 92.
+    #[prost(uint32, tag = "2")]
+    pub days: u32,
+}
+/// One UTC day of a team's usage.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DailyUsage {
+    /// "YYYY-MM-DD" (UTC).
+    #[prost(string, tag = "1")]
+    pub day: ::prost::alloc::string::String,
+    /// Seconds sandboxes were running (from the recorded state transitions).
+    #[prost(double, tag = "2")]
+    pub sandbox_seconds: f64,
+    /// CPU-seconds used: from samples where stored; running time without samples counts its
+    /// vCPUs in full (an upper bound).
+    #[prost(double, tag = "3")]
+    pub cpu_seconds: f64,
+    /// Memory MiB-seconds: from samples where stored; running time without samples counts the
+    /// sandbox's memory size.
+    #[prost(double, tag = "4")]
+    pub memory_mib_seconds: f64,
+    /// Of sandbox_seconds, the seconds without samples, counted from the transitions alone.
+    #[prost(double, tag = "5")]
+    pub unsampled_seconds: f64,
+}
+/// Reply of Teams.Usage.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TeamUsageResponse {
+    /// Oldest day first; days without usage included (zeros).
+    #[prost(message, repeated, tag = "1")]
+    pub days: ::prost::alloc::vec::Vec<DailyUsage>,
+}
+/// A registered endpoint.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Webhook {
+    /// "wh-{uuid}".
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// The URL deliveries are POSTed to (scheme `http`; `https` once ctl has a TLS client).
+    #[prost(string, tag = "2")]
+    pub url: ::prost::alloc::string::String,
+    /// Event types it receives; empty = all.
+    #[prost(string, repeated, tag = "3")]
+    pub events: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Creation time.
+    #[prost(int64, tag = "4")]
+    pub created_unix_ns: i64,
+}
+/// Request of Webhooks.Create.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateWebhookRequest {
+    /// An `http` URL: scheme, host, optional port, path. Its address must not be loopback, link-local or private unless
+    /// the operator allows them (checked again at every delivery, after resolving).
+    #[prost(string, tag = "1")]
+    pub url: ::prost::alloc::string::String,
+    /// Event types; empty = all. Unknown types: INVALID_ARGUMENT.
+    #[prost(string, repeated, tag = "2")]
+    pub events: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// Reply of Webhooks.Create.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateWebhookResponse {
+    /// The webhook.
+    #[prost(message, optional, tag = "1")]
+    pub webhook: ::core::option::Option<Webhook>,
+    /// The signing secret ("whsec_" + 64 hex), shown once.
+    #[prost(string, tag = "2")]
+    pub secret: ::prost::alloc::string::String,
+}
+/// Request of Webhooks.List.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListWebhooksRequest {}
+/// Reply of Webhooks.List.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListWebhooksResponse {
+    /// Oldest first.
+    #[prost(message, repeated, tag = "1")]
+    pub webhooks: ::prost::alloc::vec::Vec<Webhook>,
+}
+/// Request of Webhooks.Delete.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteWebhookRequest {
+    /// "wh-{uuid}".
+    #[prost(string, tag = "1")]
+    pub webhook_id: ::prost::alloc::string::String,
+}
+/// Reply of Webhooks.Delete.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteWebhookResponse {}
+/// Request of Webhooks.Deliveries.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListDeliveriesRequest {
+    /// "wh-{uuid}".
+    #[prost(string, tag = "1")]
+    pub webhook_id: ::prost::alloc::string::String,
+    /// Page size: 0 = 100, at most 1000.
+    #[prost(uint32, tag = "2")]
+    pub page_size: u32,
+    /// "" for the first page, else the next_page_token of the previous page.
+    #[prost(string, tag = "3")]
+    pub page_token: ::prost::alloc::string::String,
+}
+/// One event's delivery to one webhook.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Delivery {
+    /// The event, "evt-{uuid}".
+    #[prost(string, tag = "1")]
+    pub event_id: ::prost::alloc::string::String,
+    /// Its type, e.g. "sandbox.paused".
+    #[prost(string, tag = "2")]
+    pub event_type: ::prost::alloc::string::String,
+    /// "pending" (waiting for its next attempt), "delivered", "failed" (attempts used up),
+    /// "dropped" (the queue of this webhook was full).
+    #[prost(string, tag = "3")]
+    pub status: ::prost::alloc::string::String,
+    /// Attempts made.
+    #[prost(uint32, tag = "4")]
+    pub attempts: u32,
+    /// HTTP status of the last answer (0 = none: no connection, refused, timed out).
+    #[prost(uint32, tag = "5")]
+    pub last_http_status: u32,
+    /// Why the last attempt failed; "" after success.
+    #[prost(string, tag = "6")]
+    pub last_error: ::prost::alloc::string::String,
+    /// When the event was raised.
+    #[prost(int64, tag = "7")]
+    pub created_unix_ns: i64,
+    /// The next attempt (0 unless pending).
+    #[prost(int64, tag = "8")]
+    pub next_attempt_unix_ns: i64,
+    /// When it was delivered (0 = not).
+    #[prost(int64, tag = "9")]
+    pub delivered_unix_ns: i64,
+}
+/// Reply of Webhooks.Deliveries.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListDeliveriesResponse {
+    /// One page, newest first.
+    #[prost(message, repeated, tag = "1")]
+    pub deliveries: ::prost::alloc::vec::Vec<Delivery>,
+    /// Token for the next page; "" when this was the last page.
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
+}
+/// A sandbox's egress policy: e2b's fields and precedence. Enforcement (nftables in the
+/// sandbox's network namespace, domain names through the sandbox's own resolver) and its
+/// limits: docs/operations.md, "Sandbox egress".
+///
+/// - `allow_out` always wins over `deny_out`; what neither names is reachable.
+/// - `allow_internet_access: false` is `deny_out: \["0.0.0.0/0"\]`; with an allow list it is
+///    the usual "only these".
+/// - Above every allow: the host's never_out list (private ranges, 100.64.0.0/10,
+///    link-local, loopback, the control network). A sandbox never reaches the host, other
+///    sandboxes or link-local services, whatever this says.
+/// - Domain names allow the addresses the sandbox's resolver (169.254.0.22) answers for them,
+///    each for its TTL (30 s to 1 h); another site on the same address is reachable too, and a
+///    name resolved elsewhere grants nothing. When everything else is denied, the resolver
+///    answers REFUSED for every name not allowed, so no other name is even looked up.
+/// - At most 256 addresses/networks per list and 256 names. IPv4 only.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NetworkPolicy {
+    /// false is the same as `deny_out: \["0.0.0.0/0"\]`; absent = true.
+    #[prost(bool, optional, tag = "1")]
+    pub allow_internet_access: ::core::option::Option<bool>,
+    /// Destinations refused unless allowed: "1.2.3.4", "10.0.0.0/8".
+    #[prost(string, repeated, tag = "2")]
+    pub deny_out: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Destinations always allowed (except never_out): addresses, networks, domain names
+    /// ("example.com", "*.example.com": names below it, not the name itself).
+    #[prost(string, repeated, tag = "3")]
+    pub allow_out: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// Request of Sandboxes.UpdateNetwork.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateNetworkRequest {
+    /// The sandbox, "sb-{uuid}".
+    #[prost(string, tag = "1")]
+    pub sandbox_id: ::prost::alloc::string::String,
+    /// The new policy (absent: open).
+    #[prost(message, optional, tag = "2")]
+    pub network: ::core::option::Option<NetworkPolicy>,
+}
 /// A message of Ports.Connect from the caller.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PortConnectRequest {
@@ -1257,6 +1456,7 @@ pub mod sandboxes_methods {
     pub const SET_TIMEOUT: &str = "wrenn.ctl.v1.Sandboxes/SetTimeout";
     pub const PAUSE: &str = "wrenn.ctl.v1.Sandboxes/Pause";
     pub const RESUME: &str = "wrenn.ctl.v1.Sandboxes/Resume";
+    pub const METRICS: &str = "wrenn.ctl.v1.Sandboxes/Metrics";
     pub const UPDATE_NETWORK: &str = "wrenn.ctl.v1.Sandboxes/UpdateNetwork";
     /// Every method with its streaming shape.
     pub const ALL: &[crate::rpc::MethodDesc] = &[
@@ -1315,6 +1515,13 @@ pub mod sandboxes_methods {
             server_streaming: false,
             input: "wrenn.ctl.v1.ResumeSandboxRequest",
             output: "wrenn.ctl.v1.Sandbox",
+        },
+        crate::rpc::MethodDesc {
+            name: METRICS,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.SandboxMetricsRequest",
+            output: "wrenn.ctl.v1.SandboxMetricsResponse",
         },
         crate::rpc::MethodDesc {
             name: UPDATE_NETWORK,
@@ -1376,6 +1583,12 @@ pub trait SandboxesServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: ResumeSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
+    /// `Metrics` (unary).
+    fn metrics(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: SandboxMetricsRequest,
+    ) -> Result<SandboxMetricsResponse, crate::Status>;
     /// `UpdateNetwork` (unary).
     fn update_network(
         &self,
@@ -1411,6 +1624,9 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
         }
         sandboxes_methods::RESUME => {
             crate::rpc::serve::unary(stream, |p, r| svc.resume(p, r))
+        }
+        sandboxes_methods::METRICS => {
+            crate::rpc::serve::unary(stream, |p, r| svc.metrics(p, r))
         }
         sandboxes_methods::UPDATE_NETWORK => {
             crate::rpc::serve::unary(stream, |p, r| svc.update_network(p, r))
@@ -1478,6 +1694,13 @@ impl<'a> SandboxesClient<'a> {
     /// `Resume` (unary).
     pub fn resume(&self, req: &ResumeSandboxRequest) -> Result<Sandbox, crate::Status> {
         self.client.unary(sandboxes_methods::RESUME, req, self.timeout)
+    }
+    /// `Metrics` (unary).
+    pub fn metrics(
+        &self,
+        req: &SandboxMetricsRequest,
+    ) -> Result<SandboxMetricsResponse, crate::Status> {
+        self.client.unary(sandboxes_methods::METRICS, req, self.timeout)
     }
     /// `UpdateNetwork` (unary).
     pub fn update_network(
@@ -1974,6 +2197,7 @@ pub mod teams_methods {
     pub const ADD_MEMBER: &str = "wrenn.ctl.v1.Teams/AddMember";
     pub const REMOVE_MEMBER: &str = "wrenn.ctl.v1.Teams/RemoveMember";
     pub const LIST_MEMBERS: &str = "wrenn.ctl.v1.Teams/ListMembers";
+    pub const USAGE: &str = "wrenn.ctl.v1.Teams/Usage";
     /// Every method with its streaming shape.
     pub const ALL: &[crate::rpc::MethodDesc] = &[
         crate::rpc::MethodDesc {
@@ -2011,6 +2235,13 @@ pub mod teams_methods {
             input: "wrenn.ctl.v1.ListMembersRequest",
             output: "wrenn.ctl.v1.ListMembersResponse",
         },
+        crate::rpc::MethodDesc {
+            name: USAGE,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.TeamUsageRequest",
+            output: "wrenn.ctl.v1.TeamUsageResponse",
+        },
     ];
 }
 /// Server side of `wrenn.ctl.v1.Teams`: one method per RPC. Handlers run on the server's worker
@@ -2046,6 +2277,12 @@ pub trait TeamsServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: ListMembersRequest,
     ) -> Result<ListMembersResponse, crate::Status>;
+    /// `Usage` (unary).
+    fn usage(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: TeamUsageRequest,
+    ) -> Result<TeamUsageResponse, crate::Status>;
 }
 /// Runs a call of `wrenn.ctl.v1.Teams` on `svc` and returns its final code, or gives the stream
 /// back when the method is not one of this service's.
@@ -2067,6 +2304,7 @@ pub fn dispatch_teams<S: TeamsServer + ?Sized>(
         teams_methods::LIST_MEMBERS => {
             crate::rpc::serve::unary(stream, |p, r| svc.list_members(p, r))
         }
+        teams_methods::USAGE => crate::rpc::serve::unary(stream, |p, r| svc.usage(p, r)),
         _ => return Err(stream),
     };
     Ok(code)
@@ -2118,6 +2356,13 @@ impl<'a> TeamsClient<'a> {
         req: &ListMembersRequest,
     ) -> Result<ListMembersResponse, crate::Status> {
         self.client.unary(teams_methods::LIST_MEMBERS, req, self.timeout)
+    }
+    /// `Usage` (unary).
+    pub fn usage(
+        &self,
+        req: &TeamUsageRequest,
+    ) -> Result<TeamUsageResponse, crate::Status> {
+        self.client.unary(teams_methods::USAGE, req, self.timeout)
     }
 }
 /// Method names of service `wrenn.ctl.v1.Users`.
@@ -2572,6 +2817,141 @@ impl<'a> AuditLogsClient<'a> {
         self.client.unary(audit_logs_methods::LIST, req, self.timeout)
     }
 }
+/// Method names of service `wrenn.ctl.v1.Webhooks`.
+pub mod webhooks_methods {
+    pub const CREATE: &str = "wrenn.ctl.v1.Webhooks/Create";
+    pub const LIST: &str = "wrenn.ctl.v1.Webhooks/List";
+    pub const DELETE: &str = "wrenn.ctl.v1.Webhooks/Delete";
+    pub const DELIVERIES: &str = "wrenn.ctl.v1.Webhooks/Deliveries";
+    /// Every method with its streaming shape.
+    pub const ALL: &[crate::rpc::MethodDesc] = &[
+        crate::rpc::MethodDesc {
+            name: CREATE,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.CreateWebhookRequest",
+            output: "wrenn.ctl.v1.CreateWebhookResponse",
+        },
+        crate::rpc::MethodDesc {
+            name: LIST,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.ListWebhooksRequest",
+            output: "wrenn.ctl.v1.ListWebhooksResponse",
+        },
+        crate::rpc::MethodDesc {
+            name: DELETE,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.DeleteWebhookRequest",
+            output: "wrenn.ctl.v1.DeleteWebhookResponse",
+        },
+        crate::rpc::MethodDesc {
+            name: DELIVERIES,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.ListDeliveriesRequest",
+            output: "wrenn.ctl.v1.ListDeliveriesResponse",
+        },
+    ];
+}
+/// Server side of `wrenn.ctl.v1.Webhooks`: one method per RPC. Handlers run on the server's worker
+/// threads and may block; [`dispatch_webhooks`] routes calls to them.
+pub trait WebhooksServer: Send + Sync {
+    /// `Create` (unary).
+    fn create(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CreateWebhookRequest,
+    ) -> Result<CreateWebhookResponse, crate::Status>;
+    /// `List` (unary).
+    fn list(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListWebhooksRequest,
+    ) -> Result<ListWebhooksResponse, crate::Status>;
+    /// `Delete` (unary).
+    fn delete(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: DeleteWebhookRequest,
+    ) -> Result<DeleteWebhookResponse, crate::Status>;
+    /// `Deliveries` (unary).
+    fn deliveries(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListDeliveriesRequest,
+    ) -> Result<ListDeliveriesResponse, crate::Status>;
+}
+/// Runs a call of `wrenn.ctl.v1.Webhooks` on `svc` and returns its final code, or gives the stream
+/// back when the method is not one of this service's.
+pub fn dispatch_webhooks<S: WebhooksServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let code = match stream.method() {
+        webhooks_methods::CREATE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.create(p, r))
+        }
+        webhooks_methods::LIST => crate::rpc::serve::unary(stream, |p, r| svc.list(p, r)),
+        webhooks_methods::DELETE => {
+            crate::rpc::serve::unary(stream, |p, r| svc.delete(p, r))
+        }
+        webhooks_methods::DELIVERIES => {
+            crate::rpc::serve::unary(stream, |p, r| svc.deliveries(p, r))
+        }
+        _ => return Err(stream),
+    };
+    Ok(code)
+}
+/// Typed calls of `wrenn.ctl.v1.Webhooks` over a connection; `timeout` is each call's deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct WebhooksClient<'a> {
+    pub client: &'a crate::rpc::Client,
+    pub timeout: Option<std::time::Duration>,
+}
+impl<'a> WebhooksClient<'a> {
+    pub fn new(client: &'a crate::rpc::Client) -> Self {
+        WebhooksClient {
+            client,
+            timeout: None,
+        }
+    }
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        WebhooksClient {
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+    /// `Create` (unary).
+    pub fn create(
+        &self,
+        req: &CreateWebhookRequest,
+    ) -> Result<CreateWebhookResponse, crate::Status> {
+        self.client.unary(webhooks_methods::CREATE, req, self.timeout)
+    }
+    /// `List` (unary).
+    pub fn list(
+        &self,
+        req: &ListWebhooksRequest,
+    ) -> Result<ListWebhooksResponse, crate::Status> {
+        self.client.unary(webhooks_methods::LIST, req, self.timeout)
+    }
+    /// `Delete` (unary).
+    pub fn delete(
+        &self,
+        req: &DeleteWebhookRequest,
+    ) -> Result<DeleteWebhookResponse, crate::Status> {
+        self.client.unary(webhooks_methods::DELETE, req, self.timeout)
+    }
+    /// `Deliveries` (unary).
+    pub fn deliveries(
+        &self,
+        req: &ListDeliveriesRequest,
+    ) -> Result<ListDeliveriesResponse, crate::Status> {
+        self.client.unary(webhooks_methods::DELIVERIES, req, self.timeout)
+    }
+}
 /// Method names of service `wrenn.ctl.v1.Ports`.
 pub mod ports_methods {
     pub const CONNECT: &str = "wrenn.ctl.v1.Ports/Connect";
@@ -2657,5 +3037,6 @@ pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
     api_keys_methods::ALL,
     hosts_methods::ALL,
     audit_logs_methods::ALL,
+    webhooks_methods::ALL,
     ports_methods::ALL,
 ];

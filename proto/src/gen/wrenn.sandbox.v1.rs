@@ -65,8 +65,8 @@ pub struct SandboxSpec {
     #[prost(message, optional, tag = "15")]
     pub network: ::core::option::Option<NetworkPolicy>,
 }
-/// A sandbox's egress policy, with e2b's fields and precedence (PROTOCOL.md §12,
-/// docs/operations.md "Sandbox egress"): what `allow_out` names is reachable even when
+/// A sandbox's egress policy, with e2b's fields and precedence (docs/operations.md,
+/// "Sandbox egress"): what `allow_out` names is reachable even when
 /// `deny_out` covers it; what neither names is reachable; above both, the host's never_out
 /// list (private, link-local, loopback ranges, the control network) is never reachable.
 /// Items: IPv4 addresses and networks; `allow_out` also domain names (`example.com`,

@@ -103,3 +103,8 @@ fn http_codec_survives_mutations() {
         );
     }
 }
+
+#[test]
+fn recipe_corpus() {
+    replay("recipe", proto::recipe::fuzz_parse);
+}

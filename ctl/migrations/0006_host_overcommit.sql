@@ -1,4 +1,4 @@
--- wrenn-ctl schema, migration 4: a host's own CPUs and memory and its overcommit ratios, as
+-- wrenn-ctl schema, migration 6: a host's own CPUs and memory and its overcommit ratios, as
 -- its agent reports them at registration and in each heartbeat. `capacity_*` stays what the
 -- scheduler places against (physical times the ratio); these columns say how it was made.
 -- Rows of agents that report no ratios (older agents) read as ratio 1, physical = capacity.
