@@ -519,6 +519,10 @@ impl Server {
         if let (true, Some(conn)) = (writable, &entry.conn) {
             let mut st = conn.lock();
             conn.flush(&mut st);
+        } else if let (true, Some(pre)) = (writable, &entry.pre) {
+            // A transport's own bytes (TLS handshake records) move on writable readiness
+            // before the hello too; a write error shows up on the next read.
+            let _ = pre.flush();
         }
         if readable {
             loop {
