@@ -108,7 +108,7 @@ impl CtlLink {
     pub fn register(&self, host: &Host) -> Result<Identity, Status> {
         let token = self.cfg.registration_token.clone().ok_or_else(|| {
             Status::failed_precondition(
-                "not registered: start with --registration-token (made by `wrenn hosts token`)",
+                "not registered: start with WRENN_REGISTRATION_TOKEN or --registration-token-file (a token from `wrenn hosts token`)",
             )
         })?;
         let client = Client::connect_tcp(self.cfg.addr.as_str(), Credential::host_token(""))?;

@@ -108,3 +108,7 @@ const _: () = assert!(HTTP_SOURCE_CONNECTIONS_MAX <= HTTP_CONNECTIONS_MAX);
 const _: () = assert!(HTTP_REQUEST_LEN_MAX <= proto::limits::HTTP_HEAD_LEN_MAX);
 const _: () = assert!(SANDBOXES_MAX <= 4096, "slot layout has 4096 slots");
 const _: () = assert!(JAIL_UID_COUNT_DEFAULT as usize >= SANDBOXES_MAX);
+
+/// Largest registration-token file (`--registration-token-file`): a token is under 100
+/// bytes; a larger file is not one.
+pub const REGISTRATION_TOKEN_FILE_MAX: usize = 4096;

@@ -308,6 +308,8 @@ pub enum StartError {
     },
     /// The revocation listener could not start.
     Revocations(crate::revocation::ListenError),
+    /// The certificate or key files could not be used.
+    Tls(tls::TlsError),
 }
 
 impl std::fmt::Display for StartError {
@@ -319,6 +321,7 @@ impl std::fmt::Display for StartError {
             StartError::Listen { addr, .. } => write!(f, "listen on {addr}"),
             StartError::Spawn { .. } => f.write_str("spawn server thread"),
             StartError::Revocations(e) => write!(f, "{e}"),
+            StartError::Tls(e) => write!(f, "TLS: {e}"),
         }
     }
 }
@@ -331,6 +334,7 @@ impl std::error::Error for StartError {
             StartError::Migrate(e) => std::error::Error::source(e),
             StartError::Listen { source, .. } | StartError::Spawn { source } => Some(source),
             StartError::Revocations(e) => std::error::Error::source(e),
+            StartError::Tls(_) => None,
         }
     }
 }
@@ -429,12 +433,14 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
     let (_, host_join) = host_server
         .spawn()
         .map_err(|source| StartError::Spawn { source })?;
-    let addr = server
-        .listen_tcp(cfg.listen)
-        .map_err(|source| StartError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    let listened = match cfg.tls.protobuf().map_err(StartError::Tls)? {
+        Some(t) => server.listen_tcp_with(cfg.listen, t.wrap()),
+        None => server.listen_tcp(cfg.listen),
+    };
+    let addr = listened.map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     let handle = server.handle();
     let closer = handle.clone();
     api.revocations().on_revoke(move |key| {

@@ -141,6 +141,28 @@ fn roots_from_pem(pem: &[u8], what: &str) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// Checks that `leaf` chains to the CA certificate `ca` and is valid now for `name`.
+pub fn verify_server_cert(
+    ca: &CertificateDer<'_>,
+    leaf: &CertificateDer<'_>,
+    name: &str,
+) -> Result<(), String> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca.clone().into_owned())
+        .map_err(|e| e.to_string())?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    use rustls::client::danger::ServerCertVerifier;
+    verifier
+        .verify_server_cert(leaf, &[], &name, &[], rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// SHA-256 of a certificate's DER bytes, lower-case hex: the CA pin a registration token
 /// carries.
 pub fn ca_fingerprint(cert: &CertificateDer<'_>) -> String {

@@ -286,6 +286,21 @@ pub(super) fn init_ctl(
     Ok((team, admin))
 }
 
+/// `wrenn-ctl admin tls init` once: a local CA and ctl's certificate for the loopback
+/// addresses (certificate making stays in ctl; the CLI links no rcgen).
+pub(super) fn init_tls(cfg: &UpConfig, ctl: &Path) -> Result<(), UpError> {
+    let l = &cfg.layout;
+    if l.ca_cert().exists() && l.tls_dir().join("server.key").exists() {
+        return Ok(());
+    }
+    let mut init = Command::new(ctl);
+    init.args(["admin", "tls", "init", "--dir"])
+        .arg(l.tls_dir())
+        .args(["--names", "127.0.0.1,localhost,::1"]);
+    run_cmd("wrenn-ctl admin tls init", &mut init)?;
+    Ok(())
+}
+
 /// (team key, platform-admin key) from `wrenn-ctl admin init`'s output.
 pub fn parse_init_keys(out: &str) -> Option<(String, String)> {
     let key_on = |label: &str| -> Option<String> {
@@ -317,7 +332,17 @@ pub(super) fn start_ctl(
                 "--host-listen".into(),
                 loopback(cfg.host_port).to_string(),
             ],
-            &[("WRENN_DATABASE_URL", db_url.to_owned())],
+            &[
+                ("WRENN_DATABASE_URL", db_url.to_owned()),
+                (
+                    "WRENN_TLS_CERT",
+                    l.tls_dir().join("server.pem").display().to_string(),
+                ),
+                (
+                    "WRENN_TLS_KEY",
+                    l.tls_dir().join("server.key").display().to_string(),
+                ),
+            ],
             &l.log("ctl"),
             &l.pid("ctl"),
         )?,
@@ -374,6 +399,7 @@ pub(super) fn start_agent(
             if let Some(k) = &cfg.kernel {
                 args.extend(["--kernel".into(), k.display().to_string()]);
             }
+            let mut env = Vec::new();
             if !identity.exists() {
                 let mut tok = Command::new(ctl);
                 tok.args(["admin", "create-registration-token"])
@@ -387,10 +413,11 @@ pub(super) fn start_agent(
                         status: "no token in its output".into(),
                         output: out.clone(),
                     })?;
-                args.extend(["--registration-token".into(), token.to_owned()]);
+                // By environment, never on the command line (/proc/*/cmdline).
+                env.push(("WRENN_REGISTRATION_TOKEN", token.to_owned()));
             }
             args.extend(cfg.agent_args.iter().cloned());
-            spawn_detached(agent, &args, &[], &l.log("agent"), &l.pid("agent"))?
+            spawn_detached(agent, &args, &env, &l.log("agent"), &l.pid("agent"))?
         }
     };
     let metrics = loopback(cfg.agent_metrics_port());

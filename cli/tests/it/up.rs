@@ -144,6 +144,47 @@ fn up_then_down_without_firecracker() {
         assert_eq!(mode, 0o600, "{}", secret.display());
     }
 
+    // Issue 14: the CLI reaches ctl over TLS with only the env file's variables, and no
+    // secret is on a process's command line.
+    let envs: Vec<(String, String)> = std::fs::read_to_string(cfg.layout.env_file())
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert!(envs.iter().any(|(k, _)| k == "WRENN_CA"), "{envs:?}");
+    let out = std::process::Command::new(wrenn_bin())
+        .args(["sandbox", "list"])
+        .env_clear()
+        .envs(envs.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wrenn sandbox list over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(wrenn_bin())
+        .args(["sandbox", "list", "--plaintext"])
+        .env_clear()
+        .envs(envs.iter().filter(|(k, _)| k != "WRENN_CA").cloned())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("server speaks TLS") && err.contains("WRENN_CA"),
+        "{err}"
+    );
+    for name in ["agent", "ctl"] {
+        let pid = std::fs::read_to_string(cfg.layout.pid(name)).unwrap();
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        assert!(
+            !cmdline.contains("wrr_") && !cmdline.contains("wrn_"),
+            "{name}: {cmdline}"
+        );
+    }
+
     // The agent says why it cannot host sandboxes, naming Firecracker.
     let agent_http = loopback(cfg.agent_metrics_port());
     let (code, health) = http_get(agent_http, "/health", &[], T).unwrap();

@@ -8,7 +8,7 @@ use proto::gen::wrenn::envd::v1 as envd;
 use proto::rpc::{CallOpts, Client, Credential};
 use proto::Code;
 
-use crate::harness::{code, Ctl};
+use crate::harness::{code, connect, Ctl};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -48,7 +48,7 @@ fn hello_and_auth() {
         Credential::agent_token("x"),
         Credential::host_token("wrh_bad"),
     ] {
-        let r = Client::connect_tcp(ctl.addr(), cred).and_then(|cl| {
+        let r = connect(ctl.addr(), cred).and_then(|cl| {
             cl.unary::<_, c::Team>(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
         });
         assert_eq!(code(r), Code::Unauthenticated);
@@ -1254,7 +1254,7 @@ fn templates_teams_users_keys_hosts_audit() {
             T,
         )
         .unwrap();
-    let r = Client::connect_tcp(ctl.addr(), Credential::api_key(&k.plaintext)).and_then(|c2| {
+    let r = connect(ctl.addr(), Credential::api_key(&k.plaintext)).and_then(|c2| {
         c2.unary::<_, c::Team>(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
     });
     assert_eq!(code(r), Code::Unauthenticated);

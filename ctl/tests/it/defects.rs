@@ -690,7 +690,7 @@ fn revocation_reaches_every_replica_at_once() {
     wait_listening(&replica.api);
     let k = new_key(&ctl);
     let on_1 = ctl.client(&k.plaintext);
-    let on_2 = proto::rpc::Client::connect_tcp(
+    let on_2 = crate::harness::connect(
         replica.addr.to_string(),
         proto::rpc::Credential::api_key(&k.plaintext),
     )
@@ -714,7 +714,7 @@ fn revocation_reaches_every_replica_at_once() {
     let (took, e) = until_refused(&on_2, Duration::from_secs(1));
     assert_eq!(e.code, Code::Unauthenticated, "{e}");
     println!("revocation reached the other replica in {took:?}");
-    let r = proto::rpc::Client::connect_tcp(
+    let r = crate::harness::connect(
         replica.addr.to_string(),
         proto::rpc::Credential::api_key(&k.plaintext),
     )
@@ -757,7 +757,7 @@ fn agents_and_clients_have_separate_ports() {
     let Some(ctl) = Ctl::start() else { return };
     assert_ne!(ctl.addr(), ctl.host_addr());
     // A host token on the client port: refused, naming the host port.
-    let e = proto::rpc::Client::connect_tcp(ctl.addr(), proto::rpc::Credential::host_token(""))
+    let e = crate::harness::connect(ctl.addr(), proto::rpc::Credential::host_token(""))
         .and_then(|c| {
             c.unary::<_, host::RegisterResponse>(
                 host::host_methods::REGISTER,

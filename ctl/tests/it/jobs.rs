@@ -390,7 +390,7 @@ fn recovers_after_postgres_restart() {
         },
     )
     .unwrap();
-    let cl = Client::connect_tcp(
+    let cl = crate::harness::connect(
         running.addr.to_string(),
         proto::rpc::Credential::api_key(&init.team_key),
     )
@@ -430,7 +430,7 @@ fn recovers_after_postgres_restart() {
         start.elapsed().as_millis()
     );
     // New connections (fresh auth) work too.
-    let cl2 = Client::connect_tcp(
+    let cl2 = crate::harness::connect(
         running.addr.to_string(),
         proto::rpc::Credential::api_key(&init.team_key),
     )

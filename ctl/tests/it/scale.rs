@@ -27,7 +27,8 @@ fn concurrent_creates_never_exceed_capacity() {
             let addr = addrs[i % 2].clone();
             let key = key.clone();
             std::thread::spawn(move || {
-                let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
+                let cl =
+                    crate::harness::connect(addr, proto::rpc::Credential::api_key(key)).unwrap();
                 cl.unary::<_, c::Sandbox>(
                     c::sandboxes_methods::CREATE,
                     &c::CreateSandboxRequest::default(),
@@ -71,7 +72,8 @@ fn concurrent_creates_never_exceed_capacity() {
             let addr = addrs[i % 2].clone();
             let key = key.clone();
             std::thread::spawn(move || {
-                let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
+                let cl =
+                    crate::harness::connect(addr, proto::rpc::Credential::api_key(key)).unwrap();
                 cl.unary::<_, c::DestroySandboxResponse>(
                     c::sandboxes_methods::DESTROY,
                     &c::DestroySandboxRequest {
@@ -276,7 +278,8 @@ fn the_last_capacity_goes_to_exactly_one_create() {
             let key = ctl.team_key.clone();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
+                let cl =
+                    crate::harness::connect(addr, proto::rpc::Credential::api_key(key)).unwrap();
                 barrier.wait();
                 cl.unary::<_, c::Sandbox>(
                     c::sandboxes_methods::CREATE,
