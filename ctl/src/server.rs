@@ -455,7 +455,8 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         .spawn()
         .map_err(|source| StartError::Spawn { source })?;
     let http_addr = if opts.http {
-        let (a, _) = crate::http::spawn(api.clone(), cfg.http_listen).map_err(|source| {
+        let tls = cfg.tls.http().map_err(StartError::Tls)?;
+        let (a, _) = crate::http::spawn(api.clone(), cfg.http_listen, tls).map_err(|source| {
             StartError::Listen {
                 addr: cfg.http_listen,
                 source,

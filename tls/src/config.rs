@@ -402,6 +402,22 @@ impl ClientTls {
     }
 }
 
+impl ClientTls {
+    /// Connects, starts the handshake and returns a blocking stream (HTTPS clients).
+    pub fn connect_blocking(
+        &self,
+        addr: std::net::SocketAddr,
+        host: &str,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<crate::BlockingStream> {
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        let t = self
+            .start(SocketTransport::new(tcp.into()), host)
+            .map_err(std::io::Error::other)?;
+        crate::BlockingStream::new(t, timeout)
+    }
+}
+
 /// The host part of `host:port` or `[v6]:port`.
 pub fn host_of(addr: &str) -> &str {
     if let Some(rest) = addr.strip_prefix('[') {

@@ -20,7 +20,7 @@ pub use config::{
     ca_fingerprint, certs_from_pem, connect, host_of, key_from_pem, verify_server_cert,
     ClientOptions, ClientTls, ServerOptions, ServerTls, TlsError, TlsVersion,
 };
-pub use transport::TlsTransport;
+pub use transport::{BlockingStream, TlsTransport};
 
 /// Re-exported so users name certificate types without their own rustls dependency.
 pub use rustls;

@@ -332,6 +332,16 @@ impl Transport for TlsTransport {
                             self.fail(&mut st, "connection closed before the TLS handshake".into())
                         );
                     }
+                    if st.conn.is_handshaking() {
+                        // A server closes a connection mid-handshake when its budget of
+                        // connections before their hello is full (or at its deadline).
+                        break Err(self.fail(
+                            &mut st,
+                            "connection closed during the TLS handshake (the server may be \
+                             over its budget of new connections; retry)"
+                                .into(),
+                        ));
+                    }
                     break Ok(got);
                 }
                 Ok(_) => may_block = false,
@@ -399,11 +409,130 @@ impl Transport for TlsTransport {
         self.sock.shutdown();
     }
 
+    fn shutdown_write(&self) {
+        {
+            let mut st = self.lock();
+            if st.failed.is_none() {
+                st.conn.send_close_notify();
+                let _ = self.send_pending(&mut st);
+            }
+        }
+        self.sock.shutdown_write();
+    }
+
     fn fd(&self) -> BorrowedFd<'_> {
         self.sock.fd()
     }
 
     fn source(&self) -> Source {
         self.sock.source()
+    }
+}
+
+/// A TLS client connection as a blocking `Read + Write`, each call waiting at most
+/// `timeout` (HTTP clients: `wrenn up`'s health checks, tests). Writes return once the
+/// records are on the socket.
+pub struct BlockingStream {
+    t: TlsTransport,
+    timeout: Duration,
+    /// Plaintext read beyond what the caller had room for.
+    leftover: BytesMut,
+}
+
+impl std::fmt::Debug for BlockingStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlockingStream")
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "TLS I/O timed out")
+}
+
+impl BlockingStream {
+    pub fn new(t: TlsTransport, timeout: Duration) -> io::Result<BlockingStream> {
+        t.set_read_mode(ReadMode::Blocking {
+            tick: timeout.min(Duration::from_millis(100)),
+        })?;
+        Ok(BlockingStream {
+            t,
+            timeout,
+            leftover: BytesMut::new(),
+        })
+    }
+
+    pub fn transport(&self) -> &TlsTransport {
+        &self.t
+    }
+
+    fn drain(&self, end: std::time::Instant) -> io::Result<()> {
+        while self.t.flush()? {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            self.t.poll(true, left)?;
+        }
+        Ok(())
+    }
+}
+
+impl Read for BlockingStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if !self.leftover.is_empty() {
+            let n = self.leftover.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.leftover.split_to(n));
+            return Ok(n);
+        }
+        let end = std::time::Instant::now() + self.timeout;
+        let mut b = BytesMut::with_capacity(buf.len());
+        loop {
+            match self.t.read_into(&mut b, true) {
+                Ok(_) => {
+                    let n = b.len().min(buf.len());
+                    buf[..n].copy_from_slice(&b[..n]);
+                    if b.len() > n {
+                        self.leftover = b.split_off(n);
+                    }
+                    return Ok(n);
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < end => {
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(timed_out()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Write for BlockingStream {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let end = std::time::Instant::now() + self.timeout;
+        loop {
+            match self.t.write(data) {
+                Ok(n) => {
+                    self.drain(end)?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = end.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(timed_out());
+                    }
+                    self.t.poll(true, left)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.drain(std::time::Instant::now() + self.timeout)
     }
 }

@@ -41,7 +41,8 @@ pub use postgres::find_pg_bin;
 use postgres::*;
 use supervise::*;
 pub use supervise::{
-    find_binary, http_get, http_request, live_pid, parse_http_response, parse_init_keys,
+    find_binary, http_get, http_request, https_get, https_request, live_pid, parse_http_response,
+    parse_init_keys,
 };
 pub use teardown::stop;
 

@@ -128,6 +128,54 @@ pub fn http_request(
     let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    let req = request_bytes(addr, method, path, headers, body)?;
+    (&s).write_all(&req)?;
+    read_http_response(&mut proto::http::Wire::new(s, Vec::new()))
+}
+
+/// [`http_get`] over TLS (ALPN http/1.1), trusting the CA certificate file `ca`: ctl's
+/// gateway under `wrenn up`.
+pub fn https_get(
+    addr: SocketAddr,
+    ca: &Path,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    https_request(addr, ca, "GET", path, headers, "", timeout)
+}
+
+/// [`http_request`] over TLS trusting the CA certificate file `ca`.
+pub fn https_request(
+    addr: SocketAddr,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    let client = tls::ClientTls::from_ca_file(
+        ca,
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_HTTP.to_vec()],
+            ..Default::default()
+        },
+    )
+    .map_err(io::Error::other)?;
+    let mut s = client.connect_blocking(addr, &addr.ip().to_string(), timeout)?;
+    let req = request_bytes(addr, method, path, headers, body)?;
+    s.write_all(&req)?;
+    read_http_response(&mut proto::http::Wire::new(s, Vec::new()))
+}
+
+fn request_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> io::Result<Vec<u8>> {
     let host = addr.to_string();
     let mut all = vec![("Host", host.as_str()), ("Connection", "close")];
     all.extend_from_slice(headers);
@@ -139,8 +187,7 @@ pub fn http_request(
         proto::http::request_head(method, path, &all, with_body.then_some(body.len() as u64))
             .map_err(|e| bad(&e.to_string()))?;
     req.extend_from_slice(body.as_bytes());
-    (&s).write_all(&req)?;
-    read_http_response(&mut proto::http::Wire::new(s, Vec::new()))
+    Ok(req)
 }
 
 pub(super) fn bad(msg: &str) -> io::Error {
@@ -352,7 +399,7 @@ pub(super) fn start_ctl(
     wait_ready("wrenn-ctl", pid, &l.log("ctl"), || {
         TcpStream::connect_timeout(&rpc, Duration::from_secs(1)).is_ok()
             && matches!(
-                http_get(http, "/health", &[], Duration::from_secs(2)),
+                https_get(http, &l.ca_cert(), "/health", &[], Duration::from_secs(2)),
                 Ok((200, _))
             )
     })

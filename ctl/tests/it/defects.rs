@@ -52,8 +52,18 @@ fn http(
     key: &str,
     body: &str,
 ) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the gateway");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // Over TLS, as the replicas of the suite serve it.
+    let client = tls::ClientTls::from_ca_file(
+        &crate::harness::test_tls().files.ca_cert,
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_HTTP.to_vec()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut s = client
+        .connect_blocking(addr, "127.0.0.1", Duration::from_secs(30))
+        .expect("connect to the gateway");
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\n\

@@ -22,13 +22,18 @@ fn concurrent_creates_never_exceed_capacity() {
     }
     let addrs = [ctl.addr(), replica.addr.to_string()];
     let key = ctl.team_key.clone();
-    let threads: Vec<_> = (0..24)
+    // Connections first, one after another: 12 TLS handshakes at once from one address
+    // would exceed a replica's budget of connections before their hello (8 per source);
+    // the creates are what runs concurrently.
+    let clients: Vec<_> = (0..24)
         .map(|i| {
-            let addr = addrs[i % 2].clone();
-            let key = key.clone();
+            crate::harness::connect(&addrs[i % 2], proto::rpc::Credential::api_key(&key)).unwrap()
+        })
+        .collect();
+    let threads: Vec<_> = clients
+        .into_iter()
+        .map(|cl| {
             std::thread::spawn(move || {
-                let cl =
-                    crate::harness::connect(addr, proto::rpc::Credential::api_key(key)).unwrap();
                 cl.unary::<_, c::Sandbox>(
                     c::sandboxes_methods::CREATE,
                     &c::CreateSandboxRequest::default(),
