@@ -173,9 +173,25 @@ pub fn ca_fingerprint(cert: &CertificateDer<'_>) -> String {
 /// The ring provider. rustls 0.23.48 deprecates it because ring has no post-quantum key
 /// exchange; the alternative (aws-lc-rs) is a C build with cmake and a far larger footprint,
 /// so wrenn stays on ring (X25519, P-256, P-384) until ring or rustls offers one.
+/// Cipher suites: AES-128-GCM first (as fast as it gets with AES-NI, and 128-bit keys are
+/// the TLS 1.3 mandatory suite), then AES-256-GCM and ChaCha20-Poly1305 for peers without
+/// AES hardware.
 #[allow(deprecated)]
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 /// The lowest TLS version a side accepts.

@@ -233,22 +233,28 @@ impl TlsTransport {
         }
     }
 
-    /// Moves up to `max` plaintext bytes into `buf`.
+    /// Moves up to `max` plaintext bytes into `buf`: straight from rustls' buffer, one copy.
     fn take_plain(st: &mut State, buf: &mut BytesMut, max: usize) -> usize {
-        let k = max.min(st.plain);
-        if k == 0 {
-            return 0;
+        use std::io::BufRead;
+        let mut taken = 0;
+        while taken < max && st.plain > 0 {
+            let mut reader = st.conn.reader();
+            let chunk = match reader.fill_buf() {
+                Ok(c) if !c.is_empty() => c,
+                // `plain` bytes are there, so WouldBlock or end of stream cannot happen;
+                // should they, stop taking.
+                _ => break,
+            };
+            let k = chunk.len().min(max - taken);
+            buf.extend_from_slice(&chunk[..k]);
+            reader.consume(k);
+            taken += k;
+            st.plain -= k.min(st.plain);
         }
-        let len = buf.len();
-        buf.resize(len + k, 0);
-        // `plain` bytes are there, so the read cannot say WouldBlock or end of stream.
-        let n = st.conn.reader().read(&mut buf[len..]).unwrap_or_default();
-        buf.truncate(len + n);
-        st.plain -= n.min(st.plain);
         if st.plain == 0 && st.closed {
             st.eof = true;
         }
-        n
+        taken
     }
 }
 
