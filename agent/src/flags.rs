@@ -7,13 +7,16 @@ use std::path::PathBuf;
 pub const USAGE: &str = "\
 usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
                    [--state-root /var/lib/wrenn] [--ctl HOST:7702] [--registration-token-file F]
+                   [--ctl-ca FILE | --ctl-plaintext]
                    [--advertise HOST:PORT] [--firecracker PATH] [--kernel PATH]
                    [--uffd-bin PATH] [--restore-backend uffd|file] [--boot-args-extra STR]
                    [--slots N] [--net-prefix wrenn] [--net-subnet 10.200.0.0]
                     [--jailer /usr/local/bin/jailer] [--chroot-base-dir <state-root>/jail]
                     [--uid-base 900000] [--uid-count 4096] [--uffd-uid <uid-base + uid-count>]
                     [--unjailed]
---ctl is ctl's host port (wrenn.host.v1, 7702 by default), not its client port (7700).
+--ctl is ctl's host port (wrenn.host.v1, 7702 by default), not its client port (7700); it
+speaks TLS, trusting the CA certificate in --ctl-ca (WRENN_CTL_CA), or plaintext with
+--ctl-plaintext.
 environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_JAILER (defaults of --firecracker,
              --kernel, --jailer); WRENN_REGISTRATION_TOKEN (the first start's token, or
              --registration-token-file: never on the command line, where /proc shows it)";
@@ -33,6 +36,10 @@ pub struct Flags {
     pub state_root: PathBuf,
     pub ctl: Option<String>,
     pub registration_token: Option<String>,
+    /// CA certificate (PEM) ctl's host port certificate must chain to (`WRENN_CTL_CA`).
+    pub ctl_ca: Option<PathBuf>,
+    /// Talk to ctl's host port without TLS (`--ctl-plaintext`).
+    pub ctl_plaintext: bool,
     /// Address ctl uses to reach this agent (default: --listen, with the host's name when
     /// it listens on 0.0.0.0).
     pub advertise: Option<String>,
@@ -136,6 +143,10 @@ impl Flags {
             state_root: PathBuf::from("/var/lib/wrenn"),
             ctl: None,
             registration_token: env("WRENN_REGISTRATION_TOKEN").filter(|s| !s.is_empty()),
+            ctl_ca: env("WRENN_CTL_CA")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            ctl_plaintext: false,
             advertise: None,
             firecracker: env("WRENN_FIRECRACKER")
                 .filter(|s| !s.is_empty())
@@ -250,6 +261,8 @@ impl Flags {
                     uffd_uid = Some(v.parse::<u32>().map_err(|_| bad("--uffd-uid", v))?);
                 }
                 "--unjailed" => f.unjailed = true,
+                "--ctl-plaintext" => f.ctl_plaintext = true,
+                "--ctl-ca" => f.ctl_ca = Some(PathBuf::from(value!("--ctl-ca"))),
                 "-h" | "--help" => f.help = true,
                 _ => return Err(FlagError::Unknown(arg)),
             }
@@ -260,6 +273,23 @@ impl Flags {
                 value: format!("{net_prefix} {net_subnet}"),
             }
         })?;
+        match (&f.ctl, &f.ctl_ca, f.ctl_plaintext) {
+            (_, Some(_), true) => {
+                return Err(FlagError::BadValue {
+                    flag: "--ctl-ca/--ctl-plaintext",
+                    value: "both given; they exclude each other".into(),
+                })
+            }
+            (Some(_), None, false) => {
+                return Err(FlagError::BadValue {
+                    flag: "--ctl",
+                    value: "ctl's host port speaks TLS: give its CA with --ctl-ca FILE \
+                            (WRENN_CTL_CA), or --ctl-plaintext for a ctl serving --plaintext"
+                        .into(),
+                })
+            }
+            _ => {}
+        }
         f.chroot_base = chroot_base.unwrap_or_else(|| f.state_root.join("jail"));
         let range = crate::uid_pool::UidRange {
             base: f.uid_base,
@@ -374,6 +404,7 @@ mod tests {
             "/tmp/x",
             "--ctl",
             "ctl:7702",
+            "--ctl-plaintext",
             "--firecracker",
             "/fc",
             "--kernel",
@@ -393,6 +424,7 @@ mod tests {
         assert_eq!(f.listen.port(), 1);
         assert_eq!(f.metrics_listen.port(), 2);
         assert_eq!(f.ctl.as_deref(), Some("ctl:7702"));
+        assert!(f.ctl_plaintext);
         assert_eq!(f.firecracker, PathBuf::from("/fc"));
         assert_eq!(f.kernel, Some(PathBuf::from("/k")));
         assert_eq!(f.uffd_bin, Some(PathBuf::from("/u")));
@@ -489,5 +521,22 @@ mod token_tests {
             Err(FlagError::TokenFile { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod ctl_trust_tests {
+    use super::*;
+
+    #[test]
+    fn the_host_port_link_is_tls_unless_plaintext_is_asked() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = Flags::parse(args(&["--ctl", "ctl:7702"]), |_| None).unwrap_err();
+        assert!(e.to_string().contains("--ctl-ca"), "{e}");
+        let env = |k: &str| (k == "WRENN_CTL_CA").then(|| "/etc/wrenn/ca.pem".to_string());
+        let f = Flags::parse(args(&["--ctl", "ctl:7702"]), env).unwrap();
+        assert_eq!(f.ctl_ca, Some(PathBuf::from("/etc/wrenn/ca.pem")));
+        assert!(Flags::parse(args(&["--ctl", "c:1", "--ctl-plaintext"]), env).is_err());
+        assert!(Flags::parse(args(&["--ctl", "c:1", "--ctl-plaintext"]), |_| None).is_ok());
     }
 }

@@ -52,17 +52,26 @@ impl TlsConfig {
     /// The protobuf port's TLS, or `None` for plaintext. A plaintext client hears "server
     /// speaks TLS" in an ERROR frame it can read.
     pub fn protobuf(&self) -> Result<Option<tls::ServerTls>, tls::TlsError> {
+        self.protobuf_saying(
+            "server speaks TLS: this wrenn-ctl port needs TLS (ALPN wrenn/1) with its CA \
+             trusted (the CLI: set WRENN_CA to the CA certificate file)",
+        )
+    }
+
+    /// The host port's TLS (agents, wrenn.host.v1), or `None` for plaintext.
+    pub fn host(&self) -> Result<Option<tls::ServerTls>, tls::TlsError> {
+        self.protobuf_saying(
+            "server speaks TLS: this is wrenn-ctl's host port over TLS; give the agent ctl's \
+             CA certificate with --ctl-ca (WRENN_CTL_CA)",
+        )
+    }
+
+    fn protobuf_saying(&self, refusal: &str) -> Result<Option<tls::ServerTls>, tls::TlsError> {
         let Some((cert, key)) = &self.cert else {
             return Ok(None);
         };
         let mut reply = Vec::new();
-        proto::frame::put_error(
-            &mut reply,
-            0,
-            proto::Code::Unavailable,
-            "server speaks TLS: this wrenn-ctl port needs TLS (ALPN wrenn/1) with its CA \
-             trusted (the CLI: set WRENN_CA to the CA certificate file)",
-        );
+        proto::frame::put_error(&mut reply, 0, proto::Code::Unavailable, refusal);
         tls::ServerTls::from_pem_files(cert, key, &self.opts(tls::ALPN_WRENN, reply)).map(Some)
     }
 

@@ -422,13 +422,14 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         Arc::new(CtlService::new(api.clone(), Port::Host)),
     )
     .map_err(|source| StartError::Spawn { source })?;
-    let host_addr =
-        host_server
-            .listen_tcp(cfg.host_listen)
-            .map_err(|source| StartError::Listen {
-                addr: cfg.host_listen,
-                source,
-            })?;
+    let host_listened = match cfg.tls.host().map_err(StartError::Tls)? {
+        Some(t) => host_server.listen_tcp_with(cfg.host_listen, t.wrap()),
+        None => host_server.listen_tcp(cfg.host_listen),
+    };
+    let host_addr = host_listened.map_err(|source| StartError::Listen {
+        addr: cfg.host_listen,
+        source,
+    })?;
     let host_handle = host_server.handle();
     let (_, host_join) = host_server
         .spawn()

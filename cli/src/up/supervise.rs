@@ -446,7 +446,8 @@ pub(super) fn start_agent(
             if let Some(k) = &cfg.kernel {
                 args.extend(["--kernel".into(), k.display().to_string()]);
             }
-            let mut env = Vec::new();
+            // ctl's host port speaks TLS: the agent trusts the stack's CA.
+            let mut env = vec![("WRENN_CTL_CA", l.ca_cert().display().to_string())];
             if !identity.exists() {
                 let mut tok = Command::new(ctl);
                 tok.args(["admin", "create-registration-token"])

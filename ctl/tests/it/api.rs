@@ -69,7 +69,7 @@ fn hello_and_auth() {
     let r = cl.unary::<_, c::Team>("wrenn.ctl.v1.Teams/Nope", &c::GetTeamRequest::default(), T);
     assert_eq!(code(r), Code::Unimplemented);
     // A registering connection may only Register.
-    let reg = Client::connect_tcp(ctl.host_addr(), Credential::host_token("")).unwrap();
+    let reg = connect(ctl.host_addr(), Credential::host_token("")).unwrap();
     let r = reg.unary::<_, proto::gen::wrenn::host::v1::HeartbeatResponse>(
         proto::gen::wrenn::host::v1::host_methods::HEARTBEAT,
         &proto::gen::wrenn::host::v1::HeartbeatRequest::default(),
@@ -1346,7 +1346,7 @@ fn templates_teams_users_keys_hosts_audit() {
         )
         .unwrap();
     let reg = |t: &str| {
-        let rc = Client::connect_tcp(ctl.host_addr(), Credential::host_token("")).unwrap();
+        let rc = connect(ctl.host_addr(), Credential::host_token("")).unwrap();
         rc.unary::<_, proto::gen::wrenn::host::v1::RegisterResponse>(
             proto::gen::wrenn::host::v1::host_methods::REGISTER,
             &proto::gen::wrenn::host::v1::RegisterRequest {

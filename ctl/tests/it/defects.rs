@@ -779,7 +779,7 @@ fn agents_and_clients_have_separate_ports() {
     assert_eq!(e.code, Code::Unauthenticated, "{e}");
     assert!(e.message.contains("7702"), "{e}");
     // An API key on the host port: refused, naming the client port.
-    let e = proto::rpc::Client::connect_tcp(
+    let e = crate::harness::connect(
         ctl.host_addr(),
         proto::rpc::Credential::api_key(&ctl.team_key),
     )
@@ -953,8 +953,8 @@ fn forced_destroy_over_http() {
 fn registering_connections_cannot_fill_the_agents_port() {
     let Some(ctl) = Ctl::start() else { return };
     let reg = || {
-        proto::rpc::Client::connect_tcp(ctl.host_addr(), proto::rpc::Credential::host_token(""))
-            .and_then(|c| {
+        crate::harness::connect(ctl.host_addr(), proto::rpc::Credential::host_token("")).and_then(
+            |c| {
                 // Any call proves the hello was accepted (Register with a bad token fails
                 // after the hello, with unauthenticated).
                 let e = c
@@ -969,7 +969,8 @@ fn registering_connections_cannot_fill_the_agents_port() {
                 } else {
                     Ok(c)
                 }
-            })
+            },
+        )
     };
     let (fa, _) = ctl.add_host(2, 2048, 100_000);
     let held: Vec<_> = (0..ctl::limits::REGISTERING_CONNECTIONS_MAX)
@@ -1003,4 +1004,34 @@ fn registering_connections_cannot_fill_the_agents_port() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Issue 14: the host port speaks TLS like the client port; an agent talking plaintext to
+/// it hears "server speaks TLS" and the flag that fixes it.
+#[test]
+fn the_host_port_speaks_tls() {
+    let Some(ctl) = Ctl::start() else { return };
+    let e =
+        proto::rpc::Client::connect_tcp(ctl.host_addr(), proto::rpc::Credential::host_token(""))
+            .unwrap_err();
+    assert!(
+        e.message.contains("server speaks TLS") && e.message.contains("--ctl-ca"),
+        "{e}"
+    );
+    // Registration over TLS works (the fake agent registers through the harness).
+    let (fa, _) = ctl.add_host(1, 1024, 10_000);
+    fa.host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 1,
+                    memory_mib: 1024,
+                    disk_mib: 10_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
 }

@@ -286,8 +286,8 @@ impl Ctl {
                 None,
             )
             .expect("registration token");
-        let reg = Client::connect_tcp(self.host_addr(), Credential::host_token(""))
-            .expect("connect to register");
+        let reg =
+            connect(self.host_addr(), Credential::host_token("")).expect("connect to register");
         let r: host::RegisterResponse = reg
             .unary(
                 host::host_methods::REGISTER,

@@ -216,7 +216,7 @@ fn monitor_marks_unreachable_and_heartbeat_brings_back() {
         T,
     );
     assert_eq!(code(r), Code::InvalidArgument);
-    let r = Client::connect_tcp(
+    let r = crate::harness::connect(
         ctl.host_addr(),
         proto::rpc::Credential::host_token(format!("wrh_{}", "1".repeat(64))),
     )
@@ -458,8 +458,8 @@ fn register_checks_its_input() {
             .token
     };
     let reg = |req: host::RegisterRequest| {
-        let rc =
-            Client::connect_tcp(ctl.host_addr(), proto::rpc::Credential::host_token("")).unwrap();
+        let rc = crate::harness::connect(ctl.host_addr(), proto::rpc::Credential::host_token(""))
+            .unwrap();
         rc.unary::<_, host::RegisterResponse>(host::host_methods::REGISTER, &req, T)
     };
     let good = |t: String| host::RegisterRequest {
