@@ -44,3 +44,12 @@ pub fn looks_like_tls(bytes: &[u8]) -> bool {
         _ => false,
     }
 }
+
+/// Fuzz entry point (`fuzz/fuzz_targets/tls_first_bytes.rs`): the code of ours that reads a
+/// peer's first bytes before rustls does, on both sides: the TLS-record check and the
+/// description of a plaintext answer (which decodes a wrenn ERROR frame or an HTTP status).
+pub fn fuzz_first_bytes(data: &[u8]) {
+    let _ = looks_like_tls(data);
+    let msg = transport::describe_plaintext_answer(data);
+    assert!(msg.starts_with("server does not speak TLS"));
+}

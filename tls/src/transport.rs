@@ -259,7 +259,7 @@ impl TlsTransport {
 }
 
 /// What to tell the user when a server answered a ClientHello with something else.
-fn describe_plaintext_answer(raw: &[u8]) -> String {
+pub(crate) fn describe_plaintext_answer(raw: &[u8]) -> String {
     let base = "server does not speak TLS (a plaintext port? use TLS only where the server \
                 has a certificate)";
     if let Ok(proto::frame::Decoded::Frame(f, n)) =

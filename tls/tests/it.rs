@@ -410,3 +410,16 @@ fn half_finished_handshakes_do_not_slow_others() {
     eprintln!("tls {}", r.line());
     assert!(r.opened > 64, "the flood opened only {}", r.opened);
 }
+
+/// Replays the committed corpus of the `tls_first_bytes` fuzz target.
+#[test]
+fn first_bytes_corpus() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/tls_first_bytes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("corpus directory") {
+        tls::fuzz_first_bytes(&std::fs::read(e.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n > 0);
+}
