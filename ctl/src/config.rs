@@ -33,6 +33,17 @@ pub struct TlsConfig {
     pub cert: Option<(PathBuf, PathBuf)>,
     /// Accept TLS 1.2 as well as 1.3 (`--tls12`).
     pub allow_tls12: bool,
+    /// The wildcard certificate of the sandbox ports' domain (`https://P-<id>.<domain>`),
+    /// served by the HTTP gateway to clients whose SNI name is under that domain.
+    pub sandbox: Option<SandboxCert>,
+}
+
+/// `--tls-sandbox-domain`, `--tls-sandbox-cert`, `--tls-sandbox-key`.
+#[derive(Clone, Debug)]
+pub struct SandboxCert {
+    pub domain: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl TlsConfig {
@@ -46,6 +57,7 @@ impl TlsConfig {
             },
             client_ca_pem: None,
             plaintext_reply: Some(plaintext_reply),
+            sni: Vec::new(),
         }
     }
 
@@ -87,8 +99,15 @@ impl TlsConfig {
              Connection: close\r\n\r\n{body}",
             body.len()
         );
-        tls::ServerTls::from_pem_files(cert, key, &self.opts(tls::ALPN_HTTP, reply.into_bytes()))
-            .map(Some)
+        let mut opts = self.opts(tls::ALPN_HTTP, reply.into_bytes());
+        if let Some(sb) = &self.sandbox {
+            opts.sni.push(tls::SniCert {
+                domain: sb.domain.clone(),
+                cert_pem: tls::read_pem_file(&sb.cert)?,
+                key_pem: tls::read_pem_file(&sb.key)?,
+            });
+        }
+        tls::ServerTls::from_pem_files(cert, key, &opts).map(Some)
     }
 }
 

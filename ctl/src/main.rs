@@ -29,6 +29,7 @@ const USAGE: &str = "usage:
                   [--host-listen 0.0.0.0:7702] [--no-http] [--keep-unknown] [--db-workers N] [--reconcile-interval-s S]
                   [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
                   (--tls-cert FILE --tls-key FILE [--tls12] | --plaintext)
+                  [--tls-sandbox-domain D --tls-sandbox-cert FILE --tls-sandbox-key FILE]
   wrenn-ctl admin migrate [--database-url URL]
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
@@ -167,6 +168,9 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             "--lifecycle-timeout-s",
             "--tls-cert",
             "--tls-key",
+            "--tls-sandbox-domain",
+            "--tls-sandbox-cert",
+            "--tls-sandbox-key",
         ],
         &["--no-http", "--keep-unknown", "--plaintext", "--tls12"],
     )?;
@@ -180,7 +184,9 @@ fn serve(args: &[String]) -> Result<(), Failure> {
         tls_file("--tls-key", "WRENN_TLS_KEY"),
         f.has("--plaintext"),
     ) {
-        (Some(c), Some(k), false) => Some((c.into(), k.into())),
+        (Some(c), Some(k), false) => {
+            Some((std::path::PathBuf::from(c), std::path::PathBuf::from(k)))
+        }
         (None, None, true) => None,
         (Some(_), Some(_), true) => {
             return Err("--plaintext and --tls-cert/--tls-key exclude each other".into())
@@ -197,6 +203,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
                 .into())
         }
     };
+    let cert_given = cert.is_some();
     let db_workers = match f.get("--db-workers") {
         None => ctl::limits::DB_WORKERS_DEFAULT,
         Some(v) => v
@@ -204,6 +211,25 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             .ok()
             .filter(|n| (1..=256).contains(n))
             .ok_or("--db-workers must be 1..=256")?,
+    };
+    let sandbox = match (
+        tls_file("--tls-sandbox-domain", "WRENN_TLS_SANDBOX_DOMAIN"),
+        tls_file("--tls-sandbox-cert", "WRENN_TLS_SANDBOX_CERT"),
+        tls_file("--tls-sandbox-key", "WRENN_TLS_SANDBOX_KEY"),
+    ) {
+        (None, None, None) => None,
+        (Some(domain), Some(cert), Some(key)) if cert_given => Some(ctl::config::SandboxCert {
+            domain,
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        _ => {
+            return Err(
+                "--tls-sandbox-domain, --tls-sandbox-cert and --tls-sandbox-key go \
+                        together, with --tls-cert"
+                    .into(),
+            )
+        }
     };
     let jobs_default = JobsConfig::default();
     let api_default = ApiConfig::default();
@@ -229,6 +255,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
         tls: ctl::config::TlsConfig {
             cert,
             allow_tls12: f.has("--tls12"),
+            sandbox,
         },
     };
     if cfg.tls.cert.is_none() {

@@ -84,7 +84,7 @@ impl From<rustls::Error> for TlsError {
 }
 
 /// Reads a PEM file, refusing anything larger than [`PEM_FILE_MAX`].
-pub(crate) fn read_pem_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub fn read_pem_file(path: &Path) -> Result<Vec<u8>, TlsError> {
     let f = std::fs::File::open(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
@@ -230,6 +230,53 @@ pub struct ServerOptions {
     /// Sent in plaintext to a client whose first byte cannot open a TLS handshake, before
     /// the connection is closed (a wrenn ERROR frame, or an HTTP 400).
     pub plaintext_reply: Option<Vec<u8>>,
+    /// More certificates chosen by SNI (e.g. the wildcard certificate of the sandbox ports'
+    /// domain); clients naming anything else (or no name, as with an IP address) get the
+    /// main certificate.
+    pub sni: Vec<SniCert>,
+}
+
+/// A certificate for the names under one domain, chosen by SNI.
+#[derive(Clone, Debug)]
+pub struct SniCert {
+    /// `example.com`: used for `example.com` and every `*.example.com`.
+    pub domain: String,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+/// Picks the certificate by the client's SNI name.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<rustls::sign::CertifiedKey>,
+    /// (lower-case domain, certificate)
+    extra: Vec<(String, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+impl SniResolver {
+    fn pick(&self, name: Option<&str>) -> Arc<rustls::sign::CertifiedKey> {
+        if let Some(name) = name {
+            let name = name.to_ascii_lowercase();
+            for (domain, ck) in &self.extra {
+                let under = name
+                    .strip_suffix(domain.as_str())
+                    .is_some_and(|head| head.is_empty() || head.ends_with('.'));
+                if under {
+                    return ck.clone();
+                }
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SniResolver {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
 }
 
 /// A server's TLS configuration: certificate chain, key, options.
@@ -267,7 +314,26 @@ impl ServerTls {
             }
             None => builder.with_no_client_auth(),
         };
-        let mut config = builder.with_single_cert(chain, key)?;
+        let mut config = if opts.sni.is_empty() {
+            builder.with_single_cert(chain, key)?
+        } else {
+            let p = provider();
+            let default = Arc::new(rustls::sign::CertifiedKey::from_der(chain, key, &p)?);
+            let mut extra = Vec::new();
+            for c in &opts.sni {
+                let what = format!("certificate for {}", c.domain);
+                let ck = rustls::sign::CertifiedKey::from_der(
+                    certs_from_pem(&c.cert_pem, &what)?,
+                    key_from_pem(&c.key_pem, &what)?,
+                    &p,
+                )?;
+                extra.push((
+                    c.domain.trim_start_matches("*.").to_ascii_lowercase(),
+                    Arc::new(ck),
+                ));
+            }
+            builder.with_cert_resolver(Arc::new(SniResolver { default, extra }))
+        };
         config.alpn_protocols = opts.alpn.clone();
         ServerTls::from_config(Arc::new(config), opts.plaintext_reply.clone())
     }

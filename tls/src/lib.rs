@@ -17,8 +17,9 @@ pub mod limits;
 mod transport;
 
 pub use config::{
-    ca_fingerprint, certs_from_pem, connect, host_of, key_from_pem, verify_server_cert,
-    ClientOptions, ClientTls, ServerOptions, ServerTls, TlsError, TlsVersion,
+    ca_fingerprint, certs_from_pem, connect, host_of, key_from_pem, read_pem_file,
+    verify_server_cert, ClientOptions, ClientTls, ServerOptions, ServerTls, SniCert, TlsError,
+    TlsVersion,
 };
 pub use transport::{BlockingStream, TlsTransport};
 

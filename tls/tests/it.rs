@@ -423,3 +423,44 @@ fn first_bytes_corpus() {
     }
     assert!(n > 0);
 }
+
+/// Issue 14: a second certificate chosen by SNI (the sandbox ports' wildcard): a client
+/// naming a host under that domain gets it, a client dialing the IP address gets the main
+/// one; each verifies against its own name.
+#[test]
+fn a_second_certificate_is_chosen_by_sni() {
+    let ca = Ca::new("CA");
+    let (cert, key) = ca.leaf(&["127.0.0.1"]);
+    let (wc, wk) = ca.leaf(&["*.sbx.example"]);
+    let opts = ServerOptions {
+        sni: vec![tls::SniCert {
+            domain: "sbx.example".into(),
+            cert_pem: wc,
+            key_pem: wk,
+        }],
+        ..server_opts()
+    };
+    let st = ServerTls::from_pem(&cert, &key, &opts).unwrap();
+    let (addr, h) = serve(Some(&st));
+    let named = |name: &str| {
+        ClientTls::from_ca_pem(
+            &ca.cert_pem,
+            ClientOptions {
+                alpn: vec![ALPN_WRENN.to_vec()],
+                server_name: Some(name.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    // The IP address: no SNI, the main certificate.
+    let c = connect(addr, &client_tls(&ca)).unwrap();
+    assert_eq!(echo(&c, b"a".to_vec()).data, b"a");
+    // A name under the domain: the wildcard certificate.
+    let c = connect(addr, &named("p-8080.sbx.example")).unwrap();
+    assert_eq!(echo(&c, b"b".to_vec()).data, b"b");
+    // Another name gets the main certificate, which does not carry it: refused.
+    let e = connect(addr, &named("other.example")).unwrap_err();
+    assert!(e.message.contains("certificate"), "{e:?}");
+    h.shutdown();
+}

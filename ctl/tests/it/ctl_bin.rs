@@ -467,6 +467,19 @@ fn serve_speaks_tls_with_the_files_admin_tls_init_makes() {
         "{err}"
     );
 
+    // The sandbox-port certificate's three flags go together.
+    let out = Command::new(BIN)
+        .args(["serve", "--database-url", "postgres://x@127.0.0.1:1/x"])
+        .arg("--tls-cert")
+        .arg(dir.join("server.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("server.key"))
+        .args(["--tls-sandbox-domain", "sbx.example"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-sandbox-cert"));
+
     let Some(url) = harness::fresh_db() else {
         std::fs::remove_dir_all(&dir).unwrap();
         return;

@@ -176,6 +176,7 @@ pub fn test_config(url: &str) -> Config {
                 test_tls().files.server_key.clone(),
             )),
             allow_tls12: false,
+            sandbox: None,
         },
     }
 }

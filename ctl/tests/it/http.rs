@@ -3051,6 +3051,10 @@ struct Https(tls::TlsTransport);
 
 impl Https {
     fn connect(addr: SocketAddr) -> Https {
+        Https::connect_named(addr, "127.0.0.1")
+    }
+
+    fn connect_named(addr: SocketAddr, name: &str) -> Https {
         use proto::rpc::Transport;
         let client = tls::ClientTls::from_ca_file(
             &crate::harness::test_tls().files.ca_cert,
@@ -3062,7 +3066,7 @@ impl Https {
         .unwrap();
         let tcp = TcpStream::connect(addr).unwrap();
         let t = client
-            .start(proto::rpc::SocketTransport::new(tcp.into()), "127.0.0.1")
+            .start(proto::rpc::SocketTransport::new(tcp.into()), name)
             .unwrap();
         t.set_read_mode(proto::rpc::ReadMode::Blocking {
             tick: Duration::from_millis(100),
@@ -3125,6 +3129,7 @@ fn the_gateway_speaks_tls() {
     let server_tls = ctl::config::TlsConfig {
         cert: Some((files.server_cert.clone(), files.server_key.clone())),
         allow_tls12: false,
+        sandbox: None,
     }
     .http()
     .unwrap();
@@ -3177,4 +3182,41 @@ fn the_gateway_speaks_tls() {
     s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     assert_eq!(read_response(&mut s).status, 200);
+}
+
+/// Issue 14: the sandbox ports' wildcard certificate is served by SNI; the IP address gets
+/// ctl's own certificate.
+#[test]
+fn the_gateway_picks_the_sandbox_certificate_by_sni() {
+    let files = &crate::harness::test_tls().files;
+    let ca = ctl::pki::Authority::load(&files.ca_cert, &files.ca_key).unwrap();
+    let wild = ca
+        .issue_server(&["*.sbx.example".to_owned()], Duration::from_secs(600))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("wrenn-gw-sni-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("w.pem"), &wild.cert_pem).unwrap();
+    std::fs::write(dir.join("w.key"), &wild.key_pem).unwrap();
+    let server_tls = ctl::config::TlsConfig {
+        cert: Some((files.server_cert.clone(), files.server_key.clone())),
+        allow_tls12: false,
+        sandbox: Some(ctl::config::SandboxCert {
+            domain: "sbx.example".into(),
+            cert: dir.join("w.pem"),
+            key: dir.join("w.key"),
+        }),
+    }
+    .http()
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let gw = start(HttpConfig {
+        tls: server_tls,
+        ..HttpConfig::default()
+    });
+    for name in ["127.0.0.1", "p-8080-sb1.sbx.example"] {
+        let mut s = Https::connect_named(gw.addr, name);
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(&mut s).status, 200, "{name}");
+    }
 }
