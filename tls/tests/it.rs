@@ -93,9 +93,19 @@ impl Ca {
 
     /// (certificate PEM, key PEM) for these names.
     fn leaf(&self, names: &[&str]) -> (Vec<u8>, Vec<u8>) {
+        self.leaf_with(names, |_| {})
+    }
+
+    /// A leaf with its parameters adjusted (e.g. its validity).
+    fn leaf_with(
+        &self,
+        names: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> (Vec<u8>, Vec<u8>) {
         let key = KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let params = CertificateParams::new(names).unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        adjust(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (
             pem("CERTIFICATE", cert.der()),
@@ -462,5 +472,21 @@ fn a_second_certificate_is_chosen_by_sni() {
     // Another name gets the main certificate, which does not carry it: refused.
     let e = connect(addr, &named("other.example")).unwrap_err();
     assert!(e.message.contains("certificate"), "{e:?}");
+    h.shutdown();
+}
+
+/// An expired server certificate is refused by the client, naming the reason, and the
+/// server keeps serving (it does not know or care).
+#[test]
+fn an_expired_certificate_is_refused() {
+    let ca = Ca::new("CA");
+    let (cert, key) = ca.leaf_with(&["127.0.0.1"], |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let st = ServerTls::from_pem(&cert, &key, &server_opts()).unwrap();
+    let (addr, h) = serve(Some(&st));
+    let e = connect(addr, &client_tls(&ca)).unwrap_err();
+    assert!(e.message.contains("certificate expired"), "{e:?}");
     h.shutdown();
 }
