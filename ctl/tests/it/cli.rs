@@ -27,6 +27,7 @@ impl Cli {
         let mut c = Command::new(&self.bin);
         c.args(args)
             .env("WRENN_URL", &self.url)
+            .env("WRENN_CA", &crate::harness::test_tls().files.ca_cert)
             .env("WRENN_API_KEY", key)
             .env("WRENN_LOG", "error")
             .stdin(if stdin.is_some() {
