@@ -35,6 +35,8 @@ pub struct CtlConfig {
     pub agent_address: String,
     /// Where the identity is saved.
     pub identity_path: std::path::PathBuf,
+    /// TLS to ctl's host port (trusting ctl's CA); `None` only with `--ctl-plaintext`.
+    pub tls: Option<tls::ClientTls>,
 }
 
 /// The link to ctl.
@@ -76,6 +78,19 @@ fn clamp_interval(ms: u32) -> Duration {
 }
 
 impl CtlLink {
+    /// Opens a connection to ctl's host port: TLS (ALPN wrenn/1) unless plaintext was asked.
+    fn connect(&self, cred: Credential) -> Result<Client, Status> {
+        match &self.cfg.tls {
+            Some(t) => tls::connect(
+                &self.cfg.addr,
+                t,
+                cred,
+                &proto::rpc::ClientConfig::default(),
+            ),
+            None => Client::connect_tcp(self.cfg.addr.as_str(), cred),
+        }
+    }
+
     pub fn new(cfg: CtlConfig, identity: Arc<IdentityCell>) -> Arc<CtlLink> {
         Arc::new(CtlLink {
             cfg,
@@ -108,10 +123,10 @@ impl CtlLink {
     pub fn register(&self, host: &Host) -> Result<Identity, Status> {
         let token = self.cfg.registration_token.clone().ok_or_else(|| {
             Status::failed_precondition(
-                "not registered: start with --registration-token (made by `wrenn hosts token`)",
+                "not registered: start with WRENN_REGISTRATION_TOKEN or --registration-token-file (a token from `wrenn hosts token`)",
             )
         })?;
-        let client = Client::connect_tcp(self.cfg.addr.as_str(), Credential::host_token(""))?;
+        let client = self.connect(Credential::host_token(""))?;
         let problems = host.problems();
         let resp: hpb::RegisterResponse = client.unary(
             hpb::host_methods::REGISTER,
@@ -233,10 +248,7 @@ impl CtlLink {
                 },
             };
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match Client::connect_tcp(
-                    self.cfg.addr.as_str(),
-                    Credential::host_token(ident.host_token.clone()),
-                ) {
+                match self.connect(Credential::host_token(ident.host_token.clone())) {
                     Ok(c) => client = Some(c),
                     Err(e) => {
                         crate::metrics::HEARTBEATS_FAILED.inc();
@@ -309,6 +321,7 @@ mod tests {
                 registration_token: None,
                 agent_address: String::new(),
                 identity_path: "/nonexistent/identity.conf".into(),
+                tls: None,
             },
             Arc::new(IdentityCell::new(None)),
         );

@@ -45,6 +45,19 @@ pub fn run(flags: Flags) -> Result<(), String> {
             flags.listen.to_string()
         }
     });
+    let ctl_tls = match &flags.ctl_ca {
+        Some(ca) => Some(
+            tls::ClientTls::from_ca_file(
+                ca,
+                tls::ClientOptions {
+                    alpn: vec![tls::ALPN_WRENN.to_vec()],
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| format!("--ctl-ca: {e}"))?,
+        ),
+        None => None,
+    };
     let link = flags.ctl.as_ref().map(|addr| {
         CtlLink::new(
             CtlConfig {
@@ -52,6 +65,7 @@ pub fn run(flags: Flags) -> Result<(), String> {
                 registration_token: flags.registration_token.clone(),
                 agent_address: advertise.clone(),
                 identity_path: layout.identity(),
+                tls: ctl_tls.clone(),
             },
             identity.clone(),
         )

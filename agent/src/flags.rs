@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 pub const USAGE: &str = "\
 usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
-                   [--state-root /var/lib/wrenn] [--ctl HOST:7702] [--registration-token T]
+                   [--state-root /var/lib/wrenn] [--ctl HOST:7702] [--registration-token-file F]
+                   [--ctl-ca FILE | --ctl-plaintext]
                    [--advertise HOST:PORT] [--firecracker PATH] [--kernel PATH]
                    [--uffd-bin PATH] [--restore-backend uffd|file] [--boot-args-extra STR]
                    [--slots N] [--net-prefix wrenn] [--net-subnet 10.200.0.0]
@@ -14,14 +15,17 @@ usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
                     [--uid-base 900000] [--uid-count 4096] [--uffd-uid <uid-base + uid-count>]
                     [--unjailed] [--vcpu-overcommit 4] [--memory-overcommit 1]
                     [--never-out default,CIDR,...] [--dns-upstream IP[:PORT]|off]
---ctl is ctl's host port (wrenn.host.v1, 7702 by default), not its client port (7700).
+--ctl is ctl's host port (wrenn.host.v1, 7702 by default), not its client port (7700); it
+speaks TLS, trusting the CA certificate in --ctl-ca (WRENN_CTL_CA), or plaintext with
+--ctl-plaintext.
 --never-out: destinations no sandbox reaches whatever its policy allows; the word `default`
 stands for the private, shared, link-local, loopback ranges (the default). Add the control
 network when it is outside them.
 --dns-upstream: where the slots' resolver sends allowed queries (default: the first IPv4
 nameserver of /etc/resolv.conf); `off` runs no resolver (domain allow lists resolve nothing).
 environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_JAILER (defaults of --firecracker,
-             --kernel, --jailer)";
+             --kernel, --jailer); WRENN_REGISTRATION_TOKEN (the first start's token, or
+             --registration-token-file: never on the command line, where /proc shows it)";
 
 /// Which restore path the host uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +65,10 @@ pub struct Flags {
     pub state_root: PathBuf,
     pub ctl: Option<String>,
     pub registration_token: Option<String>,
+    /// CA certificate (PEM) ctl's host port certificate must chain to (`WRENN_CTL_CA`).
+    pub ctl_ca: Option<PathBuf>,
+    /// Talk to ctl's host port without TLS (`--ctl-plaintext`).
+    pub ctl_plaintext: bool,
     /// Address ctl uses to reach this agent (default: --listen, with the host's name when
     /// it listens on 0.0.0.0).
     pub advertise: Option<String>,
@@ -100,7 +108,17 @@ pub struct Flags {
 pub enum FlagError {
     Unknown(String),
     MissingValue(&'static str),
-    BadValue { flag: &'static str, value: String },
+    BadValue {
+        flag: &'static str,
+        value: String,
+    },
+    /// A secret given on the command line, where every local user can read it.
+    SecretOnArgv(&'static str),
+    /// The token file could not be read.
+    TokenFile {
+        path: PathBuf,
+        error: String,
+    },
 }
 
 impl fmt::Display for FlagError {
@@ -109,11 +127,43 @@ impl fmt::Display for FlagError {
             FlagError::Unknown(s) => write!(f, "unknown argument {s:?}"),
             FlagError::MissingValue(flag) => write!(f, "{flag} needs a value"),
             FlagError::BadValue { flag, value } => write!(f, "bad value {value:?} for {flag}"),
+            FlagError::SecretOnArgv(flag) => write!(
+                f,
+                "{flag} is not taken on the command line (every local user can read it in \
+                 /proc/*/cmdline): set WRENN_REGISTRATION_TOKEN or pass \
+                 --registration-token-file FILE"
+            ),
+            FlagError::TokenFile { path, error } => {
+                write!(f, "--registration-token-file {}: {error}", path.display())
+            }
         }
     }
 }
 
 impl std::error::Error for FlagError {}
+
+/// A registration token from a file: one line, at most
+/// [`crate::limits::REGISTRATION_TOKEN_FILE_MAX`] bytes.
+fn read_token_file(path: &std::path::Path) -> Result<String, FlagError> {
+    use std::io::Read;
+    let err = |error: String| FlagError::TokenFile {
+        path: path.to_owned(),
+        error,
+    };
+    let max = crate::limits::REGISTRATION_TOKEN_FILE_MAX;
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max as u64 + 1).read_to_string(&mut s))
+        .map_err(|e| err(e.to_string()))?;
+    if s.len() > max {
+        return Err(err(format!("longer than {max} bytes; not a token")));
+    }
+    let t = s.trim();
+    if t.is_empty() || t.contains(char::is_whitespace) {
+        return Err(err("not one token".into()));
+    }
+    Ok(t.to_owned())
+}
 
 impl Flags {
     /// Parses arguments (without the program name); `env` looks up environment variables.
@@ -126,7 +176,11 @@ impl Flags {
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 7711)),
             state_root: PathBuf::from("/var/lib/wrenn"),
             ctl: None,
-            registration_token: None,
+            registration_token: env("WRENN_REGISTRATION_TOKEN").filter(|s| !s.is_empty()),
+            ctl_ca: env("WRENN_CTL_CA")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            ctl_plaintext: false,
             advertise: None,
             firecracker: env("WRENN_FIRECRACKER")
                 .filter(|s| !s.is_empty())
@@ -192,7 +246,11 @@ impl Flags {
                     f.ctl = Some(v);
                 }
                 "--registration-token" => {
-                    f.registration_token = Some(value!("--registration-token"))
+                    return Err(FlagError::SecretOnArgv("--registration-token"))
+                }
+                "--registration-token-file" => {
+                    let path = PathBuf::from(value!("--registration-token-file"));
+                    f.registration_token = Some(read_token_file(&path)?);
                 }
                 "--advertise" => f.advertise = Some(value!("--advertise")),
                 "--firecracker" => f.firecracker = PathBuf::from(value!("--firecracker")),
@@ -270,6 +328,8 @@ impl Flags {
                         _ => return Err(bad("--memory-overcommit", v)),
                     };
                 }
+                "--ctl-plaintext" => f.ctl_plaintext = true,
+                "--ctl-ca" => f.ctl_ca = Some(PathBuf::from(value!("--ctl-ca"))),
                 "-h" | "--help" => f.help = true,
                 _ => return Err(FlagError::Unknown(arg)),
             }
@@ -289,6 +349,23 @@ impl Flags {
                     flag: "--never-out",
                     value: format!("{n} entries"),
                 })?;
+        }
+        match (&f.ctl, &f.ctl_ca, f.ctl_plaintext) {
+            (_, Some(_), true) => {
+                return Err(FlagError::BadValue {
+                    flag: "--ctl-ca/--ctl-plaintext",
+                    value: "both given; they exclude each other".into(),
+                })
+            }
+            (Some(_), None, false) => {
+                return Err(FlagError::BadValue {
+                    flag: "--ctl",
+                    value: "ctl's host port speaks TLS: give its CA with --ctl-ca FILE \
+                            (WRENN_CTL_CA), or --ctl-plaintext for a ctl serving --plaintext"
+                        .into(),
+                })
+            }
+            _ => {}
         }
         f.chroot_base = chroot_base.unwrap_or_else(|| f.state_root.join("jail"));
         let range = crate::uid_pool::UidRange {
@@ -411,7 +488,7 @@ mod tests {
             "/tmp/x",
             "--ctl",
             "ctl:7702",
-            "--registration-token=abc",
+            "--ctl-plaintext",
             "--firecracker",
             "/fc",
             "--kernel",
@@ -441,7 +518,7 @@ mod tests {
         assert_eq!(f.listen.port(), 1);
         assert_eq!(f.metrics_listen.port(), 2);
         assert_eq!(f.ctl.as_deref(), Some("ctl:7702"));
-        assert_eq!(f.registration_token.as_deref(), Some("abc"));
+        assert!(f.ctl_plaintext);
         assert_eq!(f.firecracker, PathBuf::from("/fc"));
         assert_eq!(f.kernel, Some(PathBuf::from("/k")));
         assert_eq!(f.uffd_bin, Some(PathBuf::from("/u")));
@@ -554,5 +631,58 @@ mod tests {
         }
         let many = vec!["1.2.3.4"; 65].join(",");
         assert!(parse(&["--never-out", &many]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn the_registration_token_never_comes_from_argv() {
+        let e = Flags::parse(["--registration-token=wrr_x".to_string()], |_| None).unwrap_err();
+        assert!(matches!(e, FlagError::SecretOnArgv(_)), "{e}");
+        assert!(e.to_string().contains("WRENN_REGISTRATION_TOKEN"));
+        let env = |k: &str| (k == "WRENN_REGISTRATION_TOKEN").then(|| "wrr_env".to_string());
+        let f = Flags::parse(Vec::<String>::new(), env).unwrap();
+        assert_eq!(f.registration_token.as_deref(), Some("wrr_env"));
+        let dir = std::env::temp_dir().join(format!("wrenn-agent-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "wrr_file\n").unwrap();
+        let args = vec![
+            "--registration-token-file".to_string(),
+            file.display().to_string(),
+        ];
+        let f = Flags::parse(args.clone(), env).unwrap();
+        assert_eq!(f.registration_token.as_deref(), Some("wrr_file"));
+        std::fs::write(&file, "two tokens\n").unwrap();
+        assert!(matches!(
+            Flags::parse(args.clone(), |_| None),
+            Err(FlagError::TokenFile { .. })
+        ));
+        std::fs::write(&file, vec![b'a'; 5000]).unwrap();
+        assert!(matches!(
+            Flags::parse(args, |_| None),
+            Err(FlagError::TokenFile { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod ctl_trust_tests {
+    use super::*;
+
+    #[test]
+    fn the_host_port_link_is_tls_unless_plaintext_is_asked() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = Flags::parse(args(&["--ctl", "ctl:7702"]), |_| None).unwrap_err();
+        assert!(e.to_string().contains("--ctl-ca"), "{e}");
+        let env = |k: &str| (k == "WRENN_CTL_CA").then(|| "/etc/wrenn/ca.pem".to_string());
+        let f = Flags::parse(args(&["--ctl", "ctl:7702"]), env).unwrap();
+        assert_eq!(f.ctl_ca, Some(PathBuf::from("/etc/wrenn/ca.pem")));
+        assert!(Flags::parse(args(&["--ctl", "c:1", "--ctl-plaintext"]), env).is_err());
+        assert!(Flags::parse(args(&["--ctl", "c:1", "--ctl-plaintext"]), |_| None).is_ok());
     }
 }

@@ -145,3 +145,7 @@ const _: () = assert!(TIER_FINE_LEN == 10 * 60);
 const _: () = assert!(TIER_MID_LEN * TIER_MID_STEP_S as usize == 2 * 3600);
 const _: () = assert!(TIER_COARSE_LEN * TIER_COARSE_STEP_S as usize == 24 * 3600);
 const _: () = assert!(TIER_COARSE_STEP_S % TIER_MID_STEP_S == 0);
+
+/// Largest registration-token file (`--registration-token-file`): a token is under 100
+/// bytes; a larger file is not one.
+pub const REGISTRATION_TOKEN_FILE_MAX: usize = 4096;

@@ -116,6 +116,8 @@ fn env(durable: bool) -> Result<Env, String> {
             ..ApiConfig::default()
         },
         jobs: JobsConfig::default(),
+        // The cases call the service layer, not the client port.
+        tls: Default::default(),
     };
     let running = ctl::server::start(
         &cfg,

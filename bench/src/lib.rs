@@ -6,6 +6,7 @@ pub mod ctl;
 pub mod envd;
 pub mod harness;
 pub mod rpc;
+pub mod tls;
 pub mod uffd;
 pub mod vm;
 
@@ -13,6 +14,7 @@ pub mod vm;
 pub fn cases() -> Vec<harness::Case> {
     let mut v = Vec::new();
     v.extend(rpc::cases());
+    v.extend(tls::cases());
     v.extend(ctl::cases());
     v.extend(envd::cases());
     v.extend(uffd::cases());

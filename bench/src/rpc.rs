@@ -29,19 +29,19 @@ pub fn cases() -> Vec<Case> {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct Blob {
+pub(crate) struct Blob {
     #[prost(bytes = "bytes", tag = "1")]
-    data: proto::rpc::Bytes,
+    pub(crate) data: proto::rpc::Bytes,
     #[prost(uint64, tag = "2")]
-    n: u64,
+    pub(crate) n: u64,
 }
 
-const ECHO: &str = "bench.B/Echo";
-const STREAM: &str = "bench.B/Stream";
+pub(crate) const ECHO: &str = "bench.B/Echo";
+pub(crate) const STREAM: &str = "bench.B/Stream";
 /// Bytes per streamed message: the runtime's bulk chunk size.
-const CHUNK: usize = proto::limits::CHUNK_LEN;
+pub(crate) const CHUNK: usize = proto::limits::CHUNK_LEN;
 
-struct Bench;
+pub(crate) struct Bench;
 
 impl Service for Bench {
     fn hello(&self, _: &Hello) -> Result<Peer, Status> {

@@ -1,6 +1,7 @@
 //! Settings of a ctl replica (from flags and `WRENN_*` variables, parsed in main.rs).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::limits;
@@ -19,6 +20,95 @@ pub struct Config {
     pub db_workers: usize,
     pub api: ApiConfig,
     pub jobs: JobsConfig,
+    /// TLS of the client ports (protobuf and HTTP).
+    pub tls: TlsConfig,
+}
+
+/// TLS of ctl's client ports: the protobuf port (ALPN `wrenn/1`) and the HTTP gateway
+/// (ALPN `http/1.1`) use one certificate (`--tls-cert`, `--tls-key`).
+#[derive(Clone, Debug, Default)]
+pub struct TlsConfig {
+    /// PEM files of the certificate chain and its key. `None`: plaintext, which `serve`
+    /// allows only with `--plaintext`.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Accept TLS 1.2 as well as 1.3 (`--tls12`).
+    pub allow_tls12: bool,
+    /// The wildcard certificate of the sandbox ports' domain (`https://P-<id>.<domain>`),
+    /// served by the HTTP gateway to clients whose SNI name is under that domain.
+    pub sandbox: Option<SandboxCert>,
+}
+
+/// `--tls-sandbox-domain`, `--tls-sandbox-cert`, `--tls-sandbox-key`.
+#[derive(Clone, Debug)]
+pub struct SandboxCert {
+    pub domain: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    fn opts(&self, alpn: &[u8], plaintext_reply: Vec<u8>) -> tls::ServerOptions {
+        tls::ServerOptions {
+            alpn: vec![alpn.to_vec()],
+            min_version: if self.allow_tls12 {
+                tls::TlsVersion::Tls12
+            } else {
+                tls::TlsVersion::Tls13
+            },
+            client_ca_pem: None,
+            plaintext_reply: Some(plaintext_reply),
+            sni: Vec::new(),
+        }
+    }
+
+    /// The protobuf port's TLS, or `None` for plaintext. A plaintext client hears "server
+    /// speaks TLS" in an ERROR frame it can read.
+    pub fn protobuf(&self) -> Result<Option<tls::ServerTls>, tls::TlsError> {
+        self.protobuf_saying(
+            "server speaks TLS: this wrenn-ctl port needs TLS (ALPN wrenn/1) with its CA \
+             trusted (the CLI: set WRENN_CA to the CA certificate file)",
+        )
+    }
+
+    /// The host port's TLS (agents, wrenn.host.v1), or `None` for plaintext.
+    pub fn host(&self) -> Result<Option<tls::ServerTls>, tls::TlsError> {
+        self.protobuf_saying(
+            "server speaks TLS: this is wrenn-ctl's host port over TLS; give the agent ctl's \
+             CA certificate with --ctl-ca (WRENN_CTL_CA)",
+        )
+    }
+
+    fn protobuf_saying(&self, refusal: &str) -> Result<Option<tls::ServerTls>, tls::TlsError> {
+        let Some((cert, key)) = &self.cert else {
+            return Ok(None);
+        };
+        let mut reply = Vec::new();
+        proto::frame::put_error(&mut reply, 0, proto::Code::Unavailable, refusal);
+        tls::ServerTls::from_pem_files(cert, key, &self.opts(tls::ALPN_WRENN, reply)).map(Some)
+    }
+
+    /// The HTTP gateway's TLS, or `None` for plaintext. A plaintext HTTP client gets a 400
+    /// saying to use https.
+    pub fn http(&self) -> Result<Option<tls::ServerTls>, tls::TlsError> {
+        let Some((cert, key)) = &self.cert else {
+            return Ok(None);
+        };
+        let body = "this port speaks HTTPS (TLS); use https://\n";
+        let reply = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut opts = self.opts(tls::ALPN_HTTP, reply.into_bytes());
+        if let Some(sb) = &self.sandbox {
+            opts.sni.push(tls::SniCert {
+                domain: sb.domain.clone(),
+                cert_pem: tls::read_pem_file(&sb.cert)?,
+                key_pem: tls::read_pem_file(&sb.key)?,
+            });
+        }
+        tls::ServerTls::from_pem_files(cert, key, &opts).map(Some)
+    }
 }
 
 /// Settings the service layer uses.

@@ -21,6 +21,7 @@ pub mod limits;
 pub mod metrics;
 pub mod migrate;
 pub mod monitor;
+pub mod pki;
 pub mod random;
 pub mod reconciler;
 pub mod retention;

@@ -190,3 +190,13 @@ pub const USAGE_RETENTION: Duration = Duration::from_secs((USAGE_DAYS_MAX as u64
 pub const WEBHOOK_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 /// Rows one pruning statement deletes at most.
 pub const RETENTION_BATCH: i64 = 10_000;
+
+/// Lifetime of the CA `wrenn-ctl admin tls init` makes: ten years. Replacing a CA means
+/// re-registering every host, so it outlives any deployment's hardware.
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of ctl's own server certificate from `admin tls init`: about thirteen months
+/// (browsers' and most policies' ceiling for server certificates).
+pub const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(397 * 24 * 3600);
+/// Certificates are valid from this long before they were made, so a host whose clock is
+/// a little behind ctl's still accepts a fresh one.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(3600);

@@ -4,6 +4,8 @@
 //! wrenn-ctl serve [--database-url URL] [--listen ADDR] [--http-listen ADDR] [--host-listen ADDR] [--db-workers N]
 //!                 [--reconcile-interval-s S] [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
 //!                 [--no-http] [--keep-unknown] [--webhook-allow-private]
+//!                 (--tls-cert FILE --tls-key FILE [--tls12] | --plaintext)
+//! wrenn-ctl admin tls init --dir DIR --names NAME[,NAME...]
 //! wrenn-ctl admin migrate [--database-url URL]
 //! wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
 //! wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
@@ -28,12 +30,18 @@ const USAGE: &str = "usage:
   wrenn-ctl serve [--database-url URL] [--listen 0.0.0.0:7700] [--http-listen 0.0.0.0:7701]
                   [--host-listen 0.0.0.0:7702] [--no-http] [--keep-unknown] [--db-workers N] [--reconcile-interval-s S]
                   [--heartbeat-timeout-s S] [--lifecycle-timeout-s S] [--webhook-allow-private]
+                  (--tls-cert FILE --tls-key FILE [--tls12] | --plaintext)
+                  [--tls-sandbox-domain D --tls-sandbox-cert FILE --tls-sandbox-key FILE]
   wrenn-ctl admin migrate [--database-url URL]
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
+  wrenn-ctl admin tls init --dir DIR --names NAME[,NAME...]
   wrenn-ctl --version
 The database URL defaults to $WRENN_DATABASE_URL, then $DATABASE_URL.
+The client ports speak TLS 1.3 with --tls-cert/--tls-key ($WRENN_TLS_CERT/$WRENN_TLS_KEY, PEM);
+plaintext only with --plaintext. `admin tls init` makes a CA (ca.pem, ca.key mode 0600) and a
+certificate for the names (server.pem, server.key) in DIR.
 `serve` applies pending migrations itself before it listens (docs/operations.md).";
 
 /// Why a command failed: a usage error (bad or missing arguments: the usage follows) or a
@@ -160,9 +168,50 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             "--reconcile-interval-s",
             "--heartbeat-timeout-s",
             "--lifecycle-timeout-s",
+            "--tls-cert",
+            "--tls-key",
+            "--tls-sandbox-domain",
+            "--tls-sandbox-cert",
+            "--tls-sandbox-key",
         ],
-        &["--no-http", "--keep-unknown", "--webhook-allow-private"],
+        &[
+            "--no-http",
+            "--keep-unknown",
+            "--webhook-allow-private",
+            "--plaintext",
+            "--tls12",
+        ],
     )?;
+    let tls_file = |flag: &str, env: &str| {
+        f.get(flag)
+            .map(str::to_owned)
+            .or_else(|| std::env::var(env).ok().filter(|s| !s.is_empty()))
+    };
+    let cert = match (
+        tls_file("--tls-cert", "WRENN_TLS_CERT"),
+        tls_file("--tls-key", "WRENN_TLS_KEY"),
+        f.has("--plaintext"),
+    ) {
+        (Some(c), Some(k), false) => {
+            Some((std::path::PathBuf::from(c), std::path::PathBuf::from(k)))
+        }
+        (None, None, true) => None,
+        (Some(_), Some(_), true) => {
+            return Err("--plaintext and --tls-cert/--tls-key exclude each other".into())
+        }
+        (Some(_), None, _) | (None, Some(_), _) => {
+            return Err(
+                "--tls-cert and --tls-key (WRENN_TLS_CERT, WRENN_TLS_KEY) go together".into(),
+            )
+        }
+        (None, None, false) => {
+            return Err("the client ports speak TLS: pass --tls-cert and --tls-key \
+                        (WRENN_TLS_CERT, WRENN_TLS_KEY; `wrenn-ctl admin tls init` makes them), \
+                        or --plaintext"
+                .into())
+        }
+    };
+    let cert_given = cert.is_some();
     let db_workers = match f.get("--db-workers") {
         None => ctl::limits::DB_WORKERS_DEFAULT,
         Some(v) => v
@@ -170,6 +219,25 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             .ok()
             .filter(|n| (1..=256).contains(n))
             .ok_or("--db-workers must be 1..=256")?,
+    };
+    let sandbox = match (
+        tls_file("--tls-sandbox-domain", "WRENN_TLS_SANDBOX_DOMAIN"),
+        tls_file("--tls-sandbox-cert", "WRENN_TLS_SANDBOX_CERT"),
+        tls_file("--tls-sandbox-key", "WRENN_TLS_SANDBOX_KEY"),
+    ) {
+        (None, None, None) => None,
+        (Some(domain), Some(cert), Some(key)) if cert_given => Some(ctl::config::SandboxCert {
+            domain,
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        _ => {
+            return Err(
+                "--tls-sandbox-domain, --tls-sandbox-cert and --tls-sandbox-key go \
+                        together, with --tls-cert"
+                    .into(),
+            )
+        }
     };
     let jobs_default = JobsConfig::default();
     let api_default = ApiConfig::default();
@@ -196,7 +264,15 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             create_deadline: lifecycle,
             ..jobs_default
         },
+        tls: ctl::config::TlsConfig {
+            cert,
+            allow_tls12: f.has("--tls12"),
+            sandbox,
+        },
     };
+    if cfg.tls.cert.is_none() {
+        log::warn!("client ports in plaintext (--plaintext): API keys cross the network in clear");
+    }
     let term =
         proto::signal::Termination::install().map_err(|e| format!("signal handlers: {e}"))?;
     let running = ctl::server::start(
@@ -283,6 +359,34 @@ fn admin(args: &[String]) -> Result<(), Failure> {
             eprintln!("one-time registration token; expires at {exp} ns since the epoch");
             Ok(())
         }
+        "tls" => match rest.split_first() {
+            Some((sub, rest)) if sub == "init" => {
+                let f = Flags::parse(rest, &["--dir", "--names"], &[])?;
+                let dir = f.get("--dir").ok_or("--dir is required")?;
+                let names: Vec<String> = f
+                    .get("--names")
+                    .ok_or("--names is required (the DNS names and IP addresses clients use)")?
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                let files = ctl::pki::init(std::path::Path::new(dir), &names)
+                    .map_err(|e| Failure::Runtime(e.to_string()))?;
+                println!("ca certificate:     {}", files.ca_cert.display());
+                println!("ca key (mode 0600): {}", files.ca_key.display());
+                println!("server certificate: {}", files.server_cert.display());
+                println!("server key:         {}", files.server_key.display());
+                println!("ca sha-256:         {}", files.fingerprint);
+                println!(
+                    "serve with --tls-cert {} --tls-key {}; clients set WRENN_CA={}",
+                    files.server_cert.display(),
+                    files.server_key.display(),
+                    files.ca_cert.display()
+                );
+                Ok(())
+            }
+            _ => Err("admin tls needs a subcommand: init".into()),
+        },
         other => Err(Failure::Usage(format!(
             "unknown admin subcommand {other:?}"
         ))),

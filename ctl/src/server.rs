@@ -318,6 +318,8 @@ pub enum StartError {
     },
     /// The revocation listener could not start.
     Revocations(crate::revocation::ListenError),
+    /// The certificate or key files could not be used.
+    Tls(tls::TlsError),
 }
 
 impl std::fmt::Display for StartError {
@@ -329,6 +331,7 @@ impl std::fmt::Display for StartError {
             StartError::Listen { addr, .. } => write!(f, "listen on {addr}"),
             StartError::Spawn { .. } => f.write_str("spawn server thread"),
             StartError::Revocations(e) => write!(f, "{e}"),
+            StartError::Tls(e) => write!(f, "TLS: {e}"),
         }
     }
 }
@@ -341,6 +344,7 @@ impl std::error::Error for StartError {
             StartError::Migrate(e) => std::error::Error::source(e),
             StartError::Listen { source, .. } | StartError::Spawn { source } => Some(source),
             StartError::Revocations(e) => std::error::Error::source(e),
+            StartError::Tls(_) => None,
         }
     }
 }
@@ -428,23 +432,26 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         Arc::new(CtlService::new(api.clone(), Port::Host)),
     )
     .map_err(|source| StartError::Spawn { source })?;
-    let host_addr =
-        host_server
-            .listen_tcp(cfg.host_listen)
-            .map_err(|source| StartError::Listen {
-                addr: cfg.host_listen,
-                source,
-            })?;
+    let host_listened = match cfg.tls.host().map_err(StartError::Tls)? {
+        Some(t) => host_server.listen_tcp_with(cfg.host_listen, t.wrap()),
+        None => host_server.listen_tcp(cfg.host_listen),
+    };
+    let host_addr = host_listened.map_err(|source| StartError::Listen {
+        addr: cfg.host_listen,
+        source,
+    })?;
     let host_handle = host_server.handle();
     let (_, host_join) = host_server
         .spawn()
         .map_err(|source| StartError::Spawn { source })?;
-    let addr = server
-        .listen_tcp(cfg.listen)
-        .map_err(|source| StartError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    let listened = match cfg.tls.protobuf().map_err(StartError::Tls)? {
+        Some(t) => server.listen_tcp_with(cfg.listen, t.wrap()),
+        None => server.listen_tcp(cfg.listen),
+    };
+    let addr = listened.map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     let handle = server.handle();
     let closer = handle.clone();
     api.revocations().on_revoke(move |key| {
@@ -459,7 +466,8 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         .spawn()
         .map_err(|source| StartError::Spawn { source })?;
     let http_addr = if opts.http {
-        let (a, _) = crate::http::spawn(api.clone(), cfg.http_listen).map_err(|source| {
+        let tls = cfg.tls.http().map_err(StartError::Tls)?;
+        let (a, _) = crate::http::spawn(api.clone(), cfg.http_listen, tls).map_err(|source| {
             StartError::Listen {
                 addr: cfg.http_listen,
                 source,

@@ -59,6 +59,18 @@ pub const GLOBAL: &[Flag] = &[
         help: "ctl's protobuf address (env WRENN_URL, default 127.0.0.1:7700)",
     },
     Flag {
+        name: "ca",
+        value: Some("FILE"),
+        repeat: false,
+        help: "CA certificate (PEM) ctl's TLS certificate must chain to (env WRENN_CA)",
+    },
+    Flag {
+        name: "plaintext",
+        value: None,
+        repeat: false,
+        help: "connect without TLS, to a ctl serving --plaintext (env WRENN_PLAINTEXT=1)",
+    },
+    Flag {
         name: "api-key",
         value: Some("KEY"),
         repeat: false,

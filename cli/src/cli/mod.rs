@@ -192,6 +192,68 @@ pub fn error_json(e: &CliError, message: &str) -> json::Value {
     json::Value::Object(outer)
 }
 
+/// Connects to ctl's protobuf port: over TLS trusting the CA certificate file `ca`
+/// (`--ca`, `WRENN_CA`), or in plaintext when asked (`--plaintext`, `WRENN_PLAINTEXT=1`).
+/// Errors name the flag or variable that fixes them.
+pub fn connect_ctl(
+    url: &str,
+    cred: Credential,
+    ca: Option<&str>,
+    plaintext: bool,
+) -> Result<Client, CliError> {
+    let config = ClientConfig {
+        name: format!("wrenn-cli/{}", env!("CARGO_PKG_VERSION")),
+        ..ClientConfig::default()
+    };
+    let fail = |s: Status, hint: &str| {
+        CliError::Status(Status::new(
+            s.code,
+            format!("connect to ctl at {url}: {}{hint}", s.message),
+        ))
+    };
+    match (ca, plaintext) {
+        (Some(_), true) => Err(CliError::Usage(
+            "--plaintext and a CA (--ca, WRENN_CA) exclude each other".into(),
+        )),
+        (None, true) => Client::connect_tcp_with(url, cred, &config).map_err(|s| {
+            let hint = if s.message.contains("server speaks TLS") {
+                "; drop --plaintext (WRENN_PLAINTEXT) and set WRENN_CA (or --ca) to ctl's CA \
+                 certificate"
+            } else {
+                ""
+            };
+            fail(s, hint)
+        }),
+        (Some(ca), false) => {
+            let tls = tls::ClientTls::from_ca_file(
+                std::path::Path::new(ca),
+                tls::ClientOptions {
+                    alpn: vec![tls::ALPN_WRENN.to_vec()],
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| CliError::Usage(format!("WRENN_CA / --ca: {e}")))?;
+            tls::connect(url, &tls, cred, &config).map_err(|s| {
+                let hint = if s.message.contains("server does not speak TLS") {
+                    "; for a ctl serving --plaintext, pass --plaintext (WRENN_PLAINTEXT=1)"
+                } else if s.message.contains("certificate") {
+                    "; WRENN_CA (--ca) must be the CA that signed ctl's certificate, and the \
+                     address must be a name the certificate carries"
+                } else {
+                    ""
+                };
+                fail(s, hint)
+            })
+        }
+        (None, false) => Err(CliError::Usage(
+            "ctl speaks TLS: set WRENN_CA (or --ca) to its CA certificate file (`wrenn up` \
+             writes it to its env file; `wrenn-ctl admin tls init` makes one), or pass \
+             --plaintext (WRENN_PLAINTEXT=1) for a ctl serving --plaintext"
+                .into(),
+        )),
+    }
+}
+
 /// Connection settings from flags and the environment.
 pub struct Ctx {
     pub client: Client,
@@ -217,12 +279,13 @@ impl Ctx {
                     .filter(|s| !s.is_empty())
             })
             .ok_or(CliError::NoApiKey)?;
-        let config = ClientConfig {
-            name: format!("wrenn-cli/{}", env!("CARGO_PKG_VERSION")),
-            ..ClientConfig::default()
-        };
-        let client = Client::connect_tcp_with(url.as_str(), Credential::api_key(key), &config)
-            .map_err(|s| Status::new(s.code, format!("connect to ctl at {url}: {}", s.message)))?;
+        let ca = p
+            .value("ca")
+            .map(str::to_owned)
+            .or_else(|| std::env::var("WRENN_CA").ok().filter(|s| !s.is_empty()));
+        let plaintext = p.flag("plaintext")
+            || std::env::var("WRENN_PLAINTEXT").is_ok_and(|v| v == "1" || v == "true");
+        let client = connect_ctl(&url, Credential::api_key(key), ca.as_deref(), plaintext)?;
         let deadline = p.num::<u64>("deadline")?.map(Duration::from_secs);
         Ok(Ctx {
             client,

@@ -41,7 +41,8 @@ pub use postgres::find_pg_bin;
 use postgres::*;
 use supervise::*;
 pub use supervise::{
-    find_binary, http_get, http_request, live_pid, parse_http_response, parse_init_keys,
+    find_binary, http_get, http_request, https_get, https_request, live_pid, parse_http_response,
+    parse_init_keys,
 };
 pub use teardown::stop;
 
@@ -269,6 +270,14 @@ impl Layout {
     /// Ports and paths of the running stack, for `down`.
     pub fn stack(&self) -> PathBuf {
         self.dir.join("stack.conf")
+    }
+    /// `wrenn-ctl admin tls init`'s files: the local CA and ctl's loopback certificate.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+    /// The local CA certificate (`WRENN_CA` in the env file).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls_dir().join("ca.pem")
     }
     /// `export` lines for a shell.
     pub fn env_file(&self) -> PathBuf {
@@ -536,12 +545,15 @@ pub fn up(cfg: &UpConfig) -> Result<String, UpError> {
 
     let db_url = start_postgres(cfg, &pg_bin, root)?;
     let keys = init_ctl(cfg, &ctl_bin, &db_url)?;
+    init_tls(cfg, &ctl_bin)?;
     start_ctl(cfg, &ctl_bin, &db_url, running_ctl)?;
     let health = start_agent(cfg, &ctl_bin, &agent_bin, &db_url, running_agent)?;
 
     let exports = format!(
-        "export WRENN_URL=127.0.0.1:{}\nexport WRENN_API_KEY={}\n",
-        cfg.ctl_port, keys.0
+        "export WRENN_URL=127.0.0.1:{}\nexport WRENN_API_KEY={}\nexport WRENN_CA={}\n",
+        cfg.ctl_port,
+        keys.0,
+        l.ca_cert().display()
     );
     write_secret(&l.env_file(), exports.trim_end())?;
     Ok(summary(cfg, &health, &exports))

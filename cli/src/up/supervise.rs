@@ -128,6 +128,54 @@ pub fn http_request(
     let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    let req = request_bytes(addr, method, path, headers, body)?;
+    (&s).write_all(&req)?;
+    read_http_response(&mut proto::http::Wire::new(s, Vec::new()))
+}
+
+/// [`http_get`] over TLS (ALPN http/1.1), trusting the CA certificate file `ca`: ctl's
+/// gateway under `wrenn up`.
+pub fn https_get(
+    addr: SocketAddr,
+    ca: &Path,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    https_request(addr, ca, "GET", path, headers, "", timeout)
+}
+
+/// [`http_request`] over TLS trusting the CA certificate file `ca`.
+pub fn https_request(
+    addr: SocketAddr,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    let client = tls::ClientTls::from_ca_file(
+        ca,
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_HTTP.to_vec()],
+            ..Default::default()
+        },
+    )
+    .map_err(io::Error::other)?;
+    let mut s = client.connect_blocking(addr, &addr.ip().to_string(), timeout)?;
+    let req = request_bytes(addr, method, path, headers, body)?;
+    s.write_all(&req)?;
+    read_http_response(&mut proto::http::Wire::new(s, Vec::new()))
+}
+
+fn request_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> io::Result<Vec<u8>> {
     let host = addr.to_string();
     let mut all = vec![("Host", host.as_str()), ("Connection", "close")];
     all.extend_from_slice(headers);
@@ -139,8 +187,7 @@ pub fn http_request(
         proto::http::request_head(method, path, &all, with_body.then_some(body.len() as u64))
             .map_err(|e| bad(&e.to_string()))?;
     req.extend_from_slice(body.as_bytes());
-    (&s).write_all(&req)?;
-    read_http_response(&mut proto::http::Wire::new(s, Vec::new()))
+    Ok(req)
 }
 
 pub(super) fn bad(msg: &str) -> io::Error {
@@ -286,6 +333,21 @@ pub(super) fn init_ctl(
     Ok((team, admin))
 }
 
+/// `wrenn-ctl admin tls init` once: a local CA and ctl's certificate for the loopback
+/// addresses (certificate making stays in ctl; the CLI links no rcgen).
+pub(super) fn init_tls(cfg: &UpConfig, ctl: &Path) -> Result<(), UpError> {
+    let l = &cfg.layout;
+    if l.ca_cert().exists() && l.tls_dir().join("server.key").exists() {
+        return Ok(());
+    }
+    let mut init = Command::new(ctl);
+    init.args(["admin", "tls", "init", "--dir"])
+        .arg(l.tls_dir())
+        .args(["--names", "127.0.0.1,localhost,::1"]);
+    run_cmd("wrenn-ctl admin tls init", &mut init)?;
+    Ok(())
+}
+
 /// (team key, platform-admin key) from `wrenn-ctl admin init`'s output.
 pub fn parse_init_keys(out: &str) -> Option<(String, String)> {
     let key_on = |label: &str| -> Option<String> {
@@ -317,7 +379,17 @@ pub(super) fn start_ctl(
                 "--host-listen".into(),
                 loopback(cfg.host_port).to_string(),
             ],
-            &[("WRENN_DATABASE_URL", db_url.to_owned())],
+            &[
+                ("WRENN_DATABASE_URL", db_url.to_owned()),
+                (
+                    "WRENN_TLS_CERT",
+                    l.tls_dir().join("server.pem").display().to_string(),
+                ),
+                (
+                    "WRENN_TLS_KEY",
+                    l.tls_dir().join("server.key").display().to_string(),
+                ),
+            ],
             &l.log("ctl"),
             &l.pid("ctl"),
         )?,
@@ -327,7 +399,7 @@ pub(super) fn start_ctl(
     wait_ready("wrenn-ctl", pid, &l.log("ctl"), || {
         TcpStream::connect_timeout(&rpc, Duration::from_secs(1)).is_ok()
             && matches!(
-                http_get(http, "/health", &[], Duration::from_secs(2)),
+                https_get(http, &l.ca_cert(), "/health", &[], Duration::from_secs(2)),
                 Ok((200, _))
             )
     })
@@ -374,6 +446,8 @@ pub(super) fn start_agent(
             if let Some(k) = &cfg.kernel {
                 args.extend(["--kernel".into(), k.display().to_string()]);
             }
+            // ctl's host port speaks TLS: the agent trusts the stack's CA.
+            let mut env = vec![("WRENN_CTL_CA", l.ca_cert().display().to_string())];
             if !identity.exists() {
                 let mut tok = Command::new(ctl);
                 tok.args(["admin", "create-registration-token"])
@@ -387,10 +461,11 @@ pub(super) fn start_agent(
                         status: "no token in its output".into(),
                         output: out.clone(),
                     })?;
-                args.extend(["--registration-token".into(), token.to_owned()]);
+                // By environment, never on the command line (/proc/*/cmdline).
+                env.push(("WRENN_REGISTRATION_TOKEN", token.to_owned()));
             }
             args.extend(cfg.agent_args.iter().cloned());
-            spawn_detached(agent, &args, &[], &l.log("agent"), &l.pid("agent"))?
+            spawn_detached(agent, &args, &env, &l.log("agent"), &l.pid("agent"))?
         }
     };
     let metrics = loopback(cfg.agent_metrics_port());

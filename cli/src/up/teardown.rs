@@ -131,7 +131,15 @@ pub(super) fn destroy_sandboxes(
     ) else {
         return;
     };
-    let client = match proto::rpc::Client::connect_tcp(ctl, proto::rpc::Credential::api_key(key)) {
+    let ca = layout.ca_cert();
+    let ca = ca.exists().then(|| ca.display().to_string());
+    let plaintext = ca.is_none();
+    let client = match crate::cli::connect_ctl(
+        &ctl.to_string(),
+        proto::rpc::Credential::api_key(key),
+        ca.as_deref(),
+        plaintext,
+    ) {
         Ok(c) => c,
         Err(e) => {
             report.push_str(&format!("could not reach ctl to list sandboxes: {e}\n"));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use wrenn::up::{self, http_get, Layout, UpConfig};
+use wrenn::up::{self, http_get, https_get, Layout, UpConfig};
 
 use crate::metrics;
 use crate::support::{require_e2e, skip, wrenn_bin, TempDir};
@@ -82,8 +82,13 @@ impl Drop for Down {
     }
 }
 
-fn metrics_of(addr: SocketAddr) -> metrics::Exposition {
-    let (code, body) = http_get(addr, "/metrics", &[], T).unwrap();
+/// /metrics of a listener; with `ca`, over TLS (ctl's gateway under `wrenn up`).
+fn metrics_of(addr: SocketAddr, ca: Option<&Path>) -> metrics::Exposition {
+    let (code, body) = match ca {
+        Some(ca) => https_get(addr, ca, "/metrics", &[], T),
+        None => http_get(addr, "/metrics", &[], T),
+    }
+    .unwrap();
     assert_eq!(code, 200, "{body}");
     metrics::parse(&body).unwrap_or_else(|e| panic!("{addr}/metrics does not parse: {e}\n{body}"))
 }
@@ -144,6 +149,47 @@ fn up_then_down_without_firecracker() {
         assert_eq!(mode, 0o600, "{}", secret.display());
     }
 
+    // Issue 14: the CLI reaches ctl over TLS with only the env file's variables, and no
+    // secret is on a process's command line.
+    let envs: Vec<(String, String)> = std::fs::read_to_string(cfg.layout.env_file())
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert!(envs.iter().any(|(k, _)| k == "WRENN_CA"), "{envs:?}");
+    let out = std::process::Command::new(wrenn_bin())
+        .args(["sandbox", "list"])
+        .env_clear()
+        .envs(envs.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wrenn sandbox list over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(wrenn_bin())
+        .args(["sandbox", "list", "--plaintext"])
+        .env_clear()
+        .envs(envs.iter().filter(|(k, _)| k != "WRENN_CA").cloned())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("server speaks TLS") && err.contains("WRENN_CA"),
+        "{err}"
+    );
+    for name in ["agent", "ctl"] {
+        let pid = std::fs::read_to_string(cfg.layout.pid(name)).unwrap();
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        assert!(
+            !cmdline.contains("wrr_") && !cmdline.contains("wrn_"),
+            "{name}: {cmdline}"
+        );
+    }
+
     // The agent says why it cannot host sandboxes, naming Firecracker.
     let agent_http = loopback(cfg.agent_metrics_port());
     let (code, health) = http_get(agent_http, "/health", &[], T).unwrap();
@@ -153,14 +199,18 @@ fn up_then_down_without_firecracker() {
 
     // The API answers; the key works and a wrong key does not.
     let http = loopback(cfg.http_port);
-    assert_eq!(http_get(http, "/health", &[], T).unwrap().0, 200);
-    let (code, body) = http_get(http, "/v1/sandboxes", &[("X-API-Key", &key)], T).unwrap();
+    let ca = cfg.layout.ca_cert();
+    // The gateway speaks TLS only: a plaintext request gets a 400 naming HTTPS.
+    let (code, body) = http_get(http, "/health", &[], T).unwrap();
+    assert!(code == 400 && body.contains("HTTPS"), "{code} {body}");
+    assert_eq!(https_get(http, &ca, "/health", &[], T).unwrap().0, 200);
+    let (code, body) = https_get(http, &ca, "/v1/sandboxes", &[("X-API-Key", &key)], T).unwrap();
     assert_eq!(code, 200, "{body}");
     let wrong = format!("wrn_{}", "0".repeat(64));
-    let (code, body) = http_get(http, "/v1/sandboxes", &[("X-API-Key", &wrong)], T).unwrap();
+    let (code, body) = https_get(http, &ca, "/v1/sandboxes", &[("X-API-Key", &wrong)], T).unwrap();
     assert_eq!(code, 401, "{body}");
     // The registered agent is a host ctl knows (platform-admin key).
-    let (code, hosts) = http_get(http, "/v1/hosts", &[("X-API-Key", &admin)], T).unwrap();
+    let (code, hosts) = https_get(http, &ca, "/v1/hosts", &[("X-API-Key", &admin)], T).unwrap();
     assert_eq!(code, 200, "{hosts}");
     assert!(
         hosts.contains(&format!("127.0.0.1:{}", cfg.agent_port)),
@@ -168,8 +218,8 @@ fn up_then_down_without_firecracker() {
     );
 
     // /metrics of both parse strictly, and ctl's counters move after API calls.
-    let before = metrics_of(http);
-    let agent_before = metrics_of(agent_http);
+    let before = metrics_of(http, Some(&ca));
+    let agent_before = metrics_of(agent_http, None);
     // Without Firecracker the agent says so in its gauges too, and runs nothing.
     assert_eq!(
         agent_before.value("wrenn_agent_can_host_sandboxes"),
@@ -194,19 +244,19 @@ fn up_then_down_without_firecracker() {
     let auth_before = before.sum("wrenn_ctl_auth_failures_total");
     for _ in 0..5 {
         assert_eq!(
-            http_get(http, "/v1/sandboxes", &[("X-API-Key", &key)], T)
+            https_get(http, &ca, "/v1/sandboxes", &[("X-API-Key", &key)], T)
                 .unwrap()
                 .0,
             200
         );
     }
     assert_eq!(
-        http_get(http, "/v1/sandboxes", &[("X-API-Key", &wrong)], T)
+        https_get(http, &ca, "/v1/sandboxes", &[("X-API-Key", &wrong)], T)
             .unwrap()
             .0,
         401
     );
-    let after = metrics_of(http);
+    let after = metrics_of(http, Some(&ca));
     let (b, a) = (list_ok(&before), list_ok(&after));
     assert!(a >= b + 5.0, "sandboxes.list 200 {b} -> {a}");
     assert!(after.sum("wrenn_ctl_auth_failures_total") > auth_before);
@@ -215,7 +265,7 @@ fn up_then_down_without_firecracker() {
     assert!(after.sum(hist) >= before.sum(hist) + 6.0, "{hist}");
     // The agent's RPC counters move as ctl calls it (heartbeats, host info); at least the
     // page is stable and parseable a second time.
-    let agent_after = metrics_of(agent_http);
+    let agent_after = metrics_of(agent_http, None);
     for (who, e) in [("ctl", &after), ("agent", &agent_after)] {
         let families: Vec<String> = e.types.iter().map(|(n, t)| format!("{n} ({t})")).collect();
         println!(
@@ -227,7 +277,14 @@ fn up_then_down_without_firecracker() {
     assert!(agent_after.types.len() >= agent_before.types.len());
 
     // A sandbox create fails with an error naming the missing part.
-    let (code, body) = post(http, "/v1/sandboxes", &key, "{}", Duration::from_secs(120));
+    let (code, body) = post(
+        http,
+        &ca,
+        "/v1/sandboxes",
+        &key,
+        "{}",
+        Duration::from_secs(120),
+    );
     println!("create without Firecracker: {code} {body}");
     assert!(code >= 400, "{code} {body}");
     assert!(
@@ -238,7 +295,7 @@ fn up_then_down_without_firecracker() {
     // ctl's host-facing counter moves with the agent's heartbeats.
     let host_calls = after.sum("wrenn_ctl_host_calls_total");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while metrics_of(http).sum("wrenn_ctl_host_calls_total") <= host_calls {
+    while metrics_of(http, Some(&ca)).sum("wrenn_ctl_host_calls_total") <= host_calls {
         assert!(
             std::time::Instant::now() < deadline,
             "no heartbeat reached ctl in 20 s"
@@ -277,7 +334,7 @@ fn up_then_down_without_firecracker() {
         agent_pid.to_string()
     );
     assert_eq!(std::fs::read(&identity).unwrap(), identity_before);
-    let (code, hosts) = http_get(http, "/v1/hosts", &[("X-API-Key", &admin)], T).unwrap();
+    let (code, hosts) = https_get(http, &ca, "/v1/hosts", &[("X-API-Key", &admin)], T).unwrap();
     assert_eq!(code, 200, "{hosts}");
     assert_eq!(
         hosts
@@ -326,31 +383,22 @@ fn up_then_down_without_firecracker() {
     // Restart on the same state: the data and the key survive; the agent keeps its identity.
     let summary = up::up(&cfg).unwrap_or_else(|e| panic!("wrenn up after down: {e}"));
     assert!(summary.contains(&key), "{summary}");
-    let (code, body) = http_get(http, "/v1/sandboxes", &[("X-API-Key", &key)], T).unwrap();
+    let (code, body) = https_get(http, &ca, "/v1/sandboxes", &[("X-API-Key", &key)], T).unwrap();
     assert_eq!(code, 200, "{body}");
     up::stop(&cfg.layout).unwrap_or_else(|e| panic!("second wrenn down: {e}"));
     assert!(processes_under(state.path()).is_empty());
 }
 
+/// A POST with a JSON body to ctl's gateway over TLS (trusting `ca`).
 pub fn post(
     addr: SocketAddr,
+    ca: &Path,
     path: &str,
     key: &str,
     body: &str,
     timeout: Duration,
 ) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
-    s.set_read_timeout(Some(timeout)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    up::parse_http_response(&raw).unwrap()
+    up::https_request(addr, ca, "POST", path, &[("X-API-Key", key)], body, timeout).unwrap()
 }
 
 /// The binary: `wrenn up --help` and `wrenn down` on an empty state directory.

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use wrenn::up::{self, http_get, Layout, UpConfig};
+use wrenn::up::{self, http_get, https_get, Layout, UpConfig};
 
 use crate::support::{skip, TempDir};
 use crate::up::{free_ports, post, prerequisites, processes_under, Down};
@@ -40,12 +40,13 @@ fn sandbox_id(json: &str) -> Option<String> {
 
 /// `echo hi` in the sandbox through ctl; the guests of the development machines now and then
 /// kill a new process on its first steps, so it is tried a few times.
-fn echo_hi(http: std::net::SocketAddr, key: &str, id: &str) {
+fn echo_hi(http: std::net::SocketAddr, ca: &std::path::Path, key: &str, id: &str) {
     let body = "{\"process\": {\"cmd\": \"/bin/echo\", \"args\": [\"hi\"]}}";
     let mut last = String::new();
     for _ in 0..3 {
         let (code, out) = post(
             http,
+            ca,
             &format!("/v1/sandboxes/{id}/exec"),
             key,
             body,
@@ -150,6 +151,7 @@ fn agent_restart_keeps_sandboxes() {
     let t0 = Instant::now();
     let (code, body) = post(
         http,
+        &cfg.layout.ca_cert(),
         "/v1/sandboxes",
         &key,
         "{\"timeout_s\": 3600}",
@@ -158,7 +160,7 @@ fn agent_restart_keeps_sandboxes() {
     assert_eq!(code, 201, "create: {body}");
     println!("sandbox created in {:?}", t0.elapsed());
     let id = sandbox_id(&body).unwrap_or_else(|| panic!("no sandbox id in {body}"));
-    echo_hi(http, &key, &id);
+    echo_hi(http, &cfg.layout.ca_cert(), &key, &id);
     let before = firecracker_pids(&cfg.layout.agent_root());
     assert_eq!(before.len(), 1, "one Firecracker: {before:?}");
 
@@ -184,8 +186,9 @@ fn agent_restart_keeps_sandboxes() {
     up::up(&cfg).unwrap_or_else(|e| panic!("wrenn up after the agent stopped: {e}"));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (code, body) = http_get(
+        let (code, body) = https_get(
             http,
+            &cfg.layout.ca_cert(),
             &format!("/v1/sandboxes/{id}"),
             &[("X-API-Key", &key)],
             t,
@@ -208,9 +211,10 @@ fn agent_restart_keeps_sandboxes() {
     );
 
     // Still usable: a process and a lifecycle call go through the new agent.
-    echo_hi(http, &key, &id);
+    echo_hi(http, &cfg.layout.ca_cert(), &key, &id);
     let (code, body) = post(
         http,
+        &cfg.layout.ca_cert(),
         &format!("/v1/sandboxes/{id}/ping"),
         &key,
         "{}",

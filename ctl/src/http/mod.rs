@@ -33,6 +33,7 @@ pub mod request;
 pub mod response;
 pub mod routes;
 pub mod server;
+pub mod stream;
 
 pub use backend::Backend;
 pub use json::{from_json, to_json, Json, JsonError};
@@ -44,9 +45,14 @@ pub use server::{HttpConfig, HttpError, HttpHandle, HttpServer};
 pub fn spawn(
     api: crate::service::Api,
     addr: std::net::SocketAddr,
+    tls: Option<tls::ServerTls>,
 ) -> std::io::Result<(std::net::SocketAddr, std::thread::JoinHandle<()>)> {
     let backend = std::sync::Arc::new(backend::ApiBackend(api));
-    let server = HttpServer::bind(addr, backend, HttpConfig::default()).map_err(|e| {
+    let config = HttpConfig {
+        tls,
+        ..HttpConfig::default()
+    };
+    let server = HttpServer::bind(addr, backend, config).map_err(|e| {
         std::io::Error::other(format!(
             "{e}: {}",
             std::error::Error::source(&e)

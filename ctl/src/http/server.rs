@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use proto::http::{BodyDecoder, BodyError};
@@ -59,6 +59,7 @@ use super::limits::{
 use super::request::{parse_head, Head, HeadError, Wire};
 use super::response::{response_bytes, Response};
 use super::routes::{match_route, Call, Match, Method, ROUTES};
+use super::stream::HttpStream;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -85,6 +86,8 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     pub body_timeout: Duration,
     pub io_timeout: Duration,
+    /// TLS (ALPN `http/1.1`) on every connection; `None`: plaintext HTTP.
+    pub tls: Option<tls::ServerTls>,
 }
 
 impl Default for HttpConfig {
@@ -104,6 +107,7 @@ impl Default for HttpConfig {
             idle_timeout: IDLE_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
             io_timeout: IO_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -173,7 +177,7 @@ enum Phase {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: HttpStream,
     source: IpAddr,
     /// Bytes read and not used yet (after the head: the body's raw bytes, then pipelined
     /// requests).
@@ -184,8 +188,6 @@ struct Conn {
     deadline: Instant,
     /// Generation of the slot, so a late auth answer cannot reach a newer connection.
     gen: u64,
-    /// Socket timeouts already set (they survive the blocking/non-blocking switches).
-    prepared: bool,
     /// A request of this connection has reached a worker. Until then it is the HTTP
     /// analogue of a connection before its hello: when every place is taken, the oldest
     /// such connection still waiting for its first head makes room for a newcomer.
@@ -231,7 +233,7 @@ enum Returned {
     Served {
         slot: usize,
         ops: bool,
-        conn: Option<(std::net::TcpStream, Vec<u8>, Then)>,
+        conn: Option<(HttpStream, Vec<u8>, Then)>,
     },
 }
 
@@ -481,7 +483,7 @@ impl HttpServer {
 
     fn accept(&mut self) {
         loop {
-            let (mut stream, peer) = match self.listener.accept() {
+            let (stream, peer) = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -502,9 +504,20 @@ impl HttpServer {
             };
             if let Some(why) = refusal {
                 METRICS.connections_refused.inc();
-                let _ = stream.write(&response_bytes(&unavailable(why), false));
+                // A TLS client could not read a plaintext answer: it sees the close.
+                if self.config.tls.is_none() {
+                    let mut stream = stream;
+                    let _ = stream.write(&response_bytes(&unavailable(why), false));
+                }
                 continue;
             }
+            let stream = match HttpStream::accepted(stream.into(), self.config.tls.as_ref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("http accept failed error={e}");
+                    continue;
+                }
+            };
             let Some(i) = self.free.pop() else { continue };
             if self
                 .poll
@@ -519,7 +532,6 @@ impl HttpServer {
                 self.free.push(i);
                 continue;
             }
-            let _ = stream.set_nodelay(true);
             METRICS.connections_open.add(1);
             self.source_use(source).conns += 1;
             self.next_gen += 1;
@@ -533,7 +545,6 @@ impl HttpServer {
                 // the longer idle deadline is for keep-alive connections between requests.
                 deadline: Instant::now() + self.config.head_timeout,
                 gen: self.next_gen,
-                prepared: false,
                 served: false,
             }));
             // Edge-triggered: bytes may already be there.
@@ -633,12 +644,18 @@ impl HttpServer {
                 }
             }
         }
+        // TLS records the socket did not take yet: the next writable event goes on.
+        match c.stream.flush_pending() {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => failed = true,
+        }
         if failed {
             self.close(i);
             return;
         }
         if matches!(c.phase, Phase::Closing) {
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            c.stream.shutdown_write();
             c.phase = Phase::Linger { dropped: 0 };
             self.readable(i);
         }
@@ -1046,7 +1063,6 @@ impl HttpServer {
             buf,
             out,
             phase,
-            prepared,
             source,
             ..
         } = *c;
@@ -1060,14 +1076,8 @@ impl HttpServer {
         };
         // The socket stays registered while a worker holds it: its events are ignored for
         // a busy slot, and `resume` re-arms it (reading at once, since edges may be missed).
-        let std: std::net::TcpStream = stream.into();
-        let mut ok = std.set_nonblocking(false);
-        if !prepared {
-            ok = ok
-                .and_then(|()| std.set_read_timeout(Some(self.config.io_timeout)))
-                .and_then(|()| std.set_write_timeout(Some(self.config.io_timeout)));
-        }
-        if ok.is_err() {
+        let mut std = stream;
+        if std.set_blocking(self.config.io_timeout).is_err() {
             self.release(i);
             return;
         }
@@ -1207,15 +1217,15 @@ impl HttpServer {
         }
     }
 
-    fn resume(&mut self, i: usize, std: std::net::TcpStream, buf: Vec<u8>, then: Then) {
+    fn resume(&mut self, i: usize, mut std: HttpStream, buf: Vec<u8>, then: Then) {
         let (source, gen) = match self.slots[i] {
             Slot::Busy { source, gen, .. } => (source, gen),
             _ => return,
         };
-        if std.set_nonblocking(true).is_err() {
+        if std.set_nonblocking().is_err() {
             return self.release(i);
         }
-        let stream = TcpStream::from_std(std);
+        let stream = std;
         // Still registered (start keeps it so): re-arm instead of a delete and an add.
         if self
             .poll
@@ -1244,7 +1254,6 @@ impl HttpServer {
             phase,
             deadline,
             gen,
-            prepared: true,
             served: true,
         }));
         match then {

@@ -8,7 +8,7 @@ use proto::gen::wrenn::envd::v1 as envd;
 use proto::rpc::{CallOpts, Client, Credential};
 use proto::Code;
 
-use crate::harness::{code, Ctl};
+use crate::harness::{code, connect, Ctl};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -48,7 +48,7 @@ fn hello_and_auth() {
         Credential::agent_token("x"),
         Credential::host_token("wrh_bad"),
     ] {
-        let r = Client::connect_tcp(ctl.addr(), cred).and_then(|cl| {
+        let r = connect(ctl.addr(), cred).and_then(|cl| {
             cl.unary::<_, c::Team>(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
         });
         assert_eq!(code(r), Code::Unauthenticated);
@@ -69,7 +69,7 @@ fn hello_and_auth() {
     let r = cl.unary::<_, c::Team>("wrenn.ctl.v1.Teams/Nope", &c::GetTeamRequest::default(), T);
     assert_eq!(code(r), Code::Unimplemented);
     // A registering connection may only Register.
-    let reg = Client::connect_tcp(ctl.host_addr(), Credential::host_token("")).unwrap();
+    let reg = connect(ctl.host_addr(), Credential::host_token("")).unwrap();
     let r = reg.unary::<_, proto::gen::wrenn::host::v1::HeartbeatResponse>(
         proto::gen::wrenn::host::v1::host_methods::HEARTBEAT,
         &proto::gen::wrenn::host::v1::HeartbeatRequest::default(),
@@ -1254,7 +1254,7 @@ fn templates_teams_users_keys_hosts_audit() {
             T,
         )
         .unwrap();
-    let r = Client::connect_tcp(ctl.addr(), Credential::api_key(&k.plaintext)).and_then(|c2| {
+    let r = connect(ctl.addr(), Credential::api_key(&k.plaintext)).and_then(|c2| {
         c2.unary::<_, c::Team>(c::teams_methods::GET, &c::GetTeamRequest::default(), T)
     });
     assert_eq!(code(r), Code::Unauthenticated);
@@ -1346,7 +1346,7 @@ fn templates_teams_users_keys_hosts_audit() {
         )
         .unwrap();
     let reg = |t: &str| {
-        let rc = Client::connect_tcp(ctl.host_addr(), Credential::host_token("")).unwrap();
+        let rc = connect(ctl.host_addr(), Credential::host_token("")).unwrap();
         rc.unary::<_, proto::gen::wrenn::host::v1::RegisterResponse>(
             proto::gen::wrenn::host::v1::host_methods::REGISTER,
             &proto::gen::wrenn::host::v1::RegisterRequest {

@@ -27,6 +27,7 @@ impl Cli {
         let mut c = Command::new(&self.bin);
         c.args(args)
             .env("WRENN_URL", &self.url)
+            .env("WRENN_CA", &crate::harness::test_tls().files.ca_cert)
             .env("WRENN_API_KEY", key)
             .env("WRENN_LOG", "error")
             .stdin(if stdin.is_some() {
@@ -544,6 +545,7 @@ fn cli_port_forward() {
     let mut child = Command::new(&bin)
         .args(["port", "forward", &id, "0:8080", "--connections", "2"])
         .env("WRENN_URL", &cli.url)
+        .env("WRENN_CA", &crate::harness::test_tls().files.ca_cert)
         .env("WRENN_API_KEY", &cli.key)
         .env("WRENN_LOG", "error")
         .stdin(Stdio::null())

@@ -215,6 +215,8 @@ fn admin_and_serve() {
             &format!("127.0.0.1:{http_port}"),
             "--host-listen",
             &format!("127.0.0.1:{host_port}"),
+            // Plaintext, explicitly: the drain check below reads raw frames.
+            "--plaintext",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -359,7 +361,7 @@ fn protobuf_port_survives_floods() {
     let registration = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let (port, http_port, host_port) = (free_port(), free_port(), free_port());
     let mut child = Command::new(BIN)
-        .args(["serve", "--database-url", &url])
+        .args(["serve", "--database-url", &url, "--plaintext"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
         .args(["--host-listen", &format!("127.0.0.1:{host_port}")])
@@ -584,4 +586,141 @@ fn host_and_http_floods(
         eprintln!("ctl http {}", r.line());
     }
     Ok(())
+}
+
+/// Issue 14: `admin tls init` makes a CA (key 0600) and a server certificate; `serve` with
+/// them speaks TLS on the client port; without certificate flags it refuses to start unless
+/// `--plaintext` says so; a plaintext client on the TLS port hears "server speaks TLS".
+#[test]
+fn serve_speaks_tls_with_the_files_admin_tls_init_makes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("wrenn-ctl-bin-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let init = |names: &str| {
+        Command::new(BIN)
+            .args(["admin", "tls", "init", "--dir"])
+            .arg(&dir)
+            .args(["--names", names])
+            .output()
+            .unwrap()
+    };
+    let out = init("127.0.0.1,localhost");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("ca sha-256:"), "{text}");
+    let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode("ca.key"), mode("server.key")), (0o600, 0o600));
+    // A second init never replaces the CA.
+    let out = init("127.0.0.1");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+
+    // No certificate and no --plaintext: a usage error naming the flags.
+    let out = Command::new(BIN)
+        .args(["serve", "--database-url", "postgres://x@127.0.0.1:1/x"])
+        .env_remove("WRENN_TLS_CERT")
+        .env_remove("WRENN_TLS_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-cert") && err.contains("--plaintext"),
+        "{err}"
+    );
+
+    // The sandbox-port certificate's three flags go together.
+    let out = Command::new(BIN)
+        .args(["serve", "--database-url", "postgres://x@127.0.0.1:1/x"])
+        .arg("--tls-cert")
+        .arg(dir.join("server.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("server.key"))
+        .args(["--tls-sandbox-domain", "sbx.example"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-sandbox-cert"));
+
+    let Some(url) = harness::fresh_db() else {
+        std::fs::remove_dir_all(&dir).unwrap();
+        return;
+    };
+    let out = Command::new(BIN)
+        .args([
+            "admin",
+            "init",
+            "--team",
+            "acme",
+            "--email",
+            "ops@acme.test",
+        ])
+        .env("WRENN_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let team_key = text
+        .lines()
+        .find(|l| l.starts_with("team api key"))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("wrn_")))
+        .unwrap()
+        .to_owned();
+    let (port, http_port, host_port) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--database-url", &url, "--no-http"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+        .args(["--host-listen", &format!("127.0.0.1:{host_port}")])
+        .env("WRENN_TLS_CERT", dir.join("server.pem"))
+        .env("WRENN_TLS_KEY", dir.join("server.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ca = tls::ClientTls::from_ca_file(
+        &dir.join("ca.pem"),
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_WRENN.to_vec()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    let team = loop {
+        let r = tls::connect(
+            &addr,
+            &ca,
+            Credential::api_key(&team_key),
+            &Default::default(),
+        )
+        .and_then(|cl| {
+            cl.unary::<_, c::Team>(
+                c::teams_methods::GET,
+                &c::GetTeamRequest::default(),
+                Some(Duration::from_secs(5)),
+            )
+        });
+        match r {
+            Ok(t) => break t,
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("serve did not answer over TLS: {e:?}");
+            }
+        }
+    };
+    assert_eq!(team.name, "acme");
+    let e = Client::connect_tcp(addr.as_str(), Credential::api_key(&team_key)).unwrap_err();
+    assert!(e.message.contains("server speaks TLS"), "{e:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -52,8 +52,18 @@ fn http(
     key: &str,
     body: &str,
 ) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the gateway");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // Over TLS, as the replicas of the suite serve it.
+    let client = tls::ClientTls::from_ca_file(
+        &crate::harness::test_tls().files.ca_cert,
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_HTTP.to_vec()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut s = client
+        .connect_blocking(addr, "127.0.0.1", Duration::from_secs(30))
+        .expect("connect to the gateway");
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\n\
@@ -690,7 +700,7 @@ fn revocation_reaches_every_replica_at_once() {
     wait_listening(&replica.api);
     let k = new_key(&ctl);
     let on_1 = ctl.client(&k.plaintext);
-    let on_2 = proto::rpc::Client::connect_tcp(
+    let on_2 = crate::harness::connect(
         replica.addr.to_string(),
         proto::rpc::Credential::api_key(&k.plaintext),
     )
@@ -714,7 +724,7 @@ fn revocation_reaches_every_replica_at_once() {
     let (took, e) = until_refused(&on_2, Duration::from_secs(1));
     assert_eq!(e.code, Code::Unauthenticated, "{e}");
     println!("revocation reached the other replica in {took:?}");
-    let r = proto::rpc::Client::connect_tcp(
+    let r = crate::harness::connect(
         replica.addr.to_string(),
         proto::rpc::Credential::api_key(&k.plaintext),
     )
@@ -757,7 +767,7 @@ fn agents_and_clients_have_separate_ports() {
     let Some(ctl) = Ctl::start() else { return };
     assert_ne!(ctl.addr(), ctl.host_addr());
     // A host token on the client port: refused, naming the host port.
-    let e = proto::rpc::Client::connect_tcp(ctl.addr(), proto::rpc::Credential::host_token(""))
+    let e = crate::harness::connect(ctl.addr(), proto::rpc::Credential::host_token(""))
         .and_then(|c| {
             c.unary::<_, host::RegisterResponse>(
                 host::host_methods::REGISTER,
@@ -769,7 +779,7 @@ fn agents_and_clients_have_separate_ports() {
     assert_eq!(e.code, Code::Unauthenticated, "{e}");
     assert!(e.message.contains("7702"), "{e}");
     // An API key on the host port: refused, naming the client port.
-    let e = proto::rpc::Client::connect_tcp(
+    let e = crate::harness::connect(
         ctl.host_addr(),
         proto::rpc::Credential::api_key(&ctl.team_key),
     )
@@ -943,8 +953,8 @@ fn forced_destroy_over_http() {
 fn registering_connections_cannot_fill_the_agents_port() {
     let Some(ctl) = Ctl::start() else { return };
     let reg = || {
-        proto::rpc::Client::connect_tcp(ctl.host_addr(), proto::rpc::Credential::host_token(""))
-            .and_then(|c| {
+        crate::harness::connect(ctl.host_addr(), proto::rpc::Credential::host_token("")).and_then(
+            |c| {
                 // Any call proves the hello was accepted (Register with a bad token fails
                 // after the hello, with unauthenticated).
                 let e = c
@@ -959,7 +969,8 @@ fn registering_connections_cannot_fill_the_agents_port() {
                 } else {
                     Ok(c)
                 }
-            })
+            },
+        )
     };
     let (fa, _) = ctl.add_host(2, 2048, 100_000);
     let held: Vec<_> = (0..ctl::limits::REGISTERING_CONNECTIONS_MAX)
@@ -993,4 +1004,34 @@ fn registering_connections_cannot_fill_the_agents_port() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Issue 14: the host port speaks TLS like the client port; an agent talking plaintext to
+/// it hears "server speaks TLS" and the flag that fixes it.
+#[test]
+fn the_host_port_speaks_tls() {
+    let Some(ctl) = Ctl::start() else { return };
+    let e =
+        proto::rpc::Client::connect_tcp(ctl.host_addr(), proto::rpc::Credential::host_token(""))
+            .unwrap_err();
+    assert!(
+        e.message.contains("server speaks TLS") && e.message.contains("--ctl-ca"),
+        "{e}"
+    );
+    // Registration over TLS works (the fake agent registers through the harness).
+    let (fa, _) = ctl.add_host(1, 1024, 10_000);
+    fa.host_client()
+        .unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 1,
+                    memory_mib: 1024,
+                    disk_mib: 10_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
 }

@@ -102,7 +102,7 @@ impl FakeAgent {
     /// A client of ctl's wrenn.host.v1 with this agent's host token.
     pub fn host_client(&self) -> proto::rpc::Client {
         let (t, a) = self.host_token.lock().unwrap().clone().expect("registered");
-        proto::rpc::Client::connect_tcp(a, proto::rpc::Credential::host_token(t))
+        crate::harness::connect(a, proto::rpc::Credential::host_token(t))
             .expect("connect host client")
     }
 

@@ -28,6 +28,42 @@ pub fn skip(reason: &str) {
 
 pub use ctl::testkit::PgCluster as Cluster;
 
+/// The suite's TLS: one CA and one server certificate for 127.0.0.1 per test process
+/// (made by the same code as `wrenn-ctl admin tls init`), and a client trusting the CA.
+pub struct TestTls {
+    pub files: ctl::pki::InitFiles,
+    pub client: tls::ClientTls,
+}
+
+pub fn test_tls() -> &'static TestTls {
+    static T: OnceLock<TestTls> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("wrenn-ctl-it-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let files = ctl::pki::init(&dir, &["127.0.0.1".into(), "localhost".into()])
+            .expect("admin tls init");
+        let client = tls::ClientTls::from_ca_file(
+            &files.ca_cert,
+            tls::ClientOptions {
+                alpn: vec![tls::ALPN_WRENN.to_vec()],
+                ..Default::default()
+            },
+        )
+        .expect("client TLS");
+        TestTls { files, client }
+    })
+}
+
+/// Connects to a client port over TLS (as every client does by default).
+pub fn connect(addr: impl ToString, cred: Credential) -> Result<Client, proto::Status> {
+    tls::connect(
+        &addr.to_string(),
+        &test_tls().client,
+        cred,
+        &proto::rpc::ClientConfig::default(),
+    )
+}
+
 /// The shared cluster (or DATABASE_URL), stopped when the test process exits.
 enum Shared {
     Own(Cluster),
@@ -135,6 +171,14 @@ pub fn test_config(url: &str) -> Config {
             transition_grace: Duration::from_secs(600),
             create_deadline: Duration::from_secs(20),
         },
+        tls: ctl::config::TlsConfig {
+            cert: Some((
+                test_tls().files.server_cert.clone(),
+                test_tls().files.server_key.clone(),
+            )),
+            allow_tls12: false,
+            sandbox: None,
+        },
     }
 }
 
@@ -201,7 +245,7 @@ impl Ctl {
     }
 
     pub fn client(&self, key: &str) -> Client {
-        Client::connect_tcp(self.addr(), Credential::api_key(key)).expect("connect with api key")
+        connect(self.addr(), Credential::api_key(key)).expect("connect with api key")
     }
 
     pub fn team(&self) -> Client {
@@ -257,8 +301,8 @@ impl Ctl {
                 None,
             )
             .expect("registration token");
-        let reg = Client::connect_tcp(self.host_addr(), Credential::host_token(""))
-            .expect("connect to register");
+        let reg =
+            connect(self.host_addr(), Credential::host_token("")).expect("connect to register");
         let mut req = host::RegisterRequest {
             registration_token: tok.token,
             agent_address: fa.addr.to_string(),

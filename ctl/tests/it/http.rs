@@ -3174,3 +3174,178 @@ fn stalled_bodies_stay_within_the_buffer_budget() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An HTTPS client over the TLS transport, blocking, for the gateway's TLS tests.
+struct Https(tls::TlsTransport);
+
+impl Https {
+    fn connect(addr: SocketAddr) -> Https {
+        Https::connect_named(addr, "127.0.0.1")
+    }
+
+    fn connect_named(addr: SocketAddr, name: &str) -> Https {
+        use proto::rpc::Transport;
+        let client = tls::ClientTls::from_ca_file(
+            &crate::harness::test_tls().files.ca_cert,
+            tls::ClientOptions {
+                alpn: vec![tls::ALPN_HTTP.to_vec()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let tcp = TcpStream::connect(addr).unwrap();
+        let t = client
+            .start(proto::rpc::SocketTransport::new(tcp.into()), name)
+            .unwrap();
+        t.set_read_mode(proto::rpc::ReadMode::Blocking {
+            tick: Duration::from_millis(100),
+        })
+        .unwrap();
+        Https(t)
+    }
+}
+
+impl Read for Https {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use proto::rpc::Transport;
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        let mut b = proto::rpc::BytesMut::with_capacity(buf.len());
+        loop {
+            match self.0.read_into(&mut b, true) {
+                Ok(_) => {
+                    assert!(b.len() <= buf.len());
+                    buf[..b.len()].copy_from_slice(&b);
+                    return Ok(b.len());
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < end => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Write for Https {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        use proto::rpc::Transport;
+        loop {
+            match self.0.write(data) {
+                Ok(n) => {
+                    while self.0.flush()? {
+                        self.0.poll(true, Duration::from_millis(100))?;
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.0.poll(true, Duration::from_millis(100))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Issue 14: the gateway over TLS (ALPN http/1.1): answers from the loop and from workers,
+/// bodies, uploads with 100-continue, keep-alive; a plaintext client gets a 400 saying to
+/// use HTTPS, and the gateway serves everyone else meanwhile.
+#[test]
+fn the_gateway_speaks_tls() {
+    let files = &crate::harness::test_tls().files;
+    let server_tls = ctl::config::TlsConfig {
+        cert: Some((files.server_cert.clone(), files.server_key.clone())),
+        allow_tls12: false,
+        sandbox: None,
+    }
+    .http()
+    .unwrap();
+    let gw = start(HttpConfig {
+        tls: server_tls,
+        ..HttpConfig::default()
+    });
+    let a = gw.addr;
+    // Keep-alive: two requests on one connection (the worker gives it back to the loop).
+    let mut s = Https::connect(a);
+    for _ in 0..2 {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(&mut s).status, 200);
+    }
+    assert_eq!(s.0.alpn().as_deref(), Some(tls::ALPN_HTTP));
+    // A body read on the loop, a streamed answer from a worker.
+    let body = br#"{"process": {"cmd": "ls"}}"#;
+    s.write_all(format!("POST /v1/sandboxes/{SB}/exec/stream HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let r = read_response(&mut s);
+    assert_eq!(r.status, 200);
+    assert_eq!(String::from_utf8(r.body).unwrap().lines().count(), 5);
+    // An upload: 100 Continue from the loop, then 3 MB through TLS records.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut u = Https::connect(a);
+    u.write_all(format!("PUT /v1/sandboxes/{SB}/files?path=/big&mode=420&atomic=true HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n", data.len()).as_bytes()).unwrap();
+    assert_eq!(read_response(&mut u).status, 100);
+    u.write_all(&data).unwrap();
+    let r = read_response(&mut u);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["bytes_written"], data.len().to_string());
+    // No key: 401 from the loop, then close_notify and the close.
+    let mut n = Https::connect(a);
+    n.write_all(b"GET /v1/sandboxes HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut n).status, 401);
+    let mut rest = Vec::new();
+    let _ = n.read_to_end(&mut rest);
+    // Plain HTTP on the TLS port: a 400 naming HTTPS, never a hang.
+    let t0 = std::time::Instant::now();
+    let raw = raw_exchange(a, "GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.starts_with("HTTP/1.1 400") && text.contains("HTTPS"),
+        "{text}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // Everyone else is still served.
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s).status, 200);
+}
+
+/// Issue 14: the sandbox ports' wildcard certificate is served by SNI; the IP address gets
+/// ctl's own certificate.
+#[test]
+fn the_gateway_picks_the_sandbox_certificate_by_sni() {
+    let files = &crate::harness::test_tls().files;
+    let ca = ctl::pki::Authority::load(&files.ca_cert, &files.ca_key).unwrap();
+    let wild = ca
+        .issue_server(&["*.sbx.example".to_owned()], Duration::from_secs(600))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("wrenn-gw-sni-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("w.pem"), &wild.cert_pem).unwrap();
+    std::fs::write(dir.join("w.key"), &wild.key_pem).unwrap();
+    let server_tls = ctl::config::TlsConfig {
+        cert: Some((files.server_cert.clone(), files.server_key.clone())),
+        allow_tls12: false,
+        sandbox: Some(ctl::config::SandboxCert {
+            domain: "sbx.example".into(),
+            cert: dir.join("w.pem"),
+            key: dir.join("w.key"),
+        }),
+    }
+    .http()
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let gw = start(HttpConfig {
+        tls: server_tls,
+        ..HttpConfig::default()
+    });
+    for name in ["127.0.0.1", "p-8080-sb1.sbx.example"] {
+        let mut s = Https::connect_named(gw.addr, name);
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(&mut s).status, 200, "{name}");
+    }
+}

@@ -217,7 +217,7 @@ fn monitor_marks_unreachable_and_heartbeat_brings_back() {
         T,
     );
     assert_eq!(code(r), Code::InvalidArgument);
-    let r = Client::connect_tcp(
+    let r = crate::harness::connect(
         ctl.host_addr(),
         proto::rpc::Credential::host_token(format!("wrh_{}", "1".repeat(64))),
     )
@@ -391,7 +391,7 @@ fn recovers_after_postgres_restart() {
         },
     )
     .unwrap();
-    let cl = Client::connect_tcp(
+    let cl = crate::harness::connect(
         running.addr.to_string(),
         proto::rpc::Credential::api_key(&init.team_key),
     )
@@ -431,7 +431,7 @@ fn recovers_after_postgres_restart() {
         start.elapsed().as_millis()
     );
     // New connections (fresh auth) work too.
-    let cl2 = Client::connect_tcp(
+    let cl2 = crate::harness::connect(
         running.addr.to_string(),
         proto::rpc::Credential::api_key(&init.team_key),
     )
@@ -459,8 +459,8 @@ fn register_checks_its_input() {
             .token
     };
     let reg = |req: host::RegisterRequest| {
-        let rc =
-            Client::connect_tcp(ctl.host_addr(), proto::rpc::Credential::host_token("")).unwrap();
+        let rc = crate::harness::connect(ctl.host_addr(), proto::rpc::Credential::host_token(""))
+            .unwrap();
         rc.unary::<_, host::RegisterResponse>(host::host_methods::REGISTER, &req, T)
     };
     let good = |t: String| host::RegisterRequest {

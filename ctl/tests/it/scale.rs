@@ -22,12 +22,18 @@ fn concurrent_creates_never_exceed_capacity() {
     }
     let addrs = [ctl.addr(), replica.addr.to_string()];
     let key = ctl.team_key.clone();
-    let threads: Vec<_> = (0..24)
+    // Connections first, one after another: 12 TLS handshakes at once from one address
+    // would exceed a replica's budget of connections before their hello (8 per source);
+    // the creates are what runs concurrently.
+    let clients: Vec<_> = (0..24)
         .map(|i| {
-            let addr = addrs[i % 2].clone();
-            let key = key.clone();
+            crate::harness::connect(&addrs[i % 2], proto::rpc::Credential::api_key(&key)).unwrap()
+        })
+        .collect();
+    let threads: Vec<_> = clients
+        .into_iter()
+        .map(|cl| {
             std::thread::spawn(move || {
-                let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
                 cl.unary::<_, c::Sandbox>(
                     c::sandboxes_methods::CREATE,
                     &c::CreateSandboxRequest::default(),
@@ -71,7 +77,8 @@ fn concurrent_creates_never_exceed_capacity() {
             let addr = addrs[i % 2].clone();
             let key = key.clone();
             std::thread::spawn(move || {
-                let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
+                let cl =
+                    crate::harness::connect(addr, proto::rpc::Credential::api_key(key)).unwrap();
                 cl.unary::<_, c::DestroySandboxResponse>(
                     c::sandboxes_methods::DESTROY,
                     &c::DestroySandboxRequest {
@@ -276,7 +283,8 @@ fn the_last_capacity_goes_to_exactly_one_create() {
             let key = ctl.team_key.clone();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let cl = Client::connect_tcp(addr, proto::rpc::Credential::api_key(key)).unwrap();
+                let cl =
+                    crate::harness::connect(addr, proto::rpc::Credential::api_key(key)).unwrap();
                 barrier.wait();
                 cl.unary::<_, c::Sandbox>(
                     c::sandboxes_methods::CREATE,

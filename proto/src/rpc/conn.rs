@@ -1134,6 +1134,13 @@ impl Conn {
                     k => Err(proto_err(format!("expected HELLO_ACK, got {k:?}"))),
                 };
             }
+            // A TLS alert or handshake record (content type 21 or 22, version 3.x): the
+            // length prefix of a frame never starts with these bytes within its limits.
+            if let [0x15 | 0x16, 0x03, ..] = rbuf.pending() {
+                return Err(Status::unavailable(
+                    "server speaks TLS: connect with TLS (ALPN wrenn/1, PROTOCOL.md §0)",
+                ));
+            }
             if let Err(e) = frame::decode(rbuf.pending(), self.limits.recv_frame_len_max) {
                 return Err(proto_err(format!("bad hello answer: {e}")));
             }

@@ -48,6 +48,9 @@ pub enum Scenario {
     HttpIdle,
     /// HTTP listeners: send a request line, then trickle header bytes.
     HttpSlowHeaders,
+    /// TLS listeners: a record header announcing a 512-byte ClientHello and 40 bytes of it,
+    /// then nothing (a half-finished handshake).
+    TlsHalfHandshake,
 }
 
 impl Scenario {
@@ -59,6 +62,7 @@ impl Scenario {
             Scenario::OneCredentialMany(_) => "one_credential_many",
             Scenario::HttpIdle => "http_idle",
             Scenario::HttpSlowHeaders => "http_slow_headers",
+            Scenario::TlsHalfHandshake => "tls_half_handshake",
         }
     }
 }
@@ -374,6 +378,16 @@ fn script(scenario: &Scenario) -> (Vec<u8>, usize, usize) {
         }
         Scenario::OneCredentialMany(cred) => {
             let f = hello_frame(Some(cred));
+            let n = f.len();
+            (f, n, 0)
+        }
+        Scenario::TlsHalfHandshake => {
+            // Record header (handshake, TLS 1.0 on the record layer, 512 bytes), then the
+            // start of a ClientHello: type 1, length 508, version 3.3, random bytes.
+            let mut f = vec![
+                0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ];
+            f.extend_from_slice(&[0x42; 29]);
             let n = f.len();
             (f, n, 0)
         }

@@ -28,7 +28,7 @@ pub use server::{
 pub use transport::{ReadMode, SocketKind, SocketTransport, Transport};
 
 pub use crate::gen::wrenn::wire::v1::{CredentialKind, Hello};
-pub use prost::bytes::Bytes;
+pub use prost::bytes::{Bytes, BytesMut};
 
 /// Encodes `msg` followed by the key and length of a bytes field `tag` holding `payload_len`
 /// bytes: the prefix that, with the payload appended, is the encoding of `msg` with that

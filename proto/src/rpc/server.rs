@@ -336,6 +336,18 @@ impl Server {
         Ok(local)
     }
 
+    /// Listens on a TCP address and wraps each accepted socket (e.g. in TLS).
+    pub fn listen_tcp_with(
+        &mut self,
+        addr: SocketAddr,
+        wrap: WrapTransport,
+    ) -> io::Result<SocketAddr> {
+        let l = TcpListener::bind(addr)?;
+        let local = l.local_addr()?;
+        self.listen_fd_with(l.into(), wrap)?;
+        Ok(local)
+    }
+
     /// Serves an already listening stream socket of any family (vsock included).
     pub fn listen_fd(&mut self, fd: OwnedFd) -> io::Result<()> {
         self.listen_fd_inner(fd, None)
@@ -521,6 +533,10 @@ impl Server {
         if let (true, Some(conn)) = (writable, &entry.conn) {
             let mut st = conn.lock();
             conn.flush(&mut st);
+        } else if let (true, Some(pre)) = (writable, &entry.pre) {
+            // A transport's own bytes (TLS handshake records) move on writable readiness
+            // before the hello too; a write error shows up on the next read.
+            let _ = pre.flush();
         }
         if readable {
             loop {

@@ -133,6 +133,12 @@ pub(crate) fn shutdown(sock: BorrowedFd<'_>) {
     let _ = unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
+/// Shuts the sending direction down (the peer reads end of stream; we may still read).
+pub(crate) fn shutdown_write(sock: BorrowedFd<'_>) {
+    // SAFETY: shutdown(2) on a borrowed open fd; no pointers.
+    let _ = unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_WR) };
+}
+
 /// Reads from `sock` into the spare capacity of `buf` without zero-filling it first.
 /// With `block`, waits up to the socket's receive timeout (a blocking socket).
 pub(crate) fn read_into(

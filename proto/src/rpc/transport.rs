@@ -68,6 +68,11 @@ pub trait Transport: Send + Sync + 'static {
     fn set_read_mode(&self, mode: ReadMode) -> io::Result<()>;
     /// Closes both directions now; blocked readers and writers on other threads return.
     fn shutdown(&self);
+    /// Ends the sending direction only (an HTTP server lingering to read what a client
+    /// still sends after the last answer). TLS sends close_notify first.
+    fn shutdown_write(&self) {
+        self.shutdown()
+    }
     /// The descriptor readiness is polled on.
     fn fd(&self) -> BorrowedFd<'_>;
     /// Where the peer is, for per-source budgets.
@@ -164,6 +169,10 @@ impl Transport for SocketTransport {
 
     fn shutdown(&self) {
         super::sys::shutdown(self.fd.as_fd());
+    }
+
+    fn shutdown_write(&self) {
+        super::sys::shutdown_write(self.fd.as_fd());
     }
 
     fn fd(&self) -> BorrowedFd<'_> {

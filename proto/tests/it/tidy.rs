@@ -126,9 +126,9 @@ fn binaries_stay_within_their_crate_budgets() {
     let budgets = [
         ("envd", None, 9),
         ("uffd", None, 10),
-        ("agent", None, 20),
-        ("ctl", None, 70),
-        ("wrenn", None, 15),
+        ("agent", None, 26),
+        ("ctl", None, 80),
+        ("wrenn", None, 18),
     ];
     let mut over = Vec::new();
     for (pkg, features, goal) in budgets {
@@ -197,7 +197,7 @@ pub fn undocumented_unsafe(src: &str) -> Vec<usize> {
 fn every_unsafe_has_a_safety_comment() {
     let mut files = Vec::new();
     for dir in [
-        "proto", "uffd", "envd", "vmm-glue", "agent", "ctl", "bench", "fuzz",
+        "proto", "tls", "uffd", "envd", "vmm-glue", "agent", "ctl", "bench", "fuzz",
     ] {
         rust_files(&root().join(dir), &mut files);
     }

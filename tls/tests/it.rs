@@ -1,0 +1,492 @@
+//! The TLS transport end to end over loopback: unary and streamed calls, the refusals (wrong
+//! CA, plaintext to a TLS port, TLS to a plaintext port, garbage records, missing or foreign
+//! client certificates), and the server serving everyone else meanwhile.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::rpc::{
+    Call, CallOpts, Client, ClientConfig, Credential, Hello, Peer, Server, ServerConfig,
+    ServerHandle, Service,
+};
+use proto::Status;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tls::{ClientOptions, ClientTls, ServerOptions, ServerTls, ALPN_WRENN};
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Blob {
+    #[prost(bytes = "vec", tag = "1")]
+    data: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    n: u64,
+}
+
+const ECHO: &str = "t.T/Echo";
+const STREAM: &str = "t.T/Stream";
+
+struct Svc;
+
+impl Service for Svc {
+    fn hello(&self, _: &Hello) -> Result<Peer, Status> {
+        Ok(Arc::new(()))
+    }
+    fn call(&self, call: Call) {
+        match call.method() {
+            ECHO => {
+                let r = call.decode::<Blob>();
+                call.respond(r)
+            }
+            STREAM => call.spawn(|mut s| {
+                let req: Blob = match s.first() {
+                    Ok(r) => r,
+                    Err(e) => return s.finish(Err(e)),
+                };
+                for i in 0..req.n {
+                    let m = Blob {
+                        data: vec![(i % 251) as u8; req.data.len()],
+                        n: i,
+                    };
+                    if let Err(e) = s.send(&m) {
+                        return s.finish(Err(e));
+                    }
+                }
+                s.finish(Ok(()))
+            }),
+            _ => call.fail(Status::unimplemented("no")),
+        }
+    }
+}
+
+fn pem(label: &str, der: &[u8]) -> Vec<u8> {
+    let b = proto::base64::encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out.into_bytes()
+}
+
+/// A CA and what it signs, all in memory.
+struct Ca {
+    cert_pem: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            cert_pem: pem("CERTIFICATE", cert.der()),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for these names.
+    fn leaf(&self, names: &[&str]) -> (Vec<u8>, Vec<u8>) {
+        self.leaf_with(names, |_| {})
+    }
+
+    /// A leaf with its parameters adjusted (e.g. its validity).
+    fn leaf_with(
+        &self,
+        names: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> (Vec<u8>, Vec<u8>) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        adjust(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            pem("CERTIFICATE", cert.der()),
+            pem("PRIVATE KEY", &key.serialize_der()),
+        )
+    }
+}
+
+fn wrenn_reply() -> Vec<u8> {
+    let mut out = Vec::new();
+    proto::frame::put_error(
+        &mut out,
+        0,
+        proto::Code::Unavailable,
+        "server speaks TLS: connect with TLS (ALPN wrenn/1)",
+    );
+    out
+}
+
+fn server_opts() -> ServerOptions {
+    ServerOptions {
+        alpn: vec![ALPN_WRENN.to_vec()],
+        plaintext_reply: Some(wrenn_reply()),
+        ..Default::default()
+    }
+}
+
+/// A server on a loopback port; with `tls`, over TLS.
+fn serve(tls: Option<&ServerTls>) -> (SocketAddr, ServerHandle) {
+    let mut cfg = ServerConfig::new("tls-test");
+    cfg.hello_timeout = Duration::from_secs(2);
+    let mut server = Server::new(cfg, Arc::new(Svc)).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    match tls {
+        Some(t) => server.listen_fd_with(l.into(), t.wrap()).unwrap(),
+        None => server.listen_fd(l.into()).unwrap(),
+    }
+    let (h, _) = server.spawn().unwrap();
+    (addr, h)
+}
+
+fn client_tls(ca: &Ca) -> ClientTls {
+    ClientTls::from_ca_pem(
+        &ca.cert_pem,
+        ClientOptions {
+            alpn: vec![ALPN_WRENN.to_vec()],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn connect(addr: SocketAddr, tls: &ClientTls) -> Result<Client, Status> {
+    let cfg = ClientConfig {
+        hello_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    tls::connect(&addr.to_string(), tls, Credential::none(), &cfg)
+}
+
+fn echo(c: &Client, data: Vec<u8>) -> Blob {
+    c.unary(ECHO, &Blob { data, n: 7 }, Some(Duration::from_secs(10)))
+        .unwrap()
+}
+
+fn tls_server(ca: &Ca) -> (SocketAddr, ServerHandle) {
+    let (cert, key) = ca.leaf(&["127.0.0.1", "localhost"]);
+    let st = ServerTls::from_pem(&cert, &key, &server_opts()).unwrap();
+    serve(Some(&st))
+}
+
+#[test]
+fn unary_and_streams_over_tls() {
+    let ca = Ca::new("test CA");
+    let (addr, h) = tls_server(&ca);
+    let c = connect(addr, &client_tls(&ca)).unwrap();
+    assert_eq!(echo(&c, b"hi".to_vec()).data, b"hi");
+    // A message larger than a record and than rustls' buffer.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    assert_eq!(echo(&c, big.clone()).data, big);
+    // 64 MiB streamed: many records, the socket full at times.
+    let mut s = c
+        .call(
+            STREAM,
+            &Blob {
+                data: vec![0; 64 * 1024],
+                n: 1024,
+            },
+            CallOpts {
+                timeout: Some(Duration::from_secs(60)),
+                end_stream: true,
+            },
+        )
+        .unwrap();
+    let mut count = 0u64;
+    while let Some(m) = s.recv::<Blob>().unwrap() {
+        assert_eq!(m.n, count);
+        assert_eq!(m.data.len(), 64 * 1024);
+        assert!(m.data.iter().all(|&b| b == (count % 251) as u8));
+        count += 1;
+    }
+    assert_eq!(count, 1024);
+    // Many calls at once from many threads on one connection.
+    std::thread::scope(|sc| {
+        for t in 0..8u8 {
+            let c = c.clone();
+            sc.spawn(move || {
+                for i in 0..50u8 {
+                    let d = vec![t ^ i; 1000 + i as usize * 100];
+                    assert_eq!(echo(&c, d.clone()).data, d);
+                }
+            });
+        }
+    });
+    h.shutdown();
+}
+
+#[test]
+fn a_client_trusting_another_ca_is_refused_and_others_still_served() {
+    let ca = Ca::new("right CA");
+    let other = Ca::new("other CA");
+    let (addr, h) = tls_server(&ca);
+    let good = connect(addr, &client_tls(&ca)).unwrap();
+    let err = connect(addr, &client_tls(&other)).unwrap_err();
+    assert!(
+        err.message.contains("certificate") && err.message.contains("TLS"),
+        "{err:?}"
+    );
+    assert_eq!(echo(&good, b"still".to_vec()).data, b"still");
+    assert!(connect(addr, &client_tls(&ca)).is_ok());
+    h.shutdown();
+}
+
+#[test]
+fn a_certificate_for_another_name_is_refused() {
+    let ca = Ca::new("CA");
+    let (cert, key) = ca.leaf(&["ctl.example"]);
+    let st = ServerTls::from_pem(&cert, &key, &server_opts()).unwrap();
+    let (addr, h) = serve(Some(&st));
+    let err = connect(addr, &client_tls(&ca)).unwrap_err();
+    assert!(err.message.contains("certificate"), "{err:?}");
+    h.shutdown();
+}
+
+#[test]
+fn a_plaintext_client_on_a_tls_port_hears_that_the_server_speaks_tls() {
+    let ca = Ca::new("CA");
+    let (addr, h) = tls_server(&ca);
+    let t0 = std::time::Instant::now();
+    let err = Client::connect_tcp(addr, Credential::none()).unwrap_err();
+    assert!(err.message.contains("server speaks TLS"), "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "no hang");
+    assert!(connect(addr, &client_tls(&ca)).is_ok());
+    h.shutdown();
+}
+
+#[test]
+fn a_tls_client_on_a_plaintext_port_hears_that_the_server_does_not_speak_tls() {
+    let ca = Ca::new("CA");
+    let (addr, h) = serve(None);
+    let t0 = std::time::Instant::now();
+    let err = connect(addr, &client_tls(&ca)).unwrap_err();
+    assert!(err.message.contains("server does not speak TLS"), "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "no hang");
+    h.shutdown();
+}
+
+#[test]
+fn garbage_and_truncated_records_are_refused_and_others_still_served() {
+    let ca = Ca::new("CA");
+    let (addr, h) = tls_server(&ca);
+    let good = connect(addr, &client_tls(&ca)).unwrap();
+    let cases: [&[u8]; 4] = [
+        // A handshake record whose body is garbage.
+        &[0x16, 0x03, 0x01, 0x00, 0x08, 1, 2, 3, 4, 5, 6, 7, 8],
+        // A record longer than TLS allows.
+        &[0x16, 0x03, 0x03, 0xff, 0xff, 0, 0, 0],
+        // An application-data record before any handshake.
+        &[0x17, 0x03, 0x03, 0x00, 0x04, 9, 9, 9, 9],
+        // A truncated ClientHello, then the client goes away.
+        &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01],
+    ];
+    for (i, bytes) in cases.iter().enumerate() {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(bytes).unwrap();
+        if i == 3 {
+            drop(s);
+            continue;
+        }
+        // The server answers with an alert or a plaintext refusal, then closes.
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        assert!(
+            got.is_empty() || got[0] == tls::RECORD_ALERT || got[0] == 0,
+            "case {i}: {got:?}"
+        );
+    }
+    assert_eq!(echo(&good, b"fine".to_vec()).data, b"fine");
+    assert!(connect(addr, &client_tls(&ca)).is_ok());
+    h.shutdown();
+}
+
+#[test]
+fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+    let ca = Ca::new("host CA");
+    let rogue = Ca::new("rogue CA");
+    let (cert, key) = ca.leaf(&["127.0.0.1"]);
+    let opts = ServerOptions {
+        client_ca_pem: Some(ca.cert_pem.clone()),
+        ..server_opts()
+    };
+    let st = ServerTls::from_pem(&cert, &key, &opts).unwrap();
+    let (addr, h) = serve(Some(&st));
+    let with_identity = |signer: &Ca| {
+        let (c, k) = signer.leaf(&["host-1.hosts.wrenn"]);
+        ClientTls::from_ca_pem(
+            &ca.cert_pem,
+            ClientOptions {
+                alpn: vec![ALPN_WRENN.to_vec()],
+                identity: Some((
+                    tls::certs_from_pem(&c, "c").unwrap(),
+                    tls::key_from_pem(&k, "k").unwrap(),
+                )),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let good = connect(addr, &with_identity(&ca)).unwrap();
+    assert_eq!(echo(&good, b"m".to_vec()).data, b"m");
+    // TLS 1.3 client authentication fails after the client's Finished: the refusal
+    // reaches the client as an alert when it reads, or as a closed connection.
+    assert!(connect(addr, &client_tls(&ca)).is_err(), "no certificate");
+    assert!(connect(addr, &with_identity(&rogue)).is_err(), "foreign CA");
+    assert_eq!(echo(&good, b"n".to_vec()).data, b"n");
+    h.shutdown();
+}
+
+#[test]
+fn bad_pem_files_get_errors_naming_them() {
+    let dir = std::env::temp_dir().join(format!("wrenn-tls-pem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, b"not a pem").unwrap();
+    std::fs::write(&key, b"").unwrap();
+    let e = ServerTls::from_pem_files(&cert, &key, &server_opts()).unwrap_err();
+    assert!(e.to_string().contains("cert.pem"), "{e}");
+    let ca = Ca::new("CA");
+    let (c, _) = ca.leaf(&["x"]);
+    std::fs::write(&cert, &c).unwrap();
+    let e = ServerTls::from_pem_files(&cert, &key, &server_opts()).unwrap_err();
+    assert!(e.to_string().contains("key.pem"), "{e}");
+    let e = ServerTls::from_pem_files(&dir.join("missing"), &key, &server_opts()).unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A flood of half-finished TLS handshakes (from 127.0.0.2+) does not slow an authenticated
+/// client that connects anew every tenth call: the budget of connections before their hello
+/// covers handshakes (loaded p99 at most 2x unloaded p99 plus 20 ms, bounded in time).
+#[test]
+fn half_finished_handshakes_do_not_slow_others() {
+    use proto::rpc::flood::{self, Scenario, Size, Target};
+    let ca = Ca::new("CA");
+    let (cert, key) = ca.leaf(&["127.0.0.1"]);
+    let st = ServerTls::from_pem(&cert, &key, &server_opts()).unwrap();
+    let mut server = Server::new(ServerConfig::new("tls-flood"), Arc::new(Svc)).unwrap();
+    let addr = server
+        .listen_tcp_with("127.0.0.1:0".parse().unwrap(), st.wrap())
+        .unwrap();
+    let (h, _) = server.spawn().unwrap();
+    let client = client_tls(&ca);
+    let mut conn: Option<Client> = None;
+    let mut n = 0u32;
+    let mut legit = || -> Result<(), String> {
+        n += 1;
+        if n % 10 == 0 || conn.is_none() {
+            if let Some(old) = conn.take() {
+                old.close();
+            }
+            conn = Some(connect(addr, &client).map_err(|e| format!("connect: {e}"))?);
+        }
+        let c = conn.as_ref().expect("connected above");
+        let r: Blob = c
+            .unary(
+                ECHO,
+                &Blob {
+                    data: vec![1; 64],
+                    n: 1,
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .map_err(|e| format!("echo: {e}"))?;
+        (r.n == 1)
+            .then_some(())
+            .ok_or_else(|| "wrong echo".to_string())
+    };
+    let r = flood::run_checked(
+        &Target::Tcp(addr),
+        &Scenario::TlsHalfHandshake,
+        &Size::quick(),
+        None,
+        &mut legit,
+        Duration::from_millis(20),
+        0,
+    );
+    h.shutdown();
+    let r = r.unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("tls {}", r.line());
+    assert!(r.opened > 64, "the flood opened only {}", r.opened);
+}
+
+/// Replays the committed corpus of the `tls_first_bytes` fuzz target.
+#[test]
+fn first_bytes_corpus() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/tls_first_bytes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("corpus directory") {
+        tls::fuzz_first_bytes(&std::fs::read(e.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n > 0);
+}
+
+/// Issue 14: a second certificate chosen by SNI (the sandbox ports' wildcard): a client
+/// naming a host under that domain gets it, a client dialing the IP address gets the main
+/// one; each verifies against its own name.
+#[test]
+fn a_second_certificate_is_chosen_by_sni() {
+    let ca = Ca::new("CA");
+    let (cert, key) = ca.leaf(&["127.0.0.1"]);
+    let (wc, wk) = ca.leaf(&["*.sbx.example"]);
+    let opts = ServerOptions {
+        sni: vec![tls::SniCert {
+            domain: "sbx.example".into(),
+            cert_pem: wc,
+            key_pem: wk,
+        }],
+        ..server_opts()
+    };
+    let st = ServerTls::from_pem(&cert, &key, &opts).unwrap();
+    let (addr, h) = serve(Some(&st));
+    let named = |name: &str| {
+        ClientTls::from_ca_pem(
+            &ca.cert_pem,
+            ClientOptions {
+                alpn: vec![ALPN_WRENN.to_vec()],
+                server_name: Some(name.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    // The IP address: no SNI, the main certificate.
+    let c = connect(addr, &client_tls(&ca)).unwrap();
+    assert_eq!(echo(&c, b"a".to_vec()).data, b"a");
+    // A name under the domain: the wildcard certificate.
+    let c = connect(addr, &named("p-8080.sbx.example")).unwrap();
+    assert_eq!(echo(&c, b"b".to_vec()).data, b"b");
+    // Another name gets the main certificate, which does not carry it: refused.
+    let e = connect(addr, &named("other.example")).unwrap_err();
+    assert!(e.message.contains("certificate"), "{e:?}");
+    h.shutdown();
+}
+
+/// An expired server certificate is refused by the client, naming the reason, and the
+/// server keeps serving (it does not know or care).
+#[test]
+fn an_expired_certificate_is_refused() {
+    let ca = Ca::new("CA");
+    let (cert, key) = ca.leaf_with(&["127.0.0.1"], |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let st = ServerTls::from_pem(&cert, &key, &server_opts()).unwrap();
+    let (addr, h) = serve(Some(&st));
+    let e = connect(addr, &client_tls(&ca)).unwrap_err();
+    assert!(e.message.contains("certificate expired"), "{e:?}");
+    h.shutdown();
+}
