@@ -1184,6 +1184,9 @@ pub struct ListDeliveriesResponse {
 ///    name resolved elsewhere grants nothing. When everything else is denied, the resolver
 ///    answers REFUSED for every name not allowed, so no other name is even looked up.
 /// - At most 256 addresses/networks per list and 256 names. IPv4 only.
+/// - The fields and precedence are e2b's; the enforcement is not: e2b matches the Host header
+///    and TLS SNI on ports 80 and 443, wrenn filters addresses on every port and protocol and
+///    learns a name's addresses from DNS, as above.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NetworkPolicy {
     /// false is the same as `deny_out: \["0.0.0.0/0"\]`; absent = true.
