@@ -18,6 +18,7 @@ use proto::rpc::{Client, Credential};
 use proto::Status;
 use uffd::generation::{self, SnapshotKind};
 use uffd::header::{BuildId, Header};
+use uffd::snapshot;
 use vmm_glue::api::ApiClient;
 use vmm_glue::cgroup::{self, CgroupLimits, CgroupMode};
 use vmm_glue::jail::{self, Access, ChrootEntry, JailCgroups, JailLimits, JailSpec};
@@ -582,6 +583,14 @@ impl<T: vmm_glue::request::ToApiRequest> ToReq for T {
     }
 }
 
+fn new_build_id() -> Result<BuildId, VmError> {
+    Ok(BuildId(
+        *proto::random::uuid_v4()
+            .map_err(err2("make a build id"))?
+            .as_bytes(),
+    ))
+}
+
 fn read_header(p: &Path) -> Result<Header, VmError> {
     let b = fs::read(p).map_err(|e| VmError::new("read header", e))?;
     Header::parse(&b).map_err(|e| VmError::new("parse header", e))
@@ -943,38 +952,46 @@ impl Vmm for FirecrackerVmm {
         let t1 = Instant::now();
         // Phases of the build, in µs, for the log line (the bench breaks the build down).
         let mut phase_us = [0u128; 4];
-        let built = (|| -> Result<(Header, u64), VmError> {
+        let mut publish = match snapshot::Publish::begin(&snap, &mut snapshot::no_hook) {
+            Ok(p) => p,
+            Err(e) => {
+                let e = VmError::new("start the generation", e);
+                return Err(self.resume_after_failure(&mut api, e));
+            }
+        };
+        let built = (|| -> Result<Header, VmError> {
             let memory_size = u64::from(rec.spec.memory_mib) << 20;
-            let build = BuildId(
-                *proto::random::uuid_v4()
-                    .map_err(err2("make a build id"))?
-                    .as_bytes(),
-            );
-            let layer_path = snap.join(build.layer_file_name());
-            let tmp_layer = snap.join(format!("{}.tmp", build.layer_file_name()));
+            let build = new_build_id()?;
             // Jailed: what Firecracker wrote is read without following any name the jailed
-            // uid controls, and its VM state copied out (root's from here on).
+            // uid controls, and its VM state copied into the generation (root's from here on).
             let memf = match &paths.chroot {
                 Some(c) => {
                     let mut v = jail::open_beneath(c, Path::new(JAIL_VMSTATE_NEW))
                         .map_err(err2("open the jail's vm state"))?;
-                    let mut out =
-                        File::create(&vmstate_new).map_err(err2("create the vm state copy"))?;
+                    let mut out = File::create(publish.dir().join(snapshot::VMSTATE_NAME))
+                        .map_err(err2("create the vm state copy"))?;
                     std::io::copy(&mut v, &mut out).map_err(err2("copy the vm state"))?;
+                    publish
+                        .vmstate_written(&mut snapshot::no_hook)
+                        .map_err(err2("copy the vm state"))?;
                     jail::open_beneath(c, Path::new(JAIL_MEMORY_SNAP))
                         .map_err(err2("open the jail's memory file"))?
                 }
-                None => File::open(&mem).map_err(err2("open the memory file"))?,
+                None => {
+                    publish
+                        .place_vmstate(&vmstate_new, &mut snapshot::no_hook)
+                        .map_err(err2("move the vm state"))?;
+                    File::open(&mem).map_err(err2("open the memory file"))?
+                }
             };
-            let mut out = std::io::BufWriter::with_capacity(
-                1 << 20,
-                File::create(&tmp_layer).map_err(err2("create the layer file"))?,
-            );
+            let mut out = publish
+                .layer_writer(build)
+                .map_err(err2("create the layer file"))?;
             let (diff, stats) = generation::build(&memf, memory_size, kind, &mut out)
                 .map_err(err2("build the generation"))?;
-            let layer_file = out
-                .into_inner()
-                .map_err(|e| VmError::new("write the layer file", e.into_error()))?;
+            publish
+                .layer_done(out, &mut snapshot::no_hook)
+                .map_err(err2("write the layer file"))?;
             phase_us[0] = t1.elapsed().as_micros();
             let mut header = match (&rec.chain, kind) {
                 (Some(c), SnapshotKind::Diff) => {
@@ -985,79 +1002,74 @@ impl Vmm for FirecrackerVmm {
                     Header::from_base(memory_size, build, &diff).map_err(err2("make the header"))?
                 }
             };
-            // Visible under its name (squash looks layers up by name) but referenced by no
-            // header until the header below is renamed into place.
-            fs::rename(&tmp_layer, &layer_path).map_err(err2("publish the layer file"))?;
+            // The parent's layers still referenced are linked in: a generation directory
+            // holds every layer its header names.
+            let parent_dirs = rec
+                .chain
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.layer_dirs.clone());
+            for l in &header.layers {
+                if l.build_id != build {
+                    publish
+                        .link_layer(&parent_dirs, l.build_id, &mut snapshot::no_hook)
+                        .map_err(err2("link a parent layer"))?;
+                }
+            }
             info!(
                 "generation built id={} kind={kind:?} pages_written={} zero_pages={} scanned={}",
                 rec.id, stats.pages_written, stats.zero_pages, stats.pages_scanned
             );
-            let mut new_files = vec![layer_file];
             if header.needs_squash() {
-                let chain = Chain {
-                    header: PathBuf::new(),
-                    vmstate: PathBuf::new(),
-                    layer_dirs: vec![snap.clone()],
-                    generation: 0,
-                };
+                let sq = new_build_id()?;
+                let dir = publish.dir().to_owned();
                 let mut data = HashMap::new();
                 for l in &header.layers {
-                    let p = find_layer(&chain, &l.build_id)?;
+                    let p = dir.join(l.build_id.layer_file_name());
                     data.insert(l.build_id, fs::read(p).map_err(err2("read a layer"))?);
                 }
-                let sq = BuildId(
-                    *proto::random::uuid_v4()
-                        .map_err(err2("make a build id"))?
-                        .as_bytes(),
-                );
-                let tmp = snap.join(format!("{}.tmp", sq.layer_file_name()));
-                let mut out = File::create(&tmp).map_err(err2("create the squashed layer"))?;
-                header = uffd::header::squash(&header, &FileLayers(data), &mut out, sq)
+                let mut w = publish
+                    .layer_writer(sq)
+                    .map_err(err2("create the squashed layer"))?;
+                header = uffd::header::squash(&header, &FileLayers(data), &mut w, sq)
                     .map_err(err2("squash the layers"))?;
-                fs::rename(&tmp, snap.join(sq.layer_file_name()))
-                    .map_err(err2("publish the squashed layer"))?;
-                new_files.push(out);
+                publish
+                    .layer_done(w, &mut snapshot::no_hook)
+                    .map_err(err2("write the squashed layer"))?;
             }
-            let generation = header.generation;
-            let header_tmp = snap.join("header.tmp");
-            let mut hf = File::create(&header_tmp).map_err(err2("create the header"))?;
-            std::io::Write::write_all(&mut hf, &header.serialize())
-                .map_err(err2("write the header"))?;
-            new_files.push(hf);
-            new_files.push(File::open(&vmstate_new).map_err(err2("open the vm state"))?);
             phase_us[1] = t1.elapsed().as_micros();
-            // One durability point for the whole generation: the layer(s), the header and
-            // Firecracker's VM state reach the disk before either name changes, so a crash
-            // leaves the old snapshot or the new one, never a mix.
-            sys::sync_data_all(&new_files).map_err(err2("fsync the generation"))?;
-            phase_us[2] = t1.elapsed().as_micros();
-            fs::rename(&header_tmp, snap.join("header")).map_err(err2("publish the header"))?;
-            fs::rename(&vmstate_new, snap.join("vmstate")).map_err(err2("publish the vm state"))?;
-            File::open(&snap)
-                .and_then(|d| d.sync_all())
-                .map_err(err2("fsync the snapshot directory"))?;
-            phase_us[3] = t1.elapsed().as_micros();
-            Ok((header, generation))
+            Ok(header)
         })();
-        let (header, generation) = match built {
-            Ok(x) => x,
-            Err(e) => return Err(self.resume_after_failure(&mut api, e)),
+        let header = match built {
+            Ok(h) => h,
+            Err(e) => {
+                publish.abandon();
+                return Err(self.resume_after_failure(&mut api, e));
+            }
         };
+        // One durability point for the whole generation, then one rename: a crash leaves the
+        // old generation or the new one, never new memory with old CPU state.
+        let mut hook = |s: snapshot::Step| match s {
+            snapshot::Step::Synced => phase_us[2] = t1.elapsed().as_micros(),
+            snapshot::Step::Published => phase_us[3] = t1.elapsed().as_micros(),
+            _ => {}
+        };
+        let g = match publish.finish(&header, &mut hook) {
+            Ok(g) => g,
+            Err(e) => {
+                let e = VmError::new("publish the generation", e);
+                return Err(self.resume_after_failure(&mut api, e));
+            }
+        };
+        let generation = header.generation;
         let build_ms = t1.elapsed().as_millis();
         if paths.chroot.is_none() {
             // Jailed, it goes with the chroot when the VM stops.
             discard_in_background(&mem);
         }
-        // Layers no longer referenced (squashed or fully overwritten) go.
-        if let Ok(rd) = fs::read_dir(&snap) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(id) = name.strip_suffix(".layer").and_then(BuildId::parse) {
-                    if header.layer(&id).is_none() {
-                        let _ = fs::remove_file(e.path());
-                    }
-                }
-            }
+        // Older generations (and the layout before generations) go; their layers still
+        // referenced are linked into the new one.
+        if let Err(e) = snapshot::remove_others(&snap, &g, &mut snapshot::no_hook) {
+            warn!("removing old generations failed id={} error={e}", rec.id);
         }
         info!(
             "snapshot taken id={} snapshot_create_ms={fc_ms} build_ms={} scan_us={} header_us={} \
@@ -1070,9 +1082,9 @@ impl Vmm for FirecrackerVmm {
             phase_us[3].saturating_sub(phase_us[2]),
         );
         Ok(Chain {
-            header: snap.join("header"),
-            vmstate: snap.join("vmstate"),
-            layer_dirs: vec![snap.clone()],
+            header: g.header(),
+            vmstate: g.vmstate(),
+            layer_dirs: vec![g.dir.clone()],
             generation,
         })
     }
