@@ -26,8 +26,8 @@ use vmm_glue::net::{Egress, NetConfig, Network};
 use vmm_glue::page_server::{PageServerConfig, PageServerProcess};
 use vmm_glue::process::{CgroupSpec, SpawnConfig, VmProcess, STABLE_DISK_PATH};
 use vmm_glue::request::{
-    Action, BootSource, Drive, MachineConfig, MemBackend, NetworkInterface, NetworkOverride,
-    SnapshotCreate, SnapshotLoad, SnapshotType, VmState, Vsock,
+    Action, BootSource, Drive, MachineConfig, MemBackend, MmdsConfig, MmdsData, MmdsVersion,
+    NetworkInterface, NetworkOverride, SnapshotCreate, SnapshotLoad, SnapshotType, VmState, Vsock,
 };
 use vmm_glue::vsock::{self, ReadinessListener, ENVD_PORT};
 
@@ -453,6 +453,8 @@ impl FirecrackerVmm {
                 uds_path: paths.vsock_fc.clone(),
             },
         )?;
+        call(api, "mmds-config", &mmds_config())?;
+        call(api, "mmds", &mmds_data(rec))?;
         call(api, "InstanceStart", &Action::InstanceStart)
     }
 
@@ -477,14 +479,14 @@ impl FirecrackerVmm {
             .first()
             .ok_or_else(|| VmError::new("start wrenn-uffd", "no layer directory"))?;
         let mut extra_args = Vec::new();
-        let mut stats = dir.path().join("uffd.stats");
+        let mut stats = dir.path().join(UFFD_STATS_NAME);
         let mut record = src.record_working_set.map(Path::to_owned);
         if let (Some(j), Some(uid)) = (&self.cfg.jail, jail_uid) {
             // It drops to the page servers' uid before serving: its socket goes to the
             // jailed Firecracker's uid, its output files to a directory of its own.
             let out = uffd_out_dir(dir);
             make_uffd_out_dir(&out, j.uffd_uid).map_err(err2("start wrenn-uffd"))?;
-            stats = out.join("uffd.stats");
+            stats = out.join(UFFD_STATS_NAME);
             if record.is_some() {
                 record = Some(out.join(UFFD_WORKING_SET_NAME));
             }
@@ -517,6 +519,36 @@ impl FirecrackerVmm {
             return Err(VmError::new("start wrenn-uffd", e));
         }
         Ok(ps)
+    }
+
+    /// Reads wrenn-uffd's stats file once the restore settles, for the restore metrics and
+    /// its log line (`restore_stats`). Jailed, the file is in the page server's own
+    /// directory and read without following a name its uid controls.
+    fn watch_restore(&self, rec: &SandboxRecord, dir: &SandboxDir, ps: ProcRef) {
+        let jailed = self.cfg.jail.is_some() && rec.jail_uid.is_some();
+        let base = if jailed {
+            uffd_out_dir(dir)
+        } else {
+            dir.path().to_owned()
+        };
+        let read = move || -> Option<String> {
+            use std::io::Read;
+            let name = Path::new(UFFD_STATS_NAME);
+            let f = if jailed {
+                jail::open_beneath(&base, name).ok()?
+            } else {
+                File::open(base.join(name)).ok()?
+            };
+            let mut text = String::new();
+            f.take(crate::limits::UFFD_STATS_FILE_MAX)
+                .read_to_string(&mut text)
+                .ok()?;
+            Some(text)
+        };
+        let id = proto::id::format_sandbox(rec.id);
+        if let Err(e) = crate::restore_stats::watch(id, read, move || sys::alive(ps)) {
+            warn!("cannot watch the restore id={} error={e}", rec.id);
+        }
     }
 
     /// Materializes the full memory file of a chain for the File backend: a sparse file of
@@ -581,6 +613,41 @@ impl<T: vmm_glue::request::ToApiRequest> ToReq for T {
     fn send(&self, api: &mut ApiClient) -> Result<(), vmm_glue::api::ApiError> {
         api.call(self).map(|_| ())
     }
+}
+
+/// Firecracker's MMDS: version 2 (session tokens) on the guest's interface, at the default
+/// address envd reads (`envd/src/mmds.rs`).
+pub fn mmds_config() -> MmdsConfig {
+    MmdsConfig {
+        version: MmdsVersion::V2,
+        network_interfaces: vec![IFACE_ID.into()],
+        ipv4_address: None,
+    }
+}
+
+/// The guest's MMDS data store: `{"wrenn": {"sandbox_id", "template_id", "metadata": {..}}}`
+/// with the wire ids (`sb-…`, `tpl-…`) and the sandbox's metadata labels.
+pub fn mmds_data(rec: &SandboxRecord) -> MmdsData {
+    use serde_json::{Map, Value};
+    let labels: Map<String, Value> = rec
+        .spec
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let mut wrenn = Map::new();
+    wrenn.insert(
+        "sandbox_id".into(),
+        proto::id::format_sandbox(rec.id).into(),
+    );
+    wrenn.insert(
+        "template_id".into(),
+        proto::id::format_template(rec.template_id).into(),
+    );
+    wrenn.insert("metadata".into(), Value::Object(labels));
+    let mut root = Map::new();
+    root.insert("wrenn".into(), Value::Object(wrenn));
+    MmdsData(Value::Object(root))
 }
 
 fn new_build_id() -> Result<BuildId, VmError> {
@@ -880,7 +947,15 @@ impl Vmm for FirecrackerVmm {
             }];
             load.vsock_override = Some(paths.vsock_fc.clone());
             let mut api = vm.api_client();
-            api.call(&load).map(|_| ()).map_err(err2("snapshot/load"))
+            api.call(&load).map(|_| ()).map_err(err2("snapshot/load"))?;
+            // The MMDS configuration is part of the VM state, its data store is not: the
+            // restored guest gets its own identity. A snapshot taken before the agent
+            // configured MMDS has none: logged, the restore goes on (envd learns its
+            // identity from init).
+            if let Err(e) = api.call(&mmds_data(rec)) {
+                warn!("mmds not set after restore id={} error={e}", rec.id);
+            }
+            Ok(())
         })();
         match r {
             Ok(()) => {
@@ -892,6 +967,9 @@ impl Vmm for FirecrackerVmm {
                     kernel_version: None,
                     envd_version: None,
                 };
+                if let Some(ps) = started.page_server {
+                    self.watch_restore(rec, dir, ps);
+                }
                 self.map().insert(
                     dir.path().to_owned(),
                     Running {
@@ -1299,6 +1377,8 @@ fn uffd_out_dir(dir: &SandboxDir) -> PathBuf {
     dir.path().join("uffd-out")
 }
 const UFFD_WORKING_SET_NAME: &str = "working_set";
+/// wrenn-uffd's stats file, in the sandbox directory or (jailed) its own.
+const UFFD_STATS_NAME: &str = "uffd.stats";
 
 /// (Re)creates [`uffd_out_dir`] empty, owned by `uid`, mode 0700.
 fn make_uffd_out_dir(out: &Path, uid: u32) -> std::io::Result<()> {
@@ -1358,6 +1438,84 @@ fn remove_discarded(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake Firecracker API socket: answers `n` requests with 204 and returns them.
+    fn fake_api(path: &Path, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+        use std::io::{Read, Write};
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while got.len() < n {
+                let (mut s, _) = l.accept().unwrap();
+                while got.len() < n {
+                    let mut buf = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !buf.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).unwrap() == 0 {
+                            break;
+                        }
+                        buf.push(b[0]);
+                    }
+                    if buf.is_empty() {
+                        break;
+                    }
+                    let head = String::from_utf8(buf).unwrap();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    let mut body = vec![0u8; len];
+                    s.read_exact(&mut body).unwrap();
+                    got.push(format!("{head}{}", String::from_utf8(body).unwrap()));
+                    s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();
+                }
+            }
+            got
+        })
+    }
+
+    #[test]
+    fn mmds_is_configured_with_the_sandbox_identity_and_labels() {
+        let dir = std::env::temp_dir().join(format!("wrenn-agent-mmds-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let server = fake_api(&sock, 2);
+        let mut rec = SandboxRecord::new(
+            proto::id::Uuid::from_u128(0xab),
+            proto::id::Uuid::from_u128(0xcd),
+            crate::statedir::TemplateKind::Snapshot,
+            0,
+        );
+        rec.spec.metadata.insert("team".into(), "blue \"x\"".into());
+        let mut api = ApiClient::new(&sock);
+        api.call(&mmds_config()).unwrap();
+        api.call(&mmds_data(&rec)).unwrap();
+        let got = server.join().unwrap();
+        assert!(
+            got[0].starts_with("PUT /mmds/config HTTP/1.1\r\n"),
+            "{}",
+            got[0]
+        );
+        let body = |r: &str| -> serde_json::Value {
+            serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+        };
+        assert_eq!(
+            body(&got[0]),
+            serde_json::json!({"version": "V2", "network_interfaces": [IFACE_ID]})
+        );
+        assert!(got[1].starts_with("PUT /mmds HTTP/1.1\r\n"), "{}", got[1]);
+        // The layout envd reads (`/wrenn/sandbox_id`, `/wrenn/template_id`), wire ids.
+        assert_eq!(
+            body(&got[1]),
+            serde_json::json!({"wrenn": {
+                "sandbox_id": proto::id::format_sandbox(rec.id),
+                "template_id": proto::id::format_template(rec.template_id),
+                "metadata": {"team": "blue \"x\""},
+            }})
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn chroot_base_too_long_for_its_sockets() {
