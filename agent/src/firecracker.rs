@@ -673,14 +673,6 @@ fn find_layer(chain: &Chain, id: &BuildId) -> Result<PathBuf, VmError> {
         .ok_or_else(|| VmError::new("find layer", format!("{name} missing")))
 }
 
-struct FileLayers(HashMap<BuildId, Vec<u8>>);
-
-impl uffd::header::Layers for FileLayers {
-    fn layer(&self, id: &BuildId) -> Option<&[u8]> {
-        self.0.get(id).map(|v| v.as_slice())
-    }
-}
-
 impl Vmm for FirecrackerVmm {
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -1098,21 +1090,10 @@ impl Vmm for FirecrackerVmm {
                 rec.id, stats.pages_written, stats.zero_pages, stats.pages_scanned
             );
             if header.needs_squash() {
-                let sq = new_build_id()?;
-                let dir = publish.dir().to_owned();
-                let mut data = HashMap::new();
-                for l in &header.layers {
-                    let p = dir.join(l.build_id.layer_file_name());
-                    data.insert(l.build_id, fs::read(p).map_err(err2("read a layer"))?);
-                }
-                let mut w = publish
-                    .layer_writer(sq)
-                    .map_err(err2("create the squashed layer"))?;
-                header = uffd::header::squash(&header, &FileLayers(data), &mut w, sq)
+                // Streams through the mapped layers: bounded memory whatever their sizes.
+                header = publish
+                    .squash(&header, new_build_id()?, &mut snapshot::no_hook)
                     .map_err(err2("squash the layers"))?;
-                publish
-                    .layer_done(w, &mut snapshot::no_hook)
-                    .map_err(err2("write the squashed layer"))?;
             }
             phase_us[1] = t1.elapsed().as_micros();
             Ok(header)

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::header::{BuildId, Header};
-use crate::limits::{LAYER_COUNT_MAX, SCAN_CHUNK};
+use crate::limits::{LAYER_COUNT_MAX, SCAN_CHUNK, SQUASH_CHUNK};
 
 /// Name prefix of a generation directory.
 pub const GEN_PREFIX: &str = "gen-";
@@ -184,7 +184,7 @@ pub struct LayerWriter {
 }
 
 /// Buffer of a [`LayerWriter`] (writes reach the file in pieces of this size).
-const LAYER_WRITE_BUFFER: usize = SCAN_CHUNK;
+const LAYER_WRITE_BUFFER: usize = SQUASH_CHUNK;
 
 impl LayerWriter {
     fn flush_buf(&mut self) -> io::Result<()> {
@@ -325,6 +325,26 @@ impl Publish {
         });
         hook(Step::LayerLinked);
         Ok(())
+    }
+
+    /// Squashes `header`'s layers (all in this generation's directory) into one new layer
+    /// `id` and returns the squashed header. It streams through the mapped layer files
+    /// (`page_server::LayerSet`): the heap it uses is bounded by
+    /// [`crate::limits::SQUASH_MEMORY_MAX`] whatever the layers' sizes.
+    pub fn squash(
+        &mut self,
+        header: &Header,
+        id: BuildId,
+        hook: Hook<'_>,
+    ) -> Result<Header, Error> {
+        let layers = crate::page_server::LayerSet::open(header, &self.tmp)
+            .map_err(|e| invalid(&self.tmp, format!("cannot map the layers: {e}")))?;
+        let mut w = self.layer_writer(id)?;
+        let squashed = crate::header::squash(header, &layers, &mut w, id)
+            .map_err(|e| invalid(&self.tmp, format!("squash: {e}")))?;
+        drop(layers);
+        self.layer_done(w, hook)?;
+        Ok(squashed)
     }
 
     /// Moves a VM state file (on the same file system) into the generation.
@@ -902,6 +922,162 @@ mod tests {
             verify(&g1.dir, g1.seq),
             Err(Error::Invalid { .. })
         ));
+        fs::remove_dir_all(&snap).unwrap();
+    }
+
+    /// Layers of the squash test: each larger than the squash's memory limit.
+    const SQUASH_LAYER_BYTES: u64 = 2 * crate::limits::SQUASH_MEMORY_MAX;
+    const SQUASH_LAYERS: u64 = 9;
+
+    fn rss_anon_kib() -> u64 {
+        let s = fs::read_to_string("/proc/self/status").unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// The child side of [`squash_memory_is_bounded_whatever_the_layer_sizes`]: squashes the
+    /// prepared generation (streaming, or reading every layer into memory as the agent did
+    /// before) while a thread samples `RssAnon`; prints the peak growth.
+    #[test]
+    fn squash_child() {
+        let (Ok(dir), Ok(mode)) = (
+            std::env::var("WRENN_TEST_SQUASH_DIR"),
+            std::env::var("WRENN_TEST_SQUASH_MODE"),
+        ) else {
+            return;
+        };
+        let tmp = PathBuf::from(dir);
+        let header = Header::parse(&fs::read(tmp.join(HEADER_NAME)).unwrap()).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let base = rss_anon_kib();
+        let s2 = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(rss_anon_kib());
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            peak.max(rss_anon_kib())
+        });
+        let id = BuildId([0x5C; 16]);
+        let mut p = Publish {
+            snap: tmp.parent().unwrap().to_owned(),
+            seq: 1,
+            tmp: tmp.clone(),
+            layers: Vec::new(),
+            files: Vec::new(),
+        };
+        let squashed = if mode == "stream" {
+            p.squash(&header, id, &mut no_hook).unwrap()
+        } else {
+            let mut all = std::collections::HashMap::new();
+            for l in &header.layers {
+                all.insert(
+                    l.build_id,
+                    fs::read(tmp.join(l.build_id.layer_file_name())).unwrap(),
+                );
+            }
+            let mut w = p.layer_writer(id).unwrap();
+            let h = crate::header::squash(&header, &all, &mut w, id).unwrap();
+            p.layer_done(w, &mut no_hook).unwrap();
+            h
+        };
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let peak = sampler.join().unwrap();
+        fs::write(tmp.join("squashed.header"), squashed.serialize()).unwrap();
+        println!("peak_anon_growth_kib={}", peak.saturating_sub(base));
+    }
+
+    #[test]
+    fn squash_memory_is_bounded_whatever_the_layer_sizes() {
+        let snap = tmpdir("squash");
+        let tmp = snap.join("gen-00000000000000000001.tmp");
+        fs::create_dir(&tmp).unwrap();
+        let memory = SQUASH_LAYERS * SQUASH_LAYER_BYTES;
+        // Layer i holds range i, filled with byte i + 1.
+        let mut header: Option<Header> = None;
+        for i in 0..SQUASH_LAYERS {
+            let id = BuildId([i as u8 + 1; 16]);
+            fs::write(
+                tmp.join(id.layer_file_name()),
+                vec![i as u8 + 1; SQUASH_LAYER_BYTES as usize],
+            )
+            .unwrap();
+            let mut diff = data_diff(i * SQUASH_LAYER_BYTES, SQUASH_LAYER_BYTES / BLOCK_SIZE);
+            header = Some(match header {
+                None => {
+                    diff.extents.push(DiffExtent {
+                        offset: SQUASH_LAYER_BYTES,
+                        length: memory - SQUASH_LAYER_BYTES,
+                        kind: DiffKind::Zero,
+                    });
+                    Header::from_base(memory, id, &diff).unwrap()
+                }
+                Some(h) => h.merge(&diff, id).unwrap(),
+            });
+        }
+        let header = header.unwrap();
+        assert!(header.needs_squash());
+        fs::write(tmp.join(HEADER_NAME), header.serialize()).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let run = |mode: &str| -> u64 {
+            let out = std::process::Command::new(&exe)
+                .args(["snapshot::tests::squash_child", "--exact", "--nocapture"])
+                .env("WRENN_TEST_SQUASH_DIR", &tmp)
+                .env("WRENN_TEST_SQUASH_MODE", mode)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix("peak_anon_growth_kib="))
+                .unwrap_or_else(|| panic!("no peak in {text:?}"))
+                .parse::<u64>()
+                .unwrap()
+                * 1024
+        };
+        let all_bytes = SQUASH_LAYERS * SQUASH_LAYER_BYTES;
+        // Reading every layer (the agent before): the heap holds them all.
+        let read_all = run("read_all");
+        assert!(read_all >= all_bytes / 2, "read_all grew {read_all} bytes");
+        let stream = run("stream");
+        eprintln!(
+            "squash of {all_bytes} bytes in {SQUASH_LAYERS} layers: peak RssAnon growth \
+             streaming {stream} bytes, reading every layer {read_all} bytes"
+        );
+        assert!(
+            stream <= crate::limits::SQUASH_MEMORY_MAX,
+            "streaming squash grew RssAnon by {stream} bytes"
+        );
+        // The squashed header reads every byte as before, from its one layer.
+        let sq = Header::parse(&fs::read(tmp.join("squashed.header")).unwrap()).unwrap();
+        assert_eq!(sq.layers.len(), 1);
+        let g = Generation {
+            dir: tmp.clone(),
+            seq: 1,
+            legacy: false,
+        };
+        let (mut a, mut b) = (
+            vec![0u8; BLOCK_SIZE as usize],
+            vec![0u8; BLOCK_SIZE as usize],
+        );
+        for i in 0..SQUASH_LAYERS {
+            for off in [
+                i * SQUASH_LAYER_BYTES,
+                (i + 1) * SQUASH_LAYER_BYTES - BLOCK_SIZE,
+            ] {
+                read_page(&g, &header, off, &mut a).unwrap();
+                read_page(&g, &sq, off, &mut b).unwrap();
+                assert_eq!(a, b);
+                assert!(b.iter().all(|&x| x == i as u8 + 1));
+            }
+        }
         fs::remove_dir_all(&snap).unwrap();
     }
 }
