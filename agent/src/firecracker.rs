@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -557,29 +556,8 @@ impl FirecrackerVmm {
         let header = read_header(&chain.header)?;
         let _ = fs::remove_file(out);
         let f = File::create(out).map_err(|e| VmError::new("create memory file", e))?;
-        f.set_len(header.memory_size)
-            .map_err(|e| VmError::new("size memory file", e))?;
-        let mut files: HashMap<BuildId, File> = HashMap::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for e in header.extents.iter().filter(|e| !e.is_zero()) {
-            let src = match files.entry(e.build_id) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let p = find_layer(chain, &e.build_id)?;
-                    v.insert(File::open(&p).map_err(|x| VmError::new("open layer", x))?)
-                }
-            };
-            let mut done = 0;
-            while done < e.length {
-                let n = (e.length - done).min(buf.len() as u64) as usize;
-                src.read_exact_at(&mut buf[..n], e.storage_offset + done)
-                    .map_err(|x| VmError::new("read layer", x))?;
-                f.write_all_at(&buf[..n], e.offset + done)
-                    .map_err(|x| VmError::new("write memory file", x))?;
-                done += n as u64;
-            }
-        }
-        Ok(())
+        snapshot::materialize(&header, &chain.layer_dirs, &f)
+            .map_err(|e| VmError::new("write memory file", e))
     }
 
     fn kill_running(&self, dir: &SandboxDir) {
@@ -661,16 +639,6 @@ fn new_build_id() -> Result<BuildId, VmError> {
 fn read_header(p: &Path) -> Result<Header, VmError> {
     let b = fs::read(p).map_err(|e| VmError::new("read header", e))?;
     Header::parse(&b).map_err(|e| VmError::new("parse header", e))
-}
-
-fn find_layer(chain: &Chain, id: &BuildId) -> Result<PathBuf, VmError> {
-    let name = id.layer_file_name();
-    chain
-        .layer_dirs
-        .iter()
-        .map(|d| d.join(&name))
-        .find(|p| p.exists())
-        .ok_or_else(|| VmError::new("find layer", format!("{name} missing")))
 }
 
 impl Vmm for FirecrackerVmm {
