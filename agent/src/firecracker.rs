@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use proto::rpc::{Client, Credential};
 use proto::Status;
 use uffd::generation::{self, SnapshotKind};
 use uffd::header::{BuildId, Header};
+use uffd::snapshot;
 use vmm_glue::api::ApiClient;
 use vmm_glue::cgroup::{self, CgroupLimits, CgroupMode};
 use vmm_glue::jail::{self, Access, ChrootEntry, JailCgroups, JailLimits, JailSpec};
@@ -25,8 +25,8 @@ use vmm_glue::net::{Egress, NetConfig, Network};
 use vmm_glue::page_server::{PageServerConfig, PageServerProcess};
 use vmm_glue::process::{CgroupSpec, SpawnConfig, VmProcess, STABLE_DISK_PATH};
 use vmm_glue::request::{
-    Action, BootSource, Drive, MachineConfig, MemBackend, NetworkInterface, NetworkOverride,
-    SnapshotCreate, SnapshotLoad, SnapshotType, VmState, Vsock,
+    Action, BootSource, Drive, MachineConfig, MemBackend, MmdsConfig, MmdsData, MmdsVersion,
+    NetworkInterface, NetworkOverride, SnapshotCreate, SnapshotLoad, SnapshotType, VmState, Vsock,
 };
 use vmm_glue::vsock::{self, ReadinessListener, ENVD_PORT};
 
@@ -478,6 +478,8 @@ impl FirecrackerVmm {
                 uds_path: paths.vsock_fc.clone(),
             },
         )?;
+        call(api, "mmds-config", &mmds_config())?;
+        call(api, "mmds", &mmds_data(rec))?;
         call(api, "InstanceStart", &Action::InstanceStart)
     }
 
@@ -502,14 +504,14 @@ impl FirecrackerVmm {
             .first()
             .ok_or_else(|| VmError::new("start wrenn-uffd", "no layer directory"))?;
         let mut extra_args = Vec::new();
-        let mut stats = dir.path().join("uffd.stats");
+        let mut stats = dir.path().join(UFFD_STATS_NAME);
         let mut record = src.record_working_set.map(Path::to_owned);
         if let (Some(j), Some(uid)) = (&self.cfg.jail, jail_uid) {
             // It drops to the page servers' uid before serving: its socket goes to the
             // jailed Firecracker's uid, its output files to a directory of its own.
             let out = uffd_out_dir(dir);
             make_uffd_out_dir(&out, j.uffd_uid).map_err(err2("start wrenn-uffd"))?;
-            stats = out.join("uffd.stats");
+            stats = out.join(UFFD_STATS_NAME);
             if record.is_some() {
                 record = Some(out.join(UFFD_WORKING_SET_NAME));
             }
@@ -544,35 +546,44 @@ impl FirecrackerVmm {
         Ok(ps)
     }
 
+    /// Reads wrenn-uffd's stats file once the restore settles, for the restore metrics and
+    /// its log line (`restore_stats`). Jailed, the file is in the page server's own
+    /// directory and read without following a name its uid controls.
+    fn watch_restore(&self, rec: &SandboxRecord, dir: &SandboxDir, ps: ProcRef) {
+        let jailed = self.cfg.jail.is_some() && rec.jail_uid.is_some();
+        let base = if jailed {
+            uffd_out_dir(dir)
+        } else {
+            dir.path().to_owned()
+        };
+        let read = move || -> Option<String> {
+            use std::io::Read;
+            let name = Path::new(UFFD_STATS_NAME);
+            let f = if jailed {
+                jail::open_beneath(&base, name).ok()?
+            } else {
+                File::open(base.join(name)).ok()?
+            };
+            let mut text = String::new();
+            f.take(crate::limits::UFFD_STATS_FILE_MAX)
+                .read_to_string(&mut text)
+                .ok()?;
+            Some(text)
+        };
+        let id = proto::id::format_sandbox(rec.id);
+        if let Err(e) = crate::restore_stats::watch(id, read, move || sys::alive(ps)) {
+            warn!("cannot watch the restore id={} error={e}", rec.id);
+        }
+    }
+
     /// Materializes the full memory file of a chain for the File backend: a sparse file of
     /// the memory's size with every data extent written at its offset (zeros stay holes).
     fn materialize(&self, chain: &Chain, out: &Path) -> Result<(), VmError> {
         let header = read_header(&chain.header)?;
         let _ = fs::remove_file(out);
         let f = File::create(out).map_err(|e| VmError::new("create memory file", e))?;
-        f.set_len(header.memory_size)
-            .map_err(|e| VmError::new("size memory file", e))?;
-        let mut files: HashMap<BuildId, File> = HashMap::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for e in header.extents.iter().filter(|e| !e.is_zero()) {
-            let src = match files.entry(e.build_id) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let p = find_layer(chain, &e.build_id)?;
-                    v.insert(File::open(&p).map_err(|x| VmError::new("open layer", x))?)
-                }
-            };
-            let mut done = 0;
-            while done < e.length {
-                let n = (e.length - done).min(buf.len() as u64) as usize;
-                src.read_exact_at(&mut buf[..n], e.storage_offset + done)
-                    .map_err(|x| VmError::new("read layer", x))?;
-                f.write_all_at(&buf[..n], e.offset + done)
-                    .map_err(|x| VmError::new("write memory file", x))?;
-                done += n as u64;
-            }
-        }
-        Ok(())
+        snapshot::materialize(&header, &chain.layer_dirs, &f)
+            .map_err(|e| VmError::new("write memory file", e))
     }
 
     fn kill_running(&self, dir: &SandboxDir) {
@@ -608,27 +619,52 @@ impl<T: vmm_glue::request::ToApiRequest> ToReq for T {
     }
 }
 
+/// Firecracker's MMDS: version 2 (session tokens) on the guest's interface, at the default
+/// address envd reads (`envd/src/mmds.rs`).
+pub fn mmds_config() -> MmdsConfig {
+    MmdsConfig {
+        version: MmdsVersion::V2,
+        network_interfaces: vec![IFACE_ID.into()],
+        ipv4_address: None,
+    }
+}
+
+/// The guest's MMDS data store: `{"wrenn": {"sandbox_id", "template_id", "metadata": {..}}}`
+/// with the wire ids (`sb-…`, `tpl-…`) and the sandbox's metadata labels.
+pub fn mmds_data(rec: &SandboxRecord) -> MmdsData {
+    use serde_json::{Map, Value};
+    let labels: Map<String, Value> = rec
+        .spec
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let mut wrenn = Map::new();
+    wrenn.insert(
+        "sandbox_id".into(),
+        proto::id::format_sandbox(rec.id).into(),
+    );
+    wrenn.insert(
+        "template_id".into(),
+        proto::id::format_template(rec.template_id).into(),
+    );
+    wrenn.insert("metadata".into(), Value::Object(labels));
+    let mut root = Map::new();
+    root.insert("wrenn".into(), Value::Object(wrenn));
+    MmdsData(Value::Object(root))
+}
+
+fn new_build_id() -> Result<BuildId, VmError> {
+    Ok(BuildId(
+        *proto::random::uuid_v4()
+            .map_err(err2("make a build id"))?
+            .as_bytes(),
+    ))
+}
+
 fn read_header(p: &Path) -> Result<Header, VmError> {
     let b = fs::read(p).map_err(|e| VmError::new("read header", e))?;
     Header::parse(&b).map_err(|e| VmError::new("parse header", e))
-}
-
-fn find_layer(chain: &Chain, id: &BuildId) -> Result<PathBuf, VmError> {
-    let name = id.layer_file_name();
-    chain
-        .layer_dirs
-        .iter()
-        .map(|d| d.join(&name))
-        .find(|p| p.exists())
-        .ok_or_else(|| VmError::new("find layer", format!("{name} missing")))
-}
-
-struct FileLayers(HashMap<BuildId, Vec<u8>>);
-
-impl uffd::header::Layers for FileLayers {
-    fn layer(&self, id: &BuildId) -> Option<&[u8]> {
-        self.0.get(id).map(|v| v.as_slice())
-    }
 }
 
 impl Vmm for FirecrackerVmm {
@@ -910,7 +946,15 @@ impl Vmm for FirecrackerVmm {
             }];
             load.vsock_override = Some(paths.vsock_fc.clone());
             let mut api = vm.api_client();
-            api.call(&load).map(|_| ()).map_err(err2("snapshot/load"))
+            api.call(&load).map(|_| ()).map_err(err2("snapshot/load"))?;
+            // The MMDS configuration is part of the VM state, its data store is not: the
+            // restored guest gets its own identity. A snapshot taken before the agent
+            // configured MMDS has none: logged, the restore goes on (envd learns its
+            // identity from init).
+            if let Err(e) = api.call(&mmds_data(rec)) {
+                warn!("mmds not set after restore id={} error={e}", rec.id);
+            }
+            Ok(())
         })();
         match r {
             Ok(()) => {
@@ -922,6 +966,9 @@ impl Vmm for FirecrackerVmm {
                     kernel_version: None,
                     envd_version: None,
                 };
+                if let Some(ps) = started.page_server {
+                    self.watch_restore(rec, dir, ps);
+                }
                 self.map().insert(
                     dir.path().to_owned(),
                     Running {
@@ -982,38 +1029,46 @@ impl Vmm for FirecrackerVmm {
         let t1 = Instant::now();
         // Phases of the build, in µs, for the log line (the bench breaks the build down).
         let mut phase_us = [0u128; 4];
-        let built = (|| -> Result<(Header, u64), VmError> {
+        let mut publish = match snapshot::Publish::begin(&snap, &mut snapshot::no_hook) {
+            Ok(p) => p,
+            Err(e) => {
+                let e = VmError::new("start the generation", e);
+                return Err(self.resume_after_failure(&mut api, e));
+            }
+        };
+        let built = (|| -> Result<Header, VmError> {
             let memory_size = u64::from(rec.spec.memory_mib) << 20;
-            let build = BuildId(
-                *proto::random::uuid_v4()
-                    .map_err(err2("make a build id"))?
-                    .as_bytes(),
-            );
-            let layer_path = snap.join(build.layer_file_name());
-            let tmp_layer = snap.join(format!("{}.tmp", build.layer_file_name()));
+            let build = new_build_id()?;
             // Jailed: what Firecracker wrote is read without following any name the jailed
-            // uid controls, and its VM state copied out (root's from here on).
+            // uid controls, and its VM state copied into the generation (root's from here on).
             let memf = match &paths.chroot {
                 Some(c) => {
                     let mut v = jail::open_beneath(c, Path::new(JAIL_VMSTATE_NEW))
                         .map_err(err2("open the jail's vm state"))?;
-                    let mut out =
-                        File::create(&vmstate_new).map_err(err2("create the vm state copy"))?;
+                    let mut out = File::create(publish.dir().join(snapshot::VMSTATE_NAME))
+                        .map_err(err2("create the vm state copy"))?;
                     std::io::copy(&mut v, &mut out).map_err(err2("copy the vm state"))?;
+                    publish
+                        .vmstate_written(&mut snapshot::no_hook)
+                        .map_err(err2("copy the vm state"))?;
                     jail::open_beneath(c, Path::new(JAIL_MEMORY_SNAP))
                         .map_err(err2("open the jail's memory file"))?
                 }
-                None => File::open(&mem).map_err(err2("open the memory file"))?,
+                None => {
+                    publish
+                        .place_vmstate(&vmstate_new, &mut snapshot::no_hook)
+                        .map_err(err2("move the vm state"))?;
+                    File::open(&mem).map_err(err2("open the memory file"))?
+                }
             };
-            let mut out = std::io::BufWriter::with_capacity(
-                1 << 20,
-                File::create(&tmp_layer).map_err(err2("create the layer file"))?,
-            );
+            let mut out = publish
+                .layer_writer(build)
+                .map_err(err2("create the layer file"))?;
             let (diff, stats) = generation::build(&memf, memory_size, kind, &mut out)
                 .map_err(err2("build the generation"))?;
-            let layer_file = out
-                .into_inner()
-                .map_err(|e| VmError::new("write the layer file", e.into_error()))?;
+            publish
+                .layer_done(out, &mut snapshot::no_hook)
+                .map_err(err2("write the layer file"))?;
             phase_us[0] = t1.elapsed().as_micros();
             let mut header = match (&rec.chain, kind) {
                 (Some(c), SnapshotKind::Diff) => {
@@ -1024,79 +1079,63 @@ impl Vmm for FirecrackerVmm {
                     Header::from_base(memory_size, build, &diff).map_err(err2("make the header"))?
                 }
             };
-            // Visible under its name (squash looks layers up by name) but referenced by no
-            // header until the header below is renamed into place.
-            fs::rename(&tmp_layer, &layer_path).map_err(err2("publish the layer file"))?;
+            // The parent's layers still referenced are linked in: a generation directory
+            // holds every layer its header names.
+            let parent_dirs = rec
+                .chain
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.layer_dirs.clone());
+            for l in &header.layers {
+                if l.build_id != build {
+                    publish
+                        .link_layer(&parent_dirs, l.build_id, &mut snapshot::no_hook)
+                        .map_err(err2("link a parent layer"))?;
+                }
+            }
             info!(
                 "generation built id={} kind={kind:?} pages_written={} zero_pages={} scanned={}",
                 rec.id, stats.pages_written, stats.zero_pages, stats.pages_scanned
             );
-            let mut new_files = vec![layer_file];
             if header.needs_squash() {
-                let chain = Chain {
-                    header: PathBuf::new(),
-                    vmstate: PathBuf::new(),
-                    layer_dirs: vec![snap.clone()],
-                    generation: 0,
-                };
-                let mut data = HashMap::new();
-                for l in &header.layers {
-                    let p = find_layer(&chain, &l.build_id)?;
-                    data.insert(l.build_id, fs::read(p).map_err(err2("read a layer"))?);
-                }
-                let sq = BuildId(
-                    *proto::random::uuid_v4()
-                        .map_err(err2("make a build id"))?
-                        .as_bytes(),
-                );
-                let tmp = snap.join(format!("{}.tmp", sq.layer_file_name()));
-                let mut out = File::create(&tmp).map_err(err2("create the squashed layer"))?;
-                header = uffd::header::squash(&header, &FileLayers(data), &mut out, sq)
+                // Streams through the mapped layers: bounded memory whatever their sizes.
+                header = publish
+                    .squash(&header, new_build_id()?, &mut snapshot::no_hook)
                     .map_err(err2("squash the layers"))?;
-                fs::rename(&tmp, snap.join(sq.layer_file_name()))
-                    .map_err(err2("publish the squashed layer"))?;
-                new_files.push(out);
             }
-            let generation = header.generation;
-            let header_tmp = snap.join("header.tmp");
-            let mut hf = File::create(&header_tmp).map_err(err2("create the header"))?;
-            std::io::Write::write_all(&mut hf, &header.serialize())
-                .map_err(err2("write the header"))?;
-            new_files.push(hf);
-            new_files.push(File::open(&vmstate_new).map_err(err2("open the vm state"))?);
             phase_us[1] = t1.elapsed().as_micros();
-            // One durability point for the whole generation: the layer(s), the header and
-            // Firecracker's VM state reach the disk before either name changes, so a crash
-            // leaves the old snapshot or the new one, never a mix.
-            sys::sync_data_all(&new_files).map_err(err2("fsync the generation"))?;
-            phase_us[2] = t1.elapsed().as_micros();
-            fs::rename(&header_tmp, snap.join("header")).map_err(err2("publish the header"))?;
-            fs::rename(&vmstate_new, snap.join("vmstate")).map_err(err2("publish the vm state"))?;
-            File::open(&snap)
-                .and_then(|d| d.sync_all())
-                .map_err(err2("fsync the snapshot directory"))?;
-            phase_us[3] = t1.elapsed().as_micros();
-            Ok((header, generation))
+            Ok(header)
         })();
-        let (header, generation) = match built {
-            Ok(x) => x,
-            Err(e) => return Err(self.resume_after_failure(&mut api, e)),
+        let header = match built {
+            Ok(h) => h,
+            Err(e) => {
+                publish.abandon();
+                return Err(self.resume_after_failure(&mut api, e));
+            }
         };
+        // One durability point for the whole generation, then one rename: a crash leaves the
+        // old generation or the new one, never new memory with old CPU state.
+        let mut hook = |s: snapshot::Step| match s {
+            snapshot::Step::Synced => phase_us[2] = t1.elapsed().as_micros(),
+            snapshot::Step::Published => phase_us[3] = t1.elapsed().as_micros(),
+            _ => {}
+        };
+        let g = match publish.finish(&header, &mut hook) {
+            Ok(g) => g,
+            Err(e) => {
+                let e = VmError::new("publish the generation", e);
+                return Err(self.resume_after_failure(&mut api, e));
+            }
+        };
+        let generation = header.generation;
         let build_ms = t1.elapsed().as_millis();
         if paths.chroot.is_none() {
             // Jailed, it goes with the chroot when the VM stops.
             discard_in_background(&mem);
         }
-        // Layers no longer referenced (squashed or fully overwritten) go.
-        if let Ok(rd) = fs::read_dir(&snap) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(id) = name.strip_suffix(".layer").and_then(BuildId::parse) {
-                    if header.layer(&id).is_none() {
-                        let _ = fs::remove_file(e.path());
-                    }
-                }
-            }
+        // Older generations (and the layout before generations) go; their layers still
+        // referenced are linked into the new one.
+        if let Err(e) = snapshot::remove_others(&snap, &g, &mut snapshot::no_hook) {
+            warn!("removing old generations failed id={} error={e}", rec.id);
         }
         info!(
             "snapshot taken id={} snapshot_create_ms={fc_ms} build_ms={} scan_us={} header_us={} \
@@ -1109,9 +1148,9 @@ impl Vmm for FirecrackerVmm {
             phase_us[3].saturating_sub(phase_us[2]),
         );
         Ok(Chain {
-            header: snap.join("header"),
-            vmstate: snap.join("vmstate"),
-            layer_dirs: vec![snap.clone()],
+            header: g.header(),
+            vmstate: g.vmstate(),
+            layer_dirs: vec![g.dir.clone()],
             generation,
         })
     }
@@ -1337,6 +1376,8 @@ fn uffd_out_dir(dir: &SandboxDir) -> PathBuf {
     dir.path().join("uffd-out")
 }
 const UFFD_WORKING_SET_NAME: &str = "working_set";
+/// wrenn-uffd's stats file, in the sandbox directory or (jailed) its own.
+const UFFD_STATS_NAME: &str = "uffd.stats";
 
 /// (Re)creates [`uffd_out_dir`] empty, owned by `uid`, mode 0700.
 fn make_uffd_out_dir(out: &Path, uid: u32) -> std::io::Result<()> {
@@ -1396,6 +1437,84 @@ fn remove_discarded(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake Firecracker API socket: answers `n` requests with 204 and returns them.
+    fn fake_api(path: &Path, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+        use std::io::{Read, Write};
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while got.len() < n {
+                let (mut s, _) = l.accept().unwrap();
+                while got.len() < n {
+                    let mut buf = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !buf.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).unwrap() == 0 {
+                            break;
+                        }
+                        buf.push(b[0]);
+                    }
+                    if buf.is_empty() {
+                        break;
+                    }
+                    let head = String::from_utf8(buf).unwrap();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    let mut body = vec![0u8; len];
+                    s.read_exact(&mut body).unwrap();
+                    got.push(format!("{head}{}", String::from_utf8(body).unwrap()));
+                    s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();
+                }
+            }
+            got
+        })
+    }
+
+    #[test]
+    fn mmds_is_configured_with_the_sandbox_identity_and_labels() {
+        let dir = std::env::temp_dir().join(format!("wrenn-agent-mmds-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let server = fake_api(&sock, 2);
+        let mut rec = SandboxRecord::new(
+            proto::id::Uuid::from_u128(0xab),
+            proto::id::Uuid::from_u128(0xcd),
+            crate::statedir::TemplateKind::Snapshot,
+            0,
+        );
+        rec.spec.metadata.insert("team".into(), "blue \"x\"".into());
+        let mut api = ApiClient::new(&sock);
+        api.call(&mmds_config()).unwrap();
+        api.call(&mmds_data(&rec)).unwrap();
+        let got = server.join().unwrap();
+        assert!(
+            got[0].starts_with("PUT /mmds/config HTTP/1.1\r\n"),
+            "{}",
+            got[0]
+        );
+        let body = |r: &str| -> serde_json::Value {
+            serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+        };
+        assert_eq!(
+            body(&got[0]),
+            serde_json::json!({"version": "V2", "network_interfaces": [IFACE_ID]})
+        );
+        assert!(got[1].starts_with("PUT /mmds HTTP/1.1\r\n"), "{}", got[1]);
+        // The layout envd reads (`/wrenn/sandbox_id`, `/wrenn/template_id`), wire ids.
+        assert_eq!(
+            body(&got[1]),
+            serde_json::json!({"wrenn": {
+                "sandbox_id": proto::id::format_sandbox(rec.id),
+                "template_id": proto::id::format_template(rec.template_id),
+                "metadata": {"team": "blue \"x\""},
+            }})
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn chroot_base_too_long_for_its_sockets() {

@@ -7,6 +7,7 @@
 //! - [`uid_pool`]: the unprivileged uids jailed Firecrackers run as, one per running sandbox;
 //! - [`vm`]: the VM layer the manager drives, as a trait;
 //! - [`metrics`]: counters and Prometheus text;
+//! - [`restore_stats`]: wrenn-uffd's stats file after a restore, as metrics and a log line;
 //! - [`sys`]: pidfds, statvfs, random bytes;
 //! - [`rpc`]: the wrenn.agent.v1 server and the proxies to envd;
 //! - [`ports`]: `Ports.Connect`, raw TCP to a port of a running sandbox;
@@ -29,6 +30,7 @@ pub mod limits;
 pub mod manager;
 pub mod metrics;
 pub mod ports;
+pub mod restore_stats;
 pub mod rpc;
 pub mod sampler;
 pub mod samples;

@@ -149,3 +149,13 @@ const _: () = assert!(TIER_COARSE_STEP_S % TIER_MID_STEP_S == 0);
 /// Largest registration-token file (`--registration-token-file`): a token is under 100
 /// bytes; a larger file is not one.
 pub const REGISTRATION_TOKEN_FILE_MAX: usize = 4096;
+
+/// How often a restore's watcher reads wrenn-uffd's stats file (the page server rewrites it
+/// about once a second and at every phase change).
+pub const RESTORE_STATS_POLL: Duration = Duration::from_millis(250);
+/// How long a restore's watcher waits for the page server's final report: a restore's
+/// background fill takes seconds per GiB; past this the restore is logged as unsettled and
+/// the thread ends (one watcher per restore, so at most one per sandbox).
+pub const RESTORE_SETTLE_MAX: Duration = Duration::from_secs(600);
+/// Most of wrenn-uffd's stats file the agent reads: it is about 400 bytes of counters.
+pub const UFFD_STATS_FILE_MAX: u64 = 16 * 1024;

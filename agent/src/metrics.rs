@@ -16,6 +16,16 @@ pub static PORT_STREAMS: Counter = Counter::new();
 pub static CREATE_SECONDS: Histogram = Histogram::new();
 pub static PAUSE_SECONDS: Histogram = Histogram::new();
 pub static RESUME_SECONDS: Histogram = Histogram::new();
+/// Restores through wrenn-uffd whose page server gave its final report
+/// ([`crate::restore_stats`]), and the sums of their counters.
+pub static RESTORES_SETTLED: Counter = Counter::new();
+pub static RESTORE_FAULTS: Counter = Counter::new();
+pub static RESTORE_PAGES_PREFETCHED: Counter = Counter::new();
+pub static RESTORE_PAGES_FILLED: Counter = Counter::new();
+/// From the handshake until every page was resident.
+pub static RESTORE_RESIDENT_SECONDS: Histogram = Histogram::new();
+/// From the handshake to the first page fault.
+pub static RESTORE_FIRST_FAULT_SECONDS: Histogram = Histogram::new();
 
 /// A gauge sample computed at scrape time.
 #[derive(Debug, Clone)]
@@ -60,6 +70,16 @@ pub fn counters() -> Vec<Sample> {
             dns::NEVER_OUT_DROPPED.get(),
         ),
         c("wrenn_agent_port_streams_total", PORT_STREAMS.get()),
+        c("wrenn_agent_restores_settled_total", RESTORES_SETTLED.get()),
+        c("wrenn_agent_restore_faults_total", RESTORE_FAULTS.get()),
+        c(
+            "wrenn_agent_restore_pages_prefetched_total",
+            RESTORE_PAGES_PREFETCHED.get(),
+        ),
+        c(
+            "wrenn_agent_restore_pages_filled_total",
+            RESTORE_PAGES_FILLED.get(),
+        ),
         c("wrenn_agent_create_seconds_count", CREATE_SECONDS.count()),
         c("wrenn_agent_pause_seconds_count", PAUSE_SECONDS.count()),
         c("wrenn_agent_resume_seconds_count", RESUME_SECONDS.count()),
@@ -80,6 +100,14 @@ pub fn render(gauges: &[Sample]) -> String {
         ("wrenn_agent_create_seconds", &CREATE_SECONDS),
         ("wrenn_agent_pause_seconds", &PAUSE_SECONDS),
         ("wrenn_agent_resume_seconds", &RESUME_SECONDS),
+        (
+            "wrenn_agent_restore_resident_seconds",
+            &RESTORE_RESIDENT_SECONDS,
+        ),
+        (
+            "wrenn_agent_restore_first_fault_seconds",
+            &RESTORE_FIRST_FAULT_SECONDS,
+        ),
     ] {
         family(&mut out, name, "histogram", name);
         h.render(&mut out, name, "");

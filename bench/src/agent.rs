@@ -719,7 +719,12 @@ mod lifecycle {
                     m.pause(id).map_err(|e| format!("pause: {e}"))?;
                     pause.push(&timed.take(), t.elapsed());
                     let lines = CAPTURE.0.lock().map(|l| l.clone()).unwrap_or_default();
-                    let snap = m.layout().sandbox(id).snapshot();
+                    // The pause's files are in its generation directory.
+                    let root = m.layout().sandbox(id).snapshot();
+                    let snap = uffd::snapshot::newest(&root)
+                        .ok()
+                        .flatten()
+                        .map_or(root, |g| g.dir);
                     if let (Some(f), Some(b)) = (
                         logged(&lines, "snapshot_create_ms"),
                         logged(&lines, "build_ms"),

@@ -950,8 +950,11 @@ pub fn squash(
             .ok_or(SquashError::ShortLayer {
                 build_id: e.build_id,
             })?;
-        out.write_all(bytes)
-            .map_err(|source| SquashError::Write { source })?;
+        // In pieces: a mapped layer's pages are read in as each piece is written.
+        for piece in bytes.chunks(crate::limits::SQUASH_CHUNK) {
+            out.write_all(piece)
+                .map_err(|source| SquashError::Write { source })?;
+        }
         push_coalesced(
             &mut extents,
             Extent {

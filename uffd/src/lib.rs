@@ -6,6 +6,7 @@
 //! - [`handshake`]: Firecracker's UFFD handshake (fd + JSON regions);
 //! - [`working_set`]: the recorded order of first-touched pages;
 //! - [`page_server`]: the `wrenn-uffd` event loop that serves page faults from layer files;
+//! - [`snapshot`]: a snapshot directory: generations published by one rename, recovery;
 //! - [`privileges`]: dropping root before serving (uid, gid, capabilities, no new privileges);
 //! - [`sys`]: the only module with `unsafe`: ioctls, SCM_RIGHTS, pidfd, mappings.
 //!
@@ -17,6 +18,7 @@ pub mod header;
 pub mod limits;
 pub mod page_server;
 pub mod privileges;
+pub mod snapshot;
 pub mod stats;
 pub mod sys;
 pub mod working_set;

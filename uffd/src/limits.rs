@@ -100,3 +100,14 @@ const _: () = assert!(MEMORY_SIZE_MAX / BLOCK_SIZE <= u32::MAX as u64);
 // `HEADER_SIZE_MAX` is derived from the larger of the two extent records.
 const _: () = assert!(crate::header::EXTENT_RECORD_SIZE_V1 >= crate::header::EXTENT_RECORD_SIZE);
 const _: () = assert!(HANDSHAKE_FD_MAX >= 2);
+
+/// Largest piece a squash copies from a mapped layer to the new layer in one write, and the
+/// new layer's write buffer: a squash streams through the mapped layers (`page_server::
+/// LayerSet`), so its heap does not grow with the layers' sizes.
+pub const SQUASH_CHUNK: usize = 1 << 20;
+/// Anonymous memory a squash may add to its process beyond the header itself, whatever the
+/// layer sizes: the write buffer ([`SQUASH_CHUNK`]) with room for the allocator and a thread
+/// stack. A test squashes layers larger than this and checks the peak `RssAnon`.
+pub const SQUASH_MEMORY_MAX: u64 = 4 << 20;
+
+const _: () = assert!(SQUASH_CHUNK as u64 * 2 <= SQUASH_MEMORY_MAX);

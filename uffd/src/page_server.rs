@@ -852,6 +852,11 @@ impl<'a> Serve<'a> {
             for i in 0..n {
                 let m = self.msgs[i];
                 if m.event == sys::UFFD_EVENT_PAGEFAULT {
+                    if self.srv.stats.faults == 0 {
+                        // Plus one, so a fault in the handshake's microsecond is not "none".
+                        self.srv.stats.first_fault_us =
+                            self.handshake_at.elapsed().as_micros() as u64 + 1;
+                    }
                     self.srv.stats.faults += 1;
                     match self.on_fault(m.arg[1])? {
                         Install::Done => {}

@@ -36,6 +36,8 @@ pub struct Stats {
     pub handshake_us: u64,
     /// Milliseconds from the handshake until every page was resident (0 until then).
     pub resident_ms: u64,
+    /// Microseconds from the handshake to the first page fault, plus one (0: no fault yet).
+    pub first_fault_us: u64,
 }
 
 impl Stats {
@@ -58,6 +60,7 @@ impl Stats {
             ("pages_resident", self.pages_resident),
             ("handshake_us", self.handshake_us),
             ("resident_ms", self.resident_ms),
+            ("first_fault_us", self.first_fault_us),
         ] {
             w.put_display(k, v);
         }

@@ -32,6 +32,60 @@ pub struct Decision {
 
 /// Decides what a restarted agent does with `rec`, given whether its recorded Firecracker
 /// still runs and whether its snapshot chain's files are present.
+/// Finds the snapshot a sandbox resumes from: in its own snapshot directory, the newest
+/// complete generation (incomplete and older ones are removed, `uffd::snapshot::recover`),
+/// which replaces the record's chain when a crash came between the publish and the record
+/// write; a chain elsewhere (none today) must have its header and VM state. Whether one is
+/// there.
+pub(super) fn recover_chain(dir: &SandboxDir, rec: &mut SandboxRecord) -> bool {
+    let Some(c) = rec.chain.as_mut() else {
+        return false;
+    };
+    let snap = dir.snapshot();
+    if !c.header.starts_with(&snap) {
+        return c.header.exists() && c.vmstate.exists();
+    }
+    let g = match uffd::snapshot::recover(&snap) {
+        Ok(r) => {
+            for p in &r.removed {
+                warn!("removed snapshot generation path={}", p.display());
+            }
+            r.generation
+        }
+        Err(e) => {
+            warn!("snapshot recovery failed id={} error={e}", rec.id);
+            None
+        }
+    };
+    let Some(g) = g else { return false };
+    let generation = fs::read(g.header())
+        .ok()
+        .and_then(|b| uffd::header::Header::parse(&b).ok())
+        .map(|h| h.generation);
+    let Some(generation) = generation else {
+        return false;
+    };
+    if c.header != g.header() {
+        info!(
+            "snapshot chain taken from the newest generation id={} path={}",
+            id::format_sandbox(rec.id),
+            g.dir.display()
+        );
+    }
+    let mut layer_dirs = vec![g.layer_dir().to_owned()];
+    if g.legacy {
+        // The layout before generations may name a template's directory after its own.
+        layer_dirs = c.layer_dirs.clone();
+    }
+    *c = Chain {
+        header: g.header(),
+        vmstate: g.vmstate(),
+        layer_dirs,
+        generation,
+    };
+    true
+}
+
 pub fn decide(rec: &SandboxRecord, firecracker_alive: bool, chain_present: bool) -> Decision {
     let fc = match rec.firecracker {
         Some(p) => format!("firecracker (pid {})", p.pid),
@@ -233,11 +287,13 @@ impl Manager {
 
     pub(super) fn recover_one(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Decision {
         let fc_alive = rec.firecracker.is_some_and(|p| self.vmm.alive(p));
-        let chain_present = rec
-            .chain
-            .as_ref()
-            .is_some_and(|c| c.header.exists() && c.vmstate.exists());
+        let chain_present = recover_chain(dir, &mut rec);
         let mut d = decide(&rec, fc_alive, chain_present);
+        if d.action == Action::ResumeVmThenAdopt {
+            // The interrupted pause may have reset Firecracker's dirty-page log without
+            // publishing its generation: only a Full snapshot is safe next.
+            rec.full_snapshot_taken = false;
+        }
         let id = rec.id;
         let before = rec.state;
         let sb = Arc::new(Sandbox {

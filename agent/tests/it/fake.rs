@@ -680,21 +680,31 @@ impl Vmm for FakeVmm {
             }
             None => (Header::from_base(16 * 4096, build, &diff).unwrap(), 1),
         };
-        std::fs::write(snap.join(build.layer_file_name()), vec![7u8; 4096]).unwrap();
-        std::fs::write(snap.join("header"), header.serialize()).unwrap();
-        std::fs::write(snap.join("vmstate"), text).unwrap();
-        let mut layer_dirs = vec![snap.clone()];
-        if let Some(c) = &rec.chain {
-            for d in &c.layer_dirs {
-                if !layer_dirs.contains(d) {
-                    layer_dirs.push(d.clone());
-                }
+        // Published as the real one does: one generation directory, renamed into place.
+        use uffd::snapshot::{self, no_hook};
+        let mut p = snapshot::Publish::begin(&snap, &mut no_hook).unwrap();
+        let mut w = p.layer_writer(build).unwrap();
+        std::io::Write::write_all(&mut w, &[7u8; 4096]).unwrap();
+        p.layer_done(w, &mut no_hook).unwrap();
+        let parents = rec
+            .chain
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.layer_dirs.clone());
+        for l in &header.layers {
+            if l.build_id != build {
+                p.link_layer(&parents, l.build_id, &mut no_hook).unwrap();
             }
         }
+        std::fs::write(p.dir().join(snapshot::VMSTATE_NAME), text).unwrap();
+        p.vmstate_written(&mut no_hook).unwrap();
+        let g = p.finish(&header, &mut no_hook).unwrap();
+        if !self.should_fail("keep-old-generations") {
+            snapshot::remove_others(&snap, &g, &mut no_hook).unwrap();
+        }
         Ok(Chain {
-            header: snap.join("header"),
-            vmstate: snap.join("vmstate"),
-            layer_dirs,
+            header: g.header(),
+            vmstate: g.vmstate(),
+            layer_dirs: vec![g.dir.clone()],
             generation,
         })
     }

@@ -111,6 +111,10 @@ fn background_fill_makes_everything_resident_then_unregisters() {
         Some("resident")
     );
     assert_eq!(stat(&text, "pages_resident"), memory / PAGE);
+    // Three pages were touched: the first fault's time is reported (µs + 1, so never 0).
+    assert!(stats.faults > 0);
+    assert!(stat(&text, "first_fault_us") > 0, "{text}");
+    assert!(stat(&text, "first_fault_us") <= stat(&text, "resident_ms") * 1000 + 1000);
     // The server is gone and the memory unregistered: reads never block, and every byte is
     // there (a page left missing would now read as zeros and fail the comparison).
     for p in 0..memory / PAGE {
