@@ -108,7 +108,23 @@ fn problems_json(p: &[String]) -> serde_json::Value {
 }
 
 /// Register: exchanges a one-time registration token for the host's identity and tokens.
-pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterResponse, Status> {
+pub fn register(
+    api: &Api,
+    mut req: host::RegisterRequest,
+) -> Result<host::RegisterResponse, Status> {
+    let host_key = crate::pki::check_register_key(&req)
+        .map_err(|e| {
+            crate::metrics::AUTH_FAILURES.inc();
+            Status::unauthenticated(e.to_string())
+        })?
+        .map(<[u8]>::to_vec);
+    // The token as handed out may carry the CA pin after a dot: only the secret is ours.
+    if let Some((secret, _pin)) = req
+        .registration_token
+        .split_once(tls::hostkey::PIN_SEPARATOR)
+    {
+        req.registration_token = secret.to_owned();
+    }
     if !auth::well_formed(&req.registration_token, auth::REGISTRATION_TOKEN_PREFIX) {
         crate::metrics::AUTH_FAILURES.inc();
         return Err(Status::unauthenticated("malformed registration token"));
@@ -181,13 +197,28 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
         ))?;
         Ok(())
     })?;
-    log::info!("host registered host={}", id::format(Kind::Host, id));
-    Ok(host::RegisterResponse {
-        host_id: id::format(Kind::Host, id),
+    let host_id = id::format(Kind::Host, id);
+    log::info!("host registered host={host_id}");
+    let mut resp = host::RegisterResponse {
+        host_id,
         host_token: host_token.plaintext,
         agent_token: agent_token.plaintext,
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
-    })
+        ..Default::default()
+    };
+    if let (Some(key), Some(ca)) = (host_key, api.config().issuer.as_ref()) {
+        // Identity = the host id this token was just bound to, whatever the agent asked.
+        let c = ca
+            .issue_host(&resp.host_id, &key, crate::limits::HOST_CERT_LIFETIME)
+            .map_err(|e| Status::internal(format!("issuing the host certificate: {e}")))?;
+        resp.host_certificate_pem = c.cert_pem;
+        resp.ca_certificate_pem = ca.cert_pem.clone();
+        resp.host_certificate_expires_unix_ns = c
+            .expires
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    }
+    Ok(resp)
 }
 
 /// Heartbeat: liveness, capacity and versions; brings an unreachable host back online.

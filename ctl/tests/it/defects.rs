@@ -1035,3 +1035,71 @@ fn the_host_port_speaks_tls() {
         )
         .unwrap();
 }
+
+/// Issue 14: at registration the agent sends a public key it made and a signature over the
+/// token; ctl issues a certificate whose identity is the host id (never the name the agent
+/// gave), chaining to ctl's CA, whose SHA-256 the token carries as its pin. A key without a
+/// valid signature is refused and leaves the token unused.
+#[test]
+fn registration_issues_a_host_certificate_for_the_host_id() {
+    let Some(ctl) = Ctl::start() else { return };
+    let tok: c::CreateRegistrationTokenResponse = ctl
+        .admin()
+        .unary(
+            c::hosts_methods::CREATE_REGISTRATION_TOKEN,
+            &c::CreateRegistrationTokenRequest { ttl_s: 60 },
+            T,
+        )
+        .unwrap();
+    let (secret, pin) = tls::hostkey::split_pin(&tok.token).unwrap();
+    let ca = &crate::harness::test_tls().authority;
+    assert_eq!(
+        pin,
+        Some(tls::hostkey::cert_sha256(&ca.cert_der)),
+        "the token pins ctl's CA"
+    );
+    let key = tls::HostKey::generate().unwrap();
+    let reg = |sig: Vec<u8>| {
+        let rc = crate::harness::connect(ctl.host_addr(), proto::rpc::Credential::host_token(""))
+            .unwrap();
+        rc.unary::<_, host::RegisterResponse>(
+            host::host_methods::REGISTER,
+            &host::RegisterRequest {
+                registration_token: secret.to_owned(),
+                agent_address: "127.0.0.1:1".into(),
+                hostname: "ctl.example".into(),
+                capacity: Some(agent::Resources {
+                    vcpus: 1,
+                    memory_mib: 1,
+                    disk_mib: 1,
+                }),
+                host_public_key: key.public_key().to_vec().into(),
+                token_signature: sig.into(),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    // A signature over another token: refused before the token is spent.
+    let e = reg(key.sign_token("wrr_other")).unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated);
+    assert!(e.message.contains("does not verify"), "{e}");
+    let e = reg(vec![0; 10]).unwrap_err();
+    assert!(e.message.contains("64"), "{e}");
+    // The real proof: a certificate for the host id.
+    let r = reg(key.sign_token(secret)).unwrap();
+    assert!(r.host_id.starts_with("host-"));
+    assert_eq!(r.ca_certificate_pem, ca.cert_pem);
+    let leaf = tls::certs_from_pem(r.host_certificate_pem.as_bytes(), "host cert").unwrap();
+    let ca_der = tls::CertificateDer::from(ca.cert_der.clone());
+    tls::verify_server_cert(&ca_der, &leaf[0], &r.host_id).unwrap();
+    let e = tls::verify_server_cert(&ca_der, &leaf[0], "ctl.example").unwrap_err();
+    assert!(e.contains("not valid for name"), "{e}");
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let life = r.host_certificate_expires_unix_ns - now_ns;
+    let want = ctl::limits::HOST_CERT_LIFETIME.as_nanos() as i64;
+    assert!((want - 60_000_000_000..=want).contains(&life), "{life}");
+}

@@ -33,6 +33,9 @@ pub use ctl::testkit::PgCluster as Cluster;
 pub struct TestTls {
     pub files: ctl::pki::InitFiles,
     pub client: tls::ClientTls,
+    /// The CA as `serve --tls-ca-cert/--tls-ca-key` loads it: every test replica issues
+    /// host certificates with it.
+    pub authority: std::sync::Arc<ctl::pki::Authority>,
 }
 
 pub fn test_tls() -> &'static TestTls {
@@ -50,7 +53,14 @@ pub fn test_tls() -> &'static TestTls {
             },
         )
         .expect("client TLS");
-        TestTls { files, client }
+        let authority = std::sync::Arc::new(
+            ctl::pki::Authority::load(&files.ca_cert, &files.ca_key).expect("load the CA"),
+        );
+        TestTls {
+            files,
+            client,
+            authority,
+        }
     })
 }
 
@@ -162,6 +172,7 @@ pub fn test_config(url: &str) -> Config {
             heartbeat_interval: Duration::from_millis(500),
             last_used_flush: Duration::from_millis(200),
             webhooks: ctl::config::WebhookConfig::default(),
+            issuer: Some(test_tls().authority.clone()),
         },
         jobs: JobsConfig {
             reconcile_interval: Duration::from_secs(1),
