@@ -158,7 +158,10 @@ pub fn register(
     let interval = api.config().heartbeat_interval;
     let ht = host_token.clone();
     let at = agent_token.plaintext.clone();
-    api.db().tx(move |tx| {
+    let issuer = host_key.and_then(|k| api.config().issuer.clone().map(|ca| (ca, k)));
+    let host_id = id::format(Kind::Host, id);
+    let hid = host_id.clone();
+    let cert = api.db().tx(move |tx| {
         let tok = tx
             .query_opt(
                 "SELECT id FROM registration_tokens WHERE token_hash = $1 AND used_at IS NULL \
@@ -171,17 +174,28 @@ pub fn register(
             return Err(Status::unauthenticated("unknown, used or expired registration token"));
         };
         let tok_id: Uuid = tok.get(0);
+        // Identity = the host id this token is being bound to, whatever the agent asked.
+        let cert = match &issuer {
+            Some((ca, key)) => Some(
+                ca.issue_host(&hid, key, crate::limits::HOST_CERT_LIFETIME)
+                    .map_err(|e| Status::internal(format!("issuing the host certificate: {e}")))?,
+            ),
+            None => None,
+        };
+        let serial = cert.as_ref().map(|c| c.serial.clone());
+        let expires = cert.as_ref().map(|c| c.expires);
         tx.execute(
             "INSERT INTO hosts (id, address, hostname, status, capacity_vcpus, capacity_memory_mib, \
                 capacity_disk_mib, agent_version, firecracker_version, can_host, problems, \
                 last_heartbeat_at, host_token_hash, agent_token, physical_vcpus, \
-                physical_memory_mib, vcpu_overcommit, memory_overcommit) \
-             VALUES ($1,$2,$3,'online',$4,$5,$6,$7,$8,$9,$10,now(),$11,$12,$13,$14,$15,$16)",
+                physical_memory_mib, vcpu_overcommit, memory_overcommit, cert_serial, \
+                cert_expires_at) \
+             VALUES ($1,$2,$3,'online',$4,$5,$6,$7,$8,$9,$10,now(),$11,$12,$13,$14,$15,$16,$17,$18)",
             &[
                 &id, &req.agent_address, &req.hostname, &vcpus, &mem, &disk, &req.agent_version,
                 &req.firecracker_version, &req.can_host_sandboxes, &problems_json(&req.problems),
                 &ht.hash, &at, &set.physical_vcpus, &set.physical_memory_mib,
-                &set.vcpu_overcommit, &set.memory_overcommit,
+                &set.vcpu_overcommit, &set.memory_overcommit, &serial, &expires,
             ],
         )
         .map_err(pg_err)?;
@@ -195,9 +209,8 @@ pub fn register(
             "host.register",
             serde_json::json!({"address": req.agent_address}),
         ))?;
-        Ok(())
+        Ok(cert)
     })?;
-    let host_id = id::format(Kind::Host, id);
     log::info!("host registered host={host_id}");
     let mut resp = host::RegisterResponse {
         host_id,
@@ -206,11 +219,7 @@ pub fn register(
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         ..Default::default()
     };
-    if let (Some(key), Some(ca)) = (host_key, api.config().issuer.as_ref()) {
-        // Identity = the host id this token was just bound to, whatever the agent asked.
-        let c = ca
-            .issue_host(&resp.host_id, &key, crate::limits::HOST_CERT_LIFETIME)
-            .map_err(|e| Status::internal(format!("issuing the host certificate: {e}")))?;
+    if let (Some(c), Some(ca)) = (cert, api.config().issuer.as_ref()) {
         resp.host_certificate_pem = c.cert_pem;
         resp.ca_certificate_pem = ca.cert_pem.clone();
         resp.host_certificate_expires_unix_ns = c

@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_host_overcommit",
         sql: include_str!("../migrations/0006_host_overcommit.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_host_certificates",
+        sql: include_str!("../migrations/0007_host_certificates.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

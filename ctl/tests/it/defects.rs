@@ -1102,4 +1102,39 @@ fn registration_issues_a_host_certificate_for_the_host_id() {
     let life = r.host_certificate_expires_unix_ns - now_ns;
     let want = ctl::limits::HOST_CERT_LIFETIME.as_nanos() as i64;
     assert!((want - 60_000_000_000..=want).contains(&life), "{life}");
+    // The host row keeps the certificate's serial (what a revocation names) and expiry.
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let row = sql(&ctl)
+        .query_one(
+            "SELECT cert_serial, cert_expires_at FROM hosts WHERE id = $1",
+            &[&hid],
+        )
+        .unwrap();
+    let serial: Vec<u8> = row.get(0);
+    let expires: std::time::SystemTime = row.get(1);
+    assert_eq!(serial.len(), 16);
+    let mut tlv = vec![0x02, 16];
+    tlv.extend_from_slice(&serial);
+    assert!(
+        leaf[0]
+            .as_ref()
+            .windows(tlv.len())
+            .any(|w| w == tlv.as_slice()),
+        "the stored serial is the certificate's"
+    );
+    let exp_ns = expires
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    assert!(
+        (exp_ns - r.host_certificate_expires_unix_ns).abs() < 1_000_000,
+        "{exp_ns}"
+    );
+    // A host registered without a key has no certificate.
+    let (_fa, plain) = ctl.add_host(1, 1024, 10_000);
+    let hid = proto::id::parse(proto::id::Kind::Host, &plain).unwrap();
+    let row = sql(&ctl)
+        .query_one("SELECT cert_serial FROM hosts WHERE id = $1", &[&hid])
+        .unwrap();
+    assert_eq!(row.get::<_, Option<Vec<u8>>>(0), None);
 }
