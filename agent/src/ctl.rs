@@ -43,6 +43,8 @@ pub struct CtlConfig {
     pub ctl_ca_given: Option<std::path::PathBuf>,
     /// TLS to ctl's host port (trusting ctl's CA); `None` only with `--ctl-plaintext`.
     pub tls: Option<tls::ClientTls>,
+    /// The agent port's TLS, installed when registration brings a certificate.
+    pub rpc_tls: Arc<crate::rpc_tls::RpcTls>,
 }
 
 /// The link to ctl.
@@ -190,7 +192,7 @@ impl CtlLink {
             return Err(Status::internal("ctl sent empty tokens"));
         }
         if !resp.host_certificate_pem.is_empty() {
-            self.save_certificate(&resp, pin)?;
+            self.save_certificate(&resp, pin, &key)?;
         }
         let ident = Identity {
             host_id,
@@ -213,6 +215,7 @@ impl CtlLink {
         &self,
         resp: &hpb::RegisterResponse,
         pin: Option<[u8; 32]>,
+        key: &tls::HostKey,
     ) -> Result<(), Status> {
         let bad = |why: String| Status::internal(format!("ctl sent a bad certificate: {why}"));
         let ca = tls::certs_from_pem(resp.ca_certificate_pem.as_bytes(), "ctl's CA")
@@ -232,7 +235,16 @@ impl CtlLink {
                 .map_err(|e| Status::internal(e.to_string()))
         };
         save(&self.cfg.ctl_ca_path, &resp.ca_certificate_pem)?;
-        save(&self.cfg.host_cert_path, &resp.host_certificate_pem)
+        save(&self.cfg.host_cert_path, &resp.host_certificate_pem)?;
+        // From now on ctl calls this host over mutual TLS.
+        let t = crate::rpc_tls::server_tls(
+            resp.host_certificate_pem.as_bytes(),
+            key.to_pem().as_bytes(),
+            resp.ca_certificate_pem.as_bytes(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        self.cfg.rpc_tls.set(t);
+        Ok(())
     }
 
     fn heartbeat(&self, client: &Client, host: &Host) -> Result<(), Status> {
@@ -395,6 +407,7 @@ mod tests {
                 ctl_ca_path: "/nonexistent/ctl-ca.pem".into(),
                 ctl_ca_given: None,
                 tls: None,
+                rpc_tls: Default::default(),
             },
             Arc::new(IdentityCell::new(None)),
         );

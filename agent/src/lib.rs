@@ -28,6 +28,7 @@ pub mod limits;
 pub mod manager;
 pub mod metrics;
 pub mod rpc;
+pub mod rpc_tls;
 pub mod sampler;
 pub mod samples;
 pub mod state;

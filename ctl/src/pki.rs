@@ -260,6 +260,47 @@ impl Authority {
     }
 }
 
+impl Authority {
+    /// ctl's own client certificate for the agents' ports (mutual TLS), with a fresh key:
+    /// CN `name`, CA:false, client auth only.
+    pub fn issue_client(&self, name: &str, lifetime: Duration) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = SystemTime::now();
+        validity(&mut params, now - CLOCK_SKEW_ALLOWANCE, now + lifetime);
+        params.serial_number = Some(serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: pem("CERTIFICATE", cert.der()),
+            key_pem: pem("PRIVATE KEY", &key.serialize_der()),
+        })
+    }
+
+    /// A client configuration for calling agents: ctl's own client certificate (fresh,
+    /// [`crate::limits::CTL_CLIENT_CERT_LIFETIME`]) and trust in this CA only.
+    pub fn agent_client(&self) -> Result<tls::ClientTls, PkiError> {
+        let me = self.issue_client("wrenn-ctl", crate::limits::CTL_CLIENT_CERT_LIFETIME)?;
+        let chain = tls::certs_from_pem(me.cert_pem.as_bytes(), "ctl client certificate")
+            .map_err(PkiError::Tls)?;
+        let key =
+            tls::key_from_pem(me.key_pem.as_bytes(), "ctl client key").map_err(PkiError::Tls)?;
+        tls::ClientTls::from_ca_pem(
+            self.cert_pem.as_bytes(),
+            tls::ClientOptions {
+                alpn: vec![tls::ALPN_WRENN.to_vec()],
+                identity: Some((chain, key)),
+                ..Default::default()
+            },
+        )
+        .map_err(PkiError::Tls)
+    }
+}
+
 /// An agent's Ed25519 public key (raw 32 bytes) as rcgen takes it: the key is certified,
 /// never seen whole.
 struct HostPublicKey<'a>(&'a [u8]);

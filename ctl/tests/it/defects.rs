@@ -1138,3 +1138,67 @@ fn registration_issues_a_host_certificate_for_the_host_id() {
         .unwrap();
     assert_eq!(row.get::<_, Option<Vec<u8>>>(0), None);
 }
+
+/// Issue 14: ctl calls an agent that has its certificate over mutual TLS: it presents a
+/// client certificate from its CA and requires the agent's certificate to name the host id
+/// it dials. A client without ctl's certificate is refused by the agent; an agent serving
+/// another host's certificate is refused by ctl.
+#[test]
+fn ctl_calls_agents_with_certificates_over_mutual_tls() {
+    let Some(ctl) = Ctl::start() else { return };
+    let api = &ctl.running.as_ref().unwrap().api;
+    let (fa, r, key) = ctl.add_host_tls();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let list = |h| {
+        api.agents().unary::<_, agent::ListSandboxesResponse>(
+            h,
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+        )
+    };
+    list(hid).unwrap();
+    // The agent's port refuses a client without ctl's client certificate, and a
+    // plaintext one.
+    let ca = &crate::harness::test_tls().authority;
+    let no_cert = tls::ClientTls::from_ca_pem(
+        ca.cert_pem.as_bytes(),
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_WRENN.to_vec()],
+            server_name: Some(r.host_id.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = proto::rpc::ClientConfig::default();
+    let tok = fa.state.lock().unwrap().token.clone();
+    let e = tls::connect(
+        &fa.addr.to_string(),
+        &no_cert,
+        proto::rpc::Credential::agent_token(tok.clone()),
+        &cfg,
+    )
+    .and_then(|c| {
+        c.unary::<_, agent::ListSandboxesResponse>(
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+            T,
+        )
+    })
+    .unwrap_err();
+    assert!(e.message.to_lowercase().contains("certificate"), "{e}");
+    assert!(
+        proto::rpc::Client::connect_tcp(fa.addr, proto::rpc::Credential::agent_token(tok)).is_err()
+    );
+    // A second host whose agent serves the first host's certificate: ctl refuses it.
+    let (fb, rb, _) = ctl.add_host_tls();
+    fb.serve_tls(
+        r.host_certificate_pem.as_bytes(),
+        key.to_pem().as_bytes(),
+        r.ca_certificate_pem.as_bytes(),
+    );
+    let hb = proto::id::parse(proto::id::Kind::Host, &rb.host_id).unwrap();
+    let e = list(hb).unwrap_err();
+    assert!(e.message.contains("not valid for name"), "{e}");
+    // The first host is still served.
+    list(hid).unwrap();
+}
