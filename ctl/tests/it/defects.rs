@@ -1202,3 +1202,32 @@ fn ctl_calls_agents_with_certificates_over_mutual_tls() {
     // The first host is still served.
     list(hid).unwrap();
 }
+
+/// Issue 14: ctl keeps its mutual-TLS connection to an agent, so sandbox creates on a warm
+/// pool cost no handshake (prints the phase line the bench reports).
+#[test]
+fn sandbox_creates_on_a_warm_pool_cost_no_tls_handshake() {
+    let Some(ctl) = Ctl::start() else { return };
+    let (fa, _, _) = ctl.add_host_tls();
+    let cl = ctl.team();
+    let sb = create_min(&cl).unwrap();
+    destroy(&cl, &sb.id).unwrap();
+    let warm = fa.tls_accepts.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(warm >= 1, "the first create opened the TLS connection");
+    const CREATES: usize = 10;
+    for _ in 0..CREATES {
+        let sb = create_min(&cl).unwrap();
+        destroy(&cl, &sb.id).unwrap();
+    }
+    let extra = fa.tls_accepts.load(std::sync::atomic::Ordering::SeqCst) - warm;
+    println!(
+        "tls_handshake phase: {extra} handshakes for {CREATES} sandbox creates on a warm pool \
+         ({:.2} per create; goal 0)",
+        extra as f64 / CREATES as f64
+    );
+    assert_eq!(extra, 0);
+    assert_eq!(
+        fa.creates.load(std::sync::atomic::Ordering::SeqCst),
+        CREATES + 1
+    );
+}

@@ -55,6 +55,8 @@ pub struct FakeAgent {
     next_pid: Arc<AtomicU32>,
     /// Mutual TLS of the port once set (as the real agent after registration).
     tls: Arc<std::sync::RwLock<Option<tls::ServerTls>>>,
+    /// Connections accepted over TLS (each costs one handshake).
+    pub tls_accepts: Arc<AtomicUsize>,
 }
 
 struct Svc {
@@ -79,9 +81,14 @@ impl FakeAgent {
         let mut server = Server::new(ServerConfig::new("fake-agent"), Arc::new(svc)).unwrap();
         let tls: Arc<std::sync::RwLock<Option<tls::ServerTls>>> = Default::default();
         let t = tls.clone();
+        let tls_accepts = Arc::new(AtomicUsize::new(0));
+        let n = tls_accepts.clone();
         let wrap: proto::rpc::WrapTransport =
             Arc::new(move |sock| match t.read().unwrap().clone() {
-                Some(st) => (st.wrap())(sock),
+                Some(st) => {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    (st.wrap())(sock)
+                }
                 None => Box::new(sock),
             });
         let addr = server
@@ -97,6 +104,7 @@ impl FakeAgent {
             host_token: Mutex::new(None),
             next_pid,
             tls,
+            tls_accepts,
         })
     }
 
