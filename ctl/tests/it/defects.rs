@@ -1231,3 +1231,34 @@ fn sandbox_creates_on_a_warm_pool_cost_no_tls_handshake() {
         CREATES + 1
     );
 }
+
+/// Issue 14: an agent presenting an expired host certificate is refused by ctl, with the
+/// reason, and other hosts are still served.
+#[test]
+fn an_agent_with_an_expired_certificate_is_refused() {
+    let Some(ctl) = Ctl::start() else { return };
+    let api = &ctl.running.as_ref().unwrap().api;
+    let (_fa, ra, _) = ctl.add_host_tls();
+    let (fb, rb, key) = ctl.add_host_tls();
+    let ca = &crate::harness::test_tls().authority;
+    // The same host id and key, a certificate that ended when it was made.
+    let expired = ca
+        .issue_host(&rb.host_id, key.public_key(), Duration::ZERO)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    fb.serve_tls(
+        expired.cert_pem.as_bytes(),
+        key.to_pem().as_bytes(),
+        ca.cert_pem.as_bytes(),
+    );
+    let list = |h: &str| {
+        api.agents().unary::<_, agent::ListSandboxesResponse>(
+            proto::id::parse(proto::id::Kind::Host, h).unwrap(),
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+        )
+    };
+    let e = list(&rb.host_id).unwrap_err();
+    assert!(e.message.contains("expired"), "{e}");
+    list(&ra.host_id).unwrap();
+}
