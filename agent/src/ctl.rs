@@ -35,8 +35,16 @@ pub struct CtlConfig {
     pub agent_address: String,
     /// Where the identity is saved.
     pub identity_path: std::path::PathBuf,
+    /// Where registration saves the host key (0600), the host certificate and ctl's CA.
+    pub host_key_path: std::path::PathBuf,
+    pub host_cert_path: std::path::PathBuf,
+    pub ctl_ca_path: std::path::PathBuf,
+    /// The `--ctl-ca` bundle: a pinned registration also finds the pinned CA there.
+    pub ctl_ca_given: Option<std::path::PathBuf>,
     /// TLS to ctl's host port (trusting ctl's CA); `None` only with `--ctl-plaintext`.
     pub tls: Option<tls::ClientTls>,
+    /// The agent port's TLS, installed when registration brings a certificate.
+    pub rpc_tls: Arc<crate::rpc_tls::RpcTls>,
 }
 
 /// The link to ctl.
@@ -126,12 +134,44 @@ impl CtlLink {
                 "not registered: start with WRENN_REGISTRATION_TOKEN or --registration-token-file (a token from `wrenn hosts token`)",
             )
         })?;
-        let client = self.connect(Credential::host_token(""))?;
+        let (secret, pin) =
+            tls::hostkey::split_pin(&token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let secret = secret.to_owned();
+        // The host key is made here and saved (0600) before ctl hears of it; only its
+        // public half and a signature over the token leave the host.
+        let key = tls::HostKey::generate().map_err(|e| Status::internal(e.to_string()))?;
+        crate::statedir::write_atomic(&self.cfg.host_key_path, key.to_pem().as_bytes())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let client = match (pin, &self.cfg.tls) {
+            // The first connection trusts only the CA the token pins.
+            (Some(pin), Some(_)) => {
+                let given = match &self.cfg.ctl_ca_given {
+                    Some(p) => tls::read_pem_file(p)
+                        .map_err(|e| Status::invalid_argument(format!("--ctl-ca: {e}")))?,
+                    None => Vec::new(),
+                };
+                let t = tls::hostkey::pinned_client(pin, &given, vec![tls::ALPN_WRENN.to_vec()])
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                tls::connect(
+                    &self.cfg.addr,
+                    &t,
+                    Credential::host_token(""),
+                    &proto::rpc::ClientConfig::default(),
+                )?
+            }
+            (Some(_), None) => {
+                warn!("--ctl-plaintext: the registration token's CA pin is not checked");
+                self.connect(Credential::host_token(""))?
+            }
+            (None, _) => self.connect(Credential::host_token(""))?,
+        };
         let problems = host.problems();
         let resp: hpb::RegisterResponse = client.unary(
             hpb::host_methods::REGISTER,
             &hpb::RegisterRequest {
-                registration_token: token,
+                token_signature: key.sign_token(&secret).into(),
+                host_public_key: key.public_key().to_vec().into(),
+                registration_token: secret,
                 agent_address: self.cfg.agent_address.clone(),
                 hostname: host.info().hostname,
                 capacity: Some(host.capacity()),
@@ -151,6 +191,9 @@ impl CtlLink {
         if resp.host_token.is_empty() || resp.agent_token.is_empty() {
             return Err(Status::internal("ctl sent empty tokens"));
         }
+        if !resp.host_certificate_pem.is_empty() {
+            self.save_certificate(&resp, pin, &key)?;
+        }
         let ident = Identity {
             host_id,
             host_token: resp.host_token,
@@ -164,6 +207,44 @@ impl CtlLink {
         self.identity.set(ident.clone());
         info!("registered with ctl host_id={}", resp.host_id);
         Ok(ident)
+    }
+
+    /// Checks and saves what registration issued: ctl's CA (matching the pin, when the
+    /// token had one) and a certificate for this host id that chains to it.
+    fn save_certificate(
+        &self,
+        resp: &hpb::RegisterResponse,
+        pin: Option<[u8; 32]>,
+        key: &tls::HostKey,
+    ) -> Result<(), Status> {
+        let bad = |why: String| Status::internal(format!("ctl sent a bad certificate: {why}"));
+        let ca = tls::certs_from_pem(resp.ca_certificate_pem.as_bytes(), "ctl's CA")
+            .map_err(|e| bad(e.to_string()))?;
+        if let Some(pin) = pin {
+            if tls::hostkey::cert_sha256(ca[0].as_ref()) != pin {
+                return Err(bad(
+                    "its CA does not match the registration token's pin".into()
+                ));
+            }
+        }
+        let leaf = tls::certs_from_pem(resp.host_certificate_pem.as_bytes(), "host certificate")
+            .map_err(|e| bad(e.to_string()))?;
+        tls::verify_server_cert(&ca[0], &leaf[0], &resp.host_id).map_err(bad)?;
+        let save = |p: &std::path::Path, s: &str| {
+            crate::statedir::write_atomic(p, s.as_bytes())
+                .map_err(|e| Status::internal(e.to_string()))
+        };
+        save(&self.cfg.ctl_ca_path, &resp.ca_certificate_pem)?;
+        save(&self.cfg.host_cert_path, &resp.host_certificate_pem)?;
+        // From now on ctl calls this host over mutual TLS.
+        let t = crate::rpc_tls::server_tls(
+            resp.host_certificate_pem.as_bytes(),
+            key.to_pem().as_bytes(),
+            resp.ca_certificate_pem.as_bytes(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        self.cfg.rpc_tls.set(t);
+        Ok(())
     }
 
     fn heartbeat(&self, client: &Client, host: &Host) -> Result<(), Status> {
@@ -321,7 +402,12 @@ mod tests {
                 registration_token: None,
                 agent_address: String::new(),
                 identity_path: "/nonexistent/identity.conf".into(),
+                host_key_path: "/nonexistent/host.key".into(),
+                host_cert_path: "/nonexistent/host.pem".into(),
+                ctl_ca_path: "/nonexistent/ctl-ca.pem".into(),
+                ctl_ca_given: None,
                 tls: None,
+                rpc_tls: Default::default(),
             },
             Arc::new(IdentityCell::new(None)),
         );

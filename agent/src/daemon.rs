@@ -58,6 +58,11 @@ pub fn run(flags: Flags) -> Result<(), String> {
         ),
         None => None,
     };
+    // The agent port: mutual TLS once the host has the certificate ctl issued.
+    let rpc_tls = Arc::new(
+        crate::rpc_tls::RpcTls::load(&layout.host_cert(), &layout.host_key(), &layout.ctl_ca())
+            .map_err(|e| format!("host certificate: {e}"))?,
+    );
     let link = flags.ctl.as_ref().map(|addr| {
         CtlLink::new(
             CtlConfig {
@@ -65,7 +70,12 @@ pub fn run(flags: Flags) -> Result<(), String> {
                 registration_token: flags.registration_token.clone(),
                 agent_address: advertise.clone(),
                 identity_path: layout.identity(),
+                host_key_path: layout.host_key(),
+                host_cert_path: layout.host_cert(),
+                ctl_ca_path: layout.ctl_ca(),
+                ctl_ca_given: flags.ctl_ca.clone(),
                 tls: ctl_tls.clone(),
+                rpc_tls: rpc_tls.clone(),
             },
             identity.clone(),
         )
@@ -135,10 +145,11 @@ pub fn run(flags: Flags) -> Result<(), String> {
     let cfg = ServerConfig::new("wrenn-agent").reserve_for(proto::rpc::CredentialKind::AgentToken);
     let mut server = Server::new(cfg, Arc::new(svc)).map_err(|e| format!("rpc server: {e}"))?;
     let addr = server
-        .listen_tcp(flags.listen)
+        .listen_tcp_with(flags.listen, rpc_tls.wrap())
         .map_err(|e| format!("listen {}: {e}", flags.listen))?;
     info!(
-        "wrenn-agent listening rpc={addr} metrics={} state_root={}",
+        "wrenn-agent listening rpc={addr} tls={} metrics={} state_root={}",
+        rpc_tls.is_tls(),
         _http.addr(),
         flags.state_root.display()
     );

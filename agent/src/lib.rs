@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod ports;
 pub mod restore_stats;
 pub mod rpc;
+pub mod rpc_tls;
 pub mod sampler;
 pub mod samples;
 pub mod state;

@@ -97,6 +97,18 @@ impl Layout {
     pub fn identity(&self) -> PathBuf {
         self.root.join("agent").join("identity.conf")
     }
+    /// The host key made at registration (PKCS#8 PEM, mode 0600; it never leaves the host).
+    pub fn host_key(&self) -> PathBuf {
+        self.root.join("agent").join("host.key")
+    }
+    /// The host certificate ctl issued (PEM).
+    pub fn host_cert(&self) -> PathBuf {
+        self.root.join("agent").join("host.pem")
+    }
+    /// ctl's CA certificate as registration returned it, checked against the token's pin.
+    pub fn ctl_ca(&self) -> PathBuf {
+        self.root.join("agent").join("ctl-ca.pem")
+    }
     pub fn sandbox(&self, id: Uuid) -> SandboxDir {
         SandboxDir(self.sandboxes().join(id.hyphenated().to_string()))
     }

@@ -5,8 +5,8 @@
 //! replaced on the next call.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use proto::id::Uuid;
@@ -14,7 +14,9 @@ use proto::rpc::{CallOpts, Client, ClientStream, Credential};
 use proto::Status;
 
 use crate::db::{pg_err, Db};
+use crate::limits::CTL_CLIENT_CERT_LIFETIME;
 use crate::metrics;
+use crate::pki::Authority;
 
 /// Pool of agent clients keyed by host.
 pub struct Agents {
@@ -23,16 +25,40 @@ pub struct Agents {
     clients: Mutex<HashMap<Uuid, (String, Client)>>,
     /// Port traffic's own connections.
     proxy_clients: Mutex<HashMap<Uuid, (String, Client)>>,
+    /// The CA that issued the hosts' certificates: agents with one are called over mutual
+    /// TLS with a client certificate this replica issues itself.
+    issuer: Option<Arc<Authority>>,
+    client_tls: Mutex<Option<(Instant, tls::ClientTls)>>,
 }
 
 impl Agents {
-    pub fn new(db: Db, call_timeout: Duration) -> Agents {
+    pub fn new(db: Db, call_timeout: Duration, issuer: Option<Arc<Authority>>) -> Agents {
         Agents {
             db,
             call_timeout,
             clients: Mutex::new(HashMap::new()),
             proxy_clients: Mutex::new(HashMap::new()),
+            issuer,
+            client_tls: Mutex::new(None),
         }
+    }
+
+    /// ctl's client TLS for agents, renewed when half its certificate's life has passed.
+    fn client_tls(&self) -> Result<Option<tls::ClientTls>, Status> {
+        let Some(ca) = &self.issuer else {
+            return Ok(None);
+        };
+        let mut g = self.client_tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((made, t)) = &*g {
+            if made.elapsed() < CTL_CLIENT_CERT_LIFETIME / 2 {
+                return Ok(Some(t.clone()));
+            }
+        }
+        let t = ca
+            .agent_client()
+            .map_err(|e| Status::internal(format!("ctl's client certificate: {e}")))?;
+        *g = Some((Instant::now(), t.clone()));
+        Ok(Some(t))
     }
 
     /// A connected client for `host` (address and agent token read from the database).
@@ -60,7 +86,7 @@ impl Agents {
         }
         let row = self.db.run(move |c| {
             c.query_opt(
-                "SELECT address, agent_token FROM hosts WHERE id = $1",
+                "SELECT address, agent_token, cert_serial IS NOT NULL FROM hosts WHERE id = $1",
                 &[&host],
             )
             .map_err(pg_err)
@@ -70,10 +96,25 @@ impl Agents {
         };
         let addr: String = row.get(0);
         let token: String = row.get(1);
-        let client =
-            Client::connect_tcp(addr.as_str(), Credential::agent_token(token)).map_err(|e| {
-                Status::unavailable(format!("connect to agent at {addr}: {}", e.message))
-            })?;
+        let has_cert: bool = row.get(2);
+        let cred = Credential::agent_token(token);
+        let client = if has_cert {
+            // Mutual TLS: the agent's certificate must name this host id, whatever address
+            // it is reached at; ctl presents its own client certificate.
+            let Some(t) = self.client_tls()? else {
+                return Err(Status::failed_precondition(
+                    "this host has a certificate but this ctl replica has no CA \
+                     (--tls-ca-cert/--tls-ca-key) to call it with",
+                ));
+            };
+            let t = t.with_server_name(proto::id::format(proto::id::Kind::Host, host));
+            tls::connect(&addr, &t, cred, &proto::rpc::ClientConfig::default())
+        } else {
+            // A host registered without a certificate (an older agent, or ctl without a
+            // CA): agent token only, in plaintext.
+            Client::connect_tcp(addr.as_str(), cred)
+        }
+        .map_err(|e| Status::unavailable(format!("connect to agent at {addr}: {}", e.message)))?;
         let mut g = pool.lock().unwrap_or_else(|e| e.into_inner());
         g.insert(host, (addr, client.clone()));
         Ok(client)

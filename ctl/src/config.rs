@@ -124,6 +124,10 @@ pub struct ApiConfig {
     pub last_used_flush: Duration,
     /// Webhook delivery settings.
     pub webhooks: WebhookConfig,
+    /// The CA that issues host certificates at registration (`--tls-ca-cert`,
+    /// `--tls-ca-key`; every replica reads the same files). `None`: ctl issues none (an
+    /// operator's own PKI, or plaintext).
+    pub issuer: Option<std::sync::Arc<crate::pki::Authority>>,
 }
 
 /// Webhook deliveries (`webhook/`).
@@ -165,6 +169,7 @@ impl Default for ApiConfig {
             heartbeat_interval: limits::HEARTBEAT_INTERVAL_DEFAULT,
             last_used_flush: limits::LAST_USED_FLUSH_INTERVAL,
             webhooks: WebhookConfig::default(),
+            issuer: None,
         }
     }
 }

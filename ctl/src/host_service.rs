@@ -108,7 +108,23 @@ fn problems_json(p: &[String]) -> serde_json::Value {
 }
 
 /// Register: exchanges a one-time registration token for the host's identity and tokens.
-pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterResponse, Status> {
+pub fn register(
+    api: &Api,
+    mut req: host::RegisterRequest,
+) -> Result<host::RegisterResponse, Status> {
+    let host_key = crate::pki::check_register_key(&req)
+        .map_err(|e| {
+            crate::metrics::AUTH_FAILURES.inc();
+            Status::unauthenticated(e.to_string())
+        })?
+        .map(<[u8]>::to_vec);
+    // The token as handed out may carry the CA pin after a dot: only the secret is ours.
+    if let Some((secret, _pin)) = req
+        .registration_token
+        .split_once(tls::hostkey::PIN_SEPARATOR)
+    {
+        req.registration_token = secret.to_owned();
+    }
     if !auth::well_formed(&req.registration_token, auth::REGISTRATION_TOKEN_PREFIX) {
         crate::metrics::AUTH_FAILURES.inc();
         return Err(Status::unauthenticated("malformed registration token"));
@@ -142,7 +158,10 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
     let interval = api.config().heartbeat_interval;
     let ht = host_token.clone();
     let at = agent_token.plaintext.clone();
-    api.db().tx(move |tx| {
+    let issuer = host_key.and_then(|k| api.config().issuer.clone().map(|ca| (ca, k)));
+    let host_id = id::format(Kind::Host, id);
+    let hid = host_id.clone();
+    let cert = api.db().tx(move |tx| {
         let tok = tx
             .query_opt(
                 "SELECT id FROM registration_tokens WHERE token_hash = $1 AND used_at IS NULL \
@@ -155,17 +174,28 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
             return Err(Status::unauthenticated("unknown, used or expired registration token"));
         };
         let tok_id: Uuid = tok.get(0);
+        // Identity = the host id this token is being bound to, whatever the agent asked.
+        let cert = match &issuer {
+            Some((ca, key)) => Some(
+                ca.issue_host(&hid, key, crate::limits::HOST_CERT_LIFETIME)
+                    .map_err(|e| Status::internal(format!("issuing the host certificate: {e}")))?,
+            ),
+            None => None,
+        };
+        let serial = cert.as_ref().map(|c| c.serial.clone());
+        let expires = cert.as_ref().map(|c| c.expires);
         tx.execute(
             "INSERT INTO hosts (id, address, hostname, status, capacity_vcpus, capacity_memory_mib, \
                 capacity_disk_mib, agent_version, firecracker_version, can_host, problems, \
                 last_heartbeat_at, host_token_hash, agent_token, physical_vcpus, \
-                physical_memory_mib, vcpu_overcommit, memory_overcommit) \
-             VALUES ($1,$2,$3,'online',$4,$5,$6,$7,$8,$9,$10,now(),$11,$12,$13,$14,$15,$16)",
+                physical_memory_mib, vcpu_overcommit, memory_overcommit, cert_serial, \
+                cert_expires_at) \
+             VALUES ($1,$2,$3,'online',$4,$5,$6,$7,$8,$9,$10,now(),$11,$12,$13,$14,$15,$16,$17,$18)",
             &[
                 &id, &req.agent_address, &req.hostname, &vcpus, &mem, &disk, &req.agent_version,
                 &req.firecracker_version, &req.can_host_sandboxes, &problems_json(&req.problems),
                 &ht.hash, &at, &set.physical_vcpus, &set.physical_memory_mib,
-                &set.vcpu_overcommit, &set.memory_overcommit,
+                &set.vcpu_overcommit, &set.memory_overcommit, &serial, &expires,
             ],
         )
         .map_err(pg_err)?;
@@ -179,15 +209,25 @@ pub fn register(api: &Api, req: host::RegisterRequest) -> Result<host::RegisterR
             "host.register",
             serde_json::json!({"address": req.agent_address}),
         ))?;
-        Ok(())
+        Ok(cert)
     })?;
-    log::info!("host registered host={}", id::format(Kind::Host, id));
-    Ok(host::RegisterResponse {
-        host_id: id::format(Kind::Host, id),
+    log::info!("host registered host={host_id}");
+    let mut resp = host::RegisterResponse {
+        host_id,
         host_token: host_token.plaintext,
         agent_token: agent_token.plaintext,
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
-    })
+        ..Default::default()
+    };
+    if let (Some(c), Some(ca)) = (cert, api.config().issuer.as_ref()) {
+        resp.host_certificate_pem = c.cert_pem;
+        resp.ca_certificate_pem = ca.cert_pem.clone();
+        resp.host_certificate_expires_unix_ns = c
+            .expires
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    }
+    Ok(resp)
 }
 
 /// Heartbeat: liveness, capacity and versions; brings an unreachable host back online.

@@ -197,6 +197,14 @@ pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Lifetime of ctl's own server certificate from `admin tls init`: about thirteen months
 /// (browsers' and most policies' ceiling for server certificates).
 pub const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(397 * 24 * 3600);
+/// Lifetime of the host certificates ctl issues agents at registration: 90 days. Short
+/// enough that a stolen key is not useful for long even before revocation is heard of,
+/// long enough that an agent cut off from ctl for weeks still proves who it is.
+pub const HOST_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of the client certificate a ctl replica issues itself for calling agents over
+/// mutual TLS. The agent pool makes a new one when half of it has passed
+/// ([`CTL_CLIENT_CERT_LIFETIME`] / 2), so a long-running replica never presents an expired one.
+pub const CTL_CLIENT_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Certificates are valid from this long before they were made, so a host whose clock is
 /// a little behind ctl's still accepts a fresh one.
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(3600);

@@ -32,16 +32,19 @@ const USAGE: &str = "usage:
                   [--heartbeat-timeout-s S] [--lifecycle-timeout-s S] [--webhook-allow-private]
                   (--tls-cert FILE --tls-key FILE [--tls12] | --plaintext)
                   [--tls-sandbox-domain D --tls-sandbox-cert FILE --tls-sandbox-key FILE]
+                  [--tls-ca-cert FILE --tls-ca-key FILE]
   wrenn-ctl admin migrate [--database-url URL]
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
-  wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
+  wrenn-ctl admin create-registration-token [--ttl-s S] [--tls-ca-cert FILE] [--database-url URL]
   wrenn-ctl admin tls init --dir DIR --names NAME[,NAME...]
   wrenn-ctl --version
 The database URL defaults to $WRENN_DATABASE_URL, then $DATABASE_URL.
 The client ports speak TLS 1.3 with --tls-cert/--tls-key ($WRENN_TLS_CERT/$WRENN_TLS_KEY, PEM);
 plaintext only with --plaintext. `admin tls init` makes a CA (ca.pem, ca.key mode 0600) and a
-certificate for the names (server.pem, server.key) in DIR.
+certificate for the names (server.pem, server.key) in DIR. With --tls-ca-cert/--tls-ca-key
+($WRENN_TLS_CA_CERT/$WRENN_TLS_CA_KEY: ca.pem, ca.key) ctl issues each agent a certificate at
+registration, and registration tokens carry the CA's SHA-256 for the agent to pin.
 `serve` applies pending migrations itself before it listens (docs/operations.md).";
 
 /// Why a command failed: a usage error (bad or missing arguments: the usage follows) or a
@@ -173,6 +176,8 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             "--tls-sandbox-domain",
             "--tls-sandbox-cert",
             "--tls-sandbox-key",
+            "--tls-ca-cert",
+            "--tls-ca-key",
         ],
         &[
             "--no-http",
@@ -239,6 +244,23 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             )
         }
     };
+    // The CA that issues host certificates at registration: every replica reads the same
+    // files (the key mode 0600).
+    let issuer =
+        match (
+            tls_file("--tls-ca-cert", "WRENN_TLS_CA_CERT"),
+            tls_file("--tls-ca-key", "WRENN_TLS_CA_KEY"),
+        ) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some(std::sync::Arc::new(
+                ctl::pki::Authority::load(c.as_ref(), k.as_ref())
+                    .map_err(|e| format!("--tls-ca-cert/--tls-ca-key: {e}"))?,
+            )),
+            _ => return Err(
+                "--tls-ca-cert and --tls-ca-key (WRENN_TLS_CA_CERT, WRENN_TLS_CA_KEY) go together"
+                    .into(),
+            ),
+        };
     let jobs_default = JobsConfig::default();
     let api_default = ApiConfig::default();
     let lifecycle = f.secs("--lifecycle-timeout-s", api_default.agent_lifecycle_timeout)?;
@@ -254,6 +276,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
                 allow_private: f.has("--webhook-allow-private"),
                 ..Default::default()
             },
+            issuer,
             ..api_default
         },
         jobs: JobsConfig {
@@ -347,15 +370,33 @@ fn admin(args: &[String]) -> Result<(), Failure> {
             Ok(())
         }
         "create-registration-token" => {
-            let f = Flags::parse(rest, &["--database-url", "--ttl-s"], &[])?;
+            let f = Flags::parse(rest, &["--database-url", "--ttl-s", "--tls-ca-cert"], &[])?;
             let ttl = f.secs(
                 "--ttl-s",
                 Duration::from_secs(ctl::limits::REGISTRATION_TTL_DEFAULT_S),
             )?;
+            // The CA pin (SHA-256 of ctl's CA certificate) rides in the token.
+            let pin = match f.get("--tls-ca-cert").map(str::to_owned).or_else(|| {
+                std::env::var("WRENN_TLS_CA_CERT")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            }) {
+                None => None,
+                Some(p) => {
+                    let pem = tls::read_pem_file(std::path::Path::new(&p))
+                        .map_err(|e| Failure::Runtime(e.to_string()))?;
+                    let der = tls::certs_from_pem(&pem, &p)
+                        .map_err(|e| Failure::Runtime(e.to_string()))?;
+                    Some(tls::ca_fingerprint(&der[0]))
+                }
+            };
             let (tok, exp) =
                 ctl::admin::create_registration_token(&f.database_url()?, ttl.as_secs())
                     .map_err(|e| Failure::Runtime(error_chain(&e)))?;
-            println!("{tok}");
+            match pin {
+                Some(pin) => println!("{tok}{}{pin}", tls::hostkey::PIN_SEPARATOR),
+                None => println!("{tok}"),
+            }
             eprintln!("one-time registration token; expires at {exp} ns since the epoch");
             Ok(())
         }

@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_sandbox_network",
         sql: include_str!("../migrations/0007_sandbox_network.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_host_certificates",
+        sql: include_str!("../migrations/0008_host_certificates.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

@@ -260,6 +260,136 @@ impl Authority {
     }
 }
 
+impl Authority {
+    /// ctl's own client certificate for the agents' ports (mutual TLS), with a fresh key:
+    /// CN `name`, CA:false, client auth only.
+    pub fn issue_client(&self, name: &str, lifetime: Duration) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = SystemTime::now();
+        validity(&mut params, now - CLOCK_SKEW_ALLOWANCE, now + lifetime);
+        params.serial_number = Some(serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: pem("CERTIFICATE", cert.der()),
+            key_pem: pem("PRIVATE KEY", &key.serialize_der()),
+        })
+    }
+
+    /// A client configuration for calling agents: ctl's own client certificate (fresh,
+    /// [`crate::limits::CTL_CLIENT_CERT_LIFETIME`]) and trust in this CA only.
+    pub fn agent_client(&self) -> Result<tls::ClientTls, PkiError> {
+        let me = self.issue_client("wrenn-ctl", crate::limits::CTL_CLIENT_CERT_LIFETIME)?;
+        let chain = tls::certs_from_pem(me.cert_pem.as_bytes(), "ctl client certificate")
+            .map_err(PkiError::Tls)?;
+        let key =
+            tls::key_from_pem(me.key_pem.as_bytes(), "ctl client key").map_err(PkiError::Tls)?;
+        tls::ClientTls::from_ca_pem(
+            self.cert_pem.as_bytes(),
+            tls::ClientOptions {
+                alpn: vec![tls::ALPN_WRENN.to_vec()],
+                identity: Some((chain, key)),
+                ..Default::default()
+            },
+        )
+        .map_err(PkiError::Tls)
+    }
+}
+
+/// An agent's Ed25519 public key (raw 32 bytes) as rcgen takes it: the key is certified,
+/// never seen whole.
+struct HostPublicKey<'a>(&'a [u8]);
+
+impl rcgen::PublicKeyData for HostPublicKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ED25519
+    }
+}
+
+/// A host certificate ctl issued.
+#[derive(Debug)]
+pub struct HostCert {
+    pub cert_pem: String,
+    pub expires: SystemTime,
+    /// Its serial number, big-endian (what a revocation names).
+    pub serial: Vec<u8>,
+}
+
+impl Authority {
+    /// The certificate of a host: identity = `host_id` ("host-{uuid}", as CN and DNS SAN),
+    /// whatever the agent asked; CA:false; client and server auth (the agent presents it
+    /// to ctl's host port and serves its own port with it); `lifetime` long.
+    pub fn issue_host(
+        &self,
+        host_id: &str,
+        public_key: &[u8],
+        lifetime: Duration,
+    ) -> Result<HostCert, PkiError> {
+        if public_key.len() != tls::hostkey::PUBLIC_KEY_LEN {
+            return Err(PkiError::BadName {
+                name: format!("host public key of {} bytes", public_key.len()),
+            });
+        }
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![san(host_id)?];
+        params.distinguished_name.push(DnType::CommonName, host_id);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let now = SystemTime::now();
+        let expires = now + lifetime;
+        validity(&mut params, now - CLOCK_SKEW_ALLOWANCE, expires);
+        let sn = serial()?;
+        let serial_bytes = sn.to_bytes();
+        params.serial_number = Some(sn);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&HostPublicKey(public_key), &self.issuer)?;
+        Ok(HostCert {
+            cert_pem: pem("CERTIFICATE", cert.der()),
+            expires,
+            serial: serial_bytes,
+        })
+    }
+}
+
+/// ctl's check of a Register request's host key, before any database work: no key (an
+/// older agent) is allowed; a key must come with a valid signature over the token's secret.
+/// Returns the key to certify.
+pub fn check_register_key(
+    req: &proto::gen::wrenn::host::v1::RegisterRequest,
+) -> Result<Option<&[u8]>, tls::KeyError> {
+    if req.host_public_key.is_empty() && req.token_signature.is_empty() {
+        return Ok(None);
+    }
+    let (secret, _pin) = tls::hostkey::split_pin(&req.registration_token)?;
+    tls::hostkey::verify_registration(&req.host_public_key, &req.token_signature, secret)?;
+    Ok(Some(&req.host_public_key))
+}
+
+/// Fuzz entry point (`fuzz/fuzz_targets/register_key.rs`): a Register request from the
+/// wire, then the key check ctl runs on it. Never panics; a request that passes carries a
+/// 32-byte key.
+pub fn fuzz_register_key(data: &[u8]) {
+    use prost::Message;
+    let Ok(req) = proto::gen::wrenn::host::v1::RegisterRequest::decode(data) else {
+        return;
+    };
+    if let Ok(Some(k)) = check_register_key(&req) {
+        assert_eq!(k.len(), tls::hostkey::PUBLIC_KEY_LEN);
+    }
+}
+
 /// Writes `data` to a new file with `mode`; refuses to overwrite.
 fn write_new(path: &Path, data: &str, mode: u32) -> Result<(), PkiError> {
     let mut f = std::fs::OpenOptions::new()
@@ -376,5 +506,39 @@ mod tests {
             Err(PkiError::BadName { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The committed corpus of `fuzz/fuzz_targets/register_key.rs`, replayed; its named
+    /// seeds (made by another Ed25519 implementation) get the verdicts their names say.
+    #[test]
+    fn register_key_corpus() {
+        use prost::Message;
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/register_key");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("corpus directory") {
+            let path = e.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            fuzz_register_key(&data);
+            n += 1;
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            let Ok(req) = proto::gen::wrenn::host::v1::RegisterRequest::decode(data.as_slice())
+            else {
+                assert_eq!(name, "truncated");
+                continue;
+            };
+            let verdict = check_register_key(&req).map(|k| k.is_some());
+            match name.as_str() {
+                "valid" | "valid_with_pin" => assert_eq!(verdict, Ok(true), "{name}"),
+                "no_key" => assert_eq!(verdict, Ok(false), "{name}"),
+                "bad_signature" => assert_eq!(verdict, Err(tls::KeyError::BadSignature)),
+                "short_key" => assert_eq!(verdict, Err(tls::KeyError::PublicKeyLength(31))),
+                "key_without_signature" => {
+                    assert_eq!(verdict, Err(tls::KeyError::SignatureLength(0)))
+                }
+                "bad_pin" => assert_eq!(verdict, Err(tls::KeyError::BadPin)),
+                _ => {}
+            }
+        }
+        assert!(n >= 8);
     }
 }

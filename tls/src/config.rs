@@ -472,6 +472,15 @@ impl ClientTls {
         }
     }
 
+    /// The same configuration, requiring the server's certificate to carry `name` whatever
+    /// address is dialled (ctl → agent: the host id).
+    pub fn with_server_name(&self, name: String) -> ClientTls {
+        ClientTls {
+            config: self.config.clone(),
+            server_name: Some(name),
+        }
+    }
+
     /// Starts the handshake on a connected socket; `host` is the name the certificate must
     /// carry unless the options named one.
     pub fn start(&self, sock: SocketTransport, host: &str) -> Result<TlsTransport, TlsError> {

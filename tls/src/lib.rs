@@ -13,6 +13,7 @@
 //! envd and wrenn-uffd never link this crate: vsock and Unix sockets stay inside a host.
 
 mod config;
+pub mod hostkey;
 pub mod limits;
 mod transport;
 
@@ -21,6 +22,7 @@ pub use config::{
     verify_server_cert, ClientOptions, ClientTls, ServerOptions, ServerTls, SniCert, TlsError,
     TlsVersion,
 };
+pub use hostkey::{HostKey, KeyError};
 pub use transport::{BlockingStream, TlsTransport};
 
 /// Re-exported so users name certificate types without their own rustls dependency.

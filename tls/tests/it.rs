@@ -490,3 +490,73 @@ fn an_expired_certificate_is_refused() {
     assert!(e.message.contains("certificate expired"), "{e:?}");
     h.shutdown();
 }
+
+/// Issue 14: an agent's first connection trusts only the CA its registration token pins
+/// (the CA's SHA-256), found in the server's chain or in the `--ctl-ca` bundle; a server
+/// whose CA does not match is refused, naming the pin, even when its chain is valid.
+#[test]
+fn a_registration_pin_refuses_a_server_with_another_ca() {
+    let ca = Ca::new("ctl CA");
+    let mitm = Ca::new("someone else's CA");
+    let pin_of = |c: &Ca| {
+        let der = tls::certs_from_pem(&c.cert_pem, "ca").unwrap();
+        tls::hostkey::cert_sha256(der[0].as_ref())
+    };
+    let pinned = |pin, bundle: &[u8]| {
+        tls::hostkey::pinned_client(pin, bundle, vec![ALPN_WRENN.to_vec()]).unwrap()
+    };
+    // ctl serving its chain with the CA in it: the pin alone is enough.
+    let (leaf, key) = ca.leaf(&["127.0.0.1"]);
+    let chain = [leaf.clone(), ca.cert_pem.clone()].concat();
+    let st = ServerTls::from_pem(&chain, &key, &server_opts()).unwrap();
+    let (addr, h) = serve(Some(&st));
+    let c = connect(addr, &pinned(pin_of(&ca), &[])).unwrap();
+    assert_eq!(echo(&c, b"pinned".to_vec()).data, b"pinned");
+    // The token pins another CA: refused, however valid the chain.
+    let e = connect(addr, &pinned(pin_of(&mitm), &ca.cert_pem)).unwrap_err();
+    assert!(
+        e.message
+            .contains("does not match the registration token's pin"),
+        "{e:?}"
+    );
+    h.shutdown();
+    // A man in the middle with his own CA in his chain, the agent's token pinning ctl's.
+    let (leaf, key) = mitm.leaf(&["127.0.0.1"]);
+    let chain = [leaf, mitm.cert_pem.clone()].concat();
+    let st = ServerTls::from_pem(&chain, &key, &server_opts()).unwrap();
+    let (addr, h) = serve(Some(&st));
+    let e = connect(addr, &pinned(pin_of(&ca), &ca.cert_pem)).unwrap_err();
+    assert!(
+        e.message
+            .contains("does not chain to the CA the registration token pins"),
+        "{e:?}"
+    );
+    let e = connect(addr, &pinned(pin_of(&ca), &[])).unwrap_err();
+    assert!(
+        e.message
+            .contains("does not match the registration token's pin"),
+        "{e:?}"
+    );
+    // Control: the same server is accepted when the pin is its CA's.
+    let e = connect(addr, &pinned(pin_of(&mitm), &[])).map(|_| ());
+    assert!(e.is_ok(), "the pin matches the server's CA here: {e:?}");
+    h.shutdown();
+    // The CA only in the bundle (a server sending its leaf alone).
+    let (addr, h) = tls_server(&ca);
+    let c = connect(addr, &pinned(pin_of(&ca), &ca.cert_pem)).unwrap();
+    assert_eq!(echo(&c, b"bundle".to_vec()).data, b"bundle");
+    let e = connect(addr, &pinned(pin_of(&ca), &[])).unwrap_err();
+    assert!(e.message.contains("pin"), "{e:?}");
+    h.shutdown();
+}
+
+/// Issue 14: the host key round-trips through its PEM file and its proof verifies only for
+/// its token.
+#[test]
+fn host_key_signs_the_token_it_registers_with() {
+    let k = tls::HostKey::generate().unwrap();
+    let again = tls::HostKey::from_pem(k.to_pem().as_bytes()).unwrap();
+    let sig = again.sign_token("wrr_t");
+    tls::hostkey::verify_registration(k.public_key(), &sig, "wrr_t").unwrap();
+    assert!(tls::hostkey::verify_registration(k.public_key(), &sig, "wrr_u").is_err());
+}

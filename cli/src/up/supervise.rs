@@ -389,6 +389,12 @@ pub(super) fn start_ctl(
                     "WRENN_TLS_KEY",
                     l.tls_dir().join("server.key").display().to_string(),
                 ),
+                // The stack's CA issues the agent its host certificate at registration.
+                ("WRENN_TLS_CA_CERT", l.ca_cert().display().to_string()),
+                (
+                    "WRENN_TLS_CA_KEY",
+                    l.tls_dir().join("ca.key").display().to_string(),
+                ),
             ],
             &l.log("ctl"),
             &l.pid("ctl"),
@@ -451,7 +457,9 @@ pub(super) fn start_agent(
             if !identity.exists() {
                 let mut tok = Command::new(ctl);
                 tok.args(["admin", "create-registration-token"])
-                    .env("WRENN_DATABASE_URL", db_url);
+                    .env("WRENN_DATABASE_URL", db_url)
+                    // The token carries the CA's SHA-256: the agent pins it.
+                    .env("WRENN_TLS_CA_CERT", l.ca_cert());
                 let out = run_cmd("wrenn-ctl admin create-registration-token", &mut tok)?;
                 let token = out
                     .split_whitespace()

@@ -190,6 +190,62 @@ fn up_then_down_without_firecracker() {
         );
     }
 
+    // Issue 14: the agent made its host key (0600, never sent) and holds the certificate
+    // ctl issued for its host id, chaining to the stack's CA (the CA the token pinned).
+    let agent_dir = cfg.layout.agent_root().join("agent");
+    let key_mode = std::fs::metadata(agent_dir.join("host.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let ident = std::fs::read_to_string(agent_dir.join("identity.conf")).unwrap();
+    let host_id = ident
+        .lines()
+        .find_map(|l| l.strip_prefix("host_id="))
+        .map(|u| format!("host-{}", u.trim()))
+        .unwrap_or_else(|| panic!("no host_id in {ident}"));
+    let ca_pem = std::fs::read(cfg.layout.ca_cert()).unwrap();
+    assert_eq!(std::fs::read(agent_dir.join("ctl-ca.pem")).unwrap(), ca_pem);
+    let ca = tls::certs_from_pem(&ca_pem, "ca").unwrap();
+    let leaf =
+        tls::certs_from_pem(&std::fs::read(agent_dir.join("host.pem")).unwrap(), "host").unwrap();
+    tls::verify_server_cert(&ca[0], &leaf[0], &host_id).unwrap();
+    // The agent's own port now requires mutual TLS: a plaintext client hears that it
+    // speaks TLS; a TLS client trusting the CA, dialling the host id but without ctl's client
+    // certificate, is refused.
+    let agent_rpc = loopback(cfg.agent_port).to_string();
+    let e = proto::rpc::Client::connect_tcp(
+        agent_rpc.as_str(),
+        proto::rpc::Credential::agent_token("x"),
+    )
+    .unwrap_err();
+    assert!(e.message.contains("server speaks TLS"), "{e}");
+    let no_cert = tls::ClientTls::from_ca_pem(
+        &ca_pem,
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_WRENN.to_vec()],
+            server_name: Some(host_id.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = tls::connect(
+        &agent_rpc,
+        &no_cert,
+        proto::rpc::Credential::agent_token("x"),
+        &proto::rpc::ClientConfig::default(),
+    )
+    .and_then(|c| {
+        c.unary::<_, proto::gen::wrenn::agent::v1::ListSandboxesResponse>(
+            proto::gen::wrenn::agent::v1::sandboxes_methods::LIST,
+            &proto::gen::wrenn::agent::v1::ListSandboxesRequest::default(),
+            Some(T),
+        )
+    })
+    .unwrap_err();
+    assert!(e.message.to_lowercase().contains("certificate"), "{e}");
+
     // The agent says why it cannot host sandboxes, naming Firecracker.
     let agent_http = loopback(cfg.agent_metrics_port());
     let (code, health) = http_get(agent_http, "/health", &[], T).unwrap();

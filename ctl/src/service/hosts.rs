@@ -141,8 +141,13 @@ impl Api {
             )));
         }
         let ctx2 = ctx.clone();
+        // The CA pin rides along after a dot: the agent refuses a ctl with another CA.
+        let pin = self.inner.cfg.issuer.as_ref().map(|ca| ca.fingerprint());
         self.inner.db.tx(move |tx| {
-            let (token, exp) = insert_registration_token(tx, ttl, Some(ctx2.key_id))?;
+            let (mut token, exp) = insert_registration_token(tx, ttl, Some(ctx2.key_id))?;
+            if let Some(pin) = &pin {
+                token = format!("{token}{}{pin}", tls::hostkey::PIN_SEPARATOR);
+            }
             audit_host(
                 tx,
                 &ctx2,

@@ -90,7 +90,7 @@ impl Api {
     /// Builds the service layer over a DB pool; starts the `last_used` flusher thread.
     /// `jobs` gives the reconciler's graces, which heartbeats' drift checks use too.
     pub fn new(db: Db, cfg: ApiConfig, jobs: crate::config::JobsConfig) -> Api {
-        let agents = Agents::new(db.clone(), cfg.agent_call_timeout);
+        let agents = Agents::new(db.clone(), cfg.agent_call_timeout, cfg.issuer.clone());
         let last_used = LastUsed::start(db.clone(), cfg.last_used_flush);
         Api {
             inner: Arc::new(Inner {

@@ -1035,3 +1035,230 @@ fn the_host_port_speaks_tls() {
         )
         .unwrap();
 }
+
+/// Issue 14: at registration the agent sends a public key it made and a signature over the
+/// token; ctl issues a certificate whose identity is the host id (never the name the agent
+/// gave), chaining to ctl's CA, whose SHA-256 the token carries as its pin. A key without a
+/// valid signature is refused and leaves the token unused.
+#[test]
+fn registration_issues_a_host_certificate_for_the_host_id() {
+    let Some(ctl) = Ctl::start() else { return };
+    let tok: c::CreateRegistrationTokenResponse = ctl
+        .admin()
+        .unary(
+            c::hosts_methods::CREATE_REGISTRATION_TOKEN,
+            &c::CreateRegistrationTokenRequest { ttl_s: 60 },
+            T,
+        )
+        .unwrap();
+    let (secret, pin) = tls::hostkey::split_pin(&tok.token).unwrap();
+    let ca = &crate::harness::test_tls().authority;
+    assert_eq!(
+        pin,
+        Some(tls::hostkey::cert_sha256(&ca.cert_der)),
+        "the token pins ctl's CA"
+    );
+    let key = tls::HostKey::generate().unwrap();
+    let reg = |sig: Vec<u8>| {
+        let rc = crate::harness::connect(ctl.host_addr(), proto::rpc::Credential::host_token(""))
+            .unwrap();
+        rc.unary::<_, host::RegisterResponse>(
+            host::host_methods::REGISTER,
+            &host::RegisterRequest {
+                registration_token: secret.to_owned(),
+                agent_address: "127.0.0.1:1".into(),
+                hostname: "ctl.example".into(),
+                capacity: Some(agent::Resources {
+                    vcpus: 1,
+                    memory_mib: 1,
+                    disk_mib: 1,
+                }),
+                host_public_key: key.public_key().to_vec().into(),
+                token_signature: sig.into(),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    // A signature over another token: refused before the token is spent.
+    let e = reg(key.sign_token("wrr_other")).unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated);
+    assert!(e.message.contains("does not verify"), "{e}");
+    let e = reg(vec![0; 10]).unwrap_err();
+    assert!(e.message.contains("64"), "{e}");
+    // The real proof: a certificate for the host id.
+    let r = reg(key.sign_token(secret)).unwrap();
+    assert!(r.host_id.starts_with("host-"));
+    assert_eq!(r.ca_certificate_pem, ca.cert_pem);
+    let leaf = tls::certs_from_pem(r.host_certificate_pem.as_bytes(), "host cert").unwrap();
+    let ca_der = tls::CertificateDer::from(ca.cert_der.clone());
+    tls::verify_server_cert(&ca_der, &leaf[0], &r.host_id).unwrap();
+    let e = tls::verify_server_cert(&ca_der, &leaf[0], "ctl.example").unwrap_err();
+    assert!(e.contains("not valid for name"), "{e}");
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let life = r.host_certificate_expires_unix_ns - now_ns;
+    let want = ctl::limits::HOST_CERT_LIFETIME.as_nanos() as i64;
+    assert!((want - 60_000_000_000..=want).contains(&life), "{life}");
+    // The host row keeps the certificate's serial (what a revocation names) and expiry.
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let row = sql(&ctl)
+        .query_one(
+            "SELECT cert_serial, cert_expires_at FROM hosts WHERE id = $1",
+            &[&hid],
+        )
+        .unwrap();
+    let serial: Vec<u8> = row.get(0);
+    let expires: std::time::SystemTime = row.get(1);
+    assert_eq!(serial.len(), 16);
+    let mut tlv = vec![0x02, 16];
+    tlv.extend_from_slice(&serial);
+    assert!(
+        leaf[0]
+            .as_ref()
+            .windows(tlv.len())
+            .any(|w| w == tlv.as_slice()),
+        "the stored serial is the certificate's"
+    );
+    let exp_ns = expires
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    assert!(
+        (exp_ns - r.host_certificate_expires_unix_ns).abs() < 1_000_000,
+        "{exp_ns}"
+    );
+    // A host registered without a key has no certificate.
+    let (_fa, plain) = ctl.add_host(1, 1024, 10_000);
+    let hid = proto::id::parse(proto::id::Kind::Host, &plain).unwrap();
+    let row = sql(&ctl)
+        .query_one("SELECT cert_serial FROM hosts WHERE id = $1", &[&hid])
+        .unwrap();
+    assert_eq!(row.get::<_, Option<Vec<u8>>>(0), None);
+}
+
+/// Issue 14: ctl calls an agent that has its certificate over mutual TLS: it presents a
+/// client certificate from its CA and requires the agent's certificate to name the host id
+/// it dials. A client without ctl's certificate is refused by the agent; an agent serving
+/// another host's certificate is refused by ctl.
+#[test]
+fn ctl_calls_agents_with_certificates_over_mutual_tls() {
+    let Some(ctl) = Ctl::start() else { return };
+    let api = &ctl.running.as_ref().unwrap().api;
+    let (fa, r, key) = ctl.add_host_tls();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let list = |h| {
+        api.agents().unary::<_, agent::ListSandboxesResponse>(
+            h,
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+        )
+    };
+    list(hid).unwrap();
+    // The agent's port refuses a client without ctl's client certificate, and a
+    // plaintext one.
+    let ca = &crate::harness::test_tls().authority;
+    let no_cert = tls::ClientTls::from_ca_pem(
+        ca.cert_pem.as_bytes(),
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_WRENN.to_vec()],
+            server_name: Some(r.host_id.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = proto::rpc::ClientConfig::default();
+    let tok = fa.state.lock().unwrap().token.clone();
+    let e = tls::connect(
+        &fa.addr.to_string(),
+        &no_cert,
+        proto::rpc::Credential::agent_token(tok.clone()),
+        &cfg,
+    )
+    .and_then(|c| {
+        c.unary::<_, agent::ListSandboxesResponse>(
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+            T,
+        )
+    })
+    .unwrap_err();
+    assert!(e.message.to_lowercase().contains("certificate"), "{e}");
+    assert!(
+        proto::rpc::Client::connect_tcp(fa.addr, proto::rpc::Credential::agent_token(tok)).is_err()
+    );
+    // A second host whose agent serves the first host's certificate: ctl refuses it.
+    let (fb, rb, _) = ctl.add_host_tls();
+    fb.serve_tls(
+        r.host_certificate_pem.as_bytes(),
+        key.to_pem().as_bytes(),
+        r.ca_certificate_pem.as_bytes(),
+    );
+    let hb = proto::id::parse(proto::id::Kind::Host, &rb.host_id).unwrap();
+    let e = list(hb).unwrap_err();
+    assert!(e.message.contains("not valid for name"), "{e}");
+    // The first host is still served.
+    list(hid).unwrap();
+}
+
+/// Issue 14: ctl keeps its mutual-TLS connection to an agent, so sandbox creates on a warm
+/// pool cost no handshake (prints the phase line the bench reports).
+#[test]
+fn sandbox_creates_on_a_warm_pool_cost_no_tls_handshake() {
+    let Some(ctl) = Ctl::start() else { return };
+    let (fa, _, _) = ctl.add_host_tls();
+    let cl = ctl.team();
+    let sb = create_min(&cl).unwrap();
+    destroy(&cl, &sb.id).unwrap();
+    let warm = fa.tls_accepts.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(warm >= 1, "the first create opened the TLS connection");
+    const CREATES: usize = 10;
+    for _ in 0..CREATES {
+        let sb = create_min(&cl).unwrap();
+        destroy(&cl, &sb.id).unwrap();
+    }
+    let extra = fa.tls_accepts.load(std::sync::atomic::Ordering::SeqCst) - warm;
+    println!(
+        "tls_handshake phase: {extra} handshakes for {CREATES} sandbox creates on a warm pool \
+         ({:.2} per create; goal 0)",
+        extra as f64 / CREATES as f64
+    );
+    assert_eq!(extra, 0);
+    assert_eq!(
+        fa.creates.load(std::sync::atomic::Ordering::SeqCst),
+        CREATES + 1
+    );
+}
+
+/// Issue 14: an agent presenting an expired host certificate is refused by ctl, with the
+/// reason, and other hosts are still served.
+#[test]
+fn an_agent_with_an_expired_certificate_is_refused() {
+    let Some(ctl) = Ctl::start() else { return };
+    let api = &ctl.running.as_ref().unwrap().api;
+    let (_fa, ra, _) = ctl.add_host_tls();
+    let (fb, rb, key) = ctl.add_host_tls();
+    let ca = &crate::harness::test_tls().authority;
+    // The same host id and key, a certificate that ended when it was made.
+    let expired = ca
+        .issue_host(&rb.host_id, key.public_key(), Duration::ZERO)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    fb.serve_tls(
+        expired.cert_pem.as_bytes(),
+        key.to_pem().as_bytes(),
+        ca.cert_pem.as_bytes(),
+    );
+    let list = |h: &str| {
+        api.agents().unary::<_, agent::ListSandboxesResponse>(
+            proto::id::parse(proto::id::Kind::Host, h).unwrap(),
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+        )
+    };
+    let e = list(&rb.host_id).unwrap_err();
+    assert!(e.message.contains("expired"), "{e}");
+    list(&ra.host_id).unwrap();
+}

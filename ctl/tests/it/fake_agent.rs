@@ -55,6 +55,10 @@ pub struct FakeAgent {
     handle: ServerHandle,
     host_token: Mutex<Option<(String, String)>>,
     next_pid: Arc<AtomicU32>,
+    /// Mutual TLS of the port once set (as the real agent after registration).
+    tls: Arc<std::sync::RwLock<Option<tls::ServerTls>>>,
+    /// Connections accepted over TLS (each costs one handshake).
+    pub tls_accepts: Arc<AtomicUsize>,
 }
 
 struct Svc {
@@ -77,7 +81,21 @@ impl FakeAgent {
             next_pid: next_pid.clone(),
         };
         let mut server = Server::new(ServerConfig::new("fake-agent"), Arc::new(svc)).unwrap();
-        let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tls: Arc<std::sync::RwLock<Option<tls::ServerTls>>> = Default::default();
+        let t = tls.clone();
+        let tls_accepts = Arc::new(AtomicUsize::new(0));
+        let n = tls_accepts.clone();
+        let wrap: proto::rpc::WrapTransport =
+            Arc::new(move |sock| match t.read().unwrap().clone() {
+                Some(st) => {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    (st.wrap())(sock)
+                }
+                None => Box::new(sock),
+            });
+        let addr = server
+            .listen_tcp_with("127.0.0.1:0".parse().unwrap(), wrap)
+            .unwrap();
         let handle = server.handle();
         let _ = server.spawn().unwrap();
         Arc::new(FakeAgent {
@@ -87,7 +105,25 @@ impl FakeAgent {
             handle,
             host_token: Mutex::new(None),
             next_pid,
+            tls,
+            tls_accepts,
         })
+    }
+
+    /// Serves mutual TLS from now on: this certificate and key, requiring a client
+    /// certificate from `ca_pem` (what the agent does with what registration issued).
+    pub fn serve_tls(&self, cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8]) {
+        let st = tls::ServerTls::from_pem(
+            cert_pem,
+            key_pem,
+            &tls::ServerOptions {
+                alpn: vec![tls::ALPN_WRENN.to_vec()],
+                client_ca_pem: Some(ca_pem.to_vec()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        *self.tls.write().unwrap() = Some(st);
     }
 
     pub fn set_token(&self, t: &str) {

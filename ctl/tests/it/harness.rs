@@ -33,6 +33,9 @@ pub use ctl::testkit::PgCluster as Cluster;
 pub struct TestTls {
     pub files: ctl::pki::InitFiles,
     pub client: tls::ClientTls,
+    /// The CA as `serve --tls-ca-cert/--tls-ca-key` loads it: every test replica issues
+    /// host certificates with it.
+    pub authority: std::sync::Arc<ctl::pki::Authority>,
 }
 
 pub fn test_tls() -> &'static TestTls {
@@ -50,7 +53,14 @@ pub fn test_tls() -> &'static TestTls {
             },
         )
         .expect("client TLS");
-        TestTls { files, client }
+        let authority = std::sync::Arc::new(
+            ctl::pki::Authority::load(&files.ca_cert, &files.ca_key).expect("load the CA"),
+        );
+        TestTls {
+            files,
+            client,
+            authority,
+        }
     })
 }
 
@@ -162,6 +172,7 @@ pub fn test_config(url: &str) -> Config {
             heartbeat_interval: Duration::from_millis(500),
             last_used_flush: Duration::from_millis(200),
             webhooks: ctl::config::WebhookConfig::default(),
+            issuer: Some(test_tls().authority.clone()),
         },
         jobs: JobsConfig {
             reconcile_interval: Duration::from_secs(1),
@@ -292,6 +303,19 @@ impl Ctl {
         problems: Vec<String>,
         edit: impl FnOnce(&mut host::RegisterRequest),
     ) -> Result<(Arc<FakeAgent>, String), proto::Status> {
+        self.register_host_full(vcpus, memory_mib, disk_mib, problems, edit)
+            .map(|(fa, r)| (fa, r.host_id))
+    }
+
+    /// [`Ctl::register_host`] returning ctl's whole answer.
+    pub fn register_host_full(
+        &self,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_mib: u64,
+        problems: Vec<String>,
+        edit: impl FnOnce(&mut host::RegisterRequest),
+    ) -> Result<(Arc<FakeAgent>, host::RegisterResponse), proto::Status> {
         let fa = FakeAgent::start();
         let tok: ctlpb::CreateRegistrationTokenResponse = self
             .admin()
@@ -322,7 +346,29 @@ impl Ctl {
         let r: host::RegisterResponse = reg.unary(host::host_methods::REGISTER, &req, None)?;
         fa.set_token(&r.agent_token);
         fa.set_host_token(&r.host_token, &self.host_addr());
-        Ok((fa, r.host_id))
+        Ok((fa, r))
+    }
+}
+
+impl Ctl {
+    /// Registers a fake agent as a real one does (a host key, a signature over the token)
+    /// and has it serve mutual TLS with the certificate ctl issued.
+    pub fn add_host_tls(&self) -> (Arc<FakeAgent>, host::RegisterResponse, tls::HostKey) {
+        let key = tls::HostKey::generate().unwrap();
+        let (fa, r) = self
+            .register_host_full(4, 4096, 100_000, vec![], |req| {
+                let (secret, _) = tls::hostkey::split_pin(&req.registration_token).unwrap();
+                req.token_signature = key.sign_token(secret).into();
+                req.host_public_key = key.public_key().to_vec().into();
+            })
+            .expect("register");
+        assert!(!r.host_certificate_pem.is_empty());
+        fa.serve_tls(
+            r.host_certificate_pem.as_bytes(),
+            key.to_pem().as_bytes(),
+            r.ca_certificate_pem.as_bytes(),
+        );
+        (fa, r, key)
     }
 }
 

@@ -37,6 +37,16 @@ pub struct RegisterRequest {
     pub vcpu_overcommit: f64,
     #[prost(double, tag = "11")]
     pub memory_overcommit: f64,
+    /// The host key the agent made for this registration: an Ed25519 public key, 32 bytes
+    /// (its private half never leaves the host). Empty: no certificate is issued (an older
+    /// agent, or an operator's own PKI).
+    #[prost(bytes = "bytes", tag = "12")]
+    pub host_public_key: ::prost::bytes::Bytes,
+    /// Ed25519 signature (64 bytes) by that key over "wrenn.host.v1 Register host key\0"
+    /// followed by `registration_token`: proof the sender holds the key and the token.
+    /// ctl refuses a Register whose signature does not verify (UNAUTHENTICATED).
+    #[prost(bytes = "bytes", tag = "13")]
+    pub token_signature: ::prost::bytes::Bytes,
 }
 /// Reply of Host.Register.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -53,6 +63,17 @@ pub struct RegisterResponse {
     /// How often to send Heartbeat.
     #[prost(uint32, tag = "4")]
     pub heartbeat_interval_ms: u32,
+    /// The host certificate ctl issued for `host_public_key` (PEM): identity = the host id
+    /// (CN and a DNS SAN "host-{uuid}"), CA:false, client and server auth. Empty when the
+    /// request carried no key or ctl issues no certificates (it has no CA key).
+    #[prost(string, tag = "5")]
+    pub host_certificate_pem: ::prost::alloc::string::String,
+    /// ctl's CA certificate (PEM), whose SHA-256 is the pin of the registration token.
+    #[prost(string, tag = "6")]
+    pub ca_certificate_pem: ::prost::alloc::string::String,
+    /// When the host certificate expires (0 when none was issued).
+    #[prost(int64, tag = "7")]
+    pub host_certificate_expires_unix_ns: i64,
 }
 /// A sandbox in a heartbeat: enough for ctl to spot drift cheaply. The full reconciliation
 /// uses wrenn.agent.v1.Sandboxes/List.
