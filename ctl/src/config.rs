@@ -124,6 +124,8 @@ pub struct ApiConfig {
     pub last_used_flush: Duration,
     /// Webhook delivery settings.
     pub webhooks: WebhookConfig,
+    /// Most bytes of a template build's context (`--build-context-max-mib`).
+    pub build_context_max: u64,
 }
 
 /// Webhook deliveries (`webhook/`).
@@ -165,6 +167,7 @@ impl Default for ApiConfig {
             heartbeat_interval: limits::HEARTBEAT_INTERVAL_DEFAULT,
             last_used_flush: limits::LAST_USED_FLUSH_INTERVAL,
             webhooks: WebhookConfig::default(),
+            build_context_max: limits::BUILD_CONTEXT_LEN_MAX,
         }
     }
 }

@@ -162,6 +162,7 @@ pub fn test_config(url: &str) -> Config {
             heartbeat_interval: Duration::from_millis(500),
             last_used_flush: Duration::from_millis(200),
             webhooks: ctl::config::WebhookConfig::default(),
+            build_context_max: 1 << 20,
         },
         jobs: JobsConfig {
             reconcile_interval: Duration::from_secs(1),
