@@ -444,6 +444,7 @@ fn an_event_is_delivered_at_least_once_across_a_kill_9_mid_attempt() {
             "--host-listen",
             &port(()),
             "--webhook-allow-private",
+            "--plaintext",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
