@@ -653,11 +653,13 @@ impl Api {
                 let srcs: Vec<String> = sources
                     .iter()
                     .map(|s| {
-                        check_context_path(s.trim_end_matches('/'))?;
-                        Ok(sh_quote(&format!(
-                            "{BUILD_CONTEXT_DIR}/{}",
-                            s.trim_end_matches('/')
-                        )))
+                        let s = s.trim_end_matches('/');
+                        // "." is the whole context (its contents, as `cp -a dir/.` copies).
+                        if s == "." || s.is_empty() {
+                            return Ok(sh_quote(&format!("{BUILD_CONTEXT_DIR}/.")));
+                        }
+                        check_context_path(s)?;
+                        Ok(sh_quote(&format!("{BUILD_CONTEXT_DIR}/{s}")))
                     })
                     .collect::<Result<_, Status>>()?;
                 let dst = sh_quote(target);

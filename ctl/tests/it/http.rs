@@ -2688,7 +2688,10 @@ mod real {
         );
         let ev = ev.as_array().unwrap();
         assert_eq!(ev[0]["build_id"], json!(b1));
-        assert_eq!(ev.last().unwrap()["finished"]["reason"], "step 1: exit code 1");
+        assert_eq!(
+            ev.last().unwrap()["finished"]["reason"],
+            "step 1: exit code 1"
+        );
         let c = check(
             &doc,
             s,
