@@ -433,3 +433,58 @@ fn a_context_over_the_limit_fails_the_build() {
     assert_eq!(b.status, c::BuildStatus::Failed as i32);
     assert!(b.reason.contains("must be relative"), "{}", b.reason);
 }
+
+#[test]
+fn at_most_n_builds_run_at_once_per_host_the_rest_wait_queued() {
+    let Some(ctl) = Ctl::start() else { return };
+    let (fa, _h) = ctl.add_host(16, 16384, 1_000_000);
+    let cl = ctl.team();
+    let n = ctl::limits::BUILDS_PER_HOST_MAX as usize;
+    let mut calls = Vec::new();
+    for i in 0..=n {
+        let mut s = start_build(&cl, &format!("b{i}"), "RUN block\n", &[]);
+        let Some(Event::BuildId(id)) = s.recv::<c::BuildEvent>().unwrap().and_then(|e| e.event)
+        else {
+            panic!("first event is the build id")
+        };
+        if i < n {
+            wait_for("running", || {
+                get(&cl, &id).status == c::BuildStatus::Running as i32
+            });
+        }
+        calls.push((id, s));
+    }
+    // The one past the bound holds its sandbox but waits queued.
+    let last = calls[n].0.clone();
+    wait_for("the last build's sandbox", || {
+        !get(&cl, &last).sandbox_id.is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(get(&cl, &last).status, c::BuildStatus::Queued as i32);
+    assert_eq!(fa.state.lock().unwrap().sandboxes.len(), n + 1);
+    // A place frees: it runs.
+    let _: c::Build = cl
+        .unary(
+            c::templates_methods::CANCEL_BUILD,
+            &c::CancelBuildRequest {
+                build_id: calls[0].0.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    wait_for("the last build runs", || {
+        get(&cl, &last).status == c::BuildStatus::Running as i32
+    });
+    for (id, mut s) in calls {
+        let _ = cl.unary::<_, c::Build>(
+            c::templates_methods::CANCEL_BUILD,
+            &c::CancelBuildRequest { build_id: id },
+            T,
+        );
+        assert_eq!(
+            finished(&drain(&mut s)).status,
+            c::BuildStatus::Cancelled as i32
+        );
+    }
+    assert!(fa.state.lock().unwrap().sandboxes.is_empty());
+}
