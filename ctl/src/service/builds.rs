@@ -825,6 +825,8 @@ impl Api {
         let team = ctx.team_id;
         // Per step: whether started/finished was sent and how many log bytes.
         let mut sent: Vec<(bool, bool, usize, bool)> = Vec::new();
+        // Unknown (or another team's) builds fail before any event.
+        self.inner.db.run(move |c| fetch_build(c, team, id))?;
         emit(ctl::BuildEvent {
             event: Some(ctl::build_event::Event::BuildId(req.build_id.clone())),
         })?;

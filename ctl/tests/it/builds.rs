@@ -291,6 +291,20 @@ fn a_failing_step_stops_the_build_with_its_exit_code() {
         .shell_runs
         .iter()
         .all(|(_, p)| p.args[1] != "echo never"));
+    // Attaching to an unknown build fails before any event.
+    let mut a = cl
+        .call(
+            c::templates_methods::ATTACH_BUILD,
+            &c::AttachBuildRequest {
+                build_id: "bld-00000000-0000-4000-8000-000000000009".into(),
+            },
+            CallOpts {
+                timeout: T,
+                end_stream: true,
+            },
+        )
+        .unwrap();
+    assert_eq!(a.recv::<c::BuildEvent>().unwrap_err().code, Code::NotFound);
     // A malformed recipe is refused before anything runs, naming line and column.
     let mut s = start_build(&cl, "x", "RUN ok\nBOGUS thing\n", &[]);
     let e = s.recv::<c::BuildEvent>().unwrap_err();
