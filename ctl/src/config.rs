@@ -128,6 +128,8 @@ pub struct ApiConfig {
     /// `--tls-ca-key`; every replica reads the same files). `None`: ctl issues none (an
     /// operator's own PKI, or plaintext).
     pub issuer: Option<std::sync::Arc<crate::pki::Authority>>,
+    /// Most bytes of a template build's context (`--build-context-max-mib`).
+    pub build_context_max: u64,
 }
 
 /// Webhook deliveries (`webhook/`).
@@ -170,6 +172,7 @@ impl Default for ApiConfig {
             last_used_flush: limits::LAST_USED_FLUSH_INTERVAL,
             webhooks: WebhookConfig::default(),
             issuer: None,
+            build_context_max: limits::BUILD_CONTEXT_LEN_MAX,
         }
     }
 }

@@ -171,7 +171,7 @@ const _: () = assert!(METRICS_MID_RANGE_S < METRICS_RANGE_MAX_S);
 const _: () = assert!(WEBHOOK_ATTEMPT_TIMEOUT.as_secs() * 2 <= WEBHOOK_LEASE.as_secs());
 const _: () = assert!(USAGE_FLUSH_INTERVAL.as_secs() < METRICS_MID_RANGE_S as u64);
 
-// ---- template builds (migration 5; no runner yet) ----
+// ---- template builds (migration 5; `service/builds.rs`) ----
 
 /// Output kept per build step: the last 256 KiB (the table's CHECK holds the same number;
 /// a test checks). A step's full output streams live to the client; what is kept is for
@@ -179,6 +179,28 @@ const _: () = assert!(USAGE_FLUSH_INTERVAL.as_secs() < METRICS_MID_RANGE_S as u6
 pub const BUILD_STEP_LOG_MAX: usize = 256 * 1024;
 /// A recipe as stored: `proto::recipe::RECIPE_LEN_MAX`.
 pub const BUILD_RECIPE_LEN_MAX: usize = proto::recipe::RECIPE_LEN_MAX;
+/// Builds running at once on one host: each holds a sandbox and keeps a ctl worker thread
+/// busy for its whole length; more wait `queued` for a place.
+pub const BUILDS_PER_HOST_MAX: i64 = 2;
+/// Longest a build waits queued for a place on its host before it fails.
+pub const BUILD_QUEUE_WAIT_MAX: Duration = Duration::from_secs(600);
+/// Default most bytes of a build context (`--build-context-max-mib`): it is written into
+/// the build sandbox's disk, so it is bounded well below a sandbox's disk.
+pub const BUILD_CONTEXT_LEN_MAX: u64 = 512 << 20;
+/// Where the context lands in the build sandbox (removed before the snapshot).
+pub const BUILD_CONTEXT_DIR: &str = "/tmp/wrenn-build-context";
+/// How often a runner renews `runner_seen_at` and reads `cancel_requested`.
+pub const BUILD_RUNNER_RENEW: Duration = Duration::from_secs(2);
+/// A build whose runner has not renewed for this long is failed by the reconciler (its
+/// ctl died): many renewals, so a slow database never fails a live build.
+pub const BUILD_RUNNER_GRACE: Duration = Duration::from_secs(30);
+/// How often the running step's output is written to its log (and an attach polls).
+pub const BUILD_LOG_FLUSH: Duration = Duration::from_millis(500);
+/// The build sandbox's timeout: a build longer than this loses its sandbox.
+pub const BUILD_SANDBOX_TIMEOUT_S: u64 = 6 * 3600 + 600;
+
+const _: () = assert!(BUILD_RUNNER_RENEW.as_secs() * 5 <= BUILD_RUNNER_GRACE.as_secs());
+const _: () = assert!(BUILD_LOG_FLUSH.as_millis() < BUILD_RUNNER_RENEW.as_millis());
 
 // ---- retention (`retention.rs`) ----
 

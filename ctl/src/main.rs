@@ -3,7 +3,7 @@
 //! ```text
 //! wrenn-ctl serve [--database-url URL] [--listen ADDR] [--http-listen ADDR] [--host-listen ADDR] [--db-workers N]
 //!                 [--reconcile-interval-s S] [--heartbeat-timeout-s S] [--lifecycle-timeout-s S]
-//!                 [--no-http] [--keep-unknown] [--webhook-allow-private]
+//!                 [--no-http] [--keep-unknown] [--webhook-allow-private] [--build-context-max-mib N]
 //!                 (--tls-cert FILE --tls-key FILE [--tls12] | --plaintext)
 //! wrenn-ctl admin tls init --dir DIR --names NAME[,NAME...]
 //! wrenn-ctl admin migrate [--database-url URL]
@@ -30,6 +30,7 @@ const USAGE: &str = "usage:
   wrenn-ctl serve [--database-url URL] [--listen 0.0.0.0:7700] [--http-listen 0.0.0.0:7701]
                   [--host-listen 0.0.0.0:7702] [--no-http] [--keep-unknown] [--db-workers N] [--reconcile-interval-s S]
                   [--heartbeat-timeout-s S] [--lifecycle-timeout-s S] [--webhook-allow-private]
+                  [--build-context-max-mib N]
                   (--tls-cert FILE --tls-key FILE [--tls12] | --plaintext)
                   [--tls-sandbox-domain D --tls-sandbox-cert FILE --tls-sandbox-key FILE]
                   [--tls-ca-cert FILE --tls-ca-key FILE]
@@ -171,6 +172,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             "--reconcile-interval-s",
             "--heartbeat-timeout-s",
             "--lifecycle-timeout-s",
+            "--build-context-max-mib",
             "--tls-cert",
             "--tls-key",
             "--tls-sandbox-domain",
@@ -277,6 +279,17 @@ fn serve(args: &[String]) -> Result<(), Failure> {
                 ..Default::default()
             },
             issuer,
+            build_context_max: match f.get("--build-context-max-mib") {
+                None => api_default.build_context_max,
+                Some(v) => match v.parse::<u64>() {
+                    Ok(n) if (1..=64 * 1024).contains(&n) => n << 20,
+                    _ => {
+                        return Err(Failure::from(format!(
+                            "--build-context-max-mib: {v:?} is not a number of MiB in 1..=65536"
+                        )))
+                    }
+                },
+            },
             ..api_default
         },
         jobs: JobsConfig {

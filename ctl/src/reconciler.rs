@@ -259,6 +259,9 @@ pub fn run_once(api: &Api, cfg: &JobsConfig) -> Result<Vec<(Uuid, Vec<Action>)>,
     if let Err(e) = settle_cut_off_creates(api, cfg) {
         log::warn!("settling cut-off creates failed: {}", e.message);
     }
+    if let Err(e) = crate::service::builds::fail_dead_builds(api) {
+        log::warn!("failing builds of dead runners failed: {}", e.message);
+    }
     let mut all = Vec::new();
     for h in hosts {
         match reconcile_host(api, h, cfg) {

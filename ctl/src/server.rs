@@ -229,6 +229,18 @@ fn unary<Req: Message + Default, Resp: Message>(
     stream.respond(r)
 }
 
+/// Runs a streaming call (server or bidirectional): decode the first message, let the
+/// handler send (and receive), finish. Returns whether it succeeded.
+fn streaming<Req: Message + Default>(
+    mut stream: ServerStream,
+    f: impl FnOnce(Req, &mut ServerStream) -> Result<(), Status>,
+) -> bool {
+    let r = stream.first::<Req>().and_then(|req| f(req, &mut stream));
+    let ok = r.is_ok();
+    stream.finish(r);
+    ok
+}
+
 /// Routes one wrenn.ctl.v1 call to the service layer. Returns whether it succeeded.
 fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
     use ctl::{
@@ -261,6 +273,14 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         tpl::LIST => unary(stream, |r| api.list_templates(ctx, r)),
         tpl::GET => unary(stream, |r| api.get_template(ctx, r)),
         tpl::DELETE => unary(stream, |r| api.delete_template(ctx, r)),
+        tpl::BUILD => streaming(stream, |r, s| api.build_template(ctx, r, s)),
+        tpl::ATTACH_BUILD => streaming(stream, |r, s| {
+            let w = s.watch();
+            api.attach_build(ctx, r, &mut |e| s.send(&e), &|| w.is_cancelled())
+        }),
+        tpl::GET_BUILD => unary(stream, |r| api.get_build(ctx, r)),
+        tpl::LIST_BUILDS => unary(stream, |r| api.list_builds(ctx, r)),
+        tpl::CANCEL_BUILD => unary(stream, |r| api.cancel_build(ctx, r)),
 
         teams::GET => unary(stream, |r| api.get_team(ctx, r)),
         teams::CREATE => unary(stream, |r| api.create_team(ctx, r)),

@@ -1,5 +1,5 @@
 //! Wire IDs: `prefix-{uuid}` (`sb-`, `usr-`, `team-`, `key-`, `host-`, `tpl-`, `log-`,
-//! `wh-`, `evt-`).
+//! `wh-`, `evt-`, `bld-`).
 //!
 //! Parsed strictly at every API and RPC boundary; everything inside works with [`Uuid`].
 //! Accepted form: the prefix, a hyphen, then the 36-character lower-case hyphenated UUID.
@@ -22,10 +22,11 @@ pub enum Kind {
     Log,
     Webhook,
     Event,
+    Build,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Sandbox,
         Kind::User,
         Kind::Team,
@@ -35,6 +36,7 @@ impl Kind {
         Kind::Log,
         Kind::Webhook,
         Kind::Event,
+        Kind::Build,
     ];
 
     pub const fn prefix(self) -> &'static str {
@@ -48,6 +50,7 @@ impl Kind {
             Kind::Log => "log",
             Kind::Webhook => "wh",
             Kind::Event => "evt",
+            Kind::Build => "bld",
         }
     }
 
@@ -62,6 +65,7 @@ impl Kind {
             Kind::Log => "audit log",
             Kind::Webhook => "webhook",
             Kind::Event => "event",
+            Kind::Build => "build",
         }
     }
 }

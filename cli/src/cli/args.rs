@@ -152,6 +152,14 @@ pub fn parse(cmd: &'static Command, argv: &[String]) -> Result<Parsed, ArgError>
             }
             continue;
         }
+        // The one short flag: -f for --file, on commands that have --file.
+        let long;
+        let a = if !flags_done && a == "-f" && cmd.flags.iter().any(|f| f.name == "file") {
+            long = "--file".to_owned();
+            &long
+        } else {
+            a
+        };
         if !flags_done && a.starts_with("--") {
             let body = &a[2..];
             let (name, inline) = match body.split_once('=') {

@@ -179,6 +179,13 @@ pub static COMMANDS: &[Command] = &[
     cmd!("template create", &[tpl::CREATE], "Snapshot a sandbox into a template (the sandbox ends paused).", [SB, arg("NAME", "template name, unique in the team")], [
         on("platform", "publish as a platform template (platform admin)")]),
     cmd!("template check", &[], "Check a recipe (Wrennfile) here, without a server: prints its steps, or its first error with line and column (exit 1).", [opt("FILE", "the recipe (default ./Wrennfile)")], []),
+    cmd!("template build", &[tpl::BUILD], "Build a snapshot template from a recipe: the COPY sources under DIR are streamed into a fresh build sandbox (never stored by ctl), each step's output printed live; exit 1 when a step fails. -f is --file.", [opt("DIR", "the build context (default .)")], [
+        val("file", "FILE", "the recipe (default DIR/Wrennfile)"),
+        val("name", "NAME", "the template's name (default: DIR's name)")]),
+    cmd!("template attach", &[tpl::ATTACH_BUILD], "Follow a build: what its steps printed so far, then live until it ends; exit 1 unless it succeeded.", [arg("BUILD", "build id (bld-...)")], []),
+    cmd!("template builds", &[tpl::LIST_BUILDS], "List the team's builds, newest first.", [], [PAGE[0], PAGE[1], PAGE[2]]),
+    cmd!("template build-get", &[tpl::GET_BUILD], "Show a build and its steps.", [arg("BUILD", "build id (bld-...)")], []),
+    cmd!("template build-cancel", &[tpl::CANCEL_BUILD], "Cancel a queued or running build (its sandbox is destroyed).", [arg("BUILD", "build id (bld-...)")], []),
     cmd!("template list", &[tpl::LIST], "List the team's and the platform's templates.", [], [
         on("team-only", "leave out platform templates"), PAGE[0], PAGE[1], PAGE[2]]),
     cmd!("template get", &[tpl::GET], "Show a template.", [arg("TEMPLATE", "id (tpl-...) or name")], []),

@@ -31,6 +31,14 @@ impl Json for proto::gen::wrenn::ctl::v1::ApiKey {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::AttachBuildRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("build_id".into(), Value::String(self.build_id.clone()));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::AuditLog {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -45,6 +53,117 @@ impl Json for proto::gen::wrenn::ctl::v1::AuditLog {
         m.insert("status".into(), Value::String(self.status.clone()));
         m.insert("metadata_json".into(), Value::String(self.metadata_json.clone()));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::Build {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::String(self.id.clone()));
+        m.insert("name".into(), Value::String(self.name.clone()));
+        m.insert("status".into(), j::enum_out(self.status, proto::gen::wrenn::ctl::v1::BuildStatus::try_from(self.status).ok().map(|e| e.as_str_name())));
+        m.insert("reason".into(), Value::String(self.reason.clone()));
+        m.insert("template_id".into(), Value::String(self.template_id.clone()));
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        m.insert("finished_unix_ns".into(), j::i64_out(self.finished_unix_ns));
+        m.insert("steps".into(), Value::Array(self.steps.iter().map(|x| proto::gen::wrenn::ctl::v1::BuildStep::to_json(&x)).collect()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildContextChunk {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("path".into(), Value::String(self.path.clone()));
+        m.insert("mode".into(), Value::from(self.mode));
+        m.insert("data".into(), j::bytes_out(&self.data));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildEvent {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        match &self.event {
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::BuildId(x)) => { m.insert("build_id".into(), Value::String(x.clone())); }
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::StepStarted(x)) => { m.insert("step_started".into(), proto::gen::wrenn::ctl::v1::BuildStepStarted::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::Output(x)) => { m.insert("output".into(), proto::gen::wrenn::ctl::v1::BuildOutput::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::StepFinished(x)) => { m.insert("step_finished".into(), proto::gen::wrenn::ctl::v1::BuildStepFinished::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::Finished(x)) => { m.insert("finished".into(), proto::gen::wrenn::ctl::v1::Build::to_json(&x)); }
+            None => {}
+        }
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildHeader {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("recipe".into(), Value::String(self.recipe.clone()));
+        m.insert("name".into(), Value::String(self.name.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildOutput {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("n".into(), Value::from(self.n));
+        m.insert("data".into(), j::bytes_out(&self.data));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        match &self.msg {
+            Some(proto::gen::wrenn::ctl::v1::build_request::Msg::Header(x)) => { m.insert("header".into(), proto::gen::wrenn::ctl::v1::BuildHeader::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::build_request::Msg::Context(x)) => { m.insert("context".into(), proto::gen::wrenn::ctl::v1::BuildContextChunk::to_json(&x)); }
+            None => {}
+        }
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildStep {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("n".into(), Value::from(self.n));
+        m.insert("line".into(), Value::from(self.line));
+        m.insert("instruction".into(), Value::String(self.instruction.clone()));
+        m.insert("status".into(), Value::String(self.status.clone()));
+        if let Some(x) = &self.exit_code { m.insert("exit_code".into(), Value::from(*x)); }
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildStepFinished {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("n".into(), Value::from(self.n));
+        m.insert("exit_code".into(), Value::from(self.exit_code));
+        m.insert("ok".into(), Value::from(self.ok));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildStepStarted {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("n".into(), Value::from(self.n));
+        m.insert("line".into(), Value::from(self.line));
+        m.insert("instruction".into(), Value::String(self.instruction.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::CancelBuildRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("build_id".into(), Value::String(self.build_id.clone()));
         Value::Object(m)
     }
 }
@@ -329,6 +448,14 @@ impl Json for proto::gen::wrenn::ctl::v1::ExecStreamRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::GetBuildRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("build_id".into(), Value::String(self.build_id.clone()));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::GetHostRequest {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -429,6 +556,24 @@ impl Json for proto::gen::wrenn::ctl::v1::ListAuditLogsResponse {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("entries".into(), Value::Array(self.entries.iter().map(|x| proto::gen::wrenn::ctl::v1::AuditLog::to_json(&x)).collect()));
+        m.insert("next_page_token".into(), Value::String(self.next_page_token.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListBuildsRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("page_size".into(), Value::from(self.page_size));
+        m.insert("page_token".into(), Value::String(self.page_token.clone()));
+        Value::Object(m)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListBuildsResponse {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("builds".into(), Value::Array(self.builds.iter().map(|x| proto::gen::wrenn::ctl::v1::Build::to_json(&x)).collect()));
         m.insert("next_page_token".into(), Value::String(self.next_page_token.clone()));
         Value::Object(m)
     }

@@ -829,6 +829,7 @@ paged! {
     pb::ListHostsRequest, pb::ListHostsResponse, hosts;
     pb::ListAuditLogsRequest, pb::ListAuditLogsResponse, entries;
     pb::ListDeliveriesRequest, pb::ListDeliveriesResponse, deliveries;
+    pb::ListBuildsRequest, pb::ListBuildsResponse, builds;
 }
 
 /// Lists one page, or with `all` every page from the requested one on.
@@ -1363,6 +1364,63 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             if !ctx.json {
                 page_note(&r.next_page_token);
             }
+        }
+        "template build" => return build_template(&ctx, p),
+        "template attach" => {
+            let mut s = ctx.call(
+                tpl::ATTACH_BUILD,
+                &pb::AttachBuildRequest { build_id: a(0) },
+                CallOpts {
+                    timeout: ctx.deadline,
+                    end_stream: true,
+                },
+            )?;
+            return follow_build(&ctx, &mut s);
+        }
+        "template builds" => {
+            let (page_size, page_token) = page(p)?;
+            let r: pb::ListBuildsResponse = list(
+                &ctx,
+                tpl::LIST_BUILDS,
+                pb::ListBuildsRequest {
+                    page_size,
+                    page_token,
+                },
+                p.flag("all"),
+            )?;
+            ctx.print(&r, |r| {
+                let mut t = Table::new(&["ID", "NAME", "STATUS", "TEMPLATE", "CREATED", "REASON"]);
+                for x in &r.builds {
+                    t.row(vec![
+                        x.id.clone(),
+                        x.name.clone(),
+                        build_status(x.status),
+                        x.template_id.clone(),
+                        time(x.created_unix_ns),
+                        x.reason.clone(),
+                    ]);
+                }
+                t.render()
+            });
+            if !ctx.json {
+                page_note(&r.next_page_token);
+            }
+        }
+        "template build-get" => {
+            let b: pb::Build = ctx.unary(
+                tpl::GET_BUILD,
+                &pb::GetBuildRequest { build_id: a(0) },
+                false,
+            )?;
+            ctx.print(&b, build_human);
+        }
+        "template build-cancel" => {
+            let b: pb::Build = ctx.unary(
+                tpl::CANCEL_BUILD,
+                &pb::CancelBuildRequest { build_id: a(0) },
+                false,
+            )?;
+            ctx.print(&b, build_human);
         }
         "template get" => {
             let t: pb::Template =
@@ -2013,6 +2071,213 @@ fn file_get(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
         );
     }
     Ok(0)
+}
+
+fn build_status(s: i32) -> String {
+    enum_name(
+        s,
+        pb::BuildStatus::try_from(s).ok().map(|e| e.as_str_name()),
+        "BUILD_STATUS_",
+    )
+}
+
+fn build_human(b: &pb::Build) -> String {
+    let mut out = format!("{} {} {}", b.id, b.name, build_status(b.status));
+    if !b.template_id.is_empty() {
+        out.push_str(&format!(" -> {}", b.template_id));
+    }
+    if !b.reason.is_empty() {
+        out.push_str(&format!(": {}", b.reason));
+    }
+    out.push('\n');
+    for st in &b.steps {
+        let code = st
+            .exit_code
+            .map(|c| format!(" (exit {c})"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {:>3}. line {}: {} [{}{code}]\n",
+            st.n + 1,
+            st.line,
+            st.instruction,
+            st.status
+        ));
+    }
+    out
+}
+
+/// Files of the context that the recipe's COPY sources name (all of DIR for a source
+/// "."), as (relative path, full path, mode), in a stable order.
+fn context_files(
+    dir: &std::path::Path,
+    recipe: &proto::recipe::Recipe,
+) -> Result<Vec<(String, std::path::PathBuf, u32)>, CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    let sources: Vec<String> = recipe
+        .steps
+        .iter()
+        .flat_map(|s| match s {
+            proto::recipe::Step::Copy { sources, .. } => sources.clone(),
+            _ => Vec::new(),
+        })
+        .map(|s| s.trim_end_matches('/').to_owned())
+        .collect();
+    let wanted = |rel: &str| {
+        sources
+            .iter()
+            .any(|s| s == "." || s.is_empty() || rel == s || rel.starts_with(&format!("{s}/")))
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((path, rel)) = stack.pop() {
+        let rd = std::fs::read_dir(&path).map_err(io_err(&format!("read {}", path.display())))?;
+        for e in rd {
+            let e = e.map_err(io_err(&format!("read {}", path.display())))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            // Symlinks are not followed (they could leave DIR).
+            let md = std::fs::symlink_metadata(e.path())
+                .map_err(io_err(&format!("stat {}", e.path().display())))?;
+            if md.is_dir() {
+                stack.push((e.path(), r));
+            } else if md.is_file() && wanted(&r) {
+                out.push((r, e.path(), md.permissions().mode() & 0o7777));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `wrenn template build`: header, context, then the events until the build ends.
+fn build_template(ctx: &Ctx, p: &Parsed) -> Result<u8, CliError> {
+    let dir = std::path::PathBuf::from(p.arg(0).unwrap_or("."));
+    let file = p
+        .value("file")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.join("Wrennfile"));
+    let mut bytes = Vec::new();
+    std::fs::File::open(&file)
+        .and_then(|f| {
+            f.take(proto::recipe::RECIPE_LEN_MAX as u64 + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(io_err(&format!("read {}", file.display())))?;
+    let recipe = match proto::recipe::parse(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}:{}:{}: {}", file.display(), e.line, e.column, e.kind);
+            return Ok(1);
+        }
+    };
+    let name = match p.value("name") {
+        Some(n) => n.to_owned(),
+        None => std::fs::canonicalize(&dir)
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .ok_or_else(|| CliError::Usage("--name is needed (DIR has no name)".into()))?,
+    };
+    let files = context_files(&dir, &recipe)?;
+    let mut s = ctx.call(
+        pb::templates_methods::BUILD,
+        &pb::BuildRequest {
+            msg: Some(pb::build_request::Msg::Header(pb::BuildHeader {
+                recipe: String::from_utf8_lossy(&bytes).into_owned(),
+                name,
+            })),
+        },
+        CallOpts {
+            timeout: ctx.deadline,
+            end_stream: false,
+        },
+    )?;
+    // The context; a send fails when the server ended the call early (its answer says why).
+    let chunk = proto::limits::CHUNK_LEN.min(s.max_message_len().saturating_sub(4096).max(1));
+    let mut buf = vec![0u8; chunk];
+    'files: for (rel, path, mode) in &files {
+        let mut f =
+            std::fs::File::open(path).map_err(io_err(&format!("read {}", path.display())))?;
+        let mut first = true;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(io_err(&format!("read {}", path.display())))?;
+            if n == 0 && !first {
+                break;
+            }
+            first = false;
+            let m = pb::BuildRequest {
+                msg: Some(pb::build_request::Msg::Context(pb::BuildContextChunk {
+                    path: rel.clone(),
+                    mode: *mode,
+                    data: buf[..n].to_vec().into(),
+                })),
+            };
+            if s.send(&m).is_err() {
+                break 'files;
+            }
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    let _ = s.close_send();
+    follow_build(ctx, &mut s)
+}
+
+/// Prints a build's events until it ends; 0 when it succeeded, else 1.
+fn follow_build(ctx: &Ctx, s: &mut proto::rpc::ClientStream) -> Result<u8, CliError> {
+    use pb::build_event::Event;
+    let mut out = io::stdout();
+    let mut code = 1;
+    while let Some(e) = s.recv::<pb::BuildEvent>()? {
+        if ctx.json {
+            println!("{}", render(&e.to_json(), false));
+        }
+        match e.event {
+            Some(Event::BuildId(id)) if !ctx.json => eprintln!("build {id}"),
+            Some(Event::StepStarted(st)) if !ctx.json => {
+                let _ = writeln!(
+                    out,
+                    "==> step {} (line {}): {}",
+                    st.n + 1,
+                    st.line,
+                    st.instruction
+                );
+            }
+            Some(Event::Output(o)) if !ctx.json => {
+                let _ = out.write_all(&o.data);
+                let _ = out.flush();
+            }
+            Some(Event::StepFinished(f)) if !ctx.json && !f.ok => {
+                let _ = writeln!(
+                    out,
+                    "==> step {} failed: exit code {}",
+                    f.n + 1,
+                    f.exit_code
+                );
+            }
+            Some(Event::Finished(b)) => {
+                if b.status == pb::BuildStatus::Succeeded as i32 {
+                    code = 0;
+                }
+                if !ctx.json {
+                    let _ = out.flush();
+                    if code == 0 {
+                        println!("built {} ({})", b.template_id, b.name);
+                    } else {
+                        eprintln!("build {} {}: {}", b.id, build_status(b.status), b.reason);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(code)
 }
 
 #[cfg(test)]

@@ -151,6 +151,9 @@ impl Backend for ApiBackend {
             tpl::LIST => enc(a.list_templates(c, req(&b)?)),
             tpl::GET => enc(a.get_template(c, req(&b)?)),
             tpl::DELETE => enc(a.delete_template(c, req(&b)?)),
+            tpl::GET_BUILD => enc(a.get_build(c, req(&b)?)),
+            tpl::LIST_BUILDS => enc(a.list_builds(c, req(&b)?)),
+            tpl::CANCEL_BUILD => enc(a.cancel_build(c, req(&b)?)),
             teams::GET => enc(a.get_team(c, req(&b)?)),
             teams::CREATE => enc(a.create_team(c, req(&b)?)),
             teams::ADD_MEMBER => enc(a.add_member(c, req(&b)?)),
@@ -188,6 +191,15 @@ impl Backend for ApiBackend {
         b: Vec<u8>,
         emit: &mut dyn FnMut(Vec<u8>) -> Result<(), Status>,
     ) -> Result<(), Status> {
+        if method == ctl::templates_methods::ATTACH_BUILD {
+            // The HTTP client leaving shows as a failed write of the next line.
+            return self.0.attach_build(
+                ctx_of(peer)?,
+                req(&b)?,
+                &mut |e| emit(e.encode_to_vec()),
+                &|| false,
+            );
+        }
         let route = forward::route(method)
             .ok_or_else(|| Status::unimplemented(format!("no server-streaming method {method}")))?;
         let mut down = HttpDown {

@@ -71,6 +71,27 @@ impl Json for proto::gen::wrenn::ctl::v1::ApiKey {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::AttachBuildRequest {
+    const SCHEMA: &'static str = "ctl.v1.AttachBuildRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("build_id".into(), Value::String(self.build_id.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "build_id" => { if !v.is_null() { out.build_id = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::AuditLog {
     const SCHEMA: &'static str = "ctl.v1.AuditLog";
     fn to_json(&self) -> Value {
@@ -105,6 +126,272 @@ impl Json for proto::gen::wrenn::ctl::v1::AuditLog {
                 "status" => { if !v.is_null() { out.status = j::string_in(v, &p)?; } }
                 "metadata_json" => { if !v.is_null() { out.metadata_json = j::string_in(v, &p)?; } }
                 "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::Build {
+    const SCHEMA: &'static str = "ctl.v1.Build";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::String(self.id.clone()));
+        m.insert("name".into(), Value::String(self.name.clone()));
+        m.insert("status".into(), j::enum_out(self.status, proto::gen::wrenn::ctl::v1::BuildStatus::try_from(self.status).ok().map(|e| e.as_str_name())));
+        m.insert("reason".into(), Value::String(self.reason.clone()));
+        m.insert("template_id".into(), Value::String(self.template_id.clone()));
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        m.insert("finished_unix_ns".into(), j::i64_out(self.finished_unix_ns));
+        m.insert("steps".into(), Value::Array(self.steps.iter().map(|x| proto::gen::wrenn::ctl::v1::BuildStep::to_json(&x)).collect()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "id" => { if !v.is_null() { out.id = j::string_in(v, &p)?; } }
+                "name" => { if !v.is_null() { out.name = j::string_in(v, &p)?; } }
+                "status" => { if !v.is_null() { out.status = j::enum_in(v, &p, |s| proto::gen::wrenn::ctl::v1::BuildStatus::from_str_name(s).map(|e| e as i32))?; } }
+                "reason" => { if !v.is_null() { out.reason = j::string_in(v, &p)?; } }
+                "template_id" => { if !v.is_null() { out.template_id = j::string_in(v, &p)?; } }
+                "sandbox_id" => { if !v.is_null() { out.sandbox_id = j::string_in(v, &p)?; } }
+                "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                "finished_unix_ns" => { if !v.is_null() { out.finished_unix_ns = j::i64_in(v, &p)?; } }
+                "steps" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.steps.push(<proto::gen::wrenn::ctl::v1::BuildStep as Json>::from_json_at(v, &p)?); } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildContextChunk {
+    const SCHEMA: &'static str = "ctl.v1.BuildContextChunk";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("path".into(), Value::String(self.path.clone()));
+        m.insert("mode".into(), Value::from(self.mode));
+        m.insert("data".into(), j::bytes_out(&self.data));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "path" => { if !v.is_null() { out.path = j::string_in(v, &p)?; } }
+                "mode" => { if !v.is_null() { out.mode = j::u32_in(v, &p)?; } }
+                "data" => { if !v.is_null() { out.data = j::bytes_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildEvent {
+    const SCHEMA: &'static str = "ctl.v1.BuildEvent";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        match &self.event {
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::BuildId(x)) => { m.insert("build_id".into(), Value::String(x.clone())); }
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::StepStarted(x)) => { m.insert("step_started".into(), proto::gen::wrenn::ctl::v1::BuildStepStarted::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::Output(x)) => { m.insert("output".into(), proto::gen::wrenn::ctl::v1::BuildOutput::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::StepFinished(x)) => { m.insert("step_finished".into(), proto::gen::wrenn::ctl::v1::BuildStepFinished::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::build_event::Event::Finished(x)) => { m.insert("finished".into(), proto::gen::wrenn::ctl::v1::Build::to_json(&x)); }
+            None => {}
+        }
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "build_id" => { if out.event.is_some() { return Err(JsonError::oneof(&p, "event")); } out.event = Some(proto::gen::wrenn::ctl::v1::build_event::Event::BuildId(j::string_in(v, &p)?)); }
+                "step_started" => { if out.event.is_some() { return Err(JsonError::oneof(&p, "event")); } out.event = Some(proto::gen::wrenn::ctl::v1::build_event::Event::StepStarted(<proto::gen::wrenn::ctl::v1::BuildStepStarted as Json>::from_json_at(v, &p)?)); }
+                "output" => { if out.event.is_some() { return Err(JsonError::oneof(&p, "event")); } out.event = Some(proto::gen::wrenn::ctl::v1::build_event::Event::Output(<proto::gen::wrenn::ctl::v1::BuildOutput as Json>::from_json_at(v, &p)?)); }
+                "step_finished" => { if out.event.is_some() { return Err(JsonError::oneof(&p, "event")); } out.event = Some(proto::gen::wrenn::ctl::v1::build_event::Event::StepFinished(<proto::gen::wrenn::ctl::v1::BuildStepFinished as Json>::from_json_at(v, &p)?)); }
+                "finished" => { if out.event.is_some() { return Err(JsonError::oneof(&p, "event")); } out.event = Some(proto::gen::wrenn::ctl::v1::build_event::Event::Finished(<proto::gen::wrenn::ctl::v1::Build as Json>::from_json_at(v, &p)?)); }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildHeader {
+    const SCHEMA: &'static str = "ctl.v1.BuildHeader";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("recipe".into(), Value::String(self.recipe.clone()));
+        m.insert("name".into(), Value::String(self.name.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "recipe" => { if !v.is_null() { out.recipe = j::string_in(v, &p)?; } }
+                "name" => { if !v.is_null() { out.name = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildOutput {
+    const SCHEMA: &'static str = "ctl.v1.BuildOutput";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("n".into(), Value::from(self.n));
+        m.insert("data".into(), j::bytes_out(&self.data));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "n" => { if !v.is_null() { out.n = j::u32_in(v, &p)?; } }
+                "data" => { if !v.is_null() { out.data = j::bytes_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildRequest {
+    const SCHEMA: &'static str = "ctl.v1.BuildRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        match &self.msg {
+            Some(proto::gen::wrenn::ctl::v1::build_request::Msg::Header(x)) => { m.insert("header".into(), proto::gen::wrenn::ctl::v1::BuildHeader::to_json(&x)); }
+            Some(proto::gen::wrenn::ctl::v1::build_request::Msg::Context(x)) => { m.insert("context".into(), proto::gen::wrenn::ctl::v1::BuildContextChunk::to_json(&x)); }
+            None => {}
+        }
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "header" => { if out.msg.is_some() { return Err(JsonError::oneof(&p, "msg")); } out.msg = Some(proto::gen::wrenn::ctl::v1::build_request::Msg::Header(<proto::gen::wrenn::ctl::v1::BuildHeader as Json>::from_json_at(v, &p)?)); }
+                "context" => { if out.msg.is_some() { return Err(JsonError::oneof(&p, "msg")); } out.msg = Some(proto::gen::wrenn::ctl::v1::build_request::Msg::Context(<proto::gen::wrenn::ctl::v1::BuildContextChunk as Json>::from_json_at(v, &p)?)); }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildStep {
+    const SCHEMA: &'static str = "ctl.v1.BuildStep";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("n".into(), Value::from(self.n));
+        m.insert("line".into(), Value::from(self.line));
+        m.insert("instruction".into(), Value::String(self.instruction.clone()));
+        m.insert("status".into(), Value::String(self.status.clone()));
+        if let Some(x) = &self.exit_code { m.insert("exit_code".into(), Value::from(*x)); }
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "n" => { if !v.is_null() { out.n = j::u32_in(v, &p)?; } }
+                "line" => { if !v.is_null() { out.line = j::u32_in(v, &p)?; } }
+                "instruction" => { if !v.is_null() { out.instruction = j::string_in(v, &p)?; } }
+                "status" => { if !v.is_null() { out.status = j::string_in(v, &p)?; } }
+                "exit_code" => { if !v.is_null() { out.exit_code = Some(j::i32_in(v, &p)?); } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildStepFinished {
+    const SCHEMA: &'static str = "ctl.v1.BuildStepFinished";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("n".into(), Value::from(self.n));
+        m.insert("exit_code".into(), Value::from(self.exit_code));
+        m.insert("ok".into(), Value::from(self.ok));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "n" => { if !v.is_null() { out.n = j::u32_in(v, &p)?; } }
+                "exit_code" => { if !v.is_null() { out.exit_code = j::i32_in(v, &p)?; } }
+                "ok" => { if !v.is_null() { out.ok = j::bool_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::BuildStepStarted {
+    const SCHEMA: &'static str = "ctl.v1.BuildStepStarted";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("n".into(), Value::from(self.n));
+        m.insert("line".into(), Value::from(self.line));
+        m.insert("instruction".into(), Value::String(self.instruction.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "n" => { if !v.is_null() { out.n = j::u32_in(v, &p)?; } }
+                "line" => { if !v.is_null() { out.line = j::u32_in(v, &p)?; } }
+                "instruction" => { if !v.is_null() { out.instruction = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::CancelBuildRequest {
+    const SCHEMA: &'static str = "ctl.v1.CancelBuildRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("build_id".into(), Value::String(self.build_id.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "build_id" => { if !v.is_null() { out.build_id = j::string_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -805,6 +1092,27 @@ impl Json for proto::gen::wrenn::ctl::v1::ExecStreamRequest {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::GetBuildRequest {
+    const SCHEMA: &'static str = "ctl.v1.GetBuildRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("build_id".into(), Value::String(self.build_id.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "build_id" => { if !v.is_null() { out.build_id = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::GetHostRequest {
     const SCHEMA: &'static str = "ctl.v1.GetHostRequest";
     fn to_json(&self) -> Value {
@@ -1057,6 +1365,52 @@ impl Json for proto::gen::wrenn::ctl::v1::ListAuditLogsResponse {
             let p = j::field(path, k);
             match k.as_str() {
                 "entries" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.entries.push(<proto::gen::wrenn::ctl::v1::AuditLog as Json>::from_json_at(v, &p)?); } }
+                "next_page_token" => { if !v.is_null() { out.next_page_token = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListBuildsRequest {
+    const SCHEMA: &'static str = "ctl.v1.ListBuildsRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("page_size".into(), Value::from(self.page_size));
+        m.insert("page_token".into(), Value::String(self.page_token.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "page_size" => { if !v.is_null() { out.page_size = j::u32_in(v, &p)?; } }
+                "page_token" => { if !v.is_null() { out.page_token = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Json for proto::gen::wrenn::ctl::v1::ListBuildsResponse {
+    const SCHEMA: &'static str = "ctl.v1.ListBuildsResponse";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("builds".into(), Value::Array(self.builds.iter().map(|x| proto::gen::wrenn::ctl::v1::Build::to_json(&x)).collect()));
+        m.insert("next_page_token".into(), Value::String(self.next_page_token.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "builds" => { for (i, v) in j::array_or_null(v, &p)?.iter().enumerate() { let p = j::index(&p, i); out.builds.push(<proto::gen::wrenn::ctl::v1::Build as Json>::from_json_at(v, &p)?); } }
                 "next_page_token" => { if !v.is_null() { out.next_page_token = j::string_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
@@ -3626,6 +3980,16 @@ pub const SCHEMAS_JSON: &str = r##"{
     },
     "type": "object"
   },
+  "ctl.v1.AttachBuildRequest": {
+    "additionalProperties": false,
+    "description": "Request of Templates.AttachBuild.",
+    "properties": {
+      "build_id": {
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.AuditLog": {
     "additionalProperties": false,
     "description": "One audited action.",
@@ -3674,6 +4038,338 @@ pub const SCHEMAS_JSON: &str = r##"{
       },
       "team_id": {
         "description": "Team whose resource it concerns (\"\" for platform-level actions).",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.Build": {
+    "additionalProperties": false,
+    "description": "A build.",
+    "properties": {
+      "created_unix_ns": {
+        "format": "int64",
+        "pattern": "^-?[0-9]+$",
+        "type": "string"
+      },
+      "finished_unix_ns": {
+        "format": "int64",
+        "pattern": "^-?[0-9]+$",
+        "type": "string"
+      },
+      "id": {
+        "description": "\"bld-{uuid}\".",
+        "type": "string"
+      },
+      "name": {
+        "type": "string"
+      },
+      "reason": {
+        "description": "Why it failed or was cancelled (\"\" otherwise).",
+        "type": "string"
+      },
+      "sandbox_id": {
+        "description": "The build sandbox (\"sb-{uuid}\"; destroyed when the build ends).",
+        "type": "string"
+      },
+      "status": {
+        "$ref": "#/components/schemas/ctl.v1.BuildStatus"
+      },
+      "steps": {
+        "description": "Its steps, in order.",
+        "items": {
+          "$ref": "#/components/schemas/ctl.v1.BuildStep"
+        },
+        "type": "array"
+      },
+      "template_id": {
+        "description": "The template made (\"tpl-{uuid}\"), once SUCCEEDED.",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.BuildContextChunk": {
+    "additionalProperties": false,
+    "description": "A piece of a context file. Consecutive chunks with the same path are one file, in order; a new path starts the next file. Paths are relative, \"/\"-separated, without \"..\".",
+    "properties": {
+      "data": {
+        "contentEncoding": "base64",
+        "type": "string"
+      },
+      "mode": {
+        "description": "Permission bits (0 = 0644).",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "path": {
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.BuildEvent": {
+    "additionalProperties": false,
+    "allOf": [
+      {
+        "not": {
+          "required": [
+            "build_id",
+            "step_started"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "build_id",
+            "output"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "build_id",
+            "step_finished"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "build_id",
+            "finished"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "step_started",
+            "output"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "step_started",
+            "step_finished"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "step_started",
+            "finished"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "output",
+            "step_finished"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "output",
+            "finished"
+          ]
+        }
+      },
+      {
+        "not": {
+          "required": [
+            "step_finished",
+            "finished"
+          ]
+        }
+      }
+    ],
+    "description": "One event of a build's stream.",
+    "properties": {
+      "build_id": {
+        "description": "First event: the build's id (\"bld-{uuid}\"), for AttachBuild/GetBuild/CancelBuild. (oneof `event`: at most one of its fields is set)",
+        "type": "string"
+      },
+      "finished": {
+        "$ref": "#/components/schemas/ctl.v1.Build",
+        "description": "The build ended; the last event. (oneof `event`: at most one of its fields is set)"
+      },
+      "output": {
+        "$ref": "#/components/schemas/ctl.v1.BuildOutput",
+        "description": "Output of the running step (stdout and stderr interleaved as they came). (oneof `event`: at most one of its fields is set)"
+      },
+      "step_finished": {
+        "$ref": "#/components/schemas/ctl.v1.BuildStepFinished",
+        "description": "A step ended. (oneof `event`: at most one of its fields is set)"
+      },
+      "step_started": {
+        "$ref": "#/components/schemas/ctl.v1.BuildStepStarted",
+        "description": "A step started. (oneof `event`: at most one of its fields is set)"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.BuildHeader": {
+    "additionalProperties": false,
+    "description": "What to build.",
+    "properties": {
+      "name": {
+        "description": "The template's name, unique within the team.",
+        "type": "string"
+      },
+      "recipe": {
+        "description": "The recipe's text (at most 64 KiB).",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.BuildOutput": {
+    "additionalProperties": false,
+    "description": "Output of a step.",
+    "properties": {
+      "data": {
+        "contentEncoding": "base64",
+        "type": "string"
+      },
+      "n": {
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.BuildRequest": {
+    "additionalProperties": false,
+    "allOf": [
+      {
+        "not": {
+          "required": [
+            "header",
+            "context"
+          ]
+        }
+      }
+    ],
+    "description": "Request of Templates.Build: a header, then the build context.",
+    "properties": {
+      "context": {
+        "$ref": "#/components/schemas/ctl.v1.BuildContextChunk",
+        "description": "Every later message: a piece of one file of the build context. (oneof `msg`: at most one of its fields is set)"
+      },
+      "header": {
+        "$ref": "#/components/schemas/ctl.v1.BuildHeader",
+        "description": "First message only. (oneof `msg`: at most one of its fields is set)"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.BuildStatus": {
+    "description": "The status of a build. Written as the value's name; the value's number is accepted on input.",
+    "enum": [
+      "BUILD_STATUS_UNSPECIFIED",
+      "BUILD_STATUS_QUEUED",
+      "BUILD_STATUS_RUNNING",
+      "BUILD_STATUS_SUCCEEDED",
+      "BUILD_STATUS_FAILED",
+      "BUILD_STATUS_CANCELLED"
+    ],
+    "type": "string"
+  },
+  "ctl.v1.BuildStep": {
+    "additionalProperties": false,
+    "description": "One step of a build.",
+    "properties": {
+      "exit_code": {
+        "description": "Set once a command ran. (optional: absent when not set)",
+        "format": "int32",
+        "type": "integer"
+      },
+      "instruction": {
+        "type": "string"
+      },
+      "line": {
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "n": {
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "status": {
+        "description": "\"pending\", \"running\", \"succeeded\", \"failed\" or \"skipped\".",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.BuildStepFinished": {
+    "additionalProperties": false,
+    "description": "A step ended.",
+    "properties": {
+      "exit_code": {
+        "description": "Exit code of its command (0 for steps without one).",
+        "format": "int32",
+        "type": "integer"
+      },
+      "n": {
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "ok": {
+        "type": "boolean"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.BuildStepStarted": {
+    "additionalProperties": false,
+    "description": "A step started.",
+    "properties": {
+      "instruction": {
+        "description": "The instruction as written.",
+        "type": "string"
+      },
+      "line": {
+        "description": "Its recipe line (1-based).",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "n": {
+        "description": "Step number, 0-based.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.CancelBuildRequest": {
+    "additionalProperties": false,
+    "description": "Request of Templates.CancelBuild.",
+    "properties": {
+      "build_id": {
         "type": "string"
       }
     },
@@ -4253,6 +4949,16 @@ pub const SCHEMAS_JSON: &str = r##"{
     },
     "type": "object"
   },
+  "ctl.v1.GetBuildRequest": {
+    "additionalProperties": false,
+    "description": "Request of Templates.GetBuild.",
+    "properties": {
+      "build_id": {
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.GetHostRequest": {
     "additionalProperties": false,
     "description": "Request of Hosts.Get.",
@@ -4494,6 +5200,40 @@ pub const SCHEMAS_JSON: &str = r##"{
       },
       "next_page_token": {
         "description": "Token for the next page; \"\" when this was the last page.",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.ListBuildsRequest": {
+    "additionalProperties": false,
+    "description": "Request of Templates.ListBuilds.",
+    "properties": {
+      "page_size": {
+        "description": "Page size: 0 = 100, at most 1000.",
+        "format": "uint32",
+        "maximum": 4294967295,
+        "minimum": 0,
+        "type": "integer"
+      },
+      "page_token": {
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
+  "ctl.v1.ListBuildsResponse": {
+    "additionalProperties": false,
+    "description": "Reply of Templates.ListBuilds.",
+    "properties": {
+      "builds": {
+        "description": "Builds without their steps.",
+        "items": {
+          "$ref": "#/components/schemas/ctl.v1.Build"
+        },
+        "type": "array"
+      },
+      "next_page_token": {
         "type": "string"
       }
     },

@@ -300,6 +300,14 @@ fn build() -> Vec<Route> {
             "One template, by id (`tpl-...`) or by name").rename("template_id", "template"),
         route::<ctl::DeleteTemplateRequest, ctl::DeleteTemplateResponse>(Delete, "/v1/templates/{template_id}", "templates.delete", tpl::DELETE, Path,
             "Delete a template"),
+        route::<ctl::ListBuildsRequest, ctl::ListBuildsResponse>(Get, "/v1/builds", "templates.list_builds", tpl::LIST_BUILDS, Query,
+            "The team's template builds, newest first (Templates/Build itself is on the protobuf port only)"),
+        route::<ctl::GetBuildRequest, ctl::Build>(Get, "/v1/builds/{build_id}", "templates.get_build", tpl::GET_BUILD, Path,
+            "One build with its steps"),
+        route::<ctl::AttachBuildRequest, ctl::BuildEvent>(Get, "/v1/builds/{build_id}/events", "templates.attach_build", tpl::ATTACH_BUILD, Path,
+            "A build's kept output, then its live events until it ends, as newline-delimited JSON").ndjson::<ctl::BuildEvent>(),
+        route::<ctl::CancelBuildRequest, ctl::Build>(Post, "/v1/builds/{build_id}/cancel", "templates.cancel_build", tpl::CANCEL_BUILD, Path,
+            "Cancel a queued or running build"),
         // Teams
         route::<ctl::CreateTeamRequest, ctl::CreateTeamResponse>(Post, "/v1/teams", "teams.create", teams::CREATE, Body,
             "Create a team with its owner and first API key (platform admin)").created(),
@@ -421,6 +429,7 @@ pub fn param_kind(route: &Route, param: &str, value: &str) -> Option<proto::id::
         "key_id" => Some(Kind::Key),
         "host_id" => Some(Kind::Host),
         "webhook_id" => Some(Kind::Webhook),
+        "build_id" => Some(Kind::Build),
         "team_id" if value != "current" => Some(Kind::Team),
         "template_id" if route.renames.is_empty() => Some(Kind::Template),
         _ => None,
@@ -433,11 +442,17 @@ mod tests {
     use proto::rpc::MethodDesc;
 
     /// Methods of `wrenn.ctl.v1` the gateway leaves out, with the reason.
-    const NOT_ROUTED: &[(&str, &str)] = &[(
-        ctl::ports_methods::CONNECT,
-        "a bidirectional byte stream; over HTTP a sandbox port is reached through the port \
-         proxy (docs/operations.md, \"Sandbox ports\")",
-    )];
+    const NOT_ROUTED: &[(&str, &str)] = &[
+        (
+            ctl::ports_methods::CONNECT,
+            "a bidirectional byte stream; over HTTP a sandbox port is reached through the port \
+             proxy (docs/operations.md, \"Sandbox ports\")",
+        ),
+        (
+            tpl::BUILD,
+            "bidirectional: the context streams up while events stream down; protobuf port only",
+        ),
+    ];
 
     /// The route table against the descriptors generated from the `.proto` files: every
     /// route names a method of `wrenn.ctl.v1` with that method's request and response

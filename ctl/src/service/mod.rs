@@ -15,6 +15,7 @@
 //! when it fails (`outcome.rs`).
 
 pub mod audit;
+pub mod builds;
 mod convert;
 mod hosts;
 mod outcome;

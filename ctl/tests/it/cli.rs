@@ -583,3 +583,78 @@ fn cli_port_forward() {
         .unwrap();
     assert!(status.success(), "{status:?} {err}");
 }
+
+#[test]
+fn cli_template_build() {
+    let Some(bin) = wrenn_binary() else {
+        skip("the wrenn binary is not built (run `cargo build -p wrenn` first)");
+        return;
+    };
+    let Some(ctl) = Ctl::start() else { return };
+    let (agent, _host) = ctl.add_host(8, 16384, 100_000);
+    let cli = Cli {
+        bin,
+        url: ctl.addr(),
+        key: ctl.team_key.clone(),
+    };
+    let dir = std::env::temp_dir().join(format!("wrenn-cli-build-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("site/sub")).unwrap();
+    std::fs::write(dir.join("site/index.html"), b"<h1>hi</h1>").unwrap();
+    std::fs::write(dir.join("site/sub/a.css"), b"body{}").unwrap();
+    std::fs::write(dir.join("unused.bin"), b"not sent").unwrap();
+    let recipe = dir.join("Wrennfile");
+    std::fs::write(&recipe, "COPY site /srv/site\nRUN echo built\n").unwrap();
+    let d = dir.to_str().unwrap();
+    let r = recipe.to_str().unwrap();
+    let out = cli.ok(&["template", "build", "-f", r, "--name", "site", d]);
+    assert!(
+        out.contains("==> step 2 (line 2): RUN echo built\nran: echo built\n"),
+        "{out}"
+    );
+    assert!(out.contains("built tpl-"), "{out}");
+    // Only what COPY names went into the sandbox, under the context directory.
+    let files: Vec<String> = agent
+        .state
+        .lock()
+        .unwrap()
+        .files
+        .keys()
+        .map(|(_, p)| p.clone())
+        .collect();
+    let mut files = files;
+    files.sort();
+    assert_eq!(
+        files,
+        vec![
+            "/tmp/wrenn-build-context/site/index.html".to_owned(),
+            "/tmp/wrenn-build-context/site/sub/a.css".to_owned()
+        ]
+    );
+    let list = cli.json(&["template", "builds"]);
+    let b = &list["builds"][0];
+    assert_eq!(b["status"], "BUILD_STATUS_SUCCEEDED");
+    let id = b["id"].as_str().unwrap().to_owned();
+    let got = cli.ok(&["template", "build-get", &id]);
+    assert!(
+        got.contains("2. line 2: RUN echo built [succeeded (exit 0)]"),
+        "{got}"
+    );
+    let att = cli.ok(&["template", "attach", &id]);
+    assert!(att.contains("ran: echo built"), "{att}");
+    // A failing step: exit 1, its exit code said.
+    std::fs::write(&recipe, "RUN exit 9\n").unwrap();
+    let o = cli.run(&["template", "build", "-f", r, "--name", "bad", d]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("failed: step 1 (line 1): exit code 9"),
+        "{err}"
+    );
+    // A recipe error is reported locally with line and column, nothing sent.
+    std::fs::write(&recipe, "RUN ok\nNOPE x\n").unwrap();
+    let o = cli.run(&["template", "build", "-f", r, "--name", "bad2", d]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("{r}:2:1:")));
+    let _ = std::fs::remove_dir_all(&dir);
+}

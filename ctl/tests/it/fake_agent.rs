@@ -46,6 +46,19 @@ pub struct State {
     pub samples: HashMap<String, Vec<agent::UsageSample>>,
     /// Sandboxes/Samples calls seen.
     pub samples_calls: usize,
+    /// Every `/bin/sh -c` process run (Exec and ExecStream), with its sandbox, in order.
+    pub shell_runs: Vec<(String, envd::ProcessConfig)>,
+}
+
+/// A fake shell: `/bin/sh -c SCRIPT` prints `ran: SCRIPT`; `exit N` in it exits N; `block`
+/// in it runs until its sandbox is destroyed or the call is cancelled.
+fn fake_shell_exit(script: &str) -> i32 {
+    script
+        .split("exit ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 pub struct FakeAgent {
@@ -400,6 +413,26 @@ fn dispatch(
                 .process
                 .ok_or_else(|| Status::invalid_argument("process required"))?;
             let pid = next_pid.fetch_add(1, Ordering::Relaxed);
+            if cfg.cmd == "/bin/sh" {
+                let script = cfg.args.get(1).cloned().unwrap_or_default();
+                state
+                    .lock()
+                    .unwrap()
+                    .shell_runs
+                    .push((r.sandbox_id.clone(), cfg.clone()));
+                return Ok(agent::ExecResponse {
+                    pid,
+                    tag: cfg.tag,
+                    exited: (!r.background).then(|| envd::ProcessExited {
+                        status: Some(envd::process_exited::Status::ExitCode(fake_shell_exit(
+                            &script,
+                        ))),
+                        exited_unix_ns: now_ns(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
             if r.background {
                 return Ok(agent::ExecResponse {
                     pid,
@@ -445,6 +478,41 @@ fn dispatch(
                         started_unix_ns: now_ns(),
                     })),
                 })?;
+                if cfg.cmd == "/bin/sh" {
+                    let script = cfg.args.get(1).cloned().unwrap_or_default();
+                    state
+                        .lock()
+                        .unwrap()
+                        .shell_runs
+                        .push((r.sandbox_id.clone(), cfg.clone()));
+                    s.send(&envd::ProcessEvent {
+                        event: Some(envd::process_event::Event::Output(envd::ProcessOutput {
+                            stream: envd::OutputStream::Stdout as i32,
+                            data: format!("ran: {script}\n").into_bytes().into(),
+                            offset: 0,
+                        })),
+                    })?;
+                    if script.contains("block") {
+                        let id = sb_id(&r.sandbox_id)?;
+                        loop {
+                            std::thread::sleep(Duration::from_millis(20));
+                            if s.is_cancelled() {
+                                return Err(Status::cancelled("cancelled"));
+                            }
+                            if !state.lock().unwrap().sandboxes.contains_key(&id) {
+                                return Err(Status::unavailable("the sandbox is gone"));
+                            }
+                        }
+                    }
+                    return s.send(&envd::ProcessEvent {
+                        event: Some(envd::process_event::Event::Exited(envd::ProcessExited {
+                            status: Some(envd::process_exited::Status::ExitCode(fake_shell_exit(
+                                &script,
+                            ))),
+                            ..Default::default()
+                        })),
+                    });
+                }
                 for (i, a) in cfg.args.iter().enumerate() {
                     s.send(&envd::ProcessEvent {
                         event: Some(envd::process_event::Event::Output(envd::ProcessOutput {

@@ -173,6 +173,7 @@ pub fn test_config(url: &str) -> Config {
             last_used_flush: Duration::from_millis(200),
             webhooks: ctl::config::WebhookConfig::default(),
             issuer: Some(test_tls().authority.clone()),
+            build_context_max: 1 << 20,
         },
         jobs: JobsConfig {
             reconcile_interval: Duration::from_secs(1),

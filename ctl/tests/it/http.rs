@@ -325,6 +325,14 @@ impl Backend for Fake {
             webhooks_methods::LIST => ListWebhooksResponse::default().encode_to_vec(),
             webhooks_methods::DELETE => DeleteWebhookResponse {}.encode_to_vec(),
             webhooks_methods::DELIVERIES => ListDeliveriesResponse::default().encode_to_vec(),
+            templates_methods::GET_BUILD | templates_methods::CANCEL_BUILD => Build {
+                id: "bld-00000000-0000-4000-8000-000000000001".into(),
+                name: "b".into(),
+                status: BuildStatus::Running as i32,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            templates_methods::LIST_BUILDS => ListBuildsResponse::default().encode_to_vec(),
             other => return Err(Status::new(Code::Unimplemented, other)),
         })
     }
@@ -338,6 +346,45 @@ impl Backend for Fake {
     ) -> Result<(), Status> {
         use pb::*;
         match method {
+            templates_methods::ATTACH_BUILD => {
+                emit(
+                    BuildEvent {
+                        event: Some(build_event::Event::BuildId(
+                            "bld-00000000-0000-4000-8000-000000000001".into(),
+                        )),
+                    }
+                    .encode_to_vec(),
+                )?;
+                // Five lines, as every streamed operation of this test.
+                for e in [
+                    build_event::Event::StepStarted(BuildStepStarted {
+                        n: 0,
+                        line: 1,
+                        instruction: "RUN x".into(),
+                    }),
+                    build_event::Event::Output(BuildOutput {
+                        n: 0,
+                        data: b"out\n".to_vec().into(),
+                    }),
+                    build_event::Event::StepFinished(BuildStepFinished {
+                        n: 0,
+                        exit_code: 1,
+                        ok: false,
+                    }),
+                ] {
+                    emit(BuildEvent { event: Some(e) }.encode_to_vec())?;
+                }
+                emit(
+                    BuildEvent {
+                        event: Some(build_event::Event::Finished(Build {
+                            status: BuildStatus::Failed as i32,
+                            ..Default::default()
+                        })),
+                    }
+                    .encode_to_vec(),
+                )?;
+                Ok(())
+            }
             processes_methods::EXEC_STREAM | processes_methods::CONNECT => {
                 if method == processes_methods::EXEC_STREAM {
                     let r: ExecStreamRequest = dec(&b)?;
@@ -2616,6 +2663,62 @@ mod real {
             "webhooks.delete",
             &call(a, &k, "DELETE", &format!("/v1/webhooks/{wid}"), None),
         );
+        // Builds: one finished and one running, as a runner leaves them.
+        let team = proto::id::parse(proto::id::Kind::Team, &ctl.team_id).unwrap();
+        let (b1, b2) = (
+            ctl::service::new_uuid().unwrap(),
+            ctl::service::new_uuid().unwrap(),
+        );
+        ctl.api()
+            .db()
+            .run(move |c| {
+                c.execute(
+                    "INSERT INTO template_builds (id, team_id, name, recipe, status, reason, finished_at, \
+                       runner_seen_at) VALUES ($1, $3, 'done', 'RUN x', 'failed', 'step 1: exit code 1', now(), now()), \
+                       ($2, $3, 'busy', 'RUN x', 'running', '', NULL, now())",
+                    &[&b1, &b2, &team],
+                )
+                .map_err(ctl::db::pg_err)?;
+                Ok(())
+            })
+            .unwrap();
+        let (b1, b2) = (
+            proto::id::format(proto::id::Kind::Build, b1),
+            proto::id::format(proto::id::Kind::Build, b2),
+        );
+        let l = check(
+            &doc,
+            s,
+            "templates.list_builds",
+            &call(a, &k, "GET", "/v1/builds?page_size=10", None),
+        );
+        assert_eq!(l["builds"].as_array().unwrap().len(), 2);
+        let g = check(
+            &doc,
+            s,
+            "templates.get_build",
+            &call(a, &k, "GET", &format!("/v1/builds/{b1}"), None),
+        );
+        assert_eq!(g["status"], "BUILD_STATUS_FAILED");
+        let ev = check(
+            &doc,
+            s,
+            "templates.attach_build",
+            &call(a, &k, "GET", &format!("/v1/builds/{b1}/events"), None),
+        );
+        let ev = ev.as_array().unwrap();
+        assert_eq!(ev[0]["build_id"], json!(b1));
+        assert_eq!(
+            ev.last().unwrap()["finished"]["reason"],
+            "step 1: exit code 1"
+        );
+        let c = check(
+            &doc,
+            s,
+            "templates.cancel_build",
+            &call(a, &k, "POST", &format!("/v1/builds/{b2}/cancel"), None),
+        );
+        assert_eq!(c["status"], "BUILD_STATUS_RUNNING");
         // Audit: the calls above left entries.
         let log = check(
             &doc,

@@ -3,6 +3,7 @@
 
 mod agent_conformance;
 mod api;
+mod builds;
 mod capacity;
 mod cli;
 mod ctl_bin;

@@ -436,6 +436,184 @@ pub struct Template {
     #[prost(int64, tag = "12")]
     pub created_unix_ns: i64,
 }
+/// Request of Templates.Build: a header, then the build context.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BuildRequest {
+    #[prost(oneof = "build_request::Msg", tags = "1, 2")]
+    pub msg: ::core::option::Option<build_request::Msg>,
+}
+/// Nested message and enum types in `BuildRequest`.
+pub mod build_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Msg {
+        /// First message only.
+        #[prost(message, tag = "1")]
+        Header(super::BuildHeader),
+        /// Every later message: a piece of one file of the build context.
+        #[prost(message, tag = "2")]
+        Context(super::BuildContextChunk),
+    }
+}
+/// What to build.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BuildHeader {
+    /// The recipe's text (at most 64 KiB).
+    #[prost(string, tag = "1")]
+    pub recipe: ::prost::alloc::string::String,
+    /// The template's name, unique within the team.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+}
+/// A piece of a context file. Consecutive chunks with the same path are one file, in order;
+/// a new path starts the next file. Paths are relative, "/"-separated, without "..".
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BuildContextChunk {
+    #[prost(string, tag = "1")]
+    pub path: ::prost::alloc::string::String,
+    /// Permission bits (0 = 0644).
+    #[prost(uint32, tag = "2")]
+    pub mode: u32,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub data: ::prost::bytes::Bytes,
+}
+/// One event of a build's stream.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BuildEvent {
+    #[prost(oneof = "build_event::Event", tags = "1, 2, 3, 4, 5")]
+    pub event: ::core::option::Option<build_event::Event>,
+}
+/// Nested message and enum types in `BuildEvent`.
+pub mod build_event {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Event {
+        /// First event: the build's id ("bld-{uuid}"), for AttachBuild/GetBuild/CancelBuild.
+        #[prost(string, tag = "1")]
+        BuildId(::prost::alloc::string::String),
+        /// A step started.
+        #[prost(message, tag = "2")]
+        StepStarted(super::BuildStepStarted),
+        /// Output of the running step (stdout and stderr interleaved as they came).
+        #[prost(message, tag = "3")]
+        Output(super::BuildOutput),
+        /// A step ended.
+        #[prost(message, tag = "4")]
+        StepFinished(super::BuildStepFinished),
+        /// The build ended; the last event.
+        #[prost(message, tag = "5")]
+        Finished(super::Build),
+    }
+}
+/// A step started.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BuildStepStarted {
+    /// Step number, 0-based.
+    #[prost(uint32, tag = "1")]
+    pub n: u32,
+    /// Its recipe line (1-based).
+    #[prost(uint32, tag = "2")]
+    pub line: u32,
+    /// The instruction as written.
+    #[prost(string, tag = "3")]
+    pub instruction: ::prost::alloc::string::String,
+}
+/// Output of a step.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BuildOutput {
+    #[prost(uint32, tag = "1")]
+    pub n: u32,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub data: ::prost::bytes::Bytes,
+}
+/// A step ended.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BuildStepFinished {
+    #[prost(uint32, tag = "1")]
+    pub n: u32,
+    /// Exit code of its command (0 for steps without one).
+    #[prost(int32, tag = "2")]
+    pub exit_code: i32,
+    #[prost(bool, tag = "3")]
+    pub ok: bool,
+}
+/// A build.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Build {
+    /// "bld-{uuid}".
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(enumeration = "BuildStatus", tag = "3")]
+    pub status: i32,
+    /// Why it failed or was cancelled ("" otherwise).
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+    /// The template made ("tpl-{uuid}"), once SUCCEEDED.
+    #[prost(string, tag = "5")]
+    pub template_id: ::prost::alloc::string::String,
+    /// The build sandbox ("sb-{uuid}"; destroyed when the build ends).
+    #[prost(string, tag = "6")]
+    pub sandbox_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "7")]
+    pub created_unix_ns: i64,
+    #[prost(int64, tag = "8")]
+    pub finished_unix_ns: i64,
+    /// Its steps, in order.
+    #[prost(message, repeated, tag = "9")]
+    pub steps: ::prost::alloc::vec::Vec<BuildStep>,
+}
+/// One step of a build.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BuildStep {
+    #[prost(uint32, tag = "1")]
+    pub n: u32,
+    #[prost(uint32, tag = "2")]
+    pub line: u32,
+    #[prost(string, tag = "3")]
+    pub instruction: ::prost::alloc::string::String,
+    /// "pending", "running", "succeeded", "failed" or "skipped".
+    #[prost(string, tag = "4")]
+    pub status: ::prost::alloc::string::String,
+    /// Set once a command ran.
+    #[prost(int32, optional, tag = "5")]
+    pub exit_code: ::core::option::Option<i32>,
+}
+/// Request of Templates.AttachBuild.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AttachBuildRequest {
+    #[prost(string, tag = "1")]
+    pub build_id: ::prost::alloc::string::String,
+}
+/// Request of Templates.GetBuild.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetBuildRequest {
+    #[prost(string, tag = "1")]
+    pub build_id: ::prost::alloc::string::String,
+}
+/// Request of Templates.ListBuilds.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListBuildsRequest {
+    /// Page size: 0 = 100, at most 1000.
+    #[prost(uint32, tag = "1")]
+    pub page_size: u32,
+    #[prost(string, tag = "2")]
+    pub page_token: ::prost::alloc::string::String,
+}
+/// Reply of Templates.ListBuilds.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListBuildsResponse {
+    /// Builds without their steps.
+    #[prost(message, repeated, tag = "1")]
+    pub builds: ::prost::alloc::vec::Vec<Build>,
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
+}
+/// Request of Templates.CancelBuild.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CancelBuildRequest {
+    #[prost(string, tag = "1")]
+    pub build_id: ::prost::alloc::string::String,
+}
 /// Request of Templates.Create.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateTemplateRequest {
@@ -1380,6 +1558,45 @@ impl TemplateKind {
         }
     }
 }
+/// The status of a build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum BuildStatus {
+    Unspecified = 0,
+    Queued = 1,
+    Running = 2,
+    Succeeded = 3,
+    Failed = 4,
+    Cancelled = 5,
+}
+impl BuildStatus {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "BUILD_STATUS_UNSPECIFIED",
+            Self::Queued => "BUILD_STATUS_QUEUED",
+            Self::Running => "BUILD_STATUS_RUNNING",
+            Self::Succeeded => "BUILD_STATUS_SUCCEEDED",
+            Self::Failed => "BUILD_STATUS_FAILED",
+            Self::Cancelled => "BUILD_STATUS_CANCELLED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "BUILD_STATUS_UNSPECIFIED" => Some(Self::Unspecified),
+            "BUILD_STATUS_QUEUED" => Some(Self::Queued),
+            "BUILD_STATUS_RUNNING" => Some(Self::Running),
+            "BUILD_STATUS_SUCCEEDED" => Some(Self::Succeeded),
+            "BUILD_STATUS_FAILED" => Some(Self::Failed),
+            "BUILD_STATUS_CANCELLED" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
 /// Role of a user in a team.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -2067,6 +2284,11 @@ pub mod templates_methods {
     pub const LIST: &str = "wrenn.ctl.v1.Templates/List";
     pub const GET: &str = "wrenn.ctl.v1.Templates/Get";
     pub const DELETE: &str = "wrenn.ctl.v1.Templates/Delete";
+    pub const BUILD: &str = "wrenn.ctl.v1.Templates/Build";
+    pub const ATTACH_BUILD: &str = "wrenn.ctl.v1.Templates/AttachBuild";
+    pub const GET_BUILD: &str = "wrenn.ctl.v1.Templates/GetBuild";
+    pub const LIST_BUILDS: &str = "wrenn.ctl.v1.Templates/ListBuilds";
+    pub const CANCEL_BUILD: &str = "wrenn.ctl.v1.Templates/CancelBuild";
     /// Every method with its streaming shape.
     pub const ALL: &[crate::rpc::MethodDesc] = &[
         crate::rpc::MethodDesc {
@@ -2097,6 +2319,41 @@ pub mod templates_methods {
             input: "wrenn.ctl.v1.DeleteTemplateRequest",
             output: "wrenn.ctl.v1.DeleteTemplateResponse",
         },
+        crate::rpc::MethodDesc {
+            name: BUILD,
+            client_streaming: true,
+            server_streaming: true,
+            input: "wrenn.ctl.v1.BuildRequest",
+            output: "wrenn.ctl.v1.BuildEvent",
+        },
+        crate::rpc::MethodDesc {
+            name: ATTACH_BUILD,
+            client_streaming: false,
+            server_streaming: true,
+            input: "wrenn.ctl.v1.AttachBuildRequest",
+            output: "wrenn.ctl.v1.BuildEvent",
+        },
+        crate::rpc::MethodDesc {
+            name: GET_BUILD,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.GetBuildRequest",
+            output: "wrenn.ctl.v1.Build",
+        },
+        crate::rpc::MethodDesc {
+            name: LIST_BUILDS,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.ListBuildsRequest",
+            output: "wrenn.ctl.v1.ListBuildsResponse",
+        },
+        crate::rpc::MethodDesc {
+            name: CANCEL_BUILD,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.CancelBuildRequest",
+            output: "wrenn.ctl.v1.Build",
+        },
     ];
 }
 /// Server side of `wrenn.ctl.v1.Templates`: one method per RPC. Handlers run on the server's worker
@@ -2126,6 +2383,38 @@ pub trait TemplatesServer: Send + Sync {
         peer: &crate::rpc::Peer,
         req: DeleteTemplateRequest,
     ) -> Result<DeleteTemplateResponse, crate::Status>;
+    /// `Build` (bidirectional).
+    fn build(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: BuildRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `AttachBuild` (server streaming).
+    fn attach_build(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: AttachBuildRequest,
+        stream: &mut crate::rpc::ServerStream,
+    ) -> Result<(), crate::Status>;
+    /// `GetBuild` (unary).
+    fn get_build(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: GetBuildRequest,
+    ) -> Result<Build, crate::Status>;
+    /// `ListBuilds` (unary).
+    fn list_builds(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: ListBuildsRequest,
+    ) -> Result<ListBuildsResponse, crate::Status>;
+    /// `CancelBuild` (unary).
+    fn cancel_build(
+        &self,
+        peer: &crate::rpc::Peer,
+        req: CancelBuildRequest,
+    ) -> Result<Build, crate::Status>;
 }
 /// Runs a call of `wrenn.ctl.v1.Templates` on `svc` and returns its final code, or gives the stream
 /// back when the method is not one of this service's.
@@ -2143,6 +2432,21 @@ pub fn dispatch_templates<S: TemplatesServer + ?Sized>(
         templates_methods::GET => crate::rpc::serve::unary(stream, |p, r| svc.get(p, r)),
         templates_methods::DELETE => {
             crate::rpc::serve::unary(stream, |p, r| svc.delete(p, r))
+        }
+        templates_methods::BUILD => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.build(p, r, s))
+        }
+        templates_methods::ATTACH_BUILD => {
+            crate::rpc::serve::streaming(stream, |p, r, s| svc.attach_build(p, r, s))
+        }
+        templates_methods::GET_BUILD => {
+            crate::rpc::serve::unary(stream, |p, r| svc.get_build(p, r))
+        }
+        templates_methods::LIST_BUILDS => {
+            crate::rpc::serve::unary(stream, |p, r| svc.list_builds(p, r))
+        }
+        templates_methods::CANCEL_BUILD => {
+            crate::rpc::serve::unary(stream, |p, r| svc.cancel_build(p, r))
         }
         _ => return Err(stream),
     };
@@ -2191,6 +2495,54 @@ impl<'a> TemplatesClient<'a> {
         req: &DeleteTemplateRequest,
     ) -> Result<DeleteTemplateResponse, crate::Status> {
         self.client.unary(templates_methods::DELETE, req, self.timeout)
+    }
+    /// `Build` (bidirectional).
+    pub fn build(
+        &self,
+        req: &BuildRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                templates_methods::BUILD,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: false,
+                },
+            )
+    }
+    /// `AttachBuild` (server streaming).
+    pub fn attach_build(
+        &self,
+        req: &AttachBuildRequest,
+    ) -> Result<crate::rpc::ClientStream, crate::Status> {
+        self.client
+            .call(
+                templates_methods::ATTACH_BUILD,
+                req,
+                crate::rpc::CallOpts {
+                    timeout: self.timeout,
+                    end_stream: true,
+                },
+            )
+    }
+    /// `GetBuild` (unary).
+    pub fn get_build(&self, req: &GetBuildRequest) -> Result<Build, crate::Status> {
+        self.client.unary(templates_methods::GET_BUILD, req, self.timeout)
+    }
+    /// `ListBuilds` (unary).
+    pub fn list_builds(
+        &self,
+        req: &ListBuildsRequest,
+    ) -> Result<ListBuildsResponse, crate::Status> {
+        self.client.unary(templates_methods::LIST_BUILDS, req, self.timeout)
+    }
+    /// `CancelBuild` (unary).
+    pub fn cancel_build(
+        &self,
+        req: &CancelBuildRequest,
+    ) -> Result<Build, crate::Status> {
+        self.client.unary(templates_methods::CANCEL_BUILD, req, self.timeout)
     }
 }
 /// Method names of service `wrenn.ctl.v1.Teams`.
