@@ -237,6 +237,7 @@ fn start_in_process(inp: &Inputs) -> InProcess {
             base: E2E_UID_BASE,
             count: E2E_UID_COUNT,
         });
+        cfg.jail_chroot_base = Some(inp.root.join("jail"));
     }
     let m = agent::manager::Manager::new(
         cfg,
@@ -520,6 +521,8 @@ fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
 #[test]
 fn e2e_lifecycle_on_firecracker() {
     let Some(inp) = inputs() else { return };
+    // The in-process agent's log on stderr (level from WRENN_LOG, default info).
+    proto::logger::init();
     std::fs::create_dir_all(
         inp.root
             .join("templates/00000000-0000-0000-0000-000000000000"),
