@@ -58,8 +58,9 @@ struct Inputs {
     root: PathBuf,
 }
 
-/// The jail's uid range in this suite (the agent's defaults).
-const E2E_UID_BASE: u32 = 900_000;
+/// The jail's uid range in this suite: not the agent's default (900000 + 4096), which an
+/// agent on the same host (a system agent, `wrenn up`, other tests) uses.
+const E2E_UID_BASE: u32 = 960_000;
 const E2E_UID_COUNT: u32 = 64;
 const E2E_UFFD_UID: u32 = E2E_UID_BASE + E2E_UID_COUNT;
 
