@@ -92,6 +92,7 @@ pub fn run(flags: Flags) -> Result<(), String> {
             base: flags.uid_base,
             count: flags.uid_count,
         });
+        cfg.jail_chroot_base = Some(flags.chroot_base.clone());
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let manager = Manager::new(cfg, vmm, clock.clone(), events).map_err(|e| e.to_string())?;

@@ -146,31 +146,70 @@ pub fn uid_has_process(uid: u32) -> bool {
         })
 }
 
-/// Pids of processes running with a uid of `range` (any of their uids) that are not in
-/// `known`: jailed Firecrackers no record holds (a crash between their start and the record
-/// that names them). Their command line names no sandbox directory, so only the uid finds
-/// them.
-pub fn processes_in_range(range: UidRange, known: &[i32]) -> Vec<i32> {
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
+/// Longest jailer pid file read (a decimal pid and a newline).
+const PID_FILE_LEN_MAX: u64 = 32;
+
+/// Pids named by the jailer's pid files in this agent's chroots
+/// (`<chroot_base>/<exec>/<id>/root/<exec>.pid`) whose process runs with a uid of `range` (any
+/// of its uids) and is not in `known`: jailed Firecrackers no record holds (a crash between
+/// their start and the record naming them; their command line names no sandbox directory).
+/// Processes of the range that no chroot of this agent names belong to another agent
+/// sharing the range and are left alone (the pool skips their uids).
+pub fn strays_in_chroots(
+    chroot_base: &std::path::Path,
+    range: UidRange,
+    known: &[i32],
+) -> Vec<i32> {
+    use std::io::Read;
     let in_range =
         |u: u64| u >= u64::from(range.base) && u < u64::from(range.base) + u64::from(range.count);
-    let mut out: Vec<i32> = rd
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| !known.contains(pid))
-        .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Uid:"))
-                    .is_some_and(|v| {
-                        v.split_whitespace()
-                            .any(|u| u.parse::<u64>().is_ok_and(in_range))
-                    })
+    let dirs = |d: &std::path::Path| -> Vec<std::path::PathBuf> {
+        fs::read_dir(d)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
             })
-        })
-        .collect();
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for exec in dirs(chroot_base) {
+        for instance in dirs(&exec) {
+            let root = instance.join("root");
+            let Ok(rd) = fs::read_dir(&root) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let is_pid_file = name.to_str().is_some_and(|n| n.ends_with(".pid"))
+                    && e.file_type().is_ok_and(|t| t.is_file());
+                if !is_pid_file {
+                    continue;
+                }
+                let mut text = String::new();
+                let read = fs::File::open(e.path())
+                    .and_then(|f| f.take(PID_FILE_LEN_MAX).read_to_string(&mut text));
+                let Some(pid) = read.ok().and_then(|_| text.trim().parse::<i32>().ok()) else {
+                    continue;
+                };
+                if pid <= 1 || known.contains(&pid) || out.contains(&pid) {
+                    continue;
+                }
+                let jailed = fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Uid:"))
+                        .is_some_and(|v| {
+                            v.split_whitespace()
+                                .any(|u| u.parse::<u64>().is_ok_and(in_range))
+                        })
+                });
+                if jailed {
+                    out.push(pid);
+                }
+            }
+        }
+    }
     out.sort_unstable();
     out
 }
@@ -184,23 +223,33 @@ mod tests {
     }
 
     #[test]
-    fn processes_of_the_range_except_known_ones() {
-        let me = fs::metadata("/proc/self").map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.uid()
-        });
-        let me = me.unwrap();
+    fn strays_are_named_by_a_pid_file_in_our_chroots() {
+        use std::os::unix::fs::MetadataExt;
+        let me = fs::metadata("/proc/self").unwrap().uid();
         let mine = std::process::id() as i32;
+        let base = std::env::temp_dir().join(format!("wrenn-agent-strays-{mine}"));
+        let _ = fs::remove_dir_all(&base);
+        let root = base.join("firecracker/sb-1/root");
+        fs::create_dir_all(&root).unwrap();
         let range = UidRange { base: me, count: 1 };
-        assert!(processes_in_range(range, &[]).contains(&mine));
-        assert!(!processes_in_range(range, &[mine]).contains(&mine));
+        // No pid file: a process of the range that no chroot of ours names is left alone.
+        assert!(strays_in_chroots(&base, range, &[]).is_empty());
+        fs::write(root.join("firecracker.pid"), format!("{mine}\n")).unwrap();
+        assert_eq!(strays_in_chroots(&base, range, &[]), vec![mine]);
+        assert!(strays_in_chroots(&base, range, &[mine]).is_empty(), "known");
         let other = UidRange {
             base: me.wrapping_add(1).max(1000),
             count: 1,
         };
         if other.base != me {
-            assert!(!processes_in_range(other, &[]).contains(&mine));
+            assert!(
+                strays_in_chroots(&base, other, &[]).is_empty(),
+                "uid not in range"
+            );
         }
+        fs::write(root.join("firecracker.pid"), "not a pid").unwrap();
+        assert!(strays_in_chroots(&base, range, &[]).is_empty());
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

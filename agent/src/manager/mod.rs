@@ -82,6 +82,9 @@ pub struct Config {
     /// Uids for jailed Firecrackers (one per running sandbox, held with its slot); `None`:
     /// Firecracker runs unjailed (`--unjailed`) and records carry no uid.
     pub jail_uids: Option<UidRange>,
+    /// Where this agent's chroots are (`--chroot-base-dir`): recovery kills a jailed process
+    /// no record holds only when the jailer's pid file in one of them names it.
+    pub jail_chroot_base: Option<PathBuf>,
 }
 
 impl Config {
@@ -91,6 +94,7 @@ impl Config {
             slot_capacity: SANDBOXES_MAX as u32,
             default_timeout: crate::limits::TIMEOUT_DEFAULT,
             jail_uids: None,
+            jail_chroot_base: None,
         }
     }
 }

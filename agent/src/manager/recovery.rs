@@ -268,9 +268,14 @@ impl Manager {
             warn!("killing stray process pid={}", p.pid);
             sys::kill_and_reap(p, Duration::from_secs(5));
         }
-        // Jailed Firecrackers name no directory on their command line: found by their uid.
-        let range = self.cfg.jail_uids;
-        for pid in range.map_or_else(Vec::new, |r| crate::uid_pool::processes_in_range(r, &known)) {
+        // Jailed Firecrackers name no directory on their command line: found through the
+        // jailer's pid files in this agent's chroots (never by uid alone: another agent may
+        // share the range).
+        let strays = match (self.cfg.jail_uids, &self.cfg.jail_chroot_base) {
+            (Some(r), Some(base)) => crate::uid_pool::strays_in_chroots(base, r, &known),
+            _ => Vec::new(),
+        };
+        for pid in strays {
             if let Some(p) = sys::proc_ref(pid) {
                 warn!("killing stray jailed process pid={pid}");
                 sys::kill_and_reap(p, Duration::from_secs(5));

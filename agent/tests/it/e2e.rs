@@ -58,8 +58,9 @@ struct Inputs {
     root: PathBuf,
 }
 
-/// The jail's uid range in this suite (the agent's defaults).
-const E2E_UID_BASE: u32 = 900_000;
+/// The jail's uid range in this suite: not the agent's default (900000 + 4096), which an
+/// agent on the same host (a system agent, `wrenn up`, other tests) uses.
+const E2E_UID_BASE: u32 = 960_000;
 const E2E_UID_COUNT: u32 = 64;
 const E2E_UFFD_UID: u32 = E2E_UID_BASE + E2E_UID_COUNT;
 
@@ -243,6 +244,7 @@ fn start_in_process(inp: &Inputs) -> InProcess {
             base: E2E_UID_BASE,
             count: E2E_UID_COUNT,
         });
+        cfg.jail_chroot_base = Some(inp.root.join("jail"));
     }
     let m = agent::manager::Manager::new(
         cfg,
@@ -532,6 +534,8 @@ fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
 #[test]
 fn e2e_lifecycle_on_firecracker() {
     let Some(inp) = inputs() else { return };
+    // The in-process agent's log on stderr (level from WRENN_LOG, default info).
+    proto::logger::init();
     std::fs::create_dir_all(
         inp.root
             .join("templates/00000000-0000-0000-0000-000000000000"),

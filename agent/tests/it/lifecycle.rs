@@ -639,17 +639,34 @@ fn recovery_kills_processes_of_jail_uids_no_record_holds() {
     }
     let env = Env::new("stray-uid");
     let base = 7_350_000;
-    let mut stray = std::process::Command::new("/bin/sleep")
-        .arg("60")
-        .uid(base + 1)
-        .gid(base + 1)
-        .spawn()
-        .unwrap();
+    let sleep_as = |uid: u32| {
+        std::process::Command::new("/bin/sleep")
+            .arg("60")
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .unwrap()
+    };
+    let mut stray = sleep_as(base + 1);
+    // Another agent's process with a uid of the same range: no chroot of ours names it.
+    let mut foreign = sleep_as(base + 2);
+    // The jailer's pid file in a chroot of this agent names the stray.
+    let chroots = env.root.join("jail");
+    let root = chroots.join("firecracker/00000000-0000-0000-0000-0000000000aa/root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("firecracker.pid"), format!("{}\n", stray.id())).unwrap();
     let mut cfg = Config::new(&env.root);
     cfg.jail_uids = Some(UidRange { base, count: 3 });
+    cfg.jail_chroot_base = Some(chroots);
     let m = Manager::new(cfg, env.vmm.clone(), env.clock.clone(), env.events.clone()).unwrap();
     let pid = stray.id();
     m.recover();
+    assert!(
+        foreign.try_wait().unwrap().is_none(),
+        "a process of the range that no chroot of this agent names was killed"
+    );
+    let _ = foreign.kill();
+    let _ = foreign.wait();
     // Killed and reaped by the recovery (it is this process's child here): gone from /proc.
     let gone = || {
         std::fs::read_to_string(format!("/proc/{pid}/status"))

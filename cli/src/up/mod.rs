@@ -73,6 +73,13 @@ const HTTP_RESPONSE_MAX: usize = 4 << 20;
 pub const AGENT_ROOT_LEN_MAX: usize = 107 - "/sandboxes/".len() - 36 - "/vsock.sock_49984".len();
 const _: () = assert!(AGENT_ROOT_LEN_MAX == 43);
 
+/// The local agent's first jail uid (`--uid-base`): its 4096 uids and its page servers' uid
+/// (910000..=914096) stay apart from a system agent's default range (900000..=904096).
+pub const UP_JAIL_UID_BASE: u32 = 910_000;
+// Past the agent's default range and page-server uid (agent/src/limits.rs:
+// JAIL_UID_BASE_DEFAULT 900000, JAIL_UID_COUNT_DEFAULT 4096; the CLI does not link the agent).
+const _: () = assert!(UP_JAIL_UID_BASE > 900_000 + 4096);
+
 /// How long a port may take to be released by a process that was just stopped.
 const PORT_RELEASE_WAIT: Duration = Duration::from_secs(5);
 

@@ -448,6 +448,10 @@ pub(super) fn start_agent(
                 cfg.net_prefix.clone(),
                 "--net-subnet".into(),
                 cfg.net_subnet.clone(),
+                // Jail uids apart from a system agent's (900000 + 4096 and its page-server
+                // uid), like the slots.
+                "--uid-base".into(),
+                super::UP_JAIL_UID_BASE.to_string(),
             ];
             if let Some(k) = &cfg.kernel {
                 args.extend(["--kernel".into(), k.display().to_string()]);
