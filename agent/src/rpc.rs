@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proto::gen::wrenn::agent::v1 as pb;
 use proto::gen::wrenn::envd::v1 as envd;
@@ -25,7 +25,9 @@ use proto::rpc::{
 use proto::Status;
 
 use crate::host::{Host, IdentityCell};
-use crate::limits::{CANCEL_POLL, ENVD_CALL_TIMEOUT, EXEC_OUTPUT_DEFAULT, EXEC_OUTPUT_MAX};
+use crate::limits::{
+    CANCEL_POLL, ENVD_CALL_TIMEOUT, EXEC_EXIT_GRACE, EXEC_OUTPUT_DEFAULT, EXEC_OUTPUT_MAX,
+};
 use crate::manager::{parse_id, Manager};
 use crate::state::State;
 
@@ -383,6 +385,11 @@ fn exec(m: &Manager, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
     } as usize;
     let process = r.process.unwrap_or_default();
     let feed_stdin = process.stdin;
+    // Once started, a process with its own timeout ends (killed by envd) by then plus a grace;
+    // one without runs as long as it likes.
+    let run_limit = (process.timeout_ms > 0)
+        .then(|| Duration::from_millis(process.timeout_ms) + EXEC_EXIT_GRACE);
+    let start_limit = m.exec_start_timeout();
     let client = m.envd(sandbox_id(&r.sandbox_id)?)?;
     let started_at = Instant::now();
     let mut up = client.call(
@@ -395,12 +402,27 @@ fn exec(m: &Manager, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
             end_stream: true,
         },
     )?;
-    let started = match up.recv::<envd::ProcessEvent>()? {
-        Some(envd::ProcessEvent {
+    up.set_deadline(Some(Instant::now() + start_limit));
+    let first = up.recv::<envd::ProcessEvent>().map_err(|e| {
+        if e.code == proto::Code::DeadlineExceeded {
+            Status::unavailable(format!(
+                "envd did not report the process started within {start_limit:?} (guest stalled?)"
+            ))
+        } else {
+            e
+        }
+    });
+    let started = match first {
+        Ok(Some(envd::ProcessEvent {
             event: Some(Event::Started(st)),
-        }) => st,
-        _ => return Err(Status::internal("envd's Start did not begin with started")),
+        })) => st,
+        Ok(_) => return Err(Status::internal("envd's Start did not begin with started")),
+        Err(e) => {
+            client.close();
+            return Err(e);
+        }
     };
+    up.set_deadline(run_limit.map(|d| Instant::now() + d));
     let mut resp = pb::ExecResponse {
         pid: started.pid,
         tag: started.tag.clone(),

@@ -85,6 +85,9 @@ pub struct Config {
     /// Where this agent's chroots are (`--chroot-base-dir`): recovery kills a jailed process
     /// no record holds only when the jailer's pid file in one of them names it.
     pub jail_chroot_base: Option<PathBuf>,
+    /// How long an Exec waits for envd to report the process started
+    /// ([`crate::limits::EXEC_START_TIMEOUT`]; tests shorten it).
+    pub exec_start_timeout: Duration,
 }
 
 impl Config {
@@ -95,6 +98,7 @@ impl Config {
             default_timeout: crate::limits::TIMEOUT_DEFAULT,
             jail_uids: None,
             jail_chroot_base: None,
+            exec_start_timeout: crate::limits::EXEC_START_TIMEOUT,
         }
     }
 }
@@ -477,6 +481,10 @@ impl Manager {
     }
 
     /// A new connection to a running sandbox's envd (for proxied calls).
+    pub fn exec_start_timeout(&self) -> Duration {
+        self.cfg.exec_start_timeout
+    }
+
     pub fn envd(&self, id: Uuid) -> Result<Client, Status> {
         let sb = self.lookup(id)?;
         let rec = sb.rec();

@@ -31,6 +31,8 @@ pub struct FakeEnvd {
     pub yes_sent: AtomicU64,
     pub inits: AtomicU64,
     pub resumed: AtomicU64,
+    /// `stall` starts whose caller cancelled (closed the connection) before the bound.
+    pub stalls_seen_cancelled: AtomicU64,
     stdin: Mutex<HashMap<u32, std::sync::mpsc::Sender<Option<Vec<u8>>>>>,
     /// Running processes by pid (what List answers).
     running: Mutex<HashMap<u32, envd::ProcessInfo>>,
@@ -112,6 +114,18 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
             let pid = 100 + e.next_pid.fetch_add(1, Ordering::SeqCst) as u32;
             if p.cmd == "missing" {
                 return s.finish(Err(Status::not_found("fake envd: no such command")));
+            }
+            if p.cmd == "stall" {
+                // A starved guest: the connection stays up, no event comes, until the
+                // caller gives up (bounded, so a broken test cannot hang).
+                let w = s.watch();
+                let end = std::time::Instant::now() + Duration::from_secs(20);
+                while !w.is_cancelled() && std::time::Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                e.stalls_seen_cancelled
+                    .fetch_add(w.is_cancelled() as u64, Ordering::SeqCst);
+                return s.finish(Err(Status::cancelled("fake envd: stall ended")));
             }
             let (tx, rx) = std::sync::mpsc::channel();
             if p.stdin {
