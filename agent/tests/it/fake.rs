@@ -27,6 +27,8 @@ pub struct FakeEnvd {
     pub token: Mutex<String>,
     pub files: Mutex<HashMap<String, Vec<u8>>>,
     pub env: Mutex<HashMap<String, String>>,
+    /// The default user and directory of the last Init.
+    pub defaults: Mutex<(String, String)>,
     /// Bytes the `yes` generator managed to send (flow-control test).
     pub yes_sent: AtomicU64,
     pub inits: AtomicU64,
@@ -77,6 +79,7 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
             let r: envd::InitRequest = s.first().unwrap();
             *e.token.lock().unwrap() = r.access_token;
             *e.env.lock().unwrap() = r.env.into_iter().collect();
+            *e.defaults.lock().unwrap() = (r.default_user, r.default_cwd);
             e.inits.fetch_add(1, Ordering::SeqCst);
             reply(
                 s,

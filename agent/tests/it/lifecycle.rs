@@ -824,3 +824,71 @@ fn recovery_takes_the_newest_complete_generation_and_a_full_snapshot_after_a_cut
     assert!(!r2.full_snapshot_taken, "next snapshot must be Full");
     m.destroy(id2).unwrap();
 }
+
+/// Issue 17 §1: the spec's process defaults (a template's USER, WORKDIR and ENV, sent by
+/// ctl) reach envd at create, again at every resume (also after an agent restart, from the
+/// record), and a sandbox from a snapshot template gets its own spec's, not its source's.
+#[test]
+fn process_defaults_reach_envd_at_create_resume_and_from_a_template() {
+    let env = Env::new("defaults");
+    let m = env.manager.clone();
+    let mut spec = env.spec(1);
+    spec.default_user = "web".into();
+    spec.default_cwd = "/app".into();
+    spec.env.insert("PORT".into(), "8080".into());
+    m.create(spec).unwrap();
+    let seen = |n: u128| {
+        let g = env.vmm.envd(&env.dir(n)).unwrap();
+        let d = g.defaults.lock().unwrap().clone();
+        let mut e: Vec<(String, String)> = g.env.lock().unwrap().clone().into_iter().collect();
+        e.sort();
+        (d, e)
+    };
+    let want = (
+        ("web".to_string(), "/app".to_string()),
+        vec![
+            ("GREETING".to_string(), "hi".to_string()),
+            ("PORT".to_string(), "8080".to_string()),
+        ],
+    );
+    assert_eq!(seen(1), want);
+    // Forget them in the guest before the snapshot: a resume must send them again.
+    let forget = |n: u128| {
+        let g = env.vmm.envd(&env.dir(n)).unwrap();
+        *g.defaults.lock().unwrap() = Default::default();
+        g.env.lock().unwrap().clear();
+    };
+    forget(1);
+    m.pause(Uuid::from_u128(1)).unwrap();
+    m.resume(Uuid::from_u128(1), 0).unwrap();
+    assert_eq!(seen(1), want);
+    // After an agent restart, from the record.
+    forget(1);
+    m.pause(Uuid::from_u128(1)).unwrap();
+    drop(m);
+    let m = crate::Env::manager_on(&env.root, 64, &env.vmm, &env.clock, &env.events);
+    m.recover();
+    m.resume(Uuid::from_u128(1), 0).unwrap();
+    assert_eq!(seen(1), want);
+    // A snapshot template of it; a sandbox from the template gets the defaults its spec
+    // carries (ctl sends the template's), not what the source sandbox had.
+    let tpl = Uuid::from_u128(0x78);
+    m.create_template(Uuid::from_u128(1), tpl).unwrap();
+    let mut s = env.spec(2);
+    s.template_id = id::format_template(tpl);
+    s.template_kind = TemplateKind::Snapshot as i32;
+    s.default_user = "other".into();
+    s.default_cwd = "/srv".into();
+    s.env = [("ONLY".to_string(), "this".to_string())].into();
+    m.create(s).unwrap();
+    assert_eq!(
+        seen(2),
+        (
+            ("other".to_string(), "/srv".to_string()),
+            vec![("ONLY".to_string(), "this".to_string())]
+        )
+    );
+    for n in 1..=2 {
+        m.destroy(Uuid::from_u128(n)).unwrap();
+    }
+}
