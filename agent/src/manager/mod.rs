@@ -57,6 +57,7 @@ use create::check_timeout;
 pub use create::{parse_id, CreateSpec};
 pub use network::egress_of;
 pub use recovery::{decide, stray_processes, Action, Decision};
+pub use template::{allocated_bytes, write_template_memory};
 
 /// Where the manager sends state changes it makes on its own (TTL, VM death, adoption).
 pub trait Events: Send + Sync {

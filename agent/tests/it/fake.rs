@@ -469,6 +469,10 @@ pub struct FakeVmm {
     pub working_sets_recorded: AtomicU64,
     /// Time each snapshot takes (to hold an operation open).
     pub snapshot_delay: Mutex<Duration>,
+    /// Answer "file" to `restore_backend` (else "uffd").
+    pub file_backend: std::sync::atomic::AtomicBool,
+    /// The template memory file each restore was given, in order.
+    pub template_memory: Mutex<Vec<Option<PathBuf>>>,
 }
 
 impl FakeVmm {
@@ -540,7 +544,11 @@ impl Vmm for FakeVmm {
         "Firecracker fake".into()
     }
     fn restore_backend(&self) -> &'static str {
-        "uffd"
+        if self.file_backend.load(Ordering::SeqCst) {
+            "file"
+        } else {
+            "uffd"
+        }
     }
     fn create_slot(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
         assert!(
@@ -607,6 +615,10 @@ impl Vmm for FakeVmm {
         src: &RestoreSource<'_>,
     ) -> Result<Started, VmError> {
         assert!(rec.slot.is_some(), "restore without a slot");
+        self.template_memory
+            .lock()
+            .unwrap()
+            .push(src.template_memory.map(Path::to_owned));
         if self.should_fail("restore") {
             return Err(VmError::new("restore", "injected failure"));
         }

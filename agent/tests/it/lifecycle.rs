@@ -892,3 +892,93 @@ fn process_defaults_reach_envd_at_create_resume_and_from_a_template() {
         m.destroy(Uuid::from_u128(n)).unwrap();
     }
 }
+
+/// Issue 15 §1: with the File backend a snapshot template is published with one memory file
+/// (whole, sparse, read-only), every create from the template is given that file (the same
+/// inode; nothing is written for the sandbox), a resume is given none (its own chain goes
+/// through wrenn-uffd); a template published under the uffd backend gets its file once, at
+/// the first File-backed create.
+#[test]
+fn file_backed_creates_from_a_template_share_its_one_memory_file() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("tplmem");
+    let m = env.manager.clone();
+    env.vmm.file_backend.store(true, Ordering::SeqCst);
+    m.create(env.spec(1)).unwrap();
+    let tpl = Uuid::from_u128(0x79);
+    m.create_template(Uuid::from_u128(1), tpl).unwrap();
+    let tdir = env
+        .root
+        .join("templates")
+        .join(tpl.hyphenated().to_string());
+    let mem = tdir.join("memory");
+    let meta = std::fs::metadata(&mem).expect("published with the template");
+    assert_eq!(meta.mode() & 0o7777, 0o444);
+    // The fake chain: 16 pages, one page of data (7s) per generation; the rest holes.
+    assert_eq!(meta.len(), 16 * 4096);
+    assert!(
+        meta.blocks() * 512 < meta.len(),
+        "sparse: {} blocks",
+        meta.blocks()
+    );
+    let bytes = std::fs::read(&mem).unwrap();
+    assert_eq!(bytes.iter().filter(|&&b| b == 7).count(), 4096);
+    assert_eq!(bytes.iter().filter(|&&b| b == 0).count(), 15 * 4096);
+    env.vmm.template_memory.lock().unwrap().clear();
+    for n in 10..13u128 {
+        let mut s = env.spec(n);
+        s.template_id = id::format_template(tpl);
+        s.template_kind = TemplateKind::Snapshot as i32;
+        m.create(s).unwrap();
+        assert!(!env.dir(n).join("snapshot/memory").exists());
+    }
+    let given = env.vmm.template_memory.lock().unwrap().clone();
+    assert_eq!(
+        given,
+        vec![Some(mem.clone()); 3],
+        "each create got the template's file"
+    );
+    let after = std::fs::metadata(&mem).unwrap();
+    assert_eq!(
+        (after.ino(), after.mtime_nsec(), after.len()),
+        (meta.ino(), meta.mtime_nsec(), meta.len()),
+        "never written again"
+    );
+    // A resume restores its own chain.
+    env.vmm.template_memory.lock().unwrap().clear();
+    m.pause(Uuid::from_u128(10)).unwrap();
+    m.resume(Uuid::from_u128(10), 0).unwrap();
+    assert_eq!(*env.vmm.template_memory.lock().unwrap(), vec![None]);
+
+    // Published while the agent used wrenn-uffd: no file; the first File-backed create
+    // writes it, the next ones reuse it.
+    env.vmm.file_backend.store(false, Ordering::SeqCst);
+    let tpl2 = Uuid::from_u128(0x7a);
+    m.create_template(Uuid::from_u128(11), tpl2).unwrap();
+    let mem2 = env
+        .root
+        .join("templates")
+        .join(tpl2.hyphenated().to_string())
+        .join("memory");
+    assert!(!mem2.exists());
+    let mut s = env.spec(20);
+    s.template_id = id::format_template(tpl2);
+    s.template_kind = TemplateKind::Snapshot as i32;
+    env.vmm.template_memory.lock().unwrap().clear();
+    m.create(s.clone()).unwrap();
+    assert_eq!(*env.vmm.template_memory.lock().unwrap(), vec![None]);
+    env.vmm.file_backend.store(true, Ordering::SeqCst);
+    s.sandbox_id = id::format_sandbox(Uuid::from_u128(21));
+    m.create(s.clone()).unwrap();
+    let ino = std::fs::metadata(&mem2).unwrap().ino();
+    s.sandbox_id = id::format_sandbox(Uuid::from_u128(22));
+    m.create(s).unwrap();
+    assert_eq!(std::fs::metadata(&mem2).unwrap().ino(), ino, "written once");
+    assert_eq!(
+        *env.vmm.template_memory.lock().unwrap(),
+        vec![None, Some(mem2.clone()), Some(mem2.clone())]
+    );
+    for n in [1, 10, 11, 12, 20, 21, 22] {
+        m.destroy(Uuid::from_u128(n)).unwrap();
+    }
+}
