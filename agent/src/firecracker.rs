@@ -1776,6 +1776,8 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let root = fixture_root("tmem");
         let (tdir, _, _) = template_fixture(&root);
+        // What an agent killed mid-write left behind.
+        fs::write(tdir.path().join(".memory.tmp-0123456789abcdef"), b"partial").unwrap();
         let allocated = crate::manager::write_template_memory(&tdir).unwrap();
         let m = fs::metadata(tdir.memory()).unwrap();
         assert_eq!(m.len(), MEM_PAGES * PAGE);
@@ -1809,7 +1811,7 @@ mod tests {
             let page = &bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
             assert!(page.iter().all(|&b| b == want), "page {p}");
         }
-        // Published by a rename: no temporary left beside it.
+        // Published by a rename: no temporary left beside it (nor an older one).
         let names: Vec<String> = fs::read_dir(tdir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -173,6 +173,9 @@ pub struct Manager {
     reaper: Arc<Reaper>,
     sandboxes: Mutex<HashMap<Uuid, Arc<Sandbox>>>,
     templates: Mutex<HashMap<Uuid, TemplateRecord>>,
+    /// Held while a template's memory file is written at a create (one writer: concurrent
+    /// first creates of a template wait for its file instead of each writing one).
+    template_memory_writer: Mutex<()>,
     slots: Mutex<SlotAllocator>,
     uids: Option<Mutex<UidPool>>,
     turns: Turns,
@@ -217,6 +220,7 @@ impl Manager {
             reaper: Arc::new(Reaper::new()),
             sandboxes: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
+            template_memory_writer: Mutex::new(()),
             slots: Mutex::new(slots),
             uids,
             turns: Turns {

@@ -26,6 +26,9 @@ pub fn allocated_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// Name prefix of a template memory file being written.
+const MEMORY_TMP_PREFIX: &str = ".memory.tmp-";
+
 /// Writes a snapshot template's one memory file, `tdir.memory()`, from its chain (the
 /// header and layers in `tdir.snapshot()`): every data extent at its offset, zero ranges left
 /// as holes (sparse: it allocates what the layers hold), synced, mode 0444 and owned by the
@@ -37,8 +40,19 @@ pub fn write_template_memory(tdir: &TemplateDir) -> Result<u64, Status> {
     let snap = tdir.snapshot();
     let header = fs::read(snap.join("header")).map_err(internal)?;
     let header = uffd::header::Header::parse(&header).map_err(internal)?;
+    // A temporary an interrupted write left (an agent killed while writing) goes first.
+    if let Ok(rd) = fs::read_dir(tdir.path()) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(MEMORY_TMP_PREFIX)
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
     let tmp = tdir.path().join(format!(
-        ".memory.tmp-{}",
+        "{MEMORY_TMP_PREFIX}{}",
         proto::random::hex(8).map_err(internal)?
     ));
     let r = (|| -> Result<u64, Status> {
@@ -75,6 +89,14 @@ impl Manager {
         let tdir = self.cfg.layout.template(t.id);
         let path = tdir.memory();
         if path.exists() {
+            return Some(path);
+        }
+        let _one = self
+            .template_memory_writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if path.exists() {
+            // Written by a create that held the lock first.
             return Some(path);
         }
         let started = Instant::now();
