@@ -57,6 +57,7 @@ use create::check_timeout;
 pub use create::{parse_id, CreateSpec};
 pub use network::egress_of;
 pub use recovery::{decide, stray_processes, Action, Decision};
+pub use template::{allocated_bytes, write_template_memory};
 
 /// Where the manager sends state changes it makes on its own (TTL, VM death, adoption).
 pub trait Events: Send + Sync {
@@ -176,6 +177,9 @@ pub struct Manager {
     reaper: Arc<Reaper>,
     sandboxes: Mutex<HashMap<Uuid, Arc<Sandbox>>>,
     templates: Mutex<HashMap<Uuid, TemplateRecord>>,
+    /// Held while a template's memory file is written at a create (one writer: concurrent
+    /// first creates of a template wait for its file instead of each writing one).
+    template_memory_writer: Mutex<()>,
     slots: Mutex<SlotAllocator>,
     uids: Option<Mutex<UidPool>>,
     turns: Turns,
@@ -220,6 +224,7 @@ impl Manager {
             reaper: Arc::new(Reaper::new()),
             sandboxes: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
+            template_memory_writer: Mutex::new(()),
             slots: Mutex::new(slots),
             uids,
             turns: Turns {

@@ -367,6 +367,61 @@ fn prejail_template_restores_jailed(
     assert!(!j.chroot(30).exists(), "chroot of a destroyed sandbox left");
 }
 
+/// Issue 15 §1 on real Firecracker: an agent with `--restore-backend file` creates two clones
+/// of the snapshot template; both Firecrackers map the template's one memory file (its inode
+/// in their /proc/<pid>/maps), which is root's and 0444; no clone has a memory file of its
+/// own; jailed, the chroot's /restore/memory is that inode. (The template was published by
+/// the uffd agent above, so the first create writes the file, once.)
+fn file_backend_clones_map_the_template_file(
+    inp: &Inputs,
+    c: &Client,
+    jail: Option<&crate::e2e_jail::Jail>,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let clones = [40u128, 41];
+    for n in clones {
+        create_from(c, n, TEMPLATE, proto::sandbox::TemplateKind::Snapshot);
+        assert_eq!(sh_ok(c, n, "echo clone").trim(), "clone");
+    }
+    let tmem = inp
+        .root
+        .join("templates")
+        .join(Uuid::from_u128(TEMPLATE).hyphenated().to_string())
+        .join("memory");
+    let m = std::fs::metadata(&tmem).expect("the template's memory file");
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o444));
+    let ino = m.ino().to_string();
+    let mut mapping = 0;
+    for n in clones {
+        let dir = inp
+            .root
+            .join("sandboxes")
+            .join(Uuid::from_u128(n).hyphenated().to_string());
+        assert!(!dir.join("snapshot/memory").exists(), "a copy for sb {n}");
+        if let Some(j) = jail {
+            let linked = std::fs::metadata(j.chroot(n).join("restore/memory")).unwrap();
+            assert_eq!(linked.ino(), m.ino(), "linked into the chroot of sb {n}");
+        }
+        let maps_it = firecrackers_under(&dir).into_iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split_whitespace().nth(4) == Some(ino.as_str()))
+        });
+        mapping += usize::from(maps_it);
+    }
+    if jail.is_none() {
+        // Jailed Firecrackers are found through their chroots; unjailed, through the
+        // sandbox directory they name.
+        assert_eq!(
+            mapping,
+            clones.len(),
+            "Firecrackers mapping the template's inode"
+        );
+    }
+    println!("file backend: {mapping} clone Firecrackers map the template's memory inode {ino}");
+}
+
 fn firecrackers_under(dir: &Path) -> Vec<i32> {
     agent::manager::stray_processes(dir, &[])
         .into_iter()
@@ -882,6 +937,9 @@ fn e2e_lifecycle_on_firecracker() {
     assert_eq!(read_file(&c, 21, "/dev/shm/file-backend"), b"file backend");
     if let Some(j) = &jail {
         j.check_running(21, 1, 256);
+    }
+    if inp.uffd.is_some() {
+        file_backend_clones_map_the_template_file(&inp, &c, jail.as_ref());
     }
 
     // Destroy all: nothing left.

@@ -397,7 +397,7 @@ pub struct RemoveRequest {
     pub remove: ::core::option::Option<super::super::envd::v1::RemoveRequest>,
 }
 /// What sandboxes are created from.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Template {
     /// "tpl-{uuid}"; the seeded `minimal` template is "tpl-00000000-0000-0000-0000-000000000000".
     #[prost(string, tag = "1")]
@@ -435,6 +435,19 @@ pub struct Template {
     /// Creation time.
     #[prost(int64, tag = "12")]
     pub created_unix_ns: i64,
+    /// Process defaults of every sandbox created from it (a recipe's final USER, WORKDIR and
+    /// ENV; kept when a sandbox from it becomes a template). A process call's own user, cwd
+    /// and env win (env per key); a create's env wins per key over `env`. "" = envd's default
+    /// user (`user` when the image has it, else root) and that user's home.
+    #[prost(string, tag = "13")]
+    pub default_user: ::prost::alloc::string::String,
+    #[prost(string, tag = "14")]
+    pub default_cwd: ::prost::alloc::string::String,
+    #[prost(map = "string, string", tag = "15")]
+    pub env: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 /// Request of Templates.Build: a header, then the build context.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
