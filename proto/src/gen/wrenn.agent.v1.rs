@@ -727,61 +727,61 @@ pub trait SandboxesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: super::super::sandbox::v1::SandboxSpec,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListSandboxesRequest,
     ) -> Result<ListSandboxesResponse, crate::Status>;
     /// `Destroy` (unary).
     fn destroy(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DestroySandboxRequest,
     ) -> Result<DestroySandboxResponse, crate::Status>;
     /// `Pause` (unary).
     fn pause(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PauseSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Resume` (unary).
     fn resume(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ResumeSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `SetTimeout` (unary).
     fn set_timeout(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SetTimeoutRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Ping` (unary).
     fn ping(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PingSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Samples` (unary).
     fn samples(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SandboxSamplesRequest,
     ) -> Result<SandboxSamplesResponse, crate::Status>;
     /// `UpdateNetwork` (unary).
     fn update_network(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: UpdateNetworkRequest,
     ) -> Result<SandboxInfo, crate::Status>;
 }
@@ -993,7 +993,7 @@ pub trait ProcessesServer: Send + Sync {
     /// `Exec` (unary).
     fn exec(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ExecRequest,
     ) -> Result<ExecResponse, crate::Status>;
 }
@@ -1322,19 +1322,19 @@ pub trait TemplatesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateTemplateRequest,
     ) -> Result<TemplateInfo, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DeleteTemplateRequest,
     ) -> Result<DeleteTemplateResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListTemplatesRequest,
     ) -> Result<ListTemplatesResponse, crate::Status>;
 }
@@ -1427,13 +1427,13 @@ pub trait HostServer: Send + Sync {
     /// `Info` (unary).
     fn info(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: HostInfoRequest,
     ) -> Result<HostInfo, crate::Status>;
     /// `Metrics` (unary).
     fn metrics(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: HostMetricsRequest,
     ) -> Result<HostMetrics, crate::Status>;
 }
@@ -1503,7 +1503,7 @@ pub trait PortsServer: Send + Sync {
     /// `Connect` (bidirectional).
     fn connect(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PortConnectRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
@@ -1566,3 +1566,39 @@ pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
     host_methods::ALL,
     ports_methods::ALL,
 ];
+/// Every server trait of this package: a type implementing them all serves the
+/// package through [`dispatch_package`].
+pub trait PackageServer: SandboxesServer + ProcessesServer + TemplatesServer + HostServer + PortsServer {}
+impl<
+    T: SandboxesServer + ProcessesServer + TemplatesServer + HostServer + PortsServer
+        + ?Sized,
+> PackageServer for T {}
+/// Runs a call of any service of this package on `svc` and returns its final code, or
+/// gives the stream back when no service of the package has the method (a forwarded
+/// method, or one of another package).
+pub fn dispatch_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let stream = match dispatch_sandboxes(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_processes(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_templates(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_host(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_ports(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    Err(stream)
+}

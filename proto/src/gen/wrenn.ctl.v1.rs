@@ -1758,61 +1758,61 @@ pub trait SandboxesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListSandboxesRequest,
     ) -> Result<ListSandboxesResponse, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `Destroy` (unary).
     fn destroy(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DestroySandboxRequest,
     ) -> Result<DestroySandboxResponse, crate::Status>;
     /// `Ping` (unary).
     fn ping(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PingSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `SetTimeout` (unary).
     fn set_timeout(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SetTimeoutRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `Pause` (unary).
     fn pause(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PauseSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `Resume` (unary).
     fn resume(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ResumeSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `Metrics` (unary).
     fn metrics(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SandboxMetricsRequest,
     ) -> Result<SandboxMetricsResponse, crate::Status>;
     /// `UpdateNetwork` (unary).
     fn update_network(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: UpdateNetworkRequest,
     ) -> Result<Sandbox, crate::Status>;
 }
@@ -2008,7 +2008,7 @@ pub trait ProcessesServer: Send + Sync {
     /// `Exec` (unary).
     fn exec(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ExecRequest,
     ) -> Result<ExecResponse, crate::Status>;
 }
@@ -2362,57 +2362,57 @@ pub trait TemplatesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateTemplateRequest,
     ) -> Result<Template, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListTemplatesRequest,
     ) -> Result<ListTemplatesResponse, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetTemplateRequest,
     ) -> Result<Template, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DeleteTemplateRequest,
     ) -> Result<DeleteTemplateResponse, crate::Status>;
     /// `Build` (bidirectional).
     fn build(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: BuildRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `AttachBuild` (server streaming).
     fn attach_build(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: AttachBuildRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `GetBuild` (unary).
     fn get_build(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetBuildRequest,
     ) -> Result<Build, crate::Status>;
     /// `ListBuilds` (unary).
     fn list_builds(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListBuildsRequest,
     ) -> Result<ListBuildsResponse, crate::Status>;
     /// `CancelBuild` (unary).
     fn cancel_build(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CancelBuildRequest,
     ) -> Result<Build, crate::Status>;
 }
@@ -2605,37 +2605,37 @@ pub trait TeamsServer: Send + Sync {
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetTeamRequest,
     ) -> Result<Team, crate::Status>;
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateTeamRequest,
     ) -> Result<CreateTeamResponse, crate::Status>;
     /// `AddMember` (unary).
     fn add_member(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: AddMemberRequest,
     ) -> Result<Member, crate::Status>;
     /// `RemoveMember` (unary).
     fn remove_member(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RemoveMemberRequest,
     ) -> Result<RemoveMemberResponse, crate::Status>;
     /// `ListMembers` (unary).
     fn list_members(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListMembersRequest,
     ) -> Result<ListMembersResponse, crate::Status>;
     /// `Usage` (unary).
     fn usage(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: TeamUsageRequest,
     ) -> Result<TeamUsageResponse, crate::Status>;
 }
@@ -2756,19 +2756,19 @@ pub trait UsersServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateUserRequest,
     ) -> Result<User, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetUserRequest,
     ) -> Result<User, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListUsersRequest,
     ) -> Result<ListUsersResponse, crate::Status>;
 }
@@ -2859,19 +2859,19 @@ pub trait ApiKeysServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateApiKeyRequest,
     ) -> Result<CreateApiKeyResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListApiKeysRequest,
     ) -> Result<ListApiKeysResponse, crate::Status>;
     /// `Revoke` (unary).
     fn revoke(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RevokeApiKeyRequest,
     ) -> Result<RevokeApiKeyResponse, crate::Status>;
 }
@@ -2994,37 +2994,37 @@ pub trait HostsServer: Send + Sync {
     /// `CreateRegistrationToken` (unary).
     fn create_registration_token(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateRegistrationTokenRequest,
     ) -> Result<CreateRegistrationTokenResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListHostsRequest,
     ) -> Result<ListHostsResponse, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetHostRequest,
     ) -> Result<Host, crate::Status>;
     /// `Drain` (unary).
     fn drain(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DrainHostRequest,
     ) -> Result<DrainHostResponse, crate::Status>;
     /// `Undrain` (unary).
     fn undrain(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: UndrainHostRequest,
     ) -> Result<Host, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DeleteHostRequest,
     ) -> Result<DeleteHostResponse, crate::Status>;
 }
@@ -3127,7 +3127,7 @@ pub trait AuditLogsServer: Send + Sync {
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListAuditLogsRequest,
     ) -> Result<ListAuditLogsResponse, crate::Status>;
 }
@@ -3216,25 +3216,25 @@ pub trait WebhooksServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateWebhookRequest,
     ) -> Result<CreateWebhookResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListWebhooksRequest,
     ) -> Result<ListWebhooksResponse, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DeleteWebhookRequest,
     ) -> Result<DeleteWebhookResponse, crate::Status>;
     /// `Deliveries` (unary).
     fn deliveries(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListDeliveriesRequest,
     ) -> Result<ListDeliveriesResponse, crate::Status>;
 }
@@ -3327,7 +3327,7 @@ pub trait PortsServer: Send + Sync {
     /// `Connect` (bidirectional).
     fn connect(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PortConnectRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
@@ -3395,3 +3395,60 @@ pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
     webhooks_methods::ALL,
     ports_methods::ALL,
 ];
+/// Every server trait of this package: a type implementing them all serves the
+/// package through [`dispatch_package`].
+pub trait PackageServer: SandboxesServer + ProcessesServer + TemplatesServer + TeamsServer + UsersServer + ApiKeysServer + HostsServer + AuditLogsServer + WebhooksServer + PortsServer {}
+impl<
+    T: SandboxesServer + ProcessesServer + TemplatesServer + TeamsServer + UsersServer
+        + ApiKeysServer + HostsServer + AuditLogsServer + WebhooksServer + PortsServer
+        + ?Sized,
+> PackageServer for T {}
+/// Runs a call of any service of this package on `svc` and returns its final code, or
+/// gives the stream back when no service of the package has the method (a forwarded
+/// method, or one of another package).
+pub fn dispatch_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let stream = match dispatch_sandboxes(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_processes(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_templates(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_teams(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_users(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_api_keys(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_hosts(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_audit_logs(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_webhooks(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_ports(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    Err(stream)
+}

@@ -1030,46 +1030,46 @@ pub trait ProcessServer: Send + Sync {
     /// `Start` (server streaming).
     fn start(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: StartRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `Connect` (server streaming).
     fn connect(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ConnectRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `SendInput` (client streaming).
     fn send_input(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SendInputRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<SendInputResponse, crate::Status>;
     /// `CloseStdin` (unary).
     fn close_stdin(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CloseStdinRequest,
     ) -> Result<CloseStdinResponse, crate::Status>;
     /// `Signal` (unary).
     fn signal(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SignalRequest,
     ) -> Result<SignalResponse, crate::Status>;
     /// `ResizePty` (unary).
     fn resize_pty(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ResizePtyRequest,
     ) -> Result<ResizePtyResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListProcessesRequest,
     ) -> Result<ListProcessesResponse, crate::Status>;
 }
@@ -1272,52 +1272,52 @@ pub trait FilesystemServer: Send + Sync {
     /// `Stat` (unary).
     fn stat(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: StatRequest,
     ) -> Result<StatResponse, crate::Status>;
     /// `List` (server streaming).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListDirRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `MakeDir` (unary).
     fn make_dir(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: MakeDirRequest,
     ) -> Result<MakeDirResponse, crate::Status>;
     /// `Move` (unary).
     fn r#move(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: MoveRequest,
     ) -> Result<MoveResponse, crate::Status>;
     /// `Remove` (unary).
     fn remove(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RemoveRequest,
     ) -> Result<RemoveResponse, crate::Status>;
     /// `Read` (server streaming).
     fn read(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ReadRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `Write` (client streaming).
     fn write(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: WriteRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<WriteResponse, crate::Status>;
     /// `Watch` (server streaming).
     fn watch(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: WatchRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
@@ -1484,13 +1484,13 @@ pub trait InitServer: Send + Sync {
     /// `Init` (unary).
     fn init(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: InitRequest,
     ) -> Result<InitResponse, crate::Status>;
     /// `Resumed` (unary).
     fn resumed(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ResumedRequest,
     ) -> Result<ResumedResponse, crate::Status>;
 }
@@ -1560,7 +1560,7 @@ pub trait HealthServer: Send + Sync {
     /// `Check` (unary).
     fn check(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: HealthCheckRequest,
     ) -> Result<HealthCheckResponse, crate::Status>;
 }
@@ -1623,7 +1623,7 @@ pub trait MetricsServer: Send + Sync {
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetMetricsRequest,
     ) -> Result<GetMetricsResponse, crate::Status>;
 }
@@ -1686,7 +1686,7 @@ pub trait AnnounceServer: Send + Sync {
     /// `Ready` (unary).
     fn ready(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ReadyRequest,
     ) -> Result<ReadyResponse, crate::Status>;
 }
@@ -1737,3 +1737,43 @@ pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
     metrics_methods::ALL,
     announce_methods::ALL,
 ];
+/// Every server trait of this package: a type implementing them all serves the
+/// package through [`dispatch_package`].
+pub trait PackageServer: ProcessServer + FilesystemServer + InitServer + HealthServer + MetricsServer + AnnounceServer {}
+impl<
+    T: ProcessServer + FilesystemServer + InitServer + HealthServer + MetricsServer
+        + AnnounceServer + ?Sized,
+> PackageServer for T {}
+/// Runs a call of any service of this package on `svc` and returns its final code, or
+/// gives the stream back when no service of the package has the method (a forwarded
+/// method, or one of another package).
+pub fn dispatch_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let stream = match dispatch_process(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_filesystem(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_init(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_health(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_metrics(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_announce(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    Err(stream)
+}

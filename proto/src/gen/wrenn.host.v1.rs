@@ -242,19 +242,19 @@ pub trait HostServer: Send + Sync {
     /// `Register` (unary).
     fn register(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RegisterRequest,
     ) -> Result<RegisterResponse, crate::Status>;
     /// `Heartbeat` (unary).
     fn heartbeat(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, crate::Status>;
     /// `ReportState` (unary).
     fn report_state(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ReportStateRequest,
     ) -> Result<ReportStateResponse, crate::Status>;
 }
@@ -321,3 +321,20 @@ impl<'a> HostClient<'a> {
 }
 /// Every method of every service of this package.
 pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[host_methods::ALL];
+/// Every server trait of this package: a type implementing them all serves the
+/// package through [`dispatch_package`].
+pub trait PackageServer: HostServer {}
+impl<T: HostServer + ?Sized> PackageServer for T {}
+/// Runs a call of any service of this package on `svc` and returns its final code, or
+/// gives the stream back when no service of the package has the method (a forwarded
+/// method, or one of another package).
+pub fn dispatch_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let stream = match dispatch_host(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    Err(stream)
+}
