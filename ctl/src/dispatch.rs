@@ -1,5 +1,6 @@
 //! ctl's two packages served through the generated server traits: `wrenn.ctl.v1` on the
-//! client port and `wrenn.host.v1` on the host port. Each trait method is one line onto the
+//! client port (and the HTTP gateway's unary calls, through the generated
+//! `call_unary_package`) and `wrenn.host.v1` on the host port. Each trait method is one line onto the
 //! service layer ([`crate::service::Api`]) or the host service ([`crate::host_service`]);
 //! the generated `dispatch_package` routes a call by method name, so a new RPC in a
 //! `.proto` file is one more method here, and the compiler names the place.

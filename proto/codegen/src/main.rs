@@ -5,9 +5,10 @@
 //! table of [`MethodDesc`](proto::rpc::MethodDesc)s, so no method string is typed by hand;
 //! a `<Service>Server` trait with one method per RPC, each given the call's
 //! `proto::rpc::CallCtx` (the caller), and `dispatch_<service>`, which routes a call to it
-//! through `proto::rpc::serve`; and a `<Service>Client` with one typed call per RPC. Every
-//! package with servers also gets `PackageServer` (all its server traits) and
-//! `dispatch_package`.
+//! through `proto::rpc::serve`, and `call_unary_<service>` (the same for unary calls with
+//! encoded messages, for transports without a stream); and a `<Service>Client` with one
+//! typed call per RPC. Every package with servers also gets `PackageServer` (all its server
+//! traits), `dispatch_package` and `call_unary_package`.
 //!
 //! It also writes `ctl/src/http/gen_json.rs`: the HTTP gateway's JSON mapping of every message
 //! of `wrenn.ctl.v1` (and the packages it imports) and their OpenAPI component schemas (see
@@ -130,6 +131,26 @@ fn package_server(servers: &[(String, String)], buf: &mut String) {
     }
     let _ = writeln!(buf, "    Err(stream)");
     let _ = writeln!(buf, "}}");
+    let _ = writeln!(
+        buf,
+        "/// Runs a unary method of any service of this package on `svc` with its encoded\n\
+         /// request (see each service's `call_unary_<service>`); None when no service of the\n\
+         /// package has it as a unary method."
+    );
+    let _ = writeln!(
+        buf,
+        "pub fn call_unary_package<S: PackageServer + ?Sized>(svc: &S, ctx: &crate::rpc::CallCtx, method: &str, req: &[u8]) -> Option<Result<Vec<u8>, crate::Status>> {{"
+    );
+    let calls: Vec<String> = servers
+        .iter()
+        .map(|(_, snake_name)| format!("call_unary_{snake_name}(svc, ctx, method, req)"))
+        .collect();
+    let mut chain = calls[0].clone();
+    for c in &calls[1..] {
+        let _ = write!(chain, ".or_else(|| {c})");
+    }
+    let _ = writeln!(buf, "    {chain}");
+    let _ = writeln!(buf, "}}");
 }
 
 /// `trait <Service>Server`, one method per RPC, and `dispatch_<service>`, which routes a
@@ -214,6 +235,39 @@ fn server_trait(
     let _ = writeln!(buf, "        _ => return Err(stream),");
     let _ = writeln!(buf, "    }};");
     let _ = writeln!(buf, "    Ok(code)");
+    let _ = writeln!(buf, "}}");
+    let _ = writeln!(
+        buf,
+        "/// Runs a unary method of `{full}` on `svc` with its encoded request and returns the\n\
+         /// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);\n\
+         /// None when `method` is not a unary method of this service."
+    );
+    let _ = writeln!(
+        buf,
+        "pub fn call_unary_{snake_name}<S: {name}Server + ?Sized>(svc: &S, ctx: &crate::rpc::CallCtx, method: &str, req: &[u8]) -> Option<Result<Vec<u8>, crate::Status>> {{"
+    );
+    let unary: Vec<&&prost_build::Method> = served
+        .iter()
+        .filter(|m| !m.client_streaming && !m.server_streaming)
+        .collect();
+    if unary.is_empty() {
+        let _ = writeln!(buf, "    let _ = (svc, ctx, method, req);");
+        let _ = writeln!(buf, "    None");
+        let _ = writeln!(buf, "}}");
+        return true;
+    }
+    let _ = writeln!(buf, "    let r = match method {{");
+    for m in unary {
+        let _ = writeln!(
+            buf,
+            "        {module}::{c} => crate::rpc::serve::unary_bytes(ctx, {module}::{c}, req, |c, r| svc.{n}(c, r)),",
+            c = snake(&m.proto_name).to_uppercase(),
+            n = m.name
+        );
+    }
+    let _ = writeln!(buf, "        _ => return None,");
+    let _ = writeln!(buf, "    }};");
+    let _ = writeln!(buf, "    Some(r)");
     let _ = writeln!(buf, "}}");
     true
 }

@@ -824,6 +824,100 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.agent.v1.Sandboxes` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_sandboxes<S: SandboxesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        sandboxes_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        sandboxes_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        sandboxes_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        sandboxes_methods::DESTROY => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::DESTROY,
+                req,
+                |c, r| svc.destroy(c, r),
+            )
+        }
+        sandboxes_methods::PAUSE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::PAUSE,
+                req,
+                |c, r| svc.pause(c, r),
+            )
+        }
+        sandboxes_methods::RESUME => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::RESUME,
+                req,
+                |c, r| svc.resume(c, r),
+            )
+        }
+        sandboxes_methods::SET_TIMEOUT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::SET_TIMEOUT,
+                req,
+                |c, r| svc.set_timeout(c, r),
+            )
+        }
+        sandboxes_methods::PING => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::PING,
+                req,
+                |c, r| svc.ping(c, r),
+            )
+        }
+        sandboxes_methods::SAMPLES => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::SAMPLES,
+                req,
+                |c, r| svc.samples(c, r),
+            )
+        }
+        sandboxes_methods::UPDATE_NETWORK => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::UPDATE_NETWORK,
+                req,
+                |c, r| svc.update_network(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.agent.v1.Sandboxes` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct SandboxesClient<'a> {
@@ -1010,6 +1104,28 @@ pub fn dispatch_processes<S: ProcessesServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.agent.v1.Processes` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_processes<S: ProcessesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        processes_methods::EXEC => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                processes_methods::EXEC,
+                req,
+                |c, r| svc.exec(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.agent.v1.Processes` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1358,6 +1474,44 @@ pub fn dispatch_templates<S: TemplatesServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.agent.v1.Templates` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_templates<S: TemplatesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        templates_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        templates_methods::DELETE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::DELETE,
+                req,
+                |c, r| svc.delete(c, r),
+            )
+        }
+        templates_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.agent.v1.Templates` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct TemplatesClient<'a> {
@@ -1452,6 +1606,36 @@ pub fn dispatch_host<S: HostServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.agent.v1.Host` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_host<S: HostServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        host_methods::INFO => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::INFO,
+                req,
+                |c, r| svc.info(c, r),
+            )
+        }
+        host_methods::METRICS => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::METRICS,
+                req,
+                |c, r| svc.metrics(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.agent.v1.Host` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct HostClient<'a> {
@@ -1521,6 +1705,18 @@ pub fn dispatch_ports<S: PortsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.agent.v1.Ports` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_ports<S: PortsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let _ = (svc, ctx, method, req);
+    None
 }
 /// Typed calls of `wrenn.agent.v1.Ports` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1601,4 +1797,19 @@ pub fn dispatch_package<S: PackageServer + ?Sized>(
         Err(s) => s,
     };
     Err(stream)
+}
+/// Runs a unary method of any service of this package on `svc` with its encoded
+/// request (see each service's `call_unary_<service>`); None when no service of the
+/// package has it as a unary method.
+pub fn call_unary_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    call_unary_sandboxes(svc, ctx, method, req)
+        .or_else(|| call_unary_processes(svc, ctx, method, req))
+        .or_else(|| call_unary_templates(svc, ctx, method, req))
+        .or_else(|| call_unary_host(svc, ctx, method, req))
+        .or_else(|| call_unary_ports(svc, ctx, method, req))
 }

@@ -1855,6 +1855,100 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.ctl.v1.Sandboxes` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_sandboxes<S: SandboxesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        sandboxes_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        sandboxes_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        sandboxes_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        sandboxes_methods::DESTROY => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::DESTROY,
+                req,
+                |c, r| svc.destroy(c, r),
+            )
+        }
+        sandboxes_methods::PING => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::PING,
+                req,
+                |c, r| svc.ping(c, r),
+            )
+        }
+        sandboxes_methods::SET_TIMEOUT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::SET_TIMEOUT,
+                req,
+                |c, r| svc.set_timeout(c, r),
+            )
+        }
+        sandboxes_methods::PAUSE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::PAUSE,
+                req,
+                |c, r| svc.pause(c, r),
+            )
+        }
+        sandboxes_methods::RESUME => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::RESUME,
+                req,
+                |c, r| svc.resume(c, r),
+            )
+        }
+        sandboxes_methods::METRICS => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::METRICS,
+                req,
+                |c, r| svc.metrics(c, r),
+            )
+        }
+        sandboxes_methods::UPDATE_NETWORK => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::UPDATE_NETWORK,
+                req,
+                |c, r| svc.update_network(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.ctl.v1.Sandboxes` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct SandboxesClient<'a> {
@@ -2025,6 +2119,28 @@ pub fn dispatch_processes<S: ProcessesServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Processes` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_processes<S: ProcessesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        processes_methods::EXEC => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                processes_methods::EXEC,
+                req,
+                |c, r| svc.exec(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.Processes` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -2452,6 +2568,76 @@ pub fn dispatch_templates<S: TemplatesServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.ctl.v1.Templates` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_templates<S: TemplatesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        templates_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        templates_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        templates_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        templates_methods::DELETE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::DELETE,
+                req,
+                |c, r| svc.delete(c, r),
+            )
+        }
+        templates_methods::GET_BUILD => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::GET_BUILD,
+                req,
+                |c, r| svc.get_build(c, r),
+            )
+        }
+        templates_methods::LIST_BUILDS => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::LIST_BUILDS,
+                req,
+                |c, r| svc.list_builds(c, r),
+            )
+        }
+        templates_methods::CANCEL_BUILD => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::CANCEL_BUILD,
+                req,
+                |c, r| svc.cancel_build(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.ctl.v1.Templates` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct TemplatesClient<'a> {
@@ -2664,6 +2850,68 @@ pub fn dispatch_teams<S: TeamsServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.ctl.v1.Teams` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_teams<S: TeamsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        teams_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        teams_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        teams_methods::ADD_MEMBER => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::ADD_MEMBER,
+                req,
+                |c, r| svc.add_member(c, r),
+            )
+        }
+        teams_methods::REMOVE_MEMBER => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::REMOVE_MEMBER,
+                req,
+                |c, r| svc.remove_member(c, r),
+            )
+        }
+        teams_methods::LIST_MEMBERS => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::LIST_MEMBERS,
+                req,
+                |c, r| svc.list_members(c, r),
+            )
+        }
+        teams_methods::USAGE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::USAGE,
+                req,
+                |c, r| svc.usage(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.ctl.v1.Teams` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct TeamsClient<'a> {
@@ -2788,6 +3036,44 @@ pub fn dispatch_users<S: UsersServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.ctl.v1.Users` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_users<S: UsersServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        users_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                users_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        users_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                users_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        users_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                users_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.ctl.v1.Users` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct UsersClient<'a> {
@@ -2892,6 +3178,44 @@ pub fn dispatch_api_keys<S: ApiKeysServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.ApiKeys` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_api_keys<S: ApiKeysServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        api_keys_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                api_keys_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        api_keys_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                api_keys_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        api_keys_methods::REVOKE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                api_keys_methods::REVOKE,
+                req,
+                |c, r| svc.revoke(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.ApiKeys` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -3051,6 +3375,68 @@ pub fn dispatch_hosts<S: HostsServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.ctl.v1.Hosts` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_hosts<S: HostsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        hosts_methods::CREATE_REGISTRATION_TOKEN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::CREATE_REGISTRATION_TOKEN,
+                req,
+                |c, r| svc.create_registration_token(c, r),
+            )
+        }
+        hosts_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        hosts_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        hosts_methods::DRAIN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::DRAIN,
+                req,
+                |c, r| svc.drain(c, r),
+            )
+        }
+        hosts_methods::UNDRAIN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::UNDRAIN,
+                req,
+                |c, r| svc.undrain(c, r),
+            )
+        }
+        hosts_methods::DELETE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::DELETE,
+                req,
+                |c, r| svc.delete(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.ctl.v1.Hosts` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct HostsClient<'a> {
@@ -3144,6 +3530,28 @@ pub fn dispatch_audit_logs<S: AuditLogsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.AuditLogs` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_audit_logs<S: AuditLogsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        audit_logs_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                audit_logs_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.AuditLogs` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -3259,6 +3667,52 @@ pub fn dispatch_webhooks<S: WebhooksServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.ctl.v1.Webhooks` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_webhooks<S: WebhooksServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        webhooks_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                webhooks_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        webhooks_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                webhooks_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        webhooks_methods::DELETE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                webhooks_methods::DELETE,
+                req,
+                |c, r| svc.delete(c, r),
+            )
+        }
+        webhooks_methods::DELIVERIES => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                webhooks_methods::DELIVERIES,
+                req,
+                |c, r| svc.deliveries(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.ctl.v1.Webhooks` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct WebhooksClient<'a> {
@@ -3345,6 +3799,18 @@ pub fn dispatch_ports<S: PortsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Ports` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_ports<S: PortsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let _ = (svc, ctx, method, req);
+    None
 }
 /// Typed calls of `wrenn.ctl.v1.Ports` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -3451,4 +3917,24 @@ pub fn dispatch_package<S: PackageServer + ?Sized>(
         Err(s) => s,
     };
     Err(stream)
+}
+/// Runs a unary method of any service of this package on `svc` with its encoded
+/// request (see each service's `call_unary_<service>`); None when no service of the
+/// package has it as a unary method.
+pub fn call_unary_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    call_unary_sandboxes(svc, ctx, method, req)
+        .or_else(|| call_unary_processes(svc, ctx, method, req))
+        .or_else(|| call_unary_templates(svc, ctx, method, req))
+        .or_else(|| call_unary_teams(svc, ctx, method, req))
+        .or_else(|| call_unary_users(svc, ctx, method, req))
+        .or_else(|| call_unary_api_keys(svc, ctx, method, req))
+        .or_else(|| call_unary_hosts(svc, ctx, method, req))
+        .or_else(|| call_unary_audit_logs(svc, ctx, method, req))
+        .or_else(|| call_unary_webhooks(svc, ctx, method, req))
+        .or_else(|| call_unary_ports(svc, ctx, method, req))
 }

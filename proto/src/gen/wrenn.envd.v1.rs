@@ -1106,6 +1106,52 @@ pub fn dispatch_process<S: ProcessServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.envd.v1.Process` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_process<S: ProcessServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        process_methods::CLOSE_STDIN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                process_methods::CLOSE_STDIN,
+                req,
+                |c, r| svc.close_stdin(c, r),
+            )
+        }
+        process_methods::SIGNAL => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                process_methods::SIGNAL,
+                req,
+                |c, r| svc.signal(c, r),
+            )
+        }
+        process_methods::RESIZE_PTY => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                process_methods::RESIZE_PTY,
+                req,
+                |c, r| svc.resize_pty(c, r),
+            )
+        }
+        process_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                process_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.envd.v1.Process` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessClient<'a> {
@@ -1357,6 +1403,52 @@ pub fn dispatch_filesystem<S: FilesystemServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.envd.v1.Filesystem` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_filesystem<S: FilesystemServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        filesystem_methods::STAT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                filesystem_methods::STAT,
+                req,
+                |c, r| svc.stat(c, r),
+            )
+        }
+        filesystem_methods::MAKE_DIR => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                filesystem_methods::MAKE_DIR,
+                req,
+                |c, r| svc.make_dir(c, r),
+            )
+        }
+        filesystem_methods::MOVE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                filesystem_methods::MOVE,
+                req,
+                |c, r| svc.r#move(c, r),
+            )
+        }
+        filesystem_methods::REMOVE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                filesystem_methods::REMOVE,
+                req,
+                |c, r| svc.remove(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.envd.v1.Filesystem` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct FilesystemClient<'a> {
@@ -1509,6 +1601,36 @@ pub fn dispatch_init<S: InitServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.envd.v1.Init` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_init<S: InitServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        init_methods::INIT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                init_methods::INIT,
+                req,
+                |c, r| svc.init(c, r),
+            )
+        }
+        init_methods::RESUMED => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                init_methods::RESUMED,
+                req,
+                |c, r| svc.resumed(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.envd.v1.Init` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct InitClient<'a> {
@@ -1576,6 +1698,28 @@ pub fn dispatch_health<S: HealthServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.envd.v1.Health` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_health<S: HealthServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        health_methods::CHECK => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                health_methods::CHECK,
+                req,
+                |c, r| svc.check(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.envd.v1.Health` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct HealthClient<'a> {
@@ -1638,6 +1782,28 @@ pub fn dispatch_metrics<S: MetricsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.envd.v1.Metrics` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_metrics<S: MetricsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        metrics_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                metrics_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.envd.v1.Metrics` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1703,6 +1869,28 @@ pub fn dispatch_announce<S: AnnounceServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.envd.v1.Announce` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_announce<S: AnnounceServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        announce_methods::READY => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                announce_methods::READY,
+                req,
+                |c, r| svc.ready(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.envd.v1.Announce` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1776,4 +1964,20 @@ pub fn dispatch_package<S: PackageServer + ?Sized>(
         Err(s) => s,
     };
     Err(stream)
+}
+/// Runs a unary method of any service of this package on `svc` with its encoded
+/// request (see each service's `call_unary_<service>`); None when no service of the
+/// package has it as a unary method.
+pub fn call_unary_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    call_unary_process(svc, ctx, method, req)
+        .or_else(|| call_unary_filesystem(svc, ctx, method, req))
+        .or_else(|| call_unary_init(svc, ctx, method, req))
+        .or_else(|| call_unary_health(svc, ctx, method, req))
+        .or_else(|| call_unary_metrics(svc, ctx, method, req))
+        .or_else(|| call_unary_announce(svc, ctx, method, req))
 }

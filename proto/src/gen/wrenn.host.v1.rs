@@ -278,6 +278,44 @@ pub fn dispatch_host<S: HostServer + ?Sized>(
     };
     Ok(code)
 }
+/// Runs a unary method of `wrenn.host.v1.Host` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_host<S: HostServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        host_methods::REGISTER => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::REGISTER,
+                req,
+                |c, r| svc.register(c, r),
+            )
+        }
+        host_methods::HEARTBEAT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::HEARTBEAT,
+                req,
+                |c, r| svc.heartbeat(c, r),
+            )
+        }
+        host_methods::REPORT_STATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::REPORT_STATE,
+                req,
+                |c, r| svc.report_state(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
+}
 /// Typed calls of `wrenn.host.v1.Host` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
 pub struct HostClient<'a> {
@@ -337,4 +375,15 @@ pub fn dispatch_package<S: PackageServer + ?Sized>(
         Err(s) => s,
     };
     Err(stream)
+}
+/// Runs a unary method of any service of this package on `svc` with its encoded
+/// request (see each service's `call_unary_<service>`); None when no service of the
+/// package has it as a unary method.
+pub fn call_unary_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    call_unary_host(svc, ctx, method, req)
 }

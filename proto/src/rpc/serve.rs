@@ -78,6 +78,23 @@ where
     reply(s, r)
 }
 
+/// One request, one response, both encoded: for a transport that has no [`ServerStream`]
+/// (ctl's HTTP gateway). A malformed request is `invalid_argument`, as on a stream.
+pub fn unary_bytes<Req, Resp>(
+    ctx: &CallCtx,
+    method: &str,
+    req: &[u8],
+    f: impl FnOnce(&CallCtx, Req) -> Result<Resp, Status>,
+) -> Result<Vec<u8>, Status>
+where
+    Req: Message + Default,
+    Resp: Message,
+{
+    let req = Req::decode(req)
+        .map_err(|e| Status::invalid_argument(format!("{method}: malformed request: {e}")))?;
+    f(ctx, req).map(|r| r.encode_to_vec())
+}
+
 /// A method no dispatch table knows: `unimplemented`, naming it.
 pub fn unknown(s: ServerStream) -> Code {
     let m = format!("unknown method {}", s.method());

@@ -53,7 +53,9 @@ pub type Peer = Arc<dyn Any + Send + Sync>;
 pub struct CallCtx {
     /// What [`Service::hello`] returned for the connection.
     pub peer: Peer,
-    /// The peer's address as budgets count it (an IPv6 address is its /64).
+    /// The peer's address as budgets count it (an IPv6 address is its /64); `Local` for a
+    /// Unix or vsock peer, and for calls made without a socket of this server (ctl's HTTP
+    /// gateway).
     pub source: Source,
     /// The end-entity certificate (DER) the client presented during a TLS handshake that
     /// verified it; None on plain transports or without a client certificate.

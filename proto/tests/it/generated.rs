@@ -292,3 +292,29 @@ fn package_dispatch_serves_every_service_of_the_package() {
     drop(client);
     handle.shutdown();
 }
+
+/// The encoded-message form of a package's unary methods (ctl's HTTP gateway calls the same
+/// trait methods through it): a response for a unary method, the handler's error, a
+/// malformed request refused before the handler, None for anything else.
+#[test]
+fn call_unary_runs_a_package_method_on_encoded_messages() {
+    use prost::Message;
+    use proto::gen::wrenn::host::v1 as host;
+    let ctx = CallCtx::new(Arc::new("gw".to_owned()), proto::rpc::Source::Local);
+    let req = host::RegisterRequest::default().encode_to_vec();
+    let out = host::call_unary_package(&Host, &ctx, host::host_methods::REGISTER, &req)
+        .expect("Register is a unary method of host.v1")
+        .unwrap();
+    let r = host::RegisterResponse::decode(&out[..]).unwrap();
+    assert_eq!(r.host_id, "gw|Local|false");
+    let e = host::call_unary_package(&Host, &ctx, host::host_methods::HEARTBEAT, &[])
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code, Code::Unavailable);
+    let e = host::call_unary_package(&Host, &ctx, host::host_methods::REGISTER, &[0xff])
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument);
+    assert!(e.message.contains("malformed request"), "{}", e.message);
+    assert!(host::call_unary_package(&Host, &ctx, pb::health_methods::CHECK, &[]).is_none());
+}
