@@ -41,8 +41,47 @@ use crate::limits::{
 };
 use crate::status::{Code, Status};
 
-/// What a service attaches to an authenticated connection; every call on it sees it.
+/// What a service attaches to an authenticated connection (the principal its
+/// [`Service::hello`] decided); every call on it sees it.
 pub type Peer = Arc<dyn Any + Send + Sync>;
+
+/// What the server knows about the connection a call came on: the principal the hello
+/// decided, where the peer is, and the certificate it presented. Every call carries one;
+/// the generated `<Service>Server` traits receive it with each request, so a handler sees
+/// who is calling without a channel of its own.
+#[derive(Clone)]
+pub struct CallCtx {
+    /// What [`Service::hello`] returned for the connection.
+    pub peer: Peer,
+    /// The peer's address as budgets count it (an IPv6 address is its /64); `Local` for a
+    /// Unix or vsock peer, and for calls made without a socket of this server (ctl's HTTP
+    /// gateway).
+    pub source: Source,
+    /// The end-entity certificate (DER) the client presented during a TLS handshake that
+    /// verified it; None on plain transports or without a client certificate.
+    pub client_cert: Option<Bytes>,
+}
+
+impl CallCtx {
+    /// A context for calls that come from elsewhere than a connection of this server (the
+    /// HTTP gateway, tests): a principal and a source, no certificate.
+    pub fn new(peer: Peer, source: Source) -> CallCtx {
+        CallCtx {
+            peer,
+            source,
+            client_cert: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for CallCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallCtx")
+            .field("source", &self.source)
+            .field("client_cert", &self.client_cert.as_ref().map(|c| c.len()))
+            .finish_non_exhaustive()
+    }
+}
 
 /// A service: authenticates connections and answers calls.
 pub trait Service: Send + Sync + 'static {
@@ -225,7 +264,7 @@ struct Entry {
     raw_fd: std::os::fd::RawFd,
     rbuf: RecvBuf,
     phase: Phase,
-    peer: Option<Peer>,
+    ctx: Option<Arc<CallCtx>>,
     since: Instant,
     serial: u64,
 }
@@ -517,7 +556,7 @@ impl Server {
                 raw_fd: raw,
                 rbuf: RecvBuf::new(),
                 phase: Phase::AwaitHello,
-                peer: None,
+                ctx: None,
                 since: Instant::now(),
                 serial: self.serial,
             });
@@ -613,14 +652,14 @@ impl Server {
                     );
                     return false;
                 }
-                let peer = entry.peer.clone().expect("open connections have a peer");
+                let ctx = entry.ctx.clone().expect("open connections have a context");
                 for c in ev.calls {
                     let call = Call {
                         conn: conn.clone(),
                         id: c.stream,
                         method: c.method,
                         message: c.message,
-                        peer: peer.clone(),
+                        ctx: ctx.clone(),
                         pool: self.pool.clone(),
                         answered: false,
                     };
@@ -727,6 +766,11 @@ impl Server {
             max_streams: self.cfg.max_streams,
         };
         let Some(sock) = entry.pre.take() else { return };
+        let ctx = Arc::new(CallCtx {
+            peer,
+            source: entry.source,
+            client_cert: sock.peer_certificate(),
+        });
         let conn = match Conn::new(sock, Side::Server, limits) {
             Ok(c) => Arc::new(c),
             Err(e) => {
@@ -748,7 +792,7 @@ impl Server {
             conn.send_raw(&mut st, Kind::HelloAck, &ack.encode_to_vec());
         }
         entry.conn = Some(conn);
-        entry.peer = Some(peer);
+        entry.ctx = Some(ctx);
         entry.phase = Phase::Open;
         entry.since = Instant::now();
         self.reap(slot);
@@ -773,8 +817,8 @@ impl Server {
                     for slot in 0..self.conns.len() {
                         let hit = self.conns[slot]
                             .as_ref()
-                            .and_then(|e| e.peer.as_ref())
-                            .is_some_and(&pred);
+                            .and_then(|e| e.ctx.as_ref())
+                            .is_some_and(|c| pred(&c.peer));
                         if hit {
                             self.close_with_error(
                                 slot,
@@ -925,7 +969,7 @@ pub struct Call {
     id: u32,
     method: String,
     message: Bytes,
-    peer: Peer,
+    ctx: Arc<CallCtx>,
     pool: Arc<Pool>,
     answered: bool,
 }
@@ -944,8 +988,14 @@ impl Call {
         &self.method
     }
 
+    /// The principal the connection's hello decided.
     pub fn peer(&self) -> &Peer {
-        &self.peer
+        &self.ctx.peer
+    }
+
+    /// Everything the server knows about the call's connection.
+    pub fn ctx(&self) -> &Arc<CallCtx> {
+        &self.ctx
     }
 
     /// The request message, undecoded.
@@ -1034,7 +1084,7 @@ impl Call {
             id: self.id,
             method: std::mem::take(&mut self.method),
             message: std::mem::take(&mut self.message),
-            peer: self.peer.clone(),
+            ctx: self.ctx.clone(),
             finished: false,
         };
         let pool = self.pool.clone();
@@ -1073,7 +1123,7 @@ pub struct ServerStream {
     id: u32,
     method: String,
     message: Bytes,
-    peer: Peer,
+    ctx: Arc<CallCtx>,
     finished: bool,
 }
 
@@ -1142,8 +1192,14 @@ impl ServerStream {
         &self.method
     }
 
+    /// The principal the connection's hello decided.
     pub fn peer(&self) -> &Peer {
-        &self.peer
+        &self.ctx.peer
+    }
+
+    /// Everything the server knows about the call's connection.
+    pub fn ctx(&self) -> &Arc<CallCtx> {
+        &self.ctx
     }
 
     /// Decodes the request message (the first message of the call).
