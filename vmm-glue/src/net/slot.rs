@@ -572,7 +572,7 @@ pub fn slot_ruleset(
     iifname \"lo\" accept
     ct state established,related accept
     iifname \"{tap}\" ip saddr {guest} ip daddr {gw} udp dport 53 accept
-    iifname \"{tap}\" ip saddr {guest} ip daddr {gw} tcp dport 53 reject with tcp reset
+    iifname \"{tap}\" ip saddr {guest} ip daddr {gw} tcp dport 53 accept
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
@@ -1123,6 +1123,7 @@ mod tests {
              172.16.0.0/12, 192.168.0.0/16, 10.200.0.0/16 }"
         ));
         assert!(open.contains("udp dport 53 accept"));
+        assert!(open.contains("ip daddr 169.254.0.22 tcp dport 53 accept"));
         assert!(open.contains("ct direction reply accept"));
         let restricted = Egress {
             allow: vec!["1.1.1.0/24".parse().unwrap()],
