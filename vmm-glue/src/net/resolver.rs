@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
+use super::dns::DomainPattern;
 use super::dns::{self, RCODE_FORMERR, RCODE_REFUSED, RCODE_SERVFAIL};
 use super::limits::{
     DNS_ADDRESSES_PER_NAME_MAX, DNS_COMMANDS_MAX, DNS_MESSAGE_LEN_MAX, DNS_PENDING_PER_SLOT_MAX,
@@ -105,6 +106,12 @@ pub(crate) struct SlotDns {
     egress: Egress,
     never_out: Vec<Ipv4Cidr>,
     live: Vec<LiveAddr>,
+    /// Entries found in the slot's set when the resolver took the slot over after an agent
+    /// restart: their names died with the old process. Each was let in for a name that the
+    /// policy in force then allowed, [`SlotDns::unnamed_under`].
+    unnamed: Vec<(Ipv4Addr, Instant)>,
+    /// The allowed domains of the policy the slot was adopted with.
+    unnamed_under: Vec<DomainPattern>,
     /// NETLINK_NETFILTER socket in the slot's namespace.
     nft: Netlink,
     table: String,
@@ -113,11 +120,30 @@ pub(crate) struct SlotDns {
 impl SlotDns {
     /// The live entries that `egress` still allows, with their time left: what a policy
     /// update carries into the new table. Drops the others from the record.
+    ///
+    /// An entry the resolver learned itself is kept if `egress` allows its name. An entry
+    /// found in the set after an agent restart ([`SlotDns::unnamed`]) is kept if every
+    /// domain pattern of the policy it was learned under is still allowed by `egress` (then
+    /// its name, whichever it was, still is); if one was removed, all of them go, since
+    /// which came from the removed pattern is not known. The guest's next lookup of a name
+    /// still allowed brings its address back.
     pub(crate) fn retain_for(&mut self, egress: &Egress) -> Vec<(Ipv4Addr, Duration)> {
         let now = Instant::now();
         self.live
             .retain(|a| a.expires > now && egress.domain_allowed(&a.name));
-        self.live.iter().map(|a| (a.ip, a.expires - now)).collect()
+        if self.unnamed_under.iter().all(|p| still_allowed(p, egress)) {
+            self.unnamed.retain(|(_, expires)| *expires > now);
+        } else {
+            self.unnamed.clear();
+        }
+        let mut out: Vec<(Ipv4Addr, Duration)> =
+            self.live.iter().map(|a| (a.ip, a.expires - now)).collect();
+        for (ip, expires) in &self.unnamed {
+            if !out.iter().any(|(a, _)| a == ip) {
+                out.push((*ip, *expires - now));
+            }
+        }
+        out
     }
 
     pub(crate) fn set_egress(&mut self, egress: Egress) {
@@ -152,11 +178,14 @@ impl SlotDns {
             }
         }
         self.live.retain(|a| a.expires > now);
+        self.unnamed.retain(|(_, expires)| *expires > now);
         let new = add
             .iter()
-            .filter(|(ip, _)| !self.live.iter().any(|a| a.ip == *ip))
+            .filter(|(ip, _)| {
+                !self.live.iter().any(|a| a.ip == *ip) && !self.unnamed.iter().any(|u| u.0 == *ip)
+            })
             .count();
-        if self.live.len() + new > DNS_SET_LEN_MAX {
+        if self.live.len() + self.unnamed.len() + new > DNS_SET_LEN_MAX {
             return Err(super::netlink::Error::Kernel {
                 errno: libc::ENFILE,
                 message: Some("slot dns set full".to_owned()),
@@ -165,7 +194,11 @@ impl SlotDns {
         self.nft.add_set_elements_v4(&self.table, DNS_SET, &add)?;
         stats::ADDRESSES_ADDED.add(add.len() as u64);
         for (ip, ttl) in &add {
-            let expires = now + *ttl;
+            let mut expires = now + *ttl;
+            // Named now: the kernel keeps the later of the two timeouts.
+            if let Some(k) = self.unnamed.iter().position(|u| u.0 == *ip) {
+                expires = expires.max(self.unnamed.swap_remove(k).1);
+            }
             match self.live.iter_mut().find(|a| a.ip == *ip) {
                 Some(a) => {
                     a.expires = a.expires.max(expires);
@@ -179,6 +212,19 @@ impl SlotDns {
             }
         }
         Ok(add.len())
+    }
+}
+
+/// Whether every name `p` matches is still allowed by `egress`.
+fn still_allowed(p: &DomainPattern, egress: &Egress) -> bool {
+    let text = p.to_string();
+    match text.strip_prefix("*.") {
+        // `*.x` is covered by `*.x` itself or by a wildcard over a parent of x.
+        Some(base) => egress
+            .allow_domains
+            .iter()
+            .any(|q| q == p || (q.to_string().starts_with("*.") && q.matches(base))),
+        None => egress.domain_allowed(&text),
     }
 }
 
@@ -284,7 +330,8 @@ impl Resolver {
     }
 
     /// Serves slot `index` (namespace `netns`, nftables table `table`) with policy `egress`.
-    /// Serving it already only updates the policy.
+    /// Serving it already only updates the policy. `found` are the entries already in the
+    /// slot's set (an adopted slot's), with their time left, learned under `egress`.
     pub(crate) fn add_slot(
         &self,
         index: u32,
@@ -292,6 +339,7 @@ impl Resolver {
         table: &str,
         egress: &Egress,
         never_out: Vec<Ipv4Cidr>,
+        found: &[(Ipv4Addr, Duration)],
     ) -> Result<(), Error> {
         if let Some(state) = self.slot(index) {
             lock(&state).set_egress(egress.clone());
@@ -327,6 +375,12 @@ impl Resolver {
             egress: egress.clone(),
             never_out,
             live: Vec::new(),
+            unnamed: found
+                .iter()
+                .take(DNS_SET_LEN_MAX)
+                .map(|(ip, left)| (*ip, Instant::now() + *left))
+                .collect(),
+            unnamed_under: egress.allow_domains.clone(),
             nft,
             table: table.to_owned(),
         }));
@@ -1175,6 +1229,43 @@ mod tests {
             Some("10.255.255.53:53".parse().unwrap())
         );
         assert_eq!(upstream_from_resolv_conf("search x\n"), None);
+    }
+
+    #[test]
+    fn adopted_entries_follow_their_patterns() {
+        let p = |s: &str| DomainPattern::parse(s).unwrap();
+        let with = |v: &[&str]| Egress {
+            allow_domains: v.iter().map(|s| p(s)).collect(),
+            ..Egress::none()
+        };
+        assert!(still_allowed(
+            &p("a.example.com"),
+            &with(&["a.example.com"])
+        ));
+        assert!(still_allowed(
+            &p("a.example.com"),
+            &with(&["*.example.com"])
+        ));
+        assert!(!still_allowed(
+            &p("a.example.com"),
+            &with(&["b.example.com"])
+        ));
+        assert!(still_allowed(
+            &p("*.a.example.com"),
+            &with(&["*.a.example.com"])
+        ));
+        assert!(still_allowed(
+            &p("*.a.example.com"),
+            &with(&["*.example.com"])
+        ));
+        assert!(!still_allowed(
+            &p("*.a.example.com"),
+            &with(&["a.example.com"])
+        ));
+        assert!(!still_allowed(
+            &p("*.example.com"),
+            &with(&["*.a.example.com"])
+        ));
     }
 
     #[test]

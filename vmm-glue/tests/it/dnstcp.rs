@@ -373,10 +373,12 @@ fn remove_all(net: &Network) {
     let _ = net.teardown_host();
 }
 
-struct Cleanup<'a>(&'a Network);
-impl Drop for Cleanup<'_> {
+/// Removes everything at the end (its own `Network`: the test drops its own to play an
+/// agent restart).
+struct Cleanup(Network);
+impl Drop for Cleanup {
     fn drop(&mut self) {
-        remove_all(self.0);
+        remove_all(&self.0);
     }
 }
 
@@ -392,7 +394,7 @@ fn egress_dns_over_tcp() {
     let cfg = NetConfig::new(PREFIX, SUBNET).unwrap();
     let net = Network::new(cfg.clone());
     remove_all(&net);
-    let _cleanup = Cleanup(&net);
+    let _cleanup = Cleanup(Network::new(cfg.clone()));
     net.setup_host().unwrap();
     create_internet();
     net.start_resolver(sock(PUBLIC, 53)).unwrap();
@@ -516,6 +518,38 @@ fn egress_dns_over_tcp() {
     assert!(stats::TCP_ACCEPTED.get() >= 10);
     assert!(stats::TCP_OVER_LIMIT.get() >= 1);
     assert!(stats::TCP_IDLE_CLOSED.get() >= 2);
+
+    // An agent restart: the resolver (and its memory of which name gave which address)
+    // goes, the slot and its set stay. The new one adopts the slot with the stored policy.
+    drop(net);
+    let net = Network::new(cfg.clone());
+    net.start_resolver(sock(PUBLIC, 53)).unwrap();
+    net.adopt_slot(1, &policy).unwrap();
+    // A policy update that keeps every allowed name keeps the learned entries.
+    let mut wider = policy.clone();
+    wider.allow_domains.push(pattern("*.other.example"));
+    net.set_egress(1, &wider).unwrap();
+    let set = dns_set(&s1);
+    assert!(
+        set.contains("198.19.12.1 "),
+        "kept across the restart: {set}"
+    );
+    assert!(
+        set.contains("198.19.13.1 "),
+        "kept across the restart: {set}"
+    );
+    // The guest looks a.example.com up again (its name is known again); an update that
+    // drops big.example.com keeps a.example.com's address and drops the others (which name
+    // they came from died with the old process).
+    assert_eq!(udp_resolve(&g1, "a.example.com").unwrap().addrs, [PUBLIC]);
+    let narrower = Egress {
+        allow_domains: vec![pattern("a.example.com"), pattern("*.other.example")],
+        ..Egress::none()
+    };
+    net.set_egress(1, &narrower).unwrap();
+    let set = dns_set(&s1);
+    assert!(set.contains("198.19.12.1 "), "still allowed: {set}");
+    assert!(!set.contains("198.19.13."), "no longer allowed: {set}");
 
     drop(upstream);
     net.destroy_slot(1).unwrap();
