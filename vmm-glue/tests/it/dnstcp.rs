@@ -448,7 +448,7 @@ fn egress_dns_over_tcp() {
         ["udp:big.example.com", "tcp:big.example.com"]
     );
 
-    // Stalls: one connection sends nothing, another a length prefix and half a query. While
+    // Stalls: one connection sends nothing, another a length prefix and part of a query. While
     // they hang, slot 1 keeps answering over TCP and UDP, and slot 2 too; at the idle
     // deadline both are closed.
     let t0 = Instant::now();
@@ -456,6 +456,16 @@ fn egress_dns_over_tcp() {
     let mut half = connect(&g1).unwrap();
     half.write_all(&framed(&query(9, "a.example.com"))[..7])
         .unwrap();
+    // ...and then trickles a byte every 700 ms: that does not move its deadline.
+    let mut trickle = half.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        for b in framed(&query(9, "a.example.com"))[7..17].iter() {
+            std::thread::sleep(Duration::from_millis(700));
+            if trickle.write_all(&[*b]).is_err() {
+                return;
+            }
+        }
+    });
     let t = Instant::now();
     let mut c = connect(&g1).unwrap();
     assert_eq!(tcp_ask(&mut c, 1, "a.example.com").unwrap().addrs, [PUBLIC]);
@@ -473,6 +483,7 @@ fn egress_dns_over_tcp() {
         );
     }
     println!("stalled connections closed after {:?}", t0.elapsed());
+    trickler.join().unwrap();
 
     // An upstream that does not answer over TCP: SERVFAIL at the upstream timeout.
     let slow = tcp_resolve(&g1, "slow.example.com").unwrap();
