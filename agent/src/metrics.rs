@@ -69,6 +69,18 @@ pub fn counters() -> Vec<Sample> {
             "wrenn_agent_dns_never_out_dropped_total",
             dns::NEVER_OUT_DROPPED.get(),
         ),
+        c(
+            "wrenn_agent_dns_tcp_accepted_total",
+            dns::TCP_ACCEPTED.get(),
+        ),
+        c(
+            "wrenn_agent_dns_tcp_over_limit_total",
+            dns::TCP_OVER_LIMIT.get(),
+        ),
+        c(
+            "wrenn_agent_dns_tcp_idle_closed_total",
+            dns::TCP_IDLE_CLOSED.get(),
+        ),
         c("wrenn_agent_port_streams_total", PORT_STREAMS.get()),
         c("wrenn_agent_restores_settled_total", RESTORES_SETTLED.get()),
         c("wrenn_agent_restore_faults_total", RESTORE_FAULTS.get()),

@@ -433,6 +433,33 @@ pub fn chain_addresses(name: &str, records: &[Record]) -> Vec<(Ipv4Addr, u32)> {
     Vec::new()
 }
 
+// ---- TCP framing (RFC 1035 4.2.2, RFC 7766) ----
+
+/// The length a TCP frame's 2-byte prefix announces, if it is a message we take: 1 to `max`
+/// bytes (a guest's query: [`DNS_QUERY_LEN_MAX`]; an upstream answer:
+/// `limits::DNS_TCP_ANSWER_LEN_MAX`). Otherwise [`DnsError::TooLong`] or
+/// [`DnsError::Truncated`] (an empty message).
+pub fn frame_len(prefix: [u8; 2], max: usize) -> Result<usize, DnsError> {
+    let len = usize::from(u16::from_be_bytes(prefix));
+    if len > max {
+        return Err(DnsError::TooLong { len });
+    }
+    if len == 0 {
+        return Err(DnsError::Truncated);
+    }
+    Ok(len)
+}
+
+/// The first whole frame of a TCP byte stream: its message and the bytes it took (prefix
+/// included); `Ok(None)` while it is incomplete.
+pub fn split_frame(stream: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, DnsError> {
+    let Some(prefix) = stream.get(..2) else {
+        return Ok(None);
+    };
+    let len = frame_len([prefix[0], prefix[1]], max)?;
+    Ok(stream.get(2..2 + len).map(|m| (m, 2 + len)))
+}
+
 /// Replaces the ID of a message (the upstream's answer goes back with the guest's ID).
 pub fn set_id(msg: &mut [u8], id: u16) {
     if let Some(b) = msg.get_mut(0..2) {
@@ -467,6 +494,14 @@ pub fn fuzz_dns_message(data: &[u8]) {
                 let _ = chain_addresses(owner, &r.records);
             }
         }
+    }
+    // The same bytes as a guest's TCP stream: frames, each a query.
+    let mut rest = data;
+    while let Ok(Some((msg, used))) = split_frame(rest, DNS_QUERY_LEN_MAX) {
+        assert!(msg.len() <= DNS_QUERY_LEN_MAX && used == msg.len() + 2);
+        let _ = parse_query(msg);
+        let _ = error_reply(msg, RCODE_REFUSED);
+        rest = &rest[used..];
     }
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(p) = DomainPattern::parse(text) {
@@ -713,6 +748,24 @@ mod tests {
         answer[2] |= 0x80;
         assert_eq!(error_reply(&answer, RCODE_REFUSED), None);
         assert_eq!(error_reply(&m[..3], RCODE_REFUSED), None);
+    }
+
+    #[test]
+    fn tcp_frames() {
+        let q = query(3, "a.example.com", None);
+        let mut stream = (q.len() as u16).to_be_bytes().to_vec();
+        stream.extend_from_slice(&q);
+        stream.extend_from_slice(&[0, 40, 1]);
+        let (msg, used) = split_frame(&stream, DNS_QUERY_LEN_MAX).unwrap().unwrap();
+        assert_eq!((msg, used), (&q[..], q.len() + 2));
+        assert_eq!(split_frame(&stream[used..], DNS_QUERY_LEN_MAX), Ok(None));
+        assert_eq!(split_frame(&stream[..1], DNS_QUERY_LEN_MAX), Ok(None));
+        assert_eq!(
+            split_frame(&[0x02, 0x01], DNS_QUERY_LEN_MAX),
+            Err(DnsError::TooLong { len: 513 })
+        );
+        assert_eq!(frame_len([0, 0], 512), Err(DnsError::Truncated));
+        assert_eq!(frame_len([0xff, 0xff], usize::from(u16::MAX)), Ok(65535));
     }
 
     #[test]

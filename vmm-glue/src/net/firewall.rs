@@ -127,6 +127,12 @@ fn parse_tables(out: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `nft list set family table set` in the calling thread's network namespace (with the
+/// elements' time left).
+pub fn list_set(family: &str, table: &str, set: &str) -> Result<String, Error> {
+    run(&["list", "set", family, table, set], "")
+}
+
 /// Deletes table `family name` if it exists; returns whether it did.
 pub fn delete_table(family: &str, name: &str) -> Result<bool, Error> {
     let present = list_tables()?.iter().any(|(f, n)| f == family && n == name);

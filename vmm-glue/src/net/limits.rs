@@ -135,3 +135,28 @@ pub const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
 pub const DNS_SLOTS_MAX: usize = SLOT_COUNT_MAX as usize;
 /// Commands (add, update, remove a slot) queued for the resolver thread.
 pub const DNS_COMMANDS_MAX: usize = 256;
+
+// ---- DNS over TCP (RFC 7766), same address and policy as UDP ----
+
+/// TCP connections to one slot's resolver at a time. A stub resolver opens one when a UDP
+/// answer came back truncated and closes it after its answer; 8 covers a guest resolving
+/// several large names at once. Connections beyond are accepted and closed at once, so they
+/// never wait in the kernel's queue.
+pub const DNS_TCP_CONNS_PER_SLOT_MAX: usize = 8;
+/// Longest upstream answer relayed over TCP (the frame's 2-byte length can say 65,535). The
+/// resolver reads at most [`DNS_ANSWER_RECORDS_MAX`] records, which fit in a few KiB even
+/// with long names; 16 KiB keeps a slot's TCP memory at 8 × 16 KiB while leaving room for
+/// large TXT answers. A longer answer is SERVFAIL. Guest queries over TCP have the UDP bound,
+/// [`DNS_QUERY_LEN_MAX`]: a longer length prefix closes the connection.
+pub const DNS_TCP_ANSWER_LEN_MAX: usize = 16 * 1024;
+const _: () = assert!(DNS_TCP_ANSWER_LEN_MAX <= u16::MAX as usize);
+/// How long a guest's TCP connection may sit without a complete query (from the accept, or
+/// from the end of the previous answer), and how long the guest may take to read an answer.
+/// A stub sends its query right after connecting; RFC 7766 (6.2.3) asks servers for idle
+/// timeouts "of the order of seconds". A connection that sends nothing, or a length prefix
+/// and then stalls, is closed at this deadline, whatever it sends meanwhile.
+pub const DNS_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queries answered on one TCP connection before the resolver closes it (RFC 7766 lets
+/// servers close at any time; a guest reconnects). Keeps one connection from holding its
+/// place forever.
+pub const DNS_TCP_QUERIES_PER_CONN_MAX: u32 = 32;

@@ -572,7 +572,7 @@ pub fn slot_ruleset(
     iifname \"lo\" accept
     ct state established,related accept
     iifname \"{tap}\" ip saddr {guest} ip daddr {gw} udp dport 53 accept
-    iifname \"{tap}\" ip saddr {guest} ip daddr {gw} tcp dport 53 reject with tcp reset
+    iifname \"{tap}\" ip saddr {guest} ip daddr {gw} tcp dport 53 accept
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
@@ -599,6 +599,62 @@ pub fn slot_ruleset(
 "
     );
     r
+}
+
+/// The elements of a timeout set as `nft list set` prints them (`a.b.c.d timeout 5m
+/// expires 4m58s620ms, ...`), with their time left; elements without `expires` and
+/// anything that does not parse are skipped. At most [`DNS_SET_LEN_MAX`].
+pub fn parse_set_expiry(text: &str) -> Vec<(Ipv4Addr, Duration)> {
+    let Some(start) = text.find("elements = {") else {
+        return Vec::new();
+    };
+    let body = &text[start + "elements = {".len()..];
+    let body = &body[..body.find('}').unwrap_or(body.len())];
+    body.split(',')
+        .filter_map(|item| {
+            let mut words = item.split_whitespace();
+            let ip: Ipv4Addr = words.next()?.parse().ok()?;
+            let mut left = None;
+            while let Some(w) = words.next() {
+                if w == "expires" {
+                    left = parse_nft_duration(words.next()?);
+                }
+            }
+            Some((ip, left?))
+        })
+        .take(DNS_SET_LEN_MAX)
+        .collect()
+}
+
+/// An nft duration: `1d2h3m4s500ms`, any of the parts (at most a few years).
+fn parse_nft_duration(s: &str) -> Option<Duration> {
+    let mut ms: u64 = 0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 12 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else {
+            match rest.bytes().next()? {
+                b'd' => (86_400_000, 1),
+                b'h' => (3_600_000, 1),
+                b'm' => (60_000, 1),
+                b's' => (1000, 1),
+                _ => return None,
+            }
+        };
+        ms = ms.checked_add(n.checked_mul(unit)?)?;
+        rest = &rest[len..];
+    }
+    Some(Duration::from_millis(ms))
 }
 
 // ---- the host's slots ----
@@ -644,12 +700,28 @@ impl Network {
         if !netns::exists(&slot.netns)? {
             return Err(Error::NoSlot { index });
         }
+        // What the old process let into the set survives it in the kernel; read it back
+        // so that a policy update does not drop it (see `SlotDns::retain_for`).
+        let table = self.cfg.slot_table();
+        let found = match netns::run_in(&slot.netns, || firewall::list_set("ip", &table, DNS_SET)) {
+            Ok(Ok(text)) => parse_set_expiry(&text),
+            Ok(Err(e)) => {
+                log::warn!("reading the adopted slot's dns set failed index={index} error={e}");
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        log::info!(
+            "slot adopted by the resolver index={index} dns_entries={}",
+            found.len()
+        );
         r.add_slot(
             index,
             &slot.netns,
-            &self.cfg.slot_table(),
+            &table,
             egress,
             self.cfg.never_out(),
+            &found,
         )
     }
 
@@ -775,6 +847,7 @@ impl Network {
                 &cfg.slot_table(),
                 egress,
                 cfg.never_out(),
+                &[],
             )?;
         }
 
@@ -1123,6 +1196,7 @@ mod tests {
              172.16.0.0/12, 192.168.0.0/16, 10.200.0.0/16 }"
         ));
         assert!(open.contains("udp dport 53 accept"));
+        assert!(open.contains("ip daddr 169.254.0.22 tcp dport 53 accept"));
         assert!(open.contains("ct direction reply accept"));
         let restricted = Egress {
             allow: vec!["1.1.1.0/24".parse().unwrap()],
@@ -1141,6 +1215,23 @@ mod tests {
         assert!(host.contains("iifname \"wrenn-v*\" oifname \"wrenn-v*\" drop"));
         assert!(host.contains("ip saddr 10.200.0.0/16 oifname != \"wrenn-v*\" masquerade"));
         assert!(host.contains("iifname \"wrenn-v*\" ip daddr 169.254.0.0/16 drop"));
+    }
+
+    #[test]
+    fn set_listing() {
+        let text = "table ip t {\n\tset allow_dns {\n\t\ttype ipv4_addr\n\t\tsize 1024\n\t\tflags timeout\n\t\telements = { 1.2.3.4 timeout 59s expires 57s780ms, 5.6.7.8 timeout 1h expires 59m58s780ms,\n\t\t\t     9.9.9.9 timeout 1d1h1m1s expires 1d1h59s780ms, 7.7.7.7, bad timeout 1s expires 1s }\n\t}\n}\n";
+        assert_eq!(
+            parse_set_expiry(text),
+            vec![
+                (Ipv4Addr::new(1, 2, 3, 4), Duration::from_millis(57_780)),
+                (Ipv4Addr::new(5, 6, 7, 8), Duration::from_millis(3_598_780)),
+                (Ipv4Addr::new(9, 9, 9, 9), Duration::from_millis(90_059_780)),
+            ]
+        );
+        assert!(parse_set_expiry("table ip t {\n\tset allow_dns {\n\t}\n}\n").is_empty());
+        for bad in ["", "5", "5x", "m", "99999999999999d"] {
+            assert_eq!(parse_nft_duration(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod api;
 mod boot;
 mod corpus;
 mod disk;
+mod dnstcp;
 mod egress;
 mod firecracker;
 mod jail;
