@@ -9,7 +9,8 @@
 //! suite runs jailed, with the checks of `e2e_jail.rs`; unset, unjailed, said visibly),
 //! `WRENN_E2E_PREJAIL_TEMPLATE` (a template directory made by an `--unjailed` agent: it is
 //! imported and restored jailed), `WRENN_E2E_SECCOMP=1` (Firecracker has seccomp filters),
-//! `WRENN_E2E_SELFTEST=0` (leave out the guest copy self-test).
+//! `WRENN_E2E_SELFTEST=0` (leave out the guest copy self-test; `WRENN_E2E_SELFTEST_MIB` and
+//! `WRENN_E2E_SELFTEST_ROUNDS` size it).
 //!
 //! One test runs the whole story in order, since the host has few cores and one guest boot
 //! takes minutes: template (cached) -> sandbox from it -> exec, file, background counter ->
@@ -554,12 +555,23 @@ fn selftest_in_guest(c: &Client, n: u128) {
     // On the guest's disk (where the corrupted upload was found) and in its memory (tmpfs:
     // its files take guest memory too, so fewer bytes; the guest has 256 MiB, the test holds
     // about three copies of a round's bytes).
-    for (dir, mib) in [("/root", 32), ("/dev/shm", 16)] {
+    // Sizes: `WRENN_E2E_SELFTEST_MIB` per round (default 4) and `WRENN_E2E_SELFTEST_ROUNDS`
+    // (default 2): on nested KVM a guest moves a few MiB a minute through its disk, so the
+    // defaults are small; real hosts can ask for more.
+    let env_u32 = |k: &str, d: u32| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let mib = env_u32("WRENN_E2E_SELFTEST_MIB", 4);
+    let rounds = env_u32("WRENN_E2E_SELFTEST_ROUNDS", 2);
+    for dir in ["/root", "/dev/shm"] {
         let t = Instant::now();
         let (code, out) = sh(
             c,
             n,
-            &format!("{bin} selftest --dir {dir} --mib {mib} --rounds 4 --threads 2 2>&1"),
+            &format!("{bin} selftest --dir {dir} --mib {mib} --rounds {rounds} --threads 2 2>&1"),
         );
         println!(
             "envd selftest in {dir} took {:?}, exit {code}:\n{out}",
