@@ -10,8 +10,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,8 +21,8 @@ use vmm_glue::net::limits::{
     DNS_TCP_QUERIES_PER_CONN_MAX,
 };
 use vmm_glue::net::netlink::Netlink;
-use vmm_glue::net::slot::{GATEWAY_ADDR, GUEST_ADDR, GUEST_PREFIX_LEN, TAP_NAME};
-use vmm_glue::net::{firewall, netns, Egress, NetConfig, Network, Slot};
+use vmm_glue::net::slot::{GATEWAY_ADDR, GUEST_ADDR};
+use vmm_glue::net::{firewall, netns, Egress, NetConfig, Network};
 
 const PREFIX: &str = "wrnd";
 const SUBNET: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 0);
@@ -299,66 +297,18 @@ fn closed_within(conn: &mut TcpStream, limit: Duration) -> io::Result<Duration> 
     }
 }
 
-/// The slot's DNS set as `nft` lists it.
-fn dns_set(slot: &Slot) -> String {
-    let out = netns::run_in(&slot.netns, || {
-        Command::new(firewall::nft_path().unwrap())
-            .args(["list", "set", "ip", "wrnd_slot", "allow_dns"])
-            .output()
-    })
-    .unwrap()
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 // ---- namespaces ----
 
-fn attach_stand_in_guest(slot: &Slot) {
-    let gns = guest_ns(slot.index);
-    netns::create(&gns).unwrap();
-    let gfd = netns::open(&gns).unwrap();
-    netns::run_in(&slot.netns, || {
-        let mut nl = Netlink::open().unwrap();
-        assert!(nl.delete_link(TAP_NAME).unwrap());
-        nl.create_veth(TAP_NAME, "eth0", Some(gfd.as_fd())).unwrap();
-        let i = nl.link_index(TAP_NAME).unwrap();
-        nl.set_up(i, true).unwrap();
-        nl.add_address_v4(i, GATEWAY_ADDR, GUEST_PREFIX_LEN)
-            .unwrap();
-    })
-    .unwrap();
-    netns::run_in(&gns, || {
-        let mut nl = Netlink::open().unwrap();
-        let lo = nl.link_index("lo").unwrap();
-        nl.set_up(lo, true).unwrap();
-        let eth = nl.link_index("eth0").unwrap();
-        nl.set_up(eth, true).unwrap();
-        nl.add_address_v4(eth, GUEST_ADDR, GUEST_PREFIX_LEN)
-            .unwrap();
-        nl.add_route_v4(None, Some(GATEWAY_ADDR), eth).unwrap();
-    })
-    .unwrap();
-}
-
 fn create_internet() {
-    netns::create(INET_NS).unwrap();
-    let fd = netns::open(INET_NS).unwrap();
-    let mut nl = Netlink::open().unwrap();
-    nl.create_veth(INET_HOST_LINK, "eth0", Some(fd.as_fd()))
-        .unwrap();
-    let i = nl.link_index(INET_HOST_LINK).unwrap();
-    nl.set_up(i, true).unwrap();
-    nl.add_address_v4(i, INET_HOST_ADDR, 30).unwrap();
-    netns::run_in(INET_NS, || {
-        let mut nl = Netlink::open().unwrap();
-        let lo = nl.link_index("lo").unwrap();
-        nl.set_up(lo, true).unwrap();
-        let eth = nl.link_index("eth0").unwrap();
-        nl.set_up(eth, true).unwrap();
-        nl.add_address_v4(eth, PUBLIC, 30).unwrap();
-        nl.add_route_v4(None, Some(INET_HOST_ADDR), eth).unwrap();
-    })
-    .unwrap();
+    crate::netkit::Internet {
+        ns: INET_NS,
+        host_link: INET_HOST_LINK,
+        host_addr: INET_HOST_ADDR,
+        addr: PUBLIC,
+        loopback: &[],
+        default_route: true,
+    }
+    .create();
 }
 
 fn remove_all(net: &Network) {
@@ -409,8 +359,8 @@ fn egress_dns_over_tcp() {
     };
     let s1 = net.create_slot(1, &policy).unwrap();
     let s2 = net.create_slot(2, &policy).unwrap();
-    attach_stand_in_guest(&s1);
-    attach_stand_in_guest(&s2);
+    crate::netkit::attach_stand_in_guest(&s1, &guest_ns(s1.index));
+    crate::netkit::attach_stand_in_guest(&s2, &guest_ns(s2.index));
     let (g1, g2) = (guest_ns(1), guest_ns(2));
 
     // An allowed name over TCP: answered, asked upstream over TCP, its address in the set.
@@ -423,7 +373,7 @@ fn egress_dns_over_tcp() {
     assert_eq!(a.rcode, 0);
     assert_eq!(a.addrs, vec![PUBLIC]);
     assert_eq!(upstream.asked(), vec!["tcp:a.example.com"]);
-    let set = dns_set(&s1);
+    let set = crate::netkit::dns_set(&s1, "wrnd_slot");
     assert!(set.contains("198.19.12.1 timeout 5m"), "{set}");
 
     // A name not allowed: REFUSED over TCP, and the upstream never hears of it.
@@ -438,7 +388,7 @@ fn egress_dns_over_tcp() {
     let big = tcp_resolve(&g1, "big.example.com").unwrap();
     assert_eq!(big.rcode, 0);
     assert_eq!(big.addrs.len(), usize::from(BIG_RECORDS));
-    let set = dns_set(&s1);
+    let set = crate::netkit::dns_set(&s1, "wrnd_slot");
     let in_set = (1..=BIG_RECORDS)
         .filter(|i| set.contains(&format!("198.19.13.{i} ")))
         .count();
@@ -540,7 +490,7 @@ fn egress_dns_over_tcp() {
     let mut wider = policy.clone();
     wider.allow_domains.push(pattern("*.other.example"));
     net.set_egress(1, &wider).unwrap();
-    let set = dns_set(&s1);
+    let set = crate::netkit::dns_set(&s1, "wrnd_slot");
     assert!(
         set.contains("198.19.12.1 "),
         "kept across the restart: {set}"
@@ -558,7 +508,7 @@ fn egress_dns_over_tcp() {
         ..Egress::none()
     };
     net.set_egress(1, &narrower).unwrap();
-    let set = dns_set(&s1);
+    let set = crate::netkit::dns_set(&s1, "wrnd_slot");
     assert!(set.contains("198.19.12.1 "), "still allowed: {set}");
     assert!(!set.contains("198.19.13."), "no longer allowed: {set}");
 

@@ -9,8 +9,6 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use vmm_glue::net::dns::{self, DomainPattern};
 use vmm_glue::net::netlink::Netlink;
-use vmm_glue::net::slot::{GATEWAY_ADDR, GUEST_ADDR, GUEST_PREFIX_LEN, TAP_NAME};
-use vmm_glue::net::{firewall, netns, Egress, Ipv4Cidr, NetConfig, Network, Slot};
+use vmm_glue::net::slot::{GATEWAY_ADDR, GUEST_ADDR};
+use vmm_glue::net::{firewall, netns, Egress, Ipv4Cidr, NetConfig, Network};
 
 const PREFIX: &str = "wrne";
 const SUBNET: Ipv4Addr = Ipv4Addr::new(10, 203, 0, 0);
@@ -276,74 +274,25 @@ fn resolve(ns: &str, name: &str) -> io::Result<(u8, Vec<Ipv4Addr>)> {
     .unwrap()
 }
 
-/// The slot's DNS set as `nft` lists it.
-fn dns_set(slot: &Slot) -> String {
-    let out = netns::run_in(&slot.netns, || {
-        Command::new(firewall::nft_path().unwrap())
-            .args(["list", "set", "ip", "wrne_slot", "allow_dns"])
-            .output()
-    })
-    .unwrap()
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 // ---- namespaces ----
-
-fn attach_stand_in_guest(slot: &Slot) {
-    let gns = guest_ns(slot.index);
-    netns::create(&gns).unwrap();
-    let gfd = netns::open(&gns).unwrap();
-    netns::run_in(&slot.netns, || {
-        let mut nl = Netlink::open().unwrap();
-        assert!(nl.delete_link(TAP_NAME).unwrap());
-        nl.create_veth(TAP_NAME, "eth0", Some(gfd.as_fd())).unwrap();
-        let i = nl.link_index(TAP_NAME).unwrap();
-        nl.set_up(i, true).unwrap();
-        nl.add_address_v4(i, GATEWAY_ADDR, GUEST_PREFIX_LEN)
-            .unwrap();
-    })
-    .unwrap();
-    netns::run_in(&gns, || {
-        let mut nl = Netlink::open().unwrap();
-        let lo = nl.link_index("lo").unwrap();
-        nl.set_up(lo, true).unwrap();
-        let eth = nl.link_index("eth0").unwrap();
-        nl.set_up(eth, true).unwrap();
-        nl.add_address_v4(eth, GUEST_ADDR, GUEST_PREFIX_LEN)
-            .unwrap();
-        nl.add_route_v4(None, Some(GATEWAY_ADDR), eth).unwrap();
-    })
-    .unwrap();
-}
 
 /// The pretend internet: PUBLIC_A on its link, PUBLIC_B and PRIVATE on its loopback, the
 /// host routing both through it.
 fn create_internet() {
-    netns::create(INET_NS).unwrap();
-    let fd = netns::open(INET_NS).unwrap();
+    let i = crate::netkit::Internet {
+        ns: INET_NS,
+        host_link: INET_HOST_LINK,
+        host_addr: INET_HOST_ADDR,
+        addr: PUBLIC_A,
+        loopback: &[PUBLIC_B, PRIVATE],
+        default_route: true,
+    }
+    .create();
     let mut nl = Netlink::open().unwrap();
-    nl.create_veth(INET_HOST_LINK, "eth0", Some(fd.as_fd()))
-        .unwrap();
-    let i = nl.link_index(INET_HOST_LINK).unwrap();
-    nl.set_up(i, true).unwrap();
-    nl.add_address_v4(i, INET_HOST_ADDR, 30).unwrap();
     nl.add_route_v4(Some((PUBLIC_B, 32)), Some(PUBLIC_A), i)
         .unwrap();
     nl.add_route_v4(Some((PRIVATE, 32)), Some(PUBLIC_A), i)
         .unwrap();
-    netns::run_in(INET_NS, || {
-        let mut nl = Netlink::open().unwrap();
-        let lo = nl.link_index("lo").unwrap();
-        nl.set_up(lo, true).unwrap();
-        nl.add_address_v4(lo, PUBLIC_B, 32).unwrap();
-        nl.add_address_v4(lo, PRIVATE, 32).unwrap();
-        let eth = nl.link_index("eth0").unwrap();
-        nl.set_up(eth, true).unwrap();
-        nl.add_address_v4(eth, PUBLIC_A, 30).unwrap();
-        nl.add_route_v4(None, Some(INET_HOST_ADDR), eth).unwrap();
-    })
-    .unwrap();
 }
 
 fn remove_all(net: &Network) {
@@ -409,8 +358,8 @@ fn egress_policies_dns_and_updates() {
 
     let s1 = net.create_slot(1, &Egress::default()).unwrap();
     let s2 = net.create_slot(2, &Egress::default()).unwrap();
-    attach_stand_in_guest(&s1);
-    attach_stand_in_guest(&s2);
+    crate::netkit::attach_stand_in_guest(&s1, &guest_ns(s1.index));
+    crate::netkit::attach_stand_in_guest(&s2, &guest_ns(s2.index));
     let g2 = LineEcho::start(
         netns::run_in(&guest_ns(2), || TcpListener::bind(sock(GUEST_ADDR, 0)))
             .unwrap()
@@ -547,7 +496,7 @@ fn egress_policies_dns_and_updates() {
         t.elapsed().as_secs_f64() * 1e3
     );
     assert_eq!((rcode, addrs), (0, vec![PUBLIC_B]));
-    let set = dns_set(&s1);
+    let set = crate::netkit::dns_set(&s1, "wrne_slot");
     assert!(set.contains("203.0.113.10 timeout 2m"), "{set}");
     assert_eq!(reach(addr_b).unwrap(), "b:hello");
     assert!(blocked(addr_a), "A is not allowed yet");
@@ -557,7 +506,7 @@ fn egress_policies_dns_and_updates() {
     assert_eq!(addrs, vec![PUBLIC_A]);
     let (_, addrs) = resolve(&g1, "private.example.com").unwrap();
     assert_eq!(addrs, vec![PRIVATE]);
-    let set = dns_set(&s1);
+    let set = crate::netkit::dns_set(&s1, "wrne_slot");
     assert!(set.contains("198.19.10.1 timeout 30s"), "{set}");
     assert!(!set.contains("10.99.0.5"), "{set}");
     assert_eq!(reach(addr_a).unwrap(), "a:hello");
@@ -630,7 +579,7 @@ fn egress_policies_dns_and_updates() {
         t.elapsed() < REACH_TIMEOUT,
         "the connection was not cut at once"
     );
-    let set = dns_set(&s1);
+    let set = crate::netkit::dns_set(&s1, "wrne_slot");
     assert!(set.contains("198.19.10.1"), "kept: {set}");
     assert!(!set.contains("203.0.113.10"), "dropped: {set}");
     assert_eq!(reach(addr_a).unwrap(), "a:hello");

@@ -11,5 +11,6 @@ mod egress;
 mod firecracker;
 mod jail;
 mod net;
+mod netkit;
 mod schema;
 mod vsock;

@@ -20,8 +20,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_glue::net::netlink::Netlink;
-use vmm_glue::net::slot::{GATEWAY_ADDR, GUEST_ADDR, GUEST_PREFIX_LEN, TAP_NAME};
-use vmm_glue::net::{firewall, netns, Egress, NetConfig, Network, Slot};
+use vmm_glue::net::slot::{GUEST_ADDR, TAP_NAME};
+use vmm_glue::net::{firewall, netns, Egress, NetConfig, Network};
 
 const PREFIX: &str = "wrnt";
 const SUBNET: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 0);
@@ -141,55 +141,17 @@ fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)
 }
 
-/// Replaces the slot's tap with a veth to a fresh namespace holding the guest's address.
-fn attach_stand_in_guest(slot: &Slot) {
-    let gns = guest_ns(slot.index);
-    netns::create(&gns).unwrap();
-    let gfd = netns::open(&gns).unwrap();
-    netns::run_in(&slot.netns, || {
-        let mut nl = Netlink::open().unwrap();
-        let tap = nl.link_by_name(TAP_NAME).unwrap().expect("slot has a tap");
-        assert_eq!(tap.kind.as_deref(), Some("tun"), "tap0 is a tun/tap device");
-        assert!(nl.delete_link(TAP_NAME).unwrap());
-        nl.create_veth(TAP_NAME, "eth0", Some(gfd.as_fd())).unwrap();
-        let i = nl.link_index(TAP_NAME).unwrap();
-        nl.set_up(i, true).unwrap();
-        nl.add_address_v4(i, GATEWAY_ADDR, GUEST_PREFIX_LEN)
-            .unwrap();
-    })
-    .unwrap();
-    netns::run_in(&gns, || {
-        let mut nl = Netlink::open().unwrap();
-        let lo = nl.link_index("lo").unwrap();
-        nl.set_up(lo, true).unwrap();
-        let eth = nl.link_index("eth0").unwrap();
-        nl.set_up(eth, true).unwrap();
-        nl.add_address_v4(eth, GUEST_ADDR, GUEST_PREFIX_LEN)
-            .unwrap();
-        nl.add_route_v4(None, Some(GATEWAY_ADDR), eth).unwrap();
-    })
-    .unwrap();
-}
-
 /// The pretend internet: a namespace with 198.18.0.1/30, its peer 198.18.0.2 on the host.
 fn create_internet() {
-    netns::create(INET_NS).unwrap();
-    let fd = netns::open(INET_NS).unwrap();
-    let mut nl = Netlink::open().unwrap();
-    nl.create_veth(INET_HOST_LINK, "eth0", Some(fd.as_fd()))
-        .unwrap();
-    let i = nl.link_index(INET_HOST_LINK).unwrap();
-    nl.set_up(i, true).unwrap();
-    nl.add_address_v4(i, INET_HOST_ADDR, 30).unwrap();
-    netns::run_in(INET_NS, || {
-        let mut nl = Netlink::open().unwrap();
-        let lo = nl.link_index("lo").unwrap();
-        nl.set_up(lo, true).unwrap();
-        let eth = nl.link_index("eth0").unwrap();
-        nl.set_up(eth, true).unwrap();
-        nl.add_address_v4(eth, INET_SERVER, 30).unwrap();
-    })
-    .unwrap();
+    crate::netkit::Internet {
+        ns: INET_NS,
+        host_link: INET_HOST_LINK,
+        host_addr: INET_HOST_ADDR,
+        addr: INET_SERVER,
+        loopback: &[],
+        default_route: false,
+    }
+    .create();
 }
 
 /// Removes everything the test may have made, also after a failed run. Best effort.
@@ -290,8 +252,8 @@ fn slots_isolate_nat_and_clean_up() {
         "{tables:?}"
     );
 
-    attach_stand_in_guest(&s1);
-    attach_stand_in_guest(&s2);
+    crate::netkit::attach_stand_in_guest(&s1, &guest_ns(s1.index));
+    crate::netkit::attach_stand_in_guest(&s2, &guest_ns(s2.index));
 
     // Creating an existing, live slot again changes nothing that matters.
     let t = Instant::now();
