@@ -264,6 +264,7 @@ fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
         sb::PAUSE => unary(stream, |r| api.pause_sandbox(ctx, r)),
         sb::RESUME => unary(stream, |r| api.resume_sandbox(ctx, r)),
         sb::UPDATE_NETWORK => unary(stream, |r| api.update_network(ctx, r)),
+        sb::ROTATE_TRAFFIC_TOKEN => unary(stream, |r| api.rotate_traffic_token(ctx, r)),
         sb::METRICS => unary(stream, |r| api.sandbox_metrics(ctx, r)),
 
         procs::EXEC => unary(stream, |r| api.exec(ctx, r)),

@@ -143,6 +143,7 @@ impl Backend for ApiBackend {
             sb::PING => enc(a.ping_sandbox(c, req(&b)?)),
             sb::SET_TIMEOUT => enc(a.set_sandbox_timeout(c, req(&b)?)),
             sb::UPDATE_NETWORK => enc(a.update_network(c, req(&b)?)),
+            sb::ROTATE_TRAFFIC_TOKEN => enc(a.rotate_traffic_token(c, req(&b)?)),
             sb::PAUSE => enc(a.pause_sandbox(c, req(&b)?)),
             sb::RESUME => enc(a.resume_sandbox(c, req(&b)?)),
             sb::METRICS => enc(a.sandbox_metrics(c, req(&b)?)),

@@ -114,6 +114,12 @@ impl Backend for Fake {
                 s.network = r.network;
                 s.encode_to_vec()
             }
+            sandboxes_methods::ROTATE_TRAFFIC_TOKEN => {
+                let r: proto::gen::wrenn::ctl::v1::RotateTrafficTokenRequest = dec(&b)?;
+                let mut s = sandbox(&r.sandbox_id);
+                s.traffic_token = "wtt_new".into();
+                s.encode_to_vec()
+            }
             sandboxes_methods::SET_TIMEOUT => {
                 let r: SetTimeoutRequest = dec(&b)?;
                 let mut s = sandbox(&r.sandbox_id);
