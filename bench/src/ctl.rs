@@ -118,6 +118,7 @@ fn env(durable: bool) -> Result<Env, String> {
         jobs: JobsConfig::default(),
         // The cases call the service layer, not the client port.
         tls: Default::default(),
+        traffic_domain: None,
     };
     let running = ctl::server::start(
         &cfg,

@@ -2087,6 +2087,22 @@ mod real {
             ),
         );
         assert_eq!(n["network"]["allow_out"][0], "*.example.com");
+        let r = check(
+            &doc,
+            s,
+            "sandboxes.rotate_traffic_token",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/traffic-token/rotate"),
+                None,
+            ),
+        );
+        assert!(
+            r["traffic_token"].as_str().unwrap().starts_with("wtt_"),
+            "{r}"
+        );
         // Processes.
         let e = check(
             &doc,
