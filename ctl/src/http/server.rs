@@ -1244,10 +1244,12 @@ impl HttpServer {
                 };
                 self.slots[slot] = Slot::Proxied { source };
                 self.proxied += 1;
+                METRICS.proxied.add(1);
             }
             Returned::ProxyDone { slot } => {
                 if let Slot::Proxied { source } = self.slots[slot] {
                     self.proxied -= 1;
+                    METRICS.proxied.add(-1);
                     self.slots[slot] = Slot::Free;
                     METRICS.connections_open.add(-1);
                     self.free.push(slot);

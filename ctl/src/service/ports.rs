@@ -57,12 +57,14 @@ impl PortBudget {
         let (teams, sandboxes) = &mut *g;
         if teams.get(&team).copied().unwrap_or(0) >= PORT_STREAMS_PER_TEAM_MAX {
             return Err(Status::resource_exhausted(format!(
-                "the team has {PORT_STREAMS_PER_TEAM_MAX} port streams open"
+                "the team has {PORT_STREAMS_PER_TEAM_MAX} port streams open (port forwards and proxied \
+                 connections together)"
             )));
         }
         if sandboxes.get(&sandbox).copied().unwrap_or(0) >= PORT_STREAMS_PER_SANDBOX_MAX {
             return Err(Status::resource_exhausted(format!(
-                "the sandbox has {PORT_STREAMS_PER_SANDBOX_MAX} port streams open"
+                "the sandbox has {PORT_STREAMS_PER_SANDBOX_MAX} port streams open (port forwards \
+                 and proxied connections together)"
             )));
         }
         *teams.entry(team).or_insert(0) += 1;
