@@ -3301,10 +3301,10 @@ fn stalled_bodies_stay_within_the_buffer_budget() {
 }
 
 /// An HTTPS client over the TLS transport, blocking, for the gateway's TLS tests.
-struct Https(tls::TlsTransport);
+pub struct Https(pub tls::TlsTransport);
 
 impl Https {
-    fn connect(addr: SocketAddr) -> Https {
+    pub fn connect(addr: SocketAddr) -> Https {
         Https::connect_named(addr, "127.0.0.1")
     }
 

@@ -655,3 +655,92 @@ fn proxy_slow_reader_and_budgets() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Over TLS (the gateway's certificate; the proxy relays on the TLS transport itself, reading
+/// and writing on two threads): a 4 MiB GET and a WebSocket echo.
+#[test]
+fn proxy_over_tls() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (fa, _host) = ctl.add_host(8, 8192, 100_000);
+    let guest = Guest::start();
+    fa.state.lock().unwrap().tcp_ports.insert(PORT, guest.addr);
+    let files = &crate::harness::test_tls().files;
+    let tls = ctl::config::TlsConfig {
+        cert: Some((files.server_cert.clone(), files.server_key.clone())),
+        allow_tls12: false,
+        sandbox: None,
+    }
+    .http()
+    .unwrap();
+    let (gw, handle, _join) = ctl::http::start_with(
+        ctl.api().clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        HttpConfig {
+            traffic_domain: Some(DOMAIN.into()),
+            tls,
+            ..HttpConfig::default()
+        },
+    )
+    .unwrap();
+    let sb = create(&cl, false);
+    let h = host(&sb.id, PORT);
+    let tok = &sb.traffic_token;
+    let n = 4u64 << 20;
+    let mut s = crate::http::Https::connect(gw);
+    s.write_all(
+        format!(
+            "GET /big?n={n} HTTP/1.1\r\nHost: {h}\r\nwrenn-traffic-access-token: {tok}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    let mut b = vec![0u8; 65536];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => all.extend_from_slice(&b[..k]),
+        }
+    }
+    let p = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert!(
+        all.starts_with(b"HTTP/1.1 200 "),
+        "{:?}",
+        String::from_utf8_lossy(&all[..p])
+    );
+    check_pattern(&all[p + 4..], n);
+
+    let mut ws = crate::http::Https::connect(gw);
+    ws.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {h}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             wrenn-traffic-access-token: {tok}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut one = [0u8; 1];
+        assert_eq!(ws.read(&mut one).unwrap(), 1);
+        head.push(one[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    for i in 0..16u64 {
+        let msg: Vec<u8> = (0..65536).map(|j| pattern(i * 65536 + j)).collect();
+        ws.write_all(&msg).unwrap();
+        let mut got = Vec::new();
+        while got.len() < msg.len() {
+            let k = ws.read(&mut b[..msg.len() - got.len()]).unwrap();
+            assert!(k > 0);
+            got.extend_from_slice(&b[..k]);
+        }
+        assert!(got == msg, "message {i} differs");
+    }
+    handle.shutdown();
+}
