@@ -696,6 +696,42 @@ fn cli_port_forward_one_gib() {
     let _ = child.wait();
 }
 
+/// `wrenn sandbox create --public-traffic` and `wrenn sandbox traffic-token SB [--rotate]`.
+#[test]
+fn cli_traffic_token() {
+    let Some(bin) = wrenn_binary() else {
+        skip("the wrenn binary is not built (run `cargo build -p wrenn` first)");
+        return;
+    };
+    let Some(ctl) = Ctl::start() else { return };
+    let _agent = ctl.add_host(8, 16384, 100_000);
+    let cli = Cli {
+        bin,
+        url: ctl.addr(),
+        key: ctl.team_key.clone(),
+    };
+    let sb = cli.json(&["sandbox", "create"]);
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let created = sb["traffic_token"].as_str().unwrap().to_owned();
+    assert!(created.starts_with("wtt_"), "{sb}");
+    assert_eq!(sb["allow_public_traffic"], false);
+    let shown = cli.ok(&["sandbox", "traffic-token", &id]);
+    assert_eq!(shown.trim(), created);
+    let rotated = cli.ok(&["sandbox", "traffic-token", &id, "--rotate"]);
+    assert!(rotated.trim().starts_with("wtt_") && rotated.trim() != created);
+    assert_eq!(
+        cli.ok(&["sandbox", "traffic-token", &id]).trim(),
+        rotated.trim()
+    );
+    let public = cli.json(&["sandbox", "create", "--public-traffic"]);
+    assert_eq!(public["allow_public_traffic"], true);
+    let human = cli.ok(&["sandbox", "get", public["id"].as_str().unwrap()]);
+    assert!(
+        human.contains("public (no traffic token needed)"),
+        "{human}"
+    );
+}
+
 #[test]
 fn cli_template_build() {
     let Some(bin) = wrenn_binary() else {
