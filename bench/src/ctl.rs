@@ -641,6 +641,56 @@ fn proxy_stream(o: &Opts) -> Result<(), String> {
         || http_get(guest, "guest", &path, ""),
         || http_get(gw, &host, &path, &token),
     )?;
+    // A reference point: the same GET over a Ports.Connect call of ctl's protobuf API
+    // (client → ctl → agent → server: the same agent hop, protobuf instead of HTTP in front).
+    let running = env.running.as_ref().ok_or("not running")?;
+    let rpc = proto::rpc::Client::connect_tcp(
+        running.addr,
+        proto::rpc::Credential::api_key(env.key.clone()),
+    )
+    .map_err(|s| format!("connect: {s:?}"))?;
+    let sb = env
+        .api()
+        .create_sandbox(&env.ctx, c::CreateSandboxRequest::default())
+        .map_err(|s| format!("create: {s:?}"))?;
+    let mut rpc_get = || -> Result<(), String> {
+        use c::port_connect_request::Kind as Up;
+        use c::port_connect_response::Kind as Down;
+        let mut st = rpc
+            .call(
+                c::ports_methods::CONNECT,
+                &c::PortConnectRequest {
+                    kind: Some(Up::Open(c::PortOpen {
+                        sandbox_id: sb.id.clone(),
+                        port: 8080,
+                    })),
+                },
+                proto::rpc::CallOpts {
+                    timeout: Some(Duration::from_secs(60)),
+                    end_stream: false,
+                },
+            )
+            .map_err(|s| format!("open: {s:?}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: guest\r\n\r\n");
+        st.send(&c::PortConnectRequest {
+            kind: Some(Up::Data(req.into_bytes().into())),
+        })
+        .map_err(|s| format!("send: {s:?}"))?;
+        let mut got = 0usize;
+        while let Some(m) = st
+            .recv::<c::PortConnectResponse>()
+            .map_err(|s| format!("recv: {s:?}"))?
+        {
+            if let Some(Down::Data(d)) = m.kind {
+                got += d.len();
+            }
+        }
+        if got < n {
+            return Err(format!("{got} bytes"));
+        }
+        Ok(())
+    };
+    let via_rpc = crate::harness::measure(iters, 1, &mut rpc_get)?;
     handle.shutdown();
     println!(
         "{}",
@@ -654,9 +704,10 @@ fn proxy_stream(o: &Opts) -> Result<(), String> {
     );
     let mibs = |s: &Samples| (n as f64 / (1 << 20) as f64) / (s.p50() as f64 / 1e9);
     println!(
-        "info=proxy_stream_mib_s ours={:.0} direct={:.0} bytes={n}",
+        "info=proxy_stream_mib_s ours={:.0} direct={:.0} ports_connect_rpc={:.0} bytes={n}",
         mibs(&ours),
-        mibs(&base)
+        mibs(&base),
+        mibs(&via_rpc)
     );
     Ok(())
 }
