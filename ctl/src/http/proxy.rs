@@ -143,6 +143,7 @@ impl Sides {
 /// client's further bytes; `io_timeout` bounds each write to the client; `head_request`:
 /// the client asked HEAD (its answer has no body).
 pub fn relay(
+    pool: &Arc<proto::pool::Pool>,
     io: Box<dyn Transport>,
     first: Vec<u8>,
     conn: PortConn,
@@ -161,21 +162,19 @@ pub fn relay(
         start: Instant::now(),
     });
     let (up_done_tx, up_done) = mpsc::channel::<()>();
-    let up_thread = {
+    let up_job = {
         let io = io.clone();
         let sides = sides.clone();
-        std::thread::Builder::new()
-            .name("wrenn-proxy-up".into())
-            .spawn(move || {
-                upward(&*io, &mut *up, first, &sides);
-                let _ = up_done_tx.send(());
-            })
+        Box::new(move || {
+            upward(&*io, &mut *up, first, &sides);
+            let _ = up_done_tx.send(());
+        })
     };
-    let Ok(up_thread) = up_thread else {
+    if pool.spawn(up_job).is_err() {
         // No thread: the client sees its connection close.
         io.shutdown();
         return;
-    };
+    }
     let io_ref = &*io;
     downward(io_ref, &mut *down, io_timeout, head_request, &sides);
     sides.done.store(true, Ordering::SeqCst);
@@ -183,9 +182,13 @@ pub fn relay(
     // its close arrive for a moment so nothing it has not read yet is lost to a reset, then
     // close both ways, which also wakes the upward reader.
     io.shutdown_write();
-    let _ = up_done.recv_timeout(LINGER_TIMEOUT);
+    if up_done.recv_timeout(LINGER_TIMEOUT).is_err() {
+        io.shutdown();
+        // The shutdown wakes the upward reader; a send blocked on the agent's window ends
+        // with the call (the stream's permit is dropped only after both halves are done).
+        let _ = up_done.recv();
+    }
     io.shutdown();
-    let _ = up_thread.join();
     drop(guard);
 }
 

@@ -266,6 +266,10 @@ struct Shared {
     /// The loop's registry: a worker handing a socket to the traffic proxy takes it off the
     /// loop itself (while it still owns the descriptor, so no later socket can be hit).
     registry: mio::Registry,
+    /// The traffic proxy's relay threads (two per proxied connection), reused between
+    /// connections: room for every connection the loop lets through
+    /// (`proxy_connections_max`) plus those still on a worker.
+    relay_pool: Arc<Pool>,
     stop: AtomicBool,
     /// Request bytes the loop holds (see `HttpHandle::buffered`).
     held: AtomicUsize,
@@ -374,6 +378,12 @@ impl HttpServer {
                 returned: Mutex::new(Vec::new()),
                 waker,
                 registry,
+                relay_pool: Pool::new(
+                    "http-proxy",
+                    2 * (config.proxy_connections_max + config.workers_max),
+                    0,
+                    WORKER_IDLE,
+                ),
                 stop: AtomicBool::new(false),
                 held: AtomicUsize::new(0),
             }),
@@ -1508,12 +1518,10 @@ fn proxy_worker(
     // Before the relay starts, so the loop sees Detached before ProxyDone.
     shared.give_back(Returned::Detached { slot });
     let done = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name("wrenn-proxy".into())
-        .spawn(move || {
-            proxy::relay(io, first, conn, io_timeout, head_only);
-            done.give_back(Returned::ProxyDone { slot });
-        });
+    let spawned = shared.relay_pool.spawn(Box::new(move || {
+        proxy::relay(&done.relay_pool, io, first, conn, io_timeout, head_only);
+        done.give_back(Returned::ProxyDone { slot });
+    }));
     if spawned.is_err() {
         // The closure (and the socket) is gone: the client sees the close.
         shared.give_back(Returned::ProxyDone { slot });
