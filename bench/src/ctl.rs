@@ -10,6 +10,14 @@
 //! - `ctl_list`: `Api::list_sandboxes` (a page of 100) of a team with 10,000 sandboxes,
 //!   against the same SQL query run bare; compared at p99.
 //!
+//! - `proxy_http`: a small GET through ctl's traffic proxy (HTTP gateway → Ports.Connect on
+//!   the agent connection → the agent's TCP connection to the server), against the same GET
+//!   sent straight to the server; a new connection each, both ways (the proxy serves one
+//!   request per connection); goal <= 3x (two extra hops on two cores);
+//! - `proxy_stream`: a 256 MiB GET (16 MiB with --quick) the same two ways, as throughput;
+//!   goal >= 0.5x. The agent is ctl's `InstantAgent`, whose Ports.Connect relays like the real
+//!   agent's (a thread per direction) to a loopback server standing in for the guest's.
+//!
 //! Ours and the baseline run alternately, one iteration each (`measure_interleaved`), so
 //! both meet the same load on this shared machine. Note what that means: the baseline is a
 //! round trip to a PostgreSQL backend that was idle a moment ago, not one in a hot loop
@@ -43,12 +51,20 @@ pub fn cases() -> Vec<Case> {
             name: "ctl_list",
             run: ctl_list,
         },
+        Case {
+            name: "proxy_http",
+            run: proxy_http,
+        },
+        Case {
+            name: "proxy_stream",
+            run: proxy_stream,
+        },
     ]
 }
 
 struct Env {
     running: Option<Running>,
-    _agent: InstantAgent,
+    agent: InstantAgent,
     key: String,
     ctx: AuthCtx,
     bare: postgres::Client,
@@ -118,6 +134,7 @@ fn env(durable: bool) -> Result<Env, String> {
         jobs: JobsConfig::default(),
         // The cases call the service layer, not the client port.
         tls: Default::default(),
+        traffic_domain: None,
     };
     let running = ctl::server::start(
         &cfg,
@@ -154,7 +171,7 @@ fn env(durable: bool) -> Result<Env, String> {
     let bare = postgres::Client::connect(&url, postgres::NoTls).map_err(e("connect"))?;
     Ok(Env {
         running: Some(running),
-        _agent: agent,
+        agent,
         key: init.team_key,
         key_id: ctx.key_id,
         ctx,
@@ -269,9 +286,9 @@ fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
     cfg.workers = 4;
     let db = ctl::db::Db::start(&cfg).map_err(e("db pool"))?;
     let key = env.key_id;
-    let token = env._agent.token.lock().map_err(e("token"))?.clone();
+    let token = env.agent.token.lock().map_err(e("token"))?.clone();
     let agent = proto::rpc::Client::connect_tcp(
-        env._agent.addr.to_string().as_str(),
+        env.agent.addr.to_string().as_str(),
         proto::rpc::Credential::agent_token(token),
     )
     .map_err(|s| format!("connect agent: {}", s.message))?;
@@ -456,5 +473,241 @@ fn ctl_list(o: &Opts) -> Result<(), String> {
         goal.holds(ratio)
     );
     let _ = &env.url;
+    Ok(())
+}
+
+/// The stand-in for a server in a sandbox: a thread per connection; `GET /small` answers
+/// `ok`, `GET /big?n=N` N bytes (Content-Length). Stops with the process (a bench run).
+fn guest_server() -> Result<std::net::SocketAddr, String> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(e("bind guest"))?;
+    let addr = l.local_addr().map_err(e("guest addr"))?;
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                let head = loop {
+                    if let Ok(Some((h, _))) = proto::http::parse_request_head(&buf, 16384) {
+                        break h;
+                    }
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&b[..k]),
+                    }
+                };
+                let n: usize = head
+                    .query
+                    .strip_prefix("n=")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2);
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+                let chunk = vec![b'x'; 256 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk.len());
+                    if s.write_all(&chunk[..k]).is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One GET on a new connection to `addr` with `extra` header lines; returns once the whole
+/// body (by its Content-Length) arrived.
+fn http_get(addr: std::net::SocketAddr, host: &str, path: &str, extra: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(e("connect"))?;
+    let _ = s.set_nodelay(true);
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(e("timeout"))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n").map_err(e("write"))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut have = Vec::new();
+    let (status, len, body_start) = loop {
+        let k = s.read(&mut buf).map_err(e("read head"))?;
+        if k == 0 {
+            return Err("closed before the head".into());
+        }
+        have.extend_from_slice(&buf[..k]);
+        if let Some((h, n)) = proto::http::parse_response_head(&have, 16384, false)
+            .map_err(|err| format!("head: {err}"))?
+        {
+            let len = match h.framing {
+                proto::http::Framing::Length(l) => l,
+                _ => return Err("the answer has no Content-Length".into()),
+            };
+            break (h.status, len, have.len() - n);
+        }
+    };
+    if status != 200 {
+        return Err(format!("status {status}"));
+    }
+    let mut got = body_start as u64;
+    while got < len {
+        let k = s.read(&mut buf).map_err(e("read body"))?;
+        if k == 0 {
+            return Err(format!("closed after {got} of {len} bytes"));
+        }
+        got += k as u64;
+    }
+    Ok(())
+}
+
+/// ctl's HTTP gateway with a traffic domain, a running sandbox whose port reaches the guest
+/// server, and the request's host name and token header.
+fn proxy_env(
+    env: &Env,
+) -> Result<
+    (
+        std::net::SocketAddr,
+        std::net::SocketAddr,
+        String,
+        String,
+        ctl::http::HttpHandle,
+    ),
+    String,
+> {
+    let guest = guest_server()?;
+    env.agent.set_port_target(guest);
+    let (gw, handle, _join) = ctl::http::start_with(
+        env.api().clone(),
+        "127.0.0.1:0".parse().map_err(e("addr"))?,
+        ctl::http::HttpConfig {
+            traffic_domain: Some("sbx.bench".into()),
+            ..Default::default()
+        },
+    )
+    .map_err(e("start gateway"))?;
+    let sb = env
+        .api()
+        .create_sandbox(&env.ctx, c::CreateSandboxRequest::default())
+        .map_err(|s| format!("create: {s:?}"))?;
+    let host = format!("8080-{}.sbx.bench", sb.id);
+    let token = format!("wrenn-traffic-access-token: {}\r\n", sb.traffic_token);
+    Ok((gw, guest, host, token, handle))
+}
+
+fn proxy_http(o: &Opts) -> Result<(), String> {
+    let Some(env) = env_or_skip("proxy_http")? else {
+        return Ok(());
+    };
+    let (gw, guest, host, token, handle) = proxy_env(&env)?;
+    let iters = o.iters(2000, 20);
+    let (base, ours) = measure_interleaved(
+        iters,
+        || http_get(guest, "guest", "/small", ""),
+        || http_get(gw, &host, "/small", &token),
+    )?;
+    handle.shutdown();
+    println!(
+        "{}",
+        latency_line(
+            "proxy_http",
+            &ours,
+            "direct_tcp_get",
+            &base,
+            Goal::AtMost(3.0)
+        )
+    );
+    println!(
+        "{}",
+        crate::harness::info_line(
+            "proxy_http_direct",
+            &base,
+            "the_same_GET_straight_to_the_server"
+        )
+    );
+    Ok(())
+}
+
+fn proxy_stream(o: &Opts) -> Result<(), String> {
+    let Some(env) = env_or_skip("proxy_stream")? else {
+        return Ok(());
+    };
+    let (gw, guest, host, token, handle) = proxy_env(&env)?;
+    let n: usize = if o.quick { 16 << 20 } else { 256 << 20 };
+    let path = format!("/big?n={n}");
+    let iters = o.iters(8, 2);
+    let (base, ours) = measure_interleaved(
+        iters,
+        || http_get(guest, "guest", &path, ""),
+        || http_get(gw, &host, &path, &token),
+    )?;
+    // A reference point: the same GET over a Ports.Connect call of ctl's protobuf API
+    // (client → ctl → agent → server: the same agent hop, protobuf instead of HTTP in front).
+    let running = env.running.as_ref().ok_or("not running")?;
+    let rpc = proto::rpc::Client::connect_tcp(
+        running.addr,
+        proto::rpc::Credential::api_key(env.key.clone()),
+    )
+    .map_err(|s| format!("connect: {s:?}"))?;
+    let sb = env
+        .api()
+        .create_sandbox(&env.ctx, c::CreateSandboxRequest::default())
+        .map_err(|s| format!("create: {s:?}"))?;
+    let mut rpc_get = || -> Result<(), String> {
+        use c::port_connect_request::Kind as Up;
+        use c::port_connect_response::Kind as Down;
+        let mut st = rpc
+            .call(
+                c::ports_methods::CONNECT,
+                &c::PortConnectRequest {
+                    kind: Some(Up::Open(c::PortOpen {
+                        sandbox_id: sb.id.clone(),
+                        port: 8080,
+                    })),
+                },
+                proto::rpc::CallOpts {
+                    timeout: Some(Duration::from_secs(60)),
+                    end_stream: false,
+                },
+            )
+            .map_err(|s| format!("open: {s:?}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: guest\r\n\r\n");
+        st.send(&c::PortConnectRequest {
+            kind: Some(Up::Data(req.into_bytes().into())),
+        })
+        .map_err(|s| format!("send: {s:?}"))?;
+        let mut got = 0usize;
+        while let Some(m) = st
+            .recv::<c::PortConnectResponse>()
+            .map_err(|s| format!("recv: {s:?}"))?
+        {
+            if let Some(Down::Data(d)) = m.kind {
+                got += d.len();
+            }
+        }
+        if got < n {
+            return Err(format!("{got} bytes"));
+        }
+        Ok(())
+    };
+    let via_rpc = crate::harness::measure(iters, 1, &mut rpc_get)?;
+    handle.shutdown();
+    println!(
+        "{}",
+        crate::harness::throughput_line(
+            "proxy_stream",
+            &ours,
+            "direct_tcp_get",
+            &base,
+            Goal::AtLeast(0.5)
+        )
+    );
+    let mibs = |s: &Samples| (n as f64 / (1 << 20) as f64) / (s.p50() as f64 / 1e9);
+    println!(
+        "info=proxy_stream_mib_s ours={:.0} direct={:.0} ports_connect_rpc={:.0} bytes={n}",
+        mibs(&ours),
+        mibs(&base),
+        mibs(&via_rpc)
+    );
     Ok(())
 }

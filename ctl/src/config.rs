@@ -22,6 +22,9 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// TLS of the client ports (protobuf and HTTP).
     pub tls: TlsConfig,
+    /// The traffic domain of sandbox ports (`--traffic-domain`): `P-sb-<uuid>.<domain>` on
+    /// the HTTP listener reaches port P of that sandbox. `None`: only the path form.
+    pub traffic_domain: Option<String>,
 }
 
 /// TLS of ctl's client ports: the protobuf port (ALPN `wrenn/1`) and the HTTP gateway
@@ -205,6 +208,40 @@ impl Default for JobsConfig {
             new_grace: limits::RECONCILE_NEW_GRACE,
             transition_grace: limits::RECONCILE_TRANSITION_GRACE,
             create_deadline: limits::AGENT_LIFECYCLE_TIMEOUT_DEFAULT,
+        }
+    }
+}
+
+/// Checks a traffic domain (`--traffic-domain`) and gives it in the form routing compares
+/// against: lower-case, no final dot. At least two labels of letters, digits and hyphens.
+pub fn traffic_domain(d: &str) -> Result<String, String> {
+    let d = d.trim().trim_end_matches('.').to_ascii_lowercase();
+    let labels: Vec<&str> = d.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if d.len() > 200 || labels.len() < 2 || !labels.iter().all(label_ok) {
+        return Err(format!(
+            "--traffic-domain {d:?}: not a domain name (e.g. wrenn-sandboxes.example)"
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod traffic_domain_tests {
+    #[test]
+    fn traffic_domains() {
+        assert_eq!(
+            super::traffic_domain("Sbx.Example.COM.").unwrap(),
+            "sbx.example.com"
+        );
+        for bad in ["", "localhost", "a..b", "-a.b", "a b.c", "x.*.c"] {
+            assert!(super::traffic_domain(bad).is_err(), "{bad}");
         }
     }
 }

@@ -139,6 +139,13 @@ impl ctl::SandboxesServer for ClientCall<'_> {
     ) -> Result<ctl::Sandbox, Status> {
         self.api.update_network(self.auth, r)
     }
+    fn rotate_traffic_token(
+        &self,
+        _: &CallCtx,
+        r: ctl::RotateTrafficTokenRequest,
+    ) -> Result<ctl::Sandbox, Status> {
+        self.api.rotate_traffic_token(self.auth, r)
+    }
 }
 
 impl ctl::ProcessesServer for ClientCall<'_> {

@@ -103,10 +103,13 @@ pub const REVOKED_KEYS_MAX: usize = 65536;
 /// in the database.
 pub const LISTEN_PING_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Ports.Connect streams one team may hold open on a ctl replica. Each holds a worker of the
-/// protobuf server and a relay thread; 64 keeps one team's tunnels from taking the pool.
+/// Port streams one team may hold open on a ctl replica: Ports.Connect calls (each holds a
+/// worker of the protobuf server and a relay thread) and proxied HTTP connections of the
+/// traffic proxy (two relay threads each) together; 64 keeps one team's tunnels from taking
+/// the pools.
 pub const PORT_STREAMS_PER_TEAM_MAX: usize = 64;
-/// Ports.Connect streams to one sandbox on a ctl replica (the agent's own bound is the same).
+/// Port streams (Ports.Connect and proxied connections) to one sandbox on a ctl replica (the
+/// agent's own bound is the same).
 pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
 const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_PER_TEAM_MAX);
 // ---- per-sandbox metrics and usage (`usage.rs`) ----

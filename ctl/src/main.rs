@@ -33,7 +33,7 @@ const USAGE: &str = "usage:
                   [--build-context-max-mib N]
                   (--tls-cert FILE --tls-key FILE [--tls12] | --plaintext)
                   [--tls-sandbox-domain D --tls-sandbox-cert FILE --tls-sandbox-key FILE]
-                  [--tls-ca-cert FILE --tls-ca-key FILE]
+                  [--tls-ca-cert FILE --tls-ca-key FILE] [--traffic-domain D]
   wrenn-ctl admin migrate [--database-url URL]
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
@@ -180,6 +180,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             "--tls-sandbox-key",
             "--tls-ca-cert",
             "--tls-ca-key",
+            "--traffic-domain",
         ],
         &[
             "--no-http",
@@ -263,6 +264,13 @@ fn serve(args: &[String]) -> Result<(), Failure> {
                     .into(),
             ),
         };
+    // The sandbox ports' domain: its own, or the wildcard certificate's.
+    let traffic_domain = match tls_file("--traffic-domain", "WRENN_TRAFFIC_DOMAIN")
+        .or_else(|| sandbox.as_ref().map(|s| s.domain.clone()))
+    {
+        None => None,
+        Some(d) => Some(ctl::config::traffic_domain(&d).map_err(Failure::from)?),
+    };
     let jobs_default = JobsConfig::default();
     let api_default = ApiConfig::default();
     let lifecycle = f.secs("--lifecycle-timeout-s", api_default.agent_lifecycle_timeout)?;
@@ -305,6 +313,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             allow_tls12: f.has("--tls12"),
             sandbox,
         },
+        traffic_domain,
     };
     if cfg.tls.cert.is_none() {
         log::warn!("client ports in plaintext (--plaintext): API keys cross the network in clear");

@@ -65,6 +65,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_template_defaults",
         sql: include_str!("../migrations/0009_template_defaults.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_sandbox_traffic",
+        sql: include_str!("../migrations/0010_sandbox_traffic.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

@@ -381,11 +381,15 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         .map_err(|source| StartError::Spawn { source })?;
     let http_addr = if opts.http {
         let tls = cfg.tls.http().map_err(StartError::Tls)?;
-        let (a, _) = crate::http::spawn(api.clone(), cfg.http_listen, tls).map_err(|source| {
-            StartError::Listen {
-                addr: cfg.http_listen,
-                source,
-            }
+        let (a, _) = crate::http::spawn(
+            api.clone(),
+            cfg.http_listen,
+            tls,
+            cfg.traffic_domain.clone(),
+        )
+        .map_err(|source| StartError::Listen {
+            addr: cfg.http_listen,
+            source,
         })?;
         Some(a)
     } else {

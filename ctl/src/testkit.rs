@@ -153,20 +153,26 @@ impl Drop for PgCluster {
 pub struct InstantAgent {
     pub addr: SocketAddr,
     pub token: Arc<Mutex<String>>,
+    port_target: Arc<Mutex<Option<SocketAddr>>>,
     handle: ServerHandle,
 }
 
 struct Instant {
     token: Arc<Mutex<String>>,
     sandboxes: Mutex<HashMap<String, agent::SandboxInfo>>,
+    /// Where `Ports.Connect` connects, whatever the sandbox and port (a loopback server
+    /// standing in for the guest's).
+    port_target: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl InstantAgent {
     pub fn start() -> std::io::Result<InstantAgent> {
         let token = Arc::new(Mutex::new(String::new()));
+        let port_target = Arc::new(Mutex::new(None));
         let svc = Instant {
             token: token.clone(),
             sandboxes: Mutex::new(HashMap::new()),
+            port_target: port_target.clone(),
         };
         let mut server = Server::new(ServerConfig::new("instant-agent"), Arc::new(svc))?;
         let addr = server.listen_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))?;
@@ -175,8 +181,14 @@ impl InstantAgent {
         Ok(InstantAgent {
             addr,
             token,
+            port_target,
             handle,
         })
+    }
+
+    /// `Ports.Connect` to any port of any running sandbox reaches `addr` from now on.
+    pub fn set_port_target(&self, addr: SocketAddr) {
+        *self.port_target.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
     }
 
     pub fn set_token(&self, t: &str) {
@@ -250,10 +262,88 @@ impl Service for Instant {
                 };
                 call.reply(&l)
             }
+            agent::ports_methods::CONNECT => {
+                let target = *self.port_target.lock().unwrap_or_else(|e| e.into_inner());
+                call.spawn(move |mut s| {
+                    let r = match target {
+                        Some(a) => port_relay(&mut s, a),
+                        None => Err(Status::unavailable("instant agent: no port target")),
+                    };
+                    s.finish(r);
+                });
+            }
             m => {
                 let s = Status::unimplemented(format!("instant agent: {m}"));
                 call.fail(s)
             }
         }
     }
+}
+
+/// `Ports.Connect` as the agent serves it, to `addr`: the `open` message, `opened`, then bytes
+/// both ways (a thread per direction), the caller's END as a half-close, the server's close as
+/// the end of the call.
+fn port_relay(s: &mut proto::rpc::ServerStream, addr: SocketAddr) -> Result<(), Status> {
+    use agent::port_connect_request::Kind as Up;
+    use agent::port_connect_response::Kind as Down;
+    use std::io::{Read, Write};
+    let first: agent::PortConnectRequest = s.first()?;
+    if !matches!(first.kind, Some(Up::Open(_))) {
+        return Err(Status::invalid_argument("open first"));
+    }
+    let mut sock = std::net::TcpStream::connect(addr)
+        .map_err(|e| Status::unavailable(format!("connect {addr}: {e}")))?;
+    let _ = sock.set_nodelay(true);
+    s.send(&agent::PortConnectResponse {
+        kind: Some(Down::Opened(true)),
+    })?;
+    let down = s.sender();
+    let mut rd = sock
+        .try_clone()
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let reader = std::thread::Builder::new()
+        .name("instant-port".into())
+        .spawn(move || {
+            let mut b = vec![0u8; proto::limits::CHUNK_LEN];
+            loop {
+                match rd.read(&mut b) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let m = agent::PortConnectResponse {
+                            kind: Some(Down::Data(b[..n].to_vec().into())),
+                        };
+                        if down.send(&m).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| Status::internal(e.to_string()))?;
+    // The server's close ends the call even while the caller still sends nothing.
+    let r = loop {
+        match s.recv_timeout(std::time::Duration::from_millis(20)) {
+            Err(e) => break Err(e),
+            Ok(Err(())) if reader.is_finished() => break Ok(()),
+            Ok(Err(())) => {}
+            Ok(Ok(None)) => {
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+                break Ok(());
+            }
+            Ok(Ok(Some(b))) => {
+                let m = <agent::PortConnectRequest as prost::Message>::decode(b)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if let Some(Up::Data(d)) = m.kind {
+                    if sock.write_all(&d).is_err() {
+                        break Ok(());
+                    }
+                }
+            }
+        }
+    };
+    if r.is_err() {
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+    let _ = reader.join();
+    r
 }

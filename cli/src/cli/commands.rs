@@ -102,6 +102,7 @@ pub static COMMANDS: &[Command] = &[
         rep("meta", "KEY=VALUE", "metadata label"),
         rep("env", "KEY=VALUE", "environment variable for every process"),
         on("no-wait", "answer at once (state pending/starting)"),
+        on("public-traffic", "its ports answer through ctl's traffic proxy without the traffic token (default: token or API key required)"),
         NET[0], NET[1], NET[2]]),
     cmd!("sandbox list", &[sb::LIST], "List the team's sandboxes, newest first.", [], [
         rep("state", "STATE", "only this state (running, paused, stopped, ...)"),
@@ -119,6 +120,8 @@ pub static COMMANDS: &[Command] = &[
     cmd!("sandbox ping", &[sb::PING], "Keep a sandbox alive: its expiry becomes now + its timeout.", [SB], []),
     cmd!("sandbox network", &[sb::UPDATE_NETWORK], "Replace a sandbox's network policy (egress), running or paused: e2b's fields; allow beats deny, the host's never_out beats both; domain names through the sandbox's resolver (docs/operations.md, Sandbox egress). Without flags: allow everything.", [SB], [
         NET[0], NET[1], NET[2]]),
+    cmd!("sandbox traffic-token", &[sb::GET, sb::ROTATE_TRAFFIC_TOKEN], "Print the sandbox's traffic token (header wrenn-traffic-access-token on requests to its ports through ctl, docs/operations.md, Sandbox ports).", [SB], [
+        on("rotate", "replace it with a new one first (the old one stops working)")]),
     cmd!("sandbox set-timeout", &[sb::SET_TIMEOUT], "Change a sandbox's timeout (and policy).", [SB, arg("SECONDS", "new timeout")], [
         val("on-timeout", "pause|destroy", "new policy (default: keep)")]),
     Command {

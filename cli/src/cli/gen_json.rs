@@ -234,6 +234,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
         m.insert("env".into(), Value::Object(self.env.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         if let Some(x) = &self.wait { m.insert("wait".into(), Value::from(*x)); }
         if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
+        m.insert("allow_public_traffic".into(), Value::from(self.allow_public_traffic));
         Value::Object(m)
     }
 }
@@ -878,6 +879,14 @@ impl Json for proto::gen::wrenn::ctl::v1::RevokeApiKeyResponse {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::RotateTrafficTokenRequest {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        Value::Object(m)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
     fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -897,6 +906,8 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
         m.insert("expires_unix_ns".into(), j::i64_out(self.expires_unix_ns));
         m.insert("metadata".into(), Value::Object(self.metadata.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
+        m.insert("traffic_token".into(), Value::String(self.traffic_token.clone()));
+        m.insert("allow_public_traffic".into(), Value::from(self.allow_public_traffic));
         Value::Object(m)
     }
 }

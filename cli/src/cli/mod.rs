@@ -485,6 +485,14 @@ fn sandbox_human(s: &pb::Sandbox) -> String {
             ),
         ),
         ("network", network_human(s.network.as_ref())),
+        (
+            "ports",
+            if s.allow_public_traffic {
+                "public (no traffic token needed)".to_owned()
+            } else {
+                "traffic token or API key".to_owned()
+            },
+        ),
         ("created", time(s.created_unix_ns)),
         ("expires", time(s.expires_unix_ns)),
         ("metadata", meta.join(" ")),
@@ -889,6 +897,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 env: p.pairs("env")?.into_iter().collect(),
                 wait: Some(!p.flag("no-wait")),
                 network: network_flags(p),
+                allow_public_traffic: p.flag("public-traffic"),
             };
             let s: pb::Sandbox = ctx.unary(sb::CREATE, &req, true)?;
             ctx.print(&s, sandbox_human);
@@ -987,6 +996,21 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
             };
             let s: pb::Sandbox = ctx.unary(sb::UPDATE_NETWORK, &req, false)?;
             ctx.print(&s, sandbox_human);
+        }
+        "sandbox traffic-token" => {
+            let s: pb::Sandbox = if p.flag("rotate") {
+                let req = pb::RotateTrafficTokenRequest { sandbox_id: a(0) };
+                ctx.unary(sb::ROTATE_TRAFFIC_TOKEN, &req, false)?
+            } else {
+                ctx.unary(sb::GET, &pb::GetSandboxRequest { sandbox_id: a(0) }, false)?
+            };
+            ctx.print(&s, |s| {
+                if s.traffic_token.is_empty() {
+                    "(no token: created before traffic tokens; run with --rotate)\n".to_owned()
+                } else {
+                    format!("{}\n", s.traffic_token)
+                }
+            });
         }
         "sandbox set-timeout" => {
             let secs: u64 = a(1)
@@ -2402,7 +2426,7 @@ mod tests {
         assert_eq!(entry_row(&e)[0], "symlink");
         assert_eq!(entry_row(&e)[5], "/l -> /t");
         assert!(groups_usage().contains(
-            "  sandbox    create|list|get|rm|pause|resume|metrics|ping|network|set-timeout|exec\n"
+            "  sandbox    create|list|get|rm|pause|resume|metrics|ping|network|traffic-token|set-timeout|exec\n"
         ));
     }
 }

@@ -14,7 +14,9 @@ use proto::rpc::{Bytes, CallCtx, Peer, Source};
 use proto::Status;
 
 use crate::dispatch::ClientCall;
+pub use crate::service::ports::TrafficCreds;
 use crate::service::{Api, AuthCtx};
+use proto::gen::wrenn::agent::v1 as agent;
 
 /// The service layer as the gateway sees it. Implementations are called on the gateway's
 /// worker threads and may block (SQL, agent calls).
@@ -52,12 +54,76 @@ pub trait Backend: Send + Sync + 'static {
         next: &mut dyn FnMut() -> Result<Option<Vec<u8>>, Status>,
     ) -> Result<Vec<u8>, Status>;
 
+    /// Opens a byte stream to port `port` of `sandbox` for the traffic proxy, after checking
+    /// `creds` (see [`Api::proxy_open`] for the codes). The default: no port traffic.
+    fn port_open(
+        &self,
+        _sandbox: proto::id::Uuid,
+        _port: u16,
+        _creds: TrafficCreds<'_>,
+    ) -> Result<PortConn, Status> {
+        Err(Status::not_found("this gateway serves no sandbox ports"))
+    }
+
     /// Appends ctl's metrics as Prometheus text (the gateway adds its own).
     fn render_metrics(&self, out: &mut String);
 
     /// Liveness detail for `/health`: Ok when the service can answer (e.g. its database pool
     /// is connected), Err with the reason otherwise.
     fn health(&self) -> Result<(), String>;
+}
+
+/// Bytes towards a sandbox port (blocks under the stream's flow control).
+pub trait PortUp: Send {
+    fn send(&mut self, data: Bytes) -> Result<(), Status>;
+    /// The client sent everything: the sandbox's server reads end of stream.
+    fn close_send(&mut self) -> Result<(), Status>;
+    /// Ends the stream both ways (the client went away).
+    fn cancel(&mut self);
+}
+
+/// Bytes from a sandbox port; `Ok(None)` once its server closed.
+pub trait PortDown: Send {
+    fn recv(&mut self) -> Result<Option<Bytes>, Status>;
+}
+
+/// An open port stream and what it holds (its budget place), released when dropped.
+pub struct PortConn {
+    pub up: Box<dyn PortUp>,
+    pub down: Box<dyn PortDown>,
+    pub guard: Box<dyn Send>,
+}
+
+struct ApiUp(proto::rpc::StreamSender);
+struct ApiDown(proto::rpc::StreamReceiver);
+
+impl PortUp for ApiUp {
+    fn send(&mut self, data: Bytes) -> Result<(), Status> {
+        self.0.send(&agent::PortConnectRequest {
+            kind: Some(agent::port_connect_request::Kind::Data(data)),
+        })
+    }
+    fn close_send(&mut self) -> Result<(), Status> {
+        self.0.close_send()
+    }
+    fn cancel(&mut self) {
+        self.0.cancel();
+    }
+}
+
+impl PortDown for ApiDown {
+    fn recv(&mut self) -> Result<Option<Bytes>, Status> {
+        use agent::port_connect_response::Kind;
+        loop {
+            match self.0.recv::<agent::PortConnectResponse>()? {
+                None => return Ok(None),
+                Some(agent::PortConnectResponse {
+                    kind: Some(Kind::Data(d)),
+                }) => return Ok(Some(d)),
+                Some(_) => {}
+            }
+        }
+    }
 }
 
 /// The gateway's [`Backend`] over ctl's service layer.
@@ -178,6 +244,20 @@ impl Backend for ApiBackend {
         self.0
             .forward(ctx_of(peer)?, route, Bytes::from(first), &mut down)
             .map(|r| r.unwrap_or_default().to_vec())
+    }
+
+    fn port_open(
+        &self,
+        sandbox: proto::id::Uuid,
+        port: u16,
+        creds: TrafficCreds<'_>,
+    ) -> Result<PortConn, Status> {
+        let s = self.0.proxy_open(sandbox, port, creds)?;
+        Ok(PortConn {
+            up: Box::new(ApiUp(s.up)),
+            down: Box::new(ApiDown(s.down)),
+            guard: Box::new(s.permit),
+        })
     }
 
     fn render_metrics(&self, out: &mut String) {

@@ -549,6 +549,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
         m.insert("env".into(), Value::Object(self.env.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         if let Some(x) = &self.wait { m.insert("wait".into(), Value::from(*x)); }
         if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
+        m.insert("allow_public_traffic".into(), Value::from(self.allow_public_traffic));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -567,6 +568,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
                 "env" => { for (k, v) in j::object_or_null(v, &p)? { let p = j::key(&p, k); out.env.insert(k.clone(), j::string_in(v, &p)?); } }
                 "wait" => { if !v.is_null() { out.wait = Some(j::bool_in(v, &p)?); } }
                 "network" => { if !v.is_null() { out.network = Some(<proto::gen::wrenn::ctl::v1::NetworkPolicy as Json>::from_json_at(v, &p)?); } }
+                "allow_public_traffic" => { if !v.is_null() { out.allow_public_traffic = j::bool_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -2164,6 +2166,27 @@ impl Json for proto::gen::wrenn::ctl::v1::RevokeApiKeyResponse {
     }
 }
 
+impl Json for proto::gen::wrenn::ctl::v1::RotateTrafficTokenRequest {
+    const SCHEMA: &'static str = "ctl.v1.RotateTrafficTokenRequest";
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("sandbox_id".into(), Value::String(self.sandbox_id.clone()));
+        Value::Object(m)
+    }
+    fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
+        #[allow(unused_mut)]
+        let mut out = Self::default();
+        for (k, v) in j::object_or_null(v, path)? {
+            let p = j::field(path, k);
+            match k.as_str() {
+                "sandbox_id" => { if !v.is_null() { out.sandbox_id = j::string_in(v, &p)?; } }
+                _ => return Err(JsonError::unknown_field(path, k)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
     const SCHEMA: &'static str = "ctl.v1.Sandbox";
     fn to_json(&self) -> Value {
@@ -2184,6 +2207,8 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
         m.insert("expires_unix_ns".into(), j::i64_out(self.expires_unix_ns));
         m.insert("metadata".into(), Value::Object(self.metadata.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
+        m.insert("traffic_token".into(), Value::String(self.traffic_token.clone()));
+        m.insert("allow_public_traffic".into(), Value::from(self.allow_public_traffic));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -2208,6 +2233,8 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
                 "expires_unix_ns" => { if !v.is_null() { out.expires_unix_ns = j::i64_in(v, &p)?; } }
                 "metadata" => { for (k, v) in j::object_or_null(v, &p)? { let p = j::key(&p, k); out.metadata.insert(k.clone(), j::string_in(v, &p)?); } }
                 "network" => { if !v.is_null() { out.network = Some(<proto::gen::wrenn::ctl::v1::NetworkPolicy as Json>::from_json_at(v, &p)?); } }
+                "traffic_token" => { if !v.is_null() { out.traffic_token = j::string_in(v, &p)?; } }
+                "allow_public_traffic" => { if !v.is_null() { out.allow_public_traffic = j::bool_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -4475,6 +4502,10 @@ pub const SCHEMAS_JSON: &str = r##"{
     "additionalProperties": false,
     "description": "Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of the same name) and fills in the rest.",
     "properties": {
+      "allow_public_traffic": {
+        "description": "Its ports are reachable through ctl's traffic proxy without the traffic token (default false: every proxied request needs the token or an API key of the owning team; e2b's default is public, ours is closed).",
+        "type": "boolean"
+      },
       "disk_mib": {
         "description": "Root disk size; 0 = the template's.",
         "format": "uint64",
@@ -5823,10 +5854,25 @@ pub const SCHEMAS_JSON: &str = r##"{
     "properties": {},
     "type": "object"
   },
+  "ctl.v1.RotateTrafficTokenRequest": {
+    "additionalProperties": false,
+    "description": "Request of Sandboxes.RotateTrafficToken.",
+    "properties": {
+      "sandbox_id": {
+        "description": "The sandbox, \"sb-{uuid}\".",
+        "type": "string"
+      }
+    },
+    "type": "object"
+  },
   "ctl.v1.Sandbox": {
     "additionalProperties": false,
     "description": "A sandbox: one microVM.",
     "properties": {
+      "allow_public_traffic": {
+        "description": "Its ports answer without a token (set at create only).",
+        "type": "boolean"
+      },
       "created_unix_ns": {
         "description": "Creation time.",
         "format": "int64",
@@ -5895,6 +5941,10 @@ pub const SCHEMAS_JSON: &str = r##"{
         "description": "Seconds it runs after create / resume / ping before `on_timeout` applies.",
         "format": "uint64",
         "pattern": "^[0-9]+$",
+        "type": "string"
+      },
+      "traffic_token": {
+        "description": "The secret a request to one of its ports through ctl's traffic proxy carries in header `wrenn-traffic-access-token` (docs/operations.md, \"Sandbox ports\"). Only in the answers of Create, Get and RotateTrafficToken, which only the owning team gets; \"\" elsewhere (List, lifecycle answers) and for sandboxes created before tokens existed until one is rotated in.",
         "type": "string"
       },
       "updated_unix_ns": {

@@ -36,6 +36,8 @@ pub struct HttpMetrics {
     pub queued: Gauge,
     /// Request bytes held by the event loop.
     pub buffered: Gauge,
+    /// Connections relayed by the traffic proxy now.
+    pub proxied: Gauge,
     pub latency: Histogram,
     /// (operation, HTTP status) -> count; both sets are fixed, so the map stays small.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -48,6 +50,7 @@ pub static METRICS: HttpMetrics = HttpMetrics {
     workers_busy: Gauge::new(),
     queued: Gauge::new(),
     buffered: Gauge::new(),
+    proxied: Gauge::new(),
     latency: Histogram::new(),
     requests: Mutex::new(BTreeMap::new()),
 };
@@ -146,6 +149,18 @@ impl HttpMetrics {
             "Request bytes (heads, bodies) held by the event loop.",
         );
         sample(out, "wrenn_http_buffered_bytes", "", self.buffered.get());
+        family(
+            out,
+            "wrenn_http_proxied_connections",
+            "gauge",
+            "Connections the traffic proxy relays to sandbox ports now.",
+        );
+        sample(
+            out,
+            "wrenn_http_proxied_connections",
+            "",
+            self.proxied.get(),
+        );
     }
 }
 

@@ -107,3 +107,17 @@ const _: () = assert!(KEY_WORKERS_MAX <= WORKERS_MAX);
 const _: () = assert!(SOURCE_QUEUED_MAX <= QUEUE_MAX);
 const _: () = assert!(STREAM_HANDOFF <= BODY_RAW_MAX);
 const _: () = assert!(BODY_RAW_MAX <= SOURCE_BUFFER_MAX && SOURCE_BUFFER_MAX <= BUFFER_MAX);
+
+/// Proxied sandbox-port connections open at once on this gateway (traffic proxy), 503 with
+/// `Retry-After` beyond. Each holds two relay threads (one per direction) while open, never
+/// a worker; the team and sandbox bounds (`crate::limits::PORT_STREAMS_PER_*`, 429 beyond)
+/// come first, this one bounds the threads whatever the number of teams.
+pub const PROXY_CONNECTIONS_MAX: usize = 256;
+/// Bytes a relay thread reads from one side before it writes them to the other: one
+/// message of the ctl↔agent stream (`proto::limits::CHUNK_LEN`). With the stream's window
+/// this is all ctl holds of a proxied connection, so a client that stops reading stops the
+/// sandbox's server (backpressure) instead of growing a buffer.
+pub const PROXY_CHUNK: usize = proto::limits::CHUNK_LEN;
+/// A proxied connection with no byte in either direction for this long is closed (an idle
+/// WebSocket keeps its relay threads until then).
+pub const PROXY_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);

@@ -14,8 +14,8 @@
 //! - [`backend`]: what the gateway needs from the service layer.
 //! - [`port_route`]: which sandbox port a request is for (host-name and path forms of port
 //!   exposure); [`proxy_head`]: the heads a port proxy writes (credentials and hop-by-hop
-//!   headers out, cookie domains stripped). The proxy that uses them is not built yet
-//!   (docs/operations.md, "Sandbox ports").
+//!   headers out, cookie domains stripped); [`proxy`]: the traffic proxy that relays such a
+//!   request over `Ports.Connect` (docs/operations.md, "Sandbox ports").
 //!
 //! It is not an API of its own: every `/v1` route is one `wrenn.ctl.v1` call.
 
@@ -28,6 +28,7 @@ pub mod json;
 pub mod limits;
 pub mod openapi;
 pub mod port_route;
+pub mod proxy;
 pub mod proxy_head;
 pub mod request;
 pub mod response;
@@ -46,10 +47,12 @@ pub fn spawn(
     api: crate::service::Api,
     addr: std::net::SocketAddr,
     tls: Option<tls::ServerTls>,
+    traffic_domain: Option<String>,
 ) -> std::io::Result<(std::net::SocketAddr, std::thread::JoinHandle<()>)> {
     let backend = std::sync::Arc::new(backend::ApiBackend(api));
     let config = HttpConfig {
         tls,
+        traffic_domain,
         ..HttpConfig::default()
     };
     let server = HttpServer::bind(addr, backend, config).map_err(|e| {
@@ -81,8 +84,17 @@ pub type Started = (
 /// As [`spawn`], also returning a handle that stops the gateway ([`HttpHandle::shutdown`]:
 /// no new connections, idle ones closed, requests in flight finish).
 pub fn start(api: crate::service::Api, addr: std::net::SocketAddr) -> std::io::Result<Started> {
+    start_with(api, addr, HttpConfig::default())
+}
+
+/// As [`start`] with `config` (a traffic domain, other bounds).
+pub fn start_with(
+    api: crate::service::Api,
+    addr: std::net::SocketAddr,
+    config: HttpConfig,
+) -> std::io::Result<Started> {
     let backend = std::sync::Arc::new(backend::ApiBackend(api));
-    let server = HttpServer::bind(addr, backend, HttpConfig::default())
+    let server = HttpServer::bind(addr, backend, config)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let bound = server.local_addr();
     let (handle, join) = server

@@ -34,8 +34,11 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Also accepted (and stripped) for the traffic token.
+pub const TRAFFIC_TOKEN_HEADER_ALT: &str = "x-wrenn-traffic-token";
+
 /// Credentials of ours that never reach a sandbox.
-const CREDENTIALS: &[&str] = &["x-api-key", TRAFFIC_TOKEN_HEADER];
+const CREDENTIALS: &[&str] = &["x-api-key", TRAFFIC_TOKEN_HEADER, TRAFFIC_TOKEN_HEADER_ALT];
 
 /// The header names `Connection` lists (lower-case).
 fn connection_listed(headers: &[(String, Vec<u8>)]) -> Vec<String> {
@@ -194,11 +197,11 @@ mod tests {
     #[test]
     fn request_loses_credentials_and_hop_by_hop_headers() {
         let h = req("POST /v1/sandboxes/sb-x/ports/80/api?q=1 HTTP/1.1\r\nHost: api.example\r\n\
-             X-API-Key: wrn_secret\r\nwrenn-traffic-access-token: tok\r\nConnection: keep-alive, X-Private\r\n\
+             X-API-Key: wrn_secret\r\nwrenn-traffic-access-token: tok\r\nX-Wrenn-Traffic-Token: alt\r\nConnection: keep-alive, X-Private\r\n\
              X-Private: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\nCookie: a=b\r\n\r\n");
         let up = String::from_utf8(upstream_request(&h, "/api?q=1").unwrap()).unwrap();
         assert!(up.starts_with("POST /api?q=1 HTTP/1.1\r\n"), "{up}");
-        for gone in ["wrn_secret", "tok\r", "X-Private", "Keep-Alive"] {
+        for gone in ["wrn_secret", "tok\r", "alt\r", "X-Private", "Keep-Alive"] {
             assert!(!up.contains(gone), "{gone} in {up}");
         }
         for kept in [

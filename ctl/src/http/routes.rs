@@ -242,6 +242,8 @@ fn build() -> Vec<Route> {
             "Change a sandbox's timeout and policy"),
         route::<ctl::UpdateNetworkRequest, ctl::Sandbox>(Put, "/v1/sandboxes/{sandbox_id}/network", "sandboxes.update_network", sb::UPDATE_NETWORK, Body,
             "Replace a sandbox's network policy (egress): at once when running, at resume when paused"),
+        route::<ctl::RotateTrafficTokenRequest, ctl::Sandbox>(Post, "/v1/sandboxes/{sandbox_id}/traffic-token/rotate", "sandboxes.rotate_traffic_token", sb::ROTATE_TRAFFIC_TOKEN, Path,
+            "Replace a sandbox's traffic token (its ports' secret); the old one stops working"),
         route::<ctl::PauseSandboxRequest, ctl::Sandbox>(Post, "/v1/sandboxes/{sandbox_id}/pause", "sandboxes.pause", sb::PAUSE, Path,
             "Pause a running sandbox"),
         route::<ctl::ResumeSandboxRequest, ctl::Sandbox>(Post, "/v1/sandboxes/{sandbox_id}/resume", "sandboxes.resume", sb::RESUME, Body,

@@ -52,10 +52,12 @@ use super::handler::{api_key, missing_key, After, Gateway, METRICS};
 use super::limits::{
     BODY_RAW_MAX, BODY_TIMEOUT, BUFFER_MAX, CONNECTIONS_MAX, EVENTS, HEAD_MAX, HEAD_TIMEOUT,
     IDLE_TIMEOUT, IO_TIMEOUT, JSON_BODY_MAX, KEY_WORKERS_MAX, LINGER_BYTES, LINGER_TIMEOUT,
-    OPEN_BODY_MAX, OPS_QUEUE_MAX, OPS_WORKERS, QUEUE_MAX, READ_CHUNK, RETRY_AFTER_SECS,
-    SOURCE_BUFFER_MAX, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX, SOURCE_WORKERS_MAX,
-    STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
+    OPEN_BODY_MAX, OPS_QUEUE_MAX, OPS_WORKERS, PROXY_CONNECTIONS_MAX, QUEUE_MAX, READ_CHUNK,
+    RETRY_AFTER_SECS, SOURCE_BUFFER_MAX, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX,
+    SOURCE_WORKERS_MAX, STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
 };
+use super::port_route::{route_host, route_path, PortRoute, RouteError};
+use super::proxy;
 use super::request::{parse_head, Head, HeadError, Wire};
 use super::response::{response_bytes, Response};
 use super::routes::{match_route, Call, Match, Method, ROUTES};
@@ -88,6 +90,12 @@ pub struct HttpConfig {
     pub io_timeout: Duration,
     /// TLS (ALPN `http/1.1`) on every connection; `None`: plaintext HTTP.
     pub tls: Option<tls::ServerTls>,
+    /// The traffic domain (lower-case, no final dot): requests whose `Host` is
+    /// `P-sb-<uuid>.<domain>` go to the traffic proxy. `None`: only the path form
+    /// (`/v1/sandboxes/<id>/ports/P/...`) reaches sandbox ports.
+    pub traffic_domain: Option<String>,
+    /// Proxied connections open at once ([`PROXY_CONNECTIONS_MAX`]).
+    pub proxy_connections_max: usize,
 }
 
 impl Default for HttpConfig {
@@ -108,6 +116,8 @@ impl Default for HttpConfig {
             body_timeout: BODY_TIMEOUT,
             io_timeout: IO_TIMEOUT,
             tls: None,
+            traffic_domain: None,
+            proxy_connections_max: PROXY_CONNECTIONS_MAX,
         }
     }
 }
@@ -139,8 +149,13 @@ impl std::error::Error for HttpError {
 }
 
 /// What a request needs before a worker may take it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Plan {
+    /// A sandbox port (traffic proxy): a worker checks the credentials and opens the
+    /// stream; the body is the sandbox's to read, never the loop's.
+    Proxy(PortRoute),
+    /// Looks like port traffic but is not a valid target: answered on the loop.
+    BadPort(RouteError),
     /// `/health`, `/metrics`: the reserved ops threads.
     Ops,
     /// No key needed (documents, unknown routes: the handler answers).
@@ -205,6 +220,10 @@ enum ReadOutcome {
 enum Slot {
     Free,
     Open(Box<Conn>),
+    /// Relayed by the traffic proxy's threads (no worker): counted until they finish.
+    Proxied {
+        source: IpAddr,
+    },
     /// Held by a worker.
     Busy {
         source: IpAddr,
@@ -235,11 +254,22 @@ enum Returned {
         ops: bool,
         conn: Option<(HttpStream, Vec<u8>, Then)>,
     },
+    /// The worker handed the connection to the traffic proxy's relay threads.
+    Detached { slot: usize },
+    /// Those threads finished (the socket is closed).
+    ProxyDone { slot: usize },
 }
 
 struct Shared {
     returned: Mutex<Vec<Returned>>,
     waker: Waker,
+    /// The loop's registry: a worker handing a socket to the traffic proxy takes it off the
+    /// loop itself (while it still owns the descriptor, so no later socket can be hit).
+    registry: mio::Registry,
+    /// The traffic proxy's relay threads (two per proxied connection), reused between
+    /// connections: room for every connection the loop lets through
+    /// (`proxy_connections_max`) plus those still on a worker.
+    relay_pool: Arc<Pool>,
     stop: AtomicBool,
     /// Request bytes the loop holds (see `HttpHandle::buffered`).
     held: AtomicUsize,
@@ -318,6 +348,8 @@ pub struct HttpServer {
     held: usize,
     /// Connections whose reads wait for buffer room (retried every turn of the loop).
     paused: Vec<usize>,
+    /// Connections relayed by the traffic proxy now.
+    proxied: usize,
 }
 
 impl HttpServer {
@@ -337,6 +369,7 @@ impl HttpServer {
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(HttpError::Poll)?;
         let waker = Waker::new(poll.registry(), WAKER).map_err(HttpError::Poll)?;
+        let registry = poll.registry().try_clone().map_err(HttpError::Poll)?;
         Ok(HttpServer {
             poll,
             listener,
@@ -344,6 +377,13 @@ impl HttpServer {
             shared: Arc::new(Shared {
                 returned: Mutex::new(Vec::new()),
                 waker,
+                registry,
+                relay_pool: Pool::new(
+                    "http-proxy",
+                    2 * (config.proxy_connections_max + config.workers_max),
+                    0,
+                    WORKER_IDLE,
+                ),
                 stop: AtomicBool::new(false),
                 held: AtomicUsize::new(0),
             }),
@@ -369,6 +409,7 @@ impl HttpServer {
             key_busy: HashMap::new(),
             held: 0,
             paused: Vec::new(),
+            proxied: 0,
         })
     }
 
@@ -775,13 +816,45 @@ impl HttpServer {
     }
 
     fn on_head(&mut self, i: usize, head: Head) {
-        let plan = plan_of(&head);
+        let plan = plan_of(&head, self.config.traffic_domain.as_deref());
+        match &plan {
+            Plan::BadPort(e) => {
+                let status = match e {
+                    RouteError::BadPort => 400,
+                    RouteError::EnvdPort => 403,
+                    RouteError::BadSandboxId => 404,
+                };
+                let code = match status {
+                    400 => "invalid_argument",
+                    403 => "permission_denied",
+                    _ => "not_found",
+                };
+                return self.answer_and_close(i, &Response::error(status, code, &e.to_string()));
+            }
+            Plan::Proxy(_) if self.proxied >= self.config.proxy_connections_max => {
+                METRICS.connections_refused.inc();
+                return self.answer_and_close(
+                    i,
+                    &unavailable("too many proxied sandbox connections on this gateway; retry"),
+                );
+            }
+            // Straight to a worker: credentials first, and the body is the sandbox's.
+            Plan::Proxy(_) => {
+                let req = Pending {
+                    head,
+                    plan,
+                    peer: None,
+                };
+                return self.ready(i, req);
+            }
+            _ => {}
+        }
         let mut req = Pending {
             head,
             plan,
             peer: None,
         };
-        if let Plan::Api { .. } = plan {
+        if let Plan::Api { .. } = req.plan {
             let key = api_key(&req.head).map(str::to_owned);
             match key {
                 None => return self.answer_and_close(i, &missing_key()),
@@ -824,7 +897,7 @@ impl HttpServer {
             Plan::Api { stream: true, .. } => u64::MAX,
             Plan::Api { .. } => JSON_BODY_MAX as u64,
             // No handler reads it (documents, 404, 405): a little, to keep the connection.
-            Plan::Ops | Plan::Open => OPEN_BODY_MAX as u64,
+            Plan::Ops | Plan::Open | Plan::Proxy(_) | Plan::BadPort(_) => OPEN_BODY_MAX as u64,
         });
         c.phase = Phase::Body {
             req,
@@ -916,7 +989,7 @@ impl HttpServer {
         let stream = matches!(req.plan, Plan::Api { stream: true, .. });
         let key = match req.plan {
             Plan::Api { .. } => api_key(&req.head).map(str::to_owned),
-            Plan::Ops | Plan::Open => None,
+            Plan::Ops | Plan::Open | Plan::Proxy(_) | Plan::BadPort(_) => None,
         };
         let Some(c) = self.conn(i) else { return };
         let (gen, source) = (c.gen, c.source);
@@ -1095,7 +1168,11 @@ impl HttpServer {
         }
         let gateway = self.gateway.clone();
         let shared = self.shared.clone();
+        let io_timeout = self.config.io_timeout;
         let run = move || {
+            if let Plan::Proxy(route) = &req.plan {
+                return proxy_worker(&gateway, &shared, i, &req.head, route, std, buf, io_timeout);
+            }
             let mut std = std;
             if !out.is_empty() && std.write_all(&out).is_err() {
                 shared.give_back(Returned::Served {
@@ -1171,7 +1248,42 @@ impl HttpServer {
                     }
                 }
             }
+            Returned::Detached { slot } => {
+                let Some(source) = self.worker_done(slot, false) else {
+                    return;
+                };
+                self.slots[slot] = Slot::Proxied { source };
+                self.proxied += 1;
+                METRICS.proxied.add(1);
+            }
+            Returned::ProxyDone { slot } => {
+                if let Slot::Proxied { source } = self.slots[slot] {
+                    self.proxied -= 1;
+                    METRICS.proxied.add(-1);
+                    self.slots[slot] = Slot::Free;
+                    METRICS.connections_open.add(-1);
+                    self.free.push(slot);
+                    self.source_use(source).conns -= 1;
+                    self.forget_source_if_unused(source);
+                }
+            }
             Returned::Served { slot, ops, conn } => {
+                if self.worker_done(slot, ops).is_none() {
+                    return;
+                }
+                match conn {
+                    None => self.release(slot),
+                    Some((std, buf, then)) => self.resume(slot, std, buf, then),
+                }
+            }
+        }
+    }
+
+    /// A worker gave a busy slot back: its counts go down. The slot's source, `None` when
+    /// the slot was not busy.
+    fn worker_done(&mut self, slot: usize, ops: bool) -> Option<IpAddr> {
+        {
+            {
                 let (source, stream, key) = match &self.slots[slot] {
                     Slot::Busy {
                         source,
@@ -1179,7 +1291,7 @@ impl HttpServer {
                         key,
                         ..
                     } => (*source, *stream, key.clone()),
-                    _ => return,
+                    _ => return None,
                 };
                 if let Some(k) = key {
                     if let Some(n) = self.key_busy.get_mut(&k) {
@@ -1198,10 +1310,7 @@ impl HttpServer {
                     }
                 }
                 self.source_use(source).busy -= 1;
-                match conn {
-                    None => self.release(slot),
-                    Some((std, buf, then)) => self.resume(slot, std, buf, then),
-                }
+                Some(source)
             }
         }
     }
@@ -1323,8 +1432,23 @@ fn unavailable(why: &str) -> Response {
     r
 }
 
-/// What the loop must do with a request before a worker takes it.
-fn plan_of(head: &Head) -> Plan {
+/// What the loop must do with a request before a worker takes it. `domain`: the traffic
+/// domain (host-form port traffic).
+fn plan_of(head: &Head, domain: Option<&str>) -> Plan {
+    let target = if head.query.is_empty() {
+        head.path.clone()
+    } else {
+        format!("{}?{}", head.path, head.query)
+    };
+    let by_host = match (domain, head.header("host")) {
+        (Some(d), Some(h)) => route_host(h, d, &target),
+        _ => None,
+    };
+    match by_host.or_else(|| route_path(&target)) {
+        Some(Ok(route)) => return Plan::Proxy(route),
+        Some(Err(e)) => return Plan::BadPort(e),
+        None => {}
+    }
     match head.path.as_str() {
         "/health" | "/metrics" => return Plan::Ops,
         "/openapi.yaml" | "/docs" | "/docs/" => return Plan::Open,
@@ -1355,6 +1479,55 @@ fn plan_of(head: &Head) -> Plan {
     }
 }
 
+/// A worker's part of a proxied request: credentials checked and the stream opened (or the
+/// refusal written), then the connection leaves the loop for the relay threads.
+#[allow(clippy::too_many_arguments)]
+fn proxy_worker(
+    gateway: &Gateway,
+    shared: &Arc<Shared>,
+    slot: usize,
+    head: &Head,
+    route: &PortRoute,
+    mut std: HttpStream,
+    buf: Vec<u8>,
+    io_timeout: Duration,
+) {
+    let head_only = head.method == "HEAD";
+    let opened = proxy::open(&*gateway.backend, head, route)
+        .and_then(|c| proxy::first_bytes(head, route).map(|f| (c, f)));
+    let (conn, mut first) = match opened {
+        Ok(x) => x,
+        Err(resp) => {
+            METRICS.count_gateway(resp.status);
+            let written = super::response::write_response(&mut std, &resp, false, head_only);
+            // A body the client may still be sending: linger so it reads the answer.
+            let conn =
+                (written.is_ok() && head.has_body()).then(|| (std, Vec::new(), Then::Linger));
+            shared.give_back(Returned::Served {
+                slot,
+                ops: false,
+                conn,
+            });
+            return;
+        }
+    };
+    let _ = shared.registry.deregister(&mut SourceFd(&std.as_raw_fd()));
+    let (io, leftover) = std.into_parts();
+    first.extend_from_slice(&buf);
+    first.extend_from_slice(&leftover);
+    // Before the relay starts, so the loop sees Detached before ProxyDone.
+    shared.give_back(Returned::Detached { slot });
+    let done = shared.clone();
+    let spawned = shared.relay_pool.spawn(Box::new(move || {
+        proxy::relay(&done.relay_pool, io, first, conn, io_timeout, head_only);
+        done.give_back(Returned::ProxyDone { slot });
+    }));
+    if spawned.is_err() {
+        // The closure (and the socket) is gone: the client sees the close.
+        shared.give_back(Returned::ProxyDone { slot });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1362,6 +1535,7 @@ mod tests {
     #[test]
     fn plans() {
         let head = |t: &str| parse_head(t.as_bytes()).unwrap().unwrap().0;
+        let plan_of = |h: &Head| plan_of(h, Some("sbx.test"));
         assert_eq!(plan_of(&head("GET /health HTTP/1.1\r\n\r\n")), Plan::Ops);
         assert_eq!(plan_of(&head("GET /nope HTTP/1.1\r\n\r\n")), Plan::Open);
         assert_eq!(

@@ -71,6 +71,12 @@ impl HttpStream {
         self.io.shutdown_write();
     }
 
+    /// The transport and any bytes a read took from it beyond what its caller used (the
+    /// traffic proxy relays on the transport itself, reading and writing on two threads).
+    pub fn into_parts(self) -> (Box<dyn Transport>, BytesMut) {
+        (self.io, self.leftover)
+    }
+
     /// Waits until the transport moved all its bytes, within the worker's timeout.
     fn drain(&self, deadline: Instant) -> io::Result<()> {
         while self.io.flush()? {

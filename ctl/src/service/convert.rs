@@ -17,7 +17,7 @@ use crate::scheduler::State;
 pub const SANDBOX_COLS: &str =
     "s.id, s.team_id, s.host_id, s.template_id, s.state, s.state_reason, \
     s.vcpus, s.memory_mib, s.disk_mib, s.timeout_s, s.on_timeout, s.metadata, s.created_at, \
-    s.updated_at, s.expires_at, s.network";
+    s.updated_at, s.expires_at, s.network, s.allow_public_traffic";
 
 /// A sandbox row as a message.
 pub fn sandbox(r: &Row) -> ctl::Sandbox {
@@ -49,6 +49,10 @@ pub fn sandbox(r: &Row) -> ctl::Sandbox {
         network: r
             .get::<_, Option<serde_json::Value>>(15)
             .map(|v| network_from_json(&v)),
+        // Only Create, Get and RotateTrafficToken fill it in (`traffic_token` is no column
+        // of SANDBOX_COLS, so no other answer can carry it by accident).
+        traffic_token: String::new(),
+        allow_public_traffic: r.get(16),
     }
 }
 
@@ -228,6 +232,8 @@ mod tests {
                 deny_out: n.deny_out.clone(),
                 allow_out: n.allow_out.clone(),
             }),
+            // ctl's own (its traffic proxy), not part of the spec an agent gets.
+            allow_public_traffic: false,
         }
     }
 
@@ -248,6 +254,8 @@ mod tests {
                 deny_out: vec!["10.0.0.0/8".into()],
                 allow_out: vec!["*.example.com".into()],
             }),
+            // The one field that does not map: ctl's own, see create_request.
+            allow_public_traffic: false,
         }
     }
 

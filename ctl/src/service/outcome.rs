@@ -144,6 +144,18 @@ impl Api {
         })
     }
 
+    /// Replaces a sandbox's traffic token; answers the sandbox with the new one.
+    pub fn rotate_traffic_token(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::RotateTrafficTokenRequest,
+    ) -> Result<ctl::Sandbox, Status> {
+        let r = rid(Kind::Sandbox, &req.sandbox_id);
+        self.audited(ctx, "sandbox", r, "sandbox.rotate_traffic_token", |_| {
+            self.rotate_traffic_token_inner(ctx, req)
+        })
+    }
+
     /// Pauses a running sandbox; answers PAUSED.
     pub fn pause_sandbox(
         &self,

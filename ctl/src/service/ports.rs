@@ -43,33 +43,41 @@ pub struct PortPermit<'a> {
 
 impl PortBudget {
     pub fn take(&self, team: Uuid, sandbox: Uuid) -> Result<PortPermit<'_>, Status> {
-        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let (teams, sandboxes) = &mut *g;
-        if teams.get(&team).copied().unwrap_or(0) >= PORT_STREAMS_PER_TEAM_MAX {
-            return Err(Status::resource_exhausted(format!(
-                "the team has {PORT_STREAMS_PER_TEAM_MAX} port streams open"
-            )));
-        }
-        if sandboxes.get(&sandbox).copied().unwrap_or(0) >= PORT_STREAMS_PER_SANDBOX_MAX {
-            return Err(Status::resource_exhausted(format!(
-                "the sandbox has {PORT_STREAMS_PER_SANDBOX_MAX} port streams open"
-            )));
-        }
-        *teams.entry(team).or_insert(0) += 1;
-        *sandboxes.entry(sandbox).or_insert(0) += 1;
+        self.reserve(team, sandbox)?;
         Ok(PortPermit {
             budget: self,
             team,
             sandbox,
         })
     }
+
+    /// Counts one more stream of `team` to `sandbox`, or says which bound is reached.
+    fn reserve(&self, team: Uuid, sandbox: Uuid) -> Result<(), Status> {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (teams, sandboxes) = &mut *g;
+        if teams.get(&team).copied().unwrap_or(0) >= PORT_STREAMS_PER_TEAM_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "the team has {PORT_STREAMS_PER_TEAM_MAX} port streams open (port forwards and proxied \
+                 connections together)"
+            )));
+        }
+        if sandboxes.get(&sandbox).copied().unwrap_or(0) >= PORT_STREAMS_PER_SANDBOX_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "the sandbox has {PORT_STREAMS_PER_SANDBOX_MAX} port streams open (port forwards \
+                 and proxied connections together)"
+            )));
+        }
+        *teams.entry(team).or_insert(0) += 1;
+        *sandboxes.entry(sandbox).or_insert(0) += 1;
+        Ok(())
+    }
 }
 
-impl Drop for PortPermit<'_> {
-    fn drop(&mut self) {
-        let mut g = self.budget.open.lock().unwrap_or_else(|e| e.into_inner());
+impl PortBudget {
+    fn release(&self, team: Uuid, sandbox: Uuid) {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let (teams, sandboxes) = &mut *g;
-        for (map, key) in [(teams, self.team), (sandboxes, self.sandbox)] {
+        for (map, key) in [(teams, team), (sandboxes, sandbox)] {
             if let Some(n) = map.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
@@ -80,7 +88,139 @@ impl Drop for PortPermit<'_> {
     }
 }
 
+impl Drop for PortPermit<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.team, self.sandbox);
+    }
+}
+
+/// A place in the port budget that outlives the call that took it (a proxied HTTP
+/// connection, relayed on threads of its own): given back when dropped.
+pub struct OwnedPortPermit {
+    api: Api,
+    team: Uuid,
+    sandbox: Uuid,
+}
+
+impl Drop for OwnedPortPermit {
+    fn drop(&mut self) {
+        self.api.inner.ports.release(self.team, self.sandbox);
+    }
+}
+
+/// The credentials a request to a sandbox port carried (traffic proxy).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TrafficCreds<'a> {
+    /// The `wrenn-traffic-access-token` header.
+    pub token: Option<&'a str>,
+    /// The `X-API-Key` header.
+    pub api_key: Option<&'a str>,
+}
+
+/// A port stream opened for the traffic proxy: bytes up, bytes down, and its budget place.
+pub struct ProxyStream {
+    pub up: proto::rpc::StreamSender,
+    pub down: proto::rpc::StreamReceiver,
+    pub permit: OwnedPortPermit,
+}
+
 impl Api {
+    /// Opens a port stream for ctl's traffic proxy (`P-sb-<uuid>.<domain>` and the path
+    /// form): the sandbox exists (NOT_FOUND), the request may reach it (a public sandbox; its
+    /// traffic token, compared in constant time; or an API key of its team: UNAUTHENTICATED
+    /// without any, PERMISSION_DENIED with a wrong one), it runs (FAILED_PRECONDITION naming
+    /// its state), the team and sandbox budgets have room (RESOURCE_EXHAUSTED; shared with
+    /// Ports.Connect: each is one agent stream), and the agent opened the port (UNAVAILABLE
+    /// when nothing listens).
+    pub fn proxy_open(
+        &self,
+        sandbox: Uuid,
+        port: u16,
+        creds: TrafficCreds<'_>,
+    ) -> Result<ProxyStream, Status> {
+        use agent::port_connect_response::Kind as AgentDown;
+        if u32::from(port) == ENVD_PORT || port == 0 {
+            return Err(Status::invalid_argument(format!(
+                "port {port} is never exposed"
+            )));
+        }
+        let row = self.inner.db.run(move |c| {
+            c.query_opt(
+                "SELECT team_id, state, host_id, traffic_token, allow_public_traffic \
+                 FROM sandboxes WHERE id = $1",
+                &[&sandbox],
+            )
+            .map_err(crate::db::pg_err)
+        })?;
+        let row = row.ok_or_else(|| Status::not_found("sandbox not found"))?;
+        let team: Uuid = row.get(0);
+        let state: String = row.get(1);
+        let host: Option<Uuid> = row.get(2);
+        let stored: Option<String> = row.get(3);
+        let public: bool = row.get(4);
+        if !public {
+            let token_ok = match (creds.token, stored.as_deref()) {
+                (Some(t), Some(s)) => proto::sha256::constant_time_eq(t.as_bytes(), s.as_bytes()),
+                _ => false,
+            };
+            if !token_ok {
+                match (creds.api_key, creds.token) {
+                    (Some(k), _) => {
+                        let ctx = self.authenticate(k)?;
+                        if ctx.team_id != team {
+                            return Err(Status::permission_denied(
+                                "this API key's team does not own the sandbox",
+                            ));
+                        }
+                    }
+                    (None, Some(_)) => {
+                        crate::metrics::AUTH_FAILURES.inc();
+                        return Err(Status::permission_denied("wrong traffic token"));
+                    }
+                    (None, None) => {
+                        return Err(Status::unauthenticated(
+                            "the sandbox's ports need its traffic token (header \
+                             wrenn-traffic-access-token) or an API key of its team (X-API-Key)",
+                        ))
+                    }
+                }
+            }
+        }
+        if state != "running" {
+            return Err(Status::failed_precondition(format!(
+                "sandbox is {state}, not running"
+            )));
+        }
+        let host = host.ok_or_else(|| Status::internal("running sandbox has no host"))?;
+        self.inner.ports.reserve(team, sandbox)?;
+        let permit = OwnedPortPermit {
+            api: self.clone(),
+            team,
+            sandbox,
+        };
+        let client = self.inner.agents.proxy_client(host)?;
+        let req = agent::PortConnectRequest {
+            kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
+                sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
+                port: u32::from(port),
+            })),
+        };
+        let opts = CallOpts {
+            timeout: None,
+            end_stream: false,
+        };
+        let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
+        match up
+            .recv::<agent::PortConnectResponse>()?
+            .and_then(|m| m.kind)
+        {
+            Some(AgentDown::Opened(true)) => {}
+            _ => return Err(Status::internal("the agent did not open the port")),
+        }
+        let (up, down) = up.split();
+        Ok(ProxyStream { up, down, permit })
+    }
+
     /// Serves one `Ports.Connect` call after its first message (`open`): relays bytes both
     /// ways until either side ends.
     pub fn port_connect(

@@ -407,6 +407,25 @@ fn lock_owned(
     scheduler::lock(c, id)?.ok_or_else(|| Status::not_found("sandbox not found"))
 }
 
+/// Prefix of a sandbox traffic token (recognizable in logs and secret scanners).
+pub const TRAFFIC_TOKEN_PREFIX: &str = "wtt_";
+
+/// A new traffic token: the prefix and 32 random bytes in hex.
+fn new_traffic_token() -> Result<String, Status> {
+    proto::random::token(TRAFFIC_TOKEN_PREFIX)
+        .map_err(|e| Status::internal(format!("getrandom: {e}")))
+}
+
+/// The stored traffic token of sandbox `id` ("" when it has none).
+fn traffic_token_of(c: &mut impl GenericClient, id: Uuid) -> Result<String, Status> {
+    let row = c
+        .query_opt("SELECT traffic_token FROM sandboxes WHERE id = $1", &[&id])
+        .map_err(pg_err)?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .unwrap_or_default())
+}
+
 fn check_timeout(t: u64) -> Result<(), Status> {
     if t > SANDBOX_TIMEOUT_MAX_S {
         return Err(Status::invalid_argument(format!(
@@ -472,6 +491,9 @@ impl Api {
         convert::check_network(req.network.as_ref())?;
         let network = req.network.as_ref().map(convert::network_json);
         let network_out = req.network.clone();
+        let traffic_token = new_traffic_token()?;
+        let token_out = traffic_token.clone();
+        let public = req.allow_public_traffic;
         if spec.timeout_s == 0 {
             spec.timeout_s = SANDBOX_TIMEOUT_DEFAULT_S;
         }
@@ -513,11 +535,15 @@ impl Api {
             )?;
             let (row, snapshot, size) = (&placed.row, placed.snapshot, placed.size);
             let mut sb = convert::sandbox(row);
-            if let Some(n) = &network {
-                c.execute("UPDATE sandboxes SET network = $2 WHERE id = $1", &[&id, n])
-                    .map_err(pg_err)?;
-                sb.network = network_out;
-            }
+            c.execute(
+                "UPDATE sandboxes SET network = $2, traffic_token = $3, allow_public_traffic = $4 \
+                 WHERE id = $1",
+                &[&id, &network, &traffic_token, &public],
+            )
+            .map_err(pg_err)?;
+            sb.network = network_out;
+            sb.traffic_token = traffic_token;
+            sb.allow_public_traffic = public;
             let host: Uuid = row.get(2);
             // The spec as placed: ids, the template's kind and the size it reserved.
             let areq = SandboxSpec {
@@ -583,7 +609,11 @@ impl Api {
             }
             return Ok(sb);
         }
-        let r = self.finish_create(team, pending);
+        // Create answers the token to its caller (the team), like Get.
+        let r = self.finish_create(team, pending).map(|mut s| {
+            s.traffic_token = token_out;
+            s
+        });
         crate::metrics::SANDBOX_CREATE_SECONDS.observe(start.elapsed());
         r
     }
@@ -706,7 +736,51 @@ impl Api {
     ) -> Result<ctl::Sandbox, Status> {
         let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         let team = ctx.team_id;
-        self.inner.db.run(move |c| fetch(c, team, id))
+        self.inner.db.run(move |c| {
+            let mut sb = fetch(c, team, id)?;
+            sb.traffic_token = traffic_token_of(c, id)?;
+            Ok(sb)
+        })
+    }
+
+    /// Replaces a sandbox's traffic token (any state but stopped): the old one stops
+    /// working at the next proxied request, which reads the stored token.
+    pub(super) fn rotate_traffic_token_inner(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::RotateTrafficTokenRequest,
+    ) -> Result<ctl::Sandbox, Status> {
+        let id = parse_id(Kind::Sandbox, &req.sandbox_id)?;
+        let token = new_traffic_token()?;
+        let team = ctx.team_id;
+        let ctx = ctx.clone();
+        self.inner.db.tx(move |tx| {
+            let n = tx
+                .execute(
+                    "UPDATE sandboxes SET traffic_token = $3, updated_at = now() \
+                     WHERE id = $1 AND team_id = $2 AND state <> 'stopped'",
+                    &[&id, &team, &token],
+                )
+                .map_err(pg_err)?;
+            if n == 0 {
+                // Unknown, another team's, or stopped: the first two look the same.
+                let sb = fetch(tx, team, id)?;
+                return Err(Status::failed_precondition(format!(
+                    "sandbox is {}: its token cannot change",
+                    State::from_wire(sb.state).map_or("stopped", |s| s.name())
+                )));
+            }
+            audit_sb(
+                tx,
+                &ctx,
+                id,
+                "sandbox.rotate_traffic_token",
+                serde_json::json!({}),
+            )?;
+            let mut sb = fetch(tx, team, id)?;
+            sb.traffic_token = token;
+            Ok(sb)
+        })
     }
 
     /// Destroys a sandbox (idempotent for one already stopped).
@@ -1157,6 +1231,6 @@ mod tests {
             }
             assert!(!sql.contains(&format!("${}", n + 1)));
         }
-        assert_eq!(SANDBOX_COLS.split(',').count(), 16);
+        assert_eq!(SANDBOX_COLS.split(',').count(), 17);
     }
 }

@@ -1671,3 +1671,87 @@ fn every_ctl_method_is_served() {
     assert!(methods > 40, "{methods}");
     assert_eq!(served, 2 * methods);
 }
+
+/// The traffic token: made at create (distinct per sandbox), returned by Create and Get and
+/// by nothing else (List, lifecycle answers), replaced by RotateTrafficToken (audited), never
+/// shown to another team; `allow_public_traffic` stored as given (default false).
+#[test]
+fn traffic_token_create_get_rotate() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let (_fa, _host) = ctl.add_host(8, 8192, 100_000);
+    let a = create(&cl, "minimal").unwrap();
+    assert!(a.traffic_token.starts_with("wtt_"), "{a:?}");
+    assert_eq!(a.traffic_token.len(), 4 + 64);
+    assert!(!a.allow_public_traffic);
+    let b: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                allow_public_traffic: true,
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert!(b.allow_public_traffic);
+    assert_ne!(a.traffic_token, b.traffic_token);
+    assert_eq!(get(&cl, &a.id).unwrap().traffic_token, a.traffic_token);
+    assert!(get(&cl, &b.id).unwrap().allow_public_traffic);
+    // Not in List nor in a lifecycle answer.
+    let l: c::ListSandboxesResponse = cl
+        .unary(
+            c::sandboxes_methods::LIST,
+            &c::ListSandboxesRequest::default(),
+            T,
+        )
+        .unwrap();
+    assert_eq!(l.sandboxes.len(), 2);
+    assert!(l.sandboxes.iter().all(|s| s.traffic_token.is_empty()));
+    let p: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::PING,
+            &c::PingSandboxRequest {
+                sandbox_id: a.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    assert!(p.traffic_token.is_empty());
+    // Rotate: a new token, Get shows it.
+    let rotate = |cl: &Client, id: &str| {
+        cl.unary::<_, c::Sandbox>(
+            c::sandboxes_methods::ROTATE_TRAFFIC_TOKEN,
+            &c::RotateTrafficTokenRequest {
+                sandbox_id: id.into(),
+            },
+            T,
+        )
+    };
+    let r = rotate(&cl, &a.id).unwrap();
+    assert!(r.traffic_token.starts_with("wtt_"));
+    assert_ne!(r.traffic_token, a.traffic_token);
+    assert_eq!(get(&cl, &a.id).unwrap().traffic_token, r.traffic_token);
+    // Another team: neither Get nor Rotate.
+    let (_, other_key) = ctl.other_team("team-t", "t@example.com");
+    let other = ctl.client(&other_key);
+    assert_eq!(code(get(&other, &a.id)), Code::NotFound);
+    assert_eq!(code(rotate(&other, &a.id)), Code::NotFound);
+    assert_eq!(get(&cl, &a.id).unwrap().traffic_token, r.traffic_token);
+    // A stopped sandbox keeps no usable token.
+    let _: c::DestroySandboxResponse = cl
+        .unary(
+            c::sandboxes_methods::DESTROY,
+            &c::DestroySandboxRequest {
+                sandbox_id: b.id.clone(),
+                force: false,
+            },
+            T,
+        )
+        .unwrap();
+    let e = rotate(&cl, &b.id).unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+    let rows = crate::harness::audit(&cl, "sandbox.rotate_traffic_token");
+    assert!(rows.iter().any(|r| r.status == "success"), "{rows:?}");
+    assert!(rows.iter().any(|r| r.status == "failure"), "{rows:?}");
+}

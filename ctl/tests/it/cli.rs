@@ -584,6 +584,154 @@ fn cli_port_forward() {
     assert!(status.success(), "{status:?} {err}");
 }
 
+/// 1 GiB through `wrenn port forward` both ways at once (ctl, the fake agent's Ports.Connect
+/// to a real echo server on loopback), checksummed on both sides of the tunnel.
+#[test]
+fn cli_port_forward_one_gib() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::time::{Duration, Instant};
+    const TOTAL: usize = 1 << 30;
+    const BLOCK: usize = 1 << 20;
+    let Some(bin) = wrenn_binary() else {
+        skip("the wrenn binary is not built (run `cargo build -p wrenn` first)");
+        return;
+    };
+    let Some(ctl) = Ctl::start() else { return };
+    let (agent, _) = ctl.add_host(8, 16384, 100_000);
+    // The sandbox's server: echoes every byte until the client half-closes.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    agent
+        .state
+        .lock()
+        .unwrap()
+        .tcp_ports
+        .insert(9000, echo.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut s, _) = echo.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut b = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    });
+    let cli = Cli {
+        bin: bin.clone(),
+        url: ctl.addr(),
+        key: ctl.team_key.clone(),
+    };
+    let sb = cli.json(&["sandbox", "create"]);
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let mut child = Command::new(&bin)
+        .args(["port", "forward", &id, "0:9000", "--connections", "1"])
+        .env("WRENN_URL", &cli.url)
+        .env("WRENN_CA", &crate::harness::test_tls().files.ca_cert)
+        .env("WRENN_API_KEY", &cli.key)
+        .env("WRENN_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line.split_whitespace().nth(1).unwrap().to_owned();
+    let conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    conn.set_write_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // A checksum of 8-byte words (blocks are whole words), and a generator of the data.
+    fn fold(h: u64, block: &[u8]) -> u64 {
+        block.chunks_exact(8).fold(h, |h, w| {
+            (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+    let start = Instant::now();
+    let mut w = conn.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut h = 0xcbf2_9ce4_8422_2325;
+        let mut block = vec![0u8; BLOCK];
+        for _ in 0..TOTAL / BLOCK {
+            for word in block.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                word.copy_from_slice(&x.to_le_bytes());
+            }
+            h = fold(h, &block);
+            w.write_all(&block).unwrap();
+        }
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        h
+    });
+    let mut r = conn;
+    let mut h = 0xcbf2_9ce4_8422_2325;
+    let mut block = vec![0u8; BLOCK];
+    let mut got = 0usize;
+    while got < TOTAL {
+        r.read_exact(&mut block).unwrap();
+        h = fold(h, &block);
+        got += BLOCK;
+    }
+    let mut tail = Vec::new();
+    r.read_to_end(&mut tail).unwrap();
+    let sent = writer.join().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "1 GiB each way through wrenn port forward in {secs:.1} s ({:.0} MiB/s each way, debug build)",
+        1024.0 / secs
+    );
+    assert!(tail.is_empty(), "{} bytes beyond 1 GiB", tail.len());
+    assert_eq!(h, sent, "checksums differ");
+    let _ = child.wait();
+}
+
+/// `wrenn sandbox create --public-traffic` and `wrenn sandbox traffic-token SB [--rotate]`.
+#[test]
+fn cli_traffic_token() {
+    let Some(bin) = wrenn_binary() else {
+        skip("the wrenn binary is not built (run `cargo build -p wrenn` first)");
+        return;
+    };
+    let Some(ctl) = Ctl::start() else { return };
+    let _agent = ctl.add_host(8, 16384, 100_000);
+    let cli = Cli {
+        bin,
+        url: ctl.addr(),
+        key: ctl.team_key.clone(),
+    };
+    let sb = cli.json(&["sandbox", "create"]);
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let created = sb["traffic_token"].as_str().unwrap().to_owned();
+    assert!(created.starts_with("wtt_"), "{sb}");
+    assert_eq!(sb["allow_public_traffic"], false);
+    let shown = cli.ok(&["sandbox", "traffic-token", &id]);
+    assert_eq!(shown.trim(), created);
+    let rotated = cli.ok(&["sandbox", "traffic-token", &id, "--rotate"]);
+    assert!(rotated.trim().starts_with("wtt_") && rotated.trim() != created);
+    assert_eq!(
+        cli.ok(&["sandbox", "traffic-token", &id]).trim(),
+        rotated.trim()
+    );
+    let public = cli.json(&["sandbox", "create", "--public-traffic"]);
+    assert_eq!(public["allow_public_traffic"], true);
+    let human = cli.ok(&["sandbox", "get", public["id"].as_str().unwrap()]);
+    assert!(
+        human.contains("public (no traffic token needed)"),
+        "{human}"
+    );
+}
+
 #[test]
 fn cli_template_build() {
     let Some(bin) = wrenn_binary() else {

@@ -646,6 +646,23 @@ fn serve_speaks_tls_with_the_files_admin_tls_init_makes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-sandbox-cert"));
 
+    // A traffic domain that is not a domain name stops serve before anything starts.
+    let out = Command::new(BIN)
+        .args(["serve", "--database-url", "postgres://x@127.0.0.1:1/x"])
+        .arg("--tls-cert")
+        .arg(dir.join("server.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("server.key"))
+        .args(["--traffic-domain", "not a domain"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--traffic-domain"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let Some(url) = harness::fresh_db() else {
         std::fs::remove_dir_all(&dir).unwrap();
         return;

@@ -50,6 +50,9 @@ pub struct State {
     pub samples_calls: usize,
     /// Every `/bin/sh -c` process run (Exec and ExecStream), with its sandbox, in order.
     pub shell_runs: Vec<(String, envd::ProcessConfig)>,
+    /// Ports.Connect to these sandbox ports reaches a real TCP server (on loopback, as the
+    /// real agent reaches the guest's address in the slot); others get the upper-case echo.
+    pub tcp_ports: HashMap<u32, SocketAddr>,
 }
 
 /// A fake shell: `/bin/sh -c SCRIPT` prints `ran: SCRIPT`; `exit N` in it exits N; `block`
@@ -783,6 +786,10 @@ fn fake_port(state: &Mutex<State>, s: &mut ServerStream) -> Result<(), Status> {
         return Err(Status::invalid_argument("open first"));
     };
     running_sb(state, &open.sandbox_id)?;
+    let tcp = state.lock().unwrap().tcp_ports.get(&open.port).copied();
+    if let Some(addr) = tcp {
+        return tcp_port(s, addr);
+    }
     if open.port == 1 {
         return Err(Status::unavailable("nothing listens on port 1"));
     }
@@ -799,4 +806,69 @@ fn fake_port(state: &Mutex<State>, s: &mut ServerStream) -> Result<(), Status> {
     s.send(&agent::PortConnectResponse {
         kind: Some(Down::Data(b"bye".to_vec().into())),
     })
+}
+
+/// Ports.Connect to a real TCP server: bytes both ways, the caller's END as a half-close,
+/// the server's close as the end of the call (what the real agent does with the guest).
+fn tcp_port(s: &mut ServerStream, addr: SocketAddr) -> Result<(), Status> {
+    use agent::port_connect_request::Kind as Up;
+    use agent::port_connect_response::Kind as Down;
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(addr)
+        .map_err(|e| Status::unavailable(format!("connect {addr}: {e}")))?;
+    s.send(&agent::PortConnectResponse {
+        kind: Some(Down::Opened(true)),
+    })?;
+    let down = s.sender();
+    let mut rd = sock
+        .try_clone()
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let reader = std::thread::spawn(move || {
+        let mut b = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let m = agent::PortConnectResponse {
+                        kind: Some(Down::Data(b[..n].to_vec().into())),
+                    };
+                    if down.send(&m).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut r = Ok(());
+    loop {
+        match s.recv_timeout(Duration::from_millis(100)) {
+            Err(e) => {
+                r = Err(e);
+                break;
+            }
+            Ok(Err(())) => {
+                if reader.is_finished() {
+                    break;
+                }
+            }
+            Ok(Ok(None)) => {
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+                break;
+            }
+            Ok(Ok(Some(b))) => {
+                let m = agent::PortConnectRequest::decode(b)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if let Some(Up::Data(d)) = m.kind {
+                    if sock.write_all(&d).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if r.is_err() {
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+    let _ = reader.join();
+    r
 }

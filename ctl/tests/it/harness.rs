@@ -191,6 +191,7 @@ pub fn test_config(url: &str) -> Config {
             allow_tls12: false,
             sandbox: None,
         },
+        traffic_domain: None,
     }
 }
 

@@ -114,6 +114,12 @@ impl Backend for Fake {
                 s.network = r.network;
                 s.encode_to_vec()
             }
+            sandboxes_methods::ROTATE_TRAFFIC_TOKEN => {
+                let r: proto::gen::wrenn::ctl::v1::RotateTrafficTokenRequest = dec(&b)?;
+                let mut s = sandbox(&r.sandbox_id);
+                s.traffic_token = "wtt_new".into();
+                s.encode_to_vec()
+            }
             sandboxes_methods::SET_TIMEOUT => {
                 let r: SetTimeoutRequest = dec(&b)?;
                 let mut s = sandbox(&r.sandbox_id);
@@ -2081,6 +2087,22 @@ mod real {
             ),
         );
         assert_eq!(n["network"]["allow_out"][0], "*.example.com");
+        let r = check(
+            &doc,
+            s,
+            "sandboxes.rotate_traffic_token",
+            &call(
+                a,
+                &k,
+                "POST",
+                &format!("/v1/sandboxes/{id}/traffic-token/rotate"),
+                None,
+            ),
+        );
+        assert!(
+            r["traffic_token"].as_str().unwrap().starts_with("wtt_"),
+            "{r}"
+        );
         // Processes.
         let e = check(
             &doc,
@@ -3279,10 +3301,10 @@ fn stalled_bodies_stay_within_the_buffer_budget() {
 }
 
 /// An HTTPS client over the TLS transport, blocking, for the gateway's TLS tests.
-struct Https(tls::TlsTransport);
+pub struct Https(pub tls::TlsTransport);
 
 impl Https {
-    fn connect(addr: SocketAddr) -> Https {
+    pub fn connect(addr: SocketAddr) -> Https {
         Https::connect_named(addr, "127.0.0.1")
     }
 

@@ -13,6 +13,7 @@ mod harness;
 mod http;
 mod jobs;
 mod matrix;
+mod proxy;
 mod scale;
 mod usage;
 mod webhooks;

@@ -53,6 +53,16 @@ pub struct Sandbox {
     /// Its network policy as last set (absent: open).
     #[prost(message, optional, tag = "16")]
     pub network: ::core::option::Option<NetworkPolicy>,
+    /// The secret a request to one of its ports through ctl's traffic proxy carries in header
+    /// `wrenn-traffic-access-token` (docs/operations.md, "Sandbox ports"). Only in the answers
+    /// of Create, Get and RotateTrafficToken, which only the owning team gets; "" elsewhere
+    /// (List, lifecycle answers) and for sandboxes created before tokens existed until one is
+    /// rotated in.
+    #[prost(string, tag = "17")]
+    pub traffic_token: ::prost::alloc::string::String,
+    /// Its ports answer without a token (set at create only).
+    #[prost(bool, tag = "18")]
+    pub allow_public_traffic: bool,
 }
 /// Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of
 /// the same name) and fills in the rest.
@@ -97,6 +107,11 @@ pub struct CreateSandboxRequest {
     /// with e2b's fields and precedence; see NetworkPolicy. Field 15, as in the shared spec.
     #[prost(message, optional, tag = "15")]
     pub network: ::core::option::Option<NetworkPolicy>,
+    /// Its ports are reachable through ctl's traffic proxy without the traffic token (default
+    /// false: every proxied request needs the token or an API key of the owning team; e2b's
+    /// default is public, ours is closed).
+    #[prost(bool, tag = "16")]
+    pub allow_public_traffic: bool,
 }
 /// Request of Sandboxes.List.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1401,6 +1416,13 @@ pub struct UpdateNetworkRequest {
     #[prost(message, optional, tag = "2")]
     pub network: ::core::option::Option<NetworkPolicy>,
 }
+/// Request of Sandboxes.RotateTrafficToken.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateTrafficTokenRequest {
+    /// The sandbox, "sb-{uuid}".
+    #[prost(string, tag = "1")]
+    pub sandbox_id: ::prost::alloc::string::String,
+}
 /// A message of Ports.Connect from the caller.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PortConnectRequest {
@@ -1691,6 +1713,7 @@ pub mod sandboxes_methods {
     pub const RESUME: &str = "wrenn.ctl.v1.Sandboxes/Resume";
     pub const METRICS: &str = "wrenn.ctl.v1.Sandboxes/Metrics";
     pub const UPDATE_NETWORK: &str = "wrenn.ctl.v1.Sandboxes/UpdateNetwork";
+    pub const ROTATE_TRAFFIC_TOKEN: &str = "wrenn.ctl.v1.Sandboxes/RotateTrafficToken";
     /// Every method with its streaming shape.
     pub const ALL: &[crate::rpc::MethodDesc] = &[
         crate::rpc::MethodDesc {
@@ -1763,6 +1786,13 @@ pub mod sandboxes_methods {
             input: "wrenn.ctl.v1.UpdateNetworkRequest",
             output: "wrenn.ctl.v1.Sandbox",
         },
+        crate::rpc::MethodDesc {
+            name: ROTATE_TRAFFIC_TOKEN,
+            client_streaming: false,
+            server_streaming: false,
+            input: "wrenn.ctl.v1.RotateTrafficTokenRequest",
+            output: "wrenn.ctl.v1.Sandbox",
+        },
     ];
 }
 /// Server side of `wrenn.ctl.v1.Sandboxes`: one method per RPC. Handlers run on the server's worker
@@ -1828,6 +1858,12 @@ pub trait SandboxesServer: Send + Sync {
         ctx: &crate::rpc::CallCtx,
         req: UpdateNetworkRequest,
     ) -> Result<Sandbox, crate::Status>;
+    /// `RotateTrafficToken` (unary).
+    fn rotate_traffic_token(
+        &self,
+        ctx: &crate::rpc::CallCtx,
+        req: RotateTrafficTokenRequest,
+    ) -> Result<Sandbox, crate::Status>;
 }
 /// Runs a call of `wrenn.ctl.v1.Sandboxes` on `svc` and returns its final code, or gives the stream
 /// back when the method is not one of this service's.
@@ -1863,6 +1899,9 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
         }
         sandboxes_methods::UPDATE_NETWORK => {
             crate::rpc::serve::unary(stream, |p, r| svc.update_network(p, r))
+        }
+        sandboxes_methods::ROTATE_TRAFFIC_TOKEN => {
+            crate::rpc::serve::unary(stream, |p, r| svc.rotate_traffic_token(p, r))
         }
         _ => return Err(stream),
     };
@@ -1958,6 +1997,14 @@ pub fn call_unary_sandboxes<S: SandboxesServer + ?Sized>(
                 |c, r| svc.update_network(c, r),
             )
         }
+        sandboxes_methods::ROTATE_TRAFFIC_TOKEN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::ROTATE_TRAFFIC_TOKEN,
+                req,
+                |c, r| svc.rotate_traffic_token(c, r),
+            )
+        }
         _ => return None,
     };
     Some(r)
@@ -2035,6 +2082,13 @@ impl<'a> SandboxesClient<'a> {
         req: &UpdateNetworkRequest,
     ) -> Result<Sandbox, crate::Status> {
         self.client.unary(sandboxes_methods::UPDATE_NETWORK, req, self.timeout)
+    }
+    /// `RotateTrafficToken` (unary).
+    pub fn rotate_traffic_token(
+        &self,
+        req: &RotateTrafficTokenRequest,
+    ) -> Result<Sandbox, crate::Status> {
+        self.client.unary(sandboxes_methods::ROTATE_TRAFFIC_TOKEN, req, self.timeout)
     }
 }
 /// Method names of service `wrenn.ctl.v1.Processes`.
