@@ -86,17 +86,49 @@ fn clamp_interval(ms: u32) -> Duration {
 }
 
 impl CtlLink {
-    /// Opens a connection to ctl's host port: TLS (ALPN wrenn/1) unless plaintext was asked.
+    /// Opens a connection to ctl's host port: TLS (ALPN wrenn/1) unless plaintext was asked,
+    /// presenting the host certificate once registration saved one (ctl requires it from
+    /// a host it issued one; registering connections never send one).
     fn connect(&self, cred: Credential) -> Result<Client, Status> {
+        let cfg = proto::rpc::ClientConfig::default();
         match &self.cfg.tls {
-            Some(t) => tls::connect(
-                &self.cfg.addr,
-                t,
-                cred,
-                &proto::rpc::ClientConfig::default(),
-            ),
+            Some(t) => match self.identity_tls()? {
+                Some(mine) => tls::connect(&self.cfg.addr, &mine, cred, &cfg),
+                None => tls::connect(&self.cfg.addr, t, cred, &cfg),
+            },
             None => Client::connect_tcp(self.cfg.addr.as_str(), cred),
         }
+    }
+
+    /// Client TLS with the saved host certificate and key, trusting ctl's CA (`--ctl-ca`,
+    /// else the CA registration saved); `None` while the host has no certificate. Read at
+    /// each (re)connect, so a renewed certificate is used from the next connection on.
+    fn identity_tls(&self) -> Result<Option<tls::ClientTls>, Status> {
+        if !self.cfg.host_cert_path.exists() {
+            return Ok(None);
+        }
+        let bad = |e: tls::TlsError| Status::failed_precondition(format!("host certificate: {e}"));
+        let cert = tls::read_pem_file(&self.cfg.host_cert_path).map_err(bad)?;
+        let key = tls::read_pem_file(&self.cfg.host_key_path).map_err(bad)?;
+        let ca_path = self
+            .cfg
+            .ctl_ca_given
+            .as_ref()
+            .unwrap_or(&self.cfg.ctl_ca_path);
+        let ca = tls::read_pem_file(ca_path).map_err(bad)?;
+        let t = tls::ClientTls::from_ca_pem(
+            &ca,
+            tls::ClientOptions {
+                alpn: vec![tls::ALPN_WRENN.to_vec()],
+                identity: Some((
+                    tls::certs_from_pem(&cert, "host certificate").map_err(bad)?,
+                    tls::key_from_pem(&key, "host key").map_err(bad)?,
+                )),
+                ..Default::default()
+            },
+        )
+        .map_err(bad)?;
+        Ok(Some(t))
     }
 
     pub fn new(cfg: CtlConfig, identity: Arc<IdentityCell>) -> Arc<CtlLink> {
@@ -161,9 +193,17 @@ impl CtlLink {
             }
             (Some(_), None) => {
                 warn!("--ctl-plaintext: the registration token's CA pin is not checked");
-                self.connect(Credential::host_token(""))?
+                Client::connect_tcp(self.cfg.addr.as_str(), Credential::host_token(""))?
             }
-            (None, _) => self.connect(Credential::host_token(""))?,
+            (None, Some(t)) => tls::connect(
+                &self.cfg.addr,
+                t,
+                Credential::host_token(""),
+                &proto::rpc::ClientConfig::default(),
+            )?,
+            (None, None) => {
+                Client::connect_tcp(self.cfg.addr.as_str(), Credential::host_token(""))?
+            }
         };
         let problems = host.problems();
         let resp: hpb::RegisterResponse = client.unary(

@@ -14,7 +14,7 @@ use proto::gen::wrenn::ctl::v1 as ctl;
 use proto::gen::wrenn::host::v1 as host;
 use proto::gen::wrenn::wire::v1::{CredentialKind, Hello};
 use proto::id::Uuid;
-use proto::rpc::{Call, Peer, ServerStream, Service};
+use proto::rpc::{Call, HelloFrom, Peer, ServerStream, Service};
 use proto::Status;
 
 use crate::host_service;
@@ -95,6 +95,10 @@ impl Drop for RegisteringPlace {
 
 impl Service for CtlService {
     fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
+        self.hello_from(hello, &HelloFrom::default())
+    }
+
+    fn hello_from(&self, hello: &Hello, from: &HelloFrom) -> Result<Peer, Status> {
         let kind = CredentialKind::try_from(hello.credential_kind);
         match (self.port, kind) {
             (Port::Api, Ok(CredentialKind::HostToken)) => {
@@ -126,9 +130,16 @@ impl Service for CtlService {
                 Caller::Registering(Arc::new(RegisteringPlace::take(&self.registering)?))
             }
             Ok(CredentialKind::HostToken) => {
-                let (id, name) = crate::auth::lookup_host_token(self.api.db(), &hello.credential)
+                let host = crate::auth::lookup_host(self.api.db(), &hello.credential)
+                    .and_then(|h| {
+                        check_host_certificate(&h, from.peer_certificate.as_deref())?;
+                        Ok(h)
+                    })
                     .inspect_err(|_| metrics::AUTH_FAILURES.inc())?;
-                Caller::Host { id, name }
+                Caller::Host {
+                    id: host.id,
+                    name: host.name,
+                }
             }
             _ => {
                 metrics::AUTH_FAILURES.inc();
@@ -203,6 +214,34 @@ impl Service for CtlService {
             }
         }
     }
+}
+
+/// The host port's second factor: a host that ctl issued a certificate must present that
+/// certificate (mutual TLS; the handshake already checked it chains to ctl's CA), naming
+/// its host id, with the serial ctl recorded for it. A host registered without a key (an
+/// older agent, or ctl without a CA) has none on record and authenticates by token alone.
+fn check_host_certificate(host: &crate::auth::HostRow, cert: Option<&[u8]>) -> Result<(), Status> {
+    let Some(serial) = &host.cert_serial else {
+        return Ok(());
+    };
+    let host_id = proto::id::format(proto::id::Kind::Host, host.id);
+    let Some(der) = cert else {
+        return Err(Status::unauthenticated(format!(
+            "{host_id} has a certificate: the host port requires it (mutual TLS with the \
+             host.pem and host.key registration saved); a host token alone is refused"
+        )));
+    };
+    if !tls::peer::cert_names(der, &host_id) {
+        return Err(Status::unauthenticated(format!(
+            "the client certificate is not {host_id}'s: it does not name the host of this host token"
+        )));
+    }
+    if tls::peer::cert_serial(der).as_ref() != Some(serial) {
+        return Err(Status::unauthenticated(format!(
+            "the client certificate is not the one ctl issued {host_id}"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether the connection's key may still call: in memory while the revocation listener is
@@ -452,7 +491,8 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         Arc::new(CtlService::new(api.clone(), Port::Host)),
     )
     .map_err(|source| StartError::Spawn { source })?;
-    let host_listened = match cfg.tls.host().map_err(StartError::Tls)? {
+    let client_ca = cfg.api.issuer.as_ref().map(|ca| ca.cert_pem.as_bytes());
+    let host_listened = match cfg.tls.host(client_ca).map_err(StartError::Tls)? {
         Some(t) => host_server.listen_tcp_with(cfg.host_listen, t.wrap()),
         None => host_server.listen_tcp(cfg.host_listen),
     };

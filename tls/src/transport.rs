@@ -430,6 +430,11 @@ impl Transport for TlsTransport {
         self.sock.fd()
     }
 
+    fn peer_certificate(&self) -> Option<Vec<u8>> {
+        let st = self.lock();
+        st.conn.peer_certificates()?.first().map(|c| c.to_vec())
+    }
+
     fn source(&self) -> Source {
         self.sock.source()
     }

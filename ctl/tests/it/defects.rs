@@ -1203,6 +1203,57 @@ fn ctl_calls_agents_with_certificates_over_mutual_tls() {
     list(hid).unwrap();
 }
 
+/// Issue 14: the host port requires a host's certificate once ctl issued it one: its host
+/// token alone is refused with a message saying so, another host's certificate with the
+/// token is refused, its own certificate is accepted; registration still needs none.
+#[test]
+fn the_host_port_requires_the_hosts_certificate() {
+    let Some(ctl) = Ctl::start() else { return };
+    // Registration (inside add_host_tls) connects without a client certificate.
+    let (fa, ra, ka) = ctl.add_host_tls();
+    let (_fb, rb, kb) = ctl.add_host_tls();
+    let beat = |c: Result<Client, proto::Status>| {
+        c.and_then(|c| {
+            c.unary::<_, host::HeartbeatResponse>(
+                host::host_methods::HEARTBEAT,
+                &host::HeartbeatRequest {
+                    capacity: Some(agent::Resources {
+                        vcpus: 4,
+                        memory_mib: 4096,
+                        disk_mib: 100_000,
+                    }),
+                    ..Default::default()
+                },
+                T,
+            )
+        })
+    };
+    let tok = |r: &host::RegisterResponse| proto::rpc::Credential::host_token(r.host_token.clone());
+    // The token without the certificate.
+    let e = beat(crate::harness::connect(ctl.host_addr(), tok(&ra))).unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("requires it"), "{e}");
+    // Host A's token with host B's certificate.
+    let e = beat(crate::harness::connect_as(
+        ctl.host_addr(),
+        tok(&ra),
+        &rb.host_certificate_pem,
+        &kb.to_pem(),
+    ))
+    .unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("does not name the host"), "{e}");
+    // Its own certificate: served (and the fake agent's own client works too).
+    beat(crate::harness::connect_as(
+        ctl.host_addr(),
+        tok(&ra),
+        &ra.host_certificate_pem,
+        &ka.to_pem(),
+    ))
+    .unwrap();
+    beat(Ok(fa.host_client())).unwrap();
+}
+
 /// Issue 14: ctl keeps its mutual-TLS connection to an agent, so sandbox creates on a warm
 /// pool cost no handshake (prints the phase line the bench reports).
 #[test]

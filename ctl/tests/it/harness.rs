@@ -74,6 +74,33 @@ pub fn connect(addr: impl ToString, cred: Credential) -> Result<Client, proto::S
     )
 }
 
+/// Connects over mutual TLS, presenting `cert_pem` with its key (an agent on the host port).
+pub fn connect_as(
+    addr: impl ToString,
+    cred: Credential,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Client, proto::Status> {
+    let t = tls::ClientTls::from_ca_pem(
+        test_tls().authority.cert_pem.as_bytes(),
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_WRENN.to_vec()],
+            identity: Some((
+                tls::certs_from_pem(cert_pem.as_bytes(), "host certificate").unwrap(),
+                tls::key_from_pem(key_pem.as_bytes(), "host key").unwrap(),
+            )),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    tls::connect(
+        &addr.to_string(),
+        &t,
+        cred,
+        &proto::rpc::ClientConfig::default(),
+    )
+}
+
 /// The shared cluster (or DATABASE_URL), stopped when the test process exits.
 enum Shared {
     Own(Cluster),
@@ -369,6 +396,7 @@ impl Ctl {
             key.to_pem().as_bytes(),
             r.ca_certificate_pem.as_bytes(),
         );
+        fa.set_host_identity(&r.host_certificate_pem, &key.to_pem());
         (fa, r, key)
     }
 }

@@ -22,8 +22,8 @@ pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
 pub use server::{
-    Call, CallWatch, Peer, Server, ServerConfig, ServerHandle, ServerSender, ServerStream, Service,
-    WrapTransport,
+    Call, CallWatch, HelloFrom, Peer, Server, ServerConfig, ServerHandle, ServerSender,
+    ServerStream, Service, WrapTransport,
 };
 pub use transport::{ReadMode, SocketKind, SocketTransport, Transport};
 
