@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_host_certificates",
         sql: include_str!("../migrations/0008_host_certificates.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_revoked_certificates",
+        sql: include_str!("../migrations/0009_revoked_certificates.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

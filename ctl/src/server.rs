@@ -133,6 +133,9 @@ impl Service for CtlService {
                 let host = crate::auth::lookup_host(self.api.db(), &hello.credential)
                     .and_then(|h| {
                         check_host_certificate(&h, from.peer_certificate.as_deref())?;
+                        if let Some(s) = &h.cert_serial {
+                            check_not_revoked(&self.api, s, h.id)?;
+                        }
                         Ok(h)
                     })
                     .inspect_err(|_| metrics::AUTH_FAILURES.inc())?;
@@ -239,6 +242,22 @@ fn check_host_certificate(host: &crate::auth::HostRow, cert: Option<&[u8]>) -> R
     if tls::peer::cert_serial(der).as_ref() != Some(serial) {
         return Err(Status::unauthenticated(format!(
             "the client certificate is not the one ctl issued {host_id}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a revoked certificate: from this replica's memory (kept by LISTEN/NOTIFY), or
+/// from the database while that cannot tell (this runs on a worker, never the event loop).
+fn check_not_revoked(api: &Api, serial: &[u8], host: Uuid) -> Result<(), Status> {
+    let revoked = match api.revocations().cert_revoked(serial) {
+        Some(r) => r,
+        None => crate::revocation::cert_revoked_in_db(api.db(), serial)?,
+    };
+    if revoked {
+        return Err(Status::unauthenticated(format!(
+            "the certificate of {} was revoked",
+            proto::id::format(proto::id::Kind::Host, host)
         )));
     }
     Ok(())
@@ -518,6 +537,19 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         closer.close_connections(move |peer| {
             matches!(peer.downcast_ref::<Caller>(), Some(Caller::Api(ctx, _)) if ctx.key_id == key)
         })
+    });
+    // A host's revoked certificate closes its connections here at once: agents on the host
+    // port, and this replica's clients of its agent.
+    let host_closer = host_handle.clone();
+    // Weak: the pool holds the revocations that hold this hook.
+    let agents = api.agents_weak();
+    api.revocations().on_host_revoked(move |host| {
+        host_closer.close_connections(move |peer| {
+            matches!(peer.downcast_ref::<Caller>(), Some(Caller::Host { id, .. }) if *id == host)
+        });
+        if let Some(a) = agents.upgrade() {
+            a.forget(host);
+        }
     });
     api.revocations()
         .listen(&cfg.database_url)

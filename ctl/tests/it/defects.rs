@@ -1254,6 +1254,167 @@ fn the_host_port_requires_the_hosts_certificate() {
     beat(Ok(fa.host_client())).unwrap();
 }
 
+/// Issue 14: deleting a host on one replica revokes its certificate on every replica: the
+/// other replica closes the host's open host-port connection and its own client connection
+/// to the agent within a bounded time (LISTEN/NOTIFY, no polling), and the serial is
+/// recorded in `revoked_certificates`.
+#[test]
+fn deleting_a_host_revokes_its_certificate_on_every_replica() {
+    let Some(ctl) = Ctl::start() else { return };
+    let replica = ctl.replica();
+    wait_listening(ctl.api());
+    wait_listening(&replica.api);
+    let (_fa, r, key) = ctl.add_host_tls();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let beat = |c: &Client| {
+        c.unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 4096,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    let on = |addr: String| {
+        crate::harness::connect_as(
+            addr,
+            proto::rpc::Credential::host_token(r.host_token.clone()),
+            &r.host_certificate_pem,
+            &key.to_pem(),
+        )
+        .unwrap()
+    };
+    let on_a = on(ctl.host_addr());
+    let on_b = on(replica.host_addr.to_string());
+    beat(&on_a).unwrap();
+    beat(&on_b).unwrap();
+    // Replica B's own mutual-TLS client of the agent.
+    let b_agent = replica.api.agents().client(hid).unwrap();
+    b_agent
+        .unary::<_, agent::ListSandboxesResponse>(
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+            T,
+        )
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    ctl.admin()
+        .unary::<_, c::DeleteHostResponse>(
+            c::hosts_methods::DELETE,
+            &c::DeleteHostRequest {
+                host_id: r.host_id.clone(),
+                force: false,
+            },
+            T,
+        )
+        .unwrap();
+    let bound = Duration::from_secs(2);
+    let wait_closed = |what: &str, closed: &dyn Fn() -> bool| {
+        while !closed() {
+            assert!(t0.elapsed() < bound, "{what} still open after {bound:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // A client notices a close on its next call (it has no reader thread); the call itself
+    // fails anyway (the host row is gone): what counts is that the server closed it.
+    let closed = |c: &Client| {
+        let _ = beat(c);
+        c.is_closed()
+    };
+    wait_closed("A's host-port connection", &|| closed(&on_a));
+    wait_closed("B's host-port connection", &|| closed(&on_b));
+    wait_closed("B's connection to the agent", &|| b_agent.is_closed());
+    println!(
+        "host deletion closed its connections on the other replica in {:?}",
+        t0.elapsed()
+    );
+    assert!(beat(&on_b).is_err());
+    let serial = tls::peer::cert_serial(
+        &tls::certs_from_pem(r.host_certificate_pem.as_bytes(), "c").unwrap()[0],
+    )
+    .unwrap();
+    let n: i64 = sql(&ctl)
+        .query_one(
+            "SELECT count(*) FROM revoked_certificates WHERE serial = $1 AND host_id = $2",
+            &[&serial, &hid],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert_eq!(replica.api.revocations().cert_revoked(&serial), Some(true));
+    replica.shutdown();
+}
+
+/// Issue 14: `wrenn-ctl admin revoke-host` revokes a host's certificate without deleting the
+/// host: its open connection closes, a new hello with the certificate is refused as
+/// revoked (from the replica's memory), ctl no longer calls its agent; other hosts go on.
+#[test]
+fn a_revoked_certificate_is_refused_at_the_hello() {
+    let Some(ctl) = Ctl::start() else { return };
+    wait_listening(ctl.api());
+    let (fa, r, _) = ctl.add_host_tls();
+    let (fb, _, _) = ctl.add_host_tls();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let beat = |c: &Client| {
+        c.unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 4096,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    let open = fa.host_client();
+    beat(&open).unwrap();
+    assert_eq!(ctl::admin::revoke_host(&ctl.url, &r.host_id).unwrap(), 1);
+    let t0 = std::time::Instant::now();
+    loop {
+        let _ = beat(&open);
+        if open.is_closed() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "still open");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let serial = tls::peer::cert_serial(
+        &tls::certs_from_pem(r.host_certificate_pem.as_bytes(), "c").unwrap()[0],
+    )
+    .unwrap();
+    assert_eq!(ctl.api().revocations().cert_revoked(&serial), Some(true));
+    let e = crate::harness::connect_as(
+        ctl.host_addr(),
+        proto::rpc::Credential::host_token(r.host_token.clone()),
+        &r.host_certificate_pem,
+        &fa.host_identity_key(),
+    )
+    .and_then(|c| beat(&c))
+    .unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("was revoked"), "{e}");
+    let e = ctl
+        .api()
+        .agents()
+        .unary::<_, agent::ListSandboxesResponse>(
+            hid,
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+        )
+        .unwrap_err();
+    assert!(e.message.contains("revoked"), "{e}");
+    // The other host is untouched.
+    beat(&fb.host_client()).unwrap();
+}
+
 /// Issue 14: ctl keeps its mutual-TLS connection to an agent, so sandbox creates on a warm
 /// pool cost no handshake (prints the phase line the bench reports).
 #[test]

@@ -156,6 +156,16 @@ impl FakeAgent {
         *self.host_identity.lock().unwrap() = Some((cert_pem.to_owned(), key_pem.to_owned()));
     }
 
+    /// The host key (PEM) it presents to ctl's host port.
+    pub fn host_identity_key(&self) -> String {
+        self.host_identity
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a host identity")
+            .1
+    }
+
     /// A client of ctl's wrenn.host.v1 with this agent's host token (and its certificate,
     /// once it has one, as the real agent).
     pub fn host_client(&self) -> proto::rpc::Client {
