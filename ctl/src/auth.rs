@@ -133,6 +133,8 @@ pub struct HostRow {
     /// Serial of the certificate ctl issued it (None: registered without a key, or ctl
     /// issued none): such a host must present that certificate on the host port.
     pub cert_serial: Option<Vec<u8>>,
+    /// The certificate a renewal replaced: accepted until it expires.
+    pub prev_cert_serial: Option<Vec<u8>>,
 }
 
 /// Checks a host token: the host it belongs to, with its hostname and certificate serial
@@ -144,7 +146,8 @@ pub fn lookup_host(db: &Db, token: &str) -> Result<HostRow, Status> {
     let h = hash(token).to_vec();
     let row = db.run(move |c| {
         c.query_opt(
-            "SELECT id, hostname, host_token_hash, cert_serial FROM hosts WHERE host_token_hash = $1",
+            "SELECT id, hostname, host_token_hash, cert_serial, prev_cert_serial FROM hosts \
+             WHERE host_token_hash = $1",
             &[&h],
         )
         .map_err(pg_err)
@@ -156,6 +159,7 @@ pub fn lookup_host(db: &Db, token: &str) -> Result<HostRow, Status> {
             id: r.get(0),
             name: r.get(1),
             cert_serial: r.get(3),
+            prev_cert_serial: r.get(4),
         }),
         _ => Err(Status::unauthenticated("unknown host token")),
     }

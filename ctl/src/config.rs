@@ -145,6 +145,9 @@ pub struct ApiConfig {
     pub issuer: Option<std::sync::Arc<crate::pki::Authority>>,
     /// Most bytes of a template build's context (`--build-context-max-mib`).
     pub build_context_max: u64,
+    /// Lifetime of the host certificates ctl issues at registration and renewal
+    /// ([`limits::HOST_CERT_LIFETIME`]; tests shorten it to see renewal happen).
+    pub host_cert_lifetime: Duration,
 }
 
 /// Webhook deliveries (`webhook/`).
@@ -188,6 +191,7 @@ impl Default for ApiConfig {
             webhooks: WebhookConfig::default(),
             issuer: None,
             build_context_max: limits::BUILD_CONTEXT_LEN_MAX,
+            host_cert_lifetime: limits::HOST_CERT_LIFETIME,
         }
     }
 }

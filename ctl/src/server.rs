@@ -132,8 +132,9 @@ impl Service for CtlService {
             Ok(CredentialKind::HostToken) => {
                 let host = crate::auth::lookup_host(self.api.db(), &hello.credential)
                     .and_then(|h| {
-                        check_host_certificate(&h, from.peer_certificate.as_deref())?;
-                        if let Some(s) = &h.cert_serial {
+                        let presented =
+                            check_host_certificate(&h, from.peer_certificate.as_deref())?;
+                        if let Some(s) = &presented {
                             check_not_revoked(&self.api, s, h.id)?;
                         }
                         Ok(h)
@@ -203,6 +204,9 @@ impl Service for CtlService {
                         host::host_methods::REPORT_STATE => {
                             unary(stream, |r| host_service::report_state(&api, id, &name, r))
                         }
+                        host::host_methods::RENEW_CERTIFICATE => unary(stream, |r| {
+                            host_service::renew_certificate(&api, id, &name, r)
+                        }),
                         host::host_methods::REGISTER => {
                             stream.finish(Err(Status::failed_precondition("already registered")));
                             false
@@ -223,9 +227,13 @@ impl Service for CtlService {
 /// certificate (mutual TLS; the handshake already checked it chains to ctl's CA), naming
 /// its host id, with the serial ctl recorded for it. A host registered without a key (an
 /// older agent, or ctl without a CA) has none on record and authenticates by token alone.
-fn check_host_certificate(host: &crate::auth::HostRow, cert: Option<&[u8]>) -> Result<(), Status> {
+/// Returns the serial presented (None for a host without a certificate).
+fn check_host_certificate(
+    host: &crate::auth::HostRow,
+    cert: Option<&[u8]>,
+) -> Result<Option<Vec<u8>>, Status> {
     let Some(serial) = &host.cert_serial else {
-        return Ok(());
+        return Ok(None);
     };
     let host_id = proto::id::format(proto::id::Kind::Host, host.id);
     let Some(der) = cert else {
@@ -239,12 +247,15 @@ fn check_host_certificate(host: &crate::auth::HostRow, cert: Option<&[u8]>) -> R
             "the client certificate is not {host_id}'s: it does not name the host of this host token"
         )));
     }
-    if tls::peer::cert_serial(der).as_ref() != Some(serial) {
+    // The current certificate, or the one the last renewal replaced (the handshake already
+    // refused it if expired).
+    let presented = tls::peer::cert_serial(der);
+    if presented.as_ref() != Some(serial) && presented != host.prev_cert_serial {
         return Err(Status::unauthenticated(format!(
-            "the client certificate is not the one ctl issued {host_id}"
+            "the client certificate is not one ctl issued {host_id}"
         )));
     }
-    Ok(())
+    Ok(presented)
 }
 
 /// Refuses a revoked certificate: from this replica's memory (kept by LISTEN/NOTIFY), or

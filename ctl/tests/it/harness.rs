@@ -201,6 +201,7 @@ pub fn test_config(url: &str) -> Config {
             webhooks: ctl::config::WebhookConfig::default(),
             issuer: Some(test_tls().authority.clone()),
             build_context_max: 1 << 20,
+            host_cert_lifetime: ctl::limits::HOST_CERT_LIFETIME,
         },
         jobs: JobsConfig {
             reconcile_interval: Duration::from_secs(1),
@@ -234,10 +235,17 @@ pub struct Ctl {
 impl Ctl {
     /// Fresh database + `admin init` + a replica. `None` when PostgreSQL is absent.
     pub fn start() -> Option<Ctl> {
+        Ctl::start_with(|_| {})
+    }
+
+    /// [`Ctl::start`] with settings `edit` changes.
+    pub fn start_with(edit: impl FnOnce(&mut Config)) -> Option<Ctl> {
         let url = fresh_db()?;
         let init = ctl::admin::init(&url, "team-a", "a@example.com", "Alice").expect("admin init");
+        let mut cfg = test_config(&url);
+        edit(&mut cfg);
         let running = ctl::server::start(
-            &test_config(&url),
+            &cfg,
             StartOpts {
                 jobs: false,
                 http: false,
