@@ -1415,6 +1415,70 @@ fn a_revoked_certificate_is_refused_at_the_hello() {
     beat(&fb.host_client()).unwrap();
 }
 
+/// Issue 14: a revocation this replica's listener cannot hear (its connection killed, the
+/// row written without NOTIFY) is still refused at the next hello: from the database while
+/// the listener is down, and from the set it reloads when it is back.
+#[test]
+fn a_revocation_missed_by_the_listener_is_still_refused() {
+    let Some(ctl) = Ctl::start() else { return };
+    wait_listening(ctl.api());
+    let (fa, r, _) = ctl.add_host_tls();
+    let hello = || {
+        crate::harness::connect_as(
+            ctl.host_addr(),
+            proto::rpc::Credential::host_token(r.host_token.clone()),
+            &r.host_certificate_pem,
+            &fa.host_identity_key(),
+        )
+        .and_then(|c| {
+            c.unary::<_, host::HeartbeatResponse>(
+                host::host_methods::HEARTBEAT,
+                &host::HeartbeatRequest {
+                    capacity: Some(agent::Resources {
+                        vcpus: 4,
+                        memory_mib: 4096,
+                        disk_mib: 100_000,
+                    }),
+                    ..Default::default()
+                },
+                T,
+            )
+        })
+    };
+    hello().unwrap();
+    let mut db = sql(&ctl);
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'wrenn-ctl-listen' AND datname = current_database()",
+        &[],
+    )
+    .unwrap();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    db.execute(
+        "INSERT INTO revoked_certificates (serial, host_id, expires_at) \
+         SELECT cert_serial, id, cert_expires_at FROM hosts WHERE id = $1",
+        &[&hid],
+    )
+    .unwrap();
+    // Whichever path answers (database while down, the reloaded set once back), refused
+    // as soon as the listener noticed its connection died (within its ping interval).
+    let t0 = std::time::Instant::now();
+    let e = loop {
+        match hello() {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                t0.elapsed() < ctl::limits::LISTEN_PING_INTERVAL + Duration::from_secs(2),
+                "a revoked certificate still accepted"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(e.message.contains("was revoked"), "{e}");
+    wait_listening(ctl.api());
+    let e = hello().unwrap_err();
+    assert!(e.message.contains("was revoked"), "{e}");
+}
+
 /// Issue 14: a host renews its certificate on its open host-port connection, which stays
 /// open; its sandboxes are untouched. The replaced certificate stays valid until it expires
 /// (a new connection with it is accepted), one replaced twice is refused; a renewal signed
