@@ -130,6 +130,29 @@ impl FcConfig {
     }
 }
 
+/// Where a restore's guest memory comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum MemoryPlan {
+    /// File backend, a create from a snapshot template: the template's one memory file,
+    /// mapped as it is (no copy).
+    TemplateFile(PathBuf),
+    /// wrenn-uffd serves faults from the chain (uffd backend; a resume; a recording).
+    Uffd,
+    /// No wrenn-uffd: the chain materialized into a file of this VM's own.
+    Materialize,
+}
+
+impl MemoryPlan {
+    /// As logged per restore.
+    fn name(&self) -> &'static str {
+        match self {
+            MemoryPlan::TemplateFile(_) => "file-template",
+            MemoryPlan::Uffd => "uffd",
+            MemoryPlan::Materialize => "file-materialized",
+        }
+    }
+}
+
 /// What runs for one sandbox.
 struct Running {
     vm: VmProcess,
@@ -576,6 +599,80 @@ impl FirecrackerVmm {
         }
     }
 
+    /// How a restore gets its memory (see [`MemoryPlan`]).
+    fn memory_plan(&self, src: &RestoreSource<'_>) -> MemoryPlan {
+        if self.cfg.backend == RestoreBackend::File && src.record_working_set.is_none() {
+            if let Some(m) = src.template_memory {
+                return MemoryPlan::TemplateFile(m.to_owned());
+            }
+        }
+        // Recording a working set needs the page server; so does a resume (its own chain)
+        // whatever the backend: materializing would copy every page per restore.
+        if self.cfg.uffd_bin.as_deref().is_some_and(executable) {
+            MemoryPlan::Uffd
+        } else {
+            MemoryPlan::Materialize
+        }
+    }
+
+    /// Everything of a restore before Firecracker starts: the chroot when jailed (the VM
+    /// state a private copy; the template's memory file hard-linked read-only; a
+    /// materialized file written straight into it, readable by the jailed uid only), the
+    /// materialized file when that is the plan. Returns the memory file as Firecracker
+    /// names it (`None`: wrenn-uffd serves the memory).
+    fn prepare_restore(
+        &self,
+        rec: &SandboxRecord,
+        dir: &SandboxDir,
+        paths: &VmPaths,
+        src: &RestoreSource<'_>,
+        plan: &MemoryPlan,
+    ) -> Result<Option<PathBuf>, VmError> {
+        let mut extra = vec![ChrootEntry::new(
+            jail::JAIL_VMSTATE,
+            &src.chain.vmstate,
+            Access::Private,
+        )];
+        if let MemoryPlan::TemplateFile(m) = plan {
+            // Root's, 0444: linked (never copied on the chroot's filesystem, which the agent
+            // checks is the sandboxes' and the templates').
+            extra.push(ChrootEntry::new(jail::JAIL_MEMORY, m, Access::Shared));
+        }
+        self.prepare_chroot(rec, dir, None, extra)?;
+        if let (MemoryPlan::TemplateFile(m), Some(c)) = (plan, &paths.chroot) {
+            use std::os::unix::fs::MetadataExt;
+            let inode = |p: &Path| fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+            if inode(m) != inode(&jail::host_path(c, Path::new(jail::JAIL_MEMORY))) {
+                warn!(
+                    "template memory copied into the chroot, not linked (not root's 0444, or \
+                     another filesystem) id={} file={}",
+                    proto::id::format_sandbox(rec.id),
+                    m.display()
+                );
+            }
+        }
+        match plan {
+            MemoryPlan::Uffd => Ok(None),
+            MemoryPlan::TemplateFile(m) => Ok(Some(paths.fc_view(jail::JAIL_MEMORY, m.clone()))),
+            MemoryPlan::Materialize => {
+                let mem_file = match &paths.chroot {
+                    Some(c) => jail::host_path(c, Path::new(jail::JAIL_MEMORY)),
+                    None => dir.snapshot().join("memory"),
+                };
+                self.materialize(src.chain, &mem_file)?;
+                if let (Some(_), Some(uid)) = (&paths.chroot, self.jail_uid(rec)?) {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::os::unix::fs::chown(&mem_file, Some(uid), Some(uid))
+                        .and_then(|()| {
+                            fs::set_permissions(&mem_file, fs::Permissions::from_mode(0o400))
+                        })
+                        .map_err(err2("give the memory file to the jail"))?;
+                }
+                Ok(Some(paths.fc_view(jail::JAIL_MEMORY, mem_file)))
+            }
+        }
+    }
+
     /// Materializes the full memory file of a chain for the File backend: a sparse file of
     /// the memory's size with every data extent written at its offset (zeros stay holes).
     fn materialize(&self, chain: &Chain, out: &Path) -> Result<(), VmError> {
@@ -883,51 +980,25 @@ impl Vmm for FirecrackerVmm {
         src: &RestoreSource<'_>,
     ) -> Result<Started, VmError> {
         let paths = self.paths(dir);
-        // Jailed: the VM state is a private copy in the chroot, the memory file (File
-        // backend) is written straight into it, both readable by the jailed uid only.
-        self.prepare_chroot(
-            rec,
-            dir,
-            None,
-            vec![ChrootEntry::new(
-                jail::JAIL_VMSTATE,
-                &src.chain.vmstate,
-                Access::Private,
-            )],
-        )?;
+        let plan = self.memory_plan(src);
+        info!(
+            "restore id={} backend={} template={}",
+            proto::id::format_sandbox(rec.id),
+            plan.name(),
+            proto::id::format_template(rec.template_id)
+        );
+        let backend = self.prepare_restore(rec, dir, &paths, src, &plan)?;
         // Announces after Resumed go here; nobody has to wait for them.
         let ready = ReadinessListener::start(&paths.vsock_host, |_| {}).ok();
         if ready.is_some() {
             self.give_socket(rec, &listener_socket(&paths))?;
         }
-        let mem_file = match &paths.chroot {
-            Some(c) => jail::host_path(c, Path::new(jail::JAIL_MEMORY)),
-            None => dir.snapshot().join("memory"),
-        };
-        let have_uffd = self.cfg.uffd_bin.as_deref().is_some_and(executable);
-        // Recording needs the page server; without one the template has no working set.
-        let backend = if !have_uffd
-            || (self.cfg.backend == RestoreBackend::File && src.record_working_set.is_none())
-        {
-            self.materialize(src.chain, &mem_file)?;
-            if let (Some(_), Some(uid)) = (&paths.chroot, self.jail_uid(rec)?) {
-                use std::os::unix::fs::PermissionsExt;
-                std::os::unix::fs::chown(&mem_file, Some(uid), Some(uid))
-                    .and_then(|()| {
-                        fs::set_permissions(&mem_file, fs::Permissions::from_mode(0o400))
-                    })
-                    .map_err(err2("give the memory file to the jail"))?;
-            }
-            None
-        } else {
-            Some(())
-        };
         let vm = self.spawn(rec, dir)?;
         let mut page_server = None;
         let r = (|| -> Result<(), VmError> {
             let mem_backend = match backend {
-                None => MemBackend::File(paths.fc_view(jail::JAIL_MEMORY, mem_file.clone())),
-                Some(()) => {
+                Some(file) => MemBackend::File(file),
+                None => {
                     let ps = self.start_page_server(dir, vm.pid(), rec.jail_uid, src)?;
                     page_server = Some(ps);
                     // wrenn-uffd made it as root: the jailed uid must be able to connect.
@@ -1597,5 +1668,292 @@ mod tests {
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("keep.layer")]);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // ---- the template's one memory file (issue 15 §1) ----
+
+    const MEM_PAGES: u64 = 1024;
+    const PAGE: u64 = 4096;
+    /// Pages of the template chain that hold data (the rest is zeros).
+    const DATA_PAGES: [u64; 2] = [1, 700];
+
+    fn page_byte(p: u64) -> u8 {
+        0x10 + (p % 200) as u8
+    }
+
+    /// A snapshot template's files on disk as a publish leaves them (flat layout: header,
+    /// one layer, VM state) under `root/templates/<id>`, and a sandbox directory.
+    fn template_fixture(root: &Path) -> (TemplateDir, SandboxDir, Chain) {
+        use uffd::header::{BuildId, Diff, DiffExtent, DiffKind, Header};
+        let tdir = TemplateDir(root.join("templates/0b6c2a52-3f5e-4f3a-9a51-0000000000aa"));
+        let snap = tdir.snapshot();
+        fs::create_dir_all(&snap).unwrap();
+        let build = BuildId([7; 16]);
+        let diff = Diff {
+            extents: DATA_PAGES
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| DiffExtent {
+                    offset: p * PAGE,
+                    length: PAGE,
+                    kind: DiffKind::Data {
+                        storage_offset: i as u64 * PAGE,
+                    },
+                })
+                .collect(),
+            layer_size: DATA_PAGES.len() as u64 * PAGE,
+        };
+        let header = Header::from_base(MEM_PAGES * PAGE, build, &diff).unwrap();
+        let mut layer = Vec::new();
+        for &p in &DATA_PAGES {
+            layer.extend(std::iter::repeat_n(page_byte(p), PAGE as usize));
+        }
+        fs::write(snap.join(build.layer_file_name()), layer).unwrap();
+        fs::write(snap.join("header"), header.serialize()).unwrap();
+        fs::write(snap.join("vmstate"), b"state").unwrap();
+        let sb = SandboxDir(root.join("sandboxes/0b6c2a52-3f5e-4f3a-9a51-000000000001"));
+        fs::create_dir_all(sb.snapshot()).unwrap();
+        fs::write(sb.disk(), b"disk").unwrap();
+        let chain = Chain {
+            header: snap.join("header"),
+            vmstate: snap.join("vmstate"),
+            layer_dirs: vec![snap],
+            generation: 1,
+        };
+        (tdir, sb, chain)
+    }
+
+    fn test_vmm(root: &Path, backend: RestoreBackend, uffd: bool, jail: bool) -> FirecrackerVmm {
+        FirecrackerVmm::new(FcConfig {
+            firecracker: "/nonexistent/firecracker".into(),
+            kernel: None,
+            // Any executable stands for wrenn-uffd: nothing is started here.
+            uffd_bin: uffd.then(|| PathBuf::from("/bin/sh")),
+            backend,
+            boot_args_extra: String::new(),
+            state_root: root.to_owned(),
+            console: false,
+            net: NetConfig::new("wrtest", "10.214.0.0".parse().unwrap()).unwrap(),
+            dns_upstream: DnsUpstream::Off,
+            jail: jail.then(|| JailConfig {
+                jailer: "/nonexistent/jailer".into(),
+                chroot_base: root.join("jail"),
+                uffd_uid: 900_064,
+            }),
+        })
+    }
+
+    fn fixture_root(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("wrenn-fc-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Offsets where data starts and holes start, walking the file with SEEK_DATA/SEEK_HOLE.
+    fn data_ranges(p: &Path) -> Vec<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let f = File::open(p).unwrap();
+        let len = f.metadata().unwrap().len() as i64;
+        let mut out = Vec::new();
+        let mut at = 0i64;
+        while at < len {
+            // SAFETY: lseek on a descriptor this function owns; no memory is passed.
+            let data = unsafe { libc::lseek(f.as_raw_fd(), at, libc::SEEK_DATA) };
+            if data < 0 {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+            out.push((data as u64, hole as u64));
+            at = hole;
+        }
+        out
+    }
+
+    #[test]
+    fn the_template_memory_file_is_whole_sparse_read_only_and_the_agents() {
+        use std::os::unix::fs::MetadataExt;
+        let root = fixture_root("tmem");
+        let (tdir, _, _) = template_fixture(&root);
+        // What an agent killed mid-write left behind.
+        fs::write(tdir.path().join(".memory.tmp-0123456789abcdef"), b"partial").unwrap();
+        let allocated = crate::manager::write_template_memory(&tdir).unwrap();
+        let m = fs::metadata(tdir.memory()).unwrap();
+        assert_eq!(m.len(), MEM_PAGES * PAGE);
+        assert_eq!(m.mode() & 0o7777, 0o444, "read-only for everyone");
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(m.uid(), unsafe { libc::geteuid() }, "the agent's (root's)");
+        // Zero pages stay holes: only the data pages are allocated (a file system may
+        // round an extent up, never to the whole file).
+        assert_eq!(allocated, m.blocks() * 512);
+        assert!(
+            allocated <= 8 * DATA_PAGES.len() as u64 * PAGE,
+            "{allocated} bytes allocated for {} data pages",
+            DATA_PAGES.len()
+        );
+        let ranges = data_ranges(&tdir.memory());
+        for (start, end) in &ranges {
+            assert!(
+                DATA_PAGES
+                    .iter()
+                    .any(|p| *start <= p * PAGE && p * PAGE < *end && end - start <= 16 * PAGE),
+                "data range {start}..{end} holds no data page: {ranges:?}"
+            );
+        }
+        let bytes = fs::read(tdir.memory()).unwrap();
+        for p in 0..MEM_PAGES {
+            let want = if DATA_PAGES.contains(&p) {
+                page_byte(p)
+            } else {
+                0
+            };
+            let page = &bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+            assert!(page.iter().all(|&b| b == want), "page {p}");
+        }
+        // Published by a rename: no temporary left beside it (nor an older one).
+        let names: Vec<String> = fs::read_dir(tdir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("tmp")), "{names:?}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_file_backed_restore_from_a_template_maps_its_file_and_copies_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        let root = fixture_root("tplan");
+        let (tdir, sb, chain) = template_fixture(&root);
+        crate::manager::write_template_memory(&tdir).unwrap();
+        let mem = tdir.memory();
+        let ino = fs::metadata(&mem).unwrap().ino();
+        let rec = SandboxRecord::new(
+            proto::id::Uuid::from_u128(1),
+            proto::id::Uuid::from_u128(0xaa),
+            crate::statedir::TemplateKind::Snapshot,
+            0,
+        );
+        let from_template = RestoreSource {
+            chain: &chain,
+            record_working_set: None,
+            working_set: None,
+            template_memory: Some(&mem),
+        };
+        let resume = RestoreSource {
+            template_memory: None,
+            ..from_template
+        };
+        let recording = RestoreSource {
+            record_working_set: Some(Path::new("/nonexistent/ws")),
+            ..from_template
+        };
+        // File backend: the template's file as it is, whether or not wrenn-uffd exists.
+        for uffd in [true, false] {
+            let vmm = test_vmm(&root, RestoreBackend::File, uffd, false);
+            let plan = vmm.memory_plan(&from_template);
+            assert_eq!(plan, MemoryPlan::TemplateFile(mem.clone()));
+            assert_eq!(plan.name(), "file-template");
+            let fc = vmm
+                .prepare_restore(&rec, &sb, &vmm.paths(&sb), &from_template, &plan)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                fs::metadata(&fc).unwrap().ino(),
+                ino,
+                "the template's inode"
+            );
+            assert!(!sb.snapshot().join("memory").exists(), "no copy of its own");
+            assert_eq!(
+                crate::manager::allocated_bytes(sb.path()),
+                fs::metadata(sb.disk()).unwrap().blocks() * 512,
+                "nothing but the disk was written for the sandbox"
+            );
+        }
+        // A resume (its own chain) and a recording go through wrenn-uffd.
+        let vmm = test_vmm(&root, RestoreBackend::File, true, false);
+        assert_eq!(vmm.memory_plan(&resume), MemoryPlan::Uffd);
+        assert_eq!(vmm.memory_plan(&recording), MemoryPlan::Uffd);
+        // The uffd backend ignores the file.
+        let vmm = test_vmm(&root, RestoreBackend::Uffd, true, false);
+        assert_eq!(vmm.memory_plan(&from_template), MemoryPlan::Uffd);
+        // Without wrenn-uffd a resume materializes its chain: a copy of its own (what the
+        // template restore above does not make).
+        let vmm = test_vmm(&root, RestoreBackend::File, false, false);
+        let plan = vmm.memory_plan(&resume);
+        assert_eq!(plan, MemoryPlan::Materialize);
+        let fc = vmm
+            .prepare_restore(&rec, &sb, &vmm.paths(&sb), &resume, &plan)
+            .unwrap()
+            .unwrap();
+        assert_eq!(fc, sb.snapshot().join("memory"));
+        assert_ne!(fs::metadata(&fc).unwrap().ino(), ino);
+        assert!(
+            fs::read(&fc).unwrap() == fs::read(&mem).unwrap(),
+            "the same bytes as the template's file"
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn jailed_the_template_memory_file_is_linked_read_only_into_the_chroot() {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("skipped: not root (a chroot's files are chowned to the jailed uid)");
+            return;
+        }
+        let root = fixture_root("tjail");
+        let (tdir, sb, chain) = template_fixture(&root);
+        crate::manager::write_template_memory(&tdir).unwrap();
+        let mem = tdir.memory();
+        let mut rec = SandboxRecord::new(
+            proto::id::Uuid::from_u128(1),
+            proto::id::Uuid::from_u128(0xaa),
+            crate::statedir::TemplateKind::Snapshot,
+            0,
+        );
+        rec.jail_uid = Some(900_123);
+        let src = RestoreSource {
+            chain: &chain,
+            record_working_set: None,
+            working_set: None,
+            template_memory: Some(&mem),
+        };
+        let vmm = test_vmm(&root, RestoreBackend::File, true, true);
+        let paths = vmm.paths(&sb);
+        let chroot = paths.chroot.clone().unwrap();
+        let plan = vmm.memory_plan(&src);
+        let fc = vmm
+            .prepare_restore(&rec, &sb, &paths, &src, &plan)
+            .unwrap()
+            .unwrap();
+        assert_eq!(fc, Path::new(jail::JAIL_MEMORY), "Firecracker's view");
+        let linked = fs::metadata(jail::host_path(&chroot, &fc)).unwrap();
+        let orig = fs::metadata(&mem).unwrap();
+        assert_eq!(
+            (linked.dev(), linked.ino()),
+            (orig.dev(), orig.ino()),
+            "hard-linked, not copied"
+        );
+        assert_eq!((linked.uid(), linked.mode() & 0o7777), (0, 0o444));
+        assert_eq!(linked.nlink(), 2);
+        // The VM state is the jailed uid's private copy, as before.
+        let v = fs::metadata(jail::host_path(&chroot, Path::new(jail::JAIL_VMSTATE))).unwrap();
+        assert_eq!((v.uid(), v.mode() & 0o777), (900_123, 0o400));
+        // Removing the chroot leaves the template's file whole and unchanged.
+        jail::remove_chroot(chroot.parent().unwrap()).unwrap();
+        let after = fs::metadata(&mem).unwrap();
+        assert_eq!(
+            (
+                after.ino(),
+                after.uid(),
+                after.mode() & 0o7777,
+                after.nlink()
+            ),
+            (orig.ino(), 0, 0o444, 1)
+        );
+        jail::release_owned(&sb.disk()).unwrap();
+        fs::remove_dir_all(&root).unwrap();
     }
 }

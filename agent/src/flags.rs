@@ -27,10 +27,13 @@ environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_JAILER (defaults of --firecr
              --kernel, --jailer); WRENN_REGISTRATION_TOKEN (the first start's token, or
              --registration-token-file: never on the command line, where /proc shows it)";
 
-/// Which restore path the host uses.
+/// How a create from a snapshot template gets its memory (docs/operations.md, "Restore
+/// backends"). A resume of a paused sandbox goes through wrenn-uffd with either.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestoreBackend {
+    /// wrenn-uffd serves faults from the template's layers.
     Uffd,
+    /// The template's one memory file, mapped `MAP_PRIVATE` as it is (no copy per sandbox).
     File,
 }
 

@@ -61,6 +61,16 @@ pub const EXEC_OUTPUT_MAX: u64 = 16 << 20;
 /// Deadline of calls to envd that should answer at once (stat, signal, init).
 pub const ENVD_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long Exec waits for envd's `started` event. envd answers once fork and exec
+/// succeeded (before a dynamic program's loader runs), so this covers a starved guest, not a
+/// slow program; past it the call fails `unavailable` instead of holding a worker forever on a
+/// guest that stopped answering (seen on nested KVM: the connection stays up, no event comes).
+pub const EXEC_START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Time envd gets past a process's own `timeout_ms` to report its exit (it kills the process
+/// at the timeout and then reports): the most an Exec with a timeout waits.
+pub const EXEC_EXIT_GRACE: Duration = Duration::from_secs(30);
+
 /// How often a forwarded call checks whether ctl cancelled it while it waits on envd: the
 /// most a cancelled call keeps envd's side open.
 pub const CANCEL_POLL: Duration = Duration::from_millis(200);

@@ -13,19 +13,22 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proto::gen::wrenn::agent::v1 as pb;
 use proto::gen::wrenn::envd::v1 as envd;
 use proto::id::{self, Uuid};
 use proto::rpc::forward::{self, Relay, Route};
 use proto::rpc::{
-    serve, Call, CallOpts, CallWatch, Client, CredentialKind, Hello, Peer, ServerStream, Service,
+    serve, Call, CallCtx, CallOpts, CallWatch, Client, CredentialKind, Hello, Peer, ServerStream,
+    Service,
 };
 use proto::Status;
 
 use crate::host::{Host, IdentityCell};
-use crate::limits::{CANCEL_POLL, ENVD_CALL_TIMEOUT, EXEC_OUTPUT_DEFAULT, EXEC_OUTPUT_MAX};
+use crate::limits::{
+    CANCEL_POLL, ENVD_CALL_TIMEOUT, EXEC_EXIT_GRACE, EXEC_OUTPUT_DEFAULT, EXEC_OUTPUT_MAX,
+};
 use crate::manager::{parse_id, Manager};
 use crate::state::State;
 
@@ -119,28 +122,15 @@ struct Handlers {
 
 impl Handlers {
     /// One call, on a worker: a forwarded method through [`forward`], the others through
-    /// the generated dispatch of their service.
+    /// the generated dispatch of the package (every agent.v1 service).
     fn serve(&self, s: ServerStream) {
         if let Some(route) = forward::route(s.method()) {
             forward(&self.manager, route, s);
             return;
         }
-        let Err(s) = pb::dispatch_sandboxes(self, s) else {
-            return;
-        };
-        let Err(s) = pb::dispatch_processes(self, s) else {
-            return;
-        };
-        let Err(s) = pb::dispatch_templates(self, s) else {
-            return;
-        };
-        let Err(s) = pb::dispatch_host(self, s) else {
-            return;
-        };
-        let Err(s) = pb::dispatch_ports(self, s) else {
-            return;
-        };
-        serve::unknown(s);
+        if let Err(s) = pb::dispatch_package(self, s) {
+            serve::unknown(s);
+        }
     }
 }
 
@@ -151,23 +141,27 @@ fn sandbox_id(s: &str) -> Result<Uuid, Status> {
 impl pb::SandboxesServer for Handlers {
     fn update_network(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         r: pb::UpdateNetworkRequest,
     ) -> Result<pb::SandboxInfo, Status> {
         self.manager
             .update_network(sandbox_id(&r.sandbox_id)?, r.network)
     }
-    fn create(&self, _: &Peer, r: proto::sandbox::SandboxSpec) -> Result<pb::SandboxInfo, Status> {
+    fn create(
+        &self,
+        _: &CallCtx,
+        r: proto::sandbox::SandboxSpec,
+    ) -> Result<pb::SandboxInfo, Status> {
         self.manager.create(r)
     }
 
-    fn get(&self, _: &Peer, r: pb::GetSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+    fn get(&self, _: &CallCtx, r: pb::GetSandboxRequest) -> Result<pb::SandboxInfo, Status> {
         self.manager.get(sandbox_id(&r.sandbox_id)?)
     }
 
     fn list(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         r: pb::ListSandboxesRequest,
     ) -> Result<pb::ListSandboxesResponse, Status> {
         let mut states = Vec::new();
@@ -184,7 +178,7 @@ impl pb::SandboxesServer for Handlers {
 
     fn destroy(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         r: pb::DestroySandboxRequest,
     ) -> Result<pb::DestroySandboxResponse, Status> {
         self.manager
@@ -192,26 +186,30 @@ impl pb::SandboxesServer for Handlers {
             .map(|()| pb::DestroySandboxResponse {})
     }
 
-    fn pause(&self, _: &Peer, r: pb::PauseSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+    fn pause(&self, _: &CallCtx, r: pb::PauseSandboxRequest) -> Result<pb::SandboxInfo, Status> {
         self.manager.pause(sandbox_id(&r.sandbox_id)?)
     }
 
-    fn resume(&self, _: &Peer, r: pb::ResumeSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+    fn resume(&self, _: &CallCtx, r: pb::ResumeSandboxRequest) -> Result<pb::SandboxInfo, Status> {
         self.manager.resume(sandbox_id(&r.sandbox_id)?, r.timeout_s)
     }
 
-    fn set_timeout(&self, _: &Peer, r: pb::SetTimeoutRequest) -> Result<pb::SandboxInfo, Status> {
+    fn set_timeout(
+        &self,
+        _: &CallCtx,
+        r: pb::SetTimeoutRequest,
+    ) -> Result<pb::SandboxInfo, Status> {
         self.manager
             .set_timeout(sandbox_id(&r.sandbox_id)?, r.timeout_s, r.on_timeout)
     }
 
-    fn ping(&self, _: &Peer, r: pb::PingSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+    fn ping(&self, _: &CallCtx, r: pb::PingSandboxRequest) -> Result<pb::SandboxInfo, Status> {
         self.manager.ping(sandbox_id(&r.sandbox_id)?)
     }
 
     fn samples(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         r: pb::SandboxSamplesRequest,
     ) -> Result<pb::SandboxSamplesResponse, Status> {
         let id = sandbox_id(&r.sandbox_id)?;
@@ -229,7 +227,7 @@ impl pb::SandboxesServer for Handlers {
 impl pb::PortsServer for Handlers {
     fn connect(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         r: pb::PortConnectRequest,
         stream: &mut ServerStream,
     ) -> Result<(), Status> {
@@ -238,13 +236,17 @@ impl pb::PortsServer for Handlers {
 }
 
 impl pb::ProcessesServer for Handlers {
-    fn exec(&self, _: &Peer, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
+    fn exec(&self, _: &CallCtx, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
         exec(&self.manager, r)
     }
 }
 
 impl pb::TemplatesServer for Handlers {
-    fn create(&self, _: &Peer, r: pb::CreateTemplateRequest) -> Result<pb::TemplateInfo, Status> {
+    fn create(
+        &self,
+        _: &CallCtx,
+        r: pb::CreateTemplateRequest,
+    ) -> Result<pb::TemplateInfo, Status> {
         let sb = sandbox_id(&r.sandbox_id)?;
         let tpl = parse_id(id::Kind::Template, &r.template_id)?;
         self.manager.create_template(sb, tpl)
@@ -252,7 +254,7 @@ impl pb::TemplatesServer for Handlers {
 
     fn delete(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         r: pb::DeleteTemplateRequest,
     ) -> Result<pb::DeleteTemplateResponse, Status> {
         self.manager
@@ -262,7 +264,7 @@ impl pb::TemplatesServer for Handlers {
 
     fn list(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         _: pb::ListTemplatesRequest,
     ) -> Result<pb::ListTemplatesResponse, Status> {
         Ok(pb::ListTemplatesResponse {
@@ -272,11 +274,11 @@ impl pb::TemplatesServer for Handlers {
 }
 
 impl pb::HostServer for Handlers {
-    fn info(&self, _: &Peer, _: pb::HostInfoRequest) -> Result<pb::HostInfo, Status> {
+    fn info(&self, _: &CallCtx, _: pb::HostInfoRequest) -> Result<pb::HostInfo, Status> {
         Ok(self.host.info())
     }
 
-    fn metrics(&self, _: &Peer, _: pb::HostMetricsRequest) -> Result<pb::HostMetrics, Status> {
+    fn metrics(&self, _: &CallCtx, _: pb::HostMetricsRequest) -> Result<pb::HostMetrics, Status> {
         Ok(self.host.metrics())
     }
 }
@@ -383,6 +385,11 @@ fn exec(m: &Manager, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
     } as usize;
     let process = r.process.unwrap_or_default();
     let feed_stdin = process.stdin;
+    // Once started, a process with its own timeout ends (killed by envd) by then plus a grace;
+    // one without runs as long as it likes.
+    let run_limit = (process.timeout_ms > 0)
+        .then(|| Duration::from_millis(process.timeout_ms) + EXEC_EXIT_GRACE);
+    let start_limit = m.exec_start_timeout();
     let client = m.envd(sandbox_id(&r.sandbox_id)?)?;
     let started_at = Instant::now();
     let mut up = client.call(
@@ -395,12 +402,27 @@ fn exec(m: &Manager, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
             end_stream: true,
         },
     )?;
-    let started = match up.recv::<envd::ProcessEvent>()? {
-        Some(envd::ProcessEvent {
+    up.set_deadline(Some(Instant::now() + start_limit));
+    let first = up.recv::<envd::ProcessEvent>().map_err(|e| {
+        if e.code == proto::Code::DeadlineExceeded {
+            Status::unavailable(format!(
+                "envd did not report the process started within {start_limit:?} (guest stalled?)"
+            ))
+        } else {
+            e
+        }
+    });
+    let started = match first {
+        Ok(Some(envd::ProcessEvent {
             event: Some(Event::Started(st)),
-        }) => st,
-        _ => return Err(Status::internal("envd's Start did not begin with started")),
+        })) => st,
+        Ok(_) => return Err(Status::internal("envd's Start did not begin with started")),
+        Err(e) => {
+            client.close();
+            return Err(e);
+        }
     };
+    up.set_deadline(run_limit.map(|d| Instant::now() + d));
     let mut resp = pb::ExecResponse {
         pid: started.pid,
         tag: started.tag.clone(),

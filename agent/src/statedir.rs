@@ -232,6 +232,12 @@ impl TemplateDir {
     pub fn snapshot(&self) -> PathBuf {
         self.0.join("snapshot")
     }
+    /// The snapshot template's memory file for the File backend (see
+    /// `manager::write_template_memory`); absent for base templates and for templates
+    /// published while the agent restored through wrenn-uffd.
+    pub fn memory(&self) -> PathBuf {
+        self.0.join("memory")
+    }
 }
 
 // ---- records ----

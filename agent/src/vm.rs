@@ -108,6 +108,12 @@ pub struct RestoreSource<'a> {
     pub record_working_set: Option<&'a Path>,
     /// A recorded working set to install first.
     pub working_set: Option<&'a Path>,
+    /// The template's one memory file (fully materialized from its chain, sparse, root's,
+    /// mode 0444, never written again): a restore from the template with the File backend
+    /// maps it directly (`MAP_PRIVATE`, so clones share its clean pages and nothing is
+    /// copied); jailed, it is hard-linked read-only into the chroot. `None`: restore from
+    /// `chain` (a resume of a paused sandbox, its own chain).
+    pub template_memory: Option<&'a Path>,
 }
 
 /// The VM layer.

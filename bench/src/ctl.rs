@@ -349,7 +349,7 @@ fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
                 &create,
                 &[
                     &team, &platform, &"minimal", &0i32, &0i32, &0i64, &id, &300i64, &"destroy",
-                    &meta, &audit, &key_id, &"bench", &sb,
+                    &meta, &audit, &key_id, &"bench", &sb, &meta,
                 ],
             )
             .map_err(|err| err.to_string())?;

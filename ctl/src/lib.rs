@@ -15,6 +15,7 @@ pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod dispatch;
 pub mod host_service;
 pub mod http;
 pub mod limits;

@@ -62,8 +62,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 9,
-        name: "0009_revoked_certificates",
-        sql: include_str!("../migrations/0009_revoked_certificates.sql"),
+        name: "0009_template_defaults",
+        sql: include_str!("../migrations/0009_template_defaults.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "0010_revoked_certificates",
+        sql: include_str!("../migrations/0010_revoked_certificates.sql"),
     },
 ];
 

@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use prost::Message;
-use proto::gen::wrenn::ctl::v1 as ctl;
 use proto::gen::wrenn::host::v1 as host;
 use proto::gen::wrenn::wire::v1::{CredentialKind, Hello};
 use proto::id::Uuid;
-use proto::rpc::{Call, HelloFrom, Peer, ServerStream, Service};
+use proto::rpc::{Call, HelloFrom, Peer, Service};
 use proto::Status;
 
+use crate::dispatch::{ClientCall, HostCall};
 use crate::host_service;
 use crate::metrics;
 use crate::revocation::KeyCheck;
@@ -177,7 +176,11 @@ impl Service for CtlService {
                         return;
                     }
                     metrics::API_CALLS.inc();
-                    let ok = dispatch_ctl(&api, &ctx, stream);
+                    let ok = ClientCall {
+                        api: &api,
+                        auth: &ctx,
+                    }
+                    .serve(stream);
                     if !ok {
                         metrics::API_ERRORS.inc();
                     }
@@ -191,32 +194,21 @@ impl Service for CtlService {
                 }
                 call.spawn(move |stream| {
                     metrics::HOST_CALLS.inc();
-                    unary(stream, |r| host_service::register(&api, r));
+                    HostCall {
+                        api: &api,
+                        host: None,
+                    }
+                    .serve(stream);
                 });
             }
             Caller::Host { id, name } => {
                 call.spawn(move |stream| {
                     metrics::HOST_CALLS.inc();
-                    match stream.method() {
-                        host::host_methods::HEARTBEAT => {
-                            unary(stream, |r| host_service::heartbeat(&api, id, &name, r))
-                        }
-                        host::host_methods::REPORT_STATE => {
-                            unary(stream, |r| host_service::report_state(&api, id, &name, r))
-                        }
-                        host::host_methods::RENEW_CERTIFICATE => unary(stream, |r| {
-                            host_service::renew_certificate(&api, id, &name, r)
-                        }),
-                        host::host_methods::REGISTER => {
-                            stream.finish(Err(Status::failed_precondition("already registered")));
-                            false
-                        }
-                        m => {
-                            let s = Status::unimplemented(format!("unknown method {m}"));
-                            stream.finish(Err(s));
-                            false
-                        }
-                    };
+                    HostCall {
+                        api: &api,
+                        host: Some((id, &name)),
+                    }
+                    .serve(stream);
                 });
             }
         }
@@ -287,107 +279,6 @@ fn recheck(api: &Api, ctx: &AuthCtx, check: &KeyCheck) -> Result<(), Status> {
     }
     rev.checked(check, generation);
     Ok(())
-}
-
-/// Answers a unary call: decode, run, send, finish. Returns whether it succeeded.
-fn unary<Req: Message + Default, Resp: Message>(
-    stream: ServerStream,
-    f: impl FnOnce(Req) -> Result<Resp, Status>,
-) -> bool {
-    let r = stream.first::<Req>().and_then(f);
-    stream.respond(r)
-}
-
-/// Runs a streaming call (server or bidirectional): decode the first message, let the
-/// handler send (and receive), finish. Returns whether it succeeded.
-fn streaming<Req: Message + Default>(
-    mut stream: ServerStream,
-    f: impl FnOnce(Req, &mut ServerStream) -> Result<(), Status>,
-) -> bool {
-    let r = stream.first::<Req>().and_then(|req| f(req, &mut stream));
-    let ok = r.is_ok();
-    stream.finish(r);
-    ok
-}
-
-/// Routes one wrenn.ctl.v1 call to the service layer. Returns whether it succeeded.
-fn dispatch_ctl(api: &Api, ctx: &AuthCtx, stream: ServerStream) -> bool {
-    use ctl::{
-        api_keys_methods as keys, audit_logs_methods as audit, hosts_methods as hosts,
-        ports_methods as ports, processes_methods as procs, sandboxes_methods as sb,
-        teams_methods as teams, templates_methods as tpl, users_methods as users,
-        webhooks_methods as wh,
-    };
-    // Process and file calls: the one forwarding path (PROTOCOL.md §9).
-    if let Some(route) = proto::rpc::forward::route(stream.method()) {
-        return api.serve_forwarded(ctx, route, stream);
-    }
-    let method = stream.method().to_owned();
-    match method.as_str() {
-        sb::CREATE => unary(stream, |r| api.create_sandbox(ctx, r)),
-        sb::LIST => unary(stream, |r| api.list_sandboxes(ctx, r)),
-        sb::GET => unary(stream, |r| api.get_sandbox(ctx, r)),
-        sb::DESTROY => unary(stream, |r| api.destroy_sandbox(ctx, r)),
-        sb::PING => unary(stream, |r| api.ping_sandbox(ctx, r)),
-        sb::SET_TIMEOUT => unary(stream, |r| api.set_sandbox_timeout(ctx, r)),
-        sb::PAUSE => unary(stream, |r| api.pause_sandbox(ctx, r)),
-        sb::RESUME => unary(stream, |r| api.resume_sandbox(ctx, r)),
-        sb::UPDATE_NETWORK => unary(stream, |r| api.update_network(ctx, r)),
-        sb::METRICS => unary(stream, |r| api.sandbox_metrics(ctx, r)),
-
-        procs::EXEC => unary(stream, |r| api.exec(ctx, r)),
-        ports::CONNECT => api.port_connect(ctx, stream),
-
-        tpl::CREATE => unary(stream, |r| api.create_template(ctx, r)),
-        tpl::LIST => unary(stream, |r| api.list_templates(ctx, r)),
-        tpl::GET => unary(stream, |r| api.get_template(ctx, r)),
-        tpl::DELETE => unary(stream, |r| api.delete_template(ctx, r)),
-        tpl::BUILD => streaming(stream, |r, s| api.build_template(ctx, r, s)),
-        tpl::ATTACH_BUILD => streaming(stream, |r, s| {
-            let w = s.watch();
-            api.attach_build(ctx, r, &mut |e| s.send(&e), &|| w.is_cancelled())
-        }),
-        tpl::GET_BUILD => unary(stream, |r| api.get_build(ctx, r)),
-        tpl::LIST_BUILDS => unary(stream, |r| api.list_builds(ctx, r)),
-        tpl::CANCEL_BUILD => unary(stream, |r| api.cancel_build(ctx, r)),
-
-        teams::GET => unary(stream, |r| api.get_team(ctx, r)),
-        teams::CREATE => unary(stream, |r| api.create_team(ctx, r)),
-        teams::ADD_MEMBER => unary(stream, |r| api.add_member(ctx, r)),
-        teams::REMOVE_MEMBER => unary(stream, |r| api.remove_member(ctx, r)),
-        teams::LIST_MEMBERS => unary(stream, |r| api.list_members(ctx, r)),
-        teams::USAGE => unary(stream, |r| api.team_usage(ctx, r)),
-
-        users::CREATE => unary(stream, |r| api.create_user(ctx, r)),
-        users::GET => unary(stream, |r| api.get_user(ctx, r)),
-        users::LIST => unary(stream, |r| api.list_users(ctx, r)),
-
-        keys::CREATE => unary(stream, |r| api.create_api_key(ctx, r)),
-        keys::LIST => unary(stream, |r| api.list_api_keys(ctx, r)),
-        keys::REVOKE => unary(stream, |r| api.revoke_api_key(ctx, r)),
-
-        hosts::CREATE_REGISTRATION_TOKEN => {
-            unary(stream, |r| api.create_registration_token(ctx, r))
-        }
-        hosts::LIST => unary(stream, |r| api.list_hosts(ctx, r)),
-        hosts::GET => unary(stream, |r| api.get_host(ctx, r)),
-        hosts::DRAIN => unary(stream, |r| api.drain_host(ctx, r)),
-        hosts::UNDRAIN => unary(stream, |r| api.undrain_host(ctx, r)),
-        hosts::DELETE => unary(stream, |r| api.delete_host(ctx, r)),
-
-        audit::LIST => unary(stream, |r| api.list_audit_logs(ctx, r)),
-
-        wh::CREATE => unary(stream, |r| api.create_webhook(ctx, r)),
-        wh::LIST => unary(stream, |r| api.list_webhooks(ctx, r)),
-        wh::DELETE => unary(stream, |r| api.delete_webhook(ctx, r)),
-        wh::DELIVERIES => unary(stream, |r| api.list_deliveries(ctx, r)),
-
-        m => {
-            let s = Status::unimplemented(format!("unknown method {m}"));
-            stream.finish(Err(s));
-            false
-        }
-    }
 }
 
 /// Why a ctl replica could not start.

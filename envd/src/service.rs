@@ -32,7 +32,7 @@ use prost::bytes::Bytes;
 use prost::Message;
 use proto::gen::wrenn::envd::v1 as pb;
 use proto::gen::wrenn::wire::v1::{CredentialKind, Hello};
-use proto::rpc::{Call, Peer, ServerHandle, ServerStream, Service};
+use proto::rpc::{Call, CallCtx, Peer, ServerHandle, ServerStream, Service};
 use proto::{Code, Status};
 
 use crate::clock::{Clock, Source, Synced};
@@ -1108,6 +1108,7 @@ impl Service for EnvdService {
         let envd = EnvdService(self.0.clone());
         call.spawn(move |s| {
             let envd = &envd;
+            // Not dispatch_package: Announce is the agent's side (envd calls it).
             let _ = pb::dispatch_process(envd, s)
                 .or_else(|s| pb::dispatch_filesystem(envd, s))
                 .or_else(|s| pb::dispatch_init(envd, s))
@@ -1122,7 +1123,12 @@ impl Service for EnvdService {
 // service wrapper, since a resume re-announces from an `Arc<Envd>`) --------------
 
 impl pb::ProcessServer for EnvdService {
-    fn start(&self, _: &Peer, req: pb::StartRequest, s: &mut ServerStream) -> Result<(), Status> {
+    fn start(
+        &self,
+        _: &CallCtx,
+        req: pb::StartRequest,
+        s: &mut ServerStream,
+    ) -> Result<(), Status> {
         let cfg = req
             .process
             .ok_or_else(|| Status::invalid_argument("no process config"))?;
@@ -1133,7 +1139,7 @@ impl pb::ProcessServer for EnvdService {
 
     fn connect(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         req: pb::ConnectRequest,
         s: &mut ServerStream,
     ) -> Result<(), Status> {
@@ -1149,7 +1155,7 @@ impl pb::ProcessServer for EnvdService {
 
     fn send_input(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         first: pb::SendInputRequest,
         s: &mut ServerStream,
     ) -> Result<pb::SendInputResponse, Status> {
@@ -1158,7 +1164,7 @@ impl pb::ProcessServer for EnvdService {
 
     fn close_stdin(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         r: pb::CloseStdinRequest,
     ) -> Result<pb::CloseStdinResponse, Status> {
         let p = self.0.find(r.process)?;
@@ -1170,7 +1176,7 @@ impl pb::ProcessServer for EnvdService {
         }
     }
 
-    fn signal(&self, _: &Peer, r: pb::SignalRequest) -> Result<pb::SignalResponse, Status> {
+    fn signal(&self, _: &CallCtx, r: pb::SignalRequest) -> Result<pb::SignalResponse, Status> {
         if r.signal == 0 {
             return Err(Status::invalid_argument("no signal"));
         }
@@ -1181,7 +1187,7 @@ impl pb::ProcessServer for EnvdService {
 
     fn resize_pty(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         r: pb::ResizePtyRequest,
     ) -> Result<pb::ResizePtyResponse, Status> {
         let p = self.0.find(r.process)?;
@@ -1195,7 +1201,7 @@ impl pb::ProcessServer for EnvdService {
 
     fn list(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         _: pb::ListProcessesRequest,
     ) -> Result<pb::ListProcessesResponse, Status> {
         Ok(self.0.list_processes())
@@ -1203,56 +1209,56 @@ impl pb::ProcessServer for EnvdService {
 }
 
 impl pb::FilesystemServer for EnvdService {
-    fn stat(&self, _: &Peer, r: pb::StatRequest) -> Result<pb::StatResponse, Status> {
+    fn stat(&self, _: &CallCtx, r: pb::StatRequest) -> Result<pb::StatResponse, Status> {
         self.0.fs_stat(r)
     }
 
-    fn list(&self, _: &Peer, r: pb::ListDirRequest, s: &mut ServerStream) -> Result<(), Status> {
+    fn list(&self, _: &CallCtx, r: pb::ListDirRequest, s: &mut ServerStream) -> Result<(), Status> {
         self.0.fs_list(r, s)
     }
 
-    fn make_dir(&self, _: &Peer, r: pb::MakeDirRequest) -> Result<pb::MakeDirResponse, Status> {
+    fn make_dir(&self, _: &CallCtx, r: pb::MakeDirRequest) -> Result<pb::MakeDirResponse, Status> {
         self.0.fs_make_dir(r)
     }
 
-    fn r#move(&self, _: &Peer, r: pb::MoveRequest) -> Result<pb::MoveResponse, Status> {
+    fn r#move(&self, _: &CallCtx, r: pb::MoveRequest) -> Result<pb::MoveResponse, Status> {
         self.0.fs_move(r)
     }
 
-    fn remove(&self, _: &Peer, r: pb::RemoveRequest) -> Result<pb::RemoveResponse, Status> {
+    fn remove(&self, _: &CallCtx, r: pb::RemoveRequest) -> Result<pb::RemoveResponse, Status> {
         self.0.fs_remove(r)
     }
 
-    fn read(&self, _: &Peer, r: pb::ReadRequest, s: &mut ServerStream) -> Result<(), Status> {
+    fn read(&self, _: &CallCtx, r: pb::ReadRequest, s: &mut ServerStream) -> Result<(), Status> {
         self.0.fs_read(r, s)
     }
 
     fn write(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         first: pb::WriteRequest,
         s: &mut ServerStream,
     ) -> Result<pb::WriteResponse, Status> {
         self.0.fs_write(first, s)
     }
 
-    fn watch(&self, _: &Peer, r: pb::WatchRequest, s: &mut ServerStream) -> Result<(), Status> {
+    fn watch(&self, _: &CallCtx, r: pb::WatchRequest, s: &mut ServerStream) -> Result<(), Status> {
         self.0.fs_watch(r, s)
     }
 }
 
 impl pb::InitServer for EnvdService {
-    fn init(&self, peer: &Peer, r: pb::InitRequest) -> Result<pb::InitResponse, Status> {
-        self.0.init_envd(peer, r)
+    fn init(&self, ctx: &CallCtx, r: pb::InitRequest) -> Result<pb::InitResponse, Status> {
+        self.0.init_envd(&ctx.peer, r)
     }
 
-    fn resumed(&self, _: &Peer, r: pb::ResumedRequest) -> Result<pb::ResumedResponse, Status> {
+    fn resumed(&self, _: &CallCtx, r: pb::ResumedRequest) -> Result<pb::ResumedResponse, Status> {
         Ok(self.0.resumed_at(r))
     }
 }
 
 impl pb::MetricsServer for EnvdService {
-    fn get(&self, _: &Peer, _: pb::GetMetricsRequest) -> Result<pb::GetMetricsResponse, Status> {
+    fn get(&self, _: &CallCtx, _: pb::GetMetricsRequest) -> Result<pb::GetMetricsResponse, Status> {
         Ok(self.0.metrics())
     }
 }
@@ -1260,7 +1266,7 @@ impl pb::MetricsServer for EnvdService {
 impl pb::HealthServer for EnvdService {
     fn check(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         _: pb::HealthCheckRequest,
     ) -> Result<pb::HealthCheckResponse, Status> {
         Ok(self.0.health())

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use proto::rpc::{BytesMut, ReadMode, SocketTransport, Source, Transport};
+use proto::rpc::{Bytes, BytesMut, ReadMode, SocketTransport, Source, Transport};
 use rustls::pki_types::CertificateDer;
 
 use crate::limits::{PLAINTEXT_BUFFERED_MAX, RAW_READ_CHUNK, SEND_BUFFERED_MAX};
@@ -430,13 +430,15 @@ impl Transport for TlsTransport {
         self.sock.fd()
     }
 
-    fn peer_certificate(&self) -> Option<Vec<u8>> {
-        let st = self.lock();
-        st.conn.peer_certificates()?.first().map(|c| c.to_vec())
-    }
-
     fn source(&self) -> Source {
         self.sock.source()
+    }
+
+    /// The client's end-entity certificate on a server whose configuration verified it
+    /// (mutual TLS); the server's on a client.
+    fn peer_certificate(&self) -> Option<Bytes> {
+        let chain = self.lock().conn.peer_certificates()?.first()?.to_vec();
+        Some(chain.into())
     }
 }
 

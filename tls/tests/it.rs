@@ -25,6 +25,8 @@ struct Blob {
 
 const ECHO: &str = "t.T/Echo";
 const STREAM: &str = "t.T/Stream";
+/// Answers the client certificate the call's context holds (empty without one).
+const CERT: &str = "t.T/Cert";
 
 struct Svc;
 
@@ -54,6 +56,10 @@ impl Service for Svc {
                 }
                 s.finish(Ok(()))
             }),
+            CERT => {
+                let data = call.ctx().client_cert.clone().unwrap_or_default().to_vec();
+                call.reply(&Blob { data, n: 0 })
+            }
             _ => call.fail(Status::unimplemented("no")),
         }
     }
@@ -336,8 +342,25 @@ fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         )
         .unwrap()
     };
-    let good = connect(addr, &with_identity(&ca)).unwrap();
+    let (c, k) = ca.leaf(&["host-1.hosts.wrenn"]);
+    let identity = ClientTls::from_ca_pem(
+        &ca.cert_pem,
+        ClientOptions {
+            alpn: vec![ALPN_WRENN.to_vec()],
+            identity: Some((
+                tls::certs_from_pem(&c, "c").unwrap(),
+                tls::key_from_pem(&k, "k").unwrap(),
+            )),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let good = connect(addr, &identity).unwrap();
     assert_eq!(echo(&good, b"m".to_vec()).data, b"m");
+    // Every call's context carries the certificate the client presented.
+    let seen: Blob = good.unary(CERT, &Blob::default(), None).unwrap();
+    let der = tls::certs_from_pem(&c, "c").unwrap();
+    assert_eq!(seen.data, der[0].as_ref());
     // TLS 1.3 client authentication fails after the client's Finished: the refusal
     // reaches the client as an alert when it reads, or as a closed connection.
     assert!(connect(addr, &client_tls(&ca)).is_err(), "no certificate");

@@ -203,7 +203,8 @@ pub fn connect(uds_path: &Path, port: u32, timeout: Duration) -> Result<UnixStre
     Ok(s)
 }
 
-/// Connects to guest port `port` and opens an RPC client over it (hello included).
+/// Connects to guest port `port` and opens an RPC client over it (hello included); `timeout`
+/// bounds the CONNECT handshake and, again, the hello.
 pub fn connect_rpc(
     uds_path: &Path,
     port: u32,
@@ -211,8 +212,11 @@ pub fn connect_rpc(
     timeout: Duration,
 ) -> Result<Client, VsockError> {
     let s = connect(uds_path, port, timeout)?;
+    // A guest answers the hello slower than a network peer (a starved vCPU on a busy host):
+    // the caller's timeout bounds it, not the network default.
     let cfg = ClientConfig {
         name: "wrenn-agent".to_owned(),
+        hello_timeout: timeout,
         ..ClientConfig::default()
     };
     let io = proto::rpc::SocketTransport::hybrid_vsock(OwnedFd::from(s), port);

@@ -219,10 +219,12 @@ impl Manager {
                 // Diff on top of the template's layers.
                 rec.full_snapshot_taken = true;
                 let ws = tdir.snapshot().join("working_set");
+                let memory = self.template_memory(template);
                 let src = RestoreSource {
                     chain: &chain,
                     record_working_set: None,
                     working_set: ws.exists().then_some(ws.as_path()),
+                    template_memory: memory.as_deref(),
                 };
                 let r = self.vmm.restore(rec, &sb.dir, &src).map(|s| rec.started(s));
                 self.commit(sb, rec)?;

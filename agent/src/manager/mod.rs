@@ -57,6 +57,7 @@ use create::check_timeout;
 pub use create::{parse_id, CreateSpec};
 pub use network::egress_of;
 pub use recovery::{decide, stray_processes, Action, Decision};
+pub use template::{allocated_bytes, write_template_memory};
 
 /// Where the manager sends state changes it makes on its own (TTL, VM death, adoption).
 pub trait Events: Send + Sync {
@@ -85,6 +86,9 @@ pub struct Config {
     /// Where this agent's chroots are (`--chroot-base-dir`): recovery kills a jailed process
     /// no record holds only when the jailer's pid file in one of them names it.
     pub jail_chroot_base: Option<PathBuf>,
+    /// How long an Exec waits for envd to report the process started
+    /// ([`crate::limits::EXEC_START_TIMEOUT`]; tests shorten it).
+    pub exec_start_timeout: Duration,
 }
 
 impl Config {
@@ -95,6 +99,7 @@ impl Config {
             default_timeout: crate::limits::TIMEOUT_DEFAULT,
             jail_uids: None,
             jail_chroot_base: None,
+            exec_start_timeout: crate::limits::EXEC_START_TIMEOUT,
         }
     }
 }
@@ -172,6 +177,9 @@ pub struct Manager {
     reaper: Arc<Reaper>,
     sandboxes: Mutex<HashMap<Uuid, Arc<Sandbox>>>,
     templates: Mutex<HashMap<Uuid, TemplateRecord>>,
+    /// Held while a template's memory file is written at a create (one writer: concurrent
+    /// first creates of a template wait for its file instead of each writing one).
+    template_memory_writer: Mutex<()>,
     slots: Mutex<SlotAllocator>,
     uids: Option<Mutex<UidPool>>,
     turns: Turns,
@@ -216,6 +224,7 @@ impl Manager {
             reaper: Arc::new(Reaper::new()),
             sandboxes: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
+            template_memory_writer: Mutex::new(()),
             slots: Mutex::new(slots),
             uids,
             turns: Turns {
@@ -477,6 +486,10 @@ impl Manager {
     }
 
     /// A new connection to a running sandbox's envd (for proxied calls).
+    pub fn exec_start_timeout(&self) -> Duration {
+        self.cfg.exec_start_timeout
+    }
+
     pub fn envd(&self, id: Uuid) -> Result<Client, Status> {
         let sb = self.lookup(id)?;
         let rec = sb.rec();

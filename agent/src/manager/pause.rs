@@ -99,6 +99,7 @@ impl Manager {
             chain: &chain,
             record_working_set: None,
             working_set: None,
+            template_memory: None,
         };
         let r = self.vmm.restore(rec, &sb.dir, &src).map(|s| rec.started(s));
         self.commit(sb, rec)?;

@@ -8,7 +8,7 @@ pub(super) fn find_layer(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
 }
 
 /// Bytes allocated on disk under `dir` (sparse files count what they hold).
-pub(super) fn allocated_bytes(dir: &Path) -> u64 {
+pub fn allocated_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     let mut stack = vec![dir.to_owned()];
@@ -26,7 +26,100 @@ pub(super) fn allocated_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// Name prefix of a template memory file being written.
+const MEMORY_TMP_PREFIX: &str = ".memory.tmp-";
+
+/// Writes a snapshot template's one memory file, `tdir.memory()`, from its chain (the
+/// header and layers in `tdir.snapshot()`): every data extent at its offset, zero ranges left
+/// as holes (sparse: it allocates what the layers hold), synced, mode 0444 and owned by the
+/// agent (root), then renamed into place, so a reader sees the whole file or none. Written
+/// once per template; never written again (restores map it `MAP_PRIVATE`: guest writes go
+/// to private copies of pages). Returns the bytes allocated.
+pub fn write_template_memory(tdir: &TemplateDir) -> Result<u64, Status> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let snap = tdir.snapshot();
+    let header = fs::read(snap.join("header")).map_err(internal)?;
+    let header = uffd::header::Header::parse(&header).map_err(internal)?;
+    // A temporary an interrupted write left (an agent killed while writing) goes first.
+    if let Ok(rd) = fs::read_dir(tdir.path()) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(MEMORY_TMP_PREFIX)
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    let tmp = tdir.path().join(format!(
+        "{MEMORY_TMP_PREFIX}{}",
+        proto::random::hex(8).map_err(internal)?
+    ));
+    let r = (|| -> Result<u64, Status> {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(internal)?;
+        uffd::snapshot::materialize(&header, &[snap], &f).map_err(internal)?;
+        f.sync_all().map_err(internal)?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444)).map_err(internal)?;
+        let allocated = f.metadata().map_err(internal)?.blocks() * 512;
+        fs::rename(&tmp, tdir.memory()).map_err(internal)?;
+        fs::File::open(tdir.path())
+            .and_then(|d| d.sync_all())
+            .map_err(internal)?;
+        Ok(allocated)
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
+}
+
 impl Manager {
+    /// The memory file a File-backed restore from snapshot template `t` maps: written when
+    /// the template was published, or now, once, for a template published while the agent
+    /// restored through wrenn-uffd (or by an older agent). `None` with the uffd backend, or
+    /// when it cannot be written (logged; the restore then goes through wrenn-uffd).
+    pub(super) fn template_memory(&self, t: &TemplateRecord) -> Option<PathBuf> {
+        if self.vmm.restore_backend() != "file" {
+            return None;
+        }
+        let tdir = self.cfg.layout.template(t.id);
+        let path = tdir.memory();
+        if path.exists() {
+            return Some(path);
+        }
+        let _one = self
+            .template_memory_writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if path.exists() {
+            // Written by a create that held the lock first.
+            return Some(path);
+        }
+        let started = Instant::now();
+        match write_template_memory(&tdir) {
+            Ok(bytes) => {
+                info!(
+                    "template memory written template={} allocated_bytes={bytes} ms={}",
+                    id::format_template(t.id),
+                    started.elapsed().as_millis()
+                );
+                Some(path)
+            }
+            Err(e) => {
+                warn!(
+                    "template memory not written template={} error={:?}",
+                    id::format_template(t.id),
+                    e.message
+                );
+                None
+            }
+        }
+    }
+
     /// The template `id` on this host: from memory, else from its directory (a base
     /// template is a directory with `rootfs.ext4` and no record).
     pub fn template(&self, id: Uuid) -> Option<TemplateRecord> {
@@ -191,6 +284,10 @@ impl Manager {
             generation: chain.generation,
         };
         t.working_set_pages = self.record_working_set(&t, tmp)?;
+        // The File backend's one memory file, published with the template.
+        if self.vmm.restore_backend() == "file" {
+            write_template_memory(tmp)?;
+        }
         t.save(tmp).map_err(internal)?;
         Ok(t)
     }
@@ -228,6 +325,7 @@ impl Manager {
                 chain: &chain,
                 record_working_set: Some(&ws_path),
                 working_set: None,
+                template_memory: None,
             };
             let started = self.vmm.restore(&rec, &dir, &src).map_err(vm_status)?;
             rec.started(started);

@@ -27,10 +27,14 @@ pub struct FakeEnvd {
     pub token: Mutex<String>,
     pub files: Mutex<HashMap<String, Vec<u8>>>,
     pub env: Mutex<HashMap<String, String>>,
+    /// The default user and directory of the last Init.
+    pub defaults: Mutex<(String, String)>,
     /// Bytes the `yes` generator managed to send (flow-control test).
     pub yes_sent: AtomicU64,
     pub inits: AtomicU64,
     pub resumed: AtomicU64,
+    /// `stall` starts whose caller cancelled (closed the connection) before the bound.
+    pub stalls_seen_cancelled: AtomicU64,
     stdin: Mutex<HashMap<u32, std::sync::mpsc::Sender<Option<Vec<u8>>>>>,
     /// Running processes by pid (what List answers).
     running: Mutex<HashMap<u32, envd::ProcessInfo>>,
@@ -77,6 +81,7 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
             let r: envd::InitRequest = s.first().unwrap();
             *e.token.lock().unwrap() = r.access_token;
             *e.env.lock().unwrap() = r.env.into_iter().collect();
+            *e.defaults.lock().unwrap() = (r.default_user, r.default_cwd);
             e.inits.fetch_add(1, Ordering::SeqCst);
             reply(
                 s,
@@ -112,6 +117,18 @@ fn envd_dispatch(e: &Arc<FakeEnvd>, mut s: ServerStream) {
             let pid = 100 + e.next_pid.fetch_add(1, Ordering::SeqCst) as u32;
             if p.cmd == "missing" {
                 return s.finish(Err(Status::not_found("fake envd: no such command")));
+            }
+            if p.cmd == "stall" {
+                // A starved guest: the connection stays up, no event comes, until the
+                // caller gives up (bounded, so a broken test cannot hang).
+                let w = s.watch();
+                let end = std::time::Instant::now() + Duration::from_secs(20);
+                while !w.is_cancelled() && std::time::Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                e.stalls_seen_cancelled
+                    .fetch_add(w.is_cancelled() as u64, Ordering::SeqCst);
+                return s.finish(Err(Status::cancelled("fake envd: stall ended")));
             }
             let (tx, rx) = std::sync::mpsc::channel();
             if p.stdin {
@@ -466,6 +483,10 @@ pub struct FakeVmm {
     pub working_sets_recorded: AtomicU64,
     /// Time each snapshot takes (to hold an operation open).
     pub snapshot_delay: Mutex<Duration>,
+    /// Answer "file" to `restore_backend` (else "uffd").
+    pub file_backend: std::sync::atomic::AtomicBool,
+    /// The template memory file each restore was given, in order.
+    pub template_memory: Mutex<Vec<Option<PathBuf>>>,
 }
 
 impl FakeVmm {
@@ -537,7 +558,11 @@ impl Vmm for FakeVmm {
         "Firecracker fake".into()
     }
     fn restore_backend(&self) -> &'static str {
-        "uffd"
+        if self.file_backend.load(Ordering::SeqCst) {
+            "file"
+        } else {
+            "uffd"
+        }
     }
     fn create_slot(&self, index: u32, egress: &Egress) -> Result<(), VmError> {
         assert!(
@@ -604,6 +629,10 @@ impl Vmm for FakeVmm {
         src: &RestoreSource<'_>,
     ) -> Result<Started, VmError> {
         assert!(rec.slot.is_some(), "restore without a slot");
+        self.template_memory
+            .lock()
+            .unwrap()
+            .push(src.template_memory.map(Path::to_owned));
         if self.should_fail("restore") {
             return Err(VmError::new("restore", "injected failure"));
         }

@@ -824,3 +824,161 @@ fn recovery_takes_the_newest_complete_generation_and_a_full_snapshot_after_a_cut
     assert!(!r2.full_snapshot_taken, "next snapshot must be Full");
     m.destroy(id2).unwrap();
 }
+
+/// Issue 17 §1: the spec's process defaults (a template's USER, WORKDIR and ENV, sent by
+/// ctl) reach envd at create, again at every resume (also after an agent restart, from the
+/// record), and a sandbox from a snapshot template gets its own spec's, not its source's.
+#[test]
+fn process_defaults_reach_envd_at_create_resume_and_from_a_template() {
+    let env = Env::new("defaults");
+    let m = env.manager.clone();
+    let mut spec = env.spec(1);
+    spec.default_user = "web".into();
+    spec.default_cwd = "/app".into();
+    spec.env.insert("PORT".into(), "8080".into());
+    m.create(spec).unwrap();
+    let seen = |n: u128| {
+        let g = env.vmm.envd(&env.dir(n)).unwrap();
+        let d = g.defaults.lock().unwrap().clone();
+        let mut e: Vec<(String, String)> = g.env.lock().unwrap().clone().into_iter().collect();
+        e.sort();
+        (d, e)
+    };
+    let want = (
+        ("web".to_string(), "/app".to_string()),
+        vec![
+            ("GREETING".to_string(), "hi".to_string()),
+            ("PORT".to_string(), "8080".to_string()),
+        ],
+    );
+    assert_eq!(seen(1), want);
+    // Forget them in the guest before the snapshot: a resume must send them again.
+    let forget = |n: u128| {
+        let g = env.vmm.envd(&env.dir(n)).unwrap();
+        *g.defaults.lock().unwrap() = Default::default();
+        g.env.lock().unwrap().clear();
+    };
+    forget(1);
+    m.pause(Uuid::from_u128(1)).unwrap();
+    m.resume(Uuid::from_u128(1), 0).unwrap();
+    assert_eq!(seen(1), want);
+    // After an agent restart, from the record.
+    forget(1);
+    m.pause(Uuid::from_u128(1)).unwrap();
+    drop(m);
+    let m = crate::Env::manager_on(&env.root, 64, &env.vmm, &env.clock, &env.events);
+    m.recover();
+    m.resume(Uuid::from_u128(1), 0).unwrap();
+    assert_eq!(seen(1), want);
+    // A snapshot template of it; a sandbox from the template gets the defaults its spec
+    // carries (ctl sends the template's), not what the source sandbox had.
+    let tpl = Uuid::from_u128(0x78);
+    m.create_template(Uuid::from_u128(1), tpl).unwrap();
+    let mut s = env.spec(2);
+    s.template_id = id::format_template(tpl);
+    s.template_kind = TemplateKind::Snapshot as i32;
+    s.default_user = "other".into();
+    s.default_cwd = "/srv".into();
+    s.env = [("ONLY".to_string(), "this".to_string())].into();
+    m.create(s).unwrap();
+    assert_eq!(
+        seen(2),
+        (
+            ("other".to_string(), "/srv".to_string()),
+            vec![("ONLY".to_string(), "this".to_string())]
+        )
+    );
+    for n in 1..=2 {
+        m.destroy(Uuid::from_u128(n)).unwrap();
+    }
+}
+
+/// Issue 15 §1: with the File backend a snapshot template is published with one memory file
+/// (whole, sparse, read-only), every create from the template is given that file (the same
+/// inode; nothing is written for the sandbox), a resume is given none (its own chain goes
+/// through wrenn-uffd); a template published under the uffd backend gets its file once, at
+/// the first File-backed create.
+#[test]
+fn file_backed_creates_from_a_template_share_its_one_memory_file() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("tplmem");
+    let m = env.manager.clone();
+    env.vmm.file_backend.store(true, Ordering::SeqCst);
+    m.create(env.spec(1)).unwrap();
+    let tpl = Uuid::from_u128(0x79);
+    m.create_template(Uuid::from_u128(1), tpl).unwrap();
+    let tdir = env
+        .root
+        .join("templates")
+        .join(tpl.hyphenated().to_string());
+    let mem = tdir.join("memory");
+    let meta = std::fs::metadata(&mem).expect("published with the template");
+    assert_eq!(meta.mode() & 0o7777, 0o444);
+    // The fake chain: 16 pages, one page of data (7s) per generation; the rest holes.
+    assert_eq!(meta.len(), 16 * 4096);
+    assert!(
+        meta.blocks() * 512 < meta.len(),
+        "sparse: {} blocks",
+        meta.blocks()
+    );
+    let bytes = std::fs::read(&mem).unwrap();
+    assert_eq!(bytes.iter().filter(|&&b| b == 7).count(), 4096);
+    assert_eq!(bytes.iter().filter(|&&b| b == 0).count(), 15 * 4096);
+    env.vmm.template_memory.lock().unwrap().clear();
+    for n in 10..13u128 {
+        let mut s = env.spec(n);
+        s.template_id = id::format_template(tpl);
+        s.template_kind = TemplateKind::Snapshot as i32;
+        m.create(s).unwrap();
+        assert!(!env.dir(n).join("snapshot/memory").exists());
+    }
+    let given = env.vmm.template_memory.lock().unwrap().clone();
+    assert_eq!(
+        given,
+        vec![Some(mem.clone()); 3],
+        "each create got the template's file"
+    );
+    let after = std::fs::metadata(&mem).unwrap();
+    assert_eq!(
+        (after.ino(), after.mtime_nsec(), after.len()),
+        (meta.ino(), meta.mtime_nsec(), meta.len()),
+        "never written again"
+    );
+    // A resume restores its own chain.
+    env.vmm.template_memory.lock().unwrap().clear();
+    m.pause(Uuid::from_u128(10)).unwrap();
+    m.resume(Uuid::from_u128(10), 0).unwrap();
+    assert_eq!(*env.vmm.template_memory.lock().unwrap(), vec![None]);
+
+    // Published while the agent used wrenn-uffd: no file; the first File-backed create
+    // writes it, the next ones reuse it.
+    env.vmm.file_backend.store(false, Ordering::SeqCst);
+    let tpl2 = Uuid::from_u128(0x7a);
+    m.create_template(Uuid::from_u128(11), tpl2).unwrap();
+    let mem2 = env
+        .root
+        .join("templates")
+        .join(tpl2.hyphenated().to_string())
+        .join("memory");
+    assert!(!mem2.exists());
+    let mut s = env.spec(20);
+    s.template_id = id::format_template(tpl2);
+    s.template_kind = TemplateKind::Snapshot as i32;
+    env.vmm.template_memory.lock().unwrap().clear();
+    m.create(s.clone()).unwrap();
+    assert_eq!(*env.vmm.template_memory.lock().unwrap(), vec![None]);
+    env.vmm.file_backend.store(true, Ordering::SeqCst);
+    s.sandbox_id = id::format_sandbox(Uuid::from_u128(21));
+    m.create(s.clone()).unwrap();
+    let ino = std::fs::metadata(&mem2).unwrap().ino();
+    s.sandbox_id = id::format_sandbox(Uuid::from_u128(22));
+    m.create(s).unwrap();
+    assert_eq!(std::fs::metadata(&mem2).unwrap().ino(), ino, "written once");
+    assert_eq!(
+        *env.vmm.template_memory.lock().unwrap(),
+        vec![None, Some(mem2.clone()), Some(mem2.clone())]
+    );
+    for n in [1, 10, 11, 12, 20, 21, 22] {
+        m.destroy(Uuid::from_u128(n)).unwrap();
+    }
+}

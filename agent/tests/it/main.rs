@@ -86,6 +86,8 @@ impl Env {
     ) -> Arc<Manager> {
         let mut cfg = Config::new(root);
         cfg.slot_capacity = slots;
+        // The fake envd reports a start at once; its `stall` command never does.
+        cfg.exec_start_timeout = std::time::Duration::from_secs(2);
         Manager::new(cfg, vmm.clone(), clock.clone(), events.clone()).unwrap()
     }
 

@@ -320,6 +320,51 @@ fn bad_ids_unknown_sandboxes_wrong_states_and_oversized_frames() {
     assert!(!rig.env.dir(2).exists());
 }
 
+/// A guest that keeps its connection up but never reports the start (seen on nested KVM)
+/// costs an Exec a bounded wait, not a worker forever; envd's side is closed and the next
+/// Exec is served.
+#[test]
+fn exec_gives_up_on_a_start_that_never_comes() {
+    let rig = Rig::new("exec-stall");
+    let c = rig.client();
+    rig.create(&c, 1);
+    let t = Instant::now();
+    let e = c
+        .unary::<_, pb::ExecResponse>(
+            pb::processes_methods::EXEC,
+            &exec_req(1, "stall", &[]),
+            None,
+        )
+        .unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    assert!(
+        e.message.contains("did not report the process started"),
+        "{e}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "waited {waited:?} for a 2 s start limit"
+    );
+    let envd = rig.env.vmm.envd(&rig.env.dir(1)).unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while envd.stalls_seen_cancelled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < end,
+            "envd's side of the stalled start was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r: pb::ExecResponse = c
+        .unary(
+            pb::processes_methods::EXEC,
+            &exec_req(1, "echo", &["x"]),
+            None,
+        )
+        .unwrap();
+    assert_eq!(&r.stdout[..], b"x");
+}
+
 #[test]
 fn exec_collects_bounded_output_and_feeds_stdin() {
     let rig = Rig::new("exec");

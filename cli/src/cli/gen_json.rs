@@ -1000,6 +1000,9 @@ impl Json for proto::gen::wrenn::ctl::v1::Template {
         m.insert("host_id".into(), Value::String(self.host_id.clone()));
         m.insert("source_sandbox_id".into(), Value::String(self.source_sandbox_id.clone()));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        m.insert("default_user".into(), Value::String(self.default_user.clone()));
+        m.insert("default_cwd".into(), Value::String(self.default_cwd.clone()));
+        m.insert("env".into(), Value::Object(self.env.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         Value::Object(m)
     }
 }

@@ -531,6 +531,13 @@ fn template_human(t: &pb::Template) -> String {
         ("host", t.host_id.clone()),
         ("source", t.source_sandbox_id.clone()),
         ("created", time(t.created_unix_ns)),
+        ("user", t.default_user.clone()),
+        ("workdir", t.default_cwd.clone()),
+        ("env", {
+            let mut e: Vec<String> = t.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            e.sort();
+            e.join(" ")
+        }),
     ])
 }
 

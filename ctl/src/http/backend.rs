@@ -10,9 +10,10 @@ use std::sync::Arc;
 use prost::Message;
 use proto::gen::wrenn::ctl::v1 as ctl;
 use proto::rpc::forward::{self, Downstream};
-use proto::rpc::{Bytes, Peer};
+use proto::rpc::{Bytes, CallCtx, Peer, Source};
 use proto::Status;
 
+use crate::dispatch::ClientCall;
 use crate::service::{Api, AuthCtx};
 
 /// The service layer as the gateway sees it. Implementations are called on the gateway's
@@ -71,10 +72,6 @@ fn req<M: Message + Default>(b: &[u8]) -> Result<M, Status> {
     M::decode(b).map_err(|e| Status::invalid_argument(format!("decode request: {e}")))
 }
 
-fn enc<M: Message>(r: Result<M, Status>) -> Result<Vec<u8>, Status> {
-    r.map(|m| m.encode_to_vec())
-}
-
 /// The gateway's side of a forwarded call: `next` yields a client stream's later messages,
 /// `emit` takes a server stream's messages (it fails once the HTTP client went away).
 struct HttpDown<'a> {
@@ -118,70 +115,24 @@ impl Backend for ApiBackend {
     }
 
     fn unary(&self, peer: &Peer, method: &'static str, b: Vec<u8>) -> Result<Vec<u8>, Status> {
-        use ctl::{
-            api_keys_methods as keys, audit_logs_methods as audit, hosts_methods as hosts,
-            processes_methods as procs, sandboxes_methods as sb, teams_methods as teams,
-            templates_methods as tpl, users_methods as users,
-        };
-        let a = &self.0;
-        let c = ctx_of(peer)?;
+        let auth = ctx_of(peer)?;
         if let Some(route) = forward::route(method) {
             // A one-shot SendInput is a client stream of one message.
             let mut down = HttpDown {
                 next: None,
                 emit: None,
             };
-            return a
-                .forward(c, route, Bytes::from(b), &mut down)
+            return self
+                .0
+                .forward(auth, route, Bytes::from(b), &mut down)
                 .map(|r| r.unwrap_or_default().to_vec());
         }
-        match method {
-            sb::CREATE => enc(a.create_sandbox(c, req(&b)?)),
-            sb::LIST => enc(a.list_sandboxes(c, req(&b)?)),
-            sb::GET => enc(a.get_sandbox(c, req(&b)?)),
-            sb::DESTROY => enc(a.destroy_sandbox(c, req(&b)?)),
-            sb::PING => enc(a.ping_sandbox(c, req(&b)?)),
-            sb::SET_TIMEOUT => enc(a.set_sandbox_timeout(c, req(&b)?)),
-            sb::UPDATE_NETWORK => enc(a.update_network(c, req(&b)?)),
-            sb::PAUSE => enc(a.pause_sandbox(c, req(&b)?)),
-            sb::RESUME => enc(a.resume_sandbox(c, req(&b)?)),
-            sb::METRICS => enc(a.sandbox_metrics(c, req(&b)?)),
-            procs::EXEC => enc(a.exec(c, req(&b)?)),
-            tpl::CREATE => enc(a.create_template(c, req(&b)?)),
-            tpl::LIST => enc(a.list_templates(c, req(&b)?)),
-            tpl::GET => enc(a.get_template(c, req(&b)?)),
-            tpl::DELETE => enc(a.delete_template(c, req(&b)?)),
-            tpl::GET_BUILD => enc(a.get_build(c, req(&b)?)),
-            tpl::LIST_BUILDS => enc(a.list_builds(c, req(&b)?)),
-            tpl::CANCEL_BUILD => enc(a.cancel_build(c, req(&b)?)),
-            teams::GET => enc(a.get_team(c, req(&b)?)),
-            teams::CREATE => enc(a.create_team(c, req(&b)?)),
-            teams::ADD_MEMBER => enc(a.add_member(c, req(&b)?)),
-            teams::REMOVE_MEMBER => enc(a.remove_member(c, req(&b)?)),
-            teams::LIST_MEMBERS => enc(a.list_members(c, req(&b)?)),
-            teams::USAGE => enc(a.team_usage(c, req(&b)?)),
-            users::CREATE => enc(a.create_user(c, req(&b)?)),
-            users::GET => enc(a.get_user(c, req(&b)?)),
-            users::LIST => enc(a.list_users(c, req(&b)?)),
-            keys::CREATE => enc(a.create_api_key(c, req(&b)?)),
-            keys::LIST => enc(a.list_api_keys(c, req(&b)?)),
-            keys::REVOKE => enc(a.revoke_api_key(c, req(&b)?)),
-            hosts::CREATE_REGISTRATION_TOKEN => enc(a.create_registration_token(c, req(&b)?)),
-            hosts::LIST => enc(a.list_hosts(c, req(&b)?)),
-            hosts::GET => enc(a.get_host(c, req(&b)?)),
-            hosts::DRAIN => enc(a.drain_host(c, req(&b)?)),
-            hosts::UNDRAIN => enc(a.undrain_host(c, req(&b)?)),
-            hosts::DELETE => enc(a.delete_host(c, req(&b)?)),
-            audit::LIST => enc(a.list_audit_logs(c, req(&b)?)),
-            ctl::webhooks_methods::CREATE => enc(a.create_webhook(c, req(&b)?)),
-            ctl::webhooks_methods::LIST => enc(a.list_webhooks(c, req(&b)?)),
-            ctl::webhooks_methods::DELETE => enc(a.delete_webhook(c, req(&b)?)),
-            ctl::webhooks_methods::DELIVERIES => enc(a.list_deliveries(c, req(&b)?)),
-            other => Err(Status::new(
-                proto::Code::Unimplemented,
-                format!("no unary method {other}"),
-            )),
-        }
+        // The same trait methods as the protobuf port. The backend seam carries no client
+        // address (the gateway's per-source budgets ran before), and no handler reads it.
+        let call = CallCtx::new(peer.clone(), Source::Local);
+        let svc = ClientCall { api: &self.0, auth };
+        ctl::call_unary_package(&svc, &call, method, &b)
+            .unwrap_or_else(|| Err(Status::unimplemented(format!("no unary method {method}"))))
     }
 
     fn server_stream(

@@ -2444,6 +2444,9 @@ impl Json for proto::gen::wrenn::ctl::v1::Template {
         m.insert("host_id".into(), Value::String(self.host_id.clone()));
         m.insert("source_sandbox_id".into(), Value::String(self.source_sandbox_id.clone()));
         m.insert("created_unix_ns".into(), j::i64_out(self.created_unix_ns));
+        m.insert("default_user".into(), Value::String(self.default_user.clone()));
+        m.insert("default_cwd".into(), Value::String(self.default_cwd.clone()));
+        m.insert("env".into(), Value::Object(self.env.iter().map(|(k, x)| (k.clone(), Value::String(x.clone()))).collect()));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -2464,6 +2467,9 @@ impl Json for proto::gen::wrenn::ctl::v1::Template {
                 "host_id" => { if !v.is_null() { out.host_id = j::string_in(v, &p)?; } }
                 "source_sandbox_id" => { if !v.is_null() { out.source_sandbox_id = j::string_in(v, &p)?; } }
                 "created_unix_ns" => { if !v.is_null() { out.created_unix_ns = j::i64_in(v, &p)?; } }
+                "default_user" => { if !v.is_null() { out.default_user = j::string_in(v, &p)?; } }
+                "default_cwd" => { if !v.is_null() { out.default_cwd = j::string_in(v, &p)?; } }
+                "env" => { for (k, v) in j::object_or_null(v, &p)? { let p = j::key(&p, k); out.env.insert(k.clone(), j::string_in(v, &p)?); } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -6109,11 +6115,24 @@ pub const SCHEMAS_JSON: &str = r##"{
         "pattern": "^-?[0-9]+$",
         "type": "string"
       },
+      "default_cwd": {
+        "type": "string"
+      },
+      "default_user": {
+        "description": "Process defaults of every sandbox created from it (a recipe's final USER, WORKDIR and ENV; kept when a sandbox from it becomes a template). A process call's own user, cwd and env win (env per key); a create's env wins per key over `env`. \"\" = envd's default user (`user` when the image has it, else root) and that user's home.",
+        "type": "string"
+      },
       "disk_mib": {
         "description": "Root disk, MiB.",
         "format": "uint64",
         "pattern": "^[0-9]+$",
         "type": "string"
+      },
+      "env": {
+        "additionalProperties": {
+          "type": "string"
+        },
+        "type": "object"
       },
       "host_id": {
         "description": "The host holding a SNAPSHOT template's files (\"\" for BASE templates, on every host).",

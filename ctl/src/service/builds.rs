@@ -28,6 +28,7 @@ use proto::recipe::{self, Step};
 use proto::rpc::ServerStream;
 use proto::{Code, Status};
 
+use super::templates::Overrides;
 use super::{audit, convert, page_size, parse_id, Api, AuthCtx};
 use crate::db::pg_err;
 use crate::limits::{
@@ -248,6 +249,9 @@ impl Api {
         }
         let rec = recipe::parse(h.recipe.as_bytes())
             .map_err(|e| Status::invalid_argument(format!("recipe: {e}")))?;
+        // Its final ENV becomes the template's: the bounds of a create's env, checked now
+        // rather than after every step ran.
+        convert::check_map("recipe ENV", &rec.env.clone().into_iter().collect())?;
         let build = audit::new_uuid()?;
         let runner = format!("{}:{}", std::process::id(), audit::new_uuid()?);
         let team = ctx.team_id;
@@ -554,12 +558,18 @@ impl Api {
         if shared.cancelled.load(Ordering::Acquire) {
             return Err(Status::cancelled("cancelled"));
         }
-        let t = self.create_template(
+        // The final USER, WORKDIR and ENV become the template's process defaults.
+        let t = self.create_built_template(
             ctx,
             ctl::CreateTemplateRequest {
                 sandbox_id: id::format(Kind::Sandbox, sb_id),
                 name: name.to_owned(),
                 platform: false,
+            },
+            &Overrides {
+                user: rec.user.clone(),
+                cwd: rec.workdir.clone(),
+                env: rec.env.clone(),
             },
         )?;
         parse_id(Kind::Template, &t.id)

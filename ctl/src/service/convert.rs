@@ -175,7 +175,8 @@ pub fn kind_wire(s: &str) -> i32 {
 /// Columns of a template row, in the order [`template`] reads them.
 pub const TEMPLATE_COLS: &str =
     "t.id, t.team_id, t.name, t.kind, t.vcpus, t.memory_mib, t.disk_mib, \
-    t.size_bytes, t.host_id, t.source_sandbox_id, t.created_at";
+    t.size_bytes, t.host_id, t.source_sandbox_id, t.created_at, t.default_user, t.default_cwd, \
+    t.env";
 
 pub fn template(r: &Row) -> ctl::Template {
     let team: Uuid = r.get(1);
@@ -198,6 +199,9 @@ pub fn template(r: &Row) -> ctl::Template {
             .map(|s| id::format(Kind::Sandbox, s))
             .unwrap_or_default(),
         created_unix_ns: ns(Some(r.get::<_, SystemTime>(10))),
+        default_user: r.get(11),
+        default_cwd: r.get(12),
+        env: json_to_map(&r.get::<_, serde_json::Value>(13)),
     }
 }
 

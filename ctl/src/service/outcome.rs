@@ -177,7 +177,20 @@ impl Api {
         req: ctl::CreateTemplateRequest,
     ) -> Result<ctl::Template, Status> {
         self.audited(ctx, "template", String::new(), "template.create", |_| {
-            self.create_template_inner(ctx, req)
+            self.create_template_inner(ctx, req, None)
+        })
+    }
+
+    /// The same for a build: the recipe's final USER, WORKDIR and ENV over the sandbox's
+    /// defaults become the template's.
+    pub(super) fn create_built_template(
+        &self,
+        ctx: &AuthCtx,
+        req: ctl::CreateTemplateRequest,
+        over: &super::templates::Overrides,
+    ) -> Result<ctl::Template, Status> {
+        self.audited(ctx, "template", String::new(), "template.create", |_| {
+            self.create_template_inner(ctx, req, Some(over))
         })
     }
 

@@ -81,19 +81,17 @@ impl Drop for PortPermit<'_> {
 }
 
 impl Api {
-    /// Serves one `Ports.Connect` call. Returns whether it succeeded.
-    pub fn port_connect(&self, ctx: &AuthCtx, mut stream: ServerStream) -> bool {
-        let r = self.port_connect_inner(ctx, &mut stream);
-        let ok = r.is_ok();
-        stream.finish(r);
-        ok
-    }
-
-    fn port_connect_inner(&self, ctx: &AuthCtx, s: &mut ServerStream) -> Result<(), Status> {
+    /// Serves one `Ports.Connect` call after its first message (`open`): relays bytes both
+    /// ways until either side ends.
+    pub fn port_connect(
+        &self,
+        ctx: &AuthCtx,
+        first: ctl::PortConnectRequest,
+        s: &mut ServerStream,
+    ) -> Result<(), Status> {
         use agent::port_connect_response::Kind as AgentDown;
         use ctl::port_connect_request::Kind as Up;
         use ctl::port_connect_response::Kind as Down;
-        let first: ctl::PortConnectRequest = s.first()?;
         let Some(Up::Open(open)) = first.kind else {
             return Err(Status::invalid_argument(
                 "Ports.Connect: the first message must be `open`",

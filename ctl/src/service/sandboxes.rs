@@ -5,6 +5,7 @@
 //! the outcome. A sandbox left in a transition by a crash or a lost agent is finished by
 //! the reconciler.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,7 +23,7 @@ use super::convert::{self, SANDBOX_COLS};
 use super::{page_size, paginate, parse_id, parse_opt_id, Api, AuthCtx, PLATFORM_TEAM};
 use crate::db::pg_err;
 use crate::limits::{
-    BACKGROUND_CREATES_MAX, SANDBOX_DISK_MIB_MAX, SANDBOX_MEMORY_MIB_MAX,
+    BACKGROUND_CREATES_MAX, MAP_ENTRIES_MAX, SANDBOX_DISK_MIB_MAX, SANDBOX_MEMORY_MIB_MAX,
     SANDBOX_TIMEOUT_DEFAULT_S, SANDBOX_TIMEOUT_MAX_S, SANDBOX_VCPUS_MAX,
 };
 use crate::scheduler::{self, Need, State};
@@ -105,6 +106,8 @@ struct Insert<'a> {
     timeout_s: i64,
     policy: &'static str,
     metadata: &'a serde_json::Value,
+    /// The create's env (a JSON object), merged over the template's.
+    env: &'a serde_json::Value,
     audit_id: Uuid,
     ctx: &'a AuthCtx,
 }
@@ -116,6 +119,16 @@ struct Placed {
     template: Uuid,
     snapshot: bool,
     size: Need,
+    /// What the sandbox's processes get unless a call says otherwise: the template's user
+    /// and directory, its env merged with the create's.
+    defaults: Defaults,
+}
+
+/// Process defaults sent in the spec (envd applies them; a call's own values win).
+struct Defaults {
+    user: String,
+    cwd: String,
+    env: HashMap<String, String>,
 }
 
 static INSERT_BY_ID_SQL: OnceLock<String> = OnceLock::new();
@@ -124,9 +137,12 @@ static INSERT_BY_NAME_SQL: OnceLock<String> = OnceLock::new();
 /// The create statement (public so the benchmark can run the same SQL bare). Parameters:
 /// $1 team, $2 platform team, $3 template (id or name), $4..$6 requested vCPUs, memory,
 /// disk (0: the template's), $7 sandbox id, $8 timeout, $9 policy, $10 metadata, $11 audit
-/// row id, $12 key wire id, $13 key name, $14 sandbox wire id. Columns: [`SANDBOX_COLS`]
-/// (NULL when nothing was inserted), then template id, snapshot?, vCPUs, memory, disk,
-/// pinned host, disk request valid?. No row: no such template visible to the team.
+/// row id, $12 key wire id, $13 key name, $14 sandbox wire id, $15 the create's env (a JSON
+/// object). Columns: [`SANDBOX_COLS`] (NULL when nothing was inserted), then template id,
+/// snapshot?, vCPUs, memory, disk, pinned host, disk request valid?, the template's default
+/// user and directory, the env to send (the template's merged with $15, $15 winning per
+/// key), merged env within [`MAP_ENTRIES_MAX`]?. No row: no such template visible to the
+/// team. The sandbox row records the template's defaults (not $15: it may hold secrets).
 ///
 /// CTEs: `t` resolves the template, `n` derives the size and the pinned host, `p` picks
 /// the host with the most free memory, `h` reserves on it — re-checking the fit on the row
@@ -136,10 +152,13 @@ pub fn create_sql(by_id: bool) -> String {
     let tpl_match = if by_id { "id = $3" } else { "name = $3" };
     format!(
         "WITH t AS ( \
-            SELECT id, kind = 'snapshot' AS snap, vcpus, memory_mib, disk_mib, host_id FROM templates \
+            SELECT id, kind = 'snapshot' AS snap, vcpus, memory_mib, disk_mib, host_id, \
+                default_user, default_cwd, env FROM templates \
             WHERE {tpl_match} AND team_id IN ($1, $2) ORDER BY (team_id = $2) LIMIT 1), \
          n AS ( \
-            SELECT t.id AS tpl, t.snap, \
+            SELECT t.id AS tpl, t.snap, t.default_user, t.default_cwd, t.env AS tpl_env, \
+                t.env || $15 AS env, \
+                (SELECT count(*) FROM jsonb_object_keys(t.env || $15)) <= {MAP_ENTRIES_MAX} AS env_ok, \
                 CASE WHEN t.snap OR $4 = 0 THEN t.vcpus ELSE $4 END AS vcpus, \
                 CASE WHEN t.snap OR $5 = 0 THEN t.memory_mib ELSE $5 END AS memory_mib, \
                 CASE WHEN t.snap OR $6 = 0 THEN t.disk_mib ELSE $6 END AS disk_mib, \
@@ -147,7 +166,7 @@ pub fn create_sql(by_id: bool) -> String {
                 (t.snap OR $6 = 0 OR $6 >= t.disk_mib) AS disk_ok \
             FROM t), \
          p AS ( \
-            SELECT c.id FROM hosts c, n WHERE n.disk_ok AND c.status = 'online' AND c.can_host \
+            SELECT c.id FROM hosts c, n WHERE n.disk_ok AND n.env_ok AND c.status = 'online' AND c.can_host \
                 AND (n.pinned IS NULL OR c.id = n.pinned) AND c.used_vcpus + n.vcpus <= c.capacity_vcpus \
                 AND c.used_memory_mib + n.memory_mib <= c.capacity_memory_mib \
                 AND c.used_disk_mib + n.disk_mib <= c.capacity_disk_mib \
@@ -164,9 +183,11 @@ pub fn create_sql(by_id: bool) -> String {
             RETURNING hosts.id), \
          s AS ( \
             INSERT INTO sandboxes (id, team_id, host_id, template_id, state, vcpus, memory_mib, disk_mib, \
-                held_vcpus, held_memory_mib, held_disk_mib, timeout_s, on_timeout, metadata) \
+                held_vcpus, held_memory_mib, held_disk_mib, timeout_s, on_timeout, metadata, \
+                default_user, default_cwd, env) \
             SELECT $7, $1, h.id, n.tpl, 'starting', n.vcpus, n.memory_mib, n.disk_mib, \
-                n.vcpus, n.memory_mib, n.disk_mib, $8, $9, $10 FROM h, n \
+                n.vcpus, n.memory_mib, n.disk_mib, $8, $9, $10, \
+                n.default_user, n.default_cwd, n.tpl_env FROM h, n \
             RETURNING *), \
          a AS ( \
             INSERT INTO audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, \
@@ -174,13 +195,14 @@ pub fn create_sql(by_id: bool) -> String {
             SELECT $11, $1, 'api_key', $12, $13, 'sandbox', $14, 'sandbox.create', 'success', \
                 jsonb_build_object('template', 'tpl-' || n.tpl::text, 'host', 'host-' || s.host_id::text, \
                     'vcpus', n.vcpus, 'memory_mib', n.memory_mib) FROM s, n) \
-         SELECT {SANDBOX_COLS}, n.tpl, n.snap, n.vcpus, n.memory_mib, n.disk_mib, n.pinned, n.disk_ok \
+         SELECT {SANDBOX_COLS}, n.tpl, n.snap, n.vcpus, n.memory_mib, n.disk_mib, n.pinned, n.disk_ok, \
+            n.default_user, n.default_cwd, n.env, n.env_ok \
          FROM n LEFT JOIN s ON true"
     )
 }
 
 /// Parameter types of [`create_sql`]: $3 is the template's id or its name.
-pub fn create_types(by_id: bool) -> [Type; 14] {
+pub fn create_types(by_id: bool) -> [Type; 15] {
     let key = if by_id { Type::UUID } else { Type::TEXT };
     [
         Type::UUID,
@@ -197,6 +219,7 @@ pub fn create_types(by_id: bool) -> [Type; 14] {
         Type::TEXT,
         Type::TEXT,
         Type::TEXT,
+        Type::JSONB,
     ]
 }
 
@@ -237,6 +260,7 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, S
                     &key_id,
                     &i.ctx.key_name,
                     &sb_id,
+                    i.env,
                 ],
             )
             .map_err(pg_err)?
@@ -252,11 +276,21 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, S
                 "disk_mib may only grow the template's disk",
             ));
         }
+        if !row.get::<_, bool>(n + 10) {
+            return Err(Status::invalid_argument(format!(
+                "env: with the template's defaults more than {MAP_ENTRIES_MAX} entries"
+            )));
+        }
         if row.get::<_, Option<Uuid>>(0).is_some() {
             return Ok(Placed {
                 template: row.get(n),
                 snapshot: row.get(n + 1),
                 size,
+                defaults: Defaults {
+                    user: row.get(n + 7),
+                    cwd: row.get(n + 8),
+                    env: convert::json_to_map(&row.get::<_, serde_json::Value>(n + 9)),
+                },
                 row,
             });
         }
@@ -434,7 +468,7 @@ impl Api {
         let policy = TimeoutPolicy::from_wire(spec.on_timeout)?.unwrap_or(TimeoutPolicy::Destroy);
         spec.on_timeout = policy as i32;
         let metadata = convert::check_map("metadata", &spec.metadata)?;
-        convert::check_map("env", &spec.env)?;
+        let env = convert::check_map("env", &spec.env)?;
         convert::check_network(req.network.as_ref())?;
         let network = req.network.as_ref().map(convert::network_json);
         let network_out = req.network.clone();
@@ -472,6 +506,7 @@ impl Api {
                     timeout_s: spec.timeout_s as i64,
                     policy: policy.name(),
                     metadata: &metadata,
+                    env: &env,
                     audit_id,
                     ctx: &ctx2,
                 },
@@ -497,6 +532,9 @@ impl Api {
                 vcpus: size.vcpus as u32,
                 memory_mib: size.memory_mib as u32,
                 disk_mib: size.disk_mib as u64,
+                env: placed.defaults.env.clone(),
+                default_user: placed.defaults.user.clone(),
+                default_cwd: placed.defaults.cwd.clone(),
                 ..spec
             };
             Ok((
@@ -1111,11 +1149,13 @@ mod tests {
             } else {
                 "WHERE name = $3"
             }));
-            // Every parameter is used, none beyond the 14 declared.
-            for p in 1..=14 {
+            // Every parameter is used, none beyond the 15 declared.
+            let n = create_types(by_id).len();
+            assert_eq!(n, 15);
+            for p in 1..=n {
                 assert!(sql.contains(&format!("${p}")), "${p} unused");
             }
-            assert!(!sql.contains("$15"));
+            assert!(!sql.contains(&format!("${}", n + 1)));
         }
         assert_eq!(SANDBOX_COLS.split(',').count(), 16);
     }

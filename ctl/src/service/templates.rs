@@ -2,6 +2,8 @@
 //! Visible: the caller's team's and the platform team's. Platform ones are managed by
 //! platform admins only.
 
+use std::collections::BTreeMap;
+
 use postgres::types::Type;
 use postgres::GenericClient;
 use proto::gen::wrenn::agent::v1 as agent;
@@ -77,12 +79,23 @@ fn parse_tpl_token(s: &str) -> Result<Option<(bool, std::time::SystemTime, Uuid)
     Ok(Some((plat, t, id)))
 }
 
+/// Process defaults a build sets over its sandbox's (a recipe's final USER, WORKDIR, ENV).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub user: Option<String>,
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+}
+
 impl Api {
     /// Makes a snapshot template from a running or paused sandbox; the sandbox ends PAUSED.
+    /// The template keeps the sandbox's process defaults (those of its own template), with
+    /// `over` on top for a build.
     pub(super) fn create_template_inner(
         &self,
         ctx: &AuthCtx,
         req: ctl::CreateTemplateRequest,
+        over: Option<&Overrides>,
     ) -> Result<ctl::Template, Status> {
         let sb = parse_id(Kind::Sandbox, &req.sandbox_id)?;
         convert::check_name("name", &req.name)?;
@@ -101,10 +114,11 @@ impl Api {
         };
         let team = ctx.team_id;
         let name = req.name.clone();
-        let (host, state) = self.inner.db.run(move |c| {
+        let (host, state, defaults) = self.inner.db.run(move |c| {
             let row = c
                 .query_opt(
-                    "SELECT host_id, state FROM sandboxes WHERE id = $1 AND team_id = $2",
+                    "SELECT host_id, state, default_user, default_cwd, env FROM sandboxes \
+                     WHERE id = $1 AND team_id = $2",
                     &[&sb, &team],
                 )
                 .map_err(pg_err)?
@@ -121,8 +135,26 @@ impl Api {
                     "a template with this name exists",
                 ));
             }
-            Ok((row.get::<_, Option<Uuid>>(0), row.get::<_, String>(1)))
+            let defaults: (String, String, serde_json::Value) =
+                (row.get(2), row.get(3), row.get(4));
+            Ok((
+                row.get::<_, Option<Uuid>>(0),
+                row.get::<_, String>(1),
+                defaults,
+            ))
         })?;
+        let (mut user, mut cwd, mut env) = defaults;
+        if let Some(o) = over {
+            if let Some(u) = &o.user {
+                user = u.clone();
+            }
+            if let Some(d) = &o.cwd {
+                cwd = d.clone();
+            }
+            let mut m = convert::json_to_map(&env);
+            m.extend(o.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            env = convert::check_map("env", &m)?;
+        }
         if state != "running" && state != "paused" {
             return Err(Status::failed_precondition(format!(
                 "sandbox is {state}, not running or paused"
@@ -145,14 +177,15 @@ impl Api {
             let cur = scheduler::lock(tx, sb)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
             tx.execute(
                 "INSERT INTO templates (id, team_id, name, kind, vcpus, memory_mib, disk_mib, size_bytes, \
-                    host_id, source_sandbox_id) VALUES ($1,$2,$3,'snapshot',$4,$5,$6,$7,$8,$9)",
+                    host_id, source_sandbox_id, default_user, default_cwd, env) \
+                    VALUES ($1,$2,$3,'snapshot',$4,$5,$6,$7,$8,$9,$10,$11,$12)",
                 &[
                     &tid, &owner, &name,
                     &(if info.vcpus > 0 { info.vcpus as i32 } else { cur.size.vcpus }),
                     &(if info.memory_mib > 0 { info.memory_mib as i32 } else { cur.size.memory_mib as i32 }),
                     &(if info.disk_mib > 0 { info.disk_mib as i64 } else { cur.size.disk_mib }),
                     &(info.size_bytes.min(i64::MAX as u64) as i64),
-                    &host, &sb,
+                    &host, &sb, &user, &cwd, &env,
                 ],
             )
             .map_err(|e| {
@@ -222,7 +255,7 @@ impl Api {
         let templates = rows.iter().take(n).map(convert::template).collect();
         let next_page_token = if rows.len() > n {
             let r = &rows[n - 1];
-            let plat: bool = r.get(11);
+            let plat: bool = r.get("plat");
             format!(
                 "{}.{}",
                 u8::from(plat),

@@ -502,3 +502,138 @@ fn at_most_n_builds_run_at_once_per_host_the_rest_wait_queued() {
     }
     assert!(fa.state.lock().unwrap().sandboxes.is_empty());
 }
+
+/// Issue 17 §1: a recipe's final USER, WORKDIR and ENV (over its FROM template's) become the
+/// template's process defaults, are sent in the spec of every sandbox created from it (the
+/// create's env winning per key), and stay with a template made from such a sandbox, even
+/// once the first template is gone.
+#[test]
+fn the_final_user_env_and_workdir_become_the_template_defaults() {
+    let Some(ctl) = Ctl::start() else { return };
+    let (fa, _h) = ctl.add_host(8, 8192, 1_000_000);
+    let cl = ctl.team();
+    // The FROM template has defaults of its own; the recipe overrides some of them.
+    ctl.api()
+        .db()
+        .run(|c| {
+            c.execute(
+                "UPDATE templates SET default_cwd = '/base', \
+                 env = '{\"FROM_ONLY\": \"x\", \"A\": \"from\"}' WHERE name = 'minimal'",
+                &[],
+            )
+            .map_err(ctl::db::pg_err)?;
+            Ok(())
+        })
+        .unwrap();
+    let recipe = "FROM minimal\nENV A=1 B=2\nWORKDIR /app\nUSER web\nRUN true\nENV B=3\n";
+    let b = finished(&drain(&mut start_build(&cl, "defaults", recipe, &[])));
+    assert_eq!(b.status, c::BuildStatus::Succeeded as i32, "{b:?}");
+    let tpl_env = |pairs: &[(&str, &str)]| -> std::collections::HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let want = tpl_env(&[("FROM_ONLY", "x"), ("A", "1"), ("B", "3")]);
+    let get_tpl = |name: &str| -> c::Template {
+        cl.unary(
+            c::templates_methods::GET,
+            &c::GetTemplateRequest {
+                template: name.into(),
+            },
+            T,
+        )
+        .unwrap()
+    };
+    let t = get_tpl("defaults");
+    assert_eq!(
+        (t.default_user.as_str(), t.default_cwd.as_str()),
+        ("web", "/app")
+    );
+    assert_eq!(t.env, want);
+    // The build sandbox itself ran with the FROM template's defaults.
+    let build_spec = fa.state.lock().unwrap().specs[&b.sandbox_id].clone();
+    assert_eq!(build_spec.default_cwd, "/base");
+    assert_eq!(
+        build_spec.env,
+        tpl_env(&[("FROM_ONLY", "x"), ("A", "from")])
+    );
+
+    // A create from it: the defaults in the spec, the create's env winning per key.
+    let create = |tpl: &str, env: &[(&str, &str)]| -> Result<c::Sandbox, proto::Status> {
+        cl.unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                template: tpl.into(),
+                env: tpl_env(env),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    let sb = create("defaults", &[("B", "call"), ("C", "4")]).unwrap();
+    let spec = fa.state.lock().unwrap().specs[&sb.id].clone();
+    assert_eq!(
+        (spec.default_user.as_str(), spec.default_cwd.as_str()),
+        ("web", "/app")
+    );
+    assert_eq!(
+        spec.env,
+        tpl_env(&[("FROM_ONLY", "x"), ("A", "1"), ("B", "call"), ("C", "4")])
+    );
+
+    // The first template deleted, the sandbox becomes a template: the defaults stay (the
+    // create's own env, which may hold secrets, does not become the template's).
+    let _: c::DeleteTemplateResponse = cl
+        .unary(
+            c::templates_methods::DELETE,
+            &c::DeleteTemplateRequest {
+                template_id: t.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    let t2: c::Template = cl
+        .unary(
+            c::templates_methods::CREATE,
+            &c::CreateTemplateRequest {
+                sandbox_id: sb.id.clone(),
+                name: "again".into(),
+                platform: false,
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        (t2.default_user.as_str(), t2.default_cwd.as_str()),
+        ("web", "/app")
+    );
+    assert_eq!(t2.env, want);
+    assert_eq!(get_tpl("again").env, want, "stored, not only returned");
+    let sb2 = create("again", &[]).unwrap();
+    let spec2 = fa.state.lock().unwrap().specs[&sb2.id].clone();
+    assert_eq!(
+        (spec2.default_user.as_str(), spec2.default_cwd.as_str()),
+        ("web", "/app")
+    );
+    assert_eq!(spec2.env, want);
+
+    // The merged env is bounded like a create's own: refused before anything is held.
+    let many: Vec<(String, String)> = (0..ctl::limits::MAP_ENTRIES_MAX)
+        .map(|i| (format!("K{i}"), "v".to_string()))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let e = create("again", &many).unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    assert!(e.message.contains("env"), "{e}");
+    let n: i64 = ctl
+        .api()
+        .db()
+        .run(|c| {
+            Ok(c.query_one("SELECT count(*) FROM sandboxes", &[])
+                .map_err(ctl::db::pg_err)?
+                .get(0))
+        })
+        .unwrap();
+    assert_eq!(n, 3, "the build's, the create's and the second create's");
+}

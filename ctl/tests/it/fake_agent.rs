@@ -41,6 +41,8 @@ pub struct State {
     pub corrupt_files: bool,
     /// The network policy each sandbox was last given (Create, UpdateNetwork).
     pub networks: HashMap<String, Option<proto::sandbox::NetworkPolicy>>,
+    /// The spec each sandbox was created with (its process defaults, env included).
+    pub specs: HashMap<String, proto::sandbox::SandboxSpec>,
     /// Sandboxes/Samples: what the agent's tiers hold per sandbox (every tier's samples;
     /// a call gets those of its `step_s` ending after its `since_unix_ns`).
     pub samples: HashMap<String, Vec<agent::UsageSample>>,
@@ -281,6 +283,7 @@ fn dispatch(
                 }
                 let mut st = state.lock().unwrap();
                 st.networks.insert(id.clone(), r.network.clone());
+                st.specs.insert(id.clone(), r.clone());
                 if st.sandboxes.contains_key(&id) {
                     return Err(Status::new(Code::AlreadyExists, "sandbox exists"));
                 }

@@ -487,6 +487,78 @@ fn stdout_stderr_env_and_exit_code() {
     assert_eq!(start(&c, bad).unwrap_err().code, Code::InvalidArgument);
 }
 
+/// Issue 17 §1: Init's env, default user and directory (a template's USER, WORKDIR, ENV)
+/// apply to every process that does not say otherwise; a call's cwd and user win, and its
+/// env wins per key over Init's, the rest of Init's staying.
+#[test]
+fn init_defaults_apply_unless_the_call_says_otherwise() {
+    let e = Envd::start();
+    let c = e.init();
+    let (a, b) = (e.dir.join("a"), e.dir.join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let user = if is_root() { "nobody" } else { "" };
+    let _: pb::InitResponse = c
+        .unary(
+            pb::init_methods::INIT,
+            &pb::InitRequest {
+                env: [
+                    ("A".to_string(), "init".to_string()),
+                    ("B".to_string(), "init".to_string()),
+                ]
+                .into(),
+                default_cwd: a.to_str().unwrap().into(),
+                default_user: user.into(),
+                ..Default::default()
+            },
+            t10(),
+        )
+        .unwrap();
+    let script = "echo $A $B $C; pwd; id -u";
+    let uid = |u: &str| if u == "nobody" { "65534" } else { "0" };
+    let me = if is_root() {
+        uid(user).to_string()
+    } else {
+        // Not root: processes run as this test's own user whatever the default.
+        // SAFETY: getuid has no preconditions.
+        unsafe { libc::getuid() }.to_string()
+    };
+    let (_, mut s) = start(&c, sh(script)).unwrap();
+    let o = drain(&mut s);
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        format!("init init\n{}\n{me}\n", a.display())
+    );
+    // The call's own values win: cwd, user, and env per key.
+    let mut cfg = sh(script);
+    cfg.env = [
+        ("B".to_string(), "call".to_string()),
+        ("C".to_string(), "3".to_string()),
+    ]
+    .into();
+    cfg.cwd = b.to_str().unwrap().into();
+    if is_root() {
+        cfg.user = "root".into();
+    }
+    let (_, mut s) = start(&c, cfg).unwrap();
+    let o = drain(&mut s);
+    let me = if is_root() { "0".to_string() } else { me };
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        format!("init call 3\n{}\n{me}\n", b.display())
+    );
+    // A relative cwd is taken from the default directory.
+    std::fs::create_dir_all(a.join("sub")).unwrap();
+    let mut cfg = sh("pwd");
+    cfg.cwd = "sub".into();
+    let (_, mut s) = start(&c, cfg).unwrap();
+    let o = drain(&mut s);
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        format!("{}\n", a.join("sub").display())
+    );
+}
+
 #[test]
 fn stdin_round_trip() {
     let e = Envd::start();

@@ -3,9 +3,12 @@
 //!
 //! Besides prost's messages, every service gets a module of method-name constants and a
 //! table of [`MethodDesc`](proto::rpc::MethodDesc)s, so no method string is typed by hand;
-//! a `<Service>Server` trait with one method per RPC and `dispatch_<service>`, which routes
-//! a call to it through `proto::rpc::serve`; and a `<Service>Client` with one typed call per
-//! RPC.
+//! a `<Service>Server` trait with one method per RPC, each given the call's
+//! `proto::rpc::CallCtx` (the caller), and `dispatch_<service>`, which routes a call to it
+//! through `proto::rpc::serve`, and `call_unary_<service>` (the same for unary calls with
+//! encoded messages, for transports without a stream); and a `<Service>Client` with one
+//! typed call per RPC. Every package with servers also gets `PackageServer` (all its server
+//! traits), `dispatch_package` and `call_unary_package`.
 //!
 //! It also writes `ctl/src/http/gen_json.rs`: the HTTP gateway's JSON mapping of every message
 //! of `wrenn.ctl.v1` (and the packages it imports) and their OpenAPI component schemas (see
@@ -26,6 +29,9 @@ struct Methods {
     forwarded: std::collections::BTreeSet<String>,
     /// The `<service>_methods` modules of the package being generated.
     modules: Vec<String>,
+    /// The services of the package being generated that have a server trait: (service
+    /// name, snake-case name).
+    servers: Vec<(String, String)>,
 }
 
 impl prost_build::ServiceGenerator for Methods {
@@ -57,7 +63,10 @@ impl prost_build::ServiceGenerator for Methods {
         }
         let _ = writeln!(buf, "    ];");
         let _ = writeln!(buf, "}}");
-        server_trait(&service, &module, &full, &self.forwarded, buf);
+        if server_trait(&service, &module, &full, &self.forwarded, buf) {
+            self.servers
+                .push((service.name.clone(), snake(&service.name)));
+        }
         client_stub(&service, &module, &full, buf);
         self.modules.push(module);
     }
@@ -74,6 +83,7 @@ impl prost_build::ServiceGenerator for Methods {
             let _ = writeln!(buf, "    {m}::ALL,");
         }
         let _ = writeln!(buf, "];");
+        package_server(&std::mem::take(&mut self.servers), buf);
     }
 }
 
@@ -87,16 +97,74 @@ fn shape(m: &prost_build::Method) -> &'static str {
     }
 }
 
+/// `trait PackageServer`, implemented by whatever implements every server trait of the
+/// package, and `dispatch_package`, which tries each service's dispatch in turn. A server
+/// that routes through it gets a compile error when the package gains a service.
+fn package_server(servers: &[(String, String)], buf: &mut String) {
+    if servers.is_empty() {
+        return;
+    }
+    let bounds: Vec<String> = servers.iter().map(|(n, _)| format!("{n}Server")).collect();
+    let bounds = bounds.join(" + ");
+    let _ = writeln!(
+        buf,
+        "/// Every server trait of this package: a type implementing them all serves the\n\
+         /// package through [`dispatch_package`]."
+    );
+    let _ = writeln!(buf, "pub trait PackageServer: {bounds} {{}}");
+    let _ = writeln!(buf, "impl<T: {bounds} + ?Sized> PackageServer for T {{}}");
+    let _ = writeln!(
+        buf,
+        "/// Runs a call of any service of this package on `svc` and returns its final code, or\n\
+         /// gives the stream back when no service of the package has the method (a forwarded\n\
+         /// method, or one of another package)."
+    );
+    let _ = writeln!(
+        buf,
+        "pub fn dispatch_package<S: PackageServer + ?Sized>(svc: &S, stream: crate::rpc::ServerStream) -> Result<crate::Code, crate::rpc::ServerStream> {{"
+    );
+    for (_, snake_name) in servers {
+        let _ = writeln!(
+            buf,
+            "    let stream = match dispatch_{snake_name}(svc, stream) {{ Ok(code) => return Ok(code), Err(s) => s }};"
+        );
+    }
+    let _ = writeln!(buf, "    Err(stream)");
+    let _ = writeln!(buf, "}}");
+    let _ = writeln!(
+        buf,
+        "/// Runs a unary method of any service of this package on `svc` with its encoded\n\
+         /// request (see each service's `call_unary_<service>`); None when no service of the\n\
+         /// package has it as a unary method."
+    );
+    let _ = writeln!(
+        buf,
+        "pub fn call_unary_package<S: PackageServer + ?Sized>(svc: &S, ctx: &crate::rpc::CallCtx, method: &str, req: &[u8]) -> Option<Result<Vec<u8>, crate::Status>> {{"
+    );
+    let calls: Vec<String> = servers
+        .iter()
+        .map(|(_, snake_name)| format!("call_unary_{snake_name}(svc, ctx, method, req)"))
+        .collect();
+    let mut chain = calls[0].clone();
+    for c in &calls[1..] {
+        let _ = write!(chain, ".or_else(|| {c})");
+    }
+    let _ = writeln!(buf, "    {chain}");
+    let _ = writeln!(buf, "}}");
+}
+
 /// `trait <Service>Server`, one method per RPC, and `dispatch_<service>`, which routes a
 /// call (already on a worker thread) to it. A new RPC in the `.proto` file is then one more
-/// trait method, and the compiler names every server that must implement it.
+/// trait method, and the compiler names every server that must implement it. Every method
+/// gets the call's [`CallCtx`](proto::rpc::CallCtx): who called (the principal the hello
+/// decided), from where, with which client certificate. Returns whether a trait was written.
 fn server_trait(
     service: &prost_build::Service,
     module: &str,
     full: &str,
     forwarded: &std::collections::BTreeSet<String>,
     buf: &mut String,
-) {
+) -> bool {
     let name = &service.name;
     let served: Vec<&prost_build::Method> = service
         .methods
@@ -105,7 +173,7 @@ fn server_trait(
         .collect();
     if served.is_empty() {
         // Every method is forwarded: there is nothing for a server to implement.
-        return;
+        return false;
     }
     let snake_name = snake(name);
     let _ = writeln!(
@@ -126,15 +194,15 @@ fn server_trait(
         let _ = writeln!(buf, "    /// `{}` ({}).", m.proto_name, shape(m));
         let sig = match (m.client_streaming, m.server_streaming) {
             (false, false) => format!(
-                "fn {}(&self, peer: &crate::rpc::Peer, req: {i}) -> Result<{o}, crate::Status>;",
+                "fn {}(&self, ctx: &crate::rpc::CallCtx, req: {i}) -> Result<{o}, crate::Status>;",
                 m.name
             ),
             (true, false) => format!(
-                "fn {}(&self, peer: &crate::rpc::Peer, req: {i}, stream: &mut crate::rpc::ServerStream) -> Result<{o}, crate::Status>;",
+                "fn {}(&self, ctx: &crate::rpc::CallCtx, req: {i}, stream: &mut crate::rpc::ServerStream) -> Result<{o}, crate::Status>;",
                 m.name
             ),
             _ => format!(
-                "fn {}(&self, peer: &crate::rpc::Peer, req: {i}, stream: &mut crate::rpc::ServerStream) -> Result<(), crate::Status>;",
+                "fn {}(&self, ctx: &crate::rpc::CallCtx, req: {i}, stream: &mut crate::rpc::ServerStream) -> Result<(), crate::Status>;",
                 m.name
             ),
         };
@@ -168,6 +236,40 @@ fn server_trait(
     let _ = writeln!(buf, "    }};");
     let _ = writeln!(buf, "    Ok(code)");
     let _ = writeln!(buf, "}}");
+    let _ = writeln!(
+        buf,
+        "/// Runs a unary method of `{full}` on `svc` with its encoded request and returns the\n\
+         /// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);\n\
+         /// None when `method` is not a unary method of this service."
+    );
+    let _ = writeln!(
+        buf,
+        "pub fn call_unary_{snake_name}<S: {name}Server + ?Sized>(svc: &S, ctx: &crate::rpc::CallCtx, method: &str, req: &[u8]) -> Option<Result<Vec<u8>, crate::Status>> {{"
+    );
+    let unary: Vec<&&prost_build::Method> = served
+        .iter()
+        .filter(|m| !m.client_streaming && !m.server_streaming)
+        .collect();
+    if unary.is_empty() {
+        let _ = writeln!(buf, "    let _ = (svc, ctx, method, req);");
+        let _ = writeln!(buf, "    None");
+        let _ = writeln!(buf, "}}");
+        return true;
+    }
+    let _ = writeln!(buf, "    let r = match method {{");
+    for m in unary {
+        let _ = writeln!(
+            buf,
+            "        {module}::{c} => crate::rpc::serve::unary_bytes(ctx, {module}::{c}, req, |c, r| svc.{n}(c, r)),",
+            c = snake(&m.proto_name).to_uppercase(),
+            n = m.name
+        );
+    }
+    let _ = writeln!(buf, "        _ => return None,");
+    let _ = writeln!(buf, "    }};");
+    let _ = writeln!(buf, "    Some(r)");
+    let _ = writeln!(buf, "}}");
+    true
 }
 
 /// `struct <Service>Client`: a typed call per RPC over a `proto::rpc::Client`. Unary calls
@@ -268,6 +370,7 @@ fn generate(schema: &Path, out_dir: &Path) -> Result<(String, String), String> {
     config.service_generator(Box::new(Methods {
         forwarded,
         modules: Vec::new(),
+        servers: Vec::new(),
     }));
     config.bytes(["."]);
     config

@@ -727,61 +727,61 @@ pub trait SandboxesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: super::super::sandbox::v1::SandboxSpec,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListSandboxesRequest,
     ) -> Result<ListSandboxesResponse, crate::Status>;
     /// `Destroy` (unary).
     fn destroy(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DestroySandboxRequest,
     ) -> Result<DestroySandboxResponse, crate::Status>;
     /// `Pause` (unary).
     fn pause(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PauseSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Resume` (unary).
     fn resume(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ResumeSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `SetTimeout` (unary).
     fn set_timeout(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SetTimeoutRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Ping` (unary).
     fn ping(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PingSandboxRequest,
     ) -> Result<SandboxInfo, crate::Status>;
     /// `Samples` (unary).
     fn samples(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SandboxSamplesRequest,
     ) -> Result<SandboxSamplesResponse, crate::Status>;
     /// `UpdateNetwork` (unary).
     fn update_network(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: UpdateNetworkRequest,
     ) -> Result<SandboxInfo, crate::Status>;
 }
@@ -823,6 +823,100 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.agent.v1.Sandboxes` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_sandboxes<S: SandboxesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        sandboxes_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        sandboxes_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        sandboxes_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        sandboxes_methods::DESTROY => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::DESTROY,
+                req,
+                |c, r| svc.destroy(c, r),
+            )
+        }
+        sandboxes_methods::PAUSE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::PAUSE,
+                req,
+                |c, r| svc.pause(c, r),
+            )
+        }
+        sandboxes_methods::RESUME => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::RESUME,
+                req,
+                |c, r| svc.resume(c, r),
+            )
+        }
+        sandboxes_methods::SET_TIMEOUT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::SET_TIMEOUT,
+                req,
+                |c, r| svc.set_timeout(c, r),
+            )
+        }
+        sandboxes_methods::PING => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::PING,
+                req,
+                |c, r| svc.ping(c, r),
+            )
+        }
+        sandboxes_methods::SAMPLES => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::SAMPLES,
+                req,
+                |c, r| svc.samples(c, r),
+            )
+        }
+        sandboxes_methods::UPDATE_NETWORK => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::UPDATE_NETWORK,
+                req,
+                |c, r| svc.update_network(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.agent.v1.Sandboxes` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -993,7 +1087,7 @@ pub trait ProcessesServer: Send + Sync {
     /// `Exec` (unary).
     fn exec(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ExecRequest,
     ) -> Result<ExecResponse, crate::Status>;
 }
@@ -1010,6 +1104,28 @@ pub fn dispatch_processes<S: ProcessesServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.agent.v1.Processes` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_processes<S: ProcessesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        processes_methods::EXEC => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                processes_methods::EXEC,
+                req,
+                |c, r| svc.exec(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.agent.v1.Processes` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1322,19 +1438,19 @@ pub trait TemplatesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateTemplateRequest,
     ) -> Result<TemplateInfo, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DeleteTemplateRequest,
     ) -> Result<DeleteTemplateResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListTemplatesRequest,
     ) -> Result<ListTemplatesResponse, crate::Status>;
 }
@@ -1357,6 +1473,44 @@ pub fn dispatch_templates<S: TemplatesServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.agent.v1.Templates` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_templates<S: TemplatesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        templates_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        templates_methods::DELETE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::DELETE,
+                req,
+                |c, r| svc.delete(c, r),
+            )
+        }
+        templates_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.agent.v1.Templates` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1427,13 +1581,13 @@ pub trait HostServer: Send + Sync {
     /// `Info` (unary).
     fn info(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: HostInfoRequest,
     ) -> Result<HostInfo, crate::Status>;
     /// `Metrics` (unary).
     fn metrics(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: HostMetricsRequest,
     ) -> Result<HostMetrics, crate::Status>;
 }
@@ -1451,6 +1605,36 @@ pub fn dispatch_host<S: HostServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.agent.v1.Host` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_host<S: HostServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        host_methods::INFO => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::INFO,
+                req,
+                |c, r| svc.info(c, r),
+            )
+        }
+        host_methods::METRICS => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::METRICS,
+                req,
+                |c, r| svc.metrics(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.agent.v1.Host` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1503,7 +1687,7 @@ pub trait PortsServer: Send + Sync {
     /// `Connect` (bidirectional).
     fn connect(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PortConnectRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
@@ -1521,6 +1705,18 @@ pub fn dispatch_ports<S: PortsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.agent.v1.Ports` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_ports<S: PortsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let _ = (svc, ctx, method, req);
+    None
 }
 /// Typed calls of `wrenn.agent.v1.Ports` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1566,3 +1762,54 @@ pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
     host_methods::ALL,
     ports_methods::ALL,
 ];
+/// Every server trait of this package: a type implementing them all serves the
+/// package through [`dispatch_package`].
+pub trait PackageServer: SandboxesServer + ProcessesServer + TemplatesServer + HostServer + PortsServer {}
+impl<
+    T: SandboxesServer + ProcessesServer + TemplatesServer + HostServer + PortsServer
+        + ?Sized,
+> PackageServer for T {}
+/// Runs a call of any service of this package on `svc` and returns its final code, or
+/// gives the stream back when no service of the package has the method (a forwarded
+/// method, or one of another package).
+pub fn dispatch_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let stream = match dispatch_sandboxes(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_processes(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_templates(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_host(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_ports(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    Err(stream)
+}
+/// Runs a unary method of any service of this package on `svc` with its encoded
+/// request (see each service's `call_unary_<service>`); None when no service of the
+/// package has it as a unary method.
+pub fn call_unary_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    call_unary_sandboxes(svc, ctx, method, req)
+        .or_else(|| call_unary_processes(svc, ctx, method, req))
+        .or_else(|| call_unary_templates(svc, ctx, method, req))
+        .or_else(|| call_unary_host(svc, ctx, method, req))
+        .or_else(|| call_unary_ports(svc, ctx, method, req))
+}

@@ -397,7 +397,7 @@ pub struct RemoveRequest {
     pub remove: ::core::option::Option<super::super::envd::v1::RemoveRequest>,
 }
 /// What sandboxes are created from.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Template {
     /// "tpl-{uuid}"; the seeded `minimal` template is "tpl-00000000-0000-0000-0000-000000000000".
     #[prost(string, tag = "1")]
@@ -435,6 +435,19 @@ pub struct Template {
     /// Creation time.
     #[prost(int64, tag = "12")]
     pub created_unix_ns: i64,
+    /// Process defaults of every sandbox created from it (a recipe's final USER, WORKDIR and
+    /// ENV; kept when a sandbox from it becomes a template). A process call's own user, cwd
+    /// and env win (env per key); a create's env wins per key over `env`. "" = envd's default
+    /// user (`user` when the image has it, else root) and that user's home.
+    #[prost(string, tag = "13")]
+    pub default_user: ::prost::alloc::string::String,
+    #[prost(string, tag = "14")]
+    pub default_cwd: ::prost::alloc::string::String,
+    #[prost(map = "string, string", tag = "15")]
+    pub env: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 /// Request of Templates.Build: a header, then the build context.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1758,61 +1771,61 @@ pub trait SandboxesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListSandboxesRequest,
     ) -> Result<ListSandboxesResponse, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `Destroy` (unary).
     fn destroy(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DestroySandboxRequest,
     ) -> Result<DestroySandboxResponse, crate::Status>;
     /// `Ping` (unary).
     fn ping(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PingSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `SetTimeout` (unary).
     fn set_timeout(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SetTimeoutRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `Pause` (unary).
     fn pause(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PauseSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `Resume` (unary).
     fn resume(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ResumeSandboxRequest,
     ) -> Result<Sandbox, crate::Status>;
     /// `Metrics` (unary).
     fn metrics(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SandboxMetricsRequest,
     ) -> Result<SandboxMetricsResponse, crate::Status>;
     /// `UpdateNetwork` (unary).
     fn update_network(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: UpdateNetworkRequest,
     ) -> Result<Sandbox, crate::Status>;
 }
@@ -1854,6 +1867,100 @@ pub fn dispatch_sandboxes<S: SandboxesServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Sandboxes` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_sandboxes<S: SandboxesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        sandboxes_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        sandboxes_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        sandboxes_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        sandboxes_methods::DESTROY => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::DESTROY,
+                req,
+                |c, r| svc.destroy(c, r),
+            )
+        }
+        sandboxes_methods::PING => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::PING,
+                req,
+                |c, r| svc.ping(c, r),
+            )
+        }
+        sandboxes_methods::SET_TIMEOUT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::SET_TIMEOUT,
+                req,
+                |c, r| svc.set_timeout(c, r),
+            )
+        }
+        sandboxes_methods::PAUSE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::PAUSE,
+                req,
+                |c, r| svc.pause(c, r),
+            )
+        }
+        sandboxes_methods::RESUME => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::RESUME,
+                req,
+                |c, r| svc.resume(c, r),
+            )
+        }
+        sandboxes_methods::METRICS => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::METRICS,
+                req,
+                |c, r| svc.metrics(c, r),
+            )
+        }
+        sandboxes_methods::UPDATE_NETWORK => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                sandboxes_methods::UPDATE_NETWORK,
+                req,
+                |c, r| svc.update_network(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.Sandboxes` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -2008,7 +2115,7 @@ pub trait ProcessesServer: Send + Sync {
     /// `Exec` (unary).
     fn exec(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ExecRequest,
     ) -> Result<ExecResponse, crate::Status>;
 }
@@ -2025,6 +2132,28 @@ pub fn dispatch_processes<S: ProcessesServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Processes` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_processes<S: ProcessesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        processes_methods::EXEC => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                processes_methods::EXEC,
+                req,
+                |c, r| svc.exec(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.Processes` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -2362,57 +2491,57 @@ pub trait TemplatesServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateTemplateRequest,
     ) -> Result<Template, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListTemplatesRequest,
     ) -> Result<ListTemplatesResponse, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetTemplateRequest,
     ) -> Result<Template, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DeleteTemplateRequest,
     ) -> Result<DeleteTemplateResponse, crate::Status>;
     /// `Build` (bidirectional).
     fn build(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: BuildRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `AttachBuild` (server streaming).
     fn attach_build(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: AttachBuildRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `GetBuild` (unary).
     fn get_build(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetBuildRequest,
     ) -> Result<Build, crate::Status>;
     /// `ListBuilds` (unary).
     fn list_builds(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListBuildsRequest,
     ) -> Result<ListBuildsResponse, crate::Status>;
     /// `CancelBuild` (unary).
     fn cancel_build(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CancelBuildRequest,
     ) -> Result<Build, crate::Status>;
 }
@@ -2451,6 +2580,76 @@ pub fn dispatch_templates<S: TemplatesServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Templates` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_templates<S: TemplatesServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        templates_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        templates_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        templates_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        templates_methods::DELETE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::DELETE,
+                req,
+                |c, r| svc.delete(c, r),
+            )
+        }
+        templates_methods::GET_BUILD => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::GET_BUILD,
+                req,
+                |c, r| svc.get_build(c, r),
+            )
+        }
+        templates_methods::LIST_BUILDS => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::LIST_BUILDS,
+                req,
+                |c, r| svc.list_builds(c, r),
+            )
+        }
+        templates_methods::CANCEL_BUILD => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                templates_methods::CANCEL_BUILD,
+                req,
+                |c, r| svc.cancel_build(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.Templates` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -2605,37 +2804,37 @@ pub trait TeamsServer: Send + Sync {
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetTeamRequest,
     ) -> Result<Team, crate::Status>;
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateTeamRequest,
     ) -> Result<CreateTeamResponse, crate::Status>;
     /// `AddMember` (unary).
     fn add_member(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: AddMemberRequest,
     ) -> Result<Member, crate::Status>;
     /// `RemoveMember` (unary).
     fn remove_member(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RemoveMemberRequest,
     ) -> Result<RemoveMemberResponse, crate::Status>;
     /// `ListMembers` (unary).
     fn list_members(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListMembersRequest,
     ) -> Result<ListMembersResponse, crate::Status>;
     /// `Usage` (unary).
     fn usage(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: TeamUsageRequest,
     ) -> Result<TeamUsageResponse, crate::Status>;
 }
@@ -2663,6 +2862,68 @@ pub fn dispatch_teams<S: TeamsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Teams` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_teams<S: TeamsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        teams_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        teams_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        teams_methods::ADD_MEMBER => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::ADD_MEMBER,
+                req,
+                |c, r| svc.add_member(c, r),
+            )
+        }
+        teams_methods::REMOVE_MEMBER => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::REMOVE_MEMBER,
+                req,
+                |c, r| svc.remove_member(c, r),
+            )
+        }
+        teams_methods::LIST_MEMBERS => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::LIST_MEMBERS,
+                req,
+                |c, r| svc.list_members(c, r),
+            )
+        }
+        teams_methods::USAGE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                teams_methods::USAGE,
+                req,
+                |c, r| svc.usage(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.Teams` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -2756,19 +3017,19 @@ pub trait UsersServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateUserRequest,
     ) -> Result<User, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetUserRequest,
     ) -> Result<User, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListUsersRequest,
     ) -> Result<ListUsersResponse, crate::Status>;
 }
@@ -2787,6 +3048,44 @@ pub fn dispatch_users<S: UsersServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Users` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_users<S: UsersServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        users_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                users_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        users_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                users_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        users_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                users_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.Users` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -2859,19 +3158,19 @@ pub trait ApiKeysServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateApiKeyRequest,
     ) -> Result<CreateApiKeyResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListApiKeysRequest,
     ) -> Result<ListApiKeysResponse, crate::Status>;
     /// `Revoke` (unary).
     fn revoke(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RevokeApiKeyRequest,
     ) -> Result<RevokeApiKeyResponse, crate::Status>;
 }
@@ -2892,6 +3191,44 @@ pub fn dispatch_api_keys<S: ApiKeysServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.ApiKeys` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_api_keys<S: ApiKeysServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        api_keys_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                api_keys_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        api_keys_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                api_keys_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        api_keys_methods::REVOKE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                api_keys_methods::REVOKE,
+                req,
+                |c, r| svc.revoke(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.ApiKeys` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -2994,37 +3331,37 @@ pub trait HostsServer: Send + Sync {
     /// `CreateRegistrationToken` (unary).
     fn create_registration_token(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateRegistrationTokenRequest,
     ) -> Result<CreateRegistrationTokenResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListHostsRequest,
     ) -> Result<ListHostsResponse, crate::Status>;
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetHostRequest,
     ) -> Result<Host, crate::Status>;
     /// `Drain` (unary).
     fn drain(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DrainHostRequest,
     ) -> Result<DrainHostResponse, crate::Status>;
     /// `Undrain` (unary).
     fn undrain(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: UndrainHostRequest,
     ) -> Result<Host, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DeleteHostRequest,
     ) -> Result<DeleteHostResponse, crate::Status>;
 }
@@ -3050,6 +3387,68 @@ pub fn dispatch_hosts<S: HostsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Hosts` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_hosts<S: HostsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        hosts_methods::CREATE_REGISTRATION_TOKEN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::CREATE_REGISTRATION_TOKEN,
+                req,
+                |c, r| svc.create_registration_token(c, r),
+            )
+        }
+        hosts_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        hosts_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        hosts_methods::DRAIN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::DRAIN,
+                req,
+                |c, r| svc.drain(c, r),
+            )
+        }
+        hosts_methods::UNDRAIN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::UNDRAIN,
+                req,
+                |c, r| svc.undrain(c, r),
+            )
+        }
+        hosts_methods::DELETE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                hosts_methods::DELETE,
+                req,
+                |c, r| svc.delete(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.Hosts` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -3127,7 +3526,7 @@ pub trait AuditLogsServer: Send + Sync {
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListAuditLogsRequest,
     ) -> Result<ListAuditLogsResponse, crate::Status>;
 }
@@ -3144,6 +3543,28 @@ pub fn dispatch_audit_logs<S: AuditLogsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.AuditLogs` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_audit_logs<S: AuditLogsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        audit_logs_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                audit_logs_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.AuditLogs` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -3216,25 +3637,25 @@ pub trait WebhooksServer: Send + Sync {
     /// `Create` (unary).
     fn create(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CreateWebhookRequest,
     ) -> Result<CreateWebhookResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListWebhooksRequest,
     ) -> Result<ListWebhooksResponse, crate::Status>;
     /// `Delete` (unary).
     fn delete(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: DeleteWebhookRequest,
     ) -> Result<DeleteWebhookResponse, crate::Status>;
     /// `Deliveries` (unary).
     fn deliveries(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListDeliveriesRequest,
     ) -> Result<ListDeliveriesResponse, crate::Status>;
 }
@@ -3258,6 +3679,52 @@ pub fn dispatch_webhooks<S: WebhooksServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Webhooks` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_webhooks<S: WebhooksServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        webhooks_methods::CREATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                webhooks_methods::CREATE,
+                req,
+                |c, r| svc.create(c, r),
+            )
+        }
+        webhooks_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                webhooks_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        webhooks_methods::DELETE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                webhooks_methods::DELETE,
+                req,
+                |c, r| svc.delete(c, r),
+            )
+        }
+        webhooks_methods::DELIVERIES => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                webhooks_methods::DELIVERIES,
+                req,
+                |c, r| svc.deliveries(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.ctl.v1.Webhooks` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -3327,7 +3794,7 @@ pub trait PortsServer: Send + Sync {
     /// `Connect` (bidirectional).
     fn connect(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: PortConnectRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
@@ -3345,6 +3812,18 @@ pub fn dispatch_ports<S: PortsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.ctl.v1.Ports` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_ports<S: PortsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let _ = (svc, ctx, method, req);
+    None
 }
 /// Typed calls of `wrenn.ctl.v1.Ports` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -3395,3 +3874,80 @@ pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
     webhooks_methods::ALL,
     ports_methods::ALL,
 ];
+/// Every server trait of this package: a type implementing them all serves the
+/// package through [`dispatch_package`].
+pub trait PackageServer: SandboxesServer + ProcessesServer + TemplatesServer + TeamsServer + UsersServer + ApiKeysServer + HostsServer + AuditLogsServer + WebhooksServer + PortsServer {}
+impl<
+    T: SandboxesServer + ProcessesServer + TemplatesServer + TeamsServer + UsersServer
+        + ApiKeysServer + HostsServer + AuditLogsServer + WebhooksServer + PortsServer
+        + ?Sized,
+> PackageServer for T {}
+/// Runs a call of any service of this package on `svc` and returns its final code, or
+/// gives the stream back when no service of the package has the method (a forwarded
+/// method, or one of another package).
+pub fn dispatch_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let stream = match dispatch_sandboxes(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_processes(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_templates(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_teams(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_users(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_api_keys(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_hosts(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_audit_logs(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_webhooks(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_ports(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    Err(stream)
+}
+/// Runs a unary method of any service of this package on `svc` with its encoded
+/// request (see each service's `call_unary_<service>`); None when no service of the
+/// package has it as a unary method.
+pub fn call_unary_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    call_unary_sandboxes(svc, ctx, method, req)
+        .or_else(|| call_unary_processes(svc, ctx, method, req))
+        .or_else(|| call_unary_templates(svc, ctx, method, req))
+        .or_else(|| call_unary_teams(svc, ctx, method, req))
+        .or_else(|| call_unary_users(svc, ctx, method, req))
+        .or_else(|| call_unary_api_keys(svc, ctx, method, req))
+        .or_else(|| call_unary_hosts(svc, ctx, method, req))
+        .or_else(|| call_unary_audit_logs(svc, ctx, method, req))
+        .or_else(|| call_unary_webhooks(svc, ctx, method, req))
+        .or_else(|| call_unary_ports(svc, ctx, method, req))
+}

@@ -1030,46 +1030,46 @@ pub trait ProcessServer: Send + Sync {
     /// `Start` (server streaming).
     fn start(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: StartRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `Connect` (server streaming).
     fn connect(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ConnectRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `SendInput` (client streaming).
     fn send_input(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SendInputRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<SendInputResponse, crate::Status>;
     /// `CloseStdin` (unary).
     fn close_stdin(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: CloseStdinRequest,
     ) -> Result<CloseStdinResponse, crate::Status>;
     /// `Signal` (unary).
     fn signal(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: SignalRequest,
     ) -> Result<SignalResponse, crate::Status>;
     /// `ResizePty` (unary).
     fn resize_pty(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ResizePtyRequest,
     ) -> Result<ResizePtyResponse, crate::Status>;
     /// `List` (unary).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListProcessesRequest,
     ) -> Result<ListProcessesResponse, crate::Status>;
 }
@@ -1105,6 +1105,52 @@ pub fn dispatch_process<S: ProcessServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.envd.v1.Process` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_process<S: ProcessServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        process_methods::CLOSE_STDIN => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                process_methods::CLOSE_STDIN,
+                req,
+                |c, r| svc.close_stdin(c, r),
+            )
+        }
+        process_methods::SIGNAL => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                process_methods::SIGNAL,
+                req,
+                |c, r| svc.signal(c, r),
+            )
+        }
+        process_methods::RESIZE_PTY => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                process_methods::RESIZE_PTY,
+                req,
+                |c, r| svc.resize_pty(c, r),
+            )
+        }
+        process_methods::LIST => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                process_methods::LIST,
+                req,
+                |c, r| svc.list(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.envd.v1.Process` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1272,52 +1318,52 @@ pub trait FilesystemServer: Send + Sync {
     /// `Stat` (unary).
     fn stat(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: StatRequest,
     ) -> Result<StatResponse, crate::Status>;
     /// `List` (server streaming).
     fn list(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ListDirRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `MakeDir` (unary).
     fn make_dir(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: MakeDirRequest,
     ) -> Result<MakeDirResponse, crate::Status>;
     /// `Move` (unary).
     fn r#move(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: MoveRequest,
     ) -> Result<MoveResponse, crate::Status>;
     /// `Remove` (unary).
     fn remove(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RemoveRequest,
     ) -> Result<RemoveResponse, crate::Status>;
     /// `Read` (server streaming).
     fn read(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ReadRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
     /// `Write` (client streaming).
     fn write(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: WriteRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<WriteResponse, crate::Status>;
     /// `Watch` (server streaming).
     fn watch(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: WatchRequest,
         stream: &mut crate::rpc::ServerStream,
     ) -> Result<(), crate::Status>;
@@ -1356,6 +1402,52 @@ pub fn dispatch_filesystem<S: FilesystemServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.envd.v1.Filesystem` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_filesystem<S: FilesystemServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        filesystem_methods::STAT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                filesystem_methods::STAT,
+                req,
+                |c, r| svc.stat(c, r),
+            )
+        }
+        filesystem_methods::MAKE_DIR => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                filesystem_methods::MAKE_DIR,
+                req,
+                |c, r| svc.make_dir(c, r),
+            )
+        }
+        filesystem_methods::MOVE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                filesystem_methods::MOVE,
+                req,
+                |c, r| svc.r#move(c, r),
+            )
+        }
+        filesystem_methods::REMOVE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                filesystem_methods::REMOVE,
+                req,
+                |c, r| svc.remove(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.envd.v1.Filesystem` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1484,13 +1576,13 @@ pub trait InitServer: Send + Sync {
     /// `Init` (unary).
     fn init(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: InitRequest,
     ) -> Result<InitResponse, crate::Status>;
     /// `Resumed` (unary).
     fn resumed(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ResumedRequest,
     ) -> Result<ResumedResponse, crate::Status>;
 }
@@ -1508,6 +1600,36 @@ pub fn dispatch_init<S: InitServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.envd.v1.Init` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_init<S: InitServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        init_methods::INIT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                init_methods::INIT,
+                req,
+                |c, r| svc.init(c, r),
+            )
+        }
+        init_methods::RESUMED => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                init_methods::RESUMED,
+                req,
+                |c, r| svc.resumed(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.envd.v1.Init` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1560,7 +1682,7 @@ pub trait HealthServer: Send + Sync {
     /// `Check` (unary).
     fn check(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: HealthCheckRequest,
     ) -> Result<HealthCheckResponse, crate::Status>;
 }
@@ -1575,6 +1697,28 @@ pub fn dispatch_health<S: HealthServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.envd.v1.Health` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_health<S: HealthServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        health_methods::CHECK => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                health_methods::CHECK,
+                req,
+                |c, r| svc.check(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.envd.v1.Health` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1623,7 +1767,7 @@ pub trait MetricsServer: Send + Sync {
     /// `Get` (unary).
     fn get(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: GetMetricsRequest,
     ) -> Result<GetMetricsResponse, crate::Status>;
 }
@@ -1638,6 +1782,28 @@ pub fn dispatch_metrics<S: MetricsServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.envd.v1.Metrics` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_metrics<S: MetricsServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        metrics_methods::GET => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                metrics_methods::GET,
+                req,
+                |c, r| svc.get(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.envd.v1.Metrics` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1686,7 +1852,7 @@ pub trait AnnounceServer: Send + Sync {
     /// `Ready` (unary).
     fn ready(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ReadyRequest,
     ) -> Result<ReadyResponse, crate::Status>;
 }
@@ -1703,6 +1869,28 @@ pub fn dispatch_announce<S: AnnounceServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.envd.v1.Announce` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_announce<S: AnnounceServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        announce_methods::READY => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                announce_methods::READY,
+                req,
+                |c, r| svc.ready(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.envd.v1.Announce` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -1737,3 +1925,59 @@ pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[
     metrics_methods::ALL,
     announce_methods::ALL,
 ];
+/// Every server trait of this package: a type implementing them all serves the
+/// package through [`dispatch_package`].
+pub trait PackageServer: ProcessServer + FilesystemServer + InitServer + HealthServer + MetricsServer + AnnounceServer {}
+impl<
+    T: ProcessServer + FilesystemServer + InitServer + HealthServer + MetricsServer
+        + AnnounceServer + ?Sized,
+> PackageServer for T {}
+/// Runs a call of any service of this package on `svc` and returns its final code, or
+/// gives the stream back when no service of the package has the method (a forwarded
+/// method, or one of another package).
+pub fn dispatch_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let stream = match dispatch_process(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_filesystem(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_init(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_health(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_metrics(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    let stream = match dispatch_announce(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    Err(stream)
+}
+/// Runs a unary method of any service of this package on `svc` with its encoded
+/// request (see each service's `call_unary_<service>`); None when no service of the
+/// package has it as a unary method.
+pub fn call_unary_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    call_unary_process(svc, ctx, method, req)
+        .or_else(|| call_unary_filesystem(svc, ctx, method, req))
+        .or_else(|| call_unary_init(svc, ctx, method, req))
+        .or_else(|| call_unary_health(svc, ctx, method, req))
+        .or_else(|| call_unary_metrics(svc, ctx, method, req))
+        .or_else(|| call_unary_announce(svc, ctx, method, req))
+}

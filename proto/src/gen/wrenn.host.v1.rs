@@ -274,25 +274,25 @@ pub trait HostServer: Send + Sync {
     /// `Register` (unary).
     fn register(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RegisterRequest,
     ) -> Result<RegisterResponse, crate::Status>;
     /// `Heartbeat` (unary).
     fn heartbeat(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, crate::Status>;
     /// `ReportState` (unary).
     fn report_state(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: ReportStateRequest,
     ) -> Result<ReportStateResponse, crate::Status>;
     /// `RenewCertificate` (unary).
     fn renew_certificate(
         &self,
-        peer: &crate::rpc::Peer,
+        ctx: &crate::rpc::CallCtx,
         req: RenewCertificateRequest,
     ) -> Result<RenewCertificateResponse, crate::Status>;
 }
@@ -318,6 +318,52 @@ pub fn dispatch_host<S: HostServer + ?Sized>(
         _ => return Err(stream),
     };
     Ok(code)
+}
+/// Runs a unary method of `wrenn.host.v1.Host` on `svc` with its encoded request and returns the
+/// encoded response (for transports without a `ServerStream`: ctl's HTTP gateway);
+/// None when `method` is not a unary method of this service.
+pub fn call_unary_host<S: HostServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    let r = match method {
+        host_methods::REGISTER => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::REGISTER,
+                req,
+                |c, r| svc.register(c, r),
+            )
+        }
+        host_methods::HEARTBEAT => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::HEARTBEAT,
+                req,
+                |c, r| svc.heartbeat(c, r),
+            )
+        }
+        host_methods::REPORT_STATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::REPORT_STATE,
+                req,
+                |c, r| svc.report_state(c, r),
+            )
+        }
+        host_methods::RENEW_CERTIFICATE => {
+            crate::rpc::serve::unary_bytes(
+                ctx,
+                host_methods::RENEW_CERTIFICATE,
+                req,
+                |c, r| svc.renew_certificate(c, r),
+            )
+        }
+        _ => return None,
+    };
+    Some(r)
 }
 /// Typed calls of `wrenn.host.v1.Host` over a connection; `timeout` is each call's deadline.
 #[derive(Clone, Copy, Debug)]
@@ -369,3 +415,31 @@ impl<'a> HostClient<'a> {
 }
 /// Every method of every service of this package.
 pub const METHODS: &[&[crate::rpc::MethodDesc]] = &[host_methods::ALL];
+/// Every server trait of this package: a type implementing them all serves the
+/// package through [`dispatch_package`].
+pub trait PackageServer: HostServer {}
+impl<T: HostServer + ?Sized> PackageServer for T {}
+/// Runs a call of any service of this package on `svc` and returns its final code, or
+/// gives the stream back when no service of the package has the method (a forwarded
+/// method, or one of another package).
+pub fn dispatch_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    stream: crate::rpc::ServerStream,
+) -> Result<crate::Code, crate::rpc::ServerStream> {
+    let stream = match dispatch_host(svc, stream) {
+        Ok(code) => return Ok(code),
+        Err(s) => s,
+    };
+    Err(stream)
+}
+/// Runs a unary method of any service of this package on `svc` with its encoded
+/// request (see each service's `call_unary_<service>`); None when no service of the
+/// package has it as a unary method.
+pub fn call_unary_package<S: PackageServer + ?Sized>(
+    svc: &S,
+    ctx: &crate::rpc::CallCtx,
+    method: &str,
+    req: &[u8],
+) -> Option<Result<Vec<u8>, crate::Status>> {
+    call_unary_host(svc, ctx, method, req)
+}

@@ -41,7 +41,8 @@ pub struct SandboxSpec {
     /// What happens at expiry; UNSPECIFIED = DESTROY.
     #[prost(enumeration = "TimeoutPolicy", tag = "10")]
     pub on_timeout: i32,
-    /// Environment variables for every process in the guest (envd Init).
+    /// Environment variables for every process in the guest (envd Init); a process call's
+    /// env wins per key. ctl sends the template's env merged with the create's (§13).
     #[prost(map = "string, string", tag = "11")]
     pub env: ::std::collections::HashMap<
         ::prost::alloc::string::String,
@@ -54,7 +55,8 @@ pub struct SandboxSpec {
         ::prost::alloc::string::String,
     >,
     /// Default user and working directory inside the guest ("" = envd's default: "user" when
-    /// the image has that account, else "root"; and that user's home).
+    /// the image has that account, else "root"; and that user's home). ctl sends the
+    /// template's (a recipe's final USER and WORKDIR). A process call's own user/cwd win.
     #[prost(string, tag = "13")]
     pub default_user: ::prost::alloc::string::String,
     /// "" = the default user's home.

@@ -408,6 +408,12 @@ impl ClientStream {
         Conn::is_cancelled(&st, self.id)
     }
 
+    /// Moves this call's local deadline (`None`: wait without one). A later `recv` past it
+    /// fails `deadline_exceeded`; the server is not told (dropping the stream cancels it).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
     /// Half-closes: the server's `recv` returns `None` after the queued messages.
     pub fn close_send(&mut self) -> Result<(), Status> {
         let mut st = self.conn.lock();

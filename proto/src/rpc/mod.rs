@@ -22,7 +22,7 @@ pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
 pub use server::{
-    Call, CallWatch, HelloFrom, Peer, Server, ServerConfig, ServerHandle, ServerSender,
+    Call, CallCtx, CallWatch, HelloFrom, Peer, Server, ServerConfig, ServerHandle, ServerSender,
     ServerStream, Service, WrapTransport,
 };
 pub use transport::{ReadMode, SocketKind, SocketTransport, Transport};

@@ -8,7 +8,7 @@
 
 use prost::Message;
 
-use super::{Peer, ServerStream};
+use super::{CallCtx, ServerStream};
 use crate::status::{Code, Status};
 
 fn end(s: ServerStream, r: Result<(), Status>) -> Code {
@@ -36,13 +36,16 @@ fn reply<Resp: Message>(s: ServerStream, r: Result<Resp, Status>) -> Code {
 }
 
 /// One request, one response.
-pub fn unary<Req, Resp>(s: ServerStream, f: impl FnOnce(&Peer, Req) -> Result<Resp, Status>) -> Code
+pub fn unary<Req, Resp>(
+    s: ServerStream,
+    f: impl FnOnce(&CallCtx, Req) -> Result<Resp, Status>,
+) -> Code
 where
     Req: Message + Default,
     Resp: Message,
 {
-    let peer = s.peer().clone();
-    let r = s.first::<Req>().and_then(|req| f(&peer, req));
+    let ctx = s.ctx().clone();
+    let r = s.first::<Req>().and_then(|req| f(&ctx, req));
     reply(s, r)
 }
 
@@ -50,13 +53,13 @@ where
 /// with END. Bidirectional calls have the same shape (the handler also receives).
 pub fn streaming<Req>(
     mut s: ServerStream,
-    f: impl FnOnce(&Peer, Req, &mut ServerStream) -> Result<(), Status>,
+    f: impl FnOnce(&CallCtx, Req, &mut ServerStream) -> Result<(), Status>,
 ) -> Code
 where
     Req: Message + Default,
 {
-    let peer = s.peer().clone();
-    let r = s.first::<Req>().and_then(|req| f(&peer, req, &mut s));
+    let ctx = s.ctx().clone();
+    let r = s.first::<Req>().and_then(|req| f(&ctx, req, &mut s));
     end(s, r)
 }
 
@@ -64,15 +67,32 @@ where
 /// receives the rest from the stream and returns the one response.
 pub fn client_streaming<Req, Resp>(
     mut s: ServerStream,
-    f: impl FnOnce(&Peer, Req, &mut ServerStream) -> Result<Resp, Status>,
+    f: impl FnOnce(&CallCtx, Req, &mut ServerStream) -> Result<Resp, Status>,
 ) -> Code
 where
     Req: Message + Default,
     Resp: Message,
 {
-    let peer = s.peer().clone();
-    let r = s.first::<Req>().and_then(|req| f(&peer, req, &mut s));
+    let ctx = s.ctx().clone();
+    let r = s.first::<Req>().and_then(|req| f(&ctx, req, &mut s));
     reply(s, r)
+}
+
+/// One request, one response, both encoded: for a transport that has no [`ServerStream`]
+/// (ctl's HTTP gateway). A malformed request is `invalid_argument`, as on a stream.
+pub fn unary_bytes<Req, Resp>(
+    ctx: &CallCtx,
+    method: &str,
+    req: &[u8],
+    f: impl FnOnce(&CallCtx, Req) -> Result<Resp, Status>,
+) -> Result<Vec<u8>, Status>
+where
+    Req: Message + Default,
+    Resp: Message,
+{
+    let req = Req::decode(req)
+        .map_err(|e| Status::invalid_argument(format!("{method}: malformed request: {e}")))?;
+    f(ctx, req).map(|r| r.encode_to_vec())
 }
 
 /// A method no dispatch table knows: `unimplemented`, naming it.

@@ -41,8 +41,47 @@ use crate::limits::{
 };
 use crate::status::{Code, Status};
 
-/// What a service attaches to an authenticated connection; every call on it sees it.
+/// What a service attaches to an authenticated connection (the principal its
+/// [`Service::hello`] decided); every call on it sees it.
 pub type Peer = Arc<dyn Any + Send + Sync>;
+
+/// What the server knows about the connection a call came on: the principal the hello
+/// decided, where the peer is, and the certificate it presented. Every call carries one;
+/// the generated `<Service>Server` traits receive it with each request, so a handler sees
+/// who is calling without a channel of its own.
+#[derive(Clone)]
+pub struct CallCtx {
+    /// What [`Service::hello`] returned for the connection.
+    pub peer: Peer,
+    /// The peer's address as budgets count it (an IPv6 address is its /64); `Local` for a
+    /// Unix or vsock peer, and for calls made without a socket of this server (ctl's HTTP
+    /// gateway).
+    pub source: Source,
+    /// The end-entity certificate (DER) the client presented during a TLS handshake that
+    /// verified it; None on plain transports or without a client certificate.
+    pub client_cert: Option<Bytes>,
+}
+
+impl CallCtx {
+    /// A context for calls that come from elsewhere than a connection of this server (the
+    /// HTTP gateway, tests): a principal and a source, no certificate.
+    pub fn new(peer: Peer, source: Source) -> CallCtx {
+        CallCtx {
+            peer,
+            source,
+            client_cert: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for CallCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallCtx")
+            .field("source", &self.source)
+            .field("client_cert", &self.client_cert.as_ref().map(|c| c.len()))
+            .finish_non_exhaustive()
+    }
+}
 
 /// A service: authenticates connections and answers calls.
 pub trait Service: Send + Sync + 'static {
@@ -73,7 +112,7 @@ pub struct HelloFrom {
     pub source: Option<Source>,
     /// The peer's certificate as the handshake verified it (DER, end entity): present
     /// only on a TLS listener that asks for client certificates and got one.
-    pub peer_certificate: Option<Vec<u8>>,
+    pub peer_certificate: Option<Bytes>,
 }
 
 /// Server settings.
@@ -242,7 +281,7 @@ struct Entry {
     raw_fd: std::os::fd::RawFd,
     rbuf: RecvBuf,
     phase: Phase,
-    peer: Option<Peer>,
+    ctx: Option<Arc<CallCtx>>,
     since: Instant,
     serial: u64,
 }
@@ -534,7 +573,7 @@ impl Server {
                 raw_fd: raw,
                 rbuf: RecvBuf::new(),
                 phase: Phase::AwaitHello,
-                peer: None,
+                ctx: None,
                 since: Instant::now(),
                 serial: self.serial,
             });
@@ -630,14 +669,14 @@ impl Server {
                     );
                     return false;
                 }
-                let peer = entry.peer.clone().expect("open connections have a peer");
+                let ctx = entry.ctx.clone().expect("open connections have a context");
                 for c in ev.calls {
                     let call = Call {
                         conn: conn.clone(),
                         id: c.stream,
                         method: c.method,
                         message: c.message,
-                        peer: peer.clone(),
+                        ctx: ctx.clone(),
                         pool: self.pool.clone(),
                         answered: false,
                     };
@@ -748,6 +787,11 @@ impl Server {
             max_streams: self.cfg.max_streams,
         };
         let Some(sock) = entry.pre.take() else { return };
+        let ctx = Arc::new(CallCtx {
+            peer,
+            source: entry.source,
+            client_cert: sock.peer_certificate(),
+        });
         let conn = match Conn::new(sock, Side::Server, limits) {
             Ok(c) => Arc::new(c),
             Err(e) => {
@@ -769,7 +813,7 @@ impl Server {
             conn.send_raw(&mut st, Kind::HelloAck, &ack.encode_to_vec());
         }
         entry.conn = Some(conn);
-        entry.peer = Some(peer);
+        entry.ctx = Some(ctx);
         entry.phase = Phase::Open;
         entry.since = Instant::now();
         self.reap(slot);
@@ -794,8 +838,8 @@ impl Server {
                     for slot in 0..self.conns.len() {
                         let hit = self.conns[slot]
                             .as_ref()
-                            .and_then(|e| e.peer.as_ref())
-                            .is_some_and(&pred);
+                            .and_then(|e| e.ctx.as_ref())
+                            .is_some_and(|c| pred(&c.peer));
                         if hit {
                             self.close_with_error(
                                 slot,
@@ -946,7 +990,7 @@ pub struct Call {
     id: u32,
     method: String,
     message: Bytes,
-    peer: Peer,
+    ctx: Arc<CallCtx>,
     pool: Arc<Pool>,
     answered: bool,
 }
@@ -965,8 +1009,14 @@ impl Call {
         &self.method
     }
 
+    /// The principal the connection's hello decided.
     pub fn peer(&self) -> &Peer {
-        &self.peer
+        &self.ctx.peer
+    }
+
+    /// Everything the server knows about the call's connection.
+    pub fn ctx(&self) -> &Arc<CallCtx> {
+        &self.ctx
     }
 
     /// The request message, undecoded.
@@ -1055,7 +1105,7 @@ impl Call {
             id: self.id,
             method: std::mem::take(&mut self.method),
             message: std::mem::take(&mut self.message),
-            peer: self.peer.clone(),
+            ctx: self.ctx.clone(),
             finished: false,
         };
         let pool = self.pool.clone();
@@ -1094,7 +1144,7 @@ pub struct ServerStream {
     id: u32,
     method: String,
     message: Bytes,
-    peer: Peer,
+    ctx: Arc<CallCtx>,
     finished: bool,
 }
 
@@ -1163,8 +1213,14 @@ impl ServerStream {
         &self.method
     }
 
+    /// The principal the connection's hello decided.
     pub fn peer(&self) -> &Peer {
-        &self.peer
+        &self.ctx.peer
+    }
+
+    /// Everything the server knows about the call's connection.
+    pub fn ctx(&self) -> &Arc<CallCtx> {
+        &self.ctx
     }
 
     /// Decodes the request message (the first message of the call).

@@ -77,9 +77,10 @@ pub trait Transport: Send + Sync + 'static {
     fn fd(&self) -> BorrowedFd<'_>;
     /// Where the peer is, for per-source budgets.
     fn source(&self) -> Source;
-    /// The certificate the peer presented and the handshake verified (DER, end entity),
-    /// if the transport authenticates peers (mutual TLS). Plain sockets have none.
-    fn peer_certificate(&self) -> Option<Vec<u8>> {
+    /// The end-entity certificate (DER) the peer presented and the handshake verified; the
+    /// server copies it into every call's [`CallCtx`](super::CallCtx). Plain sockets have
+    /// none.
+    fn peer_certificate(&self) -> Option<prost::bytes::Bytes> {
         None
     }
 }

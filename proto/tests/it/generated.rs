@@ -5,21 +5,30 @@
 use std::sync::Arc;
 
 use proto::gen::wrenn::envd::v1 as pb;
-use proto::rpc::{Call, Credential, Hello, Peer, Server, ServerConfig, ServerStream, Service};
+use proto::rpc::{
+    Call, CallCtx, Credential, Hello, Peer, Server, ServerConfig, ServerStream, Service,
+};
 use proto::{Code, Status};
 
 /// A `Process` service that starts nothing: `Start` echoes the command as output, `SendInput`
-/// counts bytes, `List` answers the peer's name, the rest fail with their own codes.
+/// counts bytes, `List` answers what the call's context says of the caller (the principal
+/// hello attached, its source, whether it presented a certificate), the rest fail with
+/// their own codes.
 struct Fake;
 
-fn peer_name(peer: &Peer) -> String {
-    peer.downcast_ref::<String>().cloned().unwrap_or_default()
+fn caller(ctx: &CallCtx) -> String {
+    let name = ctx
+        .peer
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    format!("{name}|{:?}|{}", ctx.source, ctx.client_cert.is_some())
 }
 
 impl pb::ProcessServer for Fake {
     fn start(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         req: pb::StartRequest,
         stream: &mut ServerStream,
     ) -> Result<(), Status> {
@@ -36,13 +45,18 @@ impl pb::ProcessServer for Fake {
         Ok(())
     }
 
-    fn connect(&self, _: &Peer, _: pb::ConnectRequest, _: &mut ServerStream) -> Result<(), Status> {
+    fn connect(
+        &self,
+        _: &CallCtx,
+        _: pb::ConnectRequest,
+        _: &mut ServerStream,
+    ) -> Result<(), Status> {
         Err(Status::not_found("no such process"))
     }
 
     fn send_input(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         first: pb::SendInputRequest,
         stream: &mut ServerStream,
     ) -> Result<pb::SendInputResponse, Status> {
@@ -55,19 +69,19 @@ impl pb::ProcessServer for Fake {
 
     fn close_stdin(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         _: pb::CloseStdinRequest,
     ) -> Result<pb::CloseStdinResponse, Status> {
         Err(Status::failed_precondition("no stdin"))
     }
 
-    fn signal(&self, _: &Peer, _: pb::SignalRequest) -> Result<pb::SignalResponse, Status> {
+    fn signal(&self, _: &CallCtx, _: pb::SignalRequest) -> Result<pb::SignalResponse, Status> {
         Err(Status::permission_denied("no"))
     }
 
     fn resize_pty(
         &self,
-        _: &Peer,
+        _: &CallCtx,
         _: pb::ResizePtyRequest,
     ) -> Result<pb::ResizePtyResponse, Status> {
         Err(Status::invalid_argument("no pty"))
@@ -75,12 +89,12 @@ impl pb::ProcessServer for Fake {
 
     fn list(
         &self,
-        peer: &Peer,
+        ctx: &CallCtx,
         _: pb::ListProcessesRequest,
     ) -> Result<pb::ListProcessesResponse, Status> {
         Ok(pb::ListProcessesResponse {
             processes: vec![pb::ProcessInfo {
-                tag: peer_name(peer),
+                tag: caller(ctx),
                 ..Default::default()
             }],
         })
@@ -121,9 +135,10 @@ fn generated_server_and_client_carry_every_shape() {
     // Unary, with the peer the service attached at hello.
     let list = c.list(&pb::ListProcessesRequest {}).unwrap();
     assert_eq!(list.processes.len(), 1);
+    let tag = &list.processes[0].tag;
     assert!(
-        !list.processes[0].tag.is_empty(),
-        "peer reached the handler"
+        tag.len() > "|Local|false".len() && tag.ends_with("|Local|false"),
+        "the call's context reached the handler: {tag}"
     );
 
     // Server streaming: every message, then the end.
@@ -200,4 +215,114 @@ fn generated_server_and_client_carry_every_shape() {
     ];
     want.sort_by_key(|c| *c as u16);
     assert_eq!(codes, want);
+}
+
+/// A host.v1 server served through `dispatch_package`: every service of the package by one
+/// call, anything else given back.
+struct Host;
+
+impl proto::gen::wrenn::host::v1::HostServer for Host {
+    fn register(
+        &self,
+        ctx: &CallCtx,
+        _: proto::gen::wrenn::host::v1::RegisterRequest,
+    ) -> Result<proto::gen::wrenn::host::v1::RegisterResponse, Status> {
+        Ok(proto::gen::wrenn::host::v1::RegisterResponse {
+            host_id: caller(ctx),
+            ..Default::default()
+        })
+    }
+
+    fn heartbeat(
+        &self,
+        _: &CallCtx,
+        _: proto::gen::wrenn::host::v1::HeartbeatRequest,
+    ) -> Result<proto::gen::wrenn::host::v1::HeartbeatResponse, Status> {
+        Err(Status::unavailable("not now"))
+    }
+
+    fn report_state(
+        &self,
+        _: &CallCtx,
+        _: proto::gen::wrenn::host::v1::ReportStateRequest,
+    ) -> Result<proto::gen::wrenn::host::v1::ReportStateResponse, Status> {
+        Err(Status::new(Code::Aborted, "no"))
+    }
+
+    fn renew_certificate(
+        &self,
+        _: &CallCtx,
+        _: proto::gen::wrenn::host::v1::RenewCertificateRequest,
+    ) -> Result<proto::gen::wrenn::host::v1::RenewCertificateResponse, Status> {
+        Err(Status::failed_precondition("no certificate"))
+    }
+}
+
+struct HostSvc;
+
+impl Service for HostSvc {
+    fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
+        Ok(Arc::new(hello.client.clone()))
+    }
+
+    fn call(&self, call: Call) {
+        call.spawn(|s| {
+            let _ = proto::gen::wrenn::host::v1::dispatch_package(&Host, s)
+                .unwrap_or_else(proto::rpc::serve::unknown);
+        });
+    }
+}
+
+#[test]
+fn package_dispatch_serves_every_service_of_the_package() {
+    use proto::gen::wrenn::host::v1 as host;
+    let dir = crate::support::TempDir::new("pkg");
+    let sock = dir.path.join("s.sock");
+    let mut server = Server::new(ServerConfig::new("pkg"), Arc::new(HostSvc)).unwrap();
+    server.listen_unix(&sock).unwrap();
+    let (handle, _thread) = server.spawn().unwrap();
+    let client = proto::rpc::Client::connect_unix(&sock, Credential::none()).unwrap();
+    let c = host::HostClient::new(&client).with_timeout(std::time::Duration::from_secs(10));
+    let r = c.register(&host::RegisterRequest::default()).unwrap();
+    assert!(r.host_id.ends_with("|Local|false"), "{}", r.host_id);
+    let e = c.heartbeat(&host::HeartbeatRequest::default()).unwrap_err();
+    assert_eq!(e.code, Code::Unavailable);
+    let e = c
+        .report_state(&host::ReportStateRequest::default())
+        .unwrap_err();
+    assert_eq!(e.code, Code::Aborted);
+    // A method of another package is given back, and answered unimplemented by name.
+    let e = pb::HealthClient::new(&client)
+        .check(&pb::HealthCheckRequest {})
+        .unwrap_err();
+    assert_eq!(e.code, Code::Unimplemented);
+    assert!(e.message.contains("Health/Check"), "{}", e.message);
+    drop(client);
+    handle.shutdown();
+}
+
+/// The encoded-message form of a package's unary methods (ctl's HTTP gateway calls the same
+/// trait methods through it): a response for a unary method, the handler's error, a
+/// malformed request refused before the handler, None for anything else.
+#[test]
+fn call_unary_runs_a_package_method_on_encoded_messages() {
+    use prost::Message;
+    use proto::gen::wrenn::host::v1 as host;
+    let ctx = CallCtx::new(Arc::new("gw".to_owned()), proto::rpc::Source::Local);
+    let req = host::RegisterRequest::default().encode_to_vec();
+    let out = host::call_unary_package(&Host, &ctx, host::host_methods::REGISTER, &req)
+        .expect("Register is a unary method of host.v1")
+        .unwrap();
+    let r = host::RegisterResponse::decode(&out[..]).unwrap();
+    assert_eq!(r.host_id, "gw|Local|false");
+    let e = host::call_unary_package(&Host, &ctx, host::host_methods::HEARTBEAT, &[])
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code, Code::Unavailable);
+    let e = host::call_unary_package(&Host, &ctx, host::host_methods::REGISTER, &[0xff])
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument);
+    assert!(e.message.contains("malformed request"), "{}", e.message);
+    assert!(host::call_unary_package(&Host, &ctx, pb::health_methods::CHECK, &[]).is_none());
 }

@@ -238,3 +238,60 @@ fn readiness_listener_delivers_ready() {
     assert!(!path.exists(), "socket file removed");
     assert!(rx.try_recv().is_err());
 }
+
+/// The hello is bounded by the caller's timeout, not the network default
+/// (`proto::limits::HELLO_TIMEOUT`, 10 s): a guest that answers late but within it is served,
+/// and one that never answers costs the caller's timeout.
+#[test]
+fn rpc_hello_waits_as_long_as_the_caller_allows() {
+    let d = TempDir::new("slowhello");
+    let guest = d.0.join("guest.sock");
+    let mut server = Server::new(ServerConfig::new("guest"), Arc::new(Echo)).unwrap();
+    server.listen_unix(&guest).unwrap();
+    let (handle, join) = server.spawn().unwrap();
+    let late = proto::limits::HELLO_TIMEOUT + Duration::from_secs(1);
+    let uds = d.0.join("v.sock");
+    // OK at once, then the guest's side only after `late`.
+    let t = fake_vsock(uds.clone(), vsock::ENVD_PORT, move |mut s| {
+        s.write_all(b"OK 1073741825\n").unwrap();
+        std::thread::sleep(late);
+        let g = UnixStream::connect(&guest).unwrap();
+        let (s2, g2) = (s.try_clone().unwrap(), g.try_clone().unwrap());
+        let a = std::thread::spawn(move || pump(s2, g2));
+        pump(g, s);
+        let _ = a.join();
+    });
+    let client = vsock::connect_rpc(
+        &uds,
+        vsock::ENVD_PORT,
+        Credential::access_token("tok"),
+        late + Duration::from_secs(10),
+    )
+    .expect("a hello answered within the caller's timeout");
+    client.close();
+    drop(client);
+    t.join().unwrap();
+
+    let uds2 = d.0.join("v2.sock");
+    let t = fake_vsock(uds2.clone(), vsock::ENVD_PORT, |mut s| {
+        s.write_all(b"OK 1073741825\n").unwrap();
+        std::thread::sleep(Duration::from_secs(6));
+    });
+    let t0 = Instant::now();
+    let e = vsock::connect_rpc(
+        &uds2,
+        vsock::ENVD_PORT,
+        Credential::access_token("tok"),
+        Duration::from_secs(1),
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "a silent guest held the caller {:?} past its 1 s timeout: {e}",
+        t0.elapsed()
+    );
+    t.join().unwrap();
+    handle.shutdown();
+    join.join().unwrap().unwrap();
+}

@@ -1,4 +1,4 @@
--- wrenn-ctl schema, migration 9 (issue 14): revoked host certificates, by serial. A row stays
+-- wrenn-ctl schema, migration 10 (issue 14): revoked host certificates, by serial. A row stays
 -- until the certificate expires (a revoked certificate past its expiry is refused anyway);
 -- host_id has no foreign key because deleting a host is what revokes its certificates.
 -- Every replica loads the unexpired rows when its LISTEN connection starts and hears new
