@@ -18,8 +18,8 @@ use proto::Status;
 
 use crate::host::{Host, IdentityCell, AGENT_VERSION};
 use crate::limits::{
-    CTL_CALL_TIMEOUT, HEARTBEAT_INTERVAL_DEFAULT, HEARTBEAT_INTERVAL_MAX, HEARTBEAT_INTERVAL_MIN,
-    REPORT_QUEUE_MAX,
+    CERT_RENEW_AT_DEN, CERT_RENEW_AT_NUM, CERT_RENEW_RETRY, CTL_CALL_TIMEOUT,
+    HEARTBEAT_INTERVAL_DEFAULT, HEARTBEAT_INTERVAL_MAX, HEARTBEAT_INTERVAL_MIN, REPORT_QUEUE_MAX,
 };
 use crate::manager::Events;
 use crate::statedir::Identity;
@@ -56,6 +56,8 @@ pub struct CtlLink {
     wake: Condvar,
     stop: AtomicBool,
     interval: Mutex<Duration>,
+    /// No renewal attempt before this (set after a failed one).
+    renew_not_before: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for CtlLink {
@@ -86,17 +88,49 @@ fn clamp_interval(ms: u32) -> Duration {
 }
 
 impl CtlLink {
-    /// Opens a connection to ctl's host port: TLS (ALPN wrenn/1) unless plaintext was asked.
+    /// Opens a connection to ctl's host port: TLS (ALPN wrenn/1) unless plaintext was asked,
+    /// presenting the host certificate once registration saved one (ctl requires it from
+    /// a host it issued one; registering connections never send one).
     fn connect(&self, cred: Credential) -> Result<Client, Status> {
+        let cfg = proto::rpc::ClientConfig::default();
         match &self.cfg.tls {
-            Some(t) => tls::connect(
-                &self.cfg.addr,
-                t,
-                cred,
-                &proto::rpc::ClientConfig::default(),
-            ),
+            Some(t) => match self.identity_tls()? {
+                Some(mine) => tls::connect(&self.cfg.addr, &mine, cred, &cfg),
+                None => tls::connect(&self.cfg.addr, t, cred, &cfg),
+            },
             None => Client::connect_tcp(self.cfg.addr.as_str(), cred),
         }
+    }
+
+    /// Client TLS with the saved host certificate and key, trusting ctl's CA (`--ctl-ca`,
+    /// else the CA registration saved); `None` while the host has no certificate. Read at
+    /// each (re)connect, so a renewed certificate is used from the next connection on.
+    fn identity_tls(&self) -> Result<Option<tls::ClientTls>, Status> {
+        if !self.cfg.host_cert_path.exists() {
+            return Ok(None);
+        }
+        let bad = |e: tls::TlsError| Status::failed_precondition(format!("host certificate: {e}"));
+        let cert = tls::read_pem_file(&self.cfg.host_cert_path).map_err(bad)?;
+        let key = tls::read_pem_file(&self.cfg.host_key_path).map_err(bad)?;
+        let ca_path = self
+            .cfg
+            .ctl_ca_given
+            .as_ref()
+            .unwrap_or(&self.cfg.ctl_ca_path);
+        let ca = tls::read_pem_file(ca_path).map_err(bad)?;
+        let t = tls::ClientTls::from_ca_pem(
+            &ca,
+            tls::ClientOptions {
+                alpn: vec![tls::ALPN_WRENN.to_vec()],
+                identity: Some((
+                    tls::certs_from_pem(&cert, "host certificate").map_err(bad)?,
+                    tls::key_from_pem(&key, "host key").map_err(bad)?,
+                )),
+                ..Default::default()
+            },
+        )
+        .map_err(bad)?;
+        Ok(Some(t))
     }
 
     pub fn new(cfg: CtlConfig, identity: Arc<IdentityCell>) -> Arc<CtlLink> {
@@ -108,6 +142,7 @@ impl CtlLink {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             interval: Mutex::new(HEARTBEAT_INTERVAL_DEFAULT),
+            renew_not_before: Mutex::new(None),
         })
     }
 
@@ -161,9 +196,17 @@ impl CtlLink {
             }
             (Some(_), None) => {
                 warn!("--ctl-plaintext: the registration token's CA pin is not checked");
-                self.connect(Credential::host_token(""))?
+                Client::connect_tcp(self.cfg.addr.as_str(), Credential::host_token(""))?
             }
-            (None, _) => self.connect(Credential::host_token(""))?,
+            (None, Some(t)) => tls::connect(
+                &self.cfg.addr,
+                t,
+                Credential::host_token(""),
+                &proto::rpc::ClientConfig::default(),
+            )?,
+            (None, None) => {
+                Client::connect_tcp(self.cfg.addr.as_str(), Credential::host_token(""))?
+            }
         };
         let problems = host.problems();
         let resp: hpb::RegisterResponse = client.unary(
@@ -245,6 +288,89 @@ impl CtlLink {
         .map_err(|e| bad(e.to_string()))?;
         self.cfg.rpc_tls.set(t);
         Ok(())
+    }
+
+    /// Opens the host's authenticated connection to ctl (host token, and the host
+    /// certificate once it has one), as the link's loop does.
+    pub fn connect_host(&self) -> Result<Client, Status> {
+        let ident = self
+            .identity
+            .get()
+            .ok_or_else(|| Status::failed_precondition("not registered"))?;
+        self.connect(Credential::host_token(ident.host_token))
+    }
+
+    /// Renews the host certificate on `client` (the open, authenticated connection, which
+    /// stays open) once [`CERT_RENEW_AT_NUM`]/[`CERT_RENEW_AT_DEN`] of its lifetime has
+    /// passed: the same key, a new certificate from ctl, checked against ctl's saved CA and
+    /// the host id, saved over `host.pem` (one rename) and installed on the agent's port for
+    /// its next accepts. Running sandboxes and open connections are not touched; the next
+    /// connection to ctl presents the new certificate. Returns whether it renewed.
+    pub fn renew_if_due(&self, client: &Client) -> Result<bool, Status> {
+        let Ok(pem) = std::fs::read(&self.cfg.host_cert_path) else {
+            return Ok(false); // no certificate (registered without one, or ctl issues none)
+        };
+        let bad = |why: String| Status::internal(format!("host certificate: {why}"));
+        let leaf = tls::certs_from_pem(&pem, "host certificate").map_err(|e| bad(e.to_string()))?;
+        let (from, to) = tls::peer::cert_validity(&leaf[0])
+            .ok_or_else(|| bad("its validity cannot be read".into()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if !tls::peer::renewal_due(from, to, now, CERT_RENEW_AT_NUM, CERT_RENEW_AT_DEN) {
+            return Ok(false);
+        }
+        let ident = self
+            .identity
+            .get()
+            .ok_or_else(|| Status::failed_precondition("not registered"))?;
+        let host_id = id::format(id::Kind::Host, ident.host_id);
+        let key_pem = std::fs::read(&self.cfg.host_key_path).map_err(|e| bad(e.to_string()))?;
+        let key = tls::HostKey::from_pem(&key_pem).map_err(|e| bad(e.to_string()))?;
+        let resp: hpb::RenewCertificateResponse = client.unary(
+            hpb::host_methods::RENEW_CERTIFICATE,
+            &hpb::RenewCertificateRequest {
+                host_public_key: key.public_key().to_vec().into(),
+                key_signature: key.sign_renewal(&host_id).into(),
+            },
+            Some(CTL_CALL_TIMEOUT),
+        )?;
+        // The CA must be the one registration pinned and saved.
+        let ca_pem = std::fs::read(&self.cfg.ctl_ca_path).map_err(|e| bad(e.to_string()))?;
+        let ca = tls::certs_from_pem(&ca_pem, "ctl's CA").map_err(|e| bad(e.to_string()))?;
+        let new = tls::certs_from_pem(resp.host_certificate_pem.as_bytes(), "renewed certificate")
+            .map_err(|e| bad(e.to_string()))?;
+        tls::verify_server_cert(&ca[0], &new[0], &host_id)
+            .map_err(|why| bad(format!("ctl sent one that does not verify: {why}")))?;
+        crate::statedir::write_atomic(
+            &self.cfg.host_cert_path,
+            resp.host_certificate_pem.as_bytes(),
+        )
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let t = crate::rpc_tls::server_tls(resp.host_certificate_pem.as_bytes(), &key_pem, &ca_pem)
+            .map_err(|e| bad(e.to_string()))?;
+        self.cfg.rpc_tls.set(t);
+        info!(
+            "host certificate renewed host_id={host_id} expires_unix_ns={}",
+            resp.host_certificate_expires_unix_ns
+        );
+        Ok(true)
+    }
+
+    /// [`Self::renew_if_due`] from the loop: a failure is logged and retried after
+    /// [`CERT_RENEW_RETRY`], never dropping the connection.
+    fn renew_quietly(&self, client: &Client) {
+        let mut not_before = self
+            .renew_not_before
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if not_before.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        if let Err(e) = self.renew_if_due(client) {
+            warn!("host certificate renewal failed error={:?}", e.message);
+            *not_before = Some(Instant::now() + CERT_RENEW_RETRY);
+        }
     }
 
     fn heartbeat(&self, client: &Client, host: &Host) -> Result<(), Status> {
@@ -347,6 +473,9 @@ impl CtlLink {
             let mut r = self.flush(c);
             if r.is_ok() && Instant::now() >= next_beat {
                 r = self.heartbeat(c, &host);
+                if r.is_ok() {
+                    self.renew_quietly(c);
+                }
                 let interval = *self.interval.lock().unwrap_or_else(|e| e.into_inner());
                 next_beat = Instant::now() + interval;
             }

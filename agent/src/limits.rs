@@ -99,6 +99,16 @@ pub const REPORT_QUEUE_MAX: usize = 1024;
 /// Deadline of calls to ctl.
 pub const CTL_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The agent renews its host certificate once this fraction of its lifetime has passed
+/// (`CERT_RENEW_AT_NUM / CERT_RENEW_AT_DEN`, two thirds): a 90-day certificate after 60
+/// days, leaving 30 days for a ctl outage before it expires.
+pub const CERT_RENEW_AT_NUM: u64 = 2;
+pub const CERT_RENEW_AT_DEN: u64 = 3;
+const _: () = assert!(CERT_RENEW_AT_NUM < CERT_RENEW_AT_DEN);
+
+/// After a failed renewal the agent tries again after this long (not at every heartbeat).
+pub const CERT_RENEW_RETRY: Duration = Duration::from_secs(60);
+
 /// The metrics/health HTTP listener (for a scraper and a load balancer's probe, nothing
 /// more): connections at once. A connection costs a slot on the event loop, not a thread;
 /// a new one beyond the bound evicts the oldest connection still sending its request.

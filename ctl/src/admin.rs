@@ -173,3 +173,37 @@ pub fn create_registration_token(url: &str, ttl_s: u64) -> Result<(String, i64),
     tx.commit().map_err(|source| AdminError::Sql { source })?;
     Ok((tok, crate::service::audit_ns(Some(exp))))
 }
+
+/// `admin revoke-host --host HOST_ID`: revokes the host's certificates (current and the one a
+/// renewal replaced) on every replica at once; its open connections close and its hellos
+/// are refused until it is deleted and registered again. Returns the serials revoked.
+pub fn revoke_host(url: &str, host_id: &str) -> Result<usize, AdminError> {
+    let h = id::parse(Kind::Host, host_id)
+        .map_err(|e| AdminError::Call(Status::invalid_argument(e.to_string())))?;
+    let mut c = connect(url)?;
+    let mut tx = c
+        .transaction()
+        .map_err(|source| AdminError::Sql { source })?;
+    let exists = tx
+        .query_opt("SELECT 1 FROM hosts WHERE id = $1 FOR UPDATE", &[&h])
+        .map_err(|source| AdminError::Sql { source })?
+        .is_some();
+    if !exists {
+        return Err(AdminError::Call(Status::not_found("host not found")));
+    }
+    let serials = crate::revocation::revoke_host_certs(&mut tx, h).map_err(AdminError::Call)?;
+    service::audit_write(
+        &mut tx,
+        service::audit_entry(
+            None,
+            &Actor::System,
+            "host",
+            id::format(Kind::Host, h),
+            "host.revoke_certificate",
+            serde_json::json!({"serials": serials.len(), "by": "wrenn-ctl admin"}),
+        ),
+    )
+    .map_err(AdminError::Call)?;
+    tx.commit().map_err(|source| AdminError::Sql { source })?;
+    Ok(serials.len())
+}

@@ -29,11 +29,20 @@ pub struct Agents {
     /// TLS with a client certificate this replica issues itself.
     issuer: Option<Arc<Authority>>,
     client_tls: Mutex<Option<(Instant, tls::ClientTls)>>,
+    /// A host whose certificate was revoked is not called (and its connections are
+    /// closed by [`Agents::forget`] when the revocation is heard).
+    revocations: crate::revocation::Revocations,
 }
 
 impl Agents {
-    pub fn new(db: Db, call_timeout: Duration, issuer: Option<Arc<Authority>>) -> Agents {
+    pub fn new(
+        db: Db,
+        call_timeout: Duration,
+        issuer: Option<Arc<Authority>>,
+        revocations: crate::revocation::Revocations,
+    ) -> Agents {
         Agents {
+            revocations,
             db,
             call_timeout,
             clients: Mutex::new(HashMap::new()),
@@ -86,7 +95,7 @@ impl Agents {
         }
         let row = self.db.run(move |c| {
             c.query_opt(
-                "SELECT address, agent_token, cert_serial IS NOT NULL FROM hosts WHERE id = $1",
+                "SELECT address, agent_token, cert_serial FROM hosts WHERE id = $1",
                 &[&host],
             )
             .map_err(pg_err)
@@ -96,9 +105,20 @@ impl Agents {
         };
         let addr: String = row.get(0);
         let token: String = row.get(1);
-        let has_cert: bool = row.get(2);
+        let serial: Option<Vec<u8>> = row.get(2);
+        if let Some(s) = &serial {
+            let revoked = match self.revocations.cert_revoked(s) {
+                Some(r) => r,
+                None => crate::revocation::cert_revoked_in_db(&self.db, s)?,
+            };
+            if revoked {
+                return Err(Status::failed_precondition(
+                    "this host's certificate was revoked: it is not called",
+                ));
+            }
+        }
         let cred = Credential::agent_token(token);
-        let client = if has_cert {
+        let client = if serial.is_some() {
             // Mutual TLS: the agent's certificate must name this host id, whatever address
             // it is reached at; ctl presents its own client certificate.
             let Some(t) = self.client_tls()? else {

@@ -125,15 +125,29 @@ pub fn key_active(db: &Db, id: Uuid) -> Result<bool, Status> {
     })
 }
 
-/// Checks a host token: the host it belongs to, with its hostname.
-pub fn lookup_host_token(db: &Db, token: &str) -> Result<(Uuid, String), Status> {
+/// A host as its token finds it.
+#[derive(Clone, Debug)]
+pub struct HostRow {
+    pub id: Uuid,
+    pub name: String,
+    /// Serial of the certificate ctl issued it (None: registered without a key, or ctl
+    /// issued none): such a host must present that certificate on the host port.
+    pub cert_serial: Option<Vec<u8>>,
+    /// The certificate a renewal replaced: accepted until it expires.
+    pub prev_cert_serial: Option<Vec<u8>>,
+}
+
+/// Checks a host token: the host it belongs to, with its hostname and certificate serial
+/// (constant-time comparison of the hash).
+pub fn lookup_host(db: &Db, token: &str) -> Result<HostRow, Status> {
     if !well_formed(token, HOST_TOKEN_PREFIX) {
         return Err(Status::unauthenticated("malformed host token"));
     }
     let h = hash(token).to_vec();
     let row = db.run(move |c| {
         c.query_opt(
-            "SELECT id, hostname, host_token_hash FROM hosts WHERE host_token_hash = $1",
+            "SELECT id, hostname, host_token_hash, cert_serial, prev_cert_serial FROM hosts \
+             WHERE host_token_hash = $1",
             &[&h],
         )
         .map_err(pg_err)
@@ -141,9 +155,12 @@ pub fn lookup_host_token(db: &Db, token: &str) -> Result<(Uuid, String), Status>
     match row {
         // The index lookup already matched the hash; compare again in constant time so the
         // check does not rest on the index's comparison.
-        Some(r) if sha256::constant_time_eq(&r.get::<_, Vec<u8>>(2), &hash(token)) => {
-            Ok((r.get(0), r.get(1)))
-        }
+        Some(r) if sha256::constant_time_eq(&r.get::<_, Vec<u8>>(2), &hash(token)) => Ok(HostRow {
+            id: r.get(0),
+            name: r.get(1),
+            cert_serial: r.get(3),
+            prev_cert_serial: r.get(4),
+        }),
         _ => Err(Status::unauthenticated("unknown host token")),
     }
 }

@@ -59,6 +59,7 @@ impl TlsConfig {
                 tls::TlsVersion::Tls13
             },
             client_ca_pem: None,
+            client_cert_optional: false,
             plaintext_reply: Some(plaintext_reply),
             sni: Vec::new(),
         }
@@ -70,24 +71,38 @@ impl TlsConfig {
         self.protobuf_saying(
             "server speaks TLS: this wrenn-ctl port needs TLS (ALPN wrenn/1) with its CA \
              trusted (the CLI: set WRENN_CA to the CA certificate file)",
+            None,
         )
     }
 
-    /// The host port's TLS (agents, wrenn.host.v1), or `None` for plaintext.
-    pub fn host(&self) -> Result<Option<tls::ServerTls>, tls::TlsError> {
+    /// The host port's TLS (agents, wrenn.host.v1), or `None` for plaintext. With
+    /// `client_ca` (the CA that issues host certificates) it asks agents for their
+    /// certificate: optional in the handshake (an agent registering has none yet; one it
+    /// sends must chain to that CA), required by the hello of every host that has one.
+    pub fn host(&self, client_ca: Option<&[u8]>) -> Result<Option<tls::ServerTls>, tls::TlsError> {
         self.protobuf_saying(
             "server speaks TLS: this is wrenn-ctl's host port over TLS; give the agent ctl's \
              CA certificate with --ctl-ca (WRENN_CTL_CA)",
+            client_ca,
         )
     }
 
-    fn protobuf_saying(&self, refusal: &str) -> Result<Option<tls::ServerTls>, tls::TlsError> {
+    fn protobuf_saying(
+        &self,
+        refusal: &str,
+        client_ca: Option<&[u8]>,
+    ) -> Result<Option<tls::ServerTls>, tls::TlsError> {
         let Some((cert, key)) = &self.cert else {
             return Ok(None);
         };
         let mut reply = Vec::new();
         proto::frame::put_error(&mut reply, 0, proto::Code::Unavailable, refusal);
-        tls::ServerTls::from_pem_files(cert, key, &self.opts(tls::ALPN_WRENN, reply)).map(Some)
+        let mut opts = self.opts(tls::ALPN_WRENN, reply);
+        if let Some(ca) = client_ca {
+            opts.client_ca_pem = Some(ca.to_vec());
+            opts.client_cert_optional = true;
+        }
+        tls::ServerTls::from_pem_files(cert, key, &opts).map(Some)
     }
 
     /// The HTTP gateway's TLS, or `None` for plaintext. A plaintext HTTP client gets a 400
@@ -133,6 +148,9 @@ pub struct ApiConfig {
     pub issuer: Option<std::sync::Arc<crate::pki::Authority>>,
     /// Most bytes of a template build's context (`--build-context-max-mib`).
     pub build_context_max: u64,
+    /// Lifetime of the host certificates ctl issues at registration and renewal
+    /// ([`limits::HOST_CERT_LIFETIME`]; tests shorten it to see renewal happen).
+    pub host_cert_lifetime: Duration,
 }
 
 /// Webhook deliveries (`webhook/`).
@@ -176,6 +194,7 @@ impl Default for ApiConfig {
             webhooks: WebhookConfig::default(),
             issuer: None,
             build_context_max: limits::BUILD_CONTEXT_LEN_MAX,
+            host_cert_lifetime: limits::HOST_CERT_LIFETIME,
         }
     }
 }

@@ -88,6 +88,15 @@ impl host::HostServer for HostCall<'_> {
         let (id, name) = self.host()?;
         host_service::report_state(self.api, id, name, r)
     }
+
+    fn renew_certificate(
+        &self,
+        _: &CallCtx,
+        r: host::RenewCertificateRequest,
+    ) -> Result<host::RenewCertificateResponse, Status> {
+        let (id, name) = self.host()?;
+        host_service::renew_certificate(self.api, id, name, r)
+    }
 }
 
 // ---- wrenn.ctl.v1: each method onto the service layer's, with the caller's AuthCtx ----

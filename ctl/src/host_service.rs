@@ -159,6 +159,7 @@ pub fn register(
     let ht = host_token.clone();
     let at = agent_token.plaintext.clone();
     let issuer = host_key.and_then(|k| api.config().issuer.clone().map(|ca| (ca, k)));
+    let lifetime = api.config().host_cert_lifetime;
     let host_id = id::format(Kind::Host, id);
     let hid = host_id.clone();
     let cert = api.db().tx(move |tx| {
@@ -177,7 +178,7 @@ pub fn register(
         // Identity = the host id this token is being bound to, whatever the agent asked.
         let cert = match &issuer {
             Some((ca, key)) => Some(
-                ca.issue_host(&hid, key, crate::limits::HOST_CERT_LIFETIME)
+                ca.issue_host(&hid, key, lifetime)
                     .map_err(|e| Status::internal(format!("issuing the host certificate: {e}")))?,
             ),
             None => None,
@@ -228,6 +229,73 @@ pub fn register(
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
     }
     Ok(resp)
+}
+
+/// RenewCertificate: a new certificate for the same host key, on the host's authenticated
+/// connection. The certificate it replaces becomes the host's previous one: still accepted
+/// until it expires (connections opened with it go on), revoked with the host.
+pub fn renew_certificate(
+    api: &Api,
+    host_id: Uuid,
+    name: &str,
+    req: host::RenewCertificateRequest,
+) -> Result<host::RenewCertificateResponse, Status> {
+    let hid = id::format(Kind::Host, host_id);
+    let Some(ca) = api.config().issuer.clone() else {
+        return Err(Status::failed_precondition(
+            "this ctl issues no certificates (no --tls-ca-cert/--tls-ca-key)",
+        ));
+    };
+    tls::hostkey::verify_renewal(&req.host_public_key, &req.key_signature, &hid).map_err(|e| {
+        crate::metrics::AUTH_FAILURES.inc();
+        Status::unauthenticated(e.to_string())
+    })?;
+    let lifetime = api.config().host_cert_lifetime;
+    let key = req.host_public_key.to_vec();
+    let name = name.to_owned();
+    let ca2 = ca.clone();
+    let cert = api.db().tx(move |tx| {
+        let row = tx
+            .query_opt("SELECT cert_serial FROM hosts WHERE id = $1 FOR UPDATE", &[&host_id])
+            .map_err(pg_err)?
+            .ok_or_else(|| Status::unauthenticated("host no longer registered"))?;
+        let current: Option<Vec<u8>> = row.get(0);
+        if current.is_none() {
+            return Err(Status::failed_precondition(
+                "this host registered without a key: it has no certificate to renew",
+            ));
+        }
+        let cert = ca2
+            .issue_host(&hid, &key, lifetime)
+            .map_err(|e| Status::internal(format!("issuing the host certificate: {e}")))?;
+        tx.execute(
+            "UPDATE hosts SET prev_cert_serial = cert_serial, prev_cert_expires_at = cert_expires_at, \
+                cert_serial = $2, cert_expires_at = $3 WHERE id = $1",
+            &[&host_id, &cert.serial, &cert.expires],
+        )
+        .map_err(pg_err)?;
+        crate::service::audit_write(tx, audit_entry(
+            None,
+            &Actor::Host { id: host_id, name },
+            "host",
+            hid.clone(),
+            "host.renew_certificate",
+            serde_json::json!({}),
+        ))?;
+        Ok(cert)
+    })?;
+    log::info!(
+        "host certificate renewed host={}",
+        id::format(Kind::Host, host_id)
+    );
+    Ok(host::RenewCertificateResponse {
+        host_certificate_pem: cert.cert_pem,
+        host_certificate_expires_unix_ns: cert
+            .expires
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)),
+        ca_certificate_pem: ca.cert_pem.clone(),
+    })
 }
 
 /// Heartbeat: liveness, capacity and versions; brings an unreachable host back online.

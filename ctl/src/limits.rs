@@ -98,6 +98,11 @@ pub const REGISTERING_CONNECTIONS_MAX: usize = 16;
 /// every open connection re-checks its key in the database once: revocations are rare, and
 /// 65536 UUIDs are about 2 MiB with the set's overhead.
 pub const REVOKED_KEYS_MAX: usize = 65536;
+/// Revoked host-certificate serials a replica holds in memory (loaded at each listener
+/// (re)connect, rows kept only until the certificate expires: at most two unexpired
+/// certificates per deleted host within `HOST_CERT_LIFETIME`). Beyond it hellos ask the
+/// database; 65536 serials of 16 bytes are about 4 MiB with the set's overhead.
+pub const REVOKED_CERTS_MAX: usize = 65536;
 /// The revocation listener pings its connection this often, so a silently dead one (and the
 /// notifications it would miss) is noticed within this bound; meanwhile calls check their key
 /// in the database.

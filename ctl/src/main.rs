@@ -10,6 +10,7 @@
 //! wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
 //! wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
 //! wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
+//! wrenn-ctl admin revoke-host --host HOST_ID [--database-url URL]
 //! wrenn-ctl --version | --help, and --help after any command
 //! ```
 //! Usage errors print the usage and exit 2; runtime errors print only the error, exit 1.
@@ -38,6 +39,7 @@ const USAGE: &str = "usage:
   wrenn-ctl admin init --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-registration-token [--ttl-s S] [--tls-ca-cert FILE] [--database-url URL]
+  wrenn-ctl admin revoke-host --host HOST_ID [--database-url URL]
   wrenn-ctl admin tls init --dir DIR --names NAME[,NAME...]
   wrenn-ctl --version
 The database URL defaults to $WRENN_DATABASE_URL, then $DATABASE_URL.
@@ -420,6 +422,14 @@ fn admin(args: &[String]) -> Result<(), Failure> {
                 None => println!("{tok}"),
             }
             eprintln!("one-time registration token; expires at {exp} ns since the epoch");
+            Ok(())
+        }
+        "revoke-host" => {
+            let f = Flags::parse(rest, &["--database-url", "--host"], &[])?;
+            let host = f.get("--host").ok_or("--host is required")?;
+            let n = ctl::admin::revoke_host(&f.database_url()?, host)
+                .map_err(|e| Failure::Runtime(error_chain(&e)))?;
+            println!("revoked {n} certificate(s) of {host}; every replica closes its connections");
             Ok(())
         }
         "tls" => match rest.split_first() {

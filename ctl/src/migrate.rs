@@ -70,6 +70,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0010_sandbox_traffic",
         sql: include_str!("../migrations/0010_sandbox_traffic.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_revoked_certificates",
+        sql: include_str!("../migrations/0011_revoked_certificates.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

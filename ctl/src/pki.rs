@@ -349,7 +349,10 @@ impl Authority {
         ];
         let now = SystemTime::now();
         let expires = now + lifetime;
-        validity(&mut params, now - CLOCK_SKEW_ALLOWANCE, expires);
+        // The skew allowance is bounded by a tenth of the lifetime, so a short-lived
+        // certificate's validity (from which the agent times its renewal) is mostly ahead.
+        let skew = CLOCK_SKEW_ALLOWANCE.min(lifetime / 10);
+        validity(&mut params, now - skew, expires);
         let sn = serial()?;
         let serial_bytes = sn.to_bytes();
         params.serial_number = Some(sn);

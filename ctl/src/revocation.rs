@@ -17,6 +17,14 @@
 //! checks its key in the database: slower, never unsafe. The listener reconnects with
 //! backoff and pings its connection, so a dead one is noticed within
 //! [`LISTEN_PING_INTERVAL`].
+//!
+//! Host certificates ride the same connection on a second channel, [`CERT_CHANNEL`]:
+//! deleting a host (or `admin revoke-host`) records its certificates' serials in
+//! `revoked_certificates` and notifies `'<host uuid> <serial hex>…'`. Each replica loads
+//! the unexpired serials every time its LISTEN connection (re)starts, after the LISTEN, so
+//! none is missed; a hello presenting a revoked serial is refused from memory, and a
+//! notification closes that host's open connections (host port and ctl → agent). While the
+//! listener is down (or the set overflowed), hellos ask the database instead.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,11 +36,16 @@ use proto::id::Uuid;
 use proto::Status;
 
 use crate::limits::{
-    DB_BACKOFF_MAX, DB_BACKOFF_MIN, DB_CONNECT_TIMEOUT, LISTEN_PING_INTERVAL, REVOKED_KEYS_MAX,
+    DB_BACKOFF_MAX, DB_BACKOFF_MIN, DB_CONNECT_TIMEOUT, LISTEN_PING_INTERVAL, REVOKED_CERTS_MAX,
+    REVOKED_KEYS_MAX,
 };
 
 /// The NOTIFY channel of revoked API keys; the payload is the key's UUID (hyphenated).
 pub const CHANNEL: &str = "wrenn_key_revoked";
+/// The NOTIFY channel of revoked host certificates; the payload is the host's UUID
+/// (hyphenated) then each revoked serial in lower-case hex, separated by spaces (none: the
+/// host had no certificate, its connections close all the same).
+pub const CERT_CHANNEL: &str = "wrenn_cert_revoked";
 
 type Hook = Box<dyn Fn(Uuid) + Send + Sync>;
 
@@ -49,6 +62,11 @@ struct Shared {
     /// Whether the LISTEN connection is up (notifications arrive).
     listening: AtomicBool,
     hooks: Mutex<Vec<Hook>>,
+    /// Revoked host certificate serials, and whether the set is the whole unexpired table
+    /// as of the listener's last (re)connect plus every notification since.
+    certs: Mutex<(HashSet<Vec<u8>>, bool)>,
+    /// Run with the host id of every revocation (closing its connections).
+    host_hooks: Mutex<Vec<Hook>>,
     stop: AtomicBool,
 }
 
@@ -84,6 +102,8 @@ impl Revocations {
                 generation: AtomicU64::new(0),
                 listening: AtomicBool::new(false),
                 hooks: Mutex::new(Vec::new()),
+                certs: Mutex::new((HashSet::new(), false)),
+                host_hooks: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
             }),
         }
@@ -145,6 +165,75 @@ impl Revocations {
     /// `generation` (read before the check, so a change during it forces another).
     pub fn checked(&self, check: &KeyCheck, generation: u64) {
         check.generation.store(generation, Ordering::Release);
+    }
+
+    /// Whether the certificate with `serial` is revoked, from memory: `None` when this
+    /// replica cannot tell (listener down, or the set overflowed): ask the database
+    /// ([`cert_revoked_in_db`]).
+    pub fn cert_revoked(&self, serial: &[u8]) -> Option<bool> {
+        let certs = self.certs();
+        (self.listening() && certs.1).then(|| certs.0.contains(serial))
+    }
+
+    /// Runs `hook` with the host id of every certificate revocation from now on.
+    pub fn on_host_revoked(&self, hook: impl Fn(Uuid) + Send + Sync + 'static) {
+        self.shared
+            .host_hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(hook));
+    }
+
+    /// Records that `host`'s certificates `serials` were revoked and runs the host hooks
+    /// (a notification, or the revoking call on this replica).
+    pub fn host_revoked(&self, host: Uuid, serials: &[Vec<u8>]) {
+        {
+            let mut certs = self.certs();
+            for s in serials {
+                if certs.0.len() >= REVOKED_CERTS_MAX {
+                    // Incomplete from here: hellos ask the database until the next reload.
+                    certs.1 = false;
+                    break;
+                }
+                certs.0.insert(s.clone());
+            }
+        }
+        let hooks = self
+            .shared
+            .host_hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for h in hooks.iter() {
+            h(host);
+        }
+    }
+
+    /// Replaces the revoked serials with the table's unexpired rows (the listener, right
+    /// after its LISTEN).
+    fn load_certs(&self, client: &mut postgres::Client) -> Result<(), postgres::Error> {
+        let limit = i64::try_from(REVOKED_CERTS_MAX).unwrap_or(i64::MAX);
+        let rows = client.query(
+            "SELECT serial FROM revoked_certificates WHERE expires_at > now() LIMIT $1",
+            &[&(limit + 1)],
+        )?;
+        let complete = rows.len() <= REVOKED_CERTS_MAX;
+        if !complete {
+            log::warn!(
+                "more than {REVOKED_CERTS_MAX} revoked certificates: hellos check the database"
+            );
+        }
+        let set = rows
+            .iter()
+            .take(REVOKED_CERTS_MAX)
+            .map(|r| r.get::<_, Vec<u8>>(0))
+            .collect();
+        *self.certs() = (set, complete);
+        Ok(())
+    }
+
+    fn certs(&self) -> std::sync::MutexGuard<'_, (HashSet<Vec<u8>>, bool)> {
+        // Plain data: a panic elsewhere cannot leave it half-written.
+        self.shared.certs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn set(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
@@ -215,7 +304,7 @@ fn listener(pg: postgres::Config, weak: Weak<Shared>) {
             return;
         }
         let rev = Revocations { shared };
-        match connect(&pg) {
+        match connect(&pg).and_then(|mut c| rev.load_certs(&mut c).map(|()| c)) {
             Ok(mut client) => {
                 backoff = DB_BACKOFF_MIN;
                 // LISTEN is in force: from here no notification is missed. Checks made
@@ -246,7 +335,7 @@ fn listener(pg: postgres::Config, weak: Weak<Shared>) {
 
 fn connect(pg: &postgres::Config) -> Result<postgres::Client, postgres::Error> {
     let mut c = pg.connect(postgres::NoTls)?;
-    c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    c.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {CERT_CHANNEL}"))?;
     Ok(c)
 }
 
@@ -265,6 +354,15 @@ fn receive(client: &mut postgres::Client, rev: &Revocations) -> String {
             let mut it = n.timeout_iter(LISTEN_POLL);
             loop {
                 match it.next() {
+                    Ok(Some(note)) if note.channel() == CERT_CHANNEL => {
+                        match parse_cert_payload(note.payload()) {
+                            Some((host, serials)) => rev.host_revoked(host, &serials),
+                            None => log::warn!(
+                                "malformed certificate revocation payload={:?}",
+                                note.payload()
+                            ),
+                        }
+                    }
                     Ok(Some(note)) => match proto::id::parse_uuid_strict(note.payload()) {
                         Some(key) => rev.revoked(key),
                         None => log::warn!("malformed revocation payload={:?}", note.payload()),
@@ -286,9 +384,112 @@ fn receive(client: &mut postgres::Client, rev: &Revocations) -> String {
     }
 }
 
+/// The payload of a [`CERT_CHANNEL`] notification: host UUID, then serials in hex.
+pub fn cert_payload(host: Uuid, serials: &[Vec<u8>]) -> String {
+    let mut p = host.hyphenated().to_string();
+    for s in serials {
+        p.push(' ');
+        for b in s {
+            p.push_str(&format!("{b:02x}"));
+        }
+    }
+    p
+}
+
+fn parse_cert_payload(p: &str) -> Option<(Uuid, Vec<Vec<u8>>)> {
+    let mut parts = p.split(' ');
+    let host = proto::id::parse_uuid_strict(parts.next()?)?;
+    let mut serials = Vec::new();
+    for hex in parts {
+        if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 2 * (tls::peer::SERIAL_LEN_MAX + 1) {
+            return None;
+        }
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect();
+        serials.push(bytes?);
+    }
+    Some((host, serials))
+}
+
+/// Revokes every unexpired certificate of `host` (its current one and the one a renewal
+/// replaced) inside the caller's transaction, and notifies every replica at commit. Returns
+/// the serials revoked. Also notifies when there are none, so every replica closes the
+/// host's connections.
+pub fn revoke_host_certs(
+    tx: &mut postgres::Transaction<'_>,
+    host: Uuid,
+) -> Result<Vec<Vec<u8>>, Status> {
+    let rows = tx
+        .query(
+            "INSERT INTO revoked_certificates (serial, host_id, expires_at) \
+             SELECT v.serial, h.id, v.expires_at FROM hosts h, \
+                 LATERAL (VALUES (h.cert_serial, h.cert_expires_at), \
+                                 (h.prev_cert_serial, h.prev_cert_expires_at)) AS v(serial, expires_at) \
+             WHERE h.id = $1 AND v.serial IS NOT NULL AND v.expires_at > now() \
+             ON CONFLICT (serial) DO NOTHING RETURNING serial",
+            &[&host],
+        )
+        .map_err(crate::db::pg_err)?;
+    let serials: Vec<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&CERT_CHANNEL, &cert_payload(host, &serials)],
+    )
+    .map_err(crate::db::pg_err)?;
+    Ok(serials)
+}
+
+/// Whether `serial` is in `revoked_certificates` (a hello while this replica's listener is
+/// down: one indexed lookup on a worker thread, never on the event loop).
+pub fn cert_revoked_in_db(db: &crate::db::Db, serial: &[u8]) -> Result<bool, Status> {
+    let serial = serial.to_vec();
+    db.run(move |c| {
+        c.query_opt(
+            "SELECT 1 FROM revoked_certificates WHERE serial = $1",
+            &[&serial],
+        )
+        .map(|r| r.is_some())
+        .map_err(crate::db::pg_err)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_payloads_round_trip_and_bad_ones_are_refused() {
+        let h = Uuid::from_u128(7);
+        let serials = vec![vec![0x01, 0xab], vec![0x7f; 16]];
+        let p = cert_payload(h, &serials);
+        assert_eq!(parse_cert_payload(&p), Some((h, serials)));
+        assert_eq!(parse_cert_payload(&cert_payload(h, &[])), Some((h, vec![])));
+        for bad in [
+            "",
+            "x",
+            &format!("{} 0", h.hyphenated()),
+            &format!("{} zz", h.hyphenated()),
+        ] {
+            assert_eq!(parse_cert_payload(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn revoked_certificates_are_known_only_while_complete_and_listening() {
+        let r = Revocations::new();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = Arc::clone(&heard);
+        r.on_host_revoked(move |k| h.lock().unwrap().push(k));
+        r.host_revoked(Uuid::from_u128(3), &[vec![1, 2]]);
+        assert_eq!(*heard.lock().unwrap(), vec![Uuid::from_u128(3)]);
+        assert_eq!(r.cert_revoked(&[1, 2]), None, "not listening, never loaded");
+        r.shared.listening.store(true, Ordering::Release);
+        r.certs().1 = true;
+        assert_eq!(r.cert_revoked(&[1, 2]), Some(true));
+        assert_eq!(r.cert_revoked(&[1, 3]), Some(false));
+    }
 
     #[test]
     fn checks_are_fresh_only_while_listening_at_the_same_generation() {

@@ -12,7 +12,7 @@ use std::time::Instant;
 use proto::gen::wrenn::host::v1 as host;
 use proto::gen::wrenn::wire::v1::{CredentialKind, Hello};
 use proto::id::Uuid;
-use proto::rpc::{Call, Peer, Service};
+use proto::rpc::{Call, HelloFrom, Peer, Service};
 use proto::Status;
 
 use crate::dispatch::{ClientCall, HostCall};
@@ -94,6 +94,10 @@ impl Drop for RegisteringPlace {
 
 impl Service for CtlService {
     fn hello(&self, hello: &Hello) -> Result<Peer, Status> {
+        self.hello_from(hello, &HelloFrom::default())
+    }
+
+    fn hello_from(&self, hello: &Hello, from: &HelloFrom) -> Result<Peer, Status> {
         let kind = CredentialKind::try_from(hello.credential_kind);
         match (self.port, kind) {
             (Port::Api, Ok(CredentialKind::HostToken)) => {
@@ -125,9 +129,20 @@ impl Service for CtlService {
                 Caller::Registering(Arc::new(RegisteringPlace::take(&self.registering)?))
             }
             Ok(CredentialKind::HostToken) => {
-                let (id, name) = crate::auth::lookup_host_token(self.api.db(), &hello.credential)
+                let host = crate::auth::lookup_host(self.api.db(), &hello.credential)
+                    .and_then(|h| {
+                        let presented =
+                            check_host_certificate(&h, from.peer_certificate.as_deref())?;
+                        if let Some(s) = &presented {
+                            check_not_revoked(&self.api, s, h.id)?;
+                        }
+                        Ok(h)
+                    })
                     .inspect_err(|_| metrics::AUTH_FAILURES.inc())?;
-                Caller::Host { id, name }
+                Caller::Host {
+                    id: host.id,
+                    name: host.name,
+                }
             }
             _ => {
                 metrics::AUTH_FAILURES.inc();
@@ -198,6 +213,57 @@ impl Service for CtlService {
             }
         }
     }
+}
+
+/// The host port's second factor: a host that ctl issued a certificate must present that
+/// certificate (mutual TLS; the handshake already checked it chains to ctl's CA), naming
+/// its host id, with the serial ctl recorded for it. A host registered without a key (an
+/// older agent, or ctl without a CA) has none on record and authenticates by token alone.
+/// Returns the serial presented (None for a host without a certificate).
+fn check_host_certificate(
+    host: &crate::auth::HostRow,
+    cert: Option<&[u8]>,
+) -> Result<Option<Vec<u8>>, Status> {
+    let Some(serial) = &host.cert_serial else {
+        return Ok(None);
+    };
+    let host_id = proto::id::format(proto::id::Kind::Host, host.id);
+    let Some(der) = cert else {
+        return Err(Status::unauthenticated(format!(
+            "{host_id} has a certificate: the host port requires it (mutual TLS with the \
+             host.pem and host.key registration saved); a host token alone is refused"
+        )));
+    };
+    if !tls::peer::cert_names(der, &host_id) {
+        return Err(Status::unauthenticated(format!(
+            "the client certificate is not {host_id}'s: it does not name the host of this host token"
+        )));
+    }
+    // The current certificate, or the one the last renewal replaced (the handshake already
+    // refused it if expired).
+    let presented = tls::peer::cert_serial(der);
+    if presented.as_ref() != Some(serial) && presented != host.prev_cert_serial {
+        return Err(Status::unauthenticated(format!(
+            "the client certificate is not one ctl issued {host_id}"
+        )));
+    }
+    Ok(presented)
+}
+
+/// Refuses a revoked certificate: from this replica's memory (kept by LISTEN/NOTIFY), or
+/// from the database while that cannot tell (this runs on a worker, never the event loop).
+fn check_not_revoked(api: &Api, serial: &[u8], host: Uuid) -> Result<(), Status> {
+    let revoked = match api.revocations().cert_revoked(serial) {
+        Some(r) => r,
+        None => crate::revocation::cert_revoked_in_db(api.db(), serial)?,
+    };
+    if revoked {
+        return Err(Status::unauthenticated(format!(
+            "the certificate of {} was revoked",
+            proto::id::format(proto::id::Kind::Host, host)
+        )));
+    }
+    Ok(())
 }
 
 /// Whether the connection's key may still call: in memory while the revocation listener is
@@ -346,7 +412,8 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         Arc::new(CtlService::new(api.clone(), Port::Host)),
     )
     .map_err(|source| StartError::Spawn { source })?;
-    let host_listened = match cfg.tls.host().map_err(StartError::Tls)? {
+    let client_ca = cfg.api.issuer.as_ref().map(|ca| ca.cert_pem.as_bytes());
+    let host_listened = match cfg.tls.host(client_ca).map_err(StartError::Tls)? {
         Some(t) => host_server.listen_tcp_with(cfg.host_listen, t.wrap()),
         None => host_server.listen_tcp(cfg.host_listen),
     };
@@ -372,6 +439,19 @@ pub fn start(cfg: &crate::config::Config, opts: StartOpts) -> Result<Running, St
         closer.close_connections(move |peer| {
             matches!(peer.downcast_ref::<Caller>(), Some(Caller::Api(ctx, _)) if ctx.key_id == key)
         })
+    });
+    // A host's revoked certificate closes its connections here at once: agents on the host
+    // port, and this replica's clients of its agent.
+    let host_closer = host_handle.clone();
+    // Weak: the pool holds the revocations that hold this hook.
+    let agents = api.agents_weak();
+    api.revocations().on_host_revoked(move |host| {
+        host_closer.close_connections(move |peer| {
+            matches!(peer.downcast_ref::<Caller>(), Some(Caller::Host { id, .. }) if *id == host)
+        });
+        if let Some(a) = agents.upgrade() {
+            a.forget(host);
+        }
     });
     api.revocations()
         .listen(&cfg.database_url)

@@ -227,6 +227,10 @@ pub struct ServerOptions {
     /// PEM of the CA(s) whose client certificates are required (mutual TLS). `None`: the
     /// listener never asks for a client certificate.
     pub client_ca_pem: Option<Vec<u8>>,
+    /// With `client_ca_pem`: a client that sends no certificate is still accepted (one it
+    /// sends must verify), and the service decides per connection (ctl's host port: an
+    /// agent registering has none yet).
+    pub client_cert_optional: bool,
     /// Sent in plaintext to a client whose first byte cannot open a TLS handshake, before
     /// the connection is closed (a wrenn ERROR frame, or an HTTP 400).
     pub plaintext_reply: Option<Vec<u8>>,
@@ -306,10 +310,14 @@ impl ServerTls {
         let builder = match &opts.client_ca_pem {
             Some(pem) => {
                 let roots = roots_from_pem(pem, "client CA")?;
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                        .build()
-                        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+                let mut verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+                if opts.client_cert_optional {
+                    verifier = verifier.allow_unauthenticated();
+                }
+                let verifier = verifier
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),

@@ -78,6 +78,31 @@ pub fn registration_message(token: &str) -> Vec<u8> {
     m
 }
 
+/// What a RenewCertificate request's signature covers, before the host id.
+pub const RENEW_SIGNING_CONTEXT: &[u8] = b"wrenn.host.v1 RenewCertificate host key\0";
+
+/// The bytes signed to renew the certificate of `host_id` ("host-{uuid}").
+pub fn renewal_message(host_id: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(RENEW_SIGNING_CONTEXT.len() + host_id.len());
+    m.extend_from_slice(RENEW_SIGNING_CONTEXT);
+    m.extend_from_slice(host_id.as_bytes());
+    m
+}
+
+/// ctl's check of a RenewCertificate request: `signature` by the Ed25519 `public_key` over
+/// [`renewal_message`]`(host_id)`.
+pub fn verify_renewal(public_key: &[u8], signature: &[u8], host_id: &str) -> Result<(), KeyError> {
+    if public_key.len() != PUBLIC_KEY_LEN {
+        return Err(KeyError::PublicKeyLength(public_key.len()));
+    }
+    if signature.len() != SIGNATURE_LEN {
+        return Err(KeyError::SignatureLength(signature.len()));
+    }
+    signature::UnparsedPublicKey::new(&signature::ED25519, public_key)
+        .verify(&renewal_message(host_id), signature)
+        .map_err(|_| KeyError::BadSignature)
+}
+
 /// ctl's check of a Register request's key proof: `public_key` is an Ed25519 key and
 /// `signature` is its signature over [`registration_message`]`(token)`.
 pub fn verify_registration(
@@ -172,6 +197,11 @@ impl HostKey {
     /// The raw public key (what Register carries).
     pub fn public_key(&self) -> &[u8] {
         self.pair.public_key().as_ref()
+    }
+
+    /// The proof for RenewCertificate: a signature over [`renewal_message`]`(host_id)`.
+    pub fn sign_renewal(&self, host_id: &str) -> Vec<u8> {
+        self.pair.sign(&renewal_message(host_id)).as_ref().to_vec()
     }
 
     /// The proof for Register: a signature over [`registration_message`]`(token)`.

@@ -15,6 +15,7 @@
 mod config;
 pub mod hostkey;
 pub mod limits;
+pub mod peer;
 mod transport;
 
 pub use config::{

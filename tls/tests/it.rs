@@ -457,6 +457,19 @@ fn first_bytes_corpus() {
     assert!(n > 0);
 }
 
+/// Replays the committed corpus of the `cert_serial` fuzz target (a real certificate, its
+/// truncations and corruptions).
+#[test]
+fn cert_serial_corpus() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/cert_serial");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("corpus directory") {
+        tls::peer::fuzz_cert_serial(&std::fs::read(e.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n > 0);
+}
+
 /// Issue 14: a second certificate chosen by SNI (the sandbox ports' wildcard): a client
 /// naming a host under that domain gets it, a client dialing the IP address gets the main
 /// one; each verifies against its own name.

@@ -309,6 +309,8 @@ impl Api {
                     ));
                 }
             }
+            // Its certificates are revoked at once, on every replica (NOTIFY at commit).
+            let serials = crate::revocation::revoke_host_certs(tx, h)?;
             tx.execute("DELETE FROM hosts WHERE id = $1", &[&h])
                 .map_err(pg_err)?;
             audit_host(
@@ -322,8 +324,11 @@ impl Api {
                     "deleted_templates": resp.deleted_template_ids.len(),
                 }),
             )?;
-            Ok(resp)
+            Ok((resp, serials))
         })?;
+        let (resp, serials) = resp;
+        // This replica need not wait for its own notification.
+        self.inner.revocations.host_revoked(h, &serials);
         self.inner.agents.forget(h);
         Ok(resp)
     }

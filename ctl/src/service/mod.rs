@@ -75,13 +75,14 @@ pub struct Api {
 
 pub(crate) struct Inner {
     pub db: Db,
-    pub agents: Agents,
+    pub agents: Arc<Agents>,
     pub cfg: ApiConfig,
     pub last_used: LastUsed,
     pub background_creates: AtomicUsize,
     /// The reconciler's graces: a heartbeat's drift is judged with the same decisions.
     pub jobs: crate::config::JobsConfig,
-    /// Keys this replica heard were revoked (LISTEN/NOTIFY, [`crate::revocation`]).
+    /// Keys and host certificates this replica heard were revoked (LISTEN/NOTIFY,
+    /// [`crate::revocation`]).
     pub revocations: crate::revocation::Revocations,
     /// Port streams open on this replica, per team and per sandbox.
     pub ports: ports::PortBudget,
@@ -91,7 +92,13 @@ impl Api {
     /// Builds the service layer over a DB pool; starts the `last_used` flusher thread.
     /// `jobs` gives the reconciler's graces, which heartbeats' drift checks use too.
     pub fn new(db: Db, cfg: ApiConfig, jobs: crate::config::JobsConfig) -> Api {
-        let agents = Agents::new(db.clone(), cfg.agent_call_timeout, cfg.issuer.clone());
+        let revocations = crate::revocation::Revocations::new();
+        let agents = Arc::new(Agents::new(
+            db.clone(),
+            cfg.agent_call_timeout,
+            cfg.issuer.clone(),
+            revocations.clone(),
+        ));
         let last_used = LastUsed::start(db.clone(), cfg.last_used_flush);
         Api {
             inner: Arc::new(Inner {
@@ -101,7 +108,7 @@ impl Api {
                 last_used,
                 background_creates: AtomicUsize::new(0),
                 jobs,
-                revocations: crate::revocation::Revocations::new(),
+                revocations,
                 ports: ports::PortBudget::default(),
             }),
         }
@@ -125,6 +132,11 @@ impl Api {
     /// The pool of agent clients.
     pub fn agents(&self) -> &Agents {
         &self.inner.agents
+    }
+
+    /// The pool of agent clients, weakly (for hooks the pool itself outlives).
+    pub fn agents_weak(&self) -> std::sync::Weak<Agents> {
+        Arc::downgrade(&self.inner.agents)
     }
 
     /// Settings in force.

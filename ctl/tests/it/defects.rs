@@ -1203,6 +1203,482 @@ fn ctl_calls_agents_with_certificates_over_mutual_tls() {
     list(hid).unwrap();
 }
 
+/// Issue 14: the host port requires a host's certificate once ctl issued it one: its host
+/// token alone is refused with a message saying so, another host's certificate with the
+/// token is refused, its own certificate is accepted; registration still needs none.
+#[test]
+fn the_host_port_requires_the_hosts_certificate() {
+    let Some(ctl) = Ctl::start() else { return };
+    // Registration (inside add_host_tls) connects without a client certificate.
+    let (fa, ra, ka) = ctl.add_host_tls();
+    let (_fb, rb, kb) = ctl.add_host_tls();
+    let beat = |c: Result<Client, proto::Status>| {
+        c.and_then(|c| {
+            c.unary::<_, host::HeartbeatResponse>(
+                host::host_methods::HEARTBEAT,
+                &host::HeartbeatRequest {
+                    capacity: Some(agent::Resources {
+                        vcpus: 4,
+                        memory_mib: 4096,
+                        disk_mib: 100_000,
+                    }),
+                    ..Default::default()
+                },
+                T,
+            )
+        })
+    };
+    let tok = |r: &host::RegisterResponse| proto::rpc::Credential::host_token(r.host_token.clone());
+    // The token without the certificate.
+    let e = beat(crate::harness::connect(ctl.host_addr(), tok(&ra))).unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("requires it"), "{e}");
+    // Host A's token with host B's certificate.
+    let e = beat(crate::harness::connect_as(
+        ctl.host_addr(),
+        tok(&ra),
+        &rb.host_certificate_pem,
+        &kb.to_pem(),
+    ))
+    .unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("does not name the host"), "{e}");
+    // Its own certificate: served (and the fake agent's own client works too).
+    beat(crate::harness::connect_as(
+        ctl.host_addr(),
+        tok(&ra),
+        &ra.host_certificate_pem,
+        &ka.to_pem(),
+    ))
+    .unwrap();
+    beat(Ok(fa.host_client())).unwrap();
+}
+
+/// Issue 14: deleting a host on one replica revokes its certificate on every replica: the
+/// other replica closes the host's open host-port connection and its own client connection
+/// to the agent within a bounded time (LISTEN/NOTIFY, no polling), and the serial is
+/// recorded in `revoked_certificates`.
+#[test]
+fn deleting_a_host_revokes_its_certificate_on_every_replica() {
+    let Some(ctl) = Ctl::start() else { return };
+    let replica = ctl.replica();
+    wait_listening(ctl.api());
+    wait_listening(&replica.api);
+    let (_fa, r, key) = ctl.add_host_tls();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let beat = |c: &Client| {
+        c.unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 4096,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    let on = |addr: String| {
+        crate::harness::connect_as(
+            addr,
+            proto::rpc::Credential::host_token(r.host_token.clone()),
+            &r.host_certificate_pem,
+            &key.to_pem(),
+        )
+        .unwrap()
+    };
+    let on_a = on(ctl.host_addr());
+    let on_b = on(replica.host_addr.to_string());
+    beat(&on_a).unwrap();
+    beat(&on_b).unwrap();
+    // Replica B's own mutual-TLS client of the agent.
+    let b_agent = replica.api.agents().client(hid).unwrap();
+    b_agent
+        .unary::<_, agent::ListSandboxesResponse>(
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+            T,
+        )
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    ctl.admin()
+        .unary::<_, c::DeleteHostResponse>(
+            c::hosts_methods::DELETE,
+            &c::DeleteHostRequest {
+                host_id: r.host_id.clone(),
+                force: false,
+            },
+            T,
+        )
+        .unwrap();
+    let bound = Duration::from_secs(2);
+    let wait_closed = |what: &str, closed: &dyn Fn() -> bool| {
+        while !closed() {
+            assert!(t0.elapsed() < bound, "{what} still open after {bound:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // A client notices a close on its next call (it has no reader thread); the call itself
+    // fails anyway (the host row is gone): what counts is that the server closed it.
+    let closed = |c: &Client| {
+        let _ = beat(c);
+        c.is_closed()
+    };
+    wait_closed("A's host-port connection", &|| closed(&on_a));
+    wait_closed("B's host-port connection", &|| closed(&on_b));
+    wait_closed("B's connection to the agent", &|| b_agent.is_closed());
+    println!(
+        "host deletion closed its connections on the other replica in {:?}",
+        t0.elapsed()
+    );
+    assert!(beat(&on_b).is_err());
+    let serial = tls::peer::cert_serial(
+        &tls::certs_from_pem(r.host_certificate_pem.as_bytes(), "c").unwrap()[0],
+    )
+    .unwrap();
+    let n: i64 = sql(&ctl)
+        .query_one(
+            "SELECT count(*) FROM revoked_certificates WHERE serial = $1 AND host_id = $2",
+            &[&serial, &hid],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert_eq!(replica.api.revocations().cert_revoked(&serial), Some(true));
+    replica.shutdown();
+}
+
+/// Issue 14: `wrenn-ctl admin revoke-host` revokes a host's certificate without deleting the
+/// host: its open connection closes, a new hello with the certificate is refused as
+/// revoked (from the replica's memory), ctl no longer calls its agent; other hosts go on.
+#[test]
+fn a_revoked_certificate_is_refused_at_the_hello() {
+    let Some(ctl) = Ctl::start() else { return };
+    wait_listening(ctl.api());
+    let (fa, r, _) = ctl.add_host_tls();
+    let (fb, _, _) = ctl.add_host_tls();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let beat = |c: &Client| {
+        c.unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 4096,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    let open = fa.host_client();
+    beat(&open).unwrap();
+    assert_eq!(ctl::admin::revoke_host(&ctl.url, &r.host_id).unwrap(), 1);
+    let t0 = std::time::Instant::now();
+    loop {
+        let _ = beat(&open);
+        if open.is_closed() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "still open");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let serial = tls::peer::cert_serial(
+        &tls::certs_from_pem(r.host_certificate_pem.as_bytes(), "c").unwrap()[0],
+    )
+    .unwrap();
+    assert_eq!(ctl.api().revocations().cert_revoked(&serial), Some(true));
+    let e = crate::harness::connect_as(
+        ctl.host_addr(),
+        proto::rpc::Credential::host_token(r.host_token.clone()),
+        &r.host_certificate_pem,
+        &fa.host_identity_key(),
+    )
+    .and_then(|c| beat(&c))
+    .unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    assert!(e.message.contains("was revoked"), "{e}");
+    let e = ctl
+        .api()
+        .agents()
+        .unary::<_, agent::ListSandboxesResponse>(
+            hid,
+            agent::sandboxes_methods::LIST,
+            &agent::ListSandboxesRequest::default(),
+        )
+        .unwrap_err();
+    assert!(e.message.contains("revoked"), "{e}");
+    // The other host is untouched.
+    beat(&fb.host_client()).unwrap();
+}
+
+/// Issue 14: a revocation this replica's listener cannot hear (its connection killed, the
+/// row written without NOTIFY) is still refused at the next hello: from the database while
+/// the listener is down, and from the set it reloads when it is back.
+#[test]
+fn a_revocation_missed_by_the_listener_is_still_refused() {
+    let Some(ctl) = Ctl::start() else { return };
+    wait_listening(ctl.api());
+    let (fa, r, _) = ctl.add_host_tls();
+    let hello = || {
+        crate::harness::connect_as(
+            ctl.host_addr(),
+            proto::rpc::Credential::host_token(r.host_token.clone()),
+            &r.host_certificate_pem,
+            &fa.host_identity_key(),
+        )
+        .and_then(|c| {
+            c.unary::<_, host::HeartbeatResponse>(
+                host::host_methods::HEARTBEAT,
+                &host::HeartbeatRequest {
+                    capacity: Some(agent::Resources {
+                        vcpus: 4,
+                        memory_mib: 4096,
+                        disk_mib: 100_000,
+                    }),
+                    ..Default::default()
+                },
+                T,
+            )
+        })
+    };
+    hello().unwrap();
+    let mut db = sql(&ctl);
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'wrenn-ctl-listen' AND datname = current_database()",
+        &[],
+    )
+    .unwrap();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    db.execute(
+        "INSERT INTO revoked_certificates (serial, host_id, expires_at) \
+         SELECT cert_serial, id, cert_expires_at FROM hosts WHERE id = $1",
+        &[&hid],
+    )
+    .unwrap();
+    // Whichever path answers (database while down, the reloaded set once back), refused
+    // as soon as the listener noticed its connection died (within its ping interval).
+    let t0 = std::time::Instant::now();
+    let e = loop {
+        match hello() {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                t0.elapsed() < ctl::limits::LISTEN_PING_INTERVAL + Duration::from_secs(2),
+                "a revoked certificate still accepted"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(e.message.contains("was revoked"), "{e}");
+    wait_listening(ctl.api());
+    let e = hello().unwrap_err();
+    assert!(e.message.contains("was revoked"), "{e}");
+}
+
+/// Issue 14: a host renews its certificate on its open host-port connection, which stays
+/// open; its sandboxes are untouched. The replaced certificate stays valid until it expires
+/// (a new connection with it is accepted), one replaced twice is refused; a renewal signed
+/// by another key is refused. The certificates live as long as ctl is configured (here a
+/// short test lifetime).
+#[test]
+fn a_host_renews_its_certificate_on_its_open_connection() {
+    let lifetime = Duration::from_secs(120);
+    let Some(ctl) = Ctl::start_with(|c| c.api.host_cert_lifetime = lifetime) else {
+        return;
+    };
+    let (fa, r, key) = ctl.add_host_tls();
+    let cl = ctl.team();
+    let sb = create_min(&cl).unwrap();
+    let beat = |c: &Client| {
+        c.unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 4096,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    let renew = |c: &Client, k: &tls::HostKey| {
+        c.unary::<_, host::RenewCertificateResponse>(
+            host::host_methods::RENEW_CERTIFICATE,
+            &host::RenewCertificateRequest {
+                host_public_key: key.public_key().to_vec().into(),
+                key_signature: k.sign_renewal(&r.host_id).into(),
+            },
+            T,
+        )
+    };
+    let with = |cert: &str| {
+        crate::harness::connect_as(
+            ctl.host_addr(),
+            proto::rpc::Credential::host_token(r.host_token.clone()),
+            cert,
+            &key.to_pem(),
+        )
+        .and_then(|c| beat(&c))
+    };
+    let serial_of = |pem: &str| {
+        tls::peer::cert_serial(&tls::certs_from_pem(pem.as_bytes(), "c").unwrap()[0]).unwrap()
+    };
+    let conn = fa.host_client();
+    beat(&conn).unwrap();
+    let e = renew(&conn, &tls::HostKey::generate().unwrap()).unwrap_err();
+    assert_eq!(e.code, Code::Unauthenticated, "{e}");
+    let first = r.host_certificate_pem.clone();
+    let second = renew(&conn, &key).unwrap();
+    let cert = &tls::certs_from_pem(second.host_certificate_pem.as_bytes(), "c").unwrap()[0];
+    tls::verify_server_cert(
+        &tls::certs_from_pem(second.ca_certificate_pem.as_bytes(), "ca").unwrap()[0],
+        cert,
+        &r.host_id,
+    )
+    .unwrap();
+    assert_ne!(serial_of(&second.host_certificate_pem), serial_of(&first));
+    let (from, to) = tls::peer::cert_validity(cert).unwrap();
+    assert!(
+        to - from <= lifetime.as_secs() * 11 / 10 + 1,
+        "{from}..{to}"
+    );
+    // The same connection goes on; the sandbox is untouched.
+    beat(&conn).unwrap();
+    assert_eq!(get(&cl, &sb.id).state, c::SandboxState::Running as i32);
+    // New connections: the new certificate, and the replaced one until it expires.
+    with(&second.host_certificate_pem).unwrap();
+    with(&first).unwrap();
+    let (db_now, db_prev): (Vec<u8>, Vec<u8>) = {
+        let row = sql(&ctl)
+            .query_one(
+                "SELECT cert_serial, prev_cert_serial FROM hosts WHERE id = $1",
+                &[&proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap()],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(db_now, serial_of(&second.host_certificate_pem));
+    assert_eq!(db_prev, serial_of(&first));
+    // Renewed again: the first one is no longer accepted.
+    let third = renew(&conn, &key).unwrap();
+    with(&third.host_certificate_pem).unwrap();
+    with(&second.host_certificate_pem).unwrap();
+    let e = with(&first).unwrap_err();
+    assert!(e.message.contains("not one ctl issued"), "{e}");
+    beat(&conn).unwrap();
+}
+
+/// Issue 14: the agent's own renewal (`agent::ctl::CtlLink::renew_if_due`, which its loop
+/// runs after each heartbeat) against a real replica whose host certificates live 12 s: not
+/// due before two thirds of the lifetime (`CERT_RENEW_AT_NUM/DEN`), then renewed on the open
+/// connection, which goes on; `host.pem` replaced, the agent port's TLS replaced, the next
+/// connection presents the new certificate.
+#[test]
+fn the_agent_renews_its_certificate_at_two_thirds_of_its_life() {
+    let lifetime = Duration::from_secs(12);
+    let Some(ctl) = Ctl::start_with(|c| c.api.host_cert_lifetime = lifetime) else {
+        return;
+    };
+    let (_fa, r, key) = ctl.add_host_tls();
+    let issued = std::time::Instant::now();
+    let dir = std::env::temp_dir().join(format!(
+        "wrenn-ctl-it-renew-{}-{}",
+        std::process::id(),
+        r.host_id
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |n: &str| dir.join(n);
+    std::fs::write(path("host.key"), key.to_pem()).unwrap();
+    std::fs::write(path("host.pem"), &r.host_certificate_pem).unwrap();
+    std::fs::write(path("ctl-ca.pem"), &r.ca_certificate_pem).unwrap();
+    let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
+    let rpc_tls = std::sync::Arc::new(::agent::rpc_tls::RpcTls::default());
+    let link = ::agent::ctl::CtlLink::new(
+        ::agent::ctl::CtlConfig {
+            addr: ctl.host_addr(),
+            registration_token: None,
+            agent_address: String::new(),
+            identity_path: path("identity.conf"),
+            host_key_path: path("host.key"),
+            host_cert_path: path("host.pem"),
+            ctl_ca_path: path("ctl-ca.pem"),
+            ctl_ca_given: None,
+            tls: Some(crate::harness::test_tls().client.clone()),
+            rpc_tls: rpc_tls.clone(),
+        },
+        std::sync::Arc::new(::agent::host::IdentityCell::new(Some(
+            ::agent::statedir::Identity {
+                host_id: hid,
+                host_token: r.host_token.clone(),
+                agent_token: r.agent_token.clone(),
+            },
+        ))),
+    );
+    let beat = |c: &Client| {
+        c.unary::<_, host::HeartbeatResponse>(
+            host::host_methods::HEARTBEAT,
+            &host::HeartbeatRequest {
+                capacity: Some(agent::Resources {
+                    vcpus: 4,
+                    memory_mib: 4096,
+                    disk_mib: 100_000,
+                }),
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    // The link presents host.pem on its host-token connection (token alone is refused).
+    let conn = link.connect_host().unwrap();
+    beat(&conn).unwrap();
+    assert!(
+        !link.renew_if_due(&conn).unwrap(),
+        "renewed before it was due"
+    );
+    assert!(!rpc_tls.is_tls());
+    let renewed_at = loop {
+        if link.renew_if_due(&conn).unwrap() {
+            break issued.elapsed();
+        }
+        assert!(
+            issued.elapsed() < lifetime,
+            "not renewed within the lifetime"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("renewed {renewed_at:?} after issue (lifetime {lifetime:?})");
+    // Due at two thirds of the validity (which starts up to 1.2 s of skew allowance before
+    // issue; X.509 times are whole seconds, rounded down): about 6–7.6 s here, at the
+    // earliest 5.8 s; never at once.
+    assert!(
+        renewed_at >= lifetime / 2 - Duration::from_secs(1),
+        "{renewed_at:?}"
+    );
+    let pem = std::fs::read_to_string(path("host.pem")).unwrap();
+    assert_ne!(pem, r.host_certificate_pem);
+    let serial = tls::peer::cert_serial(&tls::certs_from_pem(pem.as_bytes(), "c").unwrap()[0]);
+    let row: Vec<u8> = sql(&ctl)
+        .query_one("SELECT cert_serial FROM hosts WHERE id = $1", &[&hid])
+        .unwrap()
+        .get(0);
+    assert_eq!(serial, Some(row));
+    assert!(rpc_tls.is_tls(), "the agent port took the new certificate");
+    // The open connection goes on, a new one presents the new certificate, and after the
+    // first certificate expired the renewed one still works; nothing more is due.
+    beat(&conn).unwrap();
+    std::thread::sleep(lifetime.saturating_sub(issued.elapsed()) + Duration::from_millis(200));
+    beat(&link.connect_host().unwrap()).unwrap();
+    beat(&conn).unwrap();
+    assert!(!link.renew_if_due(&conn).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Issue 14: ctl keeps its mutual-TLS connection to an agent, so sandbox creates on a warm
 /// pool cost no handshake (prints the phase line the bench reports).
 #[test]

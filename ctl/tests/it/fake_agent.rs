@@ -72,6 +72,8 @@ pub struct FakeAgent {
     pub creates: Arc<AtomicUsize>,
     handle: ServerHandle,
     host_token: Mutex<Option<(String, String)>>,
+    /// The host certificate and key (PEM) it presents to ctl's host port, once issued.
+    host_identity: Mutex<Option<(String, String)>>,
     next_pid: Arc<AtomicU32>,
     /// Mutual TLS of the port once set (as the real agent after registration).
     tls: Arc<std::sync::RwLock<Option<tls::ServerTls>>>,
@@ -122,6 +124,7 @@ impl FakeAgent {
             creates,
             handle,
             host_token: Mutex::new(None),
+            host_identity: Mutex::new(None),
             next_pid,
             tls,
             tls_accepts,
@@ -153,11 +156,31 @@ impl FakeAgent {
         *self.host_token.lock().unwrap() = Some((t.to_owned(), ctl_addr.to_owned()));
     }
 
-    /// A client of ctl's wrenn.host.v1 with this agent's host token.
+    /// Presents this certificate and key (PEM) to ctl's host port from now on.
+    pub fn set_host_identity(&self, cert_pem: &str, key_pem: &str) {
+        *self.host_identity.lock().unwrap() = Some((cert_pem.to_owned(), key_pem.to_owned()));
+    }
+
+    /// The host key (PEM) it presents to ctl's host port.
+    pub fn host_identity_key(&self) -> String {
+        self.host_identity
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a host identity")
+            .1
+    }
+
+    /// A client of ctl's wrenn.host.v1 with this agent's host token (and its certificate,
+    /// once it has one, as the real agent).
     pub fn host_client(&self) -> proto::rpc::Client {
         let (t, a) = self.host_token.lock().unwrap().clone().expect("registered");
-        crate::harness::connect(a, proto::rpc::Credential::host_token(t))
-            .expect("connect host client")
+        let cred = proto::rpc::Credential::host_token(t);
+        match self.host_identity.lock().unwrap().clone() {
+            Some((cert, key)) => crate::harness::connect_as(a, cred, &cert, &key),
+            None => crate::harness::connect(a, cred),
+        }
+        .expect("connect host client")
     }
 
     pub fn sandbox_state(&self, sb: &str) -> Option<i32> {

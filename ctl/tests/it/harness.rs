@@ -74,6 +74,33 @@ pub fn connect(addr: impl ToString, cred: Credential) -> Result<Client, proto::S
     )
 }
 
+/// Connects over mutual TLS, presenting `cert_pem` with its key (an agent on the host port).
+pub fn connect_as(
+    addr: impl ToString,
+    cred: Credential,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Client, proto::Status> {
+    let t = tls::ClientTls::from_ca_pem(
+        test_tls().authority.cert_pem.as_bytes(),
+        tls::ClientOptions {
+            alpn: vec![tls::ALPN_WRENN.to_vec()],
+            identity: Some((
+                tls::certs_from_pem(cert_pem.as_bytes(), "host certificate").unwrap(),
+                tls::key_from_pem(key_pem.as_bytes(), "host key").unwrap(),
+            )),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    tls::connect(
+        &addr.to_string(),
+        &t,
+        cred,
+        &proto::rpc::ClientConfig::default(),
+    )
+}
+
 /// The shared cluster (or DATABASE_URL), stopped when the test process exits.
 enum Shared {
     Own(Cluster),
@@ -174,6 +201,7 @@ pub fn test_config(url: &str) -> Config {
             webhooks: ctl::config::WebhookConfig::default(),
             issuer: Some(test_tls().authority.clone()),
             build_context_max: 1 << 20,
+            host_cert_lifetime: ctl::limits::HOST_CERT_LIFETIME,
         },
         jobs: JobsConfig {
             reconcile_interval: Duration::from_secs(1),
@@ -208,10 +236,17 @@ pub struct Ctl {
 impl Ctl {
     /// Fresh database + `admin init` + a replica. `None` when PostgreSQL is absent.
     pub fn start() -> Option<Ctl> {
+        Ctl::start_with(|_| {})
+    }
+
+    /// [`Ctl::start`] with settings `edit` changes.
+    pub fn start_with(edit: impl FnOnce(&mut Config)) -> Option<Ctl> {
         let url = fresh_db()?;
         let init = ctl::admin::init(&url, "team-a", "a@example.com", "Alice").expect("admin init");
+        let mut cfg = test_config(&url);
+        edit(&mut cfg);
         let running = ctl::server::start(
-            &test_config(&url),
+            &cfg,
             StartOpts {
                 jobs: false,
                 http: false,
@@ -370,6 +405,7 @@ impl Ctl {
             key.to_pem().as_bytes(),
             r.ca_certificate_pem.as_bytes(),
         );
+        fa.set_host_identity(&r.host_certificate_pem, &key.to_pem());
         (fa, r, key)
     }
 }

@@ -22,8 +22,8 @@ pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
 pub use server::{
-    Call, CallCtx, CallWatch, Peer, Server, ServerConfig, ServerHandle, ServerSender, ServerStream,
-    Service, WrapTransport,
+    Call, CallCtx, CallWatch, HelloFrom, Peer, Server, ServerConfig, ServerHandle, ServerSender,
+    ServerStream, Service, WrapTransport,
 };
 pub use transport::{ReadMode, SocketKind, SocketTransport, Transport};
 

@@ -87,6 +87,13 @@ impl std::fmt::Debug for CallCtx {
 pub trait Service: Send + Sync + 'static {
     /// Checks a connection's hello (runs on a worker thread: it may query a database).
     fn hello(&self, hello: &Hello) -> Result<Peer, Status>;
+    /// [`Service::hello`] with what the transport knows of the peer (its verified client
+    /// certificate). The default ignores it; a service authenticating peers by
+    /// certificate (ctl's host port) overrides this one instead.
+    fn hello_from(&self, hello: &Hello, from: &HelloFrom) -> Result<Peer, Status> {
+        let _ = from;
+        self.hello(hello)
+    }
     /// A new call, on the event-loop thread. It must not block: answer with
     /// [`Call::reply`]/[`Call::fail`] or move the call to a worker with [`Call::spawn`].
     fn call(&self, call: Call);
@@ -96,6 +103,16 @@ pub trait Service: Send + Sync + 'static {
     fn credential(&self, hello: &Hello, _peer: &Peer) -> CredentialId {
         CredentialId::from_hello(hello)
     }
+}
+
+/// What the transport knows of a connection's peer when its hello arrives.
+#[derive(Clone, Debug, Default)]
+pub struct HelloFrom {
+    /// Where the connection comes from.
+    pub source: Option<Source>,
+    /// The peer's certificate as the handshake verified it (DER, end entity): present
+    /// only on a TLS listener that asks for client certificates and got one.
+    pub peer_certificate: Option<Bytes>,
 }
 
 /// Server settings.
@@ -703,10 +720,14 @@ impl Server {
             self.admission.pre_done(entry.source);
         }
         let serial = entry.serial;
+        let from = HelloFrom {
+            source: Some(entry.source),
+            peer_certificate: entry.pre.as_ref().and_then(|t| t.peer_certificate()),
+        };
         let svc = self.svc.clone();
         let shared = self.shared.clone();
         let job = Box::new(move || {
-            let result = svc.hello(&hello).map(|p| (p, hello));
+            let result = svc.hello_from(&hello, &from).map(|p| (p, hello));
             shared.send(Cmd::HelloDone {
                 slot,
                 serial,

@@ -248,6 +248,14 @@ impl proto::gen::wrenn::host::v1::HostServer for Host {
     ) -> Result<proto::gen::wrenn::host::v1::ReportStateResponse, Status> {
         Err(Status::new(Code::Aborted, "no"))
     }
+
+    fn renew_certificate(
+        &self,
+        _: &CallCtx,
+        _: proto::gen::wrenn::host::v1::RenewCertificateRequest,
+    ) -> Result<proto::gen::wrenn::host::v1::RenewCertificateResponse, Status> {
+        Err(Status::failed_precondition("no certificate"))
+    }
 }
 
 struct HostSvc;
