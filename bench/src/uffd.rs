@@ -342,7 +342,15 @@ fn touch_random(o: &Opts) -> Result<(), String> {
         c.fault_around = 64 * 1024;
     })?;
     let ours_ns = touch_all(&vm, &order);
-    ours.finish()?;
+    let st = ours.finish()?;
+    // How many faults ours took, against one per 64 KiB window (the fault-around floor):
+    // on a loaded machine the handler falls behind and the count varies from run to run.
+    println!(
+        "info=uffd_touch_random_ours_faults faults={} windows={} pages_faulted={}",
+        st.faults,
+        memory / (64 * 1024),
+        st.pages_faulted
+    );
     drop(vm);
     let vm = Vm::new(memory)?;
     let naive_ns = with_naive(&fx, &vm, || touch_all(&vm, &order))?;
