@@ -207,6 +207,28 @@ struct InProcess {
     addr: std::net::SocketAddr,
     handle: proto::rpc::ServerHandle,
     manager: Arc<agent::manager::Manager>,
+    join: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl InProcess {
+    /// What a kill -9 leaves: the server stops and everything the agent held in memory
+    /// (its slot resolver's sockets included) is released, with no cleanup of sandboxes,
+    /// slots or files (Firecracker and wrenn-uffd run in their own sessions).
+    fn die(self) {
+        self.handle.shutdown();
+        let _ = self.join.join();
+        let weak = Arc::downgrade(&self.manager);
+        drop(self.manager);
+        let end = Instant::now() + Duration::from_secs(30);
+        while weak.strong_count() > 0 {
+            assert!(
+                Instant::now() < end,
+                "the stopped agent's manager is still referenced ({} holders)",
+                weak.strong_count()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 fn start_in_process(inp: &Inputs) -> InProcess {
@@ -267,11 +289,12 @@ fn start_in_process(inp: &Inputs) -> InProcess {
     let svc = agent::rpc::AgentService::new(m.clone(), host, identity);
     let mut server = Server::new(ServerConfig::new("wrenn-agent"), Arc::new(svc)).unwrap();
     let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-    let (handle, _join) = server.spawn().unwrap();
+    let (handle, join) = server.spawn().unwrap();
     InProcess {
         addr,
         handle,
         manager: m,
+        join,
     }
 }
 
@@ -831,10 +854,10 @@ fn e2e_lifecycle_on_firecracker() {
         j.check_cross_access(21, 10, TEMPLATE);
     }
 
-    // kill -9 of the agent with two sandboxes running: here the in-process agent simply
-    // stops without cleaning up (Firecracker and wrenn-uffd run in their own sessions).
-    agent.handle.shutdown();
+    // kill -9 of the agent with two sandboxes running: here the in-process agent stops
+    // and releases what it held, without cleaning up.
     drop(c);
+    agent.die();
     let agent2 = start_in_process(&inp);
     let c = Client::connect_tcp(agent2.addr, Credential::agent_token(TOKEN)).unwrap();
     for n in [10u128, 21] {
@@ -853,9 +876,10 @@ fn e2e_lifecycle_on_firecracker() {
     }
 
     // A real kill -9 of a wrenn-agent process: the binary takes over the state root (the
-    // in-process agent stops serving), is killed with SIGKILL, and a new one re-adopts.
-    agent2.handle.shutdown();
+    // in-process agent stops and lets go of its sockets), is killed with SIGKILL, and a new
+    // one re-adopts.
     drop(c);
+    agent2.die();
     Identity {
         host_id: Uuid::from_u128(1),
         host_token: "h".into(),
@@ -1004,5 +1028,4 @@ fn e2e_lifecycle_on_firecracker() {
     if let Some(j) = &jail {
         j.check_nothing_left();
     }
-    agent2.handle.shutdown();
 }
