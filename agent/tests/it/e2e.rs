@@ -426,7 +426,13 @@ fn file_backend_clones_map_the_template_file(
             let linked = std::fs::metadata(j.chroot(n).join("restore/memory")).unwrap();
             assert_eq!(linked.ino(), m.ino(), "linked into the chroot of sb {n}");
         }
-        let maps_it = firecrackers_under(&dir).into_iter().any(|pid| {
+        // Jailed Firecrackers are found through their chroots; unjailed, through the
+        // sandbox directory they name.
+        let pids = match jail {
+            Some(j) => vec![j.firecracker_pid(n) as i32],
+            None => firecrackers_under(&dir),
+        };
+        let maps_it = pids.into_iter().any(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/maps"))
                 .unwrap_or_default()
                 .lines()
@@ -434,15 +440,11 @@ fn file_backend_clones_map_the_template_file(
         });
         mapping += usize::from(maps_it);
     }
-    if jail.is_none() {
-        // Jailed Firecrackers are found through their chroots; unjailed, through the
-        // sandbox directory they name.
-        assert_eq!(
-            mapping,
-            clones.len(),
-            "Firecrackers mapping the template's inode"
-        );
-    }
+    assert_eq!(
+        mapping,
+        clones.len(),
+        "Firecrackers mapping the template's inode"
+    );
     println!("file backend: {mapping} clone Firecrackers map the template's memory inode {ino}");
 }
 
