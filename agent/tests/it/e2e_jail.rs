@@ -415,6 +415,17 @@ impl Jail {
                 );
             }
         }
+        // The in-process agents of this test started page servers as children of this
+        // process; killed by a later agent, they stay zombies (uid still jailed) until their
+        // parent reaps them. A dead agent's children are reaped by init; reap ours the same.
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with WNOHANG writes the exit status into our local int; no
+            // child left or none exited yet ends the loop.
+            if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+                break;
+            }
+        }
         for ent in fs::read_dir("/proc").unwrap().flatten() {
             let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
