@@ -165,6 +165,19 @@ fn sh(c: &Client, n: u128, script: &str) -> (i32, String) {
     panic!("{script:?} never ran in sandbox {n}");
 }
 
+/// The background counter's value. Its writer truncates the file before writing the new
+/// number, so a read can land in between and see nothing: read again then.
+fn read_counter(c: &Client, n: u128) -> u64 {
+    for _ in 0..5 {
+        let out = sh_ok(c, n, "cat /tmp/counter");
+        if let Ok(v) = out.trim().parse() {
+            return v;
+        }
+        println!("counter read {out:?} (between the writer's truncate and write); again");
+    }
+    panic!("the counter file never held a number");
+}
+
 fn sh_ok(c: &Client, n: u128, script: &str) -> String {
     let (code, out) = sh(c, n, script);
     assert_eq!(code, 0, "{script:?} exited {code}: {out}");
@@ -737,9 +750,9 @@ fn e2e_lifecycle_on_firecracker() {
         j.check_running(10, 1, 256);
     }
     assert_eq!(sh_ok(&c, 10, "cat /root/file.txt").trim(), "persisted");
-    let after1: u64 = sh_ok(&c, 10, "cat /tmp/counter").trim().parse().unwrap();
+    let after1 = read_counter(&c, 10);
     std::thread::sleep(Duration::from_secs(3));
-    let after2: u64 = sh_ok(&c, 10, "cat /tmp/counter").trim().parse().unwrap();
+    let after2 = read_counter(&c, 10);
     println!("counter before pause {before}, after resume {after1} then {after2}");
     assert!(after1 >= before, "the counter went back");
     assert!(after2 > after1, "the background process is not running");
