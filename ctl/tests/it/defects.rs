@@ -1212,22 +1212,7 @@ fn the_host_port_requires_the_hosts_certificate() {
     // Registration (inside add_host_tls) connects without a client certificate.
     let (fa, ra, ka) = ctl.add_host_tls();
     let (_fb, rb, kb) = ctl.add_host_tls();
-    let beat = |c: Result<Client, proto::Status>| {
-        c.and_then(|c| {
-            c.unary::<_, host::HeartbeatResponse>(
-                host::host_methods::HEARTBEAT,
-                &host::HeartbeatRequest {
-                    capacity: Some(agent::Resources {
-                        vcpus: 4,
-                        memory_mib: 4096,
-                        disk_mib: 100_000,
-                    }),
-                    ..Default::default()
-                },
-                T,
-            )
-        })
-    };
+    let beat = |c: Result<Client, proto::Status>| c.and_then(|c| heartbeat(&c));
     let tok = |r: &host::RegisterResponse| proto::rpc::Credential::host_token(r.host_token.clone());
     // The token without the certificate.
     let e = beat(crate::harness::connect(ctl.host_addr(), tok(&ra))).unwrap_err();
@@ -1266,20 +1251,7 @@ fn deleting_a_host_revokes_its_certificate_on_every_replica() {
     wait_listening(&replica.api);
     let (_fa, r, key) = ctl.add_host_tls();
     let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
-    let beat = |c: &Client| {
-        c.unary::<_, host::HeartbeatResponse>(
-            host::host_methods::HEARTBEAT,
-            &host::HeartbeatRequest {
-                capacity: Some(agent::Resources {
-                    vcpus: 4,
-                    memory_mib: 4096,
-                    disk_mib: 100_000,
-                }),
-                ..Default::default()
-            },
-            T,
-        )
-    };
+    let beat = |c: &Client| heartbeat(c);
     let on = |addr: String| {
         crate::harness::connect_as(
             addr,
@@ -1360,20 +1332,7 @@ fn a_revoked_certificate_is_refused_at_the_hello() {
     let (fa, r, _) = ctl.add_host_tls();
     let (fb, _, _) = ctl.add_host_tls();
     let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
-    let beat = |c: &Client| {
-        c.unary::<_, host::HeartbeatResponse>(
-            host::host_methods::HEARTBEAT,
-            &host::HeartbeatRequest {
-                capacity: Some(agent::Resources {
-                    vcpus: 4,
-                    memory_mib: 4096,
-                    disk_mib: 100_000,
-                }),
-                ..Default::default()
-            },
-            T,
-        )
-    };
+    let beat = |c: &Client| heartbeat(c);
     let open = fa.host_client();
     beat(&open).unwrap();
     assert_eq!(ctl::admin::revoke_host(&ctl.url, &r.host_id).unwrap(), 1);
@@ -1430,20 +1389,7 @@ fn a_revocation_missed_by_the_listener_is_still_refused() {
             &r.host_certificate_pem,
             &fa.host_identity_key(),
         )
-        .and_then(|c| {
-            c.unary::<_, host::HeartbeatResponse>(
-                host::host_methods::HEARTBEAT,
-                &host::HeartbeatRequest {
-                    capacity: Some(agent::Resources {
-                        vcpus: 4,
-                        memory_mib: 4096,
-                        disk_mib: 100_000,
-                    }),
-                    ..Default::default()
-                },
-                T,
-            )
-        })
+        .and_then(|c| heartbeat(&c))
     };
     hello().unwrap();
     let mut db = sql(&ctl);
@@ -1495,20 +1441,7 @@ fn a_host_renews_its_certificate_on_its_open_connection() {
     let (fa, r, key) = ctl.add_host_tls();
     let cl = ctl.team();
     let sb = create_min(&cl).unwrap();
-    let beat = |c: &Client| {
-        c.unary::<_, host::HeartbeatResponse>(
-            host::host_methods::HEARTBEAT,
-            &host::HeartbeatRequest {
-                capacity: Some(agent::Resources {
-                    vcpus: 4,
-                    memory_mib: 4096,
-                    disk_mib: 100_000,
-                }),
-                ..Default::default()
-            },
-            T,
-        )
-    };
+    let beat = |c: &Client| heartbeat(c);
     let renew = |c: &Client, k: &tls::HostKey| {
         c.unary::<_, host::RenewCertificateResponse>(
             host::host_methods::RENEW_CERTIFICATE,
@@ -1622,20 +1555,7 @@ fn the_agent_renews_its_certificate_at_two_thirds_of_its_life() {
             },
         ))),
     );
-    let beat = |c: &Client| {
-        c.unary::<_, host::HeartbeatResponse>(
-            host::host_methods::HEARTBEAT,
-            &host::HeartbeatRequest {
-                capacity: Some(agent::Resources {
-                    vcpus: 4,
-                    memory_mib: 4096,
-                    disk_mib: 100_000,
-                }),
-                ..Default::default()
-            },
-            T,
-        )
-    };
+    let beat = |c: &Client| heartbeat(c);
     // The link presents host.pem on its host-token connection (token alone is refused).
     let conn = link.connect_host().unwrap();
     beat(&conn).unwrap();
@@ -1739,4 +1659,20 @@ fn an_agent_with_an_expired_certificate_is_refused() {
     let e = list(&rb.host_id).unwrap_err();
     assert!(e.message.contains("expired"), "{e}");
     list(&ra.host_id).unwrap();
+}
+
+/// One heartbeat with a fixed capacity (4 vCPUs, 4 GiB, 100 GB) on a host connection.
+fn heartbeat(c: &Client) -> Result<host::HeartbeatResponse, proto::Status> {
+    c.unary::<_, host::HeartbeatResponse>(
+        host::host_methods::HEARTBEAT,
+        &host::HeartbeatRequest {
+            capacity: Some(agent::Resources {
+                vcpus: 4,
+                memory_mib: 4096,
+                disk_mib: 100_000,
+            }),
+            ..Default::default()
+        },
+        T,
+    )
 }
