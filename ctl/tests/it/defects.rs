@@ -1393,17 +1393,21 @@ fn a_revocation_missed_by_the_listener_is_still_refused() {
     };
     hello().unwrap();
     let mut db = sql(&ctl);
-    db.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'wrenn-ctl-listen' AND datname = current_database()",
-        &[],
-    )
-    .unwrap();
+    // The revocation is committed without a NOTIFY (as if the notification was lost) and
+    // only then the listener's connection dies: its reconnect must find the row. (In the
+    // other order a fast reconnect could reload before the row exists, and a row written
+    // silently while the listener is up is never announced: not the case under test.)
     let hid = proto::id::parse(proto::id::Kind::Host, &r.host_id).unwrap();
     db.execute(
         "INSERT INTO revoked_certificates (serial, host_id, expires_at) \
          SELECT cert_serial, id, cert_expires_at FROM hosts WHERE id = $1",
         &[&hid],
+    )
+    .unwrap();
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'wrenn-ctl-listen' AND datname = current_database()",
+        &[],
     )
     .unwrap();
     // Whichever path answers (database while down, the reloaded set once back), refused
