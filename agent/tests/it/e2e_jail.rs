@@ -437,7 +437,24 @@ impl Jail {
             let Some(uid) = uid else { continue };
             let jailed = (uid >= self.uid_base && uid - self.uid_base < self.uid_count)
                 || uid == self.uffd_uid;
-            assert!(!jailed, "process {pid} still runs as jail uid {uid}");
+            if !jailed {
+                continue;
+            }
+            // A process the killed agent binary was reaping may still be on its way out
+            // (reparented to init, not yet reaped): gone or a zombie within a bound is dead.
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let state = status_field(pid, "State:");
+                if state.is_empty() || state.trim_start().starts_with('Z') {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < end,
+                    "process {pid} still runs as jail uid {uid} ({})",
+                    state.trim()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let needle = self.root.to_string_lossy().into_owned();
