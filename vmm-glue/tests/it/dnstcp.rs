@@ -9,7 +9,7 @@
 //! tests. Traffic stays inside namespaces this test creates.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,7 +22,7 @@ use vmm_glue::net::limits::{
 };
 use vmm_glue::net::netlink::Netlink;
 use vmm_glue::net::slot::{GATEWAY_ADDR, GUEST_ADDR};
-use vmm_glue::net::{firewall, netns, Egress, NetConfig, Network};
+use vmm_glue::net::{netns, Egress, NetConfig, Network};
 
 const PREFIX: &str = "wrnd";
 const SUBNET: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 0);
@@ -36,25 +36,8 @@ const BIG_RECORDS: u8 = 40;
 const TIMEOUT: Duration = Duration::from_secs(5);
 const SERVER_LIFETIME: Duration = Duration::from_secs(120);
 
-fn skip() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let reason = if unsafe { libc::geteuid() } != 0 {
-        "not root"
-    } else if firewall::nft_path().is_none() {
-        "nft not installed (apt-get install nftables)"
-    } else {
-        return false;
-    };
-    proto::skip::skip("vmm-glue dns over tcp test", reason);
-    true
-}
-
 fn guest_ns(index: u32) -> String {
     format!("wrnd-g{index}")
-}
-
-fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
 }
 
 fn name_wire(name: &str) -> Vec<u8> {
@@ -129,8 +112,8 @@ impl DnsServer {
     fn start() -> DnsServer {
         let (udp, tcp) = netns::run_in(INET_NS, || {
             (
-                UdpSocket::bind(sock(PUBLIC, 53)).unwrap(),
-                TcpListener::bind(sock(PUBLIC, 53)).unwrap(),
+                UdpSocket::bind(crate::netkit::sock(PUBLIC, 53)).unwrap(),
+                TcpListener::bind(crate::netkit::sock(PUBLIC, 53)).unwrap(),
             )
         })
         .unwrap();
@@ -247,10 +230,10 @@ fn parse(r: &[u8], q: &[u8], id: u16) -> io::Result<Answer> {
 
 fn udp_resolve(ns: &str, name: &str) -> io::Result<Answer> {
     netns::run_in(ns, || {
-        let s = UdpSocket::bind(sock(GUEST_ADDR, 0))?;
+        let s = UdpSocket::bind(crate::netkit::sock(GUEST_ADDR, 0))?;
         s.set_read_timeout(Some(TIMEOUT))?;
         let q = query(0x5151, name);
-        s.send_to(&q, sock(GATEWAY_ADDR, 53))?;
+        s.send_to(&q, crate::netkit::sock(GATEWAY_ADDR, 53))?;
         let mut buf = [0u8; 512];
         let (n, _) = s.recv_from(&mut buf)?;
         parse(&buf[..n], &q, 0x5151)
@@ -261,7 +244,7 @@ fn udp_resolve(ns: &str, name: &str) -> io::Result<Answer> {
 /// From the guest's namespace: a TCP connection to the slot's resolver.
 fn connect(ns: &str) -> io::Result<TcpStream> {
     netns::run_in(ns, || {
-        let c = TcpStream::connect_timeout(&sock(GATEWAY_ADDR, 53), TIMEOUT)?;
+        let c = TcpStream::connect_timeout(&crate::netkit::sock(GATEWAY_ADDR, 53), TIMEOUT)?;
         c.set_read_timeout(Some(TIMEOUT * 2))?;
         Ok(c)
     })
@@ -338,7 +321,7 @@ fn pattern(s: &str) -> DomainPattern {
 
 #[test]
 fn egress_dns_over_tcp() {
-    if skip() {
+    if crate::netkit::skip_unless_root_with_nft("vmm-glue dns over tcp test") {
         return;
     }
     let cfg = NetConfig::new(PREFIX, SUBNET).unwrap();
@@ -347,7 +330,7 @@ fn egress_dns_over_tcp() {
     let _cleanup = Cleanup(Network::new(cfg.clone()));
     net.setup_host().unwrap();
     create_internet();
-    net.start_resolver(sock(PUBLIC, 53)).unwrap();
+    net.start_resolver(crate::netkit::sock(PUBLIC, 53)).unwrap();
     let upstream = DnsServer::start();
     let policy = Egress {
         allow_domains: vec![
@@ -484,7 +467,7 @@ fn egress_dns_over_tcp() {
     // goes, the slot and its set stay. The new one adopts the slot with the stored policy.
     drop(net);
     let net = Network::new(cfg.clone());
-    net.start_resolver(sock(PUBLIC, 53)).unwrap();
+    net.start_resolver(crate::netkit::sock(PUBLIC, 53)).unwrap();
     net.adopt_slot(1, &policy).unwrap();
     // A policy update that keeps every allowed name keeps the learned entries.
     let mut wider = policy.clone();

@@ -8,7 +8,7 @@
 //! other network tests. Traffic stays inside namespaces this test creates.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use vmm_glue::net::dns::{self, DomainPattern};
 use vmm_glue::net::netlink::Netlink;
 use vmm_glue::net::slot::{GATEWAY_ADDR, GUEST_ADDR};
-use vmm_glue::net::{firewall, netns, Egress, Ipv4Cidr, NetConfig, Network};
+use vmm_glue::net::{netns, Egress, Ipv4Cidr, NetConfig, Network};
 
 const PREFIX: &str = "wrne";
 const SUBNET: Ipv4Addr = Ipv4Addr::new(10, 203, 0, 0);
@@ -34,25 +34,8 @@ const REACH_TIMEOUT: Duration = Duration::from_secs(5);
 const BLOCKED_TIMEOUT: Duration = Duration::from_millis(800);
 const SERVER_LIFETIME: Duration = Duration::from_secs(120);
 
-fn skip() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let reason = if unsafe { libc::geteuid() } != 0 {
-        "not root"
-    } else if firewall::nft_path().is_none() {
-        "nft not installed (apt-get install nftables)"
-    } else {
-        return false;
-    };
-    proto::skip::skip("vmm-glue egress test", reason);
-    true
-}
-
 fn guest_ns(index: u32) -> String {
     format!("wrne-g{index}")
-}
-
-fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
 }
 
 /// A TCP server that echoes every line back as `<tag>:<line>`, one thread per connection,
@@ -250,10 +233,10 @@ impl Drop for DnsServer {
 /// the A addresses of the answer.
 fn resolve(ns: &str, name: &str) -> io::Result<(u8, Vec<Ipv4Addr>)> {
     netns::run_in(ns, || {
-        let s = UdpSocket::bind(sock(GUEST_ADDR, 0))?;
+        let s = UdpSocket::bind(crate::netkit::sock(GUEST_ADDR, 0))?;
         s.set_read_timeout(Some(REACH_TIMEOUT))?;
         let q = query(0x5151, name);
-        s.send_to(&q, sock(GATEWAY_ADDR, 53))?;
+        s.send_to(&q, crate::netkit::sock(GATEWAY_ADDR, 53))?;
         let mut buf = [0u8; 1500];
         let (n, _) = s.recv_from(&mut buf)?;
         let r = &buf[..n];
@@ -324,7 +307,7 @@ fn cidr(s: &str) -> Ipv4Cidr {
 
 #[test]
 fn egress_policies_dns_and_updates() {
-    if skip() {
+    if crate::netkit::skip_unless_root_with_nft("vmm-glue egress test") {
         return;
     }
     let cfg = NetConfig::new(PREFIX, SUBNET).unwrap();
@@ -333,27 +316,32 @@ fn egress_policies_dns_and_updates() {
     let _cleanup = Cleanup(&net);
     net.setup_host().unwrap();
     create_internet();
-    net.start_resolver(sock(PUBLIC_A, 53)).unwrap();
+    net.start_resolver(crate::netkit::sock(PUBLIC_A, 53))
+        .unwrap();
 
     // Servers: on the pretend internet (A, B, the private address), the DNS upstream, a host
     // service on slot 1's link, and slot 2's guest.
     let inet_bind = |ip: Ipv4Addr| {
-        netns::run_in(INET_NS, move || TcpListener::bind(sock(ip, 0)))
-            .unwrap()
-            .unwrap()
+        netns::run_in(INET_NS, move || {
+            TcpListener::bind(crate::netkit::sock(ip, 0))
+        })
+        .unwrap()
+        .unwrap()
     };
     let a = LineEcho::start(inet_bind(PUBLIC_A), "a");
     let b = LineEcho::start(inet_bind(PUBLIC_B), "b");
     let private = LineEcho::start(inet_bind(PRIVATE), "private");
     let upstream = DnsServer::start(
-        netns::run_in(INET_NS, || UdpSocket::bind(sock(PUBLIC_A, 53)))
-            .unwrap()
-            .unwrap(),
+        netns::run_in(INET_NS, || {
+            UdpSocket::bind(crate::netkit::sock(PUBLIC_A, 53))
+        })
+        .unwrap()
+        .unwrap(),
     );
     let (addr_a, addr_b, addr_private) = (
-        sock(PUBLIC_A, a.port),
-        sock(PUBLIC_B, b.port),
-        sock(PRIVATE, private.port),
+        crate::netkit::sock(PUBLIC_A, a.port),
+        crate::netkit::sock(PUBLIC_B, b.port),
+        crate::netkit::sock(PRIVATE, private.port),
     );
 
     let s1 = net.create_slot(1, &Egress::default()).unwrap();
@@ -361,12 +349,17 @@ fn egress_policies_dns_and_updates() {
     crate::netkit::attach_stand_in_guest(&s1, &guest_ns(s1.index));
     crate::netkit::attach_stand_in_guest(&s2, &guest_ns(s2.index));
     let g2 = LineEcho::start(
-        netns::run_in(&guest_ns(2), || TcpListener::bind(sock(GUEST_ADDR, 0)))
-            .unwrap()
-            .unwrap(),
+        netns::run_in(&guest_ns(2), || {
+            TcpListener::bind(crate::netkit::sock(GUEST_ADDR, 0))
+        })
+        .unwrap()
+        .unwrap(),
         "g2",
     );
-    let host_svc = LineEcho::start(TcpListener::bind(sock(s1.host_addr, 0)).unwrap(), "host");
+    let host_svc = LineEcho::start(
+        TcpListener::bind(crate::netkit::sock(s1.host_addr, 0)).unwrap(),
+        "host",
+    );
     let g1 = guest_ns(1);
     let reach = |addr: SocketAddr| hello_from(&g1, addr, REACH_TIMEOUT);
     let blocked = |addr: SocketAddr| hello_from(&g1, addr, BLOCKED_TIMEOUT).is_err();
@@ -441,13 +434,24 @@ fn egress_policies_dns_and_updates() {
     )
     .unwrap();
     assert!(
-        blocked(sock(s1.host_addr, host_svc.port)),
+        blocked(crate::netkit::sock(s1.host_addr, host_svc.port)),
         "reached the host"
     );
-    assert!(blocked(sock(s2.guest_alias, g2.port)), "reached slot 2");
-    assert!(blocked(sock(Ipv4Addr::new(169, 254, 169, 254), 80)));
+    assert!(
+        blocked(crate::netkit::sock(s2.guest_alias, g2.port)),
+        "reached slot 2"
+    );
+    assert!(blocked(crate::netkit::sock(
+        Ipv4Addr::new(169, 254, 169, 254),
+        80
+    )));
     assert_eq!(
-        hello_from(&guest_ns(2), sock(GUEST_ADDR, g2.port), REACH_TIMEOUT).unwrap(),
+        hello_from(
+            &guest_ns(2),
+            crate::netkit::sock(GUEST_ADDR, g2.port),
+            REACH_TIMEOUT
+        )
+        .unwrap(),
         "g2:hello",
         "slot 2's guest serves (so the refusal above is the firewall's)"
     );
@@ -456,13 +460,18 @@ fn egress_policies_dns_and_updates() {
     // (port exposure): the guest's answers are replies, not connections it opens.
     net.set_egress(1, &Egress::none()).unwrap();
     let g1_server = LineEcho::start(
-        netns::run_in(&g1, || TcpListener::bind(sock(GUEST_ADDR, 0)))
-            .unwrap()
-            .unwrap(),
+        netns::run_in(&g1, || {
+            TcpListener::bind(crate::netkit::sock(GUEST_ADDR, 0))
+        })
+        .unwrap()
+        .unwrap(),
         "g1",
     );
-    let conn =
-        TcpStream::connect_timeout(&sock(s1.guest_alias, g1_server.port), REACH_TIMEOUT).unwrap();
+    let conn = TcpStream::connect_timeout(
+        &crate::netkit::sock(s1.guest_alias, g1_server.port),
+        REACH_TIMEOUT,
+    )
+    .unwrap();
     conn.set_read_timeout(Some(REACH_TIMEOUT)).unwrap();
     assert_eq!(say(&conn, "from the host").unwrap(), "g1:from the host");
     drop((conn, g1_server));
@@ -516,9 +525,9 @@ fn egress_policies_dns_and_updates() {
     // claims to be an answer), a flood beyond the rate gets no answers, an upstream that does
     // not answer gives SERVFAIL; the resolver keeps serving.
     let replies = netns::run_in(&g1, || -> io::Result<(Option<u8>, usize, usize)> {
-        let s = UdpSocket::bind(sock(GUEST_ADDR, 0))?;
+        let s = UdpSocket::bind(crate::netkit::sock(GUEST_ADDR, 0))?;
         s.set_read_timeout(Some(Duration::from_millis(300)))?;
-        let gw = sock(GATEWAY_ADDR, 53);
+        let gw = crate::netkit::sock(GATEWAY_ADDR, 53);
         let mut buf = [0u8; 1500];
         let mut two_questions = query(7, "www.example.com");
         two_questions[5] = 2;

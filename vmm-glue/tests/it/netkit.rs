@@ -2,7 +2,7 @@
 //! internet. Each test file passes its own names and addresses (never another file's), so
 //! the files can run at once.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::process::Command;
 
@@ -96,4 +96,22 @@ pub fn dns_set(slot: &Slot, table: &str) -> String {
     .unwrap()
     .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Prints `skipped:` and returns true unless the test runs as root with `nft` installed.
+pub fn skip_unless_root_with_nft(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let reason = if unsafe { libc::geteuid() } != 0 {
+        "not root"
+    } else if firewall::nft_path().is_none() {
+        "nft not installed (apt-get install nftables)"
+    } else {
+        return false;
+    };
+    proto::skip::skip(what, reason);
+    true
+}
+
+pub fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
 }
