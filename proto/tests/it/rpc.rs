@@ -1010,3 +1010,82 @@ fn unix_path_appears_only_when_listening() {
         }
     }
 }
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(r, 0);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// A sender whose peer stops reading (a stalled guest's envd) waits for room without
+/// burning a core, even while the peer's own bytes (here a PING) sit unread on the socket:
+/// before, the waiting poll reported them readable at once, nobody took them, and the
+/// sender spun on poll + send at 100 % of a core until its deadline.
+#[test]
+fn a_sender_blocked_by_a_stalled_peer_does_not_spin() {
+    let dir = TempDir::new("stalled-peer");
+    let path = dir.path.join("sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let (_, kind, _, _) = read_frame(&mut s).expect("hello");
+        assert_eq!(kind, Kind::Hello);
+        let ack = HelloAck {
+            version: proto::PROTOCOL_VERSION,
+            ..HelloAck::default()
+        };
+        let mut out = Vec::new();
+        frame::put_frame(&mut out, 0, Kind::HelloAck, 0, &ack.encode_to_vec());
+        s.write_all(&out).unwrap();
+        // Wait until the client's stream is open, then send a PING and read nothing more.
+        let (_, kind, _, _) = read_frame(&mut s).expect("request");
+        assert_eq!(kind, Kind::Request);
+        out.clear();
+        frame::put_frame(&mut out, 0, Kind::Ping, 0, &[7; 8]);
+        s.write_all(&out).unwrap();
+        let _ = stop_rx.recv_timeout(Duration::from_secs(30));
+        s
+    });
+    let c = Client::connect_unix(&path, Credential::none()).unwrap();
+    let mut call = c
+        .call(
+            BIDI,
+            &Blob::default(),
+            CallOpts {
+                timeout: Some(Duration::from_millis(1500)),
+                end_stream: false,
+            },
+        )
+        .unwrap();
+    // Sends until the socket is full and the deadline passes; the stream window (well over
+    // a Unix socket's buffer) never runs out first.
+    let msg = Blob {
+        data: vec![0x5a; 64 << 10],
+        ..Blob::default()
+    };
+    let (wall, cpu) = (Instant::now(), thread_cpu());
+    let mut sent = 0usize;
+    let err = loop {
+        match call.send(&msg) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(wall.elapsed() < Duration::from_secs(20), "never blocked");
+    };
+    let (wall, cpu) = (wall.elapsed(), thread_cpu() - cpu);
+    stop_tx.send(()).unwrap();
+    drop(peer.join().unwrap());
+    println!("blocked sender: {sent} messages, then {err:?}; {cpu:?} CPU in {wall:?}");
+    assert_eq!(err.code, Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        cpu < wall / 4,
+        "the blocked sender used {cpu:?} of CPU in {wall:?}: it spins"
+    );
+}
