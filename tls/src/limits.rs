@@ -1,6 +1,6 @@
 //! Bounds of the TLS transport, each with its reason.
 
-/// TLS records (and plaintext queued during the handshake) rustls may hold for one
+/// TLS records (and, separately, plaintext queued during the handshake) the transport holds for one
 /// connection before `write` answers `WouldBlock`: sixteen full records. The frame layer
 /// keeps its own bounded queue (`proto::limits::OUT_HIGH_WATER`); this covers what one
 /// socket write cannot take, large enough that a bulk stream is not cut into small turns.
