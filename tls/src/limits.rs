@@ -1,9 +1,10 @@
 //! Bounds of the TLS transport, each with its reason.
 
-/// TLS records (and, separately, plaintext queued during the handshake) the transport holds for one
-/// connection before `write` answers `WouldBlock`: sixteen full records. The frame layer
-/// keeps its own bounded queue (`proto::limits::OUT_HIGH_WATER`); this covers what one
-/// socket write cannot take, large enough that a bulk stream is not cut into small turns.
+/// TLS records (and, separately, plaintext queued during the handshake) the transport
+/// holds for one connection before `write` answers `WouldBlock`: sixteen full records. The
+/// frame layer keeps its own bounded queue (`proto::limits::OUT_HIGH_WATER`); this covers
+/// what one socket write cannot take, large enough that a bulk stream is not cut into small
+/// turns.
 pub const SEND_BUFFERED_MAX: usize = 256 * 1024;
 
 /// Plaintext copies that would land 1..=this many bytes past their source modulo 4 KiB go
