@@ -6,7 +6,9 @@
 //!   single-row INSERT committed on its own (the same kind of work: a write and a durable
 //!   commit), goal <= 3x, on a cluster with PostgreSQL's default durability (fsync on, as in
 //!   production; the other cases run with it off); its phase lines still give each part as a
-//!   multiple of the SELECT;
+//!   multiple of the SELECT and `ctl_create_phase_tls_handshakes` with
+//!   `metric=ctl_create_tls_handshakes_per_create` count the TLS handshakes a create costs
+//!   between ctl and the agent (issue 14: goal 0 on a warm pool);
 //! - `ctl_list`: `Api::list_sandboxes` (a page of 100) of a team with 10,000 sandboxes,
 //!   against the same SQL query run bare; compared at p99.
 //!
@@ -17,6 +19,10 @@
 //! - `proxy_stream`: a 256 MiB GET (16 MiB with --quick) the same two ways, as throughput;
 //!   goal >= 0.5x. The agent is ctl's `InstantAgent`, whose Ports.Connect relays like the real
 //!   agent's (a thread per direction) to a loopback server standing in for the guest's.
+//!
+//! ctl has a CA (the same code as `wrenn-ctl admin tls init`), so the agent registers with a
+//! host key, serves mutual TLS with the certificate registration issued, and ctl's pool
+//! calls it over TLS, as in production.
 //!
 //! Ours and the baseline run alternately, one iteration each (`measure_interleaved`), so
 //! both meet the same load on this shared machine. Note what that means: the baseline is a
@@ -70,6 +76,9 @@ struct Env {
     bare: postgres::Client,
     key_id: proto::id::Uuid,
     url: String,
+    /// The agent's host id and ctl's client TLS for it (mutual TLS, as ctl's pool dials).
+    host_id: proto::id::Uuid,
+    agent_tls: tls::ClientTls,
     // Dropped last: stops the cluster.
     _cluster: PgCluster,
 }
@@ -120,6 +129,10 @@ fn env(durable: bool) -> Result<Env, String> {
         PgCluster::start()?
     };
     let url = cluster.create_db("bench")?;
+    // A CA as `wrenn-ctl admin tls init` makes: registration issues the agent its host
+    // certificate and ctl calls it over mutual TLS, as in production.
+    let (ca, _ca_key) = ctl::pki::Authority::generate().map_err(e("CA"))?;
+    let ca = std::sync::Arc::new(ca);
     let init = ctl::admin::init(&url, "bench", "bench@example.com", "").map_err(e("admin init"))?;
     let cfg = Config {
         database_url: url.clone(),
@@ -129,6 +142,7 @@ fn env(durable: bool) -> Result<Env, String> {
         db_workers: 4,
         api: ApiConfig {
             last_used_flush: Duration::from_secs(1),
+            issuer: Some(ca.clone()),
             ..ApiConfig::default()
         },
         jobs: JobsConfig::default(),
@@ -148,10 +162,16 @@ fn env(durable: bool) -> Result<Env, String> {
     let agent = InstantAgent::start().map_err(e("start agent"))?;
     let (tok, _) =
         ctl::admin::create_registration_token(&url, 600).map_err(e("registration token"))?;
+    // The agent's key pair and its signature over the token, as a real agent registers.
+    let host_key = tls::HostKey::generate().map_err(e("host key"))?;
+    let (secret, _pin) = tls::hostkey::split_pin(&tok).map_err(e("registration token"))?;
+    let token_signature = host_key.sign_token(secret).into();
     let reg = ctl::host_service::register(
         &api,
         host::RegisterRequest {
-            registration_token: tok,
+            registration_token: tok.clone(),
+            token_signature,
+            host_public_key: host_key.public_key().to_vec().into(),
             agent_address: agent.addr.to_string(),
             hostname: "bench".into(),
             capacity: Some(agent::Resources {
@@ -165,6 +185,21 @@ fn env(durable: bool) -> Result<Env, String> {
     )
     .map_err(|s| format!("register: {s:?}"))?;
     agent.set_token(&reg.agent_token);
+    if reg.host_certificate_pem.is_empty() {
+        return Err("registration issued no host certificate".into());
+    }
+    agent
+        .serve_tls(
+            reg.host_certificate_pem.as_bytes(),
+            host_key.to_pem().as_bytes(),
+            reg.ca_certificate_pem.as_bytes(),
+        )
+        .map_err(e("agent TLS"))?;
+    let host_id = proto::id::parse(proto::id::Kind::Host, &reg.host_id).map_err(e("host id"))?;
+    let agent_tls = ca
+        .agent_client()
+        .map_err(e("ctl client TLS"))?
+        .with_server_name(reg.host_id.clone());
     let ctx = api
         .authenticate(&init.team_key)
         .map_err(|s| format!("auth: {s:?}"))?;
@@ -177,6 +212,8 @@ fn env(durable: bool) -> Result<Env, String> {
         ctx,
         bare,
         url,
+        host_id,
+        agent_tls,
         _cluster: cluster,
     })
 }
@@ -270,7 +307,59 @@ fn ctl_create(o: &Opts) -> Result<(), String> {
             Goal::AtMost(3.0)
         )
     );
+    handshake_phase(&env, o.iters(100, 3))?;
     create_phases(&mut env, iters)
+}
+
+/// Issue 14: how many TLS handshakes one sandbox create costs between ctl and the agent,
+/// counted on the agent's listener (every connection it accepts over mutual TLS is one).
+/// First a create on a cold pool (the host's pooled connections closed): it must count at
+/// least one, or the counter measures nothing and the case fails. Then `creates` creates
+/// on the now warm pool: goal 0 per create (ctl reuses its connection).
+fn handshake_phase(env: &Env, creates: usize) -> Result<(), String> {
+    let api = env.api().clone();
+    let ctx = env.ctx.clone();
+    let create = || {
+        api.create_sandbox(&ctx, c::CreateSandboxRequest::default())
+            .map(|_| ())
+            .map_err(|s| format!("{}: {}", s.code, s.message))
+    };
+    api.agents().forget(env.host_id);
+    let before = env.agent.tls_handshakes();
+    create()?;
+    let cold = env.agent.tls_handshakes() - before;
+    if cold == 0 {
+        return Err(
+            "a create on a cold agent pool counted no TLS handshake: the counter \
+                    measures nothing"
+                .into(),
+        );
+    }
+    let before = env.agent.tls_handshakes();
+    let samples = crate::harness::measure(creates, 0, create)?;
+    let warm = env.agent.tls_handshakes() - before;
+    let per_create = warm as f64 / creates.max(1) as f64;
+    println!(
+        "{}",
+        crate::harness::info_line(
+            "ctl_create_phase_tls_handshakes",
+            &samples,
+            &format!(
+                "cold_pool_create={cold} warm_pool={warm}/{} per_create={per_create:.3} goal=0",
+                creates.max(1)
+            )
+        )
+    );
+    println!(
+        "{}",
+        crate::harness::metric_line(
+            "ctl_create_tls_handshakes_per_create",
+            per_create,
+            "handshakes",
+            Goal::AtMost(0.0)
+        )
+    );
+    Ok(())
 }
 
 /// What a create is made of, each part timed interleaved with the same baseline and printed
@@ -287,9 +376,11 @@ fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
     let db = ctl::db::Db::start(&cfg).map_err(e("db pool"))?;
     let key = env.key_id;
     let token = env.agent.token.lock().map_err(e("token"))?.clone();
-    let agent = proto::rpc::Client::connect_tcp(
-        env.agent.addr.to_string().as_str(),
+    let agent = tls::connect(
+        &env.agent.addr.to_string(),
+        &env.agent_tls,
         proto::rpc::Credential::agent_token(token),
+        &proto::rpc::ClientConfig::default(),
     )
     .map_err(|s| format!("connect agent: {}", s.message))?;
     let mut n = 0u64;

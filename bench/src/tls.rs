@@ -196,8 +196,8 @@ fn rpc_stream_tls(opts: &Opts) -> Result<(), String> {
         mib_s(&ours),
         mib_s(&base)
     );
-    // rustls' copy of each decrypted record hits glibc's slow `rep movsb` on AMD Zen
-    // (docs/operations.md, "TLS"); the deploy units set this variable to avoid it.
+    // Whether glibc's copy routine was tuned (docs/operations.md, "TLS": the transport no
+    // longer depends on it), so runs with and without can be compared.
     println!(
         "info=rpc_stream_tls_env glibc_tunables={}",
         std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "unset".into())

@@ -375,7 +375,7 @@ impl ServerTls {
         plaintext_reply: Option<Vec<u8>>,
     ) -> Result<ServerTls, TlsError> {
         // Fail now, not per connection, if rustls refuses the configuration.
-        rustls::ServerConnection::new(config.clone())?;
+        rustls::server::UnbufferedServerConnection::new(config.clone())?;
         Ok(ServerTls {
             config,
             plaintext_reply: plaintext_reply.map(Into::into),
@@ -384,7 +384,7 @@ impl ServerTls {
 
     /// Wraps one accepted socket.
     pub fn accept(&self, sock: SocketTransport) -> Result<TlsTransport, TlsError> {
-        let conn = rustls::ServerConnection::new(self.config.clone())?;
+        let conn = rustls::server::UnbufferedServerConnection::new(self.config.clone())?;
         Ok(TlsTransport::new_server(
             sock,
             conn,
@@ -395,8 +395,8 @@ impl ServerTls {
     /// What [`proto::rpc::Server::listen_fd_with`] takes.
     pub fn wrap(&self) -> WrapTransport {
         let tls = self.clone();
-        Arc::new(
-            move |sock| match rustls::ServerConnection::new(tls.config.clone()) {
+        Arc::new(move |sock| {
+            match rustls::server::UnbufferedServerConnection::new(tls.config.clone()) {
                 Ok(conn) => Box::new(TlsTransport::new_server(
                     sock,
                     conn,
@@ -409,8 +409,8 @@ impl ServerTls {
                     sock.shutdown();
                     Box::new(sock)
                 }
-            },
-        )
+            }
+        })
     }
 }
 
@@ -496,7 +496,8 @@ impl ClientTls {
         let server_name = ServerName::try_from(name.to_owned()).map_err(|_| TlsError::BadName {
             name: name.to_owned(),
         })?;
-        let conn = rustls::ClientConnection::new(self.config.clone(), server_name)?;
+        let conn =
+            rustls::client::UnbufferedClientConnection::new(self.config.clone(), server_name)?;
         Ok(TlsTransport::new_client(sock, conn))
     }
 }

@@ -596,3 +596,258 @@ fn host_key_signs_the_token_it_registers_with() {
     tls::hostkey::verify_registration(k.public_key(), &sig, "wrr_t").unwrap();
     assert!(tls::hostkey::verify_registration(k.public_key(), &sig, "wrr_u").is_err());
 }
+
+/// A server-side [`tls::TlsTransport`] on an accepted loopback socket, and a rustls client
+/// (buffered, driven by hand) on the other end: the test decides exactly which bytes of the
+/// TLS stream the transport has when it reads.
+fn hand_driven_pair(ca: &Ca) -> (tls::TlsTransport, tls::rustls::ClientConnection, TcpStream) {
+    use proto::rpc::{SocketTransport, Transport};
+    let (cert, key) = ca.leaf(&["127.0.0.1"]);
+    let st = ServerTls::from_pem(&cert, &key, &server_opts()).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let client_sock = TcpStream::connect(addr).unwrap();
+    client_sock.set_nodelay(true).unwrap();
+    let (srv_sock, _) = l.accept().unwrap();
+    let srv = st
+        .accept(SocketTransport::new(std::os::fd::OwnedFd::from(srv_sock)))
+        .unwrap();
+    let mut roots = tls::rustls::RootCertStore::empty();
+    for c in tls::certs_from_pem(&ca.cert_pem, "CA").unwrap() {
+        roots.add(c).unwrap();
+    }
+    // The ring provider (deprecated for its lack of post-quantum key exchange; wrenn's own
+    // configurations use it too, see config.rs).
+    #[allow(deprecated)]
+    let provider = tls::rustls::crypto::ring::default_provider();
+    let mut cfg = tls::rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_WRENN.to_vec()];
+    let name = tls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut conn = tls::rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    // The handshake: the client blocking on its own thread, the server read by hand.
+    let t = std::thread::spawn(move || {
+        let mut s = client_sock;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut s).unwrap();
+        }
+        (conn, s)
+    });
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut scratch = proto::rpc::BytesMut::with_capacity(64);
+    while srv.is_handshaking() || !t.is_finished() {
+        match srv.read_into(&mut scratch, false) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            r => panic!("handshake read: {r:?}"),
+        }
+        assert!(std::time::Instant::now() < end, "handshake timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (conn, s) = t.join().unwrap();
+    assert!(scratch.is_empty());
+    (srv, conn, s)
+}
+
+fn pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 7 + seed * 13) % 251) as u8)
+        .collect()
+}
+
+/// Issue 14's receive path (our own buffer, rustls' unbuffered API): the TLS stream reaches
+/// the transport cut at every byte of its first records and at odd sizes after, full 16 KiB
+/// records and small ones, and is read into buffers of 1 byte up to 40 KiB; every plaintext
+/// byte comes out once, in order; a read that fills its buffer leaves the rest readable
+/// (`poll` says so); after close_notify the reader sees end of stream and nothing that
+/// followed.
+#[test]
+fn records_cut_anywhere_and_read_in_any_size_arrive_whole() {
+    use proto::rpc::Transport;
+    let ca = Ca::new("CA");
+    let (srv, mut conn, mut sock) = hand_driven_pair(&ca);
+    // Session tickets the server sent after its handshake.
+    sock.set_nonblocking(true).unwrap();
+    let _ = conn.read_tls(&mut sock);
+    let _ = conn.process_new_packets();
+    sock.set_nonblocking(false).unwrap();
+    let sizes = [
+        1,
+        5,
+        16 * 1024,
+        16 * 1024 + 1,
+        40_000,
+        3,
+        3 * 16 * 1024,
+        700,
+    ];
+    let mut want = Vec::new();
+    let mut wire = Vec::new();
+    for (i, n) in sizes.iter().enumerate() {
+        let p = pattern(*n, i);
+        conn.writer().write_all(&p).unwrap();
+        want.extend_from_slice(&p);
+        while conn.wants_write() {
+            conn.write_tls(&mut wire).unwrap();
+        }
+    }
+    conn.send_close_notify();
+    while conn.wants_write() {
+        conn.write_tls(&mut wire).unwrap();
+    }
+    // Bytes after close_notify are not read.
+    wire.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x02, 0xde, 0xad]);
+    let reads = [1, 3, 4096, 16 * 1024, 40_000, 7, 2];
+    let mut got = Vec::new();
+    let mut eof = false;
+    let mut sent = 0;
+    let mut i = 0;
+    let read_some = |got: &mut Vec<u8>, i: &mut usize| -> bool {
+        loop {
+            let mut b = proto::rpc::BytesMut::with_capacity(reads[*i % reads.len()]);
+            *i += 1;
+            match srv.read_into(&mut b, false) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    assert_eq!(n, b.len());
+                    got.extend_from_slice(&b);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    };
+    // The first 20,000 bytes (the small records, a full one and the next one's start) one
+    // byte at a time, then pieces of odd sizes.
+    let cuts = [1usize, 2, 3, 5, 8, 13, 1021, 4099, 16_411, 17_000];
+    let mut k = 0;
+    while sent < wire.len() {
+        let n = if sent < 20_000 {
+            1
+        } else {
+            k += 1;
+            cuts[k % cuts.len()]
+        }
+        .min(wire.len() - sent);
+        sock.write_all(&wire[sent..sent + n]).unwrap();
+        sent += n;
+        // Loopback delivers before write returns; give the kernel a moment anyway now
+        // and then.
+        if k % 16 == 15 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!eof, "end of stream before close_notify");
+        eof = read_some(&mut got, &mut i);
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !eof {
+        assert!(std::time::Instant::now() < end, "no end of stream");
+        std::thread::sleep(Duration::from_millis(1));
+        eof = read_some(&mut got, &mut i);
+    }
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "plaintext differs");
+    // End of stream stays end of stream.
+    let mut b = proto::rpc::BytesMut::with_capacity(10);
+    assert_eq!(srv.read_into(&mut b, false).unwrap(), 0);
+}
+
+/// A read into a buffer smaller than a record leaves the rest of the record held: `poll`
+/// reports it readable at once and the next read returns it.
+#[test]
+fn the_rest_of_a_record_a_small_read_left_is_readable() {
+    use proto::rpc::Transport;
+    let ca = Ca::new("CA");
+    let (srv, mut conn, mut sock) = hand_driven_pair(&ca);
+    let p = pattern(10_000, 3);
+    conn.writer().write_all(&p).unwrap();
+    while conn.wants_write() {
+        conn.write_tls(&mut sock).unwrap();
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    let mut b = proto::rpc::BytesMut::with_capacity(100);
+    while got.is_empty() {
+        assert!(std::time::Instant::now() < end);
+        match srv.read_into(&mut b, false) {
+            Ok(n) => {
+                assert_eq!(n, 100, "a full buffer");
+                got.extend_from_slice(&b);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        srv.poll(false, Duration::ZERO).unwrap().0,
+        "the rest is readable"
+    );
+    let mut rest = proto::rpc::BytesMut::with_capacity(20_000);
+    assert_eq!(srv.read_into(&mut rest, false).unwrap(), 9_900);
+    got.extend_from_slice(&rest);
+    assert!(got == p);
+    assert!(!srv.poll(false, Duration::ZERO).unwrap().0, "nothing more");
+}
+
+/// The send path: 3 MiB written through the transport in pieces of every size up to 64
+/// KiB (full records, partial ones, more than the send bound at once) reach a rustls peer
+/// whole, and shutdown_write ends them with close_notify.
+#[test]
+fn writes_of_any_size_reach_the_peer_whole_and_end_with_close_notify() {
+    use proto::rpc::Transport;
+    let ca = Ca::new("CA");
+    let (srv, mut conn, mut sock) = hand_driven_pair(&ca);
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            match conn.read_tls(&mut sock) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => panic!("client read: {e}"),
+            }
+            let io = conn.process_new_packets().unwrap();
+            let mut left = io.plaintext_bytes_to_read();
+            while left > 0 {
+                let n = conn.reader().read(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+                left -= n;
+            }
+            if io.peer_has_closed() {
+                return (got, true);
+            }
+        }
+        (got, false)
+    });
+    let want = pattern(3 << 20, 9);
+    let mut off = 0;
+    let mut size = 1;
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while off < want.len() {
+        let n = size.min(want.len() - off);
+        match srv.write(&want[off..off + n]) {
+            Ok(k) => off += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                srv.poll(true, Duration::from_millis(10)).unwrap();
+                srv.flush().unwrap();
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+        size = size * 3 % 65_537 + 1;
+        assert!(std::time::Instant::now() < end, "writes timed out");
+    }
+    while srv.flush().unwrap() {
+        srv.poll(true, Duration::from_millis(10)).unwrap();
+        assert!(std::time::Instant::now() < end, "flush timed out");
+    }
+    srv.shutdown_write();
+    let (got, closed) = reader.join().unwrap();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "plaintext differs");
+    assert!(closed, "close_notify");
+}

@@ -647,38 +647,6 @@ mod tests {
     use super::teardown::*;
     use super::*;
 
-    /// ctl and the agent started by `wrenn up` get the tunable the deploy units set (unless
-    /// the environment has its own, which they inherit).
-    #[test]
-    fn detached_children_get_the_rep_movsb_tunable() {
-        let dir = std::env::temp_dir().join(format!("wrenn-up-tunable-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (log, pid) = (dir.join("log"), dir.join("pid"));
-        supervise::spawn_detached(
-            Path::new("/bin/sh"),
-            &["-c".into(), "printf '%s' \"$GLIBC_TUNABLES\"".into()],
-            &[],
-            &log,
-            &pid,
-        )
-        .unwrap();
-        let want = match std::env::var("GLIBC_TUNABLES") {
-            Ok(v) => v,
-            Err(_) => supervise::GLIBC_TUNABLES.to_owned(),
-        };
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut got = String::new();
-        while std::time::Instant::now() < end {
-            got = std::fs::read_to_string(&log).unwrap_or_default();
-            if got == want {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(got, want);
-    }
-
     #[test]
     fn init_output_yields_both_keys() {
         let k1 = format!("wrn_{}", "a".repeat(64));

@@ -215,15 +215,8 @@ pub fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String)> {
     read_http_response(&mut proto::http::Wire::new(raw, Vec::new()))
 }
 
-/// What the deploy units set too (docs/operations.md, "TLS"): glibc before 2.39 copies with
-/// `rep movsb` on AMD Zen 3 and later, ~20x slower when the destination lies 1-15 bytes past
-/// the source modulo 4 KiB (glibc bug 30994), which is where rustls copies every decrypted
-/// TLS record. Given to ctl and the agent unless the caller's environment has its own.
-pub(super) const GLIBC_TUNABLES: &str = "glibc.cpu.x86_rep_movsb_threshold=4294967295";
-
 /// Starts `program args` detached (new session, stdin null, stdout/stderr appended to
-/// `log`), writes its pid to `pid_file`, and returns the pid. `GLIBC_TUNABLES` is set to
-/// [`GLIBC_TUNABLES`] when the caller's environment has none.
+/// `log`), writes its pid to `pid_file`, and returns the pid.
 pub(super) fn spawn_detached(
     program: &Path,
     args: &[String],
@@ -243,9 +236,6 @@ pub(super) fn spawn_detached(
         .stdout(out)
         .stderr(err)
         .current_dir("/");
-    if std::env::var_os("GLIBC_TUNABLES").is_none() {
-        cmd.env("GLIBC_TUNABLES", GLIBC_TUNABLES);
-    }
     for (k, v) in envs {
         cmd.env(k, v);
     }
