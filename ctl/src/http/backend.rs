@@ -94,14 +94,17 @@ pub struct PortConn {
     pub guard: Box<dyn Send>,
 }
 
+/// The field number of `PortConnectRequest.data` (agent.proto).
+const PORT_DATA_TAG: u32 = 2;
+
 struct ApiUp(proto::rpc::StreamSender);
 struct ApiDown(proto::rpc::StreamReceiver);
 
 impl PortUp for ApiUp {
     fn send(&mut self, data: Bytes) -> Result<(), Status> {
-        self.0.send(&agent::PortConnectRequest {
-            kind: Some(agent::port_connect_request::Kind::Data(data)),
-        })
+        // The bytes go to the socket from `data` itself (writev): no copy into the frame.
+        let empty = agent::PortConnectRequest { kind: None };
+        self.0.send_payload(&empty, PORT_DATA_TAG, data)
     }
     fn close_send(&mut self) -> Result<(), Status> {
         self.0.close_send()

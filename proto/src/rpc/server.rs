@@ -1175,6 +1175,21 @@ impl ServerSender {
             })
             .map(|_| ())
     }
+
+    /// Sends `msg` with its bytes field `tag` set to `payload`, without copying the payload
+    /// (as [`ServerStream::send_payload`]); blocks under flow control like
+    /// [`ServerSender::send`].
+    pub fn send_payload<M: Message>(
+        &self,
+        msg: &M,
+        tag: u32,
+        payload: Bytes,
+    ) -> Result<(), Status> {
+        let prefix = super::payload_prefix(msg, tag, payload.len());
+        self.conn
+            .send_data_payload(self.id, &prefix, payload, false, None)
+            .map(|_| ())
+    }
 }
 
 /// See [`ServerStream::watch`].
