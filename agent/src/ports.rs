@@ -123,11 +123,20 @@ pub fn connect(
     let guest_closed = Arc::new(AtomicBool::new(false));
     let closed = guest_closed.clone();
     let sender = s.sender();
+    // Dropped by the reader when it ends: wakes a worker waiting for the guest's close.
+    let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
     let reader = std::thread::Builder::new()
         .name("wrenn-port".to_owned())
-        .spawn(move || guest_to_ctl(reader_sock, &sender, &closed))
+        .spawn(move || {
+            let r = guest_to_ctl(reader_sock, &sender, &closed);
+            // The worker waits for ctl's next message or this: wake it now, not at its
+            // next poll (the call, and with it the proxied answer, ends at once).
+            sender.wake();
+            drop(ended_tx);
+            r
+        })
         .map_err(|e| Status::resource_exhausted(format!("start port reader: {e}")))?;
-    let up = ctl_to_guest(&sock, s, &guest_closed);
+    let up = ctl_to_guest(&sock, s, &guest_closed, &ended);
     // Whatever ended the call, the reader must end too.
     let _ = sock.shutdown(Shutdown::Both);
     let down = reader
@@ -165,6 +174,7 @@ fn ctl_to_guest(
     mut sock: &TcpStream,
     s: &mut ServerStream,
     guest_closed: &AtomicBool,
+    reader_ended: &std::sync::mpsc::Receiver<()>,
 ) -> Result<(), Status> {
     let mut ctl_open = true;
     while !guest_closed.load(Ordering::Acquire) {
@@ -172,10 +182,12 @@ fn ctl_to_guest(
             return Err(Status::cancelled("Ports.Connect cancelled"));
         }
         if !ctl_open {
-            std::thread::sleep(CANCEL_POLL);
+            // Returns at once when the reader ends (its sender is dropped).
+            let _ = reader_ended.recv_timeout(CANCEL_POLL);
             continue;
         }
-        let msg = match s.recv_timeout(CANCEL_POLL)? {
+        let stop = || guest_closed.load(Ordering::Acquire);
+        let msg = match s.recv_timeout_or(CANCEL_POLL, &stop)? {
             Err(()) => continue,
             Ok(None) => {
                 ctl_open = false;

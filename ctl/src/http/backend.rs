@@ -94,9 +94,6 @@ pub struct PortConn {
     pub guard: Box<dyn Send>,
 }
 
-/// The field number of `PortConnectRequest.data` (agent.proto).
-const PORT_DATA_TAG: u32 = 2;
-
 struct ApiUp(proto::rpc::StreamSender);
 struct ApiDown(proto::rpc::StreamReceiver);
 
@@ -104,7 +101,8 @@ impl PortUp for ApiUp {
     fn send(&mut self, data: Bytes) -> Result<(), Status> {
         // The bytes go to the socket from `data` itself (writev): no copy into the frame.
         let empty = agent::PortConnectRequest { kind: None };
-        self.0.send_payload(&empty, PORT_DATA_TAG, data)
+        self.0
+            .send_payload(&empty, crate::service::ports::PORT_DATA_TAG, data)
     }
     fn close_send(&mut self) -> Result<(), Status> {
         self.0.close_send()
