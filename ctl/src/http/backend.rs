@@ -65,6 +65,17 @@ pub trait Backend: Send + Sync + 'static {
         Err(Status::not_found("this gateway serves no sandbox ports"))
     }
 
+    /// The credential checks of [`Backend::port_open`] alone (the sandbox exists, `creds`
+    /// reach it, it runs), opening nothing: before the proxy answers a token in the query
+    /// with a redirect that sets the token cookie.
+    fn port_authorize(
+        &self,
+        _sandbox: proto::id::Uuid,
+        _creds: TrafficCreds<'_>,
+    ) -> Result<(), Status> {
+        Err(Status::not_found("this gateway serves no sandbox ports"))
+    }
+
     /// Appends ctl's metrics as Prometheus text (the gateway adds its own).
     fn render_metrics(&self, out: &mut String);
 
@@ -259,6 +270,14 @@ impl Backend for ApiBackend {
             down: Box::new(ApiDown(s.down)),
             guard: Box::new(s.permit),
         })
+    }
+
+    fn port_authorize(
+        &self,
+        sandbox: proto::id::Uuid,
+        creds: TrafficCreds<'_>,
+    ) -> Result<(), Status> {
+        self.0.proxy_authorize(sandbox, creds).map(|_| ())
     }
 
     fn render_metrics(&self, out: &mut String) {

@@ -38,7 +38,8 @@ use super::backend::{Backend, PortConn, PortDown, PortUp, TrafficCreds};
 use super::limits::{HEAD_MAX, LINGER_TIMEOUT, PROXY_CHUNK, PROXY_IDLE_TIMEOUT};
 use super::port_route::PortRoute;
 use super::proxy_head::{
-    downstream_response, upstream_request, TRAFFIC_TOKEN_HEADER, TRAFFIC_TOKEN_HEADER_ALT,
+    cookie_token, downstream_response, query_token, target_without_token, token_cookie,
+    upstream_request, TRAFFIC_TOKEN_HEADER, TRAFFIC_TOKEN_HEADER_ALT,
 };
 use super::request::Head;
 use super::response::Response;
@@ -63,25 +64,69 @@ pub fn refusal(s: &Status) -> Response {
     r
 }
 
-/// Checks the request's credentials and opens the stream (a worker's part).
-pub fn open(backend: &dyn Backend, head: &Head, route: &PortRoute) -> Result<PortConn, Response> {
-    let token = head
+/// Checks the request's credentials and opens the stream (a worker's part). The traffic
+/// token comes from the header; in the host form also from the query parameter
+/// [`super::proxy_head::TRAFFIC_TOKEN_PARAM`] or the cookie
+/// [`super::proxy_head::TRAFFIC_COOKIE`]. A GET or HEAD whose token came
+/// in the query is not relayed: once the token checks out, the answer is a `302` to the same
+/// URL without the parameter that sets the cookie (`Secure` when `tls`), so the token leaves
+/// the address bar and later requests (and the page's own) carry the cookie.
+pub fn open(
+    backend: &dyn Backend,
+    head: &Head,
+    route: &PortRoute,
+    tls: bool,
+) -> Result<PortConn, Response> {
+    let header = head
         .header(TRAFFIC_TOKEN_HEADER)
         .or_else(|| head.header(TRAFFIC_TOKEN_HEADER_ALT))
         .map(str::trim);
+    let (query, rest) = if route.by_path {
+        (None, String::new())
+    } else {
+        query_token(&head.query)
+    };
+    let cookie = if route.by_path {
+        None
+    } else {
+        cookie_token(head)
+    };
+    let token = header.or(query).or(cookie);
     let creds = TrafficCreds {
         token,
         api_key: super::handler::api_key(head),
     };
+    if let (None, Some(t)) = (header, query) {
+        if head.method == "GET" || head.method == "HEAD" {
+            backend
+                .port_authorize(route.sandbox, creds)
+                .map_err(|s| refusal(&s))?;
+            let location = if rest.is_empty() {
+                head.path.clone()
+            } else {
+                format!("{}?{rest}", head.path)
+            };
+            let mut r = Response::text(302, "text/plain", "the traffic token is now a cookie\n");
+            r.extra.push(("Location", location));
+            r.extra.push(("Set-Cookie", token_cookie(t, tls)));
+            r.extra.push(("Cache-Control", "no-store".to_owned()));
+            return Err(r);
+        }
+    }
     backend
         .port_open(route.sandbox, route.port, creds)
         .map_err(|s| refusal(&s))
 }
 
-/// The bytes the relay starts with: the request head for the sandbox, then whatever of the
-/// body the gateway already read.
+/// The bytes the relay starts with: the request head for the sandbox (without our token
+/// parameter in the host form), then whatever of the body the gateway already read.
 pub fn first_bytes(head: &Head, route: &PortRoute) -> Result<Vec<u8>, Response> {
-    upstream_request(head, &route.target)
+    let target = if route.by_path {
+        route.target.clone()
+    } else {
+        target_without_token(&route.target)
+    };
+    upstream_request(head, &target)
         .map_err(|e| Response::error(400, "invalid_argument", &format!("request head: {e}")))
 }
 

@@ -389,6 +389,7 @@ impl HttpServer {
             }),
             gateway: Arc::new(Gateway {
                 io_timeout: config.io_timeout,
+                tls: config.tls.is_some(),
                 ..Gateway::new(backend)
             }),
             // The loop never hands a pool more jobs than it has threads (it counts them),
@@ -1493,7 +1494,7 @@ fn proxy_worker(
     io_timeout: Duration,
 ) {
     let head_only = head.method == "HEAD";
-    let opened = proxy::open(&*gateway.backend, head, route)
+    let opened = proxy::open(&*gateway.backend, head, route, gateway.tls)
         .and_then(|c| proxy::first_bytes(head, route).map(|f| (c, f)));
     let (conn, mut first) = match opened {
         Ok(x) => x,

@@ -147,6 +147,43 @@ impl Api {
                 "port {port} is never exposed"
             )));
         }
+        let (team, host) = self.proxy_authorize(sandbox, creds)?;
+        self.inner.ports.reserve(team, sandbox)?;
+        let permit = OwnedPortPermit {
+            api: self.clone(),
+            team,
+            sandbox,
+        };
+        let client = self.inner.agents.proxy_client(host)?;
+        let req = agent::PortConnectRequest {
+            kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
+                sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
+                port: u32::from(port),
+            })),
+        };
+        let opts = CallOpts {
+            timeout: None,
+            end_stream: false,
+        };
+        let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
+        match up
+            .recv::<agent::PortConnectResponse>()?
+            .and_then(|m| m.kind)
+        {
+            Some(AgentDown::Opened(true)) => {}
+            _ => return Err(Status::internal("the agent did not open the port")),
+        }
+        let (up, down) = up.split();
+        Ok(ProxyStream { up, down, permit })
+    }
+
+    /// The checks of [`Api::proxy_open`] without opening anything: the sandbox exists, the
+    /// credentials reach it, it runs. Returns its team and host.
+    pub fn proxy_authorize(
+        &self,
+        sandbox: Uuid,
+        creds: TrafficCreds<'_>,
+    ) -> Result<(Uuid, Uuid), Status> {
         let row = self.inner.db.run(move |c| {
             c.query_opt(
                 "SELECT team_id, state, host_id, traffic_token, allow_public_traffic \
@@ -183,7 +220,9 @@ impl Api {
                     (None, None) => {
                         return Err(Status::unauthenticated(
                             "the sandbox's ports need its traffic token (header \
-                             wrenn-traffic-access-token) or an API key of its team (X-API-Key)",
+                             wrenn-traffic-access-token; on the sandbox's own host name also the \
+                             wrenn_traffic_token query parameter or cookie) or an API key of its \
+                             team (X-API-Key)",
                         ))
                     }
                 }
@@ -195,33 +234,7 @@ impl Api {
             )));
         }
         let host = host.ok_or_else(|| Status::internal("running sandbox has no host"))?;
-        self.inner.ports.reserve(team, sandbox)?;
-        let permit = OwnedPortPermit {
-            api: self.clone(),
-            team,
-            sandbox,
-        };
-        let client = self.inner.agents.proxy_client(host)?;
-        let req = agent::PortConnectRequest {
-            kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
-                sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
-                port: u32::from(port),
-            })),
-        };
-        let opts = CallOpts {
-            timeout: None,
-            end_stream: false,
-        };
-        let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
-        match up
-            .recv::<agent::PortConnectResponse>()?
-            .and_then(|m| m.kind)
-        {
-            Some(AgentDown::Opened(true)) => {}
-            _ => return Err(Status::internal("the agent did not open the port")),
-        }
-        let (up, down) = up.split();
-        Ok(ProxyStream { up, down, permit })
+        Ok((team, host))
     }
 
     /// Serves one `Ports.Connect` call after its first message (`open`): relays bytes both

@@ -27,6 +27,7 @@ fn pattern(i: u64) -> u8 {
 /// - `GET /big?n=N`: N pattern bytes (Content-Length);
 /// - `GET /chunked?n=N`: the same, chunked;
 /// - `POST /echo`: the body back as it arrives (Content-Length), read and written in turn;
+/// - `POST /sum`: the body's length and SHA-256 (hex), once it has all arrived;
 /// - `GET /head`: the request head it got, with a `Set-Cookie` carrying a Domain;
 /// - `GET /ws` with an upgrade: 101, then every byte echoed until the client closes;
 /// - `GET /slow?n=N`: N pattern bytes, counting what it managed to write in `written`.
@@ -150,6 +151,29 @@ fn serve_one(mut s: TcpStream, written: &AtomicU64, heads: &Mutex<Vec<String>>) 
                     }
                 }
             }
+        }
+        ("POST", "/sum") => {
+            // The body counted and hashed as it arrives; the answer only after its end.
+            let total = head.content_length.unwrap_or(0);
+            let mut h = proto::sha256::Sha256::new();
+            h.update(&rest);
+            let mut got = rest.len() as u64;
+            let mut big = vec![0u8; 256 * 1024];
+            while got < total {
+                match s.read(&mut big) {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => {
+                        got += k as u64;
+                        h.update(&big[..k]);
+                    }
+                }
+            }
+            let out = format!("{got} {}", h.finish_hex());
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{out}",
+                out.len()
+            );
         }
         ("GET", "/head") => {
             let _ = write!(
@@ -535,6 +559,149 @@ fn proxy_http_websocket_and_auth() {
     let _ = &s.fa;
 }
 
+/// A browser's way in (host form): the token in the query answers a GET with a 302 to the
+/// same URL without it that sets an HttpOnly, SameSite=Lax, host-only cookie; the cookie
+/// then lets requests through, and neither the cookie nor the parameter reaches the
+/// sandbox. A wrong token in the query is 403 and sets nothing; the path form takes the
+/// header only.
+#[test]
+fn proxy_token_from_query_and_cookie() {
+    let Some(s) = setup() else { return };
+    let sb = create(&s.cl, false);
+    let tok = sb.traffic_token.clone();
+    let h = host(&sb.id, PORT);
+    let gw = s.gw;
+
+    let a = get(
+        gw,
+        &h,
+        &format!("/head?a=1&wrenn_traffic_token={tok}&b=2"),
+        "",
+    );
+    assert_eq!(a.status, 302, "{a:?}");
+    assert_eq!(a.header("location"), Some("/head?a=1&b=2"));
+    let cookie = a.header("set-cookie").expect("a cookie").to_owned();
+    assert!(
+        cookie.starts_with(&format!("wrenn_traffic_token={tok};")),
+        "{cookie}"
+    );
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    assert!(!cookie.to_ascii_lowercase().contains("domain"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+    assert_eq!(
+        s.guest.heads.lock().unwrap().len(),
+        0,
+        "a redirect reaches nothing"
+    );
+    // The only parameter: the location is the bare path.
+    let a = get(gw, &h, &format!("/head?wrenn_traffic_token={tok}"), "");
+    assert_eq!(a.header("location"), Some("/head"));
+
+    // The cookie, among the page's own, is enough; the sandbox sees only its own.
+    let a = get(
+        gw,
+        &h,
+        "/head?a=1",
+        &format!("\r\nCookie: theme=dark; wrenn_traffic_token={tok}; sid=7"),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let seen = String::from_utf8_lossy(&a.body).to_ascii_lowercase();
+    assert!(seen.starts_with("get /head?a=1 http/1.1\r\n"), "{seen}");
+    assert!(seen.contains("cookie: theme=dark; sid=7\r\n"), "{seen}");
+    assert!(
+        !seen.contains(&tok) && !seen.contains("wrenn_traffic"),
+        "{seen}"
+    );
+    // Only our cookie: no Cookie header at all.
+    let a = get(
+        gw,
+        &h,
+        "/head",
+        &format!("\r\nCookie: wrenn_traffic_token={tok}"),
+    );
+    assert_eq!(a.status, 200);
+    let seen = String::from_utf8_lossy(&a.body).to_ascii_lowercase();
+    assert!(!seen.contains("cookie"), "{seen}");
+
+    // Another method with the token in the query: relayed, the parameter stripped.
+    let a = request(
+        gw,
+        &format!(
+            "POST /echo?x=1&wrenn_traffic_token={tok} HTTP/1.1\r\nHost: {h}\r\nContent-Length: 3"
+        ),
+        b"abc",
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body, b"abc");
+    let heads = s.guest.heads.lock().unwrap().clone();
+    let last = heads.last().unwrap();
+    assert!(last.starts_with("POST /echo?x=1 HTTP/1.1\r\n"), "{last}");
+    assert!(!last.contains(&tok), "{last}");
+
+    // Wrong tokens: 403, no cookie set.
+    let a = get(gw, &h, "/head?wrenn_traffic_token=wtt_wrong", "");
+    assert_eq!(a.status, 403, "{a:?}");
+    assert!(a.header("set-cookie").is_none());
+    let a = get(gw, &h, "/head", "\r\nCookie: wrenn_traffic_token=wtt_wrong");
+    assert_eq!(a.status, 403, "{a:?}");
+    // The path form takes the header only.
+    let a = request(
+        gw,
+        &format!(
+            "GET /v1/sandboxes/{}/ports/{PORT}/head?wrenn_traffic_token={tok} HTTP/1.1\r\n\
+             Host: api.example\r\nCookie: wrenn_traffic_token={tok}",
+            sb.id
+        ),
+        &[],
+    );
+    assert_eq!(a.status, 401, "{a:?}");
+}
+
+/// A 100 MiB request body streamed through the proxy (Content-Length), hashed by the
+/// sandbox's server as it arrives: every byte arrives, in order, and the answer follows.
+#[test]
+fn proxy_upload_100_mib_checksummed() {
+    let Some(s) = setup() else { return };
+    let sb = create(&s.cl, false);
+    let total: u64 = 100 << 20;
+    let mut conn = connect(s.gw);
+    conn.write_all(
+        format!(
+            "POST /sum HTTP/1.1\r\nHost: {}\r\nwrenn-traffic-access-token: {}\r\n\
+             Content-Length: {total}\r\n\r\n",
+            host(&sb.id, PORT),
+            sb.traffic_token
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut want = proto::sha256::Sha256::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut sent = 0u64;
+    while sent < total {
+        for (j, x) in chunk.iter_mut().enumerate() {
+            *x = pattern((sent + j as u64) * 13 + 5);
+        }
+        want.update(&chunk);
+        conn.write_all(&chunk).unwrap();
+        sent += chunk.len() as u64;
+    }
+    let (status, _, mut rest) = read_head(&mut conn);
+    conn.read_to_end(&mut rest).unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        format!("{total} {}", want.finish_hex())
+    );
+    eprintln!(
+        "100 MiB upload through the proxy in {:?}",
+        started.elapsed()
+    );
+}
+
 /// A client that stops reading a 128 MiB answer: the sandbox's server is held back (it
 /// cannot write more than the windows and socket buffers on the way), other proxied requests,
 /// API calls and /health are served meanwhile, and the reader gets every byte once it reads
@@ -710,6 +877,28 @@ fn proxy_over_tls() {
         String::from_utf8_lossy(&all[..p])
     );
     check_pattern(&all[p + 4..], n);
+
+    // Over TLS the token cookie is Secure.
+    let mut s = crate::http::Https::connect(gw);
+    s.write_all(
+        format!("GET /big?wrenn_traffic_token={tok} HTTP/1.1\r\nHost: {h}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    loop {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => all.extend_from_slice(&b[..k]),
+        }
+    }
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 302 "), "{text}");
+    assert!(
+        text.contains(&format!(
+            "Set-Cookie: wrenn_traffic_token={tok}; Path=/; HttpOnly; SameSite=Lax; Secure\r\n"
+        )),
+        "{text}"
+    );
 
     let mut ws = crate::http::Https::connect(gw);
     ws.write_all(
