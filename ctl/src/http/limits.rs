@@ -119,6 +119,10 @@ pub const PROXY_CONNECTIONS_MAX: usize = 256;
 /// client that stops reading stops the sandbox's server (backpressure) instead of growing
 /// a buffer.
 pub const PROXY_CHUNK: usize = proto::limits::PORT_CHUNK_LEN;
+/// A kept-alive proxied connection between requests (no answer in progress) with no byte
+/// either way for this long is let go (the sandbox's server reads the end of the stream):
+/// it holds two relay threads while it waits.
+pub const PROXY_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// A proxied connection with no byte in either direction for this long is closed (an idle
 /// WebSocket keeps its relay threads until then).
 pub const PROXY_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);

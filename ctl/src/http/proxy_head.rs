@@ -147,6 +147,12 @@ pub fn is_websocket(head: &RequestHead) -> bool {
             .any(|t| t == "upgrade")
 }
 
+/// Whether the client's connection may carry more requests through the proxy: HTTP/1.1,
+/// no `Connection: close`, not a WebSocket upgrade (whose connection becomes a byte stream).
+pub fn keeps_alive(head: &RequestHead) -> bool {
+    head.version == 1 && head.keep_alive && !is_websocket(head)
+}
+
 /// The request head sent into the sandbox for `head`, with `target` (path and query as the
 /// sandbox sees them).
 pub fn upstream_request(head: &RequestHead, target: &str) -> Result<Vec<u8>, EncodeError> {
@@ -183,7 +189,7 @@ pub fn upstream_request(head: &RequestHead, target: &str) -> Result<Vec<u8>, Enc
     if ws {
         out.push(("Connection", "Upgrade"));
         out.push(("Upgrade", "websocket"));
-    } else {
+    } else if !keeps_alive(head) {
         out.push(("Connection", "close"));
     }
     proto::http::request_head(&head.method, target, &out, None)
@@ -204,8 +210,9 @@ pub fn strip_cookie_domain(value: &str) -> String {
     out
 }
 
-/// The response head sent to the client for the sandbox's `head`.
-pub fn downstream_response(head: &ResponseHead) -> Vec<u8> {
+/// The response head sent to the client for the sandbox's `head`; `keep_alive`: the
+/// connection carries another request after this answer (no `Connection: close`).
+pub fn downstream_response(head: &ResponseHead, keep_alive: bool) -> Vec<u8> {
     let listed = connection_listed(&head.headers);
     let switching = head.status == 101;
     let mut h = format!(
@@ -237,6 +244,8 @@ pub fn downstream_response(head: &ResponseHead) -> Vec<u8> {
     }
     h.push_str(if switching {
         "Connection: Upgrade\r\n\r\n"
+    } else if keep_alive {
+        "\r\n"
     } else {
         "Connection: close\r\n\r\n"
     });
@@ -268,7 +277,7 @@ pub fn fuzz_heads(data: &[u8]) {
             .any(|p| p.split('=').next() == Some(TRAFFIC_TOKEN_PARAM))));
     }
     if let Ok(Some((head, _))) = proto::http::parse_response_head(data, data.len(), false) {
-        let down = downstream_response(&head);
+        let down = downstream_response(&head, data.len() % 2 == 0);
         let (again, _) = proto::http::parse_response_head(&down, down.len(), false)
             .expect("our head parses")
             .expect("complete");
@@ -312,14 +321,17 @@ mod tests {
         for gone in ["wrn_secret", "tok\r", "alt\r", "X-Private", "Keep-Alive"] {
             assert!(!up.contains(gone), "{gone} in {up}");
         }
-        for kept in [
-            "Host: api.example",
-            "Content-Length: 3",
-            "Cookie: a=b",
-            "Connection: close",
-        ] {
+        for kept in ["Host: api.example", "Content-Length: 3", "Cookie: a=b"] {
             assert!(up.contains(kept), "{kept} missing in {up}");
         }
+        // Kept alive (HTTP/1.1, no close): no Connection header of ours.
+        assert!(!up.contains("Connection"), "{up}");
+        let h = req("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let up = String::from_utf8(upstream_request(&h, "/").unwrap()).unwrap();
+        assert!(up.contains("Connection: close\r\n"), "{up}");
+        let h = req("GET / HTTP/1.0\r\nHost: h\r\n\r\n");
+        let up = String::from_utf8(upstream_request(&h, "/").unwrap()).unwrap();
+        assert!(up.contains("Connection: close\r\n"), "{up}");
     }
 
     #[test]
@@ -340,7 +352,7 @@ mod tests {
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: xyz\r\n\r\n",
         );
-        let down = String::from_utf8(downstream_response(&r)).unwrap();
+        let down = String::from_utf8(downstream_response(&r, false)).unwrap();
         assert!(down.starts_with("HTTP/1.1 101 "));
         assert!(down.contains("Upgrade: websocket") && down.contains("Connection: Upgrade"));
         assert!(!is_websocket(&req(
@@ -360,7 +372,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nSet-Cookie: s=1; Domain=api.example; Secure\r\n\
              Set-Cookie: t=2\r\nKeep-Alive: x\r\nContent-Length: 0\r\n\r\n",
         );
-        let down = String::from_utf8(downstream_response(&r)).unwrap();
+        let down = String::from_utf8(downstream_response(&r, false)).unwrap();
         assert!(down.contains("Set-Cookie: s=1; Secure\r\n"), "{down}");
         assert!(down.contains("Set-Cookie: t=2\r\n"));
         assert!(!down.contains("Keep-Alive") && down.contains("Connection: close"));
