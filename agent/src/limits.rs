@@ -139,8 +139,9 @@ pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
 const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_MAX);
 /// How long the agent waits for the guest to accept a Ports.Connect connection.
 pub const PORT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes read from the guest per message sent to ctl (well under the RPC frame limit).
-pub const PORT_CHUNK_LEN: usize = 64 * 1024;
+/// Bytes read from the guest per message sent to ctl: the protocol's port message size
+/// (ctl relays the same size on, see `proto::limits::PORT_CHUNK_LEN` for the reason).
+pub const PORT_CHUNK_LEN: usize = proto::limits::PORT_CHUNK_LEN;
 /// envd's API port inside the guest: never reachable through Ports.Connect.
 pub const ENVD_PORT: u32 = 49983;
 /// Per-sandbox usage samples (`samples.rs`): the sampler reads every running VM once a

@@ -14,8 +14,9 @@
 //! It is not an HTTP proxy: it moves bytes, nothing else.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +30,8 @@ use crate::limits::{
     PORT_STREAMS_PER_SANDBOX_MAX,
 };
 use crate::manager::Manager;
+
+use proto::rpc::BytesMut;
 
 use pb::port_connect_request::Kind as Up;
 use pb::port_connect_response::Kind as Down;
@@ -87,6 +90,10 @@ impl Drop for PortPermit<'_> {
     }
 }
 
+/// The field number of `PortConnectResponse.data` (agent.proto), written around a payload
+/// sent without copying.
+const DATA_TAG: u32 = 2;
+
 /// Serves one `Ports.Connect` call whose first message is `first`.
 pub fn connect(
     m: &Manager,
@@ -116,11 +123,20 @@ pub fn connect(
     let guest_closed = Arc::new(AtomicBool::new(false));
     let closed = guest_closed.clone();
     let sender = s.sender();
+    // Dropped by the reader when it ends: wakes a worker waiting for the guest's close.
+    let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
     let reader = std::thread::Builder::new()
         .name("wrenn-port".to_owned())
-        .spawn(move || guest_to_ctl(reader_sock, &sender, &closed))
+        .spawn(move || {
+            let r = guest_to_ctl(reader_sock, &sender, &closed);
+            // The worker waits for ctl's next message or this: wake it now, not at its
+            // next poll (the call, and with it the proxied answer, ends at once).
+            sender.wake();
+            drop(ended_tx);
+            r
+        })
         .map_err(|e| Status::resource_exhausted(format!("start port reader: {e}")))?;
-    let up = ctl_to_guest(&sock, s, &guest_closed);
+    let up = ctl_to_guest(&sock, s, &guest_closed, &ended);
     // Whatever ended the call, the reader must end too.
     let _ = sock.shutdown(Shutdown::Both);
     let down = reader
@@ -130,20 +146,16 @@ pub fn connect(
 }
 
 /// Moves the guest's bytes to ctl until the guest closes (Ok) or either side fails.
-fn guest_to_ctl(
-    mut sock: TcpStream,
-    sender: &ServerSender,
-    closed: &AtomicBool,
-) -> Result<(), Status> {
-    let mut buf = vec![0u8; PORT_CHUNK_LEN];
+fn guest_to_ctl(sock: TcpStream, sender: &ServerSender, closed: &AtomicBool) -> Result<(), Status> {
+    let mut buf = BytesMut::new();
     let r = loop {
-        match sock.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                let msg = pb::PortConnectResponse {
-                    kind: Some(Down::Data(buf[..n].to_vec().into())),
-                };
-                if let Err(e) = sender.send(&msg) {
+        // Read straight into the message's own buffer; it goes to the socket from there
+        // (writev), so the agent copies nothing in user space.
+        match proto::rpc::recv_payload(sock.as_fd(), &mut buf, PORT_CHUNK_LEN) {
+            Ok(None) => break Ok(()),
+            Ok(Some(data)) => {
+                let empty = pb::PortConnectResponse { kind: None };
+                if let Err(e) = sender.send_payload(&empty, DATA_TAG, data) {
                     break Err(e);
                 }
             }
@@ -162,6 +174,7 @@ fn ctl_to_guest(
     mut sock: &TcpStream,
     s: &mut ServerStream,
     guest_closed: &AtomicBool,
+    reader_ended: &std::sync::mpsc::Receiver<()>,
 ) -> Result<(), Status> {
     let mut ctl_open = true;
     while !guest_closed.load(Ordering::Acquire) {
@@ -169,10 +182,12 @@ fn ctl_to_guest(
             return Err(Status::cancelled("Ports.Connect cancelled"));
         }
         if !ctl_open {
-            std::thread::sleep(CANCEL_POLL);
+            // Returns at once when the reader ends (its sender is dropped).
+            let _ = reader_ended.recv_timeout(CANCEL_POLL);
             continue;
         }
-        let msg = match s.recv_timeout(CANCEL_POLL)? {
+        let stop = || guest_closed.load(Ordering::Acquire);
+        let msg = match s.recv_timeout_or(CANCEL_POLL, &stop)? {
             Err(()) => continue,
             Ok(None) => {
                 ctl_open = false;
@@ -202,6 +217,19 @@ fn ctl_to_guest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_encoding_is_the_data_field() {
+        let data = proto::rpc::Bytes::from_static(b"bytes from the guest");
+        let mut sent = proto::rpc::payload_prefix(
+            &pb::PortConnectResponse { kind: None },
+            DATA_TAG,
+            data.len(),
+        );
+        sent.extend_from_slice(&data);
+        let m: pb::PortConnectResponse = prost::Message::decode(&sent[..]).unwrap();
+        assert_eq!(m.kind, Some(Down::Data(data)));
+    }
 
     #[test]
     fn budgets() {

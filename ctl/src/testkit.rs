@@ -332,7 +332,7 @@ impl Service for Instant {
 fn port_relay(s: &mut proto::rpc::ServerStream, addr: SocketAddr) -> Result<(), Status> {
     use agent::port_connect_request::Kind as Up;
     use agent::port_connect_response::Kind as Down;
-    use std::io::{Read, Write};
+    use std::io::Write;
     let first: agent::PortConnectRequest = s.first()?;
     if !matches!(first.kind, Some(Up::Open(_))) {
         return Err(Status::invalid_argument("open first"));
@@ -344,24 +344,21 @@ fn port_relay(s: &mut proto::rpc::ServerStream, addr: SocketAddr) -> Result<(), 
         kind: Some(Down::Opened(true)),
     })?;
     let down = s.sender();
-    let mut rd = sock
+    let rd = sock
         .try_clone()
         .map_err(|e| Status::internal(e.to_string()))?;
     let reader = std::thread::Builder::new()
         .name("instant-port".into())
         .spawn(move || {
-            let mut b = vec![0u8; proto::limits::CHUNK_LEN];
-            loop {
-                match rd.read(&mut b) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        let m = agent::PortConnectResponse {
-                            kind: Some(Down::Data(b[..n].to_vec().into())),
-                        };
-                        if down.send(&m).is_err() {
-                            return;
-                        }
-                    }
+            // As the agent reads the guest (agent/src/ports.rs): messages of the protocol's
+            // port size, read into their own buffers and sent without a copy.
+            use std::os::fd::AsFd;
+            let mut buf = proto::rpc::BytesMut::new();
+            let max = proto::limits::PORT_CHUNK_LEN;
+            while let Ok(Some(data)) = proto::rpc::recv_payload(rd.as_fd(), &mut buf, max) {
+                let empty = agent::PortConnectResponse { kind: None };
+                if down.send_payload(&empty, 2, data).is_err() {
+                    return;
                 }
             }
         })

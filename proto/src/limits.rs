@@ -37,6 +37,14 @@ pub const fn window_min(frame_len_max: u32) -> u32 {
 /// Bulk chunk size used by services that move bytes (file read/write, process output).
 pub const CHUNK_LEN: usize = 64 * 1024;
 
+/// Bytes of one data message of a port stream (`Ports.Connect` of ctl and of the agent, and
+/// ctl's traffic proxy that rides on them): the most a relay reads from a socket before it
+/// sends. 256 KiB, not [`CHUNK_LEN`]: bulk TCP through two relays costs a read, a frame, a
+/// wake-up and a write per message at each hop, so larger messages cut that overhead
+/// fourfold, while eight of them still fit a stream window (the sender keeps several in
+/// flight instead of waiting for each quarter of credit). Each relay holds at most one per
+/// direction, so a proxied connection still costs ctl and the agent a bounded buffer.
+pub const PORT_CHUNK_LEN: usize = 256 * 1024;
 /// Default per-stream receive window: two maximum messages, so a sender streaming maximum
 /// messages still overlaps sending with the receiver's consumption.
 pub const STREAM_WINDOW_DEFAULT: u32 = 2 * MESSAGE_LEN_MAX as u32;
@@ -111,6 +119,10 @@ const _: () = assert!(CONN_WINDOW_DEFAULT >= STREAM_WINDOW_DEFAULT);
 const _: () = assert!(FRAME_LEN_MAX_DEFAULT <= FRAME_LEN_MAX_CEILING);
 const _: () = assert!(FRAME_LEN_MAX_FLOOR as usize > FRAME_HEADER_LEN + ERROR_MESSAGE_LEN_MAX + 6);
 const _: () = assert!(CHUNK_LEN <= MESSAGE_LEN_MAX);
+// A port message with its protobuf framing (tag, length varint) fits a message, and four
+// of them a stream window (several in flight).
+const _: () = assert!(PORT_CHUNK_LEN + 16 <= MESSAGE_LEN_MAX);
+const _: () = assert!(4 * PORT_CHUNK_LEN <= STREAM_WINDOW_DEFAULT as usize);
 const _: () = assert!(PRE_HELLO_PER_SOURCE_MAX_DEFAULT <= PRE_HELLO_MAX_DEFAULT);
 const _: () = assert!(RESERVED_CONNECTIONS_DEFAULT < CONNECTIONS_MAX_DEFAULT);
 const _: () = assert!(CONNECTIONS_PER_CREDENTIAL_DEFAULT <= CONNECTIONS_MAX_DEFAULT);

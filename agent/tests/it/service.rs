@@ -945,6 +945,32 @@ fn ports_connect_moves_bytes_both_ways() {
     while port_data(&mut s).is_some() {}
     server.join().unwrap();
 
+    // A guest that closes first ends the call at once while ctl's side stays open (the
+    // worker waiting for ctl's next message used to see it only at its next 200 ms poll).
+    let quick = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let quick_port = u32::from(quick.local_addr().unwrap().port());
+    let closer = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let (mut conn, _) = quick.accept().unwrap();
+            conn.write_all(b"hi").unwrap();
+        }
+    });
+    for _ in 0..3 {
+        let mut s = open_port(&c, 1, quick_port).unwrap();
+        let opened = std::time::Instant::now();
+        let mut got = Vec::new();
+        while let Some(d) = port_data(&mut s) {
+            got.extend(d);
+        }
+        assert_eq!(got, b"hi");
+        let took = opened.elapsed();
+        assert!(
+            took < Duration::from_millis(150),
+            "the call ended {took:?} after the guest closed"
+        );
+    }
+    closer.join().unwrap();
+
     // Nothing listening: UNAVAILABLE. envd's port, port 0: INVALID_ARGUMENT.
     assert_eq!(open_port(&c, 1, port).unwrap_err().code, Code::Unavailable);
     assert_eq!(

@@ -65,6 +65,17 @@ pub trait Backend: Send + Sync + 'static {
         Err(Status::not_found("this gateway serves no sandbox ports"))
     }
 
+    /// The credential checks of [`Backend::port_open`] alone (the sandbox exists, `creds`
+    /// reach it, it runs), opening nothing: before the proxy answers a token in the query
+    /// with a redirect that sets the token cookie.
+    fn port_authorize(
+        &self,
+        _sandbox: proto::id::Uuid,
+        _creds: TrafficCreds<'_>,
+    ) -> Result<(), Status> {
+        Err(Status::not_found("this gateway serves no sandbox ports"))
+    }
+
     /// Appends ctl's metrics as Prometheus text (the gateway adds its own).
     fn render_metrics(&self, out: &mut String);
 
@@ -99,9 +110,10 @@ struct ApiDown(proto::rpc::StreamReceiver);
 
 impl PortUp for ApiUp {
     fn send(&mut self, data: Bytes) -> Result<(), Status> {
-        self.0.send(&agent::PortConnectRequest {
-            kind: Some(agent::port_connect_request::Kind::Data(data)),
-        })
+        // The bytes go to the socket from `data` itself (writev): no copy into the frame.
+        let empty = agent::PortConnectRequest { kind: None };
+        self.0
+            .send_payload(&empty, crate::service::ports::PORT_DATA_TAG, data)
     }
     fn close_send(&mut self) -> Result<(), Status> {
         self.0.close_send()
@@ -258,6 +270,14 @@ impl Backend for ApiBackend {
             down: Box::new(ApiDown(s.down)),
             guard: Box::new(s.permit),
         })
+    }
+
+    fn port_authorize(
+        &self,
+        sandbox: proto::id::Uuid,
+        creds: TrafficCreds<'_>,
+    ) -> Result<(), Status> {
+        self.0.proxy_authorize(sandbox, creds).map(|_| ())
     }
 
     fn render_metrics(&self, out: &mut String) {

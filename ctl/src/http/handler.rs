@@ -170,6 +170,8 @@ pub struct Gateway {
     /// Read deadline of a streamed body after the hand-off (limits::IO_TIMEOUT), for the
     /// 408 message.
     pub io_timeout: std::time::Duration,
+    /// The listener speaks TLS (the traffic token cookie is then `Secure`).
+    pub tls: bool,
 }
 
 /// What the caller does with the connection afterwards.
@@ -233,6 +235,7 @@ impl Gateway {
         Gateway {
             backend,
             io_timeout: IO_TIMEOUT,
+            tls: false,
         }
     }
 

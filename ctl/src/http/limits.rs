@@ -114,10 +114,15 @@ const _: () = assert!(BODY_RAW_MAX <= SOURCE_BUFFER_MAX && SOURCE_BUFFER_MAX <= 
 /// come first, this one bounds the threads whatever the number of teams.
 pub const PROXY_CONNECTIONS_MAX: usize = 256;
 /// Bytes a relay thread reads from one side before it writes them to the other: one
-/// message of the ctl↔agent stream (`proto::limits::CHUNK_LEN`). With the stream's window
-/// this is all ctl holds of a proxied connection, so a client that stops reading stops the
-/// sandbox's server (backpressure) instead of growing a buffer.
-pub const PROXY_CHUNK: usize = proto::limits::CHUNK_LEN;
+/// message of the ctl↔agent port stream (`proto::limits::PORT_CHUNK_LEN`, the agent's
+/// size too). With the stream's window this is all ctl holds of a proxied connection, so a
+/// client that stops reading stops the sandbox's server (backpressure) instead of growing
+/// a buffer.
+pub const PROXY_CHUNK: usize = proto::limits::PORT_CHUNK_LEN;
+/// A kept-alive proxied connection between requests (no answer in progress) with no byte
+/// either way for this long is let go (the sandbox's server reads the end of the stream):
+/// it holds two relay threads while it waits.
+pub const PROXY_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// A proxied connection with no byte in either direction for this long is closed (an idle
 /// WebSocket keeps its relay threads until then).
 pub const PROXY_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);

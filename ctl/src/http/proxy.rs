@@ -9,13 +9,27 @@
 //!    403, 404, 409, 429, 502 with a JSON error body otherwise), writes nothing else and
 //!    hands the connection to two relay threads of its own: the worker is free at once;
 //! 3. up: the rewritten request head ([`super::proxy_head::upstream_request`]: credentials
-//!    and hop-by-hop headers out, `Connection: close`, or the WebSocket upgrade kept), then
-//!    every byte the client sends, in chunks of [`PROXY_CHUNK`], until it half-closes;
+//!    and hop-by-hop headers out, the WebSocket upgrade kept), then the client's bytes in
+//!    chunks of [`PROXY_CHUNK`];
 //! 4. down: the sandbox's response head rewritten
 //!    ([`super::proxy_head::downstream_response`]: cookie domains and hop-by-hop headers
-//!    out), then every byte as it comes (a body of any length, chunked or not, or a
-//!    WebSocket's frames after its 101), until the sandbox's server closes; then the
-//!    client's connection is closed (one request per connection).
+//!    out), then the bytes as they come;
+//! 5. keep-alive (an HTTP/1.1 request without `Connection: close`, not an upgrade): the
+//!    relays follow each body's framing (Content-Length or chunked, [`BodyDecoder`] over the
+//!    bytes as they pass, nothing buffered) to find the next request head and the next
+//!    answer's head; each later request must name the same sandbox port and its
+//!    credentials are checked again ([`Backend::port_authorize`]: a rotated token stops
+//!    working at the next request); one that does not pass is not relayed: the sandbox
+//!    reads the end of the stream and the connection ends after the previous answer. An
+//!    answer framed by the close, a `Connection: close` either way, HTTP/1.0, or a `101`
+//!    turn the rest of the connection into bytes as they come, until the sandbox's server
+//!    closes. Between requests a connection quiet for [`PROXY_KEEPALIVE_IDLE`] is let go.
+//!    It stays one ctl↔agent stream and one connection to the sandbox's server per client
+//!    connection.
+//!
+//! The relays are threads, not the gateway's event loop (moving them there is a larger
+//! change left for later): an idle kept-alive connection holds two relay threads until
+//! [`PROXY_KEEPALIVE_IDLE`].
 //!
 //! Memory and threads: each direction holds one chunk at a time and writes it before it
 //! reads the next, and the ctl↔agent stream has a bounded window, so a client that stops
@@ -25,20 +39,23 @@
 //! (429) and [`PROXY_CONNECTIONS_MAX`] per gateway (503).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::http::parse_response_head;
+use proto::http::{parse_response_head, BodyDecoder, BodyError, Framing};
 use proto::rpc::{Bytes, BytesMut, Transport};
 use proto::{Code, Status};
 
 use super::backend::{Backend, PortConn, PortDown, PortUp, TrafficCreds};
-use super::limits::{HEAD_MAX, LINGER_TIMEOUT, PROXY_CHUNK, PROXY_IDLE_TIMEOUT};
+use super::limits::{
+    HEAD_MAX, LINGER_TIMEOUT, PROXY_CHUNK, PROXY_IDLE_TIMEOUT, PROXY_KEEPALIVE_IDLE,
+};
 use super::port_route::PortRoute;
 use super::proxy_head::{
-    downstream_response, upstream_request, TRAFFIC_TOKEN_HEADER, TRAFFIC_TOKEN_HEADER_ALT,
+    cookie_token, downstream_response, keeps_alive, query_token, target_without_token,
+    token_cookie, upstream_request, TRAFFIC_TOKEN_HEADER, TRAFFIC_TOKEN_HEADER_ALT,
 };
 use super::request::Head;
 use super::response::Response;
@@ -63,25 +80,69 @@ pub fn refusal(s: &Status) -> Response {
     r
 }
 
-/// Checks the request's credentials and opens the stream (a worker's part).
-pub fn open(backend: &dyn Backend, head: &Head, route: &PortRoute) -> Result<PortConn, Response> {
-    let token = head
+/// Checks the request's credentials and opens the stream (a worker's part). The traffic
+/// token comes from the header; in the host form also from the query parameter
+/// [`super::proxy_head::TRAFFIC_TOKEN_PARAM`] or the cookie
+/// [`super::proxy_head::TRAFFIC_COOKIE`]. A GET or HEAD whose token came
+/// in the query is not relayed: once the token checks out, the answer is a `302` to the same
+/// URL without the parameter that sets the cookie (`Secure` when `tls`), so the token leaves
+/// the address bar and later requests (and the page's own) carry the cookie.
+pub fn open(
+    backend: &dyn Backend,
+    head: &Head,
+    route: &PortRoute,
+    tls: bool,
+) -> Result<PortConn, Response> {
+    let header = head
         .header(TRAFFIC_TOKEN_HEADER)
         .or_else(|| head.header(TRAFFIC_TOKEN_HEADER_ALT))
         .map(str::trim);
+    let (query, rest) = if route.by_path {
+        (None, String::new())
+    } else {
+        query_token(&head.query)
+    };
+    let cookie = if route.by_path {
+        None
+    } else {
+        cookie_token(head)
+    };
+    let token = header.or(query).or(cookie);
     let creds = TrafficCreds {
         token,
         api_key: super::handler::api_key(head),
     };
+    if let (None, Some(t)) = (header, query) {
+        if head.method == "GET" || head.method == "HEAD" {
+            backend
+                .port_authorize(route.sandbox, creds)
+                .map_err(|s| refusal(&s))?;
+            let location = if rest.is_empty() {
+                head.path.clone()
+            } else {
+                format!("{}?{rest}", head.path)
+            };
+            let mut r = Response::text(302, "text/plain", "the traffic token is now a cookie\n");
+            r.extra.push(("Location", location));
+            r.extra.push(("Set-Cookie", token_cookie(t, tls)));
+            r.extra.push(("Cache-Control", "no-store".to_owned()));
+            return Err(r);
+        }
+    }
     backend
         .port_open(route.sandbox, route.port, creds)
         .map_err(|s| refusal(&s))
 }
 
-/// The bytes the relay starts with: the request head for the sandbox, then whatever of the
-/// body the gateway already read.
+/// The bytes the relay starts with: the request head for the sandbox (without our token
+/// parameter in the host form), then whatever of the body the gateway already read.
 pub fn first_bytes(head: &Head, route: &PortRoute) -> Result<Vec<u8>, Response> {
-    upstream_request(head, &route.target)
+    let target = if route.by_path {
+        route.target.clone()
+    } else {
+        target_without_token(&route.target)
+    };
+    upstream_request(head, &target)
         .map_err(|e| Response::error(400, "invalid_argument", &format!("request head: {e}")))
 }
 
@@ -125,6 +186,8 @@ struct Sides {
     /// Milliseconds since `start` of the last byte either way (the idle bound).
     last: AtomicU64,
     start: Instant,
+    /// Requests sent up whose answers have not been relayed to their end yet.
+    in_flight: AtomicUsize,
 }
 
 impl Sides {
@@ -138,17 +201,104 @@ impl Sides {
     }
 }
 
+/// What the relay needs to carry more requests after the first on one connection.
+pub struct Next {
+    pub backend: Arc<dyn Backend>,
+    /// The first request's route: later ones must be for the same sandbox port.
+    pub route: PortRoute,
+    /// The first request's `Host` (host form: later ones must name the same).
+    pub host: String,
+    /// The first request keeps the connection open ([`keeps_alive`]).
+    pub keep_alive: bool,
+    /// The first request's body framing and whether it is a WebSocket upgrade.
+    pub framing: Framing,
+    pub websocket: bool,
+    /// The first request was HEAD (its answer has no body).
+    pub head_request: bool,
+}
+
+/// The credentials of a request, as [`open`] reads them: the token from the header, or on
+/// the host form from the query or the cookie; also the query's token alone (a browser link).
+fn creds_of<'a>(head: &'a Head, by_path: bool) -> (TrafficCreds<'a>, Option<&'a str>, bool) {
+    let header = head
+        .header(TRAFFIC_TOKEN_HEADER)
+        .or_else(|| head.header(TRAFFIC_TOKEN_HEADER_ALT))
+        .map(str::trim);
+    let query = if by_path {
+        None
+    } else {
+        query_token(&head.query).0
+    };
+    let cookie = if by_path { None } else { cookie_token(head) };
+    let creds = TrafficCreds {
+        token: header.or(query).or(cookie),
+        api_key: super::handler::api_key(head),
+    };
+    (creds, query, header.is_some())
+}
+
+/// The sandbox-side target of a later request on a kept-alive connection, after checking it
+/// is for the same sandbox port and its credentials still reach it (a rotated token stops
+/// working at the next request, as on a new connection). `None`: relay no more requests.
+fn next_target(next: &Next, head: &Head) -> Option<String> {
+    let full = if head.query.is_empty() {
+        head.path.clone()
+    } else {
+        format!("{}?{}", head.path, head.query)
+    };
+    let target = if next.route.by_path {
+        match super::port_route::route_path(&full) {
+            Some(Ok(r)) if r.sandbox == next.route.sandbox && r.port == next.route.port => r.target,
+            _ => return None,
+        }
+    } else {
+        if !head
+            .header("host")
+            .is_some_and(|h| h.trim().eq_ignore_ascii_case(&next.host))
+        {
+            return None;
+        }
+        target_without_token(&full)
+    };
+    let (creds, query, header) = creds_of(head, next.route.by_path);
+    // A link with the token: a new connection answers it with the cookie's redirect.
+    if query.is_some() && !header && (head.method == "GET" || head.method == "HEAD") {
+        return None;
+    }
+    next.backend
+        .port_authorize(next.route.sandbox, creds)
+        .ok()?;
+    Some(target)
+}
+
+/// Bytes of `input` that belong to the body `dec` is tracking (all of it unless the body
+/// ends inside).
+fn body_take(dec: &mut BodyDecoder, input: &[u8]) -> Result<usize, BodyError> {
+    let mut at = 0;
+    while at < input.len() && !dec.is_done() {
+        let p = dec.advance(&input[at..], usize::MAX)?;
+        if p.consumed == 0 {
+            break;
+        }
+        at += p.consumed;
+    }
+    Ok(at)
+}
+
 /// Relays one connection until both sides are done; runs on a thread of its own (the
-/// downward side) and starts one more (the upward side). `first` goes up before the
-/// client's further bytes; `io_timeout` bounds each write to the client; `head_request`:
-/// the client asked HEAD (its answer has no body).
+/// downward side) and starts one more (the upward side). `first` (the first request's head
+/// for the sandbox) goes up, then `rest` (the client's bytes the gateway already read) and
+/// the client's further bytes; `io_timeout` bounds each write to the client. With
+/// `next.keep_alive` each further request head is parsed, checked and rewritten, and each
+/// answer's framing followed, so the connection carries one request after another.
 pub fn relay(
     pool: &Arc<proto::pool::Pool>,
     io: Box<dyn Transport>,
     first: Vec<u8>,
+    rest: Vec<u8>,
     conn: PortConn,
     io_timeout: Duration,
-    head_request: bool,
+    next: Next,
 ) {
     let PortConn {
         mut up,
@@ -160,13 +310,17 @@ pub fn relay(
         done: AtomicBool::new(false),
         last: AtomicU64::new(0),
         start: Instant::now(),
+        in_flight: AtomicUsize::new(1),
     });
+    // (HEAD, keeps alive) of each request sent up, in order, for the answers' framing.
+    let (methods_tx, methods) = mpsc::channel::<(bool, bool)>();
+    let _ = methods_tx.send((next.head_request, next.keep_alive));
     let (up_done_tx, up_done) = mpsc::channel::<()>();
     let up_job = {
         let io = io.clone();
         let sides = sides.clone();
         Box::new(move || {
-            upward(&*io, &mut *up, first, &sides);
+            upward(&*io, &mut *up, first, rest, &sides, &next, &methods_tx);
             let _ = up_done_tx.send(());
         })
     };
@@ -176,7 +330,7 @@ pub fn relay(
         return;
     }
     let io_ref = &*io;
-    downward(io_ref, &mut *down, io_timeout, head_request, &sides);
+    downward(io_ref, &mut *down, io_timeout, &methods, &sides);
     sides.done.store(true, Ordering::SeqCst);
     // The answer is complete: end our direction, let the client's last bytes (if any) and
     // its close arrive for a moment so nothing it has not read yet is lost to a reset, then
@@ -192,10 +346,94 @@ pub fn relay(
     drop(guard);
 }
 
+/// Where the upward relay is in the client's byte stream.
+enum UpState {
+    /// Inside a request body.
+    Body(BodyDecoder),
+    /// Between requests: the next head's bytes so far.
+    Head(Vec<u8>),
+    /// Bytes as they come (no keep-alive, an upgraded connection, or after the last request).
+    Raw,
+}
+
 /// Client → sandbox.
-fn upward(io: &dyn Transport, up: &mut dyn PortUp, first: Vec<u8>, sides: &Sides) {
+fn upward(
+    io: &dyn Transport,
+    up: &mut dyn PortUp,
+    first: Vec<u8>,
+    rest: Vec<u8>,
+    sides: &Sides,
+    next: &Next,
+    methods: &mpsc::Sender<(bool, bool)>,
+) {
     if !first.is_empty() && up.send(Bytes::from(first)).is_err() {
         return;
+    }
+    let mut state = if next.keep_alive && !next.websocket {
+        UpState::Body(BodyDecoder::new(next.framing))
+    } else {
+        UpState::Raw
+    };
+    // Ok(false): relay no more requests (the sandbox reads the end of the stream).
+    let mut feed = |mut data: Bytes, state: &mut UpState| -> Result<bool, ()> {
+        while !data.is_empty() {
+            match state {
+                UpState::Raw => {
+                    up.send(data).map_err(|_| ())?;
+                    return Ok(true);
+                }
+                UpState::Body(dec) => {
+                    let Ok(n) = body_take(dec, &data) else {
+                        return Ok(false);
+                    };
+                    if n > 0 {
+                        up.send(data.slice(..n)).map_err(|_| ())?;
+                    }
+                    data = data.slice(n..);
+                    if dec.is_done() {
+                        *state = UpState::Head(Vec::new());
+                    } else if n == 0 {
+                        return Ok(true);
+                    }
+                }
+                UpState::Head(buf) => {
+                    buf.extend_from_slice(&data);
+                    data = Bytes::new();
+                    let (h, n) = match proto::http::parse_request_head(buf, HEAD_MAX) {
+                        Ok(Some(x)) => x,
+                        Ok(None) => return Ok(true),
+                        Err(_) => return Ok(false),
+                    };
+                    let Some(target) = next_target(next, &h) else {
+                        return Ok(false);
+                    };
+                    let Ok(out) = upstream_request(&h, &target) else {
+                        return Ok(false);
+                    };
+                    let keep = keeps_alive(&h);
+                    sides.in_flight.fetch_add(1, Ordering::SeqCst);
+                    let _ = methods.send((h.method == "HEAD", keep));
+                    up.send(Bytes::from(out)).map_err(|_| ())?;
+                    data = Bytes::copy_from_slice(&buf[n..]);
+                    *state = if keep {
+                        UpState::Body(BodyDecoder::new(h.framing()))
+                    } else {
+                        UpState::Raw
+                    };
+                }
+            }
+        }
+        Ok(true)
+    };
+    let stop = |up: &mut dyn PortUp| {
+        let _ = up.close_send();
+    };
+    if !rest.is_empty() {
+        match feed(Bytes::from(rest), &mut state) {
+            Ok(true) => {}
+            Ok(false) => return stop(up),
+            Err(()) => return,
+        }
     }
     loop {
         if sides.done.load(Ordering::SeqCst) {
@@ -210,11 +448,19 @@ fn upward(io: &dyn Transport, up: &mut dyn PortUp, first: Vec<u8>, sides: &Sides
             }
             Ok(_) => {
                 sides.touch();
-                if up.send(b.freeze()).is_err() {
-                    return;
+                match feed(b.freeze(), &mut state) {
+                    Ok(true) => {}
+                    Ok(false) => return stop(up),
+                    Err(()) => return,
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let between = matches!(&state, UpState::Head(b) if b.is_empty())
+                    && sides.in_flight.load(Ordering::SeqCst) == 0;
+                if between && sides.idle() >= PROXY_KEEPALIVE_IDLE {
+                    // A kept-alive connection with nothing to do: let it go.
+                    return stop(up);
+                }
                 if sides.idle() >= PROXY_IDLE_TIMEOUT {
                     up.cancel();
                     io.shutdown();
@@ -233,80 +479,132 @@ fn upward(io: &dyn Transport, up: &mut dyn PortUp, first: Vec<u8>, sides: &Sides
     }
 }
 
-/// Sandbox → client: the head rewritten, then the bytes as they come.
+/// Where the downward relay is in the sandbox's byte stream.
+enum DownState {
+    Head(Vec<u8>),
+    Body(BodyDecoder),
+    Raw,
+}
+
+/// Sandbox → client: each head rewritten, then the bytes as they come.
 fn downward(
     io: &dyn Transport,
     down: &mut dyn PortDown,
     timeout: Duration,
-    head_request: bool,
+    methods: &mpsc::Receiver<(bool, bool)>,
     sides: &Sides,
 ) {
-    let mut head: Vec<u8> = Vec::new();
-    let mut in_head = true;
+    let mut state = DownState::Head(Vec::new());
+    let mut answered = false;
+    // (HEAD, keeps alive) of the request whose answer comes next.
+    let mut current: Option<(bool, bool)> = None;
     let fail = |why: &str| {
         let r = Response::error(502, "bad_gateway", why);
         let _ = write_all(io, &super::response::response_bytes(&r, false), timeout);
+    };
+    let body_done = |state: &mut DownState| {
+        if matches!(state, DownState::Body(d) if d.is_done()) {
+            *state = DownState::Head(Vec::new());
+            sides.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
     };
     loop {
         let chunk = match down.recv() {
             Ok(Some(c)) => c,
             Ok(None) => {
-                if in_head {
+                if !answered {
                     fail("the sandbox's server closed the connection without an answer");
                 }
                 return;
             }
             Err(e) => {
-                if in_head {
+                if !answered {
                     fail(&format!("the sandbox's port stream failed: {}", e.message));
                 }
                 return;
             }
         };
         sides.touch();
-        if !in_head {
-            if write_all(io, &chunk, timeout).is_err() {
-                return;
-            }
-            continue;
-        }
-        head.extend_from_slice(&chunk);
-        // Heads until a final one (1xx interim answers pass as they are, 101 included
-        // as final: the bytes after it are the upgraded protocol's).
-        loop {
-            match parse_response_head(&head, HEAD_MAX, head_request) {
-                Ok(Some((h, n))) => {
-                    let interim = (100..200).contains(&h.status) && h.status != 101;
-                    let out = if interim {
-                        format!(
-                            "HTTP/1.1 {} {}\r\n\r\n",
-                            h.status,
-                            proto::http::reason(h.status)
-                        )
-                        .into_bytes()
-                    } else {
-                        downstream_response(&h)
-                    };
-                    if write_all(io, &out, timeout).is_err() {
+        let mut data = chunk;
+        while !data.is_empty() {
+            match &mut state {
+                DownState::Raw => {
+                    if write_all(io, &data, timeout).is_err() {
                         return;
                     }
-                    head.drain(..n);
-                    if interim {
-                        continue;
-                    }
-                    in_head = false;
-                    let rest = std::mem::take(&mut head);
-                    if !rest.is_empty() && write_all(io, &rest, timeout).is_err() {
-                        return;
-                    }
-                    break;
+                    data = Bytes::new();
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    fail(&format!(
-                        "the sandbox's server answered a malformed head: {e}"
-                    ));
-                    return;
+                DownState::Body(dec) => {
+                    let n = match body_take(dec, &data) {
+                        Ok(n) => n,
+                        Err(_) => {
+                            // Not the framing it announced: pass the rest as it comes.
+                            state = DownState::Raw;
+                            continue;
+                        }
+                    };
+                    if write_all(io, &data[..n], timeout).is_err() {
+                        return;
+                    }
+                    data = data.slice(n..);
+                    body_done(&mut state);
+                    if n == 0 && matches!(state, DownState::Body(_)) {
+                        break;
+                    }
+                }
+                DownState::Head(head) => {
+                    head.extend_from_slice(&data);
+                    data = Bytes::new();
+                    // Heads until a final one (1xx interim answers pass as they are, 101
+                    // included as final: the bytes after it are the upgraded protocol's).
+                    loop {
+                        let (head_request, keep) = *current
+                            .get_or_insert_with(|| methods.try_recv().unwrap_or((false, false)));
+                        match parse_response_head(head, HEAD_MAX, head_request) {
+                            Ok(Some((h, n))) => {
+                                let interim = (100..200).contains(&h.status) && h.status != 101;
+                                let keep = keep
+                                    && !interim
+                                    && h.status != 101
+                                    && !h.close
+                                    && h.framing != Framing::UntilClose;
+                                let out = if interim {
+                                    format!(
+                                        "HTTP/1.1 {} {}\r\n\r\n",
+                                        h.status,
+                                        proto::http::reason(h.status)
+                                    )
+                                    .into_bytes()
+                                } else {
+                                    downstream_response(&h, keep)
+                                };
+                                if write_all(io, &out, timeout).is_err() {
+                                    return;
+                                }
+                                answered = true;
+                                if interim {
+                                    head.drain(..n);
+                                    continue;
+                                }
+                                current = None;
+                                data = Bytes::copy_from_slice(&head[n..]);
+                                state = if keep {
+                                    DownState::Body(BodyDecoder::new(h.framing))
+                                } else {
+                                    DownState::Raw
+                                };
+                                body_done(&mut state);
+                                break;
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                fail(&format!(
+                                    "the sandbox's server answered a malformed head: {e}"
+                                ));
+                                return;
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -389,6 +389,7 @@ impl HttpServer {
             }),
             gateway: Arc::new(Gateway {
                 io_timeout: config.io_timeout,
+                tls: config.tls.is_some(),
                 ..Gateway::new(backend)
             }),
             // The loop never hands a pool more jobs than it has threads (it counts them),
@@ -1493,9 +1494,9 @@ fn proxy_worker(
     io_timeout: Duration,
 ) {
     let head_only = head.method == "HEAD";
-    let opened = proxy::open(&*gateway.backend, head, route)
+    let opened = proxy::open(&*gateway.backend, head, route, gateway.tls)
         .and_then(|c| proxy::first_bytes(head, route).map(|f| (c, f)));
-    let (conn, mut first) = match opened {
+    let (conn, first) = match opened {
         Ok(x) => x,
         Err(resp) => {
             METRICS.count_gateway(resp.status);
@@ -1513,13 +1514,22 @@ fn proxy_worker(
     };
     let _ = shared.registry.deregister(&mut SourceFd(&std.as_raw_fd()));
     let (io, leftover) = std.into_parts();
-    first.extend_from_slice(&buf);
-    first.extend_from_slice(&leftover);
+    let mut rest = buf;
+    rest.extend_from_slice(&leftover);
+    let next = proxy::Next {
+        backend: gateway.backend.clone(),
+        route: route.clone(),
+        host: head.header("host").unwrap_or("").trim().to_owned(),
+        keep_alive: super::proxy_head::keeps_alive(head),
+        framing: head.framing(),
+        websocket: super::proxy_head::is_websocket(head),
+        head_request: head_only,
+    };
     // Before the relay starts, so the loop sees Detached before ProxyDone.
     shared.give_back(Returned::Detached { slot });
     let done = shared.clone();
     let spawned = shared.relay_pool.spawn(Box::new(move || {
-        proxy::relay(&done.relay_pool, io, first, conn, io_timeout, head_only);
+        proxy::relay(&done.relay_pool, io, first, rest, conn, io_timeout, next);
         done.give_back(Returned::ProxyDone { slot });
     }));
     if spawned.is_err() {

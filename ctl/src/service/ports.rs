@@ -24,6 +24,9 @@ use crate::limits::{PORT_STREAMS_PER_SANDBOX_MAX, PORT_STREAMS_PER_TEAM_MAX};
 
 /// envd's port: never a target.
 const ENVD_PORT: u32 = 49983;
+/// The field number of `data` in the Ports.Connect messages of both services (ctl.proto
+/// and agent.proto agree), written around a payload relayed without copying.
+pub(crate) const PORT_DATA_TAG: u32 = 2;
 /// How often the worker looks whether the relay ended or the caller cancelled while it waits
 /// for the caller's next message.
 const POLL: Duration = Duration::from_millis(200);
@@ -144,6 +147,43 @@ impl Api {
                 "port {port} is never exposed"
             )));
         }
+        let (team, host) = self.proxy_authorize(sandbox, creds)?;
+        self.inner.ports.reserve(team, sandbox)?;
+        let permit = OwnedPortPermit {
+            api: self.clone(),
+            team,
+            sandbox,
+        };
+        let client = self.inner.agents.proxy_client(host)?;
+        let req = agent::PortConnectRequest {
+            kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
+                sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
+                port: u32::from(port),
+            })),
+        };
+        let opts = CallOpts {
+            timeout: None,
+            end_stream: false,
+        };
+        let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
+        match up
+            .recv::<agent::PortConnectResponse>()?
+            .and_then(|m| m.kind)
+        {
+            Some(AgentDown::Opened(true)) => {}
+            _ => return Err(Status::internal("the agent did not open the port")),
+        }
+        let (up, down) = up.split();
+        Ok(ProxyStream { up, down, permit })
+    }
+
+    /// The checks of [`Api::proxy_open`] without opening anything: the sandbox exists, the
+    /// credentials reach it, it runs. Returns its team and host.
+    pub fn proxy_authorize(
+        &self,
+        sandbox: Uuid,
+        creds: TrafficCreds<'_>,
+    ) -> Result<(Uuid, Uuid), Status> {
         let row = self.inner.db.run(move |c| {
             c.query_opt(
                 "SELECT team_id, state, host_id, traffic_token, allow_public_traffic \
@@ -180,7 +220,9 @@ impl Api {
                     (None, None) => {
                         return Err(Status::unauthenticated(
                             "the sandbox's ports need its traffic token (header \
-                             wrenn-traffic-access-token) or an API key of its team (X-API-Key)",
+                             wrenn-traffic-access-token; on the sandbox's own host name also the \
+                             wrenn_traffic_token query parameter or cookie) or an API key of its \
+                             team (X-API-Key)",
                         ))
                     }
                 }
@@ -192,33 +234,7 @@ impl Api {
             )));
         }
         let host = host.ok_or_else(|| Status::internal("running sandbox has no host"))?;
-        self.inner.ports.reserve(team, sandbox)?;
-        let permit = OwnedPortPermit {
-            api: self.clone(),
-            team,
-            sandbox,
-        };
-        let client = self.inner.agents.proxy_client(host)?;
-        let req = agent::PortConnectRequest {
-            kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
-                sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
-                port: u32::from(port),
-            })),
-        };
-        let opts = CallOpts {
-            timeout: None,
-            end_stream: false,
-        };
-        let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
-        match up
-            .recv::<agent::PortConnectResponse>()?
-            .and_then(|m| m.kind)
-        {
-            Some(AgentDown::Opened(true)) => {}
-            _ => return Err(Status::internal("the agent did not open the port")),
-        }
-        let (up, down) = up.split();
-        Ok(ProxyStream { up, down, permit })
+        Ok((team, host))
     }
 
     /// Serves one `Ports.Connect` call after its first message (`open`): relays bytes both
@@ -270,32 +286,44 @@ impl Api {
         })?;
         let (up_tx, up_rx) = up.split();
         let down = s.sender();
+        // Set, then the worker woken, when the relay ends; the channel's sender is dropped
+        // then too (a worker waiting after the caller's END).
+        let relay_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
+        let done = relay_done.clone();
         let relay = std::thread::Builder::new()
             .name("wrenn-port-relay".to_owned())
             .spawn(move || -> Result<(), Status> {
-                while let Some(m) = up_rx.recv::<agent::PortConnectResponse>()? {
-                    if let Some(AgentDown::Data(d)) = m.kind {
-                        down.send(&ctl::PortConnectResponse {
-                            kind: Some(Down::Data(d)),
-                        })?;
+                let r = (|| {
+                    while let Some(m) = up_rx.recv::<agent::PortConnectResponse>()? {
+                        if let Some(AgentDown::Data(d)) = m.kind {
+                            // Relayed from the agent's frame as it is: no copy.
+                            let empty = ctl::PortConnectResponse { kind: None };
+                            down.send_payload(&empty, PORT_DATA_TAG, d)?;
+                        }
                     }
-                }
-                Ok(())
+                    Ok(())
+                })();
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                down.wake();
+                drop(ended_tx);
+                r
             })
             .map_err(|e| Status::resource_exhausted(format!("start port relay: {e}")))?;
         let mut caller_open = true;
+        let stop = || relay_done.load(std::sync::atomic::Ordering::SeqCst);
         let upward = loop {
-            if relay.is_finished() {
+            if stop() {
                 break Ok(());
             }
             if s.is_cancelled() {
                 break Err(Status::cancelled("Ports.Connect cancelled"));
             }
             if !caller_open {
-                std::thread::sleep(POLL);
+                let _ = ended.recv_timeout(POLL);
                 continue;
             }
-            let msg = match s.recv_timeout(POLL) {
+            let msg = match s.recv_timeout_or(POLL, &stop) {
                 Err(e) => break Err(e),
                 Ok(Err(())) => continue,
                 Ok(Ok(None)) => {
@@ -317,10 +345,8 @@ impl Api {
             };
             match msg.kind {
                 Some(Up::Data(d)) => {
-                    let m = agent::PortConnectRequest {
-                        kind: Some(agent::port_connect_request::Kind::Data(d)),
-                    };
-                    if let Err(e) = up_tx.send(&m) {
+                    let empty = agent::PortConnectRequest { kind: None };
+                    if let Err(e) = up_tx.send_payload(&empty, PORT_DATA_TAG, d) {
                         break Err(e);
                     }
                 }
@@ -345,6 +371,32 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_tag_is_the_data_field_of_both_services() {
+        let data = proto::rpc::Bytes::from_static(b"bytes");
+        let framed = |prefix: Vec<u8>| [prefix, data.to_vec()].concat();
+        let up = framed(proto::rpc::payload_prefix(
+            &agent::PortConnectRequest { kind: None },
+            PORT_DATA_TAG,
+            data.len(),
+        ));
+        let m: agent::PortConnectRequest = prost::Message::decode(&up[..]).unwrap();
+        assert_eq!(
+            m.kind,
+            Some(agent::port_connect_request::Kind::Data(data.clone()))
+        );
+        let down = framed(proto::rpc::payload_prefix(
+            &ctl::PortConnectResponse { kind: None },
+            PORT_DATA_TAG,
+            data.len(),
+        ));
+        let m: ctl::PortConnectResponse = prost::Message::decode(&down[..]).unwrap();
+        assert_eq!(
+            m.kind,
+            Some(ctl::port_connect_response::Kind::Data(data.clone()))
+        );
+    }
 
     #[test]
     fn budgets() {

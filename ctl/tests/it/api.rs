@@ -1503,6 +1503,24 @@ fn ports_connect_relays_through_the_agent() {
     }
     assert_eq!(tail, b"bye", "the sandbox's answer after the half-close");
 
+    // A server that closes first ends the call at once, though the caller still has its side
+    // open (ctl's worker was waiting for the caller's next message: it used to learn of the
+    // end only at its next 200 ms poll).
+    for _ in 0..3 {
+        let mut s = open_port(&cl, &sb.id, 2).unwrap();
+        let opened = std::time::Instant::now();
+        match s.recv::<c::PortConnectResponse>().unwrap().unwrap().kind {
+            Some(Down::Data(d)) => assert_eq!(&d[..], b"hello"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.recv::<c::PortConnectResponse>().unwrap().is_none());
+        let took = opened.elapsed();
+        assert!(
+            took < std::time::Duration::from_millis(150),
+            "the call ended {took:?} after the server closed"
+        );
+    }
+
     // Errors: envd's port and port 0, nothing listening, an unknown sandbox, another team's.
     assert_eq!(code(open_port(&cl, &sb.id, 49983)), Code::InvalidArgument);
     assert_eq!(code(open_port(&cl, &sb.id, 0)), Code::InvalidArgument);

@@ -800,7 +800,8 @@ fn dispatch(
 }
 
 /// Ports.Connect against a pretend server on the port: it answers each data message with the
-/// same bytes upper-cased, and "bye" after the caller's END.
+/// same bytes upper-cased, and "bye" after the caller's END; on port 2 it says "hello" and
+/// closes.
 fn fake_port(state: &Mutex<State>, s: &mut ServerStream) -> Result<(), Status> {
     use agent::port_connect_request::Kind as Up;
     use agent::port_connect_response::Kind as Down;
@@ -819,6 +820,12 @@ fn fake_port(state: &Mutex<State>, s: &mut ServerStream) -> Result<(), Status> {
     s.send(&agent::PortConnectResponse {
         kind: Some(Down::Opened(true)),
     })?;
+    if open.port == 2 {
+        // A server that says hello and closes at once, whatever the caller does.
+        return s.send(&agent::PortConnectResponse {
+            kind: Some(Down::Data(b"hello".to_vec().into())),
+        });
+    }
     while let Some(m) = s.recv::<agent::PortConnectRequest>()? {
         if let Some(Up::Data(d)) = m.kind {
             s.send(&agent::PortConnectResponse {

@@ -24,12 +24,16 @@ fn pattern(i: u64) -> u8 {
 }
 
 /// The stand-in for a server in the sandbox: one thread per connection, one request each.
-/// - `GET /big?n=N`: N pattern bytes (Content-Length);
+/// - `GET /big?n=N`: N pattern bytes (Content-Length); `HEAD /big?n=N` its head;
 /// - `GET /chunked?n=N`: the same, chunked;
 /// - `POST /echo`: the body back as it arrives (Content-Length), read and written in turn;
+/// - `POST /sum`: the body's length and SHA-256 (hex), once it has all arrived;
 /// - `GET /head`: the request head it got, with a `Set-Cookie` carrying a Domain;
 /// - `GET /ws` with an upgrade: 101, then every byte echoed until the client closes;
 /// - `GET /slow?n=N`: N pattern bytes, counting what it managed to write in `written`.
+///
+/// A GET or HEAD (but `/ws`, `/slow`) on a kept-alive connection is followed by the next
+/// request on it; anything else is the connection's last.
 struct Guest {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -79,108 +83,144 @@ fn serve_one(mut s: TcpStream, written: &AtomicU64, heads: &Mutex<Vec<String>>) 
     s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = Vec::new();
     let mut b = [0u8; 16384];
-    let (head, n) = loop {
-        if let Ok(Some(h)) = proto::http::parse_request_head(&buf, 65536) {
-            break h;
-        }
-        match s.read(&mut b) {
-            Ok(0) | Err(_) => return,
-            Ok(k) => buf.extend_from_slice(&b[..k]),
-        }
-    };
-    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-    heads.lock().unwrap().push(text.clone());
-    let rest = buf[n..].to_vec();
-    let q: u64 = head
-        .query
-        .strip_prefix("n=")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let body = |w: &mut TcpStream, total: u64, count: Option<&AtomicU64>| {
-        let mut sent = 0u64;
-        let mut chunk = vec![0u8; 32 * 1024];
-        while sent < total {
-            let k = (total - sent).min(chunk.len() as u64) as usize;
-            for (j, x) in chunk[..k].iter_mut().enumerate() {
-                *x = pattern(sent + j as u64);
+    // Requests on one connection, one after another, while the client keeps it alive and
+    // the request has no body (GET).
+    loop {
+        let (head, n) = loop {
+            if let Ok(Some(h)) = proto::http::parse_request_head(&buf, 65536) {
+                break h;
             }
-            if w.write_all(&chunk[..k]).is_err() {
-                return;
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => buf.extend_from_slice(&b[..k]),
             }
-            sent += k as u64;
-            if let Some(c) = count {
-                c.store(sent, Ordering::Relaxed);
-            }
-        }
-    };
-    match (head.method.as_str(), head.path.as_str()) {
-        ("GET", "/big") | ("GET", "/slow") => {
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {q}\r\n\r\n");
-            let count = (head.path == "/slow").then_some(written);
-            body(&mut s, q, count);
-        }
-        ("GET", "/chunked") => {
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        heads.lock().unwrap().push(text.clone());
+        let rest = buf[n..].to_vec();
+        let q: u64 = head
+            .query
+            .strip_prefix("n=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let body = |w: &mut TcpStream, total: u64, count: Option<&AtomicU64>| {
             let mut sent = 0u64;
-            while sent < q {
-                let k = (q - sent).min(10_000);
-                let data: Vec<u8> = (sent..sent + k).map(pattern).collect();
-                let _ = write!(s, "{k:x}\r\n");
-                let _ = s.write_all(&data);
-                let _ = s.write_all(b"\r\n");
-                sent += k;
+            let mut chunk = vec![0u8; 32 * 1024];
+            while sent < total {
+                let k = (total - sent).min(chunk.len() as u64) as usize;
+                for (j, x) in chunk[..k].iter_mut().enumerate() {
+                    *x = pattern(sent + j as u64);
+                }
+                if w.write_all(&chunk[..k]).is_err() {
+                    return;
+                }
+                sent += k as u64;
+                if let Some(c) = count {
+                    c.store(sent, Ordering::Relaxed);
+                }
             }
-            let _ = s.write_all(b"0\r\n\r\n");
-        }
-        ("POST", "/echo") => {
-            let total = head.content_length.unwrap_or(0);
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
-            let mut got = rest.len() as u64;
-            if s.write_all(&rest).is_err() {
-                return;
+        };
+        match (head.method.as_str(), head.path.as_str()) {
+            ("GET", "/big") | ("GET", "/slow") => {
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {q}\r\n\r\n");
+                let count = (head.path == "/slow").then_some(written);
+                body(&mut s, q, count);
             }
-            while got < total {
-                match s.read(&mut b) {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => {
-                        got += k as u64;
-                        if s.write_all(&b[..k]).is_err() {
-                            return;
+            ("HEAD", "/big") => {
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {q}\r\n\r\n");
+            }
+            ("GET", "/chunked") => {
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let mut sent = 0u64;
+                while sent < q {
+                    let k = (q - sent).min(10_000);
+                    let data: Vec<u8> = (sent..sent + k).map(pattern).collect();
+                    let _ = write!(s, "{k:x}\r\n");
+                    let _ = s.write_all(&data);
+                    let _ = s.write_all(b"\r\n");
+                    sent += k;
+                }
+                let _ = s.write_all(b"0\r\n\r\n");
+            }
+            ("POST", "/echo") => {
+                let total = head.content_length.unwrap_or(0);
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
+                let mut got = rest.len() as u64;
+                if s.write_all(&rest).is_err() {
+                    return;
+                }
+                while got < total {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => {
+                            got += k as u64;
+                            if s.write_all(&b[..k]).is_err() {
+                                return;
+                            }
                         }
                     }
                 }
             }
-        }
-        ("GET", "/head") => {
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nSet-Cookie: sid=1; Domain=.{DOMAIN}; Path=/\r\n\
+            ("POST", "/sum") => {
+                // The body counted and hashed as it arrives; the answer only after its end.
+                let total = head.content_length.unwrap_or(0);
+                let mut h = proto::sha256::Sha256::new();
+                h.update(&rest);
+                let mut got = rest.len() as u64;
+                let mut big = vec![0u8; 256 * 1024];
+                while got < total {
+                    match s.read(&mut big) {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => {
+                            got += k as u64;
+                            h.update(&big[..k]);
+                        }
+                    }
+                }
+                let out = format!("{got} {}", h.finish_hex());
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{out}",
+                    out.len()
+                );
+            }
+            ("GET", "/head") => {
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nSet-Cookie: sid=1; Domain=.{DOMAIN}; Path=/\r\n\
                  Content-Length: {}\r\n\r\n{text}",
-                text.len()
-            );
-        }
-        ("GET", "/ws") => {
-            let _ = s.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                    text.len()
+                );
+            }
+            ("GET", "/ws") => {
+                let _ = s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
                   Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n",
-            );
-            let _ = s.write_all(&rest);
-            loop {
-                match s.read(&mut b) {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => {
-                        if s.write_all(&b[..k]).is_err() {
-                            return;
+                );
+                let _ = s.write_all(&rest);
+                loop {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => {
+                            if s.write_all(&b[..k]).is_err() {
+                                return;
+                            }
                         }
                     }
                 }
             }
+            _ => {
+                let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+            }
         }
-        _ => {
-            let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        let bodiless = head.method == "GET" || head.method == "HEAD";
+        if head.keep_alive && bodiless && head.path != "/ws" && head.path != "/slow" {
+            buf = rest;
+            continue;
         }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        return;
     }
-    let _ = s.shutdown(std::net::Shutdown::Write);
 }
 
 struct Setup {
@@ -288,11 +328,11 @@ fn read_head(s: &mut TcpStream) -> (u16, Vec<(String, String)>, Vec<u8>) {
     }
 }
 
-/// Sends `head_lines` (without the final blank line) and `body`, reads the answer to the
-/// close.
+/// Sends `head_lines` (without the final blank line) with `Connection: close` and `body`,
+/// reads the answer to the close.
 fn request(gw: SocketAddr, head_lines: &str, body: &[u8]) -> Answer {
     let mut s = connect(gw);
-    s.write_all(format!("{head_lines}\r\n\r\n").as_bytes())
+    s.write_all(format!("{head_lines}\r\nConnection: close\r\n\r\n").as_bytes())
         .unwrap();
     s.write_all(body).unwrap();
     let (status, headers, mut rest) = read_head(&mut s);
@@ -535,6 +575,298 @@ fn proxy_http_websocket_and_auth() {
     let _ = &s.fa;
 }
 
+/// A browser's way in (host form): the token in the query answers a GET with a 302 to the
+/// same URL without it that sets an HttpOnly, SameSite=Lax, host-only cookie; the cookie
+/// then lets requests through, and neither the cookie nor the parameter reaches the
+/// sandbox. A wrong token in the query is 403 and sets nothing; the path form takes the
+/// header only.
+#[test]
+fn proxy_token_from_query_and_cookie() {
+    let Some(s) = setup() else { return };
+    let sb = create(&s.cl, false);
+    let tok = sb.traffic_token.clone();
+    let h = host(&sb.id, PORT);
+    let gw = s.gw;
+
+    let a = get(
+        gw,
+        &h,
+        &format!("/head?a=1&wrenn_traffic_token={tok}&b=2"),
+        "",
+    );
+    assert_eq!(a.status, 302, "{a:?}");
+    assert_eq!(a.header("location"), Some("/head?a=1&b=2"));
+    let cookie = a.header("set-cookie").expect("a cookie").to_owned();
+    assert!(
+        cookie.starts_with(&format!("wrenn_traffic_token={tok};")),
+        "{cookie}"
+    );
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    assert!(!cookie.to_ascii_lowercase().contains("domain"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+    assert_eq!(
+        s.guest.heads.lock().unwrap().len(),
+        0,
+        "a redirect reaches nothing"
+    );
+    // The only parameter: the location is the bare path.
+    let a = get(gw, &h, &format!("/head?wrenn_traffic_token={tok}"), "");
+    assert_eq!(a.header("location"), Some("/head"));
+
+    // The cookie, among the page's own, is enough; the sandbox sees only its own.
+    let a = get(
+        gw,
+        &h,
+        "/head?a=1",
+        &format!("\r\nCookie: theme=dark; wrenn_traffic_token={tok}; sid=7"),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let seen = String::from_utf8_lossy(&a.body).to_ascii_lowercase();
+    assert!(seen.starts_with("get /head?a=1 http/1.1\r\n"), "{seen}");
+    assert!(seen.contains("cookie: theme=dark; sid=7\r\n"), "{seen}");
+    assert!(
+        !seen.contains(&tok) && !seen.contains("wrenn_traffic"),
+        "{seen}"
+    );
+    // Only our cookie: no Cookie header at all.
+    let a = get(
+        gw,
+        &h,
+        "/head",
+        &format!("\r\nCookie: wrenn_traffic_token={tok}"),
+    );
+    assert_eq!(a.status, 200);
+    let seen = String::from_utf8_lossy(&a.body).to_ascii_lowercase();
+    assert!(!seen.contains("cookie"), "{seen}");
+
+    // Another method with the token in the query: relayed, the parameter stripped.
+    let a = request(
+        gw,
+        &format!(
+            "POST /echo?x=1&wrenn_traffic_token={tok} HTTP/1.1\r\nHost: {h}\r\nContent-Length: 3"
+        ),
+        b"abc",
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body, b"abc");
+    let heads = s.guest.heads.lock().unwrap().clone();
+    let last = heads.last().unwrap();
+    assert!(last.starts_with("POST /echo?x=1 HTTP/1.1\r\n"), "{last}");
+    assert!(!last.contains(&tok), "{last}");
+
+    // Wrong tokens: 403, no cookie set.
+    let a = get(gw, &h, "/head?wrenn_traffic_token=wtt_wrong", "");
+    assert_eq!(a.status, 403, "{a:?}");
+    assert!(a.header("set-cookie").is_none());
+    let a = get(gw, &h, "/head", "\r\nCookie: wrenn_traffic_token=wtt_wrong");
+    assert_eq!(a.status, 403, "{a:?}");
+    // The path form takes the header only.
+    let a = request(
+        gw,
+        &format!(
+            "GET /v1/sandboxes/{}/ports/{PORT}/head?wrenn_traffic_token={tok} HTTP/1.1\r\n\
+             Host: api.example\r\nCookie: wrenn_traffic_token={tok}",
+            sb.id
+        ),
+        &[],
+    );
+    assert_eq!(a.status, 401, "{a:?}");
+}
+
+/// Reads one answer framed by Content-Length or chunked from a kept-alive connection:
+/// status, headers, decoded body; `carry` holds bytes read past it (the next answer's).
+fn read_framed_as(s: &mut TcpStream, carry: &mut Vec<u8>, head_request: bool) -> Answer {
+    let mut b = [0u8; 65536];
+    let (h, n) = loop {
+        if let Some(x) = proto::http::parse_response_head(carry, 65536, head_request).unwrap() {
+            break x;
+        }
+        let k = s.read(&mut b).expect("read head");
+        assert!(k > 0, "closed before a head");
+        carry.extend_from_slice(&b[..k]);
+    };
+    carry.drain(..n);
+    let mut dec = proto::http::BodyDecoder::new(h.framing);
+    let mut body = Vec::new();
+    loop {
+        while !carry.is_empty() && !dec.is_done() {
+            let p = dec.advance(carry, usize::MAX).unwrap();
+            body.extend_from_slice(&carry[p.data.clone()]);
+            carry.drain(..p.consumed);
+        }
+        if dec.is_done() {
+            break;
+        }
+        let k = s.read(&mut b).expect("read body");
+        assert!(k > 0, "closed inside a body");
+        carry.extend_from_slice(&b[..k]);
+    }
+    Answer {
+        status: h.status,
+        headers: h
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_ascii_lowercase(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect(),
+        body,
+    }
+}
+
+fn read_framed(s: &mut TcpStream, carry: &mut Vec<u8>) -> Answer {
+    read_framed_as(s, carry, false)
+}
+
+/// Keep-alive through the proxy: requests one after another on one client connection, each
+/// answered (Content-Length, chunked, HEAD); a request for another sandbox, or with a
+/// rotated token, ends the connection after the previous answer instead of being relayed;
+/// `Connection: close` from the client is honoured both ways.
+#[test]
+fn proxy_keep_alive() {
+    let Some(s) = setup() else { return };
+    let sb = create(&s.cl, false);
+    let tok = sb.traffic_token.clone();
+    let h = host(&sb.id, PORT);
+    let mut conn = connect(s.gw);
+    let mut carry = Vec::new();
+    let send = |conn: &mut TcpStream, method: &str, path: &str, extra: &str| {
+        conn.write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: {h}\r\nwrenn-traffic-access-token: {tok}\r\n{extra}\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    };
+    send(&mut conn, "GET", "/big?n=100000", "");
+    let a = read_framed(&mut conn, &mut carry);
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("connection"), None, "kept alive: {:?}", a.headers);
+    check_pattern(&a.body, 100_000);
+    send(&mut conn, "GET", "/chunked?n=70000", "");
+    let a = read_framed(&mut conn, &mut carry);
+    assert_eq!(a.status, 200);
+    check_pattern(&a.body, 70_000);
+    send(&mut conn, "HEAD", "/big?n=5000", "");
+    let a = read_framed_as(&mut conn, &mut carry, true);
+    assert_eq!(a.header("content-length"), Some("5000"));
+    assert_eq!((a.status, a.body.len()), (200, 0));
+    // Two at once (pipelined): both answered, in order.
+    conn.write_all(
+        format!(
+            "GET /big?n=10 HTTP/1.1\r\nHost: {h}\r\nwrenn-traffic-access-token: {tok}\r\n\r\n\
+             GET /head HTTP/1.1\r\nHost: {h}\r\nwrenn-traffic-access-token: {tok}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    check_pattern(&read_framed(&mut conn, &mut carry).body, 10);
+    let a = read_framed(&mut conn, &mut carry);
+    let seen = String::from_utf8_lossy(&a.body).to_ascii_lowercase();
+    assert!(seen.starts_with("get /head http/1.1\r\n"), "{seen}");
+    assert!(
+        !seen.contains(&tok) && !seen.contains("connection: close"),
+        "{seen}"
+    );
+    // The client's Connection: close: the last answer says so and the connection ends.
+    send(&mut conn, "GET", "/big?n=3", "Connection: close\r\n");
+    let a = read_framed(&mut conn, &mut carry);
+    assert_eq!(a.header("connection"), Some("close"));
+    check_pattern(&a.body, 3);
+    let mut tail = Vec::new();
+    conn.read_to_end(&mut tail).unwrap();
+    assert!(tail.is_empty() && carry.is_empty());
+
+    // A later request for another sandbox is not relayed: the connection ends.
+    let other = create(&s.cl, false);
+    let mut conn = connect(s.gw);
+    let mut carry = Vec::new();
+    send(&mut conn, "GET", "/big?n=7", "");
+    check_pattern(&read_framed(&mut conn, &mut carry).body, 7);
+    let before = s.guest.heads.lock().unwrap().len();
+    conn.write_all(
+        format!(
+            "GET /head HTTP/1.1\r\nHost: {}\r\nwrenn-traffic-access-token: {}\r\n\r\n",
+            host(&other.id, PORT),
+            other.traffic_token
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut tail = Vec::new();
+    conn.read_to_end(&mut tail).unwrap();
+    assert!(tail.is_empty(), "{}", String::from_utf8_lossy(&tail));
+    assert_eq!(s.guest.heads.lock().unwrap().len(), before);
+
+    // A token rotated while the connection is open stops working at the next request.
+    let mut conn = connect(s.gw);
+    let mut carry = Vec::new();
+    send(&mut conn, "GET", "/big?n=7", "");
+    check_pattern(&read_framed(&mut conn, &mut carry).body, 7);
+    let _: c::Sandbox =
+        s.cl.unary(
+            c::sandboxes_methods::ROTATE_TRAFFIC_TOKEN,
+            &c::RotateTrafficTokenRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    send(&mut conn, "GET", "/big?n=7", "");
+    let mut tail = Vec::new();
+    conn.read_to_end(&mut tail).unwrap();
+    assert!(tail.is_empty(), "{}", String::from_utf8_lossy(&tail));
+}
+
+/// A 100 MiB request body streamed through the proxy (Content-Length), hashed by the
+/// sandbox's server as it arrives: every byte arrives, in order, and the answer follows.
+#[test]
+fn proxy_upload_100_mib_checksummed() {
+    let Some(s) = setup() else { return };
+    let sb = create(&s.cl, false);
+    let total: u64 = 100 << 20;
+    let mut conn = connect(s.gw);
+    conn.write_all(
+        format!(
+            "POST /sum HTTP/1.1\r\nHost: {}\r\nwrenn-traffic-access-token: {}\r\n\
+             Content-Length: {total}\r\n\r\n",
+            host(&sb.id, PORT),
+            sb.traffic_token
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut want = proto::sha256::Sha256::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut sent = 0u64;
+    while sent < total {
+        for (j, x) in chunk.iter_mut().enumerate() {
+            *x = pattern((sent + j as u64) * 13 + 5);
+        }
+        want.update(&chunk);
+        conn.write_all(&chunk).unwrap();
+        sent += chunk.len() as u64;
+    }
+    let (status, _, mut rest) = read_head(&mut conn);
+    conn.read_to_end(&mut rest).unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        format!("{total} {}", want.finish_hex())
+    );
+    eprintln!(
+        "100 MiB upload through the proxy in {:?}",
+        started.elapsed()
+    );
+}
+
 /// A client that stops reading a 128 MiB answer: the sandbox's server is held back (it
 /// cannot write more than the windows and socket buffers on the way), other proxied requests,
 /// API calls and /health are served meanwhile, and the reader gets every byte once it reads
@@ -690,7 +1022,8 @@ fn proxy_over_tls() {
     let mut s = crate::http::Https::connect(gw);
     s.write_all(
         format!(
-            "GET /big?n={n} HTTP/1.1\r\nHost: {h}\r\nwrenn-traffic-access-token: {tok}\r\n\r\n"
+            "GET /big?n={n} HTTP/1.1\r\nHost: {h}\r\nwrenn-traffic-access-token: {tok}\r\n\
+             Connection: close\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -710,6 +1043,28 @@ fn proxy_over_tls() {
         String::from_utf8_lossy(&all[..p])
     );
     check_pattern(&all[p + 4..], n);
+
+    // Over TLS the token cookie is Secure.
+    let mut s = crate::http::Https::connect(gw);
+    s.write_all(
+        format!("GET /big?wrenn_traffic_token={tok} HTTP/1.1\r\nHost: {h}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    loop {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => all.extend_from_slice(&b[..k]),
+        }
+    }
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 302 "), "{text}");
+    assert!(
+        text.contains(&format!(
+            "Set-Cookie: wrenn_traffic_token={tok}; Path=/; HttpOnly; SameSite=Lax; Secure\r\n"
+        )),
+        "{text}"
+    );
 
     let mut ws = crate::http::Https::connect(gw);
     ws.write_all(

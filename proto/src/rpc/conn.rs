@@ -239,6 +239,12 @@ impl Conn {
         }
     }
 
+    /// Wakes every thread waiting on the connection (one of them has a condition of its own
+    /// that changed); the caller holds the lock, so no waiter misses it.
+    pub fn wake_all(&self, st: &State) {
+        self.wake_waiters(st);
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent-enough state for shutdown paths;
         // recover the guard instead of propagating the poison.

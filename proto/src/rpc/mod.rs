@@ -30,6 +30,28 @@ pub use transport::{ReadMode, SocketKind, SocketTransport, Transport};
 pub use crate::gen::wrenn::wire::v1::{CredentialKind, Hello};
 pub use prost::bytes::{Bytes, BytesMut};
 
+/// Reads once from a blocking socket into the spare capacity of `buf` (a fresh allocation
+/// of `max` bytes when less than a quarter of one is left), without zero-filling, and
+/// splits what was read off as a message payload; `Ok(None)` at end of stream. A payload is
+/// at most `max` bytes. The relays of port streams read this way: the payload goes on to the
+/// next socket by `writev` ([`ServerSender::send_payload`], [`StreamSender::send_payload`]),
+/// never copied in user space.
+pub fn recv_payload(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    max: usize,
+) -> std::io::Result<Option<Bytes>> {
+    buf.clear();
+    if buf.capacity() < max / 4 || buf.capacity() > max {
+        *buf = BytesMut::with_capacity(max);
+    }
+    let n = sys::read_into(sock, buf, true)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some(buf.split_to(n).freeze()))
+}
+
 /// Encodes `msg` followed by the key and length of a bytes field `tag` holding `payload_len`
 /// bytes: the prefix that, with the payload appended, is the encoding of `msg` with that
 /// field set. `msg` must leave the field empty. Used to send bulk data without copying it.

@@ -1175,6 +1175,28 @@ impl ServerSender {
             })
             .map(|_| ())
     }
+
+    /// Wakes the call's worker if it waits in [`ServerStream::recv_timeout_or`], to look at
+    /// its stop condition again (set that before calling this).
+    pub fn wake(&self) {
+        let st = self.conn.lock();
+        self.conn.wake_all(&st);
+    }
+
+    /// Sends `msg` with its bytes field `tag` set to `payload`, without copying the payload
+    /// (as [`ServerStream::send_payload`]); blocks under flow control like
+    /// [`ServerSender::send`].
+    pub fn send_payload<M: Message>(
+        &self,
+        msg: &M,
+        tag: u32,
+        payload: Bytes,
+    ) -> Result<(), Status> {
+        let prefix = super::payload_prefix(msg, tag, payload.len());
+        self.conn
+            .send_data_payload(self.id, &prefix, payload, false, None)
+            .map(|_| ())
+    }
 }
 
 /// See [`ServerStream::watch`].
@@ -1260,6 +1282,32 @@ impl ServerStream {
             .map(|(_, m)| m);
         match r {
             Ok(m) => Ok(Ok(m)),
+            Err(s) if s.code == Code::DeadlineExceeded && !self.is_cancelled() => Ok(Err(())),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Like [`ServerStream::recv_timeout`], but also gives up (`Ok(Err(()))`) as soon as
+    /// `stop()` holds: another thread that makes it hold calls [`ServerSender::wake`], so
+    /// the worker learns at once instead of at its next timeout (a relay whose other half
+    /// ended).
+    pub fn recv_timeout_or(
+        &mut self,
+        timeout: Duration,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Result<Option<Bytes>, ()>, Status> {
+        let id = self.id;
+        let conn = self.conn.clone();
+        let r = conn
+            .wait(Some(Instant::now() + timeout), |st| {
+                if stop() {
+                    return Ok(Some(Err(())));
+                }
+                Ok(conn.take_message(st, id)?.map(Ok))
+            })
+            .map(|(_, m)| m);
+        match r {
+            Ok(m) => Ok(m),
             Err(s) if s.code == Code::DeadlineExceeded && !self.is_cancelled() => Ok(Err(())),
             Err(s) => Err(s),
         }
