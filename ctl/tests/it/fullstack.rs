@@ -17,7 +17,8 @@
 //!   files, and runs its processes as that user in that directory with that environment.
 //! - [`stack_create_latency`] (issue 15 §1, opt-in with `WRENN_STACK_LATENCY=1`): creates
 //!   from the base template through ctl's API, 1, 4 and 10 at once (`WRENN_STACK_LEVELS`),
-//!   `WRENN_STACK_ROUNDS` rounds per level (default 20), each to its first exec answered
+//!   `WRENN_STACK_ROUNDS` rounds per level (default 20; one number, or one per level), each
+//!   to its first exec answered
 //!   (envd's own `--version`, a static binary); p50 and max, with the agent's phases.
 
 use std::collections::BTreeMap;
@@ -663,24 +664,27 @@ fn stack_create_latency() {
     }
     let Some(inp) = inputs() else { return };
     let Some(st) = Stack::start(&inp) else { return };
-    let rounds: usize = std::env::var("WRENN_STACK_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let levels: Vec<usize> = std::env::var("WRENN_STACK_LEVELS")
-        .unwrap_or_else(|_| "1,4,10".into())
-        .split(',')
-        .filter_map(|v| v.trim().parse().ok())
-        .collect();
+    let list = |k: &str, d: &str| -> Vec<usize> {
+        std::env::var(k)
+            .unwrap_or_else(|_| d.into())
+            .split(',')
+            .filter_map(|v| v.trim().parse().ok())
+            .collect()
+    };
+    let levels = list("WRENN_STACK_LEVELS", "1,4,10");
+    // One number for every level, or one per level.
+    let rounds_of = list("WRENN_STACK_ROUNDS", "20");
+    let rounds_at = |i: usize| rounds_of.get(i).or(rounds_of.last()).copied().unwrap_or(20);
     println!(
-        "stack latency: levels {levels:?}, {rounds} rounds each, vCPU overcommit {VCPU_OVERCOMMIT}x, \
+        "stack latency: levels {levels:?}, rounds {rounds_of:?}, vCPU overcommit {VCPU_OVERCOMMIT}x, \
          jailed {}, backend {}",
         inp.jailer.is_some(),
         if inp.uffd.is_some() { "uffd" } else { "file" }
     );
     let addr = st.addr.clone();
     let key = st.team_key.clone();
-    for &level in &levels {
+    for (li, &level) in levels.iter().enumerate() {
+        let rounds = rounds_at(li);
         let mut samples: Vec<Sample> = Vec::new();
         let t_level = Instant::now();
         for round in 0..rounds {
@@ -801,4 +805,21 @@ fn stack_create_latency() {
         }
     }
     drop(st);
+}
+
+/// The build test's recipe parses to what the checks expect (no guest needed).
+#[test]
+fn stack_recipe_parses() {
+    let r = proto::recipe::parse(RECIPE.as_bytes()).unwrap();
+    assert_eq!(r.from, BASE_NAME);
+    assert_eq!(r.user.as_deref(), Some("app"));
+    assert_eq!(r.workdir.as_deref(), Some("/srv/site"));
+    assert_eq!(
+        r.env.get("GREETING").map(String::as_str),
+        Some("hello-from-recipe")
+    );
+    assert_eq!(r.steps.len(), 6);
+    assert!(r.start.is_some());
+    let h = r.healthcheck.unwrap();
+    assert_eq!(h.value.retries, 60);
 }
