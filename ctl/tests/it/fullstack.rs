@@ -10,6 +10,8 @@
 //! `WRENN_STACK_BASE_TEMPLATE` (a snapshot template directory of another agent, e.g. the
 //! agent e2e's cached one, imported as the base instead of a cold boot, which takes minutes
 //! on nested KVM). ctl learns of the base with `wrenn-ctl admin adopt-template`.
+//! `WRENN_STACK_NO_GUEST=1`: the build test only starts the stack (registration, adoption)
+//! and boots no guest, for checking the wiring while another run holds the guest lock.
 //!
 //! - [`stack_template_build_on_firecracker`] (issue 17 §1): `Templates/Build` of a recipe
 //!   that copies files from the context, runs commands, sets ENV/WORKDIR/USER, STARTs a
@@ -261,7 +263,9 @@ impl Stack {
                 .arg("--chroot-base-dir")
                 .arg(inp.root.join("jail"))
                 .args(["--uid-base", &UID_BASE.to_string()])
-                .args(["--uid-count", &UID_COUNT.to_string()]),
+                .args(["--uid-count", &UID_COUNT.to_string()])
+                // One uid per slot: no more slots than uids.
+                .args(["--slots", &UID_COUNT.to_string()]),
             None => cmd.arg("--unjailed"),
         };
         let agent = cmd.spawn().unwrap();
@@ -454,6 +458,10 @@ HEALTHCHECK --interval=5s --timeout=300s --start-period=10s --retries=60 exec ba
 fn stack_template_build_on_firecracker() {
     let Some(inp) = inputs() else { return };
     let Some(st) = Stack::start(&inp) else { return };
+    if std::env::var("WRENN_STACK_NO_GUEST").as_deref() == Ok("1") {
+        println!("skipped: the build on a guest (WRENN_STACK_NO_GUEST=1: registration only)");
+        return;
+    }
     let cl = st.team();
     let t0 = Instant::now();
     let mut s = cl
