@@ -987,15 +987,24 @@ impl Vmm for FirecrackerVmm {
             plan.name(),
             proto::id::format_template(rec.template_id)
         );
+        // Phases, in microseconds: the restore's files (chroot links, the memory plan),
+        // Firecracker's start, the page server's, the snapshot load (which resumes the VM:
+        // one API call), MMDS.
+        let mut phase_us = [0u128; 5];
+        let t = Instant::now();
         let backend = self.prepare_restore(rec, dir, &paths, src, &plan)?;
         // Announces after Resumed go here; nobody has to wait for them.
         let ready = ReadinessListener::start(&paths.vsock_host, |_| {}).ok();
         if ready.is_some() {
             self.give_socket(rec, &listener_socket(&paths))?;
         }
+        phase_us[0] = t.elapsed().as_micros();
+        let t = Instant::now();
         let vm = self.spawn(rec, dir)?;
+        phase_us[1] = t.elapsed().as_micros();
         let mut page_server = None;
         let r = (|| -> Result<(), VmError> {
+            let t = Instant::now();
             let mem_backend = match backend {
                 Some(file) => MemBackend::File(file),
                 None => {
@@ -1006,6 +1015,7 @@ impl Vmm for FirecrackerVmm {
                     MemBackend::Uffd(paths.uffd_fc.clone())
                 }
             };
+            phase_us[2] = t.elapsed().as_micros();
             let vmstate = paths.fc_view(jail::JAIL_VMSTATE, src.chain.vmstate.clone());
             let mut load = SnapshotLoad::new(&vmstate, mem_backend);
             load.track_dirty_pages = true;
@@ -1017,7 +1027,10 @@ impl Vmm for FirecrackerVmm {
             }];
             load.vsock_override = Some(paths.vsock_fc.clone());
             let mut api = vm.api_client();
+            let t = Instant::now();
             api.call(&load).map(|_| ()).map_err(err2("snapshot/load"))?;
+            phase_us[3] = t.elapsed().as_micros();
+            let t = Instant::now();
             // The MMDS configuration is part of the VM state, its data store is not: the
             // restored guest gets its own identity. A snapshot taken before the agent
             // configured MMDS has none: logged, the restore goes on (envd learns its
@@ -1025,10 +1038,22 @@ impl Vmm for FirecrackerVmm {
             if let Err(e) = api.call(&mmds_data(rec)) {
                 warn!("mmds not set after restore id={} error={e}", rec.id);
             }
+            phase_us[4] = t.elapsed().as_micros();
             Ok(())
         })();
         match r {
             Ok(()) => {
+                info!(
+                    "restore phases id={} backend={} files_us={} firecracker_start_us={} \
+                     page_server_us={} load_resume_us={} mmds_us={}",
+                    proto::id::format_sandbox(rec.id),
+                    plan.name(),
+                    phase_us[0],
+                    phase_us[1],
+                    phase_us[2],
+                    phase_us[3],
+                    phase_us[4]
+                );
                 let started = Started {
                     firecracker: sys::proc_ref(vm.pid() as i32),
                     page_server: page_server

@@ -207,3 +207,94 @@ pub fn revoke_host(url: &str, host_id: &str) -> Result<usize, AdminError> {
     tx.commit().map_err(|source| AdminError::Sql { source })?;
     Ok(serials.len())
 }
+
+/// What `admin adopt-template` records: a snapshot template whose files an agent already
+/// has (made by that agent outside this database: an earlier deployment, a test's cached
+/// template), with the sizes of its `template.conf`.
+#[derive(Clone, Debug)]
+pub struct AdoptTemplate<'a> {
+    /// The host holding the files, "host-...".
+    pub host_id: &'a str,
+    /// The agent's template id, "tpl-...".
+    pub template_id: &'a str,
+    /// The platform template's name.
+    pub name: &'a str,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u64,
+}
+
+/// `admin adopt-template`: records an existing snapshot template of a registered host as a
+/// platform template (visible to every team, like `minimal`). ctl cannot see the files: the
+/// operator vouches for them (a create from a template the host lacks fails with the
+/// agent's NOT_FOUND). Refuses an unknown host, a taken name or id, and sizes beyond the
+/// sandbox bounds.
+pub fn adopt_template(url: &str, t: &AdoptTemplate<'_>) -> Result<(), AdminError> {
+    let bad = |m: String| AdminError::Call(Status::invalid_argument(m));
+    let host = id::parse(Kind::Host, t.host_id).map_err(|e| bad(e.to_string()))?;
+    let tpl = id::parse(Kind::Template, t.template_id).map_err(|e| bad(e.to_string()))?;
+    service::check_template_name(t.name).map_err(AdminError::Call)?;
+    if !(1..=proto::sandbox_limits::VCPUS_MAX).contains(&t.vcpus) {
+        return Err(bad(format!("--vcpus {} is out of range", t.vcpus)));
+    }
+    if !(1..=proto::sandbox_limits::MEMORY_MIB_MAX).contains(&t.memory_mib) {
+        return Err(bad(format!(
+            "--memory-mib {} is out of range",
+            t.memory_mib
+        )));
+    }
+    if !(1..=proto::sandbox_limits::DISK_MIB_MAX).contains(&t.disk_mib) {
+        return Err(bad(format!("--disk-mib {} is out of range", t.disk_mib)));
+    }
+    let mut c = connect(url)?;
+    let mut tx = c
+        .transaction()
+        .map_err(|source| AdminError::Sql { source })?;
+    let exists = tx
+        .query_opt("SELECT 1 FROM hosts WHERE id = $1", &[&host])
+        .map_err(|source| AdminError::Sql { source })?
+        .is_some();
+    if !exists {
+        return Err(AdminError::Call(Status::not_found("host not found")));
+    }
+    let taken = tx
+        .query_opt(
+            "SELECT 1 FROM templates WHERE id = $1 OR (team_id = $2 AND name = $3)",
+            &[&tpl, &PLATFORM_TEAM, &t.name],
+        )
+        .map_err(|source| AdminError::Sql { source })?
+        .is_some();
+    if taken {
+        return Err(AdminError::Call(Status::already_exists(
+            "a template with this id or name exists",
+        )));
+    }
+    tx.execute(
+        "INSERT INTO templates (id, team_id, name, kind, vcpus, memory_mib, disk_mib, host_id) \
+         VALUES ($1, $2, $3, 'snapshot', $4, $5, $6, $7)",
+        &[
+            &tpl,
+            &PLATFORM_TEAM,
+            &t.name,
+            &(t.vcpus as i32),
+            &(t.memory_mib as i32),
+            &(t.disk_mib as i64),
+            &host,
+        ],
+    )
+    .map_err(|source| AdminError::Sql { source })?;
+    service::audit_write(
+        &mut tx,
+        service::audit_entry(
+            None,
+            &Actor::System,
+            "template",
+            id::format(Kind::Template, tpl),
+            "template.adopt",
+            serde_json::json!({"host": t.host_id, "name": t.name, "by": "wrenn-ctl admin"}),
+        ),
+    )
+    .map_err(AdminError::Call)?;
+    tx.commit().map_err(|source| AdminError::Sql { source })?;
+    Ok(())
+}

@@ -11,6 +11,8 @@
 //! wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
 //! wrenn-ctl admin create-registration-token [--ttl-s S] [--database-url URL]
 //! wrenn-ctl admin revoke-host --host HOST_ID [--database-url URL]
+//! wrenn-ctl admin adopt-template --host HOST_ID --template TPL_ID --name NAME --vcpus N
+//!                                --memory-mib M --disk-mib D [--database-url URL]
 //! wrenn-ctl --version | --help, and --help after any command
 //! ```
 //! Usage errors print the usage and exit 2; runtime errors print only the error, exit 1.
@@ -40,6 +42,8 @@ const USAGE: &str = "usage:
   wrenn-ctl admin create-team --team NAME --email EMAIL [--name NAME] [--database-url URL]
   wrenn-ctl admin create-registration-token [--ttl-s S] [--tls-ca-cert FILE] [--database-url URL]
   wrenn-ctl admin revoke-host --host HOST_ID [--database-url URL]
+  wrenn-ctl admin adopt-template --host HOST_ID --template TPL_ID --name NAME --vcpus N
+                                 --memory-mib M --disk-mib D [--database-url URL]
   wrenn-ctl admin tls init --dir DIR --names NAME[,NAME...]
   wrenn-ctl --version
 The database URL defaults to $WRENN_DATABASE_URL, then $DATABASE_URL.
@@ -48,6 +52,8 @@ plaintext only with --plaintext. `admin tls init` makes a CA (ca.pem, ca.key mod
 certificate for the names (server.pem, server.key) in DIR. With --tls-ca-cert/--tls-ca-key
 ($WRENN_TLS_CA_CERT/$WRENN_TLS_CA_KEY: ca.pem, ca.key) ctl issues each agent a certificate at
 registration, and registration tokens carry the CA's SHA-256 for the agent to pin.
+`admin adopt-template` records a snapshot template whose files the host's agent already has
+(sizes from its template.conf) as a platform template.
 `serve` applies pending migrations itself before it listens (docs/operations.md).";
 
 /// Why a command failed: a usage error (bad or missing arguments: the usage follows) or a
@@ -430,6 +436,42 @@ fn admin(args: &[String]) -> Result<(), Failure> {
             let n = ctl::admin::revoke_host(&f.database_url()?, host)
                 .map_err(|e| Failure::Runtime(error_chain(&e)))?;
             println!("revoked {n} certificate(s) of {host}; every replica closes its connections");
+            Ok(())
+        }
+        "adopt-template" => {
+            let f = Flags::parse(
+                rest,
+                &[
+                    "--database-url",
+                    "--host",
+                    "--template",
+                    "--name",
+                    "--vcpus",
+                    "--memory-mib",
+                    "--disk-mib",
+                ],
+                &[],
+            )?;
+            let num = |k: &'static str| -> Result<u64, Failure> {
+                let v = f.get(k).ok_or_else(|| format!("{k} is required"))?;
+                v.parse::<u64>()
+                    .map_err(|_| Failure::from(format!("{k}: {v:?} is not a number")))
+            };
+            let t = ctl::admin::AdoptTemplate {
+                host_id: f.get("--host").ok_or("--host is required")?,
+                template_id: f.get("--template").ok_or("--template is required")?,
+                name: f.get("--name").ok_or("--name is required")?,
+                vcpus: u32::try_from(num("--vcpus")?).map_err(|_| "--vcpus is too large")?,
+                memory_mib: u32::try_from(num("--memory-mib")?)
+                    .map_err(|_| "--memory-mib is too large")?,
+                disk_mib: num("--disk-mib")?,
+            };
+            ctl::admin::adopt_template(&f.database_url()?, &t)
+                .map_err(|e| Failure::Runtime(error_chain(&e)))?;
+            println!(
+                "{} is the platform template {:?} on {}",
+                t.template_id, t.name, t.host_id
+            );
             Ok(())
         }
         "tls" => match rest.split_first() {

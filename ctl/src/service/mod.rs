@@ -234,3 +234,14 @@ pub fn audit_entry<'a>(
 pub const PLATFORM_TEAM: Uuid = Uuid::nil();
 /// The seeded `minimal` base template.
 pub const MINIMAL_TEMPLATE: Uuid = Uuid::nil();
+
+/// A template name as every path that names templates takes it (not an id's look).
+pub fn check_template_name(name: &str) -> Result<(), Status> {
+    convert::check_name("name", name)?;
+    if name.starts_with("tpl-") {
+        return Err(Status::invalid_argument(
+            "template names must not look like ids (tpl-...)",
+        ));
+    }
+    Ok(())
+}

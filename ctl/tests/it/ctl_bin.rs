@@ -741,3 +741,95 @@ fn serve_speaks_tls_with_the_files_admin_tls_init_makes() {
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `admin adopt-template` records a snapshot template an agent already has as a platform
+/// template on that host (visible to every team); unknown hosts, taken names and ids, bad
+/// ids, names that look like ids and sizes out of range are refused.
+#[test]
+fn admin_adopt_template_records_an_existing_agent_template() {
+    let Some(ctl) = harness::Ctl::start() else {
+        return;
+    };
+    let (_fa, host) = ctl.add_host(4, 4096, 100_000);
+    let tpl = "tpl-57ac0000-0000-0000-0000-0000000000aa";
+    let adopt = |host: &str, tpl: &str, name: &str, vcpus: &str| {
+        Command::new(BIN)
+            .args(["admin", "adopt-template", "--database-url", &ctl.url])
+            .args(["--host", host, "--template", tpl, "--name", name])
+            .args([
+                "--vcpus",
+                vcpus,
+                "--memory-mib",
+                "256",
+                "--disk-mib",
+                "5120",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = adopt(&host, tpl, "adopted", "1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: c::Template = ctl
+        .team()
+        .unary(
+            c::templates_methods::GET,
+            &c::GetTemplateRequest {
+                template: "adopted".into(),
+            },
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap();
+    assert_eq!(t.id, tpl);
+    assert_eq!((t.vcpus, t.memory_mib, t.disk_mib), (1, 256, 5120));
+    assert_eq!(t.host_id, host);
+    assert_eq!(t.kind, c::TemplateKind::Snapshot as i32);
+    let unknown_host = "host-57ac0000-0000-0000-0000-0000000000bb";
+    for (h, id, name, vcpus, why) in [
+        (host.as_str(), tpl, "other", "1", "exists"),
+        (
+            host.as_str(),
+            "tpl-57ac0000-0000-0000-0000-0000000000cc",
+            "adopted",
+            "1",
+            "exists",
+        ),
+        (
+            unknown_host,
+            "tpl-57ac0000-0000-0000-0000-0000000000cc",
+            "x",
+            "1",
+            "host not found",
+        ),
+        (host.as_str(), "tpl-nope", "x", "1", "tpl"),
+        (
+            host.as_str(),
+            "tpl-57ac0000-0000-0000-0000-0000000000cc",
+            "tpl-x",
+            "1",
+            "look like ids",
+        ),
+        (
+            host.as_str(),
+            "tpl-57ac0000-0000-0000-0000-0000000000cc",
+            "x",
+            "0",
+            "out of range",
+        ),
+    ] {
+        let out = adopt(h, id, name, vcpus);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{id} {name}: {err}");
+        assert!(err.contains(why), "{id} {name} {vcpus}: {err}");
+    }
+    // A missing size is a usage error.
+    let out = Command::new(BIN)
+        .args(["admin", "adopt-template", "--database-url", &ctl.url])
+        .args(["--host", &host, "--template", tpl, "--name", "n"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

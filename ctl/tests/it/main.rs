@@ -9,6 +9,7 @@ mod cli;
 mod ctl_bin;
 mod defects;
 mod fake_agent;
+mod fullstack;
 mod harness;
 mod http;
 mod jobs;
