@@ -41,7 +41,7 @@
 //! not; only the template stays cached.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,6 +132,19 @@ impl Mem {
         let p = format!("/proc/{pid}/smaps_rollup");
         let text = fs::read_to_string(&p).map_err(|e| format!("read {p}: {e}"))?;
         Mem::parse(&text).ok_or_else(|| format!("{p}: no Rss/Pss"))
+    }
+
+    /// As [`Mem::read`], `None` when the process is gone (wrenn-uffd exits once every page
+    /// is resident: it holds no memory then).
+    pub fn read_if_alive(pid: i32) -> Result<Option<Mem>, String> {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Ok(None);
+        }
+        match Mem::read(pid) {
+            Ok(m) => Ok(Some(m)),
+            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn add(self, o: Mem) -> Mem {
@@ -525,7 +538,10 @@ fn density(opts: &Opts) -> Result<(), String> {
             return Err(format!("{} Firecrackers running, expected 1", fcs.len()));
         };
         let alone = Mem::read(alone_pid)?;
-        let alone_ps = page_server(&m, alone_id).map(Mem::read).transpose()?;
+        let alone_ps = match page_server(&m, alone_id) {
+            Some(p) => Mem::read_if_alive(p)?,
+            None => None,
+        };
         println!(
             "info=sandbox_density_{b}_alone rss_mib={} pss_mib={} pss_anon_mib={} pss_file_mib={} page_server_pss_mib={}",
             mib(alone.rss),
@@ -553,14 +569,18 @@ fn density(opts: &Opts) -> Result<(), String> {
         }
         let mut sum = Mem::default();
         let mut ps_sum = Mem::default();
+        let mut ps_alive = 0;
         for (id, pid) in &fcs {
             sum = sum.add(Mem::read(*pid)?);
             if let Some(p) = page_server(&m, *id) {
-                ps_sum = ps_sum.add(Mem::read(p)?);
+                if let Some(pm) = Mem::read_if_alive(p)? {
+                    ps_sum = ps_sum.add(pm);
+                    ps_alive += 1;
+                }
             }
         }
         println!(
-            "info=sandbox_density_{b}_mem n={n} sum_pss_mib={} sum_rss_mib={} sum_pss_anon_mib={} sum_pss_file_mib={} alone_rss_mib={} n_x_alone_rss_mib={} page_servers_sum_pss_mib={}",
+            "info=sandbox_density_{b}_mem n={n} sum_pss_mib={} sum_rss_mib={} sum_pss_anon_mib={} sum_pss_file_mib={} alone_rss_mib={} n_x_alone_rss_mib={} page_servers_running={ps_alive} page_servers_sum_pss_mib={}",
             mib(sum.pss),
             mib(sum.rss),
             mib(sum.pss_anon),
