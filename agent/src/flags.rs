@@ -9,7 +9,7 @@ usage: wrenn-agent [--listen 0.0.0.0:7710] [--metrics-listen 0.0.0.0:7711]
                    [--state-root /var/lib/wrenn] [--ctl HOST:7702] [--registration-token-file F]
                    [--ctl-ca FILE | --ctl-plaintext]
                    [--advertise HOST:PORT] [--firecracker PATH] [--kernel PATH]
-                   [--uffd-bin PATH] [--restore-backend uffd|file] [--boot-args-extra STR]
+                   [--uffd-bin PATH] [--restore-backend file|uffd] [--boot-args-extra STR]
                    [--slots N] [--net-prefix wrenn] [--net-subnet 10.200.0.0]
                     [--jailer /usr/local/bin/jailer] [--chroot-base-dir <state-root>/jail]
                     [--uid-base 900000] [--uid-count 4096] [--uffd-uid <uid-base + uid-count>]
@@ -21,6 +21,10 @@ speaks TLS, trusting the CA certificate in --ctl-ca (WRENN_CTL_CA), or plaintext
 --never-out: destinations no sandbox reaches whatever its policy allows; the word `default`
 stands for the private, shared, link-local, loopback ranges (the default). Add the control
 network when it is outside them.
+--restore-backend: how a create from a snapshot template gets its memory: `file` (default)
+maps the template's one memory file, shared by its clones (10 idle clones of a 512 MiB
+template: summed Pss 0.21x of ten alone); `uffd` has wrenn-uffd copy pages into each clone
+(docs/operations.md, \"Restore backends\"). Resumes use wrenn-uffd either way.
 --dns-upstream: where the slots' resolver sends allowed queries (default: the first IPv4
 nameserver of /etc/resolv.conf); `off` runs no resolver (domain allow lists resolve nothing).
 environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_JAILER (defaults of --firecracker,
@@ -28,7 +32,9 @@ environment: WRENN_FIRECRACKER, WRENN_KERNEL, WRENN_JAILER (defaults of --firecr
              --registration-token-file: never on the command line, where /proc shows it)";
 
 /// How a create from a snapshot template gets its memory (docs/operations.md, "Restore
-/// backends"). A resume of a paused sandbox goes through wrenn-uffd with either.
+/// backends"). A resume of a paused sandbox goes through wrenn-uffd with either. The
+/// default is `File`, chosen from the `sandbox_density` and `sandbox_create_backends`
+/// benches on the test hosts (clones share the template's pages; see the docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestoreBackend {
     /// wrenn-uffd serves faults from the template's layers.
@@ -195,7 +201,7 @@ impl Flags {
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
             uffd_bin: None,
-            restore_backend: RestoreBackend::Uffd,
+            restore_backend: RestoreBackend::File,
             boot_args_extra: String::new(),
             slots: crate::limits::SANDBOXES_MAX as u32,
             net: vmm_glue::net::NetConfig::default(),
@@ -419,7 +425,7 @@ mod tests {
         assert_eq!(f.listen.to_string(), "0.0.0.0:7710");
         assert_eq!(f.metrics_listen.to_string(), "0.0.0.0:7711");
         assert_eq!(f.state_root, PathBuf::from("/var/lib/wrenn"));
-        assert_eq!(f.restore_backend, RestoreBackend::Uffd);
+        assert_eq!(f.restore_backend, RestoreBackend::File);
         assert_eq!(f.ctl, None);
         assert_eq!(f.jailer, PathBuf::from("/usr/local/bin/jailer"));
         assert_eq!(f.chroot_base, PathBuf::from("/var/lib/wrenn/jail"));

@@ -376,8 +376,9 @@ fn forward(m: &Manager, route: &Route, mut s: ServerStream) {
 }
 
 /// Processes.Exec: start, optionally feed stdin, collect bounded output until exit (or
-/// return at once for a background process).
-fn exec(m: &Manager, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
+/// return at once for a background process). Public for the bench's first-exec timing
+/// (`bench/src/density.rs`), which drives the manager in-process.
+pub fn exec(m: &Manager, r: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
     use envd::process_event::Event;
     let limit = match r.output_limit_bytes {
         0 => EXEC_OUTPUT_DEFAULT,

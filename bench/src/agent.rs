@@ -8,7 +8,8 @@
 //! - `sandbox_lifecycle` (one case, several lines): the real `agent::manager::Manager` with
 //!   the real Firecracker layer, every VM-layer call timed by a wrapper (the phases, printed
 //!   as `info=<case>_<call>` p50/p99; `manager_rest` = what the manager spends outside the
-//!   VM layer, retry sleeps included). The state root `/var/tmp/wrenn-bench-agent` keeps the
+//!   VM layer, retry sleeps included). The state root `/var/tmp/wrenn-bench-agent`
+//!   (`WRENN_LIFECYCLE_ROOT` to choose another) keeps the
 //!   snapshot template between runs (made by one cold boot: `metric=sandbox_create_cold`,
 //!   reported only on the run that boots; delete the root to measure it again). Then, N times:
 //!   `sandbox_create_from_template` (to envd's first answer) with the Uffd backend and with
@@ -563,7 +564,8 @@ mod lifecycle {
                 .filter(|p| p.is_file()),
         };
         let boot_args = std::env::var("WRENN_BOOT_ARGS").unwrap_or_default();
-        let root = PathBuf::from(LIFECYCLE_ROOT);
+        let root = std::env::var_os("WRENN_LIFECYCLE_ROOT")
+            .map_or_else(|| PathBuf::from(LIFECYCLE_ROOT), PathBuf::from);
         let base_dir = root
             .join("templates")
             .join(Uuid::nil().hyphenated().to_string());
@@ -671,7 +673,8 @@ mod lifecycle {
                 .map_err(|e| format!("destroy the cold sandbox: {e}"))?;
         } else {
             println!(
-                "bench=sandbox_create_cold skipped=template_cached_in_{LIFECYCLE_ROOT}_(remove_it_to_measure_a_cold_boot)"
+                "bench=sandbox_create_cold skipped=template_cached_in_{}_(remove_it_to_measure_a_cold_boot)",
+                root.display()
             );
         }
 

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod ctl;
+pub mod density;
 pub mod envd;
 pub mod harness;
 pub mod rpc;
@@ -20,5 +21,6 @@ pub fn cases() -> Vec<harness::Case> {
     v.extend(uffd::cases());
     v.extend(vm::cases());
     v.extend(agent::cases());
+    v.extend(density::cases());
     v
 }

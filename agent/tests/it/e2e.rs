@@ -920,7 +920,10 @@ fn e2e_lifecycle_on_firecracker() {
                 std::fs::File::create(inp.root.join(format!("agent-{port}.log"))).unwrap(),
             ));
         match &inp.uffd {
-            Some(u) if !file_backend => cmd.arg("--uffd-bin").arg(u),
+            Some(u) if !file_backend => cmd
+                .arg("--uffd-bin")
+                .arg(u)
+                .args(["--restore-backend", "uffd"]),
             Some(u) => cmd
                 .arg("--uffd-bin")
                 .arg(u)
