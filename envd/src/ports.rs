@@ -419,9 +419,18 @@ mod tests {
 
     #[test]
     fn forwards_a_loopback_service_and_stops_when_it_goes() {
-        // 127.0.0.2 stands in for the guest address (all of 127/8 is local).
-        let svc = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = svc.local_addr().unwrap().port();
+        // 127.77.0.2 stands in for the guest address (all of 127/8 is local). Not 127.0.0.2:
+        // the flood tests connect from 127.0.0.2+ without SO_REUSEADDR, and their TIME_WAIT
+        // sockets on 127.0.0.2:P made the forwarder's bind fail when P matched (CI, once).
+        let guest: IpAddr = "127.77.0.2".parse().unwrap();
+        // A port free on both addresses (something else may still hold guest:P).
+        let (svc, port) = (0..16)
+            .find_map(|_| {
+                let svc = TcpListener::bind("127.0.0.1:0").unwrap();
+                let port = svc.local_addr().unwrap().port();
+                TcpListener::bind((guest, port)).ok().map(|_| (svc, port))
+            })
+            .expect("no port free on both loopback addresses in 16 tries");
         std::thread::spawn(move || {
             for s in svc.incoming().take(1) {
                 let mut s = s.unwrap();
@@ -430,7 +439,6 @@ mod tests {
                 s.write_all(&b).unwrap();
             }
         });
-        let guest: IpAddr = "127.0.0.2".parse().unwrap();
         let mut f = Forwarder::new(guest, Some(vec![port]));
         f.rescan();
         assert_eq!(f.ports(), 1);
