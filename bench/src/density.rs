@@ -41,7 +41,7 @@
 //! not; only the template stays cached.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,14 +135,20 @@ impl Mem {
     }
 
     /// As [`Mem::read`], `None` when the process is gone (wrenn-uffd exits once every page
-    /// is resident: it holds no memory then).
+    /// is resident: it holds no memory then), including a zombie its parent (the in-process
+    /// agent) has not reaped yet: its `/proc/PID` is still there, its memory is not (ESRCH).
     pub fn read_if_alive(pid: i32) -> Result<Option<Mem>, String> {
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        let gone = || {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| exited_state(&s))
+                .unwrap_or(true)
+        };
+        if gone() {
             return Ok(None);
         }
         match Mem::read(pid) {
             Ok(m) => Ok(Some(m)),
-            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => Ok(None),
+            Err(_) if gone() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -453,6 +459,15 @@ impl Drop for Stopped {
             unsafe { libc::kill(pid, libc::SIGCONT) };
         }
     }
+}
+
+/// Whether a `/proc/PID/stat` line is of a process that has exited (zombie `Z` or dead `X`).
+fn exited_state(stat: &str) -> bool {
+    // The state follows the command name, which is in parentheses and may hold anything.
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    matches!(state, Some('Z' | 'X') | None)
 }
 
 /// The wrenn-uffd process of a sandbox, from its record.
@@ -806,6 +821,15 @@ fn create_backends(opts: &Opts) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exited_processes_are_told_from_live_ones() {
+        assert!(!exited_state("4233 (wrenn-uffd) S 4216 4233 1 0 -1"));
+        assert!(!exited_state("4233 (a) b) R 1 2"));
+        assert!(exited_state("4233 (wrenn-uffd) Z 4216 4233 1 0 -1"));
+        assert!(exited_state("4233 (x) X 1"));
+        assert!(exited_state("garbage"));
+    }
 
     #[test]
     fn smaps_rollup_is_read() {
