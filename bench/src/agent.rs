@@ -33,7 +33,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -225,6 +225,65 @@ fn agent_idle_rss(_opts: &Opts) -> Result<(), String> {
     );
     drop(g);
     Ok(())
+}
+
+/// The real-VM inputs of the benches that boot guests: `WRENN_FIRECRACKER`, `WRENN_KERNEL`,
+/// `WRENN_ROOTFS` (each must be a file), `WRENN_UFFD` (else `wrenn-uffd` next to the bench
+/// binary, else none) and `WRENN_BOOT_ARGS`.
+pub(crate) struct VmInputs {
+    pub fc: PathBuf,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub uffd_bin: Option<PathBuf>,
+    pub boot_args: String,
+}
+
+impl VmInputs {
+    pub fn from_env() -> Result<VmInputs, String> {
+        let var = |k: &str| std::env::var_os(k).map(PathBuf::from).unwrap_or_default();
+        let (fc, kernel, rootfs) = (
+            var("WRENN_FIRECRACKER"),
+            var("WRENN_KERNEL"),
+            var("WRENN_ROOTFS"),
+        );
+        for (k, p) in [
+            ("WRENN_FIRECRACKER", &fc),
+            ("WRENN_KERNEL", &kernel),
+            ("WRENN_ROOTFS", &rootfs),
+        ] {
+            if !p.is_file() {
+                return Err(format!("{k}={} is not a file", p.display()));
+            }
+        }
+        let uffd_bin = match std::env::var_os("WRENN_UFFD") {
+            Some(p) => Some(PathBuf::from(p)),
+            None => std::env::current_exe()
+                .ok()
+                .map(|me| me.with_file_name("wrenn-uffd"))
+                .filter(|p| p.is_file()),
+        };
+        Ok(VmInputs {
+            fc,
+            kernel,
+            rootfs,
+            uffd_bin,
+            boot_args: std::env::var("WRENN_BOOT_ARGS").unwrap_or_default(),
+        })
+    }
+
+    /// Puts the base rootfs under `root` as the nil template's disk (once; a clone).
+    pub fn base_template(&self, root: &Path) -> Result<(), String> {
+        let base_dir = root
+            .join("templates")
+            .join(proto::id::Uuid::nil().hyphenated().to_string());
+        fs::create_dir_all(&base_dir).map_err(|e| format!("create {}: {e}", base_dir.display()))?;
+        let base = base_dir.join("rootfs.ext4");
+        if !base.exists() {
+            vmm_glue::disk::clone_disk(&self.rootfs, &base)
+                .map_err(|e| format!("copy the base rootfs: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// The lifecycle cases: the real manager with the real Firecracker layer, wrapped in a VM
@@ -541,40 +600,17 @@ mod lifecycle {
     }
 
     pub(super) fn run(opts: &Opts) -> Result<(), String> {
-        let var = |k: &str| std::env::var_os(k).map(PathBuf::from).unwrap_or_default();
-        let (fc, kernel, rootfs) = (
-            var("WRENN_FIRECRACKER"),
-            var("WRENN_KERNEL"),
-            var("WRENN_ROOTFS"),
-        );
-        for (k, p) in [
-            ("WRENN_FIRECRACKER", &fc),
-            ("WRENN_KERNEL", &kernel),
-            ("WRENN_ROOTFS", &rootfs),
-        ] {
-            if !p.is_file() {
-                return Err(format!("{k}={} is not a file", p.display()));
-            }
-        }
-        let uffd_bin = match std::env::var_os("WRENN_UFFD") {
-            Some(p) => Some(PathBuf::from(p)),
-            None => std::env::current_exe()
-                .ok()
-                .map(|me| me.with_file_name("wrenn-uffd"))
-                .filter(|p| p.is_file()),
-        };
-        let boot_args = std::env::var("WRENN_BOOT_ARGS").unwrap_or_default();
+        let inputs = super::VmInputs::from_env()?;
         let root = std::env::var_os("WRENN_LIFECYCLE_ROOT")
             .map_or_else(|| PathBuf::from(LIFECYCLE_ROOT), PathBuf::from);
-        let base_dir = root
-            .join("templates")
-            .join(Uuid::nil().hyphenated().to_string());
-        fs::create_dir_all(&base_dir).map_err(|e| format!("create {}: {e}", base_dir.display()))?;
-        let base = base_dir.join("rootfs.ext4");
-        if !base.exists() {
-            vmm_glue::disk::clone_disk(&rootfs, &base)
-                .map_err(|e| format!("copy the base rootfs: {e}"))?;
-        }
+        inputs.base_template(&root)?;
+        let super::VmInputs {
+            fc,
+            kernel,
+            uffd_bin,
+            boot_args,
+            ..
+        } = inputs;
         if log::set_logger(&CAPTURE).is_ok() {
             log::set_max_level(log::LevelFilter::Info);
         }

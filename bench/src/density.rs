@@ -206,47 +206,18 @@ struct Setup {
 
 impl Setup {
     fn new() -> Result<Setup, String> {
-        let var = |k: &str| std::env::var_os(k).map(PathBuf::from).unwrap_or_default();
-        let (fc, kernel, rootfs) = (
-            var("WRENN_FIRECRACKER"),
-            var("WRENN_KERNEL"),
-            var("WRENN_ROOTFS"),
-        );
-        for (k, p) in [
-            ("WRENN_FIRECRACKER", &fc),
-            ("WRENN_KERNEL", &kernel),
-            ("WRENN_ROOTFS", &rootfs),
-        ] {
-            if !p.is_file() {
-                return Err(format!("{k}={} is not a file", p.display()));
-            }
-        }
-        let uffd_bin = match std::env::var_os("WRENN_UFFD") {
-            Some(p) => Some(PathBuf::from(p)),
-            None => std::env::current_exe()
-                .ok()
-                .map(|me| me.with_file_name("wrenn-uffd"))
-                .filter(|p| p.is_file()),
-        };
+        let inputs = crate::agent::VmInputs::from_env()?;
         let root = std::env::var_os("WRENN_DENSITY_ROOT")
             .map_or_else(|| PathBuf::from(DEFAULT_ROOT), PathBuf::from);
-        let base_dir = root
-            .join("templates")
-            .join(Uuid::nil().hyphenated().to_string());
-        fs::create_dir_all(&base_dir).map_err(|e| format!("create {}: {e}", base_dir.display()))?;
-        let base = base_dir.join("rootfs.ext4");
-        if !base.exists() {
-            vmm_glue::disk::clone_disk(&rootfs, &base)
-                .map_err(|e| format!("copy the base rootfs: {e}"))?;
-        }
+        inputs.base_template(&root)?;
         // The agent's own log lines (which backend each restore used, the template memory
         // file written) on stderr; WRENN_LOG sets the level.
         proto::logger::init();
         Ok(Setup {
-            fc,
-            kernel,
-            uffd_bin,
-            boot_args: std::env::var("WRENN_BOOT_ARGS").unwrap_or_default(),
+            fc: inputs.fc,
+            kernel: inputs.kernel,
+            uffd_bin: inputs.uffd_bin,
+            boot_args: inputs.boot_args,
             root,
         })
     }
