@@ -227,6 +227,26 @@ fn agent_idle_rss(_opts: &Opts) -> Result<(), String> {
     Ok(())
 }
 
+/// Destroys every sandbox of the manager (best effort; errors are printed).
+pub(crate) fn destroy_all(m: &agent::manager::Manager) {
+    for s in m.list(&[]) {
+        if let Ok(id) = proto::id::parse_sandbox(&s.sandbox_id) {
+            if let Err(e) = m.destroy(id) {
+                println!("info=cleanup_failed note=destroy_{}:{e}", s.sandbox_id);
+            }
+        }
+    }
+}
+
+/// Destroys what is left when a case ends, error or not.
+pub(crate) struct Cleanup(pub std::sync::Arc<agent::manager::Manager>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        destroy_all(&self.0);
+    }
+}
+
 /// The real-VM inputs of the benches that boot guests: `WRENN_FIRECRACKER`, `WRENN_KERNEL`,
 /// `WRENN_ROOTFS` (each must be a file), `WRENN_UFFD` (else `wrenn-uffd` next to the bench
 /// binary, else none) and `WRENN_BOOT_ARGS`.
@@ -290,6 +310,7 @@ impl VmInputs {
 /// layer that times every call (the phases), with the layer's own log lines captured for
 /// the split of a pause into `snapshot/create` and the generation build.
 mod lifecycle {
+    use super::{destroy_all, Cleanup};
     use std::collections::BTreeMap;
     use std::fs;
     use std::io::Write;
@@ -577,26 +598,6 @@ mod lifecycle {
         drop(f);
         let _ = fs::remove_file(&p);
         Ok(d)
-    }
-
-    /// Destroys every sandbox of the manager (best effort; errors are printed).
-    fn destroy_all(m: &Manager) {
-        for s in m.list(&[]) {
-            if let Ok(id) = id::parse_sandbox(&s.sandbox_id) {
-                if let Err(e) = m.destroy(id) {
-                    println!("info=cleanup_failed note=destroy_{}:{e}", s.sandbox_id);
-                }
-            }
-        }
-    }
-
-    /// Destroys what is left when the case ends, error or not.
-    struct Cleanup(Arc<Manager>);
-
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            destroy_all(&self.0);
-        }
     }
 
     pub(super) fn run(opts: &Opts) -> Result<(), String> {

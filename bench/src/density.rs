@@ -54,6 +54,7 @@ use proto::gen::wrenn::envd::v1 as envd;
 use proto::id::{self, Uuid};
 use proto::sandbox::{SandboxSpec, TemplateKind};
 
+use crate::agent::{destroy_all, Cleanup};
 use crate::harness::{info_line, latency_line, metric_line, Case, Goal, Opts, Samples};
 
 /// Guest memory of the template (issue 15 §1: a 512 MiB template).
@@ -336,26 +337,6 @@ fn spec(n: u128, template: Uuid, kind: TemplateKind) -> Result<SandboxSpec, Stri
     };
     CreateSpec::from_request(&spec).map_err(|e| format!("create spec: {e}"))?;
     Ok(spec)
-}
-
-/// Destroys every sandbox of the manager (best effort; errors are printed).
-fn destroy_all(m: &Manager) {
-    for s in m.list(&[]) {
-        if let Ok(id) = id::parse_sandbox(&s.sandbox_id) {
-            if let Err(e) = m.destroy(id) {
-                println!("info=cleanup_failed note=destroy_{}:{e}", s.sandbox_id);
-            }
-        }
-    }
-}
-
-/// Destroys what is left when a case ends, error or not.
-struct Cleanup(Arc<Manager>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        destroy_all(&self.0);
-    }
 }
 
 /// One create's times: to the manager's answer (envd initialized) and on to the first
