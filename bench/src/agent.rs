@@ -96,7 +96,7 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// Why the Firecracker cases cannot run, or `None` when the variables are all set.
-fn vm_skip_reason() -> Option<String> {
+pub(crate) fn vm_skip_reason() -> Option<String> {
     let unset: Vec<&str> = ["WRENN_FIRECRACKER", "WRENN_KERNEL", "WRENN_ROOTFS"]
         .into_iter()
         .filter(|k| std::env::var_os(k).is_none_or(|v| v.is_empty()))

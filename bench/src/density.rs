@@ -169,24 +169,6 @@ pub fn density_ratio(pss_sum_kib: u64, alone_rss_kib: u64, n: usize) -> f64 {
     pss_sum_kib as f64 / (alone_rss_kib.max(1) as f64 * n.max(1) as f64)
 }
 
-/// Why the cases cannot run, or `None`.
-fn skip_reason() -> Option<String> {
-    let unset: Vec<&str> = ["WRENN_FIRECRACKER", "WRENN_KERNEL", "WRENN_ROOTFS"]
-        .into_iter()
-        .filter(|k| std::env::var_os(k).is_none_or(|v| v.is_empty()))
-        .collect();
-    if !unset.is_empty() {
-        return Some(format!("{}_not_set", unset.join("/")));
-    }
-    if !proto::skip::is_root() {
-        return Some("needs_root".into());
-    }
-    if fs::metadata("/dev/kvm").is_err() {
-        return Some("no_/dev/kvm".into());
-    }
-    None
-}
-
 fn env_usize(k: &str, default: usize) -> Result<usize, String> {
     match std::env::var(k) {
         Ok(v) => v
@@ -442,7 +424,7 @@ fn mib(kib: u64) -> f64 {
 }
 
 fn density(opts: &Opts) -> Result<(), String> {
-    if let Some(reason) = skip_reason() {
+    if let Some(reason) = crate::agent::vm_skip_reason() {
         println!("bench=sandbox_density skipped={reason}");
         return Ok(());
     }
@@ -641,7 +623,7 @@ fn uffd_stats(m: &Manager, id: Uuid) -> Option<agent::restore_stats::RestoreRepo
 }
 
 fn create_backends(opts: &Opts) -> Result<(), String> {
-    if let Some(reason) = skip_reason() {
+    if let Some(reason) = crate::agent::vm_skip_reason() {
         println!("bench=sandbox_create_backends skipped={reason}");
         return Ok(());
     }
@@ -830,7 +812,7 @@ mod tests {
     #[test]
     fn the_cases_skip_without_inputs() {
         // Only meaningful where the variables are unset (CI); a host with them runs VMs.
-        if skip_reason().is_some() {
+        if crate::agent::vm_skip_reason().is_some() {
             for c in cases() {
                 assert!(["sandbox_density", "sandbox_create_backends"].contains(&c.name));
                 (c.run)(&Opts { quick: true }).unwrap();
