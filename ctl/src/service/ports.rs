@@ -141,7 +141,6 @@ impl Api {
         port: u16,
         creds: TrafficCreds<'_>,
     ) -> Result<ProxyStream, Status> {
-        use agent::port_connect_response::Kind as AgentDown;
         if u32::from(port) == ENVD_PORT || port == 0 {
             return Err(Status::invalid_argument(format!(
                 "port {port} is never exposed"
@@ -155,24 +154,7 @@ impl Api {
             sandbox,
         };
         let client = self.inner.agents.proxy_client(host)?;
-        let req = agent::PortConnectRequest {
-            kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
-                sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
-                port: u32::from(port),
-            })),
-        };
-        let opts = CallOpts {
-            timeout: None,
-            end_stream: false,
-        };
-        let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
-        match up
-            .recv::<agent::PortConnectResponse>()?
-            .and_then(|m| m.kind)
-        {
-            Some(AgentDown::Opened(true)) => {}
-            _ => return Err(Status::internal("the agent did not open the port")),
-        }
+        let up = open_on_agent(&client, sandbox, u32::from(port))?;
         let (up, down) = up.split();
         Ok(ProxyStream { up, down, permit })
     }
@@ -263,24 +245,7 @@ impl Api {
         let host = self.running_host(ctx, sid)?;
         let _permit = self.inner.ports.take(ctx.team_id, sid)?;
         let client = self.inner.agents.proxy_client(host)?;
-        let req = agent::PortConnectRequest {
-            kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
-                sandbox_id: proto::id::format(Kind::Sandbox, sid),
-                port: open.port,
-            })),
-        };
-        let opts = CallOpts {
-            timeout: None,
-            end_stream: false,
-        };
-        let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
-        match up
-            .recv::<agent::PortConnectResponse>()?
-            .and_then(|m| m.kind)
-        {
-            Some(AgentDown::Opened(true)) => {}
-            _ => return Err(Status::internal("the agent did not open the port")),
-        }
+        let up = open_on_agent(&client, sid, open.port)?;
         s.send(&ctl::PortConnectResponse {
             kind: Some(Down::Opened(true)),
         })?;
@@ -365,6 +330,34 @@ impl Api {
             .join()
             .unwrap_or_else(|_| Err(Status::internal("port relay panicked")));
         upward.and(downward)
+    }
+}
+
+/// Opens `port` of `sandbox` on its agent: a Ports.Connect call the agent has answered
+/// `opened` (the traffic proxy's and the protobuf Ports.Connect's upstream).
+fn open_on_agent(
+    client: &proto::rpc::Client,
+    sandbox: Uuid,
+    port: u32,
+) -> Result<proto::rpc::ClientStream, Status> {
+    use agent::port_connect_response::Kind as AgentDown;
+    let req = agent::PortConnectRequest {
+        kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
+            sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
+            port,
+        })),
+    };
+    let opts = CallOpts {
+        timeout: None,
+        end_stream: false,
+    };
+    let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
+    match up
+        .recv::<agent::PortConnectResponse>()?
+        .and_then(|m| m.kind)
+    {
+        Some(AgentDown::Opened(true)) => Ok(up),
+        _ => Err(Status::internal("the agent did not open the port")),
     }
 }
 
