@@ -10,7 +10,7 @@ use crate::harness;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wrenn-ctl");
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

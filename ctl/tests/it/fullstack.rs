@@ -138,14 +138,6 @@ fn inputs() -> Option<Inputs> {
     })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn tpl_dir(root: &Path, id: u128) -> PathBuf {
     root.join("templates")
         .join(proto::id::Uuid::from_u128(id).hyphenated().to_string())
@@ -212,8 +204,12 @@ impl Stack {
     fn start(inp: &Inputs) -> Option<Stack> {
         let url = fresh_db()?;
         let init = ctl::admin::init(&url, "stack", "stack@example.com", "").unwrap();
-        let (port, http_port, host_port, agent_port) =
-            (free_port(), free_port(), free_port(), free_port());
+        let (port, http_port, host_port, agent_port) = (
+            crate::ctl_bin::free_port(),
+            crate::ctl_bin::free_port(),
+            crate::ctl_bin::free_port(),
+            crate::ctl_bin::free_port(),
+        );
         let ctl = Command::new(CTL_BIN)
             .args(["serve", "--database-url", &url, "--plaintext"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
