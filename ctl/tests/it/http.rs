@@ -3198,33 +3198,39 @@ fn streamed_bodies_and_keys_stay_within_their_worker_budgets() {
     let a = gw.addr;
     let handoff = ctl::http::limits::STREAM_HANDOFF;
     // Two uploads that send their first STREAM_HANDOFF bytes (so a worker takes them over)
-    // and then stall: with a stream budget of 1, the second waits for the first.
-    let upload = move || {
-        let mut s = TcpStream::connect(a).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(format!("PUT /v1/sandboxes/{SB}/files?path=/big HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n", 2 * handoff).as_bytes()).unwrap();
-        s.write_all(&vec![b'x'; handoff + 100]).unwrap();
-        s
-    };
+    // and then stall: with a stream budget of 1, the second waits for the first. Each runs
+    // on its own thread and notes when its own answer came: the second's write may block
+    // until a worker reads it, so one thread timing both would see the first answer late.
     let t = std::time::Instant::now();
-    let mut first = upload();
-    let mut second = upload();
-    let r = read_response(&mut first);
-    let first_at = t.elapsed();
+    let uploads: Vec<_> = (0..2)
+        .map(|i| {
+            std::thread::spawn(move || {
+                // The second starts once the first's head and bytes are in.
+                std::thread::sleep(Duration::from_millis(100 * i));
+                let mut s = TcpStream::connect(a).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                s.write_all(format!("PUT /v1/sandboxes/{SB}/files?path=/big HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n", 2 * handoff).as_bytes()).unwrap();
+                s.write_all(&vec![b'x'; handoff + 100]).unwrap();
+                let r = read_response(&mut s);
+                (t.elapsed(), r)
+            })
+        })
+        .collect();
+    let mut answers: Vec<_> = uploads.into_iter().map(|h| h.join().unwrap()).collect();
+    answers.sort_by_key(|(at, _)| *at);
+    let (first_at, r) = &answers[0];
     assert_eq!((r.status, r.error_code()), (408, "request_timeout".into()));
     let msg = r.json()["error"]["message"]
         .as_str()
         .unwrap_or("")
         .to_owned();
     assert!(msg.contains("within the 0.6 s read deadline"), "{msg}");
-    let r = read_response(&mut second);
-    let second_at = t.elapsed();
+    let (second_at, r) = &answers[1];
     assert_eq!(r.status, 408);
     assert!(
-        second_at >= first_at + Duration::from_millis(400),
+        *second_at >= *first_at + Duration::from_millis(400),
         "the second stalled upload got a worker only after the first: {first_at:?} then {second_at:?}"
     );
-    drop((first, second));
     // One key holds at most one worker: two slow calls with it run one after the other.
     let slow: Vec<_> = (0..2)
         .map(|_| {
