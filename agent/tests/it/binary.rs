@@ -165,10 +165,10 @@ fn read_kind(s: &mut std::net::TcpStream) -> Option<proto::frame::Kind> {
 /// connections from 127.0.0.1 making HostInfo calls, a new connection every tenth call
 /// (ctl caches its agent connections; at full speed, a new one per call would exceed the
 /// legitimate per-address accept rate itself): p99 under flood at
-/// most 2× the unloaded p99 plus 5 ms (an absolute floor, so a sub-millisecond baseline on
+/// most 2× the unloaded p99 plus `flood::TEST_FLOOR` (an absolute floor, so a sub-millisecond baseline on
 /// a shared 2-core machine is not flaky), and the agent's RSS under 64 MiB throughout (it
-/// was 5.7 MiB under the acceptance run's flood). A scenario that misses is measured once
-/// more before it fails (`flood::run_checked`: the machine is shared).
+/// was 5.7 MiB under the acceptance run's flood). A scenario that misses is measured again
+/// before it fails (`flood::run_checked`: the machine is shared).
 #[test]
 fn rpc_port_survives_floods() {
     use proto::rpc::flood::{self, Scenario, Size, Target};
@@ -239,7 +239,7 @@ fn rpc_port_survives_floods() {
             &Size::quick(),
             Some(pid),
             &mut legit,
-            Duration::from_millis(5),
+            flood::TEST_FLOOR,
             64 * 1024,
         )
         .unwrap();
@@ -273,7 +273,7 @@ fn rpc_port_survives_floods() {
             &Size::quick(),
             Some(pid),
             &mut health,
-            Duration::from_millis(5),
+            flood::TEST_FLOOR,
             64 * 1024,
         )
         .unwrap();

@@ -246,9 +246,20 @@ pub fn run(
     }
 }
 
-/// Runs a scenario and checks it ([`Report::check`]). A miss is measured once more before it
-/// counts: on a shared machine one neighbour's burst can land in the 1% tail of a few
-/// hundred samples; a server that really degrades misses twice. Returns the last report.
+/// Times a scenario is measured before a miss counts ([`run_checked`]). The unloaded and
+/// the loaded phase run at different moments, and on a shared 2-core machine (the other tests
+/// of the same binary, each with its own PostgreSQL or daemon) one neighbour's burst can land
+/// in the 1 % tail of a few hundred samples of either; a server that really lets a flood
+/// starve others misses every time.
+pub const CHECK_ATTEMPTS: usize = 3;
+
+/// The noise allowance (`floor` of [`Report::check`]) the test suites use: a scheduling
+/// delay of a time slice or two on a loaded 2-core machine is not the server's doing, while
+/// a starved legitimate client waits out a hello deadline (seconds) or fails outright.
+pub const TEST_FLOOR: Duration = Duration::from_millis(25);
+
+/// Runs a scenario and checks it ([`Report::check`]), up to [`CHECK_ATTEMPTS`] times: a miss
+/// counts only if every attempt misses. Returns the report that passed.
 pub fn run_checked(
     target: &Target,
     scenario: &Scenario,
@@ -258,17 +269,23 @@ pub fn run_checked(
     floor: Duration,
     rss_max_kib: u64,
 ) -> Result<Report, String> {
-    let first = run(target, scenario, size, server_pid, legit);
-    log::info!("flood {}", first.line());
-    if first.check(floor, rss_max_kib).is_ok() {
-        return Ok(first);
+    let mut lines = Vec::new();
+    let mut last_err = String::new();
+    for attempt in 1..=CHECK_ATTEMPTS {
+        let r = run(target, scenario, size, server_pid, legit);
+        log::info!("flood (attempt {attempt}) {}", r.line());
+        match r.check(floor, rss_max_kib) {
+            Ok(()) => return Ok(r),
+            Err(e) => {
+                last_err = e;
+                lines.push(r.line());
+            }
+        }
     }
-    let again = run(target, scenario, size, server_pid, legit);
-    log::info!("flood (again) {}", again.line());
-    again
-        .check(floor, rss_max_kib)
-        .map(|()| again.clone())
-        .map_err(|e| format!("{e} (twice; first: {})", first.line()))
+    Err(format!(
+        "{last_err} ({CHECK_ATTEMPTS} attempts: {})",
+        lines.join(" | ")
+    ))
 }
 
 /// Calls `legit` `n` times (or until `time_max`); sorted latencies of the successes, and
