@@ -58,7 +58,9 @@ pub const TTL_TICK_MAX: Duration = Duration::from_secs(30);
 pub const EXEC_OUTPUT_DEFAULT: u64 = 1 << 20;
 pub const EXEC_OUTPUT_MAX: u64 = 16 << 20;
 
-/// Deadline of calls to envd that should answer at once (stat, signal, init).
+/// Deadline of calls to envd that should answer at once (stat, signal, init), and of the
+/// hello of a new connection to envd; envd waits for that hello as long
+/// (`proto::limits::GUEST_HELLO_TIMEOUT`, checked by a test).
 pub const ENVD_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long Exec waits for envd's `started` event. envd answers once fork and exec
@@ -180,3 +182,13 @@ pub const RESTORE_STATS_POLL: Duration = Duration::from_millis(250);
 pub const RESTORE_SETTLE_MAX: Duration = Duration::from_secs(600);
 /// Most of wrenn-uffd's stats file the agent reads: it is about 400 bytes of counters.
 pub const UFFD_STATS_FILE_MAX: u64 = 16 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envd_waits_for_our_hello_as_long_as_we_do() {
+        assert_eq!(ENVD_CALL_TIMEOUT, proto::limits::GUEST_HELLO_TIMEOUT);
+    }
+}

@@ -134,6 +134,7 @@ pub fn run(opts: Options) -> Result<(), String> {
     let envd = Envd::new(cfg, table.clone(), clock);
     let mut server_cfg = ServerConfig::new("envd");
     server_cfg.workers_max = RPC_WORKERS_MAX;
+    server_cfg.hello_timeout = proto::limits::GUEST_HELLO_TIMEOUT;
     let mut server = Server::new(server_cfg, Arc::new(EnvdService(envd.clone())))
         .map_err(|e| format!("create the server: {e}"))?;
     match &opts.listen {

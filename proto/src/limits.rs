@@ -65,6 +65,12 @@ pub const READ_CHUNK_LEN: usize = 256 * 1024;
 
 /// A new connection must complete its hello within this time.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for envd's listener inside a guest, whose only peer is the host's agent: a
+/// starved guest (ten idle guests on a 2-core host) reads the agent's hello late by its own
+/// clock, and the 10 s network default then closed a healthy link ("no hello in time" on a
+/// first exec, 10 creates at once). It equals the agent's own budget for that hello (its
+/// envd call timeout, `agent::limits::ENVD_CALL_TIMEOUT`), so neither side gives up first.
+pub const GUEST_HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that has been quiet this long checks, before its next call, whether the server
 /// closed the connection meanwhile.
 pub const IDLE_CHECK: Duration = Duration::from_secs(1);

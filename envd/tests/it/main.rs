@@ -2397,3 +2397,31 @@ fn listener_survives_floods() {
         eprintln!("envd {}", r.line());
     }
 }
+
+/// envd's only peer is the host's agent, and a starved guest reads the agent's hello late by
+/// its own clock: a hello that arrives after the network default (10 s) but within
+/// `GUEST_HELLO_TIMEOUT` is served (before, envd closed the link with "no hello in time",
+/// which failed a first exec with 10 creates at once on a 2-core host).
+#[test]
+fn a_late_hello_within_the_guest_budget_is_served() {
+    let e = Envd::start();
+    let late = proto::limits::HELLO_TIMEOUT + Duration::from_secs(2);
+    assert!(late < proto::limits::GUEST_HELLO_TIMEOUT);
+    let s = std::os::unix::net::UnixStream::connect(&e.sock).unwrap();
+    std::thread::sleep(late);
+    let io = proto::rpc::SocketTransport::new(std::os::fd::OwnedFd::from(s));
+    let c = Client::from_transport(
+        Box::new(io),
+        Credential::none(),
+        &proto::rpc::ClientConfig::default(),
+    )
+    .unwrap_or_else(|e| panic!("a hello {late:?} after connecting: {e}"));
+    let h: pb::HealthCheckResponse = c
+        .unary(
+            pb::health_methods::CHECK,
+            &pb::HealthCheckRequest {},
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap();
+    assert!(!h.envd_version.is_empty());
+}
