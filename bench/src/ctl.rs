@@ -456,8 +456,24 @@ fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
             .query_one(
                 &create,
                 &[
-                    &team, &platform, &"minimal", &0i32, &0i32, &0i64, &id, &300i64, &"destroy",
-                    &meta, &audit, &key_id, &"bench", &sb, &meta,
+                    &team,
+                    &platform,
+                    &"minimal",
+                    &0i32,
+                    &0i32,
+                    &0i64,
+                    &id,
+                    &300i64,
+                    &"destroy",
+                    &meta,
+                    &audit,
+                    &key_id,
+                    &"bench",
+                    &sb,
+                    &meta,
+                    &None::<serde_json::Value>,
+                    &"0123456789abcdef0123456789abcdef",
+                    &false,
                 ],
             )
             .map_err(|err| err.to_string())?;

@@ -108,6 +108,10 @@ struct Insert<'a> {
     metadata: &'a serde_json::Value,
     /// The create's env (a JSON object), merged over the template's.
     env: &'a serde_json::Value,
+    /// Its network policy (JSON), if one was given.
+    network: Option<&'a serde_json::Value>,
+    traffic_token: &'a str,
+    allow_public_traffic: bool,
     audit_id: Uuid,
     ctx: &'a AuthCtx,
 }
@@ -184,10 +188,10 @@ pub fn create_sql(by_id: bool) -> String {
          s AS ( \
             INSERT INTO sandboxes (id, team_id, host_id, template_id, state, vcpus, memory_mib, disk_mib, \
                 held_vcpus, held_memory_mib, held_disk_mib, timeout_s, on_timeout, metadata, \
-                default_user, default_cwd, env) \
+                default_user, default_cwd, env, network, traffic_token, allow_public_traffic) \
             SELECT $7, $1, h.id, n.tpl, 'starting', n.vcpus, n.memory_mib, n.disk_mib, \
                 n.vcpus, n.memory_mib, n.disk_mib, $8, $9, $10, \
-                n.default_user, n.default_cwd, n.tpl_env FROM h, n \
+                n.default_user, n.default_cwd, n.tpl_env, $16, $17, $18 FROM h, n \
             RETURNING *), \
          a AS ( \
             INSERT INTO audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, \
@@ -201,8 +205,9 @@ pub fn create_sql(by_id: bool) -> String {
     )
 }
 
-/// Parameter types of [`create_sql`]: $3 is the template's id or its name.
-pub fn create_types(by_id: bool) -> [Type; 15] {
+/// Parameter types of [`create_sql`]: $3 is the template's id or its name; $16 the network
+/// policy (JSON, NULL for none), $17 the traffic token, $18 whether its ports are public.
+pub fn create_types(by_id: bool) -> [Type; 18] {
     let key = if by_id { Type::UUID } else { Type::TEXT };
     [
         Type::UUID,
@@ -220,6 +225,9 @@ pub fn create_types(by_id: bool) -> [Type; 15] {
         Type::TEXT,
         Type::TEXT,
         Type::JSONB,
+        Type::JSONB,
+        Type::TEXT,
+        Type::BOOL,
     ]
 }
 
@@ -261,6 +269,9 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, S
                     &i.ctx.key_name,
                     &sb_id,
                     i.env,
+                    &i.network,
+                    &i.traffic_token,
+                    &i.allow_public_traffic,
                 ],
             )
             .map_err(pg_err)?
@@ -529,21 +540,17 @@ impl Api {
                     policy: policy.name(),
                     metadata: &metadata,
                     env: &env,
+                    network: network.as_ref(),
+                    traffic_token: &traffic_token,
+                    allow_public_traffic: public,
                     audit_id,
                     ctx: &ctx2,
                 },
             )?;
             let (row, snapshot, size) = (&placed.row, placed.snapshot, placed.size);
             let mut sb = convert::sandbox(row);
-            c.execute(
-                "UPDATE sandboxes SET network = $2, traffic_token = $3, allow_public_traffic = $4 \
-                 WHERE id = $1",
-                &[&id, &network, &traffic_token, &public],
-            )
-            .map_err(pg_err)?;
             sb.network = network_out;
             sb.traffic_token = traffic_token;
-            sb.allow_public_traffic = public;
             let host: Uuid = row.get(2);
             // The spec as placed: ids, the template's kind and the size it reserved.
             let areq = SandboxSpec {
