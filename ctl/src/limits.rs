@@ -116,6 +116,11 @@ pub const PORT_STREAMS_PER_TEAM_MAX: usize = 64;
 /// Port streams (Ports.Connect and proxied connections) to one sandbox on a ctl replica (the
 /// agent's own bound is the same).
 pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
+/// How often a proxied request to an `auto_resume` sandbox that another request is resuming
+/// looks again at its state (one indexed row read): a restore takes tens of milliseconds
+/// and the guest's envd longer, so 50 ms adds little to the wait and costs little. The wait
+/// is bounded by the agent lifecycle timeout (`--agent-lifecycle-timeout`).
+pub const AUTO_RESUME_POLL: Duration = Duration::from_millis(50);
 const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_PER_TEAM_MAX);
 // ---- per-sandbox metrics and usage (`usage.rs`) ----
 

@@ -75,6 +75,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0011_revoked_certificates",
         sql: include_str!("../migrations/0011_revoked_certificates.sql"),
     },
+    Migration {
+        version: 12,
+        name: "0012_sandbox_auto_resume",
+        sql: include_str!("../migrations/0012_sandbox_auto_resume.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

@@ -103,6 +103,7 @@ pub static COMMANDS: &[Command] = &[
         rep("env", "KEY=VALUE", "environment variable for every process"),
         on("no-wait", "answer at once (state pending/starting)"),
         on("public-traffic", "its ports answer through ctl's traffic proxy without the traffic token (default: token or API key required)"),
+        on("auto-resume", "when paused, the first request to one of its ports through ctl's traffic proxy resumes it (default: 409)"),
         NET[0], NET[1], NET[2]]),
     cmd!("sandbox list", &[sb::LIST], "List the team's sandboxes, newest first.", [], [
         rep("state", "STATE", "only this state (running, paused, stopped, ...)"),

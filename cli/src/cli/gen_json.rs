@@ -235,6 +235,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
         if let Some(x) = &self.wait { m.insert("wait".into(), Value::from(*x)); }
         if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         m.insert("allow_public_traffic".into(), Value::from(self.allow_public_traffic));
+        m.insert("auto_resume".into(), Value::from(self.auto_resume));
         Value::Object(m)
     }
 }
@@ -908,6 +909,7 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
         if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         m.insert("traffic_token".into(), Value::String(self.traffic_token.clone()));
         m.insert("allow_public_traffic".into(), Value::from(self.allow_public_traffic));
+        m.insert("auto_resume".into(), Value::from(self.auto_resume));
         Value::Object(m)
     }
 }

@@ -487,11 +487,19 @@ fn sandbox_human(s: &pb::Sandbox) -> String {
         ("network", network_human(s.network.as_ref())),
         (
             "ports",
-            if s.allow_public_traffic {
-                "public (no traffic token needed)".to_owned()
-            } else {
-                "traffic token or API key".to_owned()
-            },
+            format!(
+                "{}{}",
+                if s.allow_public_traffic {
+                    "public (no traffic token needed)"
+                } else {
+                    "traffic token or API key"
+                },
+                if s.auto_resume {
+                    "; a request resumes it when paused"
+                } else {
+                    ""
+                }
+            ),
         ),
         ("created", time(s.created_unix_ns)),
         ("expires", time(s.expires_unix_ns)),
@@ -898,6 +906,7 @@ pub fn execute(cmd: &Command, p: &Parsed) -> Result<u8, CliError> {
                 wait: Some(!p.flag("no-wait")),
                 network: network_flags(p),
                 allow_public_traffic: p.flag("public-traffic"),
+                auto_resume: p.flag("auto-resume"),
             };
             let s: pb::Sandbox = ctx.unary(sb::CREATE, &req, true)?;
             ctx.print(&s, sandbox_human);

@@ -550,6 +550,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
         if let Some(x) = &self.wait { m.insert("wait".into(), Value::from(*x)); }
         if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         m.insert("allow_public_traffic".into(), Value::from(self.allow_public_traffic));
+        m.insert("auto_resume".into(), Value::from(self.auto_resume));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -569,6 +570,7 @@ impl Json for proto::gen::wrenn::ctl::v1::CreateSandboxRequest {
                 "wait" => { if !v.is_null() { out.wait = Some(j::bool_in(v, &p)?); } }
                 "network" => { if !v.is_null() { out.network = Some(<proto::gen::wrenn::ctl::v1::NetworkPolicy as Json>::from_json_at(v, &p)?); } }
                 "allow_public_traffic" => { if !v.is_null() { out.allow_public_traffic = j::bool_in(v, &p)?; } }
+                "auto_resume" => { if !v.is_null() { out.auto_resume = j::bool_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -2209,6 +2211,7 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
         if let Some(x) = &self.network { m.insert("network".into(), proto::gen::wrenn::ctl::v1::NetworkPolicy::to_json(&x)); }
         m.insert("traffic_token".into(), Value::String(self.traffic_token.clone()));
         m.insert("allow_public_traffic".into(), Value::from(self.allow_public_traffic));
+        m.insert("auto_resume".into(), Value::from(self.auto_resume));
         Value::Object(m)
     }
     fn from_json_at(v: &Value, path: &str) -> Result<Self, JsonError> {
@@ -2235,6 +2238,7 @@ impl Json for proto::gen::wrenn::ctl::v1::Sandbox {
                 "network" => { if !v.is_null() { out.network = Some(<proto::gen::wrenn::ctl::v1::NetworkPolicy as Json>::from_json_at(v, &p)?); } }
                 "traffic_token" => { if !v.is_null() { out.traffic_token = j::string_in(v, &p)?; } }
                 "allow_public_traffic" => { if !v.is_null() { out.allow_public_traffic = j::bool_in(v, &p)?; } }
+                "auto_resume" => { if !v.is_null() { out.auto_resume = j::bool_in(v, &p)?; } }
                 _ => return Err(JsonError::unknown_field(path, k)),
             }
         }
@@ -4506,6 +4510,10 @@ pub const SCHEMAS_JSON: &str = r##"{
         "description": "Its ports are reachable through ctl's traffic proxy without the traffic token (default false: every proxied request needs the token or an API key of the owning team; e2b's default is public, ours is closed).",
         "type": "boolean"
       },
+      "auto_resume": {
+        "description": "When the sandbox is paused, the first request to one of its ports through ctl's traffic proxy (that passes the traffic token check) resumes it, and the request is served once it runs (default false: such a request gets 409 naming the state). Raw TCP through Ports.Connect does not resume. The resume is audited as `sandbox.resume` by the system.",
+        "type": "boolean"
+      },
       "disk_mib": {
         "description": "Root disk size; 0 = the template's.",
         "format": "uint64",
@@ -5871,6 +5879,10 @@ pub const SCHEMAS_JSON: &str = r##"{
     "properties": {
       "allow_public_traffic": {
         "description": "Its ports answer without a token (set at create only).",
+        "type": "boolean"
+      },
+      "auto_resume": {
+        "description": "A request through ctl's traffic proxy resumes it when it is paused (set at create only).",
         "type": "boolean"
       },
       "created_unix_ns": {

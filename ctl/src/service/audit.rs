@@ -20,7 +20,12 @@ pub enum Actor {
 }
 
 impl Actor {
+    /// The call's API key; the system when ctl acts on its own for a team (the nil key id,
+    /// which no key has: e.g. a traffic proxy request resuming an `auto_resume` sandbox).
     pub fn key(ctx: &AuthCtx) -> Actor {
+        if ctx.key_id == Uuid::nil() {
+            return Actor::System;
+        }
         Actor::ApiKey {
             id: ctx.key_id,
             name: ctx.key_name.clone(),

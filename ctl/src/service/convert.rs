@@ -17,7 +17,7 @@ use crate::scheduler::State;
 pub const SANDBOX_COLS: &str =
     "s.id, s.team_id, s.host_id, s.template_id, s.state, s.state_reason, \
     s.vcpus, s.memory_mib, s.disk_mib, s.timeout_s, s.on_timeout, s.metadata, s.created_at, \
-    s.updated_at, s.expires_at, s.network, s.allow_public_traffic";
+    s.updated_at, s.expires_at, s.network, s.allow_public_traffic, s.auto_resume";
 
 /// A sandbox row as a message.
 pub fn sandbox(r: &Row) -> ctl::Sandbox {
@@ -53,6 +53,7 @@ pub fn sandbox(r: &Row) -> ctl::Sandbox {
         // of SANDBOX_COLS, so no other answer can carry it by accident).
         traffic_token: String::new(),
         allow_public_traffic: r.get(16),
+        auto_resume: r.get(17),
     }
 }
 
@@ -234,6 +235,7 @@ mod tests {
             }),
             // ctl's own (its traffic proxy), not part of the spec an agent gets.
             allow_public_traffic: false,
+            auto_resume: false,
         }
     }
 
@@ -254,8 +256,9 @@ mod tests {
                 deny_out: vec!["10.0.0.0/8".into()],
                 allow_out: vec!["*.example.com".into()],
             }),
-            // The one field that does not map: ctl's own, see create_request.
+            // The fields that do not map: ctl's own, see create_request.
             allow_public_traffic: false,
+            auto_resume: false,
         }
     }
 

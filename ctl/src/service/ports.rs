@@ -11,16 +11,16 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::gen::wrenn::agent::v1 as agent;
 use proto::gen::wrenn::ctl::v1 as ctl;
-use proto::id::{Kind, Uuid};
+use proto::id::{self as id, Kind, Uuid};
 use proto::rpc::{CallOpts, ServerStream};
 use proto::Status;
 
 use super::{parse_id, Api, AuthCtx};
-use crate::limits::{PORT_STREAMS_PER_SANDBOX_MAX, PORT_STREAMS_PER_TEAM_MAX};
+use crate::limits::{AUTO_RESUME_POLL, PORT_STREAMS_PER_SANDBOX_MAX, PORT_STREAMS_PER_TEAM_MAX};
 
 /// envd's port: never a target.
 const ENVD_PORT: u32 = 49983;
@@ -160,15 +160,90 @@ impl Api {
     }
 
     /// The checks of [`Api::proxy_open`] without opening anything: the sandbox exists, the
-    /// credentials reach it, it runs. Returns its team and host.
+    /// credentials reach it, it runs. A sandbox created with `auto_resume` that is paused is
+    /// resumed first ([`Api::auto_resume`]). Returns its team and host.
     pub fn proxy_authorize(
         &self,
         sandbox: Uuid,
         creds: TrafficCreds<'_>,
     ) -> Result<(Uuid, Uuid), Status> {
+        let deadline = Instant::now() + self.inner.cfg.agent_lifecycle_timeout;
+        let mut resumed = false;
+        loop {
+            let (team, state, host, auto_resume) = self.proxy_check(sandbox, &creds)?;
+            match state.as_str() {
+                "running" => {
+                    let host =
+                        host.ok_or_else(|| Status::internal("running sandbox has no host"))?;
+                    return Ok((team, host));
+                }
+                // Only the first pass resumes: once resumed, a sandbox that is paused again
+                // before this request got through is not resumed a second time by it.
+                "paused" if auto_resume && !resumed => {
+                    resumed = true;
+                    self.auto_resume(team, sandbox)?;
+                    continue;
+                }
+                // Another request's resume (or a pause that is finishing) is under way.
+                "resuming" | "pausing" if auto_resume => {}
+                _ => {
+                    return Err(Status::failed_precondition(format!(
+                        "sandbox is {state}, not running"
+                    )))
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Status::unavailable(format!(
+                    "sandbox is still {state}: auto_resume did not finish within {:?}",
+                    self.inner.cfg.agent_lifecycle_timeout
+                )));
+            }
+            std::thread::sleep(AUTO_RESUME_POLL);
+        }
+    }
+
+    /// Resumes a paused sandbox for its traffic (`auto_resume`), audited as `sandbox.resume`
+    /// by the system (no API key made the call). Another request that resumed it first is
+    /// not an error: the caller waits for RUNNING.
+    fn auto_resume(&self, team: Uuid, sandbox: Uuid) -> Result<(), Status> {
+        let ctx = AuthCtx {
+            team_id: team,
+            key_id: Uuid::nil(),
+            key_name: String::new(),
+            platform_admin: false,
+        };
+        let req = ctl::ResumeSandboxRequest {
+            sandbox_id: id::format(Kind::Sandbox, sandbox),
+            timeout_s: 0,
+        };
+        // Not through the audited wrapper: a request that lost the race to another one (the
+        // state check refused it before anything changed, so no row of its own) did nothing
+        // worth a failure row; every other failure is recorded as a resume's would be.
+        let mut row = None;
+        match self.resume_sandbox_inner(&ctx, &mut row, req) {
+            Ok(_) => {
+                log::info!("auto_resume sandbox={}", id::format(Kind::Sandbox, sandbox));
+                Ok(())
+            }
+            Err(e) if e.code == proto::Code::FailedPrecondition && row.is_none() => Ok(()),
+            Err(e) => {
+                let rid = id::format(Kind::Sandbox, sandbox);
+                self.record_failure(&ctx, "sandbox", rid, "sandbox.resume", row, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// One read of what the traffic proxy needs of a sandbox, with the credential check:
+    /// its team, state, host and `auto_resume`.
+    fn proxy_check(
+        &self,
+        sandbox: Uuid,
+        creds: &TrafficCreds<'_>,
+    ) -> Result<(Uuid, String, Option<Uuid>, bool), Status> {
         let row = self.inner.db.run(move |c| {
             c.query_opt(
-                "SELECT team_id, state, host_id, traffic_token, allow_public_traffic \
+                "SELECT team_id, state, host_id, traffic_token, allow_public_traffic, auto_resume \
                  FROM sandboxes WHERE id = $1",
                 &[&sandbox],
             )
@@ -180,6 +255,7 @@ impl Api {
         let host: Option<Uuid> = row.get(2);
         let stored: Option<String> = row.get(3);
         let public: bool = row.get(4);
+        let auto_resume: bool = row.get(5);
         if !public {
             let token_ok = match (creds.token, stored.as_deref()) {
                 (Some(t), Some(s)) => proto::sha256::constant_time_eq(t.as_bytes(), s.as_bytes()),
@@ -210,13 +286,7 @@ impl Api {
                 }
             }
         }
-        if state != "running" {
-            return Err(Status::failed_precondition(format!(
-                "sandbox is {state}, not running"
-            )));
-        }
-        let host = host.ok_or_else(|| Status::internal("running sandbox has no host"))?;
-        Ok((team, host))
+        Ok((team, state, host, auto_resume))
     }
 
     /// Serves one `Ports.Connect` call after its first message (`open`): relays bytes both

@@ -112,6 +112,7 @@ struct Insert<'a> {
     network: Option<&'a serde_json::Value>,
     traffic_token: &'a str,
     allow_public_traffic: bool,
+    auto_resume: bool,
     audit_id: Uuid,
     ctx: &'a AuthCtx,
 }
@@ -188,10 +189,10 @@ pub fn create_sql(by_id: bool) -> String {
          s AS ( \
             INSERT INTO sandboxes (id, team_id, host_id, template_id, state, vcpus, memory_mib, disk_mib, \
                 held_vcpus, held_memory_mib, held_disk_mib, timeout_s, on_timeout, metadata, \
-                default_user, default_cwd, env, network, traffic_token, allow_public_traffic) \
+                default_user, default_cwd, env, network, traffic_token, allow_public_traffic, auto_resume) \
             SELECT $7, $1, h.id, n.tpl, 'starting', n.vcpus, n.memory_mib, n.disk_mib, \
                 n.vcpus, n.memory_mib, n.disk_mib, $8, $9, $10, \
-                n.default_user, n.default_cwd, n.tpl_env, $16, $17, $18 FROM h, n \
+                n.default_user, n.default_cwd, n.tpl_env, $16, $17, $18, $19 FROM h, n \
             RETURNING *), \
          a AS ( \
             INSERT INTO audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, \
@@ -206,8 +207,9 @@ pub fn create_sql(by_id: bool) -> String {
 }
 
 /// Parameter types of [`create_sql`]: $3 is the template's id or its name; $16 the network
-/// policy (JSON, NULL for none), $17 the traffic token, $18 whether its ports are public.
-pub fn create_types(by_id: bool) -> [Type; 18] {
+/// policy (JSON, NULL for none), $17 the traffic token, $18 whether its ports are public,
+/// $19 whether a proxied request resumes it when paused.
+pub fn create_types(by_id: bool) -> [Type; 19] {
     let key = if by_id { Type::UUID } else { Type::TEXT };
     [
         Type::UUID,
@@ -227,6 +229,7 @@ pub fn create_types(by_id: bool) -> [Type; 18] {
         Type::JSONB,
         Type::JSONB,
         Type::TEXT,
+        Type::BOOL,
         Type::BOOL,
     ]
 }
@@ -272,6 +275,7 @@ fn insert_reserved(c: &mut postgres::Client, i: &Insert<'_>) -> Result<Placed, S
                     &i.network,
                     &i.traffic_token,
                     &i.allow_public_traffic,
+                    &i.auto_resume,
                 ],
             )
             .map_err(pg_err)?
@@ -543,6 +547,7 @@ impl Api {
                     network: network.as_ref(),
                     traffic_token: &traffic_token,
                     allow_public_traffic: public,
+                    auto_resume: req.auto_resume,
                     audit_id,
                     ctx: &ctx2,
                 },

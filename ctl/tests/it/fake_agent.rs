@@ -36,6 +36,9 @@ pub struct State {
     pub fail_create: Option<Status>,
     /// Create waits this long before answering.
     pub create_delay: Duration,
+    /// Resume waits this long before answering, and the Resume calls seen.
+    pub resume_delay: Duration,
+    pub resumes: usize,
     /// Test hook: flip one byte of every file upload as it arrives and of every download
     /// after its checksum was computed (a byte corrupted in transit).
     pub corrupt_files: bool,
@@ -390,6 +393,14 @@ fn dispatch(
                     .first::<agent::SetTimeoutRequest>()
                     .map(|r| (r.sandbox_id, r.timeout_s)),
             };
+            if m == sm::RESUME {
+                let delay = {
+                    let mut st = state.lock().unwrap();
+                    st.resumes += 1;
+                    st.resume_delay
+                };
+                std::thread::sleep(delay);
+            }
             let r = r.and_then(|(sid, t)| {
                 let id = sb_id(&sid)?;
                 let mut st = state.lock().unwrap();

@@ -1099,3 +1099,124 @@ fn proxy_over_tls() {
     }
     handle.shutdown();
 }
+
+/// Issue 16 (optional part): a sandbox created with `auto_resume` that is paused is resumed
+/// by proxied requests that pass the token check: four at once during a slow resume make one
+/// resume between them (audited with the system as actor) and are all served; a wrong token
+/// resumes nothing; raw TCP through Ports.Connect does not resume; without `auto_resume` the
+/// answer stays 409 (`proxy_http_websocket_and_auth`).
+#[test]
+fn proxy_auto_resume() {
+    let Some(s) = setup() else { return };
+    let sb: c::Sandbox =
+        s.cl.unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                auto_resume: true,
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert!(sb.auto_resume);
+    let state = |cl: &Client| -> i32 {
+        let g: c::Sandbox = cl
+            .unary(
+                c::sandboxes_methods::GET,
+                &c::GetSandboxRequest {
+                    sandbox_id: sb.id.clone(),
+                },
+                T,
+            )
+            .unwrap();
+        g.state
+    };
+    let pause = |cl: &Client| {
+        let _: c::Sandbox = cl
+            .unary(
+                c::sandboxes_methods::PAUSE,
+                &c::PauseSandboxRequest {
+                    sandbox_id: sb.id.clone(),
+                },
+                T,
+            )
+            .unwrap();
+    };
+    pause(&s.cl);
+    let paused = c::SandboxState::Paused as i32;
+    let running = c::SandboxState::Running as i32;
+    assert_eq!(state(&s.cl), paused);
+    let h = host(&sb.id, PORT);
+    let gw = s.gw;
+
+    // A wrong token and no token resume nothing.
+    assert_eq!(
+        get(gw, &h, "/big?n=1", &token_header("wtt_wrong")).status,
+        403
+    );
+    assert_eq!(get(gw, &h, "/big?n=1", "").status, 401);
+    assert_eq!(state(&s.cl), paused);
+    assert_eq!(s.fa.state.lock().unwrap().resumes, 0);
+
+    // Four requests while the resume takes 500 ms: one resume, four answers.
+    s.fa.state.lock().unwrap().resume_delay = Duration::from_millis(500);
+    let tok = sb.traffic_token.clone();
+    let reqs: Vec<_> = (0..4u64)
+        .map(|i| {
+            let (h, tok) = (h.clone(), tok.clone());
+            std::thread::spawn(move || {
+                let n = 1000 + i;
+                let a = get(gw, &h, &format!("/big?n={n}"), &token_header(&tok));
+                (a, n)
+            })
+        })
+        .collect();
+    for r in reqs {
+        let (a, n) = r.join().unwrap();
+        assert_eq!(a.status, 200, "{a:?}");
+        check_pattern(&a.body, n);
+    }
+    assert_eq!(s.fa.state.lock().unwrap().resumes, 1, "one resume for all");
+    assert_eq!(state(&s.cl), running);
+    let rows = crate::harness::audit(&s.cl, "sandbox.resume");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].actor_type.as_str(), rows[0].status.as_str()),
+        ("system", "success"),
+        "{rows:?}"
+    );
+    assert_eq!(rows[0].resource_id, sb.id);
+
+    // Raw TCP through Ports.Connect answers FAILED_PRECONDITION and resumes nothing.
+    s.fa.state.lock().unwrap().resume_delay = Duration::ZERO;
+    pause(&s.cl);
+    let e =
+        s.cl.call(
+            c::ports_methods::CONNECT,
+            &c::PortConnectRequest {
+                kind: Some(c::port_connect_request::Kind::Open(c::PortOpen {
+                    sandbox_id: sb.id.clone(),
+                    port: PORT,
+                })),
+            },
+            proto::rpc::CallOpts {
+                timeout: Some(Duration::from_secs(30)),
+                end_stream: false,
+            },
+        )
+        .and_then(|mut st| st.recv::<c::PortConnectResponse>().map(|_| ()))
+        .unwrap_err();
+    assert_eq!(e.code, proto::Code::FailedPrecondition, "{e}");
+    assert_eq!(state(&s.cl), paused);
+    assert_eq!(s.fa.state.lock().unwrap().resumes, 1);
+    // The path form resumes too.
+    let a = get(
+        gw,
+        "anything",
+        &format!("/v1/sandboxes/{}/ports/{PORT}/big?n=77", sb.id),
+        &token_header(&tok),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    check_pattern(&a.body, 77);
+    assert_eq!(state(&s.cl), running);
+}

@@ -63,6 +63,9 @@ pub struct Sandbox {
     /// Its ports answer without a token (set at create only).
     #[prost(bool, tag = "18")]
     pub allow_public_traffic: bool,
+    /// A request through ctl's traffic proxy resumes it when it is paused (set at create only).
+    #[prost(bool, tag = "19")]
+    pub auto_resume: bool,
 }
 /// Request of Sandboxes.Create. ctl maps it to a wrenn.sandbox.v1.SandboxSpec (the fields of
 /// the same name) and fills in the rest.
@@ -112,6 +115,12 @@ pub struct CreateSandboxRequest {
     /// default is public, ours is closed).
     #[prost(bool, tag = "16")]
     pub allow_public_traffic: bool,
+    /// When the sandbox is paused, the first request to one of its ports through ctl's traffic
+    /// proxy (that passes the traffic token check) resumes it, and the request is served once
+    /// it runs (default false: such a request gets 409 naming the state). Raw TCP through
+    /// Ports.Connect does not resume. The resume is audited as `sandbox.resume` by the system.
+    #[prost(bool, tag = "17")]
+    pub auto_resume: bool,
 }
 /// Request of Sandboxes.List.
 #[derive(Clone, PartialEq, ::prost::Message)]
