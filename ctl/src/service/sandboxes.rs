@@ -1235,14 +1235,14 @@ mod tests {
             } else {
                 "WHERE name = $3"
             }));
-            // Every parameter is used, none beyond the 15 declared.
+            // Every parameter is used, none beyond the 19 declared.
             let n = create_types(by_id).len();
-            assert_eq!(n, 15);
+            assert_eq!(n, 19);
             for p in 1..=n {
                 assert!(sql.contains(&format!("${p}")), "${p} unused");
             }
             assert!(!sql.contains(&format!("${}", n + 1)));
         }
-        assert_eq!(SANDBOX_COLS.split(',').count(), 17);
+        assert_eq!(SANDBOX_COLS.split(',').count(), 18);
     }
 }
