@@ -474,6 +474,7 @@ fn create_phases(env: &mut Env, iters: usize) -> Result<(), String> {
                     &None::<serde_json::Value>,
                     &"0123456789abcdef0123456789abcdef",
                     &false,
+                    &false,
                 ],
             )
             .map_err(|err| err.to_string())?;
