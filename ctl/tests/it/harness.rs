@@ -440,3 +440,27 @@ pub fn audit(cl: &Client, action: &str) -> Vec<ctlpb::AuditLog> {
         .expect("list audit logs");
     a.entries
 }
+
+/// Pauses one of `cl`'s team's sandboxes (it must succeed).
+pub fn pause(cl: &Client, id: &str) -> ctlpb::Sandbox {
+    cl.unary(
+        ctlpb::sandboxes_methods::PAUSE,
+        &ctlpb::PauseSandboxRequest {
+            sandbox_id: id.to_owned(),
+        },
+        Some(Duration::from_secs(30)),
+    )
+    .expect("pause")
+}
+
+/// One of `cl`'s team's sandboxes as Get answers it (it must exist).
+pub fn get_sandbox(cl: &Client, id: &str) -> ctlpb::Sandbox {
+    cl.unary(
+        ctlpb::sandboxes_methods::GET,
+        &ctlpb::GetSandboxRequest {
+            sandbox_id: id.to_owned(),
+        },
+        Some(Duration::from_secs(30)),
+    )
+    .expect("get")
+}

@@ -1119,28 +1119,9 @@ fn proxy_auto_resume() {
         )
         .unwrap();
     assert!(sb.auto_resume);
-    let state = |cl: &Client| -> i32 {
-        let g: c::Sandbox = cl
-            .unary(
-                c::sandboxes_methods::GET,
-                &c::GetSandboxRequest {
-                    sandbox_id: sb.id.clone(),
-                },
-                T,
-            )
-            .unwrap();
-        g.state
-    };
+    let state = |cl: &Client| crate::harness::get_sandbox(cl, &sb.id).state;
     let pause = |cl: &Client| {
-        let _: c::Sandbox = cl
-            .unary(
-                c::sandboxes_methods::PAUSE,
-                &c::PauseSandboxRequest {
-                    sandbox_id: sb.id.clone(),
-                },
-                T,
-            )
-            .unwrap();
+        crate::harness::pause(cl, &sb.id);
     };
     pause(&s.cl);
     let paused = c::SandboxState::Paused as i32;

@@ -103,15 +103,7 @@ fn metrics_come_live_from_the_agent_then_from_the_database_after_pause() {
     assert_eq!(live.step_s, 30);
     assert_eq!(live.samples.len(), 4);
 
-    let _: c::Sandbox = cl
-        .unary(
-            c::sandboxes_methods::PAUSE,
-            &c::PauseSandboxRequest {
-                sandbox_id: sb.id.clone(),
-            },
-            T,
-        )
-        .unwrap();
+    crate::harness::pause(&cl, &sb.id);
     // Stored at the pause: the agent's tiers may be gone now, the database answers.
     fa.state.lock().unwrap().samples.clear();
     let calls_before = fa.state.lock().unwrap().samples_calls;

@@ -230,15 +230,7 @@ fn deliveries_are_signed_retried_after_500_and_listed() {
     assert!(!format!("{list:?}").contains(&wh.secret));
 
     let sb = create_sandbox(&cl);
-    let _: c::Sandbox = cl
-        .unary(
-            c::sandboxes_methods::PAUSE,
-            &c::PauseSandboxRequest {
-                sandbox_id: sb.id.clone(),
-            },
-            T,
-        )
-        .unwrap();
+    crate::harness::pause(&cl, &sb.id);
     // Two events subscribed (created, paused); running and pausing are not.
     let d = deliveries(&cl, &w.id);
     assert_eq!(d.len(), 2, "{d:?}");
