@@ -195,8 +195,21 @@ impl FakeAgent {
             .map(|s| s.state)
     }
 
+    /// Stops serving and returns once the stop took effect (the listener refuses new
+    /// connections; open connections got GOAWAY in the same step, so a call ctl makes after
+    /// this is refused). The shutdown itself is only a command to the server's loop: a call
+    /// right after it could still be served under load (a test expecting `unavailable` then
+    /// saw a success).
     pub fn stop(&self) {
         self.handle.shutdown();
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the fake agent still accepts 10 s after its shutdown"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
