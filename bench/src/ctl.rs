@@ -16,7 +16,7 @@
 //!   the agent connection → the agent's TCP connection to the server), against the same GET
 //!   sent straight to the server; a new connection each, both ways (the proxy serves one
 //!   request per connection); goal <= 3x (two extra hops on two cores);
-//! - `proxy_stream`: a 256 MiB GET (16 MiB with --quick) the same two ways, as throughput;
+//! - `proxy_stream`: a 1 GiB GET (16 MiB with --quick) the same two ways, as throughput;
 //!   goal >= 0.5x. The agent is ctl's `InstantAgent`, whose Ports.Connect relays like the real
 //!   agent's (a thread per direction) to a loopback server standing in for the guest's.
 //!
@@ -741,7 +741,7 @@ fn proxy_stream(o: &Opts) -> Result<(), String> {
         return Ok(());
     };
     let (gw, guest, host, token, handle) = proxy_env(&env)?;
-    let n: usize = if o.quick { 16 << 20 } else { 256 << 20 };
+    let n: usize = if o.quick { 16 << 20 } else { 1 << 30 };
     let path = format!("/big?n={n}");
     let iters = o.iters(8, 2);
     let (base, ours) = measure_interleaved(
