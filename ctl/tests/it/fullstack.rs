@@ -608,17 +608,28 @@ fn header<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
 /// Sends `head` (request line and headers, without the blank line) with `Connection:
 /// close`, then `body` in 64 KiB writes; reads the answer to the close.
 fn proxy_request(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> Result<Answer, String> {
+    timed_request(addr, head, body).map(|(a, _)| a)
+}
+
+/// [`proxy_request`], also saying when the last byte of the body was written.
+fn timed_request(
+    addr: std::net::SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> Result<(Answer, Duration), String> {
     use std::io::{Read, Write};
+    let t = Instant::now();
     let mut s = proxy_conn(addr)?;
     s.write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
         .map_err(|e| format!("write head: {e}"))?;
     for part in body.chunks(64 << 10) {
         s.write_all(part).map_err(|e| format!("write body: {e}"))?;
     }
+    let written = t.elapsed();
     let mut a = read_answer_head(&mut s)?;
     s.read_to_end(&mut a.2)
         .map_err(|e| format!("read body: {e}"))?;
-    Ok(a)
+    Ok((a, written))
 }
 
 /// A client WebSocket frame: FIN, `op`, masked (RFC 6455 §5.3) with a fixed key.
@@ -711,11 +722,13 @@ fn sum_check(addr: std::net::SocketAddr, host: &str, extra: &str) -> Result<Stri
     let mut h = proto::sha256::Sha256::new();
     h.update(&body);
     let want = format!("{UPLOAD_LEN} {}", h.finish_hex());
-    let a = proxy_request(
+    let t = Instant::now();
+    let (a, written) = timed_request(
         addr,
         &format!("POST /sum HTTP/1.1\r\nHost: {host}{extra}\r\nContent-Length: {UPLOAD_LEN}"),
         &body,
     )?;
+    let answered = t.elapsed();
     if a.0 != 200 {
         return Err(format!(
             "status {}: {:?}",
@@ -727,7 +740,11 @@ fn sum_check(addr: std::net::SocketAddr, host: &str, extra: &str) -> Result<Stri
     if got != want {
         return Err(format!("the server says {got:?}, the client sent {want:?}"));
     }
-    Ok(got)
+    Ok(format!(
+        "{got} (body written after {} ms, answer after {} ms)",
+        written.as_millis(),
+        answered.as_millis()
+    ))
 }
 
 /// A WebSocket upgrade to `GET /ws` (RFC 6455 §1.3's example key, so the accept value is
@@ -1188,11 +1205,58 @@ fn stack_proxy_to_guest_server() {
         t0.elapsed().as_secs(),
         t.elapsed()
     );
+    // For comparison (measured, not a check): the same GET and upload sent straight to the
+    // guest from inside the slot's namespace, as the agent's end of the proxy does.
+    direct_baseline();
     assert!(
         failures.is_empty(),
         "through the traffic proxy: {failures:#?}"
     );
     drop(st);
+}
+
+/// The guest's server reached directly from the slot's network namespace (the stack's only
+/// `wrstk-*` namespace; a thread of its own enters it), without ctl or the agent: a GET and
+/// the upload, timed. Prints; a measurement, not a check.
+fn direct_baseline() {
+    use std::os::fd::AsRawFd;
+    let names: Vec<String> = std::fs::read_dir("/var/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("wrstk-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let [ns] = &names[..] else {
+        println!("direct: not measured (the stack's namespaces: {names:?})");
+        return;
+    };
+    let path = format!("/var/run/netns/{ns}");
+    let ns = ns.clone();
+    let out = std::thread::spawn(move || -> Result<String, String> {
+        let f = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: setns(2) on an open namespace file; it moves only this thread, which
+        // exits when the measurement ends.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r != 0 {
+            return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+        }
+        let guest = std::net::SocketAddr::from(([169, 254, 0, 21], WEB_PORT));
+        let t = Instant::now();
+        let a = proxy_request(guest, "GET /index.html HTTP/1.1\r\nHost: guest", &[])?;
+        let get = format!("GET {} in {} ms", a.0, t.elapsed().as_millis());
+        Ok(format!(
+            "{get}; POST /sum {}",
+            sum_check(guest, "guest", "")?
+        ))
+    })
+    .join();
+    match out {
+        Ok(Ok(m)) => println!("direct from {ns}: {m}"),
+        Ok(Err(e)) => println!("direct from {ns}: not measured: {e}"),
+        Err(_) => println!("direct from {ns}: the measuring thread panicked"),
+    }
 }
 
 /// One create's numbers: the client's, and the agent's phases from its log.
