@@ -571,39 +571,6 @@ fn proxy_conn(addr: std::net::SocketAddr) -> Result<std::net::TcpStream, String>
     Ok(s)
 }
 
-/// Reads an answer's head from `s`: status, headers, and the bytes already read after it.
-fn read_answer_head(s: &mut std::net::TcpStream) -> Result<Answer, String> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    let mut b = [0u8; 16384];
-    loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let text = String::from_utf8_lossy(&buf[..p]).into_owned();
-            let mut lines = text.split("\r\n");
-            let status = lines
-                .next()
-                .and_then(|l| l.get(9..12))
-                .and_then(|c| c.parse().ok())
-                .ok_or_else(|| format!("bad status line in {text:?}"))?;
-            let headers = lines
-                .filter_map(|l| l.split_once(':'))
-                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                .collect();
-            return Ok((status, headers, buf[p + 4..].to_vec()));
-        }
-        match s.read(&mut b) {
-            Ok(0) => {
-                return Err(format!(
-                    "closed before a head: {:?}",
-                    String::from_utf8_lossy(&buf)
-                ))
-            }
-            Ok(k) => buf.extend_from_slice(&b[..k]),
-            Err(e) => return Err(format!("reading a head: {e}")),
-        }
-    }
-}
-
 fn header<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
     a.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
@@ -629,7 +596,7 @@ fn timed_request(
         s.write_all(part).map_err(|e| format!("write body: {e}"))?;
     }
     let written = t.elapsed();
-    let mut a = read_answer_head(&mut s)?;
+    let mut a = crate::harness::read_http_head(&mut s)?;
     s.read_to_end(&mut a.2)
         .map_err(|e| format!("read body: {e}"))?;
     Ok((a, written))
@@ -764,7 +731,7 @@ fn ws_check(addr: std::net::SocketAddr, host: &str, extra: &str) -> Result<Strin
         .as_bytes(),
     )
     .map_err(|e| format!("write upgrade: {e}"))?;
-    let (status, headers, mut carry) = read_answer_head(&mut s)?;
+    let (status, headers, mut carry) = crate::harness::read_http_head(&mut s)?;
     let a = (status, headers, Vec::new());
     if status != 101 {
         return Err(format!("status {status}: {:?}", a.1));
@@ -914,7 +881,7 @@ fn proxy_checks(http: std::net::SocketAddr, sb: &c::Sandbox) -> Vec<String> {
                 )
                 .map_err(|e| format!("write request {i}: {e}"))?;
                 let mut a = if carry.is_empty() {
-                    read_answer_head(&mut s)?
+                    crate::harness::read_http_head(&mut s)?
                 } else {
                     return Err(format!("{} bytes after answer {}", carry.len(), i - 1));
                 };

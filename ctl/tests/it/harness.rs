@@ -464,3 +464,40 @@ pub fn get_sandbox(cl: &Client, id: &str) -> ctlpb::Sandbox {
     )
     .expect("get")
 }
+
+/// An HTTP response head: status, headers (lower-case names), the bytes read after it.
+pub type HttpHead = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// Reads an HTTP response head from `s`: status, headers (lower-case names), and the bytes
+/// already read after it.
+pub fn read_http_head(s: &mut std::net::TcpStream) -> Result<HttpHead, String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut b = [0u8; 16384];
+    loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&buf[..p]).into_owned();
+            let mut lines = text.split("\r\n");
+            let status = lines
+                .next()
+                .and_then(|l| l.get(9..12))
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| format!("bad status line in {text:?}"))?;
+            let headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            return Ok((status, headers, buf[p + 4..].to_vec()));
+        }
+        match s.read(&mut b) {
+            Ok(0) => {
+                return Err(format!(
+                    "closed before a head: {:?}",
+                    String::from_utf8_lossy(&buf)
+                ))
+            }
+            Ok(k) => buf.extend_from_slice(&b[..k]),
+            Err(e) => return Err(format!("reading a head: {e}")),
+        }
+    }
+}

@@ -305,27 +305,7 @@ impl Answer {
 
 /// Reads a response head from `s`; returns it and the bytes after it.
 fn read_head(s: &mut TcpStream) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let mut buf = Vec::new();
-    let mut b = [0u8; 16384];
-    loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let text = String::from_utf8_lossy(&buf[..p]).into_owned();
-            let mut lines = text.split("\r\n");
-            let status = lines.next().unwrap()[9..12].parse().unwrap();
-            let headers = lines
-                .filter_map(|l| l.split_once(':'))
-                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                .collect();
-            return (status, headers, buf[p + 4..].to_vec());
-        }
-        let k = s.read(&mut b).expect("read head");
-        assert!(
-            k > 0,
-            "closed before a head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&b[..k]);
-    }
+    crate::harness::read_http_head(s).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Sends `head_lines` (without the final blank line) with `Connection: close` and `body`,
