@@ -1300,9 +1300,9 @@ fn stack_create_latency() {
     let rounds_at = |i: usize| rounds_of.get(i).or(rounds_of.last()).copied().unwrap_or(20);
     println!(
         "stack latency: levels {levels:?}, rounds {rounds_of:?}, vCPU overcommit {VCPU_OVERCOMMIT}x, \
-         jailed {}, backend {}",
+         jailed {}, restore backend file (the agent's default; wrenn-uffd {} for resumes)",
         inp.jailer.is_some(),
-        if inp.uffd.is_some() { "uffd" } else { "file" }
+        if inp.uffd.is_some() { "given" } else { "absent" }
     );
     let addr = st.addr.clone();
     let key = st.team_key.clone();
