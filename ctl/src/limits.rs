@@ -119,7 +119,7 @@ pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
 /// How often a proxied request to an `auto_resume` sandbox that another request is resuming
 /// looks again at its state (one indexed row read): a restore takes tens of milliseconds
 /// and the guest's envd longer, so 50 ms adds little to the wait and costs little. The wait
-/// is bounded by the agent lifecycle timeout (`--agent-lifecycle-timeout`).
+/// is bounded by the agent lifecycle timeout (`wrenn-ctl serve --lifecycle-timeout-s`).
 pub const AUTO_RESUME_POLL: Duration = Duration::from_millis(50);
 const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_PER_TEAM_MAX);
 // ---- per-sandbox metrics and usage (`usage.rs`) ----
