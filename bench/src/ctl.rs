@@ -5,7 +5,9 @@
 //! - `ctl_create`: `Api::create_sandbox` with an agent that answers at once, against one
 //!   single-row INSERT committed on its own (the same kind of work: a write and a durable
 //!   commit), goal <= 3x, on a cluster with PostgreSQL's default durability (fsync on, as in
-//!   production; the other cases run with it off); its phase lines still give each part as a
+//!   production; the other cases run with it off; a create waits for one WAL flush, its
+//!   reservation's, since the running mark commits without waiting, see
+//!   `ctl::service::sandboxes::running_sql`); its phase lines still give each part as a
 //!   multiple of the SELECT and `ctl_create_phase_tls_handshakes` with
 //!   `metric=ctl_create_tls_handshakes_per_create` count the TLS handshakes a create costs
 //!   between ctl and the agent (issue 14: goal 0 on a warm pool);
@@ -284,8 +286,9 @@ fn ctl_auth(o: &Opts) -> Result<(), String> {
 }
 
 fn ctl_create(o: &Opts) -> Result<(), String> {
-    // Durable, as in production: a create is two commits, and what they cost with their
-    // WAL fsync is the point of the comparison.
+    // Durable, as in production: a create is two commits, the reservation's waiting for its
+    // WAL fsync (the running mark's does not: `running_sql`), and what they cost is the point
+    // of the comparison.
     let Some(mut env) = env_or_skip_with("ctl_create", true)? else {
         return Ok(());
     };

@@ -116,6 +116,57 @@ fn create_names_why_no_host_can_run_sandboxes() {
     );
 }
 
+/// A create waits for one WAL flush, the reservation's: the running mark relaxes
+/// `synchronous_commit` for its own transaction (the reconciler re-derives `running` from the
+/// agent after a PostgreSQL crash; `ctl::service::sandboxes::running_sql`), and for nothing
+/// else on the connection.
+#[test]
+fn the_running_mark_alone_commits_without_waiting_for_its_flush() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cl = ctl.team();
+    let _host = ctl.add_host(8, 8192, 100_000);
+    let sb = create(&cl, "").unwrap();
+    let id = proto::id::parse(proto::id::Kind::Sandbox, &sb.id).unwrap();
+    let mut pg = postgres::Client::connect(&ctl.url, postgres::NoTls).unwrap();
+    // The test cluster runs with synchronous_commit off; this session turns it on, as a
+    // production cluster has it.
+    pg.batch_execute("SET synchronous_commit = on").unwrap();
+    pg.execute(
+        "UPDATE sandboxes SET state = 'starting' WHERE id = $1",
+        &[&id],
+    )
+    .unwrap();
+    let setting = |c: &mut postgres::Transaction<'_>| -> String {
+        c.query_one("SELECT current_setting('synchronous_commit')", &[])
+            .unwrap()
+            .get(0)
+    };
+    let mut tx = pg.transaction().unwrap();
+    // The reservation statement leaves the session's durability alone.
+    assert!(!ctl::service::sandboxes::create_sql(false).contains("synchronous_commit"));
+    assert_eq!(setting(&mut tx), "on");
+    let exp = std::time::SystemTime::now() + Duration::from_secs(60);
+    let row = tx
+        .query_opt(&*ctl::service::sandboxes::running_sql(), &[&id, &exp])
+        .unwrap();
+    assert!(row.is_some(), "the starting row was not marked running");
+    assert_eq!(
+        setting(&mut tx),
+        "off",
+        "the running mark did not relax its commit"
+    );
+    tx.commit().unwrap();
+    let after: String = pg
+        .query_one("SELECT current_setting('synchronous_commit')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(after, "on", "the relaxed commit leaked into the session");
+    assert_eq!(
+        get(&cl, &sb.id).unwrap().state,
+        state(c::SandboxState::Running)
+    );
+}
+
 #[test]
 fn sandbox_lifecycle() {
     let Some(ctl) = Ctl::start() else { return };
