@@ -21,6 +21,10 @@
 //! - `proxy_stream`: a 1 GiB GET (16 MiB with --quick) the same two ways, as throughput;
 //!   goal >= 0.5x. The agent is ctl's `InstantAgent`, whose Ports.Connect relays like the real
 //!   agent's (a thread per direction) to a loopback server standing in for the guest's.
+//!   Two info lines put the goal in context, each interleaved with the direct GET: the same
+//!   GET through two minimal relays with the same hops (plain, TLS between them, plain:
+//!   `proxy_stream_floor`) and through the same relays with plain TCP between them
+//!   (`proxy_stream_floor_plain`).
 //!
 //! ctl has a CA (the same code as `wrenn-ctl admin tls init`), so the agent registers with a
 //! host key, serves mutual TLS with the certificate registration issued, and ctl's pool
@@ -803,6 +807,21 @@ fn proxy_stream(o: &Opts) -> Result<(), String> {
     };
     let via_rpc = crate::harness::measure(iters, 1, &mut rpc_get)?;
     handle.shutdown();
+    // The floor: the same GET through two minimal relays with the proxy's hops (plain TCP in,
+    // TLS between them, plain TCP to the server), interleaved with the direct GET again.
+    let floor = floor_chain(guest, true)?;
+    let (floor_base, floor_ours) = measure_interleaved(
+        iters,
+        || http_get(guest, "guest", &path, ""),
+        || http_get(floor, "guest", &path, ""),
+    )?;
+    // The same relays with plain TCP between them: what the hops cost without any TLS.
+    let plain = floor_chain(guest, false)?;
+    let (plain_base, plain_ours) = measure_interleaved(
+        iters,
+        || http_get(guest, "guest", &path, ""),
+        || http_get(plain, "guest", &path, ""),
+    )?;
     println!(
         "{}",
         crate::harness::throughput_line(
@@ -820,5 +839,110 @@ fn proxy_stream(o: &Opts) -> Result<(), String> {
         mibs(&base),
         mibs(&via_rpc)
     );
+    println!(
+        "info=proxy_stream_floor ratio={:.3} floor_mib_s={:.0} direct_mib_s={:.0} \
+         note=two_minimal_relays_plain_tls_plain_the_most_these_hops_give_here",
+        floor_base.p50() as f64 / floor_ours.p50().max(1) as f64,
+        mibs(&floor_ours),
+        mibs(&floor_base)
+    );
+    println!(
+        "info=proxy_stream_floor_plain ratio={:.3} floor_mib_s={:.0} direct_mib_s={:.0} \
+         note=the_same_relays_with_plain_tcp_between_them",
+        plain_base.p50() as f64 / plain_ours.p50().max(1) as f64,
+        mibs(&plain_ours),
+        mibs(&plain_base)
+    );
     Ok(())
+}
+
+/// Two relays that do only what the proxy's hops must: the first takes the client's plain TCP
+/// and opens TLS (the bench's own CA, as ctl → agent is mutual TLS) to the second, which
+/// opens plain TCP to the server. Each forwards the request head, then copies the answer in
+/// 256 KiB reads until the server's end of stream: no HTTP parsing, no RPC framing, no
+/// windows, no limits, one thread per relayed connection. What it reaches is the most a
+/// proxy with these three hops can reach on this machine; `proxy_stream` is judged against the
+/// direct GET, and this line says how much of the gap is the hops themselves.
+fn floor_chain(
+    server: std::net::SocketAddr,
+    with_tls: bool,
+) -> Result<std::net::SocketAddr, String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    const T: Duration = Duration::from_secs(30);
+    const BUF: usize = 256 * 1024;
+    /// Reads up to the end of a request head from `from` and writes it to `to`.
+    fn head(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<()> {
+        let mut h = Vec::new();
+        let mut b = [0u8; 4096];
+        while !h.windows(4).any(|w| w == b"\r\n\r\n") {
+            let k = from.read(&mut b)?;
+            if k == 0 || h.len() > 16384 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            h.extend_from_slice(&b[..k]);
+        }
+        to.write_all(&h)?;
+        to.flush()
+    }
+    /// Copies `from` to `to` until `from` ends.
+    fn copy(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<()> {
+        let mut b = vec![0u8; BUF];
+        loop {
+            let k = from.read(&mut b)?;
+            if k == 0 {
+                return to.flush();
+            }
+            to.write_all(&b[..k])?;
+        }
+    }
+    let (server_tls, client_tls) = crate::tls::tls_configs()?;
+    let second = TcpListener::bind("127.0.0.1:0").map_err(e("bind relay"))?;
+    let second_addr = second.local_addr().map_err(e("relay addr"))?;
+    std::thread::spawn(move || {
+        for s in second.incoming() {
+            let Ok(s) = s else { continue };
+            let server_tls = server_tls.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let _ = s.set_nodelay(true);
+                let mut down = TcpStream::connect(server)?;
+                let _ = down.set_nodelay(true);
+                if !with_tls {
+                    let mut up = s;
+                    head(&mut up, &mut down)?;
+                    copy(&mut down, &mut up)?;
+                    return up.shutdown(std::net::Shutdown::Write);
+                }
+                let t = server_tls
+                    .accept(proto::rpc::SocketTransport::new(s.into()))
+                    .map_err(std::io::Error::other)?;
+                let mut up = tls::BlockingStream::new(t, T)?;
+                head(&mut up, &mut down)?;
+                copy(&mut down, &mut up)?;
+                proto::rpc::Transport::shutdown_write(up.transport());
+                Ok(())
+            });
+        }
+    });
+    let first = TcpListener::bind("127.0.0.1:0").map_err(e("bind relay"))?;
+    let first_addr = first.local_addr().map_err(e("relay addr"))?;
+    std::thread::spawn(move || {
+        for s in first.incoming() {
+            let Ok(mut s) = s else { continue };
+            let client_tls = client_tls.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let _ = s.set_nodelay(true);
+                if !with_tls {
+                    let mut up = TcpStream::connect(second_addr)?;
+                    let _ = up.set_nodelay(true);
+                    head(&mut s, &mut up)?;
+                    return copy(&mut up, &mut s);
+                }
+                let mut up = client_tls.connect_blocking(second_addr, "127.0.0.1", T)?;
+                head(&mut s, &mut up)?;
+                copy(&mut up, &mut s)
+            });
+        }
+    });
+    Ok(first_addr)
 }

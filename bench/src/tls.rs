@@ -52,7 +52,9 @@ impl Drop for Pair {
     }
 }
 
-fn pair() -> Result<Pair, String> {
+/// A server certificate for 127.0.0.1 from a fresh CA (`ctl::pki`, the same code as `wrenn-ctl
+/// admin tls init`) and a client that trusts that CA, both with wrenn's ALPN.
+pub(crate) fn tls_configs() -> Result<(tls::ServerTls, tls::ClientTls), String> {
     let (ca, _ca_key) = ctl::pki::Authority::generate().map_err(|e| e.to_string())?;
     let leaf = ca
         .issue_server(&["127.0.0.1".to_owned()], Duration::from_secs(3600))
@@ -74,6 +76,11 @@ fn pair() -> Result<Pair, String> {
         },
     )
     .map_err(|e| e.to_string())?;
+    Ok((server_tls, client_tls))
+}
+
+fn pair() -> Result<Pair, String> {
+    let (server_tls, client_tls) = tls_configs()?;
     let local: SocketAddr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
     let mut handles = Vec::new();
     let mut serve = |wrap: Option<proto::rpc::WrapTransport>| -> Result<SocketAddr, String> {
