@@ -1507,12 +1507,17 @@ fn stack_recipe_parses() {
 /// `json-end` lines. Every read waits at most 20 s; one request per connection.
 const MMDS_SH: &str = r#"LC_ALL=C
 A=$1 P=$2
+# Microseconds (bash 5's EPOCHREALTIME; 0 without it): how long the exchanges took, apart
+# from bash's own start.
+us() { local t=${EPOCHREALTIME:-0}; US=${t//[.,]/}; }
+us; S=$US
 while read -r i d g f r; do
   [ "$i" = Iface ] || echo "route $i dst=$d gw=$g flags=$f"
 done < /proc/net/route
 req() {
   STATUS= BODY=
-  local m=$1 p=$2 line len=0 h= x
+  local m=$1 p=$2 line len=0 h= x t0
+  us; t0=$US
   shift 2
   for x in "$@"; do h+="$x"$'\r\n'; done
   exec 3<>"/dev/tcp/$A/$P" || { echo "$m $p: connect $A:$P failed"; return 1; }
@@ -1528,7 +1533,8 @@ req() {
   done
   [ "${len:-0}" -gt 0 ] && IFS= read -r -t 20 -N "$len" BODY <&3
   exec 3<&-
-  echo "$m $p: status $STATUS, ${#BODY} of ${len:-0} bytes"
+  us
+  echo "$m $p: status $STATUS, ${#BODY} of ${len:-0} bytes in $((US - t0)) us"
 }
 req PUT /latest/api/token 'X-metadata-token-ttl-seconds: 60' 'Content-Length: 0' || exit 2
 [ "$STATUS" = 200 ] || { echo "token refused: $BODY"; exit 3; }
@@ -1540,6 +1546,8 @@ echo "wrong token: $STATUS"
 req GET /wrenn 'Accept: application/json' "X-metadata-token: $T" || exit 5
 echo "with token: $STATUS"
 printf 'json-begin\n%s\njson-end\n' "$BODY"
+us
+echo "script: $((US - S)) us after its first line"
 "#;
 
 /// What [`MMDS_SH`] saw: the statuses without a token, with a wrong one and with the token,
@@ -1589,11 +1597,13 @@ fn mmds_check(
             bad.push(format!("{what}: status {got} (wanted {want})"));
         }
     }
-    let want = serde_json::json!({"wrenn": {
+    // `GET /wrenn` answers the value under that key of the agent's data store
+    // (`{"wrenn": {...}}`, `mmds_data`), not the whole store.
+    let want = serde_json::json!({
         "sandbox_id": sandbox_id,
         "template_id": template_id,
         "metadata": labels,
-    }});
+    });
     if seen.json != want {
         bad.push(format!("/wrenn is {} (wanted {want})", seen.json));
     }
@@ -1717,11 +1727,12 @@ fn stack_mmds_script_on_the_host() {
     let port = l.local_addr().unwrap().port();
     let labels: BTreeMap<String, String> =
         [("purpose".to_owned(), "mmds-e2e \"q\"".to_owned())].into();
-    let body = serde_json::json!({"wrenn": {
+    // As Firecracker answers `GET /wrenn`: the object under the store's "wrenn" key.
+    let body = serde_json::json!({
         "sandbox_id": "sb-1",
         "template_id": "tpl-2",
         "metadata": labels,
-    }})
+    })
     .to_string();
     let served = body.clone();
     let server = std::thread::spawn(move || {
@@ -1782,6 +1793,13 @@ fn stack_mmds_script_on_the_host() {
     let mut more = labels.clone();
     more.insert("extra".into(), "x".into());
     assert!(mmds_check(&seen, "sb-1", "tpl-2", &more).is_err());
+    let nested = MmdsSeen {
+        json: serde_json::json!({"wrenn": seen.json.clone()}),
+        no_token: seen.no_token.clone(),
+        wrong_token: seen.wrong_token.clone(),
+        with_token: seen.with_token.clone(),
+    };
+    assert!(mmds_check(&nested, "sb-1", "tpl-2", &labels).is_err());
     let v1 = MmdsSeen {
         no_token: "200".into(),
         ..seen
