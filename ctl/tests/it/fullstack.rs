@@ -1516,13 +1516,15 @@ while read -r i d g f r; do
 done < /proc/net/route
 req() {
   STATUS= BODY=
-  local m=$1 p=$2 line len=0 h= x t0
+  local m=$1 p=$2 line len=0 h= x t0 tc tl
   us; t0=$US
   shift 2
   for x in "$@"; do h+="$x"$'\r\n'; done
   exec 3<>"/dev/tcp/$A/$P" || { echo "$m $p: connect $A:$P failed"; return 1; }
+  us; tc=$US
   printf '%s %s HTTP/1.1\r\nHost: %s\r\n%sConnection: close\r\n\r\n' "$m" "$p" "$A" "$h" >&3
   if ! IFS= read -r -t 20 line <&3; then echo "$m $p: no answer"; exec 3<&-; return 1; fi
+  us; tl=$US
   line=${line%$'\r'}
   STATUS=${line#* }
   STATUS=${STATUS%% *}
@@ -1534,7 +1536,8 @@ req() {
   [ "${len:-0}" -gt 0 ] && IFS= read -r -t 20 -N "$len" BODY <&3
   exec 3<&-
   us
-  echo "$m $p: status $STATUS, ${#BODY} of ${len:-0} bytes in $((US - t0)) us"
+  echo "$m $p: status $STATUS, ${#BODY} of ${len:-0} bytes in $((US - t0)) us" \
+    "(connected after $((tc - t0)), status line after $((tl - tc)), rest $((US - tl)))"
 }
 req PUT /latest/api/token 'X-metadata-token-ttl-seconds: 60' 'Content-Length: 0' || exit 2
 [ "$STATUS" = 200 ] || { echo "token refused: $BODY"; exit 3; }
