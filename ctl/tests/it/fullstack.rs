@@ -40,6 +40,10 @@
 //!   `WRENN_STACK_ROUNDS` rounds per level (default 20; one number, or one per level), each
 //!   to its first exec answered
 //!   (envd's own `--version`, a static binary); p50 and max, with the agent's phases.
+//! - [`stack_mmds_identity`] (issue 15 §4): a sandbox created with metadata labels reads
+//!   Firecracker's MMDS from the guest (one exec of a bash script, [`MMDS_SH`]): V2 (401
+//!   without a token and with a wrong one), and `/wrenn` is exactly its id, its template's id
+//!   and its labels. [`stack_mmds_script_on_the_host`] runs the script against a stand-in.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1492,4 +1496,330 @@ fn stack_recipe_parses() {
     assert!(r.start.is_some());
     let h = r.healthcheck.unwrap();
     assert_eq!(h.value.retries, 60);
+}
+
+/// The guest's MMDS client for [`stack_mmds_identity`]: bash and its builtins only (one
+/// dynamically linked program, started once; `/dev/tcp` for the connections), MMDS V2 as
+/// envd talks to it (`envd/src/mmds.rs`). `$1`, `$2`: MMDS's address and port. It prints
+/// the routes (`/proc/net/route`, for when MMDS cannot be reached), then one line per
+/// exchange: the token `PUT`, `GET /wrenn` without a token, with a wrong one, and with the
+/// token (`Accept: application/json`), whose body it prints between `json-begin` and
+/// `json-end` lines. Every read waits at most 20 s; one request per connection.
+const MMDS_SH: &str = r#"LC_ALL=C
+A=$1 P=$2
+# Microseconds (bash 5's EPOCHREALTIME; 0 without it): how long the exchanges took, apart
+# from bash's own start.
+us() { local t=${EPOCHREALTIME:-0}; US=${t//[.,]/}; }
+us; S=$US
+while read -r i d g f r; do
+  [ "$i" = Iface ] || echo "route $i dst=$d gw=$g flags=$f"
+done < /proc/net/route
+req() {
+  STATUS= BODY=
+  local m=$1 p=$2 line len=0 h= x t0 tc tl
+  us; t0=$US
+  shift 2
+  for x in "$@"; do h+="$x"$'\r\n'; done
+  exec 3<>"/dev/tcp/$A/$P" || { echo "$m $p: connect $A:$P failed"; return 1; }
+  us; tc=$US
+  printf '%s %s HTTP/1.1\r\nHost: %s\r\n%sConnection: close\r\n\r\n' "$m" "$p" "$A" "$h" >&3
+  if ! IFS= read -r -t 20 line <&3; then echo "$m $p: no answer"; exec 3<&-; return 1; fi
+  us; tl=$US
+  line=${line%$'\r'}
+  STATUS=${line#* }
+  STATUS=${STATUS%% *}
+  while IFS= read -r -t 20 line <&3; do
+    line=${line%$'\r'}
+    [ -z "$line" ] && break
+    case ${line,,} in content-length:*) len=${line#*:}; len=${len//[!0-9]/} ;; esac
+  done
+  [ "${len:-0}" -gt 0 ] && IFS= read -r -t 20 -N "$len" BODY <&3
+  exec 3<&-
+  us
+  echo "$m $p: status $STATUS, ${#BODY} of ${len:-0} bytes in $((US - t0)) us" \
+    "(connected after $((tc - t0)), status line after $((tl - tc)), rest $((US - tl)))"
+}
+req PUT /latest/api/token 'X-metadata-token-ttl-seconds: 60' 'Content-Length: 0' || exit 2
+[ "$STATUS" = 200 ] || { echo "token refused: $BODY"; exit 3; }
+T=${BODY%%[$'\r\n']*}
+req GET /wrenn 'Accept: application/json' || exit 4
+echo "no token: $STATUS"
+req GET /wrenn 'Accept: application/json' "X-metadata-token: ${T}x" || exit 4
+echo "wrong token: $STATUS"
+req GET /wrenn 'Accept: application/json' "X-metadata-token: $T" || exit 5
+echo "with token: $STATUS"
+printf 'json-begin\n%s\njson-end\n' "$BODY"
+us
+echo "script: $((US - S)) us after its first line"
+"#;
+
+/// What [`MMDS_SH`] saw: the statuses without a token, with a wrong one and with the token,
+/// and the JSON the last one returned.
+#[derive(Debug)]
+struct MmdsSeen {
+    no_token: String,
+    wrong_token: String,
+    with_token: String,
+    json: serde_json::Value,
+}
+
+/// Reads [`MMDS_SH`]'s output; the reason when a part is missing or not JSON.
+fn mmds_seen(out: &str) -> Result<MmdsSeen, String> {
+    let after = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_owned())
+            .ok_or_else(|| format!("no {k:?} line"))
+    };
+    let (_, rest) = out.split_once("json-begin\n").ok_or("no json-begin line")?;
+    let (body, _) = rest.rsplit_once("\njson-end").ok_or("no json-end line")?;
+    Ok(MmdsSeen {
+        no_token: after("no token: ")?,
+        wrong_token: after("wrong token: ")?,
+        with_token: after("with token: ")?,
+        json: serde_json::from_str(body).map_err(|e| format!("body {body:?}: {e}"))?,
+    })
+}
+
+/// The checks of [`stack_mmds_identity`] on what the script saw: V2 (no token and a wrong
+/// token are 401), and `/wrenn` is exactly the sandbox's id, its template's id and the
+/// labels given at create.
+fn mmds_check(
+    seen: &MmdsSeen,
+    sandbox_id: &str,
+    template_id: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let mut bad = Vec::new();
+    for (what, got, want) in [
+        ("GET without a token", &seen.no_token, "401"),
+        ("GET with a wrong token", &seen.wrong_token, "401"),
+        ("GET with the token", &seen.with_token, "200"),
+    ] {
+        if got != want {
+            bad.push(format!("{what}: status {got} (wanted {want})"));
+        }
+    }
+    // `GET /wrenn` answers the value under that key of the agent's data store
+    // (`{"wrenn": {...}}`, `mmds_data`), not the whole store.
+    let want = serde_json::json!({
+        "sandbox_id": sandbox_id,
+        "template_id": template_id,
+        "metadata": labels,
+    });
+    if seen.json != want {
+        bad.push(format!("/wrenn is {} (wanted {want})", seen.json));
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+/// Issue 15 §4: a sandbox created through ctl with metadata labels reads its identity from
+/// Firecracker's MMDS (V2, configured by the agent at every restore): one exec of
+/// [`MMDS_SH`] in the guest gets a session token, is refused without it (401, so V2 is on)
+/// and with a wrong one, and with it reads `/wrenn`: the sandbox's id, its template's id and
+/// exactly the labels given.
+#[test]
+fn stack_mmds_identity() {
+    let Some(inp) = inputs() else { return };
+    let Some(st) = Stack::start(&inp) else { return };
+    if std::env::var("WRENN_STACK_NO_GUEST").as_deref() == Ok("1") {
+        println!("skipped: MMDS in a guest (WRENN_STACK_NO_GUEST=1: registration only)");
+        return;
+    }
+    let cl = st.team();
+    let labels: BTreeMap<String, String> = [
+        ("purpose".to_owned(), "mmds-e2e".to_owned()),
+        ("n".to_owned(), proto::random::hex(8).unwrap()),
+    ]
+    .into();
+    let t0 = Instant::now();
+    let sb: c::Sandbox = cl
+        .unary(
+            c::sandboxes_methods::CREATE,
+            &c::CreateSandboxRequest {
+                template: BASE_NAME.into(),
+                timeout_s: 3600,
+                metadata: labels.clone().into_iter().collect(),
+                ..Default::default()
+            },
+            Some(GUEST_CALL),
+        )
+        .unwrap_or_else(|e| panic!("create from {BASE_NAME}: {e}"));
+    let create = t0.elapsed();
+    println!("mmds: created {} from {BASE_NAME} in {create:?}", sb.id);
+    let tpl = proto::id::format_template(proto::id::Uuid::from_u128(BASE_TEMPLATE));
+    assert_eq!(sb.template_id, tpl);
+    assert_eq!(
+        sb.metadata.clone().into_iter().collect::<BTreeMap<_, _>>(),
+        labels
+    );
+    let t = Instant::now();
+    let r: c::ExecResponse = cl
+        .unary(
+            c::processes_methods::EXEC,
+            &c::ExecRequest {
+                sandbox_id: sb.id.clone(),
+                process: Some(envd::ProcessConfig {
+                    cmd: "/bin/bash".into(),
+                    args: vec![
+                        "-c".into(),
+                        MMDS_SH.into(),
+                        "mmds".into(),
+                        "169.254.169.254".into(),
+                        "80".into(),
+                    ],
+                    // bash's start (10-60 s of guest CPU here) and five reads of 20 s at most.
+                    timeout_ms: 300_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Some(GUEST_CALL),
+        )
+        .unwrap_or_else(|e| panic!("exec the MMDS script in {}: {e}", sb.id));
+    let code = match r.exited.and_then(|e| e.status) {
+        Some(envd::process_exited::Status::ExitCode(c)) => c,
+        Some(envd::process_exited::Status::Signal(s)) => 128 + s,
+        None => -1,
+    };
+    let (out, err) = (
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr),
+    );
+    println!(
+        "mmds: the guest's script: exit {code} after {:?} (the guest's own time {} ms)\n{out}{err}",
+        t.elapsed(),
+        r.duration_ns / 1_000_000
+    );
+    let result = if code == 0 {
+        mmds_seen(&out).and_then(|seen| mmds_check(&seen, &sb.id, &tpl, &labels))
+    } else {
+        Err(format!("the script exited {code}"))
+    };
+    if let Err(e) = result {
+        // The agent's side: its MMDS lines for this sandbox (a failed data store is logged).
+        let log = std::fs::read_to_string(&st.agent_log).unwrap_or_default();
+        for l in log
+            .lines()
+            .filter(|l| l.contains("mmds") && l.contains(&sb.id))
+        {
+            println!("agent: {l}");
+        }
+        panic!("MMDS in the guest of {}: {e}\n{out}{err}", sb.id);
+    }
+    println!(
+        "mmds: ok: /wrenn has {} and {tpl} with labels {labels:?}; 401 without a token and \
+         with a wrong one; create {create:?}, exec {:?}",
+        sb.id,
+        t.elapsed()
+    );
+    drop(st);
+}
+
+/// [`MMDS_SH`] and its checks on the host's bash against a stand-in for Firecracker's MMDS
+/// V2 (tokens, 401 without one, JSON with `Accept: application/json`), so the script and the
+/// parsing are tested everywhere; and a wrong identity or a V1 service fails the checks.
+#[test]
+fn stack_mmds_script_on_the_host() {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let labels: BTreeMap<String, String> =
+        [("purpose".to_owned(), "mmds-e2e \"q\"".to_owned())].into();
+    // As Firecracker answers `GET /wrenn`: the object under the store's "wrenn" key.
+    let body = serde_json::json!({
+        "sandbox_id": "sb-1",
+        "template_id": "tpl-2",
+        "metadata": labels,
+    })
+    .to_string();
+    let served = body.clone();
+    let server = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        // The script's four requests, one per connection.
+        for _ in 0..4 {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(s.read(&mut b).unwrap(), 1, "closed inside a request head");
+                head.push(b[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let (status, body) = if head.starts_with("PUT /latest/api/token HTTP/1.1\r\n")
+                && head.contains("\r\nX-metadata-token-ttl-seconds: 60\r\n")
+            {
+                (200, "tok-123".to_owned())
+            } else if !head.contains("\r\nX-metadata-token: tok-123\r\n") {
+                (401, "No MMDS token provided.".to_owned())
+            } else if head.starts_with("GET /wrenn HTTP/1.1\r\n")
+                && head.contains("\r\nAccept: application/json\r\n")
+            {
+                (200, served.clone())
+            } else {
+                (404, String::new())
+            };
+            write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            heads.push(head);
+        }
+        heads
+    });
+    let out = match Command::new("bash")
+        .args(["-c", MMDS_SH, "mmds", "127.0.0.1", &port.to_string()])
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            skip(&format!("the MMDS script on the host: no bash ({e})"));
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{:?}", out.status);
+    let heads = server.join().unwrap();
+    assert_eq!(heads.len(), 4);
+    let seen = mmds_seen(&text).unwrap();
+    mmds_check(&seen, "sb-1", "tpl-2", &labels).unwrap();
+    // The checks fail on another sandbox, other labels, and a service without tokens.
+    assert!(mmds_check(&seen, "sb-9", "tpl-2", &labels).is_err());
+    let mut more = labels.clone();
+    more.insert("extra".into(), "x".into());
+    assert!(mmds_check(&seen, "sb-1", "tpl-2", &more).is_err());
+    let nested = MmdsSeen {
+        json: serde_json::json!({"wrenn": seen.json.clone()}),
+        no_token: seen.no_token.clone(),
+        wrong_token: seen.wrong_token.clone(),
+        with_token: seen.with_token.clone(),
+    };
+    assert!(mmds_check(&nested, "sb-1", "tpl-2", &labels).is_err());
+    let v1 = MmdsSeen {
+        no_token: "200".into(),
+        ..seen
+    };
+    assert!(mmds_check(&v1, "sb-1", "tpl-2", &labels).is_err());
+    // Nothing listening: the script says so and fails, it does not hang.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().port();
+    drop(closed);
+    let t = Instant::now();
+    let out = Command::new("bash")
+        .args(["-c", MMDS_SH, "mmds", "127.0.0.1", &dead.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("connect 127.0.0.1"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(mmds_seen(&text).is_err());
 }
