@@ -1443,36 +1443,53 @@ fn stack_guest_server_on_the_host() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("index.html"), INDEX_HTML).unwrap();
     std::fs::write(dir.join("serve.py"), SERVE_PY).unwrap();
-    let port = crate::ctl_bin::free_port();
-    let child = Command::new("python3")
-        .arg("serve.py")
-        .arg(port.to_string())
-        .current_dir(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let Ok(child) = child else {
-        skip("the guest server on the host: no python3");
-        return;
-    };
-    struct Kill(Child, PathBuf);
+    struct Kill(Option<Child>, PathBuf);
     impl Drop for Kill {
         fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
             let _ = std::fs::remove_dir_all(&self.1);
         }
     }
-    let _kill = Kill(child, dir);
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let t = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "serve.py did not listen on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    let mut kill = Kill(None, dir.clone());
+    // A port free a moment ago may be some other test's outgoing connection's by the time
+    // the server binds it (the server then exits at once): up to three ports are tried.
+    let mut addr = None;
+    for _ in 0..3 {
+        let port = crate::ctl_bin::free_port();
+        let child = Command::new("python3")
+            .arg("serve.py")
+            .arg(port.to_string())
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            skip("the guest server on the host: no python3");
+            return;
+        };
+        let child = kill.0.insert(child);
+        let a = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let t = Instant::now();
+        while std::net::TcpStream::connect(a).is_err() {
+            if let Ok(Some(st)) = child.try_wait() {
+                println!("serve.py exited ({st}) before listening on {a}; another port");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "serve.py did not listen on {a} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if child.try_wait().ok().flatten().is_none() {
+            addr = Some(a);
+            break;
+        }
     }
+    let addr = addr.expect("serve.py exited before listening, on three ports");
     let a = proxy_request(addr, "GET /index.html HTTP/1.1\r\nHost: localhost", &[]).unwrap();
     println!("{}", index_check(&a).unwrap());
     println!("{}", sum_check(addr, "localhost", "").unwrap());
