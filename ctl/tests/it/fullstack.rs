@@ -912,12 +912,20 @@ fn proxy_checks(http: std::net::SocketAddr, sb: &c::Sandbox) -> Vec<String> {
     failures
 }
 
+/// `WRENN_STACK_NO_GUEST=1` (registration only): says which guest part is left out.
+fn no_guest(what: &str) -> bool {
+    let skip = std::env::var("WRENN_STACK_NO_GUEST").as_deref() == Ok("1");
+    if skip {
+        println!("skipped: {what} (WRENN_STACK_NO_GUEST=1: registration only)");
+    }
+    skip
+}
+
 #[test]
 fn stack_template_build_on_firecracker() {
     let Some(inp) = inputs() else { return };
     let Some(st) = Stack::start(&inp) else { return };
-    if std::env::var("WRENN_STACK_NO_GUEST").as_deref() == Ok("1") {
-        println!("skipped: the build on a guest (WRENN_STACK_NO_GUEST=1: registration only)");
+    if no_guest("the build on a guest") {
         return;
     }
     let cl = st.team();
@@ -1094,8 +1102,7 @@ fn stack_proxy_to_guest_server() {
         a.0,
         String::from_utf8_lossy(&a.2)
     );
-    if std::env::var("WRENN_STACK_NO_GUEST").as_deref() == Ok("1") {
-        println!("skipped: the proxy to a guest (WRENN_STACK_NO_GUEST=1: registration only)");
+    if no_guest("the proxy to a guest") {
         return;
     }
     let cl = st.team();
@@ -1643,8 +1650,7 @@ fn mmds_check(
 fn stack_mmds_identity() {
     let Some(inp) = inputs() else { return };
     let Some(st) = Stack::start(&inp) else { return };
-    if std::env::var("WRENN_STACK_NO_GUEST").as_deref() == Ok("1") {
-        println!("skipped: MMDS in a guest (WRENN_STACK_NO_GUEST=1: registration only)");
+    if no_guest("MMDS in a guest") {
         return;
     }
     let cl = st.team();
