@@ -6,11 +6,12 @@
 //! JSON to the request message, calls the backend, and converts the answer back.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use proto::gen::wrenn::ctl::v1 as ctl;
 use proto::rpc::forward::{self, Downstream};
-use proto::rpc::{Bytes, CallCtx, Peer, Source};
+use proto::rpc::{Bytes, CallCtx, Peer, Source, Wake};
 use proto::Status;
 
 use crate::dispatch::ClientCall;
@@ -96,6 +97,12 @@ pub trait PortUp: Send {
 /// Bytes from a sandbox port; `Ok(None)` once its server closed.
 pub trait PortDown: Send {
     fn recv(&mut self) -> Result<Option<Bytes>, Status>;
+    /// The next bytes if they come within `wait`: `Ok(None)` when none did (the stream
+    /// stays open), `Ok(Some(None))` at its end.
+    fn recv_within(&mut self, wait: Duration) -> Result<Option<Option<Bytes>>, Status>;
+    /// Runs `wake` once there is something to receive (bytes, the end, an error), so the
+    /// relay can give its thread back meanwhile; `Err(wake)`: there is something now.
+    fn park(&mut self, wake: Wake) -> Result<(), Wake>;
 }
 
 /// An open port stream and what it holds (its budget place), released when dropped.
@@ -135,6 +142,26 @@ impl PortDown for ApiDown {
                 Some(_) => {}
             }
         }
+    }
+
+    fn recv_within(&mut self, wait: Duration) -> Result<Option<Option<Bytes>>, Status> {
+        use agent::port_connect_response::Kind;
+        let end = Instant::now() + wait;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.0.recv_within::<agent::PortConnectResponse>(left)? {
+                None => return Ok(None),
+                Some(None) => return Ok(Some(None)),
+                Some(Some(agent::PortConnectResponse {
+                    kind: Some(Kind::Data(d)),
+                })) => return Ok(Some(Some(d))),
+                Some(Some(_)) => {}
+            }
+        }
+    }
+
+    fn park(&mut self, wake: Wake) -> Result<(), Wake> {
+        self.0.park(wake)
     }
 }
 

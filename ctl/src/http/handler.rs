@@ -38,6 +38,9 @@ pub struct HttpMetrics {
     pub buffered: Gauge,
     /// Connections relayed by the traffic proxy now.
     pub proxied: Gauge,
+    /// Their relay halves on a thread now, and parked (idle, no thread).
+    pub relays_running: Gauge,
+    pub relays_parked: Gauge,
     pub latency: Histogram,
     /// (operation, HTTP status) -> count; both sets are fixed, so the map stays small.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -51,6 +54,8 @@ pub static METRICS: HttpMetrics = HttpMetrics {
     queued: Gauge::new(),
     buffered: Gauge::new(),
     proxied: Gauge::new(),
+    relays_running: Gauge::new(),
+    relays_parked: Gauge::new(),
     latency: Histogram::new(),
     requests: Mutex::new(BTreeMap::new()),
 };
@@ -160,6 +165,25 @@ impl HttpMetrics {
             "wrenn_http_proxied_connections",
             "",
             self.proxied.get(),
+        );
+        family(
+            out,
+            "wrenn_http_proxy_relays",
+            "gauge",
+            "Relay halves (two per proxied connection) by where they are: on a thread \
+             moving bytes, or parked while their side is idle (no thread).",
+        );
+        sample(
+            out,
+            "wrenn_http_proxy_relays",
+            "state=\"running\"",
+            self.relays_running.get(),
+        );
+        sample(
+            out,
+            "wrenn_http_proxy_relays",
+            "state=\"parked\"",
+            self.relays_parked.get(),
         );
     }
 }

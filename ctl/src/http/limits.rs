@@ -109,9 +109,10 @@ const _: () = assert!(STREAM_HANDOFF <= BODY_RAW_MAX);
 const _: () = assert!(BODY_RAW_MAX <= SOURCE_BUFFER_MAX && SOURCE_BUFFER_MAX <= BUFFER_MAX);
 
 /// Proxied sandbox-port connections open at once on this gateway (traffic proxy), 503 with
-/// `Retry-After` beyond. Each holds two relay threads (one per direction) while open, never
-/// a worker; the team and sandbox bounds (`crate::limits::PORT_STREAMS_PER_*`, 429 beyond)
-/// come first, this one bounds the threads whatever the number of teams.
+/// `Retry-After` beyond. Each holds up to two relay threads (one per direction) while it
+/// moves bytes and none while idle ([`PROXY_PARK_AFTER`]), never a worker; the team and
+/// sandbox bounds (`crate::limits::PORT_STREAMS_PER_*`, 429 beyond) come first, this one
+/// bounds the threads whatever the number of teams.
 pub const PROXY_CONNECTIONS_MAX: usize = 256;
 /// Bytes a relay thread reads from one side before it writes them to the other: one
 /// message of the ctl↔agent port stream (`proto::limits::PORT_CHUNK_LEN`, the agent's
@@ -120,9 +121,15 @@ pub const PROXY_CONNECTIONS_MAX: usize = 256;
 /// a buffer.
 pub const PROXY_CHUNK: usize = proto::limits::PORT_CHUNK_LEN;
 /// A kept-alive proxied connection between requests (no answer in progress) with no byte
-/// either way for this long is let go (the sandbox's server reads the end of the stream):
-/// it holds two relay threads while it waits.
+/// either way for this long is let go (the sandbox's server reads the end of the stream).
 pub const PROXY_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// A relay half whose side brought nothing for this long gives its thread back and waits
+/// parked (for the client's socket, or the port stream) until its side has something: an
+/// idle connection holds no thread. Short, so idle connections do not pile up threads;
+/// long enough that a connection moving bytes never parks between two reads.
+pub const PROXY_PARK_AFTER: Duration = Duration::from_secs(1);
 /// A proxied connection with no byte in either direction for this long is closed (an idle
-/// WebSocket keeps its relay threads until then).
+/// WebSocket stays open, parked, until then).
 pub const PROXY_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+const _: () = assert!(PROXY_PARK_AFTER.as_millis() < LINGER_TIMEOUT.as_millis());

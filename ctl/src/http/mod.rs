@@ -27,6 +27,7 @@ pub mod handler;
 pub mod json;
 pub mod limits;
 pub mod openapi;
+pub mod park;
 pub mod port_route;
 pub mod proxy;
 pub mod proxy_head;

@@ -27,31 +27,37 @@
 //!    It stays one ctl↔agent stream and one connection to the sandbox's server per client
 //!    connection.
 //!
-//! The relays are threads, not the gateway's event loop (moving them there is a larger
-//! change left for later): an idle kept-alive connection holds two relay threads until
-//! [`PROXY_KEEPALIVE_IDLE`].
+//! The relays are two halves, one per direction, each on a relay pool thread while it has
+//! bytes to move. A half whose side stays quiet for [`PROXY_PARK_AFTER`] parks
+//! ([`super::park`]): the upward one until the client's socket is readable, the downward
+//! one until its port stream has something; it resumes on a pool thread where it stopped.
+//! So an idle connection (kept alive between requests, or a quiet WebSocket) holds no
+//! thread, only its sockets, its stream and its state.
 //!
 //! Memory and threads: each direction holds one chunk at a time and writes it before it
 //! reads the next, and the ctl↔agent stream has a bounded window, so a client that stops
 //! reading stops the sandbox's server (its writes block) instead of growing a buffer; a
 //! client that reads nothing for the gateway's I/O timeout is dropped. A proxied connection
-//! holds its two relay threads, never a gateway worker, within the team and sandbox budgets
-//! (429) and [`PROXY_CONNECTIONS_MAX`] per gateway (503).
+//! holds at most two relay threads (none while idle), never a gateway worker, within the
+//! team and sandbox budgets (429) and [`PROXY_CONNECTIONS_MAX`] per gateway (503).
 
+use std::collections::VecDeque;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proto::http::{parse_response_head, BodyDecoder, BodyError, Framing};
-use proto::rpc::{Bytes, BytesMut, Transport};
+use proto::rpc::{Bytes, BytesMut, ReadMode, Transport};
 use proto::{Code, Status};
 
 use super::backend::{Backend, PortConn, PortDown, PortUp, TrafficCreds};
 use super::limits::{
     HEAD_MAX, LINGER_TIMEOUT, PROXY_CHUNK, PROXY_IDLE_TIMEOUT, PROXY_KEEPALIVE_IDLE,
+    PROXY_PARK_AFTER,
 };
+use super::park::Parking;
 use super::port_route::PortRoute;
 use super::proxy_head::{
     cookie_token, downstream_response, keeps_alive, query_token, target_without_token,
@@ -179,28 +185,6 @@ fn write_all(io: &dyn Transport, mut data: &[u8], timeout: Duration) -> io::Resu
     Ok(())
 }
 
-/// Shared between the two directions of one connection.
-struct Sides {
-    /// The downward side finished: the upward reader stops.
-    done: AtomicBool,
-    /// Milliseconds since `start` of the last byte either way (the idle bound).
-    last: AtomicU64,
-    start: Instant,
-    /// Requests sent up whose answers have not been relayed to their end yet.
-    in_flight: AtomicUsize,
-}
-
-impl Sides {
-    fn touch(&self) {
-        self.last
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-    fn idle(&self) -> Duration {
-        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-}
-
 /// What the relay needs to carry more requests after the first on one connection.
 pub struct Next {
     pub backend: Arc<dyn Backend>,
@@ -285,65 +269,119 @@ fn body_take(dec: &mut BodyDecoder, input: &[u8]) -> Result<usize, BodyError> {
     Ok(at)
 }
 
-/// Relays one connection until both sides are done; runs on a thread of its own (the
-/// downward side) and starts one more (the upward side). `first` (the first request's head
-/// for the sandbox) goes up, then `rest` (the client's bytes the gateway already read) and
-/// the client's further bytes; `io_timeout` bounds each write to the client. With
-/// `next.keep_alive` each further request head is parsed, checked and rewritten, and each
-/// answer's framing followed, so the connection carries one request after another.
+/// What both halves of a relayed connection share. Dropped with the last half: the
+/// client's connection closes, the stream's budget place is given back, `on_end` runs.
+struct Link {
+    io: Box<dyn Transport>,
+    park: Arc<Parking>,
+    io_timeout: Duration,
+    /// The downward half finished: the upward one stops.
+    done: AtomicBool,
+    /// Milliseconds since `start` of the last byte either way (the idle bounds).
+    last: AtomicU64,
+    start: Instant,
+    /// Requests sent up whose answers have not been relayed to their end yet.
+    in_flight: AtomicUsize,
+    /// (HEAD, keeps alive) of each request sent up, in order, for the answers' framing.
+    methods: Mutex<VecDeque<(bool, bool)>>,
+    /// The upward half's parking token while it waits for the client (to cut the wait
+    /// short once the answer is complete).
+    up_parked: Mutex<Option<usize>>,
+    guard: Mutex<Option<Box<dyn Send>>>,
+    on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Link {
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn idle(&self) -> Duration {
+        self.start.elapsed().saturating_sub(self.last_activity())
+    }
+    fn last_activity(&self) -> Duration {
+        Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+    fn methods(&self) -> std::sync::MutexGuard<'_, VecDeque<(bool, bool)>> {
+        self.methods.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn up_parked(&self) -> std::sync::MutexGuard<'_, Option<usize>> {
+        self.up_parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.io.shutdown();
+        drop(self.guard.get_mut().map(Option::take));
+        if let Ok(Some(f)) = self.on_end.get_mut().map(Option::take) {
+            f();
+        }
+    }
+}
+
+/// Relays one connection: the downward half runs on this thread (a relay pool thread),
+/// the upward one on another from `park`'s pool. Each half parks when its side is quiet
+/// ([`PROXY_PARK_AFTER`]) and resumes when it has something to do, so an idle connection
+/// holds no thread. `first` (the first request's head for the sandbox) goes up, then
+/// `rest` (the client's bytes the gateway already read) and the client's further bytes;
+/// `io_timeout` bounds each write to the client. With `next.keep_alive` each further
+/// request head is parsed, checked and rewritten, and each answer's framing followed, so
+/// the connection carries one request after another. `on_end` runs once both halves are
+/// done and the connection is closed.
+#[allow(clippy::too_many_arguments)]
 pub fn relay(
-    pool: &Arc<proto::pool::Pool>,
+    park: &Arc<Parking>,
     io: Box<dyn Transport>,
     first: Vec<u8>,
     rest: Vec<u8>,
     conn: PortConn,
     io_timeout: Duration,
     next: Next,
+    on_end: Box<dyn FnOnce() + Send>,
 ) {
-    let PortConn {
-        mut up,
-        mut down,
-        guard,
-    } = conn;
-    let io: Arc<dyn Transport> = Arc::from(io);
-    let sides = Arc::new(Sides {
+    let PortConn { up, down, guard } = conn;
+    // Reads wait this long before the upward half parks.
+    let _ = io.set_read_mode(ReadMode::Blocking {
+        tick: PROXY_PARK_AFTER,
+    });
+    let link = Arc::new(Link {
+        io,
+        park: park.clone(),
+        io_timeout,
         done: AtomicBool::new(false),
         last: AtomicU64::new(0),
         start: Instant::now(),
         in_flight: AtomicUsize::new(1),
+        methods: Mutex::new(VecDeque::from([(next.head_request, next.keep_alive)])),
+        up_parked: Mutex::new(None),
+        guard: Mutex::new(Some(guard)),
+        on_end: Mutex::new(Some(on_end)),
     });
-    // (HEAD, keeps alive) of each request sent up, in order, for the answers' framing.
-    let (methods_tx, methods) = mpsc::channel::<(bool, bool)>();
-    let _ = methods_tx.send((next.head_request, next.keep_alive));
-    let (up_done_tx, up_done) = mpsc::channel::<()>();
-    let up_job = {
-        let io = io.clone();
-        let sides = sides.clone();
-        Box::new(move || {
-            upward(&*io, &mut *up, first, rest, &sides, &next, &methods_tx);
-            let _ = up_done_tx.send(());
-        })
+    let state = if next.keep_alive && !next.websocket {
+        UpState::Body(BodyDecoder::new(next.framing))
+    } else {
+        UpState::Raw
     };
-    if pool.spawn(up_job).is_err() {
-        // No thread: the client sees its connection close.
-        io.shutdown();
+    let upper = Upward {
+        link: link.clone(),
+        up,
+        state,
+        next: Box::new(next),
+        start: Some(Box::new((first, rest))),
+    };
+    if park.pool().spawn(Box::new(move || upper.run())).is_err() {
+        // No thread: the client sees its connection close (with `link`'s last owner).
         return;
     }
-    let io_ref = &*io;
-    downward(io_ref, &mut *down, io_timeout, &methods, &sides);
-    sides.done.store(true, Ordering::SeqCst);
-    // The answer is complete: end our direction, let the client's last bytes (if any) and
-    // its close arrive for a moment so nothing it has not read yet is lost to a reset, then
-    // close both ways, which also wakes the upward reader.
-    io.shutdown_write();
-    if up_done.recv_timeout(LINGER_TIMEOUT).is_err() {
-        io.shutdown();
-        // The shutdown wakes the upward reader; a send blocked on the agent's window ends
-        // with the call (the stream's permit is dropped only after both halves are done).
-        let _ = up_done.recv();
+    Downward {
+        link,
+        down,
+        state: DownState::Head(Vec::new()),
+        answered: false,
+        current: None,
     }
-    io.shutdown();
-    drop(guard);
+    .run();
 }
 
 /// Where the upward relay is in the client's byte stream.
@@ -357,65 +395,71 @@ enum UpState {
 }
 
 /// Client → sandbox.
-fn upward(
-    io: &dyn Transport,
-    up: &mut dyn PortUp,
-    first: Vec<u8>,
-    rest: Vec<u8>,
-    sides: &Sides,
-    next: &Next,
-    methods: &mpsc::Sender<(bool, bool)>,
-) {
-    if !first.is_empty() && up.send(Bytes::from(first)).is_err() {
-        return;
-    }
-    let mut state = if next.keep_alive && !next.websocket {
-        UpState::Body(BodyDecoder::new(next.framing))
-    } else {
-        UpState::Raw
-    };
-    // Ok(false): relay no more requests (the sandbox reads the end of the stream).
-    let mut feed = |mut data: Bytes, state: &mut UpState| -> Result<bool, ()> {
+struct Upward {
+    link: Arc<Link>,
+    up: Box<dyn PortUp>,
+    state: UpState,
+    next: Box<Next>,
+    /// The first request's head and the bytes already read, until the first run sends them.
+    start: Option<Box<(Vec<u8>, Vec<u8>)>>,
+}
+
+/// What to do after feeding bytes up.
+enum Fed {
+    More,
+    /// Relay no more requests: the sandbox reads the end of the stream.
+    Stop,
+    /// The stream failed.
+    Failed,
+}
+
+impl Upward {
+    fn feed(&mut self, mut data: Bytes) -> Fed {
         while !data.is_empty() {
-            match state {
+            match &mut self.state {
                 UpState::Raw => {
-                    up.send(data).map_err(|_| ())?;
-                    return Ok(true);
+                    return match self.up.send(data) {
+                        Ok(()) => Fed::More,
+                        Err(_) => Fed::Failed,
+                    };
                 }
                 UpState::Body(dec) => {
                     let Ok(n) = body_take(dec, &data) else {
-                        return Ok(false);
+                        return Fed::Stop;
                     };
-                    if n > 0 {
-                        up.send(data.slice(..n)).map_err(|_| ())?;
+                    let done = dec.is_done();
+                    if n > 0 && self.up.send(data.slice(..n)).is_err() {
+                        return Fed::Failed;
                     }
                     data = data.slice(n..);
-                    if dec.is_done() {
-                        *state = UpState::Head(Vec::new());
+                    if done {
+                        self.state = UpState::Head(Vec::new());
                     } else if n == 0 {
-                        return Ok(true);
+                        return Fed::More;
                     }
                 }
                 UpState::Head(buf) => {
                     buf.extend_from_slice(&data);
-                    data = Bytes::new();
                     let (h, n) = match proto::http::parse_request_head(buf, HEAD_MAX) {
                         Ok(Some(x)) => x,
-                        Ok(None) => return Ok(true),
-                        Err(_) => return Ok(false),
+                        Ok(None) => return Fed::More,
+                        Err(_) => return Fed::Stop,
                     };
-                    let Some(target) = next_target(next, &h) else {
-                        return Ok(false);
+                    let Some(target) = next_target(&self.next, &h) else {
+                        return Fed::Stop;
                     };
                     let Ok(out) = upstream_request(&h, &target) else {
-                        return Ok(false);
+                        return Fed::Stop;
                     };
                     let keep = keeps_alive(&h);
-                    sides.in_flight.fetch_add(1, Ordering::SeqCst);
-                    let _ = methods.send((h.method == "HEAD", keep));
-                    up.send(Bytes::from(out)).map_err(|_| ())?;
-                    data = Bytes::copy_from_slice(&buf[n..]);
-                    *state = if keep {
+                    let after = Bytes::copy_from_slice(&buf[n..]);
+                    self.link.in_flight.fetch_add(1, Ordering::SeqCst);
+                    self.link.methods().push_back((h.method == "HEAD", keep));
+                    if self.up.send(Bytes::from(out)).is_err() {
+                        return Fed::Failed;
+                    }
+                    data = after;
+                    self.state = if keep {
                         UpState::Body(BodyDecoder::new(h.framing()))
                     } else {
                         UpState::Raw
@@ -423,59 +467,99 @@ fn upward(
                 }
             }
         }
-        Ok(true)
-    };
-    let stop = |up: &mut dyn PortUp| {
-        let _ = up.close_send();
-    };
-    if !rest.is_empty() {
-        match feed(Bytes::from(rest), &mut state) {
-            Ok(true) => {}
-            Ok(false) => return stop(up),
-            Err(()) => return,
-        }
+        Fed::More
     }
-    loop {
-        if sides.done.load(Ordering::SeqCst) {
-            return;
-        }
-        let mut b = BytesMut::with_capacity(PROXY_CHUNK);
-        match io.read_into(&mut b, true) {
-            Ok(0) => {
-                // Half-close: the sandbox's server reads the end of the request.
-                let _ = up.close_send();
+
+    /// Runs until the half is done (returns, dropping it) or parks (it comes back here).
+    fn run(mut self) {
+        let park = self.link.park.clone();
+        let _running = park.running();
+        *self.link.up_parked() = None;
+        if let Some((first, rest)) = self.start.take().map(|b| *b) {
+            if !first.is_empty() && self.up.send(Bytes::from(first)).is_err() {
                 return;
             }
-            Ok(_) => {
-                sides.touch();
-                match feed(b.freeze(), &mut state) {
-                    Ok(true) => {}
-                    Ok(false) => return stop(up),
-                    Err(()) => return,
+            if !rest.is_empty() {
+                match self.feed(Bytes::from(rest)) {
+                    Fed::More => {}
+                    Fed::Stop => return self.stop(),
+                    Fed::Failed => return,
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let between = matches!(&state, UpState::Head(b) if b.is_empty())
-                    && sides.in_flight.load(Ordering::SeqCst) == 0;
-                if between && sides.idle() >= PROXY_KEEPALIVE_IDLE {
-                    // A kept-alive connection with nothing to do: let it go.
-                    return stop(up);
+        }
+        loop {
+            if self.link.done.load(Ordering::SeqCst) {
+                // The answer is complete, and the client's last bytes (if any) or its close
+                // arrived, or the linger passed: nothing of it was left unread to a reset.
+                return;
+            }
+            let mut b = BytesMut::with_capacity(PROXY_CHUNK);
+            match self.link.io.read_into(&mut b, true) {
+                Ok(0) => {
+                    // Half-close: the sandbox's server reads the end of the request.
+                    let _ = self.up.close_send();
+                    return;
                 }
-                if sides.idle() >= PROXY_IDLE_TIMEOUT {
-                    up.cancel();
-                    io.shutdown();
+                Ok(_) => {
+                    self.link.touch();
+                    match self.feed(b.freeze()) {
+                        Fed::More => {}
+                        Fed::Stop => return self.stop(),
+                        Fed::Failed => return,
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let between = matches!(&self.state, UpState::Head(b) if b.is_empty())
+                        && self.link.in_flight.load(Ordering::SeqCst) == 0;
+                    let idle = self.link.idle();
+                    if between && idle >= PROXY_KEEPALIVE_IDLE {
+                        // A kept-alive connection with nothing to do: let it go.
+                        return self.stop();
+                    }
+                    if idle >= PROXY_IDLE_TIMEOUT {
+                        self.up.cancel();
+                        self.link.io.shutdown();
+                        return;
+                    }
+                    let bound = if between {
+                        PROXY_KEEPALIVE_IDLE
+                    } else {
+                        PROXY_IDLE_TIMEOUT
+                    };
+                    match self.park(bound) {
+                        Ok(()) => return,
+                        Err(back) => self = back,
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // Reset, or shut down by the other side.
+                    if !self.link.done.load(Ordering::SeqCst) {
+                        self.up.cancel();
+                    }
                     return;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                // Reset, or shut down by the other side.
-                if !sides.done.load(Ordering::SeqCst) {
-                    up.cancel();
-                }
-                return;
-            }
         }
+    }
+
+    /// Waits off-thread until the client sends or closes, or the idle `bound` (counted from
+    /// the last byte either way) passes.
+    fn park(self, bound: Duration) -> Result<(), Upward> {
+        let link = self.link.clone();
+        let deadline = Instant::now() + bound.saturating_sub(link.idle());
+        let fd = link.io.fd().as_raw_fd();
+        let token = link.park.park_readable(fd, deadline, self, Upward::run)?;
+        let mut g = link.up_parked();
+        *g = Some(token);
+        if link.done.load(Ordering::SeqCst) {
+            link.park.hurry(token, Instant::now() + LINGER_TIMEOUT);
+        }
+        Ok(())
+    }
+
+    fn stop(mut self) {
+        let _ = self.up.close_send();
     }
 }
 
@@ -487,50 +571,43 @@ enum DownState {
 }
 
 /// Sandbox → client: each head rewritten, then the bytes as they come.
-fn downward(
-    io: &dyn Transport,
-    down: &mut dyn PortDown,
-    timeout: Duration,
-    methods: &mpsc::Receiver<(bool, bool)>,
-    sides: &Sides,
-) {
-    let mut state = DownState::Head(Vec::new());
-    let mut answered = false;
-    // (HEAD, keeps alive) of the request whose answer comes next.
-    let mut current: Option<(bool, bool)> = None;
-    let fail = |why: &str| {
+struct Downward {
+    link: Arc<Link>,
+    down: Box<dyn PortDown>,
+    state: DownState,
+    /// A final answer head went to the client.
+    answered: bool,
+    /// (HEAD, keeps alive) of the request whose answer comes next.
+    current: Option<(bool, bool)>,
+}
+
+impl Downward {
+    fn fail(&self, why: &str) {
         let r = Response::error(502, "bad_gateway", why);
-        let _ = write_all(io, &super::response::response_bytes(&r, false), timeout);
-    };
-    let body_done = |state: &mut DownState| {
-        if matches!(state, DownState::Body(d) if d.is_done()) {
-            *state = DownState::Head(Vec::new());
-            sides.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let _ = write_all(
+            &*self.link.io,
+            &super::response::response_bytes(&r, false),
+            self.link.io_timeout,
+        );
+    }
+
+    fn body_done(&mut self) {
+        if matches!(&self.state, DownState::Body(d) if d.is_done()) {
+            self.state = DownState::Head(Vec::new());
+            self.link.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
-    };
-    loop {
-        let chunk = match down.recv() {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                if !answered {
-                    fail("the sandbox's server closed the connection without an answer");
-                }
-                return;
-            }
-            Err(e) => {
-                if !answered {
-                    fail(&format!("the sandbox's port stream failed: {}", e.message));
-                }
-                return;
-            }
-        };
-        sides.touch();
-        let mut data = chunk;
+    }
+
+    /// Writes one chunk of the sandbox's bytes to the client; false: the half is done.
+    fn feed(&mut self, mut data: Bytes) -> bool {
+        let link = self.link.clone();
+        let io = &*link.io;
+        let timeout = self.link.io_timeout;
         while !data.is_empty() {
-            match &mut state {
+            match &mut self.state {
                 DownState::Raw => {
                     if write_all(io, &data, timeout).is_err() {
-                        return;
+                        return false;
                     }
                     data = Bytes::new();
                 }
@@ -539,16 +616,16 @@ fn downward(
                         Ok(n) => n,
                         Err(_) => {
                             // Not the framing it announced: pass the rest as it comes.
-                            state = DownState::Raw;
+                            self.state = DownState::Raw;
                             continue;
                         }
                     };
                     if write_all(io, &data[..n], timeout).is_err() {
-                        return;
+                        return false;
                     }
                     data = data.slice(n..);
-                    body_done(&mut state);
-                    if n == 0 && matches!(state, DownState::Body(_)) {
+                    self.body_done();
+                    if n == 0 && matches!(self.state, DownState::Body(_)) {
                         break;
                     }
                 }
@@ -557,9 +634,15 @@ fn downward(
                     data = Bytes::new();
                     // Heads until a final one (1xx interim answers pass as they are, 101
                     // included as final: the bytes after it are the upgraded protocol's).
-                    loop {
-                        let (head_request, keep) = *current
-                            .get_or_insert_with(|| methods.try_recv().unwrap_or((false, false)));
+                    while let DownState::Head(head) = &mut self.state {
+                        let (head_request, keep) = match self.current {
+                            Some(c) => c,
+                            None => {
+                                let c = self.link.methods().pop_front().unwrap_or((false, false));
+                                self.current = Some(c);
+                                c
+                            }
+                        };
                         match parse_response_head(head, HEAD_MAX, head_request) {
                             Ok(Some((h, n))) => {
                                 let interim = (100..200).contains(&h.status) && h.status != 101;
@@ -579,35 +662,84 @@ fn downward(
                                     downstream_response(&h, keep)
                                 };
                                 if write_all(io, &out, timeout).is_err() {
-                                    return;
+                                    return false;
                                 }
-                                answered = true;
+                                self.answered = true;
                                 if interim {
                                     head.drain(..n);
                                     continue;
                                 }
-                                current = None;
+                                self.current = None;
                                 data = Bytes::copy_from_slice(&head[n..]);
-                                state = if keep {
+                                self.state = if keep {
                                     DownState::Body(BodyDecoder::new(h.framing))
                                 } else {
                                     DownState::Raw
                                 };
-                                body_done(&mut state);
+                                self.body_done();
                                 break;
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                fail(&format!(
+                                self.fail(&format!(
                                     "the sandbox's server answered a malformed head: {e}"
                                 ));
-                                return;
+                                return false;
                             }
                         }
                     }
                 }
             }
         }
+        true
+    }
+
+    /// Runs until the half is done or parks (it comes back here when woken).
+    fn run(mut self) {
+        let park = self.link.park.clone();
+        let running = park.running();
+        loop {
+            let chunk = match self.down.recv_within(PROXY_PARK_AFTER) {
+                Ok(Some(Some(c))) => c,
+                Ok(Some(None)) => {
+                    if !self.answered {
+                        self.fail("the sandbox's server closed the connection without an answer");
+                    }
+                    break;
+                }
+                Ok(None) => {
+                    // Quiet: wait off-thread until the stream has something.
+                    match park.park_woken(self, |d, w| d.down.park(w), Downward::run) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            self = back;
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !self.answered {
+                        self.fail(&format!("the sandbox's port stream failed: {}", e.message));
+                    }
+                    break;
+                }
+            };
+            self.link.touch();
+            if !self.feed(chunk) {
+                break;
+            }
+        }
+        drop(running);
+        let link = self.link.clone();
+        link.done.store(true, Ordering::SeqCst);
+        // The answer is complete: end our direction and give the client's last bytes (if
+        // any) and its close a moment to arrive, so nothing it has not read yet is lost to
+        // a reset; the upward half ends then, and with it the connection.
+        link.io.shutdown_write();
+        if let Some(t) = *link.up_parked() {
+            link.park.hurry(t, Instant::now() + LINGER_TIMEOUT);
+        }
+        drop(self);
     }
 }
 

@@ -56,6 +56,7 @@ use super::limits::{
     RETRY_AFTER_SECS, SOURCE_BUFFER_MAX, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX,
     SOURCE_WORKERS_MAX, STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
 };
+use super::park::Parking;
 use super::port_route::{route_host, route_path, PortRoute, RouteError};
 use super::proxy;
 use super::request::{parse_head, Head, HeadError, Wire};
@@ -270,6 +271,8 @@ struct Shared {
     /// connections: room for every connection the loop lets through
     /// (`proxy_connections_max`) plus those still on a worker.
     relay_pool: Arc<Pool>,
+    /// Where relay halves of idle proxied connections wait without a thread.
+    parking: Arc<Parking>,
     stop: AtomicBool,
     /// Request bytes the loop holds (see `HttpHandle::buffered`).
     held: AtomicUsize,
@@ -294,6 +297,12 @@ impl HttpHandle {
     /// Request bytes (heads and bodies) the event loop holds in its buffers now.
     pub fn buffered(&self) -> usize {
         self.shared.held.load(Ordering::Relaxed)
+    }
+
+    /// Halves of proxied connections on a relay thread now, and parked (idle, no thread).
+    pub fn proxy_relays(&self) -> (usize, usize) {
+        let p = &self.shared.parking;
+        (p.running_now(), p.parked_now())
     }
 
     /// Stops accepting and closes idle connections; requests being served finish.
@@ -370,6 +379,13 @@ impl HttpServer {
             .map_err(HttpError::Poll)?;
         let waker = Waker::new(poll.registry(), WAKER).map_err(HttpError::Poll)?;
         let registry = poll.registry().try_clone().map_err(HttpError::Poll)?;
+        let relay_pool = Pool::new(
+            "http-proxy",
+            2 * (config.proxy_connections_max + config.workers_max),
+            0,
+            WORKER_IDLE,
+        );
+        let parking = Parking::start(relay_pool.clone()).map_err(HttpError::Poll)?;
         Ok(HttpServer {
             poll,
             listener,
@@ -378,12 +394,8 @@ impl HttpServer {
                 returned: Mutex::new(Vec::new()),
                 waker,
                 registry,
-                relay_pool: Pool::new(
-                    "http-proxy",
-                    2 * (config.proxy_connections_max + config.workers_max),
-                    0,
-                    WORKER_IDLE,
-                ),
+                relay_pool,
+                parking,
                 stop: AtomicBool::new(false),
                 held: AtomicUsize::new(0),
             }),
@@ -462,6 +474,8 @@ impl HttpServer {
                 METRICS.connections_open.add(-(open as i64));
                 METRICS.queued.add(-(self.queue.len() as i64));
                 METRICS.buffered.add(-(self.held as i64));
+                // Idle proxied connections close; those moving bytes finish on their threads.
+                self.shared.parking.stop();
                 log::info!("http stopped addr={}", self.addr);
                 return Ok(());
             }
@@ -1528,9 +1542,10 @@ fn proxy_worker(
     // Before the relay starts, so the loop sees Detached before ProxyDone.
     shared.give_back(Returned::Detached { slot });
     let done = shared.clone();
+    let parking = shared.parking.clone();
     let spawned = shared.relay_pool.spawn(Box::new(move || {
-        proxy::relay(&done.relay_pool, io, first, rest, conn, io_timeout, next);
-        done.give_back(Returned::ProxyDone { slot });
+        let on_end = Box::new(move || done.give_back(Returned::ProxyDone { slot }));
+        proxy::relay(&parking, io, first, rest, conn, io_timeout, next, on_end);
     }));
     if spawned.is_err() {
         // The closure (and the socket) is gone: the client sees the close.

@@ -30,7 +30,8 @@ fn pattern(i: u64) -> u8 {
 /// - `POST /sum`: the body's length and SHA-256 (hex), once it has all arrived;
 /// - `GET /head`: the request head it got, with a `Set-Cookie` carrying a Domain;
 /// - `GET /ws` with an upgrade: 101, then every byte echoed until the client closes;
-/// - `GET /slow?n=N`: N pattern bytes, counting what it managed to write in `written`.
+/// - `GET /slow?n=N`: N pattern bytes, counting what it managed to write in `written`;
+/// - `GET /bye?n=MS`: `bye`, then the connection closes after MS milliseconds.
 ///
 /// A GET or HEAD (but `/ws`, `/slow`) on a kept-alive connection is followed by the next
 /// request on it; anything else is the connection's last.
@@ -125,6 +126,13 @@ fn serve_one(mut s: TcpStream, written: &AtomicU64, heads: &Mutex<Vec<String>>) 
                 let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {q}\r\n\r\n");
                 let count = (head.path == "/slow").then_some(written);
                 body(&mut s, q, count);
+            }
+            ("GET", "/bye") => {
+                // Answered, then the server closes the connection after `n` ms of quiet.
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye");
+                std::thread::sleep(Duration::from_millis(q));
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return;
             }
             ("HEAD", "/big") => {
                 let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {q}\r\n\r\n");
@@ -802,6 +810,99 @@ fn proxy_keep_alive() {
     let mut tail = Vec::new();
     conn.read_to_end(&mut tail).unwrap();
     assert!(tail.is_empty(), "{}", String::from_utf8_lossy(&tail));
+}
+
+/// An idle proxied connection holds no relay thread: a kept-alive connection between
+/// requests and a quiet WebSocket park both halves (`PROXY_PARK_AFTER`) and resume when
+/// either side has something: the next request, an echo, the client's close, the sandbox's
+/// server closing on its own.
+#[test]
+fn proxy_idle_connections_park() {
+    let Some(s) = setup() else { return };
+    let sb = create(&s.cl, false);
+    let tok = sb.traffic_token.clone();
+    let h = host(&sb.id, PORT);
+    // (relay halves on a thread, parked)
+    let settles = |want: (usize, usize), within: Duration| {
+        let end = Instant::now() + within;
+        loop {
+            let now = s.handle.proxy_relays();
+            if now == want {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "relays (running, parked) {now:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let send = |conn: &mut TcpStream, path: &str| {
+        conn.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {h}\r\nwrenn-traffic-access-token: {tok}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    };
+    let settle = Duration::from_secs(10);
+
+    // A kept-alive connection after its answer: both halves park.
+    let mut conn = connect(s.gw);
+    let mut carry = Vec::new();
+    send(&mut conn, "/big?n=100000");
+    check_pattern(&read_framed(&mut conn, &mut carry).body, 100_000);
+    settles((0, 2), settle);
+    // The next request wakes them; answered in full, then they park again.
+    send(&mut conn, "/chunked?n=70000");
+    let a = read_framed(&mut conn, &mut carry);
+    assert_eq!(a.status, 200);
+    check_pattern(&a.body, 70_000);
+    settles((0, 2), settle);
+
+    // A quiet WebSocket parks too, and echoes when it is talked to again.
+    let mut ws = connect(s.gw);
+    ws.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {h}\r\nwrenn-traffic-access-token: {tok}\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (status, _, rest) = read_head(&mut ws);
+    assert_eq!((status, rest.len()), (101, 0));
+    let echo = |ws: &mut TcpStream, msg: &[u8]| {
+        ws.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        ws.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    };
+    echo(&mut ws, b"first");
+    settles((0, 4), settle);
+    echo(&mut ws, b"after a quiet while");
+    settles((0, 4), settle);
+
+    // The client closes the parked kept-alive connection: its halves wake and end.
+    drop(conn);
+    settles((0, 2), settle);
+
+    // The sandbox's server closes a parked connection: the client sees the close.
+    let mut bye = connect(s.gw);
+    let mut carry = Vec::new();
+    send(&mut bye, "/bye?n=6000");
+    assert_eq!(read_framed(&mut bye, &mut carry).body, b"bye");
+    settles((0, 4), Duration::from_secs(5));
+    let t = Instant::now();
+    let mut tail = Vec::new();
+    bye.read_to_end(&mut tail).unwrap();
+    assert!(tail.is_empty() && carry.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(20));
+    settles((0, 2), settle);
+
+    drop(ws);
+    settles((0, 0), settle);
 }
 
 /// A 100 MiB request body streamed through the proxy (Content-Length), hashed by the

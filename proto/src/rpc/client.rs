@@ -2,7 +2,8 @@
 //!
 //! There is no background thread: the thread waiting for a reply reads the socket itself
 //! (other waiters sleep on a condvar until it hands over), so a lone caller pays no thread
-//! hop. A connection the server closed while idle is noticed before the next call starts.
+//! hop. The exception is a parked stream ([`StreamReceiver::park`]): while one is parked
+//! and no call waits, a pump thread of the connection's own reads for it. A connection the server closed while idle is noticed before the next call starts.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use prost::bytes::Bytes;
 use prost::Message;
 
-use super::conn::{Conn, Limits, Side};
+use super::conn::{Conn, Limits, Side, Wake};
 use super::transport::{SocketTransport, Transport};
 use crate::frame::Kind;
 use crate::gen::wrenn::wire::v1::{CredentialKind, Hello, HelloAck};
@@ -545,6 +546,63 @@ impl StreamSender {
 }
 
 impl StreamReceiver {
+    /// Receives the next message if one comes within `wait`: `Ok(None)` when none did (the
+    /// stream stays open), `Ok(Some(None))` at the stream's end.
+    pub fn recv_within<M: Message + Default>(
+        &self,
+        wait: Duration,
+    ) -> Result<Option<Option<M>>, Status> {
+        let (conn, id, own, method) = {
+            let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            (g.conn.clone(), g.id, g.deadline, g.method.clone())
+        };
+        let mine = Instant::now() + wait;
+        let deadline = own.map_or(mine, |o| o.min(mine));
+        let r = conn
+            .wait(Some(deadline), |st| conn.take_message(st, id))
+            .map(|(_, m)| m);
+        match r {
+            Ok(Some(b)) => M::decode(b).map(|m| Some(Some(m))).map_err(|e| {
+                Status::internal(format!("{method}: malformed response message: {e}"))
+            }),
+            Ok(None) => {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).finished = true;
+                Ok(Some(None))
+            }
+            Err(e)
+                if e.code == Code::DeadlineExceeded && own.is_none_or(|o| Instant::now() < o) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `wake` once the stream has something to receive (a message, its end or
+    /// error, the connection's death), so the receiving thread can do something else
+    /// meanwhile; `Err(wake)` when it has something now (receive it). A pump thread of
+    /// the connection reads for parked streams while no call does.
+    pub fn park(&self, wake: Wake) -> Result<(), Wake> {
+        let (conn, id) = {
+            let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if g.finished {
+                return Err(wake);
+            }
+            (g.conn.clone(), g.id)
+        };
+        conn.park(id, wake)
+    }
+
+    /// Takes back a [`StreamReceiver::park`]'s `wake` that has not run; whether it was
+    /// still there.
+    pub fn unpark(&self) -> bool {
+        let (conn, id) = {
+            let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            (g.conn.clone(), g.id)
+        };
+        conn.unpark(id)
+    }
+
     pub fn recv<M: Message + Default>(&self) -> Result<Option<M>, Status> {
         // Receiving holds only this half's view; the sender never takes this lock while
         // blocked, so both directions proceed at once.

@@ -18,7 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prost::bytes::{Bytes, BytesMut};
@@ -77,7 +77,13 @@ struct Stream {
     credit_pending: u32,
     /// Server side: when the call's deadline passes.
     deadline: Option<Instant>,
+    /// Client side: run once the stream has something to receive ([`Conn::park`]).
+    wake: Option<Wake>,
 }
+
+/// What a parked stream runs when it has something to receive. It runs under the
+/// connection's lock: it must not block or touch the connection (it queues work elsewhere).
+pub type Wake = Box<dyn FnOnce() + Send>;
 
 pub(crate) struct State {
     out: Vec<u8>,
@@ -105,6 +111,9 @@ pub(crate) struct State {
     ping_sent: Option<Instant>,
     /// The transport holds bytes of its own not yet on the wire.
     io_pending: bool,
+    /// Streams parked with a [`Wake`], and whether a pump thread reads for them.
+    parked: usize,
+    pump: bool,
 }
 
 pub(crate) struct Conn {
@@ -217,6 +226,8 @@ impl Conn {
                 waiters: 0,
                 ping_sent: None,
                 io_pending: false,
+                parked: 0,
+                pump: false,
             }),
             cv: Condvar::new(),
             rbuf: Mutex::new(RecvBuf::new()),
@@ -431,6 +442,12 @@ impl Conn {
             return;
         }
         st.dead = Some(status);
+        for s in st.streams.values_mut() {
+            if let Some(w) = s.wake.take() {
+                w();
+            }
+        }
+        st.parked = 0;
         st.streams.clear();
         self.io.shutdown();
         self.wake_waiters(st);
@@ -677,9 +694,13 @@ impl Conn {
     /// Client: cancels a stream and forgets it; server: forgets a finished stream.
     /// Queued messages are dropped and their connection credit returned.
     pub fn release_stream(&self, st: &mut State, id: u32, send_cancel: bool) {
-        let Some(s) = st.streams.remove(&id) else {
+        let Some(mut s) = st.streams.remove(&id) else {
             return;
         };
+        if let Some(w) = s.wake.take() {
+            st.parked -= 1;
+            w();
+        }
         let dropped: u32 = s.queue.iter().map(|m| m.cost).sum();
         let peer_finished = s.error.is_some() || (self.side == Side::Client && s.peer_done);
         if send_cancel && !peer_finished && st.dead.is_none() {
@@ -941,6 +962,7 @@ impl Conn {
                     s.peer_done = true;
                 }
                 self.wake_waiters(st);
+                Self::fire(st, f.stream);
             }
             Kind::End => {
                 if self.check_stream_id(st, f.stream)? {
@@ -948,6 +970,7 @@ impl Conn {
                         s.peer_done = true;
                     }
                     self.wake_waiters(st);
+                    Self::fire(st, f.stream);
                 }
             }
             Kind::Error => {
@@ -962,6 +985,7 @@ impl Conn {
                         s.local_done = true;
                     }
                     self.wake_waiters(st);
+                    Self::fire(st, f.stream);
                 }
             }
             Kind::Cancel => {
@@ -972,6 +996,7 @@ impl Conn {
                         self.credit_conn(st, dropped, false);
                     }
                     self.wake_waiters(st);
+                    Self::fire(st, f.stream);
                 }
             }
         }
@@ -1182,6 +1207,89 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Status::unavailable(format!("read during hello: {e}"))),
+            }
+        }
+    }
+
+    /// Client: runs `wake` once stream `id` has something to receive (a message, its end,
+    /// an error, a cancellation, the connection's death), so its receiver can give up its
+    /// thread meanwhile. While streams are parked and no call waits on the connection, a
+    /// pump thread of the connection's own does the reading (keepalives answered, bytes
+    /// for every stream taken in); it exits when none is parked. `Err(wake)`: the stream
+    /// has something now (receive it), or no pump could start.
+    pub fn park(self: &Arc<Self>, id: u32, wake: Wake) -> Result<(), Wake> {
+        let mut st = self.lock();
+        if st.dead.is_some() || self.side != Side::Client {
+            return Err(wake);
+        }
+        let Some(s) = st.streams.get_mut(&id) else {
+            return Err(wake);
+        };
+        if !s.queue.is_empty() || s.peer_done || s.error.is_some() || s.cancelled {
+            return Err(wake);
+        }
+        if s.wake.is_some() {
+            return Err(wake);
+        }
+        s.wake = Some(wake);
+        st.parked += 1;
+        if !st.pump {
+            let conn = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("rpc-pump".into())
+                .spawn(move || conn.pump());
+            if spawned.is_err() {
+                st.parked -= 1;
+                let w = st.streams.get_mut(&id).and_then(|s| s.wake.take());
+                return w.map_or(Ok(()), Err);
+            }
+            st.pump = true;
+        }
+        Ok(())
+    }
+
+    /// Takes back a stream's [`Wake`] that has not run (the stream is resumed by other
+    /// means); whether one was there.
+    pub fn unpark(&self, id: u32) -> bool {
+        let mut st = self.lock();
+        let w = st.streams.get_mut(&id).and_then(|s| s.wake.take());
+        if w.is_some() {
+            st.parked -= 1;
+        }
+        w.is_some()
+    }
+
+    fn fire(st: &mut State, id: u32) {
+        if let Some(w) = st.streams.get_mut(&id).and_then(|s| s.wake.take()) {
+            st.parked -= 1;
+            w();
+        }
+    }
+
+    /// The reader of last resort for parked streams: reads while nobody else does.
+    fn pump(self: Arc<Self>) {
+        let mut st = self.lock();
+        loop {
+            if st.dead.is_some() || st.parked == 0 {
+                st.pump = false;
+                return;
+            }
+            if !st.reader_busy && st.waiters == 0 {
+                st.reader_busy = true;
+                let want_write = Self::has_pending_output(&st);
+                drop(st);
+                let io = self.poll_once(want_write, KEEPALIVE_INTERVAL);
+                st = self.lock();
+                st.reader_busy = false;
+                self.after_poll(&mut st, io);
+                self.wake_waiters(&st);
+            } else {
+                // A call is reading, or about to: it takes the parked streams' bytes in too.
+                st = self
+                    .cv
+                    .wait_timeout(st, READER_TICK)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
         }
     }

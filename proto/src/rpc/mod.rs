@@ -1,7 +1,9 @@
 //! The multiplexed RPC runtime over any byte stream ([`Transport`]: TCP, Unix, vsock);
 //! see PROTOCOL.md.
 //!
-//! - [`Client`]: blocking calls from any thread; no background thread.
+//! - [`Client`]: blocking calls from any thread; no background thread, but while a
+//!   stream's receiver is parked ([`StreamReceiver::park`]) and no call reads, one pump
+//!   thread per connection does.
 //! - [`Server`]: a mio event loop plus a bounded worker pool; [`Service`] answers calls.
 //!
 //! Flow control bounds what either side buffers (see `conn.rs`).
@@ -21,6 +23,7 @@ pub use admission::{CredentialId, Source};
 pub use client::{
     CallOpts, Client, ClientConfig, ClientStream, Credential, StreamReceiver, StreamSender,
 };
+pub use conn::Wake;
 pub use server::{
     Call, CallCtx, CallWatch, HelloFrom, Peer, Server, ServerConfig, ServerHandle, ServerSender,
     ServerStream, Service, WrapTransport,

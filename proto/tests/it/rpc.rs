@@ -938,6 +938,82 @@ fn split_stream_sends_and_receives_from_two_threads() {
     sender.join().unwrap();
 }
 
+/// A parked receiver gives its thread up: with no call reading the connection, its pump
+/// reads, and the wake runs once a message arrives, again at the stream's end, and on the
+/// connection's death; `recv_within` reports a quiet stream without ending it.
+#[test]
+fn parked_receivers_are_woken_by_the_connection_pump() {
+    let srv = TestServer::start();
+    let c = srv.client();
+    let s = c.call(BIDI, &Blob::default(), opts(false)).unwrap();
+    let (tx, rx) = s.split();
+    // Quiet: `None`, and the stream is still there.
+    let t = Instant::now();
+    assert!(rx
+        .recv_within::<Blob>(Duration::from_millis(100))
+        .unwrap()
+        .is_none());
+    assert!(t.elapsed() >= Duration::from_millis(100));
+    let woken = || {
+        let (wtx, wrx) = std::sync::mpsc::channel::<()>();
+        let wake: proto::rpc::Wake = Box::new(move || {
+            let _ = wtx.send(());
+        });
+        (wake, wrx)
+    };
+    for round in 1..=3u64 {
+        let (wake, wrx) = woken();
+        assert!(
+            rx.park(wake).is_ok(),
+            "round {round}: nothing to receive yet"
+        );
+        // Not woken while nothing arrives.
+        assert!(wrx.recv_timeout(Duration::from_millis(50)).is_err());
+        // The echo arrives with no thread receiving: the pump reads it.
+        tx.send(&Blob {
+            data: vec![1; 1000],
+            n: round,
+            size: 0,
+        })
+        .unwrap();
+        wrx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("round {round}: not woken"));
+        let m: Blob = rx.recv_within(Duration::ZERO).unwrap().unwrap().unwrap();
+        assert_eq!(m.n, round);
+    }
+    // Something waiting already: the wake comes back at once.
+    tx.send(&Blob {
+        n: 9,
+        ..Blob::default()
+    })
+    .unwrap();
+    let (wake, wrx) = woken();
+    if rx.park(wake).is_ok() {
+        wrx.recv_timeout(Duration::from_secs(10)).expect("woken");
+    }
+    let (wake, _wrx) = woken();
+    assert!(rx.park(wake).is_err());
+    let m: Blob = rx.recv().unwrap().unwrap();
+    assert_eq!(m.n, 9);
+    // The stream's end wakes it.
+    let (wake, wrx) = woken();
+    assert!(rx.park(wake).is_ok());
+    tx.close_send().unwrap();
+    wrx.recv_timeout(Duration::from_secs(10))
+        .expect("woken by the end");
+    assert_eq!(rx.recv_within::<Blob>(Duration::ZERO).unwrap(), Some(None));
+
+    // The connection's death wakes a parked receiver.
+    let s = c.call(BIDI, &Blob::default(), opts(false)).unwrap();
+    let (_tx, rx) = s.split();
+    let (wake, wrx) = woken();
+    assert!(rx.park(wake).is_ok());
+    c.close();
+    wrx.recv_timeout(Duration::from_secs(10))
+        .expect("woken by the connection's death");
+    assert!(rx.recv_within::<Blob>(Duration::ZERO).is_err());
+}
+
 #[test]
 fn payload_sends_arrive_intact_and_in_order() {
     let srv = TestServer::start();
