@@ -1060,14 +1060,7 @@ impl Conn {
                 tick = tick.min(d - now);
             }
             if self.side == Side::Client && !st.reader_busy {
-                st.reader_busy = true;
-                let want_write = Self::has_pending_output(&st);
-                drop(st);
-                let io = self.poll_once(want_write, tick);
-                st = self.lock();
-                st.reader_busy = false;
-                self.after_poll(&mut st, io);
-                self.wake_waiters(&st);
+                st = self.read_turn(st, tick);
             } else {
                 st.waiters += 1;
                 st = self
@@ -1078,6 +1071,24 @@ impl Conn {
                 st.waiters -= 1;
             }
         }
+    }
+
+    /// Client: one turn as the reader (the caller saw nobody else reading): waits up to
+    /// `timeout` for bytes, reads them, processes the frames, wakes the waiters.
+    fn read_turn<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
+        st.reader_busy = true;
+        let want_write = Self::has_pending_output(&st);
+        drop(st);
+        let io = self.poll_once(want_write, timeout);
+        let mut st = self.lock();
+        st.reader_busy = false;
+        self.after_poll(&mut st, io);
+        self.wake_waiters(&st);
+        st
     }
 
     /// Client reader: waits for bytes (inside recv, or in poll when output is pending),
@@ -1275,14 +1286,7 @@ impl Conn {
                 return;
             }
             if !st.reader_busy && st.waiters == 0 {
-                st.reader_busy = true;
-                let want_write = Self::has_pending_output(&st);
-                drop(st);
-                let io = self.poll_once(want_write, KEEPALIVE_INTERVAL);
-                st = self.lock();
-                st.reader_busy = false;
-                self.after_poll(&mut st, io);
-                self.wake_waiters(&st);
+                st = self.read_turn(st, KEEPALIVE_INTERVAL);
             } else {
                 // A call is reading, or about to: it takes the parked streams' bytes in too.
                 st = self
@@ -1297,19 +1301,13 @@ impl Conn {
     /// Client: a cheap check, before opening a stream, that the server has not closed an
     /// idle connection meanwhile (reads whatever is already there, never blocks).
     pub fn poll_idle(&self) {
-        let mut st = self.lock();
+        let st = self.lock();
         // One clock read: the connection was in use recently if it received lately.
         let quiet = st.last_rx.elapsed() < crate::limits::IDLE_CHECK;
         if st.reader_busy || st.dead.is_some() || quiet {
             return;
         }
-        st.reader_busy = true;
-        drop(st);
-        let io = self.poll_once(false, Duration::ZERO);
-        let mut st = self.lock();
-        st.reader_busy = false;
-        self.after_poll(&mut st, io);
-        self.wake_waiters(&st);
+        drop(self.read_turn(st, Duration::ZERO));
     }
 }
 
