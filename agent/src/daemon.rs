@@ -140,7 +140,9 @@ pub fn run(flags: Flags) -> Result<(), String> {
     let samples = Arc::new(crate::samples::Store::new());
     crate::sampler::spawn(manager.clone(), samples.clone())
         .map_err(|e| format!("spawn sampler: {e}"))?;
-    let svc = AgentService::new(manager, host, identity).with_samples(samples);
+    let svc = AgentService::new(manager, host, identity)
+        .map_err(|e| format!("port relays: {e}"))?
+        .with_samples(samples);
     // ctl's connections (AGENT_TOKEN) keep reserved slots: no flood or other credential
     // can lock ctl out of this host (issue 18).
     let cfg = ServerConfig::new("wrenn-agent").reserve_for(proto::rpc::CredentialKind::AgentToken);

@@ -131,14 +131,24 @@ const _: () = assert!(HTTP_REQUEST_LEN_MAX <= proto::limits::HTTP_HEAD_LEN_MAX);
 const _: () = assert!(SANDBOXES_MAX <= 4096, "slot layout has 4096 slots");
 const _: () = assert!(JAIL_UID_COUNT_DEFAULT as usize >= SANDBOXES_MAX);
 
-/// Ports.Connect streams open on this agent at once. Each holds one RPC worker (it blocks
-/// reading ctl's stream) and one thread reading the guest: 64 leaves the RPC pool's other
-/// workers to lifecycle and file calls.
+/// Ports.Connect streams open on this agent at once. While it moves bytes each holds up to
+/// two threads (ctl's side, at first on its RPC worker, and the guest's side); idle, none
+/// ([`PORT_PARK_AFTER`]). Bounded anyway: a busy stream's RPC worker is not free for
+/// lifecycle and file calls until its side goes quiet.
 pub const PORT_STREAMS_MAX: usize = 64;
 /// Ports.Connect streams to one sandbox at once, so one sandbox's traffic cannot take the
 /// whole budget.
 pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
 const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_MAX);
+/// A port relay half whose side brought nothing for this long parks and gives its thread
+/// back (ctl's traffic proxy uses the same value, `PROXY_PARK_AFTER`).
+pub const PORT_PARK_AFTER: Duration = proto::limits::RELAY_PARK_AFTER;
+/// A guest side parked this long without a byte from the guest looks at its socket again
+/// and parks anew: only a bound on the parking loop's deadlines (ctl's idle bounds end
+/// quiet connections).
+pub const PORT_PARK_RECHECK: Duration = Duration::from_secs(600);
+/// Threads of the port relay pool exit after this long without work.
+pub const PORT_RELAY_THREAD_IDLE: Duration = Duration::from_secs(30);
 /// How long the agent waits for the guest to accept a Ports.Connect connection.
 pub const PORT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read from the guest per message sent to ctl: the protocol's port message size

@@ -13,6 +13,8 @@ pub static REPORTS_DROPPED: Counter = Counter::new();
 pub static HEARTBEATS_FAILED: Counter = Counter::new();
 /// Ports.Connect streams opened to guests.
 pub static PORT_STREAMS: Counter = Counter::new();
+/// Their relay halves on a thread and parked (idle, no thread).
+pub static PORT_RELAYS: proto::rpc::park::ParkGauges = proto::rpc::park::ParkGauges::new();
 pub static CREATE_SECONDS: Histogram = Histogram::new();
 pub static PAUSE_SECONDS: Histogram = Histogram::new();
 pub static RESUME_SECONDS: Histogram = Histogram::new();
@@ -136,6 +138,24 @@ pub fn render(gauges: &[Sample]) -> String {
             .map(|(k, v)| format!("{k}=\"{}\"", proto::metrics::escape_label(v)))
             .collect();
         sample(&mut out, g.name, &labels.join(","), g.value);
+    }
+    family(
+        &mut out,
+        "wrenn_agent_port_relays",
+        "gauge",
+        "Relay halves of Ports.Connect streams (two per stream): running on a thread, or \
+         parked while their side is idle (no thread).",
+    );
+    for (state, g) in [
+        ("running", &PORT_RELAYS.running),
+        ("parked", &PORT_RELAYS.parked),
+    ] {
+        sample(
+            &mut out,
+            "wrenn_agent_port_relays",
+            &format!("state=\"{state}\""),
+            g.get(),
+        );
     }
     proto::rpc::admission::render_metrics(&mut out);
     out

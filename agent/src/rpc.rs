@@ -49,16 +49,26 @@ impl std::fmt::Debug for AgentService {
 }
 
 impl AgentService {
-    pub fn new(manager: Arc<Manager>, host: Arc<Host>, identity: Arc<IdentityCell>) -> Self {
-        AgentService {
+    /// Fails only when the port relays' parking thread cannot start.
+    pub fn new(
+        manager: Arc<Manager>,
+        host: Arc<Host>,
+        identity: Arc<IdentityCell>,
+    ) -> std::io::Result<Self> {
+        Ok(AgentService {
             handlers: Handlers {
                 manager,
                 host,
-                ports: Arc::new(crate::ports::PortBudget::default()),
+                ports: Arc::new(crate::ports::PortRelays::new()?),
                 samples: Arc::new(crate::samples::Store::new()),
             },
             identity,
-        }
+        })
+    }
+
+    /// Port stream relay halves on a thread now, and parked (for tests).
+    pub fn port_relays(&self) -> Arc<crate::ports::PortRelays> {
+        self.handlers.ports.clone()
     }
 
     /// Serves `Sandboxes/Samples` from `store` (the sampler's; without it the store is empty).
@@ -116,7 +126,7 @@ impl Service for AgentService {
 struct Handlers {
     manager: Arc<Manager>,
     host: Arc<Host>,
-    ports: Arc<crate::ports::PortBudget>,
+    ports: Arc<crate::ports::PortRelays>,
     samples: Arc<crate::samples::Store>,
 }
 
@@ -126,6 +136,12 @@ impl Handlers {
     fn serve(&self, s: ServerStream) {
         if let Some(route) = forward::route(s.method()) {
             forward(&self.manager, route, s);
+            return;
+        }
+        // The call owns its stream (it outlives the worker while idle): not the generated
+        // dispatch, which ends the call when the handler returns.
+        if s.method() == pb::ports_methods::CONNECT {
+            crate::ports::serve(&self.manager, &self.ports, s);
             return;
         }
         if let Err(s) = pb::dispatch_package(self, s) {
@@ -228,10 +244,13 @@ impl pb::PortsServer for Handlers {
     fn connect(
         &self,
         _: &CallCtx,
-        r: pb::PortConnectRequest,
-        stream: &mut ServerStream,
+        _: pb::PortConnectRequest,
+        _: &mut ServerStream,
     ) -> Result<(), Status> {
-        crate::ports::connect(&self.manager, &self.ports, r, stream)
+        // `serve` takes Ports.Connect before the generated dispatch ([`crate::ports::serve`]).
+        Err(Status::internal(
+            "Ports.Connect is served by the port relays",
+        ))
     }
 }
 

@@ -74,6 +74,11 @@ pub const GUEST_HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that has been quiet this long checks, before its next call, whether the server
 /// closed the connection meanwhile.
 pub const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// A byte relay's half (ctl's traffic proxy, the agent's port streams) whose side brought
+/// nothing for this long parks ([`crate::rpc::park`]) and gives its thread back: short, so
+/// idle connections do not pile up threads; long enough that a connection moving bytes
+/// never parks between two reads.
+pub const RELAY_PARK_AFTER: Duration = Duration::from_secs(1);
 /// After this long without receiving anything, a side sends a PING.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// After this long without receiving anything while streams are open, the peer is dead.

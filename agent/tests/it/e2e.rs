@@ -299,7 +299,7 @@ fn start_in_process(inp: &Inputs) -> InProcess {
     });
     let problems = host.problems();
     assert!(problems.is_empty(), "host problems: {problems:?}");
-    let svc = agent::rpc::AgentService::new(m.clone(), host, identity);
+    let svc = agent::rpc::AgentService::new(m.clone(), host, identity).unwrap();
     let mut server = Server::new(ServerConfig::new("wrenn-agent"), Arc::new(svc)).unwrap();
     let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
     let (handle, join) = server.spawn().unwrap();

@@ -46,7 +46,9 @@ fn the_sampler_feeds_samples_and_pause_and_destroy_freeze_them() {
         overcommit: Default::default(),
     });
     let store = Arc::new(Store::new());
-    let svc = AgentService::new(env.manager.clone(), host, identity).with_samples(store.clone());
+    let svc = AgentService::new(env.manager.clone(), host, identity)
+        .unwrap()
+        .with_samples(store.clone());
     let mut server = Server::new(ServerConfig::new("wrenn-agent"), Arc::new(svc)).unwrap();
     let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
     let (handle, _join) = server.spawn().unwrap();

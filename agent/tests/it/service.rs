@@ -23,10 +23,15 @@ pub struct Rig {
     pub addr: std::net::SocketAddr,
     handle: ServerHandle,
     host: Arc<Host>,
+    relays: Arc<agent::ports::PortRelays>,
 }
 
 impl Rig {
     pub fn new(name: &str) -> Rig {
+        Rig::with_config(name, ServerConfig::new("wrenn-agent"))
+    }
+
+    pub fn with_config(name: &str, cfg: ServerConfig) -> Rig {
         let env = Env::new(name);
         let identity = Arc::new(IdentityCell::new(Some(Identity {
             host_id: Uuid::from_u128(5),
@@ -39,8 +44,9 @@ impl Rig {
             extra_problems: Vec::new(),
             overcommit: Default::default(),
         });
-        let svc = AgentService::new(env.manager.clone(), host.clone(), identity);
-        let mut server = Server::new(ServerConfig::new("wrenn-agent"), Arc::new(svc)).unwrap();
+        let svc = AgentService::new(env.manager.clone(), host.clone(), identity).unwrap();
+        let relays = svc.port_relays();
+        let mut server = Server::new(cfg, Arc::new(svc)).unwrap();
         let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
         let (handle, _join) = server.spawn().unwrap();
         Rig {
@@ -48,6 +54,7 @@ impl Rig {
             addr,
             handle,
             host,
+            relays,
         }
     }
 
@@ -874,6 +881,110 @@ fn port_data(s: &mut proto::rpc::ClientStream) -> Option<Vec<u8>> {
         Some(Kind::Data(d)) => Some(d.to_vec()),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// An idle port stream holds no thread on the agent: its two relay halves park, the call's
+/// RPC worker goes back to the pool (more idle streams than the agent has workers stay open,
+/// and a lifecycle call still gets a worker), and each stream resumes when either side
+/// sends: ctl's bytes, the guest's bytes, the guest's close.
+#[test]
+fn idle_port_streams_hold_no_worker() {
+    use std::io::{Read, Write};
+    const WORKERS: usize = 3;
+    const STREAMS: usize = 7;
+    let mut cfg = ServerConfig::new("wrenn-agent");
+    cfg.workers_max = WORKERS;
+    let rig = Rig::with_config("ports-park", cfg);
+    let c = rig.client();
+    rig.create(&c, 1);
+    // The guest: echoes; `q` closes the connection, `!` makes it write first after a pause.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = u32::from(listener.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        for _ in 0..STREAMS {
+            let Ok((mut conn, _)) = listener.accept() else {
+                return;
+            };
+            std::thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let mut b = [0u8; 1024];
+                loop {
+                    let n = match conn.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    match &b[..n] {
+                        b"q" => return,
+                        b"!" => {
+                            std::thread::sleep(Duration::from_millis(2500));
+                            let _ = conn.write_all(b"unprompted");
+                        }
+                        d => {
+                            let _ = conn.write_all(d);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let send = |s: &mut proto::rpc::ClientStream, b: &[u8]| {
+        s.send(&pb::PortConnectRequest {
+            kind: Some(pb::port_connect_request::Kind::Data(b.to_vec().into())),
+        })
+        .unwrap()
+    };
+    let settles = |want: (usize, usize)| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = rig.relays.halves();
+            if now == want {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "halves (running, parked) {now:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // More streams than workers, opened one after another once the previous ones parked.
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let mut s = open_port(&c, 1, port).unwrap_or_else(|e| panic!("stream {i}: {e:?}"));
+        send(&mut s, format!("hello {i}").as_bytes());
+        assert_eq!(port_data(&mut s).unwrap(), format!("hello {i}").as_bytes());
+        streams.push(s);
+        if (i + 1) % WORKERS == 0 {
+            settles((0, 2 * (i + 1)));
+        }
+    }
+    settles((0, 2 * STREAMS));
+    // A lifecycle call gets a worker.
+    let got: pb::SandboxInfo = c
+        .unary(
+            pb::sandboxes_methods::GET,
+            &pb::GetSandboxRequest { sandbox_id: sb(1) },
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap();
+    assert_eq!(got.sandbox_id, sb(1));
+    // Each parked stream resumes for ctl's bytes.
+    for (i, s) in streams.iter_mut().enumerate() {
+        send(s, format!("again {i}").as_bytes());
+        assert_eq!(port_data(s).unwrap(), format!("again {i}").as_bytes());
+    }
+    settles((0, 2 * STREAMS));
+    // ... and for the guest's: it writes after both halves parked.
+    send(&mut streams[0], b"!");
+    settles((0, 2 * STREAMS));
+    assert_eq!(port_data(&mut streams[0]).unwrap(), b"unprompted");
+    // The guest closes a parked stream: the call ends, both halves are gone.
+    send(&mut streams[1], b"q");
+    assert!(port_data(&mut streams[1]).is_none());
+    settles((0, 2 * (STREAMS - 1)));
+    drop(streams);
+    settles((0, 0));
 }
 
 /// Ports.Connect carries bytes both ways to a server of the (fake) guest, half-closes,

@@ -11,6 +11,7 @@ use prost::Message;
 use proto::gen::wrenn::ctl::v1 as ctl;
 use proto::gen::wrenn::envd::v1 as envd;
 use proto::metrics::{family, sample, Counter, Gauge, Histogram};
+use proto::rpc::park::ParkGauges;
 use proto::rpc::Peer;
 use proto::{Code, Status};
 use serde_json::{Map, Value};
@@ -39,8 +40,7 @@ pub struct HttpMetrics {
     /// Connections relayed by the traffic proxy now.
     pub proxied: Gauge,
     /// Their relay halves on a thread now, and parked (idle, no thread).
-    pub relays_running: Gauge,
-    pub relays_parked: Gauge,
+    pub relays: ParkGauges,
     pub latency: Histogram,
     /// (operation, HTTP status) -> count; both sets are fixed, so the map stays small.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -54,8 +54,7 @@ pub static METRICS: HttpMetrics = HttpMetrics {
     queued: Gauge::new(),
     buffered: Gauge::new(),
     proxied: Gauge::new(),
-    relays_running: Gauge::new(),
-    relays_parked: Gauge::new(),
+    relays: ParkGauges::new(),
     latency: Histogram::new(),
     requests: Mutex::new(BTreeMap::new()),
 };
@@ -177,13 +176,13 @@ impl HttpMetrics {
             out,
             "wrenn_http_proxy_relays",
             "state=\"running\"",
-            self.relays_running.get(),
+            self.relays.running.get(),
         );
         sample(
             out,
             "wrenn_http_proxy_relays",
             "state=\"parked\"",
-            self.relays_parked.get(),
+            self.relays.parked.get(),
         );
     }
 }

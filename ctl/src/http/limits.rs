@@ -125,9 +125,8 @@ pub const PROXY_CHUNK: usize = proto::limits::PORT_CHUNK_LEN;
 pub const PROXY_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// A relay half whose side brought nothing for this long gives its thread back and waits
 /// parked (for the client's socket, or the port stream) until its side has something: an
-/// idle connection holds no thread. Short, so idle connections do not pile up threads;
-/// long enough that a connection moving bytes never parks between two reads.
-pub const PROXY_PARK_AFTER: Duration = Duration::from_secs(1);
+/// idle connection holds no thread (the agent's side of the stream parks after as long).
+pub const PROXY_PARK_AFTER: Duration = proto::limits::RELAY_PARK_AFTER;
 /// A proxied connection with no byte in either direction for this long is closed (an idle
 /// WebSocket stays open, parked, until then).
 pub const PROXY_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);

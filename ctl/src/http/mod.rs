@@ -27,7 +27,6 @@ pub mod handler;
 pub mod json;
 pub mod limits;
 pub mod openapi;
-pub mod park;
 pub mod port_route;
 pub mod proxy;
 pub mod proxy_head;

@@ -29,7 +29,7 @@
 //!
 //! The relays are two halves, one per direction, each on a relay pool thread while it has
 //! bytes to move. A half whose side stays quiet for [`PROXY_PARK_AFTER`] parks
-//! ([`super::park`]): the upward one until the client's socket is readable, the downward
+//! ([`proto::rpc::park`]): the upward one until the client's socket is readable, the downward
 //! one until its port stream has something; it resumes on a pool thread where it stopped.
 //! So an idle connection (kept alive between requests, or a quiet WebSocket) holds no
 //! thread, only its sockets, its stream and its state.
@@ -57,7 +57,6 @@ use super::limits::{
     HEAD_MAX, LINGER_TIMEOUT, PROXY_CHUNK, PROXY_IDLE_TIMEOUT, PROXY_KEEPALIVE_IDLE,
     PROXY_PARK_AFTER,
 };
-use super::park::Parking;
 use super::port_route::PortRoute;
 use super::proxy_head::{
     cookie_token, downstream_response, keeps_alive, query_token, target_without_token,
@@ -65,6 +64,7 @@ use super::proxy_head::{
 };
 use super::request::Head;
 use super::response::Response;
+use proto::rpc::park::Parking;
 
 /// The answer to a request the proxy does not relay, from the status the backend gave.
 pub fn refusal(s: &Status) -> Response {
@@ -710,7 +710,7 @@ impl Downward {
                 Ok(None) => {
                     // Quiet: wait off-thread until the stream has something.
                     match park.park_woken(self, |d, w| d.down.park(w), Downward::run) {
-                        Ok(()) => return,
+                        Ok(_) => return,
                         Err(back) => {
                             self = back;
                             continue;
@@ -719,7 +719,14 @@ impl Downward {
                 }
                 Err(e) => {
                     if !self.answered {
-                        self.fail(&format!("the sandbox's port stream failed: {}", e.message));
+                        // The agent's refusal of the open (the request went with it) keeps
+                        // its meaning: 429 for a budget, 502 when nothing listens.
+                        let r = refusal(&e);
+                        let _ = write_all(
+                            &*self.link.io,
+                            &super::response::response_bytes(&r, false),
+                            self.link.io_timeout,
+                        );
                     }
                     break;
                 }

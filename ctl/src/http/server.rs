@@ -45,6 +45,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use proto::http::{BodyDecoder, BodyError};
 use proto::pool::Pool;
+use proto::rpc::park::Parking;
 use proto::rpc::Peer;
 
 use super::backend::Backend;
@@ -56,7 +57,6 @@ use super::limits::{
     RETRY_AFTER_SECS, SOURCE_BUFFER_MAX, SOURCE_CONNECTIONS_MAX, SOURCE_QUEUED_MAX,
     SOURCE_WORKERS_MAX, STREAM_HANDOFF, STREAM_WORKERS_MAX, WORKERS_MAX,
 };
-use super::park::Parking;
 use super::port_route::{route_host, route_path, PortRoute, RouteError};
 use super::proxy;
 use super::request::{parse_head, Head, HeadError, Wire};
@@ -385,7 +385,8 @@ impl HttpServer {
             0,
             WORKER_IDLE,
         );
-        let parking = Parking::start(relay_pool.clone()).map_err(HttpError::Poll)?;
+        let parking = Parking::start("http-park", relay_pool.clone(), &METRICS.relays)
+            .map_err(HttpError::Poll)?;
         Ok(HttpServer {
             poll,
             listener,

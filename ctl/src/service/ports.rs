@@ -133,8 +133,9 @@ impl Api {
     /// traffic token, compared in constant time; or an API key of its team: UNAUTHENTICATED
     /// without any, PERMISSION_DENIED with a wrong one), it runs (FAILED_PRECONDITION naming
     /// its state), the team and sandbox budgets have room (RESOURCE_EXHAUSTED; shared with
-    /// Ports.Connect: each is one agent stream), and the agent opened the port (UNAVAILABLE
-    /// when nothing listens).
+    /// Ports.Connect: each is one agent stream). The stream is returned once the open is
+    /// sent: what the agent refuses (UNAVAILABLE when nothing listens, its own budgets)
+    /// arrives as the stream's error.
     pub fn proxy_open(
         &self,
         sandbox: Uuid,
@@ -154,7 +155,14 @@ impl Api {
             sandbox,
         };
         let client = self.inner.agents.proxy_client(host)?;
-        let up = open_on_agent(&client, sandbox, u32::from(port))?;
+        // Not waiting for the agent's `opened`: the request's bytes follow the open at once
+        // (one ctl↔agent round trip less per proxied connection); the receiving side skips
+        // `opened`, and a refusal arrives as the stream's error.
+        let up = client.call(
+            agent::ports_methods::CONNECT,
+            &open_request(sandbox, u32::from(port)),
+            AGENT_STREAM,
+        )?;
         let (up, down) = up.split();
         Ok(ProxyStream { up, down, permit })
     }
@@ -405,23 +413,34 @@ impl Api {
 
 /// Opens `port` of `sandbox` on its agent: a Ports.Connect call the agent has answered
 /// `opened` (the traffic proxy's and the protobuf Ports.Connect's upstream).
+/// A port stream's call to the agent: no deadline (it lasts as long as its connection),
+/// more messages to follow the open.
+const AGENT_STREAM: CallOpts = CallOpts {
+    timeout: None,
+    end_stream: false,
+};
+
+/// The first message of a `Ports.Connect` call to an agent.
+fn open_request(sandbox: Uuid, port: u32) -> agent::PortConnectRequest {
+    agent::PortConnectRequest {
+        kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
+            sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
+            port,
+        })),
+    }
+}
+
 fn open_on_agent(
     client: &proto::rpc::Client,
     sandbox: Uuid,
     port: u32,
 ) -> Result<proto::rpc::ClientStream, Status> {
     use agent::port_connect_response::Kind as AgentDown;
-    let req = agent::PortConnectRequest {
-        kind: Some(agent::port_connect_request::Kind::Open(agent::PortOpen {
-            sandbox_id: proto::id::format(Kind::Sandbox, sandbox),
-            port,
-        })),
-    };
-    let opts = CallOpts {
-        timeout: None,
-        end_stream: false,
-    };
-    let mut up = client.call(agent::ports_methods::CONNECT, &req, opts)?;
+    let mut up = client.call(
+        agent::ports_methods::CONNECT,
+        &open_request(sandbox, port),
+        AGENT_STREAM,
+    )?;
     match up
         .recv::<agent::PortConnectResponse>()?
         .and_then(|m| m.kind)

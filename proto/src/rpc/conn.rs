@@ -786,6 +786,7 @@ impl Conn {
                 s.error = Some(status);
                 s.deadline = None;
             }
+            Self::fire(st, *id);
         }
         if !expired.is_empty() {
             self.wake_waiters(st);
@@ -1222,15 +1223,16 @@ impl Conn {
         }
     }
 
-    /// Client: runs `wake` once stream `id` has something to receive (a message, its end,
-    /// an error, a cancellation, the connection's death), so its receiver can give up its
-    /// thread meanwhile. While streams are parked and no call waits on the connection, a
-    /// pump thread of the connection's own does the reading (keepalives answered, bytes
-    /// for every stream taken in); it exits when none is parked. `Err(wake)`: the stream
-    /// has something now (receive it), or no pump could start.
+    /// Runs `wake` once stream `id` has something to receive (a message, its end, an error,
+    /// a cancellation, its deadline, the connection's death), so its receiver can give up
+    /// its thread meanwhile. A server's event loop reads anyway; on a client, while streams
+    /// are parked and no call waits on the connection, a pump thread of the connection's
+    /// own does the reading (keepalives answered, bytes for every stream taken in); it
+    /// exits when none is parked. `Err(wake)`: the stream has something now (receive it),
+    /// or no pump could start.
     pub fn park(self: &Arc<Self>, id: u32, wake: Wake) -> Result<(), Wake> {
         let mut st = self.lock();
-        if st.dead.is_some() || self.side != Side::Client {
+        if st.dead.is_some() {
             return Err(wake);
         }
         let Some(s) = st.streams.get_mut(&id) else {
@@ -1244,7 +1246,7 @@ impl Conn {
         }
         s.wake = Some(wake);
         st.parked += 1;
-        if !st.pump {
+        if self.side == Side::Client && !st.pump {
             let conn = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("rpc-pump".into())

@@ -14,6 +14,7 @@ mod conn;
 #[cfg(feature = "flood")]
 pub mod flood;
 pub mod forward;
+pub mod park;
 pub mod serve;
 mod server;
 mod sys;

@@ -1287,6 +1287,20 @@ impl ServerStream {
         }
     }
 
+    /// Runs `wake` once the call has something to receive (a message, ctl's end, a
+    /// cancellation, the deadline, the connection's death), so the worker can return while
+    /// the call stays open (the stream lives on in whatever `wake` resumes); `Err(wake)`
+    /// when it has something now. The event loop reads as always.
+    pub fn park(&self, wake: super::Wake) -> Result<(), super::Wake> {
+        self.conn.park(self.id, wake)
+    }
+
+    /// Takes back a [`ServerStream::park`]'s `wake` that has not run (the half resumed
+    /// for another reason); whether it was still there.
+    pub fn unpark(&self) -> bool {
+        self.conn.unpark(self.id)
+    }
+
     /// Like [`ServerStream::recv_timeout`], but also gives up (`Ok(Err(()))`) as soon as
     /// `stop()` holds: another thread that makes it hold calls [`ServerSender::wake`], so
     /// the worker learns at once instead of at its next timeout (a relay whose other half

@@ -1,13 +1,13 @@
-//! Where the traffic proxy's relay halves wait while their connection is quiet, so an idle
-//! proxied connection (a kept-alive one between requests, a WebSocket nobody talks on)
-//! holds no thread.
+//! Where the halves of a byte relay (ctl's traffic proxy, the agent's port streams) wait
+//! while their side is quiet, so an idle relayed connection (a kept-alive one between
+//! requests, a WebSocket nobody talks on) holds no thread.
 //!
-//! A half parks in one of two ways: the upward one until the client's socket is readable
-//! (or a deadline: its idle bounds, the linger after the answer), the downward one until
-//! its port stream has something to receive ([`proto::rpc::StreamReceiver::park`]: a
-//! message, its end or error). One thread per gateway runs a mio poll for the sockets and
-//! the deadlines; when a parked half is due it goes back to the relay pool as a job and
-//! carries on where it stopped. Nothing is read on this thread: it only watches.
+//! A half parks in one of two ways: until a socket is readable (or a deadline: an idle
+//! bound, a linger), or until something calls the [`Wake`] it armed (a stream's receiver:
+//! [`super::StreamReceiver::park`], [`super::ServerStream::park`]: a message, its end or
+//! error). One thread per [`Parking`] runs a mio poll for the sockets and the deadlines;
+//! when a parked half is due it goes back to the pool as a job and carries on where it
+//! stopped. Nothing is read on this thread: it only watches.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use proto::pool::{Job, Pool};
-use proto::rpc::Wake;
 
-use super::handler::METRICS;
+use super::Wake;
+use crate::metrics::Gauge;
+use crate::pool::{Job, Pool};
 
 const WAKER: Token = Token(0);
 /// Readiness events handled per poll.
@@ -42,7 +42,28 @@ struct Inner {
     next: usize,
 }
 
-/// The parking place of one gateway's relay halves (see the module documentation).
+/// Gauges a [`Parking`] keeps up to date: halves on a thread, halves parked.
+pub struct ParkGauges {
+    pub running: Gauge,
+    pub parked: Gauge,
+}
+
+impl ParkGauges {
+    pub const fn new() -> ParkGauges {
+        ParkGauges {
+            running: Gauge::new(),
+            parked: Gauge::new(),
+        }
+    }
+}
+
+impl Default for ParkGauges {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The parking place of one daemon's relay halves (see the module documentation).
 pub struct Parking {
     registry: mio::Registry,
     waker: Waker,
@@ -52,6 +73,7 @@ pub struct Parking {
     ready: Mutex<Vec<usize>>,
     stop: AtomicBool,
     running: AtomicUsize,
+    gauges: &'static ParkGauges,
 }
 
 /// Counts a relay half running on a thread while it lives.
@@ -60,13 +82,17 @@ pub struct Running(Arc<Parking>);
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::SeqCst);
-        METRICS.relays_running.add(-1);
+        self.0.gauges.running.add(-1);
     }
 }
 
 impl Parking {
-    /// Starts the parking thread; halves resume as jobs on `pool`.
-    pub fn start(pool: Arc<Pool>) -> io::Result<Arc<Parking>> {
+    /// Starts the parking thread (named `name`); halves resume as jobs on `pool`.
+    pub fn start(
+        name: &str,
+        pool: Arc<Pool>,
+        gauges: &'static ParkGauges,
+    ) -> io::Result<Arc<Parking>> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let p = Arc::new(Parking {
@@ -80,10 +106,11 @@ impl Parking {
             ready: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             running: AtomicUsize::new(0),
+            gauges,
         });
         let weak = Arc::downgrade(&p);
         std::thread::Builder::new()
-            .name("http-park".into())
+            .name(name.into())
             .spawn(move || run(poll, weak))?;
         Ok(p)
     }
@@ -95,7 +122,7 @@ impl Parking {
     /// Marks a half as running on a thread until the guard drops.
     pub fn running(self: &Arc<Self>) -> Running {
         self.running.fetch_add(1, Ordering::SeqCst);
-        METRICS.relays_running.add(1);
+        self.gauges.running.add(1);
         Running(self.clone())
     }
 
@@ -109,11 +136,11 @@ impl Parking {
         self.lock().entries.len()
     }
 
-    fn insert(inner: &mut Inner, entry: Entry) -> usize {
+    fn insert(&self, inner: &mut Inner, entry: Entry) -> usize {
         let token = inner.next;
         inner.next += 1;
         inner.entries.insert(token, entry);
-        METRICS.relays_parked.add(1);
+        self.gauges.parked.add(1);
         token
     }
 
@@ -141,7 +168,7 @@ impl Parking {
         {
             return Err(half);
         }
-        Self::insert(
+        self.insert(
             &mut g,
             Entry {
                 job: Box::new(move || resume(half)),
@@ -160,16 +187,16 @@ impl Parking {
         &self.pool
     }
 
-    /// Parks `half` until the [`Wake`] that `arm` hands on runs: `arm` gives it to
-    /// whatever will call it (a port stream) or gives it back when there is something to
-    /// do now, and then `half` is given back too. Once woken, `resume(half)` runs on the
-    /// pool.
+    /// Parks `half` until the [`Wake`] that `arm` hands on runs (or [`Parking::hurry`]):
+    /// `arm` gives it to whatever will call it (a stream's receiver) or gives it back when
+    /// there is something to do now, and then `half` is given back too. Once woken,
+    /// `resume(half)` runs on the pool. Its token, for [`Parking::hurry`].
     pub fn park_woken<H: Send + 'static>(
         self: &Arc<Self>,
         mut half: H,
         arm: impl FnOnce(&mut H, Wake) -> Result<(), Wake>,
         resume: fn(H),
-    ) -> Result<(), H> {
+    ) -> Result<usize, H> {
         if self.stop.load(Ordering::SeqCst) {
             return Err(half);
         }
@@ -190,18 +217,18 @@ impl Parking {
             return Err(half);
         }
         // Woken before this point, the loop waits for the lock and then finds the entry.
-        Self::insert(
+        Ok(self.insert(
             &mut g,
             Entry {
                 job: Box::new(move || resume(half)),
                 fd: None,
                 deadline: None,
             },
-        );
-        Ok(())
+        ))
     }
 
-    /// Brings a parked half's deadline forward to `when` (no-op once it resumed).
+    /// Brings a parked half's deadline forward to `when` (no-op once it resumed); a half
+    /// parked for a wake resumes then too.
     pub fn hurry(&self, token: usize, when: Instant) {
         let mut g = self.lock();
         if let Some(e) = g.entries.get_mut(&token) {
@@ -233,7 +260,7 @@ impl Parking {
                 if let Some(fd) = e.fd {
                     let _ = self.registry.deregister(&mut SourceFd(&fd));
                 }
-                METRICS.relays_parked.add(-1);
+                self.gauges.parked.add(-1);
                 jobs.push(e.job);
             }
         }
@@ -266,7 +293,7 @@ fn run(mut poll: Poll, weak: Weak<Parking>) {
         };
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
-                log::error!("proxy parking poll failed: {e}");
+                log::error!("parking poll failed error={e}");
                 std::thread::sleep(TICK);
             }
             continue;
