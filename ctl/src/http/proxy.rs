@@ -363,14 +363,19 @@ pub fn relay(
     } else {
         UpState::Raw
     };
+    // The request head goes from this thread, before the upward half's thread starts
+    // (one thread hop less before the sandbox sees the request). If the stream failed, the
+    // downward half reads why and answers it.
+    let mut up = up;
+    let sent = first.is_empty() || up.send(Bytes::from(first)).is_ok();
     let upper = Upward {
         link: link.clone(),
         up,
         state,
         next: Box::new(next),
-        start: Some(Box::new((first, rest))),
+        start: Some(Box::new((Vec::new(), rest))),
     };
-    if park.pool().spawn(Box::new(move || upper.run())).is_err() {
+    if sent && park.pool().spawn(Box::new(move || upper.run())).is_err() {
         // No thread: the client sees its connection close (with `link`'s last owner).
         return;
     }
