@@ -121,6 +121,10 @@ pub const PORT_STREAMS_PER_SANDBOX_MAX: usize = 16;
 /// and the guest's envd longer, so 50 ms adds little to the wait and costs little. The wait
 /// is bounded by the agent lifecycle timeout (`wrenn-ctl serve --lifecycle-timeout-s`).
 pub const AUTO_RESUME_POLL: Duration = Duration::from_millis(50);
+/// Running sandboxes' traffic rows the proxy keeps per replica (`service::ports::TrafficCache`,
+/// ~200 bytes each): past it the copy is emptied and refilled by the next requests, so a
+/// host of many sandboxes costs at most one database read per sandbox per refill.
+pub const TRAFFIC_CACHE_MAX: usize = 4096;
 const _: () = assert!(PORT_STREAMS_PER_SANDBOX_MAX <= PORT_STREAMS_PER_TEAM_MAX);
 // ---- per-sandbox metrics and usage (`usage.rs`) ----
 

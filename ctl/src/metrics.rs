@@ -6,6 +6,8 @@ pub static API_CALLS: Counter = Counter::new();
 pub static API_ERRORS: Counter = Counter::new();
 pub static API_CALL_SECONDS: Histogram = Histogram::new();
 pub static AUTH_FAILURES: Counter = Counter::new();
+/// Proxied requests checked against this replica's copy of the sandbox's traffic row.
+pub static TRAFFIC_CACHE_HITS: Counter = Counter::new();
 pub static HOST_CALLS: Counter = Counter::new();
 pub static DB_JOBS: Counter = Counter::new();
 pub static DB_JOB_SECONDS: Histogram = Histogram::new();
@@ -27,7 +29,7 @@ pub static WEBHOOK_FAILED_ATTEMPTS: Counter = Counter::new();
 /// Prometheus text of every ctl metric.
 pub fn render() -> String {
     let mut out = String::new();
-    let counters: [(&str, &str, &Counter); 17] = [
+    let counters: [(&str, &str, &Counter); 18] = [
         (
             "wrenn_ctl_webhook_deliveries_total",
             "Webhook deliveries answered 2xx.",
@@ -52,6 +54,11 @@ pub fn render() -> String {
             "wrenn_ctl_auth_failures_total",
             "Refused credentials.",
             &AUTH_FAILURES,
+        ),
+        (
+            "wrenn_ctl_traffic_cache_hits_total",
+            "Proxied requests checked against this replica's copy of the sandbox's traffic row (no database read).",
+            &TRAFFIC_CACHE_HITS,
         ),
         (
             "wrenn_ctl_host_calls_total",

@@ -80,6 +80,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0012_sandbox_auto_resume",
         sql: include_str!("../migrations/0012_sandbox_auto_resume.sql"),
     },
+    Migration {
+        version: 13,
+        name: "0013_sandbox_traffic_notify",
+        sql: include_str!("../migrations/0013_sandbox_traffic_notify.sql"),
+    },
 ];
 
 /// Advisory lock key of the migration runner ("wrenn-mg" in ASCII).

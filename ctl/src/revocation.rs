@@ -47,6 +47,11 @@ pub const CHANNEL: &str = "wrenn_key_revoked";
 /// host had no certificate, its connections close all the same).
 pub const CERT_CHANNEL: &str = "wrenn_cert_revoked";
 
+/// The NOTIFY channel of running sandboxes whose traffic row changed (migration 13's
+/// trigger); the payload is the sandbox's UUID. The traffic proxy's per-replica cache of
+/// those rows ([`crate::service::Api::proxy_authorize`]) drops the sandbox.
+pub const TRAFFIC_CHANNEL: &str = "wrenn_sandbox_traffic";
+
 type Hook = Box<dyn Fn(Uuid) + Send + Sync>;
 
 /// This replica's view of revoked keys. Cheap to share (one `Arc`).
@@ -67,6 +72,8 @@ struct Shared {
     certs: Mutex<(HashSet<Vec<u8>>, bool)>,
     /// Run with the host id of every revocation (closing its connections).
     host_hooks: Mutex<Vec<Hook>>,
+    /// Run with the id of every sandbox whose traffic row changed.
+    traffic_hooks: Mutex<Vec<Hook>>,
     stop: AtomicBool,
 }
 
@@ -104,6 +111,7 @@ impl Revocations {
                 hooks: Mutex::new(Vec::new()),
                 certs: Mutex::new((HashSet::new(), false)),
                 host_hooks: Mutex::new(Vec::new()),
+                traffic_hooks: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
             }),
         }
@@ -122,6 +130,28 @@ impl Revocations {
     /// Whether this replica has heard that `key` was revoked.
     pub fn is_revoked(&self, key: Uuid) -> bool {
         self.set().contains(&key)
+    }
+
+    /// Runs `hook` with every sandbox whose traffic row changes from now on.
+    pub fn on_sandbox_traffic(&self, hook: impl Fn(Uuid) + Send + Sync + 'static) {
+        self.shared
+            .traffic_hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(hook));
+    }
+
+    /// A running sandbox's traffic row changed (a notification): runs the hooks.
+    pub fn sandbox_traffic_changed(&self, sandbox: Uuid) {
+        for h in self
+            .shared
+            .traffic_hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            h(sandbox);
+        }
     }
 
     /// Runs `hook` for every key revoked from now on (closing its connections).
@@ -335,7 +365,9 @@ fn listener(pg: postgres::Config, weak: Weak<Shared>) {
 
 fn connect(pg: &postgres::Config) -> Result<postgres::Client, postgres::Error> {
     let mut c = pg.connect(postgres::NoTls)?;
-    c.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {CERT_CHANNEL}"))?;
+    c.batch_execute(&format!(
+        "LISTEN {CHANNEL}; LISTEN {CERT_CHANNEL}; LISTEN {TRAFFIC_CHANNEL}"
+    ))?;
     Ok(c)
 }
 
@@ -361,6 +393,14 @@ fn receive(client: &mut postgres::Client, rev: &Revocations) -> String {
                                 "malformed certificate revocation payload={:?}",
                                 note.payload()
                             ),
+                        }
+                    }
+                    Ok(Some(note)) if note.channel() == TRAFFIC_CHANNEL => {
+                        match proto::id::parse_uuid_strict(note.payload()) {
+                            Some(id) => rev.sandbox_traffic_changed(id),
+                            None => {
+                                log::warn!("malformed sandbox traffic payload={:?}", note.payload())
+                            }
                         }
                     }
                     Ok(Some(note)) => match proto::id::parse_uuid_strict(note.payload()) {

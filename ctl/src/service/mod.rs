@@ -86,6 +86,8 @@ pub(crate) struct Inner {
     pub revocations: crate::revocation::Revocations,
     /// Port streams open on this replica, per team and per sandbox.
     pub ports: ports::PortBudget,
+    /// Running sandboxes' traffic rows for the proxy (dropped on NOTIFY or change).
+    pub traffic: Arc<ports::TrafficCache>,
 }
 
 impl Api {
@@ -100,6 +102,9 @@ impl Api {
             revocations.clone(),
         ));
         let last_used = LastUsed::start(db.clone(), cfg.last_used_flush);
+        let traffic = Arc::new(ports::TrafficCache::default());
+        let forget = traffic.clone();
+        revocations.on_sandbox_traffic(move |id| forget.forget(id));
         Api {
             inner: Arc::new(Inner {
                 db,
@@ -110,6 +115,7 @@ impl Api {
                 jobs,
                 revocations,
                 ports: ports::PortBudget::default(),
+                traffic,
             }),
         }
     }

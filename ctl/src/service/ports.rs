@@ -10,6 +10,7 @@
 //! its own. Not audited: it changes nothing (like reading a file).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,9 @@ use proto::rpc::{CallOpts, ServerStream};
 use proto::Status;
 
 use super::{parse_id, Api, AuthCtx};
-use crate::limits::{AUTO_RESUME_POLL, PORT_STREAMS_PER_SANDBOX_MAX, PORT_STREAMS_PER_TEAM_MAX};
+use crate::limits::{
+    AUTO_RESUME_POLL, PORT_STREAMS_PER_SANDBOX_MAX, PORT_STREAMS_PER_TEAM_MAX, TRAFFIC_CACHE_MAX,
+};
 
 /// envd's port: never a target.
 const ENVD_PORT: u32 = 49983;
@@ -118,6 +121,66 @@ pub struct TrafficCreds<'a> {
     pub token: Option<&'a str>,
     /// The `X-API-Key` header.
     pub api_key: Option<&'a str>,
+}
+
+/// What the traffic proxy checks a request against: one sandbox's row.
+#[derive(Clone, Debug)]
+pub(crate) struct TrafficRow {
+    team: Uuid,
+    state: String,
+    host: Option<Uuid>,
+    token: Option<String>,
+    public: bool,
+    auto_resume: bool,
+}
+
+/// This replica's copy of running sandboxes' traffic rows, so a proxied request does not
+/// wait for the database: filled from reads of running sandboxes, emptied of a sandbox by
+/// its trigger's NOTIFY (`crate::revocation::TRAFFIC_CHANNEL`, every replica) and by this
+/// replica's own changes right after they commit (rotate, pause, destroy, failure), trusted
+/// only at the LISTEN connection's generation it was read at (a reconnect may have missed
+/// notifications). Bounded by [`TRAFFIC_CACHE_MAX`] rows (emptied when full).
+#[derive(Default)]
+pub(crate) struct TrafficCache {
+    rows: Mutex<HashMap<Uuid, (u64, TrafficRow)>>,
+    /// Bumped by every removal: a row read from the database goes in only if none happened
+    /// while it was read (a change that committed meanwhile might be in it or not).
+    invalidations: AtomicU64,
+}
+
+impl TrafficCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (u64, TrafficRow)>> {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, id: Uuid, generation: u64) -> Option<TrafficRow> {
+        match self.lock().get(&id) {
+            Some((g, r)) if *g == generation => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    fn invalidations(&self) -> u64 {
+        self.invalidations.load(Ordering::Acquire)
+    }
+
+    fn put(&self, id: Uuid, generation: u64, seen: u64, row: TrafficRow) {
+        let mut rows = self.lock();
+        if self.invalidations.load(Ordering::Acquire) != seen {
+            return;
+        }
+        if rows.len() >= TRAFFIC_CACHE_MAX {
+            rows.clear();
+        }
+        rows.insert(id, (generation, row));
+    }
+
+    /// Drops a sandbox's row (its trigger's NOTIFY, or a change on this replica).
+    pub(crate) fn forget(&self, id: Uuid) {
+        let mut rows = self.lock();
+        self.invalidations.fetch_add(1, Ordering::AcqRel);
+        rows.remove(&id);
+    }
 }
 
 /// A port stream opened for the traffic proxy: bytes up, bytes down, and its budget place.
@@ -242,28 +305,65 @@ impl Api {
         }
     }
 
-    /// One read of what the traffic proxy needs of a sandbox, with the credential check:
-    /// its team, state, host and `auto_resume`.
+    /// What the traffic proxy needs of a sandbox (its team, state, host and `auto_resume`),
+    /// with the credential check. A running sandbox's row comes from this replica's
+    /// [`TrafficCache`] while the LISTEN connection is up (its trigger's NOTIFY and this
+    /// replica's own changes drop it), else from the database.
     fn proxy_check(
         &self,
         sandbox: Uuid,
         creds: &TrafficCreds<'_>,
     ) -> Result<(Uuid, String, Option<Uuid>, bool), Status> {
-        let row = self.inner.db.run(move |c| {
-            c.query_opt(
-                "SELECT team_id, state, host_id, traffic_token, allow_public_traffic, auto_resume \
-                 FROM sandboxes WHERE id = $1",
-                &[&sandbox],
-            )
-            .map_err(crate::db::pg_err)
-        })?;
-        let row = row.ok_or_else(|| Status::not_found("sandbox not found"))?;
-        let team: Uuid = row.get(0);
-        let state: String = row.get(1);
-        let host: Option<Uuid> = row.get(2);
-        let stored: Option<String> = row.get(3);
-        let public: bool = row.get(4);
-        let auto_resume: bool = row.get(5);
+        let rev = &self.inner.revocations;
+        let generation = rev.generation();
+        let listening = rev.listening();
+        let cached = listening
+            .then(|| self.inner.traffic.get(sandbox, generation))
+            .flatten();
+        let row = match cached {
+            Some(r) => {
+                crate::metrics::TRAFFIC_CACHE_HITS.inc();
+                r
+            }
+            None => {
+                let seen = self.inner.traffic.invalidations();
+                let r = self.inner.db.run(move |c| {
+                    c.query_opt(
+                        "SELECT team_id, state, host_id, traffic_token, allow_public_traffic, \
+                         auto_resume FROM sandboxes WHERE id = $1",
+                        &[&sandbox],
+                    )
+                    .map_err(crate::db::pg_err)
+                })?;
+                let r = r.ok_or_else(|| Status::not_found("sandbox not found"))?;
+                let r = TrafficRow {
+                    team: r.get(0),
+                    state: r.get(1),
+                    host: r.get(2),
+                    token: r.get(3),
+                    public: r.get(4),
+                    auto_resume: r.get(5),
+                };
+                // Only a running sandbox's row, read while notifications were arriving and
+                // none of them (nor a change here) came in meanwhile.
+                if listening
+                    && r.state == "running"
+                    && rev.listening()
+                    && rev.generation() == generation
+                {
+                    self.inner.traffic.put(sandbox, generation, seen, r.clone());
+                }
+                r
+            }
+        };
+        let TrafficRow {
+            team,
+            state,
+            host,
+            token: stored,
+            public,
+            auto_resume,
+        } = row;
         if !public {
             let token_ok = match (creds.token, stored.as_deref()) {
                 (Some(t), Some(s)) => proto::sha256::constant_time_eq(t.as_bytes(), s.as_bytes()),

@@ -684,14 +684,18 @@ impl Api {
 
     fn fail_sandbox(&self, id: Uuid, reason: &str) -> Result<(), Status> {
         let reason = reason.to_owned();
-        self.inner.db.tx(move |tx| {
+        let r = self.inner.db.tx(move |tx| {
             let cur =
                 scheduler::lock(tx, id)?.ok_or_else(|| Status::not_found("sandbox not found"))?;
             if cur.state != State::Stopped {
                 scheduler::set_state(tx, id, State::Error, &reason, Some(None))?;
             }
             Ok(())
-        })
+        });
+        // Committed: the proxy's copy of its traffic row goes at once on this replica (the
+        // others hear the trigger's NOTIFY).
+        self.inner.traffic.forget(id);
+        r
     }
 
     /// The caller's team's sandboxes, newest first (keyset pages).
@@ -777,7 +781,7 @@ impl Api {
         let token = new_traffic_token()?;
         let team = ctx.team_id;
         let ctx = ctx.clone();
-        self.inner.db.tx(move |tx| {
+        let r = self.inner.db.tx(move |tx| {
             let n = tx
                 .execute(
                     "UPDATE sandboxes SET traffic_token = $3, updated_at = now() \
@@ -803,7 +807,9 @@ impl Api {
             let mut sb = fetch(tx, team, id)?;
             sb.traffic_token = token;
             Ok(sb)
-        })
+        });
+        self.inner.traffic.forget(id);
+        r
     }
 
     /// Destroys a sandbox (idempotent for one already stopped).
@@ -817,7 +823,7 @@ impl Api {
         let team = ctx.team_id;
         let ctx2 = ctx.clone();
         let force = req.force;
-        let (host, audit_row) = self.inner.db.tx(move |tx| {
+        let destroyed = self.inner.db.tx(move |tx| {
             let cur = lock_owned(tx, team, id)?;
             if cur.state == State::Stopped {
                 return Ok((None, None));
@@ -852,7 +858,9 @@ impl Api {
                     Ok((Some(h), Some(a)))
                 }
             }
-        })?;
+        });
+        self.inner.traffic.forget(id);
+        let (host, audit_row) = destroyed?;
         *row = audit_row;
         if let Some(host) = host {
             match self.agent_destroy(host, id) {
@@ -1123,7 +1131,7 @@ impl Api {
     ) -> Result<ctl::Sandbox, Status> {
         let team = ctx.team_id;
         let ctx2 = ctx.clone();
-        let host = self.inner.db.tx(move |tx| {
+        let moved = self.inner.db.tx(move |tx| {
             let cur = lock_owned(tx, team, id)?;
             if cur.state != from {
                 return Err(Status::failed_precondition(format!(
@@ -1138,7 +1146,9 @@ impl Api {
             scheduler::set_state(tx, id, via, "", None)?;
             let a = audit_sb(tx, &ctx2, id, action, serde_json::json!({}))?;
             Ok((host, a))
-        })?;
+        });
+        self.inner.traffic.forget(id);
+        let host = moved?;
         let (host, a) = host;
         *row = Some(a);
         match call(self, host) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ctl::http::HttpConfig;
 use proto::gen::wrenn::ctl::v1 as c;
-use proto::rpc::Client;
+use proto::rpc::{Client, Credential};
 
 use crate::harness::Ctl;
 
@@ -810,6 +810,85 @@ fn proxy_keep_alive() {
     let mut tail = Vec::new();
     conn.read_to_end(&mut tail).unwrap();
     assert!(tail.is_empty(), "{}", String::from_utf8_lossy(&tail));
+}
+
+/// A proxied request is checked against this replica's copy of the sandbox's traffic row
+/// (no database read once it is there), and every change reaches that copy: a token rotated
+/// through another replica (its trigger's NOTIFY), a token and a state written straight to
+/// the database (as any other writer would), a pause on this replica (at once).
+#[test]
+fn proxy_traffic_rows_follow_every_change() {
+    let Some(s) = setup() else { return };
+    let sb = create(&s.cl, false);
+    let h = host(&sb.id, PORT);
+    let ok = |tok: &str| get(s.gw, &h, "/big?n=10", &token_header(tok)).status;
+    let hits = || ctl::metrics::TRAFFIC_CACHE_HITS.get();
+    // Within this bound a change made elsewhere reaches the copy (a NOTIFY is delivered at
+    // its commit; the bound is for a loaded machine).
+    let settles = |what: &str, tok: &str, want: u16| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = ok(tok);
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < end, "{what}: {got}, want {want}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(ok(&sb.traffic_token), 200);
+    let before = hits();
+    assert_eq!(ok(&sb.traffic_token), 200);
+    assert!(hits() > before, "the second request reads the copy");
+
+    // Rotated through another replica: the old token stops working here.
+    let other = s.ctl.replica();
+    let cl2 = crate::harness::connect(other.addr.to_string(), Credential::api_key(&s.ctl.team_key))
+        .unwrap();
+    let rotated: c::Sandbox = cl2
+        .unary(
+            c::sandboxes_methods::ROTATE_TRAFFIC_TOKEN,
+            &c::RotateTrafficTokenRequest {
+                sandbox_id: sb.id.clone(),
+            },
+            T,
+        )
+        .unwrap();
+    settles(
+        "old token after another replica rotated it",
+        &sb.traffic_token,
+        403,
+    );
+    assert_eq!(ok(&rotated.traffic_token), 200);
+    assert_eq!(ok(&rotated.traffic_token), 200);
+
+    // Written straight to the database: a token, then a state.
+    let id = proto::id::parse(proto::id::Kind::Sandbox, &sb.id).unwrap();
+    let sql = |q: &'static str, v: &'static str| {
+        s.ctl
+            .api()
+            .db()
+            .run(move |c| {
+                c.execute(q, &[&id, &v])
+                    .map(|_| ())
+                    .map_err(|e| proto::Status::internal(e.to_string()))
+            })
+            .unwrap()
+    };
+    sql(
+        "UPDATE sandboxes SET traffic_token = $2 WHERE id = $1",
+        "written-directly",
+    );
+    settles("token written to the database", &rotated.traffic_token, 403);
+    assert_eq!(ok("written-directly"), 200);
+    sql("UPDATE sandboxes SET state = $2 WHERE id = $1", "paused");
+    settles("state written to the database", "written-directly", 409);
+    sql("UPDATE sandboxes SET state = $2 WHERE id = $1", "running");
+    settles("running again", "written-directly", 200);
+
+    // Paused on this replica: refused at the next request, no wait.
+    crate::harness::pause(&s.cl, &sb.id);
+    assert_eq!(ok("written-directly"), 409);
 }
 
 /// An idle proxied connection holds no relay thread: a kept-alive connection between
