@@ -136,6 +136,16 @@ impl Parking {
         self.lock().entries.len()
     }
 
+    /// The books, locked, and the token the next entry gets; `None` once stopped.
+    fn begin(&self) -> Option<(std::sync::MutexGuard<'_, Inner>, usize)> {
+        if self.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let g = self.lock();
+        let token = g.next;
+        Some((g, token))
+    }
+
     fn insert(&self, inner: &mut Inner, entry: Entry) -> usize {
         let token = inner.next;
         inner.next += 1;
@@ -154,11 +164,9 @@ impl Parking {
         half: H,
         resume: fn(H),
     ) -> Result<usize, H> {
-        if self.stop.load(Ordering::SeqCst) {
+        let Some((mut g, token)) = self.begin() else {
             return Err(half);
-        }
-        let mut g = self.lock();
-        let token = g.next;
+        };
         // Registered while the lock is held: an event for it waits for the entry. An fd
         // already readable is reported at once (epoll checks it when it is added).
         if self
@@ -197,11 +205,9 @@ impl Parking {
         arm: impl FnOnce(&mut H, Wake) -> Result<(), Wake>,
         resume: fn(H),
     ) -> Result<usize, H> {
-        if self.stop.load(Ordering::SeqCst) {
+        let Some((mut g, token)) = self.begin() else {
             return Err(half);
-        }
-        let mut g = self.lock();
-        let token = g.next;
+        };
         let weak = Arc::downgrade(self);
         // Runs under the port stream's connection lock: it only queues the token.
         let wake: Wake = Box::new(move || {
