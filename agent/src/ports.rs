@@ -108,7 +108,7 @@ const DATA_TAG: u32 = 2;
 /// What the agent's port streams share: their budget, the pool their relay halves run on
 /// and the place they park while idle.
 pub struct PortRelays {
-    pub budget: Arc<PortBudget>,
+    budget: Arc<PortBudget>,
     pool: Arc<Pool>,
     park: Arc<Parking>,
 }
@@ -276,9 +276,9 @@ impl ToGuest {
             .to_guest_parked
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
+        let link = self.link.clone();
+        let stop = || link.guest_closed.load(Ordering::Acquire);
         loop {
-            let link = self.link.clone();
-            let stop = || link.guest_closed.load(Ordering::Acquire);
             if !self.ctl_open || stop() {
                 break;
             }

@@ -96,7 +96,6 @@ pub trait PortUp: Send {
 
 /// Bytes from a sandbox port; `Ok(None)` once its server closed.
 pub trait PortDown: Send {
-    fn recv(&mut self) -> Result<Option<Bytes>, Status>;
     /// The next bytes if they come within `wait`: `Ok(None)` when none did (the stream
     /// stays open), `Ok(Some(None))` at its end.
     fn recv_within(&mut self, wait: Duration) -> Result<Option<Option<Bytes>>, Status>;
@@ -130,41 +129,25 @@ impl PortUp for ApiUp {
     }
 }
 
-/// What one message of the agent's side of a port stream carries: `None` at the stream's
-/// end, `Some(Some(bytes))` for data, `Some(None)` for a message without bytes (`opened`,
-/// which the proxy does not wait for: it sends the request right after the open).
-fn down_bytes(m: Option<agent::PortConnectResponse>) -> Result<Option<Option<Bytes>>, Status> {
-    use agent::port_connect_response::Kind;
-    let Some(m) = m else { return Ok(None) };
-    match m.kind {
-        Some(Kind::Data(d)) => Ok(Some(Some(d))),
-        Some(Kind::Opened(false)) => Err(Status::internal("the agent did not open the port")),
-        _ => Ok(Some(None)),
-    }
-}
-
 impl PortDown for ApiDown {
-    fn recv(&mut self) -> Result<Option<Bytes>, Status> {
-        loop {
-            match down_bytes(self.0.recv::<agent::PortConnectResponse>()?)? {
-                Some(None) => {}
-                None => return Ok(None),
-                Some(Some(d)) => return Ok(Some(d)),
-            }
-        }
-    }
-
+    /// Messages without bytes are skipped: `opened` (the proxy does not wait for it: it
+    /// sends the request right after the open), and empty ones.
     fn recv_within(&mut self, wait: Duration) -> Result<Option<Option<Bytes>>, Status> {
+        use agent::port_connect_response::Kind;
         let end = Instant::now() + wait;
         loop {
             let left = end.saturating_duration_since(Instant::now());
-            match self.0.recv_within::<agent::PortConnectResponse>(left)? {
-                None => return Ok(None),
-                Some(m) => match down_bytes(m)? {
-                    Some(None) => {}
-                    None => return Ok(Some(None)),
-                    Some(Some(d)) => return Ok(Some(Some(d))),
-                },
+            let Some(m) = self.0.recv_within::<agent::PortConnectResponse>(left)? else {
+                return Ok(None);
+            };
+            // `None`: the stream's end.
+            let Some(m) = m else { return Ok(Some(None)) };
+            match m.kind {
+                Some(Kind::Data(d)) => return Ok(Some(Some(d))),
+                Some(Kind::Opened(false)) => {
+                    return Err(Status::internal("the agent did not open the port"))
+                }
+                Some(Kind::Opened(true)) | None => {}
             }
         }
     }

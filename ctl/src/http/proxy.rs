@@ -297,10 +297,8 @@ impl Link {
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     fn idle(&self) -> Duration {
-        self.start.elapsed().saturating_sub(self.last_activity())
-    }
-    fn last_activity(&self) -> Duration {
-        Duration::from_millis(self.last.load(Ordering::Relaxed))
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
     }
     fn methods(&self) -> std::sync::MutexGuard<'_, VecDeque<(bool, bool)>> {
         self.methods.lock().unwrap_or_else(|e| e.into_inner())
@@ -373,7 +371,7 @@ pub fn relay(
         up,
         state,
         next: Box::new(next),
-        start: Some(Box::new((Vec::new(), rest))),
+        rest,
     };
     if sent && park.pool().spawn(Box::new(move || upper.run())).is_err() {
         // No thread: the client sees its connection close (with `link`'s last owner).
@@ -405,8 +403,8 @@ struct Upward {
     up: Box<dyn PortUp>,
     state: UpState,
     next: Box<Next>,
-    /// The first request's head and the bytes already read, until the first run sends them.
-    start: Option<Box<(Vec<u8>, Vec<u8>)>>,
+    /// The client's bytes the gateway already read, until the first run sends them.
+    rest: Vec<u8>,
 }
 
 /// What to do after feeding bytes up.
@@ -480,16 +478,12 @@ impl Upward {
         let park = self.link.park.clone();
         let _running = park.running();
         *self.link.up_parked() = None;
-        if let Some((first, rest)) = self.start.take().map(|b| *b) {
-            if !first.is_empty() && self.up.send(Bytes::from(first)).is_err() {
-                return;
-            }
-            if !rest.is_empty() {
-                match self.feed(Bytes::from(rest)) {
-                    Fed::More => {}
-                    Fed::Stop => return self.stop(),
-                    Fed::Failed => return,
-                }
+        let rest = std::mem::take(&mut self.rest);
+        if !rest.is_empty() {
+            match self.feed(Bytes::from(rest)) {
+                Fed::More => {}
+                Fed::Stop => return self.stop(),
+                Fed::Failed => return,
             }
         }
         loop {
@@ -587,13 +581,17 @@ struct Downward {
 }
 
 impl Downward {
-    fn fail(&self, why: &str) {
-        let r = Response::error(502, "bad_gateway", why);
+    /// Answers the client in the proxy's own name (nothing of the sandbox's answer went).
+    fn answer(&self, r: &Response) {
         let _ = write_all(
             &*self.link.io,
-            &super::response::response_bytes(&r, false),
+            &super::response::response_bytes(r, false),
             self.link.io_timeout,
         );
+    }
+
+    fn fail(&self, why: &str) {
+        self.answer(&Response::error(502, "bad_gateway", why));
     }
 
     fn body_done(&mut self) {
@@ -726,12 +724,7 @@ impl Downward {
                     if !self.answered {
                         // The agent's refusal of the open (the request went with it) keeps
                         // its meaning: 429 for a budget, 502 when nothing listens.
-                        let r = refusal(&e);
-                        let _ = write_all(
-                            &*self.link.io,
-                            &super::response::response_bytes(&r, false),
-                            self.link.io_timeout,
-                        );
+                        self.answer(&refusal(&e));
                     }
                     break;
                 }

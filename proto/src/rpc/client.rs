@@ -3,7 +3,8 @@
 //! There is no background thread: the thread waiting for a reply reads the socket itself
 //! (other waiters sleep on a condvar until it hands over), so a lone caller pays no thread
 //! hop. The exception is a parked stream ([`StreamReceiver::park`]): while one is parked
-//! and no call waits, a pump thread of the connection's own reads for it. A connection the server closed while idle is noticed before the next call starts.
+//! and no call waits, a pump thread of the connection's own reads for it. A connection the
+//! server closed while idle is noticed before the next call starts.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
@@ -546,20 +547,39 @@ impl StreamSender {
 }
 
 impl StreamReceiver {
+    /// Receives the next message; `Ok(None)` once the server finished successfully.
+    pub fn recv<M: Message + Default>(&self) -> Result<Option<M>, Status> {
+        // Without a wait of its own the call's deadline is the only bound: never "quiet".
+        Ok(self.recv_until(None)?.flatten())
+    }
+
     /// Receives the next message if one comes within `wait`: `Ok(None)` when none did (the
     /// stream stays open), `Ok(Some(None))` at the stream's end.
     pub fn recv_within<M: Message + Default>(
         &self,
         wait: Duration,
     ) -> Result<Option<Option<M>>, Status> {
+        self.recv_until(Some(Instant::now() + wait))
+    }
+
+    /// Waits until the next message, the stream's end, the call's deadline or `until`
+    /// (then `Ok(None)`).
+    fn recv_until<M: Message + Default>(
+        &self,
+        until: Option<Instant>,
+    ) -> Result<Option<Option<M>>, Status> {
+        // Receiving holds only this half's view; the sender never takes this lock while
+        // blocked, so both directions proceed at once.
         let (conn, id, own, method) = {
             let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
             (g.conn.clone(), g.id, g.deadline, g.method.clone())
         };
-        let mine = Instant::now() + wait;
-        let deadline = own.map_or(mine, |o| o.min(mine));
+        let deadline = match (own, until) {
+            (Some(o), Some(u)) => Some(o.min(u)),
+            (o, u) => o.or(u),
+        };
         let r = conn
-            .wait(Some(deadline), |st| conn.take_message(st, id))
+            .wait(deadline, |st| conn.take_message(st, id))
             .map(|(_, m)| m);
         match r {
             Ok(Some(b)) => M::decode(b).map(|m| Some(Some(m))).map_err(|e| {
@@ -570,7 +590,9 @@ impl StreamReceiver {
                 Ok(Some(None))
             }
             Err(e)
-                if e.code == Code::DeadlineExceeded && own.is_none_or(|o| Instant::now() < o) =>
+                if until.is_some()
+                    && e.code == Code::DeadlineExceeded
+                    && own.is_none_or(|o| Instant::now() < o) =>
             {
                 Ok(None)
             }
@@ -591,36 +613,5 @@ impl StreamReceiver {
             (g.conn.clone(), g.id)
         };
         conn.park(id, wake)
-    }
-
-    /// Takes back a [`StreamReceiver::park`]'s `wake` that has not run; whether it was
-    /// still there.
-    pub fn unpark(&self) -> bool {
-        let (conn, id) = {
-            let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            (g.conn.clone(), g.id)
-        };
-        conn.unpark(id)
-    }
-
-    pub fn recv<M: Message + Default>(&self) -> Result<Option<M>, Status> {
-        // Receiving holds only this half's view; the sender never takes this lock while
-        // blocked, so both directions proceed at once.
-        let (conn, id, deadline, method) = {
-            let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            (g.conn.clone(), g.id, g.deadline, g.method.clone())
-        };
-        let r = conn
-            .wait(deadline, |st| conn.take_message(st, id))
-            .map(|(_, m)| m);
-        match r? {
-            Some(b) => M::decode(b).map(Some).map_err(|e| {
-                Status::internal(format!("{method}: malformed response message: {e}"))
-            }),
-            None => {
-                self.0.lock().unwrap_or_else(|e| e.into_inner()).finished = true;
-                Ok(None)
-            }
-        }
     }
 }

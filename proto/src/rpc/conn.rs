@@ -77,7 +77,7 @@ struct Stream {
     credit_pending: u32,
     /// Server side: when the call's deadline passes.
     deadline: Option<Instant>,
-    /// Client side: run once the stream has something to receive ([`Conn::park`]).
+    /// Run once the stream has something to receive ([`Conn::park`]).
     wake: Option<Wake>,
 }
 
@@ -1244,20 +1244,21 @@ impl Conn {
         if s.wake.is_some() {
             return Err(wake);
         }
-        s.wake = Some(wake);
-        st.parked += 1;
         if self.side == Side::Client && !st.pump {
+            // It takes the lock only after this returns, and then finds the stream parked.
             let conn = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("rpc-pump".into())
                 .spawn(move || conn.pump());
             if spawned.is_err() {
-                st.parked -= 1;
-                let w = st.streams.get_mut(&id).and_then(|s| s.wake.take());
-                return w.map_or(Ok(()), Err);
+                return Err(wake);
             }
             st.pump = true;
         }
+        if let Some(s) = st.streams.get_mut(&id) {
+            s.wake = Some(wake);
+        }
+        st.parked += 1;
         Ok(())
     }
 
